@@ -1,0 +1,86 @@
+// The flash_attn_ext problem as kernels see it: sizes, parameters and strided views,
+// with no graph or tensor types. The CPU reference, the CPU FlashAttention-2 kernels and
+// the CUDA kernels all take this one descriptor, so they can be tested against each other
+// directly and the backends only translate tensors into it.
+//
+// Layouts (ggml's, see docs/ARCHITECTURE.md):
+//   q    [Dk, Sq,  Hq,  B]        k [Dk, Skv, Hkv, B]        v [Dv, Skv, Hkv, B]
+//   mask [Skv, Sq, 1|Hq, 1|B]     (additive, f32 or f16; optional)
+//   sinks[Hq]                      (f32, optional)
+//   o    [Dv, Hq, Sq, B]           lse [Sq, Hq, B] (f32, natural log; optional)
+// Strides are in bytes; element 0 of every row is contiguous (nb0 == element size).
+#pragma once
+
+#include <ggml-fa/types.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace gfa::attn {
+
+// The typed parameters of flash_attn_ext (also the op's public params struct).
+struct Params {
+    float scale = 1.0f;         // multiplies q.k
+    float max_bias = 0.0f;      // ALiBi: > 0 scales the mask by a per-head slope
+    float logit_softcap = 0.0f; // > 0: s = softcap * tanh(s / softcap), before the mask
+    bool causal = false;        // bottom-right aligned (see visible())
+    int32_t window_left = -1;   // keys at most this far left of the diagonal; -1 = unlimited
+    int32_t window_right = -1;  // keys at most this far right of the diagonal; -1 = unlimited
+};
+
+// A strided 4-d view into memory a kernel reads or writes.
+struct View {
+    Type type = Type::F32;
+    void* data = nullptr;
+    int64_t ne[4] = {0, 0, 0, 0};
+    int64_t nb[4] = {0, 0, 0, 0}; // bytes
+    bool present() const { return data != nullptr; }
+    template <class T> T* at(int64_t i1, int64_t i2 = 0, int64_t i3 = 0) const {
+        return reinterpret_cast<T*>(static_cast<char*>(data) + i1 * nb[1] + i2 * nb[2] + i3 * nb[3]);
+    }
+};
+
+struct Problem {
+    int64_t Dk = 0, Dv = 0, Sq = 0, Skv = 0, Hq = 0, Hkv = 0, B = 0;
+    Params params;
+    View q, k, v, mask, sinks; // inputs (mask, sinks optional)
+    View o, lse;               // outputs (lse optional in the forward)
+};
+
+// Gradient problem: the forward's inputs and outputs plus dO; produces dQ, dK, dV and,
+// when sinks are present, dSinks. dq/dk/dv have the layouts of q/k/v; dsinks [Hq] f32.
+struct BackwardProblem {
+    Problem fwd;     // q, k, v, mask, sinks, o and lse (lse required)
+    View dO;         // [Dv, Hq, Sq, B]
+    View dq, dk, dv; // outputs
+    View dsinks;     // optional output
+    bool deterministic = false;
+};
+
+// ---- shared semantics: every implementation must agree on these ----------------------
+
+// Query row i sees key column j? The diagonal is bottom-right aligned: p = i + Skv - Sq.
+inline bool visible(const Params& p, int64_t i, int64_t j, int64_t Sq, int64_t Skv) {
+    const int64_t diag = i + Skv - Sq;
+    if (p.causal && j > diag) return false;
+    if (p.window_left >= 0 && j < diag - p.window_left) return false;
+    if (p.window_right >= 0 && j > diag + p.window_right) return false;
+    return true;
+}
+
+// ALiBi slope of head h (ggml's definition): 1 when max_bias == 0.
+inline float alibi_slope(float max_bias, int64_t h, int64_t n_head) {
+    if (max_bias <= 0.0f) return 1.0f;
+    const int64_t n_head_log2 = int64_t(1) << int64_t(std::floor(std::log2(double(n_head))));
+    const float m0 = std::pow(2.0f, -max_bias / float(n_head_log2));
+    const float m1 = std::pow(2.0f, -max_bias / 2.0f / float(n_head_log2));
+    return h < n_head_log2 ? std::pow(m0, float(h + 1)) : std::pow(m1, float(2 * (h - n_head_log2) + 1));
+}
+
+// Score of one (query, key) pair from the raw dot product q.k:
+//   s = scale * qk; if softcap > 0: s = softcap * tanh(s / softcap); s += slope * mask.
+// Invisible pairs (visible() false, or mask == -inf) are dropped from the softmax.
+// Sinks: head h adds exp(sinks[h]) to the softmax denominator (a logit with a zero value).
+// A row with nothing visible (and no sink) yields O = 0 and LSE = -inf.
+
+} // namespace gfa::attn
