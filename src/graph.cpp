@@ -118,21 +118,4 @@ void build_backward(Context& ctx, Graph& graph, Tensor* loss) {
     }
 }
 
-void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std::vector<Tensor*>* state) {
-    std::vector<Tensor*> params;
-    for (Tensor* l : graph.leafs())
-        if (l->has_flag(kFlagParam)) params.push_back(l);
-    for (Tensor* param : params) {
-        Tensor* g = graph.grad(param);
-        if (!g) fail("build_optimizer_step: parameter '" + param->name + "' has no gradient; call build_backward first");
-        Tensor* m = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_m");
-        Tensor* v = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_v");
-        if (state) {
-            state->push_back(m);
-            state->push_back(v);
-        }
-        graph.expand(adamw_step(ctx, param, g, m, v, p));
-    }
-}
-
 } // namespace gfa

@@ -14,6 +14,10 @@
 
 namespace gfa {
 
+namespace ref {
+class Evaluator;
+}
+
 // What a gradient rule gets: the context to build nodes in and the accumulator.
 class GradCtx {
   public:
@@ -37,6 +41,9 @@ struct OpDef {
     // Appends nodes computing the sources' gradients from dL/dnode (`grad`, f32, the node's
     // shape). nullptr: the op has no gradient (differentiating through it is an error).
     void (*backward)(GradCtx& g, Tensor* node, Tensor* grad) = nullptr;
+    // The op's meaning in double precision, written as plainly as possible: reads the
+    // sources and writes the node through the evaluator. Every backend is tested against it.
+    void (*reference)(ref::Evaluator& ev, const Tensor* node) = nullptr;
     // The node only reinterprets its source's memory (reshape, view, permute, transpose).
     bool is_view = false;
     // The output may be written over src[0]'s memory when src[0] has no later reader and

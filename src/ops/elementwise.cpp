@@ -1,6 +1,9 @@
 // Element-wise arithmetic with row broadcasting (b repeated over a) and unary math.
 // Inputs and results are f32; cast() converts other types first.
 #include "op_def.h"
+#include "reference.h"
+
+#include <cmath>
 
 namespace gfa {
 
@@ -55,6 +58,33 @@ void exp_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->s
 void log_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], div(g.ctx, grad, node->src[0])); }
 void neg_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], neg(g.ctx, grad)); }
 
+template <class F> void binary_reference(ref::Evaluator& ev, const Tensor* node, F f) {
+    const Tensor *a = node->src[0], *b = node->src[1];
+    ref::for_each_index(node, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        const double y = ev.get(b, i0 % b->ne[0], i1 % b->ne[1], i2 % b->ne[2], i3 % b->ne[3]);
+        ev.set(node, f(ev.get(a, i0, i1, i2, i3), y), i0, i1, i2, i3);
+    });
+}
+template <class F> void unary_reference(ref::Evaluator& ev, const Tensor* node, F f) {
+    ref::for_each_index(node, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        ev.set(node, f(ev.get(node->src[0], i0, i1, i2, i3)), i0, i1, i2, i3);
+    });
+}
+
+void add_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x + y; }); }
+void sub_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x - y; }); }
+void mul_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x * y; }); }
+void div_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x / y; }); }
+void scale_reference(ref::Evaluator& ev, const Tensor* n) {
+    const ScaleParams p = n->params<ScaleParams>();
+    unary_reference(ev, n, [p](double x) { return x * p.scale + p.bias; });
+}
+void sqr_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return x * x; }); }
+void sqrt_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return std::sqrt(x); }); }
+void exp_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return std::exp(x); }); }
+void log_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return std::log(x); }); }
+void neg_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return -x; }); }
+
 } // namespace
 
 Tensor* add(Context& ctx, Tensor* a, Tensor* b) { return binary(ctx, Op::Add, a, b); }
@@ -73,16 +103,16 @@ Tensor* log(Context& ctx, Tensor* a) { return unary(ctx, Op::Log, a); }
 Tensor* neg(Context& ctx, Tensor* a) { return unary(ctx, Op::Neg, a); }
 
 void define_elementwise_ops(OpTable& t) {
-    t[size_t(Op::Add)] = {.name = "add", .backward = add_backward, .inplace_ok = true};
-    t[size_t(Op::Sub)] = {.name = "sub", .backward = sub_backward, .inplace_ok = true};
-    t[size_t(Op::Mul)] = {.name = "mul", .backward = mul_backward, .inplace_ok = true};
-    t[size_t(Op::Div)] = {.name = "div", .backward = div_backward, .inplace_ok = true};
-    t[size_t(Op::Scale)] = {.name = "scale", .backward = scale_backward, .inplace_ok = true};
-    t[size_t(Op::Sqr)] = {.name = "sqr", .backward = sqr_backward, .inplace_ok = true};
-    t[size_t(Op::Sqrt)] = {.name = "sqrt", .backward = sqrt_backward, .inplace_ok = true};
-    t[size_t(Op::Exp)] = {.name = "exp", .backward = exp_backward, .inplace_ok = true};
-    t[size_t(Op::Log)] = {.name = "log", .backward = log_backward, .inplace_ok = true};
-    t[size_t(Op::Neg)] = {.name = "neg", .backward = neg_backward, .inplace_ok = true};
+    t[size_t(Op::Add)] = {.name = "add", .backward = add_backward, .reference = add_reference, .inplace_ok = true};
+    t[size_t(Op::Sub)] = {.name = "sub", .backward = sub_backward, .reference = sub_reference, .inplace_ok = true};
+    t[size_t(Op::Mul)] = {.name = "mul", .backward = mul_backward, .reference = mul_reference, .inplace_ok = true};
+    t[size_t(Op::Div)] = {.name = "div", .backward = div_backward, .reference = div_reference, .inplace_ok = true};
+    t[size_t(Op::Scale)] = {.name = "scale", .backward = scale_backward, .reference = scale_reference, .inplace_ok = true};
+    t[size_t(Op::Sqr)] = {.name = "sqr", .backward = sqr_backward, .reference = sqr_reference, .inplace_ok = true};
+    t[size_t(Op::Sqrt)] = {.name = "sqrt", .backward = sqrt_backward, .reference = sqrt_reference, .inplace_ok = true};
+    t[size_t(Op::Exp)] = {.name = "exp", .backward = exp_backward, .reference = exp_reference, .inplace_ok = true};
+    t[size_t(Op::Log)] = {.name = "log", .backward = log_backward, .reference = log_reference, .inplace_ok = true};
+    t[size_t(Op::Neg)] = {.name = "neg", .backward = neg_backward, .reference = neg_reference, .inplace_ok = true};
 }
 
 } // namespace gfa

@@ -1,6 +1,7 @@
 // Data movement and views: fill, cpy, cast, cont, reshape, view, permute, transpose,
 // get_rows, set_rows, concat, repeat.
 #include "op_def.h"
+#include "reference.h"
 
 #include <algorithm>
 
@@ -204,22 +205,94 @@ void repeat_back_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     g.accumulate(node->src[0], repeat(g.ctx, grad, node->src[0]));
 }
 
+// ---- reference semantics ----
+
+void fill_reference(ref::Evaluator& ev, const Tensor* n) {
+    const double v = n->params<FillParams>().value;
+    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, v, i0, i1, i2, i3); });
+}
+
+// Element k of the source (row-major) goes to element k of the destination.
+void copy_reference(ref::Evaluator& ev, const Tensor* from, const Tensor* to) {
+    const std::vector<double> v = ev.values(from);
+    size_t k = 0;
+    ref::for_each_index(to, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(to, v[k++], i0, i1, i2, i3); });
+}
+void cpy_reference(ref::Evaluator& ev, const Tensor* n) { copy_reference(ev, n->src[0], n); }
+void cont_reference(ref::Evaluator& ev, const Tensor* n) { copy_reference(ev, n->src[0], n); }
+
+int64_t checked_row(double r, int64_t limit, const char* op) {
+    if (r < 0 || r >= double(limit)) fail(std::string(op) + ": row index " + std::to_string(int64_t(r)) + " out of range");
+    return int64_t(r);
+}
+
+void get_rows_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor *a = n->src[0], *rows = n->src[1];
+    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        const int64_t r = checked_row(ev.get(rows, i1, rows->ne[1] == 1 ? 0 : i2), a->ne[1], "get_rows");
+        ev.set(n, ev.get(a, i0, r, i2, i3), i0, i1, i2, i3);
+    });
+}
+void get_rows_back_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor *g = n->src[0], *rows = n->src[1];
+    std::vector<double> acc(size_t(n->nelements()), 0.0);
+    ref::for_each_index(g, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        const int64_t r = checked_row(ev.get(rows, i1, rows->ne[1] == 1 ? 0 : i2), n->ne[1], "get_rows_back");
+        acc[size_t(((i3 * n->ne[2] + i2) * n->ne[1] + r) * n->ne[0] + i0)] += ev.get(g, i0, i1, i2, i3);
+    });
+    size_t k = 0;
+    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, acc[k++], i0, i1, i2, i3); });
+}
+void set_rows_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor *b = n->src[1], *rows = n->src[2];
+    ref::for_each_index(b, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        const int64_t r = checked_row(ev.get(rows, i1), n->ne[1], "set_rows");
+        ev.set(n, ev.get(b, i0, i1, i2, i3), i0, r, i2, i3);
+    });
+}
+void concat_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor *a = n->src[0], *b = n->src[1];
+    const int dim = n->params<ConcatParams>().dim;
+    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        int64_t idx[4] = {i0, i1, i2, i3};
+        const Tensor* s = a;
+        if (idx[dim] >= a->ne[dim]) idx[dim] -= a->ne[dim], s = b;
+        ev.set(n, ev.get(s, idx[0], idx[1], idx[2], idx[3]), i0, i1, i2, i3);
+    });
+}
+void repeat_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor* a = n->src[0];
+    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        ev.set(n, ev.get(a, i0 % a->ne[0], i1 % a->ne[1], i2 % a->ne[2], i3 % a->ne[3]), i0, i1, i2, i3);
+    });
+}
+void repeat_back_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor* g = n->src[0];
+    std::vector<double> acc(size_t(n->nelements()), 0.0);
+    ref::for_each_index(g, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        const int64_t j0 = i0 % n->ne[0], j1 = i1 % n->ne[1], j2 = i2 % n->ne[2], j3 = i3 % n->ne[3];
+        acc[size_t(((j3 * n->ne[2] + j2) * n->ne[1] + j1) * n->ne[0] + j0)] += ev.get(g, i0, i1, i2, i3);
+    });
+    size_t k = 0;
+    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, acc[k++], i0, i1, i2, i3); });
+}
+
 } // namespace
 
 void define_movement_ops(OpTable& t) {
-    t[size_t(Op::Fill)] = {.name = "fill"};
-    t[size_t(Op::Cpy)] = {.name = "cpy", .backward = cpy_backward, .writes_view_src = true};
-    t[size_t(Op::Cont)] = {.name = "cont", .backward = cont_backward};
+    t[size_t(Op::Fill)] = {.name = "fill", .reference = fill_reference};
+    t[size_t(Op::Cpy)] = {.name = "cpy", .backward = cpy_backward, .reference = cpy_reference, .writes_view_src = true};
+    t[size_t(Op::Cont)] = {.name = "cont", .backward = cont_backward, .reference = cont_reference};
     t[size_t(Op::Reshape)] = {.name = "reshape", .backward = reshape_backward, .is_view = true};
     t[size_t(Op::View)] = {.name = "view", .is_view = true};
     t[size_t(Op::Permute)] = {.name = "permute", .backward = permute_backward, .is_view = true};
     t[size_t(Op::Transpose)] = {.name = "transpose", .backward = transpose_backward, .is_view = true};
-    t[size_t(Op::GetRows)] = {.name = "get_rows", .backward = get_rows_backward};
-    t[size_t(Op::GetRowsBack)] = {.name = "get_rows_back"};
-    t[size_t(Op::SetRows)] = {.name = "set_rows", .writes_view_src = true};
-    t[size_t(Op::Concat)] = {.name = "concat", .backward = concat_backward};
-    t[size_t(Op::Repeat)] = {.name = "repeat", .backward = repeat_backward};
-    t[size_t(Op::RepeatBack)] = {.name = "repeat_back", .backward = repeat_back_backward};
+    t[size_t(Op::GetRows)] = {.name = "get_rows", .backward = get_rows_backward, .reference = get_rows_reference};
+    t[size_t(Op::GetRowsBack)] = {.name = "get_rows_back", .reference = get_rows_back_reference};
+    t[size_t(Op::SetRows)] = {.name = "set_rows", .reference = set_rows_reference, .writes_view_src = true};
+    t[size_t(Op::Concat)] = {.name = "concat", .backward = concat_backward, .reference = concat_reference};
+    t[size_t(Op::Repeat)] = {.name = "repeat", .backward = repeat_backward, .reference = repeat_reference};
+    t[size_t(Op::RepeatBack)] = {.name = "repeat_back", .backward = repeat_back_backward, .reference = repeat_back_reference};
 }
 
 } // namespace gfa
