@@ -1,0 +1,175 @@
+#include <catch2/catch.hpp>
+
+#include "attn_fixture.h"
+#include "attention/reference.h"
+
+#include <ggml-fa/error.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+using namespace gfa;
+using namespace gfa::attn;
+using namespace gfa::attn::testing;
+
+namespace {
+
+// L = sum(dO * O) evaluated in double by the reference forward.
+double loss(const Problem& p, const std::vector<float>& w) {
+    const std::vector<double> o = reference_forward_f64(p);
+    double l = 0.0;
+    // o is [B][Sq][Hq][Dv], exactly dO's dense order.
+    for (size_t i = 0; i < o.size(); ++i) l += o[i] * double(w[i]);
+    return l;
+}
+
+// Central differences of L with respect to every element of an f32 tensor.
+std::vector<float> numeric_grad(Case& c, Tensor& t, const std::vector<float>& w) {
+    std::vector<float> g(t.bytes.size() / 4);
+    float* x = reinterpret_cast<float*>(t.bytes.data());
+    for (size_t i = 0; i < g.size(); ++i) {
+        const float x0 = x[i];
+        const float xp = x0 + 1e-3f, xm = x0 - 1e-3f;
+        x[i] = xp;
+        const double lp = loss(c.p, w);
+        x[i] = xm;
+        const double lm = loss(c.p, w);
+        x[i] = x0;
+        g[i] = float((lp - lm) / (double(xp) - double(xm)));
+    }
+    return g;
+}
+
+} // namespace
+
+TEST_CASE("reference backward matches finite differences of the reference forward", "[attn][reference]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+
+    std::vector<CaseSpec> specs;
+    CaseSpec base;
+    base.Dk = 6, base.Dv = 5, base.Sq = 4, base.Skv = 6, base.Hq = 2, base.Hkv = 2;
+    base.params.scale = 0.7f;
+    {
+        CaseSpec s = base; // plain, Dk != Dv
+        specs.push_back(s);
+    }
+    {
+        CaseSpec s = base;
+        s.params.logit_softcap = 1.5f;
+        s.params.scale = 2.0f; // push scores into tanh's curved part
+        specs.push_back(s);
+    }
+    {
+        CaseSpec s = base; // ALiBi over a per-head mask with -inf holes
+        s.Hq = 3, s.Hkv = 1;
+        s.params.max_bias = 8.0f;
+        s.mask = true, s.mask_per_head = true, s.mask_neg_inf_fraction = 0.2f;
+        specs.push_back(s);
+    }
+    {
+        CaseSpec s = base; // sinks, with a fully masked row (gradient flows only to sinks)
+        s.sinks = true, s.mask = true, s.mask_full_rows = true;
+        specs.push_back(s);
+    }
+    {
+        CaseSpec s = base; // windows
+        s.Sq = 5, s.Skv = 7;
+        s.params.window_left = 2, s.params.window_right = 1;
+        specs.push_back(s);
+    }
+    {
+        CaseSpec s = base; // causal with Sq != Skv, GQA 4:2, batch 2
+        s.Sq = 3, s.Skv = 7, s.Hq = 4, s.Hkv = 2, s.B = 2;
+        s.params.causal = true;
+        specs.push_back(s);
+    }
+    {
+        CaseSpec s = base; // causal with Sq > Skv: the first rows see nothing
+        s.Sq = 6, s.Skv = 3;
+        s.params.causal = true;
+        s.sinks = true;
+        specs.push_back(s);
+    }
+
+    for (const CaseSpec& s : specs) {
+        INFO(s.describe());
+        auto c = make_case(s, rng, /*backward=*/true);
+        reference_backward(c->bp);
+        const std::vector<float> w = c->dO.floats();
+        const double tol = 1e-4;
+        CHECK(rel_error(c->dq.floats(), numeric_grad(*c, c->q, w)) < tol);
+        CHECK(rel_error(c->dk.floats(), numeric_grad(*c, c->k, w)) < tol);
+        CHECK(rel_error(c->dv.floats(), numeric_grad(*c, c->v, w)) < tol);
+        if (s.sinks) CHECK(rel_error(c->dsinks.floats(), numeric_grad(*c, c->sinks, w)) < tol);
+    }
+}
+
+TEST_CASE("reference forward: masked rows give zeros and -inf LSE, sinks only shrink", "[attn][reference]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+    CaseSpec s;
+    s.Dk = s.Dv = 32, s.Sq = 6, s.Skv = 3, s.Hq = 2, s.Hkv = 1;
+    s.params.causal = true; // rows 0..2 see no key at all
+    auto c = make_case(s, rng);
+    reference_forward(c->p);
+    const std::vector<float> o = c->o.floats(), lse = c->lse.floats();
+    for (int64_t h = 0; h < 2; ++h)
+        for (int64_t i = 0; i < 6; ++i) {
+            const float l = lse[size_t(h * 6 + i)];
+            if (i < 3) {
+                CHECK(l == -std::numeric_limits<float>::infinity());
+            } else {
+                CHECK(std::isfinite(l));
+            }
+            for (int64_t d = 0; d < 32; ++d) {
+                const float v = o[size_t((i * 2 + h) * 32 + d)];
+                REQUIRE(!std::isnan(v));
+                if (i < 3) REQUIRE(v == 0.0f);
+            }
+        }
+    // One visible key: the output is that key's value row exactly.
+    const std::vector<float> v = c->v.floats();
+    for (int64_t d = 0; d < 32; ++d)
+        CHECK(o[size_t((3 * 2 + 0) * 32 + d)] == Approx(v[size_t(d)]).epsilon(1e-6));
+}
+
+TEST_CASE("attention problems are validated with clear errors", "[attn][validate]") {
+    std::mt19937 rng(1);
+    CaseSpec s;
+    s.Hq = 3, s.Hkv = 2; // not a multiple
+    auto c = make_case(s, rng);
+    CHECK_THROWS_WITH(reference_forward(c->p), Catch::Contains("multiple of kv heads"));
+
+    s = CaseSpec{};
+    c = make_case(s, rng);
+    c->p.k.ne[0] = 63;
+    CHECK_THROWS_WITH(reference_forward(c->p), Catch::Contains("k is f32[63"));
+
+    s = CaseSpec{};
+    s.k_type = Type::Q8_0;
+    s.Dk = 32;
+    c = make_case(s, rng);
+    c->p.q.type = Type::Q8_0;
+    CHECK_THROWS_WITH(reference_forward(c->p), Catch::Contains("q has type q8_0"));
+
+    s = CaseSpec{};
+    s.mask = true;
+    c = make_case(s, rng);
+    c->p.mask.ne[2] = 5;
+    CHECK_THROWS_WITH(reference_forward(c->p), Catch::Contains("mask is"));
+
+    s = CaseSpec{};
+    c = make_case(s, rng, true);
+    c->bp.fwd.lse = View{};
+    CHECK_THROWS_WITH(reference_backward(c->bp), Catch::Contains("needs the forward's lse"));
+
+    s = CaseSpec{};
+    c = make_case(s, rng);
+    c->p.params.window_left = -3;
+    CHECK_THROWS_AS(reference_forward(c->p), Error);
+}
