@@ -2,6 +2,8 @@
 
 #include "attn_fixture.h"
 #include "attention/reference.h"
+#include "backends/cpu/flash_attn_cpu.h"
+#include "thread_pool.h"
 
 #include <ggml-fa/error.h>
 
@@ -172,4 +174,54 @@ TEST_CASE("attention problems are validated with clear errors", "[attn][validate
     c = make_case(s, rng);
     c->p.params.window_left = -3;
     CHECK_THROWS_AS(reference_forward(c->p), Error);
+}
+
+// ---- FlashAttention-2 CPU kernels against the reference ----------------------------------
+
+namespace {
+
+// Error allowed for an output of this spec against the double reference: f32 paths are
+// limited by float accumulation; 16-bit inputs/outputs add one rounding of the result.
+double forward_tolerance(const CaseSpec& s) {
+    if (s.o_type == Type::BF16) return 8e-3;
+    if (s.o_type == Type::F16) return 2e-3;
+    return 2e-5 * std::sqrt(double(std::max<int64_t>(s.Skv, 64)) / 64.0) + 1e-5;
+}
+
+void check_forward(const CaseSpec& s, std::mt19937& rng, gfa::ThreadPool& pool) {
+    INFO(s.describe());
+    auto got = make_case(s, rng);
+    auto want = std::make_unique<Case>();
+    // Same inputs, separate outputs for the reference.
+    want->o = Tensor(s.o_type, s.Dv, s.Hq, s.Sq, s.B);
+    want->lse = Tensor(Type::F32, s.Sq, s.Hq, s.B);
+    Problem rp = got->p;
+    rp.o = want->o.view;
+    rp.lse = want->lse.view;
+    gfa::cpu::flash_attn_forward(got->p, pool);
+    reference_forward(rp);
+    const double err = rel_error(got->o.floats(), want->o.floats());
+    INFO("O rel error " << err);
+    CHECK(err < forward_tolerance(s));
+    const double lse_err = rel_error(got->lse.floats(), want->lse.floats());
+    INFO("LSE rel error " << lse_err);
+    CHECK(lse_err < 1e-5);
+}
+
+} // namespace
+
+TEST_CASE("CPU FA2 forward matches the reference", "[attn][fa2]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+    gfa::ThreadPool pool(2);
+    CaseSpec s;
+    for (int64_t sq : {1, 3, 17, 64, 113}) {
+        for (int64_t skv : {1, 17, 113, 255}) {
+            s = CaseSpec{};
+            s.Sq = sq, s.Skv = skv;
+            s.Dk = s.Dv = 64;
+            check_forward(s, rng, pool);
+        }
+    }
 }
