@@ -225,3 +225,62 @@ TEST_CASE("CPU FA2 forward matches the reference", "[attn][fa2]") {
         }
     }
 }
+
+namespace {
+
+double backward_tolerance(const CaseSpec& s) {
+    if (s.grad_type == Type::BF16) return 1e-2;
+    if (s.grad_type == Type::F16 || s.o_type != Type::F32) return 3e-3;
+    return 1e-4 * std::sqrt(double(std::max<int64_t>(s.Skv, 64)) / 64.0);
+}
+
+void check_backward(const CaseSpec& s, std::mt19937& rng, gfa::ThreadPool& pool) {
+    INFO(s.describe());
+    auto got = make_case(s, rng, /*backward=*/true);
+    gfa::cpu::flash_attn_forward(got->p, pool); // o and lse as the backward expects them
+    auto want = std::make_unique<Case>();
+    want->dq = Tensor(s.grad_type, s.Dk, s.Sq, s.Hq, s.B);
+    want->dk = Tensor(s.grad_type, s.Dk, s.Skv, s.Hkv, s.B);
+    want->dv = Tensor(s.grad_type, s.Dv, s.Skv, s.Hkv, s.B);
+    BackwardProblem rb = got->bp;
+    rb.fwd = got->p;
+    rb.dq = want->dq.view, rb.dk = want->dk.view, rb.dv = want->dv.view;
+    if (s.sinks) {
+        want->dsinks = Tensor(Type::F32, s.Hq);
+        rb.dsinks = want->dsinks.view;
+    }
+    BackwardProblem fb = got->bp;
+    fb.fwd = got->p;
+    gfa::cpu::flash_attn_backward(fb, pool);
+    reference_backward(rb);
+    const double tol = backward_tolerance(s);
+    const double eq = rel_error(got->dq.floats(), want->dq.floats());
+    const double ek = rel_error(got->dk.floats(), want->dk.floats());
+    const double ev = rel_error(got->dv.floats(), want->dv.floats());
+    INFO("dq " << eq << " dk " << ek << " dv " << ev << " tol " << tol);
+    CHECK(eq < tol);
+    CHECK(ek < tol);
+    CHECK(ev < tol);
+    if (s.sinks) {
+        const double es = rel_error(got->dsinks.floats(), want->dsinks.floats());
+        INFO("dsinks " << es);
+        CHECK(es < tol);
+    }
+}
+
+} // namespace
+
+TEST_CASE("CPU FA2 backward matches the reference", "[attn][fa2]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+    gfa::ThreadPool pool(2);
+    for (int64_t sq : {1, 17, 113}) {
+        for (int64_t skv : {3, 64, 255}) {
+            CaseSpec s;
+            s.Sq = sq, s.Skv = skv;
+            s.Dk = s.Dv = 64;
+            check_backward(s, rng, pool);
+        }
+    }
+}

@@ -435,6 +435,159 @@ size_t split_partial_floats(const ForwardPlan& plan) {
     return size_t(plan.tiles.size()) * size_t(plan.splits) * size_t(kTileQ * (plan.Dv8 + 2));
 }
 
+// ============================== backward =====================================================
+//
+// Per batch and kv head: dK/dV accumulate in f32 buffers for the whole head ([Skv][D]).
+// For each query head of the group: a pre-pass converts Q and dO once (row-major and
+// transposed), computes D_i = rowsum(dO_i * O_i) and the base-2 LSE; the main pass runs
+// over key tiles (FA2's outer loop), each owning its rows of dK/dV, and loops over the
+// query tiles that can see it: recompute S and P = exp2(S - LSE), dV += P^T dO,
+// dP = dO V^T, dS = P (dP - D), dK += dS^T Q, dQ += dS K.
+//
+// Determinism: dQ gets contributions from every key tile. Key tile t always runs on
+// thread t % n_threads and adds into that thread's own dQ partial; the partials are then
+// summed in thread order. The order of every floating-point sum is thus fixed by the
+// problem and the thread count, never by scheduling, so repeated runs are bit-identical.
+
+constexpr int64_t kBwdTileQ = 64;  // query rows per tile (a multiple of 16)
+constexpr int64_t kBwdTileKV = 48; // keys per tile
+
+struct BackwardSizes {
+    int64_t Dk8, Dv8, Sq16;
+    explicit BackwardSizes(const Problem& p)
+        : Dk8(round_up(p.Dk, 8)), Dv8(round_up(p.Dv, 8)), Sq16(round_up(p.Sq, 16)) {}
+    // Shared across threads: dK/dV accumulators, one query head's converted Q/dO, D and
+    // LSE, and one dQ partial per thread.
+    size_t shared_floats(const Problem& p, int n_threads) const {
+        return size_t(p.Skv * (Dk8 + Dv8) + p.Dk * Sq16 + p.Sq * Dk8 + p.Dv * Sq16 + p.Sq * Dv8 + 2 * Sq16 +
+                      int64_t(n_threads) * p.Sq * Dk8);
+    }
+    size_t thread_floats(const Problem& p) const {
+        return size_t(kBwdTileKV * (Dk8 + Dv8) + 3 * kBwdTileKV * kBwdTileQ + std::max(Dk8, Dv8));
+    }
+};
+
+struct BackwardWorkspace {
+    std::vector<float> kbuf; // [kBwdTileKV][Dk8]
+    std::vector<float> vbuf; // [kBwdTileKV][Dv8]
+    std::vector<float> pt;   // [kBwdTileKV][kBwdTileQ] S^T, then P^T
+    std::vector<float> dst;  // [kBwdTileKV][kBwdTileQ] dP^T, then dS^T
+    std::vector<float> tt;   // [kBwdTileKV][kBwdTileQ] tanh of the softcapped scores
+    std::vector<float> row;
+    std::vector<RowInfo> rows;
+    BackwardWorkspace(const BackwardSizes& z)
+        : kbuf(size_t(kBwdTileKV * z.Dk8)), vbuf(size_t(kBwdTileKV * z.Dv8)),
+          pt(size_t(kBwdTileKV * kBwdTileQ)), dst(size_t(kBwdTileKV * kBwdTileQ)),
+          tt(size_t(kBwdTileKV * kBwdTileQ)), row(size_t(std::max(z.Dk8, z.Dv8))), rows(size_t(kBwdTileQ)) {}
+};
+
+struct HeadBuffers {
+    std::vector<float> dk, dv;      // [Skv][Dk8], [Skv][Dv8] accumulators of the kv head
+    std::vector<float> qt, q;       // [Dk][Sq16] scaled for S;  [Sq][Dk8] unscaled
+    std::vector<float> dot, dO;     // [Dv][Sq16];  [Sq][Dv8]
+    std::vector<float> lse2, D;     // [Sq16]
+    std::vector<float> dq_partials; // [n_threads][Sq][Dk8]
+};
+
+// Converts one query head's Q and dO, and computes D and the base-2 LSE, rows [r0, r1).
+void backward_prepass(const BackwardProblem& bp, const BackwardSizes& z, int64_t b, int64_t h, int64_t r0,
+                      int64_t r1, HeadBuffers& hb, float* tmp) {
+    const Problem& p = bp.fwd;
+    const float qscale = q_prescale(p.params);
+    for (int64_t i = r0; i < r1; ++i) {
+        float* q = hb.q.data() + i * z.Dk8;
+        load_row(p.q.type, row_at(p.q, i, h, b), q, p.Dk, z.Dk8);
+        for (int64_t d = 0; d < p.Dk; ++d) hb.qt[size_t(d * z.Sq16 + i)] = q[d] * qscale;
+        float* dO = hb.dO.data() + i * z.Dv8;
+        load_row(bp.dO.type, o_row(bp.dO, i, h, b), dO, p.Dv, z.Dv8);
+        for (int64_t d = 0; d < p.Dv; ++d) hb.dot[size_t(d * z.Sq16 + i)] = dO[d];
+        load_row(p.o.type, o_row(p.o, i, h, b), tmp, p.Dv, p.Dv);
+        double Di = 0.0;
+        for (int64_t d = 0; d < p.Dv; ++d) Di += double(dO[d]) * double(tmp[d]);
+        hb.D[size_t(i)] = float(Di);
+        // A fully masked row has LSE = -inf; +inf here makes every P of that row 0.
+        const float lse = *lse_at(p.lse, i, h, b);
+        hb.lse2[size_t(i)] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+    }
+}
+
+// One key tile against every query tile of head h that can see it.
+void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_t b, int64_t g, int64_t h,
+                       int64_t t, HeadBuffers& hb, float* dq_partial, BackwardWorkspace& ws) {
+    const Problem& p = bp.fwd;
+    const int64_t Dk8 = z.Dk8, Dv8 = z.Dv8, ld = kBwdTileQ;
+    const int64_t j0 = t * kBwdTileKV, nk = std::min(kBwdTileKV, p.Skv - j0);
+
+    // Query rows whose visible band meets [j0, j0 + nk); the band's ends never decrease
+    // with i, so a row range suffices.
+    int64_t i_begin = p.Sq, i_end = 0;
+    for (int64_t i = 0; i < p.Sq; ++i) {
+        const KeyRange kr = visible_keys(p.params, i, p.Sq, p.Skv);
+        if (kr.lo <= kr.hi && kr.hi >= j0 && kr.lo < j0 + nk) {
+            i_begin = std::min(i_begin, i);
+            i_end = i + 1;
+        }
+    }
+    if (i_begin >= i_end) return;
+
+    // Load K/V tile.
+    for (int64_t j = 0; j < nk; ++j) {
+        load_row(p.k.type, row_at(p.k, j0 + j, g, b), ws.kbuf.data() + j * Dk8, p.Dk, Dk8);
+        load_row(p.v.type, row_at(p.v, j0 + j, g, b), ws.vbuf.data() + j * Dv8, p.Dv, Dv8);
+    }
+    const bool softcap = p.params.logit_softcap > 0.0f;
+    float* pt = ws.pt.data();
+    float* dst = ws.dst.data();
+    float* dk = hb.dk.data() + j0 * Dk8;
+    float* dv = hb.dv.data() + j0 * Dv8;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdTileQ) {
+        const int64_t nq = std::min(kBwdTileQ, i_end - i0), nq8 = round_up(nq, 8);
+        RowInfo* rows = ws.rows.data();
+        describe_rows(p, b, h, 1, i0, nq, rows);
+
+        // S^T = K Q^T, softcap, mask.
+        gemm(nk, nq8, p.Dk, ws.kbuf.data(), Dk8, 1, hb.qt.data() + i0, z.Sq16, pt, ld, false);
+        if (softcap) {
+            for (int64_t j = 0; j < nk; ++j)
+                for (int64_t r = 0; r < nq8; r += 8)
+                    simd::store(ws.tt.data() + j * ld + r, simd::tanh(simd::load(pt + j * ld + r)));
+            const vf8 cap2 = simd::splat(p.params.logit_softcap * kLog2e);
+            for (int64_t j = 0; j < nk; ++j)
+                for (int64_t r = 0; r < nq8; r += 8)
+                    simd::store(pt + j * ld + r, cap2 * simd::load(ws.tt.data() + j * ld + r));
+        }
+        apply_mask(p, rows, nq, j0, nk, pt, ld, tile_is_partial(rows, nq, j0, nk));
+
+        // P^T = exp2(S^T - LSE). Lanes past the last row read lse2 = +inf or zero-padded
+        // columns and come out 0.
+        for (int64_t r = 0; r < nq8; r += 8) {
+            const vf8 lse2 = simd::load(hb.lse2.data() + i0 + r);
+            for (int64_t j = 0; j < nk; ++j)
+                simd::store(pt + j * ld + r, simd::exp2(simd::load(pt + j * ld + r) - lse2));
+        }
+
+        // dV += P^T dO.
+        gemm(nk, Dv8, nq, pt, ld, 1, hb.dO.data() + i0 * Dv8, Dv8, dv, Dv8, true);
+        // dP^T = V dO^T.
+        gemm(nk, nq8, p.Dv, ws.vbuf.data(), Dv8, 1, hb.dot.data() + i0, z.Sq16, dst, ld, false);
+        // dS^T = P^T (dP^T - D), times (1 - tanh^2) through the softcap.
+        for (int64_t r = 0; r < nq8; r += 8) {
+            const vf8 D = simd::load(hb.D.data() + i0 + r);
+            for (int64_t j = 0; j < nk; ++j) {
+                vf8 ds = simd::load(pt + j * ld + r) * (simd::load(dst + j * ld + r) - D);
+                if (softcap) {
+                    const vf8 th = simd::load(ws.tt.data() + j * ld + r);
+                    ds = ds * (simd::splat(1.0f) - th * th);
+                }
+                simd::store(dst + j * ld + r, ds);
+            }
+        }
+        // dK += dS^T Q;  dQ += dS K (into this thread's partial).
+        gemm(nk, Dk8, nq, dst, ld, 1, hb.q.data() + i0 * Dk8, Dk8, dk, Dk8, true);
+        gemm(nq, Dk8, nk, dst, 1, ld, ws.kbuf.data(), Dk8, dq_partial + i0 * Dk8, Dk8, true);
+    }
+}
+
 } // namespace
 
 size_t flash_attn_scratch_bytes(const Problem& p, int n_threads) {
@@ -482,6 +635,90 @@ void flash_attn_forward(const Problem& p, ThreadPool& pool) {
             combine_splits(p, plan, plan.tiles[size_t(tile)], parts.data(), ws);
         }
     });
+}
+
+size_t flash_attn_backward_scratch_bytes(const BackwardProblem& bp, int n_threads) {
+    const BackwardSizes z(bp.fwd);
+    return 4 * (z.shared_floats(bp.fwd, n_threads) + size_t(n_threads) * z.thread_floats(bp.fwd)) +
+           size_t(n_threads) * kBwdTileQ * sizeof(RowInfo);
+}
+
+void flash_attn_backward(const BackwardProblem& bp, ThreadPool& pool) {
+    validate(bp, "flash_attn_ext (CPU backward)");
+    const Problem& p = bp.fwd;
+    const int nth = pool.size();
+    const BackwardSizes z(p);
+    const int64_t group = p.Hq / p.Hkv;
+    const int64_t n_key_tiles = (p.Skv + kBwdTileKV - 1) / kBwdTileKV;
+    const float scale = p.params.scale;
+
+    HeadBuffers hb;
+    hb.dk.resize(size_t(p.Skv * z.Dk8));
+    hb.dv.resize(size_t(p.Skv * z.Dv8));
+    hb.qt.assign(size_t(p.Dk * z.Sq16), 0.0f); // columns past Sq stay zero
+    hb.q.resize(size_t(p.Sq * z.Dk8));
+    hb.dot.assign(size_t(p.Dv * z.Sq16), 0.0f);
+    hb.dO.resize(size_t(p.Sq * z.Dv8));
+    hb.lse2.assign(size_t(z.Sq16), std::numeric_limits<float>::infinity());
+    hb.D.assign(size_t(z.Sq16), 0.0f);
+    hb.dq_partials.resize(size_t(nth * p.Sq * z.Dk8));
+    std::vector<BackwardWorkspace> workspaces;
+    for (int t = 0; t < nth; ++t) workspaces.emplace_back(z);
+
+    float* dsinks = static_cast<float*>(bp.dsinks.data);
+    if (bp.dsinks.present())
+        for (int64_t h = 0; h < p.Hq; ++h) dsinks[h * bp.dsinks.nb[0] / 4] = 0.0f;
+
+    for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t g = 0; g < p.Hkv; ++g) {
+            std::fill(hb.dk.begin(), hb.dk.end(), 0.0f);
+            std::fill(hb.dv.begin(), hb.dv.end(), 0.0f);
+            for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+                pool.run([&](int ith, int n) {
+                    const auto [r0, r1] = split_range(p.Sq, ith, n);
+                    backward_prepass(bp, z, b, h, r0, r1, hb, workspaces[size_t(ith)].row.data());
+                });
+                if (bp.dsinks.present()) {
+                    // dsink_h = -sum_i P_sink(i) D_i, summed over batches in order.
+                    const float s2 = sink_logit(p.sinks, h) * kLog2e;
+                    double ds = 0.0;
+                    for (int64_t i = 0; i < p.Sq; ++i)
+                        ds -= double(std::exp2(s2 - hb.lse2[size_t(i)])) * double(hb.D[size_t(i)]);
+                    dsinks[h * bp.dsinks.nb[0] / 4] += float(ds);
+                }
+                pool.run([&](int ith, int n) {
+                    float* dq_partial = hb.dq_partials.data() + size_t(ith) * size_t(p.Sq * z.Dk8);
+                    std::fill(dq_partial, dq_partial + p.Sq * z.Dk8, 0.0f);
+                    for (int64_t t = ith; t < n_key_tiles; t += n)
+                        backward_key_tile(bp, z, b, g, h, t, hb, dq_partial, workspaces[size_t(ith)]);
+                });
+                // dQ = scale * (sum of the partials in thread order).
+                pool.run([&](int ith, int n) {
+                    const auto [r0, r1] = split_range(p.Sq, ith, n);
+                    float* acc = workspaces[size_t(ith)].row.data();
+                    for (int64_t i = r0; i < r1; ++i) {
+                        for (int64_t d = 0; d < p.Dk; ++d) acc[d] = 0.0f;
+                        for (int t = 0; t < nth; ++t) {
+                            const float* part = hb.dq_partials.data() +
+                                                (size_t(t) * size_t(p.Sq) + size_t(i)) * size_t(z.Dk8);
+                            for (int64_t d = 0; d < p.Dk; ++d) acc[d] += part[d];
+                        }
+                        for (int64_t d = 0; d < p.Dk; ++d) acc[d] *= scale;
+                        store_row(bp.dq.type, acc, row_at(bp.dq, i, h, b), p.Dk);
+                    }
+                });
+            }
+            // Epilogue: dK = scale * accumulated dS^T Q, dV as accumulated.
+            pool.run([&](int ith, int n) {
+                const auto [j_begin, j_end] = split_range(p.Skv, ith, n);
+                float* tmp = workspaces[size_t(ith)].row.data();
+                for (int64_t j = j_begin; j < j_end; ++j) {
+                    for (int64_t d = 0; d < p.Dk; ++d) tmp[d] = hb.dk[size_t(j * z.Dk8 + d)] * scale;
+                    store_row(bp.dk.type, tmp, row_at(bp.dk, j, g, b), p.Dk);
+                    store_row(bp.dv.type, hb.dv.data() + j * z.Dv8, row_at(bp.dv, j, g, b), p.Dv);
+                }
+            });
+        }
 }
 
 } // namespace gfa::cpu
