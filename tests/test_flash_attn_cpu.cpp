@@ -284,3 +284,161 @@ TEST_CASE("CPU FA2 backward matches the reference", "[attn][fa2]") {
         }
     }
 }
+
+TEST_CASE("CPU FA2 over features, head sizes, GQA ratios and K/V types", "[attn][fa2]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+    gfa::ThreadPool pool(2);
+    std::vector<CaseSpec> specs;
+    auto add = [&](auto&& edit) {
+        CaseSpec s;
+        s.Dk = s.Dv = 64, s.Sq = 17, s.Skv = 113;
+        edit(s);
+        specs.push_back(s);
+    };
+    // Causal with Sq != Skv in both directions (Sq > Skv leaves rows that see nothing).
+    add([](CaseSpec& s) { s.Sq = 113, s.Skv = 255, s.params.causal = true; });
+    add([](CaseSpec& s) { s.Sq = 255, s.Skv = 64, s.params.causal = true; });
+    add([](CaseSpec& s) {
+        s.Sq = 1024, s.Skv = 1024, s.Dk = s.Dv = 32, s.Hq = s.Hkv = 1, s.params.causal = true;
+    });
+    add([](CaseSpec& s) { s.Sq = 1, s.Skv = 1024, s.Hq = 8, s.Hkv = 1; }); // decode, split-KV
+    // Masks: per head/batch broadcast, f16 masks, fully masked rows.
+    add([](CaseSpec& s) { s.mask = true, s.mask_full_rows = true, s.B = 2, s.mask_per_batch = true; });
+    add([](CaseSpec& s) {
+        s.mask = true, s.mask_type = Type::F16, s.mask_per_head = true, s.Hq = 4, s.Hkv = 2;
+    });
+    add([](CaseSpec& s) { s.Sq = 3, s.mask = true, s.mask_full_rows = true, s.sinks = true; });
+    // ALiBi, softcap, sinks, windows.
+    add([](CaseSpec& s) {
+        s.mask = true, s.params.max_bias = 8.0f, s.Hq = 8, s.Hkv = 4, s.mask_neg_inf_fraction = 0;
+    });
+    add([](CaseSpec& s) { s.params.logit_softcap = 2.0f, s.params.scale = 0.5f; });
+    add([](CaseSpec& s) { s.sinks = true, s.params.causal = true, s.Sq = 64; });
+    add([](CaseSpec& s) { s.Sq = 255, s.Skv = 255, s.params.window_left = 40, s.params.window_right = 7; });
+    add([](CaseSpec& s) { s.Sq = 113, s.Skv = 255, s.params.causal = true, s.params.window_left = 50; });
+    // GQA ratios.
+    for (int64_t ratio : {2, 4, 8})
+        add([&](CaseSpec& s) { s.Hkv = 1, s.Hq = ratio, s.Sq = ratio == 8 ? 3 : 17; });
+    // Head sizes, Dk != Dv.
+    for (int64_t d : {32, 80, 96, 128, 256})
+        add([&](CaseSpec& s) { s.Dk = s.Dv = d, s.Sq = 17, s.Skv = 64; });
+    add([](CaseSpec& s) { s.Dk = 96, s.Dv = 64; });
+    add([](CaseSpec& s) { s.Dk = 20, s.Dv = 12, s.Skv = 17; }); // not a multiple of 8
+    // K/V, Q and output types.
+    for (Type t : {Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0})
+        add([&](CaseSpec& s) { s.k_type = s.v_type = t, s.Sq = 17, s.Skv = 255; });
+    add([](CaseSpec& s) {
+        s.q_type = Type::F16, s.o_type = Type::F16, s.k_type = Type::F16, s.v_type = Type::F16;
+    });
+    add([](CaseSpec& s) { s.q_type = Type::BF16, s.o_type = Type::BF16, s.grad_type = Type::BF16; });
+    add([](CaseSpec& s) { s.grad_type = Type::F16, s.k_type = Type::Q8_0, s.v_type = Type::F16; });
+
+    for (const CaseSpec& s : specs) {
+        check_forward(s, rng, pool);
+        check_backward(s, rng, pool);
+    }
+}
+
+TEST_CASE("CPU FA2: fully masked rows give zeros, -inf LSE and zero gradients", "[attn][fa2]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+    gfa::ThreadPool pool(2);
+    CaseSpec s;
+    s.Dk = s.Dv = 32, s.Sq = 9, s.Skv = 4, s.Hq = 2, s.Hkv = 1;
+    s.params.causal = true; // rows 0..4 see nothing
+    auto c = make_case(s, rng, true);
+    gfa::cpu::flash_attn_forward(c->p, pool);
+    c->bp.fwd = c->p;
+    gfa::cpu::flash_attn_backward(c->bp, pool);
+    const std::vector<float> o = c->o.floats(), lse = c->lse.floats(), dq = c->dq.floats();
+    for (int64_t h = 0; h < 2; ++h)
+        for (int64_t i = 0; i < 9; ++i) {
+            if (i < 5) CHECK(lse[size_t(h * 9 + i)] == -std::numeric_limits<float>::infinity());
+            for (int64_t d = 0; d < 32; ++d) {
+                REQUIRE(!std::isnan(o[size_t((i * 2 + h) * 32 + d)]));
+                REQUIRE(!std::isnan(dq[size_t((h * 9 + i) * 32 + d)]));
+                if (i < 5) {
+                    REQUIRE(o[size_t((i * 2 + h) * 32 + d)] == 0.0f);
+                    REQUIRE(dq[size_t((h * 9 + i) * 32 + d)] == 0.0f);
+                }
+            }
+        }
+}
+
+TEST_CASE("CPU FA2 backward is deterministic", "[attn][fa2]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+    gfa::ThreadPool pool(2);
+    CaseSpec s;
+    s.Dk = s.Dv = 64, s.Sq = 200, s.Skv = 300, s.Hq = 4, s.Hkv = 2, s.sinks = true;
+    s.params.causal = true;
+    auto c = make_case(s, rng, true);
+    gfa::cpu::flash_attn_forward(c->p, pool);
+    c->bp.fwd = c->p;
+    gfa::cpu::flash_attn_backward(c->bp, pool);
+    const auto dq = c->dq.bytes, dk = c->dk.bytes, dv = c->dv.bytes, ds = c->dsinks.bytes;
+    for (int rep = 0; rep < 3; ++rep) {
+        c->dq.poison(), c->dk.poison(), c->dv.poison(), c->dsinks.poison();
+        gfa::cpu::flash_attn_backward(c->bp, pool);
+        REQUIRE(c->dq.bytes == dq);
+        REQUIRE(c->dk.bytes == dk);
+        REQUIRE(c->dv.bytes == dv);
+        REQUIRE(c->dsinks.bytes == ds);
+    }
+}
+
+namespace {
+
+// Forward and backward at Sq = Skv = n with one head and small D: the scratch is below
+// max_scratch and grows linearly with n. The full reference would be O(n^2) in double,
+// so the output check takes the last query row, which sees every key, as a 1-row problem.
+void long_sequence(int64_t n, int64_t max_scratch) {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed << " n " << n);
+    gfa::ThreadPool pool(2);
+    CaseSpec s;
+    s.Dk = s.Dv = 16, s.Sq = s.Skv = n, s.Hq = s.Hkv = 1;
+    s.params.causal = true;
+    auto c = make_case(s, rng, true);
+    CHECK(gfa::cpu::flash_attn_scratch_bytes(c->p, 2) < size_t(max_scratch));
+    CHECK(gfa::cpu::flash_attn_backward_scratch_bytes(c->bp, 2) < size_t(max_scratch));
+    // Linear growth: doubling the sequence at most doubles the scratch (plus tile buffers).
+    {
+        Problem p2 = c->p;
+        p2.Sq *= 2, p2.Skv *= 2;
+        BackwardProblem b2 = c->bp;
+        b2.fwd = p2;
+        const double f1 = double(gfa::cpu::flash_attn_scratch_bytes(c->p, 2));
+        const double b1 = double(gfa::cpu::flash_attn_backward_scratch_bytes(c->bp, 2));
+        CHECK(double(gfa::cpu::flash_attn_scratch_bytes(p2, 2)) <= 2.0 * f1 + 1e6);
+        CHECK(double(gfa::cpu::flash_attn_backward_scratch_bytes(b2, 2)) <= 2.0 * b1 + 1e6);
+    }
+    gfa::cpu::flash_attn_forward(c->p, pool);
+    c->bp.fwd = c->p;
+    gfa::cpu::flash_attn_backward(c->bp, pool);
+    for (const Tensor* t : {&c->o, &c->lse, &c->dq, &c->dk, &c->dv})
+        for (float v : t->floats()) REQUIRE(std::isfinite(v));
+
+    // The last query row sees every key: compare it with the reference on a 1-row problem.
+    Tensor q1(Type::F32, 16, 1, 1, 1), o1(Type::F32, 16, 1, 1, 1), l1(Type::F32, 1, 1, 1, 1);
+    std::memcpy(q1.bytes.data(), c->q.row(n - 1), 64);
+    Problem p1 = c->p;
+    p1.Sq = 1;
+    p1.q = q1.view, p1.o = o1.view, p1.lse = l1.view;
+    reference_forward(p1);
+    std::vector<float> got(16);
+    std::memcpy(got.data(), c->o.row(n - 1), 64);
+    CHECK(rel_error(got, o1.floats()) < 1e-4);
+}
+
+} // namespace
+
+// About 2 s on 2 cores (causal halves the work), so it always runs.
+TEST_CASE("CPU FA2 memory is O(N): 32768 tokens, forward and backward", "[attn][fa2]") {
+    long_sequence(32768, 64 << 20);
+}
