@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#if GFA_HAVE_CBLAS
+#if GFA_HAVE_BLAS
 #include <cblas.h>
 #endif
 
@@ -42,7 +42,7 @@ double median_seconds(int reps, const std::function<void()>& fn) {
     return t[t.size() / 2];
 }
 
-#if GFA_HAVE_CBLAS
+#if GFA_HAVE_BLAS
 // Unfused attention, one head per task: S = Q K^T (sgemm), softmax per row, O = P V
 // (sgemm). f32 everywhere; S is materialized (Sq x Skv per worker).
 void blas_attention(const Problem& p, ThreadPool& pool) {
@@ -112,7 +112,7 @@ int main(int argc, char** argv) {
                     const double tb = median_seconds(reps, [&] { cpu::flash_attn_backward(c->bp, pool); });
                     const double gf = flops / tf * 1e-9, gb = 2.5 * flops / tb * 1e-9;
                     double blas = NAN;
-#if GFA_HAVE_CBLAS
+#if GFA_HAVE_BLAS
                     if (kv == Type::F32)
                         blas = flops / median_seconds(reps, [&] { blas_attention(c->p, pool); }) * 1e-9;
 #endif
