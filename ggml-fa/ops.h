@@ -110,7 +110,8 @@ Tensor* mean(Context& ctx, Tensor* a);     // row means -> [1, ne1, ne2, ne3]
 // ---- matrix products ------------------------------------------------------------------
 
 // a: [K, M, A2, A3] (weights: f32/f16/bf16/q8_0/q4_0/...), b: [K, N, B2, B3] f32 with
-// B2 % A2 == 0 and B3 % A3 == 0 (a broadcast). Result [M, N, B2, B3] f32 = b * a^T per matrix.
+// B2 % A2 == 0 and B3 % A3 == 0: b's matrix i2 uses a's matrix i2 / (B2 / A2), as GQA groups heads
+// (repeat/add broadcast by modulo instead). Result [M, N, B2, B3] f32 = b * a^T per matrix.
 Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b);
 // a: [M, K], b: [N, K] -> [M, N] = sum_k a[:,k] b[:,k]^T (batched over dims 2-3 like mul_mat)
 Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
