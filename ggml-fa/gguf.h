@@ -23,8 +23,8 @@
 
 namespace gfa::gguf {
 
-inline constexpr uint32_t kVersion = 3;            // written; 2 and 3 are read
-inline constexpr uint64_t kDefaultAlignment = 32;  // when general.alignment is absent
+inline constexpr uint32_t kVersion = 3;           // written; 2 and 3 are read
+inline constexpr uint64_t kDefaultAlignment = 32; // when general.alignment is absent
 inline constexpr const char* kAlignmentKey = "general.alignment";
 inline constexpr int kMaxDims = 4;
 
@@ -68,14 +68,13 @@ struct Array {
 
 // One metadata value. The variant's alternative index is the ValueType number.
 struct Value {
-    using Storage = std::variant<uint8_t, int8_t, uint16_t, int16_t, uint32_t, int32_t, float, bool, std::string,
-                                 Array, uint64_t, int64_t, double>;
+    using Storage = std::variant<uint8_t, int8_t, uint16_t, int16_t, uint32_t, int32_t, float, bool,
+                                 std::string, Array, uint64_t, int64_t, double>;
     Storage v;
 
     Value() = default;
     template <typename T>
-        requires std::is_constructible_v<Storage, T>
-    Value(T x) : v(std::move(x)) {}
+    requires std::is_constructible_v<Storage, T> Value(T x) : v(std::move(x)) {}
     Value(const char* s) : v(std::string(s)) {}
 
     ValueType type() const { return ValueType(v.index()); }
@@ -86,8 +85,8 @@ struct Value {
         if (const T* p = std::get_if<T>(&v)) return *p;
         wrong_type(ValueType(detail::variant_index<T, Storage>::value));
     }
-    int64_t as_int() const;          // any integer type whose value fits in int64
-    double as_float() const;         // f32 or f64 (or an integer type)
+    int64_t as_int() const;  // any integer type whose value fits in int64
+    double as_float() const; // f32 or f64 (or an integer type)
     const std::string& as_string() const { return as<std::string>(); }
     const Array& as_array() const { return as<Array>(); }
 
@@ -125,9 +124,9 @@ struct TensorInfo {
     int n_dims = 0;
     std::array<int64_t, kMaxDims> ne{1, 1, 1, 1}; // ne[0] is the innermost (contiguous) dimension
     Type type = Type::F32;
-    uint64_t offset = 0;         // from the start of the data section
+    uint64_t offset = 0; // from the start of the data section
     size_t nbytes = 0;
-    const void* data = nullptr;  // into the mapping (reader); nullptr otherwise
+    const void* data = nullptr; // into the mapping (reader); nullptr otherwise
 
     int64_t n_elements() const { return ne[0] * ne[1] * ne[2] * ne[3]; }
 };

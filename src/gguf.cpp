@@ -18,7 +18,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static_assert(std::endian::native == std::endian::little, "GGUF files are little-endian; so is every host we support");
+static_assert(std::endian::native == std::endian::little,
+              "GGUF files are little-endian; so is every host we support");
 
 namespace gfa::gguf {
 
@@ -35,38 +36,50 @@ size_t fixed_size(ValueType t) {
     switch (t) {
     case ValueType::U8:
     case ValueType::I8:
-    case ValueType::Bool: return 1;
+    case ValueType::Bool:
+        return 1;
     case ValueType::U16:
-    case ValueType::I16: return 2;
+    case ValueType::I16:
+        return 2;
     case ValueType::U32:
     case ValueType::I32:
-    case ValueType::F32: return 4;
+    case ValueType::F32:
+        return 4;
     case ValueType::U64:
     case ValueType::I64:
-    case ValueType::F64: return 8;
+    case ValueType::F64:
+        return 8;
     case ValueType::String:
-    case ValueType::Array: return 0;
+    case ValueType::Array:
+        return 0;
     }
     return 0;
 }
 
 // The fewest bytes one value of type t can occupy in a file: bounds array lengths.
 size_t min_encoded_size(ValueType t) {
-    if (t == ValueType::String) return 8;     // length
+    if (t == ValueType::String) return 8;    // length
     if (t == ValueType::Array) return 4 + 8; // element type + length
     return fixed_size(t);
 }
 
-uint64_t align_up(uint64_t x, uint64_t alignment) { return (x + alignment - 1) / alignment * alignment; }
+uint64_t align_up(uint64_t x, uint64_t alignment) {
+    return (x + alignment - 1) / alignment * alignment;
+}
 
-bool checked_mul(uint64_t a, uint64_t b, uint64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+bool checked_mul(uint64_t a, uint64_t b, uint64_t* out) {
+    return !__builtin_mul_overflow(a, b, out);
+}
 
-std::string quoted(std::string_view s) { return "'" + std::string(s) + "'"; }
+std::string quoted(std::string_view s) {
+    return "'" + std::string(s) + "'";
+}
 
 // A bounds-checked little-endian cursor over the file.
 class Cursor {
   public:
-    Cursor(const uint8_t* data, size_t size, const std::string& name) : data_(data), size_(size), name_(name) {}
+    Cursor(const uint8_t* data, size_t size, const std::string& name)
+        : data_(data), size_(size), name_(name) {}
 
     [[noreturn]] void fail_at(uint64_t offset, const std::string& what) const {
         fail("GGUF " + name_ + ": at byte " + std::to_string(offset) + ": " + what);
@@ -78,8 +91,9 @@ class Cursor {
 
     void need(uint64_t n, std::string_view what) const {
         if (n > remaining())
-            fail_at(pos_, std::string(what) + " needs " + std::to_string(n) + " bytes but the file ends after " +
-                              std::to_string(remaining()) + " (file size " + std::to_string(size_) + ")");
+            fail_at(pos_, std::string(what) + " needs " + std::to_string(n) +
+                              " bytes but the file ends after " + std::to_string(remaining()) +
+                              " (file size " + std::to_string(size_) + ")");
     }
 
     template <typename T> T read(std::string_view what) {
@@ -94,8 +108,9 @@ class Cursor {
         const uint64_t at = pos_;
         const uint64_t len = read<uint64_t>(std::string(what) + " length");
         if (len > remaining())
-            fail_at(at, std::string(what) + " length " + std::to_string(len) + " runs past the end of the file (" +
-                            std::to_string(remaining()) + " bytes left)");
+            fail_at(at, std::string(what) + " length " + std::to_string(len) +
+                            " runs past the end of the file (" + std::to_string(remaining()) +
+                            " bytes left)");
         std::string s(reinterpret_cast<const char*>(data_ + pos_), size_t(len));
         pos_ += len;
         return s;
@@ -111,28 +126,40 @@ class Cursor {
 ValueType read_value_type(Cursor& c, std::string_view what) {
     const uint64_t at = c.pos();
     const uint32_t id = c.read<uint32_t>(what);
-    if (id >= kNumValueTypes) c.fail_at(at, std::string(what) + " " + std::to_string(id) + " is not a GGUF value type");
+    if (id >= kNumValueTypes)
+        c.fail_at(at, std::string(what) + " " + std::to_string(id) + " is not a GGUF value type");
     return ValueType(id);
 }
 
 Value read_value(Cursor& c, ValueType t, int depth) {
     switch (t) {
-    case ValueType::U8: return c.read<uint8_t>("u8 value");
-    case ValueType::I8: return c.read<int8_t>("i8 value");
-    case ValueType::U16: return c.read<uint16_t>("u16 value");
-    case ValueType::I16: return c.read<int16_t>("i16 value");
-    case ValueType::U32: return c.read<uint32_t>("u32 value");
-    case ValueType::I32: return c.read<int32_t>("i32 value");
-    case ValueType::F32: return c.read<float>("f32 value");
-    case ValueType::U64: return c.read<uint64_t>("u64 value");
-    case ValueType::I64: return c.read<int64_t>("i64 value");
-    case ValueType::F64: return c.read<double>("f64 value");
+    case ValueType::U8:
+        return c.read<uint8_t>("u8 value");
+    case ValueType::I8:
+        return c.read<int8_t>("i8 value");
+    case ValueType::U16:
+        return c.read<uint16_t>("u16 value");
+    case ValueType::I16:
+        return c.read<int16_t>("i16 value");
+    case ValueType::U32:
+        return c.read<uint32_t>("u32 value");
+    case ValueType::I32:
+        return c.read<int32_t>("i32 value");
+    case ValueType::F32:
+        return c.read<float>("f32 value");
+    case ValueType::U64:
+        return c.read<uint64_t>("u64 value");
+    case ValueType::I64:
+        return c.read<int64_t>("i64 value");
+    case ValueType::F64:
+        return c.read<double>("f64 value");
     case ValueType::Bool: {
         const uint8_t b = c.read<uint8_t>("bool value");
         if (b > 1) c.fail_at(c.pos() - 1, "bool value is " + std::to_string(b) + ", not 0 or 1");
         return b == 1;
     }
-    case ValueType::String: return c.read_string("string");
+    case ValueType::String:
+        return c.read_string("string");
     case ValueType::Array: {
         const uint64_t at = c.pos();
         if (depth >= kMaxArrayDepth)
@@ -170,10 +197,13 @@ std::string_view value_type_name(ValueType t) {
     return uint32_t(t) < kNumValueTypes ? names[uint32_t(t)] : std::string_view("unknown");
 }
 
-bool Array::operator==(const Array& o) const { return type == o.type && items == o.items; }
+bool Array::operator==(const Array& o) const {
+    return type == o.type && items == o.items;
+}
 
 void Value::wrong_type(ValueType wanted) const {
-    fail("GGUF value is " + std::string(value_type_name(type())) + ", not " + std::string(value_type_name(wanted)));
+    fail("GGUF value is " + std::string(value_type_name(type())) + ", not " +
+         std::string(value_type_name(wanted)));
 }
 
 int64_t Value::as_int() const {
@@ -181,7 +211,8 @@ int64_t Value::as_int() const {
         [this](const auto& x) -> int64_t {
             using T = std::decay_t<decltype(x)>;
             if constexpr (std::is_same_v<T, uint64_t>) {
-                if (x > uint64_t(INT64_MAX)) fail("GGUF u64 value " + std::to_string(x) + " does not fit in int64");
+                if (x > uint64_t(INT64_MAX))
+                    fail("GGUF u64 value " + std::to_string(x) + " does not fit in int64");
                 return int64_t(x);
             } else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
                 return int64_t(x);
@@ -273,8 +304,8 @@ File File::open(const std::string& path) {
     ::close(fd); // the mapping keeps the file's pages reachable
     if (p == MAP_FAILED) fail("GGUF " + path + ": mmap failed: " + std::strerror(map_errno));
     File f;
-    f.base_ = std::shared_ptr<const uint8_t>(static_cast<const uint8_t*>(p),
-                                             [size](const uint8_t* q) { munmap(const_cast<uint8_t*>(q), size); });
+    f.base_ = std::shared_ptr<const uint8_t>(
+        static_cast<const uint8_t*>(p), [size](const uint8_t* q) { munmap(const_cast<uint8_t*>(q), size); });
     f.size_ = size;
     f.parse_all(path);
     return f;
@@ -298,7 +329,8 @@ void File::parse_all(const std::string& name) {
     if (std::memcmp(base_.get(), kMagic, 4) != 0) c.fail_at(0, "not a GGUF file (the magic is not \"GGUF\")");
     c.read<uint32_t>("magic");
     version_ = c.read<uint32_t>("version");
-    if (version_ == 1) c.fail_at(4, "GGUF version 1 (32-bit counts) is not supported; convert the file to version 3");
+    if (version_ == 1)
+        c.fail_at(4, "GGUF version 1 (32-bit counts) is not supported; convert the file to version 3");
     if (version_ != 2 && version_ != 3)
         c.fail_at(4, "unsupported GGUF version " + std::to_string(version_) + " (2 and 3 are read)");
     const uint64_t n_tensors = c.read<uint64_t>("tensor count");
@@ -308,7 +340,7 @@ void File::parse_all(const std::string& name) {
     if (n_kv > c.remaining() / (8 + 4))
         c.fail_at(16, "metadata count " + std::to_string(n_kv) + " cannot fit in a file of " +
                           std::to_string(size_) + " bytes");
-    if (n_tensors > c.remaining() / (8 + 4 + 8 + 4 + 8))
+    if (n_tensors > c.remaining() / (8 + 4 + 4 + 8)) // name length, n_dims, type, offset
         c.fail_at(8, "tensor count " + std::to_string(n_tensors) + " cannot fit in a file of " +
                          std::to_string(size_) + " bytes");
 
@@ -326,8 +358,8 @@ void File::parse_all(const std::string& name) {
     alignment_ = kDefaultAlignment;
     if (const Value* a = metadata_.find(kAlignmentKey)) {
         if (a->type() != ValueType::U32)
-            c.fail_at(alignment_at, std::string(kAlignmentKey) + " is " + std::string(value_type_name(a->type())) +
-                                        ", not u32");
+            c.fail_at(alignment_at, std::string(kAlignmentKey) + " is " +
+                                        std::string(value_type_name(a->type())) + ", not u32");
         alignment_ = a->as<uint32_t>();
         if (alignment_ == 0 || !std::has_single_bit(alignment_))
             c.fail_at(alignment_at, std::string(kAlignmentKey) + " = " + std::to_string(alignment_) +
@@ -362,12 +394,14 @@ void File::parse_all(const std::string& name) {
         const uint64_t type_at = c.pos();
         const uint32_t type_id = c.read<uint32_t>(what + " type");
         if (!is_known_type(type_id))
-            c.fail_at(type_at, what + " has tensor type id " + std::to_string(type_id) + ", which is not supported");
+            c.fail_at(type_at,
+                      what + " has tensor type id " + std::to_string(type_id) + ", which is not supported");
         t.type = Type(type_id);
         const TypeTraits& tt = type_traits(t.type);
         if (t.ne[0] % tt.block_size != 0)
-            c.fail_at(dims_at, what + " row length " + std::to_string(t.ne[0]) + " is not a multiple of the " +
-                                   std::string(tt.name) + " block size " + std::to_string(tt.block_size));
+            c.fail_at(dims_at, what + " row length " + std::to_string(t.ne[0]) +
+                                   " is not a multiple of the " + std::string(tt.name) + " block size " +
+                                   std::to_string(tt.block_size));
         uint64_t nbytes = 0;
         if (!checked_mul(n_elements / uint64_t(tt.block_size), tt.type_size, &nbytes))
             c.fail_at(dims_at, what + " byte size overflows 64 bits");
@@ -390,18 +424,20 @@ void File::parse_all(const std::string& name) {
         if (t.offset > data_size || t.nbytes > data_size - t.offset)
             c.fail_at(at, "tensor " + quoted(t.name) + " data [" + std::to_string(t.offset) + ", +" +
                               std::to_string(t.nbytes) + ") lies outside the data section of " +
-                              std::to_string(data_size) + " bytes starting at byte " + std::to_string(data_offset_));
+                              std::to_string(data_size) + " bytes starting at byte " +
+                              std::to_string(data_offset_));
         t.data = base_.get() + data_offset_ + t.offset;
     }
     std::vector<size_t> order(tensors_.size());
     std::iota(order.begin(), order.end(), size_t(0));
-    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return tensors_[a].offset < tensors_[b].offset; });
+    std::sort(order.begin(), order.end(),
+              [&](size_t a, size_t b) { return tensors_[a].offset < tensors_[b].offset; });
     for (size_t k = 1; k < order.size(); ++k) {
         const TensorInfo& prev = tensors_[order[k - 1]];
         const TensorInfo& next = tensors_[order[k]];
         if (prev.nbytes > 0 && next.nbytes > 0 && prev.offset + prev.nbytes > next.offset)
-            c.fail_at(data_offset_ + next.offset, "tensor " + quoted(next.name) + " data overlaps tensor " +
-                                                      quoted(prev.name));
+            c.fail_at(data_offset_ + next.offset,
+                      "tensor " + quoted(next.name) + " data overlaps tensor " + quoted(prev.name));
     }
 }
 
@@ -433,7 +469,8 @@ struct FileSink {
     std::FILE* f;
     const std::string& path;
     void write(const void* p, size_t n) {
-        if (n && std::fwrite(p, 1, n, f) != n) fail("GGUF " + path + ": write failed: " + std::strerror(errno));
+        if (n && std::fwrite(p, 1, n, f) != n)
+            fail("GGUF " + path + ": write failed: " + std::strerror(errno));
     }
 };
 
@@ -487,8 +524,8 @@ template <typename Sink> struct Emitter {
 
 } // namespace
 
-void Writer::add(std::string name, Type type, const std::vector<int64_t>& dims, const void* data, size_t nbytes,
-                 bool copy) {
+void Writer::add(std::string name, Type type, const std::vector<int64_t>& dims, const void* data,
+                 size_t nbytes, bool copy) {
     const std::string what = "GGUF tensor " + quoted(name);
     if (dims.empty() || dims.size() > size_t(kMaxDims))
         fail(what + " has " + std::to_string(dims.size()) + " dimensions (1 to 4 are supported)");

@@ -21,7 +21,9 @@ namespace gfa::quant {
 
 namespace {
 
-int nearest_int(float x) { return int(std::lrintf(x)); }
+int nearest_int(float x) {
+    return int(std::lrintf(x));
+}
 
 // Round-trip a float through f16 storage: the encoder must fit q against the scale the
 // decoder will actually see.
@@ -264,7 +266,8 @@ void quantize_q4_K(const float* src, void* dst, int64_t n) {
         uint8_t q[QK_K];
         quantize_k_superblock(src + i * QK_K, 15, &b[i].d, &b[i].dmin, b[i].scales, q);
         for (int c = 0; c < QK_K / 64; ++c)
-            for (int l = 0; l < 32; ++l) b[i].qs[c * 32 + l] = uint8_t(q[c * 64 + l] | (q[c * 64 + 32 + l] << 4));
+            for (int l = 0; l < 32; ++l)
+                b[i].qs[c * 32 + l] = uint8_t(q[c * 64 + l] | (q[c * 64 + 32 + l] << 4));
     }
 }
 
@@ -333,7 +336,8 @@ void quantize_q6_K(const float* src, void* dst, int64_t n) {
         for (int j = 0; j < kNumSub; ++j) {
             float amax = 0.0f, vmax = 0.0f;
             for (int l = 0; l < kSub; ++l)
-                if (std::fabs(x[j * kSub + l]) > amax) amax = std::fabs(x[j * kSub + l]), vmax = x[j * kSub + l];
+                if (std::fabs(x[j * kSub + l]) > amax)
+                    amax = std::fabs(x[j * kSub + l]), vmax = x[j * kSub + l];
             scale[j] = vmax / -32.0f;
             if (std::fabs(scale[j]) > std::fabs(max_scale)) max_scale = scale[j];
         }

@@ -36,8 +36,10 @@ void json_string(std::string& out, const std::string& s) {
 
 void json_float(std::string& out, double x, bool single) {
     // Python's json module reads these three spellings.
-    if (std::isnan(x)) out += "NaN";
-    else if (std::isinf(x)) out += x > 0 ? "Infinity" : "-Infinity";
+    if (std::isnan(x))
+        out += "NaN";
+    else if (std::isinf(x))
+        out += x > 0 ? "Infinity" : "-Infinity";
     else {
         char buf[40];
         std::snprintf(buf, sizeof buf, single ? "%.9g" : "%.17g", x);
@@ -62,13 +64,27 @@ void json_array(std::string& out, const gguf::Array& a) {
 void json_value(std::string& out, const gguf::Value& v) {
     using gguf::ValueType;
     switch (v.type()) {
-    case ValueType::F32: json_float(out, v.as<float>(), true); break;
-    case ValueType::F64: json_float(out, v.as<double>(), false); break;
-    case ValueType::Bool: out += v.as<bool>() ? "true" : "false"; break;
-    case ValueType::String: json_string(out, v.as_string()); break;
-    case ValueType::Array: json_array(out, v.as_array()); break;
-    case ValueType::U64: out += std::to_string(v.as<uint64_t>()); break;
-    default: out += std::to_string(v.as_int()); break;
+    case ValueType::F32:
+        json_float(out, v.as<float>(), true);
+        break;
+    case ValueType::F64:
+        json_float(out, v.as<double>(), false);
+        break;
+    case ValueType::Bool:
+        out += v.as<bool>() ? "true" : "false";
+        break;
+    case ValueType::String:
+        json_string(out, v.as_string());
+        break;
+    case ValueType::Array:
+        json_array(out, v.as_array());
+        break;
+    case ValueType::U64:
+        out += std::to_string(v.as<uint64_t>());
+        break;
+    default:
+        out += std::to_string(v.as_int());
+        break;
     }
 }
 
@@ -99,10 +115,11 @@ void print_json(const gguf::File& f) {
         out += first ? "\n  {\"name\": " : ",\n  {\"name\": ";
         first = false;
         json_string(out, t.name);
-        out += ", \"type\": \"" + std::string(type_name(t.type)) + "\", \"type_id\": " +
-               std::to_string(uint32_t(t.type)) + ", \"dims\": [";
+        out += ", \"type\": \"" + std::string(type_name(t.type)) +
+               "\", \"type_id\": " + std::to_string(uint32_t(t.type)) + ", \"dims\": [";
         for (int d = 0; d < t.n_dims; ++d) out += (d ? ", " : "") + std::to_string(t.ne[d]);
-        out += "], \"offset\": " + std::to_string(t.offset) + ", \"nbytes\": " + std::to_string(t.nbytes) + "}";
+        out +=
+            "], \"offset\": " + std::to_string(t.offset) + ", \"nbytes\": " + std::to_string(t.nbytes) + "}";
     }
     out += "]}\n";
     std::fputs(out.c_str(), stdout);
@@ -113,19 +130,21 @@ void print_text(const gguf::File& f, const std::string& path) {
                 f.version(), f.file_size(), f.alignment(), f.data_offset());
     std::printf("\n%zu metadata entries:\n", f.metadata().size());
     for (const gguf::KeyValue& kv : f.metadata().entries())
-        std::printf("  %-40s %-6s %s\n", kv.key.c_str(), std::string(gguf::value_type_name(kv.value.type())).c_str(),
+        std::printf("  %-40s %-6s %s\n", kv.key.c_str(),
+                    std::string(gguf::value_type_name(kv.value.type())).c_str(),
                     kv.value.to_string().c_str());
     std::printf("\n%zu tensors:\n", f.tensors().size());
     std::printf("  %-40s %-6s %-24s %12s %12s\n", "name", "type", "shape", "offset", "bytes");
     for (const gguf::TensorInfo& t : f.tensors())
-        std::printf("  %-40s %-6s %-24s %12" PRIu64 " %12zu\n", t.name.c_str(), std::string(type_name(t.type)).c_str(),
-                    shape_string(t).c_str(), t.offset, t.nbytes);
+        std::printf("  %-40s %-6s %-24s %12" PRIu64 " %12zu\n", t.name.c_str(),
+                    std::string(type_name(t.type)).c_str(), shape_string(t).c_str(), t.offset, t.nbytes);
 }
 
 void dump_tensor(const gguf::File& f, const std::string& name) {
     const gguf::TensorInfo& t = f.tensor(name);
     const TypeTraits& tt = type_traits(t.type);
-    if (!tt.to_float) fail("tensor '" + name + "' has type " + std::string(tt.name) + ", which has no float conversion");
+    if (!tt.to_float)
+        fail("tensor '" + name + "' has type " + std::string(tt.name) + ", which has no float conversion");
     std::vector<float> values(size_t(t.n_elements()));
     tt.to_float(t.data, values.data(), t.n_elements());
     std::string out;
