@@ -72,7 +72,10 @@ bool checked_mul(uint64_t a, uint64_t b, uint64_t* out) {
 }
 
 std::string quoted(std::string_view s) {
-    return "'" + std::string(s) + "'";
+    std::string r(1, '\'');
+    r += s;
+    r += '\'';
+    return r;
 }
 
 // A bounds-checked little-endian cursor over the file.
