@@ -70,7 +70,7 @@ struct Entry {
     TypeTraits traits;
 };
 
-const std::array<Entry, 10> kTypes = {{
+const std::array<Entry, 16> kTypes = {{
     {Type::F32, {"f32", 1, 4, false, f32_copy_to, f32_copy_from}},
     {Type::F16, {"f16", 1, 2, false, quant::f16_to_f32, quant::f32_to_f16}},
     {Type::BF16, {"bf16", 1, 2, false, quant::bf16_to_f32, quant::f32_to_bf16}},
@@ -81,6 +81,12 @@ const std::array<Entry, 10> kTypes = {{
     {Type::I64, {"i64", 1, 8, false, nullptr, nullptr}},
     {Type::Q8_0, {"q8_0", 32, 34, true, quant::dequantize_q8_0, quant::quantize_q8_0}},
     {Type::Q4_0, {"q4_0", 32, 18, true, quant::dequantize_q4_0, quant::quantize_q4_0}},
+    {Type::Q4_1, {"q4_1", 32, 20, true, quant::dequantize_q4_1, quant::quantize_q4_1}},
+    {Type::Q5_0, {"q5_0", 32, 22, true, quant::dequantize_q5_0, quant::quantize_q5_0}},
+    {Type::Q5_1, {"q5_1", 32, 24, true, quant::dequantize_q5_1, quant::quantize_q5_1}},
+    {Type::Q4_K, {"q4_K", 256, 144, true, quant::dequantize_q4_K, quant::quantize_q4_K}},
+    {Type::Q5_K, {"q5_K", 256, 176, true, quant::dequantize_q5_K, quant::quantize_q5_K}},
+    {Type::Q6_K, {"q6_K", 256, 210, true, quant::dequantize_q6_K, quant::quantize_q6_K}},
 }};
 
 const Entry* find(uint32_t id) {
