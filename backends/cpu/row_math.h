@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -75,20 +76,22 @@ inline double dot_f64(const float* x, const float* y, int64_t n) {
     return s;
 }
 
-// max_i x[i] (-inf for an empty row; NaN entries are skipped).
+// max_i x[i] (-inf for an empty row; NaN entries are skipped). A max reduction stays scalar
+// under the default flags whatever the loop looks like, so this one is written with the
+// compiler's generic vector type (GCC and Clang; any target, no intrinsics).
 inline float max_f32(const float* x, int64_t n) {
-    float lane[kLanes];
-    std::fill(lane, lane + kLanes, -std::numeric_limits<float>::infinity());
+    using f32x8 = float __attribute__((vector_size(8 * sizeof(float))));
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    f32x8 lane = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
     int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) { // lane = x > lane ? x : lane, as masks (see clamp_bits)
-            const int32_t take = -int32_t(x[i + l] > lane[l]);
-            lane[l] = std::bit_cast<float>((std::bit_cast<int32_t>(x[i + l]) & take) |
-                                           (std::bit_cast<int32_t>(lane[l]) & ~take));
-        }
-    float m = -std::numeric_limits<float>::infinity();
+    for (; i + 8 <= n; i += 8) {
+        f32x8 v;
+        std::memcpy(&v, x + i, sizeof(v));
+        lane = v > lane ? v : lane;
+    }
+    float m = kNegInf;
     for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-    for (float v : lane) m = v > m ? v : m;
+    for (int l = 0; l < 8; ++l) m = lane[l] > m ? lane[l] : m;
     return m;
 }
 
