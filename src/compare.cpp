@@ -35,13 +35,20 @@ std::vector<float> read_values(const Tensor* t) {
     std::vector<float> out(size_t(t->nelements()));
     if (out.empty()) return out;
     const TypeTraits& tt = type_traits(t->type);
-    std::vector<std::byte> bytes(t->nbytes());
-    tensor_get(t, bytes.data(), 0, bytes.size());
     if (tt.block_size > 1) {
+        std::vector<std::byte> bytes(t->nbytes());
+        tensor_get(t, bytes.data(), 0, bytes.size());
         if (!t->is_contiguous()) fail("compare: cannot read a strided quantized tensor " + t->shape_str());
         tt.to_float(bytes.data(), out.data(), t->nelements());
         return out;
     }
+    // Bytes up to the last element, whatever the order of the strides (a transposed view's
+    // dim 0 is not its smallest stride), read through the memory owner.
+    size_t span = tt.type_size;
+    for (int i = 0; i < kMaxDims; ++i) span += size_t(t->ne[i] - 1) * t->nb[i];
+    std::vector<std::byte> bytes(span);
+    const Tensor* owner = t->view_src ? t->view_src : t;
+    tensor_get(owner, bytes.data(), t->view_src ? t->view_offs : 0, span);
     size_t k = 0;
     ref::for_each_index(t, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
         const std::byte* p = bytes.data() + i0 * t->nb[0] + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3];
@@ -133,7 +140,9 @@ Report run(Graph& graph, Backend& backend, Backend* fallback, std::mt19937& rng,
     const auto& nodes = graph.nodes();
     for (size_t i = 0; i < nodes.size(); ++i) {
         const Tensor* n = nodes[i];
-        if (op_def(n->op).is_view) continue;
+        // Views of leaves only repeat their inputs; views of nodes (the LSE behind an
+        // attention output, dK/dV inside the attention backward) are results of their own.
+        if (op_def(n->op).is_view && n->view_src->op == Op::None) continue;
         NodeResult r{n, label(i, n), sched.backend_of(n) ? sched.backend_of(n)->name() : "?",
                      normalized_error(read_values(n), ev.values(n))};
         if (report.worst_index < 0 || !(r.error <= report.worst)) {
@@ -323,7 +332,34 @@ const std::vector<Case>& builtin_suite() {
                                b.input({17, 3}, 0.0f, 1.0f),
                                AdamWParams{.lr = 0.01f, .weight_decay = 0.1f, .step = 3});
          }},
+        // attention: q [D, Sq, Hq], k/v [D, Skv, Hkv] (GQA), optional mask [Skv, Sq], LSE
+        {"flash_attn", 1e-5,
+         [](B& b) {
+             return flash_attn_ext(b.ctx, b.input({64, 17, 4}), b.input({64, 33, 2}), b.input({64, 33, 2}),
+                                   nullptr, {.scale = 0.125f, .causal = true});
+         }},
+        {"flash_attn.mask.f16", 1e-3,
+         [](B& b) {
+             Tensor* k = cast(b.ctx, b.input({64, 33, 2}), Type::F16);
+             Tensor* v = cast(b.ctx, b.input({64, 33, 2}), Type::F16);
+             Tensor* mask = b.input({33, 3}, -2.0f, 0.0f, Type::F16);
+             return flash_attn_ext(b.ctx, b.input({64, 3, 2}), k, v, mask,
+                                   {.scale = 0.125f, .logit_softcap = 2.0f});
+         }},
+        {"flash_attn.lse", 1e-5,
+         [](B& b) {
+             Tensor* o = flash_attn_ext(b.ctx, b.input({32, 5, 2}), b.input({32, 7, 1}), b.input({32, 7, 1}),
+                                        nullptr, {.scale = 0.2f}, nullptr, {.with_lse = true});
+             return flash_attn_lse(b.ctx, o);
+         }},
         // gradients (forward + backward graphs)
+        {"grad.flash_attn", 1e-5,
+         [](B& b) {
+             Tensor *q = b.param({16, 5, 4}), *k = b.param({16, 7, 2}), *v = b.param({16, 7, 2});
+             Tensor* o =
+                 flash_attn_ext(b.ctx, q, k, v, nullptr, {.scale = 0.4f, .causal = true}, b.input({4}));
+             return sum(b.ctx, mul(b.ctx, o, b.input({16, 4, 5})));
+         }},
         {"grad.elementwise", 1e-5,
          [](B& b) {
              Tensor *x = b.param({5, 3, 2}, 0.5f, 1.5f), *y = b.param({5, 1, 2}, 0.5f, 1.5f);

@@ -209,3 +209,38 @@ TEST_CASE("scheduler errors and the default log", "[scheduler]") {
     CHECK(sched.n_copies() == 0);
     CHECK(tensor_get_f32(twice) == std::vector<float>{3.0f, -4.0f, 0.5f, 6.0f});
 }
+
+TEST_CASE("scheduler copies strided views between backends", "[scheduler]") {
+    INFO("seed " << test::seed());
+    TestDevice dev("TEST0", {Op::Add});
+    auto tb = dev.create_backend();
+    auto cpu = make_cpu_backend(1);
+    Context ctx;
+    Tensor* x = ctx.new_tensor(Type::F32, {5, 3, 2});
+    Tensor* y = ctx.new_tensor(Type::F32, {3, 5, 2});
+    set_input(x);
+    set_input(y);
+    // The test device reads a transposed view of a CPU result: the copy must carry every
+    // byte the view's strides reach, not just nelements * 4 from its start.
+    Tensor* ex = exp(ctx, x);
+    Tensor* s = add(ctx, transpose(ctx, ex), y);
+    Tensor* out = exp(ctx, s);
+    Graph g = build_forward(out);
+    Scheduler sched({tb.get(), cpu.get()});
+    sched.set_log({});
+    sched.allocate(g);
+    const std::vector<float> xv = test::random_values(30), yv = test::random_values(30);
+    tensor_set_f32(x, xv);
+    tensor_set_f32(y, yv);
+    sched.compute(g);
+    CHECK(sched.backend_of(s) == tb.get());
+    CHECK(sched.n_copies() == 2); // exp(x) to the device (y is placed there), the sum back
+    const std::vector<float> got = tensor_get_f32(out);
+    for (int64_t b = 0; b < 2; ++b)
+        for (int64_t i = 0; i < 5; ++i)
+            for (int64_t j = 0; j < 3; ++j) {
+                const size_t at = size_t(b * 15 + i * 3 + j); // out[j, i, b]
+                const float want = std::exp(std::exp(xv[size_t(b * 15 + j * 5 + i)]) + yv[at]); // x[i, j, b]
+                REQUIRE(got[at] == Approx(want).epsilon(1e-6));
+            }
+}
