@@ -74,7 +74,7 @@ inline uint16_t fp32_to_bf16(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40); // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                          // nearest even
+    u += 0x7fffu + ((u >> 16) & 1u);                                        // nearest even
     return uint16_t(u >> 16);
 }
 
@@ -89,7 +89,7 @@ static_assert(sizeof(block_q8_0) == 34);
 
 inline constexpr int QK4_0 = 32;
 struct block_q4_0 {
-    uint16_t d;             // f16 scale
+    uint16_t d;            // f16 scale
     uint8_t qs[QK4_0 / 2]; // element i in low nibble of byte i, element i+16 in the high nibble
 };
 static_assert(sizeof(block_q4_0) == 18);

@@ -9,7 +9,9 @@
 
 namespace gfa {
 
-void fail(const std::string& message) { throw Error(message); }
+void fail(const std::string& message) {
+    throw Error(message);
+}
 
 float fp16_to_fp32(uint16_t h) {
     const uint32_t sign = uint32_t(h & 0x8000u) << 16;
@@ -38,7 +40,7 @@ uint16_t fp32_to_fp16(float f) {
     std::memcpy(&u, &f, 4);
     const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
     const uint32_t abs = u & 0x7fffffffu;
-    if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u); // NaN
+    if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
     if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u); // rounds to inf (>= 65520)
     if (abs < 0x38800000u) {
         // Result is subnormal or zero: scale so that one ulp of half (2^-24) is one unit.
@@ -56,8 +58,12 @@ uint16_t fp32_to_fp16(float f) {
 
 namespace {
 
-void f32_copy_to(const void* src, float* dst, int64_t n) { std::memcpy(dst, src, size_t(n) * 4); }
-void f32_copy_from(const float* src, void* dst, int64_t n) { std::memcpy(dst, src, size_t(n) * 4); }
+void f32_copy_to(const void* src, float* dst, int64_t n) {
+    std::memcpy(dst, src, size_t(n) * 4);
+}
+void f32_copy_from(const float* src, void* dst, int64_t n) {
+    std::memcpy(dst, src, size_t(n) * 4);
+}
 
 struct Entry {
     Type type;
@@ -85,7 +91,9 @@ const Entry* find(uint32_t id) {
 
 } // namespace
 
-bool is_known_type(uint32_t id) { return find(id) != nullptr; }
+bool is_known_type(uint32_t id) {
+    return find(id) != nullptr;
+}
 
 const TypeTraits& type_traits(Type t) {
     const Entry* e = find(uint32_t(t));

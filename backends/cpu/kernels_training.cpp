@@ -28,6 +28,8 @@ void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
 
 } // namespace
 
-void register_training_kernels(KernelTable& t) { t[size_t(Op::AdamW)] = {run_adamw, nullptr}; }
+void register_training_kernels(KernelTable& t) {
+    t[size_t(Op::AdamW)] = {run_adamw, nullptr};
+}
 
 } // namespace gfa::cpu

@@ -12,7 +12,9 @@ void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std:
         if (l->has_flag(kFlagParam)) params.push_back(l);
     for (Tensor* param : params) {
         Tensor* g = graph.grad(param);
-        if (!g) fail("build_optimizer_step: parameter '" + param->name + "' has no gradient; call build_backward first");
+        if (!g)
+            fail("build_optimizer_step: parameter '" + param->name +
+                 "' has no gradient; call build_backward first");
         Tensor* m = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_m");
         Tensor* v = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_v");
         if (state) {
@@ -27,7 +29,8 @@ Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor*
     require_not_null(Op::AdamW, {param, grad, m, v});
     for (const Tensor* t : {param, grad, m, v})
         if (t->type != Type::F32 || !t->is_contiguous() || t->ne != param->ne)
-            op_error(Op::AdamW, "param, grad, m and v must be contiguous f32 of one shape", {param, grad, m, v});
+            op_error(Op::AdamW, "param, grad, m and v must be contiguous f32 of one shape",
+                     {param, grad, m, v});
     if (p.step < 1) op_error(Op::AdamW, "step is 1-based, got " + std::to_string(p.step), {param});
     Tensor* t = ctx.new_view(param, param->type, param->ne, param->nb, 0, Op::AdamW);
     set_sources(t, {param, grad, m, v});
