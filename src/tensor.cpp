@@ -17,7 +17,14 @@ int Tensor::n_dims() const {
 size_t Tensor::nbytes() const {
     if (nelements() == 0) return 0;
     const TypeTraits& tt = type_traits(type);
-    // Bytes of the first row plus the stride distance to the last element of each dim.
+    if (tt.block_size == 1) {
+        // One element plus the stride distance to the last element along every dim, so
+        // transposed and permuted views (nb[0] > element size) are measured correctly.
+        size_t bytes = tt.type_size;
+        for (int i = 0; i < kMaxDims; ++i) bytes += size_t(ne[i] - 1) * nb[i];
+        return bytes;
+    }
+    // Quantized rows are stored whole: the first row plus the distance to the last row.
     size_t bytes = size_t(ne[0] / tt.block_size) * tt.type_size;
     for (int i = 1; i < kMaxDims; ++i) bytes += size_t(ne[i] - 1) * nb[i];
     return bytes;

@@ -127,3 +127,13 @@ TEST_CASE("bad shapes and types raise errors that name the op and shapes", "[ops
     CHECK_THROWS_AS(ctx.new_tensor(Type::Q8_0, {33}), Error);
     CHECK_THROWS_AS(view(ctx, a, {4, 4}, {16}, 0), Error); // past the end
 }
+
+TEST_CASE("nbytes spans strided views", "[core]") {
+    Context ctx;
+    Tensor* a = ctx.new_tensor(Type::F32, {5, 3});
+    CHECK(a->nbytes() == 60);
+    Tensor* t = transpose(ctx, a); // [3, 5] with nb0 = 20
+    CHECK(t->nbytes() == 60);
+    Tensor* q = ctx.new_tensor(Type::Q8_0, {64, 3});
+    CHECK(q->nbytes() == 3 * 68);
+}
