@@ -80,18 +80,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
     const int tile_first = kv_lo / BN;
     const int tile_last = kv_hi > kv_lo ? (kv_hi - 1) / BN : tile_first - 1;
 
-    // ---- per-thread rows: 2 per 16-row group (g and g + 8) ----
-    int row_i[MI][2], row_h[MI][2];
-    float slope[MI][2];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int p = min(p0 + warp * 16 * MI + mi * 16 + r * 8 + g, rows_total - 1);
-            row_i[mi][r] = p / s.G;
-            row_h[mi][r] = hk * s.G + p % s.G;
-            slope[mi][r] = alibi_slope(s, row_h[mi][r]) * kLog2e;
-        }
+    // Packed row of (16-row group mi, half r) of this thread, clamped to the last real row;
+    // its query position is p / G and its query head hk * G + p % G. Recomputed where needed
+    // rather than held in registers.
+    auto thread_row = [&](int mi, int r) { return min(p0 + warp * 16 * MI + mi * 16 + r * 8 + g, rows_total - 1); };
 
     // ---- load Q (once), then the first K tile ----
     const char* q_base = a.q.data + b * a.q.nb3;
@@ -183,30 +175,35 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int nt = 0; nt < NTILE_N; ++nt)
+                for (int r = 0; r < 2; ++r) {
+                    const int p = thread_row(mi, r), h = hk * s.G + p % s.G;
+                    const char* mrow = a.mask.data ? mask_head + h * a.mask.nb2 + int64_t(p / s.G) * a.mask.nb1 : nullptr;
+                    const float slope = a.mask.data ? alibi_slope(s, h) * kLog2e : 0.0f;
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        float x = s.softcap > 0.0f ? cap_log2 * fast_tanh(sc[mi][nt][e] * scale_over_cap)
-                                                   : sc[mi][nt][e] * scale_log2;
-                        const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
-                        if (a.mask.data && j < s.Skv) {
-                            const char* mrow = mask_head + row_h[mi][e >> 1] * a.mask.nb2 +
-                                               int64_t(row_i[mi][e >> 1]) * a.mask.nb1;
-                            x += slope[mi][e >> 1] * mask_value(mrow, j, a.mask.code);
+                    for (int nt = 0; nt < NTILE_N; ++nt)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            float& x = sc[mi][nt][2 * r + c];
+                            x = s.softcap > 0.0f ? cap_log2 * fast_tanh(x * scale_over_cap) : x * scale_log2;
+                            const int j = n0 + nt * 8 + 2 * t4 + c;
+                            if (mrow && j < s.Skv) x += slope * mask_value(mrow, j, a.mask.code);
                         }
-                        sc[mi][nt][e] = x;
-                    }
+                }
         }
         if (boundary) {
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int nt = 0; nt < NTILE_N; ++nt)
+                for (int r = 0; r < 2; ++r) {
+                    const int i = thread_row(mi, r) / s.G;
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
-                        if (j >= s.Skv || !s.visible(row_i[mi][e >> 1], j)) sc[mi][nt][e] = -INFINITY;
-                    }
+                    for (int nt = 0; nt < NTILE_N; ++nt)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int j = n0 + nt * 8 + 2 * t4 + c;
+                            if (j >= s.Skv || !s.visible(i, j)) sc[mi][nt][2 * r + c] = -INFINITY;
+                        }
+                }
         }
 
         cp_async_wait<0>(); // V_tile landed; all warps are done with K_tile
@@ -260,6 +257,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
         }
     }
 
+    cp_async_wait<0>(); // a block with no visible keys still has its Q copy in flight
+
     // ---- epilogue: O /= l (sinks join the denominator), LSE = m + log l ----
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
@@ -268,7 +267,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
             const int p = p0 + warp_row0 + mi * 16 + r * 8 + g;
             float l = quad_sum(row_sum[mi][r]);
             if (p >= rows_total) continue;
-            const int i = row_i[mi][r], h = row_h[mi][r];
+            const int i = p / s.G, h = hk * s.G + p % s.G;
             float m = row_max[mi][r];
             if (a.n_split > 1) {
                 const int64_t prow = (int64_t(split * s.B + b) * s.Hkv + hk) * rows_total + p;

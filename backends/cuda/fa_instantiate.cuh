@@ -14,23 +14,24 @@ namespace gfa::cuda::fa {
 
 // Forward tiles (FlashAttention-2 shapes for the mma.sync generation): 4 warps; at D <= 128
 // each warp owns 32 rows (BM = 128), at D = 256 16 rows (BM = 64) to fit the O accumulator
-// in registers. Decode: one warp of 16 packed rows per block, many blocks over split KV.
+// in registers. Decode (few packed rows, split KV): 4 warps of 16 rows, so a block has 128
+// threads to stream K/V while the tensor cores idle on padded rows (memory-bound anyway).
 // Backward: 4 warps, 64 keys x 64 queries, Q/dO double-buffered up to D = 128; D = 256 splits
 // the gradient columns over 2 blocks.
 template <int D> struct TileConfig;
 template <> struct TileConfig<64> {
     template <class T> using Fwd = FwdTraits<64, T, 4, 2, 64>;
-    template <class T> using Decode = FwdTraits<64, T, 1, 1, 64>;
+    template <class T> using Decode = FwdTraits<64, T, 4, 1, 64>;
     template <class T> using Bwd = BwdTraits<64, 1, T, 4, 64, 2>;
 };
 template <> struct TileConfig<128> {
     template <class T> using Fwd = FwdTraits<128, T, 4, 2, 64>;
-    template <class T> using Decode = FwdTraits<128, T, 1, 1, 64>;
+    template <class T> using Decode = FwdTraits<128, T, 4, 1, 64>;
     template <class T> using Bwd = BwdTraits<128, 1, T, 4, 64, 2>;
 };
 template <> struct TileConfig<256> {
     template <class T> using Fwd = FwdTraits<256, T, 4, 1, 64>;
-    template <class T> using Decode = FwdTraits<256, T, 1, 1, 64>;
+    template <class T> using Decode = Fwd<T>; // the prefill tile already has MI = 1
     template <class T> using Bwd = BwdTraits<256, 2, T, 4, 64, 1>;
 };
 

@@ -190,7 +190,7 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     plan.tile = head_dim_tile(p);
     plan.bf16 = compute_bf16(p);
     const int64_t rows = int64_t(s.Sq) * s.G;
-    plan.decode = rows <= 16;
+    plan.decode = rows <= 64; // the 64-row tile: GQA groups of a few query positions
     plan.info = fwd_info(plan.tile, plan.decode);
     plan.row_tiles = int((rows + plan.info.bm - 1) / plan.info.bm);
     const int64_t blocks = int64_t(plan.row_tiles) * s.Hkv * s.B;

@@ -571,3 +571,23 @@ TEST_CASE("CUDA flash attention rejects what it does not support", "[cuda][fa]")
     d2.p.o.type = Type::Q8_0;
     CHECK_THROWS_AS(cuda::flash_attn_forward(d2.p, nullptr), gfa::Error);
 }
+
+// Small cases for compute-sanitizer (memcheck, racecheck): hidden from the default run.
+TEST_CASE("CUDA flash attention small cases for the sanitizers", "[.sanitize]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (int64_t D : {64, 128}) {
+        Config c;
+        c.Dk = c.Dv = D, c.compute = c.q_type = c.kv_type = Type::F16;
+        c.Sq = 70, c.Skv = 130, c.Hq = 2, c.Hkv = 1;
+        c.params.scale = 0.1f, c.params.causal = true;
+        c.mask = 1, c.sinks = true;
+        check_forward(c, rng, seed);
+        check_backward(c, rng, seed);
+        c.deterministic = true, c.params.logit_softcap = 3.0f;
+        check_backward(c, rng, seed);
+        Config d = c; // split-KV decode
+        d.Sq = 1, d.Skv = 3000, d.Hq = 8, d.Hkv = 2, d.mask = 0, d.params.causal = false, d.params.logit_softcap = 0.0f;
+        check_forward(d, rng, seed);
+    }
+}
