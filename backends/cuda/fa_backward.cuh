@@ -139,7 +139,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
     sp.scale_log2 = s.scale * kLog2e;
     sp.cap_log2 = s.softcap * kLog2e;
     sp.scale_over_cap = sp.softcap ? s.scale / s.softcap : 0.0f;
-    const int dk16 = (s.Dk + 15) / 16, dv16 = (s.Dv + 15) / 16;
 
     for (int it = 0; it < n_iters; ++it) {
         const int buf = QBUF == 2 ? it & 1 : 0;
@@ -157,7 +156,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
             for (int e = 0; e < 4; ++e) pt[nt][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            if (kk >= dk16) break;
             uint32_t ka[4];
             load_a(ka, sK, key0, kk * 16);
 #pragma unroll
@@ -197,7 +195,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
             for (int e = 0; e < 4; ++e) dpt[nt][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            if (kk >= dv16) break;
             uint32_t va[4];
             load_a(va, sV, key0, kk * 16);
 #pragma unroll
@@ -216,7 +213,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
             acc_to_a<T>(pa, pt[2 * kk], pt[2 * kk + 1]);
 #pragma unroll
             for (int dp = 0; dp < DH / 16; ++dp) {
-                if (d0 + dp * 16 >= dv16 * 16) break;
                 uint32_t ob[4];
                 load_b_kn(ob, do_t, kk * 16, d0 + dp * 16);
                 mma_16816<T>(dv_acc[2 * dp], pa, ob[0], ob[1]);
@@ -242,7 +238,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
             acc_to_a<T>(da, pt[2 * kk], pt[2 * kk + 1]);
 #pragma unroll
             for (int dp = 0; dp < DH / 16; ++dp) {
-                if (d0 + dp * 16 >= dk16 * 16) break;
                 uint32_t qb[4];
                 load_b_kn(qb, q_t, kk * 16, d0 + dp * 16);
                 mma_16816<T>(dk_acc[2 * dp], da, qb[0], qb[1]);
@@ -378,7 +373,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
     sp.scale_log2 = s.scale * kLog2e;
     sp.cap_log2 = s.softcap * kLog2e;
     sp.scale_over_cap = sp.softcap ? s.scale / s.softcap : 0.0f;
-    const int dk16 = (s.Dk + 15) / 16, dv16 = (s.Dv + 15) / 16;
     const float slope_log2 = alibi_slope(s, h) * kLog2e;
     const char* mask_base = a.mask.data ? a.mask.data + b * a.mask.nb3 + h * a.mask.nb2 : nullptr;
     float lse2_r[2], delta_r[2];
@@ -403,7 +397,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
             for (int e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            if (kk >= dk16) break;
             uint32_t qa[4];
             load_a(qa, sQ, q0, kk * 16);
 #pragma unroll
@@ -439,7 +432,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
             for (int e = 0; e < 4; ++e) dp_acc[nt][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            if (kk >= dv16) break;
             uint32_t oa[4];
             load_a(oa, sdO, q0, kk * 16);
 #pragma unroll
@@ -462,7 +454,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
             acc_to_a<T>(da, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
             for (int dp = 0; dp < DH / 16; ++dp) {
-                if (d0 + dp * 16 >= dk16 * 16) break;
                 uint32_t kb[4];
                 load_b_kn(kb, sK, kk * 16, d0 + dp * 16);
                 mma_16816<T>(dq_acc[2 * dp], da, kb[0], kb[1]);

@@ -171,31 +171,42 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                  : "r"(addr));
 }
 
+// ldmatrix addresses. Each lane points at row (row0 + lr) and chunk (c0 + lc) of a tile, with
+// lr, lc fixed per lane, row0 a multiple of 8 and c0 even, lc in {0, 1}. Then
+// (c0 + lc) ^ (row % 8) == c0 ^ x with x = lc ^ (lr % 8) < 8, so the address is a per-lane
+// base plus a part known at compile time in unrolled loops: (c0 & ~7) and the 4 possible
+// values of (c0 & 7) ^ x, which the compiler keeps in registers across tiles.
+template <int R, int C>
+__device__ __forceinline__ uint32_t frag_addr(SmemTile<R, C> t, int lr, int lc, int row0, int c0) {
+    const int x = lc ^ (lr & 7);
+    return t.base + uint32_t((row0 + lr) * (C * 2) + (((c0 & ~7) + ((c0 & 7) ^ x)) << 4));
+}
+
 // A fragment of the 16x16 block at (row0, col0) of a tile stored row-major (rows = M).
 template <int R, int C> __device__ __forceinline__ void load_a(uint32_t (&a)[4], SmemTile<R, C> t, int row0, int col0) {
     const int lane = int(threadIdx.x) & 31;
-    ldmatrix_x4(a, t.chunk_addr(row0 + (lane & 15), (col0 >> 3) + (lane >> 4)));
+    ldmatrix_x4(a, frag_addr(t, lane & 15, lane >> 4, row0, col0 >> 3));
 }
 // A fragment of the 16x16 block whose rows are tile columns col0.. and whose k are tile rows
 // row0.. (the tile stores A transposed).
 template <int R, int C>
 __device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], SmemTile<R, C> t, int row0, int col0) {
     const int lane = int(threadIdx.x) & 31;
-    ldmatrix_x4_trans(a, t.chunk_addr(row0 + (lane & 7) + ((lane >> 4) << 3), (col0 >> 3) + ((lane >> 3) & 1)));
+    ldmatrix_x4_trans(a, frag_addr(t, (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1, row0, col0 >> 3));
 }
 // B fragments of two adjacent n-tiles (n0.., n0+8..) x k16 at k0, from a tile that stores
 // B^T row-major (rows = n, cols = k), e.g. K for S = Q K^T. b[0..1] for n0, b[2..3] for n0+8.
 template <int R, int C>
 __device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], SmemTile<R, C> t, int n0, int k0) {
     const int lane = int(threadIdx.x) & 31;
-    ldmatrix_x4(b, t.chunk_addr(n0 + (lane & 7) + ((lane >> 4) << 3), (k0 >> 3) + ((lane >> 3) & 1)));
+    ldmatrix_x4(b, frag_addr(t, (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1, n0, k0 >> 3));
 }
 // B fragments of two adjacent n-tiles from a tile that stores B row-major (rows = k,
 // cols = n), e.g. V for O = P V: ldmatrix.trans makes V^T a layout, not a copy.
 template <int R, int C>
 __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], SmemTile<R, C> t, int k0, int n0) {
     const int lane = int(threadIdx.x) & 31;
-    ldmatrix_x4_trans(b, t.chunk_addr(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), (n0 >> 3) + (lane >> 4)));
+    ldmatrix_x4_trans(b, frag_addr(t, (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4, k0, n0 >> 3));
 }
 
 // ---- tensor cores -------------------------------------------------------------------------
@@ -203,12 +214,12 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], SmemTile<R, C> t, in
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     if constexpr (Elem<T>::code == kF16) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                      "{%0,%1,%2,%3};\n"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     } else {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                      "{%0,%1,%2,%3};\n"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));

@@ -122,7 +122,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
         row_max[mi][0] = row_max[mi][1] = -INFINITY;
         row_sum[mi][0] = row_sum[mi][1] = 0.0f;
     }
-    const int dk16 = (s.Dk + 15) / 16, dv16 = (s.Dv + 15) / 16;
     const float scale_log2 = s.scale * kLog2e;
     const bool plain_scores = s.softcap <= 0.0f && a.mask.data == nullptr;
     const int warp_row0 = warp * 16 * MI;
@@ -143,7 +142,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
                 for (int e = 0; e < 4; ++e) sc[mi][nt][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            if (kk >= dk16) break;
             uint32_t qa[MI][4];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) load_a(qa[mi], sQ, warp_row0 + mi * 16, kk * 16);
@@ -245,7 +243,6 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
             for (int mi = 0; mi < MI; ++mi) acc_to_a<T>(pa[mi], sc[mi][2 * kk], sc[mi][2 * kk + 1]);
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
-                if (dp >= dv16) break;
                 uint32_t vb[4];
                 load_b_kn(vb, sV, kk * 16, dp * 16);
 #pragma unroll

@@ -500,6 +500,7 @@ TEST_CASE("CUDA backward matches the reference", "[cuda][fa][backward]") {
                 Config c = random_config(rng, D, t, Sq, Skv);
                 c.q_type = t;
                 c.kv_type = t;
+                c.o_type = t; // delta = rowsum(dO * O) comes from the stored O, as in training
                 c.deterministic = coin(rng);
                 check_backward(c, rng, seed);
             }
