@@ -105,8 +105,10 @@ int main(int argc, char** argv) {
     bool quick = false;
     FILE* csv = nullptr;
     for (int i = 1; i < argc; ++i) {
-        if (std::strcmp(argv[i], "--quick") == 0) quick = true;
-        else if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc) csv = std::fopen(argv[++i], "w");
+        if (std::strcmp(argv[i], "--quick") == 0)
+            quick = true;
+        else if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc)
+            csv = std::fopen(argv[++i], "w");
     }
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -125,14 +127,16 @@ int main(int argc, char** argv) {
         void *q, *k, *v, *o, *dO, *dq, *dk, *dv, *lse;
         for (void** p : {&q, &k, &v, &o, &dO, &dq, &dk, &dv}) check(cudaMalloc(p, elems * 2), "cudaMalloc");
         check(cudaMalloc(&lse, size_t(tokens) * 32 * 4), "cudaMalloc");
-        fill_random(q, Type::BF16, elems, 1), fill_random(k, Type::BF16, elems, 2), fill_random(v, Type::BF16, elems, 3);
+        fill_random(q, Type::BF16, elems, 1), fill_random(k, Type::BF16, elems, 2),
+            fill_random(v, Type::BF16, elems, 3);
         fill_random(dO, Type::BF16, elems, 4);
         void* ws = nullptr;
         size_t ws_bytes = 0;
 
-        std::printf("%-6s %4s %6s %3s %3s %6s %9s %7s %9s %7s\n", "impl", "d", "s", "b", "h", "causal", "fwd_ms",
-                    "fwdTF", "bwd_ms", "bwdTF");
-        const std::vector<int64_t> seqs = quick ? std::vector<int64_t>{2048} : std::vector<int64_t>{512, 2048, 8192, 16384};
+        std::printf("%-6s %4s %6s %3s %3s %6s %9s %7s %9s %7s\n", "impl", "d", "s", "b", "h", "causal",
+                    "fwd_ms", "fwdTF", "bwd_ms", "bwdTF");
+        const std::vector<int64_t> seqs =
+            quick ? std::vector<int64_t>{2048} : std::vector<int64_t>{512, 2048, 8192, 16384};
         for (int64_t D : {64, 128, 256})
             for (bool causal : {false, true})
                 for (int64_t S : seqs) {
@@ -158,17 +162,22 @@ int main(int argc, char** argv) {
                         check(cudaMalloc(&ws, need), "workspace");
                         ws_bytes = need;
                     }
-                    const double flops = 4.0 * double(B * H) * double(S) * double(S) * double(D) / (causal ? 2.0 : 1.0);
+                    const double flops =
+                        4.0 * double(B * H) * double(S) * double(S) * double(D) / (causal ? 2.0 : 1.0);
                     const int reps = quick ? 5 : 15;
-                    const double fwd = time_ms([&] { cuda::flash_attn_forward(p, nullptr, ws, ws_bytes); }, reps, 3);
-                    const double bwd = time_ms([&] { cuda::flash_attn_backward(bp, nullptr, ws, ws_bytes); }, reps, 2);
+                    const double fwd =
+                        time_ms([&] { cuda::flash_attn_forward(p, nullptr, ws, ws_bytes); }, reps, 3);
+                    const double bwd =
+                        time_ms([&] { cuda::flash_attn_backward(bp, nullptr, ws, ws_bytes); }, reps, 2);
                     const double fwd_tf = flops / fwd / 1e9, bwd_tf = 2.5 * flops / bwd / 1e9;
-                    std::printf("%-6s %4lld %6lld %3lld %3lld %6d %9.3f %7.0f %9.3f %7.0f\n", "ours", (long long)D,
-                                (long long)S, (long long)B, (long long)H, int(causal), fwd, fwd_tf, bwd, bwd_tf);
+                    std::printf("%-6s %4lld %6lld %3lld %3lld %6d %9.3f %7.0f %9.3f %7.0f\n", "ours",
+                                (long long)D, (long long)S, (long long)B, (long long)H, int(causal), fwd,
+                                fwd_tf, bwd, bwd_tf);
                     std::fflush(stdout);
                     if (csv)
-                        std::fprintf(csv, "fa,ours,bf16,%lld,%lld,%lld,%lld,%d,%.4f,%.1f,%.4f,%.1f\n", (long long)D,
-                                     (long long)S, (long long)B, (long long)H, int(causal), fwd, fwd_tf, bwd, bwd_tf);
+                        std::fprintf(csv, "fa,ours,bf16,%lld,%lld,%lld,%lld,%d,%.4f,%.1f,%.4f,%.1f\n",
+                                     (long long)D, (long long)S, (long long)B, (long long)H, int(causal), fwd,
+                                     fwd_tf, bwd, bwd_tf);
                 }
         for (void* p : {q, k, v, o, dO, dq, dk, dv, lse, ws}) cudaFree(p);
 
@@ -181,7 +190,8 @@ int main(int argc, char** argv) {
                 const size_t kv_elems = size_t(B * Hkv * KV * D);
                 const size_t kv_bytes = row_size(kv_type, int64_t(kv_elems));
                 void *dk_, *dv_, *dq_, *do_;
-                check(cudaMalloc(&dk_, kv_bytes), "cudaMalloc"), check(cudaMalloc(&dv_, kv_bytes), "cudaMalloc");
+                check(cudaMalloc(&dk_, kv_bytes), "cudaMalloc"),
+                    check(cudaMalloc(&dv_, kv_bytes), "cudaMalloc");
                 check(cudaMalloc(&dq_, size_t(B * Hq * D) * 2), "cudaMalloc");
                 check(cudaMalloc(&do_, size_t(B * Hq * D) * 2), "cudaMalloc");
                 fill_random(dk_, kv_type, kv_elems, 5), fill_random(dv_, kv_type, kv_elems, 6);
@@ -198,13 +208,13 @@ int main(int argc, char** argv) {
                 if (need) check(cudaMalloc(&w, need), "workspace");
                 const double ms = time_ms([&] { cuda::flash_attn_forward(p, nullptr, w, need); }, 50, 10);
                 const double gbps = 2.0 * double(kv_bytes) / ms / 1e6;
-                std::printf("  %-5s batch %2lld kv %6lld %8.4f ms %7.0f GB/s\n", std::string(type_name(kv_type)).c_str(),
-                            (long long)B, (long long)KV, ms, gbps);
+                std::printf("  %-5s batch %2lld kv %6lld %8.4f ms %7.0f GB/s\n",
+                            std::string(type_name(kv_type)).c_str(), (long long)B, (long long)KV, ms, gbps);
                 std::fflush(stdout);
                 if (csv)
                     std::fprintf(csv, "decode,ours,%s,%lld,%lld,%lld,%lld,0,%.5f,%.1f,0,0\n",
-                                 std::string(type_name(kv_type)).c_str(), (long long)D, (long long)KV, (long long)B,
-                                 (long long)Hq, ms, gbps);
+                                 std::string(type_name(kv_type)).c_str(), (long long)D, (long long)KV,
+                                 (long long)B, (long long)Hq, ms, gbps);
                 for (void* ptr : {dk_, dv_, dq_, do_, w}) cudaFree(ptr);
             }
     } catch (const gfa::Error& e) {

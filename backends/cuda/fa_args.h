@@ -48,8 +48,8 @@ struct FwdArgs {
     char* o;            // [Dv, Hq, Sq, B]
     int64_t o_nb1 = 0, o_nb2 = 0, o_nb3 = 0; // per head, per position, per batch
     int o_code = 0;
-    float* lse = nullptr; // [Sq, Hq, B] or null
-    int64_t lse_nb1 = 0, lse_nb2 = 0;     // elements per head, per batch
+    float* lse = nullptr;             // [Sq, Hq, B] or null
+    int64_t lse_nb1 = 0, lse_nb2 = 0; // elements per head, per batch
     // Split-KV: n_split > 1 writes partial results to part_o/part_lse for the combine kernel.
     int n_split = 1, split_keys = 0;
     float* part_o = nullptr;   // [n_split][B][Hkv][Sq*G][Dv]
@@ -59,14 +59,20 @@ struct FwdArgs {
 struct BwdArgs {
     Shape s;
     Operand q, k, v, mask;
-    Operand o, dO;         // [Dv, Hq, Sq, B] (nb1 per head, nb2 per position)
-    const float* lse;      // [Sq, Hq, B]
+    Operand o, dO;    // [Dv, Hq, Sq, B] (nb1 per head, nb2 per position)
+    const float* lse; // [Sq, Hq, B]
     int64_t lse_nb1 = 0, lse_nb2 = 0;
-    const float* sinks;    // [Hq] or null
+    const float* sinks; // [Hq] or null
     // outputs
-    char* dq; int64_t dq_nb1 = 0, dq_nb2 = 0, dq_nb3 = 0; int dq_code = 0;
-    char* dk; int64_t dk_nb1 = 0, dk_nb2 = 0, dk_nb3 = 0; int dk_code = 0;
-    char* dv; int64_t dv_nb1 = 0, dv_nb2 = 0, dv_nb3 = 0; int dv_code = 0;
+    char* dq;
+    int64_t dq_nb1 = 0, dq_nb2 = 0, dq_nb3 = 0;
+    int dq_code = 0;
+    char* dk;
+    int64_t dk_nb1 = 0, dk_nb2 = 0, dk_nb3 = 0;
+    int dk_code = 0;
+    char* dv;
+    int64_t dv_nb1 = 0, dv_nb2 = 0, dv_nb3 = 0;
+    int dv_code = 0;
     float* dsinks = nullptr;
     // workspace
     int Sq_pad = 0;              // rows of the per-row arrays, a multiple of every BM

@@ -26,12 +26,13 @@ template <int D_, int DSPLIT_, class T_, int NW_, int BM_, int QBUF_> struct Bwd
     static constexpr int BN = 16 * NW; // keys per block in the dK/dV kernel
     static constexpr int kThreads = 32 * NW;
     using T = T_;
-    using TileQ = SmemTile<BM, D>;  // Q and dO tiles (query rows)
-    using TileK = SmemTile<BN, D>;  // K and V tiles
-    using TileS = SmemTile<BN, BM>; // dS^T (keys x queries)
+    using TileQ = SmemTile<BM, D>;           // Q and dO tiles (query rows)
+    using TileK = SmemTile<BN, D>;           // K and V tiles
+    using TileS = SmemTile<BN, BM>;          // dS^T (keys x queries)
     static constexpr int kRowBytes = BM * 4; // lse2 or delta of one query tile
     // dK/dV kernel: K, V, QBUF x (Q, dO, lse2, delta), dS^T; + softcap derivative when used.
-    static constexpr int kSmemKV = 2 * TileK::kBytes + QBUF * (2 * TileQ::kBytes + 2 * kRowBytes) + TileS::kBytes;
+    static constexpr int kSmemKV =
+        2 * TileK::kBytes + QBUF * (2 * TileQ::kBytes + 2 * kRowBytes) + TileS::kBytes;
     static constexpr int kSoftcapBytes = kThreads * (BM / 2) * 4;
     // dQ kernel (query tile BM = 16 * NW rows, key tile BNQ): Q, dO, lse2, delta, K, V.
     static constexpr int BNQ = 64;
@@ -107,8 +108,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
     const char* k_rows = a.k.data + b * a.k.nb3 + hk * a.k.nb2 + int64_t(n0) * a.k.nb1;
     const char* v_rows = a.v.data + b * a.v.nb3 + hk * a.v.nb2 + int64_t(n0) * a.v.nb1;
     const int kv_rows = min(BN, s.Skv - n0);
-    load_any_tile<T, NT>(sK, [&](int r) { return k_rows + r * a.k.nb1; }, kv_rows, s.Dk, a.k.code, k_rows);
-    load_any_tile<T, NT>(sV, [&](int r) { return v_rows + r * a.v.nb1; }, kv_rows, s.Dv, a.v.code, v_rows);
+    load_any_tile<T, NT>(
+        sK, [&](int r) { return k_rows + r * a.k.nb1; }, kv_rows, s.Dk, a.k.code, k_rows);
+    load_any_tile<T, NT>(
+        sV, [&](int r) { return v_rows + r * a.v.nb1; }, kv_rows, s.Dv, a.v.code, v_rows);
 
     // ---- Q, dO, lse2 and delta of iteration it (query head hk*G + it / n_mtiles) ----
     auto load_q_tile = [&](int it, int buf) {
@@ -116,8 +119,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
         const char* q_rows = a.q.data + b * a.q.nb3 + h * a.q.nb2 + int64_t(m0) * a.q.nb1;
         const char* do_rows = a.dO.data + b * a.dO.nb3 + h * a.dO.nb1 + int64_t(m0) * a.dO.nb2;
         const int rows = min(BM, s.Sq - m0);
-        load_any_tile<T, NT>(sQ(buf), [&](int r) { return q_rows + r * a.q.nb1; }, rows, s.Dk, a.q.code, q_rows);
-        load_any_tile<T, NT>(sdO(buf), [&](int r) { return do_rows + r * a.dO.nb2; }, rows, s.Dv, a.dO.code, do_rows);
+        load_any_tile<T, NT>(
+            sQ(buf), [&](int r) { return q_rows + r * a.q.nb1; }, rows, s.Dk, a.q.code, q_rows);
+        load_any_tile<T, NT>(
+            sdO(buf), [&](int r) { return do_rows + r * a.dO.nb2; }, rows, s.Dv, a.dO.code, do_rows);
         const int64_t row_base = (int64_t(b) * s.Hq + h) * a.Sq_pad + m0;
         for (int c = int(threadIdx.x); c < BM / 4; c += NT) {
             cp_async_16(sLse(buf) + c * 16, a.lse2 + row_base + c * 4, true);
@@ -125,8 +130,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
         }
         cp_async_commit();
     };
-    if (n_iters > 0) load_q_tile(0, 0);
-    else cp_async_commit();
+    if (n_iters > 0)
+        load_q_tile(0, 0);
+    else
+        cp_async_commit();
 
     float dk_acc[DH / 8][4], dv_acc[DH / 8][4];
 #pragma unroll
@@ -180,7 +187,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
                 const int i = m0 + iq, j = n0 + key0 + (e >> 1) * 8 + g;
                 float dcap;
                 float x = score_base2(pt[nt][e], sp, dcap);
-                if (sp.softcap) st_shared_b32(s_softcap + ((nt * 4 + e) * NT + threadIdx.x) * 4, __float_as_uint(dcap));
+                if (sp.softcap)
+                    st_shared_b32(s_softcap + ((nt * 4 + e) * NT + threadIdx.x) * 4, __float_as_uint(dcap));
                 if (mask_base && i < s.Sq && j < s.Skv)
                     x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
                 if (boundary && (j >= s.Skv || !s.visible(i, j))) x = -INFINITY;
@@ -231,7 +239,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
                 pt[nt][e] = ds;
             }
 
-        // ---- dK += dS^T Q ----
+            // ---- dK += dS^T Q ----
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
             uint32_t da[4];
@@ -286,7 +294,9 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
 #pragma unroll
                     for (int nt = 0; nt < 8; ++nt) {
                         const int c = d0 + c0 + nt * 8 + 2 * t4;
-                        if (c < s.Dk) atomic_add_pair(dq_rows + int64_t(i) * s.Dk + c, acc[nt][2 * r], acc[nt][2 * r + 1]);
+                        if (c < s.Dk)
+                            atomic_add_pair(dq_rows + int64_t(i) * s.Dk + c, acc[nt][2 * r],
+                                            acc[nt][2 * r + 1]);
                     }
                 }
             }
@@ -305,7 +315,9 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
 #pragma unroll
         for (int dt = 0; dt < DH / 8; ++dt) {
             const int c = d0 + dt * 8 + 2 * t4;
-            if (c < s.Dk) store_pair(dk_row, c, dk_acc[dt][2 * r] * s.scale, dk_acc[dt][2 * r + 1] * s.scale, a.dk_code);
+            if (c < s.Dk)
+                store_pair(dk_row, c, dk_acc[dt][2 * r] * s.scale, dk_acc[dt][2 * r + 1] * s.scale,
+                           a.dk_code);
             if (c < s.Dv) store_pair(dv_row, c, dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1], a.dv_code);
         }
     }
@@ -344,8 +356,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
     const char* q_rows = a.q.data + b * a.q.nb3 + h * a.q.nb2 + int64_t(m0) * a.q.nb1;
     const char* do_rows = a.dO.data + b * a.dO.nb3 + h * a.dO.nb1 + int64_t(m0) * a.dO.nb2;
     const int rows = min(BM, s.Sq - m0);
-    load_any_tile<T, NT>(sQ, [&](int r) { return q_rows + r * a.q.nb1; }, rows, s.Dk, a.q.code, q_rows);
-    load_any_tile<T, NT>(sdO, [&](int r) { return do_rows + r * a.dO.nb2; }, rows, s.Dv, a.dO.code, do_rows);
+    load_any_tile<T, NT>(
+        sQ, [&](int r) { return q_rows + r * a.q.nb1; }, rows, s.Dk, a.q.code, q_rows);
+    load_any_tile<T, NT>(
+        sdO, [&](int r) { return do_rows + r * a.dO.nb2; }, rows, s.Dv, a.dO.code, do_rows);
     const int64_t row_base = (int64_t(b) * s.Hq + h) * a.Sq_pad + m0;
     for (int c = int(threadIdx.x); c < BM / 4; c += NT) {
         cp_async_16(sLse + c * 16, a.lse2 + row_base + c * 4, true);
@@ -353,14 +367,17 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
     }
     const char* k_base = a.k.data + b * a.k.nb3 + hk * a.k.nb2;
     const char* v_base = a.v.data + b * a.v.nb3 + hk * a.v.nb2;
-    auto load_kv = [&](typename Tr::TileKQ tile, const char* kv_base, int64_t nb1, int code, int cols, int t) {
+    auto load_kv = [&](typename Tr::TileKQ tile, const char* kv_base, int64_t nb1, int code, int cols,
+                       int t) {
         const char* rows_p = kv_base + int64_t(t) * BN * nb1;
-        load_any_tile<T, NT>(tile, [&](int r) { return rows_p + r * nb1; }, min(BN, s.Skv - t * BN), cols, code,
-                             rows_p);
+        load_any_tile<T, NT>(
+            tile, [&](int r) { return rows_p + r * nb1; }, min(BN, s.Skv - t * BN), cols, code, rows_p);
         cp_async_commit();
     };
-    if (tile_last >= tile_first) load_kv(sK, k_base, a.k.nb1, a.k.code, s.Dk, tile_first);
-    else cp_async_commit();
+    if (tile_last >= tile_first)
+        load_kv(sK, k_base, a.k.nb1, a.k.code, s.Dk, tile_first);
+    else
+        cp_async_commit();
 
     float dq_acc[DH / 8][4];
 #pragma unroll
@@ -445,9 +462,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
 #pragma unroll
         for (int nt = 0; nt < NTK; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) sc[nt][e] = sc[nt][e] * (dp_acc[nt][e] - delta_r[e >> 1]) * dcap[nt][e];
+            for (int e = 0; e < 4; ++e)
+                sc[nt][e] = sc[nt][e] * (dp_acc[nt][e] - delta_r[e >> 1]) * dcap[nt][e];
 
-        // ---- dQ += dS K ----
+                // ---- dQ += dS K ----
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             uint32_t da[4];
@@ -473,7 +491,9 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
 #pragma unroll
         for (int dt = 0; dt < DH / 8; ++dt) {
             const int c = d0 + dt * 8 + 2 * t4;
-            if (c < s.Dk) store_pair(dq_row, c, dq_acc[dt][2 * r] * s.scale, dq_acc[dt][2 * r + 1] * s.scale, a.dq_code);
+            if (c < s.Dk)
+                store_pair(dq_row, c, dq_acc[dt][2 * r] * s.scale, dq_acc[dt][2 * r + 1] * s.scale,
+                           a.dq_code);
         }
     }
 }

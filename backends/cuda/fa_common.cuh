@@ -62,13 +62,17 @@ __device__ __forceinline__ void store_pair(void* row, int64_t i, float x0, float
     } else if (code == kF16) {
         *reinterpret_cast<__half2*>(static_cast<__half*>(row) + i) = __floats2half2_rn(x0, x1);
     } else {
-        *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(row) + i) = __floats2bfloat162_rn(x0, x1);
+        *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(row) + i) =
+            __floats2bfloat162_rn(x0, x1);
     }
 }
 __device__ __forceinline__ void store_elem(void* row, int64_t i, float x, int code) {
-    if (code == kF32) static_cast<float*>(row)[i] = x;
-    else if (code == kF16) static_cast<__half*>(row)[i] = __float2half_rn(x);
-    else static_cast<__nv_bfloat16*>(row)[i] = __float2bfloat16_rn(x);
+    if (code == kF32)
+        static_cast<float*>(row)[i] = x;
+    else if (code == kF16)
+        static_cast<__half*>(row)[i] = __float2half_rn(x);
+    else
+        static_cast<__nv_bfloat16*>(row)[i] = __float2bfloat16_rn(x);
 }
 
 // ---- shared-memory tiles ----------------------------------------------------------------
@@ -102,13 +106,16 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w));
 }
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v));
@@ -118,8 +125,8 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
 // with cp.async. row_ptr(r) gives the global address of row r (only called for r < n_rows);
 // rows >= n_rows and columns >= n_cols (a multiple of 8) are zero-filled.
 template <int NTHREADS, int ROWS, int COLS, class RowPtr>
-__device__ __forceinline__ void load_tile_async(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows, int n_cols,
-                                                const void* any_valid_ptr) {
+__device__ __forceinline__ void load_tile_async(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows,
+                                                int n_cols, const void* any_valid_ptr) {
     constexpr int kChunks = ROWS * (COLS / 8);
     static_assert(kChunks % NTHREADS == 0, "tile chunks must divide evenly among threads");
 #pragma unroll
@@ -127,7 +134,8 @@ __device__ __forceinline__ void load_tile_async(SmemTile<ROWS, COLS> tile, RowPt
         const int idx = it * NTHREADS + int(threadIdx.x);
         const int r = idx / (COLS / 8), c = idx % (COLS / 8);
         const bool valid = r < n_rows && c * 8 < n_cols;
-        const void* src = valid ? static_cast<const void*>(static_cast<const char*>(row_ptr(r)) + c * 16) : any_valid_ptr;
+        const void* src =
+            valid ? static_cast<const void*>(static_cast<const char*>(row_ptr(r)) + c * 16) : any_valid_ptr;
         cp_async_16(tile.chunk_addr(r, c), src, valid);
     }
 }
@@ -136,8 +144,8 @@ __device__ __forceinline__ void load_tile_async(SmemTile<ROWS, COLS> tile, RowPt
 // converted to T on the way. Synchronous (plain loads + st.shared); used for tiles that are
 // read once per block, such as Q when its storage type differs from the compute type.
 template <class T, int NTHREADS, int ROWS, int COLS, class RowPtr>
-__device__ __forceinline__ void load_tile_convert(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows, int n_cols,
-                                                  int code) {
+__device__ __forceinline__ void load_tile_convert(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows,
+                                                  int n_cols, int code) {
     constexpr int kChunks = ROWS * (COLS / 8);
     for (int idx = int(threadIdx.x); idx < kChunks; idx += NTHREADS) {
         const int r = idx / (COLS / 8), c = idx % (COLS / 8);
@@ -183,7 +191,8 @@ __device__ __forceinline__ uint32_t frag_addr(SmemTile<R, C> t, int lr, int lc, 
 }
 
 // A fragment of the 16x16 block at (row0, col0) of a tile stored row-major (rows = M).
-template <int R, int C> __device__ __forceinline__ void load_a(uint32_t (&a)[4], SmemTile<R, C> t, int row0, int col0) {
+template <int R, int C>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], SmemTile<R, C> t, int row0, int col0) {
     const int lane = int(threadIdx.x) & 31;
     ldmatrix_x4(a, frag_addr(t, lane & 15, lane >> 4, row0, col0 >> 3));
 }
@@ -215,14 +224,14 @@ template <class T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     if constexpr (Elem<T>::code == kF16) {
         asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     } else {
         asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
 }
 

@@ -83,7 +83,9 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
     // Packed row of (16-row group mi, half r) of this thread, clamped to the last real row;
     // its query position is p / G and its query head hk * G + p % G. Recomputed where needed
     // rather than held in registers.
-    auto thread_row = [&](int mi, int r) { return min(p0 + warp * 16 * MI + mi * 16 + r * 8 + g, rows_total - 1); };
+    auto thread_row = [&](int mi, int r) {
+        return min(p0 + warp * 16 * MI + mi * 16 + r * 8 + g, rows_total - 1);
+    };
 
     // ---- load Q (once), then the first K tile ----
     const char* q_base = a.q.data + b * a.q.nb3;
@@ -100,13 +102,15 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
     auto load_k = [&](int tile) {
         const int n0 = tile * BN;
         const char* rows = k_base + int64_t(n0) * a.k.nb1;
-        load_any_tile<T, NT>(sK, [&](int r) { return rows + r * a.k.nb1; }, min(BN, s.Skv - n0), s.Dk, a.k.code, rows);
+        load_any_tile<T, NT>(
+            sK, [&](int r) { return rows + r * a.k.nb1; }, min(BN, s.Skv - n0), s.Dk, a.k.code, rows);
         cp_async_commit();
     };
     auto load_v = [&](int tile) {
         const int n0 = tile * BN;
         const char* rows = v_base + int64_t(n0) * a.v.nb1;
-        load_any_tile<T, NT>(sV, [&](int r) { return rows + r * a.v.nb1; }, min(BN, s.Skv - n0), s.Dv, a.v.code, rows);
+        load_any_tile<T, NT>(
+            sV, [&](int r) { return rows + r * a.v.nb1; }, min(BN, s.Skv - n0), s.Dv, a.v.code, rows);
         cp_async_commit();
     };
     if (tile_last >= tile_first) load_k(tile_last);
@@ -168,14 +172,16 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
 #pragma unroll
                     for (int e = 0; e < 4; ++e) sc[mi][nt][e] *= scale_log2;
         } else {
-            const float cap_log2 = s.softcap * kLog2e, scale_over_cap = s.softcap > 0.0f ? s.scale / s.softcap : 0.0f;
+            const float cap_log2 = s.softcap * kLog2e,
+                        scale_over_cap = s.softcap > 0.0f ? s.scale / s.softcap : 0.0f;
             const char* mask_head = a.mask.data + b * a.mask.nb3;
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int p = thread_row(mi, r), h = hk * s.G + p % s.G;
-                    const char* mrow = a.mask.data ? mask_head + h * a.mask.nb2 + int64_t(p / s.G) * a.mask.nb1 : nullptr;
+                    const char* mrow =
+                        a.mask.data ? mask_head + h * a.mask.nb2 + int64_t(p / s.G) * a.mask.nb1 : nullptr;
                     const float slope = a.mask.data ? alibi_slope(s, h) * kLog2e : 0.0f;
 #pragma unroll
                     for (int nt = 0; nt < NTILE_N; ++nt)
@@ -208,14 +214,15 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
         __syncthreads();
         if (tile > tile_first) load_k(tile - 1);
 
-        // ---- online softmax (base 2): rescale O and l by exp2(m_old - m_new) ----
+            // ---- online softmax (base 2): rescale O and l by exp2(m_old - m_new) ----
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float mx = -INFINITY;
 #pragma unroll
-                for (int nt = 0; nt < NTILE_N; ++nt) mx = fmaxf(mx, fmaxf(sc[mi][nt][2 * r], sc[mi][nt][2 * r + 1]));
+                for (int nt = 0; nt < NTILE_N; ++nt)
+                    mx = fmaxf(mx, fmaxf(sc[mi][nt][2 * r], sc[mi][nt][2 * r + 1]));
                 const float m_new = fmaxf(row_max[mi][r], quad_max(mx));
                 const float m_use = m_new == -INFINITY ? 0.0f : m_new; // fully masked so far: no NaN
                 const float corr = fast_exp2(row_max[mi][r] - m_use);
@@ -235,7 +242,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
                 }
             }
 
-        // ---- O += P V (P straight from the S accumulators) ----
+            // ---- O += P V (P straight from the S accumulators) ----
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             uint32_t pa[MI][4];
@@ -293,7 +300,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
 #pragma unroll
             for (int dt = 0; dt < NTILE_D; ++dt) {
                 const int c = dt * 8 + 2 * t4;
-                if (c < s.Dv) store_pair(dst, c, o_acc[mi][dt][2 * r] * inv, o_acc[mi][dt][2 * r + 1] * inv, a.o_code);
+                if (c < s.Dv)
+                    store_pair(dst, c, o_acc[mi][dt][2 * r] * inv, o_acc[mi][dt][2 * r + 1] * inv, a.o_code);
             }
             if (a.lse && t4 == 0)
                 a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;

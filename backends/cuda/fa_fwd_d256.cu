@@ -2,7 +2,9 @@
 #include "fa_instantiate.cuh"
 
 namespace gfa::cuda::fa {
-KernelInfo fwd_info_d256(bool decode) { return fwd_info_tile<256>(decode); }
+KernelInfo fwd_info_d256(bool decode) {
+    return fwd_info_tile<256>(decode);
+}
 void fwd_launch_d256(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st) {
     fwd_launch_tile<256>(bf16, decode, a, grid, st);
 }

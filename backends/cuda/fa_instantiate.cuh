@@ -37,8 +37,9 @@ template <> struct TileConfig<256> {
 
 inline void check_launch(const char* what) {
     const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) gfa::fail(std::string("flash_attn_ext (CUDA): launching ") + what + " failed: " +
-                                      cudaGetErrorString(err));
+    if (err != cudaSuccess)
+        gfa::fail(std::string("flash_attn_ext (CUDA): launching ") + what +
+                  " failed: " + cudaGetErrorString(err));
 }
 
 inline void set_smem(const void* kernel, int bytes, const char* what) {
@@ -50,7 +51,8 @@ inline void set_smem(const void* kernel, int bytes, const char* what) {
 template <class Tr> KernelInfo fwd_info_of() {
     KernelInfo info{Tr::BM, Tr::BN, Tr::kThreads, Tr::kSmemBytes, 0};
     set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr>), Tr::kSmemBytes, "the forward kernel");
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, fwd_kernel<Tr>, Tr::kThreads, Tr::kSmemBytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, fwd_kernel<Tr>, Tr::kThreads,
+                                                  Tr::kSmemBytes);
     return info;
 }
 
@@ -64,17 +66,22 @@ template <class Tr> void fwd_launch_one(const FwdArgs& a, dim3 grid, cudaStream_
 
 template <int D> KernelInfo fwd_info_tile(bool decode) {
     using C = TileConfig<D>;
-    return decode ? fwd_info_of<typename C::template Decode<__half>>() : fwd_info_of<typename C::template Fwd<__half>>();
+    return decode ? fwd_info_of<typename C::template Decode<__half>>()
+                  : fwd_info_of<typename C::template Fwd<__half>>();
 }
 
 template <int D> void fwd_launch_tile(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st) {
     using C = TileConfig<D>;
     if (decode) {
-        if (bf16) fwd_launch_one<typename C::template Decode<__nv_bfloat16>>(a, grid, st);
-        else fwd_launch_one<typename C::template Decode<__half>>(a, grid, st);
+        if (bf16)
+            fwd_launch_one<typename C::template Decode<__nv_bfloat16>>(a, grid, st);
+        else
+            fwd_launch_one<typename C::template Decode<__half>>(a, grid, st);
     } else {
-        if (bf16) fwd_launch_one<typename C::template Fwd<__nv_bfloat16>>(a, grid, st);
-        else fwd_launch_one<typename C::template Fwd<__half>>(a, grid, st);
+        if (bf16)
+            fwd_launch_one<typename C::template Fwd<__nv_bfloat16>>(a, grid, st);
+        else
+            fwd_launch_one<typename C::template Fwd<__half>>(a, grid, st);
     }
 }
 
@@ -86,7 +93,8 @@ template <int D> BwdInfo bwd_info_tile() {
 template <class Tr> void bwd_launch_one(bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
     if (dq_pass) {
         static const bool ready =
-            (set_smem(reinterpret_cast<const void*>(bwd_q_kernel<Tr>), Tr::kSmemQ, "the backward dQ kernel"), true);
+            (set_smem(reinterpret_cast<const void*>(bwd_q_kernel<Tr>), Tr::kSmemQ, "the backward dQ kernel"),
+             true);
         (void)ready;
         bwd_q_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemQ, st>>>(a);
         check_launch("the backward dQ kernel");
@@ -103,8 +111,10 @@ template <class Tr> void bwd_launch_one(bool dq_pass, const BwdArgs& a, dim3 gri
 
 template <int D> void bwd_launch_tile(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
     using C = TileConfig<D>;
-    if (bf16) bwd_launch_one<typename C::template Bwd<__nv_bfloat16>>(dq_pass, a, grid, st);
-    else bwd_launch_one<typename C::template Bwd<__half>>(dq_pass, a, grid, st);
+    if (bf16)
+        bwd_launch_one<typename C::template Bwd<__nv_bfloat16>>(dq_pass, a, grid, st);
+    else
+        bwd_launch_one<typename C::template Bwd<__half>>(dq_pass, a, grid, st);
 }
 
 } // namespace gfa::cuda::fa

@@ -49,8 +49,8 @@ __device__ __forceinline__ void decode_quant8(const QuantChunk& c, int e0, int c
 // through cp.async; f32/f16/bf16 (kUnaligned set for 16-bit rows that cp.async cannot read)
 // are converted through registers; q8_0/q4_0 are dequantized through registers.
 template <class T, int NTHREADS, int ROWS, int COLS, class RowPtr>
-__device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows, int n_cols,
-                                              int code, const void* any_valid_ptr) {
+__device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows,
+                                              int n_cols, int code, const void* any_valid_ptr) {
     if (code == Elem<T>::code) {
         load_tile_async<NTHREADS>(tile, row_ptr, n_rows, n_cols, any_valid_ptr);
         return;
@@ -69,8 +69,10 @@ __device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr 
         for (int u = 0; u < kBatch; ++u) {
             const int idx = (it0 + u) * NTHREADS + int(threadIdx.x);
             const int r = idx / (COLS / 8), c = idx % (COLS / 8);
-            if (r < n_rows && c * 8 < n_cols) raw[u] = fetch_quant8(static_cast<const char*>(row_ptr(r)), c * 8, plain);
-            else raw[u] = QuantChunk{0, {0, 0, 0, 0}};
+            if (r < n_rows && c * 8 < n_cols)
+                raw[u] = fetch_quant8(static_cast<const char*>(row_ptr(r)), c * 8, plain);
+            else
+                raw[u] = QuantChunk{0, {0, 0, 0, 0}};
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {

@@ -22,15 +22,17 @@ using attn::View;
 
 namespace {
 
-[[noreturn]] void unsupported(const std::string& what) { gfa::fail("flash_attn_ext (CUDA): " + what); }
+[[noreturn]] void unsupported(const std::string& what) {
+    gfa::fail("flash_attn_ext (CUDA): " + what);
+}
 
 void check_cuda(cudaError_t err, const char* what) {
     if (err != cudaSuccess) unsupported(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 std::string dims(const View& v) {
-    return "[" + std::to_string(v.ne[0]) + ", " + std::to_string(v.ne[1]) + ", " + std::to_string(v.ne[2]) + ", " +
-           std::to_string(v.ne[3]) + "]";
+    return "[" + std::to_string(v.ne[0]) + ", " + std::to_string(v.ne[1]) + ", " + std::to_string(v.ne[2]) +
+           ", " + std::to_string(v.ne[3]) + "]";
 }
 
 void expect_shape(const View& v, const char* name, int64_t n0, int64_t n1, int64_t n2, int64_t n3) {
@@ -39,13 +41,16 @@ void expect_shape(const View& v, const char* name, int64_t n0, int64_t n1, int64
                     std::to_string(n1) + ", " + std::to_string(n2) + ", " + std::to_string(n3) + "]");
 }
 
-bool is_16bit(Type t) { return t == Type::F16 || t == Type::BF16; }
+bool is_16bit(Type t) {
+    return t == Type::F16 || t == Type::BF16;
+}
 
 // Element code of an operand the tile loaders read, with kUnaligned for 16-bit rows that
 // cp.async cannot read directly.
 int operand_code(const View& v, const char* name, bool allow_quantized) {
     switch (v.type) {
-    case Type::F32: return fa::kF32;
+    case Type::F32:
+        return fa::kF32;
     case Type::F16:
     case Type::BF16: {
         const bool aligned = reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.nb[1] % 16 == 0 &&
@@ -59,17 +64,22 @@ int operand_code(const View& v, const char* name, bool allow_quantized) {
     case Type::Q4_0:
         if (allow_quantized) return fa::kQ4_0;
         break;
-    default: break;
+    default:
+        break;
     }
     unsupported(std::string(name) + " of type " + std::string(type_name(v.type)) + " is not supported");
 }
 
 int output_code(const View& v, const char* name) {
     switch (v.type) {
-    case Type::F32: return fa::kF32;
-    case Type::F16: return fa::kF16;
-    case Type::BF16: return fa::kBF16;
-    default: unsupported(std::string(name) + " of type " + std::string(type_name(v.type)) + " is not supported");
+    case Type::F32:
+        return fa::kF32;
+    case Type::F16:
+        return fa::kF16;
+    case Type::BF16:
+        return fa::kBF16;
+    default:
+        unsupported(std::string(name) + " of type " + std::string(type_name(v.type)) + " is not supported");
     }
 }
 
@@ -160,8 +170,10 @@ fa::KernelInfo fwd_info(int tile, bool decode) {
     static fa::KernelInfo cache[3][2];
     const int ti = tile == 64 ? 0 : tile == 128 ? 1 : 2;
     fa::KernelInfo& info = cache[ti][decode];
-    if (info.bm == 0) info = tile == 64 ? fa::fwd_info_d64(decode) : tile == 128 ? fa::fwd_info_d128(decode)
-                                                                                  : fa::fwd_info_d256(decode);
+    if (info.bm == 0)
+        info = tile == 64    ? fa::fwd_info_d64(decode)
+               : tile == 128 ? fa::fwd_info_d128(decode)
+                             : fa::fwd_info_d256(decode);
     return info;
 }
 
@@ -170,7 +182,8 @@ int sm_count() {
     if (count == 0) {
         int dev = 0;
         check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-        check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev), "reading the SM count");
+        check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev),
+                   "reading the SM count");
     }
     return count;
 }
@@ -226,15 +239,15 @@ class Scratch {
         if (need == 0) return;
         if (given) {
             if (given_bytes < need)
-                unsupported("workspace of " + std::to_string(given_bytes) + " bytes, " + std::to_string(need) +
-                            " needed");
+                unsupported("workspace of " + std::to_string(given_bytes) + " bytes, " +
+                            std::to_string(need) + " needed");
             ptr_ = given;
             return;
         }
         if (cudaMallocAsync(&ptr_, need, st) != cudaSuccess) {
             (void)cudaGetLastError();
-            throw gfa::OutOfMemory("flash_attn_ext (CUDA): cannot allocate a workspace of " + std::to_string(need) +
-                                   " bytes");
+            throw gfa::OutOfMemory("flash_attn_ext (CUDA): cannot allocate a workspace of " +
+                                   std::to_string(need) + " bytes");
         }
         owned_ = true;
     }
@@ -284,7 +297,8 @@ __global__ void combine_kernel(const fa::FwdArgs a) {
         fa::store_elem(dst, d, acc * inv, a.o_code);
     }
     if (a.lse && lane == 0)
-        a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] = total > 0.0f ? (m_use + log2f(total)) * fa::kLn2 : -INFINITY;
+        a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] =
+            total > 0.0f ? (m_use + log2f(total)) * fa::kLn2 : -INFINITY;
 }
 
 // ---- backward helpers -------------------------------------------------------------------
@@ -296,7 +310,8 @@ __global__ void bwd_preprocess_kernel(const fa::BwdArgs a) {
     const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = int(threadIdx.x) & 31;
     if (row >= int64_t(s.B) * s.Hq * a.Sq_pad) return;
-    const int i = int(row % a.Sq_pad), h = int((row / a.Sq_pad) % s.Hq), b = int(row / (int64_t(a.Sq_pad) * s.Hq));
+    const int i = int(row % a.Sq_pad), h = int((row / a.Sq_pad) % s.Hq),
+              b = int(row / (int64_t(a.Sq_pad) * s.Hq));
     if (i >= s.Sq) {
         if (lane == 0) {
             a.delta[row] = 0.0f;
@@ -308,7 +323,8 @@ __global__ void bwd_preprocess_kernel(const fa::BwdArgs a) {
     const char* do_row = a.dO.data + b * a.dO.nb3 + int64_t(i) * a.dO.nb2 + int64_t(h) * a.dO.nb1;
     float acc = 0.0f;
     for (int d = lane; d < s.Dv; d += 32)
-        acc += fa::load_elem(o_row, d, a.o.code & ~fa::kUnaligned) * fa::load_elem(do_row, d, a.dO.code & ~fa::kUnaligned);
+        acc += fa::load_elem(o_row, d, a.o.code & ~fa::kUnaligned) *
+               fa::load_elem(do_row, d, a.dO.code & ~fa::kUnaligned);
 #pragma unroll
     for (int w = 16; w > 0; w >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, w);
     if (lane == 0) {
@@ -325,7 +341,8 @@ __global__ void bwd_preprocess_kernel(const fa::BwdArgs a) {
 __global__ void dq_convert_kernel(const fa::BwdArgs a) {
     const fa::Shape& s = a.s;
     const int64_t n = int64_t(s.B) * s.Hq * s.Sq * s.Dk;
-    for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+         idx += int64_t(gridDim.x) * blockDim.x) {
         const int d = int(idx % s.Dk);
         const int64_t r = idx / s.Dk;
         const int i = int(r % s.Sq), h = int((r / s.Sq) % s.Hq), b = int(r / (int64_t(s.Sq) * s.Hq));
@@ -393,9 +410,12 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         a.part_o = a.part_lse + ((part_rows + 63) / 64) * 64;
     }
     const dim3 grid(unsigned(plan.row_tiles), unsigned(s.Hkv), unsigned(s.B * plan.n_split));
-    if (plan.tile == 64) fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
-    else if (plan.tile == 128) fa::fwd_launch_d128(plan.bf16, plan.decode, a, grid, st);
-    else fa::fwd_launch_d256(plan.bf16, plan.decode, a, grid, st);
+    if (plan.tile == 64)
+        fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
+    else if (plan.tile == 128)
+        fa::fwd_launch_d128(plan.bf16, plan.decode, a, grid, st);
+    else
+        fa::fwd_launch_d256(plan.bf16, plan.decode, a, grid, st);
 
     if (plan.n_split > 1) {
         const int64_t rows = int64_t(s.B) * s.Hkv * s.Sq * s.G;
@@ -486,9 +506,12 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
     a.lse = static_cast<const float*>(p.lse.data);
     a.lse_nb1 = p.lse.nb[1] / 4, a.lse_nb2 = p.lse.nb[2] / 4;
     a.sinks = p.sinks.present() ? static_cast<const float*>(p.sinks.data) : nullptr;
-    a.dq = static_cast<char*>(bp.dq.data), a.dq_nb1 = bp.dq.nb[1], a.dq_nb2 = bp.dq.nb[2], a.dq_nb3 = bp.dq.nb[3];
-    a.dk = static_cast<char*>(bp.dk.data), a.dk_nb1 = bp.dk.nb[1], a.dk_nb2 = bp.dk.nb[2], a.dk_nb3 = bp.dk.nb[3];
-    a.dv = static_cast<char*>(bp.dv.data), a.dv_nb1 = bp.dv.nb[1], a.dv_nb2 = bp.dv.nb[2], a.dv_nb3 = bp.dv.nb[3];
+    a.dq = static_cast<char*>(bp.dq.data), a.dq_nb1 = bp.dq.nb[1], a.dq_nb2 = bp.dq.nb[2],
+    a.dq_nb3 = bp.dq.nb[3];
+    a.dk = static_cast<char*>(bp.dk.data), a.dk_nb1 = bp.dk.nb[1], a.dk_nb2 = bp.dk.nb[2],
+    a.dk_nb3 = bp.dk.nb[3];
+    a.dv = static_cast<char*>(bp.dv.data), a.dv_nb1 = bp.dv.nb[1], a.dv_nb2 = bp.dv.nb[2],
+    a.dv_nb3 = bp.dv.nb[3];
     a.dq_code = output_code(bp.dq, "dq");
     a.dk_code = output_code(bp.dk, "dk");
     a.dv_code = output_code(bp.dv, "dv");
@@ -512,16 +535,21 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
 
     // 2. dK, dV (and dQ through atomics)
     auto launch = [&](bool dq_pass, dim3 grid) {
-        if (plan.tile == 64) fa::bwd_launch_d64(plan.bf16, dq_pass, a, grid, st);
-        else if (plan.tile == 128) fa::bwd_launch_d128(plan.bf16, dq_pass, a, grid, st);
-        else fa::bwd_launch_d256(plan.bf16, dq_pass, a, grid, st);
+        if (plan.tile == 64)
+            fa::bwd_launch_d64(plan.bf16, dq_pass, a, grid, st);
+        else if (plan.tile == 128)
+            fa::bwd_launch_d128(plan.bf16, dq_pass, a, grid, st);
+        else
+            fa::bwd_launch_d256(plan.bf16, dq_pass, a, grid, st);
     };
     const fa::BwdInfo& info = plan.info;
-    launch(false, dim3(unsigned((s.Skv + info.bn - 1) / info.bn), unsigned(s.Hkv * info.dsplit), unsigned(s.B)));
+    launch(false,
+           dim3(unsigned((s.Skv + info.bn - 1) / info.bn), unsigned(s.Hkv * info.dsplit), unsigned(s.B)));
 
     // 3. dQ: convert the accumulator, or the deterministic dQ pass
     if (bp.deterministic) {
-        launch(true, dim3(unsigned((s.Sq + info.bm - 1) / info.bm), unsigned(s.Hq * info.dsplit), unsigned(s.B)));
+        launch(true,
+               dim3(unsigned((s.Sq + info.bm - 1) / info.bm), unsigned(s.Hq * info.dsplit), unsigned(s.B)));
     } else {
         const int64_t n = int64_t(s.B) * s.Hq * s.Sq * s.Dk;
         const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 65535));

@@ -25,7 +25,8 @@ size_t flash_attn_forward_workspace_size(const attn::Problem& p);
 // flash_attn_forward_workspace_size(p) bytes, or nullptr to let the call allocate it
 // stream-ordered (cudaMallocAsync / cudaFreeAsync). Asynchronous: returns before the
 // kernels finish.
-void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr, size_t workspace_bytes = 0);
+void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
+                        size_t workspace_bytes = 0);
 
 // Device workspace the backward needs (bytes, > 0): per-row LSE and rowsum(dO * O), the
 // fp32 dQ accumulator (non-deterministic mode) and the per-row terms of dSinks.
