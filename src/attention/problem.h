@@ -11,22 +11,13 @@
 // Strides are in bytes; element 0 of every row is contiguous (nb0 == element size).
 #pragma once
 
+#include <ggml-fa/attention.h>
 #include <ggml-fa/types.h>
 
 #include <cmath>
 #include <cstdint>
 
 namespace gfa::attn {
-
-// The typed parameters of flash_attn_ext (also the op's public params struct).
-struct Params {
-    float scale = 1.0f;         // multiplies q.k
-    float max_bias = 0.0f;      // ALiBi: > 0 scales the mask by a per-head slope
-    float logit_softcap = 0.0f; // > 0: s = softcap * tanh(s / softcap), before the mask
-    bool causal = false;        // bottom-right aligned (see visible())
-    int32_t window_left = -1;   // keys at most this far left of the diagonal; -1 = unlimited
-    int32_t window_right = -1;  // keys at most this far right of the diagonal; -1 = unlimited
-};
 
 // A strided 4-d view into memory a kernel reads or writes.
 struct View {
@@ -59,28 +50,43 @@ struct BackwardProblem {
 
 // ---- shared semantics: every implementation must agree on these ----------------------
 
-// Query row i sees key column j? The diagonal is bottom-right aligned: p = i + Skv - Sq.
-inline bool visible(const Params& p, int64_t i, int64_t j, int64_t Sq, int64_t Skv) {
-    const int64_t diag = i + Skv - Sq;
-    if (p.causal && j > diag) return false;
-    if (p.window_left >= 0 && j < diag - p.window_left) return false;
-    if (p.window_right >= 0 && j > diag + p.window_right) return false;
-    return true;
-}
-
-// ALiBi slope of head h (ggml's definition): 1 when max_bias == 0.
-inline float alibi_slope(float max_bias, int64_t h, int64_t n_head) {
-    if (max_bias <= 0.0f) return 1.0f;
-    const int64_t n_head_log2 = int64_t(1) << int64_t(std::floor(std::log2(double(n_head))));
-    const float m0 = std::pow(2.0f, -max_bias / float(n_head_log2));
-    const float m1 = std::pow(2.0f, -max_bias / 2.0f / float(n_head_log2));
-    return h < n_head_log2 ? std::pow(m0, float(h + 1)) : std::pow(m1, float(2 * (h - n_head_log2) + 1));
-}
-
 // Score of one (query, key) pair from the raw dot product q.k:
 //   s = scale * qk; if softcap > 0: s = softcap * tanh(s / softcap); s += slope * mask.
 // Invisible pairs (visible() false, or mask == -inf) are dropped from the softmax.
 // Sinks: head h adds exp(sinks[h]) to the softmax denominator (a logit with a zero value).
 // A row with nothing visible (and no sink) yields O = 0 and LSE = -inf.
+
+// ---- addressing (the layouts above; every implementation reads memory the same way) --
+
+inline char* row_at(const View& v, int64_t i1, int64_t i2 = 0, int64_t i3 = 0) {
+    return v.at<char>(i1, i2, i3);
+}
+// Row of Dv outputs for query i of head h: o is [Dv, Hq, Sq, B].
+inline char* o_row(const View& o, int64_t i, int64_t h, int64_t b) {
+    return o.at<char>(h, i, b);
+}
+// LSE of query i, head h: lse is [Sq, Hq, B], so element 0 is strided by nb[0].
+inline float* lse_at(const View& lse, int64_t i, int64_t h, int64_t b) {
+    return reinterpret_cast<float*>(static_cast<char*>(lse.data) + i * lse.nb[0] + h * lse.nb[1] +
+                                    b * lse.nb[2]);
+}
+// Mask row (Skv values) for query i of head h; the mask broadcasts over heads and batches
+// whose extent is 1. nullptr when there is no mask.
+inline const char* mask_row(const View& mask, int64_t i, int64_t h, int64_t b) {
+    if (!mask.present()) return nullptr;
+    return mask.at<const char>(i, mask.ne[2] == 1 ? 0 : h, mask.ne[3] == 1 ? 0 : b);
+}
+inline float sink_logit(const View& sinks, int64_t h) {
+    return *reinterpret_cast<const float*>(static_cast<const char*>(sinks.data) + h * sinks.nb[0]);
+}
+// Query head h reads kv head h / (Hq / Hkv).
+inline int64_t kv_head(const Problem& p, int64_t h) {
+    return h / (p.Hq / p.Hkv);
+}
+
+// Checks sizes, types and strides; throws gfa::Error naming `who` and the problem.
+// Implemented in validate.cpp; every backend calls these before touching memory.
+void validate(const Problem& p, const char* who);
+void validate(const BackwardProblem& p, const char* who);
 
 } // namespace gfa::attn
