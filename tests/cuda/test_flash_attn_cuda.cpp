@@ -5,6 +5,7 @@
 
 #include "../../backends/cuda/flash_attn_cuda.h"
 #include "attention/problem.h"
+#include "attention/reference.h"
 #include "quants.h"
 
 #include <ggml-fa/error.h>
@@ -341,13 +342,32 @@ DeviceProblem device_problem(const Config& c, const Inputs& in) {
     return d;
 }
 
-void check_forward(const Config& c, std::mt19937& rng, uint32_t seed) {
-    INFO("seed " << seed << ": " << c.describe());
+// The library's CPU reference (attention/reference.h) on the same host bytes: O and LSE in
+// the layouts of Reference.
+Reference library_reference(const Config& c, const Inputs& in) {
+    Problem p;
+    p.Dk = c.Dk, p.Dv = c.Dv, p.Sq = c.Sq, p.Skv = c.Skv, p.Hq = c.Hq, p.Hkv = c.Hkv, p.B = c.B;
+    p.params = c.params;
+    auto host = [](const HostTensor& t) { return view_of(t, const_cast<uint8_t*>(t.bytes.data())); };
+    p.q = host(in.q), p.k = host(in.k), p.v = host(in.v);
+    if (c.mask) p.mask = host(in.mask);
+    if (c.sinks) p.sinks = host(in.sinks);
+    std::vector<uint8_t> o_bytes(bytes_of(Type::F32, c.Dv, c.Hq, c.Sq, c.B));
+    std::vector<uint8_t> lse_bytes(bytes_of(Type::F32, c.Sq, c.Hq, c.B, 1));
+    p.o = output_view(Type::F32, c.Dv, c.Hq, c.Sq, c.B, o_bytes.data());
+    p.lse = output_view(Type::F32, c.Sq, c.Hq, c.B, 1, lse_bytes.data());
+    Reference r;
+    r.o = attn::reference_forward_f64(p, &r.lse);
+    return r;
+}
+
+void check_forward(const Config& c, std::mt19937& rng, uint32_t seed, bool library_ref = false) {
+    INFO("seed " << seed << ": " << c.describe() << (library_ref ? " (library reference)" : ""));
     const Inputs in = make_inputs(c, rng);
     DeviceProblem d = device_problem(c, in);
     cuda::flash_attn_forward(d.p, nullptr);
     cuda_ok(cudaDeviceSynchronize(), "forward");
-    const Reference ref = reference(c, in, false);
+    const Reference ref = library_ref ? library_reference(c, in) : reference(c, in, false);
     std::string problem;
     const auto o = to_floats(d.o->download(), c.o_type, ref.o.size());
     const double err_o = rel_error(o, ref.o, problem);
@@ -466,6 +486,15 @@ TEST_CASE("CUDA forward matches the reference across head dims, dtypes and sizes
     for (int64_t D : dims)
         for (Type t : {Type::F16, Type::BF16})
             for (auto [Sq, Skv] : sizes) check_forward(random_config(rng, D, t, Sq, Skv), rng, seed);
+}
+
+TEST_CASE("CUDA forward matches the library's CPU reference", "[cuda][fa]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (int64_t D : {64, 96, 128, 256})
+        for (Type t : {Type::F16, Type::BF16})
+            for (auto [Sq, Skv] : {std::pair<int64_t, int64_t>{17, 113}, {129, 64}})
+                check_forward(random_config(rng, D, t, Sq, Skv), rng, seed, true);
 }
 
 TEST_CASE("CUDA forward features one at a time", "[cuda][fa]") {
