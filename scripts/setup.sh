@@ -17,7 +17,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# Python packages used by the interoperability tests (the reference GGUF implementation).
-python3 - <<'PY' 2>/dev/null || python3 -m pip install -q gguf numpy 2>/dev/null || python3 -m pip install -q --break-system-packages gguf numpy
-import gguf, numpy
-PY
+# Python packages used by the interoperability tests: the reference GGUF implementation,
+# and safetensors + numpy to write and check small Hugging Face style checkpoints.
+py_packages=(gguf numpy safetensors)
+if ! python3 -c "import gguf, numpy, safetensors" 2>/dev/null; then
+    echo "setup: installing Python packages ${py_packages[*]}"
+    python3 -m pip install -q "${py_packages[@]}" 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages "${py_packages[@]}"
+fi

@@ -6,6 +6,7 @@
 // dQ | dK | dV | dSinks (all f32). One node, one allocation, so the allocator and the
 // backends need nothing special.
 #include "attention/layout.h"
+#include "attention/reference.h"
 #include "op_def.h"
 #include "reference.h"
 
@@ -130,6 +131,80 @@ void flash_attn_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     if (sinks && g.needs_grad(sinks)) g.accumulate(sinks, f32_view(g.ctx, back, sinks, l.dsinks));
 }
 
+// ---- reference semantics: the double-precision attention reference over evaluator values
+
+// Dense f32 copies of tensors' evaluator values, laid out as views the reference reads.
+struct DenseInputs {
+    std::vector<std::vector<float>> storage;
+    attn::View add(const ref::Evaluator& ev, const Tensor* t) {
+        attn::View v;
+        if (!t) return v;
+        const std::vector<double> values = ev.values(t);
+        storage.emplace_back(values.begin(), values.end());
+        v.type = Type::F32;
+        v.data = storage.back().data();
+        const auto nb = contiguous_strides(Type::F32, t->ne);
+        for (int i = 0; i < 4; ++i) v.ne[i] = t->ne[i], v.nb[i] = int64_t(nb[i]);
+        return v;
+    }
+    attn::View scratch(std::array<int64_t, 4> ne) {
+        storage.emplace_back(size_t(ne[0] * ne[1] * ne[2] * ne[3]), 0.0f);
+        attn::View v;
+        v.data = storage.back().data();
+        const auto nb = contiguous_strides(Type::F32, ne);
+        for (int i = 0; i < 4; ++i) v.ne[i] = ne[i], v.nb[i] = int64_t(nb[i]);
+        return v;
+    }
+};
+
+attn::Problem dense_problem(const ref::Evaluator& ev, const Tensor* node, DenseInputs& in) {
+    attn::Problem p = attn::forward_problem(node);
+    p.q = in.add(ev, node->src[0]);
+    p.k = in.add(ev, node->src[1]);
+    p.v = in.add(ev, node->src[2]);
+    p.mask = in.add(ev, node->src[3]);
+    p.sinks = in.add(ev, node->src[4]);
+    p.o = in.scratch({p.Dv, p.Hq, p.Sq, p.B});
+    p.lse = in.scratch({p.Sq, p.Hq, p.B, 1});
+    return p;
+}
+
+void flash_attn_reference(ref::Evaluator& ev, const Tensor* node) {
+    DenseInputs in;
+    const attn::Problem p = dense_problem(ev, node, in);
+    std::vector<double> lse;
+    const std::vector<double> o = attn::reference_forward_f64(p, &lse); // O [B][Sq][Hq][Dv], lse [B][Hq][Sq]
+    size_t k = 0;
+    ref::for_each_index(node, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(node, o[k++], i0, i1, i2, i3); });
+    if (node->params<FlashAttnNodeParams>().options.with_lse) {
+        const size_t base = attn::lse_offset(node->nbytes());
+        for (size_t i = 0; i < lse.size(); ++i) ev.set_at(node, base + i * 4, lse[i]);
+    }
+}
+
+void flash_attn_back_reference(ref::Evaluator& ev, const Tensor* back) {
+    DenseInputs in;
+    attn::BackwardProblem bp;
+    bp.fwd = dense_problem(ev, back->src[5], in);
+    bp.fwd.lse = in.add(ev, back->src[7]);
+    bp.dO = in.add(ev, back->src[6]);
+    bp.dq = in.scratch(back->src[0]->ne);
+    bp.dk = in.scratch(back->src[1]->ne);
+    bp.dv = in.scratch(back->src[2]->ne);
+    if (back->src[4]) bp.dsinks = in.scratch(back->src[4]->ne);
+    attn::reference_backward(bp);
+    const attn::BackOffsets off = attn::back_offsets(back);
+    auto store = [&](const attn::View& v, size_t offset) {
+        if (!v.data) return;
+        const float* d = static_cast<const float*>(v.data);
+        for (int64_t i = 0; i < v.ne[0] * v.ne[1] * v.ne[2] * v.ne[3]; ++i) ev.set_at(back, offset + size_t(i) * 4, d[i]);
+    };
+    store(bp.dq, 0);
+    store(bp.dk, off.dk);
+    store(bp.dv, off.dv);
+    store(bp.dsinks, off.dsinks);
+}
+
 } // namespace
 
 namespace attn {
@@ -140,8 +215,8 @@ BackOffsets back_offsets(const Tensor* back) {
 } // namespace attn
 
 void define_attention_ops(OpTable& t) {
-    t[size_t(Op::FlashAttnExt)] = {.name = "flash_attn_ext", .backward = flash_attn_backward};
-    t[size_t(Op::FlashAttnBack)] = {.name = "flash_attn_back"};
+    t[size_t(Op::FlashAttnExt)] = {.name = "flash_attn_ext", .backward = flash_attn_backward, .reference = flash_attn_reference};
+    t[size_t(Op::FlashAttnBack)] = {.name = "flash_attn_back", .reference = flash_attn_back_reference};
 }
 
 } // namespace gfa
