@@ -104,7 +104,7 @@ double consume(const File& f) {
         const TypeTraits& tt = type_traits(t.type);
         const uint8_t* p = static_cast<const uint8_t*>(t.data);
         for (size_t i = 0; i < t.nbytes; ++i) sum += p[i];
-        if (tt.to_float && t.n_elements() <= (1 << 20)) {
+        if (tt.to_float && t.n_elements() > 0 && t.n_elements() <= (1 << 20)) {
             out.resize(size_t(t.n_elements()));
             tt.to_float(t.data, out.data(), t.n_elements());
             for (float v : out) sum += std::isfinite(v) ? 0.0 : 1.0;
