@@ -11,22 +11,40 @@ namespace gfa {
 
 // ---- parameter structs ---------------------------------------------------------------
 
-struct FillParams { float value; };
-struct ScaleParams { float scale; float bias; }; // x * scale + bias
-struct NormParams { float eps; };
-struct SoftMaxParams { float scale; float max_bias; }; // softmax(x * scale + slope * mask)
-struct DiagMaskParams { int32_t n_past; };
-struct ConcatParams { int32_t dim; };
-struct PermuteParams { int32_t axes[kMaxDims]; }; // result dim axes[i] comes from source dim i
+struct FillParams {
+    float value;
+};
+struct ScaleParams {
+    float scale;
+    float bias;
+}; // x * scale + bias
+struct NormParams {
+    float eps;
+};
+struct SoftMaxParams {
+    float scale;
+    float max_bias;
+}; // softmax(x * scale + slope * mask)
+struct DiagMaskParams {
+    int32_t n_past;
+};
+struct ConcatParams {
+    int32_t dim;
+};
+struct PermuteParams {
+    int32_t axes[kMaxDims];
+}; // result dim axes[i] comes from source dim i
 enum class GeluApprox : int32_t { Tanh, Erf };
-struct GeluParams { GeluApprox approx; };
+struct GeluParams {
+    GeluApprox approx;
+};
 
 enum class RopeMode : int32_t {
     Normal = 0, // rotate pairs (2i, 2i+1)   (LLaMA in GGUF layout)
     NeoX = 2,   // rotate pairs (i, i + n_dims/2)
 };
 struct RopeParams {
-    int32_t n_dims;   // leading dims of each head that rotate; the rest pass through
+    int32_t n_dims; // leading dims of each head that rotate; the rest pass through
     RopeMode mode;
     float freq_base;  // theta_i = pos * freq_scale * freq_base^(-2i/n_dims)
     float freq_scale; // linear position scaling (1 = none)
@@ -57,15 +75,15 @@ struct FlashAttnBackParams {
 // ---- data movement and views ----------------------------------------------------------
 
 Tensor* fill(Context& ctx, Type type, std::initializer_list<int64_t> ne, float value);
-Tensor* cpy(Context& ctx, Tensor* a, Tensor* b); // copy a into b (converting types); result views b
+Tensor* cpy(Context& ctx, Tensor* a, Tensor* b);  // copy a into b (converting types); result views b
 Tensor* cast(Context& ctx, Tensor* a, Type type); // a new contiguous tensor of another type
 Tensor* cont(Context& ctx, Tensor* a);
 Tensor* reshape(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne); // a must be contiguous
 Tensor* view(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne, std::initializer_list<size_t> nb,
              size_t offset);
 Tensor* permute(Context& ctx, Tensor* a, int ax0, int ax1, int ax2, int ax3);
-Tensor* transpose(Context& ctx, Tensor* a); // swap dims 0 and 1
-Tensor* get_rows(Context& ctx, Tensor* a, Tensor* rows);    // a[.., rows[i], ..] -> f32
+Tensor* transpose(Context& ctx, Tensor* a);                         // swap dims 0 and 1
+Tensor* get_rows(Context& ctx, Tensor* a, Tensor* rows);            // a[.., rows[i], ..] -> f32
 Tensor* set_rows(Context& ctx, Tensor* a, Tensor* b, Tensor* rows); // a[rows[i]] = b[i]; result views a
 Tensor* concat(Context& ctx, Tensor* a, Tensor* b, int dim);
 Tensor* repeat(Context& ctx, Tensor* a, Tensor* like); // tile a to like's shape
