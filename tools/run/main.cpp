@@ -299,15 +299,17 @@ int run(int argc, char** argv) {
     so.log_fallbacks = o.verbose;
     Session session(*model, so);
     if (o.verbose)
-        std::fprintf(stderr, "session: context %lld, KV cache %.1f MiB, compute buffers %.1f MiB\n%s",
+        std::fprintf(stderr, "session: context %lld, KV cache %.1f MiB, compute buffers %.1f MiB\n",
                      (long long)session.n_ctx(), double(session.kv_bytes()) / (1 << 20),
-                     double(session.compute_bytes()) / (1 << 20), session.describe_schedule().c_str());
+                     double(session.compute_bytes()) / (1 << 20));
 
     // Prompt.
     const bool all_logits = !o.logits_out.empty();
     auto t0 = std::chrono::steady_clock::now();
     std::vector<float> logits = session.eval(prompt, all_logits);
     const double t_prompt = seconds_since(t0);
+    if (o.verbose)
+        std::fprintf(stderr, "schedule of the prompt graph:\n%s", session.describe_schedule().c_str());
     if (all_logits) {
         FILE* f = std::fopen(o.logits_out.c_str(), "wb");
         if (!f) fail("--logits-out: cannot open " + o.logits_out);
