@@ -110,7 +110,8 @@ Tensor* mean(Context& ctx, Tensor* a);     // row means -> [1, ne1, ne2, ne3]
 // ---- matrix products ------------------------------------------------------------------
 
 // a: [K, M, A2, A3] (weights: f32/f16/bf16/q8_0/q4_0/...), b: [K, N, B2, B3] f32 with
-// B2 % A2 == 0 and B3 % A3 == 0 (a broadcast). Result [M, N, B2, B3] f32 = b * a^T per matrix.
+// B2 % A2 == 0 and B3 % A3 == 0: b's matrix i2 uses a's matrix i2 / (B2 / A2), as GQA groups heads
+// (repeat/add broadcast by modulo instead). Result [M, N, B2, B3] f32 = b * a^T per matrix.
 Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b);
 // a: [M, K], b: [N, K] -> [M, N] = sum_k a[:,k] b[:,k]^T (batched over dims 2-3 like mul_mat)
 Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
@@ -122,6 +123,9 @@ Tensor* rms_norm(Context& ctx, Tensor* a, float eps); // RMSNorm over dim 0, no 
 // a: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]
 Tensor* rope(Context& ctx, Tensor* a, Tensor* pos, const RopeParams& p);
 // softmax over dim 0 of a * scale + slope * mask; mask optional [ne0, ne1, 1|ne2, 1|ne3]
+// (f32/f16; rows past a's ne1 are ignored). slope = attn::alibi_slope(max_bias, head = dim 2);
+// max_bias > 0 needs a mask. A row that is -inf everywhere gives zeros. The mask is treated
+// as a constant by autodiff (it gets no gradient).
 Tensor* soft_max_ext(Context& ctx, Tensor* a, Tensor* mask, float scale, float max_bias);
 Tensor* soft_max(Context& ctx, Tensor* a);
 Tensor* diag_mask_inf(Context& ctx, Tensor* a, int n_past);
@@ -136,6 +140,8 @@ Tensor* swiglu(Context& ctx, Tensor* gate, Tensor* up); // silu(gate) * up
 // ---- losses and optimizers ------------------------------------------------------------
 
 // logits, labels: [n_classes, n_rows...] (labels are probabilities) -> [1] mean over rows
+// of -sum_c labels * log_softmax(logits). Autodiff treats the labels as constants: only the
+// logits get a gradient.
 Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels);
 // One AdamW step, updating param, m and v in place; the result views param.
 Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, const AdamWParams& p);

@@ -72,7 +72,10 @@ bool checked_mul(uint64_t a, uint64_t b, uint64_t* out) {
 }
 
 std::string quoted(std::string_view s) {
-    return "'" + std::string(s) + "'";
+    std::string r(1, '\'');
+    r += s;
+    r += '\'';
+    return r;
 }
 
 // A bounds-checked little-endian cursor over the file.
@@ -240,7 +243,23 @@ std::string Value::to_string(size_t max_items) const {
                 std::snprintf(buf, sizeof buf, std::is_same_v<T, float> ? "%.9g" : "%.17g", double(x));
                 return buf;
             } else if constexpr (std::is_same_v<T, std::string>) {
-                return "\"" + x + "\"";
+                // Quoted with C escapes so that one value stays on one line.
+                std::string s = "\"";
+                for (unsigned char ch : x) {
+                    if (ch == '"' || ch == '\\')
+                        s += '\\', s += char(ch);
+                    else if (ch == '\n')
+                        s += "\\n";
+                    else if (ch == '\t')
+                        s += "\\t";
+                    else if (ch < 0x20 || ch == 0x7f) {
+                        char buf[8];
+                        std::snprintf(buf, sizeof buf, "\\x%02x", ch);
+                        s += buf;
+                    } else
+                        s += char(ch);
+                }
+                return s + "\"";
             } else if constexpr (std::is_same_v<T, Array>) {
                 std::string s = "[";
                 const size_t shown = std::min(max_items, x.items.size());

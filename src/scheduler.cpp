@@ -18,6 +18,16 @@ const Tensor* owner_of(const Tensor* t) {
     return t->view_src ? t->view_src : t;
 }
 
+// Bytes from a tensor's first element to the end of its last, for any stride order.
+size_t strided_span(const Tensor* t) {
+    const TypeTraits& tt = type_traits(t->type);
+    if (t->nelements() == 0) return 0;
+    if (tt.block_size > 1) return t->nbytes();
+    size_t span = tt.type_size;
+    for (int i = 0; i < kMaxDims; ++i) span += size_t(t->ne[i] - 1) * t->nb[i];
+    return span;
+}
+
 bool is_pure_view(const Tensor* t) {
     return t->op != Op::None && op_def(t->op).is_view;
 }
@@ -234,6 +244,9 @@ std::unique_ptr<Scheduler::Plan> Scheduler::make_plan(const Graph& graph) {
                 c = plan->copies->new_tensor(s->type, s->ne);
                 c->nb = s->nb; // same layout, so the bytes copy as they are
                 c->extra_bytes = s->view_src ? 0 : s->extra_bytes;
+                // A view's strides need not grow with the dim (transposes): cover every byte
+                // up to its last element.
+                if (c->alloc_bytes() < strided_span(s)) c->extra_bytes = strided_span(s) - c->nbytes();
                 c->name = (s->name.empty() ? std::string(op_name(s->op)) : s->name) + "#" +
                           backends_[size_t(b)]->name();
                 where[c] = b;

@@ -3,6 +3,7 @@
 // between memories, and must still compute exactly what the CPU alone computes.
 #include "block_graph.h"
 #include "op_check.h"
+#include "test_device.h"
 
 #include <ggml-fa/alloc.h>
 #include <ggml-fa/backend.h>
@@ -16,135 +17,10 @@
 #include <set>
 
 using namespace gfa;
+using gfa::test::TestBackend;
+using gfa::test::TestDevice;
 
 namespace {
-
-// ---- a test device: private (not host-visible) memory and four element-wise ops --------
-
-class TestDevice;
-
-class TestBuffer final : public Buffer {
-  public:
-    TestBuffer(BufferType* type, void* base, size_t size) : Buffer(type, base, size) {}
-    ~TestBuffer() override { std::free(base()); }
-    void set(Tensor* t, const void* src, size_t offset, size_t size) override {
-        std::memcpy(static_cast<char*>(t->data) + offset, src, size);
-    }
-    void get(const Tensor* t, void* dst, size_t offset, size_t size) const override {
-        std::memcpy(dst, static_cast<const char*>(t->data) + offset, size);
-    }
-    void fill(uint8_t value) override { std::memset(base(), value, size()); }
-};
-
-class TestBufferType final : public BufferType {
-  public:
-    explicit TestBufferType(Device* dev) : device_(dev) {}
-    const char* name() const override { return "TEST"; }
-    std::unique_ptr<Buffer> allocate(size_t size) override {
-        ++allocations;
-        const size_t rounded = (size + 31) / 32 * 32;
-        void* p = std::aligned_alloc(32, rounded);
-        if (!p) throw OutOfMemory("TEST: out of memory");
-        std::memset(p, 0xFF, rounded); // fresh device memory holds NaN, not zeros
-        return std::make_unique<TestBuffer>(this, p, size);
-    }
-    size_t alignment() const override { return 32; }
-    bool is_host() const override { return false; } // the CPU must not read it directly
-    Device* device() const override { return device_; }
-    int allocations = 0;
-
-  private:
-    Device* device_;
-};
-
-class TestBackend final : public Backend {
-  public:
-    explicit TestBackend(TestDevice* dev);
-    const char* name() const override;
-    Device* device() const override;
-    void compute(std::span<Tensor* const> nodes) override;
-    int nodes_computed = 0;
-
-  private:
-    TestDevice* device_;
-};
-
-class TestDevice final : public Device {
-  public:
-    TestDevice(std::string name, std::set<Op> ops)
-        : name_(std::move(name)), ops_(std::move(ops)), bt_(this) {}
-    const char* name() const override { return name_.c_str(); }
-    std::string description() const override { return "test device"; }
-    DeviceKind kind() const override { return DeviceKind::GPU; }
-    DeviceMemory memory() const override { return {}; }
-    BufferType* buffer_type() override { return &bt_; }
-    std::unique_ptr<Backend> create_backend() override { return std::make_unique<TestBackend>(this); }
-    bool supports_op(const Tensor* n) const override {
-        if (n->op == Op::None || op_def(n->op).is_view) return true;
-        if (!ops_.count(n->op) || n->type != Type::F32 || !n->is_contiguous()) return false;
-        for (const Tensor* s : n->src)
-            if (s && s->type != Type::F32) return false;
-        return true;
-    }
-    TestBufferType& test_buffer_type() { return bt_; }
-
-  private:
-    std::string name_;
-    std::set<Op> ops_;
-    TestBufferType bt_;
-};
-
-TestBackend::TestBackend(TestDevice* dev) : device_(dev) {}
-const char* TestBackend::name() const {
-    return device_->name();
-}
-Device* TestBackend::device() const {
-    return device_;
-}
-
-float element(const Tensor* t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
-    const auto* base = static_cast<const char*>(t->data);
-    float v;
-    std::memcpy(&v, base + i0 * t->nb[0] + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3], sizeof v);
-    return v;
-}
-
-void TestBackend::compute(std::span<Tensor* const> nodes) {
-    for (Tensor* n : nodes) {
-        if (n->op == Op::None || op_def(n->op).is_view) continue;
-        REQUIRE(device_->supports_op(n));
-        // Every tensor this backend touches must be in its own memory.
-        for (const Tensor* s : n->src)
-            if (s) REQUIRE(device_->can_use(s->buffer->type()));
-        REQUIRE(device_->can_use(n->buffer->type()));
-        const Tensor *a = n->src[0], *b = n->src[1];
-        auto* out = static_cast<float*>(n->data);
-        int64_t k = 0;
-        gfa::ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
-            const float x = element(a, i0, i1, i2, i3);
-            const float y = b ? element(b, i0 % b->ne[0], i1 % b->ne[1], i2 % b->ne[2], i3 % b->ne[3]) : 0.0f;
-            float r = 0;
-            switch (n->op) {
-            case Op::Add:
-                r = x + y;
-                break;
-            case Op::Sub:
-                r = x - y;
-                break;
-            case Op::Mul:
-                r = x * y;
-                break;
-            case Op::Neg:
-                r = -x;
-                break;
-            default:
-                FAIL("test backend asked to run " << op_name(n->op));
-            }
-            out[k++] = r;
-        });
-        ++nodes_computed;
-    }
-}
 
 std::vector<uint8_t> bytes_of(const Tensor* t) {
     std::vector<uint8_t> out(t->nbytes());
@@ -332,4 +208,39 @@ TEST_CASE("scheduler errors and the default log", "[scheduler]") {
     CHECK(sched.n_splits() == 1);
     CHECK(sched.n_copies() == 0);
     CHECK(tensor_get_f32(twice) == std::vector<float>{3.0f, -4.0f, 0.5f, 6.0f});
+}
+
+TEST_CASE("scheduler copies strided views between backends", "[scheduler]") {
+    INFO("seed " << test::seed());
+    TestDevice dev("TEST0", {Op::Add});
+    auto tb = dev.create_backend();
+    auto cpu = make_cpu_backend(1);
+    Context ctx;
+    Tensor* x = ctx.new_tensor(Type::F32, {5, 3, 2});
+    Tensor* y = ctx.new_tensor(Type::F32, {3, 5, 2});
+    set_input(x);
+    set_input(y);
+    // The test device reads a transposed view of a CPU result: the copy must carry every
+    // byte the view's strides reach, not just nelements * 4 from its start.
+    Tensor* ex = exp(ctx, x);
+    Tensor* s = add(ctx, transpose(ctx, ex), y);
+    Tensor* out = exp(ctx, s);
+    Graph g = build_forward(out);
+    Scheduler sched({tb.get(), cpu.get()});
+    sched.set_log({});
+    sched.allocate(g);
+    const std::vector<float> xv = test::random_values(30), yv = test::random_values(30);
+    tensor_set_f32(x, xv);
+    tensor_set_f32(y, yv);
+    sched.compute(g);
+    CHECK(sched.backend_of(s) == tb.get());
+    CHECK(sched.n_copies() == 2); // exp(x) to the device (y is placed there), the sum back
+    const std::vector<float> got = tensor_get_f32(out);
+    for (int64_t b = 0; b < 2; ++b)
+        for (int64_t i = 0; i < 5; ++i)
+            for (int64_t j = 0; j < 3; ++j) {
+                const size_t at = size_t(b * 15 + i * 3 + j); // out[j, i, b]
+                const float want = std::exp(std::exp(xv[size_t(b * 15 + j * 5 + i)]) + yv[at]); // x[i, j, b]
+                REQUIRE(got[at] == Approx(want).epsilon(1e-6));
+            }
 }

@@ -18,8 +18,8 @@ void check_batches(Op op, const Tensor* a, const Tensor* b) {
     if (a->ne[2] == 0 || a->ne[3] == 0 || b->ne[2] % a->ne[2] != 0 || b->ne[3] % a->ne[3] != 0)
         op_error(op,
                  "b's dims 2 and 3 (" + std::to_string(b->ne[2]) + ", " + std::to_string(b->ne[3]) +
-                     ") must be multiples of a's (" + std::to_string(a->ne[2]) + ", " + std::to_string(a->ne[3]) +
-                     ") so that a can be broadcast over b",
+                     ") must be multiples of a's (" + std::to_string(a->ne[2]) + ", " +
+                     std::to_string(a->ne[3]) + ") so that a can be broadcast over b",
                  {a, b});
 }
 
@@ -43,7 +43,8 @@ Tensor* reduce_batches(Context& ctx, Tensor* t, int64_t a2, int64_t a3) {
     const int64_t x = t->ne[0], y = t->ne[1], b2 = t->ne[2], b3 = t->ne[3];
     if (b3 != a3) { // batch i3 = g3 * (b3 / a3) + j3: sum over j3
         Tensor* split = reshape(ctx, t, {x * y * b2, b3 / a3, a3, 1});
-        t = reshape(ctx, repeat_back(ctx, split, shape_of(ctx, split, {x * y * b2, 1, a3, 1})), {x, y, b2, a3});
+        t = reshape(ctx, repeat_back(ctx, split, shape_of(ctx, split, {x * y * b2, 1, a3, 1})),
+                    {x, y, b2, a3});
     }
     if (b2 != a2) { // batch i2 = g2 * (b2 / a2) + j2: sum over j2
         Tensor* split = reshape(ctx, t, {x * y, b2 / a2, a2, a3});
@@ -59,7 +60,8 @@ Tensor* expand_batches(Context& ctx, Tensor* t, int64_t b2, int64_t b3) {
     if (!t->is_contiguous()) t = cont(ctx, t);
     if (b3 != a3) {
         Tensor* split = reshape(ctx, t, {x * y * a2, 1, a3, 1});
-        t = reshape(ctx, repeat(ctx, split, shape_of(ctx, split, {x * y * a2, b3 / a3, a3, 1})), {x, y, a2, b3});
+        t = reshape(ctx, repeat(ctx, split, shape_of(ctx, split, {x * y * a2, b3 / a3, a3, 1})),
+                    {x, y, a2, b3});
     }
     if (b2 != a2) {
         Tensor* split = reshape(ctx, t, {x * y, 1, a2, b3});
@@ -68,7 +70,9 @@ Tensor* expand_batches(Context& ctx, Tensor* t, int64_t b2, int64_t b3) {
     return t;
 }
 
-Tensor* to_f32(Context& ctx, Tensor* t) { return t->type == Type::F32 ? t : cast(ctx, t, Type::F32); }
+Tensor* to_f32(Context& ctx, Tensor* t) {
+    return t->type == Type::F32 ? t : cast(ctx, t, Type::F32);
+}
 
 // C = mul_mat(a, b), C[m, n] = sum_k a[k, m] b[k, n]:
 //   dL/da[k, m] = sum_n b[k, n] G[m, n]  = out_prod(b, G), summed over broadcast groups
@@ -110,7 +114,9 @@ struct Dense {
         return v[size_t(((i3 * ne[2] + i2) * ne[1] + i1) * ne[0] + i0)];
     }
 };
-Dense dense(const ref::Evaluator& ev, const Tensor* t) { return {ev.values(t), t->ne}; }
+Dense dense(const ref::Evaluator& ev, const Tensor* t) {
+    return {ev.values(t), t->ne};
+}
 
 void mul_mat_reference(ref::Evaluator& ev, const Tensor* n) {
     const Dense a = dense(ev, n->src[0]), b = dense(ev, n->src[1]);
@@ -142,7 +148,8 @@ Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b) {
     if (b->type != Type::F32) op_error(Op::MulMat, "b must be f32 (use cast)", {a, b});
     if (a->ne[0] != b->ne[0])
         op_error(Op::MulMat,
-                 "inner dims differ: a.ne[0] = " + std::to_string(a->ne[0]) + ", b.ne[0] = " + std::to_string(b->ne[0]),
+                 "inner dims differ: a.ne[0] = " + std::to_string(a->ne[0]) +
+                     ", b.ne[0] = " + std::to_string(b->ne[0]),
                  {a, b});
     if (ta.block_size > 1 && a->nb[0] != ta.type_size)
         op_error(Op::MulMat, "rows of a quantized a must be stored whole (no transposed views)", {a, b});
@@ -154,10 +161,12 @@ Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b) {
 
 Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b) {
     require_not_null(Op::OutProd, {a, b});
-    if (a->type != Type::F32 || b->type != Type::F32) op_error(Op::OutProd, "a and b must be f32 (use cast)", {a, b});
+    if (a->type != Type::F32 || b->type != Type::F32)
+        op_error(Op::OutProd, "a and b must be f32 (use cast)", {a, b});
     if (a->ne[1] != b->ne[1])
         op_error(Op::OutProd,
-                 "shared dims differ: a.ne[1] = " + std::to_string(a->ne[1]) + ", b.ne[1] = " + std::to_string(b->ne[1]),
+                 "shared dims differ: a.ne[1] = " + std::to_string(a->ne[1]) +
+                     ", b.ne[1] = " + std::to_string(b->ne[1]),
                  {a, b});
     check_batches(Op::OutProd, a, b);
     Tensor* t = ctx.new_node(Op::OutProd, Type::F32, {a->ne[0], b->ne[0], b->ne[2], b->ne[3]});
@@ -167,7 +176,8 @@ Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b) {
 
 void define_matmul_ops(OpTable& t) {
     t[size_t(Op::MulMat)] = {.name = "mul_mat", .backward = mul_mat_backward, .reference = mul_mat_reference};
-    t[size_t(Op::OutProd)] = {.name = "out_prod", .backward = out_prod_backward, .reference = out_prod_reference};
+    t[size_t(Op::OutProd)] = {
+        .name = "out_prod", .backward = out_prod_backward, .reference = out_prod_reference};
 }
 
 } // namespace gfa
