@@ -8,11 +8,11 @@ runs them through ggml-fa-run and compares the logits of every prompt position w
 float64 numpy implementation of the Hugging Face forward pass. Greedy decoding is checked
 against the same reference, token by token.
 
-Tolerances (max over positions of ||logits - ref|| / ||ref||):
-  f32 weights, f32 KV cache   1e-3
-  f16 weights, f16 KV cache   1e-2
-  q8_0 weights, q8_0 KV cache 6e-2 (8-bit blocks: about 0.4% error per weight, which
-                                     grows through the layers of a random model)
+Errors are the max over prompt positions of ||logits - ref|| / ||ref||, against two
+references: one computing with the weights and KV cache rounded to the formats the run
+used (the engine's own error: 1e-3 for f32, 1e-2 when f16 or q8_0 storage is involved),
+and the checkpoint itself (storage loss included: 1e-3 f32, 3e-2 f16, 0.5 q8_0 weights;
+these random models have sharp attention, so 8-bit weights move their logits by ~10-30%).
 
 Usage: test_llama.py --convert PATH --run PATH [--seed N] [--keep DIR]
 Exit code 77 means skipped (numpy or safetensors missing).
@@ -236,6 +236,62 @@ def run(cmd):
     return r.stdout
 
 
+def write_byte_level_tokenizer(directory, vocab_size):
+    """A byte-level BPE vocabulary trained with the tokenizers package (LLaMA 3 / Qwen2
+    style); returns the tokenizer, or None when the package is missing."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        return None
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    corpus = ["the quick brown fox jumps over the lazy dog.", "a cat sat on the mat and the dog sat on the log.",
+              "attention is all you need, said the fox to the cat."] * 20
+    tk.train_from_iterator(corpus, trainer)
+    tk.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": False}, f)
+    return tk
+
+
+def check_text_prompt(args, root, rng, failures):
+    """Converts a Qwen2-shaped model with a vocabulary and runs it on text: the prompt must
+    be tokenized as the tokenizers package does, and its logits must match the reference."""
+    cfg = dict(CONFIGS["qwen2"], vocab_size=300)
+    directory = os.path.join(root, "qwen2-text")
+    os.makedirs(directory, exist_ok=True)
+    tk = write_byte_level_tokenizer(directory, cfg["vocab_size"])
+    if tk is None:
+        print("text prompt: skipped (the tokenizers package is missing)")
+        return
+    stored = write_checkpoint(directory, cfg, random_weights(cfg, rng), "f32")
+    gguf = os.path.join(root, "qwen2-text.gguf")
+    run([args.convert, directory, "-o", gguf, "--type", "f32"])
+    text = "the lazy cat sat on the quick fox."
+    expected = tk.encode(text).ids
+    out = os.path.join(root, "qwen2-text.logits")
+    r = subprocess.run([args.run, "-m", gguf, "-p", text, "-n", "0", "-v", "--kv-type", "f32", "--logits-out", out,
+                        "-t", "2"], capture_output=True, text=True)
+    if r.returncode != 0:
+        failures.append(f"text prompt: ggml-fa-run failed:\n{r.stderr}")
+        return
+    line = next((l for l in r.stderr.splitlines() if l.startswith("prompt tokens:")), "")
+    got_ids = [int(t) for t in line.split(":")[1].split()] if line else []
+    if got_ids != expected:
+        failures.append(f"text prompt: tokens {got_ids}, the tokenizers package gives {expected}")
+        return
+    got = np.fromfile(out, dtype=np.float32).reshape(len(expected), cfg["vocab_size"]).astype(np.float64)
+    err = max_rel_error(got, reference_logits(cfg, stored, expected))
+    ok = err < TOLERANCE
+    print(f"text prompt: {len(expected)} tokens as the tokenizers package splits them, "
+          f"max relative error {err:.2e} {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append(f"text prompt: relative error {err:.3e}")
+
+
 def max_rel_error(got, ref):
     return float(np.max(np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref, axis=-1)))
 
@@ -255,9 +311,12 @@ def check_greedy(cfg, stored, prompt, generated):
     return None
 
 
-# The engine against a reference computing with the weights and KV cache as stored: only
-# float rounding and the odd quantization step that rounds the other way remain.
+# The engine against a reference computing with the weights and KV cache as stored. In f32
+# only float rounding remains. With f16 or q8_0 storage a value the engine computes in f32
+# can round to the neighbouring f16 value or 8-bit step where the float64 reference does
+# not; the sharp attention of these models amplifies such a flip to ~1e-3 now and then.
 TOLERANCE = 1e-3
+TOLERANCE_REDUCED = 1e-2
 # Against the checkpoint itself, storage losses included. These random models have sharp
 # attention (large q/k weights), so 8-bit weights move their logits by up to ~30%.
 TOTAL_TOLERANCE = {"f32": 1e-3, "f16": 3e-2, "q8_0": 0.5}
@@ -296,7 +355,7 @@ def main():
         refs = {name: reference_logits(CONFIGS[name], stored_by_model[name], prompts[name]) for name in CONFIGS}
 
         for name, _, gtype, kv, extra in cases:
-            tol = TOLERANCE
+            tol = TOLERANCE if gtype == kv == "f32" else TOLERANCE_REDUCED
             tol_total = TOTAL_TOLERANCE[gtype]
             cfg, prompt = CONFIGS[name], prompts[name]
             gguf = os.path.join(root, f"{name}-{gtype}.gguf")
@@ -334,6 +393,8 @@ def main():
                     failures.append(f"{label}: greedy decoding differs: {why}")
                 else:
                     print(f"{label}: greedy decoding of {n_gen} tokens matches the reference")
+
+        check_text_prompt(args, root, rng, failures)
 
     if failures:
         print(f"FAILED (seed {seed}):\n  " + "\n  ".join(failures))

@@ -201,6 +201,98 @@ std::vector<uint8_t> encode(const std::vector<float>& values, gfa::Type type, in
     return out;
 }
 
+// The vocabulary of tokenizer.json (a Hugging Face BPE tokenizer) as tokenizer.ggml.* keys.
+// Byte-fallback vocabularies (LLaMA 2, Mistral) become SentencePiece-style "llama" with
+// score -id for each piece (their pieces are numbered in merge order, which is what
+// SentencePiece's scores encode); byte-level ones (LLaMA 3, Qwen2) become "gpt2" with the
+// merges. Returns false when the directory has no tokenizer.json.
+bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, int64_t n_vocab) {
+    const auto path = dir / "tokenizer.json";
+    if (!std::filesystem::exists(path)) return false;
+    std::ifstream in(path);
+    json tok;
+    try {
+        tok = json::parse(in);
+    } catch (const json::exception& e) {
+        gfa::fail(path.string() + ": does not parse: " + e.what());
+    }
+    const json& model = tok.at("model");
+    if (optional_or<std::string>(model, "type", "BPE") != "BPE")
+        gfa::fail(path.string() + ": only BPE tokenizers are supported");
+    const bool spm = optional_or<bool>(model, "byte_fallback", false);
+
+    std::vector<std::string> tokens;
+    std::vector<int32_t> types;
+    auto put = [&](int64_t id, const std::string& text, int32_t type) {
+        if (id < 0 || id > 10'000'000)
+            gfa::fail(path.string() + ": token id " + std::to_string(id) + " out of range");
+        if (size_t(id) >= tokens.size()) {
+            tokens.resize(size_t(id) + 1);
+            types.resize(size_t(id) + 1, 0);
+        }
+        tokens[size_t(id)] = text;
+        types[size_t(id)] = type;
+    };
+    static const std::regex byte_piece("<0x[0-9A-Fa-f]{2}>");
+    for (const auto& [text, id] : model.at("vocab").items())
+        put(id.get<int64_t>(), text, spm && std::regex_match(text, byte_piece) ? 6 : 1);
+    if (tok.contains("added_tokens"))
+        for (const json& t : tok["added_tokens"])
+            put(t.at("id").get<int64_t>(), t.at("content").get<std::string>(),
+                optional_or<bool>(t, "special", false) ? 3 : 4);
+    if (const auto unk = model.find("unk_token"); unk != model.end() && unk->is_string())
+        for (size_t i = 0; i < tokens.size(); ++i)
+            if (tokens[i] == unk->get<std::string>()) types[i] = 2;
+    // Ids the tokenizer leaves unused up to the model's vocabulary size are padding.
+    if (int64_t(tokens.size()) < n_vocab) {
+        tokens.resize(size_t(n_vocab));
+        types.resize(size_t(n_vocab), 0);
+    }
+    for (size_t i = 0; i < tokens.size(); ++i)
+        if (types[i] == 0) {
+            tokens[i] = "[PAD" + std::to_string(i) + "]";
+            types[i] = 5;
+        }
+
+    auto string_array = [](const std::vector<std::string>& v) {
+        gfa::gguf::Array a;
+        a.type = gfa::gguf::ValueType::String;
+        for (const std::string& s : v) a.items.emplace_back(s);
+        return gfa::gguf::Value(std::move(a));
+    };
+    gfa::gguf::Array type_array{gfa::gguf::ValueType::I32, {}};
+    for (int32_t t : types) type_array.items.emplace_back(t);
+    w.set("tokenizer.ggml.model", spm ? "llama" : "gpt2");
+    w.set("tokenizer.ggml.tokens", string_array(tokens));
+    w.set("tokenizer.ggml.token_type", gfa::gguf::Value(std::move(type_array)));
+    if (spm) {
+        gfa::gguf::Array scores{gfa::gguf::ValueType::F32, {}};
+        for (size_t i = 0; i < tokens.size(); ++i) scores.items.emplace_back(-float(i));
+        w.set("tokenizer.ggml.scores", gfa::gguf::Value(std::move(scores)));
+    } else {
+        std::vector<std::string> merges;
+        if (model.contains("merges"))
+            for (const json& m : model["merges"])
+                merges.push_back(m.is_string()
+                                     ? m.get<std::string>()
+                                     : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>());
+        w.set("tokenizer.ggml.merges", string_array(merges));
+    }
+    // tokenizer_config.json says whether a BOS token starts each text.
+    const auto config = dir / "tokenizer_config.json";
+    if (std::filesystem::exists(config)) {
+        std::ifstream cin(config);
+        try {
+            const json c = json::parse(cin);
+            if (c.contains("add_bos_token") && c["add_bos_token"].is_boolean())
+                w.set("tokenizer.ggml.add_bos_token", c["add_bos_token"].get<bool>());
+        } catch (const json::exception& e) {
+            gfa::fail(config.string() + ": does not parse: " + e.what());
+        }
+    }
+    return true;
+}
+
 void usage() {
     std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
                          "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Qwen2 checkpoint (config.json + "
@@ -262,6 +354,8 @@ int run(int argc, char** argv) {
     if (h.bos) w.set("tokenizer.ggml.bos_token_id", uint32_t(*h.bos));
     if (h.eos) w.set("tokenizer.ggml.eos_token_id", uint32_t(*h.eos));
 
+    const bool has_vocabulary = write_vocabulary(w, dir, h.n_vocab);
+
     const bool permute_rotary = h.arch == "llama";
     std::set<std::string> written;
     int n_fallback = 0;
@@ -308,7 +402,8 @@ int run(int argc, char** argv) {
         stderr, "convert: %s (%s, %lld layers) -> %s: %zu tensors, %s%s\n", dir.c_str(), h.model_type.c_str(),
         (long long)h.n_layer, out_path.c_str(), written.size(), std::string(gfa::type_name(type)).c_str(),
         n_fallback ? (" (" + std::to_string(n_fallback) + " matrices in f16: rows not whole blocks)").c_str()
-                   : "");
+                   : "",
+        has_vocabulary ? ", with the vocabulary of tokenizer.json" : "");
     return 0;
 }
 

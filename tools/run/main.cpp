@@ -2,13 +2,15 @@
 //
 //   ggml-fa-run -m MODEL.gguf (-p PROMPT | --tokens 1,2,3) [-n 128] [options]
 //
-// Prints the generated tokens and the prompt and generation speeds (tokens/s). Without a
-// tokenizer in the file, give the prompt as token ids with --tokens; generated ids are
-// printed then. --logits-out FILE writes the logits of every prompt position as raw f32,
-// [n_prompt][n_vocab] row-major, for comparisons with other implementations.
+// Prints the prompt and the generated text, then the prompt and generation speeds
+// (tokens/s). With --tokens the prompt is given as token ids (needed when the file has no
+// vocabulary) and the generated ids are printed, comma-separated. --logits-out FILE writes the logits of
+// every prompt position as raw f32, [n_prompt][n_vocab] row-major, for comparisons with other
+// implementations.
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
 #include <ggml-fa/model.h>
+#include <ggml-fa/tokenizer.h>
 
 #include <algorithm>
 #include <chrono>
@@ -16,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -156,71 +159,6 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
-// The vocabulary, when the file carries one: for printing generated tokens.
-struct Vocab {
-    std::vector<std::string> tokens;
-    bool byte_level = false; // GPT-2 style byte-to-unicode mapping; otherwise SentencePiece
-    int64_t eos = -1;
-
-    static Vocab from(const gguf::File& f) {
-        Vocab v;
-        if (const gguf::Value* t = f.metadata().find("tokenizer.ggml.tokens"))
-            for (const gguf::Value& item : t->as_array().items) v.tokens.push_back(item.as_string());
-        if (const gguf::Value* m = f.metadata().find("tokenizer.ggml.model"))
-            v.byte_level = m->as_string() == "gpt2";
-        if (const gguf::Value* e = f.metadata().find("tokenizer.ggml.eos_token_id")) v.eos = e->as_int();
-        return v;
-    }
-
-    // SentencePiece marks spaces with U+2581 and bytes as <0xAB>; byte-level BPE maps each
-    // byte to a printable code point (bytes 0-255 outside the printable ranges move to
-    // U+0100 and up, in order).
-    std::string piece(int32_t id) const {
-        if (id < 0 || size_t(id) >= tokens.size()) return "";
-        const std::string& s = tokens[size_t(id)];
-        if (!byte_level) {
-            if (s.size() == 6 && s.rfind("<0x", 0) == 0 && s.back() == '>')
-                return std::string(1, char(std::stoi(s.substr(3, 2), nullptr, 16)));
-            std::string out;
-            for (size_t i = 0; i < s.size(); ++i) {
-                if (s.compare(i, 3, "\xe2\x96\x81") == 0) {
-                    out += ' ';
-                    i += 2;
-                } else {
-                    out += s[i];
-                }
-            }
-            return out;
-        }
-        static const std::vector<int> code_to_byte = [] {
-            std::vector<int> map(512, -1);
-            int extra = 0;
-            for (int b = 0; b < 256; ++b) {
-                const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174);
-                map[size_t(printable ? b : 256 + extra++)] = b;
-            }
-            return map;
-        }();
-        std::string out;
-        for (size_t i = 0; i < s.size();) {
-            // Decode one UTF-8 code point.
-            const unsigned char c0 = static_cast<unsigned char>(s[i]);
-            uint32_t cp = c0;
-            size_t len = 1;
-            if (c0 >= 0xc0 && c0 < 0xe0 && i + 1 < s.size()) {
-                cp = ((c0 & 0x1fu) << 6) | (static_cast<unsigned char>(s[i + 1]) & 0x3fu);
-                len = 2;
-            }
-            if (cp < code_to_byte.size() && code_to_byte[cp] >= 0 && len <= 2)
-                out += char(code_to_byte[cp]);
-            else
-                out += s.substr(i, len);
-            i += len;
-        }
-        return out;
-    }
-};
-
 struct Sampler {
     float temperature;
     int top_k;
@@ -278,7 +216,10 @@ int run(int argc, char** argv) {
     auto t_load = std::chrono::steady_clock::now();
     std::unique_ptr<Model> model = Model::load(o.model_path, load);
     const ModelConfig& c = model->config();
-    const Vocab vocab = Vocab::from(model->file());
+    // The vocabulary, when the file carries one.
+    std::optional<Tokenizer> tokenizer;
+    if (model->file().metadata().find("tokenizer.ggml.tokens"))
+        tokenizer = Tokenizer::from_gguf(model->file().metadata());
     std::fprintf(
         stderr,
         "model: %s, %lld layers, %lld heads (%lld kv) of %lld, vocab %lld, %.1f MiB, loaded in %.2f s\n",
@@ -287,8 +228,21 @@ int run(int argc, char** argv) {
         seconds_since(t_load));
 
     std::vector<int32_t> prompt = o.tokens;
-    if (!o.have_tokens)
-        fail("this build has no tokenizer for the prompt text; give the prompt as ids with --tokens");
+    if (!o.have_tokens) {
+        if (!tokenizer)
+            fail("the model file has no vocabulary (tokenizer.ggml.*); give the prompt as ids with --tokens");
+        bool add_bos = tokenizer->bos() >= 0;
+        if (const gguf::Value* v = model->file().metadata().find("tokenizer.ggml.add_bos_token"))
+            add_bos = add_bos && v->as<bool>();
+        prompt = tokenizer->encode(o.prompt, add_bos, true);
+        if (prompt.empty()) fail("the prompt encodes to no tokens");
+        if (o.verbose) {
+            std::fprintf(stderr, "prompt tokens:");
+            for (int32_t t : prompt) std::fprintf(stderr, " %d", t);
+            std::fprintf(stderr, "\n");
+        }
+        std::fputs(o.prompt.c_str(), stdout);
+    }
 
     SessionOptions so;
     so.n_ctx = o.n_ctx > 0 ? o.n_ctx : std::min<int64_t>(std::max<int64_t>(c.n_ctx_train, 1), 4096);
@@ -324,7 +278,10 @@ int run(int argc, char** argv) {
                     std::mt19937_64(o.have_seed ? o.seed : std::random_device{}())};
     std::vector<float> step(last, last + c.n_vocab);
     std::vector<int32_t> generated;
-    const bool print_ids = vocab.tokens.empty();
+    const bool print_ids = !tokenizer || o.have_tokens;
+    int64_t eos = tokenizer ? tokenizer->eos() : -1;
+    if (const gguf::Value* v = model->file().metadata().find("tokenizer.ggml.eos_token_id"); v && eos < 0)
+        eos = v->as_int();
     auto t1 = std::chrono::steady_clock::now();
     int n_decoded = 0;
     for (int i = 0; i < o.n_predict; ++i) {
@@ -333,9 +290,9 @@ int run(int argc, char** argv) {
         if (print_ids)
             std::printf("%s%d", i ? "," : "", id);
         else
-            std::fputs(vocab.piece(id).c_str(), stdout);
+            std::fputs(tokenizer->decode({id}).c_str(), stdout);
         std::fflush(stdout);
-        if (!o.ignore_eos && id == vocab.eos) break;
+        if (!o.ignore_eos && id == eos) break;
         if (i + 1 == o.n_predict) break;
         const int32_t one[1] = {id};
         step = session.eval(one);
