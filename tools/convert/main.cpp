@@ -399,7 +399,7 @@ int run(int argc, char** argv) {
 
     w.write(out_path);
     std::fprintf(
-        stderr, "convert: %s (%s, %lld layers) -> %s: %zu tensors, %s%s\n", dir.c_str(), h.model_type.c_str(),
+        stderr, "convert: %s (%s, %lld layers) -> %s: %zu tensors, %s%s%s\n", dir.c_str(), h.model_type.c_str(),
         (long long)h.n_layer, out_path.c_str(), written.size(), std::string(gfa::type_name(type)).c_str(),
         n_fallback ? (" (" + std::to_string(n_fallback) + " matrices in f16: rows not whole blocks)").c_str()
                    : "",
