@@ -129,6 +129,8 @@ class Context {
     Tensor* dup_tensor(const Tensor* a);
     // Internal: a node with the given shape, produced by an op (used by op builders).
     Tensor* new_node(Op op, Type type, const std::array<int64_t, kMaxDims>& ne);
+    // Internal: a node with `extra` bytes of secondary outputs after its main data.
+    Tensor* new_node_with_extra(Op op, Type type, const std::array<int64_t, kMaxDims>& ne, size_t extra);
     // Internal: a view of a (op View unless given), sharing its memory.
     Tensor* new_view(Tensor* a, Type type, const std::array<int64_t, kMaxDims>& ne,
                      const std::array<size_t, kMaxDims>& nb, size_t offset, Op op = Op::View);

@@ -129,6 +129,22 @@ void Evaluator::load_leaf(const Tensor* leaf) {
                 }
 }
 
+// A quantized tensor holds what its blocks can represent: round every row through the
+// format, as a backend writing the tensor would.
+void Evaluator::quantize_rows(const Tensor* owner) {
+    const TypeTraits& tt = type_traits(owner->type);
+    Storage& s = storage(owner);
+    std::vector<float> row(size_t(owner->ne[0]));
+    std::vector<std::byte> blocks(row_size(owner->type, owner->ne[0]));
+    for (int64_t r = 0; r < owner->nrows(); ++r) {
+        double* slots = s.slots.data() + size_t(r * owner->ne[0]);
+        for (int64_t i = 0; i < owner->ne[0]; ++i) row[size_t(i)] = float(slots[i]);
+        tt.from_float(row.data(), blocks.data(), owner->ne[0]);
+        tt.to_float(blocks.data(), row.data(), owner->ne[0]);
+        for (int64_t i = 0; i < owner->ne[0]; ++i) slots[i] = row[size_t(i)];
+    }
+}
+
 Evaluator::Evaluator(const Graph& graph) : graph_(graph) {
     for (const Tensor* l : graph.leafs()) load_leaf(l);
     // Nodes that write into a leaf (cpy, set_rows) need that leaf's current values too.
@@ -143,6 +159,7 @@ void Evaluator::run() {
         if (!def.reference) fail(std::string("reference: op '") + def.name + "' has no reference implementation");
         storage(node); // make sure the node's memory exists even if the kernel writes nothing
         def.reference(*this, node);
+        if (is_block_type(node->type)) quantize_rows(owner_of(node));
     }
 }
 

@@ -40,6 +40,7 @@ class Evaluator {
     Storage& storage(const Tensor* t);
     const Storage& storage(const Tensor* t) const;
     void load_leaf(const Tensor* leaf);
+    void quantize_rows(const Tensor* owner);
 
     const Graph& graph_;
     std::unordered_map<const Tensor*, Storage> memory_; // keyed by memory owner

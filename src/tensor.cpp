@@ -83,6 +83,10 @@ Tensor* Context::new_tensor(Type type, const std::array<int64_t, kMaxDims>& ne) 
 Tensor* Context::dup_tensor(const Tensor* a) { return new_tensor(a->type, a->ne); }
 
 Tensor* Context::new_node(Op op, Type type, const std::array<int64_t, kMaxDims>& ne) {
+    return new_node_with_extra(op, type, ne, 0);
+}
+
+Tensor* Context::new_node_with_extra(Op op, Type type, const std::array<int64_t, kMaxDims>& ne, size_t extra) {
     const TypeTraits& tt = type_traits(type);
     for (int i = 0; i < kMaxDims; ++i)
         if (ne[i] < 0) fail(std::string(op_name(op)) + ": negative dimension " + std::to_string(ne[i]));
@@ -94,6 +98,7 @@ Tensor* Context::new_node(Op op, Type type, const std::array<int64_t, kMaxDims>&
     t.ne = ne;
     t.nb = contiguous_strides(type, ne);
     t.op = op;
+    t.extra_bytes = extra;
     return allocate(std::move(t));
 }
 

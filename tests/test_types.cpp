@@ -20,9 +20,9 @@ TEST_CASE("fp16 round trip matches IEEE half rounding", "[types]") {
         }
         REQUIRE(fp32_to_fp16(f) == h);
     }
-    CHECK(fp32_to_fp16(65520.0f) == 0x7c00);            // rounds to inf
-    CHECK(fp32_to_fp16(65519.0f) == 0x7bff);            // largest finite
-    CHECK(fp16_to_fp32(0x0001) == std::ldexp(1.0f, -24)); // smallest subnormal
+    CHECK(fp32_to_fp16(65520.0f) == 0x7c00);                     // rounds to inf
+    CHECK(fp32_to_fp16(65519.0f) == 0x7bff);                     // largest finite
+    CHECK(fp16_to_fp32(0x0001) == std::ldexp(1.0f, -24));        // smallest subnormal
     CHECK(fp32_to_fp16(1.0f + std::ldexp(1.0f, -11)) == 0x3c00); // tie to even
 }
 

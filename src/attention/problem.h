@@ -56,4 +56,37 @@ struct BackwardProblem {
 // Sinks: head h adds exp(sinks[h]) to the softmax denominator (a logit with a zero value).
 // A row with nothing visible (and no sink) yields O = 0 and LSE = -inf.
 
+// ---- addressing (the layouts above; every implementation reads memory the same way) --
+
+inline char* row_at(const View& v, int64_t i1, int64_t i2 = 0, int64_t i3 = 0) {
+    return v.at<char>(i1, i2, i3);
+}
+// Row of Dv outputs for query i of head h: o is [Dv, Hq, Sq, B].
+inline char* o_row(const View& o, int64_t i, int64_t h, int64_t b) {
+    return o.at<char>(h, i, b);
+}
+// LSE of query i, head h: lse is [Sq, Hq, B], so element 0 is strided by nb[0].
+inline float* lse_at(const View& lse, int64_t i, int64_t h, int64_t b) {
+    return reinterpret_cast<float*>(static_cast<char*>(lse.data) + i * lse.nb[0] + h * lse.nb[1] +
+                                    b * lse.nb[2]);
+}
+// Mask row (Skv values) for query i of head h; the mask broadcasts over heads and batches
+// whose extent is 1. nullptr when there is no mask.
+inline const char* mask_row(const View& mask, int64_t i, int64_t h, int64_t b) {
+    if (!mask.present()) return nullptr;
+    return mask.at<const char>(i, mask.ne[2] == 1 ? 0 : h, mask.ne[3] == 1 ? 0 : b);
+}
+inline float sink_logit(const View& sinks, int64_t h) {
+    return *reinterpret_cast<const float*>(static_cast<const char*>(sinks.data) + h * sinks.nb[0]);
+}
+// Query head h reads kv head h / (Hq / Hkv).
+inline int64_t kv_head(const Problem& p, int64_t h) {
+    return h / (p.Hq / p.Hkv);
+}
+
+// Checks sizes, types and strides; throws gfa::Error naming `who` and the problem.
+// Implemented in validate.cpp; every backend calls these before touching memory.
+void validate(const Problem& p, const char* who);
+void validate(const BackwardProblem& p, const char* who);
+
 } // namespace gfa::attn
