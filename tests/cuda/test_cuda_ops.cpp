@@ -606,7 +606,7 @@ TEST_CASE("CUDA cross_entropy_loss, its backward, and AdamW", "[cuda]") {
     const std::vector<double> lv = host_values(logits), tv = host_values(labels);
     const int64_t n = 41, rows = 12;
     auto log_softmax_row = [&](int64_t r) {
-        std::vector<double> o(size_t(n));
+        std::vector<double> o(static_cast<size_t>(n));
         double mx = -1e300, s = 0.0;
         for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lv[size_t(r * n + i)]);
         for (int64_t i = 0; i < n; ++i) s += std::exp(lv[size_t(r * n + i)] - mx);
