@@ -74,22 +74,26 @@ void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation
     }
 }
 
-// Writes t (any readable type, any strides) as a packed f16 or bf16 copy.
-__global__ void to_half_kernel(TensorView t, void* out, bool bf16, int64_t n) {
+// Writes t (any readable type, any strides) as a packed f32, f16 or bf16 copy.
+enum class Packed { F32, F16, BF16 };
+
+__global__ void pack_kernel(TensorView t, void* out, Packed to, int64_t n) {
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, t.ne, i0, i1, i2, i3);
         const float v = load_any(t, i0, i1, i2, i3);
-        if (bf16)
+        if (to == Packed::F32)
+            static_cast<float*>(out)[k] = v;
+        else if (to == Packed::BF16)
             static_cast<__nv_bfloat16*>(out)[k] = __float2bfloat16_rn(v);
         else
             static_cast<__half*>(out)[k] = __float2half_rn(v);
     }
 }
 
-void launch_to_half(const ComputeCtx& ctx, const Tensor* t, void* out, bool bf16) {
+void launch_pack(const ComputeCtx& ctx, const Tensor* t, void* out, Packed to) {
     const int64_t n = t->nelements();
-    to_half_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(t), out, bf16, n);
+    pack_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(t), out, to, n);
     GFA_CUDA_CHECK_LAUNCH();
 }
 
@@ -160,8 +164,14 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         return;
     }
     if (a->type == Type::F32) {
-        batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, operand_of(a, a->data, CUDA_R_32F, 4),
-                     operand_of(b, b->data, CUDA_R_32F, 4), C, ldc, c2, c3);
+        Operand B = operand_of(b, b->data, CUDA_R_32F, 4);
+        if (!row_is_packed(b)) { // a transposed or permuted b: GEMM reads a packed copy
+            void* packed = ctx.scratch->get(size_t(b->nelements()) * 4, ctx.stream, ctx.device_name);
+            launch_pack(ctx, b, packed, Packed::F32);
+            B = packed_operand(b, packed, CUDA_R_32F, 4, K);
+        }
+        batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, operand_of(a, a->data, CUDA_R_32F, 4), B, C, ldc, c2,
+                     c3);
         return;
     }
     // Half-precision GEMM: b (and a quantized a) converted into packed scratch copies.
@@ -170,11 +180,11 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     const size_t b_bytes = align_up(size_t(b->nelements()) * 2);
     const size_t a_bytes = quantized ? align_up(size_t(a->nelements()) * 2) : 0;
     char* scratch = static_cast<char*>(ctx.scratch->get(b_bytes + a_bytes, ctx.stream, ctx.device_name));
-    launch_to_half(ctx, b, scratch, bf16);
+    launch_pack(ctx, b, scratch, bf16 ? Packed::BF16 : Packed::F16);
     const Operand B = packed_operand(b, scratch, half_type, 2, K);
     Operand A;
     if (quantized) {
-        launch_to_half(ctx, a, scratch + b_bytes, false);
+        launch_pack(ctx, a, scratch + b_bytes, Packed::F16);
         A = packed_operand(a, scratch + b_bytes, CUDA_R_16F, 2, K);
     } else {
         A = operand_of(a, a->data, half_type, 2);
@@ -190,7 +200,7 @@ bool supports_mul_mat(const Tensor* dst) {
         return false;
     if (!row_is_packed(a)) return false;
     switch (a->type) {
-    case Type::F32: return row_is_packed(b) && b->nb[1] % 4 == 0;
+    case Type::F32: return true;
     case Type::F16:
     case Type::BF16: return a->nb[1] % 2 == 0 && a->nb[2] % 2 == 0 && a->nb[3] % 2 == 0;
     case Type::Q8_0:
@@ -201,21 +211,34 @@ bool supports_mul_mat(const Tensor* dst) {
 
 // ---- out_prod -------------------------------------------------------------------------------------
 
+// An f32 operand whose dim 0 or dim 1 is the packed one: cuBLAS reads the other layout as
+// the transposed matrix (gradients pass transpose() views here).
+Operand f32_operand(const Tensor* t, bool& transposed) {
+    transposed = !row_is_packed(t);
+    Operand op = operand_of(t, t->data, CUDA_R_32F, 4);
+    if (transposed) op.ld = int64_t(t->nb[0] / 4);
+    return op;
+}
+bool f32_gemm_layout(const Tensor* t) {
+    return t->type == Type::F32 && (row_is_packed(t) || t->ne[1] == 1 || t->nb[1] == 4);
+}
+
 void run_out_prod(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     const int64_t M = a->ne[0], K = a->ne[1], N = b->ne[0];
-    batched_gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, M, N, K, operand_of(a, a->data, CUDA_R_32F, 4),
-                 operand_of(b, b->data, CUDA_R_32F, 4), static_cast<float*>(dst->data), M, int64_t(dst->nb[2] / 4),
-                 int64_t(dst->nb[3] / 4));
+    // dst = a * b^T with a an M x K and b an N x K column-major matrix.
+    bool a_t = false, b_t = false;
+    const Operand A = f32_operand(a, a_t), B = f32_operand(b, b_t);
+    batched_gemm(ctx, a_t ? CUBLAS_OP_T : CUBLAS_OP_N, b_t ? CUBLAS_OP_N : CUBLAS_OP_T, M, N, K, A, B,
+                 static_cast<float*>(dst->data), M, int64_t(dst->nb[2] / 4), int64_t(dst->nb[3] / 4));
 }
 
 bool supports_out_prod(const Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
-    if (!a || !b || a->type != Type::F32 || b->type != Type::F32 || dst->type != Type::F32 || !dst->is_contiguous())
+    if (!a || !b || dst->type != Type::F32 || !dst->is_contiguous() || !f32_gemm_layout(a) || !f32_gemm_layout(b))
         return false;
     return a->ne[1] == b->ne[1] && dst->ne[0] == a->ne[0] && dst->ne[1] == b->ne[0] && dst->ne[2] == b->ne[2] &&
-           dst->ne[3] == b->ne[3] && b->ne[2] % a->ne[2] == 0 && b->ne[3] % a->ne[3] == 0 && row_is_packed(a) &&
-           row_is_packed(b);
+           dst->ne[3] == b->ne[3] && b->ne[2] % a->ne[2] == 0 && b->ne[3] % a->ne[3] == 0;
 }
 
 } // namespace

@@ -230,17 +230,20 @@ bool supports_soft_max_back(const Tensor* dst) {
 
 // ---- diag_mask_inf -----------------------------------------------------------------------------
 
-__global__ void diag_mask_inf_kernel(TensorView x, TensorView y, int n_past, int64_t n) {
+// Entries above the shifted diagonal (i0 > n_past + i1) get `fill`: -inf in the forward op,
+// 0 in its gradient.
+__global__ void diag_mask_inf_kernel(TensorView x, TensorView y, int n_past, float fill, int64_t n) {
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, y.ne, i0, i1, i2, i3);
-        *f32_ptr(y, i0, i1, i2, i3) = i0 > n_past + i1 ? -INFINITY : load_f32(x, i0, i1, i2, i3);
+        *f32_ptr(y, i0, i1, i2, i3) = i0 > n_past + i1 ? fill : load_f32(x, i0, i1, i2, i3);
     }
 }
 void run_diag_mask_inf(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t n = dst->nelements();
-    diag_mask_inf_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
-        view_of(dst->src[0]), view_of(dst), dst->params<DiagMaskParams>().n_past, n);
+    const DiagMaskNodeParams p = dst->params<DiagMaskNodeParams>();
+    diag_mask_inf_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst),
+                                                                              p.n_past, p.fill, n);
 }
 bool supports_diag_mask_inf(const Tensor* dst) {
     return dst->type == Type::F32 && dst->src[0]->type == Type::F32 && dst->src[0]->ne == dst->ne;
