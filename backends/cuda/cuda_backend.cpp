@@ -23,8 +23,8 @@ void raise_cuda_error(const char* call, cudaError_t err, const char* file, int l
 }
 
 void raise_cublas_error(const char* call, cublasStatus_t st, const char* file, int line) {
-    throw Error(std::string("cuBLAS error: ") + call + " failed with " + cublasGetStatusString(st) + " at " + file +
-                ":" + std::to_string(line));
+    throw Error(std::string("cuBLAS error: ") + call + " failed with " + cublasGetStatusString(st) + " at " +
+                file + ":" + std::to_string(line));
 }
 
 Scratch::~Scratch() {
@@ -100,7 +100,8 @@ class MemoryPool {
     ~MemoryPool() { release_cached(); }
 
     void* allocate(size_t size) {
-        const size_t rounded = (std::max<size_t>(size, 1) + kDeviceAlignment - 1) / kDeviceAlignment * kDeviceAlignment;
+        const size_t rounded =
+            (std::max<size_t>(size, 1) + kDeviceAlignment - 1) / kDeviceAlignment * kDeviceAlignment;
         {
             std::lock_guard<std::mutex> lock(mutex_);
             auto it = free_.lower_bound(rounded);
@@ -124,9 +125,9 @@ class MemoryPool {
             cudaGetLastError();
             size_t free_bytes = 0, total = 0;
             cudaMemGetInfo(&free_bytes, &total);
-            const std::string msg = name_ + ": cannot allocate " + std::to_string(size) + " bytes of device memory (" +
-                                    std::to_string(free_bytes) + " of " + std::to_string(total) + " bytes free; " +
-                                    cudaGetErrorString(err) + ")";
+            const std::string msg = name_ + ": cannot allocate " + std::to_string(size) +
+                                    " bytes of device memory (" + std::to_string(free_bytes) + " of " +
+                                    std::to_string(total) + " bytes free; " + cudaGetErrorString(err) + ")";
             if (err == cudaErrorMemoryAllocation) throw OutOfMemory(msg);
             throw Error(msg);
         }
@@ -194,7 +195,8 @@ class CudaBuffer final : public Buffer {
     }
     void get(const Tensor* t, void* dst, size_t offset, size_t size) const override {
         DeviceGuard guard(device_);
-        GFA_CUDA_CHECK(cudaMemcpy(dst, static_cast<const char*>(t->data) + offset, size, cudaMemcpyDeviceToHost));
+        GFA_CUDA_CHECK(
+            cudaMemcpy(dst, static_cast<const char*>(t->data) + offset, size, cudaMemcpyDeviceToHost));
     }
     void fill(uint8_t value) override {
         DeviceGuard guard(device_);
@@ -209,7 +211,8 @@ class CudaBuffer final : public Buffer {
 
 class CudaBufferType final : public BufferType {
   public:
-    CudaBufferType(Device* dev, int device, const std::string& name) : device_(dev), id_(device), pool_(device, name) {}
+    CudaBufferType(Device* dev, int device, const std::string& name)
+        : device_(dev), id_(device), pool_(device, name) {}
     const char* name() const override { return device_->name(); }
     std::unique_ptr<Buffer> allocate(size_t size) override {
         void* p = pool_.allocate(size);
@@ -266,8 +269,8 @@ class CudaBackend final : public Backend {
                 fail(std::string(device_->name()) + " backend: no kernel for " + op_name(node->op) + " on " +
                      node->shape_str());
             if (!node->data)
-                fail(std::string(device_->name()) + " backend: node '" + node->name + "' (" + op_name(node->op) +
-                     ") has no memory");
+                fail(std::string(device_->name()) + " backend: node '" + node->name + "' (" +
+                     op_name(node->op) + ") has no memory");
             if (node->nelements() == 0) continue;
             k.run(ctx_, node);
             GFA_CUDA_CHECK_LAUNCH();
@@ -282,8 +285,10 @@ class CudaBackend final : public Backend {
         if (code != cuda::kNoError) {
             *error_host_ = cuda::kNoError;
             if (code == cuda::kRowIndexOutOfRange)
-                fail(std::string(device_->name()) + " backend: a row index (get_rows/set_rows) was out of range");
-            fail(std::string(device_->name()) + " backend: a kernel reported error code " + std::to_string(code));
+                fail(std::string(device_->name()) +
+                     " backend: a row index (get_rows/set_rows) was out of range");
+            fail(std::string(device_->name()) + " backend: a kernel reported error code " +
+                 std::to_string(code));
         }
     }
 
@@ -312,7 +317,9 @@ class CudaDevice final : public Device {
         return m;
     }
     BufferType* buffer_type() override { return &buffer_type_; }
-    std::unique_ptr<Backend> create_backend() override { return std::make_unique<CudaBackend>(this, id_, sm_count_); }
+    std::unique_ptr<Backend> create_backend() override {
+        return std::make_unique<CudaBackend>(this, id_, sm_count_);
+    }
     bool supports_op(const Tensor* node) const override {
         if (node->op == Op::None || op_def(node->op).is_view) return true;
         const cuda::KernelEntry& k = cuda::kernels()[size_t(node->op)];

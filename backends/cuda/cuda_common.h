@@ -22,17 +22,17 @@ namespace gfa::cuda {
 
 // Every CUDA runtime call goes through this: a failure becomes a gfa::Error naming the
 // call, the error, and where it was made.
-#define GFA_CUDA_CHECK(call)                                                                          \
-    do {                                                                                              \
-        const cudaError_t gfa_err_ = (call);                                                          \
-        if (gfa_err_ != cudaSuccess) ::gfa::cuda::raise_cuda_error(#call, gfa_err_, __FILE__, __LINE__); \
+#define GFA_CUDA_CHECK(call)                                                                                 \
+    do {                                                                                                     \
+        const cudaError_t gfa_err_ = (call);                                                                 \
+        if (gfa_err_ != cudaSuccess) ::gfa::cuda::raise_cuda_error(#call, gfa_err_, __FILE__, __LINE__);     \
     } while (0)
 
-#define GFA_CUBLAS_CHECK(call)                                                                        \
-    do {                                                                                              \
-        const cublasStatus_t gfa_st_ = (call);                                                        \
-        if (gfa_st_ != CUBLAS_STATUS_SUCCESS)                                                         \
-            ::gfa::cuda::raise_cublas_error(#call, gfa_st_, __FILE__, __LINE__);                      \
+#define GFA_CUBLAS_CHECK(call)                                                                               \
+    do {                                                                                                     \
+        const cublasStatus_t gfa_st_ = (call);                                                               \
+        if (gfa_st_ != CUBLAS_STATUS_SUCCESS)                                                                \
+            ::gfa::cuda::raise_cublas_error(#call, gfa_st_, __FILE__, __LINE__);                             \
     } while (0)
 
 // After a kernel launch: launch-configuration errors show up here, not at the launch.
@@ -114,8 +114,12 @@ inline TensorView view_of(const Tensor* t) {
 }
 
 // Host-side layout checks used by the supports predicates.
-inline bool row_is_packed(const Tensor* t) { return t->ne[0] == 1 || t->nb[0] == t->element_size(); }
-inline bool is_float_type(Type t) { return t == Type::F32 || t == Type::F16 || t == Type::BF16; }
+inline bool row_is_packed(const Tensor* t) {
+    return t->ne[0] == 1 || t->nb[0] == t->element_size();
+}
+inline bool is_float_type(Type t) {
+    return t == Type::F32 || t == Type::F16 || t == Type::BF16;
+}
 
 // Blocks for a launch of n threads in blocks of `threads`, capped for grid-stride loops.
 inline unsigned grid_for(int64_t n, int threads) {

@@ -18,13 +18,14 @@ inline constexpr int kTypeQ8_0 = int(Type::Q8_0);
 inline constexpr int kTypeQ4_0 = int(Type::Q4_0);
 
 // Byte offset of element (i0, i1, i2, i3).
-__device__ __forceinline__ int64_t offset_of(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+__device__ __forceinline__ int64_t offset_of(const TensorView& t, int64_t i0, int64_t i1, int64_t i2,
+                                             int64_t i3) {
     return i0 * t.nb[0] + i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3];
 }
 
 // Splits a flat row-major index (dim 0 fastest) into four indices over `ne`.
-__device__ __forceinline__ void unflatten(int64_t flat, const int64_t* ne, int64_t& i0, int64_t& i1, int64_t& i2,
-                                          int64_t& i3) {
+__device__ __forceinline__ void unflatten(int64_t flat, const int64_t* ne, int64_t& i0, int64_t& i1,
+                                          int64_t& i2, int64_t& i3) {
     i0 = flat % ne[0];
     flat /= ne[0];
     i1 = flat % ne[1];
@@ -33,26 +34,42 @@ __device__ __forceinline__ void unflatten(int64_t flat, const int64_t* ne, int64
     i3 = flat / ne[2];
 }
 
-__device__ __forceinline__ float half_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+__device__ __forceinline__ float half_bits_to_float(uint16_t bits) {
+    return __half2float(__ushort_as_half(bits));
+}
 
 // Reads element (i0, ...) of a plain (non-block) type as float.
 __device__ __forceinline__ float load_plain(const char* p, int type) {
     switch (type) {
-    case kTypeF32: return *reinterpret_cast<const float*>(p);
-    case kTypeF16: return __half2float(*reinterpret_cast<const __half*>(p));
-    case kTypeBF16: return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(p));
-    case kTypeI32: return float(*reinterpret_cast<const int32_t*>(p));
-    default: return __int_as_float(0x7fc00000); // NaN: unsupported types never get here
+    case kTypeF32:
+        return *reinterpret_cast<const float*>(p);
+    case kTypeF16:
+        return __half2float(*reinterpret_cast<const __half*>(p));
+    case kTypeBF16:
+        return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(p));
+    case kTypeI32:
+        return float(*reinterpret_cast<const int32_t*>(p));
+    default:
+        return __int_as_float(0x7fc00000); // NaN: unsupported types never get here
     }
 }
 
 __device__ __forceinline__ void store_plain(char* p, int type, float v) {
     switch (type) {
-    case kTypeF32: *reinterpret_cast<float*>(p) = v; break;
-    case kTypeF16: *reinterpret_cast<__half*>(p) = __float2half_rn(v); break;
-    case kTypeBF16: *reinterpret_cast<__nv_bfloat16*>(p) = __float2bfloat16_rn(v); break;
-    case kTypeI32: *reinterpret_cast<int32_t*>(p) = int32_t(v); break;
-    default: break;
+    case kTypeF32:
+        *reinterpret_cast<float*>(p) = v;
+        break;
+    case kTypeF16:
+        *reinterpret_cast<__half*>(p) = __float2half_rn(v);
+        break;
+    case kTypeBF16:
+        *reinterpret_cast<__nv_bfloat16*>(p) = __float2bfloat16_rn(v);
+        break;
+    case kTypeI32:
+        *reinterpret_cast<int32_t*>(p) = int32_t(v);
+        break;
+    default:
+        break;
     }
 }
 
@@ -69,15 +86,19 @@ __device__ __forceinline__ float load_quant(const char* row, int type, int64_t i
 }
 
 // Element (i0, i1, i2, i3) of any readable type (quantized rows must be packed).
-__device__ __forceinline__ float load_any(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
-    if (t.type == kTypeQ8_0 || t.type == kTypeQ4_0) return load_quant(t.data + offset_of(t, 0, i1, i2, i3), t.type, i0);
+__device__ __forceinline__ float load_any(const TensorView& t, int64_t i0, int64_t i1, int64_t i2,
+                                          int64_t i3) {
+    if (t.type == kTypeQ8_0 || t.type == kTypeQ4_0)
+        return load_quant(t.data + offset_of(t, 0, i1, i2, i3), t.type, i0);
     return load_plain(t.data + offset_of(t, i0, i1, i2, i3), t.type);
 }
 
-__device__ __forceinline__ float load_f32(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+__device__ __forceinline__ float load_f32(const TensorView& t, int64_t i0, int64_t i1, int64_t i2,
+                                          int64_t i3) {
     return *reinterpret_cast<const float*>(t.data + offset_of(t, i0, i1, i2, i3));
 }
-__device__ __forceinline__ float* f32_ptr(const TensorView& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+__device__ __forceinline__ float* f32_ptr(const TensorView& t, int64_t i0, int64_t i1, int64_t i2,
+                                          int64_t i3) {
     return reinterpret_cast<float*>(t.data + offset_of(t, i0, i1, i2, i3));
 }
 

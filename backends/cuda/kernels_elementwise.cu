@@ -19,33 +19,52 @@ constexpr float kGeluCubic = 0.044715f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float sigmoid(float x) {
+    return 1.0f / (1.0f + expf(-x));
+}
 
 __device__ __forceinline__ float apply_unary(int code, float x, float p0, float p1) {
     switch (code) {
-    case kScale: return x * p0 + p1;
-    case kSqr: return x * x;
-    case kSqrt: return sqrtf(x);
-    case kExp: return expf(x);
-    case kLog: return logf(x);
-    case kNeg: return -x;
-    case kSilu: return x * sigmoid(x);
-    case kGeluTanh: return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluCubic * x * x * x)));
-    case kGeluErf: return 0.5f * x * (1.0f + erff(x * kInvSqrt2));
-    case kRelu: return x > 0.0f ? x : 0.0f;
-    case kStep: return x > 0.0f ? 1.0f : 0.0f;
-    default: return __int_as_float(0x7fc00000);
+    case kScale:
+        return x * p0 + p1;
+    case kSqr:
+        return x * x;
+    case kSqrt:
+        return sqrtf(x);
+    case kExp:
+        return expf(x);
+    case kLog:
+        return logf(x);
+    case kNeg:
+        return -x;
+    case kSilu:
+        return x * sigmoid(x);
+    case kGeluTanh:
+        return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluCubic * x * x * x)));
+    case kGeluErf:
+        return 0.5f * x * (1.0f + erff(x * kInvSqrt2));
+    case kRelu:
+        return x > 0.0f ? x : 0.0f;
+    case kStep:
+        return x > 0.0f ? 1.0f : 0.0f;
+    default:
+        return __int_as_float(0x7fc00000);
     }
 }
 
 // For the *Back codes, x is the incoming gradient dy and y the forward input.
 __device__ __forceinline__ float apply_binary(int code, float x, float y) {
     switch (code) {
-    case kAdd: return x + y;
-    case kSub: return x - y;
-    case kMul: return x * y;
-    case kDiv: return x / y;
-    case kSwiglu: return x * sigmoid(x) * y; // silu(gate) * up
+    case kAdd:
+        return x + y;
+    case kSub:
+        return x - y;
+    case kMul:
+        return x * y;
+    case kDiv:
+        return x / y;
+    case kSwiglu:
+        return x * sigmoid(x) * y; // silu(gate) * up
     case kSiluBack: {
         const float s = sigmoid(y);
         return x * s * (1.0f + y * (1.0f - s));
@@ -61,12 +80,14 @@ __device__ __forceinline__ float apply_binary(int code, float x, float y) {
         const float pdf = kInvSqrt2Pi * expf(-0.5f * y * y);
         return x * (cdf + y * pdf);
     }
-    default: return __int_as_float(0x7fc00000);
+    default:
+        return __int_as_float(0x7fc00000);
     }
 }
 
 __global__ void unary_kernel(TensorView a, TensorView dst, int code, float p0, float p1, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, dst.ne, i0, i1, i2, i3);
         *f32_ptr(dst, i0, i1, i2, i3) = apply_unary(code, load_f32(a, i0, i1, i2, i3), p0, p1);
@@ -74,7 +95,8 @@ __global__ void unary_kernel(TensorView a, TensorView dst, int code, float p0, f
 }
 
 __global__ void binary_kernel(TensorView a, TensorView b, TensorView dst, int code, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, dst.ne, i0, i1, i2, i3);
         const float x = load_f32(a, i0, i1, i2, i3);
@@ -85,20 +107,20 @@ __global__ void binary_kernel(TensorView a, TensorView b, TensorView dst, int co
 
 void launch_unary(const ComputeCtx& ctx, Tensor* dst, int code, float p0 = 0.0f, float p1 = 0.0f) {
     const int64_t n = dst->nelements();
-    unary_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst), code, p0, p1,
-                                                                      n);
+    unary_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst), code,
+                                                                     p0, p1, n);
 }
 void launch_binary(const ComputeCtx& ctx, Tensor* dst, int code) {
     const int64_t n = dst->nelements();
-    binary_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst->src[1]),
-                                                                       view_of(dst), code, n);
+    binary_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), code, n);
 }
 
 // f32 everywhere; b must broadcast over a (the builders guarantee it, checked again here).
 bool f32_binary(const Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
-    return a && b && a->type == Type::F32 && b->type == Type::F32 && dst->type == Type::F32 && a->ne == dst->ne &&
-           can_repeat(b, a);
+    return a && b && a->type == Type::F32 && b->type == Type::F32 && dst->type == Type::F32 &&
+           a->ne == dst->ne && can_repeat(b, a);
 }
 bool f32_unary(const Tensor* dst) {
     const Tensor* a = dst->src[0];
@@ -106,33 +128,63 @@ bool f32_unary(const Tensor* dst) {
            a->ne == dst->ne;
 }
 
-void run_add(const ComputeCtx& c, Tensor* d) { launch_binary(c, d, kAdd); }
-void run_sub(const ComputeCtx& c, Tensor* d) { launch_binary(c, d, kSub); }
-void run_mul(const ComputeCtx& c, Tensor* d) { launch_binary(c, d, kMul); }
-void run_div(const ComputeCtx& c, Tensor* d) { launch_binary(c, d, kDiv); }
+void run_add(const ComputeCtx& c, Tensor* d) {
+    launch_binary(c, d, kAdd);
+}
+void run_sub(const ComputeCtx& c, Tensor* d) {
+    launch_binary(c, d, kSub);
+}
+void run_mul(const ComputeCtx& c, Tensor* d) {
+    launch_binary(c, d, kMul);
+}
+void run_div(const ComputeCtx& c, Tensor* d) {
+    launch_binary(c, d, kDiv);
+}
 void run_scale(const ComputeCtx& c, Tensor* d) {
     const ScaleParams p = d->params<ScaleParams>();
     launch_unary(c, d, kScale, p.scale, p.bias);
 }
-void run_sqr(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kSqr); }
-void run_sqrt(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kSqrt); }
-void run_exp(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kExp); }
-void run_log(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kLog); }
-void run_neg(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kNeg); }
+void run_sqr(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kSqr);
+}
+void run_sqrt(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kSqrt);
+}
+void run_exp(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kExp);
+}
+void run_log(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kLog);
+}
+void run_neg(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kNeg);
+}
 
-void run_silu(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kSilu); }
+void run_silu(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kSilu);
+}
 void run_gelu(const ComputeCtx& c, Tensor* d) {
     launch_unary(c, d, d->params<GeluParams>().approx == GeluApprox::Erf ? kGeluErf : kGeluTanh);
 }
-void run_relu(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kRelu); }
-void run_step(const ComputeCtx& c, Tensor* d) { launch_unary(c, d, kStep); }
-void run_swiglu(const ComputeCtx& c, Tensor* d) { launch_binary(c, d, kSwiglu); }
+void run_relu(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kRelu);
+}
+void run_step(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kStep);
+}
+void run_swiglu(const ComputeCtx& c, Tensor* d) {
+    launch_binary(c, d, kSwiglu);
+}
 // silu_back / gelu_back: src[0] = dL/dy, src[1] = the forward input x (same shape).
-void run_silu_back(const ComputeCtx& c, Tensor* d) { launch_binary(c, d, kSiluBack); }
+void run_silu_back(const ComputeCtx& c, Tensor* d) {
+    launch_binary(c, d, kSiluBack);
+}
 void run_gelu_back(const ComputeCtx& c, Tensor* d) {
     launch_binary(c, d, d->params<GeluParams>().approx == GeluApprox::Erf ? kGeluErfBack : kGeluTanhBack);
 }
-bool f32_same_shape_binary(const Tensor* dst) { return f32_binary(dst) && dst->src[1]->ne == dst->ne; }
+bool f32_same_shape_binary(const Tensor* dst) {
+    return f32_binary(dst) && dst->src[1]->ne == dst->ne;
+}
 
 } // namespace
 

@@ -31,17 +31,25 @@ struct Operand {
 };
 
 Operand operand_of(const Tensor* t, const void* data, cudaDataType type, size_t elem_size) {
-    return {static_cast<const char*>(data), type, elem_size, int64_t(t->nb[1] / elem_size),
-            int64_t(t->nb[2] / elem_size), int64_t(t->nb[3] / elem_size), t->ne[2], t->ne[3]};
+    return {static_cast<const char*>(data),
+            type,
+            elem_size,
+            int64_t(t->nb[1] / elem_size),
+            int64_t(t->nb[2] / elem_size),
+            int64_t(t->nb[3] / elem_size),
+            t->ne[2],
+            t->ne[3]};
 }
 // The same operand as a packed copy (rows of `row` elements).
 Operand packed_operand(const Tensor* t, const void* data, cudaDataType type, size_t elem_size, int64_t row) {
-    return {static_cast<const char*>(data), type, elem_size, row, row * t->ne[1], row * t->ne[1] * t->ne[2], t->ne[2],
-            t->ne[3]};
+    return {static_cast<const char*>(data), type,     elem_size, row, row * t->ne[1],
+            row * t->ne[1] * t->ne[2],      t->ne[2], t->ne[3]};
 }
 
 int checked_int(int64_t v, const char* what) {
-    if (v > INT_MAX) fail(std::string("mul_mat on CUDA: ") + what + " " + std::to_string(v) + " exceeds cuBLAS's int range");
+    if (v > INT_MAX)
+        fail(std::string("mul_mat on CUDA: ") + what + " " + std::to_string(v) +
+             " exceeds cuBLAS's int range");
     return int(v);
 }
 
@@ -55,10 +63,11 @@ void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation
     const int64_t r2 = B.ne2 / A.ne2, r3 = B.ne3 / A.ne3;
     auto call = [&](const char* a, const char* b, float* c, int64_t stride_a, int64_t batch) {
         GFA_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-            ctx.cublas, op_a, op_b, checked_int(m, "rows"), checked_int(n, "columns"), checked_int(k, "depth"), &one, a,
-            A.type, checked_int(A.ld, "leading dim"), stride_a, b, B.type, checked_int(B.ld, "leading dim"), B.stride2,
-            &zero, c, CUDA_R_32F, checked_int(ldc, "leading dim"), c_stride2, checked_int(batch, "batch"),
-            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            ctx.cublas, op_a, op_b, checked_int(m, "rows"), checked_int(n, "columns"),
+            checked_int(k, "depth"), &one, a, A.type, checked_int(A.ld, "leading dim"), stride_a, b, B.type,
+            checked_int(B.ld, "leading dim"), B.stride2, &zero, c, CUDA_R_32F,
+            checked_int(ldc, "leading dim"), c_stride2, checked_int(batch, "batch"), CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT));
     };
     for (int64_t i3 = 0; i3 < B.ne3; ++i3) {
         const char* a3 = A.ptr + (i3 / r3) * A.stride3 * int64_t(A.elem_size);
@@ -68,8 +77,8 @@ void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation
             call(a3, b3, c3, A.ne2 == 1 ? 0 : A.stride2, B.ne2);
         } else {
             for (int64_t i02 = 0; i02 < A.ne2; ++i02)
-                call(a3 + i02 * A.stride2 * int64_t(A.elem_size), b3 + i02 * r2 * B.stride2 * int64_t(B.elem_size),
-                     c3 + i02 * r2 * c_stride2, 0, r2);
+                call(a3 + i02 * A.stride2 * int64_t(A.elem_size),
+                     b3 + i02 * r2 * B.stride2 * int64_t(B.elem_size), c3 + i02 * r2 * c_stride2, 0, r2);
         }
     }
 }
@@ -78,7 +87,8 @@ void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation
 enum class Packed { F32, F16, BF16 };
 
 __global__ void pack_kernel(TensorView t, void* out, Packed to, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, t.ne, i0, i1, i2, i3);
         const float v = load_any(t, i0, i1, i2, i3);
@@ -97,7 +107,9 @@ void launch_pack(const ComputeCtx& ctx, const Tensor* t, void* out, Packed to) {
     GFA_CUDA_CHECK_LAUNCH();
 }
 
-size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+size_t align_up(size_t v) {
+    return (v + 255) / 256 * 256;
+}
 
 // ---- quantized matrix-vector ----------------------------------------------------------------
 
@@ -159,8 +171,8 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
 
     if (quantized && N <= kMatVecMaxColumns) {
         const dim3 grid(unsigned((M + kMatVecWarps - 1) / kMatVecWarps), unsigned(dst->ne[2] * dst->ne[3]));
-        matvec_quant_kernel<<<grid, kMatVecWarps * 32, 0, ctx.stream>>>(view_of(a), view_of(b), view_of(dst),
-                                                                         b->ne[2] / a->ne[2], b->ne[3] / a->ne[3]);
+        matvec_quant_kernel<<<grid, kMatVecWarps * 32, 0, ctx.stream>>>(
+            view_of(a), view_of(b), view_of(dst), b->ne[2] / a->ne[2], b->ne[3] / a->ne[3]);
         return;
     }
     if (a->type == Type::F32) {
@@ -170,8 +182,8 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
             launch_pack(ctx, b, packed, Packed::F32);
             B = packed_operand(b, packed, CUDA_R_32F, 4, K);
         }
-        batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, operand_of(a, a->data, CUDA_R_32F, 4), B, C, ldc, c2,
-                     c3);
+        batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, operand_of(a, a->data, CUDA_R_32F, 4), B, C, ldc,
+                     c2, c3);
         return;
     }
     // Half-precision GEMM: b (and a quantized a) converted into packed scratch copies.
@@ -200,12 +212,16 @@ bool supports_mul_mat(const Tensor* dst) {
         return false;
     if (!row_is_packed(a)) return false;
     switch (a->type) {
-    case Type::F32: return true;
+    case Type::F32:
+        return true;
     case Type::F16:
-    case Type::BF16: return a->nb[1] % 2 == 0 && a->nb[2] % 2 == 0 && a->nb[3] % 2 == 0;
+    case Type::BF16:
+        return a->nb[1] % 2 == 0 && a->nb[2] % 2 == 0 && a->nb[3] % 2 == 0;
     case Type::Q8_0:
-    case Type::Q4_0: return true;
-    default: return false;
+    case Type::Q4_0:
+        return true;
+    default:
+        return false;
     }
 }
 
@@ -235,10 +251,12 @@ void run_out_prod(const ComputeCtx& ctx, Tensor* dst) {
 
 bool supports_out_prod(const Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
-    if (!a || !b || dst->type != Type::F32 || !dst->is_contiguous() || !f32_gemm_layout(a) || !f32_gemm_layout(b))
+    if (!a || !b || dst->type != Type::F32 || !dst->is_contiguous() || !f32_gemm_layout(a) ||
+        !f32_gemm_layout(b))
         return false;
-    return a->ne[1] == b->ne[1] && dst->ne[0] == a->ne[0] && dst->ne[1] == b->ne[0] && dst->ne[2] == b->ne[2] &&
-           dst->ne[3] == b->ne[3] && b->ne[2] % a->ne[2] == 0 && b->ne[3] % a->ne[3] == 0;
+    return a->ne[1] == b->ne[1] && dst->ne[0] == a->ne[0] && dst->ne[1] == b->ne[0] &&
+           dst->ne[2] == b->ne[2] && dst->ne[3] == b->ne[3] && b->ne[2] % a->ne[2] == 0 &&
+           b->ne[3] % a->ne[3] == 0;
 }
 
 } // namespace

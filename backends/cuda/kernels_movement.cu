@@ -13,7 +13,8 @@ constexpr int kThreads = 256;
 // ---- fill ---------------------------------------------------------------------------------
 
 __global__ void fill_kernel(TensorView dst, float value, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, dst.ne, i0, i1, i2, i3);
         store_plain(dst.data + offset_of(dst, i0, i1, i2, i3), dst.type, value);
@@ -22,15 +23,19 @@ __global__ void fill_kernel(TensorView dst, float value, int64_t n) {
 
 void run_fill(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t n = dst->nelements();
-    fill_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst), dst->params<FillParams>().value, n);
+    fill_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst),
+                                                                    dst->params<FillParams>().value, n);
 }
-bool supports_fill(const Tensor* dst) { return is_float_type(dst->type); }
+bool supports_fill(const Tensor* dst) {
+    return is_float_type(dst->type);
+}
 
 // ---- cpy / cont ---------------------------------------------------------------------------
 
 // Element k of src (row-major) goes to element k of dst, converting through float.
 __global__ void convert_kernel(TensorView src, TensorView dst, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, src.ne, i0, i1, i2, i3);
         const float v = load_any(src, i0, i1, i2, i3);
@@ -41,7 +46,8 @@ __global__ void convert_kernel(TensorView src, TensorView dst, int64_t n) {
 
 // Same plain type on both sides: copy the element's bytes (exact for i32 too).
 __global__ void copy_bytes_kernel(TensorView src, TensorView dst, int64_t n, int elem_size) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, src.ne, i0, i1, i2, i3);
         const char* s = src.data + offset_of(src, i0, i1, i2, i3);
@@ -85,13 +91,14 @@ __global__ void quantize_rows_q8_0_kernel(TensorView src, TensorView dst, int64_
 void copy_convert(const ComputeCtx& ctx, const Tensor* src, Tensor* dst) {
     const int64_t n = src->nelements();
     if (src->type == dst->type && src->is_contiguous() && dst->is_contiguous()) {
-        GFA_CUDA_CHECK(cudaMemcpyAsync(dst->data, src->data, src->nbytes(), cudaMemcpyDeviceToDevice, ctx.stream));
+        GFA_CUDA_CHECK(
+            cudaMemcpyAsync(dst->data, src->data, src->nbytes(), cudaMemcpyDeviceToDevice, ctx.stream));
         return;
     }
     if (dst->type == Type::Q8_0) {
         const int64_t n_blocks = n / QK8_0;
-        quantize_rows_q8_0_kernel<<<grid_for(n_blocks, kThreads), kThreads, 0, ctx.stream>>>(view_of(src), view_of(dst),
-                                                                                             n_blocks);
+        quantize_rows_q8_0_kernel<<<grid_for(n_blocks, kThreads), kThreads, 0, ctx.stream>>>(
+            view_of(src), view_of(dst), n_blocks);
         return;
     }
     if (src->type == dst->type && !type_traits(src->type).is_quantized) {
@@ -111,21 +118,26 @@ bool supports_copy(const Tensor* dst) {
     const Tensor* src = dst->src[0];
     if (src->type == dst->type && src->is_contiguous() && dst->is_contiguous()) return true;
     if (!readable(src)) return false;
-    if (dst->type == Type::Q8_0) return dst->ne[0] == src->ne[0] && row_is_packed(dst) && src->type != Type::I32;
+    if (dst->type == Type::Q8_0)
+        return dst->ne[0] == src->ne[0] && row_is_packed(dst) && src->type != Type::I32;
     return is_float_type(dst->type) || dst->type == Type::I32;
 }
 
-void run_copy(const ComputeCtx& ctx, Tensor* dst) { copy_convert(ctx, dst->src[0], dst); }
+void run_copy(const ComputeCtx& ctx, Tensor* dst) {
+    copy_convert(ctx, dst->src[0], dst);
+}
 
 // ---- get_rows / get_rows_back / set_rows -------------------------------------------------
 
 __device__ __forceinline__ int64_t read_index(const TensorView& rows, int64_t i, int64_t j) {
     const char* p = rows.data + i * rows.nb[0] + j * rows.nb[1];
-    return rows.type == kTypeI64 ? *reinterpret_cast<const int64_t*>(p) : int64_t(*reinterpret_cast<const int32_t*>(p));
+    return rows.type == kTypeI64 ? *reinterpret_cast<const int64_t*>(p)
+                                 : int64_t(*reinterpret_cast<const int32_t*>(p));
 }
 
 __global__ void get_rows_kernel(TensorView a, TensorView rows, TensorView dst, int64_t n, int32_t* error) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, dst.ne, i0, i1, i2, i3);
         const int64_t r = read_index(rows, i1, rows.ne[1] == 1 ? 0 : i2);
@@ -140,8 +152,8 @@ __global__ void get_rows_kernel(TensorView a, TensorView rows, TensorView dst, i
 
 void run_get_rows(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t n = dst->nelements();
-    get_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst->src[1]),
-                                                                        view_of(dst), n, ctx.error_flag);
+    get_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), n, ctx.error_flag);
 }
 bool supports_get_rows(const Tensor* dst) {
     return readable(dst->src[0]) && dst->src[0]->type != Type::I32 && dst->src[1]->type == Type::I32 &&
@@ -149,8 +161,10 @@ bool supports_get_rows(const Tensor* dst) {
 }
 
 // Scatter-add: several gathered rows may name the same source row, so the adds are atomic.
-__global__ void get_rows_back_kernel(TensorView grad, TensorView rows, TensorView dst, int64_t n, int32_t* error) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+__global__ void get_rows_back_kernel(TensorView grad, TensorView rows, TensorView dst, int64_t n,
+                                     int32_t* error) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, grad.ne, i0, i1, i2, i3);
         const int64_t r = read_index(rows, i1, rows.ne[1] == 1 ? 0 : i2);
@@ -166,8 +180,8 @@ void run_get_rows_back(const ComputeCtx& ctx, Tensor* dst) {
     GFA_CUDA_CHECK(cudaMemsetAsync(dst->data, 0, dst->nbytes(), ctx.stream));
     const Tensor* grad = dst->src[0];
     const int64_t n = grad->nelements();
-    get_rows_back_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(grad), view_of(dst->src[1]),
-                                                                             view_of(dst), n, ctx.error_flag);
+    get_rows_back_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
+        view_of(grad), view_of(dst->src[1]), view_of(dst), n, ctx.error_flag);
 }
 bool supports_get_rows_back(const Tensor* dst) {
     return dst->type == Type::F32 && dst->is_contiguous() && dst->src[0]->type == Type::F32 &&
@@ -175,7 +189,8 @@ bool supports_get_rows_back(const Tensor* dst) {
 }
 
 __global__ void set_rows_kernel(TensorView b, TensorView rows, TensorView dst, int64_t n, int32_t* error) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, b.ne, i0, i1, i2, i3);
         const int64_t r = read_index(rows, i1, 0);
@@ -188,7 +203,8 @@ __global__ void set_rows_kernel(TensorView b, TensorView rows, TensorView dst, i
 }
 
 // One thread per q8_0 block of the rows being written.
-__global__ void set_rows_q8_0_kernel(TensorView b, TensorView rows, TensorView dst, int64_t n_blocks, int32_t* error) {
+__global__ void set_rows_q8_0_kernel(TensorView b, TensorView rows, TensorView dst, int64_t n_blocks,
+                                     int32_t* error) {
     const int64_t blocks_per_row = b.ne[0] / QK8_0;
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n_blocks;
          k += int64_t(gridDim.x) * blockDim.x) {
@@ -214,8 +230,8 @@ void run_set_rows(const ComputeCtx& ctx, Tensor* dst) {
         return;
     }
     const int64_t n = b->nelements();
-    set_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(b), view_of(dst->src[2]), view_of(dst),
-                                                                        n, ctx.error_flag);
+    set_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(b), view_of(dst->src[2]),
+                                                                        view_of(dst), n, ctx.error_flag);
 }
 bool supports_set_rows(const Tensor* dst) {
     const Tensor* b = dst->src[1];
@@ -228,7 +244,8 @@ bool supports_set_rows(const Tensor* dst) {
 // ---- concat, repeat, repeat_back -----------------------------------------------------------
 
 __global__ void concat_kernel(TensorView a, TensorView b, TensorView dst, int dim, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t idx[4];
         unflatten(k, dst.ne, idx[0], idx[1], idx[2], idx[3]);
         const int64_t out = offset_of(dst, idx[0], idx[1], idx[2], idx[3]);
@@ -248,7 +265,8 @@ void run_concat(const ComputeCtx& ctx, Tensor* dst) {
 }
 
 __global__ void repeat_kernel(TensorView a, TensorView dst, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, dst.ne, i0, i1, i2, i3);
         *f32_ptr(dst, i0, i1, i2, i3) = load_f32(a, i0 % a.ne[0], i1 % a.ne[1], i2 % a.ne[2], i3 % a.ne[3]);
@@ -262,8 +280,10 @@ void run_repeat(const ComputeCtx& ctx, Tensor* dst) {
 
 // Each output element sums its copies; neighbouring threads read neighbouring columns.
 __global__ void repeat_back_kernel(TensorView g, TensorView dst, int64_t n) {
-    const int64_t r0 = g.ne[0] / dst.ne[0], r1 = g.ne[1] / dst.ne[1], r2 = g.ne[2] / dst.ne[2], r3 = g.ne[3] / dst.ne[3];
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r0 = g.ne[0] / dst.ne[0], r1 = g.ne[1] / dst.ne[1], r2 = g.ne[2] / dst.ne[2],
+                  r3 = g.ne[3] / dst.ne[3];
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, dst.ne, i0, i1, i2, i3);
         float acc = 0.0f;
@@ -279,7 +299,8 @@ __global__ void repeat_back_kernel(TensorView g, TensorView dst, int64_t n) {
 
 void run_repeat_back(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t n = dst->nelements();
-    repeat_back_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst), n);
+    repeat_back_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst),
+                                                                           n);
 }
 
 bool all_f32(const Tensor* dst) {

@@ -14,7 +14,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ void row_indices(const TensorView& t, int64_t r, int64_t& i1, int64_t& i2, int64_t& i3) {
+__device__ __forceinline__ void row_indices(const TensorView& t, int64_t r, int64_t& i1, int64_t& i2,
+                                            int64_t& i3) {
     i1 = r % t.ne[1];
     i2 = (r / t.ne[1]) % t.ne[2];
     i3 = r / (t.ne[1] * t.ne[2]);
@@ -80,35 +81,46 @@ void run_norm_common(const ComputeCtx& ctx, Tensor* dst, bool rms) {
     norm_kernel<<<unsigned(dst->nrows()), row_block_threads(x->ne[0]), 0, ctx.stream>>>(
         view_of(x), view_of(dst), dst->params<NormParams>().eps, rms);
 }
-void run_norm(const ComputeCtx& ctx, Tensor* dst) { run_norm_common(ctx, dst, false); }
-void run_rms_norm(const ComputeCtx& ctx, Tensor* dst) { run_norm_common(ctx, dst, true); }
+void run_norm(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_common(ctx, dst, false);
+}
+void run_rms_norm(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_common(ctx, dst, true);
+}
 
 void run_norm_back_common(const ComputeCtx& ctx, Tensor* dst, bool rms) {
     const Tensor* x = dst->src[1];
     norm_back_kernel<<<unsigned(dst->nrows()), row_block_threads(x->ne[0]), 0, ctx.stream>>>(
         view_of(dst->src[0]), view_of(x), view_of(dst), dst->params<NormParams>().eps, rms);
 }
-void run_norm_back(const ComputeCtx& ctx, Tensor* dst) { run_norm_back_common(ctx, dst, false); }
-void run_rms_norm_back(const ComputeCtx& ctx, Tensor* dst) { run_norm_back_common(ctx, dst, true); }
+void run_norm_back(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_back_common(ctx, dst, false);
+}
+void run_rms_norm_back(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_back_common(ctx, dst, true);
+}
 
-bool f32_rows_fit(const Tensor* dst) { return dst->type == Type::F32 && dst->nrows() < (int64_t(1) << 31); }
+bool f32_rows_fit(const Tensor* dst) {
+    return dst->type == Type::F32 && dst->nrows() < (int64_t(1) << 31);
+}
 bool supports_norm(const Tensor* dst) {
     const Tensor* x = dst->src[0];
     return f32_rows_fit(dst) && x->type == Type::F32 && x->ne == dst->ne;
 }
 bool supports_norm_back(const Tensor* dst) {
     const Tensor *dy = dst->src[0], *x = dst->src[1];
-    return f32_rows_fit(dst) && dy && x && dy->type == Type::F32 && x->type == Type::F32 && dy->ne == dst->ne &&
-           x->ne == dst->ne;
+    return f32_rows_fit(dst) && dy && x && dy->type == Type::F32 && x->type == Type::F32 &&
+           dy->ne == dst->ne && x->ne == dst->ne;
 }
 
 // ---- rope ------------------------------------------------------------------------------------
 
 // x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Each output element is one half
 // of a rotated pair; `direction` is +1 for the forward rotation and -1 for its transpose.
-__global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_dims, bool neox, float freq_base,
-                            float freq_scale, float direction, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+__global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_dims, bool neox,
+                            float freq_base, float freq_scale, float direction, int64_t n) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, y.ne, i0, i1, i2, i3);
         if (i0 >= n_dims) {
@@ -128,7 +140,8 @@ __global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_di
         }
         const float p = float(*reinterpret_cast<const int32_t*>(pos.data + i2 * pos.nb[0]));
         // theta in double: positions in the thousands need the extra bits for sin/cos.
-        const double theta = double(p) * double(freq_scale) * pow(double(freq_base), -2.0 * double(pair) / double(n_dims));
+        const double theta =
+            double(p) * double(freq_scale) * pow(double(freq_base), -2.0 * double(pair) / double(n_dims));
         double s, c;
         sincos(theta, &s, &c);
         s *= direction;
@@ -141,18 +154,22 @@ __global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_di
 void launch_rope(const ComputeCtx& ctx, Tensor* dst, float direction) {
     const RopeParams p = dst->params<RopeParams>();
     const int64_t n = dst->nelements();
-    rope_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst->src[1]),
-                                                                     view_of(dst), p.n_dims, p.mode == RopeMode::NeoX,
-                                                                     p.freq_base, p.freq_scale, direction, n);
+    rope_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), p.n_dims, p.mode == RopeMode::NeoX,
+        p.freq_base, p.freq_scale, direction, n);
 }
-void run_rope(const ComputeCtx& ctx, Tensor* dst) { launch_rope(ctx, dst, 1.0f); }
-void run_rope_back(const ComputeCtx& ctx, Tensor* dst) { launch_rope(ctx, dst, -1.0f); }
+void run_rope(const ComputeCtx& ctx, Tensor* dst) {
+    launch_rope(ctx, dst, 1.0f);
+}
+void run_rope_back(const ComputeCtx& ctx, Tensor* dst) {
+    launch_rope(ctx, dst, -1.0f);
+}
 bool supports_rope(const Tensor* dst) {
     const Tensor *x = dst->src[0], *pos = dst->src[1];
     const RopeParams p = dst->params<RopeParams>();
-    return x && pos && x->type == Type::F32 && dst->type == Type::F32 && x->ne == dst->ne && pos->type == Type::I32 &&
-           pos->ne[0] == x->ne[2] && p.n_dims > 0 && p.n_dims % 2 == 0 && p.n_dims <= x->ne[0] &&
-           (p.mode == RopeMode::Normal || p.mode == RopeMode::NeoX);
+    return x && pos && x->type == Type::F32 && dst->type == Type::F32 && x->ne == dst->ne &&
+           pos->type == Type::I32 && pos->ne[0] == x->ne[2] && p.n_dims > 0 && p.n_dims % 2 == 0 &&
+           p.n_dims <= x->ne[0] && (p.mode == RopeMode::Normal || p.mode == RopeMode::NeoX);
 }
 
 // ---- softmax ---------------------------------------------------------------------------------
@@ -203,8 +220,8 @@ bool supports_soft_max(const Tensor* dst) {
     const Tensor *x = dst->src[0], *mask = dst->src[1];
     if (!f32_rows_fit(dst) || !x || x->type != Type::F32 || x->ne != dst->ne) return false;
     if (!mask) return true;
-    return (mask->type == Type::F32 || mask->type == Type::F16) && mask->ne[0] == x->ne[0] && mask->ne[1] >= x->ne[1] &&
-           x->ne[2] % mask->ne[2] == 0 && x->ne[3] % mask->ne[3] == 0;
+    return (mask->type == Type::F32 || mask->type == Type::F16) && mask->ne[0] == x->ne[0] &&
+           mask->ne[1] >= x->ne[1] && x->ne[2] % mask->ne[2] == 0 && x->ne[3] % mask->ne[3] == 0;
 }
 
 // softmax back: dx = scale * y * (dy - sum(dy * y)) per row (no ALiBi slope).
@@ -214,10 +231,12 @@ __global__ void soft_max_back_kernel(TensorView dy, TensorView y, TensorView dx,
     row_indices(dx, blockIdx.x, i1, i2, i3);
     const int64_t n = dx.ne[0];
     float dot = 0.0f;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dot += load_f32(dy, i, i1, i2, i3) * load_f32(y, i, i1, i2, i3);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        dot += load_f32(dy, i, i1, i2, i3) * load_f32(y, i, i1, i2, i3);
     dot = block_sum(dot, shared);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-        *f32_ptr(dx, i, i1, i2, i3) = scale * load_f32(y, i, i1, i2, i3) * (load_f32(dy, i, i1, i2, i3) - dot);
+        *f32_ptr(dx, i, i1, i2, i3) =
+            scale * load_f32(y, i, i1, i2, i3) * (load_f32(dy, i, i1, i2, i3) - dot);
 }
 
 void run_soft_max_back(const ComputeCtx& ctx, Tensor* dst) {
@@ -233,7 +252,8 @@ bool supports_soft_max_back(const Tensor* dst) {
 // Entries above the shifted diagonal (i0 > n_past + i1) get `fill`: -inf in the forward op,
 // 0 in its gradient.
 __global__ void diag_mask_inf_kernel(TensorView x, TensorView y, int n_past, float fill, int64_t n) {
-    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, y.ne, i0, i1, i2, i3);
         *f32_ptr(y, i0, i1, i2, i3) = i0 > n_past + i1 ? fill : load_f32(x, i0, i1, i2, i3);
@@ -242,8 +262,8 @@ __global__ void diag_mask_inf_kernel(TensorView x, TensorView y, int n_past, flo
 void run_diag_mask_inf(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t n = dst->nelements();
     const DiagMaskNodeParams p = dst->params<DiagMaskNodeParams>();
-    diag_mask_inf_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst),
-                                                                              p.n_past, p.fill, n);
+    diag_mask_inf_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(dst), p.n_past, p.fill, n);
 }
 bool supports_diag_mask_inf(const Tensor* dst) {
     return dst->type == Type::F32 && dst->src[0]->type == Type::F32 && dst->src[0]->ne == dst->ne;

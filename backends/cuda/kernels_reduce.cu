@@ -29,12 +29,14 @@ __global__ void sum_to_scalar_kernel(const float* values, int64_t n, float facto
 
 // Row sums into a contiguous f32 destination (sum_rows and mean results are contiguous nodes).
 void launch_row_sums(const ComputeCtx& ctx, const Tensor* a, float factor, float* out) {
-    row_sum_kernel<<<unsigned(a->nrows()), row_block_threads(a->ne[0]), 0, ctx.stream>>>(view_of(a), factor, out);
+    row_sum_kernel<<<unsigned(a->nrows()), row_block_threads(a->ne[0]), 0, ctx.stream>>>(view_of(a), factor,
+                                                                                         out);
 }
 
 void run_sum(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* a = dst->src[0];
-    float* partial = static_cast<float*>(ctx.scratch->get(size_t(a->nrows()) * sizeof(float), ctx.stream, ctx.device_name));
+    float* partial = static_cast<float*>(
+        ctx.scratch->get(size_t(a->nrows()) * sizeof(float), ctx.stream, ctx.device_name));
     launch_row_sums(ctx, a, 1.0f, partial);
     GFA_CUDA_CHECK_LAUNCH();
     launch_sum_to_scalar(ctx, partial, a->nrows(), 1.0f, static_cast<float*>(dst->data));

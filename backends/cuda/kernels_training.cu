@@ -28,7 +28,8 @@ __device__ void row_log_sum_exp(const TensorView& logits, int64_t i1, int64_t i2
 __global__ void cross_entropy_rows_kernel(TensorView logits, TensorView labels, float* row_loss) {
     __shared__ float shared[32];
     const int64_t r = blockIdx.x;
-    const int64_t i1 = r % logits.ne[1], i2 = (r / logits.ne[1]) % logits.ne[2], i3 = r / (logits.ne[1] * logits.ne[2]);
+    const int64_t i1 = r % logits.ne[1], i2 = (r / logits.ne[1]) % logits.ne[2],
+                  i3 = r / (logits.ne[1] * logits.ne[2]);
     float mx, lse;
     row_log_sum_exp(logits, i1, i2, i3, shared, mx, lse);
     float acc = 0.0f;
@@ -41,18 +42,20 @@ __global__ void cross_entropy_rows_kernel(TensorView logits, TensorView labels, 
 void run_cross_entropy(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor *logits = dst->src[0], *labels = dst->src[1];
     const int64_t rows = logits->nrows();
-    float* row_loss = static_cast<float*>(ctx.scratch->get(size_t(rows) * sizeof(float), ctx.stream, ctx.device_name));
+    float* row_loss =
+        static_cast<float*>(ctx.scratch->get(size_t(rows) * sizeof(float), ctx.stream, ctx.device_name));
     cross_entropy_rows_kernel<<<unsigned(rows), row_block_threads(logits->ne[0]), 0, ctx.stream>>>(
         view_of(logits), view_of(labels), row_loss);
     GFA_CUDA_CHECK_LAUNCH();
     launch_sum_to_scalar(ctx, row_loss, rows, -1.0f / float(rows), static_cast<float*>(dst->data));
 }
 
-__global__ void cross_entropy_back_kernel(const float* grad, TensorView logits, TensorView labels, TensorView dx,
-                                          float inv_rows) {
+__global__ void cross_entropy_back_kernel(const float* grad, TensorView logits, TensorView labels,
+                                          TensorView dx, float inv_rows) {
     __shared__ float shared[32];
     const int64_t r = blockIdx.x;
-    const int64_t i1 = r % logits.ne[1], i2 = (r / logits.ne[1]) % logits.ne[2], i3 = r / (logits.ne[1] * logits.ne[2]);
+    const int64_t i1 = r % logits.ne[1], i2 = (r / logits.ne[1]) % logits.ne[2],
+                  i3 = r / (logits.ne[1] * logits.ne[2]);
     float mx, lse;
     row_log_sum_exp(logits, i1, i2, i3, shared, mx, lse);
     const float g = *grad * inv_rows;
@@ -66,13 +69,15 @@ void run_cross_entropy_back(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor *grad = dst->src[0], *logits = dst->src[1], *labels = dst->src[2];
     const int64_t rows = logits->nrows();
     cross_entropy_back_kernel<<<unsigned(rows), row_block_threads(logits->ne[0]), 0, ctx.stream>>>(
-        static_cast<const float*>(grad->data), view_of(logits), view_of(labels), view_of(dst), 1.0f / float(rows));
+        static_cast<const float*>(grad->data), view_of(logits), view_of(labels), view_of(dst),
+        1.0f / float(rows));
 }
 
 bool supports_cross_entropy(const Tensor* dst) {
     const Tensor *logits = dst->src[0], *labels = dst->src[1];
-    return logits && labels && logits->type == Type::F32 && labels->type == Type::F32 && logits->ne == labels->ne &&
-           dst->type == Type::F32 && dst->nelements() == 1 && logits->nrows() < (int64_t(1) << 31);
+    return logits && labels && logits->type == Type::F32 && labels->type == Type::F32 &&
+           logits->ne == labels->ne && dst->type == Type::F32 && dst->nelements() == 1 &&
+           logits->nrows() < (int64_t(1) << 31);
 }
 bool supports_cross_entropy_back(const Tensor* dst) {
     const Tensor *grad = dst->src[0], *logits = dst->src[1], *labels = dst->src[2];
@@ -83,8 +88,10 @@ bool supports_cross_entropy_back(const Tensor* dst) {
 
 // ---- AdamW ---------------------------------------------------------------------------------
 
-__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, AdamWParams p, float c1, float c2, int64_t n) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, AdamWParams p, float c1, float c2,
+                             int64_t n) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+         i += int64_t(gridDim.x) * blockDim.x) {
         const float gi = g[i];
         const float mi = p.beta1 * m[i] + (1.0f - p.beta1) * gi;
         const float vi = p.beta2 * v[i] + (1.0f - p.beta2) * gi * gi;

@@ -27,10 +27,13 @@ Device* cuda0() {
     return d;
 }
 
-Context data_ctx() { return Context(ContextParams{.alloc_data = true}); }
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
 
 // A node built directly (for ops whose builders live in other op families).
-Tensor* make_node(Context& ctx, Op op, Type type, std::array<int64_t, 4> ne, std::initializer_list<Tensor*> srcs) {
+Tensor* make_node(Context& ctx, Op op, Type type, std::array<int64_t, 4> ne,
+                  std::initializer_list<Tensor*> srcs) {
     Tensor* t = ctx.new_node(op, type, ne);
     set_sources(t, srcs);
     return t;
@@ -236,8 +239,9 @@ TEST_CASE("CUDA binary ops broadcast rows and columns", "[cuda]") {
         fill_uniform(c, 0.5f, 1.5f);
         check_cuda(op(ctx, a, b), 1e-6);
         check_cuda(op(ctx, a, c), 1e-6);
-        check_cuda(op(ctx, permute(ctx, a, 1, 0, 2, 3), reshape(ctx, cont(ctx, transpose(ctx, c)), {5, 1, 1, 2})),
-                   1e-6);
+        check_cuda(
+            op(ctx, permute(ctx, a, 1, 0, 2, 3), reshape(ctx, cont(ctx, transpose(ctx, c)), {5, 1, 1, 2})),
+            1e-6);
     }
 }
 
@@ -406,7 +410,8 @@ TEST_CASE("CUDA out_prod with broadcast batches", "[cuda]") {
                 for (int64_t n = 0; n < 7; ++n)
                     for (int64_t m = 0; m < 13; ++m) {
                         double s = 0.0;
-                        for (int64_t k = 0; k < 29; ++k) s += av[flat(a, m, k, 0, i3)] * bv[flat(b, n, k, i2, i3)];
+                        for (int64_t k = 0; k < 29; ++k)
+                            s += av[flat(a, m, k, 0, i3)] * bv[flat(b, n, k, i2, i3)];
                         o[flat(out, m, n, i2, i3)] = s;
                     }
         return o;
@@ -486,8 +491,9 @@ TEST_CASE("CUDA rope (normal and NeoX) and rope_back", "[cuda]") {
                             for (int64_t j = 0; j < p.n_dims / 2; ++j) {
                                 const int64_t f = mode == RopeMode::NeoX ? j : 2 * j;
                                 const int64_t s = mode == RopeMode::NeoX ? j + p.n_dims / 2 : 2 * j + 1;
-                                const double theta = pv[size_t(i2)] * p.freq_scale *
-                                                     std::pow(double(p.freq_base), -2.0 * double(j) / p.n_dims);
+                                const double theta =
+                                    pv[size_t(i2)] * p.freq_scale *
+                                    std::pow(double(p.freq_base), -2.0 * double(j) / p.n_dims);
                                 const double sn = (back ? -1.0 : 1.0) * std::sin(theta), cs = std::cos(theta);
                                 const double x0 = xv[flat(x, f, i1, i2, i3)], x1 = xv[flat(x, s, i1, i2, i3)];
                                 o[flat(x, f, i1, i2, i3)] = x0 * cs - x1 * sn;
@@ -517,7 +523,8 @@ TEST_CASE("CUDA soft_max_ext with f32/f16 masks, ALiBi and scale, and its backwa
                     const double slope = attn::alibi_slope(max_bias, i2, 6);
                     double mx = -1e300, s = 0.0;
                     for (int64_t i = 0; i < n; ++i)
-                        o[i] = xv[size_t(r * n + i)] * sc + slope * mv[flat(mask, i, i1, 0, i3)], mx = std::max(mx, o[i]);
+                        o[i] = xv[size_t(r * n + i)] * sc + slope * mv[flat(mask, i, i1, 0, i3)],
+                        mx = std::max(mx, o[i]);
                     for (int64_t i = 0; i < n; ++i) s += (o[i] = std::exp(o[i] - mx));
                     for (int64_t i = 0; i < n; ++i) o[i] /= s;
                 });
