@@ -2,7 +2,8 @@
 //
 // cross_entropy_loss(logits, labels) = -(1/rows) * sum over rows of sum_c labels * log_softmax(logits);
 // its backward op takes (dL/dloss [1], logits, labels) and gives
-// dL/dlogits = dL/dloss / rows * (softmax(logits) - labels).
+// dL/dlogits = dL/dloss / rows * (softmax(logits) * sum(labels) - labels) per row: the exact
+// derivative, which is the familiar softmax - labels when label rows sum to 1.
 #include "cuda_device.cuh"
 #include "op_def.h"
 
@@ -58,10 +59,14 @@ __global__ void cross_entropy_back_kernel(const float* grad, TensorView logits, 
                   i3 = r / (logits.ne[1] * logits.ne[2]);
     float mx, lse;
     row_log_sum_exp(logits, i1, i2, i3, shared, mx, lse);
+    float label_sum = 0.0f;
+    for (int64_t i = threadIdx.x; i < logits.ne[0]; i += blockDim.x)
+        label_sum += load_f32(labels, i, i1, i2, i3);
+    label_sum = block_sum(label_sum, shared);
     const float g = *grad * inv_rows;
     for (int64_t i = threadIdx.x; i < logits.ne[0]; i += blockDim.x) {
         const float p = expf(load_f32(logits, i, i1, i2, i3) - mx - lse);
-        *f32_ptr(dx, i, i1, i2, i3) = g * (p - load_f32(labels, i, i1, i2, i3));
+        *f32_ptr(dx, i, i1, i2, i3) = g * (p * label_sum - load_f32(labels, i, i1, i2, i3));
     }
 }
 
