@@ -17,10 +17,6 @@ constexpr float kGeluCubic = 0.044715f;
 constexpr float kInvSqrt2 = float(1.0 / std::numbers::sqrt2);
 constexpr float kInvSqrt2Pi = 0.3989422804f; // 1 / sqrt(2 pi)
 
-inline float sigmoid(float x) {
-    return 1.0f / (1.0f + std::exp(-x));
-}
-
 template <class F> void unary_kernel(const ComputeCtx& ctx, Tensor* dst, F f) {
     const Tensor* a = dst->src[0];
     const int64_t n = dst->ne[0];
@@ -51,16 +47,16 @@ template <class F> void binary_kernel(const ComputeCtx& ctx, Tensor* dst, F f) {
 
 // silu(x) = x * sigmoid(x); its slope is s * (1 + x * (1 - s)).
 void run_silu(const ComputeCtx& c, Tensor* d) {
-    unary_kernel(c, d, [](float x) { return x * sigmoid(x); });
+    unary_kernel(c, d, [](float x) { return x * vsigmoid(x); });
 }
 void run_silu_back(const ComputeCtx& c, Tensor* d) {
     binary_kernel(c, d, [](float dy, float x) {
-        const float s = sigmoid(x);
+        const float s = vsigmoid(x);
         return dy * s * (1.0f + x * (1.0f - s));
     });
 }
 void run_swiglu(const ComputeCtx& c, Tensor* d) {
-    binary_kernel(c, d, [](float gate, float up) { return gate * sigmoid(gate) * up; });
+    binary_kernel(c, d, [](float gate, float up) { return gate * vsigmoid(gate) * up; });
 }
 
 // gelu(x) = 0.5 x (1 + tanh(c (x + 0.044715 x^3)))   or   0.5 x (1 + erf(x / sqrt 2))
@@ -69,7 +65,7 @@ void run_gelu(const ComputeCtx& c, Tensor* d) {
         unary_kernel(c, d, [](float x) { return 0.5f * x * (1.0f + std::erf(x * kInvSqrt2)); });
     } else {
         unary_kernel(c, d, [](float x) {
-            return 0.5f * x * (1.0f + std::tanh(kGeluTanhC * x * (1.0f + kGeluCubic * x * x)));
+            return 0.5f * x * (1.0f + vtanh(kGeluTanhC * x * (1.0f + kGeluCubic * x * x)));
         });
     }
 }
@@ -77,11 +73,11 @@ void run_gelu_back(const ComputeCtx& c, Tensor* d) {
     if (d->params<GeluParams>().approx == GeluApprox::Erf) {
         // Phi(x) + x phi(x)
         binary_kernel(c, d, [](float dy, float x) {
-            return dy * (0.5f * (1.0f + std::erf(x * kInvSqrt2)) + x * kInvSqrt2Pi * std::exp(-0.5f * x * x));
+            return dy * (0.5f * (1.0f + std::erf(x * kInvSqrt2)) + x * kInvSqrt2Pi * vexp(-0.5f * x * x));
         });
     } else {
         binary_kernel(c, d, [](float dy, float x) {
-            const float th = std::tanh(kGeluTanhC * x * (1.0f + kGeluCubic * x * x));
+            const float th = vtanh(kGeluTanhC * x * (1.0f + kGeluCubic * x * x));
             return dy * (0.5f * (1.0f + th) +
                          0.5f * x * (1.0f - th * th) * kGeluTanhC * (1.0f + 3.0f * kGeluCubic * x * x));
         });

@@ -151,7 +151,7 @@ void run_soft_max(const ComputeCtx& ctx, Tensor* dst) {
                 for (int64_t i = 0; i < n; ++i) y[i] = 0.0f;
                 return;
             }
-            for (int64_t i = 0; i < n; ++i) y[i] = std::exp(y[i] - max);
+            for (int64_t i = 0; i < n; ++i) y[i] = vexp(y[i] - max);
             // stage 3: normalize
             const float inv_sum = float(1.0 / sum_f64(y, n));
             for (int64_t i = 0; i < n; ++i) y[i] *= inv_sum;

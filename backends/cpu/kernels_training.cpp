@@ -16,7 +16,7 @@ namespace {
 double log_sum_exp(const float* x, int64_t n, std::vector<float>& tmp) {
     const float max = max_f32(x, n);
     tmp.resize(size_t(n));
-    for (int64_t i = 0; i < n; ++i) tmp[size_t(i)] = std::exp(x[i] - max);
+    for (int64_t i = 0; i < n; ++i) tmp[size_t(i)] = vexp(x[i] - max);
     return double(max) + std::log(sum_f64(tmp.data(), n));
 }
 
@@ -55,7 +55,7 @@ void run_cross_entropy_loss_back(const ComputeCtx& ctx, Tensor* dst) {
             float* dx = f32_row(dst, i1, i2, i3);
             const float lse = float(log_sum_exp(x, n, tmp));
             const float label_sum = float(sum_f64(l, n));
-            for (int64_t i = 0; i < n; ++i) dx[i] = (std::exp(x[i] - lse) * label_sum - l[i]) * g;
+            for (int64_t i = 0; i < n; ++i) dx[i] = (vexp(x[i] - lse) * label_sum - l[i]) * g;
         });
     });
 }

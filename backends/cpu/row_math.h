@@ -10,7 +10,9 @@
 #include "cpu_kernels.h"
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -74,17 +76,72 @@ inline double dot_f64(const float* x, const float* y, int64_t n) {
     return s;
 }
 
-// max_i x[i] (-inf for an empty row).
+// max_i x[i] (-inf for an empty row; NaN entries are skipped). A max reduction stays scalar
+// under the default flags whatever the loop looks like, so this one is written with the
+// compiler's generic vector type (GCC and Clang; any target, no intrinsics).
 inline float max_f32(const float* x, int64_t n) {
-    float lane[kLanes];
-    std::fill(lane, lane + kLanes, -std::numeric_limits<float>::infinity());
+    using f32x8 = float __attribute__((vector_size(8 * sizeof(float))));
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    f32x8 lane = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
     int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) lane[l] = x[i + l] > lane[l] ? x[i + l] : lane[l];
-    float m = -std::numeric_limits<float>::infinity();
+    for (; i + 8 <= n; i += 8) {
+        f32x8 v;
+        std::memcpy(&v, x + i, sizeof(v));
+        lane = v > lane ? v : lane;
+    }
+    float m = kNegInf;
     for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-    for (float v : lane) m = v > m ? v : m;
+    for (int l = 0; l < 8; ++l) m = lane[l] > m ? lane[l] : m;
     return m;
+}
+
+// e^x in float for vector loops (libm's expf is a call per element that the compiler cannot
+// vectorize under the default flags). Relative error within ~1.5 ulp; overflow gives inf,
+// underflow gives subnormals then 0, e^-inf = 0, e^+inf = inf and NaN stays NaN.
+//   x = n ln2 + r with |r| <= ln2 / 2  (n by the round-to-nearest magic-number trick, ln2
+//   split into a high part exact in float and a low correction), e^r by its degree-7 Taylor
+//   polynomial, 2^n as two factors 2^(n/2) 2^(n - n/2) written straight into exponent bits:
+//   both stay normal for every n the clamp allows, so the final products overflow to inf
+//   or round down to subnormals / 0 by themselves. No float selects (see clamp_bits).
+// min(max(x, lo), hi) with NaN passed through, as integer mask arithmetic: under GCC's
+// default -ftrapping-math a float select next to other float math keeps a loop scalar
+// ("control flow in loop"), while masks vectorize.
+inline float clamp_bits(float x, float lo, float hi) {
+    const int32_t below = -int32_t(x < lo), above = -int32_t(x > hi);
+    return std::bit_cast<float>((std::bit_cast<int32_t>(x) & ~(below | above)) |
+                                (std::bit_cast<int32_t>(lo) & below) | (std::bit_cast<int32_t>(hi) & above));
+}
+
+inline float vexp(float x) {
+    constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
+    constexpr float kRound = 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer
+    // e^89 overflows float and e^-104 rounds to 0; n stays within [-150, 129].
+    const float xc = clamp_bits(x, -104.0f, 89.0f);
+    const float shifted = xc * kLog2e + kRound;
+    const float n = shifted - kRound;
+    const int32_t ni = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound);
+    const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t n_low = ni >> 1, n_high = ni - n_low;
+    return p * std::bit_cast<float>((n_low + 127) << 23) * std::bit_cast<float>((n_high + 127) << 23);
+}
+
+// 1 / (1 + e^-x), branch-free.
+inline float vsigmoid(float x) {
+    return 1.0f / (1.0f + vexp(-x));
+}
+
+// tanh(x) = 1 - 2 / (e^(2x) + 1): exact limits +-1 at the ends, and near 0 the form
+// loses only an ulp or so of absolute accuracy, fine next to the terms it is added to.
+inline float vtanh(float x) {
+    return 1.0f - 2.0f / (vexp(2.0f * x) + 1.0f);
 }
 
 } // namespace gfa::cpu

@@ -1,0 +1,724 @@
+// FlashAttention-2 on the CPU.
+//
+// Every matrix product is one register-blocked micro-kernel (6 rows x 16 columns of C in
+// twelve 8-lane accumulators) that broadcasts elements of A and streams rows of B. A may
+// be read with any row and column stride, so transposed operands (P^T, dS^T) are a
+// stride swap instead of a copy. The scores are kept key-major (S^T = K Q^T, the query
+// tile transposed once), which makes the softmax's per-query max and sum plain lane-wise
+// vector operations over 8 queries at a time.
+//
+// Scores are in base 2: log2(e) is folded into the scale of Q, so each probability is a
+// single exp2. A row that has seen nothing visible keeps m = -inf; exponents then use 0
+// in place of m so no inf - inf (NaN) appears.
+#include "flash_attn_cpu.h"
+
+#include "simd.h"
+
+#include <ggml-fa/error.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace gfa::cpu {
+
+using namespace attn;
+using simd::vf8;
+
+namespace {
+
+constexpr int64_t kTileQ = 96;  // query rows per tile; a multiple of 16 (the width of S^T)
+constexpr int64_t kTileKV = 36; // keys per tile; a multiple of the micro-kernel's 6 rows
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) {
+    return (x + m - 1) / m * m;
+}
+
+// ---- GEMM micro-kernel ------------------------------------------------------------------
+
+// C[MR x 8*NV] (+)= A[MR x K] B[K x 8*NV], A(m, k) = A[m*a_rs + k*a_cs], B and C row-major.
+template <int MR, int NV>
+void micro_kernel(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
+                  float* C, int64_t ldc, bool accumulate) {
+    vf8 c[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? simd::load(C + r * ldc + 8 * v) : simd::zero();
+    for (int64_t k = 0; k < K; ++k) {
+        vf8 b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = simd::load(B + k * ldb + 8 * v);
+        for (int r = 0; r < MR; ++r) {
+            const vf8 a = simd::splat(A[r * a_rs + k * a_cs]);
+            for (int v = 0; v < NV; ++v) c[r][v] = simd::fma(a, b[v], c[r][v]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) simd::store(C + r * ldc + 8 * v, c[r][v]);
+}
+
+using MicroKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                             bool);
+constexpr int kMR = 6;
+constexpr MicroKernel kKernels[kMR][2] = {
+    {micro_kernel<1, 1>, micro_kernel<1, 2>}, {micro_kernel<2, 1>, micro_kernel<2, 2>},
+    {micro_kernel<3, 1>, micro_kernel<3, 2>}, {micro_kernel<4, 1>, micro_kernel<4, 2>},
+    {micro_kernel<5, 1>, micro_kernel<5, 2>}, {micro_kernel<6, 1>, micro_kernel<6, 2>},
+};
+
+// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of 8 (our buffers are padded to it).
+// Column panels outside, row blocks inside: a K x 16 panel of B stays in L1 while A streams.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        const int nv = N - n0 >= 16 ? 2 : 1;
+        for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+            const int mr = int(std::min<int64_t>(kMR, M - m0));
+            kKernels[mr - 1][nv - 1](K, A + m0 * a_rs, a_rs, a_cs, B + n0, ldb, C + m0 * ldc + n0, ldc,
+                                     accumulate);
+        }
+    }
+}
+
+// ---- row conversions ----------------------------------------------------------------------
+
+// n elements of type t to float; dst[n, n_padded) is zeroed.
+void load_row(Type t, const void* src, float* dst, int64_t n, int64_t n_padded) {
+    int64_t i = 0;
+    switch (t) {
+    case Type::F32:
+        std::memcpy(dst, src, size_t(n) * 4);
+        i = n;
+        break;
+#if GFA_SIMD_AVX2
+    case Type::F16: {
+        const uint16_t* s = static_cast<const uint16_t*>(src);
+        for (; i + 8 <= n; i += 8) simd::store(dst + i, simd::load_f16(s + i));
+        for (; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
+        break;
+    }
+    case Type::BF16: {
+        const uint16_t* s = static_cast<const uint16_t*>(src);
+        for (; i + 8 <= n; i += 8) simd::store(dst + i, simd::load_bf16(s + i));
+        for (; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
+        break;
+    }
+    case Type::Q8_0: {
+        const block_q8_0* blk = static_cast<const block_q8_0*>(src);
+        for (; i < n; i += QK8_0, ++blk) {
+            const vf8 d = simd::splat(fp16_to_fp32(blk->d));
+            for (int k = 0; k < QK8_0; k += 8) simd::store(dst + i + k, d * simd::load_i8(blk->qs + k));
+        }
+        break;
+    }
+#endif
+    default:
+        type_traits(t).to_float(src, dst, n);
+        i = n;
+        break;
+    }
+    for (int64_t k = n; k < n_padded; ++k) dst[k] = 0.0f;
+}
+
+void store_row(Type t, const float* src, void* dst, int64_t n) {
+    switch (t) {
+    case Type::F32:
+        std::memcpy(dst, src, size_t(n) * 4);
+        return;
+#if GFA_SIMD_AVX2
+    case Type::F16: {
+        uint16_t* d = static_cast<uint16_t*>(dst);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) simd::store_f16(d + i, simd::load(src + i));
+        for (; i < n; ++i) d[i] = fp32_to_fp16(src[i]);
+        return;
+    }
+#endif
+    default:
+        type_traits(t).from_float(src, dst, n);
+    }
+}
+
+float mask_value(Type t, const char* row, int64_t j) {
+    if (t == Type::F16) return fp16_to_fp32(reinterpret_cast<const uint16_t*>(row)[j]);
+    return reinterpret_cast<const float*>(row)[j];
+}
+
+// Keys [lo, hi] that query i may see under causal/window (empty when lo > hi); the same
+// rule as attn::visible(), solved for j.
+struct KeyRange {
+    int64_t lo, hi;
+};
+KeyRange visible_keys(const Params& pr, int64_t i, int64_t Sq, int64_t Skv) {
+    const int64_t diag = i + Skv - Sq;
+    int64_t lo = 0, hi = Skv - 1;
+    if (pr.causal) hi = std::min(hi, diag);
+    if (pr.window_right >= 0) hi = std::min(hi, diag + pr.window_right);
+    if (pr.window_left >= 0) lo = std::max(lo, diag - pr.window_left);
+    return {lo, hi};
+}
+
+// The scale applied to q.k before the softmax, in base 2. With a softcap, Q is scaled by
+// scale / cap and the score becomes (cap * log2 e) * tanh(q.k scale / cap).
+float q_prescale(const Params& pr) {
+    return pr.logit_softcap > 0.0f ? pr.scale / pr.logit_softcap : pr.scale * kLog2e;
+}
+
+// Per-query-row facts a tile needs: which head/position, its visible keys, ALiBi slope
+// (base 2) and mask row.
+struct RowInfo {
+    int64_t h = 0, i = 0;
+    KeyRange keys{0, -1};
+    float slope2 = 0.0f;
+    const char* mask = nullptr;
+};
+
+// Adds slope * mask (base 2) and sets invisible pairs to -inf on a key-major score tile
+// st[j][r] for keys [j0, j0 + nk). `partial` says some pair in the tile is invisible.
+void apply_mask(const Problem& p, const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk, float* st,
+                int64_t ld, bool partial) {
+    if (p.mask.present())
+        for (int64_t r = 0; r < n_rows; ++r) {
+            const RowInfo& ri = rows[r];
+            for (int64_t j = 0; j < nk; ++j)
+                st[j * ld + r] += ri.slope2 * mask_value(p.mask.type, ri.mask, j0 + j);
+        }
+    if (partial)
+        for (int64_t r = 0; r < n_rows; ++r)
+            for (int64_t j = 0; j < nk; ++j)
+                if (j0 + j < rows[r].keys.lo || j0 + j > rows[r].keys.hi) st[j * ld + r] = kNegInf;
+}
+
+// True when some (row, key) pair of the tile is outside the visible band.
+bool tile_is_partial(const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk) {
+    for (int64_t r = 0; r < n_rows; ++r)
+        if (rows[r].keys.lo > j0 || rows[r].keys.hi < j0 + nk - 1) return true;
+    return false;
+}
+
+void apply_softcap(float cap, float* st, int64_t nk, int64_t width, int64_t ld) {
+    const vf8 cap2 = simd::splat(cap * kLog2e);
+    for (int64_t j = 0; j < nk; ++j)
+        for (int64_t r = 0; r < width; r += 8)
+            simd::store(st + j * ld + r, cap2 * simd::tanh(simd::load(st + j * ld + r)));
+}
+
+// Fills RowInfo for rows (h0 + a, i0 + c), r = a * ni + c.
+void describe_rows(const Problem& p, int64_t b, int64_t h0, int64_t nh, int64_t i0, int64_t ni,
+                   RowInfo* rows) {
+    for (int64_t a = 0; a < nh; ++a)
+        for (int64_t c = 0; c < ni; ++c) {
+            RowInfo& ri = rows[a * ni + c];
+            ri.h = h0 + a;
+            ri.i = i0 + c;
+            ri.keys = visible_keys(p.params, ri.i, p.Sq, p.Skv);
+            ri.slope2 = alibi_slope(p.params.max_bias, ri.h, p.Hq) * kLog2e;
+            ri.mask = mask_row(p.mask, ri.i, ri.h, b);
+        }
+}
+
+// ============================== forward ======================================================
+
+// A query tile: heads [h0, h0 + nh) x positions [i0, i0 + ni) of batch b, all reading kv
+// head g. Several heads share a tile when Sq is short (decoding packs the GQA group).
+struct QTile {
+    int64_t b, g, h0, nh, i0, ni;
+    int64_t rows() const { return nh * ni; }
+};
+
+struct ForwardPlan {
+    std::vector<QTile> tiles;
+    int64_t splits = 1; // split-KV factor per tile
+    int64_t Dv8 = 0;
+};
+
+ForwardPlan plan_forward(const Problem& p, int n_threads) {
+    ForwardPlan plan;
+    plan.Dv8 = round_up(p.Dv, 8);
+    const int64_t group = p.Hq / p.Hkv;
+    const int64_t ni = std::min(p.Sq, kTileQ);
+    const int64_t heads_per_tile = std::clamp<int64_t>(kTileQ / ni, 1, group);
+    for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t g = 0; g < p.Hkv; ++g)
+            for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += heads_per_tile)
+                for (int64_t i0 = 0; i0 < p.Sq; i0 += ni)
+                    plan.tiles.push_back({b, g, h0, std::min(heads_per_tile, (g + 1) * group - h0), i0,
+                                          std::min(ni, p.Sq - i0)});
+    // Too few query tiles to feed the threads (decoding): split the keys too.
+    const int64_t n_tiles = int64_t(plan.tiles.size());
+    if (n_tiles < n_threads) {
+        const int64_t kv_tiles = (p.Skv + kTileKV - 1) / kTileKV;
+        plan.splits = std::clamp<int64_t>((n_threads + n_tiles - 1) / n_tiles, 1, kv_tiles);
+    }
+    return plan;
+}
+
+// Per-thread buffers of the forward.
+struct ForwardWorkspace {
+    std::vector<float> qt;   // [Dk][kTileQ]   Q tile, transposed and pre-scaled
+    std::vector<float> kbuf; // [kTileKV][Dk]  converted K tile (f32 K is read in place)
+    std::vector<float> vbuf; // [kTileKV][Dv8] converted V tile
+    std::vector<float> st;   // [kTileKV][kTileQ] scores S^T, then probabilities P^T
+    std::vector<float> oacc; // [kTileQ][Dv8]  unnormalized output
+    std::vector<float> row;  // [max(Dk, Dv8)] one converted row
+    std::vector<RowInfo> rows;
+    float m[kTileQ], l[kTileQ], alpha[kTileQ];
+
+    static size_t floats(const Problem& p, int64_t Dv8) {
+        return size_t(p.Dk * kTileQ + kTileKV * p.Dk + kTileKV * Dv8 + kTileKV * kTileQ + kTileQ * Dv8 +
+                      std::max(p.Dk, Dv8));
+    }
+    ForwardWorkspace(const Problem& p, int64_t Dv8)
+        : qt(size_t(p.Dk * kTileQ)), kbuf(size_t(kTileKV * p.Dk)), vbuf(size_t(kTileKV * Dv8)),
+          st(size_t(kTileKV * kTileQ)), oacc(size_t(kTileQ * Dv8)), row(size_t(std::max(p.Dk, Dv8))),
+          rows(size_t(kTileQ)) {}
+};
+
+// Partial results of one split: running max m and sum l (base 2) and the unnormalized O.
+struct Partial {
+    float* m;
+    float* l;
+    float* o; // [rows][Dv8]
+};
+
+// Normalizes one row and writes O and LSE; folds in the sink as a logit with value 0.
+void write_row_output(const Problem& p, int64_t b, const RowInfo& ri, float m, float l, float* o,
+                      float* tmp) {
+    if (p.sinks.present()) {
+        const float s2 = sink_logit(p.sinks, ri.h) * kLog2e;
+        const float m_new = std::max(m, s2);
+        const float alpha = m == kNegInf ? 0.0f : std::exp2(m - m_new);
+        l = l * alpha + std::exp2(s2 - m_new);
+        for (int64_t d = 0; d < p.Dv; ++d) o[d] *= alpha;
+        m = m_new;
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f; // nothing visible: O = 0
+    for (int64_t d = 0; d < p.Dv; ++d) tmp[d] = o[d] * inv;
+    store_row(p.o.type, tmp, o_row(p.o, ri.i, ri.h, b), p.Dv);
+    if (p.lse.present()) *lse_at(p.lse, ri.i, ri.h, b) = l > 0.0f ? (m + std::log2(l)) / kLog2e : kNegInf;
+}
+
+// One query tile against the key tiles of split `split`: load Q tile; per key tile:
+// load K/V, S = QK^T, mask, online softmax, O += PV; epilogue.
+void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, int64_t split,
+                  ForwardWorkspace& ws, const Partial* partial) {
+    const int64_t n = tile.rows(), n8 = round_up(n, 8), Dk = p.Dk, Dv8 = plan.Dv8;
+    RowInfo* rows = ws.rows.data();
+    describe_rows(p, tile.b, tile.h0, tile.nh, tile.i0, tile.ni, rows);
+
+    // Load Q tile, transposed (qt[d][r]) and scaled; columns [n, n8) are zero.
+    const float qscale = q_prescale(p.params);
+    std::fill(ws.qt.begin(), ws.qt.end(), 0.0f);
+    for (int64_t r = 0; r < n; ++r) {
+        load_row(p.q.type, row_at(p.q, rows[r].i, rows[r].h, tile.b), ws.row.data(), Dk, Dk);
+        for (int64_t d = 0; d < Dk; ++d) ws.qt[size_t(d * kTileQ + r)] = ws.row[size_t(d)] * qscale;
+    }
+    for (int64_t r = 0; r < kTileQ; ++r) ws.m[r] = kNegInf, ws.l[r] = 0.0f;
+    std::fill(ws.oacc.begin(), ws.oacc.end(), 0.0f);
+
+    // The key tiles any row of this tile can see (causal/window skip the rest), then
+    // this split's share of them.
+    int64_t jmin = p.Skv, jmax = -1;
+    for (int64_t r = 0; r < n; ++r)
+        if (rows[r].keys.lo <= rows[r].keys.hi) {
+            jmin = std::min(jmin, rows[r].keys.lo);
+            jmax = std::max(jmax, rows[r].keys.hi);
+        }
+    int64_t t_begin = 0, t_end = 0;
+    if (jmax >= jmin) {
+        const int64_t t0 = jmin / kTileKV, t1 = jmax / kTileKV + 1;
+        t_begin = t0 + (t1 - t0) * split / plan.splits;
+        t_end = t0 + (t1 - t0) * (split + 1) / plan.splits;
+    }
+
+    const bool k_in_place = p.k.type == Type::F32;
+    const bool v_in_place = p.v.type == Type::F32 && p.Dv % 8 == 0;
+    float* st = ws.st.data();
+    for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t j0 = t * kTileKV, nk = std::min(kTileKV, p.Skv - j0);
+
+        // Load K/V tile (converted to f32 unless already f32).
+        const float* kt = ws.kbuf.data();
+        int64_t k_ld = Dk;
+        if (k_in_place) {
+            kt = reinterpret_cast<const float*>(row_at(p.k, j0, tile.g, tile.b));
+            k_ld = p.k.nb[1] / 4;
+        } else {
+            for (int64_t j = 0; j < nk; ++j)
+                load_row(p.k.type, row_at(p.k, j0 + j, tile.g, tile.b), ws.kbuf.data() + j * Dk, Dk, Dk);
+        }
+        const float* vt = ws.vbuf.data();
+        int64_t v_ld = Dv8;
+        if (v_in_place) {
+            vt = reinterpret_cast<const float*>(row_at(p.v, j0, tile.g, tile.b));
+            v_ld = p.v.nb[1] / 4;
+        } else {
+            for (int64_t j = 0; j < nk; ++j)
+                load_row(p.v.type, row_at(p.v, j0 + j, tile.g, tile.b), ws.vbuf.data() + j * Dv8, p.Dv, Dv8);
+        }
+
+        // S^T = K Q^T (key-major, base-2 units unless softcapped).
+        gemm(nk, n8, Dk, kt, k_ld, 1, ws.qt.data(), kTileQ, st, kTileQ, false);
+        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n8, kTileQ);
+
+        // Mask: ALiBi-scaled mask, causal/window band.
+        apply_mask(p, rows, n, j0, nk, st, kTileQ, tile_is_partial(rows, n, j0, nk));
+
+        // Online softmax, 8 query rows per vector: new max, rescale factor, P = exp2(S - m).
+        for (int64_t r = 0; r < n8; r += 8) {
+            vf8 mx = simd::load(ws.m + r);
+            for (int64_t j = 0; j < nk; ++j) mx = simd::max(mx, simd::load(st + j * kTileQ + r));
+            float m_new[8], m_use[8];
+            simd::store(m_new, mx);
+            for (int k = 0; k < 8; ++k) m_use[k] = m_new[k] == kNegInf ? 0.0f : m_new[k];
+            const vf8 mu = simd::load(m_use);
+            const vf8 alpha = simd::exp2(simd::load(ws.m + r) - mu);
+            vf8 sum = simd::zero();
+            for (int64_t j = 0; j < nk; ++j) {
+                const vf8 pj = simd::exp2(simd::load(st + j * kTileQ + r) - mu);
+                simd::store(st + j * kTileQ + r, pj);
+                sum = sum + pj;
+            }
+            simd::store(ws.l + r, simd::fma(simd::load(ws.l + r), alpha, sum));
+            simd::store(ws.alpha + r, alpha);
+            simd::store(ws.m + r, mx);
+        }
+        for (int64_t r = 0; r < n; ++r) {
+            if (ws.alpha[r] == 1.0f) continue;
+            const vf8 a = simd::splat(ws.alpha[r]);
+            float* o = ws.oacc.data() + r * Dv8;
+            for (int64_t d = 0; d < Dv8; d += 8) simd::store(o + d, a * simd::load(o + d));
+        }
+
+        // O += P V (P read transposed out of st).
+        gemm(n, Dv8, nk, st, 1, kTileQ, vt, v_ld, ws.oacc.data(), Dv8, true);
+    }
+
+    // Epilogue: normalize and write, or hand the split's partial to the combine step.
+    if (partial) {
+        std::copy(ws.m, ws.m + n, partial->m);
+        std::copy(ws.l, ws.l + n, partial->l);
+        std::copy(ws.oacc.begin(), ws.oacc.begin() + n * Dv8, partial->o);
+        return;
+    }
+    for (int64_t r = 0; r < n; ++r)
+        write_row_output(p, tile.b, rows[r], ws.m[r], ws.l[r], ws.oacc.data() + r * Dv8, ws.row.data());
+}
+
+// Log-sum-exp combine of a tile's splits, in split order.
+void combine_splits(const Problem& p, const ForwardPlan& plan, const QTile& tile, const Partial* parts,
+                    ForwardWorkspace& ws) {
+    const int64_t n = tile.rows(), Dv8 = plan.Dv8;
+    describe_rows(p, tile.b, tile.h0, tile.nh, tile.i0, tile.ni, ws.rows.data());
+    for (int64_t r = 0; r < n; ++r) {
+        float m = kNegInf;
+        for (int64_t s = 0; s < plan.splits; ++s) m = std::max(m, parts[s].m[r]);
+        float l = 0.0f;
+        float* o = ws.oacc.data();
+        std::fill(o, o + Dv8, 0.0f);
+        if (m != kNegInf)
+            for (int64_t s = 0; s < plan.splits; ++s) {
+                if (parts[s].m[r] == kNegInf) continue;
+                const float w = std::exp2(parts[s].m[r] - m);
+                l += w * parts[s].l[r];
+                const float* os = parts[s].o + r * Dv8;
+                for (int64_t d = 0; d < Dv8; ++d) o[d] += w * os[d];
+            }
+        write_row_output(p, tile.b, ws.rows[size_t(r)], m, l, o, ws.row.data());
+    }
+}
+
+size_t split_partial_floats(const ForwardPlan& plan) {
+    if (plan.splits == 1) return 0;
+    return size_t(plan.tiles.size()) * size_t(plan.splits) * size_t(kTileQ * (plan.Dv8 + 2));
+}
+
+// ============================== backward =====================================================
+//
+// Per batch and kv head: dK/dV accumulate in f32 buffers for the whole head ([Skv][D]).
+// For each query head of the group: a pre-pass converts Q and dO once (row-major and
+// transposed), computes D_i = rowsum(dO_i * O_i) and the base-2 LSE; the main pass runs
+// over key tiles (FA2's outer loop), each owning its rows of dK/dV, and loops over the
+// query tiles that can see it: recompute S and P = exp2(S - LSE), dV += P^T dO,
+// dP = dO V^T, dS = P (dP - D), dK += dS^T Q, dQ += dS K.
+//
+// Determinism: dQ gets contributions from every key tile. Key tile t always runs on
+// thread t % n_threads and adds into that thread's own dQ partial; the partials are then
+// summed in thread order. The order of every floating-point sum is thus fixed by the
+// problem and the thread count, never by scheduling, so repeated runs are bit-identical.
+
+constexpr int64_t kBwdTileQ = 64;  // query rows per tile (a multiple of 16)
+constexpr int64_t kBwdTileKV = 48; // keys per tile
+
+struct BackwardSizes {
+    int64_t Dk8, Dv8, Sq16;
+    explicit BackwardSizes(const Problem& p)
+        : Dk8(round_up(p.Dk, 8)), Dv8(round_up(p.Dv, 8)), Sq16(round_up(p.Sq, 16)) {}
+    // Shared across threads: dK/dV accumulators, one query head's converted Q/dO, D and
+    // LSE, and one dQ partial per thread.
+    size_t shared_floats(const Problem& p, int n_threads) const {
+        return size_t(p.Skv * (Dk8 + Dv8) + p.Dk * Sq16 + p.Sq * Dk8 + p.Dv * Sq16 + p.Sq * Dv8 + 2 * Sq16 +
+                      int64_t(n_threads) * p.Sq * Dk8);
+    }
+    size_t thread_floats(const Problem& p) const {
+        return size_t(kBwdTileKV * (Dk8 + Dv8) + 3 * kBwdTileKV * kBwdTileQ + std::max(Dk8, Dv8));
+    }
+};
+
+struct BackwardWorkspace {
+    std::vector<float> kbuf; // [kBwdTileKV][Dk8]
+    std::vector<float> vbuf; // [kBwdTileKV][Dv8]
+    std::vector<float> pt;   // [kBwdTileKV][kBwdTileQ] S^T, then P^T
+    std::vector<float> dst;  // [kBwdTileKV][kBwdTileQ] dP^T, then dS^T
+    std::vector<float> tt;   // [kBwdTileKV][kBwdTileQ] tanh of the softcapped scores
+    std::vector<float> row;
+    std::vector<RowInfo> rows;
+    BackwardWorkspace(const BackwardSizes& z)
+        : kbuf(size_t(kBwdTileKV * z.Dk8)), vbuf(size_t(kBwdTileKV * z.Dv8)),
+          pt(size_t(kBwdTileKV * kBwdTileQ)), dst(size_t(kBwdTileKV * kBwdTileQ)),
+          tt(size_t(kBwdTileKV * kBwdTileQ)), row(size_t(std::max(z.Dk8, z.Dv8))), rows(size_t(kBwdTileQ)) {}
+};
+
+struct HeadBuffers {
+    std::vector<float> dk, dv;      // [Skv][Dk8], [Skv][Dv8] accumulators of the kv head
+    std::vector<float> qt, q;       // [Dk][Sq16] scaled for S;  [Sq][Dk8] unscaled
+    std::vector<float> dot, dO;     // [Dv][Sq16];  [Sq][Dv8]
+    std::vector<float> lse2, D;     // [Sq16]
+    std::vector<float> dq_partials; // [n_threads][Sq][Dk8]
+};
+
+// Converts one query head's Q and dO, and computes D and the base-2 LSE, rows [r0, r1).
+void backward_prepass(const BackwardProblem& bp, const BackwardSizes& z, int64_t b, int64_t h, int64_t r0,
+                      int64_t r1, HeadBuffers& hb, float* tmp) {
+    const Problem& p = bp.fwd;
+    const float qscale = q_prescale(p.params);
+    for (int64_t i = r0; i < r1; ++i) {
+        float* q = hb.q.data() + i * z.Dk8;
+        load_row(p.q.type, row_at(p.q, i, h, b), q, p.Dk, z.Dk8);
+        for (int64_t d = 0; d < p.Dk; ++d) hb.qt[size_t(d * z.Sq16 + i)] = q[d] * qscale;
+        float* dO = hb.dO.data() + i * z.Dv8;
+        load_row(bp.dO.type, o_row(bp.dO, i, h, b), dO, p.Dv, z.Dv8);
+        for (int64_t d = 0; d < p.Dv; ++d) hb.dot[size_t(d * z.Sq16 + i)] = dO[d];
+        load_row(p.o.type, o_row(p.o, i, h, b), tmp, p.Dv, p.Dv);
+        double Di = 0.0;
+        for (int64_t d = 0; d < p.Dv; ++d) Di += double(dO[d]) * double(tmp[d]);
+        hb.D[size_t(i)] = float(Di);
+        // A fully masked row has LSE = -inf; +inf here makes every P of that row 0.
+        const float lse = *lse_at(p.lse, i, h, b);
+        hb.lse2[size_t(i)] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+    }
+}
+
+// One key tile against every query tile of head h that can see it.
+void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_t b, int64_t g, int64_t h,
+                       int64_t t, HeadBuffers& hb, float* dq_partial, BackwardWorkspace& ws) {
+    const Problem& p = bp.fwd;
+    const int64_t Dk8 = z.Dk8, Dv8 = z.Dv8, ld = kBwdTileQ;
+    const int64_t j0 = t * kBwdTileKV, nk = std::min(kBwdTileKV, p.Skv - j0);
+
+    // Query rows whose visible band meets [j0, j0 + nk); the band's ends never decrease
+    // with i, so a row range suffices.
+    int64_t i_begin = p.Sq, i_end = 0;
+    for (int64_t i = 0; i < p.Sq; ++i) {
+        const KeyRange kr = visible_keys(p.params, i, p.Sq, p.Skv);
+        if (kr.lo <= kr.hi && kr.hi >= j0 && kr.lo < j0 + nk) {
+            i_begin = std::min(i_begin, i);
+            i_end = i + 1;
+        }
+    }
+    if (i_begin >= i_end) return;
+
+    // Load K/V tile.
+    for (int64_t j = 0; j < nk; ++j) {
+        load_row(p.k.type, row_at(p.k, j0 + j, g, b), ws.kbuf.data() + j * Dk8, p.Dk, Dk8);
+        load_row(p.v.type, row_at(p.v, j0 + j, g, b), ws.vbuf.data() + j * Dv8, p.Dv, Dv8);
+    }
+    const bool softcap = p.params.logit_softcap > 0.0f;
+    float* pt = ws.pt.data();
+    float* dst = ws.dst.data();
+    float* dk = hb.dk.data() + j0 * Dk8;
+    float* dv = hb.dv.data() + j0 * Dv8;
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdTileQ) {
+        const int64_t nq = std::min(kBwdTileQ, i_end - i0), nq8 = round_up(nq, 8);
+        RowInfo* rows = ws.rows.data();
+        describe_rows(p, b, h, 1, i0, nq, rows);
+
+        // S^T = K Q^T, softcap, mask.
+        gemm(nk, nq8, p.Dk, ws.kbuf.data(), Dk8, 1, hb.qt.data() + i0, z.Sq16, pt, ld, false);
+        if (softcap) {
+            for (int64_t j = 0; j < nk; ++j)
+                for (int64_t r = 0; r < nq8; r += 8)
+                    simd::store(ws.tt.data() + j * ld + r, simd::tanh(simd::load(pt + j * ld + r)));
+            const vf8 cap2 = simd::splat(p.params.logit_softcap * kLog2e);
+            for (int64_t j = 0; j < nk; ++j)
+                for (int64_t r = 0; r < nq8; r += 8)
+                    simd::store(pt + j * ld + r, cap2 * simd::load(ws.tt.data() + j * ld + r));
+        }
+        apply_mask(p, rows, nq, j0, nk, pt, ld, tile_is_partial(rows, nq, j0, nk));
+
+        // P^T = exp2(S^T - LSE). Lanes past the last row read lse2 = +inf or zero-padded
+        // columns and come out 0.
+        for (int64_t r = 0; r < nq8; r += 8) {
+            const vf8 lse2 = simd::load(hb.lse2.data() + i0 + r);
+            for (int64_t j = 0; j < nk; ++j)
+                simd::store(pt + j * ld + r, simd::exp2(simd::load(pt + j * ld + r) - lse2));
+        }
+
+        // dV += P^T dO.
+        gemm(nk, Dv8, nq, pt, ld, 1, hb.dO.data() + i0 * Dv8, Dv8, dv, Dv8, true);
+        // dP^T = V dO^T.
+        gemm(nk, nq8, p.Dv, ws.vbuf.data(), Dv8, 1, hb.dot.data() + i0, z.Sq16, dst, ld, false);
+        // dS^T = P^T (dP^T - D), times (1 - tanh^2) through the softcap.
+        for (int64_t r = 0; r < nq8; r += 8) {
+            const vf8 D = simd::load(hb.D.data() + i0 + r);
+            for (int64_t j = 0; j < nk; ++j) {
+                vf8 ds = simd::load(pt + j * ld + r) * (simd::load(dst + j * ld + r) - D);
+                if (softcap) {
+                    const vf8 th = simd::load(ws.tt.data() + j * ld + r);
+                    ds = ds * (simd::splat(1.0f) - th * th);
+                }
+                simd::store(dst + j * ld + r, ds);
+            }
+        }
+        // dK += dS^T Q;  dQ += dS K (into this thread's partial).
+        gemm(nk, Dk8, nq, dst, ld, 1, hb.q.data() + i0 * Dk8, Dk8, dk, Dk8, true);
+        gemm(nq, Dk8, nk, dst, 1, ld, ws.kbuf.data(), Dk8, dq_partial + i0 * Dk8, Dk8, true);
+    }
+}
+
+} // namespace
+
+size_t flash_attn_scratch_bytes(const Problem& p, int n_threads) {
+    const ForwardPlan plan = plan_forward(p, n_threads);
+    return 4 * (size_t(n_threads) * ForwardWorkspace::floats(p, plan.Dv8) + split_partial_floats(plan)) +
+           size_t(n_threads) * kTileQ * sizeof(RowInfo);
+}
+
+void flash_attn_forward(const Problem& p, ThreadPool& pool) {
+    validate(p, "flash_attn_ext (CPU forward)");
+    const int nth = pool.size();
+    const ForwardPlan plan = plan_forward(p, nth);
+    const int64_t n_tiles = int64_t(plan.tiles.size());
+    const int64_t n_items = n_tiles * plan.splits;
+
+    std::vector<float> partial_store(split_partial_floats(plan));
+    auto partial_of = [&](int64_t tile, int64_t split) {
+        float* base = partial_store.data() + size_t((tile * plan.splits + split) * kTileQ * (plan.Dv8 + 2));
+        return Partial{base, base + kTileQ, base + 2 * kTileQ};
+    };
+
+    // Items are claimed dynamically (causal tiles differ in cost); each item owns its
+    // output rows (or its partial slot), so the result does not depend on who ran it.
+    std::atomic<int64_t> next{0};
+    pool.run([&](int, int) {
+        ForwardWorkspace ws(p, plan.Dv8);
+        for (int64_t item; (item = next.fetch_add(1)) < n_items;) {
+            const int64_t tile = item / plan.splits, split = item % plan.splits;
+            if (plan.splits == 1) {
+                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, nullptr);
+            } else {
+                const Partial part = partial_of(tile, split);
+                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, &part);
+            }
+        }
+    });
+    if (plan.splits == 1) return;
+
+    std::atomic<int64_t> next_tile{0};
+    pool.run([&](int, int) {
+        ForwardWorkspace ws(p, plan.Dv8);
+        std::vector<Partial> parts(size_t(plan.splits));
+        for (int64_t tile; (tile = next_tile.fetch_add(1)) < n_tiles;) {
+            for (int64_t s = 0; s < plan.splits; ++s) parts[size_t(s)] = partial_of(tile, s);
+            combine_splits(p, plan, plan.tiles[size_t(tile)], parts.data(), ws);
+        }
+    });
+}
+
+size_t flash_attn_backward_scratch_bytes(const BackwardProblem& bp, int n_threads) {
+    const BackwardSizes z(bp.fwd);
+    return 4 * (z.shared_floats(bp.fwd, n_threads) + size_t(n_threads) * z.thread_floats(bp.fwd)) +
+           size_t(n_threads) * kBwdTileQ * sizeof(RowInfo);
+}
+
+void flash_attn_backward(const BackwardProblem& bp, ThreadPool& pool) {
+    validate(bp, "flash_attn_ext (CPU backward)");
+    const Problem& p = bp.fwd;
+    const int nth = pool.size();
+    const BackwardSizes z(p);
+    const int64_t group = p.Hq / p.Hkv;
+    const int64_t n_key_tiles = (p.Skv + kBwdTileKV - 1) / kBwdTileKV;
+    const float scale = p.params.scale;
+
+    HeadBuffers hb;
+    hb.dk.resize(size_t(p.Skv * z.Dk8));
+    hb.dv.resize(size_t(p.Skv * z.Dv8));
+    hb.qt.assign(size_t(p.Dk * z.Sq16), 0.0f); // columns past Sq stay zero
+    hb.q.resize(size_t(p.Sq * z.Dk8));
+    hb.dot.assign(size_t(p.Dv * z.Sq16), 0.0f);
+    hb.dO.resize(size_t(p.Sq * z.Dv8));
+    hb.lse2.assign(size_t(z.Sq16), std::numeric_limits<float>::infinity());
+    hb.D.assign(size_t(z.Sq16), 0.0f);
+    hb.dq_partials.resize(size_t(nth * p.Sq * z.Dk8));
+    std::vector<BackwardWorkspace> workspaces;
+    for (int t = 0; t < nth; ++t) workspaces.emplace_back(z);
+
+    float* dsinks = static_cast<float*>(bp.dsinks.data);
+    if (bp.dsinks.present())
+        for (int64_t h = 0; h < p.Hq; ++h) dsinks[h * bp.dsinks.nb[0] / 4] = 0.0f;
+
+    for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t g = 0; g < p.Hkv; ++g) {
+            std::fill(hb.dk.begin(), hb.dk.end(), 0.0f);
+            std::fill(hb.dv.begin(), hb.dv.end(), 0.0f);
+            for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+                pool.run([&](int ith, int n) {
+                    const auto [r0, r1] = split_range(p.Sq, ith, n);
+                    backward_prepass(bp, z, b, h, r0, r1, hb, workspaces[size_t(ith)].row.data());
+                });
+                if (bp.dsinks.present()) {
+                    // dsink_h = -sum_i P_sink(i) D_i, summed over batches in order.
+                    const float s2 = sink_logit(p.sinks, h) * kLog2e;
+                    double ds = 0.0;
+                    for (int64_t i = 0; i < p.Sq; ++i)
+                        ds -= double(std::exp2(s2 - hb.lse2[size_t(i)])) * double(hb.D[size_t(i)]);
+                    dsinks[h * bp.dsinks.nb[0] / 4] += float(ds);
+                }
+                pool.run([&](int ith, int n) {
+                    float* dq_partial = hb.dq_partials.data() + size_t(ith) * size_t(p.Sq * z.Dk8);
+                    std::fill(dq_partial, dq_partial + p.Sq * z.Dk8, 0.0f);
+                    for (int64_t t = ith; t < n_key_tiles; t += n)
+                        backward_key_tile(bp, z, b, g, h, t, hb, dq_partial, workspaces[size_t(ith)]);
+                });
+                // dQ = scale * (sum of the partials in thread order).
+                pool.run([&](int ith, int n) {
+                    const auto [r0, r1] = split_range(p.Sq, ith, n);
+                    float* acc = workspaces[size_t(ith)].row.data();
+                    for (int64_t i = r0; i < r1; ++i) {
+                        for (int64_t d = 0; d < p.Dk; ++d) acc[d] = 0.0f;
+                        for (int t = 0; t < nth; ++t) {
+                            const float* part = hb.dq_partials.data() +
+                                                (size_t(t) * size_t(p.Sq) + size_t(i)) * size_t(z.Dk8);
+                            for (int64_t d = 0; d < p.Dk; ++d) acc[d] += part[d];
+                        }
+                        for (int64_t d = 0; d < p.Dk; ++d) acc[d] *= scale;
+                        store_row(bp.dq.type, acc, row_at(bp.dq, i, h, b), p.Dk);
+                    }
+                });
+            }
+            // Epilogue: dK = scale * accumulated dS^T Q, dV as accumulated.
+            pool.run([&](int ith, int n) {
+                const auto [j_begin, j_end] = split_range(p.Skv, ith, n);
+                float* tmp = workspaces[size_t(ith)].row.data();
+                for (int64_t j = j_begin; j < j_end; ++j) {
+                    for (int64_t d = 0; d < p.Dk; ++d) tmp[d] = hb.dk[size_t(j * z.Dk8 + d)] * scale;
+                    store_row(bp.dk.type, tmp, row_at(bp.dk, j, g, b), p.Dk);
+                    store_row(bp.dv.type, hb.dv.data() + j * z.Dv8, row_at(bp.dv, j, g, b), p.Dv);
+                }
+            });
+        }
+}
+
+} // namespace gfa::cpu

@@ -1,0 +1,23 @@
+// FlashAttention-2 on the CPU: tiled forward with an online softmax (and split-KV for
+// decoding), and the FA2 backward that recomputes P from the LSE. Memory beyond the
+// inputs and outputs is O(Sq + Skv) per head, never O(Sq * Skv).
+#pragma once
+
+#include "attention/problem.h"
+#include "thread_pool.h"
+
+#include <cstddef>
+
+namespace gfa::cpu {
+
+// Writes o (and lse when present).
+void flash_attn_forward(const attn::Problem& p, ThreadPool& pool);
+// Writes dq, dk, dv and dsinks when present. Deterministic: the same inputs and the same
+// number of threads give bit-identical gradients on every run.
+void flash_attn_backward(const attn::BackwardProblem& bp, ThreadPool& pool);
+
+// Bytes of scratch the kernels allocate for this problem with n_threads workers.
+size_t flash_attn_scratch_bytes(const attn::Problem& p, int n_threads);
+size_t flash_attn_backward_scratch_bytes(const attn::BackwardProblem& bp, int n_threads);
+
+} // namespace gfa::cpu

@@ -1,0 +1,51 @@
+// Reductions on the CPU. Rows are summed in double so long rows stay accurate; sum() adds
+// per-worker partials in worker order, so the result does not depend on timing.
+#include "cpu_kernels.h"
+
+#include <vector>
+
+namespace gfa::cpu {
+
+namespace {
+
+double row_sum(const Tensor* a, int64_t i1, int64_t i2, int64_t i3) {
+    const char* p = element_ptr(a, 0, i1, i2, i3);
+    double acc = 0.0;
+    for (int64_t i = 0; i < a->ne[0]; ++i) acc += *reinterpret_cast<const float*>(p + i * a->nb[0]);
+    return acc;
+}
+
+void run_sum(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor* a = dst->src[0];
+    std::vector<double> partial(size_t(ctx.pool.size()), 0.0);
+    ctx.pool.run([&](int ith, int nth) {
+        double acc = 0.0;
+        for_each_row(a, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) { acc += row_sum(a, i1, i2, i3); });
+        partial[size_t(ith)] = acc;
+    });
+    double total = 0.0;
+    for (double p : partial) total += p;
+    *static_cast<float*>(dst->data) = float(total);
+}
+
+template <bool Average> void run_rows(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor* a = dst->src[0];
+    ctx.pool.run([&](int ith, int nth) {
+        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+            const double s = row_sum(a, i1, i2, i3);
+            *f32_row(dst, i1, i2, i3) = float(Average ? s / double(a->ne[0]) : s);
+        });
+    });
+}
+
+bool f32_input(const Tensor* dst) { return dst->src[0]->type == Type::F32; }
+
+} // namespace
+
+void register_reduce_kernels(KernelTable& t) {
+    t[size_t(Op::Sum)] = {run_sum, f32_input};
+    t[size_t(Op::SumRows)] = {run_rows<false>, f32_input};
+    t[size_t(Op::Mean)] = {run_rows<true>, f32_input};
+}
+
+} // namespace gfa::cpu

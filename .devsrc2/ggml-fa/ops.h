@@ -1,0 +1,142 @@
+// The operations: builder functions that add a node to a context, with their typed
+// parameters. Each builder validates its inputs and throws gfa::Error naming the op and the
+// shapes when they cannot work. Shapes follow ggml: dim 0 is the contiguous one.
+#pragma once
+
+#include <ggml-fa/tensor.h>
+
+#include <ggml-fa/attention.h>
+
+namespace gfa {
+
+// ---- parameter structs ---------------------------------------------------------------
+
+struct FillParams { float value; };
+struct ScaleParams { float scale; float bias; }; // x * scale + bias
+struct NormParams { float eps; };
+struct SoftMaxParams { float scale; float max_bias; }; // softmax(x * scale + slope * mask)
+struct DiagMaskParams { int32_t n_past; };
+struct ConcatParams { int32_t dim; };
+struct PermuteParams { int32_t axes[kMaxDims]; }; // result dim axes[i] comes from source dim i
+enum class GeluApprox : int32_t { Tanh, Erf };
+struct GeluParams { GeluApprox approx; };
+
+enum class RopeMode : int32_t {
+    Normal = 0, // rotate pairs (2i, 2i+1)   (LLaMA in GGUF layout)
+    NeoX = 2,   // rotate pairs (i, i + n_dims/2)
+};
+struct RopeParams {
+    int32_t n_dims;   // leading dims of each head that rotate; the rest pass through
+    RopeMode mode;
+    float freq_base;  // theta_i = pos * freq_scale * freq_base^(-2i/n_dims)
+    float freq_scale; // linear position scaling (1 = none)
+};
+
+struct AdamWParams {
+    float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
+    int32_t step = 1; // 1-based, for bias correction
+};
+
+// flash_attn_ext parameters (shared with the kernels): scale, ALiBi max_bias, logit
+// softcap, causal, window. See src/attention/problem.h for the exact semantics.
+using FlashAttnParams = attn::Params;
+struct FlashAttnOptions {
+    Type out_type = Type::F32; // f32, f16 or bf16
+    bool with_lse = false;     // also produce the row log-sum-exp (see flash_attn_lse)
+};
+// Stored on the node: the user's params plus options.
+struct FlashAttnNodeParams {
+    FlashAttnParams attn;
+    FlashAttnOptions options;
+};
+struct FlashAttnBackParams {
+    FlashAttnParams attn;
+    bool deterministic;
+};
+
+// ---- data movement and views ----------------------------------------------------------
+
+Tensor* fill(Context& ctx, Type type, std::initializer_list<int64_t> ne, float value);
+Tensor* cpy(Context& ctx, Tensor* a, Tensor* b); // copy a into b (converting types); result views b
+Tensor* cast(Context& ctx, Tensor* a, Type type); // a new contiguous tensor of another type
+Tensor* cont(Context& ctx, Tensor* a);
+Tensor* reshape(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne); // a must be contiguous
+Tensor* view(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne, std::initializer_list<size_t> nb,
+             size_t offset);
+Tensor* permute(Context& ctx, Tensor* a, int ax0, int ax1, int ax2, int ax3);
+Tensor* transpose(Context& ctx, Tensor* a); // swap dims 0 and 1
+Tensor* get_rows(Context& ctx, Tensor* a, Tensor* rows);    // a[.., rows[i], ..] -> f32
+Tensor* set_rows(Context& ctx, Tensor* a, Tensor* b, Tensor* rows); // a[rows[i]] = b[i]; result views a
+Tensor* concat(Context& ctx, Tensor* a, Tensor* b, int dim);
+Tensor* repeat(Context& ctx, Tensor* a, Tensor* like); // tile a to like's shape
+
+// ---- element-wise ---------------------------------------------------------------------
+
+Tensor* add(Context& ctx, Tensor* a, Tensor* b); // b broadcast over a (can_repeat(b, a))
+Tensor* sub(Context& ctx, Tensor* a, Tensor* b);
+Tensor* mul(Context& ctx, Tensor* a, Tensor* b);
+Tensor* div(Context& ctx, Tensor* a, Tensor* b);
+Tensor* scale(Context& ctx, Tensor* a, float s, float bias = 0.0f);
+Tensor* sqr(Context& ctx, Tensor* a);
+Tensor* sqrt(Context& ctx, Tensor* a);
+Tensor* exp(Context& ctx, Tensor* a);
+Tensor* log(Context& ctx, Tensor* a);
+Tensor* neg(Context& ctx, Tensor* a);
+
+// ---- reductions -----------------------------------------------------------------------
+
+Tensor* sum(Context& ctx, Tensor* a);      // -> [1]
+Tensor* sum_rows(Context& ctx, Tensor* a); // -> [1, ne1, ne2, ne3]
+Tensor* mean(Context& ctx, Tensor* a);     // row means -> [1, ne1, ne2, ne3]
+
+// ---- matrix products ------------------------------------------------------------------
+
+// a: [K, M, A2, A3] (weights: f32/f16/bf16/q8_0/q4_0/...), b: [K, N, B2, B3] f32 with
+// B2 % A2 == 0 and B3 % A3 == 0 (a broadcast). Result [M, N, B2, B3] f32 = b * a^T per matrix.
+Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b);
+// a: [M, K], b: [N, K] -> [M, N] = sum_k a[:,k] b[:,k]^T (batched over dims 2-3 like mul_mat)
+Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
+
+// ---- normalization, position encoding, softmax ----------------------------------------
+
+Tensor* norm(Context& ctx, Tensor* a, float eps);     // LayerNorm over dim 0, no affine
+Tensor* rms_norm(Context& ctx, Tensor* a, float eps); // RMSNorm over dim 0, no affine
+// a: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]
+Tensor* rope(Context& ctx, Tensor* a, Tensor* pos, const RopeParams& p);
+// softmax over dim 0 of a * scale + slope * mask; mask optional [ne0, ne1, 1|ne2, 1|ne3]
+Tensor* soft_max_ext(Context& ctx, Tensor* a, Tensor* mask, float scale, float max_bias);
+Tensor* soft_max(Context& ctx, Tensor* a);
+Tensor* diag_mask_inf(Context& ctx, Tensor* a, int n_past);
+
+// ---- activations ----------------------------------------------------------------------
+
+Tensor* silu(Context& ctx, Tensor* a);
+Tensor* gelu(Context& ctx, Tensor* a, GeluApprox approx = GeluApprox::Tanh);
+Tensor* relu(Context& ctx, Tensor* a);
+Tensor* swiglu(Context& ctx, Tensor* gate, Tensor* up); // silu(gate) * up
+
+// ---- losses and optimizers ------------------------------------------------------------
+
+// logits, labels: [n_classes, n_rows...] (labels are probabilities) -> [1] mean over rows
+Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels);
+// One AdamW step, updating param, m and v in place; the result views param.
+Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, const AdamWParams& p);
+
+// ---- attention ------------------------------------------------------------------------
+
+// q [Dk, Sq, Hq, B], k [Dk, Skv, Hkv, B], v [Dv, Skv, Hkv, B], mask [Skv, Sq, 1|Hq, 1|B]
+// (optional, f32/f16), sinks [Hq] f32 (optional) -> [Dv, Hq, Sq, B].
+Tensor* flash_attn_ext(Context& ctx, Tensor* q, Tensor* k, Tensor* v, Tensor* mask, const FlashAttnParams& p,
+                       Tensor* sinks = nullptr, FlashAttnOptions options = {});
+// The row log-sum-exp [Sq, Hq, B] f32 of a flash_attn_ext node built with with_lse.
+Tensor* flash_attn_lse(Context& ctx, Tensor* attn);
+
+// ---- marking --------------------------------------------------------------------------
+
+void set_param(Tensor* t);
+void set_input(Tensor* t);
+void set_output(Tensor* t);
+void set_loss(Tensor* t);
+Tensor* set_name(Tensor* t, std::string name);
+
+} // namespace gfa

@@ -1,0 +1,53 @@
+// Reductions: sum (all elements), sum_rows and mean (over dim 0).
+#include "op_def.h"
+#include "reference.h"
+
+namespace gfa {
+
+namespace {
+
+Tensor* reduce(Context& ctx, Op op, Tensor* a, std::array<int64_t, kMaxDims> ne) {
+    require_not_null(op, {a});
+    if (a->type != Type::F32) op_error(op, "input must be f32 (use cast)", {a});
+    Tensor* t = ctx.new_node(op, Type::F32, ne);
+    set_sources(t, {a});
+    return t;
+}
+
+void sum_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], repeat(g.ctx, grad, node->src[0])); }
+void mean_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    Tensor* a = node->src[0];
+    g.accumulate(a, repeat(g.ctx, scale(g.ctx, grad, 1.0f / float(a->ne[0])), a));
+}
+
+void sum_reference(ref::Evaluator& ev, const Tensor* n) {
+    double acc = 0.0;
+    ref::for_each_index(n->src[0], [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        acc += ev.get(n->src[0], i0, i1, i2, i3);
+    });
+    ev.set(n, acc, 0);
+}
+void row_reference(ref::Evaluator& ev, const Tensor* n, bool average) {
+    const Tensor* a = n->src[0];
+    ref::for_each_index(n, [&](int64_t, int64_t i1, int64_t i2, int64_t i3) {
+        double acc = 0.0;
+        for (int64_t i0 = 0; i0 < a->ne[0]; ++i0) acc += ev.get(a, i0, i1, i2, i3);
+        ev.set(n, average ? acc / double(a->ne[0]) : acc, 0, i1, i2, i3);
+    });
+}
+void sum_rows_reference(ref::Evaluator& ev, const Tensor* n) { row_reference(ev, n, false); }
+void mean_reference(ref::Evaluator& ev, const Tensor* n) { row_reference(ev, n, true); }
+
+} // namespace
+
+Tensor* sum(Context& ctx, Tensor* a) { return reduce(ctx, Op::Sum, a, {1, 1, 1, 1}); }
+Tensor* sum_rows(Context& ctx, Tensor* a) { return reduce(ctx, Op::SumRows, a, {1, a->ne[1], a->ne[2], a->ne[3]}); }
+Tensor* mean(Context& ctx, Tensor* a) { return reduce(ctx, Op::Mean, a, {1, a->ne[1], a->ne[2], a->ne[3]}); }
+
+void define_reduce_ops(OpTable& t) {
+    t[size_t(Op::Sum)] = {.name = "sum", .backward = sum_backward, .reference = sum_reference};
+    t[size_t(Op::SumRows)] = {.name = "sum_rows", .backward = sum_backward, .reference = sum_rows_reference};
+    t[size_t(Op::Mean)] = {.name = "mean", .backward = mean_backward, .reference = mean_reference};
+}
+
+} // namespace gfa

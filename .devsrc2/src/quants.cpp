@@ -1,0 +1,77 @@
+// Float conversions and the two basic block formats, Q8_0 and Q4_0 (ggml's rounding).
+#include "quants.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace gfa::quant {
+
+void f16_to_f32(const void* src, float* dst, int64_t n) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
+}
+void f32_to_f16(const float* src, void* dst, int64_t n) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = fp32_to_fp16(src[i]);
+}
+void bf16_to_f32(const void* src, float* dst, int64_t n) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
+}
+void f32_to_bf16(const float* src, void* dst, int64_t n) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = fp32_to_bf16(src[i]);
+}
+
+void dequantize_q8_0(const void* src, float* dst, int64_t n) {
+    const block_q8_0* b = static_cast<const block_q8_0*>(src);
+    for (int64_t i = 0; i < n / QK8_0; ++i) {
+        const float d = fp16_to_fp32(b[i].d);
+        for (int j = 0; j < QK8_0; ++j) dst[i * QK8_0 + j] = d * float(b[i].qs[j]);
+    }
+}
+
+void quantize_q8_0(const float* src, void* dst, int64_t n) {
+    block_q8_0* b = static_cast<block_q8_0*>(dst);
+    for (int64_t i = 0; i < n / QK8_0; ++i) {
+        const float* x = src + i * QK8_0;
+        float amax = 0.0f;
+        for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(x[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = fp32_to_fp16(d);
+        for (int j = 0; j < QK8_0; ++j) b[i].qs[j] = int8_t(std::round(x[j] * id));
+    }
+}
+
+void dequantize_q4_0(const void* src, float* dst, int64_t n) {
+    const block_q4_0* b = static_cast<const block_q4_0*>(src);
+    for (int64_t i = 0; i < n / QK4_0; ++i) {
+        const float d = fp16_to_fp32(b[i].d);
+        for (int j = 0; j < QK4_0 / 2; ++j) {
+            dst[i * QK4_0 + j] = d * float(int(b[i].qs[j] & 0x0f) - 8);
+            dst[i * QK4_0 + j + QK4_0 / 2] = d * float(int(b[i].qs[j] >> 4) - 8);
+        }
+    }
+}
+
+void quantize_q4_0(const float* src, void* dst, int64_t n) {
+    block_q4_0* b = static_cast<block_q4_0*>(dst);
+    for (int64_t i = 0; i < n / QK4_0; ++i) {
+        const float* x = src + i * QK4_0;
+        // The value of largest magnitude, with its sign, maps to -8 so the full range is used.
+        float amax = 0.0f, vmax = 0.0f;
+        for (int j = 0; j < QK4_0; ++j)
+            if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), vmax = x[j];
+        const float d = vmax / -8.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = fp32_to_fp16(d);
+        for (int j = 0; j < QK4_0 / 2; ++j) {
+            const int lo = std::min(15, int(x[j] * id + 8.5f));
+            const int hi = std::min(15, int(x[j + QK4_0 / 2] * id + 8.5f));
+            b[i].qs[j] = uint8_t(lo | (hi << 4));
+        }
+    }
+}
+
+} // namespace gfa::quant

@@ -1,0 +1,33 @@
+// Row conversions between float and every storage type (internal). Each quantized format
+// has its encoder and decoder here; n is always a multiple of the format's block size.
+#pragma once
+
+#include <ggml-fa/types.h>
+
+namespace gfa::quant {
+
+void f16_to_f32(const void* src, float* dst, int64_t n);
+void f32_to_f16(const float* src, void* dst, int64_t n);
+void bf16_to_f32(const void* src, float* dst, int64_t n);
+void f32_to_bf16(const float* src, void* dst, int64_t n);
+
+void dequantize_q8_0(const void* src, float* dst, int64_t n);
+void quantize_q8_0(const float* src, void* dst, int64_t n);
+void dequantize_q4_0(const void* src, float* dst, int64_t n);
+void quantize_q4_0(const float* src, void* dst, int64_t n);
+
+// GGUF formats used by llama.cpp models (src/quants_k.cpp).
+void dequantize_q4_1(const void* src, float* dst, int64_t n);
+void quantize_q4_1(const float* src, void* dst, int64_t n);
+void dequantize_q5_0(const void* src, float* dst, int64_t n);
+void quantize_q5_0(const float* src, void* dst, int64_t n);
+void dequantize_q5_1(const void* src, float* dst, int64_t n);
+void quantize_q5_1(const float* src, void* dst, int64_t n);
+void dequantize_q4_K(const void* src, float* dst, int64_t n);
+void quantize_q4_K(const float* src, void* dst, int64_t n);
+void dequantize_q5_K(const void* src, float* dst, int64_t n);
+void quantize_q5_K(const float* src, void* dst, int64_t n);
+void dequantize_q6_K(const void* src, float* dst, int64_t n);
+void quantize_q6_K(const float* src, void* dst, int64_t n);
+
+} // namespace gfa::quant

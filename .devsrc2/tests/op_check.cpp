@@ -1,0 +1,123 @@
+#include "op_check.h"
+
+#include "op_def.h"
+#include "reference.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace gfa::test {
+
+uint32_t seed() {
+    static const uint32_t s = std::random_device{}();
+    return s;
+}
+
+std::mt19937& rng() {
+    static std::mt19937 g(seed());
+    return g;
+}
+
+std::vector<float> random_values(size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (float& x : v) x = d(rng());
+    return v;
+}
+
+void fill_uniform(Tensor* t, float lo, float hi) { tensor_set_f32(t, random_values(size_t(t->nelements()), lo, hi)); }
+
+void poison_nodes(const Graph& g) {
+    for (Tensor* n : g.nodes()) {
+        if (!n->data || n->is_view() || op_def(n->op).is_view) continue;
+        std::vector<uint8_t> nan(n->alloc_bytes(), 0xFF);
+        tensor_set(n, nan.data(), 0, nan.size());
+    }
+}
+
+void compute_cpu(const Graph& g, int n_threads) {
+    poison_nodes(g);
+    auto backend = make_cpu_backend(n_threads);
+    backend->compute(g.nodes());
+}
+
+double rel_error(const std::vector<float>& out, const std::vector<double>& ref) {
+    REQUIRE(out.size() == ref.size());
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) {
+        if (!std::isfinite(out[i]) && std::isfinite(ref[i])) return std::numeric_limits<double>::infinity();
+        if (std::isnan(ref[i]) && !std::isnan(out[i])) return std::numeric_limits<double>::infinity();
+        if (!std::isfinite(ref[i])) {
+            if (out[i] != ref[i] && !(std::isnan(out[i]) && std::isnan(ref[i]))) return std::numeric_limits<double>::infinity();
+            continue;
+        }
+        const double d = double(out[i]) - ref[i];
+        num += d * d;
+        den += ref[i] * ref[i];
+    }
+    return den > 1e-30 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+void check_forward(Tensor* out, double tol, int n_threads) {
+    INFO("seed " << seed() << ", output " << out->shape_str() << " made by " << op_name(out->op));
+    Graph g = build_forward(out);
+    const std::vector<double> ref = ref::evaluate(g, out);
+    compute_cpu(g, n_threads);
+    const double err = rel_error(tensor_get_f32(out), ref);
+    INFO("relative error " << err << " (tolerance " << tol << ")");
+    CHECK(err <= tol);
+}
+
+void check_gradients(Context& ctx, Tensor* loss, const std::vector<Tensor*>& params, double tol, double eps,
+                     int max_elements) {
+    INFO("seed " << seed() << ", loss made by " << op_name(loss->op));
+    for (Tensor* p : params) set_param(p);
+    set_loss(loss);
+
+    // Finite differences of the reference, in double precision.
+    Graph forward = build_forward(loss);
+    ref::Evaluator ev(forward);
+    std::vector<std::vector<double>> numeric(params.size());
+    std::vector<std::vector<size_t>> picked(params.size());
+    for (size_t pi = 0; pi < params.size(); ++pi) {
+        Tensor* p = params[pi];
+        const std::vector<double> base = ev.values(p);
+        std::vector<size_t> idx(base.size());
+        for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+        std::shuffle(idx.begin(), idx.end(), rng());
+        if (idx.size() > size_t(max_elements)) idx.resize(size_t(max_elements));
+        for (size_t i : idx) {
+            std::vector<double> v = base;
+            v[i] = base[i] + eps;
+            ev.set_values(p, v);
+            ev.run();
+            const double up = ev.values(loss)[0];
+            v[i] = base[i] - eps;
+            ev.set_values(p, v);
+            ev.run();
+            const double down = ev.values(loss)[0];
+            numeric[pi].push_back((up - down) / (2 * eps));
+        }
+        ev.set_values(p, base);
+        picked[pi] = idx;
+    }
+
+    // Analytic gradients from the graph, computed by the CPU backend.
+    Graph g = build_forward(loss);
+    build_backward(ctx, g, loss);
+    compute_cpu(g);
+    for (size_t pi = 0; pi < params.size(); ++pi) {
+        Tensor* grad = g.grad(params[pi]);
+        REQUIRE(grad != nullptr);
+        const std::vector<float> all = tensor_get_f32(grad);
+        std::vector<float> analytic;
+        for (size_t i : picked[pi]) analytic.push_back(all[i]);
+        const double err = rel_error(analytic, numeric[pi]);
+        INFO("parameter " << pi << " " << params[pi]->shape_str() << ": gradient relative error " << err
+                          << " (tolerance " << tol << ")");
+        CHECK(err <= tol);
+    }
+}
+
+} // namespace gfa::test

@@ -1,0 +1,43 @@
+// Test helpers: random inputs, poisoned outputs, comparison with the reference evaluator,
+// and gradient checks against central finite differences of the double-precision reference.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <ggml-fa/backend.h>
+#include <ggml-fa/graph.h>
+#include <ggml-fa/ops.h>
+
+#include <random>
+#include <vector>
+
+namespace gfa::test {
+
+// A generator seeded from std::random_device; the seed is printed when a test fails.
+std::mt19937& rng();
+uint32_t seed();
+
+// Uniform values in [lo, hi) written in the tensor's type (contiguous tensors).
+void fill_uniform(Tensor* t, float lo = -1.0f, float hi = 1.0f);
+std::vector<float> random_values(size_t n, float lo = -1.0f, float hi = 1.0f);
+
+// Fills every computed node's memory with NaN bytes (0xFF) except nodes that write into
+// existing memory, so an element a kernel forgets to write shows up as NaN.
+void poison_nodes(const Graph& g);
+// Runs the graph on a CPU backend after poisoning.
+void compute_cpu(const Graph& g, int n_threads = 2);
+
+// ||out - ref|| / ||ref|| (or the absolute norm when ref is ~0); infinity if out has a NaN
+// or infinity where ref is finite.
+double rel_error(const std::vector<float>& out, const std::vector<double>& ref);
+
+// Computes `out`'s graph on the CPU backend and compares with the reference evaluator.
+void check_forward(Tensor* out, double tol, int n_threads = 2);
+
+// Differentiates `loss` (a scalar) with respect to `params` on the CPU backend and compares
+// each gradient with central finite differences of the reference evaluator in double
+// precision (at most `max_elements` sampled elements per parameter).
+void check_gradients(Context& ctx, Tensor* loss, const std::vector<Tensor*>& params, double tol,
+                     double eps = 1e-3, int max_elements = 48);
+
+} // namespace gfa::test
