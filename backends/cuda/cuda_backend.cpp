@@ -1,0 +1,362 @@
+// The CUDA device: one per GPU ("CUDA0", "CUDA1", ...), device-memory buffers from a small
+// caching pool, and a backend that owns a stream, a cuBLAS handle bound to it, and an event
+// to wait on. Which ops run here is decided by the kernel table (kernels_*.cu).
+#include <ggml-fa/backend.h>
+
+#include "cuda_common.h"
+#include "op_def.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+
+namespace gfa {
+
+namespace cuda {
+
+void raise_cuda_error(const char* call, cudaError_t err, const char* file, int line) {
+    std::string msg = std::string("CUDA error: ") + call + " failed with " + cudaGetErrorName(err) + " (" +
+                      cudaGetErrorString(err) + ") at " + file + ":" + std::to_string(line);
+    if (err == cudaErrorMemoryAllocation) throw OutOfMemory(msg);
+    throw Error(msg);
+}
+
+void raise_cublas_error(const char* call, cublasStatus_t st, const char* file, int line) {
+    throw Error(std::string("cuBLAS error: ") + call + " failed with " + cublasGetStatusString(st) + " at " +
+                file + ":" + std::to_string(line));
+}
+
+Scratch::~Scratch() {
+    if (ptr_) cudaFree(ptr_); // no check: may run while the process tears the runtime down
+}
+
+void* Scratch::get(size_t bytes, cudaStream_t stream, const char* device_name) {
+    if (bytes <= size_) return ptr_;
+    const size_t grown = std::max(bytes, size_ * 2);
+    if (ptr_) {
+        GFA_CUDA_CHECK(cudaStreamSynchronize(stream));
+        GFA_CUDA_CHECK(cudaFree(ptr_));
+        ptr_ = nullptr;
+        size_ = 0;
+    }
+    if (cudaMalloc(&ptr_, grown) != cudaSuccess) {
+        cudaGetLastError();
+        ptr_ = nullptr;
+        size_t free_bytes = 0, total = 0;
+        cudaMemGetInfo(&free_bytes, &total);
+        throw OutOfMemory(std::string(device_name) + ": cannot allocate " + std::to_string(grown) +
+                          " bytes of scratch memory (" + std::to_string(free_bytes) + " bytes free)");
+    }
+    size_ = grown;
+    return ptr_;
+}
+
+const KernelTable& kernels() {
+    static const KernelTable table = [] {
+        KernelTable t{};
+        register_movement_kernels(t);
+        register_elementwise_kernels(t);
+        register_reduce_kernels(t);
+        register_matmul_kernels(t);
+        register_norm_kernels(t);
+        register_activation_kernels(t);
+        register_training_kernels(t);
+        return t;
+    }();
+    return table;
+}
+
+} // namespace cuda
+
+namespace {
+
+using cuda::ComputeCtx;
+
+// Makes a device current for the scope of a call and restores the previous one.
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(int device) {
+        GFA_CUDA_CHECK(cudaGetDevice(&previous_));
+        if (previous_ != device) GFA_CUDA_CHECK(cudaSetDevice(device));
+    }
+    ~DeviceGuard() { cudaSetDevice(previous_); }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  private:
+    int previous_ = 0;
+};
+
+constexpr size_t kDeviceAlignment = 256;
+// Freed blocks kept for reuse, per device; past this they go back to the driver.
+constexpr size_t kPoolCacheLimit = size_t(1) << 30;
+
+// A caching allocator: freed blocks are kept (up to kPoolCacheLimit bytes) and handed out
+// again for requests that fit in them without wasting more than half the block.
+class MemoryPool {
+  public:
+    MemoryPool(int device, std::string name) : device_(device), name_(std::move(name)) {}
+    ~MemoryPool() { release_cached(); }
+
+    void* allocate(size_t size) {
+        const size_t rounded =
+            (std::max<size_t>(size, 1) + kDeviceAlignment - 1) / kDeviceAlignment * kDeviceAlignment;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            auto it = free_.lower_bound(rounded);
+            if (it != free_.end() && it->first <= rounded * 2) {
+                void* p = it->second;
+                sizes_[p] = it->first;
+                cached_bytes_ -= it->first;
+                free_.erase(it);
+                return p;
+            }
+        }
+        DeviceGuard guard(device_);
+        void* p = nullptr;
+        cudaError_t err = cudaMalloc(&p, rounded);
+        if (err == cudaErrorMemoryAllocation) {
+            cudaGetLastError();
+            release_cached(); // cached blocks may be what stands in the way
+            err = cudaMalloc(&p, rounded);
+        }
+        if (err != cudaSuccess) {
+            cudaGetLastError();
+            size_t free_bytes = 0, total = 0;
+            cudaMemGetInfo(&free_bytes, &total);
+            const std::string msg = name_ + ": cannot allocate " + std::to_string(size) +
+                                    " bytes of device memory (" + std::to_string(free_bytes) + " of " +
+                                    std::to_string(total) + " bytes free; " + cudaGetErrorString(err) + ")";
+            if (err == cudaErrorMemoryAllocation) throw OutOfMemory(msg);
+            throw Error(msg);
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        sizes_[p] = rounded;
+        return p;
+    }
+
+    void release(void* p) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = sizes_.find(p);
+        if (it == sizes_.end()) return;
+        const size_t size = it->second;
+        sizes_.erase(it);
+        if (cached_bytes_ + size <= kPoolCacheLimit) {
+            free_.emplace(size, p);
+            cached_bytes_ += size;
+        } else {
+            DeviceGuard guard(device_);
+            cudaFree(p); // a failure here has nobody to report to
+        }
+    }
+
+    void release_cached() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        int previous = 0;
+        cudaGetDevice(&previous);
+        cudaSetDevice(device_);
+        for (auto& [size, p] : free_) cudaFree(p);
+        cudaSetDevice(previous);
+        free_.clear();
+        cached_bytes_ = 0;
+    }
+
+  private:
+    int device_;
+    std::string name_;
+    std::mutex mutex_;
+    std::multimap<size_t, void*> free_;
+    std::map<void*, size_t> sizes_;
+    size_t cached_bytes_ = 0;
+};
+
+class CudaDevice;
+
+// Host <-> device copies go through the legacy default stream: it waits for the work of
+// every backend stream on the device (they are created blocking), so a read after compute()
+// sees the results without an explicit synchronize.
+class CudaBuffer final : public Buffer {
+  public:
+    CudaBuffer(BufferType* type, void* base, size_t size, MemoryPool& pool, int device)
+        : Buffer(type, base, size), pool_(pool), device_(device) {}
+    ~CudaBuffer() override {
+        // Work still queued may use this memory; wait before it can be handed out again.
+        int previous = 0;
+        cudaGetDevice(&previous);
+        cudaSetDevice(device_);
+        cudaDeviceSynchronize();
+        cudaSetDevice(previous);
+        pool_.release(base());
+    }
+    void set(Tensor* t, const void* src, size_t offset, size_t size) override {
+        DeviceGuard guard(device_);
+        GFA_CUDA_CHECK(cudaMemcpy(static_cast<char*>(t->data) + offset, src, size, cudaMemcpyHostToDevice));
+    }
+    void get(const Tensor* t, void* dst, size_t offset, size_t size) const override {
+        DeviceGuard guard(device_);
+        GFA_CUDA_CHECK(
+            cudaMemcpy(dst, static_cast<const char*>(t->data) + offset, size, cudaMemcpyDeviceToHost));
+    }
+    void fill(uint8_t value) override {
+        DeviceGuard guard(device_);
+        GFA_CUDA_CHECK(cudaMemset(base(), value, size()));
+        GFA_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+
+  private:
+    MemoryPool& pool_;
+    int device_;
+};
+
+class CudaBufferType final : public BufferType {
+  public:
+    CudaBufferType(Device* dev, int device, const std::string& name)
+        : device_(dev), id_(device), pool_(device, name) {}
+    const char* name() const override { return device_->name(); }
+    std::unique_ptr<Buffer> allocate(size_t size) override {
+        void* p = pool_.allocate(size);
+        return std::make_unique<CudaBuffer>(this, p, size, pool_, id_);
+    }
+    size_t alignment() const override { return kDeviceAlignment; }
+    bool is_host() const override { return false; }
+    Device* device() const override { return device_; }
+
+  private:
+    Device* device_;
+    int id_;
+    MemoryPool pool_;
+};
+
+class CudaBackend final : public Backend {
+  public:
+    CudaBackend(Device* dev, int device, int sm_count) : device_(dev) {
+        DeviceGuard guard(device);
+        ctx_.device = device;
+        ctx_.device_name = dev->name();
+        ctx_.sm_count = sm_count;
+        ctx_.scratch = &scratch_;
+        GFA_CUDA_CHECK(cudaStreamCreate(&ctx_.stream));
+        GFA_CUBLAS_CHECK(cublasCreate(&ctx_.cublas));
+        GFA_CUBLAS_CHECK(cublasSetStream(ctx_.cublas, ctx_.stream));
+        GFA_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+        GFA_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(int32_t), cudaHostAllocMapped));
+        *error_host_ = cuda::kNoError;
+        GFA_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error_flag), error_host_, 0));
+    }
+    ~CudaBackend() override {
+        int previous = 0;
+        cudaGetDevice(&previous);
+        cudaSetDevice(ctx_.device);
+        cudaStreamSynchronize(ctx_.stream);
+        cublasDestroy(ctx_.cublas);
+        cudaEventDestroy(done_);
+        cudaStreamDestroy(ctx_.stream);
+        cudaFreeHost(error_host_);
+        cudaSetDevice(previous);
+    }
+
+    const char* name() const override { return device_->name(); }
+    Device* device() const override { return device_; }
+
+    void compute(std::span<Tensor* const> nodes) override {
+        DeviceGuard guard(ctx_.device);
+        const cuda::KernelTable& table = cuda::kernels();
+        for (Tensor* node : nodes) {
+            if (node->op == Op::None || op_def(node->op).is_view) continue;
+            const cuda::KernelEntry& k = table[size_t(node->op)];
+            if (!k.run || (k.supports && !k.supports(node)))
+                fail(std::string(device_->name()) + " backend: no kernel for " + op_name(node->op) + " on " +
+                     node->shape_str());
+            if (!node->data)
+                fail(std::string(device_->name()) + " backend: node '" + node->name + "' (" +
+                     op_name(node->op) + ") has no memory");
+            if (node->nelements() == 0) continue;
+            k.run(ctx_, node);
+            GFA_CUDA_CHECK_LAUNCH();
+        }
+    }
+
+    void synchronize() override {
+        DeviceGuard guard(ctx_.device);
+        GFA_CUDA_CHECK(cudaEventRecord(done_, ctx_.stream));
+        GFA_CUDA_CHECK(cudaEventSynchronize(done_));
+        const int32_t code = *error_host_;
+        if (code != cuda::kNoError) {
+            *error_host_ = cuda::kNoError;
+            if (code == cuda::kRowIndexOutOfRange)
+                fail(std::string(device_->name()) +
+                     " backend: a row index (get_rows/set_rows) was out of range");
+            fail(std::string(device_->name()) + " backend: a kernel reported error code " +
+                 std::to_string(code));
+        }
+    }
+
+  private:
+    Device* device_;
+    ComputeCtx ctx_;
+    cuda::Scratch scratch_;
+    cudaEvent_t done_ = nullptr;
+    int32_t* error_host_ = nullptr;
+};
+
+class CudaDevice final : public Device {
+  public:
+    CudaDevice(int device, const cudaDeviceProp& prop)
+        : id_(device), name_("CUDA" + std::to_string(device)), sm_count_(prop.multiProcessorCount),
+          description_(std::string(prop.name) + ", compute capability " + std::to_string(prop.major) + "." +
+                       std::to_string(prop.minor) + ", " + std::to_string(prop.multiProcessorCount) + " SMs"),
+          buffer_type_(this, device, name_) {}
+    const char* name() const override { return name_.c_str(); }
+    std::string description() const override { return description_; }
+    DeviceKind kind() const override { return DeviceKind::GPU; }
+    DeviceMemory memory() const override {
+        DeviceGuard guard(id_);
+        DeviceMemory m;
+        GFA_CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+        return m;
+    }
+    BufferType* buffer_type() override { return &buffer_type_; }
+    std::unique_ptr<Backend> create_backend() override {
+        return std::make_unique<CudaBackend>(this, id_, sm_count_);
+    }
+    bool supports_op(const Tensor* node) const override {
+        if (node->op == Op::None || op_def(node->op).is_view) return true;
+        const cuda::KernelEntry& k = cuda::kernels()[size_t(node->op)];
+        return k.run && (!k.supports || k.supports(node));
+    }
+
+  private:
+    int id_;
+    std::string name_;
+    int sm_count_;
+    std::string description_;
+    CudaBufferType buffer_type_;
+};
+
+} // namespace
+
+// Adds one device per GPU the runtime reports. No driver, no GPU, or a runtime that cannot
+// start all mean "no CUDA devices" rather than an error: the CPU still works.
+void append_cuda_devices(std::vector<Device*>& out) {
+    static std::vector<std::unique_ptr<CudaDevice>> owned = [] {
+        std::vector<std::unique_ptr<CudaDevice>> list;
+        int count = 0;
+        if (cudaGetDeviceCount(&count) != cudaSuccess) {
+            cudaGetLastError(); // clear the sticky "no driver" error
+            return list;
+        }
+        for (int i = 0; i < count; ++i) {
+            cudaDeviceProp prop{};
+            if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) {
+                cudaGetLastError();
+                continue;
+            }
+            list.push_back(std::make_unique<CudaDevice>(i, prop));
+        }
+        return list;
+    }();
+    for (auto& d : owned) out.push_back(d.get());
+}
+
+} // namespace gfa

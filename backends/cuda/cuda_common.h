@@ -1,0 +1,130 @@
+// CUDA backend internals shared by the host code (cuda_backend.cpp) and the kernel files
+// (kernels_*.cu): error checking, the compute context a kernel gets, the kernel table, and
+// the plain strided view of a tensor that kernels take by value.
+#pragma once
+
+#include <ggml-fa/error.h>
+#include <ggml-fa/tensor.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+namespace gfa::cuda {
+
+// ---- error checking ---------------------------------------------------------------------
+
+[[noreturn]] void raise_cuda_error(const char* call, cudaError_t err, const char* file, int line);
+[[noreturn]] void raise_cublas_error(const char* call, cublasStatus_t st, const char* file, int line);
+
+// Every CUDA runtime call goes through this: a failure becomes a gfa::Error naming the
+// call, the error, and where it was made.
+#define GFA_CUDA_CHECK(call)                                                                                 \
+    do {                                                                                                     \
+        const cudaError_t gfa_err_ = (call);                                                                 \
+        if (gfa_err_ != cudaSuccess) ::gfa::cuda::raise_cuda_error(#call, gfa_err_, __FILE__, __LINE__);     \
+    } while (0)
+
+#define GFA_CUBLAS_CHECK(call)                                                                               \
+    do {                                                                                                     \
+        const cublasStatus_t gfa_st_ = (call);                                                               \
+        if (gfa_st_ != CUBLAS_STATUS_SUCCESS)                                                                \
+            ::gfa::cuda::raise_cublas_error(#call, gfa_st_, __FILE__, __LINE__);                             \
+    } while (0)
+
+// After a kernel launch: launch-configuration errors show up here, not at the launch.
+#define GFA_CUDA_CHECK_LAUNCH() GFA_CUDA_CHECK(cudaGetLastError())
+
+// ---- the compute context ----------------------------------------------------------------
+
+// Device-side error codes a kernel can report (bad row indices and the like); the backend
+// turns a non-zero code into a gfa::Error at the next synchronize.
+enum KernelError : int32_t { kNoError = 0, kRowIndexOutOfRange = 1 };
+
+// Scratch memory that lives as long as the backend. Growing it waits for queued work first,
+// because kernels still in flight may read the old block.
+class Scratch {
+  public:
+    Scratch() = default;
+    ~Scratch();
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    void* get(size_t bytes, cudaStream_t stream, const char* device_name);
+
+  private:
+    void* ptr_ = nullptr;
+    size_t size_ = 0;
+};
+
+struct ComputeCtx {
+    int device = 0;
+    const char* device_name = "CUDA";
+    cudaStream_t stream = nullptr;
+    cublasHandle_t cublas = nullptr;
+    Scratch* scratch = nullptr;
+    int32_t* error_flag = nullptr; // device-visible, host-mapped
+    int sm_count = 1;
+};
+
+using Kernel = void (*)(const ComputeCtx& ctx, Tensor* dst);
+// Exact check that the kernel handles this node (types, layouts); nullptr means "always".
+using Supports = bool (*)(const Tensor* dst);
+struct KernelEntry {
+    Kernel run = nullptr;
+    Supports supports = nullptr;
+};
+using KernelTable = std::array<KernelEntry, size_t(Op::Count)>;
+
+const KernelTable& kernels();
+
+void register_movement_kernels(KernelTable& t);
+void register_elementwise_kernels(KernelTable& t);
+void register_reduce_kernels(KernelTable& t);
+void register_matmul_kernels(KernelTable& t);
+void register_norm_kernels(KernelTable& t);
+void register_activation_kernels(KernelTable& t);
+void register_training_kernels(KernelTable& t);
+
+// Shared launchers (kernels_reduce.cu): *out = factor * sum of n contiguous floats, in one
+// block, deterministic.
+void launch_sum_to_scalar(const ComputeCtx& ctx, const float* values, int64_t n, float factor, float* out);
+
+// ---- tensors as kernels see them ----------------------------------------------------------
+
+// A strided 4-d view: kernels take it by value. Strides are in bytes.
+struct TensorView {
+    char* data;
+    int32_t type; // gfa::Type as an integer
+    int64_t ne[4];
+    int64_t nb[4];
+};
+
+inline TensorView view_of(const Tensor* t) {
+    TensorView v{};
+    v.data = static_cast<char*>(t->data);
+    v.type = int32_t(t->type);
+    for (int i = 0; i < 4; ++i) {
+        v.ne[i] = t->ne[i];
+        v.nb[i] = int64_t(t->nb[i]);
+    }
+    return v;
+}
+
+// Host-side layout checks used by the supports predicates.
+inline bool row_is_packed(const Tensor* t) {
+    return t->ne[0] == 1 || t->nb[0] == t->element_size();
+}
+inline bool is_float_type(Type t) {
+    return t == Type::F32 || t == Type::F16 || t == Type::BF16;
+}
+
+// Blocks for a launch of n threads in blocks of `threads`, capped for grid-stride loops.
+inline unsigned grid_for(int64_t n, int threads) {
+    const int64_t blocks = (n + threads - 1) / threads;
+    return unsigned(blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks));
+}
+
+} // namespace gfa::cuda

@@ -1,0 +1,269 @@
+// Matrix products on the GPU.
+//
+// mul_mat: dst[m, n] = sum_k a[k, m] * b[k, n] per matrix, a broadcast over b's dims 2-3
+// (a's matrix i2 / (B2/A2), i3 / (B3/A3)). In cuBLAS's column-major terms a is a K x M
+// matrix and b a K x N one, so dst (M x N) = a^T * b.
+//   f32 weights: f32 GEMM with f32 accumulation (no TF32, so results match fp32 paths).
+//   f16/bf16 weights: b is converted to the weight type, GEMM with f32 accumulation.
+//   q8_0/q4_0 weights: for N > 8 both go to f16 and through cuBLAS; for decoding (N <= 8) a
+//   matrix-vector kernel reads the quantized blocks directly.
+// out_prod: dst[m, n] = sum_k a[m, k] * b[n, k], i.e. dst = a * b^T, f32 through cuBLAS.
+#include "cuda_device.cuh"
+#include "op_def.h"
+
+#include <climits>
+
+namespace gfa::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMatVecMaxColumns = 8;
+constexpr int kMatVecWarps = 4;
+
+// One GEMM operand: a pointer to matrix (0, 0), its type, leading dimension and the element
+// strides between matrices along dims 2 and 3, plus how many matrices it has there.
+struct Operand {
+    const char* ptr;
+    cudaDataType type;
+    size_t elem_size;
+    int64_t ld, stride2, stride3, ne2, ne3;
+};
+
+Operand operand_of(const Tensor* t, const void* data, cudaDataType type, size_t elem_size) {
+    return {static_cast<const char*>(data),
+            type,
+            elem_size,
+            int64_t(t->nb[1] / elem_size),
+            int64_t(t->nb[2] / elem_size),
+            int64_t(t->nb[3] / elem_size),
+            t->ne[2],
+            t->ne[3]};
+}
+// The same operand as a packed copy (rows of `row` elements).
+Operand packed_operand(const Tensor* t, const void* data, cudaDataType type, size_t elem_size, int64_t row) {
+    return {static_cast<const char*>(data), type,     elem_size, row, row * t->ne[1],
+            row * t->ne[1] * t->ne[2],      t->ne[2], t->ne[3]};
+}
+
+int checked_int(int64_t v, const char* what) {
+    if (v > INT_MAX)
+        fail(std::string("mul_mat on CUDA: ") + what + " " + std::to_string(v) +
+             " exceeds cuBLAS's int range");
+    return int(v);
+}
+
+// C[i2, i3] = op(A[i2 / rA2, i3 / rA3]) * op(B[i2, i3]) for every matrix of C (f32 result).
+// A broadcast along dim 2 becomes a strided batch with a zero or real stride when it can,
+// otherwise one strided batch per A matrix.
+void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m, int64_t n,
+                  int64_t k, const Operand& A, const Operand& B, float* C, int64_t ldc, int64_t c_stride2,
+                  int64_t c_stride3) {
+    const float one = 1.0f, zero = 0.0f;
+    const int64_t r2 = B.ne2 / A.ne2, r3 = B.ne3 / A.ne3;
+    auto call = [&](const char* a, const char* b, float* c, int64_t stride_a, int64_t batch) {
+        GFA_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+            ctx.cublas, op_a, op_b, checked_int(m, "rows"), checked_int(n, "columns"),
+            checked_int(k, "depth"), &one, a, A.type, checked_int(A.ld, "leading dim"), stride_a, b, B.type,
+            checked_int(B.ld, "leading dim"), B.stride2, &zero, c, CUDA_R_32F,
+            checked_int(ldc, "leading dim"), c_stride2, checked_int(batch, "batch"), CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT));
+    };
+    for (int64_t i3 = 0; i3 < B.ne3; ++i3) {
+        const char* a3 = A.ptr + (i3 / r3) * A.stride3 * int64_t(A.elem_size);
+        const char* b3 = B.ptr + i3 * B.stride3 * int64_t(B.elem_size);
+        float* c3 = C + i3 * c_stride3;
+        if (r2 == 1 || A.ne2 == 1) {
+            call(a3, b3, c3, A.ne2 == 1 ? 0 : A.stride2, B.ne2);
+        } else {
+            for (int64_t i02 = 0; i02 < A.ne2; ++i02)
+                call(a3 + i02 * A.stride2 * int64_t(A.elem_size),
+                     b3 + i02 * r2 * B.stride2 * int64_t(B.elem_size), c3 + i02 * r2 * c_stride2, 0, r2);
+        }
+    }
+}
+
+// Writes t (any readable type, any strides) as a packed f32, f16 or bf16 copy.
+enum class Packed { F32, F16, BF16 };
+
+__global__ void pack_kernel(TensorView t, void* out, Packed to, int64_t n) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
+        int64_t i0, i1, i2, i3;
+        unflatten(k, t.ne, i0, i1, i2, i3);
+        const float v = load_any(t, i0, i1, i2, i3);
+        if (to == Packed::F32)
+            static_cast<float*>(out)[k] = v;
+        else if (to == Packed::BF16)
+            static_cast<__nv_bfloat16*>(out)[k] = __float2bfloat16_rn(v);
+        else
+            static_cast<__half*>(out)[k] = __float2half_rn(v);
+    }
+}
+
+void launch_pack(const ComputeCtx& ctx, const Tensor* t, void* out, Packed to) {
+    const int64_t n = t->nelements();
+    pack_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(t), out, to, n);
+    GFA_CUDA_CHECK_LAUNCH();
+}
+
+size_t align_up(size_t v) {
+    return (v + 255) / 256 * 256;
+}
+
+// ---- quantized matrix-vector ----------------------------------------------------------------
+
+// One warp per output row m of one batch matrix; lanes stride over the row's 32-element
+// blocks, each dequantizing its block once and using it for every column of b.
+__global__ void matvec_quant_kernel(TensorView a, TensorView b, TensorView dst, int64_t r2, int64_t r3) {
+    const int lane = threadIdx.x % 32;
+    const int64_t m = int64_t(blockIdx.x) * kMatVecWarps + threadIdx.x / 32;
+    const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
+    if (m >= dst.ne[0]) return;
+    const char* row = a.data + m * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    const int n_cols = int(dst.ne[1]);
+    float acc[kMatVecMaxColumns];
+#pragma unroll
+    for (int c = 0; c < kMatVecMaxColumns; ++c) acc[c] = 0.0f;
+    const int64_t n_blocks = a.ne[0] / 32;
+    for (int64_t ib = lane; ib < n_blocks; ib += 32) {
+        float w[32];
+        if (a.type == kTypeQ8_0) {
+            const block_q8_0* blk = reinterpret_cast<const block_q8_0*>(row) + ib;
+            const float d = half_bits_to_float(blk->d);
+#pragma unroll
+            for (int j = 0; j < 32; ++j) w[j] = d * float(blk->qs[j]);
+        } else {
+            const block_q4_0* blk = reinterpret_cast<const block_q4_0*>(row) + ib;
+            const float d = half_bits_to_float(blk->d);
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                w[j] = d * float(int(blk->qs[j] & 0x0f) - 8);
+                w[j + 16] = d * float(int(blk->qs[j] >> 4) - 8);
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < kMatVecMaxColumns; ++c) {
+            if (c >= n_cols) break;
+            const char* col = b.data + c * b.nb[1] + i2 * b.nb[2] + i3 * b.nb[3] + ib * 32 * b.nb[0];
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 32; ++j) s += w[j] * *reinterpret_cast<const float*>(col + j * b.nb[0]);
+            acc[c] += s;
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < kMatVecMaxColumns; ++c) {
+        if (c >= n_cols) break;
+        const float s = warp_sum(acc[c]);
+        if (lane == 0) *f32_ptr(dst, m, c, i2, i3) = s;
+    }
+}
+
+// ---- mul_mat ------------------------------------------------------------------------------------
+
+void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor *a = dst->src[0], *b = dst->src[1];
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1];
+    float* C = static_cast<float*>(dst->data);
+    const int64_t ldc = M, c2 = int64_t(dst->nb[2] / 4), c3 = int64_t(dst->nb[3] / 4);
+    const bool quantized = a->type == Type::Q8_0 || a->type == Type::Q4_0;
+
+    if (quantized && N <= kMatVecMaxColumns) {
+        const dim3 grid(unsigned((M + kMatVecWarps - 1) / kMatVecWarps), unsigned(dst->ne[2] * dst->ne[3]));
+        matvec_quant_kernel<<<grid, kMatVecWarps * 32, 0, ctx.stream>>>(
+            view_of(a), view_of(b), view_of(dst), b->ne[2] / a->ne[2], b->ne[3] / a->ne[3]);
+        return;
+    }
+    if (a->type == Type::F32) {
+        Operand B = operand_of(b, b->data, CUDA_R_32F, 4);
+        if (!row_is_packed(b)) { // a transposed or permuted b: GEMM reads a packed copy
+            void* packed = ctx.scratch->get(size_t(b->nelements()) * 4, ctx.stream, ctx.device_name);
+            launch_pack(ctx, b, packed, Packed::F32);
+            B = packed_operand(b, packed, CUDA_R_32F, 4, K);
+        }
+        batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, operand_of(a, a->data, CUDA_R_32F, 4), B, C, ldc,
+                     c2, c3);
+        return;
+    }
+    // Half-precision GEMM: b (and a quantized a) converted into packed scratch copies.
+    const bool bf16 = a->type == Type::BF16;
+    const cudaDataType half_type = bf16 ? CUDA_R_16BF : CUDA_R_16F;
+    const size_t b_bytes = align_up(size_t(b->nelements()) * 2);
+    const size_t a_bytes = quantized ? align_up(size_t(a->nelements()) * 2) : 0;
+    char* scratch = static_cast<char*>(ctx.scratch->get(b_bytes + a_bytes, ctx.stream, ctx.device_name));
+    launch_pack(ctx, b, scratch, bf16 ? Packed::BF16 : Packed::F16);
+    const Operand B = packed_operand(b, scratch, half_type, 2, K);
+    Operand A;
+    if (quantized) {
+        launch_pack(ctx, a, scratch + b_bytes, Packed::F16);
+        A = packed_operand(a, scratch + b_bytes, CUDA_R_16F, 2, K);
+    } else {
+        A = operand_of(a, a->data, half_type, 2);
+    }
+    batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, A, B, C, ldc, c2, c3);
+}
+
+bool supports_mul_mat(const Tensor* dst) {
+    const Tensor *a = dst->src[0], *b = dst->src[1];
+    if (!a || !b || b->type != Type::F32 || dst->type != Type::F32 || !dst->is_contiguous()) return false;
+    if (a->ne[0] != b->ne[0] || dst->ne[0] != a->ne[1] || dst->ne[1] != b->ne[1] || dst->ne[2] != b->ne[2] ||
+        dst->ne[3] != b->ne[3] || b->ne[2] % a->ne[2] != 0 || b->ne[3] % a->ne[3] != 0)
+        return false;
+    if (!row_is_packed(a)) return false;
+    switch (a->type) {
+    case Type::F32:
+        return true;
+    case Type::F16:
+    case Type::BF16:
+        return a->nb[1] % 2 == 0 && a->nb[2] % 2 == 0 && a->nb[3] % 2 == 0;
+    case Type::Q8_0:
+    case Type::Q4_0:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// ---- out_prod -------------------------------------------------------------------------------------
+
+// An f32 operand whose dim 0 or dim 1 is the packed one: cuBLAS reads the other layout as
+// the transposed matrix (gradients pass transpose() views here).
+Operand f32_operand(const Tensor* t, bool& transposed) {
+    transposed = !row_is_packed(t);
+    Operand op = operand_of(t, t->data, CUDA_R_32F, 4);
+    if (transposed) op.ld = int64_t(t->nb[0] / 4);
+    return op;
+}
+bool f32_gemm_layout(const Tensor* t) {
+    return t->type == Type::F32 && (row_is_packed(t) || t->ne[1] == 1 || t->nb[1] == 4);
+}
+
+void run_out_prod(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor *a = dst->src[0], *b = dst->src[1];
+    const int64_t M = a->ne[0], K = a->ne[1], N = b->ne[0];
+    // dst = a * b^T with a an M x K and b an N x K column-major matrix.
+    bool a_t = false, b_t = false;
+    const Operand A = f32_operand(a, a_t), B = f32_operand(b, b_t);
+    batched_gemm(ctx, a_t ? CUBLAS_OP_T : CUBLAS_OP_N, b_t ? CUBLAS_OP_N : CUBLAS_OP_T, M, N, K, A, B,
+                 static_cast<float*>(dst->data), M, int64_t(dst->nb[2] / 4), int64_t(dst->nb[3] / 4));
+}
+
+bool supports_out_prod(const Tensor* dst) {
+    const Tensor *a = dst->src[0], *b = dst->src[1];
+    if (!a || !b || dst->type != Type::F32 || !dst->is_contiguous() || !f32_gemm_layout(a) ||
+        !f32_gemm_layout(b))
+        return false;
+    return a->ne[1] == b->ne[1] && dst->ne[0] == a->ne[0] && dst->ne[1] == b->ne[0] &&
+           dst->ne[2] == b->ne[2] && dst->ne[3] == b->ne[3] && b->ne[2] % a->ne[2] == 0 &&
+           b->ne[3] % a->ne[3] == 0;
+}
+
+} // namespace
+
+void register_matmul_kernels(KernelTable& t) {
+    t[size_t(Op::MulMat)] = {run_mul_mat, supports_mul_mat};
+    t[size_t(Op::OutProd)] = {run_out_prod, supports_out_prod};
+}
+
+} // namespace gfa::cuda

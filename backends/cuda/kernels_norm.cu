@@ -1,0 +1,286 @@
+// Normalization, position encoding and softmax on the GPU, with their backward ops.
+// Row ops give one block to each row (rows are dims 1..3 of the node) and reduce with
+// block_sum/block_max; rope works per element and pairs each element with its partner.
+//
+// Backward ops take the incoming gradient dy as src[0] and the forward tensor they need as
+// src[1] (the input x for norms and rope's positions; the output y for softmax), with the
+// forward op's parameters.
+#include "cuda_device.cuh"
+#include "op_def.h"
+
+namespace gfa::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ void row_indices(const TensorView& t, int64_t r, int64_t& i1, int64_t& i2,
+                                            int64_t& i3) {
+    i1 = r % t.ne[1];
+    i2 = (r / t.ne[1]) % t.ne[2];
+    i3 = r / (t.ne[1] * t.ne[2]);
+}
+
+// ---- norm / rms_norm ---------------------------------------------------------------------
+
+// LayerNorm without affine: y = (x - mean) / sqrt(var + eps). rms: y = x / sqrt(mean(x^2) + eps).
+__global__ void norm_kernel(TensorView x, TensorView y, float eps, bool rms) {
+    __shared__ float shared[32];
+    int64_t i1, i2, i3;
+    row_indices(y, blockIdx.x, i1, i2, i3);
+    const int64_t n = x.ne[0];
+    float mean = 0.0f;
+    if (!rms) {
+        float s = 0.0f;
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += load_f32(x, i, i1, i2, i3);
+        mean = block_sum(s, shared) / float(n);
+    }
+    float sq = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float d = load_f32(x, i, i1, i2, i3) - mean;
+        sq += d * d;
+    }
+    const float inv = rsqrtf(block_sum(sq, shared) / float(n) + eps);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        *f32_ptr(y, i, i1, i2, i3) = (load_f32(x, i, i1, i2, i3) - mean) * inv;
+}
+
+// rms_norm_back: with r = 1/sqrt(mean(x^2) + eps), dx = r * (dy - x * r^2 * mean(dy * x)).
+// norm_back: with xh = (x - mean) * r, dx = r * (dy - mean(dy) - xh * mean(dy * xh)).
+__global__ void norm_back_kernel(TensorView dy, TensorView x, TensorView dx, float eps, bool rms) {
+    __shared__ float shared[32];
+    int64_t i1, i2, i3;
+    row_indices(dx, blockIdx.x, i1, i2, i3);
+    const int64_t n = x.ne[0];
+    float mean = 0.0f;
+    if (!rms) {
+        float s = 0.0f;
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += load_f32(x, i, i1, i2, i3);
+        mean = block_sum(s, shared) / float(n);
+    }
+    float sq = 0.0f, dy_sum = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float d = load_f32(x, i, i1, i2, i3) - mean;
+        sq += d * d;
+        dy_sum += load_f32(dy, i, i1, i2, i3);
+    }
+    const float r = rsqrtf(block_sum(sq, shared) / float(n) + eps);
+    const float dy_mean = rms ? 0.0f : block_sum(dy_sum, shared) / float(n);
+    float dot = 0.0f; // sum of dy * xh
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        dot += load_f32(dy, i, i1, i2, i3) * (load_f32(x, i, i1, i2, i3) - mean) * r;
+    const float dot_mean = block_sum(dot, shared) / float(n);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float xh = (load_f32(x, i, i1, i2, i3) - mean) * r;
+        *f32_ptr(dx, i, i1, i2, i3) = r * (load_f32(dy, i, i1, i2, i3) - dy_mean - xh * dot_mean);
+    }
+}
+
+void run_norm_common(const ComputeCtx& ctx, Tensor* dst, bool rms) {
+    const Tensor* x = dst->src[0];
+    norm_kernel<<<unsigned(dst->nrows()), row_block_threads(x->ne[0]), 0, ctx.stream>>>(
+        view_of(x), view_of(dst), dst->params<NormParams>().eps, rms);
+}
+void run_norm(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_common(ctx, dst, false);
+}
+void run_rms_norm(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_common(ctx, dst, true);
+}
+
+void run_norm_back_common(const ComputeCtx& ctx, Tensor* dst, bool rms) {
+    const Tensor* x = dst->src[1];
+    norm_back_kernel<<<unsigned(dst->nrows()), row_block_threads(x->ne[0]), 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(x), view_of(dst), dst->params<NormParams>().eps, rms);
+}
+void run_norm_back(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_back_common(ctx, dst, false);
+}
+void run_rms_norm_back(const ComputeCtx& ctx, Tensor* dst) {
+    run_norm_back_common(ctx, dst, true);
+}
+
+bool f32_rows_fit(const Tensor* dst) {
+    return dst->type == Type::F32 && dst->nrows() < (int64_t(1) << 31);
+}
+bool supports_norm(const Tensor* dst) {
+    const Tensor* x = dst->src[0];
+    return f32_rows_fit(dst) && x->type == Type::F32 && x->ne == dst->ne;
+}
+bool supports_norm_back(const Tensor* dst) {
+    const Tensor *dy = dst->src[0], *x = dst->src[1];
+    return f32_rows_fit(dst) && dy && x && dy->type == Type::F32 && x->type == Type::F32 &&
+           dy->ne == dst->ne && x->ne == dst->ne;
+}
+
+// ---- rope ------------------------------------------------------------------------------------
+
+// x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Each output element is one half
+// of a rotated pair; `direction` is +1 for the forward rotation and -1 for its transpose.
+__global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_dims, bool neox,
+                            float freq_base, float freq_scale, float direction, int64_t n) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
+        int64_t i0, i1, i2, i3;
+        unflatten(k, y.ne, i0, i1, i2, i3);
+        if (i0 >= n_dims) {
+            *f32_ptr(y, i0, i1, i2, i3) = load_f32(x, i0, i1, i2, i3);
+            continue;
+        }
+        const int half = n_dims / 2;
+        int64_t pair, first, second;
+        if (neox) {
+            pair = i0 % half;
+            first = pair;
+            second = pair + half;
+        } else {
+            pair = i0 / 2;
+            first = 2 * pair;
+            second = first + 1;
+        }
+        const float p = float(*reinterpret_cast<const int32_t*>(pos.data + i2 * pos.nb[0]));
+        // theta in double: positions in the thousands need the extra bits for sin/cos.
+        const double theta =
+            double(p) * double(freq_scale) * pow(double(freq_base), -2.0 * double(pair) / double(n_dims));
+        double s, c;
+        sincos(theta, &s, &c);
+        s *= direction;
+        const double x0 = load_f32(x, first, i1, i2, i3), x1 = load_f32(x, second, i1, i2, i3);
+        const double out = i0 == first ? x0 * c - x1 * s : x0 * s + x1 * c;
+        *f32_ptr(y, i0, i1, i2, i3) = float(out);
+    }
+}
+
+void launch_rope(const ComputeCtx& ctx, Tensor* dst, float direction) {
+    const RopeParams p = dst->params<RopeParams>();
+    const int64_t n = dst->nelements();
+    rope_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), p.n_dims, p.mode == RopeMode::NeoX,
+        p.freq_base, p.freq_scale, direction, n);
+}
+void run_rope(const ComputeCtx& ctx, Tensor* dst) {
+    launch_rope(ctx, dst, 1.0f);
+}
+void run_rope_back(const ComputeCtx& ctx, Tensor* dst) {
+    launch_rope(ctx, dst, -1.0f);
+}
+bool supports_rope(const Tensor* dst) {
+    const Tensor *x = dst->src[0], *pos = dst->src[1];
+    const RopeParams p = dst->params<RopeParams>();
+    return x && pos && x->type == Type::F32 && dst->type == Type::F32 && x->ne == dst->ne &&
+           pos->type == Type::I32 && pos->ne[0] == x->ne[2] && p.n_dims > 0 && p.n_dims % 2 == 0 &&
+           p.n_dims <= x->ne[0] && (p.mode == RopeMode::Normal || p.mode == RopeMode::NeoX);
+}
+
+// ---- softmax ---------------------------------------------------------------------------------
+
+__device__ float alibi_slope_device(float max_bias, int64_t h, int64_t n_head) {
+    if (max_bias <= 0.0f) return 1.0f;
+    const int64_t n_head_log2 = int64_t(1) << int64_t(floor(log2(double(n_head))));
+    const float m0 = powf(2.0f, -max_bias / float(n_head_log2));
+    const float m1 = powf(2.0f, -max_bias / 2.0f / float(n_head_log2));
+    return h < n_head_log2 ? powf(m0, float(h + 1)) : powf(m1, float(2 * (h - n_head_log2) + 1));
+}
+
+// softmax over dim 0 of v = x * scale + slope * mask (mask optional: data == nullptr).
+// A row whose entries are all -inf is written as zeros rather than NaN.
+__global__ void soft_max_kernel(TensorView x, TensorView mask, TensorView y, float scale, float max_bias) {
+    __shared__ float shared[32];
+    int64_t i1, i2, i3;
+    row_indices(y, blockIdx.x, i1, i2, i3);
+    const int64_t n = x.ne[0];
+    const float slope = alibi_slope_device(max_bias, i2, x.ne[2]);
+    const bool has_mask = mask.data != nullptr;
+    const int64_t m2 = has_mask ? i2 % mask.ne[2] : 0, m3 = has_mask ? i3 % mask.ne[3] : 0;
+    auto value = [&](int64_t i) {
+        float v = load_f32(x, i, i1, i2, i3) * scale;
+        if (has_mask) v += slope * load_plain(mask.data + offset_of(mask, i, i1, m2, m3), mask.type);
+        return v;
+    };
+    float mx = -INFINITY;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, value(i));
+    mx = block_max(mx, shared);
+    float sum = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += mx == -INFINITY ? 0.0f : expf(value(i) - mx);
+    sum = block_sum(sum, shared);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        *f32_ptr(y, i, i1, i2, i3) = mx == -INFINITY ? 0.0f : expf(value(i) - mx) * inv;
+}
+
+void run_soft_max(const ComputeCtx& ctx, Tensor* dst) {
+    const SoftMaxParams p = dst->params<SoftMaxParams>();
+    const Tensor* mask = dst->src[1];
+    TensorView mv{};
+    if (mask) mv = view_of(mask);
+    soft_max_kernel<<<unsigned(dst->nrows()), row_block_threads(dst->ne[0]), 0, ctx.stream>>>(
+        view_of(dst->src[0]), mv, view_of(dst), p.scale, p.max_bias);
+}
+bool supports_soft_max(const Tensor* dst) {
+    const Tensor *x = dst->src[0], *mask = dst->src[1];
+    if (!f32_rows_fit(dst) || !x || x->type != Type::F32 || x->ne != dst->ne) return false;
+    if (!mask) return true;
+    return (mask->type == Type::F32 || mask->type == Type::F16) && mask->ne[0] == x->ne[0] &&
+           mask->ne[1] >= x->ne[1] && x->ne[2] % mask->ne[2] == 0 && x->ne[3] % mask->ne[3] == 0;
+}
+
+// softmax back: dx = scale * y * (dy - sum(dy * y)) per row (no ALiBi slope).
+__global__ void soft_max_back_kernel(TensorView dy, TensorView y, TensorView dx, float scale) {
+    __shared__ float shared[32];
+    int64_t i1, i2, i3;
+    row_indices(dx, blockIdx.x, i1, i2, i3);
+    const int64_t n = dx.ne[0];
+    float dot = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        dot += load_f32(dy, i, i1, i2, i3) * load_f32(y, i, i1, i2, i3);
+    dot = block_sum(dot, shared);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        *f32_ptr(dx, i, i1, i2, i3) =
+            scale * load_f32(y, i, i1, i2, i3) * (load_f32(dy, i, i1, i2, i3) - dot);
+}
+
+void run_soft_max_back(const ComputeCtx& ctx, Tensor* dst) {
+    soft_max_back_kernel<<<unsigned(dst->nrows()), row_block_threads(dst->ne[0]), 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), dst->params<SoftMaxParams>().scale);
+}
+bool supports_soft_max_back(const Tensor* dst) {
+    return supports_norm_back(dst) && dst->params<SoftMaxParams>().max_bias == 0.0f;
+}
+
+// ---- diag_mask_inf -----------------------------------------------------------------------------
+
+// Entries above the shifted diagonal (i0 > n_past + i1) get `fill`: -inf in the forward op,
+// 0 in its gradient.
+__global__ void diag_mask_inf_kernel(TensorView x, TensorView y, int n_past, float fill, int64_t n) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
+        int64_t i0, i1, i2, i3;
+        unflatten(k, y.ne, i0, i1, i2, i3);
+        *f32_ptr(y, i0, i1, i2, i3) = i0 > n_past + i1 ? fill : load_f32(x, i0, i1, i2, i3);
+    }
+}
+void run_diag_mask_inf(const ComputeCtx& ctx, Tensor* dst) {
+    const int64_t n = dst->nelements();
+    const DiagMaskNodeParams p = dst->params<DiagMaskNodeParams>();
+    diag_mask_inf_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
+        view_of(dst->src[0]), view_of(dst), p.n_past, p.fill, n);
+}
+bool supports_diag_mask_inf(const Tensor* dst) {
+    return dst->type == Type::F32 && dst->src[0]->type == Type::F32 && dst->src[0]->ne == dst->ne;
+}
+
+} // namespace
+
+void register_norm_kernels(KernelTable& t) {
+    t[size_t(Op::Norm)] = {run_norm, supports_norm};
+    t[size_t(Op::RmsNorm)] = {run_rms_norm, supports_norm};
+    t[size_t(Op::NormBack)] = {run_norm_back, supports_norm_back};
+    t[size_t(Op::RmsNormBack)] = {run_rms_norm_back, supports_norm_back};
+    t[size_t(Op::Rope)] = {run_rope, supports_rope};
+    t[size_t(Op::RopeBack)] = {run_rope_back, supports_rope};
+    t[size_t(Op::SoftMax)] = {run_soft_max, supports_soft_max};
+    t[size_t(Op::SoftMaxBack)] = {run_soft_max_back, supports_soft_max_back};
+    t[size_t(Op::DiagMaskInf)] = {run_diag_mask_inf, supports_diag_mask_inf};
+}
+
+} // namespace gfa::cuda

@@ -1,0 +1,496 @@
+// The CUDA backend against the double-precision reference: every op on random inputs with
+// odd shapes, outputs poisoned with NaN before the run. A graph runs on the GPU by placing
+// all of its tensors in one device buffer, uploading the leaves, computing on a CUDA
+// backend and downloading the result.
+#include "op_check.h"
+#include "op_def.h"
+#include "reference.h"
+
+#include <ggml-fa/backend.h>
+
+#include <cmath>
+#include <cstring>
+
+using namespace gfa;
+using gfa::test::fill_uniform;
+using gfa::test::rel_error;
+
+namespace {
+
+Device* cuda0() {
+    Device* d = find_device("CUDA0");
+    REQUIRE(d != nullptr);
+    return d;
+}
+
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
+
+// A node built directly (for ops whose builders live in other op families).
+Tensor* make_node(Context& ctx, Op op, Type type, std::array<int64_t, 4> ne,
+                  std::initializer_list<Tensor*> srcs) {
+    Tensor* t = ctx.new_node(op, type, ne);
+    set_sources(t, srcs);
+    return t;
+}
+
+// Runs g on the CUDA device and returns `out`'s values. Every tensor's host placement is
+// restored afterwards, so the reference can keep reading the host copies.
+std::vector<float> run_on_cuda(const Graph& g, Tensor* out) {
+    Device* dev = cuda0();
+    struct Saved {
+        Tensor* t;
+        void* data;
+        Buffer* buffer;
+    };
+    std::vector<Saved> saved;
+    std::vector<Tensor*> owners, views;
+    for (const auto* list : {&g.leafs(), &g.nodes()})
+        for (Tensor* t : *list) {
+            saved.push_back({t, t->data, t->buffer});
+            (t->view_src ? views : owners).push_back(t);
+            if (t->view_src && std::find(owners.begin(), owners.end(), t->view_src) == owners.end() &&
+                !g.contains(t->view_src)) {
+                saved.push_back({t->view_src, t->view_src->data, t->view_src->buffer});
+                owners.push_back(t->view_src);
+            }
+        }
+    const size_t align = dev->buffer_type()->alignment();
+    size_t total = 0;
+    std::vector<size_t> offsets;
+    for (Tensor* t : owners) {
+        offsets.push_back(total);
+        total += (t->alloc_bytes() + align - 1) / align * align;
+    }
+    std::unique_ptr<Buffer> buf = dev->buffer_type()->allocate(total);
+    for (size_t i = 0; i < owners.size(); ++i) {
+        Tensor* t = owners[i];
+        std::vector<std::byte> host;
+        if (t->op == Op::None && t->data) {
+            host.resize(t->alloc_bytes());
+            tensor_get(t, host.data(), 0, host.size());
+        }
+        buf->place(t, offsets[i]);
+        if (!host.empty()) tensor_set(t, host.data(), 0, host.size());
+    }
+    for (Tensor* v : views) place_view(v);
+    gfa::test::poison_nodes(g);
+
+    auto backend = dev->create_backend();
+    backend->compute(g.nodes());
+    backend->synchronize();
+    std::vector<float> result = tensor_get_f32(out);
+
+    for (const Saved& s : saved) {
+        s.t->data = s.data;
+        s.t->buffer = s.buffer;
+    }
+    return result;
+}
+
+// Computes out's graph on CUDA and compares it with the reference evaluator.
+void check_cuda(Tensor* out, double tol) {
+    INFO("seed " << gfa::test::seed() << ", output " << out->shape_str() << " made by " << op_name(out->op));
+    Graph g = build_forward(out);
+    for (Tensor* n : g.nodes()) {
+        INFO("node " << op_name(n->op) << " " << n->shape_str());
+        REQUIRE(cuda0()->supports_op(n));
+    }
+    const std::vector<double> expected = ref::evaluate(g, out);
+    const std::vector<float> got = run_on_cuda(g, out);
+    const double err = rel_error(got, expected);
+    INFO("relative error " << err << " (tolerance " << tol << ")");
+    CHECK(err <= tol);
+}
+
+void set_i32(Tensor* t, const std::vector<int32_t>& v) {
+    REQUIRE(int64_t(v.size()) == t->nelements());
+    tensor_set(t, v.data(), 0, v.size() * sizeof(int32_t));
+}
+
+std::vector<int32_t> random_indices(size_t n, int32_t limit) {
+    std::uniform_int_distribution<int32_t> d(0, limit - 1);
+    std::vector<int32_t> v(n);
+    for (auto& x : v) x = d(gfa::test::rng());
+    return v;
+}
+
+} // namespace
+
+// ---- device, buffers, errors -------------------------------------------------------------
+
+TEST_CASE("CUDA devices are registered with memory, description and a device buffer type", "[cuda]") {
+    Device* dev = cuda0();
+    CHECK(dev->kind() == DeviceKind::GPU);
+    CHECK(!dev->description().empty());
+    const DeviceMemory mem = dev->memory();
+    CHECK(mem.total > 0);
+    CHECK(mem.free <= mem.total);
+    CHECK_FALSE(dev->buffer_type()->is_host());
+    CHECK(dev->buffer_type()->device() == dev);
+    CHECK_FALSE(cpu_device().can_use(dev->buffer_type()));
+}
+
+TEST_CASE("CUDA buffers round-trip data, fill bytes and reuse pooled memory", "[cuda]") {
+    Device* dev = cuda0();
+    Context ctx; // metadata only
+    Tensor* t = ctx.new_tensor(Type::F32, {1000, 3});
+    auto buf = dev->buffer_type()->allocate(t->nbytes());
+    buf->place(t, 0);
+    const std::vector<float> v = gfa::test::random_values(3000);
+    tensor_set_f32(t, v);
+    CHECK(tensor_get_f32(t) == v);
+    buf->fill(0x3f); // 0x3f3f3f3f as a float
+    float expect;
+    const uint32_t bits = 0x3f3f3f3fu;
+    std::memcpy(&expect, &bits, 4);
+    for (float x : tensor_get_f32(t)) REQUIRE(x == expect);
+    buf.reset();
+
+    // Many allocate/free cycles of one size must not grow device usage.
+    const size_t before = dev->memory().free;
+    for (int i = 0; i < 50; ++i) {
+        auto b = dev->buffer_type()->allocate(size_t(64) << 20);
+        REQUIRE(b->size() == size_t(64) << 20);
+    }
+    const size_t after = dev->memory().free;
+    CHECK(after + (size_t(128) << 20) >= before);
+}
+
+TEST_CASE("CUDA out-of-memory names the device and the sizes", "[cuda]") {
+    Device* dev = cuda0();
+    const size_t huge = size_t(1) << 50;
+    try {
+        auto b = dev->buffer_type()->allocate(huge);
+        FAIL("allocating 1 PiB succeeded");
+    } catch (const OutOfMemory& e) {
+        const std::string msg = e.what();
+        INFO(msg);
+        CHECK(msg.find("CUDA0") != std::string::npos);
+        CHECK(msg.find(std::to_string(huge)) != std::string::npos);
+        CHECK(msg.find("free") != std::string::npos);
+    }
+    // The device still works afterwards.
+    auto b = dev->buffer_type()->allocate(1024);
+    CHECK(b->size() == 1024);
+}
+
+TEST_CASE("CUDA get_rows with an index out of range raises at synchronize", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {8, 5});
+    fill_uniform(a);
+    Tensor* rows = ctx.new_tensor(Type::I32, {3});
+    set_i32(rows, {0, 7, 2});
+    Graph g = build_forward(get_rows(ctx, a, rows));
+    CHECK_THROWS_AS(run_on_cuda(g, g.nodes().back()), Error);
+}
+
+TEST_CASE("CUDA backend refuses nodes it has no kernel for", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {4, 3});
+    Tensor* i = make_node(ctx, Op::Sqr, Type::F32, {4, 3, 1, 1}, {ctx.new_tensor(Type::I32, {4, 3})});
+    CHECK_FALSE(cuda0()->supports_op(i));
+    CHECK(cuda0()->supports_op(sqr(ctx, a)));
+}
+
+// ---- element-wise and reductions ----------------------------------------------------------
+
+TEST_CASE("CUDA binary ops broadcast rows and columns", "[cuda]") {
+    for (auto op : {add, sub, mul, div}) {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F32, {17, 5, 3, 2});
+        Tensor* b = ctx.new_tensor(Type::F32, {17, 1, 3, 1});
+        Tensor* c = ctx.new_tensor(Type::F32, {1, 5, 1, 2});
+        fill_uniform(a);
+        fill_uniform(b, 0.5f, 1.5f);
+        fill_uniform(c, 0.5f, 1.5f);
+        check_cuda(op(ctx, a, b), 1e-6);
+        check_cuda(op(ctx, a, c), 1e-6);
+        check_cuda(
+            op(ctx, permute(ctx, a, 1, 0, 2, 3), reshape(ctx, cont(ctx, transpose(ctx, c)), {5, 1, 1, 2})),
+            1e-6);
+    }
+}
+
+TEST_CASE("CUDA unary ops and reductions", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {113, 7, 3});
+    fill_uniform(a, 0.1f, 2.0f);
+    check_cuda(scale(ctx, a, -1.5f, 0.25f), 1e-6);
+    check_cuda(sqr(ctx, a), 1e-6);
+    check_cuda(sqrt(ctx, a), 1e-6);
+    check_cuda(exp(ctx, a), 1e-6);
+    check_cuda(log(ctx, a), 1e-6);
+    check_cuda(neg(ctx, transpose(ctx, a)), 1e-6);
+    check_cuda(sum(ctx, a), 1e-6);
+    check_cuda(sum_rows(ctx, a), 1e-6);
+    check_cuda(mean(ctx, a), 1e-6);
+    check_cuda(sum_rows(ctx, permute(ctx, a, 2, 0, 1, 3)), 1e-6);
+    Context c2 = data_ctx();
+    Tensor* big = c2.new_tensor(Type::F32, {3001, 1});
+    fill_uniform(big);
+    check_cuda(sum(c2, big), 1e-5);
+}
+
+// ---- data movement ------------------------------------------------------------------------
+
+TEST_CASE("CUDA fill, cont, cpy and type conversions", "[cuda]") {
+    for (Type t : {Type::F32, Type::F16, Type::BF16}) {
+        Context ctx = data_ctx();
+        check_cuda(cast(ctx, fill(ctx, t, {17, 3, 2}, 0.375f), Type::F32), 0.0);
+    }
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {6, 5, 3, 2});
+    fill_uniform(a);
+    check_cuda(cont(ctx, permute(ctx, a, 2, 0, 3, 1)), 0.0);
+    check_cuda(cont(ctx, transpose(ctx, a)), 0.0);
+    Tensor* dst = ctx.new_tensor(Type::F16, {5, 6, 3, 2});
+    check_cuda(cpy(ctx, transpose(ctx, a), dst), 1e-3);
+    for (Type t : {Type::F16, Type::BF16, Type::Q8_0}) {
+        Context c2 = data_ctx();
+        Tensor* x = c2.new_tensor(Type::F32, {64, 3, 5});
+        fill_uniform(x);
+        // The reference rounds through the type the way the CPU does (q8_0: the CPU's block
+        // encoding), so the GPU's rounding must agree to float precision.
+        check_cuda(cast(c2, cast(c2, x, t), Type::F32), 1e-6);
+    }
+    for (Type t : {Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0}) {
+        Context c2 = data_ctx();
+        Tensor* q = c2.new_tensor(t, {96, 7});
+        fill_uniform(q);
+        check_cuda(cast(c2, q, Type::F32), 1e-7); // dequantize exactly
+    }
+    Context c3 = data_ctx();
+    Tensor* i = c3.new_tensor(Type::I32, {7, 3});
+    set_i32(i, random_indices(21, 1 << 24)); // results are compared as floats: stay exact
+    check_cuda(cont(c3, transpose(c3, i)), 0.0);
+}
+
+TEST_CASE("CUDA get_rows, get_rows_back, set_rows, concat, repeat and repeat_back", "[cuda]") {
+    for (Type t : {Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0}) {
+        Context ctx = data_ctx();
+        Tensor* emb = ctx.new_tensor(t, {64, 11, 3});
+        fill_uniform(emb);
+        Tensor* rows = ctx.new_tensor(Type::I32, {5});
+        set_i32(rows, random_indices(5, 11));
+        check_cuda(get_rows(ctx, emb, rows), 1e-7);
+        Tensor* rows2 = ctx.new_tensor(Type::I32, {4, 3});
+        set_i32(rows2, random_indices(12, 11));
+        check_cuda(get_rows(ctx, emb, rows2), 1e-7);
+    }
+    {
+        Context ctx = data_ctx();
+        Tensor* like = ctx.new_tensor(Type::F32, {13, 7});
+        Tensor* g = ctx.new_tensor(Type::F32, {13, 23});
+        fill_uniform(g);
+        Tensor* rows = ctx.new_tensor(Type::I32, {23});
+        set_i32(rows, random_indices(23, 7)); // repeats guaranteed: 23 rows into 7
+        check_cuda(get_rows_back(ctx, g, rows, like), 1e-6);
+    }
+    for (Type t : {Type::F32, Type::F16, Type::BF16, Type::Q8_0}) {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(t, {64, 9, 2});
+        fill_uniform(a);
+        Tensor* b = ctx.new_tensor(Type::F32, {64, 4, 2});
+        fill_uniform(b);
+        Tensor* rows = ctx.new_tensor(Type::I32, {4});
+        set_i32(rows, {7, 0, 3, 8});
+        // the reference rounds through the type too
+        check_cuda(cast(ctx, set_rows(ctx, a, b, rows), Type::F32), t == Type::F32 ? 0.0 : 1e-6);
+    }
+    for (int dim = 0; dim < 4; ++dim) {
+        Context ctx = data_ctx();
+        std::array<int64_t, 4> na{5, 3, 2, 3}, nb = na;
+        nb[dim] = 4;
+        Tensor* a = ctx.new_tensor(Type::F32, na);
+        Tensor* b = ctx.new_tensor(Type::F32, nb);
+        fill_uniform(a);
+        fill_uniform(b);
+        check_cuda(concat(ctx, a, b, dim), 0.0);
+    }
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {3, 1, 2});
+    fill_uniform(a);
+    Tensor* like = ctx.new_tensor(Type::F32, {9, 5, 4, 3});
+    check_cuda(repeat(ctx, a, like), 0.0);
+    Tensor* g = ctx.new_tensor(Type::F32, {9, 5, 4, 3});
+    fill_uniform(g);
+    check_cuda(repeat_back(ctx, g, a), 1e-6);
+}
+
+// ---- matrix products ------------------------------------------------------------------------
+
+TEST_CASE("CUDA mul_mat for f32, f16, bf16, q8_0 and q4_0 weights with broadcast batches", "[cuda]") {
+    struct Batch {
+        int64_t a2, a3, b2, b3;
+    };
+    const Batch batches[] = {{1, 1, 1, 1}, {3, 2, 3, 2}, {1, 1, 3, 2}, {2, 1, 6, 1}};
+    for (Type t : {Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0})
+        for (int64_t n : {1, 3, 8, 17})
+            for (const Batch& bt : batches) {
+                Context ctx = data_ctx();
+                const int64_t K = 96, M = 37;
+                Tensor* a = ctx.new_tensor(t, {K, M, bt.a2, bt.a3});
+                Tensor* b = ctx.new_tensor(Type::F32, {K, n, bt.b2, bt.b3});
+                fill_uniform(a);
+                fill_uniform(b);
+                // f32 GEMM is exact fp32; the half paths round b to 16 bits.
+                const double tol = t == Type::F32 ? 1e-5 : t == Type::BF16 ? 1e-2 : 5e-3;
+                INFO("weights " << type_name(t) << ", N = " << n);
+                check_cuda(mul_mat(ctx, a, b), tol);
+            }
+    // A transposed (non-packed) f32 b goes through a packed copy.
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {19, 23});
+    Tensor* bt = ctx.new_tensor(Type::F32, {5, 19});
+    fill_uniform(a);
+    fill_uniform(bt);
+    check_cuda(mul_mat(ctx, a, transpose(ctx, bt)), 1e-5);
+}
+
+TEST_CASE("CUDA out_prod with broadcast batches and transposed operands", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {13, 29, 1, 2});
+    Tensor* b = ctx.new_tensor(Type::F32, {7, 29, 3, 2});
+    fill_uniform(a);
+    fill_uniform(b);
+    check_cuda(out_prod(ctx, a, b), 1e-5);
+    Tensor* at = ctx.new_tensor(Type::F32, {29, 13});
+    Tensor* bt = ctx.new_tensor(Type::F32, {29, 7});
+    fill_uniform(at);
+    fill_uniform(bt);
+    check_cuda(out_prod(ctx, transpose(ctx, at), transpose(ctx, bt)), 1e-5);
+    check_cuda(out_prod(ctx, transpose(ctx, at), reshape(ctx, cont(ctx, transpose(ctx, bt)), {7, 29})), 1e-5);
+}
+
+// ---- normalization, rope, softmax -----------------------------------------------------------
+
+TEST_CASE("CUDA norm and rms_norm with their backward ops", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {113, 5, 3});
+    Tensor* dy = ctx.new_tensor(Type::F32, {113, 5, 3});
+    fill_uniform(x, -2.0f, 2.0f);
+    fill_uniform(dy);
+    check_cuda(norm(ctx, x, 1e-5f), 1e-5);
+    check_cuda(rms_norm(ctx, x, 1e-5f), 1e-5);
+    check_cuda(norm_back(ctx, dy, x, 1e-5f), 1e-5);
+    check_cuda(rms_norm_back(ctx, dy, x, 1e-5f), 1e-5);
+    check_cuda(rms_norm(ctx, permute(ctx, x, 1, 0, 2, 3), 1e-6f), 1e-5); // strided rows
+}
+
+TEST_CASE("CUDA rope (normal and NeoX) and rope_back", "[cuda]") {
+    for (RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
+        Context ctx = data_ctx();
+        Tensor* x = ctx.new_tensor(Type::F32, {18, 3, 7, 2}); // head_dim, heads, tokens, batch
+        fill_uniform(x);
+        Tensor* pos = ctx.new_tensor(Type::I32, {7});
+        set_i32(pos, random_indices(7, 3000));
+        const RopeParams p{14, mode, 10000.0f, 0.5f}; // 14 of 18 dims rotate
+        INFO("mode " << int(mode));
+        check_cuda(rope(ctx, x, pos, p), 1e-5);
+        check_cuda(rope_back(ctx, x, pos, p), 1e-5);
+    }
+}
+
+TEST_CASE("CUDA soft_max_ext with f32/f16 masks, ALiBi and scale, and its backward", "[cuda]") {
+    for (Type mask_type : {Type::F32, Type::F16})
+        for (float max_bias : {0.0f, 8.0f}) {
+            Context ctx = data_ctx();
+            Tensor* x = ctx.new_tensor(Type::F32, {37, 5, 6, 2});
+            Tensor* mask = ctx.new_tensor(mask_type, {37, 7, 1, 2}); // more mask rows than x rows
+            fill_uniform(x, -3.0f, 3.0f);
+            fill_uniform(mask, -2.0f, 0.0f);
+            INFO("mask " << type_name(mask_type) << ", max_bias " << max_bias);
+            check_cuda(soft_max_ext(ctx, x, mask, 0.7f, max_bias), 1e-5);
+        }
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {9, 7, 2});
+    fill_uniform(x);
+    check_cuda(soft_max(ctx, x), 1e-5);
+    check_cuda(soft_max(ctx, diag_mask_inf(ctx, x, 2)), 1e-5);
+    check_cuda(diag_mask_inf(ctx, x, 2), 0.0);
+    check_cuda(diag_mask_fill(ctx, x, 1, 0.0f), 0.0);
+    Tensor* dy = ctx.new_tensor(Type::F32, {37, 5, 3});
+    Tensor* y = ctx.new_tensor(Type::F32, {37, 5, 3});
+    fill_uniform(dy);
+    fill_uniform(y, 0.0f, 0.1f);
+    check_cuda(soft_max_back(ctx, dy, y, 0.7f), 1e-5);
+}
+
+// ---- activations and training -----------------------------------------------------------------
+
+TEST_CASE("CUDA activations and their backward ops", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {33, 7, 3});
+    Tensor* u = ctx.new_tensor(Type::F32, {33, 7, 3});
+    fill_uniform(x, -4.0f, 4.0f);
+    fill_uniform(u);
+    check_cuda(silu(ctx, x), 1e-6);
+    check_cuda(relu(ctx, x), 0.0);
+    check_cuda(step(ctx, x), 0.0);
+    check_cuda(swiglu(ctx, x, u), 1e-6);
+    check_cuda(silu_back(ctx, u, x), 1e-6);
+    for (GeluApprox approx : {GeluApprox::Tanh, GeluApprox::Erf}) {
+        check_cuda(gelu(ctx, x, approx), 1e-6);
+        check_cuda(gelu_back(ctx, u, x, approx), 1e-5);
+    }
+}
+
+TEST_CASE("CUDA cross_entropy_loss, its backward, and AdamW", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* logits = ctx.new_tensor(Type::F32, {41, 6, 2});
+    Tensor* labels = ctx.new_tensor(Type::F32, {41, 6, 2});
+    fill_uniform(logits, -3.0f, 3.0f);
+    fill_uniform(labels, 0.0f, 1.0f); // rows do not sum to 1: the exact derivative is tested
+    check_cuda(cross_entropy_loss(ctx, logits, labels), 1e-5);
+    Tensor* g = ctx.new_tensor(Type::F32, {1});
+    tensor_set_f32(g, {1.7f});
+    check_cuda(cross_entropy_loss_back(ctx, g, logits, labels), 1e-5);
+    check_cuda(cross_entropy_loss_back(ctx, g, logits, soft_max(ctx, labels)), 1e-5);
+
+    Tensor* w = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* gw = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* m = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* v = ctx.new_tensor(Type::F32, {37, 3});
+    fill_uniform(w);
+    fill_uniform(gw);
+    fill_uniform(m, -0.1f, 0.1f);
+    fill_uniform(v, 0.0f, 0.1f);
+    AdamWParams p;
+    p.lr = 0.01f;
+    p.weight_decay = 0.1f;
+    p.step = 3;
+    check_cuda(adamw_step(ctx, w, gw, m, v, p), 1e-6);
+}
+
+// ---- autodiff graphs ---------------------------------------------------------------------------
+
+TEST_CASE("CUDA computes the gradients autodiff builds (matmul, norms, activations, loss)", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {16, 5});
+    Tensor* w1 = ctx.new_tensor(Type::F32, {16, 24});
+    Tensor* w2 = ctx.new_tensor(Type::F32, {24, 7});
+    Tensor* labels = ctx.new_tensor(Type::F32, {7, 5});
+    Tensor* q = ctx.new_tensor(Type::F32, {8, 3, 5});
+    Tensor* pos = ctx.new_tensor(Type::I32, {5});
+    for (Tensor* t : {x, w1, w2, labels, q}) fill_uniform(t);
+    set_i32(pos, {0, 3, 9, 1, 4});
+    for (Tensor* t : {w1, w2, q}) set_param(t);
+
+    Tensor* h = gelu(ctx, mul_mat(ctx, w1, rms_norm(ctx, x, 1e-5f)));
+    Tensor* logits = mul_mat(ctx, w2, h);
+    Tensor* r = rope(ctx, q, pos, RopeParams{8, RopeMode::NeoX, 10000.0f, 1.0f});
+    Tensor* attn = soft_max_ext(ctx, reshape(ctx, r, {24, 5}), nullptr, 0.5f, 0.0f);
+    Tensor* loss = add(ctx, cross_entropy_loss(ctx, logits, soft_max(ctx, labels)),
+                       sum(ctx, mul(ctx, attn, silu(ctx, norm(ctx, reshape(ctx, q, {24, 5}), 1e-5f)))));
+    set_loss(loss);
+    Graph g = build_forward(loss);
+    build_backward(ctx, g, loss);
+    for (Tensor* p : {w1, w2, q}) {
+        Tensor* grad = g.grad(p);
+        REQUIRE(grad != nullptr);
+        INFO("gradient of " << p->shape_str());
+        check_cuda(grad, 1e-4);
+    }
+}
