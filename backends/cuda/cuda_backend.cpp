@@ -62,6 +62,7 @@ const KernelTable& kernels() {
         register_norm_kernels(t);
         register_activation_kernels(t);
         register_training_kernels(t);
+        register_attention_kernels(t);
         return t;
     }();
     return table;

@@ -494,3 +494,61 @@ TEST_CASE("CUDA computes the gradients autodiff builds (matmul, norms, activatio
         check_cuda(grad, 1e-4);
     }
 }
+
+TEST_CASE("CUDA flash_attn_ext as a graph node, forward and autodiff backward", "[cuda][attn]") {
+    struct Case {
+        int64_t D, Sq, Skv, Hq, Hkv;
+        Type kv;
+        bool causal, mask, sinks;
+        float softcap;
+    };
+    const Case cases[] = {
+        {64, 17, 33, 4, 2, Type::F16, true, false, true, 0.0f},
+        {128, 1, 300, 8, 2, Type::BF16, false, true, false, 0.0f},
+        {80, 113, 113, 2, 1, Type::F16, true, true, true, 20.0f},
+        {128, 5, 64, 4, 1, Type::Q8_0, false, false, false, 0.0f},
+    };
+    for (const Case& c : cases) {
+        INFO("D " << c.D << " Sq " << c.Sq << " Skv " << c.Skv << " kv " << type_name(c.kv));
+        Context ctx = data_ctx();
+        Tensor* q = ctx.new_tensor(Type::F32, {c.D, c.Sq, c.Hq, 1});
+        Tensor* k = ctx.new_tensor(Type::F32, {c.D, c.Skv, c.Hkv, 1});
+        Tensor* v = ctx.new_tensor(Type::F32, {c.D, c.Skv, c.Hkv, 1});
+        Tensor* w = ctx.new_tensor(Type::F32, {c.D, c.Hq, c.Sq, 1});
+        for (Tensor* t : {q, k, v, w}) fill_uniform(t);
+        Tensor* mask = nullptr;
+        if (c.mask) {
+            mask = ctx.new_tensor(Type::F16, {c.Skv, c.Sq});
+            std::vector<float> m = gfa::test::random_values(size_t(mask->nelements()), -3.0f, 0.0f);
+            for (size_t i = 0; i < m.size(); i += 7) m[i] = -INFINITY;
+            tensor_set_f32(mask, m);
+        }
+        Tensor* sinks = nullptr;
+        if (c.sinks) {
+            sinks = ctx.new_tensor(Type::F32, {c.Hq});
+            fill_uniform(sinks);
+        }
+        FlashAttnParams p;
+        p.scale = 1.0f / std::sqrt(float(c.D));
+        p.causal = c.causal;
+        p.logit_softcap = c.softcap;
+        Tensor* kc = cast(ctx, k, c.kv);
+        Tensor* vc = cast(ctx, v, c.kv);
+        Tensor* o = flash_attn_ext(ctx, cast(ctx, q, c.kv == Type::BF16 ? Type::BF16 : Type::F16), kc, vc, mask, p,
+                                   sinks);
+        check_cuda(o, 1e-2);
+        check_cuda(flash_attn_lse(ctx, o), 1e-2);
+        if (c.kv == Type::Q8_0) continue; // quantized caches are for inference
+        std::vector<Tensor*> params{q, k, v};
+        if (sinks) params.push_back(sinks);
+        for (Tensor* t : params) set_param(t);
+        Tensor* loss = sum(ctx, mul(ctx, o, w));
+        set_loss(loss);
+        Graph g = build_forward(loss);
+        build_backward(ctx, g, loss);
+        for (Tensor* t : params) {
+            INFO("gradient of " << t->shape_str());
+            check_cuda(g.grad(t), 2e-2);
+        }
+    }
+}
