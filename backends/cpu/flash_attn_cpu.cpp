@@ -20,6 +20,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace gfa::cpu {
@@ -175,20 +177,22 @@ struct RowInfo {
     const char* mask = nullptr;
 };
 
-// Adds slope * mask (base 2) and sets invisible pairs to -inf on a key-major score tile
-// st[j][r] for keys [j0, j0 + nk). `partial` says some pair in the tile is invisible.
-void apply_mask(const Problem& p, const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk, float* st,
-                int64_t ld, bool partial) {
+// Adds slope * mask (base 2) and sets invisible pairs to -inf on a score tile for keys
+// [j0, j0 + nk), score (r, j) at s[r * row_stride + j * key_stride]. `partial` says some
+// pair in the tile is invisible.
+void apply_mask(const Problem& p, const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk, float* s,
+                int64_t row_stride, int64_t key_stride, bool partial) {
     if (p.mask.present())
         for (int64_t r = 0; r < n_rows; ++r) {
             const RowInfo& ri = rows[r];
             for (int64_t j = 0; j < nk; ++j)
-                st[j * ld + r] += ri.slope2 * mask_value(p.mask.type, ri.mask, j0 + j);
+                s[r * row_stride + j * key_stride] += ri.slope2 * mask_value(p.mask.type, ri.mask, j0 + j);
         }
     if (partial)
         for (int64_t r = 0; r < n_rows; ++r)
             for (int64_t j = 0; j < nk; ++j)
-                if (j0 + j < rows[r].keys.lo || j0 + j > rows[r].keys.hi) st[j * ld + r] = kNegInf;
+                if (j0 + j < rows[r].keys.lo || j0 + j > rows[r].keys.hi)
+                    s[r * row_stride + j * key_stride] = kNegInf;
 }
 
 // True when some (row, key) pair of the tile is outside the visible band.
@@ -232,12 +236,48 @@ struct ForwardPlan {
     std::vector<QTile> tiles;
     int64_t splits = 1; // split-KV factor per tile
     int64_t Dv8 = 0;
+    bool decode = false; // tiles run through decode_tile
 };
+
+// Decoding (a few query rows per kv head): the rows of a whole GQA group form one tile,
+// so K and V are streamed once per kv head, and the scores are dot products computed
+// straight from K's storage type (no converted copy, no transposed Q).
+constexpr int64_t kDecodeMaxRows = 8;  // Sq * (Hq / Hkv) at most this
+constexpr int64_t kDecodeTileKV = 32;  // keys per tile: K and V tiles of a head stay in L1
+constexpr int64_t kDecodeRowBlock = 4; // query rows per register block
+
+bool decode_kv_type(Type t) {
+    return t == Type::F32 || t == Type::F16 || t == Type::BF16 || t == Type::Q8_0 || t == Type::Q4_0;
+}
+
+bool use_decode_path(const Problem& p) {
+#if GFA_SIMD_AVX2
+    return p.Sq * (p.Hq / p.Hkv) <= kDecodeMaxRows && p.Dk % 8 == 0 && p.Dv % 8 == 0 &&
+           decode_kv_type(p.k.type) && decode_kv_type(p.v.type);
+#else
+    (void)p;
+    return false;
+#endif
+}
 
 ForwardPlan plan_forward(const Problem& p, int n_threads) {
     ForwardPlan plan;
     plan.Dv8 = round_up(p.Dv, 8);
     const int64_t group = p.Hq / p.Hkv;
+    if (use_decode_path(p)) {
+        plan.decode = true;
+        for (int64_t b = 0; b < p.B; ++b)
+            for (int64_t g = 0; g < p.Hkv; ++g) plan.tiles.push_back({b, g, g * group, group, 0, p.Sq});
+        // Split the keys when the kv heads do not divide evenly over the threads: aim at
+        // about four items per thread, each split keeping at least four key tiles.
+        const int64_t n_tiles = int64_t(plan.tiles.size());
+        if (n_tiles % n_threads != 0) {
+            const int64_t kv_tiles = (p.Skv + kDecodeTileKV - 1) / kDecodeTileKV;
+            plan.splits = std::clamp<int64_t>((4 * n_threads + n_tiles - 1) / n_tiles, 1,
+                                              std::max<int64_t>(1, kv_tiles / 4));
+        }
+        return plan;
+    }
     const int64_t ni = std::min(p.Sq, kTileQ);
     const int64_t heads_per_tile = std::clamp<int64_t>(kTileQ / ni, 1, group);
     for (int64_t b = 0; b < p.B; ++b)
@@ -300,6 +340,36 @@ void write_row_output(const Problem& p, int64_t b, const RowInfo& ri, float m, f
     if (p.lse.present()) *lse_at(p.lse, ri.i, ri.h, b) = l > 0.0f ? (m + std::log2(l)) / kLog2e : kNegInf;
 }
 
+// The key tiles (of tile_kv keys) any of the rows can see (causal/window skip the rest),
+// then split `split`'s share of them: [first, last).
+std::pair<int64_t, int64_t> split_key_tiles(const Problem& p, const RowInfo* rows, int64_t n, int64_t tile_kv,
+                                            int64_t split, int64_t splits) {
+    int64_t jmin = p.Skv, jmax = -1;
+    for (int64_t r = 0; r < n; ++r)
+        if (rows[r].keys.lo <= rows[r].keys.hi) {
+            jmin = std::min(jmin, rows[r].keys.lo);
+            jmax = std::max(jmax, rows[r].keys.hi);
+        }
+    if (jmax < jmin) return {0, 0};
+    const int64_t t0 = jmin / tile_kv, t1 = jmax / tile_kv + 1;
+    return {t0 + (t1 - t0) * split / splits, t0 + (t1 - t0) * (split + 1) / splits};
+}
+
+// Epilogue of a tile: normalize and write, or hand the split's partial to the combine step.
+void finish_tile(const Problem& p, const QTile& tile, int64_t Dv8, ForwardWorkspace& ws,
+                 const Partial* partial) {
+    const int64_t n = tile.rows();
+    if (partial) {
+        std::copy(ws.m, ws.m + n, partial->m);
+        std::copy(ws.l, ws.l + n, partial->l);
+        std::copy(ws.oacc.begin(), ws.oacc.begin() + n * Dv8, partial->o);
+        return;
+    }
+    for (int64_t r = 0; r < n; ++r)
+        write_row_output(p, tile.b, ws.rows[size_t(r)], ws.m[r], ws.l[r], ws.oacc.data() + r * Dv8,
+                         ws.row.data());
+}
+
 // One query tile against the key tiles of split `split`: load Q tile; per key tile:
 // load K/V, S = QK^T, mask, online softmax, O += PV; epilogue.
 void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, int64_t split,
@@ -318,20 +388,7 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
     for (int64_t r = 0; r < kTileQ; ++r) ws.m[r] = kNegInf, ws.l[r] = 0.0f;
     std::fill(ws.oacc.begin(), ws.oacc.end(), 0.0f);
 
-    // The key tiles any row of this tile can see (causal/window skip the rest), then
-    // this split's share of them.
-    int64_t jmin = p.Skv, jmax = -1;
-    for (int64_t r = 0; r < n; ++r)
-        if (rows[r].keys.lo <= rows[r].keys.hi) {
-            jmin = std::min(jmin, rows[r].keys.lo);
-            jmax = std::max(jmax, rows[r].keys.hi);
-        }
-    int64_t t_begin = 0, t_end = 0;
-    if (jmax >= jmin) {
-        const int64_t t0 = jmin / kTileKV, t1 = jmax / kTileKV + 1;
-        t_begin = t0 + (t1 - t0) * split / plan.splits;
-        t_end = t0 + (t1 - t0) * (split + 1) / plan.splits;
-    }
+    const auto [t_begin, t_end] = split_key_tiles(p, rows, n, kTileKV, split, plan.splits);
 
     const bool k_in_place = p.k.type == Type::F32;
     const bool v_in_place = p.v.type == Type::F32 && p.Dv % 8 == 0;
@@ -364,7 +421,7 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n8, kTileQ);
 
         // Mask: ALiBi-scaled mask, causal/window band.
-        apply_mask(p, rows, n, j0, nk, st, kTileQ, tile_is_partial(rows, n, j0, nk));
+        apply_mask(p, rows, n, j0, nk, st, 1, kTileQ, tile_is_partial(rows, n, j0, nk));
 
         // Online softmax, 8 query rows per vector: new max, rescale factor, P = exp2(S - m).
         for (int64_t r = 0; r < n8; r += 8) {
@@ -396,16 +453,261 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         gemm(n, Dv8, nk, st, 1, kTileQ, vt, v_ld, ws.oacc.data(), Dv8, true);
     }
 
-    // Epilogue: normalize and write, or hand the split's partial to the combine step.
-    if (partial) {
-        std::copy(ws.m, ws.m + n, partial->m);
-        std::copy(ws.l, ws.l + n, partial->l);
-        std::copy(ws.oacc.begin(), ws.oacc.begin() + n * Dv8, partial->o);
-        return;
-    }
-    for (int64_t r = 0; r < n; ++r)
-        write_row_output(p, tile.b, rows[r], ws.m[r], ws.l[r], ws.oacc.data() + r * Dv8, ws.row.data());
+    finish_tile(p, tile, Dv8, ws, partial);
 }
+
+// ============================== decode =======================================================
+#if GFA_SIMD_AVX2
+
+template <Type T> constexpr bool is_float_type = T == Type::F32 || T == Type::F16 || T == Type::BF16;
+
+// Elements [32c, 32c + 32) of a K or V row stored as T, as four float vectors. Quantized
+// blocks are dequantized here, inside the consumer's loop, instead of into a copy.
+template <Type T> inline void load_chunk32(const char* row, int64_t c, vf8 out[4]) {
+    if constexpr (T == Type::F32) {
+        const float* x = reinterpret_cast<const float*>(row) + 32 * c;
+        for (int i = 0; i < 4; ++i) out[i] = simd::load(x + 8 * i);
+    } else if constexpr (T == Type::F16) {
+        const uint16_t* x = reinterpret_cast<const uint16_t*>(row) + 32 * c;
+        for (int i = 0; i < 4; ++i) out[i] = simd::load_f16(x + 8 * i);
+    } else if constexpr (T == Type::BF16) {
+        const uint16_t* x = reinterpret_cast<const uint16_t*>(row) + 32 * c;
+        for (int i = 0; i < 4; ++i) out[i] = simd::load_bf16(x + 8 * i);
+    } else if constexpr (T == Type::Q8_0) {
+        const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(row)[c];
+        simd::load_i8x32_scaled(blk.qs, simd::f16_to_f32(blk.d), out);
+    } else {
+        static_assert(T == Type::Q4_0);
+        const block_q4_0& blk = reinterpret_cast<const block_q4_0*>(row)[c];
+        simd::load_u4x32_centered(blk.qs, simd::f16_to_f32(blk.d), out);
+    }
+}
+
+// Elements [8u, 8u + 8) of a row of a float storage type (row tails past the last 32).
+template <Type T> inline vf8 load_chunk8(const char* row, int64_t u) {
+    if constexpr (T == Type::F32)
+        return simd::load(reinterpret_cast<const float*>(row) + 8 * u);
+    else if constexpr (T == Type::F16)
+        return simd::load_f16(reinterpret_cast<const uint16_t*>(row) + 8 * u);
+    else
+        return simd::load_bf16(reinterpret_cast<const uint16_t*>(row) + 8 * u);
+}
+
+// S = Q K^T for MR query rows (q: row-major, stride Dk, pre-scaled) against keys [0, nk)
+// at k_rows + j * k_stride, into s[r * lds + j]. Two keys at a time: 2 * MR dot products
+// accumulate lane-wise over Dk and are summed horizontally together at the end.
+template <Type KT, int MR>
+void decode_scores(int64_t Dk, const float* q, const char* k_rows, int64_t k_stride, int64_t nk, float* s,
+                   int64_t lds) {
+    static_assert(2 * MR <= 8);
+    const int64_t n32 = Dk / 32;
+    for (int64_t j = 0; j < nk; j += 2) {
+        const char* ka = k_rows + j * k_stride;
+        const char* kb = j + 1 < nk ? ka + k_stride : ka; // an odd last key is computed twice
+        vf8 acc[8];
+        for (vf8& a : acc) a = simd::zero();
+        for (int64_t c = 0; c < n32; ++c) {
+            vf8 kv[4];
+            load_chunk32<KT>(ka, c, kv);
+            for (int r = 0; r < MR; ++r)
+                for (int i = 0; i < 4; ++i)
+                    acc[2 * r] = simd::fma(simd::load(q + r * Dk + 32 * c + 8 * i), kv[i], acc[2 * r]);
+            load_chunk32<KT>(kb, c, kv);
+            for (int r = 0; r < MR; ++r)
+                for (int i = 0; i < 4; ++i)
+                    acc[2 * r + 1] =
+                        simd::fma(simd::load(q + r * Dk + 32 * c + 8 * i), kv[i], acc[2 * r + 1]);
+        }
+        if constexpr (is_float_type<KT>)
+            for (int64_t u = 4 * n32; u < Dk / 8; ++u) {
+                const vf8 a = load_chunk8<KT>(ka, u), b = load_chunk8<KT>(kb, u);
+                for (int r = 0; r < MR; ++r) {
+                    const vf8 qv = simd::load(q + r * Dk + 8 * u);
+                    acc[2 * r] = simd::fma(qv, a, acc[2 * r]);
+                    acc[2 * r + 1] = simd::fma(qv, b, acc[2 * r + 1]);
+                }
+            }
+        float sums[8];
+        simd::store(sums, simd::reduce_add8(acc));
+        for (int r = 0; r < MR; ++r) {
+            s[r * lds + j] = sums[2 * r];
+            if (j + 1 < nk) s[r * lds + j + 1] = sums[2 * r + 1];
+        }
+    }
+}
+
+// O[r] += sum_j P[r][j] V_j for MR rows (p[r * lds + j], o[r * ldo + d]); V rows of a float
+// storage type at v_rows + j * v_stride. 16 output columns at a time stay in registers
+// while the keys stream past.
+template <Type VT, int MR>
+void decode_accumulate(int64_t Dv, const float* p, int64_t lds, const char* v_rows, int64_t v_stride,
+                       int64_t nk, float* o, int64_t ldo) {
+    for (int64_t n0 = 0; n0 < Dv; n0 += 16) {
+        const bool two = n0 + 16 <= Dv;
+        vf8 acc[MR][2];
+        for (int r = 0; r < MR; ++r) {
+            acc[r][0] = simd::load(o + r * ldo + n0);
+            acc[r][1] = two ? simd::load(o + r * ldo + n0 + 8) : simd::zero();
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+            const char* vr = v_rows + j * v_stride;
+            const vf8 va = load_chunk8<VT>(vr, n0 / 8);
+            const vf8 vb = two ? load_chunk8<VT>(vr, n0 / 8 + 1) : simd::zero();
+            for (int r = 0; r < MR; ++r) {
+                const vf8 pr = simd::splat(p[r * lds + j]);
+                acc[r][0] = simd::fma(pr, va, acc[r][0]);
+                acc[r][1] = simd::fma(pr, vb, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < MR; ++r) {
+            simd::store(o + r * ldo + n0, acc[r][0]);
+            if (two) simd::store(o + r * ldo + n0 + 8, acc[r][1]);
+        }
+    }
+}
+
+// Calls f with T as a compile-time constant.
+template <class F> void with_kv_type(Type t, F&& f) {
+    switch (t) {
+    case Type::F32:
+        return f(std::integral_constant<Type, Type::F32>{});
+    case Type::F16:
+        return f(std::integral_constant<Type, Type::F16>{});
+    case Type::BF16:
+        return f(std::integral_constant<Type, Type::BF16>{});
+    case Type::Q8_0:
+        return f(std::integral_constant<Type, Type::Q8_0>{});
+    case Type::Q4_0:
+        return f(std::integral_constant<Type, Type::Q4_0>{});
+    default:
+        fail("flash_attn_ext (CPU decode): unsupported K/V type");
+    }
+}
+// Calls f with the row count (1..kDecodeRowBlock) as a compile-time constant.
+template <class F> void with_rows(int64_t mr, F&& f) {
+    switch (mr) {
+    case 1:
+        return f(std::integral_constant<int, 1>{});
+    case 2:
+        return f(std::integral_constant<int, 2>{});
+    case 3:
+        return f(std::integral_constant<int, 3>{});
+    default:
+        return f(std::integral_constant<int, 4>{});
+    }
+}
+
+// The rows of one GQA group (all Sq positions) against split `split`'s key tiles:
+// load Q rows; per key tile: S = QK^T from K's storage, softcap, mask, online softmax,
+// O += PV (quantized V is dequantized once per tile into L1); epilogue.
+void decode_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, int64_t split,
+                 ForwardWorkspace& ws, const Partial* partial) {
+    const int64_t n = tile.rows(), Dk = p.Dk, Dv = p.Dv, lds = kDecodeTileKV;
+    RowInfo* rows = ws.rows.data();
+    describe_rows(p, tile.b, tile.h0, tile.nh, tile.i0, tile.ni, rows);
+
+    // Load Q rows, row-major and pre-scaled.
+    const float qscale = q_prescale(p.params);
+    float* q = ws.qt.data();
+    for (int64_t r = 0; r < n; ++r) {
+        load_row(p.q.type, row_at(p.q, rows[r].i, rows[r].h, tile.b), q + r * Dk, Dk, Dk);
+        for (int64_t d = 0; d < Dk; ++d) q[r * Dk + d] *= qscale;
+    }
+    for (int64_t r = 0; r < n; ++r) ws.m[r] = kNegInf, ws.l[r] = 0.0f;
+    std::fill(ws.oacc.begin(), ws.oacc.begin() + n * Dv, 0.0f);
+
+    const auto [t_begin, t_end] = split_key_tiles(p, rows, n, kDecodeTileKV, split, plan.splits);
+    const bool v_quantized = p.v.type == Type::Q8_0 || p.v.type == Type::Q4_0;
+    float* s = ws.st.data();
+    for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t j0 = t * kDecodeTileKV, nk = std::min(kDecodeTileKV, p.Skv - j0), nk8 = round_up(nk, 8);
+        const char* k_rows = row_at(p.k, j0, tile.g, tile.b);
+        const char* v_rows = row_at(p.v, j0, tile.g, tile.b);
+
+        // S = Q K^T, a register block of rows at a time.
+        with_kv_type(p.k.type, [&](auto kt) {
+            for (int64_t r0 = 0; r0 < n; r0 += kDecodeRowBlock)
+                with_rows(std::min(kDecodeRowBlock, n - r0), [&](auto mr) {
+                    decode_scores<decltype(kt)::value, decltype(mr)::value>(Dk, q + r0 * Dk, k_rows,
+                                                                            p.k.nb[1], nk, s + r0 * lds, lds);
+                });
+        });
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = nk; j < nk8; ++j) s[r * lds + j] = 0.0f;
+        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, s, n, nk8, lds);
+
+        // Mask; the padding keys [nk, nk8) are invisible.
+        apply_mask(p, rows, n, j0, nk, s, lds, 1, tile_is_partial(rows, n, j0, nk));
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = nk; j < nk8; ++j) s[r * lds + j] = kNegInf;
+
+        // Online softmax along each row: new max, rescale factor, P = exp2(S - m).
+        for (int64_t r = 0; r < n; ++r) {
+            float* sr = s + r * lds;
+            vf8 mx = simd::splat(ws.m[r]);
+            for (int64_t j = 0; j < nk8; j += 8) mx = simd::max(mx, simd::load(sr + j));
+            const float m_new = simd::reduce_max(mx);
+            const float m_use = m_new == kNegInf ? 0.0f : m_new;
+            const float alpha = std::exp2(ws.m[r] - m_use);
+            vf8 sum = simd::zero();
+            for (int64_t j = 0; j < nk8; j += 8) {
+                const vf8 pj = simd::exp2(simd::load(sr + j) - simd::splat(m_use));
+                simd::store(sr + j, pj);
+                sum = sum + pj;
+            }
+            float lanes[8];
+            simd::store(lanes, sum);
+            float total = 0.0f;
+            for (float x : lanes) total += x;
+            ws.l[r] = ws.l[r] * alpha + total;
+            ws.m[r] = m_new;
+            if (alpha != 1.0f) {
+                float* o = ws.oacc.data() + r * Dv;
+                for (int64_t d = 0; d < Dv; d += 8)
+                    simd::store(o + d, simd::splat(alpha) * simd::load(o + d));
+            }
+        }
+
+        // O += P V. Quantized V is dequantized once into f32 rows, then read from L1 by
+        // every row block.
+        const char* v_src = v_rows;
+        int64_t v_stride = p.v.nb[1];
+        Type v_read = p.v.type;
+        if (v_quantized) {
+            with_kv_type(p.v.type, [&](auto vt) {
+                for (int64_t j = 0; j < nk; ++j) {
+                    float* dst = ws.vbuf.data() + j * Dv;
+                    for (int64_t c = 0; c < Dv / 32; ++c) {
+                        vf8 x[4];
+                        load_chunk32<decltype(vt)::value>(v_rows + j * p.v.nb[1], c, x);
+                        for (int i = 0; i < 4; ++i) simd::store(dst + 32 * c + 8 * i, x[i]);
+                    }
+                }
+            });
+            v_src = reinterpret_cast<const char*>(ws.vbuf.data());
+            v_stride = Dv * 4;
+            v_read = Type::F32;
+        }
+        with_kv_type(v_read, [&](auto vt) {
+            if constexpr (is_float_type<decltype(vt)::value>)
+                for (int64_t r0 = 0; r0 < n; r0 += kDecodeRowBlock)
+                    with_rows(std::min(kDecodeRowBlock, n - r0), [&](auto mr) {
+                        decode_accumulate<decltype(vt)::value, decltype(mr)::value>(
+                            Dv, s + r0 * lds, lds, v_src, v_stride, nk, ws.oacc.data() + r0 * Dv, Dv);
+                    });
+        });
+    }
+    finish_tile(p, tile, plan.Dv8, ws, partial);
+}
+
+#else
+
+void decode_tile(const Problem&, const ForwardPlan&, const QTile&, int64_t, ForwardWorkspace&,
+                 const Partial*) {
+    fail("flash_attn_ext (CPU decode): needs AVX2");
+}
+
+#endif
 
 // Log-sum-exp combine of a tile's splits, in split order.
 void combine_splits(const Problem& p, const ForwardPlan& plan, const QTile& tile, const Partial* parts,
@@ -556,7 +858,7 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
                 for (int64_t r = 0; r < nq8; r += 8)
                     simd::store(pt + j * ld + r, cap2 * simd::load(ws.tt.data() + j * ld + r));
         }
-        apply_mask(p, rows, nq, j0, nk, pt, ld, tile_is_partial(rows, nq, j0, nk));
+        apply_mask(p, rows, nq, j0, nk, pt, 1, ld, tile_is_partial(rows, nq, j0, nk));
 
         // P^T = exp2(S^T - LSE). Lanes past the last row read lse2 = +inf or zero-padded
         // columns and come out 0.
@@ -590,6 +892,10 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
 
 } // namespace
 
+bool flash_attn_uses_decode_path(const Problem& p) {
+    return use_decode_path(p);
+}
+
 size_t flash_attn_scratch_bytes(const Problem& p, int n_threads) {
     const ForwardPlan plan = plan_forward(p, n_threads);
     return 4 * (size_t(n_threads) * ForwardWorkspace::floats(p, plan.Dv8) + split_partial_floats(plan)) +
@@ -616,12 +922,12 @@ void flash_attn_forward(const Problem& p, ThreadPool& pool) {
         ForwardWorkspace ws(p, plan.Dv8);
         for (int64_t item; (item = next.fetch_add(1)) < n_items;) {
             const int64_t tile = item / plan.splits, split = item % plan.splits;
-            if (plan.splits == 1) {
-                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, nullptr);
-            } else {
-                const Partial part = partial_of(tile, split);
-                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, &part);
-            }
+            const Partial part = plan.splits == 1 ? Partial{} : partial_of(tile, split);
+            const Partial* out = plan.splits == 1 ? nullptr : &part;
+            if (plan.decode)
+                decode_tile(p, plan, plan.tiles[size_t(tile)], split, ws, out);
+            else
+                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, out);
         }
     });
     if (plan.splits == 1) return;
