@@ -40,10 +40,10 @@ cmake --build "$work/ggml-build" --target ggml-cpu -j"$jobs" >"$work/ggml-build.
 libs=$(find "$work/ggml-build" -name 'libggml-cpu.a' -o -name 'libggml-base.a' | sort -r)
 openmp=""
 if grep -q '^GGML_OPENMP:BOOL=ON' "$work/ggml-build/CMakeCache.txt"; then openmp="-fopenmp"; fi
-cc -O2 -march=native -std=c11 -Wall -Wextra -I"$ggml/include" "$repo_root/tools/peers/ggml_fa_peer.c" \
+cc -O2 -march=native -std=gnu11 -Wall -Wextra -I"$ggml/include" "$repo_root/tools/peers/ggml_fa_peer.c" \
     $libs $openmp -lstdc++ -lm -lpthread -o "$work/ggml_fa_peer"
 
 # 4. Run, with the ggml revision and the machine in the header.
 echo "# ggml $(sed -n "s/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) *\([0-9]*\))/\2/p" "$ggml/CMakeLists.txt" | paste -sd.) from llama-cpp-python $version"
-echo "# cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, openmp=${openmp:+on}${openmp:-off}"
+echo "# cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, openmp=$([ -n "$openmp" ] && echo on || echo off)"
 "$work/ggml_fa_peer" "$@"

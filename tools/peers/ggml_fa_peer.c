@@ -8,7 +8,7 @@
 // are checked against a double-precision softmax(QK^T)V so a broken setup cannot pass as
 // a fast one.
 //
-// usage: ggml_fa_peer [--reps N] [--quick]
+// usage: ggml_fa_peer [--reps N] [--quick] [--decode-only] [--cpu-time]
 #include "ggml-cpu.h"
 #include "ggml.h"
 
@@ -19,9 +19,11 @@
 #include <string.h>
 #include <time.h>
 
+// Wall clock, or with --cpu-time the process's CPU time (as in bench_attn_cpu).
+static int use_cpu_time = 0;
 static double now_seconds(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(use_cpu_time ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -70,8 +72,9 @@ static void build_case(struct fa_case* c, int64_t D, int64_t Sq, int64_t Skv, in
                        enum ggml_type kv_type, int causal) {
     memset(c, 0, sizeof *c);
     c->D = D, c->Sq = Sq, c->Skv = Skv, c->Hq = Hq, c->Hkv = Hkv, c->causal = causal;
-    const size_t data_bytes = (size_t)(D * Sq * Hq) * 4 * 2 + 2 * ggml_row_size(kv_type, D) * (size_t)(Skv * Hkv) +
-                              (size_t)(Skv * Sq) * 2 + 64 * 1024;
+    const size_t data_bytes = (size_t)(D * Sq * Hq) * 4 * 2 +
+                              2 * ggml_row_size(kv_type, D) * (size_t)(Skv * Hkv) + (size_t)(Skv * Sq) * 2 +
+                              64 * 1024;
     struct ggml_init_params ip = {
         .mem_size = data_bytes + 16 * ggml_tensor_overhead() + ggml_graph_overhead(),
         .mem_buffer = NULL,
@@ -170,10 +173,12 @@ static double time_graph(struct fa_case* c, int n_threads, int reps, double* che
 }
 
 int main(int argc, char** argv) {
-    int reps = 7, quick = 0;
+    int reps = 7, quick = 0, decode_only = 0;
     for (int a = 1; a < argc; ++a) {
         if (!strcmp(argv[a], "--reps") && a + 1 < argc) reps = atoi(argv[++a]) > 0 ? atoi(argv[a]) : 1;
         if (!strcmp(argv[a], "--quick")) quick = 1;
+        if (!strcmp(argv[a], "--decode-only")) decode_only = 1;
+        if (!strcmp(argv[a], "--cpu-time")) use_cpu_time = 1;
     }
     ggml_cpu_init();
     const int64_t dims_full[] = {64, 128, 256}, seqs_full[] = {512, 1024, 2048};
@@ -184,10 +189,11 @@ int main(int argc, char** argv) {
     const int64_t heads = 2;
     const double max_error = 2e-2; // f16/quantized Q (ggml converts Q to K's dot type)
 
+    printf("# timer: %s\n", use_cpu_time ? "process CPU time" : "wall clock");
     printf("# ggml CPU flash_attn_ext forward, B=1, H=%lld, f32 Q, median of %d runs\n", (long long)heads,
            reps);
     printf("%-4s %-5s %-4s %-7s %-6s | %9s %9s\n", "D", "S", "thr", "K/V", "causal", "fwd GF/s", "rel err");
-    for (int nth = 1; nth <= 2; ++nth)
+    for (int nth = 1; nth <= 2 && !decode_only; ++nth)
         for (int di = 0; di < n_dims; ++di)
             for (int si = 0; si < n_seqs; ++si)
                 for (int kv = 0; kv < 2; ++kv)
@@ -199,10 +205,10 @@ int main(int argc, char** argv) {
                         build_case(&c, D, S, S, heads, heads, t, causal);
                         double err;
                         const double sec = time_graph(&c, nth, reps, &err);
-                        const double flops = 4.0 * (double)heads * (double)S * (double)S * (double)D *
-                                             (causal ? 0.5 : 1.0);
-                        printf("%-4lld %-5lld %-4d %-7s %-6d | %9.1f %9.1e%s\n", (long long)D, (long long)S, nth,
-                               ggml_type_name(t), causal, flops / sec * 1e-9, err,
+                        const double flops =
+                            4.0 * (double)heads * (double)S * (double)S * (double)D * (causal ? 0.5 : 1.0);
+                        printf("%-4lld %-5lld %-4d %-7s %-6d | %9.1f %9.1e%s\n", (long long)D, (long long)S,
+                               nth, ggml_type_name(t), causal, flops / sec * 1e-9, err,
                                err < max_error ? "" : "  CHECK FAILED");
                         fflush(stdout);
                         free_case(&c);
@@ -219,8 +225,8 @@ int main(int argc, char** argv) {
             double err;
             const double sec = time_graph(&c, nth, reps * 3, &err);
             const double bytes = (double)(ggml_nbytes(c.k) + ggml_nbytes(c.v));
-            printf("%-4d %-7s | %9.1f %9.2f %9.1e%s\n", nth, ggml_type_name(t), sec * 1e6, bytes / sec * 1e-9, err,
-                   err < max_error ? "" : "  CHECK FAILED");
+            printf("%-4d %-7s | %9.1f %9.2f %9.1e%s\n", nth, ggml_type_name(t), sec * 1e6, bytes / sec * 1e-9,
+                   err, err < max_error ? "" : "  CHECK FAILED");
             fflush(stdout);
             free_case(&c);
         }
