@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -36,9 +37,29 @@ constexpr int64_t kTileKV = 36; // keys per tile; a multiple of the micro-kernel
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-int64_t round_up(int64_t x, int64_t m) {
+constexpr int64_t round_up(int64_t x, int64_t m) {
     return (x + m - 1) / m * m;
 }
+
+// A leading dimension (in floats, >= n) that is an odd number of 64-byte lines. The GEMMs
+// walk a 16-column panel of B down its rows; with an even line count per row (96 floats
+// = 6 lines, 4096 floats = 64 lines) those rows fall into half, or just one, of the L1's
+// 64 sets and evict each other. An odd count spreads them over every set.
+constexpr int64_t conflict_free_ld(int64_t n) {
+    const int64_t ld = round_up(n, 16);
+    return (ld / 16) % 2 == 1 ? ld : ld + 16;
+}
+
+// Float buffers on 64-byte boundaries, so 8-lane rows never straddle two cache lines.
+template <class T> struct LineAligned {
+    using value_type = T;
+    LineAligned() = default;
+    template <class U> LineAligned(const LineAligned<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U> bool operator==(const LineAligned<U>&) const { return true; }
+};
+using FloatBuffer = std::vector<float, LineAligned<float>>;
 
 // ---- GEMM micro-kernel ------------------------------------------------------------------
 
@@ -297,12 +318,12 @@ ForwardPlan plan_forward(const Problem& p, int n_threads) {
 
 // Per-thread buffers of the forward.
 struct ForwardWorkspace {
-    std::vector<float> qt;   // [Dk][kTileQ]   Q tile, transposed and pre-scaled
-    std::vector<float> kbuf; // [kTileKV][Dk]  converted K tile (f32 K is read in place)
-    std::vector<float> vbuf; // [kTileKV][Dv8] converted V tile
-    std::vector<float> st;   // [kTileKV][kTileQ] scores S^T, then probabilities P^T
-    std::vector<float> oacc; // [kTileQ][Dv8]  unnormalized output
-    std::vector<float> row;  // [max(Dk, Dv8)] one converted row
+    FloatBuffer qt;   // [Dk][kTileQ]   Q tile, transposed and pre-scaled
+    FloatBuffer kbuf; // [kTileKV][Dk]    converted K tile (f32 K is read in place)
+    FloatBuffer vbuf; // [kTileKV][Dv8]   converted V tile
+    FloatBuffer st;   // [kTileKV][kTileQ] scores S^T, then probabilities P^T
+    FloatBuffer oacc; // [kTileQ][Dv8]    unnormalized output
+    FloatBuffer row;  // [max(Dk, Dv8)]   one converted row
     std::vector<RowInfo> rows;
     float m[kTileQ], l[kTileQ], alpha[kTileQ];
 
@@ -756,12 +777,14 @@ constexpr int64_t kBwdTileKV = 48; // keys per tile
 
 struct BackwardSizes {
     int64_t Dk8, Dv8, Sq16;
+    int64_t ldq; // leading dimension of the transposed Q and dO (>= Sq16)
     explicit BackwardSizes(const Problem& p)
-        : Dk8(round_up(p.Dk, 8)), Dv8(round_up(p.Dv, 8)), Sq16(round_up(p.Sq, 16)) {}
+        : Dk8(round_up(p.Dk, 8)), Dv8(round_up(p.Dv, 8)), Sq16(round_up(p.Sq, 16)),
+          ldq(conflict_free_ld(p.Sq)) {}
     // Shared across threads: dK/dV accumulators, one query head's converted Q/dO, D and
     // LSE, and one dQ partial per thread.
     size_t shared_floats(const Problem& p, int n_threads) const {
-        return size_t(p.Skv * (Dk8 + Dv8) + p.Dk * Sq16 + p.Sq * Dk8 + p.Dv * Sq16 + p.Sq * Dv8 + 2 * Sq16 +
+        return size_t(p.Skv * (Dk8 + Dv8) + p.Dk * ldq + p.Sq * Dk8 + p.Dv * ldq + p.Sq * Dv8 + 2 * Sq16 +
                       int64_t(n_threads) * p.Sq * Dk8);
     }
     size_t thread_floats(const Problem& p) const {
@@ -770,12 +793,12 @@ struct BackwardSizes {
 };
 
 struct BackwardWorkspace {
-    std::vector<float> kbuf; // [kBwdTileKV][Dk8]
-    std::vector<float> vbuf; // [kBwdTileKV][Dv8]
-    std::vector<float> pt;   // [kBwdTileKV][kBwdTileQ] S^T, then P^T
-    std::vector<float> dst;  // [kBwdTileKV][kBwdTileQ] dP^T, then dS^T
-    std::vector<float> tt;   // [kBwdTileKV][kBwdTileQ] tanh of the softcapped scores
-    std::vector<float> row;
+    FloatBuffer kbuf; // [kBwdTileKV][Dk8]
+    FloatBuffer vbuf; // [kBwdTileKV][Dv8]
+    FloatBuffer pt;   // [kBwdTileKV][kBwdTileQ] S^T, then P^T
+    FloatBuffer dst;  // [kBwdTileKV][kBwdTileQ] dP^T, then dS^T
+    FloatBuffer tt;   // [kBwdTileKV][kBwdTileQ] tanh of the softcapped scores
+    FloatBuffer row;
     std::vector<RowInfo> rows;
     BackwardWorkspace(const BackwardSizes& z)
         : kbuf(size_t(kBwdTileKV * z.Dk8)), vbuf(size_t(kBwdTileKV * z.Dv8)),
@@ -784,11 +807,11 @@ struct BackwardWorkspace {
 };
 
 struct HeadBuffers {
-    std::vector<float> dk, dv;      // [Skv][Dk8], [Skv][Dv8] accumulators of the kv head
-    std::vector<float> qt, q;       // [Dk][Sq16] scaled for S;  [Sq][Dk8] unscaled
-    std::vector<float> dot, dO;     // [Dv][Sq16];  [Sq][Dv8]
-    std::vector<float> lse2, D;     // [Sq16]
-    std::vector<float> dq_partials; // [n_threads][Sq][Dk8]
+    FloatBuffer dk, dv;      // [Skv][Dk8], [Skv][Dv8] accumulators of the kv head
+    FloatBuffer qt, q;       // [Dk][ldq] scaled for S;  [Sq][Dk8] unscaled
+    FloatBuffer dot, dO;     // [Dv][ldq];  [Sq][Dv8]
+    FloatBuffer lse2, D;     // [Sq16]
+    FloatBuffer dq_partials; // [n_threads][Sq][Dk8]
 };
 
 // Converts one query head's Q and dO, and computes D and the base-2 LSE, rows [r0, r1).
@@ -799,10 +822,10 @@ void backward_prepass(const BackwardProblem& bp, const BackwardSizes& z, int64_t
     for (int64_t i = r0; i < r1; ++i) {
         float* q = hb.q.data() + i * z.Dk8;
         load_row(p.q.type, row_at(p.q, i, h, b), q, p.Dk, z.Dk8);
-        for (int64_t d = 0; d < p.Dk; ++d) hb.qt[size_t(d * z.Sq16 + i)] = q[d] * qscale;
+        for (int64_t d = 0; d < p.Dk; ++d) hb.qt[size_t(d * z.ldq + i)] = q[d] * qscale;
         float* dO = hb.dO.data() + i * z.Dv8;
         load_row(bp.dO.type, o_row(bp.dO, i, h, b), dO, p.Dv, z.Dv8);
-        for (int64_t d = 0; d < p.Dv; ++d) hb.dot[size_t(d * z.Sq16 + i)] = dO[d];
+        for (int64_t d = 0; d < p.Dv; ++d) hb.dot[size_t(d * z.ldq + i)] = dO[d];
         load_row(p.o.type, o_row(p.o, i, h, b), tmp, p.Dv, p.Dv);
         double Di = 0.0;
         for (int64_t d = 0; d < p.Dv; ++d) Di += double(dO[d]) * double(tmp[d]);
@@ -848,7 +871,7 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
         describe_rows(p, b, h, 1, i0, nq, rows);
 
         // S^T = K Q^T, softcap, mask.
-        gemm(nk, nq8, p.Dk, ws.kbuf.data(), Dk8, 1, hb.qt.data() + i0, z.Sq16, pt, ld, false);
+        gemm(nk, nq8, p.Dk, ws.kbuf.data(), Dk8, 1, hb.qt.data() + i0, z.ldq, pt, ld, false);
         if (softcap) {
             for (int64_t j = 0; j < nk; ++j)
                 for (int64_t r = 0; r < nq8; r += 8)
@@ -871,7 +894,7 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
         // dV += P^T dO.
         gemm(nk, Dv8, nq, pt, ld, 1, hb.dO.data() + i0 * Dv8, Dv8, dv, Dv8, true);
         // dP^T = V dO^T.
-        gemm(nk, nq8, p.Dv, ws.vbuf.data(), Dv8, 1, hb.dot.data() + i0, z.Sq16, dst, ld, false);
+        gemm(nk, nq8, p.Dv, ws.vbuf.data(), Dv8, 1, hb.dot.data() + i0, z.ldq, dst, ld, false);
         // dS^T = P^T (dP^T - D), times (1 - tanh^2) through the softcap.
         for (int64_t r = 0; r < nq8; r += 8) {
             const vf8 D = simd::load(hb.D.data() + i0 + r);
@@ -961,9 +984,9 @@ void flash_attn_backward(const BackwardProblem& bp, ThreadPool& pool) {
     HeadBuffers hb;
     hb.dk.resize(size_t(p.Skv * z.Dk8));
     hb.dv.resize(size_t(p.Skv * z.Dv8));
-    hb.qt.assign(size_t(p.Dk * z.Sq16), 0.0f); // columns past Sq stay zero
+    hb.qt.assign(size_t(p.Dk * z.ldq), 0.0f); // columns past Sq stay zero
     hb.q.resize(size_t(p.Sq * z.Dk8));
-    hb.dot.assign(size_t(p.Dv * z.Sq16), 0.0f);
+    hb.dot.assign(size_t(p.Dv * z.ldq), 0.0f);
     hb.dO.resize(size_t(p.Sq * z.Dv8));
     hb.lse2.assign(size_t(z.Sq16), std::numeric_limits<float>::infinity());
     hb.D.assign(size_t(z.Sq16), 0.0f);
