@@ -7,6 +7,12 @@
 // tile transposed once), which makes the softmax's per-query max and sum plain lane-wise
 // vector operations over 8 queries at a time.
 //
+// Decoding (at most 8 query rows per kv head) has its own path: the rows of a GQA group
+// share a tile, so each kv head's K and V are streamed once; scores are dot products read
+// straight from K's storage (F16C conversion, q8_0/q4_0 blocks dequantized in the loop),
+// with the query rows in row-major order, and the keys are split across threads when the
+// kv heads alone do not keep them evenly busy.
+//
 // Scores are in base 2: log2(e) is folded into the scale of Q, so each probability is a
 // single exp2. A row that has seen nothing visible keeps m = -inf; exponents then use 0
 // in place of m so no inf - inf (NaN) appears.
