@@ -370,6 +370,11 @@ TEST_CASE("CPU FA2 decode path: K/V types, GQA ratios, odd lengths, features", "
     }); // a row sees nothing
     // Head sizes that are multiples of 8 but not of 32 (float types only), Dk != Dv.
     add([](CaseSpec& s) { s.Dk = s.Dv = 40, s.k_type = s.v_type = Type::F16; });
+    // Eight rows per kv head take the one-block score kernel: with a row tail and quantized.
+    add([](CaseSpec& s) { s.Dk = s.Dv = 40, s.Hq = 8, s.Skv = 17, s.k_type = s.v_type = Type::F32; });
+    add([](CaseSpec& s) {
+        s.Hq = 16, s.Hkv = 2, s.Skv = 1001, s.k_type = Type::Q4_0, s.v_type = Type::Q8_0;
+    });
     add([](CaseSpec& s) { s.Dk = 72, s.Dv = 24, s.k_type = Type::BF16, s.v_type = Type::F32; });
     add([](CaseSpec& s) { s.Dk = 256, s.Dv = 256, s.k_type = s.v_type = Type::Q8_0, s.Skv = 300; });
     // Masks, ALiBi, softcap, sinks, windows.

@@ -521,45 +521,41 @@ template <Type T> inline vf8 load_chunk8(const char* row, int64_t u) {
 }
 
 // S = Q K^T for MR query rows (q: row-major, stride Dk, pre-scaled) against keys [0, nk)
-// at k_rows + j * k_stride, into s[r * lds + j]. Two keys at a time: 2 * MR dot products
-// accumulate lane-wise over Dk and are summed horizontally together at the end.
-template <Type KT, int MR>
+// at k_rows + j * k_stride, into s[r * lds + j]. KB keys at a time: MR * KB <= 8 dot
+// products accumulate lane-wise over Dk and are summed horizontally together at the end.
+// Each chunk of K is converted once and used by all MR rows, so a whole GQA group of 8
+// rows (MR = 8, KB = 1) pays for one conversion of K.
+template <Type KT, int MR, int KB>
 void decode_scores(int64_t Dk, const float* q, const char* k_rows, int64_t k_stride, int64_t nk, float* s,
                    int64_t lds) {
-    static_assert(2 * MR <= 8);
+    static_assert(MR * KB <= 8);
     const int64_t n32 = Dk / 32;
-    for (int64_t j = 0; j < nk; j += 2) {
-        const char* ka = k_rows + j * k_stride;
-        const char* kb = j + 1 < nk ? ka + k_stride : ka; // an odd last key is computed twice
+    for (int64_t j = 0; j < nk; j += KB) {
+        const char* key[KB];
+        for (int b = 0; b < KB; ++b) // keys past the end repeat the last one (computed, not stored)
+            key[b] = k_rows + std::min<int64_t>(j + b, nk - 1) * k_stride;
         vf8 acc[8];
         for (vf8& a : acc) a = simd::zero();
-        for (int64_t c = 0; c < n32; ++c) {
-            vf8 kv[4];
-            load_chunk32<KT>(ka, c, kv);
-            for (int r = 0; r < MR; ++r)
-                for (int i = 0; i < 4; ++i)
-                    acc[2 * r] = simd::fma(simd::load(q + r * Dk + 32 * c + 8 * i), kv[i], acc[2 * r]);
-            load_chunk32<KT>(kb, c, kv);
-            for (int r = 0; r < MR; ++r)
-                for (int i = 0; i < 4; ++i)
-                    acc[2 * r + 1] =
-                        simd::fma(simd::load(q + r * Dk + 32 * c + 8 * i), kv[i], acc[2 * r + 1]);
-        }
-        if constexpr (is_float_type<KT>)
-            for (int64_t u = 4 * n32; u < Dk / 8; ++u) {
-                const vf8 a = load_chunk8<KT>(ka, u), b = load_chunk8<KT>(kb, u);
-                for (int r = 0; r < MR; ++r) {
-                    const vf8 qv = simd::load(q + r * Dk + 8 * u);
-                    acc[2 * r] = simd::fma(qv, a, acc[2 * r]);
-                    acc[2 * r + 1] = simd::fma(qv, b, acc[2 * r + 1]);
-                }
+        for (int64_t c = 0; c < n32; ++c)
+            for (int b = 0; b < KB; ++b) {
+                vf8 kv[4];
+                load_chunk32<KT>(key[b], c, kv);
+                for (int r = 0; r < MR; ++r)
+                    for (int i = 0; i < 4; ++i)
+                        acc[r * KB + b] =
+                            simd::fma(simd::load(q + r * Dk + 32 * c + 8 * i), kv[i], acc[r * KB + b]);
             }
+        if constexpr (is_float_type<KT>)
+            for (int64_t u = 4 * n32; u < Dk / 8; ++u)
+                for (int b = 0; b < KB; ++b) {
+                    const vf8 kv = load_chunk8<KT>(key[b], u);
+                    for (int r = 0; r < MR; ++r)
+                        acc[r * KB + b] = simd::fma(simd::load(q + r * Dk + 8 * u), kv, acc[r * KB + b]);
+                }
         float sums[8];
         simd::store(sums, simd::reduce_add8(acc));
-        for (int r = 0; r < MR; ++r) {
-            s[r * lds + j] = sums[2 * r];
-            if (j + 1 < nk) s[r * lds + j + 1] = sums[2 * r + 1];
-        }
+        for (int r = 0; r < MR; ++r)
+            for (int b = 0; b < KB && j + b < nk; ++b) s[r * lds + j + b] = sums[r * KB + b];
     }
 }
 
@@ -653,10 +649,12 @@ void decode_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, i
 
         // S = Q K^T, a register block of rows at a time.
         with_kv_type(p.k.type, [&](auto kt) {
+            constexpr Type KT = decltype(kt)::value;
+            if (n == 8) return decode_scores<KT, 8, 1>(Dk, q, k_rows, p.k.nb[1], nk, s, lds);
             for (int64_t r0 = 0; r0 < n; r0 += kDecodeRowBlock)
                 with_rows(std::min(kDecodeRowBlock, n - r0), [&](auto mr) {
-                    decode_scores<decltype(kt)::value, decltype(mr)::value>(Dk, q + r0 * Dk, k_rows,
-                                                                            p.k.nb[1], nk, s + r0 * lds, lds);
+                    decode_scores<KT, decltype(mr)::value, 2>(Dk, q + r0 * Dk, k_rows, p.k.nb[1], nk,
+                                                              s + r0 * lds, lds);
                 });
         });
         for (int64_t r = 0; r < n; ++r)
