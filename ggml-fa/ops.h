@@ -11,22 +11,40 @@ namespace gfa {
 
 // ---- parameter structs ---------------------------------------------------------------
 
-struct FillParams { float value; };
-struct ScaleParams { float scale; float bias; }; // x * scale + bias
-struct NormParams { float eps; };
-struct SoftMaxParams { float scale; float max_bias; }; // softmax(x * scale + slope * mask)
-struct DiagMaskParams { int32_t n_past; };
-struct ConcatParams { int32_t dim; };
-struct PermuteParams { int32_t axes[kMaxDims]; }; // result dim axes[i] comes from source dim i
+struct FillParams {
+    float value;
+};
+struct ScaleParams {
+    float scale;
+    float bias;
+}; // x * scale + bias
+struct NormParams {
+    float eps;
+};
+struct SoftMaxParams {
+    float scale;
+    float max_bias;
+}; // softmax(x * scale + slope * mask)
+struct DiagMaskParams {
+    int32_t n_past;
+};
+struct ConcatParams {
+    int32_t dim;
+};
+struct PermuteParams {
+    int32_t axes[kMaxDims];
+}; // result dim axes[i] comes from source dim i
 enum class GeluApprox : int32_t { Tanh, Erf };
-struct GeluParams { GeluApprox approx; };
+struct GeluParams {
+    GeluApprox approx;
+};
 
 enum class RopeMode : int32_t {
     Normal = 0, // rotate pairs (2i, 2i+1)   (LLaMA in GGUF layout)
     NeoX = 2,   // rotate pairs (i, i + n_dims/2)
 };
 struct RopeParams {
-    int32_t n_dims;   // leading dims of each head that rotate; the rest pass through
+    int32_t n_dims; // leading dims of each head that rotate; the rest pass through
     RopeMode mode;
     float freq_base;  // theta_i = pos * freq_scale * freq_base^(-2i/n_dims)
     float freq_scale; // linear position scaling (1 = none)
@@ -57,15 +75,15 @@ struct FlashAttnBackParams {
 // ---- data movement and views ----------------------------------------------------------
 
 Tensor* fill(Context& ctx, Type type, std::initializer_list<int64_t> ne, float value);
-Tensor* cpy(Context& ctx, Tensor* a, Tensor* b); // copy a into b (converting types); result views b
+Tensor* cpy(Context& ctx, Tensor* a, Tensor* b);  // copy a into b (converting types); result views b
 Tensor* cast(Context& ctx, Tensor* a, Type type); // a new contiguous tensor of another type
 Tensor* cont(Context& ctx, Tensor* a);
 Tensor* reshape(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne); // a must be contiguous
 Tensor* view(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne, std::initializer_list<size_t> nb,
              size_t offset);
 Tensor* permute(Context& ctx, Tensor* a, int ax0, int ax1, int ax2, int ax3);
-Tensor* transpose(Context& ctx, Tensor* a); // swap dims 0 and 1
-Tensor* get_rows(Context& ctx, Tensor* a, Tensor* rows);    // a[.., rows[i], ..] -> f32
+Tensor* transpose(Context& ctx, Tensor* a);                         // swap dims 0 and 1
+Tensor* get_rows(Context& ctx, Tensor* a, Tensor* rows);            // a[.., rows[i], ..] -> f32
 Tensor* set_rows(Context& ctx, Tensor* a, Tensor* b, Tensor* rows); // a[rows[i]] = b[i]; result views a
 Tensor* concat(Context& ctx, Tensor* a, Tensor* b, int dim);
 Tensor* repeat(Context& ctx, Tensor* a, Tensor* like); // tile a to like's shape
@@ -92,7 +110,8 @@ Tensor* mean(Context& ctx, Tensor* a);     // row means -> [1, ne1, ne2, ne3]
 // ---- matrix products ------------------------------------------------------------------
 
 // a: [K, M, A2, A3] (weights: f32/f16/bf16/q8_0/q4_0/...), b: [K, N, B2, B3] f32 with
-// B2 % A2 == 0 and B3 % A3 == 0 (a broadcast). Result [M, N, B2, B3] f32 = b * a^T per matrix.
+// B2 % A2 == 0 and B3 % A3 == 0: b's matrix i2 uses a's matrix i2 / (B2 / A2), as GQA groups heads
+// (repeat/add broadcast by modulo instead). Result [M, N, B2, B3] f32 = b * a^T per matrix.
 Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b);
 // a: [M, K], b: [N, K] -> [M, N] = sum_k a[:,k] b[:,k]^T (batched over dims 2-3 like mul_mat)
 Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
@@ -104,6 +123,9 @@ Tensor* rms_norm(Context& ctx, Tensor* a, float eps); // RMSNorm over dim 0, no 
 // a: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]
 Tensor* rope(Context& ctx, Tensor* a, Tensor* pos, const RopeParams& p);
 // softmax over dim 0 of a * scale + slope * mask; mask optional [ne0, ne1, 1|ne2, 1|ne3]
+// (f32/f16; rows past a's ne1 are ignored). slope = attn::alibi_slope(max_bias, head = dim 2);
+// max_bias > 0 needs a mask. A row that is -inf everywhere gives zeros. The mask is treated
+// as a constant by autodiff (it gets no gradient).
 Tensor* soft_max_ext(Context& ctx, Tensor* a, Tensor* mask, float scale, float max_bias);
 Tensor* soft_max(Context& ctx, Tensor* a);
 Tensor* diag_mask_inf(Context& ctx, Tensor* a, int n_past);
@@ -118,6 +140,8 @@ Tensor* swiglu(Context& ctx, Tensor* gate, Tensor* up); // silu(gate) * up
 // ---- losses and optimizers ------------------------------------------------------------
 
 // logits, labels: [n_classes, n_rows...] (labels are probabilities) -> [1] mean over rows
+// of -sum_c labels * log_softmax(logits). Autodiff treats the labels as constants: only the
+// logits get a gradient.
 Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels);
 // One AdamW step, updating param, m and v in place; the result views param.
 Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, const AdamWParams& p);

@@ -33,22 +33,62 @@ class Buffer;
 enum class Op : uint16_t {
     None, // a leaf: data set by the user or loaded from a file
     // data movement and views
-    Fill, Cpy, Cont, Reshape, View, Permute, Transpose, GetRows, GetRowsBack, SetRows, Concat, Repeat,
+    Fill,
+    Cpy,
+    Cont,
+    Reshape,
+    View,
+    Permute,
+    Transpose,
+    GetRows,
+    GetRowsBack,
+    SetRows,
+    Concat,
+    Repeat,
     RepeatBack,
     // element-wise arithmetic (row broadcasting) and unary math
-    Add, Sub, Mul, Div, Scale, Sqr, Sqrt, Exp, Log, Neg,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Scale,
+    Sqr,
+    Sqrt,
+    Exp,
+    Log,
+    Neg,
     // reductions
-    Sum, SumRows, Mean,
+    Sum,
+    SumRows,
+    Mean,
     // matrix products
-    MulMat, OutProd,
+    MulMat,
+    OutProd,
     // normalization, position encoding, softmax
-    Norm, NormBack, RmsNorm, RmsNormBack, Rope, RopeBack, SoftMax, SoftMaxBack, DiagMaskInf,
+    Norm,
+    NormBack,
+    RmsNorm,
+    RmsNormBack,
+    Rope,
+    RopeBack,
+    SoftMax,
+    SoftMaxBack,
+    DiagMaskInf,
     // activations
-    Silu, SiluBack, Gelu, GeluBack, Relu, Step, Swiglu,
+    Silu,
+    SiluBack,
+    Gelu,
+    GeluBack,
+    Relu,
+    Step,
+    Swiglu,
     // losses and optimizers
-    CrossEntropyLoss, CrossEntropyLossBack, AdamW,
+    CrossEntropyLoss,
+    CrossEntropyLossBack,
+    AdamW,
     // attention
-    FlashAttnExt, FlashAttnBack,
+    FlashAttnExt,
+    FlashAttnBack,
     Count
 };
 
@@ -84,9 +124,9 @@ struct Tensor {
     int64_t nrows() const { return ne[1] * ne[2] * ne[3]; }
     int n_dims() const; // 1 + index of the last dim > 1
     size_t element_size() const { return type_traits(type).type_size; }
-    size_t nbytes() const;       // bytes spanned by the strided elements
+    size_t nbytes() const; // bytes spanned by the strided elements
     size_t alloc_bytes() const { return nbytes() + extra_bytes; }
-    bool is_contiguous() const;  // rows packed with no gaps, dims in order
+    bool is_contiguous() const; // rows packed with no gaps, dims in order
     bool is_view() const { return view_src != nullptr; }
     bool has_flag(TensorFlag f) const { return (flags & f) != 0; }
     std::string shape_str() const; // e.g. "f32[64,17,3,1]"

@@ -74,7 +74,7 @@ inline uint16_t fp32_to_bf16(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40); // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                          // nearest even
+    u += 0x7fffu + ((u >> 16) & 1u);                                        // nearest even
     return uint16_t(u >> 16);
 }
 
@@ -89,9 +89,71 @@ static_assert(sizeof(block_q8_0) == 34);
 
 inline constexpr int QK4_0 = 32;
 struct block_q4_0 {
-    uint16_t d;             // f16 scale
+    uint16_t d;            // f16 scale
     uint8_t qs[QK4_0 / 2]; // element i in low nibble of byte i, element i+16 in the high nibble
 };
 static_assert(sizeof(block_q4_0) == 18);
+
+inline constexpr int QK4_1 = 32;
+struct block_q4_1 {
+    uint16_t d;            // f16 step
+    uint16_t m;            // f16 offset: x = d * q + m, q in 0..15
+    uint8_t qs[QK4_1 / 2]; // nibbles as in block_q4_0
+};
+static_assert(sizeof(block_q4_1) == 20);
+
+inline constexpr int QK5_0 = 32;
+struct block_q5_0 {
+    uint16_t d;            // f16 scale: x = d * (q - 16), q in 0..31
+    uint8_t qh[4];         // little-endian 32-bit word, bit i = fifth bit of element i
+    uint8_t qs[QK5_0 / 2]; // low four bits, nibbles as in block_q4_0
+};
+static_assert(sizeof(block_q5_0) == 22);
+
+inline constexpr int QK5_1 = 32;
+struct block_q5_1 {
+    uint16_t d; // f16 step
+    uint16_t m; // f16 offset: x = d * q + m, q in 0..31
+    uint8_t qh[4];
+    uint8_t qs[QK5_1 / 2];
+};
+static_assert(sizeof(block_q5_1) == 24);
+
+// "K" formats: a 256-element super-block split into sub-blocks whose scales (and mins) are
+// themselves quantized against one f16 super-scale.
+inline constexpr int QK_K = 256;
+inline constexpr int K_SCALE_SIZE = 12;
+
+// Eight sub-blocks of 32: x = d * sc[j] * q - dmin * mn[j], with 6-bit sc and mn packed into
+// 12 bytes. Bytes 0..3 hold sc[0..3] (low 6 bits) and the top 2 bits of sc[4..7]; bytes 4..7
+// likewise for mn; bytes 8..11 hold the low 4 bits of sc[4..7] (low nibble) and mn[4..7].
+struct block_q4_K {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qs[QK_K / 2]; // 32-byte chunk c: sub-block 2c in the low nibbles, 2c+1 in the high
+};
+static_assert(sizeof(block_q4_K) == 144);
+
+// Q4_K plus a fifth bit per element: bit j of qh[l] belongs to element l of sub-block j.
+struct block_q5_K {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[K_SCALE_SIZE];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+};
+static_assert(sizeof(block_q5_K) == 176);
+
+// Sixteen sub-blocks of 16 with int8 scales: x = d * scales[i / 16] * (q - 32), q in 0..63.
+// Each 128-element half h uses ql[64h..64h+63] (element r: low nibble for r < 64, high nibble
+// of byte r - 64 otherwise) and qh[32h..32h+31] (element r: bits 2*(r/32) of byte r % 32).
+struct block_q6_K {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+};
+static_assert(sizeof(block_q6_K) == 210);
 
 } // namespace gfa

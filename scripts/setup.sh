@@ -19,8 +19,8 @@ fi
 
 # Python packages used by the interoperability tests: the reference GGUF implementation,
 # and safetensors + numpy to write and check small Hugging Face style checkpoints.
-py_packages=(gguf numpy safetensors)
-if ! python3 -c "import gguf, numpy, safetensors" 2>/dev/null; then
+py_packages=(gguf numpy safetensors sentencepiece tokenizers)
+if ! python3 -c "import gguf, numpy, safetensors, sentencepiece, tokenizers" 2>/dev/null; then
     echo "setup: installing Python packages ${py_packages[*]}"
     python3 -m pip install -q "${py_packages[@]}" 2>/dev/null ||
         python3 -m pip install -q --break-system-packages "${py_packages[@]}"

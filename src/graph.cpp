@@ -54,13 +54,15 @@ Graph build_forward(Tensor* out) {
 
 // ---- autodiff --------------------------------------------------------------------------
 
-bool GradCtx::needs_grad(const Tensor* t) const { return t && needs_.count(t) != 0; }
+bool GradCtx::needs_grad(const Tensor* t) const {
+    return t && needs_.count(t) != 0;
+}
 
 void GradCtx::accumulate(Tensor* t, Tensor* g) {
     if (!needs_grad(t)) return;
     if (g->ne != t->ne)
-        fail(std::string("autodiff: gradient ") + g->shape_str() + " does not match its tensor " + t->shape_str() +
-             " (made by " + op_name(t->op) + ")");
+        fail(std::string("autodiff: gradient ") + g->shape_str() + " does not match its tensor " +
+             t->shape_str() + " (made by " + op_name(t->op) + ")");
     if (g->type != Type::F32) g = cast(ctx, g, Type::F32);
     Tensor* prev = graph_.grad(t);
     graph_.set_grad(t, prev ? add(ctx, prev, g) : g);
@@ -73,7 +75,8 @@ void build_backward(Context& ctx, Graph& graph, Tensor* loss) {
         if (!loss) fail("build_backward: no loss given and no node is marked with set_loss");
     }
     if (!graph.contains(loss)) fail("build_backward: the loss is not part of the graph");
-    if (loss->nelements() != 1) fail("build_backward: the loss must have one element, got " + loss->shape_str());
+    if (loss->nelements() != 1)
+        fail("build_backward: the loss must have one element, got " + loss->shape_str());
 
     GradCtx gctx(ctx, graph);
     // Forward order: a tensor needs a gradient when a parameter reaches it.

@@ -77,6 +77,29 @@ void require_not_null(Op op, std::initializer_list<const Tensor*> tensors);
 Tensor* repeat_back(Context& ctx, Tensor* grad, Tensor* like);
 Tensor* get_rows_back(Context& ctx, Tensor* grad, Tensor* rows, Tensor* like);
 
+// ---- internal ops of the nn families (backward ops and their parameters) ---------------
+
+// Stored on DiagMaskInf nodes: the public n_past, then the value written above the
+// diagonal: -inf for diag_mask_inf, 0 for its gradient (which masks the same entries).
+struct DiagMaskNodeParams {
+    int32_t n_past;
+    float fill;
+};
+Tensor* diag_mask_fill(Context& ctx, Tensor* a, int n_past, float fill);
+// dx of layer norm / RMS norm from dy and the forward input x (params: NormParams).
+Tensor* norm_back(Context& ctx, Tensor* grad, Tensor* x, float eps);
+Tensor* rms_norm_back(Context& ctx, Tensor* grad, Tensor* x, float eps);
+// Rotates by the negated angle: the transpose of rope, hence its gradient (params: RopeParams).
+Tensor* rope_back(Context& ctx, Tensor* grad, Tensor* pos, const RopeParams& p);
+// dx = scale * y * (dy - sum(dy * y)) per row, y the softmax output (params: SoftMaxParams).
+Tensor* soft_max_back(Context& ctx, Tensor* grad, Tensor* y, float scale);
+// grad * d act(x)/dx (GeluBack carries GeluParams).
+Tensor* silu_back(Context& ctx, Tensor* grad, Tensor* x);
+Tensor* gelu_back(Context& ctx, Tensor* grad, Tensor* x, GeluApprox approx);
+Tensor* step(Context& ctx, Tensor* a); // 1 where a > 0, else 0
+// d(cross-entropy)/d logits from the scalar upstream gradient (sources: grad, logits, labels).
+Tensor* cross_entropy_loss_back(Context& ctx, Tensor* grad, Tensor* logits, Tensor* labels);
+
 // Copies the source pointers into node->src.
 void set_sources(Tensor* node, std::initializer_list<Tensor*> srcs);
 

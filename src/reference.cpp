@@ -8,8 +8,12 @@
 namespace gfa::ref {
 
 namespace {
-const Tensor* owner_of(const Tensor* t) { return t->view_src ? t->view_src : t; }
-bool is_block_type(Type t) { return type_traits(t).block_size > 1; }
+const Tensor* owner_of(const Tensor* t) {
+    return t->view_src ? t->view_src : t;
+}
+bool is_block_type(Type t) {
+    return type_traits(t).block_size > 1;
+}
 } // namespace
 
 // Memory model: plain types are addressed in 2-byte slots (so views of another plain type at
@@ -19,12 +23,15 @@ size_t Evaluator::slot(const Tensor* t, int64_t i0, int64_t i1, int64_t i2, int6
     const Tensor* owner = owner_of(t);
     const size_t base = t->view_src ? t->view_offs : 0;
     if (is_block_type(owner->type)) {
-        if (owner->type != t->type) fail("reference: a view changes the type of quantized tensor '" + owner->name + "'");
+        if (owner->type != t->type)
+            fail("reference: a view changes the type of quantized tensor '" + owner->name + "'");
         const size_t row_bytes = row_size(owner->type, owner->ne[0]);
-        const size_t row_offset = base + size_t(i1) * t->nb[1] + size_t(i2) * t->nb[2] + size_t(i3) * t->nb[3];
+        const size_t row_offset =
+            base + size_t(i1) * t->nb[1] + size_t(i2) * t->nb[2] + size_t(i3) * t->nb[3];
         return row_offset / row_bytes * size_t(owner->ne[0]) + size_t(i0);
     }
-    const size_t byte = base + size_t(i0) * t->nb[0] + size_t(i1) * t->nb[1] + size_t(i2) * t->nb[2] + size_t(i3) * t->nb[3];
+    const size_t byte =
+        base + size_t(i0) * t->nb[0] + size_t(i1) * t->nb[1] + size_t(i2) * t->nb[2] + size_t(i3) * t->nb[3];
     return byte / 2;
 }
 
@@ -40,7 +47,8 @@ Evaluator::Storage& Evaluator::storage(const Tensor* t) {
 
 const Evaluator::Storage& Evaluator::storage(const Tensor* t) const {
     auto it = memory_.find(owner_of(t));
-    if (it == memory_.end()) fail("reference: tensor '" + t->name + "' " + t->shape_str() + " has no value yet");
+    if (it == memory_.end())
+        fail("reference: tensor '" + t->name + "' " + t->shape_str() + " has no value yet");
     return it->second;
 }
 
@@ -54,9 +62,14 @@ void Evaluator::set(const Tensor* t, double v, int64_t i0, int64_t i1, int64_t i
     // double so finite differences of the reference are accurate.
     double stored = v;
     switch (t->type) {
-    case Type::F16: stored = double(fp16_to_fp32(fp32_to_fp16(float(v)))); break;
-    case Type::BF16: stored = double(bf16_to_fp32(fp32_to_bf16(float(v)))); break;
-    default: break;
+    case Type::F16:
+        stored = double(fp16_to_fp32(fp32_to_fp16(float(v))));
+        break;
+    case Type::BF16:
+        stored = double(bf16_to_fp32(fp32_to_bf16(float(v))));
+        break;
+    default:
+        break;
     }
     s.slots.at(slot(t, i0, i1, i2, i3)) = stored;
 }
@@ -80,7 +93,8 @@ std::vector<double> Evaluator::values(const Tensor* t) const {
 }
 
 void Evaluator::set_values(const Tensor* leaf, const std::vector<double>& v) {
-    if (int64_t(v.size()) != leaf->nelements()) fail("reference: set_values: wrong element count for " + leaf->shape_str());
+    if (int64_t(v.size()) != leaf->nelements())
+        fail("reference: set_values: wrong element count for " + leaf->shape_str());
     size_t k = 0;
     Storage& s = storage(leaf);
     for (int64_t i3 = 0; i3 < leaf->ne[3]; ++i3)
@@ -116,14 +130,29 @@ void Evaluator::load_leaf(const Tensor* leaf) {
                     const std::byte* p = bytes.data() + byte;
                     double v;
                     switch (owner->type) {
-                    case Type::F32: v = *reinterpret_cast<const float*>(p); break;
-                    case Type::F16: v = fp16_to_fp32(*reinterpret_cast<const uint16_t*>(p)); break;
-                    case Type::BF16: v = bf16_to_fp32(*reinterpret_cast<const uint16_t*>(p)); break;
-                    case Type::F64: v = *reinterpret_cast<const double*>(p); break;
-                    case Type::I32: v = *reinterpret_cast<const int32_t*>(p); break;
-                    case Type::I64: v = double(*reinterpret_cast<const int64_t*>(p)); break;
-                    case Type::I16: v = *reinterpret_cast<const int16_t*>(p); break;
-                    default: fail("reference: cannot read leaf of type " + std::string(type_name(owner->type)));
+                    case Type::F32:
+                        v = *reinterpret_cast<const float*>(p);
+                        break;
+                    case Type::F16:
+                        v = fp16_to_fp32(*reinterpret_cast<const uint16_t*>(p));
+                        break;
+                    case Type::BF16:
+                        v = bf16_to_fp32(*reinterpret_cast<const uint16_t*>(p));
+                        break;
+                    case Type::F64:
+                        v = *reinterpret_cast<const double*>(p);
+                        break;
+                    case Type::I32:
+                        v = *reinterpret_cast<const int32_t*>(p);
+                        break;
+                    case Type::I64:
+                        v = double(*reinterpret_cast<const int64_t*>(p));
+                        break;
+                    case Type::I16:
+                        v = *reinterpret_cast<const int16_t*>(p);
+                        break;
+                    default:
+                        fail("reference: cannot read leaf of type " + std::string(type_name(owner->type)));
                     }
                     s.slots[byte / 2] = v;
                 }
@@ -156,7 +185,8 @@ void Evaluator::run() {
     for (const Tensor* node : graph_.nodes()) {
         const OpDef& def = op_def(node->op);
         if (def.is_view) continue;
-        if (!def.reference) fail(std::string("reference: op '") + def.name + "' has no reference implementation");
+        if (!def.reference)
+            fail(std::string("reference: op '") + def.name + "' has no reference implementation");
         storage(node); // make sure the node's memory exists even if the kernel writes nothing
         def.reference(*this, node);
         if (is_block_type(node->type)) quantize_rows(owner_of(node));

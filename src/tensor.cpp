@@ -17,7 +17,14 @@ int Tensor::n_dims() const {
 size_t Tensor::nbytes() const {
     if (nelements() == 0) return 0;
     const TypeTraits& tt = type_traits(type);
-    // Bytes of the first row plus the stride distance to the last element of each dim.
+    if (tt.block_size == 1) {
+        // One element plus the stride distance to the last element along every dim, so
+        // transposed and permuted views (nb[0] > element size) are measured correctly.
+        size_t bytes = tt.type_size;
+        for (int i = 0; i < kMaxDims; ++i) bytes += size_t(ne[i] - 1) * nb[i];
+        return bytes;
+    }
+    // Quantized rows are stored whole: the first row plus the distance to the last row.
     size_t bytes = size_t(ne[0] / tt.block_size) * tt.type_size;
     for (int i = 1; i < kMaxDims; ++i) bytes += size_t(ne[i] - 1) * nb[i];
     return bytes;
@@ -37,7 +44,9 @@ std::string Tensor::shape_str() const {
     return s;
 }
 
-bool same_shape(const Tensor* a, const Tensor* b) { return a->ne == b->ne; }
+bool same_shape(const Tensor* a, const Tensor* b) {
+    return a->ne == b->ne;
+}
 
 bool can_repeat(const Tensor* b, const Tensor* a) {
     for (int i = 0; i < kMaxDims; ++i)
@@ -70,7 +79,8 @@ Tensor* Context::allocate(Tensor t) {
 }
 
 Tensor* Context::new_tensor(Type type, std::initializer_list<int64_t> ne) {
-    if (ne.size() == 0 || ne.size() > size_t(kMaxDims)) fail("new_tensor: 1 to 4 dims, got " + std::to_string(ne.size()));
+    if (ne.size() == 0 || ne.size() > size_t(kMaxDims))
+        fail("new_tensor: 1 to 4 dims, got " + std::to_string(ne.size()));
     std::array<int64_t, kMaxDims> full{1, 1, 1, 1};
     std::copy(ne.begin(), ne.end(), full.begin());
     return new_tensor(type, full);
@@ -80,13 +90,16 @@ Tensor* Context::new_tensor(Type type, const std::array<int64_t, kMaxDims>& ne) 
     return new_node(Op::None, type, ne);
 }
 
-Tensor* Context::dup_tensor(const Tensor* a) { return new_tensor(a->type, a->ne); }
+Tensor* Context::dup_tensor(const Tensor* a) {
+    return new_tensor(a->type, a->ne);
+}
 
 Tensor* Context::new_node(Op op, Type type, const std::array<int64_t, kMaxDims>& ne) {
     return new_node_with_extra(op, type, ne, 0);
 }
 
-Tensor* Context::new_node_with_extra(Op op, Type type, const std::array<int64_t, kMaxDims>& ne, size_t extra) {
+Tensor* Context::new_node_with_extra(Op op, Type type, const std::array<int64_t, kMaxDims>& ne,
+                                     size_t extra) {
     const TypeTraits& tt = type_traits(type);
     for (int i = 0; i < kMaxDims; ++i)
         if (ne[i] < 0) fail(std::string(op_name(op)) + ": negative dimension " + std::to_string(ne[i]));
@@ -114,8 +127,8 @@ Tensor* Context::new_view(Tensor* a, Type type, const std::array<int64_t, kMaxDi
     t.view_src = a->view_src ? a->view_src : a;
     t.view_offs = (a->view_src ? a->view_offs : 0) + offset;
     if (t.nelements() > 0 && t.view_offs + t.nbytes() > t.view_src->alloc_bytes())
-        fail(std::string(op_name(op)) + ": view " + t.shape_str() + " at offset " + std::to_string(t.view_offs) +
-             " extends past the end of its source " + t.view_src->shape_str());
+        fail(std::string(op_name(op)) + ": view " + t.shape_str() + " at offset " +
+             std::to_string(t.view_offs) + " extends past the end of its source " + t.view_src->shape_str());
     Tensor* out = allocate(std::move(t));
     if (out->view_src->data) place_view(out);
     return out;
@@ -132,7 +145,8 @@ std::vector<Tensor*> Context::tensors() {
 
 namespace {
 void check_access(const Tensor* t, size_t offset, size_t size, const char* what) {
-    if (!t->data || !t->buffer) fail(std::string(what) + ": tensor '" + t->name + "' " + t->shape_str() + " has no data");
+    if (!t->data || !t->buffer)
+        fail(std::string(what) + ": tensor '" + t->name + "' " + t->shape_str() + " has no data");
     if (offset + size > t->alloc_bytes())
         fail(std::string(what) + ": range [" + std::to_string(offset) + ", " + std::to_string(offset + size) +
              ") is outside tensor '" + t->name + "' of " + std::to_string(t->alloc_bytes()) + " bytes");
@@ -194,9 +208,15 @@ void place_view(Tensor* view) {
 
 // ---- marking ---------------------------------------------------------------------------
 
-void set_param(Tensor* t) { t->flags |= kFlagParam; }
-void set_input(Tensor* t) { t->flags |= kFlagInput; }
-void set_output(Tensor* t) { t->flags |= kFlagOutput; }
+void set_param(Tensor* t) {
+    t->flags |= kFlagParam;
+}
+void set_input(Tensor* t) {
+    t->flags |= kFlagInput;
+}
+void set_output(Tensor* t) {
+    t->flags |= kFlagOutput;
+}
 void set_loss(Tensor* t) {
     if (t->nelements() != 1) fail("set_loss: the loss must have one element, got " + t->shape_str());
     t->flags |= kFlagLoss;

@@ -9,7 +9,9 @@
 
 namespace gfa {
 
-void fail(const std::string& message) { throw Error(message); }
+void fail(const std::string& message) {
+    throw Error(message);
+}
 
 float fp16_to_fp32(uint16_t h) {
     const uint32_t sign = uint32_t(h & 0x8000u) << 16;
@@ -38,7 +40,7 @@ uint16_t fp32_to_fp16(float f) {
     std::memcpy(&u, &f, 4);
     const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
     const uint32_t abs = u & 0x7fffffffu;
-    if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u); // NaN
+    if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
     if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u); // rounds to inf (>= 65520)
     if (abs < 0x38800000u) {
         // Result is subnormal or zero: scale so that one ulp of half (2^-24) is one unit.
@@ -56,15 +58,19 @@ uint16_t fp32_to_fp16(float f) {
 
 namespace {
 
-void f32_copy_to(const void* src, float* dst, int64_t n) { std::memcpy(dst, src, size_t(n) * 4); }
-void f32_copy_from(const float* src, void* dst, int64_t n) { std::memcpy(dst, src, size_t(n) * 4); }
+void f32_copy_to(const void* src, float* dst, int64_t n) {
+    std::memcpy(dst, src, size_t(n) * 4);
+}
+void f32_copy_from(const float* src, void* dst, int64_t n) {
+    std::memcpy(dst, src, size_t(n) * 4);
+}
 
 struct Entry {
     Type type;
     TypeTraits traits;
 };
 
-const std::array<Entry, 10> kTypes = {{
+const std::array<Entry, 16> kTypes = {{
     {Type::F32, {"f32", 1, 4, false, f32_copy_to, f32_copy_from}},
     {Type::F16, {"f16", 1, 2, false, quant::f16_to_f32, quant::f32_to_f16}},
     {Type::BF16, {"bf16", 1, 2, false, quant::bf16_to_f32, quant::f32_to_bf16}},
@@ -75,6 +81,12 @@ const std::array<Entry, 10> kTypes = {{
     {Type::I64, {"i64", 1, 8, false, nullptr, nullptr}},
     {Type::Q8_0, {"q8_0", 32, 34, true, quant::dequantize_q8_0, quant::quantize_q8_0}},
     {Type::Q4_0, {"q4_0", 32, 18, true, quant::dequantize_q4_0, quant::quantize_q4_0}},
+    {Type::Q4_1, {"q4_1", 32, 20, true, quant::dequantize_q4_1, quant::quantize_q4_1}},
+    {Type::Q5_0, {"q5_0", 32, 22, true, quant::dequantize_q5_0, quant::quantize_q5_0}},
+    {Type::Q5_1, {"q5_1", 32, 24, true, quant::dequantize_q5_1, quant::quantize_q5_1}},
+    {Type::Q4_K, {"q4_K", 256, 144, true, quant::dequantize_q4_K, quant::quantize_q4_K}},
+    {Type::Q5_K, {"q5_K", 256, 176, true, quant::dequantize_q5_K, quant::quantize_q5_K}},
+    {Type::Q6_K, {"q6_K", 256, 210, true, quant::dequantize_q6_K, quant::quantize_q6_K}},
 }};
 
 const Entry* find(uint32_t id) {
@@ -85,7 +97,9 @@ const Entry* find(uint32_t id) {
 
 } // namespace
 
-bool is_known_type(uint32_t id) { return find(id) != nullptr; }
+bool is_known_type(uint32_t id) {
+    return find(id) != nullptr;
+}
 
 const TypeTraits& type_traits(Type t) {
     const Entry* e = find(uint32_t(t));

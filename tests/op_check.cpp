@@ -26,7 +26,9 @@ std::vector<float> random_values(size_t n, float lo, float hi) {
     return v;
 }
 
-void fill_uniform(Tensor* t, float lo, float hi) { tensor_set_f32(t, random_values(size_t(t->nelements()), lo, hi)); }
+void fill_uniform(Tensor* t, float lo, float hi) {
+    tensor_set_f32(t, random_values(size_t(t->nelements()), lo, hi));
+}
 
 void poison_nodes(const Graph& g) {
     for (Tensor* n : g.nodes()) {
@@ -49,7 +51,8 @@ double rel_error(const std::vector<float>& out, const std::vector<double>& ref) 
         if (!std::isfinite(out[i]) && std::isfinite(ref[i])) return std::numeric_limits<double>::infinity();
         if (std::isnan(ref[i]) && !std::isnan(out[i])) return std::numeric_limits<double>::infinity();
         if (!std::isfinite(ref[i])) {
-            if (out[i] != ref[i] && !(std::isnan(out[i]) && std::isnan(ref[i]))) return std::numeric_limits<double>::infinity();
+            if (out[i] != ref[i] && !(std::isnan(out[i]) && std::isnan(ref[i])))
+                return std::numeric_limits<double>::infinity();
             continue;
         }
         const double d = double(out[i]) - ref[i];

@@ -10,7 +10,9 @@ using gfa::test::check_gradients;
 using gfa::test::fill_uniform;
 
 namespace {
-Context data_ctx() { return Context(ContextParams{.alloc_data = true}); }
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
 } // namespace
 
 TEST_CASE("binary ops broadcast rows and match the reference", "[ops]") {
@@ -104,8 +106,9 @@ TEST_CASE("get_rows, set_rows, concat and repeat", "[ops][grad]") {
 
     Tensor* g = get_rows(ctx, emb, rows);
     Tensor* loss = sum_rows(ctx, reshape(ctx, mul(ctx, g, g), {g->nelements()}));
-    Tensor* loss2 = sum_rows(ctx, reshape(ctx, mul(ctx, repeat(ctx, cat, ctx.new_tensor(Type::F32, {6, 9, 2})),
-                                                     repeat(ctx, cat, ctx.new_tensor(Type::F32, {6, 9, 2}))),
+    Tensor* loss2 = sum_rows(ctx, reshape(ctx,
+                                          mul(ctx, repeat(ctx, cat, ctx.new_tensor(Type::F32, {6, 9, 2})),
+                                              repeat(ctx, cat, ctx.new_tensor(Type::F32, {6, 9, 2}))),
                                           {6 * 9 * 2}));
     check_gradients(ctx, add(ctx, loss, loss2), {emb, a, b}, 1e-5);
 }
@@ -123,4 +126,14 @@ TEST_CASE("bad shapes and types raise errors that name the op and shapes", "[ops
     CHECK_THROWS_WITH(concat(ctx, a, b, 1), Catch::Contains("concat"));
     CHECK_THROWS_AS(ctx.new_tensor(Type::Q8_0, {33}), Error);
     CHECK_THROWS_AS(view(ctx, a, {4, 4}, {16}, 0), Error); // past the end
+}
+
+TEST_CASE("nbytes spans strided views", "[core]") {
+    Context ctx;
+    Tensor* a = ctx.new_tensor(Type::F32, {5, 3});
+    CHECK(a->nbytes() == 60);
+    Tensor* t = transpose(ctx, a); // [3, 5] with nb0 = 20
+    CHECK(t->nbytes() == 60);
+    Tensor* q = ctx.new_tensor(Type::Q8_0, {64, 3});
+    CHECK(q->nbytes() == 3 * 68);
 }

@@ -13,7 +13,9 @@ using gfa::test::check_gradients;
 using gfa::test::fill_uniform;
 
 namespace {
-Context data_ctx() { return Context(ContextParams{.alloc_data = true}); }
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
 } // namespace
 
 TEST_CASE("flash_attn_ext graph node matches the reference", "[attn][ops]") {
@@ -88,7 +90,8 @@ TEST_CASE("flash_attn_ext rejects bad inputs with clear errors", "[attn][errors]
     Tensor* k = ctx.new_tensor(Type::F16, {64, 20, 3, 1});
     Tensor* v = ctx.new_tensor(Type::F16, {64, 20, 3, 1});
     CHECK_THROWS_WITH(flash_attn_ext(ctx, q, k, v, nullptr, {}), Catch::Contains("flash_attn_ext") &&
-                                                                     Catch::Contains("GQA") && Catch::Contains("f32[64,10,8,1]"));
+                                                                     Catch::Contains("GQA") &&
+                                                                     Catch::Contains("f32[64,10,8,1]"));
     Tensor* k2 = ctx.new_tensor(Type::F16, {64, 20, 4, 1});
     Tensor* v2 = ctx.new_tensor(Type::F16, {64, 21, 4, 1});
     CHECK_THROWS_WITH(flash_attn_ext(ctx, q, k2, v2, nullptr, {}), Catch::Contains("sequence lengths"));
@@ -103,7 +106,8 @@ TEST_CASE("flash_attn_ext rejects bad inputs with clear errors", "[attn][errors]
     CHECK_THROWS_WITH(flash_attn_ext(ctx, q_odd, k_q8, v3, nullptr, {}), Catch::Contains("head dims differ"));
     Tensor* o = flash_attn_ext(ctx, q, k2, v3, nullptr, {});
     CHECK_THROWS_WITH(flash_attn_lse(ctx, o), Catch::Contains("with_lse"));
-    Tensor* o2 = flash_attn_ext(ctx, q, k2, v3, nullptr, {}, nullptr, {.out_type = Type::BF16, .with_lse = true});
+    Tensor* o2 =
+        flash_attn_ext(ctx, q, k2, v3, nullptr, {}, nullptr, {.out_type = Type::BF16, .with_lse = true});
     Tensor* lse = flash_attn_lse(ctx, o2);
     CHECK(lse->ne == std::array<int64_t, 4>{10, 8, 1, 1});
     CHECK(lse->view_offs % 16 == 0);

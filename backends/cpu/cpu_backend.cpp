@@ -34,7 +34,8 @@ class HostBufferType final : public BufferType {
     explicit HostBufferType(Device* dev) : device_(dev) {}
     const char* name() const override { return "CPU"; }
     std::unique_ptr<Buffer> allocate(size_t size) override {
-        const size_t rounded = (std::max<size_t>(size, 1) + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
+        const size_t rounded =
+            (std::max<size_t>(size, 1) + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
         void* p = std::aligned_alloc(kHostAlignment, rounded);
         if (!p) throw OutOfMemory("CPU: cannot allocate " + std::to_string(size) + " bytes of host memory");
         std::memset(p, 0, rounded);
@@ -60,8 +61,11 @@ class CpuBackend final : public Backend {
             if (node->op == Op::None || op_def(node->op).is_view) continue;
             const cpu::KernelEntry& k = table[size_t(node->op)];
             if (!k.run || (k.supports && !k.supports(node)))
-                fail(std::string("CPU backend: no kernel for ") + op_name(node->op) + " on " + node->shape_str());
-            if (!node->data) fail(std::string("CPU backend: node '") + node->name + "' (" + op_name(node->op) + ") has no memory");
+                fail(std::string("CPU backend: no kernel for ") + op_name(node->op) + " on " +
+                     node->shape_str());
+            if (!node->data)
+                fail(std::string("CPU backend: node '") + node->name + "' (" + op_name(node->op) +
+                     ") has no memory");
             k.run(ctx, node);
         }
     }

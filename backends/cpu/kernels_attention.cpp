@@ -8,12 +8,16 @@ namespace gfa::cpu {
 
 namespace {
 
-void run_flash_attn(const ComputeCtx& ctx, Tensor* dst) { flash_attn_forward(attn::forward_problem(dst), ctx.pool); }
+void run_flash_attn(const ComputeCtx& ctx, Tensor* dst) {
+    flash_attn_forward(attn::forward_problem(dst), ctx.pool);
+}
 void run_flash_attn_back(const ComputeCtx& ctx, Tensor* dst) {
     flash_attn_backward(attn::backward_problem(dst), ctx.pool);
 }
 // dO arrives as an f32 gradient; the kernels read every layout the builder accepts.
-bool supports_back(const Tensor* dst) { return dst->src[6]->type == Type::F32 && dst->src[6]->nb[0] == 4; }
+bool supports_back(const Tensor* dst) {
+    return dst->src[6]->type == Type::F32 && dst->src[6]->nb[0] == 4;
+}
 
 } // namespace
 

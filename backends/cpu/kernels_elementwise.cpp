@@ -42,7 +42,8 @@ template <class F> void unary_kernel(const ComputeCtx& ctx, Tensor* dst, F f) {
                 const float* x = reinterpret_cast<const float*>(pa);
                 for (int64_t i = 0; i < dst->ne[0]; ++i) d[i] = f(x[i]);
             } else {
-                for (int64_t i = 0; i < dst->ne[0]; ++i) d[i] = f(*reinterpret_cast<const float*>(pa + i * a->nb[0]));
+                for (int64_t i = 0; i < dst->ne[0]; ++i)
+                    d[i] = f(*reinterpret_cast<const float*>(pa + i * a->nb[0]));
             }
         });
     });
@@ -55,19 +56,37 @@ bool f32_inputs(const Tensor* dst) {
     return dst->type == Type::F32 && dst->nb[0] == 4;
 }
 
-void run_add(const ComputeCtx& c, Tensor* d) { binary_kernel(c, d, [](float x, float y) { return x + y; }); }
-void run_sub(const ComputeCtx& c, Tensor* d) { binary_kernel(c, d, [](float x, float y) { return x - y; }); }
-void run_mul(const ComputeCtx& c, Tensor* d) { binary_kernel(c, d, [](float x, float y) { return x * y; }); }
-void run_div(const ComputeCtx& c, Tensor* d) { binary_kernel(c, d, [](float x, float y) { return x / y; }); }
+void run_add(const ComputeCtx& c, Tensor* d) {
+    binary_kernel(c, d, [](float x, float y) { return x + y; });
+}
+void run_sub(const ComputeCtx& c, Tensor* d) {
+    binary_kernel(c, d, [](float x, float y) { return x - y; });
+}
+void run_mul(const ComputeCtx& c, Tensor* d) {
+    binary_kernel(c, d, [](float x, float y) { return x * y; });
+}
+void run_div(const ComputeCtx& c, Tensor* d) {
+    binary_kernel(c, d, [](float x, float y) { return x / y; });
+}
 void run_scale(const ComputeCtx& c, Tensor* d) {
     const ScaleParams p = d->params<ScaleParams>();
     unary_kernel(c, d, [p](float x) { return x * p.scale + p.bias; });
 }
-void run_sqr(const ComputeCtx& c, Tensor* d) { unary_kernel(c, d, [](float x) { return x * x; }); }
-void run_sqrt(const ComputeCtx& c, Tensor* d) { unary_kernel(c, d, [](float x) { return std::sqrt(x); }); }
-void run_exp(const ComputeCtx& c, Tensor* d) { unary_kernel(c, d, [](float x) { return std::exp(x); }); }
-void run_log(const ComputeCtx& c, Tensor* d) { unary_kernel(c, d, [](float x) { return std::log(x); }); }
-void run_neg(const ComputeCtx& c, Tensor* d) { unary_kernel(c, d, [](float x) { return -x; }); }
+void run_sqr(const ComputeCtx& c, Tensor* d) {
+    unary_kernel(c, d, [](float x) { return x * x; });
+}
+void run_sqrt(const ComputeCtx& c, Tensor* d) {
+    unary_kernel(c, d, [](float x) { return std::sqrt(x); });
+}
+void run_exp(const ComputeCtx& c, Tensor* d) {
+    unary_kernel(c, d, [](float x) { return std::exp(x); });
+}
+void run_log(const ComputeCtx& c, Tensor* d) {
+    unary_kernel(c, d, [](float x) { return std::log(x); });
+}
+void run_neg(const ComputeCtx& c, Tensor* d) {
+    unary_kernel(c, d, [](float x) { return -x; });
+}
 
 } // namespace
 

@@ -10,14 +10,17 @@ namespace gfa::cpu {
 
 namespace {
 
-bool row_is_packed(const Tensor* t) { return t->nb[0] == t->element_size() || t->ne[0] == 1; }
+bool row_is_packed(const Tensor* t) {
+    return t->nb[0] == t->element_size() || t->ne[0] == 1;
+}
 
 // Reads row (i1, i2, i3) of t as floats. Quantized rows must be packed.
 void read_row_f32(const Tensor* t, int64_t i1, int64_t i2, int64_t i3, float* out) {
     const TypeTraits& tt = type_traits(t->type);
     const char* row = element_ptr(t, 0, i1, i2, i3);
     if (t->type == Type::I32) {
-        for (int64_t i = 0; i < t->ne[0]; ++i) out[i] = float(*reinterpret_cast<const int32_t*>(row + i * t->nb[0]));
+        for (int64_t i = 0; i < t->ne[0]; ++i)
+            out[i] = float(*reinterpret_cast<const int32_t*>(row + i * t->nb[0]));
     } else if (row_is_packed(t)) {
         tt.to_float(row, out, t->ne[0]);
     } else {
@@ -38,7 +41,8 @@ void write_flat_f32(Tensor* t, int64_t flat, const float* values, int64_t n) {
             for (int64_t i = 0; i < run; ++i)
                 *reinterpret_cast<int32_t*>(dst + (i0 + i) * t->nb[0]) = int32_t(values[i]);
         } else if (tt.block_size > 1) {
-            tt.from_float(values, dst + size_t(i0 / tt.block_size) * tt.type_size, run); // row-aligned runs only
+            tt.from_float(values, dst + size_t(i0 / tt.block_size) * tt.type_size,
+                          run); // row-aligned runs only
         } else if (row_is_packed(t)) {
             tt.from_float(values, dst + i0 * t->nb[0], run);
         } else {
@@ -56,7 +60,8 @@ void copy_convert(const ComputeCtx& ctx, const Tensor* src, Tensor* dst) {
         const size_t bytes = src->nbytes();
         ctx.pool.run([&](int ith, int nth) {
             const auto [b, e] = split_range(int64_t(bytes), ith, nth);
-            std::memcpy(static_cast<char*>(dst->data) + b, static_cast<const char*>(src->data) + b, size_t(e - b));
+            std::memcpy(static_cast<char*>(dst->data) + b, static_cast<const char*>(src->data) + b,
+                        size_t(e - b));
         });
         return;
     }
@@ -81,10 +86,18 @@ bool quant_rows_align(const Tensor* src, const Tensor* dst) {
     return src_ok && dst_ok;
 }
 
-void run_cont(const ComputeCtx& ctx, Tensor* dst) { copy_convert(ctx, dst->src[0], dst); }
-bool supports_cont(const Tensor* dst) { return quant_rows_align(dst->src[0], dst); }
-void run_cpy(const ComputeCtx& ctx, Tensor* dst) { copy_convert(ctx, dst->src[0], dst); }
-bool supports_cpy(const Tensor* dst) { return quant_rows_align(dst->src[0], dst); }
+void run_cont(const ComputeCtx& ctx, Tensor* dst) {
+    copy_convert(ctx, dst->src[0], dst);
+}
+bool supports_cont(const Tensor* dst) {
+    return quant_rows_align(dst->src[0], dst);
+}
+void run_cpy(const ComputeCtx& ctx, Tensor* dst) {
+    copy_convert(ctx, dst->src[0], dst);
+}
+bool supports_cpy(const Tensor* dst) {
+    return quant_rows_align(dst->src[0], dst);
+}
 
 void run_fill(const ComputeCtx& ctx, Tensor* dst) {
     const float value = dst->params<FillParams>().value;
@@ -98,7 +111,8 @@ void run_fill(const ComputeCtx& ctx, Tensor* dst) {
 
 int64_t row_index(const Tensor* rows, int64_t i, int64_t j, int64_t limit, const char* op) {
     const char* p = element_ptr(rows, i, j, 0, 0);
-    const int64_t r = rows->type == Type::I64 ? *reinterpret_cast<const int64_t*>(p) : *reinterpret_cast<const int32_t*>(p);
+    const int64_t r =
+        rows->type == Type::I64 ? *reinterpret_cast<const int64_t*>(p) : *reinterpret_cast<const int32_t*>(p);
     if (r < 0 || r >= limit)
         fail(std::string(op) + ": row index " + std::to_string(r) + " at position " + std::to_string(i) +
              " is outside [0, " + std::to_string(limit) + ")");
@@ -115,7 +129,9 @@ void run_get_rows(const ComputeCtx& ctx, Tensor* dst) {
         });
     });
 }
-bool supports_get_rows(const Tensor* dst) { return row_is_packed(dst->src[0]) && type_traits(dst->src[0]->type).to_float; }
+bool supports_get_rows(const Tensor* dst) {
+    return row_is_packed(dst->src[0]) && type_traits(dst->src[0]->type).to_float;
+}
 
 void run_get_rows_back(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* grad = dst->src[0];
@@ -151,7 +167,9 @@ void run_set_rows(const ComputeCtx& ctx, Tensor* dst) {
         });
     });
 }
-bool supports_set_rows(const Tensor* dst) { return row_is_packed(dst) && row_is_packed(dst->src[1]); }
+bool supports_set_rows(const Tensor* dst) {
+    return row_is_packed(dst) && row_is_packed(dst->src[1]);
+}
 
 void run_concat(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* a = dst->src[0];
@@ -197,7 +215,8 @@ void run_repeat_back(const ComputeCtx& ctx, Tensor* dst) {
                 for (int64_t k3 = 0; k3 < r3; ++k3)
                     for (int64_t k2 = 0; k2 < r2; ++k2)
                         for (int64_t k1 = 0; k1 < r1; ++k1) {
-                            const char* s = element_ptr(g, 0, i1 + k1 * dst->ne[1], i2 + k2 * dst->ne[2], i3 + k3 * dst->ne[3]);
+                            const char* s = element_ptr(g, 0, i1 + k1 * dst->ne[1], i2 + k2 * dst->ne[2],
+                                                        i3 + k3 * dst->ne[3]);
                             for (int64_t k0 = 0; k0 < r0; ++k0)
                                 acc += *reinterpret_cast<const float*>(s + (i0 + k0 * dst->ne[0]) * g->nb[0]);
                         }

@@ -38,7 +38,9 @@ template <bool Average> void run_rows(const ComputeCtx& ctx, Tensor* dst) {
     });
 }
 
-bool f32_input(const Tensor* dst) { return dst->src[0]->type == Type::F32; }
+bool f32_input(const Tensor* dst) {
+    return dst->src[0]->type == Type::F32;
+}
 
 } // namespace
 

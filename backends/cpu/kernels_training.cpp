@@ -1,13 +1,70 @@
-// Training kernels on the CPU: the AdamW step.
+// Training kernels on the CPU: cross-entropy loss and its backward op, the AdamW step.
 #include "cpu_kernels.h"
+#include "op_def.h"
+#include "row_math.h"
 
 #include <ggml-fa/ops.h>
 
 #include <cmath>
+#include <vector>
 
 namespace gfa::cpu {
 
 namespace {
+
+// log(sum(exp(x - max))) + max of one row, with the exponentials staged in `tmp`.
+double log_sum_exp(const float* x, int64_t n, std::vector<float>& tmp) {
+    const float max = max_f32(x, n);
+    tmp.resize(size_t(n));
+    for (int64_t i = 0; i < n; ++i) tmp[size_t(i)] = vexp(x[i] - max);
+    return double(max) + std::log(sum_f64(tmp.data(), n));
+}
+
+// Per row: -sum_c labels_c * (x_c - lse) = lse * sum(labels) - labels . x. Each worker sums
+// its rows in double; the partial sums are added in worker order, so the result does not
+// depend on thread timing.
+void run_cross_entropy_loss(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor *logits = dst->src[0], *labels = dst->src[1];
+    const int64_t n = logits->ne[0];
+    std::vector<double> partial(size_t(ctx.pool.size()), 0.0);
+    ctx.pool.run([&](int ith, int nth) {
+        std::vector<float> scratch_x, scratch_l, tmp;
+        double acc = 0.0;
+        for_each_row(logits, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+            const float* x = packed_row(logits, i1, i2, i3, scratch_x);
+            const float* l = packed_row(labels, i1, i2, i3, scratch_l);
+            acc += log_sum_exp(x, n, tmp) * sum_f64(l, n) - dot_f64(l, x, n);
+        });
+        partial[size_t(ith)] = acc;
+    });
+    double total = 0.0;
+    for (double v : partial) total += v;
+    *static_cast<float*>(dst->data) = float(total / double(logits->nrows()));
+}
+
+// d loss / d x_c = (softmax_c * sum(labels) - labels_c) * grad / n_rows
+void run_cross_entropy_loss_back(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor *grad = dst->src[0], *logits = dst->src[1], *labels = dst->src[2];
+    const int64_t n = logits->ne[0];
+    const float g = *static_cast<const float*>(grad->data) / float(logits->nrows());
+    ctx.pool.run([&](int ith, int nth) {
+        std::vector<float> scratch_x, scratch_l, tmp;
+        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+            const float* x = packed_row(logits, i1, i2, i3, scratch_x);
+            const float* l = packed_row(labels, i1, i2, i3, scratch_l);
+            float* dx = f32_row(dst, i1, i2, i3);
+            const float lse = float(log_sum_exp(x, n, tmp));
+            const float label_sum = float(sum_f64(l, n));
+            for (int64_t i = 0; i < n; ++i) dx[i] = (vexp(x[i] - lse) * label_sum - l[i]) * g;
+        });
+    });
+}
+
+bool all_f32(const Tensor* dst) {
+    for (const Tensor* s : dst->src)
+        if (s && s->type != Type::F32) return false;
+    return dst->type == Type::F32 && dst->is_contiguous();
+}
 
 void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
     const AdamWParams p = dst->params<AdamWParams>();
@@ -28,6 +85,10 @@ void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
 
 } // namespace
 
-void register_training_kernels(KernelTable& t) { t[size_t(Op::AdamW)] = {run_adamw, nullptr}; }
+void register_training_kernels(KernelTable& t) {
+    t[size_t(Op::AdamW)] = {run_adamw, nullptr};
+    t[size_t(Op::CrossEntropyLoss)] = {run_cross_entropy_loss, all_f32};
+    t[size_t(Op::CrossEntropyLossBack)] = {run_cross_entropy_loss_back, all_f32};
+}
 
 } // namespace gfa::cpu

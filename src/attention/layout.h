@@ -8,9 +8,13 @@
 
 namespace gfa::attn {
 
-inline size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+inline size_t align16(size_t n) {
+    return (n + 15) / 16 * 16;
+}
 // Byte offset of the LSE [Sq, Hq, B] (f32) inside a flash_attn_ext node.
-inline size_t lse_offset(size_t o_bytes) { return align16(o_bytes); }
+inline size_t lse_offset(size_t o_bytes) {
+    return align16(o_bytes);
+}
 
 // Byte offsets of dK, dV and dSinks inside a flash_attn_back node (dQ is at 0).
 struct BackOffsets {

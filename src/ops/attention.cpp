@@ -16,8 +16,12 @@ namespace gfa {
 
 namespace {
 
-bool is_float16_or_32(Type t) { return t == Type::F32 || t == Type::F16 || t == Type::BF16; }
-bool is_kv_type(Type t) { return is_float16_or_32(t) || t == Type::Q8_0 || t == Type::Q4_0; }
+bool is_float16_or_32(Type t) {
+    return t == Type::F32 || t == Type::F16 || t == Type::BF16;
+}
+bool is_kv_type(Type t) {
+    return is_float16_or_32(t) || t == Type::Q8_0 || t == Type::Q4_0;
+}
 
 void validate(Tensor* q, Tensor* k, Tensor* v, Tensor* mask, Tensor* sinks, const FlashAttnParams& p,
               const FlashAttnOptions& o) {
@@ -31,7 +35,8 @@ void validate(Tensor* q, Tensor* k, Tensor* v, Tensor* mask, Tensor* sinks, cons
     if (v->ne[1] != k->ne[1]) err("k and v sequence lengths differ");
     if (v->ne[2] != k->ne[2]) err("k and v head counts differ");
     if (k->ne[3] != q->ne[3] || v->ne[3] != q->ne[3]) err("batch sizes differ");
-    if (k->ne[2] == 0 || q->ne[2] % k->ne[2] != 0) err("query heads must be a multiple of key/value heads (GQA)");
+    if (k->ne[2] == 0 || q->ne[2] % k->ne[2] != 0)
+        err("query heads must be a multiple of key/value heads (GQA)");
     for (int64_t d : {Dk, Dv})
         if (d < 8 || d > 256 || d % 8 != 0) err("head dims must be multiples of 8 from 8 to 256");
     if ((type_traits(k->type).block_size > 1 && Dk % 32) || (type_traits(v->type).block_size > 1 && Dv % 32))
@@ -72,7 +77,9 @@ Tensor* flash_attn_ext(Context& ctx, Tensor* q, Tensor* k, Tensor* v, Tensor* ma
         shape.type = options.out_type;
         shape.ne = {Dv, Hq, Sq, B};
         shape.nb = contiguous_strides(options.out_type, shape.ne);
-        const size_t extra = options.with_lse ? attn::lse_offset(shape.nbytes()) - shape.nbytes() + size_t(Sq * Hq * B) * 4 : 0;
+        const size_t extra = options.with_lse
+                                 ? attn::lse_offset(shape.nbytes()) - shape.nbytes() + size_t(Sq * Hq * B) * 4
+                                 : 0;
         t = ctx.new_node_with_extra(Op::FlashAttnExt, options.out_type, shape.ne, extra);
     }
     set_sources(t, {q, k, v, mask, sinks});
@@ -81,11 +88,13 @@ Tensor* flash_attn_ext(Context& ctx, Tensor* q, Tensor* k, Tensor* v, Tensor* ma
 }
 
 Tensor* flash_attn_lse(Context& ctx, Tensor* attn) {
-    if (!attn || attn->op != Op::FlashAttnExt) fail("flash_attn_lse: the tensor is not a flash_attn_ext node");
+    if (!attn || attn->op != Op::FlashAttnExt)
+        fail("flash_attn_lse: the tensor is not a flash_attn_ext node");
     if (!attn->params<FlashAttnNodeParams>().options.with_lse)
         op_error(Op::FlashAttnExt, "build the node with options.with_lse = true to read its LSE", {attn});
     const std::array<int64_t, kMaxDims> ne{attn->ne[2], attn->ne[1], attn->ne[3], 1}; // [Sq, Hq, B]
-    return ctx.new_view(attn, Type::F32, ne, contiguous_strides(Type::F32, ne), attn::lse_offset(attn->nbytes()));
+    return ctx.new_view(attn, Type::F32, ne, contiguous_strides(Type::F32, ne),
+                        attn::lse_offset(attn->nbytes()));
 }
 
 namespace {
@@ -109,20 +118,25 @@ Tensor* f32_view(Context& ctx, Tensor* back, const Tensor* like, size_t offset) 
 }
 
 void flash_attn_backward(GradCtx& g, Tensor* node, Tensor* grad) {
-    Tensor *q = node->src[0], *k = node->src[1], *v = node->src[2], *mask = node->src[3], *sinks = node->src[4];
-    if (g.needs_grad(mask)) fail("flash_attn_ext: the mask has no gradient (mark it as a constant, not a parameter)");
+    Tensor *q = node->src[0], *k = node->src[1], *v = node->src[2], *mask = node->src[3],
+           *sinks = node->src[4];
+    if (g.needs_grad(mask))
+        fail("flash_attn_ext: the mask has no gradient (mark it as a constant, not a parameter)");
     FlashAttnNodeParams np = node->params<FlashAttnNodeParams>();
     if (!np.options.with_lse) {
         if (node->data)
-            fail("flash_attn_ext: node '" + node->name + "' already has memory without room for its LSE; "
+            fail("flash_attn_ext: node '" + node->name +
+                 "' already has memory without room for its LSE; "
                  "build it with options.with_lse = true to differentiate it");
         np.options.with_lse = true;
         node->set_params(np);
-        node->extra_bytes = attn::lse_offset(node->nbytes()) - node->nbytes() + size_t(node->ne[1] * node->ne[2] * node->ne[3]) * 4;
+        node->extra_bytes = attn::lse_offset(node->nbytes()) - node->nbytes() +
+                            size_t(node->ne[1] * node->ne[2] * node->ne[3]) * 4;
     }
     Tensor* lse = flash_attn_lse(g.ctx, node);
     const BackLayout l = back_layout(q, k, v, sinks);
-    Tensor* back = g.ctx.new_node_with_extra(Op::FlashAttnBack, Type::F32, q->ne, l.total - size_t(q->nelements()) * 4);
+    Tensor* back =
+        g.ctx.new_node_with_extra(Op::FlashAttnBack, Type::F32, q->ne, l.total - size_t(q->nelements()) * 4);
     set_sources(back, {q, k, v, mask, sinks, node, grad, lse});
     back->set_params(FlashAttnBackParams{np.attn, false});
     g.accumulate(q, back);
@@ -175,7 +189,8 @@ void flash_attn_reference(ref::Evaluator& ev, const Tensor* node) {
     std::vector<double> lse;
     const std::vector<double> o = attn::reference_forward_f64(p, &lse); // O [B][Sq][Hq][Dv], lse [B][Hq][Sq]
     size_t k = 0;
-    ref::for_each_index(node, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(node, o[k++], i0, i1, i2, i3); });
+    ref::for_each_index(
+        node, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(node, o[k++], i0, i1, i2, i3); });
     if (node->params<FlashAttnNodeParams>().options.with_lse) {
         const size_t base = attn::lse_offset(node->nbytes());
         for (size_t i = 0; i < lse.size(); ++i) ev.set_at(node, base + i * 4, lse[i]);
@@ -197,7 +212,8 @@ void flash_attn_back_reference(ref::Evaluator& ev, const Tensor* back) {
     auto store = [&](const attn::View& v, size_t offset) {
         if (!v.data) return;
         const float* d = static_cast<const float*>(v.data);
-        for (int64_t i = 0; i < v.ne[0] * v.ne[1] * v.ne[2] * v.ne[3]; ++i) ev.set_at(back, offset + size_t(i) * 4, d[i]);
+        for (int64_t i = 0; i < v.ne[0] * v.ne[1] * v.ne[2] * v.ne[3]; ++i)
+            ev.set_at(back, offset + size_t(i) * 4, d[i]);
     };
     store(bp.dq, 0);
     store(bp.dk, off.dk);
@@ -215,7 +231,8 @@ BackOffsets back_offsets(const Tensor* back) {
 } // namespace attn
 
 void define_attention_ops(OpTable& t) {
-    t[size_t(Op::FlashAttnExt)] = {.name = "flash_attn_ext", .backward = flash_attn_backward, .reference = flash_attn_reference};
+    t[size_t(Op::FlashAttnExt)] = {
+        .name = "flash_attn_ext", .backward = flash_attn_backward, .reference = flash_attn_reference};
     t[size_t(Op::FlashAttnBack)] = {.name = "flash_attn_back", .reference = flash_attn_back_reference};
 }
 

@@ -32,7 +32,8 @@ void add_backward(GradCtx& g, Tensor* node, Tensor* grad) {
 }
 void sub_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     g.accumulate(node->src[0], grad);
-    if (g.needs_grad(node->src[1])) g.accumulate(node->src[1], repeat_back(g.ctx, neg(g.ctx, grad), node->src[1]));
+    if (g.needs_grad(node->src[1]))
+        g.accumulate(node->src[1], repeat_back(g.ctx, neg(g.ctx, grad), node->src[1]));
 }
 void mul_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     Tensor *a = node->src[0], *b = node->src[1];
@@ -43,7 +44,8 @@ void div_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     Tensor *a = node->src[0], *b = node->src[1];
     if (g.needs_grad(a)) g.accumulate(a, div(g.ctx, grad, b));
     // d(a/b)/db = -a/b^2 = -node/b
-    if (g.needs_grad(b)) g.accumulate(b, repeat_back(g.ctx, neg(g.ctx, div(g.ctx, mul(g.ctx, grad, node), b)), b));
+    if (g.needs_grad(b))
+        g.accumulate(b, repeat_back(g.ctx, neg(g.ctx, div(g.ctx, mul(g.ctx, grad, node), b)), b));
 }
 void scale_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     g.accumulate(node->src[0], scale(g.ctx, grad, node->params<ScaleParams>().scale));
@@ -54,9 +56,15 @@ void sqr_backward(GradCtx& g, Tensor* node, Tensor* grad) {
 void sqrt_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     g.accumulate(node->src[0], div(g.ctx, scale(g.ctx, grad, 0.5f), node));
 }
-void exp_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], mul(g.ctx, grad, node)); }
-void log_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], div(g.ctx, grad, node->src[0])); }
-void neg_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], neg(g.ctx, grad)); }
+void exp_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    g.accumulate(node->src[0], mul(g.ctx, grad, node));
+}
+void log_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    g.accumulate(node->src[0], div(g.ctx, grad, node->src[0]));
+}
+void neg_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    g.accumulate(node->src[0], neg(g.ctx, grad));
+}
 
 template <class F> void binary_reference(ref::Evaluator& ev, const Tensor* node, F f) {
     const Tensor *a = node->src[0], *b = node->src[1];
@@ -71,48 +79,94 @@ template <class F> void unary_reference(ref::Evaluator& ev, const Tensor* node, 
     });
 }
 
-void add_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x + y; }); }
-void sub_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x - y; }); }
-void mul_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x * y; }); }
-void div_reference(ref::Evaluator& ev, const Tensor* n) { binary_reference(ev, n, [](double x, double y) { return x / y; }); }
+void add_reference(ref::Evaluator& ev, const Tensor* n) {
+    binary_reference(ev, n, [](double x, double y) { return x + y; });
+}
+void sub_reference(ref::Evaluator& ev, const Tensor* n) {
+    binary_reference(ev, n, [](double x, double y) { return x - y; });
+}
+void mul_reference(ref::Evaluator& ev, const Tensor* n) {
+    binary_reference(ev, n, [](double x, double y) { return x * y; });
+}
+void div_reference(ref::Evaluator& ev, const Tensor* n) {
+    binary_reference(ev, n, [](double x, double y) { return x / y; });
+}
 void scale_reference(ref::Evaluator& ev, const Tensor* n) {
     const ScaleParams p = n->params<ScaleParams>();
     unary_reference(ev, n, [p](double x) { return x * p.scale + p.bias; });
 }
-void sqr_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return x * x; }); }
-void sqrt_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return std::sqrt(x); }); }
-void exp_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return std::exp(x); }); }
-void log_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return std::log(x); }); }
-void neg_reference(ref::Evaluator& ev, const Tensor* n) { unary_reference(ev, n, [](double x) { return -x; }); }
+void sqr_reference(ref::Evaluator& ev, const Tensor* n) {
+    unary_reference(ev, n, [](double x) { return x * x; });
+}
+void sqrt_reference(ref::Evaluator& ev, const Tensor* n) {
+    unary_reference(ev, n, [](double x) { return std::sqrt(x); });
+}
+void exp_reference(ref::Evaluator& ev, const Tensor* n) {
+    unary_reference(ev, n, [](double x) { return std::exp(x); });
+}
+void log_reference(ref::Evaluator& ev, const Tensor* n) {
+    unary_reference(ev, n, [](double x) { return std::log(x); });
+}
+void neg_reference(ref::Evaluator& ev, const Tensor* n) {
+    unary_reference(ev, n, [](double x) { return -x; });
+}
 
 } // namespace
 
-Tensor* add(Context& ctx, Tensor* a, Tensor* b) { return binary(ctx, Op::Add, a, b); }
-Tensor* sub(Context& ctx, Tensor* a, Tensor* b) { return binary(ctx, Op::Sub, a, b); }
-Tensor* mul(Context& ctx, Tensor* a, Tensor* b) { return binary(ctx, Op::Mul, a, b); }
-Tensor* div(Context& ctx, Tensor* a, Tensor* b) { return binary(ctx, Op::Div, a, b); }
+Tensor* add(Context& ctx, Tensor* a, Tensor* b) {
+    return binary(ctx, Op::Add, a, b);
+}
+Tensor* sub(Context& ctx, Tensor* a, Tensor* b) {
+    return binary(ctx, Op::Sub, a, b);
+}
+Tensor* mul(Context& ctx, Tensor* a, Tensor* b) {
+    return binary(ctx, Op::Mul, a, b);
+}
+Tensor* div(Context& ctx, Tensor* a, Tensor* b) {
+    return binary(ctx, Op::Div, a, b);
+}
 Tensor* scale(Context& ctx, Tensor* a, float s, float bias) {
     Tensor* t = unary(ctx, Op::Scale, a);
     t->set_params(ScaleParams{s, bias});
     return t;
 }
-Tensor* sqr(Context& ctx, Tensor* a) { return unary(ctx, Op::Sqr, a); }
-Tensor* sqrt(Context& ctx, Tensor* a) { return unary(ctx, Op::Sqrt, a); }
-Tensor* exp(Context& ctx, Tensor* a) { return unary(ctx, Op::Exp, a); }
-Tensor* log(Context& ctx, Tensor* a) { return unary(ctx, Op::Log, a); }
-Tensor* neg(Context& ctx, Tensor* a) { return unary(ctx, Op::Neg, a); }
+Tensor* sqr(Context& ctx, Tensor* a) {
+    return unary(ctx, Op::Sqr, a);
+}
+Tensor* sqrt(Context& ctx, Tensor* a) {
+    return unary(ctx, Op::Sqrt, a);
+}
+Tensor* exp(Context& ctx, Tensor* a) {
+    return unary(ctx, Op::Exp, a);
+}
+Tensor* log(Context& ctx, Tensor* a) {
+    return unary(ctx, Op::Log, a);
+}
+Tensor* neg(Context& ctx, Tensor* a) {
+    return unary(ctx, Op::Neg, a);
+}
 
 void define_elementwise_ops(OpTable& t) {
-    t[size_t(Op::Add)] = {.name = "add", .backward = add_backward, .reference = add_reference, .inplace_ok = true};
-    t[size_t(Op::Sub)] = {.name = "sub", .backward = sub_backward, .reference = sub_reference, .inplace_ok = true};
-    t[size_t(Op::Mul)] = {.name = "mul", .backward = mul_backward, .reference = mul_reference, .inplace_ok = true};
-    t[size_t(Op::Div)] = {.name = "div", .backward = div_backward, .reference = div_reference, .inplace_ok = true};
-    t[size_t(Op::Scale)] = {.name = "scale", .backward = scale_backward, .reference = scale_reference, .inplace_ok = true};
-    t[size_t(Op::Sqr)] = {.name = "sqr", .backward = sqr_backward, .reference = sqr_reference, .inplace_ok = true};
-    t[size_t(Op::Sqrt)] = {.name = "sqrt", .backward = sqrt_backward, .reference = sqrt_reference, .inplace_ok = true};
-    t[size_t(Op::Exp)] = {.name = "exp", .backward = exp_backward, .reference = exp_reference, .inplace_ok = true};
-    t[size_t(Op::Log)] = {.name = "log", .backward = log_backward, .reference = log_reference, .inplace_ok = true};
-    t[size_t(Op::Neg)] = {.name = "neg", .backward = neg_backward, .reference = neg_reference, .inplace_ok = true};
+    t[size_t(Op::Add)] = {
+        .name = "add", .backward = add_backward, .reference = add_reference, .inplace_ok = true};
+    t[size_t(Op::Sub)] = {
+        .name = "sub", .backward = sub_backward, .reference = sub_reference, .inplace_ok = true};
+    t[size_t(Op::Mul)] = {
+        .name = "mul", .backward = mul_backward, .reference = mul_reference, .inplace_ok = true};
+    t[size_t(Op::Div)] = {
+        .name = "div", .backward = div_backward, .reference = div_reference, .inplace_ok = true};
+    t[size_t(Op::Scale)] = {
+        .name = "scale", .backward = scale_backward, .reference = scale_reference, .inplace_ok = true};
+    t[size_t(Op::Sqr)] = {
+        .name = "sqr", .backward = sqr_backward, .reference = sqr_reference, .inplace_ok = true};
+    t[size_t(Op::Sqrt)] = {
+        .name = "sqrt", .backward = sqrt_backward, .reference = sqrt_reference, .inplace_ok = true};
+    t[size_t(Op::Exp)] = {
+        .name = "exp", .backward = exp_backward, .reference = exp_reference, .inplace_ok = true};
+    t[size_t(Op::Log)] = {
+        .name = "log", .backward = log_backward, .reference = log_reference, .inplace_ok = true};
+    t[size_t(Op::Neg)] = {
+        .name = "neg", .backward = neg_backward, .reference = neg_reference, .inplace_ok = true};
 }
 
 } // namespace gfa

@@ -17,12 +17,15 @@ std::array<int64_t, kMaxDims> dims(std::initializer_list<int64_t> ne, Op op) {
     return out;
 }
 
-bool is_float_type(Type t) { return t == Type::F32 || t == Type::F16 || t == Type::BF16; }
+bool is_float_type(Type t) {
+    return t == Type::F32 || t == Type::F16 || t == Type::BF16;
+}
 
 } // namespace
 
 Tensor* fill(Context& ctx, Type type, std::initializer_list<int64_t> ne, float value) {
-    if (!is_float_type(type)) op_error(Op::Fill, "type must be f32, f16 or bf16, got " + std::string(type_name(type)), {});
+    if (!is_float_type(type))
+        op_error(Op::Fill, "type must be f32, f16 or bf16, got " + std::string(type_name(type)), {});
     Tensor* t = ctx.new_node(Op::Fill, type, dims(ne, Op::Fill));
     t->set_params(FillParams{value});
     return t;
@@ -47,7 +50,9 @@ Tensor* cast(Context& ctx, Tensor* a, Type type) {
     return t;
 }
 
-Tensor* cont(Context& ctx, Tensor* a) { return cast(ctx, a, a->type); }
+Tensor* cont(Context& ctx, Tensor* a) {
+    return cast(ctx, a, a->type);
+}
 
 Tensor* reshape(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne_list) {
     require_not_null(Op::Reshape, {a});
@@ -55,16 +60,20 @@ Tensor* reshape(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne_list)
     if (!a->is_contiguous()) op_error(Op::Reshape, "source must be contiguous (use cont)", {a});
     if (ne[0] * ne[1] * ne[2] * ne[3] != a->nelements())
         op_error(Op::Reshape,
-                 "element count " + std::to_string(ne[0] * ne[1] * ne[2] * ne[3]) + " differs from the source's", {a});
+                 "element count " + std::to_string(ne[0] * ne[1] * ne[2] * ne[3]) +
+                     " differs from the source's",
+                 {a});
     return ctx.new_view(a, a->type, ne, contiguous_strides(a->type, ne), 0, Op::Reshape);
 }
 
-Tensor* view(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne_list, std::initializer_list<size_t> nb_list,
-             size_t offset) {
+Tensor* view(Context& ctx, Tensor* a, std::initializer_list<int64_t> ne_list,
+             std::initializer_list<size_t> nb_list, size_t offset) {
     require_not_null(Op::View, {a});
     const auto ne = dims(ne_list, Op::View);
     if (nb_list.size() + 1 != ne_list.size())
-        op_error(Op::View, "give one stride for each dim after the first (" + std::to_string(ne_list.size() - 1) + ")", {a});
+        op_error(Op::View,
+                 "give one stride for each dim after the first (" + std::to_string(ne_list.size() - 1) + ")",
+                 {a});
     auto nb = contiguous_strides(a->type, ne);
     std::copy(nb_list.begin(), nb_list.end(), nb.begin() + 1);
     for (int i = int(nb_list.size()) + 1; i < kMaxDims; ++i) nb[i] = nb[i - 1] * size_t(ne[i - 1]);
@@ -78,8 +87,8 @@ Tensor* permute(Context& ctx, Tensor* a, int ax0, int ax1, int ax2, int ax3) {
     for (int ax : axes) {
         if (ax < 0 || ax >= kMaxDims || seen[ax])
             op_error(Op::Permute,
-                     "axes must be a permutation of 0..3, got " + std::to_string(ax0) + "," + std::to_string(ax1) + "," +
-                         std::to_string(ax2) + "," + std::to_string(ax3),
+                     "axes must be a permutation of 0..3, got " + std::to_string(ax0) + "," +
+                         std::to_string(ax1) + "," + std::to_string(ax2) + "," + std::to_string(ax3),
                      {a});
         seen[ax] = true;
     }
@@ -106,22 +115,27 @@ Tensor* transpose(Context& ctx, Tensor* a) {
 Tensor* get_rows(Context& ctx, Tensor* a, Tensor* rows) {
     require_not_null(Op::GetRows, {a, rows});
     if (rows->type != Type::I32) op_error(Op::GetRows, "row indices must be i32", {a, rows});
-    if (rows->ne[2] != 1 || rows->ne[3] != 1 || a->ne[3] != 1 || (rows->ne[1] != 1 && rows->ne[1] != a->ne[2]))
+    if (rows->ne[2] != 1 || rows->ne[3] != 1 || a->ne[3] != 1 ||
+        (rows->ne[1] != 1 && rows->ne[1] != a->ne[2]))
         op_error(Op::GetRows, "rows must be [n] or [n, a.ne2]; a must be at most 3-d", {a, rows});
     if (!type_traits(a->type).to_float) op_error(Op::GetRows, "cannot read rows of this type", {a, rows});
-    Tensor* t = ctx.new_node(Op::GetRows, Type::F32, {a->ne[0], rows->ne[0], rows->ne[1] == 1 ? 1 : a->ne[2], 1});
+    Tensor* t =
+        ctx.new_node(Op::GetRows, Type::F32, {a->ne[0], rows->ne[0], rows->ne[1] == 1 ? 1 : a->ne[2], 1});
     set_sources(t, {a, rows});
     return t;
 }
 
 Tensor* set_rows(Context& ctx, Tensor* a, Tensor* b, Tensor* rows) {
     require_not_null(Op::SetRows, {a, b, rows});
-    if (rows->type != Type::I32 && rows->type != Type::I64) op_error(Op::SetRows, "row indices must be i32 or i64", {a, b, rows});
+    if (rows->type != Type::I32 && rows->type != Type::I64)
+        op_error(Op::SetRows, "row indices must be i32 or i64", {a, b, rows});
     if (b->ne[0] != a->ne[0] || b->ne[1] != rows->ne[0] || b->ne[2] != a->ne[2] || b->ne[3] != a->ne[3])
         op_error(Op::SetRows, "b must be [a.ne0, n_rows, a.ne2, a.ne3]", {a, b, rows});
-    if (rows->ne[1] != 1 || rows->ne[2] != 1 || rows->ne[3] != 1) op_error(Op::SetRows, "rows must be 1-d", {a, b, rows});
+    if (rows->ne[1] != 1 || rows->ne[2] != 1 || rows->ne[3] != 1)
+        op_error(Op::SetRows, "rows must be 1-d", {a, b, rows});
     if (b->type != Type::F32) op_error(Op::SetRows, "b must be f32", {a, b, rows});
-    if (!type_traits(a->type).from_float) op_error(Op::SetRows, "cannot write rows of this type", {a, b, rows});
+    if (!type_traits(a->type).from_float)
+        op_error(Op::SetRows, "cannot write rows of this type", {a, b, rows});
     Tensor* t = ctx.new_view(a, a->type, a->ne, a->nb, 0, Op::SetRows);
     set_sources(t, {a, b, rows});
     return t;
@@ -129,11 +143,13 @@ Tensor* set_rows(Context& ctx, Tensor* a, Tensor* b, Tensor* rows) {
 
 Tensor* concat(Context& ctx, Tensor* a, Tensor* b, int dim) {
     require_not_null(Op::Concat, {a, b});
-    if (dim < 0 || dim >= kMaxDims) op_error(Op::Concat, "dim must be 0..3, got " + std::to_string(dim), {a, b});
+    if (dim < 0 || dim >= kMaxDims)
+        op_error(Op::Concat, "dim must be 0..3, got " + std::to_string(dim), {a, b});
     if (a->type != b->type || a->type != Type::F32) op_error(Op::Concat, "both inputs must be f32", {a, b});
     auto ne = a->ne;
     for (int i = 0; i < kMaxDims; ++i)
-        if (i != dim && a->ne[i] != b->ne[i]) op_error(Op::Concat, "shapes differ outside dim " + std::to_string(dim), {a, b});
+        if (i != dim && a->ne[i] != b->ne[i])
+            op_error(Op::Concat, "shapes differ outside dim " + std::to_string(dim), {a, b});
     ne[dim] += b->ne[dim];
     Tensor* t = ctx.new_node(Op::Concat, Type::F32, ne);
     t->set_params(ConcatParams{dim});
@@ -171,7 +187,9 @@ void cpy_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     Tensor* a = node->src[0];
     g.accumulate(a, reshape(g.ctx, cont(g.ctx, grad), {a->ne[0], a->ne[1], a->ne[2], a->ne[3]}));
 }
-void cont_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], grad); }
+void cont_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    g.accumulate(node->src[0], grad);
+}
 void reshape_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     Tensor* a = node->src[0];
     g.accumulate(a, reshape(g.ctx, cont(g.ctx, grad), {a->ne[0], a->ne[1], a->ne[2], a->ne[3]}));
@@ -183,7 +201,9 @@ void permute_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     for (int i = 0; i < kMaxDims; ++i) inv[p.axes[i]] = i;
     g.accumulate(node->src[0], permute(g.ctx, grad, inv[0], inv[1], inv[2], inv[3]));
 }
-void transpose_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], transpose(g.ctx, grad)); }
+void transpose_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    g.accumulate(node->src[0], transpose(g.ctx, grad));
+}
 void get_rows_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     g.accumulate(node->src[0], get_rows_back(g.ctx, grad, node->src[1], node->src[0]));
 }
@@ -209,20 +229,27 @@ void repeat_back_backward(GradCtx& g, Tensor* node, Tensor* grad) {
 
 void fill_reference(ref::Evaluator& ev, const Tensor* n) {
     const double v = n->params<FillParams>().value;
-    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, v, i0, i1, i2, i3); });
+    ref::for_each_index(
+        n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, v, i0, i1, i2, i3); });
 }
 
 // Element k of the source (row-major) goes to element k of the destination.
 void copy_reference(ref::Evaluator& ev, const Tensor* from, const Tensor* to) {
     const std::vector<double> v = ev.values(from);
     size_t k = 0;
-    ref::for_each_index(to, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(to, v[k++], i0, i1, i2, i3); });
+    ref::for_each_index(
+        to, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(to, v[k++], i0, i1, i2, i3); });
 }
-void cpy_reference(ref::Evaluator& ev, const Tensor* n) { copy_reference(ev, n->src[0], n); }
-void cont_reference(ref::Evaluator& ev, const Tensor* n) { copy_reference(ev, n->src[0], n); }
+void cpy_reference(ref::Evaluator& ev, const Tensor* n) {
+    copy_reference(ev, n->src[0], n);
+}
+void cont_reference(ref::Evaluator& ev, const Tensor* n) {
+    copy_reference(ev, n->src[0], n);
+}
 
 int64_t checked_row(double r, int64_t limit, const char* op) {
-    if (r < 0 || r >= double(limit)) fail(std::string(op) + ": row index " + std::to_string(int64_t(r)) + " out of range");
+    if (r < 0 || r >= double(limit))
+        fail(std::string(op) + ": row index " + std::to_string(int64_t(r)) + " out of range");
     return int64_t(r);
 }
 
@@ -241,7 +268,8 @@ void get_rows_back_reference(ref::Evaluator& ev, const Tensor* n) {
         acc[size_t(((i3 * n->ne[2] + i2) * n->ne[1] + r) * n->ne[0] + i0)] += ev.get(g, i0, i1, i2, i3);
     });
     size_t k = 0;
-    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, acc[k++], i0, i1, i2, i3); });
+    ref::for_each_index(
+        n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, acc[k++], i0, i1, i2, i3); });
 }
 void set_rows_reference(ref::Evaluator& ev, const Tensor* n) {
     const Tensor *b = n->src[1], *rows = n->src[2];
@@ -274,25 +302,29 @@ void repeat_back_reference(ref::Evaluator& ev, const Tensor* n) {
         acc[size_t(((j3 * n->ne[2] + j2) * n->ne[1] + j1) * n->ne[0] + j0)] += ev.get(g, i0, i1, i2, i3);
     });
     size_t k = 0;
-    ref::for_each_index(n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, acc[k++], i0, i1, i2, i3); });
+    ref::for_each_index(
+        n, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) { ev.set(n, acc[k++], i0, i1, i2, i3); });
 }
 
 } // namespace
 
 void define_movement_ops(OpTable& t) {
     t[size_t(Op::Fill)] = {.name = "fill", .reference = fill_reference};
-    t[size_t(Op::Cpy)] = {.name = "cpy", .backward = cpy_backward, .reference = cpy_reference, .writes_view_src = true};
+    t[size_t(Op::Cpy)] = {
+        .name = "cpy", .backward = cpy_backward, .reference = cpy_reference, .writes_view_src = true};
     t[size_t(Op::Cont)] = {.name = "cont", .backward = cont_backward, .reference = cont_reference};
     t[size_t(Op::Reshape)] = {.name = "reshape", .backward = reshape_backward, .is_view = true};
     t[size_t(Op::View)] = {.name = "view", .is_view = true};
     t[size_t(Op::Permute)] = {.name = "permute", .backward = permute_backward, .is_view = true};
     t[size_t(Op::Transpose)] = {.name = "transpose", .backward = transpose_backward, .is_view = true};
-    t[size_t(Op::GetRows)] = {.name = "get_rows", .backward = get_rows_backward, .reference = get_rows_reference};
+    t[size_t(Op::GetRows)] = {
+        .name = "get_rows", .backward = get_rows_backward, .reference = get_rows_reference};
     t[size_t(Op::GetRowsBack)] = {.name = "get_rows_back", .reference = get_rows_back_reference};
     t[size_t(Op::SetRows)] = {.name = "set_rows", .reference = set_rows_reference, .writes_view_src = true};
     t[size_t(Op::Concat)] = {.name = "concat", .backward = concat_backward, .reference = concat_reference};
     t[size_t(Op::Repeat)] = {.name = "repeat", .backward = repeat_backward, .reference = repeat_reference};
-    t[size_t(Op::RepeatBack)] = {.name = "repeat_back", .backward = repeat_back_backward, .reference = repeat_back_reference};
+    t[size_t(Op::RepeatBack)] = {
+        .name = "repeat_back", .backward = repeat_back_backward, .reference = repeat_back_reference};
 }
 
 } // namespace gfa

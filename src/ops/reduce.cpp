@@ -14,7 +14,9 @@ Tensor* reduce(Context& ctx, Op op, Tensor* a, std::array<int64_t, kMaxDims> ne)
     return t;
 }
 
-void sum_backward(GradCtx& g, Tensor* node, Tensor* grad) { g.accumulate(node->src[0], repeat(g.ctx, grad, node->src[0])); }
+void sum_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    g.accumulate(node->src[0], repeat(g.ctx, grad, node->src[0]));
+}
 void mean_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     Tensor* a = node->src[0];
     g.accumulate(a, repeat(g.ctx, scale(g.ctx, grad, 1.0f / float(a->ne[0])), a));
@@ -35,14 +37,24 @@ void row_reference(ref::Evaluator& ev, const Tensor* n, bool average) {
         ev.set(n, average ? acc / double(a->ne[0]) : acc, 0, i1, i2, i3);
     });
 }
-void sum_rows_reference(ref::Evaluator& ev, const Tensor* n) { row_reference(ev, n, false); }
-void mean_reference(ref::Evaluator& ev, const Tensor* n) { row_reference(ev, n, true); }
+void sum_rows_reference(ref::Evaluator& ev, const Tensor* n) {
+    row_reference(ev, n, false);
+}
+void mean_reference(ref::Evaluator& ev, const Tensor* n) {
+    row_reference(ev, n, true);
+}
 
 } // namespace
 
-Tensor* sum(Context& ctx, Tensor* a) { return reduce(ctx, Op::Sum, a, {1, 1, 1, 1}); }
-Tensor* sum_rows(Context& ctx, Tensor* a) { return reduce(ctx, Op::SumRows, a, {1, a->ne[1], a->ne[2], a->ne[3]}); }
-Tensor* mean(Context& ctx, Tensor* a) { return reduce(ctx, Op::Mean, a, {1, a->ne[1], a->ne[2], a->ne[3]}); }
+Tensor* sum(Context& ctx, Tensor* a) {
+    return reduce(ctx, Op::Sum, a, {1, 1, 1, 1});
+}
+Tensor* sum_rows(Context& ctx, Tensor* a) {
+    return reduce(ctx, Op::SumRows, a, {1, a->ne[1], a->ne[2], a->ne[3]});
+}
+Tensor* mean(Context& ctx, Tensor* a) {
+    return reduce(ctx, Op::Mean, a, {1, a->ne[1], a->ne[2], a->ne[3]});
+}
 
 void define_reduce_ops(OpTable& t) {
     t[size_t(Op::Sum)] = {.name = "sum", .backward = sum_backward, .reference = sum_reference};

@@ -26,7 +26,9 @@ const OpDef& op_def(Op op) {
     return table[size_t(op)];
 }
 
-const char* op_name(Op op) { return op_def(op).name; }
+const char* op_name(Op op) {
+    return op_def(op).name;
+}
 
 void op_error(Op op, const std::string& message, std::initializer_list<const Tensor*> tensors) {
     std::string text = std::string(op_name(op)) + ": " + message;

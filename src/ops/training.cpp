@@ -1,8 +1,10 @@
-// Training ops: cross-entropy loss and the AdamW optimizer step.
+// Training ops: cross-entropy loss (and its backward op) and the AdamW optimizer step.
 #include "op_def.h"
 #include "reference.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace gfa {
 
@@ -12,7 +14,9 @@ void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std:
         if (l->has_flag(kFlagParam)) params.push_back(l);
     for (Tensor* param : params) {
         Tensor* g = graph.grad(param);
-        if (!g) fail("build_optimizer_step: parameter '" + param->name + "' has no gradient; call build_backward first");
+        if (!g)
+            fail("build_optimizer_step: parameter '" + param->name +
+                 "' has no gradient; call build_backward first");
         Tensor* m = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_m");
         Tensor* v = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_v");
         if (state) {
@@ -23,11 +27,37 @@ void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std:
     }
 }
 
+Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels) {
+    const Op op = Op::CrossEntropyLoss;
+    require_not_null(op, {logits, labels});
+    if (logits->type != Type::F32 || labels->type != Type::F32)
+        op_error(op, "logits and labels must be f32", {logits, labels});
+    if (!same_shape(logits, labels))
+        op_error(op, "logits and labels must have the same shape", {logits, labels});
+    Tensor* t = ctx.new_node(op, Type::F32, {1, 1, 1, 1});
+    set_sources(t, {logits, labels});
+    return t;
+}
+
+Tensor* cross_entropy_loss_back(Context& ctx, Tensor* grad, Tensor* logits, Tensor* labels) {
+    const Op op = Op::CrossEntropyLossBack;
+    require_not_null(op, {grad, logits, labels});
+    if (grad->nelements() != 1)
+        op_error(op, "the upstream gradient must have one element", {grad, logits, labels});
+    if (grad->type != Type::F32 || logits->type != Type::F32 || labels->type != Type::F32 ||
+        !same_shape(logits, labels))
+        op_error(op, "inputs must be f32 and logits, labels of one shape", {grad, logits, labels});
+    Tensor* t = ctx.new_node(op, Type::F32, logits->ne);
+    set_sources(t, {grad, logits, labels});
+    return t;
+}
+
 Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, const AdamWParams& p) {
     require_not_null(Op::AdamW, {param, grad, m, v});
     for (const Tensor* t : {param, grad, m, v})
         if (t->type != Type::F32 || !t->is_contiguous() || t->ne != param->ne)
-            op_error(Op::AdamW, "param, grad, m and v must be contiguous f32 of one shape", {param, grad, m, v});
+            op_error(Op::AdamW, "param, grad, m and v must be contiguous f32 of one shape",
+                     {param, grad, m, v});
     if (p.step < 1) op_error(Op::AdamW, "step is 1-based, got " + std::to_string(p.step), {param});
     Tensor* t = ctx.new_view(param, param->type, param->ne, param->nb, 0, Op::AdamW);
     set_sources(t, {param, grad, m, v});
@@ -55,9 +85,60 @@ void adamw_reference(ref::Evaluator& ev, const Tensor* n) {
     });
 }
 
+// The labels are treated as constants: only the logits get a gradient.
+void cross_entropy_loss_backward(GradCtx& g, Tensor* node, Tensor* grad) {
+    g.accumulate(node->src[0], cross_entropy_loss_back(g.ctx, grad, node->src[0], node->src[1]));
+}
+
+// log_softmax of one row of logits, stably: x - max - log(sum(exp(x - max))).
+std::vector<double> log_softmax_row(const ref::Evaluator& ev, const Tensor* x, int64_t i1, int64_t i2,
+                                    int64_t i3) {
+    std::vector<double> r(size_t(x->ne[0]));
+    double max = -INFINITY;
+    for (int64_t c = 0; c < x->ne[0]; ++c) max = std::max(max, r[size_t(c)] = ev.get(x, c, i1, i2, i3));
+    double sum = 0.0;
+    for (double v : r) sum += std::exp(v - max);
+    const double lse = max + std::log(sum);
+    for (double& v : r) v -= lse;
+    return r;
+}
+
+// loss = -(1 / n_rows) * sum_rows sum_c labels_c * log_softmax(logits)_c
+void cross_entropy_loss_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor *logits = n->src[0], *labels = n->src[1];
+    double total = 0.0;
+    ref::for_each_index(logits, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        if (i0 != 0) return;
+        const std::vector<double> lsm = log_softmax_row(ev, logits, i1, i2, i3);
+        for (int64_t c = 0; c < logits->ne[0]; ++c) total -= ev.get(labels, c, i1, i2, i3) * lsm[size_t(c)];
+    });
+    ev.set(n, total / double(logits->nrows()), 0);
+}
+
+// d loss / d logits_c = (softmax_c * sum(labels) - labels_c) * grad / n_rows; with labels that
+// are probabilities (rows summing to 1) this is the familiar softmax - labels.
+void cross_entropy_loss_back_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor *grad = n->src[0], *logits = n->src[1], *labels = n->src[2];
+    const double g = ev.get(grad, 0) / double(logits->nrows());
+    ref::for_each_index(logits, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        if (i0 != 0) return;
+        const std::vector<double> lsm = log_softmax_row(ev, logits, i1, i2, i3);
+        double label_sum = 0.0;
+        for (int64_t c = 0; c < logits->ne[0]; ++c) label_sum += ev.get(labels, c, i1, i2, i3);
+        for (int64_t c = 0; c < logits->ne[0]; ++c)
+            ev.set(n, (std::exp(lsm[size_t(c)]) * label_sum - ev.get(labels, c, i1, i2, i3)) * g, c, i1, i2,
+                   i3);
+    });
+}
+
 } // namespace
 
 void define_training_ops(OpTable& t) {
+    t[size_t(Op::CrossEntropyLoss)] = {.name = "cross_entropy_loss",
+                                       .backward = cross_entropy_loss_backward,
+                                       .reference = cross_entropy_loss_reference};
+    t[size_t(Op::CrossEntropyLossBack)] = {.name = "cross_entropy_loss_back",
+                                           .reference = cross_entropy_loss_back_reference};
     t[size_t(Op::AdamW)] = {.name = "adamw", .reference = adamw_reference, .writes_view_src = true};
 }
 

@@ -1,0 +1,86 @@
+// Kernel arguments of the FlashAttention kernels: plain structs of pointers, byte strides
+// and sizes, filled on the host from an attn::Problem and passed to kernels by value.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GFA_HD __host__ __device__ __forceinline__
+#else
+#define GFA_HD inline
+#endif
+
+namespace gfa::cuda::fa {
+
+// Sizes and score parameters every kernel needs.
+struct Shape {
+    int Sq = 0, Skv = 0, Hq = 0, Hkv = 0, G = 1, B = 0; // G = Hq / Hkv query heads per KV head
+    int Dk = 0, Dv = 0;
+    float scale = 1.0f;
+    float softcap = 0.0f;
+    // ALiBi slope of head h: h < n_head_log2 ? m0^(h+1) : m1^(2(h - n_head_log2) + 1).
+    float alibi_m0 = 1.0f, alibi_m1 = 1.0f;
+    int alibi_n_head_log2 = 0; // 0: no ALiBi, slope 1
+    // Visibility: key j is visible from query i when lo_off <= j - (i + Skv - Sq) <= hi_off,
+    // each bound switched on by its flag (causal and window_right give hi, window_left lo).
+    bool has_hi = false, has_lo = false;
+    int hi_off = 0, lo_off = 0;
+
+    GFA_HD int diag(int i) const { return i + Skv - Sq; }
+    GFA_HD bool visible(int i, int j) const {
+        const int d = j - diag(i);
+        return (!has_hi || d <= hi_off) && (!has_lo || d >= lo_off);
+    }
+};
+
+// A strided 16-bit-or-wider operand: base pointer and byte strides of dims 1..3.
+struct Operand {
+    const char* data = nullptr;
+    int64_t nb1 = 0, nb2 = 0, nb3 = 0;
+    int code = 0; // ElemCode
+};
+
+struct FwdArgs {
+    Shape s;
+    Operand q, k, v;    // q [Dk, Sq, Hq, B], k [Dk, Skv, Hkv, B], v [Dv, Skv, Hkv, B]
+    Operand mask;       // [Skv, Sq, Hm, Bm], nb2/nb3 zero when broadcast; data null if absent
+    const float* sinks; // [Hq] or null
+    char* o;            // [Dv, Hq, Sq, B]
+    int64_t o_nb1 = 0, o_nb2 = 0, o_nb3 = 0; // per head, per position, per batch
+    int o_code = 0;
+    float* lse = nullptr;             // [Sq, Hq, B] or null
+    int64_t lse_nb1 = 0, lse_nb2 = 0; // elements per head, per batch
+    // Split-KV: n_split > 1 writes partial results to part_o/part_lse for the combine kernel.
+    int n_split = 1, split_keys = 0;
+    float* part_o = nullptr;   // [n_split][B][Hkv][Sq*G][Dv]
+    float* part_lse = nullptr; // [n_split][B][Hkv][Sq*G], base 2
+};
+
+struct BwdArgs {
+    Shape s;
+    Operand q, k, v, mask;
+    Operand o, dO;    // [Dv, Hq, Sq, B] (nb1 per head, nb2 per position)
+    const float* lse; // [Sq, Hq, B]
+    int64_t lse_nb1 = 0, lse_nb2 = 0;
+    const float* sinks; // [Hq] or null
+    // outputs
+    char* dq;
+    int64_t dq_nb1 = 0, dq_nb2 = 0, dq_nb3 = 0;
+    int dq_code = 0;
+    char* dk;
+    int64_t dk_nb1 = 0, dk_nb2 = 0, dk_nb3 = 0;
+    int dk_code = 0;
+    char* dv;
+    int64_t dv_nb1 = 0, dv_nb2 = 0, dv_nb3 = 0;
+    int dv_code = 0;
+    float* dsinks = nullptr;
+    // workspace
+    int Sq_pad = 0;              // rows of the per-row arrays, a multiple of every BM
+    float* lse2 = nullptr;       // [B][Hq][Sq_pad]: LSE * log2(e), +inf where no gradient flows
+    float* delta = nullptr;      // [B][Hq][Sq_pad]: rowsum(dO * O)
+    float* dq_accum = nullptr;   // [B][Hq][Sq][Dk] fp32
+    float* dsink_rows = nullptr; // [Hq][B*Sq]: per-row terms of dsinks
+    bool accumulate_dq = true;   // false: the dK/dV kernel leaves dQ to the separate dQ kernel
+};
+
+} // namespace gfa::cuda::fa

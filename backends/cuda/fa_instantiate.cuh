@@ -1,0 +1,120 @@
+// Internal: the tile shapes per head-dim tile and the launch glue that each fa_tile_dXX.cu
+// instantiates for its own head-dim tile.
+#pragma once
+
+#include "fa_backward.cuh"
+#include "fa_forward.cuh"
+#include "fa_launch.h"
+
+#include <ggml-fa/error.h>
+
+#include <string>
+
+namespace gfa::cuda::fa {
+
+// Forward tiles (FlashAttention-2 shapes for the mma.sync generation): 4 warps; at D <= 128
+// each warp owns 32 rows (BM = 128), at D = 256 16 rows (BM = 64) to fit the O accumulator
+// in registers. Decode (few packed rows, split KV): 4 warps of 16 rows, so a block has 128
+// threads to stream K/V while the tensor cores idle on padded rows (memory-bound anyway).
+// Backward: 4 warps, 64 keys x 64 queries, Q/dO double-buffered up to D = 128; D = 256 splits
+// the gradient columns over 2 blocks.
+template <int D> struct TileConfig;
+template <> struct TileConfig<64> {
+    template <class T> using Fwd = FwdTraits<64, T, 4, 2, 64>;
+    template <class T> using Decode = FwdTraits<64, T, 4, 1, 64>;
+    template <class T> using Bwd = BwdTraits<64, 1, T, 4, 64, 2>;
+};
+template <> struct TileConfig<128> {
+    template <class T> using Fwd = FwdTraits<128, T, 4, 2, 64>;
+    template <class T> using Decode = FwdTraits<128, T, 4, 1, 64>;
+    template <class T> using Bwd = BwdTraits<128, 1, T, 4, 64, 2>;
+};
+template <> struct TileConfig<256> {
+    template <class T> using Fwd = FwdTraits<256, T, 4, 1, 64>;
+    template <class T> using Decode = Fwd<T>; // the prefill tile already has MI = 1
+    template <class T> using Bwd = BwdTraits<256, 2, T, 4, 64, 1>;
+};
+
+inline void check_launch(const char* what) {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess)
+        gfa::fail(std::string("flash_attn_ext (CUDA): launching ") + what +
+                  " failed: " + cudaGetErrorString(err));
+}
+
+inline void set_smem(const void* kernel, int bytes, const char* what) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+        gfa::fail(std::string("flash_attn_ext (CUDA): ") + what + " needs " + std::to_string(bytes) +
+                  " bytes of shared memory, more than the device allows");
+}
+
+template <class Tr> KernelInfo fwd_info_of() {
+    KernelInfo info{Tr::BM, Tr::BN, Tr::kThreads, Tr::kSmemBytes, 0};
+    set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr>), Tr::kSmemBytes, "the forward kernel");
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, fwd_kernel<Tr>, Tr::kThreads,
+                                                  Tr::kSmemBytes);
+    return info;
+}
+
+template <class Tr> void fwd_launch_one(const FwdArgs& a, dim3 grid, cudaStream_t st) {
+    static const bool ready =
+        (set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr>), Tr::kSmemBytes, "the forward kernel"), true);
+    (void)ready;
+    fwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, st>>>(a);
+    check_launch("the forward kernel");
+}
+
+template <int D> KernelInfo fwd_info_tile(bool decode) {
+    using C = TileConfig<D>;
+    return decode ? fwd_info_of<typename C::template Decode<__half>>()
+                  : fwd_info_of<typename C::template Fwd<__half>>();
+}
+
+template <int D> void fwd_launch_tile(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st) {
+    using C = TileConfig<D>;
+    if (decode) {
+        if (bf16)
+            fwd_launch_one<typename C::template Decode<__nv_bfloat16>>(a, grid, st);
+        else
+            fwd_launch_one<typename C::template Decode<__half>>(a, grid, st);
+    } else {
+        if (bf16)
+            fwd_launch_one<typename C::template Fwd<__nv_bfloat16>>(a, grid, st);
+        else
+            fwd_launch_one<typename C::template Fwd<__half>>(a, grid, st);
+    }
+}
+
+template <int D> BwdInfo bwd_info_tile() {
+    using Tr = typename TileConfig<D>::template Bwd<__half>;
+    return BwdInfo{Tr::BM, Tr::BN, Tr::DSPLIT, Tr::kThreads, Tr::kSmemKV, Tr::kSoftcapBytes, Tr::kSmemQ};
+}
+
+template <class Tr> void bwd_launch_one(bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+    if (dq_pass) {
+        static const bool ready =
+            (set_smem(reinterpret_cast<const void*>(bwd_q_kernel<Tr>), Tr::kSmemQ, "the backward dQ kernel"),
+             true);
+        (void)ready;
+        bwd_q_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemQ, st>>>(a);
+        check_launch("the backward dQ kernel");
+    } else {
+        static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_kernel<Tr>),
+                                            Tr::kSmemKV + Tr::kSoftcapBytes, "the backward dK/dV kernel"),
+                                   true);
+        (void)ready;
+        const int smem = Tr::kSmemKV + (a.s.softcap > 0.0f ? Tr::kSoftcapBytes : 0);
+        bwd_kv_kernel<Tr><<<grid, Tr::kThreads, smem, st>>>(a);
+        check_launch("the backward dK/dV kernel");
+    }
+}
+
+template <int D> void bwd_launch_tile(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+    using C = TileConfig<D>;
+    if (bf16)
+        bwd_launch_one<typename C::template Bwd<__nv_bfloat16>>(dq_pass, a, grid, st);
+    else
+        bwd_launch_one<typename C::template Bwd<__half>>(dq_pass, a, grid, st);
+}
+
+} // namespace gfa::cuda::fa

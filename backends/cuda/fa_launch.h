@@ -1,0 +1,38 @@
+// Internal: the instantiated kernels of each head-dim tile, behind plain functions so the
+// dispatch code never includes the kernel templates (and each tile compiles in its own
+// translation unit).
+#pragma once
+
+#include "fa_args.h"
+
+#include <cuda_runtime.h>
+
+namespace gfa::cuda::fa {
+
+struct KernelInfo {
+    int bm = 0, bn = 0;        // rows per block, keys per tile
+    int threads = 0, smem = 0; // block size, dynamic shared memory (bytes)
+    int blocks_per_sm = 0;     // occupancy on the current device
+};
+
+// Forward: `decode` selects the 16-row split-KV variant.
+KernelInfo fwd_info_d64(bool decode);
+KernelInfo fwd_info_d128(bool decode);
+KernelInfo fwd_info_d256(bool decode);
+void fwd_launch_d64(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
+void fwd_launch_d128(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
+void fwd_launch_d256(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
+
+// Backward: the dK/dV kernel (bn keys per block, bm queries per step, dsplit column blocks)
+// and the deterministic dQ kernel (bm queries per block).
+struct BwdInfo {
+    int bm = 0, bn = 0, dsplit = 1, threads = 0, smem_kv = 0, smem_softcap = 0, smem_q = 0;
+};
+BwdInfo bwd_info_d64();
+BwdInfo bwd_info_d128();
+BwdInfo bwd_info_d256();
+void bwd_launch_d64(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st);
+void bwd_launch_d128(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st);
+void bwd_launch_d256(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st);
+
+} // namespace gfa::cuda::fa

@@ -1,0 +1,565 @@
+// Host side of the CUDA FlashAttention kernels: validation of the descriptor, choice of
+// tile and split-KV count, workspaces, and the small kernels around the main ones
+// (split-KV combine; backward preprocess, dQ conversion and dSinks reduction).
+#include "flash_attn_cuda.h"
+
+#include "fa_common.cuh"
+#include "fa_launch.h"
+
+#include <ggml-fa/error.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+namespace gfa::cuda {
+
+using attn::BackwardProblem;
+using attn::Problem;
+using attn::View;
+
+namespace {
+
+[[noreturn]] void unsupported(const std::string& what) {
+    gfa::fail("flash_attn_ext (CUDA): " + what);
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+    if (err != cudaSuccess) unsupported(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+std::string dims(const View& v) {
+    return "[" + std::to_string(v.ne[0]) + ", " + std::to_string(v.ne[1]) + ", " + std::to_string(v.ne[2]) +
+           ", " + std::to_string(v.ne[3]) + "]";
+}
+
+void expect_shape(const View& v, const char* name, int64_t n0, int64_t n1, int64_t n2, int64_t n3) {
+    if (v.ne[0] != n0 || v.ne[1] != n1 || v.ne[2] != n2 || v.ne[3] != n3)
+        unsupported(std::string(name) + " has shape " + dims(v) + ", expected [" + std::to_string(n0) + ", " +
+                    std::to_string(n1) + ", " + std::to_string(n2) + ", " + std::to_string(n3) + "]");
+}
+
+bool is_16bit(Type t) {
+    return t == Type::F16 || t == Type::BF16;
+}
+
+// Element code of an operand the tile loaders read, with kUnaligned for 16-bit rows that
+// cp.async cannot read directly.
+int operand_code(const View& v, const char* name, bool allow_quantized) {
+    switch (v.type) {
+    case Type::F32:
+        return fa::kF32;
+    case Type::F16:
+    case Type::BF16: {
+        const bool aligned = reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.nb[1] % 16 == 0 &&
+                             v.nb[2] % 16 == 0 && v.nb[3] % 16 == 0;
+        const int code = v.type == Type::F16 ? fa::kF16 : fa::kBF16;
+        return aligned ? code : code | fa::kUnaligned;
+    }
+    case Type::Q8_0:
+        if (allow_quantized) return fa::kQ8_0;
+        break;
+    case Type::Q4_0:
+        if (allow_quantized) return fa::kQ4_0;
+        break;
+    default:
+        break;
+    }
+    unsupported(std::string(name) + " of type " + std::string(type_name(v.type)) + " is not supported");
+}
+
+int output_code(const View& v, const char* name) {
+    switch (v.type) {
+    case Type::F32:
+        return fa::kF32;
+    case Type::F16:
+        return fa::kF16;
+    case Type::BF16:
+        return fa::kBF16;
+    default:
+        unsupported(std::string(name) + " of type " + std::string(type_name(v.type)) + " is not supported");
+    }
+}
+
+fa::Operand operand(const View& v, int code) {
+    fa::Operand o;
+    o.data = static_cast<const char*>(v.data);
+    o.nb1 = v.nb[1];
+    o.nb2 = v.nb[2];
+    o.nb3 = v.nb[3];
+    o.code = code;
+    return o;
+}
+
+int head_dim_tile(const Problem& p) {
+    const int64_t d = std::max(p.Dk, p.Dv);
+    return d <= 64 ? 64 : d <= 128 ? 128 : 256;
+}
+
+// Checks everything the kernels rely on and fills the shared part of the kernel arguments.
+fa::Shape validate(const Problem& p) {
+    if (p.Dk <= 0 || p.Dv <= 0 || p.Sq <= 0 || p.Skv <= 0 || p.Hq <= 0 || p.Hkv <= 0 || p.B <= 0)
+        unsupported("empty problem (Dk " + std::to_string(p.Dk) + ", Dv " + std::to_string(p.Dv) + ", Sq " +
+                    std::to_string(p.Sq) + ", Skv " + std::to_string(p.Skv) + ")");
+    if (p.Dk % 8 != 0 || p.Dv % 8 != 0 || p.Dk > 256 || p.Dv > 256)
+        unsupported("head dims Dk " + std::to_string(p.Dk) + ", Dv " + std::to_string(p.Dv) +
+                    ": must be multiples of 8, at most 256");
+    if (p.Hq % p.Hkv != 0)
+        unsupported("Hq " + std::to_string(p.Hq) + " is not a multiple of Hkv " + std::to_string(p.Hkv));
+    if (p.Sq > INT32_MAX / 256 || p.Skv > INT32_MAX / 2 || p.Hq > 65535 || p.B > 65535)
+        unsupported("sizes exceed the kernel's index range");
+    if (!p.q.present() || !p.k.present() || !p.v.present() || !p.o.present())
+        unsupported("q, k, v and o must all be given");
+    expect_shape(p.q, "q", p.Dk, p.Sq, p.Hq, p.B);
+    expect_shape(p.k, "k", p.Dk, p.Skv, p.Hkv, p.B);
+    expect_shape(p.v, "v", p.Dv, p.Skv, p.Hkv, p.B);
+    expect_shape(p.o, "o", p.Dv, p.Hq, p.Sq, p.B);
+    for (const View* v : {&p.k, &p.v})
+        if ((v->type == Type::Q8_0 || v->type == Type::Q4_0) && v->ne[0] % 32 != 0)
+            unsupported("quantized k/v need head dims that are multiples of 32");
+    if (p.mask.present()) {
+        if (p.mask.type != Type::F32 && p.mask.type != Type::F16)
+            unsupported("mask of type " + std::string(type_name(p.mask.type)) + " (f32 or f16 expected)");
+        if (p.mask.ne[0] < p.Skv || p.mask.ne[1] < p.Sq || (p.mask.ne[2] != 1 && p.mask.ne[2] != p.Hq) ||
+            (p.mask.ne[3] != 1 && p.mask.ne[3] != p.B))
+            unsupported("mask of shape " + dims(p.mask) + " does not cover [Skv, Sq, 1|Hq, 1|B]");
+    }
+    if (p.sinks.present() && (p.sinks.type != Type::F32 || p.sinks.ne[0] != p.Hq || p.sinks.nb[0] != 4))
+        unsupported("sinks must be contiguous f32 [Hq]");
+    if (p.lse.present()) {
+        if (p.lse.type != Type::F32) unsupported("lse must be f32");
+        expect_shape(p.lse, "lse", p.Sq, p.Hq, p.B, 1);
+        if (p.lse.nb[0] != 4 || p.lse.nb[1] % 4 != 0 || p.lse.nb[2] % 4 != 0)
+            unsupported("lse must have contiguous rows of f32");
+    }
+
+    fa::Shape s;
+    s.Sq = int(p.Sq), s.Skv = int(p.Skv), s.Hq = int(p.Hq), s.Hkv = int(p.Hkv), s.B = int(p.B);
+    s.G = int(p.Hq / p.Hkv);
+    s.Dk = int(p.Dk), s.Dv = int(p.Dv);
+    s.scale = p.params.scale;
+    s.softcap = p.params.logit_softcap;
+    if (p.params.max_bias > 0.0f) {
+        const int n_head_log2 = 1 << int(std::floor(std::log2(double(p.Hq))));
+        s.alibi_n_head_log2 = n_head_log2;
+        s.alibi_m0 = std::pow(2.0f, -p.params.max_bias / float(n_head_log2));
+        s.alibi_m1 = std::pow(2.0f, -p.params.max_bias / 2.0f / float(n_head_log2));
+    }
+    // visible(i, j): j - diag(i) <= hi (causal: 0, window_right: wr) and >= -window_left.
+    if (p.params.causal || p.params.window_right >= 0) {
+        s.has_hi = true;
+        s.hi_off = p.params.causal ? (p.params.window_right >= 0 ? std::min(0, p.params.window_right) : 0)
+                                   : p.params.window_right;
+    }
+    if (p.params.window_left >= 0) {
+        s.has_lo = true;
+        s.lo_off = -p.params.window_left;
+    }
+    return s;
+}
+
+bool compute_bf16(const Problem& p) {
+    if (is_16bit(p.k.type)) return p.k.type == Type::BF16;
+    return p.q.type == Type::BF16;
+}
+
+fa::KernelInfo fwd_info(int tile, bool decode) {
+    // Occupancy is a property of the device; query once per kernel.
+    static fa::KernelInfo cache[3][2];
+    const int ti = tile == 64 ? 0 : tile == 128 ? 1 : 2;
+    fa::KernelInfo& info = cache[ti][decode];
+    if (info.bm == 0)
+        info = tile == 64    ? fa::fwd_info_d64(decode)
+               : tile == 128 ? fa::fwd_info_d128(decode)
+                             : fa::fwd_info_d256(decode);
+    return info;
+}
+
+int sm_count() {
+    static int count = 0;
+    if (count == 0) {
+        int dev = 0;
+        check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+        check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev),
+                   "reading the SM count");
+    }
+    return count;
+}
+
+struct FwdPlan {
+    int tile = 0;
+    bool decode = false, bf16 = false;
+    fa::KernelInfo info;
+    int row_tiles = 0, n_split = 1, split_keys = 0;
+    size_t workspace = 0;
+};
+
+// Split-KV when the blocks cannot fill the device: pick the split that maximizes wave
+// efficiency (blocks / (slots * waves)), the fewest splits within 85% of the best.
+FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
+    FwdPlan plan;
+    plan.tile = head_dim_tile(p);
+    plan.bf16 = compute_bf16(p);
+    const int64_t rows = int64_t(s.Sq) * s.G;
+    plan.decode = rows <= 64; // the 64-row tile: GQA groups of a few query positions
+    plan.info = fwd_info(plan.tile, plan.decode);
+    plan.row_tiles = int((rows + plan.info.bm - 1) / plan.info.bm);
+    const int64_t blocks = int64_t(plan.row_tiles) * s.Hkv * s.B;
+    const int64_t slots = int64_t(sm_count()) * std::max(1, plan.info.blocks_per_sm);
+    const int key_tiles = (s.Skv + plan.info.bn - 1) / plan.info.bn;
+    int tiles_per_split = key_tiles;
+    if (blocks < slots * 8 / 10 && key_tiles > 1) {
+        auto efficiency = [&](int tps) {
+            const int64_t n = blocks * ((key_tiles + tps - 1) / tps);
+            return double(n) / double(slots * ((n + slots - 1) / slots));
+        };
+        double best = 0.0;
+        for (int tps = 1; tps <= key_tiles; ++tps) best = std::max(best, efficiency(tps));
+        for (int tps = key_tiles; tps >= 1; --tps)
+            if (efficiency(tps) >= 0.85 * best) {
+                tiles_per_split = tps;
+                break;
+            }
+    }
+    plan.n_split = (key_tiles + tiles_per_split - 1) / tiles_per_split;
+    plan.split_keys = tiles_per_split * plan.info.bn;
+    if (plan.n_split > 1) {
+        const size_t part_rows = size_t(plan.n_split) * s.B * s.Hkv * rows;
+        plan.workspace = part_rows * (size_t(s.Dv) + 1) * sizeof(float) + 256;
+    }
+    return plan;
+}
+
+// Stream-ordered scratch: the caller's buffer, or one allocated (and freed) on the stream.
+class Scratch {
+  public:
+    Scratch(size_t need, void* given, size_t given_bytes, cudaStream_t st) : stream_(st) {
+        if (need == 0) return;
+        if (given) {
+            if (given_bytes < need)
+                unsupported("workspace of " + std::to_string(given_bytes) + " bytes, " +
+                            std::to_string(need) + " needed");
+            ptr_ = given;
+            return;
+        }
+        if (cudaMallocAsync(&ptr_, need, st) != cudaSuccess) {
+            (void)cudaGetLastError();
+            throw gfa::OutOfMemory("flash_attn_ext (CUDA): cannot allocate a workspace of " +
+                                   std::to_string(need) + " bytes");
+        }
+        owned_ = true;
+    }
+    ~Scratch() {
+        if (owned_) cudaFreeAsync(ptr_, stream_);
+    }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    char* get() const { return static_cast<char*>(ptr_); }
+
+  private:
+    void* ptr_ = nullptr;
+    bool owned_ = false;
+    cudaStream_t stream_;
+};
+
+// ---- split-KV combine: O = sum_s exp2(lse_s - lse) O_s, lse = log2 sum_s exp2(lse_s) -------
+
+__global__ void combine_kernel(const fa::FwdArgs a) {
+    const fa::Shape& s = a.s;
+    const int64_t rows_total = int64_t(s.Sq) * s.G;
+    const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = int(threadIdx.x) & 31;
+    if (row >= rows_total * s.Hkv * s.B) return;
+    const int64_t p = row % rows_total;
+    const int hk = int((row / rows_total) % s.Hkv), b = int(row / (rows_total * s.Hkv));
+    const int i = int(p / s.G), h = hk * s.G + int(p % s.G);
+    const int64_t split_stride = int64_t(s.B) * s.Hkv * rows_total;
+    const int64_t row0 = (int64_t(b) * s.Hkv + hk) * rows_total + p;
+
+    float m = -INFINITY;
+    for (int sp = 0; sp < a.n_split; ++sp) m = fmaxf(m, a.part_lse[row0 + sp * split_stride]);
+    const float sink = a.sinks ? a.sinks[h] * fa::kLog2e : -INFINITY;
+    m = fmaxf(m, sink);
+    const float m_use = m == -INFINITY ? 0.0f : m;
+    float total = a.sinks ? exp2f(sink - m_use) : 0.0f;
+    for (int sp = 0; sp < a.n_split; ++sp) total += exp2f(a.part_lse[row0 + sp * split_stride] - m_use);
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    char* dst = a.o + b * a.o_nb3 + int64_t(i) * a.o_nb2 + int64_t(h) * a.o_nb1;
+    for (int d = lane; d < s.Dv; d += 32) {
+        float acc = 0.0f;
+        for (int sp = 0; sp < a.n_split; ++sp) {
+            const int64_t r = row0 + sp * split_stride;
+            const float w = exp2f(a.part_lse[r] - m_use);
+            if (w > 0.0f) acc += w * a.part_o[r * s.Dv + d];
+        }
+        fa::store_elem(dst, d, acc * inv, a.o_code);
+    }
+    if (a.lse && lane == 0)
+        a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] =
+            total > 0.0f ? (m_use + log2f(total)) * fa::kLn2 : -INFINITY;
+}
+
+// ---- backward helpers -------------------------------------------------------------------
+
+// One warp per (b, h, i) row of the padded row arrays: delta = rowsum(dO * O), lse2, and
+// the row's term of dSinks.
+__global__ void bwd_preprocess_kernel(const fa::BwdArgs a) {
+    const fa::Shape& s = a.s;
+    const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = int(threadIdx.x) & 31;
+    if (row >= int64_t(s.B) * s.Hq * a.Sq_pad) return;
+    const int i = int(row % a.Sq_pad), h = int((row / a.Sq_pad) % s.Hq),
+              b = int(row / (int64_t(a.Sq_pad) * s.Hq));
+    if (i >= s.Sq) {
+        if (lane == 0) {
+            a.delta[row] = 0.0f;
+            a.lse2[row] = INFINITY; // padded rows: P = 0
+        }
+        return;
+    }
+    const char* o_row = a.o.data + b * a.o.nb3 + int64_t(i) * a.o.nb2 + int64_t(h) * a.o.nb1;
+    const char* do_row = a.dO.data + b * a.dO.nb3 + int64_t(i) * a.dO.nb2 + int64_t(h) * a.dO.nb1;
+    float acc = 0.0f;
+    for (int d = lane; d < s.Dv; d += 32)
+        acc += fa::load_elem(o_row, d, a.o.code & ~fa::kUnaligned) *
+               fa::load_elem(do_row, d, a.dO.code & ~fa::kUnaligned);
+#pragma unroll
+    for (int w = 16; w > 0; w >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, w);
+    if (lane == 0) {
+        const float lse = a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i];
+        a.delta[row] = acc;
+        a.lse2[row] = lse == -INFINITY ? INFINITY : lse * fa::kLog2e; // no visible key: no gradient
+        if (a.dsink_rows) {
+            const float term = lse == -INFINITY ? 0.0f : -expf(a.sinks[h] - lse) * acc;
+            a.dsink_rows[int64_t(h) * s.B * s.Sq + int64_t(b) * s.Sq + i] = term;
+        }
+    }
+}
+
+__global__ void dq_convert_kernel(const fa::BwdArgs a) {
+    const fa::Shape& s = a.s;
+    const int64_t n = int64_t(s.B) * s.Hq * s.Sq * s.Dk;
+    for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+         idx += int64_t(gridDim.x) * blockDim.x) {
+        const int d = int(idx % s.Dk);
+        const int64_t r = idx / s.Dk;
+        const int i = int(r % s.Sq), h = int((r / s.Sq) % s.Hq), b = int(r / (int64_t(s.Sq) * s.Hq));
+        char* row = a.dq + b * a.dq_nb3 + h * a.dq_nb2 + int64_t(i) * a.dq_nb1;
+        fa::store_elem(row, d, a.dq_accum[idx] * s.scale, a.dq_code);
+    }
+}
+
+// dSinks[h] = sum of the row terms of head h, in a fixed order (deterministic).
+__global__ void dsinks_reduce_kernel(const fa::BwdArgs a) {
+    const int h = int(blockIdx.x);
+    const int64_t n = int64_t(a.s.B) * a.s.Sq;
+    const float* terms = a.dsink_rows + int64_t(h) * n;
+    double acc = 0.0;
+    for (int64_t idx = threadIdx.x; idx < n; idx += blockDim.x) acc += terms[idx];
+    __shared__ double partial[256];
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = int(blockDim.x) / 2; w > 0; w >>= 1) {
+        if (int(threadIdx.x) < w) partial[threadIdx.x] += partial[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) a.dsinks[h] = float(partial[0]);
+}
+
+} // namespace
+
+// ---- forward ----------------------------------------------------------------------------
+
+size_t flash_attn_forward_workspace_size(const Problem& p) {
+    const fa::Shape s = validate(p);
+    return plan_forward(p, s).workspace;
+}
+
+void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t workspace_bytes) {
+    const fa::Shape s = validate(p);
+    const FwdPlan plan = plan_forward(p, s);
+    const auto st = static_cast<cudaStream_t>(stream);
+
+    fa::FwdArgs a;
+    a.s = s;
+    a.q = operand(p.q, operand_code(p.q, "q", false));
+    a.k = operand(p.k, operand_code(p.k, "k", true));
+    a.v = operand(p.v, operand_code(p.v, "v", true));
+    if (p.mask.present()) {
+        a.mask = operand(p.mask, p.mask.type == Type::F32 ? fa::kF32 : fa::kF16);
+        if (p.mask.ne[2] == 1) a.mask.nb2 = 0;
+        if (p.mask.ne[3] == 1) a.mask.nb3 = 0;
+    }
+    a.sinks = p.sinks.present() ? static_cast<const float*>(p.sinks.data) : nullptr;
+    a.o = static_cast<char*>(p.o.data);
+    a.o_nb1 = p.o.nb[1], a.o_nb2 = p.o.nb[2], a.o_nb3 = p.o.nb[3];
+    a.o_code = output_code(p.o, "o");
+    if (p.lse.present()) {
+        a.lse = static_cast<float*>(p.lse.data);
+        a.lse_nb1 = p.lse.nb[1] / 4, a.lse_nb2 = p.lse.nb[2] / 4;
+    }
+
+    Scratch scratch(plan.workspace, workspace, workspace_bytes, st);
+    a.n_split = plan.n_split;
+    a.split_keys = plan.split_keys;
+    if (plan.n_split > 1) {
+        const size_t part_rows = size_t(plan.n_split) * s.B * s.Hkv * s.Sq * s.G;
+        a.part_lse = reinterpret_cast<float*>(scratch.get());
+        a.part_o = a.part_lse + ((part_rows + 63) / 64) * 64;
+    }
+    const dim3 grid(unsigned(plan.row_tiles), unsigned(s.Hkv), unsigned(s.B * plan.n_split));
+    if (plan.tile == 64)
+        fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
+    else if (plan.tile == 128)
+        fa::fwd_launch_d128(plan.bf16, plan.decode, a, grid, st);
+    else
+        fa::fwd_launch_d256(plan.bf16, plan.decode, a, grid, st);
+
+    if (plan.n_split > 1) {
+        const int64_t rows = int64_t(s.B) * s.Hkv * s.Sq * s.G;
+        combine_kernel<<<unsigned((rows + 7) / 8), 256, 0, st>>>(a);
+        check_cuda(cudaGetLastError(), "launching the split-KV combine kernel");
+    }
+}
+
+// ---- backward ---------------------------------------------------------------------------
+
+namespace {
+
+struct BwdPlan {
+    int tile = 0;
+    bool bf16 = false;
+    fa::BwdInfo info;
+    int Sq_pad = 0;
+    size_t off_delta = 0, off_dq = 0, off_dsink = 0, total = 0;
+};
+
+fa::BwdInfo bwd_info(int tile) {
+    return tile == 64 ? fa::bwd_info_d64() : tile == 128 ? fa::bwd_info_d128() : fa::bwd_info_d256();
+}
+
+BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
+    const Problem& p = bp.fwd;
+    BwdPlan plan;
+    plan.tile = head_dim_tile(p);
+    plan.bf16 = compute_bf16(p);
+    plan.info = bwd_info(plan.tile);
+    plan.Sq_pad = (s.Sq + 127) / 128 * 128;
+    auto align = [](size_t x) { return (x + 255) / 256 * 256; };
+    const size_t row_arr = align(size_t(s.B) * s.Hq * plan.Sq_pad * sizeof(float));
+    plan.off_delta = row_arr;
+    plan.off_dq = 2 * row_arr;
+    const size_t dq_bytes = bp.deterministic ? 0 : align(size_t(s.B) * s.Hq * s.Sq * s.Dk * sizeof(float));
+    plan.off_dsink = plan.off_dq + dq_bytes;
+    const bool want_dsinks = p.sinks.present() && bp.dsinks.present();
+    plan.total = plan.off_dsink + (want_dsinks ? align(size_t(s.Hq) * s.B * s.Sq * sizeof(float)) : 0);
+    return plan;
+}
+
+fa::Shape validate_backward(const BackwardProblem& bp) {
+    const Problem& p = bp.fwd;
+    const fa::Shape s = validate(p);
+    if (!p.lse.present()) unsupported("the backward needs the forward's lse");
+    if (!bp.dO.present() || !bp.dq.present() || !bp.dk.present() || !bp.dv.present())
+        unsupported("the backward needs dO, dq, dk and dv");
+    expect_shape(bp.dO, "dO", p.Dv, p.Hq, p.Sq, p.B);
+    expect_shape(bp.dq, "dq", p.Dk, p.Sq, p.Hq, p.B);
+    expect_shape(bp.dk, "dk", p.Dk, p.Skv, p.Hkv, p.B);
+    expect_shape(bp.dv, "dv", p.Dv, p.Skv, p.Hkv, p.B);
+    for (const View* v : {&bp.dq, &bp.dk, &bp.dv})
+        if (v->nb[1] % 4 != 0 || reinterpret_cast<uintptr_t>(v->data) % 4 != 0)
+            unsupported("gradient outputs need 4-byte aligned rows");
+    if (bp.dsinks.present()) {
+        if (!p.sinks.present()) unsupported("dsinks requested without sinks");
+        if (bp.dsinks.type != Type::F32 || bp.dsinks.ne[0] != p.Hq) unsupported("dsinks must be f32 [Hq]");
+    }
+    return s;
+}
+
+} // namespace
+
+size_t flash_attn_backward_workspace_size(const BackwardProblem& bp) {
+    const fa::Shape s = validate_backward(bp);
+    return plan_backward(bp, s).total;
+}
+
+void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspace, size_t workspace_bytes) {
+    const fa::Shape s = validate_backward(bp);
+    const BwdPlan plan = plan_backward(bp, s);
+    const Problem& p = bp.fwd;
+    const auto st = static_cast<cudaStream_t>(stream);
+
+    fa::BwdArgs a;
+    a.s = s;
+    a.q = operand(p.q, operand_code(p.q, "q", false));
+    a.k = operand(p.k, operand_code(p.k, "k", true));
+    a.v = operand(p.v, operand_code(p.v, "v", true));
+    a.o = operand(p.o, operand_code(p.o, "o", false));
+    a.dO = operand(bp.dO, operand_code(bp.dO, "dO", false));
+    if (p.mask.present()) {
+        a.mask = operand(p.mask, p.mask.type == Type::F32 ? fa::kF32 : fa::kF16);
+        if (p.mask.ne[2] == 1) a.mask.nb2 = 0;
+        if (p.mask.ne[3] == 1) a.mask.nb3 = 0;
+    }
+    a.lse = static_cast<const float*>(p.lse.data);
+    a.lse_nb1 = p.lse.nb[1] / 4, a.lse_nb2 = p.lse.nb[2] / 4;
+    a.sinks = p.sinks.present() ? static_cast<const float*>(p.sinks.data) : nullptr;
+    a.dq = static_cast<char*>(bp.dq.data), a.dq_nb1 = bp.dq.nb[1], a.dq_nb2 = bp.dq.nb[2],
+    a.dq_nb3 = bp.dq.nb[3];
+    a.dk = static_cast<char*>(bp.dk.data), a.dk_nb1 = bp.dk.nb[1], a.dk_nb2 = bp.dk.nb[2],
+    a.dk_nb3 = bp.dk.nb[3];
+    a.dv = static_cast<char*>(bp.dv.data), a.dv_nb1 = bp.dv.nb[1], a.dv_nb2 = bp.dv.nb[2],
+    a.dv_nb3 = bp.dv.nb[3];
+    a.dq_code = output_code(bp.dq, "dq");
+    a.dk_code = output_code(bp.dk, "dk");
+    a.dv_code = output_code(bp.dv, "dv");
+    a.dsinks = bp.dsinks.present() ? static_cast<float*>(bp.dsinks.data) : nullptr;
+
+    Scratch scratch(plan.total, workspace, workspace_bytes, st);
+    a.Sq_pad = plan.Sq_pad;
+    a.lse2 = reinterpret_cast<float*>(scratch.get());
+    a.delta = reinterpret_cast<float*>(scratch.get() + plan.off_delta);
+    a.accumulate_dq = !bp.deterministic;
+    a.dq_accum = bp.deterministic ? nullptr : reinterpret_cast<float*>(scratch.get() + plan.off_dq);
+    a.dsink_rows = a.dsinks ? reinterpret_cast<float*>(scratch.get() + plan.off_dsink) : nullptr;
+
+    // 1. preprocess: delta, lse2, dSinks row terms; zero the dQ accumulator
+    const int64_t rows = int64_t(s.B) * s.Hq * plan.Sq_pad;
+    bwd_preprocess_kernel<<<unsigned((rows + 7) / 8), 256, 0, st>>>(a);
+    check_cuda(cudaGetLastError(), "launching the backward preprocess kernel");
+    if (a.dq_accum)
+        check_cuda(cudaMemsetAsync(a.dq_accum, 0, size_t(s.B) * s.Hq * s.Sq * s.Dk * sizeof(float), st),
+                   "clearing the dQ accumulator");
+
+    // 2. dK, dV (and dQ through atomics)
+    auto launch = [&](bool dq_pass, dim3 grid) {
+        if (plan.tile == 64)
+            fa::bwd_launch_d64(plan.bf16, dq_pass, a, grid, st);
+        else if (plan.tile == 128)
+            fa::bwd_launch_d128(plan.bf16, dq_pass, a, grid, st);
+        else
+            fa::bwd_launch_d256(plan.bf16, dq_pass, a, grid, st);
+    };
+    const fa::BwdInfo& info = plan.info;
+    launch(false,
+           dim3(unsigned((s.Skv + info.bn - 1) / info.bn), unsigned(s.Hkv * info.dsplit), unsigned(s.B)));
+
+    // 3. dQ: convert the accumulator, or the deterministic dQ pass
+    if (bp.deterministic) {
+        launch(true,
+               dim3(unsigned((s.Sq + info.bm - 1) / info.bm), unsigned(s.Hq * info.dsplit), unsigned(s.B)));
+    } else {
+        const int64_t n = int64_t(s.B) * s.Hq * s.Sq * s.Dk;
+        const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 65535));
+        dq_convert_kernel<<<blocks, 256, 0, st>>>(a);
+        check_cuda(cudaGetLastError(), "launching the dQ conversion kernel");
+    }
+    if (a.dsinks) {
+        dsinks_reduce_kernel<<<unsigned(s.Hq), 256, 0, st>>>(a);
+        check_cuda(cudaGetLastError(), "launching the dSinks reduction kernel");
+    }
+}
+
+} // namespace gfa::cuda

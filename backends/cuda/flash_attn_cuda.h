@@ -1,0 +1,41 @@
+// FlashAttention-2 on NVIDIA GPUs (sm_90a build; mma.sync tensor-core kernels).
+//
+// The kernels take the raw attention descriptor (attention/problem.h) whose data pointers
+// are device pointers; nothing here needs CUDA headers: a stream is passed as void*
+// (a cudaStream_t, or nullptr for the default stream).
+//
+// Supported: q f32/f16/bf16; k, v f16/bf16/f32/q8_0/q4_0 (the compute type is bf16 when
+// k is bf16 or q is bf16 with non-16-bit k, else f16); head dims Dk, Dv multiples of 8 up
+// to 256 (multiples of 32 for quantized K/V); additive mask f32/f16; ALiBi, softcap, causal
+// and windows, sinks, GQA (Hq % Hkv == 0); o f32/f16/bf16; lse f32 (natural log).
+// Anything else raises gfa::Error naming what is not supported.
+#pragma once
+
+#include "attention/problem.h"
+
+#include <cstddef>
+
+namespace gfa::cuda {
+
+// Device workspace the forward needs (bytes; 0 when none). The forward needs one only for
+// split-KV (few query rows per KV head), where blocks write partial results.
+size_t flash_attn_forward_workspace_size(const attn::Problem& p);
+
+// Runs the forward on `stream`. workspace: a device pointer to at least
+// flash_attn_forward_workspace_size(p) bytes, or nullptr to let the call allocate it
+// stream-ordered (cudaMallocAsync / cudaFreeAsync). Asynchronous: returns before the
+// kernels finish.
+void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
+                        size_t workspace_bytes = 0);
+
+// Device workspace the backward needs (bytes, > 0): per-row LSE and rowsum(dO * O), the
+// fp32 dQ accumulator (non-deterministic mode) and the per-row terms of dSinks.
+size_t flash_attn_backward_workspace_size(const attn::BackwardProblem& p);
+
+// Runs the backward (dQ, dK, dV and dSinks when requested) on `stream`; workspace as in the
+// forward. p.deterministic selects bit-reproducible results: dQ from a separate pass over
+// the key tiles instead of fp32 atomics.
+void flash_attn_backward(const attn::BackwardProblem& p, void* stream, void* workspace = nullptr,
+                         size_t workspace_bytes = 0);
+
+} // namespace gfa::cuda

@@ -1,0 +1,101 @@
+// Llama-family language models (LLaMA 2/3, Mistral, Qwen2) loaded from GGUF files.
+//
+// A Model holds the weights, placed on the CPU or, for the last `gpu_layers` blocks, on a
+// GPU device. A Session holds a KV cache and runs tokens through the model: a batch of
+// prompt tokens and a single decoded token go through the same graph builder. Each session
+// reserves its worst-case graph once (n_batch tokens attending to a full cache), so
+// decoding allocates nothing new.
+#pragma once
+
+#include <ggml-fa/backend.h>
+#include <ggml-fa/gguf.h>
+#include <ggml-fa/ops.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace gfa {
+
+// Hyperparameters read from the file's metadata (keys "<arch>.*").
+struct ModelConfig {
+    std::string arch; // "llama" or "qwen2"
+    int64_t n_vocab = 0;
+    int64_t n_ctx_train = 0;
+    int64_t n_embd = 0;
+    int64_t n_layer = 0;
+    int64_t n_ff = 0;
+    int64_t n_head = 0;
+    int64_t n_head_kv = 0;
+    int64_t head_dim = 0; // of keys and values
+    float norm_eps = 1e-6f;
+    RopeParams rope{};
+    bool tied_embeddings = false; // no output.weight: the token embeddings project to logits
+};
+
+struct ModelLoadOptions {
+    Device* gpu = nullptr; // where offloaded blocks live; nullptr keeps everything on the CPU
+    int gpu_layers = 0;    // the last N blocks go to `gpu`; N > n_layer also moves the output head
+};
+
+class Model {
+  public:
+    // Reads a GGUF file of architecture llama or qwen2. Throws gfa::Error naming the file
+    // and what is missing or malformed.
+    static std::unique_ptr<Model> load(const std::string& path, const ModelLoadOptions& options = {});
+    ~Model();
+
+    const ModelConfig& config() const;
+    const gguf::File& file() const; // metadata such as the vocabulary
+    size_t weight_bytes() const;
+    // The devices holding weights, the CPU first.
+    std::vector<Device*> devices() const;
+
+    struct Impl;
+    const Impl& impl() const { return *impl_; }
+
+  private:
+    Model() = default;
+    std::unique_ptr<Impl> impl_;
+};
+
+struct SessionOptions {
+    int64_t n_ctx = 0;          // KV cache length; 0: min(the training context, 4096)
+    int64_t n_batch = 256;      // most tokens one graph takes (longer inputs run in chunks)
+    Type kv_type = Type::F16;   // f32, f16 or q8_0
+    int n_threads = 0;          // CPU threads; <= 0: all cores
+    bool log_fallbacks = false; // let the scheduler report ops a GPU cannot run
+};
+
+class Session {
+  public:
+    Session(const Model& model, const SessionOptions& options = {});
+    ~Session();
+    Session(const Session&) = delete;
+    Session& operator=(const Session&) = delete;
+
+    // Runs tokens at positions n_past(), n_past() + 1, ... and appends them to the cache.
+    // Returns the logits of every token ([n_tokens][n_vocab], row-major) when all_logits,
+    // otherwise those of the last token only. Token ids must be in [0, n_vocab).
+    std::vector<float> eval(std::span<const int32_t> tokens, bool all_logits = false);
+
+    int64_t n_past() const;
+    int64_t n_ctx() const;
+    void reset(); // forget the cache contents (positions restart at 0)
+
+    // Bytes of the KV cache and of the reserved compute buffers.
+    size_t kv_bytes() const;
+    size_t compute_bytes() const;
+    // How often the compute buffers had to be (re)allocated; stays at its value after the
+    // first eval when the reserve covered every later graph.
+    int n_compute_allocations() const;
+    std::string describe_schedule() const;
+
+  private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+} // namespace gfa

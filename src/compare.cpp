@@ -1,0 +1,382 @@
+// Numerics comparison against the reference evaluator, and the built-in suite.
+#include "compare.h"
+
+#include <ggml-fa/ops.h>
+#include <ggml-fa/scheduler.h>
+
+#include "op_def.h"
+#include "reference.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace gfa::compare {
+
+double normalized_error(const std::vector<float>& out, const std::vector<double>& ref) {
+    constexpr double kInf = std::numeric_limits<double>::infinity();
+    if (out.size() != ref.size()) return kInf;
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) {
+        const double x = out[i], r = ref[i];
+        if (std::isnan(x)) return kInf; // NaN never passes
+        if (!std::isfinite(r)) {
+            if (x != r) return kInf; // -inf must stay -inf
+            continue;
+        }
+        if (!std::isfinite(x)) return kInf;
+        num += (x - r) * (x - r);
+        den += r * r;
+    }
+    return den > 1e-30 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+std::vector<float> read_values(const Tensor* t) {
+    std::vector<float> out(size_t(t->nelements()));
+    if (out.empty()) return out;
+    const TypeTraits& tt = type_traits(t->type);
+    if (tt.block_size > 1) {
+        std::vector<std::byte> bytes(t->nbytes());
+        tensor_get(t, bytes.data(), 0, bytes.size());
+        if (!t->is_contiguous()) fail("compare: cannot read a strided quantized tensor " + t->shape_str());
+        tt.to_float(bytes.data(), out.data(), t->nelements());
+        return out;
+    }
+    // Bytes up to the last element, whatever the order of the strides (a transposed view's
+    // dim 0 is not its smallest stride), read through the memory owner.
+    size_t span = tt.type_size;
+    for (int i = 0; i < kMaxDims; ++i) span += size_t(t->ne[i] - 1) * t->nb[i];
+    std::vector<std::byte> bytes(span);
+    const Tensor* owner = t->view_src ? t->view_src : t;
+    tensor_get(owner, bytes.data(), t->view_src ? t->view_offs : 0, span);
+    size_t k = 0;
+    ref::for_each_index(t, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+        const std::byte* p = bytes.data() + i0 * t->nb[0] + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3];
+        float v = 0.0f;
+        switch (t->type) {
+        case Type::I32: {
+            int32_t i;
+            std::memcpy(&i, p, sizeof i);
+            v = float(i);
+            break;
+        }
+        default:
+            if (!tt.to_float) fail("compare: cannot read values of type " + std::string(tt.name));
+            tt.to_float(p, &v, 1);
+        }
+        out[k++] = v;
+    });
+    return out;
+}
+
+namespace {
+
+void default_init(Tensor* leaf, std::mt19937& rng) {
+    std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+    std::vector<float> v(size_t(leaf->nelements()));
+    for (float& x : v) x = d(rng);
+    tensor_set_f32(leaf, v);
+}
+
+std::string label(size_t index, const Tensor* n) {
+    std::string s("#");
+    s += std::to_string(index);
+    s += ' ';
+    s += op_name(n->op);
+    s += ' ';
+    s += n->shape_str();
+    if (!n->name.empty()) s += " '" + n->name + "'";
+    return s;
+}
+
+} // namespace
+
+Report run(Graph& graph, Backend& backend, Backend* fallback, std::mt19937& rng,
+           const std::unordered_map<const Tensor*, LeafInit>& inits) {
+    Report report;
+    // Keep every computed node's memory to itself for the run.
+    std::vector<std::pair<Tensor*, uint32_t>> saved_flags;
+    for (Tensor* n : graph.nodes()) {
+        saved_flags.push_back({n, n->flags});
+        if (!n->view_src) n->flags |= kFlagOutput;
+    }
+    struct Restore {
+        std::vector<std::pair<Tensor*, uint32_t>>& saved;
+        ~Restore() {
+            for (auto& [t, f] : saved) t->flags = f;
+        }
+    } restore{saved_flags};
+
+    std::vector<Tensor*> fresh;
+    for (Tensor* l : graph.leafs())
+        if (!l->data) fresh.push_back(l);
+
+    std::vector<Backend*> order{&backend};
+    if (fallback && fallback != &backend) order.push_back(fallback);
+    Scheduler sched(order);
+    sched.set_log([&report](const std::string& line) { report.log.push_back(line); });
+    sched.allocate(graph);
+    for (Tensor* l : fresh) {
+        auto it = inits.find(l);
+        if (it != inits.end())
+            it->second(l, rng);
+        else
+            default_init(l, rng);
+    }
+
+    // The reference reads the leaves now, before the run can update any of them in place.
+    ref::Evaluator ev(graph);
+    ev.run();
+
+    for (Tensor* n : graph.nodes()) {
+        if (n->view_src || !n->data || n->alloc_bytes() == 0) continue;
+        std::vector<uint8_t> nan(n->alloc_bytes(), 0xFF);
+        tensor_set(n, nan.data(), 0, nan.size());
+    }
+    sched.compute(graph);
+    report.n_splits = sched.n_splits();
+    report.n_copies = sched.n_copies();
+
+    const auto& nodes = graph.nodes();
+    for (size_t i = 0; i < nodes.size(); ++i) {
+        const Tensor* n = nodes[i];
+        // Views of leaves only repeat their inputs; views of nodes (the LSE behind an
+        // attention output, dK/dV inside the attention backward) are results of their own.
+        if (op_def(n->op).is_view && n->view_src->op == Op::None) continue;
+        NodeResult r{n, label(i, n), sched.backend_of(n) ? sched.backend_of(n)->name() : "?",
+                     normalized_error(read_values(n), ev.values(n))};
+        if (report.worst_index < 0 || !(r.error <= report.worst)) {
+            report.worst = r.error;
+            report.worst_index = int(report.nodes.size());
+        }
+        report.nodes.push_back(std::move(r));
+    }
+    return report;
+}
+
+// ---- CaseBuilder --------------------------------------------------------------------------
+
+Tensor* CaseBuilder::input(std::initializer_list<int64_t> ne, float lo, float hi, Type type) {
+    Tensor* t = ctx.new_tensor(type, ne);
+    set_input(t);
+    inits_[t] = [lo, hi](Tensor* leaf, std::mt19937& rng) {
+        std::uniform_real_distribution<float> d(lo, hi);
+        std::vector<float> v(size_t(leaf->nelements()));
+        for (float& x : v) x = d(rng);
+        tensor_set_f32(leaf, v);
+    };
+    return t;
+}
+
+Tensor* CaseBuilder::param(std::initializer_list<int64_t> ne, float lo, float hi) {
+    Tensor* t = input(ne, lo, hi);
+    set_param(t);
+    has_params_ = true;
+    return t;
+}
+
+Tensor* CaseBuilder::indices(std::initializer_list<int64_t> ne, int32_t limit) {
+    Tensor* t = ctx.new_tensor(Type::I32, ne);
+    set_input(t);
+    inits_[t] = [limit](Tensor* leaf, std::mt19937& rng) {
+        std::uniform_int_distribution<int32_t> d(0, limit - 1);
+        std::vector<int32_t> v(size_t(leaf->nelements()));
+        for (int32_t& x : v) x = d(rng);
+        tensor_set(leaf, v.data(), 0, v.size() * sizeof(int32_t));
+    };
+    return t;
+}
+
+Tensor* CaseBuilder::shape(std::initializer_list<int64_t> ne) {
+    return ctx.new_tensor(Type::F32, ne);
+}
+
+CaseResult run_case(const Case& c, Backend& backend, Backend* fallback, uint32_t seed) {
+    CaseResult result;
+    result.name = c.name;
+    result.tol = c.tol;
+    try {
+        Context ctx;
+        CaseBuilder b(ctx);
+        Tensor* out = c.build(b);
+        Graph graph = build_forward(out);
+        if (b.has_params()) {
+            set_loss(out);
+            build_backward(ctx, graph, out);
+        }
+        std::mt19937 rng(seed);
+        result.report = run(graph, backend, fallback, rng, b.inits());
+    } catch (const std::exception& e) {
+        result.error = e.what();
+    }
+    return result;
+}
+
+// ---- the suite: one line per graph --------------------------------------------------------
+
+namespace {
+
+// A scalar loss from any f32 tensor (so a case can run its backward pass).
+Tensor* loss_of(Context& ctx, Tensor* t) {
+    return sum(ctx, sqr(ctx, t));
+}
+
+} // namespace
+
+const std::vector<Case>& builtin_suite() {
+    using B = CaseBuilder;
+    static const std::vector<Case> suite = {
+        // element-wise (b broadcast over a)
+        {"add", 1e-6,
+         [](B& b) {
+             return add(b.ctx, b.input({17, 5, 3}), b.input({17, 1, 3}));
+         }},
+        {"sub", 1e-6,
+         [](B& b) {
+             return sub(b.ctx, b.input({17, 5, 3}), b.input({1, 5, 3}));
+         }},
+        {"mul", 1e-6,
+         [](B& b) {
+             return mul(b.ctx, b.input({33, 3, 2, 2}), b.input({33, 3, 1, 2}));
+         }},
+        {"div", 1e-6,
+         [](B& b) {
+             return div(b.ctx, b.input({113, 3}), b.input({113, 1}, 0.5f, 2.0f));
+         }},
+        {"scale", 1e-6,
+         [](B& b) {
+             return scale(b.ctx, b.input({17, 3}), -1.5f, 0.25f);
+         }},
+        {"sqr", 1e-6,
+         [](B& b) {
+             return sqr(b.ctx, b.input({17, 3}));
+         }},
+        {"sqrt", 1e-6,
+         [](B& b) {
+             return sqrt(b.ctx, b.input({17, 3}, 0.01f, 4.0f));
+         }},
+        {"exp", 1e-6,
+         [](B& b) {
+             return exp(b.ctx, b.input({17, 3}, -4.0f, 4.0f));
+         }},
+        {"log", 1e-6,
+         [](B& b) {
+             return log(b.ctx, b.input({17, 3}, 0.01f, 4.0f));
+         }},
+        {"neg", 0.0,
+         [](B& b) {
+             return neg(b.ctx, b.input({1, 3}));
+         }},
+        // reductions
+        {"sum", 1e-6,
+         [](B& b) {
+             return sum(b.ctx, b.input({113, 17}));
+         }},
+        {"sum_rows", 1e-6,
+         [](B& b) {
+             return sum_rows(b.ctx, b.input({113, 5, 3}));
+         }},
+        {"mean", 1e-6,
+         [](B& b) {
+             return mean(b.ctx, b.input({3, 17, 2}));
+         }},
+        // data movement
+        {"fill", 0.0,
+         [](B& b) {
+             return add(b.ctx, fill(b.ctx, Type::F32, {17, 3}, 0.5f), b.input({17, 3}));
+         }},
+        {"cont.permute", 0.0,
+         [](B& b) {
+             return cont(b.ctx, permute(b.ctx, b.input({6, 5, 3, 2}), 2, 0, 3, 1));
+         }},
+        {"cont.transpose", 0.0,
+         [](B& b) {
+             return cont(b.ctx, transpose(b.ctx, b.input({17, 3})));
+         }},
+        {"cast.f16", 1e-3,
+         [](B& b) {
+             return cast(b.ctx, cast(b.ctx, b.input({64, 3}), Type::F16), Type::F32);
+         }},
+        {"cast.bf16", 1e-2,
+         [](B& b) {
+             return cast(b.ctx, cast(b.ctx, b.input({64, 3}), Type::BF16), Type::F32);
+         }},
+        {"cast.q8_0", 1e-2,
+         [](B& b) {
+             return cast(b.ctx, cast(b.ctx, b.input({64, 3}), Type::Q8_0), Type::F32);
+         }},
+        {"cpy", 0.0,
+         [](B& b) {
+             return cpy(b.ctx, b.input({17, 3}), b.input({51}));
+         }},
+        {"get_rows", 0.0,
+         [](B& b) {
+             return get_rows(b.ctx, b.input({7, 11}), b.indices({5}, 11));
+         }},
+        {"set_rows", 1e-3,
+         [](B& b) {
+             return set_rows(b.ctx, b.input({7, 12}, -1, 1, Type::F16), b.input({7, 1}), b.indices({1}, 12));
+         }},
+        {"concat", 0.0,
+         [](B& b) {
+             return concat(b.ctx, b.input({3, 4, 2}), b.input({3, 5, 2}), 1);
+         }},
+        {"repeat", 0.0,
+         [](B& b) {
+             return repeat(b.ctx, b.input({3, 1, 2}), b.shape({6, 4, 2}));
+         }},
+        // training
+        {"adamw", 1e-6,
+         [](B& b) {
+             return adamw_step(b.ctx, b.input({17, 3}), b.input({17, 3}), b.input({17, 3}),
+                               b.input({17, 3}, 0.0f, 1.0f),
+                               AdamWParams{.lr = 0.01f, .weight_decay = 0.1f, .step = 3});
+         }},
+        // attention: q [D, Sq, Hq], k/v [D, Skv, Hkv] (GQA), optional mask [Skv, Sq], LSE
+        {"flash_attn", 1e-5,
+         [](B& b) {
+             return flash_attn_ext(b.ctx, b.input({64, 17, 4}), b.input({64, 33, 2}), b.input({64, 33, 2}),
+                                   nullptr, {.scale = 0.125f, .causal = true});
+         }},
+        {"flash_attn.mask.f16", 1e-3,
+         [](B& b) {
+             Tensor* k = cast(b.ctx, b.input({64, 33, 2}), Type::F16);
+             Tensor* v = cast(b.ctx, b.input({64, 33, 2}), Type::F16);
+             Tensor* mask = b.input({33, 3}, -2.0f, 0.0f, Type::F16);
+             return flash_attn_ext(b.ctx, b.input({64, 3, 2}), k, v, mask,
+                                   {.scale = 0.125f, .logit_softcap = 2.0f});
+         }},
+        {"flash_attn.lse", 1e-5,
+         [](B& b) {
+             Tensor* o = flash_attn_ext(b.ctx, b.input({32, 5, 2}), b.input({32, 7, 1}), b.input({32, 7, 1}),
+                                        nullptr, {.scale = 0.2f}, nullptr, {.with_lse = true});
+             return flash_attn_lse(b.ctx, o);
+         }},
+        // gradients (forward + backward graphs)
+        {"grad.flash_attn", 1e-5,
+         [](B& b) {
+             Tensor *q = b.param({16, 5, 4}), *k = b.param({16, 7, 2}), *v = b.param({16, 7, 2});
+             Tensor* o =
+                 flash_attn_ext(b.ctx, q, k, v, nullptr, {.scale = 0.4f, .causal = true}, b.input({4}));
+             return sum(b.ctx, mul(b.ctx, o, b.input({16, 4, 5})));
+         }},
+        {"grad.elementwise", 1e-5,
+         [](B& b) {
+             Tensor *x = b.param({5, 3, 2}, 0.5f, 1.5f), *y = b.param({5, 1, 2}, 0.5f, 1.5f);
+             Tensor* t = div(b.ctx, mul(b.ctx, add(b.ctx, x, y), sub(b.ctx, x, y)), y);
+             return loss_of(b.ctx, log(b.ctx, sqrt(b.ctx, exp(b.ctx, scale(b.ctx, t, 0.7f, 0.1f)))));
+         }},
+        {"grad.movement", 1e-5,
+         [](B& b) {
+             Tensor *emb = b.param({7, 11}), *x = b.param({3, 4, 2});
+             Tensor* rows = get_rows(b.ctx, emb, b.indices({5}, 11));
+             Tensor* cat = concat(b.ctx, x, x, 1);
+             Tensor* rep = repeat(b.ctx, cat, b.shape({6, 8, 2}));
+             return add(b.ctx, loss_of(b.ctx, rows),
+                        mean(b.ctx, reshape(b.ctx, cont(b.ctx, transpose(b.ctx, rep)), {96})));
+         }},
+    };
+    return suite;
+}
+
+} // namespace gfa::compare

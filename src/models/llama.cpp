@@ -1,0 +1,403 @@
+// Llama-family models: metadata, weight loading and placement, the forward graph, and the
+// session that owns the KV cache and the scheduler.
+#include "models/llama.h"
+
+#include <ggml-fa/alloc.h>
+#include <ggml-fa/graph.h>
+#include <ggml-fa/ops.h>
+#include <ggml-fa/scheduler.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <optional>
+
+namespace gfa {
+
+// ---- the graph ------------------------------------------------------------------------
+
+namespace llama {
+
+GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
+                    int64_t n_tokens, int64_t n_past, bool all_logits) {
+    const int64_t D = cfg.head_dim, n_kv = n_past + n_tokens;
+    if (n_tokens <= 0 || n_past < 0 || n_kv > cache.n_ctx)
+        fail("llama: " + std::to_string(n_tokens) + " tokens after " + std::to_string(n_past) +
+             " cached ones do not fit a cache of " + std::to_string(cache.n_ctx));
+    GraphIo io;
+    io.tokens = set_name(ctx.new_tensor(Type::I32, {n_tokens}), "tokens");
+    io.positions = set_name(ctx.new_tensor(Type::I32, {n_tokens}), "positions");
+    set_input(io.tokens);
+    set_input(io.positions);
+
+    FlashAttnParams attn{};
+    attn.scale = 1.0f / std::sqrt(float(D));
+    attn.causal = true; // bottom-right aligned: query i sees cache rows up to n_past + i
+
+    Tensor* x = get_rows(ctx, w.token_embd, io.tokens); // [n_embd, n_tokens]
+    for (size_t l = 0; l < w.layers.size(); ++l) {
+        const LayerWeights& L = w.layers[l];
+        const std::string layer = std::to_string(l);
+
+        // ---- attention
+        Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
+        auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
+            Tensor* t = mul_mat(ctx, weight, h);
+            if (bias) t = add(ctx, t, bias);
+            return reshape(ctx, t, {D, heads, n_tokens});
+        };
+        Tensor* q = rope(ctx, project(L.wq, L.bq, cfg.n_head), io.positions, cfg.rope);
+        Tensor* k = rope(ctx, project(L.wk, L.bk, cfg.n_head_kv), io.positions, cfg.rope);
+        Tensor* v = project(L.wv, L.bv, cfg.n_head_kv);
+
+        // Store the new keys and values at their positions, then attend over rows
+        // [0, n_kv) of the cache. The views read the set_rows results, so the writes
+        // come first.
+        Tensor* k_all = set_rows(ctx, cache.k[l], permute(ctx, k, 0, 2, 1, 3), io.positions);
+        Tensor* v_all = set_rows(ctx, cache.v[l], permute(ctx, v, 0, 2, 1, 3), io.positions);
+        auto cached = [&](Tensor* c) {
+            return view(ctx, c, {D, n_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
+        };
+        Tensor* o =
+            flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), nullptr, attn);
+        set_name(o, std::string("attn.") + layer);
+        o = reshape(ctx, o, {D * cfg.n_head, n_tokens});
+        x = add(ctx, x, mul_mat(ctx, L.wo, o));
+
+        // ---- feed-forward (SwiGLU)
+        h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm);
+        Tensor* f = swiglu(ctx, mul_mat(ctx, L.ffn_gate, h), mul_mat(ctx, L.ffn_up, h));
+        x = add(ctx, x, mul_mat(ctx, L.ffn_down, f));
+        set_name(x, std::string("residual.") + layer);
+    }
+    if (!all_logits && n_tokens > 1)
+        x = view(ctx, x, {cfg.n_embd, 1}, {x->nb[1]}, size_t(n_tokens - 1) * x->nb[1]);
+    x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
+    io.logits = set_name(mul_mat(ctx, w.output, x), "logits");
+    set_output(io.logits);
+    return io;
+}
+
+} // namespace llama
+
+// ---- metadata -------------------------------------------------------------------------
+
+namespace {
+
+int64_t meta_int(const gguf::File& f, const std::string& key, std::optional<int64_t> fallback = {}) {
+    if (const gguf::Value* v = f.metadata().find(key)) return v->as_int();
+    if (fallback) return *fallback;
+    fail("model: the file has no metadata key " + key);
+}
+
+double meta_float(const gguf::File& f, const std::string& key, std::optional<double> fallback = {}) {
+    if (const gguf::Value* v = f.metadata().find(key)) return v->as_float();
+    if (fallback) return *fallback;
+    fail("model: the file has no metadata key " + key);
+}
+
+ModelConfig read_config(const gguf::File& f) {
+    ModelConfig c;
+    const gguf::Value* arch = f.metadata().find("general.architecture");
+    if (!arch) fail("model: the file has no general.architecture");
+    c.arch = arch->as_string();
+    if (c.arch != "llama" && c.arch != "qwen2")
+        fail("model: architecture \"" + c.arch + "\" is not supported (llama and qwen2 are)");
+    const std::string p = c.arch + ".";
+    c.n_embd = meta_int(f, p + "embedding_length");
+    c.n_layer = meta_int(f, p + "block_count");
+    c.n_ff = meta_int(f, p + "feed_forward_length");
+    c.n_head = meta_int(f, p + "attention.head_count");
+    c.n_head_kv = meta_int(f, p + "attention.head_count_kv", c.n_head);
+    c.n_ctx_train = meta_int(f, p + "context_length", 2048);
+    if (c.n_embd <= 0 || c.n_layer <= 0 || c.n_ff <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 ||
+        c.n_head % c.n_head_kv != 0)
+        fail("model: inconsistent sizes (embedding " + std::to_string(c.n_embd) + ", heads " +
+             std::to_string(c.n_head) + "/" + std::to_string(c.n_head_kv) + ", layers " +
+             std::to_string(c.n_layer) + ")");
+    c.head_dim = meta_int(f, p + "attention.key_length", c.n_embd / c.n_head);
+    if (meta_int(f, p + "attention.value_length", c.head_dim) != c.head_dim)
+        fail("model: key and value head sizes differ, which llama-family models do not do");
+    c.norm_eps = float(meta_float(f, p + "attention.layer_norm_rms_epsilon", 1e-5));
+    c.rope.n_dims = int32_t(meta_int(f, p + "rope.dimension_count", c.head_dim));
+    c.rope.mode = c.arch == "qwen2" ? RopeMode::NeoX : RopeMode::Normal;
+    c.rope.freq_base = float(meta_float(f, p + "rope.freq_base", 10000.0));
+    c.rope.freq_scale = 1.0f;
+    if (const gguf::Value* type = f.metadata().find(p + "rope.scaling.type")) {
+        const std::string& t = type->as_string();
+        if (t == "linear")
+            c.rope.freq_scale = float(1.0 / meta_float(f, p + "rope.scaling.factor"));
+        else if (t != "none")
+            fail("model: rope scaling \"" + t + "\" is not supported (linear is)");
+    }
+    if (f.find_tensor("rope_freqs.weight"))
+        fail("model: per-frequency rope factors (rope_freqs.weight, Llama 3.1 style) are not supported");
+    const gguf::TensorInfo& embd = f.tensor("token_embd.weight");
+    c.n_vocab = embd.ne[1];
+    c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
+    return c;
+}
+
+} // namespace
+
+// ---- the model ------------------------------------------------------------------------
+
+struct Model::Impl {
+    gguf::File file;
+    ModelConfig config;
+    llama::Weights weights;
+    // One metadata context and one buffer per device holding weights (the CPU first).
+    struct Placement {
+        Device* device;
+        std::unique_ptr<Context> ctx;
+        std::unique_ptr<Buffer> buffer;
+    };
+    std::vector<Placement> placements;
+    size_t bytes = 0;
+};
+
+std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptions& options) {
+    std::unique_ptr<Model> model(new Model());
+    model->impl_ = std::make_unique<Impl>();
+    Impl& m = *model->impl_;
+    m.file = gguf::File::open(path);
+    m.config = read_config(m.file);
+    const ModelConfig& c = m.config;
+
+    const int gpu_layers = options.gpu ? std::max(0, options.gpu_layers) : 0;
+    m.placements.push_back({&cpu_device(), std::make_unique<Context>(), nullptr});
+    if (gpu_layers > 0) m.placements.push_back({options.gpu, std::make_unique<Context>(), nullptr});
+    Context& cpu_ctx = *m.placements[0].ctx;
+    Context& gpu_ctx = *m.placements.back().ctx;
+
+    // A weight tensor with the shape the model needs, in the context of its device.
+    auto weight = [&](const std::string& name, std::initializer_list<int64_t> ne, Context& where,
+                      bool optional = false) -> Tensor* {
+        const gguf::TensorInfo* info = m.file.find_tensor(name);
+        if (!info) {
+            if (optional) return nullptr;
+            fail(path + ": tensor " + name + " is missing");
+        }
+        std::array<int64_t, 4> want{1, 1, 1, 1};
+        std::copy(ne.begin(), ne.end(), want.begin());
+        if (info->ne != want) {
+            auto str = [](const std::array<int64_t, 4>& a) {
+                std::string out = "[";
+                for (int d = 0; d < 4; ++d) out.append(std::to_string(a[d])).append(d < 3 ? "," : "]");
+                return out;
+            };
+            fail(path + ": tensor " + name + " has shape " + str(info->ne) + ", the model needs " +
+                 str(want));
+        }
+        return set_name(where.new_tensor(info->type, info->ne), name);
+    };
+
+    const int64_t E = c.n_embd, Dq = c.n_head * c.head_dim, Dkv = c.n_head_kv * c.head_dim;
+    llama::Weights& w = m.weights;
+    w.token_embd = weight("token_embd.weight", {E, c.n_vocab}, cpu_ctx);
+    const bool head_on_gpu = gpu_layers > c.n_layer;
+    w.output_norm = weight("output_norm.weight", {E}, head_on_gpu ? gpu_ctx : cpu_ctx);
+    w.output = c.tied_embeddings ? w.token_embd
+                                 : weight("output.weight", {E, c.n_vocab}, head_on_gpu ? gpu_ctx : cpu_ctx);
+    const int64_t first_gpu_layer = c.n_layer - std::min<int64_t>(gpu_layers, c.n_layer);
+    for (int64_t l = 0; l < c.n_layer; ++l) {
+        Context& where = l >= first_gpu_layer ? gpu_ctx : cpu_ctx;
+        const std::string b = "blk." + std::to_string(l) + ".";
+        llama::LayerWeights L;
+        L.attn_norm = weight(b + "attn_norm.weight", {E}, where);
+        L.wq = weight(b + "attn_q.weight", {E, Dq}, where);
+        L.wk = weight(b + "attn_k.weight", {E, Dkv}, where);
+        L.wv = weight(b + "attn_v.weight", {E, Dkv}, where);
+        L.bq = weight(b + "attn_q.bias", {Dq}, where, true);
+        L.bk = weight(b + "attn_k.bias", {Dkv}, where, true);
+        L.bv = weight(b + "attn_v.bias", {Dkv}, where, true);
+        L.wo = weight(b + "attn_output.weight", {Dq, E}, where);
+        L.ffn_norm = weight(b + "ffn_norm.weight", {E}, where);
+        L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff}, where);
+        L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);
+        L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E}, where);
+        w.layers.push_back(L);
+    }
+
+    // Copy the weights out of the mapping into each device's memory.
+    for (Impl::Placement& p : m.placements) {
+        if (p.ctx->n_tensors() == 0) continue;
+        p.buffer = allocate_context_tensors(*p.ctx, p.device->buffer_type());
+        for (Tensor* t : p.ctx->tensors()) {
+            const gguf::TensorInfo& info = m.file.tensor(t->name);
+            tensor_set(t, info.data, 0, info.nbytes);
+            m.bytes += info.nbytes;
+        }
+    }
+    return model;
+}
+
+Model::~Model() = default;
+const ModelConfig& Model::config() const {
+    return impl_->config;
+}
+const gguf::File& Model::file() const {
+    return impl_->file;
+}
+size_t Model::weight_bytes() const {
+    return impl_->bytes;
+}
+std::vector<Device*> Model::devices() const {
+    std::vector<Device*> out;
+    for (const Impl::Placement& p : impl_->placements)
+        if (p.ctx->n_tensors() > 0) out.push_back(p.device);
+    return out;
+}
+
+// ---- the session ----------------------------------------------------------------------
+
+struct Session::Impl {
+    const Model& model;
+    SessionOptions options;
+    std::unique_ptr<Backend> cpu;
+    std::unique_ptr<Backend> gpu;
+    std::unique_ptr<Scheduler> sched;
+    llama::KvCache cache;
+    std::vector<std::unique_ptr<Context>> cache_ctx;
+    std::vector<std::unique_ptr<Buffer>> cache_buffers;
+    size_t kv_bytes = 0;
+    int64_t n_past = 0;
+    std::unique_ptr<Context> graph_ctx; // the last graph; lives until the next eval
+
+    Impl(const Model& m, const SessionOptions& o) : model(m), options(o) {}
+};
+
+Session::Session(const Model& model, const SessionOptions& options)
+    : impl_(std::make_unique<Impl>(model, options)) {
+    Impl& s = *impl_;
+    const ModelConfig& c = model.config();
+    if (s.options.n_ctx <= 0)
+        s.options.n_ctx = std::min<int64_t>(c.n_ctx_train > 0 ? c.n_ctx_train : 4096, 4096);
+    if (s.options.n_batch <= 0) fail("session: n_batch must be positive");
+    s.options.n_batch = std::min(s.options.n_batch, s.options.n_ctx);
+    const Type kv = s.options.kv_type;
+    if (kv != Type::F32 && kv != Type::F16 && kv != Type::Q8_0)
+        fail("session: the KV cache type must be f32, f16 or q8_0, not " + std::string(type_name(kv)));
+    if (c.head_dim % type_traits(kv).block_size != 0)
+        fail("session: head size " + std::to_string(c.head_dim) + " is not a multiple of the " +
+             std::string(type_name(kv)) + " block size");
+
+    s.cpu = make_cpu_backend(s.options.n_threads);
+    std::vector<Backend*> backends;
+    const std::vector<Device*> devices = model.devices();
+    Device* gpu = devices.size() > 1 ? devices[1] : nullptr;
+    if (gpu) {
+        s.gpu = gpu->create_backend();
+        backends.push_back(s.gpu.get());
+    }
+    backends.push_back(s.cpu.get());
+    s.sched = std::make_unique<Scheduler>(backends);
+    if (!s.options.log_fallbacks) s.sched->set_log({});
+
+    // Each layer's cache lives with the layer's weights.
+    s.cache.n_ctx = s.options.n_ctx;
+    const Model::Impl& m = model.impl();
+    for (const auto& p : m.placements) {
+        (void)p;
+        s.cache_ctx.push_back(std::make_unique<Context>());
+    }
+    for (int64_t l = 0; l < c.n_layer; ++l) {
+        const Buffer* wb = m.weights.layers[size_t(l)].wq->buffer;
+        size_t where = 0;
+        for (size_t i = 0; i < m.placements.size(); ++i)
+            if (m.placements[i].buffer.get() == wb) where = i;
+        Context& ctx = *s.cache_ctx[where];
+        const std::string n = std::to_string(l);
+        s.cache.k.push_back(
+            set_name(ctx.new_tensor(kv, {c.head_dim, s.options.n_ctx, c.n_head_kv}), "cache_k." + n));
+        s.cache.v.push_back(
+            set_name(ctx.new_tensor(kv, {c.head_dim, s.options.n_ctx, c.n_head_kv}), "cache_v." + n));
+    }
+    for (size_t i = 0; i < s.cache_ctx.size(); ++i) {
+        if (s.cache_ctx[i]->n_tensors() == 0) continue;
+        s.cache_buffers.push_back(
+            allocate_context_tensors(*s.cache_ctx[i], m.placements[i].device->buffer_type()));
+        s.kv_bytes += s.cache_buffers.back()->size();
+    }
+
+    // The worst case: a full batch whose keys end at the last cache row, with logits for
+    // every token. Every later graph is no larger.
+    Context worst;
+    const int64_t n = s.options.n_batch;
+    llama::GraphIo io = llama::build_graph(worst, c, m.weights, s.cache, n, s.options.n_ctx - n, true);
+    Graph g = build_forward(io.logits);
+    s.sched->reserve(g);
+}
+
+Session::~Session() = default;
+
+std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logits) {
+    Impl& s = *impl_;
+    const ModelConfig& c = s.model.config();
+    if (tokens.empty()) fail("session: eval needs at least one token");
+    if (s.n_past + int64_t(tokens.size()) > s.options.n_ctx)
+        fail("session: " + std::to_string(tokens.size()) + " more tokens after " + std::to_string(s.n_past) +
+             " exceed the context of " + std::to_string(s.options.n_ctx));
+    for (int32_t t : tokens)
+        if (t < 0 || t >= c.n_vocab)
+            fail("session: token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                 std::to_string(c.n_vocab) + ")");
+
+    std::vector<float> out;
+    for (size_t start = 0; start < tokens.size(); start += size_t(s.options.n_batch)) {
+        const size_t n = std::min(tokens.size() - start, size_t(s.options.n_batch));
+        const bool last_chunk = start + n == tokens.size();
+        const bool chunk_logits = all_logits || last_chunk;
+        s.graph_ctx = std::make_unique<Context>();
+        llama::GraphIo io = llama::build_graph(*s.graph_ctx, c, s.model.impl().weights, s.cache, int64_t(n),
+                                               s.n_past, all_logits);
+        Graph g = build_forward(io.logits);
+        s.sched->allocate(g);
+        std::vector<int32_t> pos(n);
+        for (size_t i = 0; i < n; ++i) pos[i] = int32_t(s.n_past + int64_t(i));
+        tensor_set(io.tokens, tokens.data() + start, 0, n * sizeof(int32_t));
+        tensor_set(io.positions, pos.data(), 0, n * sizeof(int32_t));
+        s.sched->compute(g);
+        s.n_past += int64_t(n);
+        if (chunk_logits) {
+            const size_t count = size_t(io.logits->nelements());
+            const size_t at = out.size();
+            out.resize(at + count);
+            tensor_get(io.logits, out.data() + at, 0, count * sizeof(float));
+        }
+    }
+    return out;
+}
+
+int64_t Session::n_past() const {
+    return impl_->n_past;
+}
+int64_t Session::n_ctx() const {
+    return impl_->options.n_ctx;
+}
+void Session::reset() {
+    impl_->n_past = 0;
+}
+size_t Session::kv_bytes() const {
+    return impl_->kv_bytes;
+}
+
+size_t Session::compute_bytes() const {
+    size_t total = 0;
+    for (size_t b = 0; b < impl_->sched->backends().size(); ++b)
+        total += impl_->sched->allocator(b).buffer_size();
+    return total;
+}
+
+int Session::n_compute_allocations() const {
+    int total = 0;
+    for (size_t b = 0; b < impl_->sched->backends().size(); ++b)
+        total += impl_->sched->allocator(b).n_buffer_allocations();
+    return total;
+}
+
+std::string Session::describe_schedule() const {
+    return impl_->sched->describe();
+}
+
+} // namespace gfa

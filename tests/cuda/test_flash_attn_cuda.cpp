@@ -1,0 +1,663 @@
+// The CUDA FlashAttention kernels against a double-precision reference of the descriptor's
+// semantics (attention/problem.h), on fresh random inputs, with outputs poisoned by NaN
+// before every run and odd sizes that do not fill the tiles.
+#include <catch2/catch.hpp>
+
+#include "../../backends/cuda/flash_attn_cuda.h"
+#include "attention/problem.h"
+#include "attention/reference.h"
+#include "quants.h"
+
+#include <ggml-fa/error.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using namespace gfa;
+using attn::BackwardProblem;
+using attn::Problem;
+using attn::View;
+
+namespace {
+
+void cuda_ok(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) FAIL(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+struct DeviceBuffer {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    explicit DeviceBuffer(size_t n) : bytes(n) {
+        cuda_ok(cudaMalloc(&ptr, std::max<size_t>(n, 16)), "cudaMalloc");
+    }
+    ~DeviceBuffer() { cudaFree(ptr); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    void poison() { cuda_ok(cudaMemset(ptr, 0xff, bytes), "cudaMemset"); } // NaN in f32, f16 and bf16
+    void upload(const std::vector<uint8_t>& h) {
+        cuda_ok(cudaMemcpy(ptr, h.data(), h.size(), cudaMemcpyHostToDevice), "upload");
+    }
+    std::vector<uint8_t> download() const {
+        std::vector<uint8_t> h(bytes);
+        cuda_ok(cudaMemcpy(h.data(), ptr, bytes, cudaMemcpyDeviceToHost), "download");
+        return h;
+    }
+};
+
+// A host tensor kept as the float values the device sees (after rounding/quantization) and
+// as its storage bytes.
+struct HostTensor {
+    Type type = Type::F32;
+    int64_t ne[4] = {1, 1, 1, 1};
+    std::vector<float> values;
+    std::vector<uint8_t> bytes;
+    size_t row_bytes() const { return row_size(type, ne[0]); }
+    int64_t rows() const { return ne[1] * ne[2] * ne[3]; }
+};
+
+void encode(HostTensor& t) {
+    const int64_t n = t.ne[0];
+    t.bytes.assign(t.row_bytes() * t.rows(), 0);
+    for (int64_t r = 0; r < t.rows(); ++r) {
+        float* src = t.values.data() + r * n;
+        uint8_t* dst = t.bytes.data() + r * t.row_bytes();
+        switch (t.type) {
+        case Type::F32:
+            std::memcpy(dst, src, n * 4);
+            break;
+        case Type::F16:
+            quant::f32_to_f16(src, dst, n);
+            quant::f16_to_f32(dst, src, n);
+            break;
+        case Type::BF16:
+            quant::f32_to_bf16(src, dst, n);
+            quant::bf16_to_f32(dst, src, n);
+            break;
+        case Type::Q8_0:
+            quant::quantize_q8_0(src, dst, n);
+            quant::dequantize_q8_0(dst, src, n);
+            break;
+        case Type::Q4_0:
+            quant::quantize_q4_0(src, dst, n);
+            quant::dequantize_q4_0(dst, src, n);
+            break;
+        default:
+            FAIL("unexpected type");
+        }
+    }
+}
+
+HostTensor random_tensor(Type type, int64_t n0, int64_t n1, int64_t n2, int64_t n3, std::mt19937& rng,
+                         float lo = -1.0f, float hi = 1.0f) {
+    HostTensor t;
+    t.type = type;
+    t.ne[0] = n0, t.ne[1] = n1, t.ne[2] = n2, t.ne[3] = n3;
+    std::uniform_real_distribution<float> u(lo, hi);
+    t.values.resize(size_t(n0 * n1 * n2 * n3));
+    for (float& x : t.values) x = u(rng);
+    encode(t);
+    return t;
+}
+
+View view_of(const HostTensor& t, void* data) {
+    View v;
+    v.type = t.type;
+    v.data = data;
+    for (int i = 0; i < 4; ++i) v.ne[i] = t.ne[i];
+    v.nb[0] = int64_t(type_traits(t.type).type_size);
+    v.nb[1] = int64_t(t.row_bytes());
+    v.nb[2] = v.nb[1] * t.ne[1];
+    v.nb[3] = v.nb[2] * t.ne[2];
+    return v;
+}
+
+View output_view(Type type, int64_t n0, int64_t n1, int64_t n2, int64_t n3, void* data) {
+    HostTensor t;
+    t.type = type;
+    t.ne[0] = n0, t.ne[1] = n1, t.ne[2] = n2, t.ne[3] = n3;
+    return view_of(t, data);
+}
+
+size_t bytes_of(Type type, int64_t n0, int64_t n1, int64_t n2, int64_t n3) {
+    return row_size(type, n0) * n1 * n2 * n3;
+}
+
+std::vector<float> to_floats(const std::vector<uint8_t>& bytes, Type type, size_t n) {
+    std::vector<float> out(n);
+    if (type == Type::F32)
+        std::memcpy(out.data(), bytes.data(), n * 4);
+    else if (type == Type::F16)
+        quant::f16_to_f32(bytes.data(), out.data(), int64_t(n));
+    else
+        quant::bf16_to_f32(bytes.data(), out.data(), int64_t(n));
+    return out;
+}
+
+// ---- the reference (double precision, straight from the descriptor's definition) -------
+
+struct Config {
+    int64_t Dk = 64, Dv = 64, Sq = 1, Skv = 1, Hq = 1, Hkv = 1, B = 1;
+    attn::Params params;
+    Type compute = Type::F16; // type of k, v (unless kv_type says otherwise) and of q by default
+    Type q_type = Type::F16, kv_type = Type::F16, o_type = Type::F32;
+    int mask = 0; // 0 none, 1 f32, 2 f16
+    bool mask_per_head = false;
+    bool fully_masked_rows = false;
+    bool sinks = false;
+    bool deterministic = false;
+
+    std::string describe() const {
+        std::ostringstream s;
+        s << "Dk " << Dk << " Dv " << Dv << " Sq " << Sq << " Skv " << Skv << " Hq " << Hq << " Hkv " << Hkv
+          << " B " << B << " q " << type_name(q_type) << " kv " << type_name(kv_type) << " o "
+          << type_name(o_type) << " causal " << params.causal << " window " << params.window_left << "/"
+          << params.window_right << " mask " << mask << (mask_per_head ? " per-head" : "")
+          << (fully_masked_rows ? " +masked rows" : "") << " alibi " << params.max_bias << " softcap "
+          << params.logit_softcap << " sinks " << sinks << " deterministic " << deterministic;
+        return s.str();
+    }
+};
+
+struct Inputs {
+    HostTensor q, k, v, mask, sinks, dO;
+};
+
+Inputs make_inputs(const Config& c, std::mt19937& rng) {
+    Inputs in;
+    in.q = random_tensor(c.q_type, c.Dk, c.Sq, c.Hq, c.B, rng);
+    in.k = random_tensor(c.kv_type, c.Dk, c.Skv, c.Hkv, c.B, rng);
+    in.v = random_tensor(c.kv_type, c.Dv, c.Skv, c.Hkv, c.B, rng);
+    if (c.mask) {
+        const int64_t hm = c.mask_per_head ? c.Hq : 1;
+        in.mask = random_tensor(c.mask == 1 ? Type::F32 : Type::F16, c.Skv, c.Sq, hm, 1, rng, -2.0f, 2.0f);
+        std::bernoulli_distribution hole(0.1);
+        for (size_t idx = 0; idx < in.mask.values.size(); ++idx)
+            if (hole(rng)) in.mask.values[idx] = -INFINITY;
+        if (c.fully_masked_rows)
+            for (int64_t h = 0; h < hm; ++h)
+                for (int64_t i = 0; i < c.Sq; i += 3)
+                    for (int64_t j = 0; j < c.Skv; ++j)
+                        in.mask.values[(h * c.Sq + i) * c.Skv + j] = -INFINITY;
+        encode(in.mask);
+    }
+    if (c.sinks) in.sinks = random_tensor(Type::F32, c.Hq, 1, 1, 1, rng, -1.0f, 2.0f);
+    in.dO = random_tensor(c.compute, c.Dv, c.Hq, c.Sq, c.B, rng);
+    return in;
+}
+
+struct Reference {
+    std::vector<double> o, lse, dq, dk, dv, dsinks;
+};
+
+Reference reference(const Config& c, const Inputs& in, bool backward) {
+    Reference r;
+    r.o.assign(size_t(c.B * c.Sq * c.Hq * c.Dv), 0.0);
+    r.lse.assign(size_t(c.B * c.Hq * c.Sq), 0.0);
+    if (backward) {
+        r.dq.assign(in.q.values.size(), 0.0);
+        r.dk.assign(in.k.values.size(), 0.0);
+        r.dv.assign(in.v.values.size(), 0.0);
+        r.dsinks.assign(size_t(c.Hq), 0.0);
+    }
+    const int64_t G = c.Hq / c.Hkv;
+    std::vector<double> s(size_t(c.Skv)), dscore(size_t(c.Skv)), p(size_t(c.Skv));
+    std::vector<char> vis(size_t(c.Skv));
+    for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t h = 0; h < c.Hq; ++h) {
+            const int64_t hk = h / G;
+            const double slope = attn::alibi_slope(c.params.max_bias, h, c.Hq);
+            for (int64_t i = 0; i < c.Sq; ++i) {
+                const float* q = &in.q.values[size_t(((b * c.Hq + h) * c.Sq + i) * c.Dk)];
+                double m = -INFINITY;
+                for (int64_t j = 0; j < c.Skv; ++j) {
+                    const float* k = &in.k.values[size_t(((b * c.Hkv + hk) * c.Skv + j) * c.Dk)];
+                    double qk = 0.0;
+                    for (int64_t d = 0; d < c.Dk; ++d) qk += double(q[d]) * double(k[d]);
+                    double x = c.params.scale * qk;
+                    dscore[j] = c.params.scale;
+                    if (c.params.logit_softcap > 0.0f) {
+                        const double t = std::tanh(x / c.params.logit_softcap);
+                        x = c.params.logit_softcap * t;
+                        dscore[j] = c.params.scale * (1.0 - t * t);
+                    }
+                    bool visible = attn::visible(c.params, i, j, c.Sq, c.Skv);
+                    if (c.mask) {
+                        const int64_t hm = c.mask_per_head ? h : 0;
+                        const double mv = in.mask.values[size_t((hm * c.Sq + i) * c.Skv + j)];
+                        if (std::isinf(mv) && mv < 0)
+                            visible = false;
+                        else
+                            x += slope * mv;
+                    }
+                    vis[j] = visible;
+                    s[j] = x;
+                    if (visible) m = std::max(m, x);
+                }
+                const double sink = c.sinks ? double(in.sinks.values[size_t(h)]) : -INFINITY;
+                m = std::max(m, sink);
+                double denom = c.sinks ? std::exp(sink - m) : 0.0;
+                for (int64_t j = 0; j < c.Skv; ++j) denom += vis[j] ? std::exp(s[j] - m) : 0.0;
+                double* o = &r.o[size_t(((b * c.Sq + i) * c.Hq + h) * c.Dv)];
+                const double lse = denom > 0.0 ? m + std::log(denom) : -INFINITY;
+                r.lse[size_t((b * c.Hq + h) * c.Sq + i)] = lse;
+                for (int64_t j = 0; j < c.Skv; ++j) {
+                    p[j] = vis[j] && denom > 0.0 ? std::exp(s[j] - lse) : 0.0;
+                    if (p[j] == 0.0) continue;
+                    const float* v = &in.v.values[size_t(((b * c.Hkv + hk) * c.Skv + j) * c.Dv)];
+                    for (int64_t d = 0; d < c.Dv; ++d) o[d] += p[j] * v[d];
+                }
+                if (!backward || denom == 0.0) continue;
+                const float* dO = &in.dO.values[size_t(((b * c.Sq + i) * c.Hq + h) * c.Dv)];
+                double delta = 0.0;
+                for (int64_t d = 0; d < c.Dv; ++d) delta += double(dO[d]) * o[d];
+                if (c.sinks) r.dsinks[size_t(h)] -= std::exp(sink - lse) * delta;
+                double* dq = &r.dq[size_t(((b * c.Hq + h) * c.Sq + i) * c.Dk)];
+                for (int64_t j = 0; j < c.Skv; ++j) {
+                    if (p[j] == 0.0) continue;
+                    const size_t kv_row = size_t((b * c.Hkv + hk) * c.Skv + j);
+                    const float* v = &in.v.values[kv_row * c.Dv];
+                    const float* k = &in.k.values[kv_row * c.Dk];
+                    double dp = 0.0;
+                    for (int64_t d = 0; d < c.Dv; ++d) dp += double(dO[d]) * v[d];
+                    const double ds = p[j] * (dp - delta) * dscore[j];
+                    for (int64_t d = 0; d < c.Dv; ++d) r.dv[kv_row * c.Dv + d] += p[j] * dO[d];
+                    for (int64_t d = 0; d < c.Dk; ++d) {
+                        dq[d] += ds * k[d];
+                        r.dk[kv_row * c.Dk + d] += ds * q[d];
+                    }
+                }
+            }
+        }
+    return r;
+}
+
+// ||out - ref|| / max(||ref||, floor) over all elements; NaN anywhere fails, infinities must
+// match. floor keeps values near zero (an LSE of a single key, say) from turning rounding of
+// the inputs into a large relative error.
+double rel_error(const std::vector<float>& out, const std::vector<double>& ref, std::string& problem,
+                 double floor = 0.0) {
+    double num = 0.0, den = 0.0;
+    for (size_t idx = 0; idx < ref.size(); ++idx) {
+        const double o = out[idx], r = ref[idx];
+        if (std::isnan(o)) {
+            problem = "NaN (unwritten or invalid) at element " + std::to_string(idx);
+            return INFINITY;
+        }
+        if (std::isinf(r) || std::isinf(o)) {
+            if (o != r) {
+                problem = "infinity mismatch at element " + std::to_string(idx) + ": " + std::to_string(o) +
+                          " vs " + std::to_string(r);
+                return INFINITY;
+            }
+            continue;
+        }
+        num += (o - r) * (o - r);
+        den += r * r;
+    }
+    den = std::max(den, floor * floor);
+    return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+double tolerance(const Config& c) {
+    const bool quantized = c.kv_type == Type::Q8_0 || c.kv_type == Type::Q4_0;
+    if (c.compute == Type::BF16) return 1e-2;
+    return quantized ? 5e-3 : 4e-3;
+}
+
+struct DeviceProblem {
+    std::unique_ptr<DeviceBuffer> q, k, v, mask, sinks, o, lse, dO, dq, dk, dv, dsinks;
+    Problem p;
+    BackwardProblem bp;
+};
+
+std::unique_ptr<DeviceBuffer> upload(const HostTensor& t) {
+    auto buf = std::make_unique<DeviceBuffer>(t.bytes.size());
+    buf->upload(t.bytes);
+    return buf;
+}
+
+DeviceProblem device_problem(const Config& c, const Inputs& in) {
+    DeviceProblem d;
+    Problem& p = d.p;
+    p.Dk = c.Dk, p.Dv = c.Dv, p.Sq = c.Sq, p.Skv = c.Skv, p.Hq = c.Hq, p.Hkv = c.Hkv, p.B = c.B;
+    p.params = c.params;
+    d.q = upload(in.q), d.k = upload(in.k), d.v = upload(in.v);
+    p.q = view_of(in.q, d.q->ptr), p.k = view_of(in.k, d.k->ptr), p.v = view_of(in.v, d.v->ptr);
+    if (c.mask) d.mask = upload(in.mask), p.mask = view_of(in.mask, d.mask->ptr);
+    if (c.sinks) d.sinks = upload(in.sinks), p.sinks = view_of(in.sinks, d.sinks->ptr);
+    d.o = std::make_unique<DeviceBuffer>(bytes_of(c.o_type, c.Dv, c.Hq, c.Sq, c.B));
+    p.o = output_view(c.o_type, c.Dv, c.Hq, c.Sq, c.B, d.o->ptr);
+    d.lse = std::make_unique<DeviceBuffer>(bytes_of(Type::F32, c.Sq, c.Hq, c.B, 1));
+    p.lse = output_view(Type::F32, c.Sq, c.Hq, c.B, 1, d.lse->ptr);
+    d.o->poison();
+    d.lse->poison();
+    return d;
+}
+
+// The library's CPU reference (attention/reference.h) on the same host bytes: O and LSE in
+// the layouts of Reference.
+Reference library_reference(const Config& c, const Inputs& in) {
+    Problem p;
+    p.Dk = c.Dk, p.Dv = c.Dv, p.Sq = c.Sq, p.Skv = c.Skv, p.Hq = c.Hq, p.Hkv = c.Hkv, p.B = c.B;
+    p.params = c.params;
+    auto host = [](const HostTensor& t) { return view_of(t, const_cast<uint8_t*>(t.bytes.data())); };
+    p.q = host(in.q), p.k = host(in.k), p.v = host(in.v);
+    if (c.mask) p.mask = host(in.mask);
+    if (c.sinks) p.sinks = host(in.sinks);
+    std::vector<uint8_t> o_bytes(bytes_of(Type::F32, c.Dv, c.Hq, c.Sq, c.B));
+    std::vector<uint8_t> lse_bytes(bytes_of(Type::F32, c.Sq, c.Hq, c.B, 1));
+    p.o = output_view(Type::F32, c.Dv, c.Hq, c.Sq, c.B, o_bytes.data());
+    p.lse = output_view(Type::F32, c.Sq, c.Hq, c.B, 1, lse_bytes.data());
+    Reference r;
+    r.o = attn::reference_forward_f64(p, &r.lse);
+    return r;
+}
+
+void check_forward(const Config& c, std::mt19937& rng, uint32_t seed, bool library_ref = false) {
+    INFO("seed " << seed << ": " << c.describe() << (library_ref ? " (library reference)" : ""));
+    const Inputs in = make_inputs(c, rng);
+    DeviceProblem d = device_problem(c, in);
+    cuda::flash_attn_forward(d.p, nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "forward");
+    const Reference ref = library_ref ? library_reference(c, in) : reference(c, in, false);
+    std::string problem;
+    const auto o = to_floats(d.o->download(), c.o_type, ref.o.size());
+    const double err_o = rel_error(o, ref.o, problem);
+    INFO("o: rel error " << err_o << " " << problem);
+    CHECK(err_o < tolerance(c));
+    problem.clear();
+    const auto lse = to_floats(d.lse->download(), Type::F32, ref.lse.size());
+    // LSE is about 1 per row: floor the norm at sqrt(rows). Its error comes from q and k in
+    // 16 bits (f32 q is rounded to the compute type), not from the softmax sums, which are fp32.
+    const double err_lse = rel_error(lse, ref.lse, problem, std::sqrt(double(ref.lse.size())));
+    INFO("lse: rel error " << err_lse << " " << problem);
+    CHECK(err_lse < (c.compute == Type::BF16 ? 5e-3 : 2e-3));
+}
+
+struct BackwardResult {
+    std::vector<uint8_t> dq, dk, dv, dsinks;
+};
+
+BackwardResult run_backward(const Config& c, const Inputs& in, DeviceProblem& d) {
+    cuda::flash_attn_forward(d.p, nullptr);
+    BackwardProblem& bp = d.bp;
+    bp.fwd = d.p;
+    d.dO = upload(in.dO);
+    bp.dO = view_of(in.dO, d.dO->ptr);
+    d.dq = std::make_unique<DeviceBuffer>(bytes_of(c.compute, c.Dk, c.Sq, c.Hq, c.B));
+    d.dk = std::make_unique<DeviceBuffer>(bytes_of(Type::F32, c.Dk, c.Skv, c.Hkv, c.B));
+    d.dv = std::make_unique<DeviceBuffer>(bytes_of(c.compute, c.Dv, c.Skv, c.Hkv, c.B));
+    bp.dq = output_view(c.compute, c.Dk, c.Sq, c.Hq, c.B, d.dq->ptr);
+    bp.dk = output_view(Type::F32, c.Dk, c.Skv, c.Hkv, c.B, d.dk->ptr);
+    bp.dv = output_view(c.compute, c.Dv, c.Skv, c.Hkv, c.B, d.dv->ptr);
+    if (c.sinks) {
+        d.dsinks = std::make_unique<DeviceBuffer>(bytes_of(Type::F32, c.Hq, 1, 1, 1));
+        bp.dsinks = output_view(Type::F32, c.Hq, 1, 1, 1, d.dsinks->ptr);
+        d.dsinks->poison();
+    }
+    bp.deterministic = c.deterministic;
+    d.dq->poison(), d.dk->poison(), d.dv->poison();
+    const size_t ws_bytes = cuda::flash_attn_backward_workspace_size(bp);
+    DeviceBuffer ws(ws_bytes);
+    ws.poison(); // the backward must initialise everything it reads
+    cuda::flash_attn_backward(bp, nullptr, ws.ptr, ws.bytes);
+    cuda_ok(cudaDeviceSynchronize(), "backward");
+    BackwardResult r{d.dq->download(), d.dk->download(), d.dv->download(), {}};
+    if (c.sinks) r.dsinks = d.dsinks->download();
+    return r;
+}
+
+void check_backward(const Config& c, std::mt19937& rng, uint32_t seed) {
+    INFO("seed " << seed << ": " << c.describe());
+    const Inputs in = make_inputs(c, rng);
+    DeviceProblem d = device_problem(c, in);
+    const BackwardResult got = run_backward(c, in, d);
+    const Reference ref = reference(c, in, true);
+    const double tol = c.compute == Type::BF16 ? 1.5e-2 : 5e-3;
+    struct Item {
+        const char* name;
+        std::vector<float> out;
+        const std::vector<double>* ref;
+    };
+    std::vector<Item> items = {{"dq", to_floats(got.dq, c.compute, ref.dq.size()), &ref.dq},
+                               {"dk", to_floats(got.dk, Type::F32, ref.dk.size()), &ref.dk},
+                               {"dv", to_floats(got.dv, c.compute, ref.dv.size()), &ref.dv}};
+    if (c.sinks)
+        items.push_back({"dsinks", to_floats(got.dsinks, Type::F32, ref.dsinks.size()), &ref.dsinks});
+    for (const Item& it : items) {
+        std::string problem;
+        const double err = rel_error(it.out, *it.ref, problem);
+        INFO(it.name << ": rel error " << err << " " << problem);
+        CHECK(err < tol);
+    }
+}
+
+Type pick(std::mt19937& rng, std::initializer_list<Type> types) {
+    std::uniform_int_distribution<size_t> u(0, types.size() - 1);
+    return *(types.begin() + u(rng));
+}
+
+// A random mix of features on top of the given sizes.
+Config random_config(std::mt19937& rng, int64_t D, Type compute, int64_t Sq, int64_t Skv) {
+    Config c;
+    c.Dk = c.Dv = D;
+    c.Sq = Sq, c.Skv = Skv;
+    std::uniform_int_distribution<int> coin(0, 1), die(0, 5);
+    const int groups[] = {1, 2, 4, 8};
+    c.Hkv = 1 + coin(rng);
+    c.Hq = c.Hkv * groups[die(rng) % 4];
+    c.B = 1 + (Sq * Skv < 20000 ? coin(rng) : 0);
+    c.compute = compute;
+    c.kv_type = compute;
+    c.q_type = die(rng) == 0 ? Type::F32 : compute;
+    c.o_type = pick(rng, {Type::F32, Type::F16, Type::BF16});
+    c.params.scale = 1.0f / std::sqrt(float(D));
+    c.params.causal = coin(rng);
+    if (die(rng) == 0) c.params.window_left = int(Skv / 3);
+    if (die(rng) == 0) c.params.window_right = int(Skv / 4);
+    c.mask = die(rng) < 2 ? 1 + coin(rng) : 0;
+    c.mask_per_head = c.mask && coin(rng);
+    if (c.mask && die(rng) == 0) c.params.max_bias = 8.0f;
+    if (die(rng) == 0) c.params.logit_softcap = 5.0f;
+    c.sinks = die(rng) == 0;
+    return c;
+}
+
+uint32_t fresh_seed() {
+    return std::random_device{}();
+}
+
+} // namespace
+
+TEST_CASE("CUDA forward matches the reference across head dims, dtypes and sizes", "[cuda][fa]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    const int64_t dims[] = {64, 80, 96, 128, 192, 256};
+    const std::pair<int64_t, int64_t> sizes[] = {{1, 1},     {3, 17},    {17, 3},  {113, 127},
+                                                 {129, 113}, {127, 129}, {1, 1000}};
+    for (int64_t D : dims)
+        for (Type t : {Type::F16, Type::BF16})
+            for (auto [Sq, Skv] : sizes) check_forward(random_config(rng, D, t, Sq, Skv), rng, seed);
+}
+
+TEST_CASE("CUDA forward matches the library's CPU reference", "[cuda][fa]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (int64_t D : {64, 96, 128, 256})
+        for (Type t : {Type::F16, Type::BF16})
+            for (auto [Sq, Skv] : {std::pair<int64_t, int64_t>{17, 113}, {129, 64}})
+                check_forward(random_config(rng, D, t, Sq, Skv), rng, seed, true);
+}
+
+TEST_CASE("CUDA forward features one at a time", "[cuda][fa]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (Type t : {Type::F16, Type::BF16})
+        for (int64_t D : {64, 128, 256}) {
+            Config base;
+            base.Dk = base.Dv = D, base.compute = base.q_type = base.kv_type = t;
+            base.Sq = 113, base.Skv = 1000, base.Hq = 4, base.Hkv = 2;
+            base.params.scale = 1.0f / std::sqrt(float(D));
+            Config c = base;
+            check_forward(c, rng, seed); // plain
+            c = base, c.params.causal = true;
+            check_forward(c, rng, seed); // causal, Sq < Skv
+            c = base, c.params.causal = true, c.Sq = 1000, c.Skv = 113;
+            check_forward(c, rng, seed); // causal, Sq > Skv: the first rows see nothing
+            c = base, c.mask = 1, c.fully_masked_rows = true;
+            check_forward(c, rng, seed); // fully masked rows: O = 0, LSE = -inf
+            c = base, c.mask = 2, c.mask_per_head = true, c.params.max_bias = 8.0f, c.Hq = 6, c.Hkv = 3;
+            check_forward(c, rng, seed); // f16 per-head mask with ALiBi (non-power-of-2 heads)
+            c = base, c.params.logit_softcap = 3.0f;
+            check_forward(c, rng, seed); // softcap
+            c = base, c.sinks = true, c.params.causal = true, c.Sq = 1000, c.Skv = 113;
+            check_forward(c, rng, seed); // sinks, also on rows with nothing visible
+            c = base, c.params.window_left = 50, c.params.window_right = 10;
+            check_forward(c, rng, seed); // sliding window
+            c = base, c.params.window_left = 30, c.params.causal = true;
+            check_forward(c, rng, seed); // causal sliding window
+            c = base, c.q_type = Type::F32, c.o_type = t;
+            check_forward(c, rng, seed); // f32 q, 16-bit o
+            c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 64 ? 128 : 64;
+            check_forward(c, rng, seed); // MQA, batch 2, Dk != Dv
+        }
+}
+
+TEST_CASE("CUDA decode path (split-KV, GQA packing) matches the reference", "[cuda][fa][decode]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (Type kv : {Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0})
+        for (int64_t Skv : {1000, 4097})
+            for (int64_t G : {1, 4, 8}) {
+                Config c;
+                c.compute = kv == Type::BF16 ? Type::BF16 : Type::F16;
+                c.kv_type = kv;
+                c.q_type = Type::F32;
+                c.Dk = c.Dv = G == 1 ? 64 : G == 4 ? 128 : 256;
+                c.Sq = G == 8 ? 2 : 1;
+                c.Skv = Skv;
+                c.Hkv = 2, c.Hq = 2 * G;
+                c.B = G == 1 ? 3 : 1;
+                c.params.scale = 1.0f / std::sqrt(float(c.Dk));
+                c.params.causal = Skv == 4097;
+                c.sinks = G == 4;
+                c.mask = G == 8 ? 2 : 0;
+                check_forward(c, rng, seed);
+            }
+}
+
+TEST_CASE("CUDA backward matches the reference", "[cuda][fa][backward]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    const int64_t dims[] = {64, 80, 96, 128, 192, 256};
+    const std::pair<int64_t, int64_t> sizes[] = {{1, 1},     {3, 17},    {17, 3},
+                                                 {113, 129}, {129, 127}, {200, 300}};
+    std::uniform_int_distribution<int> coin(0, 1);
+    for (int64_t D : dims)
+        for (Type t : {Type::F16, Type::BF16})
+            for (auto [Sq, Skv] : sizes) {
+                Config c = random_config(rng, D, t, Sq, Skv);
+                c.q_type = t;
+                c.kv_type = t;
+                c.o_type = t; // delta = rowsum(dO * O) comes from the stored O, as in training
+                c.deterministic = coin(rng);
+                check_backward(c, rng, seed);
+            }
+}
+
+TEST_CASE("CUDA backward features one at a time", "[cuda][fa][backward]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (Type t : {Type::F16, Type::BF16})
+        for (int64_t D : {64, 128, 256}) {
+            Config base;
+            base.Dk = base.Dv = D, base.compute = base.q_type = base.kv_type = t;
+            base.Sq = 150, base.Skv = 131, base.Hq = 4, base.Hkv = 1;
+            base.params.scale = 1.0f / std::sqrt(float(D));
+            Config c = base;
+            c.params.causal = true;
+            check_backward(c, rng, seed);
+            c = base, c.params.causal = true, c.deterministic = true;
+            check_backward(c, rng, seed);
+            c = base, c.mask = 1, c.fully_masked_rows = true, c.params.max_bias = 4.0f,
+            c.mask_per_head = true;
+            check_backward(c, rng, seed);
+            c = base, c.params.logit_softcap = 4.0f;
+            check_backward(c, rng, seed);
+            c = base, c.params.logit_softcap = 4.0f, c.deterministic = true;
+            check_backward(c, rng, seed);
+            c = base, c.sinks = true, c.params.window_left = 40, c.params.window_right = 5;
+            check_backward(c, rng, seed);
+        }
+}
+
+TEST_CASE("CUDA deterministic backward is bit-identical across runs", "[cuda][fa][backward]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (int64_t D : {64, 128, 256}) {
+        Config c;
+        c.Dk = c.Dv = D, c.compute = c.q_type = c.kv_type = Type::BF16;
+        c.Sq = 300, c.Skv = 257, c.Hq = 8, c.Hkv = 2, c.B = 2;
+        c.params.scale = 1.0f / std::sqrt(float(D));
+        c.params.causal = D != 128;
+        c.sinks = true;
+        c.deterministic = true;
+        INFO("seed " << seed << ": " << c.describe());
+        const Inputs in = make_inputs(c, rng);
+        DeviceProblem d = device_problem(c, in);
+        const BackwardResult first = run_backward(c, in, d);
+        for (int rep = 0; rep < 3; ++rep) {
+            const BackwardResult again = run_backward(c, in, d);
+            CHECK(again.dq == first.dq);
+            CHECK(again.dk == first.dk);
+            CHECK(again.dv == first.dv);
+            CHECK(again.dsinks == first.dsinks);
+        }
+    }
+}
+
+TEST_CASE("CUDA flash attention rejects what it does not support", "[cuda][fa]") {
+    std::mt19937 rng(fresh_seed());
+    Config c;
+    c.Dk = c.Dv = 64, c.Sq = 4, c.Skv = 4, c.Hq = 3, c.Hkv = 2;
+    const Inputs in = make_inputs(c, rng);
+    DeviceProblem d = device_problem(c, in);
+    CHECK_THROWS_AS(cuda::flash_attn_forward(d.p, nullptr), gfa::Error); // Hq % Hkv != 0
+    c.Hq = 2;
+    const Inputs in2 = make_inputs(c, rng);
+    DeviceProblem d2 = device_problem(c, in2);
+    d2.p.Dk = 72; // shape of q no longer matches
+    CHECK_THROWS_AS(cuda::flash_attn_forward(d2.p, nullptr), gfa::Error);
+    d2.p.Dk = 64;
+    d2.p.o.type = Type::Q8_0;
+    CHECK_THROWS_AS(cuda::flash_attn_forward(d2.p, nullptr), gfa::Error);
+}
+
+// Small cases for compute-sanitizer (memcheck, racecheck): hidden from the default run.
+TEST_CASE("CUDA flash attention small cases for the sanitizers", "[.sanitize]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (int64_t D : {64, 128}) {
+        Config c;
+        c.Dk = c.Dv = D, c.compute = c.q_type = c.kv_type = Type::F16;
+        c.Sq = 70, c.Skv = 130, c.Hq = 2, c.Hkv = 1;
+        c.params.scale = 0.1f, c.params.causal = true;
+        c.mask = 1, c.sinks = true;
+        check_forward(c, rng, seed);
+        check_backward(c, rng, seed);
+        c.deterministic = true, c.params.logit_softcap = 3.0f;
+        check_backward(c, rng, seed);
+        Config d = c; // split-KV decode
+        d.Sq = 1, d.Skv = 3000, d.Hq = 8, d.Hkv = 2, d.mask = 0, d.params.causal = false,
+        d.params.logit_softcap = 0.0f;
+        check_forward(d, rng, seed);
+    }
+}

@@ -1,0 +1,211 @@
+// Matrix products: mul_mat for every weight type on odd shapes (both the dot-product path
+// for few columns and the packed GEMM path), batch broadcasting, strided operands, out_prod,
+// gradients against finite differences, and the errors bad inputs produce.
+#include "op_check.h"
+
+#include <ggml-fa/backend.h>
+
+using namespace gfa;
+using gfa::test::check_forward;
+using gfa::test::check_gradients;
+using gfa::test::fill_uniform;
+
+namespace {
+
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
+
+// Tolerance for comparing with the double-precision reference: the weights are stored in
+// their type already (the reference reads the same stored values), so only f32 rounding of
+// the accumulation remains for every type...
+constexpr double kTol = 1e-5;
+// ...except where the CPU multiplies q8_0 / q4_0 weights with few columns (N < 4): there the
+// column is rounded to 8 bits for an integer dot product (about 0.5% relative error).
+double tolerance(Type weights, int64_t n) {
+    return (weights == Type::Q8_0 || weights == Type::Q4_0) && n < 4 ? 2e-2 : kTol;
+}
+
+// A loss that weighs every element of t differently, so gradients are not all alike.
+Tensor* weighted_sum(Context& ctx, Tensor* t) {
+    Tensor* w = ctx.new_tensor(Type::F32, t->ne);
+    fill_uniform(w);
+    Tensor* prod = mul(ctx, t, w);
+    return sum_rows(ctx, reshape(ctx, prod, {prod->nelements()}));
+}
+
+} // namespace
+
+TEST_CASE("mul_mat matches the reference for every weight type on odd shapes", "[matmul]") {
+    const Type types[] = {Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0};
+    struct Shape {
+        int64_t K, M, N;
+    };
+    // N < 4 takes the dot-product path, larger N the packed GEMM path; M and N cross the
+    // micro-tile sizes (16/32 rows, 6/12 columns) and K crosses the 256-wide k blocks.
+    const Shape shapes[] = {{32, 1, 1},   {96, 17, 3},     {64, 113, 1},
+                            {320, 3, 17}, {288, 129, 113}, {32, 1, 129}};
+    for (Type type : types)
+        for (const Shape& s : shapes) {
+            INFO(type_name(type) << " K=" << s.K << " M=" << s.M << " N=" << s.N);
+            // An 8-bit column makes single dot products near zero relatively inexact; the
+            // quantized few-column path is checked on shapes with many outputs.
+            if (tolerance(type, s.N) > kTol && s.M * s.N < 16) continue;
+            Context ctx = data_ctx();
+            Tensor* a = ctx.new_tensor(type, {s.K, s.M});
+            Tensor* b = ctx.new_tensor(Type::F32, {s.K, s.N});
+            fill_uniform(a);
+            fill_uniform(b);
+            check_forward(mul_mat(ctx, a, b), tolerance(type, s.N));
+        }
+}
+
+TEST_CASE("mul_mat runs on 1 and 3 threads with the same result as the reference", "[matmul]") {
+    for (int threads : {1, 3})
+        for (int64_t n : {2, 37}) {
+            Context ctx = data_ctx();
+            Tensor* a = ctx.new_tensor(Type::Q8_0, {544, 71});
+            Tensor* b = ctx.new_tensor(Type::F32, {544, n});
+            fill_uniform(a);
+            fill_uniform(b);
+            check_forward(mul_mat(ctx, a, b), tolerance(Type::Q8_0, n), threads);
+        }
+}
+
+TEST_CASE("mul_mat broadcasts a over b's dims 2 and 3 in groups", "[matmul]") {
+    for (Type type : {Type::F32, Type::Q4_0})
+        for (int64_t n : {1, 19}) {
+            Context ctx = data_ctx();
+            Tensor* a = ctx.new_tensor(type, {64, 13, 2, 1});
+            Tensor* b = ctx.new_tensor(Type::F32, {64, n, 6, 3});
+            fill_uniform(a);
+            fill_uniform(b);
+            Tensor* c = mul_mat(ctx, a, b);
+            CHECK(c->ne == std::array<int64_t, 4>{13, n, 6, 3});
+            check_forward(c, tolerance(type, n));
+        }
+    // Many small matrices (each worker takes whole matrices) and a few (workers share one).
+    for (int64_t batches : {1, 3, 8}) {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F16, {40, 33, batches});
+        Tensor* b = ctx.new_tensor(Type::F32, {40, 21, batches});
+        fill_uniform(a);
+        fill_uniform(b);
+        check_forward(mul_mat(ctx, a, b), kTol);
+    }
+}
+
+TEST_CASE("mul_mat reads transposed and permuted operands", "[matmul]") {
+    Context ctx = data_ctx();
+    // b^T stored as [N, K]: its transpose is a [K, N] view with k strided.
+    for (Type type : {Type::F32, Type::Q8_0})
+        for (int64_t n : {1, 3, 29}) {
+            Tensor* bt = ctx.new_tensor(Type::F32, {n, 64});
+            Tensor* a = ctx.new_tensor(type, {64, 17});
+            fill_uniform(bt);
+            fill_uniform(a);
+            check_forward(mul_mat(ctx, a, transpose(ctx, bt)), tolerance(type, n));
+        }
+    // Transposed f32 and f16 weights, and permuted batches.
+    for (Type type : {Type::F32, Type::F16}) {
+        Tensor* at = ctx.new_tensor(type, {19, 40});
+        Tensor* b = ctx.new_tensor(Type::F32, {40, 23});
+        fill_uniform(at);
+        fill_uniform(b);
+        check_forward(mul_mat(ctx, transpose(ctx, at), b), kTol);
+        Tensor* b2 = ctx.new_tensor(Type::F32, {40, 2});
+        fill_uniform(b2);
+        check_forward(mul_mat(ctx, transpose(ctx, at), b2), kTol);
+    }
+    Tensor* q = ctx.new_tensor(Type::F32, {16, 3, 7}); // [D, heads, tokens] -> [D, tokens, heads]
+    Tensor* k = ctx.new_tensor(Type::F32, {16, 3, 9});
+    fill_uniform(q);
+    fill_uniform(k);
+    check_forward(mul_mat(ctx, permute(ctx, k, 0, 2, 1, 3), permute(ctx, q, 0, 2, 1, 3)), kTol);
+}
+
+TEST_CASE("out_prod matches the reference, strided and broadcast", "[matmul]") {
+    Context ctx = data_ctx();
+    for (auto [m, n, k] : {std::array<int64_t, 3>{1, 1, 5}, {17, 3, 33}, {113, 129, 7}, {40, 70, 300}}) {
+        Tensor* a = ctx.new_tensor(Type::F32, {m, k});
+        Tensor* b = ctx.new_tensor(Type::F32, {n, k});
+        fill_uniform(a);
+        fill_uniform(b);
+        check_forward(out_prod(ctx, a, b), kTol);
+    }
+    Tensor* a = ctx.new_tensor(Type::F32, {9, 11, 1, 2});
+    Tensor* bt = ctx.new_tensor(Type::F32, {11, 14, 4, 2}); // transposed view gives [14, 11, 4, 2]
+    fill_uniform(a);
+    fill_uniform(bt);
+    check_forward(out_prod(ctx, a, transpose(ctx, bt)), kTol);
+}
+
+TEST_CASE("mul_mat gradients match finite differences", "[matmul][grad]") {
+    SECTION("plain") {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F32, {7, 5});
+        Tensor* b = ctx.new_tensor(Type::F32, {7, 6});
+        fill_uniform(a);
+        fill_uniform(b);
+        check_gradients(ctx, weighted_sum(ctx, mul_mat(ctx, a, b)), {a, b}, 1e-4);
+    }
+    SECTION("broadcast over dims 2 and 3, one column") {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F32, {6, 5, 2, 1});
+        Tensor* b = ctx.new_tensor(Type::F32, {6, 1, 4, 3});
+        fill_uniform(a);
+        fill_uniform(b);
+        check_gradients(ctx, weighted_sum(ctx, mul_mat(ctx, a, b)), {a, b}, 1e-4);
+    }
+    SECTION("frozen quantized weights: gradient for b only") {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::Q8_0, {32, 4});
+        Tensor* b = ctx.new_tensor(Type::F32, {32, 5, 2});
+        fill_uniform(a);
+        fill_uniform(b);
+        check_gradients(ctx, weighted_sum(ctx, mul_mat(ctx, a, b)), {b}, 1e-4);
+    }
+}
+
+TEST_CASE("out_prod gradients match finite differences", "[matmul][grad]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {5, 4, 1, 2});
+    Tensor* b = ctx.new_tensor(Type::F32, {7, 4, 3, 2});
+    fill_uniform(a);
+    fill_uniform(b);
+    check_gradients(ctx, weighted_sum(ctx, out_prod(ctx, a, b)), {a, b}, 1e-4);
+}
+
+TEST_CASE("mul_mat and out_prod reject shapes and types that cannot work", "[matmul][errors]") {
+    Context ctx; // metadata only
+    Tensor* a = ctx.new_tensor(Type::F32, {8, 3});
+    Tensor* b = ctx.new_tensor(Type::F32, {9, 4});
+    CHECK_THROWS_WITH(mul_mat(ctx, a, b), Catch::Contains("mul_mat") && Catch::Contains("inner dims") &&
+                                              Catch::Contains("f32[8,3,1,1]") &&
+                                              Catch::Contains("f32[9,4,1,1]"));
+    Tensor* b16 = ctx.new_tensor(Type::F16, {8, 4});
+    CHECK_THROWS_WITH(mul_mat(ctx, a, b16), Catch::Contains("b must be f32"));
+    Tensor* ai = ctx.new_tensor(Type::I32, {8, 3});
+    CHECK_THROWS_WITH(mul_mat(ctx, ai, ctx.new_tensor(Type::F32, {8, 2})), Catch::Contains("i32"));
+    Tensor* a3 = ctx.new_tensor(Type::F32, {8, 3, 3});
+    Tensor* b4 = ctx.new_tensor(Type::F32, {8, 2, 4});
+    CHECK_THROWS_WITH(mul_mat(ctx, a3, b4), Catch::Contains("multiples") && Catch::Contains("f32[8,3,3,1]"));
+    CHECK_THROWS_WITH(mul_mat(ctx, b4, a3), Catch::Contains("multiples")); // b smaller than a
+    Tensor* q = ctx.new_tensor(Type::Q8_0, {64, 64});
+    CHECK_THROWS_WITH(mul_mat(ctx, transpose(ctx, q), ctx.new_tensor(Type::F32, {64, 2})),
+                      Catch::Contains("quantized"));
+    CHECK_THROWS_WITH(out_prod(ctx, a, b), Catch::Contains("out_prod") && Catch::Contains("shared dims"));
+    CHECK_THROWS_WITH(out_prod(ctx, b16, b16), Catch::Contains("must be f32"));
+    CHECK_THROWS_AS(mul_mat(ctx, nullptr, b), Error);
+}
+
+TEST_CASE("a gradient for quantized weights is refused with a clear error", "[matmul][errors]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::Q4_0, {32, 3});
+    Tensor* b = ctx.new_tensor(Type::F32, {32, 2});
+    set_param(a);
+    Tensor* loss = sum_rows(ctx, reshape(ctx, mul_mat(ctx, a, b), {6}));
+    Graph g = build_forward(loss);
+    CHECK_THROWS_WITH(build_backward(ctx, g, loss),
+                      Catch::Contains("mul_mat") && Catch::Contains("only available for f32"));
+}

@@ -1,0 +1,199 @@
+// Llama-family models: a tiny random model written as GGUF, loaded and run through the
+// session. Prefill, chunked prefill and token-by-token decoding must agree, decoding must
+// not allocate, and malformed files or inputs must give clear errors. (The comparison with
+// the Hugging Face forward pass is the end-to-end test in tests/model/.)
+#include <ggml-fa/gguf.h>
+#include <ggml-fa/model.h>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace gfa;
+
+namespace {
+
+struct TinyModel {
+    std::string arch = "llama";
+    int64_t vocab = 37, embd = 40, ff = 24, layers = 2, heads = 5, heads_kv = 1;
+    bool biases = false, tied = false;
+    int64_t head_dim() const { return embd / heads; }
+};
+
+// Writes a random model of the given shape; `skip` leaves one tensor out, `bad_shape`
+// gives one tensor a wrong shape.
+std::string write_model(const TinyModel& m, uint32_t seed, const std::string& skip = "",
+                        const std::string& bad_shape = "") {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    gguf::Writer w;
+    const std::string& A = m.arch;
+    w.set("general.architecture", A);
+    w.set(A + ".context_length", uint32_t(64));
+    w.set(A + ".embedding_length", uint32_t(m.embd));
+    w.set(A + ".block_count", uint32_t(m.layers));
+    w.set(A + ".feed_forward_length", uint32_t(m.ff));
+    w.set(A + ".attention.head_count", uint32_t(m.heads));
+    w.set(A + ".attention.head_count_kv", uint32_t(m.heads_kv));
+    w.set(A + ".attention.layer_norm_rms_epsilon", 1e-5f);
+    w.set(A + ".rope.freq_base", 10000.0f);
+    auto add = [&](const std::string& name, std::vector<int64_t> dims, float scale, float offset = 0.0f) {
+        if (name == skip) return;
+        if (name == bad_shape) dims[0] += 1;
+        int64_t n = 1;
+        for (int64_t d : dims) n *= d;
+        std::vector<float> v(static_cast<size_t>(n));
+        for (float& x : v) x = offset + scale * normal(rng);
+        w.add_tensor(name, Type::F32, dims, v.data(), v.size() * sizeof(float));
+    };
+    const int64_t D = m.head_dim(), Dq = m.heads * D, Dkv = m.heads_kv * D;
+    const float s = 1.0f / std::sqrt(float(m.embd));
+    add("token_embd.weight", {m.embd, m.vocab}, 1.0f);
+    add("output_norm.weight", {m.embd}, 0.1f, 1.0f);
+    if (!m.tied) add("output.weight", {m.embd, m.vocab}, s);
+    for (int64_t l = 0; l < m.layers; ++l) {
+        const std::string b = "blk." + std::to_string(l) + ".";
+        add(b + "attn_norm.weight", {m.embd}, 0.1f, 1.0f);
+        add(b + "attn_q.weight", {m.embd, Dq}, 2 * s);
+        add(b + "attn_k.weight", {m.embd, Dkv}, 2 * s);
+        add(b + "attn_v.weight", {m.embd, Dkv}, s);
+        if (m.biases) {
+            add(b + "attn_q.bias", {Dq}, 0.3f);
+            add(b + "attn_k.bias", {Dkv}, 0.3f);
+            add(b + "attn_v.bias", {Dkv}, 0.3f);
+        }
+        add(b + "attn_output.weight", {Dq, m.embd}, 1.0f / std::sqrt(float(Dq)));
+        add(b + "ffn_norm.weight", {m.embd}, 0.1f, 1.0f);
+        add(b + "ffn_gate.weight", {m.embd, m.ff}, s);
+        add(b + "ffn_up.weight", {m.embd, m.ff}, s);
+        add(b + "ffn_down.weight", {m.ff, m.embd}, 1.0f / std::sqrt(float(m.ff)));
+    }
+    const std::string path =
+        (std::filesystem::temp_directory_path() /
+         ("gfa-test-model-" + std::to_string(seed) + "-" + std::to_string(rng()) + ".gguf"))
+            .string();
+    w.write(path);
+    return path;
+}
+
+struct TempFile {
+    std::string path;
+    ~TempFile() { std::remove(path.c_str()); }
+};
+
+double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+        num += double(a[i] - b[i]) * double(a[i] - b[i]);
+        den += double(b[i]) * double(b[i]);
+    }
+    return std::sqrt(num / den);
+}
+
+} // namespace
+
+TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    SECTION("llama, GQA 5:1") {}
+    SECTION("qwen2, biases, tied embeddings, GQA 5:5") {
+        m.arch = "qwen2";
+        m.biases = m.tied = true;
+        m.heads_kv = 5;
+        m.vocab = 113;
+    }
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    REQUIRE(model->config().n_vocab == m.vocab);
+    REQUIRE(model->config().tied_embeddings == m.tied);
+    REQUIRE(model->config().rope.mode == (m.arch == "qwen2" ? RopeMode::NeoX : RopeMode::Normal));
+
+    std::mt19937 rng(seed);
+    const int n = 17;
+    std::vector<int32_t> tokens(n);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+
+    SessionOptions so;
+    so.n_ctx = 32;
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    Session whole(*model, so);
+    const std::vector<float> all = whole.eval(tokens, true);
+    REQUIRE(all.size() == size_t(n * m.vocab));
+    REQUIRE(whole.n_past() == n);
+
+    // The same prompt in chunks of 3 (the last one shorter).
+    so.n_batch = 3;
+    Session chunked(*model, so);
+    const std::vector<float> in_chunks = chunked.eval(tokens, true);
+    CHECK(rel_error(in_chunks, all) < 1e-5);
+
+    // One token at a time: each step's logits are the prefill's row for that position,
+    // and no step allocates.
+    Session decode(*model, so);
+    const int allocations = decode.n_compute_allocations();
+    std::vector<float> stepwise;
+    for (int i = 0; i < n; ++i) {
+        const std::vector<float> step = decode.eval(std::span(&tokens[size_t(i)], 1));
+        REQUIRE(step.size() == size_t(m.vocab));
+        stepwise.insert(stepwise.end(), step.begin(), step.end());
+    }
+    CHECK(rel_error(stepwise, all) < 1e-5);
+    CHECK(decode.n_compute_allocations() == allocations);
+
+    // Last-token logits only, and a reset that starts over.
+    decode.reset();
+    const std::vector<float> last = decode.eval(tokens);
+    const std::vector<float> last_row(all.end() - m.vocab, all.end());
+    CHECK(rel_error(last, last_row) < 1e-5);
+
+    // A quantized cache stays close.
+    so.kv_type = Type::F16;
+    Session half(*model, so);
+    CHECK(rel_error(half.eval(tokens, true), all) < 1e-2);
+}
+
+TEST_CASE("llama session: clear errors for bad inputs", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    SessionOptions so;
+    so.n_ctx = 8;
+    so.n_threads = 1;
+    Session s(*model, so);
+    const std::vector<int32_t> outside{1, int32_t(m.vocab)};
+    CHECK_THROWS_WITH(s.eval(outside), Catch::Contains("outside the vocabulary"));
+    const std::vector<int32_t> too_long(9, 1);
+    CHECK_THROWS_WITH(s.eval(too_long), Catch::Contains("exceed the context"));
+    CHECK_THROWS_AS(s.eval({}), Error);
+    so.kv_type = Type::Q8_0; // head size 8 is not a multiple of 32
+    CHECK_THROWS_WITH(Session(*model, so), Catch::Contains("block size"));
+}
+
+TEST_CASE("llama model: malformed files are rejected with the tensor named", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    {
+        TempFile file{write_model(m, seed, "blk.1.ffn_up.weight")};
+        CHECK_THROWS_WITH(Model::load(file.path), Catch::Contains("blk.1.ffn_up.weight is missing"));
+    }
+    {
+        TempFile file{write_model(m, seed, "", "blk.0.attn_k.weight")};
+        CHECK_THROWS_WITH(Model::load(file.path), Catch::Contains("blk.0.attn_k.weight has shape"));
+    }
+    {
+        m.arch = "gpt2";
+        TempFile file{write_model(m, seed)};
+        CHECK_THROWS_WITH(Model::load(file.path), Catch::Contains("not supported"));
+    }
+}

@@ -1,0 +1,419 @@
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2) to GGUF with
+// the tensor names and metadata keys llama.cpp uses.
+//
+//   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
+//
+// MODEL_DIR holds config.json and model.safetensors (or shards listed by
+// model.safetensors.index.json). Weights may be stored as F32, F16 or BF16.
+//
+// Rotary layout: HF LLaMA checkpoints rotate the two halves of each head (d, d + D/2),
+// while GGUF files of architecture "llama" rotate adjacent pairs (2i, 2i+1) (rope mode
+// Normal), so the rows of Q and K are permuted per head here. Qwen2 keeps the HF layout
+// and is run with NeoX rope, so its rows stay as they are.
+#include "safetensors.h"
+
+#include <ggml-fa/error.h>
+#include <ggml-fa/gguf.h>
+#include <ggml-fa/types.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <regex>
+#include <set>
+#include <string>
+#include <vector>
+
+using nlohmann::json;
+using namespace convert;
+
+namespace {
+
+struct HParams {
+    std::string arch; // "llama" or "qwen2" (the GGUF architecture)
+    std::string model_type;
+    int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
+    int64_t n_ctx_train = 0;
+    double rope_theta = 10000.0, norm_eps = 1e-6;
+    double rope_linear_factor = 0.0; // 0: no scaling
+    bool tied = false;
+    std::optional<int64_t> bos, eos;
+};
+
+template <typename T> T required(const json& cfg, const char* key) {
+    if (!cfg.contains(key) || cfg[key].is_null())
+        gfa::fail(std::string("config.json: missing \"") + key + "\"");
+    try {
+        return cfg[key].get<T>();
+    } catch (const json::exception& e) {
+        gfa::fail(std::string("config.json: \"") + key + "\" has the wrong type: " + e.what());
+    }
+}
+
+template <typename T> T optional_or(const json& cfg, const char* key, T fallback) {
+    if (!cfg.contains(key) || cfg[key].is_null()) return fallback;
+    return cfg[key].get<T>();
+}
+
+HParams read_config(const std::filesystem::path& dir) {
+    const auto path = dir / "config.json";
+    std::ifstream in(path);
+    if (!in) gfa::fail(path.string() + ": cannot open");
+    json cfg;
+    try {
+        cfg = json::parse(in);
+    } catch (const json::exception& e) {
+        gfa::fail(path.string() + ": does not parse: " + e.what());
+    }
+    HParams h;
+    h.model_type = required<std::string>(cfg, "model_type");
+    if (h.model_type == "llama" || h.model_type == "mistral")
+        h.arch = "llama";
+    else if (h.model_type == "qwen2")
+        h.arch = "qwen2";
+    else
+        gfa::fail("config.json: model_type \"" + h.model_type +
+                  "\" is not supported (llama, mistral, qwen2 are)");
+    h.n_vocab = required<int64_t>(cfg, "vocab_size");
+    h.n_embd = required<int64_t>(cfg, "hidden_size");
+    h.n_ff = required<int64_t>(cfg, "intermediate_size");
+    h.n_layer = required<int64_t>(cfg, "num_hidden_layers");
+    h.n_head = required<int64_t>(cfg, "num_attention_heads");
+    h.n_head_kv = optional_or<int64_t>(cfg, "num_key_value_heads", h.n_head);
+    if (h.n_head <= 0 || h.n_head_kv <= 0 || h.n_head % h.n_head_kv != 0)
+        gfa::fail("config.json: num_attention_heads (" + std::to_string(h.n_head) +
+                  ") must be a positive multiple of num_key_value_heads (" + std::to_string(h.n_head_kv) +
+                  ")");
+    h.head_dim = optional_or<int64_t>(cfg, "head_dim", h.n_embd / h.n_head);
+    if (h.head_dim <= 0 || h.head_dim % 2 != 0) gfa::fail("config.json: the head dimension must be even");
+    h.n_ctx_train = optional_or<int64_t>(cfg, "max_position_embeddings", 2048);
+    h.rope_theta = optional_or<double>(cfg, "rope_theta", 10000.0);
+    h.norm_eps = optional_or<double>(cfg, "rms_norm_eps", 1e-6);
+    h.tied = optional_or<bool>(cfg, "tie_word_embeddings", false);
+    if (cfg.contains("rope_scaling") && !cfg["rope_scaling"].is_null()) {
+        const json& rs = cfg["rope_scaling"];
+        const std::string type = rs.contains("rope_type") ? rs["rope_type"].get<std::string>()
+                                                          : optional_or<std::string>(rs, "type", "");
+        if (type == "linear")
+            h.rope_linear_factor = required<double>(rs, "factor");
+        else if (type != "default")
+            gfa::fail("config.json: rope_scaling type \"" + type + "\" is not supported (linear is)");
+    }
+    if (cfg.contains("bos_token_id") && cfg["bos_token_id"].is_number_integer())
+        h.bos = cfg["bos_token_id"].get<int64_t>();
+    if (cfg.contains("eos_token_id") && cfg["eos_token_id"].is_number_integer())
+        h.eos = cfg["eos_token_id"].get<int64_t>();
+    return h;
+}
+
+// HF tensor name -> GGUF name; empty for tensors that are not weights (rotary caches).
+std::string gguf_name(const std::string& hf) {
+    static const std::regex layer_re(R"(model\.layers\.(\d+)\.(.+))");
+    if (hf == "model.embed_tokens.weight") return "token_embd.weight";
+    if (hf == "model.norm.weight") return "output_norm.weight";
+    if (hf == "lm_head.weight") return "output.weight";
+    std::smatch m;
+    if (std::regex_match(hf, m, layer_re)) {
+        const std::string rest = m[2];
+        if (rest == "self_attn.rotary_emb.inv_freq") return "";
+        static const std::pair<const char*, const char*> table[] = {
+            {"input_layernorm.weight", "attn_norm.weight"},
+            {"self_attn.q_proj.weight", "attn_q.weight"},
+            {"self_attn.q_proj.bias", "attn_q.bias"},
+            {"self_attn.k_proj.weight", "attn_k.weight"},
+            {"self_attn.k_proj.bias", "attn_k.bias"},
+            {"self_attn.v_proj.weight", "attn_v.weight"},
+            {"self_attn.v_proj.bias", "attn_v.bias"},
+            {"self_attn.o_proj.weight", "attn_output.weight"},
+            {"post_attention_layernorm.weight", "ffn_norm.weight"},
+            {"mlp.gate_proj.weight", "ffn_gate.weight"},
+            {"mlp.up_proj.weight", "ffn_up.weight"},
+            {"mlp.down_proj.weight", "ffn_down.weight"},
+        };
+        for (const auto& [from, to] : table)
+            if (rest == from) return "blk." + std::string(m[1]) + "." + to;
+    }
+    gfa::fail("tensor " + hf + " is not part of a Llama-family checkpoint this converter knows");
+}
+
+// Rows of a Q or K projection (weight [rows, cols] or bias [rows]) from the HF rotary-halves
+// order to the interleaved-pairs order: in each head of head_dim rows, new row 2i + j is old
+// row j * head_dim/2 + i.
+std::vector<float> interleave_rotary_rows(const std::vector<float>& w, int64_t rows, int64_t cols,
+                                          int64_t head_dim) {
+    if (rows % head_dim != 0)
+        gfa::fail("cannot permute a projection of " + std::to_string(rows) + " rows into heads of " +
+                  std::to_string(head_dim));
+    std::vector<float> out(w.size());
+    const int64_t half = head_dim / 2;
+    for (int64_t h = 0; h < rows / head_dim; ++h)
+        for (int64_t i = 0; i < half; ++i)
+            for (int64_t j = 0; j < 2; ++j) {
+                const int64_t dst = h * head_dim + 2 * i + j, src = h * head_dim + j * half + i;
+                std::memcpy(&out[size_t(dst * cols)], &w[size_t(src * cols)], size_t(cols) * sizeof(float));
+            }
+    return out;
+}
+
+gfa::Type parse_type(const std::string& s) {
+    if (s == "f32") return gfa::Type::F32;
+    if (s == "f16") return gfa::Type::F16;
+    if (s == "bf16") return gfa::Type::BF16;
+    if (s == "q8_0") return gfa::Type::Q8_0;
+    gfa::fail("--type " + s + ": expected f32, f16, bf16 or q8_0");
+}
+
+uint32_t file_type_id(gfa::Type t) {
+    switch (t) {
+    case gfa::Type::F32:
+        return 0;
+    case gfa::Type::F16:
+        return 1;
+    case gfa::Type::Q8_0:
+        return 7;
+    case gfa::Type::BF16:
+        return 32;
+    default:
+        gfa::fail("no file type for " + std::string(gfa::type_name(t)));
+    }
+}
+
+// 1-d tensors (norms, biases) stay f32, as in llama.cpp; a matrix whose rows do not fill
+// whole quantization blocks falls back to f16.
+gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0) {
+    if (n_dims < 2) return gfa::Type::F32;
+    const auto& tr = gfa::type_traits(wanted);
+    if (ne0 % tr.block_size != 0) return gfa::Type::F16;
+    return wanted;
+}
+
+std::vector<uint8_t> encode(const std::vector<float>& values, gfa::Type type, int64_t ne0) {
+    const auto& tr = gfa::type_traits(type);
+    const int64_t rows = int64_t(values.size()) / ne0;
+    const size_t rb = gfa::row_size(type, ne0);
+    std::vector<uint8_t> out(rb * size_t(rows));
+    for (int64_t r = 0; r < rows; ++r)
+        tr.from_float(&values[size_t(r * ne0)], out.data() + size_t(r) * rb, ne0);
+    return out;
+}
+
+// The vocabulary of tokenizer.json (a Hugging Face BPE tokenizer) as tokenizer.ggml.* keys.
+// Byte-fallback vocabularies (LLaMA 2, Mistral) become SentencePiece-style "llama" with
+// score -id for each piece (their pieces are numbered in merge order, which is what
+// SentencePiece's scores encode); byte-level ones (LLaMA 3, Qwen2) become "gpt2" with the
+// merges. Returns false when the directory has no tokenizer.json.
+bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, int64_t n_vocab) {
+    const auto path = dir / "tokenizer.json";
+    if (!std::filesystem::exists(path)) return false;
+    std::ifstream in(path);
+    json tok;
+    try {
+        tok = json::parse(in);
+    } catch (const json::exception& e) {
+        gfa::fail(path.string() + ": does not parse: " + e.what());
+    }
+    const json& model = tok.at("model");
+    if (optional_or<std::string>(model, "type", "BPE") != "BPE")
+        gfa::fail(path.string() + ": only BPE tokenizers are supported");
+    const bool spm = optional_or<bool>(model, "byte_fallback", false);
+
+    std::vector<std::string> tokens;
+    std::vector<int32_t> types;
+    auto put = [&](int64_t id, const std::string& text, int32_t type) {
+        if (id < 0 || id > 10'000'000)
+            gfa::fail(path.string() + ": token id " + std::to_string(id) + " out of range");
+        if (size_t(id) >= tokens.size()) {
+            tokens.resize(size_t(id) + 1);
+            types.resize(size_t(id) + 1, 0);
+        }
+        tokens[size_t(id)] = text;
+        types[size_t(id)] = type;
+    };
+    static const std::regex byte_piece("<0x[0-9A-Fa-f]{2}>");
+    for (const auto& [text, id] : model.at("vocab").items())
+        put(id.get<int64_t>(), text, spm && std::regex_match(text, byte_piece) ? 6 : 1);
+    if (tok.contains("added_tokens"))
+        for (const json& t : tok["added_tokens"])
+            put(t.at("id").get<int64_t>(), t.at("content").get<std::string>(),
+                optional_or<bool>(t, "special", false) ? 3 : 4);
+    if (const auto unk = model.find("unk_token"); unk != model.end() && unk->is_string())
+        for (size_t i = 0; i < tokens.size(); ++i)
+            if (tokens[i] == unk->get<std::string>()) types[i] = 2;
+    // Ids the tokenizer leaves unused up to the model's vocabulary size are padding.
+    if (int64_t(tokens.size()) < n_vocab) {
+        tokens.resize(size_t(n_vocab));
+        types.resize(size_t(n_vocab), 0);
+    }
+    for (size_t i = 0; i < tokens.size(); ++i)
+        if (types[i] == 0) {
+            tokens[i] = "[PAD" + std::to_string(i) + "]";
+            types[i] = 5;
+        }
+
+    auto string_array = [](const std::vector<std::string>& v) {
+        gfa::gguf::Array a;
+        a.type = gfa::gguf::ValueType::String;
+        for (const std::string& s : v) a.items.emplace_back(s);
+        return gfa::gguf::Value(std::move(a));
+    };
+    gfa::gguf::Array type_array{gfa::gguf::ValueType::I32, {}};
+    for (int32_t t : types) type_array.items.emplace_back(t);
+    w.set("tokenizer.ggml.model", spm ? "llama" : "gpt2");
+    w.set("tokenizer.ggml.tokens", string_array(tokens));
+    w.set("tokenizer.ggml.token_type", gfa::gguf::Value(std::move(type_array)));
+    if (spm) {
+        gfa::gguf::Array scores{gfa::gguf::ValueType::F32, {}};
+        for (size_t i = 0; i < tokens.size(); ++i) scores.items.emplace_back(-float(i));
+        w.set("tokenizer.ggml.scores", gfa::gguf::Value(std::move(scores)));
+    } else {
+        std::vector<std::string> merges;
+        if (model.contains("merges"))
+            for (const json& m : model["merges"])
+                merges.push_back(m.is_string()
+                                     ? m.get<std::string>()
+                                     : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>());
+        w.set("tokenizer.ggml.merges", string_array(merges));
+    }
+    // tokenizer_config.json says whether a BOS token starts each text.
+    const auto config = dir / "tokenizer_config.json";
+    if (std::filesystem::exists(config)) {
+        std::ifstream cin(config);
+        try {
+            const json c = json::parse(cin);
+            if (c.contains("add_bos_token") && c["add_bos_token"].is_boolean())
+                w.set("tokenizer.ggml.add_bos_token", c["add_bos_token"].get<bool>());
+        } catch (const json::exception& e) {
+            gfa::fail(config.string() + ": does not parse: " + e.what());
+        }
+    }
+    return true;
+}
+
+void usage() {
+    std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
+                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Qwen2 checkpoint (config.json + "
+                         "*.safetensors)\n");
+}
+
+int run(int argc, char** argv) {
+    std::string dir, out_path;
+    gfa::Type type = gfa::Type::F16;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto next = [&]() -> std::string {
+            if (i + 1 >= argc) gfa::fail(a + " needs a value");
+            return argv[++i];
+        };
+        if (a == "-o" || a == "--outfile")
+            out_path = next();
+        else if (a == "--type" || a == "--outtype")
+            type = parse_type(next());
+        else if (a == "-h" || a == "--help") {
+            usage();
+            return 0;
+        } else if (!a.empty() && a[0] == '-')
+            gfa::fail("unknown option " + a);
+        else if (dir.empty())
+            dir = a;
+        else
+            gfa::fail("more than one model directory given");
+    }
+    if (dir.empty() || out_path.empty()) {
+        usage();
+        return 2;
+    }
+
+    const HParams h = read_config(dir);
+    const Checkpoint ckpt(dir);
+
+    gfa::gguf::Writer w;
+    const std::string& A = h.arch;
+    w.set("general.architecture", A);
+    w.set("general.name", std::filesystem::path(dir).filename().string());
+    w.set("general.file_type", file_type_id(type));
+    w.set(A + ".vocab_size", uint32_t(h.n_vocab));
+    w.set(A + ".context_length", uint32_t(h.n_ctx_train));
+    w.set(A + ".embedding_length", uint32_t(h.n_embd));
+    w.set(A + ".block_count", uint32_t(h.n_layer));
+    w.set(A + ".feed_forward_length", uint32_t(h.n_ff));
+    w.set(A + ".attention.head_count", uint32_t(h.n_head));
+    w.set(A + ".attention.head_count_kv", uint32_t(h.n_head_kv));
+    w.set(A + ".attention.key_length", uint32_t(h.head_dim));
+    w.set(A + ".attention.value_length", uint32_t(h.head_dim));
+    w.set(A + ".attention.layer_norm_rms_epsilon", float(h.norm_eps));
+    w.set(A + ".rope.freq_base", float(h.rope_theta));
+    w.set(A + ".rope.dimension_count", uint32_t(h.head_dim));
+    if (h.rope_linear_factor > 0) {
+        w.set(A + ".rope.scaling.type", "linear");
+        w.set(A + ".rope.scaling.factor", float(h.rope_linear_factor));
+    }
+    if (h.bos) w.set("tokenizer.ggml.bos_token_id", uint32_t(*h.bos));
+    if (h.eos) w.set("tokenizer.ggml.eos_token_id", uint32_t(*h.eos));
+
+    const bool has_vocabulary = write_vocabulary(w, dir, h.n_vocab);
+
+    const bool permute_rotary = h.arch == "llama";
+    std::set<std::string> written;
+    int n_fallback = 0;
+    for (const auto& [hf_name, t] : ckpt.tensors()) {
+        const std::string name = gguf_name(hf_name);
+        if (name.empty()) continue;
+        // A tied checkpoint may still store lm_head; the model reads token_embd instead.
+        if (name == "output.weight" && h.tied) continue;
+        if (t->shape.empty() || t->shape.size() > 2)
+            gfa::fail("tensor " + hf_name + ": expected 1 or 2 dimensions, got " +
+                      std::to_string(t->shape.size()));
+        const int n_dims = int(t->shape.size());
+        const int64_t rows = n_dims == 2 ? t->shape[0] : 1;
+        const int64_t cols = n_dims == 2 ? t->shape[1] : t->shape[0];
+        std::vector<float> values = t->to_f32();
+        const bool is_q = name.find(".attn_q.") != std::string::npos;
+        const bool is_k = name.find(".attn_k.") != std::string::npos;
+        if (permute_rotary && (is_q || is_k)) {
+            // A bias is one column of rows.
+            values = n_dims == 2 ? interleave_rotary_rows(values, rows, cols, h.head_dim)
+                                 : interleave_rotary_rows(values, cols, 1, h.head_dim);
+        }
+        const gfa::Type st = storage_type(type, n_dims, cols);
+        if (st != type && n_dims == 2) ++n_fallback;
+        const std::vector<uint8_t> bytes = encode(values, st, cols);
+        std::vector<int64_t> dims{cols};
+        if (n_dims == 2) dims.push_back(rows);
+        w.add_tensor(name, st, dims, bytes.data(), bytes.size());
+        written.insert(name);
+    }
+
+    // Every tensor the model needs must be there.
+    std::vector<std::string> needed{"token_embd.weight", "output_norm.weight"};
+    if (!h.tied) needed.push_back("output.weight");
+    for (int64_t l = 0; l < h.n_layer; ++l)
+        for (const char* s : {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                              "ffn_gate", "ffn_up", "ffn_down"})
+            needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
+    for (const std::string& n : needed)
+        if (!written.count(n)) gfa::fail(dir + ": the checkpoint has no tensor for " + n);
+
+    w.write(out_path);
+    std::fprintf(
+        stderr, "convert: %s (%s, %lld layers) -> %s: %zu tensors, %s%s%s\n", dir.c_str(), h.model_type.c_str(),
+        (long long)h.n_layer, out_path.c_str(), written.size(), std::string(gfa::type_name(type)).c_str(),
+        n_fallback ? (" (" + std::to_string(n_fallback) + " matrices in f16: rows not whole blocks)").c_str()
+                   : "",
+        has_vocabulary ? ", with the vocabulary of tokenizer.json" : "");
+    return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const gfa::Error& e) {
+        std::fprintf(stderr, "convert: error: %s\n", e.what());
+        return 1;
+    }
+}

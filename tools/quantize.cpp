@@ -1,0 +1,129 @@
+// quantize: rewrites the 2-d weight matrices of a GGUF file in another element type and
+// keeps everything else (metadata, 1-d tensors such as norms, tensors whose rows do not fit
+// the target's block size) unchanged.
+//
+//   quantize IN.gguf OUT.gguf TYPE [--keep NAME]...
+//
+// TYPE is one of f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_K q5_K q6_K. --keep leaves the named
+// tensor as it is (may be repeated).
+#include <ggml-fa/error.h>
+#include <ggml-fa/gguf.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <deque>
+#include <string>
+#include <vector>
+
+using namespace gfa;
+
+namespace {
+
+const Type kTargets[] = {Type::F32,  Type::F16,  Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_1,
+                         Type::Q5_0, Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
+
+Type parse_type(const std::string& name) {
+    for (Type t : kTargets)
+        if (type_name(t) == name) return t;
+    std::string message = "unknown target type '";
+    message += name;
+    message += "' (one of:";
+    for (Type t : kTargets) (message += ' ') += type_name(t);
+    fail(message + ")");
+}
+
+// llama.cpp records the dominant weight type as general.file_type; keep it truthful.
+uint32_t file_type_for(Type t) {
+    switch (t) {
+    case Type::F32:
+        return 0;
+    case Type::F16:
+        return 1;
+    case Type::Q4_0:
+        return 2;
+    case Type::Q4_1:
+        return 3;
+    case Type::Q8_0:
+        return 7;
+    case Type::Q5_0:
+        return 8;
+    case Type::Q5_1:
+        return 9;
+    case Type::Q4_K:
+        return 14; // "Q4_K_S": every matrix Q4_K
+    case Type::Q5_K:
+        return 16; // "Q5_K_S"
+    case Type::Q6_K:
+        return 18;
+    case Type::BF16:
+        return 32;
+    default:
+        return 0;
+    }
+}
+
+int usage() {
+    std::fprintf(stderr, "usage: quantize IN.gguf OUT.gguf TYPE [--keep TENSOR]...\n");
+    return 2;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    std::vector<std::string> args(argv + 1, argv + argc);
+    if (args.size() < 3) return usage();
+    std::vector<std::string> keep;
+    for (size_t i = 3; i < args.size(); ++i) {
+        if (args[i] != "--keep" || i + 1 >= args.size()) return usage();
+        keep.push_back(args[++i]);
+    }
+    try {
+        const auto start = std::chrono::steady_clock::now();
+        const Type target = parse_type(args[2]);
+        const TypeTraits& out_traits = type_traits(target);
+        const gguf::File in = gguf::File::open(args[0]);
+
+        gguf::Writer out;
+        out.metadata() = in.metadata();
+        out.set("general.file_type", uint32_t(file_type_for(target)));
+
+        std::deque<std::vector<uint8_t>> converted; // stable storage until the write
+        std::vector<float> row;
+        size_t bytes_in = 0, bytes_out = 0, n_converted = 0;
+        for (const gguf::TensorInfo& t : in.tensors()) {
+            std::vector<int64_t> dims(t.ne.begin(), t.ne.begin() + t.n_dims);
+            const TypeTraits& in_traits = type_traits(t.type);
+            const bool wanted = t.n_dims == 2 && t.type != target &&
+                                std::find(keep.begin(), keep.end(), t.name) == keep.end();
+            const bool possible = in_traits.to_float && t.ne[0] % out_traits.block_size == 0;
+            bytes_in += t.nbytes;
+            if (!wanted || !possible) {
+                out.add_tensor_view(t.name, t.type, dims, t.data, t.nbytes);
+                bytes_out += t.nbytes;
+                continue;
+            }
+            // Row by row: the float copy of a whole matrix is never needed.
+            const size_t in_row = row_size(t.type, t.ne[0]), out_row = row_size(target, t.ne[0]);
+            std::vector<uint8_t>& q = converted.emplace_back(out_row * size_t(t.ne[1]));
+            row.resize(size_t(t.ne[0]));
+            for (int64_t r = 0; r < t.ne[1]; ++r) {
+                in_traits.to_float(static_cast<const uint8_t*>(t.data) + size_t(r) * in_row, row.data(),
+                                   t.ne[0]);
+                out_traits.from_float(row.data(), q.data() + size_t(r) * out_row, t.ne[0]);
+            }
+            out.add_tensor_view(t.name, target, dims, q.data(), q.size());
+            bytes_out += q.size();
+            ++n_converted;
+        }
+        out.write(args[1]);
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        std::printf("%s: %zu of %zu tensors to %s, %.2f MiB -> %.2f MiB in %.2f s\n", args[1].c_str(),
+                    n_converted, in.tensors().size(), std::string(out_traits.name).c_str(),
+                    bytes_in / 1048576.0, bytes_out / 1048576.0, secs);
+    } catch (const Error& e) {
+        std::fprintf(stderr, "quantize: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,323 @@
+// ggml-fa-run: generate text with a Llama-family GGUF model.
+//
+//   ggml-fa-run -m MODEL.gguf (-p PROMPT | --tokens 1,2,3) [-n 128] [options]
+//
+// Prints the prompt and the generated text, then the prompt and generation speeds
+// (tokens/s). With --tokens the prompt is given as token ids (needed when the file has no
+// vocabulary) and the generated ids are printed, comma-separated. --logits-out FILE writes the logits of
+// every prompt position as raw f32, [n_prompt][n_vocab] row-major, for comparisons with other
+// implementations.
+#include <ggml-fa/backend.h>
+#include <ggml-fa/error.h>
+#include <ggml-fa/model.h>
+#include <ggml-fa/tokenizer.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace gfa;
+
+namespace {
+
+struct Options {
+    std::string model_path, prompt, logits_out, backend = "cpu";
+    std::vector<int32_t> tokens;
+    bool have_tokens = false;
+    int n_predict = 128;
+    float temperature = 0.0f; // 0: greedy
+    int top_k = 40;
+    float top_p = 0.95f;
+    uint64_t seed = 0;
+    bool have_seed = false;
+    int gpu_layers = -1; // -1: all of them when a GPU backend is chosen
+    int64_t n_ctx = 0, n_batch = 256;
+    int n_threads = 0;
+    Type kv_type = Type::F16;
+    bool ignore_eos = false, verbose = false;
+};
+
+void usage() {
+    std::fprintf(stderr,
+                 "usage: ggml-fa-run -m MODEL.gguf (-p PROMPT | --tokens ID,ID,...) [options]\n"
+                 "  -n N               tokens to generate (default 128; 0: only run the prompt)\n"
+                 "  --temp T           sampling temperature (default 0: greedy)\n"
+                 "  --top-k K          keep the K most likely tokens (default 40; 0: all)\n"
+                 "  --top-p P          keep the smallest set with probability >= P (default 0.95)\n"
+                 "  --seed S           sampling seed (default: random)\n"
+                 "  --backend cpu|cuda where the weights live (default cpu)\n"
+                 "  --gpu-layers N     blocks on the GPU backend (default: all)\n"
+                 "  -c, --ctx N        KV cache length (default min(training context, 4096))\n"
+                 "  -b, --batch N      prompt tokens per graph (default 256)\n"
+                 "  -t, --threads N    CPU threads (default: all cores)\n"
+                 "  --kv-type T        f16 (default), f32 or q8_0\n"
+                 "  --logits-out FILE  write the prompt positions' logits (f32, [n_prompt][n_vocab])\n"
+                 "  --ignore-eos       keep generating after the end-of-sequence token\n"
+                 "  -v, --verbose      print the schedule and memory use\n");
+}
+
+std::vector<int32_t> parse_ids(const std::string& s) {
+    std::vector<int32_t> out;
+    size_t i = 0;
+    while (i < s.size()) {
+        size_t end = s.find(',', i);
+        if (end == std::string::npos) end = s.size();
+        const std::string item = s.substr(i, end - i);
+        try {
+            size_t used = 0;
+            const long v = std::stol(item, &used);
+            if (used != item.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(item);
+            out.push_back(int32_t(v));
+        } catch (const std::exception&) {
+            fail("--tokens: \"" + item + "\" is not a token id");
+        }
+        i = end + 1;
+    }
+    if (out.empty()) fail("--tokens: no token ids given");
+    return out;
+}
+
+Options parse(int argc, char** argv) {
+    Options o;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto next = [&]() -> std::string {
+            if (i + 1 >= argc) fail(a + " needs a value");
+            return argv[++i];
+        };
+        auto number = [&]() -> double {
+            const std::string v = next();
+            try {
+                size_t used = 0;
+                const double d = std::stod(v, &used);
+                if (used == v.size()) return d;
+            } catch (const std::exception&) {
+            }
+            fail(a + ": \"" + v + "\" is not a number");
+        };
+        if (a == "-m" || a == "--model")
+            o.model_path = next();
+        else if (a == "-p" || a == "--prompt")
+            o.prompt = next();
+        else if (a == "--tokens") {
+            o.tokens = parse_ids(next());
+            o.have_tokens = true;
+        } else if (a == "-n" || a == "--n-predict")
+            o.n_predict = int(number());
+        else if (a == "--temp")
+            o.temperature = float(number());
+        else if (a == "--top-k")
+            o.top_k = int(number());
+        else if (a == "--top-p")
+            o.top_p = float(number());
+        else if (a == "--seed") {
+            o.seed = uint64_t(number());
+            o.have_seed = true;
+        } else if (a == "--backend")
+            o.backend = next();
+        else if (a == "--gpu-layers" || a == "-ngl")
+            o.gpu_layers = int(number());
+        else if (a == "-c" || a == "--ctx")
+            o.n_ctx = int64_t(number());
+        else if (a == "-b" || a == "--batch")
+            o.n_batch = int64_t(number());
+        else if (a == "-t" || a == "--threads")
+            o.n_threads = int(number());
+        else if (a == "--kv-type") {
+            const std::string t = next();
+            if (t == "f16")
+                o.kv_type = Type::F16;
+            else if (t == "f32")
+                o.kv_type = Type::F32;
+            else if (t == "q8_0")
+                o.kv_type = Type::Q8_0;
+            else
+                fail("--kv-type " + t + ": expected f16, f32 or q8_0");
+        } else if (a == "--logits-out")
+            o.logits_out = next();
+        else if (a == "--ignore-eos")
+            o.ignore_eos = true;
+        else if (a == "-v" || a == "--verbose")
+            o.verbose = true;
+        else if (a == "-h" || a == "--help") {
+            usage();
+            std::exit(0);
+        } else
+            fail("unknown option " + a + " (see --help)");
+    }
+    if (o.model_path.empty()) fail("no model given (-m MODEL.gguf)");
+    if (o.have_tokens == !o.prompt.empty()) fail("give either a prompt (-p) or token ids (--tokens)");
+    if (o.n_predict < 0) fail("-n must be >= 0");
+    if (o.top_p <= 0.0f || o.top_p > 1.0f) fail("--top-p must be in (0, 1]");
+    return o;
+}
+
+struct Sampler {
+    float temperature;
+    int top_k;
+    float top_p;
+    std::mt19937_64 rng;
+
+    int32_t sample(const float* logits, int64_t n_vocab) {
+        if (temperature <= 0.0f) return int32_t(std::max_element(logits, logits + n_vocab) - logits);
+        std::vector<int32_t> ids(static_cast<size_t>(n_vocab));
+        std::iota(ids.begin(), ids.end(), 0);
+        auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b]; };
+        size_t keep = ids.size();
+        if (top_k > 0 && size_t(top_k) < keep) {
+            keep = size_t(top_k);
+            std::partial_sort(ids.begin(), ids.begin() + std::ptrdiff_t(keep), ids.end(), by_logit);
+        } else {
+            std::sort(ids.begin(), ids.end(), by_logit);
+        }
+        // Softmax of the kept logits at this temperature, most likely first.
+        std::vector<double> p(keep);
+        const double top = logits[ids[0]];
+        double total = 0;
+        for (size_t i = 0; i < keep; ++i) total += p[i] = std::exp((logits[ids[i]] - top) / temperature);
+        double cumulative = 0;
+        size_t nucleus = keep;
+        for (size_t i = 0; i < keep; ++i) {
+            cumulative += p[i] / total;
+            if (cumulative >= top_p) {
+                nucleus = i + 1;
+                break;
+            }
+        }
+        std::discrete_distribution<size_t> pick(p.begin(), p.begin() + std::ptrdiff_t(nucleus));
+        return ids[pick(rng)];
+    }
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+int run(int argc, char** argv) {
+    const Options o = parse(argc, argv);
+
+    ModelLoadOptions load;
+    if (o.backend == "cuda") {
+        load.gpu = find_device("CUDA0");
+        if (!load.gpu) fail("--backend cuda: no CUDA device in this build or on this machine");
+        load.gpu_layers = o.gpu_layers < 0 ? INT32_MAX : o.gpu_layers;
+    } else if (o.backend != "cpu") {
+        fail("--backend " + o.backend + ": expected cpu or cuda");
+    } else if (o.gpu_layers > 0) {
+        fail("--gpu-layers needs --backend cuda");
+    }
+    auto t_load = std::chrono::steady_clock::now();
+    std::unique_ptr<Model> model = Model::load(o.model_path, load);
+    const ModelConfig& c = model->config();
+    // The vocabulary, when the file carries one.
+    std::optional<Tokenizer> tokenizer;
+    if (model->file().metadata().find("tokenizer.ggml.tokens"))
+        tokenizer = Tokenizer::from_gguf(model->file().metadata());
+    std::fprintf(
+        stderr,
+        "model: %s, %lld layers, %lld heads (%lld kv) of %lld, vocab %lld, %.1f MiB, loaded in %.2f s\n",
+        c.arch.c_str(), (long long)c.n_layer, (long long)c.n_head, (long long)c.n_head_kv,
+        (long long)c.head_dim, (long long)c.n_vocab, double(model->weight_bytes()) / (1 << 20),
+        seconds_since(t_load));
+
+    std::vector<int32_t> prompt = o.tokens;
+    if (!o.have_tokens) {
+        if (!tokenizer)
+            fail("the model file has no vocabulary (tokenizer.ggml.*); give the prompt as ids with --tokens");
+        bool add_bos = tokenizer->bos() >= 0;
+        if (const gguf::Value* v = model->file().metadata().find("tokenizer.ggml.add_bos_token"))
+            add_bos = add_bos && v->as<bool>();
+        prompt = tokenizer->encode(o.prompt, add_bos, true);
+        if (prompt.empty()) fail("the prompt encodes to no tokens");
+        if (o.verbose) {
+            std::fprintf(stderr, "prompt tokens:");
+            for (int32_t t : prompt) std::fprintf(stderr, " %d", t);
+            std::fprintf(stderr, "\n");
+        }
+        std::fputs(o.prompt.c_str(), stdout);
+    }
+
+    SessionOptions so;
+    so.n_ctx = o.n_ctx > 0 ? o.n_ctx : std::min<int64_t>(std::max<int64_t>(c.n_ctx_train, 1), 4096);
+    so.n_ctx = std::max<int64_t>(so.n_ctx, int64_t(prompt.size()) + o.n_predict);
+    so.n_batch = o.n_batch;
+    so.n_threads = o.n_threads;
+    so.kv_type = o.kv_type;
+    so.log_fallbacks = o.verbose;
+    Session session(*model, so);
+    if (o.verbose)
+        std::fprintf(stderr, "session: context %lld, KV cache %.1f MiB, compute buffers %.1f MiB\n",
+                     (long long)session.n_ctx(), double(session.kv_bytes()) / (1 << 20),
+                     double(session.compute_bytes()) / (1 << 20));
+
+    // Prompt.
+    const bool all_logits = !o.logits_out.empty();
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<float> logits = session.eval(prompt, all_logits);
+    const double t_prompt = seconds_since(t0);
+    if (o.verbose)
+        std::fprintf(stderr, "schedule of the prompt graph:\n%s", session.describe_schedule().c_str());
+    if (all_logits) {
+        FILE* f = std::fopen(o.logits_out.c_str(), "wb");
+        if (!f) fail("--logits-out: cannot open " + o.logits_out);
+        const size_t written = std::fwrite(logits.data(), sizeof(float), logits.size(), f);
+        std::fclose(f);
+        if (written != logits.size()) fail("--logits-out: short write to " + o.logits_out);
+    }
+    const float* last = logits.data() + logits.size() - size_t(c.n_vocab);
+
+    // Generation.
+    Sampler sampler{o.temperature, o.top_k, o.top_p,
+                    std::mt19937_64(o.have_seed ? o.seed : std::random_device{}())};
+    std::vector<float> step(last, last + c.n_vocab);
+    std::vector<int32_t> generated;
+    const bool print_ids = !tokenizer || o.have_tokens;
+    int64_t eos = tokenizer ? tokenizer->eos() : -1;
+    if (const gguf::Value* v = model->file().metadata().find("tokenizer.ggml.eos_token_id"); v && eos < 0)
+        eos = v->as_int();
+    auto t1 = std::chrono::steady_clock::now();
+    int n_decoded = 0;
+    for (int i = 0; i < o.n_predict; ++i) {
+        const int32_t id = sampler.sample(step.data(), c.n_vocab);
+        generated.push_back(id);
+        if (print_ids)
+            std::printf("%s%d", i ? "," : "", id);
+        else
+            std::fputs(tokenizer->decode({id}).c_str(), stdout);
+        std::fflush(stdout);
+        if (!o.ignore_eos && id == eos) break;
+        if (i + 1 == o.n_predict) break;
+        const int32_t one[1] = {id};
+        step = session.eval(one);
+        ++n_decoded;
+    }
+    const double t_gen = seconds_since(t1);
+    if (o.n_predict > 0) std::printf("\n");
+    std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tokens/s)\n", prompt.size(), t_prompt,
+                 double(prompt.size()) / t_prompt);
+    if (n_decoded > 0)
+        std::fprintf(stderr, "generation: %d tokens in %.3f s (%.1f tokens/s)\n", n_decoded, t_gen,
+                     double(n_decoded) / t_gen);
+    if (o.verbose)
+        std::fprintf(stderr, "compute buffer allocations: %d (reserved once at session start)\n",
+                     session.n_compute_allocations());
+    return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const gfa::Error& e) {
+        std::fprintf(stderr, "ggml-fa-run: error: %s\n", e.what());
+        return 1;
+    }
+}
