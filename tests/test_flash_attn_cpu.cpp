@@ -341,6 +341,68 @@ TEST_CASE("CPU FA2 over features, head sizes, GQA ratios and K/V types", "[attn]
     }
 }
 
+TEST_CASE("CPU FA2 decode path: K/V types, GQA ratios, odd lengths, features", "[attn][fa2][decode]") {
+    const unsigned seed = std::random_device{}();
+    std::mt19937 rng(seed);
+    INFO("seed " << seed);
+    gfa::ThreadPool pool(2);
+    std::vector<CaseSpec> specs;
+    auto add = [&](auto&& edit) {
+        CaseSpec s;
+        s.Dk = s.Dv = 64, s.Sq = 1, s.Skv = 113, s.Hq = 4, s.Hkv = 1;
+        edit(s);
+        specs.push_back(s);
+    };
+    // Every K/V storage type (K and V mixed too) at odd lengths, with 1 and 3 kv heads
+    // (3 heads on 2 threads splits the keys; 1 head always does).
+    for (Type t : {Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0})
+        for (int64_t skv : {1, 3, 17, 113, 1000})
+            for (int64_t hkv : {1, 3})
+                add([&](CaseSpec& s) { s.k_type = s.v_type = t, s.Skv = skv, s.Hkv = hkv, s.Hq = 4 * hkv; });
+    add([](CaseSpec& s) { s.k_type = Type::Q4_0, s.v_type = Type::F16, s.Dk = s.Dv = 128, s.Skv = 777; });
+    add([](CaseSpec& s) { s.k_type = Type::F16, s.v_type = Type::Q8_0, s.Dk = s.Dv = 128, s.Skv = 777; });
+    // GQA ratios 1..8 and Sq > 1 (rows = Sq * ratio <= 8), several batches.
+    for (int64_t ratio : {1, 2, 3, 5, 8})
+        add([&](CaseSpec& s) { s.Hkv = 2, s.Hq = 2 * ratio, s.B = 2, s.k_type = s.v_type = Type::F16; });
+    add([](CaseSpec& s) { s.Sq = 2, s.Hq = 8, s.Hkv = 2, s.params.causal = true, s.Skv = 255; });
+    add([](CaseSpec& s) {
+        s.Sq = 3, s.Hq = 2, s.Hkv = 1, s.params.causal = true, s.Skv = 2;
+    }); // a row sees nothing
+    // Head sizes that are multiples of 8 but not of 32 (float types only), Dk != Dv.
+    add([](CaseSpec& s) { s.Dk = s.Dv = 40, s.k_type = s.v_type = Type::F16; });
+    // Eight rows per kv head take the one-block score kernel: with a row tail and quantized.
+    add([](CaseSpec& s) { s.Dk = s.Dv = 40, s.Hq = 8, s.Skv = 17, s.k_type = s.v_type = Type::F32; });
+    add([](CaseSpec& s) {
+        s.Hq = 16, s.Hkv = 2, s.Skv = 1001, s.k_type = Type::Q4_0, s.v_type = Type::Q8_0;
+    });
+    add([](CaseSpec& s) { s.Dk = 72, s.Dv = 24, s.k_type = Type::BF16, s.v_type = Type::F32; });
+    add([](CaseSpec& s) { s.Dk = 256, s.Dv = 256, s.k_type = s.v_type = Type::Q8_0, s.Skv = 300; });
+    // Masks, ALiBi, softcap, sinks, windows.
+    add([](CaseSpec& s) { s.mask = true, s.mask_per_head = true, s.mask_type = Type::F16, s.Skv = 257; });
+    add([](CaseSpec& s) { s.mask = true, s.mask_full_rows = true, s.Sq = 2, s.Hq = 2, s.sinks = true; });
+    add([](CaseSpec& s) {
+        s.mask = true, s.params.max_bias = 8.0f, s.Hq = 8, s.Hkv = 2, s.mask_neg_inf_fraction = 0.0f;
+    });
+    add([](CaseSpec& s) { s.params.logit_softcap = 2.0f, s.params.scale = 0.5f, s.k_type = Type::Q4_0; });
+    add([](CaseSpec& s) { s.sinks = true, s.Skv = 1000, s.k_type = s.v_type = Type::Q8_0; });
+    add([](CaseSpec& s) { s.Sq = 2, s.Hq = 4, s.Hkv = 2, s.params.window_left = 30, s.Skv = 200; });
+    add([](CaseSpec& s) { s.q_type = Type::F16, s.o_type = Type::F16, s.k_type = s.v_type = Type::F16; });
+
+    for (const CaseSpec& s : specs) {
+        INFO(s.describe());
+        auto c = make_case(s, rng);
+        REQUIRE(gfa::cpu::flash_attn_uses_decode_path(c->p));
+        check_forward(s, rng, pool);
+    }
+    // One thread (no split) and three threads (a split that does not divide the tiles).
+    for (int nth : {1, 3}) {
+        gfa::ThreadPool other(nth);
+        CaseSpec s;
+        s.Dk = s.Dv = 128, s.Sq = 1, s.Skv = 1001, s.Hq = 8, s.Hkv = 2, s.k_type = s.v_type = Type::Q8_0;
+        check_forward(s, rng, other);
+    }
+}
+
 TEST_CASE("CPU FA2: fully masked rows give zeros, -inf LSE and zero gradients", "[attn][fa2]") {
     const unsigned seed = std::random_device{}();
     std::mt19937 rng(seed);

@@ -5,7 +5,7 @@
 // FLOPs: forward 4*B*H*Sq*Skv*D (halved when causal), backward 2.5x forward. Each point
 // is run --reps times (default 7) and the median is reported: the machine may be shared.
 //
-// usage: bench_attn_cpu [--reps N] [--quick]
+// usage: bench_attn_cpu [--reps N] [--quick] [--decode-only] [--cpu-time]
 #include "backends/cpu/flash_attn_cpu.h"
 #include "thread_pool.h"
 
@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <string>
 #include <vector>
@@ -30,13 +31,25 @@ using namespace gfa::attn::testing;
 
 namespace {
 
+// Wall-clock seconds, or with --cpu-time the CPU seconds of the whole process: on a
+// machine shared with other work, CPU time of a 1-thread run is close to what the run
+// would take alone (it excludes time spent descheduled, not cache interference).
+bool use_cpu_time = false;
+double now_seconds() {
+    if (!use_cpu_time)
+        return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
 double median_seconds(int reps, const std::function<void()>& fn) {
     fn(); // warm-up: page faults, caches
     std::vector<double> t;
     for (int r = 0; r < reps; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
+        const double t0 = now_seconds();
         fn();
-        t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        t.push_back(now_seconds() - t0);
     }
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
@@ -81,10 +94,12 @@ void blas_attention(const Problem& p, ThreadPool& pool) {
 
 int main(int argc, char** argv) {
     int reps = 7;
-    bool quick = false;
+    bool quick = false, decode_only = false;
     for (int a = 1; a < argc; ++a) {
         if (!std::strcmp(argv[a], "--reps") && a + 1 < argc) reps = std::max(1, std::atoi(argv[++a]));
         if (!std::strcmp(argv[a], "--quick")) quick = true;
+        if (!std::strcmp(argv[a], "--decode-only")) decode_only = true;
+        if (!std::strcmp(argv[a], "--cpu-time")) use_cpu_time = true;
     }
     std::mt19937 rng(1234);
     const std::vector<int64_t> dims = quick ? std::vector<int64_t>{128} : std::vector<int64_t>{64, 128, 256};
@@ -92,42 +107,48 @@ int main(int argc, char** argv) {
         quick ? std::vector<int64_t>{2048} : std::vector<int64_t>{512, 1024, 2048};
     const int64_t heads = 2;
 
-    std::printf("# forward/backward, B=1, H=%lld, f32 Q/K/V, non-causal, median of %d runs\n",
-                (long long)heads, reps);
-    std::printf("%-4s %-5s %-4s %-7s | %9s %9s %9s | %9s %9s\n", "D", "S", "thr", "K/V", "fwd GF/s",
-                "bwd GF/s", "bwd/fwd", "blas GF/s", "fa2/blas");
+    std::printf("# timer: %s\n", use_cpu_time ? "process CPU time" : "wall clock");
+    std::printf("# forward/backward, B=1, H=%lld, f32 Q, median of %d runs\n", (long long)heads, reps);
+    std::printf("%-4s %-5s %-4s %-7s %-6s | %9s %9s %9s | %9s %9s\n", "D", "S", "thr", "K/V", "causal",
+                "fwd GF/s", "bwd GF/s", "bwd/fwd", "blas GF/s", "fa2/blas");
     for (int nth : {1, 2}) {
+        if (decode_only) break;
         ThreadPool pool(nth);
         for (int64_t D : dims)
             for (int64_t S : seqs)
-                for (Type kv : {Type::F32, Type::F16}) {
-                    if (kv == Type::F16 && !(D == 128 && S == 2048)) continue;
-                    CaseSpec s;
-                    s.Dk = s.Dv = D, s.Sq = s.Skv = S, s.Hq = s.Hkv = heads;
-                    s.k_type = s.v_type = kv;
-                    auto c = make_case(s, rng, true);
-                    const double flops = 4.0 * double(heads) * double(S) * double(S) * double(D);
-                    const double tf = median_seconds(reps, [&] { cpu::flash_attn_forward(c->p, pool); });
-                    c->bp.fwd = c->p;
-                    const double tb = median_seconds(reps, [&] { cpu::flash_attn_backward(c->bp, pool); });
-                    const double gf = flops / tf * 1e-9, gb = 2.5 * flops / tb * 1e-9;
-                    double blas = NAN;
+                for (Type kv : {Type::F32, Type::F16})
+                    for (bool causal : {false, true}) {
+                        const bool anchor = D == 128 && S == 2048;
+                        if ((kv == Type::F16 || causal) && !anchor) continue;
+                        CaseSpec s;
+                        s.Dk = s.Dv = D, s.Sq = s.Skv = S, s.Hq = s.Hkv = heads;
+                        s.k_type = s.v_type = kv;
+                        s.params.causal = causal;
+                        auto c = make_case(s, rng, true);
+                        const double flops =
+                            4.0 * double(heads) * double(S) * double(S) * double(D) * (causal ? 0.5 : 1.0);
+                        const double tf = median_seconds(reps, [&] { cpu::flash_attn_forward(c->p, pool); });
+                        c->bp.fwd = c->p;
+                        const double tb =
+                            median_seconds(reps, [&] { cpu::flash_attn_backward(c->bp, pool); });
+                        const double gf = flops / tf * 1e-9, gb = 2.5 * flops / tb * 1e-9;
+                        double blas = NAN;
 #if GFA_HAVE_BLAS
-                    if (kv == Type::F32)
-                        blas = flops / median_seconds(reps, [&] { blas_attention(c->p, pool); }) * 1e-9;
+                        if (kv == Type::F32)
+                            blas = flops / median_seconds(reps, [&] { blas_attention(c->p, pool); }) * 1e-9;
 #endif
-                    std::printf("%-4lld %-5lld %-4d %-7s | %9.1f %9.1f %9.2f | %9.1f %9.2f\n", (long long)D,
-                                (long long)S, nth, std::string(type_name(kv)).c_str(), gf, gb, gb / gf, blas,
-                                gf / blas);
-                    std::fflush(stdout);
-                }
+                        std::printf("%-4lld %-5lld %-4d %-7s %-6d | %9.1f %9.1f %9.2f | %9.1f %9.2f\n",
+                                    (long long)D, (long long)S, nth, std::string(type_name(kv)).c_str(),
+                                    int(causal), gf, gb, gb / gf, blas, gf / blas);
+                        std::fflush(stdout);
+                    }
     }
 
-    std::printf("\n# decode: 1 query x 4096 keys, GQA 32/8, D=128, median of %d runs\n", reps);
+    std::printf("\n# decode: 1 query x 4096 keys, GQA 32/8, D=128, median of %d runs\n", reps * 3);
     std::printf("%-4s %-7s | %9s %9s\n", "thr", "K/V", "us", "GB/s K+V");
     for (int nth : {1, 2}) {
         ThreadPool pool(nth);
-        for (Type kv : {Type::F16, Type::Q8_0}) {
+        for (Type kv : {Type::F16, Type::Q8_0, Type::Q4_0}) {
             CaseSpec s;
             s.Dk = s.Dv = 128, s.Sq = 1, s.Skv = 4096, s.Hq = 32, s.Hkv = 8;
             s.k_type = s.v_type = kv;

@@ -7,6 +7,12 @@
 // tile transposed once), which makes the softmax's per-query max and sum plain lane-wise
 // vector operations over 8 queries at a time.
 //
+// Decoding (at most 8 query rows per kv head) has its own path: the rows of a GQA group
+// share a tile, so each kv head's K and V are streamed once; scores are dot products read
+// straight from K's storage (F16C conversion, q8_0/q4_0 blocks dequantized in the loop),
+// with the query rows in row-major order, and the keys are split across threads when the
+// kv heads alone do not keep them evenly busy.
+//
 // Scores are in base 2: log2(e) is folded into the scale of Q, so each probability is a
 // single exp2. A row that has seen nothing visible keeps m = -inf; exponents then use 0
 // in place of m so no inf - inf (NaN) appears.
@@ -20,6 +26,9 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <new>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace gfa::cpu {
@@ -34,9 +43,29 @@ constexpr int64_t kTileKV = 36; // keys per tile; a multiple of the micro-kernel
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-int64_t round_up(int64_t x, int64_t m) {
+constexpr int64_t round_up(int64_t x, int64_t m) {
     return (x + m - 1) / m * m;
 }
+
+// A leading dimension (in floats, >= n) that is an odd number of 64-byte lines. The GEMMs
+// walk a 16-column panel of B down its rows; with an even line count per row (96 floats
+// = 6 lines, 4096 floats = 64 lines) those rows fall into half, or just one, of the L1's
+// 64 sets and evict each other. An odd count spreads them over every set.
+constexpr int64_t conflict_free_ld(int64_t n) {
+    const int64_t ld = round_up(n, 16);
+    return (ld / 16) % 2 == 1 ? ld : ld + 16;
+}
+
+// Float buffers on 64-byte boundaries, so 8-lane rows never straddle two cache lines.
+template <class T> struct LineAligned {
+    using value_type = T;
+    LineAligned() = default;
+    template <class U> LineAligned(const LineAligned<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U> bool operator==(const LineAligned<U>&) const { return true; }
+};
+using FloatBuffer = std::vector<float, LineAligned<float>>;
 
 // ---- GEMM micro-kernel ------------------------------------------------------------------
 
@@ -175,20 +204,22 @@ struct RowInfo {
     const char* mask = nullptr;
 };
 
-// Adds slope * mask (base 2) and sets invisible pairs to -inf on a key-major score tile
-// st[j][r] for keys [j0, j0 + nk). `partial` says some pair in the tile is invisible.
-void apply_mask(const Problem& p, const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk, float* st,
-                int64_t ld, bool partial) {
+// Adds slope * mask (base 2) and sets invisible pairs to -inf on a score tile for keys
+// [j0, j0 + nk), score (r, j) at s[r * row_stride + j * key_stride]. `partial` says some
+// pair in the tile is invisible.
+void apply_mask(const Problem& p, const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk, float* s,
+                int64_t row_stride, int64_t key_stride, bool partial) {
     if (p.mask.present())
         for (int64_t r = 0; r < n_rows; ++r) {
             const RowInfo& ri = rows[r];
             for (int64_t j = 0; j < nk; ++j)
-                st[j * ld + r] += ri.slope2 * mask_value(p.mask.type, ri.mask, j0 + j);
+                s[r * row_stride + j * key_stride] += ri.slope2 * mask_value(p.mask.type, ri.mask, j0 + j);
         }
     if (partial)
         for (int64_t r = 0; r < n_rows; ++r)
             for (int64_t j = 0; j < nk; ++j)
-                if (j0 + j < rows[r].keys.lo || j0 + j > rows[r].keys.hi) st[j * ld + r] = kNegInf;
+                if (j0 + j < rows[r].keys.lo || j0 + j > rows[r].keys.hi)
+                    s[r * row_stride + j * key_stride] = kNegInf;
 }
 
 // True when some (row, key) pair of the tile is outside the visible band.
@@ -232,12 +263,48 @@ struct ForwardPlan {
     std::vector<QTile> tiles;
     int64_t splits = 1; // split-KV factor per tile
     int64_t Dv8 = 0;
+    bool decode = false; // tiles run through decode_tile
 };
+
+// Decoding (a few query rows per kv head): the rows of a whole GQA group form one tile,
+// so K and V are streamed once per kv head, and the scores are dot products computed
+// straight from K's storage type (no converted copy, no transposed Q).
+constexpr int64_t kDecodeMaxRows = 8;  // Sq * (Hq / Hkv) at most this
+constexpr int64_t kDecodeTileKV = 32;  // keys per tile: K and V tiles of a head stay in L1
+constexpr int64_t kDecodeRowBlock = 4; // query rows per register block
+
+bool decode_kv_type(Type t) {
+    return t == Type::F32 || t == Type::F16 || t == Type::BF16 || t == Type::Q8_0 || t == Type::Q4_0;
+}
+
+bool use_decode_path(const Problem& p) {
+#if GFA_SIMD_AVX2
+    return p.Sq * (p.Hq / p.Hkv) <= kDecodeMaxRows && p.Dk % 8 == 0 && p.Dv % 8 == 0 &&
+           decode_kv_type(p.k.type) && decode_kv_type(p.v.type);
+#else
+    (void)p;
+    return false;
+#endif
+}
 
 ForwardPlan plan_forward(const Problem& p, int n_threads) {
     ForwardPlan plan;
     plan.Dv8 = round_up(p.Dv, 8);
     const int64_t group = p.Hq / p.Hkv;
+    if (use_decode_path(p)) {
+        plan.decode = true;
+        for (int64_t b = 0; b < p.B; ++b)
+            for (int64_t g = 0; g < p.Hkv; ++g) plan.tiles.push_back({b, g, g * group, group, 0, p.Sq});
+        // Split the keys when the kv heads do not divide evenly over the threads: aim at
+        // about four items per thread, each split keeping at least four key tiles.
+        const int64_t n_tiles = int64_t(plan.tiles.size());
+        if (n_tiles % n_threads != 0) {
+            const int64_t kv_tiles = (p.Skv + kDecodeTileKV - 1) / kDecodeTileKV;
+            plan.splits = std::clamp<int64_t>((4 * n_threads + n_tiles - 1) / n_tiles, 1,
+                                              std::max<int64_t>(1, kv_tiles / 4));
+        }
+        return plan;
+    }
     const int64_t ni = std::min(p.Sq, kTileQ);
     const int64_t heads_per_tile = std::clamp<int64_t>(kTileQ / ni, 1, group);
     for (int64_t b = 0; b < p.B; ++b)
@@ -257,12 +324,12 @@ ForwardPlan plan_forward(const Problem& p, int n_threads) {
 
 // Per-thread buffers of the forward.
 struct ForwardWorkspace {
-    std::vector<float> qt;   // [Dk][kTileQ]   Q tile, transposed and pre-scaled
-    std::vector<float> kbuf; // [kTileKV][Dk]  converted K tile (f32 K is read in place)
-    std::vector<float> vbuf; // [kTileKV][Dv8] converted V tile
-    std::vector<float> st;   // [kTileKV][kTileQ] scores S^T, then probabilities P^T
-    std::vector<float> oacc; // [kTileQ][Dv8]  unnormalized output
-    std::vector<float> row;  // [max(Dk, Dv8)] one converted row
+    FloatBuffer qt;   // [Dk][kTileQ]   Q tile, transposed and pre-scaled
+    FloatBuffer kbuf; // [kTileKV][Dk]    converted K tile (f32 K is read in place)
+    FloatBuffer vbuf; // [kTileKV][Dv8]   converted V tile
+    FloatBuffer st;   // [kTileKV][kTileQ] scores S^T, then probabilities P^T
+    FloatBuffer oacc; // [kTileQ][Dv8]    unnormalized output
+    FloatBuffer row;  // [max(Dk, Dv8)]   one converted row
     std::vector<RowInfo> rows;
     float m[kTileQ], l[kTileQ], alpha[kTileQ];
 
@@ -300,6 +367,36 @@ void write_row_output(const Problem& p, int64_t b, const RowInfo& ri, float m, f
     if (p.lse.present()) *lse_at(p.lse, ri.i, ri.h, b) = l > 0.0f ? (m + std::log2(l)) / kLog2e : kNegInf;
 }
 
+// The key tiles (of tile_kv keys) any of the rows can see (causal/window skip the rest),
+// then split `split`'s share of them: [first, last).
+std::pair<int64_t, int64_t> split_key_tiles(const Problem& p, const RowInfo* rows, int64_t n, int64_t tile_kv,
+                                            int64_t split, int64_t splits) {
+    int64_t jmin = p.Skv, jmax = -1;
+    for (int64_t r = 0; r < n; ++r)
+        if (rows[r].keys.lo <= rows[r].keys.hi) {
+            jmin = std::min(jmin, rows[r].keys.lo);
+            jmax = std::max(jmax, rows[r].keys.hi);
+        }
+    if (jmax < jmin) return {0, 0};
+    const int64_t t0 = jmin / tile_kv, t1 = jmax / tile_kv + 1;
+    return {t0 + (t1 - t0) * split / splits, t0 + (t1 - t0) * (split + 1) / splits};
+}
+
+// Epilogue of a tile: normalize and write, or hand the split's partial to the combine step.
+void finish_tile(const Problem& p, const QTile& tile, int64_t Dv8, ForwardWorkspace& ws,
+                 const Partial* partial) {
+    const int64_t n = tile.rows();
+    if (partial) {
+        std::copy(ws.m, ws.m + n, partial->m);
+        std::copy(ws.l, ws.l + n, partial->l);
+        std::copy(ws.oacc.begin(), ws.oacc.begin() + n * Dv8, partial->o);
+        return;
+    }
+    for (int64_t r = 0; r < n; ++r)
+        write_row_output(p, tile.b, ws.rows[size_t(r)], ws.m[r], ws.l[r], ws.oacc.data() + r * Dv8,
+                         ws.row.data());
+}
+
 // One query tile against the key tiles of split `split`: load Q tile; per key tile:
 // load K/V, S = QK^T, mask, online softmax, O += PV; epilogue.
 void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, int64_t split,
@@ -318,20 +415,7 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
     for (int64_t r = 0; r < kTileQ; ++r) ws.m[r] = kNegInf, ws.l[r] = 0.0f;
     std::fill(ws.oacc.begin(), ws.oacc.end(), 0.0f);
 
-    // The key tiles any row of this tile can see (causal/window skip the rest), then
-    // this split's share of them.
-    int64_t jmin = p.Skv, jmax = -1;
-    for (int64_t r = 0; r < n; ++r)
-        if (rows[r].keys.lo <= rows[r].keys.hi) {
-            jmin = std::min(jmin, rows[r].keys.lo);
-            jmax = std::max(jmax, rows[r].keys.hi);
-        }
-    int64_t t_begin = 0, t_end = 0;
-    if (jmax >= jmin) {
-        const int64_t t0 = jmin / kTileKV, t1 = jmax / kTileKV + 1;
-        t_begin = t0 + (t1 - t0) * split / plan.splits;
-        t_end = t0 + (t1 - t0) * (split + 1) / plan.splits;
-    }
+    const auto [t_begin, t_end] = split_key_tiles(p, rows, n, kTileKV, split, plan.splits);
 
     const bool k_in_place = p.k.type == Type::F32;
     const bool v_in_place = p.v.type == Type::F32 && p.Dv % 8 == 0;
@@ -364,7 +448,7 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n8, kTileQ);
 
         // Mask: ALiBi-scaled mask, causal/window band.
-        apply_mask(p, rows, n, j0, nk, st, kTileQ, tile_is_partial(rows, n, j0, nk));
+        apply_mask(p, rows, n, j0, nk, st, 1, kTileQ, tile_is_partial(rows, n, j0, nk));
 
         // Online softmax, 8 query rows per vector: new max, rescale factor, P = exp2(S - m).
         for (int64_t r = 0; r < n8; r += 8) {
@@ -396,16 +480,259 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         gemm(n, Dv8, nk, st, 1, kTileQ, vt, v_ld, ws.oacc.data(), Dv8, true);
     }
 
-    // Epilogue: normalize and write, or hand the split's partial to the combine step.
-    if (partial) {
-        std::copy(ws.m, ws.m + n, partial->m);
-        std::copy(ws.l, ws.l + n, partial->l);
-        std::copy(ws.oacc.begin(), ws.oacc.begin() + n * Dv8, partial->o);
-        return;
-    }
-    for (int64_t r = 0; r < n; ++r)
-        write_row_output(p, tile.b, rows[r], ws.m[r], ws.l[r], ws.oacc.data() + r * Dv8, ws.row.data());
+    finish_tile(p, tile, Dv8, ws, partial);
 }
+
+// ============================== decode =======================================================
+#if GFA_SIMD_AVX2
+
+template <Type T> constexpr bool is_float_type = T == Type::F32 || T == Type::F16 || T == Type::BF16;
+
+// Elements [32c, 32c + 32) of a K or V row stored as T, as four float vectors. Quantized
+// blocks are dequantized here, inside the consumer's loop, instead of into a copy.
+template <Type T> inline void load_chunk32(const char* row, int64_t c, vf8 out[4]) {
+    if constexpr (T == Type::F32) {
+        const float* x = reinterpret_cast<const float*>(row) + 32 * c;
+        for (int i = 0; i < 4; ++i) out[i] = simd::load(x + 8 * i);
+    } else if constexpr (T == Type::F16) {
+        const uint16_t* x = reinterpret_cast<const uint16_t*>(row) + 32 * c;
+        for (int i = 0; i < 4; ++i) out[i] = simd::load_f16(x + 8 * i);
+    } else if constexpr (T == Type::BF16) {
+        const uint16_t* x = reinterpret_cast<const uint16_t*>(row) + 32 * c;
+        for (int i = 0; i < 4; ++i) out[i] = simd::load_bf16(x + 8 * i);
+    } else if constexpr (T == Type::Q8_0) {
+        const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(row)[c];
+        simd::load_i8x32_scaled(blk.qs, simd::f16_to_f32(blk.d), out);
+    } else {
+        static_assert(T == Type::Q4_0);
+        const block_q4_0& blk = reinterpret_cast<const block_q4_0*>(row)[c];
+        simd::load_u4x32_centered(blk.qs, simd::f16_to_f32(blk.d), out);
+    }
+}
+
+// Elements [8u, 8u + 8) of a row of a float storage type (row tails past the last 32).
+template <Type T> inline vf8 load_chunk8(const char* row, int64_t u) {
+    if constexpr (T == Type::F32)
+        return simd::load(reinterpret_cast<const float*>(row) + 8 * u);
+    else if constexpr (T == Type::F16)
+        return simd::load_f16(reinterpret_cast<const uint16_t*>(row) + 8 * u);
+    else
+        return simd::load_bf16(reinterpret_cast<const uint16_t*>(row) + 8 * u);
+}
+
+// S = Q K^T for MR query rows (q: row-major, stride Dk, pre-scaled) against keys [0, nk)
+// at k_rows + j * k_stride, into s[r * lds + j]. KB keys at a time: MR * KB <= 8 dot
+// products accumulate lane-wise over Dk and are summed horizontally together at the end.
+// Each chunk of K is converted once and used by all MR rows, so a whole GQA group of 8
+// rows (MR = 8, KB = 1) pays for one conversion of K.
+template <Type KT, int MR, int KB>
+void decode_scores(int64_t Dk, const float* q, const char* k_rows, int64_t k_stride, int64_t nk, float* s,
+                   int64_t lds) {
+    static_assert(MR * KB <= 8);
+    const int64_t n32 = Dk / 32;
+    for (int64_t j = 0; j < nk; j += KB) {
+        const char* key[KB];
+        for (int b = 0; b < KB; ++b) // keys past the end repeat the last one (computed, not stored)
+            key[b] = k_rows + std::min<int64_t>(j + b, nk - 1) * k_stride;
+        vf8 acc[8];
+        for (vf8& a : acc) a = simd::zero();
+        for (int64_t c = 0; c < n32; ++c)
+            for (int b = 0; b < KB; ++b) {
+                vf8 kv[4];
+                load_chunk32<KT>(key[b], c, kv);
+                for (int r = 0; r < MR; ++r)
+                    for (int i = 0; i < 4; ++i)
+                        acc[r * KB + b] =
+                            simd::fma(simd::load(q + r * Dk + 32 * c + 8 * i), kv[i], acc[r * KB + b]);
+            }
+        if constexpr (is_float_type<KT>)
+            for (int64_t u = 4 * n32; u < Dk / 8; ++u)
+                for (int b = 0; b < KB; ++b) {
+                    const vf8 kv = load_chunk8<KT>(key[b], u);
+                    for (int r = 0; r < MR; ++r)
+                        acc[r * KB + b] = simd::fma(simd::load(q + r * Dk + 8 * u), kv, acc[r * KB + b]);
+                }
+        float sums[8];
+        simd::store(sums, simd::reduce_add8(acc));
+        for (int r = 0; r < MR; ++r)
+            for (int b = 0; b < KB && j + b < nk; ++b) s[r * lds + j + b] = sums[r * KB + b];
+    }
+}
+
+// O[r] += sum_j P[r][j] V_j for MR rows (p[r * lds + j], o[r * ldo + d]); V rows of a float
+// storage type at v_rows + j * v_stride. 16 output columns at a time stay in registers
+// while the keys stream past.
+template <Type VT, int MR>
+void decode_accumulate(int64_t Dv, const float* p, int64_t lds, const char* v_rows, int64_t v_stride,
+                       int64_t nk, float* o, int64_t ldo) {
+    for (int64_t n0 = 0; n0 < Dv; n0 += 16) {
+        const bool two = n0 + 16 <= Dv;
+        vf8 acc[MR][2];
+        for (int r = 0; r < MR; ++r) {
+            acc[r][0] = simd::load(o + r * ldo + n0);
+            acc[r][1] = two ? simd::load(o + r * ldo + n0 + 8) : simd::zero();
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+            const char* vr = v_rows + j * v_stride;
+            const vf8 va = load_chunk8<VT>(vr, n0 / 8);
+            const vf8 vb = two ? load_chunk8<VT>(vr, n0 / 8 + 1) : simd::zero();
+            for (int r = 0; r < MR; ++r) {
+                const vf8 pr = simd::splat(p[r * lds + j]);
+                acc[r][0] = simd::fma(pr, va, acc[r][0]);
+                acc[r][1] = simd::fma(pr, vb, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < MR; ++r) {
+            simd::store(o + r * ldo + n0, acc[r][0]);
+            if (two) simd::store(o + r * ldo + n0 + 8, acc[r][1]);
+        }
+    }
+}
+
+// Calls f with T as a compile-time constant.
+template <class F> void with_kv_type(Type t, F&& f) {
+    switch (t) {
+    case Type::F32:
+        return f(std::integral_constant<Type, Type::F32>{});
+    case Type::F16:
+        return f(std::integral_constant<Type, Type::F16>{});
+    case Type::BF16:
+        return f(std::integral_constant<Type, Type::BF16>{});
+    case Type::Q8_0:
+        return f(std::integral_constant<Type, Type::Q8_0>{});
+    case Type::Q4_0:
+        return f(std::integral_constant<Type, Type::Q4_0>{});
+    default:
+        fail("flash_attn_ext (CPU decode): unsupported K/V type");
+    }
+}
+// Calls f with the row count (1..kDecodeRowBlock) as a compile-time constant.
+template <class F> void with_rows(int64_t mr, F&& f) {
+    switch (mr) {
+    case 1:
+        return f(std::integral_constant<int, 1>{});
+    case 2:
+        return f(std::integral_constant<int, 2>{});
+    case 3:
+        return f(std::integral_constant<int, 3>{});
+    default:
+        return f(std::integral_constant<int, 4>{});
+    }
+}
+
+// The rows of one GQA group (all Sq positions) against split `split`'s key tiles:
+// load Q rows; per key tile: S = QK^T from K's storage, softcap, mask, online softmax,
+// O += PV (quantized V is dequantized once per tile into L1); epilogue.
+void decode_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, int64_t split,
+                 ForwardWorkspace& ws, const Partial* partial) {
+    const int64_t n = tile.rows(), Dk = p.Dk, Dv = p.Dv, lds = kDecodeTileKV;
+    RowInfo* rows = ws.rows.data();
+    describe_rows(p, tile.b, tile.h0, tile.nh, tile.i0, tile.ni, rows);
+
+    // Load Q rows, row-major and pre-scaled.
+    const float qscale = q_prescale(p.params);
+    float* q = ws.qt.data();
+    for (int64_t r = 0; r < n; ++r) {
+        load_row(p.q.type, row_at(p.q, rows[r].i, rows[r].h, tile.b), q + r * Dk, Dk, Dk);
+        for (int64_t d = 0; d < Dk; ++d) q[r * Dk + d] *= qscale;
+    }
+    for (int64_t r = 0; r < n; ++r) ws.m[r] = kNegInf, ws.l[r] = 0.0f;
+    std::fill(ws.oacc.begin(), ws.oacc.begin() + n * Dv, 0.0f);
+
+    const auto [t_begin, t_end] = split_key_tiles(p, rows, n, kDecodeTileKV, split, plan.splits);
+    const bool v_quantized = p.v.type == Type::Q8_0 || p.v.type == Type::Q4_0;
+    float* s = ws.st.data();
+    for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t j0 = t * kDecodeTileKV, nk = std::min(kDecodeTileKV, p.Skv - j0), nk8 = round_up(nk, 8);
+        const char* k_rows = row_at(p.k, j0, tile.g, tile.b);
+        const char* v_rows = row_at(p.v, j0, tile.g, tile.b);
+
+        // S = Q K^T, a register block of rows at a time.
+        with_kv_type(p.k.type, [&](auto kt) {
+            constexpr Type KT = decltype(kt)::value;
+            if (n == 8) return decode_scores<KT, 8, 1>(Dk, q, k_rows, p.k.nb[1], nk, s, lds);
+            for (int64_t r0 = 0; r0 < n; r0 += kDecodeRowBlock)
+                with_rows(std::min(kDecodeRowBlock, n - r0), [&](auto mr) {
+                    decode_scores<KT, decltype(mr)::value, 2>(Dk, q + r0 * Dk, k_rows, p.k.nb[1], nk,
+                                                              s + r0 * lds, lds);
+                });
+        });
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = nk; j < nk8; ++j) s[r * lds + j] = 0.0f;
+        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, s, n, nk8, lds);
+
+        // Mask; the padding keys [nk, nk8) are invisible.
+        apply_mask(p, rows, n, j0, nk, s, lds, 1, tile_is_partial(rows, n, j0, nk));
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = nk; j < nk8; ++j) s[r * lds + j] = kNegInf;
+
+        // Online softmax along each row: new max, rescale factor, P = exp2(S - m).
+        for (int64_t r = 0; r < n; ++r) {
+            float* sr = s + r * lds;
+            vf8 mx = simd::splat(ws.m[r]);
+            for (int64_t j = 0; j < nk8; j += 8) mx = simd::max(mx, simd::load(sr + j));
+            const float m_new = simd::reduce_max(mx);
+            const float m_use = m_new == kNegInf ? 0.0f : m_new;
+            const float alpha = std::exp2(ws.m[r] - m_use);
+            vf8 sum = simd::zero();
+            for (int64_t j = 0; j < nk8; j += 8) {
+                const vf8 pj = simd::exp2(simd::load(sr + j) - simd::splat(m_use));
+                simd::store(sr + j, pj);
+                sum = sum + pj;
+            }
+            float lanes[8];
+            simd::store(lanes, sum);
+            float total = 0.0f;
+            for (float x : lanes) total += x;
+            ws.l[r] = ws.l[r] * alpha + total;
+            ws.m[r] = m_new;
+            if (alpha != 1.0f) {
+                float* o = ws.oacc.data() + r * Dv;
+                for (int64_t d = 0; d < Dv; d += 8)
+                    simd::store(o + d, simd::splat(alpha) * simd::load(o + d));
+            }
+        }
+
+        // O += P V. Quantized V is dequantized once into f32 rows, then read from L1 by
+        // every row block.
+        const char* v_src = v_rows;
+        int64_t v_stride = p.v.nb[1];
+        Type v_read = p.v.type;
+        if (v_quantized) {
+            with_kv_type(p.v.type, [&](auto vt) {
+                for (int64_t j = 0; j < nk; ++j) {
+                    float* dst = ws.vbuf.data() + j * Dv;
+                    for (int64_t c = 0; c < Dv / 32; ++c) {
+                        vf8 x[4];
+                        load_chunk32<decltype(vt)::value>(v_rows + j * p.v.nb[1], c, x);
+                        for (int i = 0; i < 4; ++i) simd::store(dst + 32 * c + 8 * i, x[i]);
+                    }
+                }
+            });
+            v_src = reinterpret_cast<const char*>(ws.vbuf.data());
+            v_stride = Dv * 4;
+            v_read = Type::F32;
+        }
+        with_kv_type(v_read, [&](auto vt) {
+            if constexpr (is_float_type<decltype(vt)::value>)
+                for (int64_t r0 = 0; r0 < n; r0 += kDecodeRowBlock)
+                    with_rows(std::min(kDecodeRowBlock, n - r0), [&](auto mr) {
+                        decode_accumulate<decltype(vt)::value, decltype(mr)::value>(
+                            Dv, s + r0 * lds, lds, v_src, v_stride, nk, ws.oacc.data() + r0 * Dv, Dv);
+                    });
+        });
+    }
+    finish_tile(p, tile, plan.Dv8, ws, partial);
+}
+
+#else
+
+void decode_tile(const Problem&, const ForwardPlan&, const QTile&, int64_t, ForwardWorkspace&,
+                 const Partial*) {
+    fail("flash_attn_ext (CPU decode): needs AVX2");
+}
+
+#endif
 
 // Log-sum-exp combine of a tile's splits, in split order.
 void combine_splits(const Problem& p, const ForwardPlan& plan, const QTile& tile, const Partial* parts,
@@ -454,12 +781,14 @@ constexpr int64_t kBwdTileKV = 48; // keys per tile
 
 struct BackwardSizes {
     int64_t Dk8, Dv8, Sq16;
+    int64_t ldq; // leading dimension of the transposed Q and dO (>= Sq16)
     explicit BackwardSizes(const Problem& p)
-        : Dk8(round_up(p.Dk, 8)), Dv8(round_up(p.Dv, 8)), Sq16(round_up(p.Sq, 16)) {}
+        : Dk8(round_up(p.Dk, 8)), Dv8(round_up(p.Dv, 8)), Sq16(round_up(p.Sq, 16)),
+          ldq(conflict_free_ld(p.Sq)) {}
     // Shared across threads: dK/dV accumulators, one query head's converted Q/dO, D and
     // LSE, and one dQ partial per thread.
     size_t shared_floats(const Problem& p, int n_threads) const {
-        return size_t(p.Skv * (Dk8 + Dv8) + p.Dk * Sq16 + p.Sq * Dk8 + p.Dv * Sq16 + p.Sq * Dv8 + 2 * Sq16 +
+        return size_t(p.Skv * (Dk8 + Dv8) + p.Dk * ldq + p.Sq * Dk8 + p.Dv * ldq + p.Sq * Dv8 + 2 * Sq16 +
                       int64_t(n_threads) * p.Sq * Dk8);
     }
     size_t thread_floats(const Problem& p) const {
@@ -468,12 +797,12 @@ struct BackwardSizes {
 };
 
 struct BackwardWorkspace {
-    std::vector<float> kbuf; // [kBwdTileKV][Dk8]
-    std::vector<float> vbuf; // [kBwdTileKV][Dv8]
-    std::vector<float> pt;   // [kBwdTileKV][kBwdTileQ] S^T, then P^T
-    std::vector<float> dst;  // [kBwdTileKV][kBwdTileQ] dP^T, then dS^T
-    std::vector<float> tt;   // [kBwdTileKV][kBwdTileQ] tanh of the softcapped scores
-    std::vector<float> row;
+    FloatBuffer kbuf; // [kBwdTileKV][Dk8]
+    FloatBuffer vbuf; // [kBwdTileKV][Dv8]
+    FloatBuffer pt;   // [kBwdTileKV][kBwdTileQ] S^T, then P^T
+    FloatBuffer dst;  // [kBwdTileKV][kBwdTileQ] dP^T, then dS^T
+    FloatBuffer tt;   // [kBwdTileKV][kBwdTileQ] tanh of the softcapped scores
+    FloatBuffer row;
     std::vector<RowInfo> rows;
     BackwardWorkspace(const BackwardSizes& z)
         : kbuf(size_t(kBwdTileKV * z.Dk8)), vbuf(size_t(kBwdTileKV * z.Dv8)),
@@ -482,11 +811,11 @@ struct BackwardWorkspace {
 };
 
 struct HeadBuffers {
-    std::vector<float> dk, dv;      // [Skv][Dk8], [Skv][Dv8] accumulators of the kv head
-    std::vector<float> qt, q;       // [Dk][Sq16] scaled for S;  [Sq][Dk8] unscaled
-    std::vector<float> dot, dO;     // [Dv][Sq16];  [Sq][Dv8]
-    std::vector<float> lse2, D;     // [Sq16]
-    std::vector<float> dq_partials; // [n_threads][Sq][Dk8]
+    FloatBuffer dk, dv;      // [Skv][Dk8], [Skv][Dv8] accumulators of the kv head
+    FloatBuffer qt, q;       // [Dk][ldq] scaled for S;  [Sq][Dk8] unscaled
+    FloatBuffer dot, dO;     // [Dv][ldq];  [Sq][Dv8]
+    FloatBuffer lse2, D;     // [Sq16]
+    FloatBuffer dq_partials; // [n_threads][Sq][Dk8]
 };
 
 // Converts one query head's Q and dO, and computes D and the base-2 LSE, rows [r0, r1).
@@ -497,10 +826,10 @@ void backward_prepass(const BackwardProblem& bp, const BackwardSizes& z, int64_t
     for (int64_t i = r0; i < r1; ++i) {
         float* q = hb.q.data() + i * z.Dk8;
         load_row(p.q.type, row_at(p.q, i, h, b), q, p.Dk, z.Dk8);
-        for (int64_t d = 0; d < p.Dk; ++d) hb.qt[size_t(d * z.Sq16 + i)] = q[d] * qscale;
+        for (int64_t d = 0; d < p.Dk; ++d) hb.qt[size_t(d * z.ldq + i)] = q[d] * qscale;
         float* dO = hb.dO.data() + i * z.Dv8;
         load_row(bp.dO.type, o_row(bp.dO, i, h, b), dO, p.Dv, z.Dv8);
-        for (int64_t d = 0; d < p.Dv; ++d) hb.dot[size_t(d * z.Sq16 + i)] = dO[d];
+        for (int64_t d = 0; d < p.Dv; ++d) hb.dot[size_t(d * z.ldq + i)] = dO[d];
         load_row(p.o.type, o_row(p.o, i, h, b), tmp, p.Dv, p.Dv);
         double Di = 0.0;
         for (int64_t d = 0; d < p.Dv; ++d) Di += double(dO[d]) * double(tmp[d]);
@@ -546,7 +875,7 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
         describe_rows(p, b, h, 1, i0, nq, rows);
 
         // S^T = K Q^T, softcap, mask.
-        gemm(nk, nq8, p.Dk, ws.kbuf.data(), Dk8, 1, hb.qt.data() + i0, z.Sq16, pt, ld, false);
+        gemm(nk, nq8, p.Dk, ws.kbuf.data(), Dk8, 1, hb.qt.data() + i0, z.ldq, pt, ld, false);
         if (softcap) {
             for (int64_t j = 0; j < nk; ++j)
                 for (int64_t r = 0; r < nq8; r += 8)
@@ -556,7 +885,7 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
                 for (int64_t r = 0; r < nq8; r += 8)
                     simd::store(pt + j * ld + r, cap2 * simd::load(ws.tt.data() + j * ld + r));
         }
-        apply_mask(p, rows, nq, j0, nk, pt, ld, tile_is_partial(rows, nq, j0, nk));
+        apply_mask(p, rows, nq, j0, nk, pt, 1, ld, tile_is_partial(rows, nq, j0, nk));
 
         // P^T = exp2(S^T - LSE). Lanes past the last row read lse2 = +inf or zero-padded
         // columns and come out 0.
@@ -569,7 +898,7 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
         // dV += P^T dO.
         gemm(nk, Dv8, nq, pt, ld, 1, hb.dO.data() + i0 * Dv8, Dv8, dv, Dv8, true);
         // dP^T = V dO^T.
-        gemm(nk, nq8, p.Dv, ws.vbuf.data(), Dv8, 1, hb.dot.data() + i0, z.Sq16, dst, ld, false);
+        gemm(nk, nq8, p.Dv, ws.vbuf.data(), Dv8, 1, hb.dot.data() + i0, z.ldq, dst, ld, false);
         // dS^T = P^T (dP^T - D), times (1 - tanh^2) through the softcap.
         for (int64_t r = 0; r < nq8; r += 8) {
             const vf8 D = simd::load(hb.D.data() + i0 + r);
@@ -589,6 +918,10 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
 }
 
 } // namespace
+
+bool flash_attn_uses_decode_path(const Problem& p) {
+    return use_decode_path(p);
+}
 
 size_t flash_attn_scratch_bytes(const Problem& p, int n_threads) {
     const ForwardPlan plan = plan_forward(p, n_threads);
@@ -616,12 +949,12 @@ void flash_attn_forward(const Problem& p, ThreadPool& pool) {
         ForwardWorkspace ws(p, plan.Dv8);
         for (int64_t item; (item = next.fetch_add(1)) < n_items;) {
             const int64_t tile = item / plan.splits, split = item % plan.splits;
-            if (plan.splits == 1) {
-                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, nullptr);
-            } else {
-                const Partial part = partial_of(tile, split);
-                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, &part);
-            }
+            const Partial part = plan.splits == 1 ? Partial{} : partial_of(tile, split);
+            const Partial* out = plan.splits == 1 ? nullptr : &part;
+            if (plan.decode)
+                decode_tile(p, plan, plan.tiles[size_t(tile)], split, ws, out);
+            else
+                forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, out);
         }
     });
     if (plan.splits == 1) return;
@@ -655,9 +988,9 @@ void flash_attn_backward(const BackwardProblem& bp, ThreadPool& pool) {
     HeadBuffers hb;
     hb.dk.resize(size_t(p.Skv * z.Dk8));
     hb.dv.resize(size_t(p.Skv * z.Dv8));
-    hb.qt.assign(size_t(p.Dk * z.Sq16), 0.0f); // columns past Sq stay zero
+    hb.qt.assign(size_t(p.Dk * z.ldq), 0.0f); // columns past Sq stay zero
     hb.q.resize(size_t(p.Sq * z.Dk8));
-    hb.dot.assign(size_t(p.Dv * z.Sq16), 0.0f);
+    hb.dot.assign(size_t(p.Dv * z.ldq), 0.0f);
     hb.dO.resize(size_t(p.Sq * z.Dv8));
     hb.lse2.assign(size_t(z.Sq16), std::numeric_limits<float>::infinity());
     hb.D.assign(size_t(z.Sq16), 0.0f);

@@ -92,6 +92,41 @@ inline vf8 load_i8(const int8_t* p) {
     return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
 
+// lane i = the sum of the lanes of v[i]: eight horizontal sums in one transposing tree.
+inline vf8 reduce_add8(const vf8 v[8]) {
+    const __m256 t0 = _mm256_hadd_ps(v[0].v, v[1].v), t1 = _mm256_hadd_ps(v[2].v, v[3].v);
+    const __m256 t2 = _mm256_hadd_ps(v[4].v, v[5].v), t3 = _mm256_hadd_ps(v[6].v, v[7].v);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    // u0 holds v0..v3's partial sums per 128-bit half, u1 those of v4..v7.
+    return {_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))};
+}
+
+inline float f16_to_f32(uint16_t h) {
+    return _cvtsh_ss(h);
+}
+
+// One 32-element block of signed bytes times a scale: out[i] holds elements [8i, 8i + 8).
+inline void load_i8x32_scaled(const int8_t* qs, float d, vf8 out[4]) {
+    const __m256 dv = _mm256_set1_ps(d);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * i)));
+        out[i].v = _mm256_mul_ps(_mm256_cvtepi32_ps(w), dv);
+    }
+}
+
+// One 32-element block of 4-bit codes, (code - 8) * d; element i < 16 is the low nibble of
+// byte i, element i + 16 its high nibble.
+inline void load_u4x32_centered(const uint8_t* qs, float d, vf8 out[4]) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i low_mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low_mask);                    // elements 0..15
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask); // elements 16..31
+    const __m256 dv = _mm256_set1_ps(d), offset = _mm256_set1_ps(-8.0f * d);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; ++i) // code * d - 8 d
+        out[i].v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), dv, offset);
+}
+
 #else // portable fallback
 
 struct vf8 {
