@@ -328,6 +328,7 @@ def main():
     ap.add_argument("--run", required=True)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep", default=None, help="write the checkpoints here and keep them")
+    ap.add_argument("--run-args", default="", help="extra options for every run, e.g. '--backend cuda'")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"seed {seed}")
@@ -355,6 +356,7 @@ def main():
         refs = {name: reference_logits(CONFIGS[name], stored_by_model[name], prompts[name]) for name in CONFIGS}
 
         for name, _, gtype, kv, extra in cases:
+            extra = extra + args.run_args.split()
             tol = TOLERANCE if gtype == kv == "f32" else TOLERANCE_REDUCED
             tol_total = TOTAL_TOLERANCE[gtype]
             cfg, prompt = CONFIGS[name], prompts[name]
