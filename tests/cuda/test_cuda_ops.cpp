@@ -155,7 +155,9 @@ TEST_CASE("CUDA buffers round-trip data, fill bytes and reuse pooled memory", "[
         REQUIRE(b->size() == size_t(64) << 20);
     }
     const size_t after = dev->memory().free;
-    CHECK(after + (size_t(128) << 20) >= before);
+    // Without reuse the loop would hold 3.2 GB; 1 GiB of slack absorbs other processes
+    // sharing the GPU (ctest runs tests in parallel).
+    CHECK(after + (size_t(1) << 30) >= before);
 }
 
 TEST_CASE("CUDA out-of-memory names the device and the sizes", "[cuda]") {
