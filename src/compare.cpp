@@ -379,6 +379,106 @@ const std::vector<Case>& builtin_suite() {
              return add(b.ctx, loss_of(b.ctx, rows),
                         mean(b.ctx, reshape(b.ctx, cont(b.ctx, transpose(b.ctx, rep)), {96})));
          }},
+        // matrix products: weights of every type against f32 activations (odd M and N)
+        {"mul_mat.f32", 1e-5,
+         [](B& b) {
+             return mul_mat(b.ctx, b.input({96, 17, 2}), b.input({96, 5, 4}));
+         }},
+        {"mul_mat.f16", 1e-5,
+         [](B& b) {
+             return mul_mat(b.ctx, b.input({64, 17}, -1.0f, 1.0f, Type::F16), b.input({64, 9}));
+         },
+         1e-3},
+        {"mul_mat.bf16", 1e-5,
+         [](B& b) {
+             return mul_mat(b.ctx, b.input({64, 17}, -1.0f, 1.0f, Type::BF16), b.input({64, 3}));
+         },
+         1e-2},
+        // the CPU quantizes a few activation columns to 8 bits for integer dot products
+        {"mul_mat.q8_0", 1e-2,
+         [](B& b) {
+             return mul_mat(b.ctx, b.input({128, 33}, -1.0f, 1.0f, Type::Q8_0), b.input({128, 2}));
+         }},
+        {"mul_mat.q4_0", 1e-2,
+         [](B& b) {
+             return mul_mat(b.ctx, b.input({128, 33}, -1.0f, 1.0f, Type::Q4_0), b.input({128, 19}));
+         }},
+        {"out_prod", 1e-5,
+         [](B& b) {
+             return out_prod(b.ctx, b.input({7, 13}), b.input({5, 13}));
+         }},
+        // normalization, position encoding, softmax, activations, loss
+        {"norm", 1e-5,
+         [](B& b) {
+             return norm(b.ctx, b.input({113, 3}), 1e-5f);
+         }},
+        {"rms_norm", 1e-5,
+         [](B& b) {
+             return rms_norm(b.ctx, b.input({17, 5, 2}), 1e-6f);
+         }},
+        {"rope.normal", 1e-5,
+         [](B& b) {
+             return rope(b.ctx, b.input({32, 3, 7}), b.indices({7}, 4096),
+                         RopeParams{24, RopeMode::Normal, 10000.0f, 1.0f});
+         }},
+        {"rope.neox", 1e-5,
+         [](B& b) {
+             return rope(b.ctx, b.input({64, 2, 5}), b.indices({5}, 4096),
+                         RopeParams{64, RopeMode::NeoX, 500000.0f, 0.5f});
+         }},
+        {"soft_max_ext.alibi", 1e-5,
+         [](B& b) {
+             return soft_max_ext(b.ctx, b.input({33, 5, 6}), b.input({33, 5}, -4.0f, 0.0f, Type::F16), 0.3f,
+                                 8.0f);
+         }},
+        {"diag_mask_inf", 0.0,
+         [](B& b) {
+             return diag_mask_inf(b.ctx, b.input({9, 9, 2}), 0);
+         }},
+        {"silu", 1e-5,
+         [](B& b) {
+             return silu(b.ctx, b.input({113, 3}, -6.0f, 6.0f));
+         }},
+        {"gelu.tanh", 1e-5,
+         [](B& b) {
+             return gelu(b.ctx, b.input({113, 3}, -6.0f, 6.0f), GeluApprox::Tanh);
+         }},
+        {"gelu.erf", 1e-5,
+         [](B& b) {
+             return gelu(b.ctx, b.input({113, 3}, -6.0f, 6.0f), GeluApprox::Erf);
+         }},
+        {"relu", 0.0,
+         [](B& b) {
+             return relu(b.ctx, b.input({17, 3}));
+         }},
+        {"swiglu", 1e-5,
+         [](B& b) {
+             return swiglu(b.ctx, b.input({17, 3}), b.input({17, 3}));
+         }},
+        {"cross_entropy_loss", 1e-5,
+         [](B& b) {
+             return cross_entropy_loss(b.ctx, b.input({31, 7}, -5.0f, 5.0f), b.input({31, 7}, 0.0f, 1.0f));
+         }},
+        {"grad.mlp", 1e-5,
+         [](B& b) {
+             Tensor *w1 = b.param({16, 24}), *w2 = b.param({24, 7}), *g = b.param({16});
+             Tensor* x = mul(b.ctx, rms_norm(b.ctx, b.input({16, 5}), 1e-5f), g);
+             Tensor* h = gelu(b.ctx, mul_mat(b.ctx, w1, x));
+             return cross_entropy_loss(b.ctx, mul_mat(b.ctx, w2, silu(b.ctx, h)),
+                                       b.input({7, 5}, 0.0f, 1.0f));
+         }},
+        {"grad.attention_block", 1e-5,
+         [](B& b) {
+             // weights kept small so the causal softmax stays smooth and f32 error stays small
+             Tensor *wq = b.param({32, 32}, -0.3f, 0.3f), *x = b.param({32, 6});
+             Tensor* q = reshape(b.ctx, mul_mat(b.ctx, wq, x), {16, 2, 6});
+             Tensor* pos = b.indices({6}, 64);
+             q = rope(b.ctx, q, pos, RopeParams{16, RopeMode::NeoX, 10000.0f, 1.0f});
+             Tensor* qh = cont(b.ctx, permute(b.ctx, q, 0, 2, 1, 3)); // [16, 6, 2]
+             Tensor* o = flash_attn_ext(b.ctx, qh, qh, qh, nullptr, {.scale = 0.25f, .causal = true});
+             return loss_of(b.ctx, soft_max(b.ctx, reshape(b.ctx, o, {32, 6})));
+         },
+         1e-2},
     };
     return suite;
 }
