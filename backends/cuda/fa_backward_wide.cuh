@@ -55,7 +55,9 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     const typename Tr::TileK sV{sK.base + Tr::TileK::kBytes};
     const uint32_t q_region = sV.base + Tr::TileK::kBytes;
     auto sQ = [&](int buf) { return typename Tr::TileQ{q_region + buf * Tr::kBufBytes}; };
-    auto sdO = [&](int buf) { return typename Tr::TileQ{q_region + buf * Tr::kBufBytes + Tr::TileQ::kBytes}; };
+    auto sdO = [&](int buf) {
+        return typename Tr::TileQ{q_region + buf * Tr::kBufBytes + Tr::TileQ::kBytes};
+    };
     auto sLse = [&](int buf) { return q_region + buf * Tr::kBufBytes + 2 * Tr::TileQ::kBytes; };
     auto sDelta = [&](int buf) { return sLse(buf) + Tr::kRowBytes; };
     const typename Tr::TileS sP{q_region + 2 * Tr::kBufBytes};
@@ -173,11 +175,12 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = m0 + iq0 + (e & 1), j = n0 + key0 + mt * 16 + (e >> 1) * 8 + g;
-                    float x = pt[mt][nt][e] * scale_log2;
+                    // score * log2(e) - lse2 in one FFMA; lse2 = +inf (no gradient) gives P = 0
+                    float x = fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x));
                     if (mask_base && i < s.Sq && j < s.Skv)
                         x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
                     if (boundary && (j >= s.Skv || !s.visible(i, j))) x = -INFINITY;
-                    pt[mt][nt][e] = fast_exp2(x - ((e & 1) ? lse2.y : lse2.x));
+                    pt[mt][nt][e] = fast_exp2(x);
                 }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -324,9 +327,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
             for (int dt = 0; dt < ND; ++dt) {
                 const int c = dc0 + dt * 8 + 2 * t4;
                 if (c < s.Dk)
-                    store_pair(dk_row, c, dk_acc[mt][dt][2 * r] * s.scale, dk_acc[mt][dt][2 * r + 1] * s.scale,
-                               a.dk_code);
-                if (c < s.Dv) store_pair(dv_row, c, dv_acc[mt][dt][2 * r], dv_acc[mt][dt][2 * r + 1], a.dv_code);
+                    store_pair(dk_row, c, dk_acc[mt][dt][2 * r] * s.scale,
+                               dk_acc[mt][dt][2 * r + 1] * s.scale, a.dk_code);
+                if (c < s.Dv)
+                    store_pair(dv_row, c, dv_acc[mt][dt][2 * r], dv_acc[mt][dt][2 * r + 1], a.dv_code);
             }
         }
 }

@@ -100,7 +100,8 @@ template <int D> BwdInfo bwd_info_tile() {
     return info;
 }
 
-template <class Tr, class Wide> void bwd_launch_one(BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+template <class Tr, class Wide>
+void bwd_launch_one(BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
     if (which == BwdKernel::QueryTile) {
         static const bool ready =
             (set_smem(reinterpret_cast<const void*>(bwd_q_kernel<Tr>), Tr::kSmemQ, "the backward dQ kernel"),
@@ -109,8 +110,8 @@ template <class Tr, class Wide> void bwd_launch_one(BwdKernel which, const BwdAr
         bwd_q_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemQ, st>>>(a);
         check_launch("the backward dQ kernel");
     } else if (which == BwdKernel::KeyTileWide) {
-        static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_wide_kernel<Wide>), Wide::kSmem,
-                                            "the 8-warp backward dK/dV kernel"),
+        static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_wide_kernel<Wide>),
+                                            Wide::kSmem, "the 8-warp backward dK/dV kernel"),
                                    true);
         (void)ready;
         bwd_kv_wide_kernel<Wide><<<grid, Wide::kThreads, Wide::kSmem, st>>>(a);
@@ -126,14 +127,15 @@ template <class Tr, class Wide> void bwd_launch_one(BwdKernel which, const BwdAr
     }
 }
 
-template <int D> void bwd_launch_tile(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+template <int D>
+void bwd_launch_tile(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
     using C = TileConfig<D>;
     if (bf16)
         bwd_launch_one<typename C::template Bwd<__nv_bfloat16>, typename C::template BwdWide<__nv_bfloat16>>(
             which, a, grid, st);
     else
         bwd_launch_one<typename C::template Bwd<__half>, typename C::template BwdWide<__half>>(which, a, grid,
-                                                                                              st);
+                                                                                               st);
 }
 
 } // namespace gfa::cuda::fa
