@@ -3,8 +3,8 @@
 //
 //   bench_attn_cuda [--quick] [--no-decode] [--label NAME] [--csv FILE]
 //
-// --label names the implementation in the output (default "ours"), e.g. to tell apart runs
-// with different kernel choices (GFA_CUDA_BWD=legacy) in one CSV comparison.
+// --label names the implementation in the output (default "ours"), to tell apart builds or
+// kernel variants timed into one comparison.
 //
 // Grid: bf16, 16k tokens per batch (B * S = 16384), hidden 2048 (H = 2048 / D), D = 64, 128,
 // 256, S = 512 .. 16384, causal or not; forward FLOPs 4 * B * H * S^2 * D (halved when

@@ -2,8 +2,6 @@
 # Runs the PyTorch peer and bench_attn_cuda on this GPU machine and prints our speed as a
 # ratio of PyTorch flash (FlashAttention-2) and cuDNN, and of SDPA for decoding.
 #   tools/bench_cuda.sh BUILD_DIR [OUT_DIR] [--quick]
-# With BENCH_LEGACY=1 the grid is also timed with GFA_CUDA_BWD=legacy (the 4-warp backward
-# kernel), labelled "legacy", for a same-run comparison.
 set -euo pipefail
 build=${1:?build directory}
 out=${2:-.}
@@ -12,12 +10,7 @@ mkdir -p "$out"
 here=$(cd "$(dirname "$0")" && pwd)
 python3 "$here/bench_torch_peer.py" $quick --csv "$out/peer.csv"
 "$build/bench_attn_cuda" $quick --csv "$out/ours.csv"
-csvs=("$out/peer.csv" "$out/ours.csv")
-if [ "${BENCH_LEGACY:-0}" = 1 ]; then
-    GFA_CUDA_BWD=legacy "$build/bench_attn_cuda" $quick --no-decode --label legacy --csv "$out/legacy.csv"
-    csvs+=("$out/legacy.csv")
-fi
-python3 - "${csvs[@]}" <<'PY'
+python3 - "$out/peer.csv" "$out/ours.csv" <<'PY'
 import csv, sys
 rows = [r for f in sys.argv[1:] for r in csv.DictReader(open(f))]
 def find(kind, impl, d, s, b, causal, dtype=None):
@@ -26,14 +19,14 @@ def find(kind, impl, d, s, b, causal, dtype=None):
            (dtype is None or r["dtype"] == dtype):
             return r
 print("\nratios (ours / peer), TFLOP/s forward and backward")
-print(f"{'impl':>6} {'d':>4} {'s':>6} {'causal':>6} | {'fwd':>8} {'xFA2':>5} {'xcuDNN':>6} | {'bwd':>8} {'xFA2':>5} {'xcuDNN':>6}")
+print(f"{'d':>4} {'s':>6} {'causal':>6} | {'ours fwd':>8} {'xFA2':>5} {'xcuDNN':>6} | {'ours bwd':>8} {'xFA2':>5} {'xcuDNN':>6}")
 for r in rows:
-    if r["kind"] != "fa" or r["impl"] not in ("ours", "legacy"):
+    if r["kind"] != "fa" or r["impl"] != "ours":
         continue
     fa2 = find("fa", "flash", r["d"], r["s"], r["b"], r["causal"])
     cud = find("fa", "cudnn", r["d"], r["s"], r["b"], r["causal"])
     ratio = lambda peer, col: f"{float(r[col]) / float(peer[col]):.2f}" if peer else "  -"
-    print(f"{r['impl']:>6} {r['d']:>4} {r['s']:>6} {r['causal']:>6} | {float(r['fwd_tflops']):8.0f} {ratio(fa2, 'fwd_tflops'):>5} "
+    print(f"{r['d']:>4} {r['s']:>6} {r['causal']:>6} | {float(r['fwd_tflops']):8.0f} {ratio(fa2, 'fwd_tflops'):>5} "
           f"{ratio(cud, 'fwd_tflops'):>6} | {float(r['bwd_tflops']):8.0f} {ratio(fa2, 'bwd_tflops'):>5} {ratio(cud, 'bwd_tflops'):>6}")
 print("\ndecode GB/s of K+V (GQA 32/8, d=128): ours vs SDPA f16")
 for r in rows:
