@@ -1,7 +1,10 @@
 // Benchmark of the CUDA FlashAttention kernels on the FlashAttention benchmark grid and on
 // decoding, timed with CUDA events (median of several repetitions after warm-up).
 //
-//   bench_attn_cuda [--quick] [--csv FILE]
+//   bench_attn_cuda [--quick] [--no-decode] [--label NAME] [--csv FILE]
+//
+// --label names the implementation in the output (default "ours"), to tell apart builds or
+// kernel variants timed into one comparison.
 //
 // Grid: bf16, 16k tokens per batch (B * S = 16384), hidden 2048 (H = 2048 / D), D = 64, 128,
 // 256, S = 512 .. 16384, causal or not; forward FLOPs 4 * B * H * S^2 * D (halved when
@@ -102,11 +105,16 @@ View make_view(Type type, void* data, int64_t n0, int64_t n1, int64_t n2, int64_
 } // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false;
+    bool quick = false, decode = true;
+    const char* label = "ours";
     FILE* csv = nullptr;
     for (int i = 1; i < argc; ++i) {
         if (std::strcmp(argv[i], "--quick") == 0)
             quick = true;
+        else if (std::strcmp(argv[i], "--no-decode") == 0)
+            decode = false;
+        else if (std::strcmp(argv[i], "--label") == 0 && i + 1 < argc)
+            label = argv[++i];
         else if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc)
             csv = std::fopen(argv[++i], "w");
     }
@@ -170,16 +178,20 @@ int main(int argc, char** argv) {
                     const double bwd =
                         time_ms([&] { cuda::flash_attn_backward(bp, nullptr, ws, ws_bytes); }, reps, 2);
                     const double fwd_tf = flops / fwd / 1e9, bwd_tf = 2.5 * flops / bwd / 1e9;
-                    std::printf("%-6s %4lld %6lld %3lld %3lld %6d %9.3f %7.0f %9.3f %7.0f\n", "ours",
+                    std::printf("%-6s %4lld %6lld %3lld %3lld %6d %9.3f %7.0f %9.3f %7.0f\n", label,
                                 (long long)D, (long long)S, (long long)B, (long long)H, int(causal), fwd,
                                 fwd_tf, bwd, bwd_tf);
                     std::fflush(stdout);
                     if (csv)
-                        std::fprintf(csv, "fa,ours,bf16,%lld,%lld,%lld,%lld,%d,%.4f,%.1f,%.4f,%.1f\n",
+                        std::fprintf(csv, "fa,%s,bf16,%lld,%lld,%lld,%lld,%d,%.4f,%.1f,%.4f,%.1f\n", label,
                                      (long long)D, (long long)S, (long long)B, (long long)H, int(causal), fwd,
                                      fwd_tf, bwd, bwd_tf);
                 }
         for (void* p : {q, k, v, o, dO, dq, dk, dv, lse, ws}) cudaFree(p);
+        if (!decode) {
+            if (csv) std::fclose(csv);
+            return 0;
+        }
 
         // ---- decoding: one query token, GQA 32/8, D = 128 ----
         std::printf("decode (GQA 32/8, d=128), GB/s of K+V:\n");

@@ -5,7 +5,7 @@ namespace gfa::cuda::fa {
 BwdInfo bwd_info_d256() {
     return bwd_info_tile<256>();
 }
-void bwd_launch_d256(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
-    bwd_launch_tile<256>(bf16, dq_pass, a, grid, st);
+void bwd_launch_d256(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+    bwd_launch_tile<256>(bf16, which, a, grid, st);
 }
 } // namespace gfa::cuda::fa

@@ -5,7 +5,7 @@ namespace gfa::cuda::fa {
 BwdInfo bwd_info_d64() {
     return bwd_info_tile<64>();
 }
-void bwd_launch_d64(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
-    bwd_launch_tile<64>(bf16, dq_pass, a, grid, st);
+void bwd_launch_d64(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+    bwd_launch_tile<64>(bf16, which, a, grid, st);
 }
 } // namespace gfa::cuda::fa

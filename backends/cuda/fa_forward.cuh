@@ -127,7 +127,11 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
         row_sum[mi][0] = row_sum[mi][1] = 0.0f;
     }
     const float scale_log2 = s.scale * kLog2e;
-    const bool plain_scores = s.softcap <= 0.0f && a.mask.data == nullptr;
+    // Plain scores (no softcap, no mask, positive scale) stay raw in the S accumulators: the
+    // row max of raw scores times scale_log2 is the max of the base-2 scores, and the scale
+    // joins the exponent as one FFMA, exp2(raw * scale_log2 - m), instead of a separate pass.
+    const bool plain_scores = s.softcap <= 0.0f && a.mask.data == nullptr && s.scale > 0.0f;
+    const float score_mul = plain_scores ? scale_log2 : 1.0f;
     const int warp_row0 = warp * 16 * MI;
 
     for (int tile = tile_last; tile >= tile_first; --tile) {
@@ -164,14 +168,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
         // ---- scores in base 2: scale, softcap, additive mask (ALiBi), visibility ----
         const bool boundary = n0 + BN > s.Skv || (s.has_hi && n0 + BN - 1 > s.diag(i_min) + s.hi_off) ||
                               (s.has_lo && n0 < s.diag(i_max) + s.lo_off);
-        if (plain_scores) {
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                for (int nt = 0; nt < NTILE_N; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) sc[mi][nt][e] *= scale_log2;
-        } else {
+        if (!plain_scores) {
             const float cap_log2 = s.softcap * kLog2e,
                         scale_over_cap = s.softcap > 0.0f ? s.scale / s.softcap : 0.0f;
             const char* mask_head = a.mask.data + b * a.mask.nb3;
@@ -223,15 +220,15 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
 #pragma unroll
                 for (int nt = 0; nt < NTILE_N; ++nt)
                     mx = fmaxf(mx, fmaxf(sc[mi][nt][2 * r], sc[mi][nt][2 * r + 1]));
-                const float m_new = fmaxf(row_max[mi][r], quad_max(mx));
+                const float m_new = fmaxf(row_max[mi][r], quad_max(mx) * score_mul); // base 2
                 const float m_use = m_new == -INFINITY ? 0.0f : m_new; // fully masked so far: no NaN
                 const float corr = fast_exp2(row_max[mi][r] - m_use);
                 row_max[mi][r] = m_new;
                 float sum = 0.0f;
 #pragma unroll
                 for (int nt = 0; nt < NTILE_N; ++nt) {
-                    sc[mi][nt][2 * r] = fast_exp2(sc[mi][nt][2 * r] - m_use);
-                    sc[mi][nt][2 * r + 1] = fast_exp2(sc[mi][nt][2 * r + 1] - m_use);
+                    sc[mi][nt][2 * r] = fast_exp2(fmaf(sc[mi][nt][2 * r], score_mul, -m_use));
+                    sc[mi][nt][2 * r + 1] = fast_exp2(fmaf(sc[mi][nt][2 * r + 1], score_mul, -m_use));
                     sum += sc[mi][nt][2 * r] + sc[mi][nt][2 * r + 1];
                 }
                 row_sum[mi][r] = row_sum[mi][r] * corr + sum; // quad-partial; reduced in the epilogue

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "fa_backward.cuh"
+#include "fa_backward_wide.cuh"
 #include "fa_forward.cuh"
 #include "fa_launch.h"
 
@@ -17,22 +18,27 @@ namespace gfa::cuda::fa {
 // in registers. Decode (few packed rows, split KV): 4 warps of 16 rows, so a block has 128
 // threads to stream K/V while the tensor cores idle on padded rows (memory-bound anyway).
 // Backward: 4 warps, 64 keys x 64 queries, Q/dO double-buffered up to D = 128; D = 256 splits
-// the gradient columns over 2 blocks.
+// the gradient columns over 2 blocks. Wide backward (FlashAttention-2 shapes), 8 warps:
+// D = 64 128 keys x 128 queries; D = 128 128 x 64; D = 256 64 x 64 (2 warps along the keys,
+// 4 along the queries/columns, so the dK/dV accumulators fit in registers without a split).
 template <int D> struct TileConfig;
 template <> struct TileConfig<64> {
     template <class T> using Fwd = FwdTraits<64, T, 4, 2, 64>;
     template <class T> using Decode = FwdTraits<64, T, 4, 1, 64>;
     template <class T> using Bwd = BwdTraits<64, 1, T, 4, 64, 2>;
+    template <class T> using BwdWide = BwdWideTraits<64, T, 128, 128, 4>;
 };
 template <> struct TileConfig<128> {
     template <class T> using Fwd = FwdTraits<128, T, 4, 2, 64>;
     template <class T> using Decode = FwdTraits<128, T, 4, 1, 64>;
     template <class T> using Bwd = BwdTraits<128, 1, T, 4, 64, 2>;
+    template <class T> using BwdWide = BwdWideTraits<128, T, 128, 64, 4>;
 };
 template <> struct TileConfig<256> {
     template <class T> using Fwd = FwdTraits<256, T, 4, 1, 64>;
     template <class T> using Decode = Fwd<T>; // the prefill tile already has MI = 1
     template <class T> using Bwd = BwdTraits<256, 2, T, 4, 64, 1>;
+    template <class T> using BwdWide = BwdWideTraits<256, T, 64, 64, 2>;
 };
 
 inline void check_launch(const char* what) {
@@ -87,17 +93,29 @@ template <int D> void fwd_launch_tile(bool bf16, bool decode, const FwdArgs& a, 
 
 template <int D> BwdInfo bwd_info_tile() {
     using Tr = typename TileConfig<D>::template Bwd<__half>;
-    return BwdInfo{Tr::BM, Tr::BN, Tr::DSPLIT, Tr::kThreads, Tr::kSmemKV, Tr::kSoftcapBytes, Tr::kSmemQ};
+    using Wide = typename TileConfig<D>::template BwdWide<__half>;
+    BwdInfo info{Tr::BM, Tr::BN, Tr::DSPLIT, Tr::kThreads, Tr::kSmemKV, Tr::kSoftcapBytes, Tr::kSmemQ};
+    info.wide_bn = Wide::BN, info.wide_bm = Wide::BM, info.wide_threads = Wide::kThreads;
+    info.wide_smem = Wide::kSmem;
+    return info;
 }
 
-template <class Tr> void bwd_launch_one(bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
-    if (dq_pass) {
+template <class Tr, class Wide>
+void bwd_launch_one(BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+    if (which == BwdKernel::QueryTile) {
         static const bool ready =
             (set_smem(reinterpret_cast<const void*>(bwd_q_kernel<Tr>), Tr::kSmemQ, "the backward dQ kernel"),
              true);
         (void)ready;
         bwd_q_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemQ, st>>>(a);
         check_launch("the backward dQ kernel");
+    } else if (which == BwdKernel::KeyTileWide) {
+        static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_wide_kernel<Wide>),
+                                            Wide::kSmem, "the 8-warp backward dK/dV kernel"),
+                                   true);
+        (void)ready;
+        bwd_kv_wide_kernel<Wide><<<grid, Wide::kThreads, Wide::kSmem, st>>>(a);
+        check_launch("the 8-warp backward dK/dV kernel");
     } else {
         static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_kernel<Tr>),
                                             Tr::kSmemKV + Tr::kSoftcapBytes, "the backward dK/dV kernel"),
@@ -109,12 +127,15 @@ template <class Tr> void bwd_launch_one(bool dq_pass, const BwdArgs& a, dim3 gri
     }
 }
 
-template <int D> void bwd_launch_tile(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+template <int D>
+void bwd_launch_tile(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st) {
     using C = TileConfig<D>;
     if (bf16)
-        bwd_launch_one<typename C::template Bwd<__nv_bfloat16>>(dq_pass, a, grid, st);
+        bwd_launch_one<typename C::template Bwd<__nv_bfloat16>, typename C::template BwdWide<__nv_bfloat16>>(
+            which, a, grid, st);
     else
-        bwd_launch_one<typename C::template Bwd<__half>>(dq_pass, a, grid, st);
+        bwd_launch_one<typename C::template Bwd<__half>, typename C::template BwdWide<__half>>(which, a, grid,
+                                                                                               st);
 }
 
 } // namespace gfa::cuda::fa

@@ -23,16 +23,19 @@ void fwd_launch_d64(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStr
 void fwd_launch_d128(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
 void fwd_launch_d256(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
 
-// Backward: the dK/dV kernel (bn keys per block, bm queries per step, dsplit column blocks)
-// and the deterministic dQ kernel (bm queries per block).
+// Backward: the 4-warp dK/dV kernel (bn keys per block, bm queries per step, dsplit column
+// blocks), the deterministic dQ kernel (bm queries per block) and the 8-warp dK/dV kernel
+// (wide_bn keys per block, no column split, no softcap).
 struct BwdInfo {
     int bm = 0, bn = 0, dsplit = 1, threads = 0, smem_kv = 0, smem_softcap = 0, smem_q = 0;
+    int wide_bn = 0, wide_bm = 0, wide_threads = 0, wide_smem = 0;
 };
+enum class BwdKernel { KeyTile, KeyTileWide, QueryTile };
 BwdInfo bwd_info_d64();
 BwdInfo bwd_info_d128();
 BwdInfo bwd_info_d256();
-void bwd_launch_d64(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st);
-void bwd_launch_d128(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st);
-void bwd_launch_d256(bool bf16, bool dq_pass, const BwdArgs& a, dim3 grid, cudaStream_t st);
+void bwd_launch_d64(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st);
+void bwd_launch_d128(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st);
+void bwd_launch_d256(bool bf16, BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t st);
 
 } // namespace gfa::cuda::fa

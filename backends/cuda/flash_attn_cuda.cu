@@ -431,6 +431,7 @@ namespace {
 struct BwdPlan {
     int tile = 0;
     bool bf16 = false;
+    bool wide = false; // the 8-warp dK/dV kernel (else the 4-warp one, for softcap)
     fa::BwdInfo info;
     int Sq_pad = 0;
     size_t off_delta = 0, off_dq = 0, off_dsink = 0, total = 0;
@@ -446,6 +447,9 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
     plan.tile = head_dim_tile(p);
     plan.bf16 = compute_bf16(p);
     plan.info = bwd_info(plan.tile);
+    // The 8-warp dK/dV kernel (faster at every measured shape) has no softcap path; softcap
+    // takes the 4-warp kernel.
+    plan.wide = s.softcap <= 0.0f && plan.info.wide_bn > 0;
     plan.Sq_pad = (s.Sq + 127) / 128 * 128;
     auto align = [](size_t x) { return (x + 255) / 256 * 256; };
     const size_t row_arr = align(size_t(s.B) * s.Hq * plan.Sq_pad * sizeof(float));
@@ -534,21 +538,25 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
                    "clearing the dQ accumulator");
 
     // 2. dK, dV (and dQ through atomics)
-    auto launch = [&](bool dq_pass, dim3 grid) {
+    auto launch = [&](fa::BwdKernel which, dim3 grid) {
         if (plan.tile == 64)
-            fa::bwd_launch_d64(plan.bf16, dq_pass, a, grid, st);
+            fa::bwd_launch_d64(plan.bf16, which, a, grid, st);
         else if (plan.tile == 128)
-            fa::bwd_launch_d128(plan.bf16, dq_pass, a, grid, st);
+            fa::bwd_launch_d128(plan.bf16, which, a, grid, st);
         else
-            fa::bwd_launch_d256(plan.bf16, dq_pass, a, grid, st);
+            fa::bwd_launch_d256(plan.bf16, which, a, grid, st);
     };
     const fa::BwdInfo& info = plan.info;
-    launch(false,
-           dim3(unsigned((s.Skv + info.bn - 1) / info.bn), unsigned(s.Hkv * info.dsplit), unsigned(s.B)));
+    if (plan.wide)
+        launch(fa::BwdKernel::KeyTileWide,
+               dim3(unsigned((s.Skv + info.wide_bn - 1) / info.wide_bn), unsigned(s.Hkv), unsigned(s.B)));
+    else
+        launch(fa::BwdKernel::KeyTile,
+               dim3(unsigned((s.Skv + info.bn - 1) / info.bn), unsigned(s.Hkv * info.dsplit), unsigned(s.B)));
 
     // 3. dQ: convert the accumulator, or the deterministic dQ pass
     if (bp.deterministic) {
-        launch(true,
+        launch(fa::BwdKernel::QueryTile,
                dim3(unsigned((s.Sq + info.bm - 1) / info.bm), unsigned(s.Hq * info.dsplit), unsigned(s.B)));
     } else {
         const int64_t n = int64_t(s.B) * s.Hq * s.Sq * s.Dk;

@@ -1,0 +1,338 @@
+// FlashAttention-2 backward, dK/dV kernel with the FlashAttention-2 block shape: 8 warps
+// share one K/V tile of BN keys and walk the query tiles (BM rows) of the key tile's query
+// heads. Compared with the 4-warp kernel in fa_backward.cuh (each warp 16 keys against the
+// whole query tile), the warps split BOTH the keys and the queries (S^T, dP^T) or the head
+// dim (dK, dV), so every shared-memory fragment feeds at least 32 rows of tensor-core work,
+// and the Q/dO tiles of a step are loaded once (double-buffered cp.async) for 8 warps.
+//
+// Per query tile:
+//   load tile      Q, dO, lse2, delta of step it+1 start while step it computes
+//   S^T = K Q^T    warp (wk, wn): keys [wk*KW, +KW) x queries [wn*QW, +QW), in registers
+//   P^T            exp2(score - lse2), masked; stored 16-bit to shared memory (keys x queries)
+//   dP^T = V dO^T  same warp tile as S^T
+//   dS^T           P^T * (dP^T - delta), stored 16-bit to shared memory
+//   dV += P^T dO   warp (wk, wn): keys [wk*KW, +KW) x head-dim columns [wn*DW, +DW), fp32
+//   dK += dS^T Q   same warp tile as dV
+//   dQ += dS K     warp: queries [32 wq, +32) x columns; dS read transposed from shared
+//                  memory, added into the fp32 dQ accumulator with float2 atomics
+// Deterministic mode skips the last step (the dQ kernel of fa_backward.cuh computes dQ).
+// Softcap is left to the 4-warp kernel.
+#pragma once
+
+#include "fa_backward.cuh"
+
+namespace gfa::cuda::fa {
+
+template <int D_, class T_, int BN_, int BM_, int WK_> struct BwdWideTraits {
+    static constexpr int D = D_, BN = BN_, BM = BM_, NW = 8, kThreads = 32 * NW;
+    static constexpr int WK = WK_, WN = NW / WK_; // warp grid: WK along keys, WN along queries/columns
+    static constexpr int KW = BN / WK;            // keys per warp
+    static constexpr int QW = BM / WN;            // queries per warp in S^T and dP^T
+    static constexpr int DW = D / WN;             // dK/dV columns per warp
+    static constexpr int WQ = BM / 32;            // dQ: warps along the queries (32 rows each)
+    static constexpr int DQW = D / (NW / WQ);     // dQ columns per warp
+    static_assert(KW % 16 == 0 && QW % 16 == 0 && DW % 16 == 0 && DQW % 16 == 0, "warp tiles of 16");
+    static_assert(NW % WQ == 0, "dQ warp grid");
+    using T = T_;
+    using TileQ = SmemTile<BM, D>;  // Q and dO (query rows)
+    using TileK = SmemTile<BN, D>;  // K and V (key rows)
+    using TileS = SmemTile<BN, BM>; // P^T and dS^T (keys x queries)
+    static constexpr int kRowBytes = BM * 4;
+    static constexpr int kBufBytes = 2 * TileQ::kBytes + 2 * kRowBytes;
+    static constexpr int kSmem = 2 * TileK::kBytes + 2 * kBufBytes + 2 * TileS::kBytes;
+};
+
+template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdArgs a) {
+    using T = typename Tr::T;
+    constexpr int D = Tr::D, BM = Tr::BM, BN = Tr::BN, NT = Tr::kThreads;
+    constexpr int MT = Tr::KW / 16; // 16-key row tiles per warp
+    constexpr int NQ = Tr::QW / 8;  // 8-query column tiles per warp (S^T, dP^T)
+    constexpr int ND = Tr::DW / 8;  // 8-column tiles per warp (dK, dV)
+    constexpr int NDQ = Tr::DQW / 8;
+    extern __shared__ uint4 smem[];
+    const uint32_t base = smem_addr(smem);
+    const typename Tr::TileK sK{base};
+    const typename Tr::TileK sV{sK.base + Tr::TileK::kBytes};
+    const uint32_t q_region = sV.base + Tr::TileK::kBytes;
+    auto sQ = [&](int buf) { return typename Tr::TileQ{q_region + buf * Tr::kBufBytes}; };
+    auto sdO = [&](int buf) {
+        return typename Tr::TileQ{q_region + buf * Tr::kBufBytes + Tr::TileQ::kBytes};
+    };
+    auto sLse = [&](int buf) { return q_region + buf * Tr::kBufBytes + 2 * Tr::TileQ::kBytes; };
+    auto sDelta = [&](int buf) { return sLse(buf) + Tr::kRowBytes; };
+    const typename Tr::TileS sP{q_region + 2 * Tr::kBufBytes};
+    const typename Tr::TileS sdS{sP.base + Tr::TileS::kBytes};
+    const char* smem_generic = reinterpret_cast<const char*>(smem);
+    auto row_pair = [&](uint32_t addr, int idx) { // two adjacent fp32 row values, idx even
+        return *reinterpret_cast<const float2*>(smem_generic + (addr - base) + idx * 4);
+    };
+
+    const Shape& s = a.s;
+    const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int wk = warp % Tr::WK, wn = warp / Tr::WK;
+    const int key0 = wk * Tr::KW; // this warp's keys within the tile
+    const int qs0 = wn * Tr::QW;  // its queries in S^T / dP^T
+    const int dc0 = wn * Tr::DW;  // its dK/dV columns
+    const int dq_q0 = (warp % Tr::WQ) * 32, dq_c0 = (warp / Tr::WQ) * Tr::DQW; // its dQ block
+    const int n0 = int(blockIdx.x) * BN;
+    const int hk = int(blockIdx.y), b = int(blockIdx.z);
+
+    // ---- the query tiles that see any key of this tile ----
+    int i_lo = 0, i_hi = s.Sq - 1;
+    const int off = s.Skv - s.Sq;
+    if (s.has_hi) i_lo = max(i_lo, n0 - off - s.hi_off);
+    if (s.has_lo) i_hi = min(i_hi, min(n0 + BN, s.Skv) - 1 - off - s.lo_off);
+    const int m_first = i_lo / BM;
+    const int n_mtiles = i_hi >= i_lo ? i_hi / BM - m_first + 1 : 0;
+    const int n_iters = n_mtiles * s.G;
+
+    // ---- load K and V (once) ----
+    const char* k_rows = a.k.data + b * a.k.nb3 + hk * a.k.nb2 + int64_t(n0) * a.k.nb1;
+    const char* v_rows = a.v.data + b * a.v.nb3 + hk * a.v.nb2 + int64_t(n0) * a.v.nb1;
+    const int kv_rows = min(BN, s.Skv - n0);
+    load_any_tile<T, NT>(
+        sK, [&](int r) { return k_rows + r * a.k.nb1; }, kv_rows, s.Dk, a.k.code, k_rows);
+    load_any_tile<T, NT>(
+        sV, [&](int r) { return v_rows + r * a.v.nb1; }, kv_rows, s.Dv, a.v.code, v_rows);
+
+    // ---- Q, dO, lse2 and delta of step it (query head hk*G + it / n_mtiles) ----
+    auto load_q_tile = [&](int it, int buf) {
+        const int h = hk * s.G + it / n_mtiles, m0 = (m_first + it % n_mtiles) * BM;
+        const char* q_rows = a.q.data + b * a.q.nb3 + h * a.q.nb2 + int64_t(m0) * a.q.nb1;
+        const char* do_rows = a.dO.data + b * a.dO.nb3 + h * a.dO.nb1 + int64_t(m0) * a.dO.nb2;
+        const int rows = min(BM, s.Sq - m0);
+        load_any_tile<T, NT>(
+            sQ(buf), [&](int r) { return q_rows + r * a.q.nb1; }, rows, s.Dk, a.q.code, q_rows);
+        load_any_tile<T, NT>(
+            sdO(buf), [&](int r) { return do_rows + r * a.dO.nb2; }, rows, s.Dv, a.dO.code, do_rows);
+        const int64_t row_base = (int64_t(b) * s.Hq + h) * a.Sq_pad + m0;
+        for (int c = int(threadIdx.x); c < BM / 4; c += NT) {
+            cp_async_16(sLse(buf) + c * 16, a.lse2 + row_base + c * 4, true);
+            cp_async_16(sDelta(buf) + c * 16, a.delta + row_base + c * 4, true);
+        }
+        cp_async_commit();
+    };
+    if (n_iters > 0)
+        load_q_tile(0, 0);
+    else
+        cp_async_commit();
+
+    float dk_acc[MT][ND][4], dv_acc[MT][ND][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < ND; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dk_acc[mt][dt][e] = dv_acc[mt][dt][e] = 0.0f;
+
+    const float scale_log2 = s.scale * kLog2e;
+
+    for (int it = 0; it < n_iters; ++it) {
+        const int buf = it & 1;
+        const int h = hk * s.G + it / n_mtiles, m0 = (m_first + it % n_mtiles) * BM;
+        cp_async_wait<0>();
+        __syncthreads(); // step it's tiles landed; every warp is done with step it-1
+        if (it + 1 < n_iters) load_q_tile(it + 1, buf ^ 1);
+        const typename Tr::TileQ q_t = sQ(buf), do_t = sdO(buf);
+
+        // ---- S^T = K Q^T ----
+        float pt[MT][NQ][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NQ; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) pt[mt][nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t ka[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) load_a(ka[mt], sK, key0 + mt * 16, kk * 16);
+#pragma unroll
+            for (int np = 0; np < NQ / 2; ++np) {
+                uint32_t qb[4];
+                load_b_nk(qb, q_t, qs0 + np * 16, kk * 16);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(pt[mt][2 * np], ka[mt], qb[0], qb[1]);
+                    mma_16816<T>(pt[mt][2 * np + 1], ka[mt], qb[2], qb[3]);
+                }
+            }
+        }
+
+        // ---- P^T = exp2(score - lse2), masked where invisible; to shared memory ----
+        const bool boundary = n0 + BN > s.Skv || (s.has_hi && n0 + BN - 1 > s.diag(m0) + s.hi_off) ||
+                              (s.has_lo && n0 < s.diag(m0 + BM - 1) + s.lo_off);
+        const float slope_log2 = alibi_slope(s, h) * kLog2e;
+        const char* mask_base = a.mask.data ? a.mask.data + b * a.mask.nb3 + h * a.mask.nb2 : nullptr;
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt) {
+            const int iq0 = qs0 + nt * 8 + 2 * t4; // this lane's two queries of the column tile
+            const float2 lse2 = row_pair(sLse(buf), iq0);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = m0 + iq0 + (e & 1), j = n0 + key0 + mt * 16 + (e >> 1) * 8 + g;
+                    // score * log2(e) - lse2 in one FFMA; lse2 = +inf (no gradient) gives P = 0
+                    float x = fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x));
+                    if (mask_base && i < s.Sq && j < s.Skv)
+                        x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
+                    if (boundary && (j >= s.Skv || !s.visible(i, j))) x = -INFINITY;
+                    pt[mt][nt][e] = fast_exp2(x);
+                }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    st_shared_b32(sP.pair_addr(key0 + mt * 16 + r * 8 + g, iq0),
+                                  Elem<T>::pack(pt[mt][nt][2 * r], pt[mt][nt][2 * r + 1]));
+        }
+
+        // ---- dP^T = V dO^T ----
+        float dpt[MT][NQ][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NQ; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dpt[mt][nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t va[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) load_a(va[mt], sV, key0 + mt * 16, kk * 16);
+#pragma unroll
+            for (int np = 0; np < NQ / 2; ++np) {
+                uint32_t ob[4];
+                load_b_nk(ob, do_t, qs0 + np * 16, kk * 16);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(dpt[mt][2 * np], va[mt], ob[0], ob[1]);
+                    mma_16816<T>(dpt[mt][2 * np + 1], va[mt], ob[2], ob[3]);
+                }
+            }
+        }
+
+        // ---- dS^T = P^T * (dP^T - delta); to shared memory ----
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt) {
+            const int iq0 = qs0 + nt * 8 + 2 * t4;
+            const float2 delta = row_pair(sDelta(buf), iq0);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    dpt[mt][nt][e] = pt[mt][nt][e] * (dpt[mt][nt][e] - ((e & 1) ? delta.y : delta.x));
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    st_shared_b32(sdS.pair_addr(key0 + mt * 16 + r * 8 + g, iq0),
+                                  Elem<T>::pack(dpt[mt][nt][2 * r], dpt[mt][nt][2 * r + 1]));
+            }
+        }
+        __syncthreads(); // P^T and dS^T of the whole tile are in shared memory
+
+        // ---- dV += P^T dO ----
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) load_a(pa[mt], sP, key0 + mt * 16, kk * 16);
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; ++dp) {
+                uint32_t ob[4];
+                load_b_kn(ob, do_t, kk * 16, dc0 + dp * 16);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(dv_acc[mt][2 * dp], pa[mt], ob[0], ob[1]);
+                    mma_16816<T>(dv_acc[mt][2 * dp + 1], pa[mt], ob[2], ob[3]);
+                }
+            }
+        }
+
+        // ---- dK += dS^T Q ----
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            uint32_t da[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) load_a(da[mt], sdS, key0 + mt * 16, kk * 16);
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; ++dp) {
+                uint32_t qb[4];
+                load_b_kn(qb, q_t, kk * 16, dc0 + dp * 16);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(dk_acc[mt][2 * dp], da[mt], qb[0], qb[1]);
+                    mma_16816<T>(dk_acc[mt][2 * dp + 1], da[mt], qb[2], qb[3]);
+                }
+            }
+        }
+
+        // ---- dQ += dS K: dS^T read transposed, fp32 atomics ----
+        if (a.accumulate_dq) {
+            float acc[2][NDQ][4];
+#pragma unroll
+            for (int mq = 0; mq < 2; ++mq)
+#pragma unroll
+                for (int nt = 0; nt < NDQ; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mq][nt][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                uint32_t da[2][4];
+#pragma unroll
+                for (int mq = 0; mq < 2; ++mq) load_a_trans(da[mq], sdS, kk * 16, dq_q0 + mq * 16);
+#pragma unroll
+                for (int dp = 0; dp < NDQ / 2; ++dp) {
+                    uint32_t kb[4];
+                    load_b_kn(kb, sK, kk * 16, dq_c0 + dp * 16);
+#pragma unroll
+                    for (int mq = 0; mq < 2; ++mq) {
+                        mma_16816<T>(acc[mq][2 * dp], da[mq], kb[0], kb[1]);
+                        mma_16816<T>(acc[mq][2 * dp + 1], da[mq], kb[2], kb[3]);
+                    }
+                }
+            }
+            float* dq_rows = a.dq_accum + (int64_t(b) * s.Hq + h) * int64_t(s.Sq) * s.Dk;
+#pragma unroll
+            for (int mq = 0; mq < 2; ++mq)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = m0 + dq_q0 + mq * 16 + r * 8 + g;
+                    if (i >= s.Sq) continue;
+#pragma unroll
+                    for (int nt = 0; nt < NDQ; ++nt) {
+                        const int c = dq_c0 + nt * 8 + 2 * t4;
+                        if (c < s.Dk)
+                            atomic_add_pair(dq_rows + int64_t(i) * s.Dk + c, acc[mq][nt][2 * r],
+                                            acc[mq][nt][2 * r + 1]);
+                    }
+                }
+        }
+    }
+
+    cp_async_wait<0>(); // a block with no query tiles still has its K/V copies in flight
+
+    // ---- epilogue: dK = scale * dS^T Q, dV as accumulated ----
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int j = n0 + key0 + mt * 16 + r * 8 + g;
+            if (j >= s.Skv) continue;
+            char* dk_row = a.dk + b * a.dk_nb3 + hk * a.dk_nb2 + int64_t(j) * a.dk_nb1;
+            char* dv_row = a.dv + b * a.dv_nb3 + hk * a.dv_nb2 + int64_t(j) * a.dv_nb1;
+#pragma unroll
+            for (int dt = 0; dt < ND; ++dt) {
+                const int c = dc0 + dt * 8 + 2 * t4;
+                if (c < s.Dk)
+                    store_pair(dk_row, c, dk_acc[mt][dt][2 * r] * s.scale,
+                               dk_acc[mt][dt][2 * r + 1] * s.scale, a.dk_code);
+                if (c < s.Dv)
+                    store_pair(dv_row, c, dv_acc[mt][dt][2 * r], dv_acc[mt][dt][2 * r + 1], a.dv_code);
+            }
+        }
+}
+
+} // namespace gfa::cuda::fa
