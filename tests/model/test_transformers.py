@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Llama and Qwen2 models built by Hugging Face transformers (random weights from a seed),
+saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
+a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
+and greedy generation at F32 must give the same tokens.
+
+Needs torch and transformers (present on GPU machines); exits 77 (skipped) without them.
+Usage: test_transformers.py --convert PATH --run PATH [--backends cpu,cuda] [--seed N]
+"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_llama import max_rel_error, run  # noqa: E402
+
+try:
+    import torch
+    import transformers
+except ImportError as e:  # CI machines have no torch: the GPU machine runs this test
+    print(f"skipped: {e}")
+    sys.exit(77)
+
+# (weights type, tolerance on CPU, tolerance on CUDA). The GPU's attention runs on 16-bit
+# tensor cores; q8_0 weights round every weight to 8 bits (measured ~1e-2 here).
+CASES = [("f32", 1e-3, 1e-2), ("f16", 1e-2, 1e-2), ("q8_0", 5e-2, 5e-2)]
+
+
+def build(kind, seed):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    # The default init (std 0.02) makes near-uniform attention; widen it so errors show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--convert", required=True)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--backends", default="cpu,cuda")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"seed {seed}, torch {torch.__version__}, transformers {transformers.__version__}")
+    backends = args.backends.split(",")
+    rng = np.random.default_rng(seed)
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("llama", "qwen2"):
+            model = build(kind, seed)
+            ckpt = os.path.join(tmp, kind)
+            model.save_pretrained(ckpt, safe_serialization=True)
+            vocab = model.config.vocab_size
+            prompt = [int(t) for t in rng.integers(0, vocab, size=64)]
+            with torch.no_grad():
+                ref = model.double()(torch.tensor([prompt])).logits[0].numpy()
+                generated_ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                               min_new_tokens=16)[0, 64:].tolist()
+            for gtype, tol_cpu, tol_cuda in CASES:
+                gguf = os.path.join(tmp, f"{kind}-{gtype}.gguf")
+                run([args.convert, ckpt, "-o", gguf, "--type", gtype])
+                per_backend = {}
+                for be in backends:
+                    out = os.path.join(tmp, f"{kind}-{gtype}-{be}.logits")
+                    n_gen = 16 if gtype == "f32" else 0
+                    stdout = run([args.run, "-m", gguf, "--tokens", ",".join(map(str, prompt)), "-n", str(n_gen),
+                                  "--kv-type", "f32", "--logits-out", out, "--ignore-eos", "--backend", be])
+                    got = np.fromfile(out, dtype=np.float32).reshape(len(prompt), vocab).astype(np.float64)
+                    per_backend[be] = got
+                    err = max_rel_error(got, ref) if np.all(np.isfinite(got)) else float("inf")
+                    tol = tol_cpu if be == "cpu" else tol_cuda
+                    label = f"{kind} {gtype} on {be}"
+                    print(f"{label}: max relative error vs transformers {err:.2e} (tolerance {tol:.0e})"
+                          f" {'ok' if err < tol else 'FAIL'}")
+                    if not err < tol:
+                        failures.append(f"{label}: {err:.3e}")
+                    if n_gen:
+                        generated = [int(t) for t in stdout.strip().split(",")]
+                        same = generated == generated_ref
+                        print(f"{label}: greedy generation of 16 tokens {'matches' if same else 'DIFFERS from'}"
+                              f" transformers")
+                        if not same:
+                            failures.append(f"{label}: generated {generated}, transformers {generated_ref}")
+                if "cpu" in per_backend and "cuda" in per_backend:
+                    agree = max_rel_error(per_backend["cuda"], per_backend["cpu"])
+                    print(f"{kind} {gtype}: CUDA vs CPU max relative difference {agree:.2e}")
+                    if not agree < 1e-2:
+                        failures.append(f"{kind} {gtype}: CUDA and CPU differ by {agree:.3e}")
+    if failures:
+        print(f"FAILED (seed {seed}):\n  " + "\n  ".join(failures))
+        return 1
+    print("all passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
