@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Prompt and generation speed of a ~1B-parameter Llama-shaped model with random weights,
+ggml-fa-run beside Hugging Face transformers on the same GPU in the same run.
+
+  bench_model.py --build BUILD_DIR [--types f16,q8_0,q4_0] [--prompt 512] [--gen 128]
+
+Needs torch and transformers (GPU machines). Prints one row per engine and weight type.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--types", default="f16,q8_0,q4_0")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--backend", default="cuda")
+    args = ap.parse_args()
+    # TinyLlama-1.1B's shape: 22 layers, hidden 2048, FFN 5632, 32 query / 4 KV heads.
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                   num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                                   max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e9:.2f} B parameters; device {torch.cuda.get_device_name()}", flush=True)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "ckpt")
+        model.save_pretrained(ckpt, safe_serialization=True)
+
+        # transformers, f16, default attention (SDPA), KV cache on
+        m = model.cuda().eval()
+        ids = prompt.cuda()
+        with torch.no_grad():
+            for _ in range(2):
+                m(ids)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m(ids)
+            torch.cuda.synchronize()
+            t_prompt = time.perf_counter() - t0
+            m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m.generate(ids, max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False)
+            torch.cuda.synchronize()
+            t_total = time.perf_counter() - t0
+        t_gen = max(t_total - t_prompt, 1e-9)
+        rows.append(("transformers", "f16", args.prompt / t_prompt, (args.gen - 1) / t_gen))
+        del m
+        torch.cuda.empty_cache()
+
+        convert = os.path.join(args.build, "convert")
+        quantize = os.path.join(args.build, "quantize")
+        run = os.path.join(args.build, "ggml-fa-run")
+        f16 = os.path.join(tmp, "model-f16.gguf")
+        subprocess.run([convert, ckpt, "-o", f16, "--type", "f16"], check=True, capture_output=True)
+        tokens = ",".join(str(int(t)) for t in prompt[0])
+        for gtype in args.types.split(","):
+            path = f16
+            if gtype == "q8_0":
+                path = os.path.join(tmp, "model-q8_0.gguf")
+                subprocess.run([convert, ckpt, "-o", path, "--type", "q8_0"], check=True, capture_output=True)
+            elif gtype != "f16":
+                path = os.path.join(tmp, f"model-{gtype}.gguf")
+                subprocess.run([quantize, f16, path, gtype], check=True, capture_output=True)
+            cmd = [run, "-m", path, "--tokens", tokens, "-n", str(args.gen), "--ignore-eos", "--backend",
+                   args.backend, "-c", str(args.prompt + args.gen + 16), "-b", str(args.prompt)]
+            subprocess.run(cmd, check=True, capture_output=True)  # warm-up
+            r = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            pp = float(re.search(r"prompt: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
+            tg = float(re.search(r"generation: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
+            rows.append(("ggml-fa", gtype, pp, tg))
+            print(f"ggml-fa {gtype}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s", flush=True)
+    base_pp, base_tg = rows[0][2], rows[0][3]
+    print(f"\n{'engine':14s} {'weights':8s} {'prompt tok/s':>13s} {'gen tok/s':>10s} {'vs transformers':>18s}")
+    for eng, t, pp, tg in rows:
+        print(f"{eng:14s} {t:8s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
