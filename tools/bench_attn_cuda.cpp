@@ -2,7 +2,10 @@
 // decoding, timed with CUDA events (median of several repetitions after warm-up).
 //
 //   bench_attn_cuda [--quick] [--no-decode] [--label NAME] [--csv FILE]
+//                   [--d D] [--s S] [--causal 0|1] [--reps N] [--no-fa]
 //
+// --d/--s/--causal keep only the matching cases of the grid (for profiling one kernel);
+// --reps sets the timed repetitions; --no-fa runs only the decoding table.
 // --label names the implementation in the output (default "ours"), to tell apart builds or
 // kernel variants timed into one comparison.
 //
@@ -24,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -105,7 +109,9 @@ View make_view(Type type, void* data, int64_t n0, int64_t n1, int64_t n2, int64_
 } // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false, decode = true;
+    bool quick = false, decode = true, fa = true;
+    int64_t only_d = 0, only_s = 0;
+    int only_causal = -1, reps_arg = 0;
     const char* label = "ours";
     FILE* csv = nullptr;
     for (int i = 1; i < argc; ++i) {
@@ -117,6 +123,20 @@ int main(int argc, char** argv) {
             label = argv[++i];
         else if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc)
             csv = std::fopen(argv[++i], "w");
+        else if (std::strcmp(argv[i], "--d") == 0 && i + 1 < argc)
+            only_d = std::atoll(argv[++i]);
+        else if (std::strcmp(argv[i], "--s") == 0 && i + 1 < argc)
+            only_s = std::atoll(argv[++i]);
+        else if (std::strcmp(argv[i], "--causal") == 0 && i + 1 < argc)
+            only_causal = std::atoi(argv[++i]);
+        else if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc)
+            reps_arg = std::atoi(argv[++i]);
+        else if (std::strcmp(argv[i], "--no-fa") == 0)
+            fa = false;
+        else {
+            std::fprintf(stderr, "bench_attn_cuda: unknown argument '%s'\n", argv[i]);
+            return 2;
+        }
     }
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -143,11 +163,15 @@ int main(int argc, char** argv) {
 
         std::printf("%-6s %4s %6s %3s %3s %6s %9s %7s %9s %7s\n", "impl", "d", "s", "b", "h", "causal",
                     "fwd_ms", "fwdTF", "bwd_ms", "bwdTF");
-        const std::vector<int64_t> seqs =
+        std::vector<int64_t> seqs =
             quick ? std::vector<int64_t>{2048} : std::vector<int64_t>{512, 2048, 8192, 16384};
+        if (only_s && std::find(seqs.begin(), seqs.end(), only_s) == seqs.end()) seqs.push_back(only_s);
         for (int64_t D : {64, 128, 256})
             for (bool causal : {false, true})
                 for (int64_t S : seqs) {
+                    if (!fa || (only_d && D != only_d) || (only_s && S != only_s) ||
+                        (only_causal >= 0 && int(causal) != only_causal))
+                        continue;
                     const int64_t B = tokens / S, H = hidden / D;
                     attn::BackwardProblem bp;
                     attn::Problem& p = bp.fwd;
@@ -172,7 +196,7 @@ int main(int argc, char** argv) {
                     }
                     const double flops =
                         4.0 * double(B * H) * double(S) * double(S) * double(D) / (causal ? 2.0 : 1.0);
-                    const int reps = quick ? 5 : 15;
+                    const int reps = reps_arg > 0 ? reps_arg : quick ? 5 : 15;
                     const double fwd =
                         time_ms([&] { cuda::flash_attn_forward(p, nullptr, ws, ws_bytes); }, reps, 3);
                     const double bwd =

@@ -96,9 +96,9 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     load_any_tile<T, NT>(
         sV, [&](int r) { return v_rows + r * a.v.nb1; }, kv_rows, s.Dv, a.v.code, v_rows);
 
-    // ---- Q, dO, lse2 and delta of step it (query head hk*G + it / n_mtiles) ----
-    auto load_q_tile = [&](int it, int buf) {
-        const int h = hk * s.G + it / n_mtiles, m0 = (m_first + it % n_mtiles) * BM;
+    // ---- Q, dO, lse2 and delta of one step: query head h, query tile at row m0 ----
+    // Steps walk the query tiles of head hk*G, then of hk*G + 1, ...
+    auto load_q_tile = [&](int h, int m0, int buf) {
         const char* q_rows = a.q.data + b * a.q.nb3 + h * a.q.nb2 + int64_t(m0) * a.q.nb1;
         const char* do_rows = a.dO.data + b * a.dO.nb3 + h * a.dO.nb1 + int64_t(m0) * a.dO.nb2;
         const int rows = min(BM, s.Sq - m0);
@@ -114,7 +114,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
         cp_async_commit();
     };
     if (n_iters > 0)
-        load_q_tile(0, 0);
+        load_q_tile(hk * s.G, m_first * BM, 0);
     else
         cp_async_commit();
 
@@ -128,12 +128,14 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
 
     const float scale_log2 = s.scale * kLog2e;
 
+    int h = hk * s.G, m0 = m_first * BM; // this step's query head and tile
     for (int it = 0; it < n_iters; ++it) {
         const int buf = it & 1;
-        const int h = hk * s.G + it / n_mtiles, m0 = (m_first + it % n_mtiles) * BM;
+        const bool last_of_head = m0 + BM > i_hi;
+        const int h_next = last_of_head ? h + 1 : h, m0_next = last_of_head ? m_first * BM : m0 + BM;
         cp_async_wait<0>();
         __syncthreads(); // step it's tiles landed; every warp is done with step it-1
-        if (it + 1 < n_iters) load_q_tile(it + 1, buf ^ 1);
+        if (it + 1 < n_iters) load_q_tile(h_next, m0_next, buf ^ 1);
         const typename Tr::TileQ q_t = sQ(buf), do_t = sdO(buf);
 
         // ---- S^T = K Q^T ----
@@ -162,33 +164,50 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
         }
 
         // ---- P^T = exp2(score - lse2), masked where invisible; to shared memory ----
+        // Tiles with no mask, no ALiBi and every key visible (nearly all of them) take the
+        // plain path: one FFMA and one exp2 per score.
         const bool boundary = n0 + BN > s.Skv || (s.has_hi && n0 + BN - 1 > s.diag(m0) + s.hi_off) ||
                               (s.has_lo && n0 < s.diag(m0 + BM - 1) + s.lo_off);
-        const float slope_log2 = alibi_slope(s, h) * kLog2e;
         const char* mask_base = a.mask.data ? a.mask.data + b * a.mask.nb3 + h * a.mask.nb2 : nullptr;
+        if (!boundary && !mask_base) {
 #pragma unroll
-        for (int nt = 0; nt < NQ; ++nt) {
-            const int iq0 = qs0 + nt * 8 + 2 * t4; // this lane's two queries of the column tile
-            const float2 lse2 = row_pair(sLse(buf), iq0);
+            for (int nt = 0; nt < NQ; ++nt) {
+                const float2 lse2 = row_pair(sLse(buf), qs0 + nt * 8 + 2 * t4);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = m0 + iq0 + (e & 1), j = n0 + key0 + mt * 16 + (e >> 1) * 8 + g;
-                    // score * log2(e) - lse2 in one FFMA; lse2 = +inf (no gradient) gives P = 0
-                    float x = fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x));
-                    if (mask_base && i < s.Sq && j < s.Skv)
-                        x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
-                    if (boundary && (j >= s.Skv || !s.visible(i, j))) x = -INFINITY;
-                    pt[mt][nt][e] = fast_exp2(x);
-                }
+                    for (int e = 0; e < 4; ++e)
+                        pt[mt][nt][e] =
+                            fast_exp2(fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
+            }
+        } else {
+            const float slope_log2 = mask_base ? alibi_slope(s, h) * kLog2e : 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NQ; ++nt) {
+                const int iq0 = qs0 + nt * 8 + 2 * t4; // this lane's two queries of the column tile
+                const float2 lse2 = row_pair(sLse(buf), iq0);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m0 + iq0 + (e & 1), j = n0 + key0 + mt * 16 + (e >> 1) * 8 + g;
+                        // score * log2(e) - lse2 in one FFMA; lse2 = +inf (no gradient) gives P = 0
+                        float x = fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x));
+                        if (mask_base && i < s.Sq && j < s.Skv)
+                            x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
+                        if (j >= s.Skv || !s.visible(i, j)) x = -INFINITY;
+                        pt[mt][nt][e] = fast_exp2(x);
+                    }
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
-                    st_shared_b32(sP.pair_addr(key0 + mt * 16 + r * 8 + g, iq0),
+                    st_shared_b32(sP.pair_addr(key0 + mt * 16 + r * 8 + g, qs0 + nt * 8 + 2 * t4),
                                   Elem<T>::pack(pt[mt][nt][2 * r], pt[mt][nt][2 * r + 1]));
-        }
 
         // ---- dP^T = V dO^T ----
         float dpt[MT][NQ][4];
@@ -294,22 +313,37 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
                     }
                 }
             }
+            // Full tiles (every row real, Dk = D) add at offsets known at compile time from
+            // one per-thread pointer; the last query tile and padded head dims check each.
             float* dq_rows = a.dq_accum + (int64_t(b) * s.Hq + h) * int64_t(s.Sq) * s.Dk;
+            if (m0 + BM <= s.Sq && s.Dk == D) {
+                float* dq_thread = dq_rows + int64_t(m0 + dq_q0 + g) * D + dq_c0 + 2 * t4;
 #pragma unroll
-            for (int mq = 0; mq < 2; ++mq)
+                for (int mq = 0; mq < 2; ++mq)
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int i = m0 + dq_q0 + mq * 16 + r * 8 + g;
-                    if (i >= s.Sq) continue;
+                    for (int r = 0; r < 2; ++r)
 #pragma unroll
-                    for (int nt = 0; nt < NDQ; ++nt) {
-                        const int c = dq_c0 + nt * 8 + 2 * t4;
-                        if (c < s.Dk)
-                            atomic_add_pair(dq_rows + int64_t(i) * s.Dk + c, acc[mq][nt][2 * r],
+                        for (int nt = 0; nt < NDQ; ++nt)
+                            atomic_add_pair(dq_thread + (mq * 16 + r * 8) * D + nt * 8, acc[mq][nt][2 * r],
                                             acc[mq][nt][2 * r + 1]);
+            } else {
+#pragma unroll
+                for (int mq = 0; mq < 2; ++mq)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int i = m0 + dq_q0 + mq * 16 + r * 8 + g;
+                        if (i >= s.Sq) continue;
+#pragma unroll
+                        for (int nt = 0; nt < NDQ; ++nt) {
+                            const int c = dq_c0 + nt * 8 + 2 * t4;
+                            if (c < s.Dk)
+                                atomic_add_pair(dq_rows + int64_t(i) * s.Dk + c, acc[mq][nt][2 * r],
+                                                acc[mq][nt][2 * r + 1]);
+                        }
                     }
-                }
+            }
         }
+        h = h_next, m0 = m0_next;
     }
 
     cp_async_wait<0>(); // a block with no query tiles still has its K/V copies in flight
