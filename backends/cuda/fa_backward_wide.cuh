@@ -102,10 +102,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
         const char* q_rows = a.q.data + b * a.q.nb3 + h * a.q.nb2 + int64_t(m0) * a.q.nb1;
         const char* do_rows = a.dO.data + b * a.dO.nb3 + h * a.dO.nb1 + int64_t(m0) * a.dO.nb2;
         const int rows = min(BM, s.Sq - m0);
-        load_any_tile<T, NT>(
-            sQ(buf), [&](int r) { return q_rows + r * a.q.nb1; }, rows, s.Dk, a.q.code, q_rows);
-        load_any_tile<T, NT>(
-            sdO(buf), [&](int r) { return do_rows + r * a.dO.nb2; }, rows, s.Dv, a.dO.code, do_rows);
+        load_strided_tile<T, NT>(sQ(buf), q_rows, a.q.nb1, rows, s.Dk, a.q.code);
+        load_strided_tile<T, NT>(sdO(buf), do_rows, a.dO.nb2, rows, s.Dv, a.dO.code);
         const int64_t row_base = (int64_t(b) * s.Hq + h) * a.Sq_pad + m0;
         for (int c = int(threadIdx.x); c < BM / 4; c += NT) {
             cp_async_16(sLse(buf) + c * 16, a.lse2 + row_base + c * 4, true);
@@ -131,10 +129,11 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     int h = hk * s.G, m0 = m_first * BM; // this step's query head and tile
     for (int it = 0; it < n_iters; ++it) {
         const int buf = it & 1;
-        const bool last_of_head = m0 + BM > i_hi;
-        const int h_next = last_of_head ? h + 1 : h, m0_next = last_of_head ? m_first * BM : m0 + BM;
         cp_async_wait<0>();
         __syncthreads(); // step it's tiles landed; every warp is done with step it-1
+        // (after the barrier: the last step's dQ atomics have drained from the memory queue)
+        const bool last_of_head = m0 + BM > i_hi;
+        const int h_next = last_of_head ? h + 1 : h, m0_next = last_of_head ? m_first * BM : m0 + BM;
         if (it + 1 < n_iters) load_q_tile(h_next, m0_next, buf ^ 1);
         const typename Tr::TileQ q_t = sQ(buf), do_t = sdO(buf);
 
@@ -317,15 +316,23 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
             // one per-thread pointer; the last query tile and padded head dims check each.
             float* dq_rows = a.dq_accum + (int64_t(b) * s.Hq + h) * int64_t(s.Sq) * s.Dk;
             if (m0 + BM <= s.Sq && s.Dk == D) {
-                float* dq_thread = dq_rows + int64_t(m0 + dq_q0 + g) * D + dq_c0 + 2 * t4;
+                // Lanes t4 = 2u and 2u+1 hold columns 4u..4u+1 and 4u+2..4u+3 of rows g and
+                // g+8; one swap gives the even lane row g's four columns and the odd lane row
+                // g+8's, so each adds 16 bytes at once: half the atomics in the memory queue.
+                const bool odd = t4 & 1;
+                float* dq_thread =
+                    dq_rows + int64_t(m0 + dq_q0 + g + (odd ? 8 : 0)) * D + dq_c0 + 4 * (t4 >> 1);
 #pragma unroll
                 for (int mq = 0; mq < 2; ++mq)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r)
-#pragma unroll
-                        for (int nt = 0; nt < NDQ; ++nt)
-                            atomic_add_pair(dq_thread + (mq * 16 + r * 8) * D + nt * 8, acc[mq][nt][2 * r],
-                                            acc[mq][nt][2 * r + 1]);
+                    for (int nt = 0; nt < NDQ; ++nt) {
+                        const float(&c)[4] = acc[mq][nt];
+                        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? c[0] : c[2], 1);
+                        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? c[1] : c[3], 1);
+                        atomic_add_quad(dq_thread + mq * 16 * D + nt * 8,
+                                        odd ? make_float4(r0, r1, c[2], c[3])
+                                            : make_float4(c[0], c[1], r0, r1));
+                    }
             } else {
 #pragma unroll
                 for (int mq = 0; mq < 2; ++mq)

@@ -18,8 +18,12 @@ namespace gfa::cuda::fa {
 
 // Tile shape of one forward kernel: head-dimension tile D (the real head dims are <= D and
 // zero-padded), compute type T, warps NW, 16-row groups per warp MI, key tile BN.
-template <int D_, class T_, int NW_, int MI_, int BN_> struct FwdTraits {
+// SKIP_RESCALE: skip the O rescale of a tile when no row maximum of the warp changed (a
+// win where the O accumulator is largest relative to the tile, D = 128; measured slower at
+// D = 64 and 256, where the branch splits the softmax from the P V products).
+template <int D_, class T_, int NW_, int MI_, int BN_, bool SKIP_RESCALE = false> struct FwdTraits {
     static constexpr int D = D_, NW = NW_, MI = MI_, BN = BN_;
+    static constexpr bool kSkipRescale = SKIP_RESCALE;
     static constexpr int BM = 16 * MI * NW;
     static constexpr int kThreads = 32 * NW;
     using T = T_;
@@ -102,15 +106,13 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
     auto load_k = [&](int tile) {
         const int n0 = tile * BN;
         const char* rows = k_base + int64_t(n0) * a.k.nb1;
-        load_any_tile<T, NT>(
-            sK, [&](int r) { return rows + r * a.k.nb1; }, min(BN, s.Skv - n0), s.Dk, a.k.code, rows);
+        load_strided_tile<T, NT>(sK, rows, a.k.nb1, min(BN, s.Skv - n0), s.Dk, a.k.code);
         cp_async_commit();
     };
     auto load_v = [&](int tile) {
         const int n0 = tile * BN;
         const char* rows = v_base + int64_t(n0) * a.v.nb1;
-        load_any_tile<T, NT>(
-            sV, [&](int r) { return rows + r * a.v.nb1; }, min(BN, s.Skv - n0), s.Dv, a.v.code, rows);
+        load_strided_tile<T, NT>(sV, rows, a.v.nb1, min(BN, s.Skv - n0), s.Dv, a.v.code);
         cp_async_commit();
     };
     if (tile_last >= tile_first) load_k(tile_last);
@@ -211,7 +213,11 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
         __syncthreads();
         if (tile > tile_first) load_k(tile - 1);
 
-            // ---- online softmax (base 2): rescale O and l by exp2(m_old - m_new) ----
+        // ---- online softmax (base 2): rescale O and l by exp2(m_old - m_new) ----
+        // Once the running maxima settle most tiles leave them unchanged (corr = 1 exactly);
+        // with kSkipRescale the O rescale is skipped when that holds for every row of the warp.
+        float corr_of[MI][2];
+        bool rescale = false;
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -232,14 +238,19 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
                     sum += sc[mi][nt][2 * r] + sc[mi][nt][2 * r + 1];
                 }
                 row_sum[mi][r] = row_sum[mi][r] * corr + sum; // quad-partial; reduced in the epilogue
-#pragma unroll
-                for (int dt = 0; dt < NTILE_D; ++dt) {
-                    o_acc[mi][dt][2 * r] *= corr;
-                    o_acc[mi][dt][2 * r + 1] *= corr;
-                }
+                corr_of[mi][r] = corr;
+                rescale |= corr != 1.0f;
             }
+        if (!Tr::kSkipRescale || __any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int dt = 0; dt < NTILE_D; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o_acc[mi][dt][e] *= corr_of[mi][e >> 1];
+        }
 
-            // ---- O += P V (P straight from the S accumulators) ----
+        // ---- O += P V (P straight from the S accumulators) ----
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             uint32_t pa[MI][4];

@@ -90,4 +90,34 @@ __device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr 
     }
 }
 
+// Loads a tile of rows that are `stride` bytes apart (K, V, and the Q/dO tiles of the
+// backward). A whole tile already in the compute type (every row real, every column used)
+// takes the streamlined path: each thread copies a fixed column chunk of rows r0, r0 + RPI,
+// ..., so its global address advances by one stride step and its shared address by a
+// constant (RPI is a multiple of the 8-row swizzle period), with no bounds checks. That
+// matters: the general path spends about a dozen integer instructions per 16-byte copy,
+// as many as the tensor-core work of the tile. Anything else goes through load_any_tile.
+template <class T, int NTHREADS, int ROWS, int COLS>
+__device__ __forceinline__ void load_strided_tile(SmemTile<ROWS, COLS> tile, const char* rows, int64_t stride,
+                                                  int n_rows, int n_cols, int code) {
+    constexpr int kChunksPerRow = COLS / 8;
+    constexpr int kRowsPerPass = NTHREADS / kChunksPerRow;
+    if constexpr (NTHREADS % kChunksPerRow == 0 && kRowsPerPass % 8 == 0 && ROWS % kRowsPerPass == 0) {
+        if (code == Elem<T>::code && n_rows == ROWS && n_cols == COLS) {
+            const int c = int(threadIdx.x) % kChunksPerRow, r0 = int(threadIdx.x) / kChunksPerRow;
+            const char* src = rows + r0 * stride + c * 16;
+            const uint32_t dst = tile.chunk_addr(r0, c);
+            const int64_t src_step = kRowsPerPass * stride;
+#pragma unroll
+            for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass) {
+                cp_async_16(dst + uint32_t(pass * kRowsPerPass * COLS * 2), src, true);
+                src += src_step;
+            }
+            return;
+        }
+    }
+    load_any_tile<T, NTHREADS>(
+        tile, [&](int r) { return rows + r * stride; }, n_rows, n_cols, code, rows);
+}
+
 } // namespace gfa::cuda::fa
