@@ -33,6 +33,22 @@ struct Shape {
     }
 };
 
+// The work of one block of a flat 1-d grid over (KV head, outer = batch or batch x split,
+// tile). With tiles_last the tile index is the slowest: blocks that run together share a tile
+// index across heads, the order for causal/window masks that make some tiles longer (the
+// kernel maps tile 0 to its longest tile, so the longest start first and short ones fill the
+// tail). Otherwise a head's tiles are adjacent, so they find its K/V or Q/dO in L2.
+struct GridPos {
+    int head, outer, tile;
+};
+GFA_HD GridPos grid_pos(unsigned idx, int n_head, int n_outer, int n_tile, bool tiles_last) {
+    if (tiles_last)
+        return {int(idx % unsigned(n_head)), int(idx / unsigned(n_head) % unsigned(n_outer)),
+                int(idx / unsigned(n_head * n_outer))};
+    return {int(idx / unsigned(n_tile) % unsigned(n_head)), int(idx / unsigned(n_tile * n_head)),
+            int(idx % unsigned(n_tile))};
+}
+
 // A strided 16-bit-or-wider operand: base pointer and byte strides of dims 1..3.
 struct Operand {
     const char* data = nullptr;
@@ -52,6 +68,7 @@ struct FwdArgs {
     int64_t lse_nb1 = 0, lse_nb2 = 0; // elements per head, per batch
     // Split-KV: n_split > 1 writes partial results to part_o/part_lse for the combine kernel.
     int n_split = 1, split_keys = 0;
+    bool tiles_last = false; // grid order, see GridPos
     float* part_o = nullptr;   // [n_split][B][Hkv][Sq*G][Dv]
     float* part_lse = nullptr; // [n_split][B][Hkv][Sq*G], base 2
 };
@@ -81,6 +98,7 @@ struct BwdArgs {
     float* dq_accum = nullptr;   // [B][Hq][Sq][Dk] fp32
     float* dsink_rows = nullptr; // [Hq][B*Sq]: per-row terms of dsinks
     bool accumulate_dq = true;   // false: the dK/dV kernel leaves dQ to the separate dQ kernel
+    bool tiles_last = false;     // grid order of the 8-warp dK/dV kernel, see GridPos
 };
 
 } // namespace gfa::cuda::fa

@@ -75,8 +75,12 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     const int qs0 = wn * Tr::QW;  // its queries in S^T / dP^T
     const int dc0 = wn * Tr::DW;  // its dK/dV columns
     const int dq_q0 = (warp % Tr::WQ) * 32, dq_c0 = (warp / Tr::WQ) * Tr::DQW; // its dQ block
-    const int n0 = int(blockIdx.x) * BN;
-    const int hk = int(blockIdx.y), b = int(blockIdx.z);
+    // Flat grid (GridPos). Under a causal mask the first keys are seen by the most queries, so
+    // key tile 0 is the longest; with tiles_last the blocks running together also work on
+    // different heads, so their dQ atomics rarely meet.
+    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B, (s.Skv + BN - 1) / BN, a.tiles_last);
+    const int n0 = pos.tile * BN;
+    const int hk = pos.head, b = pos.outer;
 
     // ---- the query tiles that see any key of this tile ----
     int i_lo = 0, i_hi = s.Sq - 1;

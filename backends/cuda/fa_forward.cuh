@@ -68,9 +68,13 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
     const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int rows_total = s.Sq * s.G;
-    const int p0 = int(blockIdx.x) * BM;
-    const int hk = int(blockIdx.y);
-    const int b = int(blockIdx.z) / a.n_split, split = int(blockIdx.z) % a.n_split;
+    // Flat grid (GridPos). Under a causal mask the last rows see the most keys: tile 0 is the
+    // last row tile.
+    const int n_row_tiles = (rows_total + BM - 1) / BM;
+    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B * a.n_split, n_row_tiles, a.tiles_last);
+    const int p0 = (a.tiles_last ? n_row_tiles - 1 - pos.tile : pos.tile) * BM;
+    const int hk = pos.head;
+    const int b = pos.outer / a.n_split, split = pos.outer % a.n_split;
 
     // ---- the keys this block can see: the union over its rows, cut to its split ----
     const int i_min = p0 / s.G, i_max = min(s.Sq - 1, (p0 + BM - 1) / s.G);

@@ -225,6 +225,9 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     }
     plan.n_split = (key_tiles + tiles_per_split - 1) / tiles_per_split;
     plan.split_keys = tiles_per_split * plan.info.bn;
+    if (blocks * plan.n_split > INT32_MAX)
+        unsupported("the forward grid (" + std::to_string(blocks * plan.n_split) +
+                    " blocks of heads x batch x row tiles) exceeds the launch limit");
     if (plan.n_split > 1) {
         const size_t part_rows = size_t(plan.n_split) * s.B * s.Hkv * rows;
         plan.workspace = part_rows * (size_t(s.Dv) + 1) * sizeof(float) + 256;
@@ -409,7 +412,9 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         a.part_lse = reinterpret_cast<float*>(scratch.get());
         a.part_o = a.part_lse + ((part_rows + 63) / 64) * 64;
     }
-    const dim3 grid(unsigned(plan.row_tiles), unsigned(s.Hkv), unsigned(s.B * plan.n_split));
+    // One flat grid dimension (the kernel unpacks head, batch x split and row tile).
+    a.tiles_last = s.has_hi || s.has_lo;
+    const dim3 grid(unsigned(int64_t(s.Hkv) * s.B * plan.n_split * plan.row_tiles));
     if (plan.tile == 64)
         fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
     else if (plan.tile == 128)
@@ -450,6 +455,8 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
     // The 8-warp dK/dV kernel (faster at every measured shape) has no softcap path; softcap
     // takes the 4-warp kernel.
     plan.wide = s.softcap <= 0.0f && plan.info.wide_bn > 0;
+    if (plan.wide && int64_t(s.Hkv) * s.B * ((s.Skv + plan.info.wide_bn - 1) / plan.info.wide_bn) > INT32_MAX)
+        unsupported("the backward grid (KV heads x batch x key tiles) exceeds the launch limit");
     plan.Sq_pad = (s.Sq + 127) / 128 * 128;
     auto align = [](size_t x) { return (x + 255) / 256 * 256; };
     const size_t row_arr = align(size_t(s.B) * s.Hq * plan.Sq_pad * sizeof(float));
@@ -547,9 +554,10 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
             fa::bwd_launch_d256(plan.bf16, which, a, grid, st);
     };
     const fa::BwdInfo& info = plan.info;
+    a.tiles_last = s.has_hi || s.has_lo;
     if (plan.wide)
         launch(fa::BwdKernel::KeyTileWide,
-               dim3(unsigned((s.Skv + info.wide_bn - 1) / info.wide_bn), unsigned(s.Hkv), unsigned(s.B)));
+               dim3(unsigned(int64_t(s.Hkv) * s.B * ((s.Skv + info.wide_bn - 1) / info.wide_bn))));
     else
         launch(fa::BwdKernel::KeyTile,
                dim3(unsigned((s.Skv + info.bn - 1) / info.bn), unsigned(s.Hkv * info.dsplit), unsigned(s.B)));
