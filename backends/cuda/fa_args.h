@@ -68,7 +68,7 @@ struct FwdArgs {
     int64_t lse_nb1 = 0, lse_nb2 = 0; // elements per head, per batch
     // Split-KV: n_split > 1 writes partial results to part_o/part_lse for the combine kernel.
     int n_split = 1, split_keys = 0;
-    bool tiles_last = false; // grid order, see GridPos
+    bool tiles_last = false;   // grid order, see GridPos
     float* part_o = nullptr;   // [n_split][B][Hkv][Sq*G][Dv]
     float* part_lse = nullptr; // [n_split][B][Hkv][Sq*G], base 2
 };
