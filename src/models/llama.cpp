@@ -360,7 +360,6 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
         const bool last_chunk = start + n == tokens.size();
         const bool chunk_logits = all_logits || last_chunk;
         lap = Clock::now();
-        s.graph_ctx.reset(); // the previous graph first, so its memory can serve the new one
         s.graph_ctx = std::make_unique<Context>();
         llama::GraphIo io = llama::build_graph(*s.graph_ctx, c, s.model.impl().weights, s.cache, int64_t(n),
                                                s.n_past, all_logits);
