@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace gfa {
@@ -68,6 +69,9 @@ class Backend {
     virtual void compute(std::span<Tensor* const> nodes) = 0;
     // Waits for queued work; compute() may return before the work is done.
     virtual void synchronize() {}
+    // Counts of how the backend ran its work so far, as (name, value) pairs, for profiles
+    // (the CUDA backend: graph launches, graph updates, eager runs). Empty when it keeps none.
+    virtual std::vector<std::pair<std::string, int64_t>> counters() const { return {}; }
 };
 
 enum class DeviceKind { CPU, GPU };

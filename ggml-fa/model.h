@@ -69,6 +69,19 @@ struct SessionOptions {
     bool log_fallbacks = false; // let the scheduler report ops a GPU cannot run
 };
 
+// Where the time of Session::eval went, summed over the graphs it ran (a long prompt runs
+// one graph per n_batch tokens) since the last reset_profile(). Seconds of host time.
+struct EvalProfile {
+    int64_t graphs = 0;  // graphs run
+    int64_t nodes = 0;   // their nodes, summed
+    double build = 0;    // building the graph
+    double allocate = 0; // the scheduler: backends, splits, memory plan and placement
+    double upload = 0;   // setting the token and position inputs
+    double submit = 0;   // handing the work to the backends (a CPU backend computes here)
+    double wait = 0;     // waiting for the backends to finish
+    double readback = 0; // copying the logits out
+};
+
 class Session {
   public:
     Session(const Model& model, const SessionOptions& options = {});
@@ -92,6 +105,12 @@ class Session {
     // first eval when the reserve covered every later graph.
     int n_compute_allocations() const;
     std::string describe_schedule() const;
+
+    const EvalProfile& profile() const;
+    void reset_profile();
+    // One line per backend with the counters it keeps (Backend::counters()), e.g. how many
+    // calls a CUDA backend ran as graphs; empty when none keeps any.
+    std::string describe_backend_counters() const;
 
   private:
     struct Impl;

@@ -40,8 +40,14 @@ class Scheduler {
     // Assigns, splits and places the graph (inputs without data get memory here: set their
     // values after this call). Calling it again for the same graph keeps the placement.
     void allocate(Graph& graph);
-    // Runs the graph, allocating it first when it is not the graph last allocated.
+    // Runs the graph, allocating it first when it is not the graph last allocated:
+    // submit() then wait().
     void compute(Graph& graph);
+    // compute() in two halves, for callers that time them: submit() hands every split to its
+    // backend (waiting only where a split reads another backend's results), wait() waits
+    // until every backend has finished.
+    void submit(Graph& graph);
+    void wait();
 
     // The plan of the graph last allocated.
     int n_splits() const { return int(plan_ ? plan_->splits.size() : 0); }

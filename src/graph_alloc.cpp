@@ -112,8 +112,11 @@ GraphAllocator::Plan GraphAllocator::make_plan(std::span<const MemoryStep> steps
                                                const PlacementFilter& mine) const {
     const size_t alignment = type_->alignment();
     // Readers left per memory owner: a view's readers keep its owner alive.
+    // Sized up front: rehashing as they grow is a good part of planning a decode graph.
     std::unordered_map<const Tensor*, int> readers_left;
     std::unordered_map<const Tensor*, int> direct_readers;
+    readers_left.reserve(steps.size());
+    direct_readers.reserve(steps.size());
     for (const MemoryStep& s : steps)
         for (Tensor* r : s.reads)
             if (r) {
@@ -133,11 +136,13 @@ GraphAllocator::Plan GraphAllocator::make_plan(std::span<const MemoryStep> steps
             if (r && is_kept_by_flags(r)) kept.insert(owner_of(r));
 
     Plan plan;
+    plan.offsets.reserve(steps.size());
     FreeList free_list;
     struct Block {
         size_t offset, size;
     };
     std::unordered_map<const Tensor*, Block> live; // memory owner -> its block
+    live.reserve(steps.size());
 
     for (const MemoryStep& s : steps) {
         Tensor* t = s.out;

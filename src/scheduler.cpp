@@ -116,6 +116,7 @@ std::unique_ptr<Scheduler::Plan> Scheduler::make_plan(const Graph& graph) {
     plan->nodes = graph.nodes();
     plan->leafs = graph.leafs();
     auto& where = plan->backend;
+    where.reserve(2 * (graph.nodes().size() + graph.leafs().size())); // with room for the copies
     const int n_backends = int(backends_.size());
 
     // Where a tensor's memory is: the buffer type it was given, or the one of its backend.
@@ -322,8 +323,10 @@ void Scheduler::copy_tensor(const Copy& c) const {
     }
 }
 
-void Scheduler::compute(Graph& graph) {
+void Scheduler::submit(Graph& graph) {
     allocate(graph);
+    // Backends read the sources while they queue the work, so the user's graph can be
+    // restored as soon as the last split is handed over.
     RedirectGuard guard(plan_->redirects);
     for (const Split& split : plan_->splits) {
         if (!split.inputs.empty()) {
@@ -333,7 +336,15 @@ void Scheduler::compute(Graph& graph) {
         }
         backends_[size_t(split.backend)]->compute(split.nodes);
     }
+}
+
+void Scheduler::wait() {
     for (Backend* b : backends_) b->synchronize();
+}
+
+void Scheduler::compute(Graph& graph) {
+    submit(graph);
+    wait();
 }
 
 std::string Scheduler::describe() const {

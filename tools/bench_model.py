@@ -3,8 +3,12 @@
 ggml-fa-run beside Hugging Face transformers on the same GPU in the same run.
 
   bench_model.py --build BUILD_DIR [--types f16,q8_0,q4_0] [--prompt 512] [--gen 128]
+                 [--graphs on|off|both] [--profile] [--no-peer] [--keep-gguf DIR] [--run-args "..."]
 
 Needs torch and transformers (GPU machines). Prints one row per engine and weight type.
+--graphs both runs ggml-fa-run with CUDA graphs on and off (GFA_CUDA_GRAPHS=0); --profile
+passes --profile and prints where each decoded token's time went; --no-peer skips the
+transformers timing; --keep-gguf keeps the converted model files in DIR.
 """
 import argparse
 import os
@@ -25,6 +29,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--graphs", choices=["on", "off", "both"], default="on")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--keep-gguf", default="")
+    ap.add_argument("--run-args", default="", help="extra arguments for ggml-fa-run")
     args = ap.parse_args()
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, FFN 5632, 32 query / 4 KV heads.
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
@@ -39,56 +48,72 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt")
         model.save_pretrained(ckpt, safe_serialization=True)
-
-        # transformers, f16, default attention (SDPA), KV cache on
-        m = model.cuda().eval()
-        ids = prompt.cuda()
-        with torch.no_grad():
-            for _ in range(2):
-                m(ids)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            m(ids)
-            torch.cuda.synchronize()
-            t_prompt = time.perf_counter() - t0
-            m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            m.generate(ids, max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False)
-            torch.cuda.synchronize()
-            t_total = time.perf_counter() - t0
-        t_gen = max(t_total - t_prompt, 1e-9)
-        rows.append(("transformers", "f16", args.prompt / t_prompt, (args.gen - 1) / t_gen))
-        del m
+        gguf_dir = args.keep_gguf or tmp
+        os.makedirs(gguf_dir, exist_ok=True)
+        if not args.no_peer:
+            rows.append(time_transformers(model, prompt, args))
+        del model
         torch.cuda.empty_cache()
 
         convert = os.path.join(args.build, "convert")
         quantize = os.path.join(args.build, "quantize")
         run = os.path.join(args.build, "ggml-fa-run")
-        f16 = os.path.join(tmp, "model-f16.gguf")
+        f16 = os.path.join(gguf_dir, "model-f16.gguf")
         subprocess.run([convert, ckpt, "-o", f16, "--type", "f16"], check=True, capture_output=True)
         tokens = ",".join(str(int(t)) for t in prompt[0])
+        settings = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.graphs]
         for gtype in args.types.split(","):
             path = f16
             if gtype == "q8_0":
-                path = os.path.join(tmp, "model-q8_0.gguf")
+                path = os.path.join(gguf_dir, "model-q8_0.gguf")
                 subprocess.run([convert, ckpt, "-o", path, "--type", "q8_0"], check=True, capture_output=True)
             elif gtype != "f16":
-                path = os.path.join(tmp, f"model-{gtype}.gguf")
+                path = os.path.join(gguf_dir, f"model-{gtype}.gguf")
                 subprocess.run([quantize, f16, path, gtype], check=True, capture_output=True)
             cmd = [run, "-m", path, "--tokens", tokens, "-n", str(args.gen), "--ignore-eos", "--backend",
                    args.backend, "-c", str(args.prompt + args.gen + 16), "-b", str(args.prompt)]
-            subprocess.run(cmd, check=True, capture_output=True)  # warm-up
-            r = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            pp = float(re.search(r"prompt: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
-            tg = float(re.search(r"generation: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
-            rows.append(("ggml-fa", gtype, pp, tg))
-            print(f"ggml-fa {gtype}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s", flush=True)
+            if args.profile:
+                cmd.append("--profile")
+            cmd += args.run_args.split()
+            for setting in settings:
+                env = dict(os.environ, GFA_CUDA_GRAPHS="1" if setting == "on" else "0")
+                subprocess.run(cmd, check=True, capture_output=True, env=env)  # warm-up
+                r = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                pp = float(re.search(r"prompt: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
+                tg = float(re.search(r"generation: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
+                label = f"{gtype} graphs {setting}"
+                rows.append(("ggml-fa", label, pp, tg))
+                print(f"ggml-fa {label}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s", flush=True)
+                if args.profile:
+                    start = r.stderr.find("profile:")
+                    print(r.stderr[start:] if start >= 0 else r.stderr, flush=True)
     base_pp, base_tg = rows[0][2], rows[0][3]
-    print(f"\n{'engine':14s} {'weights':8s} {'prompt tok/s':>13s} {'gen tok/s':>10s} {'vs transformers':>18s}")
+    print(f"\n{'engine':14s} {'weights':18s} {'prompt tok/s':>13s} {'gen tok/s':>10s} {'vs first row':>18s}")
     for eng, t, pp, tg in rows:
-        print(f"{eng:14s} {t:8s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
+        print(f"{eng:14s} {t:18s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
     return 0
+
+
+def time_transformers(model, prompt, args):
+    """transformers, f16, default attention (SDPA), KV cache on."""
+    m = model.cuda().eval()
+    ids = prompt.cuda()
+    with torch.no_grad():
+        for _ in range(2):
+            m(ids)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m(ids)
+        torch.cuda.synchronize()
+        t_prompt = time.perf_counter() - t0
+        m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False)
+        torch.cuda.synchronize()
+        t_total = time.perf_counter() - t0
+    t_gen = max(t_total - t_prompt, 1e-9)
+    return ("transformers", "f16", args.prompt / t_prompt, (args.gen - 1) / t_gen)
 
 
 if __name__ == "__main__":

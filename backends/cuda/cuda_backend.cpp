@@ -4,9 +4,12 @@
 #include <ggml-fa/backend.h>
 
 #include "cuda_common.h"
+#include "launch_graphs.h"
 #include "op_def.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -33,6 +36,10 @@ Scratch::~Scratch() {
 
 void* Scratch::get(size_t bytes, cudaStream_t stream, const char* device_name) {
     if (bytes <= size_) return ptr_;
+    // Growing waits for the stream and reallocates, neither of which a capture allows: end
+    // the capture instead, and the backend runs the work eagerly (growing here then).
+    if (stream_is_capturing(stream))
+        throw CaptureAborted(std::string(device_name) + ": scratch memory must grow during a graph capture");
     const size_t grown = std::max(bytes, size_ * 2);
     if (ptr_) {
         GFA_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -229,9 +236,75 @@ class CudaBufferType final : public BufferType {
     MemoryPool pool_;
 };
 
+// Node lists shorter than this run eagerly: a graph saves little there, and small lists are
+// what tests and one-off computations run.
+constexpr size_t kMinGraphNodes = 16;
+
+// Ops of training graphs (gradients, losses, the optimizer). Lists holding them run eagerly:
+// training steps keep exactly the behaviour they had; graphs are for inference, where the
+// same small node lists repeat token after token.
+bool training_op(Op op) {
+    switch (op) {
+    case Op::GetRowsBack:
+    case Op::RepeatBack:
+    case Op::OutProd:
+    case Op::NormBack:
+    case Op::RmsNormBack:
+    case Op::RopeBack:
+    case Op::SoftMaxBack:
+    case Op::SiluBack:
+    case Op::GeluBack:
+    case Op::CrossEntropyLoss:
+    case Op::CrossEntropyLossBack:
+    case Op::AdamW:
+    case Op::FlashAttnBack:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// GFA_CUDA_GRAPHS=0 (or off/false/no) turns CUDA graphs off; unset or anything else: on.
+bool graphs_enabled_by_environment() {
+    const char* v = std::getenv("GFA_CUDA_GRAPHS");
+    if (!v) return true;
+    for (const char* off : {"0", "off", "false", "no", "OFF", "FALSE", "NO"})
+        if (std::strcmp(v, off) == 0) return false;
+    return true;
+}
+
+// Which calls share an executable graph: the ops, result types and shapes, and source
+// types of the list. Source shapes are left out on purpose: the attention's view of the KV
+// cache grows every decoded token, and cudaGraphExecUpdate absorbs such changes. A collision
+// costs time, never correctness: every call is captured afresh.
+uint64_t signature_of(std::span<const std::pair<Tensor*, cuda::Kernel>> work) {
+    uint64_t h = 1469598103934665603ull; // FNV-1a
+    auto mix = [&h](uint64_t v) {
+        for (int i = 0; i < 8; ++i) {
+            h ^= (v >> (8 * i)) & 0xff;
+            h *= 1099511628211ull;
+        }
+    };
+    mix(work.size());
+    for (const auto& [node, run] : work) {
+        mix(uint64_t(node->op));
+        mix(uint64_t(node->type));
+        for (int64_t ne : node->ne) mix(uint64_t(ne));
+        for (const Tensor* s : node->src) mix(s ? uint64_t(s->type) + 1 : 0);
+    }
+    return h;
+}
+
+// cuBLAS's default workspace sizes (32 MiB from Hopper on, 4 MiB before). Given explicitly,
+// because cuBLAS must not allocate its own while a graph is being captured.
+size_t cublas_workspace_bytes(int cc_major) {
+    return cc_major >= 9 ? size_t(32) << 20 : size_t(4) << 20;
+}
+
 class CudaBackend final : public Backend {
   public:
-    CudaBackend(Device* dev, int device, int sm_count) : device_(dev) {
+    CudaBackend(Device* dev, int device, int sm_count, int cc_major)
+        : device_(dev), graphs_(std::make_unique<cuda::LaunchGraphs>(graphs_enabled_by_environment())) {
         DeviceGuard guard(device);
         ctx_.device = device;
         ctx_.device_name = dev->name();
@@ -240,6 +313,10 @@ class CudaBackend final : public Backend {
         GFA_CUDA_CHECK(cudaStreamCreate(&ctx_.stream));
         GFA_CUBLAS_CHECK(cublasCreate(&ctx_.cublas));
         GFA_CUBLAS_CHECK(cublasSetStream(ctx_.cublas, ctx_.stream));
+        // After cublasSetStream, which resets the workspace to cuBLAS's own.
+        cublas_workspace_size_ = cublas_workspace_bytes(cc_major);
+        GFA_CUDA_CHECK(cudaMalloc(&cublas_workspace_, cublas_workspace_size_));
+        GFA_CUBLAS_CHECK(cublasSetWorkspace(ctx_.cublas, cublas_workspace_, cublas_workspace_size_));
         GFA_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
         GFA_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(int32_t), cudaHostAllocMapped));
         *error_host_ = cuda::kNoError;
@@ -250,7 +327,9 @@ class CudaBackend final : public Backend {
         cudaGetDevice(&previous);
         cudaSetDevice(ctx_.device);
         cudaStreamSynchronize(ctx_.stream);
+        graphs_.reset();
         cublasDestroy(ctx_.cublas);
+        cudaFree(cublas_workspace_);
         cudaEventDestroy(done_);
         cudaStreamDestroy(ctx_.stream);
         cudaFreeHost(error_host_);
@@ -263,6 +342,10 @@ class CudaBackend final : public Backend {
     void compute(std::span<Tensor* const> nodes) override {
         DeviceGuard guard(ctx_.device);
         const cuda::KernelTable& table = cuda::kernels();
+        // Every node is checked before any work is queued, so a bad node is reported the
+        // same way whether or not the list is then captured into a graph.
+        work_.clear();
+        bool graph_ok = true;
         for (Tensor* node : nodes) {
             if (node->op == Op::None || op_def(node->op).is_view) continue;
             const cuda::KernelEntry& k = table[size_t(node->op)];
@@ -273,9 +356,20 @@ class CudaBackend final : public Backend {
                 fail(std::string(device_->name()) + " backend: node '" + node->name + "' (" +
                      op_name(node->op) + ") has no memory");
             if (node->nelements() == 0) continue;
-            k.run(ctx_, node);
-            GFA_CUDA_CHECK_LAUNCH();
+            work_.emplace_back(node, k.run);
+            graph_ok = graph_ok && !training_op(node->op);
         }
+        auto enqueue = [this] {
+            for (const auto& [node, run] : work_) {
+                run(ctx_, node);
+                GFA_CUDA_CHECK_LAUNCH();
+            }
+        };
+        if (!graph_ok || work_.size() < kMinGraphNodes || !graphs_->enabled()) {
+            enqueue();
+            return;
+        }
+        graphs_->run(ctx_.stream, signature_of(work_), enqueue);
     }
 
     void synchronize() override {
@@ -293,10 +387,16 @@ class CudaBackend final : public Backend {
         }
     }
 
+    std::vector<std::pair<std::string, int64_t>> counters() const override { return graphs_->counter_list(); }
+
   private:
     Device* device_;
     ComputeCtx ctx_;
     cuda::Scratch scratch_;
+    std::unique_ptr<cuda::LaunchGraphs> graphs_;
+    std::vector<std::pair<Tensor*, cuda::Kernel>> work_; // the nodes of the current compute()
+    void* cublas_workspace_ = nullptr;
+    size_t cublas_workspace_size_ = 0;
     cudaEvent_t done_ = nullptr;
     int32_t* error_host_ = nullptr;
 };
@@ -305,6 +405,7 @@ class CudaDevice final : public Device {
   public:
     CudaDevice(int device, const cudaDeviceProp& prop)
         : id_(device), name_("CUDA" + std::to_string(device)), sm_count_(prop.multiProcessorCount),
+          cc_major_(prop.major),
           description_(std::string(prop.name) + ", compute capability " + std::to_string(prop.major) + "." +
                        std::to_string(prop.minor) + ", " + std::to_string(prop.multiProcessorCount) + " SMs"),
           buffer_type_(this, device, name_) {}
@@ -319,7 +420,7 @@ class CudaDevice final : public Device {
     }
     BufferType* buffer_type() override { return &buffer_type_; }
     std::unique_ptr<Backend> create_backend() override {
-        return std::make_unique<CudaBackend>(this, id_, sm_count_);
+        return std::make_unique<CudaBackend>(this, id_, sm_count_, cc_major_);
     }
     bool supports_op(const Tensor* node) const override {
         if (node->op == Op::None || op_def(node->op).is_view) return true;
@@ -331,6 +432,7 @@ class CudaDevice final : public Device {
     int id_;
     std::string name_;
     int sm_count_;
+    int cc_major_;
     std::string description_;
     CudaBufferType buffer_type_;
 };

@@ -45,7 +45,8 @@ namespace gfa::cuda {
 enum KernelError : int32_t { kNoError = 0, kRowIndexOutOfRange = 1 };
 
 // Scratch memory that lives as long as the backend. Growing it waits for queued work first,
-// because kernels still in flight may read the old block.
+// because kernels still in flight may read the old block; while the stream is being captured
+// into a graph, get() throws CaptureAborted instead of growing.
 class Scratch {
   public:
     Scratch() = default;

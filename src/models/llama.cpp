@@ -8,6 +8,7 @@
 #include <ggml-fa/scheduler.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <optional>
@@ -263,6 +264,7 @@ struct Session::Impl {
     size_t kv_bytes = 0;
     int64_t n_past = 0;
     std::unique_ptr<Context> graph_ctx; // the last graph; lives until the next eval
+    EvalProfile profile;
 
     Impl(const Model& m, const SessionOptions& o) : model(m), options(o) {}
 };
@@ -344,20 +346,36 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
                  std::to_string(c.n_vocab) + ")");
 
     std::vector<float> out;
+    EvalProfile& prof = s.profile;
+    using Clock = std::chrono::steady_clock;
+    // Adds the time since the last lap to `phase`.
+    Clock::time_point lap = Clock::now();
+    auto charge = [&lap](double& phase) {
+        const Clock::time_point now = Clock::now();
+        phase += std::chrono::duration<double>(now - lap).count();
+        lap = now;
+    };
     for (size_t start = 0; start < tokens.size(); start += size_t(s.options.n_batch)) {
         const size_t n = std::min(tokens.size() - start, size_t(s.options.n_batch));
         const bool last_chunk = start + n == tokens.size();
         const bool chunk_logits = all_logits || last_chunk;
+        lap = Clock::now();
         s.graph_ctx = std::make_unique<Context>();
         llama::GraphIo io = llama::build_graph(*s.graph_ctx, c, s.model.impl().weights, s.cache, int64_t(n),
                                                s.n_past, all_logits);
         Graph g = build_forward(io.logits);
+        charge(prof.build);
         s.sched->allocate(g);
+        charge(prof.allocate);
         std::vector<int32_t> pos(n);
         for (size_t i = 0; i < n; ++i) pos[i] = int32_t(s.n_past + int64_t(i));
         tensor_set(io.tokens, tokens.data() + start, 0, n * sizeof(int32_t));
         tensor_set(io.positions, pos.data(), 0, n * sizeof(int32_t));
-        s.sched->compute(g);
+        charge(prof.upload);
+        s.sched->submit(g);
+        charge(prof.submit);
+        s.sched->wait();
+        charge(prof.wait);
         s.n_past += int64_t(n);
         if (chunk_logits) {
             const size_t count = size_t(io.logits->nelements());
@@ -365,6 +383,9 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             out.resize(at + count);
             tensor_get(io.logits, out.data() + at, 0, count * sizeof(float));
         }
+        charge(prof.readback);
+        ++prof.graphs;
+        prof.nodes += int64_t(g.nodes().size());
     }
     return out;
 }
@@ -398,6 +419,26 @@ int Session::n_compute_allocations() const {
 
 std::string Session::describe_schedule() const {
     return impl_->sched->describe();
+}
+
+const EvalProfile& Session::profile() const {
+    return impl_->profile;
+}
+void Session::reset_profile() {
+    impl_->profile = EvalProfile{};
+}
+
+std::string Session::describe_backend_counters() const {
+    std::string out;
+    for (const Backend* b : impl_->sched->backends()) {
+        const auto counters = b->counters();
+        if (counters.empty()) continue;
+        out += b->name();
+        out += ":";
+        for (const auto& [name, value] : counters) out += " " + name + " " + std::to_string(value);
+        out += "\n";
+    }
+    return out;
 }
 
 } // namespace gfa

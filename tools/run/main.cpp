@@ -6,7 +6,7 @@
 // (tokens/s). With --tokens the prompt is given as token ids (needed when the file has no
 // vocabulary) and the generated ids are printed, comma-separated. --logits-out FILE writes the logits of
 // every prompt position as raw f32, [n_prompt][n_vocab] row-major, for comparisons with other
-// implementations.
+// implementations. --profile prints where the decoding time went, per generated token.
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
 #include <ggml-fa/model.h>
@@ -41,7 +41,7 @@ struct Options {
     int64_t n_ctx = 0, n_batch = 256;
     int n_threads = 0;
     Type kv_type = Type::F16;
-    bool ignore_eos = false, verbose = false;
+    bool ignore_eos = false, verbose = false, profile = false;
 };
 
 void usage() {
@@ -60,7 +60,8 @@ void usage() {
                  "  --kv-type T        f16 (default), f32 or q8_0\n"
                  "  --logits-out FILE  write the prompt positions' logits (f32, [n_prompt][n_vocab])\n"
                  "  --ignore-eos       keep generating after the end-of-sequence token\n"
-                 "  -v, --verbose      print the schedule and memory use\n");
+                 "  -v, --verbose      print the schedule and memory use\n"
+                 "  --profile          print where decoding time goes, per generated token\n");
 }
 
 std::vector<int32_t> parse_ids(const std::string& s) {
@@ -146,6 +147,8 @@ Options parse(int argc, char** argv) {
             o.ignore_eos = true;
         else if (a == "-v" || a == "--verbose")
             o.verbose = true;
+        else if (a == "--profile")
+            o.profile = true;
         else if (a == "-h" || a == "--help") {
             usage();
             std::exit(0);
@@ -198,6 +201,31 @@ struct Sampler {
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+// Decoding time per generated token, by phase. "other" is the rest of the loop (printing,
+// detokenizing, the eval() call's own bookkeeping).
+// Sampling runs once more than eval (for the first generated token); its total is shown.
+void print_profile(const Session& session, int n_decoded, double t_gen, double sampling) {
+    if (n_decoded == 0) {
+        std::fprintf(stderr, "profile: no token was decoded\n");
+        return;
+    }
+    const EvalProfile& p = session.profile();
+    const double per = 1e3 / n_decoded; // ms per decoded token
+    const double known = p.build + p.allocate + p.upload + p.submit + p.wait + p.readback + sampling;
+    std::fprintf(stderr, "profile: %d decoded tokens, %.0f graph nodes each; ms per token:\n", n_decoded,
+                 double(p.nodes) / double(std::max<int64_t>(p.graphs, 1)));
+    const std::pair<const char*, double> rows[] = {
+        {"graph build", p.build},       {"scheduler plan/allocate", p.allocate},
+        {"input upload", p.upload},     {"compute submit", p.submit},
+        {"wait (synchronize)", p.wait}, {"logits readback", p.readback},
+        {"sampling", sampling},         {"other", t_gen - known}};
+    for (const auto& [name, seconds] : rows)
+        std::fprintf(stderr, "  %-24s %8.3f  %5.1f%%\n", name, seconds * per, 100.0 * seconds / t_gen);
+    std::fprintf(stderr, "  %-24s %8.3f\n", "total", t_gen * per);
+    const std::string counters = session.describe_backend_counters();
+    if (!counters.empty()) std::fprintf(stderr, "backend counters:\n%s", counters.c_str());
 }
 
 int run(int argc, char** argv) {
@@ -282,10 +310,14 @@ int run(int argc, char** argv) {
     int64_t eos = tokenizer ? tokenizer->eos() : -1;
     if (const gguf::Value* v = model->file().metadata().find("tokenizer.ggml.eos_token_id"); v && eos < 0)
         eos = v->as_int();
+    session.reset_profile(); // the profile covers decoding only
+    double t_sampling = 0;
     auto t1 = std::chrono::steady_clock::now();
     int n_decoded = 0;
     for (int i = 0; i < o.n_predict; ++i) {
+        const auto t_sample = std::chrono::steady_clock::now();
         const int32_t id = sampler.sample(step.data(), c.n_vocab);
+        t_sampling += seconds_since(t_sample);
         generated.push_back(id);
         if (print_ids)
             std::printf("%s%d", i ? "," : "", id);
@@ -308,6 +340,7 @@ int run(int argc, char** argv) {
     if (o.verbose)
         std::fprintf(stderr, "compute buffer allocations: %d (reserved once at session start)\n",
                      session.n_compute_allocations());
+    if (o.profile) print_profile(session, n_decoded, t_gen, t_sampling);
     return 0;
 }
 

@@ -1,0 +1,386 @@
+// CUDA graphs in the CUDA backend: node lists that repeat are captured and replayed as one
+// graph, updated in place while pointers and the KV length change. Every run is compared with
+// an eager run (GFA_CUDA_GRAPHS=0) bit for bit and with the CPU within tolerance, and the
+// backend's counters prove the graphs were really used.
+#include "op_check.h"
+#include "reference.h"
+
+#include <ggml-fa/backend.h>
+#include <ggml-fa/gguf.h>
+#include <ggml-fa/model.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace gfa;
+
+namespace {
+
+Device* cuda0() {
+    Device* d = find_device("CUDA0");
+    REQUIRE(d != nullptr);
+    return d;
+}
+
+// Sets GFA_CUDA_GRAPHS for the scope (backends read it when they are created).
+class GraphsSetting {
+  public:
+    explicit GraphsSetting(bool on) {
+        if (const char* v = std::getenv("GFA_CUDA_GRAPHS")) previous_ = v;
+        setenv("GFA_CUDA_GRAPHS", on ? "1" : "0", 1);
+    }
+    ~GraphsSetting() {
+        if (previous_)
+            setenv("GFA_CUDA_GRAPHS", previous_->c_str(), 1);
+        else
+            unsetenv("GFA_CUDA_GRAPHS");
+    }
+    GraphsSetting(const GraphsSetting&) = delete;
+    GraphsSetting& operator=(const GraphsSetting&) = delete;
+
+  private:
+    std::optional<std::string> previous_;
+};
+
+int64_t counter(const std::vector<std::pair<std::string, int64_t>>& counters, const std::string& name) {
+    for (const auto& [n, v] : counters)
+        if (n == name) return v;
+    FAIL("the backend keeps no counter " << name);
+    return -1;
+}
+
+// A counter from Session::describe_backend_counters() ("CUDA0: name value name value ...").
+int64_t counter(const std::string& described, const std::string& name) {
+    const size_t at = described.find(" " + name + " ");
+    if (at == std::string::npos) {
+        FAIL("no counter " << name << " in: " << described);
+        return -1;
+    }
+    return std::stoll(described.substr(at + name.size() + 2));
+}
+
+bool bit_identical(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+bool all_finite(const std::vector<float>& v) {
+    for (float x : v)
+        if (!std::isfinite(x)) return false;
+    return true;
+}
+
+// ---- a block run directly on the backend, with fresh memory every call ---------------------
+
+struct Block {
+    Context ctx{ContextParams{.alloc_data = true}}; // host copies for the reference
+    Tensor *x = nullptr, *w = nullptr, *gain = nullptr, *out = nullptr;
+    Graph graph;
+};
+
+// rms_norm, a gain, an f16 matrix product (cuBLAS, scratch packing), then a chain of
+// element-wise ops: 20 nodes, enough for the backend to use a graph.
+std::unique_ptr<Block> make_block(int64_t K, int64_t M, int64_t N) {
+    auto b = std::make_unique<Block>();
+    b->x = b->ctx.new_tensor(Type::F32, {K, N});
+    b->w = b->ctx.new_tensor(Type::F16, {K, M});
+    b->gain = b->ctx.new_tensor(Type::F32, {K});
+    b->x->name = "x";
+    for (Tensor* t : {b->x, b->w, b->gain}) test::fill_uniform(t);
+    Tensor* h = mul(b->ctx, rms_norm(b->ctx, b->x, 1e-5f), b->gain);
+    Tensor* y = mul_mat(b->ctx, b->w, h);
+    Tensor* skip = y;
+    for (int i = 0; i < 16; ++i) {
+        switch (i % 4) {
+        case 0:
+            y = silu(b->ctx, y);
+            break;
+        case 1:
+            y = scale(b->ctx, y, 0.75f, 0.125f);
+            break;
+        case 2:
+            y = add(b->ctx, y, skip);
+            break;
+        default:
+            y = mul(b->ctx, y, scale(b->ctx, skip, 0.5f));
+            break;
+        }
+    }
+    b->out = y;
+    b->graph = build_forward(b->out);
+    return b;
+}
+
+// Places every tensor of the graph in a fresh device buffer, `shift` bytes in (so the
+// pointers differ from call to call), uploads the leaves, poisons the nodes, computes and
+// returns `out`. The host placement is restored afterwards for the reference.
+std::vector<float> run_graph(Backend& backend, const Graph& g, Tensor* out, size_t shift) {
+    Device* dev = cuda0();
+    const size_t align = dev->buffer_type()->alignment();
+    std::vector<Tensor*> owners, views;
+    for (const auto* list : {&g.leafs(), &g.nodes()})
+        for (Tensor* t : *list) (t->view_src ? views : owners).push_back(t);
+    for (Tensor* v : views)
+        if (!g.contains(v->view_src) && std::find(owners.begin(), owners.end(), v->view_src) == owners.end())
+            owners.push_back(v->view_src);
+    size_t total = shift;
+    for (Tensor* t : owners) total += (t->alloc_bytes() + align - 1) / align * align;
+    std::unique_ptr<Buffer> buf = dev->buffer_type()->allocate(total);
+    struct Saved {
+        Tensor* t;
+        void* data;
+        Buffer* buffer;
+    };
+    std::vector<Saved> saved;
+    size_t offset = shift;
+    for (Tensor* t : owners) {
+        saved.push_back({t, t->data, t->buffer});
+        std::vector<std::byte> host;
+        if (t->op == Op::None && t->data) {
+            host.resize(t->alloc_bytes());
+            tensor_get(t, host.data(), 0, host.size());
+        }
+        buf->place(t, offset);
+        offset += (t->alloc_bytes() + align - 1) / align * align;
+        if (!host.empty()) tensor_set(t, host.data(), 0, host.size());
+    }
+    for (Tensor* v : views) {
+        saved.push_back({v, v->data, v->buffer});
+        place_view(v);
+    }
+    test::poison_nodes(g);
+    backend.compute(g.nodes());
+    backend.synchronize();
+    std::vector<float> result = tensor_get_f32(out);
+    for (auto it = saved.rbegin(); it != saved.rend(); ++it) {
+        it->t->data = it->data;
+        it->t->buffer = it->buffer;
+    }
+    return result;
+}
+
+// ---- a model decoded token by token -------------------------------------------------------
+
+// A random llama-shaped model with f16 matrices: head size 64, grouped-query attention.
+std::string write_f16_model(uint32_t seed) {
+    const int64_t vocab = 97, embd = 256, ff = 352, layers = 3, heads = 4, heads_kv = 2, D = 64;
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    gguf::Writer w;
+    w.set("general.architecture", std::string("llama"));
+    w.set("llama.context_length", uint32_t(512));
+    w.set("llama.embedding_length", uint32_t(embd));
+    w.set("llama.block_count", uint32_t(layers));
+    w.set("llama.feed_forward_length", uint32_t(ff));
+    w.set("llama.attention.head_count", uint32_t(heads));
+    w.set("llama.attention.head_count_kv", uint32_t(heads_kv));
+    w.set("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+    w.set("llama.rope.freq_base", 10000.0f);
+    auto add = [&](const std::string& name, std::vector<int64_t> dims, float scale, float offset, bool f16) {
+        int64_t n = 1;
+        for (int64_t d : dims) n *= d;
+        std::vector<float> v(static_cast<size_t>(n));
+        for (float& x : v) x = offset + scale * normal(rng);
+        if (!f16) {
+            w.add_tensor(name, Type::F32, dims, v.data(), v.size() * sizeof(float));
+            return;
+        }
+        std::vector<uint16_t> h(v.size());
+        for (size_t i = 0; i < v.size(); ++i) h[i] = fp32_to_fp16(v[i]);
+        w.add_tensor(name, Type::F16, dims, h.data(), h.size() * sizeof(uint16_t));
+    };
+    const float s = 1.0f / std::sqrt(float(embd));
+    add("token_embd.weight", {embd, vocab}, 1.0f, 0.0f, false);
+    add("output_norm.weight", {embd}, 0.1f, 1.0f, false);
+    add("output.weight", {embd, vocab}, s, 0.0f, true);
+    for (int64_t l = 0; l < layers; ++l) {
+        const std::string b = "blk." + std::to_string(l) + ".";
+        add(b + "attn_norm.weight", {embd}, 0.1f, 1.0f, false);
+        add(b + "attn_q.weight", {embd, heads * D}, 2 * s, 0.0f, true);
+        add(b + "attn_k.weight", {embd, heads_kv * D}, 2 * s, 0.0f, true);
+        add(b + "attn_v.weight", {embd, heads_kv * D}, s, 0.0f, true);
+        add(b + "attn_output.weight", {heads * D, embd}, 1.0f / std::sqrt(float(heads * D)), 0.0f, true);
+        add(b + "ffn_norm.weight", {embd}, 0.1f, 1.0f, false);
+        add(b + "ffn_gate.weight", {embd, ff}, s, 0.0f, true);
+        add(b + "ffn_up.weight", {embd, ff}, s, 0.0f, true);
+        add(b + "ffn_down.weight", {ff, embd}, 1.0f / std::sqrt(float(ff)), 0.0f, true);
+    }
+    const std::string path =
+        (std::filesystem::temp_directory_path() /
+         ("gfa-graphs-model-" + std::to_string(seed) + "-" + std::to_string(rng()) + ".gguf"))
+            .string();
+    w.write(path);
+    return path;
+}
+
+struct DecodeRun {
+    std::vector<std::vector<float>> logits; // per eval
+    std::string counters;
+};
+
+// A prompt, then `steps` evals of one token, every fifth of two tokens (a second node-list
+// signature, so the backend keeps two graphs). The tokens are fixed, not sampled, so every
+// run sees the same inputs.
+DecodeRun decode(const std::string& path, bool on_cuda, const std::vector<int32_t>& prompt,
+                 const std::vector<int32_t>& stream, int steps) {
+    ModelLoadOptions load;
+    if (on_cuda) {
+        load.gpu = cuda0();
+        load.gpu_layers = 1000; // every block and the output head
+    }
+    std::unique_ptr<Model> model = Model::load(path, load);
+    SessionOptions so;
+    so.n_ctx = 256;
+    so.n_batch = 16;
+    so.n_threads = 2;
+    Session session(*model, so);
+    DecodeRun run;
+    run.logits.push_back(session.eval(prompt));
+    size_t next = 0;
+    for (int i = 0; i < steps; ++i) {
+        const size_t n = i % 5 == 4 ? 2 : 1;
+        std::vector<int32_t> tokens(stream.begin() + std::ptrdiff_t(next),
+                                    stream.begin() + std::ptrdiff_t(next + n));
+        next += n;
+        run.logits.push_back(session.eval(tokens));
+    }
+    run.counters = session.describe_backend_counters();
+    return run;
+}
+
+} // namespace
+
+TEST_CASE("CUDA graphs: a repeated node list in fresh memory matches eager runs bit for bit",
+          "[cuda][graphs]") {
+    INFO("seed " << test::seed());
+    std::unique_ptr<Backend> graphs, eager;
+    {
+        GraphsSetting on(true);
+        graphs = cuda0()->create_backend();
+    }
+    {
+        GraphsSetting off(false);
+        eager = cuda0()->create_backend();
+    }
+    REQUIRE(counter(graphs->counters(), "graphs_enabled") == 1);
+    REQUIRE(counter(eager->counters(), "graphs_enabled") == 0);
+
+    // Two shapes in turn: two cached graphs, each updated while the memory moves.
+    std::unique_ptr<Block> blocks[2] = {make_block(96, 77, 3), make_block(96, 77, 5)};
+    const int rounds = 6;
+    for (int round = 0; round < rounds; ++round)
+        for (auto& b : blocks) {
+            INFO("round " << round << ", columns " << b->x->ne[1]);
+            // New inputs every round: a graph replaying stale data would show.
+            test::fill_uniform(b->x);
+            b->graph = build_forward(b->out);
+            const std::vector<double> expected = ref::evaluate(b->graph, b->out);
+            const size_t shift = size_t(round) * 512;
+            const std::vector<float> got = run_graph(*graphs, b->graph, b->out, shift);
+            const std::vector<float> want = run_graph(*eager, b->graph, b->out, shift + 256);
+            CHECK(all_finite(got));
+            CHECK(bit_identical(got, want));
+            const double err = test::rel_error(got, expected);
+            INFO("relative error against the reference " << err);
+            CHECK(err <= 5e-3); // f16 weights and an f16 copy of the activations
+        }
+    const auto c = graphs->counters();
+    CHECK(counter(c, "capture_failures") == 0);
+    CHECK(counter(c, "eager_runs") == 2); // the first call of each shape
+    CHECK(counter(c, "graph_launches") == 2 * rounds - 2);
+    CHECK(counter(c, "graph_instantiations") >= 2);
+    CHECK(counter(c, "graph_updates") >= 1);
+    CHECK(counter(eager->counters(), "graph_launches") == 0);
+}
+
+TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit and match the CPU",
+          "[cuda][graphs][model]") {
+    const uint32_t seed = test::seed();
+    INFO("seed " << seed);
+    const std::string path = write_f16_model(seed);
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int32_t> token(0, 96);
+    std::vector<int32_t> prompt(7), stream(160);
+    for (int32_t& t : prompt) t = token(rng);
+    for (int32_t& t : stream) t = token(rng);
+    // Enough steps for the KV length (past 100) to cross the attention kernel's key tiles
+    // and change its split-KV plan, which changes the captured graph's shape.
+    const int steps = 80;
+
+    DecodeRun with_graphs, without, cpu;
+    {
+        GraphsSetting on(true);
+        with_graphs = decode(path, true, prompt, stream, steps);
+    }
+    {
+        GraphsSetting off(false);
+        without = decode(path, true, prompt, stream, steps);
+    }
+    cpu = decode(path, false, prompt, stream, steps);
+    std::filesystem::remove(path);
+
+    INFO("graphs on: " << with_graphs.counters);
+    INFO("graphs off: " << without.counters);
+    REQUIRE(with_graphs.logits.size() == cpu.logits.size());
+    REQUIRE(without.logits.size() == cpu.logits.size());
+    for (size_t i = 0; i < cpu.logits.size(); ++i) {
+        INFO("eval " << i);
+        CHECK(all_finite(with_graphs.logits[i]));
+        CHECK(bit_identical(with_graphs.logits[i], without.logits[i]));
+        const std::vector<double> ref(cpu.logits[i].begin(), cpu.logits[i].end());
+        const double err = test::rel_error(with_graphs.logits[i], ref);
+        INFO("relative error against the CPU " << err);
+        CHECK(err <= 1e-2); // f16 weights and KV cache, different summation orders
+    }
+    CHECK(counter(with_graphs.counters, "graphs_enabled") == 1);
+    CHECK(counter(with_graphs.counters, "capture_failures") == 0);
+    // Every eval after the first of its signature (prompt, one token, two tokens) is a graph.
+    CHECK(counter(with_graphs.counters, "graph_launches") >= steps - 3);
+    CHECK(counter(with_graphs.counters, "graph_updates") >= steps / 2);
+    CHECK(counter(without.counters, "graphs_enabled") == 0);
+    CHECK(counter(without.counters, "graph_launches") == 0);
+}
+
+TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cuda][graphs]") {
+    INFO("seed " << test::seed());
+    GraphsSetting on(true);
+    std::unique_ptr<Backend> backend = cuda0()->create_backend();
+
+    // A short list, run several times: below the size where graphs pay off.
+    Context ctx{ContextParams{.alloc_data = true}};
+    Tensor* a = ctx.new_tensor(Type::F32, {33});
+    test::fill_uniform(a);
+    Tensor* small = silu(ctx, scale(ctx, a, 2.0f));
+    const Graph g = build_forward(small);
+    for (int i = 0; i < 4; ++i)
+        CHECK(test::rel_error(run_graph(*backend, g, small, size_t(i) * 256), ref::evaluate(g, small)) <=
+              1e-6);
+
+    // A long list with its gradient: the backward ops keep it eager.
+    Tensor* x = ctx.new_tensor(Type::F32, {40, 3});
+    Tensor* gain = ctx.new_tensor(Type::F32, {40});
+    test::fill_uniform(x);
+    test::fill_uniform(gain);
+    Tensor* y = mul(ctx, rms_norm(ctx, x, 1e-5f), gain);
+    for (int i = 0; i < 8; ++i) y = i % 2 ? silu(ctx, y) : scale(ctx, y, 0.9f, 0.05f);
+    Tensor* loss = sum(ctx, y);
+    set_param(gain);
+    Graph train = build_forward(loss);
+    build_backward(ctx, train, loss);
+    Tensor* grad = train.grad(gain);
+    REQUIRE(grad != nullptr);
+    REQUIRE(train.nodes().size() >= 16);
+    const std::vector<double> expected = ref::evaluate(train, grad);
+    for (int i = 0; i < 3; ++i)
+        CHECK(test::rel_error(run_graph(*backend, train, grad, size_t(i) * 256), expected) <= 1e-5);
+
+    const auto c = backend->counters();
+    CHECK(counter(c, "graph_launches") == 0);
+    CHECK(counter(c, "eager_runs") == 0); // never handed to the graph machinery at all
+}
