@@ -71,13 +71,12 @@ def main():
                 path = os.path.join(gguf_dir, f"model-{gtype}.gguf")
                 subprocess.run([quantize, f16, path, gtype], check=True, capture_output=True)
             cmd = [run, "-m", path, "--tokens", tokens, "-n", str(args.gen), "--ignore-eos", "--backend",
-                   args.backend, "-c", str(args.prompt + args.gen + 16), "-b", str(args.prompt)]
+                   args.backend, "-c", str(args.prompt + args.gen + 16), "-b", str(args.prompt), "--warmup"]
             if args.profile:
                 cmd.append("--profile")
             cmd += args.run_args.split()
             for setting in settings:
                 env = dict(os.environ, GFA_CUDA_GRAPHS="1" if setting == "on" else "0")
-                subprocess.run(cmd, check=True, capture_output=True, env=env)  # warm-up
                 r = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                 pp = float(re.search(r"prompt: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
                 tg = float(re.search(r"generation: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
