@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cuda_common.h"
+#include "quant_blocks.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -73,24 +74,18 @@ __device__ __forceinline__ void store_plain(char* p, int type, float v) {
     }
 }
 
-// Element i0 of a packed quantized row starting at `row`.
-__device__ __forceinline__ float load_quant(const char* row, int type, int64_t i0) {
-    if (type == kTypeQ8_0) {
-        const block_q8_0* b = reinterpret_cast<const block_q8_0*>(row) + i0 / QK8_0;
-        return half_bits_to_float(b->d) * float(b->qs[i0 % QK8_0]);
-    }
-    const block_q4_0* b = reinterpret_cast<const block_q4_0*>(row) + i0 / QK4_0;
-    const int j = int(i0 % QK4_0);
-    const int q = j < QK4_0 / 2 ? (b->qs[j] & 0x0f) : (b->qs[j - QK4_0 / 2] >> 4);
-    return half_bits_to_float(b->d) * float(q - 8);
-}
-
 // Element (i0, i1, i2, i3) of any readable type (quantized rows must be packed).
 __device__ __forceinline__ float load_any(const TensorView& t, int64_t i0, int64_t i1, int64_t i2,
                                           int64_t i3) {
-    if (t.type == kTypeQ8_0 || t.type == kTypeQ4_0)
-        return load_quant(t.data + offset_of(t, 0, i1, i2, i3), t.type, i0);
-    return load_plain(t.data + offset_of(t, i0, i1, i2, i3), t.type);
+    switch (t.type) {
+    case kTypeF32:
+    case kTypeF16:
+    case kTypeBF16:
+    case kTypeI32:
+        return load_plain(t.data + offset_of(t, i0, i1, i2, i3), t.type);
+    default:
+        return dequantize_element(t.type, t.data + offset_of(t, 0, i1, i2, i3), i0);
+    }
 }
 
 __device__ __forceinline__ float load_f32(const TensorView& t, int64_t i0, int64_t i1, int64_t i2,

@@ -5,11 +5,13 @@
 // matrix and b a K x N one, so dst (M x N) = a^T * b.
 //   f32 weights: f32 GEMM with f32 accumulation (no TF32, so results match fp32 paths).
 //   f16/bf16 weights: b is converted to the weight type, GEMM with f32 accumulation.
-//   q8_0/q4_0 weights: for N > 8 both go to f16 and through cuBLAS; for decoding (N <= 8) a
-//   matrix-vector kernel reads the quantized blocks directly.
+//   block-quantized weights (q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q5_K, q6_K): for N > 8 a is
+//   dequantized to f16 and b converted, then cuBLAS; for decoding (N <= 8) a matrix-vector
+//   kernel reads the blocks directly (quant_matmul.cu).
 // out_prod: dst[m, n] = sum_k a[m, k] * b[n, k], i.e. dst = a * b^T, f32 through cuBLAS.
 #include "cuda_device.cuh"
 #include "op_def.h"
+#include "quant_matmul.h"
 
 #include <climits>
 
@@ -18,8 +20,6 @@ namespace gfa::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMatVecMaxColumns = 8;
-constexpr int kMatVecWarps = 4;
 
 // One GEMM operand: a pointer to matrix (0, 0), its type, leading dimension and the element
 // strides between matrices along dims 2 and 3, plus how many matrices it has there.
@@ -111,55 +111,6 @@ size_t align_up(size_t v) {
     return (v + 255) / 256 * 256;
 }
 
-// ---- quantized matrix-vector ----------------------------------------------------------------
-
-// One warp per output row m of one batch matrix; lanes stride over the row's 32-element
-// blocks, each dequantizing its block once and using it for every column of b.
-__global__ void matvec_quant_kernel(TensorView a, TensorView b, TensorView dst, int64_t r2, int64_t r3) {
-    const int lane = threadIdx.x % 32;
-    const int64_t m = int64_t(blockIdx.x) * kMatVecWarps + threadIdx.x / 32;
-    const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
-    if (m >= dst.ne[0]) return;
-    const char* row = a.data + m * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
-    const int n_cols = int(dst.ne[1]);
-    float acc[kMatVecMaxColumns];
-#pragma unroll
-    for (int c = 0; c < kMatVecMaxColumns; ++c) acc[c] = 0.0f;
-    const int64_t n_blocks = a.ne[0] / 32;
-    for (int64_t ib = lane; ib < n_blocks; ib += 32) {
-        float w[32];
-        if (a.type == kTypeQ8_0) {
-            const block_q8_0* blk = reinterpret_cast<const block_q8_0*>(row) + ib;
-            const float d = half_bits_to_float(blk->d);
-#pragma unroll
-            for (int j = 0; j < 32; ++j) w[j] = d * float(blk->qs[j]);
-        } else {
-            const block_q4_0* blk = reinterpret_cast<const block_q4_0*>(row) + ib;
-            const float d = half_bits_to_float(blk->d);
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                w[j] = d * float(int(blk->qs[j] & 0x0f) - 8);
-                w[j + 16] = d * float(int(blk->qs[j] >> 4) - 8);
-            }
-        }
-#pragma unroll
-        for (int c = 0; c < kMatVecMaxColumns; ++c) {
-            if (c >= n_cols) break;
-            const char* col = b.data + c * b.nb[1] + i2 * b.nb[2] + i3 * b.nb[3] + ib * 32 * b.nb[0];
-            float s = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 32; ++j) s += w[j] * *reinterpret_cast<const float*>(col + j * b.nb[0]);
-            acc[c] += s;
-        }
-    }
-#pragma unroll
-    for (int c = 0; c < kMatVecMaxColumns; ++c) {
-        if (c >= n_cols) break;
-        const float s = warp_sum(acc[c]);
-        if (lane == 0) *f32_ptr(dst, m, c, i2, i3) = s;
-    }
-}
-
 // ---- mul_mat ------------------------------------------------------------------------------------
 
 void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
@@ -167,12 +118,13 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1];
     float* C = static_cast<float*>(dst->data);
     const int64_t ldc = M, c2 = int64_t(dst->nb[2] / 4), c3 = int64_t(dst->nb[3] / 4);
-    const bool quantized = a->type == Type::Q8_0 || a->type == Type::Q4_0;
+    const bool quantized = is_cuda_quant_type(a->type);
 
-    if (quantized && N <= kMatVecMaxColumns) {
-        const dim3 grid(unsigned((M + kMatVecWarps - 1) / kMatVecWarps), unsigned(dst->ne[2] * dst->ne[3]));
-        matvec_quant_kernel<<<grid, kMatVecWarps * 32, 0, ctx.stream>>>(
-            view_of(a), view_of(b), view_of(dst), b->ne[2] / a->ne[2], b->ne[3] / a->ne[3]);
+    if (quantized && N <= kQuantMatvecMaxColumns) {
+        const TensorView vb = view_of(b);
+        void* columns = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
+        quantize_columns(vb, columns, ctx.stream);
+        quant_matvec(view_of(a), vb, view_of(dst), columns, ctx.stream);
         return;
     }
     if (a->type == Type::F32) {
@@ -196,7 +148,7 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     const Operand B = packed_operand(b, scratch, half_type, 2, K);
     Operand A;
     if (quantized) {
-        launch_pack(ctx, a, scratch + b_bytes, Packed::F16);
+        dequantize_to_f16(view_of(a), scratch + b_bytes, ctx.stream);
         A = packed_operand(a, scratch + b_bytes, CUDA_R_16F, 2, K);
     } else {
         A = operand_of(a, a->data, half_type, 2);
@@ -217,12 +169,14 @@ bool supports_mul_mat(const Tensor* dst) {
     case Type::F16:
     case Type::BF16:
         return a->nb[1] % 2 == 0 && a->nb[2] % 2 == 0 && a->nb[3] % 2 == 0;
-    case Type::Q8_0:
-    case Type::Q4_0:
-        return true;
     default:
-        return false;
+        break;
     }
+    if (!is_cuda_quant_type(a->type)) return false;
+    // Whole blocks per row; 2-byte aligned strides (every block size is even, so only a
+    // strange view could fail this); the matrix-vector path puts the batch in grid.y.
+    return a->ne[0] % type_traits(a->type).block_size == 0 && a->nb[1] % 2 == 0 && a->nb[2] % 2 == 0 &&
+           a->nb[3] % 2 == 0 && (b->ne[1] > kQuantMatvecMaxColumns || dst->ne[2] * dst->ne[3] <= 65535);
 }
 
 // ---- out_prod -------------------------------------------------------------------------------------

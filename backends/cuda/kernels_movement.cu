@@ -1,6 +1,6 @@
-// Data movement on the GPU: fill, conversions between types (cont/cpy, with q8_0/q4_0
-// dequantization and q8_0 quantization), row gathers and scatters, concat, repeat and its
-// gradient. Each kernel walks its elements with a grid-stride loop over flat indices.
+// Data movement on the GPU: fill, conversions between types (cont/cpy, with dequantization
+// of every block type in quant_blocks.cuh and q8_0 quantization), row gathers and scatters, concat, repeat
+// and its gradient. Each kernel walks its elements with a grid-stride loop over flat indices.
 #include "cuda_device.cuh"
 #include "op_def.h"
 
@@ -110,7 +110,8 @@ void copy_convert(const ComputeCtx& ctx, const Tensor* src, Tensor* dst) {
 }
 
 bool readable(const Tensor* t) {
-    if (t->type == Type::Q8_0 || t->type == Type::Q4_0) return row_is_packed(t);
+    if (is_cuda_quant_type(t->type))
+        return row_is_packed(t) && t->ne[0] % type_traits(t->type).block_size == 0;
     return is_float_type(t->type) || t->type == Type::I32;
 }
 
@@ -150,8 +151,43 @@ __global__ void get_rows_kernel(TensorView a, TensorView rows, TensorView dst, i
     }
 }
 
+// Quantized source: one thread block per gathered row, each thread dequantizing 8 values at
+// a time (exactly, as the CPU does) instead of a block per element.
+template <int T>
+__global__ void get_rows_quant_kernel(TensorView a, TensorView rows, TensorView dst, int32_t* error) {
+    using B = QuantBlock<T>;
+    constexpr int kChunks = B::kValues / 8;
+    const int64_t r = blockIdx.x;
+    const int64_t i1 = r % dst.ne[1], i2 = (r / dst.ne[1]) % dst.ne[2], i3 = r / (dst.ne[1] * dst.ne[2]);
+    const int64_t src_row = read_index(rows, i1, rows.ne[1] == 1 ? 0 : i2);
+    const bool valid = src_row >= 0 && src_row < a.ne[1];
+    if (!valid && threadIdx.x == 0) report_error(error, kRowIndexOutOfRange);
+    const char* row = a.data + (valid ? src_row : 0) * a.nb[1] + i2 * a.nb[2] + i3 * a.nb[3];
+    for (int64_t c = threadIdx.x; c < dst.ne[0] / 8; c += blockDim.x) {
+        float v[8];
+        if (valid) {
+            dequantize_chunk<T>(row + (c / kChunks) * B::kBytes, int(c % kChunks), v);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) *f32_ptr(dst, 8 * c + i, i1, i2, i3) = v[i];
+    }
+}
+
 void run_get_rows(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t n = dst->nelements();
+    if (is_cuda_quant_type(dst->src[0]->type)) {
+        const int64_t n_rows = dst->ne[1] * dst->ne[2] * dst->ne[3];
+        if (n_rows == 0) return;
+        dispatch_quant_type(dst->src[0]->type, [&](auto tag) {
+            get_rows_quant_kernel<decltype(tag)::value><<<unsigned(n_rows), 128, 0, ctx.stream>>>(
+                view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), ctx.error_flag);
+        });
+        GFA_CUDA_CHECK_LAUNCH();
+        return;
+    }
     get_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
         view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), n, ctx.error_flag);
 }

@@ -1,0 +1,277 @@
+// Quantized GGUF blocks on the device: block sizes per type, exact dequantization of eight
+// consecutive values of a block, and loads that respect the alignment a block actually has.
+//
+// Dequantization reproduces src/quants.cpp and src/quants_k.cpp bit for bit: the same float
+// operations in the same order, written with round-to-nearest intrinsics (__fmul_rn,
+// __fadd_rn, __fsub_rn) so that the compiler cannot contract a multiply and an add into an
+// FMA (the CPU code is compiled with contraction off for the same reason).
+#pragma once
+
+#include "cuda_common.h"
+
+#include <cuda_fp16.h>
+
+#include <utility>
+
+namespace gfa::cuda {
+
+// Ids of the block types as template arguments (Q8_0 / Q4_0 ids live in cuda_device.cuh too;
+// these are the same values).
+inline constexpr int kQ8_0 = int(Type::Q8_0);
+inline constexpr int kQ4_0 = int(Type::Q4_0);
+inline constexpr int kQ4_1 = int(Type::Q4_1);
+inline constexpr int kQ5_0 = int(Type::Q5_0);
+inline constexpr int kQ5_1 = int(Type::Q5_1);
+inline constexpr int kQ4_K = int(Type::Q4_K);
+inline constexpr int kQ5_K = int(Type::Q5_K);
+inline constexpr int kQ6_K = int(Type::Q6_K);
+
+// Values and bytes per block. kMaxAlign: the largest power of two (up to 16) that divides the
+// block size, i.e. the alignment every block of a row has when the row itself is aligned.
+template <int T> struct QuantBlock;
+template <> struct QuantBlock<kQ8_0> {
+    static constexpr int kValues = QK8_0, kBytes = sizeof(block_q8_0), kMaxAlign = 2;
+};
+template <> struct QuantBlock<kQ4_0> {
+    static constexpr int kValues = QK4_0, kBytes = sizeof(block_q4_0), kMaxAlign = 2;
+};
+template <> struct QuantBlock<kQ4_1> {
+    static constexpr int kValues = QK4_1, kBytes = sizeof(block_q4_1), kMaxAlign = 4;
+};
+template <> struct QuantBlock<kQ5_0> {
+    static constexpr int kValues = QK5_0, kBytes = sizeof(block_q5_0), kMaxAlign = 2;
+};
+template <> struct QuantBlock<kQ5_1> {
+    static constexpr int kValues = QK5_1, kBytes = sizeof(block_q5_1), kMaxAlign = 8;
+};
+template <> struct QuantBlock<kQ4_K> {
+    static constexpr int kValues = QK_K, kBytes = sizeof(block_q4_K), kMaxAlign = 16;
+};
+template <> struct QuantBlock<kQ5_K> {
+    static constexpr int kValues = QK_K, kBytes = sizeof(block_q5_K), kMaxAlign = 16;
+};
+template <> struct QuantBlock<kQ6_K> {
+    static constexpr int kValues = QK_K, kBytes = sizeof(block_q6_K), kMaxAlign = 2;
+};
+
+// The block types the CUDA kernels read.
+inline bool is_cuda_quant_type(Type t) {
+    switch (t) {
+    case Type::Q8_0:
+    case Type::Q4_0:
+    case Type::Q4_1:
+    case Type::Q5_0:
+    case Type::Q5_1:
+    case Type::Q4_K:
+    case Type::Q5_K:
+    case Type::Q6_K:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// Calls f(std::integral_constant<int, T>{}) for the block type t (one of the above).
+template <class F> void dispatch_quant_type(Type t, F&& f) {
+    switch (t) {
+    case Type::Q8_0:
+        return f(std::integral_constant<int, kQ8_0>{});
+    case Type::Q4_0:
+        return f(std::integral_constant<int, kQ4_0>{});
+    case Type::Q4_1:
+        return f(std::integral_constant<int, kQ4_1>{});
+    case Type::Q5_0:
+        return f(std::integral_constant<int, kQ5_0>{});
+    case Type::Q5_1:
+        return f(std::integral_constant<int, kQ5_1>{});
+    case Type::Q4_K:
+        return f(std::integral_constant<int, kQ4_K>{});
+    case Type::Q5_K:
+        return f(std::integral_constant<int, kQ5_K>{});
+    case Type::Q6_K:
+        return f(std::integral_constant<int, kQ6_K>{});
+    default:
+        fail(std::string("CUDA: no quantized kernels for type ") + std::string(type_name(t)));
+    }
+}
+
+// ---- loads --------------------------------------------------------------------------------
+
+__device__ __forceinline__ float f16_bits_at(const char* p) {
+    return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+
+// kWords little-endian 32-bit words from p, which is known to be kAlign-byte aligned (2, 4,
+// 8 or 16): 16- or 8-byte vector loads where alignment allows, else 4-byte loads. A 2-byte
+// aligned p is read as the aligned words that cover the range, joined by funnel shifts: each
+// of those words holds at least one byte of the range, so no load leaves the memory the
+// range lies in (allocations are at least 4-byte granular).
+template <int kAlign, int kWords>
+__device__ __forceinline__ void load_words(const char* p, uint32_t (&w)[kWords]) {
+    if constexpr (kAlign >= 16 && kWords % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < kWords / 4; ++i) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (kAlign >= 8 && kWords % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < kWords / 2; ++i) {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+            w[2 * i] = v.x, w[2 * i + 1] = v.y;
+        }
+    } else if constexpr (kAlign >= 4) {
+#pragma unroll
+        for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+    } else {
+        const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+        const unsigned int* aligned = reinterpret_cast<const unsigned int*>(addr & ~uintptr_t(3));
+        const bool odd = (addr & 2) != 0;
+        const uint32_t shift = odd ? 16u : 0u;
+        uint32_t cur = __ldg(aligned);
+#pragma unroll
+        for (int i = 0; i < kWords; ++i) {
+            // The word after the range is only needed (and only read) when p is not 4-aligned.
+            const uint32_t next = (i + 1 < kWords || odd) ? __ldg(aligned + i + 1) : 0u;
+            w[i] = __funnelshift_r(cur, next, shift);
+            cur = next;
+        }
+    }
+}
+
+// ---- exact dequantization of eight consecutive values -----------------------------------
+
+__device__ __forceinline__ uint32_t byte_at(const char* p, int i) {
+    return uint32_t(reinterpret_cast<const uint8_t*>(p)[i]);
+}
+__device__ __forceinline__ uint32_t le32_at(const char* p) {
+    return byte_at(p, 0) | byte_at(p, 1) << 8 | byte_at(p, 2) << 16 | byte_at(p, 3) << 24;
+}
+
+// Six-bit scale and min of sub-block j of a Q4_K / Q5_K block (12 packed bytes at s).
+__device__ __forceinline__ void scale_min_k4(const char* s, int j, int& sc, int& mn) {
+    if (j < 4) {
+        sc = int(byte_at(s, j) & 63);
+        mn = int(byte_at(s, j + 4) & 63);
+    } else {
+        sc = int((byte_at(s, j + 4) & 0x0f) | ((byte_at(s, j - 4) >> 6) << 4));
+        mn = int((byte_at(s, j + 4) >> 4) | ((byte_at(s, j) >> 6) << 4));
+    }
+}
+
+// Values 8 * chunk .. 8 * chunk + 7 of the block at blk (chunk < kValues / 8).
+template <int T> __device__ __forceinline__ void dequantize_chunk(const char* blk, int chunk, float (&v)[8]) {
+    if constexpr (T == kQ8_0) {
+        const float d = f16_bits_at(blk);
+        const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2) + 8 * chunk;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, float(qs[i]));
+    } else if constexpr (T == kQ4_0 || T == kQ4_1) {
+        // Values 0..15 are the low nibbles of bytes 0..15, values 16..31 the high nibbles.
+        constexpr int kQs = T == kQ4_0 ? 2 : 4;
+        const float d = f16_bits_at(blk);
+        const char* qs = blk + kQs + 8 * (chunk & 1);
+        const int shift = (chunk >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int q = int((byte_at(qs, i) >> shift) & 0x0f);
+            if constexpr (T == kQ4_0)
+                v[i] = __fmul_rn(d, float(q - 8));
+            else
+                v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
+        }
+    } else if constexpr (T == kQ5_0 || T == kQ5_1) {
+        constexpr int kQh = T == kQ5_0 ? 2 : 4, kQs = kQh + 4;
+        const float d = f16_bits_at(blk);
+        const uint32_t qh = le32_at(blk + kQh);
+        const char* qs = blk + kQs + 8 * (chunk & 1);
+        const int shift = (chunk >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int e = 8 * chunk + i;
+            const int q = int(((byte_at(qs, i) >> shift) & 0x0f) | ((qh >> e) & 1u) << 4);
+            if constexpr (T == kQ5_0)
+                v[i] = __fmul_rn(d, float(q - 16));
+            else
+                v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
+        }
+    } else if constexpr (T == kQ4_K || T == kQ5_K) {
+        // Sub-block j = chunk / 4 (32 values): x = (d * sc) * q - (dmin * mn).
+        constexpr int kQs = T == kQ4_K ? 16 : 48;
+        const int j = chunk / 4, l0 = 8 * (chunk % 4);
+        int sc, mn;
+        scale_min_k4(blk + 4, j, sc, mn);
+        const float scale = __fmul_rn(f16_bits_at(blk), float(sc));
+        const float offset = __fmul_rn(f16_bits_at(blk + 2), float(mn));
+        const char* qs = blk + kQs + (j / 2) * 32 + l0;
+        const int shift = (j % 2) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            int q = int((byte_at(qs, i) >> shift) & 0x0f);
+            if constexpr (T == kQ5_K) q |= int((byte_at(blk + 16, l0 + i) >> j) & 1u) << 4;
+            v[i] = __fsub_rn(__fmul_rn(scale, float(q)), offset);
+        }
+    } else {
+        static_assert(T == kQ6_K, "unknown block type");
+        // Value e = 128 h + r: low four bits from ql, high two from qh, int8 scale per 16.
+        const int e0 = 8 * chunk, h = e0 / 128, r0 = e0 % 128;
+        const char* ql = blk + 64 * h + r0 % 64;
+        const char* qh = blk + 128 + 32 * h + r0 % 32;
+        const int low_shift = 4 * (r0 / 64), high_shift = 2 * (r0 / 32);
+        const float scale =
+            __fmul_rn(f16_bits_at(blk + 208), float(reinterpret_cast<const int8_t*>(blk + 192)[e0 / 16]));
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int low = int((byte_at(ql, i) >> low_shift) & 0x0f);
+            const int high = int((byte_at(qh, i) >> high_shift) & 0x03);
+            v[i] = __fmul_rn(scale, float((low | high << 4) - 32));
+        }
+    }
+}
+
+// Element i0 of a packed row of `type` blocks (generic element access; kernels that read
+// whole rows use dequantize_chunk directly). Not inlined: it would bloat every caller.
+__device__ __noinline__ inline float dequantize_element(int type, const char* row, int64_t i0) {
+    float v[8];
+    const int chunk_value = int(i0 % 8);
+    auto chunk_of = [&](auto tag) {
+        constexpr int T = decltype(tag)::value;
+        using B = QuantBlock<T>;
+        dequantize_chunk<T>(row + (i0 / B::kValues) * B::kBytes, int(i0 % B::kValues) / 8, v);
+    };
+    switch (type) {
+    case kQ8_0:
+        chunk_of(std::integral_constant<int, kQ8_0>{});
+        break;
+    case kQ4_0:
+        chunk_of(std::integral_constant<int, kQ4_0>{});
+        break;
+    case kQ4_1:
+        chunk_of(std::integral_constant<int, kQ4_1>{});
+        break;
+    case kQ5_0:
+        chunk_of(std::integral_constant<int, kQ5_0>{});
+        break;
+    case kQ5_1:
+        chunk_of(std::integral_constant<int, kQ5_1>{});
+        break;
+    case kQ4_K:
+        chunk_of(std::integral_constant<int, kQ4_K>{});
+        break;
+    case kQ5_K:
+        chunk_of(std::integral_constant<int, kQ5_K>{});
+        break;
+    case kQ6_K:
+        chunk_of(std::integral_constant<int, kQ6_K>{});
+        break;
+    default:
+        return __int_as_float(0x7fc00000); // NaN: unsupported types never get here
+    }
+    float out = v[0];
+#pragma unroll
+    for (int i = 1; i < 8; ++i)
+        if (i == chunk_value) out = v[i];
+    return out;
+}
+
+} // namespace gfa::cuda

@@ -1,0 +1,452 @@
+// Quantized weights times f32 columns (see quant_matmul.h).
+//
+// Decoding (N <= 8) is bound by reading the weights once, so the kernel is built around the
+// loads: one warp per output row, its lanes reading consecutive pieces of the row's blocks
+// (a warp instruction covers a contiguous stretch of the row), with the widest loads the
+// row's alignment allows. The columns of b are first quantized to int8 in blocks of 32 (as
+// llama.cpp's q8_1), so that each 4 weights meet 4 activations in one __dp4a: the integer
+// dot products keep the arithmetic far below the load rate, which fp32 FMAs (plus the
+// int-to-float conversions of every weight) would not at N > 1. Formats with an offset
+// (q4_0's -8, x = d q + m, the K formats' subtracted mins) take the offset term from the sum
+// of each 32-block of the rounded b. Error: the int8 rounding of b, about 0.4% of the size of
+// the result for uniform data (the CPU's integer path for q8_0/q4_0 does the same).
+//
+// Prefill (N > 8) dequantizes a to f16 (exact values, then rounded) for cuBLAS.
+#include "cuda_device.cuh"
+#include "quant_matmul.h"
+
+namespace gfa::cuda {
+
+namespace {
+
+constexpr int kMatvecWarps = 4;
+// Blocks per SM the register budget must allow: for one or two columns 8 (64 registers a
+// thread, 32 warps per SM, enough loads in flight); more columns need more accumulators and
+// would spill at 64.
+constexpr int matvec_min_blocks(int columns) {
+    return columns <= 2 ? 8 : 4;
+}
+constexpr int kDequantThreads = 128;
+
+size_t align16(size_t v) {
+    return (v + 15) / 16 * 16;
+}
+
+// The quantized columns of the matrix a warp works on: column c's int8 values at
+// q + c * q_stride, its (scale, sum) pairs per block of 32 at ds + c * ds_stride.
+struct Columns {
+    const int8_t* q;
+    const float2* ds;
+    int64_t q_stride, ds_stride;
+    int n;
+};
+
+__device__ __forceinline__ uint2 x8(const Columns& x, int c, int64_t k) {
+    return __ldg(reinterpret_cast<const uint2*>(x.q + c * x.q_stride + k));
+}
+__device__ __forceinline__ uint4 x16(const Columns& x, int c, int64_t k) {
+    return __ldg(reinterpret_cast<const uint4*>(x.q + c * x.q_stride + k));
+}
+__device__ __forceinline__ float2 xds(const Columns& x, int c, int64_t block32) {
+    return __ldg(x.ds + c * x.ds_stride + block32);
+}
+
+__device__ __forceinline__ int dot8(uint32_t w0, uint32_t w1, uint2 v, int acc) {
+    return __dp4a(int(w1), int(v.y), __dp4a(int(w0), int(v.x), acc));
+}
+__device__ __forceinline__ int dot16(const uint32_t (&w)[4], uint4 v) {
+    return __dp4a(int(w[3]), int(v.w),
+                  __dp4a(int(w[2]), int(v.z), __dp4a(int(w[1]), int(v.y), __dp4a(int(w[0]), int(v.x), 0))));
+}
+
+__device__ __forceinline__ float f16_low(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+}
+__device__ __forceinline__ float f16_high(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
+// Bit i of b (i < 4) to bit 4 of byte i: the fifth bits of four Q5_0 / Q5_1 values.
+__device__ __forceinline__ uint32_t fifth_bits(uint32_t b) {
+    return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
+}
+
+// Scale and min of sub-block j from the 12 packed bytes of a Q4_K / Q5_K block, as words.
+__device__ __forceinline__ void scale_min_words(const uint32_t (&s)[3], int j, int& sc, int& mn) {
+    const uint32_t shift = 8u * uint32_t(j & 3);
+    const uint32_t b0 = (s[0] >> shift) & 0xffu, b1 = (s[1] >> shift) & 0xffu, b2 = (s[2] >> shift) & 0xffu;
+    if (j < 4) {
+        sc = int(b0 & 63u);
+        mn = int(b1 & 63u);
+    } else {
+        sc = int((b2 & 0x0fu) | ((b0 >> 6) << 4));
+        mn = int((b2 >> 4) | ((b1 >> 6) << 4));
+    }
+}
+
+constexpr int min_int(int a, int b) {
+    return a < b ? a : b;
+}
+
+// ---- one lane's share of a block ----------------------------------------------------------
+//
+// Item<T, A>: kParts lanes share a block (consecutive lanes, consecutive bytes). load() reads
+// the lane's bytes of the block at blk (a row whose base and strides are A-byte aligned);
+// dot() adds their products with every column to acc. kUnroll items are loaded before any is
+// used, so that several loads per lane are in flight.
+
+template <int T, int A> struct Item;
+
+// q8_0: four lanes per block, 8 values each.
+template <int A> struct Item<kQ8_0, A> {
+    static constexpr int kParts = 4, kUnroll = 4;
+    uint32_t q[2];
+    float d;
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        d = f16_bits_at(blk);
+        load_words<2, 2>(blk + 2 + 8 * part, q);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        const int64_t k = 32 * ib + 8 * part;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const float2 ds = xds(x, c, ib);
+            acc[c] += d * ds.x * float(dot8(q[0], q[1], x8(x, c, k), 0));
+        }
+    }
+};
+
+// q4_0, q4_1, q5_0, q5_1: two lanes per block; lane `part` takes qs bytes 8 part .. 8 part + 7,
+// i.e. values 8 part + (0..7) (low nibbles) and 16 + 8 part + (0..7) (high nibbles).
+template <int T, int A> struct Item32 {
+    static constexpr bool kHasMin = T == kQ4_1 || T == kQ5_1;
+    static constexpr bool kFiveBits = T == kQ5_0 || T == kQ5_1;
+    static constexpr int kHead = kHasMin ? 4 : 2;             // d (and m)
+    static constexpr int kQs = kFiveBits ? kHead + 4 : kHead; // after qh
+    static constexpr int kAlignQs = min_int(A, kQs % 8 == 0 ? 8 : kQs % 4 == 0 ? 4 : 2);
+    static constexpr int kParts = 2, kUnroll = 4;
+    uint32_t q[2], head, qh;
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        // d and m (offset 0), and q5_1's qh (offset 4), are 4-aligned; q5_0's qh is not.
+        constexpr int kAlignHead = min_int(A, kHasMin ? 4 : 2);
+        if constexpr (kHasMin) {
+            uint32_t w[1];
+            load_words<kAlignHead, 1>(blk, w);
+            head = w[0];
+        } else {
+            head = __ldg(reinterpret_cast<const unsigned short*>(blk));
+        }
+        if constexpr (kFiveBits) {
+            uint32_t w[1];
+            load_words<kAlignHead, 1>(blk + kHead, w);
+            qh = w[0];
+        }
+        load_words<kAlignQs, 2>(blk + kQs + 8 * part, q);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        uint32_t lo[2], hi[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            lo[k] = q[k] & 0x0f0f0f0fu;
+            hi[k] = (q[k] >> 4) & 0x0f0f0f0fu;
+            if constexpr (kFiveBits) {
+                lo[k] |= fifth_bits((qh >> (8 * part + 4 * k)) & 0xfu);
+                hi[k] |= fifth_bits((qh >> (16 + 8 * part + 4 * k)) & 0xfu);
+            }
+        }
+        const float d = f16_low(head);
+        // The offset applies to all 32 values of the block; each of the two lanes adds half.
+        // q4_0 / q5_0 values are d (q - 8) / d (q - 16): an offset of -8 d / -16 d.
+        const float offset = kHasMin ? 0.5f * f16_high(head) : (T == kQ4_0 ? -4.0f : -8.0f) * d;
+        const int64_t k = 32 * ib + 8 * part;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const float2 ds = xds(x, c, ib);
+            const int s = dot8(hi[0], hi[1], x8(x, c, k + 16), dot8(lo[0], lo[1], x8(x, c, k), 0));
+            acc[c] += d * ds.x * float(s) + offset * ds.y;
+        }
+    }
+};
+template <int A> struct Item<kQ4_0, A> : Item32<kQ4_0, A> {};
+template <int A> struct Item<kQ4_1, A> : Item32<kQ4_1, A> {};
+template <int A> struct Item<kQ5_0, A> : Item32<kQ5_0, A> {};
+template <int A> struct Item<kQ5_1, A> : Item32<kQ5_1, A> {};
+
+// q4_K, q5_K: eight lanes per block; lane `part` takes qs bytes 16 part .. 16 part + 15: in
+// 32-byte chunk c = part / 2, values 16 h .. 16 h + 15 (h = part % 2) of sub-blocks 2c (low
+// nibbles) and 2c + 1 (high nibbles), and for q5_K the qh bytes of the same 16 positions.
+template <int T, int A> struct ItemK {
+    static constexpr bool kFiveBits = T == kQ5_K;
+    static constexpr int kQs = kFiveBits ? 48 : 16;
+    static constexpr int kAlign4 = min_int(A, 4), kAlign16 = min_int(A, 16);
+    static constexpr int kParts = 8, kUnroll = 2;
+    uint32_t q[4], qh[kFiveBits ? 4 : 1], scales[3], head;
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        uint32_t w[1];
+        load_words<kAlign4, 1>(blk, w);
+        head = w[0];
+        load_words<kAlign4, 3>(blk + 4, scales);
+        load_words<kAlign16, 4>(blk + kQs + 16 * part, q);
+        if constexpr (kFiveBits) load_words<kAlign16, 4>(blk + 16 + 16 * (part & 1), qh);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        const int j0 = 2 * (part >> 1), j1 = j0 + 1;
+        uint32_t lo[4], hi[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            lo[k] = q[k] & 0x0f0f0f0fu;
+            hi[k] = (q[k] >> 4) & 0x0f0f0f0fu;
+            if constexpr (kFiveBits) {
+                lo[k] |= ((qh[k] >> j0) & 0x01010101u) << 4;
+                hi[k] |= ((qh[k] >> j1) & 0x01010101u) << 4;
+            }
+        }
+        int sc0, mn0, sc1, mn1;
+        scale_min_words(scales, j0, sc0, mn0);
+        scale_min_words(scales, j1, sc1, mn1);
+        const float d = f16_low(head), dmin = f16_high(head);
+        const float scale0 = d * float(sc0), scale1 = d * float(sc1);
+        // Each sub-block's min is shared by two lanes: each subtracts half.
+        const float min0 = 0.5f * dmin * float(mn0), min1 = 0.5f * dmin * float(mn1);
+        const int64_t k0 = 256 * ib + 32 * j0 + 16 * (part & 1);
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const float2 ds0 = xds(x, c, 8 * ib + j0), ds1 = xds(x, c, 8 * ib + j1);
+            const int s0 = dot16(lo, x16(x, c, k0)), s1 = dot16(hi, x16(x, c, k0 + 32));
+            acc[c] += scale0 * ds0.x * float(s0) - min0 * ds0.y + scale1 * ds1.x * float(s1) - min1 * ds1.y;
+        }
+    }
+};
+template <int A> struct Item<kQ4_K, A> : ItemK<kQ4_K, A> {};
+template <int A> struct Item<kQ5_K, A> : ItemK<kQ5_K, A> {};
+
+// (q - 32) for four 6-bit values q, one per byte, as signed bytes: q ^ 32 is q - 32 in six-bit
+// two's complement; copying its bit 5 into bits 6 and 7 sign-extends it.
+__device__ __forceinline__ uint32_t centered_six_bits(uint32_t q) {
+    const uint32_t t = q ^ 0x20202020u, sign = t & 0x20202020u;
+    return t | (sign << 1) | (sign << 2);
+}
+
+// q6_K: eight lanes per block; lane part = 4 hf + s takes ql bytes 16 part .. 16 part + 15 of
+// half hf: values 16 s + (0..15) of the half (low nibbles) and 64 + 16 s + (0..15) (high
+// nibbles), whose two high bits both sit in qh bytes 32 hf + 16 (s % 2) + (0..15).
+template <int A> struct Item<kQ6_K, A> {
+    static constexpr int kParts = 8, kUnroll = 2;
+    uint32_t ql[4], qh[4];
+    int sc_lo, sc_hi;
+    float d;
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        const int hf = part >> 2, s = part & 3;
+        load_words<2, 4>(blk + 16 * part, ql);
+        load_words<2, 4>(blk + 128 + 32 * hf + 16 * (s & 1), qh);
+        const signed char* scales = reinterpret_cast<const signed char*>(blk + 192 + 8 * hf + s);
+        sc_lo = __ldg(scales);
+        sc_hi = __ldg(scales + 4);
+        d = f16_bits_at(blk + 208);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        const int hf = part >> 2, s = part & 3, t = s >> 1;
+        uint32_t lo[4], hi[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            lo[k] = centered_six_bits((ql[k] & 0x0f0f0f0fu) | (((qh[k] >> (2 * t)) & 0x03030303u) << 4));
+            hi[k] = centered_six_bits(((ql[k] >> 4) & 0x0f0f0f0fu) |
+                                      (((qh[k] >> (4 + 2 * t)) & 0x03030303u) << 4));
+        }
+        const float scale_lo = d * float(sc_lo), scale_hi = d * float(sc_hi);
+        const int64_t k_lo = 256 * ib + 128 * hf + 16 * s, k_hi = k_lo + 64;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const float2 ds_lo = xds(x, c, k_lo / 32), ds_hi = xds(x, c, k_hi / 32);
+            acc[c] += scale_lo * ds_lo.x * float(dot16(lo, x16(x, c, k_lo))) +
+                      scale_hi * ds_hi.x * float(dot16(hi, x16(x, c, k_hi)));
+        }
+    }
+};
+
+// ---- kernels ------------------------------------------------------------------------------
+
+// One warp per 32 values of one column of b (columns ordered n, then i2, then i3).
+__global__ void quantize_columns_kernel(TensorView b, int8_t* q, float2* ds, int64_t n_blocks) {
+    const int lane = threadIdx.x % 32;
+    const int64_t blocks_per_column = b.ne[0] / 32;
+    for (int64_t w = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; w < n_blocks;
+         w += int64_t(gridDim.x) * blockDim.x / 32) {
+        const int64_t column = w / blocks_per_column, ib = w % blocks_per_column;
+        const int64_t i1 = column % b.ne[1], i2 = (column / b.ne[1]) % b.ne[2],
+                      i3 = column / (b.ne[1] * b.ne[2]);
+        const float v = load_f32(b, 32 * ib + lane, i1, i2, i3);
+        const float amax = warp_max(fabsf(v));
+        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        const int qv = max(-127, min(127, __float2int_rn(v * inv)));
+        q[32 * w + lane] = int8_t(qv);
+        // The sum of the rounded values (exact in float: at most 32 * 127): with it, an offset
+        // term sees the same x as the integer term, so the error stays sum_k w_k (x~_k - x_k).
+        // The sum of the exact x would leave d q_k (up to twice w_k) multiplying the rounding.
+        const float sum = d * warp_sum(float(qv));
+        if (lane == 0) ds[w] = make_float2(d, sum);
+    }
+}
+
+template <int T, int A, int NC>
+__global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(NC))
+    quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3) {
+    using W = Item<T, A>;
+    using B = QuantBlock<T>;
+    const int lane = threadIdx.x % 32;
+    const int64_t m = int64_t(blockIdx.x) * kMatvecWarps + threadIdx.x / 32;
+    if (m >= dst.ne[0]) return; // the whole warp
+    const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
+    const char* row = a.data + m * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    const int64_t matrix = i3 * dst.ne[2] + i2;
+    x.q += matrix * x.n * x.q_stride;
+    x.ds += matrix * x.n * x.ds_stride;
+
+    float acc[NC];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
+    const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
+    for (int base = lane; base < n_items; base += 32 * W::kUnroll) {
+        W items[W::kUnroll];
+#pragma unroll
+        for (int u = 0; u < W::kUnroll; ++u) {
+            const int i = base + 32 * u;
+            if (i < n_items) items[u].load(row + int64_t(i / W::kParts) * B::kBytes, i % W::kParts);
+        }
+#pragma unroll
+        for (int u = 0; u < W::kUnroll; ++u) {
+            const int i = base + 32 * u;
+            if (i < n_items) items[u].template dot<NC>(x, i / W::kParts, i % W::kParts, acc);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        if (c >= x.n) break;
+        const float s = warp_sum(acc[c]);
+        if (lane == 0) *f32_ptr(dst, m, c, i2, i3) = s;
+    }
+}
+
+// One thread block per row of a; each thread writes 8 consecutive f16 values (16 bytes).
+template <int T> __global__ void dequantize_f16_kernel(TensorView a, __half* out) {
+    using B = QuantBlock<T>;
+    constexpr int kChunks = B::kValues / 8;
+    const int64_t r = blockIdx.x;
+    const int64_t i1 = r % a.ne[1], i2 = (r / a.ne[1]) % a.ne[2], i3 = r / (a.ne[1] * a.ne[2]);
+    const char* row = a.data + i1 * a.nb[1] + i2 * a.nb[2] + i3 * a.nb[3];
+    const int64_t chunks = a.ne[0] / 8;
+    uint4* dst = reinterpret_cast<uint4*>(out + r * a.ne[0]);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        float v[8];
+        dequantize_chunk<T>(row + (c / kChunks) * B::kBytes, int(c % kChunks), v);
+        uint32_t h[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const __half2 pair = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+            h[i] = *reinterpret_cast<const uint32_t*>(&pair);
+        }
+        dst[c] = make_uint4(h[0], h[1], h[2], h[3]);
+    }
+}
+
+// The alignment of a's rows: of its base and of its strides (2, 4 or 16 bytes).
+int row_alignment(const TensorView& a) {
+    const uint64_t bits = uint64_t(reinterpret_cast<uintptr_t>(a.data)) | uint64_t(a.nb[1]) |
+                          uint64_t(a.nb[2]) | uint64_t(a.nb[3]);
+    if (bits % 2 != 0)
+        fail("mul_mat on CUDA: quantized weights " + std::string(type_name(Type(a.type))) +
+             " at an odd address or with odd row strides");
+    return bits % 16 == 0 ? 16 : bits % 4 == 0 ? 4 : 2;
+}
+
+template <int T, int A>
+void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
+                   cudaStream_t stream) {
+    const dim3 grid(unsigned((dst.ne[0] + kMatvecWarps - 1) / kMatvecWarps), unsigned(dst.ne[2] * dst.ne[3]));
+    const dim3 block(kMatvecWarps * 32);
+    if (x.n == 1)
+        quant_matvec_kernel<T, A, 1><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
+    else if (x.n == 2)
+        quant_matvec_kernel<T, A, 2><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
+    else if (x.n <= 4)
+        quant_matvec_kernel<T, A, 4><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
+    else
+        quant_matvec_kernel<T, A, 8><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
+    GFA_CUDA_CHECK_LAUNCH();
+}
+
+// Where quantize_columns puts the int8 values and the (scale, sum) pairs.
+struct ColumnsLayout {
+    int64_t n_columns, q_bytes, ds_offset;
+};
+ColumnsLayout columns_layout(const TensorView& b) {
+    const int64_t n_columns = b.ne[1] * b.ne[2] * b.ne[3];
+    const int64_t q_bytes = n_columns * b.ne[0];
+    return {n_columns, q_bytes, int64_t(align16(size_t(q_bytes)))};
+}
+
+} // namespace
+
+size_t quantized_columns_bytes(const TensorView& b) {
+    const ColumnsLayout l = columns_layout(b);
+    return size_t(l.ds_offset) + size_t(l.n_columns * (b.ne[0] / 32)) * sizeof(float2);
+}
+
+void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream) {
+    if (b.ne[0] % 32 != 0) fail("mul_mat on CUDA: quantized columns need K % 32 == 0");
+    const ColumnsLayout l = columns_layout(b);
+    char* base = static_cast<char*>(scratch);
+    const int64_t n_blocks = l.n_columns * (b.ne[0] / 32);
+    if (n_blocks == 0) return;
+    constexpr int kThreads = 256;
+    quantize_columns_kernel<<<grid_for(n_blocks * 32, kThreads), kThreads, 0, stream>>>(
+        b, reinterpret_cast<int8_t*>(base), reinterpret_cast<float2*>(base + l.ds_offset), n_blocks);
+    GFA_CUDA_CHECK_LAUNCH();
+}
+
+void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
+                  cudaStream_t stream) {
+    if (b.ne[1] < 1 || b.ne[1] > kQuantMatvecMaxColumns)
+        fail("mul_mat on CUDA: the matrix-vector path takes 1 to 8 columns, got " + std::to_string(b.ne[1]));
+    if (dst.ne[0] == 0 || dst.ne[2] * dst.ne[3] == 0) return;
+    const ColumnsLayout l = columns_layout(b);
+    const char* base = static_cast<const char*>(scratch);
+    const int64_t K = b.ne[0];
+    const Columns x{reinterpret_cast<const int8_t*>(base),
+                    reinterpret_cast<const float2*>(base + l.ds_offset), K, K / 32, int(b.ne[1])};
+    const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3];
+    const int align = row_alignment(a);
+    dispatch_quant_type(Type(a.type), [&](auto tag) {
+        constexpr int T = decltype(tag)::value;
+        constexpr int kMax = QuantBlock<T>::kMaxAlign;
+        if constexpr (kMax >= 16) {
+            if (align >= 16) return launch_matvec<T, 16>(a, x, dst, r2, r3, stream);
+        }
+        if constexpr (kMax >= 4) {
+            if (align >= 4) return launch_matvec<T, 4>(a, x, dst, r2, r3, stream);
+        }
+        launch_matvec<T, 2>(a, x, dst, r2, r3, stream);
+    });
+}
+
+void dequantize_to_f16(const TensorView& a, void* out, cudaStream_t stream) {
+    const int64_t rows = a.ne[1] * a.ne[2] * a.ne[3];
+    if (rows == 0) return;
+    (void)row_alignment(a);
+    dispatch_quant_type(Type(a.type), [&](auto tag) {
+        constexpr int T = decltype(tag)::value;
+        dequantize_f16_kernel<T>
+            <<<unsigned(rows), kDequantThreads, 0, stream>>>(a, static_cast<__half*>(out));
+        GFA_CUDA_CHECK_LAUNCH();
+    });
+}
+
+} // namespace gfa::cuda

@@ -1,0 +1,33 @@
+// Products with quantized weights on the GPU (quant_matmul.cu): the decoding path, a
+// matrix-vector kernel that reads the blocks directly, and the dequantization to f16 in
+// front of cuBLAS for larger products. Used by mul_mat (kernels_matmul.cu) and by
+// tools/bench_quant_cuda.
+//
+// Shapes follow mul_mat: a is [K, M, A2, A3] of a block type with packed rows, b is f32
+// [K, N, B2, B3] with B2 % A2 == 0 and B3 % A3 == 0 (any strides), dst is f32 [M, N, B2, B3].
+#pragma once
+
+#include "cuda_common.h"
+
+namespace gfa::cuda {
+
+// Most columns of b the matrix-vector path takes.
+inline constexpr int kQuantMatvecMaxColumns = 8;
+
+// Scratch bytes for b's columns in the matrix-vector path's 8-bit form.
+size_t quantized_columns_bytes(const TensorView& b);
+
+// Step 1 of the matrix-vector path: each column of b in blocks of 32 as int8 values
+// q = round(x / d) with d = max |x| / 127, and per block (d, d * sum of q) for the formats
+// with an offset. `scratch` holds quantized_columns_bytes(b) bytes, 16-byte aligned.
+void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream);
+
+// Step 2: dst = a^T b from the quantized columns (N <= kQuantMatvecMaxColumns).
+void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
+                  cudaStream_t stream);
+
+// a's rows as a packed f16 matrix [K, M * A2 * A3] (exact dequantization, then rounded to
+// f16). `out` is 16-byte aligned.
+void dequantize_to_f16(const TensorView& a, void* out, cudaStream_t stream);
+
+} // namespace gfa::cuda
