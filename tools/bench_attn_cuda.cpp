@@ -12,7 +12,7 @@
 // Grid: bf16, 16k tokens per batch (B * S = 16384), hidden 2048 (H = 2048 / D), D = 64, 128,
 // 256, S = 512 .. 16384, causal or not; forward FLOPs 4 * B * H * S^2 * D (halved when
 // causal), backward 2.5 x forward. Decode: one query token, 32 query / 8 KV heads, D = 128,
-// f16 and q8_0 K/V; GB/s of K + V bytes read.
+// f16, q8_0 and q4_0 K/V; GB/s of K + V bytes read (q8_0: 34 bytes per 32 values, q4_0: 18).
 #include <cstdio>
 
 #if GFA_HAVE_CUDA
@@ -68,7 +68,7 @@ double time_ms(const std::function<void()>& fn, int reps, int warm) {
     return ms[ms.size() / 2];
 }
 
-// Fills device memory with random 16-bit floats in [-1, 1) (bf16 or f16), or q8_0 blocks.
+// Fills device memory with random 16-bit floats in [-1, 1) (bf16 or f16), or q8_0 / q4_0 blocks.
 void fill_random(void* dst, Type type, size_t elements, uint64_t seed) {
     std::vector<uint8_t> host(row_size(type, int64_t(elements)));
     uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
@@ -83,6 +83,13 @@ void fill_random(void* dst, Type type, size_t elements, uint64_t seed) {
             const uint64_t r0 = next(), r1 = next(), r2 = next(), r3 = next();
             std::memcpy(blocks[bi].qs, &r0, 8), std::memcpy(blocks[bi].qs + 8, &r1, 8);
             std::memcpy(blocks[bi].qs + 16, &r2, 8), std::memcpy(blocks[bi].qs + 24, &r3, 8);
+        }
+    } else if (type == Type::Q4_0) {
+        auto* blocks = reinterpret_cast<block_q4_0*>(host.data());
+        for (size_t bi = 0; bi < elements / 32; ++bi) {
+            blocks[bi].d = fp32_to_fp16(1.0f / 8.0f);
+            const uint64_t r0 = next(), r1 = next();
+            std::memcpy(blocks[bi].qs, &r0, 8), std::memcpy(blocks[bi].qs + 8, &r1, 8);
         }
     } else {
         auto* h = reinterpret_cast<uint16_t*>(host.data());
@@ -221,7 +228,7 @@ int main(int argc, char** argv) {
         std::printf("decode (GQA 32/8, d=128), GB/s of K+V:\n");
         const int64_t Hq = 32, Hkv = 8, D = 128;
         const std::pair<int64_t, int64_t> shapes[] = {{1, 4096}, {1, 65536}, {8, 16384}, {8, 65536}};
-        for (Type kv_type : {Type::F16, Type::Q8_0})
+        for (Type kv_type : {Type::F16, Type::Q8_0, Type::Q4_0})
             for (auto [B, KV] : shapes) {
                 const size_t kv_elems = size_t(B * Hkv * KV * D);
                 const size_t kv_bytes = row_size(kv_type, int64_t(kv_elems));
@@ -244,8 +251,9 @@ int main(int argc, char** argv) {
                 if (need) check(cudaMalloc(&w, need), "workspace");
                 const double ms = time_ms([&] { cuda::flash_attn_forward(p, nullptr, w, need); }, 50, 10);
                 const double gbps = 2.0 * double(kv_bytes) / ms / 1e6;
-                std::printf("  %-5s batch %2lld kv %6lld %8.4f ms %7.0f GB/s\n",
-                            std::string(type_name(kv_type)).c_str(), (long long)B, (long long)KV, ms, gbps);
+                std::printf("  %-5s batch %2lld kv %6lld %8.4f ms %7.0f GB/s  (%s kernel)\n",
+                            std::string(type_name(kv_type)).c_str(), (long long)B, (long long)KV, ms, gbps,
+                            cuda::flash_attn_forward_uses_decode_kernel(p) ? "decode" : "tiled");
                 std::fflush(stdout);
                 if (csv)
                     std::fprintf(csv, "decode,ours,%s,%lld,%lld,%lld,%lld,0,%.5f,%.1f,0,0\n",

@@ -4,6 +4,7 @@
 #include "flash_attn_cuda.h"
 
 #include "fa_common.cuh"
+#include "fa_decode.h"
 #include "fa_launch.h"
 
 #include <ggml-fa/error.h>
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 
 namespace gfa::cuda {
@@ -194,12 +196,127 @@ struct FwdPlan {
     fa::KernelInfo info;
     int row_tiles = 0, n_split = 1, split_keys = 0;
     size_t workspace = 0;
+    // The decoding kernel (fa_decode.cuh) instead of the tiled one: which instantiation, and
+    // the first key of split 0 (the splits cover only the keys some row can see).
+    std::optional<fa::DecodeSel> decode_kernel;
+    int split_begin = 0;
 };
 
-// Split-KV when the blocks cannot fill the device: pick the split that maximizes wave
-// efficiency (blocks / (slots * waves)), the fewest splits within 85% of the best.
+// Split-KV when `blocks` cannot fill the `slots` of the device: the number of key units (tiles,
+// rounds of chunks) per split that keeps the wave efficiency (blocks x splits / (slots x
+// waves)) within `within` of the best, as large as possible (the fewest splits) and at least
+// min_units. All units in one split when the blocks fill the device anyway.
+int64_t units_per_split(int64_t blocks, int64_t slots, int64_t units, int64_t min_units, double within) {
+    if (blocks >= slots * 8 / 10 || units <= min_units) return std::max<int64_t>(units, 1);
+    auto efficiency = [&](int64_t per_split) {
+        const int64_t n = blocks * ((units + per_split - 1) / per_split);
+        return double(n) / double(slots * ((n + slots - 1) / slots));
+    };
+    double best = 0.0;
+    for (int64_t u = min_units; u <= units; ++u) best = std::max(best, efficiency(u));
+    for (int64_t u = units; u > min_units; --u)
+        if (efficiency(u) >= within * best) return u;
+    return min_units;
+}
+
+// Lowest set bit of the address and strides of a K/V view, at most 16: the widest aligned
+// piece its rows can be copied in.
+int row_alignment(const View& v) {
+    const uint64_t bits =
+        reinterpret_cast<uintptr_t>(v.data) | uint64_t(v.nb[1]) | uint64_t(v.nb[2]) | uint64_t(v.nb[3]) | 16u;
+    return int(bits & (~bits + 1));
+}
+
+// The decoding kernel takes problems with at most 16 query rows per KV head (Sq * G: one
+// token with GQA up to 16, or a few tokens of speculative decoding). There every K/V byte a
+// block reads feeds at most 16 rows, so the work is bound by reading K and V, and one 16-row
+// tensor-core tile per warp streaming its own keys beats the 64-row tile of the main kernel,
+// whose rows are mostly padding and whose K/V tiles are loaded and then waited for. Beyond
+// 16 rows the main kernel's 4 warps share each K/V tile among 64 rows, and it wins.
+// Also required: Dk == Dv in {64, 128, 256}; K and V of one type among f16, bf16 (rows
+// 16-byte aligned), q8_0, q4_0 (rows at least 4-byte aligned). Everything else (and every
+// score feature is supported) goes to the main kernel.
+std::optional<fa::DecodeSel> decode_selection(const Problem& p, const fa::Shape& s) {
+    if (int64_t(s.Sq) * s.G > fa::kDecodeMaxRows) return std::nullopt;
+    if (p.Dk != p.Dv || (p.Dk != 64 && p.Dk != 128 && p.Dk != 256)) return std::nullopt;
+    if (p.k.type != p.v.type) return std::nullopt;
+    fa::DecodeSel sel;
+    sel.bf16 = compute_bf16(p);
+    switch (p.k.type) {
+    case Type::F16:
+        sel.kv = fa::kF16;
+        break;
+    case Type::BF16:
+        sel.kv = fa::kBF16;
+        break;
+    case Type::Q8_0:
+        sel.kv = fa::kQ8_0;
+        break;
+    case Type::Q4_0:
+        sel.kv = fa::kQ4_0;
+        break;
+    default:
+        return std::nullopt;
+    }
+    const int align = std::min(row_alignment(p.k), row_alignment(p.v));
+    const int natural = fa::decode_copy_bytes(sel.kv, int(p.Dk));
+    const bool quantized = sel.kv == fa::kQ8_0 || sel.kv == fa::kQ4_0;
+    if (align >= natural)
+        sel.copy_bytes = natural;
+    else if (quantized && align >= 4)
+        sel.copy_bytes = 4;
+    else
+        return std::nullopt;
+    return sel;
+}
+
+fa::KernelInfo decode_info(int d, const fa::DecodeSel& sel) {
+    // Occupancy is a property of the device; query once per instantiation.
+    static fa::KernelInfo cache[3][5][2][3];
+    const int di = d == 64 ? 0 : d == 128 ? 1 : 2, ci = sel.copy_bytes == 4 ? 0 : sel.copy_bytes == 8 ? 1 : 2;
+    fa::KernelInfo& info = cache[di][sel.kv][sel.bf16][ci];
+    if (info.bm == 0)
+        info = d == 64    ? fa::decode_info_d64(sel)
+               : d == 128 ? fa::decode_info_d128(sel)
+                          : fa::decode_info_d256(sel);
+    return info;
+}
+
+// Splits for the decoding kernel: cut the visible keys into whole rounds (a chunk for every
+// warp) and pick the number of splits that fills the device best (fewest splits within 95%
+// of the best wave efficiency), with at least 2 chunks per warp so its pipeline has work.
+void plan_decode(FwdPlan& plan, const Problem& p, const fa::Shape& s, const fa::DecodeSel& sel) {
+    plan.decode_kernel = sel;
+    plan.tile = int(p.Dk);
+    plan.bf16 = sel.bf16;
+    plan.info = decode_info(plan.tile, sel);
+    const int chunk = fa::kDecodeChunk, round = plan.info.bn;
+    int64_t lo = 0, hi = s.Skv; // keys some row sees: the union over all rows
+    if (s.has_hi) hi = std::min<int64_t>(hi, int64_t(s.diag(s.Sq - 1)) + s.hi_off + 1);
+    if (s.has_lo) lo = std::max<int64_t>(lo, int64_t(s.diag(0)) + s.lo_off);
+    const int64_t begin = hi > lo ? lo / chunk * chunk : 0;
+    const int64_t rounds = hi > lo ? (hi - begin + round - 1) / round : 0;
+    const int64_t blocks = int64_t(s.B) * s.Hkv;
+    const int64_t slots = int64_t(sm_count()) * std::max(1, plan.info.blocks_per_sm);
+    const int64_t per_split = units_per_split(blocks, slots, rounds, 2, 0.95);
+    plan.n_split = rounds > 0 ? int((rounds + per_split - 1) / per_split) : 1;
+    plan.split_keys = int(per_split * round);
+    plan.split_begin = int(begin);
+    plan.row_tiles = 1;
+    if (plan.n_split > 1) {
+        const size_t part_rows = size_t(plan.n_split) * s.B * s.Hkv * s.Sq * s.G;
+        plan.workspace = part_rows * (size_t(s.Dv) + 1) * sizeof(float) + 256;
+    }
+}
+
+// The main kernel: split-KV (units_per_split) when the blocks cannot fill the device, the
+// fewest splits within 85% of the best wave efficiency.
 FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     FwdPlan plan;
+    if (const auto sel = decode_selection(p, s)) {
+        plan_decode(plan, p, s, *sel);
+        return plan;
+    }
     plan.tile = head_dim_tile(p);
     plan.bf16 = compute_bf16(p);
     const int64_t rows = int64_t(s.Sq) * s.G;
@@ -209,20 +326,7 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     const int64_t blocks = int64_t(plan.row_tiles) * s.Hkv * s.B;
     const int64_t slots = int64_t(sm_count()) * std::max(1, plan.info.blocks_per_sm);
     const int key_tiles = (s.Skv + plan.info.bn - 1) / plan.info.bn;
-    int tiles_per_split = key_tiles;
-    if (blocks < slots * 8 / 10 && key_tiles > 1) {
-        auto efficiency = [&](int tps) {
-            const int64_t n = blocks * ((key_tiles + tps - 1) / tps);
-            return double(n) / double(slots * ((n + slots - 1) / slots));
-        };
-        double best = 0.0;
-        for (int tps = 1; tps <= key_tiles; ++tps) best = std::max(best, efficiency(tps));
-        for (int tps = key_tiles; tps >= 1; --tps)
-            if (efficiency(tps) >= 0.85 * best) {
-                tiles_per_split = tps;
-                break;
-            }
-    }
+    const int tiles_per_split = int(units_per_split(blocks, slots, key_tiles, 1, 0.85));
     plan.n_split = (key_tiles + tiles_per_split - 1) / tiles_per_split;
     plan.split_keys = tiles_per_split * plan.info.bn;
     if (blocks * plan.n_split > INT32_MAX)
@@ -268,13 +372,37 @@ class Scratch {
 };
 
 // ---- split-KV combine: O = sum_s exp2(lse_s - lse) O_s, lse = log2 sum_s exp2(lse_s) -------
+//
+// One block per output row. Warps take the splits in turn and lanes the head dims, so a row
+// with many splits costs a few rounds of independent loads rather than a chain of them; the
+// warps' sums meet in shared memory.
 
-__global__ void combine_kernel(const fa::FwdArgs a) {
+constexpr int kCombineWarps = 8;
+
+template <bool MAX> __device__ float block_reduce(float x, float* scratch) {
+    const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+#pragma unroll
+    for (int w = 16; w > 0; w >>= 1) {
+        const float y = __shfl_xor_sync(0xffffffffu, x, w);
+        x = MAX ? fmaxf(x, y) : x + y;
+    }
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    float r = scratch[0];
+#pragma unroll
+    for (int w = 1; w < kCombineWarps; ++w) r = MAX ? fmaxf(r, scratch[w]) : r + scratch[w];
+    __syncthreads(); // scratch is reused by the next reduction
+    return r;
+}
+
+__global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const fa::FwdArgs a) {
+    constexpr int kMaxDimsPerLane = 256 / 32;
+    __shared__ float partial[kCombineWarps][256];
+    __shared__ float scratch[kCombineWarps];
     const fa::Shape& s = a.s;
     const int64_t rows_total = int64_t(s.Sq) * s.G;
-    const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = int(threadIdx.x) & 31;
-    if (row >= rows_total * s.Hkv * s.B) return;
+    const int64_t row = blockIdx.x;
+    const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
     const int64_t p = row % rows_total;
     const int hk = int((row / rows_total) % s.Hkv), b = int(row / (rows_total * s.Hkv));
     const int i = int(p / s.G), h = hk * s.G + int(p % s.G);
@@ -282,24 +410,44 @@ __global__ void combine_kernel(const fa::FwdArgs a) {
     const int64_t row0 = (int64_t(b) * s.Hkv + hk) * rows_total + p;
 
     float m = -INFINITY;
-    for (int sp = 0; sp < a.n_split; ++sp) m = fmaxf(m, a.part_lse[row0 + sp * split_stride]);
+    for (int sp = int(threadIdx.x); sp < a.n_split; sp += blockDim.x)
+        m = fmaxf(m, a.part_lse[row0 + sp * split_stride]);
+    m = block_reduce<true>(m, scratch);
     const float sink = a.sinks ? a.sinks[h] * fa::kLog2e : -INFINITY;
     m = fmaxf(m, sink);
     const float m_use = m == -INFINITY ? 0.0f : m;
-    float total = a.sinks ? exp2f(sink - m_use) : 0.0f;
-    for (int sp = 0; sp < a.n_split; ++sp) total += exp2f(a.part_lse[row0 + sp * split_stride] - m_use);
+    float total = 0.0f;
+    for (int sp = int(threadIdx.x); sp < a.n_split; sp += blockDim.x)
+        total += exp2f(a.part_lse[row0 + sp * split_stride] - m_use);
+    total = block_reduce<false>(total, scratch);
+    if (a.sinks) total += exp2f(sink - m_use);
+
+    float acc[kMaxDimsPerLane];
+#pragma unroll
+    for (int k = 0; k < kMaxDimsPerLane; ++k) acc[k] = 0.0f;
+#pragma unroll 2
+    for (int sp = warp; sp < a.n_split; sp += kCombineWarps) {
+        const int64_t r = row0 + sp * split_stride;
+        const float w = exp2f(a.part_lse[r] - m_use);
+        const float* src = a.part_o + r * s.Dv;
+#pragma unroll
+        for (int k = 0; k < kMaxDimsPerLane; ++k)
+            if (lane + 32 * k < s.Dv && w > 0.0f) acc[k] += w * src[lane + 32 * k];
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxDimsPerLane; ++k)
+        if (lane + 32 * k < s.Dv) partial[warp][lane + 32 * k] = acc[k];
+    __syncthreads();
+
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     char* dst = a.o + b * a.o_nb3 + int64_t(i) * a.o_nb2 + int64_t(h) * a.o_nb1;
-    for (int d = lane; d < s.Dv; d += 32) {
-        float acc = 0.0f;
-        for (int sp = 0; sp < a.n_split; ++sp) {
-            const int64_t r = row0 + sp * split_stride;
-            const float w = exp2f(a.part_lse[r] - m_use);
-            if (w > 0.0f) acc += w * a.part_o[r * s.Dv + d];
-        }
-        fa::store_elem(dst, d, acc * inv, a.o_code);
+    for (int d = int(threadIdx.x); d < s.Dv; d += blockDim.x) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kCombineWarps; ++w) sum += partial[w][d];
+        fa::store_elem(dst, d, sum * inv, a.o_code);
     }
-    if (a.lse && lane == 0)
+    if (a.lse && threadIdx.x == 0)
         a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] =
             total > 0.0f ? (m_use + log2f(total)) * fa::kLn2 : -INFINITY;
 }
@@ -412,21 +560,37 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         a.part_lse = reinterpret_cast<float*>(scratch.get());
         a.part_o = a.part_lse + ((part_rows + 63) / 64) * 64;
     }
-    // One flat grid dimension (the kernel unpacks head, batch x split and row tile).
-    a.tiles_last = s.has_hi || s.has_lo;
-    const dim3 grid(unsigned(int64_t(s.Hkv) * s.B * plan.n_split * plan.row_tiles));
-    if (plan.tile == 64)
-        fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
-    else if (plan.tile == 128)
-        fa::fwd_launch_d128(plan.bf16, plan.decode, a, grid, st);
-    else
-        fa::fwd_launch_d256(plan.bf16, plan.decode, a, grid, st);
+    if (plan.decode_kernel) {
+        const dim3 grid(unsigned(plan.n_split), unsigned(s.Hkv), unsigned(s.B));
+        const fa::DecodeSel& sel = *plan.decode_kernel;
+        if (plan.tile == 64)
+            fa::decode_launch_d64(sel, a, plan.split_begin, grid, st);
+        else if (plan.tile == 128)
+            fa::decode_launch_d128(sel, a, plan.split_begin, grid, st);
+        else
+            fa::decode_launch_d256(sel, a, plan.split_begin, grid, st);
+    } else {
+        // One flat grid dimension (the kernel unpacks head, batch x split and row tile).
+        a.tiles_last = s.has_hi || s.has_lo;
+        const dim3 grid(unsigned(int64_t(s.Hkv) * s.B * plan.n_split * plan.row_tiles));
+        if (plan.tile == 64)
+            fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
+        else if (plan.tile == 128)
+            fa::fwd_launch_d128(plan.bf16, plan.decode, a, grid, st);
+        else
+            fa::fwd_launch_d256(plan.bf16, plan.decode, a, grid, st);
+    }
 
     if (plan.n_split > 1) {
         const int64_t rows = int64_t(s.B) * s.Hkv * s.Sq * s.G;
-        combine_kernel<<<unsigned((rows + 7) / 8), 256, 0, st>>>(a);
+        combine_kernel<<<unsigned(rows), 32 * kCombineWarps, 0, st>>>(a);
         check_cuda(cudaGetLastError(), "launching the split-KV combine kernel");
     }
+}
+
+bool flash_attn_forward_uses_decode_kernel(const Problem& p) {
+    const fa::Shape s = validate(p);
+    return decode_selection(p, s).has_value();
 }
 
 // ---- backward ---------------------------------------------------------------------------

@@ -28,6 +28,10 @@ size_t flash_attn_forward_workspace_size(const attn::Problem& p);
 void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
                         size_t workspace_bytes = 0);
 
+// Whether the forward of p runs the decoding kernel (at most 16 query rows per KV head, see
+// flash_attn_cuda.cu) rather than the tiled one; for tests and benchmarks.
+bool flash_attn_forward_uses_decode_kernel(const attn::Problem& p);
+
 // Device workspace the backward needs (bytes, > 0): per-row LSE and rowsum(dO * O), the
 // fp32 dQ accumulator (non-deterministic mode) and the per-row terms of dSinks.
 size_t flash_attn_backward_workspace_size(const attn::BackwardProblem& p);

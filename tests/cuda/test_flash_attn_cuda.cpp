@@ -153,6 +153,7 @@ struct Config {
     bool fully_masked_rows = false;
     bool sinks = false;
     bool deterministic = false;
+    int64_t kv_row_pad = 0; // bytes after each K/V row: strided rows, as in a cache with heads interleaved
 
     std::string describe() const {
         std::ostringstream s;
@@ -161,7 +162,8 @@ struct Config {
           << type_name(o_type) << " causal " << params.causal << " window " << params.window_left << "/"
           << params.window_right << " mask " << mask << (mask_per_head ? " per-head" : "")
           << (fully_masked_rows ? " +masked rows" : "") << " alibi " << params.max_bias << " softcap "
-          << params.logit_softcap << " sinks " << sinks << " deterministic " << deterministic;
+          << params.logit_softcap << " sinks " << sinks << " deterministic " << deterministic
+          << " kv row pad " << kv_row_pad;
         return s.str();
     }
 };
@@ -339,6 +341,21 @@ std::unique_ptr<DeviceBuffer> upload(const HostTensor& t) {
     return buf;
 }
 
+// Uploads t with each row followed by `pad` unused bytes and returns its strided view.
+View upload_padded(const HostTensor& t, int64_t pad, std::unique_ptr<DeviceBuffer>& buf) {
+    const size_t row = t.row_bytes(), pitch = row + size_t(pad);
+    std::vector<uint8_t> bytes(pitch * size_t(t.rows()), 0xff);
+    for (int64_t r = 0; r < t.rows(); ++r)
+        std::memcpy(&bytes[size_t(r) * pitch], &t.bytes[size_t(r) * row], row);
+    buf = std::make_unique<DeviceBuffer>(bytes.size());
+    buf->upload(bytes);
+    View v = view_of(t, buf->ptr);
+    v.nb[1] = int64_t(pitch);
+    v.nb[2] = v.nb[1] * t.ne[1];
+    v.nb[3] = v.nb[2] * t.ne[2];
+    return v;
+}
+
 DeviceProblem device_problem(const Config& c, const Inputs& in) {
     DeviceProblem d;
     Problem& p = d.p;
@@ -346,6 +363,10 @@ DeviceProblem device_problem(const Config& c, const Inputs& in) {
     p.params = c.params;
     d.q = upload(in.q), d.k = upload(in.k), d.v = upload(in.v);
     p.q = view_of(in.q, d.q->ptr), p.k = view_of(in.k, d.k->ptr), p.v = view_of(in.v, d.v->ptr);
+    if (c.kv_row_pad) {
+        p.k = upload_padded(in.k, c.kv_row_pad, d.k);
+        p.v = upload_padded(in.v, c.kv_row_pad, d.v);
+    }
     if (c.mask) d.mask = upload(in.mask), p.mask = view_of(in.mask, d.mask->ptr);
     if (c.sinks) d.sinks = upload(in.sinks), p.sinks = view_of(in.sinks, d.sinks->ptr);
     d.o = std::make_unique<DeviceBuffer>(bytes_of(c.o_type, c.Dv, c.Hq, c.Sq, c.B));
@@ -376,10 +397,13 @@ Reference library_reference(const Config& c, const Inputs& in) {
     return r;
 }
 
-void check_forward(const Config& c, std::mt19937& rng, uint32_t seed, bool library_ref = false) {
+// expect_decode: 1 (0) checks that the problem does (does not) take the decoding kernel.
+void check_forward(const Config& c, std::mt19937& rng, uint32_t seed, bool library_ref = false,
+                   int expect_decode = -1) {
     INFO("seed " << seed << ": " << c.describe() << (library_ref ? " (library reference)" : ""));
     const Inputs in = make_inputs(c, rng);
     DeviceProblem d = device_problem(c, in);
+    if (expect_decode >= 0) CHECK(cuda::flash_attn_forward_uses_decode_kernel(d.p) == bool(expect_decode));
     cuda::flash_attn_forward(d.p, nullptr);
     cuda_ok(cudaDeviceSynchronize(), "forward");
     const Reference ref = library_ref ? library_reference(c, in) : reference(c, in, false);
@@ -581,6 +605,129 @@ TEST_CASE("CUDA decode path (split-KV, GQA packing) matches the reference", "[cu
                 c.mask = G == 8 ? 2 : 0;
                 check_forward(c, rng, seed);
             }
+}
+
+namespace {
+
+// A decoding problem: Sq query positions, G query heads per KV head (Sq * G <= 16), K/V of
+// type kv, a random q type (which sets the compute type for quantized K/V) and output type.
+Config decode_config(std::mt19937& rng, Type kv, int64_t D, int64_t Sq, int64_t G, int64_t Skv) {
+    Config c;
+    c.kv_type = kv;
+    if (kv == Type::F16 || kv == Type::BF16) {
+        c.q_type = pick(rng, {kv, Type::F32});
+        c.compute = kv;
+    } else {
+        c.q_type = pick(rng, {Type::F16, Type::F32, Type::BF16});
+        c.compute = c.q_type == Type::BF16 ? Type::BF16 : Type::F16;
+    }
+    c.o_type = pick(rng, {Type::F32, Type::F16, Type::BF16});
+    c.Dk = c.Dv = D;
+    c.Sq = Sq, c.Skv = Skv;
+    c.Hkv = Skv > 5000 ? 1 : 2;
+    c.Hq = c.Hkv * G;
+    c.B = Skv <= 1000 ? 2 : 1;
+    c.params.scale = 1.0f / std::sqrt(float(D));
+    return c;
+}
+
+const Type kDecodeKvTypes[] = {Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0};
+
+} // namespace
+
+TEST_CASE("CUDA decode kernel over key lengths, head dims, K/V types and GQA groups", "[cuda][fa][decode]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    const int64_t key_lengths[] = {1, 7, 64, 255, 1000, 4097, 70000};
+    const std::pair<int64_t, int64_t> rows[] = {{1, 1}, {1, 4}, {1, 8}, {2, 8},
+                                                {3, 4}, {5, 1}, {2, 1}}; // Sq, G
+    std::uniform_int_distribution<int> coin(0, 1), die(0, 5);
+    int kv_index = 0;
+    for (Type kv : kDecodeKvTypes) {
+        for (int64_t D : {64, 128, 256})
+            for (size_t li = 0; li < std::size(key_lengths); ++li) {
+                const auto [Sq, G] = rows[(li + size_t(D / 64) + size_t(kv_index)) % std::size(rows)];
+                Config c = decode_config(rng, kv, D, Sq, G, key_lengths[li]);
+                c.params.causal = coin(rng);
+                if (die(rng) == 0) c.params.window_left = int(c.Skv / 3);
+                c.mask = die(rng) < 2 ? 1 + coin(rng) : 0;
+                c.mask_per_head = c.mask && coin(rng);
+                if (c.mask && die(rng) == 0) c.params.max_bias = 8.0f;
+                if (die(rng) == 0) c.params.logit_softcap = 5.0f;
+                c.sinks = die(rng) == 0;
+                check_forward(c, rng, seed, false, 1);
+            }
+        ++kv_index;
+    }
+}
+
+TEST_CASE("CUDA decode kernel features one at a time", "[cuda][fa][decode]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (Type kv : kDecodeKvTypes)
+        for (int64_t D : {64, 128, 256}) {
+            const Config base = decode_config(rng, kv, D, 1, 4, 1000);
+            Config c = base;
+            check_forward(c, rng, seed, false, 1); // plain
+            c = decode_config(rng, kv, D, 3, 4, 1000), c.params.causal = true;
+            check_forward(c, rng, seed, false, 1); // causal, 12 rows
+            c = decode_config(rng, kv, D, 5, 3, 3), c.params.causal = true;
+            check_forward(c, rng, seed, false, 1); // causal, Sq > Skv: the first rows see nothing
+            c = decode_config(rng, kv, D, 4, 4, 1000), c.mask = 1, c.fully_masked_rows = true;
+            check_forward(c, rng, seed, false, 1); // fully masked rows: O = 0, LSE = -inf, 16 rows
+            c = decode_config(rng, kv, D, 5, 3, 1000), c.mask = 2, c.mask_per_head = true,
+            c.params.max_bias = 8.0f;
+            check_forward(c, rng, seed, false, 1); // f16 per-head mask, ALiBi over 6 heads
+            c = base, c.params.logit_softcap = 3.0f;
+            check_forward(c, rng, seed, false, 1); // softcap
+            c = base, c.mask = 1, c.params.logit_softcap = 3.0f, c.params.scale = -0.05f;
+            check_forward(c, rng, seed, false, 1); // softcap, mask and a negative scale
+            c = decode_config(rng, kv, D, 5, 3, 3), c.sinks = true, c.params.causal = true;
+            check_forward(c, rng, seed, false, 1); // sinks, also on rows with nothing visible
+            c = base, c.sinks = true;
+            check_forward(c, rng, seed, false, 1); // sinks with the split-KV combine
+            c = decode_config(rng, kv, D, 2, 4, 1000), c.params.window_left = 50, c.params.window_right = 10;
+            check_forward(c, rng, seed, false, 1); // sliding window: a small part of the keys
+            c = decode_config(rng, kv, D, 3, 2, 4097), c.params.window_left = 300, c.params.causal = true;
+            check_forward(c, rng, seed, false, 1); // causal sliding window over a long cache
+            c = decode_config(rng, kv, D, 2, 1, 1000), c.params.window_left = 0, c.params.window_right = 0;
+            check_forward(c, rng, seed, false, 1); // one key per row
+            c = decode_config(rng, kv, D, 2, 8, 255), c.B = 3, c.mask = 2;
+            check_forward(c, rng, seed, false, 1); // batch 3, 16 rows, f16 mask
+        }
+}
+
+TEST_CASE("CUDA decode kernel with strided K/V rows, and what it leaves to the main kernel",
+          "[cuda][fa][decode]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    struct Case {
+        Type kv;
+        int64_t D, pad;
+        bool decode;
+    };
+    const Case cases[] = {
+        {Type::Q8_0, 128, 4, true},  // rows 4-byte aligned: 4-byte copies
+        {Type::Q4_0, 256, 4, true},  // likewise
+        {Type::Q8_0, 64, 0, true},   // 68-byte rows: 4-byte copies
+        {Type::Q4_0, 128, 8, true},  // 8-byte copies
+        {Type::Q8_0, 128, 2, false}, // rows only 2-byte aligned
+        {Type::F16, 128, 16, true},  // 16-byte aligned rows
+        {Type::F16, 128, 8, false},  // 16-bit rows need 16-byte alignment
+        {Type::BF16, 64, 32, true},
+    };
+    for (const Case& k : cases) {
+        Config c = decode_config(rng, k.kv, k.D, 1, 8, 1000);
+        c.kv_row_pad = k.pad;
+        c.params.causal = true;
+        check_forward(c, rng, seed, false, int(k.decode));
+    }
+    Config c = decode_config(rng, Type::F16, 128, 17, 1, 300); // 17 rows per KV head
+    check_forward(c, rng, seed, false, 0);
+    c = decode_config(rng, Type::F16, 128, 1, 8, 300), c.Dv = 64; // Dk != Dv
+    check_forward(c, rng, seed, false, 0);
+    c = decode_config(rng, Type::F16, 96, 1, 8, 300); // head dim 96
+    check_forward(c, rng, seed, false, 0);
 }
 
 TEST_CASE("CUDA backward matches the reference", "[cuda][fa][backward]") {
