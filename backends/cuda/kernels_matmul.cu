@@ -14,6 +14,8 @@
 #include "quant_matmul.h"
 
 #include <climits>
+#include <cstdint>
+#include <type_traits>
 
 namespace gfa::cuda {
 
@@ -111,6 +113,111 @@ size_t align_up(size_t v) {
     return (v + 255) / 256 * 256;
 }
 
+// ---- f16/bf16 matrix-vector ------------------------------------------------------------------
+//
+// Decoding with 16-bit weights reads each weight once, so one kernel does it all: cuBLAS would
+// need b converted to 16 bits first (a second launch) and its own host-side setup, which at a
+// few hundred small products per token cost more host time than the GPU spends on them.
+// One warp per output row; each lane streams 16 bytes (8 weights) per chunk, kHalfUnroll
+// chunks in flight, past L1 (the weights are read once) while b's f32 values, which every
+// row reads, stay in L1. b is not rounded: the result is an fp32 dot product.
+
+constexpr int kHalfMatvecWarps = 4;
+constexpr int kHalfUnroll = 4;
+constexpr int kHalfMatvecMaxColumns = 8;
+
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+template <class W> __device__ __forceinline__ float2 unpack_pair(uint32_t bits) {
+    if constexpr (std::is_same_v<W, __half>)
+        return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+    else
+        return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+}
+
+template <class W, int NC>
+__global__ void __launch_bounds__(kHalfMatvecWarps * 32)
+    half_matvec_kernel(TensorView a, TensorView b, TensorView dst, int64_t r2, int64_t r3) {
+    const int lane = threadIdx.x % 32;
+    const int64_t m = int64_t(blockIdx.x) * kHalfMatvecWarps + threadIdx.x / 32;
+    if (m >= dst.ne[0]) return; // the whole warp
+    const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
+    const uint4* row =
+        reinterpret_cast<const uint4*>(a.data + m * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3]);
+    const char* columns = b.data + i2 * b.nb[2] + i3 * b.nb[3];
+    const int n_cols = int(dst.ne[1]);
+    const int n_chunks = int(a.ne[0] / 8);
+
+    float acc[NC];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
+    for (int base = lane; base < n_chunks; base += 32 * kHalfUnroll) {
+        uint4 w[kHalfUnroll];
+#pragma unroll
+        for (int u = 0; u < kHalfUnroll; ++u)
+            if (base + 32 * u < n_chunks) w[u] = load_streaming(row + base + 32 * u);
+#pragma unroll
+        for (int u = 0; u < kHalfUnroll; ++u) {
+            const int chunk = base + 32 * u;
+            if (chunk >= n_chunks) break;
+            const float2 w01 = unpack_pair<W>(w[u].x), w23 = unpack_pair<W>(w[u].y);
+            const float2 w45 = unpack_pair<W>(w[u].z), w67 = unpack_pair<W>(w[u].w);
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                if (c >= n_cols) break;
+                const float4* x = reinterpret_cast<const float4*>(columns + c * b.nb[1]) + 2 * chunk;
+                const float4 x0 = __ldg(x), x1 = __ldg(x + 1);
+                acc[c] += w01.x * x0.x + w01.y * x0.y + w23.x * x0.z + w23.y * x0.w + w45.x * x1.x +
+                          w45.y * x1.y + w67.x * x1.z + w67.y * x1.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        if (c >= n_cols) break;
+        const float s = warp_sum(acc[c]);
+        if (lane == 0) *f32_ptr(dst, m, c, i2, i3) = s;
+    }
+}
+
+// The kernel's 16-byte weight loads and float4 column loads need aligned rows and columns.
+bool half_matvec_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
+    auto aligned16 = [](const Tensor* t) {
+        return (reinterpret_cast<uintptr_t>(t->data) | uintptr_t(t->nb[1]) | uintptr_t(t->nb[2]) |
+                uintptr_t(t->nb[3])) %
+                   16 ==
+               0;
+    };
+    return (a->type == Type::F16 || a->type == Type::BF16) && b->ne[1] <= kHalfMatvecMaxColumns &&
+           a->ne[0] % 8 == 0 && a->ne[0] / 8 <= INT_MAX && a->nb[0] == 2 && b->nb[0] == 4 && aligned16(a) &&
+           aligned16(b) && dst->ne[2] * dst->ne[3] <= 65535;
+}
+
+template <class W>
+void launch_half_matvec(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    const dim3 grid(unsigned((dst->ne[0] + kHalfMatvecWarps - 1) / kHalfMatvecWarps),
+                    unsigned(dst->ne[2] * dst->ne[3]));
+    const dim3 block(kHalfMatvecWarps * 32);
+    const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
+    const TensorView va = view_of(a), vb = view_of(b), vd = view_of(dst);
+    const int64_t n = b->ne[1];
+    if (n == 1)
+        half_matvec_kernel<W, 1><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
+    else if (n == 2)
+        half_matvec_kernel<W, 2><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
+    else if (n <= 4)
+        half_matvec_kernel<W, 4><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
+    else
+        half_matvec_kernel<W, 8><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
+    GFA_CUDA_CHECK_LAUNCH();
+}
+
 // ---- mul_mat ------------------------------------------------------------------------------------
 
 void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
@@ -125,6 +232,13 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         void* columns = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
         quantize_columns(vb, columns, ctx.stream);
         quant_matvec(view_of(a), vb, view_of(dst), columns, ctx.stream);
+        return;
+    }
+    if (half_matvec_applies(a, b, dst)) {
+        if (a->type == Type::F16)
+            launch_half_matvec<__half>(ctx, a, b, dst);
+        else
+            launch_half_matvec<__nv_bfloat16>(ctx, a, b, dst);
         return;
     }
     if (a->type == Type::F32) {

@@ -355,6 +355,29 @@ TEST_CASE("CUDA mul_mat for f32, f16, bf16, q8_0 and q4_0 weights with broadcast
     check_cuda(mul_mat(ctx, a, transpose(ctx, bt)), 1e-5);
 }
 
+// Decoding with 16-bit weights: rows whose bytes are a multiple of 16 take the matrix-vector
+// kernel, which keeps b in f32 (so the result is an fp32 dot product: tolerance 1e-4, where
+// rounding b to 16 bits would give about 1e-3); others the cuBLAS path that rounds b.
+TEST_CASE("CUDA mul_mat decoding with f16 and bf16 weights, long and odd rows", "[cuda][matvec]") {
+    for (Type t : {Type::F16, Type::BF16})
+        for (int64_t K : {8, 1000, 2056, 4104})
+            for (int64_t n : {1, 2, 5, 8})
+                for (int64_t M : {1, 37, 300}) {
+                    Context ctx = data_ctx();
+                    const bool broadcast = M == 37;
+                    Tensor* a = ctx.new_tensor(t, {K, M, broadcast ? 2 : 1, 1});
+                    Tensor* b = ctx.new_tensor(Type::F32, {K, n, broadcast ? 6 : 1, broadcast ? 2 : 1});
+                    // Positive inputs: one-output cases (M = N = 1) are single dot products,
+                    // which a relative bound cannot judge when they cancel to near zero.
+                    fill_uniform(a, 0.05f, 1.0f);
+                    fill_uniform(b, 0.05f, 1.0f);
+                    const bool matvec_rows = K * 2 % 16 == 0;
+                    const double tol = matvec_rows ? 1e-4 : t == Type::BF16 ? 2e-2 : 5e-3;
+                    INFO("weights " << type_name(t) << ", K " << K << ", M " << M << ", N " << n);
+                    check_cuda(mul_mat(ctx, a, b), tol);
+                }
+}
+
 // ---- quantized weights ------------------------------------------------------------------------
 
 namespace {
