@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Runs the PyTorch peer and bench_attn_cuda on this GPU machine and prints our speed as a
 # ratio of PyTorch flash (FlashAttention-2) and cuDNN, and of SDPA for decoding.
-#   tools/bench_cuda.sh BUILD_DIR [OUT_DIR] [--quick]
+#   tools/bench_cuda.sh BUILD_DIR [OUT_DIR] [--quick | --decode-only]
 set -euo pipefail
 build=${1:?build directory}
 out=${2:-.}
 quick=${3:-}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")" && pwd)
-python3 "$here/bench_torch_peer.py" $quick --csv "$out/peer.csv"
-"$build/bench_attn_cuda" $quick --csv "$out/ours.csv"
+if [ "$quick" = "--decode-only" ]; then
+    python3 "$here/bench_torch_peer.py" --decode-only --csv "$out/peer.csv"
+    "$build/bench_attn_cuda" --no-fa --csv "$out/ours.csv"
+else
+    python3 "$here/bench_torch_peer.py" $quick --csv "$out/peer.csv"
+    "$build/bench_attn_cuda" $quick --csv "$out/ours.csv"
+fi
 python3 - "$out/peer.csv" "$out/ours.csv" <<'PY'
 import csv, sys
 rows = [r for f in sys.argv[1:] for r in csv.DictReader(open(f))]

@@ -1,7 +1,7 @@
 """PyTorch peer for bench_attn_cuda: the same shapes through torch SDPA (flash = FlashAttention-2,
 and cuDNN), timed with CUDA events (median), written as CSV in bench_attn_cuda's columns.
 
-    python3 tools/bench_torch_peer.py [--quick] --csv FILE
+    python3 tools/bench_torch_peer.py [--quick] [--decode-only] --csv FILE
 """
 import argparse
 import torch
@@ -28,6 +28,7 @@ def median_ms(fn, reps, warm):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only the decoding table")
     ap.add_argument("--csv", required=True)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -36,7 +37,8 @@ def main():
     out.write("kind,impl,dtype,d,s,b,h,causal,fwd_ms,fwd_tflops,bwd_ms,bwd_tflops\n")
     seqs = [2048] if args.quick else [512, 2048, 8192, 16384]
     reps = 5 if args.quick else 15
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+    peers = () if args.decode_only else (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION))
+    for name, backend in peers:
         for d in (64, 128, 256):
             for causal in (False, True):
                 for s in seqs:
