@@ -322,6 +322,7 @@ class CudaBackend final : public Backend {
         ctx_.device_name = dev->name();
         ctx_.sm_count = sm_count;
         ctx_.scratch = &scratch_;
+        ctx_.last_columns = &last_columns_;
         GFA_CUDA_CHECK(cudaStreamCreate(&ctx_.stream));
         GFA_CUBLAS_CHECK(cublasCreate(&ctx_.cublas));
         GFA_CUBLAS_CHECK(cublasSetStream(ctx_.cublas, ctx_.stream));
@@ -372,7 +373,9 @@ class CudaBackend final : public Backend {
             graph_ok = graph_ok && !training_op(node->op);
         }
         auto enqueue = [this] {
+            last_columns_ = {}; // tensors of an earlier call may share addresses with this one's
             for (const auto& [node, run] : work_) {
+                if (node->op != Op::MulMat) last_columns_ = {};
                 const auto t0 =
                     op_times_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
                 run(ctx_, node);
@@ -417,6 +420,7 @@ class CudaBackend final : public Backend {
     cuda::Scratch scratch_;
     std::unique_ptr<cuda::LaunchGraphs> graphs_;
     bool op_times_ = op_times_by_environment();
+    cuda::QuantizedColumns last_columns_;
     std::array<int64_t, size_t(Op::Count)> op_host_ns_{}; // host time enqueueing each op
     std::vector<std::pair<Tensor*, cuda::Kernel>> work_;  // the nodes of the current compute()
     void* cublas_workspace_ = nullptr;

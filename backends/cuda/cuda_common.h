@@ -60,6 +60,15 @@ class Scratch {
     size_t size_ = 0;
 };
 
+// The int8 form of b that the last quantized matrix-vector product left in scratch memory
+// (quant_matmul.h). Products that read the same b one after another (the q/k/v or gate/up
+// projections of one input) reuse it instead of quantizing b again; any other node in
+// between clears it (it may write scratch memory).
+struct QuantizedColumns {
+    const Tensor* b = nullptr;
+    const void* columns = nullptr;
+};
+
 struct ComputeCtx {
     int device = 0;
     const char* device_name = "CUDA";
@@ -68,6 +77,7 @@ struct ComputeCtx {
     Scratch* scratch = nullptr;
     int32_t* error_flag = nullptr; // device-visible, host-mapped
     int sm_count = 1;
+    QuantizedColumns* last_columns = nullptr; // null: no reuse (set by the backend)
 };
 
 using Kernel = void (*)(const ComputeCtx& ctx, Tensor* dst);

@@ -227,11 +227,17 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t ldc = M, c2 = int64_t(dst->nb[2] / 4), c3 = int64_t(dst->nb[3] / 4);
     const bool quantized = is_cuda_quant_type(a->type);
 
+    // Only a quantized matrix-vector product right after another one on the same b may
+    // reuse its int8 columns; every other path may overwrite scratch memory.
+    const QuantizedColumns previous = ctx.last_columns ? *ctx.last_columns : QuantizedColumns{};
+    if (ctx.last_columns) *ctx.last_columns = {};
+
     if (quantized && N <= kQuantMatvecMaxColumns) {
         const TensorView vb = view_of(b);
         void* columns = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
-        quantize_columns(vb, columns, ctx.stream);
+        if (previous.b != b || previous.columns != columns) quantize_columns(vb, columns, ctx.stream);
         quant_matvec(view_of(a), vb, view_of(dst), columns, ctx.stream);
+        if (ctx.last_columns) *ctx.last_columns = {b, columns};
         return;
     }
     if (half_matvec_applies(a, b, dst)) {

@@ -450,6 +450,32 @@ void check_quant_mul_mat(Context& ctx, Tensor* a, Tensor* b) {
 
 } // namespace
 
+// Consecutive decoding products on the same b share its int8 form; a product on another b,
+// or any node in between, must quantize afresh. In graph order the products below run as
+// (A1 x), (A2 y), add, (A3 x), (A4 x): the second quantizes y, the third x again after the
+// add, the fourth reuses the third's. A wrong reuse gives errors of order 1.
+TEST_CASE("CUDA quantized decoding products reuse b's int8 form only right after one on the same b",
+          "[cuda][quant]") {
+    for (int64_t N : {1, 3}) {
+        Context ctx = data_ctx();
+        const int64_t K = 512, M = 300;
+        Tensor* w[4];
+        const Type types[4] = {Type::Q8_0, Type::Q4_K, Type::Q6_K, Type::Q5_0};
+        for (int i = 0; i < 4; ++i) {
+            w[i] = ctx.new_tensor(types[i], {K, M});
+            fill_uniform(w[i]);
+        }
+        Tensor* x = ctx.new_tensor(Type::F32, {K, N});
+        Tensor* y = ctx.new_tensor(Type::F32, {K, N});
+        fill_uniform(x);
+        fill_uniform(y);
+        Tensor* first = add(ctx, mul_mat(ctx, w[0], x), mul_mat(ctx, w[1], y));
+        Tensor* second = add(ctx, mul_mat(ctx, w[2], x), mul_mat(ctx, w[3], x));
+        INFO("N = " << N);
+        check_cuda(add(ctx, first, second), 2e-2); // b rounded to int8 per 32 values: ~0.4%
+    }
+}
+
 TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill paths", "[cuda][quant]") {
     for (Type t : kQuantTypes) {
         std::vector<int64_t> depths = {256, 768, 4352};
