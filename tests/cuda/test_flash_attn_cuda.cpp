@@ -835,5 +835,12 @@ TEST_CASE("CUDA flash attention small cases for the sanitizers", "[.sanitize]") 
         d.Sq = 1, d.Skv = 3000, d.Hq = 8, d.Hkv = 2, d.mask = 0, d.params.causal = false,
         d.params.logit_softcap = 0.0f;
         check_forward(d, rng, seed);
+        d.kv_type = Type::Q8_0, d.mask = 1, d.sinks = true; // the decoding kernel's quantized path
+        check_forward(d, rng, seed);
     }
+    Config d; // the decoding kernel at D = 256 (Q through shared memory)
+    d.Dk = d.Dv = 256, d.compute = d.q_type = d.kv_type = Type::F16;
+    d.Sq = 1, d.Skv = 777, d.Hq = 4, d.Hkv = 1;
+    d.params.scale = 0.06f;
+    check_forward(d, rng, seed);
 }
