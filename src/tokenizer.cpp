@@ -207,6 +207,9 @@ const ByteMap& byte_map() {
 Tokenizer Tokenizer::from_gguf(const gguf::Metadata& md) {
     Tokenizer t;
     const std::string model = md.at("tokenizer.ggml.model").as_string();
+    if (model == "no_vocab" || model == "none")
+        fail("the model file has no vocabulary (tokenizer.ggml.model is '" + model +
+             "'); give prompts as token ids");
     if (model == "llama")
         t.model_ = Model::SentencePiece;
     else if (model == "gpt2")

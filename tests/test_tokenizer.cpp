@@ -56,6 +56,8 @@ TEST_CASE("Tokenizer metadata errors name the key", "[tokenizer]") {
     m = spm_vocab();
     m.set("tokenizer.ggml.model", "bert");
     CHECK_THROWS_WITH(Tokenizer::from_gguf(m), Catch::Contains("'bert' is not supported"));
+    m.set("tokenizer.ggml.model", "no_vocab"); // what convert writes without tokenizer.json
+    CHECK_THROWS_WITH(Tokenizer::from_gguf(m), Catch::Contains("has no vocabulary"));
     m = spm_vocab();
     m.set("tokenizer.ggml.model", "gpt2");
     CHECK_THROWS_WITH(Tokenizer::from_gguf(m), Catch::Contains("tokenizer.ggml.merges"));

@@ -355,6 +355,10 @@ int run(int argc, char** argv) {
     if (h.eos) w.set("tokenizer.ggml.eos_token_id", uint32_t(*h.eos));
 
     const bool has_vocabulary = write_vocabulary(w, dir, h.n_vocab);
+    // Without tokenizer.json the file says so the way llama.cpp's converter does: llama.cpp
+    // refuses a model without tokenizer.ggml.model, and with "no_vocab" it numbers
+    // vocab_size dummy tokens so token ids can still be fed in.
+    if (!has_vocabulary) w.set("tokenizer.ggml.model", "no_vocab");
 
     const bool permute_rotary = h.arch == "llama";
     std::set<std::string> written;

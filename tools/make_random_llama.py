@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""A Llama-shaped checkpoint with random weights, in the Hugging Face layout (config.json +
+model.safetensors, f16), made with numpy alone: for speed benchmarks that need a model of a
+given shape but not a trained one, on machines without torch.
+
+  make_random_llama.py OUT_DIR [--layers 22] [--hidden 2048] [--ffn 5632] [--heads 32]
+                       [--kv-heads 4] [--vocab 32000] [--ctx 2048] [--seed 0] [--std 0.02]
+
+The defaults are TinyLlama-1.1B's shape (untied embeddings). Weights are drawn like
+transformers' Llama initialisation (normal, std 0.02; RMSNorm weights 1), so activations
+stay finite through every layer; a larger --std makes attention far from uniform, which
+numerical comparisons need to notice rotary or head-layout mistakes. There is no tokenizer:
+prompts are given as token ids.
+"""
+import argparse
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+
+def tensor_shapes(a):
+    """(HF name, shape) in the order transformers saves them."""
+    head_dim = a.hidden // a.heads
+    shapes = [("model.embed_tokens.weight", (a.vocab, a.hidden))]
+    for layer in range(a.layers):
+        p = f"model.layers.{layer}."
+        shapes += [
+            (p + "self_attn.q_proj.weight", (a.heads * head_dim, a.hidden)),
+            (p + "self_attn.k_proj.weight", (a.kv_heads * head_dim, a.hidden)),
+            (p + "self_attn.v_proj.weight", (a.kv_heads * head_dim, a.hidden)),
+            (p + "self_attn.o_proj.weight", (a.hidden, a.heads * head_dim)),
+            (p + "mlp.gate_proj.weight", (a.ffn, a.hidden)),
+            (p + "mlp.up_proj.weight", (a.ffn, a.hidden)),
+            (p + "mlp.down_proj.weight", (a.hidden, a.ffn)),
+            (p + "input_layernorm.weight", (a.hidden,)),
+            (p + "post_attention_layernorm.weight", (a.hidden,)),
+        ]
+    shapes += [("model.norm.weight", (a.hidden,)), ("lm_head.weight", (a.vocab, a.hidden))]
+    return shapes
+
+
+def write_safetensors(path, shapes, rng, std):
+    """safetensors: u64 little-endian header length, JSON header (padded with spaces to a
+    multiple of 8 so the data starts aligned), then the raw little-endian tensor data."""
+    header = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes:
+        nbytes = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path + ".part", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape in shapes:
+            if len(shape) == 1:  # RMSNorm weights start at 1
+                values = np.ones(shape, dtype="<f2")
+            else:
+                # Row blocks keep the f32 scratch small for the large matrices.
+                values = np.empty(shape, dtype="<f2")
+                step = max(1, (1 << 22) // shape[1])
+                for r in range(0, shape[0], step):
+                    block = rng.standard_normal((min(step, shape[0] - r), shape[1]), dtype=np.float32)
+                    values[r:r + step] = block * np.float32(std)
+            f.write(values.tobytes())
+    os.replace(path + ".part", path)
+    return offset
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the matrices")
+    a = ap.parse_args()
+    for name in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "ctx"):
+        if getattr(a, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+    if not a.std > 0:
+        ap.error("--std must be positive")
+    if a.hidden % a.heads or (a.hidden // a.heads) % 2:
+        ap.error(f"--hidden {a.hidden} must split into {a.heads} heads of an even size")
+    if a.heads % a.kv_heads:
+        ap.error(f"--heads {a.heads} must be a multiple of --kv-heads {a.kv_heads}")
+
+    os.makedirs(a.out_dir, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": a.vocab,
+        "hidden_size": a.hidden,
+        "intermediate_size": a.ffn,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "max_position_embeddings": a.ctx,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    with open(os.path.join(a.out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    shapes = tensor_shapes(a)
+    nbytes = write_safetensors(os.path.join(a.out_dir, "model.safetensors"), shapes, np.random.default_rng(a.seed), a.std)
+    n_params = sum(int(np.prod(s)) for _, s in shapes)
+    print(f"{a.out_dir}: {n_params / 1e9:.3f} B parameters, {nbytes / 2**20:.1f} MiB of f16 weights")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
