@@ -20,10 +20,10 @@ Context data_ctx() {
 // their type already (the reference reads the same stored values), so only f32 rounding of
 // the accumulation remains for every type...
 constexpr double kTol = 1e-5;
-// ...except where the CPU multiplies q8_0 / q4_0 weights with few columns (N < 4): there the
-// column is rounded to 8 bits for an integer dot product (about 0.5% relative error).
+// ...except where the CPU multiplies q8_0 / q4_0 / q4_K weights with few columns (N < 4):
+// there the column is rounded to 8 bits for an integer dot product (about 0.5% relative error).
 double tolerance(Type weights, int64_t n) {
-    return (weights == Type::Q8_0 || weights == Type::Q4_0) && n < 4 ? 2e-2 : kTol;
+    return (weights == Type::Q8_0 || weights == Type::Q4_0 || weights == Type::Q4_K) && n < 4 ? 2e-2 : kTol;
 }
 
 // A loss that weighs every element of t differently, so gradients are not all alike.
@@ -62,6 +62,24 @@ TEST_CASE("mul_mat matches the reference for every weight type on odd shapes", "
             fill_uniform(b, lo, 1.0f);
             check_forward(mul_mat(ctx, a, b), tolerance(type, s.N));
         }
+}
+
+// The other GGUF block types (blocks of 32 or 256), both paths. Many outputs per case, so
+// the 8-bit column of the integer paths is judged over a whole result.
+TEST_CASE("mul_mat matches the reference for the other GGUF block types", "[matmul][quants]") {
+    const Type types[] = {Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
+    for (Type type : types)
+        for (int64_t K : {256, 768})
+            for (int64_t M : {17, 113})
+                for (int64_t N : {1, 3, 5}) {
+                    INFO(type_name(type) << " K=" << K << " M=" << M << " N=" << N);
+                    Context ctx = data_ctx();
+                    Tensor* a = ctx.new_tensor(type, {K, M});
+                    Tensor* b = ctx.new_tensor(Type::F32, {K, N});
+                    fill_uniform(a);
+                    fill_uniform(b);
+                    check_forward(mul_mat(ctx, a, b), tolerance(type, N));
+                }
 }
 
 TEST_CASE("mul_mat runs on 1 and 3 threads with the same result as the reference", "[matmul]") {

@@ -440,6 +440,7 @@ float dot_q4_0(const void* row, const float* x, int64_t K) {
 // of 16 for converting the weights to f32, which keeps a core ahead of memory bandwidth.
 struct ColumnBlock {
     float d;
+    float sum; // d * sum of qs: the block's share of a weight offset (q4_K's mins)
     int8_t qs[32];
 };
 
@@ -464,6 +465,12 @@ void quantize_column(const float* x, int64_t K, ColumnBlock* out) {
                                                        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         out[i].d = d;
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i].qs), q8);
+        const __m256i pair_sums = _mm256_maddubs_epi16(_mm256_set1_epi8(1), q8); // 16 x i16
+        const __m256i sums = _mm256_madd_epi16(pair_sums, _mm256_set1_epi16(1)); // 8 x i32
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        out[i].sum = d * float(_mm_cvtsi128_si32(s4));
     }
 }
 
@@ -506,6 +513,46 @@ float dot_q4_0_int(const void* row, const void* column, int64_t K) {
     }
     return hsum(_mm256_add_ps(acc[0], acc[1]));
 }
+
+// q4_K: sub-block j of a 256-block is x = d sc_j q - dmin mn_j with q in 0..15, so against a
+// column block (dx, qx) it adds d sc_j dx sum(q qx) - dmin mn_j dx sum(qx). The 4-bit values
+// go straight into the unsigned operand of maddubs (15 * 127 * 2 fits 16 bits).
+void unpack_q4_K_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+    for (int j = 0; j < 4; ++j) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = uint8_t((s[j + 8] & 0x0f) | ((s[j] >> 6) << 4));
+        mn[j + 4] = uint8_t((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
+
+float dot_q4_K_int(const void* row, const void* column, int64_t K) {
+    const block_q4_K* w = static_cast<const block_q4_K*>(row);
+    const ColumnBlock* x = static_cast<const ColumnBlock*>(column);
+    const __m256i low_mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float offsets = 0.0f;
+    for (int64_t ib = 0; ib < K / QK_K; ++ib) {
+        const float d = scale_to_f32(w[ib].d), dmin = scale_to_f32(w[ib].dmin);
+        uint8_t sc[8], mn[8];
+        unpack_q4_K_scales(w[ib].scales, sc, mn);
+        const ColumnBlock* xb = x + ib * (QK_K / 32);
+        for (int c = 0; c < 4; ++c) {
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[ib].qs + 32 * c));
+            const __m256i nibbles[2] = {_mm256_and_si256(q, low_mask),
+                                        _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask)};
+            for (int h = 0; h < 2; ++h) {
+                const int j = 2 * c + h;
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[j].qs));
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles[h], xv), ones);
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * float(sc[j]) * xb[j].d),
+                                         acc[h]);
+                offsets += dmin * float(mn[j]) * xb[j].sum;
+            }
+        }
+    }
+    return hsum(_mm256_add_ps(acc[0], acc[1])) - offsets;
+}
 #endif
 
 using DotFn = float (*)(const void* row, const float* x, int64_t K);
@@ -532,6 +579,7 @@ IntDotFn int_dot_for(Type t) {
 #if defined(__AVX2__)
     if (t == Type::Q8_0) return dot_q8_0_int;
     if (t == Type::Q4_0) return dot_q4_0_int;
+    if (t == Type::Q4_K) return dot_q4_K_int;
 #endif
     (void)t;
     return nullptr;
