@@ -17,18 +17,9 @@ mkdir -p "$work"
 work=$(cd "$work" && pwd)
 
 # 1. Source: the sdist carries llama.cpp (and ggml) under vendor/.
-sdist="$work/llama_cpp_python-$version.tar.gz"
-if [ ! -f "$sdist" ]; then
-    pip download --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work"
-fi
-src="$work/llama_cpp_python-$version"
-if [ ! -d "$src/vendor/llama.cpp/ggml" ]; then
-    tar -xzf "$sdist" -C "$work"
-fi
-ggml="$src/vendor/llama.cpp/ggml"
-# The sdist leaves out ggml's pkg-config template, which its CMakeLists configures
-# unconditionally; an empty one is enough (we never install).
-[ -f "$ggml/ggml.pc.in" ] || : >"$ggml/ggml.pc.in"
+. "$repo_root/tools/peers/llama_cpp_source.sh"
+fetch_llama_cpp_source "$work" "$version"
+ggml="$llama_cpp_src/ggml"
 
 # 2. ggml's CPU library only: Release, tuned for this machine, static, no tests/examples.
 cmake -S "$ggml" -B "$work/ggml-build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \

@@ -42,17 +42,9 @@ if [ $build_only -eq 0 ] && [ ${#files[@]} -eq 0 ]; then
 fi
 
 # 1. Source: the sdist carries llama.cpp (and ggml) under vendor/llama.cpp.
-sdist="$work/llama_cpp_python-$version.tar.gz"
-if [ ! -f "$sdist" ]; then
-    pip download --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work" >&2
-fi
-src="$work/llama_cpp_python-$version/vendor/llama.cpp"
-if [ ! -d "$src/tools/llama-bench" ]; then
-    tar -xzf "$sdist" -C "$work"
-fi
-# The sdist leaves out ggml's pkg-config template, which its CMakeLists configures
-# unconditionally; an empty one is enough (we never install).
-[ -f "$src/ggml/ggml.pc.in" ] || : >"$src/ggml/ggml.pc.in"
+. "$repo_root/tools/peers/llama_cpp_source.sh"
+fetch_llama_cpp_source "$work" "$version"
+src=$llama_cpp_src
 
 # 2. llama-bench only: CPU backend, Release, tuned for this machine, static, no network
 #    support (no CURL/OpenSSL: nothing is downloaded at run time), no tests/examples/server.
