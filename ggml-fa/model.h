@@ -67,6 +67,12 @@ struct SessionOptions {
     Type kv_type = Type::F16;   // f32, f16 or q8_0
     int n_threads = 0;          // CPU threads; <= 0: all cores
     bool log_fallbacks = false; // let the scheduler report ops a GPU cannot run
+    // Evals of at most 8 tokens (decoding) attend over a window of cache
+    // rows that grows in steps of this many, the rows past the newest token hidden by a
+    // mask. Their graphs then keep one shape for this many consecutive tokens, so the
+    // session reuses the last graph as it is (no building, no planning) and a GPU backend
+    // can replay it. 0: every eval attends over exactly the rows written so far.
+    int64_t decode_window_step = 256;
 };
 
 // Where the time of Session::eval went, summed over the graphs it ran (a long prompt runs
@@ -74,6 +80,7 @@ struct SessionOptions {
 struct EvalProfile {
     int64_t graphs = 0;  // graphs run
     int64_t nodes = 0;   // their nodes, summed
+    int64_t reused = 0;  // graphs that were the previous eval's, run again unchanged
     double build = 0;    // building the graph
     double allocate = 0; // the scheduler: backends, splits, memory plan and placement
     double upload = 0;   // setting the token and position inputs

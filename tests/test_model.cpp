@@ -160,6 +160,54 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
     CHECK(rel_error(half.eval(tokens, true), all) < 1e-2);
 }
 
+TEST_CASE("llama session: decoding through growing attention windows reuses graphs", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    std::mt19937 rng(seed);
+    const int n = 23;
+    std::vector<int32_t> tokens(n);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+
+    SessionOptions so;
+    so.n_ctx = 29; // the last window is cut short by the cache
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    so.decode_window_step = 0;
+    Session exact(*model, so);
+    const std::vector<float> all = exact.eval(tokens, true);
+
+    // Windows of 5, 10, ... rows, the rows beyond the newest token masked: one token at a
+    // time, then two, then three, so each kind of graph is kept and run again.
+    for (const int64_t per_eval : {1, 2, 3}) {
+        INFO(per_eval << " tokens per eval");
+        so.decode_window_step = 5;
+        Session windowed(*model, so);
+        const int allocations = windowed.n_compute_allocations();
+        std::vector<float> stepwise;
+        for (int i = 0; i < n; i += int(per_eval)) {
+            const size_t count = std::min<size_t>(size_t(per_eval), size_t(n - i));
+            const std::vector<float> step = windowed.eval(std::span(&tokens[size_t(i)], count), true);
+            stepwise.insert(stepwise.end(), step.begin(), step.end());
+        }
+        CHECK(rel_error(stepwise, all) < 1e-5);
+        CHECK(windowed.n_compute_allocations() == allocations);
+        // A graph is rebuilt when the window grows (every 5 rows) or the token count
+        // changes; the other evals reuse it.
+        const EvalProfile& p = windowed.profile();
+        INFO("graphs " << p.graphs << ", reused " << p.reused);
+        CHECK(p.reused >= p.graphs - (n + 4) / 5 - 2);
+        CHECK(p.reused > 0);
+
+        // After a reset the kept graph serves new positions: stale rows stay hidden.
+        windowed.reset();
+        const std::vector<float> again = windowed.eval(std::span(tokens.data(), 1), true);
+        CHECK(rel_error(again, std::vector<float>(all.begin(), all.begin() + m.vocab)) < 1e-5);
+    }
+}
+
 TEST_CASE("llama session: clear errors for bad inputs", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);

@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--backend", default="cuda")
-    ap.add_argument("--graphs", choices=["on", "off", "both"], default="off")
+    ap.add_argument("--graphs", choices=["on", "off", "both"], default="on")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--keep-gguf", default="")

@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 
 namespace gfa {
 
@@ -58,6 +59,7 @@ void* Scratch::get(size_t bytes, cudaStream_t stream, const char* device_name) {
                           " bytes of scratch memory (" + std::to_string(free_bytes) + " bytes free)");
     }
     size_ = grown;
+    ++generation_;
     return ptr_;
 }
 
@@ -266,16 +268,15 @@ bool training_op(Op op) {
     }
 }
 
-// GFA_CUDA_GRAPHS=1 (or on/true/yes) turns CUDA graphs on; unset or anything else: off.
-// Off by default: every call is captured again, and on an H200 a 1.1B model's decoding step
-// (620 nodes) spent as long capturing and updating as launching eagerly, then waited for the
-// graph, while eager launches overlap the GPU's work (155 vs 171 tokens/s).
+// CUDA graphs are on unless GFA_CUDA_GRAPHS is 0 (or off/false/no). With them, a node list
+// that repeats exactly (a decoding step whose graph the session reused) is replayed as one
+// graph launch; see launch_graphs.h for when calls are captured.
 bool graphs_enabled_by_environment() {
     const char* v = std::getenv("GFA_CUDA_GRAPHS");
-    if (!v) return false;
-    for (const char* on : {"1", "on", "true", "yes", "ON", "TRUE", "YES"})
-        if (std::strcmp(v, on) == 0) return true;
-    return false;
+    if (!v) return true;
+    for (const char* off : {"0", "off", "false", "no", "OFF", "FALSE", "NO"})
+        if (std::strcmp(v, off) == 0) return false;
+    return true;
 }
 
 // GFA_CUDA_OP_TIMES=1: the backend adds up the host time it spends enqueueing each op
@@ -285,26 +286,66 @@ bool op_times_by_environment() {
     return v && std::strcmp(v, "1") == 0;
 }
 
-// Which calls share an executable graph: the ops, result types and shapes, and source
-// types of the list. Source shapes are left out on purpose: the attention's view of the KV
-// cache grows every decoded token, and cudaGraphExecUpdate absorbs such changes. A collision
-// costs time, never correctness: every call is captured afresh.
-uint64_t signature_of(std::span<const std::pair<Tensor*, cuda::Kernel>> work) {
-    uint64_t h = 1469598103934665603ull; // FNV-1a
-    auto mix = [&h](uint64_t v) {
-        for (int i = 0; i < 8; ++i) {
-            h ^= (v >> (8 * i)) & 0xff;
-            h *= 1099511628211ull;
-        }
-    };
-    mix(work.size());
-    for (const auto& [node, run] : work) {
-        mix(uint64_t(node->op));
-        mix(uint64_t(node->type));
-        for (int64_t ne : node->ne) mix(uint64_t(ne));
-        for (const Tensor* s : node->src) mix(s ? uint64_t(s->type) + 1 : 0);
+// A 64-bit hash of a sequence of words (multiply and fold: fast, and every input bit
+// reaches every output bit).
+class Hash {
+  public:
+    void add(uint64_t v) {
+        h_ = (h_ ^ v) * 0x9E3779B97F4A7C15ull;
+        h_ ^= h_ >> 29;
     }
-    return h;
+    void add(const void* p) { add(uint64_t(reinterpret_cast<uintptr_t>(p))); }
+    template <class T, size_t N> void add(const std::array<T, N>& a) {
+        for (const T& v : a) add(uint64_t(v));
+    }
+    uint64_t value() const { return h_; }
+
+  private:
+    uint64_t h_ = 0x243F6A8885A308D3ull;
+};
+
+using WorkList = std::span<const std::pair<Tensor*, cuda::Kernel>>;
+
+// The shape of a call: its ops and result types and shapes. Calls of one shape can share an
+// executable graph, updated in place when pointers or source shapes (the KV length) differ.
+uint64_t shape_of(WorkList work) {
+    Hash h;
+    h.add(work.size());
+    for (const auto& [node, run] : work) {
+        h.add(uint64_t(node->op));
+        h.add(uint64_t(node->type));
+        h.add(node->ne);
+    }
+    return h.value();
+}
+
+// Everything the launchers of a call read from its nodes: each node's and source's memory,
+// type, shape and strides, and the op parameters. Equal fingerprints (with the same scratch
+// block, which LaunchGraphs::run checks) launch the same kernels with the same arguments, so
+// a graph captured from one call replays the other.
+uint64_t fingerprint_of(WorkList work) {
+    Hash h;
+    h.add(work.size());
+    auto tensor = [&h](const Tensor* t) {
+        h.add(t->data);
+        h.add(uint64_t(t->type));
+        h.add(t->ne);
+        h.add(t->nb);
+    };
+    for (const auto& [node, run] : work) {
+        h.add(uint64_t(node->op));
+        tensor(node);
+        for (size_t i = 0; i < kMaxParamBytes; i += sizeof(uint64_t)) {
+            uint64_t word = 0;
+            std::memcpy(&word, node->params_storage.data() + i, sizeof(word));
+            h.add(word);
+        }
+        for (const Tensor* s : node->src) {
+            h.add(s != nullptr);
+            if (s) tensor(s);
+        }
+    }
+    return h.value();
 }
 
 // cuBLAS's default workspace sizes (32 MiB from Hopper on, 4 MiB before). Given explicitly,
@@ -388,7 +429,7 @@ class CudaBackend final : public Backend {
             enqueue();
             return;
         }
-        graphs_->run(ctx_.stream, signature_of(work_), enqueue);
+        graphs_->run(ctx_.stream, shape_of(work_), fingerprint_of(work_), scratch_.generation(), enqueue);
     }
 
     void synchronize() override {

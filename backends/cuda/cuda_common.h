@@ -54,10 +54,14 @@ class Scratch {
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     void* get(size_t bytes, cudaStream_t stream, const char* device_name);
+    // Counts the blocks handed out so far: graphs captured before the last growth refer to
+    // freed memory.
+    uint64_t generation() const { return generation_; }
 
   private:
     void* ptr_ = nullptr;
     size_t size_ = 0;
+    uint64_t generation_ = 0;
 };
 
 // The int8 form of b that the last quantized matrix-vector product left in scratch memory

@@ -17,20 +17,18 @@ bool stream_is_capturing(cudaStream_t stream) {
 }
 
 LaunchGraphs::~LaunchGraphs() {
-    // An executable graph still running is freed by the driver when it completes.
-    for (Entry& e : entries_)
-        if (e.exec) cudaGraphExecDestroy(e.exec);
+    drop_all(); // an executable graph still running is freed by the driver when it completes
 }
 
-LaunchGraphs::Entry& LaunchGraphs::entry_for(uint64_t signature, bool& is_new) {
-    ++clock_;
+LaunchGraphs::Entry* LaunchGraphs::find(uint64_t fingerprint) {
     for (Entry& e : entries_)
-        if (e.signature == signature) {
-            e.last_use = clock_;
-            is_new = false;
-            return e;
-        }
-    is_new = true;
+        if (e.exec && e.fingerprint == fingerprint) return &e;
+    return nullptr;
+}
+
+LaunchGraphs::Entry& LaunchGraphs::slot_for(uint64_t shape) {
+    for (Entry& e : entries_)
+        if (e.shape == shape) return e;
     if (entries_.size() >= kMaxCached) {
         auto oldest = std::min_element(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
             return a.last_use < b.last_use;
@@ -38,8 +36,12 @@ LaunchGraphs::Entry& LaunchGraphs::entry_for(uint64_t signature, bool& is_new) {
         if (oldest->exec) cudaGraphExecDestroy(oldest->exec);
         entries_.erase(oldest);
     }
-    entries_.push_back(Entry{signature, nullptr, clock_});
+    entries_.push_back(Entry{shape, 0, nullptr, 0});
     return entries_.back();
+}
+
+bool LaunchGraphs::seen_recently(uint64_t fingerprint) const {
+    return std::find(recent_.begin(), recent_.end(), fingerprint) != recent_.end();
 }
 
 namespace {
@@ -99,29 +101,56 @@ bool LaunchGraphs::make_executable(Entry& e, cudaGraph_t graph) {
     return true;
 }
 
+void LaunchGraphs::drop_all() {
+    for (Entry& e : entries_)
+        if (e.exec) cudaGraphExecDestroy(e.exec);
+    entries_.clear();
+}
+
 void LaunchGraphs::note_failure() {
     ++counters_.capture_failures;
     if (++failures_ >= kMaxFailures) {
         enabled_ = false;
-        for (Entry& e : entries_)
-            if (e.exec) cudaGraphExecDestroy(e.exec);
-        entries_.clear();
+        drop_all();
     }
 }
 
-void LaunchGraphs::run(cudaStream_t stream, uint64_t signature, const std::function<void()>& enqueue) {
-    bool is_new = true;
-    Entry* e = enabled_ ? &entry_for(signature, is_new) : nullptr;
-    if (!e || is_new) { // graphs off, or the warm-up call of this node list
+void LaunchGraphs::run(cudaStream_t stream, uint64_t shape, uint64_t fingerprint, uint64_t memory_epoch,
+                       const std::function<void()>& enqueue) {
+    if (!enabled_) {
+        ++counters_.eager;
+        enqueue();
+        return;
+    }
+    if (memory_epoch != memory_epoch_) {
+        drop_all(); // they refer to scratch memory that was freed
+        memory_epoch_ = memory_epoch;
+    }
+    ++clock_;
+    if (Entry* e = find(fingerprint)) {
+        e->last_use = clock_;
+        GFA_CUDA_CHECK(cudaGraphLaunch(e->exec, stream));
+        ++counters_.replays;
+        return;
+    }
+    const bool repeats = seen_recently(fingerprint);
+    if (recent_.size() < kRecentCalls)
+        recent_.push_back(fingerprint);
+    else
+        recent_[recent_next_++ % kRecentCalls] = fingerprint;
+    if (!repeats) {
         ++counters_.eager;
         enqueue();
         return;
     }
     cudaGraph_t graph = nullptr;
     const Capture outcome = capture_into(stream, enqueue, &graph);
-    const bool ready = outcome == Capture::Done && make_executable(*e, graph);
+    Entry& e = slot_for(shape);
+    e.last_use = clock_;
+    const bool ready = outcome == Capture::Done && make_executable(e, graph);
     if (graph) cudaGraphDestroy(graph); // the executable graph does not need it
     if (!ready) {
+        if (outcome == Capture::Done) e.fingerprint = 0; // make_executable failed: e.exec is gone
         ++counters_.eager;
         if (outcome == Capture::Aborted) ++counters_.capture_aborts;
         enqueue(); // errors of the work itself surface here
@@ -130,13 +159,16 @@ void LaunchGraphs::run(cudaStream_t stream, uint64_t signature, const std::funct
         if (outcome != Capture::Aborted) note_failure();
         return;
     }
-    GFA_CUDA_CHECK(cudaGraphLaunch(e->exec, stream));
-    ++counters_.graph_launches;
+    e.fingerprint = fingerprint;
+    GFA_CUDA_CHECK(cudaGraphLaunch(e.exec, stream));
+    ++counters_.captures;
 }
 
 std::vector<std::pair<std::string, int64_t>> LaunchGraphs::counter_list() const {
     return {{"graphs_enabled", enabled_ ? 1 : 0},
-            {"graph_launches", counters_.graph_launches},
+            {"graph_launches", counters_.replays + counters_.captures},
+            {"graph_replays", counters_.replays},
+            {"graph_captures", counters_.captures},
             {"graph_updates", counters_.updates},
             {"graph_instantiations", counters_.instantiations},
             {"eager_runs", counters_.eager},

@@ -19,12 +19,30 @@ namespace gfa {
 
 namespace llama {
 
+std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window) {
+    constexpr uint16_t kZero = 0x0000, kMinusInf = 0xFC00; // f16 bit patterns
+    std::vector<uint16_t> mask(size_t(n_tokens * n_window), kMinusInf);
+    for (int64_t i = 0; i < n_tokens; ++i)
+        std::fill_n(mask.begin() + i * n_window, std::min(n_past + i + 1, n_window), kZero);
+    return mask;
+}
+
+int64_t window_for(int64_t n_tokens, int64_t n_past, int64_t n_ctx, int64_t step) {
+    if (step <= 0 || n_tokens > kMaxWindowedTokens) return 0;
+    const int64_t n_kv = n_past + n_tokens;
+    return std::min(n_ctx, (n_kv + step - 1) / step * step);
+}
+
 GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
-                    int64_t n_tokens, int64_t n_past, bool all_logits) {
-    const int64_t D = cfg.head_dim, n_kv = n_past + n_tokens;
-    if (n_tokens <= 0 || n_past < 0 || n_kv > cache.n_ctx)
+                    int64_t n_tokens, int64_t n_past, bool all_logits, int64_t n_window) {
+    const int64_t D = cfg.head_dim;
+    if (n_tokens <= 0 || n_past < 0 || n_past + n_tokens > cache.n_ctx)
         fail("llama: " + std::to_string(n_tokens) + " tokens after " + std::to_string(n_past) +
              " cached ones do not fit a cache of " + std::to_string(cache.n_ctx));
+    if (n_window != 0 && (n_window < n_past + n_tokens || n_window > cache.n_ctx))
+        fail("llama: an attention window of " + std::to_string(n_window) + " rows cannot hold " +
+             std::to_string(n_past + n_tokens) + " tokens in a cache of " + std::to_string(cache.n_ctx));
+    const int64_t n_kv = n_window ? n_window : n_past + n_tokens; // cache rows attention reads
     GraphIo io;
     io.tokens = set_name(ctx.new_tensor(Type::I32, {n_tokens}), "tokens");
     io.positions = set_name(ctx.new_tensor(Type::I32, {n_tokens}), "positions");
@@ -33,7 +51,12 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 
     FlashAttnParams attn{};
     attn.scale = 1.0f / std::sqrt(float(D));
-    attn.causal = true; // bottom-right aligned: query i sees cache rows up to n_past + i
+    if (n_window) {
+        io.kq_mask = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask");
+        set_input(io.kq_mask);
+    } else {
+        attn.causal = true; // bottom-right aligned: query i sees cache rows up to n_past + i
+    }
 
     Tensor* x = get_rows(ctx, w.token_embd, io.tokens); // [n_embd, n_tokens]
     for (size_t l = 0; l < w.layers.size(); ++l) {
@@ -60,7 +83,7 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
             return view(ctx, c, {D, n_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
         };
         Tensor* o =
-            flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), nullptr, attn);
+            flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), io.kq_mask, attn);
         set_name(o, std::string("attn.") + layer);
         o = reshape(ctx, o, {D * cfg.n_head, n_tokens});
         x = add(ctx, x, mul_mat(ctx, L.wo, o));
@@ -263,7 +286,15 @@ struct Session::Impl {
     std::vector<std::unique_ptr<Buffer>> cache_buffers;
     size_t kv_bytes = 0;
     int64_t n_past = 0;
-    std::unique_ptr<Context> graph_ctx; // the last graph; lives until the next eval
+    // The last graph, kept until the next eval, which runs it again unchanged when it has
+    // the same shape (a windowed graph: only its inputs depend on n_past).
+    struct LastGraph {
+        std::unique_ptr<Context> ctx;
+        Graph graph;
+        llama::GraphIo io;
+        int64_t n_tokens = 0, n_window = 0;
+        bool all_logits = false;
+    } last;
     EvalProfile profile;
 
     Impl(const Model& m, const SessionOptions& o) : model(m), options(o) {}
@@ -276,6 +307,7 @@ Session::Session(const Model& model, const SessionOptions& options)
     if (s.options.n_ctx <= 0)
         s.options.n_ctx = std::min<int64_t>(c.n_ctx_train > 0 ? c.n_ctx_train : 4096, 4096);
     if (s.options.n_batch <= 0) fail("session: n_batch must be positive");
+    if (s.options.decode_window_step < 0) fail("session: decode_window_step must be 0 or positive");
     s.options.n_batch = std::min(s.options.n_batch, s.options.n_ctx);
     const Type kv = s.options.kv_type;
     if (kv != Type::F32 && kv != Type::F16 && kv != Type::Q8_0)
@@ -319,16 +351,23 @@ Session::Session(const Model& model, const SessionOptions& options)
         if (s.cache_ctx[i]->n_tensors() == 0) continue;
         s.cache_buffers.push_back(
             allocate_context_tensors(*s.cache_ctx[i], m.placements[i].device->buffer_type()));
+        // Windowed graphs read rows nobody has written yet (masked out, but 0 x NaN is NaN):
+        // they must hold finite values from the start.
+        s.cache_buffers.back()->fill(0);
         s.kv_bytes += s.cache_buffers.back()->size();
     }
 
-    // The worst case: a full batch whose keys end at the last cache row, with logits for
-    // every token. Every later graph is no larger.
-    Context worst;
+    // The worst cases: a full batch whose keys end at the last cache row, with logits for
+    // every token, and the largest windowed graph. Every later graph is no larger.
     const int64_t n = s.options.n_batch;
-    llama::GraphIo io = llama::build_graph(worst, c, m.weights, s.cache, n, s.options.n_ctx - n, true);
-    Graph g = build_forward(io.logits);
-    s.sched->reserve(g);
+    for (const int64_t window : {int64_t(0), std::min(s.options.n_ctx, llama::kMaxWindowedTokens)}) {
+        const int64_t tokens = window ? window : n;
+        Context worst;
+        llama::GraphIo io = llama::build_graph(worst, c, m.weights, s.cache, tokens, s.options.n_ctx - tokens,
+                                               true, window ? s.options.n_ctx : 0);
+        Graph g = build_forward(io.logits);
+        s.sched->reserve(g);
+    }
 }
 
 Session::~Session() = default;
@@ -360,17 +399,35 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
         const bool last_chunk = start + n == tokens.size();
         const bool chunk_logits = all_logits || last_chunk;
         lap = Clock::now();
-        s.graph_ctx = std::make_unique<Context>();
-        llama::GraphIo io = llama::build_graph(*s.graph_ctx, c, s.model.impl().weights, s.cache, int64_t(n),
-                                               s.n_past, all_logits);
-        Graph g = build_forward(io.logits);
+        const int64_t window =
+            llama::window_for(int64_t(n), s.n_past, s.options.n_ctx, s.options.decode_window_step);
+        Impl::LastGraph& last = s.last;
+        if (window != 0 && last.ctx && last.n_tokens == int64_t(n) && last.n_window == window &&
+            last.all_logits == all_logits) {
+            ++prof.reused;
+        } else {
+            last = Impl::LastGraph{};
+            last.ctx = std::make_unique<Context>();
+            last.io = llama::build_graph(*last.ctx, c, s.model.impl().weights, s.cache, int64_t(n), s.n_past,
+                                         all_logits, window);
+            last.graph = build_forward(last.io.logits);
+            last.n_tokens = int64_t(n);
+            last.n_window = window;
+            last.all_logits = all_logits;
+        }
+        const llama::GraphIo& io = last.io;
+        Graph& g = last.graph;
         charge(prof.build);
-        s.sched->allocate(g);
+        s.sched->allocate(g); // a reused graph keeps its placement
         charge(prof.allocate);
         std::vector<int32_t> pos(n);
         for (size_t i = 0; i < n; ++i) pos[i] = int32_t(s.n_past + int64_t(i));
         tensor_set(io.tokens, tokens.data() + start, 0, n * sizeof(int32_t));
         tensor_set(io.positions, pos.data(), 0, n * sizeof(int32_t));
+        if (io.kq_mask) {
+            const std::vector<uint16_t> mask = llama::window_mask(int64_t(n), s.n_past, window);
+            tensor_set(io.kq_mask, mask.data(), 0, mask.size() * sizeof(uint16_t));
+        }
         charge(prof.upload);
         s.sched->submit(g);
         charge(prof.submit);
@@ -397,7 +454,7 @@ int64_t Session::n_ctx() const {
     return impl_->options.n_ctx;
 }
 void Session::reset() {
-    impl_->n_past = 0;
+    impl_->n_past = 0; // a kept graph stays valid: it depends on n_past only through its inputs
 }
 size_t Session::kv_bytes() const {
     return impl_->kv_bytes;

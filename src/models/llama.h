@@ -35,13 +35,30 @@ struct KvCache {
 struct GraphIo {
     Tensor* tokens = nullptr;    // i32 [n_tokens]
     Tensor* positions = nullptr; // i32 [n_tokens]: rope positions and cache rows
+    Tensor* kq_mask = nullptr;   // f16 [n_window, n_tokens] when the attention reads a window
     Tensor* logits = nullptr;    // f32 [n_vocab, n_out]
 };
 
 // Adds the forward pass for n_tokens tokens at positions n_past.. n_past + n_tokens - 1 to
-// ctx. Keys and values of the new tokens are written into the cache; attention reads cache
-// rows [0, n_past + n_tokens). all_logits: logits for every token, otherwise for the last.
+// ctx. Keys and values of the new tokens are written into the cache. all_logits: logits for
+// every token, otherwise for the last.
+// n_window == 0: attention reads cache rows [0, n_past + n_tokens) under the causal flag,
+// and the graph depends on n_past. n_window > 0: it reads rows [0, n_window) (at least
+// n_past + n_tokens) and the kq_mask input hides what each token must not see (fill it with
+// fill_window_mask); then only the inputs depend on n_past, and one graph serves every
+// n_past whose tokens fit the window.
 GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
-                    int64_t n_tokens, int64_t n_past, bool all_logits);
+                    int64_t n_tokens, int64_t n_past, bool all_logits, int64_t n_window = 0);
+
+// The mask for a windowed graph: row i (the token at position n_past + i) sees cache rows
+// [0, n_past + i]; f16 values, 0 or -inf, n_window per row.
+std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window);
+
+// Evals of at most this many tokens use a window (SessionOptions::decode_window_step).
+constexpr int64_t kMaxWindowedTokens = 8;
+
+// The window for n_tokens after n_past cached ones: n_past + n_tokens rounded up to a
+// multiple of step, at most n_ctx; 0 (no window) for longer batches or step 0.
+int64_t window_for(int64_t n_tokens, int64_t n_past, int64_t n_ctx, int64_t step);
 
 } // namespace gfa::llama

@@ -38,7 +38,7 @@ struct Options {
     uint64_t seed = 0;
     bool have_seed = false;
     int gpu_layers = -1; // -1: all of them when a GPU backend is chosen
-    int64_t n_ctx = 0, n_batch = 256;
+    int64_t n_ctx = 0, n_batch = 256, decode_window = SessionOptions{}.decode_window_step;
     int n_threads = 0;
     Type kv_type = Type::F16;
     bool ignore_eos = false, verbose = false, profile = false, warmup = false;
@@ -58,6 +58,8 @@ void usage() {
                  "  -b, --batch N      prompt tokens per graph (default 256)\n"
                  "  -t, --threads N    CPU threads (default: all cores)\n"
                  "  --kv-type T        f16 (default), f32 or q8_0\n"
+                 "  --decode-window N  decoding attends over cache windows grown N rows at a time, so\n"
+                 "                     a step reuses the last graph (default 256; 0: exact, rebuilt)\n"
                  "  --logits-out FILE  write the prompt positions' logits (f32, [n_prompt][n_vocab])\n"
                  "  --ignore-eos       keep generating after the end-of-sequence token\n"
                  "  -v, --verbose      print the schedule and memory use\n"
@@ -133,7 +135,10 @@ Options parse(int argc, char** argv) {
             o.n_batch = int64_t(number());
         else if (a == "-t" || a == "--threads")
             o.n_threads = int(number());
-        else if (a == "--kv-type") {
+        else if (a == "--decode-window") {
+            o.decode_window = int64_t(number());
+            if (o.decode_window < 0) fail("--decode-window must be 0 or positive");
+        } else if (a == "--kv-type") {
             const std::string t = next();
             if (t == "f16")
                 o.kv_type = Type::F16;
@@ -218,8 +223,11 @@ void print_profile(const Session& session, int n_decoded, double t_gen, double s
     const EvalProfile& p = session.profile();
     const double per = 1e3 / n_decoded; // ms per decoded token
     const double known = p.build + p.allocate + p.upload + p.submit + p.wait + p.readback + sampling;
-    std::fprintf(stderr, "profile: %d decoded tokens, %.0f graph nodes each; ms per token:\n", n_decoded,
-                 double(p.nodes) / double(std::max<int64_t>(p.graphs, 1)));
+    std::fprintf(
+        stderr,
+        "profile: %d decoded tokens, %.0f graph nodes each, %lld of %lld graphs reused; ms per token:\n",
+        n_decoded, double(p.nodes) / double(std::max<int64_t>(p.graphs, 1)), (long long)p.reused,
+        (long long)p.graphs);
     const std::pair<const char*, double> rows[] = {
         {"graph build", p.build},       {"scheduler plan/allocate", p.allocate},
         {"input upload", p.upload},     {"compute submit", p.submit},
@@ -282,6 +290,7 @@ int run(int argc, char** argv) {
     so.n_batch = o.n_batch;
     so.n_threads = o.n_threads;
     so.kv_type = o.kv_type;
+    so.decode_window_step = o.decode_window;
     so.log_fallbacks = o.verbose;
     Session session(*model, so);
     if (o.verbose)
