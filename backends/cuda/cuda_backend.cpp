@@ -279,6 +279,13 @@ bool graphs_enabled_by_environment() {
     return true;
 }
 
+// Fused launches (cuda::Fusion) are on unless GFA_CUDA_FUSION is 0: results are bit for bit
+// the same either way, so turning them off is for measuring and testing.
+bool fusion_by_environment() {
+    const char* v = std::getenv("GFA_CUDA_FUSION");
+    return !(v && std::strcmp(v, "0") == 0);
+}
+
 // GFA_CUDA_OP_TIMES=1: the backend adds up the host time it spends enqueueing each op
 // (eager runs only) and reports it in counters() as host_us.<op>, for finding host overhead.
 bool op_times_by_environment() {
@@ -413,10 +420,12 @@ class CudaBackend final : public Backend {
             work_.emplace_back(node, k.run);
             graph_ok = graph_ok && !training_op(node->op);
         }
+        if (fusion_) fuse_work();
         auto enqueue = [this] {
             last_columns_ = {}; // tensors of an earlier call may share addresses with this one's
             for (const auto& [node, run] : work_) {
                 if (node->op != Op::MulMat) last_columns_ = {};
+                if (!run) continue; // computed by a fused launch further on
                 const auto t0 =
                     op_times_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
                 run(ctx_, node);
@@ -449,6 +458,8 @@ class CudaBackend final : public Backend {
 
     std::vector<std::pair<std::string, int64_t>> counters() const override {
         std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
+        list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
+        list.emplace_back("fused_launches", fusions_);
         for (size_t op = 0; op < op_host_ns_.size(); ++op)
             if (op_host_ns_[op] > 0)
                 list.emplace_back(std::string("host_us.") + op_name(Op(op)), op_host_ns_[op] / 1000);
@@ -456,6 +467,25 @@ class CudaBackend final : public Backend {
     }
 
   private:
+    // Lets one fused kernel compute runs of nodes (cuda::Fusion): the last node of a run
+    // gets the fused launcher, the others none. They stay in the list, so the fingerprint
+    // still covers their memory.
+    void fuse_work() {
+        fused_nodes_.clear();
+        for (const auto& w : work_) fused_nodes_.push_back(w.first);
+        for (size_t i = 0; i < work_.size();) {
+            const cuda::Fusion f = cuda::find_norm_fusion(fused_nodes_, i);
+            if (f.n_nodes < 2) {
+                ++i;
+                continue;
+            }
+            for (size_t j = i; j + 1 < i + f.n_nodes; ++j) work_[j].second = nullptr;
+            work_[i + f.n_nodes - 1].second = f.run;
+            i += f.n_nodes;
+            ++fusions_;
+        }
+    }
+
     Device* device_;
     ComputeCtx ctx_;
     cuda::Scratch scratch_;
@@ -464,6 +494,9 @@ class CudaBackend final : public Backend {
     cuda::QuantizedColumns last_columns_;
     std::array<int64_t, size_t(Op::Count)> op_host_ns_{}; // host time enqueueing each op
     std::vector<std::pair<Tensor*, cuda::Kernel>> work_;  // the nodes of the current compute()
+    std::vector<Tensor*> fused_nodes_;                    // work_'s nodes, for finding fusions
+    bool fusion_ = fusion_by_environment();
+    int64_t fusions_ = 0; // fused launches set up (each compute() call counts its own)
     void* cublas_workspace_ = nullptr;
     size_t cublas_workspace_size_ = 0;
     cudaEvent_t done_ = nullptr;

@@ -11,6 +11,7 @@
 
 #include <array>
 #include <cstdint>
+#include <span>
 #include <string>
 
 namespace gfa::cuda {
@@ -94,6 +95,16 @@ struct KernelEntry {
 using KernelTable = std::array<KernelEntry, size_t(Op::Count)>;
 
 const KernelTable& kernels();
+
+// Fused launches: a run of consecutive nodes that one kernel computes, writing every node's
+// result (so readers of the intermediate nodes still find them). `run` gets the last node.
+struct Fusion {
+    size_t n_nodes = 0; // 0: no fusion starts here
+    Kernel run = nullptr;
+};
+// rms_norm -> mul by a row of weights, and add -> rms_norm -> mul (a transformer block's
+// residual add and pre-norm), starting at nodes[i].
+Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i);
 
 void register_movement_kernels(KernelTable& t);
 void register_elementwise_kernels(KernelTable& t);

@@ -269,7 +269,84 @@ bool supports_diag_mask_inf(const Tensor* dst) {
     return dst->type == Type::F32 && dst->src[0]->type == Type::F32 && dst->src[0]->ne == dst->ne;
 }
 
+// ---- fused: [add ->] rms_norm -> mul by a row of weights ------------------------------------
+
+// The pre-norm of a transformer block, h = rms_norm(x) * w, and in front of it the residual
+// add that makes x: one block per row, as the separate kernels, and every node's result is
+// written, so readers of the intermediate nodes (the residual stream) still find them. The
+// loops and the reduction are those of add_kernel and norm_kernel, so the results are bit
+// for bit those of the separate launches. Each element is read and written by one thread
+// in every pass, which keeps outputs placed in place over an input correct.
+template <bool kAdd>
+__global__ void add_rms_norm_mul_kernel(TensorView a, TensorView b, TensorView sum, TensorView normed,
+                                        TensorView w, TensorView out, float eps) {
+    __shared__ float shared[32];
+    int64_t i1, i2, i3;
+    row_indices(out, blockIdx.x, i1, i2, i3);
+    const int64_t n = out.ne[0];
+    float sq = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float x = load_f32(a, i, i1, i2, i3);
+        if constexpr (kAdd) {
+            x += load_f32(b, i, i1, i2, i3);
+            *f32_ptr(sum, i, i1, i2, i3) = x;
+        }
+        sq += x * x;
+    }
+    const float inv = rsqrtf(block_sum(sq, shared) / float(n) + eps);
+    const TensorView& x_view = kAdd ? sum : a;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float y = load_f32(x_view, i, i1, i2, i3) * inv;
+        *f32_ptr(normed, i, i1, i2, i3) = y;
+        *f32_ptr(out, i, i1, i2, i3) = y * load_f32(w, i, 0, 0, 0);
+    }
+}
+
+bool is_f32(const Tensor* t) {
+    return t && t->type == Type::F32;
+}
+
+// mul(norm, w) with w one row of weights for every row of norm, all f32.
+bool is_row_scaling_of(const Tensor* mul, const Tensor* norm) {
+    if (mul->op != Op::Mul || mul->src[0] != norm || !is_f32(mul) || mul->ne != norm->ne) return false;
+    const Tensor* w = mul->src[1];
+    return is_f32(w) && w->ne[0] == norm->ne[0] && w->ne[1] == 1 && w->ne[2] == 1 && w->ne[3] == 1;
+}
+
+bool is_f32_rms_norm_of(const Tensor* norm, const Tensor* x) {
+    return norm->op == Op::RmsNorm && norm->src[0] == x && is_f32(norm) && is_f32(x);
+}
+
+void run_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
+    const Tensor* norm = mul->src[0];
+    const TensorView none{};
+    add_rms_norm_mul_kernel<false><<<unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0, ctx.stream>>>(
+        view_of(norm->src[0]), none, none, view_of(norm), view_of(mul->src[1]), view_of(mul),
+        norm->params<NormParams>().eps);
+}
+
+void run_add_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
+    const Tensor* norm = mul->src[0];
+    const Tensor* sum = norm->src[0];
+    add_rms_norm_mul_kernel<true><<<unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0, ctx.stream>>>(
+        view_of(sum->src[0]), view_of(sum->src[1]), view_of(sum), view_of(norm), view_of(mul->src[1]),
+        view_of(mul), norm->params<NormParams>().eps);
+}
+
 } // namespace
+
+Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i) {
+    const size_t left = nodes.size() - i;
+    if (left >= 2 && is_f32_rms_norm_of(nodes[i], nodes[i]->src[0]) &&
+        is_row_scaling_of(nodes[i + 1], nodes[i]))
+        return {2, run_rms_norm_mul};
+    if (left >= 3 && nodes[i]->op == Op::Add && is_f32(nodes[i]) && is_f32(nodes[i]->src[0]) &&
+        is_f32(nodes[i]->src[1]) && nodes[i]->src[0]->ne == nodes[i]->ne &&
+        nodes[i]->src[1]->ne == nodes[i]->ne && is_f32_rms_norm_of(nodes[i + 1], nodes[i]) &&
+        is_row_scaling_of(nodes[i + 2], nodes[i + 1]))
+        return {3, run_add_rms_norm_mul};
+    return {};
+}
 
 void register_norm_kernels(KernelTable& t) {
     t[size_t(Op::Norm)] = {run_norm, supports_norm};

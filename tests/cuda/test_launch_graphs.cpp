@@ -92,7 +92,7 @@ std::unique_ptr<Block> make_block(int64_t K, int64_t M, int64_t N) {
     b->x = b->ctx.new_tensor(Type::F32, {K, N});
     b->w = b->ctx.new_tensor(Type::F16, {K, M});
     b->gain = b->ctx.new_tensor(Type::F32, {K});
-    b->x->name = "x";
+    set_name(b->x, "x");
     for (Tensor* t : {b->x, b->w, b->gain}) test::fill_uniform(t);
     Tensor* h = mul(b->ctx, rms_norm(b->ctx, b->x, 1e-5f), b->gain);
     Tensor* y = mul_mat(b->ctx, b->w, h);
@@ -380,6 +380,72 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
     CHECK(counter(with_graphs.counters, "graph_captures") >= 2);
     CHECK(counter(without.counters, "graphs_enabled") == 0);
     CHECK(counter(without.counters, "graph_launches") == 0);
+}
+
+// Sets GFA_CUDA_FUSION for the scope (backends read it when they are created).
+class FusionSetting {
+  public:
+    explicit FusionSetting(bool on) {
+        if (const char* v = std::getenv("GFA_CUDA_FUSION")) previous_ = v;
+        setenv("GFA_CUDA_FUSION", on ? "1" : "0", 1);
+    }
+    ~FusionSetting() {
+        if (previous_)
+            setenv("GFA_CUDA_FUSION", previous_->c_str(), 1);
+        else
+            unsetenv("GFA_CUDA_FUSION");
+    }
+    FusionSetting(const FusionSetting&) = delete;
+    FusionSetting& operator=(const FusionSetting&) = delete;
+
+  private:
+    std::optional<std::string> previous_;
+};
+
+TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit the separate kernels",
+          "[cuda][fusion]") {
+    INFO("seed " << test::seed());
+    std::unique_ptr<Backend> fused, separate;
+    {
+        FusionSetting on(true);
+        fused = cuda0()->create_backend();
+    }
+    {
+        FusionSetting off(false);
+        separate = cuda0()->create_backend();
+    }
+    REQUIRE(counter(fused->counters(), "fusion_enabled") == 1);
+    REQUIRE(counter(separate->counters(), "fusion_enabled") == 0);
+    for (const int64_t n : {1, 333, 2048}) {
+        INFO("row length " << n);
+        Context ctx{ContextParams{.alloc_data = true}};
+        Tensor* x = ctx.new_tensor(Type::F32, {n, 3, 2});
+        Tensor* r = ctx.new_tensor(Type::F32, {n, 3, 2});
+        Tensor* w1 = ctx.new_tensor(Type::F32, {n});
+        Tensor* w2 = ctx.new_tensor(Type::F32, {n});
+        for (Tensor* t : {x, r, w1, w2}) test::fill_uniform(t);
+        // A block's two pre-norms: rms_norm -> mul on the input, then the residual add and
+        // the next pre-norm; the sums and norms are read again afterwards, as a residual
+        // stream is.
+        Tensor* n1 = rms_norm(ctx, x, 1e-5f);
+        Tensor* h1 = mul(ctx, n1, w1);
+        Tensor* s = add(ctx, r, h1);
+        Tensor* n2 = rms_norm(ctx, s, 1e-6f);
+        Tensor* h2 = mul(ctx, n2, w2);
+        Tensor* out = add(ctx, add(ctx, h2, s), mul(ctx, n2, n1));
+        const Graph g = build_forward(out);
+        const int64_t before = counter(fused->counters(), "fused_launches");
+        for (Tensor* node : {n1, h1, s, n2, h2, out}) {
+            INFO("node " << op_name(node->op) << " " << node->shape_str());
+            const std::vector<float> got = run_graph(*fused, g, node, 0);
+            const std::vector<float> want = run_graph(*separate, g, node, 0);
+            CHECK(all_finite(got)); // the nodes were poisoned: every element was written
+            CHECK(bit_identical(got, want));
+            CHECK(test::rel_error(got, ref::evaluate(g, node)) <= 1e-5);
+        }
+        CHECK(counter(fused->counters(), "fused_launches") - before == 2 * 6); // per run: both pre-norms
+    }
+    CHECK(counter(separate->counters(), "fused_launches") == 0);
 }
 
 TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cuda][graphs]") {
