@@ -50,6 +50,10 @@ class Model {
     const ModelConfig& config() const;
     const gguf::File& file() const; // metadata such as the vocabulary
     size_t weight_bytes() const;
+    // How many groups of projections reading one input (q/k/v, gate/up of a layer) were
+    // loaded as one matrix, which takes one product instead of several; groups whose
+    // tensors differ in type stay separate.
+    int merged_projections() const;
     // The devices holding weights, the CPU first.
     std::vector<Device*> devices() const;
 

@@ -7,6 +7,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -22,6 +23,10 @@ struct TinyModel {
     std::string arch = "llama";
     int64_t vocab = 37, embd = 40, ff = 24, layers = 2, heads = 5, heads_kv = 1;
     bool biases = false, tied = false;
+    // Tensors whose names end in one of these hold f16-rounded values, stored as f16 (or as
+    // f32 with rounded_as_f32: the same values in another type).
+    std::vector<std::string> f16_tensors;
+    bool rounded_as_f32 = false;
     int64_t head_dim() const { return embd / heads; }
 };
 
@@ -29,6 +34,7 @@ struct TinyModel {
 // gives one tensor a wrong shape.
 std::string write_model(const TinyModel& m, uint32_t seed, const std::string& skip = "",
                         const std::string& bad_shape = "") {
+    static int files_written = 0; // the same seed must not give two models one path
     std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     gguf::Writer w;
@@ -49,6 +55,22 @@ std::string write_model(const TinyModel& m, uint32_t seed, const std::string& sk
         for (int64_t d : dims) n *= d;
         std::vector<float> v(static_cast<size_t>(n));
         for (float& x : v) x = offset + scale * normal(rng);
+        const bool half =
+            std::any_of(m.f16_tensors.begin(), m.f16_tensors.end(), [&](const std::string& end) {
+                return name.size() >= end.size() &&
+                       name.compare(name.size() - end.size(), end.size(), end) == 0;
+            });
+        if (!half) {
+            w.add_tensor(name, Type::F32, dims, v.data(), v.size() * sizeof(float));
+            return;
+        }
+        std::vector<uint16_t> h(v.size());
+        for (size_t i = 0; i < v.size(); ++i) h[i] = fp32_to_fp16(v[i]);
+        if (!m.rounded_as_f32) {
+            w.add_tensor(name, Type::F16, dims, h.data(), h.size() * sizeof(uint16_t));
+            return;
+        }
+        for (size_t i = 0; i < v.size(); ++i) v[i] = fp16_to_fp32(h[i]);
         w.add_tensor(name, Type::F32, dims, v.data(), v.size() * sizeof(float));
     };
     const int64_t D = m.head_dim(), Dq = m.heads * D, Dkv = m.heads_kv * D;
@@ -73,10 +95,10 @@ std::string write_model(const TinyModel& m, uint32_t seed, const std::string& sk
         add(b + "ffn_up.weight", {m.embd, m.ff}, s);
         add(b + "ffn_down.weight", {m.ff, m.embd}, 1.0f / std::sqrt(float(m.ff)));
     }
-    const std::string path =
-        (std::filesystem::temp_directory_path() /
-         ("gfa-test-model-" + std::to_string(seed) + "-" + std::to_string(rng()) + ".gguf"))
-            .string();
+    const std::string path = (std::filesystem::temp_directory_path() /
+                              ("gfa-test-model-" + std::to_string(seed) + "-" + std::to_string(rng()) + "-" +
+                               std::to_string(files_written++) + ".gguf"))
+                                 .string();
     w.write(path);
     return path;
 }
@@ -206,6 +228,40 @@ TEST_CASE("llama session: decoding through growing attention windows reuses grap
         const std::vector<float> again = windowed.eval(std::span(tokens.data(), 1), true);
         CHECK(rel_error(again, std::vector<float>(all.begin(), all.begin() + m.vocab)) < 1e-5);
     }
+}
+
+TEST_CASE("llama model: projections of mixed types stay separate and agree with merged ones", "[model]") {
+    // q/k/v and gate/up are loaded as one matrix each when their types agree. Here attn_v
+    // and ffn_up are f16 (as a Q4_K_M file's attn_v is q6_K): nothing merges. The same
+    // values stored as f32 merge; both models must give the same logits.
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    SECTION("llama") {}
+    SECTION("qwen2 with biases") {
+        m.arch = "qwen2";
+        m.biases = true;
+    }
+    m.f16_tensors = {"attn_v.weight", "ffn_up.weight"};
+    TempFile separate_file{write_model(m, seed)};
+    m.rounded_as_f32 = true;
+    TempFile merged_file{write_model(m, seed)};
+    std::unique_ptr<Model> separate = Model::load(separate_file.path);
+    std::unique_ptr<Model> merged = Model::load(merged_file.path);
+
+    std::mt19937 rng(seed);
+    std::vector<int32_t> tokens(11);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+    SessionOptions so;
+    so.n_ctx = 16;
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    Session a(*separate, so), b(*merged, so);
+    const std::vector<float> la = a.eval(tokens, true), lb = b.eval(tokens, true);
+    CHECK(rel_error(la, lb) < 1e-5);
+    CHECK(separate->merged_projections() == 0);
+    CHECK(merged->merged_projections() == 2 * m.layers);
+    CHECK(rel_error(a.eval(std::span(tokens.data(), 1)), b.eval(std::span(tokens.data(), 1))) < 1e-5);
 }
 
 TEST_CASE("llama session: clear errors for bad inputs", "[model]") {

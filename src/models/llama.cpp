@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <optional>
 
 namespace gfa {
@@ -65,14 +66,29 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 
         // ---- attention
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
-        auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
-            Tensor* t = mul_mat(ctx, weight, h);
-            if (bias) t = add(ctx, t, bias);
-            return reshape(ctx, t, {D, heads, n_tokens});
-        };
-        Tensor* q = rope(ctx, project(L.wq, L.bq, cfg.n_head), io.positions, cfg.rope);
-        Tensor* k = rope(ctx, project(L.wk, L.bk, cfg.n_head_kv), io.positions, cfg.rope);
-        Tensor* v = project(L.wv, L.bv, cfg.n_head_kv);
+        Tensor *q = nullptr, *k = nullptr, *v = nullptr;
+        if (L.wqkv) {
+            // One product for q, k and v ([D * (Hq + 2 Hkv), n_tokens]); q and k lie side by
+            // side in each row, so one rope turns both.
+            Tensor* qkv = mul_mat(ctx, L.wqkv, h);
+            if (L.bqkv) qkv = add(ctx, qkv, L.bqkv);
+            const size_t f = sizeof(float), row = qkv->nb[1];
+            const int64_t Hq = cfg.n_head, Hkv = cfg.n_head_kv;
+            Tensor* qk =
+                rope(ctx, view(ctx, qkv, {D, Hq + Hkv, n_tokens}, {D * f, row}, 0), io.positions, cfg.rope);
+            q = view(ctx, qk, {D, Hq, n_tokens}, {qk->nb[1], qk->nb[2]}, 0);
+            k = view(ctx, qk, {D, Hkv, n_tokens}, {qk->nb[1], qk->nb[2]}, size_t(Hq) * qk->nb[1]);
+            v = view(ctx, qkv, {D, Hkv, n_tokens}, {D * f, row}, size_t(D * (Hq + Hkv)) * f);
+        } else {
+            auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
+                Tensor* t = mul_mat(ctx, weight, h);
+                if (bias) t = add(ctx, t, bias);
+                return reshape(ctx, t, {D, heads, n_tokens});
+            };
+            q = rope(ctx, project(L.wq, L.bq, cfg.n_head), io.positions, cfg.rope);
+            k = rope(ctx, project(L.wk, L.bk, cfg.n_head_kv), io.positions, cfg.rope);
+            v = project(L.wv, L.bv, cfg.n_head_kv);
+        }
 
         // Store the new keys and values at their positions, then attend over rows
         // [0, n_kv) of the cache. The views read the set_rows results, so the writes
@@ -90,7 +106,15 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 
         // ---- feed-forward (SwiGLU)
         h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm);
-        Tensor* f = swiglu(ctx, mul_mat(ctx, L.ffn_gate, h), mul_mat(ctx, L.ffn_up, h));
+        Tensor* f = nullptr;
+        if (L.ffn_gate_up) {
+            Tensor* gu = mul_mat(ctx, L.ffn_gate_up, h); // [2 n_ff, n_tokens]: gate rows, then up
+            const size_t half = size_t(cfg.n_ff) * sizeof(float);
+            f = swiglu(ctx, view(ctx, gu, {cfg.n_ff, n_tokens}, {gu->nb[1]}, 0),
+                       view(ctx, gu, {cfg.n_ff, n_tokens}, {gu->nb[1]}, half));
+        } else {
+            f = swiglu(ctx, mul_mat(ctx, L.ffn_gate, h), mul_mat(ctx, L.ffn_up, h));
+        }
         x = add(ctx, x, mul_mat(ctx, L.ffn_down, f));
         set_name(x, std::string("residual.") + layer);
     }
@@ -194,9 +218,10 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
     Context& cpu_ctx = *m.placements[0].ctx;
     Context& gpu_ctx = *m.placements.back().ctx;
 
-    // A weight tensor with the shape the model needs, in the context of its device.
-    auto weight = [&](const std::string& name, std::initializer_list<int64_t> ne, Context& where,
-                      bool optional = false) -> Tensor* {
+    // The file's tensor `name`, checked to have the shape the model needs; null when it is
+    // missing and optional.
+    auto checked = [&](const std::string& name, std::initializer_list<int64_t> ne,
+                       bool optional = false) -> const gguf::TensorInfo* {
         const gguf::TensorInfo* info = m.file.find_tensor(name);
         if (!info) {
             if (optional) return nullptr;
@@ -213,7 +238,38 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             fail(path + ": tensor " + name + " has shape " + str(info->ne) + ", the model needs " +
                  str(want));
         }
-        return set_name(where.new_tensor(info->type, info->ne), name);
+        return info;
+    };
+    // A weight tensor with the shape the model needs, in the context of its device.
+    auto weight = [&](const std::string& name, std::initializer_list<int64_t> ne, Context& where,
+                      bool optional = false) -> Tensor* {
+        const gguf::TensorInfo* info = checked(name, ne, optional);
+        return info ? set_name(where.new_tensor(info->type, info->ne), name) : nullptr;
+    };
+    // One tensor holding the parts one after another (`name`): matrices [cols, rows_i] give
+    // [cols, sum rows_i], vectors (cols 0) [rows_i] give [sum rows_i]. Null when a part is
+    // missing or the parts' types differ.
+    using Parts = std::vector<std::pair<std::string, int64_t>>;
+    auto mergeable = [&](const Parts& parts, int64_t cols) {
+        std::vector<const gguf::TensorInfo*> infos;
+        for (const auto& [part, rows] : parts) {
+            const gguf::TensorInfo* info =
+                cols ? checked(part, {cols, rows}, true) : checked(part, {rows}, true);
+            if (!info || (!infos.empty() && info->type != infos[0]->type))
+                return std::vector<const gguf::TensorInfo*>{};
+            infos.push_back(info);
+        }
+        return infos;
+    };
+    std::map<const Tensor*, std::vector<const gguf::TensorInfo*>> merged_parts;
+    auto merged = [&](const std::string& name, const std::vector<const gguf::TensorInfo*>& infos,
+                      int64_t cols, Context& where) {
+        int64_t rows = 0;
+        for (const gguf::TensorInfo* info : infos) rows += cols ? info->ne[1] : info->ne[0];
+        Tensor* t = where.new_tensor(infos[0]->type, cols ? std::array<int64_t, 4>{cols, rows, 1, 1}
+                                                          : std::array<int64_t, 4>{rows, 1, 1, 1});
+        merged_parts[t] = infos;
+        return set_name(t, name);
     };
 
     const int64_t E = c.n_embd, Dq = c.n_head * c.head_dim, Dkv = c.n_head_kv * c.head_dim;
@@ -229,16 +285,38 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         const std::string b = "blk." + std::to_string(l) + ".";
         llama::LayerWeights L;
         L.attn_norm = weight(b + "attn_norm.weight", {E}, where);
-        L.wq = weight(b + "attn_q.weight", {E, Dq}, where);
-        L.wk = weight(b + "attn_k.weight", {E, Dkv}, where);
-        L.wv = weight(b + "attn_v.weight", {E, Dkv}, where);
-        L.bq = weight(b + "attn_q.bias", {Dq}, where, true);
-        L.bk = weight(b + "attn_k.bias", {Dkv}, where, true);
-        L.bv = weight(b + "attn_v.bias", {Dkv}, where, true);
+        // Every projection must be there with its shape, merged or not.
+        for (const auto& [name, rows] : {std::pair{"attn_q", Dq}, {"attn_k", Dkv}, {"attn_v", Dkv}})
+            checked(b + name + ".weight", {E, rows});
+        const auto qkv =
+            mergeable({{b + "attn_q.weight", Dq}, {b + "attn_k.weight", Dkv}, {b + "attn_v.weight", Dkv}}, E);
+        const auto qkv_bias =
+            mergeable({{b + "attn_q.bias", Dq}, {b + "attn_k.bias", Dkv}, {b + "attn_v.bias", Dkv}}, 0);
+        const bool no_bias = !m.file.find_tensor(b + "attn_q.bias") &&
+                             !m.file.find_tensor(b + "attn_k.bias") && !m.file.find_tensor(b + "attn_v.bias");
+        // Biases merge with their matrices: all three or none, else nothing merges.
+        if (!qkv.empty() && (no_bias || !qkv_bias.empty())) {
+            L.wqkv = merged(b + "attn_qkv.weight", qkv, E, where);
+            if (!no_bias) L.bqkv = merged(b + "attn_qkv.bias", qkv_bias, 0, where);
+        } else {
+            L.wq = weight(b + "attn_q.weight", {E, Dq}, where);
+            L.wk = weight(b + "attn_k.weight", {E, Dkv}, where);
+            L.wv = weight(b + "attn_v.weight", {E, Dkv}, where);
+            L.bq = weight(b + "attn_q.bias", {Dq}, where, true);
+            L.bk = weight(b + "attn_k.bias", {Dkv}, where, true);
+            L.bv = weight(b + "attn_v.bias", {Dkv}, where, true);
+        }
         L.wo = weight(b + "attn_output.weight", {Dq, E}, where);
         L.ffn_norm = weight(b + "ffn_norm.weight", {E}, where);
-        L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff}, where);
-        L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);
+        checked(b + "ffn_gate.weight", {E, c.n_ff});
+        checked(b + "ffn_up.weight", {E, c.n_ff});
+        const auto gate_up = mergeable({{b + "ffn_gate.weight", c.n_ff}, {b + "ffn_up.weight", c.n_ff}}, E);
+        if (!gate_up.empty()) {
+            L.ffn_gate_up = merged(b + "ffn_gate_up.weight", gate_up, E, where);
+        } else {
+            L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff}, where);
+            L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);
+        }
         L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E}, where);
         w.layers.push_back(L);
     }
@@ -248,9 +326,20 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         if (p.ctx->n_tensors() == 0) continue;
         p.buffer = allocate_context_tensors(*p.ctx, p.device->buffer_type());
         for (Tensor* t : p.ctx->tensors()) {
-            const gguf::TensorInfo& info = m.file.tensor(t->name);
-            tensor_set(t, info.data, 0, info.nbytes);
-            m.bytes += info.nbytes;
+            auto parts = merged_parts.find(t);
+            if (parts == merged_parts.end()) {
+                const gguf::TensorInfo& info = m.file.tensor(t->name);
+                tensor_set(t, info.data, 0, info.nbytes);
+                m.bytes += info.nbytes;
+                continue;
+            }
+            size_t offset = 0; // rows are whole blocks, so the parts' bytes just follow each other
+            for (const gguf::TensorInfo* info : parts->second) {
+                tensor_set(t, info->data, offset, info->nbytes);
+                offset += info->nbytes;
+            }
+            if (offset != t->nbytes()) fail(path + ": the parts of " + t->name + " do not add up");
+            m.bytes += offset;
         }
     }
     return model;
@@ -265,6 +354,12 @@ const gguf::File& Model::file() const {
 }
 size_t Model::weight_bytes() const {
     return impl_->bytes;
+}
+int Model::merged_projections() const {
+    int n = 0;
+    for (const llama::LayerWeights& L : impl_->weights.layers)
+        n += int(L.wqkv != nullptr) + int(L.ffn_gate_up != nullptr);
+    return n;
 }
 std::vector<Device*> Model::devices() const {
     std::vector<Device*> out;
@@ -336,7 +431,7 @@ Session::Session(const Model& model, const SessionOptions& options)
         s.cache_ctx.push_back(std::make_unique<Context>());
     }
     for (int64_t l = 0; l < c.n_layer; ++l) {
-        const Buffer* wb = m.weights.layers[size_t(l)].wq->buffer;
+        const Buffer* wb = m.weights.layers[size_t(l)].attn_norm->buffer;
         size_t where = 0;
         for (size_t i = 0; i < m.placements.size(); ++i)
             if (m.placements[i].buffer.get() == wb) where = i;

@@ -262,10 +262,11 @@ int run(int argc, char** argv) {
         tokenizer = Tokenizer::from_gguf(model->file().metadata());
     std::fprintf(
         stderr,
-        "model: %s, %lld layers, %lld heads (%lld kv) of %lld, vocab %lld, %.1f MiB, loaded in %.2f s\n",
+        "model: %s, %lld layers, %lld heads (%lld kv) of %lld, vocab %lld, %.1f MiB, loaded in %.2f s"
+        " (%d projection groups merged)\n",
         c.arch.c_str(), (long long)c.n_layer, (long long)c.n_head, (long long)c.n_head_kv,
         (long long)c.head_dim, (long long)c.n_vocab, double(model->weight_bytes()) / (1 << 20),
-        seconds_since(t_load));
+        seconds_since(t_load), model->merged_projections());
 
     std::vector<int32_t> prompt = o.tokens;
     if (!o.have_tokens) {
