@@ -37,7 +37,8 @@ struct ModelConfig {
 
 struct ModelLoadOptions {
     Device* gpu = nullptr; // where offloaded blocks live; nullptr keeps everything on the CPU
-    int gpu_layers = 0;    // the last N blocks go to `gpu`; N > n_layer also moves the output head
+    int gpu_layers =
+        0; // the last N blocks go to `gpu`; N > n_layer also moves the output head and the embeddings
 };
 
 class Model {

@@ -6,7 +6,9 @@
 
 #include "thread_pool.h"
 
+#include <algorithm>
 #include <array>
+#include <cstdint>
 
 namespace gfa::cpu {
 
@@ -45,6 +47,13 @@ inline float* f32_row(const Tensor* t, int64_t i1, int64_t i2, int64_t i3) {
     return reinterpret_cast<float*>(element_ptr(t, 0, i1, i2, i3));
 }
 // Calls fn(i1, i2, i3) for this worker's share of t's rows.
+// How many workers a job over t's rows can use: one row is never split, so a worker more
+// would only be woken to find nothing to do (for a decoded token's single rows, waking the
+// whole pool cost more than the work).
+inline int rows_of(const Tensor* t) {
+    return int(std::min<int64_t>(t->nrows(), INT32_MAX));
+}
+
 template <class Fn> void for_each_row(const Tensor* t, int ith, int nth, Fn&& fn) {
     const int64_t n = t->nrows();
     const auto [begin, end] = split_range(n, ith, nth);

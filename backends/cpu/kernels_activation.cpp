@@ -20,29 +20,33 @@ constexpr float kInvSqrt2Pi = 0.3989422804f; // 1 / sqrt(2 pi)
 template <class F> void unary_kernel(const ComputeCtx& ctx, Tensor* dst, F f) {
     const Tensor* a = dst->src[0];
     const int64_t n = dst->ne[0];
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const float* x = packed_row(a, i1, i2, i3, scratch);
-            float* y = f32_row(dst, i1, i2, i3);
-            for (int64_t i = 0; i < n; ++i) y[i] = f(x[i]);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const float* x = packed_row(a, i1, i2, i3, scratch);
+                float* y = f32_row(dst, i1, i2, i3);
+                for (int64_t i = 0; i < n; ++i) y[i] = f(x[i]);
+            });
+        },
+        rows_of(dst));
 }
 
 // Two same-shaped sources: (dy, x) for the backward ops, (gate, up) for swiglu.
 template <class F> void binary_kernel(const ComputeCtx& ctx, Tensor* dst, F f) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     const int64_t n = dst->ne[0];
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch_a, scratch_b;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const float* x = packed_row(a, i1, i2, i3, scratch_a);
-            const float* z = packed_row(b, i1, i2, i3, scratch_b);
-            float* y = f32_row(dst, i1, i2, i3);
-            for (int64_t i = 0; i < n; ++i) y[i] = f(x[i], z[i]);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch_a, scratch_b;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const float* x = packed_row(a, i1, i2, i3, scratch_a);
+                const float* z = packed_row(b, i1, i2, i3, scratch_b);
+                float* y = f32_row(dst, i1, i2, i3);
+                for (int64_t i = 0; i < n; ++i) y[i] = f(x[i], z[i]);
+            });
+        },
+        rows_of(dst));
 }
 
 // silu(x) = x * sigmoid(x); its slope is s * (1 + x * (1 - s)).

@@ -13,40 +13,44 @@ template <class F> void binary_kernel(const ComputeCtx& ctx, Tensor* dst, F f) {
     const Tensor* a = dst->src[0];
     const Tensor* b = dst->src[1];
     const bool packed = a->nb[0] == 4 && b->nb[0] == 4 && dst->nb[0] == 4;
-    ctx.pool.run([&](int ith, int nth) {
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            float* d = f32_row(dst, i1, i2, i3);
-            const char* pa = element_ptr(a, 0, i1, i2, i3);
-            const char* pb = element_ptr(b, 0, i1 % b->ne[1], i2 % b->ne[2], i3 % b->ne[3]);
-            const int64_t n = dst->ne[0];
-            if (packed && b->ne[0] == n) {
-                const float* x = reinterpret_cast<const float*>(pa);
-                const float* y = reinterpret_cast<const float*>(pb);
-                for (int64_t i = 0; i < n; ++i) d[i] = f(x[i], y[i]);
-            } else {
-                for (int64_t i = 0; i < n; ++i)
-                    d[i] = f(*reinterpret_cast<const float*>(pa + i * a->nb[0]),
-                             *reinterpret_cast<const float*>(pb + (i % b->ne[0]) * b->nb[0]));
-            }
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                float* d = f32_row(dst, i1, i2, i3);
+                const char* pa = element_ptr(a, 0, i1, i2, i3);
+                const char* pb = element_ptr(b, 0, i1 % b->ne[1], i2 % b->ne[2], i3 % b->ne[3]);
+                const int64_t n = dst->ne[0];
+                if (packed && b->ne[0] == n) {
+                    const float* x = reinterpret_cast<const float*>(pa);
+                    const float* y = reinterpret_cast<const float*>(pb);
+                    for (int64_t i = 0; i < n; ++i) d[i] = f(x[i], y[i]);
+                } else {
+                    for (int64_t i = 0; i < n; ++i)
+                        d[i] = f(*reinterpret_cast<const float*>(pa + i * a->nb[0]),
+                                 *reinterpret_cast<const float*>(pb + (i % b->ne[0]) * b->nb[0]));
+                }
+            });
+        },
+        rows_of(dst));
 }
 
 template <class F> void unary_kernel(const ComputeCtx& ctx, Tensor* dst, F f) {
     const Tensor* a = dst->src[0];
-    ctx.pool.run([&](int ith, int nth) {
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            float* d = f32_row(dst, i1, i2, i3);
-            const char* pa = element_ptr(a, 0, i1, i2, i3);
-            if (a->nb[0] == 4) {
-                const float* x = reinterpret_cast<const float*>(pa);
-                for (int64_t i = 0; i < dst->ne[0]; ++i) d[i] = f(x[i]);
-            } else {
-                for (int64_t i = 0; i < dst->ne[0]; ++i)
-                    d[i] = f(*reinterpret_cast<const float*>(pa + i * a->nb[0]));
-            }
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                float* d = f32_row(dst, i1, i2, i3);
+                const char* pa = element_ptr(a, 0, i1, i2, i3);
+                if (a->nb[0] == 4) {
+                    const float* x = reinterpret_cast<const float*>(pa);
+                    for (int64_t i = 0; i < dst->ne[0]; ++i) d[i] = f(x[i]);
+                } else {
+                    for (int64_t i = 0; i < dst->ne[0]; ++i)
+                        d[i] = f(*reinterpret_cast<const float*>(pa + i * a->nb[0]));
+                }
+            });
+        },
+        rows_of(dst));
 }
 
 // dst rows are always written packed (dst is a fresh contiguous node).

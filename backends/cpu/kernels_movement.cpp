@@ -65,14 +65,16 @@ void copy_convert(const ComputeCtx& ctx, const Tensor* src, Tensor* dst) {
         });
         return;
     }
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> row(size_t(src->ne[0]));
-        for_each_row(src, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            read_row_f32(src, i1, i2, i3, row.data());
-            const int64_t flat = ((i3 * src->ne[2] + i2) * src->ne[1] + i1) * src->ne[0];
-            write_flat_f32(dst, flat, row.data(), src->ne[0]);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> row(size_t(src->ne[0]));
+            for_each_row(src, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                read_row_f32(src, i1, i2, i3, row.data());
+                const int64_t flat = ((i3 * src->ne[2] + i2) * src->ne[1] + i1) * src->ne[0];
+                write_flat_f32(dst, flat, row.data(), src->ne[0]);
+            });
+        },
+        rows_of(src));
 }
 
 bool quant_rows_align(const Tensor* src, const Tensor* dst) {
@@ -101,12 +103,14 @@ bool supports_cpy(const Tensor* dst) {
 
 void run_fill(const ComputeCtx& ctx, Tensor* dst) {
     const float value = dst->params<FillParams>().value;
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> row(size_t(dst->ne[0]), value);
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            type_traits(dst->type).from_float(row.data(), element_ptr(dst, 0, i1, i2, i3), dst->ne[0]);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> row(size_t(dst->ne[0]), value);
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                type_traits(dst->type).from_float(row.data(), element_ptr(dst, 0, i1, i2, i3), dst->ne[0]);
+            });
+        },
+        rows_of(dst));
 }
 
 int64_t row_index(const Tensor* rows, int64_t i, int64_t j, int64_t limit, const char* op) {
@@ -122,12 +126,14 @@ int64_t row_index(const Tensor* rows, int64_t i, int64_t j, int64_t limit, const
 void run_get_rows(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* a = dst->src[0];
     const Tensor* rows = dst->src[1];
-    ctx.pool.run([&](int ith, int nth) {
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const int64_t r = row_index(rows, i1, rows->ne[1] == 1 ? 0 : i2, a->ne[1], "get_rows");
-            read_row_f32(a, r, i2, i3, f32_row(dst, i1, i2, i3));
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const int64_t r = row_index(rows, i1, rows->ne[1] == 1 ? 0 : i2, a->ne[1], "get_rows");
+                read_row_f32(a, r, i2, i3, f32_row(dst, i1, i2, i3));
+            });
+        },
+        rows_of(dst));
 }
 bool supports_get_rows(const Tensor* dst) {
     return row_is_packed(dst->src[0]) && type_traits(dst->src[0]->type).to_float;
@@ -160,12 +166,14 @@ void run_set_rows(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* b = dst->src[1];
     const Tensor* rows = dst->src[2];
     const TypeTraits& tt = type_traits(dst->type);
-    ctx.pool.run([&](int ith, int nth) {
-        for_each_row(b, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const int64_t r = row_index(rows, i1, 0, dst->ne[1], "set_rows");
-            tt.from_float(f32_row(b, i1, i2, i3), element_ptr(dst, 0, r, i2, i3), dst->ne[0]);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            for_each_row(b, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const int64_t r = row_index(rows, i1, 0, dst->ne[1], "set_rows");
+                tt.from_float(f32_row(b, i1, i2, i3), element_ptr(dst, 0, r, i2, i3), dst->ne[0]);
+            });
+        },
+        rows_of(b));
 }
 bool supports_set_rows(const Tensor* dst) {
     return row_is_packed(dst) && row_is_packed(dst->src[1]);
@@ -175,55 +183,62 @@ void run_concat(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* a = dst->src[0];
     const Tensor* b = dst->src[1];
     const int dim = dst->params<ConcatParams>().dim;
-    ctx.pool.run([&](int ith, int nth) {
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            float* d = f32_row(dst, i1, i2, i3);
-            for (int64_t i0 = 0; i0 < dst->ne[0]; ++i0) {
-                int64_t idx[4] = {i0, i1, i2, i3};
-                const Tensor* s = a;
-                if (idx[dim] >= a->ne[dim]) {
-                    idx[dim] -= a->ne[dim];
-                    s = b;
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                float* d = f32_row(dst, i1, i2, i3);
+                for (int64_t i0 = 0; i0 < dst->ne[0]; ++i0) {
+                    int64_t idx[4] = {i0, i1, i2, i3};
+                    const Tensor* s = a;
+                    if (idx[dim] >= a->ne[dim]) {
+                        idx[dim] -= a->ne[dim];
+                        s = b;
+                    }
+                    d[i0] = *reinterpret_cast<const float*>(element_ptr(s, idx[0], idx[1], idx[2], idx[3]));
                 }
-                d[i0] = *reinterpret_cast<const float*>(element_ptr(s, idx[0], idx[1], idx[2], idx[3]));
-            }
-        });
-    });
+            });
+        },
+        rows_of(dst));
 }
 
 void run_repeat(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* a = dst->src[0];
-    ctx.pool.run([&](int ith, int nth) {
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            float* d = f32_row(dst, i1, i2, i3);
-            const char* s = element_ptr(a, 0, i1 % a->ne[1], i2 % a->ne[2], i3 % a->ne[3]);
-            for (int64_t i0 = 0; i0 < dst->ne[0]; ++i0)
-                d[i0] = *reinterpret_cast<const float*>(s + (i0 % a->ne[0]) * a->nb[0]);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                float* d = f32_row(dst, i1, i2, i3);
+                const char* s = element_ptr(a, 0, i1 % a->ne[1], i2 % a->ne[2], i3 % a->ne[3]);
+                for (int64_t i0 = 0; i0 < dst->ne[0]; ++i0)
+                    d[i0] = *reinterpret_cast<const float*>(s + (i0 % a->ne[0]) * a->nb[0]);
+            });
+        },
+        rows_of(dst));
 }
 
 void run_repeat_back(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* g = dst->src[0];
     const int64_t r0 = g->ne[0] / dst->ne[0], r1 = g->ne[1] / dst->ne[1], r2 = g->ne[2] / dst->ne[2],
                   r3 = g->ne[3] / dst->ne[3];
-    ctx.pool.run([&](int ith, int nth) {
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            float* d = f32_row(dst, i1, i2, i3);
-            for (int64_t i0 = 0; i0 < dst->ne[0]; ++i0) {
-                double acc = 0.0;
-                for (int64_t k3 = 0; k3 < r3; ++k3)
-                    for (int64_t k2 = 0; k2 < r2; ++k2)
-                        for (int64_t k1 = 0; k1 < r1; ++k1) {
-                            const char* s = element_ptr(g, 0, i1 + k1 * dst->ne[1], i2 + k2 * dst->ne[2],
-                                                        i3 + k3 * dst->ne[3]);
-                            for (int64_t k0 = 0; k0 < r0; ++k0)
-                                acc += *reinterpret_cast<const float*>(s + (i0 + k0 * dst->ne[0]) * g->nb[0]);
-                        }
-                d[i0] = float(acc);
-            }
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                float* d = f32_row(dst, i1, i2, i3);
+                for (int64_t i0 = 0; i0 < dst->ne[0]; ++i0) {
+                    double acc = 0.0;
+                    for (int64_t k3 = 0; k3 < r3; ++k3)
+                        for (int64_t k2 = 0; k2 < r2; ++k2)
+                            for (int64_t k1 = 0; k1 < r1; ++k1) {
+                                const char* s = element_ptr(g, 0, i1 + k1 * dst->ne[1], i2 + k2 * dst->ne[2],
+                                                            i3 + k3 * dst->ne[3]);
+                                for (int64_t k0 = 0; k0 < r0; ++k0)
+                                    acc += *reinterpret_cast<const float*>(s +
+                                                                           (i0 + k0 * dst->ne[0]) * g->nb[0]);
+                            }
+                    d[i0] = float(acc);
+                }
+            });
+        },
+        rows_of(dst));
 }
 
 } // namespace

@@ -21,17 +21,19 @@ void normalize_kernel(const ComputeCtx& ctx, Tensor* dst, bool centered) {
     const Tensor* a = dst->src[0];
     const double eps = dst->params<NormParams>().eps;
     const int64_t n = dst->ne[0];
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const float* x = packed_row(a, i1, i2, i3, scratch);
-            float* y = f32_row(dst, i1, i2, i3);
-            const double mean = centered ? sum_f64(x, n) / double(n) : 0.0;
-            const double inv_std = 1.0 / std::sqrt(sum_sq_dev_f64(x, n, mean) / double(n) + eps);
-            const float m = float(mean), s = float(inv_std);
-            for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * s;
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const float* x = packed_row(a, i1, i2, i3, scratch);
+                float* y = f32_row(dst, i1, i2, i3);
+                const double mean = centered ? sum_f64(x, n) / double(n) : 0.0;
+                const double inv_std = 1.0 / std::sqrt(sum_sq_dev_f64(x, n, mean) / double(n) + eps);
+                const float m = float(mean), s = float(inv_std);
+                for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * s;
+            });
+        },
+        rows_of(dst));
 }
 void run_norm(const ComputeCtx& c, Tensor* d) {
     normalize_kernel(c, d, true);
@@ -46,23 +48,25 @@ void normalize_back_kernel(const ComputeCtx& ctx, Tensor* dst, bool centered) {
     const Tensor *dy_t = dst->src[0], *x_t = dst->src[1];
     const double eps = dst->params<NormParams>().eps;
     const int64_t n = dst->ne[0];
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch_dy, scratch_x;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const float* dy = packed_row(dy_t, i1, i2, i3, scratch_dy);
-            const float* x = packed_row(x_t, i1, i2, i3, scratch_x);
-            float* dx = f32_row(dst, i1, i2, i3);
-            const double mean = centered ? sum_f64(x, n) / double(n) : 0.0;
-            const double inv_std = 1.0 / std::sqrt(sum_sq_dev_f64(x, n, mean) / double(n) + eps);
-            const double mean_dy = centered ? sum_f64(dy, n) / double(n) : 0.0;
-            // mean(dy * y) = (sum(dy * x) - mean * sum(dy)) * inv_std / n
-            const double sum_dy = centered ? mean_dy * double(n) : 0.0;
-            const double mean_dy_y = (dot_f64(dy, x, n) - mean * sum_dy) * inv_std / double(n);
-            const float m = float(mean), s = float(inv_std), mdy = float(mean_dy);
-            const float k = float(inv_std * mean_dy_y);
-            for (int64_t i = 0; i < n; ++i) dx[i] = s * (dy[i] - mdy - (x[i] - m) * k);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch_dy, scratch_x;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const float* dy = packed_row(dy_t, i1, i2, i3, scratch_dy);
+                const float* x = packed_row(x_t, i1, i2, i3, scratch_x);
+                float* dx = f32_row(dst, i1, i2, i3);
+                const double mean = centered ? sum_f64(x, n) / double(n) : 0.0;
+                const double inv_std = 1.0 / std::sqrt(sum_sq_dev_f64(x, n, mean) / double(n) + eps);
+                const double mean_dy = centered ? sum_f64(dy, n) / double(n) : 0.0;
+                // mean(dy * y) = (sum(dy * x) - mean * sum(dy)) * inv_std / n
+                const double sum_dy = centered ? mean_dy * double(n) : 0.0;
+                const double mean_dy_y = (dot_f64(dy, x, n) - mean * sum_dy) * inv_std / double(n);
+                const float m = float(mean), s = float(inv_std), mdy = float(mean_dy);
+                const float k = float(inv_std * mean_dy_y);
+                for (int64_t i = 0; i < n; ++i) dx[i] = s * (dy[i] - mdy - (x[i] - m) * k);
+            });
+        },
+        rows_of(dst));
 }
 void run_norm_back(const ComputeCtx& c, Tensor* d) {
     normalize_back_kernel(c, d, true);
@@ -86,39 +90,41 @@ void run_rope(const ComputeCtx& ctx, Tensor* dst) {
     for (int64_t i = 0; i < half; ++i)
         inv_freq[size_t(i)] =
             double(p.freq_scale) * std::pow(double(p.freq_base), -2.0 * double(i) / p.n_dims);
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch, cos_t(static_cast<size_t>(half)), sin_t(static_cast<size_t>(half));
-        bool have_table = false;
-        int32_t table_pos = 0;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const int32_t position = *reinterpret_cast<const int32_t*>(element_ptr(pos, i2, 0, 0, 0));
-            if (!have_table || position != table_pos) {
-                for (int64_t i = 0; i < half; ++i) {
-                    const double theta = sign * double(position) * inv_freq[size_t(i)];
-                    cos_t[size_t(i)] = float(std::cos(theta));
-                    sin_t[size_t(i)] = float(std::sin(theta));
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch, cos_t(static_cast<size_t>(half)), sin_t(static_cast<size_t>(half));
+            bool have_table = false;
+            int32_t table_pos = 0;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const int32_t position = *reinterpret_cast<const int32_t*>(element_ptr(pos, i2, 0, 0, 0));
+                if (!have_table || position != table_pos) {
+                    for (int64_t i = 0; i < half; ++i) {
+                        const double theta = sign * double(position) * inv_freq[size_t(i)];
+                        cos_t[size_t(i)] = float(std::cos(theta));
+                        sin_t[size_t(i)] = float(std::sin(theta));
+                    }
+                    have_table = true;
+                    table_pos = position;
                 }
-                have_table = true;
-                table_pos = position;
-            }
-            const float* x = packed_row(a, i1, i2, i3, scratch);
-            float* y = f32_row(dst, i1, i2, i3);
-            const float* c = cos_t.data();
-            const float* s = sin_t.data();
-            if (p.mode == RopeMode::NeoX) { // pairs (i, i + half)
-                for (int64_t i = 0; i < half; ++i) {
-                    y[i] = x[i] * c[i] - x[i + half] * s[i];
-                    y[i + half] = x[i] * s[i] + x[i + half] * c[i];
+                const float* x = packed_row(a, i1, i2, i3, scratch);
+                float* y = f32_row(dst, i1, i2, i3);
+                const float* c = cos_t.data();
+                const float* s = sin_t.data();
+                if (p.mode == RopeMode::NeoX) { // pairs (i, i + half)
+                    for (int64_t i = 0; i < half; ++i) {
+                        y[i] = x[i] * c[i] - x[i + half] * s[i];
+                        y[i + half] = x[i] * s[i] + x[i + half] * c[i];
+                    }
+                } else { // pairs (2i, 2i + 1)
+                    for (int64_t i = 0; i < half; ++i) {
+                        y[2 * i] = x[2 * i] * c[i] - x[2 * i + 1] * s[i];
+                        y[2 * i + 1] = x[2 * i] * s[i] + x[2 * i + 1] * c[i];
+                    }
                 }
-            } else { // pairs (2i, 2i + 1)
-                for (int64_t i = 0; i < half; ++i) {
-                    y[2 * i] = x[2 * i] * c[i] - x[2 * i + 1] * s[i];
-                    y[2 * i + 1] = x[2 * i] * s[i] + x[2 * i + 1] * c[i];
-                }
-            }
-            for (int64_t i = p.n_dims; i < n; ++i) y[i] = x[i]; // dims past n_dims pass through
-        });
-    });
+                for (int64_t i = p.n_dims; i < n; ++i) y[i] = x[i]; // dims past n_dims pass through
+            });
+        },
+        rows_of(dst));
 }
 
 // ---- softmax ----
@@ -132,31 +138,33 @@ void run_soft_max(const ComputeCtx& ctx, Tensor* dst) {
     std::vector<float> slopes(size_t(a->ne[2]));
     for (int64_t h = 0; h < a->ne[2]; ++h) slopes[size_t(h)] = attn::alibi_slope(p.max_bias, h, a->ne[2]);
     const float scale = p.scale;
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch_x, scratch_m;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const float* x = packed_row(a, i1, i2, i3, scratch_x);
-            float* y = f32_row(dst, i1, i2, i3);
-            // stage 1: logits
-            if (mask) {
-                const float* m = packed_row(mask, i1, i2 % mask->ne[2], i3 % mask->ne[3], scratch_m);
-                const float slope = slopes[size_t(i2)];
-                for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale + slope * m[i];
-            } else {
-                for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale;
-            }
-            // stage 2: exponentiate relative to the row max
-            const float max = max_f32(y, n);
-            if (max == kNegInf) {
-                for (int64_t i = 0; i < n; ++i) y[i] = 0.0f;
-                return;
-            }
-            for (int64_t i = 0; i < n; ++i) y[i] = vexp(y[i] - max);
-            // stage 3: normalize
-            const float inv_sum = float(1.0 / sum_f64(y, n));
-            for (int64_t i = 0; i < n; ++i) y[i] *= inv_sum;
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch_x, scratch_m;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const float* x = packed_row(a, i1, i2, i3, scratch_x);
+                float* y = f32_row(dst, i1, i2, i3);
+                // stage 1: logits
+                if (mask) {
+                    const float* m = packed_row(mask, i1, i2 % mask->ne[2], i3 % mask->ne[3], scratch_m);
+                    const float slope = slopes[size_t(i2)];
+                    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale + slope * m[i];
+                } else {
+                    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale;
+                }
+                // stage 2: exponentiate relative to the row max
+                const float max = max_f32(y, n);
+                if (max == kNegInf) {
+                    for (int64_t i = 0; i < n; ++i) y[i] = 0.0f;
+                    return;
+                }
+                for (int64_t i = 0; i < n; ++i) y[i] = vexp(y[i] - max);
+                // stage 3: normalize
+                const float inv_sum = float(1.0 / sum_f64(y, n));
+                for (int64_t i = 0; i < n; ++i) y[i] *= inv_sum;
+            });
+        },
+        rows_of(dst));
 }
 
 // dx = scale * y * (dy - sum(dy * y))
@@ -164,16 +172,18 @@ void run_soft_max_back(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor *dy_t = dst->src[0], *y_t = dst->src[1];
     const float scale = dst->params<SoftMaxParams>().scale;
     const int64_t n = dst->ne[0];
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch_dy, scratch_y;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const float* dy = packed_row(dy_t, i1, i2, i3, scratch_dy);
-            const float* y = packed_row(y_t, i1, i2, i3, scratch_y);
-            float* dx = f32_row(dst, i1, i2, i3);
-            const float dot = float(dot_f64(dy, y, n));
-            for (int64_t i = 0; i < n; ++i) dx[i] = scale * y[i] * (dy[i] - dot);
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch_dy, scratch_y;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const float* dy = packed_row(dy_t, i1, i2, i3, scratch_dy);
+                const float* y = packed_row(y_t, i1, i2, i3, scratch_y);
+                float* dx = f32_row(dst, i1, i2, i3);
+                const float dot = float(dot_f64(dy, y, n));
+                for (int64_t i = 0; i < n; ++i) dx[i] = scale * y[i] * (dy[i] - dot);
+            });
+        },
+        rows_of(dst));
 }
 
 // ---- causal mask ----
@@ -183,17 +193,19 @@ void run_diag_mask(const ComputeCtx& ctx, Tensor* dst) {
     const DiagMaskNodeParams p = dst->params<DiagMaskNodeParams>();
     const Tensor* a = dst->src[0];
     const int64_t n = dst->ne[0];
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> scratch;
-        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-            const float* x = packed_row(a, i1, i2, i3, scratch);
-            float* y = f32_row(dst, i1, i2, i3);
-            const int64_t keep = std::min(n, i1 + int64_t(p.n_past) + 1);
-            if (x != y) // in place, the kept part is already there
-                for (int64_t i = 0; i < keep; ++i) y[i] = x[i];
-            for (int64_t i = keep; i < n; ++i) y[i] = p.fill;
-        });
-    });
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const float* x = packed_row(a, i1, i2, i3, scratch);
+                float* y = f32_row(dst, i1, i2, i3);
+                const int64_t keep = std::min(n, i1 + int64_t(p.n_past) + 1);
+                if (x != y) // in place, the kept part is already there
+                    for (int64_t i = 0; i < keep; ++i) y[i] = x[i];
+                for (int64_t i = keep; i < n; ++i) y[i] = p.fill;
+            });
+        },
+        rows_of(dst));
 }
 
 // ---- supports predicates ----

@@ -274,8 +274,11 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
 
     const int64_t E = c.n_embd, Dq = c.n_head * c.head_dim, Dkv = c.n_head_kv * c.head_dim;
     llama::Weights& w = m.weights;
-    w.token_embd = weight("token_embd.weight", {E, c.n_vocab}, cpu_ctx);
     const bool head_on_gpu = gpu_layers > c.n_layer;
+    // With every block and the head on the GPU the embeddings go there too: a decoding step
+    // is then one GPU split (no CPU work, copy or synchronization in front of it), and a
+    // tied output head runs on the GPU. Otherwise they stay with the first blocks, on the CPU.
+    w.token_embd = weight("token_embd.weight", {E, c.n_vocab}, head_on_gpu ? gpu_ctx : cpu_ctx);
     w.output_norm = weight("output_norm.weight", {E}, head_on_gpu ? gpu_ctx : cpu_ctx);
     w.output = c.tied_embeddings ? w.token_embd
                                  : weight("output.weight", {E, c.n_vocab}, head_on_gpu ? gpu_ctx : cpu_ctx);
