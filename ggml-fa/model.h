@@ -55,7 +55,8 @@ class Model {
     // loaded as one matrix, which takes one product instead of several; groups whose
     // tensors differ in type stay separate.
     int merged_projections() const;
-    // The devices holding weights, the CPU first.
+    // The devices holding weights, the CPU first (when every block, the head and the
+    // embeddings are on a GPU, the CPU holds none).
     std::vector<Device*> devices() const;
 
     struct Impl;

@@ -416,8 +416,10 @@ Session::Session(const Model& model, const SessionOptions& options)
 
     s.cpu = make_cpu_backend(s.options.n_threads);
     std::vector<Backend*> backends;
-    const std::vector<Device*> devices = model.devices();
-    Device* gpu = devices.size() > 1 ? devices[1] : nullptr;
+    // The device holding weights besides the CPU, if any (the CPU itself may hold none).
+    Device* gpu = nullptr;
+    for (Device* d : model.devices())
+        if (d != &cpu_device()) gpu = d;
     if (gpu) {
         s.gpu = gpu->create_backend();
         backends.push_back(s.gpu.get());
