@@ -592,12 +592,24 @@ inline __m256 i8_dot(__m256i w, __m256i x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
+// q8_0 keeps a scale multiply and broadcast per block and two accumulators: the four-block
+// loop of dot_blocks32 measured about 5% slower for it from L2 and no faster from memory.
 float dot_q8_0_int(const void* row, const void* column, int64_t K) {
     const block_q8_0* w = static_cast<const block_q8_0*>(row);
     const Column32& x = *static_cast<const Column32*>(column);
-    return dot_blocks32(
-        w, x, K / 32, [&](int64_t i) { return i8_dot(load256(w[i].qs), load256(x.qs + 32 * i)); },
-        [](int64_t, __m128) { return _mm_setzero_ps(); }, [](int64_t, float) { return 0.0f; });
+    auto term = [&](int64_t i, __m256 acc) {
+        return _mm256_fmadd_ps(i8_dot(load256(w[i].qs), load256(x.qs + 32 * i)),
+                               _mm256_set1_ps(scale_to_f32(w[i].d) * x.d[i]), acc);
+    };
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int64_t nb = K / 32;
+    int64_t i = 0;
+    for (; i + 1 < nb; i += 2) {
+        acc0 = term(i, acc0);
+        acc1 = term(i + 1, acc1);
+    }
+    if (i < nb) acc0 = term(i, acc0);
+    return hsum(_mm256_add_ps(acc0, acc1));
 }
 
 // ---- blocks of 32 with unsigned codes: q4_0, q4_1, q5_0, q5_1 ----
