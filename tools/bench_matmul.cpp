@@ -5,9 +5,15 @@
 // that the weights come from memory, not the last-level cache, as in decoding a model; the
 // ceiling for them is the read bandwidth measured here too (and memcpy for reference).
 //
-// Every point is the median of --reps runs (default 9): the machine may be shared.
+// Every point is the median of --reps runs (default 9): the machine may be shared. The
+// matrix-vector rows also give GB/s per CPU-second (weight bytes over the process CPU time,
+// all threads together), which time slicing by other work on the machine does not lower.
 //
-// usage: bench_matmul [--reps N]
+// --gemv-quants measures only the matrix-vector products of the quantized weight types the
+// decoding path has integer kernels for (q8_0, q4_0, q4_K, q5_K, q6_K, q4_1, q5_0, q5_1),
+// without the f32 GEMM and the OpenBLAS peer.
+//
+// usage: bench_matmul [--reps N] [--gemv-quants]
 #include <ggml-fa/backend.h>
 #include <ggml-fa/graph.h>
 #include <ggml-fa/ops.h>
@@ -146,7 +152,7 @@ void gemm_point(int threads, int reps) {
                 blas.wall > 0 ? blas.wall / ours.wall : 0.0, blas.cpu > 0 ? blas.cpu / ours.cpu : 0.0);
 }
 
-void gemv_point(Type type, int threads, int reps, const Bandwidth& bw) {
+void gemv_point(Type type, int threads, int reps, const Bandwidth& bw, bool with_peer) {
     const int64_t k = 4096, m = 4096;
     const size_t weight_bytes = row_size(type, k) * size_t(m);
     const int copies = int(std::max<size_t>(1, (size_t(96) << 20) / weight_bytes + 1));
@@ -162,41 +168,50 @@ void gemv_point(Type type, int threads, int reps, const Bandwidth& bw) {
         weights.push_back(w);
         g.expand(mul_mat(ctx, w, x));
     }
-    const double t = time_graph(g, threads, reps).wall / copies;
+    const Timing timing = time_graph(g, threads, reps);
+    const double t = timing.wall / copies;
     const double ours = double(weight_bytes) / t * 1e-9;
+    const double per_cpu_s = double(weight_bytes) * copies / timing.cpu * 1e-9;
     double blas_t = 0.0;
 #if GFA_HAVE_BLAS
-    openblas_set_num_threads(threads);
-    // sgemv on f32 copies of the same size in bytes as ours would be unfair to neither: it
-    // streams its own f32 weights (64 MiB each, two of them so they do not stay cached).
-    static std::vector<std::vector<float>> f32_weights;
-    if (f32_weights.empty()) f32_weights = {values, values};
-    std::vector<float> y(static_cast<size_t>(m));
-    const float* xv = static_cast<const float*>(x->data);
-    blas_t = median_seconds(reps,
-                            [&] {
-                                for (const auto& w : f32_weights)
-                                    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(m), int(k), 1.0f, w.data(),
-                                                int(k), xv, 1, 0.0f, y.data(), 1);
-                            }) /
-             2;
+    if (with_peer) {
+        openblas_set_num_threads(threads);
+        // sgemv on f32 copies of the same size in bytes as ours would be unfair to neither: it
+        // streams its own f32 weights (64 MiB each, two of them so they do not stay cached).
+        static std::vector<std::vector<float>> f32_weights;
+        if (f32_weights.empty()) f32_weights = {values, values};
+        std::vector<float> y(static_cast<size_t>(m));
+        const float* xv = static_cast<const float*>(x->data);
+        blas_t = median_seconds(reps,
+                                [&] {
+                                    for (const auto& w : f32_weights)
+                                        cblas_sgemv(CblasRowMajor, CblasNoTrans, int(m), int(k), 1.0f,
+                                                    w.data(), int(k), xv, 1, 0.0f, y.data(), 1);
+                                }) /
+                 2;
+    }
 #endif
-    std::printf(
-        "gemv   %-6s 4096x4096   %d   | %8.1f GB/s    | %5.1f%% of read bw | %7.1f us | sgemv f32 %7.1f us "
-        "(%5.1f GB/s) | speedup %5.2f\n",
-        std::string(type_name(type)).c_str(), threads, ours, 100.0 * ours / bw.read_gbs, t * 1e6,
-        blas_t * 1e6, blas_t > 0 ? double(k * m * 4) / blas_t * 1e-9 : 0.0, blas_t > 0 ? blas_t / t : 0.0);
+    std::printf("gemv   %-6s 4096x4096   %d   | %8.1f GB/s (%5.1f per CPU-s) | %5.1f%% of read bw | %7.1f us",
+                std::string(type_name(type)).c_str(), threads, ours, per_cpu_s, 100.0 * ours / bw.read_gbs,
+                t * 1e6);
+    if (with_peer)
+        std::printf(" | sgemv f32 %7.1f us (%5.1f GB/s) | speedup %5.2f", blas_t * 1e6,
+                    blas_t > 0 ? double(k * m * 4) / blas_t * 1e-9 : 0.0, blas_t > 0 ? blas_t / t : 0.0);
+    std::printf("\n");
 }
 
 } // namespace
 
 int main(int argc, char** argv) {
     int reps = 9;
+    bool gemv_quants = false;
     for (int i = 1; i < argc; ++i) {
         if (std::string(argv[i]) == "--reps" && i + 1 < argc) {
             reps = std::max(1, std::atoi(argv[++i]));
+        } else if (std::string(argv[i]) == "--gemv-quants") {
+            gemv_quants = true;
         } else {
-            std::fprintf(stderr, "usage: bench_matmul [--reps N]\n");
+            std::fprintf(stderr, "usage: bench_matmul [--reps N] [--gemv-quants]\n");
             return 2;
         }
     }
@@ -208,9 +223,15 @@ int main(int argc, char** argv) {
         const Bandwidth bw = measure_bandwidth(threads, reps);
         std::printf("memory %d thread(s): read %.1f GB/s, memcpy %.1f GB/s (read + write)\n", threads,
                     bw.read_gbs, bw.copy_gbs);
+        if (gemv_quants) {
+            for (Type t : {Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::Q4_1, Type::Q5_0,
+                           Type::Q5_1})
+                gemv_point(t, threads, reps, bw, false);
+            continue;
+        }
         gemm_point(threads, reps);
         for (Type t : {Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0})
-            gemv_point(t, threads, reps, bw);
+            gemv_point(t, threads, reps, bw, true);
     }
     return 0;
 }

@@ -15,23 +15,32 @@
 //  * GEMV (mul_mat with N < kGemvMaxN, the decode case): no packing. Each output is a dot
 //    product of a weight row with a column of b, and the weights are read exactly once from
 //    memory, so the kernel is bound by memory bandwidth once the arithmetic per weight is
-//    small enough. f32/f16/bf16 rows are converted in registers and FMAed with b. For q8_0
-//    and q4_0 the column of b is quantized to 8-bit blocks once per call and each weight
-//    block meets it in integer multiply-adds (see quantize_column). Dequantizing the blocks
-//    to f32 in registers instead was measured here at about 1.3x (q8_0) and 1.6x (q4_0) more
-//    CPU time per weight, which on AVX2 keeps q4_0 below memory bandwidth; the price is
-//    rounding b to 8 bits (about 0.5% relative error in these products, the same trade as
-//    ggml's), while the GEMM path for larger N stays exact in f32.
+//    small enough. f32/f16/bf16 rows are converted in registers and FMAed with b. For the
+//    GGUF block types (q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q5_K, q6_K) the column of b is
+//    quantized to 8 bits once per call and each weight block meets it in integer
+//    multiply-adds (see "integer dot products" below). Dequantizing the blocks to f32 in
+//    registers instead was measured here at about 1.3x (q8_0) and 1.6x (q4_0) more CPU time
+//    per weight, which on AVX2 keeps q4_0 below memory bandwidth; the price is rounding b to
+//    8 bits (about 0.5% relative error in these products, the same trade as ggml's), while
+//    the GEMM path for larger N stays exact in f32.
 #include "cpu_kernels.h"
 #include "op_def.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+// The integer dot products of the decoding path (GEMV section) need AVX2, FMA and F16C.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define GFA_INT_DOTS 1
+#else
+#define GFA_INT_DOTS 0
 #endif
 
 namespace gfa::cpu {
@@ -429,49 +438,154 @@ float dot_q4_0(const void* row, const float* x, int64_t K) {
     return sum;
 }
 
-#if defined(__AVX2__)
+#if GFA_INT_DOTS
 // ---- integer dot products for quantized weights (AVX2) ----------------------------------
 //
-// The f32 column is quantized once per call to 8-bit blocks of 32 with an f32 scale (the
-// rounding error, under 0.4% of each value, is far below that of the 4- and 8-bit weights),
-// and each weight block meets its column block in one 8-bit multiply-add: |w| * sign(x, w)
-// pairs into 16 bits (maddubs), pairs of those into 32 bits (madd), then one f32 FMA with
-// the product of the two scales. That is about 6 vector instructions per 32 weights instead
-// of 16 for converting the weights to f32, which keeps a core ahead of memory bandwidth.
-struct ColumnBlock {
-    float d;
-    float sum; // d * sum of qs: the block's share of a weight offset (q4_K's mins)
-    int8_t qs[32];
+// The f32 column is quantized once per call to 8 bits, and each weight block meets its
+// column values in 8-bit multiply-adds: unsigned weight codes times signed column values,
+// pairs summed into 16 bits (maddubs), pairs of those into 32 bits (madd), and one f32 FMA
+// per block with the product of the scales. That is a few vector instructions per 32
+// weights instead of 16 for converting the weights to f32, which keeps a core ahead of
+// memory bandwidth. Weight offsets (q4_0's -8, q4_1's min, the K formats' mins, q6_K's -32)
+// are not applied per weight: they multiply the sum of the column values, which the column
+// carries precomputed.
+//
+// Two column layouts:
+//  * Column32, one f32 scale per 32 values, for the formats with blocks of 32. Its rounding
+//    error (under 0.4% of each block's largest value) is far below the weights'. It is
+//    three arrays, so that the scales of four consecutive blocks are one vector load.
+//  * ColumnBlockK, one scale per 256 values, for the K formats: their sub-block scales are
+//    small integers, so the 8 (q4_K, q5_K) or 16 (q6_K) sub-block products of a 256-block
+//    are scaled and summed in 32-bit integers and converted to f32 once. The price is
+//    ggml's q8_K trade: a column value much larger than the rest of its 256 coarsens their
+//    rounding (a step is 1/127 of the block's largest magnitude). Measured with one value
+//    per 256 at 30x the others (uniform in [-1, 1]): 2.6% relative error in q4_K/q6_K
+//    products, against 1.1% with a scale per 32 and 0.4% without such outliers.
+struct Column32 {
+    int8_t* qs; // 32 per block
+    float* d;   // per block
+    float* sum; // per block: d * sum of its qs, the block's share of a weight offset
 };
 
-void quantize_column(const float* x, int64_t K, ColumnBlock* out) {
+struct alignas(32) ColumnBlockK {
+    int8_t qs[QK_K];
+    int16_t sums[QK_K / 16]; // sum of qs per 16 values, unscaled
+    float d;
+};
+
+// Largest magnitude of n floats (n a multiple of 8).
+float abs_max(const float* x, int64_t n) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8)
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + k)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+// 32 floats times inv, rounded to nearest (ties to even), narrowed to 32 bytes in order.
+__m256i round_to_i8(const float* x, __m256 inv) {
+    __m256i q[4];
+    for (int u = 0; u < 4; ++u) q[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * u), inv));
+    // Narrow 32 -> 16 -> 8 bits; the packs interleave 128-bit lanes, the permute undoes it.
+    const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), q16b = _mm256_packs_epi32(q[2], q[3]);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b),
+                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Sums of 32 signed bytes in groups of four: i32 lanes 0..3 hold values 0..15, 4..7 hold 16..31.
+__m256i sums_of_4(__m256i q) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
+}
+
+void quantize_column(const float* x, int64_t K, const Column32& out) {
     for (int64_t i = 0; i < K / 32; ++i) {
-        __m256 v[4], amax = _mm256_setzero_ps();
-        for (int u = 0; u < 4; ++u) {
-            v[u] = _mm256_loadu_ps(x + i * 32 + 8 * u);
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[u]));
-        }
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float d = _mm_cvtss_f32(m) / 127.0f;
-        const __m256 inv = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
-        __m256i q[4];
-        for (int u = 0; u < 4; ++u) q[u] = _mm256_cvtps_epi32(_mm256_mul_ps(v[u], inv)); // nearest even
-        // Narrow 32 -> 16 -> 8 bits; the packs interleave 128-bit lanes, the permute undoes it.
-        const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), q16b = _mm256_packs_epi32(q[2], q[3]);
-        const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b),
-                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        out[i].d = d;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i].qs), q8);
-        const __m256i pair_sums = _mm256_maddubs_epi16(_mm256_set1_epi8(1), q8); // 16 x i16
-        const __m256i sums = _mm256_madd_epi16(pair_sums, _mm256_set1_epi16(1)); // 8 x i32
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+        const float d = abs_max(x + i * 32, 32) / 127.0f;
+        const __m256i q = round_to_i8(x + i * 32, _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.qs + 32 * i), q);
+        const __m256i s = sums_of_4(q);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-        out[i].sum = d * float(_mm_cvtsi128_si32(s4));
+        out.d[i] = d;
+        out.sum[i] = d * float(_mm_cvtsi128_si32(s4));
     }
+}
+
+void quantize_column_k(const float* x, int64_t K, ColumnBlockK* out) {
+    for (int64_t i = 0; i < K / QK_K; ++i) {
+        const float* xb = x + i * QK_K;
+        const float d = abs_max(xb, QK_K) / 127.0f;
+        const __m256 inv = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        for (int g = 0; g < QK_K / 32; ++g) {
+            const __m256i q = round_to_i8(xb + 32 * g, inv);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(out[i].qs + 32 * g), q);
+            // Two horizontal adds leave the sums of 16 in lanes 0 and 4.
+            __m256i s = sums_of_4(q);
+            s = _mm256_hadd_epi32(s, s);
+            s = _mm256_hadd_epi32(s, s);
+            out[i].sums[2 * g] = int16_t(_mm256_extract_epi32(s, 0));
+            out[i].sums[2 * g + 1] = int16_t(_mm256_extract_epi32(s, 4));
+        }
+        out[i].d = d;
+    }
+}
+
+inline __m256i load256(const void* p) {
+    return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
+
+float hsum128(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+// An f16 field of four consecutive blocks as four floats: with the column scales of those
+// blocks (one load) that makes four block scales in three vector instructions, instead of
+// a conversion, a multiply and a broadcast per block.
+template <auto kField, class Block> inline __m128 four_f16(const Block* b) {
+    __m128i h = _mm_cvtsi32_si128(b[0].*kField);
+    h = _mm_insert_epi16(h, b[1].*kField, 1);
+    h = _mm_insert_epi16(h, b[2].*kField, 2);
+    h = _mm_insert_epi16(h, b[3].*kField, 3);
+    return _mm_cvtph_ps(h);
+}
+// Lane i of four floats, in all eight lanes.
+inline __m256 broadcast_lane(__m128 v, int i) {
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(i));
+}
+
+// The shared loop of the blocks-of-32 formats: four blocks per step, each with its own
+// accumulator (no FMA waits for the previous block's), their four scales computed at once.
+// block_sum(i) gives block i's 8 partial sums of codes times column values as f32;
+// offsets(i, dw) the four blocks' weight offsets, which multiply the column sums (zero for
+// formats without offsets); offset(i, dw) one block's, for the last K/32 % 4 blocks.
+template <class Block, class BlockSum, class Offsets, class Offset>
+float dot_blocks32(const Block* w, const Column32& x, int64_t nb, BlockSum block_sum, Offsets offsets,
+                   Offset offset) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    __m128 offset_acc = _mm_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= nb; i += 4) {
+        const __m128 dw = four_f16<&Block::d>(w + i);
+        const __m128 scales = _mm_mul_ps(dw, _mm_loadu_ps(x.d + i));
+        acc0 = _mm256_fmadd_ps(block_sum(i), broadcast_lane(scales, 0), acc0);
+        acc1 = _mm256_fmadd_ps(block_sum(i + 1), broadcast_lane(scales, 1), acc1);
+        acc2 = _mm256_fmadd_ps(block_sum(i + 2), broadcast_lane(scales, 2), acc2);
+        acc3 = _mm256_fmadd_ps(block_sum(i + 3), broadcast_lane(scales, 3), acc3);
+        offset_acc = _mm_fmadd_ps(offsets(i, dw), _mm_loadu_ps(x.sum + i), offset_acc);
+    }
+    float tail = 0.0f;
+    for (; i < nb; ++i) {
+        const float dw = scale_to_f32(w[i].d);
+        acc0 = _mm256_fmadd_ps(block_sum(i), _mm256_set1_ps(dw * x.d[i]), acc0);
+        tail += offset(i, dw) * x.sum[i];
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) + hsum128(offset_acc) +
+           tail;
 }
 
 // 32 signed 8-bit weights times 32 signed 8-bit column values -> 8 partial sums (i32 as f32).
@@ -480,16 +594,14 @@ inline __m256 i8_dot(__m256i w, __m256i x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// The two accumulators are separate variables, not an array indexed by block parity: GCC
-// kept such an array on the stack, and the store-to-load round trip per block, not the
-// arithmetic, then set the speed.
+// q8_0 keeps a scale multiply and broadcast per block and two accumulators: the four-block
+// loop of dot_blocks32 measured about 5% slower for it from L2 and no faster from memory.
 float dot_q8_0_int(const void* row, const void* column, int64_t K) {
     const block_q8_0* w = static_cast<const block_q8_0*>(row);
-    const ColumnBlock* x = static_cast<const ColumnBlock*>(column);
+    const Column32& x = *static_cast<const Column32*>(column);
     auto term = [&](int64_t i, __m256 acc) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i].qs));
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].qs));
-        return _mm256_fmadd_ps(i8_dot(wv, xv), _mm256_set1_ps(scale_to_f32(w[i].d) * x[i].d), acc);
+        return _mm256_fmadd_ps(i8_dot(load256(w[i].qs), load256(x.qs + 32 * i)),
+                               _mm256_set1_ps(scale_to_f32(w[i].d) * x.d[i]), acc);
     };
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const int64_t nb = K / 32;
@@ -502,75 +614,213 @@ float dot_q8_0_int(const void* row, const void* column, int64_t K) {
     return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-// q4_0: x = d (q - 8) with q in 0..15. The 4-bit values go into maddubs' unsigned operand
-// as they are, and the -8 comes from the column block's sum: sum (q - 8) qx = sum q qx - 8
-// sum qx, which saves the subtraction and both sign operations of i8_dot per block.
-float dot_q4_0_int(const void* row, const void* column, int64_t K) {
-    const block_q4_0* w = static_cast<const block_q4_0*>(row);
-    const ColumnBlock* x = static_cast<const ColumnBlock*>(column);
-    const __m128i low_mask = _mm_set1_epi8(0x0f);
+// ---- blocks of 32 with unsigned codes: q4_0, q4_1, q5_0, q5_1 ----
+//
+// x = d q + m per block, with m = -8 d (q4_0), -16 d (q5_0) or stored (q4_1, q5_1). Against a
+// column block (dx, qx): sum x dx qx = d dx sum(q qx) + m dx sum(qx), the last factor being
+// the column block's `sum`. The codes (at most 31) go into maddubs' unsigned operand as
+// they are: 31 * 127 * 2 fits 16 bits.
+
+// 16 bytes of nibbles -> 32 codes in element order: byte j's low nibble is element j, its
+// high nibble element j + 16. The bytes are loaded into both halves and the upper half
+// shifted by 4, which is cheaper than shifting and inserting a 128-bit half.
+inline __m256i nibbles_32(const uint8_t* qs) {
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    return _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0f));
+}
+
+// Bit i of the little-endian 32-bit word at qh -> 0x10 in byte i (q5_0/q5_1's fifth bits).
+inline __m256i fifth_bits_32(const uint8_t* qh) {
+    uint32_t bits;
+    std::memcpy(&bits, qh, sizeof bits);
+    // Byte i gets byte i / 8 of the word and keeps bit i % 8.
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(int(bits)),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+struct Q4_0Codes {
+    using Block = block_q4_0;
+    static __m256i codes(const Block& b) { return nibbles_32(b.qs); }
+    static __m128 offsets(const Block*, __m128 d) { return _mm_mul_ps(d, _mm_set1_ps(-8.0f)); }
+    static float offset(const Block&, float d) { return -8.0f * d; }
+};
+struct Q4_1Codes {
+    using Block = block_q4_1;
+    static __m256i codes(const Block& b) { return nibbles_32(b.qs); }
+    static __m128 offsets(const Block* b, __m128) { return four_f16<&Block::m>(b); }
+    static float offset(const Block& b, float) { return scale_to_f32(b.m); }
+};
+struct Q5_0Codes {
+    using Block = block_q5_0;
+    static __m256i codes(const Block& b) { return _mm256_or_si256(nibbles_32(b.qs), fifth_bits_32(b.qh)); }
+    static __m128 offsets(const Block*, __m128 d) { return _mm_mul_ps(d, _mm_set1_ps(-16.0f)); }
+    static float offset(const Block&, float d) { return -16.0f * d; }
+};
+struct Q5_1Codes {
+    using Block = block_q5_1;
+    static __m256i codes(const Block& b) { return _mm256_or_si256(nibbles_32(b.qs), fifth_bits_32(b.qh)); }
+    static __m128 offsets(const Block* b, __m128) { return four_f16<&Block::m>(b); }
+    static float offset(const Block& b, float) { return scale_to_f32(b.m); }
+};
+
+template <class Format> float dot_q32_int(const void* row, const void* column, int64_t K) {
+    using Block = typename Format::Block;
+    const Block* w = static_cast<const Block*>(row);
+    const Column32& x = *static_cast<const Column32*>(column);
     const __m256i ones = _mm256_set1_epi16(1);
-    auto term = [&](int64_t i, __m256 acc, float& offset) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[i].qs));
-        // Low nibbles are elements 0..15, high nibbles 16..31.
-        const __m128i lo = _mm_and_si128(packed, low_mask);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].qs));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), xv), ones);
-        const float dw = scale_to_f32(w[i].d);
-        offset += dw * x[i].sum;
-        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * x[i].d), acc);
-    };
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float offset0 = 0.0f, offset1 = 0.0f;
-    const int64_t nb = K / 32;
-    int64_t i = 0;
-    for (; i + 1 < nb; i += 2) {
-        acc0 = term(i, acc0, offset0);
-        acc1 = term(i + 1, acc1, offset1);
-    }
-    if (i < nb) acc0 = term(i, acc0, offset0);
-    return hsum(_mm256_add_ps(acc0, acc1)) - 8.0f * (offset0 + offset1);
+    return dot_blocks32(
+        w, x, K / 32,
+        [&](int64_t i) {
+            const __m256i codes_times_x = _mm256_maddubs_epi16(Format::codes(w[i]), load256(x.qs + 32 * i));
+            return _mm256_cvtepi32_ps(_mm256_madd_epi16(codes_times_x, ones));
+        },
+        [&](int64_t i, __m128 dw) { return Format::offsets(w + i, dw); },
+        [&](int64_t i, float dw) { return Format::offset(w[i], dw); });
 }
 
-// q4_K: sub-block j of a 256-block is x = d sc_j q - dmin mn_j with q in 0..15, so against a
-// column block (dx, qx) it adds d sc_j dx sum(q qx) - dmin mn_j dx sum(qx). The 4-bit values
-// go straight into the unsigned operand of maddubs (15 * 127 * 2 fits 16 bits).
-void unpack_q4_K_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
-    for (int j = 0; j < 4; ++j) {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = uint8_t((s[j + 8] & 0x0f) | ((s[j] >> 6) << 4));
-        mn[j + 4] = uint8_t((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
-    }
+// ---- K formats: 256-blocks against ColumnBlockK ----
+
+// Shuffle masks (for _mm256_shuffle_epi8) that copy one 16-bit lane of each 128-bit half
+// into all of that half: kBroadcastLane16[j] takes lane j in both halves (q4_K/q5_K
+// sub-block j), kBroadcastLane16[8 + g] lane 2g in the lower and 2g + 1 in the upper half
+// (q6_K group g). A table in memory, not constants built in the loop: GCC rebuilt those
+// from immediates on every block, and vpshufb takes the mask as a memory operand for free.
+struct alignas(32) ShuffleMasks {
+    uint8_t bytes[12][32];
+};
+constexpr ShuffleMasks make_lane16_masks() {
+    ShuffleMasks m{};
+    for (int j = 0; j < 12; ++j)
+        for (int i = 0; i < 32; ++i) {
+            const int lane = j < 8 ? j : 2 * (j - 8) + i / 16;
+            m.bytes[j][i] = uint8_t(2 * lane + i % 2);
+        }
+    return m;
+}
+constexpr ShuffleMasks kBroadcastLane16 = make_lane16_masks();
+inline __m256i broadcast_lane16(__m256i v, int mask) {
+    return _mm256_shuffle_epi8(
+        v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kBroadcastLane16.bytes[mask])));
 }
 
-float dot_q4_K_int(const void* row, const void* column, int64_t K) {
-    const block_q4_K* w = static_cast<const block_q4_K*>(row);
-    const ColumnBlock* x = static_cast<const ColumnBlock*>(column);
-    const __m256i low_mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    float offsets = 0.0f;
+// Scales and mins of q4_K/q5_K (six bits each in 12 bytes, layout at block_q4_K), unpacked
+// as three 32-bit words with byte-wise masks: bytes 0..7 of the result are sc[0..7], bytes
+// 8..15 are mn[0..7].
+inline __m128i unpack_k4_scales(const uint8_t* packed) {
+    uint32_t s[3]; // three loads: one memcpy of 12 bytes went through the stack
+    for (int i = 0; i < 3; ++i) std::memcpy(&s[i], packed + 4 * i, 4);
+    constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    const uint32_t sc_lo = s[0] & low6, mn_lo = s[1] & low6;
+    const uint32_t sc_hi = (s[2] & low4) | ((s[0] >> 6) & low2) << 4;
+    const uint32_t mn_hi = ((s[2] >> 4) & low4) | ((s[1] >> 6) & low2) << 4;
+    return _mm_setr_epi32(int(sc_lo), int(sc_hi), int(mn_lo), int(mn_hi));
+}
+
+// The mins term of a q4_K/q5_K block: i32 lane j = mn[j] * (column sum of sub-block j),
+// from the two sums of 16 per sub-block in one multiply-add.
+inline __m256i k4_mins_term(__m128i scales_mins, const int16_t* sums16) {
+    const __m128i mins_twice = _mm_unpackhi_epi8(scales_mins, scales_mins); // mn0 mn0 mn1 mn1 ...
+    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(mins_twice), load256(sums16));
+}
+
+// q4_K / q5_K: sub-block j of a 256-block is x = d sc_j q - dmin mn_j, so the block adds
+// d dx sum_j sc_j sum(q qx) - dmin dx sum_j mn_j sum(qx). Each 32-byte chunk c of codes
+// holds sub-block 2c (low nibbles) and 2c + 1 (high nibbles); the madd that pairs the
+// maddubs results also multiplies by the sub-block's scale (15 * 127 * 2 * 63 * 2 fits 32
+// bits many times over). Even and odd sub-blocks sum into separate registers.
+template <bool kFifthBit> float dot_k4_int(const void* row, const void* column, int64_t K) {
+    using Block = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
+    const Block* w = static_cast<const Block*>(row);
+    const ColumnBlockK* x = static_cast<const ColumnBlockK*>(column);
+    const __m256i low_mask = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps(), acc_mins = _mm256_setzero_ps();
     for (int64_t ib = 0; ib < K / QK_K; ++ib) {
-        const float d = scale_to_f32(w[ib].d), dmin = scale_to_f32(w[ib].dmin);
-        uint8_t sc[8], mn[8];
-        unpack_q4_K_scales(w[ib].scales, sc, mn);
-        const ColumnBlock* xb = x + ib * (QK_K / 32);
+        const Block& b = w[ib];
+        const ColumnBlockK& xb = x[ib];
+        const __m128i scales_mins = unpack_k4_scales(b.scales);
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
+        __m256i high = _mm256_setzero_si256();
+        if constexpr (kFifthBit) high = load256(b.qh); // bit j of byte l: element l of sub-block j
+        __m256i sum_even = _mm256_setzero_si256(), sum_odd = _mm256_setzero_si256();
+#pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[ib].qs + 32 * c));
-            const __m256i nibbles[2] = {_mm256_and_si256(q, low_mask),
-                                        _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask)};
-            for (int h = 0; h < 2; ++h) {
-                const int j = 2 * c + h;
-                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[j].qs));
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles[h], xv), ones);
-                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * float(sc[j]) * xb[j].d),
-                                         acc[h]);
-                offsets += dmin * float(mn[j]) * xb[j].sum;
+            const __m256i q = load256(b.qs + 32 * c);
+            __m256i lo = _mm256_and_si256(q, low_mask),
+                    hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask);
+            if constexpr (kFifthBit) {
+                // Bits 2c and 2c + 1 of each byte (brought to bits 0 and 1 by the running
+                // shift) move to bit 4; 16-bit shifts by at most 4 never cross bytes here.
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(high, 4), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(high, 3), bit4));
+                high = _mm256_srli_epi16(high, 2);
+            }
+            const __m256i p_lo = _mm256_maddubs_epi16(lo, load256(xb.qs + 64 * c));
+            const __m256i p_hi = _mm256_maddubs_epi16(hi, load256(xb.qs + 64 * c + 32));
+            sum_even = _mm256_add_epi32(sum_even, _mm256_madd_epi16(p_lo, broadcast_lane16(scales, 2 * c)));
+            sum_odd = _mm256_add_epi32(sum_odd, _mm256_madd_epi16(p_hi, broadcast_lane16(scales, 2 * c + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(sum_even, sum_odd)),
+                              _mm256_set1_ps(scale_to_f32(b.d) * xb.d), acc);
+        acc_mins = _mm256_fmadd_ps(_mm256_cvtepi32_ps(k4_mins_term(scales_mins, xb.sums)),
+                                   _mm256_set1_ps(scale_to_f32(b.dmin) * xb.d), acc_mins);
+    }
+    return hsum(_mm256_sub_ps(acc, acc_mins));
+}
+
+// q6_K: x = d sc_i (q - 32) with q in 0..63 and a signed 8-bit scale per 16 values. The
+// codes go into maddubs unsigned (63 * 127 * 2 fits 16 bits) and the -32 becomes
+// -32 sum_i sc_i (column sum of group i), one multiply-add per 256-block. Each 128-value
+// half h holds its codes as: values 0..31 low nibbles of ql[0..31] with bits 0-1 of
+// qh[0..31], 32..63 low nibbles of ql[32..63] with bits 2-3, 64..95 high nibbles of
+// ql[0..31] with bits 4-5, 96..127 high nibbles of ql[32..63] with bits 6-7.
+float dot_q6_K_int(const void* row, const void* column, int64_t K) {
+    const block_q6_K* w = static_cast<const block_q6_K*>(row);
+    const ColumnBlockK* x = static_cast<const ColumnBlockK*>(column);
+    const __m256i low_mask = _mm256_set1_epi8(0x0f), high_mask = _mm256_set1_epi8(0x30);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t ib = 0; ib < K / QK_K; ++ib) {
+        const block_q6_K& b = w[ib];
+        const ColumnBlockK& xb = x[ib];
+        const __m256i scales16 =
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)));
+        __m256i sum_a = _mm256_setzero_si256(), sum_b = _mm256_setzero_si256();
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            // Scales 8h..8h+7 in both 128-bit halves; a 32-value group g uses 8h + 2g in its
+            // lower half (values 0..15) and 8h + 2g + 1 in its upper half.
+            const __m256i scales = h == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
+                                          : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+            const __m256i l0 = load256(b.ql + 64 * h), l1 = load256(b.ql + 64 * h + 32);
+            const __m256i hb = load256(b.qh + 32 * h);
+            // 16-bit shifts by 2 or 4 keep bits 4-5 of each byte within the byte.
+            const __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, low_mask),
+                                _mm256_and_si256(_mm256_slli_epi16(hb, 4), high_mask)),
+                _mm256_or_si256(_mm256_and_si256(l1, low_mask),
+                                _mm256_and_si256(_mm256_slli_epi16(hb, 2), high_mask)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low_mask),
+                                _mm256_and_si256(hb, high_mask)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low_mask),
+                                _mm256_and_si256(_mm256_srli_epi16(hb, 2), high_mask)),
+            };
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; ++g) {
+                const __m256i p = _mm256_maddubs_epi16(q[g], load256(xb.qs + 128 * h + 32 * g));
+                const __m256i scaled = _mm256_madd_epi16(p, broadcast_lane16(scales, 8 + g));
+                if (g % 2 == 0)
+                    sum_a = _mm256_add_epi32(sum_a, scaled);
+                else
+                    sum_b = _mm256_add_epi32(sum_b, scaled);
             }
         }
+        const __m256i offset = _mm256_madd_epi16(scales16, load256(xb.sums)); // sum_i sc_i sums_i
+        const __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(sum_a, sum_b), _mm256_slli_epi32(offset, 5));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale_to_f32(b.d) * xb.d), acc);
     }
-    return hsum(_mm256_add_ps(acc[0], acc[1])) - offsets;
+    return hsum(acc);
 }
 #endif
 
@@ -592,16 +842,38 @@ DotFn dot_for(Type t) {
     }
 }
 
-// Dot product of a quantized weight row with a column prepared by quantize_column.
+// Dot product of a quantized weight row with a column prepared by quantize_column (a
+// Column32) or quantize_column_k (ColumnBlockK array).
 using IntDotFn = float (*)(const void* row, const void* column, int64_t K);
-IntDotFn int_dot_for(Type t) {
-#if defined(__AVX2__)
-    if (t == Type::Q8_0) return dot_q8_0_int;
-    if (t == Type::Q4_0) return dot_q4_0_int;
-    if (t == Type::Q4_K) return dot_q4_K_int;
+struct IntDot {
+    IntDotFn fn = nullptr;
+    bool k_column = false; // the column is ColumnBlockK[], else Column32
+};
+IntDot int_dot_for(Type t) {
+#if GFA_INT_DOTS
+    switch (t) {
+    case Type::Q8_0:
+        return {dot_q8_0_int, false};
+    case Type::Q4_0:
+        return {dot_q32_int<Q4_0Codes>, false};
+    case Type::Q4_1:
+        return {dot_q32_int<Q4_1Codes>, false};
+    case Type::Q5_0:
+        return {dot_q32_int<Q5_0Codes>, false};
+    case Type::Q5_1:
+        return {dot_q32_int<Q5_1Codes>, false};
+    case Type::Q4_K:
+        return {dot_k4_int<false>, true};
+    case Type::Q5_K:
+        return {dot_k4_int<true>, true};
+    case Type::Q6_K:
+        return {dot_q6_K_int, true};
+    default:
+        break;
+    }
 #endif
     (void)t;
-    return nullptr;
+    return {};
 }
 
 // mul_mat for a few columns of b: workers split the weight rows of each matrix.
@@ -611,14 +883,19 @@ void gemv(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) 
     const TypeTraits& ta = type_traits(a->type);
     const bool packed_a = a->nb[0] == ta.type_size;
     const DotFn dot = packed_a ? dot_for(a->type) : nullptr;
-    const IntDotFn int_dot = packed_a ? int_dot_for(a->type) : nullptr;
+    const IntDot int_dot_entry = packed_a ? int_dot_for(a->type) : IntDot{};
+    const IntDotFn int_dot = int_dot_entry.fn;
     const bool packed_b = b->nb[0] == sizeof(float);
     ctx.pool.run([&](int ith, int nth) {
         std::vector<float> columns, row;
         if (!packed_b) columns.resize(size_t(N * K));
         if (!dot) row.resize(size_t(K));
-#if defined(__AVX2__)
-        std::vector<ColumnBlock> quantized(int_dot ? size_t(N * K / 32) : 0);
+#if GFA_INT_DOTS
+        const bool column32 = int_dot && !int_dot_entry.k_column;
+        std::vector<int8_t> column32_qs(column32 ? size_t(N * K) : 0);
+        std::vector<float> column32_scales(column32 ? size_t(2 * N * K / 32) : 0); // d, then sum
+        Column32 column32_views[kGemvMaxN];
+        std::vector<ColumnBlockK> quantized_k(int_dot && int_dot_entry.k_column ? size_t(N * K / QK_K) : 0);
 #endif
         for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
             for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
@@ -635,10 +912,15 @@ void gemv(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) 
                             dstc[k] = *reinterpret_cast<const float*>(col + k * b->nb[0]);
                         x[n] = dstc;
                     }
-#if defined(__AVX2__)
-                    if (int_dot) {
-                        quantize_column(x[n], K, quantized.data() + n * (K / 32));
-                        xq[n] = quantized.data() + n * (K / 32);
+#if GFA_INT_DOTS
+                    if (int_dot && int_dot_entry.k_column) {
+                        quantize_column_k(x[n], K, quantized_k.data() + n * (K / QK_K));
+                        xq[n] = quantized_k.data() + n * (K / QK_K);
+                    } else if (int_dot) {
+                        float* scales = column32_scales.data() + 2 * n * (K / 32);
+                        column32_views[n] = {column32_qs.data() + n * K, scales, scales + K / 32};
+                        quantize_column(x[n], K, column32_views[n]);
+                        xq[n] = &column32_views[n];
                     }
 #endif
                 }
