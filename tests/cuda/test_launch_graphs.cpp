@@ -30,23 +30,25 @@ Device* cuda0() {
     return d;
 }
 
-// Sets GFA_CUDA_GRAPHS for the scope (backends read it when they are created).
-class GraphsSetting {
+// Sets an environment switch (GFA_CUDA_GRAPHS, GFA_CUDA_FUSION) to 1 or 0 for the scope;
+// backends read them when they are created.
+class EnvSetting {
   public:
-    explicit GraphsSetting(bool on) {
-        if (const char* v = std::getenv("GFA_CUDA_GRAPHS")) previous_ = v;
-        setenv("GFA_CUDA_GRAPHS", on ? "1" : "0", 1);
+    EnvSetting(const char* name, bool on) : name_(name) {
+        if (const char* v = std::getenv(name)) previous_ = v;
+        setenv(name, on ? "1" : "0", 1);
     }
-    ~GraphsSetting() {
+    ~EnvSetting() {
         if (previous_)
-            setenv("GFA_CUDA_GRAPHS", previous_->c_str(), 1);
+            setenv(name_, previous_->c_str(), 1);
         else
-            unsetenv("GFA_CUDA_GRAPHS");
+            unsetenv(name_);
     }
-    GraphsSetting(const GraphsSetting&) = delete;
-    GraphsSetting& operator=(const GraphsSetting&) = delete;
+    EnvSetting(const EnvSetting&) = delete;
+    EnvSetting& operator=(const EnvSetting&) = delete;
 
   private:
+    const char* name_;
     std::optional<std::string> previous_;
 };
 
@@ -282,11 +284,11 @@ TEST_CASE("CUDA graphs: repeated node lists replay with new inputs, moved ones a
     INFO("seed " << test::seed());
     std::unique_ptr<Backend> graphs, eager;
     {
-        GraphsSetting on(true);
+        EnvSetting on("GFA_CUDA_GRAPHS", true);
         graphs = cuda0()->create_backend();
     }
     {
-        GraphsSetting off(false);
+        EnvSetting off("GFA_CUDA_GRAPHS", false);
         eager = cuda0()->create_backend();
     }
     REQUIRE(counter(graphs->counters(), "graphs_enabled") == 1);
@@ -346,11 +348,11 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
 
     DecodeRun with_graphs, without, cpu;
     {
-        GraphsSetting on(true);
+        EnvSetting on("GFA_CUDA_GRAPHS", true);
         with_graphs = decode(path, true, prompt, stream, steps);
     }
     {
-        GraphsSetting off(false);
+        EnvSetting off("GFA_CUDA_GRAPHS", false);
         without = decode(path, true, prompt, stream, steps);
     }
     cpu = decode(path, false, prompt, stream, steps);
@@ -382,36 +384,16 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
     CHECK(counter(without.counters, "graph_launches") == 0);
 }
 
-// Sets GFA_CUDA_FUSION for the scope (backends read it when they are created).
-class FusionSetting {
-  public:
-    explicit FusionSetting(bool on) {
-        if (const char* v = std::getenv("GFA_CUDA_FUSION")) previous_ = v;
-        setenv("GFA_CUDA_FUSION", on ? "1" : "0", 1);
-    }
-    ~FusionSetting() {
-        if (previous_)
-            setenv("GFA_CUDA_FUSION", previous_->c_str(), 1);
-        else
-            unsetenv("GFA_CUDA_FUSION");
-    }
-    FusionSetting(const FusionSetting&) = delete;
-    FusionSetting& operator=(const FusionSetting&) = delete;
-
-  private:
-    std::optional<std::string> previous_;
-};
-
 TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
     std::unique_ptr<Backend> fused, separate;
     {
-        FusionSetting on(true);
+        EnvSetting on("GFA_CUDA_FUSION", true);
         fused = cuda0()->create_backend();
     }
     {
-        FusionSetting off(false);
+        EnvSetting off("GFA_CUDA_FUSION", false);
         separate = cuda0()->create_backend();
     }
     REQUIRE(counter(fused->counters(), "fusion_enabled") == 1);
@@ -450,7 +432,7 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
 
 TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cuda][graphs]") {
     INFO("seed " << test::seed());
-    GraphsSetting on(true);
+    EnvSetting on("GFA_CUDA_GRAPHS", true);
     std::unique_ptr<Backend> backend = cuda0()->create_backend();
 
     // A short list, run several times: below the size where graphs pay off.
