@@ -123,7 +123,7 @@ size_t align_up(size_t v) {
 // row reads, stay in L1. b is not rounded: the result is an fp32 dot product.
 
 constexpr int kHalfMatvecWarps = 4;
-constexpr int kHalfUnroll = 8; // 4 KB per warp in flight: a whole row of 2048 16-bit weights
+constexpr int kHalfUnroll = 4;
 constexpr int kHalfMatvecMaxColumns = 8;
 
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {

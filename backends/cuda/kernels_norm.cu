@@ -273,53 +273,32 @@ bool supports_diag_mask_inf(const Tensor* dst) {
 
 // The pre-norm of a transformer block, h = rms_norm(x) * w, and in front of it the residual
 // add that makes x: one block per row, as the separate kernels, and every node's result is
-// written, so readers of the intermediate nodes (the residual stream) still find them. Each
-// thread takes the elements of norm_kernel's loop (tid, tid + blockDim, ...) in the same
-// order and the reduction is block_sum, so the results are bit for bit those of the
-// separate launches. A decoded token's row is all there is to do, so the loads of a chunk
-// of kNormChunk elements per thread are issued together (one memory latency, not one per
-// element), and a row that fits one chunk stays in registers for the second pass. Each
-// element is read and written by one thread only, which keeps outputs placed in place over
-// an input correct.
-constexpr int kNormChunk = 8;
-
+// written, so readers of the intermediate nodes (the residual stream) still find them. The
+// loops and the reduction are those of add_kernel and norm_kernel, so the results are bit
+// for bit those of the separate launches. Each element is read and written by one thread
+// in every pass, which keeps outputs placed in place over an input correct.
 template <bool kAdd>
 __global__ void add_rms_norm_mul_kernel(TensorView a, TensorView b, TensorView sum, TensorView normed,
                                         TensorView w, TensorView out, float eps) {
     __shared__ float shared[32];
     int64_t i1, i2, i3;
     row_indices(out, blockIdx.x, i1, i2, i3);
-    const int64_t n = out.ne[0], step = blockDim.x;
-    float x[kNormChunk];
+    const int64_t n = out.ne[0];
     float sq = 0.0f;
-    for (int64_t base = threadIdx.x; base < n; base += kNormChunk * step) {
-#pragma unroll
-        for (int k = 0; k < kNormChunk; ++k) {
-            const int64_t i = base + k * step;
-            if (i < n)
-                x[k] = kAdd ? load_f32(a, i, i1, i2, i3) + load_f32(b, i, i1, i2, i3)
-                            : load_f32(a, i, i1, i2, i3);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float x = load_f32(a, i, i1, i2, i3);
+        if constexpr (kAdd) {
+            x += load_f32(b, i, i1, i2, i3);
+            *f32_ptr(sum, i, i1, i2, i3) = x;
         }
-#pragma unroll
-        for (int k = 0; k < kNormChunk; ++k) {
-            const int64_t i = base + k * step;
-            if (i >= n) break;
-            if constexpr (kAdd) *f32_ptr(sum, i, i1, i2, i3) = x[k];
-            sq += x[k] * x[k];
-        }
+        sq += x * x;
     }
     const float inv = rsqrtf(block_sum(sq, shared) / float(n) + eps);
-    const bool in_registers = n <= kNormChunk * step; // else re-read what pass 1 saw
     const TensorView& x_view = kAdd ? sum : a;
-    for (int64_t base = threadIdx.x; base < n; base += kNormChunk * step) {
-#pragma unroll
-        for (int k = 0; k < kNormChunk; ++k) {
-            const int64_t i = base + k * step;
-            if (i >= n) break;
-            const float y = (in_registers ? x[k] : load_f32(x_view, i, i1, i2, i3)) * inv;
-            *f32_ptr(normed, i, i1, i2, i3) = y;
-            *f32_ptr(out, i, i1, i2, i3) = y * load_f32(w, i, 0, 0, 0);
-        }
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float y = load_f32(x_view, i, i1, i2, i3) * inv;
+        *f32_ptr(normed, i, i1, i2, i3) = y;
+        *f32_ptr(out, i, i1, i2, i3) = y * load_f32(w, i, 0, 0, 0);
     }
 }
 
