@@ -4,11 +4,23 @@
 #include <algorithm>
 #include <cmath>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace gfa::quant {
 
+// The 16-bit conversions run wherever weights are unpacked (GEMM packing of every f16/bf16
+// weight panel for a prompt), so they use 8-wide instructions where the CPU has them: a
+// scalar call per element cost a quarter of an f16 prompt's GEMM time. Both are exact.
 void f16_to_f32(const void* src, float* dst, int64_t n) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
+    int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+#endif
+    for (; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
 }
 void f32_to_f16(const float* src, void* dst, int64_t n) {
     uint16_t* d = static_cast<uint16_t*>(dst);
@@ -16,7 +28,14 @@ void f32_to_f16(const float* src, void* dst, int64_t n) {
 }
 void bf16_to_f32(const void* src, float* dst, int64_t n) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
+    int64_t i = 0;
+#if defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) { // bf16 is the top half of an f32
+        const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
 }
 void f32_to_bf16(const float* src, void* dst, int64_t n) {
     uint16_t* d = static_cast<uint16_t*>(dst);

@@ -4,6 +4,7 @@
 #include <ggml-fa/types.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -30,6 +31,31 @@ TEST_CASE("bf16 rounds to nearest even", "[types]") {
     CHECK(fp32_to_bf16(1.0f) == 0x3f80);
     CHECK(bf16_to_fp32(fp32_to_bf16(3.140625f)) == 3.140625f);
     CHECK(std::isnan(bf16_to_fp32(fp32_to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+}
+
+TEST_CASE("f16 and bf16 rows convert exactly, every value, at every offset", "[types]") {
+    // Rows are converted 8 values at a time where the CPU allows, the rest one by one: every
+    // 16-bit pattern must come out as the scalar conversion gives it, whichever path it
+    // takes (the row starts at offsets 0..8, so each value meets both paths).
+    std::vector<uint16_t> all(0x10000 + 8);
+    for (size_t i = 0; i < all.size(); ++i) all[i] = uint16_t(i);
+    for (const Type t : {Type::F16, Type::BF16}) {
+        INFO(type_name(t));
+        for (size_t start = 0; start <= 8; ++start) {
+            const size_t n = 0x10000 - start % 5; // odd lengths leave a tail
+            std::vector<float> out(n, 12345.0f);
+            type_traits(t).to_float(all.data() + start, out.data(), int64_t(n));
+            for (size_t i = 0; i < n; ++i) {
+                const uint16_t h = all[start + i];
+                const float want = t == Type::F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+                if (std::isnan(want)) {
+                    REQUIRE(std::isnan(out[i]));
+                    continue;
+                }
+                REQUIRE(std::memcmp(&out[i], &want, sizeof(float)) == 0);
+            }
+        }
+    }
 }
 
 TEST_CASE("q8_0 and q4_0 round trips stay within one quantization step", "[types]") {
