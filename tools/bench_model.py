@@ -6,7 +6,7 @@ ggml-fa-run beside Hugging Face transformers on the same GPU in the same run.
                  [--graphs on|off|both] [--profile] [--no-peer] [--keep-gguf DIR] [--run-args "..."]
 
 Needs torch and transformers (GPU machines). Prints one row per engine and weight type.
---graphs both runs ggml-fa-run with CUDA graphs on and off (GFA_CUDA_GRAPHS=0); --profile
+--graphs (default on) picks CUDA graphs on, off (GFA_CUDA_GRAPHS=0) or both in turn; --profile
 passes --profile and prints where each decoded token's time went; --no-peer skips the
 transformers timing; --keep-gguf keeps the converted model files in DIR.
 """
