@@ -152,35 +152,36 @@ TEST_CASE("mul_mat's few-column path matches the reference for every GGUF block 
     }
 }
 
-// f16 weights against one column take four rows at a time, the rows left over one at a
-// time; both add in the same order, so a row's bits must not depend on the thread count
-// (which decides where each worker's groups of four start). K with and without a tail after
-// the 16-value steps.
-TEST_CASE("f16 matrix-vector products give the same bits on any thread count", "[matmul]") {
-    for (int64_t K : {16, 23, 1000, 2051})
-        for (int64_t M : {5, 67}) {
-            INFO("K=" << K << " M=" << M);
-            Context ctx = data_ctx();
-            Tensor* a = ctx.new_tensor(Type::F16, {K, M});
-            Tensor* b = ctx.new_tensor(Type::F32, {K, 1});
-            fill_uniform(a, 0.1f, 1.0f); // positive: no cancellation in the relative error
-            fill_uniform(b, 0.1f, 1.0f);
-            Tensor* out = mul_mat(ctx, a, b);
-            const Graph g = build_forward(out);
-            const std::vector<double> want = ref::evaluate(g, out);
-            std::vector<float> first;
-            for (int threads : {1, 2, 3}) {
-                INFO(threads << " threads");
-                test::poison_nodes(g);
-                test::compute_cpu(g, threads);
-                const std::vector<float> got = tensor_get_f32(out);
-                CHECK(test::rel_error(got, want) <= kTol);
-                if (first.empty())
-                    first = got;
-                else
-                    CHECK(std::memcmp(first.data(), got.data(), got.size() * sizeof(float)) == 0);
+// f32, f16 and bf16 weights against one column take four rows at a time, the rows left
+// over one at a time; both add in the same order, so a row's bits must not depend on the
+// thread count (which decides where each worker's groups of four start). K with and
+// without a tail after the 16-value steps.
+TEST_CASE("16- and 32-bit matrix-vector products give the same bits on any thread count", "[matmul]") {
+    for (Type type : {Type::F32, Type::F16, Type::BF16})
+        for (int64_t K : {16, 23, 1000, 2051})
+            for (int64_t M : {5, 67}) {
+                INFO(type_name(type) << " K=" << K << " M=" << M);
+                Context ctx = data_ctx();
+                Tensor* a = ctx.new_tensor(type, {K, M});
+                Tensor* b = ctx.new_tensor(Type::F32, {K, 1});
+                fill_uniform(a, 0.1f, 1.0f); // positive: no cancellation in the relative error
+                fill_uniform(b, 0.1f, 1.0f);
+                Tensor* out = mul_mat(ctx, a, b);
+                const Graph g = build_forward(out);
+                const std::vector<double> want = ref::evaluate(g, out);
+                std::vector<float> first;
+                for (int threads : {1, 2, 3}) {
+                    INFO(threads << " threads");
+                    test::poison_nodes(g);
+                    test::compute_cpu(g, threads);
+                    const std::vector<float> got = tensor_get_f32(out);
+                    CHECK(test::rel_error(got, want) <= kTol);
+                    if (first.empty())
+                        first = got;
+                    else
+                        CHECK(std::memcmp(first.data(), got.data(), got.size() * sizeof(float)) == 0);
+                }
             }
-        }
 }
 
 TEST_CASE("mul_mat runs on 1 and 3 threads with the same result as the reference", "[matmul]") {

@@ -318,93 +318,119 @@ inline __m256 i8x8_to_f32(__m128i bytes) {
 }
 #endif
 
-float dot_f32(const void* row, const float* x, int64_t K) {
-    const float* w = static_cast<const float*>(row);
-    int64_t k = 0;
-    float sum = 0.0f;
+// Rows of f32, f16 or bf16 weights against an f32 column. One row (dot_row) keeps two
+// accumulators over alternating 8-value chunks, then adds the tail one value at a time;
+// dot_4_rows takes four consecutive rows at once (four memory streams in flight and each
+// column vector loaded once for four rows: one row at a time left a core's memory stream at
+// about half of what it can read) and adds in exactly dot_row's order, so a row's result does
+// not depend on which of the two computed it (which varies with the thread count). The tails
+// use an explicit fma: left to the compiler, one of them may be contracted and the other not.
+struct F32Weights {
+    using T = float;
+    static float one(T v) { return v; }
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; k + 32 <= K; k += 32)
-        for (int u = 0; u < 4; ++u)
-            acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8 * u), _mm256_loadu_ps(x + k + 8 * u), acc[u]);
-    sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-#endif
-    for (; k < K; ++k) sum += w[k] * x[k];
-    return sum;
-}
-
-// f16 rows: two accumulators per row over alternating 8-value chunks, then the scalar tail.
-// dot4_f16 takes four consecutive rows at once (four memory streams in flight, each column
-// vector loaded once for four rows; one row at a time left a core's memory stream at about
-// half of what it can read) and adds in exactly the order of dot_f16, so a row's result does
-// not depend on which of the two computed it (which varies with the thread count).
-float dot_f16(const void* row, const float* x, int64_t K) {
-    const uint16_t* w = static_cast<const uint16_t*>(row);
-    int64_t k = 0;
-    float sum = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))),
-                               _mm256_loadu_ps(x + k), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8))),
-                               _mm256_loadu_ps(x + k + 8), acc1);
+    static constexpr bool kVector = true;
+    static __m256 eight(const T* p) {
+        return _mm256_loadu_ps(p);
     }
-    sum = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-    // An explicit fma, as in dot4_f16: left to the compiler, one of them may be contracted
-    // and the other not.
-    for (; k < K; ++k) sum = std::fma(fp16_to_fp32(w[k]), x[k], sum);
-    return sum;
-}
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-constexpr bool kHaveDot4F16 = true;
-void dot4_f16(const char* rows, size_t row_bytes, const float* x, int64_t K, float* out) {
-    const uint16_t* w[4];
-    for (int r = 0; r < 4; ++r) w[r] = reinterpret_cast<const uint16_t*>(rows + r * row_bytes);
-    __m256 acc[4][2];
-    for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-        for (int r = 0; r < 4; ++r) {
-            acc[r][0] = _mm256_fmadd_ps(
-                _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k))), x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(
-                _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k + 8))), x1,
-                acc[r][1]);
-        }
-    }
-    for (int r = 0; r < 4; ++r) {
-        float sum = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t t = k; t < K; ++t) sum = std::fma(fp16_to_fp32(w[r][t]), x[t], sum);
-        out[r] = sum;
-    }
-}
 #else
-constexpr bool kHaveDot4F16 = false;
-void dot4_f16(const char*, size_t, const float*, int64_t, float*) {}
+    static constexpr bool kVector = false;
 #endif
+};
+struct F16Weights {
+    using T = uint16_t;
+    static float one(T v) { return fp16_to_fp32(v); }
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    static constexpr bool kVector = true;
+    static __m256 eight(const T* p) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+#else
+    static constexpr bool kVector = false;
+#endif
+};
+struct BF16Weights {
+    using T = uint16_t;
+    static float one(T v) { return bf16_to_fp32(v); }
+#if defined(__AVX2__) && defined(__FMA__)
+    static constexpr bool kVector = true;
+    static __m256 eight(const T* p) { // bf16 is the top half of an f32
+        const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+    }
+#else
+    static constexpr bool kVector = false;
+#endif
+};
 
-float dot_bf16(const void* row, const float* x, int64_t K) {
-    const uint16_t* w = static_cast<const uint16_t*>(row);
+template <class W> float dot_row(const void* row, const float* x, int64_t K) {
+    const typename W::T* w = static_cast<const typename W::T*>(row);
     int64_t k = 0;
     float sum = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; k + 32 <= K; k += 32)
-        for (int u = 0; u < 4; ++u) {
-            // bf16 is the top half of an f32: widen to 32 bits and shift into place.
-            const __m256i bits =
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * u)));
-            const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
-            acc[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k + 8 * u), acc[u]);
+    if constexpr (W::kVector) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; k + 16 <= K; k += 16) {
+            acc0 = _mm256_fmadd_ps(W::eight(w + k), _mm256_loadu_ps(x + k), acc0);
+            acc1 = _mm256_fmadd_ps(W::eight(w + k + 8), _mm256_loadu_ps(x + k + 8), acc1);
         }
-    sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        sum = hsum(_mm256_add_ps(acc0, acc1));
+    }
 #endif
-    for (; k < K; ++k) sum += bf16_to_fp32(w[k]) * x[k];
+    for (; k < K; ++k) sum = std::fma(W::one(w[k]), x[k], sum);
     return sum;
+}
+
+template <class W>
+void dot_4_rows(const char* rows, size_t row_bytes, const float* x, int64_t K, float* out) {
+    using T = typename W::T;
+    const T* w[4];
+    for (int r = 0; r < 4; ++r) w[r] = reinterpret_cast<const T*>(rows + r * row_bytes);
+    int64_t k = 0;
+    float sums[4] = {};
+#if defined(__AVX2__) && defined(__FMA__)
+    if constexpr (W::kVector) {
+        __m256 acc[4][2];
+        for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
+        for (; k + 16 <= K; k += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int r = 0; r < 4; ++r) {
+                acc[r][0] = _mm256_fmadd_ps(W::eight(w[r] + k), x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(W::eight(w[r] + k + 8), x1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < 4; ++r) sums[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    }
+#endif
+    for (int r = 0; r < 4; ++r) {
+        for (int64_t t = k; t < K; ++t) sums[r] = std::fma(W::one(w[r][t]), x[t], sums[r]);
+        out[r] = sums[r];
+    }
+}
+
+float dot_f32(const void* row, const float* x, int64_t K) {
+    return dot_row<F32Weights>(row, x, K);
+}
+float dot_f16(const void* row, const float* x, int64_t K) {
+    return dot_row<F16Weights>(row, x, K);
+}
+float dot_bf16(const void* row, const float* x, int64_t K) {
+    return dot_row<BF16Weights>(row, x, K);
+}
+
+// The four-row kernel for a weight type, or null (types without one take dot_for's).
+using Dot4Fn = void (*)(const char* rows, size_t row_bytes, const float* x, int64_t K, float* out);
+Dot4Fn dot_4_rows_for(Type t) {
+    switch (t) {
+    case Type::F32:
+        return dot_4_rows<F32Weights>;
+    case Type::F16:
+        return dot_4_rows<F16Weights>;
+    case Type::BF16:
+        return dot_4_rows<BF16Weights>;
+    default:
+        return nullptr;
+    }
 }
 
 // q8_0: per block of 32, sum_j (d * q_j) x_j = d * sum_j q_j x_j. Two blocks per step with
@@ -919,6 +945,7 @@ void gemv(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) 
     const TypeTraits& ta = type_traits(a->type);
     const bool packed_a = a->nb[0] == ta.type_size;
     const DotFn dot = packed_a ? dot_for(a->type) : nullptr;
+    const Dot4Fn dot4 = packed_a ? dot_4_rows_for(a->type) : nullptr;
     const IntDot int_dot_entry = packed_a ? int_dot_for(a->type) : IntDot{};
     const IntDotFn int_dot = int_dot_entry.fn;
     const bool packed_b = b->nb[0] == sizeof(float);
@@ -962,10 +989,10 @@ void gemv(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) 
                 }
                 const auto [m_begin, m_end] = split_range(M, ith, nth);
                 int64_t m = m_begin;
-                if (kHaveDot4F16 && a->type == Type::F16 && packed_a && N == 1)
+                if (dot4 && N == 1)
                     for (; m + 4 <= m_end; m += 4) {
                         float quad[4];
-                        dot4_f16(element_ptr(a, 0, m, i2 / r2, i3 / r3), a->nb[1], x[0], K, quad);
+                        dot4(element_ptr(a, 0, m, i2 / r2, i3 / r3), a->nb[1], x[0], K, quad);
                         float* out = f32_row(dst, 0, i2, i3) + m;
                         for (int r = 0; r < 4; ++r) out[r] = quad[r];
                     }
