@@ -281,6 +281,9 @@ TEST_CASE("llama session: clear errors for bad inputs", "[model]") {
     CHECK_THROWS_AS(s.eval({}), Error);
     so.kv_type = Type::Q8_0; // head size 8 is not a multiple of 32
     CHECK_THROWS_WITH(Session(*model, so), Catch::Contains("block size"));
+    so.kv_type = Type::F16;
+    so.decode_window_step = -1;
+    CHECK_THROWS_WITH(Session(*model, so), Catch::Contains("decode_window_step"));
 }
 
 TEST_CASE("llama model: malformed files are rejected with the tensor named", "[model]") {
@@ -294,6 +297,14 @@ TEST_CASE("llama model: malformed files are rejected with the tensor named", "[m
     {
         TempFile file{write_model(m, seed, "", "blk.0.attn_k.weight")};
         CHECK_THROWS_WITH(Model::load(file.path), Catch::Contains("blk.0.attn_k.weight has shape"));
+    }
+    {
+        // A bias that would be merged with the others is checked like any tensor.
+        TinyModel q = m;
+        q.arch = "qwen2";
+        q.biases = true;
+        TempFile file{write_model(q, seed, "", "blk.1.attn_v.bias")};
+        CHECK_THROWS_WITH(Model::load(file.path), Catch::Contains("blk.1.attn_v.bias has shape"));
     }
     {
         m.arch = "gpt2";
