@@ -99,6 +99,9 @@ enum TensorFlag : uint32_t {
     kFlagOutput = 1u << 1, // read by the user after compute: never overwritten by the allocator
     kFlagParam = 1u << 2,  // trainable: autodiff computes its gradient
     kFlagLoss = 1u << 3,   // the scalar the backward pass differentiates
+    // Never written while graphs run (a loaded model's weights): a backend may read it
+    // before the kernels in front of its reader have finished.
+    kFlagConstant = 1u << 4,
 };
 
 struct Tensor {

@@ -3,10 +3,12 @@
 ggml-fa-run beside Hugging Face transformers on the same GPU in the same run.
 
   bench_model.py --build BUILD_DIR [--types f16,q8_0,q4_0] [--prompt 512] [--gen 128]
-                 [--graphs on|off|both] [--profile] [--no-peer] [--keep-gguf DIR] [--run-args "..."]
+                 [--graphs on|off|both] [--early on|off|both] [--profile] [--no-peer]
+                 [--keep-gguf DIR] [--run-args "..."]
 
 Needs torch and transformers (GPU machines). Prints one row per engine and weight type.
---graphs (default on) picks CUDA graphs on, off (GFA_CUDA_GRAPHS=0) or both in turn; --profile
+--graphs (default on) picks CUDA graphs on, off (GFA_CUDA_GRAPHS=0) or both in turn; --early
+likewise for early kernel launches (GFA_CUDA_EARLY_LAUNCH); --profile
 passes --profile and prints where each decoded token's time went; --no-peer skips the
 transformers timing; --keep-gguf keeps the converted model files in DIR.
 """
@@ -30,6 +32,7 @@ def main():
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--graphs", choices=["on", "off", "both"], default="on")
+    ap.add_argument("--early", choices=["on", "off", "both"], default="on")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--keep-gguf", default="")
@@ -61,7 +64,8 @@ def main():
         f16 = os.path.join(gguf_dir, "model-f16.gguf")
         subprocess.run([convert, ckpt, "-o", f16, "--type", "f16"], check=True, capture_output=True)
         tokens = ",".join(str(int(t)) for t in prompt[0])
-        settings = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.graphs]
+        choice = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}
+        settings = [(g, e) for g in choice[args.graphs] for e in choice[args.early]]
         for gtype in args.types.split(","):
             path = f16
             if gtype == "q8_0":
@@ -75,21 +79,22 @@ def main():
             if args.profile:
                 cmd.append("--profile")
             cmd += args.run_args.split()
-            for setting in settings:
-                env = dict(os.environ, GFA_CUDA_GRAPHS="1" if setting == "on" else "0")
+            for graphs, early in settings:
+                env = dict(os.environ, GFA_CUDA_GRAPHS="1" if graphs == "on" else "0",
+                           GFA_CUDA_EARLY_LAUNCH="1" if early == "on" else "0")
                 r = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                 pp = float(re.search(r"prompt: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
                 tg = float(re.search(r"generation: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
-                label = f"{gtype} graphs {setting}"
+                label = f"{gtype} graphs {graphs}" + (f" early {early}" if args.early == "both" else "")
                 rows.append(("ggml-fa", label, pp, tg))
                 print(f"ggml-fa {label}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s", flush=True)
                 if args.profile:
                     start = r.stderr.find("profile:")
                     print(r.stderr[start:] if start >= 0 else r.stderr, flush=True)
     base_pp, base_tg = rows[0][2], rows[0][3]
-    print(f"\n{'engine':14s} {'weights':18s} {'prompt tok/s':>13s} {'gen tok/s':>10s} {'vs first row':>18s}")
+    print(f"\n{'engine':14s} {'weights':26s} {'prompt tok/s':>13s} {'gen tok/s':>10s} {'vs first row':>18s}")
     for eng, t, pp, tg in rows:
-        print(f"{eng:14s} {t:18s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
+        print(f"{eng:14s} {t:26s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
     return 0
 
 

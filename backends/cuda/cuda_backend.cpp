@@ -3,6 +3,7 @@
 // to wait on. Which ops run here is decided by the kernel table (kernels_*.cu).
 #include <ggml-fa/backend.h>
 
+#include "early_launch.h"
 #include "cuda_common.h"
 #include "launch_graphs.h"
 #include "op_def.h"
@@ -286,6 +287,18 @@ bool fusion_by_environment() {
     return !(v && std::strcmp(v, "0") == 0);
 }
 
+} // namespace
+
+// Early launch (early_launch.cuh) is on unless GFA_CUDA_EARLY_LAUNCH is 0: results are the
+// same bit for bit. Read at every launch (a few hundred ns against a launch's microseconds)
+// so tests can compare both ways in one process.
+bool cuda::early_launch_enabled() {
+    const char* v = std::getenv("GFA_CUDA_EARLY_LAUNCH");
+    return !(v && std::strcmp(v, "0") == 0);
+}
+
+namespace {
+
 // GFA_CUDA_OP_TIMES=1: the backend adds up the host time it spends enqueueing each op
 // (eager runs only) and reports it in counters() as host_us.<op>, for finding host overhead.
 bool op_times_by_environment() {
@@ -333,8 +346,10 @@ uint64_t shape_of(WorkList work) {
 uint64_t fingerprint_of(WorkList work) {
     Hash h;
     h.add(work.size());
+    h.add(uint64_t(cuda::early_launch_enabled())); // launches with and without it differ
     auto tensor = [&h](const Tensor* t) {
         h.add(t->data);
+        h.add(uint64_t(t->flags)); // kFlagConstant lets kernels read a tensor early
         h.add(uint64_t(t->type));
         h.add(t->ne);
         h.add(t->nb);
@@ -460,6 +475,7 @@ class CudaBackend final : public Backend {
         std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
         list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
         list.emplace_back("fused_launches", fusions_);
+        list.emplace_back("early_launch_enabled", cuda::early_launch_enabled() ? 1 : 0);
         for (size_t op = 0; op < op_host_ns_.size(); ++op)
             if (op_host_ns_[op] > 0)
                 list.emplace_back(std::string("host_us.") + op_name(Op(op)), op_host_ns_[op] / 1000);

@@ -140,6 +140,14 @@ inline TensorView view_of(const Tensor* t) {
     return v;
 }
 
+// A tensor (or the source of a view) that no kernel writes while graphs run: kernels
+// launched early (early_launch.cuh) may read it before they wait for the kernel in front.
+inline bool is_constant(const Tensor* t) {
+    for (; t; t = t->view_src)
+        if (t->has_flag(kFlagConstant)) return true;
+    return false;
+}
+
 // Host-side layout checks used by the supports predicates.
 inline bool row_is_packed(const Tensor* t) {
     return t->ne[0] == 1 || t->nb[0] == t->element_size();

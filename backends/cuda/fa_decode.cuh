@@ -31,6 +31,7 @@
 #include "fa_decode.h"
 #include "fa_forward.cuh" // fast_exp2, fast_tanh, alibi_slope, mask_value
 #include "fa_launch.h"
+#include "early_launch.cuh"
 
 #include <ggml-fa/error.h>
 
@@ -178,6 +179,8 @@ template <int D_, int KV_, class T_, int W_> struct DecodeTraits {
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a, const int split_begin) {
+    await_inputs(); // launched early: the query and the cache rows come from earlier kernels
+    allow_next_launch();
     using T = typename Tr::T;
     using Rows = typename Tr::Rows;
     constexpr int D = Tr::D, KC = Tr::KC, NW = Tr::NW, STAGES = Tr::STAGES, W = Tr::W;
@@ -553,11 +556,7 @@ void decode_launch_tile(const DecodeSel& sel, const FwdArgs& a, int split_begin,
     decode_dispatch<D>(sel, [&](auto tr) {
         using Tr = decltype(tr);
         decode_set_smem<Tr>();
-        decode_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, st>>>(a, split_begin);
-        const cudaError_t err = cudaGetLastError();
-        if (err != cudaSuccess)
-            gfa::fail(std::string("flash_attn_ext (CUDA): launching the decode kernel failed: ") +
-                      cudaGetErrorString(err));
+        launch_early(decode_kernel<Tr>, grid, Tr::kThreads, Tr::kSmemBytes, st, a, split_begin);
     });
 }
 

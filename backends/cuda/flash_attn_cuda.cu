@@ -6,6 +6,7 @@
 #include "fa_common.cuh"
 #include "fa_decode.h"
 #include "fa_launch.h"
+#include "early_launch.cuh"
 
 #include <ggml-fa/error.h>
 
@@ -396,6 +397,8 @@ template <bool MAX> __device__ float block_reduce(float x, float* scratch) {
 }
 
 __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const fa::FwdArgs a) {
+    await_inputs(); // launched early: the query and the cache rows come from earlier kernels
+    allow_next_launch();
     constexpr int kMaxDimsPerLane = 256 / 32;
     __shared__ float partial[kCombineWarps][256];
     __shared__ float scratch[kCombineWarps];
@@ -583,8 +586,7 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
 
     if (plan.n_split > 1) {
         const int64_t rows = int64_t(s.B) * s.Hkv * s.Sq * s.G;
-        combine_kernel<<<unsigned(rows), 32 * kCombineWarps, 0, st>>>(a);
-        check_cuda(cudaGetLastError(), "launching the split-KV combine kernel");
+        launch_early(combine_kernel, unsigned(rows), 32 * kCombineWarps, 0, st, a);
     }
 }
 

@@ -3,6 +3,7 @@
 // short, and the switch costs nothing next to the memory traffic. Binary ops broadcast b
 // over a by repeating it (b's dims divide a's).
 #include "cuda_device.cuh"
+#include "early_launch.cuh"
 #include "op_def.h"
 
 namespace gfa::cuda {
@@ -86,6 +87,8 @@ __device__ __forceinline__ float apply_binary(int code, float x, float y) {
 }
 
 __global__ void unary_kernel(TensorView a, TensorView dst, int code, float p0, float p1, int64_t n) {
+    await_inputs();
+    allow_next_launch();
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
          k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
@@ -95,6 +98,8 @@ __global__ void unary_kernel(TensorView a, TensorView dst, int code, float p0, f
 }
 
 __global__ void binary_kernel(TensorView a, TensorView b, TensorView dst, int code, int64_t n) {
+    await_inputs();
+    allow_next_launch();
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
          k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
@@ -107,13 +112,13 @@ __global__ void binary_kernel(TensorView a, TensorView b, TensorView dst, int co
 
 void launch_unary(const ComputeCtx& ctx, Tensor* dst, int code, float p0 = 0.0f, float p1 = 0.0f) {
     const int64_t n = dst->nelements();
-    unary_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst), code,
-                                                                     p0, p1, n);
+    launch_early(unary_kernel, grid_for(n, kThreads), kThreads, 0, ctx.stream, view_of(dst->src[0]),
+                 view_of(dst), code, p0, p1, n);
 }
 void launch_binary(const ComputeCtx& ctx, Tensor* dst, int code) {
     const int64_t n = dst->nelements();
-    binary_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
-        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), code, n);
+    launch_early(binary_kernel, grid_for(n, kThreads), kThreads, 0, ctx.stream, view_of(dst->src[0]),
+                 view_of(dst->src[1]), view_of(dst), code, n);
 }
 
 // f32 everywhere; b must broadcast over a (the builders guarantee it, checked again here).

@@ -10,6 +10,8 @@
 //   kernel reads the blocks directly (quant_matmul.cu).
 // out_prod: dst[m, n] = sum_k a[m, k] * b[n, k], i.e. dst = a * b^T, f32 through cuBLAS.
 #include "cuda_device.cuh"
+#include "early_launch.cuh"
+#include "matvec_rows.cuh"
 #include "op_def.h"
 #include "quant_matmul.h"
 
@@ -118,19 +120,22 @@ size_t align_up(size_t v) {
 // Decoding with 16-bit weights reads each weight once, so one kernel does it all: cuBLAS would
 // need b converted to 16 bits first (a second launch) and its own host-side setup, which at a
 // few hundred small products per token cost more host time than the GPU spends on them.
-// One warp per output row; each lane streams 16 bytes (8 weights) per chunk, kHalfUnroll
-// chunks in flight, past L1 (the weights are read once) while b's f32 values, which every
-// row reads, stay in L1. b is not rounded: the result is an fp32 dot product.
+// One warp per output row, or 2 or 4 for long rows (matvec_rows.cuh); each lane streams 16
+// bytes (8 weights) per chunk, kHalfUnroll chunks in flight (a whole row of 2048 weights at
+// once), past L1 (the weights are read once)
+// while b's f32 values, which every row reads, stay in L1. b is not rounded: the result is an
+// fp32 dot product. The kernel is launched early (early_launch.cuh): when a is constant (a
+// model's weights) the first chunks are requested before the kernel that writes b finishes.
 
 constexpr int kHalfMatvecWarps = 4;
-constexpr int kHalfUnroll = 4;
+constexpr int kHalfUnroll = 8;
 constexpr int kHalfMatvecMaxColumns = 8;
 
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
     return v;
 }
 
@@ -141,30 +146,46 @@ template <class W> __device__ __forceinline__ float2 unpack_pair(uint32_t bits) 
         return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
 }
 
+// The kHalfUnroll chunks of a lane's pass starting at chunk `base`, `stride` chunks apart.
+__device__ __forceinline__ void load_weight_chunks(uint4 (&w)[kHalfUnroll], const uint4* row, int base,
+                                                   int stride, int n_chunks) {
+#pragma unroll
+    for (int u = 0; u < kHalfUnroll; ++u)
+        if (base + stride * u < n_chunks) w[u] = load_streaming(row + base + stride * u);
+}
+
+// Register budgets: 64 for one column, 80 for two, 128 for four or more (ptxas spilled
+// at 64 with two and at 80 with four).
 template <class W, int NC>
-__global__ void __launch_bounds__(kHalfMatvecWarps * 32)
-    half_matvec_kernel(TensorView a, TensorView b, TensorView dst, int64_t r2, int64_t r3) {
-    const int lane = threadIdx.x % 32;
-    const int64_t m = int64_t(blockIdx.x) * kHalfMatvecWarps + threadIdx.x / 32;
-    if (m >= dst.ne[0]) return; // the whole warp
+__global__ void __launch_bounds__(kHalfMatvecWarps * 32, NC >= 4   ? 4
+                                                         : NC == 2 ? 6
+                                                                   : 8)
+    half_matvec_kernel(TensorView a, TensorView b, TensorView dst, int64_t r2, int64_t r3, int split,
+                       bool a_constant) {
+    const RowSlice rs = row_slice<kHalfMatvecWarps>(split);
+    const bool has_row = rs.row < dst.ne[0];
     const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
     const uint4* row =
-        reinterpret_cast<const uint4*>(a.data + m * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3]);
-    const char* columns = b.data + i2 * b.nb[2] + i3 * b.nb[3];
-    const int n_cols = int(dst.ne[1]);
+        reinterpret_cast<const uint4*>(a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3]);
     const int n_chunks = int(a.ne[0] / 8);
 
+    uint4 w[kHalfUnroll];
+    if (a_constant && has_row) load_weight_chunks(w, row, rs.first, rs.stride, n_chunks);
+    await_inputs();
+    allow_next_launch();
+    if (!a_constant && has_row) load_weight_chunks(w, row, rs.first, rs.stride, n_chunks);
+
+    const char* columns = b.data + i2 * b.nb[2] + i3 * b.nb[3];
+    const int n_cols = int(dst.ne[1]);
     float acc[NC];
 #pragma unroll
     for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
-    for (int base = lane; base < n_chunks; base += 32 * kHalfUnroll) {
-        uint4 w[kHalfUnroll];
-#pragma unroll
-        for (int u = 0; u < kHalfUnroll; ++u)
-            if (base + 32 * u < n_chunks) w[u] = load_streaming(row + base + 32 * u);
+    const int pass = rs.stride * kHalfUnroll;
+    for (int base = rs.first; has_row && base < n_chunks; base += pass) {
+        if (base != rs.first) load_weight_chunks(w, row, base, rs.stride, n_chunks);
 #pragma unroll
         for (int u = 0; u < kHalfUnroll; ++u) {
-            const int chunk = base + 32 * u;
+            const int chunk = base + rs.stride * u;
             if (chunk >= n_chunks) break;
             const float2 w01 = unpack_pair<W>(w[u].x), w23 = unpack_pair<W>(w[u].y);
             const float2 w45 = unpack_pair<W>(w[u].z), w67 = unpack_pair<W>(w[u].w);
@@ -178,12 +199,7 @@ __global__ void __launch_bounds__(kHalfMatvecWarps * 32)
             }
         }
     }
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-        if (c >= n_cols) break;
-        const float s = warp_sum(acc[c]);
-        if (lane == 0) *f32_ptr(dst, m, c, i2, i3) = s;
-    }
+    write_row_sums<kHalfMatvecWarps>(acc, n_cols, rs, split, has_row, dst, i2, i3);
 }
 
 // The kernel's 16-byte weight loads and float4 column loads need aligned rows and columns.
@@ -201,21 +217,26 @@ bool half_matvec_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
 
 template <class W>
 void launch_half_matvec(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
-    const dim3 grid(unsigned((dst->ne[0] + kHalfMatvecWarps - 1) / kHalfMatvecWarps),
+    const int split = row_split_for(a->ne[0] / 8, kHalfUnroll, kHalfMatvecWarps);
+    const int64_t rows_per_block = kHalfMatvecWarps / split;
+    const dim3 grid(unsigned((dst->ne[0] + rows_per_block - 1) / rows_per_block),
                     unsigned(dst->ne[2] * dst->ne[3]));
     const dim3 block(kHalfMatvecWarps * 32);
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const TensorView va = view_of(a), vb = view_of(b), vd = view_of(dst);
     const int64_t n = b->ne[1];
+    const bool a_constant = is_constant(a);
+    auto launch = [&](auto kernel) {
+        launch_early(kernel, grid, block, 0, ctx.stream, va, vb, vd, r2, r3, split, a_constant);
+    };
     if (n == 1)
-        half_matvec_kernel<W, 1><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
+        launch(half_matvec_kernel<W, 1>);
     else if (n == 2)
-        half_matvec_kernel<W, 2><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
+        launch(half_matvec_kernel<W, 2>);
     else if (n <= 4)
-        half_matvec_kernel<W, 4><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
+        launch(half_matvec_kernel<W, 4>);
     else
-        half_matvec_kernel<W, 8><<<grid, block, 0, ctx.stream>>>(va, vb, vd, r2, r3);
-    GFA_CUDA_CHECK_LAUNCH();
+        launch(half_matvec_kernel<W, 8>);
 }
 
 // ---- mul_mat ------------------------------------------------------------------------------------
@@ -236,7 +257,7 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         const TensorView vb = view_of(b);
         void* columns = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
         if (previous.b != b || previous.columns != columns) quantize_columns(vb, columns, ctx.stream);
-        quant_matvec(view_of(a), vb, view_of(dst), columns, ctx.stream);
+        quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};
         return;
     }

@@ -2,6 +2,7 @@
 // of every block type in quant_blocks.cuh and q8_0 quantization), row gathers and scatters, concat, repeat
 // and its gradient. Each kernel walks its elements with a grid-stride loop over flat indices.
 #include "cuda_device.cuh"
+#include "early_launch.cuh"
 #include "op_def.h"
 
 namespace gfa::cuda {
@@ -137,6 +138,8 @@ __device__ __forceinline__ int64_t read_index(const TensorView& rows, int64_t i,
 }
 
 __global__ void get_rows_kernel(TensorView a, TensorView rows, TensorView dst, int64_t n, int32_t* error) {
+    await_inputs();
+    allow_next_launch();
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
          k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
@@ -155,6 +158,8 @@ __global__ void get_rows_kernel(TensorView a, TensorView rows, TensorView dst, i
 // a time (exactly, as the CPU does) instead of a block per element.
 template <int T>
 __global__ void get_rows_quant_kernel(TensorView a, TensorView rows, TensorView dst, int32_t* error) {
+    await_inputs();
+    allow_next_launch();
     using B = QuantBlock<T>;
     constexpr int kChunks = B::kValues / 8;
     const int64_t r = blockIdx.x;
@@ -182,14 +187,13 @@ void run_get_rows(const ComputeCtx& ctx, Tensor* dst) {
         const int64_t n_rows = dst->ne[1] * dst->ne[2] * dst->ne[3];
         if (n_rows == 0) return;
         dispatch_quant_type(dst->src[0]->type, [&](auto tag) {
-            get_rows_quant_kernel<decltype(tag)::value><<<unsigned(n_rows), 128, 0, ctx.stream>>>(
-                view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), ctx.error_flag);
+            launch_early(get_rows_quant_kernel<decltype(tag)::value>, unsigned(n_rows), 128, 0, ctx.stream,
+                         view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), ctx.error_flag);
         });
-        GFA_CUDA_CHECK_LAUNCH();
         return;
     }
-    get_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
-        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), n, ctx.error_flag);
+    launch_early(get_rows_kernel, grid_for(n, kThreads), kThreads, 0, ctx.stream, view_of(dst->src[0]),
+                 view_of(dst->src[1]), view_of(dst), n, ctx.error_flag);
 }
 bool supports_get_rows(const Tensor* dst) {
     return readable(dst->src[0]) && dst->src[0]->type != Type::I32 && dst->src[1]->type == Type::I32 &&
@@ -225,6 +229,8 @@ bool supports_get_rows_back(const Tensor* dst) {
 }
 
 __global__ void set_rows_kernel(TensorView b, TensorView rows, TensorView dst, int64_t n, int32_t* error) {
+    await_inputs();
+    allow_next_launch();
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
          k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
@@ -241,6 +247,8 @@ __global__ void set_rows_kernel(TensorView b, TensorView rows, TensorView dst, i
 // One thread per q8_0 block of the rows being written.
 __global__ void set_rows_q8_0_kernel(TensorView b, TensorView rows, TensorView dst, int64_t n_blocks,
                                      int32_t* error) {
+    await_inputs();
+    allow_next_launch();
     const int64_t blocks_per_row = b.ne[0] / QK8_0;
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n_blocks;
          k += int64_t(gridDim.x) * blockDim.x) {
@@ -261,13 +269,13 @@ void run_set_rows(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* b = dst->src[1];
     if (dst->type == Type::Q8_0) {
         const int64_t n_blocks = b->nelements() / QK8_0;
-        set_rows_q8_0_kernel<<<grid_for(n_blocks, kThreads), kThreads, 0, ctx.stream>>>(
-            view_of(b), view_of(dst->src[2]), view_of(dst), n_blocks, ctx.error_flag);
+        launch_early(set_rows_q8_0_kernel, grid_for(n_blocks, kThreads), kThreads, 0, ctx.stream, view_of(b),
+                     view_of(dst->src[2]), view_of(dst), n_blocks, ctx.error_flag);
         return;
     }
     const int64_t n = b->nelements();
-    set_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(b), view_of(dst->src[2]),
-                                                                        view_of(dst), n, ctx.error_flag);
+    launch_early(set_rows_kernel, grid_for(n, kThreads), kThreads, 0, ctx.stream, view_of(b),
+                 view_of(dst->src[2]), view_of(dst), n, ctx.error_flag);
 }
 bool supports_set_rows(const Tensor* dst) {
     const Tensor* b = dst->src[1];

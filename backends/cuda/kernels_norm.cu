@@ -6,6 +6,7 @@
 // src[1] (the input x for norms and rope's positions; the output y for softmax), with the
 // forward op's parameters.
 #include "cuda_device.cuh"
+#include "early_launch.cuh"
 #include "op_def.h"
 
 namespace gfa::cuda {
@@ -25,6 +26,8 @@ __device__ __forceinline__ void row_indices(const TensorView& t, int64_t r, int6
 
 // LayerNorm without affine: y = (x - mean) / sqrt(var + eps). rms: y = x / sqrt(mean(x^2) + eps).
 __global__ void norm_kernel(TensorView x, TensorView y, float eps, bool rms) {
+    await_inputs();
+    allow_next_launch();
     __shared__ float shared[32];
     int64_t i1, i2, i3;
     row_indices(y, blockIdx.x, i1, i2, i3);
@@ -78,8 +81,8 @@ __global__ void norm_back_kernel(TensorView dy, TensorView x, TensorView dx, flo
 
 void run_norm_common(const ComputeCtx& ctx, Tensor* dst, bool rms) {
     const Tensor* x = dst->src[0];
-    norm_kernel<<<unsigned(dst->nrows()), row_block_threads(x->ne[0]), 0, ctx.stream>>>(
-        view_of(x), view_of(dst), dst->params<NormParams>().eps, rms);
+    launch_early(norm_kernel, unsigned(dst->nrows()), row_block_threads(x->ne[0]), 0, ctx.stream, view_of(x),
+                 view_of(dst), dst->params<NormParams>().eps, rms);
 }
 void run_norm(const ComputeCtx& ctx, Tensor* dst) {
     run_norm_common(ctx, dst, false);
@@ -119,6 +122,8 @@ bool supports_norm_back(const Tensor* dst) {
 // of a rotated pair; `direction` is +1 for the forward rotation and -1 for its transpose.
 __global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_dims, bool neox,
                             float freq_base, float freq_scale, float direction, int64_t n) {
+    await_inputs();
+    allow_next_launch();
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
          k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
@@ -154,9 +159,9 @@ __global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_di
 void launch_rope(const ComputeCtx& ctx, Tensor* dst, float direction) {
     const RopeParams p = dst->params<RopeParams>();
     const int64_t n = dst->nelements();
-    rope_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
-        view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), p.n_dims, p.mode == RopeMode::NeoX,
-        p.freq_base, p.freq_scale, direction, n);
+    launch_early(rope_kernel, grid_for(n, kThreads), kThreads, 0, ctx.stream, view_of(dst->src[0]),
+                 view_of(dst->src[1]), view_of(dst), p.n_dims, p.mode == RopeMode::NeoX, p.freq_base,
+                 p.freq_scale, direction, n);
 }
 void run_rope(const ComputeCtx& ctx, Tensor* dst) {
     launch_rope(ctx, dst, 1.0f);
@@ -273,32 +278,76 @@ bool supports_diag_mask_inf(const Tensor* dst) {
 
 // The pre-norm of a transformer block, h = rms_norm(x) * w, and in front of it the residual
 // add that makes x: one block per row, as the separate kernels, and every node's result is
-// written, so readers of the intermediate nodes (the residual stream) still find them. The
-// loops and the reduction are those of add_kernel and norm_kernel, so the results are bit
-// for bit those of the separate launches. Each element is read and written by one thread
-// in every pass, which keeps outputs placed in place over an input correct.
+// written, so readers of the intermediate nodes (the residual stream) still find them. Each
+// thread takes the elements of norm_kernel's loop (tid, tid + blockDim, ...) in the same
+// order and the reduction is block_sum, so the results are bit for bit those of the
+// separate launches. A decoded token's row is all there is to do, so every memory access
+// that can be is issued together: a chunk of kNormChunk elements per thread is loaded
+// before any of it is stored (a store in between would order the next load behind it), a
+// row that fits one chunk stays in registers for the second pass, and the first chunk of
+// w is loaded up front, before the kernel in front has finished when w is constant (early
+// launch). Each element is read and written by one thread only, which keeps outputs placed
+// in place over an input correct.
+constexpr int kNormChunk = 8;
+
 template <bool kAdd>
 __global__ void add_rms_norm_mul_kernel(TensorView a, TensorView b, TensorView sum, TensorView normed,
-                                        TensorView w, TensorView out, float eps) {
+                                        TensorView w, TensorView out, float eps, bool w_constant) {
     __shared__ float shared[32];
+    const int64_t n = out.ne[0], step = blockDim.x;
+    float w_first[kNormChunk];
+    auto load_first_weights = [&] {
+#pragma unroll
+        for (int k = 0; k < kNormChunk; ++k)
+            if (threadIdx.x + k * step < n) w_first[k] = load_f32(w, threadIdx.x + k * step, 0, 0, 0);
+    };
+    if (w_constant) load_first_weights();
+    await_inputs();
+    allow_next_launch();
+    if (!w_constant) load_first_weights();
+
     int64_t i1, i2, i3;
     row_indices(out, blockIdx.x, i1, i2, i3);
-    const int64_t n = out.ne[0];
+    float x[kNormChunk];
     float sq = 0.0f;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        float x = load_f32(a, i, i1, i2, i3);
-        if constexpr (kAdd) {
-            x += load_f32(b, i, i1, i2, i3);
-            *f32_ptr(sum, i, i1, i2, i3) = x;
+    for (int64_t base = threadIdx.x; base < n; base += kNormChunk * step) {
+#pragma unroll
+        for (int k = 0; k < kNormChunk; ++k) {
+            const int64_t i = base + k * step;
+            if (i < n)
+                x[k] = kAdd ? load_f32(a, i, i1, i2, i3) + load_f32(b, i, i1, i2, i3)
+                            : load_f32(a, i, i1, i2, i3);
         }
-        sq += x * x;
+#pragma unroll
+        for (int k = 0; k < kNormChunk; ++k) {
+            const int64_t i = base + k * step;
+            if (i >= n) break;
+            if constexpr (kAdd) *f32_ptr(sum, i, i1, i2, i3) = x[k];
+            sq += x[k] * x[k];
+        }
     }
     const float inv = rsqrtf(block_sum(sq, shared) / float(n) + eps);
+    const bool in_registers = n <= kNormChunk * step; // else re-read what pass 1 stored
     const TensorView& x_view = kAdd ? sum : a;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        const float y = load_f32(x_view, i, i1, i2, i3) * inv;
-        *f32_ptr(normed, i, i1, i2, i3) = y;
-        *f32_ptr(out, i, i1, i2, i3) = y * load_f32(w, i, 0, 0, 0);
+    for (int64_t base = threadIdx.x; base < n; base += kNormChunk * step) {
+        const bool first = base == threadIdx.x;
+        float xs[kNormChunk], ws[kNormChunk];
+#pragma unroll
+        for (int k = 0; k < kNormChunk; ++k) {
+            const int64_t i = base + k * step;
+            if (i < n) {
+                xs[k] = first && in_registers ? x[k] : load_f32(x_view, i, i1, i2, i3);
+                ws[k] = first ? w_first[k] : load_f32(w, i, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < kNormChunk; ++k) {
+            const int64_t i = base + k * step;
+            if (i >= n) break;
+            const float y = xs[k] * inv;
+            *f32_ptr(normed, i, i1, i2, i3) = y;
+            *f32_ptr(out, i, i1, i2, i3) = y * ws[k];
+        }
     }
 }
 
@@ -320,17 +369,18 @@ bool is_f32_rms_norm_of(const Tensor* norm, const Tensor* x) {
 void run_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
     const Tensor* norm = mul->src[0];
     const TensorView none{};
-    add_rms_norm_mul_kernel<false><<<unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0, ctx.stream>>>(
-        view_of(norm->src[0]), none, none, view_of(norm), view_of(mul->src[1]), view_of(mul),
-        norm->params<NormParams>().eps);
+    launch_early(add_rms_norm_mul_kernel<false>, unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0,
+                 ctx.stream, view_of(norm->src[0]), none, none, view_of(norm), view_of(mul->src[1]),
+                 view_of(mul), norm->params<NormParams>().eps, is_constant(mul->src[1]));
 }
 
 void run_add_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
     const Tensor* norm = mul->src[0];
     const Tensor* sum = norm->src[0];
-    add_rms_norm_mul_kernel<true><<<unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0, ctx.stream>>>(
-        view_of(sum->src[0]), view_of(sum->src[1]), view_of(sum), view_of(norm), view_of(mul->src[1]),
-        view_of(mul), norm->params<NormParams>().eps);
+    launch_early(add_rms_norm_mul_kernel<true>, unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0,
+                 ctx.stream, view_of(sum->src[0]), view_of(sum->src[1]), view_of(sum), view_of(norm),
+                 view_of(mul->src[1]), view_of(mul), norm->params<NormParams>().eps,
+                 is_constant(mul->src[1]));
 }
 
 } // namespace

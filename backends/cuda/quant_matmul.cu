@@ -13,6 +13,8 @@
 //
 // Prefill (N > 8) dequantizes a to f16 (exact values, then rounded) for cuBLAS.
 #include "cuda_device.cuh"
+#include "early_launch.cuh"
+#include "matvec_rows.cuh"
 #include "quant_matmul.h"
 
 namespace gfa::cuda {
@@ -20,11 +22,12 @@ namespace gfa::cuda {
 namespace {
 
 constexpr int kMatvecWarps = 4;
-// Blocks per SM the register budget must allow: for one or two columns 8 (64 registers a
-// thread, 32 warps per SM, enough loads in flight); more columns need more accumulators and
-// would spill at 64.
-constexpr int matvec_min_blocks(int columns) {
-    return columns <= 2 ? 8 : 4;
+// Blocks per SM the register budget must allow: for one column 8 (64 registers a thread,
+// 32 warps per SM, enough loads in flight); more columns need more accumulators, and q5_K's
+// items more registers (it spilled at 64).
+constexpr int matvec_min_blocks(int type, int columns) {
+    const int blocks = columns <= 1 ? 8 : columns <= 2 ? 6 : 4;
+    return type == kQ5_K && blocks > 6 ? 6 : blocks;
 }
 constexpr int kDequantThreads = 128;
 
@@ -276,6 +279,8 @@ template <int A> struct Item<kQ6_K, A> {
 
 // One warp per 32 values of one column of b (columns ordered n, then i2, then i3).
 __global__ void quantize_columns_kernel(TensorView b, int8_t* q, float2* ds, int64_t n_blocks) {
+    await_inputs();
+    allow_next_launch();
     const int lane = threadIdx.x % 32;
     const int64_t blocks_per_column = b.ne[0] / 32;
     for (int64_t w = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; w < n_blocks;
@@ -296,43 +301,48 @@ __global__ void quantize_columns_kernel(TensorView b, int8_t* q, float2* ds, int
     }
 }
 
+// Launched early (early_launch.cuh): with constant weights (a model's) each warp asks L2 for
+// the start of its row before the kernel that quantized the columns has finished (into L2,
+// not registers: items held across the wait made the k-quant kernels spill).
+constexpr int64_t kMatvecPrefetchBytes = 8192;
+
 template <int T, int A, int NC>
-__global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(NC))
-    quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3) {
+__global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
+    quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3, int split,
+                        bool a_constant) {
     using W = Item<T, A>;
     using B = QuantBlock<T>;
-    const int lane = threadIdx.x % 32;
-    const int64_t m = int64_t(blockIdx.x) * kMatvecWarps + threadIdx.x / 32;
-    if (m >= dst.ne[0]) return; // the whole warp
+    const RowSlice rs = row_slice<kMatvecWarps>(split);
+    const bool has_row = rs.row < dst.ne[0];
     const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
-    const char* row = a.data + m * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    const char* row = a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
+    if (a_constant && has_row && rs.slice == 0)
+        warp_prefetch_l2(row, min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes),
+                         int(threadIdx.x) % 32);
+    await_inputs();
+    allow_next_launch();
+
     const int64_t matrix = i3 * dst.ne[2] + i2;
     x.q += matrix * x.n * x.q_stride;
     x.ds += matrix * x.n * x.ds_stride;
-
     float acc[NC];
 #pragma unroll
     for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
-    const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
-    for (int base = lane; base < n_items; base += 32 * W::kUnroll) {
+    for (int base = rs.first; has_row && base < n_items; base += rs.stride * W::kUnroll) {
         W items[W::kUnroll];
 #pragma unroll
         for (int u = 0; u < W::kUnroll; ++u) {
-            const int i = base + 32 * u;
+            const int i = base + rs.stride * u;
             if (i < n_items) items[u].load(row + int64_t(i / W::kParts) * B::kBytes, i % W::kParts);
         }
 #pragma unroll
         for (int u = 0; u < W::kUnroll; ++u) {
-            const int i = base + 32 * u;
+            const int i = base + rs.stride * u;
             if (i < n_items) items[u].template dot<NC>(x, i / W::kParts, i % W::kParts, acc);
         }
     }
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-        if (c >= x.n) break;
-        const float s = warp_sum(acc[c]);
-        if (lane == 0) *f32_ptr(dst, m, c, i2, i3) = s;
-    }
+    write_row_sums<kMatvecWarps>(acc, x.n, rs, split, has_row, dst, i2, i3);
 }
 
 // One thread block per row of a; each thread writes 8 consecutive f16 values (16 bytes).
@@ -369,18 +379,24 @@ int row_alignment(const TensorView& a) {
 
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
-                   cudaStream_t stream) {
-    const dim3 grid(unsigned((dst.ne[0] + kMatvecWarps - 1) / kMatvecWarps), unsigned(dst.ne[2] * dst.ne[3]));
+                   bool a_constant, cudaStream_t stream) {
+    const int split = row_split_for(a.ne[0] / QuantBlock<T>::kValues * Item<T, A>::kParts,
+                                    Item<T, A>::kUnroll, kMatvecWarps);
+    const int64_t rows_per_block = kMatvecWarps / split;
+    const dim3 grid(unsigned((dst.ne[0] + rows_per_block - 1) / rows_per_block),
+                    unsigned(dst.ne[2] * dst.ne[3]));
     const dim3 block(kMatvecWarps * 32);
+    auto launch = [&](auto kernel) {
+        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant);
+    };
     if (x.n == 1)
-        quant_matvec_kernel<T, A, 1><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
+        launch(quant_matvec_kernel<T, A, 1>);
     else if (x.n == 2)
-        quant_matvec_kernel<T, A, 2><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
+        launch(quant_matvec_kernel<T, A, 2>);
     else if (x.n <= 4)
-        quant_matvec_kernel<T, A, 4><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
+        launch(quant_matvec_kernel<T, A, 4>);
     else
-        quant_matvec_kernel<T, A, 8><<<grid, block, 0, stream>>>(a, x, dst, r2, r3);
-    GFA_CUDA_CHECK_LAUNCH();
+        launch(quant_matvec_kernel<T, A, 8>);
 }
 
 // Where quantize_columns puts the int8 values and the (scale, sum) pairs.
@@ -407,13 +423,12 @@ void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream) {
     const int64_t n_blocks = l.n_columns * (b.ne[0] / 32);
     if (n_blocks == 0) return;
     constexpr int kThreads = 256;
-    quantize_columns_kernel<<<grid_for(n_blocks * 32, kThreads), kThreads, 0, stream>>>(
-        b, reinterpret_cast<int8_t*>(base), reinterpret_cast<float2*>(base + l.ds_offset), n_blocks);
-    GFA_CUDA_CHECK_LAUNCH();
+    launch_early(quantize_columns_kernel, grid_for(n_blocks * 32, kThreads), kThreads, 0, stream, b,
+                 reinterpret_cast<int8_t*>(base), reinterpret_cast<float2*>(base + l.ds_offset), n_blocks);
 }
 
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  cudaStream_t stream) {
+                  bool a_constant, cudaStream_t stream) {
     if (b.ne[1] < 1 || b.ne[1] > kQuantMatvecMaxColumns)
         fail("mul_mat on CUDA: the matrix-vector path takes 1 to 8 columns, got " + std::to_string(b.ne[1]));
     if (dst.ne[0] == 0 || dst.ne[2] * dst.ne[3] == 0) return;
@@ -428,12 +443,12 @@ void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& ds
         constexpr int T = decltype(tag)::value;
         constexpr int kMax = QuantBlock<T>::kMaxAlign;
         if constexpr (kMax >= 16) {
-            if (align >= 16) return launch_matvec<T, 16>(a, x, dst, r2, r3, stream);
+            if (align >= 16) return launch_matvec<T, 16>(a, x, dst, r2, r3, a_constant, stream);
         }
         if constexpr (kMax >= 4) {
-            if (align >= 4) return launch_matvec<T, 4>(a, x, dst, r2, r3, stream);
+            if (align >= 4) return launch_matvec<T, 4>(a, x, dst, r2, r3, a_constant, stream);
         }
-        launch_matvec<T, 2>(a, x, dst, r2, r3, stream);
+        launch_matvec<T, 2>(a, x, dst, r2, r3, a_constant, stream);
     });
 }
 

@@ -22,9 +22,10 @@ size_t quantized_columns_bytes(const TensorView& b);
 // with an offset. `scratch` holds quantized_columns_bytes(b) bytes, 16-byte aligned.
 void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream);
 
-// Step 2: dst = a^T b from the quantized columns (N <= kQuantMatvecMaxColumns).
+// Step 2: dst = a^T b from the quantized columns (N <= kQuantMatvecMaxColumns). a_constant:
+// no kernel writes a while graphs run, so the kernel may fetch it before its inputs are ready.
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  cudaStream_t stream);
+                  bool a_constant, cudaStream_t stream);
 
 // a's rows as a packed f16 matrix [K, M * A2 * A3] (exact dequantization, then rounded to
 // f16). `out` is 16-byte aligned.

@@ -329,6 +329,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         if (p.ctx->n_tensors() == 0) continue;
         p.buffer = allocate_context_tensors(*p.ctx, p.device->buffer_type());
         for (Tensor* t : p.ctx->tensors()) {
+            t->flags |= kFlagConstant;
             auto parts = merged_parts.find(t);
             if (parts == merged_parts.end()) {
                 const gguf::TensorInfo& info = m.file.tensor(t->name);

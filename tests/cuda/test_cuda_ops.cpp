@@ -358,6 +358,8 @@ TEST_CASE("CUDA mul_mat for f32, f16, bf16, q8_0 and q4_0 weights with broadcast
 // Decoding with 16-bit weights: rows whose bytes are a multiple of 16 take the matrix-vector
 // kernel, which keeps b in f32 (so the result is an fp32 dot product: tolerance 1e-4, where
 // rounding b to 16 bits would give about 1e-3); others the cuBLAS path that rounds b.
+// K = 2056 and 4104 split rows over 2 and 4 warps (matvec_rows.cuh); M = 37 leaves a block
+// with a row past the end.
 TEST_CASE("CUDA mul_mat decoding with f16 and bf16 weights, long and odd rows", "[cuda][matvec]") {
     for (Type t : {Type::F16, Type::BF16})
         for (int64_t K : {8, 1000, 2056, 4104})
@@ -371,6 +373,8 @@ TEST_CASE("CUDA mul_mat decoding with f16 and bf16 weights, long and odd rows", 
                     // which a relative bound cannot judge when they cancel to near zero.
                     fill_uniform(a, 0.05f, 1.0f);
                     fill_uniform(b, 0.05f, 1.0f);
+                    // Constant weights are fetched before the kernel waits for b (early launch).
+                    if (M == 300) a->flags |= kFlagConstant;
                     const bool matvec_rows = K * 2 % 16 == 0;
                     const double tol = matvec_rows ? 1e-4 : t == Type::BF16 ? 2e-2 : 5e-3;
                     INFO("weights " << type_name(t) << ", K " << K << ", M " << M << ", N " << n);
@@ -478,13 +482,16 @@ TEST_CASE("CUDA quantized decoding products reuse b's int8 form only right after
 
 TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill paths", "[cuda][quant]") {
     for (Type t : kQuantTypes) {
-        std::vector<int64_t> depths = {256, 768, 4352};
+        // Long rows are split over 2 or 4 warps (matvec_rows.cuh) in the decoding path.
+        std::vector<int64_t> depths = {256, 768, 2048, 4352};
         if (type_traits(t).block_size == 32) depths.push_back(96);
         for (int64_t K : depths)
             for (int64_t M : {1, 7, 300}) {
                 Context ctx = data_ctx();
                 Tensor* a = ctx.new_tensor(t, {K, M});
                 fill_uniform(a); // quantized by the CPU encoder
+                // Constant weights are fetched before the kernel waits for b (early launch).
+                if (M == 7) a->flags |= kFlagConstant;
                 for (int64_t N : {1, 2, 3, 8, 9, 33}) {
                     Tensor* b = ctx.new_tensor(Type::F32, {K, N});
                     fill_uniform(b);

@@ -30,8 +30,9 @@ Device* cuda0() {
     return d;
 }
 
-// Sets an environment switch (GFA_CUDA_GRAPHS, GFA_CUDA_FUSION) to 1 or 0 for the scope;
-// backends read them when they are created.
+// Sets an environment switch (GFA_CUDA_GRAPHS, GFA_CUDA_FUSION, GFA_CUDA_EARLY_LAUNCH) to 1
+// or 0 for the scope; backends read the first two when they are created, the last at every
+// kernel launch.
 class EnvSetting {
   public:
     EnvSetting(const char* name, bool on) : name_(name) {
@@ -346,7 +347,7 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
     // attention kernel's key tiles, which changes its split-KV plan.
     const int steps = 80;
 
-    DecodeRun with_graphs, without, cpu;
+    DecodeRun with_graphs, without, plain_launches, cpu;
     {
         EnvSetting on("GFA_CUDA_GRAPHS", true);
         with_graphs = decode(path, true, prompt, stream, steps);
@@ -355,6 +356,13 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
         EnvSetting off("GFA_CUDA_GRAPHS", false);
         without = decode(path, true, prompt, stream, steps);
     }
+    {
+        // Early launch (early_launch.cuh) off: every kernel waits for the one in front the
+        // plain way. Graphs on and off above both launched early.
+        EnvSetting on("GFA_CUDA_GRAPHS", true);
+        EnvSetting off("GFA_CUDA_EARLY_LAUNCH", false);
+        plain_launches = decode(path, true, prompt, stream, steps);
+    }
     cpu = decode(path, false, prompt, stream, steps);
     std::filesystem::remove(path);
 
@@ -362,17 +370,22 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
     INFO("graphs off: " << without.counters);
     REQUIRE(with_graphs.logits.size() == cpu.logits.size());
     REQUIRE(without.logits.size() == cpu.logits.size());
+    REQUIRE(plain_launches.logits.size() == cpu.logits.size());
     for (size_t i = 0; i < cpu.logits.size(); ++i) {
         INFO("eval " << i);
         CHECK(all_finite(with_graphs.logits[i]));
         CHECK(bit_identical(with_graphs.logits[i], without.logits[i]));
+        CHECK(bit_identical(with_graphs.logits[i], plain_launches.logits[i]));
         const std::vector<double> ref(cpu.logits[i].begin(), cpu.logits[i].end());
         const double err = test::rel_error(with_graphs.logits[i], ref);
         INFO("relative error against the CPU " << err);
         CHECK(err <= 1e-2); // f16 weights and KV cache, different summation orders
     }
     CHECK(counter(with_graphs.counters, "graphs_enabled") == 1);
+    CHECK(counter(with_graphs.counters, "early_launch_enabled") == 1);
+    CHECK(counter(plain_launches.counters, "early_launch_enabled") == 0);
     CHECK(counter(with_graphs.counters, "capture_failures") == 0);
+    CHECK(counter(plain_launches.counters, "capture_failures") == 0);
     // The session keeps its last graph: of every five evals (1, 1, 1, 1, 2 tokens) three
     // reuse it, less a rebuild per window. Rebuilt graphs of a kind seen before land in the
     // same memory, so the backend replays those as well.
@@ -398,7 +411,9 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
     }
     REQUIRE(counter(fused->counters(), "fusion_enabled") == 1);
     REQUIRE(counter(separate->counters(), "fusion_enabled") == 0);
-    for (const int64_t n : {1, 333, 2048}) {
+    // 5000: longer than one pass of the kernel's register chunks, so the second pass reads
+    // the sums back from memory.
+    for (const int64_t n : {1, 333, 2048, 5000}) {
         INFO("row length " << n);
         Context ctx{ContextParams{.alloc_data = true}};
         Tensor* x = ctx.new_tensor(Type::F32, {n, 3, 2});
@@ -406,6 +421,8 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
         Tensor* w1 = ctx.new_tensor(Type::F32, {n});
         Tensor* w2 = ctx.new_tensor(Type::F32, {n});
         for (Tensor* t : {x, r, w1, w2}) test::fill_uniform(t);
+        // Constant weights are read before the kernel waits for its inputs (early launch).
+        if (n % 2 == 1) w1->flags |= kFlagConstant, w2->flags |= kFlagConstant;
         // A block's two pre-norms: rms_norm -> mul on the input, then the residual add and
         // the next pre-norm; the sums and norms are read again afterwards, as a residual
         // stream is.
