@@ -237,12 +237,14 @@ int main(int argc, char** argv) {
             const double op_ms = time_ms(
                 [&](int c) {
                     gfa::cuda::quantize_columns(b, scratch, nullptr);
-                    gfa::cuda::quant_matvec(view(weights.at(c), t, s.K, s.M), b, dst, scratch, true, nullptr);
+                    gfa::cuda::quant_matvec(view(weights.at(c), t, s.K, s.M), b, dst, scratch, true, {}, 0,
+                                            nullptr);
                 },
                 n_copies, reps);
             const double kernel_ms = time_ms(
                 [&](int c) {
-                    gfa::cuda::quant_matvec(view(weights.at(c), t, s.K, s.M), b, dst, scratch, true, nullptr);
+                    gfa::cuda::quant_matvec(view(weights.at(c), t, s.K, s.M), b, dst, scratch, true, {}, 0,
+                                            nullptr);
                 },
                 n_copies, reps);
             const double mb = double(host.size()) / 1e6;

@@ -490,7 +490,8 @@ class CudaBackend final : public Backend {
         fused_nodes_.clear();
         for (const auto& w : work_) fused_nodes_.push_back(w.first);
         for (size_t i = 0; i < work_.size();) {
-            const cuda::Fusion f = cuda::find_norm_fusion(fused_nodes_, i);
+            cuda::Fusion f = cuda::find_norm_fusion(fused_nodes_, i);
+            if (f.n_nodes < 2) f = cuda::find_glu_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) {
                 ++i;
                 continue;

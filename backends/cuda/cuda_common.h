@@ -105,6 +105,9 @@ struct Fusion {
 // rms_norm -> mul by a row of weights, and add -> rms_norm -> mul (a transformer block's
 // residual add and pre-norm), starting at nodes[i].
 Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i);
+// A merged gate/up matrix-vector product and the swiglu of its two halves, starting at
+// nodes[i]: the product's rows in gate/up pairs, swiglu written by the same kernel.
+Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i);
 
 void register_movement_kernels(KernelTable& t);
 void register_elementwise_kernels(KernelTable& t);

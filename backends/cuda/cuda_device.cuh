@@ -136,6 +136,15 @@ inline int row_block_threads(int64_t n) {
     return t;
 }
 
+__device__ __forceinline__ float sigmoid(float x) {
+    return 1.0f / (1.0f + expf(-x));
+}
+// silu(gate) * up: the swiglu op, and the fused gate/up product's epilogue (one definition,
+// so both give the same bits).
+__device__ __forceinline__ float swiglu_value(float gate, float up) {
+    return gate * sigmoid(gate) * up;
+}
+
 // Reports a kernel-side error to the host (first writer wins).
 __device__ __forceinline__ void report_error(int32_t* flag, int32_t code) {
     if (flag) atomicCAS(flag, 0, code);

@@ -20,10 +20,6 @@ constexpr float kGeluCubic = 0.044715f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
-__device__ __forceinline__ float sigmoid(float x) {
-    return 1.0f / (1.0f + expf(-x));
-}
-
 __device__ __forceinline__ float apply_unary(int code, float x, float p0, float p1) {
     switch (code) {
     case kScale:
@@ -65,7 +61,7 @@ __device__ __forceinline__ float apply_binary(int code, float x, float y) {
     case kDiv:
         return x / y;
     case kSwiglu:
-        return x * sigmoid(x) * y; // silu(gate) * up
+        return swiglu_value(x, y);
     case kSiluBack: {
         const float s = sigmoid(y);
         return x * s * (1.0f + y * (1.0f - s));

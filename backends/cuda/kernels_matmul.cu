@@ -161,9 +161,9 @@ __global__ void __launch_bounds__(kHalfMatvecWarps * 32, NC >= 4   ? 4
                                                          : NC == 2 ? 6
                                                                    : 8)
     half_matvec_kernel(TensorView a, TensorView b, TensorView dst, int64_t r2, int64_t r3, int split,
-                       bool a_constant) {
-    const RowSlice rs = row_slice<kHalfMatvecWarps>(split);
-    const bool has_row = rs.row < dst.ne[0];
+                       bool a_constant, int64_t n_ff, TensorView glu) {
+    const RowSlice rs = row_slice<kHalfMatvecWarps>(split, n_ff);
+    const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
     const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
     const uint4* row =
         reinterpret_cast<const uint4*>(a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3]);
@@ -199,7 +199,11 @@ __global__ void __launch_bounds__(kHalfMatvecWarps * 32, NC >= 4   ? 4
             }
         }
     }
-    write_row_sums<kHalfMatvecWarps>(acc, n_cols, rs, split, has_row, dst, i2, i3);
+    write_row_sums<kHalfMatvecWarps>(acc, n_cols, rs, split, has_row, dst, i2, i3, n_ff, glu);
+}
+
+int half_matvec_split(const Tensor* a) {
+    return row_split_for(a->ne[0] / 8, kHalfUnroll, kHalfMatvecWarps);
 }
 
 // The kernel's 16-byte weight loads and float4 column loads need aligned rows and columns.
@@ -215,19 +219,24 @@ bool half_matvec_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
            aligned16(b) && dst->ne[2] * dst->ne[3] <= 65535;
 }
 
+// glu: the swiglu node of a fused gate/up product (find_glu_fusion), else null.
 template <class W>
-void launch_half_matvec(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
-    const int split = row_split_for(a->ne[0] / 8, kHalfUnroll, kHalfMatvecWarps);
-    const int64_t rows_per_block = kHalfMatvecWarps / split;
-    const dim3 grid(unsigned((dst->ne[0] + rows_per_block - 1) / rows_per_block),
+void launch_half_matvec(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst,
+                        const Tensor* glu) {
+    const int split = half_matvec_split(a);
+    const int64_t n_ff = glu ? dst->ne[0] / 2 : 0;
+    const int64_t rows_per_block = glu ? kHalfMatvecWarps / split / 2 : kHalfMatvecWarps / split;
+    const int64_t rows = glu ? n_ff : dst->ne[0];
+    const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block),
                     unsigned(dst->ne[2] * dst->ne[3]));
     const dim3 block(kHalfMatvecWarps * 32);
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
-    const TensorView va = view_of(a), vb = view_of(b), vd = view_of(dst);
+    const TensorView va = view_of(a), vb = view_of(b), vd = view_of(dst),
+                     vg = glu ? view_of(glu) : TensorView{};
     const int64_t n = b->ne[1];
     const bool a_constant = is_constant(a);
     auto launch = [&](auto kernel) {
-        launch_early(kernel, grid, block, 0, ctx.stream, va, vb, vd, r2, r3, split, a_constant);
+        launch_early(kernel, grid, block, 0, ctx.stream, va, vb, vd, r2, r3, split, a_constant, n_ff, vg);
     };
     if (n == 1)
         launch(half_matvec_kernel<W, 1>);
@@ -241,7 +250,8 @@ void launch_half_matvec(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
 
 // ---- mul_mat ------------------------------------------------------------------------------------
 
-void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
+// glu: the swiglu node fused behind a matrix-vector product (find_glu_fusion), else null.
+void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1];
     float* C = static_cast<float*>(dst->data);
@@ -257,17 +267,19 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         const TensorView vb = view_of(b);
         void* columns = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
         if (previous.b != b || previous.columns != columns) quantize_columns(vb, columns, ctx.stream);
-        quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), ctx.stream);
+        quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), glu ? view_of(glu) : TensorView{},
+                     glu ? dst->ne[0] / 2 : 0, ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};
         return;
     }
     if (half_matvec_applies(a, b, dst)) {
         if (a->type == Type::F16)
-            launch_half_matvec<__half>(ctx, a, b, dst);
+            launch_half_matvec<__half>(ctx, a, b, dst, glu);
         else
-            launch_half_matvec<__nv_bfloat16>(ctx, a, b, dst);
+            launch_half_matvec<__nv_bfloat16>(ctx, a, b, dst, glu);
         return;
     }
+    if (glu) fail("mul_mat on CUDA: a fused swiglu needs the matrix-vector path");
     if (a->type == Type::F32) {
         Operand B = operand_of(b, b->data, CUDA_R_32F, 4);
         if (!row_is_packed(b)) { // a transposed or permuted b: GEMM reads a packed copy
@@ -295,6 +307,23 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         A = operand_of(a, a->data, half_type, 2);
     }
     batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, A, B, C, ldc, c2, c3);
+}
+
+void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
+    compute_mul_mat(ctx, dst, nullptr);
+}
+
+// The fused gate/up product: `swiglu` is the last node, its sources views of the product.
+void run_mul_mat_swiglu(const ComputeCtx& ctx, Tensor* swiglu) {
+    compute_mul_mat(ctx, swiglu->src[0]->view_src, swiglu);
+}
+
+// A view of the product m: rows of half its width at column `first`, as the graph builder's
+// split of a merged gate/up product makes them.
+bool is_half_of(const Tensor* v, const Tensor* m, int64_t first) {
+    return v && v->view_src == m && v->type == Type::F32 && v->view_offs == size_t(first) * 4 &&
+           v->ne[0] == m->ne[0] / 2 && v->ne[1] == m->ne[1] && v->ne[2] == 1 && v->ne[3] == 1 &&
+           v->nb[0] == 4 && v->nb[1] == m->nb[1];
 }
 
 bool supports_mul_mat(const Tensor* dst) {
@@ -355,6 +384,25 @@ bool supports_out_prod(const Tensor* dst) {
 }
 
 } // namespace
+
+Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i) {
+    if (nodes.size() - i < 2) return {};
+    const Tensor* m = nodes[i];
+    const Tensor* s = nodes[i + 1];
+    if (m->op != Op::MulMat || s->op != Op::Swiglu || !supports_mul_mat(m) || m->ne[0] % 2 != 0 ||
+        m->ne[2] != 1 || m->ne[3] != 1 || s->type != Type::F32 || !s->is_contiguous())
+        return {};
+    const int64_t n_ff = m->ne[0] / 2;
+    if (!is_half_of(s->src[0], m, 0) || !is_half_of(s->src[1], m, n_ff) || s->ne != s->src[0]->ne) return {};
+    // Only the matrix-vector paths pair rows, and only with at most 2 warps a row.
+    const Tensor *a = m->src[0], *b = m->src[1];
+    if (half_matvec_applies(a, b, m))
+        return half_matvec_split(a) <= 2 ? Fusion{2, run_mul_mat_swiglu} : Fusion{};
+    if (is_cuda_quant_type(a->type) && b->ne[1] <= kQuantMatvecMaxColumns &&
+        quant_matvec_split(view_of(a)) <= 2)
+        return {2, run_mul_mat_swiglu};
+    return {};
+}
 
 void register_matmul_kernels(KernelTable& t) {
     t[size_t(Op::MulMat)] = {run_mul_mat, supports_mul_mat};

@@ -1,6 +1,10 @@
 // How the matrix-vector kernels (16-bit and quantized weights) share rows among the warps
 // of a block. A long row is split over `split` warps (1, 2 or 4) so that every lane has its
 // whole part of the row in flight at once; short rows keep one warp each.
+//
+// In gated mode (a merged gate/up projection followed by swiglu, fused) a block takes pairs
+// of rows: gate row p and up row n_ff + p, and once both are summed writes
+// swiglu(gate, up) for p as well as both rows of the product.
 #pragma once
 
 #include "cuda_device.cuh"
@@ -11,44 +15,65 @@ namespace gfa::cuda {
 // w / split. A lane's units (16-byte chunks, quant items) are first, first + stride, ...
 struct RowSlice {
     int64_t row;
-    int slice;  // 0 .. split-1
-    int first;  // the lane's first unit
-    int stride; // 32 * split: units between a lane's consecutive ones
+    int slice;    // 0 .. split-1
+    int first;    // the lane's first unit
+    int stride;   // 32 * split: units between a lane's consecutive ones
+    int local;    // the row's place among the block's rows
+    int64_t pair; // gated mode: the gate/up pair (the output row of swiglu)
 };
 
-template <int kWarps> __device__ __forceinline__ RowSlice row_slice(int split) {
+// n_ff > 0: gated mode, rows n_ff apart paired within the block (needs split <= kWarps / 2).
+template <int kWarps> __device__ __forceinline__ RowSlice row_slice(int split, int64_t n_ff) {
     const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-    const int slice = warp % split;
-    return {int64_t(blockIdx.x) * (kWarps / split) + warp / split, slice, slice * 32 + lane, 32 * split};
+    const int slice = warp % split, local = warp / split, rows = kWarps / split;
+    if (n_ff == 0)
+        return {int64_t(blockIdx.x) * rows + local, slice, slice * 32 + lane, 32 * split, local, 0};
+    const int pairs = rows / 2;
+    const int64_t pair = int64_t(blockIdx.x) * pairs + local % pairs;
+    return {local < pairs ? pair : n_ff + pair, slice, slice * 32 + lane, 32 * split, local, pair};
 }
 
 // Adds a row's partial sums (per column) across its slices, in slice order, and writes them
-// to dst(row, c). Every thread of the block calls it (it synchronizes when split > 1).
+// to dst(row, c); in gated mode (n_ff > 0) then swiglu(gate, up) to glu(pair, c). Every
+// thread of the block calls it (it synchronizes when split > 1 or in gated mode).
 template <int kWarps, int NC>
 __device__ __forceinline__ void write_row_sums(float (&acc)[NC], int n_cols, const RowSlice& rs, int split,
-                                               bool has_row, const TensorView& dst, int64_t i2, int64_t i3) {
+                                               bool has_row, const TensorView& dst, int64_t i2, int64_t i3,
+                                               int64_t n_ff, const TensorView& glu) {
     __shared__ float partial[kWarps][NC];
+    __shared__ float totals[kWarps][NC]; // per local row
     const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
         if (c >= n_cols) break;
         const float s = has_row ? warp_sum(acc[c]) : 0.0f;
         if (split == 1) {
-            if (has_row && lane == 0) *f32_ptr(dst, rs.row, c, i2, i3) = s;
+            if (has_row && lane == 0) {
+                *f32_ptr(dst, rs.row, c, i2, i3) = s;
+                totals[rs.local][c] = s;
+            }
         } else if (lane == 0) {
             partial[warp][c] = s;
         }
     }
-    if (split == 1) return; // the same for the whole block
-    __syncthreads();
-    if (has_row && rs.slice == 0 && lane < n_cols) {
-        float total = 0.0f;
-        for (int j = 0; j < split; ++j) total += partial[warp + j][lane];
-        *f32_ptr(dst, rs.row, lane, i2, i3) = total;
+    if (split > 1) { // the same for the whole block
+        __syncthreads();
+        if (has_row && rs.slice == 0 && lane < n_cols) {
+            float total = 0.0f;
+            for (int j = 0; j < split; ++j) total += partial[warp + j][lane];
+            *f32_ptr(dst, rs.row, lane, i2, i3) = total;
+            totals[rs.local][lane] = total;
+        }
     }
+    if (n_ff == 0) return; // the same for the whole block
+    __syncthreads();
+    const int pairs = kWarps / split / 2;
+    if (has_row && rs.slice == 0 && rs.local < pairs && lane < n_cols)
+        *f32_ptr(glu, rs.pair, lane, i2, i3) =
+            swiglu_value(totals[rs.local][lane], totals[rs.local + pairs][lane]);
 }
 
-// The smallest split (1, 2, 4, at most kWarps) that lets a lane hold its part of a row of
+// The smallest split (1, 2, 4, at most max_split) that lets a lane hold its part of a row of
 // n_units in one pass of `unroll` units.
 inline int row_split_for(int64_t n_units, int unroll, int max_split) {
     int split = 1;

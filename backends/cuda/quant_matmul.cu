@@ -309,11 +309,11 @@ constexpr int64_t kMatvecPrefetchBytes = 8192;
 template <int T, int A, int NC>
 __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3, int split,
-                        bool a_constant) {
+                        bool a_constant, int64_t n_ff, TensorView glu) {
     using W = Item<T, A>;
     using B = QuantBlock<T>;
-    const RowSlice rs = row_slice<kMatvecWarps>(split);
-    const bool has_row = rs.row < dst.ne[0];
+    const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
+    const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
     const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
     const char* row = a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
     const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
             if (i < n_items) items[u].template dot<NC>(x, i / W::kParts, i % W::kParts, acc);
         }
     }
-    write_row_sums<kMatvecWarps>(acc, x.n, rs, split, has_row, dst, i2, i3);
+    write_row_sums<kMatvecWarps>(acc, x.n, rs, split, has_row, dst, i2, i3, n_ff, glu);
 }
 
 // One thread block per row of a; each thread writes 8 consecutive f16 values (16 bytes).
@@ -377,17 +377,20 @@ int row_alignment(const TensorView& a) {
     return bits % 16 == 0 ? 16 : bits % 4 == 0 ? 4 : 2;
 }
 
+template <int T, int A> int matvec_split(int64_t K) {
+    return row_split_for(K / QuantBlock<T>::kValues * Item<T, A>::kParts, Item<T, A>::kUnroll, kMatvecWarps);
+}
+
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
-                   bool a_constant, cudaStream_t stream) {
-    const int split = row_split_for(a.ne[0] / QuantBlock<T>::kValues * Item<T, A>::kParts,
-                                    Item<T, A>::kUnroll, kMatvecWarps);
-    const int64_t rows_per_block = kMatvecWarps / split;
-    const dim3 grid(unsigned((dst.ne[0] + rows_per_block - 1) / rows_per_block),
-                    unsigned(dst.ne[2] * dst.ne[3]));
+                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
+    const int split = matvec_split<T, A>(a.ne[0]);
+    const int64_t rows_per_block = n_ff > 0 ? kMatvecWarps / split / 2 : kMatvecWarps / split;
+    const int64_t rows = n_ff > 0 ? n_ff : dst.ne[0];
+    const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block), unsigned(dst.ne[2] * dst.ne[3]));
     const dim3 block(kMatvecWarps * 32);
     auto launch = [&](auto kernel) {
-        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant);
+        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu);
     };
     if (x.n == 1)
         launch(quant_matvec_kernel<T, A, 1>);
@@ -427,8 +430,36 @@ void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream) {
                  reinterpret_cast<int8_t*>(base), reinterpret_cast<float2*>(base + l.ds_offset), n_blocks);
 }
 
+namespace {
+
+// Calls f(T, A), both as integral constants: a's type and the widest row alignment its
+// matrix-vector kernel can use.
+template <class F> void dispatch_matvec(const TensorView& a, F&& f) {
+    const int align = row_alignment(a);
+    dispatch_quant_type(Type(a.type), [&](auto tag) {
+        constexpr int kMax = QuantBlock<decltype(tag)::value>::kMaxAlign;
+        if constexpr (kMax >= 16) {
+            if (align >= 16) return f(tag, std::integral_constant<int, 16>{});
+        }
+        if constexpr (kMax >= 4) {
+            if (align >= 4) return f(tag, std::integral_constant<int, 4>{});
+        }
+        f(tag, std::integral_constant<int, 2>{});
+    });
+}
+
+} // namespace
+
+int quant_matvec_split(const TensorView& a) {
+    int split = 1;
+    dispatch_matvec(a, [&](auto type, auto align) {
+        split = matvec_split<decltype(type)::value, decltype(align)::value>(a.ne[0]);
+    });
+    return split;
+}
+
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, cudaStream_t stream) {
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     if (b.ne[1] < 1 || b.ne[1] > kQuantMatvecMaxColumns)
         fail("mul_mat on CUDA: the matrix-vector path takes 1 to 8 columns, got " + std::to_string(b.ne[1]));
     if (dst.ne[0] == 0 || dst.ne[2] * dst.ne[3] == 0) return;
@@ -438,17 +469,9 @@ void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& ds
     const Columns x{reinterpret_cast<const int8_t*>(base),
                     reinterpret_cast<const float2*>(base + l.ds_offset), K, K / 32, int(b.ne[1])};
     const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3];
-    const int align = row_alignment(a);
-    dispatch_quant_type(Type(a.type), [&](auto tag) {
-        constexpr int T = decltype(tag)::value;
-        constexpr int kMax = QuantBlock<T>::kMaxAlign;
-        if constexpr (kMax >= 16) {
-            if (align >= 16) return launch_matvec<T, 16>(a, x, dst, r2, r3, a_constant, stream);
-        }
-        if constexpr (kMax >= 4) {
-            if (align >= 4) return launch_matvec<T, 4>(a, x, dst, r2, r3, a_constant, stream);
-        }
-        launch_matvec<T, 2>(a, x, dst, r2, r3, a_constant, stream);
+    dispatch_matvec(a, [&](auto type, auto align) {
+        launch_matvec<decltype(type)::value, decltype(align)::value>(a, x, dst, r2, r3, a_constant, glu, n_ff,
+                                                                     stream);
     });
 }
 

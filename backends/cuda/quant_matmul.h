@@ -24,8 +24,13 @@ void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream);
 
 // Step 2: dst = a^T b from the quantized columns (N <= kQuantMatvecMaxColumns). a_constant:
 // no kernel writes a while graphs run, so the kernel may fetch it before its inputs are ready.
+// n_ff > 0: a is a merged gate/up matrix (gate rows, then n_ff up rows) and glu(p, c) gets
+// swiglu(dst(p, c), dst(n_ff + p, c)) as well (quant_matvec_split must be at most 2).
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, cudaStream_t stream);
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream);
+
+// How many warps share one row of a in quant_matvec (1, 2 or 4).
+int quant_matvec_split(const TensorView& a);
 
 // a's rows as a packed f16 matrix [K, M * A2 * A3] (exact dequantization, then rounded to
 // f16). `out` is 16-byte aligned.

@@ -447,6 +447,62 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
     CHECK(counter(separate->counters(), "fused_launches") == 0);
 }
 
+// A merged gate/up product followed by swiglu of its halves, as the model builder makes it:
+// with fusion the product's rows go in gate/up pairs and the same kernel writes swiglu. The
+// product and swiglu must be bit for bit the separate kernels' (q4_K at K = 4352 splits its
+// rows over 4 warps and is not fused: the check covers the fallback too).
+TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit the separate kernels",
+          "[cuda][fusion]") {
+    INFO("seed " << test::seed());
+    std::unique_ptr<Backend> fused, separate;
+    {
+        EnvSetting on("GFA_CUDA_FUSION", true);
+        fused = cuda0()->create_backend();
+    }
+    {
+        EnvSetting off("GFA_CUDA_FUSION", false);
+        separate = cuda0()->create_backend();
+    }
+    struct Case {
+        Type type;
+        int64_t K;
+        bool fuses;
+    };
+    for (const Case& c :
+         {Case{Type::F16, 256, true}, Case{Type::F16, 2056, true}, Case{Type::BF16, 1000, true},
+          Case{Type::F16, 4104, false}, Case{Type::Q8_0, 2048, true}, Case{Type::Q4_K, 512, true},
+          Case{Type::Q4_K, 4352, false}, Case{Type::Q6_K, 2048, true}})
+        for (const int64_t n_ff : {37, 300})
+            for (const int64_t n : {1, 3}) {
+                INFO(type_name(c.type) << " K " << c.K << ", n_ff " << n_ff << ", columns " << n);
+                Context ctx{ContextParams{.alloc_data = true}};
+                Tensor* w = ctx.new_tensor(c.type, {c.K, 2 * n_ff});
+                Tensor* x = ctx.new_tensor(Type::F32, {c.K, n});
+                test::fill_uniform(w);
+                test::fill_uniform(x);
+                if (n_ff == 300) w->flags |= kFlagConstant; // fetched before the kernel waits
+                Tensor* gu = mul_mat(ctx, w, x);
+                const size_t half = size_t(n_ff) * sizeof(float);
+                Tensor* f = swiglu(ctx, view(ctx, gu, {n_ff, n}, {gu->nb[1]}, 0),
+                                   view(ctx, gu, {n_ff, n}, {gu->nb[1]}, half));
+                Tensor* out = scale(ctx, f, 2.0f); // a reader behind the fused pair
+                const Graph g = build_forward(out);
+                for (Tensor* node : {gu, f, out}) {
+                    INFO("node " << op_name(node->op));
+                    const int64_t before = counter(fused->counters(), "fused_launches");
+                    const std::vector<float> got = run_graph(*fused, g, node, 0);
+                    const std::vector<float> want = run_graph(*separate, g, node, 0);
+                    CHECK(counter(fused->counters(), "fused_launches") - before == (c.fuses ? 1 : 0));
+                    CHECK(all_finite(got)); // the nodes were poisoned: every element was written
+                    CHECK(bit_identical(got, want));
+                    // Against the exact product: the int8 rounding of x in the quantized path.
+                    const double tol = c.type == Type::F16 || c.type == Type::BF16 ? 1e-4 : 3e-2;
+                    CHECK(test::rel_error(got, ref::evaluate(g, node)) <= tol);
+                }
+            }
+    CHECK(counter(separate->counters(), "fused_launches") == 0);
+}
+
 TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cuda][graphs]") {
     INFO("seed " << test::seed());
     EnvSetting on("GFA_CUDA_GRAPHS", true);
