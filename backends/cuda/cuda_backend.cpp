@@ -435,12 +435,17 @@ class CudaBackend final : public Backend {
             work_.emplace_back(node, k.run);
             graph_ok = graph_ok && !training_op(node->op);
         }
+        fused_size_.assign(work_.size(), 1);
         if (fusion_) fuse_work();
         auto enqueue = [this] {
             last_columns_ = {}; // tensors of an earlier call may share addresses with this one's
-            for (const auto& [node, run] : work_) {
+            for (size_t j = 0; j < work_.size(); ++j) {
+                const auto& [node, run] = work_[j];
                 if (node->op != Op::MulMat) last_columns_ = {};
                 if (!run) continue; // computed by a fused launch further on
+                const size_t n = fused_size_[j];
+                ctx_.fused = n > 1 ? std::span<Tensor* const>(fused_nodes_.data() + (j + 1 - n), n)
+                                   : std::span<Tensor* const>{};
                 const auto t0 =
                     op_times_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
                 run(ctx_, node);
@@ -492,12 +497,14 @@ class CudaBackend final : public Backend {
         for (size_t i = 0; i < work_.size();) {
             cuda::Fusion f = cuda::find_norm_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) f = cuda::find_glu_fusion(fused_nodes_, i);
+            if (f.n_nodes < 2) f = cuda::find_rope_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) {
                 ++i;
                 continue;
             }
             for (size_t j = i; j + 1 < i + f.n_nodes; ++j) work_[j].second = nullptr;
             work_[i + f.n_nodes - 1].second = f.run;
+            fused_size_[i + f.n_nodes - 1] = f.n_nodes;
             i += f.n_nodes;
             ++fusions_;
         }
@@ -512,6 +519,7 @@ class CudaBackend final : public Backend {
     std::array<int64_t, size_t(Op::Count)> op_host_ns_{}; // host time enqueueing each op
     std::vector<std::pair<Tensor*, cuda::Kernel>> work_;  // the nodes of the current compute()
     std::vector<Tensor*> fused_nodes_;                    // work_'s nodes, for finding fusions
+    std::vector<size_t> fused_size_; // per work_ entry: the nodes its launch computes (1 unless fused)
     bool fusion_ = fusion_by_environment();
     int64_t fusions_ = 0; // fused launches set up (each compute() call counts its own)
     void* cublas_workspace_ = nullptr;

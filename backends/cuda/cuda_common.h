@@ -83,6 +83,9 @@ struct ComputeCtx {
     int32_t* error_flag = nullptr; // device-visible, host-mapped
     int sm_count = 1;
     QuantizedColumns* last_columns = nullptr; // null: no reuse (set by the backend)
+    // A fused launch's nodes in graph order (the last is the node its run gets); empty for
+    // a plain launch.
+    std::span<Tensor* const> fused;
 };
 
 using Kernel = void (*)(const ComputeCtx& ctx, Tensor* dst);
@@ -108,6 +111,9 @@ Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i);
 // A merged gate/up matrix-vector product and the swiglu of its two halves, starting at
 // nodes[i]: the product's rows in gate/up pairs, swiglu written by the same kernel.
 Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i);
+// A rope and the two set_rows behind it (a step's rope over q and k, then the cache writes
+// of k and v), starting at nodes[i]; the run reads its nodes from ComputeCtx::fused.
+Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i);
 
 void register_movement_kernels(KernelTable& t);
 void register_elementwise_kernels(KernelTable& t);

@@ -9,6 +9,9 @@
 #include "early_launch.cuh"
 #include "op_def.h"
 
+#include <utility>
+#include <vector>
+
 namespace gfa::cuda {
 
 namespace {
@@ -118,50 +121,114 @@ bool supports_norm_back(const Tensor* dst) {
 
 // ---- rope ------------------------------------------------------------------------------------
 
-// x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Each output element is one half
-// of a rotated pair; `direction` is +1 for the forward rotation and -1 for its transpose.
-__global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, int n_dims, bool neox,
-                            float freq_base, float freq_scale, float direction, int64_t n) {
+// The rotation of one rope: y = rope(x) at positions pos.
+struct RopeArgs {
+    int n_dims;
+    bool neox;
+    float freq_base, freq_scale;
+    float direction; // +1 for the forward rotation, -1 for its transpose (rope_back)
+};
+
+// x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Element (i0, i1, i2, i3) of y is
+// one half of a rotated pair.
+__device__ __forceinline__ float rope_value(const TensorView& x, const TensorView& pos, const RopeArgs& r,
+                                            int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+    if (i0 >= r.n_dims) return load_f32(x, i0, i1, i2, i3);
+    const int half = r.n_dims / 2;
+    int64_t pair, first, second;
+    if (r.neox) {
+        pair = i0 % half;
+        first = pair;
+        second = pair + half;
+    } else {
+        pair = i0 / 2;
+        first = 2 * pair;
+        second = first + 1;
+    }
+    const float p = float(*reinterpret_cast<const int32_t*>(pos.data + i2 * pos.nb[0]));
+    // theta in double: positions in the thousands need the extra bits for sin/cos.
+    const double theta =
+        double(p) * double(r.freq_scale) * pow(double(r.freq_base), -2.0 * double(pair) / double(r.n_dims));
+    double s, c;
+    sincos(theta, &s, &c);
+    s *= r.direction;
+    const double x0 = load_f32(x, first, i1, i2, i3), x1 = load_f32(x, second, i1, i2, i3);
+    const double out = i0 == first ? x0 * c - x1 * s : x0 * s + x1 * c;
+    return float(out);
+}
+
+__global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, RopeArgs r, int64_t n) {
     await_inputs();
     allow_next_launch();
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
          k += int64_t(gridDim.x) * blockDim.x) {
         int64_t i0, i1, i2, i3;
         unflatten(k, y.ne, i0, i1, i2, i3);
-        if (i0 >= n_dims) {
-            *f32_ptr(y, i0, i1, i2, i3) = load_f32(x, i0, i1, i2, i3);
+        *f32_ptr(y, i0, i1, i2, i3) = rope_value(x, pos, r, i0, i1, i2, i3);
+    }
+}
+
+RopeArgs rope_args(const Tensor* node, float direction) {
+    const RopeParams p = node->params<RopeParams>();
+    return {p.n_dims, p.mode == RopeMode::NeoX, p.freq_base, p.freq_scale, direction};
+}
+
+// ---- rope -> set_rows -> set_rows, fused ------------------------------------------------------
+//
+// A decoding step's rope over q and k, then the cache writes of k and v: one launch instead
+// of three. A set_rows whose rows come from the rope's output recomputes each value with
+// rope_value (the same bits the rope node stores), so no thread waits for another; the
+// rope node's output is still written for its other readers (attention's q).
+
+struct CacheWrite {
+    TensorView b, rows, dst; // set_rows' source, row indices and destination
+    int64_t n;               // elements of b
+    bool from_rope;          // b lies in the rope's output: recompute instead of reading
+};
+
+__device__ __forceinline__ int64_t row_index(const TensorView& rows, int64_t i) {
+    const char* p = rows.data + i * rows.nb[0];
+    return rows.type == kTypeI64 ? *reinterpret_cast<const int64_t*>(p)
+                                 : int64_t(*reinterpret_cast<const int32_t*>(p));
+}
+
+__global__ void rope_set_rows_kernel(TensorView x, TensorView pos, TensorView y, RopeArgs r, int64_t n_rope,
+                                     CacheWrite w1, CacheWrite w2, int32_t* error) {
+    await_inputs();
+    allow_next_launch();
+    const int64_t total = n_rope + w1.n + w2.n;
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total;
+         k += int64_t(gridDim.x) * blockDim.x) {
+        int64_t i0, i1, i2, i3;
+        if (k < n_rope) {
+            unflatten(k, y.ne, i0, i1, i2, i3);
+            *f32_ptr(y, i0, i1, i2, i3) = rope_value(x, pos, r, i0, i1, i2, i3);
             continue;
         }
-        const int half = n_dims / 2;
-        int64_t pair, first, second;
-        if (neox) {
-            pair = i0 % half;
-            first = pair;
-            second = pair + half;
-        } else {
-            pair = i0 / 2;
-            first = 2 * pair;
-            second = first + 1;
+        const bool first = k < n_rope + w1.n;
+        const CacheWrite& w = first ? w1 : w2;
+        unflatten(first ? k - n_rope : k - n_rope - w1.n, w.b.ne, i0, i1, i2, i3);
+        const int64_t row = row_index(w.rows, i1);
+        if (row < 0 || row >= w.dst.ne[1]) {
+            report_error(error, kRowIndexOutOfRange);
+            continue;
         }
-        const float p = float(*reinterpret_cast<const int32_t*>(pos.data + i2 * pos.nb[0]));
-        // theta in double: positions in the thousands need the extra bits for sin/cos.
-        const double theta =
-            double(p) * double(freq_scale) * pow(double(freq_base), -2.0 * double(pair) / double(n_dims));
-        double s, c;
-        sincos(theta, &s, &c);
-        s *= direction;
-        const double x0 = load_f32(x, first, i1, i2, i3), x1 = load_f32(x, second, i1, i2, i3);
-        const double out = i0 == first ? x0 * c - x1 * s : x0 * s + x1 * c;
-        *f32_ptr(y, i0, i1, i2, i3) = float(out);
+        float v;
+        if (w.from_rope) { // y is packed f32: the element's place in y gives its indices
+            int64_t j0, j1, j2, j3;
+            unflatten((w.b.data - y.data + offset_of(w.b, i0, i1, i2, i3)) / 4, y.ne, j0, j1, j2, j3);
+            v = rope_value(x, pos, r, j0, j1, j2, j3);
+        } else {
+            v = load_f32(w.b, i0, i1, i2, i3);
+        }
+        store_plain(w.dst.data + offset_of(w.dst, i0, row, i2, i3), w.dst.type, v);
     }
 }
 
 void launch_rope(const ComputeCtx& ctx, Tensor* dst, float direction) {
-    const RopeParams p = dst->params<RopeParams>();
     const int64_t n = dst->nelements();
     launch_early(rope_kernel, grid_for(n, kThreads), kThreads, 0, ctx.stream, view_of(dst->src[0]),
-                 view_of(dst->src[1]), view_of(dst), p.n_dims, p.mode == RopeMode::NeoX, p.freq_base,
-                 p.freq_scale, direction, n);
+                 view_of(dst->src[1]), view_of(dst), rope_args(dst, direction), n);
 }
 void run_rope(const ComputeCtx& ctx, Tensor* dst) {
     launch_rope(ctx, dst, 1.0f);
@@ -383,7 +450,74 @@ void run_add_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
                  is_constant(mul->src[1]));
 }
 
+// Whether the bytes two tensors (or views) span overlap.
+bool memory_overlaps(const Tensor* a, const Tensor* b) {
+    auto span = [](const Tensor* t) {
+        const char* p = static_cast<const char*>(t->data);
+        if (t->nelements() == 0) return std::pair{p, p};
+        size_t last = t->element_size();
+        for (int d = 0; d < 4; ++d) last += size_t(t->ne[d] - 1) * t->nb[d];
+        return std::pair{p, p + last};
+    };
+    const auto [a0, a1] = span(a);
+    const auto [b0, b1] = span(b);
+    return a0 < b1 && b0 < a1;
+}
+
+// The tensor whose memory a view uses.
+const Tensor* storage_of(const Tensor* t) {
+    while (t->view_src) t = t->view_src;
+    return t;
+}
+
+// set_rows into a 16-bit or f32 cache (q8_0 caches quantize whole blocks: their own kernel).
+bool is_plain_cache_write(const Tensor* s) {
+    const Tensor *b = s->src[1], *rows = s->src[2];
+    return s->op == Op::SetRows && b && rows && b->type == Type::F32 && is_float_type(s->type) &&
+           (rows->type == Type::I32 || rows->type == Type::I64);
+}
+
+CacheWrite cache_write(const Tensor* s, const Tensor* rope) {
+    return {view_of(s->src[1]), view_of(s->src[2]), view_of(s), s->src[1]->nelements(),
+            storage_of(s->src[1]) == rope};
+}
+
+void run_rope_set_rows(const ComputeCtx& ctx, Tensor* last) {
+    if (ctx.fused.size() != 3 || ctx.fused[2] != last)
+        fail("CUDA: the fused rope -> set_rows launch lost its nodes");
+    const Tensor *rope = ctx.fused[0], *w1 = ctx.fused[1], *w2 = ctx.fused[2];
+    const int64_t n_rope = rope->nelements(),
+                  total = n_rope + w1->src[1]->nelements() + w2->src[1]->nelements();
+    launch_early(rope_set_rows_kernel, grid_for(total, kThreads), kThreads, 0, ctx.stream,
+                 view_of(rope->src[0]), view_of(rope->src[1]), view_of(rope), rope_args(rope, 1.0f), n_rope,
+                 cache_write(w1, rope), cache_write(w2, rope), ctx.error_flag);
+}
+
 } // namespace
+
+Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i) {
+    if (nodes.size() - i < 3) return {};
+    const Tensor *rope = nodes[i], *w1 = nodes[i + 1], *w2 = nodes[i + 2];
+    if (rope->op != Op::Rope || !supports_rope(rope) || !rope->is_contiguous() || !is_plain_cache_write(w1) ||
+        !is_plain_cache_write(w2))
+        return {};
+    // In one launch no part may read memory another part writes: the three outputs are
+    // disjoint and none overlaps an input (a write that recomputes the rope reads x and
+    // positions, not the rope's output).
+    const Tensor* outputs[] = {rope, w1, w2};
+    std::vector<const Tensor*> inputs = {rope->src[0], rope->src[1]};
+    for (const Tensor* w : {w1, w2}) {
+        inputs.push_back(w->src[2]);
+        if (storage_of(w->src[1]) != rope) inputs.push_back(w->src[1]);
+    }
+    for (size_t o = 0; o < 3; ++o) {
+        for (size_t p = o + 1; p < 3; ++p)
+            if (memory_overlaps(outputs[o], outputs[p])) return {};
+        for (const Tensor* in : inputs)
+            if (memory_overlaps(outputs[o], in)) return {};
+    }
+    return {3, run_rope_set_rows};
+}
 
 Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i) {
     const size_t left = nodes.size() - i;

@@ -503,6 +503,64 @@ TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit
     CHECK(counter(separate->counters(), "fused_launches") == 0);
 }
 
+// A decoding step's rope over q and k and the cache writes of k and v, as the model builder
+// makes them (then attention over the caches): with fusion one kernel writes the rope's
+// output and both caches, recomputing the rotated k it stores. Every node bit for bit the
+// separate kernels'; caches in f16 and f32, one and five tokens, normal and NeoX rope.
+TEST_CASE(
+    "CUDA fused rope -> set_rows -> set_rows: rope output and both caches bit for bit the separate kernels",
+    "[cuda][fusion]") {
+    INFO("seed " << test::seed());
+    std::unique_ptr<Backend> fused, separate;
+    {
+        EnvSetting on("GFA_CUDA_FUSION", true);
+        fused = cuda0()->create_backend();
+    }
+    {
+        EnvSetting off("GFA_CUDA_FUSION", false);
+        separate = cuda0()->create_backend();
+    }
+    const int64_t D = 64, Hq = 4, Hkv = 2, n_ctx = 40;
+    for (const Type cache_type : {Type::F16, Type::F32})
+        for (const int64_t T : {1, 5})
+            for (const RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
+                INFO(type_name(cache_type) << " caches, " << T << " tokens, "
+                                           << (mode == RopeMode::NeoX ? "NeoX" : "normal") << " rope");
+                Context ctx{ContextParams{.alloc_data = true}};
+                Tensor* qkv = ctx.new_tensor(Type::F32, {D * (Hq + 2 * Hkv), T});
+                Tensor* pos = ctx.new_tensor(Type::I32, {T});
+                Tensor* cache_k = ctx.new_tensor(cache_type, {D, n_ctx, Hkv});
+                Tensor* cache_v = ctx.new_tensor(cache_type, {D, n_ctx, Hkv});
+                for (Tensor* t : {qkv, cache_k, cache_v}) test::fill_uniform(t);
+                std::vector<int32_t> positions(static_cast<size_t>(T));
+                for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = int32_t(3 + 7 * t); // apart
+                tensor_set(pos, positions.data(), 0, positions.size() * sizeof(int32_t));
+                const size_t f = sizeof(float), row = qkv->nb[1];
+                const RopeParams rp{int32_t(D), mode, 10000.0f, 1.0f};
+                Tensor* qk = rope(ctx, view(ctx, qkv, {D, Hq + Hkv, T}, {D * f, row}, 0), pos, rp);
+                Tensor* q = view(ctx, qk, {D, Hq, T}, {qk->nb[1], qk->nb[2]}, 0);
+                Tensor* k = view(ctx, qk, {D, Hkv, T}, {qk->nb[1], qk->nb[2]}, size_t(Hq) * qk->nb[1]);
+                Tensor* v = view(ctx, qkv, {D, Hkv, T}, {D * f, row}, size_t(D * (Hq + Hkv)) * f);
+                Tensor* k_all = set_rows(ctx, cache_k, permute(ctx, k, 0, 2, 1, 3), pos);
+                Tensor* v_all = set_rows(ctx, cache_v, permute(ctx, v, 0, 2, 1, 3), pos);
+                FlashAttnParams attn{};
+                attn.scale = 0.125f;
+                Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), k_all, v_all, nullptr, attn);
+                const Graph g = build_forward(o);
+                for (Tensor* node : {qk, k_all, v_all, o}) {
+                    INFO("node " << op_name(node->op));
+                    const int64_t before = counter(fused->counters(), "fused_launches");
+                    const std::vector<float> got = run_graph(*fused, g, node, 0);
+                    const std::vector<float> want = run_graph(*separate, g, node, 0);
+                    CHECK(counter(fused->counters(), "fused_launches") - before == 1);
+                    CHECK(all_finite(got));
+                    CHECK(bit_identical(got, want));
+                    const double tol = node == o ? 1e-2 : cache_type == Type::F16 && node != qk ? 1e-3 : 1e-5;
+                    CHECK(test::rel_error(got, ref::evaluate(g, node)) <= tol);
+                }
+            }
+}
+
 TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cuda][graphs]") {
     INFO("seed " << test::seed());
     EnvSetting on("GFA_CUDA_GRAPHS", true);
