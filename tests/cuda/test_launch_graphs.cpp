@@ -53,6 +53,12 @@ class EnvSetting {
     std::optional<std::string> previous_;
 };
 
+// A CUDA backend created while the switch `name` is on or off.
+std::unique_ptr<Backend> backend_with(const char* name, bool on) {
+    EnvSetting setting(name, on);
+    return cuda0()->create_backend();
+}
+
 int64_t counter(const std::vector<std::pair<std::string, int64_t>>& counters, const std::string& name) {
     for (const auto& [n, v] : counters)
         if (n == name) return v;
@@ -283,15 +289,8 @@ DecodeRun decode(const std::string& path, bool on_cuda, const std::vector<int32_
 TEST_CASE("CUDA graphs: repeated node lists replay with new inputs, moved ones are captured again",
           "[cuda][graphs]") {
     INFO("seed " << test::seed());
-    std::unique_ptr<Backend> graphs, eager;
-    {
-        EnvSetting on("GFA_CUDA_GRAPHS", true);
-        graphs = cuda0()->create_backend();
-    }
-    {
-        EnvSetting off("GFA_CUDA_GRAPHS", false);
-        eager = cuda0()->create_backend();
-    }
+    const std::unique_ptr<Backend> graphs = backend_with("GFA_CUDA_GRAPHS", true);
+    const std::unique_ptr<Backend> eager = backend_with("GFA_CUDA_GRAPHS", false);
     REQUIRE(counter(graphs->counters(), "graphs_enabled") == 1);
     REQUIRE(counter(eager->counters(), "graphs_enabled") == 0);
 
@@ -400,15 +399,8 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
 TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    std::unique_ptr<Backend> fused, separate;
-    {
-        EnvSetting on("GFA_CUDA_FUSION", true);
-        fused = cuda0()->create_backend();
-    }
-    {
-        EnvSetting off("GFA_CUDA_FUSION", false);
-        separate = cuda0()->create_backend();
-    }
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     REQUIRE(counter(fused->counters(), "fusion_enabled") == 1);
     REQUIRE(counter(separate->counters(), "fusion_enabled") == 0);
     // 5000: longer than one pass of the kernel's register chunks, so the second pass reads
@@ -454,15 +446,8 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
 TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    std::unique_ptr<Backend> fused, separate;
-    {
-        EnvSetting on("GFA_CUDA_FUSION", true);
-        fused = cuda0()->create_backend();
-    }
-    {
-        EnvSetting off("GFA_CUDA_FUSION", false);
-        separate = cuda0()->create_backend();
-    }
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         Type type;
         int64_t K;
@@ -511,15 +496,8 @@ TEST_CASE(
     "CUDA fused rope -> set_rows -> set_rows: rope output and both caches bit for bit the separate kernels",
     "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    std::unique_ptr<Backend> fused, separate;
-    {
-        EnvSetting on("GFA_CUDA_FUSION", true);
-        fused = cuda0()->create_backend();
-    }
-    {
-        EnvSetting off("GFA_CUDA_FUSION", false);
-        separate = cuda0()->create_backend();
-    }
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     const int64_t D = 64, Hq = 4, Hkv = 2, n_ctx = 40;
     for (const Type cache_type : {Type::F16, Type::F32})
         for (const int64_t T : {1, 5})
