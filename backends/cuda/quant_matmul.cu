@@ -1,11 +1,11 @@
 // Quantized weights times f32 columns (see quant_matmul.h).
 //
 // Decoding (N <= 8) is bound by reading the weights once, so the kernel is built around the
-// loads: one warp per output row, its lanes reading consecutive pieces of the row's blocks
-// (a warp instruction covers a contiguous stretch of the row), with the widest loads the
-// row's alignment allows. The columns of b are first quantized to int8 in blocks of 32 (as
-// llama.cpp's q8_1), so that each 4 weights meet 4 activations in one __dp4a: the integer
-// dot products keep the arithmetic far below the load rate, which fp32 FMAs (plus the
+// loads: one warp per output row (2 or 4 for rows too long for one pass, matvec_rows.cuh),
+// its lanes reading consecutive pieces of the row's blocks (a warp instruction covers a
+// contiguous stretch of the row), with the widest loads the row's alignment allows. The columns of b are
+// first quantized to int8 in blocks of 32 (as llama.cpp's q8_1), so that each 4 weights meet 4 activations in
+// one __dp4a: the integer dot products keep the arithmetic far below the load rate, which fp32 FMAs (plus the
 // int-to-float conversions of every weight) would not at N > 1. Formats with an offset
 // (q4_0's -8, x = d q + m, the K formats' subtracted mins) take the offset term from the sum
 // of each 32-block of the rounded b. Error: the int8 rounding of b, about 0.4% of the size of
