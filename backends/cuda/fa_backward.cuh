@@ -60,17 +60,7 @@ __device__ __forceinline__ float score_base2(float raw, const ScoreParams& sp, f
     return raw * sp.scale_log2;
 }
 
-// Four adjacent fp32 values (16-byte aligned) added at once on sm_90, else one by one.
-__device__ __forceinline__ void atomic_add_quad(float* dst, float4 x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(reinterpret_cast<float4*>(dst), x);
-#else
-    atomicAdd(dst, x.x);
-    atomicAdd(dst + 1, x.y);
-    atomicAdd(dst + 2, x.z);
-    atomicAdd(dst + 3, x.w);
-#endif
-}
+// Two adjacent fp32 values (8-byte aligned) added at once on sm_90, else one by one.
 __device__ __forceinline__ void atomic_add_pair(float* dst, float x0, float x1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x0, x1));

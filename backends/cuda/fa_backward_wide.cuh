@@ -75,6 +75,12 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     const int qs0 = wn * Tr::QW;  // its queries in S^T / dP^T
     const int dc0 = wn * Tr::DW;  // its dK/dV columns
     const int dq_q0 = (warp % Tr::WQ) * 32, dq_c0 = (warp / Tr::WQ) * Tr::DQW; // its dQ block
+    // Where a lane stores its P^T pairs of column tile nt: row key0 + g, columns qs0 + nt * 8 +
+    // 2 t4. Its other rows are 8 apart and keep the swizzle phase (row % 8), so they are this
+    // address plus a multiple of the row size, a constant of the instruction; dS^T is stored
+    // the same way one tile further.
+    constexpr int kPtRowBytes = BM * 2;
+    auto pt_pair_addr = [&](int nt) { return sP.pair_addr(key0 + g, qs0 + nt * 8 + 2 * t4); };
     // Flat grid (GridPos). Under a causal mask the first keys are seen by the most queries, so
     // key tile 0 is the longest; with tiles_last the blocks running together also work on
     // different heads, so their dQ atomics rarely meet.
@@ -100,23 +106,45 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     load_any_tile<T, NT>(
         sV, [&](int r) { return v_rows + r * a.v.nb1; }, kv_rows, s.Dv, a.v.code, v_rows);
 
-    // ---- Q, dO, lse2 and delta of one step: query head h, query tile at row m0 ----
-    // Steps walk the query tiles of head hk*G, then of hk*G + 1, ...
-    auto load_q_tile = [&](int h, int m0, int buf) {
-        const char* q_rows = a.q.data + b * a.q.nb3 + h * a.q.nb2 + int64_t(m0) * a.q.nb1;
-        const char* do_rows = a.dO.data + b * a.dO.nb3 + h * a.dO.nb1 + int64_t(m0) * a.dO.nb2;
+    // ---- the rows of one step: query head h, query tile at row m0 ----
+    // Steps walk the query tiles of head hk*G, then of hk*G + 1, ... Each step's row pointers
+    // are the last step's advanced by one tile, or moved to the next head's first tile: a few
+    // additions instead of 64-bit products of (b, h, m0) and the strides every step.
+    struct StepRows {
+        const char* q;  // Q row m0 of head h
+        const char* dO; // dO row m0 of head h
+        int64_t row;    // index of row m0 in lse2 / delta
+        float* dq;      // dQ accumulator row m0
+    };
+    const int h_first = hk * s.G, m_start = m_first * BM;
+    StepRows cur{a.q.data + b * a.q.nb3 + int64_t(h_first) * a.q.nb2 + int64_t(m_start) * a.q.nb1,
+                 a.dO.data + b * a.dO.nb3 + int64_t(h_first) * a.dO.nb1 + int64_t(m_start) * a.dO.nb2,
+                 (int64_t(b) * s.Hq + h_first) * a.Sq_pad + m_start,
+                 a.dq_accum + ((int64_t(b) * s.Hq + h_first) * s.Sq + m_start) * s.Dk};
+    const int64_t rewind = int64_t(n_mtiles - 1) * BM; // rows from the last tile back to the first
+    auto advance = [&](const StepRows& r, bool next_head) {
+        if (next_head)
+            return StepRows{r.q + a.q.nb2 - rewind * a.q.nb1, r.dO + a.dO.nb1 - rewind * a.dO.nb2,
+                            r.row + a.Sq_pad - rewind, r.dq + (s.Sq - rewind) * s.Dk};
+        return StepRows{r.q + BM * a.q.nb1, r.dO + BM * a.dO.nb2, r.row + BM, r.dq + BM * s.Dk};
+    };
+
+    // ---- Q, dO, lse2 and delta of one step into buffer buf ----
+    static_assert(BM / 2 <= NT, "one 16-byte chunk of lse2 or delta per thread");
+    auto load_q_tile = [&](const StepRows& r, int m0, int buf) {
         const int rows = min(BM, s.Sq - m0);
-        load_strided_tile<T, NT>(sQ(buf), q_rows, a.q.nb1, rows, s.Dk, a.q.code);
-        load_strided_tile<T, NT>(sdO(buf), do_rows, a.dO.nb2, rows, s.Dv, a.dO.code);
-        const int64_t row_base = (int64_t(b) * s.Hq + h) * a.Sq_pad + m0;
-        for (int c = int(threadIdx.x); c < BM / 4; c += NT) {
-            cp_async_16(sLse(buf) + c * 16, a.lse2 + row_base + c * 4, true);
-            cp_async_16(sDelta(buf) + c * 16, a.delta + row_base + c * 4, true);
+        load_strided_tile<T, NT, GeneralPath::OutOfLine>(sQ(buf), r.q, a.q.nb1, rows, s.Dk, a.q.code);
+        load_strided_tile<T, NT, GeneralPath::OutOfLine>(sdO(buf), r.dO, a.dO.nb2, rows, s.Dv, a.dO.code);
+        // lse2 then delta (adjacent in shared memory): BM / 4 chunks each, threads [0, BM / 2)
+        const int t = int(threadIdx.x);
+        if (t < BM / 2) {
+            const float* src = t < BM / 4 ? a.lse2 + r.row + 4 * t : a.delta + r.row + 4 * (t - BM / 4);
+            cp_async_16(sLse(buf) + 16 * t, src, true);
         }
         cp_async_commit();
     };
     if (n_iters > 0)
-        load_q_tile(hk * s.G, m_first * BM, 0);
+        load_q_tile(cur, m_start, 0);
     else
         cp_async_commit();
 
@@ -130,15 +158,16 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
 
     const float scale_log2 = s.scale * kLog2e;
 
-    int h = hk * s.G, m0 = m_first * BM; // this step's query head and tile
+    int h = h_first, m0 = m_start; // this step's query head and tile
     for (int it = 0; it < n_iters; ++it) {
         const int buf = it & 1;
         cp_async_wait<0>();
         __syncthreads(); // step it's tiles landed; every warp is done with step it-1
         // (after the barrier: the last step's dQ atomics have drained from the memory queue)
         const bool last_of_head = m0 + BM > i_hi;
-        const int h_next = last_of_head ? h + 1 : h, m0_next = last_of_head ? m_first * BM : m0 + BM;
-        if (it + 1 < n_iters) load_q_tile(h_next, m0_next, buf ^ 1);
+        const int h_next = last_of_head ? h + 1 : h, m0_next = last_of_head ? m_start : m0 + BM;
+        const StepRows next = advance(cur, last_of_head);
+        if (it + 1 < n_iters) load_q_tile(next, m0_next, buf ^ 1);
         const typename Tr::TileQ q_t = sQ(buf), do_t = sdO(buf);
 
         // ---- S^T = K Q^T ----
@@ -209,7 +238,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
-                    st_shared_b32(sP.pair_addr(key0 + mt * 16 + r * 8 + g, qs0 + nt * 8 + 2 * t4),
+                    st_shared_b32(pt_pair_addr(nt) + (mt * 16 + r * 8) * kPtRowBytes,
                                   Elem<T>::pack(pt[mt][nt][2 * r], pt[mt][nt][2 * r + 1]));
 
         // ---- dP^T = V dO^T ----
@@ -249,7 +278,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
                     dpt[mt][nt][e] = pt[mt][nt][e] * (dpt[mt][nt][e] - ((e & 1) ? delta.y : delta.x));
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
-                    st_shared_b32(sdS.pair_addr(key0 + mt * 16 + r * 8 + g, iq0),
+                    st_shared_b32(pt_pair_addr(nt) + Tr::TileS::kBytes + (mt * 16 + r * 8) * kPtRowBytes,
                                   Elem<T>::pack(dpt[mt][nt][2 * r], dpt[mt][nt][2 * r + 1]));
             }
         }
@@ -318,43 +347,36 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
             }
             // Full tiles (every row real, Dk = D) add at offsets known at compile time from
             // one per-thread pointer; the last query tile and padded head dims check each.
-            float* dq_rows = a.dq_accum + (int64_t(b) * s.Hq + h) * int64_t(s.Sq) * s.Dk;
+            // (8-byte atomics straight from the accumulators: swapping lanes' halves to add 16
+            // bytes at once cost more in shuffles and selects than it saved, 0.5-2.4% on an H200.)
             if (m0 + BM <= s.Sq && s.Dk == D) {
-                // Lanes t4 = 2u and 2u+1 hold columns 4u..4u+1 and 4u+2..4u+3 of rows g and
-                // g+8; one swap gives the even lane row g's four columns and the odd lane row
-                // g+8's, so each adds 16 bytes at once: half the atomics in the memory queue.
-                const bool odd = t4 & 1;
-                float* dq_thread =
-                    dq_rows + int64_t(m0 + dq_q0 + g + (odd ? 8 : 0)) * D + dq_c0 + 4 * (t4 >> 1);
+                float* dq_thread = cur.dq + (dq_q0 + g) * D + dq_c0 + 2 * t4;
 #pragma unroll
                 for (int mq = 0; mq < 2; ++mq)
 #pragma unroll
-                    for (int nt = 0; nt < NDQ; ++nt) {
-                        const float(&c)[4] = acc[mq][nt];
-                        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? c[0] : c[2], 1);
-                        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? c[1] : c[3], 1);
-                        atomic_add_quad(dq_thread + mq * 16 * D + nt * 8,
-                                        odd ? make_float4(r0, r1, c[2], c[3])
-                                            : make_float4(c[0], c[1], r0, r1));
-                    }
+                    for (int r = 0; r < 2; ++r)
+#pragma unroll
+                        for (int nt = 0; nt < NDQ; ++nt)
+                            atomic_add_pair(dq_thread + (mq * 16 + r * 8) * D + nt * 8, acc[mq][nt][2 * r],
+                                            acc[mq][nt][2 * r + 1]);
             } else {
 #pragma unroll
                 for (int mq = 0; mq < 2; ++mq)
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        const int i = m0 + dq_q0 + mq * 16 + r * 8 + g;
-                        if (i >= s.Sq) continue;
+                        const int iq = dq_q0 + mq * 16 + r * 8 + g; // query row within the tile
+                        if (m0 + iq >= s.Sq) continue;
 #pragma unroll
                         for (int nt = 0; nt < NDQ; ++nt) {
                             const int c = dq_c0 + nt * 8 + 2 * t4;
                             if (c < s.Dk)
-                                atomic_add_pair(dq_rows + int64_t(i) * s.Dk + c, acc[mq][nt][2 * r],
+                                atomic_add_pair(cur.dq + int64_t(iq) * s.Dk + c, acc[mq][nt][2 * r],
                                                 acc[mq][nt][2 * r + 1]);
                         }
                     }
             }
         }
-        h = h_next, m0 = m0_next;
+        h = h_next, m0 = m0_next, cur = next;
     }
 
     cp_async_wait<0>(); // a block with no query tiles still has its K/V copies in flight

@@ -90,6 +90,19 @@ __device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr 
     }
 }
 
+// Where load_strided_tile's general path goes: inline (the quantized K/V of decoding take it
+// on every tile), or out of line for kernels where it is rare (the backward's last query
+// tile, non-native operand types) and would otherwise lend its index arithmetic to the
+// compiler's scheduling of every step.
+enum class GeneralPath { Inline, OutOfLine };
+
+template <class T, int NTHREADS, int ROWS, int COLS>
+__device__ __noinline__ void load_any_tile_out_of_line(SmemTile<ROWS, COLS> tile, const char* rows,
+                                                       int64_t stride, int n_rows, int n_cols, int code) {
+    load_any_tile<T, NTHREADS>(
+        tile, [&](int r) { return rows + r * stride; }, n_rows, n_cols, code, rows);
+}
+
 // Loads a tile of rows that are `stride` bytes apart (K, V, and the Q/dO tiles of the
 // backward). A whole tile already in the compute type (every row real, every column used)
 // takes the streamlined path: each thread copies a fixed column chunk of rows r0, r0 + RPI,
@@ -97,7 +110,7 @@ __device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr 
 // constant (RPI is a multiple of the 8-row swizzle period), with no bounds checks. That
 // matters: the general path spends about a dozen integer instructions per 16-byte copy,
 // as many as the tensor-core work of the tile. Anything else goes through load_any_tile.
-template <class T, int NTHREADS, int ROWS, int COLS>
+template <class T, int NTHREADS, GeneralPath kGeneral = GeneralPath::Inline, int ROWS, int COLS>
 __device__ __forceinline__ void load_strided_tile(SmemTile<ROWS, COLS> tile, const char* rows, int64_t stride,
                                                   int n_rows, int n_cols, int code) {
     constexpr int kChunksPerRow = COLS / 8;
@@ -116,8 +129,11 @@ __device__ __forceinline__ void load_strided_tile(SmemTile<ROWS, COLS> tile, con
             return;
         }
     }
-    load_any_tile<T, NTHREADS>(
-        tile, [&](int r) { return rows + r * stride; }, n_rows, n_cols, code, rows);
+    if constexpr (kGeneral == GeneralPath::OutOfLine)
+        load_any_tile_out_of_line<T, NTHREADS>(tile, rows, stride, n_rows, n_cols, code);
+    else
+        load_any_tile<T, NTHREADS>(
+            tile, [&](int r) { return rows + r * stride; }, n_rows, n_cols, code, rows);
 }
 
 } // namespace gfa::cuda::fa
