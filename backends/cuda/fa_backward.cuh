@@ -34,6 +34,7 @@ template <int D_, int DSPLIT_, class T_, int NW_, int BM_, int QBUF_> struct Bwd
     using TileK = SmemTile<BN, D>;           // K and V tiles
     using TileS = SmemTile<BN, BM>;          // dS^T (keys x queries)
     static constexpr int kRowBytes = BM * 4; // lse2 or delta of one query tile
+    static_assert(kRowBytes % 128 == 0, "tiles placed after row arrays stay 128-byte aligned (frag_addr)");
     // dK/dV kernel: K, V, QBUF x (Q, dO, lse2, delta), dS^T; + softcap derivative when used.
     static constexpr int kSmemKV =
         2 * TileK::kBytes + QBUF * (2 * TileQ::kBytes + 2 * kRowBytes) + TileS::kBytes;
@@ -75,7 +76,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
     constexpr int D = Tr::D, DH = Tr::DH, BM = Tr::BM, BN = Tr::BN, NT = Tr::kThreads, QBUF = Tr::QBUF;
     constexpr int NTQ = BM / 8; // accumulator tiles along the queries
     static_assert(BM == 16 * Tr::NW, "the dQ step gives each warp 16 query rows");
-    extern __shared__ uint4 smem[];
+    extern __shared__ __align__(128) uint4 smem[];
     const uint32_t base = smem_addr(smem);
     const typename Tr::TileK sK{base};
     const typename Tr::TileK sV{sK.base + Tr::TileK::kBytes};
@@ -334,7 +335,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
     using T = typename Tr::T;
     constexpr int D = Tr::D, DH = Tr::DH, BM = Tr::BM, BN = Tr::BNQ, NT = Tr::kThreads;
     constexpr int NTK = BN / 8;
-    extern __shared__ uint4 smem[];
+    extern __shared__ __align__(128) uint4 smem[];
     const uint32_t base = smem_addr(smem);
     const typename Tr::TileQ sQ{base}, sdO{base + Tr::TileQ::kBytes};
     const uint32_t sLse = sdO.base + Tr::TileQ::kBytes, sDelta = sLse + Tr::kRowBytes;

@@ -38,6 +38,7 @@ template <int D_, class T_, int BN_, int BM_, int WK_> struct BwdWideTraits {
     using TileK = SmemTile<BN, D>;  // K and V (key rows)
     using TileS = SmemTile<BN, BM>; // P^T and dS^T (keys x queries)
     static constexpr int kRowBytes = BM * 4;
+    static_assert(kRowBytes % 128 == 0, "tiles placed after row arrays stay 128-byte aligned (frag_addr)");
     static constexpr int kBufBytes = 2 * TileQ::kBytes + 2 * kRowBytes;
     static constexpr int kSmem = 2 * TileK::kBytes + 2 * kBufBytes + 2 * TileS::kBytes;
 };
@@ -49,7 +50,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     constexpr int NQ = Tr::QW / 8;  // 8-query column tiles per warp (S^T, dP^T)
     constexpr int ND = Tr::DW / 8;  // 8-column tiles per warp (dK, dV)
     constexpr int NDQ = Tr::DQW / 8;
-    extern __shared__ uint4 smem[];
+    extern __shared__ __align__(128) uint4 smem[];
     const uint32_t base = smem_addr(smem);
     const typename Tr::TileK sK{base};
     const typename Tr::TileK sV{sK.base + Tr::TileK::kBytes};

@@ -79,7 +79,8 @@ __device__ __forceinline__ void store_elem(void* row, int64_t i, float x, int co
 
 // A ROWS x COLS tile of 16-bit elements. Each row is COLS/8 chunks of 16 bytes; chunk c of
 // row r lives at chunk c ^ (r % 8), so the 8 rows an ldmatrix phase reads (same logical
-// chunk, consecutive rows) land in 8 different bank groups. COLS is a multiple of 64.
+// chunk, consecutive rows) land in 8 different bank groups. COLS is a multiple of 64, and
+// the base a multiple of 128 bytes (frag_addr relies on both).
 template <int ROWS, int COLS> struct SmemTile {
     static_assert(COLS % 64 == 0, "swizzled tiles need rows of whole 128-byte groups");
     static constexpr int kChunksPerRow = COLS / 8;
@@ -181,13 +182,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 
 // ldmatrix addresses. Each lane points at row (row0 + lr) and chunk (c0 + lc) of a tile, with
 // lr, lc fixed per lane, row0 a multiple of 8 and c0 even, lc in {0, 1}. Then
-// (c0 + lc) ^ (row % 8) == c0 ^ x with x = lc ^ (lr % 8) < 8, so the address is a per-lane
-// base plus a part known at compile time in unrolled loops: (c0 & ~7) and the 4 possible
-// values of (c0 & 7) ^ x, which the compiler keeps in registers across tiles.
+// (c0 + lc) ^ (row % 8) == c0 ^ x with x = lc ^ (lr % 8) < 8. Tile bases and rows are
+// multiples of 128 bytes, so in lane_addr = base + lr * row_bytes + 16 x the bits 4..6 are
+// x alone, and the address is lane_addr ^ 16 (c0 & 7) plus a multiple of 128 known at
+// compile time in unrolled loops: one XOR per distinct (c0 & 7), not two additions.
 template <int R, int C>
 __device__ __forceinline__ uint32_t frag_addr(SmemTile<R, C> t, int lr, int lc, int row0, int c0) {
     const int x = lc ^ (lr & 7);
-    return t.base + uint32_t((row0 + lr) * (C * 2) + (((c0 & ~7) + ((c0 & 7) ^ x)) << 4));
+    const uint32_t lane_addr = t.base + uint32_t(lr * (C * 2) + (x << 4));
+    return (lane_addr ^ uint32_t((c0 & 7) << 4)) + uint32_t(row0 * (C * 2) + ((c0 & ~7) << 4));
 }
 
 // A fragment of the 16x16 block at (row0, col0) of a tile stored row-major (rows = M).

@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
     using Rows = typename Tr::Rows;
     constexpr int D = Tr::D, KC = Tr::KC, NW = Tr::NW, STAGES = Tr::STAGES, W = Tr::W;
     constexpr int NT_KEY = KC / 8, NT_OUT = D / 8;
-    extern __shared__ uint4 smem[];
+    extern __shared__ __align__(128) uint4 smem[];
 
     const Shape& s = a.s;
     const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;

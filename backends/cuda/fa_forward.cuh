@@ -59,7 +59,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
     using T = typename Tr::T;
     constexpr int D = Tr::D, BM = Tr::BM, BN = Tr::BN, MI = Tr::MI, NT = Tr::kThreads;
     constexpr int NTILE_N = BN / 8, NTILE_D = D / 8;
-    extern __shared__ uint4 smem[];
+    extern __shared__ __align__(128) uint4 smem[];
     const typename Tr::TileQ sQ{smem_addr(smem)};
     const typename Tr::TileKV sK{sQ.base + Tr::TileQ::kBytes};
     const typename Tr::TileKV sV{sK.base + Tr::TileKV::kBytes};
