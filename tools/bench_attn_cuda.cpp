@@ -2,10 +2,12 @@
 // decoding, timed with CUDA events (median of several repetitions after warm-up).
 //
 //   bench_attn_cuda [--quick] [--no-decode] [--label NAME] [--csv FILE]
-//                   [--d D] [--s S] [--causal 0|1] [--reps N] [--no-fa]
+//                   [--d D] [--s S] [--causal 0|1] [--reps N] [--no-fa] [--f32]
 //
 // --d/--s/--causal keep only the matching cases of the grid (for profiling one kernel);
 // --reps sets the timed repetitions; --no-fa runs only the decoding table.
+// --f32 gives the grid f32 Q, K, V, dO and outputs, as a training graph in f32 does (the
+// kernels then compute in f16).
 // --label names the implementation in the output (default "ours"), to tell apart builds or
 // kernel variants timed into one comparison.
 //
@@ -68,7 +70,7 @@ double time_ms(const std::function<void()>& fn, int reps, int warm) {
     return ms[ms.size() / 2];
 }
 
-// Fills device memory with random 16-bit floats in [-1, 1) (bf16 or f16), or q8_0 / q4_0 blocks.
+// Fills device memory with random floats in [-1, 1) (f32, bf16 or f16), or q8_0 / q4_0 blocks.
 void fill_random(void* dst, Type type, size_t elements, uint64_t seed) {
     std::vector<uint8_t> host(row_size(type, int64_t(elements)));
     uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
@@ -91,6 +93,10 @@ void fill_random(void* dst, Type type, size_t elements, uint64_t seed) {
             const uint64_t r0 = next(), r1 = next();
             std::memcpy(blocks[bi].qs, &r0, 8), std::memcpy(blocks[bi].qs + 8, &r1, 8);
         }
+    } else if (type == Type::F32) {
+        auto* h = reinterpret_cast<float*>(host.data());
+        for (size_t i = 0; i < elements; ++i)
+            h[i] = float(int32_t(next() >> 40) - (1 << 23)) / float(1 << 23);
     } else {
         auto* h = reinterpret_cast<uint16_t*>(host.data());
         for (size_t i = 0; i < elements; ++i) {
@@ -116,7 +122,7 @@ View make_view(Type type, void* data, int64_t n0, int64_t n1, int64_t n2, int64_
 } // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false, decode = true, fa = true;
+    bool quick = false, decode = true, fa = true, f32 = false;
     int64_t only_d = 0, only_s = 0;
     int only_causal = -1, reps_arg = 0;
     const char* label = "ours";
@@ -140,6 +146,8 @@ int main(int argc, char** argv) {
             reps_arg = std::atoi(argv[++i]);
         else if (std::strcmp(argv[i], "--no-fa") == 0)
             fa = false;
+        else if (std::strcmp(argv[i], "--f32") == 0)
+            f32 = true;
         else {
             std::fprintf(stderr, "bench_attn_cuda: unknown argument '%s'\n", argv[i]);
             return 2;
@@ -159,12 +167,13 @@ int main(int argc, char** argv) {
         // ---- the FlashAttention grid: every case has 16k tokens x hidden 2048 ----
         const int64_t tokens = 16384, hidden = 2048;
         const size_t elems = size_t(tokens * hidden);
+        const Type et = f32 ? Type::F32 : Type::BF16;
         void *q, *k, *v, *o, *dO, *dq, *dk, *dv, *lse;
-        for (void** p : {&q, &k, &v, &o, &dO, &dq, &dk, &dv}) check(cudaMalloc(p, elems * 2), "cudaMalloc");
+        for (void** p : {&q, &k, &v, &o, &dO, &dq, &dk, &dv})
+            check(cudaMalloc(p, elems * type_traits(et).type_size), "cudaMalloc");
         check(cudaMalloc(&lse, size_t(tokens) * 32 * 4), "cudaMalloc");
-        fill_random(q, Type::BF16, elems, 1), fill_random(k, Type::BF16, elems, 2),
-            fill_random(v, Type::BF16, elems, 3);
-        fill_random(dO, Type::BF16, elems, 4);
+        fill_random(q, et, elems, 1), fill_random(k, et, elems, 2), fill_random(v, et, elems, 3);
+        fill_random(dO, et, elems, 4);
         void* ws = nullptr;
         size_t ws_bytes = 0;
 
@@ -185,15 +194,15 @@ int main(int argc, char** argv) {
                     p.Dk = p.Dv = D, p.Sq = p.Skv = S, p.Hq = p.Hkv = H, p.B = B;
                     p.params.scale = 1.0f / std::sqrt(float(D));
                     p.params.causal = causal;
-                    p.q = make_view(Type::BF16, q, D, S, H, B);
-                    p.k = make_view(Type::BF16, k, D, S, H, B);
-                    p.v = make_view(Type::BF16, v, D, S, H, B);
-                    p.o = make_view(Type::BF16, o, D, H, S, B);
+                    p.q = make_view(et, q, D, S, H, B);
+                    p.k = make_view(et, k, D, S, H, B);
+                    p.v = make_view(et, v, D, S, H, B);
+                    p.o = make_view(et, o, D, H, S, B);
                     p.lse = make_view(Type::F32, lse, S, H, B, 1);
-                    bp.dO = make_view(Type::BF16, dO, D, H, S, B);
-                    bp.dq = make_view(Type::BF16, dq, D, S, H, B);
-                    bp.dk = make_view(Type::BF16, dk, D, S, H, B);
-                    bp.dv = make_view(Type::BF16, dv, D, S, H, B);
+                    bp.dO = make_view(et, dO, D, H, S, B);
+                    bp.dq = make_view(et, dq, D, S, H, B);
+                    bp.dk = make_view(et, dk, D, S, H, B);
+                    bp.dv = make_view(et, dv, D, S, H, B);
                     const size_t need = std::max(cuda::flash_attn_backward_workspace_size(bp),
                                                  cuda::flash_attn_forward_workspace_size(p));
                     if (need > ws_bytes) {
@@ -214,9 +223,9 @@ int main(int argc, char** argv) {
                                 fwd_tf, bwd, bwd_tf);
                     std::fflush(stdout);
                     if (csv)
-                        std::fprintf(csv, "fa,%s,bf16,%lld,%lld,%lld,%lld,%d,%.4f,%.1f,%.4f,%.1f\n", label,
-                                     (long long)D, (long long)S, (long long)B, (long long)H, int(causal), fwd,
-                                     fwd_tf, bwd, bwd_tf);
+                        std::fprintf(csv, "fa,%s,%s,%lld,%lld,%lld,%lld,%d,%.4f,%.1f,%.4f,%.1f\n", label,
+                                     std::string(type_name(et)).c_str(), (long long)D, (long long)S,
+                                     (long long)B, (long long)H, int(causal), fwd, fwd_tf, bwd, bwd_tf);
                 }
         for (void* p : {q, k, v, o, dO, dq, dk, dv, lse, ws}) cudaFree(p);
         if (!decode) {

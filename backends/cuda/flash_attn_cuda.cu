@@ -191,6 +191,88 @@ int sm_count() {
     return count;
 }
 
+// ---- staging: operands a kernel re-reads, converted once ---------------------------------
+//
+// The tile loaders stream rows of the compute type with cp.async; any other float operand
+// (f32, the other 16-bit type, 16-bit rows cp.async cannot read) is converted through
+// registers on every tile load, and the load then stalls the pipeline it was meant to feed.
+// An operand that a kernel reads once per tile of the other side (K and V in the forward,
+// once per query-row tile; Q and dO in the backward, once per key tile) is therefore
+// converted once, before the kernel, into a contiguous copy in the workspace. The copy holds
+// exactly what the inline conversion would have put in shared memory (same rounding), so the
+// results do not change, only the path the bytes take.
+
+// Whether the tile loaders would convert v through registers for a kernel computing in
+// bf16 (else f16). Quantized K/V are not staged: reading them compact is their point.
+bool converts_on_load(const View& v, bool bf16) {
+    if (v.type == Type::F32) return true;
+    if (!is_16bit(v.type)) return false;
+    const fa::ElemCode compute = bf16 ? fa::kBF16 : fa::kF16;
+    return operand_code(v, "operand", false) != compute;
+}
+
+size_t staged_bytes(const View& v) {
+    const size_t n = size_t(v.ne[0]) * size_t(v.ne[1]) * size_t(v.ne[2]) * size_t(v.ne[3]);
+    return (n * 2 + 255) / 256 * 256;
+}
+
+// One 16-byte chunk (8 elements) of the copy per thread and step; rows hold ne0 elements,
+// a multiple of 8 (validate checks the head dims).
+template <class T>
+__global__ void stage_kernel(const fa::Operand src, int ne0, int ne1, int ne2, int64_t chunks, uint4* dst) {
+    const int per_row = ne0 / 8;
+    const int code = src.code & ~fa::kUnaligned;
+    for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < chunks;
+         idx += int64_t(gridDim.x) * blockDim.x) {
+        const int c = int(idx % per_row);
+        const int64_t r = idx / per_row;
+        const int64_t i1 = r % ne1, i2 = r / ne1 % ne2, i3 = r / (int64_t(ne1) * ne2);
+        const char* row = src.data + i3 * src.nb3 + i2 * src.nb2 + i1 * src.nb1;
+        float x[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x[e] = fa::load_elem(row, c * 8 + e, code);
+        dst[idx] = make_uint4(fa::Elem<T>::pack(x[0], x[1]), fa::Elem<T>::pack(x[2], x[3]),
+                              fa::Elem<T>::pack(x[4], x[5]), fa::Elem<T>::pack(x[6], x[7]));
+    }
+}
+
+// Converts `from` (read through `as`) into a contiguous copy at dst in the compute type and
+// returns the operand that reads the copy.
+fa::Operand stage(const View& from, const fa::Operand& as, bool bf16, char* dst, cudaStream_t st) {
+    const int64_t chunks = from.ne[0] / 8 * from.ne[1] * from.ne[2] * from.ne[3];
+    const unsigned blocks = unsigned(std::clamp<int64_t>((chunks + 255) / 256, 1, 8 * int64_t(sm_count())));
+    auto* out = reinterpret_cast<uint4*>(dst);
+    const int ne0 = int(from.ne[0]), ne1 = int(from.ne[1]), ne2 = int(from.ne[2]);
+    if (bf16)
+        stage_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(as, ne0, ne1, ne2, chunks, out);
+    else
+        stage_kernel<__half><<<blocks, 256, 0, st>>>(as, ne0, ne1, ne2, chunks, out);
+    check_cuda(cudaGetLastError(), "launching the operand conversion kernel");
+    fa::Operand copy;
+    copy.data = dst;
+    copy.nb1 = from.ne[0] * 2;
+    copy.nb2 = copy.nb1 * from.ne[1];
+    copy.nb3 = copy.nb2 * from.ne[2];
+    copy.code = bf16 ? fa::kBF16 : fa::kF16;
+    return copy;
+}
+
+// Reserves room for a staged copy of v at the end of a workspace of `end` bytes when the
+// kernel would otherwise convert it on every load; returns its offset.
+std::optional<size_t> reserve_stage(size_t& end, const View& v, bool bf16, bool reread) {
+    if (!reread || !converts_on_load(v, bf16)) return std::nullopt;
+    end = (end + 255) / 256 * 256;
+    const size_t offset = end;
+    end += staged_bytes(v);
+    return offset;
+}
+
+// The operand a kernel reads: the staged copy (converted now) or v itself.
+fa::Operand staged_or_direct(const std::optional<size_t>& offset, const View& v, const fa::Operand& direct,
+                             bool bf16, char* workspace, cudaStream_t st) {
+    return offset ? stage(v, direct, bf16, workspace + *offset, st) : direct;
+}
+
 struct FwdPlan {
     int tile = 0;
     bool decode = false, bf16 = false;
@@ -201,6 +283,7 @@ struct FwdPlan {
     // the first key of split 0 (the splits cover only the keys some row can see).
     std::optional<fa::DecodeSel> decode_kernel;
     int split_begin = 0;
+    std::optional<size_t> stage_k, stage_v; // workspace offsets of converted copies (staging)
 };
 
 // Split-KV when `blocks` cannot fill the `slots` of the device: the number of key units (tiles,
@@ -337,6 +420,10 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
         const size_t part_rows = size_t(plan.n_split) * s.B * s.Hkv * rows;
         plan.workspace = part_rows * (size_t(s.Dv) + 1) * sizeof(float) + 256;
     }
+    // Every row tile of a head reads all its K/V tiles.
+    const bool reread = plan.row_tiles > 1;
+    plan.stage_k = reserve_stage(plan.workspace, p.k, plan.bf16, reread);
+    plan.stage_v = reserve_stage(plan.workspace, p.v, plan.bf16, reread);
     return plan;
 }
 
@@ -563,6 +650,8 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         a.part_lse = reinterpret_cast<float*>(scratch.get());
         a.part_o = a.part_lse + ((part_rows + 63) / 64) * 64;
     }
+    a.k = staged_or_direct(plan.stage_k, p.k, a.k, plan.bf16, scratch.get(), st);
+    a.v = staged_or_direct(plan.stage_v, p.v, a.v, plan.bf16, scratch.get(), st);
     if (plan.decode_kernel) {
         const dim3 grid(unsigned(plan.n_split), unsigned(s.Hkv), unsigned(s.B));
         const fa::DecodeSel& sel = *plan.decode_kernel;
@@ -606,6 +695,7 @@ struct BwdPlan {
     fa::BwdInfo info;
     int Sq_pad = 0;
     size_t off_delta = 0, off_dq = 0, off_dsink = 0, total = 0;
+    std::optional<size_t> stage_q, stage_dO, stage_k, stage_v; // converted copies (staging)
 };
 
 fa::BwdInfo bwd_info(int tile) {
@@ -632,6 +722,12 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
     plan.off_dsink = plan.off_dq + dq_bytes;
     const bool want_dsinks = p.sinks.present() && bp.dsinks.present();
     plan.total = plan.off_dsink + (want_dsinks ? align(size_t(s.Hq) * s.B * s.Sq * sizeof(float)) : 0);
+    // The dK/dV kernels read Q and dO once per key tile; the deterministic dQ pass reads K and
+    // V once per query tile.
+    plan.stage_q = reserve_stage(plan.total, p.q, plan.bf16, true);
+    plan.stage_dO = reserve_stage(plan.total, bp.dO, plan.bf16, true);
+    plan.stage_k = reserve_stage(plan.total, p.k, plan.bf16, bp.deterministic);
+    plan.stage_v = reserve_stage(plan.total, p.v, plan.bf16, bp.deterministic);
     return plan;
 }
 
@@ -701,6 +797,13 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
     a.accumulate_dq = !bp.deterministic;
     a.dq_accum = bp.deterministic ? nullptr : reinterpret_cast<float*>(scratch.get() + plan.off_dq);
     a.dsink_rows = a.dsinks ? reinterpret_cast<float*>(scratch.get() + plan.off_dsink) : nullptr;
+    // Every kernel below reads the staged copies, the preprocess too: delta = rowsum(dO * O)
+    // then uses the same dO as dP = dO V^T, so their difference in dS = P (dP - delta) holds
+    // no rounding of dO that the other side lacks.
+    a.q = staged_or_direct(plan.stage_q, p.q, a.q, plan.bf16, scratch.get(), st);
+    a.dO = staged_or_direct(plan.stage_dO, bp.dO, a.dO, plan.bf16, scratch.get(), st);
+    a.k = staged_or_direct(plan.stage_k, p.k, a.k, plan.bf16, scratch.get(), st);
+    a.v = staged_or_direct(plan.stage_v, p.v, a.v, plan.bf16, scratch.get(), st);
 
     // 1. preprocess: delta, lse2, dSinks row terms; zero the dQ accumulator
     const int64_t rows = int64_t(s.B) * s.Hq * plan.Sq_pad;

@@ -800,6 +800,61 @@ TEST_CASE("CUDA deterministic backward is bit-identical across runs", "[cuda][fa
     }
 }
 
+// The same values stored as f32 (exact: they are already rounded to the tensor's type).
+HostTensor as_f32(const HostTensor& t) {
+    HostTensor f = t;
+    f.type = Type::F32;
+    encode(f);
+    return f;
+}
+
+// Operands the kernels would convert on every tile load (f32, 16-bit rows cp.async cannot
+// read) are converted once into the workspace first (staging). The copy must hold what the
+// inline conversion gave: the same problem with its inputs already in the compute type
+// gives the same bits, forward and (deterministic) backward.
+TEST_CASE("CUDA flash attention with f32 or unaligned inputs equals the compute type bit for bit",
+          "[cuda][fa][backward]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    for (Type t : {Type::F16, Type::BF16})
+        for (int64_t D : {64, 128, 256})
+            for (int variant = 0; variant < 2; ++variant) {
+                Config c;
+                c.Dk = c.Dv = D, c.compute = c.q_type = c.kv_type = c.o_type = t;
+                c.Sq = 150, c.Skv = 131, c.Hq = 4, c.Hkv = 2, c.B = 2; // several query-row tiles
+                c.params.scale = 1.0f / std::sqrt(float(D));
+                c.params.causal = variant == 1;
+                c.mask = variant == 0 ? 1 : 0;
+                c.deterministic = true;
+                INFO("seed " << seed << ": " << c.describe() << (variant ? " (K/V rows unaligned)" : ""));
+                const Inputs in = make_inputs(c, rng);
+                DeviceProblem direct = device_problem(c, in);
+                const BackwardResult want = run_backward(c, in, direct);
+                const auto want_lse = direct.lse->download();
+
+                // f32 Q, V and dO; K too where the compute type is f16 (with K in f32 the
+                // kernels compute in Q's type, so a bf16 problem keeps a bf16 K).
+                Config c2 = c;
+                Inputs in2 = in;
+                in2.q = as_f32(in.q), in2.v = as_f32(in.v), in2.dO = as_f32(in.dO);
+                if (t == Type::F16) in2.k = as_f32(in.k);
+                c2.q_type = Type::F32;
+                if (variant == 1) { // instead: 16-bit K/V whose rows are 8 bytes apart from 16
+                    in2.k = in.k, in2.v = in.v;
+                    c2.kv_row_pad = 8;
+                }
+                DeviceProblem staged = device_problem(c2, in2);
+                const BackwardResult got = run_backward(c2, in2, staged);
+                CHECK(cuda::flash_attn_backward_workspace_size(staged.bp) >
+                      cuda::flash_attn_backward_workspace_size(direct.bp)); // it did stage
+                CHECK(staged.o->download() == direct.o->download());
+                CHECK(staged.lse->download() == want_lse);
+                CHECK(got.dq == want.dq);
+                CHECK(got.dk == want.dk);
+                CHECK(got.dv == want.dv);
+            }
+}
+
 TEST_CASE("CUDA flash attention rejects what it does not support", "[cuda][fa]") {
     std::mt19937 rng(fresh_seed());
     Config c;
