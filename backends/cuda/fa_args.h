@@ -95,10 +95,26 @@ struct BwdArgs {
     int Sq_pad = 0;              // rows of the per-row arrays, a multiple of every BM
     float* lse2 = nullptr;       // [B][Hq][Sq_pad]: LSE * log2(e), +inf where no gradient flows
     float* delta = nullptr;      // [B][Hq][Sq_pad]: rowsum(dO * O)
-    float* dq_accum = nullptr;   // [B][Hq][Sq][Dk] fp32
+    float* dq_accum = nullptr;   // [B][Hq][Sq][dq_ld] fp32, columns interleaved (dq_accum_col)
+    int dq_ld = 0;               // accumulator row length: Dk rounded up to 16
     float* dsink_rows = nullptr; // [Hq][B*Sq]: per-row terms of dsinks
     bool accumulate_dq = true;   // false: the dK/dV kernel leaves dQ to the separate dQ kernel
     bool tiles_last = false;     // grid order of the 8-warp dK/dV kernel, see GridPos
 };
+
+// The fp32 dQ accumulator keeps each group of 16 columns interleaved in pairs,
+//   [0 1 8 9 | 2 3 10 11 | 4 5 12 13 | 6 7 14 15],
+// the order in which a tensor-core lane holds them: its pairs (2 t4, 2 t4 + 1) of two
+// adjacent 8-column accumulator tiles become 4 consecutive floats, added with one 16-byte
+// atomic instead of two 8-byte ones (a step of the 8-warp kernel issues half the atomics;
+// their burst at the end of a step kept warps throttled behind the memory queue). Returns
+// where column c of a row is kept; pairs (c even, c + 1) stay adjacent.
+GFA_HD int dq_accum_col(int c) {
+    const int w = c & 15;
+    return (c & ~15) + ((w & 7) >> 1) * 4 + (w >> 3) * 2 + (w & 1);
+}
+GFA_HD int dq_accum_ld(int Dk) {
+    return (Dk + 15) / 16 * 16;
+}
 
 } // namespace gfa::cuda::fa

@@ -14,7 +14,7 @@
 //   dV += P^T dO   warp (wk, wn): keys [wk*KW, +KW) x head-dim columns [wn*DW, +DW), fp32
 //   dK += dS^T Q   same warp tile as dV
 //   dQ += dS K     warp: queries [32 wq, +32) x columns; dS read transposed from shared
-//                  memory, added into the fp32 dQ accumulator with float2 atomics
+//                  memory, added into the fp32 dQ accumulator with 16-byte atomics (dq_accum_col)
 // Deterministic mode skips the last step (the dQ kernel of fa_backward.cuh computes dQ).
 // Softcap is left to the 4-warp kernel.
 #pragma once
@@ -121,13 +121,13 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
     StepRows cur{a.q.data + b * a.q.nb3 + int64_t(h_first) * a.q.nb2 + int64_t(m_start) * a.q.nb1,
                  a.dO.data + b * a.dO.nb3 + int64_t(h_first) * a.dO.nb1 + int64_t(m_start) * a.dO.nb2,
                  (int64_t(b) * s.Hq + h_first) * a.Sq_pad + m_start,
-                 a.dq_accum + ((int64_t(b) * s.Hq + h_first) * s.Sq + m_start) * s.Dk};
+                 a.dq_accum + ((int64_t(b) * s.Hq + h_first) * s.Sq + m_start) * a.dq_ld};
     const int64_t rewind = int64_t(n_mtiles - 1) * BM; // rows from the last tile back to the first
     auto advance = [&](const StepRows& r, bool next_head) {
         if (next_head)
             return StepRows{r.q + a.q.nb2 - rewind * a.q.nb1, r.dO + a.dO.nb1 - rewind * a.dO.nb2,
-                            r.row + a.Sq_pad - rewind, r.dq + (s.Sq - rewind) * s.Dk};
-        return StepRows{r.q + BM * a.q.nb1, r.dO + BM * a.dO.nb2, r.row + BM, r.dq + BM * s.Dk};
+                            r.row + a.Sq_pad - rewind, r.dq + (s.Sq - rewind) * a.dq_ld};
+        return StepRows{r.q + BM * a.q.nb1, r.dO + BM * a.dO.nb2, r.row + BM, r.dq + BM * a.dq_ld};
     };
 
     // ---- Q, dO, lse2 and delta of one step into buffer buf ----
@@ -347,19 +347,21 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
                 }
             }
             // Full tiles (every row real, Dk = D) add at offsets known at compile time from
-            // one per-thread pointer; the last query tile and padded head dims check each.
-            // (8-byte atomics straight from the accumulators: swapping lanes' halves to add 16
-            // bytes at once cost more in shuffles and selects than it saved, 0.5-2.4% on an H200.)
+            // one per-thread pointer, 16 bytes at a time (the accumulator's interleaved columns,
+            // dq_accum_col, put a lane's pairs of tiles nt and nt + 1 side by side); the last
+            // query tile and padded head dims check each pair.
+            static_assert(NDQ % 2 == 0, "dQ column tiles in pairs");
             if (m0 + BM <= s.Sq && s.Dk == D) {
-                float* dq_thread = cur.dq + (dq_q0 + g) * D + dq_c0 + 2 * t4;
+                float* dq_thread = cur.dq + (dq_q0 + g) * D + dq_c0 + 4 * t4;
 #pragma unroll
                 for (int mq = 0; mq < 2; ++mq)
 #pragma unroll
                     for (int r = 0; r < 2; ++r)
 #pragma unroll
-                        for (int nt = 0; nt < NDQ; ++nt)
-                            atomic_add_pair(dq_thread + (mq * 16 + r * 8) * D + nt * 8, acc[mq][nt][2 * r],
-                                            acc[mq][nt][2 * r + 1]);
+                        for (int np = 0; np < NDQ / 2; ++np)
+                            atomic_add_quad(dq_thread + (mq * 16 + r * 8) * D + np * 16,
+                                            acc[mq][2 * np][2 * r], acc[mq][2 * np][2 * r + 1],
+                                            acc[mq][2 * np + 1][2 * r], acc[mq][2 * np + 1][2 * r + 1]);
             } else {
 #pragma unroll
                 for (int mq = 0; mq < 2; ++mq)
@@ -371,8 +373,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
                         for (int nt = 0; nt < NDQ; ++nt) {
                             const int c = dq_c0 + nt * 8 + 2 * t4;
                             if (c < s.Dk)
-                                atomic_add_pair(cur.dq + int64_t(iq) * s.Dk + c, acc[mq][nt][2 * r],
-                                                acc[mq][nt][2 * r + 1]);
+                                atomic_add_pair(cur.dq + int64_t(iq) * a.dq_ld + dq_accum_col(c),
+                                                acc[mq][nt][2 * r], acc[mq][nt][2 * r + 1]);
                         }
                     }
             }

@@ -588,7 +588,7 @@ __global__ void dq_convert_kernel(const fa::BwdArgs a) {
         const int64_t r = idx / s.Dk;
         const int i = int(r % s.Sq), h = int((r / s.Sq) % s.Hq), b = int(r / (int64_t(s.Sq) * s.Hq));
         char* row = a.dq + b * a.dq_nb3 + h * a.dq_nb2 + int64_t(i) * a.dq_nb1;
-        fa::store_elem(row, d, a.dq_accum[idx] * s.scale, a.dq_code);
+        fa::store_elem(row, d, a.dq_accum[r * a.dq_ld + fa::dq_accum_col(d)] * s.scale, a.dq_code);
     }
 }
 
@@ -718,7 +718,8 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
     const size_t row_arr = align(size_t(s.B) * s.Hq * plan.Sq_pad * sizeof(float));
     plan.off_delta = row_arr;
     plan.off_dq = 2 * row_arr;
-    const size_t dq_bytes = bp.deterministic ? 0 : align(size_t(s.B) * s.Hq * s.Sq * s.Dk * sizeof(float));
+    const size_t dq_bytes =
+        bp.deterministic ? 0 : align(size_t(s.B) * s.Hq * s.Sq * fa::dq_accum_ld(s.Dk) * sizeof(float));
     plan.off_dsink = plan.off_dq + dq_bytes;
     const bool want_dsinks = p.sinks.present() && bp.dsinks.present();
     plan.total = plan.off_dsink + (want_dsinks ? align(size_t(s.Hq) * s.B * s.Sq * sizeof(float)) : 0);
@@ -796,6 +797,7 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
     a.delta = reinterpret_cast<float*>(scratch.get() + plan.off_delta);
     a.accumulate_dq = !bp.deterministic;
     a.dq_accum = bp.deterministic ? nullptr : reinterpret_cast<float*>(scratch.get() + plan.off_dq);
+    a.dq_ld = fa::dq_accum_ld(s.Dk);
     a.dsink_rows = a.dsinks ? reinterpret_cast<float*>(scratch.get() + plan.off_dsink) : nullptr;
     // Every kernel below reads the staged copies, the preprocess too: delta = rowsum(dO * O)
     // then uses the same dO as dP = dO V^T, so their difference in dS = P (dP - delta) holds
@@ -810,7 +812,7 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
     bwd_preprocess_kernel<<<unsigned((rows + 7) / 8), 256, 0, st>>>(a);
     check_cuda(cudaGetLastError(), "launching the backward preprocess kernel");
     if (a.dq_accum)
-        check_cuda(cudaMemsetAsync(a.dq_accum, 0, size_t(s.B) * s.Hq * s.Sq * s.Dk * sizeof(float), st),
+        check_cuda(cudaMemsetAsync(a.dq_accum, 0, size_t(s.B) * s.Hq * s.Sq * a.dq_ld * sizeof(float), st),
                    "clearing the dQ accumulator");
 
     // 2. dK, dV (and dQ through atomics)
