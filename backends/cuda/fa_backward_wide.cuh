@@ -23,7 +23,8 @@
 
 namespace gfa::cuda::fa {
 
-template <int D_, class T_, int BN_, int BM_, int WK_> struct BwdWideTraits {
+// DQC: 16-column groups of dQ per chunk whose atomics go out together (0: all of a warp's).
+template <int D_, class T_, int BN_, int BM_, int WK_, int DQC_ = 0> struct BwdWideTraits {
     static constexpr int D = D_, BN = BN_, BM = BM_, NW = 8, kThreads = 32 * NW;
     static constexpr int WK = WK_, WN = NW / WK_; // warp grid: WK along keys, WN along queries/columns
     static constexpr int KW = BN / WK;            // keys per warp
@@ -31,6 +32,7 @@ template <int D_, class T_, int BN_, int BM_, int WK_> struct BwdWideTraits {
     static constexpr int DW = D / WN;             // dK/dV columns per warp
     static constexpr int WQ = BM / 32;            // dQ: warps along the queries (32 rows each)
     static constexpr int DQW = D / (NW / WQ);     // dQ columns per warp
+    static constexpr int DQC = DQC_ > 0 ? DQC_ : DQW / 16;
     static_assert(KW % 16 == 0 && QW % 16 == 0 && DW % 16 == 0 && DQW % 16 == 0, "warp tiles of 16");
     static_assert(NW % WQ == 0, "dQ warp grid");
     using T = T_;
@@ -322,61 +324,68 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
         }
 
         // ---- dQ += dS K: dS^T read transposed, fp32 atomics ----
+        // In chunks of DQC 16-column groups, a chunk's atomics issued before the next chunk's
+        // products so that they drain while the tensor cores work (traits: DQC).
         if (a.accumulate_dq) {
-            float acc[2][NDQ][4];
+            constexpr int NG = NDQ / 2, GC = Tr::DQC; // 16-column groups; groups per chunk
+            static_assert(NDQ % 2 == 0 && NG % GC == 0, "dQ chunks of whole 16-column groups");
+            // Full tiles (every row real, Dk = D) add 16 bytes at a time at offsets known at
+            // compile time from one per-thread pointer (dq_accum_col puts a lane's pairs of a
+            // group's two 8-column tiles side by side); the last query tile and padded head
+            // dims check each pair.
+            const bool full = m0 + BM <= s.Sq && s.Dk == D;
+            float* dq_thread = cur.dq + (dq_q0 + g) * D + dq_c0 + 4 * t4;
 #pragma unroll
-            for (int mq = 0; mq < 2; ++mq)
-#pragma unroll
-                for (int nt = 0; nt < NDQ; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[mq][nt][e] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                uint32_t da[2][4];
-#pragma unroll
-                for (int mq = 0; mq < 2; ++mq) load_a_trans(da[mq], sdS, kk * 16, dq_q0 + mq * 16);
-#pragma unroll
-                for (int dp = 0; dp < NDQ / 2; ++dp) {
-                    uint32_t kb[4];
-                    load_b_kn(kb, sK, kk * 16, dq_c0 + dp * 16);
-#pragma unroll
-                    for (int mq = 0; mq < 2; ++mq) {
-                        mma_16816<T>(acc[mq][2 * dp], da[mq], kb[0], kb[1]);
-                        mma_16816<T>(acc[mq][2 * dp + 1], da[mq], kb[2], kb[3]);
-                    }
-                }
-            }
-            // Full tiles (every row real, Dk = D) add at offsets known at compile time from
-            // one per-thread pointer, 16 bytes at a time (the accumulator's interleaved columns,
-            // dq_accum_col, put a lane's pairs of tiles nt and nt + 1 side by side); the last
-            // query tile and padded head dims check each pair.
-            static_assert(NDQ % 2 == 0, "dQ column tiles in pairs");
-            if (m0 + BM <= s.Sq && s.Dk == D) {
-                float* dq_thread = cur.dq + (dq_q0 + g) * D + dq_c0 + 4 * t4;
+            for (int g0 = 0; g0 < NG; g0 += GC) {
+                float acc[2][2 * GC][4];
 #pragma unroll
                 for (int mq = 0; mq < 2; ++mq)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r)
+                    for (int nt = 0; nt < 2 * GC; ++nt)
 #pragma unroll
-                        for (int np = 0; np < NDQ / 2; ++np)
-                            atomic_add_quad(dq_thread + (mq * 16 + r * 8) * D + np * 16,
-                                            acc[mq][2 * np][2 * r], acc[mq][2 * np][2 * r + 1],
-                                            acc[mq][2 * np + 1][2 * r], acc[mq][2 * np + 1][2 * r + 1]);
-            } else {
+                        for (int e = 0; e < 4; ++e) acc[mq][nt][e] = 0.0f;
 #pragma unroll
-                for (int mq = 0; mq < 2; ++mq)
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    uint32_t da[2][4];
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int iq = dq_q0 + mq * 16 + r * 8 + g; // query row within the tile
-                        if (m0 + iq >= s.Sq) continue;
+                    for (int mq = 0; mq < 2; ++mq) load_a_trans(da[mq], sdS, kk * 16, dq_q0 + mq * 16);
 #pragma unroll
-                        for (int nt = 0; nt < NDQ; ++nt) {
-                            const int c = dq_c0 + nt * 8 + 2 * t4;
-                            if (c < s.Dk)
-                                atomic_add_pair(cur.dq + int64_t(iq) * a.dq_ld + dq_accum_col(c),
-                                                acc[mq][nt][2 * r], acc[mq][nt][2 * r + 1]);
+                    for (int gi = 0; gi < GC; ++gi) {
+                        uint32_t kb[4];
+                        load_b_kn(kb, sK, kk * 16, dq_c0 + (g0 + gi) * 16);
+#pragma unroll
+                        for (int mq = 0; mq < 2; ++mq) {
+                            mma_16816<T>(acc[mq][2 * gi], da[mq], kb[0], kb[1]);
+                            mma_16816<T>(acc[mq][2 * gi + 1], da[mq], kb[2], kb[3]);
                         }
                     }
+                }
+                if (full) {
+#pragma unroll
+                    for (int mq = 0; mq < 2; ++mq)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r)
+#pragma unroll
+                            for (int gi = 0; gi < GC; ++gi)
+                                atomic_add_quad(dq_thread + (mq * 16 + r * 8) * D + (g0 + gi) * 16,
+                                                acc[mq][2 * gi][2 * r], acc[mq][2 * gi][2 * r + 1],
+                                                acc[mq][2 * gi + 1][2 * r], acc[mq][2 * gi + 1][2 * r + 1]);
+                } else {
+#pragma unroll
+                    for (int mq = 0; mq < 2; ++mq)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const int iq = dq_q0 + mq * 16 + r * 8 + g; // query row within the tile
+                            if (m0 + iq >= s.Sq) continue;
+#pragma unroll
+                            for (int nt = 0; nt < 2 * GC; ++nt) {
+                                const int c = dq_c0 + g0 * 16 + nt * 8 + 2 * t4;
+                                if (c < s.Dk)
+                                    atomic_add_pair(cur.dq + int64_t(iq) * a.dq_ld + dq_accum_col(c),
+                                                    acc[mq][nt][2 * r], acc[mq][nt][2 * r + 1]);
+                            }
+                        }
+                }
             }
         }
         h = h_next, m0 = m0_next, cur = next;

@@ -24,7 +24,9 @@ namespace gfa::cuda::fa {
 // (memory-bound anyway). Backward: 4 warps, 64 keys x 64 queries, Q/dO double-buffered up to D = 128; D = 256
 // splits the gradient columns over 2 blocks. Wide backward (FlashAttention-2 shapes), 8 warps: D = 64 128
 // keys x 128 queries; D = 128 128 x 64; D = 256 64 x 64 (2 warps along the keys, 4 along the queries/columns,
-// so the dK/dV accumulators fit in registers without a split).
+// so the dK/dV accumulators fit in registers without a split). Its dQ atomics go out after a
+// warp's whole dQ block at D = 64/128, per 16-column group at D = 256 (2-4% faster there, 0-2%
+// slower at 64/128, H200).
 template <int D> struct TileConfig;
 template <> struct TileConfig<64> {
     template <class T> using Fwd = FwdTraits<64, T, 4, 2, 128>;
@@ -42,7 +44,7 @@ template <> struct TileConfig<256> {
     template <class T> using Fwd = FwdTraits<256, T, 8, 1, 64>;
     template <class T> using Decode = FwdTraits<256, T, 4, 1, 64>;
     template <class T> using Bwd = BwdTraits<256, 2, T, 4, 64, 1>;
-    template <class T> using BwdWide = BwdWideTraits<256, T, 64, 64, 2>;
+    template <class T> using BwdWide = BwdWideTraits<256, T, 64, 64, 2, 1>;
 };
 
 inline void check_launch(const char* what) {
