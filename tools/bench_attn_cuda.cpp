@@ -3,11 +3,15 @@
 //
 //   bench_attn_cuda [--quick] [--no-decode] [--label NAME] [--csv FILE]
 //                   [--d D] [--s S] [--causal 0|1] [--reps N] [--no-fa] [--f32]
+//                   [--decode-detail]
 //
 // --d/--s/--causal keep only the matching cases of the grid (for profiling one kernel);
 // --reps sets the timed repetitions; --no-fa runs only the decoding table.
 // --f32 gives the grid f32 Q, K, V, dO and outputs, as a training graph in f32 does (the
 // kernels then compute in f16).
+// --decode-detail also times each decoding case as 20 calls back to back (host launches
+// overlap the GPU's work) and as a CUDA graph of one call replayed (no host work at all),
+// to tell the kernels' time from the host's.
 // --label names the implementation in the output (default "ours"), to tell apart builds or
 // kernel variants timed into one comparison.
 //
@@ -122,7 +126,7 @@ View make_view(Type type, void* data, int64_t n0, int64_t n1, int64_t n2, int64_
 } // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false, decode = true, fa = true, f32 = false;
+    bool quick = false, decode = true, fa = true, f32 = false, decode_detail = false;
     int64_t only_d = 0, only_s = 0;
     int only_causal = -1, reps_arg = 0;
     const char* label = "ours";
@@ -148,6 +152,8 @@ int main(int argc, char** argv) {
             fa = false;
         else if (std::strcmp(argv[i], "--f32") == 0)
             f32 = true;
+        else if (std::strcmp(argv[i], "--decode-detail") == 0)
+            decode_detail = true;
         else {
             std::fprintf(stderr, "bench_attn_cuda: unknown argument '%s'\n", argv[i]);
             return 2;
@@ -263,6 +269,30 @@ int main(int argc, char** argv) {
                 std::printf("  %-5s batch %2lld kv %6lld %8.4f ms %7.0f GB/s  (%s kernel)\n",
                             std::string(type_name(kv_type)).c_str(), (long long)B, (long long)KV, ms, gbps,
                             cuda::flash_attn_forward_uses_decode_kernel(p) ? "decode" : "tiled");
+                if (decode_detail) {
+                    constexpr int kBurst = 20;
+                    const double burst = time_ms(
+                        [&] {
+                            for (int r = 0; r < kBurst; ++r) cuda::flash_attn_forward(p, nullptr, w, need);
+                        },
+                        20, 3);
+                    cudaStream_t cs;
+                    check(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking), "stream");
+                    cudaGraph_t graph;
+                    cudaGraphExec_t exec;
+                    check(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), "capture");
+                    for (int r = 0; r < kBurst; ++r) cuda::flash_attn_forward(p, cs, w, need);
+                    check(cudaStreamEndCapture(cs, &graph), "capture end");
+                    check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+                    const double replay = time_ms([&] { check(cudaGraphLaunch(exec, nullptr), "replay"); }, 20, 3);
+                    std::printf("        %d calls back to back %8.4f ms each (%7.0f GB/s); graph of %d %8.4f ms each "
+                                "(%7.0f GB/s)\n",
+                                kBurst, burst / kBurst, 2.0 * double(kv_bytes) / (burst / kBurst) / 1e6, kBurst,
+                                replay / kBurst, 2.0 * double(kv_bytes) / (replay / kBurst) / 1e6);
+                    cudaGraphExecDestroy(exec);
+                    cudaGraphDestroy(graph);
+                    cudaStreamDestroy(cs);
+                }
                 std::fflush(stdout);
                 if (csv)
                     std::fprintf(csv, "decode,ours,%s,%lld,%lld,%lld,%lld,0,%.5f,%.1f,0,0\n",
