@@ -13,7 +13,11 @@
 // decoding path has integer kernels for (q8_0, q4_0, q4_K, q5_K, q6_K, q4_1, q5_0, q5_1),
 // without the f32 GEMM and the OpenBLAS peer.
 //
-// usage: bench_matmul [--reps N] [--gemv-quants]
+// --gemm-types measures only the prompt-sized products: weights 2048 x 2048 of each type the
+// models use times 512 f32 columns (a 512-token prompt through one projection), in GFLOP/s.
+// The f32 row is the GEMM alone; the others add unpacking their weights into f32 panels.
+//
+// usage: bench_matmul [--reps N] [--gemv-quants | --gemm-types]
 #include <ggml-fa/backend.h>
 #include <ggml-fa/graph.h>
 #include <ggml-fa/ops.h>
@@ -152,6 +156,21 @@ void gemm_point(int threads, int reps) {
                 blas.wall > 0 ? blas.wall / ours.wall : 0.0, blas.cpu > 0 ? blas.cpu / ours.cpu : 0.0);
 }
 
+void prompt_gemm_point(Type type, int threads, int reps) {
+    const int64_t k = 2048, m = 2048, n = 512;
+    Context ctx(ContextParams{.alloc_data = true});
+    Tensor* w = ctx.new_tensor(type, {k, m});
+    tensor_set_f32(w, random_floats(size_t(k * m)));
+    Tensor* x = ctx.new_tensor(Type::F32, {k, n});
+    tensor_set_f32(x, random_floats(size_t(k * n)));
+    const Graph g = build_forward(mul_mat(ctx, w, x));
+    const Timing t = time_graph(g, threads, reps);
+    const double flops = 2.0 * double(k) * double(m) * double(n);
+    std::printf("gemm   %-6s 2048x2048 x 512   %d   | %7.1f GFLOP/s (%6.1f per CPU-s) | %7.2f ms\n",
+                std::string(type_name(type)).c_str(), threads, flops / t.wall * 1e-9, flops / t.cpu * 1e-9,
+                t.wall * 1e3);
+}
+
 void gemv_point(Type type, int threads, int reps, const Bandwidth& bw, bool with_peer) {
     const int64_t k = 4096, m = 4096;
     const size_t weight_bytes = row_size(type, k) * size_t(m);
@@ -204,14 +223,16 @@ void gemv_point(Type type, int threads, int reps, const Bandwidth& bw, bool with
 
 int main(int argc, char** argv) {
     int reps = 9;
-    bool gemv_quants = false;
+    bool gemv_quants = false, gemm_types = false;
     for (int i = 1; i < argc; ++i) {
         if (std::string(argv[i]) == "--reps" && i + 1 < argc) {
             reps = std::max(1, std::atoi(argv[++i]));
         } else if (std::string(argv[i]) == "--gemv-quants") {
             gemv_quants = true;
+        } else if (std::string(argv[i]) == "--gemm-types") {
+            gemm_types = true;
         } else {
-            std::fprintf(stderr, "usage: bench_matmul [--reps N] [--gemv-quants]\n");
+            std::fprintf(stderr, "usage: bench_matmul [--reps N] [--gemv-quants | --gemm-types]\n");
             return 2;
         }
     }
@@ -219,6 +240,12 @@ int main(int argc, char** argv) {
     std::printf("(built without OpenBLAS: the peer columns are empty)\n");
 #endif
     std::printf("# %s, median of %d runs\n", cpu_device().description().c_str(), reps);
+    if (gemm_types) {
+        for (int threads : {1, 2})
+            for (Type t : {Type::F32, Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q6_K})
+                prompt_gemm_point(t, threads, reps);
+        return 0;
+    }
     for (int threads : {1, 2}) {
         const Bandwidth bw = measure_bandwidth(threads, reps);
         std::printf("memory %d thread(s): read %.1f GB/s, memcpy %.1f GB/s (read + write)\n", threads,
