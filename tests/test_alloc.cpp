@@ -229,3 +229,32 @@ TEST_CASE("allocate_context_tensors places every tensor without data", "[alloc]"
     CHECK(static_cast<char*>(q->data) >= static_cast<char*>(w->data) + w->nbytes());
     CHECK_THROWS_AS(GraphAllocator(nullptr), Error);
 }
+
+TEST_CASE("host buffers of every size come zero-filled, aligned, and hold what is written", "[alloc]") {
+    // Small buffers come from the heap; large ones (8 MiB and up) are anonymous mappings
+    // aligned to 2 MiB huge pages. Both must read as zeros before any write.
+    BufferType* type = cpu_device().buffer_type();
+    for (size_t size : {size_t(1), size_t(4097), size_t(8) << 20, (size_t(21) << 20) + 13}) {
+        INFO("size " << size);
+        std::unique_ptr<Buffer> buf = type->allocate(size);
+        REQUIRE(buf->size() == size);
+        REQUIRE(reinterpret_cast<uintptr_t>(buf->base()) % type->alignment() == 0);
+        const auto* bytes = static_cast<const unsigned char*>(buf->base());
+        size_t nonzero = 0;
+        for (size_t i = 0; i < size; ++i) nonzero += bytes[i] != 0;
+        CHECK(nonzero == 0);
+        buf->fill(0xA5);
+        size_t wrong = 0;
+        for (size_t i = 0; i < size; ++i) wrong += bytes[i] != 0xA5;
+        CHECK(wrong == 0);
+    }
+    // A freed large buffer does not poison the next one: its memory is the OS's again.
+    for (int round = 0; round < 2; ++round) {
+        std::unique_ptr<Buffer> buf = type->allocate(size_t(16) << 20);
+        const auto* words = static_cast<const uint64_t*>(buf->base());
+        size_t nonzero = 0;
+        for (size_t i = 0; i < (size_t(16) << 20) / 8; ++i) nonzero += words[i] != 0;
+        CHECK(nonzero == 0);
+        buf->fill(0xFF);
+    }
+}

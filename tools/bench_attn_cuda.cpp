@@ -284,11 +284,13 @@ int main(int argc, char** argv) {
                     for (int r = 0; r < kBurst; ++r) cuda::flash_attn_forward(p, cs, w, need);
                     check(cudaStreamEndCapture(cs, &graph), "capture end");
                     check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-                    const double replay = time_ms([&] { check(cudaGraphLaunch(exec, nullptr), "replay"); }, 20, 3);
-                    std::printf("        %d calls back to back %8.4f ms each (%7.0f GB/s); graph of %d %8.4f ms each "
-                                "(%7.0f GB/s)\n",
-                                kBurst, burst / kBurst, 2.0 * double(kv_bytes) / (burst / kBurst) / 1e6, kBurst,
-                                replay / kBurst, 2.0 * double(kv_bytes) / (replay / kBurst) / 1e6);
+                    const double replay =
+                        time_ms([&] { check(cudaGraphLaunch(exec, nullptr), "replay"); }, 20, 3);
+                    std::printf(
+                        "        %d calls back to back %8.4f ms each (%7.0f GB/s); graph of %d %8.4f ms each "
+                        "(%7.0f GB/s)\n",
+                        kBurst, burst / kBurst, 2.0 * double(kv_bytes) / (burst / kBurst) / 1e6, kBurst,
+                        replay / kBurst, 2.0 * double(kv_bytes) / (replay / kBurst) / 1e6);
                     cudaGraphExecDestroy(exec);
                     cudaGraphDestroy(graph);
                     cudaStreamDestroy(cs);
