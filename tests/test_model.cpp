@@ -170,11 +170,19 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
     CHECK(rel_error(stepwise, all) < 1e-5);
     CHECK(decode.n_compute_allocations() == allocations);
 
-    // Last-token logits only, and a reset that starts over.
+    // Last-token logits only, and a reset that starts over. The last layer then runs for the
+    // last position alone: in chunks of 3 (its last chunk of 2 attends through a mask) and in
+    // one batch of 17 (causal attention without a mask).
     decode.reset();
     const std::vector<float> last = decode.eval(tokens);
     const std::vector<float> last_row(all.end() - m.vocab, all.end());
     CHECK(rel_error(last, last_row) < 1e-5);
+    SessionOptions one_batch = so;
+    one_batch.n_batch = 32;
+    Session last_whole(*model, one_batch);
+    const std::vector<float> last_in_one = last_whole.eval(tokens);
+    REQUIRE(last_in_one.size() == size_t(m.vocab));
+    CHECK(rel_error(last_in_one, last_row) < 1e-5);
 
     // A quantized cache stays close.
     so.kv_type = Type::F16;

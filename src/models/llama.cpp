@@ -60,9 +60,14 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
     }
 
     Tensor* x = get_rows(ctx, w.token_embd, io.tokens); // [n_embd, n_tokens]
+    // Without all_logits only the last position's logits are wanted: the last layer then
+    // writes every position's keys and values to the cache but attends, projects and runs
+    // its feed-forward for the last position alone (one layer's FFN of a prompt: ~4% of it).
+    const bool last_only = !all_logits && n_tokens > 1;
     for (size_t l = 0; l < w.layers.size(); ++l) {
         const LayerWeights& L = w.layers[l];
         const std::string layer = std::to_string(l);
+        const bool trim = last_only && l + 1 == w.layers.size();
 
         // ---- attention
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
@@ -98,10 +103,18 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         auto cached = [&](Tensor* c) {
             return view(ctx, c, {D, n_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
         };
-        Tensor* o =
-            flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), io.kq_mask, attn);
+        Tensor* mask = io.kq_mask;
+        int64_t rows = n_tokens; // positions this layer carries on
+        if (trim) {
+            const int64_t last = n_tokens - 1;
+            q = view(ctx, q, {D, cfg.n_head, 1}, {q->nb[1], q->nb[2]}, size_t(last) * q->nb[2]);
+            if (mask) mask = view(ctx, mask, {mask->ne[0], 1}, {mask->nb[1]}, size_t(last) * mask->nb[1]);
+            x = view(ctx, x, {cfg.n_embd, 1}, {x->nb[1]}, size_t(last) * x->nb[1]);
+            rows = 1;
+        }
+        Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), mask, attn);
         set_name(o, std::string("attn.") + layer);
-        o = reshape(ctx, o, {D * cfg.n_head, n_tokens});
+        o = reshape(ctx, o, {D * cfg.n_head, rows});
         x = add(ctx, x, mul_mat(ctx, L.wo, o));
 
         // ---- feed-forward (SwiGLU)
@@ -110,16 +123,14 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         if (L.ffn_gate_up) {
             Tensor* gu = mul_mat(ctx, L.ffn_gate_up, h); // [2 n_ff, n_tokens]: gate rows, then up
             const size_t half = size_t(cfg.n_ff) * sizeof(float);
-            f = swiglu(ctx, view(ctx, gu, {cfg.n_ff, n_tokens}, {gu->nb[1]}, 0),
-                       view(ctx, gu, {cfg.n_ff, n_tokens}, {gu->nb[1]}, half));
+            f = swiglu(ctx, view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, 0),
+                       view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, half));
         } else {
             f = swiglu(ctx, mul_mat(ctx, L.ffn_gate, h), mul_mat(ctx, L.ffn_up, h));
         }
         x = add(ctx, x, mul_mat(ctx, L.ffn_down, f));
         set_name(x, std::string("residual.") + layer);
     }
-    if (!all_logits && n_tokens > 1)
-        x = view(ctx, x, {cfg.n_embd, 1}, {x->nb[1]}, size_t(n_tokens - 1) * x->nb[1]);
     x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
     io.logits = set_name(mul_mat(ctx, w.output, x), "logits");
     set_output(io.logits);
