@@ -112,7 +112,8 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
             x = view(ctx, x, {cfg.n_embd, 1}, {x->nb[1]}, size_t(last) * x->nb[1]);
             rows = 1;
         }
-        Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), mask, attn);
+        Tensor* o =
+            flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), mask, attn);
         set_name(o, std::string("attn.") + layer);
         o = reshape(ctx, o, {D * cfg.n_head, rows});
         x = add(ctx, x, mul_mat(ctx, L.wo, o));
