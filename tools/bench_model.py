@@ -4,13 +4,15 @@ ggml-fa-run beside Hugging Face transformers on the same GPU in the same run.
 
   bench_model.py --build BUILD_DIR [--types f16,q8_0,q4_0] [--prompt 512] [--gen 128]
                  [--graphs on|off|both] [--early on|off|both] [--profile] [--no-peer]
-                 [--keep-gguf DIR] [--run-args "..."]
+                 [--keep-gguf DIR] [--run-args "..."] [--sweep NAME=V1,V2,... [--rounds N]]
 
 Needs torch and transformers (GPU machines). Prints one row per engine and weight type.
 --graphs (default on) picks CUDA graphs on, off (GFA_CUDA_GRAPHS=0) or both in turn; --early
 likewise for early kernel launches (GFA_CUDA_EARLY_LAUNCH); --profile
 passes --profile and prints where each decoded token's time went; --no-peer skips the
-transformers timing; --keep-gguf keeps the converted model files in DIR.
+transformers timing; --keep-gguf keeps the converted model files in DIR. --sweep runs
+ggml-fa once per value of the environment variable NAME, the values in turn, --rounds times
+over (an A/B comparison inside one run).
 """
 import argparse
 import os
@@ -37,6 +39,8 @@ def main():
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--keep-gguf", default="")
     ap.add_argument("--run-args", default="", help="extra arguments for ggml-fa-run")
+    ap.add_argument("--sweep", default="", help="NAME=V1,V2,...: one run per value of NAME")
+    ap.add_argument("--rounds", type=int, default=1, help="passes over the --sweep values")
     args = ap.parse_args()
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, FFN 5632, 32 query / 4 KV heads.
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
@@ -65,7 +69,11 @@ def main():
         subprocess.run([convert, ckpt, "-o", f16, "--type", "f16"], check=True, capture_output=True)
         tokens = ",".join(str(int(t)) for t in prompt[0])
         choice = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}
-        settings = [(g, e) for g in choice[args.graphs] for e in choice[args.early]]
+        sweep_name, sweep_values = "", [None]
+        if args.sweep:
+            sweep_name, _, values = args.sweep.partition("=")
+            sweep_values = values.split(",") * max(1, args.rounds)
+        settings = [(g, e, v) for v in sweep_values for g in choice[args.graphs] for e in choice[args.early]]
         for gtype in args.types.split(","):
             path = f16
             if gtype == "q8_0":
@@ -79,22 +87,26 @@ def main():
             if args.profile:
                 cmd.append("--profile")
             cmd += args.run_args.split()
-            for graphs, early in settings:
+            for graphs, early, value in settings:
                 env = dict(os.environ, GFA_CUDA_GRAPHS="1" if graphs == "on" else "0",
                            GFA_CUDA_EARLY_LAUNCH="1" if early == "on" else "0")
+                if value is not None:
+                    env[sweep_name] = value
                 r = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                 pp = float(re.search(r"prompt: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
                 tg = float(re.search(r"generation: .*\(([\d.]+) tokens/s\)", r.stderr).group(1))
                 label = f"{gtype} graphs {graphs}" + (f" early {early}" if args.early == "both" else "")
+                if value is not None:
+                    label += f" {sweep_name.removeprefix('GFA_CUDA_')}={value}"
                 rows.append(("ggml-fa", label, pp, tg))
                 print(f"ggml-fa {label}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s", flush=True)
                 if args.profile:
                     start = r.stderr.find("profile:")
                     print(r.stderr[start:] if start >= 0 else r.stderr, flush=True)
     base_pp, base_tg = rows[0][2], rows[0][3]
-    print(f"\n{'engine':14s} {'weights':26s} {'prompt tok/s':>13s} {'gen tok/s':>10s} {'vs first row':>18s}")
+    print(f"\n{'engine':14s} {'weights':40s} {'prompt tok/s':>13s} {'gen tok/s':>10s} {'vs first row':>18s}")
     for eng, t, pp, tg in rows:
-        print(f"{eng:14s} {t:26s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
+        print(f"{eng:14s} {t:40s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
     return 0
 
 

@@ -115,6 +115,9 @@ Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i);
 // of k and v), starting at nodes[i]; the run reads its nodes from ComputeCtx::fused.
 Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i);
 
+// A kernel that does nothing in the place of a launch GFA_CUDA_SKIP_OPS leaves out.
+void launch_in_place_of(const ComputeCtx& ctx);
+
 void register_movement_kernels(KernelTable& t);
 void register_elementwise_kernels(KernelTable& t);
 void register_reduce_kernels(KernelTable& t);

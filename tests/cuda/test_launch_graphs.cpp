@@ -35,9 +35,10 @@ Device* cuda0() {
 // kernel launch.
 class EnvSetting {
   public:
-    EnvSetting(const char* name, bool on) : name_(name) {
+    EnvSetting(const char* name, bool on) : EnvSetting(name, on ? "1" : "0") {}
+    EnvSetting(const char* name, const char* value) : name_(name) {
         if (const char* v = std::getenv(name)) previous_ = v;
-        setenv(name, on ? "1" : "0", 1);
+        setenv(name, value, 1);
     }
     ~EnvSetting() {
         if (previous_)
@@ -537,6 +538,32 @@ TEST_CASE(
                     CHECK(test::rel_error(got, ref::evaluate(g, node)) <= tol);
                 }
             }
+}
+
+// GFA_CUDA_SKIP_OPS, a timing aid: the backend launches an empty kernel in place of each
+// listed op and counts it, the op's result stays unwritten (still the poison), the other ops
+// run as usual, and an unknown op name is an error that names it.
+TEST_CASE("CUDA GFA_CUDA_SKIP_OPS leaves out exactly the listed ops and rejects unknown names",
+          "[cuda][graphs]") {
+    Context ctx{ContextParams{.alloc_data = true}};
+    Tensor* x = ctx.new_tensor(Type::F32, {64, 3});
+    test::fill_uniform(x);
+    Tensor* scaled = scale(ctx, x, 2.0f);
+    Tensor* activated = silu(ctx, scaled);
+    const Graph g = build_forward(activated);
+    std::unique_ptr<Backend> skipping;
+    {
+        EnvSetting skip("GFA_CUDA_SKIP_OPS", "silu");
+        skipping = cuda0()->create_backend();
+    }
+    CHECK(test::rel_error(run_graph(*skipping, g, scaled, 0), ref::evaluate(g, scaled)) <= 1e-6);
+    const std::vector<float> left_out = run_graph(*skipping, g, activated, 0);
+    for (float v : left_out) REQUIRE(std::isnan(v));
+    CHECK(counter(skipping->counters(), "skipped_launches") == 2);
+    const std::unique_ptr<Backend> plain = cuda0()->create_backend();
+    CHECK(test::rel_error(run_graph(*plain, g, activated, 0), ref::evaluate(g, activated)) <= 1e-5);
+    EnvSetting unknown("GFA_CUDA_SKIP_OPS", "scale,no_such_op");
+    CHECK_THROWS_WITH(cuda0()->create_backend(), Catch::Contains("no_such_op"));
 }
 
 TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cuda][graphs]") {
