@@ -650,10 +650,21 @@ float dot_blocks32(const Block* w, const Column32& x, int64_t nb, BlockSum block
            tail;
 }
 
+// Unsigned bytes u times signed bytes s, each four adjacent products summed into one i32
+// lane. AVX-512 VNNI does it in one instruction; AVX2 sums pairs into 16 bits (maddubs,
+// which saturates, but no operand here comes near: at most 63 * 127 * 2) and pairs of those
+// into 32 (madd). The sums are the same either way.
+inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
 // 32 signed 8-bit weights times 32 signed 8-bit column values -> 8 partial sums (i32 as f32).
 inline __m256 i8_dot(__m256i w, __m256i x) {
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_cvtepi32_ps(dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));
 }
 
 // q8_0 keeps a scale multiply and broadcast per block and two accumulators: the four-block
@@ -732,13 +743,9 @@ template <class Format> float dot_q32_int(const void* row, const void* column, i
     using Block = typename Format::Block;
     const Block* w = static_cast<const Block*>(row);
     const Column32& x = *static_cast<const Column32*>(column);
-    const __m256i ones = _mm256_set1_epi16(1);
     return dot_blocks32(
         w, x, K / 32,
-        [&](int64_t i) {
-            const __m256i codes_times_x = _mm256_maddubs_epi16(Format::codes(w[i]), load256(x.qs + 32 * i));
-            return _mm256_cvtepi32_ps(_mm256_madd_epi16(codes_times_x, ones));
-        },
+        [&](int64_t i) { return _mm256_cvtepi32_ps(dot_u8_i8(Format::codes(w[i]), load256(x.qs + 32 * i))); },
         [&](int64_t i, __m128 dw) { return Format::offsets(w + i, dw); },
         [&](int64_t i, float dw) { return Format::offset(w[i], dw); });
 }
