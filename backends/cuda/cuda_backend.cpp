@@ -18,8 +18,8 @@
 #include <memory>
 #include <mutex>
 #include <span>
-#include <vector>
 #include <string>
+#include <vector>
 
 namespace gfa {
 
