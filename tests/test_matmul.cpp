@@ -6,6 +6,7 @@
 #include <ggml-fa/backend.h>
 
 #include "reference.h"
+#include "../backends/cpu/cpu_kernels.h"
 
 #include <cstring>
 
@@ -52,8 +53,14 @@ bool has_int_dot(Type weights) {
         return false;
     }
 }
+// Whether the product rounds b to 8 bits: the few-column path for every block type, and
+// with AVX-512 VNNI the many-column path for q4_0 and q8_0 as well (int8 GEMM).
+bool rounds_b(Type weights, int64_t n) {
+    if (!has_int_dot(weights)) return false;
+    return n < 4 || (gfa::cpu::int8_quantized_prompts() && (weights == Type::Q4_0 || weights == Type::Q8_0));
+}
 double tolerance(Type weights, int64_t n) {
-    return has_int_dot(weights) && n < 4 ? kIntDotTolFewOutputs : kTol;
+    return rounds_b(weights, n) ? kIntDotTolFewOutputs : kTol;
 }
 
 // Weights whose magnitude changes every 16 values (a random factor in [0.05, 1]) and whose
@@ -156,6 +163,27 @@ TEST_CASE("mul_mat's few-column path matches the reference for every GGUF block 
 // over one at a time; both add in the same order, so a row's bits must not depend on the
 // thread count (which decides where each worker's groups of four start). K with and
 // without a tail after the 16-value steps.
+// q4_0 and q8_0 with many columns (the packed GEMM path; with AVX-512 VNNI the int8 GEMM,
+// 16 weight rows per tile, 8 columns per pass): weights whose scale and centre change every
+// 16 and 32 values, so a block scale or offset applied to the wrong block or row fails; row
+// counts around the tile (15, 16, 17, 37) and column counts around the pass (4, 8, 9, 17).
+TEST_CASE("mul_mat's many-column path for q4_0 and q8_0 matches the reference on tile edges",
+          "[matmul][quants]") {
+    for (Type type : {Type::Q4_0, Type::Q8_0})
+        for (int64_t K : {64, 352})
+            for (int64_t M : {15, 16, 17, 37})
+                for (int64_t N : {4, 8, 9, 17}) {
+                    INFO(type_name(type) << " K=" << K << " M=" << M << " N=" << N);
+                    Context ctx = data_ctx();
+                    Tensor* a = ctx.new_tensor(type, {K, M});
+                    Tensor* b = ctx.new_tensor(Type::F32, {K, N});
+                    tensor_set_f32(a, uneven_weights(K * M));
+                    fill_uniform(b);
+                    check_forward(mul_mat(ctx, a, b), M * N >= 64 ? kIntDotTol : kIntDotTolFewOutputs,
+                                  M == 37 ? 3 : 2);
+                }
+}
+
 TEST_CASE("16- and 32-bit matrix-vector products give the same bits on any thread count", "[matmul]") {
     for (Type type : {Type::F32, Type::F16, Type::BF16})
         for (int64_t K : {16, 23, 1000, 2051})

@@ -42,6 +42,12 @@
 #else
 #define GFA_INT_DOTS 0
 #endif
+// The int8 GEMM of quantized prompts (q4_0, q8_0) needs AVX-512 with VNNI besides.
+#if GFA_INT_DOTS && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GFA_INT_GEMM 1
+#else
+#define GFA_INT_GEMM 0
+#endif
 
 namespace gfa::cpu {
 
@@ -893,6 +899,151 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
 }
 #endif
 
+#if GFA_INT_GEMM
+// ---- quantized prompts: an int8 GEMM for q4_0 and q8_0 (AVX-512 VNNI) ----------------------
+//
+// A prompt's product with q4_0 or q8_0 weights, on a CPU with VNNI: instead of dequantizing
+// the weights to f32 for the f32 micro-kernel, the columns of b are quantized to 8 bits once
+// (quantize_column, as the decoding path does, with the same rounding) and the weights stay
+// 8-bit: one vpdpbusd multiplies 64 byte pairs and sums them by four into 16 i32 lanes, four
+// times the multiply-adds of an f32 FMA. A tile of 16 weight rows is unpacked once per block
+// of 32 into eight vectors, vector g holding bytes 4g..4g+3 of each row's codes in that row's
+// lane, so a 4-byte group of a column, broadcast, meets all 16 rows at once; the tile is then
+// reused for every column. Per block and column that is 8 vpdpbusd, a conversion and two
+// FMAs (the block scales, then the code offset against the column's sum), and 16 outputs.
+//
+// Codes are unsigned (vpdpbusd's first operand): q4_0's nibbles as they are (offset -8),
+// q8_0's bytes plus 128 (offset -128). sum_k w_k x_k = d_w d_x sum(code q_x) + offset d_w
+// (d_x sum q_x), the last factor being the column block's `sum`. The sums stay exact in i32
+// (at most 255 * 127 * 32 per block).
+
+constexpr int kTileRows = 16; // one 512-bit lane per weight row
+constexpr int kTileCols = 8;  // columns of b per pass (accumulators in registers)
+
+struct alignas(64) TileBlock {
+    __m512i codes[8]; // group g: codes 4g..4g+3 of row r in lane r
+    __m512 d;         // row scales
+    __m512 offset;    // row code offsets times d
+};
+
+// Rows m0 .. m0 + rows - 1 of one weight matrix (q4_0 or q8_0), all nb blocks, as TileBlocks;
+// lanes of missing rows are zero.
+template <class Block>
+void unpack_tile(const char* a_mat, size_t row_bytes, int64_t m0, int rows, int64_t nb, TileBlock* out) {
+    alignas(64) uint32_t groups[8][kTileRows];
+    alignas(64) float d[kTileRows], offset[kTileRows];
+    for (int64_t b = 0; b < nb; ++b) {
+        for (int r = 0; r < kTileRows; ++r) {
+            alignas(32) uint32_t codes[8] = {};
+            float dr = 0.0f, off = 0.0f;
+            if (r < rows) {
+                const Block& blk = reinterpret_cast<const Block*>(a_mat + size_t(m0 + r) * row_bytes)[b];
+                dr = scale_to_f32(blk.d);
+                if constexpr (std::is_same_v<Block, block_q4_0>) {
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(codes), nibbles_32(blk.qs));
+                    off = -8.0f * dr;
+                } else {
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(codes),
+                                       _mm256_xor_si256(load256(blk.qs), _mm256_set1_epi8(char(0x80))));
+                    off = -128.0f * dr;
+                }
+            }
+            for (int g = 0; g < 8; ++g) groups[g][r] = codes[g];
+            d[r] = dr;
+            offset[r] = off;
+        }
+        for (int g = 0; g < 8; ++g) out[b].codes[g] = _mm512_load_si512(groups[g]);
+        out[b].d = _mm512_load_ps(d);
+        out[b].offset = _mm512_load_ps(offset);
+    }
+}
+
+// Outputs of the tile's rows for NC columns: column j's quantized values at xq + j * K, its
+// block scales and sums at xd + j * nb and xs + j * nb, its outputs at c + j * ldc.
+template <int NC>
+void tile_times_columns(const TileBlock* tile, int64_t nb, int64_t K, const int8_t* xq, const float* xd,
+                        const float* xs, float* c, int64_t ldc, __mmask16 rows) {
+    __m512 acc[NC];
+    for (int j = 0; j < NC; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const TileBlock& t = tile[b];
+        __m512i sums[NC];
+        for (int j = 0; j < NC; ++j) sums[j] = _mm512_setzero_si512();
+        for (int g = 0; g < 8; ++g)
+            for (int j = 0; j < NC; ++j) {
+                int32_t group;
+                std::memcpy(&group, xq + j * K + 32 * b + 4 * g, sizeof group);
+                sums[j] = _mm512_dpbusd_epi32(sums[j], t.codes[g], _mm512_set1_epi32(group));
+            }
+        for (int j = 0; j < NC; ++j) {
+            const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(xd[j * nb + b]));
+            // The zero-masked form of the conversion: GCC 12 warns about the plain one's
+            // undefined pass-through operand.
+            acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), sums[j]), scale, acc[j]);
+            acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * nb + b]), acc[j]);
+        }
+    }
+    for (int j = 0; j < NC; ++j) _mm512_mask_storeu_ps(c + j * ldc, rows, acc[j]);
+}
+
+using TileColumnsFn = void (*)(const TileBlock*, int64_t, int64_t, const int8_t*, const float*, const float*,
+                               float*, int64_t, __mmask16);
+constexpr TileColumnsFn kTileColumns[kTileCols + 1] = {
+    nullptr,
+    tile_times_columns<1>,
+    tile_times_columns<2>,
+    tile_times_columns<3>,
+    tile_times_columns<4>,
+    tile_times_columns<5>,
+    tile_times_columns<6>,
+    tile_times_columns<7>,
+    tile_times_columns<8>,
+};
+
+// Whether mul_mat(a, b) -> dst runs as the int8 GEMM: q4_0/q8_0 weights with packed rows,
+// f32 columns with packed elements, f32 dst with packed columns.
+bool int_gemm_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
+    return (a->type == Type::Q4_0 || a->type == Type::Q8_0) && a->nb[0] == type_traits(a->type).type_size &&
+           b->type == Type::F32 && b->nb[0] == sizeof(float) && dst->nb[0] == sizeof(float) &&
+           a->ne[0] % 32 == 0;
+}
+
+template <class Block> void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32;
+    const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
+    const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+    std::vector<int8_t> qs(size_t(N * K));
+    std::vector<float> scales(size_t(2 * N * nb)); // d of every column's blocks, then their sums
+    for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
+        for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
+            ctx.pool.run([&](int ith, int nth) {
+                const auto [begin, end] = split_range(N, ith, nth);
+                for (int64_t n = begin; n < end; ++n)
+                    quantize_column(
+                        reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K,
+                        {qs.data() + n * K, scales.data() + n * nb, scales.data() + (N + n) * nb});
+            });
+            const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
+            ctx.pool.run([&](int ith, int nth) {
+                std::vector<TileBlock> tile(static_cast<size_t>(nb));
+                const auto [begin, end] = split_range(tiles, ith, nth);
+                for (int64_t t = begin; t < end; ++t) {
+                    const int64_t m0 = t * kTileRows;
+                    const int rows = int(std::min<int64_t>(kTileRows, M - m0));
+                    unpack_tile<Block>(a_mat, a->nb[1], m0, rows, nb, tile.data());
+                    const __mmask16 mask = __mmask16((1u << rows) - 1);
+                    for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
+                        const int nc = int(std::min<int64_t>(kTileCols, N - n0));
+                        kTileColumns[nc](tile.data(), nb, K, qs.data() + n0 * K, scales.data() + n0 * nb,
+                                         scales.data() + (N + n0) * nb, f32_row(dst, n0, i2, i3) + m0,
+                                         int64_t(dst->nb[1] / sizeof(float)), mask);
+                    }
+                }
+            });
+        }
+}
+#endif
+
 using DotFn = float (*)(const void* row, const float* x, int64_t K);
 DotFn dot_for(Type t) {
     switch (t) {
@@ -1034,6 +1185,15 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         gemv(ctx, a, b, dst);
         return;
     }
+#if GFA_INT_GEMM
+    if (int_gemm_applies(a, b, dst)) {
+        if (a->type == Type::Q4_0)
+            int_gemm<block_q4_0>(ctx, a, b, dst);
+        else
+            int_gemm<block_q8_0>(ctx, a, b, dst);
+        return;
+    }
+#endif
     const Problem p{
         .a = {static_cast<const char*>(a->data), a->type, a->nb[0], a->nb[1], a->nb[2], a->nb[3],
               b->ne[2] / a->ne[2], b->ne[3] / a->ne[3]},
@@ -1084,6 +1244,10 @@ bool supports_out_prod(const Tensor* dst) {
 }
 
 } // namespace
+
+bool int8_quantized_prompts() {
+    return GFA_INT_GEMM != 0;
+}
 
 void register_matmul_kernels(KernelTable& t) {
     t[size_t(Op::MulMat)] = {run_mul_mat, supports_mul_mat};
