@@ -32,9 +32,9 @@ void register_movement_kernels(KernelTable& t);
 void register_elementwise_kernels(KernelTable& t);
 void register_reduce_kernels(KernelTable& t);
 void register_matmul_kernels(KernelTable& t);
-// Whether mul_mat multiplies q4_0 and q8_0 weights by many columns in int8 (builds for AVX-512
-// with VNNI): b's columns are then rounded to 8 bits per 32 values, as in the few-column path.
-bool int8_quantized_prompts();
+// Whether mul_mat multiplies q4_0 and q8_0 weights by many columns in 16-bit integers (builds
+// for AVX-512 with VNNI): b's columns are then rounded to 16 bits per 32 values.
+bool integer_quantized_prompts();
 void register_norm_kernels(KernelTable& t);
 void register_activation_kernels(KernelTable& t);
 void register_training_kernels(KernelTable& t);

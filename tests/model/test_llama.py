@@ -10,7 +10,8 @@ against the same reference, token by token.
 
 Errors are the max over prompt positions of ||logits - ref|| / ||ref||, against two
 references: one computing with the weights and KV cache rounded to the formats the run
-used (the engine's own error: 1e-3 for f32, 1e-2 when f16 or q8_0 storage is involved),
+used (the engine's own error: 1e-3 for f32, 1e-2 when f16 or q8_0 storage is involved, 5e-2
+for q8_0 weights with a q8_0 cache on the CPU, 3e-2 on the GPU with 8-bit storage),
 and the checkpoint itself (storage loss included: 1e-3 f32, 3e-2 f16, 0.5 q8_0 weights;
 these random models have sharp attention, so 8-bit weights move their logits by ~10-30%).
 
@@ -319,6 +320,11 @@ TOLERANCE = 1e-3
 TOLERANCE_REDUCED = 1e-2
 # On the GPU, f32 models go through 16-bit attention and 8-bit ones through f16 products.
 TOLERANCE_GPU_QUANT = 3e-2
+# 8-bit weights and an 8-bit KV cache on the CPU: on AVX-512 VNNI builds the prompt's
+# products with q8_0 weights round their inputs to 16 bits (a relative change of ~1e-5),
+# enough to move more K/V values across an 8-bit step of the cache than f32 rounding does;
+# through the sharp attention that gave up to 3.1e-2 over 30 seeds (f32 products: 6.7e-3).
+TOLERANCE_CPU_QUANT_CACHE = 5e-2
 
 # Against the checkpoint itself, storage losses included. These random models have sharp
 # attention (large q/k weights), so 8-bit weights move their logits by up to ~30%.
@@ -364,6 +370,8 @@ def main():
             if "cuda" in args.run_args:
                 # The GPU's attention and quantized products run on 16-bit tensor cores.
                 tol = TOLERANCE_GPU_QUANT if "q8_0" in (gtype, kv) else TOLERANCE_REDUCED
+            elif gtype == kv == "q8_0":
+                tol = TOLERANCE_CPU_QUANT_CACHE
             tol_total = max(TOTAL_TOLERANCE[gtype], tol)
             cfg, prompt = CONFIGS[name], prompts[name]
             gguf = os.path.join(root, f"{name}-{gtype}.gguf")
