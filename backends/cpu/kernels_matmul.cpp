@@ -23,7 +23,7 @@
 //    per weight, which on AVX2 keeps q4_0 below memory bandwidth; the price is rounding b to
 //    8 bits (about 0.5% relative error in these products, the same trade as ggml's), while
 //    the GEMM path for larger N stays exact in f32.
-//  * Integer GEMM (N >= kGemvMaxN with q4_0 or q8_0 weights, on CPUs with AVX-512 VNNI): the
+//  * Integer GEMM (N >= kGemvMaxN with q4_0, q8_0 or q4_K weights, on CPUs with AVX-512 VNNI): the
 //    weights stay integers and b is rounded to 16 bits per block of 32, which doubles the
 //    multiply-adds per instruction against the f32 micro-kernel (see "quantized prompts").
 //    The rounding costs about 1e-5 of relative error in a product.
@@ -904,22 +904,24 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
 #endif
 
 #if GFA_INT_GEMM
-// ---- quantized prompts: a 16-bit integer GEMM for q4_0 and q8_0 (AVX-512 VNNI) --------------
+// ---- quantized prompts: a 16-bit integer GEMM for q4_0, q8_0, q4_K (AVX-512 VNNI) ----------
 //
-// A prompt's product with q4_0 or q8_0 weights, on a CPU with VNNI. The weights are small
-// integers times a scale per block of 32, so instead of converting them to f32 for the f32
-// micro-kernel they stay integers: the columns of b are rounded to 16 bits per 32 values
-// (a scale per block; the rounding, 1/65534 of the block's largest value, is below f32
-// accumulation noise in a product of this length) and one vpdpwssd multiplies 32 pairs of
-// 16-bit values and sums them by two into 16 i32 lanes: twice the multiply-adds of an f32
-// FMA. A tile of 16 weight rows is unpacked once per block of 32 into sixteen vectors,
-// vector p holding codes 2p and 2p + 1 of each row in that row's lane (q4_0: nibble - 8,
-// q8_0: the byte), so a pair of a column, broadcast, meets all 16 rows at once; the tile is
-// then reused for every column. Per block and column: 16 vpdpwssd, a conversion and one FMA
-// with the product of the two scales, for 16 outputs. The block sums stay exact in i32 (at
-// most 128 * 32767 * 32). Rounding b to 8 bits instead (vpdpbusd, four times the f32 rate,
-// what the decoding path does) was twice as fast again, but moved the logits of the test
-// models with sharp attention by up to 36% where this moves them by ~1e-3.
+// A prompt's product with q4_0, q8_0 or q4_K weights, on a CPU with VNNI. The weights are
+// small integers times a scale per block of 32 (plus an offset per block for q4_K), so
+// instead of converting them to f32 for the f32 micro-kernel they stay integers: the columns
+// of b are rounded to 16 bits per 32 values (a scale per block; the rounding, 1/65534 of the
+// block's largest value, costs about 1e-5 of relative error in a product) and one vpdpwssd
+// multiplies 32 pairs of 16-bit values and sums them by two into 16 i32 lanes: twice the
+// multiply-adds of an f32 FMA. A tile of 16 weight rows is unpacked once per block of 32
+// into sixteen vectors, vector p holding codes 2p and 2p + 1 of each row in that row's lane,
+// so a pair of a column, broadcast, meets all 16 rows at once; the tile is then reused for
+// every column. Per block and column: 16 vpdpwssd, a conversion and one FMA with the product
+// of the two scales (and for q4_K one more with the rows' offsets and the column block's
+// sum), for 16 outputs. The block sums stay exact in i32 (at most 128 * 32767 * 32).
+// Rounding b to 8 bits instead (vpdpbusd, four times the f32 rate, what the decoding path
+// does) was faster again, but moved the logits of the test models with sharp attention by
+// up to 36% (16 bits: up to 3%, f32: 0.7%, both from values crossing an 8-bit step of the
+// KV cache).
 
 constexpr int kTileRows = 16; // one 512-bit lane per weight row
 constexpr int kTileCols = 8;  // columns of b per pass (accumulators in registers)
@@ -927,15 +929,53 @@ constexpr int kTileCols = 8;  // columns of b per pass (accumulators in register
 struct alignas(64) TileBlock {
     __m512i pairs[16]; // codes 2p, 2p + 1 of row r in lane r
     __m512 d;          // row scales
+    __m512 offset;     // row offsets (the value of code 0), for formats that have them
+};
+
+// The blocks of 32 of a weight row as codes, a scale and an offset (weight = scale * code +
+// offset). q4_0: nibble - 8; q8_0: the byte; q4_K: the nibble, with sub-block j's six-bit
+// scale and min (scale d * sc_j, offset -dmin * m_j).
+struct Q4_0Units {
+    static constexpr bool kOffset = false;
+    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+        const block_q4_0& blk = reinterpret_cast<const block_q4_0*>(row)[b];
+        codes = _mm256_sub_epi8(nibbles_32(blk.qs), _mm256_set1_epi8(8));
+        scale = scale_to_f32(blk.d);
+        offset = 0.0f;
+    }
+};
+struct Q8_0Units {
+    static constexpr bool kOffset = false;
+    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+        const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(row)[b];
+        codes = load256(blk.qs);
+        scale = scale_to_f32(blk.d);
+        offset = 0.0f;
+    }
+};
+struct Q4_KUnits {
+    static constexpr bool kOffset = true;
+    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+        const block_q4_K& blk = reinterpret_cast<const block_q4_K*>(row)[b / 8];
+        const int j = int(b % 8);
+        const __m256i q = load256(blk.qs + 32 * (j / 2));
+        codes = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0f));
+        alignas(16) uint8_t scales_mins[16]; // sc[0..7], then m[0..7]
+        _mm_store_si128(reinterpret_cast<__m128i*>(scales_mins), unpack_k4_scales(blk.scales));
+        scale = scale_to_f32(blk.d) * float(scales_mins[j]);
+        offset = -scale_to_f32(blk.dmin) * float(scales_mins[8 + j]);
+    }
 };
 
 // Columns of b rounded to 16 bits: column n's values at q + n * K, its block scales at
-// d + n * (K / 32).
-void round_column_i16(const float* x, int64_t K, int16_t* q, float* d) {
+// d + n * (K / 32) and the blocks' sums (scale times the sum of the rounded values, for the
+// weight offsets) at sum + n * (K / 32).
+void round_column_i16(const float* x, int64_t K, int16_t* q, float* d, float* sum) {
     for (int64_t i = 0; i < K / 32; ++i) {
         const float amax = abs_max(x + 32 * i, 32);
         const float di = amax / 32767.0f, inv = di != 0.0f ? 1.0f / di : 0.0f;
         const __m512 vinv = _mm512_set1_ps(inv);
+        int32_t total = 0;
         for (int h = 0; h < 2; ++h) {
             // Zero-masked conversions, as in tile_times_columns (GCC 12's warning).
             const __m512i v = _mm512_maskz_cvtps_epi32(
@@ -943,43 +983,42 @@ void round_column_i16(const float* x, int64_t K, int16_t* q, float* d) {
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * i + 16 * h),
                                 _mm512_maskz_cvtsepi32_epi16(__mmask16(0xffff), v));
         }
+        for (int k = 0; k < 32; ++k) total += q[32 * i + k];
         d[i] = di;
+        sum[i] = di * float(total);
     }
 }
 
-// Rows m0 .. m0 + rows - 1 of one weight matrix (q4_0 or q8_0), all nb blocks, as TileBlocks;
-// lanes of missing rows are zero.
-template <class Block>
+// Rows m0 .. m0 + rows - 1 of one weight matrix, all nb blocks of 32, as TileBlocks; lanes
+// of missing rows are zero.
+template <class Units>
 void unpack_tile(const char* a_mat, size_t row_bytes, int64_t m0, int rows, int64_t nb, TileBlock* out) {
     alignas(64) uint32_t pairs[16][kTileRows];
-    alignas(64) float d[kTileRows];
+    alignas(64) float d[kTileRows], offset[kTileRows];
     for (int64_t b = 0; b < nb; ++b) {
         for (int r = 0; r < kTileRows; ++r) {
             alignas(64) int16_t codes[32] = {};
-            float dr = 0.0f;
+            float dr = 0.0f, off = 0.0f;
             if (r < rows) {
-                const Block& blk = reinterpret_cast<const Block*>(a_mat + size_t(m0 + r) * row_bytes)[b];
-                dr = scale_to_f32(blk.d);
                 __m256i bytes; // the 32 codes as signed bytes
-                if constexpr (std::is_same_v<Block, block_q4_0>)
-                    bytes = _mm256_sub_epi8(nibbles_32(blk.qs), _mm256_set1_epi8(8));
-                else
-                    bytes = load256(blk.qs);
+                Units::unit(a_mat + size_t(m0 + r) * row_bytes, b, bytes, dr, off);
                 _mm512_store_si512(codes, _mm512_cvtepi8_epi16(bytes));
             }
             for (int p = 0; p < 16; ++p) std::memcpy(&pairs[p][r], codes + 2 * p, sizeof(uint32_t));
             d[r] = dr;
+            offset[r] = off;
         }
         for (int p = 0; p < 16; ++p) out[b].pairs[p] = _mm512_load_si512(pairs[p]);
         out[b].d = _mm512_load_ps(d);
+        out[b].offset = _mm512_load_ps(offset);
     }
 }
 
 // Outputs of the tile's rows for NC columns: column j's values at xq + j * K and block scales
 // at xd + j * nb, its outputs at c + j * ldc.
-template <int NC>
+template <int NC, bool kOffset>
 void tile_times_columns(const TileBlock* tile, int64_t nb, int64_t K, const int16_t* xq, const float* xd,
-                        float* c, int64_t ldc, __mmask16 rows) {
+                        const float* xs, float* c, int64_t ldc, __mmask16 rows) {
     __m512 acc[NC];
     for (int j = 0; j < NC; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
@@ -997,46 +1036,48 @@ void tile_times_columns(const TileBlock* tile, int64_t nb, int64_t K, const int1
             // The zero-masked form of the conversion: GCC 12 warns about the plain one's
             // undefined pass-through operand.
             acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), sums[j]), scale, acc[j]);
+            if constexpr (kOffset) acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * nb + b]), acc[j]);
         }
     }
     for (int j = 0; j < NC; ++j) _mm512_mask_storeu_ps(c + j * ldc, rows, acc[j]);
 }
 
-using TileColumnsFn = void (*)(const TileBlock*, int64_t, int64_t, const int16_t*, const float*, float*,
-                               int64_t, __mmask16);
+using TileColumnsFn = void (*)(const TileBlock*, int64_t, int64_t, const int16_t*, const float*, const float*,
+                               float*, int64_t, __mmask16);
+template <bool kOffset>
 constexpr TileColumnsFn kTileColumns[kTileCols + 1] = {
     nullptr,
-    tile_times_columns<1>,
-    tile_times_columns<2>,
-    tile_times_columns<3>,
-    tile_times_columns<4>,
-    tile_times_columns<5>,
-    tile_times_columns<6>,
-    tile_times_columns<7>,
-    tile_times_columns<8>,
+    tile_times_columns<1, kOffset>,
+    tile_times_columns<2, kOffset>,
+    tile_times_columns<3, kOffset>,
+    tile_times_columns<4, kOffset>,
+    tile_times_columns<5, kOffset>,
+    tile_times_columns<6, kOffset>,
+    tile_times_columns<7, kOffset>,
+    tile_times_columns<8, kOffset>,
 };
 
 // Whether mul_mat(a, b) -> dst runs as the integer GEMM: q4_0/q8_0 weights with packed rows,
 // f32 columns with packed elements, f32 dst with packed columns.
 bool int_gemm_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
-    return (a->type == Type::Q4_0 || a->type == Type::Q8_0) && a->nb[0] == type_traits(a->type).type_size &&
-           b->type == Type::F32 && b->nb[0] == sizeof(float) && dst->nb[0] == sizeof(float) &&
-           a->ne[0] % 32 == 0;
+    return (a->type == Type::Q4_0 || a->type == Type::Q8_0 || a->type == Type::Q4_K) &&
+           a->nb[0] == type_traits(a->type).type_size && b->type == Type::F32 && b->nb[0] == sizeof(float) &&
+           dst->nb[0] == sizeof(float) && a->ne[0] % 32 == 0;
 }
 
-template <class Block> void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+template <class Units> void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
     std::vector<int16_t> qs(size_t(N * K));
-    std::vector<float> scales(size_t(N * nb));
+    std::vector<float> scales(size_t(2 * N * nb)); // block scales of every column, then block sums
     for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
         for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
             ctx.pool.run([&](int ith, int nth) {
                 const auto [begin, end] = split_range(N, ith, nth);
                 for (int64_t n = begin; n < end; ++n)
                     round_column_i16(reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K,
-                                     qs.data() + n * K, scales.data() + n * nb);
+                                     qs.data() + n * K, scales.data() + n * nb, scales.data() + (N + n) * nb);
             });
             const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
             ctx.pool.run([&](int ith, int nth) {
@@ -1045,13 +1086,14 @@ template <class Block> void int_gemm(const ComputeCtx& ctx, const Tensor* a, con
                 for (int64_t t = begin; t < end; ++t) {
                     const int64_t m0 = t * kTileRows;
                     const int rows = int(std::min<int64_t>(kTileRows, M - m0));
-                    unpack_tile<Block>(a_mat, a->nb[1], m0, rows, nb, tile.data());
+                    unpack_tile<Units>(a_mat, a->nb[1], m0, rows, nb, tile.data());
                     const __mmask16 mask = __mmask16((1u << rows) - 1);
                     for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
                         const int nc = int(std::min<int64_t>(kTileCols, N - n0));
-                        kTileColumns[nc](tile.data(), nb, K, qs.data() + n0 * K, scales.data() + n0 * nb,
-                                         f32_row(dst, n0, i2, i3) + m0, int64_t(dst->nb[1] / sizeof(float)),
-                                         mask);
+                        kTileColumns<Units::kOffset>[nc](
+                            tile.data(), nb, K, qs.data() + n0 * K, scales.data() + n0 * nb,
+                            scales.data() + (N + n0) * nb, f32_row(dst, n0, i2, i3) + m0,
+                            int64_t(dst->nb[1] / sizeof(float)), mask);
                     }
                 }
             });
@@ -1203,9 +1245,11 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
 #if GFA_INT_GEMM
     if (int_gemm_applies(a, b, dst)) {
         if (a->type == Type::Q4_0)
-            int_gemm<block_q4_0>(ctx, a, b, dst);
+            int_gemm<Q4_0Units>(ctx, a, b, dst);
+        else if (a->type == Type::Q8_0)
+            int_gemm<Q8_0Units>(ctx, a, b, dst);
         else
-            int_gemm<block_q8_0>(ctx, a, b, dst);
+            int_gemm<Q4_KUnits>(ctx, a, b, dst);
         return;
     }
 #endif
