@@ -57,12 +57,11 @@ bool has_int_dot(Type weights) {
 bool rounds_b(Type weights, int64_t n) {
     return has_int_dot(weights) && n < 4;
 }
-// With AVX-512 VNNI, q4_0, q8_0 and q4_K times many columns round b to 16 bits (integer GEMM):
+// With AVX-512 VNNI, every block type but q6_K times many columns rounds b to 16 bits (integer GEMM):
 // about 1e-5 of relative error in a product, against f32 rounding's 1e-7.
 constexpr double kInt16Tol = 1e-4;
 bool rounds_b_to_16_bits(Type weights, int64_t n) {
-    return gfa::cpu::integer_quantized_prompts() && n >= 4 &&
-           (weights == Type::Q4_0 || weights == Type::Q8_0 || weights == Type::Q4_K);
+    return gfa::cpu::integer_quantized_prompts() && n >= 4 && has_int_dot(weights) && weights != Type::Q6_K;
 }
 double tolerance(Type weights, int64_t n) {
     return rounds_b(weights, n) ? kIntDotTolFewOutputs : rounds_b_to_16_bits(weights, n) ? kInt16Tol : kTol;
@@ -168,14 +167,16 @@ TEST_CASE("mul_mat's few-column path matches the reference for every GGUF block 
 // over one at a time; both add in the same order, so a row's bits must not depend on the
 // thread count (which decides where each worker's groups of four start). K with and
 // without a tail after the 16-value steps.
-// q4_0, q8_0 and q4_K with many columns (the packed GEMM path; with AVX-512 VNNI the integer GEMM,
+// Block types with many columns (the packed GEMM path; with AVX-512 VNNI the integer GEMM,
 // 16 weight rows per tile, 8 columns per pass): weights whose scale and centre change every
 // 16 and 32 values, so a block scale or offset applied to the wrong block or row fails; row
 // counts around the tile (15, 16, 17, 37) and column counts around the pass (4, 8, 9, 17).
-TEST_CASE("mul_mat's many-column path for q4_0, q8_0 and q4_K matches the reference on tile edges",
+TEST_CASE("mul_mat's many-column path for every block type matches the reference on tile edges",
           "[matmul][quants]") {
-    for (Type type : {Type::Q4_0, Type::Q8_0, Type::Q4_K})
-        for (int64_t K : type == Type::Q4_K ? std::vector<int64_t>{256, 768} : std::vector<int64_t>{64, 352})
+    for (Type type :
+         {Type::Q4_0, Type::Q8_0, Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K})
+        for (int64_t K : type_traits(type).block_size == 256 ? std::vector<int64_t>{256, 768}
+                                                             : std::vector<int64_t>{64, 352})
             for (int64_t M : {15, 16, 17, 37})
                 for (int64_t N : {4, 8, 9, 17}) {
                     INFO(type_name(type) << " K=" << K << " M=" << M << " N=" << N);

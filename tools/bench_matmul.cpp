@@ -15,7 +15,8 @@
 //
 // --gemm-types measures only the prompt-sized products: weights 2048 x 2048 of each type the
 // models use times 512 f32 columns (a 512-token prompt through one projection), in GFLOP/s.
-// The f32 row is the GEMM alone; the others add unpacking their weights into f32 panels.
+// The f32 row is the GEMM alone; the others add unpacking their weights into f32 panels, or,
+// on CPUs with AVX-512 VNNI, run the 16-bit integer GEMM (every block type but q6_K).
 //
 // usage: bench_matmul [--reps N] [--gemv-quants | --gemm-types]
 #include <ggml-fa/backend.h>
@@ -242,7 +243,8 @@ int main(int argc, char** argv) {
     std::printf("# %s, median of %d runs\n", cpu_device().description().c_str(), reps);
     if (gemm_types) {
         for (int threads : {1, 2})
-            for (Type t : {Type::F32, Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q6_K})
+            for (Type t : {Type::F32, Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0, Type::Q5_1,
+                           Type::Q4_K, Type::Q5_K, Type::Q6_K})
                 prompt_gemm_point(t, threads, reps);
         return 0;
     }

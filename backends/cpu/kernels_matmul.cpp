@@ -23,7 +23,7 @@
 //    per weight, which on AVX2 keeps q4_0 below memory bandwidth; the price is rounding b to
 //    8 bits (about 0.5% relative error in these products, the same trade as ggml's), while
 //    the GEMM path for larger N stays exact in f32.
-//  * Integer GEMM (N >= kGemvMaxN with q4_0, q8_0 or q4_K weights, on CPUs with AVX-512 VNNI): the
+//  * Integer GEMM (N >= kGemvMaxN, every block type but q6_K, on CPUs with AVX-512 VNNI): the
 //    weights stay integers and b is rounded to 16 bits per block of 32, which doubles the
 //    multiply-adds per instruction against the f32 micro-kernel (see "quantized prompts").
 //    The rounding costs about 1e-5 of relative error in a product.
@@ -904,10 +904,12 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
 #endif
 
 #if GFA_INT_GEMM
-// ---- quantized prompts: a 16-bit integer GEMM for q4_0, q8_0, q4_K (AVX-512 VNNI) ----------
+// ---- quantized prompts: a 16-bit integer GEMM (AVX-512 VNNI) ----------------------------------
 //
-// A prompt's product with q4_0, q8_0 or q4_K weights, on a CPU with VNNI. The weights are
-// small integers times a scale per block of 32 (plus an offset per block for q4_K), so
+// A prompt's product with quantized weights (every block type but q6_K, whose codes times its
+// sub-block scales would overflow the i32 sums), on a CPU with VNNI. The weights are small
+// integers times a scale per block of 32 (plus an offset per block for q4_1, q5_0, q5_1, q4_K
+// and q5_K), so
 // instead of converting them to f32 for the f32 micro-kernel they stay integers: the columns
 // of b are rounded to 16 bits per 32 values (a scale per block; the rounding, 1/65534 of the
 // block's largest value, costs about 1e-5 of relative error in a product) and one vpdpwssd
@@ -916,8 +918,8 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
 // into sixteen vectors, vector p holding codes 2p and 2p + 1 of each row in that row's lane,
 // so a pair of a column, broadcast, meets all 16 rows at once; the tile is then reused for
 // every column. Per block and column: 16 vpdpwssd, a conversion and one FMA with the product
-// of the two scales (and for q4_K one more with the rows' offsets and the column block's
-// sum), for 16 outputs. The block sums stay exact in i32 (at most 128 * 32767 * 32).
+// of the two scales (and, where there are offsets, one more with the rows' offsets and the
+// column block's sum), for 16 outputs. The block sums stay exact in i32 (at most 128 * 32767 * 32).
 // Rounding b to 8 bits instead (vpdpbusd, four times the f32 rate, what the decoding path
 // does) was faster again, but moved the logits of the test models with sharp attention by
 // up to 36% (16 bits: up to 3%, f32: 0.7%, both from values crossing an 8-bit step of the
@@ -933,8 +935,8 @@ struct alignas(64) TileBlock {
 };
 
 // The blocks of 32 of a weight row as codes, a scale and an offset (weight = scale * code +
-// offset). q4_0: nibble - 8; q8_0: the byte; q4_K: the nibble, with sub-block j's six-bit
-// scale and min (scale d * sc_j, offset -dmin * m_j).
+// offset). q4_0: nibble - 8; q8_0: the byte; q4_K/q5_K: the four or five bits, with sub-block
+// j's six-bit scale and min (scale d * sc_j, offset -dmin * m_j).
 struct Q4_0Units {
     static constexpr bool kOffset = false;
     static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
@@ -953,13 +955,30 @@ struct Q8_0Units {
         offset = 0.0f;
     }
 };
-struct Q4_KUnits {
+// q4_1, q5_0, q5_1: the unsigned codes and per-block offsets of their dot products above.
+template <class Format> struct Blocks32Units {
     static constexpr bool kOffset = true;
     static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
-        const block_q4_K& blk = reinterpret_cast<const block_q4_K*>(row)[b / 8];
+        const auto& blk = reinterpret_cast<const typename Format::Block*>(row)[b];
+        codes = Format::codes(blk);
+        scale = scale_to_f32(blk.d);
+        offset = Format::offset(blk, scale);
+    }
+};
+// q4_K and q5_K (kFifthBit: bit j of qh[l] is the fifth bit of element l of sub-block j).
+template <bool kFifthBit> struct K4Units {
+    using Block = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
+    static constexpr bool kOffset = true;
+    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+        const Block& blk = reinterpret_cast<const Block*>(row)[b / 8];
         const int j = int(b % 8);
         const __m256i q = load256(blk.qs + 32 * (j / 2));
         codes = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0f));
+        if constexpr (kFifthBit) {
+            const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(load256(blk.qh), _mm_cvtsi32_si128(j)),
+                                                 _mm256_set1_epi8(1));
+            codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
+        }
         alignas(16) uint8_t scales_mins[16]; // sc[0..7], then m[0..7]
         _mm_store_si128(reinterpret_cast<__m128i*>(scales_mins), unpack_k4_scales(blk.scales));
         scale = scale_to_f32(blk.d) * float(scales_mins[j]);
@@ -1060,8 +1079,19 @@ constexpr TileColumnsFn kTileColumns[kTileCols + 1] = {
 // Whether mul_mat(a, b) -> dst runs as the integer GEMM: q4_0/q8_0 weights with packed rows,
 // f32 columns with packed elements, f32 dst with packed columns.
 bool int_gemm_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
-    return (a->type == Type::Q4_0 || a->type == Type::Q8_0 || a->type == Type::Q4_K) &&
-           a->nb[0] == type_traits(a->type).type_size && b->type == Type::F32 && b->nb[0] == sizeof(float) &&
+    switch (a->type) {
+    case Type::Q4_0:
+    case Type::Q8_0:
+    case Type::Q4_1:
+    case Type::Q5_0:
+    case Type::Q5_1:
+    case Type::Q4_K:
+    case Type::Q5_K:
+        break;
+    default:
+        return false;
+    }
+    return a->nb[0] == type_traits(a->type).type_size && b->type == Type::F32 && b->nb[0] == sizeof(float) &&
            dst->nb[0] == sizeof(float) && a->ne[0] % 32 == 0;
 }
 
@@ -1244,12 +1274,29 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     }
 #if GFA_INT_GEMM
     if (int_gemm_applies(a, b, dst)) {
-        if (a->type == Type::Q4_0)
+        switch (a->type) {
+        case Type::Q4_0:
             int_gemm<Q4_0Units>(ctx, a, b, dst);
-        else if (a->type == Type::Q8_0)
+            break;
+        case Type::Q8_0:
             int_gemm<Q8_0Units>(ctx, a, b, dst);
-        else
-            int_gemm<Q4_KUnits>(ctx, a, b, dst);
+            break;
+        case Type::Q4_1:
+            int_gemm<Blocks32Units<Q4_1Codes>>(ctx, a, b, dst);
+            break;
+        case Type::Q5_0:
+            int_gemm<Blocks32Units<Q5_0Codes>>(ctx, a, b, dst);
+            break;
+        case Type::Q5_1:
+            int_gemm<Blocks32Units<Q5_1Codes>>(ctx, a, b, dst);
+            break;
+        case Type::Q4_K:
+            int_gemm<K4Units<false>>(ctx, a, b, dst);
+            break;
+        default:
+            int_gemm<K4Units<true>>(ctx, a, b, dst);
+            break;
+        }
         return;
     }
 #endif
