@@ -32,8 +32,8 @@ void register_movement_kernels(KernelTable& t);
 void register_elementwise_kernels(KernelTable& t);
 void register_reduce_kernels(KernelTable& t);
 void register_matmul_kernels(KernelTable& t);
-// Whether mul_mat multiplies quantized weights (all block types but q6_K) by many columns in 16-bit integers
-// (builds for AVX-512 with VNNI): b's columns are then rounded to 16 bits per 32 values.
+// Whether mul_mat multiplies quantized weights by many columns in integers (builds for AVX-512
+// with VNNI): b's columns are then rounded to 16 bits (14 for q6_K) per 32 values.
 bool integer_quantized_prompts();
 void register_norm_kernels(KernelTable& t);
 void register_activation_kernels(KernelTable& t);

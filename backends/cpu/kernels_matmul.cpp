@@ -23,10 +23,10 @@
 //    per weight, which on AVX2 keeps q4_0 below memory bandwidth; the price is rounding b to
 //    8 bits (about 0.5% relative error in these products, the same trade as ggml's), while
 //    the GEMM path for larger N stays exact in f32.
-//  * Integer GEMM (N >= kGemvMaxN, every block type but q6_K, on CPUs with AVX-512 VNNI): the
-//    weights stay integers and b is rounded to 16 bits per block of 32, which doubles the
-//    multiply-adds per instruction against the f32 micro-kernel (see "quantized prompts").
-//    The rounding costs about 1e-5 of relative error in a product.
+//  * Integer GEMM (N >= kGemvMaxN, every GGUF block type, on CPUs with AVX-512 VNNI): the
+//    weights stay integers and b is rounded to 16 bits (q6_K: 14) per block of 32, which
+//    doubles the multiply-adds per instruction against the f32 micro-kernel (see "quantized
+//    prompts"). The rounding costs about 1e-5 of relative error in a product (q6_K: 6e-5).
 #include "cpu_kernels.h"
 #include "op_def.h"
 
@@ -904,15 +904,15 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
 #endif
 
 #if GFA_INT_GEMM
-// ---- quantized prompts: a 16-bit integer GEMM (AVX-512 VNNI) ----------------------------------
+// ---- quantized prompts: an integer GEMM (AVX-512 VNNI) -----------------------------------------
 //
-// A prompt's product with quantized weights (every block type but q6_K, whose codes times its
-// sub-block scales would overflow the i32 sums), on a CPU with VNNI. The weights are small
-// integers times a scale per block of 32 (plus an offset per block for q4_1, q5_0, q5_1, q4_K
-// and q5_K), so
+// A prompt's product with quantized weights (every GGUF block type), on a CPU with VNNI. The
+// weights are small integers times a scale per block of 32 (plus an offset per block for
+// q4_1, q5_0, q5_1, q4_K and q5_K; q6_K's sub-block scales go into its codes), so
 // instead of converting them to f32 for the f32 micro-kernel they stay integers: the columns
 // of b are rounded to 16 bits per 32 values (a scale per block; the rounding, 1/65534 of the
-// block's largest value, costs about 1e-5 of relative error in a product) and one vpdpwssd
+// block's largest value, costs about 1e-5 of relative error in a product; q6_K takes 14 bits,
+// see Q6_KUnits) and one vpdpwssd
 // multiplies 32 pairs of 16-bit values and sums them by two into 16 i32 lanes: twice the
 // multiply-adds of an f32 FMA. A tile of 16 weight rows is unpacked once per block of 32
 // into sixteen vectors, vector p holding codes 2p and 2p + 1 of each row in that row's lane,
@@ -939,18 +939,20 @@ struct alignas(64) TileBlock {
 // j's six-bit scale and min (scale d * sc_j, offset -dmin * m_j).
 struct Q4_0Units {
     static constexpr bool kOffset = false;
-    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const block_q4_0& blk = reinterpret_cast<const block_q4_0*>(row)[b];
-        codes = _mm256_sub_epi8(nibbles_32(blk.qs), _mm256_set1_epi8(8));
+        codes = _mm512_cvtepi8_epi16(_mm256_sub_epi8(nibbles_32(blk.qs), _mm256_set1_epi8(8)));
         scale = scale_to_f32(blk.d);
         offset = 0.0f;
     }
 };
 struct Q8_0Units {
     static constexpr bool kOffset = false;
-    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(row)[b];
-        codes = load256(blk.qs);
+        codes = _mm512_cvtepi8_epi16(load256(blk.qs));
         scale = scale_to_f32(blk.d);
         offset = 0.0f;
     }
@@ -958,9 +960,10 @@ struct Q8_0Units {
 // q4_1, q5_0, q5_1: the unsigned codes and per-block offsets of their dot products above.
 template <class Format> struct Blocks32Units {
     static constexpr bool kOffset = true;
-    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const auto& blk = reinterpret_cast<const typename Format::Block*>(row)[b];
-        codes = Format::codes(blk);
+        codes = _mm512_cvtepi8_epi16(Format::codes(blk));
         scale = scale_to_f32(blk.d);
         offset = Format::offset(blk, scale);
     }
@@ -969,30 +972,60 @@ template <class Format> struct Blocks32Units {
 template <bool kFifthBit> struct K4Units {
     using Block = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
     static constexpr bool kOffset = true;
-    static void unit(const char* row, int64_t b, __m256i& codes, float& scale, float& offset) {
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const Block& blk = reinterpret_cast<const Block*>(row)[b / 8];
         const int j = int(b % 8);
         const __m256i q = load256(blk.qs + 32 * (j / 2));
-        codes = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0f));
+        __m256i codes = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0f));
         if constexpr (kFifthBit) {
             const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(load256(blk.qh), _mm_cvtsi32_si128(j)),
                                                  _mm256_set1_epi8(1));
             codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
         }
+        codes16 = _mm512_cvtepi8_epi16(codes);
         alignas(16) uint8_t scales_mins[16]; // sc[0..7], then m[0..7]
         _mm_store_si128(reinterpret_cast<__m128i*>(scales_mins), unpack_k4_scales(blk.scales));
         scale = scale_to_f32(blk.d) * float(scales_mins[j]);
         offset = -scale_to_f32(blk.dmin) * float(scales_mins[8 + j]);
     }
 };
+// q6_K: six-bit codes minus 32 in sub-blocks of 16 with signed 8-bit scales. A block of 32
+// spans two sub-blocks, so their scales go into the codes (at most 32 * 128 = 4096 in
+// magnitude) and the block's scale is d; with 16-bit columns the i32 sums could then
+// overflow, so q6_K's columns are rounded to 14 bits (at most 16 * 2 * 4096 * 8191 < 2^31).
+// Element 32u + l of a 256-block (u < 8, half h = u / 4, quarter t = u % 4): low bits from
+// ql[64h + 32 (t % 2) + l], nibble t / 2; high bits from qh[32h + l], bits 2t and 2t + 1.
+struct Q6_KUnits {
+    static constexpr bool kOffset = false;
+    static constexpr int kColumnMax = 8191;
+    static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
+        const block_q6_K& blk = reinterpret_cast<const block_q6_K*>(row)[b / 8];
+        const int u = int(b % 8), h = u / 4, t = u % 4;
+        const __m256i low = _mm256_and_si256(
+            _mm256_srl_epi16(load256(blk.ql + 64 * h + 32 * (t % 2)), _mm_cvtsi32_si128(4 * (t / 2))),
+            _mm256_set1_epi8(0x0f));
+        const __m256i high = _mm256_and_si256(
+            _mm256_srl_epi16(load256(blk.qh + 32 * h), _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(0x03));
+        const __m256i codes =
+            _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+        const int k = 8 * h + 2 * t; // the scales of elements 0-15 and 16-31
+        const __m512i scales = _mm512_mask_blend_epi16(
+            __mmask32(0xffff0000u), _mm512_set1_epi16(blk.scales[k]), _mm512_set1_epi16(blk.scales[k + 1]));
+        codes16 = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(codes), scales);
+        scale = scale_to_f32(blk.d);
+        offset = 0.0f;
+    }
+};
 
-// Columns of b rounded to 16 bits: column n's values at q + n * K, its block scales at
+// Columns of b rounded to integers of at most max_level in magnitude (32767: 16 bits): column
+// n's values at q + n * K, its block scales at
 // d + n * (K / 32) and the blocks' sums (scale times the sum of the rounded values, for the
 // weight offsets) at sum + n * (K / 32).
-void round_column_i16(const float* x, int64_t K, int16_t* q, float* d, float* sum) {
+void round_column_i16(const float* x, int64_t K, int max_level, int16_t* q, float* d, float* sum) {
     for (int64_t i = 0; i < K / 32; ++i) {
         const float amax = abs_max(x + 32 * i, 32);
-        const float di = amax / 32767.0f, inv = di != 0.0f ? 1.0f / di : 0.0f;
+        const float di = amax / float(max_level), inv = di != 0.0f ? 1.0f / di : 0.0f;
         const __m512 vinv = _mm512_set1_ps(inv);
         int32_t total = 0;
         for (int h = 0; h < 2; ++h) {
@@ -1019,9 +1052,9 @@ void unpack_tile(const char* a_mat, size_t row_bytes, int64_t m0, int rows, int6
             alignas(64) int16_t codes[32] = {};
             float dr = 0.0f, off = 0.0f;
             if (r < rows) {
-                __m256i bytes; // the 32 codes as signed bytes
-                Units::unit(a_mat + size_t(m0 + r) * row_bytes, b, bytes, dr, off);
-                _mm512_store_si512(codes, _mm512_cvtepi8_epi16(bytes));
+                __m512i codes16;
+                Units::unit(a_mat + size_t(m0 + r) * row_bytes, b, codes16, dr, off);
+                _mm512_store_si512(codes, codes16);
             }
             for (int p = 0; p < 16; ++p) std::memcpy(&pairs[p][r], codes + 2 * p, sizeof(uint32_t));
             d[r] = dr;
@@ -1087,6 +1120,7 @@ bool int_gemm_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
     case Type::Q5_1:
     case Type::Q4_K:
     case Type::Q5_K:
+    case Type::Q6_K:
         break;
     default:
         return false;
@@ -1107,7 +1141,8 @@ template <class Units> void int_gemm(const ComputeCtx& ctx, const Tensor* a, con
                 const auto [begin, end] = split_range(N, ith, nth);
                 for (int64_t n = begin; n < end; ++n)
                     round_column_i16(reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K,
-                                     qs.data() + n * K, scales.data() + n * nb, scales.data() + (N + n) * nb);
+                                     Units::kColumnMax, qs.data() + n * K, scales.data() + n * nb,
+                                     scales.data() + (N + n) * nb);
             });
             const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
             ctx.pool.run([&](int ith, int nth) {
@@ -1293,8 +1328,11 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         case Type::Q4_K:
             int_gemm<K4Units<false>>(ctx, a, b, dst);
             break;
-        default:
+        case Type::Q5_K:
             int_gemm<K4Units<true>>(ctx, a, b, dst);
+            break;
+        default:
+            int_gemm<Q6_KUnits>(ctx, a, b, dst);
             break;
         }
         return;
