@@ -1109,22 +1109,9 @@ constexpr TileColumnsFn kTileColumns[kTileCols + 1] = {
     tile_times_columns<8, kOffset>,
 };
 
-// Whether mul_mat(a, b) -> dst runs as the integer GEMM: q4_0/q8_0 weights with packed rows,
-// f32 columns with packed elements, f32 dst with packed columns.
-bool int_gemm_applies(const Tensor* a, const Tensor* b, const Tensor* dst) {
-    switch (a->type) {
-    case Type::Q4_0:
-    case Type::Q8_0:
-    case Type::Q4_1:
-    case Type::Q5_0:
-    case Type::Q5_1:
-    case Type::Q4_K:
-    case Type::Q5_K:
-    case Type::Q6_K:
-        break;
-    default:
-        return false;
-    }
+// Whether mul_mat(a, b) -> dst has the layout the integer GEMM reads: packed weight rows, f32
+// columns with packed elements, f32 dst with packed columns.
+bool int_gemm_layout(const Tensor* a, const Tensor* b, const Tensor* dst) {
     return a->nb[0] == type_traits(a->type).type_size && b->type == Type::F32 && b->nb[0] == sizeof(float) &&
            dst->nb[0] == sizeof(float) && a->ne[0] % 32 == 0;
 }
@@ -1163,6 +1150,31 @@ template <class Units> void int_gemm(const ComputeCtx& ctx, const Tensor* a, con
                 }
             });
         }
+}
+
+using IntGemmFn = void (*)(const ComputeCtx&, const Tensor*, const Tensor*, Tensor*);
+// The integer GEMM for a weight type, or null.
+IntGemmFn int_gemm_for(Type t) {
+    switch (t) {
+    case Type::Q4_0:
+        return int_gemm<Q4_0Units>;
+    case Type::Q8_0:
+        return int_gemm<Q8_0Units>;
+    case Type::Q4_1:
+        return int_gemm<Blocks32Units<Q4_1Codes>>;
+    case Type::Q5_0:
+        return int_gemm<Blocks32Units<Q5_0Codes>>;
+    case Type::Q5_1:
+        return int_gemm<Blocks32Units<Q5_1Codes>>;
+    case Type::Q4_K:
+        return int_gemm<K4Units<false>>;
+    case Type::Q5_K:
+        return int_gemm<K4Units<true>>;
+    case Type::Q6_K:
+        return int_gemm<Q6_KUnits>;
+    default:
+        return nullptr;
+    }
 }
 #endif
 
@@ -1308,33 +1320,8 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
         return;
     }
 #if GFA_INT_GEMM
-    if (int_gemm_applies(a, b, dst)) {
-        switch (a->type) {
-        case Type::Q4_0:
-            int_gemm<Q4_0Units>(ctx, a, b, dst);
-            break;
-        case Type::Q8_0:
-            int_gemm<Q8_0Units>(ctx, a, b, dst);
-            break;
-        case Type::Q4_1:
-            int_gemm<Blocks32Units<Q4_1Codes>>(ctx, a, b, dst);
-            break;
-        case Type::Q5_0:
-            int_gemm<Blocks32Units<Q5_0Codes>>(ctx, a, b, dst);
-            break;
-        case Type::Q5_1:
-            int_gemm<Blocks32Units<Q5_1Codes>>(ctx, a, b, dst);
-            break;
-        case Type::Q4_K:
-            int_gemm<K4Units<false>>(ctx, a, b, dst);
-            break;
-        case Type::Q5_K:
-            int_gemm<K4Units<true>>(ctx, a, b, dst);
-            break;
-        default:
-            int_gemm<Q6_KUnits>(ctx, a, b, dst);
-            break;
-        }
+    if (const IntGemmFn integer = int_gemm_for(a->type); integer && int_gemm_layout(a, b, dst)) {
+        integer(ctx, a, b, dst);
         return;
     }
 #endif
