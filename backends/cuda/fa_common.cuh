@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace gfa::cuda::fa {
 
@@ -52,6 +53,53 @@ __device__ __forceinline__ float load_elem(const void* row, int64_t i, int code)
     if (code == kF32) return static_cast<const float*>(row)[i];
     if (code == kF16) return __half2float(static_cast<const __half*>(row)[i]);
     return __bfloat162float(static_cast<const __nv_bfloat16*>(row)[i]);
+}
+
+// One f32 or f16 element (an additive mask's) as a float.
+__device__ __forceinline__ float to_f32(float x) {
+    return x;
+}
+__device__ __forceinline__ float to_f32(__half x) {
+    return __half2float(x);
+}
+
+// Elements i .. i + 7 of a row stored as S, as their raw bits: bits[0] holds them for 16-bit
+// S, bits[0..1] for f32. VEC: the row start is 16-byte aligned and i a multiple of 8, so they
+// come in 16-byte loads; else one element at a time. Kept apart from the conversion
+// (bits8_to_float) so that a caller can issue loads, do other work, then convert.
+template <class S, bool VEC>
+__device__ __forceinline__ void load8_bits(const void* row, int i, uint4 (&bits)[2]) {
+    const S* p = static_cast<const S*>(row) + i;
+    if constexpr (VEC) {
+        bits[0] = reinterpret_cast<const uint4*>(p)[0];
+        if constexpr (sizeof(S) == 4) bits[1] = reinterpret_cast<const uint4*>(p)[1];
+    } else if constexpr (sizeof(S) == 4) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(p);
+        bits[0] = make_uint4(w[0], w[1], w[2], w[3]);
+        bits[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    } else {
+        const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+        auto two = [&](int e) { return uint32_t(h[e]) | uint32_t(h[e + 1]) << 16; };
+        bits[0] = make_uint4(two(0), two(2), two(4), two(6));
+    }
+}
+template <class S> __device__ __forceinline__ void bits8_to_float(const uint4 (&bits)[2], float (&x)[8]) {
+    if constexpr (sizeof(S) == 4) {
+        const uint32_t w[8] = {bits[0].x, bits[0].y, bits[0].z, bits[0].w,
+                               bits[1].x, bits[1].y, bits[1].z, bits[1].w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x[e] = __uint_as_float(w[e]);
+    } else {
+        const uint32_t w[4] = {bits[0].x, bits[0].y, bits[0].z, bits[0].w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const uint16_t h = uint16_t((e & 1) ? w[e >> 1] >> 16 : w[e >> 1] & 0xffffu);
+            if constexpr (std::is_same_v<S, __half>)
+                x[e] = __half2float(__ushort_as_half(h));
+            else
+                x[e] = __bfloat162float(__ushort_as_bfloat16(h));
+        }
+    }
 }
 
 // Writes two adjacent elements (i, i+1) of a row stored as f32, f16 or bf16; the row start

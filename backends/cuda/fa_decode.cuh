@@ -165,8 +165,15 @@ template <int D_, int KV_, class T_, int W_> struct DecodeTraits {
     static constexpr int KC = kDecodeChunk;
     static constexpr int STAGES = 3; // 2 chunks in flight per warp: ~2x the bytes DRAM latency needs
     static constexpr int kThreads = 32 * NW;
-    static constexpr int kStageBytes = 2 * KC * Rows::kPitch;   // K rows, then V rows
-    static constexpr int kMergeBytes = 16 * D * 4 + 2 * 16 * 4; // a warp's O, row max and row sum
+    static constexpr int kStageBytes = 2 * KC * Rows::kPitch; // K rows, then V rows
+    // A warp's O rows in the merge, row max and row sum. Rows are padded by 8 floats and each
+    // row's 16-byte units swizzled (unit ^= bit 5 of the dim), so that the 16-byte stores of
+    // a quarter-warp (rows g, g + 1 x four t) hit 8 different bank groups.
+    static constexpr int kMergePitch = D + 8;
+    static constexpr int kMergeBytes = 16 * kMergePitch * 4 + 2 * 16 * 4;
+    static __device__ __forceinline__ int merge_index(int p, int d) { // d a multiple of 4
+        return p * kMergePitch + ((d >> 2 ^ (d >> 5 & 1)) << 2);
+    }
     static constexpr int kRingBytes = STAGES * kStageBytes;
     static constexpr int kWarpBytes = ((kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes) + 15) / 16 * 16;
     // Q's A fragments: in registers up to D = 128; at D = 256 their 64 registers beside the
@@ -179,8 +186,6 @@ template <int D_, int KV_, class T_, int W_> struct DecodeTraits {
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a, const int split_begin) {
-    await_inputs(); // launched early: the query and the cache rows come from earlier kernels
-    allow_next_launch();
     using T = typename Tr::T;
     using Rows = typename Tr::Rows;
     constexpr int D = Tr::D, KC = Tr::KC, NW = Tr::NW, STAGES = Tr::STAGES, W = Tr::W;
@@ -204,24 +209,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
     const int my_chunks = n_chunks > warp ? (n_chunks - warp + NW - 1) / NW : 0;
     auto chunk_key0 = [&](int k) { return (chunk_first + warp + k * NW) * KC; };
 
-    // ---- start streaming: the first STAGES - 1 chunks of this warp ----
-    char* const ring = reinterpret_cast<char*>(smem) + warp * Tr::kWarpBytes;
-    const uint32_t ring_addr = smem_addr(ring);
-    const char* k_head = a.k.data + b * a.k.nb3 + hk * a.k.nb2;
-    const char* v_head = a.v.data + b * a.v.nb3 + hk * a.v.nb2;
-    auto load_chunk = [&](int k) {
-        const int n0 = chunk_key0(k), n_rows = min(KC, s.Skv - n0);
-        const uint32_t tile = ring_addr + uint32_t((k % STAGES) * Tr::kStageBytes);
-        copy_chunk_rows<Rows, true, KC, W>(tile, k_head + int64_t(n0) * a.k.nb1, a.k.nb1, n_rows, lane);
-        copy_chunk_rows<Rows, false, KC, W>(tile + KC * Rows::kPitch, v_head + int64_t(n0) * a.v.nb1, a.v.nb1,
-                                            n_rows, lane);
-    };
-#pragma unroll
-    for (int k = 0; k < STAGES - 1; ++k) {
-        if (k < my_chunks) load_chunk(k);
-        cp_async_commit(); // empty groups too: the wait below counts groups
-    }
-
     // ---- this lane's rows g and g + 8 (clamped to a real row: padded rows compute on a copy
     // of the last row's mask with zero Q, and are never written) ----
     int row_i[2];
@@ -242,29 +229,116 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
         slope_log2[r] = alibi_slope(s, h) * kLog2e;
     }
 
+    // Launched early: everything above reads only the arguments, and overlaps the kernel in
+    // front; the query, the mask and the cache rows below may come from it.
+    await_inputs();
+    allow_next_launch();
+
     // ---- Q as A fragments in the permuted head-dim order (see top), converted once ----
+    // Per k-step pair m a lane needs elements 32m + 8t .. 32m + 8t + 7 of rows g and g + 8.
+    // Q's loads go out before the chunk copies: issued after them, their replies would queue
+    // behind the SM's whole first K/V stream. Their storage type and alignment are decided
+    // once (not per element), so that they all go out before the first one is waited on.
     constexpr int QF_REGS = Tr::kQInSmem ? 1 : D / 16;
     uint32_t qf[QF_REGS][4];
     uint4* const q_smem = reinterpret_cast<uint4*>(reinterpret_cast<char*>(smem) + NW * Tr::kWarpBytes);
-    if (!Tr::kQInSmem || warp == 0) {
-        const int q_code = a.q.code & ~kUnaligned;
+    const bool loads_q = !Tr::kQInSmem || warp == 0;
+    const int q_code = a.q.code & ~kUnaligned;
+    // 16-byte loads where both of the lane's rows start 16-byte aligned (the usual case)
+    const bool q_aligned = __all_sync(
+        0xffffffffu,
+        ((reinterpret_cast<uintptr_t>(q_row[0]) | reinterpret_cast<uintptr_t>(q_row[1])) & 15) == 0);
+    auto with_q_type = [&](auto&& fn) {
+        using Vec = std::true_type;
+        using Scalar = std::false_type;
+        if (q_code == kF32)
+            q_aligned ? fn(float{}, Vec{}) : fn(float{}, Scalar{});
+        else if (q_code == kF16)
+            q_aligned ? fn(__half{}, Vec{}) : fn(__half{}, Scalar{});
+        else
+            q_aligned ? fn(__nv_bfloat16{}, Vec{}) : fn(__nv_bfloat16{}, Scalar{});
+    };
+    uint4 q_bits[2][D / 32][2]; // f32 rows fill both 16-byte halves, 16-bit rows the first
+    if (loads_q)
+        with_q_type([&](auto src_type, auto vector_loads) {
+            using S = decltype(src_type);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int d0 = 32 * (kk >> 1) + 8 * t4 + 4 * (kk & 1);
-            float x[2][4];
+            for (int m = 0; m < D / 32; ++m)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    load8_bits<S, decltype(vector_loads)::value>(q_row[r], 32 * m + 8 * t4, q_bits[r][m]);
+        });
+
+    // Mask values of this lane's scores in a chunk: rows g, g + 8, keys n0 + 8nt + 2t + c.
+    // They are fetched one chunk ahead (the first, like Q, before the copies start) so that
+    // their latency hides behind a chunk of work, and without a branch per value (keys past
+    // the end read the last key and are dropped), so that the loads go out together.
+    const bool has_mask = a.mask.data != nullptr;
+    auto load_mask = [&](int k, float(&mv)[2][NT_KEY][2]) {
+        const int n0 = chunk_key0(k);
+        auto fetch = [&](auto mask_type) {
+            using S = decltype(mask_type);
 #pragma unroll
             for (int r = 0; r < 2; ++r)
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    x[r][e] = row_real[r] ? load_elem(q_row[r], d0 + e, q_code) : 0.0f;
-            uint32_t(&f)[4] = qf[Tr::kQInSmem ? 0 : kk];
-            f[0] = Elem<T>::pack(x[0][0], x[0][1]);
-            f[1] = Elem<T>::pack(x[1][0], x[1][1]);
-            f[2] = Elem<T>::pack(x[0][2], x[0][3]);
-            f[3] = Elem<T>::pack(x[1][2], x[1][3]);
-            if constexpr (Tr::kQInSmem) q_smem[kk * 32 + lane] = make_uint4(f[0], f[1], f[2], f[3]);
-        }
+                for (int nt = 0; nt < NT_KEY; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int j = n0 + nt * 8 + 2 * t4 + c;
+                        const float x = to_f32(reinterpret_cast<const S*>(mask_row[r])[min(j, s.Skv - 1)]);
+                        mv[r][nt][c] = j < s.Skv ? x : 0.0f;
+                    }
+        };
+        if (a.mask.code == kF32)
+            fetch(float{});
+        else
+            fetch(__half{});
+    };
+    float mask_now[2][NT_KEY][2] = {};
+    if (has_mask && my_chunks > 0) load_mask(0, mask_now);
+
+    // ---- start streaming: the first STAGES - 1 chunks of this warp ----
+    char* const ring = reinterpret_cast<char*>(smem) + warp * Tr::kWarpBytes;
+    const uint32_t ring_addr = smem_addr(ring);
+    const char* k_head = a.k.data + b * a.k.nb3 + hk * a.k.nb2;
+    const char* v_head = a.v.data + b * a.v.nb3 + hk * a.v.nb2;
+    auto load_chunk = [&](int k) {
+        const int n0 = chunk_key0(k), n_rows = min(KC, s.Skv - n0);
+        const uint32_t tile = ring_addr + uint32_t((k % STAGES) * Tr::kStageBytes);
+        copy_chunk_rows<Rows, true, KC, W>(tile, k_head + int64_t(n0) * a.k.nb1, a.k.nb1, n_rows, lane);
+        copy_chunk_rows<Rows, false, KC, W>(tile + KC * Rows::kPitch, v_head + int64_t(n0) * a.v.nb1, a.v.nb1,
+                                            n_rows, lane);
+    };
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+        if (k < my_chunks) load_chunk(k);
+        cp_async_commit(); // empty groups too: the wait below counts groups
     }
+
+    if (loads_q)
+        with_q_type([&](auto src_type, auto) {
+            using S = decltype(src_type);
+#pragma unroll
+            for (int m = 0; m < D / 32; ++m) {
+                float x[2][8];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    bits8_to_float<S>(q_bits[r][m], x[r]);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) x[r][e] = row_real[r] ? x[r][e] : 0.0f; // padded rows: zero Q
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    uint32_t(&f)[4] = qf[Tr::kQInSmem ? 0 : 2 * m + h];
+                    f[0] = Elem<T>::pack(x[0][4 * h], x[0][4 * h + 1]);
+                    f[1] = Elem<T>::pack(x[1][4 * h], x[1][4 * h + 1]);
+                    f[2] = Elem<T>::pack(x[0][4 * h + 2], x[0][4 * h + 3]);
+                    f[3] = Elem<T>::pack(x[1][4 * h + 2], x[1][4 * h + 3]);
+                    if constexpr (Tr::kQInSmem)
+                        q_smem[(2 * m + h) * 32 + lane] = make_uint4(f[0], f[1], f[2], f[3]);
+                }
+            }
+        });
     if constexpr (Tr::kQInSmem) __syncthreads();
     auto q_frag = [&](int kk, uint32_t(&f)[4]) {
         if constexpr (Tr::kQInSmem) {
@@ -275,24 +349,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
             for (int e = 0; e < 4; ++e) f[e] = qf[kk][e];
         }
     };
-
-    // Mask values of this lane's scores in a chunk: rows g, g + 8, keys n0 + 8nt + 2t + c.
-    // They are fetched one chunk ahead so their latency hides behind a chunk of work.
-    const bool has_mask = a.mask.data != nullptr;
-    auto load_mask = [&](int k, float(&mv)[2][NT_KEY][2]) {
-        const int n0 = chunk_key0(k);
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int nt = 0; nt < NT_KEY; ++nt)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int j = n0 + nt * 8 + 2 * t4 + c;
-                    mv[r][nt][c] = j < s.Skv ? mask_value(mask_row[r], j, a.mask.code) : 0.0f;
-                }
-    };
-    float mask_now[2][NT_KEY][2] = {};
-    if (has_mask && my_chunks > 0) load_mask(0, mask_now);
 
     float o_acc[NT_OUT][4];
 #pragma unroll
@@ -439,46 +495,59 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
     }
 
     // ---- merge the warps: each writes O, m, l of its real rows into its own (now idle) ring ----
+    // O rows are stored 4 dims per 16-byte store (merge_index), conflict-free.
     cp_async_wait_pending<0>();
     __syncwarp();
-    float* const merge_o = reinterpret_cast<float*>(ring); // [16][D]
-    float* const merge_max = merge_o + 16 * D;             // [16]
-    float* const merge_sum = merge_max + 16;               // [16]
+    float* const merge_o = reinterpret_cast<float*>(ring);   // [16][kMergePitch]
+    float* const merge_max = merge_o + 16 * Tr::kMergePitch; // [16]
+    float* const merge_sum = merge_max + 16;                 // [16]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float l = quad_sum(row_sum[r]);
         const int p = g + 8 * r;
         if (!row_real[r]) continue;
+            // o_acc[dt][2r + c] is output dim 64 (dt / 8) + 8 (2 t + c) + dt % 8
 #pragma unroll
-        for (int dt = 0; dt < NT_OUT; ++dt)
+        for (int grp = 0; grp < D / 64; ++grp)
 #pragma unroll
             for (int c = 0; c < 2; ++c)
-                merge_o[p * D + (dt >> 3) * 64 + (2 * t4 + c) * 8 + (dt & 7)] = o_acc[dt][2 * r + c];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int dt = 8 * grp + 4 * half, d = 64 * grp + 8 * (2 * t4 + c) + 4 * half;
+                    *reinterpret_cast<float4*>(merge_o + Tr::merge_index(p, d)) =
+                        make_float4(o_acc[dt][2 * r + c], o_acc[dt + 1][2 * r + c], o_acc[dt + 2][2 * r + c],
+                                    o_acc[dt + 3][2 * r + c]);
+                }
         if (t4 == 0) merge_max[p] = row_max[r], merge_sum[p] = l;
     }
     __syncthreads();
 
+    // ---- combine the warps' rows: each thread 4 consecutive dims of one row ----
     auto warp_area = [&](int w) {
         return reinterpret_cast<const float*>(reinterpret_cast<const char*>(smem) + w * Tr::kWarpBytes);
     };
-    for (int idx = int(threadIdx.x); idx < rows * D; idx += Tr::kThreads) {
-        const int p = idx / D, d = idx % D;
+    for (int idx = int(threadIdx.x); idx < rows * (D / 4); idx += Tr::kThreads) {
+        const int p = idx / (D / 4), d = idx % (D / 4) * 4;
         float m = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) m = fmaxf(m, warp_area(w)[16 * D + p]);
+        for (int w = 0; w < NW; ++w) m = fmaxf(m, warp_area(w)[16 * Tr::kMergePitch + p]);
         const float m_use = m == -INFINITY ? 0.0f : m;
-        float l = 0.0f, o = 0.0f;
+        float l = 0.0f, o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int w = 0; w < NW; ++w) {
             const float* area = warp_area(w);
-            const float f = exp2f(area[16 * D + p] - m_use); // 0 for a warp that saw nothing
-            l += f * area[16 * D + 16 + p];
-            o += f * area[p * D + d];
+            const float f = exp2f(area[16 * Tr::kMergePitch + p] - m_use); // 0 for a warp that saw nothing
+            l += f * area[16 * Tr::kMergePitch + 16 + p];
+            const float4 v = *reinterpret_cast<const float4*>(area + Tr::merge_index(p, d));
+            o[0] += f * v.x, o[1] += f * v.y, o[2] += f * v.z, o[3] += f * v.w;
         }
         const int i = p / s.G, h = hk * s.G + p % s.G;
         if (a.n_split > 1) {
             const int64_t prow = (int64_t(split) * s.B + b) * s.Hkv * rows + int64_t(hk) * rows + p;
-            a.part_o[prow * s.Dv + d] = l > 0.0f ? o / l : 0.0f;
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            // the workspace is 256-byte aligned and rows are D floats: a 16-byte store
+            *reinterpret_cast<float4*>(a.part_o + prow * D + d) =
+                make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
             if (d == 0) a.part_lse[prow] = l > 0.0f ? m + log2f(l) : -INFINITY;
             continue;
         }
@@ -493,7 +562,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
         }
         const float inv = l > 0.0f ? o_scale / l : 0.0f;
         char* dst = a.o + b * a.o_nb3 + int64_t(i) * a.o_nb2 + int64_t(h) * a.o_nb1;
-        store_elem(dst, d, o * inv, a.o_code);
+        store_pair(dst, d, o[0] * inv, o[1] * inv, a.o_code);
+        store_pair(dst, d + 2, o[2] * inv, o[3] * inv, a.o_code);
         if (a.lse && d == 0)
             a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
     }

@@ -428,6 +428,7 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
 }
 
 // Stream-ordered scratch: the caller's buffer, or one allocated (and freed) on the stream.
+constexpr uintptr_t kWorkspaceAlignment = 256;
 class Scratch {
   public:
     Scratch(size_t need, void* given, size_t given_bytes, cudaStream_t st) : stream_(st) {
@@ -436,6 +437,10 @@ class Scratch {
             if (given_bytes < need)
                 unsupported("workspace of " + std::to_string(given_bytes) + " bytes, " +
                             std::to_string(need) + " needed");
+            // the kernels store 16-byte vectors at offsets of 256-byte multiples into it
+            if (reinterpret_cast<uintptr_t>(given) % kWorkspaceAlignment != 0)
+                unsupported("workspace not aligned to " + std::to_string(kWorkspaceAlignment) +
+                            " bytes (as cudaMalloc returns)");
             ptr_ = given;
             return;
         }
@@ -520,9 +525,14 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const fa::F
         const int64_t r = row0 + sp * split_stride;
         const float w = exp2f(a.part_lse[r] - m_use);
         const float* src = a.part_o + r * s.Dv;
+        // The loads do not wait on w (they go out together with the lse load); a split that
+        // saw nothing (w = 0) is dropped by the select, whatever its rows hold.
 #pragma unroll
         for (int k = 0; k < kMaxDimsPerLane; ++k)
-            if (lane + 32 * k < s.Dv && w > 0.0f) acc[k] += w * src[lane + 32 * k];
+            if (lane + 32 * k < s.Dv) {
+                const float x = src[lane + 32 * k];
+                acc[k] += w > 0.0f ? w * x : 0.0f;
+            }
     }
 #pragma unroll
     for (int k = 0; k < kMaxDimsPerLane; ++k)

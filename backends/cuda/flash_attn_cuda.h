@@ -21,10 +21,10 @@ namespace gfa::cuda {
 // split-KV (few query rows per KV head), where blocks write partial results.
 size_t flash_attn_forward_workspace_size(const attn::Problem& p);
 
-// Runs the forward on `stream`. workspace: a device pointer to at least
-// flash_attn_forward_workspace_size(p) bytes, or nullptr to let the call allocate it
-// stream-ordered (cudaMallocAsync / cudaFreeAsync). Asynchronous: returns before the
-// kernels finish.
+// Runs the forward on `stream`. workspace: a 256-byte aligned device pointer (as cudaMalloc
+// returns) to at least flash_attn_forward_workspace_size(p) bytes, or nullptr to let the call
+// allocate it stream-ordered (cudaMallocAsync / cudaFreeAsync). Asynchronous: returns before
+// the kernels finish.
 void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
                         size_t workspace_bytes = 0);
 

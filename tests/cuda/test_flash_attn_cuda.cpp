@@ -154,6 +154,7 @@ struct Config {
     bool sinks = false;
     bool deterministic = false;
     int64_t kv_row_pad = 0; // bytes after each K/V row: strided rows, as in a cache with heads interleaved
+    int64_t q_offset = 0;   // bytes before Q in its buffer: rows that do not start 16-byte aligned
 
     std::string describe() const {
         std::ostringstream s;
@@ -163,7 +164,7 @@ struct Config {
           << params.window_right << " mask " << mask << (mask_per_head ? " per-head" : "")
           << (fully_masked_rows ? " +masked rows" : "") << " alibi " << params.max_bias << " softcap "
           << params.logit_softcap << " sinks " << sinks << " deterministic " << deterministic
-          << " kv row pad " << kv_row_pad;
+          << " kv row pad " << kv_row_pad << " q offset " << q_offset;
         return s.str();
     }
 };
@@ -363,6 +364,13 @@ DeviceProblem device_problem(const Config& c, const Inputs& in) {
     p.params = c.params;
     d.q = upload(in.q), d.k = upload(in.k), d.v = upload(in.v);
     p.q = view_of(in.q, d.q->ptr), p.k = view_of(in.k, d.k->ptr), p.v = view_of(in.v, d.v->ptr);
+    if (c.q_offset) {
+        std::vector<uint8_t> bytes(size_t(c.q_offset), 0xff);
+        bytes.insert(bytes.end(), in.q.bytes.begin(), in.q.bytes.end());
+        d.q = std::make_unique<DeviceBuffer>(bytes.size());
+        d.q->upload(bytes);
+        p.q = view_of(in.q, static_cast<uint8_t*>(d.q->ptr) + c.q_offset);
+    }
     if (c.kv_row_pad) {
         p.k = upload_padded(in.k, c.kv_row_pad, d.k);
         p.v = upload_padded(in.v, c.kv_row_pad, d.v);
@@ -728,6 +736,15 @@ TEST_CASE("CUDA decode kernel with strided K/V rows, and what it leaves to the m
     check_forward(c, rng, seed, false, 0);
     c = decode_config(rng, Type::F16, 96, 1, 8, 300); // head dim 96
     check_forward(c, rng, seed, false, 0);
+    // Q rows that do not start 16-byte aligned are read element by element
+    for (Type q : {Type::F32, Type::F16, Type::BF16})
+        for (int64_t D : {64, 128, 256}) {
+            c = decode_config(rng, q == Type::BF16 ? Type::BF16 : Type::F16, D, 1, 4, 700);
+            c.q_type = q;
+            c.q_offset = q == Type::F32 ? 4 : 2;
+            c.mask = 1 + int(D == 128);
+            check_forward(c, rng, seed, false, 1);
+        }
 }
 
 TEST_CASE("CUDA backward matches the reference", "[cuda][fa][backward]") {
@@ -871,6 +888,18 @@ TEST_CASE("CUDA flash attention rejects what it does not support", "[cuda][fa]")
     d2.p.Dk = 64;
     d2.p.o.type = Type::Q8_0;
     CHECK_THROWS_AS(cuda::flash_attn_forward(d2.p, nullptr), gfa::Error);
+    // a workspace (split-KV decoding needs one) that is too small or not 256-byte aligned
+    Config dc = decode_config(rng, Type::F16, 128, 1, 4, 4000);
+    const Inputs din = make_inputs(dc, rng);
+    DeviceProblem dd = device_problem(dc, din);
+    const size_t need = cuda::flash_attn_forward_workspace_size(dd.p);
+    REQUIRE(need > 0);
+    DeviceBuffer ws(need + 256);
+    CHECK_THROWS_WITH(cuda::flash_attn_forward(dd.p, nullptr, ws.ptr, need - 4), Catch::Contains("needed"));
+    CHECK_THROWS_WITH(cuda::flash_attn_forward(dd.p, nullptr, static_cast<char*>(ws.ptr) + 16, need),
+                      Catch::Contains("aligned"));
+    cuda::flash_attn_forward(dd.p, nullptr, ws.ptr, need); // and an aligned one of the right size works
+    cuda_ok(cudaDeviceSynchronize(), "forward");
 }
 
 // Small cases for compute-sanitizer (memcheck, racecheck): hidden from the default run.
