@@ -6,6 +6,7 @@
 #include "fa_common.cuh"
 #include "fa_decode.h"
 #include "fa_launch.h"
+#include "split_plan.h"
 #include "early_launch.cuh"
 
 #include <ggml-fa/error.h>
@@ -285,23 +286,6 @@ struct FwdPlan {
     int split_begin = 0;
     std::optional<size_t> stage_k, stage_v; // workspace offsets of converted copies (staging)
 };
-
-// Split-KV when `blocks` cannot fill the `slots` of the device: the number of key units (tiles,
-// rounds of chunks) per split that keeps the wave efficiency (blocks x splits / (slots x
-// waves)) within `within` of the best, as large as possible (the fewest splits) and at least
-// min_units. All units in one split when the blocks fill the device anyway.
-int64_t units_per_split(int64_t blocks, int64_t slots, int64_t units, int64_t min_units, double within) {
-    if (blocks >= slots * 8 / 10 || units <= min_units) return std::max<int64_t>(units, 1);
-    auto efficiency = [&](int64_t per_split) {
-        const int64_t n = blocks * ((units + per_split - 1) / per_split);
-        return double(n) / double(slots * ((n + slots - 1) / slots));
-    };
-    double best = 0.0;
-    for (int64_t u = min_units; u <= units; ++u) best = std::max(best, efficiency(u));
-    for (int64_t u = units; u > min_units; --u)
-        if (efficiency(u) >= within * best) return u;
-    return min_units;
-}
 
 // Lowest set bit of the address and strides of a K/V view, at most 16: the widest aligned
 // piece its rows can be copied in.
