@@ -204,47 +204,47 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
         const bool boundary = n0 + BN > s.Skv || (s.has_hi && n0 + BN - 1 > s.diag(m0) + s.hi_off) ||
                               (s.has_lo && n0 < s.diag(m0 + BM - 1) + s.lo_off);
         const char* mask_base = a.mask.data ? a.mask.data + b * a.mask.nb3 + h * a.mask.nb2 : nullptr;
-        if (!boundary && !mask_base) {
-#pragma unroll
-            for (int nt = 0; nt < NQ; ++nt) {
-                const float2 lse2 = row_pair(sLse(buf), qs0 + nt * 8 + 2 * t4);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        pt[mt][nt][e] =
-                            fast_exp2(fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
-            }
-        } else {
-            const float slope_log2 = mask_base ? alibi_slope(s, h) * kLog2e : 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < NQ; ++nt) {
-                const int iq0 = qs0 + nt * 8 + 2 * t4; // this lane's two queries of the column tile
-                const float2 lse2 = row_pair(sLse(buf), iq0);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = m0 + iq0 + (e & 1), j = n0 + key0 + mt * 16 + (e >> 1) * 8 + g;
-                        // score * log2(e) - lse2 in one FFMA; lse2 = +inf (no gradient) gives P = 0
-                        float x = fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x));
-                        if (mask_base && i < s.Sq && j < s.Skv)
-                            x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
-                        if (j >= s.Skv || !s.visible(i, j)) x = -INFINITY;
-                        pt[mt][nt][e] = fast_exp2(x);
-                    }
-            }
-        }
-#pragma unroll
-        for (int nt = 0; nt < NQ; ++nt)
+        auto store_pt = [&](int nt) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
                     st_shared_b32(pt_pair_addr(nt) + (mt * 16 + r * 8) * kPtRowBytes,
                                   Elem<T>::pack(pt[mt][nt][2 * r], pt[mt][nt][2 * r + 1]));
+        };
+        auto plain_pt = [&](int nt) {
+            const float2 lse2 = row_pair(sLse(buf), qs0 + nt * 8 + 2 * t4);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    pt[mt][nt][e] = fast_exp2(fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
+            store_pt(nt);
+        };
+        const float slope_log2 = mask_base ? alibi_slope(s, h) * kLog2e : 0.0f;
+        auto masked_pt = [&](int nt) {
+            const int iq0 = qs0 + nt * 8 + 2 * t4; // this lane's two queries of the column tile
+            const float2 lse2 = row_pair(sLse(buf), iq0);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = m0 + iq0 + (e & 1), j = n0 + key0 + mt * 16 + (e >> 1) * 8 + g;
+                    // score * log2(e) - lse2 in one FFMA; lse2 = +inf (no gradient) gives P = 0
+                    float x = fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x));
+                    if (mask_base && i < s.Sq && j < s.Skv)
+                        x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
+                    if (j >= s.Skv || !s.visible(i, j)) x = -INFINITY;
+                    pt[mt][nt][e] = fast_exp2(x);
+                }
+            store_pt(nt);
+        };
 
-        // ---- dP^T = V dO^T ----
+        // ---- dP^T = V dO^T, P^T's column tiles between its k-steps ----
+        // The exponentials run on the special-function units and the products on the tensor
+        // cores. Every warp reaches this point at once (the barrier above), so one phase after
+        // the other would leave each unit idle while the other works; interleaved, a column
+        // tile's exponentials issue while the next k-step's products are in flight.
         float dpt[MT][NQ][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -252,21 +252,34 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
             for (int nt = 0; nt < NQ; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) dpt[mt][nt][e] = 0.0f;
+        auto dpt_with_pt = [&](auto&& pt_columns) {
+            constexpr int KS = D / 16;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t va[MT][4];
+            for (int kk = 0; kk < KS; ++kk) {
+                uint32_t va[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) load_a(va[mt], sV, key0 + mt * 16, kk * 16);
+                for (int mt = 0; mt < MT; ++mt) load_a(va[mt], sV, key0 + mt * 16, kk * 16);
 #pragma unroll
-            for (int np = 0; np < NQ / 2; ++np) {
-                uint32_t ob[4];
-                load_b_nk(ob, do_t, qs0 + np * 16, kk * 16);
+                for (int np = 0; np < NQ / 2; ++np) {
+                    uint32_t ob[4];
+                    load_b_nk(ob, do_t, qs0 + np * 16, kk * 16);
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816<T>(dpt[mt][2 * np], va[mt], ob[0], ob[1]);
-                    mma_16816<T>(dpt[mt][2 * np + 1], va[mt], ob[2], ob[3]);
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16816<T>(dpt[mt][2 * np], va[mt], ob[0], ob[1]);
+                        mma_16816<T>(dpt[mt][2 * np + 1], va[mt], ob[2], ob[3]);
+                    }
                 }
+                // column tiles [kk NQ / KS, (kk + 1) NQ / KS): every tile once over the k-steps
+#pragma unroll
+                for (int nt = kk * NQ / KS; nt < (kk + 1) * NQ / KS; ++nt) pt_columns(nt);
             }
+        };
+        if (!boundary && !mask_base) {
+            dpt_with_pt(plain_pt);
+        } else { // apart: interleaved, the masked path's extra registers made ptxas spill
+#pragma unroll
+            for (int nt = 0; nt < NQ; ++nt) masked_pt(nt);
+            dpt_with_pt([](int) {});
         }
 
         // ---- dS^T = P^T * (dP^T - delta); to shared memory ----

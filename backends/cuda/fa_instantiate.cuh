@@ -41,7 +41,7 @@ template <> struct TileConfig<128> {
     template <class T> using BwdWide = BwdWideTraits<128, T, 128, 64, 4>;
 };
 template <> struct TileConfig<256> {
-    template <class T> using Fwd = FwdTraits<256, T, 8, 1, 64>;
+    template <class T> using Fwd = FwdTraits<256, T, 8, 1, 64, false, true>;
     template <class T> using Decode = FwdTraits<256, T, 4, 1, 64>;
     template <class T> using Bwd = BwdTraits<256, 2, T, 4, 64, 1>;
     template <class T> using BwdWide = BwdWideTraits<256, T, 64, 64, 2, 1>;
