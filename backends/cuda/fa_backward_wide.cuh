@@ -6,9 +6,11 @@
 // and the Q/dO tiles of a step are loaded once (double-buffered cp.async) for 8 warps.
 //
 // Per query tile:
-//   load tile      Q, dO, lse2, delta of step it+1 start while step it computes
+//   load tile      Q, dO, lse2, delta of step it+1 start while step it computes (at the
+//                  step's start or after S^T: kNextTilesAfterScores)
 //   S^T = K Q^T    warp (wk, wn): keys [wk*KW, +KW) x queries [wn*QW, +QW), in registers
-//   P^T            exp2(score - lse2), masked; stored 16-bit to shared memory (keys x queries)
+//   P^T            exp2(score - lse2), masked; stored 16-bit to shared memory (keys x queries),
+//                  column tiles made between dP^T's k-steps
 //   dP^T = V dO^T  same warp tile as S^T
 //   dS^T           P^T * (dP^T - delta), stored 16-bit to shared memory
 //   dV += P^T dO   warp (wk, wn): keys [wk*KW, +KW) x head-dim columns [wn*DW, +DW), fp32
@@ -43,6 +45,12 @@ template <int D_, class T_, int BN_, int BM_, int WK_, int DQC_ = 0> struct BwdW
     static_assert(kRowBytes % 128 == 0, "tiles placed after row arrays stay 128-byte aligned (frag_addr)");
     static constexpr int kBufBytes = 2 * TileQ::kBytes + 2 * kRowBytes;
     static constexpr int kSmem = 2 * TileK::kBytes + 2 * kBufBytes + 2 * TileS::kBytes;
+    // Where a step issues the copies of the next step's Q and dO: after its S^T products when
+    // a tile is small (D = 64, 128: their copies, issued at the step's start, queued behind
+    // the last step's dQ atomics and held up the warp's first products; 0.2-1.8% faster,
+    // H200), at the start when it is large (D = 256: 32 KB each, whose latency then shows
+    // under causal masks, 5% slower at 2k keys).
+    static constexpr bool kNextTilesAfterScores = TileQ::kBytes <= 16384;
 };
 
 template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdArgs a) {
@@ -166,11 +174,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
         const int buf = it & 1;
         cp_async_wait<0>();
         __syncthreads(); // step it's tiles landed; every warp is done with step it-1
-        // (after the barrier: the last step's dQ atomics have drained from the memory queue)
         const bool last_of_head = m0 + BM > i_hi;
         const int h_next = last_of_head ? h + 1 : h, m0_next = last_of_head ? m_start : m0 + BM;
         const StepRows next = advance(cur, last_of_head);
-        if (it + 1 < n_iters) load_q_tile(next, m0_next, buf ^ 1);
+        if (!Tr::kNextTilesAfterScores && it + 1 < n_iters) load_q_tile(next, m0_next, buf ^ 1);
         const typename Tr::TileQ q_t = sQ(buf), do_t = sdO(buf);
 
         // ---- S^T = K Q^T ----
@@ -197,6 +204,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
                 }
             }
         }
+
+        if (Tr::kNextTilesAfterScores && it + 1 < n_iters) load_q_tile(next, m0_next, buf ^ 1);
 
         // ---- P^T = exp2(score - lse2), masked where invisible; to shared memory ----
         // Tiles with no mask, no ALiBi and every key visible (nearly all of them) take the
