@@ -31,6 +31,22 @@ struct Shape {
         const int d = j - diag(i);
         return (!has_hi || d <= hi_off) && (!has_lo || d >= lo_off);
     }
+    // The keys query i sees, as the closed range [lo, hi] within [0, Skv) (empty when
+    // lo > hi): the keys j < Skv with visible(i, j). Kernels find it once per row and then
+    // mask a score with two comparisons against its column, a constant of the unrolled tile
+    // loop; testing visible() and j < Skv per score took longer than a whole unmasked tile
+    // of the D = 64 forward (phase trace, H200).
+    struct KeyRange {
+        int lo, hi;
+    };
+    GFA_HD KeyRange visible_keys(int i) const {
+        // 64-bit: a window offset may be as large as an int holds
+        int64_t lo = 0, hi = int64_t(Skv) - 1;
+        const int64_t d = diag(i);
+        if (has_hi && d + hi_off < hi) hi = d + hi_off;
+        if (has_lo && d + lo_off > lo) lo = d + lo_off;
+        return {int(lo > Skv ? Skv : lo), int(hi < -1 ? -1 : hi)};
+    }
 };
 
 // The work of one block of a flat 1-d grid over (KV head, outer = batch or batch x split,

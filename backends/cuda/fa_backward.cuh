@@ -196,7 +196,16 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
         const float slope_log2 = alibi_slope(s, h) * kLog2e;
         const char* mask_base = a.mask.data ? a.mask.data + b * a.mask.nb3 + h * a.mask.nb2 : nullptr;
 #pragma unroll
-        for (int nt = 0; nt < NTQ; ++nt)
+        for (int nt = 0; nt < NTQ; ++nt) {
+            // each query's visible keys relative to this lane's first key (boundary tiles)
+            Shape::KeyRange keys[2] = {};
+            if (boundary)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    keys[q] = s.visible_keys(m0 + nt * 8 + 2 * t4 + q);
+                    keys[q].lo -= n0 + key0 + g;
+                    keys[q].hi -= n0 + key0 + g;
+                }
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int iq = nt * 8 + 2 * t4 + (e & 1); // query within the tile
@@ -207,9 +216,11 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
                     st_shared_b32(s_softcap + ((nt * 4 + e) * NT + threadIdx.x) * 4, __float_as_uint(dcap));
                 if (mask_base && i < s.Sq && j < s.Skv)
                     x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
-                if (boundary && (j >= s.Skv || !s.visible(i, j))) x = -INFINITY;
+                const int row = (e >> 1) * 8;
+                if (boundary && (row < keys[e & 1].lo || row > keys[e & 1].hi)) x = -INFINITY;
                 pt[nt][e] = fast_exp2(x - row_f32(sLse(buf), iq));
             }
+        }
 
         // ---- dP^T = V dO^T ----
         float dpt[NTQ][4];
@@ -442,6 +453,15 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
         }
         const bool boundary = n0 + BN > s.Skv || (s.has_hi && n0 + BN - 1 > s.diag(m0) + s.hi_off) ||
                               (s.has_lo && n0 < s.diag(i_max) + s.lo_off);
+        // each of the lane's two rows' visible keys relative to its first column (boundary tiles)
+        Shape::KeyRange keys[2] = {};
+        if (boundary)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                keys[r] = s.visible_keys(m0 + q0 + r * 8 + g);
+                keys[r].lo -= n0 + 2 * t4;
+                keys[r].hi -= n0 + 2 * t4;
+            }
 #pragma unroll
         for (int nt = 0; nt < NTK; ++nt)
 #pragma unroll
@@ -450,7 +470,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_q_kernel
                 float x = score_base2(sc[nt][e], sp, dcap[nt][e]);
                 if (mask_base && i < s.Sq && j < s.Skv)
                     x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
-                if (boundary && (j >= s.Skv || !s.visible(i, j))) x = -INFINITY;
+                const int col = nt * 8 + (e & 1);
+                if (boundary && (col < keys[e >> 1].lo || col > keys[e >> 1].hi)) x = -INFINITY;
                 sc[nt][e] = fast_exp2(x - lse2_r[e >> 1]);
             }
 

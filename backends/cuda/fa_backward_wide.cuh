@@ -234,6 +234,14 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
         auto masked_pt = [&](int nt) {
             const int iq0 = qs0 + nt * 8 + 2 * t4; // this lane's two queries of the column tile
             const float2 lse2 = row_pair(sLse(buf), iq0);
+            // each query's visible keys relative to this lane's first key of the warp's rows
+            Shape::KeyRange keys[2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                keys[q] = s.visible_keys(m0 + iq0 + q);
+                keys[q].lo -= n0 + key0 + g;
+                keys[q].hi -= n0 + key0 + g;
+            }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -243,7 +251,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wi
                     float x = fmaf(pt[mt][nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x));
                     if (mask_base && i < s.Sq && j < s.Skv)
                         x += slope_log2 * mask_value(mask_base + int64_t(i) * a.mask.nb1, j, a.mask.code);
-                    if (j >= s.Skv || !s.visible(i, j)) x = -INFINITY;
+                    const int row = mt * 16 + (e >> 1) * 8;
+                    x = row < keys[e & 1].lo || row > keys[e & 1].hi ? -INFINITY : x;
                     pt[mt][nt][e] = fast_exp2(x);
                 }
             store_pt(nt);

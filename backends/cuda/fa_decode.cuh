@@ -418,14 +418,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
         const bool boundary = n0 + KC > s.Skv || n0 + KC - 1 > all_see_below || n0 < all_see_from;
         if (boundary) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
+            for (int r = 0; r < 2; ++r) {
+                // the row's visible keys relative to this lane's first column of the chunk
+                const Shape::KeyRange keys = s.visible_keys(row_i[r]);
+                const int lo = keys.lo - (n0 + 2 * t4), hi = keys.hi - (n0 + 2 * t4);
 #pragma unroll
                 for (int nt = 0; nt < NT_KEY; ++nt)
 #pragma unroll
                     for (int c = 0; c < 2; ++c) {
-                        const int j = n0 + nt * 8 + 2 * t4 + c;
-                        if (j >= s.Skv || !s.visible(row_i[r], j)) sc[nt][2 * r + c] = -INFINITY;
+                        const int col = nt * 8 + c;
+                        float& x = sc[nt][2 * r + c];
+                        x = col < lo || col > hi ? -INFINITY : x;
                     }
+            }
         }
 
         // ---- online softmax (base 2): rescale O and l by exp2(m_old - m_new) ----

@@ -207,13 +207,16 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(c
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const int i = thread_row(mi, r) / s.G;
+                    // the row's visible keys relative to this lane's first column of the tile
+                    const Shape::KeyRange keys = s.visible_keys(thread_row(mi, r) / s.G);
+                    const int lo = keys.lo - (n0 + 2 * t4), hi = keys.hi - (n0 + 2 * t4);
 #pragma unroll
                     for (int nt = 0; nt < NTILE_N; ++nt)
 #pragma unroll
                         for (int c = 0; c < 2; ++c) {
-                            const int j = n0 + nt * 8 + 2 * t4 + c;
-                            if (j >= s.Skv || !s.visible(i, j)) sc[mi][nt][2 * r + c] = -INFINITY;
+                            const int col = nt * 8 + c;
+                            float& x = sc[mi][nt][2 * r + c];
+                            x = col < lo || col > hi ? -INFINITY : x;
                         }
                 }
         }
