@@ -3,12 +3,16 @@
 //
 //   bench_attn_cuda [--quick] [--no-decode] [--label NAME] [--csv FILE]
 //                   [--d D] [--s S] [--causal 0|1] [--reps N] [--no-fa] [--f32]
-//                   [--decode-detail]
+//                   [--decode-detail] [--mask]
 //
 // --d/--s/--causal keep only the matching cases of the grid (for profiling one kernel);
 // --reps sets the timed repetitions; --no-fa runs only the decoding table.
 // --f32 gives the grid f32 Q, K, V, dO and outputs, as a training graph in f32 does (the
 // kernels then compute in f16).
+// --mask gives the causal cases an explicit f16 mask of 0 and -inf, shared by heads and batch,
+// instead of the causal flag: the way ggml-style graphs ask for causal attention (and the
+// way ANCHORS.md's ggml figures were measured). The kernels then run every tile, reading the
+// mask, and the FLOPs are still counted halved.
 // --decode-detail also times each decoding case as 20 calls back to back (host launches
 // overlap the GPU's work) and as a CUDA graph of one call replayed (no host work at all),
 // to tell the kernels' time from the host's.
@@ -126,7 +130,7 @@ View make_view(Type type, void* data, int64_t n0, int64_t n1, int64_t n2, int64_
 } // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false, decode = true, fa = true, f32 = false, decode_detail = false;
+    bool quick = false, decode = true, fa = true, f32 = false, decode_detail = false, explicit_mask = false;
     int64_t only_d = 0, only_s = 0;
     int only_causal = -1, reps_arg = 0;
     const char* label = "ours";
@@ -154,6 +158,8 @@ int main(int argc, char** argv) {
             f32 = true;
         else if (std::strcmp(argv[i], "--decode-detail") == 0)
             decode_detail = true;
+        else if (std::strcmp(argv[i], "--mask") == 0)
+            explicit_mask = true;
         else {
             std::fprintf(stderr, "bench_attn_cuda: unknown argument '%s'\n", argv[i]);
             return 2;
@@ -199,7 +205,17 @@ int main(int argc, char** argv) {
                     attn::Problem& p = bp.fwd;
                     p.Dk = p.Dv = D, p.Sq = p.Skv = S, p.Hq = p.Hkv = H, p.B = B;
                     p.params.scale = 1.0f / std::sqrt(float(D));
-                    p.params.causal = causal;
+                    p.params.causal = causal && !explicit_mask;
+                    void* mask = nullptr;
+                    if (causal && explicit_mask) {
+                        // row i (query) sees keys 0..i: 0 there, -inf after
+                        std::vector<uint16_t> host(size_t(S * S), 0xFC00u);
+                        for (int64_t i = 0; i < S; ++i) std::fill_n(host.begin() + i * S, i + 1, uint16_t(0));
+                        check(cudaMalloc(&mask, host.size() * 2), "cudaMalloc");
+                        check(cudaMemcpy(mask, host.data(), host.size() * 2, cudaMemcpyHostToDevice),
+                              "mask copy");
+                        p.mask = make_view(Type::F16, mask, S, S, 1, 1);
+                    }
                     p.q = make_view(et, q, D, S, H, B);
                     p.k = make_view(et, k, D, S, H, B);
                     p.v = make_view(et, v, D, S, H, B);
@@ -224,6 +240,7 @@ int main(int argc, char** argv) {
                     const double bwd =
                         time_ms([&] { cuda::flash_attn_backward(bp, nullptr, ws, ws_bytes); }, reps, 2);
                     const double fwd_tf = flops / fwd / 1e9, bwd_tf = 2.5 * flops / bwd / 1e9;
+                    if (mask) cudaFree(mask);
                     std::printf("%-6s %4lld %6lld %3lld %3lld %6d %9.3f %7.0f %9.3f %7.0f\n", label,
                                 (long long)D, (long long)S, (long long)B, (long long)H, int(causal), fwd,
                                 fwd_tf, bwd, bwd_tf);
