@@ -27,7 +27,7 @@ int64_t scan_every_size(int64_t blocks, int64_t slots, int64_t units, int64_t mi
 
 TEST_CASE("split-KV planning picks what a scan over every split size picks", "[split_plan]") {
     std::mt19937 rng(std::random_device{}());
-    std::uniform_int_distribution<int64_t> blocks(1, 300), slots(1, 600), units(1, 3000), min_units(1, 3);
+    std::uniform_int_distribution<int64_t> blocks(1, 300), slots(1, 600), units(1, 3000), min_units(1, 5);
     for (int trial = 0; trial < 3000; ++trial) {
         const int64_t b = blocks(rng), sl = slots(rng), u = units(rng), mu = min_units(rng);
         const double within = trial % 2 ? 0.95 : 0.85;
@@ -37,9 +37,9 @@ TEST_CASE("split-KV planning picks what a scan over every split size picks", "[s
     // the benchmark's decoding shapes: 8 or 64 blocks on 264 slots (H200), 64 to 1024 rounds
     for (int64_t b : {8, 64})
         for (int64_t u : {64, 256, 1024}) {
-            const int64_t per_split = gfa::cuda::units_per_split(b, 264, u, 2, 0.95);
-            CHECK(per_split == scan_every_size(b, 264, u, 2, 0.95));
-            CHECK(per_split >= 2);
+            const int64_t per_split = gfa::cuda::units_per_split(b, 264, u, 4, 0.95);
+            CHECK(per_split == scan_every_size(b, 264, u, 4, 0.95));
+            CHECK(per_split >= 4);
         }
     // blocks that fill the device, or too few units to split: one split
     CHECK(gfa::cuda::units_per_split(264, 264, 500, 2, 0.95) == 500);
