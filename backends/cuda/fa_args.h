@@ -72,6 +72,35 @@ struct Operand {
     int code = 0; // ElemCode
 };
 
+// Classes of an explicit mask's tiles (fa_mask_tiles.cu), found by a pass over the mask
+// before the attention kernel, for masks shared by all heads. A graph that carries causal
+// attention, a window or padding as an additive mask (as ggml-style graphs do) then runs
+// like the causal flag: tiles the mask hides at either end of a block's range are not
+// visited, and tiles where every value is 0 read no mask values. Tiles are those of the
+// kernel that reads the classes: rows of `rows` packed query rows (query position p / G),
+// columns of `keys` keys.
+enum MaskTileClass : uint8_t {
+    kTileHidden = 0, // every value -inf: the tile adds nothing
+    kTileZero = 1,   // every value 0: scores as without a mask
+    kTileMixed = 2,  // anything else: read the values
+};
+struct MaskTiles {
+    const uint8_t* cls = nullptr; // [slice][row tile][key tile]; null: not classified
+    // [slice][outer tile] pairs {n_inner - 1 - first, last}: the first and last tiles that
+    // are not hidden along the kernel's loop (key tiles of a row tile for the forward, row
+    // tiles of a key tile for the backward), both -1 when every tile is hidden. Stored so
+    // that both are found with atomicMax from a memset of -1.
+    const int* span = nullptr;
+    int n_row_tiles = 0, n_key_tiles = 0;
+
+    // The slice of batch b: masks shared over the batch have one.
+    GFA_HD int64_t slice(const Operand& mask, int b) const { return mask.nb3 ? b : 0; }
+    // Index of the class of (row tile, key tile) for batch b.
+    GFA_HD int64_t at(const Operand& mask, int b, int row_tile, int key_tile) const {
+        return (slice(mask, b) * n_row_tiles + row_tile) * n_key_tiles + key_tile;
+    }
+};
+
 struct FwdArgs {
     Shape s;
     Operand q, k, v;    // q [Dk, Sq, Hq, B], k [Dk, Skv, Hkv, B], v [Dv, Skv, Hkv, B]
@@ -87,6 +116,7 @@ struct FwdArgs {
     bool tiles_last = false;   // grid order, see GridPos
     float* part_o = nullptr;   // [n_split][B][Hkv][Sq*G][Dv]
     float* part_lse = nullptr; // [n_split][B][Hkv][Sq*G], base 2
+    MaskTiles mask_tiles;      // rows of BM packed rows, spans over key tiles
 };
 
 struct BwdArgs {
@@ -116,6 +146,7 @@ struct BwdArgs {
     float* dsink_rows = nullptr; // [Hq][B*Sq]: per-row terms of dsinks
     bool accumulate_dq = true;   // false: the dK/dV kernel leaves dQ to the separate dQ kernel
     bool tiles_last = false;     // grid order of the 8-warp dK/dV kernel, see GridPos
+    MaskTiles mask_tiles;        // 8-warp dK/dV kernel: its BM x BN tiles, spans over row tiles
 };
 
 // The fp32 dQ accumulator keeps each group of 16 columns interleaved in pairs,

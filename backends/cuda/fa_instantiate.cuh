@@ -63,17 +63,22 @@ inline void set_smem(const void* kernel, int bytes, const char* what) {
 
 template <class Tr> KernelInfo fwd_info_of() {
     KernelInfo info{Tr::BM, Tr::BN, Tr::kThreads, Tr::kSmemBytes, 0};
-    set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr>), Tr::kSmemBytes, "the forward kernel");
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, fwd_kernel<Tr>, Tr::kThreads,
+    set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr, false>), Tr::kSmemBytes, "the forward kernel");
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, fwd_kernel<Tr, false>, Tr::kThreads,
                                                   Tr::kSmemBytes);
     return info;
 }
 
 template <class Tr> void fwd_launch_one(const FwdArgs& a, dim3 grid, cudaStream_t st) {
     static const bool ready =
-        (set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr>), Tr::kSmemBytes, "the forward kernel"), true);
+        (set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr, false>), Tr::kSmemBytes, "the forward kernel"),
+         set_smem(reinterpret_cast<const void*>(fwd_kernel<Tr, true>), Tr::kSmemBytes, "the forward kernel"),
+         true);
     (void)ready;
-    fwd_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemBytes, st>>>(a);
+    if (a.mask_tiles.cls)
+        fwd_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmemBytes, st>>>(a);
+    else
+        fwd_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmemBytes, st>>>(a);
     check_launch("the forward kernel");
 }
 
@@ -117,11 +122,16 @@ void bwd_launch_one(BwdKernel which, const BwdArgs& a, dim3 grid, cudaStream_t s
         bwd_q_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmemQ, st>>>(a);
         check_launch("the backward dQ kernel");
     } else if (which == BwdKernel::KeyTileWide) {
-        static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_wide_kernel<Wide>),
+        static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_wide_kernel<Wide, false>),
+                                            Wide::kSmem, "the 8-warp backward dK/dV kernel"),
+                                   set_smem(reinterpret_cast<const void*>(bwd_kv_wide_kernel<Wide, true>),
                                             Wide::kSmem, "the 8-warp backward dK/dV kernel"),
                                    true);
         (void)ready;
-        bwd_kv_wide_kernel<Wide><<<grid, Wide::kThreads, Wide::kSmem, st>>>(a);
+        if (a.mask_tiles.cls)
+            bwd_kv_wide_kernel<Wide, true><<<grid, Wide::kThreads, Wide::kSmem, st>>>(a);
+        else
+            bwd_kv_wide_kernel<Wide, false><<<grid, Wide::kThreads, Wide::kSmem, st>>>(a);
         check_launch("the 8-warp backward dK/dV kernel");
     } else {
         static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_kv_kernel<Tr>),

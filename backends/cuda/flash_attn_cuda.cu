@@ -6,6 +6,7 @@
 #include "fa_common.cuh"
 #include "fa_decode.h"
 #include "fa_launch.h"
+#include "fa_mask_tiles.h"
 #include "split_plan.h"
 #include "early_launch.cuh"
 
@@ -285,6 +286,8 @@ struct FwdPlan {
     std::optional<fa::DecodeSel> decode_kernel;
     int split_begin = 0;
     std::optional<size_t> stage_k, stage_v; // workspace offsets of converted copies (staging)
+    std::optional<size_t> mask_tiles_at;    // workspace offset of the mask's tile classes
+    fa::MaskTileGrid mask_grid;
 };
 
 // Lowest set bit of the address and strides of a K/V view, at most 16: the widest aligned
@@ -381,6 +384,18 @@ void plan_decode(FwdPlan& plan, const Problem& p, const fa::Shape& s, const fa::
     }
 }
 
+// The tiles in which a kernel gets an explicit mask's classes (MaskTiles), if it gets them:
+// for masks shared by all heads (a block's rows span several heads, and a causal, window or
+// padding mask is the same for each), where there is more than one key tile to leave out or
+// read without values, and the classifying pass's grid fits the launch limits.
+std::optional<fa::MaskTileGrid> mask_tiles_for(const Problem& p, const fa::Shape& s, int rows, int keys,
+                                               int G, bool spans_over_keys) {
+    if (!p.mask.present() || p.mask.ne[2] != 1 || !fa::mask_tiles_enabled()) return std::nullopt;
+    const fa::MaskTileGrid grid = fa::mask_tile_grid(s, p.mask.ne[3] > 1, rows, keys, G, spans_over_keys);
+    if (grid.n_key_tiles < 2 || !grid.fits()) return std::nullopt;
+    return grid;
+}
+
 // The main kernel: split-KV (units_per_split) when the blocks cannot fill the device, the
 // fewest splits within 85% of the best wave efficiency.
 FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
@@ -412,6 +427,12 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     const bool reread = plan.row_tiles > 1;
     plan.stage_k = reserve_stage(plan.workspace, p.k, plan.bf16, reread);
     plan.stage_v = reserve_stage(plan.workspace, p.v, plan.bf16, reread);
+    if (const auto grid = mask_tiles_for(p, s, plan.info.bm, plan.info.bn, s.G, true)) {
+        plan.mask_grid = *grid;
+        plan.workspace = (plan.workspace + 255) / 256 * 256;
+        plan.mask_tiles_at = plan.workspace;
+        plan.workspace += plan.mask_grid.bytes();
+    }
     return plan;
 }
 
@@ -650,6 +671,9 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
     }
     a.k = staged_or_direct(plan.stage_k, p.k, a.k, plan.bf16, scratch.get(), st);
     a.v = staged_or_direct(plan.stage_v, p.v, a.v, plan.bf16, scratch.get(), st);
+    if (plan.mask_tiles_at)
+        a.mask_tiles =
+            fa::classify_mask_tiles(a.mask, s, plan.mask_grid, scratch.get() + *plan.mask_tiles_at, st);
     if (plan.decode_kernel) {
         const dim3 grid(unsigned(plan.n_split), unsigned(s.Hkv), unsigned(s.B));
         const fa::DecodeSel& sel = *plan.decode_kernel;
@@ -661,7 +685,8 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
             fa::decode_launch_d256(sel, a, plan.split_begin, grid, st);
     } else {
         // One flat grid dimension (the kernel unpacks head, batch x split and row tile).
-        a.tiles_last = s.has_hi || s.has_lo;
+        // (a classified mask: as a causal mask, the last rows probably see the most keys)
+        a.tiles_last = s.has_hi || s.has_lo || a.mask_tiles.cls;
         const dim3 grid(unsigned(int64_t(s.Hkv) * s.B * plan.n_split * plan.row_tiles));
         if (plan.tile == 64)
             fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
@@ -694,6 +719,8 @@ struct BwdPlan {
     int Sq_pad = 0;
     size_t off_delta = 0, off_dq = 0, off_dsink = 0, total = 0;
     std::optional<size_t> stage_q, stage_dO, stage_k, stage_v; // converted copies (staging)
+    std::optional<size_t> mask_tiles_at; // the mask's tile classes for the 8-warp dK/dV kernel
+    fa::MaskTileGrid mask_grid;
 };
 
 fa::BwdInfo bwd_info(int tile) {
@@ -727,6 +754,14 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
     plan.stage_dO = reserve_stage(plan.total, bp.dO, plan.bf16, true);
     plan.stage_k = reserve_stage(plan.total, p.k, plan.bf16, bp.deterministic);
     plan.stage_v = reserve_stage(plan.total, p.v, plan.bf16, bp.deterministic);
+    const auto grid =
+        plan.wide ? mask_tiles_for(p, s, plan.info.wide_bm, plan.info.wide_bn, 1, false) : std::nullopt;
+    if (grid) {
+        plan.mask_grid = *grid;
+        plan.total = align(plan.total);
+        plan.mask_tiles_at = plan.total;
+        plan.total += plan.mask_grid.bytes();
+    }
     return plan;
 }
 
@@ -823,7 +858,11 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
             fa::bwd_launch_d256(plan.bf16, which, a, grid, st);
     };
     const fa::BwdInfo& info = plan.info;
-    a.tiles_last = s.has_hi || s.has_lo;
+    if (plan.mask_tiles_at)
+        a.mask_tiles =
+            fa::classify_mask_tiles(a.mask, s, plan.mask_grid, scratch.get() + *plan.mask_tiles_at, st);
+    // (a classified mask: as a causal mask, the first keys probably are seen the most)
+    a.tiles_last = s.has_hi || s.has_lo || a.mask_tiles.cls;
     if (plan.wide)
         launch(fa::BwdKernel::KeyTileWide,
                dim3(unsigned(int64_t(s.Hkv) * s.B * ((s.Skv + info.wide_bn - 1) / info.wide_bn))));

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -150,6 +151,8 @@ struct Config {
     Type q_type = Type::F16, kv_type = Type::F16, o_type = Type::F32;
     int mask = 0; // 0 none, 1 f32, 2 f16
     bool mask_per_head = false;
+    bool mask_per_batch = false;
+    bool mask_structured = false; // hidden ends, zero middle, values near the diagonal (structured_mask)
     bool fully_masked_rows = false;
     bool sinks = false;
     bool deterministic = false;
@@ -162,6 +165,7 @@ struct Config {
           << " B " << B << " q " << type_name(q_type) << " kv " << type_name(kv_type) << " o "
           << type_name(o_type) << " causal " << params.causal << " window " << params.window_left << "/"
           << params.window_right << " mask " << mask << (mask_per_head ? " per-head" : "")
+          << (mask_per_batch ? " per-batch" : "") << (mask_structured ? " structured" : "")
           << (fully_masked_rows ? " +masked rows" : "") << " alibi " << params.max_bias << " softcap "
           << params.logit_softcap << " sinks " << sinks << " deterministic " << deterministic
           << " kv row pad " << kv_row_pad << " q offset " << q_offset;
@@ -173,17 +177,50 @@ struct Inputs {
     HostTensor q, k, v, mask, sinks, dO;
 };
 
+// A mask as graphs build them for causal attention, windows, padding and packed documents,
+// with its own random shape in every slice (head, batch entry): key j is hidden from query i
+// beyond an offset from the diagonal d = j - (i + Skv - Sq), outside a window, in the padded
+// last keys, or in another document; visible scores get 0, except a band of random values
+// near the diagonal. Its tiles are then hidden at the ends of rows and columns, hidden
+// between documents, zero in the middle and mixed along the diagonal, at sizes that are no
+// multiple of any tile.
+void structure_mask(HostTensor& m, const Config& c, std::mt19937& rng) {
+    std::uniform_int_distribution<int64_t> offset(-40, 40), band(0, 24), coin(0, 1);
+    std::uniform_real_distribution<float> value(-2.0f, 2.0f);
+    const int64_t slices = m.ne[2] * m.ne[3];
+    for (int64_t z = 0; z < slices; ++z) {
+        const int64_t hi = offset(rng);
+        const int64_t lo = coin(rng) ? -(c.Skv / 3 + offset(rng)) : std::numeric_limits<int64_t>::min();
+        const int64_t width = band(rng);
+        const int64_t pad = std::uniform_int_distribution<int64_t>(0, c.Skv / 5)(rng);
+        const int64_t doc = coin(rng) ? std::uniform_int_distribution<int64_t>(40, 300)(rng) : 0;
+        for (int64_t i = 0; i < c.Sq; ++i) {
+            const int64_t qpos = i + c.Skv - c.Sq;
+            for (int64_t j = 0; j < c.Skv; ++j) {
+                const int64_t d = j - qpos;
+                const bool other_doc = doc > 0 && (qpos < 0 || qpos / doc != j / doc);
+                const bool hidden = d > hi || d < lo || j >= c.Skv - pad || other_doc;
+                m.values[size_t((z * c.Sq + i) * c.Skv + j)] =
+                    hidden ? -INFINITY : (hi - d < width ? value(rng) : 0.0f);
+            }
+        }
+    }
+}
+
 Inputs make_inputs(const Config& c, std::mt19937& rng) {
     Inputs in;
     in.q = random_tensor(c.q_type, c.Dk, c.Sq, c.Hq, c.B, rng);
     in.k = random_tensor(c.kv_type, c.Dk, c.Skv, c.Hkv, c.B, rng);
     in.v = random_tensor(c.kv_type, c.Dv, c.Skv, c.Hkv, c.B, rng);
     if (c.mask) {
-        const int64_t hm = c.mask_per_head ? c.Hq : 1;
-        in.mask = random_tensor(c.mask == 1 ? Type::F32 : Type::F16, c.Skv, c.Sq, hm, 1, rng, -2.0f, 2.0f);
+        const int64_t hm = c.mask_per_head ? c.Hq : 1, bm = c.mask_per_batch ? c.B : 1;
+        in.mask = random_tensor(c.mask == 1 ? Type::F32 : Type::F16, c.Skv, c.Sq, hm, bm, rng, -2.0f, 2.0f);
         std::bernoulli_distribution hole(0.1);
-        for (size_t idx = 0; idx < in.mask.values.size(); ++idx)
-            if (hole(rng)) in.mask.values[idx] = -INFINITY;
+        if (c.mask_structured)
+            structure_mask(in.mask, c, rng);
+        else
+            for (size_t idx = 0; idx < in.mask.values.size(); ++idx)
+                if (hole(rng)) in.mask.values[idx] = -INFINITY;
         if (c.fully_masked_rows)
             for (int64_t h = 0; h < hm; ++h)
                 for (int64_t i = 0; i < c.Sq; i += 3)
@@ -242,8 +279,9 @@ Reference reference(const Config& c, const Inputs& in, bool backward,
                     }
                     bool visible = attn::visible(c.params, i, j, c.Sq, c.Skv);
                     if (c.mask) {
-                        const int64_t hm = c.mask_per_head ? h : 0;
-                        const double mv = in.mask.values[size_t((hm * c.Sq + i) * c.Skv + j)];
+                        const int64_t hm = c.mask_per_head ? h : 0, bm = c.mask_per_batch ? b : 0;
+                        const int64_t slice = bm * (c.mask_per_head ? c.Hq : 1) + hm;
+                        const double mv = in.mask.values[size_t((slice * c.Sq + i) * c.Skv + j)];
                         if (std::isinf(mv) && mv < 0)
                             visible = false;
                         else
@@ -592,6 +630,34 @@ TEST_CASE("CUDA forward features one at a time", "[cuda][fa]") {
         }
 }
 
+// Masks with hidden, zero and mixed tiles (structure_mask): the kernels leave out the hidden
+// tiles at the ends and read no values in zero tiles (MaskTiles); a tile classified wrongly,
+// or a span one tile short or long, changes O or the gradients. Key counts that are multiples
+// of 8 give f16 masks whole 16-byte rows, whose mixed tiles the forward copies to shared
+// memory; 333 keys take the direct reads.
+TEST_CASE("CUDA forward and backward with structured explicit masks", "[cuda][fa][backward]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> coin(0, 1);
+    const std::pair<int64_t, int64_t> sizes[] = {{250, 704}, {700, 248}, {333, 333}};
+    for (int64_t D : {64, 128, 256})
+        for (Type t : {Type::F16, Type::BF16})
+            for (auto [Sq, Skv] : sizes) {
+                Config c;
+                c.Dk = c.Dv = D, c.compute = c.q_type = c.kv_type = c.o_type = t;
+                c.Sq = Sq, c.Skv = Skv;
+                c.Hkv = 1 + coin(rng), c.Hq = c.Hkv * (1 + 3 * coin(rng));
+                c.B = 1 + coin(rng);
+                c.params.scale = 1.0f / std::sqrt(float(D));
+                c.mask = 1 + coin(rng), c.mask_structured = true, c.mask_per_batch = c.B > 1 && coin(rng);
+                if (coin(rng)) c.params.max_bias = 8.0f;
+                c.sinks = coin(rng) && coin(rng);
+                check_forward(c, rng, seed);
+                c.deterministic = coin(rng) && coin(rng);
+                check_backward(c, rng, seed);
+            }
+}
+
 TEST_CASE("CUDA decode path (split-KV, GQA packing) matches the reference", "[cuda][fa][decode]") {
     const uint32_t seed = fresh_seed();
     std::mt19937 rng(seed);
@@ -914,6 +980,11 @@ TEST_CASE("CUDA flash attention small cases for the sanitizers", "[.sanitize]") 
         c.mask = 1, c.sinks = true;
         check_forward(c, rng, seed);
         check_backward(c, rng, seed);
+        Config m = c; // a structured mask per batch entry: classified tiles (MaskTiles)
+        m.Sq = 150, m.Skv = 296, m.B = 2, m.mask = 2, m.params.causal = false, m.mask_structured = true,
+        m.mask_per_batch = true;
+        check_forward(m, rng, seed);
+        check_backward(m, rng, seed);
         c.deterministic = true, c.params.logit_softcap = 3.0f;
         check_backward(c, rng, seed);
         Config d = c; // split-KV decode
