@@ -305,7 +305,12 @@ TEST_CASE("norm and rms_norm gradients", "[nn][grad]") {
             // finite differences: RMS norm of a 1-element row is x / sqrt(x^2 + eps).
             fill_away_from_zero(a, 0.3f, 2.0f);
             INFO("row length " << n << (rms ? " rms_norm" : " norm"));
-            Tensor* y = rms ? rms_norm(ctx, a, 1e-3f) : norm(ctx, a, 1e-3f);
+            // A 1-element row's gradient, eps / (x^2 + eps)^1.5, is the difference of two
+            // terms (x^2 + eps) / eps times larger than itself; in f32 with eps = 1e-3 that
+            // lost the 1e-4 tolerance about once in a thousand draws. eps = 1e-2 keeps the
+            // ratio under 400.
+            const float eps = n == 1 ? 1e-2f : 1e-3f;
+            Tensor* y = rms ? rms_norm(ctx, a, eps) : norm(ctx, a, eps);
             check_gradients(ctx, weighted_sum(ctx, y), {a}, 1e-4, 1e-4);
         }
     }
