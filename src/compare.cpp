@@ -168,6 +168,24 @@ Tensor* CaseBuilder::input(std::initializer_list<int64_t> ne, float lo, float hi
     return t;
 }
 
+Tensor* CaseBuilder::causal_mask(int64_t Skv, int64_t Sq, int64_t band, Type type) {
+    Tensor* t = ctx.new_tensor(type, {Skv, Sq});
+    set_input(t);
+    inits_[t] = [Skv, Sq, band](Tensor* leaf, std::mt19937& rng) {
+        std::uniform_real_distribution<float> d(-2.0f, 0.0f);
+        std::vector<float> v(size_t(Skv * Sq));
+        for (int64_t i = 0; i < Sq; ++i)
+            for (int64_t j = 0; j < Skv; ++j) {
+                const int64_t ahead = j - (i + Skv - Sq); // > 0: after the diagonal
+                v[size_t(i * Skv + j)] = ahead > 0       ? -std::numeric_limits<float>::infinity()
+                                         : ahead > -band ? d(rng)
+                                                         : 0.0f;
+            }
+        tensor_set_f32(leaf, v);
+    };
+    return t;
+}
+
 Tensor* CaseBuilder::param(std::initializer_list<int64_t> ne, float lo, float hi) {
     Tensor* t = input(ne, lo, hi);
     set_param(t);
@@ -348,6 +366,16 @@ const std::vector<Case>& builtin_suite() {
                                    {.scale = 0.125f, .logit_softcap = 2.0f});
          },
          1e-2},
+        // causal attention given as a mask, over several tiles of the GPU kernels (which then
+        // skip the hidden tiles and read no values in the zero ones)
+        {"flash_attn.mask.causal", 1e-3,
+         [](B& b) {
+             Tensor* k = cast(b.ctx, b.input({64, 300, 2}), Type::F16);
+             Tensor* v = cast(b.ctx, b.input({64, 300, 2}), Type::F16);
+             return flash_attn_ext(b.ctx, b.input({64, 200, 4}), k, v, b.causal_mask(300, 200, 24, Type::F16),
+                                   {.scale = 0.125f});
+         },
+         1e-2},
         {"flash_attn.lse", 1e-5,
          [](B& b) {
              Tensor* o = flash_attn_ext(b.ctx, b.input({32, 5, 2}), b.input({32, 7, 1}), b.input({32, 7, 1}),
@@ -362,6 +390,14 @@ const std::vector<Case>& builtin_suite() {
              Tensor* o =
                  flash_attn_ext(b.ctx, q, k, v, nullptr, {.scale = 0.4f, .causal = true}, b.input({4}));
              return loss_of(b.ctx, o); // a sum of squares: no cancellation to amplify rounding
+         },
+         1e-2},
+        {"grad.flash_attn.mask.causal", 1e-5,
+         [](B& b) {
+             Tensor *q = b.param({32, 150, 2}), *k = b.param({32, 230, 1}), *v = b.param({32, 230, 1});
+             Tensor* o =
+                 flash_attn_ext(b.ctx, q, k, v, b.causal_mask(230, 150, 16, Type::F16), {.scale = 0.3f});
+             return loss_of(b.ctx, o);
          },
          1e-2},
         {"grad.elementwise", 1e-5,

@@ -60,6 +60,10 @@ class CaseBuilder {
                   Type type = Type::F32);
     // A trainable leaf (the case's output is then a loss and its backward pass is run).
     Tensor* param(std::initializer_list<int64_t> ne, float lo = -1.0f, float hi = 1.0f);
+    // A mask [Skv, Sq] as graphs give causal attention: 0 where query i sees key j
+    // (j <= i + Skv - Sq), -inf after, and random values in [-2, 0) on the `band` keys up to
+    // the diagonal. Its tiles are hidden, zero and mixed at once.
+    Tensor* causal_mask(int64_t Skv, int64_t Sq, int64_t band, Type type);
     // i32 row indices in [0, limit).
     Tensor* indices(std::initializer_list<int64_t> ne, int32_t limit);
     // A shape only (the target of repeat), never read.
