@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the PyTorch peer and bench_attn_cuda on this GPU machine and prints our speed as a
 # ratio of PyTorch flash (FlashAttention-2) and cuDNN, and of SDPA for decoding.
-#   tools/bench_cuda.sh BUILD_DIR [OUT_DIR] [--quick | --decode-only]
+#   tools/bench_cuda.sh BUILD_DIR [OUT_DIR] [--quick | --decode-only | --mask]
+# --mask: causal attention through an explicit mask, ours against PyTorch's kernels that take
+# a mask (memory-efficient attention, cuDNN) and against FlashAttention-2 with the causal flag.
 set -euo pipefail
 build=${1:?build directory}
 out=${2:-.}
@@ -11,6 +13,29 @@ here=$(cd "$(dirname "$0")" && pwd)
 if [ "$quick" = "--decode-only" ]; then
     python3 "$here/bench_torch_peer.py" --decode-only --csv "$out/peer.csv"
     "$build/bench_attn_cuda" --no-fa --csv "$out/ours.csv"
+elif [ "$quick" = "--mask" ]; then
+    python3 "$here/bench_torch_peer.py" --mask --csv "$out/peer.csv"
+    python3 "$here/bench_torch_peer.py" --csv "$out/peer_flag.csv"
+    "$build/bench_attn_cuda" --mask --no-decode --causal 1 --csv "$out/ours.csv"
+    python3 - "$out/peer.csv" "$out/peer_flag.csv" "$out/ours.csv" <<'PY'
+import csv, sys
+rows = [r for f in sys.argv[1:] for r in csv.DictReader(open(f))]
+def find(impl, r):
+    for p in rows:
+        if p["kind"] == "fa" and p["impl"] == impl and (p["d"], p["s"], p["b"], p["causal"]) == (r["d"], r["s"], r["b"], "1"):
+            return p
+print("\ncausal attention through an explicit mask: ours / peer, TFLOP/s (FLOPs halved)")
+print(f"{'d':>4} {'s':>6} | {'ours fwd':>8} {'xeff':>5} {'xcuDNN':>6} {'xFA2flag':>8} | {'ours bwd':>8} {'xeff':>5} {'xcuDNN':>6} {'xFA2flag':>8}")
+for r in rows:
+    if r["kind"] != "fa" or r["impl"] != "ours" or r["causal"] != "1":
+        continue
+    eff, cud, fa2 = find("efficient-mask", r), find("cudnn-mask", r), find("flash", r)
+    ratio = lambda peer, col: f"{float(r[col]) / float(peer[col]):.2f}" if peer else "  -"
+    print(f"{r['d']:>4} {r['s']:>6} | {float(r['fwd_tflops']):8.0f} {ratio(eff, 'fwd_tflops'):>5} {ratio(cud, 'fwd_tflops'):>6} "
+          f"{ratio(fa2, 'fwd_tflops'):>8} | {float(r['bwd_tflops']):8.0f} {ratio(eff, 'bwd_tflops'):>5} "
+          f"{ratio(cud, 'bwd_tflops'):>6} {ratio(fa2, 'bwd_tflops'):>8}")
+PY
+    exit 0
 else
     python3 "$here/bench_torch_peer.py" $quick --csv "$out/peer.csv"
     "$build/bench_attn_cuda" $quick --csv "$out/ours.csv"

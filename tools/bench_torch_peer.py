@@ -1,7 +1,10 @@
 """PyTorch peer for bench_attn_cuda: the same shapes through torch SDPA (flash = FlashAttention-2,
 and cuDNN), timed with CUDA events (median), written as CSV in bench_attn_cuda's columns.
+With --mask, the causal cases instead take an explicit additive mask (0 / -inf, bf16, shared
+by every head and batch entry), as bench_attn_cuda --mask does, through the SDPA kernels that
+accept one (memory-efficient attention, cuDNN); rows are named "<backend>-mask".
 
-    python3 tools/bench_torch_peer.py [--quick] [--decode-only] --csv FILE
+    python3 tools/bench_torch_peer.py [--quick] [--decode-only | --mask] --csv FILE
 """
 import argparse
 import torch
@@ -29,6 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="only the decoding table")
+    ap.add_argument("--mask", action="store_true", help="causal attention through an explicit mask, no decoding")
     ap.add_argument("--csv", required=True)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -38,17 +42,25 @@ def main():
     seqs = [2048] if args.quick else [512, 2048, 8192, 16384]
     reps = 5 if args.quick else 15
     peers = () if args.decode_only else (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION))
+    if args.mask:
+        peers = (("efficient-mask", SDPBackend.EFFICIENT_ATTENTION), ("cudnn-mask", SDPBackend.CUDNN_ATTENTION))
     for name, backend in peers:
         for d in (64, 128, 256):
-            for causal in (False, True):
+            for causal in (True,) if args.mask else (False, True):
                 for s in seqs:
                     b, h = 16384 // s, 2048 // d
                     q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                                for _ in range(3))
                     flops = 4 * b * h * s * s * d / (2 if causal else 1)
+                    mask = None
+                    if args.mask:  # row i sees keys 0..i: 0 there, -inf after
+                        mask = torch.full((s, s), float("-inf"), device=dev, dtype=torch.bfloat16).triu(1)
                     try:
                         with sdpa_kernel([backend]):
-                            fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                            if mask is None:
+                                fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                            else:
+                                fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                             fms = median_ms(fwd, reps, 3)
                             o = fwd()
                             g = torch.randn_like(o)
@@ -60,7 +72,10 @@ def main():
                     print(f"{name:6s} {d:4d} {s:6d} {b:3d} {h:3d} {int(causal):6d} {fms:9.3f} {ftf:7.0f} {bms:9.3f} {btf:7.0f}",
                           flush=True)
                     out.write(f"fa,{name},bf16,{d},{s},{b},{h},{int(causal)},{fms:.4f},{ftf:.1f},{bms:.4f},{btf:.1f}\n")
-                    del q, k, v
+                    del q, k, v, mask
+    if args.mask:
+        out.close()
+        return
     for batch, kv in ((1, 4096), (1, 65536), (8, 16384), (8, 65536)):
         hq, hkv, d = 32, 8, 128
         q = torch.randn(batch, hq, 1, d, device=dev, dtype=torch.float16)
