@@ -396,6 +396,15 @@ std::optional<fa::MaskTileGrid> mask_tiles_for(const Problem& p, const fa::Shape
     return grid;
 }
 
+// Reserves room for the classes of `grid` at the end of a workspace of `end` bytes; returns
+// their offset.
+size_t reserve_mask_tiles(size_t& end, const fa::MaskTileGrid& grid) {
+    end = (end + 255) / 256 * 256;
+    const size_t offset = end;
+    end += grid.bytes();
+    return offset;
+}
+
 // The main kernel: split-KV (units_per_split) when the blocks cannot fill the device, the
 // fewest splits within 85% of the best wave efficiency.
 FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
@@ -429,9 +438,7 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     plan.stage_v = reserve_stage(plan.workspace, p.v, plan.bf16, reread);
     if (const auto grid = mask_tiles_for(p, s, plan.info.bm, plan.info.bn, s.G, true)) {
         plan.mask_grid = *grid;
-        plan.workspace = (plan.workspace + 255) / 256 * 256;
-        plan.mask_tiles_at = plan.workspace;
-        plan.workspace += plan.mask_grid.bytes();
+        plan.mask_tiles_at = reserve_mask_tiles(plan.workspace, *grid);
     }
     return plan;
 }
@@ -758,9 +765,7 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
         plan.wide ? mask_tiles_for(p, s, plan.info.wide_bm, plan.info.wide_bn, 1, false) : std::nullopt;
     if (grid) {
         plan.mask_grid = *grid;
-        plan.total = align(plan.total);
-        plan.mask_tiles_at = plan.total;
-        plan.total += plan.mask_grid.bytes();
+        plan.mask_tiles_at = reserve_mask_tiles(plan.total, *grid);
     }
     return plan;
 }

@@ -633,8 +633,8 @@ TEST_CASE("CUDA forward features one at a time", "[cuda][fa]") {
 // Masks with hidden, zero and mixed tiles (structure_mask): the kernels leave out the hidden
 // tiles at the ends and read no values in zero tiles (MaskTiles); a tile classified wrongly,
 // or a span one tile short or long, changes O or the gradients. Key counts that are multiples
-// of 8 give f16 masks whole 16-byte rows, whose mixed tiles the forward copies to shared
-// memory; 333 keys take the direct reads.
+// of 8 give f16 masks whole 16-byte rows (what a copy of the values through shared memory
+// would need), 333 keys rows that are not.
 TEST_CASE("CUDA forward and backward with structured explicit masks", "[cuda][fa][backward]") {
     const uint32_t seed = fresh_seed();
     std::mt19937 rng(seed);
