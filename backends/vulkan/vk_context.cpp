@@ -67,6 +67,11 @@ Context::Context(VkInstance instance, VkPhysicalDevice physical, std::string nam
       staging_forced_(env_is("GFA_VULKAN_STAGING", "1")) {
     vkGetPhysicalDeviceProperties(physical_, &props_);
     vkGetPhysicalDeviceMemoryProperties(physical_, &mem_props_);
+    VkPhysicalDeviceMaintenance3Properties m3{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MAINTENANCE_3_PROPERTIES};
+    VkPhysicalDeviceProperties2 p2{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2};
+    p2.pNext = &m3;
+    vkGetPhysicalDeviceProperties2(physical_, &p2);
+    max_allocation_ = m3.maxMemoryAllocationSize;
 
     uint32_t n = 0;
     vkGetPhysicalDeviceQueueFamilyProperties(physical_, &n, nullptr);
@@ -159,20 +164,27 @@ Context::Allocation Context::allocate(size_t size, bool host_visible_only) {
     bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
                VK_BUFFER_USAGE_TRANSFER_DST_BIT;
     bi.sharingMode = VK_SHARING_MODE_EXCLUSIVE;
-    GFA_VK_CHECK(vkCreateBuffer(device_, &bi, nullptr, &a.buffer), name_);
+    // Out of memory, from any of the calls below, names the device and the size.
+    auto out_of_memory = [&](VkResult r) {
+        const DeviceMemory m = memory();
+        return OutOfMemory(name_ + ": cannot allocate " + std::to_string(size) + " bytes of device memory (" +
+                           std::to_string(m.free) + " of " + std::to_string(m.total) +
+                           " bytes not taken by this process; " + result_name(r) + ")");
+    };
+    auto is_oom = [](VkResult r) { return r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY; };
+    if (const VkResult r = vkCreateBuffer(device_, &bi, nullptr, &a.buffer); r != VK_SUCCESS) {
+        if (is_oom(r)) throw out_of_memory(r);
+        check(r, "vkCreateBuffer", name_);
+    }
     VkMemoryRequirements req;
     vkGetBufferMemoryRequirements(device_, a.buffer, &req);
     VkMemoryAllocateInfo ai{VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO};
     ai.allocationSize = req.size;
     try {
         ai.memoryTypeIndex = memory_type(req.memoryTypeBits, host_visible_only);
+        if (req.size > max_allocation_) throw out_of_memory(VK_ERROR_OUT_OF_DEVICE_MEMORY);
         const VkResult r = vkAllocateMemory(device_, &ai, nullptr, &a.memory);
-        if (r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY) {
-            const DeviceMemory m = memory();
-            throw OutOfMemory(name_ + ": cannot allocate " + std::to_string(size) + " bytes of device memory (" +
-                              std::to_string(m.free) + " of " + std::to_string(m.total) +
-                              " bytes not taken by this process; " + result_name(r) + ")");
-        }
+        if (is_oom(r)) throw out_of_memory(r);
         GFA_VK_CHECK(r, name_);
         GFA_VK_CHECK(vkBindBufferMemory(device_, a.buffer, a.memory, 0), name_);
         const VkMemoryPropertyFlags flags = mem_props_.memoryTypes[ai.memoryTypeIndex].propertyFlags;
@@ -298,7 +310,10 @@ void Context::submit(VkCommandBuffer cb, VkFence fence) {
 const Pipeline& Context::pipeline(const char* shader, std::span<const uint32_t> constants, uint32_t n_bindings,
                                   uint32_t shared_bytes) {
     std::string key = shader;
-    for (uint32_t c : constants) key += "," + std::to_string(c);
+    for (uint32_t c : constants) {
+        key += ',';
+        key += std::to_string(c);
+    }
     std::lock_guard<std::mutex> lock(mutex_);
     if (auto it = pipelines_.find(key); it != pipelines_.end()) return it->second;
     if (!fits_shared(shared_bytes))

@@ -119,6 +119,7 @@ class Context {
     VkDevice device_ = VK_NULL_HANDLE;
     VkQueue queue_ = VK_NULL_HANDLE;
     uint32_t family_ = 0;
+    VkDeviceSize max_allocation_ = 0; // the largest single allocation the driver allows
     bool staging_forced_ = false; // GFA_VULKAN_STAGING=1: copy through staging even where mappable
     mutable std::mutex mutex_;    // queue, one-shot pool, buffer table, pipelines
     VkCommandPool one_shot_pool_ = VK_NULL_HANDLE;
