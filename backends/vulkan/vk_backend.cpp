@@ -53,8 +53,8 @@ class VulkanBuffer final : public Buffer {
     size_t byte_offset(const Tensor* t, size_t offset, size_t size, const char* what) const {
         const auto at = reinterpret_cast<uintptr_t>(t->data) - alloc_.base + offset;
         if (reinterpret_cast<uintptr_t>(t->data) < alloc_.base || at + size > alloc_.size)
-            throw Error(ctx_.name() + ": " + what + " of " + std::to_string(size) + " bytes of tensor '" + t->name +
-                        "' falls outside its buffer of " + std::to_string(alloc_.size) + " bytes");
+            throw Error(ctx_.name() + ": " + what + " of " + std::to_string(size) + " bytes of tensor '" +
+                        t->name + "' falls outside its buffer of " + std::to_string(alloc_.size) + " bytes");
         return size_t(at);
     }
 
@@ -104,8 +104,8 @@ class VulkanBackend final : public Backend {
                 fail(std::string(device_->name()) + " backend: no kernel for " + op_name(node->op) + " on " +
                      node->shape_str());
             if (!node->data)
-                fail(std::string(device_->name()) + " backend: node '" + node->name + "' (" + op_name(node->op) +
-                     ") has no memory");
+                fail(std::string(device_->name()) + " backend: node '" + node->name + "' (" +
+                     op_name(node->op) + ") has no memory");
             work_.push_back(node);
         }
         if (work_.empty()) return;

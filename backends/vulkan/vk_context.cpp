@@ -56,7 +56,8 @@ void check(VkResult result, const char* call, const std::string& device_name) {
     if (result == VK_SUCCESS) return;
     const std::string msg = device_name + ": " + call + " failed with " + result_name(result) + " (" +
                             std::to_string(int(result)) + ")";
-    if (result == VK_ERROR_OUT_OF_DEVICE_MEMORY || result == VK_ERROR_OUT_OF_HOST_MEMORY) throw OutOfMemory(msg);
+    if (result == VK_ERROR_OUT_OF_DEVICE_MEMORY || result == VK_ERROR_OUT_OF_HOST_MEMORY)
+        throw OutOfMemory(msg);
     throw Error(msg);
 }
 
@@ -122,8 +123,9 @@ std::string Context::description() const {
                        : props_.deviceType == VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU ? "integrated GPU"
                        : props_.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU            ? "CPU (software)"
                                                                                      : "other";
-    return std::string(props_.deviceName) + ", Vulkan " + std::to_string(VK_API_VERSION_MAJOR(props_.apiVersion)) +
-           "." + std::to_string(VK_API_VERSION_MINOR(props_.apiVersion)) + ", " + kind + ", " +
+    return std::string(props_.deviceName) + ", Vulkan " +
+           std::to_string(VK_API_VERSION_MAJOR(props_.apiVersion)) + "." +
+           std::to_string(VK_API_VERSION_MINOR(props_.apiVersion)) + ", " + kind + ", " +
            std::to_string(props_.limits.maxComputeSharedMemorySize / 1024) + " KiB shared memory";
 }
 
@@ -142,7 +144,8 @@ DeviceMemory Context::memory() const {
 }
 
 uint32_t Context::memory_type(uint32_t allowed, bool host_visible) const {
-    const VkMemoryPropertyFlags mappable = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+    const VkMemoryPropertyFlags mappable =
+        VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
     // Preference order: host-visible needs first; otherwise device-local (mappable too if
     // the device offers it, as integrated and software devices do), then anything allowed.
     const VkMemoryPropertyFlags wanted[] = {
@@ -171,7 +174,9 @@ Context::Allocation Context::allocate(size_t size, bool host_visible_only) {
                            std::to_string(m.free) + " of " + std::to_string(m.total) +
                            " bytes not taken by this process; " + result_name(r) + ")");
     };
-    auto is_oom = [](VkResult r) { return r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY; };
+    auto is_oom = [](VkResult r) {
+        return r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY;
+    };
     if (const VkResult r = vkCreateBuffer(device_, &bi, nullptr, &a.buffer); r != VK_SUCCESS) {
         if (is_oom(r)) throw out_of_memory(r);
         check(r, "vkCreateBuffer", name_);
@@ -307,8 +312,8 @@ void Context::submit(VkCommandBuffer cb, VkFence fence) {
     GFA_VK_CHECK(vkQueueSubmit(queue_, 1, &si, fence), name_);
 }
 
-const Pipeline& Context::pipeline(const char* shader, std::span<const uint32_t> constants, uint32_t n_bindings,
-                                  uint32_t shared_bytes) {
+const Pipeline& Context::pipeline(const char* shader, std::span<const uint32_t> constants,
+                                  uint32_t n_bindings, uint32_t shared_bytes) {
     std::string key = shader;
     for (uint32_t c : constants) {
         key += ',';
@@ -350,8 +355,10 @@ const Pipeline& Context::pipeline(const char* shader, std::span<const uint32_t> 
     GFA_VK_CHECK(vkCreatePipelineLayout(device_, &pli, nullptr, &p.layout), name_);
 
     std::vector<VkSpecializationMapEntry> entries(constants.size());
-    for (uint32_t i = 0; i < constants.size(); ++i) entries[i] = {i, uint32_t(i * sizeof(uint32_t)), sizeof(uint32_t)};
-    VkSpecializationInfo spec{uint32_t(entries.size()), entries.data(), constants.size_bytes(), constants.data()};
+    for (uint32_t i = 0; i < constants.size(); ++i)
+        entries[i] = {i, uint32_t(i * sizeof(uint32_t)), sizeof(uint32_t)};
+    VkSpecializationInfo spec{uint32_t(entries.size()), entries.data(), constants.size_bytes(),
+                              constants.data()};
     VkComputePipelineCreateInfo ci{VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO};
     ci.stage = {VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO};
     ci.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
@@ -397,7 +404,8 @@ void Recorder::wait() {
 void Recorder::begin() {
     wait();
     GFA_VK_CHECK(vkResetCommandPool(ctx_.device(), pool_, 0), ctx_.name());
-    for (VkDescriptorPool p : descriptor_pools_) GFA_VK_CHECK(vkResetDescriptorPool(ctx_.device(), p, 0), ctx_.name());
+    for (VkDescriptorPool p : descriptor_pools_)
+        GFA_VK_CHECK(vkResetDescriptorPool(ctx_.device(), p, 0), ctx_.name());
     descriptor_pool_ = 0;
     for (auto* chunks : {&params_, &scratch_})
         for (Chunk& c : *chunks) c.used = 0;
@@ -418,11 +426,13 @@ void Recorder::submit() {
 Located Recorder::locate(const void* data, size_t bytes, const char* what) const {
     const Context::Allocation* a = ctx_.find(data);
     if (!a)
-        throw Error(ctx_.name() + ": " + what + " is not in this device's memory (a tensor placed elsewhere)");
+        throw Error(ctx_.name() + ": " + what +
+                    " is not in this device's memory (a tensor placed elsewhere)");
     const size_t offset = size_t(reinterpret_cast<uintptr_t>(data) - a->base);
     if (offset + bytes > a->size)
-        throw Error(ctx_.name() + ": " + what + " runs past the end of its buffer (" + std::to_string(offset) +
-                    " + " + std::to_string(bytes) + " > " + std::to_string(a->size) + " bytes)");
+        throw Error(ctx_.name() + ": " + what + " runs past the end of its buffer (" +
+                    std::to_string(offset) + " + " + std::to_string(bytes) + " > " + std::to_string(a->size) +
+                    " bytes)");
     const VkDeviceSize align = ctx_.limits().minStorageBufferOffsetAlignment;
     Located l;
     l.binding.buffer = a->buffer;
@@ -437,7 +447,7 @@ Located Recorder::locate(const void* data, size_t bytes, const char* what) const
 }
 
 std::pair<Recorder::Chunk*, size_t> Recorder::take(std::vector<Chunk>& chunks, size_t& current, size_t bytes,
-                                                    size_t align, size_t chunk_bytes, bool host_visible) {
+                                                   size_t align, size_t chunk_bytes, bool host_visible) {
     for (; current < chunks.size(); ++current) {
         Chunk& c = chunks[current];
         const size_t at = (c.used + align - 1) / align * align;
@@ -456,7 +466,8 @@ std::pair<Recorder::Chunk*, size_t> Recorder::take(std::vector<Chunk>& chunks, s
 
 Binding Recorder::scratch(size_t bytes) {
     const size_t align = std::max<size_t>(ctx_.limits().minStorageBufferOffsetAlignment, 16);
-    auto [chunk, at] = take(scratch_, scratch_chunk_, std::max<size_t>(bytes, 16), align, kScratchChunkBytes, false);
+    auto [chunk, at] =
+        take(scratch_, scratch_chunk_, std::max<size_t>(bytes, 16), align, kScratchChunkBytes, false);
     return Binding{chunk->alloc.buffer, at, (std::max<size_t>(bytes, 16) + 3) / 4 * 4};
 }
 
@@ -479,19 +490,23 @@ VkDescriptorSet Recorder::descriptor_set(VkDescriptorSetLayout layout) {
         VkDescriptorSet set;
         const VkResult r = vkAllocateDescriptorSets(ctx_.device(), &ai, &set);
         if (r == VK_SUCCESS) return set;
-        if (r != VK_ERROR_OUT_OF_POOL_MEMORY && r != VK_ERROR_FRAGMENTED_POOL) check(r, "vkAllocateDescriptorSets", ctx_.name());
+        if (r != VK_ERROR_OUT_OF_POOL_MEMORY && r != VK_ERROR_FRAGMENTED_POOL)
+            check(r, "vkAllocateDescriptorSets", ctx_.name());
     }
 }
 
-void Recorder::dispatch(const Pipeline& p, const void* params, size_t params_bytes, std::span<const Binding> buffers,
-                        uint32_t groups_x, uint32_t groups_y, uint32_t groups_z) {
+void Recorder::dispatch(const Pipeline& p, const void* params, size_t params_bytes,
+                        std::span<const Binding> buffers, uint32_t groups_x, uint32_t groups_y,
+                        uint32_t groups_z) {
     if (groups_x == 0 || groups_y == 0 || groups_z == 0) return;
     const auto& lim = ctx_.limits().maxComputeWorkGroupCount;
     if (groups_x > lim[0] || groups_y > lim[1] || groups_z > lim[2])
-        throw Error(ctx_.name() + ": a dispatch of " + std::to_string(groups_x) + " x " + std::to_string(groups_y) +
-                    " x " + std::to_string(groups_z) + " workgroups exceeds the device's limits (" +
-                    std::to_string(lim[0]) + " x " + std::to_string(lim[1]) + " x " + std::to_string(lim[2]) + ")");
-    if (buffers.size() + 1 != p.n_bindings) throw Error(ctx_.name() + ": a dispatch binds the wrong number of buffers");
+        throw Error(ctx_.name() + ": a dispatch of " + std::to_string(groups_x) + " x " +
+                    std::to_string(groups_y) + " x " + std::to_string(groups_z) +
+                    " workgroups exceeds the device's limits (" + std::to_string(lim[0]) + " x " +
+                    std::to_string(lim[1]) + " x " + std::to_string(lim[2]) + ")");
+    if (buffers.size() + 1 != p.n_bindings)
+        throw Error(ctx_.name() + ": a dispatch binds the wrong number of buffers");
     const size_t align = std::max<size_t>(ctx_.limits().minStorageBufferOffsetAlignment, 16);
     auto [chunk, at] = take(params_, params_chunk_, params_bytes, align, kParamsChunkBytes, true);
     std::memcpy(static_cast<char*>(chunk->alloc.mapped) + at, params, params_bytes);
@@ -501,8 +516,9 @@ void Recorder::dispatch(const Pipeline& p, const void* params, size_t params_byt
     VkWriteDescriptorSet writes[kMaxBindings];
     infos[0] = {chunk->alloc.buffer, at, (params_bytes + 3) / 4 * 4};
     for (size_t i = 0; i < buffers.size(); ++i)
-        infos[i + 1] = buffers[i].buffer ? VkDescriptorBufferInfo{buffers[i].buffer, buffers[i].offset, buffers[i].range}
-                                         : VkDescriptorBufferInfo{ctx_.dummy(), 0, 16}; // an unused slot
+        infos[i + 1] = buffers[i].buffer
+                           ? VkDescriptorBufferInfo{buffers[i].buffer, buffers[i].offset, buffers[i].range}
+                           : VkDescriptorBufferInfo{ctx_.dummy(), 0, 16}; // an unused slot
     for (uint32_t i = 0; i < p.n_bindings; ++i) {
         writes[i] = {VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET};
         writes[i].dstSet = set;
@@ -522,8 +538,8 @@ void Recorder::barrier() {
     VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
     mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT;
     mb.dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT;
-    vkCmdPipelineBarrier(cb_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb,
-                         0, nullptr, 0, nullptr);
+    vkCmdPipelineBarrier(cb_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0,
+                         1, &mb, 0, nullptr, 0, nullptr);
 }
 
 } // namespace gfa::vulkan

@@ -99,7 +99,9 @@ class Context {
     // shared_bytes is what the specialization declares; exceeding the device's limit throws.
     const Pipeline& pipeline(const char* shader, std::span<const uint32_t> constants, uint32_t n_bindings,
                              uint32_t shared_bytes);
-    bool fits_shared(uint32_t shared_bytes) const { return shared_bytes <= limits().maxComputeSharedMemorySize; }
+    bool fits_shared(uint32_t shared_bytes) const {
+        return shared_bytes <= limits().maxComputeSharedMemorySize;
+    }
 
     // Submits a recorded command buffer that signals `fence`; thread-safe.
     void submit(VkCommandBuffer cb, VkFence fence);
@@ -120,8 +122,8 @@ class Context {
     VkQueue queue_ = VK_NULL_HANDLE;
     uint32_t family_ = 0;
     VkDeviceSize max_allocation_ = 0; // the largest single allocation the driver allows
-    bool staging_forced_ = false; // GFA_VULKAN_STAGING=1: copy through staging even where mappable
-    mutable std::mutex mutex_;    // queue, one-shot pool, buffer table, pipelines
+    bool staging_forced_ = false;     // GFA_VULKAN_STAGING=1: copy through staging even where mappable
+    mutable std::mutex mutex_;        // queue, one-shot pool, buffer table, pipelines
     VkCommandPool one_shot_pool_ = VK_NULL_HANDLE;
     VkFence one_shot_fence_ = VK_NULL_HANDLE;
     std::map<uintptr_t, Allocation> live_; // by made-up base address
@@ -150,14 +152,14 @@ class Recorder {
     // Device memory for intermediate results, valid until the recorded work has run.
     Binding scratch(size_t bytes);
     // Queues one dispatch: `params` (bytes, copied) become binding 0, `buffers` the rest.
-    void dispatch(const Pipeline& p, const void* params, size_t params_bytes, std::span<const Binding> buffers,
-                  uint32_t groups_x, uint32_t groups_y, uint32_t groups_z);
+    void dispatch(const Pipeline& p, const void* params, size_t params_bytes,
+                  std::span<const Binding> buffers, uint32_t groups_x, uint32_t groups_y, uint32_t groups_z);
     // Makes every earlier dispatch's writes visible to every later dispatch.
     void barrier();
 
-    void begin();        // waits for the previous submission, then starts recording
-    void submit();       // ends recording and submits (returns before the work is done)
-    void wait();         // waits for the last submission
+    void begin();  // waits for the previous submission, then starts recording
+    void submit(); // ends recording and submits (returns before the work is done)
+    void wait();   // waits for the last submission
     int64_t dispatches() const { return dispatches_; }
 
   private:

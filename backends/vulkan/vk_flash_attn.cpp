@@ -200,7 +200,8 @@ void record_forward(Recorder& rec, const Tensor* node) {
     }
     const Tiles& t = *tiles_for(kForwardTiles, std::max(p.Dk, p.Dv));
     const uint32_t constants[] = {t.dmax, t.br, t.bc};
-    const Pipeline& pipe = rec.context().pipeline("fa_forward", constants, kSlots + 1, forward_shared_bytes(t));
+    const Pipeline& pipe =
+        rec.context().pipeline("fa_forward", constants, kSlots + 1, forward_shared_bytes(t));
     rec.dispatch(pipe, &f, sizeof f, slots, groups(p.Sq, t.br), uint32_t(p.Hq), uint32_t(p.B));
 }
 
@@ -243,12 +244,13 @@ void record_backward(Recorder& rec, const Tensor* node) {
     rec.dispatch(ctx.pipeline("fa_backward_prepare", {}, n, 0), &f, sizeof f, slots, groups(rows, 128), 1, 1);
     rec.barrier();
     const uint32_t shared = backward_shared_bytes(t);
-    rec.dispatch(ctx.pipeline("fa_backward_dkdv", constants, n, shared), &f, sizeof f, slots, groups(p.Skv, t.bc),
-                 uint32_t(p.Hkv), uint32_t(p.B));
-    rec.dispatch(ctx.pipeline("fa_backward_dq", constants, n, shared), &f, sizeof f, slots, groups(p.Sq, t.br),
-                 uint32_t(p.Hq), uint32_t(p.B));
+    rec.dispatch(ctx.pipeline("fa_backward_dkdv", constants, n, shared), &f, sizeof f, slots,
+                 groups(p.Skv, t.bc), uint32_t(p.Hkv), uint32_t(p.B));
+    rec.dispatch(ctx.pipeline("fa_backward_dq", constants, n, shared), &f, sizeof f, slots,
+                 groups(p.Sq, t.br), uint32_t(p.Hq), uint32_t(p.B));
     if (p.sinks.present())
-        rec.dispatch(ctx.pipeline("fa_backward_sinks", {}, n, 4 * 128), &f, sizeof f, slots, uint32_t(p.Hq), 1, 1);
+        rec.dispatch(ctx.pipeline("fa_backward_sinks", {}, n, 4 * 128), &f, sizeof f, slots, uint32_t(p.Hq),
+                     1, 1);
 }
 
 } // namespace

@@ -13,7 +13,8 @@ int main(int argc, char** argv) {
     Catch::Session session;
     if (const int rc = session.applyCommandLine(argc, argv); rc != 0) return rc;
     const auto& cfg = session.configData();
-    const bool listing = cfg.listTests || cfg.listTestNamesOnly || cfg.listTags || cfg.listReporters || cfg.showHelp;
+    const bool listing =
+        cfg.listTests || cfg.listTestNamesOnly || cfg.listTags || cfg.listReporters || cfg.showHelp;
     if (!listing && !gfa::find_device("Vulkan0")) {
         std::fprintf(stderr, "no Vulkan device: Vulkan tests skipped\n");
         return 4;

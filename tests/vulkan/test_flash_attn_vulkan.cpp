@@ -41,12 +41,14 @@ struct FaCase {
     std::string describe() const {
         return "Dk=" + std::to_string(Dk) + " Dv=" + std::to_string(Dv) + " Sq=" + std::to_string(Sq) +
                " Skv=" + std::to_string(Skv) + " Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) +
-               " B=" + std::to_string(B) + " q/k/v/o=" + std::string(type_name(q)) + "/" + std::string(type_name(k)) + "/" +
-               std::string(type_name(v)) + "/" + std::string(type_name(out)) + " mask=" + std::to_string(int(mask)) +
-               "(" + std::string(type_name(mask_type)) + ")" +
-               (full_rows ? " full-rows" : "") + (sinks ? " sinks" : "") + (params.causal ? " causal" : "") +
+               " B=" + std::to_string(B) + " q/k/v/o=" + std::string(type_name(q)) + "/" +
+               std::string(type_name(k)) + "/" + std::string(type_name(v)) + "/" +
+               std::string(type_name(out)) + " mask=" + std::to_string(int(mask)) + "(" +
+               std::string(type_name(mask_type)) + ")" + (full_rows ? " full-rows" : "") +
+               (sinks ? " sinks" : "") + (params.causal ? " causal" : "") +
                " window=" + std::to_string(params.window_left) + "," + std::to_string(params.window_right) +
-               " softcap=" + std::to_string(params.logit_softcap) + " alibi=" + std::to_string(params.max_bias);
+               " softcap=" + std::to_string(params.logit_softcap) +
+               " alibi=" + std::to_string(params.max_bias);
     }
     // Relative error allowed: the shaders compute in f32, so only the output's rounding
     // separates them from the reference (which reads the same rounded inputs).
@@ -55,7 +57,8 @@ struct FaCase {
 
 // A mask leaf [Skv, Sq, heads, batches]: values in [-2, 0), about 1 in 8 -inf, and with
 // full_rows every fifth row -inf everywhere.
-Tensor* make_mask(compare::CaseBuilder& b, const FaCase& c, std::unordered_map<const Tensor*, compare::LeafInit>& inits) {
+Tensor* make_mask(compare::CaseBuilder& b, const FaCase& c,
+                  std::unordered_map<const Tensor*, compare::LeafInit>& inits) {
     const int64_t heads = c.mask == MaskKind::PerHead ? c.Hq : 1;
     const int64_t batches = c.mask == MaskKind::PerBatch ? c.B : 1;
     Tensor* m = b.ctx.new_tensor(c.mask_type, {c.Skv, c.Sq, heads, batches});
@@ -67,7 +70,8 @@ Tensor* make_mask(compare::CaseBuilder& b, const FaCase& c, std::unordered_map<c
         std::vector<float> v(size_t(leaf->nelements()));
         for (size_t i = 0; i < v.size(); ++i) {
             const int64_t row = int64_t(i) / Skv;
-            v[i] = (full_rows && row % 5 == 2) || rng() % 8 == 0 ? -std::numeric_limits<float>::infinity() : d(rng);
+            v[i] = (full_rows && row % 5 == 2) || rng() % 8 == 0 ? -std::numeric_limits<float>::infinity()
+                                                                 : d(rng);
         }
         tensor_set_f32(leaf, v);
     };
@@ -98,7 +102,8 @@ Built build(compare::CaseBuilder& b, const FaCase& c, bool grad,
     Tensor* v = leaf(c.v, {c.Dv, c.Skv, c.Hkv, c.B});
     Tensor* mask = c.mask == MaskKind::None ? nullptr : make_mask(b, c, inits);
     Tensor* sinks = c.sinks ? leaf(Type::F32, {c.Hq}) : nullptr;
-    r.o = flash_attn_ext(b.ctx, q, k, v, mask, c.params, sinks, {.out_type = c.out, .with_lse = c.lse && !grad});
+    r.o = flash_attn_ext(b.ctx, q, k, v, mask, c.params, sinks,
+                         {.out_type = c.out, .with_lse = c.lse && !grad});
     if (c.lse && !grad) r.lse = flash_attn_lse(b.ctx, r.o);
     for (const auto& [t, init] : b.inits()) inits.emplace(t, init);
     return r;
@@ -180,7 +185,8 @@ FaCase random_case(std::mt19937& rng, bool grad) {
 
 } // namespace
 
-TEST_CASE("Vulkan flash attention forward matches the reference over head dims, types and sizes", "[vulkan][fa]") {
+TEST_CASE("Vulkan flash attention forward matches the reference over head dims, types and sizes",
+          "[vulkan][fa]") {
     auto vk = vulkan0()->create_backend();
     auto cpu = make_cpu_backend(2);
     for (int n = 0; n < 40; ++n) check_case(random_case(test::rng(), false), false, *vk, *cpu);
@@ -209,10 +215,11 @@ TEST_CASE("Vulkan flash attention forward features one at a time", "[vulkan][fa]
     cases[7].mask = MaskKind::Shared, cases[7].params.max_bias = 8.0f, cases[7].Hq = 6, cases[7].Hkv = 3;
     cases[8].sinks = true;
     cases[9].sinks = true, cases[9].mask = MaskKind::Shared, cases[9].full_rows = true; // sink only
-    cases[10].params.causal = true, cases[10].Sq = 70, cases[10].Skv = 20; // rows before any key
+    cases[10].params.causal = true, cases[10].Sq = 70, cases[10].Skv = 20;              // rows before any key
     cases[11].out = Type::F16, cases[11].q = Type::F16, cases[11].k = Type::F16, cases[11].v = Type::F16;
     cases[12].out = Type::BF16, cases[12].q = Type::BF16, cases[12].k = Type::BF16, cases[12].v = Type::BF16;
-    cases[13].Dk = 256, cases[13].Dv = 256, cases[13].params.causal = true, cases[13].Sq = 1, cases[13].Skv = 300;
+    cases[13].Dk = 256, cases[13].Dv = 256, cases[13].params.causal = true, cases[13].Sq = 1,
+    cases[13].Skv = 300;
     for (const FaCase& c : cases) check_case(c, false, *vk, *cpu);
 }
 

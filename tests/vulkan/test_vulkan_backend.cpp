@@ -93,7 +93,8 @@ TEST_CASE("Vulkan backend refuses nodes it has no kernel for", "[vulkan]") {
     CHECK_FALSE(d->supports_op(s));
     auto backend = d->create_backend();
     Tensor* nodes[] = {s};
-    CHECK_THROWS_WITH(backend->compute(nodes), Catch::Contains("Vulkan0") && Catch::Contains("no kernel for add"));
+    CHECK_THROWS_WITH(backend->compute(nodes),
+                      Catch::Contains("Vulkan0") && Catch::Contains("no kernel for add"));
 }
 
 TEST_CASE("The compare suite passes on Vulkan with the CPU for other ops", "[vulkan][fa]") {
