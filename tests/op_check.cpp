@@ -72,6 +72,27 @@ void check_forward(Tensor* out, double tol, int n_threads) {
     CHECK(err <= tol);
 }
 
+std::vector<double> reference_gradient(Tensor* loss, Tensor* param, const std::vector<size_t>& elements,
+                                       double eps) {
+    Graph forward = build_forward(loss);
+    ref::Evaluator ev(forward);
+    const std::vector<double> base = ev.values(param);
+    std::vector<double> numeric;
+    for (size_t i : elements) {
+        std::vector<double> v = base;
+        v[i] = base[i] + eps;
+        ev.set_values(param, v);
+        ev.run();
+        const double up = ev.values(loss)[0];
+        v[i] = base[i] - eps;
+        ev.set_values(param, v);
+        ev.run();
+        const double down = ev.values(loss)[0];
+        numeric.push_back((up - down) / (2 * eps));
+    }
+    return numeric;
+}
+
 void check_gradients(Context& ctx, Tensor* loss, const std::vector<Tensor*>& params, double tol, double eps,
                      int max_elements) {
     INFO("seed " << seed() << ", loss made by " << op_name(loss->op));
@@ -79,30 +100,14 @@ void check_gradients(Context& ctx, Tensor* loss, const std::vector<Tensor*>& par
     set_loss(loss);
 
     // Finite differences of the reference, in double precision.
-    Graph forward = build_forward(loss);
-    ref::Evaluator ev(forward);
     std::vector<std::vector<double>> numeric(params.size());
     std::vector<std::vector<size_t>> picked(params.size());
     for (size_t pi = 0; pi < params.size(); ++pi) {
-        Tensor* p = params[pi];
-        const std::vector<double> base = ev.values(p);
-        std::vector<size_t> idx(base.size());
+        std::vector<size_t> idx(size_t(params[pi]->nelements()));
         for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
         std::shuffle(idx.begin(), idx.end(), rng());
         if (idx.size() > size_t(max_elements)) idx.resize(size_t(max_elements));
-        for (size_t i : idx) {
-            std::vector<double> v = base;
-            v[i] = base[i] + eps;
-            ev.set_values(p, v);
-            ev.run();
-            const double up = ev.values(loss)[0];
-            v[i] = base[i] - eps;
-            ev.set_values(p, v);
-            ev.run();
-            const double down = ev.values(loss)[0];
-            numeric[pi].push_back((up - down) / (2 * eps));
-        }
-        ev.set_values(p, base);
+        numeric[pi] = reference_gradient(loss, params[pi], idx, eps);
         picked[pi] = idx;
     }
 

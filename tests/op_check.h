@@ -34,6 +34,11 @@ double rel_error(const std::vector<float>& out, const std::vector<double>& ref);
 // Computes `out`'s graph on the CPU backend and compares with the reference evaluator.
 void check_forward(Tensor* out, double tol, int n_threads = 2);
 
+// Central differences of the reference evaluator's `loss` (a scalar, double precision) with
+// respect to the given elements (row-major indices) of `param`, a leaf of the loss's graph.
+std::vector<double> reference_gradient(Tensor* loss, Tensor* param, const std::vector<size_t>& elements,
+                                       double eps = 1e-3);
+
 // Differentiates `loss` (a scalar) with respect to `params` on the CPU backend and compares
 // each gradient with central finite differences of the reference evaluator in double
 // precision (at most `max_elements` sampled elements per parameter).

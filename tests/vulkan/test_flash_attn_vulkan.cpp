@@ -5,13 +5,13 @@
 // before the run (compare::run), so an element a shader forgets to write fails.
 #include "compare.h"
 #include "op_check.h"
+#include "vulkan_device.h"
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/ops.h>
 #include <ggml-fa/scheduler.h>
 
-#include "reference.h"
-
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -20,12 +20,6 @@
 using namespace gfa;
 
 namespace {
-
-Device* vulkan0() {
-    Device* d = find_device("Vulkan0");
-    REQUIRE(d != nullptr);
-    return d;
-}
 
 enum class MaskKind { None, Shared, PerHead, PerBatch };
 
@@ -109,45 +103,83 @@ Built build(compare::CaseBuilder& b, const FaCase& c, bool grad,
     return r;
 }
 
+// The scalar loss sum(o * w) of a gradient case, with random weights w.
+Tensor* weighted_loss(compare::CaseBuilder& b, const FaCase& c, Tensor* o,
+                      std::unordered_map<const Tensor*, compare::LeafInit>& inits) {
+    Tensor* w = b.input({c.Dv, c.Hq, c.Sq, c.B});
+    for (const auto& [t, init] : b.inits()) inits.emplace(t, init);
+    Tensor* loss = sum(b.ctx, mul(b.ctx, o, w));
+    set_loss(loss);
+    return loss;
+}
+
 // Runs the case's graph on Vulkan (the CPU for what Vulkan lacks) and compares every node
-// with the reference; returns the report. The attention nodes must have run on Vulkan.
-compare::Report run_case(const FaCase& c, bool grad, Backend& vk, Backend& cpu) {
+// with the reference. The attention nodes must have run on Vulkan.
+void check_case(const FaCase& c, bool grad, Backend& vk, Backend& cpu) {
+    INFO("seed " << test::seed() << (grad ? ", backward: " : ", forward: ") << c.describe());
     Context ctx;
     compare::CaseBuilder b(ctx);
     std::unordered_map<const Tensor*, compare::LeafInit> inits;
     Built built = build(b, c, grad, inits);
     Tensor* out = built.lse ? built.lse : built.o;
-    if (grad) {
-        Tensor* w = b.input({c.Dv, c.Hq, c.Sq, c.B});
-        for (const auto& [t, init] : b.inits()) inits.emplace(t, init);
-        out = sum(ctx, mul(ctx, built.o, w));
-    }
+    if (grad) out = weighted_loss(b, c, built.o, inits);
     Graph g = build_forward(out);
-    if (grad) {
-        set_loss(out);
-        build_backward(ctx, g, out);
-    }
+    if (grad) build_backward(ctx, g, out);
     std::mt19937 rng(test::rng()());
-    compare::Report rep = compare::run(g, vk, &cpu, rng, inits);
+    const compare::Report rep = compare::run(g, vk, &cpu, rng, inits);
+    REQUIRE_FALSE(rep.nodes.empty());
     int attention_nodes = 0;
-    for (const compare::NodeResult& n : rep.nodes)
+    for (const compare::NodeResult& n : rep.nodes) {
+        INFO(n.label << " on " << n.backend << ": error " << n.error);
         if (n.node->op == Op::FlashAttnExt || n.node->op == Op::FlashAttnBack) {
-            INFO(n.label << " ran on " << n.backend);
             CHECK(n.backend == "Vulkan0");
             ++attention_nodes;
         }
+        // The loss ops run on the CPU (tested on their own elsewhere); their scalar sum of
+        // terms of either sign only has to be finite here. dSinks, a few elements each a sum
+        // over a whole head of f32 terms of either sign, gets 1e-4 (a missing row would be off
+        // by percents); every other result in Vulkan memory the case's bound.
+        if (n.backend != "Vulkan0") {
+            CHECK(std::isfinite(n.error));
+            continue;
+        }
+        const double tol = n.node->nelements() <= 8 ? std::max(c.tolerance(), 1e-4) : c.tolerance();
+        INFO("tolerance " << tol);
+        CHECK(n.error <= tol);
+    }
     CHECK(attention_nodes == (grad ? 2 : 1));
-    return rep;
 }
 
-void check_case(const FaCase& c, bool grad, Backend& vk, Backend& cpu) {
-    INFO("seed " << test::seed() << (grad ? ", backward: " : ", forward: ") << c.describe());
-    const compare::Report rep = run_case(c, grad, vk, cpu);
-    REQUIRE(rep.worst_index >= 0);
-    INFO("worst node " << rep.nodes[size_t(rep.worst_index)].label << " error " << rep.worst << " (tolerance "
-                       << c.tolerance() << ")");
-    CHECK(rep.ok(c.tolerance()));
-}
+// A gradient case's loss and backward graph, placed by a scheduler (Vulkan first, the CPU
+// for the loss ops) with random leaf values; compute() poisons every node and runs it.
+struct PlacedLoss {
+    Context ctx;
+    compare::CaseBuilder builder{ctx};
+    std::unordered_map<const Tensor*, compare::LeafInit> inits;
+    Built built;
+    Tensor* loss = nullptr;
+    Graph graph;
+    Scheduler sched;
+    Backend& vk;
+
+    PlacedLoss(const FaCase& c, Backend& vulkan, Backend& cpu) : sched({&vulkan, &cpu}), vk(vulkan) {
+        built = build(builder, c, true, inits);
+        loss = weighted_loss(builder, c, built.o, inits);
+        graph = build_forward(loss);
+        build_backward(ctx, graph, loss);
+        sched.set_log({});
+        sched.allocate(graph);
+        std::mt19937 rng(test::rng()());
+        for (Tensor* l : graph.leafs())
+            if (auto it = inits.find(l); it != inits.end()) it->second(l, rng);
+    }
+    void compute() {
+        test::poison_nodes(graph);
+        sched.compute(graph);
+        for (Tensor* n : graph.nodes())
+            if (n->op == Op::FlashAttnBack) CHECK(sched.backend_of(n) == &vk);
+    }
+};
 
 Type pick(std::mt19937& rng, std::initializer_list<Type> types) {
     return *(types.begin() + rng() % types.size());
@@ -265,55 +297,17 @@ TEST_CASE("Vulkan flash attention gradients match finite differences in double p
     for (int variant = 0; variant < 2; ++variant) {
         c.params.max_bias = variant == 1 ? 8.0f : 0.0f;
         INFO("seed " << test::seed() << ": " << c.describe());
-        Context ctx;
-        compare::CaseBuilder b(ctx);
-        std::unordered_map<const Tensor*, compare::LeafInit> inits;
-        Built built = build(b, c, true, inits);
-        Tensor* w = b.input({c.Dv, c.Hq, c.Sq, c.B});
-        for (const auto& [t, init] : b.inits()) inits.emplace(t, init);
-        Tensor* loss = sum(ctx, mul(ctx, built.o, w));
-        set_loss(loss);
-        Graph g = build_forward(loss);
-        build_backward(ctx, g, loss);
-
-        Scheduler sched({vk.get(), cpu.get()});
-        sched.set_log({});
-        sched.allocate(g);
-        std::mt19937 rng(test::rng()());
-        for (Tensor* l : g.leafs())
-            if (auto it = inits.find(l); it != inits.end()) it->second(l, rng);
-        test::poison_nodes(g);
-        sched.compute(g);
-        bool back_on_vulkan = false;
-        for (Tensor* n : g.nodes())
-            if (n->op == Op::FlashAttnBack) back_on_vulkan = sched.backend_of(n) == vk.get();
-        CHECK(back_on_vulkan);
-
-        // Central differences of the reference loss, in double, for sampled elements.
-        Graph fwd = build_forward(loss);
-        ref::Evaluator ev(fwd);
-        const double eps = 1e-3;
-        for (Tensor* p : built.params) {
-            const std::vector<float> analytic_all = tensor_get_f32(g.grad(p));
-            const std::vector<double> base_values = ev.values(p);
+        PlacedLoss run(c, *vk, *cpu);
+        run.compute();
+        for (Tensor* p : run.built.params) {
+            const std::vector<float> all = tensor_get_f32(run.graph.grad(p));
+            std::vector<size_t> picked;
             std::vector<float> analytic;
-            std::vector<double> numeric;
             for (int s = 0; s < 24; ++s) {
-                const size_t i = test::rng()() % base_values.size();
-                std::vector<double> x = base_values;
-                x[i] = base_values[i] + eps;
-                ev.set_values(p, x);
-                ev.run();
-                const double up = ev.values(loss)[0];
-                x[i] = base_values[i] - eps;
-                ev.set_values(p, x);
-                ev.run();
-                const double down = ev.values(loss)[0];
-                numeric.push_back((up - down) / (2 * eps));
-                analytic.push_back(analytic_all[i]);
+                picked.push_back(test::rng()() % all.size());
+                analytic.push_back(all[picked.back()]);
             }
-            ev.set_values(p, base_values);
-            const double err = test::rel_error(analytic, numeric);
+            const double err = test::rel_error(analytic, test::reference_gradient(run.loss, p, picked));
             INFO("parameter " << p->shape_str() << ": relative error " << err);
             CHECK(err < 1e-4);
         }
@@ -332,29 +326,13 @@ TEST_CASE("Vulkan flash attention backward is bit-identical across runs", "[vulk
     c.params.scale = 0.125f;
     c.params.causal = true;
     c.sinks = true;
-    Context ctx;
-    compare::CaseBuilder b(ctx);
-    std::unordered_map<const Tensor*, compare::LeafInit> inits;
-    Built built = build(b, c, true, inits);
-    Tensor* w = b.input({c.Dv, c.Hq, c.Sq, c.B});
-    for (const auto& [t, init] : b.inits()) inits.emplace(t, init);
-    Tensor* loss = sum(ctx, mul(ctx, built.o, w));
-    set_loss(loss);
-    Graph g = build_forward(loss);
-    build_backward(ctx, g, loss);
-    Scheduler sched({vk.get(), cpu.get()});
-    sched.set_log({});
-    sched.allocate(g);
-    std::mt19937 rng(test::rng()());
-    for (Tensor* l : g.leafs())
-        if (auto it = inits.find(l); it != inits.end()) it->second(l, rng);
+    PlacedLoss run(c, *vk, *cpu);
     std::vector<std::vector<float>> first;
-    for (int run = 0; run < 3; ++run) {
-        test::poison_nodes(g);
-        sched.compute(g);
-        for (size_t i = 0; i < built.params.size(); ++i) {
-            const std::vector<float> grad = tensor_get_f32(g.grad(built.params[i]));
-            if (run == 0) {
+    for (int n = 0; n < 3; ++n) {
+        run.compute();
+        for (size_t i = 0; i < run.built.params.size(); ++i) {
+            const std::vector<float> grad = tensor_get_f32(run.graph.grad(run.built.params[i]));
+            if (n == 0) {
                 for (float x : grad) REQUIRE(std::isfinite(x));
                 first.push_back(grad);
             } else {

@@ -1,6 +1,7 @@
 // The Vulkan device, its buffers and its backend's errors; the compare suite on Vulkan.
 #include "compare.h"
 #include "op_check.h"
+#include "vulkan_device.h"
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/ops.h>
@@ -9,16 +10,6 @@
 #include <string>
 
 using namespace gfa;
-
-namespace {
-
-Device* vulkan0() {
-    Device* d = find_device("Vulkan0");
-    REQUIRE(d != nullptr);
-    return d;
-}
-
-} // namespace
 
 TEST_CASE("Vulkan devices are registered with a description and a device buffer type", "[vulkan]") {
     Device* d = vulkan0();
