@@ -104,3 +104,22 @@ TEST_CASE("The compare suite passes on Vulkan with the CPU for other ops", "[vul
     }
     CHECK(ran_here >= 8); // the attention cases' forward and backward nodes
 }
+
+TEST_CASE("Vulkan backend names a tensor that is not in its memory", "[vulkan]") {
+    // q/k/v in host memory, the output in device memory: the backend must refuse before it
+    // reads or writes anything, naming the tensor.
+    Context host(ContextParams{.alloc_data = true});
+    Tensor* q = host.new_tensor(Type::F32, {64, 5, 2, 1});
+    Tensor* k = host.new_tensor(Type::F32, {64, 9, 2, 1});
+    Tensor* v = host.new_tensor(Type::F32, {64, 9, 2, 1});
+    Context nodes;
+    Tensor* o = flash_attn_ext(nodes, q, k, v, nullptr, {.scale = 0.125f});
+    auto buf = vulkan0()->buffer_type()->allocate(o->alloc_bytes());
+    buf->place(o, 0);
+    auto backend = vulkan0()->create_backend();
+    Tensor* list[] = {o};
+    CHECK_THROWS_WITH(backend->compute(list),
+                      Catch::Contains("Vulkan0") && Catch::Contains("q is not in this device's memory"));
+    // The backend still works afterwards.
+    CHECK_NOTHROW(backend->synchronize());
+}
