@@ -3,6 +3,7 @@
 #include "op_def.h"
 #include "reference.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -126,6 +127,61 @@ void check_gradients(Context& ctx, Tensor* loss, const std::vector<Tensor*>& par
                           << " (tolerance " << tol << ")");
         CHECK(err <= tol);
     }
+}
+
+std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out) {
+    struct Saved {
+        Tensor* t;
+        void* data;
+        Buffer* buffer;
+    };
+    // Host placements come back however the run ends (a failed run throws).
+    struct Restore {
+        std::vector<Saved> list;
+        ~Restore() {
+            for (const Saved& s : list) {
+                s.t->data = s.data;
+                s.t->buffer = s.buffer;
+            }
+        }
+    } restore;
+    std::vector<Saved>& saved = restore.list;
+    std::vector<Tensor*> owners, views;
+    for (const auto* list : {&g.leafs(), &g.nodes()})
+        for (Tensor* t : *list) {
+            saved.push_back({t, t->data, t->buffer});
+            (t->view_src ? views : owners).push_back(t);
+            if (t->view_src && std::find(owners.begin(), owners.end(), t->view_src) == owners.end() &&
+                !g.contains(t->view_src)) {
+                saved.push_back({t->view_src, t->view_src->data, t->view_src->buffer});
+                owners.push_back(t->view_src);
+            }
+        }
+    const size_t align = dev->buffer_type()->alignment();
+    size_t total = 0;
+    std::vector<size_t> offsets;
+    for (Tensor* t : owners) {
+        offsets.push_back(total);
+        total += (t->alloc_bytes() + align - 1) / align * align;
+    }
+    std::unique_ptr<Buffer> buf = dev->buffer_type()->allocate(total);
+    for (size_t i = 0; i < owners.size(); ++i) {
+        Tensor* t = owners[i];
+        std::vector<std::byte> host;
+        if (t->op == Op::None && t->data) {
+            host.resize(t->alloc_bytes());
+            tensor_get(t, host.data(), 0, host.size());
+        }
+        buf->place(t, offsets[i]);
+        if (!host.empty()) tensor_set(t, host.data(), 0, host.size());
+    }
+    for (Tensor* v : views) place_view(v);
+    poison_nodes(g);
+
+    auto backend = dev->create_backend();
+    backend->compute(g.nodes());
+    backend->synchronize();
+    return tensor_get_f32(out);
 }
 
 } // namespace gfa::test

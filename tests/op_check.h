@@ -27,6 +27,11 @@ void poison_nodes(const Graph& g);
 // Runs the graph on a CPU backend after poisoning.
 void compute_cpu(const Graph& g, int n_threads = 2);
 
+// Runs g on `dev`: every tensor of the graph is placed in one buffer of the device, the
+// leaves' host values uploaded, the nodes poisoned with NaN, and `out` read back. The
+// tensors' host placements are restored afterwards, so the reference can still read them.
+std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out);
+
 // ||out - ref|| / ||ref|| (or the absolute norm when ref is ~0); infinity if out has a NaN
 // or infinity where ref is finite.
 double rel_error(const std::vector<float>& out, const std::vector<double>& ref);

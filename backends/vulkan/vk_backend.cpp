@@ -1,8 +1,9 @@
 // The Vulkan device: one per physical device the loader reports ("Vulkan0", ...), buffers
 // in its memory, and a backend that records a compute() call's dispatches into one command
-// buffer. Which ops run here is decided by the kernel table (vk_flash_attn.cpp); the
-// scheduler sends the rest to the CPU.
+// buffer. Which ops run here is decided by the kernel table (attention in vk_flash_attn.cpp,
+// the rest in vk_ops.cpp and vk_matmul.cpp); the scheduler sends the others to the CPU.
 #include "vk_context.h"
+#include "vk_ops.h"
 
 #include "op_def.h"
 
@@ -16,6 +17,9 @@ const Kernel* find_kernel(Op op) {
     static const std::map<Op, Kernel> table = [] {
         std::map<Op, Kernel> t;
         register_attention_kernels(t);
+        register_elementwise_kernels(t);
+        register_row_kernels(t);
+        register_matmul_kernels(t);
         return t;
     }();
     auto it = table.find(op);

@@ -41,6 +41,7 @@ const char* result_name(VkResult r) {
 std::atomic<uintptr_t> g_next_base{uintptr_t(1) << 56};
 
 constexpr size_t kParamsChunkBytes = 64 << 10;
+constexpr uint32_t kStatusRowOutOfRange = 1; // STATUS_ROW_OUT_OF_RANGE in shaders/op_common.glsl
 constexpr size_t kScratchChunkBytes = 1 << 20;
 constexpr uint32_t kSetsPerPool = 256;
 constexpr uint32_t kMaxBindings = 16;
@@ -88,9 +89,16 @@ Context::Context(VkInstance instance, VkPhysicalDevice physical, std::string nam
     qi.queueFamilyIndex = family_;
     qi.queueCount = 1;
     qi.pQueuePriorities = &priority;
+    // Double precision is enabled where offered: rope forms its angles in it (and is left to
+    // the CPU elsewhere).
+    VkPhysicalDeviceFeatures offered{}, wanted{};
+    vkGetPhysicalDeviceFeatures(physical_, &offered);
+    wanted.shaderFloat64 = offered.shaderFloat64;
+    float64_ = offered.shaderFloat64 == VK_TRUE;
     VkDeviceCreateInfo di{VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO};
     di.queueCreateInfoCount = 1;
     di.pQueueCreateInfos = &qi;
+    di.pEnabledFeatures = &wanted;
     GFA_VK_CHECK(vkCreateDevice(physical_, &di, nullptr, &device_), name_);
     vkGetDeviceQueue(device_, family_, 0, &queue_);
 
@@ -384,6 +392,8 @@ Recorder::Recorder(Context& ctx) : ctx_(ctx) {
     GFA_VK_CHECK(vkAllocateCommandBuffers(ctx_.device(), &ai, &cb_), ctx_.name());
     VkFenceCreateInfo fi{VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
     GFA_VK_CHECK(vkCreateFence(ctx_.device(), &fi, nullptr, &fence_), ctx_.name());
+    status_ = ctx_.allocate(16, true);
+    std::memset(status_.mapped, 0, 16);
 }
 
 Recorder::~Recorder() {
@@ -391,6 +401,7 @@ Recorder::~Recorder() {
     for (VkDescriptorPool p : descriptor_pools_) vkDestroyDescriptorPool(ctx_.device(), p, nullptr);
     for (auto* chunks : {&params_, &scratch_})
         for (Chunk& c : *chunks) ctx_.release(c.alloc);
+    ctx_.release(status_);
     vkDestroyFence(ctx_.device(), fence_, nullptr);
     vkDestroyCommandPool(ctx_.device(), pool_, nullptr);
 }
@@ -399,6 +410,14 @@ void Recorder::wait() {
     if (!in_flight_) return;
     GFA_VK_CHECK(vkWaitForFences(ctx_.device(), 1, &fence_, VK_TRUE, UINT64_MAX), ctx_.name());
     in_flight_ = false;
+    // The memory is host-coherent; the fence made the shaders' writes available.
+    auto* word = static_cast<volatile uint32_t*>(status_.mapped);
+    const uint32_t bits = *word;
+    *word = 0;
+    if (bits & kStatusRowOutOfRange)
+        throw Error(ctx_.name() +
+                    ": get_rows or set_rows was given a row index out of range (NaN was "
+                    "written for rows it could not read; rows it could not write were skipped)");
 }
 
 void Recorder::begin() {
@@ -462,6 +481,13 @@ std::pair<Recorder::Chunk*, size_t> Recorder::take(std::vector<Chunk>& chunks, s
     chunks.push_back(c);
     current = chunks.size() - 1;
     return {&chunks.back(), 0};
+}
+
+Binding Recorder::constants(const void* data, size_t bytes) {
+    const size_t align = std::max<size_t>(ctx_.limits().minStorageBufferOffsetAlignment, 16);
+    auto [chunk, at] = take(params_, params_chunk_, bytes, align, kParamsChunkBytes, true);
+    std::memcpy(static_cast<char*>(chunk->alloc.mapped) + at, data, bytes);
+    return Binding{chunk->alloc.buffer, at, (bytes + 3) / 4 * 4};
 }
 
 Binding Recorder::scratch(size_t bytes) {

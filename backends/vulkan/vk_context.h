@@ -1,6 +1,7 @@
 // The Vulkan backend's internals: one logical device per physical device, its memory, the
 // compute pipelines built from the embedded SPIR-V, and the recorder through which an op's
-// kernels queue their dispatches. Ops (vk_flash_attn.cpp) see only Recorder and Binding.
+// kernels queue their dispatches. Ops (vk_flash_attn.cpp, vk_ops.cpp, vk_matmul.cpp) see only
+// Recorder and Binding.
 //
 // Memory model: a Buffer's base() is a made-up address (never dereferenced; the device
 // memory is a VkBuffer), so tensors get data pointers as on any device, and a dispatch
@@ -102,6 +103,8 @@ class Context {
     bool fits_shared(uint32_t shared_bytes) const {
         return shared_bytes <= limits().maxComputeSharedMemorySize;
     }
+    // Whether shaders may use double precision (enabled at device creation when offered).
+    bool has_float64() const { return float64_; }
 
     // Submits a recorded command buffer that signals `fence`; thread-safe.
     void submit(VkCommandBuffer cb, VkFence fence);
@@ -123,7 +126,8 @@ class Context {
     uint32_t family_ = 0;
     VkDeviceSize max_allocation_ = 0; // the largest single allocation the driver allows
     bool staging_forced_ = false;     // GFA_VULKAN_STAGING=1: copy through staging even where mappable
-    mutable std::mutex mutex_;        // queue, one-shot pool, buffer table, pipelines
+    bool float64_ = false;
+    mutable std::mutex mutex_; // queue, one-shot pool, buffer table, pipelines
     VkCommandPool one_shot_pool_ = VK_NULL_HANDLE;
     VkFence one_shot_fence_ = VK_NULL_HANDLE;
     std::map<uintptr_t, Allocation> live_; // by made-up base address
@@ -144,6 +148,7 @@ class Recorder {
     Recorder(const Recorder&) = delete;
     Recorder& operator=(const Recorder&) = delete;
     Context& context() { return ctx_; }
+    const Context& context() const { return ctx_; }
 
     // The binding that covers `bytes` bytes at `data` (a tensor's data pointer); throws
     // naming `what` when the pointer is not in this device's memory or the range is longer
@@ -151,6 +156,11 @@ class Recorder {
     Located locate(const void* data, size_t bytes, const char* what) const;
     // Device memory for intermediate results, valid until the recorded work has run.
     Binding scratch(size_t bytes);
+    // A copy of `bytes` bytes (a small table the host computes), readable by the recorded work.
+    Binding constants(const void* data, size_t bytes);
+    // A word shaders set bits of to report bad data (op_common.glsl's status word); it starts
+    // at zero in each recording, and wait() turns bits found set into an error.
+    Binding status() const { return {status_.buffer, 0, 16}; }
     // Queues one dispatch: `params` (bytes, copied) become binding 0, `buffers` the rest.
     void dispatch(const Pipeline& p, const void* params, size_t params_bytes,
                   std::span<const Binding> buffers, uint32_t groups_x, uint32_t groups_y, uint32_t groups_z);
@@ -159,7 +169,7 @@ class Recorder {
 
     void begin();  // waits for the previous submission, then starts recording
     void submit(); // ends recording and submits (returns before the work is done)
-    void wait();   // waits for the last submission
+    void wait();   // waits for the last submission; throws if its shaders reported bad data
     int64_t dispatches() const { return dispatches_; }
 
   private:
@@ -180,6 +190,7 @@ class Recorder {
     std::vector<VkDescriptorPool> descriptor_pools_;
     size_t descriptor_pool_ = 0; // the pool sets come from now
     std::vector<Chunk> params_, scratch_;
+    Context::Allocation status_; // host-visible, mapped
     size_t params_chunk_ = 0, scratch_chunk_ = 0;
     int64_t dispatches_ = 0;
 };

@@ -36,58 +36,8 @@ Tensor* make_node(Context& ctx, Op op, Type type, std::array<int64_t, 4> ne,
     return t;
 }
 
-// Runs g on the CUDA device and returns `out`'s values. Every tensor's host placement is
-// restored afterwards, so the reference can keep reading the host copies.
 std::vector<float> run_on_cuda(const Graph& g, Tensor* out) {
-    Device* dev = cuda0();
-    struct Saved {
-        Tensor* t;
-        void* data;
-        Buffer* buffer;
-    };
-    std::vector<Saved> saved;
-    std::vector<Tensor*> owners, views;
-    for (const auto* list : {&g.leafs(), &g.nodes()})
-        for (Tensor* t : *list) {
-            saved.push_back({t, t->data, t->buffer});
-            (t->view_src ? views : owners).push_back(t);
-            if (t->view_src && std::find(owners.begin(), owners.end(), t->view_src) == owners.end() &&
-                !g.contains(t->view_src)) {
-                saved.push_back({t->view_src, t->view_src->data, t->view_src->buffer});
-                owners.push_back(t->view_src);
-            }
-        }
-    const size_t align = dev->buffer_type()->alignment();
-    size_t total = 0;
-    std::vector<size_t> offsets;
-    for (Tensor* t : owners) {
-        offsets.push_back(total);
-        total += (t->alloc_bytes() + align - 1) / align * align;
-    }
-    std::unique_ptr<Buffer> buf = dev->buffer_type()->allocate(total);
-    for (size_t i = 0; i < owners.size(); ++i) {
-        Tensor* t = owners[i];
-        std::vector<std::byte> host;
-        if (t->op == Op::None && t->data) {
-            host.resize(t->alloc_bytes());
-            tensor_get(t, host.data(), 0, host.size());
-        }
-        buf->place(t, offsets[i]);
-        if (!host.empty()) tensor_set(t, host.data(), 0, host.size());
-    }
-    for (Tensor* v : views) place_view(v);
-    gfa::test::poison_nodes(g);
-
-    auto backend = dev->create_backend();
-    backend->compute(g.nodes());
-    backend->synchronize();
-    std::vector<float> result = tensor_get_f32(out);
-
-    for (const Saved& s : saved) {
-        s.t->data = s.data;
-        s.t->buffer = s.buffer;
-    }
-    return result;
+    return gfa::test::run_on_device(cuda0(), g, out);
 }
 
 // Computes out's graph on CUDA and compares it with the reference evaluator.

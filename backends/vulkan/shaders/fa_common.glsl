@@ -8,6 +8,8 @@
 // Offsets and strides are in elements of the tensor's own type (the LSE, the gradients and
 // the row scratch are f32).
 
+#include "math.glsl"
+
 const uint T_F32 = 0u, T_F16 = 1u, T_BF16 = 2u;
 #define NEG_INF uintBitsToFloat(0xff800000u)
 
@@ -81,16 +83,6 @@ float load_lse(uint i, uint h, uint b) {
     return uintBitsToFloat(lse_words[P.lse_off + i * P.lse_nb0 + h * P.lse_nb1 + b * P.lse_nb2]);
 }
 
-// f32 -> f16 / bf16 bits, rounded to nearest even (the library's conversions).
-uint f16_bits(float x) {
-    return packHalf2x16(vec2(x, 0.0)) & 0xffffu;
-}
-uint bf16_bits(float x) {
-    uint u = floatBitsToUint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u; // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return u >> 16;
-}
 // Writes element e of o. A 16-bit element shares its word with a neighbour another
 // invocation may write at the same time: clearing our half and setting it are two atomics
 // on disjoint bits, correct in any order.
@@ -143,20 +135,6 @@ uvec2 row_range(uint first, uint last) {
 float alibi_slope(uint h) {
     if (P.use_alibi == 0u) return 1.0;
     return h < P.n_head_log2 ? pow(P.m0, float(h + 1u)) : pow(P.m1, float(2u * (h - P.n_head_log2) + 1u));
-}
-
-// tanh to f32 accuracy everywhere. GLSL's tanh may be computed as (e^x - e^-x) / (e^x + e^-x),
-// which overflows to NaN at large |x| and cancels at small |x| (a relative error of 1e-4
-// near 1e-3 was seen); so: its Taylor series below 0.1 (the next term is under 1e-9 of the
-// value) and 1 - 2 / (e^2|x| + 1) above, which loses at most one digit at 0.1.
-float stable_tanh(float x) {
-    const float a = abs(x);
-    if (a < 0.1) {
-        const float x2 = x * x;
-        return x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))));
-    }
-    const float t = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
-    return x < 0.0 ? -t : t;
 }
 
 // The score of a visible pair from its raw dot product, NEG_INF when the mask hides it.

@@ -1,0 +1,45 @@
+#version 450
+// get_rows (gather rows of src0 of any type into f32) and set_rows (scatter the f32 rows of
+// src1 into dst at the indices src2 holds), one invocation per element moved. An index out
+// of range is reported through the status word; get_rows then writes NaN and set_rows skips
+// the element, so no memory outside the tensors is touched.
+#extension GL_GOOGLE_include_directive : require
+layout(local_size_x = 256) in;
+
+#include "op_common.glsl"
+
+const uint OP_GET_ROWS = 0u, OP_SET_ROWS = 1u;
+
+// Row index at element byte b of an i32 or i64 index tensor held in `WORDS`; -1 when it is
+// negative or does not fit 31 bits.
+#define INDEX_AT(WORDS, type, b)                                                                   \
+    ((type) == T_I32 ? int(WORDS[(b) >> 2])                                                        \
+                     : (WORDS[((b) >> 2) + 1u] == 0u && WORDS[(b) >> 2] < 0x80000000u ? int(WORDS[(b) >> 2]) : -1))
+
+void main() {
+    if (P.op == OP_GET_ROWS) {
+        // dst [ne0, n, planes]: row rows[i1, plane] of plane i2 of src0 (rows: src1, i32).
+        const uint limit = P.src0.ne.y;
+        for (uint k = invocation(); k < P.n; k += n_invocations()) {
+            const uvec4 d = unflatten(k, P.dst.ne);
+            const uint at = P.src1.off + d.y * P.src1.nb.x + (P.src1.ne.y == 1u ? 0u : d.z * P.src1.nb.y);
+            const int r = int(src1_words[at >> 2]);
+            float v = uintBitsToFloat(0x7fc00000u); // NaN
+            if (r >= 0 && uint(r) < limit) v = src0_at(d.x, uint(r), d.z, d.w);
+            else report(STATUS_ROW_OUT_OF_RANGE);
+            store_dst_at(d.x, d.y, d.z, d.w, v);
+        }
+        return;
+    }
+    // OP_SET_ROWS: src1 = b [ne0, n, ne2, ne3] f32, src2 = rows [n] (i32 or i64).
+    const uint limit = P.dst.ne.y;
+    for (uint k = invocation(); k < P.n; k += n_invocations()) {
+        const uvec4 s = unflatten(k, P.src1.ne);
+        const int r = INDEX_AT(src2_words, P.src2.type, P.src2.off + s.y * P.src2.nb.x);
+        if (r < 0 || uint(r) >= limit) {
+            report(STATUS_ROW_OUT_OF_RANGE);
+            continue;
+        }
+        store_dst_at(s.x, uint(r), s.z, s.w, src1_at(s.x, s.y, s.z, s.w));
+    }
+}

@@ -1,0 +1,50 @@
+// mul_mat on Vulkan: weights of every type the library reads (f32, f16, bf16 and the GGUF
+// blocks, decoded while tiles load), activations f32/f16/bf16, results f32. Products of a
+// few columns (decoding) take the matrix-vector shader, which decodes each weight once for
+// all columns; wider ones the tiled shader.
+#include "vk_ops.h"
+
+namespace gfa::vulkan {
+
+namespace {
+
+constexpr int64_t kVectorColumns = 8; // NCOLS in shaders/mul_mat_vec.comp
+constexpr uint32_t kTile = 64;        // BM = BN in shaders/mul_mat.comp
+
+bool supports_mul_mat(const Context& ctx, const Tensor* node) {
+    const Tensor *a = node->src[0], *b = node->src[1];
+    const Type bt = b->type;
+    if (bt != Type::F32 && bt != Type::F16 && bt != Type::BF16) return false;
+    if (a->type == Type::I32 || a->type == Type::I64 || node->type != Type::F32) return false;
+    const uint64_t batches = uint64_t(node->ne[2] * node->ne[3]);
+    return batches <= ctx.limits().maxComputeWorkGroupCount[1] &&
+           batches <= ctx.limits().maxComputeWorkGroupCount[2] &&
+           uint64_t(node->ne[0] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[0] &&
+           uint64_t(node->ne[1] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[1] &&
+           bindable(ctx, a) && bindable(ctx, b) && bindable(ctx, node);
+}
+
+void record_mul_mat(Recorder& rec, const Tensor* node) {
+    const Tensor *a = node->src[0], *b = node->src[1];
+    OpDispatch d;
+    bind_tensor(rec, d, 0, a, "the weights");
+    bind_tensor(rec, d, 1, b, "the second operand");
+    bind_tensor(rec, d, 3, node, "the result");
+    d.params.iarg[0] = uint32_t(b->ne[2] / a->ne[2]); // b's matrices per matrix of a
+    d.params.iarg[1] = uint32_t(b->ne[3] / a->ne[3]);
+    const uint32_t batches = uint32_t(node->ne[2] * node->ne[3]);
+    if (b->ne[1] <= kVectorColumns) {
+        dispatch_op(rec, "mul_mat_vec", d, capped_groups(uint64_t(a->ne[1]), 1), batches);
+        return;
+    }
+    dispatch_op(rec, "mul_mat", d, uint32_t((node->ne[0] + kTile - 1) / kTile),
+                uint32_t((node->ne[1] + kTile - 1) / kTile), batches);
+}
+
+} // namespace
+
+void register_matmul_kernels(std::map<Op, Kernel>& table) {
+    table[Op::MulMat] = {supports_mul_mat, record_mul_mat};
+}
+
+} // namespace gfa::vulkan

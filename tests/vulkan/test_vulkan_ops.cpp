@@ -1,0 +1,335 @@
+// The Vulkan kernels of the ops besides attention against the double-precision reference:
+// random inputs, odd shapes, strided views, results poisoned with NaN before each run, and
+// every node of the graph required to run on Vulkan. The shaders compute in f32 whatever the
+// storage, so the tolerances are f32's.
+#include "op_check.h"
+#include "op_def.h"
+#include "reference.h"
+#include "vulkan_device.h"
+
+#include <ggml-fa/ops.h>
+
+#include <cmath>
+
+using namespace gfa;
+using gfa::test::fill_uniform;
+using gfa::test::rel_error;
+
+namespace {
+
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
+
+std::vector<float> run_on_vulkan(Tensor* out) {
+    return test::run_on_device(vulkan0(), build_forward(out), out);
+}
+
+// Computes out's graph on Vulkan (every node there) and compares it with the reference.
+void check_vulkan(Tensor* out, double tol) {
+    INFO("seed " << test::seed() << ", output " << out->shape_str() << " made by " << op_name(out->op));
+    Graph g = build_forward(out);
+    for (Tensor* n : g.nodes()) {
+        INFO("node " << op_name(n->op) << " " << n->shape_str());
+        REQUIRE(vulkan0()->supports_op(n));
+    }
+    const std::vector<double> expected = ref::evaluate(g, out);
+    const std::vector<float> got = test::run_on_device(vulkan0(), g, out);
+    const double err = rel_error(got, expected);
+    INFO("relative error " << err << " (tolerance " << tol << ")");
+    CHECK(err <= tol);
+}
+
+void set_i32(Tensor* t, const std::vector<int32_t>& v) {
+    REQUIRE(int64_t(v.size()) == t->nelements());
+    tensor_set(t, v.data(), 0, v.size() * sizeof(int32_t));
+}
+
+std::vector<int32_t> random_indices(size_t n, int32_t limit) {
+    std::uniform_int_distribution<int32_t> d(0, limit - 1);
+    std::vector<int32_t> v(n);
+    for (auto& x : v) x = d(test::rng());
+    return v;
+}
+
+const Type kQuantTypes[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
+                            Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
+
+// Every row of a packed tensor, decoded by the CPU's decoder.
+std::vector<float> cpu_dequantized(const Tensor* a) {
+    const int64_t K = a->ne[0], rows = a->ne[1] * a->ne[2] * a->ne[3];
+    std::vector<float> out(size_t(K * rows));
+    for (int64_t r = 0; r < rows; ++r)
+        type_traits(a->type).to_float(static_cast<const char*>(a->data) + r * a->nb[1], out.data() + r * K,
+                                      K);
+    return out;
+}
+
+int64_t mismatches(const std::vector<float>& got, const std::vector<float>& want) {
+    REQUIRE(got.size() == want.size());
+    int64_t bad = 0;
+    for (size_t i = 0; i < got.size(); ++i) bad += got[i] == want[i] ? 0 : 1; // NaN never equals
+    return bad;
+}
+
+} // namespace
+
+// ---- element-wise ----------------------------------------------------------------------------
+
+TEST_CASE("Vulkan binary ops broadcast rows and columns", "[vulkan][ops]") {
+    for (auto op : {add, sub, mul, div}) {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F32, {17, 5, 3, 2});
+        Tensor* b = ctx.new_tensor(Type::F32, {17, 1, 3, 1});
+        Tensor* c = ctx.new_tensor(Type::F32, {1, 5, 1, 2});
+        fill_uniform(a);
+        fill_uniform(b, 0.5f, 1.5f);
+        fill_uniform(c, 0.5f, 1.5f);
+        check_vulkan(op(ctx, a, b), 1e-6);
+        check_vulkan(op(ctx, a, c), 1e-6);
+        check_vulkan(
+            op(ctx, permute(ctx, a, 1, 0, 2, 3), reshape(ctx, cont(ctx, transpose(ctx, c)), {5, 1, 1, 2})),
+            1e-6);
+    }
+}
+
+TEST_CASE("Vulkan unary ops, activations and their backward ops", "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {113, 7, 3});
+    fill_uniform(a, 0.1f, 2.0f);
+    check_vulkan(scale(ctx, a, -1.5f, 0.25f), 1e-6);
+    check_vulkan(sqr(ctx, a), 1e-6);
+    check_vulkan(sqrt(ctx, a), 1e-6);
+    check_vulkan(exp(ctx, a), 1e-6);
+    check_vulkan(log(ctx, a), 1e-6);
+    check_vulkan(neg(ctx, transpose(ctx, a)), 1e-6);
+
+    Tensor* x = ctx.new_tensor(Type::F32, {33, 7, 3});
+    Tensor* u = ctx.new_tensor(Type::F32, {33, 7, 3});
+    fill_uniform(x, -4.0f, 4.0f);
+    fill_uniform(u);
+    check_vulkan(silu(ctx, x), 1e-6);
+    check_vulkan(relu(ctx, x), 0.0);
+    check_vulkan(step(ctx, x), 0.0);
+    check_vulkan(swiglu(ctx, x, u), 1e-6);
+    check_vulkan(silu_back(ctx, u, x), 1e-6);
+    for (GeluApprox approx : {GeluApprox::Tanh, GeluApprox::Erf}) {
+        INFO("gelu approximation " << int(approx));
+        check_vulkan(gelu(ctx, x, approx), 1e-6);
+        check_vulkan(gelu_back(ctx, u, x, approx), 1e-5);
+    }
+    // Near zero, where tanh and erf lose digits when computed naively.
+    Tensor* small = ctx.new_tensor(Type::F32, {64, 3});
+    fill_uniform(small, -1e-3f, 1e-3f);
+    check_vulkan(gelu(ctx, small, GeluApprox::Tanh), 1e-6);
+    check_vulkan(gelu(ctx, small, GeluApprox::Erf), 1e-6);
+}
+
+TEST_CASE("Vulkan row sums, means and the normalizations", "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {1013, 5, 3});
+    fill_uniform(x, -2.0f, 2.0f);
+    check_vulkan(sum_rows(ctx, x), 1e-6);
+    check_vulkan(mean(ctx, x), 1e-6);
+    check_vulkan(sum_rows(ctx, permute(ctx, x, 2, 0, 1, 3)), 1e-6);
+    check_vulkan(norm(ctx, x, 1e-5f), 1e-5);
+    check_vulkan(rms_norm(ctx, x, 1e-5f), 1e-5);
+    check_vulkan(rms_norm(ctx, permute(ctx, x, 1, 0, 2, 3), 1e-6f), 1e-5); // strided rows
+    Tensor* one = ctx.new_tensor(Type::F32, {1, 4});
+    fill_uniform(one);
+    check_vulkan(norm(ctx, one, 1e-5f), 0.0); // a row of one value normalizes to zero
+}
+
+TEST_CASE("Vulkan soft_max_ext with f32/f16 masks, ALiBi and scale", "[vulkan][ops]") {
+    for (Type mask_type : {Type::F32, Type::F16})
+        for (float max_bias : {0.0f, 8.0f}) {
+            Context ctx = data_ctx();
+            Tensor* x = ctx.new_tensor(Type::F32, {37, 5, 6, 2});
+            Tensor* mask = ctx.new_tensor(mask_type, {37, 7, 1, 2}); // more mask rows than x rows
+            fill_uniform(x, -3.0f, 3.0f);
+            fill_uniform(mask, -2.0f, 0.0f);
+            INFO("mask " << type_name(mask_type) << ", max_bias " << max_bias);
+            check_vulkan(soft_max_ext(ctx, x, mask, 0.7f, max_bias), 1e-5);
+        }
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {300, 7, 2});
+    fill_uniform(x);
+    check_vulkan(soft_max(ctx, x), 1e-5);
+    // Rows hidden entirely by the mask come out as zeros.
+    Tensor* mask = ctx.new_tensor(Type::F32, {300, 7});
+    std::vector<float> m(300 * 7, 0.0f);
+    for (size_t i = 0; i < 300; ++i) m[2 * 300 + i] = -INFINITY;
+    tensor_set_f32(mask, m);
+    check_vulkan(soft_max_ext(ctx, x, mask, 1.0f, 0.0f), 1e-5);
+}
+
+TEST_CASE("Vulkan rope (normal and NeoX) and rope_back at positions in the thousands", "[vulkan][ops]") {
+    for (RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
+        Context ctx = data_ctx();
+        Tensor* x = ctx.new_tensor(Type::F32, {18, 3, 7, 2}); // head_dim, heads, tokens, batch
+        fill_uniform(x);
+        Tensor* pos = ctx.new_tensor(Type::I32, {7});
+        set_i32(pos, random_indices(7, 30000));
+        const RopeParams p{14, mode, 10000.0f, 0.5f}; // 14 of 18 dims rotate
+        INFO("mode " << int(mode));
+        check_vulkan(rope(ctx, x, pos, p), 1e-5);
+        check_vulkan(rope_back(ctx, x, pos, p), 1e-5);
+        // A strided view, as the model's fused q/k projection feeds it.
+        Tensor* wide = ctx.new_tensor(Type::F32, {18 * 5, 7});
+        fill_uniform(wide);
+        Tensor* heads = view(ctx, wide, {18, 3, 7}, {18 * sizeof(float), wide->nb[1]}, 18 * sizeof(float));
+        check_vulkan(rope(ctx, heads, pos, p), 1e-5);
+    }
+}
+
+// ---- data movement ---------------------------------------------------------------------------
+
+TEST_CASE("Vulkan cont, cpy and type conversions", "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {6, 5, 3, 2});
+    fill_uniform(a);
+    check_vulkan(cont(ctx, permute(ctx, a, 2, 0, 3, 1)), 0.0);
+    check_vulkan(cont(ctx, transpose(ctx, a)), 0.0);
+    Tensor* dst = ctx.new_tensor(Type::F16, {5, 6, 3, 2});
+    check_vulkan(cpy(ctx, transpose(ctx, a), dst), 1e-3);
+    for (Type t : {Type::F16, Type::BF16}) {
+        Context c2 = data_ctx();
+        Tensor* x = c2.new_tensor(Type::F32, {65, 3, 5}); // odd rows: 16-bit pairs straddle rows
+        fill_uniform(x);
+        // The reference rounds through the type the way the CPU does.
+        check_vulkan(cast(c2, cast(c2, x, t), Type::F32), 1e-7);
+    }
+    for (Type t : kQuantTypes) {
+        Context c2 = data_ctx();
+        Tensor* q = c2.new_tensor(t, {512, 3});
+        fill_uniform(q);
+        INFO("type " << type_name(t));
+        Tensor* as_f32 = cast(c2, q, Type::F32);
+        CHECK(mismatches(run_on_vulkan(as_f32), cpu_dequantized(q)) == 0); // decoded exactly
+    }
+    Context c3 = data_ctx();
+    Tensor* i = c3.new_tensor(Type::I32, {7, 3});
+    set_i32(i, random_indices(21, 1 << 24)); // results are compared as floats: stay exact
+    check_vulkan(cont(c3, transpose(c3, i)), 0.0);
+}
+
+TEST_CASE("Vulkan get_rows of every type and set_rows into f32, f16 and bf16", "[vulkan][ops]") {
+    for (Type t : {Type::F32, Type::F16, Type::BF16}) {
+        Context ctx = data_ctx();
+        Tensor* emb = ctx.new_tensor(t, {67, 11, 3});
+        fill_uniform(emb);
+        Tensor* rows = ctx.new_tensor(Type::I32, {5});
+        set_i32(rows, random_indices(5, 11));
+        check_vulkan(get_rows(ctx, emb, rows), 0.0);
+        Tensor* rows2 = ctx.new_tensor(Type::I32, {4, 3});
+        set_i32(rows2, random_indices(12, 11));
+        check_vulkan(get_rows(ctx, emb, rows2), 0.0);
+    }
+    for (Type t : kQuantTypes) {
+        Context ctx = data_ctx();
+        const int64_t K = 2 * QK_K, rows_in = 11;
+        Tensor* emb = ctx.new_tensor(t, {K, rows_in, 3});
+        fill_uniform(emb);
+        const std::vector<float> table = cpu_dequantized(emb);
+        Tensor* rows = ctx.new_tensor(Type::I32, {4, 3});
+        const std::vector<int32_t> idx = random_indices(12, int32_t(rows_in));
+        set_i32(rows, idx);
+        std::vector<float> want;
+        for (int64_t p = 0; p < 3; ++p)
+            for (int64_t i = 0; i < 4; ++i) {
+                const int64_t r = idx[size_t(p * 4 + i)];
+                want.insert(want.end(), table.begin() + (p * rows_in + r) * K,
+                            table.begin() + (p * rows_in + r + 1) * K);
+            }
+        INFO("type " << type_name(t));
+        CHECK(mismatches(run_on_vulkan(get_rows(ctx, emb, rows)), want) == 0);
+    }
+    for (Type t : {Type::F32, Type::F16, Type::BF16}) {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(t, {63, 9, 2}); // odd rows: a 16-bit row ends mid-word
+        fill_uniform(a);
+        Tensor* b = ctx.new_tensor(Type::F32, {63, 4, 2});
+        fill_uniform(b);
+        Tensor* rows = ctx.new_tensor(Type::I32, {4});
+        set_i32(rows, {7, 0, 3, 8});
+        INFO("type " << type_name(t));
+        // The rows not written keep a's values (compared through the reference as well).
+        Tensor* written = set_rows(ctx, a, b, rows);
+        REQUIRE(vulkan0()->supports_op(written));
+        const std::vector<float> got = run_on_vulkan(written);
+        const std::vector<double> want = ref::evaluate(build_forward(written), written);
+        CHECK(rel_error(got, want) <= (t == Type::F32 ? 0.0 : 4e-3));
+        // Exactly the CPU's rounding for the rows written.
+        std::vector<float> rounded = tensor_get_f32(b);
+        for (float& v : rounded)
+            v = t == Type::F16    ? fp16_to_fp32(fp32_to_fp16(v))
+                : t == Type::BF16 ? bf16_to_fp32(fp32_to_bf16(v))
+                                  : v;
+        const int32_t at[] = {7, 0, 3, 8};
+        for (int64_t p = 0; p < 2; ++p)
+            for (int64_t i = 0; i < 4; ++i)
+                for (int64_t k = 0; k < 63; ++k)
+                    CHECK(got[size_t((p * 9 + at[i]) * 63 + k)] == rounded[size_t((p * 4 + i) * 63 + k)]);
+    }
+}
+
+TEST_CASE("Vulkan get_rows and set_rows with an index out of range raise an error", "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* emb = ctx.new_tensor(Type::F32, {16, 5});
+    fill_uniform(emb);
+    Tensor* rows = ctx.new_tensor(Type::I32, {3});
+    set_i32(rows, {1, 5, 0}); // 5 is one past the end
+    CHECK_THROWS_WITH(run_on_vulkan(get_rows(ctx, emb, rows)),
+                      Catch::Contains("Vulkan0") && Catch::Contains("row index out of range"));
+    Tensor* b = ctx.new_tensor(Type::F32, {16, 3});
+    fill_uniform(b);
+    set_i32(rows, {0, -1, 2});
+    CHECK_THROWS_WITH(run_on_vulkan(set_rows(ctx, emb, b, rows)), Catch::Contains("row index out of range"));
+    // The device works afterwards.
+    set_i32(rows, {4, 1, 2});
+    check_vulkan(get_rows(ctx, emb, rows), 0.0);
+}
+
+// ---- matrix products -------------------------------------------------------------------------
+
+TEST_CASE("Vulkan mul_mat with f32, f16 and bf16 weights, broadcast batches and odd sizes", "[vulkan][ops]") {
+    struct Batch {
+        int64_t a2, a3, b2, b3;
+    };
+    const Batch batches[] = {{1, 1, 1, 1}, {3, 2, 3, 2}, {1, 1, 3, 2}, {2, 1, 6, 1}};
+    for (Type t : {Type::F32, Type::F16, Type::BF16})
+        for (int64_t n : {1, 3, 8, 9, 67})
+            for (const Batch& bt : batches) {
+                Context ctx = data_ctx();
+                const int64_t K = 97, M = 71;
+                Tensor* a = ctx.new_tensor(t, {K, M, bt.a2, bt.a3});
+                Tensor* b = ctx.new_tensor(Type::F32, {K, n, bt.b2, bt.b3});
+                fill_uniform(a);
+                fill_uniform(b);
+                INFO("weights " << type_name(t) << ", N = " << n);
+                check_vulkan(mul_mat(ctx, a, b), 1e-5); // b stays f32: an f32 product
+            }
+    // A transposed (strided) b.
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {19, 23});
+    Tensor* bt = ctx.new_tensor(Type::F32, {70, 19});
+    fill_uniform(a);
+    fill_uniform(bt);
+    check_vulkan(mul_mat(ctx, a, transpose(ctx, bt)), 1e-5);
+}
+
+TEST_CASE("Vulkan mul_mat with every quantized weight type, decoding and prefill shapes", "[vulkan][ops]") {
+    for (Type t : kQuantTypes)
+        for (int64_t N : {1, 5, 8, 9, 70}) {
+            Context ctx = data_ctx();
+            const int64_t K = type_traits(t).block_size == 32 ? 96 : 512;
+            Tensor* a = ctx.new_tensor(t, {K, 37, 2, 1}); // each matrix serves 3 x 2 matrices of b
+            Tensor* b = ctx.new_tensor(Type::F32, {K, N, 6, 2});
+            fill_uniform(a);
+            fill_uniform(b);
+            INFO("weights " << type_name(t) << ", N = " << N);
+            // The reference multiplies the CPU-decoded weights in double: the kernel decodes
+            // the same values and sums in f32.
+            check_vulkan(mul_mat(ctx, a, b), 1e-5);
+        }
+}
