@@ -7,6 +7,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "tiny_model.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -17,96 +19,11 @@
 
 using namespace gfa;
 
+using test::TempFile;
+using test::TinyModel;
+using test::write_model;
+
 namespace {
-
-struct TinyModel {
-    std::string arch = "llama";
-    int64_t vocab = 37, embd = 40, ff = 24, layers = 2, heads = 5, heads_kv = 1;
-    bool biases = false, tied = false;
-    // Tensors whose names end in one of these hold f16-rounded values, stored as f16 (or as
-    // f32 with rounded_as_f32: the same values in another type).
-    std::vector<std::string> f16_tensors;
-    bool rounded_as_f32 = false;
-    int64_t head_dim() const { return embd / heads; }
-};
-
-// Writes a random model of the given shape; `skip` leaves one tensor out, `bad_shape`
-// gives one tensor a wrong shape.
-std::string write_model(const TinyModel& m, uint32_t seed, const std::string& skip = "",
-                        const std::string& bad_shape = "") {
-    static int files_written = 0; // the same seed must not give two models one path
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    gguf::Writer w;
-    const std::string& A = m.arch;
-    w.set("general.architecture", A);
-    w.set(A + ".context_length", uint32_t(64));
-    w.set(A + ".embedding_length", uint32_t(m.embd));
-    w.set(A + ".block_count", uint32_t(m.layers));
-    w.set(A + ".feed_forward_length", uint32_t(m.ff));
-    w.set(A + ".attention.head_count", uint32_t(m.heads));
-    w.set(A + ".attention.head_count_kv", uint32_t(m.heads_kv));
-    w.set(A + ".attention.layer_norm_rms_epsilon", 1e-5f);
-    w.set(A + ".rope.freq_base", 10000.0f);
-    auto add = [&](const std::string& name, std::vector<int64_t> dims, float scale, float offset = 0.0f) {
-        if (name == skip) return;
-        if (name == bad_shape) dims[0] += 1;
-        int64_t n = 1;
-        for (int64_t d : dims) n *= d;
-        std::vector<float> v(static_cast<size_t>(n));
-        for (float& x : v) x = offset + scale * normal(rng);
-        const bool half =
-            std::any_of(m.f16_tensors.begin(), m.f16_tensors.end(), [&](const std::string& end) {
-                return name.size() >= end.size() &&
-                       name.compare(name.size() - end.size(), end.size(), end) == 0;
-            });
-        if (!half) {
-            w.add_tensor(name, Type::F32, dims, v.data(), v.size() * sizeof(float));
-            return;
-        }
-        std::vector<uint16_t> h(v.size());
-        for (size_t i = 0; i < v.size(); ++i) h[i] = fp32_to_fp16(v[i]);
-        if (!m.rounded_as_f32) {
-            w.add_tensor(name, Type::F16, dims, h.data(), h.size() * sizeof(uint16_t));
-            return;
-        }
-        for (size_t i = 0; i < v.size(); ++i) v[i] = fp16_to_fp32(h[i]);
-        w.add_tensor(name, Type::F32, dims, v.data(), v.size() * sizeof(float));
-    };
-    const int64_t D = m.head_dim(), Dq = m.heads * D, Dkv = m.heads_kv * D;
-    const float s = 1.0f / std::sqrt(float(m.embd));
-    add("token_embd.weight", {m.embd, m.vocab}, 1.0f);
-    add("output_norm.weight", {m.embd}, 0.1f, 1.0f);
-    if (!m.tied) add("output.weight", {m.embd, m.vocab}, s);
-    for (int64_t l = 0; l < m.layers; ++l) {
-        const std::string b = "blk." + std::to_string(l) + ".";
-        add(b + "attn_norm.weight", {m.embd}, 0.1f, 1.0f);
-        add(b + "attn_q.weight", {m.embd, Dq}, 2 * s);
-        add(b + "attn_k.weight", {m.embd, Dkv}, 2 * s);
-        add(b + "attn_v.weight", {m.embd, Dkv}, s);
-        if (m.biases) {
-            add(b + "attn_q.bias", {Dq}, 0.3f);
-            add(b + "attn_k.bias", {Dkv}, 0.3f);
-            add(b + "attn_v.bias", {Dkv}, 0.3f);
-        }
-        add(b + "attn_output.weight", {Dq, m.embd}, 1.0f / std::sqrt(float(Dq)));
-        add(b + "ffn_norm.weight", {m.embd}, 0.1f, 1.0f);
-        add(b + "ffn_gate.weight", {m.embd, m.ff}, s);
-        add(b + "ffn_up.weight", {m.embd, m.ff}, s);
-        add(b + "ffn_down.weight", {m.ff, m.embd}, 1.0f / std::sqrt(float(m.ff)));
-    }
-    const std::string path = (std::filesystem::temp_directory_path() /
-                              ("gfa-test-model-" + std::to_string(seed) + "-" + std::to_string(rng()) + "-" +
-                               std::to_string(files_written++) + ".gguf"))
-                                 .string();
-    w.write(path);
-    return path;
-}
-
-struct TempFile {
-    std::string path;
-    ~TempFile() { std::remove(path.c_str()); }
-};
 
 double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
     double num = 0, den = 0;

@@ -277,10 +277,11 @@ bool supports_get_rows(const Context& ctx, const Tensor* node) {
     return all_bindable(ctx, node);
 }
 
-// Rows of f32, f16 or bf16 (quantized caches are encoded on the CPU).
+// Rows of f32, f16, bf16 or q8_0 (the cache types a session offers).
 bool supports_set_rows(const Context& ctx, const Tensor* node) {
     const Type t = node->type;
-    return (t == Type::F32 || t == Type::F16 || t == Type::BF16) && all_bindable(ctx, node);
+    return (t == Type::F32 || t == Type::F16 || t == Type::BF16 || t == Type::Q8_0) &&
+           all_bindable(ctx, node);
 }
 
 void record_get_rows(Recorder& rec, const Tensor* node) {
@@ -296,7 +297,8 @@ void record_get_rows(Recorder& rec, const Tensor* node) {
 void record_set_rows(Recorder& rec, const Tensor* node) {
     OpDispatch d;
     d.params.op = kSetRows;
-    d.params.n = uint32_t(node->src[1]->nelements());
+    // One invocation per element, or per block of 32 when encoding q8_0.
+    d.params.n = uint32_t(node->src[1]->nelements() / type_traits(node->type).block_size);
     bind_tensor(rec, d, 1, node->src[1], "the new rows");
     bind_tensor(rec, d, 2, node->src[2], "the row indices");
     bind_tensor(rec, d, 3, node, "the destination");

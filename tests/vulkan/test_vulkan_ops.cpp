@@ -213,7 +213,7 @@ TEST_CASE("Vulkan cont, cpy and type conversions", "[vulkan][ops]") {
     check_vulkan(cont(c3, transpose(c3, i)), 0.0);
 }
 
-TEST_CASE("Vulkan get_rows of every type and set_rows into f32, f16 and bf16", "[vulkan][ops]") {
+TEST_CASE("Vulkan get_rows of every type and set_rows into f32, f16, bf16 and q8_0", "[vulkan][ops]") {
     for (Type t : {Type::F32, Type::F16, Type::BF16}) {
         Context ctx = data_ctx();
         Tensor* emb = ctx.new_tensor(t, {67, 11, 3});
@@ -270,6 +270,36 @@ TEST_CASE("Vulkan get_rows of every type and set_rows into f32, f16 and bf16", "
             for (int64_t i = 0; i < 4; ++i)
                 for (int64_t k = 0; k < 63; ++k)
                     CHECK(got[size_t((p * 9 + at[i]) * 63 + k)] == rounded[size_t((p * 4 + i) * 63 + k)]);
+    }
+    {
+        // q8_0 rows (34-byte blocks, so blocks share words with their neighbours): each
+        // written row decodes to exactly what the CPU's encoder gives.
+        Context ctx = data_ctx();
+        const int64_t K = 96;
+        Tensor* a = ctx.new_tensor(Type::Q8_0, {K, 9, 2});
+        fill_uniform(a);
+        Tensor* b = ctx.new_tensor(Type::F32, {K, 4, 2});
+        fill_uniform(b, -3.0f, 3.0f);
+        std::vector<float> bv = tensor_get_f32(b);
+        bv[5] = 0.0f; // a block with an exact zero, and one all zeros (d = 0)
+        for (size_t k = 32; k < 64; ++k) bv[k] = 0.0f;
+        tensor_set_f32(b, bv);
+        Tensor* rows = ctx.new_tensor(Type::I32, {4});
+        set_i32(rows, {2, 8, 0, 5});
+        const std::vector<float> before = cpu_dequantized(a);
+        Tensor* written = set_rows(ctx, a, b, rows);
+        REQUIRE(vulkan0()->supports_op(written));
+        const std::vector<float> got = run_on_vulkan(cast(ctx, written, Type::F32));
+        std::vector<std::byte> block(size_t(K / QK8_0) * sizeof(block_q8_0));
+        std::vector<float> want = before, decoded(static_cast<size_t>(K));
+        const int32_t at[] = {2, 8, 0, 5};
+        for (int64_t p = 0; p < 2; ++p)
+            for (int64_t i = 0; i < 4; ++i) {
+                type_traits(Type::Q8_0).from_float(bv.data() + (p * 4 + i) * K, block.data(), K);
+                type_traits(Type::Q8_0).to_float(block.data(), decoded.data(), K);
+                std::copy(decoded.begin(), decoded.end(), want.begin() + (p * 9 + at[i]) * K);
+            }
+        CHECK(mismatches(got, want) == 0);
     }
 }
 

@@ -52,7 +52,7 @@ void usage() {
                  "  --top-k K          keep the K most likely tokens (default 40; 0: all)\n"
                  "  --top-p P          keep the smallest set with probability >= P (default 0.95)\n"
                  "  --seed S           sampling seed (default: random)\n"
-                 "  --backend cpu|cuda where the weights live (default cpu)\n"
+                 "  --backend cpu|cuda|vulkan  where the weights live (default cpu)\n"
                  "  --gpu-layers N     blocks on the GPU backend (default: all)\n"
                  "  -c, --ctx N        KV cache length (default min(training context, 4096))\n"
                  "  -b, --batch N      prompt tokens per graph (default 256)\n"
@@ -244,14 +244,16 @@ int run(int argc, char** argv) {
     const Options o = parse(argc, argv);
 
     ModelLoadOptions load;
-    if (o.backend == "cuda") {
-        load.gpu = find_device("CUDA0");
-        if (!load.gpu) fail("--backend cuda: no CUDA device in this build or on this machine");
+    if (o.backend == "cuda" || o.backend == "vulkan") {
+        const char* device = o.backend == "cuda" ? "CUDA0" : "Vulkan0";
+        load.gpu = find_device(device);
+        if (!load.gpu)
+            fail("--backend " + o.backend + ": no " + device + " device in this build or on this machine");
         load.gpu_layers = o.gpu_layers < 0 ? INT32_MAX : o.gpu_layers;
     } else if (o.backend != "cpu") {
-        fail("--backend " + o.backend + ": expected cpu or cuda");
+        fail("--backend " + o.backend + ": expected cpu, cuda or vulkan");
     } else if (o.gpu_layers > 0) {
-        fail("--gpu-layers needs --backend cuda");
+        fail("--gpu-layers needs --backend cuda or vulkan");
     }
     auto t_load = std::chrono::steady_clock::now();
     std::unique_ptr<Model> model = Model::load(o.model_path, load);

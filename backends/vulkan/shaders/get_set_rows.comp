@@ -1,6 +1,8 @@
 #version 450
 // get_rows (gather rows of src0 of any type into f32) and set_rows (scatter the f32 rows of
-// src1 into dst at the indices src2 holds), one invocation per element moved. An index out
+// src1 into dst at the indices src2 holds), one invocation per element moved, or per block
+// of 32 when set_rows encodes q8_0 (as src/quants.cpp does: d = amax / 127, values rounded
+// half away from zero). An index out
 // of range is reported through the status word; get_rows then writes NaN and set_rows skips
 // the element, so no memory outside the tensors is touched.
 #extension GL_GOOGLE_include_directive : require
@@ -15,6 +17,12 @@ const uint OP_GET_ROWS = 0u, OP_SET_ROWS = 1u;
 #define INDEX_AT(WORDS, type, b)                                                                   \
     ((type) == T_I32 ? int(WORDS[(b) >> 2])                                                        \
                      : (WORDS[((b) >> 2) + 1u] == 0u && WORDS[(b) >> 2] < 0x80000000u ? int(WORDS[(b) >> 2]) : -1))
+
+// Rounds half away from zero (std::round). v - trunc(v) is exact, so the tie test is too.
+int round_away(float v) {
+    const float t = trunc(v);
+    return int(t) + (abs(v - t) >= 0.5 ? (v < 0.0 ? -1 : 1) : 0);
+}
 
 void main() {
     if (P.op == OP_GET_ROWS) {
@@ -33,6 +41,29 @@ void main() {
     }
     // OP_SET_ROWS: src1 = b [ne0, n, ne2, ne3] f32, src2 = rows [n] (i32 or i64).
     const uint limit = P.dst.ne.y;
+    if (P.dst.type == T_Q8_0) {
+        const uvec4 blocks = uvec4(P.src1.ne.x / 32u, P.src1.ne.yzw);
+        for (uint k = invocation(); k < P.n; k += n_invocations()) {
+            const uvec4 s = unflatten(k, blocks);
+            const int r = INDEX_AT(src2_words, P.src2.type, P.src2.off + s.y * P.src2.nb.x);
+            if (r < 0 || uint(r) >= limit) {
+                report(STATUS_ROW_OUT_OF_RANGE);
+                continue;
+            }
+            const uint from = row_of(P.src1, s.y, s.z, s.w), first = 32u * s.x;
+            float amax = 0.0;
+            for (uint j = 0u; j < 32u; ++j) amax = max(amax, abs(src1_element(from, first + j)));
+            precise float d = amax / 127.0;
+            precise float id = d != 0.0 ? 1.0 / d : 0.0;
+            const uint blk = row_of(P.dst, uint(r), s.z, s.w) + 34u * s.x;
+            store_dst_u16(blk, f16_bits(d));
+            for (uint j = 0u; j < 32u; j += 2u) {
+                precise float v0 = src1_element(from, first + j) * id, v1 = src1_element(from, first + j + 1u) * id;
+                store_dst_u16(blk + 2u + j, (uint(round_away(v0)) & 0xffu) | ((uint(round_away(v1)) & 0xffu) << 8));
+            }
+        }
+        return;
+    }
     for (uint k = invocation(); k < P.n; k += n_invocations()) {
         const uvec4 s = unflatten(k, P.src1.ne);
         const int r = INDEX_AT(src2_words, P.src2.type, P.src2.off + s.y * P.src2.nb.x);

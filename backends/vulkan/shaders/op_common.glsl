@@ -150,23 +150,24 @@ TENSOR_READS(src0, src0_words, P.src0)
 TENSOR_READS(src1, src1_words, P.src1)
 TENSOR_READS(src2, src2_words, P.src2)
 
-// Writes element (i0, i1, i2, i3) of dst (f32, f16, bf16 or i32). A 16-bit element shares its
-// word with a neighbour another invocation may write at the same time: clearing our half and
-// setting it are two atomics on disjoint bits, correct in any order.
+// Writes 16 bits at byte b (even) of dst. The halfword shares its word with a neighbour
+// another invocation may write at the same time: clearing our half and setting it are two
+// atomics on disjoint bits, correct in any order.
+void store_dst_u16(uint b, uint bits) {
+    const uint shift = 8u * (b & 2u);
+    atomicAnd(dst_words[b >> 2], ~(0xffffu << shift));
+    atomicOr(dst_words[b >> 2], bits << shift);
+}
+// Writes the element at byte b of dst (f32, f16, bf16 or i32).
 void store_dst(uint b, float x) {
     const uint type = P.dst.type;
     if (type == T_F32) {
         dst_words[b >> 2] = floatBitsToUint(x);
-        return;
-    }
-    if (type == T_I32) {
+    } else if (type == T_I32) {
         dst_words[b >> 2] = uint(int(x));
-        return;
+    } else {
+        store_dst_u16(b, type == T_F16 ? f16_bits(x) : bf16_bits(x));
     }
-    const uint bits = type == T_F16 ? f16_bits(x) : bf16_bits(x);
-    const uint shift = 8u * (b & 2u);
-    atomicAnd(dst_words[b >> 2], ~(0xffffu << shift));
-    atomicOr(dst_words[b >> 2], bits << shift);
 }
 void store_dst_at(uint i0, uint i1, uint i2, uint i3, float x) {
     store_dst(byte_of(P.dst, i0, i1, i2, i3), x);
