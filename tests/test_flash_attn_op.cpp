@@ -3,6 +3,7 @@
 // builder's validation.
 #include "op_check.h"
 
+#include <ggml-fa/backend.h>
 #include <ggml-fa/ops.h>
 
 #include <cmath>
@@ -82,6 +83,50 @@ TEST_CASE("flash_attn_ext gradients flow through a graph", "[attn][grad]") {
     // The evaluator hands attention f32 inputs, so finite differences carry f32 rounding of
     // the perturbed inputs: eps = 1e-2 keeps that far below the tolerance.
     check_gradients(ctx, loss, {q, k, v, sinks}, 2e-3, 1e-2);
+}
+
+// A scheduler that runs the forward on one backend and the backward on another hands the
+// backward a copy of the forward's output: a plain tensor with the values but neither the
+// forward's sources nor its parameters. The backward must get all else from its own node.
+TEST_CASE("flash_attn_ext backward needs only the values of its forward's output", "[attn][grad]") {
+    Context ctx = data_ctx();
+    const int64_t D = 32, Sq = 9, Skv = 13, Hq = 4, Hkv = 2;
+    Tensor* q = ctx.new_tensor(Type::F32, {D, Sq, Hq, 1});
+    Tensor* k = ctx.new_tensor(Type::F32, {D, Skv, Hkv, 1});
+    Tensor* v = ctx.new_tensor(Type::F32, {D, Skv, Hkv, 1});
+    Tensor* w = ctx.new_tensor(Type::F32, {D, Hq, Sq, 1});
+    for (Tensor* t : {q, k, v, w}) fill_uniform(t);
+    for (Tensor* t : {q, k, v}) set_param(t);
+    FlashAttnParams p;
+    p.scale = 0.3f;
+    p.causal = true;
+    p.window_left = 4;
+    Tensor* o = flash_attn_ext(ctx, q, k, v, nullptr, p);
+    Tensor* loss = sum(ctx, mul(ctx, o, w));
+    set_loss(loss);
+    Graph g = build_forward(loss);
+    build_backward(ctx, g, loss);
+    test::compute_cpu(g);
+    Tensor* back = nullptr;
+    for (Tensor* n : g.nodes())
+        if (n->op == Op::FlashAttnBack) back = n;
+    REQUIRE(back != nullptr);
+    REQUIRE(back->src[5] == o);
+    std::vector<std::byte> expected(back->alloc_bytes()), got(back->alloc_bytes());
+    tensor_get(back, expected.data(), 0, expected.size());
+
+    Tensor* copy = ctx.new_tensor(Type::F32, o->ne);
+    std::vector<std::byte> values(o->nbytes());
+    tensor_get(o, values.data(), 0, values.size());
+    tensor_set(copy, values.data(), 0, values.size());
+    back->src[5] = copy;
+    std::vector<std::byte> poison(back->alloc_bytes(), std::byte{0xFF});
+    tensor_set(back, poison.data(), 0, poison.size());
+    Tensor* nodes[] = {back};
+    make_cpu_backend(2)->compute(nodes);
+    back->src[5] = o;
+    tensor_get(back, got.data(), 0, got.size());
+    CHECK(got == expected);
 }
 
 TEST_CASE("flash_attn_ext rejects bad inputs with clear errors", "[attn][errors]") {

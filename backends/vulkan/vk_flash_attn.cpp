@@ -1,6 +1,7 @@
 // flash_attn_ext on Vulkan: the forward (shaders/fa_forward.comp) and the backward (prepare,
 // dK/dV, dQ, sinks), fed by the shared tensor-to-problem translation. The shaders compute in
-// f32 whatever the storage type (f32, f16, bf16), so f32 graphs keep f32 accuracy here.
+// f32 whatever the storage type (f32, f16, bf16; q8_0/q4_0 K/V in the forward, decoded as
+// the CPU decodes them), so f32 graphs keep f32 accuracy here.
 #include "attention/layout.h"
 #include "vk_context.h"
 
@@ -58,23 +59,39 @@ const Tiles* tiles_for(const std::array<Tiles, 3>& table, int64_t d) {
     return nullptr;
 }
 
-uint32_t type_code(Type t) {
-    return t == Type::F32 ? 0u : t == Type::F16 ? 1u : 2u; // f32, f16, bf16 (the shaders' T_*)
+uint32_t type_code(Type t) { // the shaders' T_*
+    switch (t) {
+    case Type::F32:
+        return 0;
+    case Type::F16:
+        return 1;
+    case Type::BF16:
+        return 2;
+    case Type::Q8_0:
+        return 3;
+    default: // Type::Q4_0
+        return 4;
+    }
 }
 bool float_type(Type t) {
     return t == Type::F32 || t == Type::F16 || t == Type::BF16;
 }
+// K/V caches the forward reads in blocks (rows of whole blocks, addressed in bytes).
+bool block_type(Type t) {
+    return t == Type::Q8_0 || t == Type::Q4_0;
+}
 
 // Bytes from a view's first element to the end of its last.
 size_t extent_bytes(const attn::View& v) {
-    size_t last = 0;
-    for (int d = 0; d < 4; ++d) last += size_t(v.ne[d] - 1) * size_t(v.nb[d]);
-    return last + type_traits(v.type).type_size;
+    const TypeTraits& tt = type_traits(v.type);
+    size_t bytes = size_t(v.ne[0] / tt.block_size) * tt.type_size; // the first row
+    for (int d = 1; d < 4; ++d) bytes += size_t(v.ne[d] - 1) * size_t(v.nb[d]);
+    return bytes;
 }
 
 // A view bound to a slot: the binding and the view's element offset and strides in its own
-// element size. Fails (naming the tensor) when a stride or the offset is not a whole number
-// of elements, which the word-addressed shaders cannot express.
+// element size (in bytes for block types). Fails (naming the tensor) when a stride or the
+// offset is not a whole number of elements, which the word-addressed shaders cannot express.
 struct BoundView {
     Binding binding;
     uint32_t off = 0, nb[4] = {0, 0, 0, 0};
@@ -82,7 +99,7 @@ struct BoundView {
 BoundView bind(const Recorder& rec, const attn::View& v, const char* what) {
     BoundView b;
     if (!v.present()) return b;
-    const size_t elem = type_traits(v.type).type_size;
+    const size_t elem = block_type(v.type) ? 1 : type_traits(v.type).type_size;
     const Located l = rec.locate(v.data, extent_bytes(v), what);
     b.binding = l.binding;
     auto whole = [&](size_t bytes) {
@@ -93,6 +110,9 @@ BoundView bind(const Recorder& rec, const attn::View& v, const char* what) {
     };
     b.off = whole(l.first_byte);
     for (int d = 0; d < 4; ++d) b.nb[d] = v.ne[d] == 1 ? 0u : whole(size_t(v.nb[d])); // 0: broadcast
+    // Blocks start on 2-byte boundaries (their f16 scale), as the shaders read them.
+    if (block_type(v.type) && (l.first_byte % 2 != 0 || (v.ne[1] > 1 && v.nb[1] % 2 != 0)))
+        throw Error(std::string("flash_attn_ext (Vulkan): ") + what + " has blocks at odd byte offsets");
     return b;
 }
 
@@ -149,13 +169,15 @@ FaParams make_params(const attn::Problem& p, std::array<Binding, kSlots>& slots,
 
 // ---- support -----------------------------------------------------------------------------
 
-// Everything the op's builder accepts except quantized K/V (the CPU and CUDA take those),
-// head dims above 256, and problems whose element indices or workgroup counts overflow what
-// the shaders use (32-bit word indices, 65535 workgroups per dimension).
+// Everything the op's builder accepts (q8_0/q4_0 K/V in the forward only) except head dims
+// above 256 and problems whose element indices or workgroup counts overflow what the shaders
+// use (32-bit word indices, 65535 workgroups per dimension).
 bool supports_problem(const Context& ctx, const attn::Problem& p, const std::array<Tiles, 3>& table,
-                      uint32_t (*shared)(const Tiles&)) {
-    for (const attn::View* v : {&p.q, &p.k, &p.v, &p.o})
+                      uint32_t (*shared)(const Tiles&), bool blocks_allowed) {
+    for (const attn::View* v : {&p.q, &p.o})
         if (!float_type(v->type)) return false;
+    for (const attn::View* v : {&p.k, &p.v})
+        if (!float_type(v->type) && !(blocks_allowed && block_type(v->type))) return false;
     const Tiles* t = tiles_for(table, std::max(p.Dk, p.Dv));
     if (!t || !ctx.fits_shared(shared(*t))) return false;
     const int64_t limit = int64_t(ctx.limits().maxStorageBufferRange);
@@ -168,7 +190,7 @@ bool supports_problem(const Context& ctx, const attn::Problem& p, const std::arr
 }
 
 bool supports_forward(const Context& ctx, const Tensor* node) {
-    return supports_problem(ctx, attn::forward_problem(node), kForwardTiles, forward_shared_bytes);
+    return supports_problem(ctx, attn::forward_problem(node), kForwardTiles, forward_shared_bytes, true);
 }
 
 bool supports_backward(const Context& ctx, const Tensor* node) {
@@ -176,7 +198,7 @@ bool supports_backward(const Context& ctx, const Tensor* node) {
     if (!float_type(bp.dO.type)) return false;
     const int64_t rows = bp.fwd.B * bp.fwd.Hq * bp.fwd.Sq;
     return rows / 128 < int64_t(ctx.limits().maxComputeWorkGroupCount[0]) &&
-           supports_problem(ctx, bp.fwd, kBackwardTiles, backward_shared_bytes);
+           supports_problem(ctx, bp.fwd, kBackwardTiles, backward_shared_bytes, false);
 }
 
 // ---- recording ---------------------------------------------------------------------------

@@ -30,11 +30,10 @@ View f32_view_at(const Tensor* owner, size_t offset, std::array<int64_t, 4> ne) 
     return v;
 }
 
-} // namespace
-
-Problem forward_problem(const Tensor* node) {
+// The inputs of an attention problem from the sources q, k, v, mask, sinks (src[0..4] of a
+// forward node and of its backward node alike).
+Problem inputs_of(const Tensor* node, const Params& params) {
     const Tensor *q = node->src[0], *k = node->src[1], *v = node->src[2];
-    const FlashAttnNodeParams np = node->params<FlashAttnNodeParams>();
     Problem p;
     p.Dk = q->ne[0];
     p.Dv = v->ne[0];
@@ -43,21 +42,32 @@ Problem forward_problem(const Tensor* node) {
     p.Hq = q->ne[2];
     p.Hkv = k->ne[2];
     p.B = q->ne[3];
-    p.params = np.attn;
+    p.params = params;
     p.q = view_of(q);
     p.k = view_of(k);
     p.v = view_of(v);
     p.mask = view_of(node->src[3]);
     p.sinks = view_of(node->src[4]);
+    return p;
+}
+
+} // namespace
+
+Problem forward_problem(const Tensor* node) {
+    const FlashAttnNodeParams np = node->params<FlashAttnNodeParams>();
+    Problem p = inputs_of(node, np.attn);
     p.o = view_of(node);
     if (np.options.with_lse) p.lse = f32_view_at(node, lse_offset(node->nbytes()), {p.Sq, p.Hq, p.B, 1});
     return p;
 }
 
+// Everything comes from the backward node itself: its src[5] holds the forward's output
+// values but may be a copy of them (the scheduler copies inputs computed on another
+// backend), which has neither the forward's sources nor its parameters.
 BackwardProblem backward_problem(const Tensor* back) {
     const Tensor* fwd = back->src[5];
     BackwardProblem bp;
-    bp.fwd = forward_problem(fwd);
+    bp.fwd = inputs_of(back, back->params<FlashAttnBackParams>().attn);
     bp.fwd.o = view_of(fwd);
     bp.fwd.lse = view_of(back->src[7]);
     bp.dO = view_of(back->src[6]);

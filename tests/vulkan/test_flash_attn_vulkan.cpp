@@ -199,8 +199,14 @@ FaCase random_case(std::mt19937& rng, bool grad) {
     c.Hq = c.Hkv * pick(rng, {1, 2, 3});
     c.B = pick(rng, {1, 2});
     c.q = grad ? Type::F32 : pick(rng, {Type::F32, Type::F16, Type::BF16});
-    c.k = pick(rng, {Type::F32, Type::F16, Type::BF16});
-    c.v = pick(rng, {Type::F32, Type::F16, Type::BF16});
+    // The forward also reads q8_0/q4_0 caches (rows of whole blocks of 32).
+    auto kv_type = [&](int64_t d) {
+        if (!grad && d % 32 == 0)
+            return pick(rng, {Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0});
+        return pick(rng, {Type::F32, Type::F16, Type::BF16});
+    };
+    c.k = kv_type(c.Dk);
+    c.v = kv_type(c.Dv);
     c.out = grad ? Type::F32 : pick(rng, {Type::F32, Type::F16, Type::BF16});
     c.params.scale = 1.0f / std::sqrt(float(c.Dk));
     c.params.causal = rng() % 3 == 0;
@@ -235,7 +241,7 @@ TEST_CASE("Vulkan flash attention forward features one at a time", "[vulkan][fa]
     base.Hkv = 2;
     base.B = 2;
     base.params.scale = 0.125f;
-    std::vector<FaCase> cases(14, base);
+    std::vector<FaCase> cases(16, base);
     cases[0].params.causal = true;
     cases[1].params.window_left = 7;
     cases[2].params.window_right = 3;
@@ -252,6 +258,8 @@ TEST_CASE("Vulkan flash attention forward features one at a time", "[vulkan][fa]
     cases[12].out = Type::BF16, cases[12].q = Type::BF16, cases[12].k = Type::BF16, cases[12].v = Type::BF16;
     cases[13].Dk = 256, cases[13].Dv = 256, cases[13].params.causal = true, cases[13].Sq = 1,
     cases[13].Skv = 300;
+    cases[14].k = Type::Q8_0, cases[14].v = Type::Q4_0, cases[14].params.causal = true; // quantized caches
+    cases[15].k = Type::Q4_0, cases[15].v = Type::Q8_0, cases[15].Sq = 1, cases[15].mask = MaskKind::Shared;
     for (const FaCase& c : cases) check_case(c, false, *vk, *cpu);
 }
 
@@ -350,23 +358,34 @@ TEST_CASE("Vulkan flash attention leaves what it does not support to the CPU", "
     Tensor* v = ctx.new_tensor(Type::F32, {64, 9, 2, 1});
     FlashAttnParams p;
     CHECK(d->supports_op(flash_attn_ext(ctx, q, k, v, nullptr, p)));
-    // Quantized K/V caches are the CPU's (and CUDA's).
     Tensor* kq = ctx.new_tensor(Type::Q8_0, {64, 9, 2, 1});
-    CHECK_FALSE(d->supports_op(flash_attn_ext(ctx, q, kq, v, nullptr, p)));
-    // Through the scheduler such a node runs on the CPU, and says so.
+    CHECK(d->supports_op(flash_attn_ext(ctx, q, kq, v, nullptr, p)));
+    // The backward through a quantized cache is the CPU's: there the node runs on the CPU
+    // through the scheduler, and the scheduler says so.
     auto vk = d->create_backend();
     auto cpu = make_cpu_backend(2);
     Context ctx2;
     compare::CaseBuilder b(ctx2);
-    Tensor* q2 = b.input({64, 5, 2, 1});
+    Tensor* q2 = b.param({64, 5, 2, 1});
     Tensor* k2 = b.input({64, 9, 2, 1}, -1.0f, 1.0f, Type::Q8_0);
-    Tensor* v2 = b.input({64, 9, 2, 1}, -1.0f, 1.0f, Type::Q4_0);
+    Tensor* v2 = b.param({64, 9, 2, 1});
     Tensor* o = flash_attn_ext(ctx2, q2, k2, v2, nullptr, p);
-    Graph g = build_forward(o);
+    Tensor* loss = sum(ctx2, o);
+    set_loss(loss);
+    Graph g = build_forward(loss);
+    build_backward(ctx2, g, loss);
+    Tensor* back = nullptr;
+    for (Tensor* n : g.nodes())
+        if (n->op == Op::FlashAttnBack) back = n;
+    REQUIRE(back != nullptr);
+    CHECK_FALSE(d->supports_op(back));
     std::mt19937 rng(test::rng()());
     const compare::Report rep = compare::run(g, *vk, cpu.get(), rng, b.inits());
     CHECK(rep.ok(1e-5));
-    REQUIRE_FALSE(rep.nodes.empty());
-    CHECK(rep.nodes.back().backend == "CPU");
+    for (const compare::NodeResult& n : rep.nodes)
+        if (n.node->op == Op::FlashAttnBack)
+            CHECK(n.backend == "CPU");
+        else if (n.node->op == Op::FlashAttnExt)
+            CHECK(n.backend == "Vulkan0");
     CHECK_FALSE(rep.log.empty());
 }

@@ -11,6 +11,8 @@
 #include "math.glsl"
 
 const uint T_F32 = 0u, T_F16 = 1u, T_BF16 = 2u;
+// K/V caches of blocks of 32 (forward only); their offsets and strides are in bytes.
+const uint T_Q8_0 = 3u, T_Q4_0 = 4u;
 #define NEG_INF uintBitsToFloat(0xff800000u)
 
 layout(std430, binding = 0) readonly buffer ParamsBlock {
@@ -56,13 +58,38 @@ float load_q(uint d, uint i, uint h, uint b) {
     const uint e = P.q_off + d + i * P.q_nb1 + h * P.q_nb2 + b * P.q_nb3;
     return LOAD_AS(q_words, P.q_type, e);
 }
+// Byte b and the 16 bits at (even) byte b of `words`.
+#define BYTE_AT(words, b) ((words[(b) >> 2] >> (((b) & 3u) * 8u)) & 0xffu)
+#define HALF_AT(words, b) unpackHalf2x16(words[(b) >> 2] >> (((b) & 2u) * 8u)).x
+// Value d of the row of blocks starting at byte `row`, decoded as src/quants.cpp decodes it.
+#define BLOCK_VALUE(words, t, row, d, out)                                                         \
+    {                                                                                               \
+        const uint in_block = (d) % 32u;                                                            \
+        const uint blk = (row) + ((d) / 32u) * ((t) == T_Q8_0 ? 34u : 18u);                         \
+        const uint q = BYTE_AT(words, blk + 2u + ((t) == T_Q8_0 ? in_block : (in_block & 15u)));    \
+        precise float decoded = HALF_AT(words, blk) *                                               \
+            ((t) == T_Q8_0 ? float(int(q << 24) >> 24)                                              \
+                           : float(int((q >> (in_block < 16u ? 0u : 4u)) & 15u) - 8));              \
+        out = decoded;                                                                              \
+    }
+
 float load_k(uint d, uint j, uint hk, uint b) {
-    const uint e = P.k_off + d + j * P.k_nb1 + hk * P.k_nb2 + b * P.k_nb3;
-    return LOAD_AS(k_words, P.k_type, e);
+    const uint row = P.k_off + j * P.k_nb1 + hk * P.k_nb2 + b * P.k_nb3;
+    if (P.k_type >= T_Q8_0) {
+        float v;
+        BLOCK_VALUE(k_words, P.k_type, row, d, v);
+        return v;
+    }
+    return LOAD_AS(k_words, P.k_type, row + d);
 }
 float load_v(uint d, uint j, uint hk, uint b) {
-    const uint e = P.v_off + d + j * P.v_nb1 + hk * P.v_nb2 + b * P.v_nb3;
-    return LOAD_AS(v_words, P.v_type, e);
+    const uint row = P.v_off + j * P.v_nb1 + hk * P.v_nb2 + b * P.v_nb3;
+    if (P.v_type >= T_Q8_0) {
+        float v;
+        BLOCK_VALUE(v_words, P.v_type, row, d, v);
+        return v;
+    }
+    return LOAD_AS(v_words, P.v_type, row + d);
 }
 float load_mask(uint j, uint i, uint h, uint b) {
     const uint e = P.mask_off + j + i * P.mask_nb1 + h * P.mask_nb2 + b * P.mask_nb3;
