@@ -128,8 +128,13 @@ std::unique_ptr<Scheduler::Plan> Scheduler::make_plan(const Graph& graph) {
         return backends_[size_t(it->second)]->device()->buffer_type();
     };
 
-    // 1. Nodes that own their memory: weights pull them to their device, otherwise the
-    //    highest-priority backend that supports them.
+    // 1. Nodes that own their memory: weights pull them to their device; a node without
+    //    weights stays with the data it reads when that data was placed by weights (or by
+    //    data placed so), so a model split by layers crosses between backends once per
+    //    boundary instead of at every op that has no weights (a norm, a rope, an add);
+    //    otherwise the highest-priority backend that supports it. A node placed by
+    //    fallback is not followed: the nodes after it return to the preferred backend.
+    std::map<const Tensor*, int> placed_by_data; // and in which order
     for (Tensor* n : graph.nodes()) {
         if (n->view_src) continue;
         int chosen = -1;
@@ -143,6 +148,21 @@ std::unique_ptr<Scheduler::Plan> Scheduler::make_plan(const Graph& graph) {
                 break;
             }
         }
+        if (chosen < 0) {
+            // The newest such source: the residual stream read beside a block's output is
+            // older than the output, and the block's backend is where the next ops belong.
+            int newest = -1;
+            for (Tensor* s : n->src) {
+                const Tensor* o = s ? owner_of(s) : nullptr;
+                auto it = o ? placed_by_data.find(o) : placed_by_data.end();
+                if (it != placed_by_data.end() && it->second > newest) {
+                    newest = it->second;
+                    chosen = where[o];
+                }
+            }
+            if (chosen >= 0 && !supports(chosen, n)) chosen = -1;
+        }
+        if (chosen >= 0) placed_by_data.emplace(n, int(placed_by_data.size()));
         if (chosen < 0) {
             for (int b = 0; b < n_backends && chosen < 0; ++b)
                 if (supports(b, n)) chosen = b;
