@@ -70,10 +70,15 @@ Context::Context(VkInstance instance, VkPhysicalDevice physical, std::string nam
     vkGetPhysicalDeviceProperties(physical_, &props_);
     vkGetPhysicalDeviceMemoryProperties(physical_, &mem_props_);
     VkPhysicalDeviceMaintenance3Properties m3{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MAINTENANCE_3_PROPERTIES};
+    VkPhysicalDeviceSubgroupProperties sg{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
+    m3.pNext = &sg;
     VkPhysicalDeviceProperties2 p2{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2};
     p2.pNext = &m3;
     vkGetPhysicalDeviceProperties2(physical_, &p2);
     max_allocation_ = m3.maxMemoryAllocationSize;
+    subgroup_size_ = sg.subgroupSize;
+    subgroup_arithmetic_ = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) &&
+                           (sg.supportedOperations & VK_SUBGROUP_FEATURE_ARITHMETIC_BIT) && sg.subgroupSize > 0;
 
     uint32_t n = 0;
     vkGetPhysicalDeviceQueueFamilyProperties(physical_, &n, nullptr);

@@ -105,6 +105,10 @@ class Context {
     }
     // Whether shaders may use double precision (enabled at device creation when offered).
     bool has_float64() const { return float64_; }
+    // Invocations per subgroup, and whether compute shaders have subgroup arithmetic
+    // (subgroupAdd and the like); 0 / false where the device does not say.
+    uint32_t subgroup_size() const { return subgroup_size_; }
+    bool has_subgroup_arithmetic() const { return subgroup_arithmetic_; }
 
     // Submits a recorded command buffer that signals `fence`; thread-safe.
     void submit(VkCommandBuffer cb, VkFence fence);
@@ -127,6 +131,8 @@ class Context {
     VkDeviceSize max_allocation_ = 0; // the largest single allocation the driver allows
     bool staging_forced_ = false;     // GFA_VULKAN_STAGING=1: copy through staging even where mappable
     bool float64_ = false;
+    uint32_t subgroup_size_ = 0;
+    bool subgroup_arithmetic_ = false;
     mutable std::mutex mutex_; // queue, one-shot pool, buffer table, pipelines
     VkCommandPool one_shot_pool_ = VK_NULL_HANDLE;
     VkFence one_shot_fence_ = VK_NULL_HANDLE;

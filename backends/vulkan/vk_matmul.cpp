@@ -1,8 +1,11 @@
 // mul_mat on Vulkan: weights of every type the library reads (f32, f16, bf16 and the GGUF
 // blocks, decoded while tiles load), activations f32/f16/bf16, results f32. Products of a
-// few columns (decoding) take the matrix-vector shader, which decodes each weight once for
-// all columns; wider ones the tiled shader.
+// few columns (decoding) take the matrix-vector shader, a subgroup per weight row that
+// decodes each weight once for all columns, on devices with subgroup arithmetic; wider
+// ones (and every product elsewhere) the tiled shader.
 #include "vk_ops.h"
+
+#include <algorithm>
 
 namespace gfa::vulkan {
 
@@ -33,8 +36,10 @@ void record_mul_mat(Recorder& rec, const Tensor* node) {
     d.params.iarg[0] = uint32_t(b->ne[2] / a->ne[2]); // b's matrices per matrix of a
     d.params.iarg[1] = uint32_t(b->ne[3] / a->ne[3]);
     const uint32_t batches = uint32_t(node->ne[2] * node->ne[3]);
-    if (b->ne[1] <= kVectorColumns) {
-        dispatch_op(rec, "mul_mat_vec", d, capped_groups(uint64_t(a->ne[1]), 1), batches);
+    const Context& ctx = rec.context();
+    if (b->ne[1] <= kVectorColumns && ctx.has_subgroup_arithmetic()) {
+        const uint32_t rows_per_group = std::max<uint32_t>(1, 128 / ctx.subgroup_size()); // a row per subgroup
+        dispatch_op(rec, "mul_mat_vec", d, capped_groups(uint64_t(a->ne[1]), rows_per_group), batches);
         return;
     }
     dispatch_op(rec, "mul_mat", d, uint32_t((node->ne[0] + kTile - 1) / kTile),
