@@ -78,7 +78,8 @@ Context::Context(VkInstance instance, VkPhysicalDevice physical, std::string nam
     max_allocation_ = m3.maxMemoryAllocationSize;
     subgroup_size_ = sg.subgroupSize;
     subgroup_arithmetic_ = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) &&
-                           (sg.supportedOperations & VK_SUBGROUP_FEATURE_ARITHMETIC_BIT) && sg.subgroupSize > 0;
+                           (sg.supportedOperations & VK_SUBGROUP_FEATURE_ARITHMETIC_BIT) &&
+                           sg.subgroupSize > 0;
 
     uint32_t n = 0;
     vkGetPhysicalDeviceQueueFamilyProperties(physical_, &n, nullptr);

@@ -1,4 +1,4 @@
-// mul_mat on Vulkan: weights of every type the library reads (f32, f16, bf16 and the GGUF
+// mul_mat and out_prod on Vulkan: weights of every type the library reads (f32, f16, bf16 and the GGUF
 // blocks, decoded while tiles load), activations f32/f16/bf16, results f32. Products of a
 // few columns (decoding) take the matrix-vector shader, a subgroup per weight row that
 // decodes each weight once for all columns, on devices with subgroup arithmetic; wider
@@ -38,7 +38,8 @@ void record_mul_mat(Recorder& rec, const Tensor* node) {
     const uint32_t batches = uint32_t(node->ne[2] * node->ne[3]);
     const Context& ctx = rec.context();
     if (b->ne[1] <= kVectorColumns && ctx.has_subgroup_arithmetic()) {
-        const uint32_t rows_per_group = std::max<uint32_t>(1, 128 / ctx.subgroup_size()); // a row per subgroup
+        const uint32_t rows_per_group =
+            std::max<uint32_t>(1, 128 / ctx.subgroup_size()); // a row per subgroup
         dispatch_op(rec, "mul_mat_vec", d, capped_groups(uint64_t(a->ne[1]), rows_per_group), batches);
         return;
     }
@@ -46,10 +47,43 @@ void record_mul_mat(Recorder& rec, const Tensor* node) {
                 uint32_t((node->ne[1] + kTile - 1) / kTile), batches);
 }
 
+// out_prod(a [M, K], b [N, K]) = the mul_mat of a and b with dims 0 and 1 of both swapped:
+// the same shaders, given descriptors that read a(m, k) as element (k, m).
+bool supports_out_prod(const Context& ctx, const Tensor* node) {
+    const Tensor *a = node->src[0], *b = node->src[1];
+    if (a->type != Type::F32 || b->type != Type::F32) return false;
+    const uint64_t batches = uint64_t(node->ne[2] * node->ne[3]);
+    return batches <= ctx.limits().maxComputeWorkGroupCount[1] &&
+           batches <= ctx.limits().maxComputeWorkGroupCount[2] &&
+           uint64_t(node->ne[0] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[0] &&
+           uint64_t(node->ne[1] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[1] &&
+           bindable(ctx, a) && bindable(ctx, b) && bindable(ctx, node);
+}
+
+void swap_dims01(TensorDesc& t) {
+    std::swap(t.ne[0], t.ne[1]);
+    std::swap(t.nb[0], t.nb[1]);
+}
+
+void record_out_prod(Recorder& rec, const Tensor* node) {
+    const Tensor *a = node->src[0], *b = node->src[1];
+    OpDispatch d;
+    bind_tensor(rec, d, 0, a, "the first operand");
+    bind_tensor(rec, d, 1, b, "the second operand");
+    bind_tensor(rec, d, 3, node, "the result");
+    swap_dims01(d.params.src0);
+    swap_dims01(d.params.src1);
+    d.params.iarg[0] = uint32_t(b->ne[2] / a->ne[2]);
+    d.params.iarg[1] = uint32_t(b->ne[3] / a->ne[3]);
+    dispatch_op(rec, "mul_mat", d, uint32_t((node->ne[0] + kTile - 1) / kTile),
+                uint32_t((node->ne[1] + kTile - 1) / kTile), uint32_t(node->ne[2] * node->ne[3]));
+}
+
 } // namespace
 
 void register_matmul_kernels(std::map<Op, Kernel>& table) {
     table[Op::MulMat] = {supports_mul_mat, record_mul_mat};
+    table[Op::OutProd] = {supports_out_prod, record_out_prod};
 }
 
 } // namespace gfa::vulkan

@@ -1,6 +1,7 @@
-// The Vulkan kernels of the ops a model's forward pass needs besides attention (and the
-// element-wise ops of training graphs): element-wise math and activations, copies between
-// types, get_rows / set_rows, the normalizations, softmax, row sums and rope. Each op is a
+// The Vulkan kernels of every op besides attention and the matrix products: element-wise
+// math and activations, copies between types, fill / repeat / concat / diag_mask, get_rows /
+// set_rows, the normalizations, softmax, sums and rope, the backward ops of all of these,
+// the cross-entropy loss and AdamW. Each op is a
 // shader op code plus the tensors it binds; the semantics are the op's definition in
 // src/ops/, and tests compare every kernel with the double-precision reference.
 #include "vk_ops.h"
@@ -9,6 +10,7 @@
 
 #include <ggml-fa/ops.h>
 
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -122,6 +124,11 @@ enum ElementwiseOp : uint32_t {
     kSiluBack,
     kGeluTanhBack,
     kGeluErfBack,
+    kFill,
+    kRepeat,
+    kRepeatBack,
+    kConcat,
+    kDiagMask,
 };
 
 uint32_t elementwise_code(const Tensor* node) {
@@ -161,45 +168,96 @@ uint32_t elementwise_code(const Tensor* node) {
         return kSwiglu;
     case Op::SiluBack:
         return kSiluBack;
+    case Op::Fill:
+        return kFill;
+    case Op::Repeat:
+        return kRepeat;
+    case Op::RepeatBack:
+        return kRepeatBack;
+    case Op::Concat:
+        return kConcat;
+    case Op::DiagMaskInf:
+        return kDiagMask;
     default: // Op::GeluBack
         return node->params<GeluParams>().approx == GeluApprox::Erf ? kGeluErfBack : kGeluTanhBack;
     }
 }
 
 bool is_binary(uint32_t code) {
-    return code >= kAdd;
+    return (code >= kAdd && code < kFill) || code == kConcat;
 }
 
 bool supports_elementwise(const Context& ctx, const Tensor* node) {
     return node->type == Type::F32 && all_bindable(ctx, node);
 }
 
-// cpy / cont / cast: any readable type to f32, f16 or bf16; i32 to i32.
+bool supports_fill(const Context& ctx, const Tensor* node) {
+    const Type t = node->type;
+    return (t == Type::F32 || t == Type::F16 || t == Type::BF16) && bindable(ctx, node);
+}
+
+// cpy / cont / cast: any readable type to f32, f16 or bf16; i32 to i32; float types to q8_0
+// in the same shape (encoded block by block).
 bool supports_copy(const Context& ctx, const Tensor* node) {
     const Type from = node->src[0]->type, to = node->type;
+    if (to == Type::Q8_0)
+        return (from == Type::F32 || from == Type::F16 || from == Type::BF16) &&
+               node->src[0]->ne == node->ne && all_bindable(ctx, node);
     const bool to_float = to == Type::F32 || to == Type::F16 || to == Type::BF16;
     const bool ok = to == Type::I32 ? from == Type::I32 : to_float && from != Type::I32 && from != Type::I64;
     return ok && all_bindable(ctx, node);
 }
 
+void record_encode_q8_0(Recorder& rec, const Tensor* node);
+
 void record_elementwise(Recorder& rec, const Tensor* node) {
+    if (node->type == Type::Q8_0) return record_encode_q8_0(rec, node);
     OpDispatch d;
     d.params.op = elementwise_code(node);
     d.params.n = uint32_t(node->nelements());
-    bind_tensor(rec, d, 0, node->src[0], "the first input");
+    if (node->op != Op::Fill) bind_tensor(rec, d, 0, node->src[0], "the first input");
     if (is_binary(d.params.op)) bind_tensor(rec, d, 1, node->src[1], "the second input");
     bind_tensor(rec, d, 3, node, "the result");
-    if (node->op == Op::Scale) {
+    switch (node->op) {
+    case Op::Scale: {
         const ScaleParams p = node->params<ScaleParams>();
         d.params.farg[0] = p.scale;
         d.params.farg[1] = p.bias;
+        break;
+    }
+    case Op::Fill:
+        d.params.farg[0] = node->params<FillParams>().value;
+        break;
+    case Op::Concat:
+        d.params.iarg[0] = uint32_t(node->params<ConcatParams>().dim);
+        break;
+    case Op::DiagMaskInf: {
+        const DiagMaskNodeParams p = node->params<DiagMaskNodeParams>();
+        d.params.iarg[0] = uint32_t(p.n_past);
+        d.params.farg[0] = p.fill;
+        break;
+    }
+    default:
+        break;
     }
     dispatch_op(rec, "elementwise", d, capped_groups(d.params.n, 256));
 }
 
 // ---- rows: normalizations, softmax, sums -------------------------------------------------
 
-enum RowOp : uint32_t { kNorm, kRmsNorm, kSoftMax, kSumRows, kMean };
+enum RowOp : uint32_t {
+    kNorm,
+    kRmsNorm,
+    kSoftMax,
+    kSumRows,
+    kMean,
+    kSum,
+    kNormBack,
+    kRmsNormBack,
+    kSoftMaxBack,
+    kCrossEntropy,
+    kCrossEntropyBack
+};
 
 bool supports_rows(const Context& ctx, const Tensor* node) {
     if (node->op == Op::SoftMax && node->src[1]) {
@@ -237,12 +295,44 @@ void record_rows(Recorder& rec, const Tensor* node) {
         }
         break;
     }
+    case Op::NormBack:
+    case Op::RmsNormBack:
+        d.params.op = node->op == Op::NormBack ? kNormBack : kRmsNormBack;
+        d.params.farg[0] = node->params<NormParams>().eps;
+        bind_tensor(rec, d, 1, node->src[1], "the forward's input");
+        break;
+    case Op::SoftMaxBack:
+        d.params.op = kSoftMaxBack;
+        d.params.farg[0] = node->params<SoftMaxParams>().scale;
+        bind_tensor(rec, d, 1, node->src[1], "the forward's output");
+        break;
+    case Op::CrossEntropyLossBack:
+        d.params.op = kCrossEntropyBack;
+        bind_tensor(rec, d, 1, node->src[1], "the logits");
+        bind_tensor(rec, d, 2, node->src[2], "the labels");
+        break;
     default:
         d.params.op = node->op == Op::Mean ? kMean : kSumRows;
         break;
     }
     const int64_t rows = node->ne[1] * node->ne[2] * node->ne[3];
     dispatch_op(rec, "rows", d, capped_groups(uint64_t(rows), 1));
+}
+
+// sum and the cross-entropy loss: the whole input in one workgroup.
+void record_total(Recorder& rec, const Tensor* node) {
+    OpDispatch d;
+    bind_tensor(rec, d, 3, node, "the result");
+    if (node->op == Op::Sum) {
+        d.params.op = kSum;
+        d.params.n = uint32_t(node->src[0]->nelements());
+        bind_tensor(rec, d, 0, node->src[0], "the input");
+    } else {
+        d.params.op = kCrossEntropy;
+        bind_tensor(rec, d, 1, node->src[0], "the logits");
+        bind_tensor(rec, d, 2, node->src[1], "the labels");
+    }
+    dispatch_op(rec, "rows", d, 1);
 }
 
 // ---- rope ------------------------------------------------------------------------------------
@@ -271,7 +361,7 @@ void record_rope(Recorder& rec, const Tensor* node) {
 
 // ---- get_rows / set_rows -----------------------------------------------------------------
 
-enum GetSetOp : uint32_t { kGetRows, kSetRows };
+enum GetSetOp : uint32_t { kGetRows, kSetRows, kGetRowsBack, kEncodeQ8_0 };
 
 bool supports_get_rows(const Context& ctx, const Tensor* node) {
     return all_bindable(ctx, node);
@@ -282,6 +372,58 @@ bool supports_set_rows(const Context& ctx, const Tensor* node) {
     const Type t = node->type;
     return (t == Type::F32 || t == Type::F16 || t == Type::BF16 || t == Type::Q8_0) &&
            all_bindable(ctx, node);
+}
+
+void record_encode_q8_0(Recorder& rec, const Tensor* node) {
+    OpDispatch d;
+    d.params.op = kEncodeQ8_0;
+    d.params.n = uint32_t(node->nelements() / QK8_0);
+    bind_tensor(rec, d, 1, node->src[0], "the input");
+    bind_tensor(rec, d, 3, node, "the result");
+    dispatch_op(rec, "get_set_rows", d, capped_groups(d.params.n, 256));
+}
+
+bool supports_get_rows_back(const Context& ctx, const Tensor* node) {
+    return node->src[0]->type == Type::F32 && node->src[1]->type == Type::I32 && all_bindable(ctx, node);
+}
+
+void record_get_rows_back(Recorder& rec, const Tensor* node) {
+    OpDispatch d;
+    d.params.op = kGetRowsBack;
+    d.params.n = uint32_t(node->nelements());
+    bind_tensor(rec, d, 0, node->src[0], "the gradient");
+    bind_tensor(rec, d, 1, node->src[1], "the row indices");
+    bind_tensor(rec, d, 3, node, "the result");
+    dispatch_op(rec, "get_set_rows", d, capped_groups(d.params.n, 256));
+}
+
+// ---- AdamW -------------------------------------------------------------------------------
+
+void record_adamw(Recorder& rec, const Tensor* node) {
+    const AdamWParams p = node->params<AdamWParams>();
+    OpDispatch d;
+    d.params.n = uint32_t(node->nelements());
+    bind_tensor(rec, d, 0, node->src[1], "the gradient");
+    bind_tensor(rec, d, 1, node->src[2], "the first moment");
+    bind_tensor(rec, d, 2, node->src[3], "the second moment");
+    bind_tensor(rec, d, 3, node, "the parameter");
+    d.params.farg[0] = p.lr;
+    d.params.farg[1] = p.beta1;
+    d.params.farg[2] = p.beta2;
+    d.params.farg[3] = p.eps;
+    const float c1 = float(1.0 - std::pow(double(p.beta1), p.step));
+    const float c2 = float(1.0 - std::pow(double(p.beta2), p.step));
+    d.params.iarg[0] = std::bit_cast<uint32_t>(p.weight_decay);
+    d.params.iarg[1] = std::bit_cast<uint32_t>(c1);
+    d.params.iarg[2] = std::bit_cast<uint32_t>(c2);
+    dispatch_op(rec, "adamw", d, capped_groups(d.params.n, 256));
+}
+
+// Every tensor the step reads or writes is f32 (the builder checks).
+bool supports_all_f32(const Context& ctx, const Tensor* node) {
+    for (const Tensor* s : node->src)
+        if (s && s->type != Type::F32) return false;
+    return node->type == Type::F32 && all_bindable(ctx, node);
 }
 
 void record_get_rows(Recorder& rec, const Tensor* node) {
@@ -311,15 +453,23 @@ void register_elementwise_kernels(std::map<Op, Kernel>& table) {
     for (Op op : {Op::Add, Op::Sub, Op::Mul, Op::Div, Op::Scale, Op::Sqr, Op::Sqrt, Op::Exp, Op::Log, Op::Neg,
                   Op::Silu, Op::Gelu, Op::Relu, Op::Step, Op::Swiglu, Op::SiluBack, Op::GeluBack})
         table[op] = {supports_elementwise, record_elementwise};
+    for (Op op : {Op::Repeat, Op::RepeatBack, Op::Concat, Op::DiagMaskInf})
+        table[op] = {supports_elementwise, record_elementwise};
+    table[Op::Fill] = {supports_fill, record_elementwise};
     table[Op::Cpy] = {supports_copy, record_elementwise};
     table[Op::Cont] = {supports_copy, record_elementwise};
     table[Op::GetRows] = {supports_get_rows, record_get_rows};
     table[Op::SetRows] = {supports_set_rows, record_set_rows};
+    table[Op::GetRowsBack] = {supports_get_rows_back, record_get_rows_back};
+    table[Op::AdamW] = {supports_all_f32, record_adamw};
 }
 
 void register_row_kernels(std::map<Op, Kernel>& table) {
-    for (Op op : {Op::Norm, Op::RmsNorm, Op::SoftMax, Op::SumRows, Op::Mean})
+    for (Op op : {Op::Norm, Op::RmsNorm, Op::SoftMax, Op::SumRows, Op::Mean, Op::NormBack, Op::RmsNormBack,
+                  Op::SoftMaxBack, Op::CrossEntropyLossBack})
         table[op] = {supports_rows, record_rows};
+    table[Op::Sum] = {supports_all_f32, record_total};
+    table[Op::CrossEntropyLoss] = {supports_all_f32, record_total};
     table[Op::Rope] = {supports_rope, record_rope};
     table[Op::RopeBack] = {supports_rope, record_rope};
 }

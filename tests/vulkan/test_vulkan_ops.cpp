@@ -1,4 +1,4 @@
-// The Vulkan kernels of the ops besides attention against the double-precision reference:
+// The Vulkan kernels of every op besides attention against the double-precision reference:
 // random inputs, odd shapes, strided views, results poisoned with NaN before each run, and
 // every node of the graph required to run on Vulkan. The shaders compute in f32 whatever the
 // storage, so the tolerances are f32's.
@@ -9,6 +9,7 @@
 
 #include <ggml-fa/ops.h>
 
+#include <array>
 #include <cmath>
 
 using namespace gfa;
@@ -185,6 +186,24 @@ TEST_CASE("Vulkan rope (normal and NeoX) and rope_back at positions in the thous
 // ---- data movement ---------------------------------------------------------------------------
 
 TEST_CASE("Vulkan cont, cpy and type conversions", "[vulkan][ops]") {
+    {
+        // Encoding q8_0 (34-byte blocks sharing words with their neighbours), from f32 and f16:
+        // the blocks equal the CPU's encoding byte for byte.
+        Context c0 = data_ctx();
+        for (Type from : {Type::F32, Type::F16}) {
+            Tensor* x = c0.new_tensor(from, {96, 5, 3});
+            fill_uniform(x, -4.0f, 4.0f);
+            Tensor* q = cast(c0, x, Type::Q8_0);
+            REQUIRE(vulkan0()->supports_op(q));
+            const std::vector<float> got = run_on_vulkan(cast(c0, q, Type::F32));
+            std::vector<float> values = tensor_get_f32(x), want(values.size());
+            std::vector<std::byte> blocks(size_t(x->nelements() / QK8_0) * sizeof(block_q8_0));
+            type_traits(Type::Q8_0).from_float(values.data(), blocks.data(), x->nelements());
+            type_traits(Type::Q8_0).to_float(blocks.data(), want.data(), x->nelements());
+            INFO("from " << type_name(from));
+            CHECK(mismatches(got, want) == 0);
+        }
+    }
     Context ctx = data_ctx();
     Tensor* a = ctx.new_tensor(Type::F32, {6, 5, 3, 2});
     fill_uniform(a);
@@ -320,6 +339,124 @@ TEST_CASE("Vulkan get_rows and set_rows with an index out of range raise an erro
     check_vulkan(get_rows(ctx, emb, rows), 0.0);
 }
 
+TEST_CASE("Vulkan fill, repeat, repeat_back, concat and diag_mask", "[vulkan][ops]") {
+    for (Type t : {Type::F32, Type::F16, Type::BF16}) {
+        Context ctx = data_ctx();
+        check_vulkan(cast(ctx, fill(ctx, t, {17, 3, 2}, 0.375f), Type::F32), 0.0);
+    }
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {3, 1, 2});
+    fill_uniform(a);
+    Tensor* like = ctx.new_tensor(Type::F32, {9, 5, 4, 3});
+    check_vulkan(repeat(ctx, a, like), 0.0);
+    Tensor* g = ctx.new_tensor(Type::F32, {9, 5, 4, 3});
+    fill_uniform(g);
+    check_vulkan(repeat_back(ctx, g, a), 1e-6);
+    for (int dim = 0; dim < 4; ++dim) {
+        std::array<int64_t, 4> na{5, 3, 2, 3}, nb = na;
+        nb[dim] = 4;
+        Tensor* x = ctx.new_tensor(Type::F32, na);
+        Tensor* y = ctx.new_tensor(Type::F32, nb);
+        fill_uniform(x);
+        fill_uniform(y);
+        INFO("dim " << dim);
+        check_vulkan(concat(ctx, x, y, dim), 0.0);
+    }
+    Tensor* sq = ctx.new_tensor(Type::F32, {9, 7, 2});
+    fill_uniform(sq);
+    check_vulkan(diag_mask_inf(ctx, sq, 2), 0.0);
+    check_vulkan(diag_mask_fill(ctx, sq, 1, 0.0f), 0.0);
+    check_vulkan(soft_max(ctx, diag_mask_inf(ctx, sq, 0)), 1e-5);
+}
+
+TEST_CASE("Vulkan backward ops of the norms and softmax, sum and get_rows_back", "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {113, 5, 3});
+    Tensor* dy = ctx.new_tensor(Type::F32, {113, 5, 3});
+    fill_uniform(x, -2.0f, 2.0f);
+    fill_uniform(dy);
+    check_vulkan(norm_back(ctx, dy, x, 1e-5f), 1e-5);
+    check_vulkan(rms_norm_back(ctx, dy, x, 1e-5f), 1e-5);
+    Tensor* y = ctx.new_tensor(Type::F32, {113, 5, 3});
+    fill_uniform(y, 0.0f, 0.1f);
+    check_vulkan(soft_max_back(ctx, dy, y, 0.7f), 1e-5);
+    check_vulkan(sum(ctx, x), 1e-6);
+    check_vulkan(sum(ctx, permute(ctx, x, 2, 0, 1, 3)), 1e-6);
+    Context c2 = data_ctx();
+    Tensor* big = c2.new_tensor(Type::F32, {3001, 1});
+    fill_uniform(big);
+    check_vulkan(sum(c2, big), 1e-5);
+
+    Tensor* like = ctx.new_tensor(Type::F32, {13, 7});
+    Tensor* grad = ctx.new_tensor(Type::F32, {13, 23});
+    fill_uniform(grad);
+    Tensor* rows = ctx.new_tensor(Type::I32, {23});
+    set_i32(rows, random_indices(23, 7)); // repeats guaranteed: 23 rows into 7
+    check_vulkan(get_rows_back(ctx, grad, rows, like), 1e-6);
+}
+
+TEST_CASE("Vulkan cross_entropy_loss, its backward, and AdamW steps", "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* logits = ctx.new_tensor(Type::F32, {41, 6, 2});
+    Tensor* labels = ctx.new_tensor(Type::F32, {41, 6, 2});
+    fill_uniform(logits, -3.0f, 3.0f);
+    fill_uniform(labels, 0.0f, 1.0f); // rows do not sum to 1: the exact derivative is tested
+    check_vulkan(cross_entropy_loss(ctx, logits, labels), 1e-5);
+    Tensor* g = ctx.new_tensor(Type::F32, {1});
+    tensor_set_f32(g, {1.7f});
+    check_vulkan(cross_entropy_loss_back(ctx, g, logits, labels), 1e-5);
+    check_vulkan(cross_entropy_loss_back(ctx, g, logits, soft_max(ctx, labels)), 1e-5);
+
+    Tensor* w = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* gw = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* m = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* v = ctx.new_tensor(Type::F32, {37, 3});
+    fill_uniform(w);
+    fill_uniform(gw);
+    fill_uniform(m, -0.1f, 0.1f);
+    fill_uniform(v, 0.0f, 0.1f);
+    AdamWParams p;
+    p.lr = 0.01f;
+    p.weight_decay = 0.1f;
+    p.step = 3;
+    Tensor* once = adamw_step(ctx, w, gw, m, v, p);
+    check_vulkan(once, 1e-6);
+    // A second step reads the moments the first one wrote.
+    AdamWParams p2 = p;
+    p2.step = 4;
+    check_vulkan(adamw_step(ctx, adamw_step(ctx, w, gw, m, v, p), gw, m, v, p2), 1e-6);
+}
+
+TEST_CASE("Vulkan computes the gradients autodiff builds (matmul, norms, activations, loss)",
+          "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {16, 5});
+    Tensor* w1 = ctx.new_tensor(Type::F32, {16, 24});
+    Tensor* w2 = ctx.new_tensor(Type::F32, {24, 7});
+    Tensor* labels = ctx.new_tensor(Type::F32, {7, 5});
+    Tensor* q = ctx.new_tensor(Type::F32, {8, 3, 5});
+    Tensor* pos = ctx.new_tensor(Type::I32, {5});
+    for (Tensor* t : {x, w1, w2, labels, q}) fill_uniform(t);
+    set_i32(pos, {0, 3, 9, 1, 4});
+    for (Tensor* t : {w1, w2, q}) set_param(t);
+
+    Tensor* h = gelu(ctx, mul_mat(ctx, w1, rms_norm(ctx, x, 1e-5f)));
+    Tensor* logits = mul_mat(ctx, w2, h);
+    Tensor* r = rope(ctx, q, pos, RopeParams{8, RopeMode::NeoX, 10000.0f, 1.0f});
+    Tensor* attn = soft_max_ext(ctx, reshape(ctx, r, {24, 5}), nullptr, 0.5f, 0.0f);
+    Tensor* loss = add(ctx, cross_entropy_loss(ctx, logits, soft_max(ctx, labels)),
+                       sum(ctx, mul(ctx, attn, silu(ctx, norm(ctx, reshape(ctx, q, {24, 5}), 1e-5f)))));
+    set_loss(loss);
+    Graph g = build_forward(loss);
+    build_backward(ctx, g, loss);
+    for (Tensor* p : {w1, w2, q}) {
+        Tensor* grad = g.grad(p);
+        REQUIRE(grad != nullptr);
+        INFO("gradient of " << p->shape_str());
+        check_vulkan(grad, 1e-5);
+    }
+}
+
 // ---- matrix products -------------------------------------------------------------------------
 
 TEST_CASE("Vulkan mul_mat with f32, f16 and bf16 weights, broadcast batches and odd sizes", "[vulkan][ops]") {
@@ -362,4 +499,20 @@ TEST_CASE("Vulkan mul_mat with every quantized weight type, decoding and prefill
             // the same values and sums in f32.
             check_vulkan(mul_mat(ctx, a, b), 1e-5);
         }
+}
+
+TEST_CASE("Vulkan out_prod with broadcast batches and transposed operands", "[vulkan][ops]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {13, 29, 1, 2});
+    Tensor* b = ctx.new_tensor(Type::F32, {7, 29, 3, 2});
+    fill_uniform(a);
+    fill_uniform(b);
+    check_vulkan(out_prod(ctx, a, b), 1e-5);
+    Tensor* at = ctx.new_tensor(Type::F32, {29, 13});
+    Tensor* bt = ctx.new_tensor(Type::F32, {29, 70}); // more than a tile of columns
+    fill_uniform(at);
+    fill_uniform(bt);
+    check_vulkan(out_prod(ctx, transpose(ctx, at), transpose(ctx, bt)), 1e-5);
+    check_vulkan(out_prod(ctx, transpose(ctx, at), reshape(ctx, cont(ctx, transpose(ctx, bt)), {70, 29})),
+                 1e-5);
 }

@@ -1,9 +1,10 @@
 #version 450
 // Element-wise ops, one invocation per destination element (grid-stride): unary math and
 // activations of src0, binary ops with src1 broadcast over src0 by modulo (ggml's rule),
-// and copies between types (cpy / cont / cast), where source and destination may have
-// different shapes with the same element count: element k of one is element k of the other
-// in row-major order.
+// copies between types (cpy / cont / cast), where source and destination may have different
+// shapes with the same element count (element k of one is element k of the other in
+// row-major order), and the ops that place or gather elements by index: fill, repeat and
+// its backward (a sum over the repeats), concat, diag_mask.
 #extension GL_GOOGLE_include_directive : require
 layout(local_size_x = 256) in;
 
@@ -13,7 +14,8 @@ layout(local_size_x = 256) in;
 const uint OP_COPY = 0u, OP_SCALE = 1u, OP_SQR = 2u, OP_SQRT = 3u, OP_EXP = 4u, OP_LOG = 5u,
            OP_NEG = 6u, OP_SILU = 7u, OP_GELU_TANH = 8u, OP_GELU_ERF = 9u, OP_RELU = 10u,
            OP_STEP = 11u, OP_ADD = 12u, OP_SUB = 13u, OP_MUL = 14u, OP_DIV = 15u, OP_SWIGLU = 16u,
-           OP_SILU_BACK = 17u, OP_GELU_TANH_BACK = 18u, OP_GELU_ERF_BACK = 19u;
+           OP_SILU_BACK = 17u, OP_GELU_TANH_BACK = 18u, OP_GELU_ERF_BACK = 19u, OP_FILL = 20u,
+           OP_REPEAT = 21u, OP_REPEAT_BACK = 22u, OP_CONCAT = 23u, OP_DIAG_MASK = 24u;
 
 // ggml's tanh-approximation constants: sqrt(2 / pi) and 0.044715.
 const float GELU_C = 0.7978845608028654, GELU_CUBIC = 0.044715;
@@ -62,6 +64,34 @@ float binary(uint op, float a, float b) {
     }
 }
 
+// The ops that place elements: d is the destination element's coordinates.
+float placed(uint op, uvec4 d) {
+    switch (op) {
+    case OP_FILL: return P.farg.x;
+    case OP_REPEAT: return src0_at(d.x % P.src0.ne.x, d.y % P.src0.ne.y, d.z % P.src0.ne.z, d.w % P.src0.ne.w);
+    case OP_REPEAT_BACK: { // the sum of every repeat of this element in src0
+        const uvec4 reps = P.src0.ne / P.dst.ne;
+        float acc = 0.0;
+        for (uint r3 = 0u; r3 < reps.w; ++r3)
+            for (uint r2 = 0u; r2 < reps.z; ++r2)
+                for (uint r1 = 0u; r1 < reps.y; ++r1)
+                    for (uint r0 = 0u; r0 < reps.x; ++r0)
+                        acc += src0_at(d.x + r0 * P.dst.ne.x, d.y + r1 * P.dst.ne.y, d.z + r2 * P.dst.ne.z,
+                                       d.w + r3 * P.dst.ne.w);
+        return acc;
+    }
+    case OP_CONCAT: { // iarg.x: the dim along which src1 follows src0
+        const uint dim = P.iarg.x;
+        uvec4 at = d;
+        if (at[dim] < P.src0.ne[dim]) return src0_at(at.x, at.y, at.z, at.w);
+        at[dim] -= P.src0.ne[dim];
+        return src1_at(at.x, at.y, at.z, at.w);
+    }
+    default: // OP_DIAG_MASK: iarg.x = n_past, farg.x = the value past the diagonal
+        return int(d.x) > int(d.y) + int(P.iarg.x) ? P.farg.x : src0_at(d.x, d.y, d.z, d.w);
+    }
+}
+
 void main() {
     const uint op = P.op;
     for (uint k = invocation(); k < P.n; k += n_invocations()) {
@@ -75,15 +105,14 @@ void main() {
             } else {
                 store_dst(out_at, src0_at(s.x, s.y, s.z, s.w));
             }
-            continue;
+        } else if (op >= OP_FILL) {
+            store_dst(out_at, placed(op, d));
+        } else if (op < OP_ADD) {
+            store_dst(out_at, unary(op, src0_at(d.x, d.y, d.z, d.w)));
+        } else {
+            const uvec4 ne1 = P.src1.ne;
+            const float b = src1_at(d.x % ne1.x, d.y % ne1.y, d.z % ne1.z, d.w % ne1.w);
+            store_dst(out_at, binary(op, src0_at(d.x, d.y, d.z, d.w), b));
         }
-        const float a = src0_at(d.x, d.y, d.z, d.w);
-        if (op < OP_ADD) {
-            store_dst(out_at, unary(op, a));
-            continue;
-        }
-        const uvec4 ne1 = P.src1.ne;
-        const float b = src1_at(d.x % ne1.x, d.y % ne1.y, d.z % ne1.z, d.w % ne1.w);
-        store_dst(out_at, binary(op, a, b));
     }
 }

@@ -30,9 +30,15 @@ layout(std430, binding = 0) readonly buffer ParamsBlock {
     uint pad0, pad1;
 } P;
 
+// Sources are read-only except in shaders that update them in place (AdamW's moments).
+#ifdef GFA_WRITABLE_SOURCES
+#define SOURCE_ACCESS
+#else
+#define SOURCE_ACCESS readonly
+#endif
 layout(std430, binding = 1) readonly buffer Src0 { uint src0_words[]; };
-layout(std430, binding = 2) readonly buffer Src1 { uint src1_words[]; };
-layout(std430, binding = 3) readonly buffer Src2 { uint src2_words[]; };
+layout(std430, binding = 2) SOURCE_ACCESS buffer Src1 { uint src1_words[]; };
+layout(std430, binding = 3) SOURCE_ACCESS buffer Src2 { uint src2_words[]; };
 layout(std430, binding = 4) buffer Dst { uint dst_words[]; };
 layout(std430, binding = 5) buffer Status { uint status_word; };
 

@@ -1,7 +1,8 @@
 #version 450
 // Ops over rows (dim 0), one workgroup per row (grid-stride over rows): the two
-// normalizations, softmax with an optional mask, scale and ALiBi slope, and row sums and
-// means. Each row is read
+// normalizations and their backward ops, softmax with an optional mask, scale and ALiBi
+// slope and its backward, row sums and means, and the cross-entropy loss's backward. The
+// whole-tensor reductions (sum, the cross-entropy loss) run in one workgroup. Each row is read
 // twice or three times rather than kept in shared memory, so rows of any length work.
 #extension GL_GOOGLE_include_directive : require
 const uint NT = 128;
@@ -10,7 +11,9 @@ layout(local_size_x = 128) in;
 #include "op_common.glsl"
 
 // P.op (RowOp in vk_ops.cpp)
-const uint OP_NORM = 0u, OP_RMS_NORM = 1u, OP_SOFT_MAX = 2u, OP_SUM_ROWS = 3u, OP_MEAN = 4u;
+const uint OP_NORM = 0u, OP_RMS_NORM = 1u, OP_SOFT_MAX = 2u, OP_SUM_ROWS = 3u, OP_MEAN = 4u, OP_SUM = 5u,
+           OP_NORM_BACK = 6u, OP_RMS_NORM_BACK = 7u, OP_SOFT_MAX_BACK = 8u, OP_CE_LOSS = 9u,
+           OP_CE_LOSS_BACK = 10u;
 
 shared float partial[NT];
 
@@ -43,9 +46,44 @@ float alibi_slope(uint h) {
     return P.iarg.y == 0u ? 1.0 : uintBitsToFloat(src2_words[h]);
 }
 
+// log(sum(exp(row))) of the row of src1 at byte `row` (the logits of the cross-entropy ops).
+float row_logsumexp(uint row, uint n0) {
+    const uint tid = gl_LocalInvocationID.x;
+    float m = uintBitsToFloat(0xff800000u);
+    for (uint i = tid; i < n0; i += NT) m = max(m, src1_element(row, i));
+    m = workgroup_max(m);
+    float s = 0.0;
+    for (uint i = tid; i < n0; i += NT) s += exp(src1_element(row, i) - m);
+    return m + log(workgroup_sum(s));
+}
+
 void main() {
     const uint tid = gl_LocalInvocationID.x;
-    const uint n0 = P.src0.ne.x;
+    if (P.op == OP_SUM) { // every element of src0, in any layout
+        float s = 0.0;
+        for (uint k = tid; k < P.n; k += NT) {
+            const uvec4 c = unflatten(k, P.src0.ne);
+            s += src0_at(c.x, c.y, c.z, c.w);
+        }
+        s = workgroup_sum(s);
+        if (tid == 0u) store_dst(P.dst.off, s);
+        return;
+    }
+    if (P.op == OP_CE_LOSS) { // src1 = logits, src2 = labels: mean over rows of -labels . log_softmax
+        const uint n0 = P.src1.ne.x, rows = P.src1.ne.y * P.src1.ne.z * P.src1.ne.w;
+        float total = 0.0; // kept by every invocation alike
+        for (uint r = 0u; r < rows; ++r) {
+            const uvec4 c = unflatten(r * n0, P.src1.ne);
+            const uint x_row = row_of(P.src1, c.y, c.z, c.w), l_row = row_of(P.src2, c.y, c.z, c.w);
+            const float lse = row_logsumexp(x_row, n0);
+            float s = 0.0;
+            for (uint i = tid; i < n0; i += NT) s += src2_element(l_row, i) * (src1_element(x_row, i) - lse);
+            total -= workgroup_sum(s);
+        }
+        if (tid == 0u) store_dst(P.dst.off, total / float(rows));
+        return;
+    }
+    const uint n0 = P.op == OP_CE_LOSS_BACK ? P.dst.ne.x : P.src0.ne.x; // the row length
     const uint rows = P.dst.ne.y * P.dst.ne.z * P.dst.ne.w;
     for (uint r = gl_WorkGroupID.x; r < rows; r += gl_NumWorkGroups.x) {
         const uvec4 c = unflatten(r * P.dst.ne.x, P.dst.ne);
@@ -76,6 +114,62 @@ void main() {
                 float s = src0_element(x_row, i) * P.farg.x;
                 if (masked) s += slope * src1_element(m_row, i);
                 store_dst(y_row + i * P.dst.nb.x, empty ? 0.0 : exp(s - m) * inv);
+            }
+            continue;
+        }
+        if (P.op == OP_CE_LOSS_BACK) {
+            // src0 = the loss's gradient, src1 = logits, src2 = labels:
+            // (softmax(x) * sum(labels) - labels) * grad / rows.
+            const uint l_row = row_of(P.src2, c.y, c.z, c.w), x_row2 = row_of(P.src1, c.y, c.z, c.w);
+            const float lse = row_logsumexp(x_row2, n0);
+            float ls = 0.0;
+            for (uint i = tid; i < n0; i += NT) ls += src2_element(l_row, i);
+            ls = workgroup_sum(ls);
+            const float g = src0_element(P.src0.off, 0u) / float(rows);
+            for (uint i = tid; i < n0; i += NT)
+                store_dst(y_row + i * P.dst.nb.x,
+                          (exp(src1_element(x_row2, i) - lse) * ls - src2_element(l_row, i)) * g);
+            continue;
+        }
+        if (P.op == OP_SOFT_MAX_BACK) { // src0 = dy, src1 = y: scale * y * (dy - dy . y)
+            const uint dy_row = x_row, yy_row = row_of(P.src1, c.y, c.z, c.w);
+            float dot = 0.0;
+            for (uint i = tid; i < n0; i += NT) dot += src0_element(dy_row, i) * src1_element(yy_row, i);
+            dot = workgroup_sum(dot);
+            for (uint i = tid; i < n0; i += NT) {
+                const float yv = src1_element(yy_row, i);
+                store_dst(y_row + i * P.dst.nb.x, P.farg.x * yv * (src0_element(dy_row, i) - dot));
+            }
+            continue;
+        }
+        if (P.op == OP_NORM_BACK || P.op == OP_RMS_NORM_BACK) {
+            // src0 = dy, src1 = x: dx = inv_std (dy - mean(dy) - y mean(dy y)), y = (x - mean) inv_std
+            // (no mean terms for RMS).
+            const bool centered = P.op == OP_NORM_BACK;
+            const uint dy_row = x_row, xx_row = row_of(P.src1, c.y, c.z, c.w);
+            float mean = 0.0;
+            if (centered) {
+                float s = 0.0;
+                for (uint i = tid; i < n0; i += NT) s += src1_element(xx_row, i);
+                mean = workgroup_sum(s) / float(n0);
+            }
+            float ss = 0.0;
+            for (uint i = tid; i < n0; i += NT) {
+                const float v = src1_element(xx_row, i) - mean;
+                ss += v * v;
+            }
+            const float inv_std = 1.0 / sqrt(workgroup_sum(ss) / float(n0) + P.farg.x);
+            float sdy = 0.0, sdyy = 0.0;
+            for (uint i = tid; i < n0; i += NT) {
+                const float dy = src0_element(dy_row, i);
+                sdy += dy;
+                sdyy += dy * (src1_element(xx_row, i) - mean) * inv_std;
+            }
+            const float mean_dy = centered ? workgroup_sum(sdy) / float(n0) : 0.0;
+            const float mean_dy_y = workgroup_sum(sdyy) / float(n0);
+            for (uint i = tid; i < n0; i += NT) {
+                const float y = (src1_element(xx_row, i) - mean) * inv_std;
+                store_dst(y_row + i * P.dst.nb.x, inv_std * (src0_element(dy_row, i) - mean_dy - y * mean_dy_y));
             }
             continue;
         }

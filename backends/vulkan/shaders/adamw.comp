@@ -1,0 +1,27 @@
+#version 450
+// One AdamW step in place, one invocation per element: dst is the parameter (read, then
+// written), src0 its gradient, src1 and src2 the moments m and v (read, then written).
+// farg = (lr, beta1, beta2, eps); iarg = bits of (weight decay, 1 - beta1^t, 1 - beta2^t),
+// the bias corrections formed on the host in double as the CPU does.
+#extension GL_GOOGLE_include_directive : require
+layout(local_size_x = 256) in;
+
+#define GFA_WRITABLE_SOURCES
+#include "op_common.glsl"
+
+void main() {
+    const float lr = P.farg.x, beta1 = P.farg.y, beta2 = P.farg.z, eps = P.farg.w;
+    const float decay = uintBitsToFloat(P.iarg.x), c1 = uintBitsToFloat(P.iarg.y), c2 = uintBitsToFloat(P.iarg.z);
+    for (uint k = invocation(); k < P.n; k += n_invocations()) {
+        const uvec4 d = unflatten(k, P.dst.ne);
+        const float g = src0_at(d.x, d.y, d.z, d.w);
+        const uint m_at = byte_of(P.src1, d.x, d.y, d.z, d.w), v_at = byte_of(P.src2, d.x, d.y, d.z, d.w);
+        const float m = beta1 * uintBitsToFloat(src1_words[m_at >> 2]) + (1.0 - beta1) * g;
+        const float v = beta2 * uintBitsToFloat(src2_words[v_at >> 2]) + (1.0 - beta2) * g * g;
+        src1_words[m_at >> 2] = floatBitsToUint(m);
+        src2_words[v_at >> 2] = floatBitsToUint(v);
+        const uint w_at = byte_of(P.dst, d.x, d.y, d.z, d.w);
+        const float w = uintBitsToFloat(dst_words[w_at >> 2]);
+        dst_words[w_at >> 2] = floatBitsToUint(w - lr * ((m / c1) / (sqrt(v / c2) + eps) + decay * w));
+    }
+}
