@@ -422,8 +422,8 @@ void Recorder::wait() {
     *word = 0;
     if (bits & kStatusRowOutOfRange)
         throw Error(ctx_.name() +
-                    ": get_rows or set_rows was given a row index out of range (NaN was "
-                    "written for rows it could not read; rows it could not write were skipped)");
+                    ": get_rows, get_rows_back or set_rows was given a row index out of range (NaN "
+                    "was written for rows it could not read; rows it could not write were skipped)");
 }
 
 void Recorder::begin() {
