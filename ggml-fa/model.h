@@ -79,6 +79,16 @@ struct SessionOptions {
     // session reuses the last graph as it is (no building, no planning) and a GPU backend
     // can replay it. 0: every eval attends over exactly the rows written so far.
     int64_t decode_window_step = 256;
+    // Keep every node of each graph to itself and record its values (Session::traced_nodes),
+    // for comparing backends node by node (compare --model). Costs memory and time.
+    bool trace_nodes = false;
+};
+
+// One node of a traced graph: "#index op type[shape] 'name'", where it ran, its values.
+struct TracedNode {
+    std::string label;
+    std::string backend;
+    std::vector<float> values;
 };
 
 // Where the time of Session::eval went, summed over the graphs it ran (a long prompt runs
@@ -118,6 +128,9 @@ class Session {
     // first eval when the reserve covered every later graph.
     int n_compute_allocations() const;
     std::string describe_schedule() const;
+    // With SessionOptions::trace_nodes: the nodes of the last graph the last eval ran, in
+    // graph order (views of inputs and weights left out); empty otherwise.
+    const std::vector<TracedNode>& traced_nodes() const;
 
     const EvalProfile& profile() const;
     void reset_profile();

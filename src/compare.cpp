@@ -8,6 +8,7 @@
 #include "reference.h"
 
 #include <cmath>
+#include <span>
 #include <cstring>
 #include <limits>
 
@@ -78,7 +79,9 @@ void default_init(Tensor* leaf, std::mt19937& rng) {
     tensor_set_f32(leaf, v);
 }
 
-std::string label(size_t index, const Tensor* n) {
+} // namespace
+
+std::string node_label(size_t index, const Tensor* n) {
     std::string s("#");
     s += std::to_string(index);
     s += ' ';
@@ -88,8 +91,6 @@ std::string label(size_t index, const Tensor* n) {
     if (!n->name.empty()) s += " '" + n->name + "'";
     return s;
 }
-
-} // namespace
 
 Report run(Graph& graph, Backend& backend, Backend* fallback, std::mt19937& rng,
            const std::unordered_map<const Tensor*, LeafInit>& inits) {
@@ -143,7 +144,7 @@ Report run(Graph& graph, Backend& backend, Backend* fallback, std::mt19937& rng,
         // Views of leaves only repeat their inputs; views of nodes (the LSE behind an
         // attention output, dK/dV inside the attention backward) are results of their own.
         if (op_def(n->op).is_view && n->view_src->op == Op::None) continue;
-        NodeResult r{n, label(i, n), sched.backend_of(n) ? sched.backend_of(n)->name() : "?",
+        NodeResult r{n, node_label(i, n), sched.backend_of(n) ? sched.backend_of(n)->name() : "?",
                      normalized_error(read_values(n), ev.values(n))};
         if (report.worst_index < 0 || !(r.error <= report.worst)) {
             report.worst = r.error;
@@ -152,6 +153,57 @@ Report run(Graph& graph, Backend& backend, Backend* fallback, std::mt19937& rng,
         report.nodes.push_back(std::move(r));
     }
     return report;
+}
+
+// ---- a model, node by node -----------------------------------------------------------------
+
+Report compare_traces(const std::vector<TracedNode>& got, const std::vector<TracedNode>& want) {
+    if (got.size() != want.size())
+        fail("compare: the traced graphs differ (" + std::to_string(got.size()) + " and " +
+             std::to_string(want.size()) + " nodes)");
+    Report report;
+    for (size_t i = 0; i < got.size(); ++i) {
+        if (got[i].label != want[i].label || got[i].values.size() != want[i].values.size())
+            fail("compare: the traced graphs differ at node " + got[i].label + " / " + want[i].label);
+        const std::vector<double> ref(want[i].values.begin(), want[i].values.end());
+        NodeResult r{nullptr, got[i].label, got[i].backend, normalized_error(got[i].values, ref)};
+        if (report.worst_index < 0 || !(r.error <= report.worst)) {
+            report.worst = r.error;
+            report.worst_index = int(report.nodes.size());
+        }
+        report.nodes.push_back(std::move(r));
+    }
+    return report;
+}
+
+ModelComparison compare_model(const std::string& path, Device* device, const std::vector<int32_t>& prompt,
+                              int decode_steps, Type kv_type, int n_threads) {
+    if (prompt.empty()) fail("compare: the model comparison needs at least one prompt token");
+    ModelLoadOptions on_device;
+    on_device.gpu = device;
+    on_device.gpu_layers = std::numeric_limits<int>::max(); // every block, the head, the embeddings
+    const std::unique_ptr<Model> cpu_model = Model::load(path), dev_model = Model::load(path, on_device);
+    SessionOptions so;
+    so.n_ctx = int64_t(prompt.size()) + decode_steps;
+    so.n_batch = so.n_ctx;
+    so.kv_type = kv_type;
+    so.n_threads = n_threads;
+    so.trace_nodes = true;
+    so.decode_window_step = 16;
+    Session cpu(*cpu_model, so), dev(*dev_model, so);
+
+    ModelComparison out;
+    auto step = [&](std::span<const int32_t> tokens, std::string what) {
+        cpu.eval(tokens, true);
+        dev.eval(tokens, true);
+        out.evals.push_back(std::move(what));
+        out.reports.push_back(compare_traces(dev.traced_nodes(), cpu.traced_nodes()));
+    };
+    step(prompt, "prompt (" + std::to_string(prompt.size()) + " tokens)");
+    // The decoding steps feed back the prompt's tokens: any ids in the vocabulary will do.
+    for (int i = 0; i < decode_steps; ++i)
+        step(std::span(&prompt[size_t(i) % prompt.size()], 1), "decode step " + std::to_string(i + 1));
+    return out;
 }
 
 // ---- CaseBuilder --------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/graph.h>
+#include <ggml-fa/model.h>
 
 #include <functional>
 #include <random>
@@ -21,6 +22,9 @@ double normalized_error(const std::vector<float>& out, const std::vector<double>
 
 // Every element of a computed tensor as float, row-major, following its strides.
 std::vector<float> read_values(const Tensor* t);
+
+// "#index op type[shape] 'name'": how reports name node `index` of a graph.
+std::string node_label(size_t index, const Tensor* n);
 
 // Gives a leaf its values; the default fills f32/f16/bf16 leaves uniformly in [-1, 1).
 using LeafInit = std::function<void(Tensor* leaf, std::mt19937& rng)>;
@@ -47,6 +51,24 @@ struct Report {
 // run) so each can be compared; the graph's flags are restored afterwards.
 Report run(Graph& graph, Backend& backend, Backend* fallback, std::mt19937& rng,
            const std::unordered_map<const Tensor*, LeafInit>& inits = {});
+
+// ---- a model, node by node -----------------------------------------------------------------
+
+// The traced nodes of one graph run twice, compared node by node: the error of each of
+// `got`'s nodes against the same node of `want` (NodeResult::node is null). Throws when the
+// two are not the same graph (labels or sizes differ).
+Report compare_traces(const std::vector<TracedNode>& got, const std::vector<TracedNode>& want);
+
+// One forward pass of a llama-family GGUF model over `prompt`, then `decode_steps` single
+// tokens (the decoding graphs: attention windows under a mask), run once with the whole
+// model on `device` and once on the CPU, every node compared with the CPU's (one report per
+// eval). The weights are loaded twice.
+struct ModelComparison {
+    std::vector<std::string> evals; // "prompt (N tokens)", "decode step 1", ...
+    std::vector<Report> reports;
+};
+ModelComparison compare_model(const std::string& path, Device* device, const std::vector<int32_t>& prompt,
+                              int decode_steps, Type kv_type, int n_threads);
 
 // ---- the built-in suite ------------------------------------------------------------------
 

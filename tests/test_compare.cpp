@@ -60,3 +60,23 @@ TEST_CASE("the comparison catches a backend that is wrong in one element", "[com
         if (name == "grad.elementwise") CHECK(!ok.report.log.empty()); // exp, log... fell back to the CPU
     }
 }
+
+TEST_CASE("traced graphs compare node by node; different graphs are refused", "[compare]") {
+    std::vector<TracedNode> want = {{"#0 mul_mat f32[3,1,1,1]", "CPU", {1.0f, 2.0f, -2.0f}},
+                                    {"#1 add f32[2,1,1,1]", "CPU", {0.5f, -0.25f}}};
+    std::vector<TracedNode> got = want;
+    for (auto& n : got) n.backend = "DEV";
+    got[1].values[1] = -0.25f + 0.5f * 0.25f; // off by half of that element
+    const compare::Report r = compare::compare_traces(got, want);
+    REQUIRE(r.nodes.size() == 2);
+    CHECK(r.nodes[0].error == 0.0);
+    CHECK(r.nodes[1].error == Approx(0.125 / std::sqrt(0.5 * 0.5 + 0.25 * 0.25)));
+    CHECK(r.worst_index == 1);
+    CHECK(r.nodes[1].backend == "DEV");
+    got[0].values[2] = NAN;
+    CHECK(compare::compare_traces(got, want).nodes[0].error == std::numeric_limits<double>::infinity());
+    got[0].label = "#0 mul_mat f32[3,1,1,1] 'renamed'";
+    CHECK_THROWS_WITH(compare::compare_traces(got, want), Catch::Contains("differ at node"));
+    got.pop_back();
+    CHECK_THROWS_WITH(compare::compare_traces(got, want), Catch::Contains("2 nodes"));
+}

@@ -189,6 +189,37 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
     CHECK(rel_error(a.eval(std::span(tokens.data(), 1)), b.eval(std::span(tokens.data(), 1))) < 1e-5);
 }
 
+TEST_CASE("llama session: traced nodes hold every node's values and change no result", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    std::vector<int32_t> tokens = {3, 1, 4, 1, 5, 9, 2};
+    SessionOptions so;
+    so.n_ctx = 16;
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    Session plain(*model, so);
+    so.trace_nodes = true;
+    Session traced(*model, so);
+    CHECK(plain.traced_nodes().empty());
+    const std::vector<float> a = plain.eval(tokens, true), b = traced.eval(tokens, true);
+    CHECK(a == b);
+    const std::vector<TracedNode>& nodes = traced.traced_nodes();
+    REQUIRE(nodes.size() > size_t(15 * m.layers));
+    // The last node is the logits, with the values the eval returned.
+    CHECK(nodes.back().label.find("'logits'") != std::string::npos);
+    CHECK(nodes.back().values == b);
+    CHECK(nodes.back().backend == "CPU");
+    for (const TracedNode& n : nodes)
+        for (float v : n.values) REQUIRE(std::isfinite(v)); // every node kept its own values
+    // A decoding step traces its own graph.
+    const std::vector<float> step = traced.eval(std::span(tokens.data(), 1));
+    CHECK(traced.traced_nodes().back().values == step);
+    CHECK(plain.eval(std::span(tokens.data(), 1)) == step);
+}
+
 TEST_CASE("llama session: clear errors for bad inputs", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);

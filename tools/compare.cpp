@@ -1,10 +1,14 @@
 // compare: runs the built-in suite of small graphs on each device and on the reference
 // evaluator, prints the worst normalized error per graph, and exits non-zero when any
-// graph is above its tolerance (or fails to run).
+// graph is above its tolerance (or fails to run). With --model, runs a GGUF model's forward
+// pass on each device and on the CPU and compares every node, naming the first that departs.
 //
 //   compare [--device NAME]... [--case SUBSTRING] [--seed N] [--verbose] [--list]
+//   compare --model FILE.gguf [--device NAME]... [--tokens a,b,...] [--decode N] [--kv-type T]
+//           [--tol X] [--seed N] [--verbose]
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
+#include <ggml-fa/model.h>
 
 #include "compare.h"
 
@@ -24,8 +28,53 @@ void usage(const char* argv0) {
                  "  --case     run only the cases whose name contains SUBSTRING\n"
                  "  --seed     random seed for the inputs (default: random, printed)\n"
                  "  --verbose  print every node's error, and the scheduler's fallbacks\n"
-                 "  --list     list the devices and cases and exit\n",
-                 argv0);
+                 "  --list     list the devices and cases and exit\n"
+                 "usage: %s --model FILE.gguf [--device NAME]... [--tokens a,b,...] [--decode N]\n"
+                 "          [--kv-type f32|f16|q8_0] [--tol X] [--seed N] [--verbose]\n"
+                 "  --model    run the model's forward pass (prompt, then --decode single tokens, default\n"
+                 "             2) on each device (default: every device but the CPU) and on the CPU, and\n"
+                 "             compare every node with the CPU's; reports the first node above --tol\n"
+                 "             (default 1e-3) and the worst\n"
+                 "  --tokens   the prompt's token ids (default: 16 drawn from the seed)\n",
+                 argv0, argv0);
+}
+
+// The --model mode: one line per device and eval, every node with --verbose.
+int compare_model(const std::string& path, const std::vector<gfa::Device*>& targets,
+                  std::vector<int32_t> tokens, int decode_steps, gfa::Type kv_type, double tol, uint32_t seed,
+                  bool verbose) {
+    using namespace gfa;
+    if (tokens.empty()) {
+        const int64_t vocab = Model::load(path)->config().n_vocab;
+        std::mt19937 rng(seed);
+        for (int i = 0; i < 16; ++i) tokens.push_back(int32_t(rng() % uint64_t(vocab)));
+        std::printf("seed %u\n", seed);
+    }
+    std::printf("%-8s %-24s %6s  %-44s %10s  %s\n", "device", "eval", "nodes", "first node above tolerance",
+                "worst", "status");
+    int failures = 0;
+    for (Device* dev : targets) {
+        const compare::ModelComparison c =
+            compare::compare_model(path, dev, tokens, decode_steps, kv_type, /*n_threads=*/0);
+        for (size_t e = 0; e < c.reports.size(); ++e) {
+            const compare::Report& rep = c.reports[e];
+            const compare::NodeResult* first = nullptr;
+            int on_device = 0;
+            for (const auto& n : rep.nodes) {
+                if (!first && !(n.error <= tol)) first = &n;
+                on_device += n.backend == dev->name();
+            }
+            failures += first != nullptr;
+            std::printf("%-8s %-24s %6zu  %-44.44s %10.2e  %s (%d nodes on %s)\n", dev->name(),
+                        c.evals[e].c_str(), rep.nodes.size(), first ? first->label.c_str() : "-", rep.worst,
+                        first ? "FAIL" : "ok", on_device, dev->name());
+            if (verbose || first)
+                for (const auto& n : rep.nodes)
+                    std::printf("    %-56s on %-8s %10.2e%s\n", n.label.c_str(), n.backend.c_str(), n.error,
+                                n.error <= tol ? "" : "  <-- above tolerance");
+        }
+    }
+    return failures ? 1 : 0;
 }
 
 } // namespace
@@ -33,7 +82,11 @@ void usage(const char* argv0) {
 int main(int argc, char** argv) {
     using namespace gfa;
     std::vector<std::string> device_names;
-    std::string filter;
+    std::string filter, model_path;
+    std::vector<int32_t> tokens;
+    int decode_steps = 2;
+    Type kv_type = Type::F16;
+    double tol = 1e-3;
     uint32_t seed = std::random_device{}();
     bool verbose = false, list = false;
     for (int i = 1; i < argc; ++i) {
@@ -55,7 +108,32 @@ int main(int argc, char** argv) {
             verbose = true;
         else if (arg == "--list")
             list = true;
-        else {
+        else if (arg == "--model")
+            model_path = value();
+        else if (arg == "--decode")
+            decode_steps = std::atoi(value().c_str());
+        else if (arg == "--tol")
+            tol = std::strtod(value().c_str(), nullptr);
+        else if (arg == "--tokens") {
+            const std::string v = value();
+            for (size_t at = 0; at < v.size();) {
+                const size_t end = std::min(v.find(',', at), v.size());
+                tokens.push_back(int32_t(std::strtol(v.substr(at, end - at).c_str(), nullptr, 10)));
+                at = end + 1;
+            }
+        } else if (arg == "--kv-type") {
+            const std::string v = value();
+            if (v == "f32")
+                kv_type = Type::F32;
+            else if (v == "f16")
+                kv_type = Type::F16;
+            else if (v == "q8_0")
+                kv_type = Type::Q8_0;
+            else {
+                std::fprintf(stderr, "compare: --kv-type %s: expected f32, f16 or q8_0\n", v.c_str());
+                return 2;
+            }
+        } else {
             usage(argv[0]);
             return arg == "--help" || arg == "-h" ? 0 : 2;
         }
@@ -79,6 +157,24 @@ int main(int argc, char** argv) {
             return 2;
         }
         targets.push_back(d);
+    }
+
+    if (!model_path.empty()) {
+        if (device_names.empty()) {
+            targets.clear();
+            for (Device* d : devices())
+                if (d != &cpu_device()) targets.push_back(d);
+        }
+        if (targets.empty()) {
+            std::fprintf(stderr, "compare: --model needs a device besides the CPU; none found\n");
+            return 2;
+        }
+        try {
+            return compare_model(model_path, targets, tokens, decode_steps, kv_type, tol, seed, verbose);
+        } catch (const Error& e) {
+            std::fprintf(stderr, "compare: %s\n", e.what());
+            return 2;
+        }
     }
 
     std::printf("seed %u\n", seed);

@@ -2,6 +2,9 @@
 // session that owns the KV cache and the scheduler.
 #include "models/llama.h"
 
+#include "compare.h"
+#include "op_def.h"
+
 #include <ggml-fa/alloc.h>
 #include <ggml-fa/graph.h>
 #include <ggml-fa/ops.h>
@@ -407,6 +410,7 @@ struct Session::Impl {
         bool all_logits = false;
     } last;
     EvalProfile profile;
+    std::vector<TracedNode> trace;
 
     Impl(const Model& m, const SessionOptions& o) : model(m), options(o) {}
 };
@@ -524,6 +528,9 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             last.io = llama::build_graph(*last.ctx, c, s.model.impl().weights, s.cache, int64_t(n), s.n_past,
                                          all_logits, window);
             last.graph = build_forward(last.io.logits);
+            if (s.options.trace_nodes)
+                for (Tensor* node : last.graph.nodes())
+                    if (!node->view_src) node->flags |= kFlagOutput; // nothing reuses its memory
             last.n_tokens = int64_t(n);
             last.n_window = window;
             last.all_logits = all_logits;
@@ -547,6 +554,19 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
         s.sched->wait();
         charge(prof.wait);
         s.n_past += int64_t(n);
+        if (s.options.trace_nodes) {
+            s.trace.clear();
+            const auto& nodes = g.nodes();
+            for (size_t i = 0; i < nodes.size(); ++i) {
+                const Tensor* node = nodes[i];
+                const Tensor* owner = node;
+                while (owner->view_src) owner = owner->view_src;
+                if (op_def(node->op).is_view && owner->op == Op::None) continue; // inputs, weights
+                const Backend* b = s.sched->backend_of(node);
+                s.trace.push_back(
+                    {compare::node_label(i, node), b ? b->name() : "?", compare::read_values(node)});
+            }
+        }
         if (chunk_logits) {
             const size_t count = size_t(io.logits->nelements());
             const size_t at = out.size();
@@ -585,6 +605,10 @@ int Session::n_compute_allocations() const {
     for (size_t b = 0; b < impl_->sched->backends().size(); ++b)
         total += impl_->sched->allocator(b).n_buffer_allocations();
     return total;
+}
+
+const std::vector<TracedNode>& Session::traced_nodes() const {
+    return impl_->trace;
 }
 
 std::string Session::describe_schedule() const {

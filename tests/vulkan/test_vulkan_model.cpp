@@ -2,6 +2,7 @@
 // and token-by-token decoding, f32/f16 weights and caches, quantized weights and a q8_0
 // cache, and a model split between the CPU and Vulkan. With every block offloaded and a
 // float cache, the whole forward pass must run on Vulkan (no split on the CPU).
+#include "compare.h"
 #include "op_check.h"
 #include "tiny_model.h"
 #include "vulkan_device.h"
@@ -149,4 +150,22 @@ TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
     // a whole step (1/127 of its block), which the sharp attention of a random model
     // amplifies (up to 9.4e-4 seen in 40 seeds, against 1e-5 without such a flip).
     CHECK(err <= (kv == Type::F16 ? 1e-3 : 5e-3));
+}
+
+TEST_CASE("compare --model: every node of a model on Vulkan against the CPU", "[vulkan][model]") {
+    const uint32_t seed = test::seed();
+    INFO("seed " << seed);
+    test::TinyModel m;
+    test::TempFile file{test::write_model(m, seed)};
+    const std::vector<int32_t> prompt = random_tokens(seed, 9, m.vocab);
+    const compare::ModelComparison c = compare::compare_model(file.path, vulkan0(), prompt, 2, Type::F32, 2);
+    REQUIRE(c.reports.size() == 3); // the prompt and two decoding steps
+    for (size_t e = 0; e < c.reports.size(); ++e) {
+        const compare::Report& r = c.reports[e];
+        INFO(c.evals[e] << ": worst " << (r.worst_index >= 0 ? r.nodes[size_t(r.worst_index)].label : "-")
+                        << " " << r.worst);
+        CHECK(r.nodes.size() > size_t(15 * m.layers)); // every node of every block, not just the logits
+        for (const compare::NodeResult& n : r.nodes) CHECK(n.backend == "Vulkan0");
+        CHECK(r.worst <= 1e-5);
+    }
 }
