@@ -31,6 +31,18 @@ void fill_uniform(Tensor* t, float lo, float hi) {
     tensor_set_f32(t, random_values(size_t(t->nelements()), lo, hi));
 }
 
+void set_i32(Tensor* t, const std::vector<int32_t>& v) {
+    REQUIRE(int64_t(v.size()) == t->nelements());
+    tensor_set(t, v.data(), 0, v.size() * sizeof(int32_t));
+}
+
+std::vector<int32_t> random_indices(size_t n, int32_t limit) {
+    std::uniform_int_distribution<int32_t> d(0, limit - 1);
+    std::vector<int32_t> v(n);
+    for (auto& x : v) x = d(rng());
+    return v;
+}
+
 void poison_nodes(const Graph& g) {
     for (Tensor* n : g.nodes()) {
         if (!n->data || n->is_view() || op_def(n->op).is_view) continue;

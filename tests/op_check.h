@@ -21,6 +21,11 @@ uint32_t seed();
 void fill_uniform(Tensor* t, float lo = -1.0f, float hi = 1.0f);
 std::vector<float> random_values(size_t n, float lo = -1.0f, float hi = 1.0f);
 
+// Writes i32 values into a contiguous i32 tensor (the counts must match).
+void set_i32(Tensor* t, const std::vector<int32_t>& v);
+// n indices drawn uniformly from [0, limit).
+std::vector<int32_t> random_indices(size_t n, int32_t limit);
+
 // Fills every computed node's memory with NaN bytes (0xFF) except nodes that write into
 // existing memory, so an element a kernel forgets to write shows up as NaN.
 void poison_nodes(const Graph& g);

@@ -23,19 +23,7 @@ using test::TempFile;
 using test::TinyModel;
 using test::write_model;
 
-namespace {
-
-double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-        num += double(a[i] - b[i]) * double(a[i] - b[i]);
-        den += double(b[i]) * double(b[i]);
-    }
-    return std::sqrt(num / den);
-}
-
-} // namespace
+namespace {} // namespace
 
 TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]") {
     const uint32_t seed = std::random_device{}();
@@ -72,7 +60,7 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
     so.n_batch = 3;
     Session chunked(*model, so);
     const std::vector<float> in_chunks = chunked.eval(tokens, true);
-    CHECK(rel_error(in_chunks, all) < 1e-5);
+    CHECK(test::logits_error(in_chunks, all) < 1e-5);
 
     // One token at a time: each step's logits are the prefill's row for that position,
     // and no step allocates.
@@ -84,7 +72,7 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
         REQUIRE(step.size() == size_t(m.vocab));
         stepwise.insert(stepwise.end(), step.begin(), step.end());
     }
-    CHECK(rel_error(stepwise, all) < 1e-5);
+    CHECK(test::logits_error(stepwise, all) < 1e-5);
     CHECK(decode.n_compute_allocations() == allocations);
 
     // Last-token logits only, and a reset that starts over. The last layer then runs for the
@@ -93,18 +81,18 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
     decode.reset();
     const std::vector<float> last = decode.eval(tokens);
     const std::vector<float> last_row(all.end() - m.vocab, all.end());
-    CHECK(rel_error(last, last_row) < 1e-5);
+    CHECK(test::logits_error(last, last_row) < 1e-5);
     SessionOptions one_batch = so;
     one_batch.n_batch = 32;
     Session last_whole(*model, one_batch);
     const std::vector<float> last_in_one = last_whole.eval(tokens);
     REQUIRE(last_in_one.size() == size_t(m.vocab));
-    CHECK(rel_error(last_in_one, last_row) < 1e-5);
+    CHECK(test::logits_error(last_in_one, last_row) < 1e-5);
 
     // A quantized cache stays close.
     so.kv_type = Type::F16;
     Session half(*model, so);
-    CHECK(rel_error(half.eval(tokens, true), all) < 1e-2);
+    CHECK(test::logits_error(half.eval(tokens, true), all) < 1e-2);
 }
 
 TEST_CASE("llama session: decoding through growing attention windows reuses graphs", "[model]") {
@@ -139,7 +127,7 @@ TEST_CASE("llama session: decoding through growing attention windows reuses grap
             const std::vector<float> step = windowed.eval(std::span(&tokens[size_t(i)], count), true);
             stepwise.insert(stepwise.end(), step.begin(), step.end());
         }
-        CHECK(rel_error(stepwise, all) < 1e-5);
+        CHECK(test::logits_error(stepwise, all) < 1e-5);
         CHECK(windowed.n_compute_allocations() == allocations);
         // A graph is rebuilt when the window grows (every 5 rows) or the token count
         // changes; the other evals reuse it.
@@ -151,7 +139,7 @@ TEST_CASE("llama session: decoding through growing attention windows reuses grap
         // After a reset the kept graph serves new positions: stale rows stay hidden.
         windowed.reset();
         const std::vector<float> again = windowed.eval(std::span(tokens.data(), 1), true);
-        CHECK(rel_error(again, std::vector<float>(all.begin(), all.begin() + m.vocab)) < 1e-5);
+        CHECK(test::logits_error(again, std::vector<float>(all.begin(), all.begin() + m.vocab)) < 1e-5);
     }
 }
 
@@ -183,10 +171,11 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
     so.n_threads = 2;
     Session a(*separate, so), b(*merged, so);
     const std::vector<float> la = a.eval(tokens, true), lb = b.eval(tokens, true);
-    CHECK(rel_error(la, lb) < 1e-5);
+    CHECK(test::logits_error(la, lb) < 1e-5);
     CHECK(separate->merged_projections() == 0);
     CHECK(merged->merged_projections() == 2 * m.layers);
-    CHECK(rel_error(a.eval(std::span(tokens.data(), 1)), b.eval(std::span(tokens.data(), 1))) < 1e-5);
+    CHECK(test::logits_error(a.eval(std::span(tokens.data(), 1)), b.eval(std::span(tokens.data(), 1))) <
+          1e-5);
 }
 
 TEST_CASE("llama session: traced nodes hold every node's values and change no result", "[model]") {

@@ -114,6 +114,19 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
     return path;
 }
 
+// ||a - b|| / ||b|| of two runs' logits; infinity when either holds a value that is not
+// finite or the sizes differ.
+inline double logits_error(const std::vector<float>& a, const std::vector<float>& b) {
+    if (a.size() != b.size()) return INFINITY;
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+        num += double(a[i] - b[i]) * double(a[i] - b[i]);
+        den += double(b[i]) * double(b[i]);
+    }
+    return std::sqrt(num / den);
+}
+
 struct TempFile {
     std::string path;
     ~TempFile() { std::remove(path.c_str()); }

@@ -2,6 +2,7 @@
 // odd shapes, outputs poisoned with NaN before the run. A graph runs on the GPU by placing
 // all of its tensors in one device buffer, uploading the leaves, computing on a CUDA
 // backend and downloading the result.
+#include "device_op_cases.h"
 #include "op_check.h"
 #include "op_def.h"
 #include "reference.h"
@@ -14,7 +15,9 @@
 
 using namespace gfa;
 using gfa::test::fill_uniform;
+using gfa::test::random_indices;
 using gfa::test::rel_error;
+using gfa::test::set_i32;
 
 namespace {
 
@@ -53,18 +56,6 @@ void check_cuda(Tensor* out, double tol) {
     const double err = rel_error(got, expected);
     INFO("relative error " << err << " (tolerance " << tol << ")");
     CHECK(err <= tol);
-}
-
-void set_i32(Tensor* t, const std::vector<int32_t>& v) {
-    REQUIRE(int64_t(v.size()) == t->nelements());
-    tensor_set(t, v.data(), 0, v.size() * sizeof(int32_t));
-}
-
-std::vector<int32_t> random_indices(size_t n, int32_t limit) {
-    std::uniform_int_distribution<int32_t> d(0, limit - 1);
-    std::vector<int32_t> v(n);
-    for (auto& x : v) x = d(gfa::test::rng());
-    return v;
 }
 
 } // namespace
@@ -150,40 +141,11 @@ TEST_CASE("CUDA backend refuses nodes it has no kernel for", "[cuda]") {
 // ---- element-wise and reductions ----------------------------------------------------------
 
 TEST_CASE("CUDA binary ops broadcast rows and columns", "[cuda]") {
-    for (auto op : {add, sub, mul, div}) {
-        Context ctx = data_ctx();
-        Tensor* a = ctx.new_tensor(Type::F32, {17, 5, 3, 2});
-        Tensor* b = ctx.new_tensor(Type::F32, {17, 1, 3, 1});
-        Tensor* c = ctx.new_tensor(Type::F32, {1, 5, 1, 2});
-        fill_uniform(a);
-        fill_uniform(b, 0.5f, 1.5f);
-        fill_uniform(c, 0.5f, 1.5f);
-        check_cuda(op(ctx, a, b), 1e-6);
-        check_cuda(op(ctx, a, c), 1e-6);
-        check_cuda(
-            op(ctx, permute(ctx, a, 1, 0, 2, 3), reshape(ctx, cont(ctx, transpose(ctx, c)), {5, 1, 1, 2})),
-            1e-6);
-    }
+    gfa::test::device_cases::binary_broadcast(check_cuda);
 }
 
 TEST_CASE("CUDA unary ops and reductions", "[cuda]") {
-    Context ctx = data_ctx();
-    Tensor* a = ctx.new_tensor(Type::F32, {113, 7, 3});
-    fill_uniform(a, 0.1f, 2.0f);
-    check_cuda(scale(ctx, a, -1.5f, 0.25f), 1e-6);
-    check_cuda(sqr(ctx, a), 1e-6);
-    check_cuda(sqrt(ctx, a), 1e-6);
-    check_cuda(exp(ctx, a), 1e-6);
-    check_cuda(log(ctx, a), 1e-6);
-    check_cuda(neg(ctx, transpose(ctx, a)), 1e-6);
-    check_cuda(sum(ctx, a), 1e-6);
-    check_cuda(sum_rows(ctx, a), 1e-6);
-    check_cuda(mean(ctx, a), 1e-6);
-    check_cuda(sum_rows(ctx, permute(ctx, a, 2, 0, 1, 3)), 1e-6);
-    Context c2 = data_ctx();
-    Tensor* big = c2.new_tensor(Type::F32, {3001, 1});
-    fill_uniform(big);
-    check_cuda(sum(c2, big), 1e-5);
+    gfa::test::device_cases::unary_and_reductions(check_cuda);
 }
 
 // ---- data movement ------------------------------------------------------------------------
@@ -507,149 +469,37 @@ TEST_CASE("CUDA get_rows and cast of every quantized type match the CPU's dequan
 }
 
 TEST_CASE("CUDA out_prod with broadcast batches and transposed operands", "[cuda]") {
-    Context ctx = data_ctx();
-    Tensor* a = ctx.new_tensor(Type::F32, {13, 29, 1, 2});
-    Tensor* b = ctx.new_tensor(Type::F32, {7, 29, 3, 2});
-    fill_uniform(a);
-    fill_uniform(b);
-    check_cuda(out_prod(ctx, a, b), 1e-5);
-    Tensor* at = ctx.new_tensor(Type::F32, {29, 13});
-    Tensor* bt = ctx.new_tensor(Type::F32, {29, 7});
-    fill_uniform(at);
-    fill_uniform(bt);
-    check_cuda(out_prod(ctx, transpose(ctx, at), transpose(ctx, bt)), 1e-5);
-    check_cuda(out_prod(ctx, transpose(ctx, at), reshape(ctx, cont(ctx, transpose(ctx, bt)), {7, 29})), 1e-5);
+    gfa::test::device_cases::out_prod_batches(check_cuda);
 }
 
 // ---- normalization, rope, softmax -----------------------------------------------------------
 
 TEST_CASE("CUDA norm and rms_norm with their backward ops", "[cuda]") {
-    Context ctx = data_ctx();
-    Tensor* x = ctx.new_tensor(Type::F32, {113, 5, 3});
-    Tensor* dy = ctx.new_tensor(Type::F32, {113, 5, 3});
-    fill_uniform(x, -2.0f, 2.0f);
-    fill_uniform(dy);
-    check_cuda(norm(ctx, x, 1e-5f), 1e-5);
-    check_cuda(rms_norm(ctx, x, 1e-5f), 1e-5);
-    check_cuda(norm_back(ctx, dy, x, 1e-5f), 1e-5);
-    check_cuda(rms_norm_back(ctx, dy, x, 1e-5f), 1e-5);
-    check_cuda(rms_norm(ctx, permute(ctx, x, 1, 0, 2, 3), 1e-6f), 1e-5); // strided rows
+    gfa::test::device_cases::norms_with_backward(check_cuda);
 }
 
 TEST_CASE("CUDA rope (normal and NeoX) and rope_back", "[cuda]") {
-    for (RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
-        Context ctx = data_ctx();
-        Tensor* x = ctx.new_tensor(Type::F32, {18, 3, 7, 2}); // head_dim, heads, tokens, batch
-        fill_uniform(x);
-        Tensor* pos = ctx.new_tensor(Type::I32, {7});
-        set_i32(pos, random_indices(7, 3000));
-        const RopeParams p{14, mode, 10000.0f, 0.5f}; // 14 of 18 dims rotate
-        INFO("mode " << int(mode));
-        check_cuda(rope(ctx, x, pos, p), 1e-5);
-        check_cuda(rope_back(ctx, x, pos, p), 1e-5);
-    }
+    gfa::test::device_cases::rope_and_back(check_cuda);
 }
 
 TEST_CASE("CUDA soft_max_ext with f32/f16 masks, ALiBi and scale, and its backward", "[cuda]") {
-    for (Type mask_type : {Type::F32, Type::F16})
-        for (float max_bias : {0.0f, 8.0f}) {
-            Context ctx = data_ctx();
-            Tensor* x = ctx.new_tensor(Type::F32, {37, 5, 6, 2});
-            Tensor* mask = ctx.new_tensor(mask_type, {37, 7, 1, 2}); // more mask rows than x rows
-            fill_uniform(x, -3.0f, 3.0f);
-            fill_uniform(mask, -2.0f, 0.0f);
-            INFO("mask " << type_name(mask_type) << ", max_bias " << max_bias);
-            check_cuda(soft_max_ext(ctx, x, mask, 0.7f, max_bias), 1e-5);
-        }
-    Context ctx = data_ctx();
-    Tensor* x = ctx.new_tensor(Type::F32, {9, 7, 2});
-    fill_uniform(x);
-    check_cuda(soft_max(ctx, x), 1e-5);
-    check_cuda(soft_max(ctx, diag_mask_inf(ctx, x, 2)), 1e-5);
-    check_cuda(diag_mask_inf(ctx, x, 2), 0.0);
-    check_cuda(diag_mask_fill(ctx, x, 1, 0.0f), 0.0);
-    Tensor* dy = ctx.new_tensor(Type::F32, {37, 5, 3});
-    Tensor* y = ctx.new_tensor(Type::F32, {37, 5, 3});
-    fill_uniform(dy);
-    fill_uniform(y, 0.0f, 0.1f);
-    check_cuda(soft_max_back(ctx, dy, y, 0.7f), 1e-5);
+    gfa::test::device_cases::softmax_and_backward(check_cuda);
 }
 
 // ---- activations and training -----------------------------------------------------------------
 
 TEST_CASE("CUDA activations and their backward ops", "[cuda]") {
-    Context ctx = data_ctx();
-    Tensor* x = ctx.new_tensor(Type::F32, {33, 7, 3});
-    Tensor* u = ctx.new_tensor(Type::F32, {33, 7, 3});
-    fill_uniform(x, -4.0f, 4.0f);
-    fill_uniform(u);
-    check_cuda(silu(ctx, x), 1e-6);
-    check_cuda(relu(ctx, x), 0.0);
-    check_cuda(step(ctx, x), 0.0);
-    check_cuda(swiglu(ctx, x, u), 1e-6);
-    check_cuda(silu_back(ctx, u, x), 1e-6);
-    for (GeluApprox approx : {GeluApprox::Tanh, GeluApprox::Erf}) {
-        check_cuda(gelu(ctx, x, approx), 1e-6);
-        check_cuda(gelu_back(ctx, u, x, approx), 1e-5);
-    }
+    gfa::test::device_cases::activations_and_backward(check_cuda);
 }
 
 TEST_CASE("CUDA cross_entropy_loss, its backward, and AdamW", "[cuda]") {
-    Context ctx = data_ctx();
-    Tensor* logits = ctx.new_tensor(Type::F32, {41, 6, 2});
-    Tensor* labels = ctx.new_tensor(Type::F32, {41, 6, 2});
-    fill_uniform(logits, -3.0f, 3.0f);
-    fill_uniform(labels, 0.0f, 1.0f); // rows do not sum to 1: the exact derivative is tested
-    check_cuda(cross_entropy_loss(ctx, logits, labels), 1e-5);
-    Tensor* g = ctx.new_tensor(Type::F32, {1});
-    tensor_set_f32(g, {1.7f});
-    check_cuda(cross_entropy_loss_back(ctx, g, logits, labels), 1e-5);
-    check_cuda(cross_entropy_loss_back(ctx, g, logits, soft_max(ctx, labels)), 1e-5);
-
-    Tensor* w = ctx.new_tensor(Type::F32, {37, 3});
-    Tensor* gw = ctx.new_tensor(Type::F32, {37, 3});
-    Tensor* m = ctx.new_tensor(Type::F32, {37, 3});
-    Tensor* v = ctx.new_tensor(Type::F32, {37, 3});
-    fill_uniform(w);
-    fill_uniform(gw);
-    fill_uniform(m, -0.1f, 0.1f);
-    fill_uniform(v, 0.0f, 0.1f);
-    AdamWParams p;
-    p.lr = 0.01f;
-    p.weight_decay = 0.1f;
-    p.step = 3;
-    check_cuda(adamw_step(ctx, w, gw, m, v, p), 1e-6);
+    gfa::test::device_cases::loss_and_adamw(check_cuda);
 }
 
 // ---- autodiff graphs ---------------------------------------------------------------------------
 
 TEST_CASE("CUDA computes the gradients autodiff builds (matmul, norms, activations, loss)", "[cuda]") {
-    Context ctx = data_ctx();
-    Tensor* x = ctx.new_tensor(Type::F32, {16, 5});
-    Tensor* w1 = ctx.new_tensor(Type::F32, {16, 24});
-    Tensor* w2 = ctx.new_tensor(Type::F32, {24, 7});
-    Tensor* labels = ctx.new_tensor(Type::F32, {7, 5});
-    Tensor* q = ctx.new_tensor(Type::F32, {8, 3, 5});
-    Tensor* pos = ctx.new_tensor(Type::I32, {5});
-    for (Tensor* t : {x, w1, w2, labels, q}) fill_uniform(t);
-    set_i32(pos, {0, 3, 9, 1, 4});
-    for (Tensor* t : {w1, w2, q}) set_param(t);
-
-    Tensor* h = gelu(ctx, mul_mat(ctx, w1, rms_norm(ctx, x, 1e-5f)));
-    Tensor* logits = mul_mat(ctx, w2, h);
-    Tensor* r = rope(ctx, q, pos, RopeParams{8, RopeMode::NeoX, 10000.0f, 1.0f});
-    Tensor* attn = soft_max_ext(ctx, reshape(ctx, r, {24, 5}), nullptr, 0.5f, 0.0f);
-    Tensor* loss = add(ctx, cross_entropy_loss(ctx, logits, soft_max(ctx, labels)),
-                       sum(ctx, mul(ctx, attn, silu(ctx, norm(ctx, reshape(ctx, q, {24, 5}), 1e-5f)))));
-    set_loss(loss);
-    Graph g = build_forward(loss);
-    build_backward(ctx, g, loss);
-    for (Tensor* p : {w1, w2, q}) {
-        Tensor* grad = g.grad(p);
-        REQUIRE(grad != nullptr);
-        INFO("gradient of " << p->shape_str());
-        check_cuda(grad, 1e-4);
-    }
+    gfa::test::device_cases::autodiff_gradients(check_cuda, 1e-4);
 }
 
 TEST_CASE("CUDA flash_attn_ext as a graph node, forward and autodiff backward", "[cuda][attn]") {

@@ -17,17 +17,6 @@ using namespace gfa;
 
 namespace {
 
-double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
-    REQUIRE(a.size() == b.size());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-        num += double(a[i] - b[i]) * double(a[i] - b[i]);
-        den += double(b[i]) * double(b[i]);
-    }
-    return std::sqrt(num / den);
-}
-
 struct Run {
     std::vector<float> logits; // the prompt's logits at every position, then each decoded step's
     std::string schedule;      // the last graph's splits
@@ -100,7 +89,7 @@ TEST_CASE("Vulkan runs a whole llama model as the CPU does", "[vulkan][model]") 
              at = vk.schedule.find("split ", at + 1))
             ++splits;
         CHECK(splits <= 3);
-        const double err = rel_error(vk.logits, cpu.logits);
+        const double err = test::logits_error(vk.logits, cpu.logits);
         INFO("relative error " << err);
         CHECK(err <= tol);
     }
@@ -143,7 +132,7 @@ TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
     const Run vk = run_model(file.path, vulkan0(), 1000, kv, tokens, 4);
     INFO("Vulkan schedule:\n" << vk.schedule);
     CHECK(vk.schedule.find("Vulkan0") != std::string::npos);
-    const double err = rel_error(vk.logits, cpu.logits);
+    const double err = test::logits_error(vk.logits, cpu.logits);
     INFO("relative error " << err);
     // Both sides round the cache the same way from keys and values that differ in the last
     // bits (f32 sums in different orders): a q8_0 value on a rounding boundary then moves by

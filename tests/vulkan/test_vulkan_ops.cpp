@@ -2,6 +2,7 @@
 // random inputs, odd shapes, strided views, results poisoned with NaN before each run, and
 // every node of the graph required to run on Vulkan. The shaders compute in f32 whatever the
 // storage, so the tolerances are f32's.
+#include "device_op_cases.h"
 #include "op_check.h"
 #include "op_def.h"
 #include "reference.h"
@@ -14,7 +15,9 @@
 
 using namespace gfa;
 using gfa::test::fill_uniform;
+using gfa::test::random_indices;
 using gfa::test::rel_error;
+using gfa::test::set_i32;
 
 namespace {
 
@@ -39,18 +42,6 @@ void check_vulkan(Tensor* out, double tol) {
     const double err = rel_error(got, expected);
     INFO("relative error " << err << " (tolerance " << tol << ")");
     CHECK(err <= tol);
-}
-
-void set_i32(Tensor* t, const std::vector<int32_t>& v) {
-    REQUIRE(int64_t(v.size()) == t->nelements());
-    tensor_set(t, v.data(), 0, v.size() * sizeof(int32_t));
-}
-
-std::vector<int32_t> random_indices(size_t n, int32_t limit) {
-    std::uniform_int_distribution<int32_t> d(0, limit - 1);
-    std::vector<int32_t> v(n);
-    for (auto& x : v) x = d(test::rng());
-    return v;
 }
 
 const Type kQuantTypes[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
@@ -78,80 +69,39 @@ int64_t mismatches(const std::vector<float>& got, const std::vector<float>& want
 // ---- element-wise ----------------------------------------------------------------------------
 
 TEST_CASE("Vulkan binary ops broadcast rows and columns", "[vulkan][ops]") {
-    for (auto op : {add, sub, mul, div}) {
-        Context ctx = data_ctx();
-        Tensor* a = ctx.new_tensor(Type::F32, {17, 5, 3, 2});
-        Tensor* b = ctx.new_tensor(Type::F32, {17, 1, 3, 1});
-        Tensor* c = ctx.new_tensor(Type::F32, {1, 5, 1, 2});
-        fill_uniform(a);
-        fill_uniform(b, 0.5f, 1.5f);
-        fill_uniform(c, 0.5f, 1.5f);
-        check_vulkan(op(ctx, a, b), 1e-6);
-        check_vulkan(op(ctx, a, c), 1e-6);
-        check_vulkan(
-            op(ctx, permute(ctx, a, 1, 0, 2, 3), reshape(ctx, cont(ctx, transpose(ctx, c)), {5, 1, 1, 2})),
-            1e-6);
-    }
+    test::device_cases::binary_broadcast(check_vulkan);
 }
 
 TEST_CASE("Vulkan unary ops, activations and their backward ops", "[vulkan][ops]") {
-    Context ctx = data_ctx();
-    Tensor* a = ctx.new_tensor(Type::F32, {113, 7, 3});
-    fill_uniform(a, 0.1f, 2.0f);
-    check_vulkan(scale(ctx, a, -1.5f, 0.25f), 1e-6);
-    check_vulkan(sqr(ctx, a), 1e-6);
-    check_vulkan(sqrt(ctx, a), 1e-6);
-    check_vulkan(exp(ctx, a), 1e-6);
-    check_vulkan(log(ctx, a), 1e-6);
-    check_vulkan(neg(ctx, transpose(ctx, a)), 1e-6);
-
-    Tensor* x = ctx.new_tensor(Type::F32, {33, 7, 3});
-    Tensor* u = ctx.new_tensor(Type::F32, {33, 7, 3});
-    fill_uniform(x, -4.0f, 4.0f);
-    fill_uniform(u);
-    check_vulkan(silu(ctx, x), 1e-6);
-    check_vulkan(relu(ctx, x), 0.0);
-    check_vulkan(step(ctx, x), 0.0);
-    check_vulkan(swiglu(ctx, x, u), 1e-6);
-    check_vulkan(silu_back(ctx, u, x), 1e-6);
-    for (GeluApprox approx : {GeluApprox::Tanh, GeluApprox::Erf}) {
-        INFO("gelu approximation " << int(approx));
-        check_vulkan(gelu(ctx, x, approx), 1e-6);
-        check_vulkan(gelu_back(ctx, u, x, approx), 1e-5);
-    }
+    test::device_cases::unary_and_reductions(check_vulkan);
+    test::device_cases::activations_and_backward(check_vulkan);
     // Near zero, where tanh and erf lose digits when computed naively.
+    Context ctx = data_ctx();
     Tensor* small = ctx.new_tensor(Type::F32, {64, 3});
     fill_uniform(small, -1e-3f, 1e-3f);
     check_vulkan(gelu(ctx, small, GeluApprox::Tanh), 1e-6);
     check_vulkan(gelu(ctx, small, GeluApprox::Erf), 1e-6);
 }
 
-TEST_CASE("Vulkan row sums, means and the normalizations", "[vulkan][ops]") {
+TEST_CASE("Vulkan row sums, means and the normalizations with their backward ops", "[vulkan][ops]") {
+    test::device_cases::norms_with_backward(check_vulkan);
+    // Rows longer than a workgroup's invocations, strided rows, a row of one value.
     Context ctx = data_ctx();
     Tensor* x = ctx.new_tensor(Type::F32, {1013, 5, 3});
     fill_uniform(x, -2.0f, 2.0f);
     check_vulkan(sum_rows(ctx, x), 1e-6);
     check_vulkan(mean(ctx, x), 1e-6);
     check_vulkan(sum_rows(ctx, permute(ctx, x, 2, 0, 1, 3)), 1e-6);
+    check_vulkan(sum(ctx, permute(ctx, x, 2, 0, 1, 3)), 1e-6);
     check_vulkan(norm(ctx, x, 1e-5f), 1e-5);
     check_vulkan(rms_norm(ctx, x, 1e-5f), 1e-5);
-    check_vulkan(rms_norm(ctx, permute(ctx, x, 1, 0, 2, 3), 1e-6f), 1e-5); // strided rows
     Tensor* one = ctx.new_tensor(Type::F32, {1, 4});
     fill_uniform(one);
     check_vulkan(norm(ctx, one, 1e-5f), 0.0); // a row of one value normalizes to zero
 }
 
-TEST_CASE("Vulkan soft_max_ext with f32/f16 masks, ALiBi and scale", "[vulkan][ops]") {
-    for (Type mask_type : {Type::F32, Type::F16})
-        for (float max_bias : {0.0f, 8.0f}) {
-            Context ctx = data_ctx();
-            Tensor* x = ctx.new_tensor(Type::F32, {37, 5, 6, 2});
-            Tensor* mask = ctx.new_tensor(mask_type, {37, 7, 1, 2}); // more mask rows than x rows
-            fill_uniform(x, -3.0f, 3.0f);
-            fill_uniform(mask, -2.0f, 0.0f);
-            INFO("mask " << type_name(mask_type) << ", max_bias " << max_bias);
-            check_vulkan(soft_max_ext(ctx, x, mask, 0.7f, max_bias), 1e-5);
-        }
+TEST_CASE("Vulkan soft_max_ext with f32/f16 masks, ALiBi and scale, and its backward", "[vulkan][ops]") {
+    test::device_cases::softmax_and_backward(check_vulkan);
     Context ctx = data_ctx();
     Tensor* x = ctx.new_tensor(Type::F32, {300, 7, 2});
     fill_uniform(x);
@@ -165,21 +115,19 @@ TEST_CASE("Vulkan soft_max_ext with f32/f16 masks, ALiBi and scale", "[vulkan][o
 }
 
 TEST_CASE("Vulkan rope (normal and NeoX) and rope_back at positions in the thousands", "[vulkan][ops]") {
+    test::device_cases::rope_and_back(check_vulkan);
     for (RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
         Context ctx = data_ctx();
-        Tensor* x = ctx.new_tensor(Type::F32, {18, 3, 7, 2}); // head_dim, heads, tokens, batch
-        fill_uniform(x);
         Tensor* pos = ctx.new_tensor(Type::I32, {7});
-        set_i32(pos, random_indices(7, 30000));
-        const RopeParams p{14, mode, 10000.0f, 0.5f}; // 14 of 18 dims rotate
+        set_i32(pos, random_indices(7, 30000)); // f32 angles would be off by ~5e-5 here
+        const RopeParams p{14, mode, 10000.0f, 0.5f};
         INFO("mode " << int(mode));
-        check_vulkan(rope(ctx, x, pos, p), 1e-5);
-        check_vulkan(rope_back(ctx, x, pos, p), 1e-5);
         // A strided view, as the model's fused q/k projection feeds it.
         Tensor* wide = ctx.new_tensor(Type::F32, {18 * 5, 7});
         fill_uniform(wide);
         Tensor* heads = view(ctx, wide, {18, 3, 7}, {18 * sizeof(float), wide->nb[1]}, 18 * sizeof(float));
         check_vulkan(rope(ctx, heads, pos, p), 1e-5);
+        check_vulkan(rope_back(ctx, heads, pos, p), 1e-5);
     }
 }
 
@@ -369,24 +317,8 @@ TEST_CASE("Vulkan fill, repeat, repeat_back, concat and diag_mask", "[vulkan][op
     check_vulkan(soft_max(ctx, diag_mask_inf(ctx, sq, 0)), 1e-5);
 }
 
-TEST_CASE("Vulkan backward ops of the norms and softmax, sum and get_rows_back", "[vulkan][ops]") {
+TEST_CASE("Vulkan get_rows_back", "[vulkan][ops]") {
     Context ctx = data_ctx();
-    Tensor* x = ctx.new_tensor(Type::F32, {113, 5, 3});
-    Tensor* dy = ctx.new_tensor(Type::F32, {113, 5, 3});
-    fill_uniform(x, -2.0f, 2.0f);
-    fill_uniform(dy);
-    check_vulkan(norm_back(ctx, dy, x, 1e-5f), 1e-5);
-    check_vulkan(rms_norm_back(ctx, dy, x, 1e-5f), 1e-5);
-    Tensor* y = ctx.new_tensor(Type::F32, {113, 5, 3});
-    fill_uniform(y, 0.0f, 0.1f);
-    check_vulkan(soft_max_back(ctx, dy, y, 0.7f), 1e-5);
-    check_vulkan(sum(ctx, x), 1e-6);
-    check_vulkan(sum(ctx, permute(ctx, x, 2, 0, 1, 3)), 1e-6);
-    Context c2 = data_ctx();
-    Tensor* big = c2.new_tensor(Type::F32, {3001, 1});
-    fill_uniform(big);
-    check_vulkan(sum(c2, big), 1e-5);
-
     Tensor* like = ctx.new_tensor(Type::F32, {13, 7});
     Tensor* grad = ctx.new_tensor(Type::F32, {13, 23});
     fill_uniform(grad);
@@ -396,17 +328,9 @@ TEST_CASE("Vulkan backward ops of the norms and softmax, sum and get_rows_back",
 }
 
 TEST_CASE("Vulkan cross_entropy_loss, its backward, and AdamW steps", "[vulkan][ops]") {
+    test::device_cases::loss_and_adamw(check_vulkan);
+    // A second step reads the moments the first one wrote.
     Context ctx = data_ctx();
-    Tensor* logits = ctx.new_tensor(Type::F32, {41, 6, 2});
-    Tensor* labels = ctx.new_tensor(Type::F32, {41, 6, 2});
-    fill_uniform(logits, -3.0f, 3.0f);
-    fill_uniform(labels, 0.0f, 1.0f); // rows do not sum to 1: the exact derivative is tested
-    check_vulkan(cross_entropy_loss(ctx, logits, labels), 1e-5);
-    Tensor* g = ctx.new_tensor(Type::F32, {1});
-    tensor_set_f32(g, {1.7f});
-    check_vulkan(cross_entropy_loss_back(ctx, g, logits, labels), 1e-5);
-    check_vulkan(cross_entropy_loss_back(ctx, g, logits, soft_max(ctx, labels)), 1e-5);
-
     Tensor* w = ctx.new_tensor(Type::F32, {37, 3});
     Tensor* gw = ctx.new_tensor(Type::F32, {37, 3});
     Tensor* m = ctx.new_tensor(Type::F32, {37, 3});
@@ -419,9 +343,6 @@ TEST_CASE("Vulkan cross_entropy_loss, its backward, and AdamW steps", "[vulkan][
     p.lr = 0.01f;
     p.weight_decay = 0.1f;
     p.step = 3;
-    Tensor* once = adamw_step(ctx, w, gw, m, v, p);
-    check_vulkan(once, 1e-6);
-    // A second step reads the moments the first one wrote.
     AdamWParams p2 = p;
     p2.step = 4;
     check_vulkan(adamw_step(ctx, adamw_step(ctx, w, gw, m, v, p), gw, m, v, p2), 1e-6);
@@ -429,32 +350,7 @@ TEST_CASE("Vulkan cross_entropy_loss, its backward, and AdamW steps", "[vulkan][
 
 TEST_CASE("Vulkan computes the gradients autodiff builds (matmul, norms, activations, loss)",
           "[vulkan][ops]") {
-    Context ctx = data_ctx();
-    Tensor* x = ctx.new_tensor(Type::F32, {16, 5});
-    Tensor* w1 = ctx.new_tensor(Type::F32, {16, 24});
-    Tensor* w2 = ctx.new_tensor(Type::F32, {24, 7});
-    Tensor* labels = ctx.new_tensor(Type::F32, {7, 5});
-    Tensor* q = ctx.new_tensor(Type::F32, {8, 3, 5});
-    Tensor* pos = ctx.new_tensor(Type::I32, {5});
-    for (Tensor* t : {x, w1, w2, labels, q}) fill_uniform(t);
-    set_i32(pos, {0, 3, 9, 1, 4});
-    for (Tensor* t : {w1, w2, q}) set_param(t);
-
-    Tensor* h = gelu(ctx, mul_mat(ctx, w1, rms_norm(ctx, x, 1e-5f)));
-    Tensor* logits = mul_mat(ctx, w2, h);
-    Tensor* r = rope(ctx, q, pos, RopeParams{8, RopeMode::NeoX, 10000.0f, 1.0f});
-    Tensor* attn = soft_max_ext(ctx, reshape(ctx, r, {24, 5}), nullptr, 0.5f, 0.0f);
-    Tensor* loss = add(ctx, cross_entropy_loss(ctx, logits, soft_max(ctx, labels)),
-                       sum(ctx, mul(ctx, attn, silu(ctx, norm(ctx, reshape(ctx, q, {24, 5}), 1e-5f)))));
-    set_loss(loss);
-    Graph g = build_forward(loss);
-    build_backward(ctx, g, loss);
-    for (Tensor* p : {w1, w2, q}) {
-        Tensor* grad = g.grad(p);
-        REQUIRE(grad != nullptr);
-        INFO("gradient of " << p->shape_str());
-        check_vulkan(grad, 1e-5);
-    }
+    test::device_cases::autodiff_gradients(check_vulkan, 1e-5);
 }
 
 // ---- matrix products -------------------------------------------------------------------------
@@ -502,17 +398,11 @@ TEST_CASE("Vulkan mul_mat with every quantized weight type, decoding and prefill
 }
 
 TEST_CASE("Vulkan out_prod with broadcast batches and transposed operands", "[vulkan][ops]") {
+    test::device_cases::out_prod_batches(check_vulkan);
     Context ctx = data_ctx();
-    Tensor* a = ctx.new_tensor(Type::F32, {13, 29, 1, 2});
-    Tensor* b = ctx.new_tensor(Type::F32, {7, 29, 3, 2});
-    fill_uniform(a);
-    fill_uniform(b);
-    check_vulkan(out_prod(ctx, a, b), 1e-5);
     Tensor* at = ctx.new_tensor(Type::F32, {29, 13});
     Tensor* bt = ctx.new_tensor(Type::F32, {29, 70}); // more than a tile of columns
     fill_uniform(at);
     fill_uniform(bt);
     check_vulkan(out_prod(ctx, transpose(ctx, at), transpose(ctx, bt)), 1e-5);
-    check_vulkan(out_prod(ctx, transpose(ctx, at), reshape(ctx, cont(ctx, transpose(ctx, bt)), {70, 29})),
-                 1e-5);
 }

@@ -1,0 +1,201 @@
+#include "device_op_cases.h"
+
+#include "op_def.h"
+
+#include <ggml-fa/ops.h>
+
+namespace gfa::test::device_cases {
+
+namespace {
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
+} // namespace
+
+// Binary ops with b broadcast over a by rows, columns and a permuted a.
+void binary_broadcast(const Check& check) {
+    for (auto op : {add, sub, mul, div}) {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F32, {17, 5, 3, 2});
+        Tensor* b = ctx.new_tensor(Type::F32, {17, 1, 3, 1});
+        Tensor* c = ctx.new_tensor(Type::F32, {1, 5, 1, 2});
+        fill_uniform(a);
+        fill_uniform(b, 0.5f, 1.5f);
+        fill_uniform(c, 0.5f, 1.5f);
+        check(op(ctx, a, b), 1e-6);
+        check(op(ctx, a, c), 1e-6);
+        check(op(ctx, permute(ctx, a, 1, 0, 2, 3), reshape(ctx, cont(ctx, transpose(ctx, c)), {5, 1, 1, 2})),
+              1e-6);
+    }
+}
+
+// Unary math, sums and means (strided too), a long sum.
+void unary_and_reductions(const Check& check) {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {113, 7, 3});
+    fill_uniform(a, 0.1f, 2.0f);
+    check(scale(ctx, a, -1.5f, 0.25f), 1e-6);
+    check(sqr(ctx, a), 1e-6);
+    check(sqrt(ctx, a), 1e-6);
+    check(exp(ctx, a), 1e-6);
+    check(log(ctx, a), 1e-6);
+    check(neg(ctx, transpose(ctx, a)), 1e-6);
+    check(sum(ctx, a), 1e-6);
+    check(sum_rows(ctx, a), 1e-6);
+    check(mean(ctx, a), 1e-6);
+    check(sum_rows(ctx, permute(ctx, a, 2, 0, 1, 3)), 1e-6);
+    Context c2 = data_ctx();
+    Tensor* big = c2.new_tensor(Type::F32, {3001, 1});
+    fill_uniform(big);
+    check(sum(c2, big), 1e-5);
+}
+
+// out_prod with broadcast batches and transposed operands.
+void out_prod_batches(const Check& check) {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {13, 29, 1, 2});
+    Tensor* b = ctx.new_tensor(Type::F32, {7, 29, 3, 2});
+    fill_uniform(a);
+    fill_uniform(b);
+    check(out_prod(ctx, a, b), 1e-5);
+    Tensor* at = ctx.new_tensor(Type::F32, {29, 13});
+    Tensor* bt = ctx.new_tensor(Type::F32, {29, 7});
+    fill_uniform(at);
+    fill_uniform(bt);
+    check(out_prod(ctx, transpose(ctx, at), transpose(ctx, bt)), 1e-5);
+    check(out_prod(ctx, transpose(ctx, at), reshape(ctx, cont(ctx, transpose(ctx, bt)), {7, 29})), 1e-5);
+}
+
+// norm and rms_norm with their backward ops, strided rows.
+void norms_with_backward(const Check& check) {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {113, 5, 3});
+    Tensor* dy = ctx.new_tensor(Type::F32, {113, 5, 3});
+    fill_uniform(x, -2.0f, 2.0f);
+    fill_uniform(dy);
+    check(norm(ctx, x, 1e-5f), 1e-5);
+    check(rms_norm(ctx, x, 1e-5f), 1e-5);
+    check(norm_back(ctx, dy, x, 1e-5f), 1e-5);
+    check(rms_norm_back(ctx, dy, x, 1e-5f), 1e-5);
+    check(rms_norm(ctx, permute(ctx, x, 1, 0, 2, 3), 1e-6f), 1e-5); // strided rows
+}
+
+// rope (normal and NeoX, 14 of 18 dims) and rope_back at positions below 3000.
+void rope_and_back(const Check& check) {
+    for (RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
+        Context ctx = data_ctx();
+        Tensor* x = ctx.new_tensor(Type::F32, {18, 3, 7, 2}); // head_dim, heads, tokens, batch
+        fill_uniform(x);
+        Tensor* pos = ctx.new_tensor(Type::I32, {7});
+        set_i32(pos, random_indices(7, 3000));
+        const RopeParams p{14, mode, 10000.0f, 0.5f}; // 14 of 18 dims rotate
+        INFO("mode " << int(mode));
+        check(rope(ctx, x, pos, p), 1e-5);
+        check(rope_back(ctx, x, pos, p), 1e-5);
+    }
+}
+
+// soft_max_ext with f32/f16 masks (more rows than x), ALiBi and scale; soft_max, diag_mask and soft_max_back.
+void softmax_and_backward(const Check& check) {
+    for (Type mask_type : {Type::F32, Type::F16})
+        for (float max_bias : {0.0f, 8.0f}) {
+            Context ctx = data_ctx();
+            Tensor* x = ctx.new_tensor(Type::F32, {37, 5, 6, 2});
+            Tensor* mask = ctx.new_tensor(mask_type, {37, 7, 1, 2}); // more mask rows than x rows
+            fill_uniform(x, -3.0f, 3.0f);
+            fill_uniform(mask, -2.0f, 0.0f);
+            INFO("mask " << type_name(mask_type) << ", max_bias " << max_bias);
+            check(soft_max_ext(ctx, x, mask, 0.7f, max_bias), 1e-5);
+        }
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {9, 7, 2});
+    fill_uniform(x);
+    check(soft_max(ctx, x), 1e-5);
+    check(soft_max(ctx, diag_mask_inf(ctx, x, 2)), 1e-5);
+    check(diag_mask_inf(ctx, x, 2), 0.0);
+    check(diag_mask_fill(ctx, x, 1, 0.0f), 0.0);
+    Tensor* dy = ctx.new_tensor(Type::F32, {37, 5, 3});
+    Tensor* y = ctx.new_tensor(Type::F32, {37, 5, 3});
+    fill_uniform(dy);
+    fill_uniform(y, 0.0f, 0.1f);
+    check(soft_max_back(ctx, dy, y, 0.7f), 1e-5);
+}
+
+// silu, relu, step, swiglu, gelu (both forms) and the backward ops.
+void activations_and_backward(const Check& check) {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {33, 7, 3});
+    Tensor* u = ctx.new_tensor(Type::F32, {33, 7, 3});
+    fill_uniform(x, -4.0f, 4.0f);
+    fill_uniform(u);
+    check(silu(ctx, x), 1e-6);
+    check(relu(ctx, x), 0.0);
+    check(step(ctx, x), 0.0);
+    check(swiglu(ctx, x, u), 1e-6);
+    check(silu_back(ctx, u, x), 1e-6);
+    for (GeluApprox approx : {GeluApprox::Tanh, GeluApprox::Erf}) {
+        check(gelu(ctx, x, approx), 1e-6);
+        check(gelu_back(ctx, u, x, approx), 1e-5);
+    }
+}
+
+// cross_entropy_loss (rows not summing to 1), its backward, one AdamW step.
+void loss_and_adamw(const Check& check) {
+    Context ctx = data_ctx();
+    Tensor* logits = ctx.new_tensor(Type::F32, {41, 6, 2});
+    Tensor* labels = ctx.new_tensor(Type::F32, {41, 6, 2});
+    fill_uniform(logits, -3.0f, 3.0f);
+    fill_uniform(labels, 0.0f, 1.0f); // rows do not sum to 1: the exact derivative is tested
+    check(cross_entropy_loss(ctx, logits, labels), 1e-5);
+    Tensor* g = ctx.new_tensor(Type::F32, {1});
+    tensor_set_f32(g, {1.7f});
+    check(cross_entropy_loss_back(ctx, g, logits, labels), 1e-5);
+    check(cross_entropy_loss_back(ctx, g, logits, soft_max(ctx, labels)), 1e-5);
+
+    Tensor* w = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* gw = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* m = ctx.new_tensor(Type::F32, {37, 3});
+    Tensor* v = ctx.new_tensor(Type::F32, {37, 3});
+    fill_uniform(w);
+    fill_uniform(gw);
+    fill_uniform(m, -0.1f, 0.1f);
+    fill_uniform(v, 0.0f, 0.1f);
+    AdamWParams p;
+    p.lr = 0.01f;
+    p.weight_decay = 0.1f;
+    p.step = 3;
+    check(adamw_step(ctx, w, gw, m, v, p), 1e-6);
+}
+
+// The gradients autodiff builds for a small graph of matmuls, norms, rope, softmax, activations and the loss,
+// each checked at `tol`.
+void autodiff_gradients(const Check& check, double tol) {
+    Context ctx = data_ctx();
+    Tensor* x = ctx.new_tensor(Type::F32, {16, 5});
+    Tensor* w1 = ctx.new_tensor(Type::F32, {16, 24});
+    Tensor* w2 = ctx.new_tensor(Type::F32, {24, 7});
+    Tensor* labels = ctx.new_tensor(Type::F32, {7, 5});
+    Tensor* q = ctx.new_tensor(Type::F32, {8, 3, 5});
+    Tensor* pos = ctx.new_tensor(Type::I32, {5});
+    for (Tensor* t : {x, w1, w2, labels, q}) fill_uniform(t);
+    set_i32(pos, {0, 3, 9, 1, 4});
+    for (Tensor* t : {w1, w2, q}) set_param(t);
+
+    Tensor* h = gelu(ctx, mul_mat(ctx, w1, rms_norm(ctx, x, 1e-5f)));
+    Tensor* logits = mul_mat(ctx, w2, h);
+    Tensor* r = rope(ctx, q, pos, RopeParams{8, RopeMode::NeoX, 10000.0f, 1.0f});
+    Tensor* attn = soft_max_ext(ctx, reshape(ctx, r, {24, 5}), nullptr, 0.5f, 0.0f);
+    Tensor* loss = add(ctx, cross_entropy_loss(ctx, logits, soft_max(ctx, labels)),
+                       sum(ctx, mul(ctx, attn, silu(ctx, norm(ctx, reshape(ctx, q, {24, 5}), 1e-5f)))));
+    set_loss(loss);
+    Graph g = build_forward(loss);
+    build_backward(ctx, g, loss);
+    for (Tensor* p : {w1, w2, q}) {
+        Tensor* grad = g.grad(p);
+        REQUIRE(grad != nullptr);
+        INFO("gradient of " << p->shape_str());
+        check(grad, tol);
+    }
+}
+
+} // namespace gfa::test::device_cases
