@@ -139,7 +139,7 @@ void activations_and_backward(const Check& check) {
     }
 }
 
-// cross_entropy_loss (rows not summing to 1), its backward, one AdamW step.
+// cross_entropy_loss (rows not summing to 1), its backward, one AdamW step and two in a row.
 void loss_and_adamw(const Check& check) {
     Context ctx = data_ctx();
     Tensor* logits = ctx.new_tensor(Type::F32, {41, 6, 2});
@@ -165,6 +165,10 @@ void loss_and_adamw(const Check& check) {
     p.weight_decay = 0.1f;
     p.step = 3;
     check(adamw_step(ctx, w, gw, m, v, p), 1e-6);
+    // A second step reads the moments the first one wrote.
+    AdamWParams p2 = p;
+    p2.step = 4;
+    check(adamw_step(ctx, adamw_step(ctx, w, gw, m, v, p), gw, m, v, p2), 1e-6);
 }
 
 // The gradients autodiff builds for a small graph of matmuls, norms, rope, softmax, activations and the loss,

@@ -43,6 +43,15 @@ std::vector<int32_t> random_indices(size_t n, int32_t limit) {
     return v;
 }
 
+std::vector<float> cpu_dequantized(const Tensor* a) {
+    const int64_t K = a->ne[0], rows = a->ne[1] * a->ne[2] * a->ne[3];
+    std::vector<float> out(size_t(K * rows));
+    for (int64_t r = 0; r < rows; ++r)
+        type_traits(a->type).to_float(static_cast<const char*>(a->data) + r * a->nb[1], out.data() + r * K,
+                                      K);
+    return out;
+}
+
 void poison_nodes(const Graph& g) {
     for (Tensor* n : g.nodes()) {
         if (!n->data || n->is_view() || op_def(n->op).is_view) continue;

@@ -26,6 +26,12 @@ void set_i32(Tensor* t, const std::vector<int32_t>& v);
 // n indices drawn uniformly from [0, limit).
 std::vector<int32_t> random_indices(size_t n, int32_t limit);
 
+// The GGUF block types the library reads and writes.
+inline constexpr Type kQuantTypes[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
+                                       Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
+// Every row of a packed quantized tensor in host memory, decoded by the CPU's decoder.
+std::vector<float> cpu_dequantized(const Tensor* a);
+
 // Fills every computed node's memory with NaN bytes (0xFF) except nodes that write into
 // existing memory, so an element a kernel forgets to write shows up as NaN.
 void poison_nodes(const Graph& g);

@@ -14,17 +14,23 @@ namespace {
 constexpr int64_t kVectorColumns = 8; // NCOLS in shaders/mul_mat_vec.comp
 constexpr uint32_t kTile = 64;        // BM = BN in shaders/mul_mat.comp
 
+// Whether the tiled shader's grid for this result (tiles in x and y, matrices in z; the
+// matrix-vector shader's grid is smaller) fits the device, and every operand can be bound.
+bool fits_device(const Context& ctx, const Tensor* node) {
+    const auto& limit = ctx.limits().maxComputeWorkGroupCount;
+    const uint64_t batches = uint64_t(node->ne[2] * node->ne[3]);
+    return batches <= limit[1] && batches <= limit[2] &&
+           uint64_t(node->ne[0] + kTile - 1) / kTile <= limit[0] &&
+           uint64_t(node->ne[1] + kTile - 1) / kTile <= limit[1] && bindable(ctx, node->src[0]) &&
+           bindable(ctx, node->src[1]) && bindable(ctx, node);
+}
+
 bool supports_mul_mat(const Context& ctx, const Tensor* node) {
     const Tensor *a = node->src[0], *b = node->src[1];
     const Type bt = b->type;
     if (bt != Type::F32 && bt != Type::F16 && bt != Type::BF16) return false;
     if (a->type == Type::I32 || a->type == Type::I64 || node->type != Type::F32) return false;
-    const uint64_t batches = uint64_t(node->ne[2] * node->ne[3]);
-    return batches <= ctx.limits().maxComputeWorkGroupCount[1] &&
-           batches <= ctx.limits().maxComputeWorkGroupCount[2] &&
-           uint64_t(node->ne[0] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[0] &&
-           uint64_t(node->ne[1] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[1] &&
-           bindable(ctx, a) && bindable(ctx, b) && bindable(ctx, node);
+    return fits_device(ctx, node);
 }
 
 void record_mul_mat(Recorder& rec, const Tensor* node) {
@@ -50,14 +56,7 @@ void record_mul_mat(Recorder& rec, const Tensor* node) {
 // out_prod(a [M, K], b [N, K]) = the mul_mat of a and b with dims 0 and 1 of both swapped:
 // the same shaders, given descriptors that read a(m, k) as element (k, m).
 bool supports_out_prod(const Context& ctx, const Tensor* node) {
-    const Tensor *a = node->src[0], *b = node->src[1];
-    if (a->type != Type::F32 || b->type != Type::F32) return false;
-    const uint64_t batches = uint64_t(node->ne[2] * node->ne[3]);
-    return batches <= ctx.limits().maxComputeWorkGroupCount[1] &&
-           batches <= ctx.limits().maxComputeWorkGroupCount[2] &&
-           uint64_t(node->ne[0] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[0] &&
-           uint64_t(node->ne[1] + kTile - 1) / kTile <= ctx.limits().maxComputeWorkGroupCount[1] &&
-           bindable(ctx, a) && bindable(ctx, b) && bindable(ctx, node);
+    return node->src[0]->type == Type::F32 && node->src[1]->type == Type::F32 && fits_device(ctx, node);
 }
 
 void swap_dims01(TensorDesc& t) {

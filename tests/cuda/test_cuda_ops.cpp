@@ -14,7 +14,9 @@
 #include <limits>
 
 using namespace gfa;
+using gfa::test::cpu_dequantized;
 using gfa::test::fill_uniform;
+using gfa::test::kQuantTypes;
 using gfa::test::random_indices;
 using gfa::test::rel_error;
 using gfa::test::set_i32;
@@ -297,19 +299,6 @@ TEST_CASE("CUDA mul_mat decoding with f16 and bf16 weights, long and odd rows", 
 // ---- quantized weights ------------------------------------------------------------------------
 
 namespace {
-
-const Type kQuantTypes[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
-                            Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
-
-// Every row of a packed quantized tensor, dequantized by the CPU's decoder.
-std::vector<float> cpu_dequantized(const Tensor* a) {
-    const int64_t K = a->ne[0], rows = a->ne[1] * a->ne[2] * a->ne[3];
-    std::vector<float> out(size_t(K * rows));
-    for (int64_t r = 0; r < rows; ++r)
-        type_traits(a->type).to_float(static_cast<const char*>(a->data) + r * a->nb[1], out.data() + r * K,
-                                      K);
-    return out;
-}
 
 // Error of a quantized mul_mat result `got` against the product of the CPU's dequantized
 // weights and b in double: ||got - ref|| / ||spread||, where an output's spread is
