@@ -205,4 +205,19 @@ std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out) {
     return tensor_get_f32(out);
 }
 
+void check_on_device(Device* dev, Tensor* out, double tol) {
+    INFO("seed " << seed() << ", output " << out->shape_str() << " made by " << op_name(out->op) << " on "
+                 << dev->name());
+    Graph g = build_forward(out);
+    for (Tensor* n : g.nodes()) {
+        INFO("node " << op_name(n->op) << " " << n->shape_str());
+        REQUIRE(dev->supports_op(n));
+    }
+    const std::vector<double> expected = ref::evaluate(g, out);
+    const std::vector<float> got = run_on_device(dev, g, out);
+    const double err = rel_error(got, expected);
+    INFO("relative error " << err << " (tolerance " << tol << ")");
+    CHECK(err <= tol);
+}
+
 } // namespace gfa::test

@@ -42,6 +42,9 @@ void compute_cpu(const Graph& g, int n_threads = 2);
 // leaves' host values uploaded, the nodes poisoned with NaN, and `out` read back. The
 // tensors' host placements are restored afterwards, so the reference can still read them.
 std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out);
+// Requires every node of out's graph to be supported by `dev`, runs the graph there and
+// compares `out` with the reference evaluator (relative error at most `tol`).
+void check_on_device(Device* dev, Tensor* out, double tol);
 
 // ||out - ref|| / ||ref|| (or the absolute norm when ref is ~0); infinity if out has a NaN
 // or infinity where ref is finite.

@@ -45,19 +45,9 @@ std::vector<float> run_on_cuda(const Graph& g, Tensor* out) {
     return gfa::test::run_on_device(cuda0(), g, out);
 }
 
-// Computes out's graph on CUDA and compares it with the reference evaluator.
+// Computes out's graph on the device (every node there) and compares it with the reference.
 void check_cuda(Tensor* out, double tol) {
-    INFO("seed " << gfa::test::seed() << ", output " << out->shape_str() << " made by " << op_name(out->op));
-    Graph g = build_forward(out);
-    for (Tensor* n : g.nodes()) {
-        INFO("node " << op_name(n->op) << " " << n->shape_str());
-        REQUIRE(cuda0()->supports_op(n));
-    }
-    const std::vector<double> expected = ref::evaluate(g, out);
-    const std::vector<float> got = run_on_cuda(g, out);
-    const double err = rel_error(got, expected);
-    INFO("relative error " << err << " (tolerance " << tol << ")");
-    CHECK(err <= tol);
+    gfa::test::check_on_device(cuda0(), out, tol);
 }
 
 } // namespace

@@ -31,19 +31,9 @@ std::vector<float> run_on_vulkan(Tensor* out) {
     return test::run_on_device(vulkan0(), build_forward(out), out);
 }
 
-// Computes out's graph on Vulkan (every node there) and compares it with the reference.
+// Computes out's graph on the device (every node there) and compares it with the reference.
 void check_vulkan(Tensor* out, double tol) {
-    INFO("seed " << test::seed() << ", output " << out->shape_str() << " made by " << op_name(out->op));
-    Graph g = build_forward(out);
-    for (Tensor* n : g.nodes()) {
-        INFO("node " << op_name(n->op) << " " << n->shape_str());
-        REQUIRE(vulkan0()->supports_op(n));
-    }
-    const std::vector<double> expected = ref::evaluate(g, out);
-    const std::vector<float> got = test::run_on_device(vulkan0(), g, out);
-    const double err = rel_error(got, expected);
-    INFO("relative error " << err << " (tolerance " << tol << ")");
-    CHECK(err <= tol);
+    gfa::test::check_on_device(vulkan0(), out, tol);
 }
 
 int64_t mismatches(const std::vector<float>& got, const std::vector<float>& want) {
