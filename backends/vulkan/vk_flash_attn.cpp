@@ -41,13 +41,17 @@ enum Slot { kQ, kK, kV, kMask, kSinks, kO, kDO, kLse, kGrad, kRowD, kSlots };
 struct Tiles {
     uint32_t dmax, br, bc;
 };
-// Forward: (BR + BC) * DMAX + BR * BC floats of shared memory (+ three per row).
+// Forward: (BR + BC) * DMAX + BR * BC floats of shared memory (+ four per row). Rows are
+// (query, head) pairs of a GQA group; a few of them (decoding) take 8-row tiles, so that a
+// workgroup does not compute 32 rows for 4.
 constexpr std::array<Tiles, 3> kForwardTiles = {{{64, 32, 32}, {128, 16, 32}, {256, 8, 16}}};
+constexpr std::array<Tiles, 3> kFewRowTiles = {{{64, 8, 32}, {128, 8, 32}, {256, 8, 16}}};
+constexpr int64_t kFewRows = 8;
 // Backward (both kernels): 2 (BR + BC) * DMAX + 2 BR * BC floats.
 constexpr std::array<Tiles, 3> kBackwardTiles = {{{64, 16, 16}, {128, 8, 16}, {256, 4, 8}}};
 
 uint32_t forward_shared_bytes(const Tiles& t) {
-    return 4 * ((t.br + t.bc) * t.dmax + t.br * t.bc + 3 * t.br);
+    return 4 * ((t.br + t.bc) * t.dmax + t.br * t.bc + 4 * t.br);
 }
 uint32_t backward_shared_bytes(const Tiles& t) {
     return 4 * (2 * (t.br + t.bc) * t.dmax + 2 * t.br * t.bc + 2 * t.br);
@@ -189,8 +193,17 @@ bool supports_problem(const Context& ctx, const attn::Problem& p, const std::arr
            uint64_t(p.B) <= ctx.limits().maxComputeWorkGroupCount[2];
 }
 
+// The forward's tiles for a problem: rows are its queries times the GQA group.
+const std::array<Tiles, 3>& forward_tiles(const attn::Problem& p) {
+    return p.Sq * (p.Hq / p.Hkv) <= kFewRows ? kFewRowTiles : kForwardTiles;
+}
+
 bool supports_forward(const Context& ctx, const Tensor* node) {
-    return supports_problem(ctx, attn::forward_problem(node), kForwardTiles, forward_shared_bytes, true);
+    const attn::Problem p = attn::forward_problem(node);
+    const std::array<Tiles, 3>& table = forward_tiles(p);
+    const Tiles* t = tiles_for(table, std::max(p.Dk, p.Dv));
+    return supports_problem(ctx, p, table, forward_shared_bytes, true) &&
+           uint64_t(p.Sq * (p.Hq / p.Hkv) + t->br - 1) / t->br <= ctx.limits().maxComputeWorkGroupCount[0];
 }
 
 bool supports_backward(const Context& ctx, const Tensor* node) {
@@ -220,11 +233,13 @@ void record_forward(Recorder& rec, const Tensor* node) {
         f.o_off = uint32_t(o.first_byte / size_t(p.o.nb[0]));
         f.lse_off = uint32_t((o.first_byte + attn::lse_offset(node->nbytes())) / 4);
     }
-    const Tiles& t = *tiles_for(kForwardTiles, std::max(p.Dk, p.Dv));
+    const Tiles& t = *tiles_for(forward_tiles(p), std::max(p.Dk, p.Dv));
     const uint32_t constants[] = {t.dmax, t.br, t.bc};
     const Pipeline& pipe =
         rec.context().pipeline("fa_forward", constants, kSlots + 1, forward_shared_bytes(t));
-    rec.dispatch(pipe, &f, sizeof f, slots, groups(p.Sq, t.br), uint32_t(p.Hq), uint32_t(p.B));
+    // A workgroup per BR packed rows of one K/V head's group (shaders/fa_forward.comp).
+    rec.dispatch(pipe, &f, sizeof f, slots, groups(p.Sq * (p.Hq / p.Hkv), t.br), uint32_t(p.Hkv),
+                 uint32_t(p.B));
 }
 
 void record_backward(Recorder& rec, const Tensor* node) {
