@@ -21,11 +21,24 @@ void main() {
     for (uint n = 0u; n < N; ++n) b_rows[n] = row_of(P.src1, n, i2, i3);
     const uint stride = gl_NumWorkGroups.x * gl_NumSubgroups;
     const bool b_packed_f32 = P.src1.type == T_F32 && P.src1.nb.x == 4u;
+    // Packed f16 weights in whole words (rows of even length starting on a word) are read a
+    // word, two weights, at a time.
+    const bool a_f16_pairs = P.src0.type == T_F16 && P.src0.nb.x == 2u && K % 2u == 0u &&
+                             P.src0.off % 4u == 0u && P.src0.nb.y % 4u == 0u && P.src0.nb.z % 4u == 0u &&
+                             P.src0.nb.w % 4u == 0u;
     for (uint m = gl_WorkGroupID.x * gl_NumSubgroups + gl_SubgroupID; m < M; m += stride) {
         const uint a_row = row_of(P.src0, m, a2, a3);
         float acc[NCOLS];
         for (uint n = 0u; n < NCOLS; ++n) acc[n] = 0.0;
-        if (b_packed_f32) {
+        if (b_packed_f32 && a_f16_pairs) {
+            for (uint k2 = lane; k2 < K / 2u; k2 += width) {
+                const vec2 a = unpackHalf2x16(src0_words[(a_row >> 2) + k2]);
+                for (uint n = 0u; n < N; ++n) {
+                    const uint at = (b_rows[n] >> 2) + 2u * k2;
+                    acc[n] += a.x * uintBitsToFloat(src1_words[at]) + a.y * uintBitsToFloat(src1_words[at + 1u]);
+                }
+            }
+        } else if (b_packed_f32) {
             for (uint k = lane; k < K; k += width) {
                 const float a = src0_element(a_row, k);
                 for (uint n = 0u; n < N; ++n) acc[n] += a * uintBitsToFloat(src1_words[(b_rows[n] >> 2) + k]);
