@@ -45,7 +45,9 @@ Graph build_forward(Tensor* out);
 void build_backward(Context& ctx, Graph& graph, Tensor* loss);
 
 // Appends one AdamW step per parameter (the optimizer state tensors m and v are created in
-// ctx and returned through `state`, two per parameter in graph order).
+// ctx and returned through `state`, two per parameter in graph order). They must hold zeros
+// before the first step: fill their buffer with 0 after allocating it (device memory, and
+// reused host memory, start undefined).
 void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std::vector<Tensor*>* state);
 
 } // namespace gfa
