@@ -1,9 +1,9 @@
 // The Vulkan kernels of every op besides attention and the matrix products: element-wise
 // math and activations, copies between types, fill / repeat / concat / diag_mask, get_rows /
 // set_rows, the normalizations, softmax, sums and rope, the backward ops of all of these,
-// the cross-entropy loss and AdamW. Each op is a
-// shader op code plus the tensors it binds; the semantics are the op's definition in
-// src/ops/, and tests compare every kernel with the double-precision reference.
+// the cross-entropy loss and AdamW. Each op is a shader op code plus the tensors it binds;
+// the semantics are the op's definition in src/ops/, and tests compare every kernel with the
+// double-precision reference.
 #include "vk_ops.h"
 
 #include "op_def.h"
@@ -66,7 +66,7 @@ void bind_tensor(const Recorder& rec, OpDispatch& d, int slot, const Tensor* t, 
     const Located l = rec.locate(t->data, t->nbytes(), what);
     if (l.first_byte % needed_alignment(t->type) != 0)
         throw Error(rec.context().name() + ": " + what + " (" + t->shape_str() +
-                    ") starts at a byte offset " + "that is not a multiple of " +
+                    ") starts at a byte offset that is not a multiple of " +
                     std::to_string(needed_alignment(t->type)));
     TensorDesc desc;
     for (int i = 0; i < kMaxDims; ++i) {
