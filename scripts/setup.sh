@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake catch2 libstb-dev libvulkan-dev glslc mesa-vulkan-drivers
-          libopenblas-dev nlohmann-json3-dev python3 python3-pip)
+          vulkan-validationlayers libopenblas-dev nlohmann-json3-dev python3 python3-pip)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
