@@ -356,31 +356,38 @@ const Pipeline& Context::pipeline(const char* shader, std::span<const uint32_t> 
     Pipeline p;
     p.n_bindings = n_bindings;
     p.shared_bytes = shared_bytes;
-    std::vector<VkDescriptorSetLayoutBinding> bindings(n_bindings);
-    for (uint32_t i = 0; i < n_bindings; ++i)
-        bindings[i] = {i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, 1, VK_SHADER_STAGE_COMPUTE_BIT, nullptr};
-    VkDescriptorSetLayoutCreateInfo li{VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO};
-    li.bindingCount = n_bindings;
-    li.pBindings = bindings.data();
-    GFA_VK_CHECK(vkCreateDescriptorSetLayout(device_, &li, nullptr, &p.set_layout), name_);
-    VkPipelineLayoutCreateInfo pli{VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO};
-    pli.setLayoutCount = 1;
-    pli.pSetLayouts = &p.set_layout;
-    GFA_VK_CHECK(vkCreatePipelineLayout(device_, &pli, nullptr, &p.layout), name_);
+    // What was made before a failure is destroyed again, and the error names the shader.
+    try {
+        std::vector<VkDescriptorSetLayoutBinding> bindings(n_bindings);
+        for (uint32_t i = 0; i < n_bindings; ++i)
+            bindings[i] = {i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, 1, VK_SHADER_STAGE_COMPUTE_BIT, nullptr};
+        VkDescriptorSetLayoutCreateInfo li{VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO};
+        li.bindingCount = n_bindings;
+        li.pBindings = bindings.data();
+        GFA_VK_CHECK(vkCreateDescriptorSetLayout(device_, &li, nullptr, &p.set_layout), name_);
+        VkPipelineLayoutCreateInfo pli{VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO};
+        pli.setLayoutCount = 1;
+        pli.pSetLayouts = &p.set_layout;
+        GFA_VK_CHECK(vkCreatePipelineLayout(device_, &pli, nullptr, &p.layout), name_);
 
-    std::vector<VkSpecializationMapEntry> entries(constants.size());
-    for (uint32_t i = 0; i < constants.size(); ++i)
-        entries[i] = {i, uint32_t(i * sizeof(uint32_t)), sizeof(uint32_t)};
-    VkSpecializationInfo spec{uint32_t(entries.size()), entries.data(), constants.size_bytes(),
-                              constants.data()};
-    VkComputePipelineCreateInfo ci{VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO};
-    ci.stage = {VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO};
-    ci.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
-    ci.stage.module = module;
-    ci.stage.pName = "main";
-    ci.stage.pSpecializationInfo = constants.empty() ? nullptr : &spec;
-    ci.layout = p.layout;
-    GFA_VK_CHECK(vkCreateComputePipelines(device_, VK_NULL_HANDLE, 1, &ci, nullptr, &p.pipeline), name_);
+        std::vector<VkSpecializationMapEntry> entries(constants.size());
+        for (uint32_t i = 0; i < constants.size(); ++i)
+            entries[i] = {i, uint32_t(i * sizeof(uint32_t)), sizeof(uint32_t)};
+        VkSpecializationInfo spec{uint32_t(entries.size()), entries.data(), constants.size_bytes(),
+                                  constants.data()};
+        VkComputePipelineCreateInfo ci{VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO};
+        ci.stage = {VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO};
+        ci.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
+        ci.stage.module = module;
+        ci.stage.pName = "main";
+        ci.stage.pSpecializationInfo = constants.empty() ? nullptr : &spec;
+        ci.layout = p.layout;
+        GFA_VK_CHECK(vkCreateComputePipelines(device_, VK_NULL_HANDLE, 1, &ci, nullptr, &p.pipeline), name_);
+    } catch (const Error& e) {
+        if (p.layout) vkDestroyPipelineLayout(device_, p.layout, nullptr);
+        if (p.set_layout) vkDestroyDescriptorSetLayout(device_, p.set_layout, nullptr);
+        throw Error(name_ + ": cannot build the pipeline of shader " + key + ": " + e.what());
+    }
     return pipelines_.emplace(key, p).first->second;
 }
 
