@@ -46,7 +46,7 @@ enum class RopeMode : int32_t {
 struct RopeParams {
     int32_t n_dims; // leading dims of each head that rotate; the rest pass through
     RopeMode mode;
-    float freq_base;  // theta_i = pos * freq_scale * freq_base^(-2i/n_dims)
+    float freq_base;  // theta_i = pos * freq_scale * freq_base^(-2i/n_dims) (/ freq_factors[i])
     float freq_scale; // linear position scaling (1 = none)
 };
 
@@ -120,8 +120,9 @@ Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
 
 Tensor* norm(Context& ctx, Tensor* a, float eps);     // LayerNorm over dim 0, no affine
 Tensor* rms_norm(Context& ctx, Tensor* a, float eps); // RMSNorm over dim 0, no affine
-// a: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]
-Tensor* rope(Context& ctx, Tensor* a, Tensor* pos, const RopeParams& p);
+// a: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. freq_factors (optional, f32
+// [n_dims / 2], Llama 3.1 style long-context scaling): pair i's angle is divided by factor i.
+Tensor* rope(Context& ctx, Tensor* a, Tensor* pos, const RopeParams& p, Tensor* freq_factors = nullptr);
 // softmax over dim 0 of a * scale + slope * mask; mask optional [ne0, ne1, 1|ne2, 1|ne3]
 // (f32/f16; rows past a's ne1 are ignored). slope = attn::alibi_slope(max_bias, head = dim 2);
 // max_bias > 0 needs a mask. A row that is -inf everywhere gives zeros. The mask is treated

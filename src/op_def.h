@@ -90,7 +90,7 @@ Tensor* diag_mask_fill(Context& ctx, Tensor* a, int n_past, float fill);
 Tensor* norm_back(Context& ctx, Tensor* grad, Tensor* x, float eps);
 Tensor* rms_norm_back(Context& ctx, Tensor* grad, Tensor* x, float eps);
 // Rotates by the negated angle: the transpose of rope, hence its gradient (params: RopeParams).
-Tensor* rope_back(Context& ctx, Tensor* grad, Tensor* pos, const RopeParams& p);
+Tensor* rope_back(Context& ctx, Tensor* grad, Tensor* pos, const RopeParams& p, Tensor* freq_factors = nullptr);
 // dx = scale * y * (dy - sum(dy * y)) per row, y the softmax output (params: SoftMaxParams).
 Tensor* soft_max_back(Context& ctx, Tensor* grad, Tensor* y, float scale);
 // grad * d act(x)/dx (GeluBack carries GeluParams).

@@ -80,7 +80,8 @@ void norms_with_backward(const Check& check) {
     check(rms_norm(ctx, permute(ctx, x, 1, 0, 2, 3), 1e-6f), 1e-5); // strided rows
 }
 
-// rope (normal and NeoX, 14 of 18 dims) and rope_back at positions below 3000.
+// rope (normal and NeoX, 14 of 18 dims) and rope_back at positions below 3000, with and
+// without frequency factors.
 void rope_and_back(const Check& check) {
     for (RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
         Context ctx = data_ctx();
@@ -92,6 +93,10 @@ void rope_and_back(const Check& check) {
         INFO("mode " << int(mode));
         check(rope(ctx, x, pos, p), 1e-5);
         check(rope_back(ctx, x, pos, p), 1e-5);
+        Tensor* factors = ctx.new_tensor(Type::F32, {7}); // Llama 3.1 style, one per pair
+        fill_uniform(factors, 1.0f, 8.0f);
+        check(rope(ctx, x, pos, p, factors), 1e-5);
+        check(rope_back(ctx, x, pos, p, factors), 1e-5);
     }
 }
 

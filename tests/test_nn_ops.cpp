@@ -126,6 +126,37 @@ TEST_CASE("rope rotates in both modes with partial rotation and frequency scalin
     }
 }
 
+TEST_CASE("rope with frequency factors (Llama 3.1 style): each pair's angle divided by its factor", "[nn]") {
+    for (RopeMode mode : {RopeMode::Normal, RopeMode::NeoX}) {
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F32, {24, 3, 5, 2});
+        fill_uniform(a);
+        Tensor* pos = positions(ctx, 5, 8192);
+        const RopeParams p{20, mode, 500000.0f, 1.0f}; // 20 of 24 dims rotate: 10 factors
+        Tensor* factors = ctx.new_tensor(Type::F32, {10});
+        fill_uniform(factors, 1.0f, 8.0f);
+        INFO("mode " << int(mode));
+        Tensor* y = rope(ctx, a, pos, p, factors);
+        check_forward(y, 1e-5);
+        Tensor* back = rope_back(ctx, y, pos, p, factors); // the inverse rotation
+        test::compute_cpu(build_forward(back));
+        const std::vector<float> want = tensor_get_f32(a);
+        CHECK(test::rel_error(tensor_get_f32(back), std::vector<double>(want.begin(), want.end())) < 1e-5);
+        // Factors all 2 halve every angle, as freq_scale 0.5 does.
+        tensor_set_f32(factors, std::vector<float>(10, 2.0f));
+        Tensor* halved = rope(ctx, a, pos, p, factors);
+        Tensor* scaled = rope(ctx, a, pos, RopeParams{20, mode, 500000.0f, 0.5f});
+        test::compute_cpu(build_forward(halved));
+        test::compute_cpu(build_forward(scaled));
+        const std::vector<float> s = tensor_get_f32(scaled);
+        CHECK(test::rel_error(tensor_get_f32(halved), std::vector<double>(s.begin(), s.end())) < 1e-6);
+        // One factor per rotating pair, f32.
+        Tensor* wrong = ctx.new_tensor(Type::F32, {12});
+        CHECK_THROWS_WITH(rope(ctx, a, pos, p, wrong),
+                          Catch::Contains("freq_factors must be f32 [n_dims / 2] = [10]"));
+    }
+}
+
 TEST_CASE("rope at position 0 is the identity and matches a hand-computed rotation", "[nn]") {
     Context ctx = data_ctx();
     Tensor* a = ctx.new_tensor(Type::F32, {4, 1, 2});
@@ -324,6 +355,10 @@ TEST_CASE("rope gradients in both modes", "[nn][grad]") {
         Tensor* pos = positions(ctx, 3, 100);
         Tensor* y = rope(ctx, a, pos, RopeParams{6, mode, 10000.0f, 0.75f});
         check_gradients(ctx, weighted_sum(ctx, y), {a}, 1e-4);
+        Tensor* factors = ctx.new_tensor(Type::F32, {3});
+        fill_uniform(factors, 1.0f, 4.0f);
+        Tensor* y2 = rope(ctx, a, pos, RopeParams{6, mode, 10000.0f, 0.75f}, factors);
+        check_gradients(ctx, weighted_sum(ctx, y2), {a}, 1e-4);
     }
 }
 

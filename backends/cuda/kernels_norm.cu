@@ -126,7 +126,8 @@ struct RopeArgs {
     int n_dims;
     bool neox;
     float freq_base, freq_scale;
-    float direction; // +1 for the forward rotation, -1 for its transpose (rope_back)
+    float direction;      // +1 for the forward rotation, -1 for its transpose (rope_back)
+    const float* factors; // per-pair divisors of the angle (packed f32), or null
 };
 
 // x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Element (i0, i1, i2, i3) of y is
@@ -147,8 +148,9 @@ __device__ __forceinline__ float rope_value(const TensorView& x, const TensorVie
     }
     const float p = float(*reinterpret_cast<const int32_t*>(pos.data + i2 * pos.nb[0]));
     // theta in double: positions in the thousands need the extra bits for sin/cos.
-    const double theta =
+    double theta =
         double(p) * double(r.freq_scale) * pow(double(r.freq_base), -2.0 * double(pair) / double(r.n_dims));
+    if (r.factors) theta /= double(r.factors[pair]);
     double s, c;
     sincos(theta, &s, &c);
     s *= r.direction;
@@ -170,7 +172,9 @@ __global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, RopeArgs
 
 RopeArgs rope_args(const Tensor* node, float direction) {
     const RopeParams p = node->params<RopeParams>();
-    return {p.n_dims, p.mode == RopeMode::NeoX, p.freq_base, p.freq_scale, direction};
+    const Tensor* factors = node->src[2];
+    return {p.n_dims, p.mode == RopeMode::NeoX, p.freq_base, p.freq_scale, direction,
+            factors ? static_cast<const float*>(factors->data) : nullptr};
 }
 
 // ---- rope -> set_rows -> set_rows, fused ------------------------------------------------------
@@ -239,6 +243,9 @@ void run_rope_back(const ComputeCtx& ctx, Tensor* dst) {
 bool supports_rope(const Tensor* dst) {
     const Tensor *x = dst->src[0], *pos = dst->src[1];
     const RopeParams p = dst->params<RopeParams>();
+    const Tensor* factors = dst->src[2];
+    if (factors && (factors->type != Type::F32 || factors->nb[0] != sizeof(float) || factors->ne[0] != p.n_dims / 2))
+        return false;
     return x && pos && x->type == Type::F32 && dst->type == Type::F32 && x->ne == dst->ne &&
            pos->type == Type::I32 && pos->ne[0] == x->ne[2] && p.n_dims > 0 && p.n_dims % 2 == 0 &&
            p.n_dims <= x->ne[0] && (p.mode == RopeMode::Normal || p.mode == RopeMode::NeoX);

@@ -86,7 +86,7 @@ uint32_t capped_groups(uint64_t items, uint32_t per_group) {
 }
 
 void dispatch_op(Recorder& rec, const char* shader, OpDispatch& d, uint32_t gx, uint32_t gy, uint32_t gz) {
-    d.buffers.back() = rec.status();
+    d.buffers[kStatusSlot] = rec.status();
     const Pipeline& p = rec.context().pipeline(shader, {}, kOpBindings, 0);
     rec.dispatch(p, &d.params, sizeof d.params, d.buffers, gx, gy, gz);
 }
@@ -290,7 +290,7 @@ void record_rows(Recorder& rec, const Tensor* node) {
             std::vector<float> slopes(size_t(a->ne[2]));
             for (size_t h = 0; h < slopes.size(); ++h)
                 slopes[h] = attn::alibi_slope(p.max_bias, int64_t(h), a->ne[2]);
-            d.buffers[2] = rec.constants(slopes.data(), slopes.size() * sizeof(float));
+            d.buffers[kTableSlot] = rec.constants(slopes.data(), slopes.size() * sizeof(float));
             d.params.iarg[1] = 1;
         }
         break;
@@ -351,7 +351,11 @@ void record_rope(Recorder& rec, const Tensor* node) {
     std::vector<double> inv_freq(size_t(p.n_dims / 2));
     for (size_t i = 0; i < inv_freq.size(); ++i)
         inv_freq[i] = double(p.freq_scale) * std::pow(double(p.freq_base), -2.0 * double(i) / p.n_dims);
-    d.buffers[2] = rec.constants(inv_freq.data(), inv_freq.size() * sizeof(double));
+    d.buffers[kTableSlot] = rec.constants(inv_freq.data(), inv_freq.size() * sizeof(double));
+    if (const Tensor* factors = node->src[2]) { // Llama 3.1 style divisors of the angles
+        bind_tensor(rec, d, 2, factors, "the frequency factors");
+        d.params.iarg[2] = 1;
+    }
     d.params.iarg[0] = uint32_t(p.n_dims);
     d.params.iarg[1] = p.mode == RopeMode::NeoX;
     d.params.farg[0] = node->op == Op::RopeBack ? -1.0f : 1.0f;

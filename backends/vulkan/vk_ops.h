@@ -26,8 +26,10 @@ struct OpParams {
 };
 static_assert(sizeof(TensorDesc) == 48 && sizeof(OpParams) == 240, "must match shaders/op_common.glsl");
 
-// Binding slots after the parameters: src0, src1, src2, dst, status.
-inline constexpr uint32_t kOpBindings = 6;
+// Binding slots after the parameters: src0, src1, src2, dst, status, and a table the host
+// computed (rope's frequencies, ALiBi slopes; Recorder::constants).
+inline constexpr uint32_t kOpBindings = 7;
+inline constexpr size_t kStatusSlot = 4, kTableSlot = 5;
 
 // A dispatch's parameters and buffers, filled tensor by tensor.
 struct OpDispatch {

@@ -82,8 +82,8 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
             if (L.bqkv) qkv = add(ctx, qkv, L.bqkv);
             const size_t f = sizeof(float), row = qkv->nb[1];
             const int64_t Hq = cfg.n_head, Hkv = cfg.n_head_kv;
-            Tensor* qk =
-                rope(ctx, view(ctx, qkv, {D, Hq + Hkv, n_tokens}, {D * f, row}, 0), io.positions, cfg.rope);
+            Tensor* qk = rope(ctx, view(ctx, qkv, {D, Hq + Hkv, n_tokens}, {D * f, row}, 0), io.positions,
+                              cfg.rope, L.rope_factors);
             q = view(ctx, qk, {D, Hq, n_tokens}, {qk->nb[1], qk->nb[2]}, 0);
             k = view(ctx, qk, {D, Hkv, n_tokens}, {qk->nb[1], qk->nb[2]}, size_t(Hq) * qk->nb[1]);
             v = view(ctx, qkv, {D, Hkv, n_tokens}, {D * f, row}, size_t(D * (Hq + Hkv)) * f);
@@ -93,8 +93,8 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
                 if (bias) t = add(ctx, t, bias);
                 return reshape(ctx, t, {D, heads, n_tokens});
             };
-            q = rope(ctx, project(L.wq, L.bq, cfg.n_head), io.positions, cfg.rope);
-            k = rope(ctx, project(L.wk, L.bk, cfg.n_head_kv), io.positions, cfg.rope);
+            q = rope(ctx, project(L.wq, L.bq, cfg.n_head), io.positions, cfg.rope, L.rope_factors);
+            k = rope(ctx, project(L.wk, L.bk, cfg.n_head_kv), io.positions, cfg.rope, L.rope_factors);
             v = project(L.wv, L.bv, cfg.n_head_kv);
         }
 
@@ -193,8 +193,6 @@ ModelConfig read_config(const gguf::File& f) {
         else if (t != "none")
             fail("model: rope scaling \"" + t + "\" is not supported (linear is)");
     }
-    if (f.find_tensor("rope_freqs.weight"))
-        fail("model: per-frequency rope factors (rope_freqs.weight, Llama 3.1 style) are not supported");
     const gguf::TensorInfo& embd = f.tensor("token_embd.weight");
     c.n_vocab = embd.ne[1];
     c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
@@ -298,10 +296,23 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
     w.output = c.tied_embeddings ? w.token_embd
                                  : weight("output.weight", {E, c.n_vocab}, head_on_gpu ? gpu_ctx : cpu_ctx);
     const int64_t first_gpu_layer = c.n_layer - std::min<int64_t>(gpu_layers, c.n_layer);
+    // Llama 3.1 style rope scaling: one divisor per rotating pair (rope_freqs.weight, f32),
+    // shared by every block. Each device holding blocks gets its own copy, so that no block's
+    // rope reads across devices.
+    const gguf::TensorInfo* rope_freqs = checked("rope_freqs.weight", {c.rope.n_dims / 2}, true);
+    if (rope_freqs && rope_freqs->type != Type::F32)
+        fail(path + ": tensor rope_freqs.weight must be f32, not " +
+             std::string(type_name(rope_freqs->type)));
+    std::map<const Context*, Tensor*> rope_factors;
     for (int64_t l = 0; l < c.n_layer; ++l) {
         Context& where = l >= first_gpu_layer ? gpu_ctx : cpu_ctx;
         const std::string b = "blk." + std::to_string(l) + ".";
         llama::LayerWeights L;
+        if (rope_freqs) {
+            Tensor*& factors = rope_factors[&where];
+            if (!factors) factors = weight("rope_freqs.weight", {c.rope.n_dims / 2}, where);
+            L.rope_factors = factors;
+        }
         L.attn_norm = weight(b + "attn_norm.weight", {E}, where);
         // Every projection must be there with its shape, merged or not.
         for (const auto& [name, rows] : {std::pair{"attn_q", Dq}, {"attn_k", Dkv}, {"attn_v", Dkv}})

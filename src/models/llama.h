@@ -22,6 +22,7 @@ struct LayerWeights {
     Tensor* ffn_norm = nullptr;
     Tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     Tensor* ffn_gate_up = nullptr;
+    Tensor* rope_factors = nullptr; // rope_freqs.weight (Llama 3.1 style), the copy on this block's device
 };
 
 struct Weights {

@@ -42,7 +42,7 @@ Tensor* norm_back_like(Context& ctx, Op op, Tensor* grad, Tensor* x, float eps) 
     return t;
 }
 
-void validate_rope(Op op, const Tensor* a, const Tensor* pos, const RopeParams& p) {
+void validate_rope(Op op, const Tensor* a, const Tensor* pos, const RopeParams& p, const Tensor* factors) {
     require_not_null(op, {a, pos});
     if (a->type != Type::F32) op_error(op, "a must be f32 (use cast)", {a, pos});
     if (pos->type != Type::I32) op_error(op, "positions must be i32", {a, pos});
@@ -59,12 +59,18 @@ void validate_rope(Op op, const Tensor* a, const Tensor* pos, const RopeParams& 
                  {a});
     if (!(p.freq_base > 0.0f) || !std::isfinite(p.freq_base) || !std::isfinite(p.freq_scale))
         op_error(op, "freq_base must be > 0 and freq_scale finite", {a});
+    if (factors && (factors->type != Type::F32 || factors->nelements() != factors->ne[0] ||
+                    factors->ne[0] != p.n_dims / 2))
+        op_error(op,
+                 "freq_factors must be f32 [n_dims / 2] = [" + std::to_string(p.n_dims / 2) + "], got " +
+                     factors->shape_str(),
+                 {a, pos, factors});
 }
 
-Tensor* rope_impl(Context& ctx, Op op, Tensor* a, Tensor* pos, const RopeParams& p) {
-    validate_rope(op, a, pos, p);
+Tensor* rope_impl(Context& ctx, Op op, Tensor* a, Tensor* pos, const RopeParams& p, Tensor* factors) {
+    validate_rope(op, a, pos, p, factors);
     Tensor* t = ctx.new_node(op, Type::F32, a->ne);
-    set_sources(t, {a, pos});
+    set_sources(t, {a, pos, factors});
     t->set_params(p);
     return t;
 }
@@ -77,11 +83,12 @@ void norm_backward(GradCtx& g, Tensor* node, Tensor* grad) {
 void rms_norm_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     g.accumulate(node->src[0], rms_norm_back(g.ctx, grad, node->src[0], node->params<NormParams>().eps));
 }
+// The frequency factors are constants: they get no gradient.
 void rope_backward(GradCtx& g, Tensor* node, Tensor* grad) {
-    g.accumulate(node->src[0], rope_back(g.ctx, grad, node->src[1], node->params<RopeParams>()));
+    g.accumulate(node->src[0], rope_back(g.ctx, grad, node->src[1], node->params<RopeParams>(), node->src[2]));
 }
 void rope_back_backward(GradCtx& g, Tensor* node, Tensor* grad) {
-    g.accumulate(node->src[0], rope(g.ctx, grad, node->src[1], node->params<RopeParams>()));
+    g.accumulate(node->src[0], rope(g.ctx, grad, node->src[1], node->params<RopeParams>(), node->src[2]));
 }
 // The mask (src[1]) is treated as a constant: it gets no gradient.
 void soft_max_backward(GradCtx& g, Tensor* node, Tensor* grad) {
@@ -176,14 +183,15 @@ void rms_norm_back_reference(ref::Evaluator& ev, const Tensor* n) {
 void rope_reference(ref::Evaluator& ev, const Tensor* n) {
     const RopeParams p = n->params<RopeParams>();
     const double sign = n->op == Op::RopeBack ? -1.0 : 1.0;
-    const Tensor *a = n->src[0], *pos = n->src[1];
+    const Tensor *a = n->src[0], *pos = n->src[1], *factors = n->src[2];
     const int64_t half = p.n_dims / 2;
     for_each_row(n, [&](int64_t i1, int64_t i2, int64_t i3) {
         std::vector<double> x = get_row(ev, a, i1, i2, i3);
         const double position = ev.get(pos, i2);
         for (int64_t i = 0; i < half; ++i) {
-            const double theta =
-                sign * position * p.freq_scale * std::pow(double(p.freq_base), -2.0 * double(i) / p.n_dims);
+            const double factor = factors ? ev.get(factors, i) : 1.0;
+            const double theta = sign * position * p.freq_scale *
+                                 std::pow(double(p.freq_base), -2.0 * double(i) / p.n_dims) / factor;
             const int64_t j0 = p.mode == RopeMode::NeoX ? i : 2 * i;
             const int64_t j1 = p.mode == RopeMode::NeoX ? i + half : 2 * i + 1;
             const double x0 = x[size_t(j0)], x1 = x[size_t(j1)];
@@ -253,11 +261,11 @@ Tensor* rms_norm_back(Context& ctx, Tensor* grad, Tensor* x, float eps) {
     return norm_back_like(ctx, Op::RmsNormBack, grad, x, eps);
 }
 
-Tensor* rope(Context& ctx, Tensor* a, Tensor* pos, const RopeParams& p) {
-    return rope_impl(ctx, Op::Rope, a, pos, p);
+Tensor* rope(Context& ctx, Tensor* a, Tensor* pos, const RopeParams& p, Tensor* freq_factors) {
+    return rope_impl(ctx, Op::Rope, a, pos, p, freq_factors);
 }
-Tensor* rope_back(Context& ctx, Tensor* grad, Tensor* pos, const RopeParams& p) {
-    return rope_impl(ctx, Op::RopeBack, grad, pos, p);
+Tensor* rope_back(Context& ctx, Tensor* grad, Tensor* pos, const RopeParams& p, Tensor* freq_factors) {
+    return rope_impl(ctx, Op::RopeBack, grad, pos, p, freq_factors);
 }
 
 Tensor* soft_max_ext(Context& ctx, Tensor* a, Tensor* mask, float scale, float max_bias) {

@@ -2,8 +2,8 @@
 """End-to-end check of the Llama-family path: checkpoint -> convert -> ggml-fa-run.
 
 Builds tiny random Hugging Face checkpoints with numpy (a LLaMA with grouped-query
-attention, a Qwen2 with QKV biases, NeoX rope and tied embeddings, a Mistral with an
-explicit head_dim stored as sharded BF16), converts them to GGUF at several output types,
+attention, a Llama 3.1 style one with "llama3" rope scaling, a Qwen2 with QKV biases, NeoX
+rope and tied embeddings, a Mistral with an explicit head_dim stored as sharded BF16), converts them to GGUF at several output types,
 runs them through ggml-fa-run and compares the logits of every prompt position with a
 float64 numpy implementation of the Hugging Face forward pass. Greedy decoding is checked
 against the same reference, token by token.
@@ -46,6 +46,15 @@ CONFIGS = {
                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                   rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512,
                   tie_word_embeddings=True),
+    # Llama 3.1 style long-context rope: frequencies with wavelengths above 64 positions are
+    # slowed 8x, those under 16 kept, the ones between blended (head_dim 32, theta 5e5: one of
+    # each at least).
+    "llama3": dict(model_type="llama", vocab_size=89, hidden_size=128, intermediate_size=96,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                   rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=512,
+                   tie_word_embeddings=True,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=64)),
     "mistral": dict(model_type="mistral", vocab_size=64, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                     rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=128,
@@ -178,6 +187,20 @@ def round_kv(x, kv_type):
     return q8_0_round_trip(x.astype(np.float32)).astype(np.float64)
 
 
+def llama3_inv_freq(inv_freq, rs):
+    """Hugging Face's llama3 rope scaling: wavelengths above original / low_freq_factor are
+    slowed by `factor`, those under original / high_freq_factor kept, and the ones between
+    blended as (1 - s) f / factor + s f with s = (original / wavelength - low) / (high - low)."""
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    original = rs["original_max_position_embeddings"]
+    wavelength = 2 * np.pi / inv_freq
+    slowed = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    s = (original / wavelength - low) / (high - low)
+    blended = (1 - s) * slowed / factor + s * slowed
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return np.where(medium, blended, slowed)
+
+
 def reference_logits(cfg, w, tokens, kv_type="f32"):
     w = {k: v.astype(np.float64) for k, v in w.items()}
     n = len(tokens)
@@ -189,6 +212,8 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
     # Rotary embedding as HF applies it: the halves (d, d + D/2) of each head rotate.
     inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, D, 2) / D)
+    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, cfg["rope_scaling"])
     angles = np.arange(n)[:, None] * inv_freq[None, :]
     cos = np.cos(np.concatenate([angles, angles], -1))[:, None, :]
     sin = np.sin(np.concatenate([angles, angles], -1))[:, None, :]
@@ -351,6 +376,8 @@ def main():
         ("llama", "f32", "q8_0", "q8_0", []),
         ("qwen2", "f16", "f32", "f32", ["-b", "5"]),
         ("qwen2", "f16", "f16", "f16", []),
+        ("llama3", "f32", "f32", "f32", []),
+        ("llama3", "f32", "f16", "f16", []),
         ("mistral", "bf16", "f32", "f32", []),
         ("mistral", "bf16", "q8_0", "f16", []),
     ]

@@ -38,6 +38,16 @@ def build(kind, seed):
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "llama3":
+        # Llama 3.1 style rope scaling (rope_freqs.weight in the GGUF): head_dim 16, theta
+        # 5e5: wavelengths 6, 32, 163, ... against 16 and 64, so one frequency keeps, one
+        # blends and the rest slow down.
+        common = dict(common, rope_theta=500000.0)
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True,
+                                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0,
+                                                         original_max_position_embeddings=64))
+        model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -64,7 +74,7 @@ def main():
     rng = np.random.default_rng(seed)
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("llama", "qwen2"):
+        for kind in ("llama", "llama3", "qwen2"):
             model = build(kind, seed)
             ckpt = os.path.join(tmp, kind)
             model.save_pretrained(ckpt, safe_serialization=True)

@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -40,6 +41,13 @@ struct HParams {
     int64_t n_ctx_train = 0;
     double rope_theta = 10000.0, norm_eps = 1e-6;
     double rope_linear_factor = 0.0; // 0: no scaling
+    // Llama 3.1 style ("rope_type": "llama3"): low frequencies slowed by `factor`, high ones
+    // kept, a smooth blend between; written as one divisor per pair (rope_freqs.weight).
+    struct Llama3Rope {
+        double factor, low_freq_factor, high_freq_factor;
+        int64_t original_context;
+    };
+    std::optional<Llama3Rope> rope_llama3;
     bool tied = false;
     std::optional<int64_t> bos, eos;
 };
@@ -57,6 +65,34 @@ template <typename T> T required(const json& cfg, const char* key) {
 template <typename T> T optional_or(const json& cfg, const char* key, T fallback) {
     if (!cfg.contains(key) || cfg[key].is_null()) return fallback;
     return cfg[key].get<T>();
+}
+
+// The llama3 rope scaling as one divisor per rotating pair: the factor by which the
+// scaling divides pair i's frequency base^(-2i/D). Wavelengths shorter than
+// original_context / high_freq_factor keep their frequency, those longer than
+// original_context / low_freq_factor are slowed by `factor`, and in between the frequency is
+// the blend (1 - s) f / factor + s f with s = (original_context / wavelength - low) /
+// (high - low), so the divisor is 1 / ((1 - s) / factor + s).
+std::vector<float> llama3_rope_factors(const HParams& h) {
+    const HParams::Llama3Rope& r = *h.rope_llama3;
+    const double pi = 3.14159265358979323846;
+    const double low_wavelength = double(r.original_context) / r.low_freq_factor;
+    const double high_wavelength = double(r.original_context) / r.high_freq_factor;
+    std::vector<float> out;
+    for (int64_t i = 0; i < h.head_dim / 2; ++i) {
+        const double freq = std::pow(h.rope_theta, -2.0 * double(i) / double(h.head_dim));
+        const double wavelength = 2.0 * pi / freq;
+        double divisor = 1.0;
+        if (wavelength > low_wavelength) {
+            divisor = r.factor;
+        } else if (wavelength >= high_wavelength) {
+            const double s = (double(r.original_context) / wavelength - r.low_freq_factor) /
+                             (r.high_freq_factor - r.low_freq_factor);
+            divisor = 1.0 / ((1.0 - s) / r.factor + s);
+        }
+        out.push_back(float(divisor));
+    }
+    return out;
 }
 
 HParams read_config(const std::filesystem::path& dir) {
@@ -98,10 +134,22 @@ HParams read_config(const std::filesystem::path& dir) {
         const json& rs = cfg["rope_scaling"];
         const std::string type = rs.contains("rope_type") ? rs["rope_type"].get<std::string>()
                                                           : optional_or<std::string>(rs, "type", "");
-        if (type == "linear")
+        if (type == "linear") {
             h.rope_linear_factor = required<double>(rs, "factor");
-        else if (type != "default")
-            gfa::fail("config.json: rope_scaling type \"" + type + "\" is not supported (linear is)");
+        } else if (type == "llama3") {
+            h.rope_llama3 =
+                HParams::Llama3Rope{required<double>(rs, "factor"), required<double>(rs, "low_freq_factor"),
+                                    required<double>(rs, "high_freq_factor"),
+                                    required<int64_t>(rs, "original_max_position_embeddings")};
+            const auto& r = *h.rope_llama3;
+            if (!(r.factor > 0) || !(r.high_freq_factor > r.low_freq_factor) || !(r.low_freq_factor > 0) ||
+                r.original_context <= 0)
+                gfa::fail("config.json: rope_scaling (llama3) needs factor > 0, high_freq_factor > "
+                          "low_freq_factor > 0 and original_max_position_embeddings > 0");
+        } else if (type != "default") {
+            gfa::fail("config.json: rope_scaling type \"" + type +
+                      "\" is not supported (linear and llama3 are)");
+        }
     }
     if (cfg.contains("bos_token_id") && cfg["bos_token_id"].is_number_integer())
         h.bos = cfg["bos_token_id"].get<int64_t>();
@@ -391,6 +439,13 @@ int run(int argc, char** argv) {
         written.insert(name);
     }
 
+    if (h.rope_llama3) {
+        const std::vector<float> factors = llama3_rope_factors(h);
+        w.add_tensor("rope_freqs.weight", gfa::Type::F32, {int64_t(factors.size())}, factors.data(),
+                     factors.size() * sizeof(float));
+        written.insert("rope_freqs.weight");
+    }
+
     // Every tensor the model needs must be there.
     std::vector<std::string> needed{"token_embd.weight", "output_norm.weight"};
     if (!h.tied) needed.push_back("output.weight");
@@ -403,8 +458,9 @@ int run(int argc, char** argv) {
 
     w.write(out_path);
     std::fprintf(
-        stderr, "convert: %s (%s, %lld layers) -> %s: %zu tensors, %s%s%s\n", dir.c_str(), h.model_type.c_str(),
-        (long long)h.n_layer, out_path.c_str(), written.size(), std::string(gfa::type_name(type)).c_str(),
+        stderr, "convert: %s (%s, %lld layers) -> %s: %zu tensors, %s%s%s\n", dir.c_str(),
+        h.model_type.c_str(), (long long)h.n_layer, out_path.c_str(), written.size(),
+        std::string(gfa::type_name(type)).c_str(),
         n_fallback ? (" (" + std::to_string(n_fallback) + " matrices in f16: rows not whole blocks)").c_str()
                    : "",
         has_vocabulary ? ", with the vocabulary of tokenizer.json" : "");

@@ -2,9 +2,10 @@
 // rope and rope_back, one invocation per destination element: element i0 < n_dims is one
 // half of a rotated pair (2p, 2p+1) or, NeoX, (p, p + n_dims/2); the rest pass through.
 //
-// The angle pos * inv_freq[p] is formed in double (src2 holds inv_freq in double, computed on
-// the host as the CPU does): positions in the thousands times a frequency lose the digits
-// sin and cos need in float. It is reduced to [-pi, pi] in double, then sin/cos run in f32.
+// The angle pos * inv_freq[p] (/ freq_factors[p], src2, when iarg.z) is formed in double (the
+// table holds inv_freq in double, computed on the host as the CPU does): positions in the
+// thousands times a frequency lose the digits sin and cos need in float. It is reduced to
+// [-pi, pi] in double, then sin/cos run in f32.
 #extension GL_GOOGLE_include_directive : require
 layout(local_size_x = 256) in;
 
@@ -25,9 +26,10 @@ void main() {
         const uint half_dims = n_dims / 2u;
         const uint pair = neox ? d.x % half_dims : d.x / 2u;
         const uint first = neox ? pair : 2u * pair, second = neox ? pair + half_dims : 2u * pair + 1u;
-        const double inv_freq = packDouble2x32(uvec2(src2_words[2u * pair], src2_words[2u * pair + 1u]));
+        const double inv_freq = packDouble2x32(uvec2(table_words[2u * pair], table_words[2u * pair + 1u]));
         const double pos = double(int(src1_words[(P.src1.off + d.z * P.src1.nb.x) >> 2]));
         double theta = pos * inv_freq;
+        if (P.iarg.z != 0u) theta /= double(uintBitsToFloat(src2_words[(P.src2.off + pair * P.src2.nb.x) >> 2]));
         theta -= TWO_PI * floor(theta / TWO_PI + 0.5LF);
         const float c = cos(float(theta)), s = direction * sin(float(theta));
         const float x0 = src0_element(x_row, first), x1 = src0_element(x_row, second);

@@ -41,9 +41,9 @@ float workgroup_max(float x) {
     return partial[0];
 }
 
-// ALiBi slope of head h: a table the host computed with attn::alibi_slope (src2), or 1.
+// ALiBi slope of head h: a table the host computed with attn::alibi_slope, or 1.
 float alibi_slope(uint h) {
-    return P.iarg.y == 0u ? 1.0 : uintBitsToFloat(src2_words[h]);
+    return P.iarg.y == 0u ? 1.0 : uintBitsToFloat(table_words[h]);
 }
 
 // log(sum(exp(row))) of the row of src1 at byte `row` (the logits of the cross-entropy ops).
