@@ -209,6 +209,42 @@ TEST_CASE("llama session: traced nodes hold every node's values and change no re
     CHECK(plain.eval(std::span(tokens.data(), 1)) == step);
 }
 
+TEST_CASE("llama model: rope_freqs.weight divides each pair's angle (Llama 3.1 style)", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m; // head_dim 8: four factors
+    const std::vector<int32_t> tokens = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3};
+    SessionOptions so;
+    so.n_ctx = 16;
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    auto logits = [&](const TinyModel& model_shape) {
+        TempFile file{write_model(model_shape, seed)};
+        std::unique_ptr<Model> model = Model::load(file.path);
+        Session s(*model, so);
+        std::vector<float> out = s.eval(tokens, true);
+        const std::vector<float> step = s.eval(std::span(tokens.data(), 1)); // a decoding graph too
+        out.insert(out.end(), step.begin(), step.end());
+        return out;
+    };
+    // Factors of 2 halve every angle, as linear scaling by 2 does; factors of 1 change nothing.
+    TinyModel halved = m, linear = m, ones = m, mixed = m;
+    halved.rope_factors.assign(size_t(m.head_dim() / 2), 2.0f);
+    linear.rope_linear_scale = 2.0f;
+    ones.rope_factors.assign(size_t(m.head_dim() / 2), 1.0f);
+    mixed.rope_factors = {1.0f, 1.5f, 4.0f, 8.0f};
+    const std::vector<float> plain = logits(m), by_factors = logits(halved), by_scale = logits(linear);
+    CHECK(test::logits_error(by_factors, by_scale) < 1e-6);
+    CHECK(test::logits_error(by_factors, plain) > 1e-3);
+    CHECK(test::logits_error(logits(ones), plain) < 1e-6);
+    CHECK(test::logits_error(logits(mixed), plain) > 1e-3);
+    // A wrong shape or type is refused with the tensor named.
+    TinyModel wrong = m;
+    wrong.rope_factors.assign(5, 1.0f);
+    TempFile bad{write_model(wrong, seed)};
+    CHECK_THROWS_WITH(Model::load(bad.path), Catch::Contains("rope_freqs.weight"));
+}
+
 TEST_CASE("llama session: clear errors for bad inputs", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);

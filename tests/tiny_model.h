@@ -18,6 +18,8 @@ struct TinyModel {
     std::string arch = "llama";
     int64_t vocab = 37, embd = 40, ff = 24, layers = 2, heads = 5, heads_kv = 1;
     bool biases = false, tied = false;
+    std::vector<float> rope_factors; // rope_freqs.weight (head_dim / 2 values) when not empty
+    float rope_linear_scale = 0.0f;  // rope.scaling.type "linear" with this factor when > 0
     // Tensors whose names end in one of these hold f16-rounded values, stored as f16 (or as
     // f32 with rounded_as_f32: the same values in another type).
     std::vector<std::string> f16_tensors;
@@ -47,6 +49,13 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
     w.set(A + ".attention.head_count_kv", uint32_t(m.heads_kv));
     w.set(A + ".attention.layer_norm_rms_epsilon", 1e-5f);
     w.set(A + ".rope.freq_base", 10000.0f);
+    if (m.rope_linear_scale > 0.0f) {
+        w.set(A + ".rope.scaling.type", std::string("linear"));
+        w.set(A + ".rope.scaling.factor", m.rope_linear_scale);
+    }
+    if (!m.rope_factors.empty())
+        w.add_tensor("rope_freqs.weight", Type::F32, {int64_t(m.rope_factors.size())}, m.rope_factors.data(),
+                     m.rope_factors.size() * sizeof(float));
     auto add = [&](const std::string& name, std::vector<int64_t> dims, float scale, float offset = 0.0f) {
         if (name == skip) return;
         if (name == bad_shape) dims[0] += 1;

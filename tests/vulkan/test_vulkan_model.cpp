@@ -62,6 +62,9 @@ TEST_CASE("Vulkan runs a whole llama model as the CPU does", "[vulkan][model]") 
     Type kv = Type::F32;
     double tol = 1e-5;
     SECTION("llama, f32 weights and cache, GQA 5:1") {}
+    SECTION("llama, Llama 3.1 style rope factors") {
+        m.rope_factors = {1.0f, 1.5f, 4.0f, 8.0f};
+    }
     SECTION("qwen2, biases, tied embeddings, f16 weights and cache") {
         m.arch = "qwen2";
         m.biases = m.tied = true;
