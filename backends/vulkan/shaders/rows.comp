@@ -16,6 +16,36 @@ const uint OP_NORM = 0u, OP_RMS_NORM = 1u, OP_SOFT_MAX = 2u, OP_SUM_ROWS = 3u, O
            OP_CE_LOSS_BACK = 10u;
 
 shared float partial[NT];
+shared float partial_lo[NT];
+
+// hi + lo += x without losing the low bits (Neumaier's compensated summation).
+void add_compensated(inout float hi, inout float lo, float x) {
+    precise float s = hi + x;
+    precise float err = abs(hi) >= abs(x) ? (hi - s) + x : (x - s) + hi;
+    hi = s;
+    lo += err;
+}
+
+// The sum of every invocation's hi + lo, the partial sums combined with their rounding errors
+// carried along, so that sums of many terms of either sign (a loss) keep about the accuracy
+// of a double-precision sum. Returned to all invocations.
+float workgroup_sum_compensated(float hi, float lo) {
+    const uint tid = gl_LocalInvocationID.x;
+    barrier();
+    partial[tid] = hi;
+    partial_lo[tid] = lo;
+    for (uint s = NT / 2u; s > 0u; s >>= 1) {
+        barrier();
+        if (tid < s) {
+            float h = partial[tid], l = partial_lo[tid] + partial_lo[tid + s];
+            add_compensated(h, l, partial[tid + s]);
+            partial[tid] = h;
+            partial_lo[tid] = l;
+        }
+    }
+    barrier();
+    return partial[0] + partial_lo[0];
+}
 
 // The sum (or maximum) of every invocation's x, returned to all of them.
 float workgroup_sum(float x) {
@@ -60,27 +90,28 @@ float row_logsumexp(uint row, uint n0) {
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     if (P.op == OP_SUM) { // every element of src0, in any layout
-        float s = 0.0;
+        float hi = 0.0, lo = 0.0;
         for (uint k = tid; k < P.n; k += NT) {
             const uvec4 c = unflatten(k, P.src0.ne);
-            s += src0_at(c.x, c.y, c.z, c.w);
+            add_compensated(hi, lo, src0_at(c.x, c.y, c.z, c.w));
         }
-        s = workgroup_sum(s);
+        const float s = workgroup_sum_compensated(hi, lo);
         if (tid == 0u) store_dst(P.dst.off, s);
         return;
     }
     if (P.op == OP_CE_LOSS) { // src1 = logits, src2 = labels: mean over rows of -labels . log_softmax
         const uint n0 = P.src1.ne.x, rows = P.src1.ne.y * P.src1.ne.z * P.src1.ne.w;
-        float total = 0.0; // kept by every invocation alike
+        float total = 0.0, total_lo = 0.0; // kept by every invocation alike
         for (uint r = 0u; r < rows; ++r) {
             const uvec4 c = unflatten(r * n0, P.src1.ne);
             const uint x_row = row_of(P.src1, c.y, c.z, c.w), l_row = row_of(P.src2, c.y, c.z, c.w);
             const float lse = row_logsumexp(x_row, n0);
-            float s = 0.0;
-            for (uint i = tid; i < n0; i += NT) s += src2_element(l_row, i) * (src1_element(x_row, i) - lse);
-            total -= workgroup_sum(s);
+            float hi = 0.0, lo = 0.0;
+            for (uint i = tid; i < n0; i += NT)
+                add_compensated(hi, lo, src2_element(l_row, i) * (src1_element(x_row, i) - lse));
+            add_compensated(total, total_lo, -workgroup_sum_compensated(hi, lo));
         }
-        if (tid == 0u) store_dst(P.dst.off, total / float(rows));
+        if (tid == 0u) store_dst(P.dst.off, (total + total_lo) / float(rows));
         return;
     }
     const uint n0 = P.op == OP_CE_LOSS_BACK ? P.dst.ne.x : P.src0.ne.x; // the row length
@@ -174,9 +205,9 @@ void main() {
             continue;
         }
         if (P.op == OP_SUM_ROWS || P.op == OP_MEAN) {
-            float s = 0.0;
-            for (uint i = tid; i < n0; i += NT) s += src0_element(x_row, i);
-            s = workgroup_sum(s);
+            float hi = 0.0, lo = 0.0;
+            for (uint i = tid; i < n0; i += NT) add_compensated(hi, lo, src0_element(x_row, i));
+            const float s = workgroup_sum_compensated(hi, lo);
             if (tid == 0u) store_dst(y_row, P.op == OP_MEAN ? s / float(n0) : s);
             continue;
         }
