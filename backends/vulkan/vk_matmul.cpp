@@ -33,14 +33,27 @@ bool supports_mul_mat(const Context& ctx, const Tensor* node) {
     return fits_device(ctx, node);
 }
 
-void record_mul_mat(Recorder& rec, const Tensor* node) {
+// The operands and result of a product bound, with b's matrices per matrix of a.
+OpDispatch product(Recorder& rec, const Tensor* node) {
     const Tensor *a = node->src[0], *b = node->src[1];
     OpDispatch d;
-    bind_tensor(rec, d, 0, a, "the weights");
+    bind_tensor(rec, d, 0, a, "the first operand");
     bind_tensor(rec, d, 1, b, "the second operand");
     bind_tensor(rec, d, 3, node, "the result");
-    d.params.iarg[0] = uint32_t(b->ne[2] / a->ne[2]); // b's matrices per matrix of a
+    d.params.iarg[0] = uint32_t(b->ne[2] / a->ne[2]);
     d.params.iarg[1] = uint32_t(b->ne[3] / a->ne[3]);
+    return d;
+}
+
+// The tiled shader: a workgroup per 64 x 64 block of the result and matrix.
+void dispatch_tiled(Recorder& rec, OpDispatch& d, const Tensor* node) {
+    dispatch_op(rec, "mul_mat", d, uint32_t((node->ne[0] + kTile - 1) / kTile),
+                uint32_t((node->ne[1] + kTile - 1) / kTile), uint32_t(node->ne[2] * node->ne[3]));
+}
+
+void record_mul_mat(Recorder& rec, const Tensor* node) {
+    const Tensor *a = node->src[0], *b = node->src[1];
+    OpDispatch d = product(rec, node);
     const uint32_t batches = uint32_t(node->ne[2] * node->ne[3]);
     const Context& ctx = rec.context();
     if (b->ne[1] <= kVectorColumns && ctx.has_subgroup_arithmetic()) {
@@ -49,8 +62,7 @@ void record_mul_mat(Recorder& rec, const Tensor* node) {
         dispatch_op(rec, "mul_mat_vec", d, capped_groups(uint64_t(a->ne[1]), rows_per_group), batches);
         return;
     }
-    dispatch_op(rec, "mul_mat", d, uint32_t((node->ne[0] + kTile - 1) / kTile),
-                uint32_t((node->ne[1] + kTile - 1) / kTile), batches);
+    dispatch_tiled(rec, d, node);
 }
 
 // out_prod(a [M, K], b [N, K]) = the mul_mat of a and b with dims 0 and 1 of both swapped:
@@ -65,17 +77,10 @@ void swap_dims01(TensorDesc& t) {
 }
 
 void record_out_prod(Recorder& rec, const Tensor* node) {
-    const Tensor *a = node->src[0], *b = node->src[1];
-    OpDispatch d;
-    bind_tensor(rec, d, 0, a, "the first operand");
-    bind_tensor(rec, d, 1, b, "the second operand");
-    bind_tensor(rec, d, 3, node, "the result");
+    OpDispatch d = product(rec, node);
     swap_dims01(d.params.src0);
     swap_dims01(d.params.src1);
-    d.params.iarg[0] = uint32_t(b->ne[2] / a->ne[2]);
-    d.params.iarg[1] = uint32_t(b->ne[3] / a->ne[3]);
-    dispatch_op(rec, "mul_mat", d, uint32_t((node->ne[0] + kTile - 1) / kTile),
-                uint32_t((node->ne[1] + kTile - 1) / kTile), uint32_t(node->ne[2] * node->ne[3]));
+    dispatch_tiled(rec, d, node);
 }
 
 } // namespace
