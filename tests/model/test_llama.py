@@ -12,8 +12,9 @@ Errors are the max over prompt positions of ||logits - ref|| / ||ref||, against 
 references: one computing with the weights and KV cache rounded to the formats the run
 used (the engine's own error: 1e-3 for f32, 1e-2 when f16 or q8_0 storage is involved, 5e-2
 for q8_0 weights with a q8_0 cache on the CPU, 3e-2 on the GPU with 8-bit storage),
-and the checkpoint itself (storage loss included: 1e-3 f32, 3e-2 f16, 0.5 q8_0 weights;
-these random models have sharp attention, so 8-bit weights move their logits by ~10-30%).
+and the checkpoint itself (storage loss included: 1e-3 f32, 3e-2 f16, 0.8 q8_0 weights;
+these random models have sharp attention, so 8-bit weights move their logits by ~10-30%,
+and by more than 50% for a rare seed).
 
 Usage: test_llama.py --convert PATH --run PATH [--seed N] [--keep DIR] [--run-args "--backend vulkan"]
 Exit code 77 means skipped (numpy or safetensors missing, or the backend --run-args asks for
@@ -354,7 +355,11 @@ TOLERANCE_CPU_QUANT_CACHE = 5e-2
 
 # Against the checkpoint itself, storage losses included. These random models have sharp
 # attention (large q/k weights), so 8-bit weights move their logits by up to ~30%.
-TOTAL_TOLERANCE = {"f32": 1e-3, "f16": 3e-2, "q8_0": 0.5}
+# 8-bit weights move these sharp random models' logits by 10-30% for most seeds and by 53% for
+# a rare one (seed 1592978652, the Mistral; the same with Vulkan's exact decoding): the bound
+# only has to tell such a loss from unrelated logits (about 1.4); the engine's own error,
+# against the stored formats, is the real check.
+TOTAL_TOLERANCE = {"f32": 1e-3, "f16": 3e-2, "q8_0": 0.8}
 
 
 def main():
