@@ -39,10 +39,11 @@ StepResult train_step(Device* dev) {
     for (Tensor* p : {q, k, v}) set_param(p);
     Graph step = build_forward(loss);
     build_backward(graph_ctx, step, loss); // dloss/dq, dk, dv (the FlashAttention-2 backward)
-    build_optimizer_step(data, step, {.lr = 0.05f}, nullptr);
+    const Optimizer adamw = build_optimizer_step(data, step);
 
     auto values = allocate_context_tensors(data, dev->buffer_type());
-    values->fill(0); // the optimizer state starts at zero (device memory starts undefined)
+    adamw.reset();            // the moments start at zero (device memory starts undefined)
+    adamw.set({.lr = 0.05f}); // step 1
     std::mt19937 rng(7);
     std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
     for (Tensor* t : {q, k, v, target}) {

@@ -46,6 +46,11 @@ enum class ValueType : uint32_t {
 };
 std::string_view value_type_name(ValueType t);
 
+// The general.file_type llama.cpp records for a file whose matrices are of type t (its
+// "mostly t" numbering; a K type counts as its _S variant, every matrix of that type).
+// Throws for a type that has none.
+uint32_t file_type_of(Type t);
+
 struct Value;
 
 namespace detail {

@@ -44,10 +44,21 @@ Graph build_forward(Tensor* out);
 // path to a parameter goes through an op that has no gradient.
 void build_backward(Context& ctx, Graph& graph, Tensor* loss);
 
-// Appends one AdamW step per parameter (the optimizer state tensors m and v are created in
-// ctx and returned through `state`, two per parameter in graph order). They must hold zeros
-// before the first step: fill their buffer with 0 after allocating it (device memory, and
-// reused host memory, start undefined).
-void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std::vector<Tensor*>* state);
+// The tensors of an AdamW optimizer that build_optimizer_step created in the caller's
+// context; they get memory with the rest of that context.
+struct Optimizer {
+    Tensor* values = nullptr;     // f32 [kAdamWValues], read by every parameter's step
+    std::vector<Tensor*> moments; // m and v of each parameter, in graph order
+
+    // Writes p's hyperparameters and bias corrections into `values`. Call it before every
+    // compute that runs the step, with p.step counting 1, 2, ... (the graph stays the same).
+    void set(const AdamWParams& p) const;
+    // Zeroes the moments, as before the first step (device memory starts undefined).
+    void reset() const;
+};
+
+// Appends one AdamW step per parameter of the graph (set_param) to it; call after
+// build_backward. Throws when a parameter has no gradient.
+Optimizer build_optimizer_step(Context& ctx, Graph& graph);
 
 } // namespace gfa

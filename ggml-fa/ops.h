@@ -5,6 +5,8 @@
 
 #include <ggml-fa/tensor.h>
 
+#include <array>
+
 #include <ggml-fa/attention.h>
 
 namespace gfa {
@@ -54,6 +56,12 @@ struct AdamWParams {
     float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
     int32_t step = 1; // 1-based, for bias correction
 };
+// What an AdamW step reads at run time, from an f32 tensor of kAdamWValues elements: lr,
+// beta1, beta2, eps, weight_decay, then the step's bias corrections 1 - beta1^step and
+// 1 - beta2^step. Kept in a tensor rather than in the node so that one graph trains for many
+// steps (and a GPU backend can replay it) while the step count and the learning rate change.
+inline constexpr int64_t kAdamWValues = 7;
+std::array<float, kAdamWValues> adamw_values(const AdamWParams& p); // throws for step < 1
 
 // flash_attn_ext parameters (shared with the kernels): scale, ALiBi max_bias, logit
 // softcap, causal, window. See src/attention/problem.h for the exact semantics.
@@ -144,8 +152,9 @@ Tensor* swiglu(Context& ctx, Tensor* gate, Tensor* up); // silu(gate) * up
 // of -sum_c labels * log_softmax(logits). Autodiff treats the labels as constants: only the
 // logits get a gradient.
 Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels);
-// One AdamW step, updating param, m and v in place; the result views param.
-Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, const AdamWParams& p);
+// One AdamW step, updating param, m and v in place; the result views param. `values`: f32
+// [kAdamWValues] holding adamw_values() of the step (set before each run).
+Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, Tensor* values);
 
 // ---- attention ------------------------------------------------------------------------
 

@@ -38,6 +38,11 @@ class Tokenizer {
 
     // Reads tokenizer.ggml.*; a gfa::Error names a missing or malformed key.
     static Tokenizer from_gguf(const gguf::Metadata& metadata);
+    // Writes the tokenizer.ggml.* keys of a byte-level vocabulary into `metadata`: 256
+    // tokens, token i being byte i ("gpt2" model, no merges, no special tokens). Any text
+    // encodes to its bytes, and llama.cpp reads the same vocabulary. For models trained
+    // from scratch on raw text (the train program).
+    static void write_byte_vocabulary(gguf::Metadata& metadata);
 
     std::vector<int32_t> encode(std::string_view text, bool add_bos = false,
                                 bool parse_special = false) const;

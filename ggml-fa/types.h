@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string_view>
+#include <vector>
 
 namespace gfa {
 
@@ -49,6 +50,9 @@ bool is_known_type(uint32_t id);
 std::string_view type_name(Type t);
 // Bytes for a row of n elements (n must be a multiple of the block size).
 size_t row_size(Type t, int64_t n);
+// Rows of ne0 f32 values encoded as type t (one row after another); throws where t cannot be
+// produced or ne0 is not a multiple of its block size.
+std::vector<uint8_t> encode_rows(const std::vector<float>& values, Type t, int64_t ne0);
 
 // ---- 16-bit floats -------------------------------------------------------------------
 

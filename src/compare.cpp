@@ -245,6 +245,13 @@ Tensor* CaseBuilder::param(std::initializer_list<int64_t> ne, float lo, float hi
     return t;
 }
 
+Tensor* CaseBuilder::constant(std::vector<float> values) {
+    Tensor* t = ctx.new_tensor(Type::F32, {int64_t(values.size())});
+    set_input(t);
+    inits_[t] = [values = std::move(values)](Tensor* leaf, std::mt19937&) { tensor_set_f32(leaf, values); };
+    return t;
+}
+
 Tensor* CaseBuilder::indices(std::initializer_list<int64_t> ne, int32_t limit) {
     Tensor* t = ctx.new_tensor(Type::I32, ne);
     set_input(t);
@@ -398,9 +405,9 @@ const std::vector<Case>& builtin_suite() {
         // training
         {"adamw", 1e-6,
          [](B& b) {
+             const auto values = adamw_values({.lr = 0.01f, .weight_decay = 0.1f, .step = 3});
              return adamw_step(b.ctx, b.input({17, 3}), b.input({17, 3}), b.input({17, 3}),
-                               b.input({17, 3}, 0.0f, 1.0f),
-                               AdamWParams{.lr = 0.01f, .weight_decay = 0.1f, .step = 3});
+                               b.input({17, 3}, 0.0f, 1.0f), b.constant({values.begin(), values.end()}));
          }},
         // attention: q [D, Sq, Hq], k/v [D, Skv, Hkv] (GQA), optional mask [Skv, Sq], LSE
         {"flash_attn", 1e-5,

@@ -86,6 +86,8 @@ class CaseBuilder {
     // (j <= i + Skv - Sq), -inf after, and random values in [-2, 0) on the `band` keys up to
     // the diagonal. Its tiles are hidden, zero and mixed at once.
     Tensor* causal_mask(int64_t Skv, int64_t Sq, int64_t band, Type type);
+    // An f32 leaf holding exactly these values.
+    Tensor* constant(std::vector<float> values);
     // i32 row indices in [0, limit).
     Tensor* indices(std::initializer_list<int64_t> ne, int32_t limit);
     // A shape only (the target of repeat), never read.

@@ -194,6 +194,35 @@ struct MappedFile {
 
 // ---- values and metadata ------------------------------------------------------------------
 
+uint32_t file_type_of(Type t) {
+    switch (t) {
+    case Type::F32:
+        return 0;
+    case Type::F16:
+        return 1;
+    case Type::Q4_0:
+        return 2;
+    case Type::Q4_1:
+        return 3;
+    case Type::Q8_0:
+        return 7;
+    case Type::Q5_0:
+        return 8;
+    case Type::Q5_1:
+        return 9;
+    case Type::Q4_K:
+        return 14; // Q4_K_S
+    case Type::Q5_K:
+        return 16; // Q5_K_S
+    case Type::Q6_K:
+        return 18;
+    case Type::BF16:
+        return 32;
+    default:
+        fail("no GGUF file type stands for " + std::string(type_name(t)));
+    }
+}
+
 std::string_view value_type_name(ValueType t) {
     static constexpr std::string_view names[] = {"u8",   "i8",     "u16",   "i16", "u32", "i32", "f32",
                                                  "bool", "string", "array", "u64", "i64", "f64"};

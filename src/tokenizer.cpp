@@ -299,6 +299,20 @@ Tokenizer Tokenizer::from_gguf(const gguf::Metadata& md) {
     return t;
 }
 
+void Tokenizer::write_byte_vocabulary(gguf::Metadata& md) {
+    gguf::Array tokens{gguf::ValueType::String, {}}, types{gguf::ValueType::I32, {}};
+    for (int b = 0; b < 256; ++b) {
+        tokens.items.emplace_back(byte_map().to_text[size_t(b)]);
+        types.items.emplace_back(int32_t(TokenType::Normal));
+    }
+    md.set("tokenizer.ggml.model", "gpt2");
+    md.set("tokenizer.ggml.pre", "default");
+    md.set("tokenizer.ggml.tokens", gguf::Value(std::move(tokens)));
+    md.set("tokenizer.ggml.token_type", gguf::Value(std::move(types)));
+    md.set("tokenizer.ggml.merges", gguf::Value(gguf::Array{gguf::ValueType::String, {}}));
+    md.set("tokenizer.ggml.add_bos_token", false);
+}
+
 int32_t Tokenizer::find(std::string_view piece) const {
     auto it = ids_.find(std::string(piece));
     return it == ids_.end() ? -1 : it->second;

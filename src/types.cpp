@@ -120,4 +120,17 @@ size_t row_size(Type t, int64_t n) {
     return size_t(n / tt.block_size) * tt.type_size;
 }
 
+std::vector<uint8_t> encode_rows(const std::vector<float>& values, Type t, int64_t ne0) {
+    const TypeTraits& tt = type_traits(t);
+    if (!tt.from_float) fail("values cannot be encoded as " + std::string(tt.name));
+    if (ne0 <= 0 || int64_t(values.size()) % ne0 != 0)
+        fail(std::to_string(values.size()) + " values are not whole rows of " + std::to_string(ne0));
+    const size_t rb = row_size(t, ne0);
+    const int64_t rows = int64_t(values.size()) / ne0;
+    std::vector<uint8_t> out(rb * size_t(rows));
+    for (int64_t r = 0; r < rows; ++r)
+        tt.from_float(&values[size_t(r * ne0)], out.data() + size_t(r) * rb, ne0);
+    return out;
+}
+
 } // namespace gfa

@@ -165,15 +165,19 @@ void loss_and_adamw(const Check& check) {
     fill_uniform(gw);
     fill_uniform(m, -0.1f, 0.1f);
     fill_uniform(v, 0.0f, 0.1f);
-    AdamWParams p;
-    p.lr = 0.01f;
-    p.weight_decay = 0.1f;
-    p.step = 3;
-    check(adamw_step(ctx, w, gw, m, v, p), 1e-6);
-    // A second step reads the moments the first one wrote.
+    auto values_of = [&](const AdamWParams& p) {
+        const auto a = adamw_values(p);
+        Tensor* t = ctx.new_tensor(Type::F32, {kAdamWValues});
+        tensor_set_f32(t, {a.begin(), a.end()});
+        return t;
+    };
+    const AdamWParams p{.lr = 0.01f, .weight_decay = 0.1f, .step = 3};
+    check(adamw_step(ctx, w, gw, m, v, values_of(p)), 1e-6);
+    // A second step reads the moments the first one wrote, and its own values.
     AdamWParams p2 = p;
     p2.step = 4;
-    check(adamw_step(ctx, adamw_step(ctx, w, gw, m, v, p), gw, m, v, p2), 1e-6);
+    p2.lr = 0.02f;
+    check(adamw_step(ctx, adamw_step(ctx, w, gw, m, v, values_of(p)), gw, m, v, values_of(p2)), 1e-6);
 }
 
 // The gradients autodiff builds for a small graph of matmuls, norms, rope, softmax, activations and the loss,

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ggml-fa/gguf.h>
+#include <ggml-fa/model.h>
 #include <ggml-fa/types.h>
 
 #include <algorithm>
@@ -134,6 +135,23 @@ inline double logits_error(const std::vector<float>& a, const std::vector<float>
         den += double(b[i]) * double(b[i]);
     }
     return std::sqrt(num / den);
+}
+
+// A small model for training tests: grouped heads (4 query heads on 2 key/value heads),
+// head size 8 (the smallest attention kernels take).
+inline ModelConfig tiny_train_config() {
+    ModelConfig c;
+    c.arch = "llama";
+    c.n_vocab = 13;
+    c.n_embd = 24;
+    c.n_layer = 2;
+    c.n_ff = 20;
+    c.n_head = 4;
+    c.n_head_kv = 2;
+    c.head_dim = 8;
+    c.norm_eps = 1e-5f;
+    c.rope = {.n_dims = 8, .mode = RopeMode::Normal, .freq_base = 10000.0f, .freq_scale = 1.0f};
+    return c;
 }
 
 struct TempFile {

@@ -33,36 +33,6 @@ Type parse_type(const std::string& name) {
     fail(message + ")");
 }
 
-// llama.cpp records the dominant weight type as general.file_type; keep it truthful.
-uint32_t file_type_for(Type t) {
-    switch (t) {
-    case Type::F32:
-        return 0;
-    case Type::F16:
-        return 1;
-    case Type::Q4_0:
-        return 2;
-    case Type::Q4_1:
-        return 3;
-    case Type::Q8_0:
-        return 7;
-    case Type::Q5_0:
-        return 8;
-    case Type::Q5_1:
-        return 9;
-    case Type::Q4_K:
-        return 14; // "Q4_K_S": every matrix Q4_K
-    case Type::Q5_K:
-        return 16; // "Q5_K_S"
-    case Type::Q6_K:
-        return 18;
-    case Type::BF16:
-        return 32;
-    default:
-        return 0;
-    }
-}
-
 int usage() {
     std::fprintf(stderr, "usage: quantize IN.gguf OUT.gguf TYPE [--keep TENSOR]...\n");
     return 2;
@@ -86,7 +56,7 @@ int main(int argc, char** argv) {
 
         gguf::Writer out;
         out.metadata() = in.metadata();
-        out.set("general.file_type", uint32_t(file_type_for(target)));
+        out.set("general.file_type", gguf::file_type_of(target));
 
         std::deque<std::vector<uint8_t>> converted; // stable storage until the write
         std::vector<float> row;

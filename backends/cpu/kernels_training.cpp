@@ -67,18 +67,18 @@ bool all_f32(const Tensor* dst) {
 }
 
 void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
-    const AdamWParams p = dst->params<AdamWParams>();
+    const float* a = static_cast<const float*>(dst->src[4]->data); // adamw_values()
+    const float lr = a[0], beta1 = a[1], beta2 = a[2], eps = a[3], decay = a[4], c1 = a[5], c2 = a[6];
     float* w = static_cast<float*>(dst->src[0]->data);
     const float* g = static_cast<const float*>(dst->src[1]->data);
     float* m = static_cast<float*>(dst->src[2]->data);
     float* v = static_cast<float*>(dst->src[3]->data);
-    const float c1 = 1.0f - std::pow(p.beta1, float(p.step)), c2 = 1.0f - std::pow(p.beta2, float(p.step));
     ctx.pool.run([&](int ith, int nth) {
         const auto [b, e] = split_range(dst->nelements(), ith, nth);
         for (int64_t i = b; i < e; ++i) {
-            m[i] = p.beta1 * m[i] + (1.0f - p.beta1) * g[i];
-            v[i] = p.beta2 * v[i] + (1.0f - p.beta2) * g[i] * g[i];
-            w[i] -= p.lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + p.eps) + p.weight_decay * w[i]);
+            m[i] = beta1 * m[i] + (1.0f - beta1) * g[i];
+            v[i] = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+            w[i] -= lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps) + decay * w[i]);
         }
     });
 }

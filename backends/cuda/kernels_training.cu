@@ -93,32 +93,33 @@ bool supports_cross_entropy_back(const Tensor* dst) {
 
 // ---- AdamW ---------------------------------------------------------------------------------
 
-__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, AdamWParams p, float c1, float c2,
-                             int64_t n) {
+// values: adamw_values() (lr, beta1, beta2, eps, weight decay, the two bias corrections),
+// read from device memory so that a replayed graph takes each step's values.
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const float* values, int64_t n) {
+    const float lr = values[0], beta1 = values[1], beta2 = values[2], eps = values[3], decay = values[4];
+    const float c1 = values[5], c2 = values[6];
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
          i += int64_t(gridDim.x) * blockDim.x) {
         const float gi = g[i];
-        const float mi = p.beta1 * m[i] + (1.0f - p.beta1) * gi;
-        const float vi = p.beta2 * v[i] + (1.0f - p.beta2) * gi * gi;
+        const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        w[i] -= p.lr * ((mi / c1) / (sqrtf(vi / c2) + p.eps) + p.weight_decay * w[i]);
+        w[i] -= lr * ((mi / c1) / (sqrtf(vi / c2) + eps) + decay * w[i]);
     }
 }
 
 void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
-    const AdamWParams p = dst->params<AdamWParams>();
-    // Bias corrections computed once on the host, as the CPU kernel does.
-    const float c1 = 1.0f - std::pow(p.beta1, float(p.step)), c2 = 1.0f - std::pow(p.beta2, float(p.step));
     const int64_t n = dst->nelements();
     adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
         static_cast<float*>(dst->src[0]->data), static_cast<const float*>(dst->src[1]->data),
-        static_cast<float*>(dst->src[2]->data), static_cast<float*>(dst->src[3]->data), p, c1, c2, n);
+        static_cast<float*>(dst->src[2]->data), static_cast<float*>(dst->src[3]->data),
+        static_cast<const float*>(dst->src[4]->data), n);
 }
 bool supports_adamw(const Tensor* dst) {
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 5; ++i) {
         const Tensor* s = dst->src[i];
-        if (!s || s->type != Type::F32 || !s->is_contiguous() || s->ne != dst->ne) return false;
+        if (!s || s->type != Type::F32 || !s->is_contiguous() || (i < 4 && s->ne != dst->ne)) return false;
     }
     return true;
 }

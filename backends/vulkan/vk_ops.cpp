@@ -404,22 +404,17 @@ void record_get_rows_back(Recorder& rec, const Tensor* node) {
 // ---- AdamW -------------------------------------------------------------------------------
 
 void record_adamw(Recorder& rec, const Tensor* node) {
-    const AdamWParams p = node->params<AdamWParams>();
     OpDispatch d;
     d.params.n = uint32_t(node->nelements());
     bind_tensor(rec, d, 0, node->src[1], "the gradient");
     bind_tensor(rec, d, 1, node->src[2], "the first moment");
     bind_tensor(rec, d, 2, node->src[3], "the second moment");
     bind_tensor(rec, d, 3, node, "the parameter");
-    d.params.farg[0] = p.lr;
-    d.params.farg[1] = p.beta1;
-    d.params.farg[2] = p.beta2;
-    d.params.farg[3] = p.eps;
-    const float c1 = float(1.0 - std::pow(double(p.beta1), p.step));
-    const float c2 = float(1.0 - std::pow(double(p.beta2), p.step));
-    d.params.iarg[0] = std::bit_cast<uint32_t>(p.weight_decay);
-    d.params.iarg[1] = std::bit_cast<uint32_t>(c1);
-    d.params.iarg[2] = std::bit_cast<uint32_t>(c2);
+    // The step's values (adamw_values) stay in device memory, bound as the table.
+    const Tensor* values = node->src[4];
+    const Located at = rec.locate(values->data, values->nbytes(), "the AdamW values");
+    d.buffers[kTableSlot] = at.binding;
+    d.params.iarg[0] = uint32_t(at.first_byte / sizeof(float));
     dispatch_op(rec, "adamw", d, capped_groups(d.params.n, 256));
 }
 

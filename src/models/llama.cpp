@@ -37,6 +37,46 @@ int64_t window_for(int64_t n_tokens, int64_t n_past, int64_t n_ctx, int64_t step
     return std::min(n_ctx, (n_kv + step - 1) / step * step);
 }
 
+Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* h,
+                     Tensor* positions, int64_t T, int64_t B) {
+    const int64_t D = cfg.head_dim, Hq = cfg.n_head, Hkv = cfg.n_head_kv;
+    if (!L.wqkv) {
+        auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
+            Tensor* t = mul_mat(ctx, weight, h);
+            if (bias) t = add(ctx, t, bias);
+            return reshape(ctx, t, {D, heads, T, B});
+        };
+        return {rope(ctx, project(L.wq, L.bq, Hq), positions, cfg.rope, L.rope_factors),
+                rope(ctx, project(L.wk, L.bk, Hkv), positions, cfg.rope, L.rope_factors),
+                project(L.wv, L.bv, Hkv)};
+    }
+    // One product for q, k and v ([D * (Hq + 2 Hkv), T * B]); q and k lie side by side in
+    // each row, so one rope turns both.
+    Tensor* qkv = mul_mat(ctx, L.wqkv, h);
+    if (L.bqkv) qkv = add(ctx, qkv, L.bqkv);
+    const size_t f = sizeof(float), row = qkv->nb[1];
+    Tensor* qk = rope(ctx, view(ctx, qkv, {D, Hq + Hkv, T, B}, {D * f, row, row * size_t(T)}, 0), positions,
+                      cfg.rope, L.rope_factors);
+    return {view(ctx, qk, {D, Hq, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, 0),
+            view(ctx, qk, {D, Hkv, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, size_t(Hq) * qk->nb[1]),
+            view(ctx, qkv, {D, Hkv, T, B}, {D * f, row, row * size_t(T)}, size_t(D * (Hq + Hkv)) * f)};
+}
+
+Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x) {
+    const int64_t rows = x->ne[1];
+    Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm);
+    Tensor* f = nullptr;
+    if (L.ffn_gate_up) {
+        Tensor* gu = mul_mat(ctx, L.ffn_gate_up, h); // [2 n_ff, rows]: gate rows, then up
+        const size_t half = size_t(cfg.n_ff) * sizeof(float);
+        f = swiglu(ctx, view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, 0),
+                   view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, half));
+    } else {
+        f = swiglu(ctx, mul_mat(ctx, L.ffn_gate, h), mul_mat(ctx, L.ffn_up, h));
+    }
+    return add(ctx, x, mul_mat(ctx, L.ffn_down, f));
+}
+
 GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
                     int64_t n_tokens, int64_t n_past, bool all_logits, int64_t n_window) {
     const int64_t D = cfg.head_dim;
@@ -74,29 +114,7 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 
         // ---- attention
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
-        Tensor *q = nullptr, *k = nullptr, *v = nullptr;
-        if (L.wqkv) {
-            // One product for q, k and v ([D * (Hq + 2 Hkv), n_tokens]); q and k lie side by
-            // side in each row, so one rope turns both.
-            Tensor* qkv = mul_mat(ctx, L.wqkv, h);
-            if (L.bqkv) qkv = add(ctx, qkv, L.bqkv);
-            const size_t f = sizeof(float), row = qkv->nb[1];
-            const int64_t Hq = cfg.n_head, Hkv = cfg.n_head_kv;
-            Tensor* qk = rope(ctx, view(ctx, qkv, {D, Hq + Hkv, n_tokens}, {D * f, row}, 0), io.positions,
-                              cfg.rope, L.rope_factors);
-            q = view(ctx, qk, {D, Hq, n_tokens}, {qk->nb[1], qk->nb[2]}, 0);
-            k = view(ctx, qk, {D, Hkv, n_tokens}, {qk->nb[1], qk->nb[2]}, size_t(Hq) * qk->nb[1]);
-            v = view(ctx, qkv, {D, Hkv, n_tokens}, {D * f, row}, size_t(D * (Hq + Hkv)) * f);
-        } else {
-            auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
-                Tensor* t = mul_mat(ctx, weight, h);
-                if (bias) t = add(ctx, t, bias);
-                return reshape(ctx, t, {D, heads, n_tokens});
-            };
-            q = rope(ctx, project(L.wq, L.bq, cfg.n_head), io.positions, cfg.rope, L.rope_factors);
-            k = rope(ctx, project(L.wk, L.bk, cfg.n_head_kv), io.positions, cfg.rope, L.rope_factors);
-            v = project(L.wv, L.bv, cfg.n_head_kv);
-        }
+        auto [q, k, v] = attention_inputs(ctx, cfg, L, h, io.positions, n_tokens, 1); // [D, heads, n_tokens]
 
         // Store the new keys and values at their positions, then attend over rows
         // [0, n_kv) of the cache. The views read the set_rows results, so the writes
@@ -121,23 +139,45 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         o = reshape(ctx, o, {D * cfg.n_head, rows});
         x = add(ctx, x, mul_mat(ctx, L.wo, o));
 
-        // ---- feed-forward (SwiGLU)
-        h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm);
-        Tensor* f = nullptr;
-        if (L.ffn_gate_up) {
-            Tensor* gu = mul_mat(ctx, L.ffn_gate_up, h); // [2 n_ff, n_tokens]: gate rows, then up
-            const size_t half = size_t(cfg.n_ff) * sizeof(float);
-            f = swiglu(ctx, view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, 0),
-                       view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, half));
-        } else {
-            f = swiglu(ctx, mul_mat(ctx, L.ffn_gate, h), mul_mat(ctx, L.ffn_up, h));
-        }
-        x = add(ctx, x, mul_mat(ctx, L.ffn_down, f));
+        x = feed_forward(ctx, cfg, L, x);
         set_name(x, std::string("residual.") + layer);
     }
     x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
     io.logits = set_name(mul_mat(ctx, w.output, x), "logits");
     set_output(io.logits);
+    return io;
+}
+
+TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, int64_t T,
+                                int64_t B) {
+    const int64_t D = cfg.head_dim, rows = T * B;
+    if (T <= 0 || B <= 0) fail("llama: a training graph needs at least one sequence of one token");
+    TrainingIo io;
+    io.tokens = set_name(ctx.new_tensor(Type::I32, {rows}), "tokens");
+    io.positions = set_name(ctx.new_tensor(Type::I32, {T}), "positions");
+    io.labels = set_name(ctx.new_tensor(Type::F32, {cfg.n_vocab, rows}), "labels");
+    for (Tensor* t : {io.tokens, io.positions, io.labels}) set_input(t);
+
+    FlashAttnParams attn{};
+    attn.scale = 1.0f / std::sqrt(float(D));
+    attn.causal = true;
+    Tensor* x = get_rows(ctx, w.token_embd, io.tokens); // [n_embd, T * B]
+    for (size_t l = 0; l < w.layers.size(); ++l) {
+        const LayerWeights& L = w.layers[l];
+        Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
+        auto [q, k, v] = attention_inputs(ctx, cfg, L, h, io.positions, T, B); // [D, heads, T, B]
+        Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), permute(ctx, k, 0, 2, 1, 3),
+                                   permute(ctx, v, 0, 2, 1, 3), nullptr, attn); // [D, n_head, T, B]
+        set_name(o, "attn." + std::to_string(l));
+        x = add(ctx, x, mul_mat(ctx, L.wo, reshape(ctx, o, {D * cfg.n_head, rows})));
+        x = feed_forward(ctx, cfg, L, x);
+        set_name(x, "residual." + std::to_string(l));
+    }
+    x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
+    io.logits = set_name(mul_mat(ctx, w.output, x), "logits");
+    io.loss = set_name(cross_entropy_loss(ctx, io.logits, io.labels), "loss");
+    set_output(io.logits);
+    set_loss(io.loss);
     return io;
 }
 

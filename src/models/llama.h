@@ -46,6 +46,18 @@ struct GraphIo {
     Tensor* logits = nullptr;    // f32 [n_vocab, n_out]
 };
 
+// The pieces of a block that inference and training graphs share (one definition of the
+// model's math). attention_inputs: from the normed input h [n_embd, T * B] of B sequences of
+// T tokens, q [head_dim, n_head, T, B], k and v [head_dim, n_head_kv, T, B], q and k rotated
+// by rope at `positions` (i32 [T]); views when the projections are merged.
+struct Qkv {
+    Tensor *q, *k, *v;
+};
+Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* h,
+                     Tensor* positions, int64_t T, int64_t B);
+// x + the SwiGLU feed-forward of rms_norm(x) * ffn_norm, x: [n_embd, rows].
+Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x);
+
 // Adds the forward pass for n_tokens tokens at positions n_past.. n_past + n_tokens - 1 to
 // ctx. Keys and values of the new tokens are written into the cache. all_logits: logits for
 // every token, otherwise for the last.
@@ -56,6 +68,19 @@ struct GraphIo {
 // n_past whose tokens fit the window.
 GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
                     int64_t n_tokens, int64_t n_past, bool all_logits, int64_t n_window = 0);
+
+// The inputs and outputs of a training graph.
+struct TrainingIo {
+    Tensor* tokens = nullptr;    // i32 [T * B]: B sequences of T tokens, one after another
+    Tensor* positions = nullptr; // i32 [T]: 0 .. T - 1
+    Tensor* labels = nullptr;    // f32 [n_vocab, T * B]: the next token of each position, one-hot
+    Tensor* logits = nullptr;    // f32 [n_vocab, T * B]
+    Tensor* loss = nullptr;      // f32 [1]: mean cross-entropy per position
+};
+
+// The forward pass of B independent sequences of T tokens (causal attention within each,
+// no cache) and its loss: what training differentiates.
+TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, int64_t T, int64_t B);
 
 // The mask for a windowed graph: row i (the token at position n_past + i) sees cache rows
 // [0, n_past + i]; f16 values, 0 or -inf, n_window per row.

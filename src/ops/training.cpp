@@ -8,10 +8,14 @@
 
 namespace gfa {
 
-void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std::vector<Tensor*>* state) {
+Optimizer build_optimizer_step(Context& ctx, Graph& graph) {
     std::vector<Tensor*> params;
     for (Tensor* l : graph.leafs())
         if (l->has_flag(kFlagParam)) params.push_back(l);
+    if (params.empty()) fail("build_optimizer_step: the graph has no parameters (set_param)");
+    Optimizer opt;
+    opt.values = set_name(ctx.new_tensor(Type::F32, {kAdamWValues}), "adamw.values");
+    set_input(opt.values);
     for (Tensor* param : params) {
         Tensor* g = graph.grad(param);
         if (!g)
@@ -19,12 +23,30 @@ void build_optimizer_step(Context& ctx, Graph& graph, const AdamWParams& p, std:
                  "' has no gradient; call build_backward first");
         Tensor* m = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_m");
         Tensor* v = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_v");
-        if (state) {
-            state->push_back(m);
-            state->push_back(v);
-        }
-        graph.expand(adamw_step(ctx, param, g, m, v, p));
+        opt.moments.push_back(m);
+        opt.moments.push_back(v);
+        graph.expand(adamw_step(ctx, param, g, m, v, opt.values));
     }
+    return opt;
+}
+
+std::array<float, kAdamWValues> adamw_values(const AdamWParams& p) {
+    if (p.step < 1) fail("adamw: the step is 1-based, got " + std::to_string(p.step));
+    if (!(p.beta1 >= 0.0f && p.beta1 < 1.0f && p.beta2 >= 0.0f && p.beta2 < 1.0f))
+        fail("adamw: beta1 and beta2 must lie in [0, 1), got " + std::to_string(p.beta1) + " and " +
+             std::to_string(p.beta2));
+    // The bias corrections in double: in float, 1 - 0.999^1 keeps only ~4 digits.
+    const double c1 = 1.0 - std::pow(double(p.beta1), p.step), c2 = 1.0 - std::pow(double(p.beta2), p.step);
+    return {p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, float(c1), float(c2)};
+}
+
+void Optimizer::set(const AdamWParams& p) const {
+    const std::array<float, kAdamWValues> a = adamw_values(p);
+    tensor_set_f32(values, std::vector<float>(a.begin(), a.end()));
+}
+
+void Optimizer::reset() const {
+    for (Tensor* t : moments) tensor_set_f32(t, std::vector<float>(size_t(t->nelements()), 0.0f));
 }
 
 Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels) {
@@ -52,16 +74,17 @@ Tensor* cross_entropy_loss_back(Context& ctx, Tensor* grad, Tensor* logits, Tens
     return t;
 }
 
-Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, const AdamWParams& p) {
-    require_not_null(Op::AdamW, {param, grad, m, v});
+Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, Tensor* values) {
+    require_not_null(Op::AdamW, {param, grad, m, v, values});
     for (const Tensor* t : {param, grad, m, v})
         if (t->type != Type::F32 || !t->is_contiguous() || t->ne != param->ne)
             op_error(Op::AdamW, "param, grad, m and v must be contiguous f32 of one shape",
                      {param, grad, m, v});
-    if (p.step < 1) op_error(Op::AdamW, "step is 1-based, got " + std::to_string(p.step), {param});
+    if (values->type != Type::F32 || !values->is_contiguous() || values->nelements() != kAdamWValues)
+        op_error(Op::AdamW, "values must be contiguous f32 of " + std::to_string(kAdamWValues) + " elements",
+                 {values});
     Tensor* t = ctx.new_view(param, param->type, param->ne, param->nb, 0, Op::AdamW);
-    set_sources(t, {param, grad, m, v});
-    t->set_params(p);
+    set_sources(t, {param, grad, m, v, values});
     return t;
 }
 
@@ -70,18 +93,19 @@ namespace {
 // One decoupled-weight-decay Adam update of element i (shared by the reference and the
 // CPU kernel through the same formula, each in its own precision).
 void adamw_reference(ref::Evaluator& ev, const Tensor* n) {
-    const AdamWParams p = n->params<AdamWParams>();
-    const Tensor *param = n->src[0], *grad = n->src[1], *m = n->src[2], *v = n->src[3];
-    const double c1 = 1.0 - std::pow(double(p.beta1), p.step), c2 = 1.0 - std::pow(double(p.beta2), p.step);
+    const Tensor *param = n->src[0], *grad = n->src[1], *m = n->src[2], *v = n->src[3], *values = n->src[4];
+    double a[kAdamWValues];
+    for (int64_t i = 0; i < kAdamWValues; ++i) a[i] = ev.get(values, i);
+    const double lr = a[0], beta1 = a[1], beta2 = a[2], eps = a[3], decay = a[4], c1 = a[5], c2 = a[6];
     ref::for_each_index(param, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
         const double g = ev.get(grad, i0, i1, i2, i3);
-        const double mi = p.beta1 * ev.get(m, i0, i1, i2, i3) + (1.0 - p.beta1) * g;
-        const double vi = p.beta2 * ev.get(v, i0, i1, i2, i3) + (1.0 - p.beta2) * g * g;
+        const double mi = beta1 * ev.get(m, i0, i1, i2, i3) + (1.0 - beta1) * g;
+        const double vi = beta2 * ev.get(v, i0, i1, i2, i3) + (1.0 - beta2) * g * g;
         const double w = ev.get(param, i0, i1, i2, i3);
-        const double update = (mi / c1) / (std::sqrt(vi / c2) + p.eps) + p.weight_decay * w;
+        const double update = (mi / c1) / (std::sqrt(vi / c2) + eps) + decay * w;
         ev.set(m, mi, i0, i1, i2, i3);
         ev.set(v, vi, i0, i1, i2, i3);
-        ev.set(n, w - p.lr * update, i0, i1, i2, i3);
+        ev.set(n, w - lr * update, i0, i1, i2, i3);
     });
 }
 

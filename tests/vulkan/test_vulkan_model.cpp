@@ -8,6 +8,7 @@
 #include "vulkan_device.h"
 
 #include <ggml-fa/model.h>
+#include <ggml-fa/train.h>
 
 #include <catch2/catch.hpp>
 
@@ -159,5 +160,40 @@ TEST_CASE("compare --model: every node of a model on Vulkan against the CPU", "[
         CHECK(r.nodes.size() > size_t(15 * m.layers)); // every node of every block, not just the logits
         for (const compare::NodeResult& n : r.nodes) CHECK(n.backend == "Vulkan0");
         CHECK(r.worst <= 1e-5);
+    }
+}
+TEST_CASE("Vulkan trains a model as the CPU does", "[vulkan][model][train]") {
+    const ModelConfig c = test::tiny_train_config();
+    TrainOptions o;
+    o.n_ctx = 11;
+    o.n_seq = 3;
+    o.n_threads = 2;
+    o.seed = test::seed();
+    o.init_std = 0.3f;
+    INFO("seed " << o.seed);
+    Trainer cpu(c, o);
+    o.device = vulkan0();
+    Trainer vk(c, o);
+    CHECK(vk.describe_schedule().find("CPU") == std::string::npos); // every node on Vulkan
+    for (int32_t s = 1; s <= 3; ++s) {
+        const std::vector<int32_t> batch =
+            test::random_indices(size_t((o.n_ctx + 1) * o.n_seq), int32_t(c.n_vocab));
+        const AdamWParams p{.lr = 1e-2f, .weight_decay = 0.1f, .step = s};
+        const float want = cpu.step(batch, p), got = vk.step(batch, p);
+        INFO("step " << s << ": loss " << got << " on Vulkan, " << want << " on the CPU");
+        CHECK(std::abs(got - want) <= 1e-5f * std::abs(want));
+        const auto g_cpu = cpu.gradients(), g_vk = vk.gradients();
+        for (size_t i = 0; i < g_cpu.size(); ++i) {
+            const double err = test::rel_error(
+                g_vk[i].second, std::vector<double>(g_cpu[i].second.begin(), g_cpu[i].second.end()));
+            INFO(g_cpu[i].first << ": gradient relative error " << err);
+            CHECK(err <= 1e-4);
+        }
+    }
+    for (const auto& [name, grad] : cpu.gradients()) {
+        const std::vector<float> w_cpu = cpu.weight(name);
+        const double err = test::rel_error(vk.weight(name), std::vector<double>(w_cpu.begin(), w_cpu.end()));
+        INFO(name << ": weights after three steps, relative error " << err);
+        CHECK(err <= 1e-5);
     }
 }

@@ -215,21 +215,6 @@ gfa::Type parse_type(const std::string& s) {
     gfa::fail("--type " + s + ": expected f32, f16, bf16 or q8_0");
 }
 
-uint32_t file_type_id(gfa::Type t) {
-    switch (t) {
-    case gfa::Type::F32:
-        return 0;
-    case gfa::Type::F16:
-        return 1;
-    case gfa::Type::Q8_0:
-        return 7;
-    case gfa::Type::BF16:
-        return 32;
-    default:
-        gfa::fail("no file type for " + std::string(gfa::type_name(t)));
-    }
-}
-
 // 1-d tensors (norms, biases) stay f32, as in llama.cpp; a matrix whose rows do not fill
 // whole quantization blocks falls back to f16.
 gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0) {
@@ -237,16 +222,6 @@ gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0) {
     const auto& tr = gfa::type_traits(wanted);
     if (ne0 % tr.block_size != 0) return gfa::Type::F16;
     return wanted;
-}
-
-std::vector<uint8_t> encode(const std::vector<float>& values, gfa::Type type, int64_t ne0) {
-    const auto& tr = gfa::type_traits(type);
-    const int64_t rows = int64_t(values.size()) / ne0;
-    const size_t rb = gfa::row_size(type, ne0);
-    std::vector<uint8_t> out(rb * size_t(rows));
-    for (int64_t r = 0; r < rows; ++r)
-        tr.from_float(&values[size_t(r * ne0)], out.data() + size_t(r) * rb, ne0);
-    return out;
 }
 
 // The vocabulary of tokenizer.json (a Hugging Face BPE tokenizer) as tokenizer.ggml.* keys.
@@ -382,7 +357,7 @@ int run(int argc, char** argv) {
     const std::string& A = h.arch;
     w.set("general.architecture", A);
     w.set("general.name", std::filesystem::path(dir).filename().string());
-    w.set("general.file_type", file_type_id(type));
+    w.set("general.file_type", gfa::gguf::file_type_of(type));
     w.set(A + ".vocab_size", uint32_t(h.n_vocab));
     w.set(A + ".context_length", uint32_t(h.n_ctx_train));
     w.set(A + ".embedding_length", uint32_t(h.n_embd));
@@ -432,7 +407,7 @@ int run(int argc, char** argv) {
         }
         const gfa::Type st = storage_type(type, n_dims, cols);
         if (st != type && n_dims == 2) ++n_fallback;
-        const std::vector<uint8_t> bytes = encode(values, st, cols);
+        const std::vector<uint8_t> bytes = gfa::encode_rows(values, st, cols);
         std::vector<int64_t> dims{cols};
         if (n_dims == 2) dims.push_back(rows);
         w.add_tensor(name, st, dims, bytes.data(), bytes.size());

@@ -1,8 +1,8 @@
 #version 450
 // One AdamW step in place, one invocation per element: dst is the parameter (read, then
 // written), src0 its gradient, src1 and src2 the moments m and v (read, then written).
-// farg = (lr, beta1, beta2, eps); iarg = bits of (weight decay, 1 - beta1^t, 1 - beta2^t),
-// the bias corrections formed on the host in double as the CPU does.
+// The step's values (adamw_values: lr, beta1, beta2, eps, weight decay, 1 - beta1^t,
+// 1 - beta2^t) are an f32 tensor bound as the table, starting at word iarg.x.
 #extension GL_GOOGLE_include_directive : require
 layout(local_size_x = 256) in;
 
@@ -10,8 +10,11 @@ layout(local_size_x = 256) in;
 #include "op_common.glsl"
 
 void main() {
-    const float lr = P.farg.x, beta1 = P.farg.y, beta2 = P.farg.z, eps = P.farg.w;
-    const float decay = uintBitsToFloat(P.iarg.x), c1 = uintBitsToFloat(P.iarg.y), c2 = uintBitsToFloat(P.iarg.z);
+    const uint a = P.iarg.x;
+    const float lr = uintBitsToFloat(table_words[a]), beta1 = uintBitsToFloat(table_words[a + 1]);
+    const float beta2 = uintBitsToFloat(table_words[a + 2]), eps = uintBitsToFloat(table_words[a + 3]);
+    const float decay = uintBitsToFloat(table_words[a + 4]);
+    const float c1 = uintBitsToFloat(table_words[a + 5]), c2 = uintBitsToFloat(table_words[a + 6]);
     for (uint k = invocation(); k < P.n; k += n_invocations()) {
         const uvec4 d = unflatten(k, P.dst.ne);
         const float g = src0_at(d.x, d.y, d.z, d.w);

@@ -1,0 +1,72 @@
+// Training llama-family models: the same blocks as model.h's inference graph, trained with
+// a cross-entropy loss, automatic differentiation (attention through the FlashAttention-2
+// backward) and AdamW, on the CPU or a GPU. A trained model saves as a GGUF file that
+// Model::load, ggml-fa-run and llama.cpp read.
+#pragma once
+
+#include <ggml-fa/backend.h>
+#include <ggml-fa/gguf.h>
+#include <ggml-fa/model.h>
+#include <ggml-fa/ops.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace gfa {
+
+struct TrainOptions {
+    int64_t n_ctx = 128;      // tokens per sequence: the context the model learns
+    int64_t n_seq = 8;        // sequences per step
+    Device* device = nullptr; // where weights, gradients and the optimizer live; nullptr: the CPU
+    int n_threads = 0;        // CPU threads; <= 0: all cores
+    uint64_t seed = 1;        // of the initial weights
+    float init_std = 0.02f;   // of the initial matrices (normal); the output projections of
+                              // each block get init_std / sqrt(2 n_layer)
+};
+
+class Trainer {
+  public:
+    // A new model of this shape with random weights. config: arch "llama"; n_vocab, n_embd,
+    // n_layer, n_ff, n_head, n_head_kv and head_dim set; rope n_dims = head_dim (normal
+    // mode). Throws gfa::Error naming what does not fit.
+    Trainer(const ModelConfig& config, const TrainOptions& options);
+    ~Trainer();
+    Trainer(const Trainer&) = delete;
+    Trainer& operator=(const Trainer&) = delete;
+
+    // One step on n_seq sequences of n_ctx + 1 tokens each, one after another in `batch`:
+    // each sequence's tokens 1.. are the targets of its tokens 0.. Runs the forward pass, the
+    // backward pass and an AdamW update with p (p.step counting 1, 2, ...; the first step
+    // also zeroes the moments). Returns the loss before the update: the mean cross-entropy
+    // per predicted token, in nats.
+    float step(std::span<const int32_t> batch, const AdamWParams& p);
+    // The loss on such a batch, without updating anything.
+    float loss(std::span<const int32_t> batch);
+    // The logits of every position of n_seq sequences of n_ctx tokens ([n_seq * n_ctx][n_vocab],
+    // row-major).
+    std::vector<float> logits(std::span<const int32_t> tokens);
+
+    // Writes a GGUF file of architecture llama: the weights in `type` (f32, f16, bf16 or a
+    // block type whose block divides n_embd and n_ff), the hyperparameters, and `metadata`
+    // (the vocabulary: tokenizer.ggml.*; general.name).
+    void save(const std::string& path, const gguf::Metadata& metadata, Type type = Type::F32) const;
+
+    const ModelConfig& config() const;
+    const TrainOptions& options() const;
+    int64_t n_params() const;
+    // Gradient of each weight after the last step, by GGUF tensor name (for checks).
+    std::vector<std::pair<std::string, std::vector<float>>> gradients() const;
+    // The weights by GGUF tensor name, and setting one (for checks and for starting points).
+    std::vector<float> weight(const std::string& name) const;
+    void set_weight(const std::string& name, const std::vector<float>& values);
+    std::string describe_schedule() const; // of the training step's graph
+
+  private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+} // namespace gfa

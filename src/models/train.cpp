@@ -1,0 +1,271 @@
+// Training llama-family models (ggml-fa/train.h): f32 weights on one device, a training
+// graph (forward, backward, AdamW) and an evaluation graph built once, each run by its own
+// scheduler, so every step reuses its plan and memory.
+#include "models/llama.h"
+
+#include <ggml-fa/alloc.h>
+#include <ggml-fa/graph.h>
+#include <ggml-fa/scheduler.h>
+#include <ggml-fa/train.h>
+
+#include <cmath>
+#include <map>
+#include <random>
+
+namespace gfa {
+
+namespace {
+
+void check_config(const ModelConfig& c, const TrainOptions& o) {
+    auto positive = [](int64_t v) { return v > 0; };
+    if (c.arch != "llama") fail("train: the architecture must be llama, not \"" + c.arch + "\"");
+    if (!positive(c.n_vocab) || !positive(c.n_embd) || !positive(c.n_layer) || !positive(c.n_ff) ||
+        !positive(c.n_head) || !positive(c.n_head_kv) || !positive(c.head_dim))
+        fail("train: every size must be positive (vocabulary " + std::to_string(c.n_vocab) + ", embedding " +
+             std::to_string(c.n_embd) + ", layers " + std::to_string(c.n_layer) + ", feed-forward " +
+             std::to_string(c.n_ff) + ", heads " + std::to_string(c.n_head) + "/" +
+             std::to_string(c.n_head_kv) + ", head size " + std::to_string(c.head_dim) + ")");
+    if (c.n_head % c.n_head_kv != 0)
+        fail("train: " + std::to_string(c.n_head) + " query heads cannot share " +
+             std::to_string(c.n_head_kv) + " key/value heads evenly");
+    if (c.head_dim % 2 != 0 || c.rope.n_dims != c.head_dim || c.rope.mode != RopeMode::Normal)
+        fail("train: rope must turn the whole head (n_dims = head size, even) in normal mode");
+    if (o.n_ctx <= 0 || o.n_seq <= 0)
+        fail("train: n_ctx and n_seq must be positive, got " + std::to_string(o.n_ctx) + " and " +
+             std::to_string(o.n_seq));
+}
+
+} // namespace
+
+struct Trainer::Impl {
+    ModelConfig config;
+    TrainOptions options;
+    Device* device = nullptr;
+    Context weights_ctx;
+    llama::Weights weights;
+    std::vector<Tensor*> params;            // in creation order
+    std::map<std::string, Tensor*> by_name; // GGUF names
+    std::unique_ptr<Buffer> weights_buffer; // weights and optimizer state, on `device`
+    std::unique_ptr<Backend> cpu, gpu;
+
+    // One graph with its inputs and the scheduler that keeps its plan.
+    struct Run {
+        Context ctx;
+        Graph graph;
+        llama::TrainingIo io;
+        std::unique_ptr<Scheduler> sched;
+    };
+    Run train, eval;
+    Optimizer optimizer;
+
+    std::vector<Backend*> backends() const {
+        std::vector<Backend*> b{cpu.get()};
+        if (gpu) b.insert(b.begin(), gpu.get()); // the device first, the CPU catching the rest
+        return b;
+    }
+
+    Tensor* weight(const std::string& name, std::initializer_list<int64_t> ne) {
+        Tensor* t = set_name(weights_ctx.new_tensor(Type::F32, ne), name);
+        set_param(t);
+        params.push_back(t);
+        by_name[name] = t;
+        return t;
+    }
+
+    // Sets the token, position and label inputs of `run` from n_seq sequences of `stride`
+    // tokens (n_ctx + 1 with targets, n_ctx without).
+    void set_inputs(Run& run, std::span<const int32_t> batch, bool with_targets) {
+        const int64_t T = options.n_ctx, B = options.n_seq, V = config.n_vocab;
+        const int64_t stride = with_targets ? T + 1 : T;
+        if (int64_t(batch.size()) != stride * B)
+            fail("train: a batch holds " + std::to_string(B) + " sequences of " + std::to_string(stride) +
+                 " tokens (" + std::to_string(stride * B) + "), got " + std::to_string(batch.size()));
+        for (int32_t id : batch)
+            if (id < 0 || id >= V)
+                fail("train: token id " + std::to_string(id) + " is outside the vocabulary of " +
+                     std::to_string(V));
+        std::vector<int32_t> tokens(static_cast<size_t>(T * B)), positions(static_cast<size_t>(T));
+        std::vector<float> labels(size_t(V * T * B), 0.0f);
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < T; ++t) {
+                tokens[size_t(b * T + t)] = batch[size_t(b * stride + t)];
+                if (with_targets) labels[size_t((b * T + t) * V + batch[size_t(b * stride + t + 1)])] = 1.0f;
+            }
+        for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = int32_t(t);
+        tensor_set(run.io.tokens, tokens.data(), 0, tokens.size() * sizeof(int32_t));
+        tensor_set(run.io.positions, positions.data(), 0, positions.size() * sizeof(int32_t));
+        tensor_set_f32(run.io.labels, labels);
+    }
+};
+
+Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_(std::make_unique<Impl>()) {
+    Impl& m = *impl_;
+    check_config(config, options);
+    m.config = config;
+    m.config.n_ctx_train = options.n_ctx;
+    m.config.tied_embeddings = false;
+    m.options = options;
+    m.device = options.device ? options.device : &cpu_device();
+    const ModelConfig& c = m.config;
+    const int64_t E = c.n_embd, Dq = c.n_head * c.head_dim, Dkv = c.n_head_kv * c.head_dim;
+
+    // The weights, named and shaped as in a GGUF file of architecture llama.
+    llama::Weights& w = m.weights;
+    w.token_embd = m.weight("token_embd.weight", {E, c.n_vocab});
+    for (int64_t l = 0; l < c.n_layer; ++l) {
+        const std::string b = "blk." + std::to_string(l) + ".";
+        llama::LayerWeights L;
+        L.attn_norm = m.weight(b + "attn_norm.weight", {E});
+        L.wq = m.weight(b + "attn_q.weight", {E, Dq});
+        L.wk = m.weight(b + "attn_k.weight", {E, Dkv});
+        L.wv = m.weight(b + "attn_v.weight", {E, Dkv});
+        L.wo = m.weight(b + "attn_output.weight", {Dq, E});
+        L.ffn_norm = m.weight(b + "ffn_norm.weight", {E});
+        L.ffn_gate = m.weight(b + "ffn_gate.weight", {E, c.n_ff});
+        L.ffn_up = m.weight(b + "ffn_up.weight", {E, c.n_ff});
+        L.ffn_down = m.weight(b + "ffn_down.weight", {c.n_ff, E});
+        w.layers.push_back(L);
+    }
+    w.output_norm = m.weight("output_norm.weight", {E});
+    w.output = m.weight("output.weight", {E, c.n_vocab});
+
+    // The training step: forward, backward, AdamW; the optimizer's state joins the weights.
+    m.train.io = llama::build_training_graph(m.train.ctx, c, w, options.n_ctx, options.n_seq);
+    set_output(m.train.io.loss);
+    m.train.graph = build_forward(m.train.io.loss);
+    build_backward(m.train.ctx, m.train.graph, m.train.io.loss);
+    m.optimizer = build_optimizer_step(m.weights_ctx, m.train.graph);
+    // Evaluation: the same forward pass and loss, apart (its own inputs and memory plan).
+    m.eval.io = llama::build_training_graph(m.eval.ctx, c, w, options.n_ctx, options.n_seq);
+    set_output(m.eval.io.loss);
+    m.eval.graph = build_forward(m.eval.io.loss);
+
+    m.weights_buffer = allocate_context_tensors(m.weights_ctx, m.device->buffer_type());
+    m.cpu = make_cpu_backend(options.n_threads);
+    if (m.device != &cpu_device()) m.gpu = m.device->create_backend();
+    for (Impl::Run* run : {&m.train, &m.eval}) {
+        run->sched = std::make_unique<Scheduler>(m.backends());
+        run->sched->set_log({});
+        run->sched->allocate(run->graph);
+    }
+
+    // Initial weights: norms 1, matrices normal(0, init_std), the projections that write
+    // into the residual stream scaled down by sqrt(2 n_layer) so its variance does not grow
+    // with depth.
+    std::mt19937_64 rng(options.seed);
+    const float residual_std = options.init_std / std::sqrt(2.0f * float(c.n_layer));
+    for (Tensor* t : m.params) {
+        std::vector<float> v(size_t(t->nelements()));
+        if (t->ne[1] == 1) {
+            std::fill(v.begin(), v.end(), 1.0f);
+        } else {
+            const bool residual =
+                t->name.ends_with("attn_output.weight") || t->name.ends_with("ffn_down.weight");
+            std::normal_distribution<float> normal(0.0f, residual ? residual_std : options.init_std);
+            for (float& x : v) x = normal(rng);
+        }
+        tensor_set_f32(t, v);
+    }
+    m.optimizer.reset();
+}
+
+Trainer::~Trainer() = default;
+
+float Trainer::step(std::span<const int32_t> batch, const AdamWParams& p) {
+    Impl& m = *impl_;
+    m.set_inputs(m.train, batch, true);
+    if (p.step == 1) m.optimizer.reset();
+    m.optimizer.set(p);
+    m.train.sched->compute(m.train.graph);
+    return tensor_get_f32(m.train.io.loss)[0];
+}
+
+float Trainer::loss(std::span<const int32_t> batch) {
+    Impl& m = *impl_;
+    m.set_inputs(m.eval, batch, true);
+    m.eval.sched->compute(m.eval.graph);
+    return tensor_get_f32(m.eval.io.loss)[0];
+}
+
+std::vector<float> Trainer::logits(std::span<const int32_t> tokens) {
+    Impl& m = *impl_;
+    m.set_inputs(m.eval, tokens, false);
+    m.eval.sched->compute(m.eval.graph);
+    return tensor_get_f32(m.eval.io.logits);
+}
+
+void Trainer::save(const std::string& path, const gguf::Metadata& metadata, Type type) const {
+    const Impl& m = *impl_;
+    const ModelConfig& c = m.config;
+    gguf::Writer out;
+    out.set("general.architecture", "llama");
+    out.set("general.name", "ggml-fa trained");
+    out.set("general.file_type", gguf::file_type_of(type));
+    const std::string A = "llama.";
+    out.set(A + "vocab_size", uint32_t(c.n_vocab));
+    out.set(A + "context_length", uint32_t(c.n_ctx_train));
+    out.set(A + "embedding_length", uint32_t(c.n_embd));
+    out.set(A + "block_count", uint32_t(c.n_layer));
+    out.set(A + "feed_forward_length", uint32_t(c.n_ff));
+    out.set(A + "attention.head_count", uint32_t(c.n_head));
+    out.set(A + "attention.head_count_kv", uint32_t(c.n_head_kv));
+    out.set(A + "attention.key_length", uint32_t(c.head_dim));
+    out.set(A + "attention.value_length", uint32_t(c.head_dim));
+    out.set(A + "attention.layer_norm_rms_epsilon", c.norm_eps);
+    out.set(A + "rope.freq_base", c.rope.freq_base);
+    out.set(A + "rope.dimension_count", uint32_t(c.rope.n_dims));
+    for (const gguf::KeyValue& kv : metadata.entries()) out.set(kv.key, kv.value);
+
+    for (const Tensor* t : m.params) {
+        // Norms stay f32 as llama.cpp keeps them; matrices take `type`.
+        const Type stored = t->ne[1] == 1 ? Type::F32 : type;
+        if (t->ne[0] % type_traits(stored).block_size != 0)
+            fail("train: cannot save " + t->name + " as " + std::string(type_name(stored)) +
+                 ": its rows of " + std::to_string(t->ne[0]) + " are not whole blocks");
+        const std::vector<uint8_t> bytes = encode_rows(tensor_get_f32(t), stored, t->ne[0]);
+        std::vector<int64_t> dims{t->ne[0]};
+        if (t->ne[1] > 1) dims.push_back(t->ne[1]);
+        out.add_tensor(t->name, stored, dims, bytes.data(), bytes.size());
+    }
+    out.write(path);
+}
+
+const ModelConfig& Trainer::config() const {
+    return impl_->config;
+}
+const TrainOptions& Trainer::options() const {
+    return impl_->options;
+}
+int64_t Trainer::n_params() const {
+    int64_t n = 0;
+    for (const Tensor* t : impl_->params) n += t->nelements();
+    return n;
+}
+
+std::vector<std::pair<std::string, std::vector<float>>> Trainer::gradients() const {
+    std::vector<std::pair<std::string, std::vector<float>>> out;
+    for (const Tensor* t : impl_->params)
+        out.emplace_back(t->name, tensor_get_f32(impl_->train.graph.grad(t)));
+    return out;
+}
+
+std::vector<float> Trainer::weight(const std::string& name) const {
+    auto it = impl_->by_name.find(name);
+    if (it == impl_->by_name.end()) fail("train: the model has no weight " + name);
+    return tensor_get_f32(it->second);
+}
+
+void Trainer::set_weight(const std::string& name, const std::vector<float>& values) {
+    auto it = impl_->by_name.find(name);
+    if (it == impl_->by_name.end()) fail("train: the model has no weight " + name);
+    if (int64_t(values.size()) != it->second->nelements())
+        fail("train: " + name + " holds " + std::to_string(it->second->nelements()) + " values, got " +
+             std::to_string(values.size()));
+    tensor_set_f32(it->second, values);
+}
+
+std::string Trainer::describe_schedule() const {
+    return impl_->train.sched->describe();
+}
+
+} // namespace gfa

@@ -1,0 +1,273 @@
+// Training llama-family models: the training graph's gradients against finite differences,
+// the Trainer against the reference, learning, saving and running the result, bad input.
+#include "op_check.h"
+#include "tiny_model.h"
+
+#include "models/llama.h"
+#include "reference.h"
+
+#include <ggml-fa/error.h>
+#include <ggml-fa/model.h>
+#include <ggml-fa/tokenizer.h>
+#include <ggml-fa/train.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+using namespace gfa;
+using test::TempFile;
+
+namespace {
+
+Context data_ctx() {
+    return Context(ContextParams{.alloc_data = true});
+}
+
+// The weights of `c` as leaves of a host context, each from values(name, shape).
+template <typename Values> llama::Weights host_weights(Context& ctx, const ModelConfig& c, Values values) {
+    std::vector<Tensor*> all;
+    auto weight = [&](const std::string& name, std::initializer_list<int64_t> ne) {
+        Tensor* t = set_name(ctx.new_tensor(Type::F32, ne), name);
+        tensor_set_f32(t, values(name, t->nelements(), ne.size() == 1));
+        return t;
+    };
+    const int64_t E = c.n_embd, Dq = c.n_head * c.head_dim, Dkv = c.n_head_kv * c.head_dim;
+    llama::Weights w;
+    w.token_embd = weight("token_embd.weight", {E, c.n_vocab});
+    for (int64_t l = 0; l < c.n_layer; ++l) {
+        const std::string b = "blk." + std::to_string(l) + ".";
+        llama::LayerWeights L;
+        L.attn_norm = weight(b + "attn_norm.weight", {E});
+        L.wq = weight(b + "attn_q.weight", {E, Dq});
+        L.wk = weight(b + "attn_k.weight", {E, Dkv});
+        L.wv = weight(b + "attn_v.weight", {E, Dkv});
+        L.wo = weight(b + "attn_output.weight", {Dq, E});
+        L.ffn_norm = weight(b + "ffn_norm.weight", {E});
+        L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff});
+        L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff});
+        L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E});
+        w.layers.push_back(L);
+    }
+    w.output_norm = weight("output_norm.weight", {E});
+    w.output = weight("output.weight", {E, c.n_vocab});
+    return w;
+}
+
+std::vector<Tensor*> weight_list(const llama::Weights& w) {
+    std::vector<Tensor*> out{w.token_embd};
+    for (const llama::LayerWeights& L : w.layers)
+        out.insert(out.end(),
+                   {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm, L.ffn_gate, L.ffn_up, L.ffn_down});
+    out.insert(out.end(), {w.output_norm, w.output});
+    return out;
+}
+
+// Sets a training graph's inputs from B sequences of T + 1 tokens, written here apart from
+// the Trainer's own code so that the two check each other.
+void set_training_inputs(const llama::TrainingIo& io, const std::vector<int32_t>& batch, int64_t T, int64_t B,
+                         int64_t V) {
+    std::vector<int32_t> tokens, positions(static_cast<size_t>(T));
+    std::vector<float> labels(size_t(V * T * B), 0.0f);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            tokens.push_back(batch[size_t(b * (T + 1) + t)]);
+            labels[size_t((b * T + t) * V + batch[size_t(b * (T + 1) + t + 1)])] = 1.0f;
+        }
+    std::iota(positions.begin(), positions.end(), 0);
+    test::set_i32(io.tokens, tokens);
+    test::set_i32(io.positions, positions);
+    tensor_set_f32(io.labels, labels);
+}
+
+TrainOptions tiny_options(int64_t T = 7, int64_t B = 3) {
+    TrainOptions o;
+    o.n_ctx = T;
+    o.n_seq = B;
+    o.n_threads = 2;
+    o.seed = test::seed();
+    o.init_std = 0.3f; // large enough that every path carries signal in a two-layer model
+    return o;
+}
+
+} // namespace
+
+TEST_CASE("training graph: gradients of every weight match finite differences", "[train]") {
+    const ModelConfig c = test::tiny_train_config();
+    const int64_t T = 5, B = 2; // odd sizes; two sequences share the rope positions
+    Context ctx = data_ctx();
+    std::normal_distribution<float> normal(0.0f, 0.4f);
+    const llama::Weights w = host_weights(ctx, c, [&](const std::string&, int64_t n, bool norm) {
+        std::vector<float> v(static_cast<size_t>(n));
+        for (float& x : v) x = (norm ? 1.0f : 0.0f) + normal(test::rng());
+        return v;
+    });
+    const llama::TrainingIo io = llama::build_training_graph(ctx, c, w, T, B);
+    set_training_inputs(io, test::random_indices(size_t((T + 1) * B), int32_t(c.n_vocab)), T, B, c.n_vocab);
+    test::check_gradients(ctx, io.loss, weight_list(w), 2e-3, 1e-3, 24);
+}
+
+TEST_CASE("Trainer: a step's gradients are the derivatives of its loss", "[train]") {
+    const ModelConfig c = test::tiny_train_config();
+    const TrainOptions o = tiny_options();
+    Trainer trainer(c, o);
+    const std::vector<int32_t> batch =
+        test::random_indices(size_t((o.n_ctx + 1) * o.n_seq), int32_t(c.n_vocab));
+
+    // The same model and batch as a host graph for the double-precision reference.
+    Context ctx = data_ctx();
+    const llama::Weights w =
+        host_weights(ctx, c, [&](const std::string& name, int64_t, bool) { return trainer.weight(name); });
+    const llama::TrainingIo io = llama::build_training_graph(ctx, c, w, o.n_ctx, o.n_seq);
+    set_training_inputs(io, batch, o.n_ctx, o.n_seq, c.n_vocab);
+
+    const float loss = trainer.step(batch, {.lr = 1e-3f, .step = 1});
+    Graph forward = build_forward(io.loss);
+    const double reference_loss = ref::evaluate(forward, io.loss)[0];
+    CHECK(std::abs(loss - reference_loss) <= 1e-5 * std::abs(reference_loss));
+
+    for (const auto& [name, grad] : trainer.gradients()) {
+        Tensor* param = nullptr;
+        for (Tensor* t : weight_list(w))
+            if (t->name == name) param = t;
+        REQUIRE(param != nullptr);
+        std::vector<size_t> picked(grad.size());
+        std::iota(picked.begin(), picked.end(), size_t(0));
+        std::shuffle(picked.begin(), picked.end(), test::rng());
+        picked.resize(std::min<size_t>(picked.size(), 12));
+        const std::vector<double> numeric = test::reference_gradient(io.loss, param, picked);
+        std::vector<float> analytic;
+        for (size_t i : picked) analytic.push_back(grad[i]);
+        const double err = test::rel_error(analytic, numeric);
+        INFO(name << ": gradient relative error " << err << " (seed " << test::seed() << ")");
+        CHECK(err <= 2e-3);
+    }
+    // The update moved every weight (AdamW's first step moves each by about lr).
+    for (Tensor* t : weight_list(w)) {
+        const std::vector<float> before = tensor_get_f32(t), after = trainer.weight(t->name);
+        double moved = 0.0;
+        for (size_t i = 0; i < before.size(); ++i)
+            moved = std::max(moved, double(std::abs(after[i] - before[i])));
+        INFO(t->name);
+        CHECK(moved > 5e-4);
+        CHECK(moved < 2e-3);
+    }
+}
+
+TEST_CASE("Trainer: learns a repeating sequence", "[train]") {
+    const ModelConfig c = test::tiny_train_config();
+    TrainOptions o = tiny_options(16, 4);
+    o.init_std = 0.02f; // the default: the first predictions are near uniform
+    Trainer trainer(c, o);
+    // A random cycle of 11 tokens: every token is determined by the ones before it.
+    const std::vector<int32_t> cycle = test::random_indices(11, int32_t(c.n_vocab));
+    std::uniform_int_distribution<size_t> phase(0, cycle.size() - 1);
+    auto draw = [&] {
+        std::vector<int32_t> batch;
+        for (int64_t b = 0; b < o.n_seq; ++b) {
+            const size_t p = phase(test::rng());
+            for (int64_t t = 0; t <= o.n_ctx; ++t) batch.push_back(cycle[(p + size_t(t)) % cycle.size()]);
+        }
+        return batch;
+    };
+    const float first = trainer.loss(draw());
+    INFO("seed " << test::seed() << ", loss before training " << first);
+    CHECK(std::abs(first - std::log(float(c.n_vocab))) < 0.2f); // near uniform at the start
+    float last = 0.0f;
+    for (int32_t s = 1; s <= 80; ++s) last = trainer.step(draw(), {.lr = 1e-2f, .step = s});
+    const float after = trainer.loss(draw());
+    INFO("training loss at the last step " << last << ", evaluation loss after " << after);
+    CHECK(std::isfinite(after));
+    CHECK(after < 0.15f * first);
+}
+
+TEST_CASE("Trainer: the saved model runs through Model and Session with the training graph's logits",
+          "[train]") {
+    const ModelConfig c = test::tiny_train_config();
+    const TrainOptions o = tiny_options(9, 2);
+    Trainer trainer(c, o);
+    for (int32_t s = 1; s <= 3; ++s) // weights away from their initial values
+        trainer.step(test::random_indices(size_t((o.n_ctx + 1) * o.n_seq), int32_t(c.n_vocab)),
+                     {.lr = 1e-2f, .step = s});
+    const std::vector<int32_t> tokens = test::random_indices(size_t(o.n_ctx * o.n_seq), int32_t(c.n_vocab));
+    const std::vector<float> expected = trainer.logits(tokens);
+    REQUIRE(expected.size() == size_t(o.n_ctx * o.n_seq * c.n_vocab));
+
+    gguf::Metadata vocab;
+    Tokenizer::write_byte_vocabulary(vocab);
+    vocab.set("general.name", "tiny");
+    for (const auto& [type, tol] : {std::pair{Type::F32, 1e-5}, {Type::F16, 1e-2}}) {
+        TempFile file{
+            (std::filesystem::temp_directory_path() / ("gfa_train_" + std::to_string(test::seed()) + ".gguf"))
+                .string()};
+        trainer.save(file.path, vocab, type);
+        const gguf::File f = gguf::File::open(file.path);
+        CHECK(f.metadata().at("general.name").as_string() == "tiny");
+        CHECK(f.tensor("blk.1.ffn_up.weight").type == type);
+        CHECK(f.tensor("output_norm.weight").type == Type::F32);
+
+        std::unique_ptr<Model> model = Model::load(file.path);
+        CHECK(model->config().n_ctx_train == o.n_ctx);
+        SessionOptions so;
+        so.n_ctx = o.n_ctx;
+        so.kv_type = Type::F32;
+        so.n_threads = 2;
+        Session session(*model, so);
+        for (int64_t b = 0; b < o.n_seq; ++b) {
+            session.reset();
+            const std::span<const int32_t> seq(tokens.data() + b * o.n_ctx, size_t(o.n_ctx));
+            const std::vector<float> got = session.eval(seq, true);
+            const size_t per = size_t(o.n_ctx * c.n_vocab);
+            const std::vector<double> want(expected.begin() + ptrdiff_t(b * per),
+                                           expected.begin() + ptrdiff_t((b + 1) * per));
+            const double err = test::rel_error(got, want);
+            INFO(type_name(type) << " file, sequence " << b << ": logits relative error " << err);
+            CHECK(err <= tol);
+        }
+    }
+}
+
+TEST_CASE("byte vocabulary: every byte is its own token, both ways", "[train][tokenizer]") {
+    gguf::Metadata md;
+    Tokenizer::write_byte_vocabulary(md);
+    const Tokenizer tok = Tokenizer::from_gguf(md);
+    REQUIRE(tok.vocab_size() == 256);
+    std::string text = "Hello,  world!\n\ttabs \xE2\x96\x81 and UTF-8: \xC3\xA9\xE2\x82\xAC";
+    for (int b = 1; b < 256; b += 7) text.push_back(char(b));
+    const std::vector<int32_t> ids = tok.encode(text);
+    REQUIRE(ids.size() == text.size());
+    for (size_t i = 0; i < text.size(); ++i) CHECK(ids[i] == int32_t(uint8_t(text[i])));
+    CHECK(tok.decode(ids) == text);
+}
+
+TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train]") {
+    ModelConfig c = test::tiny_train_config();
+    c.n_head_kv = 3;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("cannot share 3 key/value heads"));
+    c = test::tiny_train_config();
+    c.rope.n_dims = 4;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("rope must turn the whole head"));
+    c = test::tiny_train_config();
+    c.arch = "qwen2";
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("architecture must be llama"));
+    c = test::tiny_train_config();
+    TrainOptions o = tiny_options();
+    o.n_ctx = 0;
+    CHECK_THROWS_WITH(Trainer(c, o), Catch::Contains("n_ctx and n_seq must be positive"));
+
+    Trainer trainer(test::tiny_train_config(), tiny_options(4, 2));
+    const std::vector<float> before = trainer.weight("blk.0.attn_q.weight");
+    CHECK_THROWS_WITH(trainer.step(std::vector<int32_t>(9, 1), {}),
+                      Catch::Contains("2 sequences of 5 tokens (10)"));
+    std::vector<int32_t> batch(10, 1);
+    batch[7] = 13;
+    CHECK_THROWS_WITH(trainer.step(batch, {}),
+                      Catch::Contains("token id 13 is outside the vocabulary of 13"));
+    batch[7] = 1;
+    CHECK_THROWS_WITH(trainer.step(batch, {.step = 0}), Catch::Contains("1-based"));
+    CHECK(trainer.weight("blk.0.attn_q.weight") == before); // nothing ran
+    CHECK_THROWS_WITH(trainer.weight("blk.9.attn_q.weight"),
+                      Catch::Contains("no weight blk.9.attn_q.weight"));
+    CHECK_THROWS_WITH(trainer.save("/nonexistent-dir/x.gguf", {}, Type::Q8_0),
+                      Catch::Contains("not whole blocks"));
+}

@@ -1,0 +1,347 @@
+// train: a Llama-shaped model trained from scratch on a text file, byte by byte.
+//
+//   train --data FILE.txt [-o MODEL.gguf] [--layers 4 --embd 256 --heads 4 ...] [--steps 500]
+//
+// The text's bytes are the tokens (a 256-token byte-level vocabulary). Every step draws
+// --batch windows of --ctx + 1 bytes from the first part of the file, runs the forward pass,
+// the backward pass (attention through the FlashAttention-2 backward) and an AdamW update
+// with linear warm-up and cosine decay; every --eval-every steps the loss on the held-out
+// last part is printed. The result is a GGUF file of architecture llama with that
+// vocabulary, which ggml-fa-run (and llama.cpp) run; --sample N generates N bytes from it.
+#include <ggml-fa/backend.h>
+#include <ggml-fa/error.h>
+#include <ggml-fa/model.h>
+#include <ggml-fa/tokenizer.h>
+#include <ggml-fa/train.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <numbers>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace gfa;
+
+namespace {
+
+struct Options {
+    std::string data, out, backend = "cpu", prompt;
+    int64_t layers = 4, embd = 256, heads = 4, kv_heads = 0, head_dim = 0, ff = 0;
+    int64_t ctx = 128, batch = 8, steps = 500, warmup = 20, eval_every = 50, eval_batches = 4, sample = 0;
+    float lr = 1e-3f, min_lr = 1e-4f, weight_decay = 0.1f, beta2 = 0.99f, val_fraction = 0.1f;
+    uint64_t seed = 1;
+    int threads = 0;
+    Type save_type = Type::F32;
+};
+
+void usage() {
+    std::fprintf(
+        stderr, "usage: train --data FILE [-o MODEL.gguf] [options]\n"
+                "model:\n"
+                "  --layers N --embd N --heads N   blocks, embedding width, query heads (4, 256, 4)\n"
+                "  --kv-heads N --head-dim N       key/value heads (default: --heads), head size\n"
+                "                                  (default: embd / heads)\n"
+                "  --ff N                          feed-forward width (default: 8/3 embd, a multiple of 32)\n"
+                "training:\n"
+                "  --ctx N --batch N               bytes per sequence, sequences per step (128, 8)\n"
+                "  --steps N --warmup N            steps, warm-up steps of the learning rate (500, 20)\n"
+                "  --lr X --min-lr X               peak and final learning rate (1e-3, 1e-4; cosine)\n"
+                "  --weight-decay X --beta2 X      AdamW (0.1, 0.99)\n"
+                "  --val-fraction X                the file's tail held out for evaluation (0.1)\n"
+                "  --eval-every N --eval-batches N (50, 4)\n"
+                "  --seed S                        initial weights and batches (1)\n"
+                "  --backend cpu|cuda|vulkan       where the weights and the work live (cpu)\n"
+                "  -t, --threads N                 CPU threads (default: all cores)\n"
+                "output:\n"
+                "  -o FILE                         the trained model as GGUF\n"
+                "  --save-type f32|f16|bf16|q8_0   its matrices' type (f32)\n"
+                "  --sample N [--prompt TEXT]      generate N bytes greedily from the saved model\n");
+}
+
+Options parse(int argc, char** argv) {
+    Options o;
+    auto value = [&](int& i) -> std::string {
+        if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
+        return argv[++i];
+    };
+    auto integer = [&](int& i) -> int64_t {
+        const std::string flag = argv[i], v = value(i);
+        size_t used = 0;
+        int64_t x = 0;
+        try {
+            x = std::stoll(v, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used != v.size() || v.empty()) fail(flag + " " + v + ": expected an integer");
+        return x;
+    };
+    auto real = [&](int& i) -> float {
+        const std::string flag = argv[i], v = value(i);
+        size_t used = 0;
+        float x = 0;
+        try {
+            x = std::stof(v, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used != v.size() || v.empty() || !std::isfinite(x)) fail(flag + " " + v + ": expected a number");
+        return x;
+    };
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--data")
+            o.data = value(i);
+        else if (a == "-o" || a == "--out")
+            o.out = value(i);
+        else if (a == "--layers")
+            o.layers = integer(i);
+        else if (a == "--embd")
+            o.embd = integer(i);
+        else if (a == "--heads")
+            o.heads = integer(i);
+        else if (a == "--kv-heads")
+            o.kv_heads = integer(i);
+        else if (a == "--head-dim")
+            o.head_dim = integer(i);
+        else if (a == "--ff")
+            o.ff = integer(i);
+        else if (a == "--ctx")
+            o.ctx = integer(i);
+        else if (a == "--batch")
+            o.batch = integer(i);
+        else if (a == "--steps")
+            o.steps = integer(i);
+        else if (a == "--warmup")
+            o.warmup = integer(i);
+        else if (a == "--eval-every")
+            o.eval_every = integer(i);
+        else if (a == "--eval-batches")
+            o.eval_batches = integer(i);
+        else if (a == "--sample")
+            o.sample = integer(i);
+        else if (a == "--prompt")
+            o.prompt = value(i);
+        else if (a == "--lr")
+            o.lr = real(i);
+        else if (a == "--min-lr")
+            o.min_lr = real(i);
+        else if (a == "--weight-decay")
+            o.weight_decay = real(i);
+        else if (a == "--beta2")
+            o.beta2 = real(i);
+        else if (a == "--val-fraction")
+            o.val_fraction = real(i);
+        else if (a == "--seed")
+            o.seed = uint64_t(integer(i));
+        else if (a == "--backend")
+            o.backend = value(i);
+        else if (a == "-t" || a == "--threads")
+            o.threads = int(integer(i));
+        else if (a == "--save-type") {
+            const std::string t = value(i);
+            if (t == "f32")
+                o.save_type = Type::F32;
+            else if (t == "f16")
+                o.save_type = Type::F16;
+            else if (t == "bf16")
+                o.save_type = Type::BF16;
+            else if (t == "q8_0")
+                o.save_type = Type::Q8_0;
+            else
+                fail("--save-type " + t + ": expected f32, f16, bf16 or q8_0");
+        } else if (a == "-h" || a == "--help") {
+            usage();
+            std::exit(0);
+        } else {
+            fail("unknown argument " + a + " (--help lists them)");
+        }
+    }
+    if (o.data.empty()) fail("--data FILE is required (--help lists the options)");
+    if (o.steps < 0 || o.warmup < 0 || o.eval_every <= 0 || o.eval_batches <= 0 || o.sample < 0)
+        fail("--steps, --warmup and --sample must not be negative, --eval-every and --eval-batches positive");
+    if (!(o.val_fraction > 0.0f && o.val_fraction < 1.0f)) fail("--val-fraction must lie in (0, 1)");
+    if (!(o.lr > 0.0f) || o.min_lr < 0.0f || o.min_lr > o.lr)
+        fail("--lr must be positive and --min-lr in [0, lr]");
+    if (o.heads <= 0 || o.embd <= 0) fail("--heads and --embd must be positive");
+    if (!o.kv_heads) o.kv_heads = o.heads;
+    if (!o.head_dim) {
+        if (o.embd % o.heads != 0) fail("--embd must be a multiple of --heads, or give --head-dim");
+        o.head_dim = o.embd / o.heads;
+    }
+    if (!o.ff) o.ff = (o.embd * 8 / 3 + 31) / 32 * 32;
+    return o;
+}
+
+std::vector<int32_t> read_bytes(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) fail("--data " + path + ": cannot open the file");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::vector<int32_t> ids(text.size());
+    for (size_t i = 0; i < text.size(); ++i) ids[i] = int32_t(uint8_t(text[i])); // byte i is token i
+    return ids;
+}
+
+// Linear warm-up to the peak rate, then a cosine down to min_lr at the last step.
+float learning_rate(const Options& o, int64_t step) { // step: 1-based
+    if (step <= o.warmup) return o.lr * float(step) / float(o.warmup + 1);
+    const double span = double(std::max<int64_t>(o.steps - o.warmup, 1));
+    const double progress = std::min(1.0, double(step - o.warmup) / span);
+    return float(o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(std::numbers::pi * progress)));
+}
+
+// Generates n bytes greedily after the prompt with the saved model, through the inference
+// path (Model, Session and the KV cache).
+void sample(const Options& o, Device* device) {
+    ModelLoadOptions load;
+    if (device != &cpu_device()) {
+        load.gpu = device;
+        load.gpu_layers = INT32_MAX;
+    }
+    std::unique_ptr<Model> model = Model::load(o.out, load);
+    const Tokenizer tokenizer = Tokenizer::from_gguf(model->file().metadata());
+    SessionOptions so;
+    so.n_threads = o.threads;
+    so.n_ctx = model->config().n_ctx_train;
+    Session session(*model, so);
+    std::vector<int32_t> tokens = tokenizer.encode(o.prompt.empty() ? "\n" : o.prompt);
+    if (int64_t(tokens.size()) >= so.n_ctx) fail("--prompt is longer than the model's context");
+    std::vector<float> logits = session.eval(tokens);
+    std::vector<int32_t> generated;
+    for (int64_t i = 0; i < o.sample && session.n_past() < so.n_ctx; ++i) {
+        const int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        generated.push_back(next);
+        if (session.n_past() + 1 >= so.n_ctx) break;
+        const int32_t one[1] = {next};
+        logits = session.eval(one);
+    }
+    std::printf("--- sample (greedy, %zu bytes) ---\n%s%s\n---\n", generated.size(),
+                tokenizer.decode(tokens).c_str(), tokenizer.decode(generated).c_str());
+}
+
+int run(int argc, char** argv) {
+    const Options o = parse(argc, argv);
+    Device* device = &cpu_device();
+    if (o.backend == "cuda" || o.backend == "vulkan") {
+        const char* name = o.backend == "cuda" ? "CUDA0" : "Vulkan0";
+        device = find_device(name);
+        if (!device)
+            fail("--backend " + o.backend + ": no " + name + " device in this build or on this machine");
+    } else if (o.backend != "cpu") {
+        fail("--backend " + o.backend + ": expected cpu, cuda or vulkan");
+    }
+
+    const std::vector<int32_t> data = read_bytes(o.data);
+    const size_t n_val = size_t(double(data.size()) * o.val_fraction);
+    const size_t n_train = data.size() - n_val;
+    const size_t window = size_t(o.ctx + 1);
+    if (n_train < window || n_val < window)
+        fail("--data " + o.data + ": " + std::to_string(data.size()) +
+             " bytes leave fewer than --ctx + 1 = " + std::to_string(window) +
+             " for training or for evaluation");
+
+    ModelConfig cfg;
+    cfg.arch = "llama";
+    cfg.n_vocab = 256;
+    cfg.n_embd = o.embd;
+    cfg.n_layer = o.layers;
+    cfg.n_ff = o.ff;
+    cfg.n_head = o.heads;
+    cfg.n_head_kv = o.kv_heads;
+    cfg.head_dim = o.head_dim;
+    cfg.norm_eps = 1e-5f;
+    cfg.rope = {
+        .n_dims = int32_t(o.head_dim), .mode = RopeMode::Normal, .freq_base = 10000.0f, .freq_scale = 1.0f};
+    TrainOptions to;
+    to.n_ctx = o.ctx;
+    to.n_seq = o.batch;
+    to.device = device;
+    to.n_threads = o.threads;
+    to.seed = o.seed;
+    Trainer trainer(cfg, to);
+    std::printf(
+        "model: %lld layers, embedding %lld, %lld/%lld heads of %lld, feed-forward %lld: %.2fM parameters on "
+        "%s\n",
+        (long long)o.layers, (long long)o.embd, (long long)o.heads, (long long)o.kv_heads,
+        (long long)o.head_dim, (long long)o.ff, double(trainer.n_params()) / 1e6, device->name());
+    std::printf("data: %zu bytes for training, %zu held out; %lld sequences of %lld bytes per step\n",
+                n_train, n_val, (long long)o.batch, (long long)o.ctx);
+
+    std::mt19937_64 rng(o.seed ^ 0x9e3779b97f4a7c15ull);
+    std::uniform_int_distribution<size_t> start(0, n_train - window);
+    std::vector<int32_t> batch(window * size_t(o.batch));
+    auto evaluate = [&] { // evenly spaced windows of the held-out part
+        double total = 0.0;
+        for (int64_t e = 0; e < o.eval_batches; ++e) {
+            for (int64_t b = 0; b < o.batch; ++b) {
+                const int64_t k = e * o.batch + b, n = o.eval_batches * o.batch;
+                const size_t at = n_train + size_t(double(n_val - window) * double(k) /
+                                                   double(std::max<int64_t>(n - 1, 1)));
+                std::copy_n(data.begin() + ptrdiff_t(at), window,
+                            batch.begin() + ptrdiff_t(size_t(b) * window));
+            }
+            total += trainer.loss(batch);
+        }
+        return total / double(o.eval_batches);
+    };
+
+    std::printf("step %lld: held-out loss %.4f (nats per byte; uniform: %.4f)\n", 0LL, evaluate(),
+                std::log(256.0));
+    const auto t0 = std::chrono::steady_clock::now();
+    double train_seconds = 0.0, recent_loss = 0.0;
+    int64_t recent = 0;
+    for (int64_t s = 1; s <= o.steps; ++s) {
+        for (int64_t b = 0; b < o.batch; ++b)
+            std::copy_n(data.begin() + ptrdiff_t(start(rng)), window,
+                        batch.begin() + ptrdiff_t(size_t(b) * window));
+        AdamWParams p;
+        p.lr = learning_rate(o, s);
+        p.beta2 = o.beta2;
+        p.weight_decay = o.weight_decay;
+        p.step = int32_t(s);
+        const auto ts = std::chrono::steady_clock::now();
+        const float loss = trainer.step(batch, p);
+        train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
+        if (!std::isfinite(loss)) fail("step " + std::to_string(s) + ": the loss is " + std::to_string(loss));
+        recent_loss += loss;
+        ++recent;
+        if (s % o.eval_every == 0 || s == o.steps) {
+            const double tokens_per_s = double(s * o.batch * o.ctx) / train_seconds;
+            std::printf("step %lld: training loss %.4f, held-out %.4f, lr %.2e, %.0f tokens/s\n",
+                        (long long)s, recent_loss / double(recent), evaluate(), double(p.lr), tokens_per_s);
+            std::fflush(stdout);
+            recent_loss = 0.0;
+            recent = 0;
+        }
+    }
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("trained %lld steps in %.1f s (%.1f ms per step)\n", (long long)o.steps, wall,
+                o.steps ? 1e3 * train_seconds / double(o.steps) : 0.0);
+
+    if (!o.out.empty()) {
+        gguf::Metadata vocab;
+        Tokenizer::write_byte_vocabulary(vocab);
+        trainer.save(o.out, vocab, o.save_type);
+        std::printf("saved %s\n", o.out.c_str());
+        if (o.sample > 0) sample(o, device);
+    } else if (o.sample > 0) {
+        fail("--sample needs -o FILE (it runs the saved model)");
+    }
+    return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "train: %s\n", e.what());
+        return 1;
+    }
+}
