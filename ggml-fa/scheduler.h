@@ -57,6 +57,10 @@ class Scheduler {
     Backend* backend_of(const Tensor* t) const;
     // One line per split: backend, node count, copied inputs.
     std::string describe() const;
+    // One line per backend with the counters it keeps (Backend::counters()), e.g. how many
+    // calls a CUDA backend replayed as graphs, or each op's time with GFA_CPU_OP_TIMES=1;
+    // empty when none keeps any.
+    std::string describe_counters() const;
 
     const std::vector<Backend*>& backends() const { return backends_; }
     // The graph allocator of each backend (same order as backends()).

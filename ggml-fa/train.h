@@ -63,6 +63,9 @@ class Trainer {
     std::vector<float> weight(const std::string& name) const;
     void set_weight(const std::string& name, const std::vector<float>& values);
     std::string describe_schedule() const; // of the training step's graph
+    // The backends' counters (Scheduler::describe_counters), e.g. each op's time on the CPU
+    // with GFA_CPU_OP_TIMES=1.
+    std::string describe_backend_counters() const;
 
   private:
     struct Impl;

@@ -367,6 +367,19 @@ void Scheduler::compute(Graph& graph) {
     wait();
 }
 
+std::string Scheduler::describe_counters() const {
+    std::string out;
+    for (const Backend* b : backends_) {
+        const auto counters = b->counters();
+        if (counters.empty()) continue;
+        out += b->name();
+        out += ":";
+        for (const auto& [name, value] : counters) out += " " + name + " " + std::to_string(value);
+        out += "\n";
+    }
+    return out;
+}
+
 std::string Scheduler::describe() const {
     std::string out;
     if (!plan_) return "no graph allocated\n";

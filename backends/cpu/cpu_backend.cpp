@@ -6,6 +6,8 @@
 #include "op_def.h"
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -104,6 +106,13 @@ class HostBufferType final : public BufferType {
     Device* device_;
 };
 
+// GFA_CPU_OP_TIMES=1: the backend adds up the time each op's kernels take, reported by
+// counters() as "us.<op>" (ggml-fa-run --profile, train --profile).
+bool op_times_by_environment() {
+    const char* v = std::getenv("GFA_CPU_OP_TIMES");
+    return v && std::strcmp(v, "1") == 0;
+}
+
 class CpuBackend final : public Backend {
   public:
     CpuBackend(Device* dev, int n_threads) : device_(dev), pool_(std::make_unique<ThreadPool>(n_threads)) {}
@@ -121,14 +130,28 @@ class CpuBackend final : public Backend {
             if (!node->data)
                 fail(std::string("CPU backend: node '") + node->name + "' (" + op_name(node->op) +
                      ") has no memory");
+            if (!op_times_) {
+                k.run(ctx, node);
+                continue;
+            }
+            const auto t0 = std::chrono::steady_clock::now();
             k.run(ctx, node);
+            op_ns_[size_t(node->op)] += (std::chrono::steady_clock::now() - t0).count();
         }
     }
     void set_threads(int n) { pool_ = std::make_unique<ThreadPool>(n); }
+    std::vector<std::pair<std::string, int64_t>> counters() const override {
+        std::vector<std::pair<std::string, int64_t>> list;
+        for (size_t op = 0; op < op_ns_.size(); ++op)
+            if (op_ns_[op] > 0) list.emplace_back(std::string("us.") + op_name(Op(op)), op_ns_[op] / 1000);
+        return list;
+    }
 
   private:
     Device* device_;
     std::unique_ptr<ThreadPool> pool_;
+    bool op_times_ = op_times_by_environment();
+    std::array<int64_t, size_t(Op::Count)> op_ns_{};
 };
 
 std::string cpu_model_name() {

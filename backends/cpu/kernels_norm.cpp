@@ -78,9 +78,9 @@ void run_rms_norm_back(const ComputeCtx& c, Tensor* d) {
 // ---- rope ----
 
 // Rotates pair i of every head by theta_i = pos * freq_scale * freq_base^(-2i/n_dims)
-// (divided by freq_factors[i] when given; negated for RopeBack). Rows are ordered head-fastest, so consecutive rows share a token:
-// each worker keeps the cos/sin table of its current position and rebuilds it when the
-// position changes. Angles are formed in double, since pos * freq loses digits in float.
+// (divided by freq_factors[i] when given; negated for RopeBack). Rows are ordered head-fastest, so
+// consecutive rows share a token: each worker keeps the cos/sin table of its current position and rebuilds it
+// when the position changes. Angles are formed in double, since pos * freq loses digits in float.
 void run_rope(const ComputeCtx& ctx, Tensor* dst) {
     const RopeParams p = dst->params<RopeParams>();
     const Tensor *a = dst->src[0], *pos = dst->src[1], *factors = dst->src[2];
@@ -90,7 +90,8 @@ void run_rope(const ComputeCtx& ctx, Tensor* dst) {
     for (int64_t i = 0; i < half; ++i) {
         inv_freq[size_t(i)] =
             double(p.freq_scale) * std::pow(double(p.freq_base), -2.0 * double(i) / p.n_dims);
-        if (factors) inv_freq[size_t(i)] /= double(*reinterpret_cast<const float*>(element_ptr(factors, i, 0, 0, 0)));
+        if (factors)
+            inv_freq[size_t(i)] /= double(*reinterpret_cast<const float*>(element_ptr(factors, i, 0, 0, 0)));
     }
     ctx.pool.run(
         [&](int ith, int nth) {

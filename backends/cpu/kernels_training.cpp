@@ -68,17 +68,22 @@ bool all_f32(const Tensor* dst) {
 
 void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
     const float* a = static_cast<const float*>(dst->src[4]->data); // adamw_values()
-    const float lr = a[0], beta1 = a[1], beta2 = a[2], eps = a[3], decay = a[4], c1 = a[5], c2 = a[6];
-    float* w = static_cast<float*>(dst->src[0]->data);
-    const float* g = static_cast<const float*>(dst->src[1]->data);
-    float* m = static_cast<float*>(dst->src[2]->data);
-    float* v = static_cast<float*>(dst->src[3]->data);
+    const float lr = a[0], beta1 = a[1], beta2 = a[2], eps = a[3], decay = a[4];
+    const float inv_c1 = 1.0f / a[5], inv_c2 = 1.0f / a[6];
+    float* __restrict w = static_cast<float*>(dst->src[0]->data);
+    const float* __restrict g = static_cast<const float*>(dst->src[1]->data);
+    float* __restrict m = static_cast<float*>(dst->src[2]->data);
+    float* __restrict v = static_cast<float*>(dst->src[3]->data);
+    // The four tensors are distinct (the builder's shapes and types match, and the graph
+    // gives each its own memory), so the loop can be vectorized.
     ctx.pool.run([&](int ith, int nth) {
         const auto [b, e] = split_range(dst->nelements(), ith, nth);
         for (int64_t i = b; i < e; ++i) {
-            m[i] = beta1 * m[i] + (1.0f - beta1) * g[i];
-            v[i] = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
-            w[i] -= lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps) + decay * w[i]);
+            const float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
+            const float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+            m[i] = mi;
+            v[i] = vi;
+            w[i] -= lr * ((mi * inv_c1) / (std::sqrt(vi * inv_c2) + eps) + decay * w[i]);
         }
     });
 }

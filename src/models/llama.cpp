@@ -674,16 +674,7 @@ void Session::reset_profile() {
 }
 
 std::string Session::describe_backend_counters() const {
-    std::string out;
-    for (const Backend* b : impl_->sched->backends()) {
-        const auto counters = b->counters();
-        if (counters.empty()) continue;
-        out += b->name();
-        out += ":";
-        for (const auto& [name, value] : counters) out += " " + name + " " + std::to_string(value);
-        out += "\n";
-    }
-    return out;
+    return impl_->sched->describe_counters();
 }
 
 } // namespace gfa

@@ -268,4 +268,8 @@ std::string Trainer::describe_schedule() const {
     return impl_->train.sched->describe();
 }
 
+std::string Trainer::describe_backend_counters() const {
+    return impl_->train.sched->describe_counters();
+}
+
 } // namespace gfa

@@ -37,6 +37,7 @@ struct Options {
     uint64_t seed = 1;
     int threads = 0;
     Type save_type = Type::F32;
+    bool profile = false;
 };
 
 void usage() {
@@ -57,6 +58,8 @@ void usage() {
                 "  --seed S                        initial weights and batches (1)\n"
                 "  --backend cpu|cuda|vulkan       where the weights and the work live (cpu)\n"
                 "  -t, --threads N                 CPU threads (default: all cores)\n"
+                "  --profile                       print a step's schedule and the backends' counters\n"
+                "                                  (GFA_CPU_OP_TIMES=1: time per op on the CPU)\n"
                 "output:\n"
                 "  -o FILE                         the trained model as GGUF\n"
                 "  --save-type f32|f16|bf16|q8_0   its matrices' type (f32)\n"
@@ -141,6 +144,8 @@ Options parse(int argc, char** argv) {
             o.seed = uint64_t(integer(i));
         else if (a == "--backend")
             o.backend = value(i);
+        else if (a == "--profile")
+            o.profile = true;
         else if (a == "-t" || a == "--threads")
             o.threads = int(integer(i));
         else if (a == "--save-type") {
@@ -294,6 +299,7 @@ int run(int argc, char** argv) {
                 std::log(256.0));
     const auto t0 = std::chrono::steady_clock::now();
     double train_seconds = 0.0, recent_loss = 0.0;
+    double steady_seconds = 0.0; // steps after the first three (which set up memory and kernels)
     int64_t recent = 0;
     for (int64_t s = 1; s <= o.steps; ++s) {
         for (int64_t b = 0; b < o.batch; ++b)
@@ -306,7 +312,9 @@ int run(int argc, char** argv) {
         p.step = int32_t(s);
         const auto ts = std::chrono::steady_clock::now();
         const float loss = trainer.step(batch, p);
-        train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
+        train_seconds += seconds;
+        if (s > 3) steady_seconds += seconds;
         if (!std::isfinite(loss)) fail("step " + std::to_string(s) + ": the loss is " + std::to_string(loss));
         recent_loss += loss;
         ++recent;
@@ -320,8 +328,21 @@ int run(int argc, char** argv) {
         }
     }
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("trained %lld steps in %.1f s (%.1f ms per step)\n", (long long)o.steps, wall,
+    std::printf("trained %lld steps in %.1f s (%.1f ms per step", (long long)o.steps, wall,
                 o.steps ? 1e3 * train_seconds / double(o.steps) : 0.0);
+    if (o.steps > 3) {
+        const double per_step = steady_seconds / double(o.steps - 3);
+        std::printf("; after the first 3: %.2f ms per step, %.0f tokens/s", 1e3 * per_step,
+                    double(o.batch * o.ctx) / per_step);
+    }
+    std::printf(")\n");
+    if (o.profile) {
+        std::printf("schedule of a step:\n%s", trainer.describe_schedule().c_str());
+        const std::string counters = trainer.describe_backend_counters();
+        std::printf("backend counters:\n%s", counters.empty()
+                                                 ? "  (none; GFA_CPU_OP_TIMES=1 times each op on the CPU)\n"
+                                                 : counters.c_str());
+    }
 
     if (!o.out.empty()) {
         gguf::Metadata vocab;
