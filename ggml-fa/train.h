@@ -33,6 +33,12 @@ class Trainer {
     // n_layer, n_ff, n_head, n_head_kv and head_dim set; rope n_dims = head_dim (normal
     // mode). Throws gfa::Error naming what does not fit.
     Trainer(const ModelConfig& config, const TrainOptions& options);
+    // Continues from a GGUF file: a checkpoint save_checkpoint wrote (weights, AdamW moments
+    // and the step count: the next step continues the run), or any llama model file, whose
+    // weights of any type are decoded to f32 to train on (fine-tuning; tied embeddings are
+    // untied, and the steps start at 0). Throws naming what the file has that training does
+    // not take (attention biases, rope frequency factors, other architectures).
+    static std::unique_ptr<Trainer> from_file(const std::string& path, const TrainOptions& options);
     ~Trainer();
     Trainer(const Trainer&) = delete;
     Trainer& operator=(const Trainer&) = delete;
@@ -53,6 +59,15 @@ class Trainer {
     // block type whose block divides n_embd and n_ff), the hyperparameters, and `metadata`
     // (the vocabulary: tokenizer.ggml.*; general.name).
     void save(const std::string& path, const gguf::Metadata& metadata, Type type = Type::F32) const;
+    // save() in f32 plus what resuming needs: the AdamW moments (tensors "<weight>.adam_m",
+    // "<weight>.adam_v") and the step count (training.step). ggml-fa reads it as a model too;
+    // llama.cpp does not (it refuses tensors it does not expect), so finish with save().
+    void save_checkpoint(const std::string& path, const gguf::Metadata& metadata) const;
+    // Steps taken: by step(), counted on from a checkpoint's.
+    int64_t steps() const;
+    // The metadata of the file from_file read (empty for a new model): its vocabulary, to
+    // tokenize text for it and to save with it.
+    const gguf::Metadata& source_metadata() const;
 
     const ModelConfig& config() const;
     const TrainOptions& options() const;

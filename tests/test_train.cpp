@@ -271,3 +271,97 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     CHECK_THROWS_WITH(trainer.save("/nonexistent-dir/x.gguf", {}, Type::Q8_0),
                       Catch::Contains("not whole blocks"));
 }
+
+TEST_CASE("Trainer: a checkpoint resumes the run exactly", "[train]") {
+    const ModelConfig c = test::tiny_train_config();
+    const TrainOptions o = tiny_options(6, 2);
+    Trainer a(c, o);
+    auto batch_of = [&](int32_t step) { // the same batches for both runs
+        std::mt19937 rng(uint32_t(test::seed()) + uint32_t(step));
+        std::uniform_int_distribution<int32_t> id(0, int32_t(c.n_vocab) - 1);
+        std::vector<int32_t> b(size_t((o.n_ctx + 1) * o.n_seq));
+        for (int32_t& x : b) x = id(rng);
+        return b;
+    };
+    const AdamWParams p{.lr = 1e-2f, .weight_decay = 0.1f};
+    auto at = [&](int32_t s) {
+        AdamWParams q = p;
+        q.step = s;
+        return q;
+    };
+    for (int32_t s = 1; s <= 3; ++s) a.step(batch_of(s), at(s));
+    gguf::Metadata vocab;
+    Tokenizer::write_byte_vocabulary(vocab);
+    TempFile file{
+        (std::filesystem::temp_directory_path() / ("gfa_ckpt_" + std::to_string(test::seed()) + ".gguf"))
+            .string()};
+    a.save_checkpoint(file.path, vocab);
+    std::unique_ptr<Trainer> b = Trainer::from_file(file.path, o);
+    CHECK(b->steps() == 3);
+    CHECK(b->source_metadata().at("tokenizer.ggml.model").as_string() == "gpt2");
+    for (int32_t s = 4; s <= 5; ++s) {
+        const float la = a.step(batch_of(s), at(s)), lb = b->step(batch_of(s), at(s));
+        CHECK(la == lb); // same weights, moments and inputs: the same arithmetic
+    }
+    for (const auto& [name, grad] : a.gradients()) {
+        INFO(name);
+        CHECK(a.weight(name) == b->weight(name));
+    }
+    // A plain model file (no moments, no step count) starts a new run from the same weights.
+    TempFile plain{file.path + ".model.gguf"};
+    a.save(plain.path, vocab);
+    std::unique_ptr<Trainer> fresh = Trainer::from_file(plain.path, o);
+    CHECK(fresh->steps() == 0);
+    CHECK(fresh->weight("output.weight") == a.weight("output.weight"));
+}
+
+TEST_CASE("Trainer: fine-tunes a llama GGUF model, starting from its exact logits", "[train]") {
+    test::TinyModel m; // 5 query heads on 1 key/value head, head size 8
+    m.tied = GENERATE(false, true);
+    INFO("tied embeddings " << m.tied << ", seed " << test::seed());
+    TempFile file{test::write_model(m, test::seed())};
+    TrainOptions o = tiny_options(10, 1);
+    std::unique_ptr<Trainer> t = Trainer::from_file(file.path, o);
+    CHECK(t->steps() == 0);
+    CHECK(t->config().n_vocab == m.vocab);
+    const std::vector<int32_t> tokens = test::random_indices(size_t(o.n_ctx), int32_t(m.vocab));
+
+    std::unique_ptr<Model> model = Model::load(file.path);
+    SessionOptions so;
+    so.n_ctx = o.n_ctx;
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    Session session(*model, so);
+    const std::vector<float> want = session.eval(tokens, true);
+    const double err = test::logits_error(t->logits(tokens), want);
+    INFO("logits relative error " << err);
+    CHECK(err <= 1e-5);
+    if (m.tied) CHECK(t->weight("output.weight") == t->weight("token_embd.weight")); // untied, as a copy
+    std::vector<int32_t> batch = tokens;
+    batch.push_back(tokens[0]);
+    const float loss = t->step(batch, {.lr = 1e-3f, .step = 1});
+    CHECK(std::isfinite(loss));
+}
+
+TEST_CASE("Trainer: model files that training does not take are refused by name", "[train]") {
+    test::TinyModel m;
+    std::string expected;
+    SECTION("attention biases") {
+        m.biases = true;
+        expected = "attention biases";
+    }
+    SECTION("rope frequency factors") {
+        m.rope_factors = {1.0f, 2.0f, 4.0f, 8.0f};
+        expected = "rope_freqs.weight";
+    }
+    SECTION("linear rope scaling") {
+        m.rope_linear_scale = 2.0f;
+        expected = "scales rope positions";
+    }
+    SECTION("qwen2") {
+        m.arch = "qwen2";
+        expected = "architecture llama";
+    }
+    TempFile file{test::write_model(m, test::seed())};
+    CHECK_THROWS_WITH(Trainer::from_file(file.path, tiny_options()), Catch::Contains(expected));
+}

@@ -199,7 +199,9 @@ double meta_float(const gguf::File& f, const std::string& key, std::optional<dou
     fail("model: the file has no metadata key " + key);
 }
 
-ModelConfig read_config(const gguf::File& f) {
+} // namespace
+
+ModelConfig llama::read_config(const gguf::File& f) {
     ModelConfig c;
     const gguf::Value* arch = f.metadata().find("general.architecture");
     if (!arch) fail("model: the file has no general.architecture");
@@ -239,8 +241,6 @@ ModelConfig read_config(const gguf::File& f) {
     return c;
 }
 
-} // namespace
-
 // ---- the model ------------------------------------------------------------------------
 
 struct Model::Impl {
@@ -262,7 +262,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
     model->impl_ = std::make_unique<Impl>();
     Impl& m = *model->impl_;
     m.file = gguf::File::open(path);
-    m.config = read_config(m.file);
+    m.config = llama::read_config(m.file);
     const ModelConfig& c = m.config;
 
     const int gpu_layers = options.gpu ? std::max(0, options.gpu_layers) : 0;

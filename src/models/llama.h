@@ -86,6 +86,10 @@ TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weig
 // [0, n_past + i]; f16 values, 0 or -inf, n_window per row.
 std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window);
 
+// The hyperparameters of a GGUF file of architecture llama or qwen2; a gfa::Error names a
+// missing or inconsistent key.
+ModelConfig read_config(const gguf::File& f);
+
 // Evals of at most this many tokens use a window (SessionOptions::decode_window_step).
 constexpr int64_t kMaxWindowedTokens = 8;
 

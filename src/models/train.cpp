@@ -8,6 +8,7 @@
 #include <ggml-fa/scheduler.h>
 #include <ggml-fa/train.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <random>
@@ -57,6 +58,11 @@ struct Trainer::Impl {
     };
     Run train, eval;
     Optimizer optimizer;
+    int64_t steps = 0;
+    gguf::Metadata source; // metadata of the file the trainer started from
+
+    // Writes the model (and with `moments` the optimizer state) as a llama GGUF file.
+    void write(const std::string& path, const gguf::Metadata& metadata, Type type, bool moments) const;
 
     std::vector<Backend*> backends() const {
         std::vector<Backend*> b{cpu.get()};
@@ -177,7 +183,51 @@ float Trainer::step(std::span<const int32_t> batch, const AdamWParams& p) {
     if (p.step == 1) m.optimizer.reset();
     m.optimizer.set(p);
     m.train.sched->compute(m.train.graph);
+    m.steps = p.step;
     return tensor_get_f32(m.train.io.loss)[0];
+}
+
+std::unique_ptr<Trainer> Trainer::from_file(const std::string& path, const TrainOptions& options) {
+    const gguf::File f = gguf::File::open(path);
+    ModelConfig c = llama::read_config(f);
+    if (c.arch != "llama") fail(path + ": training takes architecture llama, not " + c.arch);
+    for (const char* part : {"attn_q.bias", "attn_k.bias", "attn_v.bias"})
+        if (f.find_tensor(std::string("blk.0.") + part))
+            fail(path + ": the model has attention biases (blk.0." + part +
+                 "), which training does not take");
+    if (f.find_tensor("rope_freqs.weight"))
+        fail(path + ": the model scales rope by rope_freqs.weight, which training does not take");
+    if (c.rope.freq_scale != 1.0f)
+        fail(path + ": the model scales rope positions, which training does not take");
+    std::unique_ptr<Trainer> t(new Trainer(c, options));
+    Impl& m = *t->impl_;
+    m.source = f.metadata();
+    m.config.n_ctx_train = std::max(c.n_ctx_train, options.n_ctx); // the file's context, unless shorter
+    // Weights decoded to f32; a tied output head starts as a copy of the embeddings.
+    auto decoded = [&](const std::string& name, const Tensor* like) {
+        const gguf::TensorInfo& info = f.tensor(name);
+        if (info.ne != like->ne)
+            fail(path + ": tensor " + name + " has shape " + std::to_string(info.ne[0]) + "x" +
+                 std::to_string(info.ne[1]) + ", the model needs " + like->shape_str());
+        const TypeTraits& tt = type_traits(info.type);
+        if (!tt.to_float) fail(path + ": tensor " + name + " is of a type that cannot be decoded");
+        std::vector<float> v(size_t(info.n_elements()));
+        tt.to_float(info.data, v.data(), info.n_elements());
+        return v;
+    };
+    for (Tensor* p : m.params) {
+        const std::string source =
+            p->name == "output.weight" && c.tied_embeddings ? "token_embd.weight" : p->name;
+        tensor_set_f32(p, decoded(source, p));
+    }
+    // A checkpoint's optimizer state, all or nothing.
+    const gguf::Value* step = f.metadata().find("training.step");
+    if (step) {
+        for (Tensor* moment : m.optimizer.moments) tensor_set_f32(moment, decoded(moment->name, moment));
+        m.steps = step->as_int();
+        if (m.steps < 0) fail(path + ": training.step is negative");
+    }
+    return t;
 }
 
 float Trainer::loss(std::span<const int32_t> batch) {
@@ -195,8 +245,16 @@ std::vector<float> Trainer::logits(std::span<const int32_t> tokens) {
 }
 
 void Trainer::save(const std::string& path, const gguf::Metadata& metadata, Type type) const {
-    const Impl& m = *impl_;
-    const ModelConfig& c = m.config;
+    impl_->write(path, metadata, type, false);
+}
+
+void Trainer::save_checkpoint(const std::string& path, const gguf::Metadata& metadata) const {
+    impl_->write(path, metadata, Type::F32, true);
+}
+
+void Trainer::Impl::write(const std::string& path, const gguf::Metadata& metadata, Type type,
+                          bool moments) const {
+    const ModelConfig& c = config;
     gguf::Writer out;
     out.set("general.architecture", "llama");
     out.set("general.name", "ggml-fa trained");
@@ -215,8 +273,9 @@ void Trainer::save(const std::string& path, const gguf::Metadata& metadata, Type
     out.set(A + "rope.freq_base", c.rope.freq_base);
     out.set(A + "rope.dimension_count", uint32_t(c.rope.n_dims));
     for (const gguf::KeyValue& kv : metadata.entries()) out.set(kv.key, kv.value);
+    if (moments) out.set("training.step", uint32_t(steps));
 
-    for (const Tensor* t : m.params) {
+    for (const Tensor* t : params) {
         // Norms stay f32 as llama.cpp keeps them; matrices take `type`.
         const Type stored = t->ne[1] == 1 ? Type::F32 : type;
         if (t->ne[0] % type_traits(stored).block_size != 0)
@@ -227,6 +286,13 @@ void Trainer::save(const std::string& path, const gguf::Metadata& metadata, Type
         if (t->ne[1] > 1) dims.push_back(t->ne[1]);
         out.add_tensor(t->name, stored, dims, bytes.data(), bytes.size());
     }
+    if (moments) // named "<weight>.adam_m" / ".adam_v" by build_optimizer_step
+        for (const Tensor* t : optimizer.moments) {
+            const std::vector<float> v = tensor_get_f32(t);
+            std::vector<int64_t> dims{t->ne[0]};
+            if (t->ne[1] > 1) dims.push_back(t->ne[1]);
+            out.add_tensor(t->name, Type::F32, dims, v.data(), v.size() * sizeof(float));
+        }
     out.write(path);
 }
 
@@ -235,6 +301,12 @@ const ModelConfig& Trainer::config() const {
 }
 const TrainOptions& Trainer::options() const {
     return impl_->options;
+}
+int64_t Trainer::steps() const {
+    return impl_->steps;
+}
+const gguf::Metadata& Trainer::source_metadata() const {
+    return impl_->source;
 }
 int64_t Trainer::n_params() const {
     int64_t n = 0;

@@ -12,6 +12,8 @@ usage: test_train.py --train TRAIN --run GGML_FA_RUN [--backend cpu|vulkan] [--s
 3. numpy's float64 forward pass on the file's weights against `ggml-fa-run --logits-out`
    (f32 cache) on a held-out window: relative error below 1e-4.
 4. `ggml-fa-run -p` generates text from a prompt with the file's tokenizer.
+5. A run stopped at a checkpoint (--checkpoint) and resumed from it (--init) writes the same
+   file, byte for byte, as the run that went straight through.
 
 Exit code 77 means skipped (numpy or gguf missing, or no device for --backend).
 """
@@ -190,6 +192,25 @@ def main():
         print(r.stderr)
         print("FAIL: ggml-fa-run -p")
         return 1
+    # 5. a checkpoint resumes the run exactly
+    def short_run(steps, *extra):
+        r = subprocess.run([a.train, "--data", data, "--layers", "1", "--embd", "32", "--heads", "2", "--ctx", "24",
+                            "--steps", str(steps), "--eval-every", "5", "--seed", str(a.seed), "-t", "2", *extra],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stdout + r.stderr)
+            sys.exit("FAIL: a short run of train")
+        return r.stdout
+
+    straight, resumed, ckpt = (os.path.join(work, n) for n in ("straight.gguf", "resumed.gguf", "ckpt.gguf"))
+    short_run(10, "-o", straight)
+    short_run(5, "--checkpoint", ckpt)
+    out = short_run(10, "--init", ckpt, "-o", resumed)
+    if "a checkpoint at step 5" not in out or open(straight, "rb").read() != open(resumed, "rb").read():
+        print(out)
+        print("FAIL: the resumed run's file differs from the straight run's")
+        return 1
+    print("a run resumed from its checkpoint at step 5 wrote the same file as the straight run")
     print("PASS")
     return 0
 

@@ -1,6 +1,8 @@
-// train: a Llama-shaped model trained from scratch on a text file, byte by byte.
+// train: a Llama-shaped model trained from scratch on a text file, byte by byte, or a llama
+// GGUF model fine-tuned on one.
 //
 //   train --data FILE.txt [-o MODEL.gguf] [--layers 4 --embd 256 --heads 4 ...] [--steps 500]
+//   train --data FILE.txt --init MODEL_OR_CHECKPOINT.gguf [--checkpoint CKPT.gguf] ...
 //
 // The text's bytes are the tokens (a 256-token byte-level vocabulary). Every step draws
 // --batch windows of --ctx + 1 bytes from the first part of the file, runs the forward pass,
@@ -8,6 +10,7 @@
 // with linear warm-up and cosine decay; every --eval-every steps the loss on the held-out
 // last part is printed. The result is a GGUF file of architecture llama with that
 // vocabulary, which ggml-fa-run (and llama.cpp) run; --sample N generates N bytes from it.
+// --checkpoint keeps the optimizer state and step count as well, and --init resumes from it.
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
 #include <ggml-fa/model.h>
@@ -30,7 +33,7 @@ using namespace gfa;
 namespace {
 
 struct Options {
-    std::string data, out, backend = "cpu", prompt;
+    std::string data, out, backend = "cpu", prompt, init, checkpoint;
     int64_t layers = 4, embd = 256, heads = 4, kv_heads = 0, head_dim = 0, ff = 0;
     int64_t ctx = 128, batch = 8, steps = 500, warmup = 20, eval_every = 50, eval_batches = 4, sample = 0;
     float lr = 1e-3f, min_lr = 1e-4f, weight_decay = 0.1f, beta2 = 0.99f, val_fraction = 0.1f;
@@ -44,6 +47,10 @@ void usage() {
     std::fprintf(
         stderr, "usage: train --data FILE [-o MODEL.gguf] [options]\n"
                 "model:\n"
+                "  --init FILE                     start from FILE instead of random weights: a checkpoint\n"
+                "                                  (--checkpoint) goes on from its step; a llama GGUF model\n"
+                "                                  is fine-tuned, its text read with its own vocabulary\n"
+                "                                  (the shape options below are then the file's)\n"
                 "  --layers N --embd N --heads N   blocks, embedding width, query heads (4, 256, 4)\n"
                 "  --kv-heads N --head-dim N       key/value heads (default: --heads), head size\n"
                 "                                  (default: embd / heads)\n"
@@ -62,6 +69,8 @@ void usage() {
                 "                                  (GFA_CPU_OP_TIMES=1: time per op on the CPU)\n"
                 "output:\n"
                 "  -o FILE                         the trained model as GGUF\n"
+                "  --checkpoint FILE               model + optimizer state + step count, written at every\n"
+                "                                  evaluation (--init FILE resumes from it)\n"
                 "  --save-type f32|f16|bf16|q8_0   its matrices' type (f32)\n"
                 "  --sample N [--prompt TEXT]      generate N bytes greedily from the saved model\n");
 }
@@ -144,6 +153,10 @@ Options parse(int argc, char** argv) {
             o.seed = uint64_t(integer(i));
         else if (a == "--backend")
             o.backend = value(i);
+        else if (a == "--init")
+            o.init = value(i);
+        else if (a == "--checkpoint")
+            o.checkpoint = value(i);
         else if (a == "--profile")
             o.profile = true;
         else if (a == "-t" || a == "--threads")
@@ -183,12 +196,16 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
-std::vector<int32_t> read_bytes(const std::string& path) {
+std::string read_text(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
     if (!in) fail("--data " + path + ": cannot open the file");
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// The byte-level vocabulary's tokens: byte i is token i.
+std::vector<int32_t> bytes_of(const std::string& text) {
     std::vector<int32_t> ids(text.size());
-    for (size_t i = 0; i < text.size(); ++i) ids[i] = int32_t(uint8_t(text[i])); // byte i is token i
+    for (size_t i = 0; i < text.size(); ++i) ids[i] = int32_t(uint8_t(text[i]));
     return ids;
 }
 
@@ -241,43 +258,72 @@ int run(int argc, char** argv) {
         fail("--backend " + o.backend + ": expected cpu, cuda or vulkan");
     }
 
-    const std::vector<int32_t> data = read_bytes(o.data);
-    const size_t n_val = size_t(double(data.size()) * o.val_fraction);
-    const size_t n_train = data.size() - n_val;
-    const size_t window = size_t(o.ctx + 1);
-    if (n_train < window || n_val < window)
-        fail("--data " + o.data + ": " + std::to_string(data.size()) +
-             " bytes leave fewer than --ctx + 1 = " + std::to_string(window) +
-             " for training or for evaluation");
-
-    ModelConfig cfg;
-    cfg.arch = "llama";
-    cfg.n_vocab = 256;
-    cfg.n_embd = o.embd;
-    cfg.n_layer = o.layers;
-    cfg.n_ff = o.ff;
-    cfg.n_head = o.heads;
-    cfg.n_head_kv = o.kv_heads;
-    cfg.head_dim = o.head_dim;
-    cfg.norm_eps = 1e-5f;
-    cfg.rope = {
-        .n_dims = int32_t(o.head_dim), .mode = RopeMode::Normal, .freq_base = 10000.0f, .freq_scale = 1.0f};
     TrainOptions to;
     to.n_ctx = o.ctx;
     to.n_seq = o.batch;
     to.device = device;
     to.n_threads = o.threads;
     to.seed = o.seed;
-    Trainer trainer(cfg, to);
+    std::unique_ptr<Trainer> trainer;
+    if (o.init.empty()) {
+        ModelConfig cfg;
+        cfg.arch = "llama";
+        cfg.n_vocab = 256;
+        cfg.n_embd = o.embd;
+        cfg.n_layer = o.layers;
+        cfg.n_ff = o.ff;
+        cfg.n_head = o.heads;
+        cfg.n_head_kv = o.kv_heads;
+        cfg.head_dim = o.head_dim;
+        cfg.norm_eps = 1e-5f;
+        cfg.rope = {.n_dims = int32_t(o.head_dim),
+                    .mode = RopeMode::Normal,
+                    .freq_base = 10000.0f,
+                    .freq_scale = 1.0f};
+        trainer = std::make_unique<Trainer>(cfg, to);
+    } else {
+        trainer = Trainer::from_file(o.init, to);
+    }
+    const ModelConfig& c = trainer->config();
+
+    // The vocabulary: bytes for a new model; a file's own (its tokenizer.* keys) otherwise.
+    gguf::Metadata vocab;
+    const gguf::Value* model_kind = trainer->source_metadata().find("tokenizer.ggml.model");
+    const bool file_vocab =
+        model_kind && model_kind->as_string() != "no_vocab" && model_kind->as_string() != "none";
+    if (file_vocab) {
+        for (const gguf::KeyValue& kv : trainer->source_metadata().entries())
+            if (kv.key.starts_with("tokenizer.") || kv.key == "general.name") vocab.set(kv.key, kv.value);
+    } else {
+        if (c.n_vocab != 256)
+            fail("--init " + o.init + ": the file has no vocabulary and " + std::to_string(c.n_vocab) +
+                 " tokens, so its text cannot be read as bytes");
+        Tokenizer::write_byte_vocabulary(vocab);
+    }
+    const std::vector<int32_t> data =
+        file_vocab ? Tokenizer::from_gguf(vocab).encode(read_text(o.data)) : bytes_of(read_text(o.data));
+    const size_t n_val = size_t(double(data.size()) * o.val_fraction);
+    const size_t n_train = data.size() - n_val;
+    const size_t window = size_t(o.ctx + 1);
+    if (n_train < window || n_val < window)
+        fail("--data " + o.data + ": " + std::to_string(data.size()) +
+             " tokens leave fewer than --ctx + 1 = " + std::to_string(window) +
+             " for training or for evaluation");
+
     std::printf(
-        "model: %lld layers, embedding %lld, %lld/%lld heads of %lld, feed-forward %lld: %.2fM parameters on "
-        "%s\n",
-        (long long)o.layers, (long long)o.embd, (long long)o.heads, (long long)o.kv_heads,
-        (long long)o.head_dim, (long long)o.ff, double(trainer.n_params()) / 1e6, device->name());
-    std::printf("data: %zu bytes for training, %zu held out; %lld sequences of %lld bytes per step\n",
+        "model: %lld layers, embedding %lld, %lld/%lld heads of %lld, feed-forward %lld, vocabulary %lld: "
+        "%.2fM parameters on %s\n",
+        (long long)c.n_layer, (long long)c.n_embd, (long long)c.n_head, (long long)c.n_head_kv,
+        (long long)c.head_dim, (long long)c.n_ff, (long long)c.n_vocab, double(trainer->n_params()) / 1e6,
+        device->name());
+    if (!o.init.empty())
+        std::printf("from %s: %s\n", o.init.c_str(),
+                    trainer->steps() ? ("a checkpoint at step " + std::to_string(trainer->steps())).c_str()
+                                     : "a model's weights (fine-tuning; fresh optimizer state)");
+    std::printf("data: %zu tokens for training, %zu held out; %lld sequences of %lld tokens per step\n",
                 n_train, n_val, (long long)o.batch, (long long)o.ctx);
 
-    std::mt19937_64 rng(o.seed ^ 0x9e3779b97f4a7c15ull);
+    const int64_t first = trainer->steps() + 1; // a checkpoint's run goes on where it stopped
     std::uniform_int_distribution<size_t> start(0, n_train - window);
     std::vector<int32_t> batch(window * size_t(o.batch));
     auto evaluate = [&] { // evenly spaced windows of the held-out part
@@ -290,18 +336,26 @@ int run(int argc, char** argv) {
                 std::copy_n(data.begin() + ptrdiff_t(at), window,
                             batch.begin() + ptrdiff_t(size_t(b) * window));
             }
-            total += trainer.loss(batch);
+            total += trainer->loss(batch);
         }
         return total / double(o.eval_batches);
     };
 
-    std::printf("step %lld: held-out loss %.4f (nats per byte; uniform: %.4f)\n", 0LL, evaluate(),
-                std::log(256.0));
+    std::printf("step %lld: held-out loss %.4f (nats per token; uniform: %.4f)\n", (long long)(first - 1),
+                evaluate(), std::log(double(c.n_vocab)));
+    auto checkpoint = [&] {
+        if (o.checkpoint.empty()) return;
+        trainer->save_checkpoint(o.checkpoint, vocab);
+        std::printf("checkpoint %s (step %lld)\n", o.checkpoint.c_str(), (long long)trainer->steps());
+    };
     const auto t0 = std::chrono::steady_clock::now();
     double train_seconds = 0.0, recent_loss = 0.0;
     double steady_seconds = 0.0; // steps after the first three (which set up memory and kernels)
     int64_t recent = 0;
-    for (int64_t s = 1; s <= o.steps; ++s) {
+    for (int64_t s = first; s <= o.steps; ++s) {
+        // Step s's windows depend on the seed and s alone, so a run resumed from a checkpoint
+        // sees the batches the uninterrupted run would have.
+        std::mt19937_64 rng(o.seed * 0x9e3779b97f4a7c15ull + uint64_t(s));
         for (int64_t b = 0; b < o.batch; ++b)
             std::copy_n(data.begin() + ptrdiff_t(start(rng)), window,
                         batch.begin() + ptrdiff_t(size_t(b) * window));
@@ -311,43 +365,43 @@ int run(int argc, char** argv) {
         p.weight_decay = o.weight_decay;
         p.step = int32_t(s);
         const auto ts = std::chrono::steady_clock::now();
-        const float loss = trainer.step(batch, p);
+        const float loss = trainer->step(batch, p);
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
         train_seconds += seconds;
-        if (s > 3) steady_seconds += seconds;
+        if (s >= first + 3) steady_seconds += seconds;
         if (!std::isfinite(loss)) fail("step " + std::to_string(s) + ": the loss is " + std::to_string(loss));
         recent_loss += loss;
         ++recent;
         if (s % o.eval_every == 0 || s == o.steps) {
-            const double tokens_per_s = double(s * o.batch * o.ctx) / train_seconds;
+            const double tokens_per_s = double((s - first + 1) * o.batch * o.ctx) / train_seconds;
             std::printf("step %lld: training loss %.4f, held-out %.4f, lr %.2e, %.0f tokens/s\n",
                         (long long)s, recent_loss / double(recent), evaluate(), double(p.lr), tokens_per_s);
             std::fflush(stdout);
             recent_loss = 0.0;
             recent = 0;
+            checkpoint();
         }
     }
+    const int64_t ran = std::max<int64_t>(o.steps - first + 1, 0);
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("trained %lld steps in %.1f s (%.1f ms per step", (long long)o.steps, wall,
-                o.steps ? 1e3 * train_seconds / double(o.steps) : 0.0);
-    if (o.steps > 3) {
-        const double per_step = steady_seconds / double(o.steps - 3);
+    std::printf("trained %lld steps in %.1f s (%.1f ms per step", (long long)ran, wall,
+                ran ? 1e3 * train_seconds / double(ran) : 0.0);
+    if (ran > 3) {
+        const double per_step = steady_seconds / double(ran - 3);
         std::printf("; after the first 3: %.2f ms per step, %.0f tokens/s", 1e3 * per_step,
                     double(o.batch * o.ctx) / per_step);
     }
     std::printf(")\n");
     if (o.profile) {
-        std::printf("schedule of a step:\n%s", trainer.describe_schedule().c_str());
-        const std::string counters = trainer.describe_backend_counters();
+        std::printf("schedule of a step:\n%s", trainer->describe_schedule().c_str());
+        const std::string counters = trainer->describe_backend_counters();
         std::printf("backend counters:\n%s", counters.empty()
                                                  ? "  (none; GFA_CPU_OP_TIMES=1 times each op on the CPU)\n"
                                                  : counters.c_str());
     }
 
     if (!o.out.empty()) {
-        gguf::Metadata vocab;
-        Tokenizer::write_byte_vocabulary(vocab);
-        trainer.save(o.out, vocab, o.save_type);
+        trainer->save(o.out, vocab, o.save_type);
         std::printf("saved %s\n", o.out.c_str());
         if (o.sample > 0) sample(o, device);
     } else if (o.sample > 0) {
