@@ -3,7 +3,7 @@
 and the GGUF file it writes must be read alike by the reference `gguf` package, by a float64
 numpy forward pass written here from the llama definition, and by ggml-fa-run.
 
-usage: test_train.py --train TRAIN --run GGML_FA_RUN [--backend cpu|vulkan] [--seed S]
+usage: test_train.py --train TRAIN --run GGML_FA_RUN --perplexity PERPLEXITY [--backend cpu|vulkan] [--seed S]
 
 1. `train` runs on a text of sentences drawn from a small grammar (random each run); the
    held-out loss must fall from about ln 256 (uniform bytes) to below 1 nat per byte.
@@ -12,7 +12,9 @@ usage: test_train.py --train TRAIN --run GGML_FA_RUN [--backend cpu|vulkan] [--s
 3. numpy's float64 forward pass on the file's weights against `ggml-fa-run --logits-out`
    (f32 cache) on a held-out window: relative error below 1e-4.
 4. `ggml-fa-run -p` generates text from a prompt with the file's tokenizer.
-5. A run stopped at a checkpoint (--checkpoint) and resumed from it (--init) writes the same
+5. `perplexity` on held-out text (two chunks) against the same measure from numpy's forward
+   pass: relative difference below 1e-4.
+6. A run stopped at a checkpoint (--checkpoint) and resumed from it (--init) writes the same
    file, byte for byte, as the run that went straight through.
 
 Exit code 77 means skipped (numpy or gguf missing, or no device for --backend).
@@ -95,6 +97,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", required=True)
     ap.add_argument("--run", required=True)
+    ap.add_argument("--perplexity", required=True)
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--seed", type=int, default=random.randrange(1 << 30))
     a = ap.parse_args()
@@ -192,7 +195,34 @@ def main():
         print(r.stderr)
         print("FAIL: ggml-fa-run -p")
         return 1
-    # 5. a checkpoint resumes the run exactly
+    # 5. perplexity: llama-perplexity's measure (second half of each chunk scored)
+    n_ctx = SHAPE["ctx"]
+    held_out = os.path.join(work, "held_out.txt")
+    with open(held_out, "wb") as f:
+        f.write(text[-2 * n_ctx:])
+    r = subprocess.run([a.perplexity, "-m", model, "-f", held_out, "-c", str(n_ctx), "--kv-type", "f32", "-t", "2",
+                        *run_args], capture_output=True, text=True)
+    m = re.search(r"PPL = ([\d.]+)", r.stdout)
+    if r.returncode != 0 or not m:
+        print(r.stdout + r.stderr)
+        print("FAIL: perplexity")
+        return 1
+    nll = []
+    chunk_tokens = list(text[-2 * n_ctx:])
+    for c in range(2):
+        chunk = np.array(chunk_tokens[c * n_ctx:(c + 1) * n_ctx])
+        logits = forward(tensors, chunk, SHAPE["heads"], SHAPE["kv_heads"])
+        for j in range(n_ctx // 2, n_ctx - 1):
+            row = logits[j] - logits[j].max()
+            nll.append(np.log(np.exp(row).sum()) - row[chunk[j + 1]])
+    want_ppl = float(np.exp(np.mean(nll)))
+    got_ppl = float(m.group(1))
+    print(f"perplexity {got_ppl}, numpy {want_ppl:.4f}")
+    if not abs(got_ppl - want_ppl) <= 1e-4 * want_ppl + 5e-5:  # the tool prints 4 decimals
+        print("FAIL: perplexity differs")
+        return 1
+
+    # 6. a checkpoint resumes the run exactly
     def short_run(steps, *extra):
         r = subprocess.run([a.train, "--data", data, "--layers", "1", "--embd", "32", "--heads", "2", "--ctx", "24",
                             "--steps", str(steps), "--eval-every", "5", "--seed", str(a.seed), "-t", "2", *extra],
