@@ -213,6 +213,11 @@ def main():
 
     # ---- the check: ggml-fa's trained model in PyTorch against ggml-fa-run on the same file
     check = "not run"
+    try:
+        import gguf  # noqa: F401  (the check reads the file with it)
+    except ImportError:
+        a.no_check = True
+        check = "not run (no gguf package)"
     if not a.no_check:
         ref = torch_model(a, torch).double()
         load_gguf(ref, gguf_path, torch)
