@@ -39,7 +39,7 @@ StepResult train_step(Device* dev) {
     for (Tensor* p : {q, k, v}) set_param(p);
     Graph step = build_forward(loss);
     build_backward(graph_ctx, step, loss); // dloss/dq, dk, dv (the FlashAttention-2 backward)
-    const Optimizer adamw = build_optimizer_step(data, step);
+    const Optimizer adamw = build_optimizer_step(data, graph_ctx, step);
 
     auto values = allocate_context_tensors(data, dev->buffer_type());
     adamw.reset();            // the moments start at zero (device memory starts undefined)

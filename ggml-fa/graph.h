@@ -44,21 +44,27 @@ Graph build_forward(Tensor* out);
 // path to a parameter goes through an op that has no gradient.
 void build_backward(Context& ctx, Graph& graph, Tensor* loss);
 
-// The tensors of an AdamW optimizer that build_optimizer_step created in the caller's
-// context; they get memory with the rest of that context.
+// The tensors of an AdamW optimizer that build_optimizer_step created: values and moments in
+// the state context (memory comes with the rest of it), the gradient norm in the graph.
 struct Optimizer {
-    Tensor* values = nullptr;     // f32 [kAdamWValues], read by every parameter's step
-    std::vector<Tensor*> moments; // m and v of each parameter, in graph order
+    Tensor* values = nullptr;       // f32 [kAdamWValues], read by every parameter's step
+    std::vector<Tensor*> moments;   // m and v of each parameter, in graph order
+    Tensor* grad_norm_sq = nullptr; // f32 [1]: the squared L2 norm of all the step's gradients
+                                    // (a graph output, computed before the updates)
 
     // Writes p's hyperparameters and bias corrections into `values`. Call it before every
     // compute that runs the step, with p.step counting 1, 2, ... (the graph stays the same).
     void set(const AdamWParams& p) const;
     // Zeroes the moments, as before the first step (device memory starts undefined).
     void reset() const;
+    // The global gradient norm of the step that ran last (before clipping).
+    float grad_norm() const;
 };
 
-// Appends one AdamW step per parameter of the graph (set_param) to it; call after
-// build_backward. Throws when a parameter has no gradient.
-Optimizer build_optimizer_step(Context& ctx, Graph& graph);
+// Appends one AdamW step per parameter of the graph (set_param) to it, after the global norm
+// of their gradients; call after build_backward. The moments and values go into `state` (give
+// it memory afterwards, with the parameters or apart), the new nodes into `nodes` (the graph's
+// context). Throws when a parameter has no gradient.
+Optimizer build_optimizer_step(Context& state, Context& nodes, Graph& graph);
 
 } // namespace gfa

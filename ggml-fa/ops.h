@@ -6,6 +6,7 @@
 #include <ggml-fa/tensor.h>
 
 #include <array>
+#include <cmath>
 
 #include <ggml-fa/attention.h>
 
@@ -54,14 +55,22 @@ struct RopeParams {
 
 struct AdamWParams {
     float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
-    int32_t step = 1; // 1-based, for bias correction
+    int32_t step = 1;       // 1-based, for bias correction
+    float grad_clip = 0.0f; // > 0: the gradients are scaled so that their global L2 norm
+                            // (over every parameter of the step) is at most this
 };
 // What an AdamW step reads at run time, from an f32 tensor of kAdamWValues elements: lr,
-// beta1, beta2, eps, weight_decay, then the step's bias corrections 1 - beta1^step and
-// 1 - beta2^step. Kept in a tensor rather than in the node so that one graph trains for many
+// beta1, beta2, eps, weight_decay, the step's bias corrections 1 - beta1^step and
+// 1 - beta2^step, and grad_clip. Kept in a tensor rather than in the node so that one graph trains for many
 // steps (and a GPU backend can replay it) while the step count and the learning rate change.
-inline constexpr int64_t kAdamWValues = 7;
+inline constexpr int64_t kAdamWValues = 8;
 std::array<float, kAdamWValues> adamw_values(const AdamWParams& p); // throws for step < 1
+// The factor grad_clip applies to every gradient: grad_clip / norm when the global norm is
+// larger, else 1 (also when clipping is off: grad_clip 0).
+inline double adamw_clip_factor(double grad_clip, double grad_norm_sq) {
+    return grad_clip > 0.0 && grad_norm_sq > grad_clip * grad_clip ? grad_clip / std::sqrt(grad_norm_sq)
+                                                                   : 1.0;
+}
 
 // flash_attn_ext parameters (shared with the kernels): scale, ALiBi max_bias, logit
 // softcap, causal, window. See src/attention/problem.h for the exact semantics.
@@ -153,8 +162,11 @@ Tensor* swiglu(Context& ctx, Tensor* gate, Tensor* up); // silu(gate) * up
 // logits get a gradient.
 Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels);
 // One AdamW step, updating param, m and v in place; the result views param. `values`: f32
-// [kAdamWValues] holding adamw_values() of the step (set before each run).
-Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, Tensor* values);
+// [kAdamWValues] holding adamw_values() of the step (set before each run). grad_norm_sq
+// (optional, f32 [1]): the squared global norm of the gradients, which grad_clip compares
+// with its square: above it, grad is scaled by grad_clip / norm.
+Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, Tensor* values,
+                   Tensor* grad_norm_sq = nullptr);
 
 // ---- attention ------------------------------------------------------------------------
 

@@ -72,6 +72,8 @@ class Trainer {
     const ModelConfig& config() const;
     const TrainOptions& options() const;
     int64_t n_params() const;
+    // The global L2 norm of the last step's gradients (before AdamWParams::grad_clip).
+    float grad_norm() const;
     // Gradient of each weight after the last step, by GGUF tensor name (for checks).
     std::vector<std::pair<std::string, std::vector<float>>> gradients() const;
     // The weights by GGUF tensor name, and setting one (for checks and for starting points).

@@ -409,6 +409,13 @@ const std::vector<Case>& builtin_suite() {
              return adamw_step(b.ctx, b.input({17, 3}), b.input({17, 3}), b.input({17, 3}),
                                b.input({17, 3}, 0.0f, 1.0f), b.constant({values.begin(), values.end()}));
          }},
+        {"adamw_clipped", 1e-6,
+         [](B& b) {
+             const auto values = adamw_values({.lr = 0.01f, .step = 2, .grad_clip = 0.5f});
+             return adamw_step(b.ctx, b.input({17, 3}), b.input({17, 3}), b.input({17, 3}),
+                               b.input({17, 3}, 0.0f, 1.0f), b.constant({values.begin(), values.end()}),
+                               b.constant({4.0f}));
+         }},
         // attention: q [D, Sq, Hq], k/v [D, Skv, Hkv] (GQA), optional mask [Skv, Sq], LSE
         {"flash_attn", 1e-5,
          [](B& b) {

@@ -178,6 +178,15 @@ void loss_and_adamw(const Check& check) {
     p2.step = 4;
     p2.lr = 0.02f;
     check(adamw_step(ctx, adamw_step(ctx, w, gw, m, v, values_of(p)), gw, m, v, values_of(p2)), 1e-6);
+    // Gradient clipping: a global norm of 5 above a limit of 2 scales every gradient by 0.4; a
+    // limit of 10 leaves them alone.
+    Tensor* norm_sq = ctx.new_tensor(Type::F32, {1});
+    tensor_set_f32(norm_sq, {25.0f});
+    for (float limit : {2.0f, 10.0f}) {
+        AdamWParams pc = p;
+        pc.grad_clip = limit;
+        check(adamw_step(ctx, w, gw, m, v, values_of(pc), norm_sq), 1e-6);
+    }
 }
 
 // The gradients autodiff builds for a small graph of matmuls, norms, rope, softmax, activations and the loss,

@@ -142,6 +142,11 @@ TEST_CASE("Trainer: a step's gradients are the derivatives of its loss", "[train
         INFO(name << ": gradient relative error " << err << " (seed " << test::seed() << ")");
         CHECK(err <= 2e-3);
     }
+    // The global gradient norm the step computed (what grad_clip bounds).
+    double norm_sq = 0.0;
+    for (const auto& [name, grad] : trainer.gradients())
+        for (float g : grad) norm_sq += double(g) * double(g);
+    CHECK(std::abs(trainer.grad_norm() - std::sqrt(norm_sq)) <= 1e-5 * std::sqrt(norm_sq));
     // The update moved every weight (AdamW's first step moves each by about lr).
     for (Tensor* t : weight_list(w)) {
         const std::vector<float> before = tensor_get_f32(t), after = trainer.weight(t->name);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training speed of a byte-level Llama-shaped model: ggml-fa's `train` beside the same model
 and training loop in PyTorch (scaled_dot_product_attention, torch.optim.AdamW), same machine,
-same run, same data, shapes, batch, steps and learning-rate schedule.
+same run, same data, shapes, batch, steps, learning-rate schedule and gradient clipping.
 
   bench_train.py --build BUILD_DIR --data FILE [--device cpu|cuda] [--threads 2]
                  [--layers 4 --embd 256 --heads 4 --kv-heads 4 --ctx 128 --batch 8 --steps 60]
@@ -200,6 +200,7 @@ def main():
         loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as train's default --grad-clip 1
         opt.step()
         sync()
         if s > 3:

@@ -70,6 +70,9 @@ void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
     const float* a = static_cast<const float*>(dst->src[4]->data); // adamw_values()
     const float lr = a[0], beta1 = a[1], beta2 = a[2], eps = a[3], decay = a[4];
     const float inv_c1 = 1.0f / a[5], inv_c2 = 1.0f / a[6];
+    const Tensor* norm_sq = dst->src[5];
+    const float clip =
+        norm_sq ? float(adamw_clip_factor(a[7], *static_cast<const float*>(norm_sq->data))) : 1.0f;
     float* __restrict w = static_cast<float*>(dst->src[0]->data);
     const float* __restrict g = static_cast<const float*>(dst->src[1]->data);
     float* __restrict m = static_cast<float*>(dst->src[2]->data);
@@ -79,8 +82,9 @@ void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
     ctx.pool.run([&](int ith, int nth) {
         const auto [b, e] = split_range(dst->nelements(), ith, nth);
         for (int64_t i = b; i < e; ++i) {
-            const float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
-            const float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+            const float gi = clip * g[i];
+            const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+            const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
             m[i] = mi;
             v[i] = vi;
             w[i] -= lr * ((mi * inv_c1) / (std::sqrt(vi * inv_c2) + eps) + decay * w[i]);

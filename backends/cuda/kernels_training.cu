@@ -93,14 +93,17 @@ bool supports_cross_entropy_back(const Tensor* dst) {
 
 // ---- AdamW ---------------------------------------------------------------------------------
 
-// values: adamw_values() (lr, beta1, beta2, eps, weight decay, the two bias corrections),
-// read from device memory so that a replayed graph takes each step's values.
-__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const float* values, int64_t n) {
+// values: adamw_values() (lr, beta1, beta2, eps, weight decay, the two bias corrections,
+// grad_clip), read from device memory so that a replayed graph takes each step's values;
+// norm_sq (or null): the squared global gradient norm that grad_clip bounds.
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const float* values,
+                             const float* norm_sq, int64_t n) {
     const float lr = values[0], beta1 = values[1], beta2 = values[2], eps = values[3], decay = values[4];
-    const float c1 = values[5], c2 = values[6];
+    const float c1 = values[5], c2 = values[6], limit = values[7];
+    const float clip = norm_sq && limit > 0.0f && *norm_sq > limit * limit ? limit / sqrtf(*norm_sq) : 1.0f;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
          i += int64_t(gridDim.x) * blockDim.x) {
-        const float gi = g[i];
+        const float gi = clip * g[i];
         const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
@@ -114,14 +117,15 @@ void run_adamw(const ComputeCtx& ctx, Tensor* dst) {
     adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(
         static_cast<float*>(dst->src[0]->data), static_cast<const float*>(dst->src[1]->data),
         static_cast<float*>(dst->src[2]->data), static_cast<float*>(dst->src[3]->data),
-        static_cast<const float*>(dst->src[4]->data), n);
+        static_cast<const float*>(dst->src[4]->data),
+        dst->src[5] ? static_cast<const float*>(dst->src[5]->data) : nullptr, n);
 }
 bool supports_adamw(const Tensor* dst) {
     for (int i = 0; i < 5; ++i) {
         const Tensor* s = dst->src[i];
         if (!s || s->type != Type::F32 || !s->is_contiguous() || (i < 4 && s->ne != dst->ne)) return false;
     }
-    return true;
+    return !dst->src[5] || dst->src[5]->type == Type::F32;
 }
 
 } // namespace

@@ -140,7 +140,7 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
     set_output(m.train.io.loss);
     m.train.graph = build_forward(m.train.io.loss);
     build_backward(m.train.ctx, m.train.graph, m.train.io.loss);
-    m.optimizer = build_optimizer_step(m.weights_ctx, m.train.graph);
+    m.optimizer = build_optimizer_step(m.weights_ctx, m.train.ctx, m.train.graph);
     // Evaluation: the same forward pass and loss, apart (its own inputs and memory plan).
     m.eval.io = llama::build_training_graph(m.eval.ctx, c, w, options.n_ctx, options.n_seq);
     set_output(m.eval.io.loss);
@@ -302,6 +302,10 @@ const ModelConfig& Trainer::config() const {
 const TrainOptions& Trainer::options() const {
     return impl_->options;
 }
+float Trainer::grad_norm() const {
+    return impl_->optimizer.grad_norm();
+}
+
 int64_t Trainer::steps() const {
     return impl_->steps;
 }

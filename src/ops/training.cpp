@@ -8,24 +8,31 @@
 
 namespace gfa {
 
-Optimizer build_optimizer_step(Context& ctx, Graph& graph) {
+Optimizer build_optimizer_step(Context& state, Context& nodes, Graph& graph) {
     std::vector<Tensor*> params;
     for (Tensor* l : graph.leafs())
         if (l->has_flag(kFlagParam)) params.push_back(l);
     if (params.empty()) fail("build_optimizer_step: the graph has no parameters (set_param)");
     Optimizer opt;
-    opt.values = set_name(ctx.new_tensor(Type::F32, {kAdamWValues}), "adamw.values");
+    opt.values = set_name(state.new_tensor(Type::F32, {kAdamWValues}), "adamw.values");
     set_input(opt.values);
     for (Tensor* param : params) {
         Tensor* g = graph.grad(param);
         if (!g)
             fail("build_optimizer_step: parameter '" + param->name +
                  "' has no gradient; call build_backward first");
-        Tensor* m = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_m");
-        Tensor* v = set_name(ctx.new_tensor(Type::F32, param->ne), param->name + ".adam_v");
+        Tensor* sq = sum(nodes, sqr(nodes, g));
+        opt.grad_norm_sq = opt.grad_norm_sq ? add(nodes, opt.grad_norm_sq, sq) : sq;
+    }
+    set_name(opt.grad_norm_sq, "adamw.grad_norm_sq");
+    set_output(opt.grad_norm_sq);
+    graph.expand(opt.grad_norm_sq); // every update comes after the norm, which reads every gradient
+    for (Tensor* param : params) {
+        Tensor* m = set_name(state.new_tensor(Type::F32, param->ne), param->name + ".adam_m");
+        Tensor* v = set_name(state.new_tensor(Type::F32, param->ne), param->name + ".adam_v");
         opt.moments.push_back(m);
         opt.moments.push_back(v);
-        graph.expand(adamw_step(ctx, param, g, m, v, opt.values));
+        graph.expand(adamw_step(nodes, param, graph.grad(param), m, v, opt.values, opt.grad_norm_sq));
     }
     return opt;
 }
@@ -37,12 +44,18 @@ std::array<float, kAdamWValues> adamw_values(const AdamWParams& p) {
              std::to_string(p.beta2));
     // The bias corrections in double: in float, 1 - 0.999^1 keeps only ~4 digits.
     const double c1 = 1.0 - std::pow(double(p.beta1), p.step), c2 = 1.0 - std::pow(double(p.beta2), p.step);
-    return {p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, float(c1), float(c2)};
+    if (!(p.grad_clip >= 0.0f))
+        fail("adamw: grad_clip must not be negative, got " + std::to_string(p.grad_clip));
+    return {p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, float(c1), float(c2), p.grad_clip};
 }
 
 void Optimizer::set(const AdamWParams& p) const {
     const std::array<float, kAdamWValues> a = adamw_values(p);
     tensor_set_f32(values, std::vector<float>(a.begin(), a.end()));
+}
+
+float Optimizer::grad_norm() const {
+    return std::sqrt(tensor_get_f32(grad_norm_sq)[0]);
 }
 
 void Optimizer::reset() const {
@@ -74,7 +87,8 @@ Tensor* cross_entropy_loss_back(Context& ctx, Tensor* grad, Tensor* logits, Tens
     return t;
 }
 
-Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, Tensor* values) {
+Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor* v, Tensor* values,
+                   Tensor* grad_norm_sq) {
     require_not_null(Op::AdamW, {param, grad, m, v, values});
     for (const Tensor* t : {param, grad, m, v})
         if (t->type != Type::F32 || !t->is_contiguous() || t->ne != param->ne)
@@ -83,8 +97,10 @@ Tensor* adamw_step(Context& ctx, Tensor* param, Tensor* grad, Tensor* m, Tensor*
     if (values->type != Type::F32 || !values->is_contiguous() || values->nelements() != kAdamWValues)
         op_error(Op::AdamW, "values must be contiguous f32 of " + std::to_string(kAdamWValues) + " elements",
                  {values});
+    if (grad_norm_sq && (grad_norm_sq->type != Type::F32 || grad_norm_sq->nelements() != 1))
+        op_error(Op::AdamW, "grad_norm_sq must be one f32 value", {grad_norm_sq});
     Tensor* t = ctx.new_view(param, param->type, param->ne, param->nb, 0, Op::AdamW);
-    set_sources(t, {param, grad, m, v, values});
+    set_sources(t, {param, grad, m, v, values, grad_norm_sq});
     return t;
 }
 
@@ -97,8 +113,9 @@ void adamw_reference(ref::Evaluator& ev, const Tensor* n) {
     double a[kAdamWValues];
     for (int64_t i = 0; i < kAdamWValues; ++i) a[i] = ev.get(values, i);
     const double lr = a[0], beta1 = a[1], beta2 = a[2], eps = a[3], decay = a[4], c1 = a[5], c2 = a[6];
+    const double clip = n->src[5] ? adamw_clip_factor(a[7], ev.get(n->src[5], 0)) : 1.0;
     ref::for_each_index(param, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
-        const double g = ev.get(grad, i0, i1, i2, i3);
+        const double g = clip * ev.get(grad, i0, i1, i2, i3);
         const double mi = beta1 * ev.get(m, i0, i1, i2, i3) + (1.0 - beta1) * g;
         const double vi = beta2 * ev.get(v, i0, i1, i2, i3) + (1.0 - beta2) * g * g;
         const double w = ev.get(param, i0, i1, i2, i3);

@@ -36,7 +36,8 @@ struct Options {
     std::string data, out, backend = "cpu", prompt, init, checkpoint;
     int64_t layers = 4, embd = 256, heads = 4, kv_heads = 0, head_dim = 0, ff = 0;
     int64_t ctx = 128, batch = 8, steps = 500, warmup = 20, eval_every = 50, eval_batches = 4, sample = 0;
-    float lr = 1e-3f, min_lr = 1e-4f, weight_decay = 0.1f, beta2 = 0.99f, val_fraction = 0.1f;
+    float lr = 1e-3f, min_lr = 1e-4f, weight_decay = 0.1f, beta2 = 0.99f, val_fraction = 0.1f,
+          grad_clip = 1.0f;
     uint64_t seed = 1;
     int threads = 0;
     Type save_type = Type::F32;
@@ -60,6 +61,7 @@ void usage() {
                 "  --steps N --warmup N            steps, warm-up steps of the learning rate (500, 20)\n"
                 "  --lr X --min-lr X               peak and final learning rate (1e-3, 1e-4; cosine)\n"
                 "  --weight-decay X --beta2 X      AdamW (0.1, 0.99)\n"
+                "  --grad-clip X                   the gradients' global norm at most X (1; 0: off)\n"
                 "  --val-fraction X                the file's tail held out for evaluation (0.1)\n"
                 "  --eval-every N --eval-batches N (50, 4)\n"
                 "  --seed S                        initial weights and batches (1)\n"
@@ -145,6 +147,8 @@ Options parse(int argc, char** argv) {
             o.min_lr = real(i);
         else if (a == "--weight-decay")
             o.weight_decay = real(i);
+        else if (a == "--grad-clip")
+            o.grad_clip = real(i);
         else if (a == "--beta2")
             o.beta2 = real(i);
         else if (a == "--val-fraction")
@@ -363,6 +367,7 @@ int run(int argc, char** argv) {
         p.lr = learning_rate(o, s);
         p.beta2 = o.beta2;
         p.weight_decay = o.weight_decay;
+        p.grad_clip = o.grad_clip;
         p.step = int32_t(s);
         const auto ts = std::chrono::steady_clock::now();
         const float loss = trainer->step(batch, p);
@@ -374,8 +379,10 @@ int run(int argc, char** argv) {
         ++recent;
         if (s % o.eval_every == 0 || s == o.steps) {
             const double tokens_per_s = double((s - first + 1) * o.batch * o.ctx) / train_seconds;
-            std::printf("step %lld: training loss %.4f, held-out %.4f, lr %.2e, %.0f tokens/s\n",
-                        (long long)s, recent_loss / double(recent), evaluate(), double(p.lr), tokens_per_s);
+            std::printf(
+                "step %lld: training loss %.4f, held-out %.4f, lr %.2e, gradient norm %.3f, %.0f tokens/s\n",
+                (long long)s, recent_loss / double(recent), evaluate(), double(p.lr),
+                double(trainer->grad_norm()), tokens_per_s);
             std::fflush(stdout);
             recent_loss = 0.0;
             recent = 0;
