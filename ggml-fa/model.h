@@ -33,6 +33,7 @@ struct ModelConfig {
     float norm_eps = 1e-6f;
     RopeParams rope{};
     bool tied_embeddings = false; // no output.weight: the token embeddings project to logits
+    bool qkv_bias = false;        // the q, k and v projections add biases (Qwen2)
 };
 
 struct ModelLoadOptions {

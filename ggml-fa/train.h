@@ -29,15 +29,17 @@ struct TrainOptions {
 
 class Trainer {
   public:
-    // A new model of this shape with random weights. config: arch "llama"; n_vocab, n_embd,
-    // n_layer, n_ff, n_head, n_head_kv and head_dim set; rope n_dims = head_dim (normal
-    // mode). Throws gfa::Error naming what does not fit.
+    // A new model of this shape with random weights. config: arch "llama" (rope in normal
+    // mode) or "qwen2" (NeoX mode); n_vocab, n_embd, n_layer, n_ff, n_head, n_head_kv and
+    // head_dim set; rope n_dims = head_dim; optionally q/k/v biases (qkv_bias) and tied
+    // embeddings (one tensor, trained by both its uses). Throws gfa::Error naming what does
+    // not fit.
     Trainer(const ModelConfig& config, const TrainOptions& options);
     // Continues from a GGUF file: a checkpoint save_checkpoint wrote (weights, AdamW moments
-    // and the step count: the next step continues the run), or any llama model file, whose
-    // weights of any type are decoded to f32 to train on (fine-tuning; tied embeddings are
-    // untied, and the steps start at 0). Throws naming what the file has that training does
-    // not take (attention biases, rope frequency factors, other architectures).
+    // and the step count: the next step continues the run), or any llama or qwen2 model file,
+    // whose weights of any type are decoded to f32 to train on (fine-tuning; the steps start
+    // at 0). Throws naming what the file has that training does not take (rope frequency
+    // factors or position scaling, other architectures).
     static std::unique_ptr<Trainer> from_file(const std::string& path, const TrainOptions& options);
     ~Trainer();
     Trainer(const Trainer&) = delete;
@@ -55,7 +57,7 @@ class Trainer {
     // row-major).
     std::vector<float> logits(std::span<const int32_t> tokens);
 
-    // Writes a GGUF file of architecture llama: the weights in `type` (f32, f16, bf16 or a
+    // Writes a GGUF file of the model's architecture: the weights in `type` (f32, f16, bf16 or a
     // block type whose block divides n_embd and n_ff), the hyperparameters, and `metadata`
     // (the vocabulary: tokenizer.ggml.*; general.name).
     void save(const std::string& path, const gguf::Metadata& metadata, Type type = Type::F32) const;

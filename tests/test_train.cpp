@@ -24,12 +24,11 @@ Context data_ctx() {
     return Context(ContextParams{.alloc_data = true});
 }
 
-// The weights of `c` as leaves of a host context, each from values(name, shape).
+// The weights of `c` as leaves of a host context, each from values(name, n, is_norm).
 template <typename Values> llama::Weights host_weights(Context& ctx, const ModelConfig& c, Values values) {
-    std::vector<Tensor*> all;
     auto weight = [&](const std::string& name, std::initializer_list<int64_t> ne) {
         Tensor* t = set_name(ctx.new_tensor(Type::F32, ne), name);
-        tensor_set_f32(t, values(name, t->nelements(), ne.size() == 1));
+        tensor_set_f32(t, values(name, t->nelements(), ne.size() == 1 && !name.ends_with(".bias")));
         return t;
     };
     const int64_t E = c.n_embd, Dq = c.n_head * c.head_dim, Dkv = c.n_head_kv * c.head_dim;
@@ -42,6 +41,11 @@ template <typename Values> llama::Weights host_weights(Context& ctx, const Model
         L.wq = weight(b + "attn_q.weight", {E, Dq});
         L.wk = weight(b + "attn_k.weight", {E, Dkv});
         L.wv = weight(b + "attn_v.weight", {E, Dkv});
+        if (c.qkv_bias) {
+            L.bq = weight(b + "attn_q.bias", {Dq});
+            L.bk = weight(b + "attn_k.bias", {Dkv});
+            L.bv = weight(b + "attn_v.bias", {Dkv});
+        }
         L.wo = weight(b + "attn_output.weight", {Dq, E});
         L.ffn_norm = weight(b + "ffn_norm.weight", {E});
         L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff});
@@ -50,16 +54,28 @@ template <typename Values> llama::Weights host_weights(Context& ctx, const Model
         w.layers.push_back(L);
     }
     w.output_norm = weight("output_norm.weight", {E});
-    w.output = weight("output.weight", {E, c.n_vocab});
+    w.output = c.tied_embeddings ? w.token_embd : weight("output.weight", {E, c.n_vocab});
     return w;
+}
+
+// The tiny training model as Qwen2 has it: NeoX rope, q/k/v biases, tied embeddings.
+ModelConfig tiny_qwen2_config() {
+    ModelConfig c = test::tiny_train_config();
+    c.arch = "qwen2";
+    c.rope.mode = RopeMode::NeoX;
+    c.qkv_bias = c.tied_embeddings = true;
+    return c;
 }
 
 std::vector<Tensor*> weight_list(const llama::Weights& w) {
     std::vector<Tensor*> out{w.token_embd};
-    for (const llama::LayerWeights& L : w.layers)
+    for (const llama::LayerWeights& L : w.layers) {
         out.insert(out.end(),
                    {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm, L.ffn_gate, L.ffn_up, L.ffn_down});
-    out.insert(out.end(), {w.output_norm, w.output});
+        if (L.bq) out.insert(out.end(), {L.bq, L.bk, L.bv});
+    }
+    out.push_back(w.output_norm);
+    if (w.output != w.token_embd) out.push_back(w.output);
     return out;
 }
 
@@ -93,7 +109,8 @@ TrainOptions tiny_options(int64_t T = 7, int64_t B = 3) {
 } // namespace
 
 TEST_CASE("training graph: gradients of every weight match finite differences", "[train]") {
-    const ModelConfig c = test::tiny_train_config();
+    const bool qwen2 = GENERATE(false, true); // + NeoX rope, q/k/v biases, tied embeddings
+    const ModelConfig c = qwen2 ? tiny_qwen2_config() : test::tiny_train_config();
     const int64_t T = 5, B = 2; // odd sizes; two sequences share the rope positions
     Context ctx = data_ctx();
     std::normal_distribution<float> normal(0.0f, 0.4f);
@@ -108,7 +125,9 @@ TEST_CASE("training graph: gradients of every weight match finite differences", 
 }
 
 TEST_CASE("Trainer: a step's gradients are the derivatives of its loss", "[train]") {
-    const ModelConfig c = test::tiny_train_config();
+    const bool qwen2 = GENERATE(false, true);
+    const ModelConfig c = qwen2 ? tiny_qwen2_config() : test::tiny_train_config();
+    INFO(c.arch);
     const TrainOptions o = tiny_options();
     Trainer trainer(c, o);
     const std::vector<int32_t> batch =
@@ -253,8 +272,11 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     c.rope.n_dims = 4;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("rope must turn the whole head"));
     c = test::tiny_train_config();
-    c.arch = "qwen2";
-    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("architecture must be llama"));
+    c.arch = "gemma";
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("architecture must be llama or qwen2"));
+    c = tiny_qwen2_config();
+    c.rope.mode = RopeMode::Normal;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("in NeoX mode, as qwen2 does"));
     c = test::tiny_train_config();
     TrainOptions o = tiny_options();
     o.n_ctx = 0;
@@ -320,10 +342,15 @@ TEST_CASE("Trainer: a checkpoint resumes the run exactly", "[train]") {
     CHECK(fresh->weight("output.weight") == a.weight("output.weight"));
 }
 
-TEST_CASE("Trainer: fine-tunes a llama GGUF model, starting from its exact logits", "[train]") {
+TEST_CASE("Trainer: fine-tunes a llama or qwen2 GGUF model, starting from its exact logits", "[train]") {
     test::TinyModel m; // 5 query heads on 1 key/value head, head size 8
-    m.tied = GENERATE(false, true);
-    INFO("tied embeddings " << m.tied << ", seed " << test::seed());
+    const int variant = GENERATE(0, 1, 2);
+    m.tied = variant >= 1;
+    if (variant == 2) {
+        m.arch = "qwen2";
+        m.biases = true;
+    }
+    INFO(m.arch << ", tied embeddings " << m.tied << ", biases " << m.biases << ", seed " << test::seed());
     TempFile file{test::write_model(m, test::seed())};
     TrainOptions o = tiny_options(10, 1);
     std::unique_ptr<Trainer> t = Trainer::from_file(file.path, o);
@@ -341,20 +368,26 @@ TEST_CASE("Trainer: fine-tunes a llama GGUF model, starting from its exact logit
     const double err = test::logits_error(t->logits(tokens), want);
     INFO("logits relative error " << err);
     CHECK(err <= 1e-5);
-    if (m.tied) CHECK(t->weight("output.weight") == t->weight("token_embd.weight")); // untied, as a copy
+    CHECK(t->config().tied_embeddings == m.tied);
+    CHECK(t->config().qkv_bias == m.biases);
     std::vector<int32_t> batch = tokens;
     batch.push_back(tokens[0]);
     const float loss = t->step(batch, {.lr = 1e-3f, .step = 1});
     CHECK(std::isfinite(loss));
+    // Saved and loaded again, the file holds what was trained, in the same layout.
+    TempFile saved{file.path + ".trained.gguf"};
+    t->save(saved.path, {});
+    const gguf::File f = gguf::File::open(saved.path);
+    CHECK(f.metadata().at("general.architecture").as_string() == m.arch);
+    CHECK((f.find_tensor("output.weight") == nullptr) == m.tied);
+    CHECK((f.find_tensor("blk.1.attn_v.bias") != nullptr) == m.biases);
+    std::unique_ptr<Trainer> again = Trainer::from_file(saved.path, o);
+    CHECK(again->logits(tokens) == t->logits(tokens));
 }
 
 TEST_CASE("Trainer: model files that training does not take are refused by name", "[train]") {
     test::TinyModel m;
     std::string expected;
-    SECTION("attention biases") {
-        m.biases = true;
-        expected = "attention biases";
-    }
     SECTION("rope frequency factors") {
         m.rope_factors = {1.0f, 2.0f, 4.0f, 8.0f};
         expected = "rope_freqs.weight";
@@ -362,10 +395,6 @@ TEST_CASE("Trainer: model files that training does not take are refused by name"
     SECTION("linear rope scaling") {
         m.rope_linear_scale = 2.0f;
         expected = "scales rope positions";
-    }
-    SECTION("qwen2") {
-        m.arch = "qwen2";
-        expected = "architecture llama";
     }
     TempFile file{test::write_model(m, test::seed())};
     CHECK_THROWS_WITH(Trainer::from_file(file.path, tiny_options()), Catch::Contains(expected));

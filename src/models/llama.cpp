@@ -238,6 +238,7 @@ ModelConfig llama::read_config(const gguf::File& f) {
     const gguf::TensorInfo& embd = f.tensor("token_embd.weight");
     c.n_vocab = embd.ne[1];
     c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
+    c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
     return c;
 }
 

@@ -19,7 +19,8 @@ namespace {
 
 void check_config(const ModelConfig& c, const TrainOptions& o) {
     auto positive = [](int64_t v) { return v > 0; };
-    if (c.arch != "llama") fail("train: the architecture must be llama, not \"" + c.arch + "\"");
+    if (c.arch != "llama" && c.arch != "qwen2")
+        fail("train: the architecture must be llama or qwen2, not \"" + c.arch + "\"");
     if (!positive(c.n_vocab) || !positive(c.n_embd) || !positive(c.n_layer) || !positive(c.n_ff) ||
         !positive(c.n_head) || !positive(c.n_head_kv) || !positive(c.head_dim))
         fail("train: every size must be positive (vocabulary " + std::to_string(c.n_vocab) + ", embedding " +
@@ -29,8 +30,10 @@ void check_config(const ModelConfig& c, const TrainOptions& o) {
     if (c.n_head % c.n_head_kv != 0)
         fail("train: " + std::to_string(c.n_head) + " query heads cannot share " +
              std::to_string(c.n_head_kv) + " key/value heads evenly");
-    if (c.head_dim % 2 != 0 || c.rope.n_dims != c.head_dim || c.rope.mode != RopeMode::Normal)
-        fail("train: rope must turn the whole head (n_dims = head size, even) in normal mode");
+    const RopeMode mode = c.arch == "qwen2" ? RopeMode::NeoX : RopeMode::Normal;
+    if (c.head_dim % 2 != 0 || c.rope.n_dims != c.head_dim || c.rope.mode != mode)
+        fail("train: rope must turn the whole head (n_dims = head size, even) in " +
+             std::string(mode == RopeMode::NeoX ? "NeoX" : "normal") + " mode, as " + c.arch + " does");
     if (o.n_ctx <= 0 || o.n_seq <= 0)
         fail("train: n_ctx and n_seq must be positive, got " + std::to_string(o.n_ctx) + " and " +
              std::to_string(o.n_seq));
@@ -109,13 +112,13 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
     check_config(config, options);
     m.config = config;
     m.config.n_ctx_train = options.n_ctx;
-    m.config.tied_embeddings = false;
     m.options = options;
     m.device = options.device ? options.device : &cpu_device();
     const ModelConfig& c = m.config;
     const int64_t E = c.n_embd, Dq = c.n_head * c.head_dim, Dkv = c.n_head_kv * c.head_dim;
 
-    // The weights, named and shaped as in a GGUF file of architecture llama.
+    // The weights, named and shaped as in a GGUF file of the architecture. Tied embeddings are
+    // one tensor in both places; autodiff adds the two gradients.
     llama::Weights& w = m.weights;
     w.token_embd = m.weight("token_embd.weight", {E, c.n_vocab});
     for (int64_t l = 0; l < c.n_layer; ++l) {
@@ -125,6 +128,11 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
         L.wq = m.weight(b + "attn_q.weight", {E, Dq});
         L.wk = m.weight(b + "attn_k.weight", {E, Dkv});
         L.wv = m.weight(b + "attn_v.weight", {E, Dkv});
+        if (c.qkv_bias) {
+            L.bq = m.weight(b + "attn_q.bias", {Dq});
+            L.bk = m.weight(b + "attn_k.bias", {Dkv});
+            L.bv = m.weight(b + "attn_v.bias", {Dkv});
+        }
         L.wo = m.weight(b + "attn_output.weight", {Dq, E});
         L.ffn_norm = m.weight(b + "ffn_norm.weight", {E});
         L.ffn_gate = m.weight(b + "ffn_gate.weight", {E, c.n_ff});
@@ -133,7 +141,7 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
         w.layers.push_back(L);
     }
     w.output_norm = m.weight("output_norm.weight", {E});
-    w.output = m.weight("output.weight", {E, c.n_vocab});
+    w.output = c.tied_embeddings ? w.token_embd : m.weight("output.weight", {E, c.n_vocab});
 
     // The training step: forward, backward, AdamW; the optimizer's state joins the weights.
     m.train.io = llama::build_training_graph(m.train.ctx, c, w, options.n_ctx, options.n_seq);
@@ -155,7 +163,7 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
         run->sched->allocate(run->graph);
     }
 
-    // Initial weights: norms 1, matrices normal(0, init_std), the projections that write
+    // Initial weights: norms 1, biases 0, matrices normal(0, init_std), the projections that write
     // into the residual stream scaled down by sqrt(2 n_layer) so its variance does not grow
     // with depth.
     std::mt19937_64 rng(options.seed);
@@ -163,7 +171,7 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
     for (Tensor* t : m.params) {
         std::vector<float> v(size_t(t->nelements()));
         if (t->ne[1] == 1) {
-            std::fill(v.begin(), v.end(), 1.0f);
+            std::fill(v.begin(), v.end(), t->name.ends_with(".bias") ? 0.0f : 1.0f);
         } else {
             const bool residual =
                 t->name.ends_with("attn_output.weight") || t->name.ends_with("ffn_down.weight");
@@ -190,11 +198,6 @@ float Trainer::step(std::span<const int32_t> batch, const AdamWParams& p) {
 std::unique_ptr<Trainer> Trainer::from_file(const std::string& path, const TrainOptions& options) {
     const gguf::File f = gguf::File::open(path);
     ModelConfig c = llama::read_config(f);
-    if (c.arch != "llama") fail(path + ": training takes architecture llama, not " + c.arch);
-    for (const char* part : {"attn_q.bias", "attn_k.bias", "attn_v.bias"})
-        if (f.find_tensor(std::string("blk.0.") + part))
-            fail(path + ": the model has attention biases (blk.0." + part +
-                 "), which training does not take");
     if (f.find_tensor("rope_freqs.weight"))
         fail(path + ": the model scales rope by rope_freqs.weight, which training does not take");
     if (c.rope.freq_scale != 1.0f)
@@ -203,7 +206,7 @@ std::unique_ptr<Trainer> Trainer::from_file(const std::string& path, const Train
     Impl& m = *t->impl_;
     m.source = f.metadata();
     m.config.n_ctx_train = std::max(c.n_ctx_train, options.n_ctx); // the file's context, unless shorter
-    // Weights decoded to f32; a tied output head starts as a copy of the embeddings.
+    // Weights decoded to f32.
     auto decoded = [&](const std::string& name, const Tensor* like) {
         const gguf::TensorInfo& info = f.tensor(name);
         if (info.ne != like->ne)
@@ -215,11 +218,7 @@ std::unique_ptr<Trainer> Trainer::from_file(const std::string& path, const Train
         tt.to_float(info.data, v.data(), info.n_elements());
         return v;
     };
-    for (Tensor* p : m.params) {
-        const std::string source =
-            p->name == "output.weight" && c.tied_embeddings ? "token_embd.weight" : p->name;
-        tensor_set_f32(p, decoded(source, p));
-    }
+    for (Tensor* p : m.params) tensor_set_f32(p, decoded(p->name, p));
     // A checkpoint's optimizer state, all or nothing.
     const gguf::Value* step = f.metadata().find("training.step");
     if (step) {
@@ -256,10 +255,10 @@ void Trainer::Impl::write(const std::string& path, const gguf::Metadata& metadat
                           bool moments) const {
     const ModelConfig& c = config;
     gguf::Writer out;
-    out.set("general.architecture", "llama");
+    out.set("general.architecture", c.arch);
     out.set("general.name", "ggml-fa trained");
     out.set("general.file_type", gguf::file_type_of(type));
-    const std::string A = "llama.";
+    const std::string A = c.arch + ".";
     out.set(A + "vocab_size", uint32_t(c.n_vocab));
     out.set(A + "context_length", uint32_t(c.n_ctx_train));
     out.set(A + "embedding_length", uint32_t(c.n_embd));

@@ -1,5 +1,5 @@
-// train: a Llama-shaped model trained from scratch on a text file, byte by byte, or a llama
-// GGUF model fine-tuned on one.
+// train: a Llama-shaped model trained from scratch on a text file, byte by byte, or a llama or
+// qwen2 GGUF model fine-tuned on one.
 //
 //   train --data FILE.txt [-o MODEL.gguf] [--layers 4 --embd 256 --heads 4 ...] [--steps 500]
 //   train --data FILE.txt --init MODEL_OR_CHECKPOINT.gguf [--checkpoint CKPT.gguf] ...
@@ -49,8 +49,8 @@ void usage() {
         stderr, "usage: train --data FILE [-o MODEL.gguf] [options]\n"
                 "model:\n"
                 "  --init FILE                     start from FILE instead of random weights: a checkpoint\n"
-                "                                  (--checkpoint) goes on from its step; a llama GGUF model\n"
-                "                                  is fine-tuned, its text read with its own vocabulary\n"
+                "                                  (--checkpoint) goes on from its step; a llama or qwen2\n"
+                "                                  GGUF model is fine-tuned, the text read with its vocabulary\n"
                 "                                  (the shape options below are then the file's)\n"
                 "  --layers N --embd N --heads N   blocks, embedding width, query heads (4, 256, 4)\n"
                 "  --kv-heads N --head-dim N       key/value heads (default: --heads), head size\n"
