@@ -71,6 +71,14 @@ class Trainer {
     // tokenize text for it and to save with it.
     const gguf::Metadata& source_metadata() const;
 
+    // Bytes of memory the trainer holds: the weights, the optimizer's moments, and the
+    // graphs' planned buffers (activations, gradients; the training step and evaluation
+    // graphs each have their own), summed over devices.
+    struct Memory {
+        size_t weights = 0, optimizer = 0, train_graph = 0, eval_graph = 0;
+    };
+    Memory memory() const;
+
     const ModelConfig& config() const;
     const TrainOptions& options() const;
     int64_t n_params() const;

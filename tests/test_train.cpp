@@ -194,6 +194,11 @@ TEST_CASE("Trainer: learns a repeating sequence", "[train]") {
         }
         return batch;
     };
+    const Trainer::Memory mem = trainer.memory();
+    CHECK(mem.weights == size_t(trainer.n_params()) * sizeof(float));
+    CHECK(mem.optimizer == 2 * mem.weights);
+    CHECK(mem.train_graph > mem.eval_graph); // gradients and what the backward pass keeps
+    CHECK(mem.eval_graph > 0);
     const float first = trainer.loss(draw());
     INFO("seed " << test::seed() << ", loss before training " << first);
     CHECK(std::abs(first - std::log(float(c.n_vocab))) < 0.2f); // near uniform at the start

@@ -295,6 +295,18 @@ void Trainer::Impl::write(const std::string& path, const gguf::Metadata& metadat
     out.write(path);
 }
 
+Trainer::Memory Trainer::memory() const {
+    const Impl& m = *impl_;
+    Memory out;
+    for (const Tensor* t : m.params) out.weights += t->nbytes();
+    for (const Tensor* t : m.optimizer.moments) out.optimizer += t->nbytes();
+    for (size_t b = 0; b < m.backends().size(); ++b) {
+        out.train_graph += m.train.sched->allocator(b).peak_bytes();
+        out.eval_graph += m.eval.sched->allocator(b).peak_bytes();
+    }
+    return out;
+}
+
 const ModelConfig& Trainer::config() const {
     return impl_->config;
 }
