@@ -9,6 +9,8 @@
 // token replaced by BOS when the vocabulary adds one; the tokens of its second half are scored,
 // each by the log-probability the model gave it from the tokens before. Prints the running
 // perplexity after each chunk and the final estimate with its standard error.
+#include "tools/cli.h"
+
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
 #include <ggml-fa/model.h>
@@ -45,51 +47,28 @@ void usage() {
 
 Options parse(int argc, char** argv) {
     Options o;
-    auto value = [&](int& i) -> std::string {
-        if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
-        return argv[++i];
-    };
-    auto integer = [&](int& i) -> int64_t {
-        const std::string flag = argv[i], v = value(i);
-        size_t used = 0;
-        int64_t x = 0;
-        try {
-            x = std::stoll(v, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (used != v.size() || v.empty()) fail(flag + " " + v + ": expected an integer");
-        return x;
-    };
-    for (int i = 1; i < argc; ++i) {
-        const std::string a = argv[i];
+    cli::Args args(argc, argv);
+    while (args.next()) {
+        const std::string a = args.option();
         if (a == "-m" || a == "--model")
-            o.model = value(i);
+            o.model = args.value();
         else if (a == "-f" || a == "--file")
-            o.text = value(i);
+            o.text = args.value();
         else if (a == "-c" || a == "--ctx")
-            o.n_ctx = integer(i);
+            o.n_ctx = args.integer();
         else if (a == "-b" || a == "--batch")
-            o.n_batch = integer(i);
+            o.n_batch = args.integer();
         else if (a == "--chunks")
-            o.chunks = integer(i);
+            o.chunks = args.integer();
         else if (a == "--backend")
-            o.backend = value(i);
+            o.backend = args.value();
         else if (a == "--gpu-layers")
-            o.gpu_layers = int(integer(i));
+            o.gpu_layers = int(args.integer());
         else if (a == "-t" || a == "--threads")
-            o.threads = int(integer(i));
-        else if (a == "--kv-type") {
-            const std::string t = value(i);
-            if (t == "f16")
-                o.kv_type = Type::F16;
-            else if (t == "f32")
-                o.kv_type = Type::F32;
-            else if (t == "q8_0")
-                o.kv_type = Type::Q8_0;
-            else
-                fail("--kv-type " + t + ": expected f16, f32 or q8_0");
-        } else if (a == "-h" || a == "--help") {
+            o.threads = int(args.integer());
+        else if (a == "--kv-type")
+            o.kv_type = cli::kv_type(args.value());
+        else if (a == "-h" || a == "--help") {
             usage();
             std::exit(0);
         } else {
@@ -106,14 +85,9 @@ Options parse(int argc, char** argv) {
 int run(int argc, char** argv) {
     const Options o = parse(argc, argv);
     ModelLoadOptions load;
-    if (o.backend == "cuda" || o.backend == "vulkan") {
-        const char* name = o.backend == "cuda" ? "CUDA0" : "Vulkan0";
-        load.gpu = find_device(name);
-        if (!load.gpu)
-            fail("--backend " + o.backend + ": no " + name + " device in this build or on this machine");
+    if (Device* d = cli::device_for_backend(o.backend); d != &cpu_device()) {
+        load.gpu = d;
         load.gpu_layers = o.gpu_layers < 0 ? INT32_MAX : o.gpu_layers;
-    } else if (o.backend != "cpu") {
-        fail("--backend " + o.backend + ": expected cpu, cuda or vulkan");
     }
     std::unique_ptr<Model> model = Model::load(o.model, load);
     const Tokenizer tokenizer = Tokenizer::from_gguf(model->file().metadata());

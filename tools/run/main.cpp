@@ -7,6 +7,8 @@
 // vocabulary) and the generated ids are printed, comma-separated. --logits-out FILE writes the logits of
 // every prompt position as raw f32, [n_prompt][n_vocab] row-major, for comparisons with other
 // implementations. --profile prints where the decoding time went, per generated token.
+#include "tools/cli.h"
+
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
 #include <ggml-fa/model.h>
@@ -138,17 +140,9 @@ Options parse(int argc, char** argv) {
         else if (a == "--decode-window") {
             o.decode_window = int64_t(number());
             if (o.decode_window < 0) fail("--decode-window must be 0 or positive");
-        } else if (a == "--kv-type") {
-            const std::string t = next();
-            if (t == "f16")
-                o.kv_type = Type::F16;
-            else if (t == "f32")
-                o.kv_type = Type::F32;
-            else if (t == "q8_0")
-                o.kv_type = Type::Q8_0;
-            else
-                fail("--kv-type " + t + ": expected f16, f32 or q8_0");
-        } else if (a == "--logits-out")
+        } else if (a == "--kv-type")
+            o.kv_type = cli::kv_type(next());
+        else if (a == "--logits-out")
             o.logits_out = next();
         else if (a == "--ignore-eos")
             o.ignore_eos = true;
@@ -244,14 +238,9 @@ int run(int argc, char** argv) {
     const Options o = parse(argc, argv);
 
     ModelLoadOptions load;
-    if (o.backend == "cuda" || o.backend == "vulkan") {
-        const char* device = o.backend == "cuda" ? "CUDA0" : "Vulkan0";
-        load.gpu = find_device(device);
-        if (!load.gpu)
-            fail("--backend " + o.backend + ": no " + device + " device in this build or on this machine");
+    if (Device* d = cli::device_for_backend(o.backend); d != &cpu_device()) {
+        load.gpu = d;
         load.gpu_layers = o.gpu_layers < 0 ? INT32_MAX : o.gpu_layers;
-    } else if (o.backend != "cpu") {
-        fail("--backend " + o.backend + ": expected cpu, cuda or vulkan");
     } else if (o.gpu_layers > 0) {
         fail("--gpu-layers needs --backend cuda or vulkan");
     }

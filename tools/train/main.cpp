@@ -11,6 +11,8 @@
 // last part is printed. The result is a GGUF file of architecture llama with that
 // vocabulary, which ggml-fa-run (and llama.cpp) run; --sample N generates N bytes from it.
 // --checkpoint keeps the optimizer state and step count as well, and --init resumes from it.
+#include "tools/cli.h"
+
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
 #include <ggml-fa/model.h>
@@ -80,94 +82,67 @@ void usage() {
 
 Options parse(int argc, char** argv) {
     Options o;
-    auto value = [&](int& i) -> std::string {
-        if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
-        return argv[++i];
-    };
-    auto integer = [&](int& i) -> int64_t {
-        const std::string flag = argv[i], v = value(i);
-        size_t used = 0;
-        int64_t x = 0;
-        try {
-            x = std::stoll(v, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (used != v.size() || v.empty()) fail(flag + " " + v + ": expected an integer");
-        return x;
-    };
-    auto real = [&](int& i) -> float {
-        const std::string flag = argv[i], v = value(i);
-        size_t used = 0;
-        float x = 0;
-        try {
-            x = std::stof(v, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (used != v.size() || v.empty() || !std::isfinite(x)) fail(flag + " " + v + ": expected a number");
-        return x;
-    };
-    for (int i = 1; i < argc; ++i) {
-        const std::string a = argv[i];
+    cli::Args args(argc, argv);
+    while (args.next()) {
+        const std::string a = args.option();
         if (a == "--data")
-            o.data = value(i);
+            o.data = args.value();
         else if (a == "-o" || a == "--out")
-            o.out = value(i);
+            o.out = args.value();
         else if (a == "--layers")
-            o.layers = integer(i);
+            o.layers = args.integer();
         else if (a == "--embd")
-            o.embd = integer(i);
+            o.embd = args.integer();
         else if (a == "--heads")
-            o.heads = integer(i);
+            o.heads = args.integer();
         else if (a == "--kv-heads")
-            o.kv_heads = integer(i);
+            o.kv_heads = args.integer();
         else if (a == "--head-dim")
-            o.head_dim = integer(i);
+            o.head_dim = args.integer();
         else if (a == "--ff")
-            o.ff = integer(i);
+            o.ff = args.integer();
         else if (a == "--ctx")
-            o.ctx = integer(i);
+            o.ctx = args.integer();
         else if (a == "--batch")
-            o.batch = integer(i);
+            o.batch = args.integer();
         else if (a == "--steps")
-            o.steps = integer(i);
+            o.steps = args.integer();
         else if (a == "--warmup")
-            o.warmup = integer(i);
+            o.warmup = args.integer();
         else if (a == "--eval-every")
-            o.eval_every = integer(i);
+            o.eval_every = args.integer();
         else if (a == "--eval-batches")
-            o.eval_batches = integer(i);
+            o.eval_batches = args.integer();
         else if (a == "--sample")
-            o.sample = integer(i);
+            o.sample = args.integer();
         else if (a == "--prompt")
-            o.prompt = value(i);
+            o.prompt = args.value();
         else if (a == "--lr")
-            o.lr = real(i);
+            o.lr = args.real();
         else if (a == "--min-lr")
-            o.min_lr = real(i);
+            o.min_lr = args.real();
         else if (a == "--weight-decay")
-            o.weight_decay = real(i);
+            o.weight_decay = args.real();
         else if (a == "--grad-clip")
-            o.grad_clip = real(i);
+            o.grad_clip = args.real();
         else if (a == "--beta2")
-            o.beta2 = real(i);
+            o.beta2 = args.real();
         else if (a == "--val-fraction")
-            o.val_fraction = real(i);
+            o.val_fraction = args.real();
         else if (a == "--seed")
-            o.seed = uint64_t(integer(i));
+            o.seed = uint64_t(args.integer());
         else if (a == "--backend")
-            o.backend = value(i);
+            o.backend = args.value();
         else if (a == "--init")
-            o.init = value(i);
+            o.init = args.value();
         else if (a == "--checkpoint")
-            o.checkpoint = value(i);
+            o.checkpoint = args.value();
         else if (a == "--profile")
             o.profile = true;
         else if (a == "-t" || a == "--threads")
-            o.threads = int(integer(i));
+            o.threads = int(args.integer());
         else if (a == "--save-type") {
-            const std::string t = value(i);
+            const std::string t = args.value();
             if (t == "f32")
                 o.save_type = Type::F32;
             else if (t == "f16")
@@ -253,15 +228,7 @@ void sample(const Options& o, Device* device) {
 
 int run(int argc, char** argv) {
     const Options o = parse(argc, argv);
-    Device* device = &cpu_device();
-    if (o.backend == "cuda" || o.backend == "vulkan") {
-        const char* name = o.backend == "cuda" ? "CUDA0" : "Vulkan0";
-        device = find_device(name);
-        if (!device)
-            fail("--backend " + o.backend + ": no " + name + " device in this build or on this machine");
-    } else if (o.backend != "cpu") {
-        fail("--backend " + o.backend + ": expected cpu, cuda or vulkan");
-    }
+    Device* device = cli::device_for_backend(o.backend);
 
     TrainOptions to;
     to.n_ctx = o.ctx;
