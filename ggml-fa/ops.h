@@ -117,6 +117,7 @@ Tensor* sqrt(Context& ctx, Tensor* a);
 Tensor* exp(Context& ctx, Tensor* a);
 Tensor* log(Context& ctx, Tensor* a);
 Tensor* neg(Context& ctx, Tensor* a);
+Tensor* tanh(Context& ctx, Tensor* a);
 
 // ---- reductions -----------------------------------------------------------------------
 

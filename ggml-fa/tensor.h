@@ -57,6 +57,7 @@ enum class Op : uint16_t {
     Exp,
     Log,
     Neg,
+    Tanh,
     // reductions
     Sum,
     SumRows,

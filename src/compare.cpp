@@ -344,6 +344,10 @@ const std::vector<Case>& builtin_suite() {
          [](B& b) {
              return neg(b.ctx, b.input({1, 3}));
          }},
+        {"tanh", 1e-6,
+         [](B& b) {
+             return tanh(b.ctx, b.input({17, 3}, -30.0f, 30.0f)); // saturated ends included
+         }},
         // reductions
         {"sum", 1e-6,
          [](B& b) {

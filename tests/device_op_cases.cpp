@@ -40,6 +40,7 @@ void unary_and_reductions(const Check& check) {
     check(exp(ctx, a), 1e-6);
     check(log(ctx, a), 1e-6);
     check(neg(ctx, transpose(ctx, a)), 1e-6);
+    check(tanh(ctx, scale(ctx, a, 20.0f, -21.0f)), 1e-6); // -19 .. 19: both saturated ends
     check(sum(ctx, a), 1e-6);
     check(sum_rows(ctx, a), 1e-6);
     check(mean(ctx, a), 1e-6);

@@ -39,6 +39,7 @@ TEST_CASE("unary ops match the reference", "[ops]") {
     check_forward(exp(ctx, a), 1e-6);
     check_forward(log(ctx, a), 1e-6);
     check_forward(neg(ctx, a), 1e-6);
+    check_forward(tanh(ctx, scale(ctx, a, 20.0f, -21.0f)), 1e-6);
 }
 
 TEST_CASE("element-wise gradients match finite differences", "[ops][grad]") {
@@ -48,7 +49,7 @@ TEST_CASE("element-wise gradients match finite differences", "[ops][grad]") {
     fill_uniform(a, 0.5f, 1.5f);
     fill_uniform(b, 0.5f, 1.5f);
     Tensor* y = div(ctx, mul(ctx, add(ctx, a, b), sub(ctx, a, b)), b); // (a+b)(a-b)/b
-    y = log(ctx, sqrt(ctx, sqr(ctx, exp(ctx, scale(ctx, y, 0.7f, 0.1f)))));
+    y = log(ctx, sqrt(ctx, sqr(ctx, exp(ctx, scale(ctx, tanh(ctx, y), 0.7f, 0.1f)))));
     Tensor* loss = sum_rows(ctx, reshape(ctx, mul(ctx, y, a), {a->nelements()}));
     check_gradients(ctx, loss, {a, b}, 1e-5);
 }

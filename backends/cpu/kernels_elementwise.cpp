@@ -91,6 +91,9 @@ void run_log(const ComputeCtx& c, Tensor* d) {
 void run_neg(const ComputeCtx& c, Tensor* d) {
     unary_kernel(c, d, [](float x) { return -x; });
 }
+void run_tanh(const ComputeCtx& c, Tensor* d) {
+    unary_kernel(c, d, [](float x) { return std::tanh(x); });
+}
 
 } // namespace
 
@@ -105,6 +108,7 @@ void register_elementwise_kernels(KernelTable& t) {
     t[size_t(Op::Exp)] = {run_exp, f32_inputs};
     t[size_t(Op::Log)] = {run_log, f32_inputs};
     t[size_t(Op::Neg)] = {run_neg, f32_inputs};
+    t[size_t(Op::Tanh)] = {run_tanh, f32_inputs};
 }
 
 } // namespace gfa::cpu

@@ -12,7 +12,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-enum UnaryCode : int { kScale, kSqr, kSqrt, kExp, kLog, kNeg, kSilu, kGeluTanh, kGeluErf, kRelu, kStep };
+enum UnaryCode : int { kScale, kSqr, kSqrt, kExp, kLog, kNeg, kTanh, kSilu, kGeluTanh, kGeluErf, kRelu, kStep };
 enum BinaryCode : int { kAdd, kSub, kMul, kDiv, kSwiglu, kSiluBack, kGeluTanhBack, kGeluErfBack };
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
@@ -34,6 +34,8 @@ __device__ __forceinline__ float apply_unary(int code, float x, float p0, float 
         return logf(x);
     case kNeg:
         return -x;
+    case kTanh:
+        return tanhf(x);
     case kSilu:
         return x * sigmoid(x);
     case kGeluTanh:
@@ -157,6 +159,9 @@ void run_exp(const ComputeCtx& c, Tensor* d) {
 void run_log(const ComputeCtx& c, Tensor* d) {
     launch_unary(c, d, kLog);
 }
+void run_tanh(const ComputeCtx& c, Tensor* d) {
+    launch_unary(c, d, kTanh);
+}
 void run_neg(const ComputeCtx& c, Tensor* d) {
     launch_unary(c, d, kNeg);
 }
@@ -213,6 +218,7 @@ void register_elementwise_kernels(KernelTable& t) {
     t[size_t(Op::Exp)] = {run_exp, f32_unary};
     t[size_t(Op::Log)] = {run_log, f32_unary};
     t[size_t(Op::Neg)] = {run_neg, f32_unary};
+    t[size_t(Op::Tanh)] = {run_tanh, f32_unary};
 }
 
 void register_activation_kernels(KernelTable& t) {

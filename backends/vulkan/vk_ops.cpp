@@ -116,6 +116,7 @@ enum ElementwiseOp : uint32_t {
     kGeluErf,
     kRelu,
     kStep,
+    kTanh,
     kAdd,
     kSub,
     kMul,
@@ -148,6 +149,8 @@ uint32_t elementwise_code(const Tensor* node) {
         return kLog;
     case Op::Neg:
         return kNeg;
+    case Op::Tanh:
+        return kTanh;
     case Op::Silu:
         return kSilu;
     case Op::Gelu:
@@ -461,7 +464,7 @@ void record_set_rows(Recorder& rec, const Tensor* node) {
 
 void register_elementwise_kernels(std::map<Op, Kernel>& table) {
     for (Op op : {Op::Add, Op::Sub, Op::Mul, Op::Div, Op::Scale, Op::Sqr, Op::Sqrt, Op::Exp, Op::Log, Op::Neg,
-                  Op::Silu, Op::Gelu, Op::Relu, Op::Step, Op::Swiglu, Op::SiluBack, Op::GeluBack})
+                  Op::Tanh, Op::Silu, Op::Gelu, Op::Relu, Op::Step, Op::Swiglu, Op::SiluBack, Op::GeluBack})
         table[op] = {supports_elementwise, record_elementwise};
     for (Op op : {Op::Repeat, Op::RepeatBack, Op::Concat, Op::DiagMaskInf})
         table[op] = {supports_elementwise, record_elementwise};

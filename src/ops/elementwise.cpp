@@ -65,6 +65,9 @@ void log_backward(GradCtx& g, Tensor* node, Tensor* grad) {
 void neg_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     g.accumulate(node->src[0], neg(g.ctx, grad));
 }
+void tanh_backward(GradCtx& g, Tensor* node, Tensor* grad) { // d tanh = 1 - tanh^2
+    g.accumulate(node->src[0], mul(g.ctx, grad, scale(g.ctx, sqr(g.ctx, node), -1.0f, 1.0f)));
+}
 
 template <class F> void binary_reference(ref::Evaluator& ev, const Tensor* node, F f) {
     const Tensor *a = node->src[0], *b = node->src[1];
@@ -110,6 +113,9 @@ void log_reference(ref::Evaluator& ev, const Tensor* n) {
 void neg_reference(ref::Evaluator& ev, const Tensor* n) {
     unary_reference(ev, n, [](double x) { return -x; });
 }
+void tanh_reference(ref::Evaluator& ev, const Tensor* n) {
+    unary_reference(ev, n, [](double x) { return std::tanh(x); });
+}
 
 } // namespace
 
@@ -145,6 +151,9 @@ Tensor* log(Context& ctx, Tensor* a) {
 Tensor* neg(Context& ctx, Tensor* a) {
     return unary(ctx, Op::Neg, a);
 }
+Tensor* tanh(Context& ctx, Tensor* a) {
+    return unary(ctx, Op::Tanh, a);
+}
 
 void define_elementwise_ops(OpTable& t) {
     t[size_t(Op::Add)] = {
@@ -167,6 +176,8 @@ void define_elementwise_ops(OpTable& t) {
         .name = "log", .backward = log_backward, .reference = log_reference, .inplace_ok = true};
     t[size_t(Op::Neg)] = {
         .name = "neg", .backward = neg_backward, .reference = neg_reference, .inplace_ok = true};
+    t[size_t(Op::Tanh)] = {
+        .name = "tanh", .backward = tanh_backward, .reference = tanh_reference, .inplace_ok = true};
 }
 
 } // namespace gfa

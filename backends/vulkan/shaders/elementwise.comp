@@ -13,9 +13,9 @@ layout(local_size_x = 256) in;
 // P.op (ElementwiseOp in vk_ops.cpp)
 const uint OP_COPY = 0u, OP_SCALE = 1u, OP_SQR = 2u, OP_SQRT = 3u, OP_EXP = 4u, OP_LOG = 5u,
            OP_NEG = 6u, OP_SILU = 7u, OP_GELU_TANH = 8u, OP_GELU_ERF = 9u, OP_RELU = 10u,
-           OP_STEP = 11u, OP_ADD = 12u, OP_SUB = 13u, OP_MUL = 14u, OP_DIV = 15u, OP_SWIGLU = 16u,
-           OP_SILU_BACK = 17u, OP_GELU_TANH_BACK = 18u, OP_GELU_ERF_BACK = 19u, OP_FILL = 20u,
-           OP_REPEAT = 21u, OP_REPEAT_BACK = 22u, OP_CONCAT = 23u, OP_DIAG_MASK = 24u;
+           OP_STEP = 11u, OP_TANH = 12u, OP_ADD = 13u, OP_SUB = 14u, OP_MUL = 15u, OP_DIV = 16u,
+           OP_SWIGLU = 17u, OP_SILU_BACK = 18u, OP_GELU_TANH_BACK = 19u, OP_GELU_ERF_BACK = 20u,
+           OP_FILL = 21u, OP_REPEAT = 22u, OP_REPEAT_BACK = 23u, OP_CONCAT = 24u, OP_DIAG_MASK = 25u;
 
 // ggml's tanh-approximation constants: sqrt(2 / pi) and 0.044715.
 const float GELU_C = 0.7978845608028654, GELU_CUBIC = 0.044715;
@@ -37,6 +37,7 @@ float unary(uint op, float x) {
     case OP_GELU_TANH: return 0.5 * x * (1.0 + stable_tanh(GELU_C * (x + GELU_CUBIC * x * x * x)));
     case OP_GELU_ERF: return 0.5 * x * (1.0 + erf_approx(x * INV_SQRT2));
     case OP_RELU: return x > 0.0 ? x : 0.0;
+    case OP_TANH: return stable_tanh(x);
     default: return x > 0.0 ? 1.0 : 0.0; // OP_STEP
     }
 }
