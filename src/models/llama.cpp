@@ -23,11 +23,14 @@ namespace gfa {
 
 namespace llama {
 
-std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window) {
+std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window, int64_t sliding) {
     constexpr uint16_t kZero = 0x0000, kMinusInf = 0xFC00; // f16 bit patterns
     std::vector<uint16_t> mask(size_t(n_tokens * n_window), kMinusInf);
-    for (int64_t i = 0; i < n_tokens; ++i)
-        std::fill_n(mask.begin() + i * n_window, std::min(n_past + i + 1, n_window), kZero);
+    for (int64_t i = 0; i < n_tokens; ++i) {
+        const int64_t end = std::min(n_past + i + 1, n_window);
+        const int64_t begin = sliding > 0 ? std::max<int64_t>(0, n_past + i + 1 - sliding) : 0;
+        if (begin < end) std::fill(mask.begin() + i * n_window + begin, mask.begin() + i * n_window + end, kZero);
+    }
     return mask;
 }
 
@@ -65,16 +68,20 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
 Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x) {
     const int64_t rows = x->ne[1];
     Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm);
-    Tensor* f = nullptr;
+    Tensor *gate = nullptr, *up = nullptr;
     if (L.ffn_gate_up) {
         Tensor* gu = mul_mat(ctx, L.ffn_gate_up, h); // [2 n_ff, rows]: gate rows, then up
         const size_t half = size_t(cfg.n_ff) * sizeof(float);
-        f = swiglu(ctx, view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, 0),
-                   view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, half));
+        gate = view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, 0);
+        up = view(ctx, gu, {cfg.n_ff, rows}, {gu->nb[1]}, half);
     } else {
-        f = swiglu(ctx, mul_mat(ctx, L.ffn_gate, h), mul_mat(ctx, L.ffn_up, h));
+        gate = mul_mat(ctx, L.ffn_gate, h);
+        up = mul_mat(ctx, L.ffn_up, h);
     }
-    return add(ctx, x, mul_mat(ctx, L.ffn_down, f));
+    Tensor* f = cfg.gelu_ffn ? mul(ctx, gelu(ctx, gate, GeluApprox::Tanh), up) : swiglu(ctx, gate, up);
+    Tensor* out = mul_mat(ctx, L.ffn_down, f);
+    if (L.ffn_post_norm) out = mul(ctx, rms_norm(ctx, out, cfg.norm_eps), L.ffn_post_norm);
+    return add(ctx, x, out);
 }
 
 GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
@@ -94,15 +101,21 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
     set_input(io.positions);
 
     FlashAttnParams attn{};
-    attn.scale = 1.0f / std::sqrt(float(D));
+    attn.scale = cfg.attn_scale > 0.0f ? cfg.attn_scale : 1.0f / std::sqrt(float(D));
+    attn.logit_softcap = cfg.attn_softcap;
     if (n_window) {
         io.kq_mask = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask");
         set_input(io.kq_mask);
+        if (cfg.sliding_window > 0) {
+            io.kq_mask_swa = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask_swa");
+            set_input(io.kq_mask_swa);
+        }
     } else {
         attn.causal = true; // bottom-right aligned: query i sees cache rows up to n_past + i
     }
 
     Tensor* x = get_rows(ctx, w.token_embd, io.tokens); // [n_embd, n_tokens]
+    if (cfg.embd_scale != 1.0f) x = scale(ctx, x, cfg.embd_scale);
     // Without all_logits only the last position's logits are wanted: the last layer then
     // writes every position's keys and values to the cache but attends, projects and runs
     // its feed-forward for the last position alone (one layer's FFN of a prompt: ~4% of it).
@@ -124,7 +137,10 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         auto cached = [&](Tensor* c) {
             return view(ctx, c, {D, n_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
         };
-        Tensor* mask = io.kq_mask;
+        const bool sliding = sliding_layer(cfg, l);
+        Tensor* mask = sliding && io.kq_mask_swa ? io.kq_mask_swa : io.kq_mask;
+        FlashAttnParams layer_attn = attn;
+        if (sliding && !n_window) layer_attn.window_left = int32_t(cfg.sliding_window - 1);
         int64_t rows = n_tokens; // positions this layer carries on
         if (trim) {
             const int64_t last = n_tokens - 1;
@@ -134,16 +150,20 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
             rows = 1;
         }
         Tensor* o =
-            flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), mask, attn);
+            flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), mask, layer_attn);
         set_name(o, std::string("attn.") + layer);
-        o = reshape(ctx, o, {D * cfg.n_head, rows});
-        x = add(ctx, x, mul_mat(ctx, L.wo, o));
+        o = mul_mat(ctx, L.wo, reshape(ctx, o, {D * cfg.n_head, rows}));
+        if (L.attn_post_norm) o = mul(ctx, rms_norm(ctx, o, cfg.norm_eps), L.attn_post_norm);
+        x = add(ctx, x, o);
 
         x = feed_forward(ctx, cfg, L, x);
         set_name(x, std::string("residual.") + layer);
     }
     x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
-    io.logits = set_name(mul_mat(ctx, w.output, x), "logits");
+    Tensor* logits = mul_mat(ctx, w.output, x);
+    if (cfg.final_softcap > 0.0f)
+        logits = scale(ctx, tanh(ctx, scale(ctx, logits, 1.0f / cfg.final_softcap)), cfg.final_softcap);
+    io.logits = set_name(logits, "logits");
     set_output(io.logits);
     return io;
 }
@@ -206,8 +226,8 @@ ModelConfig llama::read_config(const gguf::File& f) {
     const gguf::Value* arch = f.metadata().find("general.architecture");
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
-    if (c.arch != "llama" && c.arch != "qwen2")
-        fail("model: architecture \"" + c.arch + "\" is not supported (llama and qwen2 are)");
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2")
+        fail("model: architecture \"" + c.arch + "\" is not supported (llama, qwen2 and gemma2 are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
@@ -225,7 +245,7 @@ ModelConfig llama::read_config(const gguf::File& f) {
         fail("model: key and value head sizes differ, which llama-family models do not do");
     c.norm_eps = float(meta_float(f, p + "attention.layer_norm_rms_epsilon", 1e-5));
     c.rope.n_dims = int32_t(meta_int(f, p + "rope.dimension_count", c.head_dim));
-    c.rope.mode = c.arch == "qwen2" ? RopeMode::NeoX : RopeMode::Normal;
+    c.rope.mode = c.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX;
     c.rope.freq_base = float(meta_float(f, p + "rope.freq_base", 10000.0));
     c.rope.freq_scale = 1.0f;
     if (const gguf::Value* type = f.metadata().find(p + "rope.scaling.type")) {
@@ -239,6 +259,19 @@ ModelConfig llama::read_config(const gguf::File& f) {
     c.n_vocab = embd.ne[1];
     c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
     c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+    if (c.arch == "gemma2") {
+        // Defaults as llama.cpp has them for files that lack the keys.
+        c.embd_scale = std::sqrt(float(c.n_embd));
+        c.attn_softcap = float(meta_float(f, p + "attn_logit_softcapping", 50.0));
+        c.final_softcap = float(meta_float(f, p + "final_logit_softcapping", 30.0));
+        c.sliding_window = meta_int(f, p + "attention.sliding_window", 4096);
+        c.post_norms = c.gelu_ffn = true;
+        // GGUF has no key for the query scale (Hugging Face's query_pre_attn_scalar); as
+        // llama.cpp: the 27B model (46 layers) scales by n_embd / n_head, the others by the
+        // head size.
+        c.attn_scale = 1.0f / std::sqrt(float(c.n_layer == 46 ? c.n_embd / c.n_head : c.head_dim));
+        if (c.sliding_window <= 0) fail("model: gemma2.attention.sliding_window must be positive");
+    }
     return c;
 }
 
@@ -388,6 +421,10 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);
         }
         L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E}, where);
+        if (c.post_norms) {
+            L.attn_post_norm = weight(b + "post_attention_norm.weight", {E}, where);
+            L.ffn_post_norm = weight(b + "post_ffw_norm.weight", {E}, where);
+        }
         w.layers.push_back(L);
     }
 
@@ -599,6 +636,11 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
         if (io.kq_mask) {
             const std::vector<uint16_t> mask = llama::window_mask(int64_t(n), s.n_past, window);
             tensor_set(io.kq_mask, mask.data(), 0, mask.size() * sizeof(uint16_t));
+        }
+        if (io.kq_mask_swa) {
+            const std::vector<uint16_t> mask =
+                llama::window_mask(int64_t(n), s.n_past, window, s.model.config().sliding_window);
+            tensor_set(io.kq_mask_swa, mask.data(), 0, mask.size() * sizeof(uint16_t));
         }
         charge(prof.upload);
         s.sched->submit(g);

@@ -23,6 +23,7 @@ struct LayerWeights {
     Tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     Tensor* ffn_gate_up = nullptr;
     Tensor* rope_factors = nullptr; // rope_freqs.weight (Llama 3.1 style), the copy on this block's device
+    Tensor *attn_post_norm = nullptr, *ffn_post_norm = nullptr; // Gemma 2
 };
 
 struct Weights {
@@ -43,6 +44,7 @@ struct GraphIo {
     Tensor* tokens = nullptr;    // i32 [n_tokens]
     Tensor* positions = nullptr; // i32 [n_tokens]: rope positions and cache rows
     Tensor* kq_mask = nullptr;   // f16 [n_window, n_tokens] when the attention reads a window
+    Tensor* kq_mask_swa = nullptr; // the same for sliding-window layers (ModelConfig::sliding_window)
     Tensor* logits = nullptr;    // f32 [n_vocab, n_out]
 };
 
@@ -83,8 +85,13 @@ struct TrainingIo {
 TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, int64_t T, int64_t B);
 
 // The mask for a windowed graph: row i (the token at position n_past + i) sees cache rows
-// [0, n_past + i]; f16 values, 0 or -inf, n_window per row.
-std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window);
+// [0, n_past + i], or with sliding > 0 only the last `sliding` of them; f16 values, 0 or
+// -inf, n_window per row.
+std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window, int64_t sliding = 0);
+// Whether layer l attends through a sliding window (Gemma 2: the even-numbered layers).
+inline bool sliding_layer(const ModelConfig& cfg, size_t l) {
+    return cfg.sliding_window > 0 && l % 2 == 0;
+}
 
 // The hyperparameters of a GGUF file of architecture llama or qwen2; a gfa::Error names a
 // missing or inconsistent key.

@@ -61,6 +61,15 @@ CONFIGS = {
                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                     rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=128,
                     tie_word_embeddings=False),
+    # Gemma 2: scaled embeddings, (1 + w) norms also after attention and the feed-forward,
+    # GeGLU, soft-capped scores and logits (caps small enough to bite), and a sliding window
+    # of 5 positions on layers 0 and 2 (the prompts are 13-23 tokens long).
+    "gemma2": dict(model_type="gemma2", vocab_size=71, hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   query_pre_attn_scalar=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   max_position_embeddings=128, tie_word_embeddings=True, sliding_window=5,
+                   attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
+                   hidden_activation="gelu_pytorch_tanh"),
 }
 
 
@@ -77,8 +86,10 @@ def random_weights(cfg, rng):
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
-    def norm(n):
-        return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    gemma = cfg["model_type"] == "gemma2"
+
+    def norm(n):  # Gemma's norms scale by 1 + w
+        return ((0.0 if gemma else 1.0) + 0.2 * rng.standard_normal(n)).astype(np.float32)
 
     w = {"model.embed_tokens.weight": rng.standard_normal((V, E)).astype(np.float32),
          "model.norm.weight": norm(E)}
@@ -100,6 +111,9 @@ def random_weights(cfg, rng):
         w[p + "mlp.down_proj.weight"] = mat(E, F)
         w[p + "input_layernorm.weight"] = norm(E)
         w[p + "post_attention_layernorm.weight"] = norm(E)
+        if gemma:
+            w[p + "pre_feedforward_layernorm.weight"] = norm(E)
+            w[p + "post_feedforward_layernorm.weight"] = norm(E)
     return w
 
 
@@ -209,8 +223,13 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
     D, Hq, Hkv = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"]
     eps = cfg["rms_norm_eps"]
 
+    gemma = cfg["model_type"] == "gemma2"
+
     def rms_norm(x, g):
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * g
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * ((1.0 + g) if gemma else g)
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
     # Rotary embedding as HF applies it: the halves (d, d + D/2) of each head rotate.
     inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, D, 2) / D)
@@ -225,7 +244,11 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         return x * cos + half * sin
 
     causal = np.triu(np.full((n, n), -np.inf), 1)
+    # Gemma 2's sliding layers see key j from query i when i - window < j <= i.
+    sliding = causal + np.tril(np.full((n, n), -np.inf), -cfg.get("sliding_window", n + 1))
     x = w["model.embed_tokens.weight"][tokens]
+    if gemma:
+        x = x * np.sqrt(cfg["hidden_size"])
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
 
@@ -240,19 +263,33 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         k, v = round_kv(k, kv_type), round_kv(v, kv_type)
         k = np.repeat(k, Hq // Hkv, axis=1)  # query head i reads kv head i // (Hq / Hkv)
         v = np.repeat(v, Hq // Hkv, axis=1)
-        s = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(D) + causal
+        s = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(cfg.get("query_pre_attn_scalar", D))
+        if cfg.get("attn_logit_softcapping"):
+            cap = cfg["attn_logit_softcapping"]
+            s = cap * np.tanh(s / cap)
+        s = s + (sliding if gemma and l % 2 == 0 else causal)
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("hij,jhd->ihd", s, v).reshape(n, Hq * D)
-        x = x + o @ w[p + "self_attn.o_proj.weight"].T
+        o = o @ w[p + "self_attn.o_proj.weight"].T
+        if gemma:
+            o = rms_norm(o, w[p + "post_attention_layernorm.weight"])
+        x = x + o
 
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"])
+        h = rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")])
         g = h @ w[p + "mlp.gate_proj.weight"].T
         u = h @ w[p + "mlp.up_proj.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "mlp.down_proj.weight"].T
+        f = ((gelu_tanh(g) if gemma else g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
+        if gemma:
+            f = rms_norm(f, w[p + "post_feedforward_layernorm.weight"])
+        x = x + f
     x = rms_norm(x, w["model.norm.weight"])
     head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
-    return x @ head.T
+    logits = x @ head.T
+    if cfg.get("final_logit_softcapping"):
+        cap = cfg["final_logit_softcapping"]
+        logits = cap * np.tanh(logits / cap)
+    return logits
 
 
 # ---- running the tools -----------------------------------------------------------------
@@ -386,6 +423,9 @@ def main():
         ("llama3", "f32", "f16", "f16", []),
         ("mistral", "bf16", "f32", "f32", []),
         ("mistral", "bf16", "q8_0", "f16", []),
+        ("gemma2", "f32", "f32", "f32", []),
+        ("gemma2", "f32", "f32", "f32", ["-b", "5"]),  # chunks: sliding windows across cached tokens
+        ("gemma2", "f32", "f16", "f16", []),
     ]
     failures = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2) to GGUF with
-// the tensor names and metadata keys llama.cpp uses.
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2, Gemma 2) to
+// GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
 //
@@ -9,7 +9,8 @@
 // Rotary layout: HF LLaMA checkpoints rotate the two halves of each head (d, d + D/2),
 // while GGUF files of architecture "llama" rotate adjacent pairs (2i, 2i+1) (rope mode
 // Normal), so the rows of Q and K are permuted per head here. Qwen2 keeps the HF layout
-// and is run with NeoX rope, so its rows stay as they are.
+// and is run with NeoX rope, so its rows stay as they are; so does Gemma 2, whose RMSNorm
+// gains are stored as 1 + weight (Gemma scales by 1 + w; llama.cpp's files hold the sum).
 #include "safetensors.h"
 
 #include <ggml-fa/error.h>
@@ -50,6 +51,9 @@ struct HParams {
     std::optional<Llama3Rope> rope_llama3;
     bool tied = false;
     std::optional<int64_t> bos, eos;
+    // Gemma 2
+    double attn_softcap = 0.0, final_softcap = 0.0;
+    int64_t sliding_window = 0;
 };
 
 template <typename T> T required(const json& cfg, const char* key) {
@@ -109,11 +113,11 @@ HParams read_config(const std::filesystem::path& dir) {
     h.model_type = required<std::string>(cfg, "model_type");
     if (h.model_type == "llama" || h.model_type == "mistral")
         h.arch = "llama";
-    else if (h.model_type == "qwen2")
-        h.arch = "qwen2";
+    else if (h.model_type == "qwen2" || h.model_type == "gemma2")
+        h.arch = h.model_type;
     else
         gfa::fail("config.json: model_type \"" + h.model_type +
-                  "\" is not supported (llama, mistral, qwen2 are)");
+                  "\" is not supported (llama, mistral, qwen2, gemma2 are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -151,6 +155,25 @@ HParams read_config(const std::filesystem::path& dir) {
                       "\" is not supported (linear and llama3 are)");
         }
     }
+    if (h.arch == "gemma2") {
+        h.tied = optional_or<bool>(cfg, "tie_word_embeddings", true);
+        h.attn_softcap = optional_or<double>(cfg, "attn_logit_softcapping", 50.0);
+        h.final_softcap = optional_or<double>(cfg, "final_logit_softcapping", 30.0);
+        h.sliding_window = optional_or<int64_t>(cfg, "sliding_window", 4096);
+        const std::string act = optional_or<std::string>(cfg, "hidden_activation", "gelu_pytorch_tanh");
+        if (act != "gelu_pytorch_tanh")
+            gfa::fail("config.json: hidden_activation \"" + act + "\" is not supported (gelu_pytorch_tanh is)");
+        // GGUF keeps no query scale: readers use the head size, or n_embd / n_head for the
+        // 46-layer model (llama.cpp's rule). Other checkpoints would read wrongly.
+        const int64_t expected = h.n_layer == 46 ? h.n_embd / h.n_head : h.head_dim;
+        const double qpas = optional_or<double>(cfg, "query_pre_attn_scalar", double(expected));
+        if (qpas != double(expected))
+            gfa::fail("config.json: query_pre_attn_scalar " + std::to_string(qpas) +
+                      " is not what GGUF readers assume for this shape (" + std::to_string(expected) + ")");
+        if (h.attn_softcap <= 0 || h.final_softcap <= 0 || h.sliding_window <= 0)
+            gfa::fail("config.json: gemma2 needs positive attn_logit_softcapping, final_logit_softcapping and "
+                      "sliding_window");
+    }
     if (cfg.contains("bos_token_id") && cfg["bos_token_id"].is_number_integer())
         h.bos = cfg["bos_token_id"].get<int64_t>();
     if (cfg.contains("eos_token_id") && cfg["eos_token_id"].is_number_integer())
@@ -159,7 +182,7 @@ HParams read_config(const std::filesystem::path& dir) {
 }
 
 // HF tensor name -> GGUF name; empty for tensors that are not weights (rotary caches).
-std::string gguf_name(const std::string& hf) {
+std::string gguf_name(const std::string& hf, const std::string& arch) {
     static const std::regex layer_re(R"(model\.layers\.(\d+)\.(.+))");
     if (hf == "model.embed_tokens.weight") return "token_embd.weight";
     if (hf == "model.norm.weight") return "output_norm.weight";
@@ -168,6 +191,15 @@ std::string gguf_name(const std::string& hf) {
     if (std::regex_match(hf, m, layer_re)) {
         const std::string rest = m[2];
         if (rest == "self_attn.rotary_emb.inv_freq") return "";
+        // Gemma 2 norms the attention output, then the feed-forward input and output.
+        static const std::pair<const char*, const char*> gemma2[] = {
+            {"post_attention_layernorm.weight", "post_attention_norm.weight"},
+            {"pre_feedforward_layernorm.weight", "ffn_norm.weight"},
+            {"post_feedforward_layernorm.weight", "post_ffw_norm.weight"},
+        };
+        if (arch == "gemma2")
+            for (const auto& [from, to] : gemma2)
+                if (rest == from) return "blk." + std::string(m[1]) + "." + to;
         static const std::pair<const char*, const char*> table[] = {
             {"input_layernorm.weight", "attn_norm.weight"},
             {"self_attn.q_proj.weight", "attn_q.weight"},
@@ -370,6 +402,11 @@ int run(int argc, char** argv) {
     w.set(A + ".attention.layer_norm_rms_epsilon", float(h.norm_eps));
     w.set(A + ".rope.freq_base", float(h.rope_theta));
     w.set(A + ".rope.dimension_count", uint32_t(h.head_dim));
+    if (h.arch == "gemma2") {
+        w.set(A + ".attn_logit_softcapping", float(h.attn_softcap));
+        w.set(A + ".final_logit_softcapping", float(h.final_softcap));
+        w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
+    }
     if (h.rope_linear_factor > 0) {
         w.set(A + ".rope.scaling.type", "linear");
         w.set(A + ".rope.scaling.factor", float(h.rope_linear_factor));
@@ -387,7 +424,7 @@ int run(int argc, char** argv) {
     std::set<std::string> written;
     int n_fallback = 0;
     for (const auto& [hf_name, t] : ckpt.tensors()) {
-        const std::string name = gguf_name(hf_name);
+        const std::string name = gguf_name(hf_name, h.arch);
         if (name.empty()) continue;
         // A tied checkpoint may still store lm_head; the model reads token_embd instead.
         if (name == "output.weight" && h.tied) continue;
@@ -400,6 +437,9 @@ int run(int argc, char** argv) {
         std::vector<float> values = t->to_f32();
         const bool is_q = name.find(".attn_q.") != std::string::npos;
         const bool is_k = name.find(".attn_k.") != std::string::npos;
+        // Gemma's RMSNorm multiplies by 1 + weight.
+        if (h.arch == "gemma2" && name.find("norm.weight") != std::string::npos)
+            for (float& v : values) v += 1.0f;
         if (permute_rotary && (is_q || is_k)) {
             // A bias is one column of rows.
             values = n_dims == 2 ? interleave_rotary_rows(values, rows, cols, h.head_dim)
@@ -428,6 +468,10 @@ int run(int argc, char** argv) {
         for (const char* s : {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
                               "ffn_gate", "ffn_up", "ffn_down"})
             needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
+    if (h.arch == "gemma2")
+        for (int64_t l = 0; l < h.n_layer; ++l)
+            for (const char* s : {"post_attention_norm", "post_ffw_norm"})
+                needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
     for (const std::string& n : needed)
         if (!written.count(n)) gfa::fail(dir + ": the checkpoint has no tensor for " + n);
 
