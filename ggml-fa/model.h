@@ -35,13 +35,13 @@ struct ModelConfig {
     bool tied_embeddings = false; // no output.weight: the token embeddings project to logits
     bool qkv_bias = false;        // the q, k and v projections add biases (Qwen2)
     // Gemma 2's differences; the defaults are the llama blocks.
-    float embd_scale = 1.0f;     // token embeddings times this (gemma2: sqrt(n_embd))
-    float attn_scale = 0.0f;     // attention scores times this; 0: 1 / sqrt(head_dim)
-    float attn_softcap = 0.0f;   // > 0: scores s become softcap * tanh(s / softcap)
-    float final_softcap = 0.0f;  // > 0: the same for the logits
-    int64_t sliding_window = 0;  // > 0: even-numbered layers see only this many latest positions
-    bool post_norms = false;     // RMSNorm (own weights) on each attention and feed-forward output
-    bool gelu_ffn = false;       // feed-forward gelu(gate) * up (tanh approximation), not SwiGLU
+    float embd_scale = 1.0f;    // token embeddings times this (gemma2: sqrt(n_embd))
+    float attn_scale = 0.0f;    // attention scores times this; 0: 1 / sqrt(head_dim)
+    float attn_softcap = 0.0f;  // > 0: scores s become softcap * tanh(s / softcap)
+    float final_softcap = 0.0f; // > 0: the same for the logits
+    int64_t sliding_window = 0; // > 0: even-numbered layers see only this many latest positions
+    bool post_norms = false;    // RMSNorm (own weights) on each attention and feed-forward output
+    bool gelu_ffn = false;      // feed-forward gelu(gate) * up (tanh approximation), not SwiGLU
 };
 
 struct ModelLoadOptions {

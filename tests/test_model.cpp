@@ -36,11 +36,18 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
         m.heads_kv = 5;
         m.vocab = 113;
     }
+    SECTION("gemma2: windows of 4 positions on layers 0 and 2, soft caps, post norms") {
+        // Prefill attends through the window parameter, decoding through a mask of its own.
+        m.arch = "gemma2";
+        m.tied = true;
+        m.layers = 3;
+    }
     TempFile file{write_model(m, seed)};
     std::unique_ptr<Model> model = Model::load(file.path);
     REQUIRE(model->config().n_vocab == m.vocab);
     REQUIRE(model->config().tied_embeddings == m.tied);
-    REQUIRE(model->config().rope.mode == (m.arch == "qwen2" ? RopeMode::NeoX : RopeMode::Normal));
+    REQUIRE(model->config().rope.mode == (m.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX));
+    REQUIRE(model->config().sliding_window == (m.arch == "gemma2" ? m.sliding_window : 0));
 
     std::mt19937 rng(seed);
     const int n = 17;

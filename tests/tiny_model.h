@@ -29,6 +29,9 @@ struct TinyModel {
     // must then be a multiple of the type's block); f32 keeps the options above.
     Type matrix_type = Type::F32;
     bool decoded_as_f32 = false; // write the matrices' decoded values as f32 instead
+    // arch "gemma2": post norms, soft caps small enough to bite, a window shorter than prompts
+    int64_t sliding_window = 4;
+    float attn_softcap = 5.0f, final_softcap = 3.0f;
     int64_t head_dim() const { return embd / heads; }
 };
 
@@ -50,6 +53,11 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
     w.set(A + ".attention.head_count_kv", uint32_t(m.heads_kv));
     w.set(A + ".attention.layer_norm_rms_epsilon", 1e-5f);
     w.set(A + ".rope.freq_base", 10000.0f);
+    if (A == "gemma2") {
+        w.set(A + ".attention.sliding_window", uint32_t(m.sliding_window));
+        w.set(A + ".attn_logit_softcapping", m.attn_softcap);
+        w.set(A + ".final_logit_softcapping", m.final_softcap);
+    }
     if (m.rope_linear_scale > 0.0f) {
         w.set(A + ".rope.scaling.type", std::string("linear"));
         w.set(A + ".rope.scaling.factor", m.rope_linear_scale);
@@ -115,6 +123,10 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
         add(b + "ffn_gate.weight", {m.embd, m.ff}, s);
         add(b + "ffn_up.weight", {m.embd, m.ff}, s);
         add(b + "ffn_down.weight", {m.ff, m.embd}, 1.0f / std::sqrt(float(m.ff)));
+        if (A == "gemma2") {
+            add(b + "post_attention_norm.weight", {m.embd}, 0.1f, 1.0f);
+            add(b + "post_ffw_norm.weight", {m.embd}, 0.1f, 1.0f);
+        }
     }
     const std::string path = (std::filesystem::temp_directory_path() /
                               ("gfa-test-model-" + std::to_string(seed) + "-" + std::to_string(rng()) + "-" +

@@ -29,7 +29,8 @@ std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_wi
     for (int64_t i = 0; i < n_tokens; ++i) {
         const int64_t end = std::min(n_past + i + 1, n_window);
         const int64_t begin = sliding > 0 ? std::max<int64_t>(0, n_past + i + 1 - sliding) : 0;
-        if (begin < end) std::fill(mask.begin() + i * n_window + begin, mask.begin() + i * n_window + end, kZero);
+        if (begin < end)
+            std::fill(mask.begin() + i * n_window + begin, mask.begin() + i * n_window + end, kZero);
     }
     return mask;
 }
@@ -106,10 +107,6 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
     if (n_window) {
         io.kq_mask = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask");
         set_input(io.kq_mask);
-        if (cfg.sliding_window > 0) {
-            io.kq_mask_swa = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask_swa");
-            set_input(io.kq_mask_swa);
-        }
     } else {
         attn.causal = true; // bottom-right aligned: query i sees cache rows up to n_past + i
     }
@@ -137,10 +134,19 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         auto cached = [&](Tensor* c) {
             return view(ctx, c, {D, n_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
         };
+        // Sliding-window layers: the window parameter where attention is causal, a mask of
+        // their own in windowed graphs (made by the first such layer).
         const bool sliding = sliding_layer(cfg, l);
-        Tensor* mask = sliding && io.kq_mask_swa ? io.kq_mask_swa : io.kq_mask;
+        Tensor* mask = io.kq_mask;
         FlashAttnParams layer_attn = attn;
         if (sliding && !n_window) layer_attn.window_left = int32_t(cfg.sliding_window - 1);
+        if (sliding && n_window) {
+            if (!io.kq_mask_swa) {
+                io.kq_mask_swa = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask_swa");
+                set_input(io.kq_mask_swa);
+            }
+            mask = io.kq_mask_swa;
+        }
         int64_t rows = n_tokens; // positions this layer carries on
         if (trim) {
             const int64_t last = n_tokens - 1;

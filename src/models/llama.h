@@ -41,11 +41,11 @@ struct KvCache {
 
 // The inputs and output of one graph.
 struct GraphIo {
-    Tensor* tokens = nullptr;    // i32 [n_tokens]
-    Tensor* positions = nullptr; // i32 [n_tokens]: rope positions and cache rows
-    Tensor* kq_mask = nullptr;   // f16 [n_window, n_tokens] when the attention reads a window
+    Tensor* tokens = nullptr;      // i32 [n_tokens]
+    Tensor* positions = nullptr;   // i32 [n_tokens]: rope positions and cache rows
+    Tensor* kq_mask = nullptr;     // f16 [n_window, n_tokens] when the attention reads a window
     Tensor* kq_mask_swa = nullptr; // the same for sliding-window layers (ModelConfig::sliding_window)
-    Tensor* logits = nullptr;    // f32 [n_vocab, n_out]
+    Tensor* logits = nullptr;      // f32 [n_vocab, n_out]
 };
 
 // The pieces of a block that inference and training graphs share (one definition of the

@@ -66,6 +66,11 @@ TEST_CASE("Vulkan runs a whole llama model as the CPU does", "[vulkan][model]") 
     SECTION("llama, Llama 3.1 style rope factors") {
         m.rope_factors = {1.0f, 1.5f, 4.0f, 8.0f};
     }
+    SECTION("gemma2: sliding windows, soft caps, post norms, GeGLU") {
+        m.arch = "gemma2";
+        m.tied = true;
+        m.layers = 3;
+    }
     SECTION("qwen2, biases, tied embeddings, f16 weights and cache") {
         m.arch = "qwen2";
         m.biases = m.tied = true;

@@ -162,7 +162,8 @@ HParams read_config(const std::filesystem::path& dir) {
         h.sliding_window = optional_or<int64_t>(cfg, "sliding_window", 4096);
         const std::string act = optional_or<std::string>(cfg, "hidden_activation", "gelu_pytorch_tanh");
         if (act != "gelu_pytorch_tanh")
-            gfa::fail("config.json: hidden_activation \"" + act + "\" is not supported (gelu_pytorch_tanh is)");
+            gfa::fail("config.json: hidden_activation \"" + act +
+                      "\" is not supported (gelu_pytorch_tanh is)");
         // GGUF keeps no query scale: readers use the head size, or n_embd / n_head for the
         // 46-layer model (llama.cpp's rule). Other checkpoints would read wrongly.
         const int64_t expected = h.n_layer == 46 ? h.n_embd / h.n_head : h.head_dim;
@@ -171,8 +172,9 @@ HParams read_config(const std::filesystem::path& dir) {
             gfa::fail("config.json: query_pre_attn_scalar " + std::to_string(qpas) +
                       " is not what GGUF readers assume for this shape (" + std::to_string(expected) + ")");
         if (h.attn_softcap <= 0 || h.final_softcap <= 0 || h.sliding_window <= 0)
-            gfa::fail("config.json: gemma2 needs positive attn_logit_softcapping, final_logit_softcapping and "
-                      "sliding_window");
+            gfa::fail(
+                "config.json: gemma2 needs positive attn_logit_softcapping, final_logit_softcapping and "
+                "sliding_window");
     }
     if (cfg.contains("bos_token_id") && cfg["bos_token_id"].is_number_integer())
         h.bos = cfg["bos_token_id"].get<int64_t>();
