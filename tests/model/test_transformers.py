@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama and Qwen2 models built by Hugging Face transformers (random weights from a seed),
+"""Llama, Qwen2 and Gemma 2 models built by Hugging Face transformers (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -48,6 +48,13 @@ def build(kind, seed):
                                                          high_freq_factor=4.0,
                                                          original_max_position_embeddings=64))
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "gemma2":
+        # Sliding windows of 16 positions (the prompt is 64 long) and caps that bite; eager
+        # attention, the implementation that applies the score cap.
+        cfg = transformers.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                                        attn_logit_softcapping=10.0, final_logit_softcapping=5.0,
+                                        hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
+        model = transformers.Gemma2ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -57,6 +64,8 @@ def build(kind, seed):
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif kind == "gemma2":  # norms scale by 1 + w
                 p.normal_(0.0, 0.1)
     return model.eval()
 
@@ -74,7 +83,7 @@ def main():
     rng = np.random.default_rng(seed)
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("llama", "llama3", "qwen2"):
+        for kind in ("llama", "llama3", "qwen2", "gemma2"):
             model = build(kind, seed)
             ckpt = os.path.join(tmp, kind)
             model.save_pretrained(ckpt, safe_serialization=True)
