@@ -51,6 +51,10 @@ template <typename Values> llama::Weights host_weights(Context& ctx, const Model
         L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff});
         L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff});
         L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E});
+        if (c.post_norms) {
+            L.attn_post_norm = weight(b + "post_attention_norm.weight", {E});
+            L.ffn_post_norm = weight(b + "post_ffw_norm.weight", {E});
+        }
         w.layers.push_back(L);
     }
     w.output_norm = weight("output_norm.weight", {E});
@@ -67,12 +71,34 @@ ModelConfig tiny_qwen2_config() {
     return c;
 }
 
+// And as Gemma 2 has it: scaled embeddings, post norms, GeGLU, soft caps small enough to bite
+// and a window of 3 positions on layer 0 (the sequences are longer).
+ModelConfig tiny_gemma2_config() {
+    ModelConfig c = test::tiny_train_config();
+    c.arch = "gemma2";
+    c.rope.mode = RopeMode::NeoX;
+    c.tied_embeddings = c.post_norms = c.gelu_ffn = true;
+    c.embd_scale = std::sqrt(float(c.n_embd));
+    c.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
+    c.attn_softcap = 2.0f;
+    c.final_softcap = 3.0f;
+    c.sliding_window = 3;
+    return c;
+}
+
+ModelConfig config_variant(int variant) {
+    return variant == 0   ? test::tiny_train_config()
+           : variant == 1 ? tiny_qwen2_config()
+                          : tiny_gemma2_config();
+}
+
 std::vector<Tensor*> weight_list(const llama::Weights& w) {
     std::vector<Tensor*> out{w.token_embd};
     for (const llama::LayerWeights& L : w.layers) {
         out.insert(out.end(),
                    {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm, L.ffn_gate, L.ffn_up, L.ffn_down});
         if (L.bq) out.insert(out.end(), {L.bq, L.bk, L.bv});
+        if (L.attn_post_norm) out.insert(out.end(), {L.attn_post_norm, L.ffn_post_norm});
     }
     out.push_back(w.output_norm);
     if (w.output != w.token_embd) out.push_back(w.output);
@@ -109,8 +135,8 @@ TrainOptions tiny_options(int64_t T = 7, int64_t B = 3) {
 } // namespace
 
 TEST_CASE("training graph: gradients of every weight match finite differences", "[train]") {
-    const bool qwen2 = GENERATE(false, true); // + NeoX rope, q/k/v biases, tied embeddings
-    const ModelConfig c = qwen2 ? tiny_qwen2_config() : test::tiny_train_config();
+    const ModelConfig c = config_variant(GENERATE(0, 1, 2)); // llama, qwen2, gemma2
+    INFO(c.arch);
     const int64_t T = 5, B = 2; // odd sizes; two sequences share the rope positions
     Context ctx = data_ctx();
     std::normal_distribution<float> normal(0.0f, 0.4f);
@@ -125,8 +151,7 @@ TEST_CASE("training graph: gradients of every weight match finite differences", 
 }
 
 TEST_CASE("Trainer: a step's gradients are the derivatives of its loss", "[train]") {
-    const bool qwen2 = GENERATE(false, true);
-    const ModelConfig c = qwen2 ? tiny_qwen2_config() : test::tiny_train_config();
+    const ModelConfig c = config_variant(GENERATE(0, 1, 2)); // llama, qwen2, gemma2
     INFO(c.arch);
     const TrainOptions o = tiny_options();
     Trainer trainer(c, o);
@@ -278,7 +303,11 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("rope must turn the whole head"));
     c = test::tiny_train_config();
     c.arch = "gemma";
-    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("architecture must be llama or qwen2"));
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()),
+                      Catch::Contains("architecture must be llama, qwen2 or gemma2"));
+    c = tiny_gemma2_config();
+    c.embd_scale = 1.0f;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("a gemma2 model has post norms"));
     c = tiny_qwen2_config();
     c.rope.mode = RopeMode::Normal;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("in NeoX mode, as qwen2 does"));
@@ -347,13 +376,18 @@ TEST_CASE("Trainer: a checkpoint resumes the run exactly", "[train]") {
     CHECK(fresh->weight("output.weight") == a.weight("output.weight"));
 }
 
-TEST_CASE("Trainer: fine-tunes a llama or qwen2 GGUF model, starting from its exact logits", "[train]") {
+TEST_CASE("Trainer: fine-tunes a llama, qwen2 or gemma2 GGUF model, starting from its exact logits",
+          "[train]") {
     test::TinyModel m; // 5 query heads on 1 key/value head, head size 8
-    const int variant = GENERATE(0, 1, 2);
+    const int variant = GENERATE(0, 1, 2, 3);
     m.tied = variant >= 1;
     if (variant == 2) {
         m.arch = "qwen2";
         m.biases = true;
+    }
+    if (variant == 3) { // window 4 of the 10 positions, soft caps, post norms
+        m.arch = "gemma2";
+        m.layers = 3;
     }
     INFO(m.arch << ", tied embeddings " << m.tied << ", biases " << m.biases << ", seed " << test::seed());
     TempFile file{test::write_model(m, test::seed())};

@@ -85,6 +85,35 @@ Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
     return add(ctx, x, out);
 }
 
+Tensor* embeddings(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor* tokens) {
+    Tensor* x = get_rows(ctx, w.token_embd, tokens); // [n_embd, n_tokens]
+    return cfg.embd_scale != 1.0f ? scale(ctx, x, cfg.embd_scale) : x;
+}
+
+FlashAttnParams attention_params(const ModelConfig& cfg, size_t l) {
+    FlashAttnParams p{};
+    p.scale = cfg.attn_scale > 0.0f ? cfg.attn_scale : 1.0f / std::sqrt(float(cfg.head_dim));
+    p.logit_softcap = cfg.attn_softcap;
+    p.causal = true; // bottom-right aligned: the last query row is the newest position
+    if (sliding_layer(cfg, l)) p.window_left = int32_t(cfg.sliding_window - 1);
+    return p;
+}
+
+Tensor* attention_residual(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x,
+                           Tensor* o) {
+    o = mul_mat(ctx, L.wo, o);
+    if (L.attn_post_norm) o = mul(ctx, rms_norm(ctx, o, cfg.norm_eps), L.attn_post_norm);
+    return add(ctx, x, o);
+}
+
+Tensor* logits_of(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor* x) {
+    x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
+    Tensor* logits = mul_mat(ctx, w.output, x);
+    if (cfg.final_softcap > 0.0f)
+        logits = scale(ctx, tanh(ctx, scale(ctx, logits, 1.0f / cfg.final_softcap)), cfg.final_softcap);
+    return logits;
+}
+
 GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
                     int64_t n_tokens, int64_t n_past, bool all_logits, int64_t n_window) {
     const int64_t D = cfg.head_dim;
@@ -101,18 +130,12 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
     set_input(io.tokens);
     set_input(io.positions);
 
-    FlashAttnParams attn{};
-    attn.scale = cfg.attn_scale > 0.0f ? cfg.attn_scale : 1.0f / std::sqrt(float(D));
-    attn.logit_softcap = cfg.attn_softcap;
     if (n_window) {
         io.kq_mask = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask");
         set_input(io.kq_mask);
-    } else {
-        attn.causal = true; // bottom-right aligned: query i sees cache rows up to n_past + i
     }
 
-    Tensor* x = get_rows(ctx, w.token_embd, io.tokens); // [n_embd, n_tokens]
-    if (cfg.embd_scale != 1.0f) x = scale(ctx, x, cfg.embd_scale);
+    Tensor* x = embeddings(ctx, cfg, w, io.tokens); // [n_embd, n_tokens]
     // Without all_logits only the last position's logits are wanted: the last layer then
     // writes every position's keys and values to the cache but attends, projects and runs
     // its feed-forward for the last position alone (one layer's FFN of a prompt: ~4% of it).
@@ -134,13 +157,17 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         auto cached = [&](Tensor* c) {
             return view(ctx, c, {D, n_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
         };
-        // Sliding-window layers: the window parameter where attention is causal, a mask of
-        // their own in windowed graphs (made by the first such layer).
-        const bool sliding = sliding_layer(cfg, l);
+        // Causal attention over rows [0, n_past + n_tokens) takes the parameters as they are
+        // (query i sees cache rows up to n_past + i, sliding layers a window of them);
+        // windowed graphs attend through masks, sliding layers through one of their own
+        // (made by the first such layer).
+        FlashAttnParams layer_attn = attention_params(cfg, l);
         Tensor* mask = io.kq_mask;
-        FlashAttnParams layer_attn = attn;
-        if (sliding && !n_window) layer_attn.window_left = int32_t(cfg.sliding_window - 1);
-        if (sliding && n_window) {
+        if (n_window) {
+            layer_attn.causal = false;
+            layer_attn.window_left = -1;
+        }
+        if (sliding_layer(cfg, l) && n_window) {
             if (!io.kq_mask_swa) {
                 io.kq_mask_swa = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask_swa");
                 set_input(io.kq_mask_swa);
@@ -158,18 +185,12 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         Tensor* o =
             flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), cached(k_all), cached(v_all), mask, layer_attn);
         set_name(o, std::string("attn.") + layer);
-        o = mul_mat(ctx, L.wo, reshape(ctx, o, {D * cfg.n_head, rows}));
-        if (L.attn_post_norm) o = mul(ctx, rms_norm(ctx, o, cfg.norm_eps), L.attn_post_norm);
-        x = add(ctx, x, o);
+        x = attention_residual(ctx, cfg, L, x, reshape(ctx, o, {D * cfg.n_head, rows}));
 
         x = feed_forward(ctx, cfg, L, x);
         set_name(x, std::string("residual.") + layer);
     }
-    x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
-    Tensor* logits = mul_mat(ctx, w.output, x);
-    if (cfg.final_softcap > 0.0f)
-        logits = scale(ctx, tanh(ctx, scale(ctx, logits, 1.0f / cfg.final_softcap)), cfg.final_softcap);
-    io.logits = set_name(logits, "logits");
+    io.logits = set_name(logits_of(ctx, cfg, w, x), "logits");
     set_output(io.logits);
     return io;
 }
@@ -184,23 +205,19 @@ TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weig
     io.labels = set_name(ctx.new_tensor(Type::F32, {cfg.n_vocab, rows}), "labels");
     for (Tensor* t : {io.tokens, io.positions, io.labels}) set_input(t);
 
-    FlashAttnParams attn{};
-    attn.scale = 1.0f / std::sqrt(float(D));
-    attn.causal = true;
-    Tensor* x = get_rows(ctx, w.token_embd, io.tokens); // [n_embd, T * B]
+    Tensor* x = embeddings(ctx, cfg, w, io.tokens); // [n_embd, T * B]
     for (size_t l = 0; l < w.layers.size(); ++l) {
         const LayerWeights& L = w.layers[l];
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
         auto [q, k, v] = attention_inputs(ctx, cfg, L, h, io.positions, T, B); // [D, heads, T, B]
         Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), permute(ctx, k, 0, 2, 1, 3),
-                                   permute(ctx, v, 0, 2, 1, 3), nullptr, attn); // [D, n_head, T, B]
-        set_name(o, "attn." + std::to_string(l));
-        x = add(ctx, x, mul_mat(ctx, L.wo, reshape(ctx, o, {D * cfg.n_head, rows})));
+                                   permute(ctx, v, 0, 2, 1, 3), nullptr, attention_params(cfg, l));
+        set_name(o, "attn." + std::to_string(l)); // [D, n_head, T, B]
+        x = attention_residual(ctx, cfg, L, x, reshape(ctx, o, {D * cfg.n_head, rows}));
         x = feed_forward(ctx, cfg, L, x);
         set_name(x, "residual." + std::to_string(l));
     }
-    x = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), w.output_norm);
-    io.logits = set_name(mul_mat(ctx, w.output, x), "logits");
+    io.logits = set_name(logits_of(ctx, cfg, w, x), "logits");
     io.loss = set_name(cross_entropy_loss(ctx, io.logits, io.labels), "loss");
     set_output(io.logits);
     set_loss(io.loss);

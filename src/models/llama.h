@@ -59,6 +59,15 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
                      Tensor* positions, int64_t T, int64_t B);
 // x + the SwiGLU feed-forward of rms_norm(x) * ffn_norm, x: [n_embd, rows].
 Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x);
+// The token embeddings of `tokens` (scaled as the model wants).
+Tensor* embeddings(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor* tokens);
+// Layer l's attention parameters under causal attention (scale, soft cap, and the window of a
+// sliding layer). Graphs that attend through masks leave causal and the window to the mask.
+FlashAttnParams attention_params(const ModelConfig& cfg, size_t l);
+// x + the attention output o ([head_dim * n_head, rows]) projected by wo (and normed).
+Tensor* attention_residual(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x, Tensor* o);
+// Logits of the final hidden states x: norm, output head, soft cap.
+Tensor* logits_of(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor* x);
 
 // Adds the forward pass for n_tokens tokens at positions n_past.. n_past + n_tokens - 1 to
 // ctx. Keys and values of the new tokens are written into the cache. all_logits: logits for

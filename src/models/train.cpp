@@ -19,8 +19,18 @@ namespace {
 
 void check_config(const ModelConfig& c, const TrainOptions& o) {
     auto positive = [](int64_t v) { return v > 0; };
-    if (c.arch != "llama" && c.arch != "qwen2")
-        fail("train: the architecture must be llama or qwen2, not \"" + c.arch + "\"");
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2")
+        fail("train: the architecture must be llama, qwen2 or gemma2, not \"" + c.arch + "\"");
+    if (c.arch == "gemma2") {
+        // What a gemma2 file implies (llama::read_config), so that a saved model reads back.
+        const float attn_scale = 1.0f / std::sqrt(float(c.n_layer == 46 ? c.n_embd / c.n_head : c.head_dim));
+        if (!(c.post_norms && c.gelu_ffn && c.tied_embeddings && c.sliding_window > 0 && c.attn_softcap > 0 &&
+              c.final_softcap > 0 && c.embd_scale == std::sqrt(float(c.n_embd)) &&
+              c.attn_scale == attn_scale))
+            fail("train: a gemma2 model has post norms, GeGLU, tied embeddings, a sliding window, both soft "
+                 "caps, "
+                 "embeddings scaled by sqrt(n_embd) and the query scale its files imply");
+    }
     if (!positive(c.n_vocab) || !positive(c.n_embd) || !positive(c.n_layer) || !positive(c.n_ff) ||
         !positive(c.n_head) || !positive(c.n_head_kv) || !positive(c.head_dim))
         fail("train: every size must be positive (vocabulary " + std::to_string(c.n_vocab) + ", embedding " +
@@ -30,7 +40,7 @@ void check_config(const ModelConfig& c, const TrainOptions& o) {
     if (c.n_head % c.n_head_kv != 0)
         fail("train: " + std::to_string(c.n_head) + " query heads cannot share " +
              std::to_string(c.n_head_kv) + " key/value heads evenly");
-    const RopeMode mode = c.arch == "qwen2" ? RopeMode::NeoX : RopeMode::Normal;
+    const RopeMode mode = c.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX;
     if (c.head_dim % 2 != 0 || c.rope.n_dims != c.head_dim || c.rope.mode != mode)
         fail("train: rope must turn the whole head (n_dims = head size, even) in " +
              std::string(mode == RopeMode::NeoX ? "NeoX" : "normal") + " mode, as " + c.arch + " does");
@@ -138,6 +148,10 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
         L.ffn_gate = m.weight(b + "ffn_gate.weight", {E, c.n_ff});
         L.ffn_up = m.weight(b + "ffn_up.weight", {E, c.n_ff});
         L.ffn_down = m.weight(b + "ffn_down.weight", {c.n_ff, E});
+        if (c.post_norms) {
+            L.attn_post_norm = m.weight(b + "post_attention_norm.weight", {E});
+            L.ffn_post_norm = m.weight(b + "post_ffw_norm.weight", {E});
+        }
         w.layers.push_back(L);
     }
     w.output_norm = m.weight("output_norm.weight", {E});
@@ -271,6 +285,11 @@ void Trainer::Impl::write(const std::string& path, const gguf::Metadata& metadat
     out.set(A + "attention.layer_norm_rms_epsilon", c.norm_eps);
     out.set(A + "rope.freq_base", c.rope.freq_base);
     out.set(A + "rope.dimension_count", uint32_t(c.rope.n_dims));
+    if (c.arch == "gemma2") {
+        out.set(A + "attention.sliding_window", uint32_t(c.sliding_window));
+        out.set(A + "attn_logit_softcapping", c.attn_softcap);
+        out.set(A + "final_logit_softcapping", c.final_softcap);
+    }
     for (const gguf::KeyValue& kv : metadata.entries()) out.set(kv.key, kv.value);
     if (moments) out.set("training.step", uint32_t(steps));
 
