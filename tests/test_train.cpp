@@ -62,34 +62,8 @@ template <typename Values> llama::Weights host_weights(Context& ctx, const Model
     return w;
 }
 
-// The tiny training model as Qwen2 has it: NeoX rope, q/k/v biases, tied embeddings.
-ModelConfig tiny_qwen2_config() {
-    ModelConfig c = test::tiny_train_config();
-    c.arch = "qwen2";
-    c.rope.mode = RopeMode::NeoX;
-    c.qkv_bias = c.tied_embeddings = true;
-    return c;
-}
-
-// And as Gemma 2 has it: scaled embeddings, post norms, GeGLU, soft caps small enough to bite
-// and a window of 3 positions on layer 0 (the sequences are longer).
-ModelConfig tiny_gemma2_config() {
-    ModelConfig c = test::tiny_train_config();
-    c.arch = "gemma2";
-    c.rope.mode = RopeMode::NeoX;
-    c.tied_embeddings = c.post_norms = c.gelu_ffn = true;
-    c.embd_scale = std::sqrt(float(c.n_embd));
-    c.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
-    c.attn_softcap = 2.0f;
-    c.final_softcap = 3.0f;
-    c.sliding_window = 3;
-    return c;
-}
-
 ModelConfig config_variant(int variant) {
-    return variant == 0   ? test::tiny_train_config()
-           : variant == 1 ? tiny_qwen2_config()
-                          : tiny_gemma2_config();
+    return test::train_config_variant(test::tiny_train_config(), variant);
 }
 
 std::vector<Tensor*> weight_list(const llama::Weights& w) {
@@ -305,10 +279,10 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     c.arch = "gemma";
     CHECK_THROWS_WITH(Trainer(c, tiny_options()),
                       Catch::Contains("architecture must be llama, qwen2 or gemma2"));
-    c = tiny_gemma2_config();
+    c = config_variant(2);
     c.embd_scale = 1.0f;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("a gemma2 model has post norms"));
-    c = tiny_qwen2_config();
+    c = config_variant(1);
     c.rope.mode = RopeMode::Normal;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("in NeoX mode, as qwen2 does"));
     c = test::tiny_train_config();

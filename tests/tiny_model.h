@@ -166,6 +166,29 @@ inline ModelConfig tiny_train_config() {
     return c;
 }
 
+// A training config reshaped as the other architectures have it: variant 0 leaves it llama,
+// 1 makes it Qwen2 (NeoX rope, q/k/v biases, tied embeddings), 2 Gemma 2 (also scaled
+// embeddings, post norms, GeGLU, soft caps small enough to bite and a window of 3 positions
+// on the even layers, shorter than the tests' sequences).
+inline ModelConfig train_config_variant(ModelConfig c, int variant) {
+    if (variant == 0) return c;
+    c.rope.mode = RopeMode::NeoX;
+    c.tied_embeddings = true;
+    if (variant == 1) {
+        c.arch = "qwen2";
+        c.qkv_bias = true;
+        return c;
+    }
+    c.arch = "gemma2";
+    c.post_norms = c.gelu_ffn = true;
+    c.embd_scale = std::sqrt(float(c.n_embd));
+    c.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
+    c.attn_softcap = 2.0f;
+    c.final_softcap = 3.0f;
+    c.sliding_window = 3;
+    return c;
+}
+
 struct TempFile {
     std::string path;
     ~TempFile() { std::remove(path.c_str()); }

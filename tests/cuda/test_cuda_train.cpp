@@ -1,5 +1,6 @@
 // Training on CUDA against the CPU: the same model, batches and AdamW steps.
 #include "op_check.h"
+#include "tiny_model.h"
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/train.h>
@@ -25,11 +26,7 @@ TEST_CASE("CUDA trains a model as the CPU does", "[cuda][train]") {
     o.n_threads = 2;
     o.seed = test::seed();
     o.init_std = 0.1f;
-    if (GENERATE(false, true)) { // as Qwen2: NeoX rope, q/k/v biases, tied embeddings
-        c.arch = "qwen2";
-        c.rope.mode = RopeMode::NeoX;
-        c.qkv_bias = c.tied_embeddings = true;
-    }
+    c = test::train_config_variant(c, GENERATE(0, 1, 2)); // llama, qwen2, gemma2
     INFO("seed " << o.seed << ", " << c.arch);
     Trainer cpu(c, o);
     o.device = find_device("CUDA0");

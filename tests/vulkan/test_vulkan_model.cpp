@@ -169,23 +169,8 @@ TEST_CASE("compare --model: every node of a model on Vulkan against the CPU", "[
     }
 }
 TEST_CASE("Vulkan trains a model as the CPU does", "[vulkan][model][train]") {
-    ModelConfig c = test::tiny_train_config();
-    const int variant = GENERATE(0, 1, 2);
-    if (variant == 1) { // as Qwen2: NeoX rope, q/k/v biases, tied embeddings
-        c.arch = "qwen2";
-        c.rope.mode = RopeMode::NeoX;
-        c.qkv_bias = c.tied_embeddings = true;
-    }
-    if (variant == 2) { // as Gemma 2: soft caps and a window of 4 through the attention backward
-        c.arch = "gemma2";
-        c.rope.mode = RopeMode::NeoX;
-        c.tied_embeddings = c.post_norms = c.gelu_ffn = true;
-        c.embd_scale = std::sqrt(float(c.n_embd));
-        c.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
-        c.attn_softcap = 2.0f;
-        c.final_softcap = 3.0f;
-        c.sliding_window = 4;
-    }
+    // llama, qwen2, gemma2 (soft caps and a window through the attention backward)
+    const ModelConfig c = test::train_config_variant(test::tiny_train_config(), GENERATE(0, 1, 2));
     INFO(c.arch);
     TrainOptions o;
     o.n_ctx = 11;
