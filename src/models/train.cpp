@@ -27,9 +27,8 @@ void check_config(const ModelConfig& c, const TrainOptions& o) {
         if (!(c.post_norms && c.gelu_ffn && c.tied_embeddings && c.sliding_window > 0 && c.attn_softcap > 0 &&
               c.final_softcap > 0 && c.embd_scale == std::sqrt(float(c.n_embd)) &&
               c.attn_scale == attn_scale))
-            fail("train: a gemma2 model has post norms, GeGLU, tied embeddings, a sliding window, both soft "
-                 "caps, "
-                 "embeddings scaled by sqrt(n_embd) and the query scale its files imply");
+            fail("train: a gemma2 model has post norms, GeGLU, tied embeddings, a sliding window, both "
+                 "soft caps, embeddings scaled by sqrt(n_embd) and the query scale its files imply");
     }
     if (!positive(c.n_vocab) || !positive(c.n_embd) || !positive(c.n_layer) || !positive(c.n_ff) ||
         !positive(c.n_head) || !positive(c.n_head_kv) || !positive(c.head_dim))
@@ -74,7 +73,7 @@ struct Trainer::Impl {
     int64_t steps = 0;
     gguf::Metadata source; // metadata of the file the trainer started from
 
-    // Writes the model (and with `moments` the optimizer state) as a llama GGUF file.
+    // Writes the model (and with `moments` the optimizer state) as a GGUF file of its architecture.
     void write(const std::string& path, const gguf::Metadata& metadata, Type type, bool moments) const;
 
     std::vector<Backend*> backends() const {
