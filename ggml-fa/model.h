@@ -1,4 +1,4 @@
-// Llama-family language models (LLaMA 2/3, Mistral, Qwen2, Gemma 2) loaded from GGUF files.
+// Llama-family language models (LLaMA 2/3, Mistral, Qwen2, Gemma 2/3) loaded from GGUF files.
 //
 // A Model holds the weights, placed on the CPU or, for the last `gpu_layers` blocks, on a
 // GPU device. A Session holds a KV cache and runs tokens through the model: a batch of
@@ -21,7 +21,7 @@ namespace gfa {
 
 // Hyperparameters read from the file's metadata (keys "<arch>.*").
 struct ModelConfig {
-    std::string arch; // "llama", "qwen2" or "gemma2"
+    std::string arch; // "llama", "qwen2", "gemma2" or "gemma3"
     int64_t n_vocab = 0;
     int64_t n_ctx_train = 0;
     int64_t n_embd = 0;
@@ -34,14 +34,17 @@ struct ModelConfig {
     RopeParams rope{};
     bool tied_embeddings = false; // no output.weight: the token embeddings project to logits
     bool qkv_bias = false;        // the q, k and v projections add biases (Qwen2)
-    // Gemma 2's differences; the defaults are the llama blocks.
-    float embd_scale = 1.0f;    // token embeddings times this (gemma2: sqrt(n_embd))
-    float attn_scale = 0.0f;    // attention scores times this; 0: 1 / sqrt(head_dim)
-    float attn_softcap = 0.0f;  // > 0: scores s become softcap * tanh(s / softcap)
-    float final_softcap = 0.0f; // > 0: the same for the logits
-    int64_t sliding_window = 0; // > 0: even-numbered layers see only this many latest positions
-    bool post_norms = false;    // RMSNorm (own weights) on each attention and feed-forward output
-    bool gelu_ffn = false;      // feed-forward gelu(gate) * up (tanh approximation), not SwiGLU
+    // Gemma 2 and 3's differences; the defaults are the llama blocks.
+    float embd_scale = 1.0f;     // token embeddings times this (gemma2: sqrt(n_embd))
+    float attn_scale = 0.0f;     // attention scores times this; 0: 1 / sqrt(head_dim)
+    float attn_softcap = 0.0f;   // > 0: scores s become softcap * tanh(s / softcap)
+    float final_softcap = 0.0f;  // > 0: the same for the logits
+    int64_t sliding_window = 0;  // > 0: sliding layers see only this many latest positions
+    int32_t sliding_pattern = 2; // of each this many layers, all but the last slide (gemma2 2, gemma3 6)
+    RopeParams rope_sliding{};   // rope of the sliding layers (gemma3: its own base, no scaling)
+    bool qk_norm = false;        // RMSNorm (own weights) on each head of q and k before rope
+    bool post_norms = false;     // RMSNorm (own weights) on each attention and feed-forward output
+    bool gelu_ffn = false;       // feed-forward gelu(gate) * up (tanh approximation), not SwiGLU
 };
 
 struct ModelLoadOptions {

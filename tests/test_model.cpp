@@ -42,12 +42,17 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
         m.tied = true;
         m.layers = 3;
     }
+    SECTION("gemma3: windows of 4 on layers 0, 1 and 3, q/k norms, a rope base per kind of layer") {
+        m.arch = "gemma3";
+        m.tied = true;
+        m.layers = 4;
+    }
     TempFile file{write_model(m, seed)};
     std::unique_ptr<Model> model = Model::load(file.path);
     REQUIRE(model->config().n_vocab == m.vocab);
     REQUIRE(model->config().tied_embeddings == m.tied);
     REQUIRE(model->config().rope.mode == (m.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX));
-    REQUIRE(model->config().sliding_window == (m.arch == "gemma2" ? m.sliding_window : 0));
+    REQUIRE(model->config().sliding_window == (m.arch.starts_with("gemma") ? m.sliding_window : 0));
 
     std::mt19937 rng(seed);
     const int n = 17;

@@ -58,6 +58,11 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
         w.set(A + ".attn_logit_softcapping", m.attn_softcap);
         w.set(A + ".final_logit_softcapping", m.final_softcap);
     }
+    if (A == "gemma3") { // windows on two of every three layers, a rope base of their own
+        w.set(A + ".attention.sliding_window", uint32_t(m.sliding_window));
+        w.set(A + ".attention.sliding_window_pattern", uint32_t(3));
+        w.set(A + ".rope.freq_base_swa", 1000.0f);
+    }
     if (m.rope_linear_scale > 0.0f) {
         w.set(A + ".rope.scaling.type", std::string("linear"));
         w.set(A + ".rope.scaling.factor", m.rope_linear_scale);
@@ -123,9 +128,13 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
         add(b + "ffn_gate.weight", {m.embd, m.ff}, s);
         add(b + "ffn_up.weight", {m.embd, m.ff}, s);
         add(b + "ffn_down.weight", {m.ff, m.embd}, 1.0f / std::sqrt(float(m.ff)));
-        if (A == "gemma2") {
+        if (A == "gemma2" || A == "gemma3") {
             add(b + "post_attention_norm.weight", {m.embd}, 0.1f, 1.0f);
             add(b + "post_ffw_norm.weight", {m.embd}, 0.1f, 1.0f);
+        }
+        if (A == "gemma3") {
+            add(b + "attn_q_norm.weight", {D}, 0.1f, 1.0f);
+            add(b + "attn_k_norm.weight", {D}, 0.1f, 1.0f);
         }
     }
     const std::string path = (std::filesystem::temp_directory_path() /
@@ -186,6 +195,7 @@ inline ModelConfig train_config_variant(ModelConfig c, int variant) {
     c.attn_softcap = 2.0f;
     c.final_softcap = 3.0f;
     c.sliding_window = 3;
+    c.rope_sliding = c.rope;
     return c;
 }
 

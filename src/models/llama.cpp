@@ -41,29 +41,39 @@ int64_t window_for(int64_t n_tokens, int64_t n_past, int64_t n_ctx, int64_t step
     return std::min(n_ctx, (n_kv + step - 1) / step * step);
 }
 
-Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* h,
+Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, size_t l, Tensor* h,
                      Tensor* positions, int64_t T, int64_t B) {
     const int64_t D = cfg.head_dim, Hq = cfg.n_head, Hkv = cfg.n_head_kv;
+    const RopeParams& rope_p = sliding_layer(cfg, l) ? cfg.rope_sliding : cfg.rope;
+    // q or k [D, heads, T, B] (a view, with merged projections) normed per head, then rotated.
+    auto rotated = [&](Tensor* t, Tensor* norm) {
+        if (norm) t = mul(ctx, rms_norm(ctx, t, cfg.norm_eps), norm);
+        return rope(ctx, t, positions, rope_p, L.rope_factors);
+    };
     if (!L.wqkv) {
         auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
             Tensor* t = mul_mat(ctx, weight, h);
             if (bias) t = add(ctx, t, bias);
             return reshape(ctx, t, {D, heads, T, B});
         };
-        return {rope(ctx, project(L.wq, L.bq, Hq), positions, cfg.rope, L.rope_factors),
-                rope(ctx, project(L.wk, L.bk, Hkv), positions, cfg.rope, L.rope_factors),
-                project(L.wv, L.bv, Hkv)};
+        return {rotated(project(L.wq, L.bq, Hq), L.attn_q_norm),
+                rotated(project(L.wk, L.bk, Hkv), L.attn_k_norm), project(L.wv, L.bv, Hkv)};
     }
     // One product for q, k and v ([D * (Hq + 2 Hkv), T * B]); q and k lie side by side in
     // each row, so one rope turns both.
     Tensor* qkv = mul_mat(ctx, L.wqkv, h);
     if (L.bqkv) qkv = add(ctx, qkv, L.bqkv);
     const size_t f = sizeof(float), row = qkv->nb[1];
-    Tensor* qk = rope(ctx, view(ctx, qkv, {D, Hq + Hkv, T, B}, {D * f, row, row * size_t(T)}, 0), positions,
-                      cfg.rope, L.rope_factors);
+    auto part = [&](int64_t heads, int64_t first_head) {
+        return view(ctx, qkv, {D, heads, T, B}, {D * f, row, row * size_t(T)}, size_t(D * first_head) * f);
+    };
+    if (L.attn_q_norm) // q and k normed apart, so rotated apart
+        return {rotated(part(Hq, 0), L.attn_q_norm), rotated(part(Hkv, Hq), L.attn_k_norm),
+                part(Hkv, Hq + Hkv)};
+    Tensor* qk = rotated(part(Hq + Hkv, 0), nullptr);
     return {view(ctx, qk, {D, Hq, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, 0),
             view(ctx, qk, {D, Hkv, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, size_t(Hq) * qk->nb[1]),
-            view(ctx, qkv, {D, Hkv, T, B}, {D * f, row, row * size_t(T)}, size_t(D * (Hq + Hkv)) * f)};
+            part(Hkv, Hq + Hkv)};
 }
 
 Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x) {
@@ -147,7 +157,8 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 
         // ---- attention
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
-        auto [q, k, v] = attention_inputs(ctx, cfg, L, h, io.positions, n_tokens, 1); // [D, heads, n_tokens]
+        auto [q, k, v] =
+            attention_inputs(ctx, cfg, L, l, h, io.positions, n_tokens, 1); // [D, heads, n_tokens]
 
         // Store the new keys and values at their positions, then attend over rows
         // [0, n_kv) of the cache. The views read the set_rows results, so the writes
@@ -209,7 +220,7 @@ TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weig
     for (size_t l = 0; l < w.layers.size(); ++l) {
         const LayerWeights& L = w.layers[l];
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
-        auto [q, k, v] = attention_inputs(ctx, cfg, L, h, io.positions, T, B); // [D, heads, T, B]
+        auto [q, k, v] = attention_inputs(ctx, cfg, L, l, h, io.positions, T, B); // [D, heads, T, B]
         Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), permute(ctx, k, 0, 2, 1, 3),
                                    permute(ctx, v, 0, 2, 1, 3), nullptr, attention_params(cfg, l));
         set_name(o, "attn." + std::to_string(l)); // [D, n_head, T, B]
@@ -249,8 +260,8 @@ ModelConfig llama::read_config(const gguf::File& f) {
     const gguf::Value* arch = f.metadata().find("general.architecture");
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
-    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2")
-        fail("model: architecture \"" + c.arch + "\" is not supported (llama, qwen2 and gemma2 are)");
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2" && c.arch != "gemma3")
+        fail("model: architecture \"" + c.arch + "\" is not supported (llama, qwen2, gemma2 and gemma3 are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
@@ -278,22 +289,34 @@ ModelConfig llama::read_config(const gguf::File& f) {
         else if (t != "none")
             fail("model: rope scaling \"" + t + "\" is not supported (linear is)");
     }
+    c.rope_sliding = c.rope;
     const gguf::TensorInfo& embd = f.tensor("token_embd.weight");
     c.n_vocab = embd.ne[1];
     c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
     c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
-    if (c.arch == "gemma2") {
+    if (c.arch == "gemma2" || c.arch == "gemma3") {
         // Defaults as llama.cpp has them for files that lack the keys.
+        const bool g2 = c.arch == "gemma2";
         c.embd_scale = std::sqrt(float(c.n_embd));
-        c.attn_softcap = float(meta_float(f, p + "attn_logit_softcapping", 50.0));
-        c.final_softcap = float(meta_float(f, p + "final_logit_softcapping", 30.0));
-        c.sliding_window = meta_int(f, p + "attention.sliding_window", 4096);
+        c.attn_softcap = g2 ? float(meta_float(f, p + "attn_logit_softcapping", 50.0)) : 0.0f;
+        c.final_softcap = float(meta_float(f, p + "final_logit_softcapping", g2 ? 30.0 : 0.0));
+        c.sliding_window = meta_int(f, p + "attention.sliding_window", g2 ? 4096 : 0);
+        c.sliding_pattern = int32_t(meta_int(f, p + "attention.sliding_window_pattern", g2 ? 2 : 6));
         c.post_norms = c.gelu_ffn = true;
+        c.qk_norm = !g2;
         // GGUF has no key for the query scale (Hugging Face's query_pre_attn_scalar); as
-        // llama.cpp: the 27B model (46 layers) scales by n_embd / n_head, the others by the
-        // head size.
-        c.attn_scale = 1.0f / std::sqrt(float(c.n_layer == 46 ? c.n_embd / c.n_head : c.head_dim));
-        if (c.sliding_window <= 0) fail("model: gemma2.attention.sliding_window must be positive");
+        // llama.cpp: the 27B models (Gemma 2: 46 layers, Gemma 3: 62) scale by n_embd /
+        // n_head, the others by the head size.
+        const bool large = c.n_layer == (g2 ? 46 : 62);
+        c.attn_scale = 1.0f / std::sqrt(float(large ? c.n_embd / c.n_head : c.head_dim));
+        if (g2 && c.sliding_window <= 0) fail("model: gemma2.attention.sliding_window must be positive");
+        if (c.sliding_window < 0 || c.sliding_pattern <= 0)
+            fail("model: " + p + "attention.sliding_window and its pattern must be positive");
+        // Gemma 3's sliding layers rotate with their own base and no position scaling.
+        if (!g2) {
+            c.rope_sliding.freq_base = float(meta_float(f, p + "rope.freq_base_swa", 10000.0));
+            c.rope_sliding.freq_scale = 1.0f;
+        }
     }
     return c;
 }
@@ -447,6 +470,10 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         if (c.post_norms) {
             L.attn_post_norm = weight(b + "post_attention_norm.weight", {E}, where);
             L.ffn_post_norm = weight(b + "post_ffw_norm.weight", {E}, where);
+        }
+        if (c.qk_norm) {
+            L.attn_q_norm = weight(b + "attn_q_norm.weight", {c.head_dim}, where);
+            L.attn_k_norm = weight(b + "attn_k_norm.weight", {c.head_dim}, where);
         }
         w.layers.push_back(L);
     }

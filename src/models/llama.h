@@ -23,7 +23,8 @@ struct LayerWeights {
     Tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     Tensor* ffn_gate_up = nullptr;
     Tensor* rope_factors = nullptr; // rope_freqs.weight (Llama 3.1 style), the copy on this block's device
-    Tensor *attn_post_norm = nullptr, *ffn_post_norm = nullptr; // Gemma 2
+    Tensor *attn_post_norm = nullptr, *ffn_post_norm = nullptr; // Gemma 2, 3
+    Tensor *attn_q_norm = nullptr, *attn_k_norm = nullptr;      // Gemma 3: per head of q and k
 };
 
 struct Weights {
@@ -50,12 +51,13 @@ struct GraphIo {
 
 // The pieces of a block that inference and training graphs share (one definition of the
 // model's math). attention_inputs: from the normed input h [n_embd, T * B] of B sequences of
-// T tokens, q [head_dim, n_head, T, B], k and v [head_dim, n_head_kv, T, B], q and k rotated
-// by rope at `positions` (i32 [T]); views when the projections are merged.
+// T tokens, q [head_dim, n_head, T, B], k and v [head_dim, n_head_kv, T, B], q and k normed
+// per head where the model does and rotated by layer l's rope at `positions` (i32 [T]); views
+// when the projections are merged.
 struct Qkv {
     Tensor *q, *k, *v;
 };
-Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* h,
+Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, size_t l, Tensor* h,
                      Tensor* positions, int64_t T, int64_t B);
 // x + the SwiGLU feed-forward of rms_norm(x) * ffn_norm, x: [n_embd, rows].
 Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x);
@@ -97,9 +99,11 @@ TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weig
 // [0, n_past + i], or with sliding > 0 only the last `sliding` of them; f16 values, 0 or
 // -inf, n_window per row.
 std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window, int64_t sliding = 0);
-// Whether layer l attends through a sliding window (Gemma 2: the even-numbered layers).
+// Whether layer l attends through a sliding window: of each sliding_pattern layers all but
+// the last (Gemma 2: the even-numbered layers; Gemma 3: five of every six).
 inline bool sliding_layer(const ModelConfig& cfg, size_t l) {
-    return cfg.sliding_window > 0 && l % 2 == 0;
+    return cfg.sliding_window > 0 && cfg.sliding_pattern > 0 &&
+           int64_t(l % size_t(cfg.sliding_pattern)) < cfg.sliding_pattern - 1;
 }
 
 // The hyperparameters of a GGUF file of architecture llama or qwen2; a gfa::Error names a

@@ -24,11 +24,15 @@ void check_config(const ModelConfig& c, const TrainOptions& o) {
     if (c.arch == "gemma2") {
         // What a gemma2 file implies (llama::read_config), so that a saved model reads back.
         const float attn_scale = 1.0f / std::sqrt(float(c.n_layer == 46 ? c.n_embd / c.n_head : c.head_dim));
+        const RopeParams &r = c.rope, &rs = c.rope_sliding;
+        const bool same_rope = r.n_dims == rs.n_dims && r.mode == rs.mode && r.freq_base == rs.freq_base &&
+                               r.freq_scale == rs.freq_scale;
         if (!(c.post_norms && c.gelu_ffn && c.tied_embeddings && c.sliding_window > 0 && c.attn_softcap > 0 &&
               c.final_softcap > 0 && c.embd_scale == std::sqrt(float(c.n_embd)) &&
-              c.attn_scale == attn_scale))
-            fail("train: a gemma2 model has post norms, GeGLU, tied embeddings, a sliding window, both "
-                 "soft caps, embeddings scaled by sqrt(n_embd) and the query scale its files imply");
+              c.attn_scale == attn_scale && c.sliding_pattern == 2 && same_rope && !c.qk_norm))
+            fail("train: a gemma2 model has post norms, GeGLU, tied embeddings, a sliding window on every "
+                 "other layer with the same rope, both soft caps, embeddings scaled by sqrt(n_embd) and the "
+                 "query scale its files imply");
     }
     if (!positive(c.n_vocab) || !positive(c.n_embd) || !positive(c.n_layer) || !positive(c.n_ff) ||
         !positive(c.n_head) || !positive(c.n_head_kv) || !positive(c.head_dim))

@@ -70,6 +70,15 @@ CONFIGS = {
                    max_position_embeddings=128, tie_word_embeddings=True, sliding_window=5,
                    attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
                    hidden_activation="gelu_pytorch_tanh"),
+    # Gemma 3: Gemma 2's blocks without the caps, q and k normed per head, windows of 4 on
+    # two of every three layers (layer 2 global), a rope base of their own for the sliding
+    # layers and linear position scaling on the global ones.
+    "gemma3": dict(model_type="gemma3_text", vocab_size=67, hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   query_pre_attn_scalar=32, rms_norm_eps=1e-6, rope_theta=100000.0,
+                   rope_local_base_freq=1000.0, rope_scaling=dict(rope_type="linear", factor=2.0),
+                   max_position_embeddings=128, tie_word_embeddings=True, sliding_window=4,
+                   sliding_window_pattern=3, hidden_activation="gelu_pytorch_tanh"),
 }
 
 
@@ -86,7 +95,7 @@ def random_weights(cfg, rng):
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
-    gemma = cfg["model_type"] == "gemma2"
+    gemma = cfg["model_type"] in ("gemma2", "gemma3_text")
 
     def norm(n):  # Gemma's norms scale by 1 + w
         return ((0.0 if gemma else 1.0) + 0.2 * rng.standard_normal(n)).astype(np.float32)
@@ -114,6 +123,9 @@ def random_weights(cfg, rng):
         if gemma:
             w[p + "pre_feedforward_layernorm.weight"] = norm(E)
             w[p + "post_feedforward_layernorm.weight"] = norm(E)
+        if cfg["model_type"] == "gemma3_text":
+            w[p + "self_attn.q_norm.weight"] = norm(D)
+            w[p + "self_attn.k_norm.weight"] = norm(D)
     return w
 
 
@@ -223,7 +235,9 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
     D, Hq, Hkv = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"]
     eps = cfg["rms_norm_eps"]
 
-    gemma = cfg["model_type"] == "gemma2"
+    gemma = cfg["model_type"] in ("gemma2", "gemma3_text")
+    gemma3 = cfg["model_type"] == "gemma3_text"
+    pattern = cfg.get("sliding_window_pattern", 2)
 
     def rms_norm(x, g):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * ((1.0 + g) if gemma else g)
@@ -232,16 +246,22 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
     # Rotary embedding as HF applies it: the halves (d, d + D/2) of each head rotate.
-    inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, D, 2) / D)
-    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
-        inv_freq = llama3_inv_freq(inv_freq, cfg["rope_scaling"])
-    angles = np.arange(n)[:, None] * inv_freq[None, :]
-    cos = np.cos(np.concatenate([angles, angles], -1))[:, None, :]
-    sin = np.sin(np.concatenate([angles, angles], -1))[:, None, :]
+    def rotary(theta, scaling):
+        inv_freq = 1.0 / theta ** (np.arange(0, D, 2) / D)
+        if (scaling or {}).get("rope_type") == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, scaling)
+        if (scaling or {}).get("rope_type") == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        angles = np.arange(n)[:, None] * inv_freq[None, :]
+        return (np.cos(np.concatenate([angles, angles], -1))[:, None, :],
+                np.sin(np.concatenate([angles, angles], -1))[:, None, :])
 
-    def rotate(x):  # x: [n, heads, D]
+    rope_global = rotary(cfg["rope_theta"], cfg.get("rope_scaling"))
+    rope_local = rotary(cfg["rope_local_base_freq"], None) if gemma3 else rope_global
+
+    def rotate(x, cs):  # x: [n, heads, D]
         half = np.concatenate([-x[..., D // 2:], x[..., : D // 2]], -1)
-        return x * cos + half * sin
+        return x * cs[0] + half * cs[1]
 
     causal = np.triu(np.full((n, n), -np.inf), 1)
     # Gemma 2's sliding layers see key j from query i when i - window < j <= i.
@@ -258,8 +278,13 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
                 y = y + w[p + f"self_attn.{name}_proj.bias"]
             return y.reshape(n, heads, D)
 
+        sliding_layer = gemma and l % pattern < pattern - 1
+        cs = rope_local if sliding_layer else rope_global
         h = rms_norm(x, w[p + "input_layernorm.weight"])
-        q, k, v = rotate(proj("q", Hq)), rotate(proj("k", Hkv)), proj("v", Hkv)
+        q, k, v = proj("q", Hq), proj("k", Hkv), proj("v", Hkv)
+        if gemma3:  # per-head norms before rope
+            q, k = rms_norm(q, w[p + "self_attn.q_norm.weight"]), rms_norm(k, w[p + "self_attn.k_norm.weight"])
+        q, k = rotate(q, cs), rotate(k, cs)
         k, v = round_kv(k, kv_type), round_kv(v, kv_type)
         k = np.repeat(k, Hq // Hkv, axis=1)  # query head i reads kv head i // (Hq / Hkv)
         v = np.repeat(v, Hq // Hkv, axis=1)
@@ -267,7 +292,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         if cfg.get("attn_logit_softcapping"):
             cap = cfg["attn_logit_softcapping"]
             s = cap * np.tanh(s / cap)
-        s = s + (sliding if gemma and l % 2 == 0 else causal)
+        s = s + (sliding if sliding_layer else causal)
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("hij,jhd->ihd", s, v).reshape(n, Hq * D)
@@ -426,6 +451,9 @@ def main():
         ("gemma2", "f32", "f32", "f32", []),
         ("gemma2", "f32", "f32", "f32", ["-b", "5"]),  # chunks: sliding windows across cached tokens
         ("gemma2", "f32", "f16", "f16", []),
+        ("gemma3", "f32", "f32", "f32", []),
+        ("gemma3", "f32", "f32", "f32", ["-b", "3"]),
+        ("gemma3", "f32", "q8_0", "f16", []),
     ]
     failures = []
     with tempfile.TemporaryDirectory() as tmp:

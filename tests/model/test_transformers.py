@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Qwen2 and Gemma 2 models built by Hugging Face transformers (random weights from a seed),
+"""Llama, Qwen2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -55,6 +55,15 @@ def build(kind, seed):
                                         attn_logit_softcapping=10.0, final_logit_softcapping=5.0,
                                         hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
         model = transformers.Gemma2ForCausalLM(cfg)
+    elif kind == "gemma3":
+        # Windows of 16 on two of every three layers, a rope base of their own, linear position
+        # scaling on the global layers.
+        cfg = transformers.Gemma3TextConfig(**dict(common, rope_theta=100000.0), head_dim=16,
+                                            query_pre_attn_scalar=16, sliding_window=16, sliding_window_pattern=3,
+                                            rope_local_base_freq=1000.0,
+                                            rope_scaling=dict(rope_type="linear", factor=2.0),
+                                            hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
+        model = transformers.Gemma3ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -65,7 +74,7 @@ def build(kind, seed):
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1)
-            elif kind == "gemma2":  # norms scale by 1 + w
+            elif kind.startswith("gemma"):  # norms scale by 1 + w
                 p.normal_(0.0, 0.1)
     return model.eval()
 
@@ -83,7 +92,9 @@ def main():
     rng = np.random.default_rng(seed)
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("llama", "llama3", "qwen2", "gemma2"):
+        # Gemma 3 came with transformers 4.50.
+        kinds = ["llama", "llama3", "qwen2", "gemma2"] + (["gemma3"] if hasattr(transformers, "Gemma3ForCausalLM") else [])
+        for kind in kinds:
             model = build(kind, seed)
             ckpt = os.path.join(tmp, kind)
             model.save_pretrained(ckpt, safe_serialization=True)
@@ -91,8 +102,13 @@ def main():
             prompt = [int(t) for t in rng.integers(0, vocab, size=64)]
             with torch.no_grad():
                 ref = model.double()(torch.tensor([prompt])).logits[0].numpy()
-                generated_ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                               min_new_tokens=16)[0, 64:].tolist()
+                # Greedy by hand: generate(min_new_tokens=16) would forbid the end-of-text token
+                # that ggml-fa-run --ignore-eos may pick (seed 1481310343's llama3 did, rightly).
+                generated_ref, seq = [], list(prompt)
+                for _ in range(16):
+                    nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+                    generated_ref.append(nxt)
+                    seq.append(nxt)
             for gtype, tol_cpu, tol_cuda in CASES:
                 gguf = os.path.join(tmp, f"{kind}-{gtype}.gguf")
                 run([args.convert, ckpt, "-o", gguf, "--type", gtype])

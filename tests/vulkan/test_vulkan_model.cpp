@@ -72,6 +72,11 @@ TEST_CASE("Vulkan runs a whole llama model as the CPU does", "[vulkan][model]") 
         m.tied = true;
         m.layers = 3;
     }
+    SECTION("gemma3: q/k norms, sliding windows on two of three layers, two rope bases") {
+        m.arch = "gemma3";
+        m.tied = true;
+        m.layers = 4;
+    }
     SECTION("qwen2, biases, tied embeddings, f16 weights and cache") {
         m.arch = "qwen2";
         m.biases = m.tied = true;

@@ -1,4 +1,4 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2, Gemma 2) to
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2, Gemma 2/3) to
 // GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
@@ -9,7 +9,7 @@
 // Rotary layout: HF LLaMA checkpoints rotate the two halves of each head (d, d + D/2),
 // while GGUF files of architecture "llama" rotate adjacent pairs (2i, 2i+1) (rope mode
 // Normal), so the rows of Q and K are permuted per head here. Qwen2 keeps the HF layout
-// and is run with NeoX rope, so its rows stay as they are; so does Gemma 2, whose RMSNorm
+// and is run with NeoX rope, so its rows stay as they are; so do Gemma 2 and 3, whose RMSNorm
 // gains are stored as 1 + weight (Gemma scales by 1 + w; llama.cpp's files hold the sum).
 #include "safetensors.h"
 
@@ -51,9 +51,10 @@ struct HParams {
     std::optional<Llama3Rope> rope_llama3;
     bool tied = false;
     std::optional<int64_t> bos, eos;
-    // Gemma 2
+    // Gemma 2 and 3
     double attn_softcap = 0.0, final_softcap = 0.0;
-    int64_t sliding_window = 0;
+    int64_t sliding_window = 0, sliding_pattern = 0;
+    double rope_local_base = 0.0; // Gemma 3's sliding layers
 };
 
 template <typename T> T required(const json& cfg, const char* key) {
@@ -115,9 +116,11 @@ HParams read_config(const std::filesystem::path& dir) {
         h.arch = "llama";
     else if (h.model_type == "qwen2" || h.model_type == "gemma2")
         h.arch = h.model_type;
+    else if (h.model_type == "gemma3_text")
+        h.arch = "gemma3";
     else
         gfa::fail("config.json: model_type \"" + h.model_type +
-                  "\" is not supported (llama, mistral, qwen2, gemma2 are)");
+                  "\" is not supported (llama, mistral, qwen2, gemma2, gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -155,26 +158,33 @@ HParams read_config(const std::filesystem::path& dir) {
                       "\" is not supported (linear and llama3 are)");
         }
     }
-    if (h.arch == "gemma2") {
+    if (h.arch == "gemma2" || h.arch == "gemma3") {
+        const bool g2 = h.arch == "gemma2";
         h.tied = optional_or<bool>(cfg, "tie_word_embeddings", true);
-        h.attn_softcap = optional_or<double>(cfg, "attn_logit_softcapping", 50.0);
-        h.final_softcap = optional_or<double>(cfg, "final_logit_softcapping", 30.0);
+        h.attn_softcap = optional_or<double>(cfg, "attn_logit_softcapping", g2 ? 50.0 : 0.0);
+        h.final_softcap = optional_or<double>(cfg, "final_logit_softcapping", g2 ? 30.0 : 0.0);
         h.sliding_window = optional_or<int64_t>(cfg, "sliding_window", 4096);
+        h.sliding_pattern = g2 ? 2 : optional_or<int64_t>(cfg, "sliding_window_pattern", 6);
+        h.rope_local_base = optional_or<double>(cfg, "rope_local_base_freq", 10000.0);
+        if (!g2 && h.attn_softcap != 0.0)
+            gfa::fail("config.json: gemma3 with attn_logit_softcapping is not what GGUF readers expect");
         const std::string act = optional_or<std::string>(cfg, "hidden_activation", "gelu_pytorch_tanh");
         if (act != "gelu_pytorch_tanh")
             gfa::fail("config.json: hidden_activation \"" + act +
                       "\" is not supported (gelu_pytorch_tanh is)");
         // GGUF keeps no query scale: readers use the head size, or n_embd / n_head for the
-        // 46-layer model (llama.cpp's rule). Other checkpoints would read wrongly.
-        const int64_t expected = h.n_layer == 46 ? h.n_embd / h.n_head : h.head_dim;
+        // 27B models (46 layers in Gemma 2, 62 in Gemma 3; llama.cpp's rule). Other
+        // checkpoints would read wrongly.
+        const int64_t expected = h.n_layer == (g2 ? 46 : 62) ? h.n_embd / h.n_head : h.head_dim;
         const double qpas = optional_or<double>(cfg, "query_pre_attn_scalar", double(expected));
         if (qpas != double(expected))
             gfa::fail("config.json: query_pre_attn_scalar " + std::to_string(qpas) +
                       " is not what GGUF readers assume for this shape (" + std::to_string(expected) + ")");
-        if (h.attn_softcap <= 0 || h.final_softcap <= 0 || h.sliding_window <= 0)
+        if (g2 && (h.attn_softcap <= 0 || h.final_softcap <= 0))
             gfa::fail(
-                "config.json: gemma2 needs positive attn_logit_softcapping, final_logit_softcapping and "
-                "sliding_window");
+                "config.json: gemma2 needs positive attn_logit_softcapping and final_logit_softcapping");
+        if (h.sliding_window <= 0 || h.sliding_pattern <= 0)
+            gfa::fail("config.json: sliding_window and sliding_window_pattern must be positive");
     }
     if (cfg.contains("bos_token_id") && cfg["bos_token_id"].is_number_integer())
         h.bos = cfg["bos_token_id"].get<int64_t>();
@@ -199,9 +209,13 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
             {"pre_feedforward_layernorm.weight", "ffn_norm.weight"},
             {"post_feedforward_layernorm.weight", "post_ffw_norm.weight"},
         };
-        if (arch == "gemma2")
+        if (arch == "gemma2" || arch == "gemma3")
             for (const auto& [from, to] : gemma2)
                 if (rest == from) return "blk." + std::string(m[1]) + "." + to;
+        if (arch == "gemma3" && rest == "self_attn.q_norm.weight")
+            return "blk." + std::string(m[1]) + ".attn_q_norm.weight";
+        if (arch == "gemma3" && rest == "self_attn.k_norm.weight")
+            return "blk." + std::string(m[1]) + ".attn_k_norm.weight";
         static const std::pair<const char*, const char*> table[] = {
             {"input_layernorm.weight", "attn_norm.weight"},
             {"self_attn.q_proj.weight", "attn_q.weight"},
@@ -409,6 +423,12 @@ int run(int argc, char** argv) {
         w.set(A + ".final_logit_softcapping", float(h.final_softcap));
         w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
     }
+    if (h.arch == "gemma3") {
+        if (h.final_softcap > 0) w.set(A + ".final_logit_softcapping", float(h.final_softcap));
+        w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
+        w.set(A + ".attention.sliding_window_pattern", uint32_t(h.sliding_pattern));
+        w.set(A + ".rope.freq_base_swa", float(h.rope_local_base));
+    }
     if (h.rope_linear_factor > 0) {
         w.set(A + ".rope.scaling.type", "linear");
         w.set(A + ".rope.scaling.factor", float(h.rope_linear_factor));
@@ -440,7 +460,7 @@ int run(int argc, char** argv) {
         const bool is_q = name.find(".attn_q.") != std::string::npos;
         const bool is_k = name.find(".attn_k.") != std::string::npos;
         // Gemma's RMSNorm multiplies by 1 + weight.
-        if (h.arch == "gemma2" && name.find("norm.weight") != std::string::npos)
+        if ((h.arch == "gemma2" || h.arch == "gemma3") && name.find("norm.weight") != std::string::npos)
             for (float& v : values) v += 1.0f;
         if (permute_rotary && (is_q || is_k)) {
             // A bias is one column of rows.
@@ -470,9 +490,13 @@ int run(int argc, char** argv) {
         for (const char* s : {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
                               "ffn_gate", "ffn_up", "ffn_down"})
             needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
-    if (h.arch == "gemma2")
+    if (h.arch == "gemma2" || h.arch == "gemma3")
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"post_attention_norm", "post_ffw_norm"})
+                needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
+    if (h.arch == "gemma3")
+        for (int64_t l = 0; l < h.n_layer; ++l)
+            for (const char* s : {"attn_q_norm", "attn_k_norm"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
     for (const std::string& n : needed)
         if (!written.count(n)) gfa::fail(dir + ": the checkpoint has no tensor for " + n);
