@@ -30,17 +30,17 @@ struct TrainOptions {
 class Trainer {
   public:
     // A new model of this shape with random weights. config: arch "llama" (rope in normal
-    // mode), "qwen2" or "gemma2" (NeoX mode; gemma2 with the fields its files imply, see
-    // llama::read_config); n_vocab, n_embd, n_layer, n_ff, n_head, n_head_kv and
+    // mode), "qwen2", "gemma2" or "gemma3" (NeoX mode; the Gemmas with the fields their files
+    // imply, see llama::read_config); n_vocab, n_embd, n_layer, n_ff, n_head, n_head_kv and
     // head_dim set; rope n_dims = head_dim; optionally q/k/v biases (qkv_bias) and tied
     // embeddings (one tensor, trained by both its uses). Throws gfa::Error naming what does
     // not fit.
     Trainer(const ModelConfig& config, const TrainOptions& options);
     // Continues from a GGUF file: a checkpoint save_checkpoint wrote (weights, AdamW moments
-    // and the step count: the next step continues the run), or any llama, qwen2 or gemma2 model file,
+    // and the step count: the next step continues the run), or any llama, qwen2, gemma2 or gemma3 model file,
     // whose weights of any type are decoded to f32 to train on (fine-tuning; the steps start
     // at 0). Throws naming what the file has that training does not take (rope frequency
-    // factors or position scaling, other architectures).
+    // factors, other architectures).
     static std::unique_ptr<Trainer> from_file(const std::string& path, const TrainOptions& options);
     ~Trainer();
     Trainer(const Trainer&) = delete;

@@ -55,6 +55,10 @@ template <typename Values> llama::Weights host_weights(Context& ctx, const Model
             L.attn_post_norm = weight(b + "post_attention_norm.weight", {E});
             L.ffn_post_norm = weight(b + "post_ffw_norm.weight", {E});
         }
+        if (c.qk_norm) {
+            L.attn_q_norm = weight(b + "attn_q_norm.weight", {c.head_dim});
+            L.attn_k_norm = weight(b + "attn_k_norm.weight", {c.head_dim});
+        }
         w.layers.push_back(L);
     }
     w.output_norm = weight("output_norm.weight", {E});
@@ -73,6 +77,7 @@ std::vector<Tensor*> weight_list(const llama::Weights& w) {
                    {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.ffn_norm, L.ffn_gate, L.ffn_up, L.ffn_down});
         if (L.bq) out.insert(out.end(), {L.bq, L.bk, L.bv});
         if (L.attn_post_norm) out.insert(out.end(), {L.attn_post_norm, L.ffn_post_norm});
+        if (L.attn_q_norm) out.insert(out.end(), {L.attn_q_norm, L.attn_k_norm});
     }
     out.push_back(w.output_norm);
     if (w.output != w.token_embd) out.push_back(w.output);
@@ -109,7 +114,7 @@ TrainOptions tiny_options(int64_t T = 7, int64_t B = 3) {
 } // namespace
 
 TEST_CASE("training graph: gradients of every weight match finite differences", "[train]") {
-    const ModelConfig c = config_variant(GENERATE(0, 1, 2)); // llama, qwen2, gemma2
+    const ModelConfig c = config_variant(GENERATE(0, 1, 2, 3)); // llama, qwen2, gemma2, gemma3
     INFO(c.arch);
     const int64_t T = 5, B = 2; // odd sizes; two sequences share the rope positions
     Context ctx = data_ctx();
@@ -125,7 +130,7 @@ TEST_CASE("training graph: gradients of every weight match finite differences", 
 }
 
 TEST_CASE("Trainer: a step's gradients are the derivatives of its loss", "[train]") {
-    const ModelConfig c = config_variant(GENERATE(0, 1, 2)); // llama, qwen2, gemma2
+    const ModelConfig c = config_variant(GENERATE(0, 1, 2, 3)); // llama, qwen2, gemma2, gemma3
     INFO(c.arch);
     const TrainOptions o = tiny_options();
     Trainer trainer(c, o);
@@ -278,7 +283,7 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     c = test::tiny_train_config();
     c.arch = "gemma";
     CHECK_THROWS_WITH(Trainer(c, tiny_options()),
-                      Catch::Contains("architecture must be llama, qwen2 or gemma2"));
+                      Catch::Contains("architecture must be llama, qwen2, gemma2 or gemma3"));
     c = config_variant(2);
     c.embd_scale = 1.0f;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("a gemma2 model has post norms"));
@@ -353,16 +358,17 @@ TEST_CASE("Trainer: a checkpoint resumes the run exactly", "[train]") {
 TEST_CASE("Trainer: fine-tunes a llama, qwen2 or gemma2 GGUF model, starting from its exact logits",
           "[train]") {
     test::TinyModel m; // 5 query heads on 1 key/value head, head size 8
-    const int variant = GENERATE(0, 1, 2, 3);
+    const int variant = GENERATE(0, 1, 2, 3, 4, 5);
     m.tied = variant >= 1;
     if (variant == 2) {
         m.arch = "qwen2";
         m.biases = true;
     }
-    if (variant == 3) { // window 4 of the 10 positions, soft caps, post norms
-        m.arch = "gemma2";
-        m.layers = 3;
+    if (variant == 3 || variant == 4) { // windows of 4 of the 10 positions, post norms (and caps, q/k norms)
+        m.arch = variant == 3 ? "gemma2" : "gemma3";
+        m.layers = 4;
     }
+    if (variant == 5) m.rope_linear_scale = 2.0f;
     INFO(m.arch << ", tied embeddings " << m.tied << ", biases " << m.biases << ", seed " << test::seed());
     TempFile file{test::write_model(m, test::seed())};
     TrainOptions o = tiny_options(10, 1);
@@ -404,10 +410,6 @@ TEST_CASE("Trainer: model files that training does not take are refused by name"
     SECTION("rope frequency factors") {
         m.rope_factors = {1.0f, 2.0f, 4.0f, 8.0f};
         expected = "rope_freqs.weight";
-    }
-    SECTION("linear rope scaling") {
-        m.rope_linear_scale = 2.0f;
-        expected = "scales rope positions";
     }
     TempFile file{test::write_model(m, test::seed())};
     CHECK_THROWS_WITH(Trainer::from_file(file.path, tiny_options()), Catch::Contains(expected));

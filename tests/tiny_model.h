@@ -178,7 +178,9 @@ inline ModelConfig tiny_train_config() {
 // A training config reshaped as the other architectures have it: variant 0 leaves it llama,
 // 1 makes it Qwen2 (NeoX rope, q/k/v biases, tied embeddings), 2 Gemma 2 (also scaled
 // embeddings, post norms, GeGLU, soft caps small enough to bite and a window of 3 positions
-// on the even layers, shorter than the tests' sequences).
+// on the even layers, shorter than the tests' sequences), 3 Gemma 3 (q/k norms, no caps,
+// windows on all but every third layer with a rope base of their own, linear position
+// scaling 2 on the global layers).
 inline ModelConfig train_config_variant(ModelConfig c, int variant) {
     if (variant == 0) return c;
     c.rope.mode = RopeMode::NeoX;
@@ -188,14 +190,22 @@ inline ModelConfig train_config_variant(ModelConfig c, int variant) {
         c.qkv_bias = true;
         return c;
     }
-    c.arch = "gemma2";
     c.post_norms = c.gelu_ffn = true;
     c.embd_scale = std::sqrt(float(c.n_embd));
     c.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
-    c.attn_softcap = 2.0f;
-    c.final_softcap = 3.0f;
     c.sliding_window = 3;
     c.rope_sliding = c.rope;
+    if (variant == 2) {
+        c.arch = "gemma2";
+        c.attn_softcap = 2.0f;
+        c.final_softcap = 3.0f;
+        return c;
+    }
+    c.arch = "gemma3";
+    c.qk_norm = true;
+    c.sliding_pattern = 3;
+    c.rope_sliding.freq_base = 1000.0f;
+    c.rope.freq_scale = 0.5f;
     return c;
 }
 

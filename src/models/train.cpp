@@ -19,8 +19,18 @@ namespace {
 
 void check_config(const ModelConfig& c, const TrainOptions& o) {
     auto positive = [](int64_t v) { return v > 0; };
-    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2")
-        fail("train: the architecture must be llama, qwen2 or gemma2, not \"" + c.arch + "\"");
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2" && c.arch != "gemma3")
+        fail("train: the architecture must be llama, qwen2, gemma2 or gemma3, not \"" + c.arch + "\"");
+    if (c.arch == "gemma3") {
+        // What a gemma3 file implies (llama::read_config), so that a saved model reads back.
+        const float attn_scale = 1.0f / std::sqrt(float(c.n_layer == 62 ? c.n_embd / c.n_head : c.head_dim));
+        const RopeParams &r = c.rope, &rs = c.rope_sliding;
+        if (!(c.post_norms && c.gelu_ffn && c.qk_norm && c.attn_softcap == 0.0f && c.sliding_pattern > 0 &&
+              c.embd_scale == std::sqrt(float(c.n_embd)) && c.attn_scale == attn_scale &&
+              rs.n_dims == r.n_dims && rs.mode == r.mode && rs.freq_scale == 1.0f))
+            fail("train: a gemma3 model has post norms, GeGLU, q/k norms, no score cap, embeddings scaled by "
+                 "sqrt(n_embd), unscaled rope on its sliding layers and the query scale its files imply");
+    }
     if (c.arch == "gemma2") {
         // What a gemma2 file implies (llama::read_config), so that a saved model reads back.
         const float attn_scale = 1.0f / std::sqrt(float(c.n_layer == 46 ? c.n_embd / c.n_head : c.head_dim));
@@ -155,6 +165,10 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
             L.attn_post_norm = m.weight(b + "post_attention_norm.weight", {E});
             L.ffn_post_norm = m.weight(b + "post_ffw_norm.weight", {E});
         }
+        if (c.qk_norm) {
+            L.attn_q_norm = m.weight(b + "attn_q_norm.weight", {c.head_dim});
+            L.attn_k_norm = m.weight(b + "attn_k_norm.weight", {c.head_dim});
+        }
         w.layers.push_back(L);
     }
     w.output_norm = m.weight("output_norm.weight", {E});
@@ -217,8 +231,6 @@ std::unique_ptr<Trainer> Trainer::from_file(const std::string& path, const Train
     ModelConfig c = llama::read_config(f);
     if (f.find_tensor("rope_freqs.weight"))
         fail(path + ": the model scales rope by rope_freqs.weight, which training does not take");
-    if (c.rope.freq_scale != 1.0f)
-        fail(path + ": the model scales rope positions, which training does not take");
     std::unique_ptr<Trainer> t(new Trainer(c, options));
     Impl& m = *t->impl_;
     m.source = f.metadata();
@@ -288,10 +300,20 @@ void Trainer::Impl::write(const std::string& path, const gguf::Metadata& metadat
     out.set(A + "attention.layer_norm_rms_epsilon", c.norm_eps);
     out.set(A + "rope.freq_base", c.rope.freq_base);
     out.set(A + "rope.dimension_count", uint32_t(c.rope.n_dims));
+    if (c.rope.freq_scale != 1.0f) {
+        out.set(A + "rope.scaling.type", "linear");
+        out.set(A + "rope.scaling.factor", 1.0f / c.rope.freq_scale);
+    }
     if (c.arch == "gemma2") {
         out.set(A + "attention.sliding_window", uint32_t(c.sliding_window));
         out.set(A + "attn_logit_softcapping", c.attn_softcap);
         out.set(A + "final_logit_softcapping", c.final_softcap);
+    }
+    if (c.arch == "gemma3") {
+        out.set(A + "attention.sliding_window", uint32_t(c.sliding_window));
+        out.set(A + "attention.sliding_window_pattern", uint32_t(c.sliding_pattern));
+        out.set(A + "rope.freq_base_swa", c.rope_sliding.freq_base);
+        if (c.final_softcap > 0.0f) out.set(A + "final_logit_softcapping", c.final_softcap);
     }
     for (const gguf::KeyValue& kv : metadata.entries()) out.set(kv.key, kv.value);
     if (moments) out.set("training.step", uint32_t(steps));

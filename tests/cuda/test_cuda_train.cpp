@@ -26,7 +26,7 @@ TEST_CASE("CUDA trains a model as the CPU does", "[cuda][train]") {
     o.n_threads = 2;
     o.seed = test::seed();
     o.init_std = 0.1f;
-    c = test::train_config_variant(c, GENERATE(0, 1, 2)); // llama, qwen2, gemma2
+    c = test::train_config_variant(c, GENERATE(0, 1, 2, 3)); // llama, qwen2, gemma2, gemma3
     INFO("seed " << o.seed << ", " << c.arch);
     Trainer cpu(c, o);
     o.device = find_device("CUDA0");

@@ -175,7 +175,7 @@ TEST_CASE("compare --model: every node of a model on Vulkan against the CPU", "[
 }
 TEST_CASE("Vulkan trains a model as the CPU does", "[vulkan][model][train]") {
     // llama, qwen2, gemma2 (soft caps and a window through the attention backward)
-    const ModelConfig c = test::train_config_variant(test::tiny_train_config(), GENERATE(0, 1, 2));
+    const ModelConfig c = test::train_config_variant(test::tiny_train_config(), GENERATE(0, 1, 2, 3));
     INFO(c.arch);
     TrainOptions o;
     o.n_ctx = 11;

@@ -1,5 +1,5 @@
 // train: a Llama-shaped model trained from scratch on a text file, byte by byte, or a llama,
-// qwen2 or gemma2 GGUF model fine-tuned on one.
+// qwen2 or gemma (2, 3) GGUF model fine-tuned on one.
 //
 //   train --data FILE.txt [-o MODEL.gguf] [--layers 4 --embd 256 --heads 4 ...] [--steps 500]
 //   train --data FILE.txt --init MODEL_OR_CHECKPOINT.gguf [--checkpoint CKPT.gguf] ...
