@@ -61,8 +61,9 @@ struct AdamWParams {
 };
 // What an AdamW step reads at run time, from an f32 tensor of kAdamWValues elements: lr,
 // beta1, beta2, eps, weight_decay, the step's bias corrections 1 - beta1^step and
-// 1 - beta2^step, and grad_clip. Kept in a tensor rather than in the node so that one graph trains for many
-// steps (and a GPU backend can replay it) while the step count and the learning rate change.
+// 1 - beta2^step, and grad_clip. Kept in a tensor rather than in the node so that one graph
+// trains for many steps while the step count and the learning rate change (the same node
+// list each step: what a GPU backend needs to replay it as one graph).
 inline constexpr int64_t kAdamWValues = 8;
 std::array<float, kAdamWValues> adamw_values(const AdamWParams& p); // throws for step < 1
 // The factor grad_clip applies to every gradient: grad_clip / norm when the global norm is
