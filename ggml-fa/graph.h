@@ -66,5 +66,9 @@ struct Optimizer {
 // it memory afterwards, with the parameters or apart), the new nodes into `nodes` (the graph's
 // context). Throws when a parameter has no gradient.
 Optimizer build_optimizer_step(Context& state, Context& nodes, Graph& graph);
+// The same with the gradients given, (parameter, gradient) pairs: an update graph of its own
+// whose gradients were accumulated elsewhere (Trainer's micro-batches).
+Optimizer build_optimizer_step(Context& state, Context& nodes, Graph& graph,
+                               const std::vector<std::pair<Tensor*, Tensor*>>& param_grads);
 
 } // namespace gfa

@@ -19,7 +19,10 @@ namespace gfa {
 
 struct TrainOptions {
     int64_t n_ctx = 128;      // tokens per sequence: the context the model learns
-    int64_t n_seq = 8;        // sequences per step
+    int64_t n_seq = 8;        // sequences per micro-batch (one forward and backward pass)
+    int64_t n_micro = 1;      // micro-batches per step: their gradients are averaged before the
+                              // update, so a step sees n_micro * n_seq sequences for the memory
+                              // of n_seq
     Device* device = nullptr; // where weights, gradients and the optimizer live; nullptr: the CPU
     int n_threads = 0;        // CPU threads; <= 0: all cores
     uint64_t seed = 1;        // of the initial weights
@@ -46,11 +49,11 @@ class Trainer {
     Trainer(const Trainer&) = delete;
     Trainer& operator=(const Trainer&) = delete;
 
-    // One step on n_seq sequences of n_ctx + 1 tokens each, one after another in `batch`:
-    // each sequence's tokens 1.. are the targets of its tokens 0.. Runs the forward pass, the
-    // backward pass and an AdamW update with p (p.step counting 1, 2, ...; the first step
-    // also zeroes the moments). Returns the loss before the update: the mean cross-entropy
-    // per predicted token, in nats.
+    // One step on n_micro * n_seq sequences of n_ctx + 1 tokens each, one after another in
+    // `batch`: each sequence's tokens 1.. are the targets of its tokens 0.. Runs the forward
+    // and backward pass of each micro-batch and one AdamW update with p (p.step counting 1,
+    // 2, ...; the first step also zeroes the moments). Returns the loss before the update: the
+    // mean cross-entropy per predicted token, in nats.
     float step(std::span<const int32_t> batch, const AdamWParams& p);
     // The loss on such a batch, without updating anything.
     float loss(std::span<const int32_t> batch);
@@ -85,7 +88,8 @@ class Trainer {
     int64_t n_params() const;
     // The global L2 norm of the last step's gradients (before AdamWParams::grad_clip).
     float grad_norm() const;
-    // Gradient of each weight after the last step, by GGUF tensor name (for checks).
+    // Gradient of each weight after the last step (averaged over its micro-batches), by GGUF
+    // tensor name (for checks).
     std::vector<std::pair<std::string, std::vector<float>>> gradients() const;
     // The weights by GGUF tensor name, and setting one (for checks and for starting points).
     std::vector<float> weight(const std::string& name) const;

@@ -293,7 +293,7 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     c = test::tiny_train_config();
     TrainOptions o = tiny_options();
     o.n_ctx = 0;
-    CHECK_THROWS_WITH(Trainer(c, o), Catch::Contains("n_ctx and n_seq must be positive"));
+    CHECK_THROWS_WITH(Trainer(c, o), Catch::Contains("n_ctx, n_seq and n_micro must be positive"));
 
     Trainer trainer(test::tiny_train_config(), tiny_options(4, 2));
     const std::vector<float> before = trainer.weight("blk.0.attn_q.weight");
@@ -413,4 +413,31 @@ TEST_CASE("Trainer: model files that training does not take are refused by name"
     }
     TempFile file{test::write_model(m, test::seed())};
     CHECK_THROWS_WITH(Trainer::from_file(file.path, tiny_options()), Catch::Contains(expected));
+}
+
+TEST_CASE("Trainer: micro-batches average their gradients as one batch would", "[train]") {
+    const ModelConfig c = config_variant(GENERATE(0, 3)); // llama, gemma3
+    TrainOptions whole = tiny_options(6, 4), parts = tiny_options(6, 2);
+    parts.n_micro = 2;
+    INFO(c.arch << ", seed " << test::seed());
+    Trainer a(c, whole), b(c, parts);                      // the same initial weights (one seed)
+    CHECK(b.memory().optimizer == 3 * b.memory().weights); // moments and accumulated gradients
+    for (int32_t s = 1; s <= 2; ++s) {
+        const std::vector<int32_t> batch = test::random_indices(size_t(7 * 4), int32_t(c.n_vocab));
+        // A small rate: near-zero gradients move elements by +-lr whatever their rounding.
+        const AdamWParams p{.lr = 1e-4f, .step = s, .grad_clip = 1.0f};
+        const float la = a.step(batch, p), lb = b.step(batch, p);
+        INFO("step " << s << ": loss " << la << " in one batch, " << lb << " in two");
+        CHECK(std::abs(la - lb) <= 1e-5f * std::abs(la));
+        CHECK(std::abs(a.grad_norm() - b.grad_norm()) <= 1e-4f * a.grad_norm());
+        const auto ga = a.gradients(), gb = b.gradients();
+        for (size_t i = 0; i < ga.size(); ++i) {
+            const double err =
+                test::rel_error(gb[i].second, std::vector<double>(ga[i].second.begin(), ga[i].second.end()));
+            INFO(ga[i].first << ": gradient relative error " << err);
+            CHECK(err <= 1e-4);
+        }
+    }
+    CHECK_THROWS_WITH(b.step(std::vector<int32_t>(7 * 2, 1), {}),
+                      Catch::Contains("2 micro-batches of 2 sequences"));
 }

@@ -9,6 +9,7 @@
 #include <ggml-fa/train.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
 #include <random>
@@ -57,9 +58,9 @@ void check_config(const ModelConfig& c, const TrainOptions& o) {
     if (c.head_dim % 2 != 0 || c.rope.n_dims != c.head_dim || c.rope.mode != mode)
         fail("train: rope must turn the whole head (n_dims = head size, even) in " +
              std::string(mode == RopeMode::NeoX ? "NeoX" : "normal") + " mode, as " + c.arch + " does");
-    if (o.n_ctx <= 0 || o.n_seq <= 0)
-        fail("train: n_ctx and n_seq must be positive, got " + std::to_string(o.n_ctx) + " and " +
-             std::to_string(o.n_seq));
+    if (o.n_ctx <= 0 || o.n_seq <= 0 || o.n_micro <= 0)
+        fail("train: n_ctx, n_seq and n_micro must be positive, got " + std::to_string(o.n_ctx) + ", " +
+             std::to_string(o.n_seq) + " and " + std::to_string(o.n_micro));
 }
 
 } // namespace
@@ -83,6 +84,12 @@ struct Trainer::Impl {
         std::unique_ptr<Scheduler> sched;
     };
     Run train, eval;
+    // With micro-batches: the train graph adds each micro-batch's gradients / n_micro into
+    // grad_acc (scaling what it held by keep: 0 for a step's first micro-batch, else 1), and
+    // the update graph applies AdamW to them once per step.
+    Run update;
+    std::vector<Tensor*> grad_acc;
+    Tensor* keep = nullptr;
     Optimizer optimizer;
     int64_t steps = 0;
     gguf::Metadata source; // metadata of the file the trainer started from
@@ -179,7 +186,23 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
     set_output(m.train.io.loss);
     m.train.graph = build_forward(m.train.io.loss);
     build_backward(m.train.ctx, m.train.graph, m.train.io.loss);
-    m.optimizer = build_optimizer_step(m.weights_ctx, m.train.ctx, m.train.graph);
+    if (options.n_micro == 1) {
+        m.optimizer = build_optimizer_step(m.weights_ctx, m.train.ctx, m.train.graph);
+    } else {
+        Context& g = m.train.ctx;
+        m.keep = set_name(m.weights_ctx.new_tensor(Type::F32, {1}), "grad_acc.keep");
+        set_input(m.keep);
+        std::vector<std::pair<Tensor*, Tensor*>> param_grads;
+        for (Tensor* p : m.params) {
+            Tensor* acc = set_name(m.weights_ctx.new_tensor(Type::F32, p->ne), p->name + ".grad_acc");
+            m.grad_acc.push_back(acc);
+            param_grads.emplace_back(p, acc);
+            Tensor* sum =
+                add(g, mul(g, acc, m.keep), scale(g, m.train.graph.grad(p), 1.0f / float(options.n_micro)));
+            m.train.graph.expand(cpy(g, sum, acc));
+        }
+        m.optimizer = build_optimizer_step(m.weights_ctx, m.update.ctx, m.update.graph, param_grads);
+    }
     // Evaluation: the same forward pass and loss, apart (its own inputs and memory plan).
     m.eval.io = llama::build_training_graph(m.eval.ctx, c, w, options.n_ctx, options.n_seq);
     set_output(m.eval.io.loss);
@@ -188,7 +211,8 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
     m.weights_buffer = allocate_context_tensors(m.weights_ctx, m.device->buffer_type());
     m.cpu = make_cpu_backend(options.n_threads);
     if (m.device != &cpu_device()) m.gpu = m.device->create_backend();
-    for (Impl::Run* run : {&m.train, &m.eval}) {
+    for (Impl::Run* run : {&m.train, &m.eval, &m.update}) {
+        if (run->graph.nodes().empty()) continue; // no update graph without micro-batches
         run->sched = std::make_unique<Scheduler>(m.backends());
         run->sched->set_log({});
         run->sched->allocate(run->graph);
@@ -212,18 +236,32 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
         tensor_set_f32(t, v);
     }
     m.optimizer.reset();
+    // Finite values to start from (keep multiplies them by 0 at a step's first micro-batch).
+    for (Tensor* acc : m.grad_acc) tensor_set_f32(acc, std::vector<float>(size_t(acc->nelements()), 0.0f));
 }
 
 Trainer::~Trainer() = default;
 
 float Trainer::step(std::span<const int32_t> batch, const AdamWParams& p) {
     Impl& m = *impl_;
-    m.set_inputs(m.train, batch, true);
+    const int64_t k = m.options.n_micro, per_micro = m.options.n_seq * (m.options.n_ctx + 1);
+    if (k > 1 && int64_t(batch.size()) != k * per_micro)
+        fail("train: a step takes " + std::to_string(k) + " micro-batches of " +
+             std::to_string(m.options.n_seq) + " sequences of " + std::to_string(m.options.n_ctx + 1) +
+             " tokens (" + std::to_string(k * per_micro) + "), got " + std::to_string(batch.size()));
+    adamw_values(p); // bad values fail before any work is done
     if (p.step == 1) m.optimizer.reset();
     m.optimizer.set(p);
-    m.train.sched->compute(m.train.graph);
+    double loss = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+        m.set_inputs(m.train, k > 1 ? batch.subspan(size_t(i * per_micro), size_t(per_micro)) : batch, true);
+        if (m.keep) tensor_set_f32(m.keep, {i == 0 ? 0.0f : 1.0f});
+        m.train.sched->compute(m.train.graph);
+        loss += tensor_get_f32(m.train.io.loss)[0];
+    }
+    if (m.update.sched) m.update.sched->compute(m.update.graph);
     m.steps = p.step;
-    return tensor_get_f32(m.train.io.loss)[0];
+    return float(loss / double(k));
 }
 
 std::unique_ptr<Trainer> Trainer::from_file(const std::string& path, const TrainOptions& options) {
@@ -344,8 +382,10 @@ Trainer::Memory Trainer::memory() const {
     Memory out;
     for (const Tensor* t : m.params) out.weights += t->nbytes();
     for (const Tensor* t : m.optimizer.moments) out.optimizer += t->nbytes();
+    for (const Tensor* t : m.grad_acc) out.optimizer += t->nbytes();
     for (size_t b = 0; b < m.backends().size(); ++b) {
         out.train_graph += m.train.sched->allocator(b).peak_bytes();
+        if (m.update.sched) out.train_graph += m.update.sched->allocator(b).peak_bytes();
         out.eval_graph += m.eval.sched->allocator(b).peak_bytes();
     }
     return out;
@@ -375,8 +415,11 @@ int64_t Trainer::n_params() const {
 
 std::vector<std::pair<std::string, std::vector<float>>> Trainer::gradients() const {
     std::vector<std::pair<std::string, std::vector<float>>> out;
-    for (const Tensor* t : impl_->params)
-        out.emplace_back(t->name, tensor_get_f32(impl_->train.graph.grad(t)));
+    for (size_t i = 0; i < impl_->params.size(); ++i) {
+        const Tensor* t = impl_->params[i];
+        out.emplace_back(t->name, tensor_get_f32(impl_->grad_acc.empty() ? impl_->train.graph.grad(t)
+                                                                         : impl_->grad_acc[i]));
+    }
     return out;
 }
 

@@ -9,30 +9,37 @@
 namespace gfa {
 
 Optimizer build_optimizer_step(Context& state, Context& nodes, Graph& graph) {
-    std::vector<Tensor*> params;
+    std::vector<std::pair<Tensor*, Tensor*>> param_grads;
     for (Tensor* l : graph.leafs())
-        if (l->has_flag(kFlagParam)) params.push_back(l);
-    if (params.empty()) fail("build_optimizer_step: the graph has no parameters (set_param)");
+        if (l->has_flag(kFlagParam)) {
+            Tensor* g = graph.grad(l);
+            if (!g)
+                fail("build_optimizer_step: parameter '" + l->name +
+                     "' has no gradient; call build_backward first");
+            param_grads.emplace_back(l, g);
+        }
+    return build_optimizer_step(state, nodes, graph, param_grads);
+}
+
+Optimizer build_optimizer_step(Context& state, Context& nodes, Graph& graph,
+                               const std::vector<std::pair<Tensor*, Tensor*>>& param_grads) {
+    if (param_grads.empty()) fail("build_optimizer_step: the graph has no parameters (set_param)");
     Optimizer opt;
     opt.values = set_name(state.new_tensor(Type::F32, {kAdamWValues}), "adamw.values");
     set_input(opt.values);
-    for (Tensor* param : params) {
-        Tensor* g = graph.grad(param);
-        if (!g)
-            fail("build_optimizer_step: parameter '" + param->name +
-                 "' has no gradient; call build_backward first");
+    for (const auto& [param, g] : param_grads) {
         Tensor* sq = sum(nodes, sqr(nodes, g));
         opt.grad_norm_sq = opt.grad_norm_sq ? add(nodes, opt.grad_norm_sq, sq) : sq;
     }
     set_name(opt.grad_norm_sq, "adamw.grad_norm_sq");
     set_output(opt.grad_norm_sq);
     graph.expand(opt.grad_norm_sq); // every update comes after the norm, which reads every gradient
-    for (Tensor* param : params) {
+    for (const auto& [param, g] : param_grads) {
         Tensor* m = set_name(state.new_tensor(Type::F32, param->ne), param->name + ".adam_m");
         Tensor* v = set_name(state.new_tensor(Type::F32, param->ne), param->name + ".adam_v");
         opt.moments.push_back(m);
         opt.moments.push_back(v);
-        graph.expand(adamw_step(nodes, param, graph.grad(param), m, v, opt.values, opt.grad_norm_sq));
+        graph.expand(adamw_step(nodes, param, g, m, v, opt.values, opt.grad_norm_sq));
     }
     return opt;
 }

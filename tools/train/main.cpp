@@ -37,7 +37,8 @@ namespace {
 struct Options {
     std::string data, out, backend = "cpu", prompt, init, checkpoint;
     int64_t layers = 4, embd = 256, heads = 4, kv_heads = 0, head_dim = 0, ff = 0;
-    int64_t ctx = 128, batch = 8, steps = 500, warmup = 20, eval_every = 50, eval_batches = 4, sample = 0;
+    int64_t ctx = 128, batch = 8, accumulate = 1, steps = 500, warmup = 20, eval_every = 50, eval_batches = 4,
+            sample = 0;
     float lr = 1e-3f, min_lr = 1e-4f, weight_decay = 0.1f, beta2 = 0.99f, val_fraction = 0.1f,
           grad_clip = 1.0f;
     uint64_t seed = 1;
@@ -60,7 +61,9 @@ void usage() {
                 "                                  (default: embd / heads)\n"
                 "  --ff N                          feed-forward width (default: 8/3 embd, a multiple of 32)\n"
                 "training:\n"
-                "  --ctx N --batch N               bytes per sequence, sequences per step (128, 8)\n"
+                "  --ctx N --batch N               bytes per sequence, sequences per pass (128, 8)\n"
+                "  --accumulate N                  passes per step, gradients averaged (1): a step sees\n"
+                "                                  N * batch sequences in the memory of one batch\n"
                 "  --steps N --warmup N            steps, warm-up steps of the learning rate (500, 20)\n"
                 "  --lr X --min-lr X               peak and final learning rate (1e-3, 1e-4; cosine)\n"
                 "  --weight-decay X --beta2 X      AdamW (0.1, 0.99)\n"
@@ -105,6 +108,8 @@ Options parse(int argc, char** argv) {
             o.ctx = args.integer();
         else if (a == "--batch")
             o.batch = args.integer();
+        else if (a == "--accumulate")
+            o.accumulate = args.integer();
         else if (a == "--steps")
             o.steps = args.integer();
         else if (a == "--warmup")
@@ -233,6 +238,7 @@ int run(int argc, char** argv) {
     TrainOptions to;
     to.n_ctx = o.ctx;
     to.n_seq = o.batch;
+    to.n_micro = o.accumulate;
     to.device = device;
     to.n_threads = o.threads;
     to.seed = o.seed;
@@ -296,12 +302,14 @@ int run(int argc, char** argv) {
     std::printf("memory: weights %.1f MiB, optimizer %.1f MiB, training step %.1f MiB, evaluation %.1f MiB\n",
                 double(mem.weights) / 1048576.0, double(mem.optimizer) / 1048576.0,
                 double(mem.train_graph) / 1048576.0, double(mem.eval_graph) / 1048576.0);
-    std::printf("data: %zu tokens for training, %zu held out; %lld sequences of %lld tokens per step\n",
-                n_train, n_val, (long long)o.batch, (long long)o.ctx);
+    std::printf("data: %zu tokens for training, %zu held out; %lld sequences of %lld tokens per step (%lld "
+                "per pass)\n",
+                n_train, n_val, (long long)(o.batch * o.accumulate), (long long)o.ctx, (long long)o.batch);
 
     const int64_t first = trainer->steps() + 1; // a checkpoint's run goes on where it stopped
     std::uniform_int_distribution<size_t> start(0, n_train - window);
-    std::vector<int32_t> batch(window * size_t(o.batch));
+    std::vector<int32_t> batch(window * size_t(o.batch));                     // an evaluation's
+    std::vector<int32_t> step_batch(window * size_t(o.batch * o.accumulate)); // a step's
     auto evaluate = [&] { // evenly spaced windows of the held-out part
         double total = 0.0;
         for (int64_t e = 0; e < o.eval_batches; ++e) {
@@ -332,9 +340,9 @@ int run(int argc, char** argv) {
         // Step s's windows depend on the seed and s alone, so a run resumed from a checkpoint
         // sees the batches the uninterrupted run would have.
         std::mt19937_64 rng(o.seed * 0x9e3779b97f4a7c15ull + uint64_t(s));
-        for (int64_t b = 0; b < o.batch; ++b)
+        for (int64_t b = 0; b < o.batch * o.accumulate; ++b)
             std::copy_n(data.begin() + ptrdiff_t(start(rng)), window,
-                        batch.begin() + ptrdiff_t(size_t(b) * window));
+                        step_batch.begin() + ptrdiff_t(size_t(b) * window));
         AdamWParams p;
         p.lr = learning_rate(o, s);
         p.beta2 = o.beta2;
@@ -342,7 +350,7 @@ int run(int argc, char** argv) {
         p.grad_clip = o.grad_clip;
         p.step = int32_t(s);
         const auto ts = std::chrono::steady_clock::now();
-        const float loss = trainer->step(batch, p);
+        const float loss = trainer->step(step_batch, p);
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
         train_seconds += seconds;
         if (s >= first + 3) steady_seconds += seconds;
@@ -350,7 +358,8 @@ int run(int argc, char** argv) {
         recent_loss += loss;
         ++recent;
         if (s % o.eval_every == 0 || s == o.steps) {
-            const double tokens_per_s = double((s - first + 1) * o.batch * o.ctx) / train_seconds;
+            const double tokens_per_s =
+                double((s - first + 1) * o.batch * o.accumulate * o.ctx) / train_seconds;
             std::printf(
                 "step %lld: training loss %.4f, held-out %.4f, lr %.2e, gradient norm %.3f, %.0f tokens/s\n",
                 (long long)s, recent_loss / double(recent), evaluate(), double(p.lr),
@@ -368,7 +377,7 @@ int run(int argc, char** argv) {
     if (ran > 3) {
         const double per_step = steady_seconds / double(ran - 3);
         std::printf("; after the first 3: %.2f ms per step, %.0f tokens/s", 1e3 * per_step,
-                    double(o.batch * o.ctx) / per_step);
+                    double(o.batch * o.accumulate * o.ctx) / per_step);
     }
     std::printf(")\n");
     if (o.profile) {
