@@ -67,6 +67,11 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
     const std::vector<float> all = whole.eval(tokens, true);
     REQUIRE(all.size() == size_t(n * m.vocab));
     REQUIRE(whole.n_past() == n);
+    // After a reset the same prompt runs the same graph again (perplexity's chunks do this).
+    whole.reset();
+    whole.reset_profile();
+    CHECK(whole.eval(tokens, true) == all);
+    CHECK(whole.profile().reused == 1);
 
     // The same prompt in chunks of 3 (the last one shorter).
     so.n_batch = 3;

@@ -540,12 +540,13 @@ struct Session::Impl {
     size_t kv_bytes = 0;
     int64_t n_past = 0;
     // The last graph, kept until the next eval, which runs it again unchanged when it has
-    // the same shape (a windowed graph: only its inputs depend on n_past).
+    // the same shape (a windowed graph: only its inputs depend on n_past; a causal one: at the
+    // same n_past).
     struct LastGraph {
         std::unique_ptr<Context> ctx;
         Graph graph;
         llama::GraphIo io;
-        int64_t n_tokens = 0, n_window = 0;
+        int64_t n_tokens = 0, n_window = 0, n_past = 0;
         bool all_logits = false;
     } last;
     EvalProfile profile;
@@ -658,8 +659,10 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
         const int64_t window =
             llama::window_for(int64_t(n), s.n_past, s.options.n_ctx, s.options.decode_window_step);
         Impl::LastGraph& last = s.last;
-        if (window != 0 && last.ctx && last.n_tokens == int64_t(n) && last.n_window == window &&
-            last.all_logits == all_logits) {
+        // A windowed graph serves every n_past its tokens fit; a causal one the same n_past
+        // again (a session reset between evals of equal length: perplexity's chunks).
+        if (last.ctx && last.n_tokens == int64_t(n) && last.n_window == window &&
+            last.all_logits == all_logits && (window != 0 || last.n_past == s.n_past)) {
             ++prof.reused;
         } else {
             last = Impl::LastGraph{};
@@ -672,6 +675,7 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
                     if (!node->view_src) node->flags |= kFlagOutput; // nothing reuses its memory
             last.n_tokens = int64_t(n);
             last.n_window = window;
+            last.n_past = s.n_past;
             last.all_logits = all_logits;
         }
         const llama::GraphIo& io = last.io;
