@@ -160,8 +160,10 @@ Tensor* swiglu(Context& ctx, Tensor* gate, Tensor* up); // silu(gate) * up
 // ---- losses and optimizers ------------------------------------------------------------
 
 // logits, labels: [n_classes, n_rows...] (labels are probabilities) -> [1] mean over rows
-// of -sum_c labels * log_softmax(logits). Autodiff treats the labels as constants: only the
-// logits get a gradient.
+// of -sum_c labels * log_softmax(logits). Or labels i32 [n_rows...] (logits' shape without
+// dim 0): each row's class, as if one-hot, without the n_classes-wide label rows (a class out
+// of range is an error when the graph runs). Autodiff treats the labels as constants: only
+// the logits get a gradient.
 Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels);
 // One AdamW step, updating param, m and v in place; the result views param. `values`: f32
 // [kAdamWValues] holding adamw_values() of the step (set before each run). grad_norm_sq

@@ -565,6 +565,10 @@ const std::vector<Case>& builtin_suite() {
          [](B& b) {
              return cross_entropy_loss(b.ctx, b.input({31, 7}, -5.0f, 5.0f), b.input({31, 7}, 0.0f, 1.0f));
          }},
+        {"cross_entropy_loss.classes", 1e-5, // a class per row; trained through its gradient
+         [](B& b) {
+             return cross_entropy_loss(b.ctx, b.param({31, 7}, -5.0f, 5.0f), b.indices({7}, 31));
+         }},
         {"grad.mlp", 1e-5,
          [](B& b) {
              Tensor *w1 = b.param({16, 24}), *w2 = b.param({24, 7}), *g = b.param({16});

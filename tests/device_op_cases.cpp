@@ -157,6 +157,11 @@ void loss_and_adamw(const Check& check) {
     tensor_set_f32(g, {1.7f});
     check(cross_entropy_loss_back(ctx, g, logits, labels), 1e-5);
     check(cross_entropy_loss_back(ctx, g, logits, soft_max(ctx, labels)), 1e-5);
+    // Classes (i32, one per row) instead of label rows.
+    Tensor* classes = ctx.new_tensor(Type::I32, {6, 2});
+    set_i32(classes, random_indices(12, 41));
+    check(cross_entropy_loss(ctx, logits, classes), 1e-5);
+    check(cross_entropy_loss_back(ctx, g, logits, classes), 1e-5);
 
     Tensor* w = ctx.new_tensor(Type::F32, {37, 3});
     Tensor* gw = ctx.new_tensor(Type::F32, {37, 3});

@@ -323,6 +323,38 @@ TEST_CASE("cross_entropy_loss is stable and matches the reference", "[nn]") {
     Tensor* loss = cross_entropy_loss(ctx, logits, labels);
     test::compute_cpu(build_forward(loss));
     CHECK(tensor_get_f32(loss)[0] == Approx(std::log(4.0)).epsilon(1e-6));
+    // The same as classes, and classes against one-hot rows on random logits.
+    Tensor* classes = ctx.new_tensor(Type::I32, {2});
+    test::set_i32(classes, {1, 3});
+    Tensor* by_class = cross_entropy_loss(ctx, logits, classes);
+    test::compute_cpu(build_forward(by_class));
+    CHECK(tensor_get_f32(by_class)[0] == Approx(std::log(4.0)).epsilon(1e-6));
+    for (int64_t n : kRowLengths) {
+        Context c2 = data_ctx();
+        Tensor* x = c2.new_tensor(Type::F32, {n, 5, 3});
+        fill_uniform(x, -20.0f, 20.0f);
+        const std::vector<int32_t> ids = test::random_indices(15, int32_t(n));
+        Tensor* t = c2.new_tensor(Type::I32, {5, 3});
+        test::set_i32(t, ids);
+        std::vector<float> one_hot(size_t(n * 15), 0.0f);
+        for (size_t r = 0; r < ids.size(); ++r) one_hot[r * size_t(n) + size_t(ids[r])] = 1.0f;
+        Tensor* l = c2.new_tensor(Type::F32, {n, 5, 3});
+        tensor_set_f32(l, one_hot);
+        Tensor* a = cross_entropy_loss(c2, x, t);
+        Tensor* b = cross_entropy_loss(c2, x, l);
+        check_forward(a, 1e-5);
+        test::compute_cpu(build_forward(b));
+        INFO("classes " << n);
+        CHECK(tensor_get_f32(a)[0] == Approx(tensor_get_f32(b)[0]).epsilon(1e-6));
+    }
+    // Bad labels: refused when built (shape, type) or run (a class out of range).
+    Tensor* wrong = ctx.new_tensor(Type::I32, {3});
+    CHECK_THROWS_WITH(cross_entropy_loss(ctx, logits, wrong), Catch::Contains("one class per row"));
+    CHECK_THROWS_WITH(cross_entropy_loss(ctx, logits, ctx.new_tensor(Type::F16, {4, 2})),
+                      Catch::Contains("f32 of the logits' shape, or i32 classes"));
+    test::set_i32(classes, {1, 4});
+    CHECK_THROWS_WITH(test::compute_cpu(build_forward(cross_entropy_loss(ctx, logits, classes))),
+                      Catch::Contains("class 4 is out of range [0, 4)"));
 }
 
 // ---- gradients ---------------------------------------------------------------------------

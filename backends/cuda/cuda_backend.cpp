@@ -505,6 +505,9 @@ class CudaBackend final : public Backend {
             if (code == cuda::kRowIndexOutOfRange)
                 fail(std::string(device_->name()) +
                      " backend: a row index (get_rows/set_rows) was out of range");
+            if (code == cuda::kClassOutOfRange)
+                fail(std::string(device_->name()) +
+                     " backend: cross_entropy_loss was given a class out of range (its row was left out)");
             fail(std::string(device_->name()) + " backend: a kernel reported error code " +
                  std::to_string(code));
         }

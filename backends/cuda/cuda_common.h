@@ -43,7 +43,7 @@ namespace gfa::cuda {
 
 // Device-side error codes a kernel can report (bad row indices and the like); the backend
 // turns a non-zero code into a gfa::Error at the next synchronize.
-enum KernelError : int32_t { kNoError = 0, kRowIndexOutOfRange = 1 };
+enum KernelError : int32_t { kNoError = 0, kRowIndexOutOfRange = 1, kClassOutOfRange = 2 };
 
 // Scratch memory that lives as long as the backend. Growing it waits for queued work first,
 // because kernels still in flight may read the old block; while the stream is being captured

@@ -25,14 +25,32 @@ __device__ void row_log_sum_exp(const TensorView& logits, int64_t i1, int64_t i2
     lse = logf(block_sum(s, shared));
 }
 
+// Labels as i32 classes ([rows...]): row (i1, i2, i3)'s class, or -1 (reported) when it lies
+// outside the n logits.
+__device__ int64_t label_class(const TensorView& labels, int64_t i1, int64_t i2, int64_t i3, int64_t n,
+                               int32_t* error_flag) {
+    const int32_t t = *reinterpret_cast<const int32_t*>(labels.data + offset_of(labels, i1, i2, i3, 0));
+    if (t < 0 || t >= n) {
+        report_error(error_flag, kClassOutOfRange);
+        return -1;
+    }
+    return t;
+}
+
 // row_loss[r] = sum_c labels * (logit - max - lse), i.e. the row's sum of labels * log p.
-__global__ void cross_entropy_rows_kernel(TensorView logits, TensorView labels, float* row_loss) {
+__global__ void cross_entropy_rows_kernel(TensorView logits, TensorView labels, float* row_loss,
+                                          int32_t* error_flag) {
     __shared__ float shared[32];
     const int64_t r = blockIdx.x;
     const int64_t i1 = r % logits.ne[1], i2 = (r / logits.ne[1]) % logits.ne[2],
                   i3 = r / (logits.ne[1] * logits.ne[2]);
     float mx, lse;
     row_log_sum_exp(logits, i1, i2, i3, shared, mx, lse);
+    if (labels.type == kTypeI32) { // a class per row: log p of that class
+        const int64_t t = label_class(labels, i1, i2, i3, logits.ne[0], error_flag);
+        if (threadIdx.x == 0) row_loss[r] = t < 0 ? 0.0f : load_f32(logits, t, i1, i2, i3) - mx - lse;
+        return;
+    }
     float acc = 0.0f;
     for (int64_t i = threadIdx.x; i < logits.ne[0]; i += blockDim.x)
         acc += load_f32(labels, i, i1, i2, i3) * (load_f32(logits, i, i1, i2, i3) - mx - lse);
@@ -46,19 +64,28 @@ void run_cross_entropy(const ComputeCtx& ctx, Tensor* dst) {
     float* row_loss =
         static_cast<float*>(ctx.scratch->get(size_t(rows) * sizeof(float), ctx.stream, ctx.device_name));
     cross_entropy_rows_kernel<<<unsigned(rows), row_block_threads(logits->ne[0]), 0, ctx.stream>>>(
-        view_of(logits), view_of(labels), row_loss);
+        view_of(logits), view_of(labels), row_loss, ctx.error_flag);
     GFA_CUDA_CHECK_LAUNCH();
     launch_sum_to_scalar(ctx, row_loss, rows, -1.0f / float(rows), static_cast<float*>(dst->data));
 }
 
 __global__ void cross_entropy_back_kernel(const float* grad, TensorView logits, TensorView labels,
-                                          TensorView dx, float inv_rows) {
+                                          TensorView dx, float inv_rows, int32_t* error_flag) {
     __shared__ float shared[32];
     const int64_t r = blockIdx.x;
     const int64_t i1 = r % logits.ne[1], i2 = (r / logits.ne[1]) % logits.ne[2],
                   i3 = r / (logits.ne[1] * logits.ne[2]);
     float mx, lse;
     row_log_sum_exp(logits, i1, i2, i3, shared, mx, lse);
+    if (labels.type == kTypeI32) { // one-hot at the row's class
+        const int64_t t = label_class(labels, i1, i2, i3, logits.ne[0], error_flag);
+        const float g = *grad * inv_rows;
+        for (int64_t i = threadIdx.x; i < logits.ne[0]; i += blockDim.x) {
+            const float p = expf(load_f32(logits, i, i1, i2, i3) - mx - lse);
+            *f32_ptr(dx, i, i1, i2, i3) = g * (p - (i == t ? 1.0f : 0.0f));
+        }
+        return;
+    }
     float label_sum = 0.0f;
     for (int64_t i = threadIdx.x; i < logits.ne[0]; i += blockDim.x)
         label_sum += load_f32(labels, i, i1, i2, i3);
@@ -75,20 +102,23 @@ void run_cross_entropy_back(const ComputeCtx& ctx, Tensor* dst) {
     const int64_t rows = logits->nrows();
     cross_entropy_back_kernel<<<unsigned(rows), row_block_threads(logits->ne[0]), 0, ctx.stream>>>(
         static_cast<const float*>(grad->data), view_of(logits), view_of(labels), view_of(dst),
-        1.0f / float(rows));
+        1.0f / float(rows), ctx.error_flag);
 }
 
+// f32 labels of the logits' shape, or i32 classes (one per row; the builder checked the shape).
+bool supported_labels(const Tensor* logits, const Tensor* labels) {
+    return labels->type == Type::I32 || (labels->type == Type::F32 && logits->ne == labels->ne);
+}
 bool supports_cross_entropy(const Tensor* dst) {
     const Tensor *logits = dst->src[0], *labels = dst->src[1];
-    return logits && labels && logits->type == Type::F32 && labels->type == Type::F32 &&
-           logits->ne == labels->ne && dst->type == Type::F32 && dst->nelements() == 1 &&
-           logits->nrows() < (int64_t(1) << 31);
+    return logits && labels && logits->type == Type::F32 && supported_labels(logits, labels) &&
+           dst->type == Type::F32 && dst->nelements() == 1 && logits->nrows() < (int64_t(1) << 31);
 }
 bool supports_cross_entropy_back(const Tensor* dst) {
     const Tensor *grad = dst->src[0], *logits = dst->src[1], *labels = dst->src[2];
     return grad && logits && labels && grad->type == Type::F32 && grad->nelements() == 1 &&
-           logits->type == Type::F32 && labels->type == Type::F32 && logits->ne == labels->ne &&
-           dst->ne == logits->ne && dst->type == Type::F32 && logits->nrows() < (int64_t(1) << 31);
+           logits->type == Type::F32 && supported_labels(logits, labels) && dst->ne == logits->ne &&
+           dst->type == Type::F32 && logits->nrows() < (int64_t(1) << 31);
 }
 
 // ---- AdamW ---------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ const char* result_name(VkResult r) {
 std::atomic<uintptr_t> g_next_base{uintptr_t(1) << 56};
 
 constexpr size_t kParamsChunkBytes = 64 << 10;
-constexpr uint32_t kStatusRowOutOfRange = 1; // STATUS_ROW_OUT_OF_RANGE in shaders/op_common.glsl
+constexpr uint32_t kStatusRowOutOfRange = 1;   // STATUS_ROW_OUT_OF_RANGE in shaders/op_common.glsl
+constexpr uint32_t kStatusClassOutOfRange = 2; // STATUS_CLASS_OUT_OF_RANGE
 constexpr size_t kScratchChunkBytes = 1 << 20;
 constexpr uint32_t kSetsPerPool = 256;
 constexpr uint32_t kMaxBindings = 16;
@@ -431,6 +432,9 @@ void Recorder::wait() {
         throw Error(ctx_.name() +
                     ": get_rows, get_rows_back or set_rows was given a row index out of range (NaN "
                     "was written for rows it could not read; rows it could not write were skipped)");
+    if (bits & kStatusClassOutOfRange)
+        throw Error(ctx_.name() +
+                    ": cross_entropy_loss was given a class out of range (its row was left out)");
 }
 
 void Recorder::begin() {

@@ -267,7 +267,18 @@ bool supports_rows(const Context& ctx, const Tensor* node) {
         const Type m = node->src[1]->type;
         if (m != Type::F32 && m != Type::F16) return false;
     }
+    if (node->op == Op::CrossEntropyLossBack) {
+        const Type l = node->src[2]->type;
+        if (node->src[1]->type != Type::F32 || (l != Type::F32 && l != Type::I32)) return false;
+    }
     return node->type == Type::F32 && all_bindable(ctx, node);
+}
+
+// The loss: f32 logits, f32 labels or i32 classes.
+bool supports_cross_entropy(const Context& ctx, const Tensor* node) {
+    const Type l = node->src[1]->type;
+    return node->src[0]->type == Type::F32 && (l == Type::F32 || l == Type::I32) && node->type == Type::F32 &&
+           all_bindable(ctx, node);
 }
 
 void record_rows(Recorder& rec, const Tensor* node) {
@@ -482,7 +493,7 @@ void register_row_kernels(std::map<Op, Kernel>& table) {
                   Op::SoftMaxBack, Op::CrossEntropyLossBack})
         table[op] = {supports_rows, record_rows};
     table[Op::Sum] = {supports_all_f32, record_total};
-    table[Op::CrossEntropyLoss] = {supports_all_f32, record_total};
+    table[Op::CrossEntropyLoss] = {supports_cross_entropy, record_total};
     table[Op::Rope] = {supports_rope, record_rope};
     table[Op::RopeBack] = {supports_rope, record_rope};
 }

@@ -213,7 +213,7 @@ TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weig
     TrainingIo io;
     io.tokens = set_name(ctx.new_tensor(Type::I32, {rows}), "tokens");
     io.positions = set_name(ctx.new_tensor(Type::I32, {T}), "positions");
-    io.labels = set_name(ctx.new_tensor(Type::F32, {cfg.n_vocab, rows}), "labels");
+    io.labels = set_name(ctx.new_tensor(Type::I32, {rows}), "labels");
     for (Tensor* t : {io.tokens, io.positions, io.labels}) set_input(t);
 
     Tensor* x = embeddings(ctx, cfg, w, io.tokens); // [n_embd, T * B]

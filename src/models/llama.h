@@ -86,7 +86,7 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 struct TrainingIo {
     Tensor* tokens = nullptr;    // i32 [T * B]: B sequences of T tokens, one after another
     Tensor* positions = nullptr; // i32 [T]: 0 .. T - 1
-    Tensor* labels = nullptr;    // f32 [n_vocab, T * B]: the next token of each position, one-hot
+    Tensor* labels = nullptr;    // i32 [T * B]: the next token of each position (its class)
     Tensor* logits = nullptr;    // f32 [n_vocab, T * B]
     Tensor* loss = nullptr;      // f32 [1]: mean cross-entropy per position
 };

@@ -124,16 +124,16 @@ struct Trainer::Impl {
                 fail("train: token id " + std::to_string(id) + " is outside the vocabulary of " +
                      std::to_string(V));
         std::vector<int32_t> tokens(static_cast<size_t>(T * B)), positions(static_cast<size_t>(T));
-        std::vector<float> labels(size_t(V * T * B), 0.0f);
+        std::vector<int32_t> labels(static_cast<size_t>(T * B), 0); // classes: the next tokens
         for (int64_t b = 0; b < B; ++b)
             for (int64_t t = 0; t < T; ++t) {
                 tokens[size_t(b * T + t)] = batch[size_t(b * stride + t)];
-                if (with_targets) labels[size_t((b * T + t) * V + batch[size_t(b * stride + t + 1)])] = 1.0f;
+                if (with_targets) labels[size_t(b * T + t)] = batch[size_t(b * stride + t + 1)];
             }
         for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = int32_t(t);
         tensor_set(run.io.tokens, tokens.data(), 0, tokens.size() * sizeof(int32_t));
         tensor_set(run.io.positions, positions.data(), 0, positions.size() * sizeof(int32_t));
-        tensor_set_f32(run.io.labels, labels);
+        tensor_set(run.io.labels, labels.data(), 0, labels.size() * sizeof(int32_t));
     }
 };
 

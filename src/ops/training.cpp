@@ -69,13 +69,32 @@ void Optimizer::reset() const {
     for (Tensor* t : moments) tensor_set_f32(t, std::vector<float>(size_t(t->nelements()), 0.0f));
 }
 
+namespace {
+
+// Labels given as i32 class indices, one per row of logits ([ne1, ne2, ne3]).
+bool class_labels(const Tensor* logits, const Tensor* labels) {
+    return labels->type == Type::I32 && labels->ne[0] == logits->ne[1] && labels->ne[1] == logits->ne[2] &&
+           labels->ne[2] == logits->ne[3] && labels->ne[3] == 1;
+}
+
+void check_labels(Op op, Tensor* logits, Tensor* labels) {
+    if (logits->type != Type::F32) op_error(op, "logits must be f32", {logits, labels});
+    if (labels->type == Type::I32) {
+        if (!class_labels(logits, labels))
+            op_error(op,
+                     "i32 labels hold one class per row of logits: their shape must be logits' without dim 0",
+                     {logits, labels});
+    } else if (labels->type != Type::F32 || !same_shape(logits, labels)) {
+        op_error(op, "labels must be f32 of the logits' shape, or i32 classes per row", {logits, labels});
+    }
+}
+
+} // namespace
+
 Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels) {
     const Op op = Op::CrossEntropyLoss;
     require_not_null(op, {logits, labels});
-    if (logits->type != Type::F32 || labels->type != Type::F32)
-        op_error(op, "logits and labels must be f32", {logits, labels});
-    if (!same_shape(logits, labels))
-        op_error(op, "logits and labels must have the same shape", {logits, labels});
+    check_labels(op, logits, labels);
     Tensor* t = ctx.new_node(op, Type::F32, {1, 1, 1, 1});
     set_sources(t, {logits, labels});
     return t;
@@ -84,11 +103,9 @@ Tensor* cross_entropy_loss(Context& ctx, Tensor* logits, Tensor* labels) {
 Tensor* cross_entropy_loss_back(Context& ctx, Tensor* grad, Tensor* logits, Tensor* labels) {
     const Op op = Op::CrossEntropyLossBack;
     require_not_null(op, {grad, logits, labels});
-    if (grad->nelements() != 1)
-        op_error(op, "the upstream gradient must have one element", {grad, logits, labels});
-    if (grad->type != Type::F32 || logits->type != Type::F32 || labels->type != Type::F32 ||
-        !same_shape(logits, labels))
-        op_error(op, "inputs must be f32 and logits, labels of one shape", {grad, logits, labels});
+    if (grad->nelements() != 1 || grad->type != Type::F32)
+        op_error(op, "the upstream gradient must be one f32 value", {grad, logits, labels});
+    check_labels(op, logits, labels);
     Tensor* t = ctx.new_node(op, Type::F32, logits->ne);
     set_sources(t, {grad, logits, labels});
     return t;
@@ -151,6 +168,17 @@ std::vector<double> log_softmax_row(const ref::Evaluator& ev, const Tensor* x, i
     return r;
 }
 
+// Row (i1, i2, i3)'s label for class c: the f32 value, or 1 for the row's class index.
+double label_of(const ref::Evaluator& ev, const Tensor* logits, const Tensor* labels, int64_t c, int64_t i1,
+                int64_t i2, int64_t i3) {
+    if (labels->type != Type::I32) return ev.get(labels, c, i1, i2, i3);
+    const double target = ev.get(labels, i1, i2, i3);
+    if (target < 0 || target >= double(logits->ne[0]))
+        fail("cross_entropy_loss: class " + std::to_string(int64_t(target)) + " is out of range [0, " +
+             std::to_string(logits->ne[0]) + ")");
+    return double(c) == target ? 1.0 : 0.0;
+}
+
 // loss = -(1 / n_rows) * sum_rows sum_c labels_c * log_softmax(logits)_c
 void cross_entropy_loss_reference(ref::Evaluator& ev, const Tensor* n) {
     const Tensor *logits = n->src[0], *labels = n->src[1];
@@ -158,7 +186,8 @@ void cross_entropy_loss_reference(ref::Evaluator& ev, const Tensor* n) {
     ref::for_each_index(logits, [&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
         if (i0 != 0) return;
         const std::vector<double> lsm = log_softmax_row(ev, logits, i1, i2, i3);
-        for (int64_t c = 0; c < logits->ne[0]; ++c) total -= ev.get(labels, c, i1, i2, i3) * lsm[size_t(c)];
+        for (int64_t c = 0; c < logits->ne[0]; ++c)
+            total -= label_of(ev, logits, labels, c, i1, i2, i3) * lsm[size_t(c)];
     });
     ev.set(n, total / double(logits->nrows()), 0);
 }
@@ -172,10 +201,11 @@ void cross_entropy_loss_back_reference(ref::Evaluator& ev, const Tensor* n) {
         if (i0 != 0) return;
         const std::vector<double> lsm = log_softmax_row(ev, logits, i1, i2, i3);
         double label_sum = 0.0;
-        for (int64_t c = 0; c < logits->ne[0]; ++c) label_sum += ev.get(labels, c, i1, i2, i3);
+        for (int64_t c = 0; c < logits->ne[0]; ++c) label_sum += label_of(ev, logits, labels, c, i1, i2, i3);
         for (int64_t c = 0; c < logits->ne[0]; ++c)
-            ev.set(n, (std::exp(lsm[size_t(c)]) * label_sum - ev.get(labels, c, i1, i2, i3)) * g, c, i1, i2,
-                   i3);
+            ev.set(n,
+                   (std::exp(lsm[size_t(c)]) * label_sum - label_of(ev, logits, labels, c, i1, i2, i3)) * g,
+                   c, i1, i2, i3);
     });
 }
 

@@ -261,6 +261,17 @@ TEST_CASE("Vulkan get_rows and set_rows with an index out of range raise an erro
     fill_uniform(b);
     set_i32(rows, {0, -1, 2});
     CHECK_THROWS_WITH(run_on_vulkan(set_rows(ctx, emb, b, rows)), Catch::Contains("row index out of range"));
+    // A cross-entropy class outside the logits, in the loss and in its backward op.
+    Tensor* logits = ctx.new_tensor(Type::F32, {4, 3});
+    fill_uniform(logits);
+    Tensor* classes = ctx.new_tensor(Type::I32, {3});
+    set_i32(classes, {0, 4, 1});
+    CHECK_THROWS_WITH(run_on_vulkan(cross_entropy_loss(ctx, logits, classes)),
+                      Catch::Contains("class out of range"));
+    Tensor* g = ctx.new_tensor(Type::F32, {1});
+    tensor_set_f32(g, {1.0f});
+    CHECK_THROWS_WITH(run_on_vulkan(cross_entropy_loss_back(ctx, g, logits, classes)),
+                      Catch::Contains("class out of range"));
     // The device works afterwards.
     set_i32(rows, {4, 1, 2});
     check_vulkan(get_rows(ctx, emb, rows), 0.0);

@@ -45,6 +45,7 @@ layout(std430, binding = 6) readonly buffer Table { uint table_words[]; }; // co
 
 // Bits of the status word; the host turns them into errors when the work has run.
 const uint STATUS_ROW_OUT_OF_RANGE = 1u;
+const uint STATUS_CLASS_OUT_OF_RANGE = 2u; // a cross-entropy class label outside the logits
 void report(uint bits) {
     atomicOr(status_word, bits);
 }

@@ -76,6 +76,17 @@ float alibi_slope(uint h) {
     return P.iarg.y == 0u ? 1.0 : uintBitsToFloat(table_words[h]);
 }
 
+// The cross-entropy ops' labels as i32 classes (src2 [rows...]): row (i1, i2, i3)'s class, or
+// -1 (reported) when it lies outside the n0 logits.
+int label_class(uint i1, uint i2, uint i3, uint n0) {
+    const int t = int(src2_words[byte_of(P.src2, i1, i2, i3, 0u) >> 2]);
+    if (t < 0 || uint(t) >= n0) {
+        report(STATUS_CLASS_OUT_OF_RANGE);
+        return -1;
+    }
+    return t;
+}
+
 // log(sum(exp(row))) of the row of src1 at byte `row` (the logits of the cross-entropy ops).
 float row_logsumexp(uint row, uint n0) {
     const uint tid = gl_LocalInvocationID.x;
@@ -106,6 +117,11 @@ void main() {
             const uvec4 c = unflatten(r * n0, P.src1.ne);
             const uint x_row = row_of(P.src1, c.y, c.z, c.w), l_row = row_of(P.src2, c.y, c.z, c.w);
             const float lse = row_logsumexp(x_row, n0);
+            if (P.src2.type == T_I32) { // a class per row: lse - x[class], the same in every invocation
+                const int t = label_class(c.y, c.z, c.w, n0);
+                if (t >= 0) add_compensated(total, total_lo, lse - src1_element(x_row, uint(t)));
+                continue;
+            }
             float hi = 0.0, lo = 0.0;
             for (uint i = tid; i < n0; i += NT)
                 add_compensated(hi, lo, src2_element(l_row, i) * (src1_element(x_row, i) - lse));
@@ -153,10 +169,17 @@ void main() {
             // (softmax(x) * sum(labels) - labels) * grad / rows.
             const uint l_row = row_of(P.src2, c.y, c.z, c.w), x_row2 = row_of(P.src1, c.y, c.z, c.w);
             const float lse = row_logsumexp(x_row2, n0);
+            const float g = src0_element(P.src0.off, 0u) / float(rows);
+            if (P.src2.type == T_I32) { // one-hot at the row's class
+                const int t = label_class(c.y, c.z, c.w, n0);
+                for (uint i = tid; i < n0; i += NT)
+                    store_dst(y_row + i * P.dst.nb.x,
+                              (exp(src1_element(x_row2, i) - lse) - (int(i) == t ? 1.0 : 0.0)) * g);
+                continue;
+            }
             float ls = 0.0;
             for (uint i = tid; i < n0; i += NT) ls += src2_element(l_row, i);
             ls = workgroup_sum(ls);
-            const float g = src0_element(P.src0.off, 0u) / float(rows);
             for (uint i = tid; i < n0; i += NT)
                 store_dst(y_row + i * P.dst.nb.x,
                           (exp(src1_element(x_row2, i) - lse) * ls - src2_element(l_row, i)) * g);
