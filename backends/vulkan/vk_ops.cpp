@@ -425,22 +425,18 @@ void record_adamw(Recorder& rec, const Tensor* node) {
     bind_tensor(rec, d, 2, node->src[3], "the second moment");
     bind_tensor(rec, d, 3, node, "the parameter");
     // The step's values (adamw_values) stay in device memory, bound as the table; the
-    // gradient norm grad_clip bounds takes one binding more than the other op shaders have.
+    // gradient norm grad_clip bounds, in the extra slot.
     const Tensor* values = node->src[4];
     const Located at = rec.locate(values->data, values->nbytes(), "the AdamW values");
     d.buffers[kTableSlot] = at.binding;
     d.params.iarg[0] = uint32_t(at.first_byte / sizeof(float));
-    std::array<Binding, kOpBindings> buffers{};
-    std::copy(d.buffers.begin(), d.buffers.end(), buffers.begin());
-    buffers[kStatusSlot] = rec.status();
     if (const Tensor* norm_sq = node->src[5]) {
         const Located n = rec.locate(norm_sq->data, norm_sq->nbytes(), "the gradient norm");
-        buffers[kOpBindings - 1] = n.binding;
+        d.buffers[kExtraSlot] = n.binding;
         d.params.iarg[1] = uint32_t(n.first_byte / sizeof(float));
         d.params.iarg[2] = 1;
     }
-    const Pipeline& p = rec.context().pipeline("adamw", {}, kOpBindings + 1, 0);
-    rec.dispatch(p, &d.params, sizeof d.params, buffers, capped_groups(d.params.n, 256), 1, 1);
+    dispatch_op(rec, "adamw", d, capped_groups(d.params.n, 256));
 }
 
 // Every tensor the step reads or writes is f32 (the builder checks).

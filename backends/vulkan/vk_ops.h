@@ -26,10 +26,12 @@ struct OpParams {
 };
 static_assert(sizeof(TensorDesc) == 48 && sizeof(OpParams) == 240, "must match shaders/op_common.glsl");
 
-// Binding slots after the parameters: src0, src1, src2, dst, status, and a table the host
-// computed (rope's frequencies, ALiBi slopes; Recorder::constants).
-inline constexpr uint32_t kOpBindings = 7;
-inline constexpr size_t kStatusSlot = 4, kTableSlot = 5;
+// Binding slots after the parameters: src0, src1, src2, dst, status, a table the host
+// computed (rope's frequencies, ALiBi slopes; Recorder::constants) or that a tensor holds
+// (AdamW's values), and one more tensor for the ops with four inputs (AdamW's gradient norm).
+// Unused slots hold a dummy buffer.
+inline constexpr uint32_t kOpBindings = 8;
+inline constexpr size_t kStatusSlot = 4, kTableSlot = 5, kExtraSlot = 6;
 
 // A dispatch's parameters and buffers, filled tensor by tensor.
 struct OpDispatch {

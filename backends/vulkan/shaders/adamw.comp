@@ -3,15 +3,13 @@
 // written), src0 its gradient, src1 and src2 the moments m and v (read, then written).
 // The step's values (adamw_values: lr, beta1, beta2, eps, weight decay, 1 - beta1^t,
 // 1 - beta2^t, grad_clip) are an f32 tensor bound as the table, starting at word iarg.x.
-// With iarg.z = 1, binding 7 holds the squared global gradient norm at word iarg.y: above
+// With iarg.z = 1, the extra binding holds the squared global gradient norm at word iarg.y: above
 // grad_clip's square, every gradient is scaled by grad_clip / norm.
 #extension GL_GOOGLE_include_directive : require
 layout(local_size_x = 256) in;
 
 #define GFA_WRITABLE_SOURCES
 #include "op_common.glsl"
-
-layout(std430, binding = 7) readonly buffer NormSq { uint norm_words[]; };
 
 void main() {
     const uint a = P.iarg.x;
@@ -22,7 +20,7 @@ void main() {
     const float limit = uintBitsToFloat(table_words[a + 7]);
     float clip = 1.0;
     if (P.iarg.z == 1u) {
-        const float norm_sq = uintBitsToFloat(norm_words[P.iarg.y]);
+        const float norm_sq = uintBitsToFloat(extra_words[P.iarg.y]);
         if (limit > 0.0 && norm_sq > limit * limit) clip = limit / sqrt(norm_sq);
     }
     for (uint k = invocation(); k < P.n; k += n_invocations()) {

@@ -42,6 +42,7 @@ layout(std430, binding = 3) SOURCE_ACCESS buffer Src2 { uint src2_words[]; };
 layout(std430, binding = 4) buffer Dst { uint dst_words[]; };
 layout(std430, binding = 5) buffer Status { uint status_word; };
 layout(std430, binding = 6) readonly buffer Table { uint table_words[]; }; // computed by the host
+layout(std430, binding = 7) readonly buffer Extra { uint extra_words[]; }; // a fourth input
 
 // Bits of the status word; the host turns them into errors when the work has run.
 const uint STATUS_ROW_OUT_OF_RANGE = 1u;
