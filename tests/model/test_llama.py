@@ -154,11 +154,34 @@ def write_bf16_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-def write_checkpoint(directory, cfg, weights, dtype):
+# Models whose config.json is written as transformers 5 writes it (the others as 4.x did).
+TRANSFORMERS5_LAYOUT = ("llama3", "gemma2", "gemma3")
+
+
+def transformers5_layout(cfg):
+    """The same model in transformers 5's config layout: the rope base and scaling inside
+    "rope_parameters" (one object per layer kind for Gemma 3), and "layer_types" for models with
+    windowed layers."""
+    cfg = dict(cfg)
+    rope = dict(cfg.pop("rope_scaling", None) or {"rope_type": "default"}, rope_theta=cfg.pop("rope_theta"))
+    gemma = cfg["model_type"] in ("gemma2", "gemma3_text")
+    if cfg["model_type"] == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": cfg.pop("rope_local_base_freq")}
+        cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+    else:
+        cfg["rope_parameters"] = rope
+    if gemma:
+        pattern = cfg.pop("sliding_window_pattern", 2)
+        cfg["layer_types"] = ["sliding_attention" if l % pattern < pattern - 1 else "full_attention"
+                              for l in range(cfg["num_hidden_layers"])]
+    return cfg
+
+
+def write_checkpoint(directory, cfg, weights, dtype, layout5=False):
     """Writes config.json and the weights; returns the weights as stored (rounded)."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(cfg, f)
+        json.dump(transformers5_layout(cfg) if layout5 else cfg, f)
     if dtype == "f32":
         save_file(weights, os.path.join(directory, "model.safetensors"))
         return weights
@@ -424,6 +447,45 @@ TOLERANCE_CPU_QUANT_CACHE = 5e-2
 TOTAL_TOLERANCE = {"f32": 1e-3, "f16": 3e-2, "q8_0": 0.8}
 
 
+def check_config_errors(args, root, failures):
+    """Configs a GGUF file cannot express are refused with a message naming the key."""
+    gemma3 = transformers5_layout(CONFIGS["gemma3"])
+    bad = {
+        "layer_types out of pattern": (dict(gemma3, layer_types=["sliding_attention", "full_attention",
+                                                                 "full_attention", "sliding_attention"]),
+                                       "layer_types[2]"),
+        "layer_types too short": (dict(gemma3, layer_types=gemma3["layer_types"][:2]), "layer_types"),
+        "windowed llama": (dict(CONFIGS["llama"], layer_types=["sliding_attention"] * 2), "layer_types[0]"),
+        "scaled local rope": (dict(gemma3, rope_parameters=dict(
+            gemma3["rope_parameters"], sliding_attention={"rope_type": "linear", "factor": 2.0,
+                                                          "rope_theta": 1e3})), "sliding_attention"),
+        "unknown rope type": (dict(CONFIGS["llama"], rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+                              "rope_parameters"),
+        "negative base": (dict(CONFIGS["llama"], rope_parameters={"rope_type": "default", "rope_theta": -1.0}),
+                          "rope bases"),
+    }
+    for what, (cfg, needle) in bad.items():
+        src = os.path.join(root, "gemma3" if cfg["model_type"] == "gemma3_text" else "llama")
+        d = os.path.join(root, "bad-config")
+        os.makedirs(d, exist_ok=True)
+        for f in os.listdir(src):
+            if f != "config.json":
+                dst = os.path.join(d, f)
+                if os.path.lexists(dst):
+                    os.remove(dst)
+                os.symlink(os.path.join(src, f), dst)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        r = subprocess.run([args.convert, d, "-o", os.path.join(root, "bad.gguf")], capture_output=True, text=True)
+        if r.returncode == 0 or needle not in r.stderr:
+            failures.append(f"config with {what}: exit {r.returncode}, stderr {r.stderr.strip()!r} "
+                            f"(expected an error naming {needle!r})")
+        else:
+            print(f"config with {what}: refused ({r.stderr.strip().splitlines()[-1]})")
+        for f in os.listdir(d):
+            os.remove(os.path.join(d, f))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--convert", required=True)
@@ -461,7 +523,8 @@ def main():
         stored_by_model, prompts = {}, {}
         for name, cfg in CONFIGS.items():
             dtype = next(c[1] for c in cases if c[0] == name)  # one checkpoint per model
-            stored_by_model[name] = write_checkpoint(os.path.join(root, name), cfg, random_weights(cfg, rng), dtype)
+            stored_by_model[name] = write_checkpoint(os.path.join(root, name), cfg, random_weights(cfg, rng), dtype,
+                                                     layout5=name in TRANSFORMERS5_LAYOUT)
             prompts[name] = [int(t) for t in rng.integers(0, cfg["vocab_size"], size=int(rng.integers(13, 24)))]
         refs = {name: reference_logits(CONFIGS[name], stored_by_model[name], prompts[name]) for name in CONFIGS}
 
@@ -520,6 +583,7 @@ def main():
                     print(f"{label}: greedy decoding of {n_gen} tokens matches the reference")
 
         check_text_prompt(args, root, rng, failures)
+        check_config_errors(args, root, failures)
 
     if failures:
         print(f"FAILED (seed {seed}):\n  " + "\n  ".join(failures))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Qwen2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (random weights from a seed),
+"""Llama, Qwen2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -26,8 +26,9 @@ except ImportError as e:  # CI machines have no torch: the GPU machine runs this
     sys.exit(77)
 
 # (weights type, tolerance on CPU, tolerance on CUDA). The GPU's attention runs on 16-bit
-# tensor cores; q8_0 weights round every weight to 8 bits (measured ~1e-2 here).
-CASES = [("f32", 1e-3, 1e-2), ("f16", 1e-2, 1e-2), ("q8_0", 5e-2, 5e-2)]
+# tensor cores; q8_0 weights round every weight to 8 bits: against the unrounded checkpoint that
+# measured 2.7e-2 - 4.6e-2 (per-position relative error, worst position) on the CPU.
+CASES = [("f32", 1e-3, 1e-2), ("f16", 1e-2, 1e-2), ("q8_0", 8e-2, 8e-2)]
 
 
 def build(kind, seed):

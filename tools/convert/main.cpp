@@ -100,6 +100,104 @@ std::vector<float> llama3_rope_factors(const HParams& h) {
     return out;
 }
 
+// One rope description: its base and its scaling (none, linear or Llama 3.1's). `where` names
+// the JSON object in errors.
+void read_rope_entry(const json& rs, const std::string& where, HParams& h, bool base_inside) {
+    if (base_inside) h.rope_theta = optional_or<double>(rs, "rope_theta", h.rope_theta);
+    const std::string type = rs.contains("rope_type") ? rs["rope_type"].get<std::string>()
+                                                      : optional_or<std::string>(rs, "type", "default");
+    if (type == "linear") {
+        h.rope_linear_factor = required<double>(rs, "factor");
+        if (!(h.rope_linear_factor > 0)) gfa::fail("config.json: " + where + " (linear) needs factor > 0");
+    } else if (type == "llama3") {
+        h.rope_llama3 =
+            HParams::Llama3Rope{required<double>(rs, "factor"), required<double>(rs, "low_freq_factor"),
+                                required<double>(rs, "high_freq_factor"),
+                                required<int64_t>(rs, "original_max_position_embeddings")};
+        const auto& r = *h.rope_llama3;
+        if (!(r.factor > 0) || !(r.high_freq_factor > r.low_freq_factor) || !(r.low_freq_factor > 0) ||
+            r.original_context <= 0)
+            gfa::fail("config.json: " + where +
+                      " (llama3) needs factor > 0, high_freq_factor > low_freq_factor > 0 and "
+                      "original_max_position_embeddings > 0");
+    } else if (type != "default") {
+        gfa::fail("config.json: " + where + " type \"" + type +
+                  "\" is not supported (linear and llama3 are)");
+    }
+}
+
+// Rope settings in either layout transformers writes: before 5.0, "rope_theta" and
+// "rope_scaling" at the top level (Gemma 3's sliding layers: "rope_local_base_freq"); from 5.0
+// on, "rope_parameters" holding the base too, and for models with layer kinds one such object
+// per kind ("full_attention", "sliding_attention").
+void read_rope(const json& cfg, HParams& h) {
+    h.rope_theta = optional_or<double>(cfg, "rope_theta", 10000.0);
+    h.rope_local_base = optional_or<double>(cfg, "rope_local_base_freq", 10000.0);
+    if (cfg.contains("rope_parameters") && !cfg["rope_parameters"].is_null()) {
+        const json& rp = cfg["rope_parameters"];
+        if (!rp.is_object()) gfa::fail("config.json: \"rope_parameters\" must be an object");
+        if (rp.contains("full_attention") || rp.contains("sliding_attention")) {
+            if (rp.contains("full_attention"))
+                read_rope_entry(rp["full_attention"], "rope_parameters.full_attention", h, true);
+            if (rp.contains("sliding_attention")) {
+                // GGUF gives the sliding layers a base of their own and no scaling.
+                HParams local;
+                local.rope_theta = h.rope_local_base;
+                read_rope_entry(rp["sliding_attention"], "rope_parameters.sliding_attention", local, true);
+                if (local.rope_linear_factor != 0.0 || local.rope_llama3)
+                    gfa::fail("config.json: rope_parameters.sliding_attention scales positions, which GGUF "
+                              "files cannot express");
+                h.rope_local_base = local.rope_theta;
+            }
+        } else {
+            read_rope_entry(rp, "rope_parameters", h, true);
+        }
+    } else if (cfg.contains("rope_scaling") && !cfg["rope_scaling"].is_null()) {
+        read_rope_entry(cfg["rope_scaling"], "rope_scaling", h, false);
+    }
+    if (!(h.rope_theta > 0) || !(h.rope_local_base > 0))
+        gfa::fail("config.json: rope bases must be positive");
+}
+
+// "layer_types" (transformers >= 4.53): one entry per layer, "sliding_attention" or
+// "full_attention". GGUF files express only "every n-th layer global, the others windowed".
+std::vector<std::string> layer_types(const json& cfg) {
+    std::vector<std::string> types;
+    if (!cfg.contains("layer_types") || cfg["layer_types"].is_null()) return types;
+    try {
+        types = cfg["layer_types"].get<std::vector<std::string>>();
+    } catch (const json::exception& e) {
+        gfa::fail(std::string("config.json: \"layer_types\" must be a list of strings: ") + e.what());
+    }
+    return types;
+}
+
+std::optional<int64_t> pattern_of_layer_types(const json& cfg) {
+    const auto types = layer_types(cfg);
+    for (size_t l = 0; l < types.size(); ++l)
+        if (types[l] == "full_attention") return int64_t(l + 1);
+    return std::nullopt;
+}
+
+void check_layer_types(const json& cfg, const HParams& h) {
+    const auto types = layer_types(cfg);
+    if (types.empty()) return;
+    if (int64_t(types.size()) != h.n_layer)
+        gfa::fail("config.json: \"layer_types\" has " + std::to_string(types.size()) + " entries for " +
+                  std::to_string(h.n_layer) + " layers");
+    for (size_t l = 0; l < types.size(); ++l) {
+        const bool sliding =
+            h.sliding_pattern > 0 && int64_t(l % size_t(h.sliding_pattern)) < h.sliding_pattern - 1;
+        const char* expected = sliding ? "sliding_attention" : "full_attention";
+        if (types[l] != expected)
+            gfa::fail("config.json: layer_types[" + std::to_string(l) + "] is \"" + types[l] + "\"; " +
+                      (h.sliding_pattern > 0
+                           ? "GGUF files can only say every " + std::to_string(h.sliding_pattern) +
+                                 "th layer is global, the others windowed"
+                           : std::string("this architecture has no windowed layers in GGUF")));
+    }
+}
+
 HParams read_config(const std::filesystem::path& dir) {
     const auto path = dir / "config.json";
     std::ifstream in(path);
@@ -134,38 +232,17 @@ HParams read_config(const std::filesystem::path& dir) {
     h.head_dim = optional_or<int64_t>(cfg, "head_dim", h.n_embd / h.n_head);
     if (h.head_dim <= 0 || h.head_dim % 2 != 0) gfa::fail("config.json: the head dimension must be even");
     h.n_ctx_train = optional_or<int64_t>(cfg, "max_position_embeddings", 2048);
-    h.rope_theta = optional_or<double>(cfg, "rope_theta", 10000.0);
     h.norm_eps = optional_or<double>(cfg, "rms_norm_eps", 1e-6);
     h.tied = optional_or<bool>(cfg, "tie_word_embeddings", false);
-    if (cfg.contains("rope_scaling") && !cfg["rope_scaling"].is_null()) {
-        const json& rs = cfg["rope_scaling"];
-        const std::string type = rs.contains("rope_type") ? rs["rope_type"].get<std::string>()
-                                                          : optional_or<std::string>(rs, "type", "");
-        if (type == "linear") {
-            h.rope_linear_factor = required<double>(rs, "factor");
-        } else if (type == "llama3") {
-            h.rope_llama3 =
-                HParams::Llama3Rope{required<double>(rs, "factor"), required<double>(rs, "low_freq_factor"),
-                                    required<double>(rs, "high_freq_factor"),
-                                    required<int64_t>(rs, "original_max_position_embeddings")};
-            const auto& r = *h.rope_llama3;
-            if (!(r.factor > 0) || !(r.high_freq_factor > r.low_freq_factor) || !(r.low_freq_factor > 0) ||
-                r.original_context <= 0)
-                gfa::fail("config.json: rope_scaling (llama3) needs factor > 0, high_freq_factor > "
-                          "low_freq_factor > 0 and original_max_position_embeddings > 0");
-        } else if (type != "default") {
-            gfa::fail("config.json: rope_scaling type \"" + type +
-                      "\" is not supported (linear and llama3 are)");
-        }
-    }
+    read_rope(cfg, h);
     if (h.arch == "gemma2" || h.arch == "gemma3") {
         const bool g2 = h.arch == "gemma2";
         h.tied = optional_or<bool>(cfg, "tie_word_embeddings", true);
         h.attn_softcap = optional_or<double>(cfg, "attn_logit_softcapping", g2 ? 50.0 : 0.0);
         h.final_softcap = optional_or<double>(cfg, "final_logit_softcapping", g2 ? 30.0 : 0.0);
         h.sliding_window = optional_or<int64_t>(cfg, "sliding_window", 4096);
-        h.sliding_pattern = g2 ? 2 : optional_or<int64_t>(cfg, "sliding_window_pattern", 6);
-        h.rope_local_base = optional_or<double>(cfg, "rope_local_base_freq", 10000.0);
+        h.sliding_pattern = g2 ? 2 : optional_or<int64_t>(cfg, "sliding_window_pattern", 0);
+        if (h.sliding_pattern == 0) h.sliding_pattern = pattern_of_layer_types(cfg).value_or(6);
         if (!g2 && h.attn_softcap != 0.0)
             gfa::fail("config.json: gemma3 with attn_logit_softcapping is not what GGUF readers expect");
         const std::string act = optional_or<std::string>(cfg, "hidden_activation", "gelu_pytorch_tanh");
@@ -186,6 +263,7 @@ HParams read_config(const std::filesystem::path& dir) {
         if (h.sliding_window <= 0 || h.sliding_pattern <= 0)
             gfa::fail("config.json: sliding_window and sliding_window_pattern must be positive");
     }
+    check_layer_types(cfg, h);
     if (cfg.contains("bos_token_id") && cfg["bos_token_id"].is_number_integer())
         h.bos = cfg["bos_token_id"].get<int64_t>();
     if (cfg.contains("eos_token_id") && cfg["eos_token_id"].is_number_integer())
