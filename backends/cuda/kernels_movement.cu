@@ -1,6 +1,7 @@
 // Data movement on the GPU: fill, conversions between types (cont/cpy, with dequantization
 // of every block type in quant_blocks.cuh and q8_0 quantization), row gathers and scatters, concat, repeat
 // and its gradient. Each kernel walks its elements with a grid-stride loop over flat indices.
+#include <algorithm>
 #include "cuda_device.cuh"
 #include "early_launch.cuh"
 #include "op_def.h"
@@ -322,7 +323,8 @@ void run_repeat(const ComputeCtx& ctx, Tensor* dst) {
     repeat_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst), n);
 }
 
-// Each output element sums its copies; neighbouring threads read neighbouring columns.
+// repeat_back sums the copies of every output element (a gradient of broadcasting: norm weights
+// and biases from [E, tokens] rows). Few copies: one thread per output element walks them.
 __global__ void repeat_back_kernel(TensorView g, TensorView dst, int64_t n) {
     const int64_t r0 = g.ne[0] / dst.ne[0], r1 = g.ne[1] / dst.ne[1], r2 = g.ne[2] / dst.ne[2],
                   r3 = g.ne[3] / dst.ne[3];
@@ -341,10 +343,89 @@ __global__ void repeat_back_kernel(TensorView g, TensorView dst, int64_t n) {
     }
 }
 
+// Many copies (thousands of token rows for a few hundred outputs): one thread per output would
+// leave the GPU nearly idle, so the copies are split too. A block takes 32 consecutive outputs
+// (one per lane, so a warp reads 32 neighbouring floats of a row) and one range of copies, which
+// its warps share round-robin, four loads in flight each. Warps add their sums in a fixed
+// order, and ranges (gridDim.y > 1) write partial sums that repeat_back_combine_kernel adds in
+// range order: the result does not depend on scheduling.
+constexpr int kCopyLanes = 32, kCopyWarps = 8, kCopyUnroll = 4;
+
+__global__ void repeat_back_ranges_kernel(TensorView g, TensorView dst, int64_t n, int64_t copies,
+                                          int64_t per_range, float* partial) {
+    __shared__ float warp_sums[kCopyWarps][kCopyLanes];
+    const int lane = int(threadIdx.x), warp = int(threadIdx.y);
+    const int64_t k = blockIdx.x * int64_t(kCopyLanes) + lane;
+    const int64_t r0 = g.ne[0] / dst.ne[0], r1 = g.ne[1] / dst.ne[1], r2 = g.ne[2] / dst.ne[2];
+    // Byte steps from one copy to the next along each dimension of g.
+    const int64_t step0 = dst.ne[0] * g.nb[0], step1 = dst.ne[1] * g.nb[1], step2 = dst.ne[2] * g.nb[2],
+                  step3 = dst.ne[3] * g.nb[3];
+    int64_t i0 = 0, i1 = 0, i2 = 0, i3 = 0;
+    if (k < n) unflatten(k, dst.ne, i0, i1, i2, i3);
+    const char* first = g.data + offset_of(g, i0, i1, i2, i3);
+    auto copy_offset = [&](int64_t c) {
+        const int64_t k0 = c % r0, c1 = c / r0, k1 = c1 % r1, c2 = c1 / r1;
+        return k0 * step0 + k1 * step1 + (c2 % r2) * step2 + (c2 / r2) * step3;
+    };
+    const int64_t begin = blockIdx.y * per_range, end = min(copies, begin + per_range);
+    float acc[kCopyUnroll] = {};
+    if (k < n) {
+        int64_t c = begin + warp;
+        for (; c + (kCopyUnroll - 1) * kCopyWarps < end; c += kCopyUnroll * kCopyWarps) {
+#pragma unroll
+            for (int u = 0; u < kCopyUnroll; ++u)
+                acc[u] += *reinterpret_cast<const float*>(first + copy_offset(c + u * kCopyWarps));
+        }
+        for (; c < end; c += kCopyWarps) acc[0] += *reinterpret_cast<const float*>(first + copy_offset(c));
+    }
+    warp_sums[warp][lane] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    __syncthreads();
+    if (warp != 0 || k >= n) return;
+    float sum = 0.0f;
+    for (int w = 0; w < kCopyWarps; ++w) sum += warp_sums[w][lane];
+    if (partial)
+        partial[blockIdx.y * n + k] = sum;
+    else
+        *f32_ptr(dst, i0, i1, i2, i3) = sum;
+}
+
+__global__ void repeat_back_combine_kernel(const float* partial, int64_t ranges, TensorView dst, int64_t n) {
+    for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+         k += int64_t(gridDim.x) * blockDim.x) {
+        float sum = 0.0f;
+        for (int64_t r = 0; r < ranges; ++r) sum += partial[r * n + k];
+        int64_t i0, i1, i2, i3;
+        unflatten(k, dst.ne, i0, i1, i2, i3);
+        *f32_ptr(dst, i0, i1, i2, i3) = sum;
+    }
+}
+
 void run_repeat_back(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor* g = dst->src[0];
     const int64_t n = dst->nelements();
-    repeat_back_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(dst->src[0]), view_of(dst),
-                                                                           n);
+    const int64_t copies = g->nelements() / std::max<int64_t>(n, 1);
+    if (copies < 4 * kCopyWarps) {
+        repeat_back_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(view_of(g), view_of(dst), n);
+        return;
+    }
+    // Enough blocks for about four per multiprocessor, each range at least 256 copies long.
+    const int64_t column_blocks = (n + kCopyLanes - 1) / kCopyLanes;
+    const int64_t wanted = (4 * int64_t(ctx.sm_count) + column_blocks - 1) / column_blocks;
+    const int64_t max_ranges = std::min<int64_t>(std::max<int64_t>(copies / 256, 1), 65535);
+    const int64_t step = kCopyUnroll * kCopyWarps;
+    const int64_t target_ranges = std::clamp<int64_t>(wanted, 1, max_ranges);
+    const int64_t per_range = ((copies + target_ranges - 1) / target_ranges + step - 1) / step * step;
+    const int64_t ranges = (copies + per_range - 1) / per_range;
+    float* partial = ranges > 1 ? static_cast<float*>(ctx.scratch->get(size_t(ranges * n) * sizeof(float),
+                                                                       ctx.stream, ctx.device_name))
+                                : nullptr;
+    const dim3 grid{unsigned(column_blocks), unsigned(ranges)}, block{kCopyLanes, kCopyWarps};
+    repeat_back_ranges_kernel<<<grid, block, 0, ctx.stream>>>(view_of(g), view_of(dst), n, copies, per_range,
+                                                              partial);
+    if (!partial) return;
+    GFA_CUDA_CHECK_LAUNCH();
+    repeat_back_combine_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream>>>(partial, ranges,
+                                                                                   view_of(dst), n);
 }
 
 bool all_f32(const Tensor* dst) {

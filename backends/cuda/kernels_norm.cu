@@ -130,51 +130,73 @@ struct RopeArgs {
     const float* factors; // per-pair divisors of the angle (packed f32), or null
 };
 
-// x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Element (i0, i1, i2, i3) of y is
-// one half of a rotated pair.
-__device__ __forceinline__ float rope_value(const TensorView& x, const TensorView& pos, const RopeArgs& r,
-                                            int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
-    if (i0 >= r.n_dims) return load_f32(x, i0, i1, i2, i3);
-    const int half = r.n_dims / 2;
+// The rotated pair of i0 (its two elements) for the rope's layout.
+struct RopePair {
     int64_t pair, first, second;
-    if (r.neox) {
-        pair = i0 % half;
-        first = pair;
-        second = pair + half;
-    } else {
-        pair = i0 / 2;
-        first = 2 * pair;
-        second = first + 1;
-    }
+};
+__device__ __forceinline__ RopePair rope_pair_of(const RopeArgs& r, int64_t i0) {
+    const int64_t half = r.n_dims / 2;
+    if (r.neox) return {i0 % half, i0 % half, i0 % half + half};
+    return {i0 / 2, 2 * (i0 / 2), 2 * (i0 / 2) + 1};
+}
+
+// sin and cos of the angle of `pair` at the position of token i2, the sine signed by direction.
+__device__ __forceinline__ void rope_sincos(const TensorView& pos, const RopeArgs& r, int64_t pair,
+                                            int64_t i2, double& s, double& c) {
     const float p = float(*reinterpret_cast<const int32_t*>(pos.data + i2 * pos.nb[0]));
     // theta in double: positions in the thousands need the extra bits for sin/cos.
     double theta =
         double(p) * double(r.freq_scale) * pow(double(r.freq_base), -2.0 * double(pair) / double(r.n_dims));
     if (r.factors) theta /= double(r.factors[pair]);
-    double s, c;
     sincos(theta, &s, &c);
     s *= r.direction;
-    const double x0 = load_f32(x, first, i1, i2, i3), x1 = load_f32(x, second, i1, i2, i3);
-    const double out = i0 == first ? x0 * c - x1 * s : x0 * s + x1 * c;
+}
+
+// x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Element (i0, i1, i2, i3) of y is
+// one half of a rotated pair.
+__device__ __forceinline__ float rope_value(const TensorView& x, const TensorView& pos, const RopeArgs& r,
+                                            int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+    if (i0 >= r.n_dims) return load_f32(x, i0, i1, i2, i3);
+    const RopePair q = rope_pair_of(r, i0);
+    double s, c;
+    rope_sincos(pos, r, q.pair, i2, s, c);
+    const double x0 = load_f32(x, q.first, i1, i2, i3), x1 = load_f32(x, q.second, i1, i2, i3);
+    const double out = i0 == q.first ? x0 * c - x1 * s : x0 * s + x1 * c;
     return float(out);
 }
 
-__global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, RopeArgs r, int64_t n) {
+// One thread per rotated pair, both elements from one angle and one row's index arithmetic;
+// the same arithmetic per element as rope_value (the fused cache writes below), so the same
+// bits. Each row has n_dims / 2 pairs, then the elements past n_dims, which are copied. In
+// place (y == x) is safe: a thread reads both elements of its pair before writing them.
+__global__ void rope_kernel(TensorView x, TensorView pos, TensorView y, RopeArgs r, int64_t n_rows) {
     await_inputs();
     allow_next_launch();
+    const int64_t half = r.n_dims / 2, per_row = half + (y.ne[0] - r.n_dims), n = n_rows * per_row;
     for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
          k += int64_t(gridDim.x) * blockDim.x) {
-        int64_t i0, i1, i2, i3;
-        unflatten(k, y.ne, i0, i1, i2, i3);
-        *f32_ptr(y, i0, i1, i2, i3) = rope_value(x, pos, r, i0, i1, i2, i3);
+        const int64_t row = k / per_row, j = k - row * per_row;
+        const int64_t i1 = row % y.ne[1], rest = row / y.ne[1], i2 = rest % y.ne[2], i3 = rest / y.ne[2];
+        if (j >= half) {
+            const int64_t i0 = r.n_dims + (j - half);
+            *f32_ptr(y, i0, i1, i2, i3) = load_f32(x, i0, i1, i2, i3);
+            continue;
+        }
+        const int64_t first = r.neox ? j : 2 * j, second = r.neox ? j + half : 2 * j + 1;
+        double s, c;
+        rope_sincos(pos, r, j, i2, s, c);
+        const double x0 = load_f32(x, first, i1, i2, i3), x1 = load_f32(x, second, i1, i2, i3);
+        *f32_ptr(y, first, i1, i2, i3) = float(x0 * c - x1 * s);
+        *f32_ptr(y, second, i1, i2, i3) = float(x0 * s + x1 * c);
     }
 }
 
 RopeArgs rope_args(const Tensor* node, float direction) {
     const RopeParams p = node->params<RopeParams>();
     const Tensor* factors = node->src[2];
-    return {p.n_dims, p.mode == RopeMode::NeoX, p.freq_base, p.freq_scale, direction,
-            factors ? static_cast<const float*>(factors->data) : nullptr};
+    return {p.n_dims,    p.mode == RopeMode::NeoX,
+            p.freq_base, p.freq_scale,
+            direction,   factors ? static_cast<const float*>(factors->data) : nullptr};
 }
 
 // ---- rope -> set_rows -> set_rows, fused ------------------------------------------------------
@@ -230,9 +252,11 @@ __global__ void rope_set_rows_kernel(TensorView x, TensorView pos, TensorView y,
 }
 
 void launch_rope(const ComputeCtx& ctx, Tensor* dst, float direction) {
-    const int64_t n = dst->nelements();
+    const RopeArgs args = rope_args(dst, direction);
+    const int64_t n_rows = dst->nelements() / dst->ne[0];
+    const int64_t n = n_rows * (args.n_dims / 2 + (dst->ne[0] - args.n_dims));
     launch_early(rope_kernel, grid_for(n, kThreads), kThreads, 0, ctx.stream, view_of(dst->src[0]),
-                 view_of(dst->src[1]), view_of(dst), rope_args(dst, direction), n);
+                 view_of(dst->src[1]), view_of(dst), args, n_rows);
 }
 void run_rope(const ComputeCtx& ctx, Tensor* dst) {
     launch_rope(ctx, dst, 1.0f);
@@ -244,7 +268,8 @@ bool supports_rope(const Tensor* dst) {
     const Tensor *x = dst->src[0], *pos = dst->src[1];
     const RopeParams p = dst->params<RopeParams>();
     const Tensor* factors = dst->src[2];
-    if (factors && (factors->type != Type::F32 || factors->nb[0] != sizeof(float) || factors->ne[0] != p.n_dims / 2))
+    if (factors &&
+        (factors->type != Type::F32 || factors->nb[0] != sizeof(float) || factors->ne[0] != p.n_dims / 2))
         return false;
     return x && pos && x->type == Type::F32 && dst->type == Type::F32 && x->ne == dst->ne &&
            pos->type == Type::I32 && pos->ne[0] == x->ne[2] && p.n_dims > 0 && p.n_dims % 2 == 0 &&

@@ -224,6 +224,19 @@ TEST_CASE("CUDA get_rows, get_rows_back, set_rows, concat, repeat and repeat_bac
     Tensor* g = ctx.new_tensor(Type::F32, {9, 5, 4, 3});
     fill_uniform(g);
     check_cuda(repeat_back(ctx, g, a), 1e-6);
+    // Thousands of copies (norm-weight gradients over token rows): the copies are split into
+    // ranges whose partial sums are added after; odd counts leave partial warps and tails.
+    Tensor* weight = ctx.new_tensor(Type::F32, {77});
+    Tensor* rows = ctx.new_tensor(Type::F32, {77, 3001});
+    fill_uniform(rows);
+    check_cuda(repeat_back(ctx, rows, weight), 1e-5);
+    Tensor* small = ctx.new_tensor(Type::F32, {5, 1, 3, 1});
+    Tensor* spread = ctx.new_tensor(Type::F32, {10, 700, 3, 2});
+    fill_uniform(spread);
+    check_cuda(repeat_back(ctx, spread, small), 1e-5);
+    Tensor* wide = ctx.new_tensor(Type::F32, {40, 77});
+    fill_uniform(wide);
+    check_cuda(repeat_back(ctx, transpose(ctx, wide), weight), 1e-6); // strided source
 }
 
 // ---- matrix products ------------------------------------------------------------------------
