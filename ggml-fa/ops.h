@@ -135,6 +135,18 @@ Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b);
 // a: [M, K], b: [N, K] -> [M, N] = sum_k a[:,k] b[:,k]^T (batched over dims 2-3 like mul_mat)
 Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
 
+// How much of f32 operands' precision a product may give up for speed. F32 (the default):
+// f32 multiplies everywhere. TF32: a GPU may round f32 operands to TensorFloat-32 (10-bit
+// mantissa, f32 range and accumulation) on its tensor cores, as PyTorch's allow_tf32 does;
+// the CPU and Vulkan compute f32 anyway. 16-bit and quantized weights are unaffected.
+enum class MatMulPrecision : int32_t { F32 = 0, TF32 = 1 };
+struct MatMulParams {
+    MatMulPrecision precision;
+};
+// On a mul_mat or out_prod node; the gradients built from it later inherit it.
+void set_matmul_precision(Tensor* product, MatMulPrecision precision);
+MatMulPrecision matmul_precision(const Tensor* product);
+
 // ---- normalization, position encoding, softmax ----------------------------------------
 
 Tensor* norm(Context& ctx, Tensor* a, float eps);     // LayerNorm over dim 0, no affine

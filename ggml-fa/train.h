@@ -28,6 +28,9 @@ struct TrainOptions {
     uint64_t seed = 1;        // of the initial weights
     float init_std = 0.02f;   // of the initial matrices (normal); the output projections of
                               // each block get init_std / sqrt(2 n_layer)
+    // The products' precision, forward and backward: TF32 lets a GPU round f32 operands to
+    // TensorFloat-32 on its tensor cores (PyTorch's allow_tf32); the CPU stays f32.
+    MatMulPrecision matmul_precision = MatMulPrecision::F32;
 };
 
 class Trainer {

@@ -368,3 +368,34 @@ TEST_CASE("a gradient for quantized weights is refused with a clear error", "[ma
     CHECK_THROWS_WITH(build_backward(ctx, g, loss),
                       Catch::Contains("mul_mat") && Catch::Contains("only available for f32"));
 }
+
+TEST_CASE("a product's precision is F32 unless set, and the gradients' products inherit it", "[matmul]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {8, 3});
+    Tensor* b = ctx.new_tensor(Type::F32, {8, 5});
+    Tensor* c = ctx.new_tensor(Type::F32, {3, 5});
+    set_param(a);
+    set_param(b);
+    set_param(c);
+    Tensor* p = mul_mat(ctx, a, b);  // [3, 5]
+    Tensor* q = out_prod(ctx, p, c); // [3, 3]
+    CHECK(matmul_precision(p) == MatMulPrecision::F32);
+    set_matmul_precision(p, MatMulPrecision::TF32);
+    CHECK(matmul_precision(p) == MatMulPrecision::TF32);
+    CHECK(matmul_precision(q) == MatMulPrecision::F32);
+    Tensor* loss = sum(ctx, q);
+    Graph g = build_forward(loss);
+    build_backward(ctx, g, loss);
+    // The products made for p's gradients (of a and b) are TF32; those for q's stay F32.
+    int tf32 = 0, f32 = 0;
+    for (Tensor* n : g.nodes()) {
+        if ((n->op != Op::MulMat && n->op != Op::OutProd) || n == p || n == q) continue;
+        (matmul_precision(n) == MatMulPrecision::TF32 ? tf32 : f32) += 1;
+    }
+    CHECK(tf32 == 2);
+    CHECK(f32 == 2);
+    // The CPU computes f32 whatever the node allows.
+    check_forward(q, kTol);
+    CHECK_THROWS_WITH(set_matmul_precision(loss, MatMulPrecision::TF32), Catch::Contains("not a mul_mat"));
+    CHECK_THROWS_WITH(set_matmul_precision(p, MatMulPrecision(7)), Catch::Contains("unknown precision"));
+}

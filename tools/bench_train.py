@@ -5,7 +5,7 @@ same run, same data, shapes, batch, steps, learning-rate schedule and gradient c
 
   bench_train.py --build BUILD_DIR --data FILE [--device cpu|cuda] [--threads 2]
                  [--layers 4 --embd 256 --heads 4 --kv-heads 4 --ctx 128 --batch 8 --steps 60]
-                 [--dtype f32|bf16 (PyTorch's autocast on cuda)] [--no-check]
+                 [--dtype f32|bf16 (PyTorch's autocast on cuda)] [--tf32] [--no-check]
 
 Both are timed per step (forward, backward and update; the held-out evaluations are not
 timed), the first 3 steps left out. Before timing, the check: the model ggml-fa trained is
@@ -149,12 +149,17 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--tf32", action="store_true",
+                    help="f32 products on TensorFloat-32 tensor cores, both sides (ggml-fa's --tf32, "
+                         "PyTorch's allow_tf32)")
     ap.add_argument("--no-check", action="store_true")
     a = ap.parse_args()
     a.kv_heads = a.kv_heads or a.heads
     import torch
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
+    torch.backends.cudnn.allow_tf32 = a.tf32
 
     # ---- ggml-fa
     work = tempfile.mkdtemp(prefix="bench-train-")
@@ -163,7 +168,7 @@ def main():
              str(a.kv_heads), "--ctx", str(a.ctx), "--batch", str(a.batch)]
     sched = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--min-lr", str(a.min_lr)]
     out = run([os.path.join(a.build, "train"), "--data", a.data, *shape, *sched, "--eval-every", str(a.steps),
-               "--backend", a.device, "-t", str(a.threads), "-o", gguf_path])
+               "--backend", a.device, "-t", str(a.threads), "-o", gguf_path] + (["--tf32"] if a.tf32 else []))
     log(out.strip())
     m = re.search(r"after the first 3: ([\d.]+) ms per step", out)
     ours_ms = float(m.group(1))
@@ -237,7 +242,7 @@ def main():
     tok = a.batch * a.ctx
     print(f"model: {a.layers} layers, embedding {a.embd}, heads {a.heads}/{a.kv_heads}, context {a.ctx}, "
           f"batch {a.batch}, {a.steps} steps, device {a.device}, {a.threads} threads, torch {torch.__version__} "
-          f"({a.dtype})")
+          f"({a.dtype}{', tf32 products' if a.tf32 else ''})")
     print(f"check: ggml-fa-run vs PyTorch (float64) on the trained file, logits relative error {check}")
     print("| | ms per step | tokens/s | held-out loss |")
     print("|---|---:|---:|---:|")

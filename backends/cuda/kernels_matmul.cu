@@ -3,7 +3,8 @@
 // mul_mat: dst[m, n] = sum_k a[k, m] * b[k, n] per matrix, a broadcast over b's dims 2-3
 // (a's matrix i2 / (B2/A2), i3 / (B3/A3)). In cuBLAS's column-major terms a is a K x M
 // matrix and b a K x N one, so dst (M x N) = a^T * b.
-//   f32 weights: f32 GEMM with f32 accumulation (no TF32, so results match fp32 paths).
+//   f32 weights: f32 GEMM with f32 accumulation (no TF32, so results match fp32 paths, unless
+//   the node allows TF32: set_matmul_precision).
 //   f16/bf16 weights: b is converted to the weight type, GEMM with f32 accumulation.
 //   block-quantized weights (q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q5_K, q6_K): for N > 8 a is
 //   dequantized to f16 and b converted, then cuBLAS; for decoding (N <= 8) a matrix-vector
@@ -62,7 +63,7 @@ int checked_int(int64_t v, const char* what) {
 // otherwise one strided batch per A matrix.
 void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation_t op_b, int64_t m, int64_t n,
                   int64_t k, const Operand& A, const Operand& B, float* C, int64_t ldc, int64_t c_stride2,
-                  int64_t c_stride3) {
+                  int64_t c_stride3, cublasComputeType_t compute = CUBLAS_COMPUTE_32F) {
     const float one = 1.0f, zero = 0.0f;
     const int64_t r2 = B.ne2 / A.ne2, r3 = B.ne3 / A.ne3;
     auto call = [&](const char* a, const char* b, float* c, int64_t stride_a, int64_t batch) {
@@ -70,7 +71,7 @@ void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation
             ctx.cublas, op_a, op_b, checked_int(m, "rows"), checked_int(n, "columns"),
             checked_int(k, "depth"), &one, a, A.type, checked_int(A.ld, "leading dim"), stride_a, b, B.type,
             checked_int(B.ld, "leading dim"), B.stride2, &zero, c, CUDA_R_32F,
-            checked_int(ldc, "leading dim"), c_stride2, checked_int(batch, "batch"), CUBLAS_COMPUTE_32F,
+            checked_int(ldc, "leading dim"), c_stride2, checked_int(batch, "batch"), compute,
             CUBLAS_GEMM_DEFAULT));
     };
     for (int64_t i3 = 0; i3 < B.ne3; ++i3) {
@@ -85,6 +86,12 @@ void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation
                      b3 + i02 * r2 * B.stride2 * int64_t(B.elem_size), c3 + i02 * r2 * c_stride2, 0, r2);
         }
     }
+}
+
+// f32 x f32 products: TensorFloat-32 tensor cores where the node allows it (set_matmul_precision).
+cublasComputeType_t f32_compute_type(const Tensor* product) {
+    return matmul_precision(product) == MatMulPrecision::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                                              : CUBLAS_COMPUTE_32F;
 }
 
 // Writes t (any readable type, any strides) as a packed f32, f16 or bf16 copy.
@@ -288,7 +295,7 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu) {
             B = packed_operand(b, packed, CUDA_R_32F, 4, K);
         }
         batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, operand_of(a, a->data, CUDA_R_32F, 4), B, C, ldc,
-                     c2, c3);
+                     c2, c3, f32_compute_type(dst));
         return;
     }
     // Half-precision GEMM: b (and a quantized a) converted into packed scratch copies.
@@ -370,7 +377,8 @@ void run_out_prod(const ComputeCtx& ctx, Tensor* dst) {
     bool a_t = false, b_t = false;
     const Operand A = f32_operand(a, a_t), B = f32_operand(b, b_t);
     batched_gemm(ctx, a_t ? CUBLAS_OP_T : CUBLAS_OP_N, b_t ? CUBLAS_OP_N : CUBLAS_OP_T, M, N, K, A, B,
-                 static_cast<float*>(dst->data), M, int64_t(dst->nb[2] / 4), int64_t(dst->nb[3] / 4));
+                 static_cast<float*>(dst->data), M, int64_t(dst->nb[2] / 4), int64_t(dst->nb[3] / 4),
+                 f32_compute_type(dst));
 }
 
 bool supports_out_prod(const Tensor* dst) {

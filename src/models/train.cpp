@@ -18,6 +18,13 @@ namespace gfa {
 
 namespace {
 
+// Every product of the forward graph may run at `precision` (the gradients' products, built
+// after, inherit it from theirs).
+void allow_precision(const Graph& graph, MatMulPrecision precision) {
+    for (Tensor* n : graph.nodes())
+        if (n->op == Op::MulMat || n->op == Op::OutProd) set_matmul_precision(n, precision);
+}
+
 void check_config(const ModelConfig& c, const TrainOptions& o) {
     auto positive = [](int64_t v) { return v > 0; };
     if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2" && c.arch != "gemma3")
@@ -185,6 +192,7 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
     m.train.io = llama::build_training_graph(m.train.ctx, c, w, options.n_ctx, options.n_seq);
     set_output(m.train.io.loss);
     m.train.graph = build_forward(m.train.io.loss);
+    allow_precision(m.train.graph, options.matmul_precision); // before the gradients inherit it
     build_backward(m.train.ctx, m.train.graph, m.train.io.loss);
     if (options.n_micro == 1) {
         m.optimizer = build_optimizer_step(m.weights_ctx, m.train.ctx, m.train.graph);
@@ -207,6 +215,7 @@ Trainer::Trainer(const ModelConfig& config, const TrainOptions& options) : impl_
     m.eval.io = llama::build_training_graph(m.eval.ctx, c, w, options.n_ctx, options.n_seq);
     set_output(m.eval.io.loss);
     m.eval.graph = build_forward(m.eval.io.loss);
+    allow_precision(m.eval.graph, options.matmul_precision);
 
     m.weights_buffer = allocate_context_tensors(m.weights_ctx, m.device->buffer_type());
     m.cpu = make_cpu_backend(options.n_threads);

@@ -77,15 +77,22 @@ Tensor* to_f32(Context& ctx, Tensor* t) {
 // C = mul_mat(a, b), C[m, n] = sum_k a[k, m] b[k, n]:
 //   dL/da[k, m] = sum_n b[k, n] G[m, n]  = out_prod(b, G), summed over broadcast groups
 //   dL/db[k, n] = sum_m a[k, m] G[m, n]  = out_prod(a, G^T) (a broadcast as in the forward)
+// A gradient's product, as precise as the forward product it comes from.
+Tensor* product_like(GradCtx& g, const Tensor* forward, Tensor* a, Tensor* b) {
+    Tensor* t = out_prod(g.ctx, a, b);
+    set_matmul_precision(t, matmul_precision(forward));
+    return t;
+}
+
 void mul_mat_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     Tensor *a = node->src[0], *b = node->src[1];
     if (g.needs_grad(a)) {
         if (a->type != Type::F32)
             op_error(Op::MulMat, "the gradient with respect to a is only available for f32 a", {a, b});
-        Tensor* da = out_prod(g.ctx, b, grad); // [K, M, B2, B3]
+        Tensor* da = product_like(g, node, b, grad); // [K, M, B2, B3]
         g.accumulate(a, reduce_batches(g.ctx, da, a->ne[2], a->ne[3]));
     }
-    if (g.needs_grad(b)) g.accumulate(b, out_prod(g.ctx, to_f32(g.ctx, a), transpose(g.ctx, grad)));
+    if (g.needs_grad(b)) g.accumulate(b, product_like(g, node, to_f32(g.ctx, a), transpose(g.ctx, grad)));
 }
 
 // C = out_prod(a, b), C[m, n] = sum_k a[m, k] b[n, k]:
@@ -94,12 +101,12 @@ void mul_mat_backward(GradCtx& g, Tensor* node, Tensor* grad) {
 void out_prod_backward(GradCtx& g, Tensor* node, Tensor* grad) {
     Tensor *a = node->src[0], *b = node->src[1];
     if (g.needs_grad(a)) {
-        Tensor* da = out_prod(g.ctx, grad, transpose(g.ctx, b)); // [M, K, B2, B3]
+        Tensor* da = product_like(g, node, grad, transpose(g.ctx, b)); // [M, K, B2, B3]
         g.accumulate(a, reduce_batches(g.ctx, da, a->ne[2], a->ne[3]));
     }
     if (g.needs_grad(b)) {
         Tensor* a_full = expand_batches(g.ctx, a, b->ne[2], b->ne[3]);
-        g.accumulate(b, out_prod(g.ctx, transpose(g.ctx, grad), transpose(g.ctx, a_full)));
+        g.accumulate(b, product_like(g, node, transpose(g.ctx, grad), transpose(g.ctx, a_full)));
     }
 }
 
@@ -172,6 +179,20 @@ Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b) {
     Tensor* t = ctx.new_node(Op::OutProd, Type::F32, {a->ne[0], b->ne[0], b->ne[2], b->ne[3]});
     set_sources(t, {a, b});
     return t;
+}
+
+void set_matmul_precision(Tensor* product, MatMulPrecision precision) {
+    require_not_null(Op::MulMat, {product});
+    if (product->op != Op::MulMat && product->op != Op::OutProd)
+        fail(std::string("set_matmul_precision: ") + op_name(product->op) +
+             " is not a mul_mat or out_prod node");
+    if (precision != MatMulPrecision::F32 && precision != MatMulPrecision::TF32)
+        fail("set_matmul_precision: unknown precision " + std::to_string(int(precision)));
+    product->set_params(MatMulParams{precision});
+}
+
+MatMulPrecision matmul_precision(const Tensor* product) {
+    return product->params<MatMulParams>().precision;
 }
 
 void define_matmul_ops(OpTable& t) {

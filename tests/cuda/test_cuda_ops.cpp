@@ -19,6 +19,7 @@ using gfa::test::fill_uniform;
 using gfa::test::kQuantTypes;
 using gfa::test::random_indices;
 using gfa::test::rel_error;
+using gfa::test::run_on_device;
 using gfa::test::set_i32;
 
 namespace {
@@ -270,6 +271,30 @@ TEST_CASE("CUDA mul_mat for f32, f16, bf16, q8_0 and q4_0 weights with broadcast
     fill_uniform(a);
     fill_uniform(bt);
     check_cuda(mul_mat(ctx, a, transpose(ctx, bt)), 1e-5);
+}
+
+// TF32 products (set_matmul_precision): within TensorFloat-32's rounding (10-bit mantissas,
+// about 1e-3 relative) of the reference, and not the f32 result, so the setting took effect.
+TEST_CASE("CUDA f32 mul_mat and out_prod on TF32 tensor cores when the node allows it", "[cuda]") {
+    Context ctx = data_ctx();
+    Tensor* a = ctx.new_tensor(Type::F32, {200, 67});
+    Tensor* b = ctx.new_tensor(Type::F32, {200, 45, 3});
+    Tensor* c = ctx.new_tensor(Type::F32, {31, 45, 3});
+    fill_uniform(a);
+    fill_uniform(b);
+    fill_uniform(c);
+    for (Tensor* product :
+         {mul_mat(ctx, a, b), out_prod(ctx, c, transpose(ctx, cont(ctx, transpose(ctx, b))))}) {
+        Graph g = build_forward(product);
+        const std::vector<double> expected = ref::evaluate(g, product);
+        const double f32_error = rel_error(run_on_device(cuda0(), g, product), expected);
+        set_matmul_precision(product, MatMulPrecision::TF32);
+        const double tf32_error = rel_error(run_on_device(cuda0(), g, product), expected);
+        INFO(op_name(product->op) << ": f32 " << f32_error << ", tf32 " << tf32_error);
+        CHECK(f32_error < 1e-5);
+        CHECK(tf32_error < 3e-3);
+        CHECK(tf32_error > 10 * f32_error);
+    }
 }
 
 // Decoding with 16-bit weights: rows whose bytes are a multiple of 16 take the matrix-vector

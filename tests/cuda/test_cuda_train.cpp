@@ -51,3 +51,43 @@ TEST_CASE("CUDA trains a model as the CPU does", "[cuda][train]") {
         }
     }
 }
+
+// With TF32 products (TrainOptions::matmul_precision) the step stays within TensorFloat-32's
+// rounding of the CPU's f32 step.
+TEST_CASE("CUDA trains with TF32 products close to the CPU's f32", "[cuda][train]") {
+    ModelConfig c;
+    c.arch = "llama";
+    c.n_vocab = 61;
+    c.n_embd = 128;
+    c.n_layer = 2;
+    c.n_ff = 200;
+    c.n_head = 2;
+    c.n_head_kv = 2;
+    c.head_dim = 64;
+    c.rope = {.n_dims = 64, .mode = RopeMode::Normal, .freq_base = 10000.0f, .freq_scale = 1.0f};
+    TrainOptions o;
+    o.n_ctx = 65;
+    o.n_seq = 2;
+    o.n_threads = 2;
+    o.seed = test::seed();
+    o.init_std = 0.1f;
+    INFO("seed " << o.seed);
+    Trainer cpu(c, o);
+    o.device = find_device("CUDA0");
+    REQUIRE(o.device != nullptr);
+    o.matmul_precision = MatMulPrecision::TF32;
+    Trainer gpu(c, o);
+    const std::vector<int32_t> batch =
+        test::random_indices(size_t((o.n_ctx + 1) * o.n_seq), int32_t(c.n_vocab));
+    const AdamWParams p{.lr = 1e-4f, .step = 1};
+    const float want = cpu.step(batch, p), got = gpu.step(batch, p);
+    INFO("loss " << got << " on CUDA (TF32), " << want << " on the CPU");
+    CHECK(std::abs(got - want) <= 3e-3f * std::abs(want));
+    const auto g_cpu = cpu.gradients(), g_gpu = gpu.gradients();
+    for (size_t i = 0; i < g_cpu.size(); ++i) {
+        const double err = test::rel_error(
+            g_gpu[i].second, std::vector<double>(g_cpu[i].second.begin(), g_cpu[i].second.end()));
+        INFO(g_cpu[i].first << ": gradient relative error " << err);
+        CHECK(err <= 3e-2);
+    }
+}

@@ -45,6 +45,7 @@ struct Options {
     int threads = 0;
     Type save_type = Type::F32;
     bool profile = false;
+    bool tf32 = false;
 };
 
 void usage() {
@@ -72,6 +73,8 @@ void usage() {
                 "  --eval-every N --eval-batches N (50, 4)\n"
                 "  --seed S                        initial weights and batches (1)\n"
                 "  --backend cpu|cuda|vulkan       where the weights and the work live (cpu)\n"
+                "  --tf32                          products may round f32 operands to TensorFloat-32\n"
+                "                                  on a GPU's tensor cores (PyTorch's allow_tf32)\n"
                 "  -t, --threads N                 CPU threads (default: all cores)\n"
                 "  --profile                       print a step's schedule and the backends' counters\n"
                 "                                  (GFA_CPU_OP_TIMES=1: time per op on the CPU)\n"
@@ -144,6 +147,8 @@ Options parse(int argc, char** argv) {
             o.checkpoint = args.value();
         else if (a == "--profile")
             o.profile = true;
+        else if (a == "--tf32")
+            o.tf32 = true;
         else if (a == "-t" || a == "--threads")
             o.threads = int(args.integer());
         else if (a == "--save-type") {
@@ -242,6 +247,7 @@ int run(int argc, char** argv) {
     to.device = device;
     to.n_threads = o.threads;
     to.seed = o.seed;
+    to.matmul_precision = o.tf32 ? MatMulPrecision::TF32 : MatMulPrecision::F32;
     std::unique_ptr<Trainer> trainer;
     if (o.init.empty()) {
         ModelConfig cfg;
