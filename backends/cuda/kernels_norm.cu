@@ -141,15 +141,21 @@ __device__ __forceinline__ RopePair rope_pair_of(const RopeArgs& r, int64_t i0) 
 }
 
 // sin and cos of the angle of `pair` at the position of token i2, the sine signed by direction.
+// The angle is formed in double (positions in the thousands times a frequency lose, in f32,
+// the digits sin and cos need) and reduced to [-pi, pi] there; sin and cos then run in f32,
+// as on Vulkan: a double sincos per pair cost more than the rope's memory traffic.
 __device__ __forceinline__ void rope_sincos(const TensorView& pos, const RopeArgs& r, int64_t pair,
                                             int64_t i2, double& s, double& c) {
+    constexpr double kTwoPi = 6.283185307179586476925286766559;
     const float p = float(*reinterpret_cast<const int32_t*>(pos.data + i2 * pos.nb[0]));
-    // theta in double: positions in the thousands need the extra bits for sin/cos.
     double theta =
         double(p) * double(r.freq_scale) * pow(double(r.freq_base), -2.0 * double(pair) / double(r.n_dims));
     if (r.factors) theta /= double(r.factors[pair]);
-    sincos(theta, &s, &c);
-    s *= r.direction;
+    theta -= kTwoPi * floor(theta / kTwoPi + 0.5);
+    float sf, cf;
+    sincosf(float(theta), &sf, &cf);
+    s = double(sf) * r.direction;
+    c = double(cf);
 }
 
 // x: [head_dim, n_head, n_tokens, B], pos: i32 [n_tokens]. Element (i0, i1, i2, i3) of y is
