@@ -274,7 +274,10 @@ TEST_CASE("CUDA mul_mat for f32, f16, bf16, q8_0 and q4_0 weights with broadcast
 }
 
 // TF32 products (set_matmul_precision): within TensorFloat-32's rounding (10-bit mantissas,
-// about 1e-3 relative) of the reference, and not the f32 result, so the setting took effect.
+// about 1e-3 relative) of the reference. TF32 allows tensor cores, it does not force them:
+// cuBLAS kept its f32 kernel for this out_prod (31 rows, leading dimension 31: bit for bit
+// the f32 result on an H200), so only the mul_mat, which it runs on TF32 tensor cores, must
+// differ from the f32 result, showing the setting reaches cuBLAS.
 TEST_CASE("CUDA f32 mul_mat and out_prod on TF32 tensor cores when the node allows it", "[cuda]") {
     Context ctx = data_ctx();
     Tensor* a = ctx.new_tensor(Type::F32, {200, 67});
@@ -293,7 +296,7 @@ TEST_CASE("CUDA f32 mul_mat and out_prod on TF32 tensor cores when the node allo
         INFO(op_name(product->op) << ": f32 " << f32_error << ", tf32 " << tf32_error);
         CHECK(f32_error < 1e-5);
         CHECK(tf32_error < 3e-3);
-        CHECK(tf32_error > 10 * f32_error);
+        if (product->op == Op::MulMat) CHECK(tf32_error > 10 * f32_error);
     }
 }
 
