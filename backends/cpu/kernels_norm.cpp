@@ -78,14 +78,15 @@ void run_rms_norm_back(const ComputeCtx& c, Tensor* d) {
 // ---- rope ----
 
 // Rotates pair i of every head by theta_i = pos * freq_scale * freq_base^(-2i/n_dims)
-// (divided by freq_factors[i] when given; negated for RopeBack). Rows are ordered head-fastest, so
-// consecutive rows share a token: each worker keeps the cos/sin table of its current position and rebuilds it
-// when the position changes. Angles are formed in double, since pos * freq loses digits in float.
+// (divided by freq_factors[i] when given; negated for RopeBack). The cos/sin table of every
+// token (dim 2) is made first, once: heads and the sequences of a batch (dim 3) share it, and
+// the trigonometry, in double since pos * freq loses digits in float, would otherwise cost more
+// than the rotations.
 void run_rope(const ComputeCtx& ctx, Tensor* dst) {
     const RopeParams p = dst->params<RopeParams>();
     const Tensor *a = dst->src[0], *pos = dst->src[1], *factors = dst->src[2];
     const double sign = dst->op == Op::RopeBack ? -1.0 : 1.0;
-    const int64_t half = p.n_dims / 2, n = dst->ne[0];
+    const int64_t half = p.n_dims / 2, n = dst->ne[0], n_tokens = dst->ne[2];
     std::vector<double> inv_freq(static_cast<size_t>(half));
     for (int64_t i = 0; i < half; ++i) {
         inv_freq[size_t(i)] =
@@ -93,35 +94,38 @@ void run_rope(const ComputeCtx& ctx, Tensor* dst) {
         if (factors)
             inv_freq[size_t(i)] /= double(*reinterpret_cast<const float*>(element_ptr(factors, i, 0, 0, 0)));
     }
+    // cos_sin[(token * half + i) * 2 + {0, 1}]
+    std::vector<float> cos_sin(size_t(n_tokens * half * 2));
     ctx.pool.run(
         [&](int ith, int nth) {
-            std::vector<float> scratch, cos_t(static_cast<size_t>(half)), sin_t(static_cast<size_t>(half));
-            bool have_table = false;
-            int32_t table_pos = 0;
-            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
-                const int32_t position = *reinterpret_cast<const int32_t*>(element_ptr(pos, i2, 0, 0, 0));
-                if (!have_table || position != table_pos) {
-                    for (int64_t i = 0; i < half; ++i) {
-                        const double theta = sign * double(position) * inv_freq[size_t(i)];
-                        cos_t[size_t(i)] = float(std::cos(theta));
-                        sin_t[size_t(i)] = float(std::sin(theta));
-                    }
-                    have_table = true;
-                    table_pos = position;
+            for (int64_t t = ith; t < n_tokens; t += nth) {
+                const int32_t position = *reinterpret_cast<const int32_t*>(element_ptr(pos, t, 0, 0, 0));
+                for (int64_t i = 0; i < half; ++i) {
+                    const double theta = sign * double(position) * inv_freq[size_t(i)];
+                    cos_sin[size_t((t * half + i) * 2)] = float(std::cos(theta));
+                    cos_sin[size_t((t * half + i) * 2 + 1)] = float(std::sin(theta));
                 }
+            }
+        },
+        n_tokens);
+    ctx.pool.run(
+        [&](int ith, int nth) {
+            std::vector<float> scratch;
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
                 const float* x = packed_row(a, i1, i2, i3, scratch);
                 float* y = f32_row(dst, i1, i2, i3);
-                const float* c = cos_t.data();
-                const float* s = sin_t.data();
+                const float* cs = cos_sin.data() + i2 * half * 2;
                 if (p.mode == RopeMode::NeoX) { // pairs (i, i + half)
                     for (int64_t i = 0; i < half; ++i) {
-                        y[i] = x[i] * c[i] - x[i + half] * s[i];
-                        y[i + half] = x[i] * s[i] + x[i + half] * c[i];
+                        const float c = cs[2 * i], s = cs[2 * i + 1];
+                        y[i] = x[i] * c - x[i + half] * s;
+                        y[i + half] = x[i] * s + x[i + half] * c;
                     }
                 } else { // pairs (2i, 2i + 1)
                     for (int64_t i = 0; i < half; ++i) {
-                        y[2 * i] = x[2 * i] * c[i] - x[2 * i + 1] * s[i];
-                        y[2 * i + 1] = x[2 * i] * s[i] + x[2 * i + 1] * c[i];
+                        const float c = cs[2 * i], s = cs[2 * i + 1];
+                        y[2 * i] = x[2 * i] * c - x[2 * i + 1] * s;
+                        y[2 * i + 1] = x[2 * i] * s + x[2 * i + 1] * c;
                     }
                 }
                 for (int64_t i = p.n_dims; i < n; ++i) y[i] = x[i]; // dims past n_dims pass through
