@@ -1,7 +1,8 @@
-// Element-wise arithmetic and activations on the GPU. One unary and one binary kernel with
-// the operation chosen by a code at run time: a single compiled kernel each keeps the build
+// Element-wise arithmetic and activations on the GPU. Unary and binary kernels with the
+// operation chosen by a code at run time: one compiled kernel per layout keeps the build
 // short, and the switch costs nothing next to the memory traffic. Binary ops broadcast b
-// over a by repeating it (b's dims divide a's).
+// over a by repeating it (b's dims divide a's). Two layouts: packed operands (four elements
+// per thread, flat indices) and any strides (per-element index arithmetic).
 #include "cuda_device.cuh"
 #include "early_launch.cuh"
 #include "op_def.h"

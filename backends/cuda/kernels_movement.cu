@@ -1,10 +1,12 @@
 // Data movement on the GPU: fill, conversions between types (cont/cpy, with dequantization
 // of every block type in quant_blocks.cuh and q8_0 quantization), row gathers and scatters, concat, repeat
-// and its gradient. Each kernel walks its elements with a grid-stride loop over flat indices.
-#include <algorithm>
+// and its gradient. Each kernel walks its elements with a grid-stride loop over flat indices,
+// except repeat_back over many copies, which splits the copies too.
 #include "cuda_device.cuh"
 #include "early_launch.cuh"
 #include "op_def.h"
+
+#include <algorithm>
 
 namespace gfa::cuda {
 
