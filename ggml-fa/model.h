@@ -94,6 +94,10 @@ struct SessionOptions {
     // Keep every node of each graph to itself and record its values (Session::traced_nodes),
     // for comparing backends node by node (compare --model). Costs memory and time.
     bool trace_nodes = false;
+    // Layers with a sliding window (Gemma 2 and 3) keep only window + n_batch - 1 cache rows,
+    // reused in turn, instead of n_ctx: most of a long context's KV memory. false: n_ctx rows
+    // for every layer.
+    bool window_cache = true;
 };
 
 // One node of a traced graph: "#index op type[shape] 'name'", where it ran, its values.

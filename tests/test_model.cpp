@@ -73,11 +73,21 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
     CHECK(whole.eval(tokens, true) == all);
     CHECK(whole.profile().reused == 1);
 
-    // The same prompt in chunks of 3 (the last one shorter).
+    // The same prompt in chunks of 3 (the last one shorter). The Gemmas' sliding layers then
+    // keep window + 2 = 6 cache rows, reused in turn (the 17 tokens wrap them twice), where
+    // `whole`, with batches of 32, keeps all 32.
     so.n_batch = 3;
     Session chunked(*model, so);
     const std::vector<float> in_chunks = chunked.eval(tokens, true);
     CHECK(test::logits_error(in_chunks, all) < 1e-5);
+    SessionOptions full_rows = so;
+    full_rows.window_cache = false;
+    Session unwrapped(*model, full_rows);
+    CHECK(test::logits_error(unwrapped.eval(tokens, true), all) < 1e-5);
+    if (m.arch.starts_with("gemma"))
+        CHECK(chunked.kv_bytes() < unwrapped.kv_bytes());
+    else
+        CHECK(chunked.kv_bytes() == unwrapped.kv_bytes());
 
     // One token at a time: each step's logits are the prefill's row for that position,
     // and no step allocates.

@@ -35,6 +35,24 @@ std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_wi
     return mask;
 }
 
+std::vector<uint16_t> ring_mask(int64_t n_tokens, int64_t n_past, int64_t ring, int64_t window) {
+    constexpr uint16_t kZero = 0x0000, kMinusInf = 0xFC00; // f16 bit patterns
+    std::vector<uint16_t> mask(size_t(n_tokens * ring), kMinusInf);
+    const int64_t newest = n_past + n_tokens - 1;
+    for (int64_t s = 0; s < std::min(ring, newest + 1); ++s) {
+        const int64_t p = s + (newest - s) / ring * ring; // the newest position in row s
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            const int64_t q = n_past + i;
+            if (p <= q && q - p < window) mask[size_t(i * ring + s)] = kZero;
+        }
+    }
+    return mask;
+}
+
+bool ring_masked(const KvCache& cache, int64_t n_tokens, int64_t n_past, int64_t n_window) {
+    return cache.ring_rows > 0 && (n_window > 0 || n_past + n_tokens > cache.ring_rows);
+}
+
 int64_t window_for(int64_t n_tokens, int64_t n_past, int64_t n_ctx, int64_t step) {
     if (step <= 0 || n_tokens > kMaxWindowedTokens) return 0;
     const int64_t n_kv = n_past + n_tokens;
@@ -133,6 +151,10 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
     if (n_window != 0 && (n_window < n_past + n_tokens || n_window > cache.n_ctx))
         fail("llama: an attention window of " + std::to_string(n_window) + " rows cannot hold " +
              std::to_string(n_past + n_tokens) + " tokens in a cache of " + std::to_string(cache.n_ctx));
+    if (cache.ring_rows > 0 && n_tokens + cfg.sliding_window - 1 > cache.ring_rows)
+        fail("llama: " + std::to_string(n_tokens) +
+             " tokens at once do not fit the sliding layers' cache of " + std::to_string(cache.ring_rows) +
+             " rows (window " + std::to_string(cfg.sliding_window) + ")");
     const int64_t n_kv = n_window ? n_window : n_past + n_tokens; // cache rows attention reads
     GraphIo io;
     io.tokens = set_name(ctx.new_tensor(Type::I32, {n_tokens}), "tokens");
@@ -162,11 +184,20 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 
         // Store the new keys and values at their positions, then attend over rows
         // [0, n_kv) of the cache. The views read the set_rows results, so the writes
-        // come first.
-        Tensor* k_all = set_rows(ctx, cache.k[l], permute(ctx, k, 0, 2, 1, 3), io.positions);
-        Tensor* v_all = set_rows(ctx, cache.v[l], permute(ctx, v, 0, 2, 1, 3), io.positions);
+        // come first. Sliding layers with a ring cache store at position % ring rows and,
+        // once it has wrapped (or in windowed graphs), read all its rows through the ring mask.
+        const bool ring = cache.ring_rows > 0 && sliding_layer(cfg, l);
+        const bool ring_mask_here = ring && ring_masked(cache, n_tokens, n_past, n_window);
+        if (ring && !io.ring_rows) {
+            io.ring_rows = set_name(ctx.new_tensor(Type::I32, {n_tokens}), "ring_rows");
+            set_input(io.ring_rows);
+        }
+        Tensor* rows_at = ring ? io.ring_rows : io.positions;
+        Tensor* k_all = set_rows(ctx, cache.k[l], permute(ctx, k, 0, 2, 1, 3), rows_at);
+        Tensor* v_all = set_rows(ctx, cache.v[l], permute(ctx, v, 0, 2, 1, 3), rows_at);
+        const int64_t layer_kv = ring_mask_here ? cache.ring_rows : n_kv;
         auto cached = [&](Tensor* c) {
-            return view(ctx, c, {D, n_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
+            return view(ctx, c, {D, layer_kv, cfg.n_head_kv}, {c->nb[1], c->nb[2]}, 0);
         };
         // Causal attention over rows [0, n_past + n_tokens) takes the parameters as they are
         // (query i sees cache rows up to n_past + i, sliding layers a window of them);
@@ -178,7 +209,16 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
             layer_attn.causal = false;
             layer_attn.window_left = -1;
         }
-        if (sliding_layer(cfg, l) && n_window) {
+        if (ring_mask_here) {
+            if (!io.kq_mask_ring) {
+                io.kq_mask_ring =
+                    set_name(ctx.new_tensor(Type::F16, {cache.ring_rows, n_tokens}), "kq_mask_ring");
+                set_input(io.kq_mask_ring);
+            }
+            mask = io.kq_mask_ring;
+            layer_attn.causal = false;
+            layer_attn.window_left = -1;
+        } else if (sliding_layer(cfg, l) && n_window) {
             if (!io.kq_mask_swa) {
                 io.kq_mask_swa = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask_swa");
                 set_input(io.kq_mask_swa);
@@ -587,6 +627,9 @@ Session::Session(const Model& model, const SessionOptions& options)
 
     // Each layer's cache lives with the layer's weights.
     s.cache.n_ctx = s.options.n_ctx;
+    // Sliding layers keep the rows their window and one batch need, when that is fewer.
+    const int64_t ring = c.sliding_window + s.options.n_batch - 1;
+    if (s.options.window_cache && c.sliding_window > 0 && ring < s.options.n_ctx) s.cache.ring_rows = ring;
     const Model::Impl& m = model.impl();
     for (const auto& p : m.placements) {
         (void)p;
@@ -599,10 +642,10 @@ Session::Session(const Model& model, const SessionOptions& options)
             if (m.placements[i].buffer.get() == wb) where = i;
         Context& ctx = *s.cache_ctx[where];
         const std::string n = std::to_string(l);
-        s.cache.k.push_back(
-            set_name(ctx.new_tensor(kv, {c.head_dim, s.options.n_ctx, c.n_head_kv}), "cache_k." + n));
-        s.cache.v.push_back(
-            set_name(ctx.new_tensor(kv, {c.head_dim, s.options.n_ctx, c.n_head_kv}), "cache_v." + n));
+        const int64_t rows =
+            s.cache.ring_rows > 0 && llama::sliding_layer(c, size_t(l)) ? s.cache.ring_rows : s.options.n_ctx;
+        s.cache.k.push_back(set_name(ctx.new_tensor(kv, {c.head_dim, rows, c.n_head_kv}), "cache_k." + n));
+        s.cache.v.push_back(set_name(ctx.new_tensor(kv, {c.head_dim, rows, c.n_head_kv}), "cache_v." + n));
     }
     for (size_t i = 0; i < s.cache_ctx.size(); ++i) {
         if (s.cache_ctx[i]->n_tensors() == 0) continue;
@@ -618,7 +661,7 @@ Session::Session(const Model& model, const SessionOptions& options)
     // every token, and the largest windowed graph. Every later graph is no larger.
     const int64_t n = s.options.n_batch;
     for (const int64_t window : {int64_t(0), std::min(s.options.n_ctx, llama::kMaxWindowedTokens)}) {
-        const int64_t tokens = window ? window : n;
+        const int64_t tokens = window ? std::min(window, n) : n; // evals never exceed n_batch
         Context worst;
         llama::GraphIo io = llama::build_graph(worst, c, m.weights, s.cache, tokens, s.options.n_ctx - tokens,
                                                true, window ? s.options.n_ctx : 0);
@@ -695,6 +738,16 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             const std::vector<uint16_t> mask =
                 llama::window_mask(int64_t(n), s.n_past, window, s.model.config().sliding_window);
             tensor_set(io.kq_mask_swa, mask.data(), 0, mask.size() * sizeof(uint16_t));
+        }
+        if (io.ring_rows) {
+            std::vector<int32_t> rows(n);
+            for (size_t i = 0; i < n; ++i) rows[i] = int32_t((s.n_past + int64_t(i)) % s.cache.ring_rows);
+            tensor_set(io.ring_rows, rows.data(), 0, n * sizeof(int32_t));
+        }
+        if (io.kq_mask_ring) {
+            const std::vector<uint16_t> mask =
+                llama::ring_mask(int64_t(n), s.n_past, s.cache.ring_rows, s.model.config().sliding_window);
+            tensor_set(io.kq_mask_ring, mask.data(), 0, mask.size() * sizeof(uint16_t));
         }
         charge(prof.upload);
         s.sched->submit(g);

@@ -38,6 +38,10 @@ struct Weights {
 struct KvCache {
     std::vector<Tensor*> k, v;
     int64_t n_ctx = 0;
+    // Rows of the sliding layers' caches when they keep only what their window needs (0: all
+    // n_ctx). Position p lives in row p % ring_rows; with ring_rows >= window + n_batch - 1 no
+    // chunk overwrites a row one of its queries still reads.
+    int64_t ring_rows = 0;
 };
 
 // The inputs and output of one graph.
@@ -46,8 +50,21 @@ struct GraphIo {
     Tensor* positions = nullptr;   // i32 [n_tokens]: rope positions and cache rows
     Tensor* kq_mask = nullptr;     // f16 [n_window, n_tokens] when the attention reads a window
     Tensor* kq_mask_swa = nullptr; // the same for sliding-window layers (ModelConfig::sliding_window)
-    Tensor* logits = nullptr;      // f32 [n_vocab, n_out]
+    // Sliding layers with a ring cache (KvCache::ring_rows): their rows (i32 [n_tokens],
+    // positions % ring_rows) and, once the ring has wrapped or in windowed graphs, the mask
+    // over all ring_rows rows (f16 [ring_rows, n_tokens], ring_mask()).
+    Tensor* ring_rows = nullptr;
+    Tensor* kq_mask_ring = nullptr;
+    Tensor* logits = nullptr; // f32 [n_vocab, n_out]
 };
+
+// The ring rows' mask: row s holds the newest position p = s (mod ring) with p < n_past +
+// n_tokens (none when s >= n_past + n_tokens); query i (position n_past + i) sees it when
+// n_past + i - window < p <= n_past + i.
+std::vector<uint16_t> ring_mask(int64_t n_tokens, int64_t n_past, int64_t ring, int64_t window);
+// Whether the sliding layers of a graph attend through the ring mask (else as without a ring:
+// the ring has not wrapped, so its rows are the positions).
+bool ring_masked(const KvCache& cache, int64_t n_tokens, int64_t n_past, int64_t n_window);
 
 // The pieces of a block that inference and training graphs share (one definition of the
 // model's math). attention_inputs: from the normed input h [n_embd, T * B] of B sequences of
