@@ -23,8 +23,9 @@ namespace gfa {
 
 namespace llama {
 
+constexpr uint16_t kZero = 0x0000, kMinusInf = 0xFC00; // f16 bit patterns of the masks
+
 std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_window, int64_t sliding) {
-    constexpr uint16_t kZero = 0x0000, kMinusInf = 0xFC00; // f16 bit patterns
     std::vector<uint16_t> mask(size_t(n_tokens * n_window), kMinusInf);
     for (int64_t i = 0; i < n_tokens; ++i) {
         const int64_t end = std::min(n_past + i + 1, n_window);
@@ -36,7 +37,6 @@ std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_wi
 }
 
 std::vector<uint16_t> ring_mask(int64_t n_tokens, int64_t n_past, int64_t ring, int64_t window) {
-    constexpr uint16_t kZero = 0x0000, kMinusInf = 0xFC00; // f16 bit patterns
     std::vector<uint16_t> mask(size_t(n_tokens * ring), kMinusInf);
     const int64_t newest = n_past + n_tokens - 1;
     for (int64_t s = 0; s < std::min(ring, newest + 1); ++s) {
