@@ -1,5 +1,5 @@
 // What the command-line programs share: reading option values with errors that name the
-// option, and turning --backend and --kv-type into a device and a type.
+// option, turning --backend and --kv-type into a device and a type, and main() itself.
 #pragma once
 
 #include <ggml-fa/backend.h>
@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <exception>
 #include <string>
 
 namespace gfa::cli {
@@ -72,6 +74,17 @@ inline Type kv_type(const std::string& name) {
     if (name == "f32") return Type::F32;
     if (name == "q8_0") return Type::Q8_0;
     fail("--kv-type " + name + ": expected f16, f32 or q8_0");
+}
+
+// A program's main(): runs `run`, and reports what it throws as "program: message" with exit
+// status 1.
+inline int main_of(const char* program, int (*run)(int, char**), int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "%s: %s\n", program, e.what());
+        return 1;
+    }
 }
 
 } // namespace gfa::cli

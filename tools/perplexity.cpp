@@ -156,10 +156,5 @@ int run(int argc, char** argv) {
 } // namespace
 
 int main(int argc, char** argv) {
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "perplexity: %s\n", e.what());
-        return 1;
-    }
+    return gfa::cli::main_of("perplexity", run, argc, argv);
 }

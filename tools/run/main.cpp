@@ -362,10 +362,5 @@ int run(int argc, char** argv) {
 } // namespace
 
 int main(int argc, char** argv) {
-    try {
-        return run(argc, argv);
-    } catch (const gfa::Error& e) {
-        std::fprintf(stderr, "ggml-fa-run: error: %s\n", e.what());
-        return 1;
-    }
+    return gfa::cli::main_of("ggml-fa-run: error", run, argc, argv);
 }

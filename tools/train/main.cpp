@@ -407,10 +407,5 @@ int run(int argc, char** argv) {
 } // namespace
 
 int main(int argc, char** argv) {
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "train: %s\n", e.what());
-        return 1;
-    }
+    return gfa::cli::main_of("train", run, argc, argv);
 }
