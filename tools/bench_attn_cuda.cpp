@@ -131,6 +131,7 @@ View make_view(Type type, void* data, int64_t n0, int64_t n1, int64_t n2, int64_
 
 int main(int argc, char** argv) {
     bool quick = false, decode = true, fa = true, f32 = false, decode_detail = false, explicit_mask = false;
+    bool backward = true;
     int64_t only_d = 0, only_s = 0;
     int only_causal = -1, reps_arg = 0;
     const char* label = "ours";
@@ -160,6 +161,8 @@ int main(int argc, char** argv) {
             decode_detail = true;
         else if (std::strcmp(argv[i], "--mask") == 0)
             explicit_mask = true;
+        else if (std::strcmp(argv[i], "--no-bwd") == 0)
+            backward = false;
         else {
             std::fprintf(stderr, "bench_attn_cuda: unknown argument '%s'\n", argv[i]);
             return 2;
@@ -238,12 +241,16 @@ int main(int argc, char** argv) {
                     const double fwd =
                         time_ms([&] { cuda::flash_attn_forward(p, nullptr, ws, ws_bytes); }, reps, 3);
                     const double bwd =
-                        time_ms([&] { cuda::flash_attn_backward(bp, nullptr, ws, ws_bytes); }, reps, 2);
-                    const double fwd_tf = flops / fwd / 1e9, bwd_tf = 2.5 * flops / bwd / 1e9;
+                        backward
+                            ? time_ms([&] { cuda::flash_attn_backward(bp, nullptr, ws, ws_bytes); }, reps, 2)
+                            : 0.0;
+                    const double fwd_tf = flops / fwd / 1e9,
+                                 bwd_tf = backward ? 2.5 * flops / bwd / 1e9 : 0.0;
                     if (mask) cudaFree(mask);
-                    std::printf("%-6s %4lld %6lld %3lld %3lld %6d %9.3f %7.0f %9.3f %7.0f\n", label,
-                                (long long)D, (long long)S, (long long)B, (long long)H, int(causal), fwd,
-                                fwd_tf, bwd, bwd_tf);
+                    std::printf("%-6s %4lld %6lld %3lld %3lld %6d %9.3f %7.0f %9.3f %7.0f  (%s forward)\n",
+                                label, (long long)D, (long long)S, (long long)B, (long long)H, int(causal),
+                                fwd, fwd_tf, bwd, bwd_tf,
+                                cuda::flash_attn_forward_uses_hopper_kernel(p) ? "wgmma" : "mma.sync");
                     std::fflush(stdout);
                     if (csv)
                         std::fprintf(csv, "fa,%s,%s,%lld,%lld,%lld,%lld,%d,%.4f,%.1f,%.4f,%.1f\n", label,

@@ -131,9 +131,11 @@ __device__ __forceinline__ void store_elem(void* row, int64_t i, float x, int co
 // the base a multiple of 128 bytes (frag_addr relies on both).
 template <int ROWS, int COLS> struct SmemTile {
     static_assert(COLS % 64 == 0, "swizzled tiles need rows of whole 128-byte groups");
+    static constexpr int kRows = ROWS, kCols = COLS;
     static constexpr int kChunksPerRow = COLS / 8;
     static constexpr int kBytes = ROWS * COLS * 2;
-    uint32_t base; // shared-space address
+    static constexpr int kRowPitch = COLS * 2; // bytes from a chunk to the same chunk of the next row
+    uint32_t base;                             // shared-space address
 
     __device__ __forceinline__ uint32_t chunk_addr(int row, int chunk) const {
         return base + uint32_t(row * (COLS * 2) + ((chunk ^ (row & 7)) << 4));
@@ -173,9 +175,10 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
 // Loads rows [0, ROWS) x cols [0, COLS) of a row-major 16-bit matrix into a swizzled tile
 // with cp.async. row_ptr(r) gives the global address of row r (only called for r < n_rows);
 // rows >= n_rows and columns >= n_cols (a multiple of 8) are zero-filled.
-template <int NTHREADS, int ROWS, int COLS, class RowPtr>
-__device__ __forceinline__ void load_tile_async(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows,
-                                                int n_cols, const void* any_valid_ptr) {
+template <int NTHREADS, class Tile, class RowPtr>
+__device__ __forceinline__ void load_tile_async(Tile tile, RowPtr row_ptr, int n_rows, int n_cols,
+                                                const void* any_valid_ptr) {
+    constexpr int ROWS = Tile::kRows, COLS = Tile::kCols;
     constexpr int kChunks = ROWS * (COLS / 8);
     static_assert(kChunks % NTHREADS == 0, "tile chunks must divide evenly among threads");
 #pragma unroll
@@ -192,9 +195,10 @@ __device__ __forceinline__ void load_tile_async(SmemTile<ROWS, COLS> tile, RowPt
 // The same with a conversion: the source rows hold f32, f16 or bf16 (code) and are
 // converted to T on the way. Synchronous (plain loads + st.shared); used for tiles that are
 // read once per block, such as Q when its storage type differs from the compute type.
-template <class T, int NTHREADS, int ROWS, int COLS, class RowPtr>
-__device__ __forceinline__ void load_tile_convert(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows,
-                                                  int n_cols, int code) {
+template <class T, int NTHREADS, class Tile, class RowPtr>
+__device__ __forceinline__ void load_tile_convert(Tile tile, RowPtr row_ptr, int n_rows, int n_cols,
+                                                  int code) {
+    constexpr int ROWS = Tile::kRows, COLS = Tile::kCols;
     constexpr int kChunks = ROWS * (COLS / 8);
     for (int idx = int(threadIdx.x); idx < kChunks; idx += NTHREADS) {
         const int r = idx / (COLS / 8), c = idx % (COLS / 8);

@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+#include <optional>
+
 namespace gfa::cuda::fa {
 
 struct KernelInfo {
@@ -22,6 +24,15 @@ KernelInfo fwd_info_d256(bool decode);
 void fwd_launch_d64(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
 void fwd_launch_d128(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
 void fwd_launch_d256(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
+
+// Forward on Hopper's warpgroup tensor cores (head-dim tiles 64 and 128, problems without an
+// explicit mask or softcap): the schedule to use on this device, or none where the device is
+// not sm_90, the build has no sm_90a code, or GFA_CUDA_FA_HOPPER (1 or 2) does not ask for it.
+enum class HopperSchedule { Plain, Overlap };
+std::optional<HopperSchedule> hopper_forward_schedule();
+KernelInfo fwd_hopper_info(int tile, HopperSchedule sched);
+void fwd_hopper_launch(int tile, bool bf16, HopperSchedule sched, const FwdArgs& a, dim3 grid,
+                       cudaStream_t st);
 
 // Backward: the 4-warp dK/dV kernel (bn keys per block, bm queries per step, dsplit column
 // blocks), the deterministic dQ kernel (bm queries per block) and the 8-warp dK/dV kernel

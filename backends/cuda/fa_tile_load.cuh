@@ -48,9 +48,10 @@ __device__ __forceinline__ void decode_quant8(const QuantChunk& c, int e0, int c
 // columns >= n_cols are zero. code picks the path: T's own code (16-byte aligned rows) goes
 // through cp.async; f32/f16/bf16 (kUnaligned set for 16-bit rows that cp.async cannot read)
 // are converted through registers; q8_0/q4_0 are dequantized through registers.
-template <class T, int NTHREADS, int ROWS, int COLS, class RowPtr>
-__device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr row_ptr, int n_rows,
-                                              int n_cols, int code, const void* any_valid_ptr) {
+template <class T, int NTHREADS, class Tile, class RowPtr>
+__device__ __forceinline__ void load_any_tile(Tile tile, RowPtr row_ptr, int n_rows, int n_cols, int code,
+                                              const void* any_valid_ptr) {
+    constexpr int ROWS = Tile::kRows, COLS = Tile::kCols;
     if (code == Elem<T>::code) {
         load_tile_async<NTHREADS>(tile, row_ptr, n_rows, n_cols, any_valid_ptr);
         return;
@@ -96,9 +97,9 @@ __device__ __forceinline__ void load_any_tile(SmemTile<ROWS, COLS> tile, RowPtr 
 // compiler's scheduling of every step.
 enum class GeneralPath { Inline, OutOfLine };
 
-template <class T, int NTHREADS, int ROWS, int COLS>
-__device__ __noinline__ void load_any_tile_out_of_line(SmemTile<ROWS, COLS> tile, const char* rows,
-                                                       int64_t stride, int n_rows, int n_cols, int code) {
+template <class T, int NTHREADS, class Tile>
+__device__ __noinline__ void load_any_tile_out_of_line(Tile tile, const char* rows, int64_t stride,
+                                                       int n_rows, int n_cols, int code) {
     load_any_tile<T, NTHREADS>(
         tile, [&](int r) { return rows + r * stride; }, n_rows, n_cols, code, rows);
 }
@@ -110,9 +111,10 @@ __device__ __noinline__ void load_any_tile_out_of_line(SmemTile<ROWS, COLS> tile
 // constant (RPI is a multiple of the 8-row swizzle period), with no bounds checks. That
 // matters: the general path spends about a dozen integer instructions per 16-byte copy,
 // as many as the tensor-core work of the tile. Anything else goes through load_any_tile.
-template <class T, int NTHREADS, GeneralPath kGeneral = GeneralPath::Inline, int ROWS, int COLS>
-__device__ __forceinline__ void load_strided_tile(SmemTile<ROWS, COLS> tile, const char* rows, int64_t stride,
-                                                  int n_rows, int n_cols, int code) {
+template <class T, int NTHREADS, GeneralPath kGeneral = GeneralPath::Inline, class Tile>
+__device__ __forceinline__ void load_strided_tile(Tile tile, const char* rows, int64_t stride, int n_rows,
+                                                  int n_cols, int code) {
+    constexpr int ROWS = Tile::kRows, COLS = Tile::kCols;
     constexpr int kChunksPerRow = COLS / 8;
     constexpr int kRowsPerPass = NTHREADS / kChunksPerRow;
     if constexpr (NTHREADS % kChunksPerRow == 0 && kRowsPerPass % 8 == 0 && ROWS % kRowsPerPass == 0) {
@@ -123,7 +125,7 @@ __device__ __forceinline__ void load_strided_tile(SmemTile<ROWS, COLS> tile, con
             const int64_t src_step = kRowsPerPass * stride;
 #pragma unroll
             for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass) {
-                cp_async_16(dst + uint32_t(pass * kRowsPerPass * COLS * 2), src, true);
+                cp_async_16(dst + uint32_t(pass * kRowsPerPass * Tile::kRowPitch), src, true);
                 src += src_step;
             }
             return;

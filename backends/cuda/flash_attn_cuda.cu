@@ -182,6 +182,13 @@ fa::KernelInfo fwd_info(int tile, bool decode) {
     return info;
 }
 
+fa::KernelInfo hopper_info(int tile, fa::HopperSchedule sched) {
+    static fa::KernelInfo cache[2][2];
+    fa::KernelInfo& info = cache[tile == 64 ? 0 : 1][sched == fa::HopperSchedule::Overlap];
+    if (info.bm == 0) info = fa::fwd_hopper_info(tile, sched);
+    return info;
+}
+
 int sm_count() {
     static int count = 0;
     if (count == 0) {
@@ -285,6 +292,8 @@ struct FwdPlan {
     // the first key of split 0 (the splits cover only the keys some row can see).
     std::optional<fa::DecodeSel> decode_kernel;
     int split_begin = 0;
+    // The wgmma kernel (fa_forward_hopper.cuh) instead of the mma.sync one, and its schedule.
+    std::optional<fa::HopperSchedule> hopper;
     std::optional<size_t> stage_k, stage_v; // workspace offsets of converted copies (staging)
     std::optional<size_t> mask_tiles_at;    // workspace offset of the mask's tile classes
     fa::MaskTileGrid mask_grid;
@@ -417,7 +426,11 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     plan.bf16 = compute_bf16(p);
     const int64_t rows = int64_t(s.Sq) * s.G;
     plan.decode = rows <= 64; // the 64-row tile: GQA groups of a few query positions
-    plan.info = fwd_info(plan.tile, plan.decode);
+    // Hopper's warpgroup kernel takes the plain problems of head-dim tiles up to 128 (its
+    // softmax keeps raw scores: no mask, no softcap, a positive scale).
+    if (!plan.decode && plan.tile <= 128 && !p.mask.present() && s.softcap <= 0.0f && s.scale > 0.0f)
+        plan.hopper = fa::hopper_forward_schedule();
+    plan.info = plan.hopper ? hopper_info(plan.tile, *plan.hopper) : fwd_info(plan.tile, plan.decode);
     plan.row_tiles = int((rows + plan.info.bm - 1) / plan.info.bm);
     const int64_t blocks = int64_t(plan.row_tiles) * s.Hkv * s.B;
     const int64_t slots = int64_t(sm_count()) * std::max(1, plan.info.blocks_per_sm);
@@ -695,7 +708,9 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         // (a classified mask: as a causal mask, the last rows probably see the most keys)
         a.tiles_last = s.has_hi || s.has_lo || a.mask_tiles.cls;
         const dim3 grid(unsigned(int64_t(s.Hkv) * s.B * plan.n_split * plan.row_tiles));
-        if (plan.tile == 64)
+        if (plan.hopper)
+            fa::fwd_hopper_launch(plan.tile, plan.bf16, *plan.hopper, a, grid, st);
+        else if (plan.tile == 64)
             fa::fwd_launch_d64(plan.bf16, plan.decode, a, grid, st);
         else if (plan.tile == 128)
             fa::fwd_launch_d128(plan.bf16, plan.decode, a, grid, st);
@@ -712,6 +727,11 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
 bool flash_attn_forward_uses_decode_kernel(const Problem& p) {
     const fa::Shape s = validate(p);
     return decode_selection(p, s).has_value();
+}
+
+bool flash_attn_forward_uses_hopper_kernel(const Problem& p) {
+    const fa::Shape s = validate(p);
+    return plan_forward(p, s).hopper.has_value();
 }
 
 // ---- backward ---------------------------------------------------------------------------

@@ -31,6 +31,9 @@ void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = 
 // Whether the forward of p runs the decoding kernel (at most 16 query rows per KV head, see
 // flash_attn_cuda.cu) rather than the tiled one; for tests and benchmarks.
 bool flash_attn_forward_uses_decode_kernel(const attn::Problem& p);
+// Whether the forward runs on Hopper's warpgroup tensor cores (wgmma): sm_90 devices with a
+// build that has sm_90a code, head dims up to 128, no explicit mask or softcap, not decoding.
+bool flash_attn_forward_uses_hopper_kernel(const attn::Problem& p);
 
 // Device workspace the backward needs (bytes, > 0): per-row LSE and rowsum(dO * O), the
 // fp32 dQ accumulator (non-deterministic mode) and the per-row terms of dSinks.

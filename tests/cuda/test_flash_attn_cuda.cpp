@@ -14,9 +14,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -443,13 +445,15 @@ Reference library_reference(const Config& c, const Inputs& in) {
     return r;
 }
 
-// expect_decode: 1 (0) checks that the problem does (does not) take the decoding kernel.
+// expect_decode: 1 (0) checks that the problem does (does not) take the decoding kernel;
+// expect_hopper likewise for the warpgroup (wgmma) kernel.
 void check_forward(const Config& c, std::mt19937& rng, uint32_t seed, bool library_ref = false,
-                   int expect_decode = -1) {
+                   int expect_decode = -1, int expect_hopper = -1) {
     INFO("seed " << seed << ": " << c.describe() << (library_ref ? " (library reference)" : ""));
     const Inputs in = make_inputs(c, rng);
     DeviceProblem d = device_problem(c, in);
     if (expect_decode >= 0) CHECK(cuda::flash_attn_forward_uses_decode_kernel(d.p) == bool(expect_decode));
+    if (expect_hopper >= 0) CHECK(cuda::flash_attn_forward_uses_hopper_kernel(d.p) == bool(expect_hopper));
     cuda::flash_attn_forward(d.p, nullptr);
     cuda_ok(cudaDeviceSynchronize(), "forward");
     const Reference ref = library_ref ? library_reference(c, in) : reference(c, in, false);
@@ -627,6 +631,88 @@ TEST_CASE("CUDA forward features one at a time", "[cuda][fa]") {
             check_forward(c, rng, seed); // f32 q, 16-bit o
             c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 64 ? 128 : 64;
             check_forward(c, rng, seed); // MQA, batch 2, Dk != Dv
+        }
+}
+
+// GFA_CUDA_FA_HOPPER picks the forward kernel of plain problems on sm_90 devices: the
+// warpgroup kernel with either schedule (2, 1), or the mma.sync kernel. Set for one scope.
+class HopperKernelSetting {
+  public:
+    explicit HopperKernelSetting(const char* value) {
+        if (const char* old = std::getenv(kName)) old_ = old;
+        if (value)
+            setenv(kName, value, 1);
+        else
+            unsetenv(kName);
+    }
+    ~HopperKernelSetting() {
+        if (old_)
+            setenv(kName, old_->c_str(), 1);
+        else
+            unsetenv(kName);
+    }
+    HopperKernelSetting(const HopperKernelSetting&) = delete;
+    HopperKernelSetting& operator=(const HopperKernelSetting&) = delete;
+
+  private:
+    static constexpr const char* kName = "GFA_CUDA_FA_HOPPER";
+    std::optional<std::string> old_;
+};
+
+// Whether this build and device run the warpgroup kernel (sm_90a code on an sm_90 device).
+bool hopper_kernel_expected() {
+#if !defined(GFA_CUDA_SM90A)
+    return false;
+#endif
+    int dev = 0, major = 0, minor = 0;
+    cuda_ok(cudaGetDevice(&dev), "cudaGetDevice");
+    cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
+    cuda_ok(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "compute capability");
+    return major == 9 && minor == 0;
+}
+
+// The warpgroup kernel's cases: odd sizes (partial row and key tiles), causal rows that see
+// nothing, windows, GQA packing across row tiles, sinks, Dk != Dv, f32 q, a split over keys;
+// each under both schedules and under the mma.sync kernel, with fresh inputs every run.
+TEST_CASE("CUDA forward on Hopper's warpgroup kernel and on the mma.sync kernel", "[cuda][fa][hopper]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    const bool sm90 = hopper_kernel_expected();
+    if (!sm90) WARN("not an sm_90 device or no sm_90a code: only the mma.sync kernel runs here");
+    for (Type t : {Type::F16, Type::BF16})
+        for (int64_t D : {64, 80, 128}) {
+            Config base;
+            base.Dk = base.Dv = D, base.compute = base.q_type = base.kv_type = t;
+            base.Sq = 300, base.Skv = 517, base.Hq = 4, base.Hkv = 2;
+            base.params.scale = 1.0f / std::sqrt(float(D));
+            std::vector<Config> cases;
+            Config c = base;
+            cases.push_back(c); // plain
+            c = base, c.params.causal = true;
+            cases.push_back(c); // causal, Sq < Skv
+            c = base, c.params.causal = true, c.Sq = 517, c.Skv = 300;
+            cases.push_back(c); // causal, Sq > Skv: the first rows see nothing
+            c = base, c.params.window_left = 150, c.params.window_right = 20;
+            cases.push_back(c); // sliding window on both sides
+            c = base, c.params.window_left = 70, c.params.causal = true, c.Sq = c.Skv = 451;
+            cases.push_back(c); // causal sliding window
+            c = base, c.Hq = 16, c.Hkv = 2, c.Sq = 97, c.params.causal = true;
+            cases.push_back(c); // GQA 8: packed rows of several heads per tile
+            c = base, c.sinks = true, c.params.causal = true, c.Sq = 517, c.Skv = 300;
+            cases.push_back(c); // sinks, also on rows with nothing visible
+            c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 128 ? 64 : 128;
+            cases.push_back(c); // MQA, batch 2, Dk != Dv
+            c = base, c.q_type = Type::F32, c.o_type = Type::F32;
+            cases.push_back(c); // f32 q and o
+            c = base, c.Sq = 65, c.Hq = 1, c.Hkv = 1, c.Skv = 20000;
+            cases.push_back(c); // one row tile over many keys: split over keys
+            for (const Config& cc : cases)
+                for (const char* setting : {"2", "1", "0"}) {
+                    HopperKernelSetting env(setting);
+                    INFO("GFA_CUDA_FA_HOPPER=" << setting);
+                    const bool hopper = sm90 && std::string(setting) != "0";
+                    check_forward(cc, rng, seed, false, 0, hopper ? 1 : 0);
+                }
         }
 }
 
