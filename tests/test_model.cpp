@@ -42,6 +42,12 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
         m.tied = true;
         m.layers = 3;
     }
+    SECTION("qwen3: q/k norms, heads of 16 (q wider than the embedding), GQA 4:2") {
+        m.arch = "qwen3";
+        m.heads = 4;
+        m.heads_kv = 2;
+        m.head_size = 16;
+    }
     SECTION("gemma3: windows of 4 on layers 0, 1 and 3, q/k norms, a rope base per kind of layer") {
         m.arch = "gemma3";
         m.tied = true;

@@ -113,7 +113,7 @@ TrainOptions tiny_options(int64_t T = 7, int64_t B = 3) {
 } // namespace
 
 TEST_CASE("training graph: gradients of every weight match finite differences", "[train]") {
-    const ModelConfig c = config_variant(GENERATE(0, 1, 2, 3)); // llama, qwen2, gemma2, gemma3
+    const ModelConfig c = config_variant(GENERATE(0, 1, 2, 3, 4)); // llama, qwen2, gemma2, gemma3, qwen3
     INFO(c.arch);
     const int64_t T = 5, B = 2; // odd sizes; two sequences share the rope positions
     Context ctx = data_ctx();
@@ -129,7 +129,7 @@ TEST_CASE("training graph: gradients of every weight match finite differences", 
 }
 
 TEST_CASE("Trainer: a step's gradients are the derivatives of its loss", "[train]") {
-    const ModelConfig c = config_variant(GENERATE(0, 1, 2, 3)); // llama, qwen2, gemma2, gemma3
+    const ModelConfig c = config_variant(GENERATE(0, 1, 2, 3, 4)); // llama, qwen2, gemma2, gemma3, qwen3
     INFO(c.arch);
     const TrainOptions o = tiny_options();
     Trainer trainer(c, o);
@@ -282,7 +282,16 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     c = test::tiny_train_config();
     c.arch = "gemma";
     CHECK_THROWS_WITH(Trainer(c, tiny_options()),
-                      Catch::Contains("architecture must be llama, qwen2, gemma2 or gemma3"));
+                      Catch::Contains("architecture must be llama, qwen2, qwen3, gemma2 or gemma3"));
+    c = config_variant(4);
+    c.qk_norm = false;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("qwen3 models norm q and k per head"));
+    c = test::tiny_train_config();
+    c.qk_norm = true;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("llama models have no q/k norms"));
+    c = config_variant(1);
+    c.final_softcap = 10.0f;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("qwen2 has none"));
     c = config_variant(2);
     c.embd_scale = 1.0f;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("a gemma2 model has post norms"));
@@ -354,10 +363,10 @@ TEST_CASE("Trainer: a checkpoint resumes the run exactly", "[train]") {
     CHECK(fresh->weight("output.weight") == a.weight("output.weight"));
 }
 
-TEST_CASE("Trainer: fine-tunes a llama, qwen2 or gemma2 GGUF model, starting from its exact logits",
+TEST_CASE("Trainer: fine-tunes a llama, qwen2, qwen3 or gemma GGUF model, starting from its exact logits",
           "[train]") {
     test::TinyModel m; // 5 query heads on 1 key/value head, head size 8
-    const int variant = GENERATE(0, 1, 2, 3, 4, 5);
+    const int variant = GENERATE(0, 1, 2, 3, 4, 5, 6);
     m.tied = variant >= 1;
     if (variant == 2) {
         m.arch = "qwen2";
@@ -368,6 +377,10 @@ TEST_CASE("Trainer: fine-tunes a llama, qwen2 or gemma2 GGUF model, starting fro
         m.layers = 4;
     }
     if (variant == 5) m.rope_linear_scale = 2.0f;
+    if (variant == 6) { // q/k norms, heads of 16
+        m.arch = "qwen3";
+        m.head_size = 16;
+    }
     INFO(m.arch << ", tied embeddings " << m.tied << ", biases " << m.biases << ", seed " << test::seed());
     TempFile file{test::write_model(m, test::seed())};
     TrainOptions o = tiny_options(10, 1);

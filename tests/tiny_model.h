@@ -32,7 +32,8 @@ struct TinyModel {
     // arch "gemma2": post norms, soft caps small enough to bite, a window shorter than prompts
     int64_t sliding_window = 4;
     float attn_softcap = 5.0f, final_softcap = 3.0f;
-    int64_t head_dim() const { return embd / heads; }
+    int64_t head_size = 0; // attention.key_length when > 0 (heads * head_size may differ from embd)
+    int64_t head_dim() const { return head_size > 0 ? head_size : embd / heads; }
 };
 
 // Writes a random model of the given shape; `skip` leaves one tensor out, `bad_shape`
@@ -53,6 +54,10 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
     w.set(A + ".attention.head_count_kv", uint32_t(m.heads_kv));
     w.set(A + ".attention.layer_norm_rms_epsilon", 1e-5f);
     w.set(A + ".rope.freq_base", 10000.0f);
+    if (m.head_size > 0) {
+        w.set(A + ".attention.key_length", uint32_t(m.head_size));
+        w.set(A + ".attention.value_length", uint32_t(m.head_size));
+    }
     if (A == "gemma2") {
         w.set(A + ".attention.sliding_window", uint32_t(m.sliding_window));
         w.set(A + ".attn_logit_softcapping", m.attn_softcap);
@@ -132,7 +137,7 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
             add(b + "post_attention_norm.weight", {m.embd}, 0.1f, 1.0f);
             add(b + "post_ffw_norm.weight", {m.embd}, 0.1f, 1.0f);
         }
-        if (A == "gemma3") {
+        if (A == "gemma3" || A == "qwen3") {
             add(b + "attn_q_norm.weight", {D}, 0.1f, 1.0f);
             add(b + "attn_k_norm.weight", {D}, 0.1f, 1.0f);
         }
@@ -180,10 +185,17 @@ inline ModelConfig tiny_train_config() {
 // embeddings, post norms, GeGLU, soft caps small enough to bite and a window of 3 positions
 // on the even layers, shorter than the tests' sequences), 3 Gemma 3 (q/k norms, no caps,
 // windows on all but every third layer with a rope base of their own, linear position
-// scaling 2 on the global layers).
+// scaling 2 on the global layers), 4 Qwen3 (NeoX rope, q/k norms, untied embeddings, heads twice
+// as large: q is wider than the embedding).
 inline ModelConfig train_config_variant(ModelConfig c, int variant) {
     if (variant == 0) return c;
     c.rope.mode = RopeMode::NeoX;
+    if (variant == 4) {
+        c.arch = "qwen3";
+        c.qk_norm = true;
+        c.head_dim = c.rope.n_dims = 2 * c.head_dim;
+        return c;
+    }
     c.tied_embeddings = true;
     if (variant == 1) {
         c.arch = "qwen2";

@@ -300,8 +300,10 @@ ModelConfig llama::read_config(const gguf::File& f) {
     const gguf::Value* arch = f.metadata().find("general.architecture");
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
-    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2" && c.arch != "gemma3")
-        fail("model: architecture \"" + c.arch + "\" is not supported (llama, qwen2, gemma2 and gemma3 are)");
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma2" &&
+        c.arch != "gemma3")
+        fail("model: architecture \"" + c.arch +
+             "\" is not supported (llama, qwen2, qwen3, gemma2 and gemma3 are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
@@ -334,6 +336,9 @@ ModelConfig llama::read_config(const gguf::File& f) {
     c.n_vocab = embd.ne[1];
     c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
     c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+    // Qwen3: Qwen2's blocks with each head of q and k RMS-normed before rope (and usually
+    // without the q/k/v biases, which the file's tensors say).
+    c.qk_norm = c.arch == "qwen3";
     if (c.arch == "gemma2" || c.arch == "gemma3") {
         // Defaults as llama.cpp has them for files that lack the keys.
         const bool g2 = c.arch == "gemma2";

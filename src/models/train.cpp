@@ -27,8 +27,20 @@ void allow_precision(const Graph& graph, MatMulPrecision precision) {
 
 void check_config(const ModelConfig& c, const TrainOptions& o) {
     auto positive = [](int64_t v) { return v > 0; };
-    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "gemma2" && c.arch != "gemma3")
-        fail("train: the architecture must be llama, qwen2, gemma2 or gemma3, not \"" + c.arch + "\"");
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma2" &&
+        c.arch != "gemma3")
+        fail("train: the architecture must be llama, qwen2, qwen3, gemma2 or gemma3, not \"" + c.arch + "\"");
+    // What llama::read_config makes of each file, so that a saved model reads back the same.
+    const bool gemma = c.arch == "gemma2" || c.arch == "gemma3";
+    const bool qk_norm = c.arch == "qwen3" || c.arch == "gemma3";
+    if (c.qk_norm != qk_norm)
+        fail("train: " + c.arch +
+             (qk_norm ? " models norm q and k per head (qk_norm must be set)"
+                      : " models have no q/k norms (qk_norm must be off)"));
+    if (!gemma && (c.post_norms || c.gelu_ffn || c.attn_softcap != 0.0f || c.final_softcap != 0.0f ||
+                   c.sliding_window != 0 || c.embd_scale != 1.0f || c.attn_scale != 0.0f))
+        fail("train: post norms, GeGLU, soft caps, windows and scaled embeddings or queries are Gemma's; " +
+             c.arch + " has none");
     if (c.arch == "gemma3") {
         // What a gemma3 file implies (llama::read_config), so that a saved model reads back.
         const float attn_scale = 1.0f / std::sqrt(float(c.n_layer == 62 ? c.n_embd / c.n_head : c.head_dim));

@@ -54,8 +54,8 @@ TEST_CASE("CUDA trains a model as the CPU does", "[cuda][train]") {
     o.n_threads = 2;
     o.seed = test::seed();
     o.init_std = 0.1f;
-    // llama (grouped heads), qwen2, gemma2, gemma3
-    const ModelConfig c = test::train_config_variant(cuda_train_config(96, 136, 1), GENERATE(0, 1, 2, 3));
+    // llama (grouped heads), qwen2, gemma2, gemma3, qwen3
+    const ModelConfig c = test::train_config_variant(cuda_train_config(96, 136, 1), GENERATE(0, 1, 2, 3, 4));
     INFO("seed " << o.seed << ", " << c.arch);
     Trainer cpu(c, o);
     o.device = find_device("CUDA0");

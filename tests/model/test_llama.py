@@ -3,7 +3,8 @@
 
 Builds tiny random Hugging Face checkpoints with numpy (a LLaMA with grouped-query
 attention, a Llama 3.1 style one with "llama3" rope scaling, a Qwen2 with QKV biases, NeoX
-rope and tied embeddings, a Mistral with an explicit head_dim stored as sharded BF16), converts them to GGUF at several output types,
+rope and tied embeddings, a Qwen3 with per-head q/k norms and heads wider than the embedding,
+a Mistral with an explicit head_dim stored as sharded BF16, Gemma 2 and 3), converts them to GGUF at several output types,
 runs them through ggml-fa-run and compares the logits of every prompt position with a
 float64 numpy implementation of the Hugging Face forward pass. Greedy decoding is checked
 against the same reference, token by token.
@@ -61,6 +62,13 @@ CONFIGS = {
                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                     rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=128,
                     tie_word_embeddings=False),
+    # Qwen3: Qwen2's blocks without biases, each head of q and k RMS-normed before rope; 4 heads
+    # of 32 make q wider (128) than the embedding (64), as in the small Qwen3 models.
+    "qwen3": dict(model_type="qwen3", vocab_size=79, hidden_size=64, intermediate_size=112,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=256,
+                  tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                  sliding_window=None),
     # Gemma 2: scaled embeddings, (1 + w) norms also after attention and the feed-forward,
     # GeGLU, soft-capped scores and logits (caps small enough to bite), and a sliding window
     # of 5 positions on layers 0 and 2 (the prompts are 13-23 tokens long).
@@ -123,7 +131,7 @@ def random_weights(cfg, rng):
         if gemma:
             w[p + "pre_feedforward_layernorm.weight"] = norm(E)
             w[p + "post_feedforward_layernorm.weight"] = norm(E)
-        if cfg["model_type"] == "gemma3_text":
+        if cfg["model_type"] in ("gemma3_text", "qwen3"):
             w[p + "self_attn.q_norm.weight"] = norm(D)
             w[p + "self_attn.k_norm.weight"] = norm(D)
     return w
@@ -155,7 +163,7 @@ def write_bf16_safetensors(path, tensors):
 
 
 # Models whose config.json is written as transformers 5 writes it (the others as 4.x did).
-TRANSFORMERS5_LAYOUT = ("llama3", "gemma2", "gemma3")
+TRANSFORMERS5_LAYOUT = ("llama3", "qwen3", "gemma2", "gemma3")
 
 
 def transformers5_layout(cfg):
@@ -174,6 +182,8 @@ def transformers5_layout(cfg):
         pattern = cfg.pop("sliding_window_pattern", 2)
         cfg["layer_types"] = ["sliding_attention" if l % pattern < pattern - 1 else "full_attention"
                               for l in range(cfg["num_hidden_layers"])]
+    if cfg["model_type"] == "qwen3":
+        cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
     return cfg
 
 
@@ -260,6 +270,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
     gemma = cfg["model_type"] in ("gemma2", "gemma3_text")
     gemma3 = cfg["model_type"] == "gemma3_text"
+    qk_norm = cfg["model_type"] in ("gemma3_text", "qwen3")
     pattern = cfg.get("sliding_window_pattern", 2)
 
     def rms_norm(x, g):
@@ -288,7 +299,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
     causal = np.triu(np.full((n, n), -np.inf), 1)
     # Gemma 2's sliding layers see key j from query i when i - window < j <= i.
-    sliding = causal + np.tril(np.full((n, n), -np.inf), -cfg.get("sliding_window", n + 1))
+    sliding = causal + np.tril(np.full((n, n), -np.inf), -(cfg.get("sliding_window") or n + 1))
     x = w["model.embed_tokens.weight"][tokens]
     if gemma:
         x = x * np.sqrt(cfg["hidden_size"])
@@ -305,7 +316,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         cs = rope_local if sliding_layer else rope_global
         h = rms_norm(x, w[p + "input_layernorm.weight"])
         q, k, v = proj("q", Hq), proj("k", Hkv), proj("v", Hkv)
-        if gemma3:  # per-head norms before rope
+        if qk_norm:  # per-head norms before rope
             q, k = rms_norm(q, w[p + "self_attn.q_norm.weight"]), rms_norm(k, w[p + "self_attn.k_norm.weight"])
         q, k = rotate(q, cs), rotate(k, cs)
         k, v = round_kv(k, kv_type), round_kv(v, kv_type)
@@ -463,9 +474,12 @@ def check_config_errors(args, root, failures):
                               "rope_parameters"),
         "negative base": (dict(CONFIGS["llama"], rope_parameters={"rope_type": "default", "rope_theta": -1.0}),
                           "rope bases"),
+        "Qwen sliding windows": (dict(CONFIGS["qwen3"], use_sliding_window=True, sliding_window=8,
+                                      max_window_layers=1), "use_sliding_window"),
     }
+    checkpoint_of = {"gemma3_text": "gemma3", "qwen3": "qwen3"}
     for what, (cfg, needle) in bad.items():
-        src = os.path.join(root, "gemma3" if cfg["model_type"] == "gemma3_text" else "llama")
+        src = os.path.join(root, checkpoint_of.get(cfg["model_type"], "llama"))
         d = os.path.join(root, "bad-config")
         os.makedirs(d, exist_ok=True)
         for f in os.listdir(src):
@@ -506,6 +520,9 @@ def main():
         ("llama", "f32", "q8_0", "q8_0", []),
         ("qwen2", "f16", "f32", "f32", ["-b", "5"]),
         ("qwen2", "f16", "f16", "f16", []),
+        ("qwen3", "bf16", "f32", "f32", []),
+        ("qwen3", "bf16", "f32", "f32", ["-b", "4"]),
+        ("qwen3", "bf16", "q8_0", "f16", []),
         ("llama3", "f32", "f32", "f32", []),
         ("llama3", "f32", "f16", "f16", []),
         ("mistral", "bf16", "f32", "f32", []),

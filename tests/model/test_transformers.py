@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Qwen2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
+"""Llama, Qwen2, Qwen3, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -65,6 +65,10 @@ def build(kind, seed):
                                             rope_scaling=dict(rope_type="linear", factor=2.0),
                                             hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "qwen3":
+        # Heads of 32: q (256 wide) is wider than the embedding (128), as in small Qwen3 models.
+        cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+        model = transformers.Qwen3ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -77,6 +81,8 @@ def build(kind, seed):
                 p.normal_(0.0, 0.1)
             elif kind.startswith("gemma"):  # norms scale by 1 + w
                 p.normal_(0.0, 0.1)
+            elif name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
+                p.normal_(1.0, 0.2)
     return model.eval()
 
 
@@ -93,8 +99,10 @@ def main():
     rng = np.random.default_rng(seed)
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
-        # Gemma 3 came with transformers 4.50.
-        kinds = ["llama", "llama3", "qwen2", "gemma2"] + (["gemma3"] if hasattr(transformers, "Gemma3ForCausalLM") else [])
+        # Gemma 3 came with transformers 4.50, Qwen3 with 4.51.
+        kinds = ["llama", "llama3", "qwen2", "gemma2"]
+        kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"))
+                  if hasattr(transformers, cls)]
         for kind in kinds:
             model = build(kind, seed)
             ckpt = os.path.join(tmp, kind)

@@ -1,4 +1,4 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2, Gemma 2/3) to
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2/3, Gemma 2/3) to
 // GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
@@ -8,8 +8,8 @@
 //
 // Rotary layout: HF LLaMA checkpoints rotate the two halves of each head (d, d + D/2),
 // while GGUF files of architecture "llama" rotate adjacent pairs (2i, 2i+1) (rope mode
-// Normal), so the rows of Q and K are permuted per head here. Qwen2 keeps the HF layout
-// and is run with NeoX rope, so its rows stay as they are; so do Gemma 2 and 3, whose RMSNorm
+// Normal), so the rows of Q and K are permuted per head here. Qwen2 and Qwen3 keep the HF
+// layout and are run with NeoX rope, so their rows stay as they are; so do Gemma 2 and 3, whose RMSNorm
 // gains are stored as 1 + weight (Gemma scales by 1 + w; llama.cpp's files hold the sum).
 #include "safetensors.h"
 
@@ -36,7 +36,7 @@ using namespace convert;
 namespace {
 
 struct HParams {
-    std::string arch; // "llama" or "qwen2" (the GGUF architecture)
+    std::string arch; // the GGUF architecture: llama, qwen2, qwen3, gemma2 or gemma3
     std::string model_type;
     int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t n_ctx_train = 0;
@@ -192,8 +192,8 @@ void check_layer_types(const json& cfg, const HParams& h) {
         if (types[l] != expected)
             gfa::fail("config.json: layer_types[" + std::to_string(l) + "] is \"" + types[l] + "\"; " +
                       (h.sliding_pattern > 0
-                           ? "GGUF files can only say every " + std::to_string(h.sliding_pattern) +
-                                 "th layer is global, the others windowed"
+                           ? "GGUF files can only say that the last layer of every " +
+                                 std::to_string(h.sliding_pattern) + " is global, the others windowed"
                            : std::string("this architecture has no windowed layers in GGUF")));
     }
 }
@@ -212,13 +212,13 @@ HParams read_config(const std::filesystem::path& dir) {
     h.model_type = required<std::string>(cfg, "model_type");
     if (h.model_type == "llama" || h.model_type == "mistral")
         h.arch = "llama";
-    else if (h.model_type == "qwen2" || h.model_type == "gemma2")
+    else if (h.model_type == "qwen2" || h.model_type == "qwen3" || h.model_type == "gemma2")
         h.arch = h.model_type;
     else if (h.model_type == "gemma3_text")
         h.arch = "gemma3";
     else
         gfa::fail("config.json: model_type \"" + h.model_type +
-                  "\" is not supported (llama, mistral, qwen2, gemma2, gemma3_text are)");
+                  "\" is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -263,6 +263,11 @@ HParams read_config(const std::filesystem::path& dir) {
         if (h.sliding_window <= 0 || h.sliding_pattern <= 0)
             gfa::fail("config.json: sliding_window and sliding_window_pattern must be positive");
     }
+    // Qwen's optional sliding windows (on the layers from max_window_layers on) have no GGUF
+    // keys; llama.cpp's readers attend over everything.
+    if ((h.arch == "qwen2" || h.arch == "qwen3") && optional_or<bool>(cfg, "use_sliding_window", false))
+        gfa::fail("config.json: use_sliding_window is true; GGUF files of " + h.arch +
+                  " cannot say which layers are windowed");
     check_layer_types(cfg, h);
     if (cfg.contains("bos_token_id") && cfg["bos_token_id"].is_number_integer())
         h.bos = cfg["bos_token_id"].get<int64_t>();
@@ -290,9 +295,10 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
         if (arch == "gemma2" || arch == "gemma3")
             for (const auto& [from, to] : gemma2)
                 if (rest == from) return "blk." + std::string(m[1]) + "." + to;
-        if (arch == "gemma3" && rest == "self_attn.q_norm.weight")
+        const bool qk_norm = arch == "gemma3" || arch == "qwen3";
+        if (qk_norm && rest == "self_attn.q_norm.weight")
             return "blk." + std::string(m[1]) + ".attn_q_norm.weight";
-        if (arch == "gemma3" && rest == "self_attn.k_norm.weight")
+        if (qk_norm && rest == "self_attn.k_norm.weight")
             return "blk." + std::string(m[1]) + ".attn_k_norm.weight";
         static const std::pair<const char*, const char*> table[] = {
             {"input_layernorm.weight", "attn_norm.weight"},
@@ -444,7 +450,8 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
 
 void usage() {
     std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
-                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Qwen2 checkpoint (config.json + "
+                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 "
+                         "checkpoint (config.json + "
                          "*.safetensors)\n");
 }
 
@@ -572,7 +579,7 @@ int run(int argc, char** argv) {
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"post_attention_norm", "post_ffw_norm"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
-    if (h.arch == "gemma3")
+    if (h.arch == "gemma3" || h.arch == "qwen3")
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"attn_q_norm", "attn_k_norm"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");

@@ -1,5 +1,5 @@
 // train: a Llama-shaped model trained from scratch on a text file, byte by byte, or a llama,
-// qwen2 or gemma (2, 3) GGUF model fine-tuned on one.
+// qwen2, qwen3 or gemma (2, 3) GGUF model fine-tuned on one.
 //
 //   train --data FILE.txt [-o MODEL.gguf] [--layers 4 --embd 256 --heads 4 ...] [--steps 500]
 //   train --data FILE.txt --init MODEL_OR_CHECKPOINT.gguf [--checkpoint CKPT.gguf] ...
@@ -50,40 +50,42 @@ struct Options {
 
 void usage() {
     std::fprintf(
-        stderr, "usage: train --data FILE [-o MODEL.gguf] [options]\n"
-                "model:\n"
-                "  --init FILE                     start from FILE instead of random weights: a checkpoint\n"
-                "                                  (--checkpoint) goes on from its step; a llama, qwen2 or\n"
-                "                                  gemma2 GGUF model is fine-tuned, the text read with its\n"
-                "                                  own vocabulary\n"
-                "                                  (the shape options below are then the file's)\n"
-                "  --layers N --embd N --heads N   blocks, embedding width, query heads (4, 256, 4)\n"
-                "  --kv-heads N --head-dim N       key/value heads (default: --heads), head size\n"
-                "                                  (default: embd / heads)\n"
-                "  --ff N                          feed-forward width (default: 8/3 embd, a multiple of 32)\n"
-                "training:\n"
-                "  --ctx N --batch N               bytes per sequence, sequences per pass (128, 8)\n"
-                "  --accumulate N                  passes per step, gradients averaged (1): a step sees\n"
-                "                                  N * batch sequences in the memory of one batch\n"
-                "  --steps N --warmup N            steps, warm-up steps of the learning rate (500, 20)\n"
-                "  --lr X --min-lr X               peak and final learning rate (1e-3, 1e-4; cosine)\n"
-                "  --weight-decay X --beta2 X      AdamW (0.1, 0.99)\n"
-                "  --grad-clip X                   the gradients' global norm at most X (1; 0: off)\n"
-                "  --val-fraction X                the file's tail held out for evaluation (0.1)\n"
-                "  --eval-every N --eval-batches N (50, 4)\n"
-                "  --seed S                        initial weights and batches (1)\n"
-                "  --backend cpu|cuda|vulkan       where the weights and the work live (cpu)\n"
-                "  --tf32                          products may round f32 operands to TensorFloat-32\n"
-                "                                  on a GPU's tensor cores (PyTorch's allow_tf32)\n"
-                "  -t, --threads N                 CPU threads (default: all cores)\n"
-                "  --profile                       print a step's schedule and the backends' counters\n"
-                "                                  (GFA_CPU_OP_TIMES=1: time per op on the CPU)\n"
-                "output:\n"
-                "  -o FILE                         the trained model as GGUF\n"
-                "  --checkpoint FILE               model + optimizer state + step count, written at every\n"
-                "                                  evaluation (--init FILE resumes from it)\n"
-                "  --save-type f32|f16|bf16|q8_0   its matrices' type (f32)\n"
-                "  --sample N [--prompt TEXT]      generate N bytes greedily from the saved model\n");
+        stderr,
+        "usage: train --data FILE [-o MODEL.gguf] [options]\n"
+        "model:\n"
+        "  --init FILE                     start from FILE instead of random weights: a checkpoint\n"
+        "                                  (--checkpoint) goes on from its step; a llama, qwen2, qwen3,\n"
+        "                                  gemma2 or gemma3 GGUF model is fine-tuned, the text read with "
+        "its\n"
+        "                                  own vocabulary\n"
+        "                                  (the shape options below are then the file's)\n"
+        "  --layers N --embd N --heads N   blocks, embedding width, query heads (4, 256, 4)\n"
+        "  --kv-heads N --head-dim N       key/value heads (default: --heads), head size\n"
+        "                                  (default: embd / heads)\n"
+        "  --ff N                          feed-forward width (default: 8/3 embd, a multiple of 32)\n"
+        "training:\n"
+        "  --ctx N --batch N               bytes per sequence, sequences per pass (128, 8)\n"
+        "  --accumulate N                  passes per step, gradients averaged (1): a step sees\n"
+        "                                  N * batch sequences in the memory of one batch\n"
+        "  --steps N --warmup N            steps, warm-up steps of the learning rate (500, 20)\n"
+        "  --lr X --min-lr X               peak and final learning rate (1e-3, 1e-4; cosine)\n"
+        "  --weight-decay X --beta2 X      AdamW (0.1, 0.99)\n"
+        "  --grad-clip X                   the gradients' global norm at most X (1; 0: off)\n"
+        "  --val-fraction X                the file's tail held out for evaluation (0.1)\n"
+        "  --eval-every N --eval-batches N (50, 4)\n"
+        "  --seed S                        initial weights and batches (1)\n"
+        "  --backend cpu|cuda|vulkan       where the weights and the work live (cpu)\n"
+        "  --tf32                          products may round f32 operands to TensorFloat-32\n"
+        "                                  on a GPU's tensor cores (PyTorch's allow_tf32)\n"
+        "  -t, --threads N                 CPU threads (default: all cores)\n"
+        "  --profile                       print a step's schedule and the backends' counters\n"
+        "                                  (GFA_CPU_OP_TIMES=1: time per op on the CPU)\n"
+        "output:\n"
+        "  -o FILE                         the trained model as GGUF\n"
+        "  --checkpoint FILE               model + optimizer state + step count, written at every\n"
+        "                                  evaluation (--init FILE resumes from it)\n"
+        "  --save-type f32|f16|bf16|q8_0   its matrices' type (f32)\n"
+        "  --sample N [--prompt TEXT]      generate N bytes greedily from the saved model\n");
 }
 
 Options parse(int argc, char** argv) {
