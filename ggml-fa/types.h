@@ -21,9 +21,13 @@ enum class Type : uint32_t {
     Q5_0 = 6,
     Q5_1 = 7,
     Q8_0 = 8,
+    Q2_K = 10,
+    Q3_K = 11,
     Q4_K = 12,
     Q5_K = 13,
     Q6_K = 14,
+    IQ4_NL = 20,
+    IQ4_XS = 23,
     I8 = 24,
     I16 = 25,
     I32 = 26,
@@ -159,5 +163,51 @@ struct block_q6_K {
     uint16_t d;
 };
 static_assert(sizeof(block_q6_K) == 210);
+
+// Sixteen sub-blocks of 16 at two bits: x = d * (scales[i / 16] & 15) * q - dmin * (scales[i / 16]
+// >> 4), q in 0..3. Each 128-element half h uses qs[32h..32h+31]: element r of the half is
+// bits 2*(r/32) of byte r % 32.
+struct block_q2_K {
+    uint8_t scales[QK_K / 16];
+    uint8_t qs[QK_K / 4];
+    uint16_t d;
+    uint16_t dmin;
+};
+static_assert(sizeof(block_q2_K) == 84);
+
+// Sixteen sub-blocks of 16 at three bits: x = d * (sc[i / 16] - 32) * q, q in -4..3, made of two
+// bits in qs (placed as in block_q2_K) and a high bit in hmask (bit k of hmask[l] for element
+// 32k + l; a set bit adds nothing, a clear one subtracts 4). The 6-bit scales sc are packed in
+// 12 bytes: bytes 0..7 hold the low nibbles of sc[0..7] and (high nibbles) sc[8..15]; the top two
+// bits of sc[j] are bits 2*(j/4) of byte 8 + j % 4.
+struct block_q3_K {
+    uint8_t hmask[QK_K / 8];
+    uint8_t qs[QK_K / 4];
+    uint8_t scales[12];
+    uint16_t d;
+};
+static_assert(sizeof(block_q3_K) == 110);
+
+// The "IQ4" formats: 4-bit indices into a fixed table of 16 non-uniform levels (denser near
+// zero, where most weights lie), times a scale.
+inline constexpr int8_t kIq4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                          1,    13,   25,  38,  53,  69,  89,  113};
+inline constexpr int QK4_NL = 32;
+struct block_iq4_nl {
+    uint16_t d;             // x = d * kIq4Levels[index]
+    uint8_t qs[QK4_NL / 2]; // element i in the low nibble of byte i, i + 16 in the high one
+};
+static_assert(sizeof(block_iq4_nl) == 18);
+
+// Eight sub-blocks of 32 with 6-bit scales: x = d * (sc[j] - 32) * kIq4Levels[index], the low
+// four bits of sc[j] in nibble j % 2 of scales_l[j / 2], the top two at bits 2j of scales_h.
+// Sub-block j's indices are qs[16j..16j+15], placed as in block_iq4_nl.
+struct block_iq4_xs {
+    uint16_t d;
+    uint16_t scales_h;
+    uint8_t scales_l[QK_K / 64];
+    uint8_t qs[QK_K / 2];
+};
+static_assert(sizeof(block_iq4_xs) == 136);
 
 } // namespace gfa

@@ -216,6 +216,14 @@ uint32_t file_type_of(Type t) {
         return 16; // Q5_K_S
     case Type::Q6_K:
         return 18;
+    case Type::Q2_K:
+        return 10;
+    case Type::Q3_K:
+        return 11; // Q3_K_S: every matrix in Q3_K
+    case Type::IQ4_NL:
+        return 25;
+    case Type::IQ4_XS:
+        return 30;
     case Type::BF16:
         return 32;
     default:

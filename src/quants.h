@@ -29,5 +29,15 @@ void dequantize_q5_K(const void* src, float* dst, int64_t n);
 void quantize_q5_K(const float* src, void* dst, int64_t n);
 void dequantize_q6_K(const void* src, float* dst, int64_t n);
 void quantize_q6_K(const float* src, void* dst, int64_t n);
+void dequantize_q2_K(const void* src, float* dst, int64_t n);
+void quantize_q2_K(const float* src, void* dst, int64_t n);
+void dequantize_q3_K(const void* src, float* dst, int64_t n);
+void quantize_q3_K(const float* src, void* dst, int64_t n);
+
+// Non-linear 4-bit formats (src/quants_iq4.cpp).
+void dequantize_iq4_nl(const void* src, float* dst, int64_t n);
+void quantize_iq4_nl(const float* src, void* dst, int64_t n);
+void dequantize_iq4_xs(const void* src, float* dst, int64_t n);
+void quantize_iq4_xs(const float* src, void* dst, int64_t n);
 
 } // namespace gfa::quant

@@ -1,5 +1,5 @@
 // The GGUF block formats used by llama.cpp models beyond Q8_0/Q4_0: Q4_1, Q5_0, Q5_1 and the
-// 256-element "K" formats Q4_K, Q5_K, Q6_K.
+// 256-element "K" formats Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
 //
 // Decoders are exact: each value is computed with the same float operations, in the same
 // order, as the format's definition (scale products first, then one multiply and one add),
@@ -362,6 +362,145 @@ void quantize_q6_K(const float* src, void* dst, int64_t n) {
                 const int v = q[128 * h + r];
                 ql[r % 64] |= uint8_t((v & 0x0f) << (4 * (r / 64)));
                 qh[r % 32] |= uint8_t((v >> 4) << (2 * (r / 32)));
+            }
+        }
+    }
+}
+
+// ---- Q2_K -------------------------------------------------------------------------------
+
+void dequantize_q2_K(const void* src, float* dst, int64_t n) {
+    const block_q2_K* b = static_cast<const block_q2_K*>(src);
+    for (int64_t i = 0; i < n / QK_K; ++i, dst += QK_K) {
+        const float d = fp16_to_fp32(b[i].d), dmin = fp16_to_fp32(b[i].dmin);
+        for (int e = 0; e < QK_K; ++e) {
+            const uint8_t sc = b[i].scales[e / 16];
+            const float scale = d * float(sc & 0x0f), offset = dmin * float(sc >> 4);
+            const int r = e % 128;
+            const int q = (b[i].qs[32 * (e / 128) + r % 32] >> (2 * (r / 32))) & 3;
+            dst[e] = scale * float(q) - offset;
+        }
+    }
+}
+
+void quantize_q2_K(const float* src, void* dst, int64_t n) {
+    block_q2_K* b = static_cast<block_q2_K*>(dst);
+    constexpr int kSub = 16, kNumSub = QK_K / kSub;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float* x = src + i * QK_K;
+        float scale[kNumSub], offset[kNumSub], max_scale = 0.0f, max_offset = 0.0f;
+        for (int j = 0; j < kNumSub; ++j) {
+            fit_scale_min(x + j * kSub, kSub, 3, &scale[j], &offset[j]);
+            max_scale = std::max(max_scale, scale[j]);
+            max_offset = std::max(max_offset, offset[j]);
+        }
+        const float d = as_stored_f16(max_scale / 15.0f, &b[i].d);
+        const float dmin = as_stored_f16(max_offset / 15.0f, &b[i].dmin);
+        std::fill(std::begin(b[i].qs), std::end(b[i].qs), uint8_t(0));
+        for (int j = 0; j < kNumSub; ++j) {
+            const int sc = d > 0.0f ? std::clamp(nearest_int(scale[j] / d), 0, 15) : 0;
+            const int mn = dmin > 0.0f ? std::clamp(nearest_int(offset[j] / dmin), 0, 15) : 0;
+            b[i].scales[j] = uint8_t(sc | mn << 4);
+            // q against the scale and offset as the decoder rebuilds them
+            const float s = d * float(sc), o = dmin * float(mn);
+            for (int l = 0; l < kSub; ++l) {
+                const int e = j * kSub + l, r = e % 128;
+                const int q = s > 0.0f ? std::clamp(nearest_int((x[e] + o) / s), 0, 3) : 0;
+                b[i].qs[32 * (e / 128) + r % 32] |= uint8_t(q << (2 * (r / 32)));
+            }
+        }
+    }
+}
+
+// ---- Q3_K -------------------------------------------------------------------------------
+
+namespace {
+
+// The 6-bit scale of sub-block j (0..63; the decoder subtracts 32).
+int q3_K_scale(const uint8_t* s, int j) {
+    const int low = j < 8 ? s[j] & 0x0f : s[j - 8] >> 4;
+    const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    return low | high << 4;
+}
+
+// Fits x ~= scale * q with q in -4..3 (three bits, the extra level on the negative side):
+// the value of largest magnitude starts at -4, then least squares for the scale of the
+// rounded q, keeping the best fit.
+float fit_q3_scale(const float* x, int n) {
+    float amax = 0.0f, vmax = 0.0f;
+    for (int l = 0; l < n; ++l)
+        if (std::fabs(x[l]) > amax) amax = std::fabs(x[l]), vmax = x[l];
+    if (amax == 0.0f) return 0.0f;
+    auto error_of = [&](float s) {
+        double e = 0.0;
+        for (int l = 0; l < n; ++l) {
+            const double diff = double(s) * std::clamp(nearest_int(x[l] / s), -4, 3) - x[l];
+            e += diff * diff;
+        }
+        return e;
+    };
+    float scale = vmax / -4.0f, best = scale;
+    double best_err = error_of(scale);
+    for (int iter = 0; iter < 3; ++iter) {
+        double sxq = 0, sqq = 0;
+        for (int l = 0; l < n; ++l) {
+            const int q = std::clamp(nearest_int(x[l] / scale), -4, 3);
+            sxq += double(x[l]) * q, sqq += double(q) * q;
+        }
+        if (sqq <= 0 || sxq == 0) break;
+        scale = float(sxq / sqq);
+        const double err = error_of(scale);
+        if (err < best_err) best_err = err, best = scale;
+    }
+    return best;
+}
+
+} // namespace
+
+void dequantize_q3_K(const void* src, float* dst, int64_t n) {
+    const block_q3_K* b = static_cast<const block_q3_K*>(src);
+    for (int64_t i = 0; i < n / QK_K; ++i, dst += QK_K) {
+        const float d = fp16_to_fp32(b[i].d);
+        for (int e = 0; e < QK_K; ++e) {
+            const float scale = d * float(q3_K_scale(b[i].scales, e / 16) - 32);
+            const int r = e % 128, low = (b[i].qs[32 * (e / 128) + r % 32] >> (2 * (r / 32))) & 3;
+            const int high = (b[i].hmask[e % 32] >> (e / 32)) & 1;
+            dst[e] = scale * float(low - (high ? 0 : 4));
+        }
+    }
+}
+
+void quantize_q3_K(const float* src, void* dst, int64_t n) {
+    block_q3_K* b = static_cast<block_q3_K*>(dst);
+    constexpr int kSub = 16, kNumSub = QK_K / kSub;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float* x = src + i * QK_K;
+        float scale[kNumSub], max_scale = 0.0f;
+        for (int j = 0; j < kNumSub; ++j) {
+            scale[j] = fit_q3_scale(x + j * kSub, kSub);
+            if (std::fabs(scale[j]) > std::fabs(max_scale)) max_scale = scale[j];
+        }
+        // The largest sub-block scale (with its sign) maps to -32, the level only the
+        // negative side has.
+        const float d = as_stored_f16(max_scale / -32.0f, &b[i].d);
+        std::fill(std::begin(b[i].scales), std::end(b[i].scales), uint8_t(0));
+        std::fill(std::begin(b[i].qs), std::end(b[i].qs), uint8_t(0));
+        std::fill(std::begin(b[i].hmask), std::end(b[i].hmask), uint8_t(0));
+        for (int j = 0; j < kNumSub; ++j) {
+            const int sc = d != 0.0f ? std::clamp(nearest_int(scale[j] / d), -32, 31) : 0;
+            const int stored = sc + 32;
+            if (j < 8)
+                b[i].scales[j] |= uint8_t(stored & 0x0f);
+            else
+                b[i].scales[j - 8] |= uint8_t((stored & 0x0f) << 4);
+            b[i].scales[8 + j % 4] |= uint8_t((stored >> 4) << (2 * (j / 4)));
+            const float s = d * float(sc);
+            for (int l = 0; l < kSub; ++l) {
+                const int e = j * kSub + l, r = e % 128;
+                // q + 4 in 0..7: its low two bits in qs, the third in hmask
+                const int u = (s != 0.0f ? std::clamp(nearest_int(x[e] / s), -4, 3) : 0) + 4;
+                b[i].qs[32 * (e / 128) + r % 32] |= uint8_t((u & 3) << (2 * (r / 32)));
+                b[i].hmask[e % 32] |= uint8_t((u >> 2) << (e / 32));
             }
         }
     }

@@ -70,7 +70,7 @@ struct Entry {
     TypeTraits traits;
 };
 
-const std::array<Entry, 16> kTypes = {{
+const std::array<Entry, 20> kTypes = {{
     {Type::F32, {"f32", 1, 4, false, f32_copy_to, f32_copy_from}},
     {Type::F16, {"f16", 1, 2, false, quant::f16_to_f32, quant::f32_to_f16}},
     {Type::BF16, {"bf16", 1, 2, false, quant::bf16_to_f32, quant::f32_to_bf16}},
@@ -87,6 +87,10 @@ const std::array<Entry, 16> kTypes = {{
     {Type::Q4_K, {"q4_K", 256, 144, true, quant::dequantize_q4_K, quant::quantize_q4_K}},
     {Type::Q5_K, {"q5_K", 256, 176, true, quant::dequantize_q5_K, quant::quantize_q5_K}},
     {Type::Q6_K, {"q6_K", 256, 210, true, quant::dequantize_q6_K, quant::quantize_q6_K}},
+    {Type::Q2_K, {"q2_K", 256, 84, true, quant::dequantize_q2_K, quant::quantize_q2_K}},
+    {Type::Q3_K, {"q3_K", 256, 110, true, quant::dequantize_q3_K, quant::quantize_q3_K}},
+    {Type::IQ4_NL, {"iq4_nl", 32, 18, true, quant::dequantize_iq4_nl, quant::quantize_iq4_nl}},
+    {Type::IQ4_XS, {"iq4_xs", 256, 136, true, quant::dequantize_iq4_xs, quant::quantize_iq4_xs}},
 }};
 
 const Entry* find(uint32_t id) {

@@ -26,9 +26,17 @@ void set_i32(Tensor* t, const std::vector<int32_t>& v);
 // n indices drawn uniformly from [0, limit).
 std::vector<int32_t> random_indices(size_t n, int32_t limit);
 
-// The GGUF block types the library reads and writes.
+// The GGUF block types the library reads and writes, and which every device backend decodes.
 inline constexpr Type kQuantTypes[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
                                        Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
+// The low-bit formats of llama.cpp's Q2_K, Q3_K and IQ4 presets: the CPU and Vulkan decode
+// them; CUDA leaves their nodes to the CPU.
+inline constexpr Type kLowBitQuantTypes[] = {Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS};
+inline std::vector<Type> all_quant_types() {
+    std::vector<Type> all(std::begin(kQuantTypes), std::end(kQuantTypes));
+    all.insert(all.end(), std::begin(kLowBitQuantTypes), std::end(kLowBitQuantTypes));
+    return all;
+}
 // Every row of a packed quantized tensor in host memory, decoded by the CPU's decoder.
 std::vector<float> cpu_dequantized(const Tensor* a);
 

@@ -206,7 +206,7 @@ TEST_CASE("GGUF reader rejects malformed files with a message and an offset", "[
         require_rejected(Bytes().header(1, 0).tensor("t", {1ll << 40, 1ll << 40}, f32, 0), "63 bits");
         require_rejected(Bytes().header(1, 0).tensor("t", {1ll << 61, 2}, f32, 0).pad_to(32),
                          "byte size overflows");
-        require_rejected(Bytes().header(1, 0).tensor("t", {32}, 10, 0).pad_to(32).zeros(64), "type id 10");
+        require_rejected(Bytes().header(1, 0).tensor("t", {32}, 16, 0).pad_to(32).zeros(64), "type id 16");
         require_rejected(Bytes().header(1, 0).tensor("t", {33}, uint32_t(Type::Q8_0), 0).pad_to(32).zeros(64),
                          "not a multiple of the q8_0 block size");
         Bytes dup = Bytes().header(2, 0).tensor("w", {4}, f32, 0).tensor("w", {4}, f32, 32);

@@ -48,6 +48,10 @@ bool has_int_dot(Type weights) {
     case Type::Q4_K:
     case Type::Q5_K:
     case Type::Q6_K:
+    case Type::Q2_K:
+    case Type::Q3_K:
+    case Type::IQ4_NL:
+    case Type::IQ4_XS:
         return true;
     default:
         return false;
@@ -125,7 +129,8 @@ TEST_CASE("mul_mat matches the reference for every weight type on odd shapes", "
 // The other GGUF block types (blocks of 32 or 256), both paths. Many outputs per case, so
 // the 8-bit column of the integer paths is judged over a whole result.
 TEST_CASE("mul_mat matches the reference for the other GGUF block types", "[matmul][quants]") {
-    const Type types[] = {Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
+    const Type types[] = {Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q2_K,   Type::Q3_K,
+                          Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS};
     for (Type type : types)
         for (int64_t K : {256, 768})
             for (int64_t M : {17, 113})
@@ -145,8 +150,8 @@ TEST_CASE("mul_mat matches the reference for the other GGUF block types", "[matm
 // leave a remainder after the kernels' steps of four; odd row counts, at least 67 outputs
 // per result (see kIntDotTol); 1 and 3 threads.
 TEST_CASE("mul_mat's few-column path matches the reference for every GGUF block type", "[matmul][quants]") {
-    const Type types[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
-                          Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
+    const Type types[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0, Type::Q5_1,   Type::Q2_K,
+                          Type::Q3_K, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS};
     for (Type type : types) {
         std::vector<int64_t> ks = {256, 768, 1280};
         if (type_traits(type).block_size == 32) ks.insert(ks.end(), {96, 352});
@@ -175,8 +180,8 @@ TEST_CASE("mul_mat's few-column path matches the reference for every GGUF block 
 // counts around the tile (15, 16, 17, 37) and column counts around the pass (4, 8, 9, 17).
 TEST_CASE("mul_mat's many-column path for every block type matches the reference on tile edges",
           "[matmul][quants]") {
-    for (Type type :
-         {Type::Q4_0, Type::Q8_0, Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K})
+    for (Type type : {Type::Q4_0, Type::Q8_0, Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q2_K, Type::Q3_K,
+                      Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS})
         for (int64_t K : type_traits(type).block_size == 256 ? std::vector<int64_t>{256, 768}
                                                              : std::vector<int64_t>{64, 352})
             for (int64_t M : {15, 16, 17, 37})

@@ -22,12 +22,12 @@ struct Case {
     double max_rel_rms; // ||x - dequant(quant(x))|| / ||x|| for Gaussian data
 };
 
-// Bounds sit about 1.5x above what the encoders reach on Gaussian data (4 bits ~ 0.07-0.10,
-// 5 bits ~ 0.04-0.05, 6 bits ~ 0.02): loose enough for any seed, tight enough that a wrong
-// bit layout or a lost scale fails.
+// Bounds sit about 1.5x above what the encoders reach on Gaussian data (2 bits ~ 0.27, 3 bits
+// ~ 0.15, 4 bits ~ 0.07-0.10, 5 bits ~ 0.04-0.05, 6 bits ~ 0.02): loose enough for any seed,
+// tight enough that a wrong bit layout or a lost scale fails.
 const Case kCases[] = {
-    {Type::Q4_1, 0.13}, {Type::Q5_0, 0.07},  {Type::Q5_1, 0.065},
-    {Type::Q4_K, 0.13}, {Type::Q5_K, 0.065}, {Type::Q6_K, 0.035},
+    {Type::Q4_1, 0.13}, {Type::Q5_0, 0.07},  {Type::Q5_1, 0.065}, {Type::Q2_K, 0.4},    {Type::Q3_K, 0.22},
+    {Type::Q4_K, 0.13}, {Type::Q5_K, 0.065}, {Type::Q6_K, 0.035}, {Type::IQ4_NL, 0.12}, {Type::IQ4_XS, 0.12},
 };
 
 double rel_rms(const std::vector<float>& x, const std::vector<float>& y) {
@@ -48,6 +48,12 @@ TEST_CASE("GGUF block formats have the file layout sizes", "[types][quants]") {
     CHECK(type_traits(Type::Q4_K).type_size == 144);
     CHECK(type_traits(Type::Q5_K).type_size == 176);
     CHECK(type_traits(Type::Q6_K).type_size == 210);
+    CHECK(type_traits(Type::Q2_K).type_size == 84);
+    CHECK(type_traits(Type::Q3_K).type_size == 110);
+    CHECK(type_traits(Type::IQ4_NL).type_size == 18);
+    CHECK(type_traits(Type::IQ4_XS).type_size == 136);
+    CHECK(type_traits(Type::IQ4_NL).block_size == 32);
+    CHECK(type_traits(Type::IQ4_XS).block_size == 256);
     CHECK(type_traits(Type::Q4_K).block_size == 256);
     CHECK(row_size(Type::Q6_K, 512) == 420);
     CHECK_THROWS_AS(row_size(Type::Q5_K, 128), Error);
@@ -116,8 +122,9 @@ TEST_CASE("GGUF block formats decode arbitrary bytes with finite scales to finit
         std::vector<size_t> f16_offsets; // where the block's f16 fields sit
     };
     const Scales formats[] = {
-        {Type::Q4_1, {0, 2}}, {Type::Q5_0, {0}},    {Type::Q5_1, {0, 2}},
-        {Type::Q4_K, {0, 2}}, {Type::Q5_K, {0, 2}}, {Type::Q6_K, {208}},
+        {Type::Q4_1, {0, 2}}, {Type::Q5_0, {0}},    {Type::Q5_1, {0, 2}}, {Type::Q2_K, {80, 82}},
+        {Type::Q3_K, {108}},  {Type::Q4_K, {0, 2}}, {Type::Q5_K, {0, 2}}, {Type::Q6_K, {208}},
+        {Type::IQ4_NL, {0}},  {Type::IQ4_XS, {0}},
     };
     for (const Scales& f : formats) {
         const TypeTraits& tt = type_traits(f.type);

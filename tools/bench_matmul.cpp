@@ -244,7 +244,7 @@ int main(int argc, char** argv) {
     if (gemm_types) {
         for (int threads : {1, 2})
             for (Type t : {Type::F32, Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0, Type::Q5_1,
-                           Type::Q4_K, Type::Q5_K, Type::Q6_K})
+                           Type::Q2_K, Type::Q3_K, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS})
                 prompt_gemm_point(t, threads, reps);
         return 0;
     }
@@ -254,7 +254,7 @@ int main(int argc, char** argv) {
                     bw.read_gbs, bw.copy_gbs);
         if (gemv_quants) {
             for (Type t : {Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::Q4_1, Type::Q5_0,
-                           Type::Q5_1})
+                           Type::Q5_1, Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS})
                 gemv_point(t, threads, reps, bw, false);
             continue;
         }

@@ -901,6 +901,135 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
     }
     return hsum(acc);
 }
+
+// ---- two- and three-bit K formats: q2_K, q3_K ----
+//
+// Both lay out a 128-value half h as q6_K's groups do: group g (values 32g .. 32g + 31 of the
+// half) is bits 2g, 2g + 1 of qs[32h .. 32h + 31], its first 16 values under sub-block scale
+// 8h + 2g and the rest under 8h + 2g + 1 (broadcast_lane16(scales, 8 + g) after placing scales
+// 8h .. 8h + 7 in both 128-bit halves).
+
+// q2_K: x = d sc_i q - dmin mn_i, sc_i and mn_i the low and high nibbles of scales[i]: the
+// codes times the column with the scales in the madd, the mins against the column sums.
+float dot_q2_K_int(const void* row, const void* column, int64_t K) {
+    const block_q2_K* w = static_cast<const block_q2_K*>(row);
+    const ColumnBlockK* x = static_cast<const ColumnBlockK*>(column);
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m256i two_bits = _mm256_set1_epi8(0x03);
+    __m256 acc = _mm256_setzero_ps(), acc_mins = _mm256_setzero_ps();
+    for (int64_t ib = 0; ib < K / QK_K; ++ib) {
+        const block_q2_K& b = w[ib];
+        const ColumnBlockK& xb = x[ib];
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
+        const __m256i scales16 = _mm256_cvtepu8_epi16(_mm_and_si128(packed, nibble));
+        const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble));
+        __m256i sum = _mm256_setzero_si256();
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const __m256i scales = h == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
+                                          : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+            const __m256i q = load256(b.qs + 32 * h);
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; ++g) {
+                // 16-bit shifts by at most 6: the two bits kept never come from the next byte
+                const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(q, 2 * g), two_bits);
+                const __m256i p = _mm256_maddubs_epi16(codes, load256(xb.qs + 128 * h + 32 * g));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, broadcast_lane16(scales, 8 + g)));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale_to_f32(b.d) * xb.d), acc);
+        acc_mins = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mins16, load256(xb.sums))),
+                                   _mm256_set1_ps(scale_to_f32(b.dmin) * xb.d), acc_mins);
+    }
+    return hsum(_mm256_sub_ps(acc, acc_mins));
+}
+
+// q3_K: x = d (sc_i - 32) (u - 4) with u = low two bits + 4 * the hmask bit, in 0..7: u goes
+// into maddubs unsigned, the signed scales into the madd, and the -4 meets the column sums.
+float dot_q3_K_int(const void* row, const void* column, int64_t K) {
+    const block_q3_K* w = static_cast<const block_q3_K*>(row);
+    const ColumnBlockK* x = static_cast<const ColumnBlockK*>(column);
+    const __m256i two_bits = _mm256_set1_epi8(0x03), four = _mm256_set1_epi8(0x04);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t ib = 0; ib < K / QK_K; ++ib) {
+        const block_q3_K& b = w[ib];
+        const ColumnBlockK& xb = x[ib];
+        // The sixteen 6-bit scales (layout at block_q3_K), minus 32.
+        uint32_t s[3];
+        for (int i = 0; i < 3; ++i) std::memcpy(&s[i], b.scales + 4 * i, 4);
+        constexpr uint32_t low4 = 0x0f0f0f0f, low2 = 0x03030303;
+        const uint32_t u[4] = {(s[0] & low4) | (s[2] & low2) << 4, (s[1] & low4) | ((s[2] >> 2) & low2) << 4,
+                               ((s[0] >> 4) & low4) | ((s[2] >> 4) & low2) << 4,
+                               ((s[1] >> 4) & low4) | ((s[2] >> 6) & low2) << 4};
+        const __m128i sc8 =
+            _mm_sub_epi8(_mm_setr_epi32(int(u[0]), int(u[1]), int(u[2]), int(u[3])), _mm_set1_epi8(32));
+        const __m256i scales16 = _mm256_cvtepi8_epi16(sc8);
+        const __m256i hm = load256(b.hmask); // bit 4h + g of byte l: the third bit of value l of group g
+        __m256i sum = _mm256_setzero_si256();
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const __m256i scales = h == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
+                                          : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+            const __m256i q = load256(b.qs + 32 * h);
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; ++g) {
+                const __m256i bit = _mm256_set1_epi8(char(1 << (4 * h + g)));
+                const __m256i high =
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), four);
+                const __m256i codes =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 2 * g), two_bits), high);
+                const __m256i p = _mm256_maddubs_epi16(codes, load256(xb.qs + 128 * h + 32 * g));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, broadcast_lane16(scales, 8 + g)));
+            }
+        }
+        const __m256i offset = _mm256_madd_epi16(scales16, load256(xb.sums)); // sum_i sc_i sums_i
+        sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(offset, 2));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale_to_f32(b.d) * xb.d), acc);
+    }
+    return hsum(acc);
+}
+
+// ---- non-linear 4-bit formats: iq4_nl, iq4_xs ----
+//
+// The 4-bit indices become their signed levels by one byte shuffle (the 16 levels are the
+// table), then signed times signed bytes as in q8_0 (sign moved onto the column).
+
+inline __m256i iq4_levels_32(const uint8_t* qs) {
+    const __m256i table =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Levels)));
+    return _mm256_shuffle_epi8(table, nibbles_32(qs));
+}
+
+float dot_iq4_nl_int(const void* row, const void* column, int64_t K) {
+    const block_iq4_nl* w = static_cast<const block_iq4_nl*>(row);
+    const Column32& x = *static_cast<const Column32*>(column);
+    return dot_blocks32(
+        w, x, K / 32, [&](int64_t i) { return i8_dot(iq4_levels_32(w[i].qs), load256(x.qs + 32 * i)); },
+        [&](int64_t, __m128) { return _mm_setzero_ps(); }, [&](int64_t, float) { return 0.0f; });
+}
+
+// iq4_xs: eight sub-blocks of 32 with signed 6-bit scales (sc - 32), applied in the madd that
+// pairs the byte products (at most 127 * 127 * 2 * 32 per lane).
+float dot_iq4_xs_int(const void* row, const void* column, int64_t K) {
+    const block_iq4_xs* w = static_cast<const block_iq4_xs*>(row);
+    const ColumnBlockK* x = static_cast<const ColumnBlockK*>(column);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t ib = 0; ib < K / QK_K; ++ib) {
+        const block_iq4_xs& b = w[ib];
+        const ColumnBlockK& xb = x[ib];
+        __m256i sum = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int j = 0; j < QK_K / 32; ++j) {
+            const int sc = ((b.scales_l[j / 2] >> (4 * (j % 2))) & 0x0f) | ((b.scales_h >> (2 * j)) & 3) << 4;
+            const __m256i levels = iq4_levels_32(b.qs + 16 * j), xq = load256(xb.qs + 32 * j);
+            const __m256i p =
+                _mm256_maddubs_epi16(_mm256_sign_epi8(levels, levels), _mm256_sign_epi8(xq, levels));
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_set1_epi16(int16_t(sc - 32))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale_to_f32(b.d) * xb.d), acc);
+    }
+    return hsum(acc);
+}
 #endif
 
 #if GFA_INT_GEMM
@@ -1222,6 +1351,14 @@ IntDot int_dot_for(Type t) {
         return {dot_k4_int<true>, true};
     case Type::Q6_K:
         return {dot_q6_K_int, true};
+    case Type::Q2_K:
+        return {dot_q2_K_int, true};
+    case Type::Q3_K:
+        return {dot_q3_K_int, true};
+    case Type::IQ4_NL:
+        return {dot_iq4_nl_int, false};
+    case Type::IQ4_XS:
+        return {dot_iq4_xs_int, true};
     default:
         break;
     }

@@ -36,6 +36,10 @@ bool readable_type(Type t) {
     case Type::Q4_K:
     case Type::Q5_K:
     case Type::Q6_K:
+    case Type::Q2_K:
+    case Type::Q3_K:
+    case Type::IQ4_NL:
+    case Type::IQ4_XS:
         return true;
     default:
         return false;

@@ -418,11 +418,23 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         }
         return info;
     };
+    // Where a matrix of `type` with rows of `cols` values goes: a GPU that cannot multiply by
+    // it (a block format its kernels do not decode) leaves it in host memory, where its
+    // products run on the CPU, rather than holding it and having it copied back for each use.
+    auto usable_where = [&](Type type, int64_t cols, Context& where) -> Context& {
+        if (&where == &cpu_ctx) return where;
+        Context probe; // shapes only
+        Tensor* product =
+            mul_mat(probe, probe.new_tensor(type, {cols, 1}), probe.new_tensor(Type::F32, {cols, 1}));
+        return options.gpu->supports_op(product) ? where : cpu_ctx;
+    };
     // A weight tensor with the shape the model needs, in the context of its device.
     auto weight = [&](const std::string& name, std::initializer_list<int64_t> ne, Context& where,
                       bool optional = false) -> Tensor* {
         const gguf::TensorInfo* info = checked(name, ne, optional);
-        return info ? set_name(where.new_tensor(info->type, info->ne), name) : nullptr;
+        if (!info) return nullptr;
+        Context& ctx = ne.size() == 2 ? usable_where(info->type, info->ne[0], where) : where;
+        return set_name(ctx.new_tensor(info->type, info->ne), name);
     };
     // One tensor holding the parts one after another (`name`): matrices [cols, rows_i] give
     // [cols, sum rows_i], vectors (cols 0) [rows_i] give [sum rows_i]. Null when a part is
@@ -490,8 +502,9 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
                              !m.file.find_tensor(b + "attn_k.bias") && !m.file.find_tensor(b + "attn_v.bias");
         // Biases merge with their matrices: all three or none, else nothing merges.
         if (!qkv.empty() && (no_bias || !qkv_bias.empty())) {
-            L.wqkv = merged(b + "attn_qkv.weight", qkv, E, where);
-            if (!no_bias) L.bqkv = merged(b + "attn_qkv.bias", qkv_bias, 0, where);
+            Context& qkv_where = usable_where(qkv[0]->type, E, where); // the bias beside its matrix
+            L.wqkv = merged(b + "attn_qkv.weight", qkv, E, qkv_where);
+            if (!no_bias) L.bqkv = merged(b + "attn_qkv.bias", qkv_bias, 0, qkv_where);
         } else {
             L.wq = weight(b + "attn_q.weight", {E, Dq}, where);
             L.wk = weight(b + "attn_k.weight", {E, Dkv}, where);
@@ -506,7 +519,8 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         checked(b + "ffn_up.weight", {E, c.n_ff});
         const auto gate_up = mergeable({{b + "ffn_gate.weight", c.n_ff}, {b + "ffn_up.weight", c.n_ff}}, E);
         if (!gate_up.empty()) {
-            L.ffn_gate_up = merged(b + "ffn_gate_up.weight", gate_up, E, where);
+            L.ffn_gate_up =
+                merged(b + "ffn_gate_up.weight", gate_up, E, usable_where(gate_up[0]->type, E, where));
         } else {
             L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff}, where);
             L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);

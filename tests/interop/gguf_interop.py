@@ -137,7 +137,8 @@ def make_python_file(path, rng, alignment):
         # Encoded by the package's own quantizers.
         raw = gguf.quants.quantize(rng.standard_normal((3, 64)).astype(np.float32), qtype)
         add(f"py.{qtype.name}", qtype, (3, 64), raw)
-    for qtype in (Q.Q4_0, Q.Q8_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K):
+    for qtype in (Q.Q4_0, Q.Q8_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL,
+                  Q.IQ4_XS):
         # Arbitrary bytes: every bit of the layout matters, including inf/NaN scales.
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         n_blocks = 24 if block == 32 else 6
@@ -199,10 +200,12 @@ def check_our_file_loads_there(gguf_info, quantize, src, workdir, rng):
     source = gguf.GGUFReader(src)
     src_tensors = {t.name: t for t in source.tensors}
     n = 0
-    targets = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_K", "q5_K", "q6_K", "f16", "bf16"]
+    targets = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs",
+               "f16", "bf16"]
     # Relative rms error bounds per target, on Gaussian weights.
     bounds = {"q8_0": 0.01, "q4_0": 0.15, "q4_1": 0.13, "q5_0": 0.07, "q5_1": 0.065,
-              "q4_K": 0.13, "q5_K": 0.065, "q6_K": 0.035, "f16": 1e-3, "bf16": 8e-3}
+              "q2_K": 0.35, "q3_K": 0.2, "q4_K": 0.13, "q5_K": 0.065, "q6_K": 0.035, "iq4_nl": 0.11, "iq4_xs": 0.11,
+              "f16": 1e-3, "bf16": 8e-3}
     for target in targets:
         out = os.path.join(workdir, f"ours-{target}.gguf")
         run(quantize, src, out, target, "--keep", "blk.0.ffn_up.weight")
@@ -232,6 +235,7 @@ def check_our_file_loads_there(gguf_info, quantize, src, workdir, rng):
             if t.name == "blk.0.attn_q.weight":
                 orig = gguf.quants.dequantize(s.data, s.tensor_type).astype(np.float32).ravel()
                 err = float(np.linalg.norm(theirs - orig) / np.linalg.norm(orig))
+                print(f"{target}: relative error {err:.4f}")
                 check(err < bounds[target], f"{target}: relative error {err:.4f} over {bounds[target]}")
             n += 1
     return n

@@ -133,6 +133,18 @@ TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
         m.matrix_type = Type::Q4_0;
         kv = Type::Q8_0;
     }
+    SECTION("q2_K") {
+        m.matrix_type = Type::Q2_K;
+    }
+    SECTION("q3_K") {
+        m.matrix_type = Type::Q3_K;
+    }
+    SECTION("iq4_nl") {
+        m.matrix_type = Type::IQ4_NL;
+    }
+    SECTION("iq4_xs") {
+        m.matrix_type = Type::IQ4_XS;
+    }
     INFO("weights " << type_name(m.matrix_type) << ", cache " << type_name(kv));
     test::TempFile file{test::write_model(m, seed)};
     // The same weights decoded to f32: the CPU's quantized products round activations to 16

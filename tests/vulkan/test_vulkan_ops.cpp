@@ -14,9 +14,9 @@
 #include <cmath>
 
 using namespace gfa;
+using gfa::test::all_quant_types;
 using gfa::test::cpu_dequantized;
 using gfa::test::fill_uniform;
-using gfa::test::kQuantTypes;
 using gfa::test::random_indices;
 using gfa::test::rel_error;
 using gfa::test::set_i32;
@@ -145,7 +145,7 @@ TEST_CASE("Vulkan cont, cpy and type conversions", "[vulkan][ops]") {
         // The reference rounds through the type the way the CPU does.
         check_vulkan(cast(c2, cast(c2, x, t), Type::F32), 1e-7);
     }
-    for (Type t : kQuantTypes) {
+    for (Type t : all_quant_types()) {
         Context c2 = data_ctx();
         Tensor* q = c2.new_tensor(t, {512, 3});
         fill_uniform(q);
@@ -171,7 +171,7 @@ TEST_CASE("Vulkan get_rows of every type and set_rows into f32, f16, bf16 and q8
         set_i32(rows2, random_indices(12, 11));
         check_vulkan(get_rows(ctx, emb, rows2), 0.0);
     }
-    for (Type t : kQuantTypes) {
+    for (Type t : all_quant_types()) {
         Context ctx = data_ctx();
         const int64_t K = 2 * QK_K, rows_in = 11;
         Tensor* emb = ctx.new_tensor(t, {K, rows_in, 3});
@@ -369,7 +369,7 @@ TEST_CASE("Vulkan mul_mat with f32, f16 and bf16 weights, broadcast batches and 
 }
 
 TEST_CASE("Vulkan mul_mat with every quantized weight type, decoding and prefill shapes", "[vulkan][ops]") {
-    for (Type t : kQuantTypes)
+    for (Type t : all_quant_types())
         for (int64_t N : {1, 5, 8, 9, 70}) {
             Context ctx = data_ctx();
             const int64_t K = type_traits(t).block_size == 32 ? 96 : 512;

@@ -1,7 +1,7 @@
 // What the shaders of the ops other than attention share: the parameter block (mirrored by
 // OpParams in vk_ops.h), up to three sources and a destination, typed reads of any GGUF
 // type the library stores (f32, f16, bf16, i32, and the quantized blocks, decoded exactly as
-// src/quants.cpp and src/quants_k.cpp do), typed writes, and a status word through which a
+// src/quants.cpp, src/quants_k.cpp and src/quants_iq4.cpp do), typed writes, and a status word through which a
 // shader reports bad data (a row index out of range) to the host.
 //
 // Tensors are bound as arrays of 32-bit words and addressed in BYTES: a descriptor holds the
@@ -11,7 +11,10 @@
 
 // gfa::Type values.
 const uint T_F32 = 0u, T_F16 = 1u, T_Q4_0 = 2u, T_Q4_1 = 3u, T_Q5_0 = 6u, T_Q5_1 = 7u, T_Q8_0 = 8u;
-const uint T_Q4_K = 12u, T_Q5_K = 13u, T_Q6_K = 14u, T_I32 = 26u, T_I64 = 27u, T_BF16 = 30u;
+const uint T_Q2_K = 10u, T_Q3_K = 11u, T_Q4_K = 12u, T_Q5_K = 13u, T_Q6_K = 14u, T_IQ4_NL = 20u, T_IQ4_XS = 23u;
+const uint T_I32 = 26u, T_I64 = 27u, T_BF16 = 30u;
+// The levels of the IQ4 formats' 4-bit indices (gfa::kIq4Levels).
+const int IQ4_LEVELS[16] = int[16](-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
 
 struct TensorDesc {
     uvec4 ne; // elements per dim
@@ -53,15 +56,23 @@ void report(uint bits) {
 
 bool is_quantized(uint type) {
     return type == T_Q4_0 || type == T_Q4_1 || type == T_Q5_0 || type == T_Q5_1 || type == T_Q8_0 ||
-           type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
+           type == T_Q2_K || type == T_Q3_K || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ||
+           type == T_IQ4_NL || type == T_IQ4_XS;
 }
 // Values and bytes per block.
 uint block_values(uint type) {
-    return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 256u : 32u;
+    return type == T_Q2_K || type == T_Q3_K || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ||
+                   type == T_IQ4_XS
+               ? 256u
+               : 32u;
 }
 uint block_bytes(uint type) {
     switch (type) {
     case T_Q4_0: return 18u;
+    case T_IQ4_NL: return 18u;
+    case T_Q2_K: return 84u;
+    case T_Q3_K: return 110u;
+    case T_IQ4_XS: return 136u;
     case T_Q4_1: return 20u;
     case T_Q5_0: return 22u;
     case T_Q5_1: return 24u;
@@ -136,6 +147,34 @@ uvec4 unflatten(uint k, uvec4 ne) {
             uint q = (NAME##_u8(qs) >> ((j % 2u) * 4u)) & 0x0fu;                                    \
             if (type == T_Q5_K) q |= ((NAME##_u8(blk + 16u + l) >> j) & 1u) << 4;                   \
             v = scale * float(q) - offset;                                                          \
+        } else if (type == T_Q2_K) {                                                                \
+            /* 16 sub-blocks: x = (d * sc) * q - (dmin * mn); value 128 h + r is bits 2 (r / 32) of  \
+               qs byte 32 h + r % 32 */                                                             \
+            const uint sc = NAME##_u8(blk + e / 16u), r = e % 128u;                                 \
+            precise float scale = NAME##_f16(blk + 80u) * float(sc & 15u);                          \
+            precise float offset = NAME##_f16(blk + 82u) * float(sc >> 4);                          \
+            const uint q = (NAME##_u8(blk + 16u + 32u * (e / 128u) + r % 32u) >> (2u * (r / 32u))) & 3u; \
+            v = scale * float(q) - offset;                                                          \
+        } else if (type == T_Q3_K) {                                                                \
+            /* 16 sub-blocks: x = (d * (sc - 32)) * (low two bits - (hmask bit ? 0 : 4)) */          \
+            const uint j = e / 16u, r = e % 128u;                                                   \
+            const uint lo4 = j < 8u ? NAME##_u8(blk + 96u + j) & 15u : NAME##_u8(blk + 88u + j) >> 4;   \
+            const uint sc = lo4 | (((NAME##_u8(blk + 104u + j % 4u) >> (2u * (j / 4u))) & 3u) << 4);    \
+            precise float scale = NAME##_f16(blk + 108u) * float(int(sc) - 32);                     \
+            const uint low = (NAME##_u8(blk + 32u + 32u * (e / 128u) + r % 32u) >> (2u * (r / 32u))) & 3u; \
+            const uint high = (NAME##_u8(blk + e % 32u) >> (e / 32u)) & 1u;                         \
+            v = scale * float(int(low) - (high != 0u ? 0 : 4));                                     \
+        } else if (type == T_IQ4_NL) {                                                              \
+            const uint i = (NAME##_u8(blk + 2u + (e & 15u)) >> (e < 16u ? 0u : 4u)) & 0x0fu;        \
+            v = NAME##_f16(blk) * float(IQ4_LEVELS[i]);                                             \
+        } else if (type == T_IQ4_XS) {                                                              \
+            /* 8 sub-blocks of 32: x = (d * (sc - 32)) * level */                                   \
+            const uint j = e / 32u, l = e % 32u;                                                    \
+            const uint sc = ((NAME##_u8(blk + 4u + j / 2u) >> (4u * (j % 2u))) & 15u) |              \
+                            (((NAME##_u16(blk + 2u) >> (2u * j)) & 3u) << 4);                       \
+            precise float scale = NAME##_f16(blk) * float(int(sc) - 32);                            \
+            const uint i = (NAME##_u8(blk + 8u + 16u * j + (l & 15u)) >> (l < 16u ? 0u : 4u)) & 0x0fu; \
+            v = scale * float(IQ4_LEVELS[i]);                                                       \
         } else { /* T_Q6_K: value e = 128 h + r, four low bits in ql, two high in qh */             \
             const uint h = e / 128u, r = e % 128u;                                                  \
             const uint low = (NAME##_u8(blk + 64u * h + r % 64u) >> (4u * (r / 64u))) & 0x0fu;       \
