@@ -1,8 +1,8 @@
 // Quantized GGUF blocks on the device: block sizes per type, exact dequantization of eight
 // consecutive values of a block, and loads that respect the alignment a block actually has.
 //
-// Dequantization reproduces src/quants.cpp and src/quants_k.cpp bit for bit: the same float
-// operations in the same order, written with round-to-nearest intrinsics (__fmul_rn,
+// Dequantization reproduces src/quants.cpp, src/quants_k.cpp and src/quants_iq4.cpp bit for bit: the same
+// float operations in the same order, written with round-to-nearest intrinsics (__fmul_rn,
 // __fadd_rn, __fsub_rn) so that the compiler cannot contract a multiply and an add into an
 // FMA (the CPU code is compiled with contraction off for the same reason).
 #pragma once
@@ -25,6 +25,10 @@ inline constexpr int kQ5_1 = int(Type::Q5_1);
 inline constexpr int kQ4_K = int(Type::Q4_K);
 inline constexpr int kQ5_K = int(Type::Q5_K);
 inline constexpr int kQ6_K = int(Type::Q6_K);
+inline constexpr int kQ2_K = int(Type::Q2_K);
+inline constexpr int kQ3_K = int(Type::Q3_K);
+inline constexpr int kIQ4_NL = int(Type::IQ4_NL);
+inline constexpr int kIQ4_XS = int(Type::IQ4_XS);
 
 // Values and bytes per block. kMaxAlign: the largest power of two (up to 16) that divides the
 // block size, i.e. the alignment every block of a row has when the row itself is aligned.
@@ -53,6 +57,23 @@ template <> struct QuantBlock<kQ5_K> {
 template <> struct QuantBlock<kQ6_K> {
     static constexpr int kValues = QK_K, kBytes = sizeof(block_q6_K), kMaxAlign = 2;
 };
+template <> struct QuantBlock<kQ2_K> {
+    static constexpr int kValues = QK_K, kBytes = sizeof(block_q2_K), kMaxAlign = 4;
+};
+template <> struct QuantBlock<kQ3_K> {
+    static constexpr int kValues = QK_K, kBytes = sizeof(block_q3_K), kMaxAlign = 2;
+};
+template <> struct QuantBlock<kIQ4_NL> {
+    static constexpr int kValues = QK4_NL, kBytes = sizeof(block_iq4_nl), kMaxAlign = 2;
+};
+template <> struct QuantBlock<kIQ4_XS> {
+    static constexpr int kValues = QK_K, kBytes = sizeof(block_iq4_xs), kMaxAlign = 8;
+};
+
+// The low-bit formats (q2_K, q3_K, iq4_nl, iq4_xs) are read by the kernels only where
+// GFA_CUDA_LOW_BIT=1 asks for it, until their tests have run on a GPU; otherwise their nodes go
+// to the CPU. Read on every call, so a test can switch it.
+bool low_bit_quants_enabled();
 
 // The block types the CUDA kernels read.
 inline bool is_cuda_quant_type(Type t) {
@@ -66,6 +87,11 @@ inline bool is_cuda_quant_type(Type t) {
     case Type::Q5_K:
     case Type::Q6_K:
         return true;
+    case Type::Q2_K:
+    case Type::Q3_K:
+    case Type::IQ4_NL:
+    case Type::IQ4_XS:
+        return low_bit_quants_enabled();
     default:
         return false;
     }
@@ -90,6 +116,14 @@ template <class F> void dispatch_quant_type(Type t, F&& f) {
         return f(std::integral_constant<int, kQ5_K>{});
     case Type::Q6_K:
         return f(std::integral_constant<int, kQ6_K>{});
+    case Type::Q2_K:
+        return f(std::integral_constant<int, kQ2_K>{});
+    case Type::Q3_K:
+        return f(std::integral_constant<int, kQ3_K>{});
+    case Type::IQ4_NL:
+        return f(std::integral_constant<int, kIQ4_NL>{});
+    case Type::IQ4_XS:
+        return f(std::integral_constant<int, kIQ4_XS>{});
     default:
         fail(std::string("CUDA: no quantized kernels for type ") + std::string(type_name(t)));
     }
@@ -146,6 +180,26 @@ __device__ __forceinline__ uint32_t byte_at(const char* p, int i) {
 }
 __device__ __forceinline__ uint32_t le32_at(const char* p) {
     return byte_at(p, 0) | byte_at(p, 1) << 8 | byte_at(p, 2) << 16 | byte_at(p, 3) << 24;
+}
+
+// The IQ4 levels (gfa::kIq4Levels) as four words of four signed bytes, for byte permutes.
+constexpr uint32_t iq4_level_word(int k) {
+    return uint32_t(uint8_t(kIq4Levels[4 * k])) | uint32_t(uint8_t(kIq4Levels[4 * k + 1])) << 8 |
+           uint32_t(uint8_t(kIq4Levels[4 * k + 2])) << 16 | uint32_t(uint8_t(kIq4Levels[4 * k + 3])) << 24;
+}
+// Four 4-bit indices (one per byte of idx, each 0..15) to their levels as four signed bytes:
+// one permute picks among levels 0..7, one among 8..15, and bit 3 of each index chooses.
+__device__ __forceinline__ uint32_t iq4_levels4(uint32_t idx) {
+    constexpr uint32_t w0 = iq4_level_word(0), w1 = iq4_level_word(1), w2 = iq4_level_word(2),
+                       w3 = iq4_level_word(3);
+    const uint32_t sel =
+        (idx & 0x7u) | ((idx >> 4) & 0x70u) | ((idx >> 8) & 0x700u) | ((idx >> 12) & 0x7000u);
+    const uint32_t lo = __byte_perm(w0, w1, sel), hi = __byte_perm(w2, w3, sel);
+    const uint32_t upper = ((idx >> 3) & 0x01010101u) * 0xffu;
+    return (lo & ~upper) | (hi & upper);
+}
+__device__ __forceinline__ float iq4_level(uint32_t i) {
+    return float(int8_t(iq4_levels4(i) & 0xffu));
 }
 
 // Six-bit scale and min of sub-block j of a Q4_K / Q5_K block (12 packed bytes at s).
@@ -211,6 +265,51 @@ template <int T> __device__ __forceinline__ void dequantize_chunk(const char* bl
             if constexpr (T == kQ5_K) q |= int((byte_at(blk + 16, l0 + i) >> j) & 1u) << 4;
             v[i] = __fsub_rn(__fmul_rn(scale, float(q)), offset);
         }
+    } else if constexpr (T == kQ2_K) {
+        // Sub-block e0 / 16: x = (d * sc) * q - (dmin * mn); value 128 h + r is bits 2 (r / 32)
+        // of qs byte 32 h + r % 32 (the eight values of a chunk share h, r / 32 and the scale).
+        const int e0 = 8 * chunk, r0 = e0 % 128;
+        const uint32_t sc = byte_at(blk, e0 / 16);
+        const float scale = __fmul_rn(f16_bits_at(blk + 80), float(sc & 15u));
+        const float offset = __fmul_rn(f16_bits_at(blk + 82), float(sc >> 4));
+        const char* qs = blk + 16 + 32 * (e0 / 128) + r0 % 32;
+        const int shift = 2 * (r0 / 32);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            v[i] = __fsub_rn(__fmul_rn(scale, float((byte_at(qs, i) >> shift) & 3u)), offset);
+    } else if constexpr (T == kQ3_K) {
+        // x = (d * (sc - 32)) * (two bits of qs - (hmask bit ? 0 : 4)); the 6-bit scale of
+        // sub-block j: low nibble in byte j (j < 8) or the high one of byte j - 8, top bits
+        // 2 (j / 4) of byte 8 + j % 4 (all at 96).
+        const int e0 = 8 * chunk, r0 = e0 % 128, j = e0 / 16;
+        const uint32_t low4 = j < 8 ? byte_at(blk + 96, j) & 15u : byte_at(blk + 96, j - 8) >> 4;
+        const uint32_t sc = low4 | ((byte_at(blk + 104, j % 4) >> (2 * (j / 4))) & 3u) << 4;
+        const float scale = __fmul_rn(f16_bits_at(blk + 108), float(int(sc) - 32));
+        const char* qs = blk + 32 + 32 * (e0 / 128) + r0 % 32;
+        const int shift = 2 * (r0 / 32), hbit = e0 / 32;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int low = int((byte_at(qs, i) >> shift) & 3u);
+            const int high = int((byte_at(blk, (e0 + i) % 32) >> hbit) & 1u);
+            v[i] = __fmul_rn(scale, float(low - (high ? 0 : 4)));
+        }
+    } else if constexpr (T == kIQ4_NL) {
+        const float d = f16_bits_at(blk);
+        const char* qs = blk + 2 + 8 * (chunk & 1);
+        const int shift = (chunk >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, iq4_level((byte_at(qs, i) >> shift) & 15u));
+    } else if constexpr (T == kIQ4_XS) {
+        // Sub-block j = chunk / 4 (32 values): x = (d * (sc - 32)) * level.
+        const int j = chunk / 4, l0 = 8 * (chunk % 4);
+        const uint32_t scales_h = byte_at(blk, 2) | byte_at(blk, 3) << 8;
+        const uint32_t sc = ((byte_at(blk + 4, j / 2) >> (4 * (j % 2))) & 15u) | ((scales_h >> (2 * j)) & 3u)
+                                                                                     << 4;
+        const float scale = __fmul_rn(f16_bits_at(blk), float(int(sc) - 32));
+        const char* qs = blk + 8 + 16 * j + (l0 & 15);
+        const int shift = l0 < 16 ? 0 : 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(scale, iq4_level((byte_at(qs, i) >> shift) & 15u));
     } else {
         static_assert(T == kQ6_K, "unknown block type");
         // Value e = 128 h + r: low four bits from ql, high two from qh, int8 scale per 16.
@@ -263,6 +362,18 @@ __device__ __noinline__ inline float dequantize_element(int type, const char* ro
         break;
     case kQ6_K:
         chunk_of(std::integral_constant<int, kQ6_K>{});
+        break;
+    case kQ2_K:
+        chunk_of(std::integral_constant<int, kQ2_K>{});
+        break;
+    case kQ3_K:
+        chunk_of(std::integral_constant<int, kQ3_K>{});
+        break;
+    case kIQ4_NL:
+        chunk_of(std::integral_constant<int, kIQ4_NL>{});
+        break;
+    case kIQ4_XS:
+        chunk_of(std::integral_constant<int, kIQ4_XS>{});
         break;
     default:
         return __int_as_float(0x7fc00000); // NaN: unsupported types never get here

@@ -17,17 +17,20 @@
 #include "matvec_rows.cuh"
 #include "quant_matmul.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace gfa::cuda {
 
 namespace {
 
 constexpr int kMatvecWarps = 4;
 // Blocks per SM the register budget must allow: for one column 8 (64 registers a thread,
-// 32 warps per SM, enough loads in flight); more columns need more accumulators, and q5_K's
-// items more registers (it spilled at 64).
+// 32 warps per SM, enough loads in flight); more columns need more accumulators, and the
+// items of q5_K and q3_K (codes plus a high bit each) more registers (they spilled at 64).
 constexpr int matvec_min_blocks(int type, int columns) {
     const int blocks = columns <= 1 ? 8 : columns <= 2 ? 6 : 4;
-    return type == kQ5_K && blocks > 6 ? 6 : blocks;
+    return (type == kQ5_K || type == kQ3_K) && blocks > 6 ? 6 : blocks;
 }
 constexpr int kDequantThreads = 128;
 
@@ -275,6 +278,152 @@ template <int A> struct Item<kQ6_K, A> {
     }
 };
 
+// q2_K, q3_K: four lanes per block; lane part = 2 h + s takes the 16 qs bytes 32 h + 16 s ..
+// of half h, which hold values 128 h + 32 g + 16 s + (0..15) in bits 2g, 2g + 1 for g = 0..3:
+// four runs of 16, each one sub-block (8 h + 2 g + s) with one scale. q2_K subtracts each
+// sub-block's min times the sum of its 16 column values (the columns' sums are per 32, so
+// the lane takes its 16 by one more dot product); q3_K's third bit (bit 4 h + g of hmask byte
+// 16 s + l) makes the code u in 0..7 and the value u - 4, a signed byte.
+template <int T, int A> struct ItemLowK {
+    static constexpr bool kThreeBits = T == kQ3_K;
+    static constexpr int kQs = kThreeBits ? 32 : 16;
+    static constexpr int kAlignQs = min_int(A, 4);
+    static constexpr int kParts = 4, kUnroll = 2;
+    uint32_t q[4], hm[kThreeBits ? 4 : 1], scales[4];
+    float d, dmin;
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        load_words<kAlignQs, 4>(blk + kQs + 16 * part, q);
+        if constexpr (kThreeBits) {
+            load_words<2, 4>(blk + 16 * (part & 1), hm);
+            uint32_t packed[3]; // the 12 packed scale bytes
+            load_words<2, 3>(blk + 96, packed);
+            scales[0] = packed[0], scales[1] = packed[1], scales[2] = packed[2], scales[3] = 0;
+            d = f16_bits_at(blk + 108);
+        } else {
+            load_words<kAlignQs, 4>(blk, scales); // 16 bytes: scale and min of each sub-block
+            d = f16_bits_at(blk + 80);
+            dmin = f16_bits_at(blk + 82);
+        }
+    }
+    // The scale (and q2_K's min) of sub-block 8 h + 2 g + s: byte 2 (g % 2) + s of a word
+    // chosen by g (unrolled) and h, so that no register array is indexed at run time.
+    template <int g> __device__ __forceinline__ void scale_of(int h, int s, int& sc, int& mn) const {
+        const int byte_shift = 8 * (2 * (g % 2) + s);
+        if constexpr (kThreeBits) {
+            // low nibble of byte j (j < 8) or high nibble of byte j - 8; top bits 2 (j / 4) of byte 8 + j % 4
+            const uint32_t low4 = (scales[g / 2] >> (byte_shift + 4 * h)) & 15u;
+            const uint32_t high2 = (scales[2] >> (byte_shift + 2 * (2 * h + g / 2))) & 3u;
+            sc = int(low4 | high2 << 4) - 32;
+            mn = 0;
+        } else {
+            const uint32_t b = ((h ? scales[2 + g / 2] : scales[g / 2]) >> byte_shift) & 0xffu;
+            sc = int(b & 15u);
+            mn = int(b >> 4);
+        }
+    }
+    // The run of 16 values in bits 2 g, 2 g + 1.
+    template <int g, int NC>
+    __device__ __forceinline__ void dot_run(const Columns& x, int64_t ib, int h, int s,
+                                            float (&acc)[NC]) const {
+        uint32_t codes[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            codes[k] = (q[k] >> (2 * g)) & 0x03030303u;
+            if constexpr (kThreeBits)
+                codes[k] = __vsub4(codes[k] | ((hm[k] >> (4 * h + g)) & 0x01010101u) << 2, 0x04040404u);
+        }
+        int sc, mn;
+        scale_of<g>(h, s, sc, mn);
+        const float scale = d * float(sc);
+        const int64_t k0 = 256 * ib + 128 * h + 32 * g + 16 * s;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const float dx = xds(x, c, k0 / 32).x;
+            const uint4 xv = x16(x, c, k0);
+            float term = scale * dx * float(dot16(codes, xv));
+            if constexpr (!kThreeBits) { // minus the min times the sum of the 16 column values
+                const int sum =
+                    __dp4a(0x01010101, int(xv.w),
+                           __dp4a(0x01010101, int(xv.z),
+                                  __dp4a(0x01010101, int(xv.y), __dp4a(0x01010101, int(xv.x), 0))));
+                term -= dmin * float(mn) * dx * float(sum);
+            }
+            acc[c] += term;
+        }
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        const int h = part >> 1, s = part & 1;
+        dot_run<0>(x, ib, h, s, acc);
+        dot_run<1>(x, ib, h, s, acc);
+        dot_run<2>(x, ib, h, s, acc);
+        dot_run<3>(x, ib, h, s, acc);
+    }
+};
+template <int A> struct Item<kQ2_K, A> : ItemLowK<kQ2_K, A> {};
+template <int A> struct Item<kQ3_K, A> : ItemLowK<kQ3_K, A> {};
+
+// iq4_nl: two lanes per block, as q4_0 (lane `part` takes qs bytes 8 part .. 8 part + 7), the
+// indices turned into their signed levels for __dp4a.
+template <int A> struct Item<kIQ4_NL, A> {
+    static constexpr int kParts = 2, kUnroll = 4;
+    uint32_t q[2];
+    float d;
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        d = f16_bits_at(blk);
+        load_words<2, 2>(blk + 2 + 8 * part, q);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        uint32_t lo[2], hi[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            lo[k] = iq4_levels4(q[k] & 0x0f0f0f0fu);
+            hi[k] = iq4_levels4((q[k] >> 4) & 0x0f0f0f0fu);
+        }
+        const int64_t k = 32 * ib + 8 * part;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const int s = dot8(hi[0], hi[1], x8(x, c, k + 16), dot8(lo[0], lo[1], x8(x, c, k), 0));
+            acc[c] += d * xds(x, c, ib).x * float(s);
+        }
+    }
+};
+
+// iq4_xs: eight lanes per block, lane j taking sub-block j (qs bytes 16 j .. 16 j + 15 after
+// the 8-byte head: values 32 j + (0..15) in the low nibbles, 32 j + 16 + (0..15) in the high).
+template <int A> struct Item<kIQ4_XS, A> {
+    static constexpr int kAlignQs = min_int(A, 8);
+    static constexpr int kParts = 8, kUnroll = 2;
+    uint32_t q[4], head[2];
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        load_words<kAlignQs, 2>(blk, head); // d, scales_h, scales_l[4]
+        load_words<kAlignQs, 4>(blk + 8 + 16 * part, q);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        const int j = part;
+        uint32_t lo[4], hi[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            lo[k] = iq4_levels4(q[k] & 0x0f0f0f0fu);
+            hi[k] = iq4_levels4((q[k] >> 4) & 0x0f0f0f0fu);
+        }
+        const uint32_t low4 = (head[1] >> (8 * (j / 2) + 4 * (j % 2))) & 15u;
+        const uint32_t high2 = (head[0] >> (16 + 2 * j)) & 3u;
+        const float scale = f16_low(head[0]) * float(int(low4 | high2 << 4) - 32);
+        const int64_t k0 = 256 * ib + 32 * j;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const int sum = dot16(hi, x16(x, c, k0 + 16)) + dot16(lo, x16(x, c, k0));
+            acc[c] += scale * xds(x, c, k0 / 32).x * float(sum);
+        }
+    }
+};
+
 // ---- kernels ------------------------------------------------------------------------------
 
 // One warp per 32 values of one column of b (columns ordered n, then i2, then i3).
@@ -413,6 +562,11 @@ ColumnsLayout columns_layout(const TensorView& b) {
 }
 
 } // namespace
+
+bool low_bit_quants_enabled() {
+    const char* v = std::getenv("GFA_CUDA_LOW_BIT");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+}
 
 size_t quantized_columns_bytes(const TensorView& b) {
     const ColumnsLayout l = columns_layout(b);

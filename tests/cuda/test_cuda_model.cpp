@@ -1,6 +1,7 @@
 // Models on CUDA whose weights include block formats the CUDA kernels do not decode.
 #include <catch2/catch.hpp>
 
+#include "../scoped_env.h"
 #include "../tiny_model.h"
 
 #include <ggml-fa/backend.h>
@@ -45,12 +46,14 @@ Run run_model(const std::string& path, Device* gpu, uint32_t seed, int64_t vocab
 
 } // namespace
 
-// q2_K, q3_K and the IQ4 formats: the loader keeps such matrices in host memory when the GPU
-// cannot multiply by them, their products run on the CPU and everything else on the GPU,
-// and the logits are the CPU's (the attention on 16-bit tensor cores, and each device's own
-// rounding of the activations in quantized products, which this random model's sharp
-// attention amplifies to a few percent; a misplaced or misread weight costs ~100%).
-TEST_CASE("CUDA runs models with weights it cannot multiply, their products on the CPU", "[cuda][model]") {
+// q2_K, q3_K and the IQ4 formats: until GFA_CUDA_LOW_BIT=1 turns on their CUDA kernels, the
+// loader keeps such matrices in host memory, their products run on the CPU and everything
+// else on the GPU; with the kernels on, the whole model runs on the GPU. Either way the logits
+// are the CPU's (the attention on 16-bit tensor cores, and each device's own rounding of the
+// activations in quantized products, which this random model's sharp attention amplifies to
+// a few percent; a misplaced or misread weight costs ~100%).
+TEST_CASE("CUDA runs models with low-bit weights, with their kernels or their products on the CPU",
+          "[cuda][model]") {
     Device* cuda = find_device("CUDA0");
     REQUIRE(cuda != nullptr);
     const uint32_t seed = std::random_device{}();
@@ -60,14 +63,17 @@ TEST_CASE("CUDA runs models with weights it cannot multiply, their products on t
     m.heads = 4;
     m.heads_kv = 2;
     m.vocab = 41;
-    m.matrix_type = GENERATE(Type::Q3_K, Type::IQ4_XS, Type::Q4_K);
-    const bool decoded_on_gpu = m.matrix_type == Type::Q4_K;
-    INFO("seed " << seed << ", weights " << type_name(m.matrix_type));
+    m.matrix_type = GENERATE(Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS, Type::Q4_K);
+    const bool low_bit = m.matrix_type != Type::Q4_K;
+    const bool kernels_on = GENERATE(false, true);
+    const test::ScopedEnv setting("GFA_CUDA_LOW_BIT", kernels_on ? "1" : nullptr);
+    INFO("seed " << seed << ", weights " << type_name(m.matrix_type) << ", GFA_CUDA_LOW_BIT "
+                 << (kernels_on ? "1" : "unset"));
     test::TempFile file{test::write_model(m, seed)};
     const Run cpu = run_model(file.path, nullptr, seed, m.vocab);
     const Run gpu = run_model(file.path, cuda, seed, m.vocab);
     INFO("CUDA schedule:\n" << gpu.schedule);
     CHECK(gpu.schedule.find("CUDA0") != std::string::npos);
-    CHECK((gpu.schedule.find("CPU") == std::string::npos) == decoded_on_gpu);
+    CHECK((gpu.schedule.find("CPU") == std::string::npos) == (!low_bit || kernels_on));
     CHECK(test::logits_error(gpu.logits, cpu.logits) < 5e-2);
 }

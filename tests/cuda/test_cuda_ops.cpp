@@ -6,6 +6,7 @@
 #include "op_check.h"
 #include "op_def.h"
 #include "reference.h"
+#include "scoped_env.h"
 
 #include <ggml-fa/backend.h>
 
@@ -14,9 +15,9 @@
 #include <limits>
 
 using namespace gfa;
+using gfa::test::all_quant_types;
 using gfa::test::cpu_dequantized;
 using gfa::test::fill_uniform;
-using gfa::test::kQuantTypes;
 using gfa::test::random_indices;
 using gfa::test::rel_error;
 using gfa::test::run_on_device;
@@ -412,8 +413,10 @@ TEST_CASE("CUDA quantized decoding products reuse b's int8 form only right after
     }
 }
 
+// The low-bit formats take part where GFA_CUDA_LOW_BIT=1 turns their kernels on.
 TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill paths", "[cuda][quant]") {
-    for (Type t : kQuantTypes) {
+    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", "1");
+    for (Type t : all_quant_types()) {
         // Long rows are split over 2 or 4 warps (matvec_rows.cuh) in the decoding path.
         std::vector<int64_t> depths = {256, 768, 2048, 4352};
         if (type_traits(t).block_size == 32) depths.push_back(96);
@@ -434,7 +437,8 @@ TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill p
 }
 
 TEST_CASE("CUDA mul_mat with quantized weights broadcast over dims 2 and 3", "[cuda][quant]") {
-    for (Type t : kQuantTypes)
+    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", "1");
+    for (Type t : all_quant_types())
         for (int64_t N : {1, 3, 9}) {
             Context ctx = data_ctx();
             const int64_t K = type_traits(t).block_size == 32 ? 96 : 512;
@@ -448,7 +452,8 @@ TEST_CASE("CUDA mul_mat with quantized weights broadcast over dims 2 and 3", "[c
 
 TEST_CASE("CUDA get_rows and cast of every quantized type match the CPU's dequantization exactly",
           "[cuda][quant]") {
-    for (Type t : kQuantTypes) {
+    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", "1");
+    for (Type t : all_quant_types()) {
         INFO("seed " << gfa::test::seed() << ", type " << type_name(t));
         Context ctx = data_ctx();
         const int64_t K = 2 * QK_K, rows_in = 11, planes = 3;

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include "../../backends/cuda/flash_attn_cuda.h"
+#include "../scoped_env.h"
 #include "attention/problem.h"
 #include "attention/reference.h"
 #include "quants.h"
@@ -634,31 +635,6 @@ TEST_CASE("CUDA forward features one at a time", "[cuda][fa]") {
         }
 }
 
-// GFA_CUDA_FA_HOPPER picks the forward kernel of plain problems on sm_90 devices: the
-// warpgroup kernel with either schedule (2, 1), or the mma.sync kernel. Set for one scope.
-class HopperKernelSetting {
-  public:
-    explicit HopperKernelSetting(const char* value) {
-        if (const char* old = std::getenv(kName)) old_ = old;
-        if (value)
-            setenv(kName, value, 1);
-        else
-            unsetenv(kName);
-    }
-    ~HopperKernelSetting() {
-        if (old_)
-            setenv(kName, old_->c_str(), 1);
-        else
-            unsetenv(kName);
-    }
-    HopperKernelSetting(const HopperKernelSetting&) = delete;
-    HopperKernelSetting& operator=(const HopperKernelSetting&) = delete;
-
-  private:
-    static constexpr const char* kName = "GFA_CUDA_FA_HOPPER";
-    std::optional<std::string> old_;
-};
-
 // Whether this build and device run the warpgroup kernel (sm_90a code on an sm_90 device).
 bool hopper_kernel_expected() {
 #if !defined(GFA_CUDA_SM90A)
@@ -708,7 +684,9 @@ TEST_CASE("CUDA forward on Hopper's warpgroup kernel and on the mma.sync kernel"
             cases.push_back(c); // one row tile over many keys: split over keys
             for (const Config& cc : cases)
                 for (const char* setting : {"2", "1", "0"}) {
-                    HopperKernelSetting env(setting);
+                    // picks the forward kernel of plain problems on sm_90 devices: the warpgroup
+                    // kernel with either schedule (2, 1), or the mma.sync kernel (0)
+                    gfa::test::ScopedEnv env("GFA_CUDA_FA_HOPPER", setting);
                     INFO("GFA_CUDA_FA_HOPPER=" << setting);
                     const bool hopper = sm90 && std::string(setting) != "0";
                     check_forward(cc, rng, seed, false, 0, hopper ? 1 : 0);
