@@ -26,6 +26,10 @@ namespace gfa {
 class Tokenizer {
   public:
     enum class Model { SentencePiece, BytePairGpt2 };
+    // How byte-level BPE splits text into words before merging (tokenizer.ggml.pre): the
+    // llama-3 pattern ("llama-bpe"), Qwen2's (the same with one digit per word: "qwen2",
+    // "deepseek-r1-qwen") or GPT-2's ("gpt-2", "phi-2").
+    enum class PreSplit { Llama3, Qwen2, Gpt2 };
     // Token kinds, numbered as in tokenizer.ggml.token_type.
     enum class TokenType : int32_t {
         Normal = 1,
@@ -50,6 +54,7 @@ class Tokenizer {
     std::string decode(const std::vector<int32_t>& ids) const;
 
     Model model() const { return model_; }
+    PreSplit pre_split() const { return pre_split_; }
     size_t vocab_size() const { return tokens_.size(); }
     const std::string& token_text(int32_t id) const;
     TokenType token_type(int32_t id) const;
@@ -64,6 +69,7 @@ class Tokenizer {
     int32_t find(std::string_view piece) const;
 
     Model model_ = Model::SentencePiece;
+    PreSplit pre_split_ = PreSplit::Llama3;
     std::vector<std::string> tokens_;
     std::vector<float> scores_;
     std::vector<TokenType> types_;

@@ -101,13 +101,17 @@ bool is_letter(uint32_t cp) {
              {0xF900, 0xFAFF}, {0xFF21, 0xFF3A}, {0xFF41, 0xFF5A}, {0xFF66, 0xFFDC}, {0x20000, 0x2FFFF}});
 }
 
-// ---- the llama-3 pre-tokenizer --------------------------------------------------------------
+// ---- pre-tokenizers ----------------------------------------------------------------------
 //
-// A hand-written matcher for the pattern
-//   (?i:'s|'t|'re|'ve|'m|'ll|'d) | [^\r\n\p{L}\p{N}]?\p{L}+ | \p{N}{1,3} |
-//    ?[^\s\p{L}\p{N}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
-// trying the alternatives in order at each position, as a backtracking regex engine would.
-std::vector<std::string> split_llama3(std::string_view text) {
+// Hand-written matchers for the patterns byte-level BPE vocabularies split text with, trying
+// the alternatives in order at each position, as a backtracking regex engine would:
+//   llama-3: (?i:'s|'t|'re|'ve|'m|'ll|'d) | [^\r\n\p{L}\p{N}]?\p{L}+ | \p{N}{1,3} |
+//             ?[^\s\p{L}\p{N}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
+//   Qwen2:   the same with \p{N} (one digit per word) for \p{N}{1,3}
+//   GPT-2:   's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+ | \s+(?!\S) | \s+
+std::vector<std::string> split_words(std::string_view text, Tokenizer::PreSplit kind) {
+    const bool gpt2 = kind == Tokenizer::PreSplit::Gpt2;
+    const size_t max_digits = kind == Tokenizer::PreSplit::Qwen2 ? 1 : 3;
     std::vector<uint32_t> cps;
     std::vector<size_t> at; // byte offset of each code point, plus the end
     for (size_t i = 0; i < text.size();) {
@@ -122,7 +126,11 @@ std::vector<std::string> split_llama3(std::string_view text) {
     auto N = [&](size_t i) { return i < n && is_number(cps[i]); };
     auto S = [&](size_t i) { return i < n && is_space(cps[i]); };
     auto CRLF = [&](size_t i) { return i < n && (cps[i] == '\r' || cps[i] == '\n'); };
-    auto lower = [&](size_t i) { return i < n && cps[i] < 0x80 ? uint32_t(cps[i] | 0x20) : uint32_t(0); };
+    // llama-3 and Qwen2 match contractions in either case, GPT-2 in lower case only
+    auto lower = [&](size_t i) {
+        return i < n && cps[i] < 0x80 ? uint32_t(gpt2 ? cps[i] : cps[i] | 0x20) : uint32_t(0);
+    };
+    auto other = [&](size_t k) { return k < n && !S(k) && !L(k) && !N(k); };
 
     std::vector<std::string> words;
     size_t i = 0;
@@ -135,7 +143,21 @@ std::vector<std::string> split_llama3(std::string_view text) {
             else if (a == 's' || a == 't' || a == 'm' || a == 'd')
                 end = i + 2;
         }
-        if (end == i) { // [^\r\n\p{L}\p{N}]?\p{L}+
+        if (gpt2) {
+            // ' ?\p{L}+', ' ?\p{N}+', ' ?[^\s\p{L}\p{N}]+', each after an optional space
+            const size_t j = i + (cps[i] == ' ' ? 1 : 0);
+            for (auto cls : {+[](bool l, bool, bool) { return l; }, +[](bool, bool d, bool) { return d; },
+                             +[](bool, bool, bool o) { return o; }}) {
+                if (end != i) break;
+                auto in = [&](size_t k) { return cls(L(k), N(k), other(k)); };
+                if (in(j)) {
+                    size_t k = j;
+                    while (in(k)) ++k;
+                    end = k;
+                }
+            }
+        }
+        if (!gpt2 && end == i) { // [^\r\n\p{L}\p{N}]?\p{L}+
             size_t j = i;
             if (!CRLF(j) && !L(j) && !N(j) && L(j + 1)) ++j;
             if (L(j)) {
@@ -143,13 +165,12 @@ std::vector<std::string> split_llama3(std::string_view text) {
                 end = j;
             }
         }
-        if (end == i && N(i)) { // \p{N}{1,3}
+        if (!gpt2 && end == i && N(i)) { // \p{N}{1,3} or \p{N}
             end = i;
-            while (end < i + 3 && N(end)) ++end;
+            while (end < i + max_digits && N(end)) ++end;
         }
-        if (end == i) { //  ?[^\s\p{L}\p{N}]+[\r\n]*
+        if (!gpt2 && end == i) { //  ?[^\s\p{L}\p{N}]+[\r\n]*
             size_t j = i + (cps[i] == ' ' ? 1 : 0);
-            const auto other = [&](size_t k) { return k < n && !S(k) && !L(k) && !N(k); };
             if (other(j)) {
                 while (other(j)) ++j;
                 while (CRLF(j)) ++j;
@@ -162,7 +183,7 @@ std::vector<std::string> split_llama3(std::string_view text) {
             size_t last_newline = i;
             for (size_t k = i; k < run; ++k)
                 if (CRLF(k)) last_newline = k + 1;
-            if (last_newline > i)
+            if (!gpt2 && last_newline > i)
                 end = last_newline; // \s*[\r\n]+
             else if (run == n)
                 end = run; // \s+(?!\S) at the end
@@ -275,8 +296,13 @@ Tokenizer Tokenizer::from_gguf(const gguf::Metadata& md) {
     } else {
         if (const gguf::Value* pre = md.find("tokenizer.ggml.pre")) {
             const std::string& p = pre->as_string();
-            if (p != "llama-bpe" && p != "llama3" && p != "default")
-                fail("tokenizer.ggml.pre '" + p + "' is not supported (the llama-3 pattern is)");
+            if (p == "qwen2" || p == "deepseek-r1-qwen")
+                t.pre_split_ = PreSplit::Qwen2;
+            else if (p == "gpt-2" || p == "phi-2")
+                t.pre_split_ = PreSplit::Gpt2;
+            else if (p != "llama-bpe" && p != "llama3" && p != "default")
+                fail("tokenizer.ggml.pre '" + p +
+                     "' is not supported (llama-bpe, qwen2, deepseek-r1-qwen, gpt-2 and phi-2 are)");
         }
         const gguf::Array& merges = md.at("tokenizer.ggml.merges").as_array();
         for (size_t r = 0; r < merges.items.size(); ++r) {
@@ -448,7 +474,7 @@ void Tokenizer::encode_spm(std::string_view raw, std::vector<int32_t>& out) cons
 
 void Tokenizer::encode_bpe(std::string_view text, std::vector<int32_t>& out) const {
     const ByteMap& bm = byte_map();
-    for (const std::string& word : split_llama3(text)) {
+    for (const std::string& word : split_words(text, pre_split_)) {
         std::string mapped;
         for (unsigned char b : word) mapped += bm.to_text[b];
         bpe_word(mapped, out);

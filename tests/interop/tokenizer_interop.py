@@ -3,8 +3,8 @@
 
 usage: tokenizer_interop.py TOKENIZE WORKDIR
 
-Trains a small SentencePiece BPE model (byte fallback) and a small byte-level BPE model with
-the llama-3 pre-tokenizer (HF `tokenizers`) on a generated corpus, stores each vocabulary in
+Trains a small SentencePiece BPE model (byte fallback) and small byte-level BPE models with
+the llama-3, Qwen2 and GPT-2 pre-tokenizers (HF `tokenizers`) on a generated corpus, stores each vocabulary in
 a GGUF file the way llama.cpp's converter does, and requires `tokenize` to produce the same
 ids as the reference encoders and to decode them back to the input. Needs:
 pip install gguf numpy sentencepiece tokenizers
@@ -24,6 +24,10 @@ except ImportError as e:
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# tokenizer.ggml.pre as llama.cpp's converter writes it, and the pattern it stands for.
+PRE_TOKENIZERS = (("llama-bpe", LLAMA3_PATTERN), ("qwen2", QWEN2_PATTERN), ("gpt-2", GPT2_PATTERN))
 
 WORDS = ("the quick brown fox jumps over lazy dog attention flash kernel tensor graph model token "
          "weights quantized layer head query key value softmax gradient backward forward "
@@ -49,7 +53,8 @@ def test_texts(rng):
         "tabs\tand\nnewlines\n\n", "numbers 1234567 and 42", "It's we're they've I'm we'll he'd",
         "caf\u00e9 \u00fcber na\u00efve", "\u65e5\u672c\u8a9e text", "emoji \U0001F600 and symbols \u2603 \u00d7 \u00f7",
         "unseen chars: \u0394\u03b4 \u05d0 \u0915", "punctuation!!! ... ??? (parens) [brackets]", "", "x",
-        "   ", "\n", "MiXeD CaSe WoRdS", "a\r\nb\r\n",
+        "   ", "\n", "MiXeD CaSe WoRdS", "a\r\nb\r\n", "year 2026, 1234567890 and 3.14159",
+        "line one\r\n\r\nline two  \n   three\t\tfour", "It'S WE'RE upper-case contractions",
     ]
     lines = corpus(rng, 30)
     texts += lines
@@ -122,17 +127,38 @@ def check_spm(tokenize, workdir, rng):
     return failures, len(texts)
 
 
-def check_bpe(tokenize, workdir, rng):
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+BPE_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+
+
+def byte_level(pattern):
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
+
+
+def train_bpe(rng):
+    """One byte-level BPE vocabulary for every pre-tokenizer: trained with the llama-3 pattern on
+    text with numbers, runs of spaces, CRLF line ends and upper-case contractions, so that it has
+    merges of digits, of whitespace and of "'S" that the other patterns split differently (a pattern that only decided
+    splits its own vocabulary never merges across would go unnoticed)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level(LLAMA3_PATTERN)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=BPE_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(rng, 400), trainer=trainer)
+    lines = corpus(rng, 400)
+    for i in range(0, len(lines), 7):
+        lines[i] = (f"{lines[i]}  {rng.randint(0, 10**7)}\r\n\t{lines[i + 1] if i + 1 < len(lines) else ''}"
+                    f" IT'S WE'RE\n\n")
+    tok.train_from_iterator(lines, trainer=trainer)
+    return tok
+
+
+def check_bpe(tokenize, workdir, rng, trained, pre, pattern):
+    specials = BPE_SPECIALS
+    tok = Tokenizer.from_str(trained.to_str())
+    tok.pre_tokenizer = byte_level(pattern)
 
     model = json.loads(tok.to_str())["model"]
     vocab = model["vocab"]
@@ -141,10 +167,10 @@ def check_bpe(tokenize, workdir, rng):
     for piece, i in vocab.items():
         tokens[i] = piece
     types = [3 if t in specials else 1 for t in tokens]
-    path = os.path.join(workdir, "bpe.gguf")
+    path = os.path.join(workdir, f"bpe-{pre}.gguf")
     w = gguf.GGUFWriter(path, "llama")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -162,16 +188,16 @@ def check_bpe(tokenize, workdir, rng):
         want = tok.encode(text, add_special_tokens=False).ids
         if ids != want:
             failures += 1
-            print(f"bpe encode {text!r}:\n  ours {ids}\n  ref  {want}")
+            print(f"bpe ({pre}) encode {text!r}:\n  ours {ids}\n  ref  {want}")
         if decoded != text:
             failures += 1
-            print(f"bpe decode {text!r}: {decoded!r}")
+            print(f"bpe ({pre}) decode {text!r}: {decoded!r}")
     special_text = "<|begin_of_text|>Hello<|eot_id|> world<|end_of_text|>"
     ids = run_tokenize(tokenize, path, [special_text], workdir, "--special")[0][0]
     want = tok.encode(special_text, add_special_tokens=False).ids
     if ids != want:
         failures += 1
-        print(f"bpe specials: ours {ids}, ref {want}")
+        print(f"bpe ({pre}) specials: ours {ids}, ref {want}")
     return failures, len(texts)
 
 
@@ -183,11 +209,16 @@ def main():
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     f1, n1 = check_spm(tokenize, workdir, rng)
-    f2, n2 = check_bpe(tokenize, workdir, rng)
+    f2, n2 = 0, 0
+    trained = train_bpe(rng)
+    for pre, pattern in PRE_TOKENIZERS:
+        f, n = check_bpe(tokenize, workdir, rng, trained, pre, pattern)
+        f2, n2 = f2 + f, n2 + n
     if f1 or f2:
         print(f"tokenizer_interop: {f1 + f2} mismatches (seed {seed})")
         return 1
-    print(f"tokenizer_interop: {n1} SentencePiece and {n2} BPE texts identical (seed {seed})")
+    print(f"tokenizer_interop: {n1} SentencePiece and {n2} BPE texts ({', '.join(p for p, _ in PRE_TOKENIZERS)}) "
+          f"identical (seed {seed})")
     return 0
 
 

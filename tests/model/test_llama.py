@@ -360,21 +360,37 @@ def run(cmd):
     return r.stdout
 
 
-def write_byte_level_tokenizer(directory, vocab_size):
-    """A byte-level BPE vocabulary trained with the tokenizers package (LLaMA 3 / Qwen2
-    style); returns the tokenizer, or None when the package is missing."""
+# Byte-level pre-tokenizer patterns as tokenizer.json holds them (a Split step before a ByteLevel
+# step without its own regex), with the tokenizer.ggml.pre name the converter must write.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def write_byte_level_tokenizer(directory, vocab_size, pattern=None):
+    """A byte-level BPE vocabulary trained with the tokenizers package: ByteLevel's own GPT-2
+    pattern, or a Split step with `pattern` (LLaMA 3 / Qwen2 style); returns the tokenizer, or
+    None when the package is missing."""
     try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     except ImportError:
         return None
+    def split(p):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Split patterns train with LLaMA 3's, so that the merges join digits Qwen2's splits apart
+    # (a vocabulary trained with Qwen2's would tokenize the same under either).
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if pattern is None else split(LLAMA3_SPLIT)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>"], show_progress=False)
     corpus = ["the quick brown fox jumps over the lazy dog.", "a cat sat on the mat and the dog sat on the log.",
-              "attention is all you need, said the fox to the cat."] * 20
-    tk.train_from_iterator(corpus, trainer)
+              "attention is all you need, said the fox to the cat.", "in 2026 there were 1234 cats\n\n  and 99 dogs."]
+    tk.train_from_iterator(corpus * 20, trainer)
+    if pattern is not None:
+        tk.pre_tokenizer = split(pattern)
     tk.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"add_bos_token": False}, f)
@@ -382,38 +398,48 @@ def write_byte_level_tokenizer(directory, vocab_size):
 
 
 def check_text_prompt(args, root, rng, failures):
-    """Converts a Qwen2-shaped model with a vocabulary and runs it on text: the prompt must
-    be tokenized as the tokenizers package does, and its logits must match the reference."""
+    """Converts a Qwen2-shaped model with a vocabulary and runs it on text, for each byte-level
+    pre-tokenizer GGUF names (GPT-2's, LLaMA 3's, Qwen2's): the prompt must be tokenized as the
+    tokenizers package does, and its logits must match the reference. A pattern GGUF has no
+    name for is refused by the converter."""
     cfg = dict(CONFIGS["qwen2"], vocab_size=300)
-    directory = os.path.join(root, "qwen2-text")
-    os.makedirs(directory, exist_ok=True)
-    tk = write_byte_level_tokenizer(directory, cfg["vocab_size"])
-    if tk is None:
-        print("text prompt: skipped (the tokenizers package is missing)")
-        return
-    stored = write_checkpoint(directory, cfg, random_weights(cfg, rng), "f32")
-    gguf = os.path.join(root, "qwen2-text.gguf")
-    run([args.convert, directory, "-o", gguf, "--type", "f32"])
-    text = "the lazy cat sat on the quick fox."
-    expected = tk.encode(text).ids
-    out = os.path.join(root, "qwen2-text.logits")
-    r = subprocess.run([args.run, "-m", gguf, "-p", text, "-n", "0", "-v", "--kv-type", "f32", "--logits-out", out,
-                        "-t", "2"], capture_output=True, text=True)
-    if r.returncode != 0:
-        failures.append(f"text prompt: ggml-fa-run failed:\n{r.stderr}")
-        return
-    line = next((l for l in r.stderr.splitlines() if l.startswith("prompt tokens:")), "")
-    got_ids = [int(t) for t in line.split(":")[1].split()] if line else []
-    if got_ids != expected:
-        failures.append(f"text prompt: tokens {got_ids}, the tokenizers package gives {expected}")
-        return
-    got = np.fromfile(out, dtype=np.float32).reshape(len(expected), cfg["vocab_size"]).astype(np.float64)
-    err = max_rel_error(got, reference_logits(cfg, stored, expected))
-    ok = err < TOLERANCE
-    print(f"text prompt: {len(expected)} tokens as the tokenizers package splits them, "
-          f"max relative error {err:.2e} {'ok' if ok else 'FAIL'}")
-    if not ok:
-        failures.append(f"text prompt: relative error {err:.3e}")
+    for name, pattern in (("gpt-2", None), ("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT), ("unknown", r"\w+")):
+        directory = os.path.join(root, f"qwen2-text-{name}")
+        os.makedirs(directory, exist_ok=True)
+        tk = write_byte_level_tokenizer(directory, cfg["vocab_size"], pattern)
+        if tk is None:
+            print("text prompt: skipped (the tokenizers package is missing)")
+            return
+        stored = write_checkpoint(directory, cfg, random_weights(cfg, rng), "f32")
+        gguf = os.path.join(root, f"qwen2-text-{name}.gguf")
+        if name == "unknown":
+            r = subprocess.run([args.convert, directory, "-o", gguf], capture_output=True, text=True)
+            if r.returncode == 0 or "pre-tokenizer" not in r.stderr:
+                failures.append(f"text prompt: an unknown split pattern was not refused: {r.stderr.strip()!r}")
+            else:
+                print(f"text prompt: an unknown split pattern refused ({r.stderr.strip().splitlines()[-1]})")
+            continue
+        run([args.convert, directory, "-o", gguf, "--type", "f32"])
+        text = "the lazy cat sat on the quick fox in 2026.\n\n  1234 dogs"
+        expected = tk.encode(text).ids
+        out = os.path.join(root, f"qwen2-text-{name}.logits")
+        r = subprocess.run([args.run, "-m", gguf, "-p", text, "-n", "0", "-v", "--kv-type", "f32", "--logits-out",
+                            out, "-t", "2"], capture_output=True, text=True)
+        if r.returncode != 0:
+            failures.append(f"text prompt ({name}): ggml-fa-run failed:\n{r.stderr}")
+            continue
+        line = next((l for l in r.stderr.splitlines() if l.startswith("prompt tokens:")), "")
+        got_ids = [int(t) for t in line.split(":")[1].split()] if line else []
+        if got_ids != expected:
+            failures.append(f"text prompt ({name}): tokens {got_ids}, the tokenizers package gives {expected}")
+            continue
+        got = np.fromfile(out, dtype=np.float32).reshape(len(expected), cfg["vocab_size"]).astype(np.float64)
+        err = max_rel_error(got, reference_logits(cfg, stored, expected))
+        ok = err < TOLERANCE
+        print(f"text prompt ({name}): {len(expected)} tokens as the tokenizers package splits them, "
+              f"max relative error {err:.2e} {'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(f"text prompt ({name}): relative error {err:.3e}")
 
 
 def max_rel_error(got, ref):

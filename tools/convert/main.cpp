@@ -356,6 +356,42 @@ gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0) {
     return wanted;
 }
 
+// The pre-tokenizer of a byte-level tokenizer.json as the tokenizer.ggml.pre name readers know
+// it by: the split pattern (a Split step's regex, or ByteLevel's own GPT-2 pattern) must be
+// one of llama-3's, Qwen2's or GPT-2's, as llama.cpp's converter also refuses others.
+std::string pre_tokenizer_name(const json& tok, const std::string& where) {
+    static const std::pair<const char*, const char*> kKnown[] = {
+        {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+         "llama-bpe"},
+        {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+         "qwen2"},
+    };
+    const json* pre = tok.contains("pre_tokenizer") ? &tok["pre_tokenizer"] : nullptr;
+    std::vector<const json*> steps;
+    if (pre && pre->is_object()) {
+        if (optional_or<std::string>(*pre, "type", "") == "Sequence" && pre->contains("pretokenizers"))
+            for (const json& p : (*pre)["pretokenizers"]) steps.push_back(&p);
+        else
+            steps.push_back(pre);
+    }
+    std::optional<std::string> pattern;
+    bool gpt2_regex = false;
+    for (const json* p : steps) {
+        const std::string type = optional_or<std::string>(*p, "type", "");
+        if (type == "Split" && p->contains("pattern") && (*p)["pattern"].contains("Regex"))
+            pattern = (*p)["pattern"]["Regex"].get<std::string>();
+        else if (type == "ByteLevel")
+            gpt2_regex = optional_or<bool>(*p, "use_regex", true);
+    }
+    if (!pattern && gpt2_regex) return "gpt-2";
+    if (pattern && !gpt2_regex)
+        for (const auto& [regex, name] : kKnown)
+            if (*pattern == regex) return name;
+    gfa::fail(where + ": the byte-level pre-tokenizer " +
+              (pattern ? "pattern " + *pattern : std::string("(no split pattern)")) +
+              " is not one GGUF readers know (llama-3's, Qwen2's or GPT-2's)");
+}
+
 // The vocabulary of tokenizer.json (a Hugging Face BPE tokenizer) as tokenizer.ggml.* keys.
 // Byte-fallback vocabularies (LLaMA 2, Mistral) become SentencePiece-style "llama" with
 // score -id for each piece (their pieces are numbered in merge order, which is what
@@ -432,6 +468,7 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
                                      ? m.get<std::string>()
                                      : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>());
         w.set("tokenizer.ggml.merges", string_array(merges));
+        w.set("tokenizer.ggml.pre", pre_tokenizer_name(tok, path.string()));
     }
     // tokenizer_config.json says whether a BOS token starts each text.
     const auto config = dir / "tokenizer_config.json";
