@@ -16,7 +16,7 @@
 //    product of a weight row with a column of b, and the weights are read exactly once from
 //    memory, so the kernel is bound by memory bandwidth once the arithmetic per weight is
 //    small enough. f32/f16/bf16 rows are converted in registers and FMAed with b. For the
-//    GGUF block types (q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q5_K, q6_K) the column of b is
+//    GGUF block types (q8_0, q4_0, q4_1, q5_0, q5_1, q2_K .. q6_K, iq4_nl, iq4_xs) the column of b is
 //    quantized to 8 bits once per call and each weight block meets it in integer
 //    multiply-adds (see "integer dot products" below). Dequantizing the blocks to f32 in
 //    registers instead was measured here at about 1.3x (q8_0) and 1.6x (q4_0) more CPU time
@@ -1035,9 +1035,10 @@ float dot_iq4_xs_int(const void* row, const void* column, int64_t K) {
 #if GFA_INT_GEMM
 // ---- quantized prompts: an integer GEMM (AVX-512 VNNI) -----------------------------------------
 //
-// A prompt's product with quantized weights (every GGUF block type), on a CPU with VNNI. The
+// A prompt's product with quantized weights (every GGUF block type but q2_K, whose blocks of 32
+// have two mins, which one offset per block cannot carry), on a CPU with VNNI. The
 // weights are small integers times a scale per block of 32 (plus an offset per block for
-// q4_1, q5_0, q5_1, q4_K and q5_K; q6_K's sub-block scales go into its codes), so
+// q4_1, q5_0, q5_1, q4_K and q5_K; the sub-block scales of q3_K and q6_K go into their codes), so
 // instead of converting them to f32 for the f32 micro-kernel they stay integers: the columns
 // of b are rounded to 16 bits per 32 values (a scale per block; the rounding, 1/65534 of the
 // block's largest value, costs about 1e-5 of relative error in a product; q6_K takes 14 bits,
@@ -1143,6 +1144,61 @@ struct Q6_KUnits {
             __mmask32(0xffff0000u), _mm512_set1_epi16(blk.scales[k]), _mm512_set1_epi16(blk.scales[k + 1]));
         codes16 = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(codes), scales);
         scale = scale_to_f32(blk.d);
+        offset = 0.0f;
+    }
+};
+
+// q3_K: three-bit codes (two bits in qs, the third in hmask, minus 4) in sub-blocks of 16 with
+// signed 6-bit scales (sc - 32); as q6_K, a block of 32 spans two sub-blocks, so their scales
+// go into the codes (at most 4 * 32 = 128 in magnitude: 16-bit columns keep the i32 sums far
+// from overflow) and the block's scale is d. Element 32u + l of a 256-block (half h = u / 4,
+// group g = u % 4): bits 2g of qs[32h + l], bit 4h + g of hmask[l].
+struct Q3_KUnits {
+    static constexpr bool kOffset = false;
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
+        const block_q3_K& blk = reinterpret_cast<const block_q3_K*>(row)[b / 8];
+        const int u = int(b % 8), h = u / 4, g = u % 4;
+        const __m256i low = _mm256_and_si256(
+            _mm256_srl_epi16(load256(blk.qs + 32 * h), _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(0x03));
+        const __m256i high = _mm256_and_si256(
+            _mm256_srl_epi16(load256(blk.hmask), _mm_cvtsi32_si128(4 * h + g)), _mm256_set1_epi8(0x01));
+        const __m256i codes =
+            _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 2)), _mm256_set1_epi8(4));
+        // the 6-bit scales of sub-blocks 2u and 2u + 1 (layout at block_q3_K), minus 32
+        auto scale_of = [&](int j) {
+            const int low4 = j < 8 ? blk.scales[j] & 15 : blk.scales[j - 8] >> 4;
+            return (low4 | ((blk.scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) - 32;
+        };
+        const __m512i scales =
+            _mm512_mask_blend_epi16(__mmask32(0xffff0000u), _mm512_set1_epi16(short(scale_of(2 * u))),
+                                    _mm512_set1_epi16(short(scale_of(2 * u + 1))));
+        codes16 = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(codes), scales);
+        scale = scale_to_f32(blk.d);
+        offset = 0.0f;
+    }
+};
+// iq4_nl, iq4_xs: the signed levels of the 4-bit indices as codes (at most 127), the block's
+// scale (iq4_xs: d times its sub-block's sc - 32; a block of 32 is one sub-block).
+struct IQ4_NLUnits {
+    static constexpr bool kOffset = false;
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
+        const block_iq4_nl& blk = reinterpret_cast<const block_iq4_nl*>(row)[b];
+        codes16 = _mm512_cvtepi8_epi16(iq4_levels_32(blk.qs));
+        scale = scale_to_f32(blk.d);
+        offset = 0.0f;
+    }
+};
+struct IQ4_XSUnits {
+    static constexpr bool kOffset = false;
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
+        const block_iq4_xs& blk = reinterpret_cast<const block_iq4_xs*>(row)[b / 8];
+        const int j = int(b % 8);
+        const int sc = ((blk.scales_l[j / 2] >> (4 * (j % 2))) & 0x0f) | ((blk.scales_h >> (2 * j)) & 3) << 4;
+        codes16 = _mm512_cvtepi8_epi16(iq4_levels_32(blk.qs + 16 * j));
+        scale = scale_to_f32(blk.d) * float(sc - 32);
         offset = 0.0f;
     }
 };
@@ -1301,6 +1357,12 @@ IntGemmFn int_gemm_for(Type t) {
         return int_gemm<K4Units<true>>;
     case Type::Q6_K:
         return int_gemm<Q6_KUnits>;
+    case Type::Q3_K:
+        return int_gemm<Q3_KUnits>;
+    case Type::IQ4_NL:
+        return int_gemm<IQ4_NLUnits>;
+    case Type::IQ4_XS:
+        return int_gemm<IQ4_XSUnits>;
     default:
         return nullptr;
     }
