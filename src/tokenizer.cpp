@@ -109,7 +109,28 @@ bool is_letter(uint32_t cp) {
 //             ?[^\s\p{L}\p{N}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
 //   Qwen2:   the same with \p{N} (one digit per word) for \p{N}{1,3}
 //   GPT-2:   's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+ | \s+(?!\S) | \s+
+//   SmolLM:  every digit a word of its own first, then GPT-2's pattern on the text between
 std::vector<std::string> split_words(std::string_view text, Tokenizer::PreSplit kind) {
+    if (kind == Tokenizer::PreSplit::Gpt2Digits) {
+        std::vector<std::string> words;
+        size_t start = 0;
+        auto flush = [&](size_t end) {
+            if (end == start) return;
+            for (std::string& w : split_words(text.substr(start, end - start), Tokenizer::PreSplit::Gpt2))
+                words.push_back(std::move(w));
+        };
+        for (size_t i = 0; i < text.size();) {
+            const size_t n = utf8_len(text, i);
+            if (is_number(decode_cp(text, i, n))) {
+                flush(i);
+                words.emplace_back(text.substr(i, n));
+                start = i + n;
+            }
+            i += n;
+        }
+        flush(text.size());
+        return words;
+    }
     const bool gpt2 = kind == Tokenizer::PreSplit::Gpt2;
     const size_t max_digits = kind == Tokenizer::PreSplit::Qwen2 ? 1 : 3;
     std::vector<uint32_t> cps;
@@ -300,9 +321,11 @@ Tokenizer Tokenizer::from_gguf(const gguf::Metadata& md) {
                 t.pre_split_ = PreSplit::Qwen2;
             else if (p == "gpt-2" || p == "phi-2")
                 t.pre_split_ = PreSplit::Gpt2;
+            else if (p == "smollm")
+                t.pre_split_ = PreSplit::Gpt2Digits;
             else if (p != "llama-bpe" && p != "llama3" && p != "default")
                 fail("tokenizer.ggml.pre '" + p +
-                     "' is not supported (llama-bpe, qwen2, deepseek-r1-qwen, gpt-2 and phi-2 are)");
+                     "' is not supported (llama-bpe, qwen2, deepseek-r1-qwen, gpt-2, phi-2 and smollm are)");
         }
         const gguf::Array& merges = md.at("tokenizer.ggml.merges").as_array();
         for (size_t r = 0; r < merges.items.size(); ++r) {

@@ -26,8 +26,11 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# tokenizer.ggml.pre as llama.cpp's converter writes it, and the pattern it stands for.
-PRE_TOKENIZERS = (("llama-bpe", LLAMA3_PATTERN), ("qwen2", QWEN2_PATTERN), ("gpt-2", GPT2_PATTERN))
+# tokenizer.ggml.pre as llama.cpp's converter writes it, and the pattern it stands for
+# (SMOLLM: every digit split off first, then ByteLevel's own GPT-2 pattern).
+SMOLLM = "digits, then GPT-2"
+PRE_TOKENIZERS = (("llama-bpe", LLAMA3_PATTERN), ("qwen2", QWEN2_PATTERN), ("gpt-2", GPT2_PATTERN),
+                  ("smollm", SMOLLM))
 
 WORDS = ("the quick brown fox jumps over lazy dog attention flash kernel tensor graph model token "
          "weights quantized layer head query key value softmax gradient backward forward "
@@ -131,6 +134,9 @@ BPE_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
 
 def byte_level(pattern):
+    if pattern == SMOLLM:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

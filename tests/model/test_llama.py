@@ -382,14 +382,17 @@ def write_byte_level_tokenizer(directory, vocab_size, pattern=None):
     tk = Tokenizer(models.BPE())
     # Split patterns train with LLaMA 3's, so that the merges join digits Qwen2's splits apart
     # (a vocabulary trained with Qwen2's would tokenize the same under either).
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if pattern is None else split(LLAMA3_SPLIT)
+    tk.pre_tokenizer = split(LLAMA3_SPLIT) if pattern else pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>"], show_progress=False)
     corpus = ["the quick brown fox jumps over the lazy dog.", "a cat sat on the mat and the dog sat on the log.",
               "attention is all you need, said the fox to the cat.", "in 2026 there were 1234 cats\n\n  and 99 dogs."]
     tk.train_from_iterator(corpus * 20, trainer)
-    if pattern is not None:
+    if pattern == "digits":  # SmolLM: every digit apart, then ByteLevel's own GPT-2 pattern
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    elif pattern is not None:
         tk.pre_tokenizer = split(pattern)
     tk.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
@@ -399,11 +402,12 @@ def write_byte_level_tokenizer(directory, vocab_size, pattern=None):
 
 def check_text_prompt(args, root, rng, failures):
     """Converts a Qwen2-shaped model with a vocabulary and runs it on text, for each byte-level
-    pre-tokenizer GGUF names (GPT-2's, LLaMA 3's, Qwen2's): the prompt must be tokenized as the
+    pre-tokenizer GGUF names (GPT-2's, LLaMA 3's, Qwen2's, SmolLM's): the prompt must be tokenized as the
     tokenizers package does, and its logits must match the reference. A pattern GGUF has no
     name for is refused by the converter."""
     cfg = dict(CONFIGS["qwen2"], vocab_size=300)
-    for name, pattern in (("gpt-2", None), ("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT), ("unknown", r"\w+")):
+    for name, pattern in (("gpt-2", None), ("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT), ("smollm", "digits"),
+                          ("unknown", r"\w+")):
         directory = os.path.join(root, f"qwen2-text-{name}")
         os.makedirs(directory, exist_ok=True)
         tk = write_byte_level_tokenizer(directory, cfg["vocab_size"], pattern)

@@ -357,8 +357,9 @@ gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0) {
 }
 
 // The pre-tokenizer of a byte-level tokenizer.json as the tokenizer.ggml.pre name readers know
-// it by: the split pattern (a Split step's regex, or ByteLevel's own GPT-2 pattern) must be
-// one of llama-3's, Qwen2's or GPT-2's, as llama.cpp's converter also refuses others.
+// it by: the split pattern (a Split step's regex, or ByteLevel's own GPT-2 pattern, after
+// single digits split off for SmolLM) must be one of llama-3's, Qwen2's or GPT-2's, as
+// llama.cpp's converter also refuses others.
 std::string pre_tokenizer_name(const json& tok, const std::string& where) {
     static const std::pair<const char*, const char*> kKnown[] = {
         {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
@@ -375,21 +376,25 @@ std::string pre_tokenizer_name(const json& tok, const std::string& where) {
             steps.push_back(pre);
     }
     std::optional<std::string> pattern;
-    bool gpt2_regex = false;
+    bool gpt2_regex = false, digits_first = false, other_step = false;
     for (const json* p : steps) {
         const std::string type = optional_or<std::string>(*p, "type", "");
         if (type == "Split" && p->contains("pattern") && (*p)["pattern"].contains("Regex"))
             pattern = (*p)["pattern"]["Regex"].get<std::string>();
         else if (type == "ByteLevel")
             gpt2_regex = optional_or<bool>(*p, "use_regex", true);
+        else if (type == "Digits" && !gpt2_regex && optional_or<bool>(*p, "individual_digits", false))
+            digits_first = true;
+        else
+            other_step = true; // a step none of the known pre-tokenizers has
     }
-    if (!pattern && gpt2_regex) return "gpt-2";
-    if (pattern && !gpt2_regex)
+    if (!pattern && gpt2_regex && !other_step) return digits_first ? "smollm" : "gpt-2";
+    if (pattern && !gpt2_regex && !digits_first && !other_step)
         for (const auto& [regex, name] : kKnown)
             if (*pattern == regex) return name;
     gfa::fail(where + ": the byte-level pre-tokenizer " +
               (pattern ? "pattern " + *pattern : std::string("(no split pattern)")) +
-              " is not one GGUF readers know (llama-3's, Qwen2's or GPT-2's)");
+              " is not one GGUF readers know (llama-3's, Qwen2's, GPT-2's or SmolLM's)");
 }
 
 // The vocabulary of tokenizer.json (a Hugging Face BPE tokenizer) as tokenizer.ggml.* keys.
