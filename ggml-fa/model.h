@@ -21,7 +21,7 @@ namespace gfa {
 
 // Hyperparameters read from the file's metadata (keys "<arch>.*").
 struct ModelConfig {
-    std::string arch; // "llama", "qwen2", "gemma2" or "gemma3"
+    std::string arch; // "llama", "qwen2", "qwen3", "phi3", "gemma2" or "gemma3"
     int64_t n_vocab = 0;
     int64_t n_ctx_train = 0;
     int64_t n_embd = 0;
@@ -40,11 +40,19 @@ struct ModelConfig {
     float attn_softcap = 0.0f;   // > 0: scores s become softcap * tanh(s / softcap)
     float final_softcap = 0.0f;  // > 0: the same for the logits
     int64_t sliding_window = 0;  // > 0: sliding layers see only this many latest positions
-    int32_t sliding_pattern = 2; // of each this many layers, all but the last slide (gemma2 2, gemma3 6)
+    int32_t sliding_pattern = 2; // of each this many layers, all but the last slide (gemma2 2, gemma3 6);
+                                 // kEveryLayerSlides: all of them (phi3)
     RopeParams rope_sliding{};   // rope of the sliding layers (gemma3: its own base, no scaling)
     bool qk_norm = false;        // RMSNorm (own weights) on each head of q and k before rope
     bool post_norms = false;     // RMSNorm (own weights) on each attention and feed-forward output
     bool gelu_ffn = false;       // feed-forward gelu(gate) * up (tanh approximation), not SwiGLU
+    // Phi-3's LongRoPE: the file holds short and long rope factors; sessions whose context is
+    // longer than this take the long ones (0: the file has one set at most). The rotated dims
+    // of q and k are multiplied by rope_attn_factor.
+    int64_t rope_ctx_orig = 0;
+    float rope_attn_factor = 1.0f;
+
+    static constexpr int32_t kEveryLayerSlides = -1;
 };
 
 struct ModelLoadOptions {

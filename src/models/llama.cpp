@@ -59,22 +59,25 @@ int64_t window_for(int64_t n_tokens, int64_t n_past, int64_t n_ctx, int64_t step
     return std::min(n_ctx, (n_kv + step - 1) / step * step);
 }
 
+// n_ctx: the session's context (0 in training graphs), which picks Phi-3's LongRoPE factors.
 Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, size_t l, Tensor* h,
-                     Tensor* positions, int64_t T, int64_t B) {
+                     Tensor* positions, int64_t T, int64_t B, int64_t n_ctx) {
     const int64_t D = cfg.head_dim, Hq = cfg.n_head, Hkv = cfg.n_head_kv;
     const RopeParams& rope_p = sliding_layer(cfg, l) ? cfg.rope_sliding : cfg.rope;
+    Tensor* factors = L.rope_factors_long && n_ctx > cfg.rope_ctx_orig ? L.rope_factors_long : L.rope_factors;
     // q or k [D, heads, T, B] (a view, with merged projections) normed per head, then rotated.
     auto rotated = [&](Tensor* t, Tensor* norm) {
         if (norm) t = mul(ctx, rms_norm(ctx, t, cfg.norm_eps), norm);
-        return rope(ctx, t, positions, rope_p, L.rope_factors);
+        return rope(ctx, t, positions, rope_p, factors);
     };
+    auto scaled_q = [&](Tensor* q) { return L.rope_q_scale ? mul(ctx, q, L.rope_q_scale) : q; };
     if (!L.wqkv) {
         auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
             Tensor* t = mul_mat(ctx, weight, h);
             if (bias) t = add(ctx, t, bias);
             return reshape(ctx, t, {D, heads, T, B});
         };
-        return {rotated(project(L.wq, L.bq, Hq), L.attn_q_norm),
+        return {scaled_q(rotated(project(L.wq, L.bq, Hq), L.attn_q_norm)),
                 rotated(project(L.wk, L.bk, Hkv), L.attn_k_norm), project(L.wv, L.bv, Hkv)};
     }
     // One product for q, k and v ([D * (Hq + 2 Hkv), T * B]); q and k lie side by side in
@@ -86,10 +89,10 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
         return view(ctx, qkv, {D, heads, T, B}, {D * f, row, row * size_t(T)}, size_t(D * first_head) * f);
     };
     if (L.attn_q_norm) // q and k normed apart, so rotated apart
-        return {rotated(part(Hq, 0), L.attn_q_norm), rotated(part(Hkv, Hq), L.attn_k_norm),
+        return {scaled_q(rotated(part(Hq, 0), L.attn_q_norm)), rotated(part(Hkv, Hq), L.attn_k_norm),
                 part(Hkv, Hq + Hkv)};
     Tensor* qk = rotated(part(Hq + Hkv, 0), nullptr);
-    return {view(ctx, qk, {D, Hq, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, 0),
+    return {scaled_q(view(ctx, qk, {D, Hq, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, 0)),
             view(ctx, qk, {D, Hkv, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, size_t(Hq) * qk->nb[1]),
             part(Hkv, Hq + Hkv)};
 }
@@ -162,7 +165,10 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
     set_input(io.tokens);
     set_input(io.positions);
 
-    if (n_window) {
+    // The global layers' mask (a model whose every layer slides, Phi-3, has none).
+    bool any_global = false;
+    for (size_t l = 0; l < w.layers.size(); ++l) any_global |= !sliding_layer(cfg, l);
+    if (n_window && any_global) {
         io.kq_mask = set_name(ctx.new_tensor(Type::F16, {n_window, n_tokens}), "kq_mask");
         set_input(io.kq_mask);
     }
@@ -179,8 +185,8 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
 
         // ---- attention
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
-        auto [q, k, v] =
-            attention_inputs(ctx, cfg, L, l, h, io.positions, n_tokens, 1); // [D, heads, n_tokens]
+        auto [q, k, v] = attention_inputs(ctx, cfg, L, l, h, io.positions, n_tokens, 1,
+                                          cache.n_ctx); // [D, heads, n_tokens]
 
         // Store the new keys and values at their positions, then attend over rows
         // [0, n_kv) of the cache. The views read the set_rows results, so the writes
@@ -260,7 +266,7 @@ TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weig
     for (size_t l = 0; l < w.layers.size(); ++l) {
         const LayerWeights& L = w.layers[l];
         Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
-        auto [q, k, v] = attention_inputs(ctx, cfg, L, l, h, io.positions, T, B); // [D, heads, T, B]
+        auto [q, k, v] = attention_inputs(ctx, cfg, L, l, h, io.positions, T, B, 0); // [D, heads, T, B]
         Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), permute(ctx, k, 0, 2, 1, 3),
                                    permute(ctx, v, 0, 2, 1, 3), nullptr, attention_params(cfg, l));
         set_name(o, "attn." + std::to_string(l)); // [D, n_head, T, B]
@@ -300,10 +306,10 @@ ModelConfig llama::read_config(const gguf::File& f) {
     const gguf::Value* arch = f.metadata().find("general.architecture");
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
-    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma2" &&
-        c.arch != "gemma3")
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "phi3" &&
+        c.arch != "gemma2" && c.arch != "gemma3")
         fail("model: architecture \"" + c.arch +
-             "\" is not supported (llama, qwen2, qwen3, gemma2 and gemma3 are)");
+             "\" is not supported (llama, qwen2, qwen3, phi3, gemma2 and gemma3 are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
@@ -339,6 +345,18 @@ ModelConfig llama::read_config(const gguf::File& f) {
     // Qwen3: Qwen2's blocks with each head of q and k RMS-normed before rope (and usually
     // without the q/k/v biases, which the file's tensors say).
     c.qk_norm = c.arch == "qwen3";
+    if (c.arch == "phi3") {
+        // Phi-3: a window on every layer (when the file gives one); LongRoPE files hold short
+        // and long rope factors and an attention factor on the rotated dims of q and k.
+        c.sliding_window = meta_int(f, p + "attention.sliding_window", 0);
+        c.sliding_pattern = ModelConfig::kEveryLayerSlides;
+        if (f.find_tensor("rope_factors_long.weight")) {
+            c.rope_ctx_orig = meta_int(f, p + "rope.scaling.original_context_length");
+            c.rope_attn_factor = float(meta_float(f, p + "rope.scaling.attn_factor", 1.0));
+            if (c.rope_ctx_orig <= 0 || !(c.rope_attn_factor > 0))
+                fail("model: phi3 LongRoPE needs a positive original context length and attention factor");
+        }
+    }
     if (c.arch == "gemma2" || c.arch == "gemma3") {
         // Defaults as llama.cpp has them for files that lack the keys.
         const bool g2 = c.arch == "gemma2";
@@ -476,21 +494,53 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
     // Llama 3.1 style rope scaling: one divisor per rotating pair (rope_freqs.weight, f32),
     // shared by every block. Each device holding blocks gets its own copy, so that no block's
     // rope reads across devices.
-    const gguf::TensorInfo* rope_freqs = checked("rope_freqs.weight", {c.rope.n_dims / 2}, true);
-    if (rope_freqs && rope_freqs->type != Type::F32)
-        fail(path + ": tensor rope_freqs.weight must be f32, not " +
-             std::string(type_name(rope_freqs->type)));
-    std::map<const Context*, Tensor*> rope_factors;
+    // Rope frequency divisors, one per rotating pair: rope_freqs.weight (Llama 3.1 style), or
+    // Phi-3's LongRoPE pair rope_factors_short.weight / rope_factors_long.weight.
+    const bool long_rope = c.rope_ctx_orig > 0;
+    const std::string factors_name = long_rope ? "rope_factors_short.weight" : "rope_freqs.weight";
+    const gguf::TensorInfo* rope_freqs = checked(factors_name, {c.rope.n_dims / 2}, !long_rope);
+    for (const char* name : {"rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight"}) {
+        const gguf::TensorInfo* info = checked(name, {c.rope.n_dims / 2}, true);
+        if (info && info->type != Type::F32)
+            fail(path + ": tensor " + name + " must be f32, not " + std::string(type_name(info->type)));
+    }
+    std::map<const Context*, Tensor*> rope_factors, rope_factors_long, rope_q_scale;
+    // Tensors the loader makes rather than reads from the file, with their values.
+    std::map<const Tensor*, std::vector<float>> made;
     for (int64_t l = 0; l < c.n_layer; ++l) {
         Context& where = l >= first_gpu_layer ? gpu_ctx : cpu_ctx;
         const std::string b = "blk." + std::to_string(l) + ".";
         llama::LayerWeights L;
         if (rope_freqs) {
             Tensor*& factors = rope_factors[&where];
-            if (!factors) factors = weight("rope_freqs.weight", {c.rope.n_dims / 2}, where);
+            if (!factors) factors = weight(factors_name, {c.rope.n_dims / 2}, where);
             L.rope_factors = factors;
         }
+        if (long_rope) {
+            Tensor*& factors = rope_factors_long[&where];
+            if (!factors) factors = weight("rope_factors_long.weight", {c.rope.n_dims / 2}, where);
+            L.rope_factors_long = factors;
+        }
+        if (c.rope_attn_factor != 1.0f) {
+            Tensor*& scale = rope_q_scale[&where];
+            if (!scale) {
+                scale = set_name(where.new_tensor(Type::F32, {c.head_dim}), "rope_q_scale");
+                std::vector<float> values(size_t(c.head_dim), 1.0f);
+                std::fill_n(values.begin(), c.rope.n_dims, c.rope_attn_factor * c.rope_attn_factor);
+                made[scale] = std::move(values);
+            }
+            L.rope_q_scale = scale;
+        }
         L.attn_norm = weight(b + "attn_norm.weight", {E}, where);
+        if (c.arch == "phi3") { // the files hold q/k/v and gate/up merged already
+            L.wqkv = weight(b + "attn_qkv.weight", {E, Dq + 2 * Dkv}, where);
+            L.wo = weight(b + "attn_output.weight", {Dq, E}, where);
+            L.ffn_norm = weight(b + "ffn_norm.weight", {E}, where);
+            L.ffn_gate_up = weight(b + "ffn_up.weight", {E, 2 * c.n_ff}, where);
+            L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E}, where);
+            w.layers.push_back(L);
+            continue;
+        }
         // Every projection must be there with its shape, merged or not.
         for (const auto& [name, rows] : {std::pair{"attn_q", Dq}, {"attn_k", Dkv}, {"attn_v", Dkv}})
             checked(b + name + ".weight", {E, rows});
@@ -543,6 +593,10 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         p.buffer = allocate_context_tensors(*p.ctx, p.device->buffer_type());
         for (Tensor* t : p.ctx->tensors()) {
             t->flags |= kFlagConstant;
+            if (auto it = made.find(t); it != made.end()) {
+                tensor_set(t, it->second.data(), 0, it->second.size() * sizeof(float));
+                continue;
+            }
             auto parts = merged_parts.find(t);
             if (parts == merged_parts.end()) {
                 const gguf::TensorInfo& info = m.file.tensor(t->name);

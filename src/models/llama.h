@@ -23,6 +23,14 @@ struct LayerWeights {
     Tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     Tensor* ffn_gate_up = nullptr;
     Tensor* rope_factors = nullptr; // rope_freqs.weight (Llama 3.1 style), the copy on this block's device
+    // Phi-3 LongRoPE: rope_factors holds rope_factors_short.weight, this rope_factors_long.weight,
+    // used in sessions longer than ModelConfig::rope_ctx_orig.
+    Tensor* rope_factors_long = nullptr;
+    // With a rope attention factor m (ModelConfig::rope_attn_factor): q times m^2 on its rotated
+    // dims and 1 on the rest, [head_dim], made by the loader. m on both rotated q and k (as the
+    // format defines it) changes only their rotated dims' products, by m^2, so scaling q's
+    // alone gives the same scores and leaves the cached keys as rope made them.
+    Tensor* rope_q_scale = nullptr;
     Tensor *attn_post_norm = nullptr, *ffn_post_norm = nullptr; // Gemma 2, 3
     Tensor *attn_q_norm = nullptr, *attn_k_norm = nullptr;      // Gemma 3: per head of q and k
 };
@@ -119,8 +127,9 @@ std::vector<uint16_t> window_mask(int64_t n_tokens, int64_t n_past, int64_t n_wi
 // Whether layer l attends through a sliding window: of each sliding_pattern layers all but
 // the last (Gemma 2: the even-numbered layers; Gemma 3: five of every six).
 inline bool sliding_layer(const ModelConfig& cfg, size_t l) {
-    return cfg.sliding_window > 0 && cfg.sliding_pattern > 0 &&
-           int64_t(l % size_t(cfg.sliding_pattern)) < cfg.sliding_pattern - 1;
+    if (cfg.sliding_window <= 0) return false;
+    if (cfg.sliding_pattern == ModelConfig::kEveryLayerSlides) return true;
+    return cfg.sliding_pattern > 0 && int64_t(l % size_t(cfg.sliding_pattern)) < cfg.sliding_pattern - 1;
 }
 
 // The hyperparameters of a GGUF file of architecture llama or qwen2; a gfa::Error names a

@@ -4,7 +4,8 @@
 Builds tiny random Hugging Face checkpoints with numpy (a LLaMA with grouped-query
 attention, a Llama 3.1 style one with "llama3" rope scaling, a Qwen2 with QKV biases, NeoX
 rope and tied embeddings, a Qwen3 with per-head q/k norms and heads wider than the embedding,
-a Mistral with an explicit head_dim stored as sharded BF16, Gemma 2 and 3), converts them to GGUF at several output types,
+a Mistral with an explicit head_dim stored as sharded BF16, a Phi-3 with merged projections,
+partial rotation, LongRoPE and a window on every layer, Gemma 2 and 3), converts them to GGUF at several output types,
 runs them through ggml-fa-run and compares the logits of every prompt position with a
 float64 numpy implementation of the Hugging Face forward pass. Greedy decoding is checked
 against the same reference, token by token.
@@ -69,6 +70,15 @@ CONFIGS = {
                   rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=256,
                   tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
                   sliding_window=None),
+    # Phi-3: q/k/v and gate/up stored as one matrix each, rope on 12 of 16 dims, LongRoPE (the
+    # sessions' context of 128 is past the original 8, so the long factors and the attention
+    # factor sqrt(1 + ln 16 / ln 8) on the rotated dims), and a window of 6 on every layer.
+    "phi3": dict(model_type="phi3", vocab_size=83, hidden_size=64, intermediate_size=96,
+                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, max_position_embeddings=128, original_max_position_embeddings=8,
+                 partial_rotary_factor=0.75, sliding_window=6, tie_word_embeddings=False,
+                 rope_scaling=dict(type="longrope", long_factor=[1.0, 1.4, 2.2, 3.5, 5.5, 8.0],
+                                   short_factor=[1.0, 1.1, 1.2, 1.4, 1.7, 2.0])),
     # Gemma 2: scaled embeddings, (1 + w) norms also after attention and the feed-forward,
     # GeGLU, soft-capped scores and logits (caps small enough to bite), and a sliding window
     # of 5 positions on layers 0 and 2 (the prompts are 13-23 tokens long).
@@ -115,9 +125,12 @@ def random_weights(cfg, rng):
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
         # Larger q/k weights make the attention patterns far from uniform, so a wrong
-        # rotary layout or a wrong causal mask shows in the logits.
-        w[p + "self_attn.q_proj.weight"] = 3 * mat(Hq * D, E)
-        w[p + "self_attn.k_proj.weight"] = 3 * mat(Hkv * D, E)
+        # rotary layout or a wrong causal mask shows in the logits. (Phi-3's LongRoPE factor
+        # already sharpens its scores by 2.3x: less there, or the 8-bit rounding of the CPU's
+        # quantized products is amplified past the tolerance.)
+        gain = 2 if cfg["model_type"] == "phi3" else 3
+        w[p + "self_attn.q_proj.weight"] = gain * mat(Hq * D, E)
+        w[p + "self_attn.k_proj.weight"] = gain * mat(Hkv * D, E)
         w[p + "self_attn.v_proj.weight"] = mat(Hkv * D, E)
         w[p + "self_attn.o_proj.weight"] = mat(E, Hq * D)
         if bias:
@@ -187,8 +200,40 @@ def transformers5_layout(cfg):
     return cfg
 
 
+def phi3_merged(cfg, weights):
+    """Phi-3 checkpoints hold q/k/v as qkv_proj and gate/up as gate_up_proj (rows one after another)."""
+    w = dict(weights)
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        w[p + "self_attn.qkv_proj.weight"] = np.concatenate([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        w[p + "mlp.gate_up_proj.weight"] = np.concatenate([w.pop(p + "mlp.gate_proj.weight"),
+                                                            w.pop(p + "mlp.up_proj.weight")])
+    return w
+
+
+def phi3_split(cfg, weights):
+    """The inverse of phi3_merged, for the reference."""
+    w = dict(weights)
+    D, Hq, Hkv, F = head_dim(cfg), cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        qkv = w.pop(p + "self_attn.qkv_proj.weight")
+        for n, part in zip("qkv", np.split(qkv, [Hq * D, (Hq + Hkv) * D])):
+            w[p + f"self_attn.{n}_proj.weight"] = part
+        gate, up = np.split(w.pop(p + "mlp.gate_up_proj.weight"), [F])
+        w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"] = gate, up
+    return w
+
+
 def write_checkpoint(directory, cfg, weights, dtype, layout5=False):
-    """Writes config.json and the weights; returns the weights as stored (rounded)."""
+    """Writes config.json and the weights; returns the weights as stored (rounded), by the
+    unmerged names."""
+    if cfg["model_type"] == "phi3":
+        return phi3_split(cfg, write_checkpoint_as_is(directory, cfg, phi3_merged(cfg, weights), dtype, layout5))
+    return write_checkpoint_as_is(directory, cfg, weights, dtype, layout5)
+
+
+def write_checkpoint_as_is(directory, cfg, weights, dtype, layout5):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(transformers5_layout(cfg) if layout5 else cfg, f)
@@ -270,8 +315,17 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
     gemma = cfg["model_type"] in ("gemma2", "gemma3_text")
     gemma3 = cfg["model_type"] == "gemma3_text"
+    phi3 = cfg["model_type"] == "phi3"
     qk_norm = cfg["model_type"] in ("gemma3_text", "qwen3")
     pattern = cfg.get("sliding_window_pattern", 2)
+    n_rot = int(D * cfg.get("partial_rotary_factor", 1.0))
+    # LongRoPE as llama.cpp applies it: the long factors for sessions past the original context
+    # (ggml-fa-run's default context is the model's 128), the attention factor on the rotated dims
+    long_rope = (cfg.get("rope_scaling") or {}).get("type") == "longrope"
+    attn_factor = 1.0
+    if long_rope:
+        scale = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
+        attn_factor = np.sqrt(1 + np.log(scale) / np.log(cfg["original_max_position_embeddings"]))
 
     def rms_norm(x, g):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * ((1.0 + g) if gemma else g)
@@ -279,23 +333,27 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
     def gelu_tanh(x):
         return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
-    # Rotary embedding as HF applies it: the halves (d, d + D/2) of each head rotate.
+    # Rotary embedding as HF applies it: the halves (d, d + R/2) of the first R dims of each head
+    # rotate (R = D but for Phi-3's partial rotation).
     def rotary(theta, scaling):
-        inv_freq = 1.0 / theta ** (np.arange(0, D, 2) / D)
+        inv_freq = 1.0 / theta ** (np.arange(0, n_rot, 2) / n_rot)
         if (scaling or {}).get("rope_type") == "llama3":
             inv_freq = llama3_inv_freq(inv_freq, scaling)
         if (scaling or {}).get("rope_type") == "linear":
             inv_freq = inv_freq / scaling["factor"]
+        if (scaling or {}).get("type") == "longrope":
+            inv_freq = inv_freq / np.array(scaling["long_factor"])
         angles = np.arange(n)[:, None] * inv_freq[None, :]
-        return (np.cos(np.concatenate([angles, angles], -1))[:, None, :],
-                np.sin(np.concatenate([angles, angles], -1))[:, None, :])
+        return (attn_factor * np.cos(np.concatenate([angles, angles], -1))[:, None, :],
+                attn_factor * np.sin(np.concatenate([angles, angles], -1))[:, None, :])
 
     rope_global = rotary(cfg["rope_theta"], cfg.get("rope_scaling"))
     rope_local = rotary(cfg["rope_local_base_freq"], None) if gemma3 else rope_global
 
     def rotate(x, cs):  # x: [n, heads, D]
-        half = np.concatenate([-x[..., D // 2:], x[..., : D // 2]], -1)
-        return x * cs[0] + half * cs[1]
+        r, rest = x[..., :n_rot], x[..., n_rot:]
+        half = np.concatenate([-r[..., n_rot // 2:], r[..., : n_rot // 2]], -1)
+        return np.concatenate([r * cs[0] + half * cs[1], rest], -1)
 
     causal = np.triu(np.full((n, n), -np.inf), 1)
     # Gemma 2's sliding layers see key j from query i when i - window < j <= i.
@@ -312,7 +370,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
                 y = y + w[p + f"self_attn.{name}_proj.bias"]
             return y.reshape(n, heads, D)
 
-        sliding_layer = gemma and l % pattern < pattern - 1
+        sliding_layer = (gemma and l % pattern < pattern - 1) or (phi3 and bool(cfg.get("sliding_window")))
         cs = rope_local if sliding_layer else rope_global
         h = rms_norm(x, w[p + "input_layernorm.weight"])
         q, k, v = proj("q", Hq), proj("k", Hkv), proj("v", Hkv)
@@ -550,6 +608,9 @@ def main():
         ("llama", "f32", "q8_0", "q8_0", []),
         ("qwen2", "f16", "f32", "f32", ["-b", "5"]),
         ("qwen2", "f16", "f16", "f16", []),
+        ("phi3", "f32", "f32", "f32", []),
+        ("phi3", "f32", "f32", "f32", ["-b", "4"]),  # chunks: windows and the ring cache across them
+        ("phi3", "f32", "q8_0", "f16", []),
         ("qwen3", "bf16", "f32", "f32", []),
         ("qwen3", "bf16", "f32", "f32", ["-b", "4"]),
         ("qwen3", "bf16", "q8_0", "f16", []),

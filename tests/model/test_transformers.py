@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Qwen2, Qwen3, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
+"""Llama, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -65,6 +65,23 @@ def build(kind, seed):
                                             rope_scaling=dict(rope_type="linear", factor=2.0),
                                             hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "phi3":
+        # q/k/v and gate/up stored merged, rope on half of each head's 16 dims, a window of 16
+        # positions on every layer.
+        cfg = transformers.Phi3Config(**common, partial_rotary_factor=0.5, sliding_window=16, tie_word_embeddings=False,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+        model = transformers.Phi3ForCausalLM(cfg)
+    elif kind == "phi3_longrope":
+        # LongRoPE: the 64-token prompt is longer than the original context of 32, so both
+        # engines rotate with the long factors, and q and k carry the attention factor.
+        # Rope on 12 of the 16 dims of a head (Phi-4-mini turns 3/4), so the factor on the rotated
+        # dims is not a scale on the whole scores.
+        cfg = transformers.Phi3Config(**common, partial_rotary_factor=0.75, original_max_position_embeddings=32,
+                                      rope_scaling=dict(type="longrope", long_factor=[1.0, 1.3, 2.0, 3.1, 4.7, 7.0],
+                                                        short_factor=[1.0, 1.0, 1.1, 1.2, 1.4, 1.7]),
+                                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      attn_implementation="eager")
+        model = transformers.Phi3ForCausalLM(cfg)
     elif kind == "qwen3":
         # Heads of 32: q (256 wide) is wider than the embedding (128), as in small Qwen3 models.
         cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
@@ -101,7 +118,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         # Gemma 3 came with transformers 4.50, Qwen3 with 4.51.
         kinds = ["llama", "llama3", "qwen2", "gemma2"]
-        kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"))
+        kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                                   ("phi3", "Phi3ForCausalLM"), ("phi3_longrope", "Phi3ForCausalLM"))
                   if hasattr(transformers, cls)]
         for kind in kinds:
             model = build(kind, seed)

@@ -1,4 +1,4 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2/3, Gemma 2/3) to
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3) to
 // GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
@@ -49,6 +49,15 @@ struct HParams {
         int64_t original_context;
     };
     std::optional<Llama3Rope> rope_llama3;
+    // Phi-3's LongRoPE ("rope_type": "longrope"): a divisor per rotating pair for contexts up to
+    // the original length (short) and beyond (long), and the factor on the rotated q and k.
+    struct LongRope {
+        std::vector<double> long_factor, short_factor;
+        std::optional<double> attention_factor;
+        std::optional<int64_t> original_context;
+    };
+    std::optional<LongRope> rope_long;
+    int64_t n_rot = 0; // rotated dims of a head (Phi-3's partial_rotary_factor), else head_dim
     bool tied = false;
     std::optional<int64_t> bos, eos;
     // Gemma 2 and 3
@@ -120,9 +129,18 @@ void read_rope_entry(const json& rs, const std::string& where, HParams& h, bool 
             gfa::fail("config.json: " + where +
                       " (llama3) needs factor > 0, high_freq_factor > low_freq_factor > 0 and "
                       "original_max_position_embeddings > 0");
+    } else if (type == "longrope" || type == "su") {
+        HParams::LongRope r;
+        r.long_factor = required<std::vector<double>>(rs, "long_factor");
+        r.short_factor = required<std::vector<double>>(rs, "short_factor");
+        if (rs.contains("attention_factor") && !rs["attention_factor"].is_null())
+            r.attention_factor = rs["attention_factor"].get<double>();
+        if (rs.contains("original_max_position_embeddings"))
+            r.original_context = rs["original_max_position_embeddings"].get<int64_t>();
+        h.rope_long = r;
     } else if (type != "default") {
         gfa::fail("config.json: " + where + " type \"" + type +
-                  "\" is not supported (linear and llama3 are)");
+                  "\" is not supported (linear, llama3 and longrope are)");
     }
 }
 
@@ -212,13 +230,14 @@ HParams read_config(const std::filesystem::path& dir) {
     h.model_type = required<std::string>(cfg, "model_type");
     if (h.model_type == "llama" || h.model_type == "mistral")
         h.arch = "llama";
-    else if (h.model_type == "qwen2" || h.model_type == "qwen3" || h.model_type == "gemma2")
+    else if (h.model_type == "qwen2" || h.model_type == "qwen3" || h.model_type == "phi3" ||
+             h.model_type == "gemma2")
         h.arch = h.model_type;
     else if (h.model_type == "gemma3_text")
         h.arch = "gemma3";
     else
         gfa::fail("config.json: model_type \"" + h.model_type +
-                  "\" is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3_text are)");
+                  "\" is not supported (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -235,6 +254,36 @@ HParams read_config(const std::filesystem::path& dir) {
     h.norm_eps = optional_or<double>(cfg, "rms_norm_eps", 1e-6);
     h.tied = optional_or<bool>(cfg, "tie_word_embeddings", false);
     read_rope(cfg, h);
+    h.n_rot = h.head_dim;
+    if (h.arch == "phi3") {
+        // top level (transformers 4.x) or inside rope_parameters (5.x)
+        double partial = optional_or<double>(cfg, "partial_rotary_factor", 1.0);
+        if (cfg.contains("rope_parameters") && cfg["rope_parameters"].is_object())
+            partial = optional_or<double>(cfg["rope_parameters"], "partial_rotary_factor", partial);
+        h.n_rot = int64_t(std::llround(double(h.head_dim) * partial));
+        if (!(partial > 0 && partial <= 1) || h.n_rot % 2 != 0)
+            gfa::fail("config.json: partial_rotary_factor " + std::to_string(partial) +
+                      " must rotate an even number of a head's dims");
+        if (cfg.contains("sliding_window") && cfg["sliding_window"].is_number_integer())
+            h.sliding_window = cfg["sliding_window"].get<int64_t>();
+        if (h.rope_long) {
+            HParams::LongRope& r = *h.rope_long;
+            if (!r.original_context)
+                r.original_context = required<int64_t>(cfg, "original_max_position_embeddings");
+            if (int64_t(r.long_factor.size()) != h.n_rot / 2 ||
+                int64_t(r.short_factor.size()) != h.n_rot / 2 || *r.original_context <= 0)
+                gfa::fail("config.json: longrope needs " + std::to_string(h.n_rot / 2) +
+                          " long and short factors and original_max_position_embeddings > 0");
+            if (!r.attention_factor) { // as transformers derives it
+                const double scale = double(h.n_ctx_train) / double(*r.original_context);
+                r.attention_factor =
+                    scale <= 1.0 ? 1.0
+                                 : std::sqrt(1.0 + std::log(scale) / std::log(double(*r.original_context)));
+            }
+        }
+    } else if (h.rope_long) {
+        gfa::fail("config.json: longrope is Phi-3's rope; " + h.model_type + " files cannot express it");
+    }
     if (h.arch == "gemma2" || h.arch == "gemma3") {
         const bool g2 = h.arch == "gemma2";
         h.tied = optional_or<bool>(cfg, "tie_word_embeddings", true);
@@ -296,6 +345,10 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
             for (const auto& [from, to] : gemma2)
                 if (rest == from) return "blk." + std::string(m[1]) + "." + to;
         const bool qk_norm = arch == "gemma3" || arch == "qwen3";
+        if (arch == "phi3" && rest == "self_attn.qkv_proj.weight")
+            return "blk." + std::string(m[1]) + ".attn_qkv.weight";
+        if (arch == "phi3" && rest == "mlp.gate_up_proj.weight")
+            return "blk." + std::string(m[1]) + ".ffn_up.weight";
         if (qk_norm && rest == "self_attn.q_norm.weight")
             return "blk." + std::string(m[1]) + ".attn_q_norm.weight";
         if (qk_norm && rest == "self_attn.k_norm.weight")
@@ -491,10 +544,11 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
 }
 
 void usage() {
-    std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
-                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 "
-                         "checkpoint (config.json + "
-                         "*.safetensors)\n");
+    std::fprintf(stderr,
+                 "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
+                 "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 "
+                 "checkpoint (config.json + "
+                 "*.safetensors)\n");
 }
 
 int run(int argc, char** argv) {
@@ -544,7 +598,13 @@ int run(int argc, char** argv) {
     w.set(A + ".attention.value_length", uint32_t(h.head_dim));
     w.set(A + ".attention.layer_norm_rms_epsilon", float(h.norm_eps));
     w.set(A + ".rope.freq_base", float(h.rope_theta));
-    w.set(A + ".rope.dimension_count", uint32_t(h.head_dim));
+    w.set(A + ".rope.dimension_count", uint32_t(h.n_rot));
+    if (h.arch == "phi3" && h.sliding_window > 0)
+        w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
+    if (h.rope_long) {
+        w.set(A + ".rope.scaling.attn_factor", float(*h.rope_long->attention_factor));
+        w.set(A + ".rope.scaling.original_context_length", uint32_t(*h.rope_long->original_context));
+    }
     if (h.arch == "gemma2") {
         w.set(A + ".attn_logit_softcapping", float(h.attn_softcap));
         w.set(A + ".final_logit_softcapping", float(h.final_softcap));
@@ -603,6 +663,14 @@ int run(int argc, char** argv) {
         written.insert(name);
     }
 
+    if (h.rope_long)
+        for (const auto& [name, values] :
+             {std::pair{"rope_factors_long.weight", &h.rope_long->long_factor},
+              std::pair{"rope_factors_short.weight", &h.rope_long->short_factor}}) {
+            const std::vector<float> f(values->begin(), values->end());
+            w.add_tensor(name, gfa::Type::F32, {int64_t(f.size())}, f.data(), f.size() * sizeof(float));
+            written.insert(name);
+        }
     if (h.rope_llama3) {
         const std::vector<float> factors = llama3_rope_factors(h);
         w.add_tensor("rope_freqs.weight", gfa::Type::F32, {int64_t(factors.size())}, factors.data(),
@@ -614,8 +682,12 @@ int run(int argc, char** argv) {
     std::vector<std::string> needed{"token_embd.weight", "output_norm.weight"};
     if (!h.tied) needed.push_back("output.weight");
     for (int64_t l = 0; l < h.n_layer; ++l)
-        for (const char* s : {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                              "ffn_gate", "ffn_up", "ffn_down"})
+        for (const char* s :
+             h.arch == "phi3"
+                 ? std::vector<const char*>{"attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up",
+                                            "ffn_down"}
+                 : std::vector<const char*>{"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                            "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"})
             needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
     if (h.arch == "gemma2" || h.arch == "gemma3")
         for (int64_t l = 0; l < h.n_layer; ++l)
