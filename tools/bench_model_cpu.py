@@ -118,7 +118,7 @@ def check_logits(args, work, logits_peer):
     f16 = os.path.join(work, "check-f16.gguf")
     run([os.path.join(args.build, "convert"), ckpt, "-o", f16, "--type", "f16"])
     ok = True
-    for gtype in ["f16", "q8_0", "q4_0", "q4_K"]:
+    for gtype in ["f16"] + sorted(set(["q8_0", "q4_0", "q4_K"] + [t for t in args.types if t != "f16"])):
         path = f16
         if gtype != "f16":
             path = os.path.join(work, f"check-{gtype}.gguf")
