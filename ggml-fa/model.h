@@ -21,7 +21,7 @@ namespace gfa {
 
 // Hyperparameters read from the file's metadata (keys "<arch>.*").
 struct ModelConfig {
-    std::string arch; // "llama", "qwen2", "qwen3", "phi3", "gemma2" or "gemma3"
+    std::string arch; // "llama", "granite", "qwen2", "qwen3", "phi3", "gemma2" or "gemma3"
     int64_t n_vocab = 0;
     int64_t n_ctx_train = 0;
     int64_t n_embd = 0;
@@ -39,6 +39,8 @@ struct ModelConfig {
     float attn_scale = 0.0f;     // attention scores times this; 0: 1 / sqrt(head_dim)
     float attn_softcap = 0.0f;   // > 0: scores s become softcap * tanh(s / softcap)
     float final_softcap = 0.0f;  // > 0: the same for the logits
+    float residual_scale = 1.0f; // each block's attention and feed-forward output times this (granite)
+    float logit_scale = 1.0f;    // the logits divided by this (granite)
     int64_t sliding_window = 0;  // > 0: sliding layers see only this many latest positions
     int32_t sliding_pattern = 2; // of each this many layers, all but the last slide (gemma2 2, gemma3 6);
                                  // kEveryLayerSlides: all of them (phi3)

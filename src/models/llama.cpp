@@ -113,6 +113,7 @@ Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
     Tensor* f = cfg.gelu_ffn ? mul(ctx, gelu(ctx, gate, GeluApprox::Tanh), up) : swiglu(ctx, gate, up);
     Tensor* out = mul_mat(ctx, L.ffn_down, f);
     if (L.ffn_post_norm) out = mul(ctx, rms_norm(ctx, out, cfg.norm_eps), L.ffn_post_norm);
+    if (cfg.residual_scale != 1.0f) out = scale(ctx, out, cfg.residual_scale);
     return add(ctx, x, out);
 }
 
@@ -134,6 +135,7 @@ Tensor* attention_residual(Context& ctx, const ModelConfig& cfg, const LayerWeig
                            Tensor* o) {
     o = mul_mat(ctx, L.wo, o);
     if (L.attn_post_norm) o = mul(ctx, rms_norm(ctx, o, cfg.norm_eps), L.attn_post_norm);
+    if (cfg.residual_scale != 1.0f) o = scale(ctx, o, cfg.residual_scale);
     return add(ctx, x, o);
 }
 
@@ -142,6 +144,7 @@ Tensor* logits_of(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor
     Tensor* logits = mul_mat(ctx, w.output, x);
     if (cfg.final_softcap > 0.0f)
         logits = scale(ctx, tanh(ctx, scale(ctx, logits, 1.0f / cfg.final_softcap)), cfg.final_softcap);
+    if (cfg.logit_scale != 1.0f) logits = scale(ctx, logits, 1.0f / cfg.logit_scale);
     return logits;
 }
 
@@ -306,10 +309,10 @@ ModelConfig llama::read_config(const gguf::File& f) {
     const gguf::Value* arch = f.metadata().find("general.architecture");
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
-    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "phi3" &&
-        c.arch != "gemma2" && c.arch != "gemma3")
+    if (c.arch != "llama" && c.arch != "granite" && c.arch != "qwen2" && c.arch != "qwen3" &&
+        c.arch != "phi3" && c.arch != "gemma2" && c.arch != "gemma3")
         fail("model: architecture \"" + c.arch +
-             "\" is not supported (llama, qwen2, qwen3, phi3, gemma2 and gemma3 are)");
+             "\" is not supported (llama, granite, qwen2, qwen3, phi3, gemma2 and gemma3 are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
@@ -327,7 +330,8 @@ ModelConfig llama::read_config(const gguf::File& f) {
         fail("model: key and value head sizes differ, which llama-family models do not do");
     c.norm_eps = float(meta_float(f, p + "attention.layer_norm_rms_epsilon", 1e-5));
     c.rope.n_dims = int32_t(meta_int(f, p + "rope.dimension_count", c.head_dim));
-    c.rope.mode = c.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX;
+    // llama and granite files hold q and k rows in rope's pair order (the converters permute them)
+    c.rope.mode = c.arch == "llama" || c.arch == "granite" ? RopeMode::Normal : RopeMode::NeoX;
     c.rope.freq_base = float(meta_float(f, p + "rope.freq_base", 10000.0));
     c.rope.freq_scale = 1.0f;
     if (const gguf::Value* type = f.metadata().find(p + "rope.scaling.type")) {
@@ -345,6 +349,14 @@ ModelConfig llama::read_config(const gguf::File& f) {
     // Qwen3: Qwen2's blocks with each head of q and k RMS-normed before rope (and usually
     // without the q/k/v biases, which the file's tensors say).
     c.qk_norm = c.arch == "qwen3";
+    if (c.arch == "granite") { // LLaMA's blocks with four multipliers
+        c.embd_scale = float(meta_float(f, p + "embedding_scale", 1.0));
+        c.residual_scale = float(meta_float(f, p + "residual_scale", 1.0));
+        c.attn_scale = float(meta_float(f, p + "attention.scale", 0.0));
+        c.logit_scale = float(meta_float(f, p + "logit_scale", 1.0));
+        if (!(c.embd_scale > 0) || !(c.residual_scale > 0) || !(c.attn_scale >= 0) || !(c.logit_scale > 0))
+            fail("model: granite's embedding, residual, attention and logit scales must be positive");
+    }
     if (c.arch == "phi3") {
         // Phi-3: a window on every layer (when the file gives one); LongRoPE files hold short
         // and long rope factors and an attention factor on the rotated dims of q and k.

@@ -4,7 +4,8 @@
 Builds tiny random Hugging Face checkpoints with numpy (a LLaMA with grouped-query
 attention, a Llama 3.1 style one with "llama3" rope scaling, a Qwen2 with QKV biases, NeoX
 rope and tied embeddings, a Qwen3 with per-head q/k norms and heads wider than the embedding,
-a Mistral with an explicit head_dim stored as sharded BF16, a Phi-3 with merged projections,
+a Mistral with an explicit head_dim stored as sharded BF16, a Granite with its multipliers, a
+Phi-3 with merged projections,
 partial rotation, LongRoPE and a window on every layer, Gemma 2 and 3), converts them to GGUF at several output types,
 runs them through ggml-fa-run and compares the logits of every prompt position with a
 float64 numpy implementation of the Hugging Face forward pass. Greedy decoding is checked
@@ -70,6 +71,12 @@ CONFIGS = {
                   rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=256,
                   tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
                   sliding_window=None),
+    # Granite: LLaMA's blocks with multipliers on the embeddings, the residual branches, the
+    # scores (in place of 1/sqrt(head_dim)) and the logits.
+    "granite": dict(model_type="granite", vocab_size=71, hidden_size=96, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=True,
+                    embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.5),
     # Phi-3: q/k/v and gate/up stored as one matrix each, rope on 12 of 16 dims, LongRoPE (the
     # sessions' context of 128 is past the original 8, so the long factors and the attention
     # factor sqrt(1 + ln 16 / ln 8) on the rotated dims), and a window of 6 on every layer.
@@ -361,6 +368,8 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
     x = w["model.embed_tokens.weight"][tokens]
     if gemma:
         x = x * np.sqrt(cfg["hidden_size"])
+    x = x * cfg.get("embedding_multiplier", 1.0)
+    residual = cfg.get("residual_multiplier", 1.0)
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
 
@@ -380,7 +389,8 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         k, v = round_kv(k, kv_type), round_kv(v, kv_type)
         k = np.repeat(k, Hq // Hkv, axis=1)  # query head i reads kv head i // (Hq / Hkv)
         v = np.repeat(v, Hq // Hkv, axis=1)
-        s = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(cfg.get("query_pre_attn_scalar", D))
+        s = np.einsum("ihd,jhd->hij", q, k) * cfg.get("attention_multiplier",
+                                                        1.0 / np.sqrt(cfg.get("query_pre_attn_scalar", D)))
         if cfg.get("attn_logit_softcapping"):
             cap = cfg["attn_logit_softcapping"]
             s = cap * np.tanh(s / cap)
@@ -391,7 +401,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         o = o @ w[p + "self_attn.o_proj.weight"].T
         if gemma:
             o = rms_norm(o, w[p + "post_attention_layernorm.weight"])
-        x = x + o
+        x = x + residual * o
 
         h = rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")])
         g = h @ w[p + "mlp.gate_proj.weight"].T
@@ -399,14 +409,14 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         f = ((gelu_tanh(g) if gemma else g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
         if gemma:
             f = rms_norm(f, w[p + "post_feedforward_layernorm.weight"])
-        x = x + f
+        x = x + residual * f
     x = rms_norm(x, w["model.norm.weight"])
     head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
     logits = x @ head.T
     if cfg.get("final_logit_softcapping"):
         cap = cfg["final_logit_softcapping"]
         logits = cap * np.tanh(logits / cap)
-    return logits
+    return logits / cfg.get("logits_scaling", 1.0)
 
 
 # ---- running the tools -----------------------------------------------------------------
@@ -608,6 +618,8 @@ def main():
         ("llama", "f32", "q8_0", "q8_0", []),
         ("qwen2", "f16", "f32", "f32", ["-b", "5"]),
         ("qwen2", "f16", "f16", "f16", []),
+        ("granite", "f16", "f32", "f32", []),
+        ("granite", "f16", "q8_0", "f16", ["-b", "5"]),
         ("phi3", "f32", "f32", "f32", []),
         ("phi3", "f32", "f32", "f32", ["-b", "4"]),  # chunks: windows and the ring cache across them
         ("phi3", "f32", "q8_0", "f16", []),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
+"""Llama, Granite, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -65,6 +65,12 @@ def build(kind, seed):
                                             rope_scaling=dict(rope_type="linear", factor=2.0),
                                             hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "granite":
+        # LLaMA's blocks with multipliers on the embeddings, the residual branches, the scores
+        # (in place of 1/sqrt(head_dim)) and the logits.
+        cfg = transformers.GraniteConfig(**common, embedding_multiplier=2.5, residual_multiplier=0.6,
+                                         attention_multiplier=0.35, logits_scaling=3.0, tie_word_embeddings=True)
+        model = transformers.GraniteForCausalLM(cfg)
     elif kind == "phi3":
         # q/k/v and gate/up stored merged, rope on half of each head's 16 dims, a window of 16
         # positions on every layer.
@@ -119,6 +125,7 @@ def main():
         # Gemma 3 came with transformers 4.50, Qwen3 with 4.51.
         kinds = ["llama", "llama3", "qwen2", "gemma2"]
         kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                                   ("granite", "GraniteForCausalLM"),
                                    ("phi3", "Phi3ForCausalLM"), ("phi3_longrope", "Phi3ForCausalLM"))
                   if hasattr(transformers, cls)]
         for kind in kinds:

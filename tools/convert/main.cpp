@@ -1,4 +1,4 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3) to
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Granite, Qwen2/3, Phi-3, Gemma 2/3) to
 // GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
@@ -62,6 +62,9 @@ struct HParams {
     std::optional<int64_t> bos, eos;
     // Gemma 2 and 3
     double attn_softcap = 0.0, final_softcap = 0.0;
+    // Granite's multipliers
+    double embedding_multiplier = 1.0, residual_multiplier = 1.0, attention_multiplier = 0.0,
+           logits_scaling = 1.0;
     int64_t sliding_window = 0, sliding_pattern = 0;
     double rope_local_base = 0.0; // Gemma 3's sliding layers
 };
@@ -231,13 +234,14 @@ HParams read_config(const std::filesystem::path& dir) {
     if (h.model_type == "llama" || h.model_type == "mistral")
         h.arch = "llama";
     else if (h.model_type == "qwen2" || h.model_type == "qwen3" || h.model_type == "phi3" ||
-             h.model_type == "gemma2")
+             h.model_type == "gemma2" || h.model_type == "granite")
         h.arch = h.model_type;
     else if (h.model_type == "gemma3_text")
         h.arch = "gemma3";
     else
-        gfa::fail("config.json: model_type \"" + h.model_type +
-                  "\" is not supported (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text are)");
+        gfa::fail(
+            "config.json: model_type \"" + h.model_type +
+            "\" is not supported (llama, mistral, granite, qwen2, qwen3, phi3, gemma2, gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -255,6 +259,13 @@ HParams read_config(const std::filesystem::path& dir) {
     h.tied = optional_or<bool>(cfg, "tie_word_embeddings", false);
     read_rope(cfg, h);
     h.n_rot = h.head_dim;
+    if (h.arch == "granite") {
+        h.embedding_multiplier = optional_or<double>(cfg, "embedding_multiplier", 1.0);
+        h.residual_multiplier = optional_or<double>(cfg, "residual_multiplier", 1.0);
+        h.attention_multiplier =
+            optional_or<double>(cfg, "attention_multiplier", 1.0 / std::sqrt(double(h.head_dim)));
+        h.logits_scaling = optional_or<double>(cfg, "logits_scaling", 1.0);
+    }
     if (h.arch == "phi3") {
         // top level (transformers 4.x) or inside rope_parameters (5.x)
         double partial = optional_or<double>(cfg, "partial_rotary_factor", 1.0);
@@ -544,11 +555,12 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
 }
 
 void usage() {
-    std::fprintf(stderr,
-                 "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
-                 "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 "
-                 "checkpoint (config.json + "
-                 "*.safetensors)\n");
+    std::fprintf(
+        stderr,
+        "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
+        "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Granite / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 "
+        "checkpoint (config.json + "
+        "*.safetensors)\n");
 }
 
 int run(int argc, char** argv) {
@@ -601,6 +613,12 @@ int run(int argc, char** argv) {
     w.set(A + ".rope.dimension_count", uint32_t(h.n_rot));
     if (h.arch == "phi3" && h.sliding_window > 0)
         w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
+    if (h.arch == "granite") {
+        w.set(A + ".embedding_scale", float(h.embedding_multiplier));
+        w.set(A + ".residual_scale", float(h.residual_multiplier));
+        w.set(A + ".attention.scale", float(h.attention_multiplier));
+        w.set(A + ".logit_scale", float(h.logits_scaling));
+    }
     if (h.rope_long) {
         w.set(A + ".rope.scaling.attn_factor", float(*h.rope_long->attention_factor));
         w.set(A + ".rope.scaling.original_context_length", uint32_t(*h.rope_long->original_context));
@@ -629,7 +647,7 @@ int run(int argc, char** argv) {
     // vocab_size dummy tokens so token ids can still be fed in.
     if (!has_vocabulary) w.set("tokenizer.ggml.model", "no_vocab");
 
-    const bool permute_rotary = h.arch == "llama";
+    const bool permute_rotary = h.arch == "llama" || h.arch == "granite";
     std::set<std::string> written;
     int n_fallback = 0;
     for (const auto& [hf_name, t] : ckpt.tensors()) {
