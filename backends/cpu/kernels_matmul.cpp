@@ -849,6 +849,13 @@ template <bool kFifthBit> float dot_k4_int(const void* row, const void* column, 
     return hsum(_mm256_sub_ps(acc, acc_mins));
 }
 
+// The 16-bit sub-block scales 8h .. 8h + 7 of a 256-block (lanes of scales16) in both 128-bit
+// halves, for the 128-value half h of the formats with sub-blocks of 16 (q2_K, q3_K, q6_K).
+inline __m256i half_scales(__m256i scales16, int h) {
+    return h == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
+                  : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+}
+
 // q6_K: x = d sc_i (q - 32) with q in 0..63 and a signed 8-bit scale per 16 values. The
 // codes go into maddubs unsigned (63 * 127 * 2 fits 16 bits) and the -32 becomes
 // -32 sum_i sc_i (column sum of group i), one multiply-add per 256-block. Each 128-value
@@ -870,8 +877,7 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
         for (int h = 0; h < 2; ++h) {
             // Scales 8h..8h+7 in both 128-bit halves; a 32-value group g uses 8h + 2g in its
             // lower half (values 0..15) and 8h + 2g + 1 in its upper half.
-            const __m256i scales = h == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
-                                          : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+            const __m256i scales = half_scales(scales16, h);
             const __m256i l0 = load256(b.ql + 64 * h), l1 = load256(b.ql + 64 * h + 32);
             const __m256i hb = load256(b.qh + 32 * h);
             // 16-bit shifts by 2 or 4 keep bits 4-5 of each byte within the byte.
@@ -926,8 +932,7 @@ float dot_q2_K_int(const void* row, const void* column, int64_t K) {
         __m256i sum = _mm256_setzero_si256();
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
-            const __m256i scales = h == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
-                                          : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+            const __m256i scales = half_scales(scales16, h);
             const __m256i q = load256(b.qs + 32 * h);
 #pragma GCC unroll 4
             for (int g = 0; g < 4; ++g) {
@@ -968,8 +973,7 @@ float dot_q3_K_int(const void* row, const void* column, int64_t K) {
         __m256i sum = _mm256_setzero_si256();
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
-            const __m256i scales = h == 0 ? _mm256_permute2x128_si256(scales16, scales16, 0x00)
-                                          : _mm256_permute2x128_si256(scales16, scales16, 0x11);
+            const __m256i scales = half_scales(scales16, h);
             const __m256i q = load256(b.qs + 32 * h);
 #pragma GCC unroll 4
             for (int g = 0; g < 4; ++g) {

@@ -60,6 +60,49 @@ __device__ __forceinline__ float mask_value(const char* row, int j, int code) {
                         : __half2float(reinterpret_cast<const __half*>(row)[j]);
 }
 
+// The end of packed query row p in a forward kernel: with key splits its partial O / l and its
+// base-2 LSE for the combine kernel, else O / l (sinks join the denominator) in the output and
+// LSE = (m + log2 l) ln 2. l is the row sum (reduced over the quad), m the base-2 row maximum,
+// o(dt, c) this thread's accumulator of column 8 dt + 2 t4 + c. (fwd_kernel below keeps its
+// own copy of these lines: calling this changed the scheduling of its main loop at D = 64 and
+// 128, which has not been measured.)
+template <int NTILE_D, class O>
+__device__ __forceinline__ void write_output_row(const FwdArgs& a, int p, int hk, int b, int split, int t4,
+                                                 float l, float m, O o) {
+    const Shape& s = a.s;
+    const int rows_total = s.Sq * s.G;
+    const int i = p / s.G, h = hk * s.G + p % s.G;
+    if (a.n_split > 1) {
+        const int64_t prow = (int64_t(split * s.B + b) * s.Hkv + hk) * rows_total + p;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        float* dst = a.part_o + prow * s.Dv;
+#pragma unroll
+        for (int dt = 0; dt < NTILE_D; ++dt) {
+            const int c = dt * 8 + 2 * t4;
+            if (c < s.Dv) *reinterpret_cast<float2*>(dst + c) = make_float2(o(dt, 0) * inv, o(dt, 1) * inv);
+        }
+        if (t4 == 0) a.part_lse[prow] = l > 0.0f ? m + __log2f(l) : -INFINITY;
+        return;
+    }
+    float o_scale = 1.0f;
+    if (a.sinks) {
+        const float sink = a.sinks[h] * kLog2e;
+        const float m_new = fmaxf(m, sink);
+        o_scale = fast_exp2(m - m_new);
+        l = l * o_scale + fast_exp2(sink - m_new);
+        m = m_new;
+    }
+    const float inv = l > 0.0f ? o_scale / l : 0.0f;
+    char* dst = a.o + b * a.o_nb3 + int64_t(i) * a.o_nb2 + int64_t(h) * a.o_nb1;
+#pragma unroll
+    for (int dt = 0; dt < NTILE_D; ++dt) {
+        const int c = dt * 8 + 2 * t4;
+        if (c < s.Dv) store_pair(dst, c, o(dt, 0) * inv, o(dt, 1) * inv, a.o_code);
+    }
+    if (a.lse && t4 == 0)
+        a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+}
+
 // MASK_TILES: the instantiation for an explicit mask with classified tiles (a.mask_tiles); the
 // other one has no code for them, as the lookups changed the register allocation of the
 // unmasked kernels (2% slower at D = 64, H200).

@@ -255,42 +255,10 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hoppe
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int p = p0 + row0 + r * 8 + g;
-        float l = quad_sum(row_sum[r]);
+        const float l = quad_sum(row_sum[r]);
         if (p >= rows_total) continue;
-        const int i = p / s.G, h = hk * s.G + p % s.G;
-        float m = row_max[r];
-        if (a.n_split > 1) {
-            const int64_t prow = (int64_t(split * s.B + b) * s.Hkv + hk) * rows_total + p;
-            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-            float* dst = a.part_o + prow * s.Dv;
-#pragma unroll
-            for (int dt = 0; dt < NO; ++dt) {
-                const int c = dt * 8 + 2 * t4;
-                if (c < s.Dv)
-                    *reinterpret_cast<float2*>(dst + c) =
-                        make_float2(o_acc[dt * 4 + 2 * r] * inv, o_acc[dt * 4 + 2 * r + 1] * inv);
-            }
-            if (t4 == 0) a.part_lse[prow] = l > 0.0f ? m + __log2f(l) : -INFINITY;
-            continue;
-        }
-        float o_scale = 1.0f;
-        if (a.sinks) {
-            const float sink = a.sinks[h] * kLog2e;
-            const float m_new = fmaxf(m, sink);
-            o_scale = fast_exp2(m - m_new);
-            l = l * o_scale + fast_exp2(sink - m_new);
-            m = m_new;
-        }
-        const float inv = l > 0.0f ? o_scale / l : 0.0f;
-        char* dst = a.o + b * a.o_nb3 + int64_t(i) * a.o_nb2 + int64_t(h) * a.o_nb1;
-#pragma unroll
-        for (int dt = 0; dt < NO; ++dt) {
-            const int c = dt * 8 + 2 * t4;
-            if (c < s.Dv)
-                store_pair(dst, c, o_acc[dt * 4 + 2 * r] * inv, o_acc[dt * 4 + 2 * r + 1] * inv, a.o_code);
-        }
-        if (a.lse && t4 == 0)
-            a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] = l > 0.0f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+        write_output_row<NO>(a, p, hk, b, split, t4, l, row_max[r],
+                             [&](int dt, int c) { return o_acc[dt * 4 + 2 * r + c]; });
     }
 #else
     __trap(); // launched only where the sm_90a code was built (hopper_forward_available)
