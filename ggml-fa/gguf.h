@@ -141,6 +141,15 @@ class File {
   public:
     // Memory-maps path read-only and parses it.
     static File open(const std::string& path);
+    // As open, and where the file is the first shard of a model split by llama.cpp's
+    // gguf-split (split.count > 1 in its metadata, named PREFIX-00001-of-0000N.gguf), also
+    // maps the other shards and joins their tensors to the first's, whose metadata describes
+    // the model. A missing or mismatched shard, or a tensor named twice, is a gfa::Error naming
+    // the shard. The joined tensors' data pointers point into their own shards; their offsets
+    // are relative to their own shard's data section.
+    static File open_model(const std::string& path);
+    // 1 for a whole file, else the number of shards joined.
+    int shards() const { return 1 + int(other_shards_.size()); }
     // Parses bytes held in memory (copied); `name` is used in error messages.
     static File parse(const void* bytes, size_t size, const std::string& name = "<memory>");
 
@@ -157,6 +166,7 @@ class File {
     void parse_all(const std::string& name);
 
     std::shared_ptr<const uint8_t> base_;
+    std::vector<std::shared_ptr<const uint8_t>> other_shards_; // mappings the joined tensors point into
     size_t size_ = 0;
     uint32_t version_ = 0;
     uint64_t alignment_ = kDefaultAlignment;

@@ -65,8 +65,9 @@ struct ModelLoadOptions {
 
 class Model {
   public:
-    // Reads a GGUF file of architecture llama or qwen2. Throws gfa::Error naming the file
-    // and what is missing or malformed.
+    // Reads a GGUF file of a llama-family architecture (ModelConfig::arch), or the first shard of
+    // a split one (gguf::File::open_model). Throws gfa::Error naming the file and what is
+    // missing or malformed.
     static std::unique_ptr<Model> load(const std::string& path, const ModelLoadOptions& options = {});
     ~Model();
 

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <set>
 #include <unordered_set>
 
 #include <fcntl.h>
@@ -495,6 +496,52 @@ void File::parse_all(const std::string& name) {
             c.fail_at(data_offset_ + next.offset,
                       "tensor " + quoted(next.name) + " data overlaps tensor " + quoted(prev.name));
     }
+}
+
+File File::open_model(const std::string& path) {
+    File f = open(path);
+    const Value* count_value = f.metadata().find("split.count");
+    const int64_t count = count_value ? count_value->as_int() : 1;
+    if (count <= 1) return f;
+    // llama.cpp names shard i (from 1) PREFIX-0000i-of-0000N.gguf
+    auto shard_suffix = [&](int64_t i) {
+        char suffix[64];
+        std::snprintf(suffix, sizeof suffix, "-%05lld-of-%05lld.gguf", (long long)i, (long long)count);
+        return std::string(suffix);
+    };
+    const std::string first = shard_suffix(1);
+    if (path.size() <= first.size() || path.compare(path.size() - first.size(), first.size(), first) != 0)
+        fail("GGUF " + path + ": the first shard of a model split in " + std::to_string(count) +
+             " (split.count) must be named PREFIX" + first);
+    if (const Value* no = f.metadata().find("split.no"); no && no->as_int() != 0)
+        fail("GGUF " + path + ": split.no is " + std::to_string(no->as_int()) + ", not the first shard's 0");
+    const std::string prefix = path.substr(0, path.size() - first.size());
+    std::set<std::string> names;
+    for (const TensorInfo& t : f.tensors_) names.insert(t.name);
+    for (int64_t i = 1; i < count; ++i) {
+        const std::string shard_path = prefix + shard_suffix(i + 1);
+        struct stat st {};
+        if (::stat(shard_path.c_str(), &st) != 0)
+            fail("GGUF " + path + ": shard " + std::to_string(i + 1) + " of " + std::to_string(count) + " (" +
+                 shard_path + ") is missing");
+        const File shard = open(shard_path);
+        const Value* shard_no = shard.metadata().find("split.no");
+        const Value* shard_count = shard.metadata().find("split.count");
+        if (!shard_no || shard_no->as_int() != i || !shard_count || shard_count->as_int() != count)
+            fail("GGUF " + shard_path + ": not shard " + std::to_string(i + 1) + " of " +
+                 std::to_string(count) + " (its split.no / split.count say otherwise)");
+        for (const TensorInfo& t : shard.tensors_) {
+            if (!names.insert(t.name).second)
+                fail("GGUF " + shard_path + ": tensor " + quoted(t.name) + " is in an earlier shard too");
+            f.tensors_.push_back(t);
+        }
+        f.other_shards_.push_back(shard.base_);
+    }
+    if (const Value* total = f.metadata().find("split.tensors.count");
+        total && total->as_int() != int64_t(names.size()))
+        fail("GGUF " + path + ": the shards hold " + std::to_string(names.size()) +
+             " tensors, split.tensors.count says " + std::to_string(total->as_int()));
+    return f;
 }
 
 const TensorInfo* File::find_tensor(std::string_view name) const {

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -251,6 +252,78 @@ TEST_CASE("llama model: q2_K, q3_K, iq4_nl and iq4_xs weights run as their decod
         INFO("decoding step " << i << ": relative error " << err);
         CHECK(err < 8e-2);
     }
+}
+
+// A model split by llama.cpp's gguf-split into PREFIX-0000i-of-00003.gguf: the first shard's
+// metadata describes the model, every shard carries split.no / split.count, the tensors are
+// spread over the three. Loading the first shard must give the whole file's logits bit for
+// bit; a missing shard, a shard with the wrong number, a tensor in two shards and opening a
+// later shard are errors naming what is wrong.
+TEST_CASE("llama model: a model split into shards loads as the whole file", "[model][gguf]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    TempFile whole{write_model(m, seed)};
+    const gguf::File file = gguf::File::open(whole.path);
+    const std::string prefix = whole.path + ".split";
+    auto shard_path = [&](int i) { return prefix + "-0000" + std::to_string(i) + "-of-00003.gguf"; };
+    // shard i (0-based) gets tensors t with t % 3 == i; `tweak` may change a shard's writer
+    auto write_shards = [&](const std::function<void(int, gguf::Writer&)>& tweak) {
+        for (int i = 0; i < 3; ++i) {
+            gguf::Writer w;
+            if (i == 0)
+                for (const gguf::KeyValue& kv : file.metadata().entries()) w.set(kv.key, kv.value);
+            w.set("split.no", uint16_t(i));
+            w.set("split.count", uint16_t(3));
+            w.set("split.tensors.count", int32_t(file.tensors().size()));
+            for (size_t t = 0; t < file.tensors().size(); ++t) {
+                if (int(t % 3) != i) continue;
+                const gguf::TensorInfo& info = file.tensors()[t];
+                w.add_tensor_view(info.name, info.type,
+                                  std::vector<int64_t>(info.ne.begin(), info.ne.begin() + info.n_dims),
+                                  info.data, info.nbytes);
+            }
+            tweak(i, w);
+            w.write(shard_path(i + 1));
+        }
+    };
+    struct Cleanup {
+        std::function<void()> f;
+        ~Cleanup() { f(); }
+    } cleanup{[&] {
+        for (int i = 1; i <= 3; ++i) std::remove(shard_path(i).c_str());
+    }};
+    write_shards([](int, gguf::Writer&) {});
+    REQUIRE(gguf::File::open_model(shard_path(1)).shards() == 3);
+
+    std::mt19937 rng(seed);
+    std::vector<int32_t> tokens(9);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+    SessionOptions so;
+    so.n_ctx = 16;
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    std::unique_ptr<Model> a = Model::load(whole.path), b = Model::load(shard_path(1));
+    Session sa(*a, so), sb(*b, so);
+    CHECK(sa.eval(tokens, true) == sb.eval(tokens, true));
+
+    CHECK_THROWS_WITH(Model::load(shard_path(2)), Catch::Contains("the first shard"));
+    std::remove(shard_path(3).c_str());
+    CHECK_THROWS_WITH(Model::load(shard_path(1)),
+                      Catch::Contains("shard 3 of 3") && Catch::Contains("missing"));
+    write_shards([](int i, gguf::Writer& w) {
+        if (i == 2) w.set("split.no", uint16_t(1));
+    });
+    CHECK_THROWS_WITH(Model::load(shard_path(1)), Catch::Contains("not shard 3 of 3"));
+    write_shards([&](int i, gguf::Writer& w) {
+        if (i == 2) {
+            const gguf::TensorInfo& info = file.tensors()[0];
+            w.add_tensor_view(info.name, info.type,
+                              std::vector<int64_t>(info.ne.begin(), info.ne.begin() + info.n_dims), info.data,
+                              info.nbytes);
+        }
+    });
+    CHECK_THROWS_WITH(Model::load(shard_path(1)), Catch::Contains("is in an earlier shard too"));
 }
 
 TEST_CASE("llama session: traced nodes hold every node's values and change no result", "[model]") {

@@ -416,7 +416,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
     std::unique_ptr<Model> model(new Model());
     model->impl_ = std::make_unique<Impl>();
     Impl& m = *model->impl_;
-    m.file = gguf::File::open(path);
+    m.file = gguf::File::open_model(path); // the shards of a split model joined
     m.config = llama::read_config(m.file);
     const ModelConfig& c = m.config;
 
