@@ -28,9 +28,9 @@ class Tokenizer {
     enum class Model { SentencePiece, BytePairGpt2 };
     // How byte-level BPE splits text into words before merging (tokenizer.ggml.pre): the
     // llama-3 pattern ("llama-bpe"), Qwen2's (the same with one digit per word: "qwen2",
-    // "deepseek-r1-qwen"), GPT-2's ("gpt-2", "phi-2"), or GPT-2's after splitting off every
-    // digit ("smollm").
-    enum class PreSplit { Llama3, Qwen2, Gpt2, Gpt2Digits };
+    // "deepseek-r1-qwen"), GPT-2's ("gpt-2", "phi-2"), GPT-2's after splitting off every
+    // digit ("smollm"), or Mistral's tekken (words split by letter case: "tekken").
+    enum class PreSplit { Llama3, Qwen2, Gpt2, Gpt2Digits, Tekken };
     // Token kinds, numbered as in tokenizer.ggml.token_type.
     enum class TokenType : int32_t {
         Normal = 1,

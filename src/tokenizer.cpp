@@ -101,6 +101,55 @@ bool is_letter(uint32_t cp) {
              {0xF900, 0xFAFF}, {0xFF21, 0xFF3A}, {0xFF41, 0xFF5A}, {0xFF66, 0xFFDC}, {0x20000, 0x2FFFF}});
 }
 
+// Case of a letter (Unicode Lu/Lt and Ll), for the tekken pattern: exact for ASCII and
+// Latin-1; Latin Extended-A/B and Additional, Greek, Cyrillic, Armenian and the full-width
+// forms by their blocks' case layout. Letters that are neither (Lm, Lo: CJK, kana, Hangul,
+// Hebrew, Arabic, Devanagari, ...) count on both sides of the pattern.
+bool is_upper(uint32_t cp) {
+    if (cp < 0x80) return cp >= 'A' && cp <= 'Z';
+    if (cp < 0x100) return cp >= 0xC0 && cp <= 0xDE && cp != 0xD7;
+    if (cp < 0x180) { // pairs, upper first, but for the odd-started runs 0x139-0x148 and 0x179-0x17E
+        if (cp == 0x138 || cp == 0x149 || cp == 0x17F) return false;
+        if (cp == 0x178) return true;
+        const bool odd_run = (cp >= 0x139 && cp <= 0x148) || (cp >= 0x179 && cp <= 0x17E);
+        return odd_run ? cp % 2 == 1 : cp % 2 == 0;
+    }
+    if (cp >= 0x1E00 && cp <= 0x1EFF) return cp % 2 == 0 && !(cp >= 0x1E96 && cp <= 0x1E9F);
+    if (cp >= 0x386 && cp <= 0x3AB) return cp != 0x387 && cp != 0x38B && cp != 0x38D && cp != 0x3A2;
+    if (cp >= 0x400 && cp <= 0x42F) return true;
+    if ((cp >= 0x460 && cp <= 0x481) || (cp >= 0x48A && cp <= 0x4BF) || (cp >= 0x4D0 && cp <= 0x52F))
+        return cp % 2 == 0;
+    return (cp >= 0x531 && cp <= 0x556) || (cp >= 0xFF21 && cp <= 0xFF3A);
+}
+bool is_lower(uint32_t cp) {
+    if (cp < 0x80) return cp >= 'a' && cp <= 'z';
+    if (cp < 0x100) return cp == 0xB5 || (cp >= 0xDF && cp != 0xF7);
+    if (cp < 0x180 || (cp >= 0x1E00 && cp <= 0x1EFF)) return is_letter(cp) && !is_upper(cp);
+    if (cp >= 0x3AC && cp <= 0x3CE) return true;
+    if (cp >= 0x430 && cp <= 0x45F) return true;
+    if ((cp >= 0x460 && cp <= 0x481) || (cp >= 0x48A && cp <= 0x4BF) || (cp >= 0x4D0 && cp <= 0x52F))
+        return cp % 2 == 1;
+    return (cp >= 0x560 && cp <= 0x588) || (cp >= 0xFF41 && cp <= 0xFF5A);
+}
+// Combining marks (Unicode M) of the common scripts.
+bool is_mark(uint32_t cp) {
+    return in_ranges(cp, {{0x300, 0x36F},
+                          {0x483, 0x489},
+                          {0x591, 0x5BD},
+                          {0x610, 0x61A},
+                          {0x64B, 0x65F},
+                          {0x900, 0x903},
+                          {0x93A, 0x93C},
+                          {0x93E, 0x94F},
+                          {0x951, 0x957},
+                          {0x962, 0x963},
+                          {0x1AB0, 0x1AFF},
+                          {0x1DC0, 0x1DFF},
+                          {0x20D0, 0x20FF},
+                          {0x3099, 0x309A},
+                          {0xFE20, 0xFE2F}});
+}
+
 // ---- pre-tokenizers ----------------------------------------------------------------------
 //
 // Hand-written matchers for the patterns byte-level BPE vocabularies split text with, trying
@@ -110,6 +159,9 @@ bool is_letter(uint32_t cp) {
 //   Qwen2:   the same with \p{N} (one digit per word) for \p{N}{1,3}
 //   GPT-2:   's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+ | \s+(?!\S) | \s+
 //   SmolLM:  every digit a word of its own first, then GPT-2's pattern on the text between
+//   tekken:  [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+ |
+//            [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]* | \p{N} |
+//             ?[^\s\p{L}\p{N}]+[\r\n/]* | \s*[\r\n]+ | \s+(?!\S) | \s+
 std::vector<std::string> split_words(std::string_view text, Tokenizer::PreSplit kind) {
     if (kind == Tokenizer::PreSplit::Gpt2Digits) {
         std::vector<std::string> words;
@@ -131,8 +183,8 @@ std::vector<std::string> split_words(std::string_view text, Tokenizer::PreSplit 
         flush(text.size());
         return words;
     }
-    const bool gpt2 = kind == Tokenizer::PreSplit::Gpt2;
-    const size_t max_digits = kind == Tokenizer::PreSplit::Qwen2 ? 1 : 3;
+    const bool gpt2 = kind == Tokenizer::PreSplit::Gpt2, tekken = kind == Tokenizer::PreSplit::Tekken;
+    const size_t max_digits = kind == Tokenizer::PreSplit::Qwen2 || tekken ? 1 : 3;
     std::vector<uint32_t> cps;
     std::vector<size_t> at; // byte offset of each code point, plus the end
     for (size_t i = 0; i < text.size();) {
@@ -153,11 +205,46 @@ std::vector<std::string> split_words(std::string_view text, Tokenizer::PreSplit 
     };
     auto other = [&](size_t k) { return k < n && !S(k) && !L(k) && !N(k); };
 
+    // tekken's letter classes: U = Lu Lt Lm Lo M, W = Ll Lm Lo M
+    auto caseless = [&](size_t k) {
+        return is_mark(cps[k]) || (is_letter(cps[k]) && !is_upper(cps[k]) && !is_lower(cps[k]));
+    };
+    auto U = [&](size_t k) { return k < n && (is_upper(cps[k]) || caseless(k)); };
+    auto W = [&](size_t k) { return k < n && (is_lower(cps[k]) || caseless(k)); };
+    // U*W+ from j, as a backtracking engine matches it: the longest U* after which W+ matches
+    // (W+ itself greedy); 0 when none.
+    auto upper_then_lower = [&](size_t j) -> size_t {
+        size_t k = j;
+        while (U(k)) ++k;
+        for (size_t p = k + 1; p-- > j;) {
+            if (!W(p)) continue;
+            size_t e = p;
+            while (W(e)) ++e;
+            return e;
+        }
+        return 0;
+    };
+
     std::vector<std::string> words;
     size_t i = 0;
     while (i < n) {
         size_t end = i;
-        if (cps[i] == '\'') { // contractions
+        if (tekken) {
+            // the optional prefix is tried first, as the greedy '?' would
+            const bool prefix = !CRLF(i) && !L(i) && !N(i);
+            for (size_t j : {prefix ? i + 1 : i, i}) {
+                if (end != i) break;
+                if (const size_t e = upper_then_lower(j); e > j) end = e;
+                if (end == i && U(j)) { // U+ W*
+                    size_t e = j;
+                    while (U(e)) ++e;
+                    while (W(e)) ++e;
+                    end = e;
+                }
+                if (!prefix) break;
+            }
+        }
+        if (!tekken && cps[i] == '\'') { // contractions
             const uint32_t a = lower(i + 1), b = lower(i + 2);
             if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l'))
                 end = i + 3;
@@ -178,7 +265,7 @@ std::vector<std::string> split_words(std::string_view text, Tokenizer::PreSplit 
                 }
             }
         }
-        if (!gpt2 && end == i) { // [^\r\n\p{L}\p{N}]?\p{L}+
+        if (!gpt2 && !tekken && end == i) { // [^\r\n\p{L}\p{N}]?\p{L}+
             size_t j = i;
             if (!CRLF(j) && !L(j) && !N(j) && L(j + 1)) ++j;
             if (L(j)) {
@@ -190,11 +277,11 @@ std::vector<std::string> split_words(std::string_view text, Tokenizer::PreSplit 
             end = i;
             while (end < i + max_digits && N(end)) ++end;
         }
-        if (!gpt2 && end == i) { //  ?[^\s\p{L}\p{N}]+[\r\n]*
+        if (!gpt2 && end == i) { //  ?[^\s\p{L}\p{N}]+[\r\n]* (tekken: [\r\n/]*)
             size_t j = i + (cps[i] == ' ' ? 1 : 0);
             if (other(j)) {
                 while (other(j)) ++j;
-                while (CRLF(j)) ++j;
+                while (CRLF(j) || (tekken && j < n && cps[j] == '/')) ++j;
                 end = j;
             }
         }
@@ -323,9 +410,12 @@ Tokenizer Tokenizer::from_gguf(const gguf::Metadata& md) {
                 t.pre_split_ = PreSplit::Gpt2;
             else if (p == "smollm")
                 t.pre_split_ = PreSplit::Gpt2Digits;
+            else if (p == "tekken")
+                t.pre_split_ = PreSplit::Tekken;
             else if (p != "llama-bpe" && p != "llama3" && p != "default")
                 fail("tokenizer.ggml.pre '" + p +
-                     "' is not supported (llama-bpe, qwen2, deepseek-r1-qwen, gpt-2, phi-2 and smollm are)");
+                     "' is not supported (llama-bpe, qwen2, deepseek-r1-qwen, gpt-2, phi-2, smollm and "
+                     "tekken are)");
         }
         const gguf::Array& merges = md.at("tokenizer.ggml.merges").as_array();
         for (size_t r = 0; r < merges.items.size(); ++r) {

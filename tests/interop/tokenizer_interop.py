@@ -26,11 +26,14 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre as llama.cpp's converter writes it, and the pattern it stands for
 # (SMOLLM: every digit split off first, then ByteLevel's own GPT-2 pattern).
 SMOLLM = "digits, then GPT-2"
 PRE_TOKENIZERS = (("llama-bpe", LLAMA3_PATTERN), ("qwen2", QWEN2_PATTERN), ("gpt-2", GPT2_PATTERN),
-                  ("smollm", SMOLLM))
+                  ("smollm", SMOLLM), ("tekken", TEKKEN_PATTERN))
 
 WORDS = ("the quick brown fox jumps over lazy dog attention flash kernel tensor graph model token "
          "weights quantized layer head query key value softmax gradient backward forward "
@@ -58,6 +61,9 @@ def test_texts(rng):
         "unseen chars: \u0394\u03b4 \u05d0 \u0915", "punctuation!!! ... ??? (parens) [brackets]", "", "x",
         "   ", "\n", "MiXeD CaSe WoRdS", "a\r\nb\r\n", "year 2026, 1234567890 and 3.14159",
         "line one\r\n\r\nline two  \n   three\t\tfour", "It'S WE'RE upper-case contractions",
+        "camelCase HTTPServer getURL xmlHTTPRequest ÉCOLE École Straße ĞÜNAYDIN Привет МИР Ωmega",
+        "A\u65e5B HTTP\u65e5\u672cAPI x\u65e5Y \u00c9\u0301T\u00c9",
+        "paths a/b/c and https://x.org/a/b?q=1, e\u0301 (combining), \u0915\u093f (a vowel sign)",
     ]
     lines = corpus(rng, 30)
     texts += lines
@@ -145,8 +151,9 @@ def byte_level(pattern):
 
 def train_bpe(rng):
     """One byte-level BPE vocabulary for every pre-tokenizer: trained with the llama-3 pattern on
-    text with numbers, runs of spaces, CRLF line ends and upper-case contractions, so that it has
-    merges of digits, of whitespace and of "'S" that the other patterns split differently (a pattern that only decided
+    text with numbers, runs of spaces, CRLF line ends, upper-case contractions and mixed-case
+    words, so that it has merges of digits, of whitespace, of "'S" and across case changes that
+    the other patterns split differently (a pattern that only decided
     splits its own vocabulary never merges across would go unnoticed)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = byte_level(LLAMA3_PATTERN)
@@ -156,7 +163,7 @@ def train_bpe(rng):
     lines = corpus(rng, 400)
     for i in range(0, len(lines), 7):
         lines[i] = (f"{lines[i]}  {rng.randint(0, 10**7)}\r\n\t{lines[i + 1] if i + 1 < len(lines) else ''}"
-                    f" IT'S WE'RE\n\n")
+                    f" IT'S WE'RE HTTP\u65e5\u672cAPI A\u65e5B x\u65e5Y camelCase a/b/c\n\n")
     tok.train_from_iterator(lines, trainer=trainer)
     return tok
 

@@ -433,6 +433,9 @@ def run(cmd):
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def write_byte_level_tokenizer(directory, vocab_size, pattern=None):
@@ -455,7 +458,8 @@ def write_byte_level_tokenizer(directory, vocab_size, pattern=None):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>"], show_progress=False)
     corpus = ["the quick brown fox jumps over the lazy dog.", "a cat sat on the mat and the dog sat on the log.",
-              "attention is all you need, said the fox to the cat.", "in 2026 there were 1234 cats\n\n  and 99 dogs."]
+              "attention is all you need, said the fox to the cat.", "in 2026 there were 1234 cats\n\n  and 99 dogs.",
+              "The LazyCat met QuickFox"]
     tk.train_from_iterator(corpus * 20, trainer)
     if pattern == "digits":  # SmolLM: every digit apart, then ByteLevel's own GPT-2 pattern
         tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -470,12 +474,12 @@ def write_byte_level_tokenizer(directory, vocab_size, pattern=None):
 
 def check_text_prompt(args, root, rng, failures):
     """Converts a Qwen2-shaped model with a vocabulary and runs it on text, for each byte-level
-    pre-tokenizer GGUF names (GPT-2's, LLaMA 3's, Qwen2's, SmolLM's): the prompt must be tokenized as the
+    pre-tokenizer GGUF names (GPT-2's, LLaMA 3's, Qwen2's, SmolLM's, tekken's): the prompt must be tokenized as the
     tokenizers package does, and its logits must match the reference. A pattern GGUF has no
     name for is refused by the converter."""
     cfg = dict(CONFIGS["qwen2"], vocab_size=300)
     for name, pattern in (("gpt-2", None), ("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT), ("smollm", "digits"),
-                          ("unknown", r"\w+")):
+                          ("tekken", TEKKEN_SPLIT), ("unknown", r"\w+")):
         directory = os.path.join(root, f"qwen2-text-{name}")
         os.makedirs(directory, exist_ok=True)
         tk = write_byte_level_tokenizer(directory, cfg["vocab_size"], pattern)
@@ -492,7 +496,7 @@ def check_text_prompt(args, root, rng, failures):
                 print(f"text prompt: an unknown split pattern refused ({r.stderr.strip().splitlines()[-1]})")
             continue
         run([args.convert, directory, "-o", gguf, "--type", "f32"])
-        text = "the lazy cat sat on the quick fox in 2026.\n\n  1234 dogs"
+        text = "the lazy cat sat on the quick fox in 2026.\n\n  1234 dogs and The LazyCat"
         expected = tk.encode(text).ids
         out = os.path.join(root, f"qwen2-text-{name}.logits")
         r = subprocess.run([args.run, "-m", gguf, "-p", text, "-n", "0", "-v", "--kv-type", "f32", "--logits-out",

@@ -422,7 +422,7 @@ gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0) {
 
 // The pre-tokenizer of a byte-level tokenizer.json as the tokenizer.ggml.pre name readers know
 // it by: the split pattern (a Split step's regex, or ByteLevel's own GPT-2 pattern, after
-// single digits split off for SmolLM) must be one of llama-3's, Qwen2's or GPT-2's, as
+// single digits split off for SmolLM) must be one of llama-3's, Qwen2's, GPT-2's or tekken's, as
 // llama.cpp's converter also refuses others.
 std::string pre_tokenizer_name(const json& tok, const std::string& where) {
     static const std::pair<const char*, const char*> kKnown[] = {
@@ -430,6 +430,8 @@ std::string pre_tokenizer_name(const json& tok, const std::string& where) {
          "llama-bpe"},
         {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
          "qwen2"},
+        {R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+         "tekken"},
     };
     const json* pre = tok.contains("pre_tokenizer") ? &tok["pre_tokenizer"] : nullptr;
     std::vector<const json*> steps;
@@ -458,7 +460,7 @@ std::string pre_tokenizer_name(const json& tok, const std::string& where) {
             if (*pattern == regex) return name;
     gfa::fail(where + ": the byte-level pre-tokenizer " +
               (pattern ? "pattern " + *pattern : std::string("(no split pattern)")) +
-              " is not one GGUF readers know (llama-3's, Qwen2's, GPT-2's or SmolLM's)");
+              " is not one GGUF readers know (llama-3's, Qwen2's, GPT-2's, SmolLM's or tekken's)");
 }
 
 // The vocabulary of tokenizer.json (a Hugging Face BPE tokenizer) as tokenizer.ggml.* keys.
