@@ -81,6 +81,9 @@ class Model {
     // The devices holding weights, the CPU first (when every block, the head and the
     // embeddings are on a GPU, the CPU holds none).
     std::vector<Device*> devices() const;
+    // Matrices that were to go to the GPU but stay in host memory because the GPU cannot
+    // multiply by their type (their products run on the CPU): the tensor names.
+    const std::vector<std::string>& kept_on_host() const;
 
     struct Impl;
     const Impl& impl() const { return *impl_; }

@@ -410,6 +410,7 @@ struct Model::Impl {
     };
     std::vector<Placement> placements;
     size_t bytes = 0;
+    std::vector<std::string> kept_on_host; // see Model::kept_on_host
 };
 
 std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptions& options) {
@@ -451,19 +452,21 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
     // Where a matrix of `type` with rows of `cols` values goes: a GPU that cannot multiply by
     // it (a block format its kernels do not decode) leaves it in host memory, where its
     // products run on the CPU, rather than holding it and having it copied back for each use.
-    auto usable_where = [&](Type type, int64_t cols, Context& where) -> Context& {
+    auto usable_where = [&](Type type, int64_t cols, Context& where, const std::string& name) -> Context& {
         if (&where == &cpu_ctx) return where;
         Context probe; // shapes only
         Tensor* product =
             mul_mat(probe, probe.new_tensor(type, {cols, 1}), probe.new_tensor(Type::F32, {cols, 1}));
-        return options.gpu->supports_op(product) ? where : cpu_ctx;
+        if (options.gpu->supports_op(product)) return where;
+        m.kept_on_host.push_back(name);
+        return cpu_ctx;
     };
     // A weight tensor with the shape the model needs, in the context of its device.
     auto weight = [&](const std::string& name, std::initializer_list<int64_t> ne, Context& where,
                       bool optional = false) -> Tensor* {
         const gguf::TensorInfo* info = checked(name, ne, optional);
         if (!info) return nullptr;
-        Context& ctx = ne.size() == 2 ? usable_where(info->type, info->ne[0], where) : where;
+        Context& ctx = ne.size() == 2 ? usable_where(info->type, info->ne[0], where, name) : where;
         return set_name(ctx.new_tensor(info->type, info->ne), name);
     };
     // One tensor holding the parts one after another (`name`): matrices [cols, rows_i] give
@@ -564,7 +567,8 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
                              !m.file.find_tensor(b + "attn_k.bias") && !m.file.find_tensor(b + "attn_v.bias");
         // Biases merge with their matrices: all three or none, else nothing merges.
         if (!qkv.empty() && (no_bias || !qkv_bias.empty())) {
-            Context& qkv_where = usable_where(qkv[0]->type, E, where); // the bias beside its matrix
+            // the bias stays beside its matrix
+            Context& qkv_where = usable_where(qkv[0]->type, E, where, b + "attn_qkv.weight");
             L.wqkv = merged(b + "attn_qkv.weight", qkv, E, qkv_where);
             if (!no_bias) L.bqkv = merged(b + "attn_qkv.bias", qkv_bias, 0, qkv_where);
         } else {
@@ -581,8 +585,8 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         checked(b + "ffn_up.weight", {E, c.n_ff});
         const auto gate_up = mergeable({{b + "ffn_gate.weight", c.n_ff}, {b + "ffn_up.weight", c.n_ff}}, E);
         if (!gate_up.empty()) {
-            L.ffn_gate_up =
-                merged(b + "ffn_gate_up.weight", gate_up, E, usable_where(gate_up[0]->type, E, where));
+            L.ffn_gate_up = merged(b + "ffn_gate_up.weight", gate_up, E,
+                                   usable_where(gate_up[0]->type, E, where, b + "ffn_gate_up.weight"));
         } else {
             L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff}, where);
             L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);
@@ -643,6 +647,9 @@ int Model::merged_projections() const {
     for (const llama::LayerWeights& L : impl_->weights.layers)
         n += int(L.wqkv != nullptr) + int(L.ffn_gate_up != nullptr);
     return n;
+}
+const std::vector<std::string>& Model::kept_on_host() const {
+    return impl_->kept_on_host;
 }
 std::vector<Device*> Model::devices() const {
     std::vector<Device*> out;

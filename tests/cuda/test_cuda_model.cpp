@@ -18,6 +18,7 @@ namespace {
 struct Run {
     std::vector<float> logits;
     std::string schedule;
+    size_t kept_on_host = 0;
 };
 
 // A 13-token prompt and three decoded tokens; every block and the head offloaded when gpu.
@@ -41,6 +42,7 @@ Run run_model(const std::string& path, Device* gpu, uint32_t seed, int64_t vocab
         run.logits.insert(run.logits.end(), step.begin(), step.end());
     }
     run.schedule = session.describe_schedule();
+    run.kept_on_host = model->kept_on_host().size();
     return run;
 }
 
@@ -75,5 +77,7 @@ TEST_CASE("CUDA runs models with low-bit weights, with their kernels or their pr
     INFO("CUDA schedule:\n" << gpu.schedule);
     CHECK(gpu.schedule.find("CUDA0") != std::string::npos);
     CHECK((gpu.schedule.find("CPU") == std::string::npos) == (!low_bit || kernels_on));
+    // every matrix: 4 per block (merged q/k/v and gate/up, o, down), the embeddings, the head
+    CHECK(gpu.kept_on_host == (low_bit && !kernels_on ? size_t(4 * m.layers + 2) : 0));
     CHECK(test::logits_error(gpu.logits, cpu.logits) < 5e-2);
 }

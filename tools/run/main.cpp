@@ -258,6 +258,12 @@ int run(int argc, char** argv) {
         c.arch.c_str(), (long long)c.n_layer, (long long)c.n_head, (long long)c.n_head_kv,
         (long long)c.head_dim, (long long)c.n_vocab, double(model->weight_bytes()) / (1 << 20),
         seconds_since(t_load), model->merged_projections());
+    if (!model->kept_on_host().empty())
+        std::fprintf(
+            stderr,
+            "model: %zu matrices (%s, ...) stay in host memory: the GPU cannot multiply by their type, so "
+            "their products run on the CPU\n",
+            model->kept_on_host().size(), model->kept_on_host().front().c_str());
 
     std::vector<int32_t> prompt = o.tokens;
     if (!o.have_tokens) {
