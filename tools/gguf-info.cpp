@@ -1,9 +1,11 @@
 // gguf-info: shows what a GGUF file holds.
 //
 //   gguf-info FILE               metadata and tensor table, human-readable
-//   gguf-info --json FILE        the same as JSON (every value in full, with its type)
+//   gguf-info --json FILE        the same as JSON (every value in full, with its type), of
+//                                this one file
 //   gguf-info --dump NAME FILE   the tensor's values as floats, one per line (%.9g, which
 //                                reads back to the identical float)
+// The human-readable table and --dump read a split model's other shards too, given the first.
 #include <ggml-fa/error.h>
 #include <ggml-fa/gguf.h>
 
@@ -133,7 +135,11 @@ void print_text(const gguf::File& f, const std::string& path) {
         std::printf("  %-40s %-6s %s\n", kv.key.c_str(),
                     std::string(gguf::value_type_name(kv.value.type())).c_str(),
                     kv.value.to_string().c_str());
-    std::printf("\n%zu tensors:\n", f.tensors().size());
+    if (f.shards() > 1)
+        std::printf("\n%zu tensors from %d shards (offsets within each tensor's own shard):\n",
+                    f.tensors().size(), f.shards());
+    else
+        std::printf("\n%zu tensors:\n", f.tensors().size());
     std::printf("  %-40s %-6s %-24s %12s %12s\n", "name", "type", "shape", "offset", "bytes");
     for (const gguf::TensorInfo& t : f.tensors())
         std::printf("  %-40s %-6s %-24s %12" PRIu64 " %12zu\n", t.name.c_str(),
@@ -168,11 +174,11 @@ int main(int argc, char** argv) {
     std::vector<std::string> args(argv + 1, argv + argc);
     try {
         if (args.size() == 1 && args[0] != "--json" && args[0] != "--help") {
-            print_text(gguf::File::open(args[0]), args[0]);
+            print_text(gguf::File::open_model(args[0]), args[0]); // a split model's shards joined
         } else if (args.size() == 2 && args[0] == "--json") {
             print_json(gguf::File::open(args[1]));
         } else if (args.size() == 3 && args[0] == "--dump") {
-            dump_tensor(gguf::File::open(args[2]), args[1]);
+            dump_tensor(gguf::File::open_model(args[2]), args[1]);
         } else {
             return usage();
         }
