@@ -21,7 +21,7 @@ namespace gfa {
 
 // Hyperparameters read from the file's metadata (keys "<arch>.*").
 struct ModelConfig {
-    std::string arch; // "llama", "granite", "qwen2", "qwen3", "phi3", "gemma2" or "gemma3"
+    std::string arch; // "llama", "granite", "qwen2", "qwen3", "phi3", "olmo2", "gemma2" or "gemma3"
     int64_t n_vocab = 0;
     int64_t n_ctx_train = 0;
     int64_t n_embd = 0;
@@ -46,6 +46,8 @@ struct ModelConfig {
                                  // kEveryLayerSlides: all of them (phi3)
     RopeParams rope_sliding{};   // rope of the sliding layers (gemma3: its own base, no scaling)
     bool qk_norm = false;        // RMSNorm (own weights) on each head of q and k before rope
+    bool qk_norm_full = false;   // ... over all of q's (k's) heads at once instead (olmo2)
+    bool pre_norms = true;       // RMSNorm on each block's attention and feed-forward input (not olmo2)
     bool post_norms = false;     // RMSNorm (own weights) on each attention and feed-forward output
     bool gelu_ffn = false;       // feed-forward gelu(gate) * up (tanh approximation), not SwiGLU
     // Phi-3's LongRoPE: the file holds short and long rope factors; sessions whose context is

@@ -67,18 +67,20 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
     Tensor* factors = L.rope_factors_long && n_ctx > cfg.rope_ctx_orig ? L.rope_factors_long : L.rope_factors;
     // q or k [D, heads, T, B] (a view, with merged projections) normed per head, then rotated.
     auto rotated = [&](Tensor* t, Tensor* norm) {
-        if (norm) t = mul(ctx, rms_norm(ctx, t, cfg.norm_eps), norm);
+        if (norm && !cfg.qk_norm_full) t = mul(ctx, rms_norm(ctx, t, cfg.norm_eps), norm);
         return rope(ctx, t, positions, rope_p, factors);
     };
     auto scaled_q = [&](Tensor* q) { return L.rope_q_scale ? mul(ctx, q, L.rope_q_scale) : q; };
     if (!L.wqkv) {
-        auto project = [&](Tensor* weight, Tensor* bias, int64_t heads) {
+        // (OLMo 2 norms q and k over all their heads, before they are split into heads)
+        auto project = [&](Tensor* weight, Tensor* bias, int64_t heads, Tensor* full_norm = nullptr) {
             Tensor* t = mul_mat(ctx, weight, h);
             if (bias) t = add(ctx, t, bias);
+            if (full_norm && cfg.qk_norm_full) t = mul(ctx, rms_norm(ctx, t, cfg.norm_eps), full_norm);
             return reshape(ctx, t, {D, heads, T, B});
         };
-        return {scaled_q(rotated(project(L.wq, L.bq, Hq), L.attn_q_norm)),
-                rotated(project(L.wk, L.bk, Hkv), L.attn_k_norm), project(L.wv, L.bv, Hkv)};
+        return {scaled_q(rotated(project(L.wq, L.bq, Hq, L.attn_q_norm), L.attn_q_norm)),
+                rotated(project(L.wk, L.bk, Hkv, L.attn_k_norm), L.attn_k_norm), project(L.wv, L.bv, Hkv)};
     }
     // One product for q, k and v ([D * (Hq + 2 Hkv), T * B]); q and k lie side by side in
     // each row, so one rope turns both.
@@ -99,7 +101,7 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
 
 Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x) {
     const int64_t rows = x->ne[1];
-    Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm);
+    Tensor* h = L.ffn_norm ? mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm) : x;
     Tensor *gate = nullptr, *up = nullptr;
     if (L.ffn_gate_up) {
         Tensor* gu = mul_mat(ctx, L.ffn_gate_up, h); // [2 n_ff, rows]: gate rows, then up
@@ -187,7 +189,7 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         const bool trim = last_only && l + 1 == w.layers.size();
 
         // ---- attention
-        Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
+        Tensor* h = L.attn_norm ? mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm) : x;
         auto [q, k, v] = attention_inputs(ctx, cfg, L, l, h, io.positions, n_tokens, 1,
                                           cache.n_ctx); // [D, heads, n_tokens]
 
@@ -268,7 +270,7 @@ TrainingIo build_training_graph(Context& ctx, const ModelConfig& cfg, const Weig
     Tensor* x = embeddings(ctx, cfg, w, io.tokens); // [n_embd, T * B]
     for (size_t l = 0; l < w.layers.size(); ++l) {
         const LayerWeights& L = w.layers[l];
-        Tensor* h = mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm);
+        Tensor* h = L.attn_norm ? mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm) : x;
         auto [q, k, v] = attention_inputs(ctx, cfg, L, l, h, io.positions, T, B, 0); // [D, heads, T, B]
         Tensor* o = flash_attn_ext(ctx, permute(ctx, q, 0, 2, 1, 3), permute(ctx, k, 0, 2, 1, 3),
                                    permute(ctx, v, 0, 2, 1, 3), nullptr, attention_params(cfg, l));
@@ -310,9 +312,9 @@ ModelConfig llama::read_config(const gguf::File& f) {
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
     if (c.arch != "llama" && c.arch != "granite" && c.arch != "qwen2" && c.arch != "qwen3" &&
-        c.arch != "phi3" && c.arch != "gemma2" && c.arch != "gemma3")
+        c.arch != "phi3" && c.arch != "olmo2" && c.arch != "gemma2" && c.arch != "gemma3")
         fail("model: architecture \"" + c.arch +
-             "\" is not supported (llama, granite, qwen2, qwen3, phi3, gemma2 and gemma3 are)");
+             "\" is not supported (llama, granite, qwen2, qwen3, phi3, olmo2, gemma2 and gemma3 are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
@@ -349,6 +351,11 @@ ModelConfig llama::read_config(const gguf::File& f) {
     // Qwen3: Qwen2's blocks with each head of q and k RMS-normed before rope (and usually
     // without the q/k/v biases, which the file's tensors say).
     c.qk_norm = c.arch == "qwen3";
+    if (c.arch ==
+        "olmo2") { // norms after each block's attention and feed-forward, not before; q/k normed whole
+        c.qk_norm = c.qk_norm_full = c.post_norms = true;
+        c.pre_norms = false;
+    }
     if (c.arch == "granite") { // LLaMA's blocks with four multipliers
         c.embd_scale = float(meta_float(f, p + "embedding_scale", 1.0));
         c.residual_scale = float(meta_float(f, p + "residual_scale", 1.0));
@@ -546,7 +553,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             }
             L.rope_q_scale = scale;
         }
-        L.attn_norm = weight(b + "attn_norm.weight", {E}, where);
+        if (c.pre_norms) L.attn_norm = weight(b + "attn_norm.weight", {E}, where);
         if (c.arch == "phi3") { // the files hold q/k/v and gate/up merged already
             L.wqkv = weight(b + "attn_qkv.weight", {E, Dq + 2 * Dkv}, where);
             L.wo = weight(b + "attn_output.weight", {Dq, E}, where);
@@ -565,8 +572,9 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             mergeable({{b + "attn_q.bias", Dq}, {b + "attn_k.bias", Dkv}, {b + "attn_v.bias", Dkv}}, 0);
         const bool no_bias = !m.file.find_tensor(b + "attn_q.bias") &&
                              !m.file.find_tensor(b + "attn_k.bias") && !m.file.find_tensor(b + "attn_v.bias");
-        // Biases merge with their matrices: all three or none, else nothing merges.
-        if (!qkv.empty() && (no_bias || !qkv_bias.empty())) {
+        // Biases merge with their matrices: all three or none, else nothing merges. (q and k
+        // normed over all heads stay apart: the norms need them whole.)
+        if (!qkv.empty() && (no_bias || !qkv_bias.empty()) && !c.qk_norm_full) {
             // the bias stays beside its matrix
             Context& qkv_where = usable_where(qkv[0]->type, E, where, b + "attn_qkv.weight");
             L.wqkv = merged(b + "attn_qkv.weight", qkv, E, qkv_where);
@@ -580,7 +588,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             L.bv = weight(b + "attn_v.bias", {Dkv}, where, true);
         }
         L.wo = weight(b + "attn_output.weight", {Dq, E}, where);
-        L.ffn_norm = weight(b + "ffn_norm.weight", {E}, where);
+        if (c.pre_norms) L.ffn_norm = weight(b + "ffn_norm.weight", {E}, where);
         checked(b + "ffn_gate.weight", {E, c.n_ff});
         checked(b + "ffn_up.weight", {E, c.n_ff});
         const auto gate_up = mergeable({{b + "ffn_gate.weight", c.n_ff}, {b + "ffn_up.weight", c.n_ff}}, E);
@@ -597,8 +605,8 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             L.ffn_post_norm = weight(b + "post_ffw_norm.weight", {E}, where);
         }
         if (c.qk_norm) {
-            L.attn_q_norm = weight(b + "attn_q_norm.weight", {c.head_dim}, where);
-            L.attn_k_norm = weight(b + "attn_k_norm.weight", {c.head_dim}, where);
+            L.attn_q_norm = weight(b + "attn_q_norm.weight", {c.qk_norm_full ? Dq : c.head_dim}, where);
+            L.attn_k_norm = weight(b + "attn_k_norm.weight", {c.qk_norm_full ? Dkv : c.head_dim}, where);
         }
         w.layers.push_back(L);
     }
@@ -728,7 +736,9 @@ Session::Session(const Model& model, const SessionOptions& options)
         s.cache_ctx.push_back(std::make_unique<Context>());
     }
     for (int64_t l = 0; l < c.n_layer; ++l) {
-        const Buffer* wb = m.weights.layers[size_t(l)].attn_norm->buffer;
+        // the block's device: where its norms are (1-d, never left on the host for their type)
+        const llama::LayerWeights& L = m.weights.layers[size_t(l)];
+        const Buffer* wb = (L.attn_norm ? L.attn_norm : L.attn_post_norm)->buffer;
         size_t where = 0;
         for (size_t i = 0; i < m.placements.size(); ++i)
             if (m.placements[i].buffer.get() == wb) where = i;

@@ -77,6 +77,11 @@ CONFIGS = {
                     num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, rms_norm_eps=1e-5,
                     rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=True,
                     embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.5),
+    # OLMo 2: norms after each block's attention and feed-forward instead of before, q and k
+    # normed over all their heads at once.
+    "olmo2": dict(model_type="olmo2", vocab_size=61, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                  rope_theta=500000.0, max_position_embeddings=128, tie_word_embeddings=False),
     # Phi-3: q/k/v and gate/up stored as one matrix each, rope on 12 of 16 dims, LongRoPE (the
     # sessions' context of 128 is past the original 8, so the long factors and the attention
     # factor sqrt(1 + ln 16 / ln 8) on the rotated dims), and a window of 6 on every layer.
@@ -146,11 +151,17 @@ def random_weights(cfg, rng):
         w[p + "mlp.gate_proj.weight"] = mat(F, E)
         w[p + "mlp.up_proj.weight"] = mat(F, E)
         w[p + "mlp.down_proj.weight"] = mat(E, F)
-        w[p + "input_layernorm.weight"] = norm(E)
+        olmo2 = cfg["model_type"] == "olmo2"
+        if not olmo2:  # OLMo 2 norms outputs only (its post_attention_layernorm comes after attention)
+            w[p + "input_layernorm.weight"] = norm(E)
         w[p + "post_attention_layernorm.weight"] = norm(E)
         if gemma:
             w[p + "pre_feedforward_layernorm.weight"] = norm(E)
+        if gemma or olmo2:
             w[p + "post_feedforward_layernorm.weight"] = norm(E)
+        if olmo2:
+            w[p + "self_attn.q_norm.weight"] = norm(Hq * D)
+            w[p + "self_attn.k_norm.weight"] = norm(Hkv * D)
         if cfg["model_type"] in ("gemma3_text", "qwen3"):
             w[p + "self_attn.q_norm.weight"] = norm(D)
             w[p + "self_attn.k_norm.weight"] = norm(D)
@@ -324,6 +335,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
     gemma3 = cfg["model_type"] == "gemma3_text"
     phi3 = cfg["model_type"] == "phi3"
     qk_norm = cfg["model_type"] in ("gemma3_text", "qwen3")
+    olmo2 = cfg["model_type"] == "olmo2"
     pattern = cfg.get("sliding_window_pattern", 2)
     n_rot = int(D * cfg.get("partial_rotary_factor", 1.0))
     # LongRoPE as llama.cpp applies it: the long factors for sessions past the original context
@@ -381,8 +393,11 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
         sliding_layer = (gemma and l % pattern < pattern - 1) or (phi3 and bool(cfg.get("sliding_window")))
         cs = rope_local if sliding_layer else rope_global
-        h = rms_norm(x, w[p + "input_layernorm.weight"])
+        h = x if olmo2 else rms_norm(x, w[p + "input_layernorm.weight"])
         q, k, v = proj("q", Hq), proj("k", Hkv), proj("v", Hkv)
+        if olmo2:  # normed over all heads at once
+            q = rms_norm(q.reshape(n, Hq * D), w[p + "self_attn.q_norm.weight"]).reshape(n, Hq, D)
+            k = rms_norm(k.reshape(n, Hkv * D), w[p + "self_attn.k_norm.weight"]).reshape(n, Hkv, D)
         if qk_norm:  # per-head norms before rope
             q, k = rms_norm(q, w[p + "self_attn.q_norm.weight"]), rms_norm(k, w[p + "self_attn.k_norm.weight"])
         q, k = rotate(q, cs), rotate(k, cs)
@@ -399,15 +414,16 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("hij,jhd->ihd", s, v).reshape(n, Hq * D)
         o = o @ w[p + "self_attn.o_proj.weight"].T
-        if gemma:
+        if gemma or olmo2:
             o = rms_norm(o, w[p + "post_attention_layernorm.weight"])
         x = x + residual * o
 
-        h = rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")])
+        h = x if olmo2 else rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma
+                                              else "post_attention_layernorm.weight")])
         g = h @ w[p + "mlp.gate_proj.weight"].T
         u = h @ w[p + "mlp.up_proj.weight"].T
         f = ((gelu_tanh(g) if gemma else g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
-        if gemma:
+        if gemma or olmo2:
             f = rms_norm(f, w[p + "post_feedforward_layernorm.weight"])
         x = x + residual * f
     x = rms_norm(x, w["model.norm.weight"])
@@ -624,6 +640,8 @@ def main():
         ("qwen2", "f16", "f16", "f16", []),
         ("granite", "f16", "f32", "f32", []),
         ("granite", "f16", "q8_0", "f16", ["-b", "5"]),
+        ("olmo2", "f32", "f32", "f32", ["-b", "6"]),
+        ("olmo2", "f32", "q8_0", "f16", []),
         ("phi3", "f32", "f32", "f32", []),
         ("phi3", "f32", "f32", "f32", ["-b", "4"]),  # chunks: windows and the ring cache across them
         ("phi3", "f32", "q8_0", "f16", []),

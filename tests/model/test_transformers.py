@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Granite, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
+"""Llama, Granite, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -65,6 +65,12 @@ def build(kind, seed):
                                             rope_scaling=dict(rope_type="linear", factor=2.0),
                                             hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "olmo2":
+        # Norms after each block's attention and feed-forward instead of before, and q and k
+        # normed over all their heads at once.
+        cfg = transformers.Olmo2Config(**common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2)
+        model = transformers.Olmo2ForCausalLM(cfg)
     elif kind == "granite":
         # LLaMA's blocks with multipliers on the embeddings, the residual branches, the scores
         # (in place of 1/sqrt(head_dim)) and the logits.
@@ -104,7 +110,7 @@ def build(kind, seed):
                 p.normal_(0.0, 0.1)
             elif kind.startswith("gemma"):  # norms scale by 1 + w
                 p.normal_(0.0, 0.1)
-            elif name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
+            elif name.endswith("norm.weight"):  # q/k norms (Qwen3, OLMo 2), OLMo 2's post norms
                 p.normal_(1.0, 0.2)
     return model.eval()
 
@@ -125,7 +131,7 @@ def main():
         # Gemma 3 came with transformers 4.50, Qwen3 with 4.51.
         kinds = ["llama", "llama3", "qwen2", "gemma2"]
         kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
-                                   ("granite", "GraniteForCausalLM"),
+                                   ("granite", "GraniteForCausalLM"), ("olmo2", "Olmo2ForCausalLM"),
                                    ("phi3", "Phi3ForCausalLM"), ("phi3_longrope", "Phi3ForCausalLM"))
                   if hasattr(transformers, cls)]
         for kind in kinds:

@@ -1,5 +1,5 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Granite, Qwen2/3, Phi-3, Gemma 2/3) to
-// GGUF with the tensor names and metadata keys llama.cpp uses.
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Granite, Qwen2/3, Phi-3, OLMo 2, Gemma
+// 2/3) to GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
 //
@@ -234,14 +234,14 @@ HParams read_config(const std::filesystem::path& dir) {
     if (h.model_type == "llama" || h.model_type == "mistral")
         h.arch = "llama";
     else if (h.model_type == "qwen2" || h.model_type == "qwen3" || h.model_type == "phi3" ||
-             h.model_type == "gemma2" || h.model_type == "granite")
+             h.model_type == "gemma2" || h.model_type == "granite" || h.model_type == "olmo2")
         h.arch = h.model_type;
     else if (h.model_type == "gemma3_text")
         h.arch = "gemma3";
     else
-        gfa::fail(
-            "config.json: model_type \"" + h.model_type +
-            "\" is not supported (llama, mistral, granite, qwen2, qwen3, phi3, gemma2, gemma3_text are)");
+        gfa::fail("config.json: model_type \"" + h.model_type +
+                  "\" is not supported (llama, mistral, granite, qwen2, qwen3, phi3, olmo2, gemma2, "
+                  "gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -355,7 +355,12 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
         if (arch == "gemma2" || arch == "gemma3")
             for (const auto& [from, to] : gemma2)
                 if (rest == from) return "blk." + std::string(m[1]) + "." + to;
-        const bool qk_norm = arch == "gemma3" || arch == "qwen3";
+        // OLMo 2 norms each block's attention and feed-forward outputs (no input norms).
+        if (arch == "olmo2" && rest == "post_attention_layernorm.weight")
+            return "blk." + std::string(m[1]) + ".post_attention_norm.weight";
+        if (arch == "olmo2" && rest == "post_feedforward_layernorm.weight")
+            return "blk." + std::string(m[1]) + ".post_ffw_norm.weight";
+        const bool qk_norm = arch == "gemma3" || arch == "qwen3" || arch == "olmo2";
         if (arch == "phi3" && rest == "self_attn.qkv_proj.weight")
             return "blk." + std::string(m[1]) + ".attn_qkv.weight";
         if (arch == "phi3" && rest == "mlp.gate_up_proj.weight")
@@ -557,12 +562,11 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
 }
 
 void usage() {
-    std::fprintf(
-        stderr,
-        "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
-        "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Granite / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 "
-        "checkpoint (config.json + "
-        "*.safetensors)\n");
+    std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
+                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Granite / Qwen2 / Qwen3 / Phi-3 / "
+                         "OLMo 2 / Gemma 2 / Gemma 3 "
+                         "checkpoint (config.json + "
+                         "*.safetensors)\n");
 }
 
 int run(int argc, char** argv) {
@@ -703,17 +707,19 @@ int run(int argc, char** argv) {
     if (!h.tied) needed.push_back("output.weight");
     for (int64_t l = 0; l < h.n_layer; ++l)
         for (const char* s :
-             h.arch == "phi3"
-                 ? std::vector<const char*>{"attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up",
+             h.arch == "phi3" ? std::vector<const char*>{"attn_norm", "attn_qkv", "attn_output", "ffn_norm",
+                                                         "ffn_up", "ffn_down"}
+             : h.arch == "olmo2"
+                 ? std::vector<const char*>{"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
                                             "ffn_down"}
                  : std::vector<const char*>{"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                                             "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"})
             needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
-    if (h.arch == "gemma2" || h.arch == "gemma3")
+    if (h.arch == "gemma2" || h.arch == "gemma3" || h.arch == "olmo2")
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"post_attention_norm", "post_ffw_norm"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
-    if (h.arch == "gemma3" || h.arch == "qwen3")
+    if (h.arch == "gemma3" || h.arch == "qwen3" || h.arch == "olmo2")
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"attn_q_norm", "attn_k_norm"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
