@@ -114,6 +114,10 @@ struct SessionOptions {
     // reused in turn, instead of n_ctx: most of a long context's KV memory. false: n_ctx rows
     // for every layer.
     bool window_cache = true;
+    // What the graphs' products may give up for speed (set_matmul_precision): Q8 lets the CPU
+    // round the columns that meet quantized weights to 8 bits in prompts too, as decoding
+    // does: prompts about 1.5x faster, logits about 1e-2 further from exact.
+    MatMulPrecision matmul_precision = MatMulPrecision::F32;
 };
 
 // One node of a traced graph: "#index op type[shape] 'name'", where it ran, its values.

@@ -135,11 +135,16 @@ Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b);
 // a: [M, K], b: [N, K] -> [M, N] = sum_k a[:,k] b[:,k]^T (batched over dims 2-3 like mul_mat)
 Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
 
-// How much of f32 operands' precision a product may give up for speed. F32 (the default):
-// f32 multiplies everywhere. TF32: a GPU may round f32 operands to TensorFloat-32 (10-bit
-// mantissa, f32 range and accumulation) on its tensor cores, as PyTorch's allow_tf32 does;
-// the CPU and Vulkan compute f32 anyway. 16-bit and quantized weights are unaffected.
-enum class MatMulPrecision : int32_t { F32 = 0, TF32 = 1 };
+// How much precision a product may give up for speed; each level allows what the one before
+// it does. F32 (the default): f32 multiplies everywhere (a CPU multiplying quantized weights
+// by many columns may round the columns to 16 bits per 32 values: about 1e-5 of relative
+// error). TF32: a GPU may round f32 operands to TensorFloat-32 (10-bit mantissa, f32 range
+// and accumulation) on its tensor cores, as PyTorch's allow_tf32 does; the CPU and Vulkan
+// compute f32 anyway. Q8: besides, the CPU may round the columns that meet quantized weights
+// to 8 bits per 32 values, as its decoding path and llama.cpp always do (about 0.4% relative
+// error per product), which runs a prompt's products with q4_0, q8_0, q4_1, q5_0, q5_1, q4_K,
+// q5_K, iq4_nl and iq4_xs weights at about 1.7 times the rate.
+enum class MatMulPrecision : int32_t { F32 = 0, TF32 = 1, Q8 = 2 };
 struct MatMulParams {
     MatMulPrecision precision;
 };

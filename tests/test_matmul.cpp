@@ -8,6 +8,8 @@
 #include "reference.h"
 #include "../backends/cpu/cpu_kernels.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 using namespace gfa;
@@ -403,4 +405,75 @@ TEST_CASE("a product's precision is F32 unless set, and the gradients' products 
     check_forward(q, kTol);
     CHECK_THROWS_WITH(set_matmul_precision(loss, MatMulPrecision::TF32), Catch::Contains("not a mul_mat"));
     CHECK_THROWS_WITH(set_matmul_precision(p, MatMulPrecision(7)), Catch::Contains("unknown precision"));
+    set_matmul_precision(p, MatMulPrecision::Q8);
+    CHECK(matmul_precision(p) == MatMulPrecision::Q8);
+    check_forward(q, kTol); // f32 weights: Q8 changes nothing
+}
+
+namespace {
+// b rounded as a Q8 product rounds it: per 32 values, a step of the block's largest magnitude
+// / 127 (in f32, as the kernel computes it), each value to the nearest step (ties to even).
+std::vector<double> rounded_to_8_bits(const std::vector<float>& b) {
+    std::vector<double> out(b.size());
+    for (size_t i = 0; i < b.size(); i += 32) {
+        float amax = 0.0f;
+        for (size_t k = i; k < i + 32; ++k) amax = std::max(amax, std::fabs(b[k]));
+        const float d = amax / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
+        for (size_t k = i; k < i + 32; ++k) out[k] = double(d) * std::nearbyint(b[k] * inv);
+    }
+    return out;
+}
+} // namespace
+
+// A prompt's product allowed Q8 (with VNNI: the 8-bit integer GEMM) must equal the product
+// of the stored weights with b rounded to 8 bits per 32 values: an f32-accurate match to
+// that rounding (1e-4), where 16-bit columns would miss it by the rounding itself (~4e-3)
+// and a wrong offset, bias or code order by far more. The formats whose codes carry their
+// sub-block scales (q3_K, q6_K) or two mins per 32 (q2_K) keep their F32-precision paths.
+TEST_CASE("mul_mat allowed Q8 rounds b to 8 bits per 32 values against quantized weights",
+          "[matmul][quants]") {
+    const bool eight_bit = gfa::cpu::integer_quantized_prompts();
+    for (Type type : {Type::Q4_0, Type::Q8_0, Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q4_K, Type::Q5_K,
+                      Type::IQ4_NL, Type::IQ4_XS, Type::Q2_K, Type::Q3_K, Type::Q6_K})
+        for (int64_t K : type_traits(type).block_size == 256 ? std::vector<int64_t>{256, 768}
+                                                             : std::vector<int64_t>{64, 352})
+            for (int64_t M : {15, 17, 37})
+                for (int64_t N : {4, 9, 17}) {
+                    const bool rounds =
+                        eight_bit && type != Type::Q2_K && type != Type::Q3_K && type != Type::Q6_K;
+                    INFO(type_name(type)
+                         << " K=" << K << " M=" << M << " N=" << N << (rounds ? " (8-bit)" : ""));
+                    Context ctx = data_ctx();
+                    Tensor* a = ctx.new_tensor(type, {K, M});
+                    Tensor* b = ctx.new_tensor(Type::F32, {K, N});
+                    tensor_set_f32(a, uneven_weights(K * M));
+                    fill_uniform(b);
+                    Tensor* p = mul_mat(ctx, a, b);
+                    set_matmul_precision(p, MatMulPrecision::Q8);
+                    if (!rounds) {
+                        check_forward(p, tolerance(type, N), 2);
+                        continue;
+                    }
+                    const std::vector<float> w = tensor_get_f32(a), bv = tensor_get_f32(b);
+                    const std::vector<double> br = rounded_to_8_bits(bv);
+                    std::vector<double> ref(size_t(M * N));
+                    for (int64_t n = 0; n < N; ++n)
+                        for (int64_t m = 0; m < M; ++m) {
+                            double s = 0;
+                            for (int64_t k = 0; k < K; ++k)
+                                s += double(w[size_t(m * K + k)]) * br[size_t(n * K + k)];
+                            ref[size_t(n * M + m)] = s;
+                        }
+                    Graph g = build_forward(p);
+                    tensor_set_f32(p, std::vector<float>(size_t(M * N), std::nanf(""))); // poison
+                    gfa::test::compute_cpu(g, M == 37 ? 3 : 2);
+                    const std::vector<float> out = tensor_get_f32(p);
+                    double num = 0, den = 0;
+                    for (size_t i = 0; i < out.size(); ++i) {
+                        REQUIRE(std::isfinite(out[i]));
+                        num += (out[i] - ref[i]) * (out[i] - ref[i]);
+                        den += ref[i] * ref[i];
+                    }
+                    CHECK(std::sqrt(num / den) <= 1e-4);
+                }
 }

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include "tiny_model.h"
+#include "../backends/cpu/cpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -254,6 +255,42 @@ TEST_CASE("llama model: q2_K, q3_K, iq4_nl and iq4_xs weights run as their decod
     }
 }
 
+// SessionOptions::matmul_precision = Q8: the prompt's products with quantized weights round
+// their columns to 8 bits as decoding does (where the CPU has the 8-bit GEMM), so the logits
+// move from the F32 session's, by about what decoding's rounding costs, and no further.
+TEST_CASE("llama session: Q8 products move a quantized model's prompt logits by the 8-bit rounding only",
+          "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    m.embd = 256;
+    m.ff = 256;
+    m.heads = 4;
+    m.heads_kv = 2;
+    m.vocab = 41;
+    m.matrix_type = GENERATE(Type::Q4_K, Type::Q8_0, Type::IQ4_NL);
+    INFO("weights " << type_name(m.matrix_type));
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    std::mt19937 rng(seed);
+    std::vector<int32_t> tokens(13);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+    SessionOptions so;
+    so.n_ctx = 32;
+    so.kv_type = Type::F32;
+    so.n_threads = 2;
+    Session exact(*model, so);
+    so.matmul_precision = MatMulPrecision::Q8;
+    Session fast(*model, so);
+    const std::vector<float> e = exact.eval(tokens, true), f = fast.eval(tokens, true);
+    REQUIRE(f.size() == e.size());
+    for (float v : f) REQUIRE(std::isfinite(v));
+    const double err = test::logits_error(f, e);
+    INFO("relative error " << err);
+    CHECK(err < 8e-2);
+    if (gfa::cpu::integer_quantized_prompts()) CHECK(err > 1e-4); // the columns were rounded
+}
+
 // A model split by llama.cpp's gguf-split into PREFIX-0000i-of-00003.gguf: the first shard's
 // metadata describes the model, every shard carries split.no / split.count, the tensors are
 // spread over the three. Loading the first shard must give the whole file's logits bit for
@@ -413,6 +450,9 @@ TEST_CASE("llama session: clear errors for bad inputs", "[model]") {
     so.kv_type = Type::F16;
     so.decode_window_step = -1;
     CHECK_THROWS_WITH(Session(*model, so), Catch::Contains("decode_window_step"));
+    so.decode_window_step = 0;
+    so.matmul_precision = MatMulPrecision(9);
+    CHECK_THROWS_WITH(Session(*model, so), Catch::Contains("unknown matmul_precision 9"));
 }
 
 TEST_CASE("llama model: malformed files are rejected with the tensor named", "[model]") {

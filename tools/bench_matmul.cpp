@@ -16,7 +16,9 @@
 // --gemm-types measures only the prompt-sized products: weights 2048 x 2048 of each type the
 // models use times 512 f32 columns (a 512-token prompt through one projection), in GFLOP/s.
 // The f32 row is the GEMM alone; the others add unpacking their weights into f32 panels, or,
-// on CPUs with AVX-512 VNNI, run the 16-bit integer GEMM (every block type but q6_K).
+// on CPUs with AVX-512 VNNI, run the 16-bit integer GEMM (every block type but q2_K); the block
+// types run once more allowed MatMulPrecision::Q8 (rows marked q8: 8-bit columns where the
+// format's codes fit bytes).
 //
 // usage: bench_matmul [--reps N] [--gemv-quants | --gemm-types]
 #include <ggml-fa/backend.h>
@@ -157,18 +159,21 @@ void gemm_point(int threads, int reps) {
                 blas.wall > 0 ? blas.wall / ours.wall : 0.0, blas.cpu > 0 ? blas.cpu / ours.cpu : 0.0);
 }
 
-void prompt_gemm_point(Type type, int threads, int reps) {
+void prompt_gemm_point(Type type, int threads, int reps, MatMulPrecision precision = MatMulPrecision::F32) {
     const int64_t k = 2048, m = 2048, n = 512;
     Context ctx(ContextParams{.alloc_data = true});
     Tensor* w = ctx.new_tensor(type, {k, m});
     tensor_set_f32(w, random_floats(size_t(k * m)));
     Tensor* x = ctx.new_tensor(Type::F32, {k, n});
     tensor_set_f32(x, random_floats(size_t(k * n)));
-    const Graph g = build_forward(mul_mat(ctx, w, x));
+    Tensor* product = mul_mat(ctx, w, x);
+    set_matmul_precision(product, precision);
+    const Graph g = build_forward(product);
     const Timing t = time_graph(g, threads, reps);
     const double flops = 2.0 * double(k) * double(m) * double(n);
-    std::printf("gemm   %-6s 2048x2048 x 512   %d   | %7.1f GFLOP/s (%6.1f per CPU-s) | %7.2f ms\n",
-                std::string(type_name(type)).c_str(), threads, flops / t.wall * 1e-9, flops / t.cpu * 1e-9,
+    std::printf("gemm   %-6s 2048x2048 x 512   %d %s | %7.1f GFLOP/s (%6.1f per CPU-s) | %7.2f ms\n",
+                std::string(type_name(type)).c_str(), threads,
+                precision == MatMulPrecision::Q8 ? "q8 " : "   ", flops / t.wall * 1e-9, flops / t.cpu * 1e-9,
                 t.wall * 1e3);
 }
 
@@ -243,9 +248,12 @@ int main(int argc, char** argv) {
     std::printf("# %s, median of %d runs\n", cpu_device().description().c_str(), reps);
     if (gemm_types) {
         for (int threads : {1, 2})
-            for (Type t : {Type::F32, Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0, Type::Q5_1,
-                           Type::Q2_K, Type::Q3_K, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS})
-                prompt_gemm_point(t, threads, reps);
+            for (Type t :
+                 {Type::F32, Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0, Type::Q5_1,
+                  Type::Q2_K, Type::Q3_K, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS})
+                for (MatMulPrecision p : {MatMulPrecision::F32, MatMulPrecision::Q8})
+                    if (p == MatMulPrecision::F32 || type_traits(t).is_quantized)
+                        prompt_gemm_point(t, threads, reps, p);
         return 0;
     }
     for (int threads : {1, 2}) {

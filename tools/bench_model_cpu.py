@@ -80,6 +80,7 @@ def prepare_models(args, work):
 def time_ggml_fa(args, path, tokens):
     """Mean prompt and generation tokens/s of --reps runs of ggml-fa-run."""
     cmd = [os.path.join(args.build, "ggml-fa-run"), "-m", path, "--backend", "cpu", "-t", str(args.threads),
+           "--matmul-precision", args.matmul_precision,
            "--warmup", "--ignore-eos", "-n", str(args.gen), "--tokens", ",".join(map(str, tokens)),
            "-c", str(args.prompt + args.gen + 16), "-b", str(args.prompt)]
     pp, tg = [], []
@@ -125,7 +126,8 @@ def check_logits(args, work, logits_peer):
             run([os.path.join(args.build, "quantize"), f16, path, gtype])
         ours_path, theirs_path = os.path.join(work, "check-ours.f32"), os.path.join(work, "check-llama.f32")
         run([os.path.join(args.build, "ggml-fa-run"), "-m", path, "--backend", "cpu", "-t", str(args.threads),
-             "--tokens", tokens, "-n", "0", "-b", "64", "--logits-out", ours_path])
+             "--matmul-precision", args.matmul_precision, "--tokens", tokens, "-n", "0", "-b", "64",
+             "--logits-out", ours_path])
         run([logits_peer, path, tokens, theirs_path, str(args.threads)])
         ours = np.fromfile(ours_path, dtype=np.float32).reshape(64, -1).astype(np.float64)
         theirs = np.fromfile(theirs_path, dtype=np.float32).reshape(64, -1).astype(np.float64)
@@ -158,6 +160,8 @@ def main():
     ap.add_argument("--work", default="", help="cache for the model files (default BUILD/bench-model-cpu)")
     ap.add_argument("--types", default="f16,q8_0,q4_K,q4_0")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--matmul-precision", default="f32", choices=["f32", "q8"],
+                    help="ggml-fa-run's --matmul-precision (q8: 8-bit columns in prompts too, as llama.cpp)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -192,7 +196,8 @@ def main():
     cpu_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     print(f"model: {os.path.basename(paths[args.types[0]]).rsplit('-', 1)[0]}, {config['num_hidden_layers']} layers, "
           f"hidden {config['hidden_size']}; cpu: {cpu_name}, {os.cpu_count()} cores, {args.threads} threads; "
-          f"prompt {args.prompt}, generation {args.gen}, mean of {args.reps} runs", flush=True)
+          f"prompt {args.prompt}, generation {args.gen}, mean of {args.reps} runs, "
+          f"ggml-fa --matmul-precision {args.matmul_precision}", flush=True)
 
     rows = []
     peer_build = ""

@@ -4,6 +4,7 @@
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
+#include <ggml-fa/ops.h>
 #include <ggml-fa/types.h>
 
 #include <cmath>
@@ -74,6 +75,14 @@ inline Type kv_type(const std::string& name) {
     if (name == "f32") return Type::F32;
     if (name == "q8_0") return Type::Q8_0;
     fail("--kv-type " + name + ": expected f16, f32 or q8_0");
+}
+
+// --matmul-precision f32|tf32|q8 (SessionOptions::matmul_precision)
+inline MatMulPrecision precision(const std::string& name) {
+    if (name == "f32") return MatMulPrecision::F32;
+    if (name == "tf32") return MatMulPrecision::TF32;
+    if (name == "q8") return MatMulPrecision::Q8;
+    fail("--matmul-precision " + name + ": expected f32, tf32 or q8");
 }
 
 // A program's main(): runs `run`, and reports what it throws as "program: message" with exit

@@ -33,6 +33,7 @@ struct Options {
     int64_t n_ctx = 512, n_batch = 512, chunks = -1;
     int gpu_layers = -1, threads = 0;
     Type kv_type = Type::F16;
+    MatMulPrecision precision = MatMulPrecision::F32;
 };
 
 void usage() {
@@ -42,6 +43,7 @@ void usage() {
                          "  --chunks N               score the first N chunks only (default: all)\n"
                          "  --backend cpu|cuda|vulkan, --gpu-layers N   where the weights live\n"
                          "  --kv-type f16|f32|q8_0   the KV cache (default f16)\n"
+                         "  --matmul-precision f32|tf32|q8   what products may give up for speed\n"
                          "  -t, --threads N          CPU threads (default: all cores)\n");
 }
 
@@ -68,6 +70,8 @@ Options parse(int argc, char** argv) {
             o.threads = int(args.integer());
         else if (a == "--kv-type")
             o.kv_type = cli::kv_type(args.value());
+        else if (a == "--matmul-precision")
+            o.precision = cli::precision(args.value());
         else if (a == "-h" || a == "--help") {
             usage();
             std::exit(0);
@@ -115,6 +119,7 @@ int run(int argc, char** argv) {
     so.n_ctx = o.n_ctx;
     so.n_batch = std::min(o.n_batch, o.n_ctx);
     so.kv_type = o.kv_type;
+    so.matmul_precision = o.precision;
     so.n_threads = o.threads;
     Session session(*model, so);
     const int64_t V = model->config().n_vocab, first = o.n_ctx / 2;

@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -1081,25 +1082,20 @@ float dot_iq4_xs_int(const void* row, const void* column, int64_t K) {
 // every column. Per block and column: 16 vpdpwssd, a conversion and one FMA with the product
 // of the two scales (and, where there are offsets, one more with the rows' offsets and the
 // column block's sum), for 16 outputs. The block sums stay exact in i32 (at most 128 * 32767 * 32).
-// Rounding b to 8 bits instead (vpdpbusd, four times the f32 rate, what the decoding path
-// does) was faster again, but moved the logits of the test models with sharp attention by
-// up to 36% (16 bits: up to 3%, f32: 0.7%, both from values crossing an 8-bit step of the
-// KV cache).
+// Rounding b to 8 bits instead (vpdpbusd, what the decoding path does) is about 1.7 times
+// faster again, but moved the logits of the test models with sharp attention by up to 36%
+// (16 bits: up to 3%, f32: 0.7%, both from values crossing an 8-bit step of the KV cache),
+// so it is a product's choice: MatMulPrecision::Q8 (Columns8 below).
 
 constexpr int kTileRows = 16; // one 512-bit lane per weight row
 constexpr int kTileCols = 8;  // columns of b per pass (accumulators in registers)
-
-struct alignas(64) TileBlock {
-    __m512i pairs[16]; // codes 2p, 2p + 1 of row r in lane r
-    __m512 d;          // row scales
-    __m512 offset;     // row offsets (the value of code 0), for formats that have them
-};
 
 // The blocks of 32 of a weight row as codes, a scale and an offset (weight = scale * code +
 // offset). q4_0: nibble - 8; q8_0: the byte; q4_K/q5_K: the four or five bits, with sub-block
 // j's six-bit scale and min (scale d * sc_j, offset -dmin * m_j).
 struct Q4_0Units {
     static constexpr bool kOffset = false;
+    static constexpr int kU8Bias = 8;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const block_q4_0& blk = reinterpret_cast<const block_q4_0*>(row)[b];
@@ -1110,6 +1106,7 @@ struct Q4_0Units {
 };
 struct Q8_0Units {
     static constexpr bool kOffset = false;
+    static constexpr int kU8Bias = 128;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(row)[b];
@@ -1121,6 +1118,7 @@ struct Q8_0Units {
 // q4_1, q5_0, q5_1: the unsigned codes and per-block offsets of their dot products above.
 template <class Format> struct Blocks32Units {
     static constexpr bool kOffset = true;
+    static constexpr int kU8Bias = 0;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const auto& blk = reinterpret_cast<const typename Format::Block*>(row)[b];
@@ -1133,6 +1131,7 @@ template <class Format> struct Blocks32Units {
 template <bool kFifthBit> struct K4Units {
     using Block = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
     static constexpr bool kOffset = true;
+    static constexpr int kU8Bias = 0;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const Block& blk = reinterpret_cast<const Block*>(row)[b / 8];
@@ -1159,6 +1158,7 @@ template <bool kFifthBit> struct K4Units {
 // ql[64h + 32 (t % 2) + l], nibble t / 2; high bits from qh[32h + l], bits 2t and 2t + 1.
 struct Q6_KUnits {
     static constexpr bool kOffset = false;
+    static constexpr int kU8Bias = -1; // codes with the sub-block scales in them: 16 bits
     static constexpr int kColumnMax = 8191;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_q6_K& blk = reinterpret_cast<const block_q6_K*>(row)[b / 8];
@@ -1186,6 +1186,7 @@ struct Q6_KUnits {
 // group g = u % 4): bits 2g of qs[32h + l], bit 4h + g of hmask[l].
 struct Q3_KUnits {
     static constexpr bool kOffset = false;
+    static constexpr int kU8Bias = -1; // as q6_K
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_q3_K& blk = reinterpret_cast<const block_q3_K*>(row)[b / 8];
@@ -1213,6 +1214,7 @@ struct Q3_KUnits {
 // scale (iq4_xs: d times its sub-block's sc - 32; a block of 32 is one sub-block).
 struct IQ4_NLUnits {
     static constexpr bool kOffset = false;
+    static constexpr int kU8Bias = 128;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_iq4_nl& blk = reinterpret_cast<const block_iq4_nl*>(row)[b];
@@ -1223,6 +1225,7 @@ struct IQ4_NLUnits {
 };
 struct IQ4_XSUnits {
     static constexpr bool kOffset = false;
+    static constexpr int kU8Bias = 128;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_iq4_xs& blk = reinterpret_cast<const block_iq4_xs*>(row)[b / 8];
@@ -1257,47 +1260,106 @@ void round_column_i16(const float* x, int64_t K, int max_level, int16_t* q, floa
     }
 }
 
+// The two column widths. Either way a weight row's block of 32 becomes kGroups groups of 4
+// bytes, group p of row r in lane r of the tile's vector p, and a column's matching 4 bytes,
+// broadcast, meet all 16 rows in one instruction.
+//  * Columns16: codes as 16-bit values (group p: codes 2p, 2p + 1), columns rounded to 16 bits
+//    (round_column_i16), vpdpwssd.
+//  * Columns8: codes plus the format's kU8Bias as unsigned bytes (group p: codes 4p .. 4p + 3),
+//    columns rounded to 8 bits (quantize_column, as decoding does), vpdpbusd: twice the
+//    multiply-adds per instruction. The bias times the scale joins the block's offset, which
+//    meets the column block's sum, so every format has an offset here.
+struct Columns16 {
+    using Value = int16_t;
+    static constexpr int kGroups = 16;
+    template <class Units> static constexpr bool kOffset = Units::kOffset;
+    static __m512i madd(__m512i acc, __m512i codes, __m512i column) {
+        return _mm512_dpwssd_epi32(acc, codes, column);
+    }
+    template <class Units>
+    static void row_codes(const char* row, int64_t b, uint8_t* bytes, float& scale, float& offset) {
+        __m512i codes16;
+        Units::unit(row, b, codes16, scale, offset);
+        _mm512_storeu_si512(bytes, codes16);
+    }
+    template <class Units>
+    static void round_column(const float* x, int64_t K, Value* q, float* d, float* sum) {
+        round_column_i16(x, K, Units::kColumnMax, q, d, sum);
+    }
+};
+struct Columns8 {
+    using Value = int8_t;
+    static constexpr int kGroups = 8;
+    template <class Units> static constexpr bool kOffset = true;
+    static __m512i madd(__m512i acc, __m512i codes, __m512i column) {
+        return _mm512_dpbusd_epi32(acc, codes, column);
+    }
+    template <class Units>
+    static void row_codes(const char* row, int64_t b, uint8_t* bytes, float& scale, float& offset) {
+        static_assert(Units::kU8Bias >= 0, "the format's codes do not fit bytes");
+        __m512i codes16;
+        Units::unit(row, b, codes16, scale, offset);
+        // codes + bias lie in 0 .. 255, so keeping the low byte of each is exact
+        const __m512i biased = _mm512_add_epi16(codes16, _mm512_set1_epi16(short(Units::kU8Bias)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes),
+                            _mm512_maskz_cvtepi16_epi8(__mmask32(0xffffffffu), biased));
+        offset -= float(Units::kU8Bias) * scale;
+    }
+    template <class Units>
+    static void round_column(const float* x, int64_t K, Value* q, float* d, float* sum) {
+        quantize_column(x, K, {q, d, sum});
+    }
+};
+
+// One block of 32 of a tile's 16 rows.
+template <class Columns> struct alignas(64) TileBlock {
+    __m512i groups[Columns::kGroups]; // group p of row r in lane r
+    __m512 d;                         // row scales
+    __m512 offset;                    // row offsets (the value of code 0), where there are any
+};
+
 // Rows m0 .. m0 + rows - 1 of one weight matrix, all nb blocks of 32, as TileBlocks; lanes
 // of missing rows are zero.
-template <class Units>
-void unpack_tile(const char* a_mat, size_t row_bytes, int64_t m0, int rows, int64_t nb, TileBlock* out) {
-    alignas(64) uint32_t pairs[16][kTileRows];
+template <class Units, class Columns>
+void unpack_tile(const char* a_mat, size_t row_bytes, int64_t m0, int rows, int64_t nb,
+                 TileBlock<Columns>* out) {
+    constexpr int G = Columns::kGroups;
+    alignas(64) uint32_t groups[G][kTileRows];
     alignas(64) float d[kTileRows], offset[kTileRows];
     for (int64_t b = 0; b < nb; ++b) {
         for (int r = 0; r < kTileRows; ++r) {
-            alignas(64) int16_t codes[32] = {};
+            alignas(64) uint8_t bytes[4 * G] = {};
             float dr = 0.0f, off = 0.0f;
-            if (r < rows) {
-                __m512i codes16;
-                Units::unit(a_mat + size_t(m0 + r) * row_bytes, b, codes16, dr, off);
-                _mm512_store_si512(codes, codes16);
-            }
-            for (int p = 0; p < 16; ++p) std::memcpy(&pairs[p][r], codes + 2 * p, sizeof(uint32_t));
+            if (r < rows)
+                Columns::template row_codes<Units>(a_mat + size_t(m0 + r) * row_bytes, b, bytes, dr, off);
+            for (int p = 0; p < G; ++p) std::memcpy(&groups[p][r], bytes + 4 * p, sizeof(uint32_t));
             d[r] = dr;
             offset[r] = off;
         }
-        for (int p = 0; p < 16; ++p) out[b].pairs[p] = _mm512_load_si512(pairs[p]);
+        for (int p = 0; p < G; ++p) out[b].groups[p] = _mm512_load_si512(groups[p]);
         out[b].d = _mm512_load_ps(d);
         out[b].offset = _mm512_load_ps(offset);
     }
 }
 
-// Outputs of the tile's rows for NC columns: column j's values at xq + j * K and block scales
-// at xd + j * nb, its outputs at c + j * ldc.
-template <int NC, bool kOffset>
-void tile_times_columns(const TileBlock* tile, int64_t nb, int64_t K, const int16_t* xq, const float* xd,
-                        const float* xs, float* c, int64_t ldc, __mmask16 rows) {
+// Outputs of the tile's rows for NC columns: column j's values at xq + j * K, its block scales
+// at xd + j * nb and block sums at xs + j * nb, its outputs at c + j * ldc.
+template <int NC, class Columns, bool kOffset>
+void tile_times_columns(const TileBlock<Columns>* tile, int64_t nb, int64_t K,
+                        const typename Columns::Value* xq, const float* xd, const float* xs, float* c,
+                        int64_t ldc, __mmask16 rows) {
+    constexpr int kPerGroup = 4 / int(sizeof(typename Columns::Value)); // column values per group
     __m512 acc[NC];
     for (int j = 0; j < NC; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        const TileBlock& t = tile[b];
+        const TileBlock<Columns>& t = tile[b];
         __m512i sums[NC];
         for (int j = 0; j < NC; ++j) sums[j] = _mm512_setzero_si512();
-        for (int p = 0; p < 16; ++p)
+        for (int p = 0; p < Columns::kGroups; ++p)
             for (int j = 0; j < NC; ++j) {
-                int32_t pair;
-                std::memcpy(&pair, xq + j * K + 32 * b + 2 * p, sizeof pair);
-                sums[j] = _mm512_dpwssd_epi32(sums[j], t.pairs[p], _mm512_set1_epi32(pair));
+                int32_t group;
+                std::memcpy(&group, xq + j * K + 32 * b + kPerGroup * p, sizeof group);
+                sums[j] = Columns::madd(sums[j], t.groups[p], _mm512_set1_epi32(group));
             }
         for (int j = 0; j < NC; ++j) {
             const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(xd[j * nb + b]));
@@ -1310,20 +1372,13 @@ void tile_times_columns(const TileBlock* tile, int64_t nb, int64_t K, const int1
     for (int j = 0; j < NC; ++j) _mm512_mask_storeu_ps(c + j * ldc, rows, acc[j]);
 }
 
-using TileColumnsFn = void (*)(const TileBlock*, int64_t, int64_t, const int16_t*, const float*, const float*,
-                               float*, int64_t, __mmask16);
-template <bool kOffset>
-constexpr TileColumnsFn kTileColumns[kTileCols + 1] = {
-    nullptr,
-    tile_times_columns<1, kOffset>,
-    tile_times_columns<2, kOffset>,
-    tile_times_columns<3, kOffset>,
-    tile_times_columns<4, kOffset>,
-    tile_times_columns<5, kOffset>,
-    tile_times_columns<6, kOffset>,
-    tile_times_columns<7, kOffset>,
-    tile_times_columns<8, kOffset>,
-};
+// tile_times_columns for 1 .. kTileCols columns.
+template <class Columns, bool kOffset, int... NC>
+constexpr auto tile_kernels(std::integer_sequence<int, NC...>) {
+    using Fn = void (*)(const TileBlock<Columns>*, int64_t, int64_t, const typename Columns::Value*,
+                        const float*, const float*, float*, int64_t, __mmask16);
+    return std::array<Fn, sizeof...(NC)>{tile_times_columns<NC + 1, Columns, kOffset>...};
+}
 
 // Whether mul_mat(a, b) -> dst has the layout the integer GEMM reads: packed weight rows, f32
 // columns with packed elements, f32 dst with packed columns.
@@ -1332,24 +1387,27 @@ bool int_gemm_layout(const Tensor* a, const Tensor* b, const Tensor* dst) {
            dst->nb[0] == sizeof(float) && a->ne[0] % 32 == 0;
 }
 
-template <class Units> void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+template <class Units, class Columns>
+void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    static constexpr auto kernels =
+        tile_kernels<Columns, Columns::template kOffset<Units>>(std::make_integer_sequence<int, kTileCols>{});
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-    std::vector<int16_t> qs(size_t(N * K));
+    std::vector<typename Columns::Value> qs(size_t(N * K));
     std::vector<float> scales(size_t(2 * N * nb)); // block scales of every column, then block sums
     for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
         for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
             ctx.pool.run([&](int ith, int nth) {
                 const auto [begin, end] = split_range(N, ith, nth);
                 for (int64_t n = begin; n < end; ++n)
-                    round_column_i16(reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K,
-                                     Units::kColumnMax, qs.data() + n * K, scales.data() + n * nb,
-                                     scales.data() + (N + n) * nb);
+                    Columns::template round_column<Units>(
+                        reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K, qs.data() + n * K,
+                        scales.data() + n * nb, scales.data() + (N + n) * nb);
             });
             const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
             ctx.pool.run([&](int ith, int nth) {
-                std::vector<TileBlock> tile(static_cast<size_t>(nb));
+                std::vector<TileBlock<Columns>> tile(static_cast<size_t>(nb));
                 const auto [begin, end] = split_range(tiles, ith, nth);
                 for (int64_t t = begin; t < end; ++t) {
                     const int64_t m0 = t * kTileRows;
@@ -1358,14 +1416,26 @@ template <class Units> void int_gemm(const ComputeCtx& ctx, const Tensor* a, con
                     const __mmask16 mask = __mmask16((1u << rows) - 1);
                     for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
                         const int nc = int(std::min<int64_t>(kTileCols, N - n0));
-                        kTileColumns<Units::kOffset>[nc](
-                            tile.data(), nb, K, qs.data() + n0 * K, scales.data() + n0 * nb,
-                            scales.data() + (N + n0) * nb, f32_row(dst, n0, i2, i3) + m0,
-                            int64_t(dst->nb[1] / sizeof(float)), mask);
+                        kernels[size_t(nc - 1)](tile.data(), nb, K, qs.data() + n0 * K,
+                                                scales.data() + n0 * nb, scales.data() + (N + n0) * nb,
+                                                f32_row(dst, n0, i2, i3) + m0,
+                                                int64_t(dst->nb[1] / sizeof(float)), mask);
                     }
                 }
             });
         }
+}
+
+// Whether a product's columns may be rounded to 8 bits: its node allows it (set_matmul_precision).
+bool eight_bit_columns(const Tensor* product) {
+    return matmul_precision(product) >= MatMulPrecision::Q8;
+}
+
+template <class Units>
+void int_gemm_for_units(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    if constexpr (Units::kU8Bias >= 0)
+        if (eight_bit_columns(dst)) return int_gemm<Units, Columns8>(ctx, a, b, dst);
+    int_gemm<Units, Columns16>(ctx, a, b, dst);
 }
 
 using IntGemmFn = void (*)(const ComputeCtx&, const Tensor*, const Tensor*, Tensor*);
@@ -1373,27 +1443,27 @@ using IntGemmFn = void (*)(const ComputeCtx&, const Tensor*, const Tensor*, Tens
 IntGemmFn int_gemm_for(Type t) {
     switch (t) {
     case Type::Q4_0:
-        return int_gemm<Q4_0Units>;
+        return int_gemm_for_units<Q4_0Units>;
     case Type::Q8_0:
-        return int_gemm<Q8_0Units>;
+        return int_gemm_for_units<Q8_0Units>;
     case Type::Q4_1:
-        return int_gemm<Blocks32Units<Q4_1Codes>>;
+        return int_gemm_for_units<Blocks32Units<Q4_1Codes>>;
     case Type::Q5_0:
-        return int_gemm<Blocks32Units<Q5_0Codes>>;
+        return int_gemm_for_units<Blocks32Units<Q5_0Codes>>;
     case Type::Q5_1:
-        return int_gemm<Blocks32Units<Q5_1Codes>>;
+        return int_gemm_for_units<Blocks32Units<Q5_1Codes>>;
     case Type::Q4_K:
-        return int_gemm<K4Units<false>>;
+        return int_gemm_for_units<K4Units<false>>;
     case Type::Q5_K:
-        return int_gemm<K4Units<true>>;
+        return int_gemm_for_units<K4Units<true>>;
     case Type::Q6_K:
-        return int_gemm<Q6_KUnits>;
+        return int_gemm_for_units<Q6_KUnits>;
     case Type::Q3_K:
-        return int_gemm<Q3_KUnits>;
+        return int_gemm_for_units<Q3_KUnits>;
     case Type::IQ4_NL:
-        return int_gemm<IQ4_NLUnits>;
+        return int_gemm_for_units<IQ4_NLUnits>;
     case Type::IQ4_XS:
-        return int_gemm<IQ4_XSUnits>;
+        return int_gemm_for_units<IQ4_XSUnits>;
     default:
         return nullptr;
     }

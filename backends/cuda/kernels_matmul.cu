@@ -90,7 +90,7 @@ void batched_gemm(const ComputeCtx& ctx, cublasOperation_t op_a, cublasOperation
 
 // f32 x f32 products: TensorFloat-32 tensor cores where the node allows it (set_matmul_precision).
 cublasComputeType_t f32_compute_type(const Tensor* product) {
-    return matmul_precision(product) == MatMulPrecision::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32
+    return matmul_precision(product) >= MatMulPrecision::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32
                                                               : CUBLAS_COMPUTE_32F;
 }
 

@@ -703,6 +703,9 @@ Session::Session(const Model& model, const SessionOptions& options)
         s.options.n_ctx = std::min<int64_t>(c.n_ctx_train > 0 ? c.n_ctx_train : 4096, 4096);
     if (s.options.n_batch <= 0) fail("session: n_batch must be positive");
     if (s.options.decode_window_step < 0) fail("session: decode_window_step must be 0 or positive");
+    if (const MatMulPrecision p = s.options.matmul_precision;
+        p != MatMulPrecision::F32 && p != MatMulPrecision::TF32 && p != MatMulPrecision::Q8)
+        fail("session: unknown matmul_precision " + std::to_string(int(p)));
     s.options.n_batch = std::min(s.options.n_batch, s.options.n_ctx);
     const Type kv = s.options.kv_type;
     if (kv != Type::F32 && kv != Type::F16 && kv != Type::Q8_0)
@@ -815,6 +818,9 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             last.io = llama::build_graph(*last.ctx, c, s.model.impl().weights, s.cache, int64_t(n), s.n_past,
                                          all_logits, window);
             last.graph = build_forward(last.io.logits);
+            if (s.options.matmul_precision != MatMulPrecision::F32)
+                for (Tensor* node : last.graph.nodes())
+                    if (node->op == Op::MulMat) set_matmul_precision(node, s.options.matmul_precision);
             if (s.options.trace_nodes)
                 for (Tensor* node : last.graph.nodes())
                     if (!node->view_src) node->flags |= kFlagOutput; // nothing reuses its memory

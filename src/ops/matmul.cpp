@@ -186,7 +186,8 @@ void set_matmul_precision(Tensor* product, MatMulPrecision precision) {
     if (product->op != Op::MulMat && product->op != Op::OutProd)
         fail(std::string("set_matmul_precision: ") + op_name(product->op) +
              " is not a mul_mat or out_prod node");
-    if (precision != MatMulPrecision::F32 && precision != MatMulPrecision::TF32)
+    if (precision != MatMulPrecision::F32 && precision != MatMulPrecision::TF32 &&
+        precision != MatMulPrecision::Q8)
         fail("set_matmul_precision: unknown precision " + std::to_string(int(precision)));
     product->set_params(MatMulParams{precision});
 }
