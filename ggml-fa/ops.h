@@ -124,6 +124,10 @@ Tensor* tanh(Context& ctx, Tensor* a);
 
 Tensor* sum(Context& ctx, Tensor* a);      // -> [1]
 Tensor* sum_rows(Context& ctx, Tensor* a); // -> [1, ne1, ne2, ne3]
+// The positions (i32) of the k largest values of each row of a (f32), largest first, ties
+// broken by the lower position: [k, ne1, ne2, ne3]. (A mixture of experts' router choice.)
+// No gradient.
+Tensor* top_k(Context& ctx, Tensor* a, int64_t k);
 Tensor* mean(Context& ctx, Tensor* a);     // row means -> [1, ne1, ne2, ne3]
 
 // ---- matrix products ------------------------------------------------------------------
@@ -134,6 +138,12 @@ Tensor* mean(Context& ctx, Tensor* a);     // row means -> [1, ne1, ne2, ne3]
 Tensor* mul_mat(Context& ctx, Tensor* a, Tensor* b);
 // a: [M, K], b: [N, K] -> [M, N] = sum_k a[:,k] b[:,k]^T (batched over dims 2-3 like mul_mat)
 Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b);
+// The products of a mixture of experts. as: [K, M, E], E weight matrices of one type (any
+// mul_mat weight type); b: [K, Nb, T] f32 with Nb = 1 (one input per token, shared by its
+// experts) or Nb = k; ids: [k, T] i32, the experts chosen for each token. Result [M, k, T] f32:
+// column (i, t) = as[:, :, ids[i, t]]^T b[:, Nb == 1 ? 0 : i, t]. An expert number outside
+// [0, E) is an error when the node runs. No gradient.
+Tensor* mul_mat_id(Context& ctx, Tensor* as, Tensor* b, Tensor* ids);
 
 // How much precision a product may give up for speed; each level allows what the one before
 // it does. F32 (the default): f32 multiplies everywhere (a CPU multiplying quantized weights
@@ -148,7 +158,7 @@ enum class MatMulPrecision : int32_t { F32 = 0, TF32 = 1, Q8 = 2 };
 struct MatMulParams {
     MatMulPrecision precision;
 };
-// On a mul_mat or out_prod node; the gradients built from it later inherit it.
+// On a mul_mat, mul_mat_id or out_prod node; the gradients built from it later inherit it.
 void set_matmul_precision(Tensor* product, MatMulPrecision precision);
 MatMulPrecision matmul_precision(const Tensor* product);
 

@@ -62,8 +62,10 @@ enum class Op : uint16_t {
     Sum,
     SumRows,
     Mean,
+    TopK,
     // matrix products
     MulMat,
+    MulMatId,
     OutProd,
     // normalization, position encoding, softmax
     Norm,

@@ -34,6 +34,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1639,6 +1640,53 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     gemm(ctx, p);
 }
 
+// mul_mat_id: each expert's (slot, token) columns are gathered into one packed matrix and
+// multiplied by that expert's weights as a mul_mat (a prompt's experts get the GEMMs, a
+// decoded token's the dot products), then scattered to their places in dst.
+void run_mul_mat_id(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor *as = dst->src[0], *b = dst->src[1], *ids = dst->src[2];
+    const int64_t K = as->ne[0], M = as->ne[1], E = as->ne[2], k = ids->ne[0], T = ids->ne[1];
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> columns(
+        static_cast<size_t>(E)); // (slot, token) per expert
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < k; ++i) {
+            const int32_t e = *reinterpret_cast<const int32_t*>(element_ptr(ids, i, t, 0, 0));
+            if (e < 0 || e >= E)
+                fail("mul_mat_id: expert " + std::to_string(e) + " of token " + std::to_string(t) +
+                     " is outside [0, " + std::to_string(E) + ")");
+            columns[size_t(e)].push_back({i, t});
+        }
+    std::vector<float> gathered, product;
+    for (int64_t e = 0; e < E; ++e) {
+        const auto& cols = columns[size_t(e)];
+        const int64_t n = int64_t(cols.size());
+        if (n == 0) continue;
+        gathered.resize(size_t(n * K));
+        product.resize(size_t(n * M));
+        for (int64_t j = 0; j < n; ++j) {
+            const auto [i, t] = cols[size_t(j)];
+            const char* src = element_ptr(b, 0, b->ne[1] == 1 ? 0 : i, t, 0);
+            for (int64_t kk = 0; kk < K; ++kk)
+                gathered[size_t(j * K + kk)] = *reinterpret_cast<const float*>(src + kk * b->nb[0]);
+        }
+        Context scratch; // tensors over the memory above and the expert's matrix, no data of their own
+        Tensor* weights = scratch.new_tensor(as->type, {K, M});
+        weights->data = static_cast<char*>(as->data) + size_t(e) * as->nb[2];
+        weights->nb[1] = as->nb[1];
+        weights->nb[2] = weights->nb[3] = as->nb[1] * size_t(M);
+        Tensor* columns_e = scratch.new_tensor(Type::F32, {K, n});
+        columns_e->data = gathered.data();
+        Tensor* out = mul_mat(scratch, weights, columns_e);
+        out->data = product.data();
+        set_matmul_precision(out, matmul_precision(dst));
+        run_mul_mat(ctx, out);
+        for (int64_t j = 0; j < n; ++j) {
+            const auto [i, t] = cols[size_t(j)];
+            std::memcpy(element_ptr(dst, 0, i, t, 0), product.data() + j * M, size_t(M) * sizeof(float));
+        }
+    }
+}
+
 // out_prod(a [M, K], b [N, K]): A(k, m) = a[m, k], B(k, n) = b[n, k].
 void run_out_prod(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
@@ -1669,6 +1717,13 @@ bool supports_mul_mat(const Tensor* dst) {
     return ta.block_size == 1 || a->nb[0] == ta.type_size;
 }
 
+bool supports_mul_mat_id(const Tensor* dst) {
+    const Tensor *as = dst->src[0], *b = dst->src[1], *ids = dst->src[2];
+    const TypeTraits& ta = type_traits(as->type);
+    return ta.to_float && b->type == Type::F32 && ids->type == Type::I32 && writes_packed_f32(dst) &&
+           (ta.block_size == 1 || as->nb[0] == ta.type_size);
+}
+
 bool supports_out_prod(const Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     return a->type == Type::F32 && b->type == Type::F32 && writes_packed_f32(dst);
@@ -1682,6 +1737,7 @@ bool integer_quantized_prompts() {
 
 void register_matmul_kernels(KernelTable& t) {
     t[size_t(Op::MulMat)] = {run_mul_mat, supports_mul_mat};
+    t[size_t(Op::MulMatId)] = {run_mul_mat_id, supports_mul_mat_id};
     t[size_t(Op::OutProd)] = {run_out_prod, supports_out_prod};
 }
 

@@ -1,7 +1,10 @@
-// Reductions on the CPU. Rows are summed in double so long rows stay accurate; sum() adds
+// Reductions on the CPU, and top_k. Rows are summed in double so long rows stay accurate; sum() adds
 // per-worker partials in worker order, so the result does not depend on timing.
 #include "cpu_kernels.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace gfa::cpu {
@@ -38,6 +41,31 @@ template <bool Average> void run_rows(const ComputeCtx& ctx, Tensor* dst) {
     });
 }
 
+// Each row's k largest positions, by a partial sort of the positions (value descending,
+// position ascending on ties, as the reference orders them).
+void run_top_k(const ComputeCtx& ctx, Tensor* dst) {
+    const Tensor* a = dst->src[0];
+    const int64_t n = a->ne[0], k = dst->ne[0];
+    ctx.pool.run([&](int ith, int nth) {
+        std::vector<int32_t> order(static_cast<size_t>(n));
+        std::vector<float> row(static_cast<size_t>(n));
+        for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+            const char* p = element_ptr(a, 0, i1, i2, i3);
+            for (int64_t i = 0; i < n; ++i) {
+                const float v = *reinterpret_cast<const float*>(p + i * a->nb[0]);
+                row[size_t(i)] = std::isnan(v) ? -INFINITY : v; // NaN ranks last, the order stays strict
+                order[size_t(i)] = int32_t(i);
+            }
+            std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t x, int32_t y) {
+                return row[size_t(x)] > row[size_t(y)] || (row[size_t(x)] == row[size_t(y)] && x < y);
+            });
+            char* out = element_ptr(dst, 0, i1, i2, i3);
+            for (int64_t j = 0; j < k; ++j)
+                *reinterpret_cast<int32_t*>(out + j * dst->nb[0]) = order[size_t(j)];
+        });
+    });
+}
+
 bool f32_input(const Tensor* dst) {
     return dst->src[0]->type == Type::F32;
 }
@@ -48,6 +76,7 @@ void register_reduce_kernels(KernelTable& t) {
     t[size_t(Op::Sum)] = {run_sum, f32_input};
     t[size_t(Op::SumRows)] = {run_rows<false>, f32_input};
     t[size_t(Op::Mean)] = {run_rows<true>, f32_input};
+    t[size_t(Op::TopK)] = {run_top_k, f32_input};
 }
 
 } // namespace gfa::cpu

@@ -135,6 +135,21 @@ void mul_mat_reference(ref::Evaluator& ev, const Tensor* n) {
     });
 }
 
+void mul_mat_id_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Dense as = dense(ev, n->src[0]), b = dense(ev, n->src[1]), ids = dense(ev, n->src[2]);
+    const int64_t K = as.ne[0], E = as.ne[2];
+    ref::for_each_index(n, [&](int64_t m, int64_t i, int64_t t, int64_t) {
+        const double e = ids.at(i, t, 0, 0);
+        if (e < 0 || e >= double(E))
+            fail("mul_mat_id: expert " + std::to_string(int64_t(e)) + " of token " + std::to_string(t) +
+                 " is outside [0, " + std::to_string(E) + ")");
+        double acc = 0.0;
+        for (int64_t k = 0; k < K; ++k)
+            acc += as.at(k, m, int64_t(e), 0) * b.at(k, b.ne[1] == 1 ? 0 : i, t, 0);
+        ev.set(n, acc, m, i, t, 0);
+    });
+}
+
 void out_prod_reference(ref::Evaluator& ev, const Tensor* n) {
     const Dense a = dense(ev, n->src[0]), b = dense(ev, n->src[1]);
     const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3], K = a.ne[1];
@@ -181,11 +196,43 @@ Tensor* out_prod(Context& ctx, Tensor* a, Tensor* b) {
     return t;
 }
 
+Tensor* mul_mat_id(Context& ctx, Tensor* as, Tensor* b, Tensor* ids) {
+    require_not_null(Op::MulMatId, {as, b, ids});
+    const TypeTraits& ta = type_traits(as->type);
+    if (!ta.to_float)
+        op_error(Op::MulMatId, "the experts' type " + std::string(ta.name) + " cannot be converted to float",
+                 {as, b, ids});
+    if (b->type != Type::F32) op_error(Op::MulMatId, "b must be f32 (use cast)", {as, b, ids});
+    if (ids->type != Type::I32) op_error(Op::MulMatId, "ids must be i32", {as, b, ids});
+    if (as->ne[3] != 1 || b->ne[3] != 1 || ids->ne[2] != 1 || ids->ne[3] != 1)
+        op_error(Op::MulMatId, "as must be [K, M, E], b [K, Nb, T] and ids [k, T]", {as, b, ids});
+    if (as->ne[0] != b->ne[0])
+        op_error(Op::MulMatId,
+                 "inner dims differ: as.ne[0] = " + std::to_string(as->ne[0]) +
+                     ", b.ne[0] = " + std::to_string(b->ne[0]),
+                 {as, b, ids});
+    if (ids->ne[1] != b->ne[2])
+        op_error(Op::MulMatId,
+                 "ids has " + std::to_string(ids->ne[1]) + " tokens, b " + std::to_string(b->ne[2]),
+                 {as, b, ids});
+    if (b->ne[1] != 1 && b->ne[1] != ids->ne[0])
+        op_error(Op::MulMatId,
+                 "b.ne[1] must be 1 or the experts per token (" + std::to_string(ids->ne[0]) + "), not " +
+                     std::to_string(b->ne[1]),
+                 {as, b, ids});
+    if (ta.block_size > 1 && as->nb[0] != ta.type_size)
+        op_error(Op::MulMatId, "rows of quantized experts must be stored whole", {as, b, ids});
+    Tensor* t = ctx.new_node(Op::MulMatId, Type::F32, {as->ne[1], ids->ne[0], ids->ne[1], 1});
+    set_sources(t, {as, b, ids});
+    t->set_params(MatMulParams{MatMulPrecision::F32});
+    return t;
+}
+
 void set_matmul_precision(Tensor* product, MatMulPrecision precision) {
     require_not_null(Op::MulMat, {product});
-    if (product->op != Op::MulMat && product->op != Op::OutProd)
+    if (product->op != Op::MulMat && product->op != Op::MulMatId && product->op != Op::OutProd)
         fail(std::string("set_matmul_precision: ") + op_name(product->op) +
-             " is not a mul_mat or out_prod node");
+             " is not a mul_mat, mul_mat_id or out_prod node");
     if (precision != MatMulPrecision::F32 && precision != MatMulPrecision::TF32 &&
         precision != MatMulPrecision::Q8)
         fail("set_matmul_precision: unknown precision " + std::to_string(int(precision)));
@@ -198,6 +245,7 @@ MatMulPrecision matmul_precision(const Tensor* product) {
 
 void define_matmul_ops(OpTable& t) {
     t[size_t(Op::MulMat)] = {.name = "mul_mat", .backward = mul_mat_backward, .reference = mul_mat_reference};
+    t[size_t(Op::MulMatId)] = {.name = "mul_mat_id", .reference = mul_mat_id_reference};
     t[size_t(Op::OutProd)] = {
         .name = "out_prod", .backward = out_prod_backward, .reference = out_prod_reference};
 }

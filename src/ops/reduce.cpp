@@ -1,6 +1,12 @@
-// Reductions: sum (all elements), sum_rows and mean (over dim 0).
+// Reductions: sum (all elements), sum_rows and mean (over dim 0), and top_k (the positions of
+// each row's largest values).
 #include "op_def.h"
 #include "reference.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
 
 namespace gfa {
 
@@ -12,6 +18,37 @@ Tensor* reduce(Context& ctx, Op op, Tensor* a, std::array<int64_t, kMaxDims> ne)
     Tensor* t = ctx.new_node(op, Type::F32, ne);
     set_sources(t, {a});
     return t;
+}
+
+} // namespace
+
+Tensor* top_k(Context& ctx, Tensor* a, int64_t k) {
+    require_not_null(Op::TopK, {a});
+    if (a->type != Type::F32) op_error(Op::TopK, "input must be f32 (use cast)", {a});
+    if (k < 1 || k > a->ne[0])
+        op_error(Op::TopK, "k = " + std::to_string(k) + " must be in [1, " + std::to_string(a->ne[0]) + "]",
+                 {a});
+    Tensor* t = ctx.new_node(Op::TopK, Type::I32, {k, a->ne[1], a->ne[2], a->ne[3]});
+    set_sources(t, {a});
+    return t;
+}
+
+namespace {
+
+void top_k_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor* a = n->src[0];
+    for (int64_t i3 = 0; i3 < a->ne[3]; ++i3)
+        for (int64_t i2 = 0; i2 < a->ne[2]; ++i2)
+            for (int64_t i1 = 0; i1 < a->ne[1]; ++i1) {
+                std::vector<std::pair<double, int64_t>> row;
+                for (int64_t i0 = 0; i0 < a->ne[0]; ++i0) {
+                    const double v = ev.get(a, i0, i1, i2, i3);
+                    row.push_back({std::isnan(v) ? INFINITY : -v, i0}); // NaN ranks last
+                }
+                std::sort(row.begin(), row.end()); // by value descending, then position ascending
+                for (int64_t j = 0; j < n->ne[0]; ++j)
+                    ev.set(n, double(row[size_t(j)].second), j, i1, i2, i3);
+            }
 }
 
 void sum_backward(GradCtx& g, Tensor* node, Tensor* grad) {
@@ -60,6 +97,7 @@ void define_reduce_ops(OpTable& t) {
     t[size_t(Op::Sum)] = {.name = "sum", .backward = sum_backward, .reference = sum_reference};
     t[size_t(Op::SumRows)] = {.name = "sum_rows", .backward = sum_backward, .reference = sum_rows_reference};
     t[size_t(Op::Mean)] = {.name = "mean", .backward = mean_backward, .reference = mean_reference};
+    t[size_t(Op::TopK)] = {.name = "top_k", .reference = top_k_reference};
 }
 
 } // namespace gfa
