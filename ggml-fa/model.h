@@ -26,7 +26,9 @@ struct ModelConfig {
     int64_t n_ctx_train = 0;
     int64_t n_embd = 0;
     int64_t n_layer = 0;
-    int64_t n_ff = 0;
+    int64_t n_ff = 0;          // of the feed-forward network, or of each expert's
+    int64_t n_expert = 0;      // a mixture of experts (Mixtral): experts per block; 0: a dense FFN
+    int64_t n_expert_used = 0; // experts each token runs through
     int64_t n_head = 0;
     int64_t n_head_kv = 0;
     int64_t head_dim = 0; // of keys and values

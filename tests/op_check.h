@@ -13,7 +13,8 @@
 
 namespace gfa::test {
 
-// A generator seeded from std::random_device; the seed is printed when a test fails.
+// A generator seeded from std::random_device (or GFA_TEST_SEED); the seed is printed when a
+// test fails.
 std::mt19937& rng();
 uint32_t seed();
 
@@ -61,7 +62,7 @@ double rel_error(const std::vector<float>& out, const std::vector<double>& ref);
 // Computes `out`'s graph on the CPU backend and compares with the reference evaluator.
 void check_forward(Tensor* out, double tol, int n_threads = 2);
 
-// Central differences of the reference evaluator's `loss` (a scalar, double precision) with
+// Fourth-order central differences of the reference evaluator's `loss` (a scalar, double precision) with
 // respect to the given elements (row-major indices) of `param`, a leaf of the loss's graph.
 std::vector<double> reference_gradient(Tensor* loss, Tensor* param, const std::vector<size_t>& elements,
                                        double eps = 1e-3);

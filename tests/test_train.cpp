@@ -277,6 +277,11 @@ TEST_CASE("Trainer: bad shapes, batches and tokens are refused by name", "[train
     c.n_head_kv = 3;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("cannot share 3 key/value heads"));
     c = test::tiny_train_config();
+    c.n_expert = 4;
+    c.n_expert_used = 2;
+    CHECK_THROWS_WITH(Trainer(c, tiny_options()),
+                      Catch::Contains("mixtures of experts (4 experts) are not trained"));
+    c = test::tiny_train_config();
     c.rope.n_dims = 4;
     CHECK_THROWS_WITH(Trainer(c, tiny_options()), Catch::Contains("rope must turn the whole head"));
     c = test::tiny_train_config();

@@ -99,10 +99,38 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
             part(Hkv, Hq + Hkv)};
 }
 
+// A mixture of experts on h [n_embd, rows]: the router's logits pick each token's
+// n_expert_used experts (top_k), whose SwiGLU networks run through mul_mat_id; their outputs
+// are summed with the softmax of the chosen logits (the router's softmax renormalized over the
+// chosen experts, as Mixtral weighs them).
+Tensor* experts(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* h) {
+    const int64_t rows = h->ne[1], k = cfg.n_expert_used, E = h->ne[0];
+    Tensor* logits = mul_mat(ctx, L.ffn_gate_inp, h);                                   // [n_expert, rows]
+    Tensor* ids = top_k(ctx, logits, k);                                                // [k, rows]
+    Tensor* chosen = get_rows(ctx, reshape(ctx, logits, {1, cfg.n_expert, rows}), ids); // [1, k, rows]
+    Tensor* weights = soft_max(ctx, reshape(ctx, chosen, {k, rows}));
+    Tensor* x = reshape(ctx, h, {E, 1, rows});
+    Tensor* gate = mul_mat_id(ctx, L.ffn_gate_exps, x, ids); // [n_ff, k, rows]
+    Tensor* up = mul_mat_id(ctx, L.ffn_up_exps, x, ids);
+    Tensor* down = mul_mat_id(ctx, L.ffn_down_exps, swiglu(ctx, gate, up), ids); // [n_embd, k, rows]
+    Tensor* weighted = mul(ctx, down, reshape(ctx, weights, {1, k, rows}));
+    Tensor* out = nullptr;
+    for (int64_t i = 0; i < k; ++i) {
+        Tensor* slot = view(ctx, weighted, {E, rows}, {weighted->nb[2]}, size_t(i) * weighted->nb[1]);
+        out = out ? add(ctx, out, slot) : cont(ctx, slot);
+    }
+    return out;
+}
+
 Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* x) {
     const int64_t rows = x->ne[1];
     Tensor* h = L.ffn_norm ? mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.ffn_norm) : x;
     Tensor *gate = nullptr, *up = nullptr;
+    if (L.ffn_gate_inp) {
+        Tensor* out = experts(ctx, cfg, L, h);
+        if (cfg.residual_scale != 1.0f) out = scale(ctx, out, cfg.residual_scale);
+        return add(ctx, x, out);
+    }
     if (L.ffn_gate_up) {
         Tensor* gu = mul_mat(ctx, L.ffn_gate_up, h); // [2 n_ff, rows]: gate rows, then up
         const size_t half = size_t(cfg.n_ff) * sizeof(float);
@@ -319,6 +347,16 @@ ModelConfig llama::read_config(const gguf::File& f) {
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
     c.n_ff = meta_int(f, p + "feed_forward_length");
+    if (f.metadata().find(p + "expert_count")) {
+        c.n_expert = meta_int(f, p + "expert_count");
+        c.n_expert_used = meta_int(f, p + "expert_used_count");
+        if (c.arch != "llama")
+            fail("model: experts (" + p + "expert_count) are supported for llama files (Mixtral), not " +
+                 c.arch);
+        if (c.n_expert < 1 || c.n_expert_used < 1 || c.n_expert_used > c.n_expert)
+            fail("model: " + p + "expert_used_count = " + std::to_string(c.n_expert_used) +
+                 " must be in [1, " + p + "expert_count = " + std::to_string(c.n_expert) + "]");
+    }
     c.n_head = meta_int(f, p + "attention.head_count");
     c.n_head_kv = meta_int(f, p + "attention.head_count_kv", c.n_head);
     c.n_ctx_train = meta_int(f, p + "context_length", 2048);
@@ -476,6 +514,24 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         Context& ctx = ne.size() == 2 ? usable_where(info->type, info->ne[0], where, name) : where;
         return set_name(ctx.new_tensor(info->type, info->ne), name);
     };
+    // A mixture's stacked experts [cols, rows, n_expert], kept in host memory when the GPU
+    // cannot run mul_mat_id with their type.
+    auto expert_weights = [&](const std::string& name, int64_t cols, int64_t rows,
+                              Context& where) -> Tensor* {
+        const gguf::TensorInfo* info = checked(name, {cols, rows, c.n_expert});
+        Context* ctx = &where;
+        if (&where != &cpu_ctx) {
+            Context probe; // shapes only
+            Tensor* ids = probe.new_tensor(Type::I32, {1, 1});
+            Tensor* product = mul_mat_id(probe, probe.new_tensor(info->type, {cols, 1, 1}),
+                                         probe.new_tensor(Type::F32, {cols, 1, 1}), ids);
+            if (!options.gpu->supports_op(product)) {
+                m.kept_on_host.push_back(name);
+                ctx = &cpu_ctx;
+            }
+        }
+        return set_name(ctx->new_tensor(info->type, info->ne), name);
+    };
     // One tensor holding the parts one after another (`name`): matrices [cols, rows_i] give
     // [cols, sum rows_i], vectors (cols 0) [rows_i] give [sum rows_i]. Null when a part is
     // missing or the parts' types differ.
@@ -589,17 +645,25 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         }
         L.wo = weight(b + "attn_output.weight", {Dq, E}, where);
         if (c.pre_norms) L.ffn_norm = weight(b + "ffn_norm.weight", {E}, where);
-        checked(b + "ffn_gate.weight", {E, c.n_ff});
-        checked(b + "ffn_up.weight", {E, c.n_ff});
-        const auto gate_up = mergeable({{b + "ffn_gate.weight", c.n_ff}, {b + "ffn_up.weight", c.n_ff}}, E);
-        if (!gate_up.empty()) {
-            L.ffn_gate_up = merged(b + "ffn_gate_up.weight", gate_up, E,
-                                   usable_where(gate_up[0]->type, E, where, b + "ffn_gate_up.weight"));
+        if (c.n_expert > 0) { // a mixture of experts: the router, the stacked experts
+            L.ffn_gate_inp = weight(b + "ffn_gate_inp.weight", {E, c.n_expert}, where);
+            L.ffn_gate_exps = expert_weights(b + "ffn_gate_exps.weight", E, c.n_ff, where);
+            L.ffn_up_exps = expert_weights(b + "ffn_up_exps.weight", E, c.n_ff, where);
+            L.ffn_down_exps = expert_weights(b + "ffn_down_exps.weight", c.n_ff, E, where);
         } else {
-            L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff}, where);
-            L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);
+            checked(b + "ffn_gate.weight", {E, c.n_ff});
+            checked(b + "ffn_up.weight", {E, c.n_ff});
+            const auto gate_up =
+                mergeable({{b + "ffn_gate.weight", c.n_ff}, {b + "ffn_up.weight", c.n_ff}}, E);
+            if (!gate_up.empty()) {
+                L.ffn_gate_up = merged(b + "ffn_gate_up.weight", gate_up, E,
+                                       usable_where(gate_up[0]->type, E, where, b + "ffn_gate_up.weight"));
+            } else {
+                L.ffn_gate = weight(b + "ffn_gate.weight", {E, c.n_ff}, where);
+                L.ffn_up = weight(b + "ffn_up.weight", {E, c.n_ff}, where);
+            }
+            L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E}, where);
         }
-        L.ffn_down = weight(b + "ffn_down.weight", {c.n_ff, E}, where);
         if (c.post_norms) {
             L.attn_post_norm = weight(b + "post_attention_norm.weight", {E}, where);
             L.ffn_post_norm = weight(b + "post_ffw_norm.weight", {E}, where);

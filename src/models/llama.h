@@ -22,6 +22,10 @@ struct LayerWeights {
     Tensor* ffn_norm = nullptr;
     Tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     Tensor* ffn_gate_up = nullptr;
+    // A mixture of experts: the router [n_embd, n_expert] and the experts' matrices stacked,
+    // [n_embd, n_ff, n_expert] (gate, up) and [n_ff, n_embd, n_expert] (down).
+    Tensor* ffn_gate_inp = nullptr;
+    Tensor *ffn_gate_exps = nullptr, *ffn_up_exps = nullptr, *ffn_down_exps = nullptr;
     Tensor* rope_factors = nullptr; // rope_freqs.weight (Llama 3.1 style), the copy on this block's device
     // Phi-3 LongRoPE: rope_factors holds rope_factors_short.weight, this rope_factors_long.weight,
     // used in sessions longer than ModelConfig::rope_ctx_orig.

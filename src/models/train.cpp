@@ -30,6 +30,8 @@ void check_config(const ModelConfig& c, const TrainOptions& o) {
     if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma2" &&
         c.arch != "gemma3")
         fail("train: the architecture must be llama, qwen2, qwen3, gemma2 or gemma3, not \"" + c.arch + "\"");
+    if (c.n_expert > 0)
+        fail("train: mixtures of experts (" + std::to_string(c.n_expert) + " experts) are not trained");
     // What llama::read_config makes of each file, so that a saved model reads back the same.
     const bool gemma = c.arch == "gemma2" || c.arch == "gemma3";
     const bool qk_norm = c.arch == "qwen3" || c.arch == "gemma3";

@@ -77,6 +77,12 @@ CONFIGS = {
                     num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, rms_norm_eps=1e-5,
                     rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=True,
                     embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.5),
+    # Mixtral: LLaMA's blocks with a mixture of 5 experts, 2 per token (router weights scaled up
+    # so the experts' shares differ clearly).
+    "mixtral": dict(model_type="mixtral", vocab_size=59, hidden_size=64, intermediate_size=48,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                    rope_theta=1000000.0, max_position_embeddings=128, tie_word_embeddings=False,
+                    num_local_experts=5, num_experts_per_tok=2),
     # OLMo 2: norms after each block's attention and feed-forward instead of before, q and k
     # normed over all their heads at once.
     "olmo2": dict(model_type="olmo2", vocab_size=61, hidden_size=64, intermediate_size=96,
@@ -148,9 +154,17 @@ def random_weights(cfg, rng):
         if bias:
             for n, rows in (("q", Hq * D), ("k", Hkv * D), ("v", Hkv * D)):
                 w[p + f"self_attn.{n}_proj.bias"] = (0.5 * rng.standard_normal(rows)).astype(np.float32)
-        w[p + "mlp.gate_proj.weight"] = mat(F, E)
-        w[p + "mlp.up_proj.weight"] = mat(F, E)
-        w[p + "mlp.down_proj.weight"] = mat(E, F)
+        if cfg["model_type"] == "mixtral":
+            w[p + "block_sparse_moe.gate.weight"] = 3 * mat(cfg["num_local_experts"], E)
+            for e in range(cfg["num_local_experts"]):
+                q = p + f"block_sparse_moe.experts.{e}."
+                w[q + "w1.weight"] = mat(F, E)
+                w[q + "w3.weight"] = mat(F, E)
+                w[q + "w2.weight"] = mat(E, F)
+        else:
+            w[p + "mlp.gate_proj.weight"] = mat(F, E)
+            w[p + "mlp.up_proj.weight"] = mat(F, E)
+            w[p + "mlp.down_proj.weight"] = mat(E, F)
         olmo2 = cfg["model_type"] == "olmo2"
         if not olmo2:  # OLMo 2 norms outputs only (its post_attention_layernorm comes after attention)
             w[p + "input_layernorm.weight"] = norm(E)
@@ -420,9 +434,24 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
         h = x if olmo2 else rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma
                                               else "post_attention_layernorm.weight")])
-        g = h @ w[p + "mlp.gate_proj.weight"].T
-        u = h @ w[p + "mlp.up_proj.weight"].T
-        f = ((gelu_tanh(g) if gemma else g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
+        if cfg["model_type"] == "mixtral":  # each token's k best experts, softmax over their logits
+            def expert(e, rows):
+                q = p + f"block_sparse_moe.experts.{e}."
+                g = rows @ w[q + "w1.weight"].T
+                return ((g / (1 + np.exp(-g))) * (rows @ w[q + "w3.weight"].T)) @ w[q + "w2.weight"].T
+            router = h @ w[p + "block_sparse_moe.gate.weight"].T
+            k = cfg["num_experts_per_tok"]
+            f = np.zeros_like(h)
+            for i in range(n):
+                chosen = np.argsort(-router[i], kind="stable")[:k]
+                share = np.exp(router[i, chosen] - router[i, chosen].max())
+                share /= share.sum()
+                for e, s_e in zip(chosen, share):
+                    f[i] += s_e * expert(e, h[i:i + 1])[0]
+        else:
+            g = h @ w[p + "mlp.gate_proj.weight"].T
+            u = h @ w[p + "mlp.up_proj.weight"].T
+            f = ((gelu_tanh(g) if gemma else g / (1 + np.exp(-g))) * u) @ w[p + "mlp.down_proj.weight"].T
         if gemma or olmo2:
             f = rms_norm(f, w[p + "post_feedforward_layernorm.weight"])
         x = x + residual * f
@@ -594,8 +623,11 @@ def check_config_errors(args, root, failures):
                           "rope bases"),
         "Qwen sliding windows": (dict(CONFIGS["qwen3"], use_sliding_window=True, sliding_window=8,
                                       max_window_layers=1), "use_sliding_window"),
+        "more experts per token than experts": (dict(CONFIGS["mixtral"], num_experts_per_tok=6),
+                                                "num_experts_per_tok"),
+        "an expert missing": (dict(CONFIGS["mixtral"], num_local_experts=6), "lacks expert 5"),
     }
-    checkpoint_of = {"gemma3_text": "gemma3", "qwen3": "qwen3"}
+    checkpoint_of = {"gemma3_text": "gemma3", "qwen3": "qwen3", "mixtral": "mixtral"}
     for what, (cfg, needle) in bad.items():
         src = os.path.join(root, checkpoint_of.get(cfg["model_type"], "llama"))
         d = os.path.join(root, "bad-config")
@@ -640,6 +672,9 @@ def main():
         ("qwen2", "f16", "f16", "f16", []),
         ("granite", "f16", "f32", "f32", []),
         ("granite", "f16", "q8_0", "f16", ["-b", "5"]),
+        ("mixtral", "f32", "f32", "f32", []),
+        ("mixtral", "f32", "f32", "f32", ["-b", "4"]),  # chunks and decoding: few tokens per expert
+        ("mixtral", "bf16", "f16", "f16", []),
         ("olmo2", "f32", "f32", "f32", ["-b", "6"]),
         ("olmo2", "f32", "q8_0", "f16", []),
         ("phi3", "f32", "f32", "f32", []),

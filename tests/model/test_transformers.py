@@ -65,6 +65,11 @@ def build(kind, seed):
                                             rope_scaling=dict(rope_type="linear", factor=2.0),
                                             hidden_activation="gelu_pytorch_tanh", attn_implementation="eager")
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "mixtral":
+        # LLaMA's blocks with a mixture of 4 experts, 2 per token.
+        cfg = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                         tie_word_embeddings=False)
+        model = transformers.MixtralForCausalLM(cfg)
     elif kind == "olmo2":
         # Norms after each block's attention and feed-forward instead of before, and q and k
         # normed over all their heads at once.
@@ -104,7 +109,7 @@ def build(kind, seed):
     # The default init (std 0.02) makes near-uniform attention; widen it so errors show.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # matrices, and experts stacked in 3-d (transformers 5)
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1)
@@ -121,6 +126,7 @@ def main():
     ap.add_argument("--run", required=True)
     ap.add_argument("--backends", default="cpu,cuda")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--kinds", default="", help="only these models (comma-separated), e.g. mixtral,olmo2")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"seed {seed}, torch {torch.__version__}, transformers {transformers.__version__}")
@@ -132,8 +138,11 @@ def main():
         kinds = ["llama", "llama3", "qwen2", "gemma2"]
         kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
                                    ("granite", "GraniteForCausalLM"), ("olmo2", "Olmo2ForCausalLM"),
+                                   ("mixtral", "MixtralForCausalLM"),
                                    ("phi3", "Phi3ForCausalLM"), ("phi3_longrope", "Phi3ForCausalLM"))
                   if hasattr(transformers, cls)]
+        if args.kinds:
+            kinds = [k for k in kinds if k in args.kinds.split(",")]
         for kind in kinds:
             model = build(kind, seed)
             ckpt = os.path.join(tmp, kind)
@@ -149,7 +158,10 @@ def main():
                     nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
                     generated_ref.append(nxt)
                     seq.append(nxt)
-            for gtype, tol_cpu, tol_cuda in CASES:
+            # A mixture of experts runs f32 only: rounded weights move the router's logits enough
+            # that a token whose second and third experts score within ~1e-3 changes experts,
+            # which is no error of either engine but fails a logit comparison.
+            for gtype, tol_cpu, tol_cuda in CASES if kind != "mixtral" else CASES[:1]:
                 gguf = os.path.join(tmp, f"{kind}-{gtype}.gguf")
                 run([args.convert, ckpt, "-o", gguf, "--type", gtype])
                 per_backend = {}

@@ -1,5 +1,5 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Granite, Qwen2/3, Phi-3, OLMo 2, Gemma
-// 2/3) to GGUF with the tensor names and metadata keys llama.cpp uses.
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Mixtral, Granite, Qwen2/3, Phi-3, OLMo
+// 2, Gemma 2/3) to GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
 //
@@ -26,6 +26,7 @@
 #include <fstream>
 #include <optional>
 #include <regex>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -40,6 +41,7 @@ struct HParams {
     std::string model_type;
     int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t n_ctx_train = 0;
+    int64_t n_expert = 0, n_expert_used = 0; // Mixtral: experts per block, experts per token
     double rope_theta = 10000.0, norm_eps = 1e-6;
     double rope_linear_factor = 0.0; // 0: no scaling
     // Llama 3.1 style ("rope_type": "llama3"): low frequencies slowed by `factor`, high ones
@@ -231,7 +233,7 @@ HParams read_config(const std::filesystem::path& dir) {
     }
     HParams h;
     h.model_type = required<std::string>(cfg, "model_type");
-    if (h.model_type == "llama" || h.model_type == "mistral")
+    if (h.model_type == "llama" || h.model_type == "mistral" || h.model_type == "mixtral")
         h.arch = "llama";
     else if (h.model_type == "qwen2" || h.model_type == "qwen3" || h.model_type == "phi3" ||
              h.model_type == "gemma2" || h.model_type == "granite" || h.model_type == "olmo2")
@@ -240,7 +242,7 @@ HParams read_config(const std::filesystem::path& dir) {
         h.arch = "gemma3";
     else
         gfa::fail("config.json: model_type \"" + h.model_type +
-                  "\" is not supported (llama, mistral, granite, qwen2, qwen3, phi3, olmo2, gemma2, "
+                  "\" is not supported (llama, mistral, mixtral, granite, qwen2, qwen3, phi3, olmo2, gemma2, "
                   "gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
@@ -259,6 +261,13 @@ HParams read_config(const std::filesystem::path& dir) {
     h.tied = optional_or<bool>(cfg, "tie_word_embeddings", false);
     read_rope(cfg, h);
     h.n_rot = h.head_dim;
+    if (h.model_type == "mixtral") {
+        h.n_expert = required<int64_t>(cfg, "num_local_experts");
+        h.n_expert_used = required<int64_t>(cfg, "num_experts_per_tok");
+        if (h.n_expert < 1 || h.n_expert_used < 1 || h.n_expert_used > h.n_expert)
+            gfa::fail("config.json: num_experts_per_tok (" + std::to_string(h.n_expert_used) +
+                      ") must be in [1, num_local_experts = " + std::to_string(h.n_expert) + "]");
+    }
     if (h.arch == "granite") {
         h.embedding_multiplier = optional_or<double>(cfg, "embedding_multiplier", 1.0);
         h.residual_multiplier = optional_or<double>(cfg, "residual_multiplier", 1.0);
@@ -369,6 +378,8 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
             return "blk." + std::string(m[1]) + ".attn_q_norm.weight";
         if (qk_norm && rest == "self_attn.k_norm.weight")
             return "blk." + std::string(m[1]) + ".attn_k_norm.weight";
+        if (rest == "block_sparse_moe.gate.weight")
+            return "blk." + std::string(m[1]) + ".ffn_gate_inp.weight";
         static const std::pair<const char*, const char*> table[] = {
             {"input_layernorm.weight", "attn_norm.weight"},
             {"self_attn.q_proj.weight", "attn_q.weight"},
@@ -562,11 +573,12 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
 }
 
 void usage() {
-    std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
-                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Granite / Qwen2 / Qwen3 / Phi-3 / "
-                         "OLMo 2 / Gemma 2 / Gemma 3 "
-                         "checkpoint (config.json + "
-                         "*.safetensors)\n");
+    std::fprintf(stderr,
+                 "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
+                 "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Mixtral / Granite / Qwen2 / Qwen3 / Phi-3 / "
+                 "OLMo 2 / Gemma 2 / Gemma 3 "
+                 "checkpoint (config.json + "
+                 "*.safetensors)\n");
 }
 
 int run(int argc, char** argv) {
@@ -617,6 +629,10 @@ int run(int argc, char** argv) {
     w.set(A + ".attention.layer_norm_rms_epsilon", float(h.norm_eps));
     w.set(A + ".rope.freq_base", float(h.rope_theta));
     w.set(A + ".rope.dimension_count", uint32_t(h.n_rot));
+    if (h.n_expert > 0) {
+        w.set(A + ".expert_count", uint32_t(h.n_expert));
+        w.set(A + ".expert_used_count", uint32_t(h.n_expert_used));
+    }
     if (h.arch == "phi3" && h.sliding_window > 0)
         w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
     if (h.arch == "granite") {
@@ -656,7 +672,36 @@ int run(int argc, char** argv) {
     const bool permute_rotary = h.arch == "llama" || h.arch == "granite";
     std::set<std::string> written;
     int n_fallback = 0;
+    // Mixtral's experts come one matrix each (w1 gate, w3 up, w2 down); GGUF stacks each
+    // block's into one [cols, rows, n_expert] tensor, written once all are read.
+    struct Stack {
+        int64_t rows = 0, cols = 0;
+        std::vector<std::vector<float>> experts;
+    };
+    std::map<std::string, Stack> stacks;
+    static const std::regex expert_re(
+        R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight)");
     for (const auto& [hf_name, t] : ckpt.tensors()) {
+        std::smatch em;
+        if (h.n_expert > 0 && std::regex_match(hf_name, em, expert_re)) {
+            const int64_t e = std::stoll(em[2]);
+            const std::string which = em[3] == "w1"   ? "ffn_gate_exps"
+                                      : em[3] == "w3" ? "ffn_up_exps"
+                                                      : "ffn_down_exps";
+            if (e >= h.n_expert || t->shape.size() != 2)
+                gfa::fail("tensor " + hf_name + ": expert " + std::to_string(e) + " of " +
+                          std::to_string(h.n_expert) + ", or not a matrix");
+            Stack& st = stacks["blk." + std::string(em[1]) + "." + which + ".weight"];
+            if (st.experts.empty()) {
+                st.rows = t->shape[0];
+                st.cols = t->shape[1];
+                st.experts.resize(size_t(h.n_expert));
+            }
+            if (t->shape[0] != st.rows || t->shape[1] != st.cols)
+                gfa::fail("tensor " + hf_name + ": its shape differs from the block's other experts'");
+            st.experts[size_t(e)] = t->to_f32();
+            continue;
+        }
         const std::string name = gguf_name(hf_name, h.arch);
         if (name.empty()) continue;
         // A tied checkpoint may still store lm_head; the model reads token_embd instead.
@@ -687,6 +732,20 @@ int run(int argc, char** argv) {
         written.insert(name);
     }
 
+    for (auto& [name, st] : stacks) {
+        std::vector<float> values;
+        for (size_t e = 0; e < st.experts.size(); ++e) {
+            if (st.experts[e].empty())
+                gfa::fail(dir + ": " + name + " lacks expert " + std::to_string(e) + " of the checkpoint");
+            values.insert(values.end(), st.experts[e].begin(), st.experts[e].end());
+        }
+        const gfa::Type stype = storage_type(type, 2, st.cols);
+        if (stype != type) ++n_fallback;
+        const std::vector<uint8_t> bytes = gfa::encode_rows(values, stype, st.cols);
+        w.add_tensor(name, stype, {st.cols, st.rows, h.n_expert}, bytes.data(), bytes.size());
+        written.insert(name);
+    }
+
     if (h.rope_long)
         for (const auto& [name, values] :
              {std::pair{"rope_factors_long.weight", &h.rope_long->long_factor},
@@ -709,9 +768,12 @@ int run(int argc, char** argv) {
         for (const char* s :
              h.arch == "phi3" ? std::vector<const char*>{"attn_norm", "attn_qkv", "attn_output", "ffn_norm",
                                                          "ffn_up", "ffn_down"}
-             : h.arch == "olmo2"
-                 ? std::vector<const char*>{"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                                            "ffn_down"}
+             : h.arch == "olmo2" ? std::vector<const char*>{"attn_q", "attn_k", "attn_v", "attn_output",
+                                                            "ffn_gate", "ffn_up", "ffn_down"}
+             : h.n_expert > 0
+                 ? std::vector<const char*>{"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                            "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                                            "ffn_down_exps"}
                  : std::vector<const char*>{"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                                             "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"})
             needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
