@@ -291,6 +291,51 @@ TEST_CASE("llama session: Q8 products move a quantized model's prompt logits by 
     if (gfa::cpu::integer_quantized_prompts()) CHECK(err > 1e-4); // the columns were rounded
 }
 
+// A mixture of experts (Mixtral's layout: 5 experts, 2 per token): the whole prompt at once
+// (where one expert gets several tokens' columns), in chunks, and token by token (one column
+// per expert) must give the same logits; the file's expert counts and tensors are checked.
+TEST_CASE("llama session: a mixture of experts agrees in prefill, chunks and decoding", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    m.experts = 5;
+    m.experts_used = 2;
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    CHECK(model->config().n_expert == 5);
+    CHECK(model->config().n_expert_used == 2);
+    std::mt19937 rng(seed);
+    std::vector<int32_t> tokens(13);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+    SessionOptions so;
+    so.n_ctx = 32;
+    so.kv_type = Type::F32;
+    so.n_threads = 3;
+    Session whole(*model, so);
+    const std::vector<float> all = whole.eval(tokens, true);
+    for (float v : all) REQUIRE(std::isfinite(v));
+    so.n_batch = 4;
+    Session chunked(*model, so);
+    CHECK(test::logits_error(chunked.eval(tokens, true), all) < 1e-5);
+    Session stepwise(*model, so);
+    const size_t V = size_t(m.vocab);
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        const std::vector<float> step = stepwise.eval(std::span(&tokens[i], 1));
+        const std::vector<float> want(all.begin() + long(i * V), all.begin() + long((i + 1) * V));
+        INFO("token " << i);
+        CHECK(test::logits_error(step, want) < 1e-5);
+    }
+
+    TinyModel bad = m;
+    bad.experts_used = 6;
+    TempFile too_many{write_model(bad, seed)};
+    CHECK_THROWS_WITH(Model::load(too_many.path), Catch::Contains("expert_used_count = 6 must be in [1, "));
+    TempFile missing{write_model(m, seed, "blk.1.ffn_up_exps.weight")};
+    CHECK_THROWS_WITH(Model::load(missing.path), Catch::Contains("blk.1.ffn_up_exps.weight is missing"));
+    TempFile misshapen{write_model(m, seed, "", "blk.0.ffn_down_exps.weight")};
+    CHECK_THROWS_WITH(Model::load(misshapen.path), Catch::Contains("blk.0.ffn_down_exps.weight has shape"));
+}
+
 // A model split by llama.cpp's gguf-split into PREFIX-0000i-of-00003.gguf: the first shard's
 // metadata describes the model, every shard carries split.no / split.count, the tensors are
 // spread over the three. Loading the first shard must give the whole file's logits bit for

@@ -33,6 +33,9 @@ struct TinyModel {
     int64_t sliding_window = 4;
     float attn_softcap = 5.0f, final_softcap = 3.0f;
     int64_t head_size = 0; // attention.key_length when > 0 (heads * head_size may differ from embd)
+    // A mixture of experts (Mixtral) when experts > 0: a router and stacked expert matrices
+    // instead of ffn_gate/up/down, experts_used per token.
+    int64_t experts = 0, experts_used = 0;
     int64_t head_dim() const { return head_size > 0 ? head_size : embd / heads; }
 };
 
@@ -68,6 +71,10 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
         w.set(A + ".attention.sliding_window_pattern", uint32_t(3));
         w.set(A + ".rope.freq_base_swa", 1000.0f);
     }
+    if (m.experts > 0) {
+        w.set(A + ".expert_count", uint32_t(m.experts));
+        w.set(A + ".expert_used_count", uint32_t(m.experts_used));
+    }
     if (m.rope_linear_scale > 0.0f) {
         w.set(A + ".rope.scaling.type", std::string("linear"));
         w.set(A + ".rope.scaling.factor", m.rope_linear_scale);
@@ -82,7 +89,7 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
         for (int64_t d : dims) n *= d;
         std::vector<float> v(static_cast<size_t>(n));
         for (float& x : v) x = offset + scale * normal(rng);
-        if (m.matrix_type != Type::F32 && dims.size() == 2) {
+        if (m.matrix_type != Type::F32 && dims.size() >= 2) {
             const TypeTraits& tt = type_traits(m.matrix_type);
             std::vector<std::byte> encoded(size_t(n / tt.block_size) * tt.type_size);
             tt.from_float(v.data(), encoded.data(), n);
@@ -130,9 +137,16 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
         }
         add(b + "attn_output.weight", {Dq, m.embd}, 1.0f / std::sqrt(float(Dq)));
         add(b + "ffn_norm.weight", {m.embd}, 0.1f, 1.0f);
-        add(b + "ffn_gate.weight", {m.embd, m.ff}, s);
-        add(b + "ffn_up.weight", {m.embd, m.ff}, s);
-        add(b + "ffn_down.weight", {m.ff, m.embd}, 1.0f / std::sqrt(float(m.ff)));
+        if (m.experts > 0) {
+            add(b + "ffn_gate_inp.weight", {m.embd, m.experts}, 3 * s); // clear preferences
+            add(b + "ffn_gate_exps.weight", {m.embd, m.ff, m.experts}, s);
+            add(b + "ffn_up_exps.weight", {m.embd, m.ff, m.experts}, s);
+            add(b + "ffn_down_exps.weight", {m.ff, m.embd, m.experts}, 1.0f / std::sqrt(float(m.ff)));
+        } else {
+            add(b + "ffn_gate.weight", {m.embd, m.ff}, s);
+            add(b + "ffn_up.weight", {m.embd, m.ff}, s);
+            add(b + "ffn_down.weight", {m.ff, m.embd}, 1.0f / std::sqrt(float(m.ff)));
+        }
         if (A == "gemma2" || A == "gemma3") {
             add(b + "post_attention_norm.weight", {m.embd}, 0.1f, 1.0f);
             add(b + "post_ffw_norm.weight", {m.embd}, 0.1f, 1.0f);
