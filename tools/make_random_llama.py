@@ -5,6 +5,10 @@ given shape but not a trained one, on machines without torch.
 
   make_random_llama.py OUT_DIR [--layers 22] [--hidden 2048] [--ffn 5632] [--heads 32]
                        [--kv-heads 4] [--vocab 32000] [--ctx 2048] [--seed 0] [--std 0.02]
+                       [--experts N --experts-used K]
+
+With --experts the checkpoint is Mixtral's (model_type mixtral): each block has a router and
+N experts of --ffn each, K of them per token.
 
 The defaults are TinyLlama-1.1B's shape (untied embeddings). Weights are drawn like
 transformers' Llama initialisation (normal, std 0.02; RMSNorm weights 1), so activations
@@ -32,9 +36,20 @@ def tensor_shapes(a):
             (p + "self_attn.k_proj.weight", (a.kv_heads * head_dim, a.hidden)),
             (p + "self_attn.v_proj.weight", (a.kv_heads * head_dim, a.hidden)),
             (p + "self_attn.o_proj.weight", (a.hidden, a.heads * head_dim)),
-            (p + "mlp.gate_proj.weight", (a.ffn, a.hidden)),
-            (p + "mlp.up_proj.weight", (a.ffn, a.hidden)),
-            (p + "mlp.down_proj.weight", (a.hidden, a.ffn)),
+        ]
+        if a.experts:
+            shapes.append((p + "block_sparse_moe.gate.weight", (a.experts, a.hidden)))
+            for e in range(a.experts):
+                q = p + f"block_sparse_moe.experts.{e}."
+                shapes += [(q + "w1.weight", (a.ffn, a.hidden)), (q + "w2.weight", (a.hidden, a.ffn)),
+                           (q + "w3.weight", (a.ffn, a.hidden))]
+        else:
+            shapes += [
+                (p + "mlp.gate_proj.weight", (a.ffn, a.hidden)),
+                (p + "mlp.up_proj.weight", (a.ffn, a.hidden)),
+                (p + "mlp.down_proj.weight", (a.hidden, a.ffn)),
+            ]
+        shapes += [
             (p + "input_layernorm.weight", (a.hidden,)),
             (p + "post_attention_layernorm.weight", (a.hidden,)),
         ]
@@ -83,7 +98,11 @@ def main():
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the matrices")
+    ap.add_argument("--experts", type=int, default=0, help="a mixture of this many experts per block (Mixtral)")
+    ap.add_argument("--experts-used", type=int, default=2, help="experts per token")
     a = ap.parse_args()
+    if a.experts and not 0 < a.experts_used <= a.experts:
+        ap.error(f"--experts-used must be in [1, {a.experts}]")
     for name in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "ctx"):
         if getattr(a, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
@@ -113,6 +132,9 @@ def main():
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    if a.experts:
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=a.experts,
+                      num_experts_per_tok=a.experts_used)
     with open(os.path.join(a.out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     shapes = tensor_shapes(a)

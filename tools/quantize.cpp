@@ -1,6 +1,7 @@
-// quantize: rewrites the 2-d weight matrices of a GGUF file in another element type and
-// keeps everything else (metadata, 1-d tensors such as norms, tensors whose rows do not fit
-// the target's block size) unchanged.
+// quantize: rewrites the weight matrices of a GGUF file (2-d, and the 3-d stacks of a mixture's
+// experts) in another element type and keeps everything else unchanged: metadata, 1-d tensors
+// such as norms, tensors whose rows do not fit the target's block size, and a mixture's router
+// (ffn_gate_inp), whose few rows decide which experts run, as llama.cpp keeps it too.
 //
 //   quantize IN.gguf OUT.gguf TYPE [--keep NAME]...
 //
@@ -65,7 +66,8 @@ int main(int argc, char** argv) {
         for (const gguf::TensorInfo& t : in.tensors()) {
             std::vector<int64_t> dims(t.ne.begin(), t.ne.begin() + t.n_dims);
             const TypeTraits& in_traits = type_traits(t.type);
-            const bool wanted = t.n_dims == 2 && t.type != target &&
+            const bool router = t.name.find("ffn_gate_inp.weight") != std::string::npos;
+            const bool wanted = (t.n_dims == 2 || t.n_dims == 3) && t.type != target && !router &&
                                 std::find(keep.begin(), keep.end(), t.name) == keep.end();
             const bool possible = in_traits.to_float && t.ne[0] % out_traits.block_size == 0;
             bytes_in += t.nbytes;
@@ -76,9 +78,10 @@ int main(int argc, char** argv) {
             }
             // Row by row: the float copy of a whole matrix is never needed.
             const size_t in_row = row_size(t.type, t.ne[0]), out_row = row_size(target, t.ne[0]);
-            std::vector<uint8_t>& q = converted.emplace_back(out_row * size_t(t.ne[1]));
+            const int64_t rows = t.ne[1] * (t.n_dims == 3 ? t.ne[2] : 1);
+            std::vector<uint8_t>& q = converted.emplace_back(out_row * size_t(rows));
             row.resize(size_t(t.ne[0]));
-            for (int64_t r = 0; r < t.ne[1]; ++r) {
+            for (int64_t r = 0; r < rows; ++r) {
                 in_traits.to_float(static_cast<const uint8_t*>(t.data) + size_t(r) * in_row, row.data(),
                                    t.ne[0]);
                 out_traits.from_float(row.data(), q.data() + size_t(r) * out_row, t.ne[0]);

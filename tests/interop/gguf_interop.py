@@ -132,6 +132,9 @@ def make_python_file(path, rng, alignment):
     add("blk.0.attn_norm.weight", Q.F32, (256,), rng.standard_normal(256).astype(np.float32))
     add("blk.0.attn_q.weight", Q.F32, (4, 256), x)
     add("blk.0.ffn_up.weight", Q.F16, (2, 512), rng.standard_normal((2, 512)).astype(np.float16))
+    # A mixture's experts (3-d, quantized like matrices) and its router (kept as it is).
+    add("blk.0.ffn_up_exps.weight", Q.F32, (3, 2, 256), rng.standard_normal((3, 2, 256)).astype(np.float32))
+    add("blk.0.ffn_gate_inp.weight", Q.F32, (3, 256), rng.standard_normal((3, 256)).astype(np.float32))
     add("i32.ids", Q.I32, (7,), np.arange(7, dtype=np.int32).view(np.uint8))
     for qtype in (Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
         # Encoded by the package's own quantizers.
@@ -222,8 +225,13 @@ def check_our_file_loads_there(gguf_info, quantize, src, workdir, rng):
         for t in r.tensors:
             s = src_tensors[t.name]
             check(list(t.shape) == list(s.shape), f"{target}: {t.name} shape")
-            converted = len(s.shape) == 2 and t.name != "blk.0.ffn_up.weight" and s.tensor_type != Q.I32
-            converted = converted and int(s.shape[0]) % gguf.GGML_QUANT_SIZES[t.tensor_type][0] == 0
+            converted = len(s.shape) in (2, 3) and t.name not in ("blk.0.ffn_up.weight", "blk.0.ffn_gate_inp.weight")
+            converted = converted and s.tensor_type != Q.I32
+            converted = converted and int(s.shape[0]) % gguf.GGML_QUANT_SIZES[Q[target.upper()]][0] == 0
+            converted = converted and target.lower() != s.tensor_type.name.lower()
+            check(converted == (t.tensor_type != s.tensor_type),
+                  f"{target}: {t.name} is {t.tensor_type.name}, {'should be' if converted else 'should stay'} "
+                  f"{target if converted else s.tensor_type.name}")
             if t.tensor_type == s.tensor_type:
                 check(bytes(t.data.view(np.uint8).ravel()) == bytes(s.data.view(np.uint8).ravel()),
                       f"{target}: {t.name} bytes changed")
@@ -232,10 +240,10 @@ def check_our_file_loads_there(gguf_info, quantize, src, workdir, rng):
             theirs = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).ravel()
             ours = dump(gguf_info, out, t.name)
             check(same_floats(ours, theirs), f"{target}: {t.name} decodes differently in gguf.quants")
-            if t.name == "blk.0.attn_q.weight":
+            if t.name in ("blk.0.attn_q.weight", "blk.0.ffn_up_exps.weight"):
                 orig = gguf.quants.dequantize(s.data, s.tensor_type).astype(np.float32).ravel()
                 err = float(np.linalg.norm(theirs - orig) / np.linalg.norm(orig))
-                print(f"{target}: relative error {err:.4f}")
+                print(f"{target}: {t.name} relative error {err:.4f}")
                 check(err < bounds[target], f"{target}: relative error {err:.4f} over {bounds[target]}")
             n += 1
     return n

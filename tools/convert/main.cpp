@@ -427,10 +427,11 @@ gfa::Type parse_type(const std::string& s) {
     gfa::fail("--type " + s + ": expected f32, f16, bf16 or q8_0");
 }
 
-// 1-d tensors (norms, biases) stay f32, as in llama.cpp; a matrix whose rows do not fill
+// 1-d tensors (norms, biases) stay f32, as in llama.cpp, and so does a mixture's router
+// (ffn_gate_inp): rounding it would move tokens between experts. A matrix whose rows do not fill
 // whole quantization blocks falls back to f16.
-gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0) {
-    if (n_dims < 2) return gfa::Type::F32;
+gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0, const std::string& name) {
+    if (n_dims < 2 || name.find("ffn_gate_inp.weight") != std::string::npos) return gfa::Type::F32;
     const auto& tr = gfa::type_traits(wanted);
     if (ne0 % tr.block_size != 0) return gfa::Type::F16;
     return wanted;
@@ -723,8 +724,8 @@ int run(int argc, char** argv) {
             values = n_dims == 2 ? interleave_rotary_rows(values, rows, cols, h.head_dim)
                                  : interleave_rotary_rows(values, cols, 1, h.head_dim);
         }
-        const gfa::Type st = storage_type(type, n_dims, cols);
-        if (st != type && n_dims == 2) ++n_fallback;
+        const gfa::Type st = storage_type(type, n_dims, cols, name);
+        if (st != type && n_dims == 2 && st != gfa::Type::F32) ++n_fallback;
         const std::vector<uint8_t> bytes = gfa::encode_rows(values, st, cols);
         std::vector<int64_t> dims{cols};
         if (n_dims == 2) dims.push_back(rows);
@@ -739,7 +740,7 @@ int run(int argc, char** argv) {
                 gfa::fail(dir + ": " + name + " lacks expert " + std::to_string(e) + " of the checkpoint");
             values.insert(values.end(), st.experts[e].begin(), st.experts[e].end());
         }
-        const gfa::Type stype = storage_type(type, 2, st.cols);
+        const gfa::Type stype = storage_type(type, 2, st.cols, name);
         if (stype != type) ++n_fallback;
         const std::vector<uint8_t> bytes = gfa::encode_rows(values, stype, st.cols);
         w.add_tensor(name, stype, {st.cols, st.rows, h.n_expert}, bytes.data(), bytes.size());
