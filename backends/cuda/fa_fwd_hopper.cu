@@ -45,7 +45,7 @@ void launch_tile(bool bf16, HopperSchedule sched, const FwdArgs& a, dim3 grid, c
 
 } // namespace
 
-std::optional<HopperSchedule> hopper_forward_schedule() {
+std::optional<HopperSchedule> hopper_forward_schedule(int tile, bool causal) {
 #if defined(GFA_CUDA_SM90A)
     static const bool device_is_sm90 = [] {
         int dev = 0, major = 0, minor = 0;
@@ -55,13 +55,18 @@ std::optional<HopperSchedule> hopper_forward_schedule() {
         return major == 9 && minor == 0;
     }();
     if (!device_is_sm90) return std::nullopt;
-    // Opt-in, read on every call: 1 = the plain schedule, 2 = the overlapped one; unset or
-    // anything else = the mma.sync kernel. (Off by default until its tests and speed have
-    // been seen on an sm_90 device.)
+    // GFA_CUDA_FA_HOPPER, read on every call, overrides the choice: 0 = the mma.sync kernel,
+    // 1 = the plain schedule, 2 = the overlapped one, for every tile the kernel takes.
     const char* v = std::getenv("GFA_CUDA_FA_HOPPER");
+    if (v && std::strcmp(v, "0") == 0) return std::nullopt;
     if (v && std::strcmp(v, "1") == 0) return HopperSchedule::Plain;
     if (v && std::strcmp(v, "2") == 0) return HopperSchedule::Overlap;
-    return std::nullopt;
+    // Measured on an H100 (docs/BENCHMARKS.md): at head dim 128 the warpgroup kernel is 1.07-1.19x
+    // the mma.sync one; at 64 it is 0.93-0.99x (two 64-row warpgroups leave too little work per
+    // key tile), so 64 keeps mma.sync. Causal problems gain from the overlapped schedule (short
+    // rows leave the softmax exposed), full rows from the plain one (fewer registers).
+    if (tile != 128) return std::nullopt;
+    return causal ? HopperSchedule::Overlap : HopperSchedule::Plain;
 #else
     return std::nullopt; // no sm_90a code in this build
 #endif

@@ -26,10 +26,11 @@ void fwd_launch_d128(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaSt
 void fwd_launch_d256(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
 
 // Forward on Hopper's warpgroup tensor cores (head-dim tiles 64 and 128, problems without an
-// explicit mask or softcap): the schedule to use on this device, or none where the device is
-// not sm_90, the build has no sm_90a code, or GFA_CUDA_FA_HOPPER (1 or 2) does not ask for it.
+// explicit mask or softcap): the schedule to use on this device for a head-dim tile and a
+// causal or full problem, or none where the mma.sync kernel is faster, the device is not sm_90
+// or the build has no sm_90a code. GFA_CUDA_FA_HOPPER=0|1|2 forces mma.sync, plain, overlapped.
 enum class HopperSchedule { Plain, Overlap };
-std::optional<HopperSchedule> hopper_forward_schedule();
+std::optional<HopperSchedule> hopper_forward_schedule(int tile, bool causal);
 KernelInfo fwd_hopper_info(int tile, HopperSchedule sched);
 void fwd_hopper_launch(int tile, bool bf16, HopperSchedule sched, const FwdArgs& a, dim3 grid,
                        cudaStream_t st);

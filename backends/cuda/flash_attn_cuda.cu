@@ -429,7 +429,7 @@ FwdPlan plan_forward(const Problem& p, const fa::Shape& s) {
     // Hopper's warpgroup kernel takes the plain problems of head-dim tiles up to 128 (its
     // softmax keeps raw scores: no mask, no softcap, a positive scale).
     if (!plan.decode && plan.tile <= 128 && !p.mask.present() && s.softcap <= 0.0f && s.scale > 0.0f)
-        plan.hopper = fa::hopper_forward_schedule();
+        plan.hopper = fa::hopper_forward_schedule(plan.tile, p.params.causal);
     plan.info = plan.hopper ? hopper_info(plan.tile, *plan.hopper) : fwd_info(plan.tile, plan.decode);
     plan.row_tiles = int((rows + plan.info.bm - 1) / plan.info.bm);
     const int64_t blocks = int64_t(plan.row_tiles) * s.Hkv * s.B;

@@ -70,9 +70,9 @@ template <> struct QuantBlock<kIQ4_XS> {
     static constexpr int kValues = QK_K, kBytes = sizeof(block_iq4_xs), kMaxAlign = 8;
 };
 
-// The low-bit formats (q2_K, q3_K, iq4_nl, iq4_xs) are read by the kernels only where
-// GFA_CUDA_LOW_BIT=1 asks for it, until their tests have run on a GPU; otherwise their nodes go
-// to the CPU. Read on every call, so a test can switch it.
+// The low-bit formats (q2_K, q3_K, iq4_nl, iq4_xs) are read by the kernels unless
+// GFA_CUDA_LOW_BIT=0 turns them off; their nodes then go to the CPU (the loader keeps such
+// matrices in host memory). Read on every call, so a test can switch it.
 bool low_bit_quants_enabled();
 
 // The block types the CUDA kernels read.

@@ -565,7 +565,7 @@ ColumnsLayout columns_layout(const TensorView& b) {
 
 bool low_bit_quants_enabled() {
     const char* v = std::getenv("GFA_CUDA_LOW_BIT");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 size_t quantized_columns_bytes(const TensorView& b) {

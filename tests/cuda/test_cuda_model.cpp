@@ -48,9 +48,9 @@ Run run_model(const std::string& path, Device* gpu, uint32_t seed, int64_t vocab
 
 } // namespace
 
-// q2_K, q3_K and the IQ4 formats: until GFA_CUDA_LOW_BIT=1 turns on their CUDA kernels, the
-// loader keeps such matrices in host memory, their products run on the CPU and everything
-// else on the GPU; with the kernels on, the whole model runs on the GPU. Either way the logits
+// q2_K, q3_K and the IQ4 formats: with their CUDA kernels on (the default) the whole model runs
+// on the GPU; with GFA_CUDA_LOW_BIT=0 the loader keeps such matrices in host memory, their
+// products run on the CPU and everything else on the GPU. Either way the logits
 // are the CPU's (the attention on 16-bit tensor cores, and each device's own rounding of the
 // activations in quantized products, which this random model's sharp attention amplifies to
 // a few percent; a misplaced or misread weight costs ~100%).
@@ -68,9 +68,9 @@ TEST_CASE("CUDA runs models with low-bit weights, with their kernels or their pr
     m.matrix_type = GENERATE(Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS, Type::Q4_K);
     const bool low_bit = m.matrix_type != Type::Q4_K;
     const bool kernels_on = GENERATE(false, true);
-    const test::ScopedEnv setting("GFA_CUDA_LOW_BIT", kernels_on ? "1" : nullptr);
+    const test::ScopedEnv setting("GFA_CUDA_LOW_BIT", kernels_on ? nullptr : "0");
     INFO("seed " << seed << ", weights " << type_name(m.matrix_type) << ", GFA_CUDA_LOW_BIT "
-                 << (kernels_on ? "1" : "unset"));
+                 << (kernels_on ? "unset" : "0"));
     test::TempFile file{test::write_model(m, seed)};
     const Run cpu = run_model(file.path, nullptr, seed, m.vocab);
     const Run gpu = run_model(file.path, cuda, seed, m.vocab);

@@ -413,9 +413,9 @@ TEST_CASE("CUDA quantized decoding products reuse b's int8 form only right after
     }
 }
 
-// The low-bit formats take part where GFA_CUDA_LOW_BIT=1 turns their kernels on.
+// The low-bit formats take part (GFA_CUDA_LOW_BIT unset: their kernels on, whatever the caller set).
 TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill paths", "[cuda][quant]") {
-    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", "1");
+    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", nullptr);
     for (Type t : all_quant_types()) {
         // Long rows are split over 2 or 4 warps (matvec_rows.cuh) in the decoding path.
         std::vector<int64_t> depths = {256, 768, 2048, 4352};
@@ -437,7 +437,7 @@ TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill p
 }
 
 TEST_CASE("CUDA mul_mat with quantized weights broadcast over dims 2 and 3", "[cuda][quant]") {
-    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", "1");
+    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", nullptr);
     for (Type t : all_quant_types())
         for (int64_t N : {1, 3, 9}) {
             Context ctx = data_ctx();
@@ -452,7 +452,7 @@ TEST_CASE("CUDA mul_mat with quantized weights broadcast over dims 2 and 3", "[c
 
 TEST_CASE("CUDA get_rows and cast of every quantized type match the CPU's dequantization exactly",
           "[cuda][quant]") {
-    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", "1");
+    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", nullptr);
     for (Type t : all_quant_types()) {
         INFO("seed " << gfa::test::seed() << ", type " << type_name(t));
         Context ctx = data_ctx();
