@@ -145,6 +145,10 @@ def main():
             kinds = [k for k in kinds if k in args.kinds.split(",")]
         for kind in kinds:
             model = build(kind, seed)
+            if hasattr(model.config, "_experts_implementation"):
+                # transformers 5 may route experts through torch's grouped_mm, which has no float64
+                # kernel; the plain per-expert loop is the reference's definition anyway.
+                model.config._experts_implementation = "eager"
             ckpt = os.path.join(tmp, kind)
             model.save_pretrained(ckpt, safe_serialization=True)
             vocab = model.config.vocab_size
