@@ -41,8 +41,9 @@ const char* result_name(VkResult r) {
 std::atomic<uintptr_t> g_next_base{uintptr_t(1) << 56};
 
 constexpr size_t kParamsChunkBytes = 64 << 10;
-constexpr uint32_t kStatusRowOutOfRange = 1;   // STATUS_ROW_OUT_OF_RANGE in shaders/op_common.glsl
-constexpr uint32_t kStatusClassOutOfRange = 2; // STATUS_CLASS_OUT_OF_RANGE
+constexpr uint32_t kStatusRowOutOfRange = 1;    // STATUS_ROW_OUT_OF_RANGE in shaders/op_common.glsl
+constexpr uint32_t kStatusClassOutOfRange = 2;  // STATUS_CLASS_OUT_OF_RANGE
+constexpr uint32_t kStatusExpertOutOfRange = 4; // STATUS_EXPERT_OUT_OF_RANGE (details in words 1..3)
 constexpr size_t kScratchChunkBytes = 1 << 20;
 constexpr uint32_t kSetsPerPool = 256;
 constexpr uint32_t kMaxBindings = 16;
@@ -426,8 +427,8 @@ void Recorder::wait() {
     in_flight_ = false;
     // The memory is host-coherent; the fence made the shaders' writes available.
     auto* word = static_cast<volatile uint32_t*>(status_.mapped);
-    const uint32_t bits = *word;
-    *word = 0;
+    const uint32_t bits = word[0], expert_token = word[1], expert = word[2], experts = word[3];
+    for (int i = 0; i < 4; ++i) word[i] = 0;
     if (bits & kStatusRowOutOfRange)
         throw Error(ctx_.name() +
                     ": get_rows, get_rows_back or set_rows was given a row index out of range (NaN "
@@ -435,6 +436,10 @@ void Recorder::wait() {
     if (bits & kStatusClassOutOfRange)
         throw Error(ctx_.name() +
                     ": cross_entropy_loss was given a class out of range (its row was left out)");
+    if (bits & kStatusExpertOutOfRange)
+        throw Error(ctx_.name() + ": mul_mat_id: expert " + std::to_string(int32_t(expert)) + " of token " +
+                    std::to_string(expert_token - 1) + " is outside [0, " + std::to_string(experts) +
+                    ") (NaN was written for its products)");
 }
 
 void Recorder::begin() {

@@ -164,8 +164,9 @@ class Recorder {
     Binding scratch(size_t bytes);
     // A copy of `bytes` bytes (a small table the host computes), readable by the recorded work.
     Binding constants(const void* data, size_t bytes);
-    // A word shaders set bits of to report bad data (op_common.glsl's status word); it starts
-    // at zero in each recording, and wait() turns bits found set into an error.
+    // A word shaders set bits of to report bad data (op_common.glsl's status word), and three
+    // words of details for the message; they start at zero in each recording, and wait() turns
+    // bits found set into an error.
     Binding status() const { return {status_.buffer, 0, 16}; }
     // Queues one dispatch: `params` (bytes, copied) become binding 0, `buffers` the rest.
     void dispatch(const Pipeline& p, const void* params, size_t params_bytes,

@@ -1,8 +1,11 @@
-// mul_mat and out_prod on Vulkan: weights of every type the library reads (f32, f16, bf16 and the GGUF
-// blocks, decoded while tiles load), activations f32/f16/bf16, results f32. Products of a
-// few columns (decoding) take the matrix-vector shader, a subgroup per weight row that
+// mul_mat, mul_mat_id and out_prod on Vulkan: weights of every type the library reads (f32, f16, bf16
+// and the GGUF blocks, decoded while tiles load), activations f32/f16/bf16, results f32. Products
+// of a few columns (decoding) take the matrix-vector shader, a subgroup per weight row that
 // decodes each weight once for all columns, on devices with subgroup arithmetic; wider
-// ones (and every product elsewhere) the tiled shader.
+// ones (and every product elsewhere) the tiled shader. mul_mat_id (a mixture's experts) has
+// only a matrix-vector shader, a column per (slot, token), so it needs subgroup arithmetic.
+// The precision a product asks for (MatMulPrecision) is not looked at: every product here
+// reads the activations as stored and sums in f32, at least as precise as any it may ask for.
 #include "vk_ops.h"
 
 #include <algorithm>
@@ -65,6 +68,30 @@ void record_mul_mat(Recorder& rec, const Tensor* node) {
     dispatch_tiled(rec, d, node);
 }
 
+// mul_mat_id(as [K, M, E], b [K, Nb, T], ids [k, T]) -> [M, k, T]: experts of any type mul_mat
+// reads, b f32, ids i32. Both grid dimensions are capped and walked grid-stride by the shader,
+// so only the bindings limit the sizes.
+bool supports_mul_mat_id(const Context& ctx, const Tensor* node) {
+    const Tensor *as = node->src[0], *b = node->src[1], *ids = node->src[2];
+    if (!ctx.has_subgroup_arithmetic()) return false; // the shader sums with subgroupAdd
+    if (as->type == Type::I32 || as->type == Type::I64 || b->type != Type::F32 || ids->type != Type::I32 ||
+        node->type != Type::F32)
+        return false;
+    return bindable(ctx, as) && bindable(ctx, b) && bindable(ctx, ids) && bindable(ctx, node);
+}
+
+void record_mul_mat_id(Recorder& rec, const Tensor* node) {
+    OpDispatch d;
+    bind_tensor(rec, d, 0, node->src[0], "the experts");
+    bind_tensor(rec, d, 1, node->src[1], "the inputs");
+    bind_tensor(rec, d, 2, node->src[2], "the expert ids");
+    bind_tensor(rec, d, 3, node, "the result");
+    const uint32_t rows_per_group = std::max<uint32_t>(1, 128 / rec.context().subgroup_size());
+    const uint64_t columns = uint64_t(node->ne[1] * node->ne[2]); // (slot, token) pairs
+    dispatch_op(rec, "mul_mat_id", d, capped_groups(uint64_t(node->ne[0]), rows_per_group),
+                capped_groups(columns, 1));
+}
+
 // out_prod(a [M, K], b [N, K]) = the mul_mat of a and b with dims 0 and 1 of both swapped:
 // the same shaders, given descriptors that read a(m, k) as element (k, m).
 bool supports_out_prod(const Context& ctx, const Tensor* node) {
@@ -87,6 +114,7 @@ void record_out_prod(Recorder& rec, const Tensor* node) {
 
 void register_matmul_kernels(std::map<Op, Kernel>& table) {
     table[Op::MulMat] = {supports_mul_mat, record_mul_mat};
+    table[Op::MulMatId] = {supports_mul_mat_id, record_mul_mat_id};
     table[Op::OutProd] = {supports_out_prod, record_out_prod};
 }
 

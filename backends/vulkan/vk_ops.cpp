@@ -1,9 +1,9 @@
 // The Vulkan kernels of every op besides attention and the matrix products: element-wise
 // math and activations, copies between types, fill / repeat / concat / diag_mask, get_rows /
 // set_rows, the normalizations, softmax, sums and rope, the backward ops of all of these,
-// the cross-entropy loss and AdamW. Each op is a shader op code plus the tensors it binds;
-// the semantics are the op's definition in src/ops/, and tests compare every kernel with the
-// double-precision reference.
+// top_k (a mixture's router), the cross-entropy loss and AdamW. Each op is a shader op code
+// plus the tensors it binds; the semantics are the op's definition in src/ops/, and tests
+// compare every kernel with the double-precision reference.
 #include "vk_ops.h"
 
 #include "op_def.h"
@@ -353,6 +353,19 @@ void record_total(Recorder& rec, const Tensor* node) {
     dispatch_op(rec, "rows", d, 1);
 }
 
+// top_k: f32 rows, i32 positions; a workgroup per row, rows walked grid-stride.
+bool supports_top_k(const Context& ctx, const Tensor* node) {
+    return node->src[0]->type == Type::F32 && node->type == Type::I32 && all_bindable(ctx, node);
+}
+
+void record_top_k(Recorder& rec, const Tensor* node) {
+    OpDispatch d;
+    bind_tensor(rec, d, 0, node->src[0], "the input");
+    bind_tensor(rec, d, 3, node, "the result");
+    const int64_t rows = node->ne[1] * node->ne[2] * node->ne[3];
+    dispatch_op(rec, "top_k", d, capped_groups(uint64_t(rows), 1));
+}
+
 // ---- rope ------------------------------------------------------------------------------------
 
 bool supports_rope(const Context& ctx, const Tensor* node) {
@@ -494,6 +507,7 @@ void register_row_kernels(std::map<Op, Kernel>& table) {
         table[op] = {supports_rows, record_rows};
     table[Op::Sum] = {supports_all_f32, record_total};
     table[Op::CrossEntropyLoss] = {supports_cross_entropy, record_total};
+    table[Op::TopK] = {supports_top_k, record_top_k};
     table[Op::Rope] = {supports_rope, record_rope};
     table[Op::RopeBack] = {supports_rope, record_rope};
 }

@@ -714,6 +714,12 @@ def main():
                 tol = TOLERANCE_GPU_QUANT if "q8_0" in (gtype, kv) else TOLERANCE_REDUCED
             elif gtype == kv == "q8_0":
                 tol = TOLERANCE_CPU_QUANT_CACHE
+            elif "vulkan" in args.run_args and gtype == "q8_0" and kv == "f16":
+                # Vulkan only bounds the error of sin, cos and exp loosely (the rope's angles, the
+                # softmax), so more K/V values than on the CPU land on the other side of an f16
+                # step from the float64 reference's; Phi-3's sharp attention turned that into up
+                # to 1.6e-2 in 12 runs (the CPU: 4.8e-3).
+                tol = TOLERANCE_GPU_QUANT
             elif gtype == "q8_0" and "num_local_experts" in CONFIGS[name]:
                 # An expert sees few of a prompt's tokens; a product of under 4 columns takes the
                 # decoding path, which rounds its columns to 8 bits, and the sharp router spreads it.

@@ -20,8 +20,9 @@ using namespace gfa;
 namespace {
 
 struct Run {
-    std::vector<float> logits; // the prompt's logits at every position, then each decoded step's
-    std::string schedule;      // the last graph's splits
+    std::vector<float> logits;             // the prompt's logits at every position, then each decoded step's
+    std::string schedule;                  // the last graph's splits
+    std::vector<std::string> kept_on_host; // weights the loader left in host memory for the CPU
 };
 
 // The prompt in one batch, then `steps` single tokens.
@@ -45,6 +46,7 @@ Run run_model(const std::string& path, Device* gpu, int gpu_layers, Type kv_type
         run.logits.insert(run.logits.end(), step.begin(), step.end());
     }
     run.schedule = session.describe_schedule();
+    run.kept_on_host = model->kept_on_host();
     return run;
 }
 
@@ -66,6 +68,10 @@ TEST_CASE("Vulkan runs a whole llama model as the CPU does", "[vulkan][model]") 
     SECTION("llama, f32 weights and cache, GQA 5:1") {}
     SECTION("llama, Llama 3.1 style rope factors") {
         m.rope_factors = {1.0f, 1.5f, 4.0f, 8.0f};
+    }
+    SECTION("mixtral: 5 experts, 2 per token, the router and experts on Vulkan") {
+        m.experts = 5;
+        m.experts_used = 2;
     }
     SECTION("gemma2: sliding windows, soft caps, post norms, GeGLU") {
         m.arch = "gemma2";
@@ -104,6 +110,7 @@ TEST_CASE("Vulkan runs a whole llama model as the CPU does", "[vulkan][model]") 
              at = vk.schedule.find("split ", at + 1))
             ++splits;
         CHECK(splits <= 3);
+        CHECK(vk.kept_on_host.empty()); // every weight Vulkan multiplies by stays in its memory
         const double err = test::logits_error(vk.logits, cpu.logits);
         INFO("relative error " << err);
         CHECK(err <= tol);
@@ -145,6 +152,11 @@ TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
     SECTION("iq4_xs") {
         m.matrix_type = Type::IQ4_XS;
     }
+    SECTION("q4_K mixture of experts (4 experts, 2 per token)") {
+        m.matrix_type = Type::Q4_K;
+        m.experts = 4;
+        m.experts_used = 2;
+    }
     INFO("weights " << type_name(m.matrix_type) << ", cache " << type_name(kv));
     test::TempFile file{test::write_model(m, seed)};
     // The same weights decoded to f32: the CPU's quantized products round activations to 16
@@ -159,6 +171,8 @@ TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
     const Run vk = run_model(file.path, vulkan0(), 1000, kv, tokens, 4);
     INFO("Vulkan schedule:\n" << vk.schedule);
     CHECK(vk.schedule.find("Vulkan0") != std::string::npos);
+    CHECK(vk.schedule.find("CPU") == std::string::npos); // every node on Vulkan
+    CHECK(vk.kept_on_host.empty());
     const double err = test::logits_error(vk.logits, cpu.logits);
     INFO("relative error " << err);
     // Both sides round the cache the same way from keys and values that differ in the last

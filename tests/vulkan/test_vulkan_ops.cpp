@@ -8,10 +8,14 @@
 #include "reference.h"
 #include "vulkan_device.h"
 
+#include <ggml-fa/alloc.h>
 #include <ggml-fa/ops.h>
+#include <ggml-fa/scheduler.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <numeric>
 
 using namespace gfa;
 using gfa::test::all_quant_types;
@@ -392,4 +396,237 @@ TEST_CASE("Vulkan out_prod with broadcast batches and transposed operands", "[vu
     fill_uniform(at);
     fill_uniform(bt);
     check_vulkan(out_prod(ctx, transpose(ctx, at), transpose(ctx, bt)), 1e-5);
+}
+
+// ---- mixtures of experts ---------------------------------------------------------------------
+
+namespace {
+
+// For each of T tokens, k distinct experts out of E in random order; with `crowded`, every
+// token's first choice is expert 0, so one expert serves every token.
+std::vector<int32_t> expert_choices(int64_t E, int64_t k, int64_t T, bool crowded) {
+    std::vector<int32_t> ids, all(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+        std::iota(all.begin(), all.end(), 0);
+        std::shuffle(all.begin(), all.end(), test::rng());
+        if (crowded) std::iter_swap(all.begin(), std::find(all.begin(), all.end(), 0));
+        ids.insert(ids.end(), all.begin(), all.begin() + k);
+    }
+    return ids;
+}
+
+} // namespace
+
+// Rows of ties (values on a few levels) with NaN (ranked with -inf, ties by position), +-inf,
+// both zeros and denormals in some of them; rows shorter and longer than the shader's
+// workgroup (128) up to 1000 values, every k on short rows; transposed inputs; more rows
+// than a dispatch has workgroups. The positions must equal the reference's exactly, and the
+// results are poisoned first, so a rank nobody wrote fails.
+TEST_CASE("Vulkan top_k gives each row's largest positions, ties by position, NaN last",
+          "[vulkan][ops][moe]") {
+    for (int64_t n : {1, 2, 7, 8, 33, 127, 128, 129, 300, 1000}) {
+        std::vector<int64_t> ks;
+        if (n <= 8)
+            for (int64_t k = 1; k <= n; ++k) ks.push_back(k);
+        else
+            ks = {1, 2, 8, n / 2, n - 1, n};
+        for (int64_t k : ks) {
+            INFO("n=" << n << " k=" << k);
+            Context ctx = data_ctx();
+            Tensor* a = ctx.new_tensor(Type::F32, {n, 5, 3});
+            std::vector<float> v = test::random_values(size_t(a->nelements()), -2.0f, 2.0f);
+            for (float& x : v) x = std::round(x * 3.0f) / 3.0f; // ties
+            auto value = [&](int64_t row, int64_t i) -> float& { return v[size_t(row * n + i % n)]; };
+            value(1, 0) = std::nanf("");
+            value(1, n / 2) = std::nanf("");
+            value(2, 3) = -INFINITY;
+            value(2, 1) = std::nanf(""); // ties with -inf: position 1 comes first
+            value(2, 5) = INFINITY;
+            value(3, 2) = -0.0f;
+            value(3, 4) = 0.0f; // ties with -0
+            value(3, 6) = 1e-40f;
+            value(3, 7) = -1e-40f;
+            tensor_set_f32(a, v);
+            check_vulkan(top_k(ctx, a, k), 0.0);
+            Tensor* by_column = ctx.new_tensor(Type::F32, {7, n}); // rows read with a stride of 7 values
+            fill_uniform(by_column);
+            check_vulkan(top_k(ctx, transpose(ctx, by_column), k), 0.0);
+        }
+    }
+    Context ctx = data_ctx();
+    Tensor* many = ctx.new_tensor(Type::F32, {3, 70001}); // rows beyond 65535 workgroups
+    fill_uniform(many);
+    check_vulkan(top_k(ctx, many, 2), 0.0);
+}
+
+// Experts of every type mul_mat reads (f32 and f16 at odd and even K, the f16 pairs path; bf16;
+// every block type); b shared by a token's experts (Nb = 1, the gate and up products) or one
+// column per expert (Nb = k, the down product); a single token (decoding) and prompts where
+// one expert serves every token; results poisoned first. The reference multiplies the
+// CPU-decoded weights in double: the kernel decodes the same values and sums in f32.
+TEST_CASE("Vulkan mul_mat_id multiplies each token's inputs by its chosen experts", "[vulkan][ops][moe]") {
+    std::vector<Type> types = {Type::F32, Type::F16, Type::BF16};
+    for (Type t : all_quant_types()) types.push_back(t);
+    for (Type type : types) {
+        const int64_t block = type_traits(type).block_size;
+        const std::vector<int64_t> Ks = block == 256  ? std::vector<int64_t>{256}
+                                        : block == 32 ? std::vector<int64_t>{96}
+                                                      : std::vector<int64_t>{37, 64};
+        for (int64_t K : Ks)
+            for (int64_t k : {1, 2, 3})
+                for (int64_t T : {1, 5, 13})
+                    for (bool shared_input : {true, false}) {
+                        const int64_t M = 19, E = 5, Nb = shared_input ? 1 : k;
+                        INFO(type_name(type) << " K=" << K << " M=" << M << " E=" << E << " k=" << k
+                                             << " T=" << T << " Nb=" << Nb);
+                        Context ctx = data_ctx();
+                        Tensor* as = ctx.new_tensor(type, {K, M, E});
+                        Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
+                        Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
+                        fill_uniform(as);
+                        fill_uniform(b);
+                        set_i32(ids, expert_choices(E, k, T, T > 1 && k > 1));
+                        check_vulkan(mul_mat_id(ctx, as, b, ids), 1e-5);
+                    }
+    }
+    // Strided inputs: b transposed (each value 3 apart), f16 experts one element into their
+    // rows (no word-aligned pairs).
+    Context ctx = data_ctx();
+    const int64_t K = 64, M = 23, E = 7, k = 3, T = 6;
+    Tensor* bt = ctx.new_tensor(Type::F32, {k, K, T});
+    Tensor* w = ctx.new_tensor(Type::F16, {K + 2, M, E});
+    Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
+    fill_uniform(bt);
+    fill_uniform(w);
+    set_i32(ids, expert_choices(E, k, T, false));
+    Tensor* shifted = view(ctx, w, {K, M, E}, {w->nb[1], w->nb[2]}, sizeof(uint16_t));
+    check_vulkan(mul_mat_id(ctx, shifted, transpose(ctx, bt), ids), 1e-5);
+    // Many experts, eight per token (a 64-expert router's choice).
+    Tensor* many = ctx.new_tensor(Type::Q4_K, {256, 9, 64});
+    Tensor* x = ctx.new_tensor(Type::F32, {256, 1, 4});
+    Tensor* ids8 = ctx.new_tensor(Type::I32, {8, 4});
+    fill_uniform(many);
+    fill_uniform(x);
+    set_i32(ids8, expert_choices(64, 8, 4, false));
+    check_vulkan(mul_mat_id(ctx, many, x, ids8), 1e-5);
+    // More (slot, token) columns than a dispatch has workgroups in y.
+    Tensor* small = ctx.new_tensor(Type::F32, {8, 3, 4});
+    Tensor* xs = ctx.new_tensor(Type::F32, {8, 1, 33000});
+    Tensor* ids2 = ctx.new_tensor(Type::I32, {2, 33000});
+    fill_uniform(small);
+    fill_uniform(xs);
+    set_i32(ids2, expert_choices(4, 2, 33000, false));
+    check_vulkan(mul_mat_id(ctx, small, xs, ids2), 1e-5);
+}
+
+TEST_CASE("Vulkan mul_mat_id with an expert id out of range raises an error naming it",
+          "[vulkan][ops][moe]") {
+    Context ctx = data_ctx();
+    Tensor* as = ctx.new_tensor(Type::Q8_0, {32, 3, 4});
+    Tensor* b = ctx.new_tensor(Type::F32, {32, 1, 5});
+    Tensor* ids = ctx.new_tensor(Type::I32, {2, 5});
+    fill_uniform(as);
+    fill_uniform(b);
+    set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 4, 2, 2}); // 4 is one past the last expert
+    CHECK_THROWS_WITH(run_on_vulkan(mul_mat_id(ctx, as, b, ids)),
+                      Catch::Contains("Vulkan0") &&
+                          Catch::Contains("mul_mat_id: expert 4 of token 3 is outside [0, 4)"));
+    set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 2, -1, 2});
+    CHECK_THROWS_WITH(run_on_vulkan(mul_mat_id(ctx, as, b, ids)),
+                      Catch::Contains("mul_mat_id: expert -1 of token 4 is outside [0, 4)"));
+    // The device works afterwards, and a later error is reported with its own numbers.
+    set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 2, 0, 2});
+    check_vulkan(mul_mat_id(ctx, as, b, ids), 1e-5);
+    set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 2, 0, 7});
+    CHECK_THROWS_WITH(run_on_vulkan(mul_mat_id(ctx, as, b, ids)),
+                      Catch::Contains("mul_mat_id: expert 7 of token 4 is outside [0, 4)"));
+}
+
+// A mixture-of-experts block as a model builds it (router mul_mat, top_k, the gate / up / down
+// products through mul_mat_id, swiglu), its weights in Vulkan memory, placed by a scheduler
+// that prefers Vulkan: every node runs there, none falls back to the CPU, and the result is the
+// reference's. The router's inputs are multiples of 1/4 whose f32 sums are exact in any
+// order, so the device and the reference choose the same experts (ties included).
+TEST_CASE("Vulkan runs a mixture-of-experts block, top_k and mul_mat_id placed there", "[vulkan][ops][moe]") {
+    // Every type the loader may find experts in is supported on a shape-only probe, as the
+    // loader asks (which keeps experts in host memory where the answer is no).
+    std::vector<Type> types = {Type::F32, Type::F16, Type::BF16};
+    for (Type t : all_quant_types()) types.push_back(t);
+    Context probe; // shapes only
+    for (Type t : types) {
+        Tensor* product =
+            mul_mat_id(probe, probe.new_tensor(t, {256, 1, 1}), probe.new_tensor(Type::F32, {256, 1, 1}),
+                       probe.new_tensor(Type::I32, {1, 1}));
+        INFO(type_name(t));
+        CHECK(vulkan0()->supports_op(product));
+    }
+    CHECK(vulkan0()->supports_op(top_k(probe, probe.new_tensor(Type::F32, {8, 3}), 2)));
+
+    const Type expert_type = GENERATE(Type::F32, Type::Q4_K);
+    INFO("experts " << type_name(expert_type));
+    const int64_t D = 256, F = 256, E = 8, k = 2, T = 7;
+    Context weights;
+    Tensor* router = weights.new_tensor(Type::F32, {D, E});
+    Tensor* gate_exps = weights.new_tensor(expert_type, {D, F, E});
+    Tensor* up_exps = weights.new_tensor(expert_type, {D, F, E});
+    Tensor* down_exps = weights.new_tensor(expert_type, {F, D, E});
+    auto buffer = allocate_context_tensors(weights, vulkan0()->buffer_type());
+    auto quarters = [](size_t count) {
+        std::vector<float> v = test::random_values(count, -1.0f, 1.0f);
+        for (float& x : v) x = std::round(x * 4.0f) / 4.0f;
+        return v;
+    };
+    tensor_set_f32(router, quarters(size_t(router->nelements())));
+    for (Tensor* w : {gate_exps, up_exps, down_exps}) {
+        const std::vector<float> v = test::random_values(size_t(w->nelements()), -0.1f, 0.1f);
+        if (w->type == Type::F32) {
+            tensor_set_f32(w, v);
+            continue;
+        }
+        std::vector<std::byte> blocks(w->nbytes());
+        type_traits(w->type).from_float(v.data(), blocks.data(), w->nelements());
+        tensor_set(w, blocks.data(), 0, blocks.size());
+    }
+
+    Context ctx;
+    Tensor* x = set_name(ctx.new_tensor(Type::F32, {D, T}), "x");
+    set_input(x);
+    Tensor* ids = top_k(ctx, mul_mat(ctx, router, x), k);
+    set_output(ids); // kept for the comparison below
+    Tensor* xs = reshape(ctx, x, {D, 1, T});
+    Tensor* gate = mul_mat_id(ctx, gate_exps, xs, ids);
+    Tensor* up = mul_mat_id(ctx, up_exps, xs, ids);
+    Tensor* out = mul_mat_id(ctx, down_exps, swiglu(ctx, gate, up), ids); // [D, k, T]
+    Graph g = build_forward(out);
+
+    auto vk = vulkan0()->create_backend();
+    auto cpu = make_cpu_backend(2);
+    Scheduler sched({vk.get(), cpu.get()});
+    std::vector<std::string> log;
+    sched.set_log([&](const std::string& line) { log.push_back(line); });
+    sched.allocate(g);
+    tensor_set_f32(x, quarters(size_t(x->nelements())));
+    test::poison_nodes(g);
+    sched.compute(g);
+    std::string fallbacks;
+    for (const std::string& line : log) fallbacks += line + "\n";
+    INFO(sched.describe() << fallbacks);
+    CHECK(log.empty()); // no op fell back to the CPU
+    int moe_nodes = 0;
+    for (Tensor* n : g.nodes()) {
+        if (n->op != Op::TopK && n->op != Op::MulMatId) continue;
+        ++moe_nodes;
+        INFO(op_name(n->op));
+        CHECK(sched.backend_of(n) == vk.get());
+    }
+    CHECK(moe_nodes == 4);
+    CHECK(sched.n_splits() == 1);
+    const std::vector<double> want = ref::evaluate(g, out);
+    const double err = rel_error(tensor_get_f32(out), want);
+    INFO("relative error " << err);
+    CHECK(err <= 1e-5);
+    // The experts the device chose are the reference's.
+    const std::vector<float> chosen = tensor_get_f32(ids);
+    const std::vector<double> want_ids = ref::evaluate(g, ids);
+    CHECK(rel_error(chosen, want_ids) == 0.0);
 }

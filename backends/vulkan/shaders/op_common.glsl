@@ -43,15 +43,26 @@ layout(std430, binding = 1) readonly buffer Src0 { uint src0_words[]; };
 layout(std430, binding = 2) SOURCE_ACCESS buffer Src1 { uint src1_words[]; };
 layout(std430, binding = 3) SOURCE_ACCESS buffer Src2 { uint src2_words[]; };
 layout(std430, binding = 4) buffer Dst { uint dst_words[]; };
-layout(std430, binding = 5) buffer Status { uint status_word; };
+// The status word, then the first bad expert id mul_mat_id met, for the host's message: its
+// token + 1 (non-zero once a report has taken these words), the id, the number of experts.
+layout(std430, binding = 5) buffer Status { uint status_word; uint status_detail[3]; };
 layout(std430, binding = 6) readonly buffer Table { uint table_words[]; }; // computed by the host
 layout(std430, binding = 7) readonly buffer Extra { uint extra_words[]; }; // a fourth input
 
 // Bits of the status word; the host turns them into errors when the work has run.
 const uint STATUS_ROW_OUT_OF_RANGE = 1u;
 const uint STATUS_CLASS_OUT_OF_RANGE = 2u; // a cross-entropy class label outside the logits
+const uint STATUS_EXPERT_OUT_OF_RANGE = 4u; // a mul_mat_id expert id outside [0, E)
 void report(uint bits) {
     atomicOr(status_word, bits);
+}
+// Reports expert id `e` of token `t` outside [0, E); the first report keeps its numbers.
+void report_expert(int e, uint t, uint E) {
+    report(STATUS_EXPERT_OUT_OF_RANGE);
+    if (atomicCompSwap(status_detail[0], 0u, t + 1u) == 0u) {
+        status_detail[1] = uint(e);
+        status_detail[2] = E;
+    }
 }
 
 bool is_quantized(uint type) {
