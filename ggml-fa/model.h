@@ -21,13 +21,14 @@ namespace gfa {
 
 // Hyperparameters read from the file's metadata (keys "<arch>.*").
 struct ModelConfig {
-    std::string arch; // "llama", "granite", "qwen2", "qwen3", "phi3", "olmo2", "gemma2" or "gemma3"
+    // "llama", "granite", "qwen2", "qwen3", "qwen3moe", "phi3", "olmo2", "gemma2" or "gemma3"
+    std::string arch;
     int64_t n_vocab = 0;
     int64_t n_ctx_train = 0;
     int64_t n_embd = 0;
     int64_t n_layer = 0;
     int64_t n_ff = 0;          // of the feed-forward network, or of each expert's
-    int64_t n_expert = 0;      // a mixture of experts (Mixtral): experts per block; 0: a dense FFN
+    int64_t n_expert = 0;      // a mixture of experts (Mixtral, Qwen3-MoE): experts per block; 0: dense
     int64_t n_expert_used = 0; // experts each token runs through
     int64_t n_head = 0;
     int64_t n_head_kv = 0;

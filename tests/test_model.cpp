@@ -291,19 +291,31 @@ TEST_CASE("llama session: Q8 products move a quantized model's prompt logits by 
     if (gfa::cpu::integer_quantized_prompts()) CHECK(err > 1e-4); // the columns were rounded
 }
 
-// A mixture of experts (Mixtral's layout: 5 experts, 2 per token): the whole prompt at once
-// (where one expert gets several tokens' columns), in chunks, and token by token (one column
-// per expert) must give the same logits; the file's expert counts and tensors are checked.
+// A mixture of experts (5 experts, 2 per token; Mixtral's llama files and Qwen3-MoE's): the
+// whole prompt at once (where one expert gets several tokens' columns), in chunks, and token by
+// token (one column per expert) must give the same logits; the file's expert counts, widths
+// and tensors are checked.
 TEST_CASE("llama session: a mixture of experts agrees in prefill, chunks and decoding", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);
     TinyModel m;
     m.experts = 5;
     m.experts_used = 2;
+    SECTION("Mixtral (llama)") {}
+    SECTION("qwen3moe: q/k norms, heads of 16 (q wider than the embedding), the dense width apart") {
+        m.arch = "qwen3moe";
+        m.heads = 4;
+        m.heads_kv = 2;
+        m.head_size = 16;
+        m.dense_ff = 3 * m.ff + 4; // read by no block
+    }
     TempFile file{write_model(m, seed)};
     std::unique_ptr<Model> model = Model::load(file.path);
     CHECK(model->config().n_expert == 5);
     CHECK(model->config().n_expert_used == 2);
+    CHECK(model->config().n_ff == m.ff);
+    CHECK(model->config().qk_norm == (m.arch == "qwen3moe"));
+    CHECK(model->config().rope.mode == (m.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX));
     std::mt19937 rng(seed);
     std::vector<int32_t> tokens(13);
     for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
@@ -330,6 +342,21 @@ TEST_CASE("llama session: a mixture of experts agrees in prefill, chunks and dec
     bad.experts_used = 6;
     TempFile too_many{write_model(bad, seed)};
     CHECK_THROWS_WITH(Model::load(too_many.path), Catch::Contains("expert_used_count = 6 must be in [1, "));
+    if (m.arch == "qwen3moe") {
+        // Without expert_feed_forward_length the experts share the dense width, as llama.cpp
+        // reads such files.
+        TinyModel shared = m;
+        shared.expert_ff_key = false;
+        shared.dense_ff = m.ff * m.experts_used;
+        TempFile no_key{write_model(shared, seed)};
+        CHECK(Model::load(no_key.path)->config().n_ff == m.ff);
+        // A qwen3moe file is a mixture in every block: its expert count is required.
+        TinyModel dense = m;
+        dense.experts = 0;
+        TempFile no_experts{write_model(dense, seed)};
+        CHECK_THROWS_WITH(Model::load(no_experts.path),
+                          Catch::Contains("no metadata key qwen3moe.expert_count"));
+    }
     TempFile missing{write_model(m, seed, "blk.1.ffn_up_exps.weight")};
     CHECK_THROWS_WITH(Model::load(missing.path), Catch::Contains("blk.1.ffn_up_exps.weight is missing"));
     TempFile misshapen{write_model(m, seed, "", "blk.0.ffn_down_exps.weight")};

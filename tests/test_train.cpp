@@ -428,6 +428,13 @@ TEST_CASE("Trainer: model files that training does not take are refused by name"
         m.rope_factors = {1.0f, 2.0f, 4.0f, 8.0f};
         expected = "rope_freqs.weight";
     }
+    SECTION("a mixture of experts (Qwen3-MoE)") {
+        m.arch = "qwen3moe";
+        m.experts = 5;
+        m.experts_used = 2;
+        m.dense_ff = 3 * m.ff;
+        expected = "mixtures of experts (5 experts) are not trained";
+    }
     TempFile file{test::write_model(m, test::seed())};
     CHECK_THROWS_WITH(Trainer::from_file(file.path, tiny_options()), Catch::Contains(expected));
 }

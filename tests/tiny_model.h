@@ -33,9 +33,13 @@ struct TinyModel {
     int64_t sliding_window = 4;
     float attn_softcap = 5.0f, final_softcap = 3.0f;
     int64_t head_size = 0; // attention.key_length when > 0 (heads * head_size may differ from embd)
-    // A mixture of experts (Mixtral) when experts > 0: a router and stacked expert matrices
-    // instead of ffn_gate/up/down, experts_used per token.
+    // A mixture of experts (Mixtral, or arch "qwen3moe") when experts > 0: a router and stacked
+    // expert matrices instead of ffn_gate/up/down, experts_used per token.
     int64_t experts = 0, experts_used = 0;
+    // qwen3moe: feed_forward_length holds dense_ff (the checkpoint's dense width) and
+    // expert_feed_forward_length ff, unless expert_ff_key is off.
+    int64_t dense_ff = 0;
+    bool expert_ff_key = true;
     int64_t head_dim() const { return head_size > 0 ? head_size : embd / heads; }
 };
 
@@ -52,7 +56,8 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
     w.set(A + ".context_length", uint32_t(64));
     w.set(A + ".embedding_length", uint32_t(m.embd));
     w.set(A + ".block_count", uint32_t(m.layers));
-    w.set(A + ".feed_forward_length", uint32_t(m.ff));
+    w.set(A + ".feed_forward_length", uint32_t(A == "qwen3moe" ? m.dense_ff : m.ff));
+    if (A == "qwen3moe" && m.expert_ff_key) w.set(A + ".expert_feed_forward_length", uint32_t(m.ff));
     w.set(A + ".attention.head_count", uint32_t(m.heads));
     w.set(A + ".attention.head_count_kv", uint32_t(m.heads_kv));
     w.set(A + ".attention.layer_norm_rms_epsilon", 1e-5f);
@@ -151,7 +156,7 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
             add(b + "post_attention_norm.weight", {m.embd}, 0.1f, 1.0f);
             add(b + "post_ffw_norm.weight", {m.embd}, 0.1f, 1.0f);
         }
-        if (A == "gemma3" || A == "qwen3") {
+        if (A == "gemma3" || A == "qwen3" || A == "qwen3moe") {
             add(b + "attn_q_norm.weight", {D}, 0.1f, 1.0f);
             add(b + "attn_k_norm.weight", {D}, 0.1f, 1.0f);
         }

@@ -102,7 +102,7 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
 // A mixture of experts on h [n_embd, rows]: the router's logits pick each token's
 // n_expert_used experts (top_k), whose SwiGLU networks run through mul_mat_id; their outputs
 // are summed with the softmax of the chosen logits (the router's softmax renormalized over the
-// chosen experts, as Mixtral weighs them).
+// chosen experts, as Mixtral, and Qwen3-MoE with norm_topk_prob, weigh them).
 Tensor* experts(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* h) {
     const int64_t rows = h->ne[1], k = cfg.n_expert_used, E = h->ne[0];
     Tensor* logits = mul_mat(ctx, L.ffn_gate_inp, h);                                   // [n_expert, rows]
@@ -340,22 +340,34 @@ ModelConfig llama::read_config(const gguf::File& f) {
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
     if (c.arch != "llama" && c.arch != "granite" && c.arch != "qwen2" && c.arch != "qwen3" &&
-        c.arch != "phi3" && c.arch != "olmo2" && c.arch != "gemma2" && c.arch != "gemma3")
+        c.arch != "qwen3moe" && c.arch != "phi3" && c.arch != "olmo2" && c.arch != "gemma2" &&
+        c.arch != "gemma3")
         fail("model: architecture \"" + c.arch +
-             "\" is not supported (llama, granite, qwen2, qwen3, phi3, olmo2, gemma2 and gemma3 are)");
+             "\" is not supported (llama, granite, qwen2, qwen3, qwen3moe, phi3, olmo2, gemma2 and gemma3 "
+             "are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
-    c.n_ff = meta_int(f, p + "feed_forward_length");
-    if (f.metadata().find(p + "expert_count")) {
+    // qwen3moe files hold the checkpoint's dense width there, which no block uses (their
+    // experts' width is read below).
+    c.n_ff = c.arch == "qwen3moe" ? 0 : meta_int(f, p + "feed_forward_length");
+    // Every block of a qwen3moe file is a mixture, so its expert counts are required.
+    if (f.metadata().find(p + "expert_count") || c.arch == "qwen3moe") {
         c.n_expert = meta_int(f, p + "expert_count");
         c.n_expert_used = meta_int(f, p + "expert_used_count");
-        if (c.arch != "llama")
-            fail("model: experts (" + p + "expert_count) are supported for llama files (Mixtral), not " +
-                 c.arch);
+        if (c.arch != "llama" && c.arch != "qwen3moe")
+            fail("model: experts (" + p +
+                 "expert_count) are supported in llama (Mixtral) and qwen3moe files, not " + c.arch);
         if (c.n_expert < 1 || c.n_expert_used < 1 || c.n_expert_used > c.n_expert)
             fail("model: " + p + "expert_used_count = " + std::to_string(c.n_expert_used) +
                  " must be in [1, " + p + "expert_count = " + std::to_string(c.n_expert) + "]");
+    }
+    if (c.arch == "qwen3moe") {
+        // The experts' width is expert_feed_forward_length; files without that key are read as
+        // llama.cpp reads them, the dense width shared among the experts a token runs.
+        const std::string key = p + "expert_feed_forward_length";
+        c.n_ff = f.metadata().find(key) ? meta_int(f, key)
+                                        : meta_int(f, p + "feed_forward_length") / c.n_expert_used;
     }
     c.n_head = meta_int(f, p + "attention.head_count");
     c.n_head_kv = meta_int(f, p + "attention.head_count_kv", c.n_head);
@@ -387,8 +399,8 @@ ModelConfig llama::read_config(const gguf::File& f) {
     c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
     c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
     // Qwen3: Qwen2's blocks with each head of q and k RMS-normed before rope (and usually
-    // without the q/k/v biases, which the file's tensors say).
-    c.qk_norm = c.arch == "qwen3";
+    // without the q/k/v biases, which the file's tensors say); Qwen3-MoE has the same attention.
+    c.qk_norm = c.arch == "qwen3" || c.arch == "qwen3moe";
     if (c.arch ==
         "olmo2") { // norms after each block's attention and feed-forward, not before; q/k normed whole
         c.qk_norm = c.qk_norm_full = c.post_norms = true;

@@ -27,11 +27,12 @@ void allow_precision(const Graph& graph, MatMulPrecision precision) {
 
 void check_config(const ModelConfig& c, const TrainOptions& o) {
     auto positive = [](int64_t v) { return v > 0; };
+    // Experts first: a Mixtral (llama) or Qwen3-MoE file is refused for what it is.
+    if (c.n_expert > 0)
+        fail("train: mixtures of experts (" + std::to_string(c.n_expert) + " experts) are not trained");
     if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma2" &&
         c.arch != "gemma3")
         fail("train: the architecture must be llama, qwen2, qwen3, gemma2 or gemma3, not \"" + c.arch + "\"");
-    if (c.n_expert > 0)
-        fail("train: mixtures of experts (" + std::to_string(c.n_expert) + " experts) are not trained");
     // What llama::read_config makes of each file, so that a saved model reads back the same.
     const bool gemma = c.arch == "gemma2" || c.arch == "gemma3";
     const bool qk_norm = c.arch == "qwen3" || c.arch == "gemma3";

@@ -3,7 +3,8 @@
 
 Builds tiny random Hugging Face checkpoints with numpy (a LLaMA with grouped-query
 attention, a Llama 3.1 style one with "llama3" rope scaling, a Qwen2 with QKV biases, NeoX
-rope and tied embeddings, a Qwen3 with per-head q/k norms and heads wider than the embedding,
+rope and tied embeddings, a Qwen3 with per-head q/k norms and heads wider than the embedding, a Mixtral and a Qwen3-MoE
+(mixtures of experts),
 a Mistral with an explicit head_dim stored as sharded BF16, a Granite with its multipliers, a
 Phi-3 with merged projections,
 partial rotation, LongRoPE and a window on every layer, Gemma 2 and 3), converts them to GGUF at several output types,
@@ -83,6 +84,16 @@ CONFIGS = {
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                     rope_theta=1000000.0, max_position_embeddings=128, tie_word_embeddings=False,
                     num_local_experts=5, num_experts_per_tok=2),
+    # Qwen3-MoE: Qwen3's attention (per-head q/k norms, heads of 24: q is 96 wide, the embedding
+    # 64) with a mixture of 5 experts of width 48 in every block, 2 per token, their weights the
+    # router's softmax renormalized over the chosen two. intermediate_size is the dense width,
+    # which no block uses (GGUF files carry it all the same).
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=59, hidden_size=64, intermediate_size=112,
+                      moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=24, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=128,
+                      tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                      sliding_window=None, num_experts=5, num_experts_per_tok=2, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
     # OLMo 2: norms after each block's attention and feed-forward instead of before, q and k
     # normed over all their heads at once.
     "olmo2": dict(model_type="olmo2", vocab_size=61, hidden_size=64, intermediate_size=96,
@@ -161,6 +172,14 @@ def random_weights(cfg, rng):
                 w[q + "w1.weight"] = mat(F, E)
                 w[q + "w3.weight"] = mat(F, E)
                 w[q + "w2.weight"] = mat(E, F)
+        elif cfg["model_type"] == "qwen3_moe":
+            Fe = cfg["moe_intermediate_size"]
+            w[p + "mlp.gate.weight"] = 3 * mat(cfg["num_experts"], E)
+            for e in range(cfg["num_experts"]):
+                q = p + f"mlp.experts.{e}."
+                w[q + "gate_proj.weight"] = mat(Fe, E)
+                w[q + "up_proj.weight"] = mat(Fe, E)
+                w[q + "down_proj.weight"] = mat(E, Fe)
         else:
             w[p + "mlp.gate_proj.weight"] = mat(F, E)
             w[p + "mlp.up_proj.weight"] = mat(F, E)
@@ -176,7 +195,7 @@ def random_weights(cfg, rng):
         if olmo2:
             w[p + "self_attn.q_norm.weight"] = norm(Hq * D)
             w[p + "self_attn.k_norm.weight"] = norm(Hkv * D)
-        if cfg["model_type"] in ("gemma3_text", "qwen3"):
+        if cfg["model_type"] in ("gemma3_text", "qwen3", "qwen3_moe"):
             w[p + "self_attn.q_norm.weight"] = norm(D)
             w[p + "self_attn.k_norm.weight"] = norm(D)
     return w
@@ -208,13 +227,13 @@ def write_bf16_safetensors(path, tensors):
 
 
 # Models whose config.json is written as transformers 5 writes it (the others as 4.x did).
-TRANSFORMERS5_LAYOUT = ("llama3", "qwen3", "gemma2", "gemma3")
+TRANSFORMERS5_LAYOUT = ("llama3", "qwen3", "qwen3_moe", "gemma2", "gemma3")
 
 
 def transformers5_layout(cfg):
     """The same model in transformers 5's config layout: the rope base and scaling inside
-    "rope_parameters" (one object per layer kind for Gemma 3), and "layer_types" for models with
-    windowed layers."""
+    "rope_parameters" (one object per layer kind for Gemma 3), "layer_types" for models with
+    windowed layers, and Qwen3-MoE's expert count as num_local_experts."""
     cfg = dict(cfg)
     rope = dict(cfg.pop("rope_scaling", None) or {"rope_type": "default"}, rope_theta=cfg.pop("rope_theta"))
     gemma = cfg["model_type"] in ("gemma2", "gemma3_text")
@@ -229,6 +248,8 @@ def transformers5_layout(cfg):
                               for l in range(cfg["num_hidden_layers"])]
     if cfg["model_type"] == "qwen3":
         cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
+    if cfg["model_type"] == "qwen3_moe":
+        cfg["num_local_experts"] = cfg.pop("num_experts")
     return cfg
 
 
@@ -306,12 +327,12 @@ def q8_0_round_trip(w):
 def as_stored_in(weights, gguf_type):
     """The weights as the GGUF file holds them (the reference then isolates the engine's
     own error from the loss of the storage format). 1-d tensors and a mixture's router
-    (block_sparse_moe.gate) stay f32."""
+    (block_sparse_moe.gate, mlp.gate) stay f32."""
     if gguf_type == "f32":
         return weights
     rounded = {"f16": lambda v: v.astype(np.float16).astype(np.float32), "q8_0": q8_0_round_trip}[gguf_type]
-    return {k: rounded(v) if v.ndim == 2 and not k.endswith("block_sparse_moe.gate.weight") else v
-            for k, v in weights.items()}
+    router = ("block_sparse_moe.gate.weight", "mlp.gate.weight")
+    return {k: rounded(v) if v.ndim == 2 and not k.endswith(router) else v for k, v in weights.items()}
 
 
 # ---- the reference: the Hugging Face forward pass in float64 ---------------------------
@@ -348,7 +369,7 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
     gemma = cfg["model_type"] in ("gemma2", "gemma3_text")
     gemma3 = cfg["model_type"] == "gemma3_text"
     phi3 = cfg["model_type"] == "phi3"
-    qk_norm = cfg["model_type"] in ("gemma3_text", "qwen3")
+    qk_norm = cfg["model_type"] in ("gemma3_text", "qwen3", "qwen3_moe")
     olmo2 = cfg["model_type"] == "olmo2"
     pattern = cfg.get("sliding_window_pattern", 2)
     n_rot = int(D * cfg.get("partial_rotary_factor", 1.0))
@@ -434,17 +455,24 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
         h = x if olmo2 else rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma
                                               else "post_attention_layernorm.weight")])
-        if cfg["model_type"] == "mixtral":  # each token's k best experts, softmax over their logits
+        if cfg["model_type"] in ("mixtral", "qwen3_moe"):  # each token's k best experts
+            mixtral = cfg["model_type"] == "mixtral"
+            gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+            moe = p + ("block_sparse_moe." if mixtral else "mlp.")
+
             def expert(e, rows):
-                q = p + f"block_sparse_moe.experts.{e}."
-                g = rows @ w[q + "w1.weight"].T
-                return ((g / (1 + np.exp(-g))) * (rows @ w[q + "w3.weight"].T)) @ w[q + "w2.weight"].T
-            router = h @ w[p + "block_sparse_moe.gate.weight"].T
+                q = moe + f"experts.{e}."
+                g = rows @ w[q + gate + ".weight"].T
+                return ((g / (1 + np.exp(-g))) * (rows @ w[q + up + ".weight"].T)) @ w[q + down + ".weight"].T
+            router = h @ w[moe + "gate.weight"].T
             k = cfg["num_experts_per_tok"]
             f = np.zeros_like(h)
             for i in range(n):
                 chosen = np.argsort(-router[i], kind="stable")[:k]
-                share = np.exp(router[i, chosen] - router[i, chosen].max())
+                if mixtral:  # the softmax over the chosen logits
+                    share = np.exp(router[i, chosen] - router[i, chosen].max())
+                else:  # as Qwen3-MoE writes it: the softmax over all experts, the chosen renormalized
+                    share = np.exp(router[i] - router[i].max())[chosen]
                 share /= share.sum()
                 for e, s_e in zip(chosen, share):
                     f[i] += s_e * expert(e, h[i:i + 1])[0]
@@ -626,8 +654,19 @@ def check_config_errors(args, root, failures):
         "more experts per token than experts": (dict(CONFIGS["mixtral"], num_experts_per_tok=6),
                                                 "num_experts_per_tok"),
         "an expert missing": (dict(CONFIGS["mixtral"], num_local_experts=6), "lacks expert 5"),
+        # Qwen3-MoE as GGUF holds it: experts in every layer, the chosen experts' weights renormalized.
+        "dense Qwen3-MoE layers by step": (dict(CONFIGS["qwen3_moe"], decoder_sparse_step=2),
+                                           "decoder_sparse_step"),
+        "dense Qwen3-MoE layers by list": (dict(CONFIGS["qwen3_moe"], mlp_only_layers=[0]), "mlp_only_layers"),
+        "Qwen3-MoE weights not renormalized": (dict(CONFIGS["qwen3_moe"], norm_topk_prob=False), "norm_topk_prob"),
+        "Qwen3-MoE without norm_topk_prob": ({k: v for k, v in CONFIGS["qwen3_moe"].items()
+                                              if k != "norm_topk_prob"}, "norm_topk_prob"),
+        "Qwen3-MoE experts wider than the config": (dict(CONFIGS["qwen3_moe"], moe_intermediate_size=40),
+                                                    "moe_intermediate_size"),
+        "more Qwen3-MoE experts per token than experts": (dict(CONFIGS["qwen3_moe"], num_experts_per_tok=6),
+                                                          "[1, num_experts = 5]"),
     }
-    checkpoint_of = {"gemma3_text": "gemma3", "qwen3": "qwen3", "mixtral": "mixtral"}
+    checkpoint_of = {"gemma3_text": "gemma3", "qwen3": "qwen3", "mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
     for what, (cfg, needle) in bad.items():
         src = os.path.join(root, checkpoint_of.get(cfg["model_type"], "llama"))
         d = os.path.join(root, "bad-config")
@@ -684,6 +723,9 @@ def main():
         ("qwen3", "bf16", "f32", "f32", []),
         ("qwen3", "bf16", "f32", "f32", ["-b", "4"]),
         ("qwen3", "bf16", "q8_0", "f16", []),
+        ("qwen3_moe", "bf16", "f32", "f32", []),
+        ("qwen3_moe", "bf16", "f32", "f32", ["-b", "4"]),  # chunks and decoding: few tokens per expert
+        ("qwen3_moe", "bf16", "f16", "f16", []),
         ("llama3", "f32", "f32", "f32", []),
         ("llama3", "f32", "f16", "f16", []),
         ("mistral", "bf16", "f32", "f32", []),
@@ -720,7 +762,7 @@ def main():
                 # step from the float64 reference's; Phi-3's sharp attention turned that into up
                 # to 1.6e-2 in 12 runs (the CPU: 4.8e-3).
                 tol = TOLERANCE_GPU_QUANT
-            elif gtype == "q8_0" and "num_local_experts" in CONFIGS[name]:
+            elif gtype == "q8_0" and "num_experts_per_tok" in CONFIGS[name]:  # a mixture of experts
                 # An expert sees few of a prompt's tokens; a product of under 4 columns takes the
                 # decoding path, which rounds its columns to 8 bits, and the sharp router spreads it.
                 tol = TOLERANCE_CPU_QUANT_CACHE

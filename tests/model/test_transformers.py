@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Granite, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
+"""Llama, Granite, Qwen2, Qwen3, Qwen3-MoE, Mixtral, Phi-3, OLMo 2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -99,6 +99,14 @@ def build(kind, seed):
                                       tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                       attn_implementation="eager")
         model = transformers.Phi3ForCausalLM(cfg)
+    elif kind == "qwen3_moe":
+        # Qwen3's attention (heads of 32, q wider than the embedding) with a mixture of 5 experts
+        # of width 96 in every layer, 2 per token, their weights renormalized (norm_topk_prob, as
+        # in the released models; intermediate_size, the dense width, goes unused).
+        cfg = transformers.Qwen3MoeConfig(**common, head_dim=32, moe_intermediate_size=96, num_experts=5,
+                                          num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                                          mlp_only_layers=[], tie_word_embeddings=False)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
     elif kind == "qwen3":
         # Heads of 32: q (256 wide) is wider than the embedding (128), as in small Qwen3 models.
         cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
@@ -134,11 +142,11 @@ def main():
     rng = np.random.default_rng(seed)
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
-        # Gemma 3 came with transformers 4.50, Qwen3 with 4.51.
+        # Gemma 3 came with transformers 4.50, Qwen3 and Qwen3-MoE with 4.51.
         kinds = ["llama", "llama3", "qwen2", "gemma2"]
         kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
                                    ("granite", "GraniteForCausalLM"), ("olmo2", "Olmo2ForCausalLM"),
-                                   ("mixtral", "MixtralForCausalLM"),
+                                   ("mixtral", "MixtralForCausalLM"), ("qwen3_moe", "Qwen3MoeForCausalLM"),
                                    ("phi3", "Phi3ForCausalLM"), ("phi3_longrope", "Phi3ForCausalLM"))
                   if hasattr(transformers, cls)]
         if args.kinds:
@@ -165,7 +173,7 @@ def main():
             # A mixture of experts runs f32 only: rounded weights move the router's logits enough
             # that a token whose second and third experts score within ~1e-3 changes experts,
             # which is no error of either engine but fails a logit comparison.
-            for gtype, tol_cpu, tol_cuda in CASES if kind != "mixtral" else CASES[:1]:
+            for gtype, tol_cpu, tol_cuda in CASES if kind not in ("mixtral", "qwen3_moe") else CASES[:1]:
                 gguf = os.path.join(tmp, f"{kind}-{gtype}.gguf")
                 run([args.convert, ckpt, "-o", gguf, "--type", gtype])
                 per_backend = {}

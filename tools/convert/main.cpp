@@ -1,5 +1,5 @@
-// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Mixtral, Granite, Qwen2/3, Phi-3, OLMo
-// 2, Gemma 2/3) to GGUF with the tensor names and metadata keys llama.cpp uses.
+// convert: a Hugging Face Llama-family checkpoint (LLaMA 2/3, Mistral, Mixtral, Granite, Qwen2/3, Qwen3-MoE,
+// Phi-3, OLMo 2, Gemma 2/3) to GGUF with the tensor names and metadata keys llama.cpp uses.
 //
 //   convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]
 //
@@ -8,9 +8,9 @@
 //
 // Rotary layout: HF LLaMA checkpoints rotate the two halves of each head (d, d + D/2),
 // while GGUF files of architecture "llama" rotate adjacent pairs (2i, 2i+1) (rope mode
-// Normal), so the rows of Q and K are permuted per head here. Qwen2 and Qwen3 keep the HF
-// layout and are run with NeoX rope, so their rows stay as they are; so do Gemma 2 and 3, whose RMSNorm
-// gains are stored as 1 + weight (Gemma scales by 1 + w; llama.cpp's files hold the sum).
+// Normal), so the rows of Q and K are permuted per head here. Qwen2, Qwen3 and Qwen3-MoE keep
+// the HF layout and are run with NeoX rope, so their rows stay as they are; so do Gemma 2 and 3, whose
+// RMSNorm gains are stored as 1 + weight (Gemma scales by 1 + w; llama.cpp's files hold the sum).
 #include "safetensors.h"
 
 #include <ggml-fa/error.h>
@@ -37,11 +37,12 @@ using namespace convert;
 namespace {
 
 struct HParams {
-    std::string arch; // the GGUF architecture: llama, qwen2, qwen3, gemma2 or gemma3
+    std::string arch; // the GGUF architecture: llama, qwen2, qwen3, qwen3moe, gemma2, ...
     std::string model_type;
     int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t n_ctx_train = 0;
-    int64_t n_expert = 0, n_expert_used = 0; // Mixtral: experts per block, experts per token
+    int64_t n_expert = 0, n_expert_used = 0; // Mixtral, Qwen3-MoE: experts per block, experts per token
+    int64_t n_ff_expert = 0;                 // Qwen3-MoE: each expert's width (n_ff: the dense one)
     double rope_theta = 10000.0, norm_eps = 1e-6;
     double rope_linear_factor = 0.0; // 0: no scaling
     // Llama 3.1 style ("rope_type": "llama3"): low frequencies slowed by `factor`, high ones
@@ -238,12 +239,15 @@ HParams read_config(const std::filesystem::path& dir) {
     else if (h.model_type == "qwen2" || h.model_type == "qwen3" || h.model_type == "phi3" ||
              h.model_type == "gemma2" || h.model_type == "granite" || h.model_type == "olmo2")
         h.arch = h.model_type;
+    else if (h.model_type == "qwen3_moe")
+        h.arch = "qwen3moe";
     else if (h.model_type == "gemma3_text")
         h.arch = "gemma3";
     else
-        gfa::fail("config.json: model_type \"" + h.model_type +
-                  "\" is not supported (llama, mistral, mixtral, granite, qwen2, qwen3, phi3, olmo2, gemma2, "
-                  "gemma3_text are)");
+        gfa::fail(
+            "config.json: model_type \"" + h.model_type +
+            "\" is not supported (llama, mistral, mixtral, granite, qwen2, qwen3, qwen3_moe, phi3, olmo2, "
+            "gemma2, gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -261,12 +265,36 @@ HParams read_config(const std::filesystem::path& dir) {
     h.tied = optional_or<bool>(cfg, "tie_word_embeddings", false);
     read_rope(cfg, h);
     h.n_rot = h.head_dim;
-    if (h.model_type == "mixtral") {
-        h.n_expert = required<int64_t>(cfg, "num_local_experts");
+    if (h.model_type == "mixtral" || h.model_type == "qwen3_moe") {
+        // Mixtral's count is num_local_experts; Qwen3-MoE's num_experts as transformers 4.x
+        // writes it, num_local_experts as 5.x does.
+        const bool mixtral = h.model_type == "mixtral";
+        const char* experts = mixtral ? "num_local_experts" : "num_experts";
+        if (!mixtral && !cfg.contains(experts)) experts = "num_local_experts";
+        h.n_expert = required<int64_t>(cfg, experts);
         h.n_expert_used = required<int64_t>(cfg, "num_experts_per_tok");
         if (h.n_expert < 1 || h.n_expert_used < 1 || h.n_expert_used > h.n_expert)
             gfa::fail("config.json: num_experts_per_tok (" + std::to_string(h.n_expert_used) +
-                      ") must be in [1, num_local_experts = " + std::to_string(h.n_expert) + "]");
+                      ") must be in [1, " + experts + " = " + std::to_string(h.n_expert) + "]");
+    }
+    if (h.model_type == "qwen3_moe") {
+        h.n_ff_expert = required<int64_t>(cfg, "moe_intermediate_size");
+        if (h.n_ff_expert <= 0) gfa::fail("config.json: moe_intermediate_size must be positive");
+        // GGUF readers make every block a mixture and weigh the chosen experts by the softmax of
+        // their logits alone. transformers makes a block dense where decoder_sparse_step or
+        // mlp_only_layers say so, and without norm_topk_prob (false by default) weighs each chosen
+        // expert by its share of the softmax over all experts.
+        const int64_t step = optional_or<int64_t>(cfg, "decoder_sparse_step", 1);
+        if (step != 1)
+            gfa::fail("config.json: decoder_sparse_step " + std::to_string(step) +
+                      " makes some layers dense; GGUF files of qwen3moe have experts in every layer");
+        if (!optional_or<std::vector<int64_t>>(cfg, "mlp_only_layers", {}).empty())
+            gfa::fail(
+                "config.json: mlp_only_layers names dense layers; GGUF files of qwen3moe have experts in "
+                "every layer");
+        if (!optional_or<bool>(cfg, "norm_topk_prob", false))
+            gfa::fail("config.json: norm_topk_prob is false (or missing, which transformers reads as false): "
+                      "GGUF readers renormalize the chosen experts' weights");
     }
     if (h.arch == "granite") {
         h.embedding_multiplier = optional_or<double>(cfg, "embedding_multiplier", 1.0);
@@ -334,7 +362,8 @@ HParams read_config(const std::filesystem::path& dir) {
     }
     // Qwen's optional sliding windows (on the layers from max_window_layers on) have no GGUF
     // keys; llama.cpp's readers attend over everything.
-    if ((h.arch == "qwen2" || h.arch == "qwen3") && optional_or<bool>(cfg, "use_sliding_window", false))
+    if ((h.arch == "qwen2" || h.arch == "qwen3" || h.arch == "qwen3moe") &&
+        optional_or<bool>(cfg, "use_sliding_window", false))
         gfa::fail("config.json: use_sliding_window is true; GGUF files of " + h.arch +
                   " cannot say which layers are windowed");
     check_layer_types(cfg, h);
@@ -369,7 +398,7 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
             return "blk." + std::string(m[1]) + ".post_attention_norm.weight";
         if (arch == "olmo2" && rest == "post_feedforward_layernorm.weight")
             return "blk." + std::string(m[1]) + ".post_ffw_norm.weight";
-        const bool qk_norm = arch == "gemma3" || arch == "qwen3" || arch == "olmo2";
+        const bool qk_norm = arch == "gemma3" || arch == "qwen3" || arch == "qwen3moe" || arch == "olmo2";
         if (arch == "phi3" && rest == "self_attn.qkv_proj.weight")
             return "blk." + std::string(m[1]) + ".attn_qkv.weight";
         if (arch == "phi3" && rest == "mlp.gate_up_proj.weight")
@@ -378,7 +407,7 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
             return "blk." + std::string(m[1]) + ".attn_q_norm.weight";
         if (qk_norm && rest == "self_attn.k_norm.weight")
             return "blk." + std::string(m[1]) + ".attn_k_norm.weight";
-        if (rest == "block_sparse_moe.gate.weight")
+        if (rest == "block_sparse_moe.gate.weight" || (arch == "qwen3moe" && rest == "mlp.gate.weight"))
             return "blk." + std::string(m[1]) + ".ffn_gate_inp.weight";
         static const std::pair<const char*, const char*> table[] = {
             {"input_layernorm.weight", "attn_norm.weight"},
@@ -574,12 +603,11 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
 }
 
 void usage() {
-    std::fprintf(stderr,
-                 "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
-                 "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Mixtral / Granite / Qwen2 / Qwen3 / Phi-3 / "
-                 "OLMo 2 / Gemma 2 / Gemma 3 "
-                 "checkpoint (config.json + "
-                 "*.safetensors)\n");
+    std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
+                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Mixtral / Granite / Qwen2 / Qwen3 / "
+                         "Qwen3-MoE / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 "
+                         "checkpoint (config.json + "
+                         "*.safetensors)\n");
 }
 
 int run(int argc, char** argv) {
@@ -634,6 +662,7 @@ int run(int argc, char** argv) {
         w.set(A + ".expert_count", uint32_t(h.n_expert));
         w.set(A + ".expert_used_count", uint32_t(h.n_expert_used));
     }
+    if (h.n_ff_expert > 0) w.set(A + ".expert_feed_forward_length", uint32_t(h.n_ff_expert));
     if (h.arch == "phi3" && h.sliding_window > 0)
         w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
     if (h.arch == "granite") {
@@ -673,33 +702,44 @@ int run(int argc, char** argv) {
     const bool permute_rotary = h.arch == "llama" || h.arch == "granite";
     std::set<std::string> written;
     int n_fallback = 0;
-    // Mixtral's experts come one matrix each (w1 gate, w3 up, w2 down); GGUF stacks each
-    // block's into one [cols, rows, n_expert] tensor, written once all are read.
+    // Experts come one matrix each (Mixtral's w1 gate, w3 up, w2 down; Qwen3-MoE's gate_proj,
+    // up_proj, down_proj); GGUF stacks each block's into one [cols, rows, n_expert] tensor,
+    // written once all are read.
     struct Stack {
         int64_t rows = 0, cols = 0;
         std::vector<std::vector<float>> experts;
     };
     std::map<std::string, Stack> stacks;
     static const std::regex expert_re(
-        R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight)");
+        R"(model\.layers\.(\d+)\.(?:block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3))"
+        R"(|mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj))\.weight)");
+    const int64_t expert_ff = h.n_ff_expert > 0 ? h.n_ff_expert : h.n_ff;
     for (const auto& [hf_name, t] : ckpt.tensors()) {
         std::smatch em;
         if (h.n_expert > 0 && std::regex_match(hf_name, em, expert_re)) {
-            const int64_t e = std::stoll(em[2]);
-            const std::string which = em[3] == "w1"   ? "ffn_gate_exps"
-                                      : em[3] == "w3" ? "ffn_up_exps"
-                                                      : "ffn_down_exps";
+            const bool block_sparse = em[2].matched; // Mixtral's names
+            const int64_t e = std::stoll(block_sparse ? em[2] : em[4]);
+            const std::string part = block_sparse ? em[3] : em[5];
+            const std::string which = part == "w1" || part == "gate_proj" ? "ffn_gate_exps"
+                                      : part == "w3" || part == "up_proj" ? "ffn_up_exps"
+                                                                          : "ffn_down_exps";
             if (e >= h.n_expert || t->shape.size() != 2)
                 gfa::fail("tensor " + hf_name + ": expert " + std::to_string(e) + " of " +
                           std::to_string(h.n_expert) + ", or not a matrix");
+            const bool down = which == "ffn_down_exps";
+            const std::vector<int64_t> want =
+                down ? std::vector<int64_t>{h.n_embd, expert_ff} : std::vector<int64_t>{expert_ff, h.n_embd};
+            if (t->shape != want)
+                gfa::fail("tensor " + hf_name + ": shape [" + std::to_string(t->shape[0]) + ", " +
+                          std::to_string(t->shape[1]) + "], the config says [" + std::to_string(want[0]) +
+                          ", " + std::to_string(want[1]) + "] (" +
+                          (h.n_ff_expert > 0 ? "moe_intermediate_size" : "intermediate_size") + ")");
             Stack& st = stacks["blk." + std::string(em[1]) + "." + which + ".weight"];
             if (st.experts.empty()) {
                 st.rows = t->shape[0];
                 st.cols = t->shape[1];
                 st.experts.resize(size_t(h.n_expert));
             }
-            if (t->shape[0] != st.rows || t->shape[1] != st.cols)
-                gfa::fail("tensor " + hf_name + ": its shape differs from the block's other experts'");
             st.experts[size_t(e)] = t->to_f32();
             continue;
         }
@@ -782,7 +822,7 @@ int run(int argc, char** argv) {
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"post_attention_norm", "post_ffw_norm"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
-    if (h.arch == "gemma3" || h.arch == "qwen3" || h.arch == "olmo2")
+    if (h.arch == "gemma3" || h.arch == "qwen3" || h.arch == "qwen3moe" || h.arch == "olmo2")
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"attn_q_norm", "attn_k_norm"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
