@@ -246,6 +246,12 @@ def check_our_file_loads_there(gguf_info, quantize, src, workdir, rng):
                 print(f"{target}: {t.name} relative error {err:.4f}")
                 check(err < bounds[target], f"{target}: relative error {err:.4f} over {bounds[target]}")
             n += 1
+    # Rows are encoded on several threads: any thread count writes the same bytes.
+    one, three = os.path.join(workdir, "ours-t1.gguf"), os.path.join(workdir, "ours-t3.gguf")
+    run(quantize, src, one, "q4_K", "-t", "1")
+    run(quantize, src, three, "q4_K", "-t", "3")
+    with open(one, "rb") as a, open(three, "rb") as b:
+        check(a.read() == b.read(), "quantize -t 1 and -t 3 wrote different files")
     return n
 
 
