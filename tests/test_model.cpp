@@ -25,7 +25,37 @@ using test::TempFile;
 using test::TinyModel;
 using test::write_model;
 
-namespace {} // namespace
+namespace {
+
+// n token ids drawn below the model's vocabulary.
+std::vector<int32_t> random_tokens(std::mt19937& rng, size_t n, int64_t vocab) {
+    std::vector<int32_t> tokens(n);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(vocab));
+    return tokens;
+}
+
+// A CPU session with an exact (f32) KV cache, so differences come from the computation alone.
+SessionOptions exact_cache_options(int64_t n_ctx, int n_threads = 2) {
+    SessionOptions so;
+    so.n_ctx = n_ctx;
+    so.kv_type = Type::F32;
+    so.n_threads = n_threads;
+    return so;
+}
+
+// A model wide enough for the 256-value blocks of the K and IQ4 formats.
+TinyModel block_sized_model(Type matrix_type) {
+    TinyModel m;
+    m.embd = 256;
+    m.ff = 256;
+    m.heads = 4;
+    m.heads_kv = 2;
+    m.vocab = 41;
+    m.matrix_type = matrix_type;
+    return m;
+}
+
+} // namespace
 
 TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]") {
     const uint32_t seed = std::random_device{}();
@@ -64,13 +94,9 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
 
     std::mt19937 rng(seed);
     const int n = 17;
-    std::vector<int32_t> tokens(n);
-    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+    std::vector<int32_t> tokens = random_tokens(rng, n, m.vocab);
 
-    SessionOptions so;
-    so.n_ctx = 32;
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    SessionOptions so = exact_cache_options(32);
     Session whole(*model, so);
     const std::vector<float> all = whole.eval(tokens, true);
     REQUIRE(all.size() == size_t(n * m.vocab));
@@ -138,13 +164,9 @@ TEST_CASE("llama session: decoding through growing attention windows reuses grap
     std::unique_ptr<Model> model = Model::load(file.path);
     std::mt19937 rng(seed);
     const int n = 23;
-    std::vector<int32_t> tokens(n);
-    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+    std::vector<int32_t> tokens = random_tokens(rng, n, m.vocab);
 
-    SessionOptions so;
-    so.n_ctx = 29; // the last window is cut short by the cache
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    SessionOptions so = exact_cache_options(29); // the last window is cut short by the cache
     so.decode_window_step = 0;
     Session exact(*model, so);
     const std::vector<float> all = exact.eval(tokens, true);
@@ -198,12 +220,8 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
     std::unique_ptr<Model> merged = Model::load(merged_file.path);
 
     std::mt19937 rng(seed);
-    std::vector<int32_t> tokens(11);
-    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
-    SessionOptions so;
-    so.n_ctx = 16;
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    std::vector<int32_t> tokens = random_tokens(rng, 11, m.vocab);
+    SessionOptions so = exact_cache_options(16);
     Session a(*separate, so), b(*merged, so);
     const std::vector<float> la = a.eval(tokens, true), lb = b.eval(tokens, true);
     CHECK(test::logits_error(la, lb) < 1e-5);
@@ -223,13 +241,7 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
 TEST_CASE("llama model: q2_K, q3_K, iq4_nl and iq4_xs weights run as their decoded values", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);
-    TinyModel m;
-    m.embd = 256;
-    m.ff = 256;
-    m.heads = 4;
-    m.heads_kv = 2;
-    m.vocab = 41;
-    m.matrix_type = GENERATE(Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS);
+    TinyModel m = block_sized_model(GENERATE(Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS));
     INFO("weights " << type_name(m.matrix_type));
     TempFile file{write_model(m, seed)};
     TinyModel decoded = m;
@@ -238,12 +250,8 @@ TEST_CASE("llama model: q2_K, q3_K, iq4_nl and iq4_xs weights run as their decod
     std::unique_ptr<Model> quantized = Model::load(file.path), reference = Model::load(decoded_file.path);
 
     std::mt19937 rng(seed);
-    std::vector<int32_t> tokens(13);
-    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
-    SessionOptions so;
-    so.n_ctx = 32;
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    std::vector<int32_t> tokens = random_tokens(rng, 13, m.vocab);
+    SessionOptions so = exact_cache_options(32);
     Session a(*quantized, so), b(*reference, so);
     CHECK(test::logits_error(a.eval(tokens, true), b.eval(tokens, true)) <
           (m.matrix_type == Type::Q2_K ? 1e-5 : 1e-3));
@@ -262,23 +270,13 @@ TEST_CASE("llama session: Q8 products move a quantized model's prompt logits by 
           "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);
-    TinyModel m;
-    m.embd = 256;
-    m.ff = 256;
-    m.heads = 4;
-    m.heads_kv = 2;
-    m.vocab = 41;
-    m.matrix_type = GENERATE(Type::Q4_K, Type::Q8_0, Type::IQ4_NL);
+    TinyModel m = block_sized_model(GENERATE(Type::Q4_K, Type::Q8_0, Type::IQ4_NL));
     INFO("weights " << type_name(m.matrix_type));
     TempFile file{write_model(m, seed)};
     std::unique_ptr<Model> model = Model::load(file.path);
     std::mt19937 rng(seed);
-    std::vector<int32_t> tokens(13);
-    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
-    SessionOptions so;
-    so.n_ctx = 32;
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    std::vector<int32_t> tokens = random_tokens(rng, 13, m.vocab);
+    SessionOptions so = exact_cache_options(32);
     Session exact(*model, so);
     so.matmul_precision = MatMulPrecision::Q8;
     Session fast(*model, so);
@@ -317,12 +315,8 @@ TEST_CASE("llama session: a mixture of experts agrees in prefill, chunks and dec
     CHECK(model->config().qk_norm == (m.arch == "qwen3moe"));
     CHECK(model->config().rope.mode == (m.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX));
     std::mt19937 rng(seed);
-    std::vector<int32_t> tokens(13);
-    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
-    SessionOptions so;
-    so.n_ctx = 32;
-    so.kv_type = Type::F32;
-    so.n_threads = 3;
+    std::vector<int32_t> tokens = random_tokens(rng, 13, m.vocab);
+    SessionOptions so = exact_cache_options(32, 3);
     Session whole(*model, so);
     const std::vector<float> all = whole.eval(tokens, true);
     for (float v : all) REQUIRE(std::isfinite(v));
@@ -406,12 +400,8 @@ TEST_CASE("llama model: a model split into shards loads as the whole file", "[mo
     REQUIRE(gguf::File::open_model(shard_path(1)).shards() == 3);
 
     std::mt19937 rng(seed);
-    std::vector<int32_t> tokens(9);
-    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
-    SessionOptions so;
-    so.n_ctx = 16;
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    std::vector<int32_t> tokens = random_tokens(rng, 9, m.vocab);
+    SessionOptions so = exact_cache_options(16);
     std::unique_ptr<Model> a = Model::load(whole.path), b = Model::load(shard_path(1));
     Session sa(*a, so), sb(*b, so);
     CHECK(sa.eval(tokens, true) == sb.eval(tokens, true));
@@ -442,10 +432,7 @@ TEST_CASE("llama session: traced nodes hold every node's values and change no re
     TempFile file{write_model(m, seed)};
     std::unique_ptr<Model> model = Model::load(file.path);
     std::vector<int32_t> tokens = {3, 1, 4, 1, 5, 9, 2};
-    SessionOptions so;
-    so.n_ctx = 16;
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    SessionOptions so = exact_cache_options(16);
     Session plain(*model, so);
     so.trace_nodes = true;
     Session traced(*model, so);
@@ -471,10 +458,7 @@ TEST_CASE("llama model: rope_freqs.weight divides each pair's angle (Llama 3.1 s
     INFO("seed " << seed);
     TinyModel m; // head_dim 8: four factors
     const std::vector<int32_t> tokens = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3};
-    SessionOptions so;
-    so.n_ctx = 16;
-    so.kv_type = Type::F32;
-    so.n_threads = 2;
+    SessionOptions so = exact_cache_options(16);
     auto logits = [&](const TinyModel& model_shape) {
         TempFile file{write_model(model_shape, seed)};
         std::unique_ptr<Model> model = Model::load(file.path);

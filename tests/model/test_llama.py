@@ -133,6 +133,16 @@ def head_dim(cfg):
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
+# Mixtures of experts as each checkpoint names them: the block's prefix (router "gate" and
+# "experts.E."), each expert's gate / up / down matrices, the expert count and width keys.
+MOE_LAYOUT = {
+    "mixtral": dict(prefix="block_sparse_moe.", mats=("w1", "w3", "w2"), count="num_local_experts",
+                    width="intermediate_size"),
+    "qwen3_moe": dict(prefix="mlp.", mats=("gate_proj", "up_proj", "down_proj"), count="num_experts",
+                      width="moe_intermediate_size"),
+}
+
+
 def random_weights(cfg, rng):
     E, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     D = head_dim(cfg)
@@ -165,21 +175,14 @@ def random_weights(cfg, rng):
         if bias:
             for n, rows in (("q", Hq * D), ("k", Hkv * D), ("v", Hkv * D)):
                 w[p + f"self_attn.{n}_proj.bias"] = (0.5 * rng.standard_normal(rows)).astype(np.float32)
-        if cfg["model_type"] == "mixtral":
-            w[p + "block_sparse_moe.gate.weight"] = 3 * mat(cfg["num_local_experts"], E)
-            for e in range(cfg["num_local_experts"]):
-                q = p + f"block_sparse_moe.experts.{e}."
-                w[q + "w1.weight"] = mat(F, E)
-                w[q + "w3.weight"] = mat(F, E)
-                w[q + "w2.weight"] = mat(E, F)
-        elif cfg["model_type"] == "qwen3_moe":
-            Fe = cfg["moe_intermediate_size"]
-            w[p + "mlp.gate.weight"] = 3 * mat(cfg["num_experts"], E)
-            for e in range(cfg["num_experts"]):
-                q = p + f"mlp.experts.{e}."
-                w[q + "gate_proj.weight"] = mat(Fe, E)
-                w[q + "up_proj.weight"] = mat(Fe, E)
-                w[q + "down_proj.weight"] = mat(E, Fe)
+        if (moe := MOE_LAYOUT.get(cfg["model_type"])):
+            Fe, gate, up, down = cfg[moe["width"]], *moe["mats"]
+            w[p + moe["prefix"] + "gate.weight"] = 3 * mat(cfg[moe["count"]], E)
+            for e in range(cfg[moe["count"]]):
+                q = p + moe["prefix"] + f"experts.{e}."
+                w[q + gate + ".weight"] = mat(Fe, E)
+                w[q + up + ".weight"] = mat(Fe, E)
+                w[q + down + ".weight"] = mat(E, Fe)
         else:
             w[p + "mlp.gate_proj.weight"] = mat(F, E)
             w[p + "mlp.up_proj.weight"] = mat(F, E)
@@ -327,11 +330,11 @@ def q8_0_round_trip(w):
 def as_stored_in(weights, gguf_type):
     """The weights as the GGUF file holds them (the reference then isolates the engine's
     own error from the loss of the storage format). 1-d tensors and a mixture's router
-    (block_sparse_moe.gate, mlp.gate) stay f32."""
+    (MOE_LAYOUT's "gate") stay f32."""
     if gguf_type == "f32":
         return weights
     rounded = {"f16": lambda v: v.astype(np.float16).astype(np.float32), "q8_0": q8_0_round_trip}[gguf_type]
-    router = ("block_sparse_moe.gate.weight", "mlp.gate.weight")
+    router = tuple(m["prefix"] + "gate.weight" for m in MOE_LAYOUT.values())
     return {k: rounded(v) if v.ndim == 2 and not k.endswith(router) else v for k, v in weights.items()}
 
 
@@ -455,10 +458,10 @@ def reference_logits(cfg, w, tokens, kv_type="f32"):
 
         h = x if olmo2 else rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma
                                               else "post_attention_layernorm.weight")])
-        if cfg["model_type"] in ("mixtral", "qwen3_moe"):  # each token's k best experts
+        if cfg["model_type"] in MOE_LAYOUT:  # each token's k best experts
             mixtral = cfg["model_type"] == "mixtral"
-            gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-            moe = p + ("block_sparse_moe." if mixtral else "mlp.")
+            gate, up, down = MOE_LAYOUT[cfg["model_type"]]["mats"]
+            moe = p + MOE_LAYOUT[cfg["model_type"]]["prefix"]
 
             def expert(e, rows):
                 q = moe + f"experts.{e}."

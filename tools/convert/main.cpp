@@ -603,11 +603,11 @@ bool write_vocabulary(gfa::gguf::Writer& w, const std::filesystem::path& dir, in
 }
 
 void usage() {
-    std::fprintf(stderr, "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
-                         "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Mixtral / Granite / Qwen2 / Qwen3 / "
-                         "Qwen3-MoE / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 "
-                         "checkpoint (config.json + "
-                         "*.safetensors)\n");
+    std::fprintf(
+        stderr,
+        "usage: convert MODEL_DIR -o OUT.gguf [--type f32|f16|bf16|q8_0]\n"
+        "  MODEL_DIR: a Hugging Face LLaMA / Mistral / Mixtral / Granite / Qwen2 / Qwen3 /\n"
+        "  Qwen3-MoE / Phi-3 / OLMo 2 / Gemma 2 / Gemma 3 checkpoint (config.json + *.safetensors)\n");
 }
 
 int run(int argc, char** argv) {
