@@ -97,9 +97,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdA
     constexpr int kPtRowBytes = BM * 2;
     auto pt_pair_addr = [&](int nt) { return sP.pair_addr(key0 + g, qs0 + nt * 8 + 2 * t4); };
     // Flat grid (GridPos). Under a causal mask the first keys are seen by the most queries, so
-    // key tile 0 is the longest; with tiles_last the blocks running together also work on
-    // different heads, so their dQ atomics rarely meet.
-    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B, (s.Skv + BN - 1) / BN, a.tiles_last);
+    // key tile 0 is the longest, and the grid's groups start with it.
+    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B, (s.Skv + BN - 1) / BN, a.tile_group);
     const int n0 = pos.tile * BN;
     const int hk = pos.head, b = pos.outer;
 

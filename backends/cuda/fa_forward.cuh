@@ -123,8 +123,8 @@ __global__ void __launch_bounds__(Tr::kThreads) fwd_kernel(const FwdArgs a) {
     // Flat grid (GridPos). Under a causal mask the last rows see the most keys: tile 0 is the
     // last row tile.
     const int n_row_tiles = (rows_total + BM - 1) / BM;
-    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B * a.n_split, n_row_tiles, a.tiles_last);
-    const int p0 = (a.tiles_last ? n_row_tiles - 1 - pos.tile : pos.tile) * BM;
+    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B * a.n_split, n_row_tiles, a.tile_group);
+    const int p0 = (a.longest_first ? n_row_tiles - 1 - pos.tile : pos.tile) * BM;
     const int hk = pos.head;
     const int b = pos.outer / a.n_split, split = pos.outer % a.n_split;
 

@@ -52,8 +52,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hoppe
     const int g = lane >> 2, t4 = lane & 3;
     const int rows_total = s.Sq * s.G;
     const int n_row_tiles = (rows_total + BM - 1) / BM;
-    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B * a.n_split, n_row_tiles, a.tiles_last);
-    const int p0 = (a.tiles_last ? n_row_tiles - 1 - pos.tile : pos.tile) * BM;
+    const GridPos pos = grid_pos(blockIdx.x, s.Hkv, s.B * a.n_split, n_row_tiles, a.tile_group);
+    const int p0 = (a.longest_first ? n_row_tiles - 1 - pos.tile : pos.tile) * BM;
     const int hk = pos.head;
     const int b = pos.outer / a.n_split, split = pos.outer % a.n_split;
 
