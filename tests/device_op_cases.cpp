@@ -4,6 +4,8 @@
 
 #include <ggml-fa/ops.h>
 
+#include <cmath>
+
 namespace gfa::test::device_cases {
 
 namespace {
@@ -224,6 +226,107 @@ void autodiff_gradients(const Check& check, double tol) {
         INFO("gradient of " << p->shape_str());
         check(grad, tol);
     }
+}
+
+// Rows of ties (values on a few levels) with NaN (ranked with -inf, ties by position), +-inf,
+// both zeros and denormals in some of them; rows shorter and longer than the shader's
+// workgroup (128) up to 1000 values, every k on short rows; transposed inputs; more rows
+// than a dispatch has workgroups. The positions must equal the reference's exactly, and the
+// results are poisoned first, so a rank nobody wrote fails.
+void top_k_ranks(const Check& check) {
+    for (int64_t n : {1, 2, 7, 8, 33, 127, 128, 129, 300, 1000}) {
+        std::vector<int64_t> ks;
+        if (n <= 8)
+            for (int64_t k = 1; k <= n; ++k) ks.push_back(k);
+        else
+            ks = {1, 2, 8, n / 2, n - 1, n};
+        for (int64_t k : ks) {
+            INFO("n=" << n << " k=" << k);
+            Context ctx = data_ctx();
+            Tensor* a = ctx.new_tensor(Type::F32, {n, 5, 3});
+            std::vector<float> v = test::random_values(size_t(a->nelements()), -2.0f, 2.0f);
+            for (float& x : v) x = std::round(x * 3.0f) / 3.0f; // ties
+            auto value = [&](int64_t row, int64_t i) -> float& { return v[size_t(row * n + i % n)]; };
+            value(1, 0) = std::nanf("");
+            value(1, n / 2) = std::nanf("");
+            value(2, 3) = -INFINITY;
+            value(2, 1) = std::nanf(""); // ties with -inf: position 1 comes first
+            value(2, 5) = INFINITY;
+            value(3, 2) = -0.0f;
+            value(3, 4) = 0.0f; // ties with -0
+            value(3, 6) = 1e-40f;
+            value(3, 7) = -1e-40f;
+            tensor_set_f32(a, v);
+            check(top_k(ctx, a, k), 0.0);
+            Tensor* by_column = ctx.new_tensor(Type::F32, {7, n}); // rows read with a stride of 7 values
+            fill_uniform(by_column);
+            check(top_k(ctx, transpose(ctx, by_column), k), 0.0);
+        }
+    }
+    Context ctx = data_ctx();
+    Tensor* many = ctx.new_tensor(Type::F32, {3, 70001}); // rows beyond 65535 workgroups
+    fill_uniform(many);
+    check(top_k(ctx, many, 2), 0.0);
+}
+
+// Experts of every type mul_mat reads (f32 and f16 at odd and even K, the f16 pairs path; bf16;
+// every block type); b shared by a token's experts (Nb = 1, the gate and up products) or one
+// column per expert (Nb = k, the down product); a single token (decoding) and prompts where
+// one expert serves every token; results poisoned first. The reference multiplies the
+// CPU-decoded weights in double.
+void mul_mat_id_experts(const Check& check, double tol) {
+    std::vector<Type> types = {Type::F32, Type::F16, Type::BF16};
+    for (Type t : all_quant_types()) types.push_back(t);
+    for (Type type : types) {
+        const int64_t block = type_traits(type).block_size;
+        const std::vector<int64_t> Ks = block == 256  ? std::vector<int64_t>{256}
+                                        : block == 32 ? std::vector<int64_t>{96}
+                                                      : std::vector<int64_t>{37, 64};
+        for (int64_t K : Ks)
+            for (int64_t k : {1, 2, 3})
+                for (int64_t T : {1, 5, 13})
+                    for (bool shared_input : {true, false}) {
+                        const int64_t M = 19, E = 5, Nb = shared_input ? 1 : k;
+                        INFO(type_name(type) << " K=" << K << " M=" << M << " E=" << E << " k=" << k
+                                             << " T=" << T << " Nb=" << Nb);
+                        Context ctx = data_ctx();
+                        Tensor* as = ctx.new_tensor(type, {K, M, E});
+                        Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
+                        Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
+                        fill_uniform(as);
+                        fill_uniform(b);
+                        set_i32(ids, expert_choices(E, k, T, T > 1 && k > 1));
+                        check(mul_mat_id(ctx, as, b, ids), tol);
+                    }
+    }
+    // Strided inputs: b transposed (each value 3 apart), f16 experts one element into their
+    // rows (no word-aligned pairs).
+    Context ctx = data_ctx();
+    const int64_t K = 64, M = 23, E = 7, k = 3, T = 6;
+    Tensor* bt = ctx.new_tensor(Type::F32, {k, K, T});
+    Tensor* w = ctx.new_tensor(Type::F16, {K + 2, M, E});
+    Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
+    fill_uniform(bt);
+    fill_uniform(w);
+    set_i32(ids, expert_choices(E, k, T, false));
+    Tensor* shifted = view(ctx, w, {K, M, E}, {w->nb[1], w->nb[2]}, sizeof(uint16_t));
+    check(mul_mat_id(ctx, shifted, transpose(ctx, bt), ids), tol);
+    // Many experts, eight per token (a 64-expert router's choice).
+    Tensor* many = ctx.new_tensor(Type::Q4_K, {256, 9, 64});
+    Tensor* x = ctx.new_tensor(Type::F32, {256, 1, 4});
+    Tensor* ids8 = ctx.new_tensor(Type::I32, {8, 4});
+    fill_uniform(many);
+    fill_uniform(x);
+    set_i32(ids8, expert_choices(64, 8, 4, false));
+    check(mul_mat_id(ctx, many, x, ids8), tol);
+    // More (slot, token) columns than a dispatch has workgroups in y.
+    Tensor* small = ctx.new_tensor(Type::F32, {8, 3, 4});
+    Tensor* xs = ctx.new_tensor(Type::F32, {8, 1, 33000});
+    Tensor* ids2 = ctx.new_tensor(Type::I32, {2, 33000});
+    fill_uniform(small);
+    fill_uniform(xs);
+    set_i32(ids2, expert_choices(4, 2, 33000, false));
+    check(mul_mat_id(ctx, small, xs, ids2), tol);
 }
 
 } // namespace gfa::test::device_cases

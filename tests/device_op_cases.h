@@ -21,5 +21,7 @@ void softmax_and_backward(const Check& check);
 void activations_and_backward(const Check& check);
 void loss_and_adamw(const Check& check);
 void autodiff_gradients(const Check& check, double tol);
+void top_k_ranks(const Check& check);
+void mul_mat_id_experts(const Check& check, double tol);
 
 } // namespace gfa::test::device_cases

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 namespace gfa::test {
 
@@ -46,6 +47,17 @@ std::vector<int32_t> random_indices(size_t n, int32_t limit) {
     std::vector<int32_t> v(n);
     for (auto& x : v) x = d(rng());
     return v;
+}
+
+std::vector<int32_t> expert_choices(int64_t E, int64_t k, int64_t T, bool crowded) {
+    std::vector<int32_t> ids, all(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+        std::iota(all.begin(), all.end(), 0);
+        std::shuffle(all.begin(), all.end(), rng());
+        if (crowded) std::iter_swap(all.begin(), std::find(all.begin(), all.end(), 0));
+        ids.insert(ids.end(), all.begin(), all.begin() + k);
+    }
+    return ids;
 }
 
 std::vector<float> cpu_dequantized(const Tensor* a) {

@@ -26,12 +26,16 @@ std::vector<float> random_values(size_t n, float lo = -1.0f, float hi = 1.0f);
 void set_i32(Tensor* t, const std::vector<int32_t>& v);
 // n indices drawn uniformly from [0, limit).
 std::vector<int32_t> random_indices(size_t n, int32_t limit);
+// A router's choice for mul_mat_id: for each of T tokens, k distinct experts out of E in
+// random order; with `crowded`, every token's first choice is expert 0, so one expert serves
+// every token (and gets many columns) while others get one or two.
+std::vector<int32_t> expert_choices(int64_t E, int64_t k, int64_t T, bool crowded);
 
 // The GGUF block types the library reads and writes, and which every device backend decodes.
 inline constexpr Type kQuantTypes[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
                                        Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
 // The low-bit formats of llama.cpp's Q2_K, Q3_K and IQ4 presets: the CPU and Vulkan decode
-// them; CUDA leaves their nodes to the CPU.
+// them, and so does CUDA unless GFA_CUDA_LOW_BIT=0.
 inline constexpr Type kLowBitQuantTypes[] = {Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS};
 inline std::vector<Type> all_quant_types() {
     std::vector<Type> all(std::begin(kQuantTypes), std::end(kQuantTypes));

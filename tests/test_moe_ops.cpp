@@ -18,21 +18,6 @@ Context data_ctx() {
     return Context(ContextParams{.alloc_data = true});
 }
 
-// For each of T tokens, k distinct experts out of E in random order; with `crowded`, every
-// token's first choice is expert 0, so one expert gets many columns (the GEMM path) while
-// others get one or two (the dot-product path).
-std::vector<int32_t> expert_choices(int64_t E, int64_t k, int64_t T, bool crowded) {
-    std::vector<int32_t> ids;
-    std::vector<int32_t> all(static_cast<size_t>(E));
-    for (int64_t t = 0; t < T; ++t) {
-        std::iota(all.begin(), all.end(), 0);
-        std::shuffle(all.begin(), all.end(), gfa::test::rng());
-        if (crowded) std::iter_swap(all.begin(), std::find(all.begin(), all.end(), 0));
-        ids.insert(ids.end(), all.begin(), all.begin() + k);
-    }
-    return ids;
-}
-
 } // namespace
 
 // Weights of f32 (exact but for f32 accumulation), f16 and block types; b shared by a token's
@@ -56,7 +41,7 @@ TEST_CASE("mul_mat_id multiplies each token's inputs by its chosen experts", "[m
                     Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
                     fill_uniform(as);
                     fill_uniform(b);
-                    gfa::test::set_i32(ids, expert_choices(E, k, T, crowded));
+                    gfa::test::set_i32(ids, gfa::test::expert_choices(E, k, T, crowded));
                     Tensor* out = mul_mat_id(ctx, as, b, ids);
                     REQUIRE(out->ne == std::array<int64_t, kMaxDims>{M, k, T, 1});
                     // f32 and f16 weights: f32 products; block types: b rounded to 8 bits where

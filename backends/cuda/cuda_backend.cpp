@@ -78,6 +78,7 @@ const KernelTable& kernels() {
         register_activation_kernels(t);
         register_training_kernels(t);
         register_attention_kernels(t);
+        register_moe_kernels(t);
         return t;
     }();
     return table;
@@ -423,7 +424,7 @@ class CudaBackend final : public Backend {
         GFA_CUDA_CHECK(cudaMalloc(&cublas_workspace_, cublas_workspace_size_));
         GFA_CUBLAS_CHECK(cublasSetWorkspace(ctx_.cublas, cublas_workspace_, cublas_workspace_size_));
         GFA_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
-        GFA_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(int32_t), cudaHostAllocMapped));
+        GFA_CUDA_CHECK(cudaHostAlloc(&error_host_, cuda::kErrorWords * sizeof(int32_t), cudaHostAllocMapped));
         *error_host_ = cuda::kNoError;
         GFA_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error_flag), error_host_, 0));
     }
@@ -505,6 +506,10 @@ class CudaBackend final : public Backend {
             if (code == cuda::kRowIndexOutOfRange)
                 fail(std::string(device_->name()) +
                      " backend: a row index (get_rows/set_rows) was out of range");
+            if (code == cuda::kExpertOutOfRange)
+                fail(std::string(device_->name()) + " backend: mul_mat_id: expert " +
+                     std::to_string(error_host_[1]) + " of token " + std::to_string(error_host_[2]) +
+                     " is outside [0, " + std::to_string(error_host_[3]) + ") (its rows were set to 0)");
             if (code == cuda::kClassOutOfRange)
                 fail(std::string(device_->name()) +
                      " backend: cross_entropy_loss was given a class out of range (its row was left out)");

@@ -42,8 +42,15 @@ namespace gfa::cuda {
 // ---- the compute context ----------------------------------------------------------------
 
 // Device-side error codes a kernel can report (bad row indices and the like); the backend
-// turns a non-zero code into a gfa::Error at the next synchronize.
-enum KernelError : int32_t { kNoError = 0, kRowIndexOutOfRange = 1, kClassOutOfRange = 2 };
+// turns a non-zero code into a gfa::Error at the next synchronize. The flag is
+// kErrorWords words: the code, then up to three numbers the message names.
+enum KernelError : int32_t {
+    kNoError = 0,
+    kRowIndexOutOfRange = 1,
+    kClassOutOfRange = 2,
+    kExpertOutOfRange = 3
+};
+inline constexpr int kErrorWords = 4;
 
 // Scratch memory that lives as long as the backend. Growing it waits for queued work first,
 // because kernels still in flight may read the old block; while the stream is being captured
@@ -126,6 +133,7 @@ void register_norm_kernels(KernelTable& t);
 void register_activation_kernels(KernelTable& t);
 void register_training_kernels(KernelTable& t);
 void register_attention_kernels(KernelTable& t);
+void register_moe_kernels(KernelTable& t);
 
 // Shared launchers (kernels_reduce.cu): *out = factor * sum of n contiguous floats, in one
 // block, deterministic.

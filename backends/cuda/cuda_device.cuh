@@ -145,9 +145,11 @@ __device__ __forceinline__ float swiglu_value(float gate, float up) {
     return gate * sigmoid(gate) * up;
 }
 
-// Reports a kernel-side error to the host (first writer wins).
-__device__ __forceinline__ void report_error(int32_t* flag, int32_t code) {
-    if (flag) atomicCAS(flag, 0, code);
+// Reports a kernel-side error to the host (first writer wins), with numbers for its message
+// (only the first writer's are kept).
+__device__ __forceinline__ void report_error(int32_t* flag, int32_t code, int32_t a = 0, int32_t b = 0,
+                                             int32_t c = 0) {
+    if (flag && atomicCAS(flag, 0, code) == 0) flag[1] = a, flag[2] = b, flag[3] = c;
 }
 
 } // namespace gfa::cuda

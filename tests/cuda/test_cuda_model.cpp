@@ -81,3 +81,31 @@ TEST_CASE("CUDA runs models with low-bit weights, with their kernels or their pr
     CHECK(gpu.kept_on_host == (low_bit && !kernels_on ? size_t(4 * m.layers + 2) : 0));
     CHECK(test::logits_error(gpu.logits, cpu.logits) < 5e-2);
 }
+
+// A mixture of experts (5 experts, 2 per token) with f32 and q4_K experts: the router's top_k
+// and the experts' mul_mat_id run on the GPU with the rest (no node on the CPU, no matrix kept
+// in host memory), prompt and decoding alike, and the logits are the CPU's (q4_K: within the
+// few percent that the CPU's 8-bit activations and this model's sharp attention allow).
+TEST_CASE("CUDA runs a mixture of experts with its router and experts on the GPU", "[cuda][model][moe]") {
+    Device* cuda = find_device("CUDA0");
+    REQUIRE(cuda != nullptr);
+    const uint32_t seed = std::random_device{}();
+    test::TinyModel m;
+    m.embd = 256;
+    m.ff = 256;
+    m.heads = 4;
+    m.heads_kv = 2;
+    m.vocab = 41;
+    m.experts = 5;
+    m.experts_used = 2;
+    m.matrix_type = GENERATE(Type::F32, Type::Q4_K);
+    INFO("seed " << seed << ", weights " << type_name(m.matrix_type));
+    test::TempFile file{test::write_model(m, seed)};
+    const Run cpu = run_model(file.path, nullptr, seed, m.vocab);
+    const Run gpu = run_model(file.path, cuda, seed, m.vocab);
+    INFO("CUDA schedule:\n" << gpu.schedule);
+    CHECK(gpu.schedule.find("CUDA0") != std::string::npos);
+    CHECK(gpu.schedule.find("CPU") == std::string::npos);
+    CHECK(gpu.kept_on_host == 0);
+    CHECK(test::logits_error(gpu.logits, cpu.logits) < (m.matrix_type == Type::F32 ? 1e-2 : 5e-2));
+}

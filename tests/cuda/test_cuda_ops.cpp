@@ -584,3 +584,36 @@ TEST_CASE("CUDA flash_attn_ext as a graph node, forward and autodiff backward", 
         }
     }
 }
+
+// ---- mixtures of experts -----------------------------------------------------------------------
+
+TEST_CASE("CUDA top_k gives each row's largest positions, ties by position, NaN last", "[cuda][ops][moe]") {
+    test::device_cases::top_k_ranks(check_cuda);
+}
+
+// The kernel decodes the same weight values as the CPU and sums in f32 against the f32 inputs
+// (no 8-bit rounding of b, unlike the quantized mul_mat path).
+TEST_CASE("CUDA mul_mat_id multiplies each token's inputs by its chosen experts", "[cuda][ops][moe]") {
+    test::device_cases::mul_mat_id_experts(check_cuda, 1e-5);
+}
+
+TEST_CASE("CUDA mul_mat_id with an expert id out of range raises an error naming it", "[cuda][ops][moe]") {
+    Context ctx = data_ctx();
+    Tensor* as = ctx.new_tensor(Type::Q8_0, {32, 3, 4});
+    Tensor* b = ctx.new_tensor(Type::F32, {32, 1, 5});
+    Tensor* ids = ctx.new_tensor(Type::I32, {2, 5});
+    fill_uniform(as);
+    fill_uniform(b);
+    Tensor* out = mul_mat_id(ctx, as, b, ids);
+    const Graph g = build_forward(out);
+    set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 4, 2, 2}); // 4 is one past the last expert
+    CHECK_THROWS_WITH(run_on_cuda(g, out),
+                      Catch::Contains("CUDA0") &&
+                          Catch::Contains("mul_mat_id: expert 4 of token 3 is outside [0, 4)"));
+    set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 2, -1, 2});
+    CHECK_THROWS_WITH(run_on_cuda(g, out),
+                      Catch::Contains("mul_mat_id: expert -1 of token 4 is outside [0, 4)"));
+    // The device works afterwards.
+    set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 2, 0, 2});
+    check_cuda(out, 1e-5);
+}
