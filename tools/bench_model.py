@@ -5,6 +5,7 @@ ggml-fa-run beside Hugging Face transformers on the same GPU in the same run.
   bench_model.py --build BUILD_DIR [--types f16,q8_0,q4_0] [--prompt 512] [--gen 128]
                  [--graphs on|off|both] [--early on|off|both] [--profile] [--no-peer]
                  [--keep-gguf DIR] [--run-args "..."] [--sweep NAME=V1,V2,... [--rounds N]]
+                 [--layers N] [--ffn N] [--experts N --experts-used K]
 
 Needs torch and transformers (GPU machines). Prints one row per engine and weight type.
 --graphs (default on) picks CUDA graphs on, off (GFA_CUDA_GRAPHS=0) or both in turn; --early
@@ -12,7 +13,8 @@ likewise for early kernel launches (GFA_CUDA_EARLY_LAUNCH); --profile
 passes --profile and prints where each decoded token's time went; --no-peer skips the
 transformers timing; --keep-gguf keeps the converted model files in DIR. --sweep runs
 ggml-fa once per value of the environment variable NAME, the values in turn, --rounds times
-over (an A/B comparison inside one run).
+over (an A/B comparison inside one run). --experts makes the model a Mixtral-style mixture
+(N experts of --ffn each per block, K per token; transformers' MixtralForCausalLM).
 """
 import argparse
 import os
@@ -41,13 +43,23 @@ def main():
     ap.add_argument("--run-args", default="", help="extra arguments for ggml-fa-run")
     ap.add_argument("--sweep", default="", help="NAME=V1,V2,...: one run per value of NAME")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the --sweep values")
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--ffn", type=int, default=5632, help="FFN width (of each expert with --experts)")
+    ap.add_argument("--experts", type=int, default=0, help="a mixture of this many experts per block")
+    ap.add_argument("--experts-used", type=int, default=2)
     args = ap.parse_args()
-    # TinyLlama-1.1B's shape: 22 layers, hidden 2048, FFN 5632, 32 query / 4 KV heads.
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                   num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                                   max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    # TinyLlama-1.1B's shape by default: 22 layers, hidden 2048, FFN 5632, 32 query / 4 KV heads.
+    shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+    if args.experts:
+        cfg = transformers.MixtralConfig(num_local_experts=args.experts, num_experts_per_tok=args.experts_used,
+                                         sliding_window=None, **shape)
+        model = transformers.MixtralForCausalLM(cfg).to(torch.float16)
+    else:
+        cfg = transformers.LlamaConfig(**shape)
+        model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e9:.2f} B parameters; device {torch.cuda.get_device_name()}", flush=True)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt))

@@ -617,3 +617,79 @@ TEST_CASE("CUDA mul_mat_id with an expert id out of range raises an error naming
     set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 2, 0, 2});
     check_cuda(out, 1e-5);
 }
+
+// A prompt's pairs are grouped by expert (a warp decodes each piece of an expert's row once for
+// up to 8 of them); a single token's are taken as they come. Each output is one warp's sum in
+// the same order either way, so a prompt's outputs must equal, bit for bit, those of its tokens
+// run one at a time.
+TEST_CASE("CUDA mul_mat_id gives a prompt the bits of its tokens run one at a time", "[cuda][ops][moe]") {
+    for (Type type : {Type::Q4_K, Type::Q8_0, Type::F16, Type::F32}) {
+        for (int64_t Nb : {1, 2}) {
+            INFO(type_name(type) << " Nb=" << Nb);
+            const int64_t K = 256, M = 37, E = 6, k = 2, T = 29;
+            Context ctx = data_ctx();
+            Tensor* as = ctx.new_tensor(type, {K, M, E});
+            Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
+            Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
+            fill_uniform(as);
+            fill_uniform(b);
+            set_i32(ids, test::expert_choices(E, k, T, true));
+            Tensor* prompt = mul_mat_id(ctx, as, b, ids);
+            const std::vector<float> all = run_on_cuda(build_forward(prompt), prompt);
+            for (int64_t t = 0; t < T; ++t) {
+                Tensor* bt = view(ctx, b, {K, Nb, 1}, {b->nb[1], b->nb[2]}, size_t(t) * b->nb[2]);
+                Tensor* it = view(ctx, ids, {k, 1}, {ids->nb[1]}, size_t(t) * ids->nb[1]);
+                Tensor* one = mul_mat_id(ctx, as, bt, it);
+                const std::vector<float> got = run_on_cuda(build_forward(one), one);
+                REQUIRE(got.size() == size_t(M * k));
+                for (size_t i = 0; i < got.size(); ++i) {
+                    INFO("token " << t << " value " << i);
+                    REQUIRE(std::memcmp(&got[i], &all[size_t(t * M * k) + i], sizeof(float)) == 0);
+                }
+            }
+        }
+    }
+}
+
+// Prompts with at least 32 pairs per expert take the tensor cores: pairs sorted into chunks of
+// 64 columns per expert, one batched cuBLAS product. f32 experts stay f32; f16 and bf16 experts
+// multiply inputs rounded to their type, block types are decoded to f16 first (mul_mat's prefill
+// rounding), hence the looser tolerances. Crowded prompts give expert 0 several chunks.
+TEST_CASE("CUDA mul_mat_id runs a prompt's experts on the tensor cores", "[cuda][ops][moe]") {
+    struct Case {
+        Type type;
+        double tol;
+    };
+    for (const Case& c : {Case{Type::F32, 1e-5}, Case{Type::F16, 2e-3}, Case{Type::BF16, 1e-2},
+                          Case{Type::Q8_0, 2e-3}, Case{Type::Q4_K, 2e-3}, Case{Type::Q6_K, 2e-3}}) {
+        for (int64_t Nb : {1, 2})
+            for (bool crowded : {false, true}) {
+                const int64_t K = 256, M = 75, E = 4, k = 2, T = 203;
+                INFO(type_name(c.type) << " Nb=" << Nb << " crowded=" << crowded);
+                Context ctx = data_ctx();
+                Tensor* as = ctx.new_tensor(c.type, {K, M, E});
+                Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
+                Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
+                fill_uniform(as);
+                fill_uniform(b);
+                set_i32(ids, test::expert_choices(E, k, T, crowded));
+                check_cuda(mul_mat_id(ctx, as, b, ids), c.tol);
+            }
+    }
+    // An expert id out of range in a prompt: reported like the others, the device fine after.
+    Context ctx = data_ctx();
+    Tensor* as = ctx.new_tensor(Type::Q8_0, {64, 9, 3});
+    Tensor* b = ctx.new_tensor(Type::F32, {64, 1, 200});
+    Tensor* ids = ctx.new_tensor(Type::I32, {1, 200});
+    fill_uniform(as);
+    fill_uniform(b);
+    std::vector<int32_t> choice = test::expert_choices(3, 1, 200, false);
+    choice[117] = 3;
+    set_i32(ids, choice);
+    Tensor* out = mul_mat_id(ctx, as, b, ids);
+    CHECK_THROWS_WITH(run_on_cuda(build_forward(out), out),
+                      Catch::Contains("mul_mat_id: expert 3 of token 117 is outside [0, 3)"));
+    choice[117] = 2;
+    set_i32(ids, choice);
+    check_cuda(out, 2e-3);
+}
