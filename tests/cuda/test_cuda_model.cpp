@@ -46,6 +46,17 @@ Run run_model(const std::string& path, Device* gpu, uint32_t seed, int64_t vocab
     return run;
 }
 
+// A model small enough to run in a second, with rows long enough for every block format.
+test::TinyModel small_model() {
+    test::TinyModel m;
+    m.embd = 256;
+    m.ff = 256;
+    m.heads = 4;
+    m.heads_kv = 2;
+    m.vocab = 41;
+    return m;
+}
+
 } // namespace
 
 // q2_K, q3_K and the IQ4 formats: with their CUDA kernels on (the default) the whole model runs
@@ -59,12 +70,7 @@ TEST_CASE("CUDA runs models with low-bit weights, with their kernels or their pr
     Device* cuda = find_device("CUDA0");
     REQUIRE(cuda != nullptr);
     const uint32_t seed = std::random_device{}();
-    test::TinyModel m;
-    m.embd = 256;
-    m.ff = 256;
-    m.heads = 4;
-    m.heads_kv = 2;
-    m.vocab = 41;
+    test::TinyModel m = small_model();
     m.matrix_type = GENERATE(Type::Q2_K, Type::Q3_K, Type::IQ4_NL, Type::IQ4_XS, Type::Q4_K);
     const bool low_bit = m.matrix_type != Type::Q4_K;
     const bool kernels_on = GENERATE(false, true);
@@ -90,12 +96,7 @@ TEST_CASE("CUDA runs a mixture of experts with its router and experts on the GPU
     Device* cuda = find_device("CUDA0");
     REQUIRE(cuda != nullptr);
     const uint32_t seed = std::random_device{}();
-    test::TinyModel m;
-    m.embd = 256;
-    m.ff = 256;
-    m.heads = 4;
-    m.heads_kv = 2;
-    m.vocab = 41;
+    test::TinyModel m = small_model();
     m.experts = 5;
     m.experts_used = 2;
     m.matrix_type = GENERATE(Type::F32, Type::Q4_K);
