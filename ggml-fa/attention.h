@@ -6,6 +6,14 @@
 
 namespace gfa::attn {
 
+// What flash_attn_ext's products may give up for speed. F32: the CPU and Vulkan multiply in
+// f32 (16-bit K/V converted exactly), the reference in double. BF16: a backend may round Q,
+// K, V and the probabilities to bf16 for its products (f32 sums), about 3e-3 relative error
+// like the GPU kernels' 16-bit tensor-core products; the CPU then uses AVX512-BF16 pair
+// products where the build targets them (twice the f32 multiply rate). The gradient and the
+// reference stay exact either way.
+enum class Precision : int32_t { F32 = 0, BF16 = 1 };
+
 // The typed parameters of flash_attn_ext (also the op's public params struct).
 struct Params {
     float scale = 1.0f;         // multiplies q.k
@@ -14,6 +22,7 @@ struct Params {
     bool causal = false;        // bottom-right aligned (see visible())
     int32_t window_left = -1;   // keys at most this far left of the diagonal; -1 = unlimited
     int32_t window_right = -1;  // keys at most this far right of the diagonal; -1 = unlimited
+    Precision precision = Precision::F32;
 };
 
 // Query row i sees key column j? The diagonal is bottom-right aligned: p = i + Skv - Sq.

@@ -89,6 +89,10 @@ struct FlashAttnBackParams {
     FlashAttnParams attn;
     bool deterministic;
 };
+// What a flash_attn_ext node's products may give up for speed (FlashAttnParams::precision),
+// set after the node is built (a model's graphs, for example); its gradient stays exact.
+using FlashAttnPrecision = attn::Precision;
+void set_attention_precision(Tensor* attn_node, FlashAttnPrecision precision);
 
 // ---- data movement and views ----------------------------------------------------------
 
@@ -128,7 +132,7 @@ Tensor* sum_rows(Context& ctx, Tensor* a); // -> [1, ne1, ne2, ne3]
 // broken by the lower position: [k, ne1, ne2, ne3]. (A mixture of experts' router choice.)
 // No gradient.
 Tensor* top_k(Context& ctx, Tensor* a, int64_t k);
-Tensor* mean(Context& ctx, Tensor* a);     // row means -> [1, ne1, ne2, ne3]
+Tensor* mean(Context& ctx, Tensor* a); // row means -> [1, ne1, ne2, ne3]
 
 // ---- matrix products ------------------------------------------------------------------
 

@@ -82,7 +82,8 @@ struct CaseSpec {
                " win=" + std::to_string(params.window_left) + "/" + std::to_string(params.window_right) +
                " softcap=" + std::to_string(params.logit_softcap) +
                " max_bias=" + std::to_string(params.max_bias) + " mask=" + std::to_string(mask) +
-               (mask_full_rows ? "(full rows)" : "") + " sinks=" + std::to_string(sinks);
+               (mask_full_rows ? "(full rows)" : "") + " sinks=" + std::to_string(sinks) +
+               (params.precision == attn::Precision::BF16 ? " bf16 products" : "");
     }
 };
 

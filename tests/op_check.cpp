@@ -101,7 +101,7 @@ double rel_error(const std::vector<float>& out, const std::vector<double>& ref) 
     return den > 1e-30 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-void check_forward(Tensor* out, double tol, int n_threads) {
+double check_forward(Tensor* out, double tol, int n_threads) {
     INFO("seed " << seed() << ", output " << out->shape_str() << " made by " << op_name(out->op));
     Graph g = build_forward(out);
     const std::vector<double> ref = ref::evaluate(g, out);
@@ -109,6 +109,7 @@ void check_forward(Tensor* out, double tol, int n_threads) {
     const double err = rel_error(tensor_get_f32(out), ref);
     INFO("relative error " << err << " (tolerance " << tol << ")");
     CHECK(err <= tol);
+    return err;
 }
 
 std::vector<double> reference_gradient(Tensor* loss, Tensor* param, const std::vector<size_t>& elements,

@@ -64,7 +64,7 @@ void check_on_device(Device* dev, Tensor* out, double tol);
 double rel_error(const std::vector<float>& out, const std::vector<double>& ref);
 
 // Computes `out`'s graph on the CPU backend and compares with the reference evaluator.
-void check_forward(Tensor* out, double tol, int n_threads = 2);
+double check_forward(Tensor* out, double tol, int n_threads = 2); // returns the relative error
 
 // Fourth-order central differences of the reference evaluator's `loss` (a scalar, double precision) with
 // respect to the given elements (row-major indices) of `param`, a leaf of the loss's graph.

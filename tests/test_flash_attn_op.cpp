@@ -1,6 +1,7 @@
 // flash_attn_ext as a graph op: the CPU backend against the reference evaluator, the LSE
 // view, autodiff through the op (dQ, dK, dV, dSinks) against finite differences, and the
 // builder's validation.
+#include "backends/cpu/flash_attn_cpu.h"
 #include "op_check.h"
 
 #include <ggml-fa/backend.h>
@@ -156,4 +157,34 @@ TEST_CASE("flash_attn_ext rejects bad inputs with clear errors", "[attn][errors]
     Tensor* lse = flash_attn_lse(ctx, o2);
     CHECK(lse->ne == std::array<int64_t, 4>{10, 8, 1, 1});
     CHECK(lse->view_offs % 16 == 0);
+    FlashAttnParams odd_precision;
+    odd_precision.precision = FlashAttnPrecision(7);
+    CHECK_THROWS_WITH(flash_attn_ext(ctx, q, k2, v3, nullptr, odd_precision),
+                      Catch::Contains("precision must be F32 or BF16, not 7"));
+    CHECK_THROWS_WITH(set_attention_precision(lse, FlashAttnPrecision::BF16),
+                      Catch::Contains("not a flash_attn_ext node"));
+    CHECK_THROWS_WITH(set_attention_precision(o, FlashAttnPrecision(3)),
+                      Catch::Contains("unknown precision 3"));
+}
+
+// set_attention_precision(BF16) on a built node: the CPU backend's result is that of bf16
+// operands where the build multiplies bf16 pairs (under 1e-2 from the reference, and further
+// than the f32 products go, which shows the pairs ran), else the f32 products'.
+TEST_CASE("flash_attn_ext with bf16 products, set on the node", "[attn][ops][bf16]") {
+    Context ctx = data_ctx();
+    Tensor* q = ctx.new_tensor(Type::F32, {128, 77, 4, 1});
+    Tensor* k = ctx.new_tensor(Type::F32, {128, 150, 2, 1});
+    Tensor* v = ctx.new_tensor(Type::F32, {128, 150, 2, 1});
+    for (Tensor* t : {q, k, v}) fill_uniform(t);
+    FlashAttnParams p;
+    p.scale = 1.0f / std::sqrt(128.0f);
+    p.causal = true;
+    Tensor* kh = cast(ctx, k, Type::F16);
+    Tensor* vh = cast(ctx, v, Type::F16);
+    Tensor* o = flash_attn_ext(ctx, q, kh, vh, nullptr, p);
+    set_attention_precision(o, FlashAttnPrecision::BF16);
+    CHECK(o->params<FlashAttnNodeParams>().attn.precision == FlashAttnPrecision::BF16);
+    const bool pairs = cpu::flash_attn_has_pair_products();
+    const double err = check_forward(o, pairs ? 1e-2 : 1e-5);
+    if (pairs) CHECK(err > 5e-5);
 }

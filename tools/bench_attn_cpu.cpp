@@ -101,6 +101,8 @@ int main(int argc, char** argv) {
         if (!std::strcmp(argv[a], "--decode-only")) decode_only = true;
         if (!std::strcmp(argv[a], "--cpu-time")) use_cpu_time = true;
     }
+    // The bf16 rows where this build has the pair products (AVX512-BF16).
+    const bool pairs = cpu::flash_attn_has_pair_products();
     std::mt19937 rng(1234);
     const std::vector<int64_t> dims = quick ? std::vector<int64_t>{128} : std::vector<int64_t>{64, 128, 256};
     const std::vector<int64_t> seqs =
@@ -109,39 +111,48 @@ int main(int argc, char** argv) {
 
     std::printf("# timer: %s\n", use_cpu_time ? "process CPU time" : "wall clock");
     std::printf("# forward/backward, B=1, H=%lld, f32 Q, median of %d runs\n", (long long)heads, reps);
-    std::printf("%-4s %-5s %-4s %-7s %-6s | %9s %9s %9s | %9s %9s\n", "D", "S", "thr", "K/V", "causal",
-                "fwd GF/s", "bwd GF/s", "bwd/fwd", "blas GF/s", "fa2/blas");
+    std::printf("# prec: the forward's products (f32, or bf16 pairs: FlashAttnParams::precision = BF16)\n");
+    std::printf("%-4s %-5s %-4s %-7s %-6s %-5s | %9s %9s %9s | %9s %9s\n", "D", "S", "thr", "K/V", "causal",
+                "prec", "fwd GF/s", "bwd GF/s", "bwd/fwd", "blas GF/s", "fa2/blas");
     for (int nth : {1, 2}) {
         if (decode_only) break;
         ThreadPool pool(nth);
         for (int64_t D : dims)
             for (int64_t S : seqs)
-                for (Type kv : {Type::F32, Type::F16})
-                    for (bool causal : {false, true}) {
-                        const bool anchor = D == 128 && S == 2048;
-                        if ((kv == Type::F16 || causal) && !anchor) continue;
-                        CaseSpec s;
-                        s.Dk = s.Dv = D, s.Sq = s.Skv = S, s.Hq = s.Hkv = heads;
-                        s.k_type = s.v_type = kv;
-                        s.params.causal = causal;
-                        auto c = make_case(s, rng, true);
-                        const double flops =
-                            4.0 * double(heads) * double(S) * double(S) * double(D) * (causal ? 0.5 : 1.0);
-                        const double tf = median_seconds(reps, [&] { cpu::flash_attn_forward(c->p, pool); });
-                        c->bp.fwd = c->p;
-                        const double tb =
-                            median_seconds(reps, [&] { cpu::flash_attn_backward(c->bp, pool); });
-                        const double gf = flops / tf * 1e-9, gb = 2.5 * flops / tb * 1e-9;
-                        double blas = NAN;
+                for (Type kv : {Type::F32, Type::F16, Type::BF16})
+                    for (bool causal : {false, true})
+                        for (attn::Precision prec : {attn::Precision::F32, attn::Precision::BF16}) {
+                            const bool anchor = D == 128 && S == 2048;
+                            if ((kv != Type::F32 || causal) && !anchor) continue;
+                            if ((kv == Type::BF16 || prec == attn::Precision::BF16) && (!anchor || !pairs))
+                                continue;
+                            CaseSpec s;
+                            s.Dk = s.Dv = D, s.Sq = s.Skv = S, s.Hq = s.Hkv = heads;
+                            s.k_type = s.v_type = kv;
+                            s.params.causal = causal;
+                            s.params.precision = prec;
+                            auto c = make_case(s, rng, true);
+                            const double flops = 4.0 * double(heads) * double(S) * double(S) * double(D) *
+                                                 (causal ? 0.5 : 1.0);
+                            const double tf =
+                                median_seconds(reps, [&] { cpu::flash_attn_forward(c->p, pool); });
+                            c->bp.fwd = c->p;
+                            const double tb =
+                                median_seconds(reps, [&] { cpu::flash_attn_backward(c->bp, pool); });
+                            const double gf = flops / tf * 1e-9, gb = 2.5 * flops / tb * 1e-9;
+                            double blas = NAN;
 #if GFA_HAVE_BLAS
-                        if (kv == Type::F32)
-                            blas = flops / median_seconds(reps, [&] { blas_attention(c->p, pool); }) * 1e-9;
+                            if (kv == Type::F32)
+                                blas =
+                                    flops / median_seconds(reps, [&] { blas_attention(c->p, pool); }) * 1e-9;
 #endif
-                        std::printf("%-4lld %-5lld %-4d %-7s %-6d | %9.1f %9.1f %9.2f | %9.1f %9.2f\n",
-                                    (long long)D, (long long)S, nth, std::string(type_name(kv)).c_str(),
-                                    int(causal), gf, gb, gb / gf, blas, gf / blas);
-                        std::fflush(stdout);
-                    }
+                            std::printf(
+                                "%-4lld %-5lld %-4d %-7s %-6d %-5s | %9.1f %9.1f %9.2f | %9.1f %9.2f\n",
+                                (long long)D, (long long)S, nth, std::string(type_name(kv)).c_str(),
+                                int(causal), prec == attn::Precision::BF16 ? "bf16" : "f32", gf, gb, gb / gf,
+                                blas, gf / blas);
+                            std::fflush(stdout);
+                        }
     }
 
     std::printf("\n# decode: 1 query x 4096 keys, GQA 32/8, D=128, median of %d runs\n", reps * 3);

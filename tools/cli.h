@@ -85,6 +85,13 @@ inline MatMulPrecision precision(const std::string& name) {
     fail("--matmul-precision " + name + ": expected f32, tf32 or q8");
 }
 
+// --attention-precision f32|bf16 (SessionOptions::attention_precision)
+inline FlashAttnPrecision attention_precision(const std::string& name) {
+    if (name == "f32") return FlashAttnPrecision::F32;
+    if (name == "bf16") return FlashAttnPrecision::BF16;
+    fail("--attention-precision " + name + ": expected f32 or bf16");
+}
+
 // A program's main(): runs `run`, and reports what it throws as "program: message" with exit
 // status 1.
 inline int main_of(const char* program, int (*run)(int, char**), int argc, char** argv) {

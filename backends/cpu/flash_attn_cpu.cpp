@@ -13,11 +13,18 @@
 // with the query rows in row-major order, and the keys are split across threads when the
 // kv heads alone do not keep them evenly busy.
 //
+// With precision BF16 (and a build for AVX512-BF16) the two products of a tile take pairs of
+// bf16 values instead (bf16_pairs.h): S^T = K Q^T over pairs of head dims (Q packed once per
+// tile), and O^T = V^T P^T over pairs of keys, the output kept transposed (query-major lanes)
+// so the online softmax's rescale is one multiply per lane inside the product. The softmax in
+// between is the f32 one.
+//
 // Scores are in base 2: log2(e) is folded into the scale of Q, so each probability is a
 // single exp2. A row that has seen nothing visible keeps m = -inf; exponents then use 0
 // in place of m so no inf - inf (NaN) appears.
 #include "flash_attn_cpu.h"
 
+#include "bf16_pairs.h"
 #include "simd.h"
 
 #include <ggml-fa/error.h>
@@ -38,8 +45,10 @@ using simd::vf8;
 
 namespace {
 
-constexpr int64_t kTileQ = 96;  // query rows per tile; a multiple of 16 (the width of S^T)
-constexpr int64_t kTileKV = 36; // keys per tile; a multiple of the micro-kernel's 6 rows
+constexpr int64_t kTileQ = 96;        // query rows per tile; a multiple of 16 (the width of S^T)
+constexpr int64_t kTileQPairs = 192;  // the same for the bf16 products: packing K/V pays for more rows
+constexpr int64_t kTileKV = 36;       // keys per tile; a multiple of the micro-kernel's 6 rows
+constexpr int64_t kTileKVPairs = 128; // keys per tile of the bf16 products: 64 pairs, 16 row blocks
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -263,8 +272,20 @@ struct ForwardPlan {
     std::vector<QTile> tiles;
     int64_t splits = 1; // split-KV factor per tile
     int64_t Dv8 = 0;
-    bool decode = false; // tiles run through decode_tile
+    bool decode = false;     // tiles run through decode_tile
+    bool pairs = false;      // tiles run through forward_tile_pairs (bf16 products)
+    int64_t tile_q = kTileQ; // query rows per tile
 };
+
+// The bf16 products: asked for, built for, and head dims in whole 16-lane rows.
+bool use_pair_products(const Problem& p) {
+#if GFA_BF16_PAIRS
+    return p.params.precision == attn::Precision::BF16 && p.Dk % 16 == 0 && p.Dv % 16 == 0;
+#else
+    (void)p;
+    return false;
+#endif
+}
 
 // Decoding (a few query rows per kv head): the rows of a whole GQA group form one tile,
 // so K and V are streamed once per kv head, and the scores are dot products computed
@@ -305,8 +326,10 @@ ForwardPlan plan_forward(const Problem& p, int n_threads) {
         }
         return plan;
     }
-    const int64_t ni = std::min(p.Sq, kTileQ);
-    const int64_t heads_per_tile = std::clamp<int64_t>(kTileQ / ni, 1, group);
+    plan.pairs = use_pair_products(p);
+    plan.tile_q = plan.pairs ? kTileQPairs : kTileQ;
+    const int64_t ni = std::min(p.Sq, plan.tile_q);
+    const int64_t heads_per_tile = std::clamp<int64_t>(plan.tile_q / ni, 1, group);
     for (int64_t b = 0; b < p.B; ++b)
         for (int64_t g = 0; g < p.Hkv; ++g)
             for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += heads_per_tile)
@@ -322,25 +345,36 @@ ForwardPlan plan_forward(const Problem& p, int n_threads) {
     return plan;
 }
 
-// Per-thread buffers of the forward.
+// Per-thread buffers of the forward, for tiles of ldq query rows (the plan's tile_q). With
+// bf16 products (pairs) the K/V buffers hold pairs (32-bit words: kbuf's first half as bf16
+// rows, vbuf as key pairs) and the score tile has kTileKVPairs rows.
 struct ForwardWorkspace {
-    FloatBuffer qt;   // [Dk][kTileQ]   Q tile, transposed and pre-scaled
-    FloatBuffer kbuf; // [kTileKV][Dk]    converted K tile (f32 K is read in place)
-    FloatBuffer vbuf; // [kTileKV][Dv8]   converted V tile
-    FloatBuffer st;   // [kTileKV][kTileQ] scores S^T, then probabilities P^T
-    FloatBuffer oacc; // [kTileQ][Dv8]    unnormalized output
-    FloatBuffer row;  // [max(Dk, Dv8)]   one converted row
+    int64_t ldq;      // query rows per tile: the leading dimension of the query-wise buffers
+    FloatBuffer qt;   // [Dk][ldq]         Q tile, transposed and pre-scaled
+    FloatBuffer kbuf; // [key rows][Dk]    converted K tile (f32 K is read in place)
+    FloatBuffer vbuf; // [key rows][Dv8]   converted V tile; pairs: [keys / 2][Dv] key pairs
+    FloatBuffer st;   // [key rows][ldq]   scores S^T, then probabilities P^T
+    FloatBuffer oacc; // [ldq][Dv8]        unnormalized output
+    FloatBuffer row;  // [2][max(Dk, Dv8)] converted rows
+    FloatBuffer qp;   // pairs: [Dk / 2][ldq] Q's dims in pairs
+    FloatBuffer pp;   // pairs: [kTileKVPairs / 2][ldq] P^T's keys in pairs
+    FloatBuffer ot;   // pairs: [Dv][ldq] unnormalized output, transposed
     std::vector<RowInfo> rows;
-    float m[kTileQ], l[kTileQ], alpha[kTileQ];
+    float m[kTileQPairs], l[kTileQPairs], alpha[kTileQPairs];
 
-    static size_t floats(const Problem& p, int64_t Dv8) {
-        return size_t(p.Dk * kTileQ + kTileKV * p.Dk + kTileKV * Dv8 + kTileKV * kTileQ + kTileQ * Dv8 +
-                      std::max(p.Dk, Dv8));
+    static int64_t key_rows(bool pairs) { return pairs ? kTileKVPairs : kTileKV; }
+    static size_t floats(const Problem& p, const ForwardPlan& plan) {
+        const int64_t kr = key_rows(plan.pairs), q = plan.tile_q, Dv8 = plan.Dv8;
+        const size_t pair_floats = plan.pairs ? size_t(p.Dk / 2 * q + kr / 2 * q + Dv8 * q) : 0;
+        return size_t(p.Dk * q + kr * p.Dk + kr * Dv8 + kr * q + q * Dv8 + 2 * std::max(p.Dk, Dv8)) +
+               pair_floats;
     }
-    ForwardWorkspace(const Problem& p, int64_t Dv8)
-        : qt(size_t(p.Dk * kTileQ)), kbuf(size_t(kTileKV * p.Dk)), vbuf(size_t(kTileKV * Dv8)),
-          st(size_t(kTileKV * kTileQ)), oacc(size_t(kTileQ * Dv8)), row(size_t(std::max(p.Dk, Dv8))),
-          rows(size_t(kTileQ)) {}
+    ForwardWorkspace(const Problem& p, const ForwardPlan& plan)
+        : ldq(plan.tile_q), qt(size_t(p.Dk * ldq)), kbuf(size_t(key_rows(plan.pairs) * p.Dk)),
+          vbuf(size_t(key_rows(plan.pairs) * plan.Dv8)), st(size_t(key_rows(plan.pairs) * ldq)),
+          oacc(size_t(ldq * plan.Dv8)), row(size_t(2 * std::max(p.Dk, plan.Dv8))),
+          qp(plan.pairs ? size_t(p.Dk / 2 * ldq) : 0), pp(plan.pairs ? size_t(kTileKVPairs / 2 * ldq) : 0),
+          ot(plan.pairs ? size_t(plan.Dv8 * ldq) : 0), rows(size_t(ldq)) {}
 };
 
 // Partial results of one split: running max m and sum l (base 2) and the unnormalized O.
@@ -397,6 +431,42 @@ void finish_tile(const Problem& p, const QTile& tile, int64_t Dv8, ForwardWorksp
                          ws.row.data());
 }
 
+// Online softmax of a score tile S^T (nk keys x `width` queries, a multiple of 8), 8 query
+// rows per vector: the new running max, the rescale factor alpha of each row, P = exp2(S - m)
+// in place, and the running sums.
+void online_softmax(ForwardWorkspace& ws, float* st, int64_t nk, int64_t width) {
+    for (int64_t r = 0; r < width; r += 8) {
+        vf8 mx = simd::load(ws.m + r);
+        for (int64_t j = 0; j < nk; ++j) mx = simd::max(mx, simd::load(st + j * ws.ldq + r));
+        float m_new[8], m_use[8];
+        simd::store(m_new, mx);
+        for (int k = 0; k < 8; ++k) m_use[k] = m_new[k] == kNegInf ? 0.0f : m_new[k];
+        const vf8 mu = simd::load(m_use);
+        const vf8 alpha = simd::exp2(simd::load(ws.m + r) - mu);
+        vf8 sum = simd::zero();
+        for (int64_t j = 0; j < nk; ++j) {
+            const vf8 pj = simd::exp2(simd::load(st + j * ws.ldq + r) - mu);
+            simd::store(st + j * ws.ldq + r, pj);
+            sum = sum + pj;
+        }
+        simd::store(ws.l + r, simd::fma(simd::load(ws.l + r), alpha, sum));
+        simd::store(ws.alpha + r, alpha);
+        simd::store(ws.m + r, mx);
+    }
+}
+
+// Loads the tile's Q rows transposed (qt[d][r]) and scaled; columns [n, ldq) are zero.
+// Resets the running max and sum.
+void load_q_tile(const Problem& p, const QTile& tile, const RowInfo* rows, ForwardWorkspace& ws) {
+    const float qscale = q_prescale(p.params);
+    std::fill(ws.qt.begin(), ws.qt.end(), 0.0f);
+    for (int64_t r = 0; r < tile.rows(); ++r) {
+        load_row(p.q.type, row_at(p.q, rows[r].i, rows[r].h, tile.b), ws.row.data(), p.Dk, p.Dk);
+        for (int64_t d = 0; d < p.Dk; ++d) ws.qt[size_t(d * ws.ldq + r)] = ws.row[size_t(d)] * qscale;
+    }
+    for (int64_t r = 0; r < ws.ldq; ++r) ws.m[r] = kNegInf, ws.l[r] = 0.0f;
+}
+
 // One query tile against the key tiles of split `split`: load Q tile; per key tile:
 // load K/V, S = QK^T, mask, online softmax, O += PV; epilogue.
 void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, int64_t split,
@@ -405,14 +475,7 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
     RowInfo* rows = ws.rows.data();
     describe_rows(p, tile.b, tile.h0, tile.nh, tile.i0, tile.ni, rows);
 
-    // Load Q tile, transposed (qt[d][r]) and scaled; columns [n, n8) are zero.
-    const float qscale = q_prescale(p.params);
-    std::fill(ws.qt.begin(), ws.qt.end(), 0.0f);
-    for (int64_t r = 0; r < n; ++r) {
-        load_row(p.q.type, row_at(p.q, rows[r].i, rows[r].h, tile.b), ws.row.data(), Dk, Dk);
-        for (int64_t d = 0; d < Dk; ++d) ws.qt[size_t(d * kTileQ + r)] = ws.row[size_t(d)] * qscale;
-    }
-    for (int64_t r = 0; r < kTileQ; ++r) ws.m[r] = kNegInf, ws.l[r] = 0.0f;
+    load_q_tile(p, tile, rows, ws);
     std::fill(ws.oacc.begin(), ws.oacc.end(), 0.0f);
 
     const auto [t_begin, t_end] = split_key_tiles(p, rows, n, kTileKV, split, plan.splits);
@@ -444,31 +507,13 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         }
 
         // S^T = K Q^T (key-major, base-2 units unless softcapped).
-        gemm(nk, n8, Dk, kt, k_ld, 1, ws.qt.data(), kTileQ, st, kTileQ, false);
-        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n8, kTileQ);
+        gemm(nk, n8, Dk, kt, k_ld, 1, ws.qt.data(), ws.ldq, st, ws.ldq, false);
+        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n8, ws.ldq);
 
         // Mask: ALiBi-scaled mask, causal/window band.
-        apply_mask(p, rows, n, j0, nk, st, 1, kTileQ, tile_is_partial(rows, n, j0, nk));
+        apply_mask(p, rows, n, j0, nk, st, 1, ws.ldq, tile_is_partial(rows, n, j0, nk));
 
-        // Online softmax, 8 query rows per vector: new max, rescale factor, P = exp2(S - m).
-        for (int64_t r = 0; r < n8; r += 8) {
-            vf8 mx = simd::load(ws.m + r);
-            for (int64_t j = 0; j < nk; ++j) mx = simd::max(mx, simd::load(st + j * kTileQ + r));
-            float m_new[8], m_use[8];
-            simd::store(m_new, mx);
-            for (int k = 0; k < 8; ++k) m_use[k] = m_new[k] == kNegInf ? 0.0f : m_new[k];
-            const vf8 mu = simd::load(m_use);
-            const vf8 alpha = simd::exp2(simd::load(ws.m + r) - mu);
-            vf8 sum = simd::zero();
-            for (int64_t j = 0; j < nk; ++j) {
-                const vf8 pj = simd::exp2(simd::load(st + j * kTileQ + r) - mu);
-                simd::store(st + j * kTileQ + r, pj);
-                sum = sum + pj;
-            }
-            simd::store(ws.l + r, simd::fma(simd::load(ws.l + r), alpha, sum));
-            simd::store(ws.alpha + r, alpha);
-            simd::store(ws.m + r, mx);
-        }
+        online_softmax(ws, st, nk, n8);
         for (int64_t r = 0; r < n; ++r) {
             if (ws.alpha[r] == 1.0f) continue;
             const vf8 a = simd::splat(ws.alpha[r]);
@@ -477,11 +522,84 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         }
 
         // O += P V (P read transposed out of st).
-        gemm(n, Dv8, nk, st, 1, kTileQ, vt, v_ld, ws.oacc.data(), Dv8, true);
+        gemm(n, Dv8, nk, st, 1, ws.ldq, vt, v_ld, ws.oacc.data(), Dv8, true);
     }
 
     finish_tile(p, tile, Dv8, ws, partial);
 }
+
+#if GFA_BF16_PAIRS
+// forward_tile with the two products on bf16 pairs (see the file comment): Q's dims packed
+// in pairs once; per key tile K's rows rounded to bf16 (bf16 rows are read in place), S^T =
+// K Q^T, the f32 mask and softmax, P^T's and V's keys packed in pairs, O^T = O^T alpha +
+// V^T P^T; O^T transposed into the rows at the end.
+void forward_tile_pairs(const Problem& p, const ForwardPlan& plan, const QTile& tile, int64_t split,
+                        ForwardWorkspace& ws, const Partial* partial) {
+    const int64_t n = tile.rows(), n16 = round_up(n, 16), Dk = p.Dk, Dv = p.Dv;
+    RowInfo* rows = ws.rows.data();
+    describe_rows(p, tile.b, tile.h0, tile.nh, tile.i0, tile.ni, rows);
+    load_q_tile(p, tile, rows, ws);
+    auto* qp = reinterpret_cast<uint32_t*>(ws.qp.data());
+    for (int64_t d = 0; d < Dk; d += 2)
+        bf16::pack_pairs(ws.qt.data() + d * ws.ldq, ws.qt.data() + (d + 1) * ws.ldq, qp + d / 2 * ws.ldq,
+                         n16);
+    std::fill(ws.ot.begin(), ws.ot.end(), 0.0f);
+
+    const auto [t_begin, t_end] = split_key_tiles(p, rows, n, kTileKVPairs, split, plan.splits);
+    const bool k_in_place =
+        p.k.type == Type::BF16 && p.k.nb[1] % 4 == 0 && reinterpret_cast<uintptr_t>(p.k.data) % 4 == 0;
+    auto* kb = reinterpret_cast<uint16_t*>(ws.kbuf.data());
+    auto* vp = reinterpret_cast<uint32_t*>(ws.vbuf.data());
+    auto* pp = reinterpret_cast<uint32_t*>(ws.pp.data());
+    float* st = ws.st.data();
+    float* even = ws.row.data();
+    float* odd = even + std::max(Dk, plan.Dv8);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t j0 = t * kTileKVPairs, nk = std::min(kTileKVPairs, p.Skv - j0), n_pairs = (nk + 1) / 2;
+
+        // K's rows as bf16 pairs of dims.
+        const uint32_t* kw = reinterpret_cast<const uint32_t*>(kb);
+        int64_t k_words = Dk / 2;
+        if (k_in_place) {
+            kw = reinterpret_cast<const uint32_t*>(row_at(p.k, j0, tile.g, tile.b));
+            k_words = p.k.nb[1] / 4;
+        } else {
+            for (int64_t j = 0; j < nk; ++j) {
+                load_row(p.k.type, row_at(p.k, j0 + j, tile.g, tile.b), even, Dk, Dk);
+                bf16::to_bf16(even, kb + j * Dk, Dk);
+            }
+        }
+
+        // S^T = K Q^T, then the mask and the online softmax as in the f32 path.
+        bf16::gemm(nk, n16, Dk / 2, kw, k_words, 1, qp, ws.ldq, st, ws.ldq, nullptr, false);
+        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n16, ws.ldq);
+        apply_mask(p, rows, n, j0, nk, st, 1, ws.ldq, tile_is_partial(rows, n, j0, nk));
+        online_softmax(ws, st, nk, n16);
+
+        // P^T and V with their keys in pairs (a missing odd key is zero).
+        for (int64_t jp = 0; jp < n_pairs; ++jp) {
+            const int64_t j = 2 * jp;
+            bf16::pack_pairs(st + j * ws.ldq, j + 1 < nk ? st + (j + 1) * ws.ldq : nullptr, pp + jp * ws.ldq,
+                             n16);
+            load_row(p.v.type, row_at(p.v, j0 + j, tile.g, tile.b), even, Dv, Dv);
+            if (j + 1 < nk) load_row(p.v.type, row_at(p.v, j0 + j + 1, tile.g, tile.b), odd, Dv, Dv);
+            bf16::pack_pairs(even, j + 1 < nk ? odd : nullptr, vp + jp * Dv, Dv);
+        }
+
+        // O^T = O^T alpha + V^T P^T: row c of O^T takes column c of V's key pairs.
+        bf16::gemm(Dv, n16, n_pairs, vp, 1, Dv, pp, ws.ldq, ws.ot.data(), ws.ldq, ws.alpha, true);
+    }
+
+    for (int64_t r = 0; r < n; ++r)
+        for (int64_t d = 0; d < Dv; ++d) ws.oacc[size_t(r * plan.Dv8 + d)] = ws.ot[size_t(d * ws.ldq + r)];
+    finish_tile(p, tile, plan.Dv8, ws, partial);
+}
+#else
+void forward_tile_pairs(const Problem&, const ForwardPlan&, const QTile&, int64_t, ForwardWorkspace&,
+                        const Partial*) {
+    fail("flash_attn_ext (CPU): bf16 pair products are not in this build");
+}
+#endif
 
 // ============================== decode =======================================================
 #if GFA_SIMD_AVX2
@@ -759,7 +877,7 @@ void combine_splits(const Problem& p, const ForwardPlan& plan, const QTile& tile
 
 size_t split_partial_floats(const ForwardPlan& plan) {
     if (plan.splits == 1) return 0;
-    return size_t(plan.tiles.size()) * size_t(plan.splits) * size_t(kTileQ * (plan.Dv8 + 2));
+    return size_t(plan.tiles.size()) * size_t(plan.splits) * size_t(plan.tile_q * (plan.Dv8 + 2));
 }
 
 // ============================== backward =====================================================
@@ -919,14 +1037,22 @@ void backward_key_tile(const BackwardProblem& bp, const BackwardSizes& z, int64_
 
 } // namespace
 
+bool flash_attn_has_pair_products() {
+#if GFA_BF16_PAIRS
+    return true;
+#else
+    return false;
+#endif
+}
+
 bool flash_attn_uses_decode_path(const Problem& p) {
     return use_decode_path(p);
 }
 
 size_t flash_attn_scratch_bytes(const Problem& p, int n_threads) {
     const ForwardPlan plan = plan_forward(p, n_threads);
-    return 4 * (size_t(n_threads) * ForwardWorkspace::floats(p, plan.Dv8) + split_partial_floats(plan)) +
-           size_t(n_threads) * kTileQ * sizeof(RowInfo);
+    return 4 * (size_t(n_threads) * ForwardWorkspace::floats(p, plan) + split_partial_floats(plan)) +
+           size_t(n_threads) * plan.tile_q * sizeof(RowInfo);
 }
 
 void flash_attn_forward(const Problem& p, ThreadPool& pool) {
@@ -938,21 +1064,24 @@ void flash_attn_forward(const Problem& p, ThreadPool& pool) {
 
     std::vector<float> partial_store(split_partial_floats(plan));
     auto partial_of = [&](int64_t tile, int64_t split) {
-        float* base = partial_store.data() + size_t((tile * plan.splits + split) * kTileQ * (plan.Dv8 + 2));
-        return Partial{base, base + kTileQ, base + 2 * kTileQ};
+        float* base =
+            partial_store.data() + size_t((tile * plan.splits + split) * plan.tile_q * (plan.Dv8 + 2));
+        return Partial{base, base + plan.tile_q, base + 2 * plan.tile_q};
     };
 
     // Items are claimed dynamically (causal tiles differ in cost); each item owns its
     // output rows (or its partial slot), so the result does not depend on who ran it.
     std::atomic<int64_t> next{0};
     pool.run([&](int, int) {
-        ForwardWorkspace ws(p, plan.Dv8);
+        ForwardWorkspace ws(p, plan);
         for (int64_t item; (item = next.fetch_add(1)) < n_items;) {
             const int64_t tile = item / plan.splits, split = item % plan.splits;
             const Partial part = plan.splits == 1 ? Partial{} : partial_of(tile, split);
             const Partial* out = plan.splits == 1 ? nullptr : &part;
             if (plan.decode)
                 decode_tile(p, plan, plan.tiles[size_t(tile)], split, ws, out);
+            else if (plan.pairs)
+                forward_tile_pairs(p, plan, plan.tiles[size_t(tile)], split, ws, out);
             else
                 forward_tile(p, plan, plan.tiles[size_t(tile)], split, ws, out);
         }
@@ -961,7 +1090,7 @@ void flash_attn_forward(const Problem& p, ThreadPool& pool) {
 
     std::atomic<int64_t> next_tile{0};
     pool.run([&](int, int) {
-        ForwardWorkspace ws(p, plan.Dv8);
+        ForwardWorkspace ws(p, plan);
         std::vector<Partial> parts(size_t(plan.splits));
         for (int64_t tile; (tile = next_tile.fetch_add(1)) < n_tiles;) {
             for (int64_t s = 0; s < plan.splits; ++s) parts[size_t(s)] = partial_of(tile, s);

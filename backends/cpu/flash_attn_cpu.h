@@ -22,6 +22,10 @@ void flash_attn_backward(const attn::BackwardProblem& bp, ThreadPool& pool);
 // storage and the keys are split across threads when the kv heads alone do not balance.
 bool flash_attn_uses_decode_path(const attn::Problem& p);
 
+// True when this build multiplies bf16 pairs (AVX512-BF16): a forward with precision BF16,
+// head dims multiples of 16 and more than the decode path's rows then takes them.
+bool flash_attn_has_pair_products();
+
 // Bytes of scratch the kernels allocate for this problem with n_threads workers.
 size_t flash_attn_scratch_bytes(const attn::Problem& p, int n_threads);
 size_t flash_attn_backward_scratch_bytes(const attn::BackwardProblem& bp, int n_threads);

@@ -782,6 +782,9 @@ Session::Session(const Model& model, const SessionOptions& options)
     if (const MatMulPrecision p = s.options.matmul_precision;
         p != MatMulPrecision::F32 && p != MatMulPrecision::TF32 && p != MatMulPrecision::Q8)
         fail("session: unknown matmul_precision " + std::to_string(int(p)));
+    if (const FlashAttnPrecision p = s.options.attention_precision;
+        p != FlashAttnPrecision::F32 && p != FlashAttnPrecision::BF16)
+        fail("session: unknown attention_precision " + std::to_string(int(p)));
     s.options.n_batch = std::min(s.options.n_batch, s.options.n_ctx);
     const Type kv = s.options.kv_type;
     if (kv != Type::F32 && kv != Type::F16 && kv != Type::Q8_0)
@@ -897,6 +900,10 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             if (s.options.matmul_precision != MatMulPrecision::F32)
                 for (Tensor* node : last.graph.nodes())
                     if (node->op == Op::MulMat) set_matmul_precision(node, s.options.matmul_precision);
+            if (s.options.attention_precision != FlashAttnPrecision::F32)
+                for (Tensor* node : last.graph.nodes())
+                    if (node->op == Op::FlashAttnExt)
+                        set_attention_precision(node, s.options.attention_precision);
             if (s.options.trace_nodes)
                 for (Tensor* node : last.graph.nodes())
                     if (!node->view_src) node->flags |= kFlagOutput; // nothing reuses its memory

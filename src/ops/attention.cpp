@@ -11,6 +11,7 @@
 #include "reference.h"
 
 #include <cmath>
+#include <string>
 
 namespace gfa {
 
@@ -59,6 +60,8 @@ void validate(Tensor* q, Tensor* k, Tensor* v, Tensor* mask, Tensor* sinks, cons
     if (!(p.max_bias >= 0.0f) || !std::isfinite(p.max_bias)) err("max_bias must be >= 0");
     if (p.max_bias > 0.0f && !mask) err("ALiBi (max_bias > 0) scales the mask, so it needs a mask");
     if (p.window_left < -1 || p.window_right < -1) err("window sizes must be >= 0, or -1 for unlimited");
+    if (p.precision != attn::Precision::F32 && p.precision != attn::Precision::BF16)
+        err("precision must be F32 or BF16, not " + std::to_string(int(p.precision)));
     if (!is_float16_or_32(o.out_type)) err("the output type must be f32, f16 or bf16");
 }
 
@@ -85,6 +88,16 @@ Tensor* flash_attn_ext(Context& ctx, Tensor* q, Tensor* k, Tensor* v, Tensor* ma
     set_sources(t, {q, k, v, mask, sinks});
     t->set_params(FlashAttnNodeParams{p, options});
     return t;
+}
+
+void set_attention_precision(Tensor* attn_node, FlashAttnPrecision precision) {
+    if (!attn_node || attn_node->op != Op::FlashAttnExt)
+        fail("set_attention_precision: the node is not a flash_attn_ext node");
+    if (precision != FlashAttnPrecision::F32 && precision != FlashAttnPrecision::BF16)
+        fail("set_attention_precision: unknown precision " + std::to_string(int(precision)));
+    FlashAttnNodeParams np = attn_node->params<FlashAttnNodeParams>();
+    np.attn.precision = precision;
+    attn_node->set_params(np);
 }
 
 Tensor* flash_attn_lse(Context& ctx, Tensor* attn) {
