@@ -9,6 +9,7 @@
 
 #include "tiny_model.h"
 #include "../backends/cpu/cpu_kernels.h"
+#include "../backends/cpu/flash_attn_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -289,6 +290,35 @@ TEST_CASE("llama session: Q8 products move a quantized model's prompt logits by 
     if (gfa::cpu::integer_quantized_prompts()) CHECK(err > 1e-4); // the columns were rounded
 }
 
+// SessionOptions::attention_precision = BF16: a prompt's attention multiplies bf16 pairs
+// (where the CPU has them; heads of 16 and more query rows per KV head than decoding's 8), so
+// the logits move from the F32 session's by bf16 rounding and no further; decoding (its own
+// f32 path) follows.
+TEST_CASE("llama session: bf16 attention products move the prompt logits by bf16 rounding only", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    m.embd = 128, m.heads = 4, m.heads_kv = 2; // head size 32
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    std::mt19937 rng(seed);
+    const std::vector<int32_t> tokens = random_tokens(rng, 40, m.vocab);
+    SessionOptions so = exact_cache_options(64);
+    Session exact(*model, so);
+    so.attention_precision = FlashAttnPrecision::BF16;
+    Session fast(*model, so);
+    const std::vector<float> e = exact.eval(tokens, true), f = fast.eval(tokens, true);
+    REQUIRE(f.size() == e.size());
+    for (float v : f) REQUIRE(std::isfinite(v));
+    const double err = test::logits_error(f, e);
+    INFO("relative error " << err);
+    CHECK(err < 5e-2);
+    if (gfa::cpu::flash_attn_has_pair_products()) CHECK(err > 1e-5); // the products were rounded
+    const std::vector<int32_t> next = {tokens[3]};
+    const std::vector<float> e1 = exact.eval(next), f1 = fast.eval(next);
+    CHECK(test::logits_error(f1, e1) < 5e-2);
+}
+
 // A mixture of experts (5 experts, 2 per token; Mixtral's llama files and Qwen3-MoE's): the
 // whole prompt at once (where one expert gets several tokens' columns), in chunks, and token by
 // token (one column per expert) must give the same logits; the file's expert counts, widths
@@ -509,6 +539,9 @@ TEST_CASE("llama session: clear errors for bad inputs", "[model]") {
     so.decode_window_step = 0;
     so.matmul_precision = MatMulPrecision(9);
     CHECK_THROWS_WITH(Session(*model, so), Catch::Contains("unknown matmul_precision 9"));
+    so.matmul_precision = MatMulPrecision::F32;
+    so.attention_precision = FlashAttnPrecision(5);
+    CHECK_THROWS_WITH(Session(*model, so), Catch::Contains("unknown attention_precision 5"));
 }
 
 TEST_CASE("llama model: malformed files are rejected with the tensor named", "[model]") {
