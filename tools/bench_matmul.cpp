@@ -18,7 +18,8 @@
 // The f32 row is the GEMM alone; the others add unpacking their weights into f32 panels, or,
 // on CPUs with AVX-512 VNNI, run the 16-bit integer GEMM (every block type but q2_K); the block
 // types run once more allowed MatMulPrecision::Q8 (rows marked q8: 8-bit columns where the
-// format's codes fit bytes).
+// format's codes fit bytes), the f32/f16/bf16 weights allowed MatMulPrecision::BF16 (rows marked
+// bf16: bf16 pair products on CPUs with AVX512-BF16).
 //
 // usage: bench_matmul [--reps N] [--gemv-quants | --gemm-types]
 #include <ggml-fa/backend.h>
@@ -173,8 +174,10 @@ void prompt_gemm_point(Type type, int threads, int reps, MatMulPrecision precisi
     const double flops = 2.0 * double(k) * double(m) * double(n);
     std::printf("gemm   %-6s 2048x2048 x 512   %d %s | %7.1f GFLOP/s (%6.1f per CPU-s) | %7.2f ms\n",
                 std::string(type_name(type)).c_str(), threads,
-                precision == MatMulPrecision::Q8 ? "q8 " : "   ", flops / t.wall * 1e-9, flops / t.cpu * 1e-9,
-                t.wall * 1e3);
+                precision == MatMulPrecision::Q8     ? "q8  "
+                : precision == MatMulPrecision::BF16 ? "bf16"
+                                                     : "    ",
+                flops / t.wall * 1e-9, flops / t.cpu * 1e-9, t.wall * 1e3);
 }
 
 void gemv_point(Type type, int threads, int reps, const Bandwidth& bw, bool with_peer) {
@@ -248,11 +251,12 @@ int main(int argc, char** argv) {
     std::printf("# %s, median of %d runs\n", cpu_device().description().c_str(), reps);
     if (gemm_types) {
         for (int threads : {1, 2})
-            for (Type t :
-                 {Type::F32, Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0, Type::Q5_1,
-                  Type::Q2_K, Type::Q3_K, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS})
-                for (MatMulPrecision p : {MatMulPrecision::F32, MatMulPrecision::Q8})
-                    if (p == MatMulPrecision::F32 || type_traits(t).is_quantized)
+            for (Type t : {Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
+                           Type::Q5_1, Type::Q2_K, Type::Q3_K, Type::Q4_K, Type::Q5_K, Type::Q6_K,
+                           Type::IQ4_NL, Type::IQ4_XS})
+                for (MatMulPrecision p : {MatMulPrecision::F32, MatMulPrecision::Q8, MatMulPrecision::BF16})
+                    if (p == MatMulPrecision::F32 ||
+                        (type_traits(t).is_quantized ? p == MatMulPrecision::Q8 : p == MatMulPrecision::BF16))
                         prompt_gemm_point(t, threads, reps, p);
         return 0;
     }

@@ -84,7 +84,7 @@ def prepare_models(args, work):
 def time_ggml_fa(args, path, tokens):
     """Mean prompt and generation tokens/s of --reps runs of ggml-fa-run."""
     cmd = [os.path.join(args.build, "ggml-fa-run"), "-m", path, "--backend", "cpu", "-t", str(args.threads),
-           "--matmul-precision", args.matmul_precision,
+           "--matmul-precision", args.matmul_precision, "--attention-precision", args.attention_precision,
            "--warmup", "--ignore-eos", "-n", str(args.gen), "--tokens", ",".join(map(str, tokens)),
            "-c", str(args.prompt + args.gen + 16), "-b", str(args.prompt)]
     pp, tg = [], []
@@ -131,7 +131,8 @@ def check_logits(args, work, logits_peer):
             run([os.path.join(args.build, "quantize"), f16, path, gtype])
         ours_path, theirs_path = os.path.join(work, "check-ours.f32"), os.path.join(work, "check-llama.f32")
         run([os.path.join(args.build, "ggml-fa-run"), "-m", path, "--backend", "cpu", "-t", str(args.threads),
-             "--matmul-precision", args.matmul_precision, "--tokens", tokens, "-n", "0", "-b", "64",
+             "--matmul-precision", args.matmul_precision, "--attention-precision", args.attention_precision,
+             "--tokens", tokens, "-n", "0", "-b", "64",
              "--logits-out", ours_path])
         run([logits_peer, path, tokens, theirs_path, str(args.threads)])
         ours = np.fromfile(ours_path, dtype=np.float32).reshape(64, -1).astype(np.float64)
@@ -142,7 +143,10 @@ def check_logits(args, work, logits_peer):
         # for quantized ones), which this deliberately sharp model amplifies to 2e-3 (f16) and
         # 2e-2..6e-2 (q8_0, q4_0, q4_K); ggml-fa stays within 3e-4 of a float64 forward pass on
         # the same stored weights. A wrong rotary row order gives errors of about 1.
-        good = np.isfinite(rel) and rel < (1e-2 if gtype == "f16" else 0.15)
+        # bf16 products (--matmul-precision bf16, --attention-precision bf16) round both
+        # operands to bf16: the f16 file then gets the quantized files' looser bound.
+        exact16 = args.matmul_precision != "bf16" and args.attention_precision == "f32"
+        good = np.isfinite(rel) and rel < (1e-2 if gtype == "f16" and exact16 else 0.15)
         if args.experts and gtype != "f16":
             # The two engines round a product's inputs differently (llama.cpp to 8 bits always),
             # and where a token's router logits nearly tie that difference picks another expert:
@@ -172,8 +176,11 @@ def main():
     ap.add_argument("--work", default="", help="cache for the model files (default BUILD/bench-model-cpu)")
     ap.add_argument("--types", default="f16,q8_0,q4_K,q4_0")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--matmul-precision", default="f32", choices=["f32", "q8"],
-                    help="ggml-fa-run's --matmul-precision (q8: 8-bit columns in prompts too, as llama.cpp)")
+    ap.add_argument("--matmul-precision", default="f32", choices=["f32", "q8", "bf16"],
+                    help="ggml-fa-run's --matmul-precision (q8: 8-bit columns in prompts too, as llama.cpp; "
+                    "bf16: besides, f16/bf16 weights multiplied as bf16 pairs)")
+    ap.add_argument("--attention-precision", default="f32", choices=["f32", "bf16"],
+                    help="ggml-fa-run's --attention-precision")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -213,7 +220,8 @@ def main():
     print(f"model: {os.path.basename(paths[args.types[0]]).rsplit('-', 1)[0]}, {config['num_hidden_layers']} layers, "
           f"hidden {config['hidden_size']}; cpu: {cpu_name}, {os.cpu_count()} cores, {args.threads} threads; "
           f"prompt {args.prompt}, generation {args.gen}, mean of {args.reps} runs, "
-          f"ggml-fa --matmul-precision {args.matmul_precision}", flush=True)
+          f"ggml-fa --matmul-precision {args.matmul_precision} --attention-precision {args.attention_precision}",
+          flush=True)
 
     rows = []
     peer_build = ""

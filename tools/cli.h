@@ -77,12 +77,13 @@ inline Type kv_type(const std::string& name) {
     fail("--kv-type " + name + ": expected f16, f32 or q8_0");
 }
 
-// --matmul-precision f32|tf32|q8 (SessionOptions::matmul_precision)
+// --matmul-precision f32|tf32|q8|bf16 (SessionOptions::matmul_precision)
 inline MatMulPrecision precision(const std::string& name) {
     if (name == "f32") return MatMulPrecision::F32;
     if (name == "tf32") return MatMulPrecision::TF32;
     if (name == "q8") return MatMulPrecision::Q8;
-    fail("--matmul-precision " + name + ": expected f32, tf32 or q8");
+    if (name == "bf16") return MatMulPrecision::BF16;
+    fail("--matmul-precision " + name + ": expected f32, tf32, q8 or bf16");
 }
 
 // --attention-precision f32|bf16 (SessionOptions::attention_precision)

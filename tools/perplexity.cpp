@@ -43,7 +43,7 @@ void usage() {
                          "  --chunks N               score the first N chunks only (default: all)\n"
                          "  --backend cpu|cuda|vulkan, --gpu-layers N   where the weights live\n"
                          "  --kv-type f16|f32|q8_0   the KV cache (default f16)\n"
-                         "  --matmul-precision f32|tf32|q8   what products may give up for speed\n"
+                         "  --matmul-precision f32|tf32|q8|bf16   what products may give up for speed\n"
                          "  -t, --threads N          CPU threads (default: all cores)\n");
 }
 

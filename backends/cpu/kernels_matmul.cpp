@@ -23,10 +23,14 @@
 //    per weight, which on AVX2 keeps q4_0 below memory bandwidth; the price is rounding b to
 //    8 bits (about 0.5% relative error in these products, the same trade as ggml's), while
 //    the GEMM path for larger N stays exact in f32.
+//  * Pair GEMM (N >= kGemvMaxN, f32/f16/bf16 weights, MatMulPrecision::BF16, on CPUs with
+//    AVX512-BF16): both operands rounded to bf16 and multiplied in pairs along k (bf16_pairs.h),
+//    twice the f32 micro-kernel's multiplies per instruction.
 //  * Integer GEMM (N >= kGemvMaxN, every GGUF block type, on CPUs with AVX-512 VNNI): the
 //    weights stay integers and b is rounded to 16 bits (q6_K: 14) per block of 32, which
 //    doubles the multiply-adds per instruction against the f32 micro-kernel (see "quantized
 //    prompts"). The rounding costs about 1e-5 of relative error in a product (q6_K: 6e-5).
+#include "bf16_pairs.h"
 #include "cpu_kernels.h"
 #include "op_def.h"
 
@@ -1614,12 +1618,98 @@ void gemv(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) 
 
 // ---- kernels ----------------------------------------------------------------------------
 
+// ---- bf16 pair products (MatMulPrecision::BF16) -----------------------------------------------
+
+#if GFA_BF16_PAIRS
+// b's columns become bf16 rows of whole pairs (K rounded up to even); each worker then takes
+// panels of kPairPanel weight rows, packs them as pairs along k for 16-lane vectors (row m's
+// pair p at panel[p][m - m0]) and multiplies every column against them (bf16::gemm, columns of
+// b as the broadcast operand), through a panel of C that is copied into dst.
+constexpr int64_t kPairPanel = 16 * bf16::kNV;
+
+bool pair_gemm_applies(const Tensor* a, const Tensor* dst) {
+    return matmul_precision(dst) >= MatMulPrecision::BF16 &&
+           (a->type == Type::F32 || a->type == Type::F16 || a->type == Type::BF16) &&
+           a->nb[0] == a->element_size() && dst->is_contiguous();
+}
+
+// n f32 values to bf16 (round to nearest even), any n.
+void round_to_bf16(const float* x, uint16_t* out, int64_t n) {
+    const int64_t n16 = n / 16 * 16;
+    bf16::to_bf16(x, out, n16);
+    for (int64_t i = n16; i < n; ++i) out[i] = fp32_to_bf16(x[i]);
+}
+
+void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], B2 = b->ne[2], B3 = b->ne[3];
+    const int64_t K2 = K + K % 2, P = K2 / 2, batches = B2 * B3;
+    const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
+    // 1. the columns of b, as bf16 rows [batch][n][K2]
+    std::vector<uint16_t> cols(static_cast<size_t>(batches * N * K2));
+    ctx.pool.run([&](int ith, int nth) {
+        std::vector<float> x(static_cast<size_t>(K));
+        const auto [begin, end] = split_range(batches * N, ith, nth);
+        for (int64_t r = begin; r < end; ++r) {
+            const int64_t n = r % N, bi = r / N;
+            const char* col = static_cast<const char*>(b->data) + size_t(n) * b->nb[1] +
+                              size_t(bi % B2) * b->nb[2] + size_t(bi / B2) * b->nb[3];
+            for (int64_t k = 0; k < K; ++k)
+                x[size_t(k)] = *reinterpret_cast<const float*>(col + size_t(k) * b->nb[0]);
+            uint16_t* out = cols.data() + r * K2;
+            round_to_bf16(x.data(), out, K);
+            if (K2 > K) out[K] = 0;
+        }
+    });
+    // 2. panels of weight rows, shared out as (batch, panel) items
+    const TypeTraits& tt = type_traits(a->type);
+    const int64_t panels = (M + kPairPanel - 1) / kPairPanel;
+    ctx.pool.run([&](int ith, int nth) {
+        std::vector<uint32_t> packed(static_cast<size_t>(P * kPairPanel));
+        std::vector<float> row(static_cast<size_t>(K)), c(static_cast<size_t>(N * kPairPanel));
+        std::vector<uint16_t> row16(static_cast<size_t>(K2));
+        const auto [begin, end] = split_range(batches * panels, ith, nth);
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t bi = item / panels, m0 = item % panels * kPairPanel;
+            const int64_t i2 = bi % B2, i3 = bi / B2, rows = std::min(kPairPanel, M - m0);
+            const char* a_mat =
+                static_cast<const char*>(a->data) + size_t(i2 / r2) * a->nb[2] + size_t(i3 / r3) * a->nb[3];
+            if (rows < kPairPanel) std::fill(packed.begin(), packed.end(), 0u);
+            for (int64_t j = 0; j < rows; ++j) {
+                const char* src = a_mat + size_t(m0 + j) * a->nb[1];
+                if (a->type == Type::BF16) {
+                    std::memcpy(row16.data(), src, size_t(K) * 2);
+                } else {
+                    tt.to_float(src, row.data(), K);
+                    round_to_bf16(row.data(), row16.data(), K);
+                }
+                if (K2 > K) row16[size_t(K)] = 0;
+                for (int64_t p = 0; p < P; ++p)
+                    packed[size_t(p * kPairPanel + j)] =
+                        uint32_t(row16[size_t(2 * p)]) | uint32_t(row16[size_t(2 * p + 1)]) << 16;
+            }
+            const int64_t width = (rows + 15) / 16 * 16;
+            bf16::gemm(N, width, P, reinterpret_cast<const uint32_t*>(cols.data() + bi * N * K2), P, 1,
+                       packed.data(), kPairPanel, c.data(), kPairPanel, nullptr, false);
+            float* out = static_cast<float*>(dst->data) + size_t(bi * N) * size_t(M) + m0;
+            for (int64_t n = 0; n < N; ++n)
+                std::memcpy(out + n * M, c.data() + n * kPairPanel, size_t(rows) * sizeof(float));
+        }
+    });
+}
+#endif
+
 void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     if (b->ne[1] < kGemvMaxN) {
         gemv(ctx, a, b, dst);
         return;
     }
+#if GFA_BF16_PAIRS
+    if (pair_gemm_applies(a, dst)) {
+        pair_gemm(ctx, a, b, dst);
+        return;
+    }
+#endif
 #if GFA_INT_GEMM
     if (const IntGemmFn integer = int_gemm_for(a->type); integer && int_gemm_layout(a, b, dst)) {
         integer(ctx, a, b, dst);
@@ -1730,6 +1820,14 @@ bool supports_out_prod(const Tensor* dst) {
 }
 
 } // namespace
+
+bool bf16_pair_products() {
+#if GFA_BF16_PAIRS
+    return true;
+#else
+    return false;
+#endif
+}
 
 bool integer_quantized_prompts() {
     return GFA_INT_GEMM != 0;

@@ -780,7 +780,8 @@ Session::Session(const Model& model, const SessionOptions& options)
     if (s.options.n_batch <= 0) fail("session: n_batch must be positive");
     if (s.options.decode_window_step < 0) fail("session: decode_window_step must be 0 or positive");
     if (const MatMulPrecision p = s.options.matmul_precision;
-        p != MatMulPrecision::F32 && p != MatMulPrecision::TF32 && p != MatMulPrecision::Q8)
+        p != MatMulPrecision::F32 && p != MatMulPrecision::TF32 && p != MatMulPrecision::Q8 &&
+        p != MatMulPrecision::BF16)
         fail("session: unknown matmul_precision " + std::to_string(int(p)));
     if (const FlashAttnPrecision p = s.options.attention_precision;
         p != FlashAttnPrecision::F32 && p != FlashAttnPrecision::BF16)

@@ -234,7 +234,7 @@ void set_matmul_precision(Tensor* product, MatMulPrecision precision) {
         fail(std::string("set_matmul_precision: ") + op_name(product->op) +
              " is not a mul_mat, mul_mat_id or out_prod node");
     if (precision != MatMulPrecision::F32 && precision != MatMulPrecision::TF32 &&
-        precision != MatMulPrecision::Q8)
+        precision != MatMulPrecision::Q8 && precision != MatMulPrecision::BF16)
         fail("set_matmul_precision: unknown precision " + std::to_string(int(precision)));
     product->set_params(MatMulParams{precision});
 }
