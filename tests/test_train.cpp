@@ -125,7 +125,11 @@ TEST_CASE("training graph: gradients of every weight match finite differences", 
     });
     const llama::TrainingIo io = llama::build_training_graph(ctx, c, w, T, B);
     set_training_inputs(io, test::random_indices(size_t((T + 1) * B), int32_t(c.n_vocab)), T, B);
-    test::check_gradients(ctx, io.loss, weight_list(w), 2e-3, 1e-3, 24);
+    // The graph's gradients are f32 sums on the CPU, the finite differences double: over 40
+    // seeds the worst parameter was 3e-4..1.4e-3 off, and seed 486226055 put gemma3's third
+    // weight (24 sampled elements, a few of them carrying most of the gradient) at 2.8e-3. A
+    // wrong gradient is off by O(1).
+    test::check_gradients(ctx, io.loss, weight_list(w), 5e-3, 1e-3, 24);
 }
 
 TEST_CASE("Trainer: a step's gradients are the derivatives of its loss", "[train]") {
