@@ -290,13 +290,8 @@ void mul_mat_id_experts(const Check& check, double tol) {
                         INFO(type_name(type) << " K=" << K << " M=" << M << " E=" << E << " k=" << k
                                              << " T=" << T << " Nb=" << Nb);
                         Context ctx = data_ctx();
-                        Tensor* as = ctx.new_tensor(type, {K, M, E});
-                        Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
-                        Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
-                        fill_uniform(as);
-                        fill_uniform(b);
-                        set_i32(ids, expert_choices(E, k, T, T > 1 && k > 1));
-                        check(mul_mat_id(ctx, as, b, ids), tol);
+                        const ExpertInputs in = expert_inputs(ctx, type, K, M, E, Nb, k, T, T > 1 && k > 1);
+                        check(mul_mat_id(ctx, in.as, in.b, in.ids), tol);
                     }
     }
     // Strided inputs: b transposed (each value 3 apart), f16 experts one element into their

@@ -60,6 +60,16 @@ std::vector<int32_t> expert_choices(int64_t E, int64_t k, int64_t T, bool crowde
     return ids;
 }
 
+ExpertInputs expert_inputs(Context& ctx, Type type, int64_t K, int64_t M, int64_t E, int64_t Nb, int64_t k,
+                           int64_t T, bool crowded) {
+    ExpertInputs in{ctx.new_tensor(type, {K, M, E}), ctx.new_tensor(Type::F32, {K, Nb, T}),
+                    ctx.new_tensor(Type::I32, {k, T})};
+    fill_uniform(in.as);
+    fill_uniform(in.b);
+    set_i32(in.ids, expert_choices(E, k, T, crowded));
+    return in;
+}
+
 std::vector<float> cpu_dequantized(const Tensor* a) {
     const int64_t K = a->ne[0], rows = a->ne[1] * a->ne[2] * a->ne[3];
     std::vector<float> out(size_t(K * rows));

@@ -30,6 +30,13 @@ std::vector<int32_t> random_indices(size_t n, int32_t limit);
 // random order; with `crowded`, every token's first choice is expert 0, so one expert serves
 // every token (and gets many columns) while others get one or two.
 std::vector<int32_t> expert_choices(int64_t E, int64_t k, int64_t T, bool crowded);
+// mul_mat_id's inputs with random values: experts as [K, M, E] of `type`, b [K, Nb, T] f32 and
+// ids [k, T] from expert_choices(E, k, T, crowded).
+struct ExpertInputs {
+    Tensor *as, *b, *ids;
+};
+ExpertInputs expert_inputs(Context& ctx, Type type, int64_t K, int64_t M, int64_t E, int64_t Nb, int64_t k,
+                           int64_t T, bool crowded);
 
 // The GGUF block types the library reads and writes, and which every device backend decodes.
 inline constexpr Type kQuantTypes[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,

@@ -36,13 +36,8 @@ TEST_CASE("mul_mat_id multiplies each token's inputs by its chosen experts", "[m
                     INFO(type_name(type) << " K=" << K << " M=" << M << " E=" << E << " k=" << k << " T=" << T
                                          << " Nb=" << Nb);
                     Context ctx = data_ctx();
-                    Tensor* as = ctx.new_tensor(type, {K, M, E});
-                    Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
-                    Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
-                    fill_uniform(as);
-                    fill_uniform(b);
-                    gfa::test::set_i32(ids, gfa::test::expert_choices(E, k, T, crowded));
-                    Tensor* out = mul_mat_id(ctx, as, b, ids);
+                    const auto in = gfa::test::expert_inputs(ctx, type, K, M, E, Nb, k, T, crowded);
+                    Tensor* out = mul_mat_id(ctx, in.as, in.b, in.ids);
                     REQUIRE(out->ne == std::array<int64_t, kMaxDims>{M, k, T, 1});
                     // f32 and f16 weights: f32 products; block types: b rounded to 8 bits where
                     // an expert has fewer than 4 columns (as mul_mat rounds it).

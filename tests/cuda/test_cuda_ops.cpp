@@ -599,11 +599,7 @@ TEST_CASE("CUDA mul_mat_id multiplies each token's inputs by its chosen experts"
 
 TEST_CASE("CUDA mul_mat_id with an expert id out of range raises an error naming it", "[cuda][ops][moe]") {
     Context ctx = data_ctx();
-    Tensor* as = ctx.new_tensor(Type::Q8_0, {32, 3, 4});
-    Tensor* b = ctx.new_tensor(Type::F32, {32, 1, 5});
-    Tensor* ids = ctx.new_tensor(Type::I32, {2, 5});
-    fill_uniform(as);
-    fill_uniform(b);
+    const auto [as, b, ids] = test::expert_inputs(ctx, Type::Q8_0, 32, 3, 4, 1, 2, 5, false);
     Tensor* out = mul_mat_id(ctx, as, b, ids);
     const Graph g = build_forward(out);
     set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 4, 2, 2}); // 4 is one past the last expert
@@ -628,12 +624,7 @@ TEST_CASE("CUDA mul_mat_id gives a prompt the bits of its tokens run one at a ti
             INFO(type_name(type) << " Nb=" << Nb);
             const int64_t K = 256, M = 37, E = 6, k = 2, T = 29;
             Context ctx = data_ctx();
-            Tensor* as = ctx.new_tensor(type, {K, M, E});
-            Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
-            Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
-            fill_uniform(as);
-            fill_uniform(b);
-            set_i32(ids, test::expert_choices(E, k, T, true));
+            const auto [as, b, ids] = test::expert_inputs(ctx, type, K, M, E, Nb, k, T, true);
             Tensor* prompt = mul_mat_id(ctx, as, b, ids);
             const std::vector<float> all = run_on_cuda(build_forward(prompt), prompt);
             for (int64_t t = 0; t < T; ++t) {
@@ -667,22 +658,13 @@ TEST_CASE("CUDA mul_mat_id runs a prompt's experts on the tensor cores", "[cuda]
                 const int64_t K = 256, M = 75, E = 4, k = 2, T = 203;
                 INFO(type_name(c.type) << " Nb=" << Nb << " crowded=" << crowded);
                 Context ctx = data_ctx();
-                Tensor* as = ctx.new_tensor(c.type, {K, M, E});
-                Tensor* b = ctx.new_tensor(Type::F32, {K, Nb, T});
-                Tensor* ids = ctx.new_tensor(Type::I32, {k, T});
-                fill_uniform(as);
-                fill_uniform(b);
-                set_i32(ids, test::expert_choices(E, k, T, crowded));
-                check_cuda(mul_mat_id(ctx, as, b, ids), c.tol);
+                const auto in = test::expert_inputs(ctx, c.type, K, M, E, Nb, k, T, crowded);
+                check_cuda(mul_mat_id(ctx, in.as, in.b, in.ids), c.tol);
             }
     }
     // An expert id out of range in a prompt: reported like the others, the device fine after.
     Context ctx = data_ctx();
-    Tensor* as = ctx.new_tensor(Type::Q8_0, {64, 9, 3});
-    Tensor* b = ctx.new_tensor(Type::F32, {64, 1, 200});
-    Tensor* ids = ctx.new_tensor(Type::I32, {1, 200});
-    fill_uniform(as);
-    fill_uniform(b);
+    const auto [as, b, ids] = test::expert_inputs(ctx, Type::Q8_0, 64, 9, 3, 1, 1, 200, false);
     std::vector<int32_t> choice = test::expert_choices(3, 1, 200, false);
     choice[117] = 3;
     set_i32(ids, choice);

@@ -413,11 +413,7 @@ TEST_CASE("Vulkan mul_mat_id multiplies each token's inputs by its chosen expert
 TEST_CASE("Vulkan mul_mat_id with an expert id out of range raises an error naming it",
           "[vulkan][ops][moe]") {
     Context ctx = data_ctx();
-    Tensor* as = ctx.new_tensor(Type::Q8_0, {32, 3, 4});
-    Tensor* b = ctx.new_tensor(Type::F32, {32, 1, 5});
-    Tensor* ids = ctx.new_tensor(Type::I32, {2, 5});
-    fill_uniform(as);
-    fill_uniform(b);
+    const auto [as, b, ids] = test::expert_inputs(ctx, Type::Q8_0, 32, 3, 4, 1, 2, 5, false);
     set_i32(ids, {0, 1, 2, 3, 3, 0, 1, 4, 2, 2}); // 4 is one past the last expert
     CHECK_THROWS_WITH(run_on_vulkan(mul_mat_id(ctx, as, b, ids)),
                       Catch::Contains("Vulkan0") &&
