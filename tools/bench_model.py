@@ -5,7 +5,8 @@ ggml-fa-run beside Hugging Face transformers on the same GPU in the same run.
   bench_model.py --build BUILD_DIR [--types f16,q8_0,q4_0] [--prompt 512] [--gen 128]
                  [--graphs on|off|both] [--early on|off|both] [--profile] [--no-peer]
                  [--keep-gguf DIR] [--run-args "..."] [--sweep NAME=V1,V2,... [--rounds N]]
-                 [--layers N] [--ffn N] [--experts N --experts-used K]
+                 [--layers N] [--hidden N] [--heads N] [--kv-heads N] [--ffn N]
+                 [--experts N --experts-used K] [--llama-bench PATH]
 
 Needs torch and transformers (GPU machines). Prints one row per engine and weight type.
 --graphs (default on) picks CUDA graphs on, off (GFA_CUDA_GRAPHS=0) or both in turn; --early
@@ -15,8 +16,12 @@ transformers timing; --keep-gguf keeps the converted model files in DIR. --sweep
 ggml-fa once per value of the environment variable NAME, the values in turn, --rounds times
 over (an A/B comparison inside one run). --experts makes the model a Mixtral-style mixture
 (N experts of --ffn each per block, K per token; transformers' MixtralForCausalLM).
+--hidden/--heads/--kv-heads/--layers/--ffn change the shape (e.g. 8 layers of Llama-3-8B's:
+--hidden 4096 --kv-heads 8 --ffn 14336 --layers 8). --llama-bench also times llama.cpp's
+llama-bench (a CUDA build) on each file, every layer on the GPU with flash attention.
 """
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -43,14 +48,19 @@ def main():
     ap.add_argument("--run-args", default="", help="extra arguments for ggml-fa-run")
     ap.add_argument("--sweep", default="", help="NAME=V1,V2,...: one run per value of NAME")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the --sweep values")
+    ap.add_argument("--llama-bench", default="",
+                    help="llama.cpp's llama-bench built with CUDA: timed on the same files (-ngl 99 -fa on)")
     ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=5632, help="FFN width (of each expert with --experts)")
     ap.add_argument("--experts", type=int, default=0, help="a mixture of this many experts per block")
     ap.add_argument("--experts-used", type=int, default=2)
     args = ap.parse_args()
     # TinyLlama-1.1B's shape by default: 22 layers, hidden 2048, FFN 5632, 32 query / 4 KV heads.
-    shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    shape = dict(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=2048, rms_norm_eps=1e-5,
                  tie_word_embeddings=False)
     torch.manual_seed(0)
     if args.experts:
@@ -99,6 +109,9 @@ def main():
             if args.profile:
                 cmd.append("--profile")
             cmd += args.run_args.split()
+            weight_bytes = bytes_read_per_token(path)
+            if args.llama_bench:
+                rows.append(time_llama_bench(args, path, gtype))
             for graphs, early, value in settings:
                 env = dict(os.environ, GFA_CUDA_GRAPHS="1" if graphs == "on" else "0",
                            GFA_CUDA_EARLY_LAUNCH="1" if early == "on" else "0")
@@ -111,7 +124,9 @@ def main():
                 if value is not None:
                     label += f" {sweep_name.removeprefix('GFA_CUDA_')}={value}"
                 rows.append(("ggml-fa", label, pp, tg))
-                print(f"ggml-fa {label}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s", flush=True)
+                print(f"ggml-fa {label}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s "
+                      f"({weight_bytes / 1e9:.3f} GB of weights read per token: {weight_bytes * tg / 1e9:.0f} GB/s)",
+                      flush=True)
                 if args.profile:
                     start = r.stderr.find("profile:")
                     print(r.stderr[start:] if start >= 0 else r.stderr, flush=True)
@@ -120,6 +135,31 @@ def main():
     for eng, t, pp, tg in rows:
         print(f"{eng:14s} {t:40s} {pp:13.0f} {tg:10.1f}   ({pp / base_pp:.2f}x, {tg / base_tg:.2f}x)")
     return 0
+
+
+def bytes_read_per_token(path):
+    """The bytes of every tensor a decoded token reads whole: all but the token embeddings (one
+    row each). With the gguf package; the file's size where it is missing."""
+    try:
+        import gguf
+    except ImportError:
+        return os.path.getsize(path)
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+
+
+def time_llama_bench(args, path, gtype):
+    """llama.cpp's llama-bench on the same GGUF file, every layer on the GPU, flash attention on."""
+    cmd = [args.llama_bench, "-m", path, "-p", str(args.prompt), "-n", str(args.gen), "-ngl", "99", "-fa", "on",
+           "-r", "3", "-o", "json"]
+    r = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    pp = tg = float("nan")
+    for test in json.loads(r.stdout):
+        if test["n_prompt"] > 0 and test["n_gen"] == 0:
+            pp = float(test["avg_ts"])
+        elif test["n_gen"] > 0 and test["n_prompt"] == 0:
+            tg = float(test["avg_ts"])
+    print(f"llama.cpp {gtype}: prompt {pp:.0f} tok/s, generation {tg:.1f} tok/s", flush=True)
+    return ("llama.cpp", gtype, pp, tg)
 
 
 def time_transformers(model, prompt, args):

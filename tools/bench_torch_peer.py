@@ -4,7 +4,7 @@ With --mask, the causal cases instead take an explicit additive mask (0 / -inf, 
 by every head and batch entry), as bench_attn_cuda --mask does, through the SDPA kernels that
 accept one (memory-efficient attention, cuDNN); rows are named "<backend>-mask".
 
-    python3 tools/bench_torch_peer.py [--quick] [--decode-only | --mask] --csv FILE
+    python3 tools/bench_torch_peer.py [--quick] [--d D ...] [--decode-only | --no-decode | --mask] --csv FILE
 """
 import argparse
 import torch
@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-only", action="store_true", help="only the decoding table")
     ap.add_argument("--mask", action="store_true", help="causal attention through an explicit mask, no decoding")
+    ap.add_argument("--d", type=int, action="append", help="only this head dim (repeatable)")
+    ap.add_argument("--no-decode", action="store_true", help="no decoding table")
     ap.add_argument("--csv", required=True)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -45,7 +47,7 @@ def main():
     if args.mask:
         peers = (("efficient-mask", SDPBackend.EFFICIENT_ATTENTION), ("cudnn-mask", SDPBackend.CUDNN_ATTENTION))
     for name, backend in peers:
-        for d in (64, 128, 256):
+        for d in args.d or (64, 128, 256):
             for causal in (True,) if args.mask else (False, True):
                 for s in seqs:
                     b, h = 16384 // s, 2048 // d
@@ -73,7 +75,7 @@ def main():
                           flush=True)
                     out.write(f"fa,{name},bf16,{d},{s},{b},{h},{int(causal)},{fms:.4f},{ftf:.1f},{bms:.4f},{btf:.1f}\n")
                     del q, k, v, mask
-    if args.mask:
+    if args.mask or args.no_decode:
         out.close()
         return
     for batch, kv in ((1, 4096), (1, 65536), (8, 16384), (8, 65536)):
