@@ -34,6 +34,7 @@
 #include <cmath>
 #include <limits>
 #include <new>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -238,6 +239,23 @@ bool tile_is_partial(const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk
     return false;
 }
 
+// The columns of the transposed tiles (query rows) that see any key of [j0, j0 + nk), as a
+// range of whole 16-column groups [c0, c1) (empty: {0, 0}). Under a causal mask the rows
+// above the diagonal of a tile see none of its keys: they keep their state (probabilities 0,
+// rescale 1), so the tile's products and softmax leave their columns out.
+std::pair<int64_t, int64_t> seeing_columns(const RowInfo* rows, int64_t n_rows, int64_t j0, int64_t nk) {
+    int64_t first = n_rows, last = -1;
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const KeyRange& k = rows[r].keys;
+        if (std::max(k.lo, j0) <= std::min(k.hi, j0 + nk - 1)) {
+            first = std::min(first, r);
+            last = r;
+        }
+    }
+    if (last < 0) return {0, 0};
+    return {first / 16 * 16, round_up(last + 1, 16)};
+}
+
 void apply_softcap(float cap, float* st, int64_t nk, int64_t width, int64_t ld) {
     const vf8 cap2 = simd::splat(cap * kLog2e);
     for (int64_t j = 0; j < nk; ++j)
@@ -434,8 +452,8 @@ void finish_tile(const Problem& p, const QTile& tile, int64_t Dv8, ForwardWorksp
 // Online softmax of a score tile S^T (nk keys x `width` queries, a multiple of 8), 8 query
 // rows per vector: the new running max, the rescale factor alpha of each row, P = exp2(S - m)
 // in place, and the running sums.
-void online_softmax(ForwardWorkspace& ws, float* st, int64_t nk, int64_t width) {
-    for (int64_t r = 0; r < width; r += 8) {
+void online_softmax(ForwardWorkspace& ws, float* st, int64_t nk, int64_t width, int64_t first = 0) {
+    for (int64_t r = first; r < width; r += 8) {
         vf8 mx = simd::load(ws.m + r);
         for (int64_t j = 0; j < nk; ++j) mx = simd::max(mx, simd::load(st + j * ws.ldq + r));
         float m_new[8], m_use[8];
@@ -485,6 +503,11 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
     float* st = ws.st.data();
     for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t j0 = t * kTileKV, nk = std::min(kTileKV, p.Skv - j0);
+        // The rows that see the tile (the others keep their state, see seeing_columns).
+        auto [c0, c1] = seeing_columns(rows, n, j0, nk);
+        if (c1 == 0) continue; // no row sees it (split_key_tiles keeps to the seen range)
+        c1 = std::min(c1, n8);
+        const int64_t seeing_rows = std::min(n, c1) - c0;
 
         // Load K/V tile (converted to f32 unless already f32).
         const float* kt = ws.kbuf.data();
@@ -507,14 +530,16 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         }
 
         // S^T = K Q^T (key-major, base-2 units unless softcapped).
-        gemm(nk, n8, Dk, kt, k_ld, 1, ws.qt.data(), ws.ldq, st, ws.ldq, false);
-        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n8, ws.ldq);
+        gemm(nk, c1 - c0, Dk, kt, k_ld, 1, ws.qt.data() + c0, ws.ldq, st + c0, ws.ldq, false);
+        if (p.params.logit_softcap > 0.0f)
+            apply_softcap(p.params.logit_softcap, st + c0, nk, c1 - c0, ws.ldq);
 
         // Mask: ALiBi-scaled mask, causal/window band.
-        apply_mask(p, rows, n, j0, nk, st, 1, ws.ldq, tile_is_partial(rows, n, j0, nk));
+        apply_mask(p, rows + c0, seeing_rows, j0, nk, st + c0, 1, ws.ldq,
+                   tile_is_partial(rows + c0, seeing_rows, j0, nk));
 
-        online_softmax(ws, st, nk, n8);
-        for (int64_t r = 0; r < n; ++r) {
+        online_softmax(ws, st, nk, c1, c0);
+        for (int64_t r = c0; r < c0 + seeing_rows; ++r) {
             if (ws.alpha[r] == 1.0f) continue;
             const vf8 a = simd::splat(ws.alpha[r]);
             float* o = ws.oacc.data() + r * Dv8;
@@ -522,7 +547,7 @@ void forward_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, 
         }
 
         // O += P V (P read transposed out of st).
-        gemm(n, Dv8, nk, st, 1, ws.ldq, vt, v_ld, ws.oacc.data(), Dv8, true);
+        gemm(seeing_rows, Dv8, nk, st + c0, 1, ws.ldq, vt, v_ld, ws.oacc.data() + c0 * Dv8, Dv8, true);
     }
 
     finish_tile(p, tile, Dv8, ws, partial);
@@ -556,6 +581,9 @@ void forward_tile_pairs(const Problem& p, const ForwardPlan& plan, const QTile& 
     float* odd = even + std::max(Dk, plan.Dv8);
     for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t j0 = t * kTileKVPairs, nk = std::min(kTileKVPairs, p.Skv - j0), n_pairs = (nk + 1) / 2;
+        // The rows that see the tile (the others keep their state, see seeing_columns).
+        const auto [c0, c1] = seeing_columns(rows, n, j0, nk);
+        if (c1 == 0) continue; // no row sees it (split_key_tiles keeps to the seen range)
 
         // K's rows as bf16 pairs of dims.
         const uint32_t* kw = reinterpret_cast<const uint32_t*>(kb);
@@ -570,24 +598,29 @@ void forward_tile_pairs(const Problem& p, const ForwardPlan& plan, const QTile& 
             }
         }
 
-        // S^T = K Q^T, then the mask and the online softmax as in the f32 path.
-        bf16::gemm(nk, n16, Dk / 2, kw, k_words, 1, qp, ws.ldq, st, ws.ldq, nullptr, false);
-        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st, nk, n16, ws.ldq);
-        apply_mask(p, rows, n, j0, nk, st, 1, ws.ldq, tile_is_partial(rows, n, j0, nk));
-        online_softmax(ws, st, nk, n16);
+        // S^T = K Q^T over the seeing rows' columns, then the mask and the online softmax as in
+        // the f32 path.
+        const int64_t width = c1 - c0;
+        bf16::gemm(nk, width, Dk / 2, kw, k_words, 1, qp + c0, ws.ldq, st + c0, ws.ldq, nullptr, false);
+        if (p.params.logit_softcap > 0.0f) apply_softcap(p.params.logit_softcap, st + c0, nk, width, ws.ldq);
+        const int64_t mask_rows = std::min(n, c1) - c0;
+        apply_mask(p, rows + c0, mask_rows, j0, nk, st + c0, 1, ws.ldq,
+                   tile_is_partial(rows + c0, mask_rows, j0, nk));
+        online_softmax(ws, st, nk, c1, c0);
 
         // P^T and V with their keys in pairs (a missing odd key is zero).
         for (int64_t jp = 0; jp < n_pairs; ++jp) {
             const int64_t j = 2 * jp;
-            bf16::pack_pairs(st + j * ws.ldq, j + 1 < nk ? st + (j + 1) * ws.ldq : nullptr, pp + jp * ws.ldq,
-                             n16);
+            bf16::pack_pairs(st + j * ws.ldq + c0, j + 1 < nk ? st + (j + 1) * ws.ldq + c0 : nullptr,
+                             pp + jp * ws.ldq + c0, width);
             load_row(p.v.type, row_at(p.v, j0 + j, tile.g, tile.b), even, Dv, Dv);
             if (j + 1 < nk) load_row(p.v.type, row_at(p.v, j0 + j + 1, tile.g, tile.b), odd, Dv, Dv);
             bf16::pack_pairs(even, j + 1 < nk ? odd : nullptr, vp + jp * Dv, Dv);
         }
 
         // O^T = O^T alpha + V^T P^T: row c of O^T takes column c of V's key pairs.
-        bf16::gemm(Dv, n16, n_pairs, vp, 1, Dv, pp, ws.ldq, ws.ot.data(), ws.ldq, ws.alpha, true);
+        bf16::gemm(Dv, width, n_pairs, vp, 1, Dv, pp + c0, ws.ldq, ws.ot.data() + c0, ws.ldq, ws.alpha + c0,
+                   true);
     }
 
     for (int64_t r = 0; r < n; ++r)
@@ -1055,6 +1088,24 @@ size_t flash_attn_scratch_bytes(const Problem& p, int n_threads) {
            size_t(n_threads) * plan.tile_q * sizeof(RowInfo);
 }
 
+// The plan's tiles by decreasing work: query rows times the keys each sees (stable, so equal
+// tiles keep their order).
+std::vector<int64_t> tiles_longest_first(const Problem& p, const ForwardPlan& plan) {
+    std::vector<int64_t> work(plan.tiles.size());
+    for (size_t t = 0; t < plan.tiles.size(); ++t) {
+        const QTile& tile = plan.tiles[t];
+        for (int64_t i = tile.i0; i < tile.i0 + tile.ni; ++i) {
+            const KeyRange k = visible_keys(p.params, i, p.Sq, p.Skv);
+            work[t] += tile.nh * std::max<int64_t>(0, k.hi - k.lo + 1);
+        }
+    }
+    std::vector<int64_t> order(plan.tiles.size());
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return work[size_t(a)] > work[size_t(b)]; });
+    return order;
+}
+
 void flash_attn_forward(const Problem& p, ThreadPool& pool) {
     validate(p, "flash_attn_ext (CPU forward)");
     const int nth = pool.size();
@@ -1069,13 +1120,15 @@ void flash_attn_forward(const Problem& p, ThreadPool& pool) {
         return Partial{base, base + plan.tile_q, base + 2 * plan.tile_q};
     };
 
-    // Items are claimed dynamically (causal tiles differ in cost); each item owns its
-    // output rows (or its partial slot), so the result does not depend on who ran it.
+    // Items are claimed dynamically, the tiles that see the most keys first (causal tiles
+    // differ in cost; the short ones left for last even out the threads' ends). Each item owns
+    // its output rows (or its partial slot), so the result does not depend on who ran it.
+    const std::vector<int64_t> order = tiles_longest_first(p, plan);
     std::atomic<int64_t> next{0};
     pool.run([&](int, int) {
         ForwardWorkspace ws(p, plan);
         for (int64_t item; (item = next.fetch_add(1)) < n_items;) {
-            const int64_t tile = item / plan.splits, split = item % plan.splits;
+            const int64_t tile = order[size_t(item / plan.splits)], split = item % plan.splits;
             const Partial part = plan.splits == 1 ? Partial{} : partial_of(tile, split);
             const Partial* out = plan.splits == 1 ? nullptr : &part;
             if (plan.decode)
