@@ -21,15 +21,20 @@ namespace gfa {
 
 // Hyperparameters read from the file's metadata (keys "<arch>.*").
 struct ModelConfig {
-    // "llama", "granite", "qwen2", "qwen3", "qwen3moe", "phi3", "olmo2", "gemma2" or "gemma3"
+    // "llama", "granite", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "phi3", "olmo2", "gemma2" or "gemma3"
     std::string arch;
     int64_t n_vocab = 0;
     int64_t n_ctx_train = 0;
     int64_t n_embd = 0;
     int64_t n_layer = 0;
     int64_t n_ff = 0;          // of the feed-forward network, or of each expert's
-    int64_t n_expert = 0;      // a mixture of experts (Mixtral, Qwen3-MoE): experts per block; 0: dense
+    int64_t n_expert = 0;      // a mixture of experts (Mixtral, Qwen2/3-MoE): experts per block; 0: dense
     int64_t n_expert_used = 0; // experts each token runs through
+    // The chosen experts' outputs weighed by the softmax of their router logits (renormalized
+    // over the chosen: Mixtral, Qwen3-MoE); false: by their share of the softmax over all
+    // experts (Qwen2-MoE).
+    bool expert_weights_norm = true;
+    int64_t n_ff_shared = 0; // > 0: a shared expert of this width runs beside the chosen ones (qwen2moe)
     int64_t n_head = 0;
     int64_t n_head_kv = 0;
     int64_t head_dim = 0; // of keys and values

@@ -321,7 +321,7 @@ TEST_CASE("llama session: bf16 attention products move the prompt logits by bf16
     if (gfa::cpu::flash_attn_has_pair_products()) CHECK(err > 1e-5); // the products were rounded
 }
 
-// A mixture of experts (5 experts, 2 per token; Mixtral's llama files and Qwen3-MoE's): the
+// A mixture of experts (5 experts, 2 per token; Mixtral's llama files, Qwen2-MoE's and Qwen3-MoE's): the
 // whole prompt at once (where one expert gets several tokens' columns), in chunks, and token by
 // token (one column per expert) must give the same logits; the file's expert counts, widths
 // and tensors are checked.
@@ -339,12 +339,20 @@ TEST_CASE("llama session: a mixture of experts agrees in prefill, chunks and dec
         m.head_size = 16;
         m.dense_ff = 3 * m.ff + 4; // read by no block
     }
+    SECTION("qwen2moe: q/k/v biases, a gated shared expert, weights from the softmax over all experts") {
+        m.arch = "qwen2moe";
+        m.biases = true;
+        m.shared_ff = 2 * m.ff + 3;
+        m.dense_ff = 3 * m.ff + 4; // read by no block
+    }
     TempFile file{write_model(m, seed)};
     std::unique_ptr<Model> model = Model::load(file.path);
     CHECK(model->config().n_expert == 5);
     CHECK(model->config().n_expert_used == 2);
     CHECK(model->config().n_ff == m.ff);
     CHECK(model->config().qk_norm == (m.arch == "qwen3moe"));
+    CHECK(model->config().expert_weights_norm == (m.arch != "qwen2moe"));
+    CHECK(model->config().n_ff_shared == m.shared_ff);
     CHECK(model->config().rope.mode == (m.arch == "llama" ? RopeMode::Normal : RopeMode::NeoX));
     std::mt19937 rng(seed);
     std::vector<int32_t> tokens = random_tokens(rng, 13, m.vocab);
@@ -368,6 +376,14 @@ TEST_CASE("llama session: a mixture of experts agrees in prefill, chunks and dec
     bad.experts_used = 6;
     TempFile too_many{write_model(bad, seed)};
     CHECK_THROWS_WITH(Model::load(too_many.path), Catch::Contains("expert_used_count = 6 must be in [1, "));
+    if (m.arch == "qwen2moe") {
+        TempFile missing_shared{write_model(m, seed, "blk.1.ffn_down_shexp.weight")};
+        CHECK_THROWS_WITH(Model::load(missing_shared.path),
+                          Catch::Contains("blk.1.ffn_down_shexp.weight is missing"));
+        TempFile misshapen_gate{write_model(m, seed, "", "blk.0.ffn_gate_inp_shexp.weight")};
+        CHECK_THROWS_WITH(Model::load(misshapen_gate.path),
+                          Catch::Contains("blk.0.ffn_gate_inp_shexp.weight has shape"));
+    }
     if (m.arch == "qwen3moe") {
         // Without expert_feed_forward_length the experts share the dense width, as llama.cpp
         // reads such files.

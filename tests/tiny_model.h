@@ -33,13 +33,15 @@ struct TinyModel {
     int64_t sliding_window = 4;
     float attn_softcap = 5.0f, final_softcap = 3.0f;
     int64_t head_size = 0; // attention.key_length when > 0 (heads * head_size may differ from embd)
-    // A mixture of experts (Mixtral, or arch "qwen3moe") when experts > 0: a router and stacked
+    // A mixture of experts (Mixtral, or arch "qwen2moe" / "qwen3moe") when experts > 0: a router and stacked
     // expert matrices instead of ffn_gate/up/down, experts_used per token.
     int64_t experts = 0, experts_used = 0;
-    // qwen3moe: feed_forward_length holds dense_ff (the checkpoint's dense width) and
+    // qwen2moe, qwen3moe: feed_forward_length holds dense_ff (the checkpoint's dense width) and
     // expert_feed_forward_length ff, unless expert_ff_key is off.
     int64_t dense_ff = 0;
     bool expert_ff_key = true;
+    // qwen2moe: the shared expert's width (expert_shared_feed_forward_length)
+    int64_t shared_ff = 0;
     int64_t head_dim() const { return head_size > 0 ? head_size : embd / heads; }
 };
 
@@ -56,8 +58,10 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
     w.set(A + ".context_length", uint32_t(64));
     w.set(A + ".embedding_length", uint32_t(m.embd));
     w.set(A + ".block_count", uint32_t(m.layers));
-    w.set(A + ".feed_forward_length", uint32_t(A == "qwen3moe" ? m.dense_ff : m.ff));
-    if (A == "qwen3moe" && m.expert_ff_key) w.set(A + ".expert_feed_forward_length", uint32_t(m.ff));
+    const bool moe_arch = A == "qwen2moe" || A == "qwen3moe";
+    w.set(A + ".feed_forward_length", uint32_t(moe_arch ? m.dense_ff : m.ff));
+    if (moe_arch && m.expert_ff_key) w.set(A + ".expert_feed_forward_length", uint32_t(m.ff));
+    if (A == "qwen2moe") w.set(A + ".expert_shared_feed_forward_length", uint32_t(m.shared_ff));
     w.set(A + ".attention.head_count", uint32_t(m.heads));
     w.set(A + ".attention.head_count_kv", uint32_t(m.heads_kv));
     w.set(A + ".attention.layer_norm_rms_epsilon", 1e-5f);
@@ -147,6 +151,12 @@ inline std::string write_model(const TinyModel& m, uint32_t seed, const std::str
             add(b + "ffn_gate_exps.weight", {m.embd, m.ff, m.experts}, s);
             add(b + "ffn_up_exps.weight", {m.embd, m.ff, m.experts}, s);
             add(b + "ffn_down_exps.weight", {m.ff, m.embd, m.experts}, 1.0f / std::sqrt(float(m.ff)));
+            if (A == "qwen2moe") {
+                add(b + "ffn_gate_inp_shexp.weight", {m.embd}, 3 * s); // gates from near 0 to near 1
+                add(b + "ffn_gate_shexp.weight", {m.embd, m.shared_ff}, s);
+                add(b + "ffn_up_shexp.weight", {m.embd, m.shared_ff}, s);
+                add(b + "ffn_down_shexp.weight", {m.shared_ff, m.embd}, 1.0f / std::sqrt(float(m.shared_ff)));
+            }
         } else {
             add(b + "ffn_gate.weight", {m.embd, m.ff}, s);
             add(b + "ffn_up.weight", {m.embd, m.ff}, s);

@@ -53,9 +53,12 @@ def prepare_models(args, work):
     if args.tiny:
         name, shape = "tiny-random", TINY_SHAPE
     elif args.experts:
-        name = f"mixtral-shape-{args.layers}x{args.experts}e{args.experts_used}-random"
+        kind = f"qwen2moe-shape-s{args.shared_expert}" if args.shared_expert else "mixtral-shape"
+        name = f"{kind}-{args.layers}x{args.experts}e{args.experts_used}-random"
         shape = ["--layers", str(args.layers), "--ffn", str(args.ffn or 5632), "--experts", str(args.experts),
                  "--experts-used", str(args.experts_used)]
+        if args.shared_expert:
+            shape += ["--shared-expert", str(args.shared_expert)]
     elif args.layers == 22:
         name, shape = "tinyllama-1.1b-random", []
     else:
@@ -115,9 +118,12 @@ def check_logits(args, work, logits_peer):
     llama.cpp reads our tensor names, metadata, Q/K row order and quantized blocks as we
     mean them. Weights with std 0.1 make attention far from uniform, so a rotary or head
     layout mistake would show. Returns False on a mismatch."""
-    ckpt = os.path.join(work, "check-random" + (f"-{args.experts}e{args.experts_used}" if args.experts else ""))
+    ckpt = os.path.join(work, "check-random" + (f"-{args.experts}e{args.experts_used}" if args.experts else "") +
+                        (f"s{args.shared_expert}" if args.shared_expert else ""))
     if not os.path.exists(os.path.join(ckpt, "model.safetensors")):
         moe = ["--experts", str(args.experts), "--experts-used", str(args.experts_used)] if args.experts else []
+        if args.shared_expert:
+            moe += ["--shared-expert", str(args.shared_expert)]
         run([sys.executable, os.path.join(TOOLS, "make_random_llama.py"), ckpt, "--seed", "1", "--std", "0.1",
              "--vocab", "1000"] + TINY_SHAPE + moe)
     tokens = ",".join(map(str, np.random.default_rng(1).integers(0, 1000, 64).tolist()))
@@ -190,6 +196,8 @@ def main():
     ap.add_argument("--experts", type=int, default=0,
                     help="a Mixtral-shaped model: this many experts per block (with --layers, --ffn)")
     ap.add_argument("--experts-used", type=int, default=2)
+    ap.add_argument("--shared-expert", type=int, default=0,
+                    help="with --experts: Qwen2-MoE, a shared expert this wide beside them")
     ap.add_argument("--ffn", type=int, default=0, help="the FFN (each expert's) width (default 5632)")
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     ap.add_argument("--llama-bench", default="", help="a llama-bench binary to use instead of the built one")

@@ -5,10 +5,12 @@ given shape but not a trained one, on machines without torch.
 
   make_random_llama.py OUT_DIR [--layers 22] [--hidden 2048] [--ffn 5632] [--heads 32]
                        [--kv-heads 4] [--vocab 32000] [--ctx 2048] [--seed 0] [--std 0.02]
-                       [--experts N --experts-used K]
+                       [--experts N --experts-used K [--shared-expert W]]
 
 With --experts the checkpoint is Mixtral's (model_type mixtral): each block has a router and
-N experts of --ffn each, K of them per token.
+N experts of --ffn each, K of them per token. --shared-expert makes it Qwen2-MoE's (model_type
+qwen2_moe): q/k/v biases, and beside the experts a shared expert of width W whose output a
+per-token sigmoid gate scales.
 
 The defaults are TinyLlama-1.1B's shape (untied embeddings). Weights are drawn like
 transformers' Llama initialisation (normal, std 0.02; RMSNorm weights 1), so activations
@@ -37,7 +39,23 @@ def tensor_shapes(a):
             (p + "self_attn.v_proj.weight", (a.kv_heads * head_dim, a.hidden)),
             (p + "self_attn.o_proj.weight", (a.hidden, a.heads * head_dim)),
         ]
-        if a.experts:
+        if a.shared_expert:  # Qwen2-MoE
+            shapes += [
+                (p + "self_attn.q_proj.bias", (a.heads * head_dim,)),
+                (p + "self_attn.k_proj.bias", (a.kv_heads * head_dim,)),
+                (p + "self_attn.v_proj.bias", (a.kv_heads * head_dim,)),
+                (p + "mlp.gate.weight", (a.experts, a.hidden)),
+            ]
+            for e in range(a.experts):
+                q = p + f"mlp.experts.{e}."
+                shapes += [(q + "gate_proj.weight", (a.ffn, a.hidden)), (q + "up_proj.weight", (a.ffn, a.hidden)),
+                           (q + "down_proj.weight", (a.hidden, a.ffn))]
+            q = p + "mlp.shared_expert."
+            shapes += [(q + "gate_proj.weight", (a.shared_expert, a.hidden)),
+                       (q + "up_proj.weight", (a.shared_expert, a.hidden)),
+                       (q + "down_proj.weight", (a.hidden, a.shared_expert)),
+                       (p + "mlp.shared_expert_gate.weight", (1, a.hidden))]
+        elif a.experts:
             shapes.append((p + "block_sparse_moe.gate.weight", (a.experts, a.hidden)))
             for e in range(a.experts):
                 q = p + f"block_sparse_moe.experts.{e}."
@@ -72,7 +90,9 @@ def write_safetensors(path, shapes, rng, std):
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape in shapes:
-            if len(shape) == 1:  # RMSNorm weights start at 1
+            if name.endswith(".bias"):
+                values = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype("<f2")
+            elif len(shape) == 1:  # RMSNorm weights start at 1
                 values = np.ones(shape, dtype="<f2")
             else:
                 # Row blocks keep the f32 scratch small for the large matrices.
@@ -100,7 +120,12 @@ def main():
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the matrices")
     ap.add_argument("--experts", type=int, default=0, help="a mixture of this many experts per block (Mixtral)")
     ap.add_argument("--experts-used", type=int, default=2, help="experts per token")
+    ap.add_argument("--shared-expert", type=int, default=0, help="with --experts: Qwen2-MoE with a shared expert this wide")
     a = ap.parse_args()
+    if a.shared_expert and not a.experts:
+        ap.error("--shared-expert needs --experts")
+    if a.shared_expert < 0:
+        ap.error("--shared-expert must be positive")
     if a.experts and not 0 < a.experts_used <= a.experts:
         ap.error(f"--experts-used must be in [1, {a.experts}]")
     for name in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "ctx"):
@@ -132,7 +157,12 @@ def main():
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
-    if a.experts:
+    if a.shared_expert:
+        config.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=a.experts,
+                      num_experts_per_tok=a.experts_used, moe_intermediate_size=a.ffn,
+                      shared_expert_intermediate_size=a.shared_expert, norm_topk_prob=False, decoder_sparse_step=1,
+                      mlp_only_layers=[], use_sliding_window=False)
+    elif a.experts:
         config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=a.experts,
                       num_experts_per_tok=a.experts_used)
     with open(os.path.join(a.out_dir, "config.json"), "w") as f:

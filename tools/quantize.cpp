@@ -81,7 +81,8 @@ int main(int argc, char** argv) {
         for (const gguf::TensorInfo& t : in.tensors()) {
             std::vector<int64_t> dims(t.ne.begin(), t.ne.begin() + t.n_dims);
             const TypeTraits& in_traits = type_traits(t.type);
-            const bool router = t.name.find("ffn_gate_inp.weight") != std::string::npos;
+            const bool router =
+                t.name.find("ffn_gate_inp") != std::string::npos; // and Qwen2-MoE's shared gate
             const bool wanted = (t.n_dims == 2 || t.n_dims == 3) && t.type != target && !router &&
                                 std::find(keep.begin(), keep.end(), t.name) == keep.end();
             const bool possible = in_traits.to_float && t.ne[0] % out_traits.block_size == 0;

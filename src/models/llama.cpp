@@ -102,13 +102,16 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
 // A mixture of experts on h [n_embd, rows]: the router's logits pick each token's
 // n_expert_used experts (top_k), whose SwiGLU networks run through mul_mat_id; their outputs
 // are summed with the softmax of the chosen logits (the router's softmax renormalized over the
-// chosen experts, as Mixtral, and Qwen3-MoE with norm_topk_prob, weigh them).
+// chosen experts, as Mixtral, and Qwen3-MoE with norm_topk_prob, weigh them), or without
+// expert_weights_norm with the chosen experts' entries of the softmax over all (Qwen2-MoE).
 Tensor* experts(Context& ctx, const ModelConfig& cfg, const LayerWeights& L, Tensor* h) {
     const int64_t rows = h->ne[1], k = cfg.n_expert_used, E = h->ne[0];
-    Tensor* logits = mul_mat(ctx, L.ffn_gate_inp, h);                                   // [n_expert, rows]
-    Tensor* ids = top_k(ctx, logits, k);                                                // [k, rows]
-    Tensor* chosen = get_rows(ctx, reshape(ctx, logits, {1, cfg.n_expert, rows}), ids); // [1, k, rows]
-    Tensor* weights = soft_max(ctx, reshape(ctx, chosen, {k, rows}));
+    Tensor* logits = mul_mat(ctx, L.ffn_gate_inp, h); // [n_expert, rows]
+    Tensor* ids = top_k(ctx, logits, k);              // [k, rows]
+    Tensor* scores = cfg.expert_weights_norm ? logits : soft_max(ctx, logits);
+    Tensor* chosen = get_rows(ctx, reshape(ctx, scores, {1, cfg.n_expert, rows}), ids); // [1, k, rows]
+    Tensor* weights = reshape(ctx, chosen, {k, rows});
+    if (cfg.expert_weights_norm) weights = soft_max(ctx, weights);
     Tensor* x = reshape(ctx, h, {E, 1, rows});
     Tensor* gate = mul_mat_id(ctx, L.ffn_gate_exps, x, ids); // [n_ff, k, rows]
     Tensor* up = mul_mat_id(ctx, L.ffn_up_exps, x, ids);
@@ -128,6 +131,15 @@ Tensor* feed_forward(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
     Tensor *gate = nullptr, *up = nullptr;
     if (L.ffn_gate_inp) {
         Tensor* out = experts(ctx, cfg, L, h);
+        if (L.ffn_down_shexp) { // Qwen2-MoE's shared expert, gated per token
+            Tensor* shared =
+                mul_mat(ctx, L.ffn_down_shexp,
+                        swiglu(ctx, mul_mat(ctx, L.ffn_gate_shexp, h), mul_mat(ctx, L.ffn_up_shexp, h)));
+            // sigmoid(g) as (1 + tanh(g / 2)) / 2: no op of its own for one value per token
+            Tensor* g = mul_mat(ctx, L.ffn_gate_inp_shexp, h); // [1, rows]
+            g = scale(ctx, tanh(ctx, scale(ctx, g, 0.5f)), 0.5f, 0.5f);
+            out = add(ctx, out, mul(ctx, shared, g));
+        }
         if (cfg.residual_scale != 1.0f) out = scale(ctx, out, cfg.residual_scale);
         return add(ctx, x, out);
     }
@@ -339,35 +351,46 @@ ModelConfig llama::read_config(const gguf::File& f) {
     const gguf::Value* arch = f.metadata().find("general.architecture");
     if (!arch) fail("model: the file has no general.architecture");
     c.arch = arch->as_string();
-    if (c.arch != "llama" && c.arch != "granite" && c.arch != "qwen2" && c.arch != "qwen3" &&
-        c.arch != "qwen3moe" && c.arch != "phi3" && c.arch != "olmo2" && c.arch != "gemma2" &&
-        c.arch != "gemma3")
+    if (c.arch != "llama" && c.arch != "granite" && c.arch != "qwen2" && c.arch != "qwen2moe" &&
+        c.arch != "qwen3" && c.arch != "qwen3moe" && c.arch != "phi3" && c.arch != "olmo2" &&
+        c.arch != "gemma2" && c.arch != "gemma3")
         fail("model: architecture \"" + c.arch +
-             "\" is not supported (llama, granite, qwen2, qwen3, qwen3moe, phi3, olmo2, gemma2 and gemma3 "
-             "are)");
+             "\" is not supported (llama, granite, qwen2, qwen2moe, qwen3, qwen3moe, phi3, olmo2, gemma2 and "
+             "gemma3 are)");
     const std::string p = c.arch + ".";
     c.n_embd = meta_int(f, p + "embedding_length");
     c.n_layer = meta_int(f, p + "block_count");
-    // qwen3moe files hold the checkpoint's dense width there, which no block uses (their
-    // experts' width is read below).
-    c.n_ff = c.arch == "qwen3moe" ? 0 : meta_int(f, p + "feed_forward_length");
-    // Every block of a qwen3moe file is a mixture, so its expert counts are required.
-    if (f.metadata().find(p + "expert_count") || c.arch == "qwen3moe") {
+    // qwen2moe and qwen3moe files hold the checkpoint's dense width there, which no block uses
+    // (their experts' width is read below).
+    const bool moe_arch = c.arch == "qwen2moe" || c.arch == "qwen3moe";
+    c.n_ff = moe_arch ? 0 : meta_int(f, p + "feed_forward_length");
+    // Every block of a qwen2moe or qwen3moe file is a mixture, so its expert counts are required.
+    if (f.metadata().find(p + "expert_count") || moe_arch) {
         c.n_expert = meta_int(f, p + "expert_count");
         c.n_expert_used = meta_int(f, p + "expert_used_count");
-        if (c.arch != "llama" && c.arch != "qwen3moe")
+        if (c.arch != "llama" && !moe_arch)
             fail("model: experts (" + p +
-                 "expert_count) are supported in llama (Mixtral) and qwen3moe files, not " + c.arch);
+                 "expert_count) are supported in llama (Mixtral), qwen2moe and qwen3moe files, not " +
+                 c.arch);
         if (c.n_expert < 1 || c.n_expert_used < 1 || c.n_expert_used > c.n_expert)
             fail("model: " + p + "expert_used_count = " + std::to_string(c.n_expert_used) +
                  " must be in [1, " + p + "expert_count = " + std::to_string(c.n_expert) + "]");
     }
-    if (c.arch == "qwen3moe") {
+    if (moe_arch) {
         // The experts' width is expert_feed_forward_length; files without that key are read as
         // llama.cpp reads them, the dense width shared among the experts a token runs.
         const std::string key = p + "expert_feed_forward_length";
         c.n_ff = f.metadata().find(key) ? meta_int(f, key)
                                         : meta_int(f, p + "feed_forward_length") / c.n_expert_used;
+    }
+    if (c.arch == "qwen2moe") {
+        // Qwen2-MoE weighs the chosen experts by their share of the softmax over all of them and
+        // adds a shared expert, whose width defaults (as llama.cpp reads such files) to the
+        // dense width.
+        c.expert_weights_norm = false;
+        const std::string key = p + "expert_shared_feed_forward_length";
+        c.n_ff_shared = meta_int(f, f.metadata().find(key) ? key : p + "feed_forward_length");
+        if (c.n_ff_shared <= 0) fail("model: " + key + " must be positive");
     }
     c.n_head = meta_int(f, p + "attention.head_count");
     c.n_head_kv = meta_int(f, p + "attention.head_count_kv", c.n_head);
@@ -662,6 +685,12 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             L.ffn_gate_exps = expert_weights(b + "ffn_gate_exps.weight", E, c.n_ff, where);
             L.ffn_up_exps = expert_weights(b + "ffn_up_exps.weight", E, c.n_ff, where);
             L.ffn_down_exps = expert_weights(b + "ffn_down_exps.weight", c.n_ff, E, where);
+            if (c.n_ff_shared > 0) {
+                L.ffn_gate_inp_shexp = weight(b + "ffn_gate_inp_shexp.weight", {E}, where);
+                L.ffn_gate_shexp = weight(b + "ffn_gate_shexp.weight", {E, c.n_ff_shared}, where);
+                L.ffn_up_shexp = weight(b + "ffn_up_shexp.weight", {E, c.n_ff_shared}, where);
+                L.ffn_down_shexp = weight(b + "ffn_down_shexp.weight", {c.n_ff_shared, E}, where);
+            }
         } else {
             checked(b + "ffn_gate.weight", {E, c.n_ff});
             checked(b + "ffn_up.weight", {E, c.n_ff});

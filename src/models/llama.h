@@ -26,6 +26,10 @@ struct LayerWeights {
     // [n_embd, n_ff, n_expert] (gate, up) and [n_ff, n_embd, n_expert] (down).
     Tensor* ffn_gate_inp = nullptr;
     Tensor *ffn_gate_exps = nullptr, *ffn_up_exps = nullptr, *ffn_down_exps = nullptr;
+    // Qwen2-MoE's shared expert, a SwiGLU network every token runs ([n_embd, n_ff_shared] gate
+    // and up, [n_ff_shared, n_embd] down), its output scaled by sigmoid(ffn_gate_inp_shexp . x).
+    Tensor *ffn_gate_shexp = nullptr, *ffn_up_shexp = nullptr, *ffn_down_shexp = nullptr;
+    Tensor* ffn_gate_inp_shexp = nullptr; // [n_embd]
     Tensor* rope_factors = nullptr; // rope_freqs.weight (Llama 3.1 style), the copy on this block's device
     // Phi-3 LongRoPE: rope_factors holds rope_factors_short.weight, this rope_factors_long.weight,
     // used in sessions longer than ModelConfig::rope_ctx_orig.

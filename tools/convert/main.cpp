@@ -42,7 +42,8 @@ struct HParams {
     int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t n_ctx_train = 0;
     int64_t n_expert = 0, n_expert_used = 0; // Mixtral, Qwen3-MoE: experts per block, experts per token
-    int64_t n_ff_expert = 0;                 // Qwen3-MoE: each expert's width (n_ff: the dense one)
+    int64_t n_ff_expert = 0;                 // Qwen2/3-MoE: each expert's width (n_ff: the dense one)
+    int64_t n_ff_shared = 0;                 // Qwen2-MoE: the shared expert's width
     double rope_theta = 10000.0, norm_eps = 1e-6;
     double rope_linear_factor = 0.0; // 0: no scaling
     // Llama 3.1 style ("rope_type": "llama3"): low frequencies slowed by `factor`, high ones
@@ -241,13 +242,15 @@ HParams read_config(const std::filesystem::path& dir) {
         h.arch = h.model_type;
     else if (h.model_type == "qwen3_moe")
         h.arch = "qwen3moe";
+    else if (h.model_type == "qwen2_moe")
+        h.arch = "qwen2moe";
     else if (h.model_type == "gemma3_text")
         h.arch = "gemma3";
     else
-        gfa::fail(
-            "config.json: model_type \"" + h.model_type +
-            "\" is not supported (llama, mistral, mixtral, granite, qwen2, qwen3, qwen3_moe, phi3, olmo2, "
-            "gemma2, gemma3_text are)");
+        gfa::fail("config.json: model_type \"" + h.model_type +
+                  "\" is not supported (llama, mistral, mixtral, granite, qwen2, qwen2_moe, qwen3, "
+                  "qwen3_moe, phi3, "
+                  "olmo2, gemma2, gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -265,7 +268,8 @@ HParams read_config(const std::filesystem::path& dir) {
     h.tied = optional_or<bool>(cfg, "tie_word_embeddings", false);
     read_rope(cfg, h);
     h.n_rot = h.head_dim;
-    if (h.model_type == "mixtral" || h.model_type == "qwen3_moe") {
+    const bool qwen_moe = h.model_type == "qwen2_moe" || h.model_type == "qwen3_moe";
+    if (h.model_type == "mixtral" || qwen_moe) {
         // Mixtral's count is num_local_experts; Qwen3-MoE's num_experts as transformers 4.x
         // writes it, num_local_experts as 5.x does.
         const bool mixtral = h.model_type == "mixtral";
@@ -277,24 +281,33 @@ HParams read_config(const std::filesystem::path& dir) {
             gfa::fail("config.json: num_experts_per_tok (" + std::to_string(h.n_expert_used) +
                       ") must be in [1, " + experts + " = " + std::to_string(h.n_expert) + "]");
     }
-    if (h.model_type == "qwen3_moe") {
+    if (qwen_moe) {
         h.n_ff_expert = required<int64_t>(cfg, "moe_intermediate_size");
         if (h.n_ff_expert <= 0) gfa::fail("config.json: moe_intermediate_size must be positive");
-        // GGUF readers make every block a mixture and weigh the chosen experts by the softmax of
-        // their logits alone. transformers makes a block dense where decoder_sparse_step or
-        // mlp_only_layers say so, and without norm_topk_prob (false by default) weighs each chosen
-        // expert by its share of the softmax over all experts.
+        // GGUF readers make every block a mixture; for qwen3moe they weigh the chosen experts by
+        // the softmax of their logits alone, for qwen2moe by their share of the softmax over all
+        // experts. transformers makes a block dense where decoder_sparse_step or mlp_only_layers
+        // say so, and renormalizes the chosen experts' weights with norm_topk_prob (false by
+        // default).
         const int64_t step = optional_or<int64_t>(cfg, "decoder_sparse_step", 1);
         if (step != 1)
             gfa::fail("config.json: decoder_sparse_step " + std::to_string(step) +
-                      " makes some layers dense; GGUF files of qwen3moe have experts in every layer");
+                      " makes some layers dense; GGUF files of " + h.arch + " have experts in every layer");
         if (!optional_or<std::vector<int64_t>>(cfg, "mlp_only_layers", {}).empty())
-            gfa::fail(
-                "config.json: mlp_only_layers names dense layers; GGUF files of qwen3moe have experts in "
-                "every layer");
-        if (!optional_or<bool>(cfg, "norm_topk_prob", false))
+            gfa::fail("config.json: mlp_only_layers names dense layers; GGUF files of " + h.arch +
+                      " have experts in every layer");
+        const bool norm_topk = optional_or<bool>(cfg, "norm_topk_prob", false);
+        if (h.arch == "qwen3moe" && !norm_topk)
             gfa::fail("config.json: norm_topk_prob is false (or missing, which transformers reads as false): "
                       "GGUF readers renormalize the chosen experts' weights");
+        if (h.arch == "qwen2moe" && norm_topk)
+            gfa::fail(
+                "config.json: norm_topk_prob is true: GGUF readers of qwen2moe weigh the chosen experts by "
+                "their share of the softmax over all experts, without renormalizing");
+    }
+    if (h.arch == "qwen2moe") {
+        h.n_ff_shared = required<int64_t>(cfg, "shared_expert_intermediate_size");
+        if (h.n_ff_shared <= 0) gfa::fail("config.json: shared_expert_intermediate_size must be positive");
     }
     if (h.arch == "granite") {
         h.embedding_multiplier = optional_or<double>(cfg, "embedding_multiplier", 1.0);
@@ -362,7 +375,7 @@ HParams read_config(const std::filesystem::path& dir) {
     }
     // Qwen's optional sliding windows (on the layers from max_window_layers on) have no GGUF
     // keys; llama.cpp's readers attend over everything.
-    if ((h.arch == "qwen2" || h.arch == "qwen3" || h.arch == "qwen3moe") &&
+    if ((h.arch == "qwen2" || h.arch == "qwen2moe" || h.arch == "qwen3" || h.arch == "qwen3moe") &&
         optional_or<bool>(cfg, "use_sliding_window", false))
         gfa::fail("config.json: use_sliding_window is true; GGUF files of " + h.arch +
                   " cannot say which layers are windowed");
@@ -407,8 +420,19 @@ std::string gguf_name(const std::string& hf, const std::string& arch) {
             return "blk." + std::string(m[1]) + ".attn_q_norm.weight";
         if (qk_norm && rest == "self_attn.k_norm.weight")
             return "blk." + std::string(m[1]) + ".attn_k_norm.weight";
-        if (rest == "block_sparse_moe.gate.weight" || (arch == "qwen3moe" && rest == "mlp.gate.weight"))
+        const bool qwen_moe = arch == "qwen2moe" || arch == "qwen3moe";
+        if (rest == "block_sparse_moe.gate.weight" || (qwen_moe && rest == "mlp.gate.weight"))
             return "blk." + std::string(m[1]) + ".ffn_gate_inp.weight";
+        // Qwen2-MoE's shared expert and its gate
+        static const std::pair<const char*, const char*> shared[] = {
+            {"mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"},
+            {"mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight"},
+            {"mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight"},
+            {"mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight"},
+        };
+        if (arch == "qwen2moe")
+            for (const auto& [from, to] : shared)
+                if (rest == from) return "blk." + std::string(m[1]) + "." + to;
         static const std::pair<const char*, const char*> table[] = {
             {"input_layernorm.weight", "attn_norm.weight"},
             {"self_attn.q_proj.weight", "attn_q.weight"},
@@ -457,10 +481,10 @@ gfa::Type parse_type(const std::string& s) {
 }
 
 // 1-d tensors (norms, biases) stay f32, as in llama.cpp, and so does a mixture's router
-// (ffn_gate_inp): rounding it would move tokens between experts. A matrix whose rows do not fill
-// whole quantization blocks falls back to f16.
+// (ffn_gate_inp, and Qwen2-MoE's shared-expert gate): rounding it would move tokens between experts. A matrix
+// whose rows do not fill whole quantization blocks falls back to f16.
 gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0, const std::string& name) {
-    if (n_dims < 2 || name.find("ffn_gate_inp.weight") != std::string::npos) return gfa::Type::F32;
+    if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos) return gfa::Type::F32;
     const auto& tr = gfa::type_traits(wanted);
     if (ne0 % tr.block_size != 0) return gfa::Type::F16;
     return wanted;
@@ -663,6 +687,7 @@ int run(int argc, char** argv) {
         w.set(A + ".expert_used_count", uint32_t(h.n_expert_used));
     }
     if (h.n_ff_expert > 0) w.set(A + ".expert_feed_forward_length", uint32_t(h.n_ff_expert));
+    if (h.n_ff_shared > 0) w.set(A + ".expert_shared_feed_forward_length", uint32_t(h.n_ff_shared));
     if (h.arch == "phi3" && h.sliding_window > 0)
         w.set(A + ".attention.sliding_window", uint32_t(h.sliding_window));
     if (h.arch == "granite") {
@@ -821,6 +846,10 @@ int run(int argc, char** argv) {
     if (h.arch == "gemma2" || h.arch == "gemma3" || h.arch == "olmo2")
         for (int64_t l = 0; l < h.n_layer; ++l)
             for (const char* s : {"post_attention_norm", "post_ffw_norm"})
+                needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
+    if (h.arch == "qwen2moe")
+        for (int64_t l = 0; l < h.n_layer; ++l)
+            for (const char* s : {"ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"})
                 needed.push_back("blk." + std::to_string(l) + "." + s + ".weight");
     if (h.arch == "gemma3" || h.arch == "qwen3" || h.arch == "qwen3moe" || h.arch == "olmo2")
         for (int64_t l = 0; l < h.n_layer; ++l)
