@@ -1,7 +1,10 @@
 // quantize: rewrites the weight matrices of a GGUF file (2-d, and the 3-d stacks of a mixture's
 // experts) in another element type and keeps everything else unchanged: metadata, 1-d tensors
-// such as norms, tensors whose rows do not fit the target's block size, and a mixture's router
-// (ffn_gate_inp), whose few rows decide which experts run, as llama.cpp keeps it too.
+// such as norms, tensors whose rows fit neither the target's block size nor its fallback's,
+// and a mixture's router (ffn_gate_inp), whose few rows decide which experts run, as llama.cpp
+// keeps it too. A K format's fallback, for rows that are not whole blocks of 256 but are of 32
+// (Qwen2-MoE's experts of width 1408, say), is the block type llama.cpp's quantizer picks for
+// them: q2_K, q3_K, iq4_xs -> iq4_nl; q4_K -> q5_0; q5_K -> q5_1; q6_K -> q8_0.
 //
 //   quantize IN.gguf OUT.gguf TYPE [--keep NAME]... [-t THREADS]
 //
@@ -18,6 +21,7 @@
 #include <deque>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -38,6 +42,24 @@ Type parse_type(const std::string& name) {
     message += "' (one of:";
     for (Type t : kTargets) (message += ' ') += type_name(t);
     fail(message + ")");
+}
+
+// The block type for rows the target's blocks do not divide (nullopt: none; keep the tensor).
+std::optional<Type> fallback_for(Type target) {
+    switch (target) {
+    case Type::Q2_K:
+    case Type::Q3_K:
+    case Type::IQ4_XS:
+        return Type::IQ4_NL;
+    case Type::Q4_K:
+        return Type::Q5_0;
+    case Type::Q5_K:
+        return Type::Q5_1;
+    case Type::Q6_K:
+        return Type::Q8_0;
+    default:
+        return std::nullopt;
+    }
 }
 
 int usage() {
@@ -69,7 +91,6 @@ int main(int argc, char** argv) {
     try {
         const auto start = std::chrono::steady_clock::now();
         const Type target = parse_type(args[2]);
-        const TypeTraits& out_traits = type_traits(target);
         const gguf::File in = gguf::File::open(args[0]);
 
         gguf::Writer out;
@@ -77,13 +98,19 @@ int main(int argc, char** argv) {
         out.set("general.file_type", gguf::file_type_of(target));
 
         std::deque<std::vector<uint8_t>> converted; // stable storage until the write
-        size_t bytes_in = 0, bytes_out = 0, n_converted = 0;
+        size_t bytes_in = 0, bytes_out = 0, n_converted = 0, n_fallback = 0;
         for (const gguf::TensorInfo& t : in.tensors()) {
             std::vector<int64_t> dims(t.ne.begin(), t.ne.begin() + t.n_dims);
             const TypeTraits& in_traits = type_traits(t.type);
             const bool router =
                 t.name.find("ffn_gate_inp") != std::string::npos; // and Qwen2-MoE's shared gate
-            const bool wanted = (t.n_dims == 2 || t.n_dims == 3) && t.type != target && !router &&
+            Type type = target;
+            if (const std::optional<Type> fallback = fallback_for(target);
+                fallback && t.ne[0] % type_traits(target).block_size != 0 &&
+                t.ne[0] % type_traits(*fallback).block_size == 0)
+                type = *fallback;
+            const TypeTraits& out_traits = type_traits(type);
+            const bool wanted = (t.n_dims == 2 || t.n_dims == 3) && t.type != type && !router &&
                                 std::find(keep.begin(), keep.end(), t.name) == keep.end();
             const bool possible = in_traits.to_float && t.ne[0] % out_traits.block_size == 0;
             bytes_in += t.nbytes;
@@ -93,7 +120,7 @@ int main(int argc, char** argv) {
                 continue;
             }
             // Row by row: the float copy of a whole matrix is never needed.
-            const size_t in_row = row_size(t.type, t.ne[0]), out_row = row_size(target, t.ne[0]);
+            const size_t in_row = row_size(t.type, t.ne[0]), out_row = row_size(type, t.ne[0]);
             const int64_t rows = t.ne[1] * (t.n_dims == 3 ? t.ne[2] : 1);
             std::vector<uint8_t>& q = converted.emplace_back(out_row * size_t(rows));
             // Rows are independent: each thread encodes a contiguous range into its own bytes. An
@@ -121,15 +148,21 @@ int main(int argc, char** argv) {
                 encode_rows(0, rows / n_workers);
             } // joins
             if (error) std::rethrow_exception(error);
-            out.add_tensor_view(t.name, target, dims, q.data(), q.size());
+            out.add_tensor_view(t.name, type, dims, q.data(), q.size());
             bytes_out += q.size();
             ++n_converted;
+            if (type != target) ++n_fallback;
         }
         out.write(args[1]);
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        std::printf("%s: %zu of %zu tensors to %s, %.2f MiB -> %.2f MiB in %.2f s\n", args[1].c_str(),
-                    n_converted, in.tensors().size(), std::string(out_traits.name).c_str(),
-                    bytes_in / 1048576.0, bytes_out / 1048576.0, secs);
+        std::string fallback_note;
+        if (n_fallback > 0)
+            fallback_note = " (" + std::to_string(n_fallback) + " of them to " +
+                            std::string(type_name(*fallback_for(target))) + ": rows not whole blocks of " +
+                            std::to_string(type_traits(target).block_size) + ")";
+        std::printf("%s: %zu of %zu tensors to %s%s, %.2f MiB -> %.2f MiB in %.2f s\n", args[1].c_str(),
+                    n_converted, in.tensors().size(), std::string(type_name(target)).c_str(),
+                    fallback_note.c_str(), bytes_in / 1048576.0, bytes_out / 1048576.0, secs);
     } catch (const Error& e) {
         std::fprintf(stderr, "quantize: %s\n", e.what());
         return 1;
