@@ -145,7 +145,11 @@ void check_case(const FaCase& c, bool grad, Backend& vk, Backend& cpu) {
             CHECK(std::isfinite(n.error));
             continue;
         }
-        const double tol = n.node->nelements() <= 8 ? std::max(c.tolerance(), 1e-4) : c.tolerance();
+        double tol = n.node->nelements() <= 8 ? std::max(c.tolerance(), 1e-4) : c.tolerance();
+        // The backward's dS = P (dP - D) subtracts nearly equal f32 values where one key takes
+        // almost all of a row's weight (seed 3605351197: one key beside a sink, dQ 1.1e-5 from
+        // the double reference; other seeds ~1e-6): f32 gradients get 1e-4.
+        if (n.node->op == Op::FlashAttnBack && c.out == Type::F32) tol = std::max(tol, 1e-4);
         INFO("tolerance " << tol);
         CHECK(n.error <= tol);
     }
