@@ -41,7 +41,7 @@ struct HParams {
     std::string model_type;
     int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t n_ctx_train = 0;
-    int64_t n_expert = 0, n_expert_used = 0; // Mixtral, Qwen3-MoE: experts per block, experts per token
+    int64_t n_expert = 0, n_expert_used = 0; // Mixtral, Qwen2/3-MoE: experts per block, experts per token
     int64_t n_ff_expert = 0;                 // Qwen2/3-MoE: each expert's width (n_ff: the dense one)
     int64_t n_ff_shared = 0;                 // Qwen2-MoE: the shared expert's width
     double rope_theta = 10000.0, norm_eps = 1e-6;
@@ -249,8 +249,7 @@ HParams read_config(const std::filesystem::path& dir) {
     else
         gfa::fail("config.json: model_type \"" + h.model_type +
                   "\" is not supported (llama, mistral, mixtral, granite, qwen2, qwen2_moe, qwen3, "
-                  "qwen3_moe, phi3, "
-                  "olmo2, gemma2, gemma3_text are)");
+                  "qwen3_moe, phi3, olmo2, gemma2, gemma3_text are)");
     h.n_vocab = required<int64_t>(cfg, "vocab_size");
     h.n_embd = required<int64_t>(cfg, "hidden_size");
     h.n_ff = required<int64_t>(cfg, "intermediate_size");
@@ -481,8 +480,8 @@ gfa::Type parse_type(const std::string& s) {
 }
 
 // 1-d tensors (norms, biases) stay f32, as in llama.cpp, and so does a mixture's router
-// (ffn_gate_inp, and Qwen2-MoE's shared-expert gate): rounding it would move tokens between experts. A matrix
-// whose rows do not fill whole quantization blocks falls back to f16.
+// (ffn_gate_inp, and Qwen2-MoE's shared-expert gate): rounding it would move tokens between
+// experts. A matrix whose rows do not fill whole quantization blocks falls back to f16.
 gfa::Type storage_type(gfa::Type wanted, int n_dims, int64_t ne0, const std::string& name) {
     if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos) return gfa::Type::F32;
     const auto& tr = gfa::type_traits(wanted);
