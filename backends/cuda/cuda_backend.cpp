@@ -301,6 +301,14 @@ bool cuda::early_launch_enabled() {
     return !(v && std::strcmp(v, "0") == 0);
 }
 
+bool cuda::decode_experiment(int bit) {
+    static const int mask = [] {
+        const char* v = std::getenv("GFA_CUDA_EXP");
+        return v ? std::atoi(v) : 0;
+    }();
+    return (mask >> bit) & 1;
+}
+
 namespace {
 
 // GFA_CUDA_OP_TIMES=1: the backend adds up the host time it spends enqueueing each op

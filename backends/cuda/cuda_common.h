@@ -122,6 +122,19 @@ Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i);
 // of k and v), starting at nodes[i]; the run reads its nodes from ComputeCtx::fused.
 Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i);
 
+// The matrix-vector product with quantized weights (quant_matmul.h) computes this mul_mat:
+// a of a block type, at most kQuantMatvecMaxColumns columns of f32 b.
+bool takes_quant_matvec(const Tensor* mul_mat);
+// Computes a mul_mat node (and the fused swiglu `glu` behind it, else null). Where b's
+// columns were already written in their int8 form (quant_matmul.h) at `quantized_b`, the
+// quantized matrix-vector product reads them there instead of rounding b itself.
+void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu,
+                     const void* quantized_b = nullptr);
+
+// Temporary: decoding experiments picked by the bits of GFA_CUDA_EXP, for measuring them
+// side by side in one run.
+bool decode_experiment(int bit);
+
 // A kernel that does nothing in the place of a launch GFA_CUDA_SKIP_OPS leaves out.
 void launch_in_place_of(const ComputeCtx& ctx);
 

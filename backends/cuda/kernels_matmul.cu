@@ -257,8 +257,13 @@ void launch_half_matvec(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
 
 // ---- mul_mat ------------------------------------------------------------------------------------
 
-// glu: the swiglu node fused behind a matrix-vector product (find_glu_fusion), else null.
-void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu) {
+} // namespace
+
+bool takes_quant_matvec(const Tensor* mul_mat) {
+    return is_cuda_quant_type(mul_mat->src[0]->type) && mul_mat->src[1]->ne[1] <= kQuantMatvecMaxColumns;
+}
+
+void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, const void* quantized_b) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1];
     float* C = static_cast<float*>(dst->data);
@@ -270,10 +275,13 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu) {
     const QuantizedColumns previous = ctx.last_columns ? *ctx.last_columns : QuantizedColumns{};
     if (ctx.last_columns) *ctx.last_columns = {};
 
-    if (quantized && N <= kQuantMatvecMaxColumns) {
+    if (takes_quant_matvec(dst)) {
         const TensorView vb = view_of(b);
         void* columns = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
-        if (previous.b != b || previous.columns != columns) quantize_columns(vb, columns, ctx.stream);
+        if (quantized_b && quantized_b != columns)
+            fail("mul_mat on CUDA: the int8 columns written in front of the product moved");
+        if (!quantized_b && (previous.b != b || previous.columns != columns))
+            quantize_columns(vb, columns, ctx.stream);
         quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), glu ? view_of(glu) : TensorView{},
                      glu ? dst->ne[0] / 2 : 0, ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};
@@ -315,6 +323,8 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu) {
     }
     batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, A, B, C, ldc, c2, c3);
 }
+
+namespace {
 
 void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     compute_mul_mat(ctx, dst, nullptr);
@@ -407,7 +417,7 @@ Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i) {
     if (half_matvec_applies(a, b, m))
         return half_matvec_split(a) <= 2 ? Fusion{2, run_mul_mat_swiglu} : Fusion{};
     if (is_cuda_quant_type(a->type) && b->ne[1] <= kQuantMatvecMaxColumns &&
-        quant_matvec_split(view_of(a)) <= 2)
+        quant_matvec_split(view_of(a), b->ne[1]) <= 2)
         return {2, run_mul_mat_swiglu};
     return {};
 }

@@ -8,6 +8,7 @@
 #include "cuda_device.cuh"
 #include "early_launch.cuh"
 #include "op_def.h"
+#include "quant_matmul.h"
 
 #include <utility>
 #include <vector>
@@ -17,6 +18,7 @@ namespace gfa::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMaxNormThreads = 1024;
 
 __device__ __forceinline__ void row_indices(const TensorView& t, int64_t r, int64_t& i1, int64_t& i2,
                                             int64_t& i3) {
@@ -27,8 +29,18 @@ __device__ __forceinline__ void row_indices(const TensorView& t, int64_t r, int6
 
 // ---- norm / rms_norm ---------------------------------------------------------------------
 
+// Threads per row of the norm kernels: one rule for the plain and the fused kernels, so that
+// both add up a row in the same order.
+int norm_row_threads(int64_t n) {
+    if (!decode_experiment(2)) return row_block_threads(n);
+    int t = 32;
+    while (t < kMaxNormThreads && 2 * t < n) t *= 2;
+    return t;
+}
+
 // LayerNorm without affine: y = (x - mean) / sqrt(var + eps). rms: y = x / sqrt(mean(x^2) + eps).
-__global__ void norm_kernel(TensorView x, TensorView y, float eps, bool rms) {
+__global__ void __launch_bounds__(kMaxNormThreads)
+    norm_kernel(TensorView x, TensorView y, float eps, bool rms) {
     await_inputs();
     allow_next_launch();
     __shared__ float shared[32];
@@ -84,7 +96,7 @@ __global__ void norm_back_kernel(TensorView dy, TensorView x, TensorView dx, flo
 
 void run_norm_common(const ComputeCtx& ctx, Tensor* dst, bool rms) {
     const Tensor* x = dst->src[0];
-    launch_early(norm_kernel, unsigned(dst->nrows()), row_block_threads(x->ne[0]), 0, ctx.stream, view_of(x),
+    launch_early(norm_kernel, unsigned(dst->nrows()), norm_row_threads(x->ne[0]), 0, ctx.stream, view_of(x),
                  view_of(dst), dst->params<NormParams>().eps, rms);
 }
 void run_norm(const ComputeCtx& ctx, Tensor* dst) {
@@ -393,11 +405,20 @@ bool supports_diag_mask_inf(const Tensor* dst) {
 // w is loaded up front, before the kernel in front has finished when w is constant (early
 // launch). Each element is read and written by one thread only, which keeps outputs placed
 // in place over an input correct.
-constexpr int kNormChunk = 8;
-
-template <bool kAdd>
-__global__ void add_rms_norm_mul_kernel(TensorView a, TensorView b, TensorView sum, TensorView normed,
-                                        TensorView w, TensorView out, float eps, bool w_constant) {
+//
+// With `columns` (its q non-null) the kernel also writes out's rows, as the columns of the
+// quantized matrix-vector product behind it, in their int8 form (round_block_to_int8: bit
+// for bit what that product's own rounding launch writes). Lane l of a warp holds element
+// 32 m + l of the row at every step (blockDim.x is a multiple of 32, and the host asks for
+// this only where n is too), so each warp rounds whole blocks of 32.
+//
+// kThreads: the most threads a launch may have. Rows of up to 256 threads hold chunks of 8
+// elements a thread; a block of 1024 threads has 64 registers a thread, and chunks of 4.
+template <bool kAdd, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    add_rms_norm_mul_kernel(TensorView a, TensorView b, TensorView sum, TensorView normed, TensorView w,
+                            TensorView out, float eps, bool w_constant, ColumnBlocks columns) {
+    constexpr int kNormChunk = kThreads > 256 ? 4 : 8;
     __shared__ float shared[32];
     const int64_t n = out.ne[0], step = blockDim.x;
     float w_first[kNormChunk];
@@ -449,9 +470,14 @@ __global__ void add_rms_norm_mul_kernel(TensorView a, TensorView b, TensorView s
         for (int k = 0; k < kNormChunk; ++k) {
             const int64_t i = base + k * step;
             if (i >= n) break;
-            const float y = xs[k] * inv;
+            const float y = xs[k] * inv, scaled = y * ws[k];
             *f32_ptr(normed, i, i1, i2, i3) = y;
-            *f32_ptr(out, i, i1, i2, i3) = y * ws[k];
+            *f32_ptr(out, i, i1, i2, i3) = scaled;
+            if (columns.q) {
+                const int64_t at = int64_t(blockIdx.x) * n + i; // the value's place in the columns
+                const int lane = int(threadIdx.x) % 32;
+                round_block_to_int8(scaled, lane, columns.q + (at - lane), columns.ds + at / 32);
+            }
         }
     }
 }
@@ -471,21 +497,59 @@ bool is_f32_rms_norm_of(const Tensor* norm, const Tensor* x) {
     return norm->op == Op::RmsNorm && norm->src[0] == x && is_f32(norm) && is_f32(x);
 }
 
-void run_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
+// The pre-norm ending at `mul` (mul -> rms_norm -> x, with_add: x = add(a, b)).
+void launch_pre_norm(const ComputeCtx& ctx, const Tensor* mul, bool with_add, ColumnBlocks columns) {
     const Tensor* norm = mul->src[0];
+    const Tensor* x = norm->src[0];
     const TensorView none{};
-    launch_early(add_rms_norm_mul_kernel<false>, unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0,
-                 ctx.stream, view_of(norm->src[0]), none, none, view_of(norm), view_of(mul->src[1]),
-                 view_of(mul), norm->params<NormParams>().eps, is_constant(mul->src[1]));
+    const float eps = norm->params<NormParams>().eps;
+    const unsigned rows = unsigned(mul->nrows());
+    const int threads = norm_row_threads(mul->ne[0]);
+    const bool w_constant = is_constant(mul->src[1]);
+    auto launch = [&](auto kernel, const TensorView& a, const TensorView& b, const TensorView& sum) {
+        launch_early(kernel, rows, threads, 0, ctx.stream, a, b, sum, view_of(norm), view_of(mul->src[1]),
+                     view_of(mul), eps, w_constant, columns);
+    };
+    const bool wide = threads > 256;
+    if (with_add)
+        launch(wide ? add_rms_norm_mul_kernel<true, kMaxNormThreads> : add_rms_norm_mul_kernel<true, 256>,
+               view_of(x->src[0]), view_of(x->src[1]), view_of(x));
+    else
+        launch(wide ? add_rms_norm_mul_kernel<false, kMaxNormThreads> : add_rms_norm_mul_kernel<false, 256>,
+               view_of(x), none, none);
+}
+
+void run_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
+    launch_pre_norm(ctx, mul, false, {});
 }
 
 void run_add_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
-    const Tensor* norm = mul->src[0];
-    const Tensor* sum = norm->src[0];
-    launch_early(add_rms_norm_mul_kernel<true>, unsigned(mul->nrows()), row_block_threads(mul->ne[0]), 0,
-                 ctx.stream, view_of(sum->src[0]), view_of(sum->src[1]), view_of(sum), view_of(norm),
-                 view_of(mul->src[1]), view_of(mul), norm->params<NormParams>().eps,
-                 is_constant(mul->src[1]));
+    launch_pre_norm(ctx, mul, true, {});
+}
+
+// A pre-norm, then the quantized matrix-vector product that reads its result [then the
+// swiglu fused behind that product]: the pre-norm's kernel also writes the product's int8
+// columns, so the product needs no rounding launch of its own (decoding does four such
+// launches a layer, all on the critical path).
+void run_pre_norm_matvec(const ComputeCtx& ctx, Tensor* last) {
+    const std::span<Tensor* const> nodes = ctx.fused;
+    const size_t norm_nodes = !nodes.empty() && nodes[0]->op == Op::Add ? 3 : 2;
+    if (nodes.size() < norm_nodes + 1 || nodes.size() > norm_nodes + 2 || nodes.back() != last)
+        fail("CUDA: the fused pre-norm -> product launch lost its nodes");
+    const Tensor* mul = nodes[norm_nodes - 1];
+    Tensor* product = nodes[norm_nodes];
+    const Tensor* glu = nodes.size() == norm_nodes + 2 ? nodes[norm_nodes + 1] : nullptr;
+    const TensorView columns_of = view_of(mul);
+    void* columns = ctx.scratch->get(quantized_columns_bytes(columns_of), ctx.stream, ctx.device_name);
+    launch_pre_norm(ctx, mul, norm_nodes == 3, column_blocks_in(columns_of, columns));
+    compute_mul_mat(ctx, product, glu, columns);
+}
+
+// The product reads mul as its b, through the quantized matrix-vector path, in the column
+// order the pre-norm kernel's rows have (one row per column, whole blocks of 32).
+bool is_quant_matvec_of(const Tensor* product, const Tensor* mul) {
+    return product->op == Op::MulMat && product->src[1] == mul && takes_quant_matvec(product) &&
+           mul->ne[0] % 32 == 0 && mul->ne[2] == 1 && mul->ne[3] == 1 && mul->is_contiguous();
 }
 
 // Whether the bytes two tensors (or views) span overlap.
@@ -559,15 +623,19 @@ Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i) {
 
 Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i) {
     const size_t left = nodes.size() - i;
+    size_t n = 0; // the pre-norm's nodes
     if (left >= 2 && is_f32_rms_norm_of(nodes[i], nodes[i]->src[0]) &&
         is_row_scaling_of(nodes[i + 1], nodes[i]))
-        return {2, run_rms_norm_mul};
-    if (left >= 3 && nodes[i]->op == Op::Add && is_f32(nodes[i]) && is_f32(nodes[i]->src[0]) &&
-        is_f32(nodes[i]->src[1]) && nodes[i]->src[0]->ne == nodes[i]->ne &&
-        nodes[i]->src[1]->ne == nodes[i]->ne && is_f32_rms_norm_of(nodes[i + 1], nodes[i]) &&
-        is_row_scaling_of(nodes[i + 2], nodes[i + 1]))
-        return {3, run_add_rms_norm_mul};
-    return {};
+        n = 2;
+    else if (left >= 3 && nodes[i]->op == Op::Add && is_f32(nodes[i]) && is_f32(nodes[i]->src[0]) &&
+             is_f32(nodes[i]->src[1]) && nodes[i]->src[0]->ne == nodes[i]->ne &&
+             nodes[i]->src[1]->ne == nodes[i]->ne && is_f32_rms_norm_of(nodes[i + 1], nodes[i]) &&
+             is_row_scaling_of(nodes[i + 2], nodes[i + 1]))
+        n = 3;
+    if (n == 0) return {};
+    if (decode_experiment(1) && left > n && is_quant_matvec_of(nodes[i + n], nodes[i + n - 1]))
+        return {find_glu_fusion(nodes, i + n).n_nodes == 2 ? n + 2 : n + 1, run_pre_norm_matvec};
+    return {n, n == 2 ? run_rms_norm_mul : run_add_rms_norm_mul};
 }
 
 void register_norm_kernels(KernelTable& t) {

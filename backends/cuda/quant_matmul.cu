@@ -17,6 +17,7 @@
 #include "matvec_rows.cuh"
 #include "quant_matmul.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -437,16 +438,7 @@ __global__ void quantize_columns_kernel(TensorView b, int8_t* q, float2* ds, int
         const int64_t column = w / blocks_per_column, ib = w % blocks_per_column;
         const int64_t i1 = column % b.ne[1], i2 = (column / b.ne[1]) % b.ne[2],
                       i3 = column / (b.ne[1] * b.ne[2]);
-        const float v = load_f32(b, 32 * ib + lane, i1, i2, i3);
-        const float amax = warp_max(fabsf(v));
-        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        const int qv = max(-127, min(127, __float2int_rn(v * inv)));
-        q[32 * w + lane] = int8_t(qv);
-        // The sum of the rounded values (exact in float: at most 32 * 127): with it, an offset
-        // term sees the same x as the integer term, so the error stays sum_k w_k (x~_k - x_k).
-        // The sum of the exact x would leave d q_k (up to twice w_k) multiplying the rounding.
-        const float sum = d * warp_sum(float(qv));
-        if (lane == 0) ds[w] = make_float2(d, sum);
+        round_block_to_int8(load_f32(b, 32 * ib + lane, i1, i2, i3), lane, q + 32 * w, ds + w);
     }
 }
 
@@ -455,20 +447,27 @@ __global__ void quantize_columns_kernel(TensorView b, int8_t* q, float2* ds, int
 // not registers: items held across the wait made the k-quant kernels spill).
 constexpr int64_t kMatvecPrefetchBytes = 8192;
 
-template <int T, int A, int NC>
+// U: items a lane loads before using any (W::kUnroll, or a deeper pass for long rows,
+// matvec_shape).
+template <int T, int A, int NC, int U = Item<T, A>::kUnroll>
 __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3, int split,
-                        bool a_constant, int64_t n_ff, TensorView glu) {
+                        bool a_constant, PrefetchPlan prefetch, int64_t n_ff, TensorView glu) {
     using W = Item<T, A>;
     using B = QuantBlock<T>;
     const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
-    const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
+    auto names_row = [&](const RowSlice& r) { return n_ff > 0 ? r.pair < n_ff : r.row < dst.ne[0]; };
+    const bool has_row = names_row(rs);
     const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
-    const char* row = a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    const char* weights = a.data + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    const char* row = weights + rs.row * a.nb[1];
     const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
-    if (a_constant && has_row && rs.slice == 0)
-        warp_prefetch_l2(row, min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes),
-                         int(threadIdx.x) % 32);
+    if (a_constant)
+        for_prefetched_rows<kMatvecWarps>(prefetch, split, n_ff, names_row, [&](int64_t r) {
+            warp_prefetch_l2(weights + r * a.nb[1],
+                             min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes),
+                             int(threadIdx.x) % 32);
+        });
     await_inputs();
     allow_next_launch();
 
@@ -478,15 +477,15 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     float acc[NC];
 #pragma unroll
     for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
-    for (int base = rs.first; has_row && base < n_items; base += rs.stride * W::kUnroll) {
-        W items[W::kUnroll];
+    for (int base = rs.first; has_row && base < n_items; base += rs.stride * U) {
+        W items[U];
 #pragma unroll
-        for (int u = 0; u < W::kUnroll; ++u) {
+        for (int u = 0; u < U; ++u) {
             const int i = base + rs.stride * u;
             if (i < n_items) items[u].load(row + int64_t(i / W::kParts) * B::kBytes, i % W::kParts);
         }
 #pragma unroll
-        for (int u = 0; u < W::kUnroll; ++u) {
+        for (int u = 0; u < U; ++u) {
             const int i = base + rs.stride * u;
             if (i < n_items) items[u].template dot<NC>(x, i / W::kParts, i % W::kParts, acc);
         }
@@ -526,29 +525,94 @@ int row_alignment(const TensorView& a) {
     return bits % 16 == 0 ? 16 : bits % 4 == 0 ? 4 : 2;
 }
 
-template <int T, int A> int matvec_split(int64_t K) {
-    return row_split_for(K / QuantBlock<T>::kValues * Item<T, A>::kParts, Item<T, A>::kUnroll, kMatvecWarps);
+// How a row is read: `split` warps (matvec_rows.cuh), each lane loading `unroll` items per
+// pass.
+struct MatvecShape {
+    int split, unroll;
+};
+
+// Items a lane of the deeper pass loads (q4_K, one column: q5_K and q6_K items spilled).
+constexpr int kDeepUnroll = 3;
+template <int T, int A> constexpr bool has_deep_pass(int columns) {
+    return T == kQ4_K && columns == 1;
+}
+
+// The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer
+// passes: a K-quant row of K = 5632 (176 items) takes 4 warps whose lanes hold 1 or 2 items
+// (one row per block, two waves of blocks on the device) or, 3 deep, 2 warps whose lanes
+// hold 2 or 3 (two rows per block, one wave).
+template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
+    using W = Item<T, A>;
+    const int64_t items = K / QuantBlock<T>::kValues * W::kParts;
+    const int split = row_split_for(items, W::kUnroll, kMatvecWarps);
+    if constexpr (has_deep_pass<T, A>(1)) {
+        if (columns == 1 && decode_experiment(3)) {
+            const int deep = row_split_for(items, kDeepUnroll, kMatvecWarps);
+            auto passes = [&](int sp, int u) {
+                return (items + int64_t(32) * sp * u - 1) / (int64_t(32) * sp * u);
+            };
+            if (deep < split || passes(deep, kDeepUnroll) < passes(split, W::kUnroll))
+                return {deep, kDeepUnroll};
+        }
+    }
+    return {split, W::kUnroll};
+}
+
+// The most weight bytes a matrix-vector launch asks L2 to hold ahead of its later waves: well
+// inside a Hopper's 50 MB L2, beside the activations and the KV cache.
+constexpr int64_t kPrefetchAheadBytes = int64_t(24) << 20;
+
+int device_sm_count() {
+    static const int count = [] {
+        int device = 0, n = 1;
+        if (cudaGetDevice(&device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+            n = 1;
+        return n;
+    }();
+    return count;
+}
+
+// One wave of `blocks_per_sm` blocks per SM leads (for_prefetched_rows); the rows of the
+// blocks up to kPrefetchAheadBytes in are fetched early.
+PrefetchPlan prefetch_plan(int64_t grid, int blocks_per_sm, int64_t bytes_per_block) {
+    if (!decode_experiment(0)) return {};
+    const int64_t leaders = std::min<int64_t>(grid, int64_t(device_sm_count()) * blocks_per_sm);
+    const int64_t ahead =
+        std::min(grid, std::max(leaders, kPrefetchAheadBytes / std::max<int64_t>(bytes_per_block, 1)));
+    return {leaders, ahead};
 }
 
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
                    bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
-    const int split = matvec_split<T, A>(a.ne[0]);
+    using B = QuantBlock<T>;
+    const MatvecShape shape = matvec_shape<T, A>(a.ne[0], x.n);
+    const int split = shape.split;
     const int64_t rows_per_block = n_ff > 0 ? kMatvecWarps / split / 2 : kMatvecWarps / split;
     const int64_t rows = n_ff > 0 ? n_ff : dst.ne[0];
     const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block), unsigned(dst.ne[2] * dst.ne[3]));
     const dim3 block(kMatvecWarps * 32);
-    auto launch = [&](auto kernel) {
-        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu);
+    const int64_t fetched_row_bytes = std::min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes);
+    const int64_t row_lists = n_ff > 0 ? 2 * rows_per_block : rows_per_block; // gated: gate and up rows
+    auto launch = [&](auto kernel, int blocks_per_sm) {
+        const PrefetchPlan plan = a_constant && grid.y == 1
+                                      ? prefetch_plan(grid.x, blocks_per_sm, row_lists * fetched_row_bytes)
+                                      : PrefetchPlan{};
+        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, plan, n_ff, glu);
     };
+    if constexpr (has_deep_pass<T, A>(1)) {
+        if (x.n == 1 && shape.unroll == kDeepUnroll)
+            return launch(quant_matvec_kernel<T, A, 1, kDeepUnroll>, matvec_min_blocks(T, 1));
+    }
     if (x.n == 1)
-        launch(quant_matvec_kernel<T, A, 1>);
+        launch(quant_matvec_kernel<T, A, 1>, matvec_min_blocks(T, 1));
     else if (x.n == 2)
-        launch(quant_matvec_kernel<T, A, 2>);
+        launch(quant_matvec_kernel<T, A, 2>, matvec_min_blocks(T, 2));
     else if (x.n <= 4)
-        launch(quant_matvec_kernel<T, A, 4>);
+        launch(quant_matvec_kernel<T, A, 4>, matvec_min_blocks(T, 4));
     else
-        launch(quant_matvec_kernel<T, A, 8>);
+        launch(quant_matvec_kernel<T, A, 8>, matvec_min_blocks(T, 8));
 }
 
 // Where quantize_columns puts the int8 values and the (scale, sum) pairs.
@@ -573,15 +637,19 @@ size_t quantized_columns_bytes(const TensorView& b) {
     return size_t(l.ds_offset) + size_t(l.n_columns * (b.ne[0] / 32)) * sizeof(float2);
 }
 
+ColumnBlocks column_blocks_in(const TensorView& b, void* scratch) {
+    char* base = static_cast<char*>(scratch);
+    return {reinterpret_cast<int8_t*>(base), reinterpret_cast<float2*>(base + columns_layout(b).ds_offset)};
+}
+
 void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream) {
     if (b.ne[0] % 32 != 0) fail("mul_mat on CUDA: quantized columns need K % 32 == 0");
-    const ColumnsLayout l = columns_layout(b);
-    char* base = static_cast<char*>(scratch);
-    const int64_t n_blocks = l.n_columns * (b.ne[0] / 32);
+    const int64_t n_blocks = columns_layout(b).n_columns * (b.ne[0] / 32);
     if (n_blocks == 0) return;
     constexpr int kThreads = 256;
-    launch_early(quantize_columns_kernel, grid_for(n_blocks * 32, kThreads), kThreads, 0, stream, b,
-                 reinterpret_cast<int8_t*>(base), reinterpret_cast<float2*>(base + l.ds_offset), n_blocks);
+    const ColumnBlocks at = column_blocks_in(b, scratch);
+    launch_early(quantize_columns_kernel, grid_for(n_blocks * 32, kThreads), kThreads, 0, stream, b, at.q,
+                 at.ds, n_blocks);
 }
 
 namespace {
@@ -604,10 +672,10 @@ template <class F> void dispatch_matvec(const TensorView& a, F&& f) {
 
 } // namespace
 
-int quant_matvec_split(const TensorView& a) {
+int quant_matvec_split(const TensorView& a, int64_t columns) {
     int split = 1;
     dispatch_matvec(a, [&](auto type, auto align) {
-        split = matvec_split<decltype(type)::value, decltype(align)::value>(a.ne[0]);
+        split = matvec_shape<decltype(type)::value, decltype(align)::value>(a.ne[0], int(columns)).split;
     });
     return split;
 }

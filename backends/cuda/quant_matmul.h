@@ -22,6 +22,15 @@ size_t quantized_columns_bytes(const TensorView& b);
 // with an offset. `scratch` holds quantized_columns_bytes(b) bytes, 16-byte aligned.
 void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream);
 
+// Where step 1 puts column c (columns ordered n, then i2, then i3) in `scratch`: its int8
+// values at q + c * K, its (scale, sum) pairs at ds + c * (K / 32). For kernels that write
+// the columns themselves (a pre-norm in front of the product) with round_block_to_int8.
+struct ColumnBlocks {
+    int8_t* q;
+    float2* ds;
+};
+ColumnBlocks column_blocks_in(const TensorView& b, void* scratch);
+
 // Step 2: dst = a^T b from the quantized columns (N <= kQuantMatvecMaxColumns). a_constant:
 // no kernel writes a while graphs run, so the kernel may fetch it before its inputs are ready.
 // n_ff > 0: a is a merged gate/up matrix (gate rows, then n_ff up rows) and glu(p, c) gets
@@ -29,8 +38,8 @@ void quantize_columns(const TensorView& b, void* scratch, cudaStream_t stream);
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream);
 
-// How many warps share one row of a in quant_matvec (1, 2 or 4).
-int quant_matvec_split(const TensorView& a);
+// How many warps share one row of a in quant_matvec (1, 2 or 4) with that many columns.
+int quant_matvec_split(const TensorView& a, int64_t columns);
 
 // a's rows as a packed f16 matrix [K, M * A2 * A3] (exact dequantization, then rounded to
 // f16). `out` is 16-byte aligned.

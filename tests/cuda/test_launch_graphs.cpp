@@ -442,7 +442,7 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
 
 // A merged gate/up product followed by swiglu of its halves, as the model builder makes it:
 // with fusion the product's rows go in gate/up pairs and the same kernel writes swiglu. The
-// product and swiglu must be bit for bit the separate kernels' (q4_K at K = 4352 splits its
+// product and swiglu must be bit for bit the separate kernels' (q4_K at K = 8448 splits its
 // rows over 4 warps and is not fused: the check covers the fallback too).
 TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit the separate kernels",
           "[cuda][fusion]") {
@@ -457,7 +457,7 @@ TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit
     for (const Case& c :
          {Case{Type::F16, 256, true}, Case{Type::F16, 2056, true}, Case{Type::BF16, 1000, true},
           Case{Type::F16, 4104, false}, Case{Type::Q8_0, 2048, true}, Case{Type::Q4_K, 512, true},
-          Case{Type::Q4_K, 4352, false}, Case{Type::Q6_K, 2048, true}})
+          Case{Type::Q4_K, 8448, false}, Case{Type::Q6_K, 2048, true}})
         for (const int64_t n_ff : {37, 300})
             for (const int64_t n : {1, 3}) {
                 INFO(type_name(c.type) << " K " << c.K << ", n_ff " << n_ff << ", columns " << n);
@@ -486,6 +486,72 @@ TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit
                     CHECK(test::rel_error(got, ref::evaluate(g, node)) <= tol);
                 }
             }
+    CHECK(counter(separate->counters(), "fused_launches") == 0);
+}
+
+// A pre-norm and the quantized products that read it, as the model builder makes them: with
+// fusion the pre-norm's kernel also writes the products' int8 columns and the product takes
+// them from there (and a second product on the same input reuses them). Every node bit for
+// bit the separate kernels'; with and without the residual add, with a fused swiglu behind
+// the product and with a second product instead, one and three columns, block types whose
+// rows take one, two and four warps.
+TEST_CASE(
+    "CUDA fused pre-norm -> quantized product: int8 columns from the norm, bit for bit the separate kernels",
+    "[cuda][fusion]") {
+    INFO("seed " << test::seed());
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
+    struct Case {
+        Type type;
+        int64_t K;
+    };
+    for (const Case& c : {Case{Type::Q8_0, 96}, Case{Type::Q4_K, 2048}, Case{Type::Q6_K, 512},
+                          Case{Type::Q4_0, 4096}, Case{Type::Q5_K, 5632}})
+        for (const bool with_add : {false, true})
+            for (const bool gated : {false, true})
+                for (const int64_t n : {1, 3}) {
+                    INFO(type_name(c.type) << " K " << c.K << (with_add ? ", add" : "")
+                                           << (gated ? ", swiglu" : ", two products") << ", columns " << n);
+                    const int64_t n_ff = 37, M = 2 * n_ff;
+                    Context ctx{ContextParams{.alloc_data = true}};
+                    Tensor* x = ctx.new_tensor(Type::F32, {c.K, n});
+                    Tensor* r = ctx.new_tensor(Type::F32, {c.K, n});
+                    Tensor* gain = ctx.new_tensor(Type::F32, {c.K});
+                    Tensor* w1 = ctx.new_tensor(c.type, {c.K, M});
+                    Tensor* w2 = ctx.new_tensor(c.type, {c.K, M});
+                    for (Tensor* t : {x, r, gain, w1, w2}) test::fill_uniform(t);
+                    for (Tensor* t : {gain, w1, w2}) t->flags |= kFlagConstant;
+                    Tensor* in = with_add ? add(ctx, r, x) : x;
+                    Tensor* h = mul(ctx, rms_norm(ctx, in, 1e-5f), gain);
+                    Tensor* p = mul_mat(ctx, w1, h);
+                    Tensor* out = nullptr;
+                    std::vector<Tensor*> checked = {h, p};
+                    if (gated) {
+                        const size_t half = size_t(n_ff) * sizeof(float);
+                        Tensor* f = swiglu(ctx, view(ctx, p, {n_ff, n}, {p->nb[1]}, 0),
+                                           view(ctx, p, {n_ff, n}, {p->nb[1]}, half));
+                        out = scale(ctx, f, 2.0f);
+                        checked.push_back(f);
+                    } else {
+                        Tensor* p2 = mul_mat(ctx, w2, h); // right behind p: reuses the columns
+                        out = add(ctx, p, p2);
+                        checked.push_back(p2);
+                    }
+                    checked.push_back(out);
+                    if (with_add) checked.push_back(in);
+                    const Graph g = build_forward(out);
+                    for (Tensor* node : checked) {
+                        INFO("node " << op_name(node->op) << " " << node->shape_str());
+                        const int64_t before = counter(fused->counters(), "fused_launches");
+                        const std::vector<float> got = run_graph(*fused, g, node, 0);
+                        const std::vector<float> want = run_graph(*separate, g, node, 0);
+                        // One launch for the pre-norm, the product and its swiglu.
+                        CHECK(counter(fused->counters(), "fused_launches") - before == 1);
+                        CHECK(all_finite(got)); // the nodes were poisoned: every element was written
+                        CHECK(bit_identical(got, want));
+                        CHECK(test::rel_error(got, ref::evaluate(g, node)) <= 3e-2);
+                    }
+                }
     CHECK(counter(separate->counters(), "fused_launches") == 0);
 }
 
