@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Llama, Granite, Qwen2, Qwen3, Qwen3-MoE, Mixtral, Phi-3, OLMo 2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
+"""Llama, Granite, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Mixtral, Phi-3, OLMo 2, Gemma 2 and Gemma 3 models built by Hugging Face transformers (4.x or 5.x) (random weights from a seed),
 saved with save_pretrained, converted by tools/convert and run by ggml-fa-run: the logits of
 a 64-token prompt must match transformers' (computed in float64), CPU and CUDA must agree,
 and greedy generation at F32 must give the same tokens.
@@ -107,6 +107,14 @@ def build(kind, seed):
                                           num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
                                           mlp_only_layers=[], tie_word_embeddings=False)
         model = transformers.Qwen3MoeForCausalLM(cfg)
+    elif kind == "qwen2_moe":
+        # Qwen2's attention (q/k/v biases) with 5 experts of width 96, 2 per token, weighed by
+        # their softmax over all experts without renormalizing, beside a shared expert of width
+        # 192 scaled by a sigmoid gate of its own (Qwen1.5-MoE's block).
+        cfg = transformers.Qwen2MoeConfig(**common, moe_intermediate_size=96, shared_expert_intermediate_size=192,
+                                          num_experts=5, num_experts_per_tok=2, norm_topk_prob=False,
+                                          decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
     elif kind == "qwen3":
         # Heads of 32: q (256 wide) is wider than the embedding (128), as in small Qwen3 models.
         cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
@@ -147,6 +155,7 @@ def main():
         kinds += [k for k, cls in (("gemma3", "Gemma3ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
                                    ("granite", "GraniteForCausalLM"), ("olmo2", "Olmo2ForCausalLM"),
                                    ("mixtral", "MixtralForCausalLM"), ("qwen3_moe", "Qwen3MoeForCausalLM"),
+                                   ("qwen2_moe", "Qwen2MoeForCausalLM"),
                                    ("phi3", "Phi3ForCausalLM"), ("phi3_longrope", "Phi3ForCausalLM"))
                   if hasattr(transformers, cls)]
         if args.kinds:
@@ -173,7 +182,7 @@ def main():
             # A mixture of experts runs f32 only: rounded weights move the router's logits enough
             # that a token whose second and third experts score within ~1e-3 changes experts,
             # which is no error of either engine but fails a logit comparison.
-            for gtype, tol_cpu, tol_cuda in CASES if kind not in ("mixtral", "qwen3_moe") else CASES[:1]:
+            for gtype, tol_cpu, tol_cuda in CASES if kind not in ("mixtral", "qwen3_moe", "qwen2_moe") else CASES[:1]:
                 gguf = os.path.join(tmp, f"{kind}-{gtype}.gguf")
                 run([args.convert, ckpt, "-o", gguf, "--type", gtype])
                 per_backend = {}
