@@ -81,6 +81,13 @@ struct QuantizedColumns {
     const void* columns = nullptr;
 };
 
+// Constant weights (a model's) that a later launch will read: a launch in front may ask L2
+// for them while the chain is bound by latency rather than by memory.
+struct WeightsAhead {
+    const char* data = nullptr;
+    int64_t bytes = 0;
+};
+
 struct ComputeCtx {
     int device = 0;
     const char* device_name = "CUDA";
@@ -93,6 +100,8 @@ struct ComputeCtx {
     // A fused launch's nodes in graph order (the last is the node its run gets); empty for
     // a plain launch.
     std::span<Tensor* const> fused;
+    // The weights of the next matrix product in the list, where constant (else empty).
+    WeightsAhead next_weights;
 };
 
 using Kernel = void (*)(const ComputeCtx& ctx, Tensor* dst);

@@ -39,8 +39,12 @@ __device__ __forceinline__ RowSlice row_slice(int split, int64_t n_ff, int64_t b
 // wave is resident early: so its blocks (`leaders`, one wave's worth) fetch the rows of
 // blocks b, b + leaders, b + 2 leaders, ... below `ahead` as well as their own, and the
 // later waves find their rows in L2. A block at or past `ahead` fetches its own rows.
+//
+// `next` (may be empty): constant weights of a later launch, which the leaders ask L2 for
+// too, spread over all their threads, one 128-byte line each in turn.
 struct PrefetchPlan {
     int64_t leaders = 0, ahead = 0;
+    WeightsAhead next;
 };
 
 // Calls fetch(row) for each row (of the rows the calling warp names in each block) that the
@@ -49,6 +53,11 @@ template <int kWarps, class HasRow, class Fetch>
 __device__ __forceinline__ void for_prefetched_rows(const PrefetchPlan& plan, int split, int64_t n_ff,
                                                     HasRow&& has_row, Fetch&& fetch) {
     const int64_t block = blockIdx.x;
+    if (block < plan.leaders && plan.next.bytes > 0 && blockIdx.y == 0) {
+        const int64_t lines = (plan.next.bytes + 127) / 128, threads = plan.leaders * blockDim.x;
+        for (int64_t l = block * blockDim.x + threadIdx.x; l < lines; l += threads)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(plan.next.data + 128 * l));
+    }
     if (block >= plan.ahead) {
         const RowSlice rs = row_slice<kWarps>(split, n_ff);
         if (has_row(rs) && rs.slice == 0) fetch(rs.row);

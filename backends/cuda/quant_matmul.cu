@@ -575,17 +575,23 @@ int device_sm_count() {
 
 // One wave of `blocks_per_sm` blocks per SM leads (for_prefetched_rows); the rows of the
 // blocks up to kPrefetchAheadBytes in are fetched early.
-PrefetchPlan prefetch_plan(int64_t grid, int blocks_per_sm, int64_t bytes_per_block) {
-    if (!decode_experiment(0)) return {};
+// The most bytes of the next product's weights a launch asks L2 for.
+constexpr int64_t kNextWeightsBytes = int64_t(12) << 20;
+
+PrefetchPlan prefetch_plan(int64_t grid, int blocks_per_sm, int64_t bytes_per_block,
+                           const WeightsAhead& next) {
     const int64_t leaders = std::min<int64_t>(grid, int64_t(device_sm_count()) * blocks_per_sm);
     const int64_t ahead =
-        std::min(grid, std::max(leaders, kPrefetchAheadBytes / std::max<int64_t>(bytes_per_block, 1)));
-    return {leaders, ahead};
+        decode_experiment(0)
+            ? std::min(grid, std::max(leaders, kPrefetchAheadBytes / std::max<int64_t>(bytes_per_block, 1)))
+            : 0;
+    return {leaders, ahead, {next.data, std::min(next.bytes, kNextWeightsBytes)}};
 }
 
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
-                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
+                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
+                   const WeightsAhead& next) {
     using B = QuantBlock<T>;
     const MatvecShape shape = matvec_shape<T, A>(a.ne[0], x.n);
     const int split = shape.split;
@@ -596,9 +602,10 @@ void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst,
     const int64_t fetched_row_bytes = std::min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes);
     const int64_t row_lists = n_ff > 0 ? 2 * rows_per_block : rows_per_block; // gated: gate and up rows
     auto launch = [&](auto kernel, int blocks_per_sm) {
-        const PrefetchPlan plan = a_constant && grid.y == 1
-                                      ? prefetch_plan(grid.x, blocks_per_sm, row_lists * fetched_row_bytes)
-                                      : PrefetchPlan{};
+        const PrefetchPlan plan =
+            a_constant && grid.y == 1
+                ? prefetch_plan(grid.x, blocks_per_sm, row_lists * fetched_row_bytes, next)
+                : PrefetchPlan{};
         launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, plan, n_ff, glu);
     };
     if constexpr (has_deep_pass<T, A>(1)) {
@@ -681,7 +688,8 @@ int quant_matvec_split(const TensorView& a, int64_t columns) {
 }
 
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
+                  const WeightsAhead& next) {
     if (b.ne[1] < 1 || b.ne[1] > kQuantMatvecMaxColumns)
         fail("mul_mat on CUDA: the matrix-vector path takes 1 to 8 columns, got " + std::to_string(b.ne[1]));
     if (dst.ne[0] == 0 || dst.ne[2] * dst.ne[3] == 0) return;
@@ -693,7 +701,7 @@ void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& ds
     const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3];
     dispatch_matvec(a, [&](auto type, auto align) {
         launch_matvec<decltype(type)::value, decltype(align)::value>(a, x, dst, r2, r3, a_constant, glu, n_ff,
-                                                                     stream);
+                                                                     stream, next);
     });
 }
 
