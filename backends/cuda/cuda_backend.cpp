@@ -301,14 +301,6 @@ bool cuda::early_launch_enabled() {
     return !(v && std::strcmp(v, "0") == 0);
 }
 
-bool cuda::decode_experiment(int bit) {
-    static const int mask = [] {
-        const char* v = std::getenv("GFA_CUDA_EXP");
-        return v ? std::atoi(v) : 0;
-    }();
-    return (mask >> bit) & 1;
-}
-
 namespace {
 
 // GFA_CUDA_OP_TIMES=1: the backend adds up the host time it spends enqueueing each op
@@ -475,7 +467,6 @@ class CudaBackend final : public Backend {
         }
         fused_size_.assign(work_.size(), 1);
         if (fusion_) fuse_work();
-        find_next_weights();
         auto enqueue = [this] {
             last_columns_ = {}; // tensors of an earlier call may share addresses with this one's
             for (size_t j = 0; j < work_.size(); ++j) {
@@ -485,7 +476,6 @@ class CudaBackend final : public Backend {
                 const size_t n = fused_size_[j];
                 ctx_.fused = n > 1 ? std::span<Tensor* const>(fused_nodes_.data() + (j + 1 - n), n)
                                    : std::span<Tensor* const>{};
-                ctx_.next_weights = next_weights_[j];
                 const auto t0 =
                     op_times_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
                 if (skipped_ops_[size_t(node->op)]) {
@@ -563,23 +553,6 @@ class CudaBackend final : public Backend {
         }
     }
 
-    // For each work_ entry, the constant weights of the next matrix product after it.
-    void find_next_weights() {
-        next_weights_.assign(work_.size(), cuda::WeightsAhead{});
-        if (!cuda::decode_experiment(4)) return;
-        cuda::WeightsAhead next;
-        for (size_t j = work_.size(); j-- > 0;) {
-            next_weights_[j] = next;
-            const Tensor* node = work_[j].first;
-            if (node->op == Op::MulMat) {
-                const Tensor* w = node->src[0];
-                next = cuda::is_constant(w) && w->is_contiguous()
-                           ? cuda::WeightsAhead{static_cast<const char*>(w->data), int64_t(w->nbytes())}
-                           : cuda::WeightsAhead{};
-            }
-        }
-    }
-
     Device* device_;
     ComputeCtx ctx_;
     cuda::Scratch scratch_;
@@ -590,9 +563,7 @@ class CudaBackend final : public Backend {
     cuda::QuantizedColumns last_columns_;
     std::array<int64_t, size_t(Op::Count)> op_host_ns_{}; // host time enqueueing each op
     std::vector<std::pair<Tensor*, cuda::Kernel>> work_;  // the nodes of the current compute()
-    std::vector<Tensor*> fused_nodes_;
-    std::vector<cuda::WeightsAhead> next_weights_; // per work_ entry (find_next_weights) // work_'s nodes,
-                                                   // for finding fusions
+    std::vector<Tensor*> fused_nodes_;                    // work_'s nodes, for finding fusions
     std::vector<size_t> fused_size_; // per work_ entry: the nodes its launch computes (1 unless fused)
     bool fusion_ = fusion_by_environment();
     int64_t fusions_ = 0; // fused launches set up (each compute() call counts its own)

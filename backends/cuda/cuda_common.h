@@ -81,13 +81,6 @@ struct QuantizedColumns {
     const void* columns = nullptr;
 };
 
-// Constant weights (a model's) that a later launch will read: a launch in front may ask L2
-// for them while the chain is bound by latency rather than by memory.
-struct WeightsAhead {
-    const char* data = nullptr;
-    int64_t bytes = 0;
-};
-
 struct ComputeCtx {
     int device = 0;
     const char* device_name = "CUDA";
@@ -100,8 +93,6 @@ struct ComputeCtx {
     // A fused launch's nodes in graph order (the last is the node its run gets); empty for
     // a plain launch.
     std::span<Tensor* const> fused;
-    // The weights of the next matrix product in the list, where constant (else empty).
-    WeightsAhead next_weights;
 };
 
 using Kernel = void (*)(const ComputeCtx& ctx, Tensor* dst);
@@ -139,10 +130,6 @@ bool takes_quant_matvec(const Tensor* mul_mat);
 // quantized matrix-vector product reads them there instead of rounding b itself.
 void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu,
                      const void* quantized_b = nullptr);
-
-// Temporary: decoding experiments picked by the bits of GFA_CUDA_EXP, for measuring them
-// side by side in one run.
-bool decode_experiment(int bit);
 
 // A kernel that does nothing in the place of a launch GFA_CUDA_SKIP_OPS leaves out.
 void launch_in_place_of(const ComputeCtx& ctx);

@@ -283,7 +283,7 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
         if (!quantized_b && (previous.b != b || previous.columns != columns))
             quantize_columns(vb, columns, ctx.stream);
         quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), glu ? view_of(glu) : TensorView{},
-                     glu ? dst->ne[0] / 2 : 0, ctx.stream, ctx.next_weights);
+                     glu ? dst->ne[0] / 2 : 0, ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};
         return;
     }

@@ -23,51 +23,14 @@ struct RowSlice {
 };
 
 // n_ff > 0: gated mode, rows n_ff apart paired within the block (needs split <= kWarps / 2).
-// `block`: the block whose rows to name (the calling block's unless asked for another's).
-template <int kWarps>
-__device__ __forceinline__ RowSlice row_slice(int split, int64_t n_ff, int64_t block = blockIdx.x) {
+template <int kWarps> __device__ __forceinline__ RowSlice row_slice(int split, int64_t n_ff) {
     const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
     const int slice = warp % split, local = warp / split, rows = kWarps / split;
-    if (n_ff == 0) return {block * rows + local, slice, slice * 32 + lane, 32 * split, local, 0};
+    if (n_ff == 0)
+        return {int64_t(blockIdx.x) * rows + local, slice, slice * 32 + lane, 32 * split, local, 0};
     const int pairs = rows / 2;
-    const int64_t pair = block * pairs + local % pairs;
+    const int64_t pair = int64_t(blockIdx.x) * pairs + local % pairs;
     return {local < pairs ? pair : n_ff + pair, slice, slice * 32 + lane, 32 * split, local, pair};
-}
-
-// Which rows of constant weights a block asks L2 for before its inputs are ready (early
-// launch). A grid larger than the device holds at once runs in waves, and only the first
-// wave is resident early: so its blocks (`leaders`, one wave's worth) fetch the rows of
-// blocks b, b + leaders, b + 2 leaders, ... below `ahead` as well as their own, and the
-// later waves find their rows in L2. A block at or past `ahead` fetches its own rows.
-//
-// `next` (may be empty): constant weights of a later launch, which the leaders ask L2 for
-// too, spread over all their threads, one 128-byte line each in turn.
-struct PrefetchPlan {
-    int64_t leaders = 0, ahead = 0;
-    WeightsAhead next;
-};
-
-// Calls fetch(row) for each row (of the rows the calling warp names in each block) that the
-// plan gives the calling block; `has_row(rs)` says whether a RowSlice names a real row.
-template <int kWarps, class HasRow, class Fetch>
-__device__ __forceinline__ void for_prefetched_rows(const PrefetchPlan& plan, int split, int64_t n_ff,
-                                                    HasRow&& has_row, Fetch&& fetch) {
-    const int64_t block = blockIdx.x;
-    if (block < plan.leaders && plan.next.bytes > 0 && blockIdx.y == 0) {
-        const int64_t lines = (plan.next.bytes + 127) / 128, threads = plan.leaders * blockDim.x;
-        for (int64_t l = block * blockDim.x + threadIdx.x; l < lines; l += threads)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(plan.next.data + 128 * l));
-    }
-    if (block >= plan.ahead) {
-        const RowSlice rs = row_slice<kWarps>(split, n_ff);
-        if (has_row(rs) && rs.slice == 0) fetch(rs.row);
-        return;
-    }
-    if (block >= plan.leaders) return; // a leader fetched this block's rows
-    for (int64_t b = block; b < plan.ahead; b += plan.leaders) {
-        const RowSlice rs = row_slice<kWarps>(split, n_ff, b);
-        if (has_row(rs) && rs.slice == 0) fetch(rs.row);
-    }
 }
 
 // Adds a row's partial sums (per column) across its slices, in slice order, and writes them

@@ -17,7 +17,6 @@
 #include "matvec_rows.cuh"
 #include "quant_matmul.h"
 
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -452,22 +451,17 @@ constexpr int64_t kMatvecPrefetchBytes = 8192;
 template <int T, int A, int NC, int U = Item<T, A>::kUnroll>
 __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3, int split,
-                        bool a_constant, PrefetchPlan prefetch, int64_t n_ff, TensorView glu) {
+                        bool a_constant, int64_t n_ff, TensorView glu) {
     using W = Item<T, A>;
     using B = QuantBlock<T>;
     const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
-    auto names_row = [&](const RowSlice& r) { return n_ff > 0 ? r.pair < n_ff : r.row < dst.ne[0]; };
-    const bool has_row = names_row(rs);
+    const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
     const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
-    const char* weights = a.data + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
-    const char* row = weights + rs.row * a.nb[1];
+    const char* row = a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
     const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
-    if (a_constant)
-        for_prefetched_rows<kMatvecWarps>(prefetch, split, n_ff, names_row, [&](int64_t r) {
-            warp_prefetch_l2(weights + r * a.nb[1],
-                             min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes),
-                             int(threadIdx.x) % 32);
-        });
+    if (a_constant && has_row && rs.slice == 0)
+        warp_prefetch_l2(row, min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes),
+                         int(threadIdx.x) % 32);
     await_inputs();
     allow_next_launch();
 
@@ -531,22 +525,22 @@ struct MatvecShape {
     int split, unroll;
 };
 
-// Items a lane of the deeper pass loads (q4_K, one column: q5_K and q6_K items spilled).
+// Items a lane of the deeper pass loads: q4_K with one column (q5_K's and q6_K's items, with
+// their high bits, spilled at 3 deep within the 64 registers of 8 blocks per SM).
 constexpr int kDeepUnroll = 3;
-template <int T, int A> constexpr bool has_deep_pass(int columns) {
-    return T == kQ4_K && columns == 1;
-}
+template <int T> constexpr bool kHasDeepPass = T == kQ4_K;
 
 // The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer
-// passes: a K-quant row of K = 5632 (176 items) takes 4 warps whose lanes hold 1 or 2 items
-// (one row per block, two waves of blocks on the device) or, 3 deep, 2 warps whose lanes
-// hold 2 or 3 (two rows per block, one wave).
+// passes. A q4_K row of K = 5632 (a 1.1B model's down projection, 176 items) takes 4 warps
+// whose lanes hold 1 or 2 items at depth 2: one row per block, two waves of blocks on an
+// H100. At depth 3 it takes 2 warps whose lanes hold 2 or 3: two rows per block, one wave.
+// Decoding that model went from 748-756 to 771-774 tok/s (H100).
 template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
     using W = Item<T, A>;
     const int64_t items = K / QuantBlock<T>::kValues * W::kParts;
     const int split = row_split_for(items, W::kUnroll, kMatvecWarps);
-    if constexpr (has_deep_pass<T, A>(1)) {
-        if (columns == 1 && decode_experiment(3)) {
+    if constexpr (kHasDeepPass<T>) {
+        if (columns == 1) {
             const int deep = row_split_for(items, kDeepUnroll, kMatvecWarps);
             auto passes = [&](int sp, int u) {
                 return (items + int64_t(32) * sp * u - 1) / (int64_t(32) * sp * u);
@@ -558,68 +552,29 @@ template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
     return {split, W::kUnroll};
 }
 
-// The most weight bytes a matrix-vector launch asks L2 to hold ahead of its later waves: well
-// inside a Hopper's 50 MB L2, beside the activations and the KV cache.
-constexpr int64_t kPrefetchAheadBytes = int64_t(24) << 20;
-
-int device_sm_count() {
-    static const int count = [] {
-        int device = 0, n = 1;
-        if (cudaGetDevice(&device) != cudaSuccess ||
-            cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-            n = 1;
-        return n;
-    }();
-    return count;
-}
-
-// One wave of `blocks_per_sm` blocks per SM leads (for_prefetched_rows); the rows of the
-// blocks up to kPrefetchAheadBytes in are fetched early.
-// The most bytes of the next product's weights a launch asks L2 for.
-constexpr int64_t kNextWeightsBytes = int64_t(12) << 20;
-
-PrefetchPlan prefetch_plan(int64_t grid, int blocks_per_sm, int64_t bytes_per_block,
-                           const WeightsAhead& next) {
-    const int64_t leaders = std::min<int64_t>(grid, int64_t(device_sm_count()) * blocks_per_sm);
-    const int64_t ahead =
-        decode_experiment(0)
-            ? std::min(grid, std::max(leaders, kPrefetchAheadBytes / std::max<int64_t>(bytes_per_block, 1)))
-            : 0;
-    return {leaders, ahead, {next.data, std::min(next.bytes, kNextWeightsBytes)}};
-}
-
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
-                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                   const WeightsAhead& next) {
-    using B = QuantBlock<T>;
+                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     const MatvecShape shape = matvec_shape<T, A>(a.ne[0], x.n);
     const int split = shape.split;
     const int64_t rows_per_block = n_ff > 0 ? kMatvecWarps / split / 2 : kMatvecWarps / split;
     const int64_t rows = n_ff > 0 ? n_ff : dst.ne[0];
     const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block), unsigned(dst.ne[2] * dst.ne[3]));
     const dim3 block(kMatvecWarps * 32);
-    const int64_t fetched_row_bytes = std::min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes);
-    const int64_t row_lists = n_ff > 0 ? 2 * rows_per_block : rows_per_block; // gated: gate and up rows
-    auto launch = [&](auto kernel, int blocks_per_sm) {
-        const PrefetchPlan plan =
-            a_constant && grid.y == 1
-                ? prefetch_plan(grid.x, blocks_per_sm, row_lists * fetched_row_bytes, next)
-                : PrefetchPlan{};
-        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, plan, n_ff, glu);
+    auto launch = [&](auto kernel) {
+        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu);
     };
-    if constexpr (has_deep_pass<T, A>(1)) {
-        if (x.n == 1 && shape.unroll == kDeepUnroll)
-            return launch(quant_matvec_kernel<T, A, 1, kDeepUnroll>, matvec_min_blocks(T, 1));
+    if constexpr (kHasDeepPass<T>) {
+        if (x.n == 1 && shape.unroll == kDeepUnroll) return launch(quant_matvec_kernel<T, A, 1, kDeepUnroll>);
     }
     if (x.n == 1)
-        launch(quant_matvec_kernel<T, A, 1>, matvec_min_blocks(T, 1));
+        launch(quant_matvec_kernel<T, A, 1>);
     else if (x.n == 2)
-        launch(quant_matvec_kernel<T, A, 2>, matvec_min_blocks(T, 2));
+        launch(quant_matvec_kernel<T, A, 2>);
     else if (x.n <= 4)
-        launch(quant_matvec_kernel<T, A, 4>, matvec_min_blocks(T, 4));
+        launch(quant_matvec_kernel<T, A, 4>);
     else
-        launch(quant_matvec_kernel<T, A, 8>, matvec_min_blocks(T, 8));
+        launch(quant_matvec_kernel<T, A, 8>);
 }
 
 // Where quantize_columns puts the int8 values and the (scale, sum) pairs.
@@ -688,8 +643,7 @@ int quant_matvec_split(const TensorView& a, int64_t columns) {
 }
 
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                  const WeightsAhead& next) {
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     if (b.ne[1] < 1 || b.ne[1] > kQuantMatvecMaxColumns)
         fail("mul_mat on CUDA: the matrix-vector path takes 1 to 8 columns, got " + std::to_string(b.ne[1]));
     if (dst.ne[0] == 0 || dst.ne[2] * dst.ne[3] == 0) return;
@@ -701,7 +655,7 @@ void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& ds
     const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3];
     dispatch_matvec(a, [&](auto type, auto align) {
         launch_matvec<decltype(type)::value, decltype(align)::value>(a, x, dst, r2, r3, a_constant, glu, n_ff,
-                                                                     stream, next);
+                                                                     stream);
     });
 }
 

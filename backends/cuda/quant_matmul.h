@@ -35,10 +35,8 @@ ColumnBlocks column_blocks_in(const TensorView& b, void* scratch);
 // no kernel writes a while graphs run, so the kernel may fetch it before its inputs are ready.
 // n_ff > 0: a is a merged gate/up matrix (gate rows, then n_ff up rows) and glu(p, c) gets
 // swiglu(dst(p, c), dst(n_ff + p, c)) as well (quant_matvec_split must be at most 2).
-// `next`: weights the kernel's first wave asks L2 for (the next product's), as it waits.
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                  const WeightsAhead& next = {});
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream);
 
 // How many warps share one row of a in quant_matvec (1, 2 or 4) with that many columns.
 int quant_matvec_split(const TensorView& a, int64_t columns);

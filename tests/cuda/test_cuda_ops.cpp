@@ -417,8 +417,9 @@ TEST_CASE("CUDA quantized decoding products reuse b's int8 form only right after
 TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill paths", "[cuda][quant]") {
     const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", nullptr);
     for (Type t : all_quant_types()) {
-        // Long rows are split over 2 or 4 warps (matvec_rows.cuh) in the decoding path.
-        std::vector<int64_t> depths = {256, 768, 2048, 4352};
+        // Long rows are split over 2 or 4 warps (matvec_rows.cuh) in the decoding path; one
+        // q4_K column at K = 4352 and 8448 takes the 3-deep pass over 2 and 4 warps.
+        std::vector<int64_t> depths = {256, 768, 2048, 4352, 8448};
         if (type_traits(t).block_size == 32) depths.push_back(96);
         for (int64_t K : depths)
             for (int64_t M : {1, 7, 300}) {

@@ -404,13 +404,15 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     REQUIRE(counter(fused->counters(), "fusion_enabled") == 1);
     REQUIRE(counter(separate->counters(), "fusion_enabled") == 0);
-    // 5000: longer than one pass of the kernel's register chunks, so the second pass reads
-    // the sums back from memory.
-    for (const int64_t n : {1, 333, 2048, 5000}) {
-        INFO("row length " << n);
+    // 5000 and 5001: longer than one pass of the kernel's register chunks (in blocks of 1024
+    // and of 256 threads), so the second pass reads the sums back from memory.
+    for (const int64_t n : {1, 333, 2048, 5000, 5001}) {
+        // 10 rows take blocks of up to 256 threads, 6 rows (a few, as decoding has) up to 1024.
+        const int64_t rows = n % 2 == 1 ? 5 : 3;
+        INFO("row length " << n << ", " << 2 * rows << " rows");
         Context ctx{ContextParams{.alloc_data = true}};
-        Tensor* x = ctx.new_tensor(Type::F32, {n, 3, 2});
-        Tensor* r = ctx.new_tensor(Type::F32, {n, 3, 2});
+        Tensor* x = ctx.new_tensor(Type::F32, {n, rows, 2});
+        Tensor* r = ctx.new_tensor(Type::F32, {n, rows, 2});
         Tensor* w1 = ctx.new_tensor(Type::F32, {n});
         Tensor* w2 = ctx.new_tensor(Type::F32, {n});
         for (Tensor* t : {x, r, w1, w2}) test::fill_uniform(t);
