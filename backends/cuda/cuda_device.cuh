@@ -129,25 +129,6 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     return warp_max(v);
 }
 
-// ---- 8-bit activation blocks ------------------------------------------------------------------
-
-// Rounds 32 consecutive values of a column, one per lane of a warp (lane l holds value l),
-// to the int8 form the quantized matrix-vector products read (quant_matmul.h): q = round(v /
-// d) with d = max |v| / 127, written to q_block[lane], and (d, d * sum of q) to *ds_block.
-// One definition for every kernel that writes such blocks, so that their outputs are the
-// same bit for bit. The whole warp calls it.
-__device__ __forceinline__ void round_block_to_int8(float v, int lane, int8_t* q_block, float2* ds_block) {
-    const float amax = warp_max(fabsf(v));
-    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-    const int qv = max(-127, min(127, __float2int_rn(v * inv)));
-    q_block[lane] = int8_t(qv);
-    // The sum of the rounded values (exact in float: at most 32 * 127): with it, an offset
-    // term sees the same x as the integer term, so the error stays sum_k w_k (x~_k - x_k).
-    // The sum of the exact x would leave d q_k (up to twice w_k) multiplying the rounding.
-    const float sum = d * warp_sum(float(qv));
-    if (lane == 0) *ds_block = make_float2(d, sum);
-}
-
 // Threads per block for a kernel that gives one block to each row of n elements.
 inline int row_block_threads(int64_t n) {
     int t = 32;

@@ -277,11 +277,11 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
 
     if (takes_quant_matvec(dst)) {
         const TensorView vb = view_of(b);
-        void* columns = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
-        if (quantized_b && quantized_b != columns)
-            fail("mul_mat on CUDA: the int8 columns written in front of the product moved");
+        const void* columns =
+            quantized_b ? quantized_b
+                        : ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
         if (!quantized_b && (previous.b != b || previous.columns != columns))
-            quantize_columns(vb, columns, ctx.stream);
+            quantize_columns(vb, const_cast<void*>(columns), ctx.stream);
         quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), glu ? view_of(glu) : TensorView{},
                      glu ? dst->ne[0] / 2 : 0, ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};

@@ -7,6 +7,7 @@
 // forward op's parameters.
 #include "cuda_device.cuh"
 #include "early_launch.cuh"
+#include "int8_columns.cuh"
 #include "op_def.h"
 #include "quant_matmul.h"
 

@@ -14,6 +14,7 @@
 // Prefill (N > 8) dequantizes a to f16 (exact values, then rounded) for cuBLAS.
 #include "cuda_device.cuh"
 #include "early_launch.cuh"
+#include "int8_columns.cuh"
 #include "matvec_rows.cuh"
 #include "quant_matmul.h"
 

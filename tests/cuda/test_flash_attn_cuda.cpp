@@ -877,6 +877,73 @@ TEST_CASE("CUDA decode kernel with strided K/V rows, and what it leaves to the m
         }
 }
 
+// The decoding kernel in front of a quantized output projection also writes its output as
+// the product's int8 columns (flash_attn_cuda.h, Int8Columns): every block of 32 must be the
+// rounding of the f32 output it wrote, bit for bit, computed here on the host in the same
+// float arithmetic. Where it cannot (a split over the keys, a 16-bit output, a head dim not
+// a multiple of 32, the tiled kernel) it must say so and leave the columns untouched.
+TEST_CASE("CUDA decode kernel writes its output's int8 columns, bit for bit the rounding of o",
+          "[cuda][fa][decode]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    struct Case {
+        Type kv;
+        int64_t D, Sq, G, Skv;
+        Type o;
+        bool writes;
+    };
+    const Case cases[] = {
+        {Type::F16, 64, 1, 8, 40, Type::F32, true},     {Type::Q8_0, 128, 3, 4, 300, Type::F32, true},
+        {Type::BF16, 256, 2, 2, 999, Type::F32, true},  {Type::Q4_0, 64, 5, 1, 7, Type::F32, true},
+        {Type::F16, 64, 1, 1, 70000, Type::F32, false},  // split over the keys: the combine writes o
+        {Type::F16, 128, 1, 4, 300, Type::F16, false},   // a 16-bit output
+        {Type::F16, 96, 1, 4, 300, Type::F32, false},    // the tiled kernel (head dim 96)
+        {Type::F16, 128, 17, 1, 300, Type::F32, false}}; // the tiled kernel (17 rows per KV head)
+    for (const Case& k : cases) {
+        Config c = decode_config(rng, k.kv, k.D, k.Sq, k.G, k.Skv);
+        c.o_type = k.o;
+        c.params.causal = k.Sq > 1;
+        c.sinks = k.Sq == 2;
+        INFO("seed " << seed << ": " << c.describe());
+        const Inputs in = make_inputs(c, rng);
+        DeviceProblem d = device_problem(c, in);
+        const int64_t K = c.Dv * c.Hq, columns = c.Sq * c.B;
+        DeviceBuffer q(size_t(K * columns)), ds(size_t(K * columns / 32) * 8);
+        q.poison(), ds.poison();
+        const bool wrote =
+            cuda::flash_attn_forward(d.p, nullptr, nullptr, 0, {static_cast<int8_t*>(q.ptr), ds.ptr});
+        cuda_ok(cudaDeviceSynchronize(), "forward");
+        CHECK(wrote == k.writes);
+        const std::vector<uint8_t> q_got = q.download(), ds_got = ds.download();
+        if (!wrote) { // untouched: still the poison
+            CHECK(std::all_of(q_got.begin(), q_got.end(), [](uint8_t b) { return b == 0xff; }));
+            continue;
+        }
+        const Reference ref = reference(c, in, false);
+        std::string problem;
+        const std::vector<float> o = to_floats(d.o->download(), Type::F32, ref.o.size());
+        CHECK(rel_error(o, ref.o, problem) < tolerance(c));
+        int64_t wrong = 0;
+        for (int64_t blk = 0; blk < K * columns / 32; ++blk) {
+            float amax = 0.0f;
+            for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(o[size_t(32 * blk + j)]));
+            const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            int sum = 0;
+            for (int j = 0; j < 32; ++j) {
+                const long r = std::lrint(o[size_t(32 * blk + j)] * inv);
+                const int qv = int(std::clamp(r, -127L, 127L));
+                sum += qv;
+                if (int8_t(q_got[size_t(32 * blk + j)]) != qv) ++wrong;
+            }
+            float pair[2];
+            std::memcpy(pair, ds_got.data() + 8 * blk, 8);
+            const float want[2] = {scale, scale * float(sum)};
+            if (std::memcmp(pair, want, 8) != 0) ++wrong;
+        }
+        CHECK(wrong == 0);
+    }
+}
+
 TEST_CASE("CUDA backward matches the reference", "[cuda][fa][backward]") {
     const uint32_t seed = fresh_seed();
     std::mt19937 rng(seed);
