@@ -6,6 +6,8 @@
 #include "flash_attn_cuda.h"
 #include "quant_matmul.h"
 
+#include <cstdlib>
+
 namespace gfa::cuda {
 
 namespace {
@@ -61,6 +63,7 @@ Fusion find_attention_matvec_fusion(std::span<Tensor* const> nodes, size_t i) {
     const Tensor *attention = nodes[i], *product = nodes[i + 1];
     if (attention->op != Op::FlashAttnExt || product->op != Op::MulMat || !takes_quant_matvec(product))
         return {};
+    if (const char* e = std::getenv("GFA_CUDA_ATTN_COLUMNS"); e && *e == '0') return {}; // TEMPORARY
     // The product's columns are the attention's output, reshaped: o [Dv, Hq, Sq, B], packed,
     // read as [Dv Hq, Sq B].
     const Tensor* b = product->src[1];
