@@ -131,11 +131,6 @@ bool takes_quant_matvec(const Tensor* mul_mat);
 void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu,
                      const void* quantized_b = nullptr);
 
-// flash_attn_ext and the quantized matrix-vector product that reads its output (a decoding
-// step's attention and output projection), starting at nodes[i]: the attention kernel writes
-// the product's int8 columns as well, where it can.
-Fusion find_attention_matvec_fusion(std::span<Tensor* const> nodes, size_t i);
-
 // A kernel that does nothing in the place of a launch GFA_CUDA_SKIP_OPS leaves out.
 void launch_in_place_of(const ComputeCtx& ctx);
 

@@ -125,11 +125,6 @@ struct FwdArgs {
     float* part_o = nullptr;    // [n_split][B][Hkv][Sq*G][Dv]
     float* part_lse = nullptr;  // [n_split][B][Hkv][Sq*G], base 2
     MaskTiles mask_tiles;       // rows of BM packed rows, spans over key tiles
-    // Optional: o (f32, packed) also as the int8 columns of the quantized product that reads
-    // it (quant_matmul.h): column i + Sq b, values h Dv + d. Only the decoding kernel with one
-    // split writes them (see flash_attn_forward).
-    int8_t* col_q = nullptr;
-    void* col_ds = nullptr; // float2 (scale, sum) per 32 values
 };
 
 struct BwdArgs {

@@ -31,7 +31,6 @@
 #include "fa_decode.h"
 #include "fa_forward.cuh" // fast_exp2, fast_tanh, alibi_slope, mask_value
 #include "fa_launch.h"
-#include "int8_columns.cuh"
 #include "early_launch.cuh"
 
 #include <ggml-fa/error.h>
@@ -570,11 +569,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) decode_kernel(const FwdArgs a
         char* dst = a.o + b * a.o_nb3 + int64_t(i) * a.o_nb2 + int64_t(h) * a.o_nb1;
         store_pair(dst, d, o[0] * inv, o[1] * inv, a.o_code);
         store_pair(dst, d + 2, o[2] * inv, o[3] * inv, a.o_code);
-        if (a.col_q) { // 8 lanes hold each 32 values of a row (D % 32 == 0): see FwdArgs
-            const float scaled[4] = {o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv};
-            const int64_t at = (int64_t(b) * s.Sq + i) * (int64_t(s.Hq) * D) + int64_t(h) * D + d;
-            round_quad_block_to_int8(scaled, lane, a.col_q + at, static_cast<float2*>(a.col_ds) + at / 32);
-        }
         if (a.lse && d == 0)
             a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
     }

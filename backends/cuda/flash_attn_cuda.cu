@@ -680,20 +680,10 @@ size_t flash_attn_forward_workspace_size(const Problem& p) {
     return plan_forward(p, s).workspace;
 }
 
-// o as packed f32 [Dv, Hq, Sq, B], which the int8 columns' addressing assumes.
-bool packed_f32_output(const Problem& p) {
-    const View& o = p.o;
-    return o.type == Type::F32 && o.nb[0] == 4 && o.nb[1] == 4 * o.ne[0] && o.nb[2] == o.nb[1] * o.ne[1] &&
-           o.nb[3] == o.nb[2] * o.ne[2];
-}
-
-bool flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t workspace_bytes,
-                        const Int8Columns& columns) {
+void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t workspace_bytes) {
     const fa::Shape s = validate(p);
     const FwdPlan plan = plan_forward(p, s);
     const auto st = static_cast<cudaStream_t>(stream);
-    const bool write_columns = columns.q && plan.decode_kernel && plan.n_split == 1 && s.Dk == s.Dv &&
-                               s.Dv % 32 == 0 && packed_f32_output(p);
 
     fa::FwdArgs a;
     a.s = s;
@@ -709,7 +699,6 @@ bool flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
     a.o = static_cast<char*>(p.o.data);
     a.o_nb1 = p.o.nb[1], a.o_nb2 = p.o.nb[2], a.o_nb3 = p.o.nb[3];
     a.o_code = output_code(p.o, "o");
-    if (write_columns) a.col_q = columns.q, a.col_ds = columns.ds;
     if (p.lse.present()) {
         a.lse = static_cast<float*>(p.lse.data);
         a.lse_nb1 = p.lse.nb[1] / 4, a.lse_nb2 = p.lse.nb[2] / 4;
@@ -759,7 +748,6 @@ bool flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         const int64_t rows = int64_t(s.B) * s.Hkv * s.Sq * s.G;
         launch_early(combine_kernel, unsigned(rows), 32 * kCombineWarps, 0, st, a);
     }
-    return write_columns;
 }
 
 bool flash_attn_forward_uses_decode_kernel(const Problem& p) {

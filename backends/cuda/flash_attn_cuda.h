@@ -14,7 +14,6 @@
 #include "attention/problem.h"
 
 #include <cstddef>
-#include <cstdint>
 
 namespace gfa::cuda {
 
@@ -22,22 +21,12 @@ namespace gfa::cuda {
 // split-KV (few query rows per KV head), where blocks write partial results.
 size_t flash_attn_forward_workspace_size(const attn::Problem& p);
 
-// A second form of the output for a quantized matrix-vector product that reads o, reshaped to
-// [Dv Hq, Sq B], as its columns (quant_matmul.h, ColumnBlocks): int8 values in blocks of 32
-// at q, a (scale, sum) pair of floats per block at ds.
-struct Int8Columns {
-    int8_t* q = nullptr;
-    void* ds = nullptr;
-};
-
 // Runs the forward on `stream`. workspace: a 256-byte aligned device pointer (as cudaMalloc
 // returns) to at least flash_attn_forward_workspace_size(p) bytes, or nullptr to let the call
 // allocate it stream-ordered (cudaMallocAsync / cudaFreeAsync). Asynchronous: returns before
-// the kernels finish. With `columns`, the decoding kernel also writes them when it runs as
-// one split and o is packed f32 (a decoding step's attention in front of its output
-// projection); returns whether it did.
-bool flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
-                        size_t workspace_bytes = 0, const Int8Columns& columns = {});
+// the kernels finish.
+void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
+                        size_t workspace_bytes = 0);
 
 // Whether the forward of p runs the decoding kernel (at most 16 query rows per KV head, see
 // flash_attn_cuda.cu) rather than the tiled one; for tests and benchmarks.

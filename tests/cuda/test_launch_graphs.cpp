@@ -557,53 +557,6 @@ TEST_CASE(
     CHECK(counter(separate->counters(), "fused_launches") == 0);
 }
 
-// A decoding step's attention and the quantized output projection that reads it: with fusion
-// one launch runs both, the attention kernel writing the product's int8 columns where it can
-// (the decoding kernel in one split) and the product rounding them itself where it cannot (a
-// long cache split over the keys, a head dim of 80). Every node bit for bit the
-// separate kernels'.
-TEST_CASE("CUDA fused attention -> quantized output projection: bit for bit the separate kernels",
-          "[cuda][fusion]") {
-    INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
-    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
-    struct Case {
-        int64_t D, T, Hq, Hkv, n_kv;
-        Type weights;
-    };
-    for (const Case& c : {Case{64, 1, 8, 2, 40, Type::Q4_K}, Case{128, 3, 4, 4, 77, Type::Q8_0},
-                          Case{64, 1, 8, 1, 40000, Type::Q6_K}, Case{80, 2, 4, 2, 33, Type::Q8_0}}) {
-        INFO("D " << c.D << ", " << c.T << " tokens, heads " << c.Hq << "/" << c.Hkv << ", " << c.n_kv
-                  << " keys, " << type_name(c.weights) << " weights");
-        Context ctx{ContextParams{.alloc_data = true}};
-        Tensor* q = ctx.new_tensor(Type::F32, {c.D, c.T, c.Hq});
-        Tensor* k = ctx.new_tensor(Type::F16, {c.D, c.n_kv, c.Hkv});
-        Tensor* v = ctx.new_tensor(Type::F16, {c.D, c.n_kv, c.Hkv});
-        Tensor* wo = ctx.new_tensor(c.weights, {c.D * c.Hq, 48});
-        for (Tensor* t : {q, k, v, wo}) test::fill_uniform(t);
-        wo->flags |= kFlagConstant;
-        FlashAttnParams p;
-        p.scale = 1.0f / std::sqrt(float(c.D));
-        p.causal = c.T > 1;
-        Tensor* o = flash_attn_ext(ctx, q, k, v, nullptr, p); // [D, Hq, T]
-        Tensor* y = mul_mat(ctx, wo, reshape(ctx, o, {c.D * c.Hq, c.T}));
-        Tensor* out = scale(ctx, y, 0.5f); // a reader behind the fused pair
-        const Graph g = build_forward(out);
-        for (Tensor* node : {o, y, out}) {
-            INFO("node " << op_name(node->op));
-            const int64_t before = counter(fused->counters(), "fused_launches");
-            const std::vector<float> got = run_graph(*fused, g, node, 0);
-            const std::vector<float> want = run_graph(*separate, g, node, 0);
-            CHECK(counter(fused->counters(), "fused_launches") - before == 1);
-            CHECK(all_finite(got)); // the nodes were poisoned: every element was written
-            CHECK(bit_identical(got, want));
-            // 16-bit attention, then the int8 rounding of the product's columns
-            CHECK(test::rel_error(got, ref::evaluate(g, node)) <= 3e-2);
-        }
-    }
-    CHECK(counter(separate->counters(), "fused_launches") == 0);
-}
-
 // A decoding step's rope over q and k and the cache writes of k and v, as the model builder
 // makes them (then attention over the caches): with fusion one kernel writes the rope's
 // output and both caches, recomputing the rotated k it stores. Every node bit for bit the
