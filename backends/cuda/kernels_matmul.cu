@@ -277,11 +277,12 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
 
     if (takes_quant_matvec(dst)) {
         const TensorView vb = view_of(b);
-        const void* columns =
-            quantized_b ? quantized_b
-                        : ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
-        if (!quantized_b && (previous.b != b || previous.columns != columns))
-            quantize_columns(vb, const_cast<void*>(columns), ctx.stream);
+        const void* columns = quantized_b;
+        if (!columns) {
+            void* scratch = ctx.scratch->get(quantized_columns_bytes(vb), ctx.stream, ctx.device_name);
+            if (previous.b != b || previous.columns != scratch) quantize_columns(vb, scratch, ctx.stream);
+            columns = scratch;
+        }
         quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), glu ? view_of(glu) : TensorView{},
                      glu ? dst->ne[0] / 2 : 0, ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};
@@ -416,8 +417,7 @@ Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i) {
     const Tensor *a = m->src[0], *b = m->src[1];
     if (half_matvec_applies(a, b, m))
         return half_matvec_split(a) <= 2 ? Fusion{2, run_mul_mat_swiglu} : Fusion{};
-    if (is_cuda_quant_type(a->type) && b->ne[1] <= kQuantMatvecMaxColumns &&
-        quant_matvec_split(view_of(a), b->ne[1]) <= 2)
+    if (takes_quant_matvec(m) && quant_matvec_split(view_of(a), b->ne[1]) <= 2)
         return {2, run_mul_mat_swiglu};
     return {};
 }

@@ -418,13 +418,14 @@ bool supports_diag_mask_inf(const Tensor* dst) {
 // 32 m + l of the row at every step (blockDim.x is a multiple of 32, and the host asks for
 // this only where n is too), so each warp rounds whole blocks of 32.
 //
-// kThreads: the most threads a launch may have. Rows of up to 256 threads hold chunks of 8
-// elements a thread; a block of 1024 threads has 64 registers a thread, and chunks of 4.
-template <bool kAdd, int kThreads>
-__global__ void __launch_bounds__(kThreads)
+// kBlockMax: the most threads a launch may have. Rows of up to kThreads (256) threads hold
+// chunks of 8 elements a thread; a block of 1024 threads has 64 registers a thread, and
+// chunks of 4.
+template <bool kAdd, int kBlockMax>
+__global__ void __launch_bounds__(kBlockMax)
     add_rms_norm_mul_kernel(TensorView a, TensorView b, TensorView sum, TensorView normed, TensorView w,
                             TensorView out, float eps, bool w_constant, ColumnBlocks columns) {
-    constexpr int kNormChunk = kThreads > 256 ? 4 : 8;
+    constexpr int kNormChunk = kBlockMax > kThreads ? 4 : 8;
     __shared__ float shared[32];
     const int64_t n = out.ne[0], step = blockDim.x;
     float w_first[kNormChunk];
@@ -516,12 +517,14 @@ void launch_pre_norm(const ComputeCtx& ctx, const Tensor* mul, bool with_add, Co
         launch_early(kernel, rows, threads, 0, ctx.stream, a, b, sum, view_of(norm), view_of(mul->src[1]),
                      view_of(mul), eps, w_constant, columns);
     };
-    const bool wide = threads > 256;
+    const bool wide = threads > kThreads;
     if (with_add)
-        launch(wide ? add_rms_norm_mul_kernel<true, kMaxNormThreads> : add_rms_norm_mul_kernel<true, 256>,
+        launch(wide ? add_rms_norm_mul_kernel<true, kMaxNormThreads>
+                    : add_rms_norm_mul_kernel<true, kThreads>,
                view_of(x->src[0]), view_of(x->src[1]), view_of(x));
     else
-        launch(wide ? add_rms_norm_mul_kernel<false, kMaxNormThreads> : add_rms_norm_mul_kernel<false, 256>,
+        launch(wide ? add_rms_norm_mul_kernel<false, kMaxNormThreads>
+                    : add_rms_norm_mul_kernel<false, kThreads>,
                view_of(x), none, none);
 }
 
