@@ -30,6 +30,16 @@ class BufferType {
     virtual Device* device() const = 0;
 };
 
+// What a buffer's tensors are for.
+enum class BufferUsage {
+    Compute, // anything: graph inputs, intermediate results, trainable parameters
+    // A loaded model's weights: each tensor is written with set (whole rows at a time, as a
+    // file's tensors are) and from then on only read. A backend may keep such tensors in a
+    // layout of its own that its kernels read faster; set and get translate, so users see
+    // the file's bytes either way.
+    Weights,
+};
+
 // One allocation. Tensors are placed in it at aligned offsets.
 class Buffer {
   public:
@@ -37,6 +47,11 @@ class Buffer {
     BufferType* type() const { return type_; }
     void* base() const { return base_; }
     size_t size() const { return size_; }
+
+    BufferUsage usage() const { return usage_; }
+    // Declares what the buffer holds; before anything is written to it (a backend that
+    // lays weights out its own way throws gfa::Error otherwise).
+    virtual void set_usage(BufferUsage usage) { usage_ = usage; }
 
     // Places t at base + offset; sets t->data and t->buffer. Views get their data from
     // their source instead (see place_view).
@@ -53,6 +68,7 @@ class Buffer {
     BufferType* type_;
     void* base_;
     size_t size_;
+    BufferUsage usage_ = BufferUsage::Compute;
 };
 
 // Gives a view tensor the data pointer and buffer of its source (which must be placed).

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -47,6 +48,30 @@ void dequantize_q8_0(const void* src, float* dst, int64_t n) {
     for (int64_t i = 0; i < n / QK8_0; ++i) {
         const float d = fp16_to_fp32(b[i].d);
         for (int j = 0; j < QK8_0; ++j) dst[i * QK8_0 + j] = d * float(b[i].qs[j]);
+    }
+}
+
+void q8_0_rows_to_scales_last(const void* blocks, void* out, int64_t K, int64_t n_rows) {
+    const int64_t nb = K / QK8_0;
+    const block_q8_0* b = static_cast<const block_q8_0*>(blocks);
+    auto* row = static_cast<uint8_t*>(out);
+    for (int64_t r = 0; r < n_rows; ++r, b += nb, row += nb * sizeof(block_q8_0)) {
+        for (int64_t i = 0; i < nb; ++i) {
+            std::memcpy(row + i * QK8_0, b[i].qs, QK8_0);
+            std::memcpy(row + K + 2 * i, &b[i].d, 2);
+        }
+    }
+}
+
+void q8_0_rows_from_scales_last(const void* rows, void* blocks, int64_t K, int64_t n_rows) {
+    const int64_t nb = K / QK8_0;
+    const auto* row = static_cast<const uint8_t*>(rows);
+    block_q8_0* b = static_cast<block_q8_0*>(blocks);
+    for (int64_t r = 0; r < n_rows; ++r, b += nb, row += nb * sizeof(block_q8_0)) {
+        for (int64_t i = 0; i < nb; ++i) {
+            std::memcpy(b[i].qs, row + i * QK8_0, QK8_0);
+            std::memcpy(&b[i].d, row + K + 2 * i, 2);
+        }
     }
 }
 

@@ -16,6 +16,14 @@ void quantize_q8_0(const float* src, void* dst, int64_t n);
 void dequantize_q4_0(const void* src, float* dst, int64_t n);
 void quantize_q4_0(const float* src, void* dst, int64_t n);
 
+// Q8_0 rows with the scales last: a GPU keeps a model's q8_0 weights so (see the CUDA
+// backend's weights buffers). Each row of K values (K % 32 == 0) keeps its size, 34 K / 32
+// bytes, but holds its K int8 values first and then the K / 32 f16 scales: in the file's
+// layout of 34-byte blocks nothing past 2-byte alignment can be read at once, in this one a
+// row's values are 16-byte aligned where the row is. Both convert n_rows packed rows.
+void q8_0_rows_to_scales_last(const void* blocks, void* out, int64_t K, int64_t n_rows);
+void q8_0_rows_from_scales_last(const void* rows, void* blocks, int64_t K, int64_t n_rows);
+
 // GGUF formats used by llama.cpp models (src/quants_k.cpp).
 void dequantize_q4_1(const void* src, float* dst, int64_t n);
 void quantize_q4_1(const float* src, void* dst, int64_t n);

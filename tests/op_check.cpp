@@ -181,7 +181,7 @@ void check_gradients(Context& ctx, Tensor* loss, const std::vector<Tensor*>& par
     }
 }
 
-std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out) {
+std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out, bool constants_as_weights) {
     struct Saved {
         Tensor* t;
         void* data;
@@ -210,13 +210,19 @@ std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out) {
             }
         }
     const size_t align = dev->buffer_type()->alignment();
-    size_t total = 0;
+    auto is_weight = [&](const Tensor* t) {
+        return constants_as_weights && t->op == Op::None && t->has_flag(kFlagConstant);
+    };
+    size_t total[2] = {0, 0}; // [0]: everything else, [1]: the weights
     std::vector<size_t> offsets;
     for (Tensor* t : owners) {
-        offsets.push_back(total);
-        total += (t->alloc_bytes() + align - 1) / align * align;
+        size_t& end = total[is_weight(t) ? 1 : 0];
+        offsets.push_back(end);
+        end += (t->alloc_bytes() + align - 1) / align * align;
     }
-    std::unique_ptr<Buffer> buf = dev->buffer_type()->allocate(total);
+    std::unique_ptr<Buffer> buf = dev->buffer_type()->allocate(total[0]);
+    std::unique_ptr<Buffer> weights = total[1] ? dev->buffer_type()->allocate(total[1]) : nullptr;
+    if (weights) weights->set_usage(BufferUsage::Weights);
     for (size_t i = 0; i < owners.size(); ++i) {
         Tensor* t = owners[i];
         std::vector<std::byte> host;
@@ -224,7 +230,7 @@ std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out) {
             host.resize(t->alloc_bytes());
             tensor_get(t, host.data(), 0, host.size());
         }
-        buf->place(t, offsets[i]);
+        (is_weight(t) ? weights : buf)->place(t, offsets[i]);
         if (!host.empty()) tensor_set(t, host.data(), 0, host.size());
     }
     for (Tensor* v : views) place_view(v);

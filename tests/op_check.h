@@ -61,7 +61,9 @@ void compute_cpu(const Graph& g, int n_threads = 2);
 // Runs g on `dev`: every tensor of the graph is placed in one buffer of the device, the
 // leaves' host values uploaded, the nodes poisoned with NaN, and `out` read back. The
 // tensors' host placements are restored afterwards, so the reference can still read them.
-std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out);
+// With `constants_as_weights`, leaves flagged kFlagConstant go to a second buffer declared
+// BufferUsage::Weights, as a loaded model's weights do (the device may lay them out its way).
+std::vector<float> run_on_device(Device* dev, const Graph& g, Tensor* out, bool constants_as_weights = false);
 // Requires every node of out's graph to be supported by `dev`, runs the graph there and
 // compares `out` with the reference evaluator (relative error at most `tol`).
 void check_on_device(Device* dev, Tensor* out, double tol);

@@ -6,7 +6,10 @@
 #include <ggml-fa/error.h>
 #include <ggml-fa/types.h>
 
+#include "quants.h"
+
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -142,5 +145,31 @@ TEST_CASE("GGUF block formats decode arbitrary bytes with finite scales to finit
         std::vector<float> y(static_cast<size_t>(n), kNaN);
         tt.to_float(q.data(), y.data(), n);
         for (float v : y) REQUIRE(std::isfinite(v));
+    }
+}
+
+// The layout a GPU keeps q8_0 weights in (quants.h): every value and scale moves to its place
+// in the row, and back to the same bytes.
+TEST_CASE("q8_0 rows with the scales last hold every byte where the layout says, and convert back",
+          "[types][quants]") {
+    std::mt19937 rng(std::random_device{}());
+    for (int64_t K : {32, 96, 2048}) {
+        const int64_t rows = 3, nb = K / QK8_0, row_bytes = nb * int64_t(sizeof(block_q8_0));
+        std::vector<uint8_t> file(size_t(rows * row_bytes)), laid_out(file.size(), 0xAB), back(file.size());
+        for (uint8_t& b : file) b = uint8_t(rng());
+        quant::q8_0_rows_to_scales_last(file.data(), laid_out.data(), K, rows);
+        const auto* blocks = reinterpret_cast<const block_q8_0*>(file.data());
+        int64_t misplaced = 0;
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < nb; ++i) {
+                const block_q8_0& blk = blocks[r * nb + i];
+                const uint8_t* row = laid_out.data() + r * row_bytes;
+                misplaced += std::memcmp(row + i * QK8_0, blk.qs, QK8_0) != 0;
+                misplaced += std::memcmp(row + K + 2 * i, &blk.d, 2) != 0;
+            }
+        INFO("K " << K);
+        CHECK(misplaced == 0);
+        quant::q8_0_rows_from_scales_last(laid_out.data(), back.data(), K, rows);
+        CHECK(back == file);
     }
 }

@@ -1,9 +1,11 @@
 // Benchmark of mul_mat with quantized weights on CUDA, timed with CUDA events.
 //
-//   bench_quant_cuda [--quick] [--reps N] [--peak GBPS] [--csv FILE]
+//   bench_quant_cuda [--quick] [--model-1b] [--types T,T..] [--reps N] [--peak GBPS] [--csv FILE]
 //
-// Decoding (N = 1), for every block type and the weight shapes M x K = 4096 x 4096,
-// 14336 x 4096, 4096 x 14336 and the 32000 x 2048 LM head:
+// Decoding (N = 1), for every block type (and q8_0L: q8_0 with the scales last, as the GPU
+// keeps a model's weights; --types picks some) and the weight shapes M x K = 4096 x 4096,
+// 14336 x 4096, 4096 x 14336 and the 32000 x 2048 LM head (--model-1b: the products of
+// tools/bench_model.py's 1.1B model instead):
 //   op      quantize b to int8 + matrix-vector kernel (what mul_mat runs)
 //   kernel  the matrix-vector kernel alone
 // each as GB/s of weight bytes read, percent of --peak (default 4800, an H200's HBM3e), and
@@ -26,6 +28,7 @@
 
 #if GFA_HAVE_CUDA
 #include "../backends/cuda/quant_matmul.h"
+#include "../src/quants.h"
 
 #include <ggml-fa/error.h>
 #include <ggml-fa/types.h>
@@ -129,10 +132,17 @@ int copies_for(size_t bytes) {
     return int(std::max<size_t>(2, (target + bytes - 1) / bytes));
 }
 
-gfa::cuda::TensorView view(void* data, Type type, int64_t ne0, int64_t ne1) {
+// One way weights lie in memory: a GGUF type, or q8_0 as a weights buffer keeps it on the GPU.
+struct Layout {
+    Type type;
+    bool scales_last = false;
+    std::string name() const { return scales_last ? "q8_0L" : std::string(type_name(type)); }
+};
+
+gfa::cuda::TensorView view(void* data, Type type, int64_t ne0, int64_t ne1, bool scales_last = false) {
     gfa::cuda::TensorView v{};
     v.data = static_cast<char*>(data);
-    v.type = int32_t(type);
+    v.type = scales_last ? gfa::cuda::kQ8_0ScalesLast : int32_t(type);
     v.ne[0] = ne0, v.ne[1] = ne1, v.ne[2] = 1, v.ne[3] = 1;
     const size_t row = row_size(type, ne0);
     v.nb[0] = int64_t(type_traits(type).type_size);
@@ -149,6 +159,8 @@ struct Shape {
 int main(int argc, char** argv) {
     bool quick = false;
     int reps = 30;
+    std::string only_types; // ",q8_0,q8_0L," from --types q8_0,q8_0L
+    std::vector<Shape> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {32000, 2048}};
     double peak = 4800.0;
     FILE* csv = nullptr;
     for (int i = 1; i < argc; ++i) {
@@ -156,6 +168,10 @@ int main(int argc, char** argv) {
             quick = true;
         else if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc)
             reps = std::max(1, std::atoi(argv[++i]));
+        else if (std::strcmp(argv[i], "--types") == 0 && i + 1 < argc)
+            only_types.append(",").append(argv[++i]).append(",");
+        else if (std::strcmp(argv[i], "--model-1b") == 0) // the products of bench_model.py's 1.1B model
+            shapes = {{2560, 2048}, {2048, 2048}, {11264, 2048}, {2048, 5632}, {32000, 2048}};
         else if (std::strcmp(argv[i], "--peak") == 0 && i + 1 < argc)
             peak = std::atof(argv[++i]);
         else if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc) {
@@ -165,10 +181,12 @@ int main(int argc, char** argv) {
                 return 1;
             }
         } else {
-            std::fprintf(stderr,
-                         "bench_quant_cuda: unknown argument '%s'\n"
-                         "usage: bench_quant_cuda [--quick] [--reps N] [--peak GBPS] [--csv FILE]\n",
-                         argv[i]);
+            std::fprintf(
+                stderr,
+                "bench_quant_cuda: unknown argument '%s'\n"
+                "usage: bench_quant_cuda [--quick] [--model-1b] [--types T,T..] [--reps N] [--peak GBPS] "
+                "[--csv FILE]\n",
+                argv[i]);
             return 2;
         }
     }
@@ -184,9 +202,15 @@ int main(int argc, char** argv) {
     check_blas(cublasCreate(&blas), "cublasCreate");
     if (csv) std::fprintf(csv, "kind,type,M,K,N,op_us,op_rate,part_us,part_rate,peer_us,peer_rate,ratio\n");
 
-    const Type types[] = {Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q5_0,
-                          Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K};
-    std::vector<Shape> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {32000, 2048}};
+    std::vector<Layout> layouts = {{Type::Q8_0}, {Type::Q8_0, true}, {Type::Q4_0}, {Type::Q4_1}, {Type::Q5_0},
+                                   {Type::Q5_1}, {Type::Q4_K},       {Type::Q5_K}, {Type::Q6_K}};
+    if (!only_types.empty())
+        std::erase_if(layouts, [&](const Layout& l) {
+            std::string key(",");
+            key += l.name();
+            key += ',';
+            return only_types.find(key) == std::string::npos;
+        });
     if (quick) shapes = {{4096, 4096}, {14336, 4096}};
 
     // ---- decoding: N = 1 ---------------------------------------------------------------------
@@ -230,35 +254,38 @@ int main(int argc, char** argv) {
         const gfa::cuda::TensorView b = view(x, Type::F32, s.K, 1), dst = view(y, Type::F32, s.M, 1);
         void* scratch = nullptr;
         check(cudaMalloc(&scratch, gfa::cuda::quantized_columns_bytes(b)), "cudaMalloc scratch");
-        for (Type t : types) {
-            const std::vector<uint8_t> host = random_blocks(t, s.M * s.K);
+        for (const Layout& layout : layouts) {
+            const Type t = layout.type;
+            std::vector<uint8_t> host = random_blocks(t, s.M * s.K);
+            if (layout.scales_last) {
+                std::vector<uint8_t> rows(host.size());
+                gfa::quant::q8_0_rows_to_scales_last(host.data(), rows.data(), s.K, s.M);
+                host.swap(rows);
+            }
             const int n_copies = copies_for(host.size());
             Copies weights(host.data(), host.size(), n_copies);
+            auto weights_at = [&](int c) { return view(weights.at(c), t, s.K, s.M, layout.scales_last); };
             const double op_ms = time_ms(
                 [&](int c) {
                     gfa::cuda::quantize_columns(b, scratch, nullptr);
-                    gfa::cuda::quant_matvec(view(weights.at(c), t, s.K, s.M), b, dst, scratch, true, {}, 0,
-                                            nullptr);
+                    gfa::cuda::quant_matvec(weights_at(c), b, dst, scratch, true, {}, 0, nullptr);
                 },
                 n_copies, reps);
             const double kernel_ms = time_ms(
-                [&](int c) {
-                    gfa::cuda::quant_matvec(view(weights.at(c), t, s.K, s.M), b, dst, scratch, true, {}, 0,
-                                            nullptr);
-                },
+                [&](int c) { gfa::cuda::quant_matvec(weights_at(c), b, dst, scratch, true, {}, 0, nullptr); },
                 n_copies, reps);
             const double mb = double(host.size()) / 1e6;
             const double op_gbs = mb / 1e3 / (op_ms * 1e-3), kernel_gbs = mb / 1e3 / (kernel_ms * 1e-3);
             char shape[32];
             std::snprintf(shape, sizeof shape, "%lld x %lld", (long long)s.M, (long long)s.K);
             std::printf("%-5s %13s %8.1f | %8.2f %8.0f %4.0f%% | %8.2f %8.0f %4.0f%% | %8.2f %8.0f %6.2f\n",
-                        std::string(type_name(t)).c_str(), shape, mb, op_ms * 1e3, op_gbs,
-                        100.0 * op_gbs / peak, kernel_ms * 1e3, kernel_gbs, 100.0 * kernel_gbs / peak,
-                        peer_ms * 1e3, peer_gbs, peer_ms / op_ms);
+                        layout.name().c_str(), shape, mb, op_ms * 1e3, op_gbs, 100.0 * op_gbs / peak,
+                        kernel_ms * 1e3, kernel_gbs, 100.0 * kernel_gbs / peak, peer_ms * 1e3, peer_gbs,
+                        peer_ms / op_ms);
             if (csv)
                 std::fprintf(csv, "decode,%s,%lld,%lld,1,%.3f,%.1f,%.3f,%.1f,%.3f,%.1f,%.3f\n",
-                             std::string(type_name(t)).c_str(), (long long)s.M, (long long)s.K, op_ms * 1e3,
-                             op_gbs, kernel_ms * 1e3, kernel_gbs, peer_ms * 1e3, peer_gbs, peer_ms / op_ms);
+                             layout.name().c_str(), (long long)s.M, (long long)s.K, op_ms * 1e3, op_gbs,
+                             kernel_ms * 1e3, kernel_gbs, peer_ms * 1e3, peer_gbs, peer_ms / op_ms);
         }
         check(cudaDeviceSynchronize(), "decode");
         cudaFree(scratch);

@@ -7,6 +7,7 @@
 #include "cuda_common.h"
 #include "launch_graphs.h"
 #include "op_def.h"
+#include "quants.h"
 
 #include <algorithm>
 #include <array>
@@ -206,12 +207,28 @@ class CudaBuffer final : public Buffer {
         cudaSetDevice(previous);
         pool_.release(base());
     }
+    // GFA_CUDA_WEIGHT_LAYOUT=0 keeps weights buffers in the file's layout (for measuring).
+    void set_usage(BufferUsage usage) override {
+        static const bool own_layout = [] {
+            const char* v = std::getenv("GFA_CUDA_WEIGHT_LAYOUT");
+            return v == nullptr || std::strcmp(v, "0") != 0;
+        }();
+        if (usage == BufferUsage::Weights && !own_layout) usage = BufferUsage::Compute;
+        if (written_ && usage != this->usage())
+            throw Error(
+                std::string(type()->name()) +
+                " buffer: set_usage after tensors were written (their layout would change under them)");
+        Buffer::set_usage(usage);
+    }
     void set(Tensor* t, const void* src, size_t offset, size_t size) override {
         DeviceGuard guard(device_);
+        written_ = true;
+        if (cuda::has_scales_last(t)) return set_scales_last(t, src, offset, size);
         GFA_CUDA_CHECK(cudaMemcpy(static_cast<char*>(t->data) + offset, src, size, cudaMemcpyHostToDevice));
     }
     void get(const Tensor* t, void* dst, size_t offset, size_t size) const override {
         DeviceGuard guard(device_);
+        if (cuda::has_scales_last(t)) return get_scales_last(t, dst, offset, size);
         GFA_CUDA_CHECK(
             cudaMemcpy(dst, static_cast<const char*>(t->data) + offset, size, cudaMemcpyDeviceToHost));
     }
@@ -222,8 +239,53 @@ class CudaBuffer final : public Buffer {
     }
 
   private:
+    // The whole rows of t's owner that bytes [offset, offset + size) of t fall in, in the
+    // owner's file layout: `bytes` for them, `first` the owner's byte where they start.
+    struct OwnerRows {
+        const Tensor* owner;
+        size_t row_bytes, first, begin; // begin: where the range starts, from `first`
+        std::vector<uint8_t> bytes;
+    };
+    static OwnerRows owner_rows(const Tensor* t, size_t offset, size_t size) {
+        const Tensor* owner = cuda::memory_owner(t);
+        const size_t row = owner->nb[1];
+        const size_t at = t->view_offs + offset; // t->view_offs is 0 for the owner itself
+        const size_t first = at / row * row, last = (at + size + row - 1) / row * row;
+        return {owner, row, first, at - first, std::vector<uint8_t>(last - first)};
+    }
+    // Reads rows r (in the owner's layout on the device) and returns them in the file's layout.
+    void read_rows(OwnerRows& r) const {
+        std::vector<uint8_t> laid_out(r.bytes.size());
+        GFA_CUDA_CHECK(cudaMemcpy(laid_out.data(), static_cast<const char*>(r.owner->data) + r.first,
+                                  laid_out.size(), cudaMemcpyDeviceToHost));
+        quant::q8_0_rows_from_scales_last(laid_out.data(), r.bytes.data(), r.owner->ne[0],
+                                          int64_t(r.bytes.size() / r.row_bytes));
+    }
+    // Writes bytes of t as the file has them: whole rows are rearranged on the host and copied
+    // over; a range that starts or ends inside a row merges with the row's present bytes.
+    void set_scales_last(const Tensor* t, const void* src, size_t offset, size_t size) {
+        OwnerRows r = owner_rows(t, offset, size);
+        const void* rows = src; // whole rows (a file's tensor): rearranged straight from src
+        if (r.begin != 0 || size != r.bytes.size()) {
+            read_rows(r);
+            std::memcpy(r.bytes.data() + r.begin, src, size);
+            rows = r.bytes.data();
+        }
+        std::vector<uint8_t> laid_out(r.bytes.size());
+        quant::q8_0_rows_to_scales_last(rows, laid_out.data(), r.owner->ne[0],
+                                        int64_t(r.bytes.size() / r.row_bytes));
+        GFA_CUDA_CHECK(cudaMemcpy(static_cast<char*>(r.owner->data) + r.first, laid_out.data(),
+                                  laid_out.size(), cudaMemcpyHostToDevice));
+    }
+    void get_scales_last(const Tensor* t, void* dst, size_t offset, size_t size) const {
+        OwnerRows r = owner_rows(t, offset, size);
+        read_rows(r);
+        std::memcpy(dst, r.bytes.data() + r.begin, size);
+    }
+
     MemoryPool& pool_;
     int device_;
+    bool written_ = false;
 };
 
 class CudaBufferType final : public BufferType {
@@ -573,6 +635,21 @@ class CudaBackend final : public Backend {
     int32_t* error_host_ = nullptr;
 };
 
+// Weights in the scales-last layout (cuda_common.h) are read by the kernels of the ops that
+// take weights, as their first source and in whole rows; no node writes them. Any other
+// reader goes to a backend that gets their bytes through CudaBuffer::get.
+bool reads_weights_as_laid_out(const Tensor* node) {
+    if (cuda::has_scales_last(node)) return false;
+    for (int i = 0; i < kMaxSrc; ++i) {
+        const Tensor* s = node->src[i];
+        if (!s || !cuda::has_scales_last(s)) continue;
+        const bool weight_reader =
+            node->op == Op::MulMat || node->op == Op::MulMatId || node->op == Op::GetRows;
+        if (i != 0 || !weight_reader || !cuda::scales_last_readable(s)) return false;
+    }
+    return true;
+}
+
 class CudaDevice final : public Device {
   public:
     CudaDevice(int device, const cudaDeviceProp& prop)
@@ -596,6 +673,7 @@ class CudaDevice final : public Device {
     }
     bool supports_op(const Tensor* node) const override {
         if (node->op == Op::None || op_def(node->op).is_view) return true;
+        if (!reads_weights_as_laid_out(node)) return false;
         const cuda::KernelEntry& k = cuda::kernels()[size_t(node->op)];
         return k.run && (!k.supports || k.supports(node));
     }

@@ -3,6 +3,7 @@
 // the plain strided view of a tensor that kernels take by value.
 #pragma once
 
+#include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
 #include <ggml-fa/tensor.h>
 
@@ -158,10 +159,44 @@ struct TensorView {
     int64_t nb[4];
 };
 
+// ---- weights laid out for the GPU ------------------------------------------------------------
+//
+// q8_0 tensors in a weights buffer (BufferUsage::Weights) are kept with each row's scales
+// last (quant::q8_0_rows_to_scales_last): a row's 34-byte blocks allow no load wider than
+// 2 bytes, its values alone are 16-byte aligned, so the matrix-vector product reads them with
+// a quarter of the load instructions. The buffer's set and get translate. Kernels see such a
+// tensor with this type id in its TensorView; only the kernels that read weights know it (the
+// matrix-vector product, the dequantization in front of cuBLAS, get_rows, mul_mat_id), and
+// the supports predicate sends every other reader to a backend that reads it through get.
+inline constexpr int kQ8_0ScalesLast = 256; // beyond every gfa::Type value
+
+inline const Tensor* memory_owner(const Tensor* t) {
+    return t->view_src ? t->view_src : t;
+}
+// t's bytes on the device are in the scales-last layout.
+inline bool has_scales_last(const Tensor* t) {
+    const Tensor* owner = memory_owner(t);
+    return owner->type == Type::Q8_0 && owner->buffer && owner->buffer->usage() == BufferUsage::Weights;
+}
+// ... and t is whole rows of its owner at the owner's row stride, so that kernels find each
+// row's scales K bytes after its start.
+inline bool scales_last_readable(const Tensor* t) {
+    const Tensor* owner = memory_owner(t);
+    const size_t row = owner->nb[1];
+    return t->type == Type::Q8_0 && t->ne[0] == owner->ne[0] && t->nb[0] == owner->nb[0] &&
+           t->view_offs % row == 0 && t->nb[1] % row == 0 && t->nb[2] % row == 0 && t->nb[3] % row == 0;
+}
+
 inline TensorView view_of(const Tensor* t) {
     TensorView v{};
     v.data = static_cast<char*>(t->data);
     v.type = int32_t(t->type);
+    if (has_scales_last(t)) {
+        if (!scales_last_readable(t))
+            fail("CUDA: " + t->name + " " + t->shape_str() +
+                 " views part of the rows of a q8_0 weight, which the GPU keeps with the scales last");
+        v.type = kQ8_0ScalesLast;
+    }
     for (int i = 0; i < 4; ++i) {
         v.ne[i] = t->ne[i];
         v.nb[i] = int64_t(t->nb[i]);

@@ -84,7 +84,7 @@ __device__ __forceinline__ float load_any(const TensorView& t, int64_t i0, int64
     case kTypeI32:
         return load_plain(t.data + offset_of(t, i0, i1, i2, i3), t.type);
     default:
-        return dequantize_element(t.type, t.data + offset_of(t, 0, i1, i2, i3), i0);
+        return dequantize_element(t.type, t.data + offset_of(t, 0, i1, i2, i3), t.ne[0], i0);
     }
 }
 

@@ -96,15 +96,6 @@ bool supports_top_k(const Tensor* dst) {
 
 constexpr int kRowsPerBlock = 4; // one warp per output row
 
-// Weights of a block type: 8 values of the row at a time, decoded exactly.
-template <int T> struct QuantRow {
-    using B = QuantBlock<T>;
-    static constexpr int kChunksPerBlock = B::kValues / 8;
-    __device__ __forceinline__ static void load8(const char* row, int64_t chunk, float (&v)[8]) {
-        dequantize_chunk<T>(row + (chunk / kChunksPerBlock) * B::kBytes, int(chunk % kChunksPerBlock), v);
-    }
-};
-
 // Where pair p = slot + n_slots * token of mul_mat_id reads and writes.
 struct PairPlace {
     int64_t slot, token, column; // column: b's column (0 when b is shared by the slots)
@@ -143,7 +134,7 @@ __device__ __forceinline__ void expert_row_dots(const TensorView& as, const Tens
         const char* row = as.data + m * as.nb[1] + e * as.nb[2];
         for (int64_t chunk = lane; chunk < K / 8; chunk += 32) {
             float w[8];
-            QuantRow<TYPE>::load8(row, chunk, w);
+            dequantize_row_chunk<TYPE>(row, K, chunk, w); // 8 values, decoded exactly
 #pragma unroll
             for (int j = 0; j < NC; ++j)
                 if (j < n)
@@ -332,9 +323,10 @@ __global__ void scatter_results_kernel(TensorView ids, TensorView b, TensorView 
     }
 }
 
-template <class F> void dispatch_weight_type(Type t, F&& launch) {
-    if (is_cuda_quant_type(t))
-        dispatch_quant_type(t,
+// Calls launch with the block type of the weights as they lie on the device, or -1 for float weights.
+template <class F> void dispatch_weight_type(const TensorView& as, F&& launch) {
+    if (as.type == kQ8_0ScalesLast || is_cuda_quant_type(Type(as.type)))
+        dispatch_quant_view(as.type,
                             [&](auto tag) { launch(std::integral_constant<int, decltype(tag)::value>{}); });
     else
         launch(std::integral_constant<int, -1>{});
@@ -428,7 +420,7 @@ void run_mul_mat_id(const ComputeCtx& ctx, Tensor* dst) {
     }();
     if (pairs <= E || grouping == 0) { // decoding: an expert rarely serves two pairs
         const dim3 grid(row_blocks, unsigned(std::min<int64_t>(pairs, 65535)));
-        dispatch_weight_type(as->type, [&](auto type) {
+        dispatch_weight_type(va, [&](auto type) {
             mul_mat_id_kernel<decltype(type)::value>
                 <<<grid, kRowsPerBlock * 32, 0, ctx.stream>>>(va, vb, vids, vdst, ctx.error_flag);
             GFA_CUDA_CHECK_LAUNCH();
@@ -449,7 +441,7 @@ void run_mul_mat_id(const ComputeCtx& ctx, Tensor* dst) {
     group_pairs_kernel<<<1, 1024, 0, ctx.stream>>>(vids, vdst, g, ctx.error_flag);
     GFA_CUDA_CHECK_LAUNCH();
     const dim3 grid(row_blocks, unsigned(std::min<int64_t>(max_chunks, 65535)));
-    dispatch_weight_type(as->type, [&](auto type) {
+    dispatch_weight_type(va, [&](auto type) {
         mul_mat_id_chunks_kernel<decltype(type)::value>
             <<<grid, kRowsPerBlock * 32, 0, ctx.stream>>>(va, vb, vids, vdst, g);
         GFA_CUDA_CHECK_LAUNCH();

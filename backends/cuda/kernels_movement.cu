@@ -163,8 +163,6 @@ template <int T>
 __global__ void get_rows_quant_kernel(TensorView a, TensorView rows, TensorView dst, int32_t* error) {
     await_inputs();
     allow_next_launch();
-    using B = QuantBlock<T>;
-    constexpr int kChunks = B::kValues / 8;
     const int64_t r = blockIdx.x;
     const int64_t i1 = r % dst.ne[1], i2 = (r / dst.ne[1]) % dst.ne[2], i3 = r / (dst.ne[1] * dst.ne[2]);
     const int64_t src_row = read_index(rows, i1, rows.ne[1] == 1 ? 0 : i2);
@@ -174,7 +172,7 @@ __global__ void get_rows_quant_kernel(TensorView a, TensorView rows, TensorView 
     for (int64_t c = threadIdx.x; c < dst.ne[0] / 8; c += blockDim.x) {
         float v[8];
         if (valid) {
-            dequantize_chunk<T>(row + (c / kChunks) * B::kBytes, int(c % kChunks), v);
+            dequantize_row_chunk<T>(row, a.ne[0], c, v);
         } else {
 #pragma unroll
             for (int i = 0; i < 8; ++i) v[i] = 0.0f;
@@ -189,9 +187,10 @@ void run_get_rows(const ComputeCtx& ctx, Tensor* dst) {
     if (is_cuda_quant_type(dst->src[0]->type)) {
         const int64_t n_rows = dst->ne[1] * dst->ne[2] * dst->ne[3];
         if (n_rows == 0) return;
-        dispatch_quant_type(dst->src[0]->type, [&](auto tag) {
-            launch_early(get_rows_quant_kernel<decltype(tag)::value>, unsigned(n_rows), 128, 0, ctx.stream,
-                         view_of(dst->src[0]), view_of(dst->src[1]), view_of(dst), ctx.error_flag);
+        const TensorView a = view_of(dst->src[0]);
+        dispatch_quant_view(a.type, [&](auto tag) {
+            launch_early(get_rows_quant_kernel<decltype(tag)::value>, unsigned(n_rows), 128, 0, ctx.stream, a,
+                         view_of(dst->src[1]), view_of(dst), ctx.error_flag);
         });
         return;
     }

@@ -69,6 +69,11 @@ template <> struct QuantBlock<kIQ4_NL> {
 template <> struct QuantBlock<kIQ4_XS> {
     static constexpr int kValues = QK_K, kBytes = sizeof(block_iq4_xs), kMaxAlign = 8;
 };
+// q8_0 with the scales last (cuda_common.h): blocks keep their size for the row's length, and
+// a row's values are as aligned as the row.
+template <> struct QuantBlock<kQ8_0ScalesLast> {
+    static constexpr int kValues = QK8_0, kBytes = sizeof(block_q8_0), kMaxAlign = 16;
+};
 
 // The low-bit formats (q2_K, q3_K, iq4_nl, iq4_xs) are read by the kernels unless
 // GFA_CUDA_LOW_BIT=0 turns them off; their nodes then go to the CPU (the loader keeps such
@@ -127,6 +132,16 @@ template <class F> void dispatch_quant_type(Type t, F&& f) {
     default:
         fail(std::string("CUDA: no quantized kernels for type ") + std::string(type_name(t)));
     }
+}
+
+// The same for the type id of a TensorView, which may be a layout of the device's own.
+template <class F> void dispatch_quant_view(int type, F&& f) {
+    if (type == kQ8_0ScalesLast) return f(std::integral_constant<int, kQ8_0ScalesLast>{});
+    dispatch_quant_type(Type(type), std::forward<F>(f));
+}
+// A TensorView's type for messages.
+inline std::string view_type_name(int type) {
+    return type == kQ8_0ScalesLast ? "q8_0 (scales last)" : std::string(type_name(Type(type)));
 }
 
 // ---- loads --------------------------------------------------------------------------------
@@ -328,17 +343,31 @@ template <int T> __device__ __forceinline__ void dequantize_chunk(const char* bl
     }
 }
 
-// Element i0 of a packed row of `type` blocks (generic element access; kernels that read
-// whole rows use dequantize_chunk directly). Not inlined: it would bloat every caller.
-__device__ __noinline__ inline float dequantize_element(int type, const char* row, int64_t i0) {
+// Values 8 c .. 8 c + 7 of a row of K values of type T, in either layout of q8_0.
+template <int T>
+__device__ __forceinline__ void dequantize_row_chunk(const char* row, int64_t K, int64_t c, float (&v)[8]) {
+    if constexpr (T == kQ8_0ScalesLast) {
+        const float d = f16_bits_at(row + K + 2 * (c / 4));
+        const int8_t* qs = reinterpret_cast<const int8_t*>(row) + 8 * c;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, float(qs[i]));
+    } else {
+        using B = QuantBlock<T>;
+        constexpr int kChunks = B::kValues / 8;
+        dequantize_chunk<T>(row + (c / kChunks) * B::kBytes, int(c % kChunks), v);
+    }
+}
+
+// Element i0 of a packed row of K values of `type` (generic element access; kernels that
+// read whole rows use dequantize_row_chunk directly). Not inlined: it would bloat every caller.
+__device__ __noinline__ inline float dequantize_element(int type, const char* row, int64_t K, int64_t i0) {
     float v[8];
     const int chunk_value = int(i0 % 8);
-    auto chunk_of = [&](auto tag) {
-        constexpr int T = decltype(tag)::value;
-        using B = QuantBlock<T>;
-        dequantize_chunk<T>(row + (i0 / B::kValues) * B::kBytes, int(i0 % B::kValues) / 8, v);
-    };
+    auto chunk_of = [&](auto tag) { dequantize_row_chunk<decltype(tag)::value>(row, K, i0 / 8, v); };
     switch (type) {
+    case kQ8_0ScalesLast:
+        chunk_of(std::integral_constant<int, kQ8_0ScalesLast>{});
+        break;
     case kQ8_0:
         chunk_of(std::integral_constant<int, kQ8_0>{});
         break;

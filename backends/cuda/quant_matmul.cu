@@ -125,6 +125,30 @@ template <int A> struct Item<kQ8_0, A> {
     }
 };
 
+// q8_0 with the scales last (a weights buffer, cuda_common.h): two lanes per block, each
+// taking 16 of its values in one 16-byte load where the row is 16-byte aligned (K % 256 == 0),
+// and the block's scale from the row's end (the two lanes of a block read the same 2 bytes; a
+// warp's 16 blocks have theirs in one 32-byte sector). The file's layout takes five 2-byte
+// loads for 8 values.
+template <int A> struct Item<kQ8_0ScalesLast, A> {
+    static constexpr int kParts = 2, kUnroll = 4;
+    uint32_t q[4];
+    float d;
+    __device__ __forceinline__ void load_from_row(const char* row, int64_t K, int64_t ib, int part) {
+        load_words<A, 4>(row + 32 * ib + 16 * part, q);
+        d = f16_bits_at(row + K + 2 * ib);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        const int64_t k = 32 * ib + 16 * part;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            acc[c] += d * xds(x, c, ib).x * float(dot16(q, x16(x, c, k)));
+        }
+    }
+};
+
 // q4_0, q4_1, q5_0, q5_1: two lanes per block; lane `part` takes qs bytes 8 part .. 8 part + 7,
 // i.e. values 8 part + (0..7) (low nibbles) and 16 + 8 part + (0..7) (high nibbles).
 template <int T, int A> struct Item32 {
@@ -447,6 +471,16 @@ __global__ void quantize_columns_kernel(TensorView b, int8_t* q, float2* ds, int
 // not registers: items held across the wait made the k-quant kernels spill).
 constexpr int64_t kMatvecPrefetchBytes = 8192;
 
+// Loads item i of a row of K values (part i % kParts of block i / kParts) wherever type T
+// keeps that block's bytes.
+template <int T, class W>
+__device__ __forceinline__ void load_item(W& item, const char* row, int64_t K, int i) {
+    if constexpr (T == kQ8_0ScalesLast)
+        item.load_from_row(row, K, i / W::kParts, i % W::kParts);
+    else
+        item.load(row + int64_t(i / W::kParts) * QuantBlock<T>::kBytes, i % W::kParts);
+}
+
 // U: items a lane loads before using any (W::kUnroll, or a deeper pass for long rows,
 // matvec_shape).
 template <int T, int A, int NC, int U = Item<T, A>::kUnroll>
@@ -477,7 +511,7 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int i = base + rs.stride * u;
-            if (i < n_items) items[u].load(row + int64_t(i / W::kParts) * B::kBytes, i % W::kParts);
+            if (i < n_items) load_item<T>(items[u], row, a.ne[0], i);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -490,8 +524,6 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
 
 // One thread block per row of a; each thread writes 8 consecutive f16 values (16 bytes).
 template <int T> __global__ void dequantize_f16_kernel(TensorView a, __half* out) {
-    using B = QuantBlock<T>;
-    constexpr int kChunks = B::kValues / 8;
     const int64_t r = blockIdx.x;
     const int64_t i1 = r % a.ne[1], i2 = (r / a.ne[1]) % a.ne[2], i3 = r / (a.ne[1] * a.ne[2]);
     const char* row = a.data + i1 * a.nb[1] + i2 * a.nb[2] + i3 * a.nb[3];
@@ -499,7 +531,7 @@ template <int T> __global__ void dequantize_f16_kernel(TensorView a, __half* out
     uint4* dst = reinterpret_cast<uint4*>(out + r * a.ne[0]);
     for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
         float v[8];
-        dequantize_chunk<T>(row + (c / kChunks) * B::kBytes, int(c % kChunks), v);
+        dequantize_row_chunk<T>(row, a.ne[0], c, v);
         uint32_t h[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -515,7 +547,7 @@ int row_alignment(const TensorView& a) {
     const uint64_t bits = uint64_t(reinterpret_cast<uintptr_t>(a.data)) | uint64_t(a.nb[1]) |
                           uint64_t(a.nb[2]) | uint64_t(a.nb[3]);
     if (bits % 2 != 0)
-        fail("mul_mat on CUDA: quantized weights " + std::string(type_name(Type(a.type))) +
+        fail("mul_mat on CUDA: quantized weights " + view_type_name(a.type) +
              " at an odd address or with odd row strides");
     return bits % 16 == 0 ? 16 : bits % 4 == 0 ? 4 : 2;
 }
@@ -526,10 +558,18 @@ struct MatvecShape {
     int split, unroll;
 };
 
-// Items a lane of the deeper pass loads: q4_K with one column (q5_K's and q6_K's items, with
-// their high bits, spilled at 3 deep within the 64 registers of 8 blocks per SM).
-constexpr int kDeepUnroll = 3;
-template <int T> constexpr bool kHasDeepPass = T == kQ4_K;
+// Items a lane of the deeper pass loads, with one column: q4_K (q5_K's and q6_K's items, with
+// their high bits, spilled at 3 deep within the 64 registers of 8 blocks per SM), and q8_0
+// with the scales last (items of 5 registers); 0: no deeper pass.
+template <int T> constexpr int kDeepUnroll = T == kQ4_K ? 3 : T == kQ8_0ScalesLast ? 6 : 0;
+template <int T> constexpr bool kHasDeepPass = kDeepUnroll<T> > 0;
+bool deep_pass_enabled() {
+    static const bool on = [] {
+        const char* v = std::getenv("GFA_CUDA_DEEP_PASS");
+        return v == nullptr || std::strcmp(v, "0") != 0;
+    }();
+    return on;
+}
 
 // The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer
 // passes. A q4_K row of K = 5632 (a 1.1B model's down projection, 176 items) takes 4 warps
@@ -541,13 +581,13 @@ template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
     const int64_t items = K / QuantBlock<T>::kValues * W::kParts;
     const int split = row_split_for(items, W::kUnroll, kMatvecWarps);
     if constexpr (kHasDeepPass<T>) {
-        if (columns == 1) {
-            const int deep = row_split_for(items, kDeepUnroll, kMatvecWarps);
+        if (columns == 1 && deep_pass_enabled()) {
+            constexpr int kDeep = kDeepUnroll<T>;
+            const int deep = row_split_for(items, kDeep, kMatvecWarps);
             auto passes = [&](int sp, int u) {
                 return (items + int64_t(32) * sp * u - 1) / (int64_t(32) * sp * u);
             };
-            if (deep < split || passes(deep, kDeepUnroll) < passes(split, W::kUnroll))
-                return {deep, kDeepUnroll};
+            if (deep < split || passes(deep, kDeep) < passes(split, W::kUnroll)) return {deep, kDeep};
         }
     }
     return {split, W::kUnroll};
@@ -566,7 +606,8 @@ void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst,
         launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu);
     };
     if constexpr (kHasDeepPass<T>) {
-        if (x.n == 1 && shape.unroll == kDeepUnroll) return launch(quant_matvec_kernel<T, A, 1, kDeepUnroll>);
+        constexpr int kDeep = kDeepUnroll<T>;
+        if (x.n == 1 && shape.unroll == kDeep) return launch(quant_matvec_kernel<T, A, 1, kDeep>);
     }
     if (x.n == 1)
         launch(quant_matvec_kernel<T, A, 1>);
@@ -621,7 +662,7 @@ namespace {
 // matrix-vector kernel can use.
 template <class F> void dispatch_matvec(const TensorView& a, F&& f) {
     const int align = row_alignment(a);
-    dispatch_quant_type(Type(a.type), [&](auto tag) {
+    dispatch_quant_view(a.type, [&](auto tag) {
         constexpr int kMax = QuantBlock<decltype(tag)::value>::kMaxAlign;
         if constexpr (kMax >= 16) {
             if (align >= 16) return f(tag, std::integral_constant<int, 16>{});
@@ -664,7 +705,7 @@ void dequantize_to_f16(const TensorView& a, void* out, cudaStream_t stream) {
     const int64_t rows = a.ne[1] * a.ne[2] * a.ne[3];
     if (rows == 0) return;
     (void)row_alignment(a);
-    dispatch_quant_type(Type(a.type), [&](auto tag) {
+    dispatch_quant_view(a.type, [&](auto tag) {
         constexpr int T = decltype(tag)::value;
         dequantize_f16_kernel<T>
             <<<unsigned(rows), kDequantThreads, 0, stream>>>(a, static_cast<__half*>(out));

@@ -720,6 +720,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
     for (Impl::Placement& p : m.placements) {
         if (p.ctx->n_tensors() == 0) continue;
         p.buffer = allocate_context_tensors(*p.ctx, p.device->buffer_type());
+        p.buffer->set_usage(BufferUsage::Weights); // the backend may lay them out its own way
         for (Tensor* t : p.ctx->tensors()) {
             t->flags |= kFlagConstant;
             if (auto it = made.find(t); it != made.end()) {

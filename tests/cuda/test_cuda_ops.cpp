@@ -9,6 +9,9 @@
 #include "scoped_env.h"
 
 #include <ggml-fa/backend.h>
+#include "quants.h"
+
+#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstring>
@@ -337,7 +340,10 @@ namespace {
 // sqrt(sum_k (w_k x_k)^2), the size a sum of K products of random sign has. Unlike ||ref||
 // it does not vanish when a single output happens to land near zero, so one-output cases
 // (M = N = 1) are judged like the large ones. Any non-finite output is an infinite error.
-double quant_matmul_error(const Tensor* a, const Tensor* b, const std::vector<float>& got) {
+// With `against`, the error is measured from that result instead of the exact product (the
+// same spread).
+double quant_matmul_error(const Tensor* a, const Tensor* b, const std::vector<float>& got,
+                          const std::vector<float>* against = nullptr) {
     const std::vector<float> w = cpu_dequantized(a), x = tensor_get_f32(b);
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], B2 = b->ne[2], B3 = b->ne[3];
     const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
@@ -355,8 +361,10 @@ double quant_matmul_error(const Tensor* a, const Tensor* b, const std::vector<fl
                         ref += p;
                         sq += p * p;
                     }
-                    const float g = got[size_t(((i3 * B2 + i2) * N + n) * M + m)];
+                    const size_t at = size_t(((i3 * B2 + i2) * N + n) * M + m);
+                    const float g = got[at];
                     if (!std::isfinite(g)) return std::numeric_limits<double>::infinity();
+                    if (against) ref = double((*against)[at]);
                     err += (g - ref) * (g - ref);
                     spread += sq;
                 }
@@ -492,6 +500,97 @@ TEST_CASE("CUDA get_rows and cast of every quantized type match the CPU's dequan
         Tensor* as_f32 = cast(ctx, emb, Type::F32);
         CHECK(mismatches(run_on_cuda(build_forward(as_f32), as_f32), table) == 0);
     }
+}
+
+// A model's q8_0 weights sit in a weights buffer with each row's scales last (cuda_common.h).
+// The bytes on the device must be that layout (read raw), get must give back the file's bytes
+// (whole rows and ranges that start and end inside rows), the products must match the
+// reference and, on the cuBLAS path, the file layout's bits; get_rows must decode exactly;
+// other readers must be refused, so that the scheduler hands them the file's bytes.
+TEST_CASE("CUDA q8_0 weights kept with the scales last: bytes, products, gathers, refusals",
+          "[cuda][quant][matvec]") {
+    for (int64_t K : {96, 2048, 5632, 8448})
+        for (int64_t M : {1, 7, 300}) {
+            INFO("seed " << gfa::test::seed() << ", K " << K << ", M " << M);
+            Context ctx = data_ctx();
+            Tensor* a = ctx.new_tensor(Type::Q8_0, {K, M});
+            fill_uniform(a);
+            a->flags |= kFlagConstant;
+            const size_t bytes = a->nbytes(), row = a->nb[1];
+            std::vector<uint8_t> file(bytes);
+            tensor_get(a, file.data(), 0, bytes);
+
+            // Bytes: the device holds the scales-last rows; get gives the file's back.
+            {
+                Context dev_ctx(ContextParams{});
+                Tensor* w = dev_ctx.new_tensor(Type::Q8_0, {K, M});
+                std::unique_ptr<Buffer> buf = cuda0()->buffer_type()->allocate(bytes);
+                buf->set_usage(BufferUsage::Weights);
+                buf->place(w, 0);
+                // Written as a merged projection is: whole rows in two parts.
+                const size_t half = size_t(M / 2) * row;
+                tensor_set(w, file.data(), 0, half);
+                tensor_set(w, file.data() + half, half, bytes - half);
+                std::vector<uint8_t> raw(bytes), want(bytes), back(bytes);
+                REQUIRE(cudaMemcpy(raw.data(), w->data, bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
+                quant::q8_0_rows_to_scales_last(file.data(), want.data(), K, M);
+                CHECK(raw == want);
+                tensor_get(w, back.data(), 0, bytes);
+                CHECK(back == file);
+                // A range from inside one row to inside another (a scale's byte, values).
+                const size_t from = row / 2 + 1, size = std::min(bytes - from, row + 7);
+                std::vector<uint8_t> patch(size);
+                for (size_t i = 0; i < size; ++i) patch[i] = uint8_t(i * 37 + 11);
+                tensor_set(w, patch.data(), from, size);
+                std::memcpy(file.data() + from, patch.data(), size);
+                tensor_get(w, back.data(), 0, bytes);
+                CHECK(back == file);
+                std::vector<uint8_t> part(size);
+                tensor_get(w, part.data(), from, size);
+                CHECK(part == patch);
+                CHECK_THROWS_WITH(buf->set_usage(BufferUsage::Compute),
+                                  Catch::Matchers::Contains("after tensors were written"));
+
+                // Readers other than the weight kernels are refused, as are views inside rows.
+                Tensor* as_f32 = cast(dev_ctx, w, Type::F32);
+                CHECK_FALSE(cuda0()->supports_op(as_f32));
+                if (K > 32) {
+                    Tensor* part_rows = view(dev_ctx, w, {32, M}, {w->nb[1]}, 0);
+                    place_view(part_rows);
+                    Tensor* b = dev_ctx.new_tensor(Type::F32, {32, 1});
+                    CHECK_FALSE(cuda0()->supports_op(mul_mat(dev_ctx, part_rows, b)));
+                }
+                Tensor* b = dev_ctx.new_tensor(Type::F32, {K, 1});
+                CHECK(cuda0()->supports_op(mul_mat(dev_ctx, w, b)));
+            }
+
+            // Products: decoding (int8 columns) against the reference and close to the file
+            // layout's result (the same integer sums, added in other groups); prefill (dequantize
+            // + cuBLAS) bit for bit the file layout's.
+            for (int64_t N : {1, 2, 3, 8, 9}) {
+                Tensor* b = ctx.new_tensor(Type::F32, {K, N});
+                fill_uniform(b);
+                Tensor* out = mul_mat(ctx, a, b);
+                const Graph g = build_forward(out);
+                const std::vector<float> laid_out = gfa::test::run_on_device(cuda0(), g, out, true);
+                const std::vector<float> file_layout = gfa::test::run_on_device(cuda0(), g, out, false);
+                INFO("N " << N);
+                CHECK(quant_matmul_error(a, b, laid_out) <= quant_matmul_tolerance(N));
+                if (N > 8)
+                    CHECK(laid_out == file_layout);
+                else
+                    CHECK(quant_matmul_error(a, b, laid_out, &file_layout) <= 1e-5);
+            }
+            // Gathers decode exactly.
+            Tensor* rows = ctx.new_tensor(Type::I32, {5});
+            const std::vector<int32_t> idx = random_indices(5, int32_t(M));
+            set_i32(rows, idx);
+            Tensor* gathered = get_rows(ctx, a, rows);
+            const std::vector<float> table = cpu_dequantized(a);
+            std::vector<float> want;
+            for (int32_t r : idx) want.insert(want.end(), table.begin() + r * K, table.begin() + (r + 1) * K);
+            CHECK(gfa::test::run_on_device(cuda0(), build_forward(gathered), gathered, true) == want);
+        }
 }
 
 TEST_CASE("CUDA out_prod with broadcast batches and transposed operands", "[cuda]") {
