@@ -179,7 +179,7 @@ def router_gaps(model, prompt):
     k = model.config.num_experts_per_tok
     gaps = np.full(len(prompt), np.inf)
     for x, block in zip(inputs, blocks):
-        logits = (x.reshape(-1, x.shape[-1]) @ block.gate.weight.T).numpy()
+        logits = (x.reshape(-1, x.shape[-1]) @ block.gate.weight.detach().T).numpy()
         ranked = -np.sort(-logits, axis=-1)
         gaps = np.minimum(gaps, (ranked[:, k - 1] - ranked[:, k]) / np.abs(logits).max(axis=-1))
     return gaps
