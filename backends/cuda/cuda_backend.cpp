@@ -239,11 +239,12 @@ class CudaBuffer final : public Buffer {
     }
 
   private:
-    // The whole rows of t's owner that bytes [offset, offset + size) of t fall in, in the
-    // owner's file layout: `bytes` for them, `first` the owner's byte where they start.
+    // The whole rows of t's owner that bytes [offset, offset + size) of t fall in: `first` the
+    // owner's byte where they start, `span` their bytes; `bytes` holds them in the file's
+    // layout once read_rows has run.
     struct OwnerRows {
         const Tensor* owner;
-        size_t row_bytes, first, begin; // begin: where the range starts, from `first`
+        size_t row_bytes, first, begin, span; // begin: where the range starts, from `first`
         std::vector<uint8_t> bytes;
     };
     static OwnerRows owner_rows(const Tensor* t, size_t offset, size_t size) {
@@ -251,11 +252,12 @@ class CudaBuffer final : public Buffer {
         const size_t row = owner->nb[1];
         const size_t at = t->view_offs + offset; // t->view_offs is 0 for the owner itself
         const size_t first = at / row * row, last = (at + size + row - 1) / row * row;
-        return {owner, row, first, at - first, std::vector<uint8_t>(last - first)};
+        return {owner, row, first, at - first, last - first, {}};
     }
     // Reads rows r (in the owner's layout on the device) and returns them in the file's layout.
     void read_rows(OwnerRows& r) const {
-        std::vector<uint8_t> laid_out(r.bytes.size());
+        r.bytes.resize(r.span);
+        std::vector<uint8_t> laid_out(r.span);
         GFA_CUDA_CHECK(cudaMemcpy(laid_out.data(), static_cast<const char*>(r.owner->data) + r.first,
                                   laid_out.size(), cudaMemcpyDeviceToHost));
         quant::q8_0_rows_from_scales_last(laid_out.data(), r.bytes.data(), r.owner->ne[0],
@@ -266,14 +268,13 @@ class CudaBuffer final : public Buffer {
     void set_scales_last(const Tensor* t, const void* src, size_t offset, size_t size) {
         OwnerRows r = owner_rows(t, offset, size);
         const void* rows = src; // whole rows (a file's tensor): rearranged straight from src
-        if (r.begin != 0 || size != r.bytes.size()) {
+        if (r.begin != 0 || size != r.span) {
             read_rows(r);
             std::memcpy(r.bytes.data() + r.begin, src, size);
             rows = r.bytes.data();
         }
-        std::vector<uint8_t> laid_out(r.bytes.size());
-        quant::q8_0_rows_to_scales_last(rows, laid_out.data(), r.owner->ne[0],
-                                        int64_t(r.bytes.size() / r.row_bytes));
+        std::vector<uint8_t> laid_out(r.span);
+        quant::q8_0_rows_to_scales_last(rows, laid_out.data(), r.owner->ne[0], int64_t(r.span / r.row_bytes));
         GFA_CUDA_CHECK(cudaMemcpy(static_cast<char*>(r.owner->data) + r.first, laid_out.data(),
                                   laid_out.size(), cudaMemcpyHostToDevice));
     }
