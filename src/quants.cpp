@@ -1,9 +1,14 @@
-// Float conversions and the two basic block formats, Q8_0 and Q4_0 (ggml's rounding).
+// Float conversions and the two basic block formats, Q8_0 and Q4_0 (ggml's rounding), and
+// the scales-last row layout of the formats with one scale per block.
 #include "quants.h"
+
+#include <ggml-fa/error.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
+#include <string>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -51,28 +56,69 @@ void dequantize_q8_0(const void* src, float* dst, int64_t n) {
     }
 }
 
-void q8_0_rows_to_scales_last(const void* blocks, void* out, int64_t K, int64_t n_rows) {
-    const int64_t nb = K / QK8_0;
-    const block_q8_0* b = static_cast<const block_q8_0*>(blocks);
-    auto* row = static_cast<uint8_t*>(out);
-    for (int64_t r = 0; r < n_rows; ++r, b += nb, row += nb * sizeof(block_q8_0)) {
-        for (int64_t i = 0; i < nb; ++i) {
-            std::memcpy(row + i * QK8_0, b[i].qs, QK8_0);
-            std::memcpy(row + K + 2 * i, &b[i].d, 2);
-        }
+const SingleScaleBlock* scales_last_block(Type t) {
+    static constexpr SingleScaleBlock kQ8_0{int(sizeof(block_q8_0)), 0};
+    static constexpr SingleScaleBlock kQ4_0{int(sizeof(block_q4_0)), 0};
+    static constexpr SingleScaleBlock kIQ4_NL{int(sizeof(block_iq4_nl)), 0};
+    static constexpr SingleScaleBlock kQ6_K{int(sizeof(block_q6_K)), int(offsetof(block_q6_K, d))};
+    static_assert(offsetof(block_q6_K, d) == sizeof(block_q6_K) - 2);
+    switch (t) {
+    case Type::Q8_0:
+        return &kQ8_0;
+    case Type::Q4_0:
+        return &kQ4_0;
+    case Type::IQ4_NL:
+        return &kIQ4_NL;
+    case Type::Q6_K:
+        return &kQ6_K;
+    default:
+        return nullptr;
     }
 }
 
-void q8_0_rows_from_scales_last(const void* rows, void* blocks, int64_t K, int64_t n_rows) {
-    const int64_t nb = K / QK8_0;
-    const auto* row = static_cast<const uint8_t*>(rows);
-    block_q8_0* b = static_cast<block_q8_0*>(blocks);
-    for (int64_t r = 0; r < n_rows; ++r, b += nb, row += nb * sizeof(block_q8_0)) {
-        for (int64_t i = 0; i < nb; ++i) {
-            std::memcpy(b[i].qs, row + i * QK8_0, QK8_0);
-            std::memcpy(&b[i].d, row + K + 2 * i, 2);
+namespace {
+
+// The layout of rows of t: its block, and how many blocks a row of K values holds.
+struct ScalesLastRows {
+    SingleScaleBlock block;
+    int64_t blocks_per_row;
+    int64_t row_bytes() const { return blocks_per_row * block.bytes; }
+    int64_t scales_at() const { return blocks_per_row * block.body_bytes(); }
+};
+ScalesLastRows scales_last_rows(Type t, int64_t K) {
+    const SingleScaleBlock* b = scales_last_block(t);
+    if (!b) throw Error(std::string("no scales-last layout for type ") + std::string(type_name(t)));
+    const int64_t per_block = type_traits(t).block_size;
+    if (K % per_block != 0)
+        throw Error("scales-last rows of " + std::string(type_name(t)) + ": K = " + std::to_string(K) +
+                    " is not a whole number of blocks");
+    return {*b, K / per_block};
+}
+
+} // namespace
+
+void rows_to_scales_last(Type t, const void* blocks, void* out, int64_t K, int64_t n_rows) {
+    const ScalesLastRows l = scales_last_rows(t, K);
+    const int body = l.block.body_bytes(), body_at = l.block.body_offset(), scale_at = l.block.scale_offset;
+    const auto* in = static_cast<const uint8_t*>(blocks);
+    auto* row = static_cast<uint8_t*>(out);
+    for (int64_t r = 0; r < n_rows; ++r, row += l.row_bytes())
+        for (int64_t i = 0; i < l.blocks_per_row; ++i, in += l.block.bytes) {
+            std::memcpy(row + i * body, in + body_at, size_t(body));
+            std::memcpy(row + l.scales_at() + 2 * i, in + scale_at, 2);
         }
-    }
+}
+
+void rows_from_scales_last(Type t, const void* rows, void* blocks, int64_t K, int64_t n_rows) {
+    const ScalesLastRows l = scales_last_rows(t, K);
+    const int body = l.block.body_bytes(), body_at = l.block.body_offset(), scale_at = l.block.scale_offset;
+    const auto* row = static_cast<const uint8_t*>(rows);
+    auto* outp = static_cast<uint8_t*>(blocks);
+    for (int64_t r = 0; r < n_rows; ++r, row += l.row_bytes())
+        for (int64_t i = 0; i < l.blocks_per_row; ++i, outp += l.block.bytes) {
+            std::memcpy(outp + body_at, row + i * body, size_t(body));
+            std::memcpy(outp + scale_at, row + l.scales_at() + 2 * i, 2);
+        }
 }
 
 void quantize_q8_0(const float* src, void* dst, int64_t n) {

@@ -16,13 +16,24 @@ void quantize_q8_0(const float* src, void* dst, int64_t n);
 void dequantize_q4_0(const void* src, float* dst, int64_t n);
 void quantize_q4_0(const float* src, void* dst, int64_t n);
 
-// Q8_0 rows with the scales last: a GPU keeps a model's q8_0 weights so (see the CUDA
-// backend's weights buffers). Each row of K values (K % 32 == 0) keeps its size, 34 K / 32
-// bytes, but holds its K int8 values first and then the K / 32 f16 scales: in the file's
-// layout of 34-byte blocks nothing past 2-byte alignment can be read at once, in this one a
-// row's values are 16-byte aligned where the row is. Both convert n_rows packed rows.
-void q8_0_rows_to_scales_last(const void* blocks, void* out, int64_t K, int64_t n_rows);
-void q8_0_rows_from_scales_last(const void* rows, void* blocks, int64_t K, int64_t n_rows);
+// Rows with the scales last: a GPU keeps a model's weights so (see the CUDA backend's weights
+// buffers) when each block of their format holds exactly one f16 scale, d, beside bytes of its
+// own (q8_0, q4_0, iq4_nl: d first; q6_K: d last). A row of K values keeps its size but holds
+// the blocks' other bytes first, block after block, and then the blocks' scales, in order. In
+// the file's layout of 34-, 18- or 210-byte blocks nothing past 2-byte alignment can be read
+// at once; in this one the bodies (32, 16 or 208 bytes) are 16-byte aligned where the row is.
+struct SingleScaleBlock {
+    int bytes;        // the block's size
+    int scale_offset; // where its f16 d lies in the file's layout: 0 or bytes - 2
+    int body_offset() const { return scale_offset == 0 ? 2 : 0; }
+    int body_bytes() const { return bytes - 2; }
+};
+// The block of t, for the formats that have a scales-last layout; nullptr for the others.
+const SingleScaleBlock* scales_last_block(Type t);
+// Convert n_rows packed rows of K values of t (a format with a scales-last layout; K a whole
+// number of blocks) between the file's layout and the scales-last one.
+void rows_to_scales_last(Type t, const void* blocks, void* out, int64_t K, int64_t n_rows);
+void rows_from_scales_last(Type t, const void* rows, void* blocks, int64_t K, int64_t n_rows);
 
 // GGUF formats used by llama.cpp models (src/quants_k.cpp).
 void dequantize_q4_1(const void* src, float* dst, int64_t n);

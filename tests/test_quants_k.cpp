@@ -148,28 +148,43 @@ TEST_CASE("GGUF block formats decode arbitrary bytes with finite scales to finit
     }
 }
 
-// The layout a GPU keeps q8_0 weights in (quants.h): every value and scale moves to its place
-// in the row, and back to the same bytes.
-TEST_CASE("q8_0 rows with the scales last hold every byte where the layout says, and convert back",
+// The layout a GPU keeps weights of one scale per block in (quants.h): every body byte and
+// scale moves to its place in the row, and back to the same bytes; other formats and rows
+// that are not whole blocks are refused.
+TEST_CASE("rows with the scales last hold every byte where the layout says, and convert back",
           "[types][quants]") {
     std::mt19937 rng(std::random_device{}());
-    for (int64_t K : {32, 96, 2048}) {
-        const int64_t rows = 3, nb = K / QK8_0, row_bytes = nb * int64_t(sizeof(block_q8_0));
-        std::vector<uint8_t> file(size_t(rows * row_bytes)), laid_out(file.size(), 0xAB), back(file.size());
-        for (uint8_t& b : file) b = uint8_t(rng());
-        quant::q8_0_rows_to_scales_last(file.data(), laid_out.data(), K, rows);
-        const auto* blocks = reinterpret_cast<const block_q8_0*>(file.data());
-        int64_t misplaced = 0;
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < nb; ++i) {
-                const block_q8_0& blk = blocks[r * nb + i];
-                const uint8_t* row = laid_out.data() + r * row_bytes;
-                misplaced += std::memcmp(row + i * QK8_0, blk.qs, QK8_0) != 0;
-                misplaced += std::memcmp(row + K + 2 * i, &blk.d, 2) != 0;
-            }
-        INFO("K " << K);
-        CHECK(misplaced == 0);
-        quant::q8_0_rows_from_scales_last(laid_out.data(), back.data(), K, rows);
-        CHECK(back == file);
+    for (Type t : {Type::Q8_0, Type::Q4_0, Type::IQ4_NL, Type::Q6_K}) {
+        const quant::SingleScaleBlock* blk = quant::scales_last_block(t);
+        REQUIRE(blk != nullptr);
+        const int64_t per_block = type_traits(t).block_size;
+        for (int64_t blocks_per_row : {1, 3, 64}) {
+            const int64_t K = blocks_per_row * per_block, rows = 3, row_bytes = blocks_per_row * blk->bytes;
+            REQUIRE(row_bytes == int64_t(row_size(t, K)));
+            std::vector<uint8_t> file(size_t(rows * row_bytes)), laid_out(file.size(), 0xAB),
+                back(file.size());
+            for (uint8_t& b : file) b = uint8_t(rng());
+            quant::rows_to_scales_last(t, file.data(), laid_out.data(), K, rows);
+            const int body = blk->body_bytes();
+            int64_t misplaced = 0;
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t i = 0; i < blocks_per_row; ++i) {
+                    const uint8_t* block = file.data() + (r * blocks_per_row + i) * blk->bytes;
+                    const uint8_t* row = laid_out.data() + r * row_bytes;
+                    misplaced += std::memcmp(row + i * body, block + blk->body_offset(), size_t(body)) != 0;
+                    misplaced +=
+                        std::memcmp(row + blocks_per_row * body + 2 * i, block + blk->scale_offset, 2) != 0;
+                }
+            INFO(type_name(t) << " K " << K);
+            CHECK(misplaced == 0);
+            quant::rows_from_scales_last(t, laid_out.data(), back.data(), K, rows);
+            CHECK(back == file);
+        }
+        CHECK_THROWS_WITH(quant::rows_to_scales_last(t, nullptr, nullptr, per_block + 16, 1),
+                          Catch::Contains("not a whole number of blocks"));
     }
+    for (Type t : {Type::F16, Type::Q4_1, Type::Q4_K, Type::Q5_0})
+        CHECK(quant::scales_last_block(t) == nullptr);
+    CHECK_THROWS_WITH(quant::rows_to_scales_last(Type::Q4_K, nullptr, nullptr, 256, 1),
+                      Catch::Contains("no scales-last layout for type q4_K"));
 }

@@ -2,9 +2,9 @@
 //
 //   bench_quant_cuda [--quick] [--model-1b] [--types T,T..] [--reps N] [--peak GBPS] [--csv FILE]
 //
-// Decoding (N = 1), for every block type (and q8_0L: q8_0 with the scales last, as the GPU
-// keeps a model's weights; --types picks some) and the weight shapes M x K = 4096 x 4096,
-// 14336 x 4096, 4096 x 14336 and the 32000 x 2048 LM head (--model-1b: the products of
+// Decoding (N = 1), for every block type (and q8_0L, q4_0L, q6_KL: those formats with the
+// scales last, as the GPU keeps a model's weights; --types picks some) and the weight shapes M x K = 4096 x
+// 4096, 14336 x 4096, 4096 x 14336 and the 32000 x 2048 LM head (--model-1b: the products of
 // tools/bench_model.py's 1.1B model instead):
 //   op      quantize b to int8 + matrix-vector kernel (what mul_mat runs)
 //   kernel  the matrix-vector kernel alone
@@ -132,17 +132,18 @@ int copies_for(size_t bytes) {
     return int(std::max<size_t>(2, (target + bytes - 1) / bytes));
 }
 
-// One way weights lie in memory: a GGUF type, or q8_0 as a weights buffer keeps it on the GPU.
+// One way weights lie in memory: a GGUF type, or (scales_last) a type as a weights buffer
+// keeps it on the GPU.
 struct Layout {
     Type type;
     bool scales_last = false;
-    std::string name() const { return scales_last ? "q8_0L" : std::string(type_name(type)); }
+    std::string name() const { return std::string(type_name(type)) + (scales_last ? "L" : ""); }
 };
 
 gfa::cuda::TensorView view(void* data, Type type, int64_t ne0, int64_t ne1, bool scales_last = false) {
     gfa::cuda::TensorView v{};
     v.data = static_cast<char*>(data);
-    v.type = scales_last ? gfa::cuda::kQ8_0ScalesLast : int32_t(type);
+    v.type = scales_last ? gfa::cuda::scales_last_id(int(type)) : int32_t(type);
     v.ne[0] = ne0, v.ne[1] = ne1, v.ne[2] = 1, v.ne[3] = 1;
     const size_t row = row_size(type, ne0);
     v.nb[0] = int64_t(type_traits(type).type_size);
@@ -202,8 +203,9 @@ int main(int argc, char** argv) {
     check_blas(cublasCreate(&blas), "cublasCreate");
     if (csv) std::fprintf(csv, "kind,type,M,K,N,op_us,op_rate,part_us,part_rate,peer_us,peer_rate,ratio\n");
 
-    std::vector<Layout> layouts = {{Type::Q8_0}, {Type::Q8_0, true}, {Type::Q4_0}, {Type::Q4_1}, {Type::Q5_0},
-                                   {Type::Q5_1}, {Type::Q4_K},       {Type::Q5_K}, {Type::Q6_K}};
+    std::vector<Layout> layouts = {{Type::Q8_0}, {Type::Q8_0, true}, {Type::Q4_0},      {Type::Q4_0, true},
+                                   {Type::Q4_1}, {Type::Q5_0},       {Type::Q5_1},      {Type::Q4_K},
+                                   {Type::Q5_K}, {Type::Q6_K},       {Type::Q6_K, true}};
     if (!only_types.empty())
         std::erase_if(layouts, [&](const Layout& l) {
             std::string key(",");
@@ -259,7 +261,7 @@ int main(int argc, char** argv) {
             std::vector<uint8_t> host = random_blocks(t, s.M * s.K);
             if (layout.scales_last) {
                 std::vector<uint8_t> rows(host.size());
-                gfa::quant::q8_0_rows_to_scales_last(host.data(), rows.data(), s.K, s.M);
+                gfa::quant::rows_to_scales_last(t, host.data(), rows.data(), s.K, s.M);
                 host.swap(rows);
             }
             const int n_copies = copies_for(host.size());

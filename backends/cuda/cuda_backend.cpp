@@ -260,8 +260,8 @@ class CudaBuffer final : public Buffer {
         std::vector<uint8_t> laid_out(r.span);
         GFA_CUDA_CHECK(cudaMemcpy(laid_out.data(), static_cast<const char*>(r.owner->data) + r.first,
                                   laid_out.size(), cudaMemcpyDeviceToHost));
-        quant::q8_0_rows_from_scales_last(laid_out.data(), r.bytes.data(), r.owner->ne[0],
-                                          int64_t(r.bytes.size() / r.row_bytes));
+        quant::rows_from_scales_last(r.owner->type, laid_out.data(), r.bytes.data(), r.owner->ne[0],
+                                     int64_t(r.bytes.size() / r.row_bytes));
     }
     // Writes bytes of t as the file has them: whole rows are rearranged on the host and copied
     // over; a range that starts or ends inside a row merges with the row's present bytes.
@@ -274,7 +274,8 @@ class CudaBuffer final : public Buffer {
             rows = r.bytes.data();
         }
         std::vector<uint8_t> laid_out(r.span);
-        quant::q8_0_rows_to_scales_last(rows, laid_out.data(), r.owner->ne[0], int64_t(r.span / r.row_bytes));
+        quant::rows_to_scales_last(r.owner->type, rows, laid_out.data(), r.owner->ne[0],
+                                   int64_t(r.span / r.row_bytes));
         GFA_CUDA_CHECK(cudaMemcpy(static_cast<char*>(r.owner->data) + r.first, laid_out.data(),
                                   laid_out.size(), cudaMemcpyHostToDevice));
     }

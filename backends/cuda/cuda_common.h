@@ -7,6 +7,8 @@
 #include <ggml-fa/error.h>
 #include <ggml-fa/tensor.h>
 
+#include "quants.h"
+
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -161,14 +163,30 @@ struct TensorView {
 
 // ---- weights laid out for the GPU ------------------------------------------------------------
 //
-// q8_0 tensors in a weights buffer (BufferUsage::Weights) are kept with each row's scales
-// last (quant::q8_0_rows_to_scales_last): a row's 34-byte blocks allow no load wider than
-// 2 bytes, its values alone are 16-byte aligned, so the matrix-vector product reads them with
-// a quarter of the load instructions. The buffer's set and get translate. Kernels see such a
-// tensor with this type id in its TensorView; only the kernels that read weights know it (the
-// matrix-vector product, the dequantization in front of cuBLAS, get_rows, mul_mat_id), and
-// the supports predicate sends every other reader to a backend that reads it through get.
-inline constexpr int kQ8_0ScalesLast = 256; // beyond every gfa::Type value
+// Weights in a weights buffer (BufferUsage::Weights) whose format has one f16 scale per block
+// (q8_0, q4_0, iq4_nl, q6_K: quant::scales_last_block) are kept with each row's scales last
+// (quant::rows_to_scales_last): the file's 34-, 18- or 210-byte blocks allow no load wider
+// than 2 bytes, the blocks' other bytes alone are 16-byte aligned, so the matrix-vector
+// product reads them with a quarter of the load instructions or fewer. The buffer's set and
+// get translate. Kernels see such a tensor with the type id scales_last_id(type) in its
+// TensorView; only the kernels that read weights know it (the matrix-vector product, the
+// dequantization in front of cuBLAS, get_rows, mul_mat_id), and the supports predicate sends
+// every other reader to a backend that reads it through get.
+inline constexpr int kScalesLastIds = 256; // beyond every gfa::Type value
+constexpr int scales_last_id(int type) {
+    return kScalesLastIds + type;
+}
+constexpr bool is_scales_last_id(int id) {
+    return id >= kScalesLastIds;
+}
+// The block format of a TensorView's type id, in either layout.
+constexpr int block_type_of(int id) {
+    return id >= kScalesLastIds ? id - kScalesLastIds : id;
+}
+inline constexpr int kQ8_0ScalesLast = scales_last_id(int(Type::Q8_0));
+inline constexpr int kQ4_0ScalesLast = scales_last_id(int(Type::Q4_0));
+inline constexpr int kIQ4_NLScalesLast = scales_last_id(int(Type::IQ4_NL));
+inline constexpr int kQ6_KScalesLast = scales_last_id(int(Type::Q6_K));
 
 inline const Tensor* memory_owner(const Tensor* t) {
     return t->view_src ? t->view_src : t;
@@ -176,14 +194,15 @@ inline const Tensor* memory_owner(const Tensor* t) {
 // t's bytes on the device are in the scales-last layout.
 inline bool has_scales_last(const Tensor* t) {
     const Tensor* owner = memory_owner(t);
-    return owner->type == Type::Q8_0 && owner->buffer && owner->buffer->usage() == BufferUsage::Weights;
+    return quant::scales_last_block(owner->type) != nullptr && owner->buffer &&
+           owner->buffer->usage() == BufferUsage::Weights;
 }
 // ... and t is whole rows of its owner at the owner's row stride, so that kernels find each
-// row's scales K bytes after its start.
+// row's scales where the layout puts them.
 inline bool scales_last_readable(const Tensor* t) {
     const Tensor* owner = memory_owner(t);
     const size_t row = owner->nb[1];
-    return t->type == Type::Q8_0 && t->ne[0] == owner->ne[0] && t->nb[0] == owner->nb[0] &&
+    return t->type == owner->type && t->ne[0] == owner->ne[0] && t->nb[0] == owner->nb[0] &&
            t->view_offs % row == 0 && t->nb[1] % row == 0 && t->nb[2] % row == 0 && t->nb[3] % row == 0;
 }
 
@@ -193,9 +212,9 @@ inline TensorView view_of(const Tensor* t) {
     v.type = int32_t(t->type);
     if (has_scales_last(t)) {
         if (!scales_last_readable(t))
-            fail("CUDA: " + t->name + " " + t->shape_str() +
-                 " views part of the rows of a q8_0 weight, which the GPU keeps with the scales last");
-        v.type = kQ8_0ScalesLast;
+            fail("CUDA: " + t->name + " " + t->shape_str() + " views part of the rows of a " +
+                 std::string(type_name(t->type)) + " weight, which the GPU keeps with the scales last");
+        v.type = scales_last_id(int(t->type));
     }
     for (int i = 0; i < 4; ++i) {
         v.ne[i] = t->ne[i];

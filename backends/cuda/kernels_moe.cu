@@ -325,7 +325,7 @@ __global__ void scatter_results_kernel(TensorView ids, TensorView b, TensorView 
 
 // Calls launch with the block type of the weights as they lie on the device, or -1 for float weights.
 template <class F> void dispatch_weight_type(const TensorView& as, F&& launch) {
-    if (as.type == kQ8_0ScalesLast || is_cuda_quant_type(Type(as.type)))
+    if (is_scales_last_id(as.type) || is_cuda_quant_type(Type(as.type)))
         dispatch_quant_view(as.type,
                             [&](auto tag) { launch(std::integral_constant<int, decltype(tag)::value>{}); });
     else

@@ -69,11 +69,33 @@ template <> struct QuantBlock<kIQ4_NL> {
 template <> struct QuantBlock<kIQ4_XS> {
     static constexpr int kValues = QK_K, kBytes = sizeof(block_iq4_xs), kMaxAlign = 8;
 };
-// q8_0 with the scales last (cuda_common.h): blocks keep their size for the row's length, and
-// a row's values are as aligned as the row.
-template <> struct QuantBlock<kQ8_0ScalesLast> {
-    static constexpr int kValues = QK8_0, kBytes = sizeof(block_q8_0), kMaxAlign = 16;
+// The formats with one f16 scale per block: where the scale lies in a block of the file's
+// layout. The rest of the block, its body, is the bytes before or after it.
+template <int T> struct SingleScale { static constexpr bool kHas = false; };
+template <> struct SingleScale<kQ8_0> {
+    static constexpr bool kHas = true;
+    static constexpr int kScaleOffset = 0;
 };
+template <> struct SingleScale<kQ4_0> : SingleScale<kQ8_0> {};
+template <> struct SingleScale<kIQ4_NL> : SingleScale<kQ8_0> {};
+template <> struct SingleScale<kQ6_K> {
+    static constexpr bool kHas = true;
+    static constexpr int kScaleOffset = QuantBlock<kQ6_K>::kBytes - 2;
+};
+template <int T> constexpr int kBodyOffset = SingleScale<T>::kScaleOffset == 0 ? 2 : 0;
+
+// Those formats with the scales last (cuda_common.h): blocks keep their size for the row's
+// length; a row's bodies (kBody bytes each) are as aligned as the row, up to 16 bytes, and
+// its scales follow them.
+template <int T> struct ScalesLastBlock {
+    static_assert(SingleScale<T>::kHas, "no scales-last layout for this format");
+    static constexpr int kValues = QuantBlock<T>::kValues, kBytes = QuantBlock<T>::kBytes, kBody = kBytes - 2;
+    static constexpr int kMaxAlign = kBody % 16 == 0 ? 16 : kBody % 8 == 0 ? 8 : kBody % 4 == 0 ? 4 : 2;
+};
+template <> struct QuantBlock<kQ8_0ScalesLast> : ScalesLastBlock<kQ8_0> {};
+template <> struct QuantBlock<kQ4_0ScalesLast> : ScalesLastBlock<kQ4_0> {};
+template <> struct QuantBlock<kIQ4_NLScalesLast> : ScalesLastBlock<kIQ4_NL> {};
+template <> struct QuantBlock<kQ6_KScalesLast> : ScalesLastBlock<kQ6_K> {};
 
 // The low-bit formats (q2_K, q3_K, iq4_nl, iq4_xs) are read by the kernels unless
 // GFA_CUDA_LOW_BIT=0 turns them off; their nodes then go to the CPU (the loader keeps such
@@ -136,12 +158,26 @@ template <class F> void dispatch_quant_type(Type t, F&& f) {
 
 // The same for the type id of a TensorView, which may be a layout of the device's own.
 template <class F> void dispatch_quant_view(int type, F&& f) {
-    if (type == kQ8_0ScalesLast) return f(std::integral_constant<int, kQ8_0ScalesLast>{});
-    dispatch_quant_type(Type(type), std::forward<F>(f));
+    switch (type) {
+    case kQ8_0ScalesLast:
+        return f(std::integral_constant<int, kQ8_0ScalesLast>{});
+    case kQ4_0ScalesLast:
+        return f(std::integral_constant<int, kQ4_0ScalesLast>{});
+    case kIQ4_NLScalesLast:
+        return f(std::integral_constant<int, kIQ4_NLScalesLast>{});
+    case kQ6_KScalesLast:
+        return f(std::integral_constant<int, kQ6_KScalesLast>{});
+    default:
+        if (is_scales_last_id(type))
+            fail("CUDA: no kernels for " + std::string(type_name(Type(block_type_of(type)))) +
+                 " with the scales last");
+        dispatch_quant_type(Type(type), std::forward<F>(f));
+    }
 }
 // A TensorView's type for messages.
 inline std::string view_type_name(int type) {
-    return type == kQ8_0ScalesLast ? "q8_0 (scales last)" : std::string(type_name(Type(type)));
+    const std::string name(type_name(Type(block_type_of(type))));
+    return is_scales_last_id(type) ? name + " (scales last)" : name;
 }
 
 // ---- loads --------------------------------------------------------------------------------
@@ -228,26 +264,57 @@ __device__ __forceinline__ void scale_min_k4(const char* s, int j, int& sc, int&
     }
 }
 
-// Values 8 * chunk .. 8 * chunk + 7 of the block at blk (chunk < kValues / 8).
-template <int T> __device__ __forceinline__ void dequantize_chunk(const char* blk, int chunk, float (&v)[8]) {
+// Values 8 * chunk .. 8 * chunk + 7 of a block of a format with one scale, from its body
+// (the block without the scale, in either layout) and its scale d.
+template <int T>
+__device__ __forceinline__ void dequantize_body_chunk(const char* body, float d, int chunk, float (&v)[8]) {
     if constexpr (T == kQ8_0) {
-        const float d = f16_bits_at(blk);
-        const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2) + 8 * chunk;
+        const int8_t* qs = reinterpret_cast<const int8_t*>(body) + 8 * chunk;
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, float(qs[i]));
-    } else if constexpr (T == kQ4_0 || T == kQ4_1) {
+    } else if constexpr (T == kQ4_0 || T == kIQ4_NL) {
         // Values 0..15 are the low nibbles of bytes 0..15, values 16..31 the high nibbles.
-        constexpr int kQs = T == kQ4_0 ? 2 : 4;
+        const char* qs = body + 8 * (chunk & 1);
+        const int shift = (chunk >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const uint32_t q = (byte_at(qs, i) >> shift) & 0x0fu;
+            if constexpr (T == kQ4_0)
+                v[i] = __fmul_rn(d, float(int(q) - 8));
+            else
+                v[i] = __fmul_rn(d, iq4_level(q));
+        }
+    } else {
+        static_assert(T == kQ6_K, "not a format with one scale per block");
+        // Value e = 128 h + r: low four bits from ql, high two from qh, int8 scale per 16.
+        const int e0 = 8 * chunk, h = e0 / 128, r0 = e0 % 128;
+        const char* ql = body + 64 * h + r0 % 64;
+        const char* qh = body + 128 + 32 * h + r0 % 32;
+        const int low_shift = 4 * (r0 / 64), high_shift = 2 * (r0 / 32);
+        const float scale = __fmul_rn(d, float(reinterpret_cast<const int8_t*>(body + 192)[e0 / 16]));
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int low = int((byte_at(ql, i) >> low_shift) & 0x0f);
+            const int high = int((byte_at(qh, i) >> high_shift) & 0x03);
+            v[i] = __fmul_rn(scale, float((low | high << 4) - 32));
+        }
+    }
+}
+
+// Values 8 * chunk .. 8 * chunk + 7 of the block at blk (chunk < kValues / 8).
+template <int T> __device__ __forceinline__ void dequantize_chunk(const char* blk, int chunk, float (&v)[8]) {
+    if constexpr (SingleScale<T>::kHas) {
+        dequantize_body_chunk<T>(blk + kBodyOffset<T>, f16_bits_at(blk + SingleScale<T>::kScaleOffset), chunk,
+                                 v);
+    } else if constexpr (T == kQ4_1) {
+        // Values 0..15 are the low nibbles of bytes 0..15, values 16..31 the high nibbles.
         const float d = f16_bits_at(blk);
-        const char* qs = blk + kQs + 8 * (chunk & 1);
+        const char* qs = blk + 4 + 8 * (chunk & 1);
         const int shift = (chunk >> 1) * 4;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int q = int((byte_at(qs, i) >> shift) & 0x0f);
-            if constexpr (T == kQ4_0)
-                v[i] = __fmul_rn(d, float(q - 8));
-            else
-                v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
+            v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
         }
     } else if constexpr (T == kQ5_0 || T == kQ5_1) {
         constexpr int kQh = T == kQ5_0 ? 2 : 4, kQs = kQh + 4;
@@ -308,13 +375,8 @@ template <int T> __device__ __forceinline__ void dequantize_chunk(const char* bl
             const int high = int((byte_at(blk, (e0 + i) % 32) >> hbit) & 1u);
             v[i] = __fmul_rn(scale, float(low - (high ? 0 : 4)));
         }
-    } else if constexpr (T == kIQ4_NL) {
-        const float d = f16_bits_at(blk);
-        const char* qs = blk + 2 + 8 * (chunk & 1);
-        const int shift = (chunk >> 1) * 4;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, iq4_level((byte_at(qs, i) >> shift) & 15u));
-    } else if constexpr (T == kIQ4_XS) {
+    } else {
+        static_assert(T == kIQ4_XS, "unknown block type");
         // Sub-block j = chunk / 4 (32 values): x = (d * (sc - 32)) * level.
         const int j = chunk / 4, l0 = 8 * (chunk % 4);
         const uint32_t scales_h = byte_at(blk, 2) | byte_at(blk, 3) << 8;
@@ -325,32 +387,28 @@ template <int T> __device__ __forceinline__ void dequantize_chunk(const char* bl
         const int shift = l0 < 16 ? 0 : 4;
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(scale, iq4_level((byte_at(qs, i) >> shift) & 15u));
-    } else {
-        static_assert(T == kQ6_K, "unknown block type");
-        // Value e = 128 h + r: low four bits from ql, high two from qh, int8 scale per 16.
-        const int e0 = 8 * chunk, h = e0 / 128, r0 = e0 % 128;
-        const char* ql = blk + 64 * h + r0 % 64;
-        const char* qh = blk + 128 + 32 * h + r0 % 32;
-        const int low_shift = 4 * (r0 / 64), high_shift = 2 * (r0 / 32);
-        const float scale =
-            __fmul_rn(f16_bits_at(blk + 208), float(reinterpret_cast<const int8_t*>(blk + 192)[e0 / 16]));
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int low = int((byte_at(ql, i) >> low_shift) & 0x0f);
-            const int high = int((byte_at(qh, i) >> high_shift) & 0x03);
-            v[i] = __fmul_rn(scale, float((low | high << 4) - 32));
-        }
     }
 }
 
-// Values 8 c .. 8 c + 7 of a row of K values of type T, in either layout of q8_0.
+// Where block ib of a scales-last row of K values keeps its body and its scale.
+template <int V> __device__ __forceinline__ const char* scales_last_body(const char* row, int64_t ib) {
+    return row + ib * QuantBlock<V>::kBody;
+}
+template <int V>
+__device__ __forceinline__ const char* scales_last_scale(const char* row, int64_t K, int64_t ib) {
+    using B = QuantBlock<V>;
+    return row + (K / B::kValues) * B::kBody + 2 * ib;
+}
+
+// Values 8 c .. 8 c + 7 of a row of K values of view type T (a block format, or one with the
+// scales last).
 template <int T>
 __device__ __forceinline__ void dequantize_row_chunk(const char* row, int64_t K, int64_t c, float (&v)[8]) {
-    if constexpr (T == kQ8_0ScalesLast) {
-        const float d = f16_bits_at(row + K + 2 * (c / 4));
-        const int8_t* qs = reinterpret_cast<const int8_t*>(row) + 8 * c;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, float(qs[i]));
+    if constexpr (is_scales_last_id(T)) {
+        constexpr int kChunks = QuantBlock<T>::kValues / 8;
+        const int64_t ib = c / kChunks;
+        dequantize_body_chunk<block_type_of(T)>(
+            scales_last_body<T>(row, ib), f16_bits_at(scales_last_scale<T>(row, K, ib)), int(c % kChunks), v);
     } else {
         using B = QuantBlock<T>;
         constexpr int kChunks = B::kValues / 8;
@@ -367,6 +425,15 @@ __device__ __noinline__ inline float dequantize_element(int type, const char* ro
     switch (type) {
     case kQ8_0ScalesLast:
         chunk_of(std::integral_constant<int, kQ8_0ScalesLast>{});
+        break;
+    case kQ4_0ScalesLast:
+        chunk_of(std::integral_constant<int, kQ4_0ScalesLast>{});
+        break;
+    case kIQ4_NLScalesLast:
+        chunk_of(std::integral_constant<int, kIQ4_NLScalesLast>{});
+        break;
+    case kQ6_KScalesLast:
+        chunk_of(std::integral_constant<int, kQ6_KScalesLast>{});
         break;
     case kQ8_0:
         chunk_of(std::integral_constant<int, kQ8_0>{});

@@ -125,18 +125,20 @@ template <int A> struct Item<kQ8_0, A> {
     }
 };
 
-// q8_0 with the scales last (a weights buffer, cuda_common.h): two lanes per block, each
-// taking 16 of its values in one 16-byte load where the row is 16-byte aligned (K % 256 == 0),
-// and the block's scale from the row's end (the two lanes of a block read the same 2 bytes; a
-// warp's 16 blocks have theirs in one 32-byte sector). The file's layout takes five 2-byte
-// loads for 8 values.
+// The scales-last layouts (a weights buffer, cuda_common.h) give each item its block's body,
+// as aligned as the row (up to A), and the block's scale from the row's end.
+
+// q8_0 with the scales last: two lanes per block, each taking 16 of its values in one 16-byte
+// load where the row is 16-byte aligned (K % 256 == 0); the two lanes of a block read the same
+// 2-byte scale, a warp's 16 blocks have theirs in one 32-byte sector. The file's layout takes
+// five 2-byte loads for 8 values.
 template <int A> struct Item<kQ8_0ScalesLast, A> {
     static constexpr int kParts = 2, kUnroll = 4;
     uint32_t q[4];
     float d;
-    __device__ __forceinline__ void load_from_row(const char* row, int64_t K, int64_t ib, int part) {
-        load_words<A, 4>(row + 32 * ib + 16 * part, q);
-        d = f16_bits_at(row + K + 2 * ib);
+    __device__ __forceinline__ void load(const char* body, const char* scale, int part) {
+        load_words<A, 4>(body + 16 * part, q);
+        d = f16_bits_at(scale);
     }
     template <int NC>
     __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
@@ -148,6 +150,49 @@ template <int A> struct Item<kQ8_0ScalesLast, A> {
         }
     }
 };
+
+// q4_0 and iq4_nl with the scales last: two lanes per block, as in the file's layout (lane
+// `part` takes body bytes 8 part .. 8 part + 7: values 8 part + (0..7) in the low nibbles,
+// 16 + 8 part + (0..7) in the high ones), but in one 8-byte load where the row is 8-byte
+// aligned instead of five 2-byte ones. (One lane per block with a 16-byte load spilled at the
+// deeper pass within 64 registers.)
+template <int T, int A> struct ItemNibblesScalesLast {
+    static constexpr int kParts = 2, kUnroll = 4;
+    uint32_t q[2];
+    float d;
+    __device__ __forceinline__ void load(const char* body, const char* scale, int part) {
+        load_words<A, 2>(body + 8 * part, q);
+        d = f16_bits_at(scale);
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        uint32_t lo[2], hi[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            lo[k] = q[k] & 0x0f0f0f0fu;
+            hi[k] = (q[k] >> 4) & 0x0f0f0f0fu;
+            if constexpr (T == kIQ4_NLScalesLast) {
+                lo[k] = iq4_levels4(lo[k]);
+                hi[k] = iq4_levels4(hi[k]);
+            }
+        }
+        const int64_t k = 32 * ib + 8 * part;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c >= x.n) break;
+            const float2 ds = xds(x, c, ib);
+            const int s = dot8(hi[0], hi[1], x8(x, c, k + 16), dot8(lo[0], lo[1], x8(x, c, k), 0));
+            // q4_0 values are d (q - 8): each of the block's two lanes adds half of the offset
+            // -8 d times the block's column sum.
+            if constexpr (T == kQ4_0ScalesLast)
+                acc[c] += d * ds.x * float(s) - 4.0f * d * ds.y;
+            else
+                acc[c] += d * ds.x * float(s);
+        }
+    }
+};
+template <int A> struct Item<kQ4_0ScalesLast, A> : ItemNibblesScalesLast<kQ4_0ScalesLast, A> {};
+template <int A> struct Item<kIQ4_NLScalesLast, A> : ItemNibblesScalesLast<kIQ4_NLScalesLast, A> {};
 
 // q4_0, q4_1, q5_0, q5_1: two lanes per block; lane `part` takes qs bytes 8 part .. 8 part + 7,
 // i.e. values 8 part + (0..7) (low nibbles) and 16 + 8 part + (0..7) (high nibbles).
@@ -266,20 +311,22 @@ __device__ __forceinline__ uint32_t centered_six_bits(uint32_t q) {
 
 // q6_K: eight lanes per block; lane part = 4 hf + s takes ql bytes 16 part .. 16 part + 15 of
 // half hf: values 16 s + (0..15) of the half (low nibbles) and 64 + 16 s + (0..15) (high
-// nibbles), whose two high bits both sit in qh bytes 32 hf + 16 (s % 2) + (0..15).
-template <int A> struct Item<kQ6_K, A> {
+// nibbles), whose two high bits both sit in qh bytes 32 hf + 16 (s % 2) + (0..15). The body
+// (all but the scale d) is A-byte aligned: 2 in the file's 210-byte blocks, up to 16 with the
+// scales last.
+template <int A> struct ItemQ6K {
     static constexpr int kParts = 8, kUnroll = 2;
     uint32_t ql[4], qh[4];
     int sc_lo, sc_hi;
     float d;
-    __device__ __forceinline__ void load(const char* blk, int part) {
+    __device__ __forceinline__ void load(const char* body, const char* scale, int part) {
         const int hf = part >> 2, s = part & 3;
-        load_words<2, 4>(blk + 16 * part, ql);
-        load_words<2, 4>(blk + 128 + 32 * hf + 16 * (s & 1), qh);
-        const signed char* scales = reinterpret_cast<const signed char*>(blk + 192 + 8 * hf + s);
+        load_words<A, 4>(body + 16 * part, ql);
+        load_words<A, 4>(body + 128 + 32 * hf + 16 * (s & 1), qh);
+        const signed char* scales = reinterpret_cast<const signed char*>(body + 192 + 8 * hf + s);
         sc_lo = __ldg(scales);
         sc_hi = __ldg(scales + 4);
-        d = f16_bits_at(blk + 208);
+        d = f16_bits_at(scale);
     }
     template <int NC>
     __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
@@ -302,6 +349,12 @@ template <int A> struct Item<kQ6_K, A> {
         }
     }
 };
+template <int A> struct Item<kQ6_K, A> : ItemQ6K<2> {
+    __device__ __forceinline__ void load(const char* blk, int part) {
+        ItemQ6K<2>::load(blk, blk + SingleScale<kQ6_K>::kScaleOffset, part);
+    }
+};
+template <int A> struct Item<kQ6_KScalesLast, A> : ItemQ6K<A> {};
 
 // q2_K, q3_K: four lanes per block; lane part = 2 h + s takes the 16 qs bytes 32 h + 16 s ..
 // of half h, which hold values 128 h + 32 g + 16 s + (0..15) in bits 2g, 2g + 1 for g = 0..3:
@@ -471,14 +524,15 @@ __global__ void quantize_columns_kernel(TensorView b, int8_t* q, float2* ds, int
 // not registers: items held across the wait made the k-quant kernels spill).
 constexpr int64_t kMatvecPrefetchBytes = 8192;
 
-// Loads item i of a row of K values (part i % kParts of block i / kParts) wherever type T
-// keeps that block's bytes.
+// Loads item i of a row of K values (part i % kParts of block i / kParts) wherever view type
+// T keeps that block's bytes.
 template <int T, class W>
 __device__ __forceinline__ void load_item(W& item, const char* row, int64_t K, int i) {
-    if constexpr (T == kQ8_0ScalesLast)
-        item.load_from_row(row, K, i / W::kParts, i % W::kParts);
+    const int64_t ib = i / W::kParts;
+    if constexpr (is_scales_last_id(T))
+        item.load(scales_last_body<T>(row, ib), scales_last_scale<T>(row, K, ib), i % W::kParts);
     else
-        item.load(row + int64_t(i / W::kParts) * QuantBlock<T>::kBytes, i % W::kParts);
+        item.load(row + ib * QuantBlock<T>::kBytes, i % W::kParts);
 }
 
 // U: items a lane loads before using any (W::kUnroll, or a deeper pass for long rows,
@@ -560,8 +614,10 @@ struct MatvecShape {
 
 // Items a lane of the deeper pass loads, with one column: q4_K (q5_K's and q6_K's items, with
 // their high bits, spilled at 3 deep within the 64 registers of 8 blocks per SM), and q8_0
-// with the scales last (items of 5 registers); 0: no deeper pass.
-template <int T> constexpr int kDeepUnroll = T == kQ4_K ? 3 : T == kQ8_0ScalesLast ? 6 : 0;
+// and q4_0 with the scales last (items of 3 to 5 registers; iq4_nl's, with its level
+// lookups, spilled at 6 deep); 0: no deeper pass.
+template <int T>
+constexpr int kDeepUnroll = T == kQ4_K ? 3 : T == kQ8_0ScalesLast || T == kQ4_0ScalesLast ? 6 : 0;
 template <int T> constexpr bool kHasDeepPass = kDeepUnroll<T> > 0;
 
 // The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer

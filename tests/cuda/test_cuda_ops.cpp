@@ -502,95 +502,102 @@ TEST_CASE("CUDA get_rows and cast of every quantized type match the CPU's dequan
     }
 }
 
-// A model's q8_0 weights sit in a weights buffer with each row's scales last (cuda_common.h).
+// A model's weights of the formats with one scale per block (q8_0, q4_0, iq4_nl, q6_K) sit in
+// a weights buffer with each row's scales last (cuda_common.h).
 // The bytes on the device must be that layout (read raw), get must give back the file's bytes
 // (whole rows and ranges that start and end inside rows), the products must match the
 // reference and, on the cuBLAS path, the file layout's bits; get_rows must decode exactly;
 // other readers must be refused, so that the scheduler hands them the file's bytes.
-TEST_CASE("CUDA q8_0 weights kept with the scales last: bytes, products, gathers, refusals",
+TEST_CASE("CUDA weights kept with the scales last: bytes, products, gathers, refusals",
           "[cuda][quant][matvec]") {
-    for (int64_t K : {96, 2048, 5632, 8448})
-        for (int64_t M : {1, 7, 300}) {
-            INFO("seed " << gfa::test::seed() << ", K " << K << ", M " << M);
-            Context ctx = data_ctx();
-            Tensor* a = ctx.new_tensor(Type::Q8_0, {K, M});
-            fill_uniform(a);
-            a->flags |= kFlagConstant;
-            const size_t bytes = a->nbytes(), row = a->nb[1];
-            std::vector<uint8_t> file(bytes);
-            tensor_get(a, file.data(), 0, bytes);
+    const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", nullptr);
+    for (Type t : {Type::Q8_0, Type::Q4_0, Type::IQ4_NL, Type::Q6_K}) {
+        const int64_t block = type_traits(t).block_size;
+        // Three blocks make rows 2-byte aligned; the others 16-, 4- or 2-byte aligned by type.
+        for (int64_t K : {3 * block, int64_t(2048), int64_t(5632), int64_t(8448)})
+            for (int64_t M : {1, 7, 300}) {
+                INFO("seed " << gfa::test::seed() << ", " << type_name(t) << ", K " << K << ", M " << M);
+                Context ctx = data_ctx();
+                Tensor* a = ctx.new_tensor(t, {K, M});
+                fill_uniform(a);
+                a->flags |= kFlagConstant;
+                const size_t bytes = a->nbytes(), row = a->nb[1];
+                std::vector<uint8_t> file(bytes);
+                tensor_get(a, file.data(), 0, bytes);
 
-            // Bytes: the device holds the scales-last rows; get gives the file's back.
-            {
-                Context dev_ctx(ContextParams{});
-                Tensor* w = dev_ctx.new_tensor(Type::Q8_0, {K, M});
-                std::unique_ptr<Buffer> buf = cuda0()->buffer_type()->allocate(bytes);
-                buf->set_usage(BufferUsage::Weights);
-                buf->place(w, 0);
-                // Written as a merged projection is: whole rows in two parts.
-                const size_t half = size_t(M / 2) * row;
-                tensor_set(w, file.data(), 0, half);
-                tensor_set(w, file.data() + half, half, bytes - half);
-                std::vector<uint8_t> raw(bytes), want(bytes), back(bytes);
-                REQUIRE(cudaMemcpy(raw.data(), w->data, bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
-                quant::q8_0_rows_to_scales_last(file.data(), want.data(), K, M);
-                CHECK(raw == want);
-                tensor_get(w, back.data(), 0, bytes);
-                CHECK(back == file);
-                // A range from inside one row to inside another (a scale's byte, values).
-                const size_t from = row / 2 + 1, size = std::min(bytes - from, row + 7);
-                std::vector<uint8_t> patch(size);
-                for (size_t i = 0; i < size; ++i) patch[i] = uint8_t(i * 37 + 11);
-                tensor_set(w, patch.data(), from, size);
-                std::memcpy(file.data() + from, patch.data(), size);
-                tensor_get(w, back.data(), 0, bytes);
-                CHECK(back == file);
-                std::vector<uint8_t> part(size);
-                tensor_get(w, part.data(), from, size);
-                CHECK(part == patch);
-                CHECK_THROWS_WITH(buf->set_usage(BufferUsage::Compute),
-                                  Catch::Matchers::Contains("after tensors were written"));
+                // Bytes: the device holds the scales-last rows; get gives the file's back.
+                {
+                    Context dev_ctx(ContextParams{});
+                    Tensor* w = dev_ctx.new_tensor(t, {K, M});
+                    std::unique_ptr<Buffer> buf = cuda0()->buffer_type()->allocate(bytes);
+                    buf->set_usage(BufferUsage::Weights);
+                    buf->place(w, 0);
+                    // Written as a merged projection is: whole rows in two parts.
+                    const size_t half = size_t(M / 2) * row;
+                    tensor_set(w, file.data(), 0, half);
+                    tensor_set(w, file.data() + half, half, bytes - half);
+                    std::vector<uint8_t> raw(bytes), want(bytes), back(bytes);
+                    REQUIRE(cudaMemcpy(raw.data(), w->data, bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
+                    quant::rows_to_scales_last(t, file.data(), want.data(), K, M);
+                    CHECK(raw == want);
+                    tensor_get(w, back.data(), 0, bytes);
+                    CHECK(back == file);
+                    // A range from inside one row to inside another (a scale's byte, values).
+                    const size_t from = row / 2 + 1, size = std::min(bytes - from, row + 7);
+                    std::vector<uint8_t> patch(size);
+                    for (size_t i = 0; i < size; ++i) patch[i] = uint8_t(i * 37 + 11);
+                    tensor_set(w, patch.data(), from, size);
+                    std::memcpy(file.data() + from, patch.data(), size);
+                    tensor_get(w, back.data(), 0, bytes);
+                    CHECK(back == file);
+                    std::vector<uint8_t> part(size);
+                    tensor_get(w, part.data(), from, size);
+                    CHECK(part == patch);
+                    CHECK_THROWS_WITH(buf->set_usage(BufferUsage::Compute),
+                                      Catch::Matchers::Contains("after tensors were written"));
 
-                // Readers other than the weight kernels are refused, as are views inside rows.
-                Tensor* as_f32 = cast(dev_ctx, w, Type::F32);
-                CHECK_FALSE(cuda0()->supports_op(as_f32));
-                if (K > 32) {
-                    Tensor* part_rows = view(dev_ctx, w, {32, M}, {w->nb[1]}, 0);
-                    place_view(part_rows);
-                    Tensor* b = dev_ctx.new_tensor(Type::F32, {32, 1});
-                    CHECK_FALSE(cuda0()->supports_op(mul_mat(dev_ctx, part_rows, b)));
+                    // Readers other than the weight kernels are refused, as are views inside rows.
+                    Tensor* as_f32 = cast(dev_ctx, w, Type::F32);
+                    CHECK_FALSE(cuda0()->supports_op(as_f32));
+                    if (K > block) {
+                        Tensor* part_rows = view(dev_ctx, w, {block, M}, {w->nb[1]}, 0);
+                        place_view(part_rows);
+                        Tensor* b = dev_ctx.new_tensor(Type::F32, {block, 1});
+                        CHECK_FALSE(cuda0()->supports_op(mul_mat(dev_ctx, part_rows, b)));
+                    }
+                    Tensor* b = dev_ctx.new_tensor(Type::F32, {K, 1});
+                    CHECK(cuda0()->supports_op(mul_mat(dev_ctx, w, b)));
                 }
-                Tensor* b = dev_ctx.new_tensor(Type::F32, {K, 1});
-                CHECK(cuda0()->supports_op(mul_mat(dev_ctx, w, b)));
-            }
 
-            // Products: decoding (int8 columns) against the reference and close to the file
-            // layout's result (the same integer sums, added in other groups); prefill (dequantize
-            // + cuBLAS) bit for bit the file layout's.
-            for (int64_t N : {1, 2, 3, 8, 9}) {
-                Tensor* b = ctx.new_tensor(Type::F32, {K, N});
-                fill_uniform(b);
-                Tensor* out = mul_mat(ctx, a, b);
-                const Graph g = build_forward(out);
-                const std::vector<float> laid_out = gfa::test::run_on_device(cuda0(), g, out, true);
-                const std::vector<float> file_layout = gfa::test::run_on_device(cuda0(), g, out, false);
-                INFO("N " << N);
-                CHECK(quant_matmul_error(a, b, laid_out) <= quant_matmul_tolerance(N));
-                if (N > 8)
-                    CHECK(laid_out == file_layout);
-                else
-                    CHECK(quant_matmul_error(a, b, laid_out, &file_layout) <= 1e-5);
+                // Products: decoding (int8 columns) against the reference and close to the file
+                // layout's result (the same integer sums, added in other groups); prefill (dequantize
+                // + cuBLAS) bit for bit the file layout's.
+                for (int64_t N : {1, 2, 3, 8, 9}) {
+                    Tensor* b = ctx.new_tensor(Type::F32, {K, N});
+                    fill_uniform(b);
+                    Tensor* out = mul_mat(ctx, a, b);
+                    const Graph g = build_forward(out);
+                    const std::vector<float> laid_out = gfa::test::run_on_device(cuda0(), g, out, true);
+                    const std::vector<float> file_layout = gfa::test::run_on_device(cuda0(), g, out, false);
+                    INFO("N " << N);
+                    CHECK(quant_matmul_error(a, b, laid_out) <= quant_matmul_tolerance(N));
+                    if (N > 8)
+                        CHECK(laid_out == file_layout);
+                    else
+                        CHECK(quant_matmul_error(a, b, laid_out, &file_layout) <= 1e-5);
+                }
+                // Gathers decode exactly.
+                Tensor* rows = ctx.new_tensor(Type::I32, {5});
+                const std::vector<int32_t> idx = random_indices(5, int32_t(M));
+                set_i32(rows, idx);
+                Tensor* gathered = get_rows(ctx, a, rows);
+                const std::vector<float> table = cpu_dequantized(a);
+                std::vector<float> want;
+                for (int32_t r : idx)
+                    want.insert(want.end(), table.begin() + r * K, table.begin() + (r + 1) * K);
+                CHECK(gfa::test::run_on_device(cuda0(), build_forward(gathered), gathered, true) == want);
             }
-            // Gathers decode exactly.
-            Tensor* rows = ctx.new_tensor(Type::I32, {5});
-            const std::vector<int32_t> idx = random_indices(5, int32_t(M));
-            set_i32(rows, idx);
-            Tensor* gathered = get_rows(ctx, a, rows);
-            const std::vector<float> table = cpu_dequantized(a);
-            std::vector<float> want;
-            for (int32_t r : idx) want.insert(want.end(), table.begin() + r * K, table.begin() + (r + 1) * K);
-            CHECK(gfa::test::run_on_device(cuda0(), build_forward(gathered), gathered, true) == want);
-        }
+    }
 }
 
 TEST_CASE("CUDA out_prod with broadcast batches and transposed operands", "[cuda]") {

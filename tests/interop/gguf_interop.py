@@ -10,6 +10,9 @@ usage: gguf_interop.py GGUF_INFO QUANTIZE WORKDIR
 2. `quantize` rewrites such a file's matrices to each supported type; the package must read
    the result with byte-identical metadata, unchanged 1-d tensors, and quantized tensors
    whose dequantization equals ours bit for bit and is close to the original values.
+3. The mixes q4_K_M and q5_K_M give each matrix of a layered model the block type
+   llama.cpp's rule for those file types gives it (written out here on its own), and set
+   general.file_type to llama.cpp's number for them.
 
 Exits 0 when everything matches, 1 on the first mismatch. The gguf and numpy packages are
 required (pip install gguf numpy).
@@ -262,6 +265,60 @@ def check_our_file_loads_there(gguf_info, quantize, src, workdir, rng):
     return n
 
 
+# llama.cpp's file type numbers and base formats of the two mixes.
+MIXES = {"q4_K_M": (15, Q.Q4_K, Q.Q5_K), "q5_K_M": (17, Q.Q5_K, Q.Q6_K)}
+
+
+def mix_type(mix, name, n_layers, tied):
+    """The block type the _M rule gives a matrix: q6_K for the output projection (or the tied
+    embeddings), and for attn_v and ffn_down in layers i < n/8, i >= 7n/8, (i - n/8) % 3 == 2;
+    attn_qkv one step up from the base; the base type otherwise."""
+    _, base, qkv = MIXES[mix]
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return Q.Q6_K
+    if name.endswith("attn_qkv.weight"):
+        return qkv
+    if name.startswith("blk."):
+        i = int(name.split(".")[1])
+        more = i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2
+        if more and (name.endswith("attn_v.weight") or "ffn_down" in name):
+            return Q.Q6_K
+    return base
+
+
+def check_mixes(quantize, workdir, rng):
+    n_layers, width = 16, 256
+    n = 0
+    for tied in (False, True):
+        src = os.path.join(workdir, f"layers-{'tied' if tied else 'untied'}.gguf")
+        w = gguf.GGUFWriter(src, "llama")
+        names = ["token_embd.weight"] + ([] if tied else ["output.weight"])
+        for i in range(n_layers):
+            names += [f"blk.{i}.attn_q.weight", f"blk.{i}.attn_v.weight", f"blk.{i}.ffn_down.weight",
+                      f"blk.{i}.ffn_up.weight"]
+        names.append("blk.3.attn_qkv.weight")
+        for name in names:
+            w.add_tensor(name, rng.standard_normal((2, width)).astype(np.float32))
+        w.add_tensor("blk.0.attn_norm.weight", rng.standard_normal(width).astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        for mix, (file_type, _, _) in MIXES.items():
+            out = os.path.join(workdir, f"ours-{mix}-{'tied' if tied else 'untied'}.gguf")
+            run(quantize, src, out, mix)
+            r = gguf.GGUFReader(out)
+            got_type = int(r.fields["general.file_type"].parts[-1][0])
+            check(got_type == file_type, f"{mix}: general.file_type {got_type}, want {file_type}")
+            types = {t.name: t.tensor_type for t in r.tensors}
+            check(types["blk.0.attn_norm.weight"] == Q.F32, f"{mix}: the norm was converted")
+            for name in names:
+                want = mix_type(mix, name, n_layers, tied)
+                check(types[name] == want, f"{mix} (tied {tied}): {name} is {types[name].name}, want {want.name}")
+                n += 1
+    return n
+
+
 def main():
     if len(sys.argv) != 4:
         sys.exit(__doc__)
@@ -277,12 +334,14 @@ def main():
             tensors = make_python_file(path, rng, alignment)
             n_read += check_python_file_loads_here(gguf_info, path, tensors, alignment)
         n_written = check_our_file_loads_there(gguf_info, quantize, path, workdir, rng)
+        n_mixed = check_mixes(quantize, workdir, rng)
     except Mismatch as e:
         print(f"gguf_interop: MISMATCH (seed {seed}): {e}")
         return 1
     from importlib.metadata import version
     print(f"gguf_interop: gguf {version('gguf')}: {n_read} tensors read, "
-          f"{n_written} quantized tensors written, all identical (seed {seed})")
+          f"{n_written} quantized tensors written, all identical; {n_mixed} matrices of the mixes "
+          f"typed by the rule (seed {seed})")
     return 0
 
 
