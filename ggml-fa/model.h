@@ -84,9 +84,9 @@ class Model {
     const ModelConfig& config() const;
     const gguf::File& file() const; // metadata such as the vocabulary
     size_t weight_bytes() const;
-    // How many groups of projections reading one input (q/k/v, gate/up of a layer) were
-    // loaded as one matrix, which takes one product instead of several; groups whose
-    // tensors differ in type stay separate.
+    // How many groups of projections reading one input (q/k/v or q/k alone, gate/up of a
+    // layer) were loaded as one matrix, which takes one product instead of several; groups
+    // whose tensors differ in type stay separate (q and k merge without a v of another type).
     int merged_projections() const;
     // The devices holding weights, the CPU first (when every block, the head and the
     // embeddings are on a GPU, the CPU holds none).

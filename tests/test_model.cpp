@@ -202,9 +202,10 @@ TEST_CASE("llama session: decoding through growing attention windows reuses grap
 }
 
 TEST_CASE("llama model: projections of mixed types stay separate and agree with merged ones", "[model]") {
-    // q/k/v and gate/up are loaded as one matrix each when their types agree. Here attn_v
-    // and ffn_up are f16 (as a Q4_K_M file's attn_v is q6_K): nothing merges. The same
-    // values stored as f32 merge; both models must give the same logits.
+    // q/k/v and gate/up are loaded as one matrix each when their types agree, and q/k alone
+    // when only v differs. Here ffn_up and attn_v (as a Q4_K_M file's attn_v is q6_K) or
+    // attn_k are f16: gate/up do not merge, q/k do or do not. The same values stored as f32
+    // merge; both models must give the same logits.
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);
     TinyModel m;
@@ -213,23 +214,28 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
         m.arch = "qwen2";
         m.biases = true;
     }
-    m.f16_tensors = {"attn_v.weight", "ffn_up.weight"};
-    TempFile separate_file{write_model(m, seed)};
-    m.rounded_as_f32 = true;
-    TempFile merged_file{write_model(m, seed)};
-    std::unique_ptr<Model> separate = Model::load(separate_file.path);
-    std::unique_ptr<Model> merged = Model::load(merged_file.path);
+    for (const char* odd : {"attn_v.weight", "attn_k.weight"}) {
+        INFO("f16: " << odd << " and ffn_up.weight");
+        m.f16_tensors = {odd, "ffn_up.weight"};
+        m.rounded_as_f32 = false;
+        TempFile separate_file{write_model(m, seed)};
+        m.rounded_as_f32 = true;
+        TempFile merged_file{write_model(m, seed)};
+        std::unique_ptr<Model> separate = Model::load(separate_file.path);
+        std::unique_ptr<Model> merged = Model::load(merged_file.path);
 
-    std::mt19937 rng(seed);
-    std::vector<int32_t> tokens = random_tokens(rng, 11, m.vocab);
-    SessionOptions so = exact_cache_options(16);
-    Session a(*separate, so), b(*merged, so);
-    const std::vector<float> la = a.eval(tokens, true), lb = b.eval(tokens, true);
-    CHECK(test::logits_error(la, lb) < 1e-5);
-    CHECK(separate->merged_projections() == 0);
-    CHECK(merged->merged_projections() == 2 * m.layers);
-    CHECK(test::logits_error(a.eval(std::span(tokens.data(), 1)), b.eval(std::span(tokens.data(), 1))) <
-          1e-5);
+        std::mt19937 rng(seed);
+        std::vector<int32_t> tokens = random_tokens(rng, 11, m.vocab);
+        SessionOptions so = exact_cache_options(16);
+        Session a(*separate, so), b(*merged, so);
+        const std::vector<float> la = a.eval(tokens, true), lb = b.eval(tokens, true);
+        CHECK(test::logits_error(la, lb) < 1e-5);
+        // q and k merge in every layer when only v differs.
+        CHECK(separate->merged_projections() == (std::string(odd) == "attn_v.weight" ? m.layers : 0));
+        CHECK(merged->merged_projections() == 2 * m.layers);
+        CHECK(test::logits_error(a.eval(std::span(tokens.data(), 1)), b.eval(std::span(tokens.data(), 1))) <
+              1e-5);
+    }
 }
 
 // Files in the low-bit formats of llama.cpp's Q2_K, Q3_K and IQ4 presets: the prompt's

@@ -71,32 +71,30 @@ Qkv attention_inputs(Context& ctx, const ModelConfig& cfg, const LayerWeights& L
         return rope(ctx, t, positions, rope_p, factors);
     };
     auto scaled_q = [&](Tensor* q) { return L.rope_q_scale ? mul(ctx, q, L.rope_q_scale) : q; };
-    if (!L.wqkv) {
-        // (OLMo 2 norms q and k over all their heads, before they are split into heads)
-        auto project = [&](Tensor* weight, Tensor* bias, int64_t heads, Tensor* full_norm = nullptr) {
-            Tensor* t = mul_mat(ctx, weight, h);
-            if (bias) t = add(ctx, t, bias);
-            if (full_norm && cfg.qk_norm_full) t = mul(ctx, rms_norm(ctx, t, cfg.norm_eps), full_norm);
-            return reshape(ctx, t, {D, heads, T, B});
-        };
+    // (OLMo 2 norms q and k over all their heads, before they are split into heads)
+    auto project = [&](Tensor* weight, Tensor* bias, int64_t heads, Tensor* full_norm = nullptr) {
+        Tensor* t = mul_mat(ctx, weight, h);
+        if (bias) t = add(ctx, t, bias);
+        if (full_norm && cfg.qk_norm_full) t = mul(ctx, rms_norm(ctx, t, cfg.norm_eps), full_norm);
+        return reshape(ctx, t, {D, heads, T, B});
+    };
+    if (!L.wqkv && !L.wqk)
         return {scaled_q(rotated(project(L.wq, L.bq, Hq, L.attn_q_norm), L.attn_q_norm)),
                 rotated(project(L.wk, L.bk, Hkv, L.attn_k_norm), L.attn_k_norm), project(L.wv, L.bv, Hkv)};
-    }
-    // One product for q, k and v ([D * (Hq + 2 Hkv), T * B]); q and k lie side by side in
-    // each row, so one rope turns both.
-    Tensor* qkv = mul_mat(ctx, L.wqkv, h);
-    if (L.bqkv) qkv = add(ctx, qkv, L.bqkv);
+    // One product for q, k and v ([D * (Hq + 2 Hkv), T * B]), or for q and k with v apart; q
+    // and k lie side by side in each row, so one rope turns both.
+    Tensor* qkv = mul_mat(ctx, L.wqkv ? L.wqkv : L.wqk, h);
+    if (Tensor* bias = L.wqkv ? L.bqkv : L.bqk) qkv = add(ctx, qkv, bias);
     const size_t f = sizeof(float), row = qkv->nb[1];
     auto part = [&](int64_t heads, int64_t first_head) {
         return view(ctx, qkv, {D, heads, T, B}, {D * f, row, row * size_t(T)}, size_t(D * first_head) * f);
     };
+    Tensor* v = L.wqkv ? part(Hkv, Hq + Hkv) : project(L.wv, L.bv, Hkv);
     if (L.attn_q_norm) // q and k normed apart, so rotated apart
-        return {scaled_q(rotated(part(Hq, 0), L.attn_q_norm)), rotated(part(Hkv, Hq), L.attn_k_norm),
-                part(Hkv, Hq + Hkv)};
+        return {scaled_q(rotated(part(Hq, 0), L.attn_q_norm)), rotated(part(Hkv, Hq), L.attn_k_norm), v};
     Tensor* qk = rotated(part(Hq + Hkv, 0), nullptr);
     return {scaled_q(view(ctx, qk, {D, Hq, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, 0)),
-            view(ctx, qk, {D, Hkv, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, size_t(Hq) * qk->nb[1]),
-            part(Hkv, Hq + Hkv)};
+            view(ctx, qk, {D, Hkv, T, B}, {qk->nb[1], qk->nb[2], qk->nb[3]}, size_t(Hq) * qk->nb[1]), v};
 }
 
 // A mixture of experts on h [n_embd, rows]: the router's logits pick each token's
@@ -671,11 +669,23 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
             L.wqkv = merged(b + "attn_qkv.weight", qkv, E, qkv_where);
             if (!no_bias) L.bqkv = merged(b + "attn_qkv.bias", qkv_bias, 0, qkv_where);
         } else {
-            L.wq = weight(b + "attn_q.weight", {E, Dq}, where);
-            L.wk = weight(b + "attn_k.weight", {E, Dkv}, where);
+            // q and k alone, when only v differs (a Q4_K_M file's attn_v is q6_K in some layers):
+            // the same rule for their biases.
+            const auto qk = mergeable({{b + "attn_q.weight", Dq}, {b + "attn_k.weight", Dkv}}, E);
+            const auto qk_bias = mergeable({{b + "attn_q.bias", Dq}, {b + "attn_k.bias", Dkv}}, 0);
+            const bool no_qk_bias =
+                !m.file.find_tensor(b + "attn_q.bias") && !m.file.find_tensor(b + "attn_k.bias");
+            if (!qk.empty() && (no_qk_bias || !qk_bias.empty()) && !c.qk_norm_full) {
+                Context& qk_where = usable_where(qk[0]->type, E, where, b + "attn_qk.weight");
+                L.wqk = merged(b + "attn_qk.weight", qk, E, qk_where);
+                if (!no_qk_bias) L.bqk = merged(b + "attn_qk.bias", qk_bias, 0, qk_where);
+            } else {
+                L.wq = weight(b + "attn_q.weight", {E, Dq}, where);
+                L.wk = weight(b + "attn_k.weight", {E, Dkv}, where);
+                L.bq = weight(b + "attn_q.bias", {Dq}, where, true);
+                L.bk = weight(b + "attn_k.bias", {Dkv}, where, true);
+            }
             L.wv = weight(b + "attn_v.weight", {E, Dkv}, where);
-            L.bq = weight(b + "attn_q.bias", {Dq}, where, true);
-            L.bk = weight(b + "attn_k.bias", {Dkv}, where, true);
             L.bv = weight(b + "attn_v.bias", {Dkv}, where, true);
         }
         L.wo = weight(b + "attn_output.weight", {Dq, E}, where);
@@ -759,7 +769,7 @@ size_t Model::weight_bytes() const {
 int Model::merged_projections() const {
     int n = 0;
     for (const llama::LayerWeights& L : impl_->weights.layers)
-        n += int(L.wqkv != nullptr) + int(L.ffn_gate_up != nullptr);
+        n += int(L.wqkv != nullptr) + int(L.wqk != nullptr) + int(L.ffn_gate_up != nullptr);
     return n;
 }
 const std::vector<std::string>& Model::kept_on_host() const {

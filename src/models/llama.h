@@ -13,12 +13,15 @@ namespace gfa::llama {
 // Projections that read the same input are loaded as one matrix when their types agree:
 // wqkv holds the rows of wq, wk and wv one after another (and bqkv their biases), and
 // ffn_gate_up those of ffn_gate and ffn_up. One product then does the work of three (two),
-// with the same dot products; the separate tensors are null. Otherwise the merged ones are.
+// with the same dot products; the separate tensors are null. Otherwise the merged ones are,
+// except that when only wv's type differs (a Q4_K_M file's attn_v is q6_K in some layers)
+// wqk holds the rows of wq and wk (bqk their biases) and wv stays apart.
 struct LayerWeights {
     Tensor* attn_norm = nullptr;
     Tensor *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
     Tensor *bq = nullptr, *bk = nullptr, *bv = nullptr; // Qwen2 (and LLaMA with attention_bias)
     Tensor *wqkv = nullptr, *bqkv = nullptr;
+    Tensor *wqk = nullptr, *bqk = nullptr;
     Tensor* ffn_norm = nullptr;
     Tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     Tensor* ffn_gate_up = nullptr;
