@@ -7,7 +7,6 @@
 #include "cuda_common.h"
 #include "launch_graphs.h"
 #include "op_def.h"
-#include "quant_matmul.h"
 #include "quants.h"
 
 #include <algorithm>
@@ -492,9 +491,6 @@ class CudaBackend final : public Backend {
         GFA_CUDA_CHECK(cudaHostAlloc(&error_host_, cuda::kErrorWords * sizeof(int32_t), cudaHostAllocMapped));
         *error_host_ = cuda::kNoError;
         GFA_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error_flag), error_host_, 0));
-        const size_t arrival_bytes = size_t(cuda::kGluArrivalGroups) * sizeof(unsigned);
-        GFA_CUDA_CHECK(cudaMalloc(&ctx_.glu_arrivals, arrival_bytes));
-        GFA_CUDA_CHECK(cudaMemset(ctx_.glu_arrivals, 0, arrival_bytes));
     }
     ~CudaBackend() override {
         int previous = 0;
@@ -507,7 +503,6 @@ class CudaBackend final : public Backend {
         cudaEventDestroy(done_);
         cudaStreamDestroy(ctx_.stream);
         cudaFreeHost(error_host_);
-        cudaFree(ctx_.glu_arrivals);
         cudaSetDevice(previous);
     }
 

@@ -93,9 +93,6 @@ struct ComputeCtx {
     int32_t* error_flag = nullptr; // device-visible, host-mapped
     int sm_count = 1;
     QuantizedColumns* last_columns = nullptr; // null: no reuse (set by the backend)
-    // Zeroed counters for a gated product that rounds its swiglu for the next product
-    // (quant_matmul.h's GluColumns; kGluArrivalGroups of them, null: that fusion is off).
-    unsigned* glu_arrivals = nullptr;
     // A fused launch's nodes in graph order (the last is the node its run gets); empty for
     // a plain launch.
     std::span<Tensor* const> fused;
@@ -133,20 +130,9 @@ Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i);
 bool takes_quant_matvec(const Tensor* mul_mat);
 // Computes a mul_mat node (and the fused swiglu `glu` behind it, else null). Where b's
 // columns were already written in their int8 form (quant_matmul.h) at `quantized_b`, the
-// quantized matrix-vector product reads them there instead of rounding b itself. With
-// glu_columns (not null), the gated product also writes glu's int8 form there, for the
-// product behind it (quant_matmul.h's GluColumns; the arrival counters from ctx).
-void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, const void* quantized_b = nullptr,
-                     void* glu_columns = nullptr);
-// After a merged gate/up product and its swiglu at nodes[i], nodes[i + 1]: whether
-// nodes[i + 2] is a quantized matrix-vector product of the swiglu (the down projection) that
-// the gated kernel can hand swiglu's int8 columns to.
-bool takes_glu_columns(std::span<Tensor* const> nodes, size_t i);
-// Computes the gated product (and swiglu) and the down projection behind it, whose columns
-// the gated kernel rounds; `quantized_b`: the gated product's own columns, written already
-// at the start of the scratch memory, or null.
-void compute_glu_and_down(const ComputeCtx& ctx, Tensor* product, const Tensor* glu, Tensor* down,
-                          const void* quantized_b);
+// quantized matrix-vector product reads them there instead of rounding b itself.
+void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu,
+                     const void* quantized_b = nullptr);
 
 // A kernel that does nothing in the place of a launch GFA_CUDA_SKIP_OPS leaves out.
 void launch_in_place_of(const ComputeCtx& ctx);

@@ -263,8 +263,7 @@ bool takes_quant_matvec(const Tensor* mul_mat) {
     return is_cuda_quant_type(mul_mat->src[0]->type) && mul_mat->src[1]->ne[1] <= kQuantMatvecMaxColumns;
 }
 
-void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, const void* quantized_b,
-                     void* glu_columns) {
+void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, const void* quantized_b) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1];
     float* C = static_cast<float*>(dst->data);
@@ -284,10 +283,8 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
             if (previous.b != b || previous.columns != scratch) quantize_columns(vb, scratch, ctx.stream);
             columns = scratch;
         }
-        GluColumns rounded_glu;
-        if (glu && glu_columns) rounded_glu = {column_blocks_in(view_of(glu), glu_columns), ctx.glu_arrivals};
         quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), glu ? view_of(glu) : TensorView{},
-                     glu ? dst->ne[0] / 2 : 0, ctx.stream, rounded_glu);
+                     glu ? dst->ne[0] / 2 : 0, ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};
         return;
     }
@@ -299,7 +296,6 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
         return;
     }
     if (glu) fail("mul_mat on CUDA: a fused swiglu needs the matrix-vector path");
-    if (glu_columns) fail("mul_mat on CUDA: int8 columns of swiglu need the quantized matrix-vector path");
     if (a->type == Type::F32) {
         Operand B = operand_of(b, b->data, CUDA_R_32F, 4);
         if (!row_is_packed(b)) { // a transposed or permuted b: GEMM reads a packed copy
@@ -329,30 +325,6 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
     batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, A, B, C, ldc, c2, c3);
 }
 
-bool takes_glu_columns(std::span<Tensor* const> nodes, size_t i) {
-    if (nodes.size() - i < 3) return false;
-    const Tensor *product = nodes[i], *glu = nodes[i + 1], *down = nodes[i + 2];
-    const int64_t n_ff = glu->ne[0];
-    return takes_quant_matvec(product) && down->op == Op::MulMat && down->src[1] == glu &&
-           takes_quant_matvec(down) && n_ff % 32 == 0 && n_ff / 32 <= kGluArrivalGroups && glu->ne[2] == 1 &&
-           glu->ne[3] == 1 && glu->is_contiguous();
-}
-
-void compute_glu_and_down(const ComputeCtx& ctx, Tensor* product, const Tensor* glu, Tensor* down,
-                          const void* quantized_b) {
-    if (!ctx.glu_arrivals) fail("CUDA: the swiglu -> product fusion has no arrival counters");
-    // The gated product's columns (written already, or rounded by compute_mul_mat at the
-    // start of the scratch memory), then swiglu's: one block of scratch for both, asked for
-    // at once so that it cannot move between them.
-    const size_t in_bytes = align_up(quantized_columns_bytes(view_of(product->src[1])));
-    char* scratch = static_cast<char*>(
-        ctx.scratch->get(in_bytes + quantized_columns_bytes(view_of(glu)), ctx.stream, ctx.device_name));
-    if (quantized_b && quantized_b != scratch)
-        fail("CUDA: the fused product's columns are not in scratch memory");
-    compute_mul_mat(ctx, product, glu, quantized_b, scratch + in_bytes);
-    compute_mul_mat(ctx, down, nullptr, scratch + in_bytes);
-}
-
 namespace {
 
 void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
@@ -362,21 +334,6 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
 // The fused gate/up product: `swiglu` is the last node, its sources views of the product.
 void run_mul_mat_swiglu(const ComputeCtx& ctx, Tensor* swiglu) {
     compute_mul_mat(ctx, swiglu->src[0]->view_src, swiglu);
-}
-
-// GFA_CUDA_GLU_COLUMNS=0 keeps the rounding launch in front of the down projection (for
-// measuring); read at every use, so a test can switch it.
-bool glu_columns_fusion_enabled() {
-    const char* v = std::getenv("GFA_CUDA_GLU_COLUMNS");
-    return !(v && std::strcmp(v, "0") == 0);
-}
-
-// ... and the down projection behind it, which reads swiglu's int8 columns from the gated
-// kernel instead of a rounding launch of its own.
-void run_mul_mat_swiglu_down(const ComputeCtx& ctx, Tensor* down) {
-    if (ctx.fused.size() != 3 || ctx.fused[2] != down)
-        fail("CUDA: the fused gate/up -> swiglu -> down launch lost its nodes");
-    compute_glu_and_down(ctx, ctx.fused[0], ctx.fused[1], down, nullptr);
 }
 
 // A view of the product m: rows of half its width at column `first`, as the graph builder's
@@ -461,9 +418,7 @@ Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i) {
     if (half_matvec_applies(a, b, m))
         return half_matvec_split(a) <= 2 ? Fusion{2, run_mul_mat_swiglu} : Fusion{};
     if (takes_quant_matvec(m) && quant_matvec_split(view_of(a), b->ne[1]) <= 2)
-        return glu_columns_fusion_enabled() && takes_glu_columns(nodes, i)
-                   ? Fusion{3, run_mul_mat_swiglu_down}
-                   : Fusion{2, run_mul_mat_swiglu};
+        return {2, run_mul_mat_swiglu};
     return {};
 }
 

@@ -540,28 +540,18 @@ void run_add_rms_norm_mul(const ComputeCtx& ctx, Tensor* mul) {
 // swiglu fused behind that product]: the pre-norm's kernel also writes the product's int8
 // columns, so the product needs no rounding launch of its own (decoding does four such
 // launches a layer, all on the critical path).
-// [... and the down projection behind the swiglu, which the gated kernel rounds its columns
-// for: compute_glu_and_down.]
 void run_pre_norm_matvec(const ComputeCtx& ctx, Tensor* last) {
     const std::span<Tensor* const> nodes = ctx.fused;
     const size_t norm_nodes = !nodes.empty() && nodes[0]->op == Op::Add ? 3 : 2;
-    if (nodes.size() < norm_nodes + 1 || nodes.size() > norm_nodes + 3 || nodes.back() != last)
+    if (nodes.size() < norm_nodes + 1 || nodes.size() > norm_nodes + 2 || nodes.back() != last)
         fail("CUDA: the fused pre-norm -> product launch lost its nodes");
     const Tensor* mul = nodes[norm_nodes - 1];
     Tensor* product = nodes[norm_nodes];
-    const Tensor* glu = nodes.size() >= norm_nodes + 2 ? nodes[norm_nodes + 1] : nullptr;
-    Tensor* down = nodes.size() == norm_nodes + 3 ? nodes[norm_nodes + 2] : nullptr;
+    const Tensor* glu = nodes.size() == norm_nodes + 2 ? nodes[norm_nodes + 1] : nullptr;
     const TensorView columns_of = view_of(mul);
-    // With a down projection behind, swiglu's columns follow these in the same scratch block
-    // (compute_glu_and_down): ask for both at once, so that the block cannot move between.
-    size_t bytes = quantized_columns_bytes(columns_of);
-    if (down) bytes = (bytes + 255) / 256 * 256 + quantized_columns_bytes(view_of(glu));
-    void* columns = ctx.scratch->get(bytes, ctx.stream, ctx.device_name);
+    void* columns = ctx.scratch->get(quantized_columns_bytes(columns_of), ctx.stream, ctx.device_name);
     launch_pre_norm(ctx, mul, norm_nodes == 3, column_blocks_in(columns_of, columns));
-    if (down)
-        compute_glu_and_down(ctx, product, glu, down, columns);
-    else
-        compute_mul_mat(ctx, product, glu, columns);
+    compute_mul_mat(ctx, product, glu, columns);
 }
 
 // The product reads mul as its b, through the quantized matrix-vector path, in the column
@@ -652,10 +642,8 @@ Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i) {
              is_row_scaling_of(nodes[i + 2], nodes[i + 1]))
         n = 3;
     if (n == 0) return {};
-    if (left > n && is_quant_matvec_of(nodes[i + n], nodes[i + n - 1])) {
-        const size_t glu_nodes = find_glu_fusion(nodes, i + n).n_nodes; // 0, 2, or 3 with the down product
-        return {glu_nodes >= 2 ? n + glu_nodes : n + 1, run_pre_norm_matvec};
-    }
+    if (left > n && is_quant_matvec_of(nodes[i + n], nodes[i + n - 1]))
+        return {find_glu_fusion(nodes, i + n).n_nodes == 2 ? n + 2 : n + 1, run_pre_norm_matvec};
     return {n, n == 2 ? run_rms_norm_mul : run_add_rms_norm_mul};
 }
 

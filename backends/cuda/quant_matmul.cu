@@ -535,41 +535,12 @@ __device__ __forceinline__ void load_item(W& item, const char* row, int64_t K, i
         item.load(row + ib * QuantBlock<T>::kBytes, i % W::kParts);
 }
 
-// The gated product's epilogue with GluColumns: the block's glu values are written; a
-// group of 32 glu values comes from 32 / pairs blocks (pairs: the gate/up pairs a block
-// takes). Each block makes its writes visible device-wide and counts itself in its group's
-// counter; the block that arrives last reads the group back from L2 (another SM wrote it)
-// and rounds it for every column with round_block_to_int8, as the rounding launch would
-// (the same values, the same bits), then sets the counter back to zero for the next launch.
-// Not inlined: inlined, it made the main loops of the deep passes spill (the q8_0 6-deep pass
-// 68 bytes).
-template <int kWarps>
-__device__ __noinline__ void round_finished_glu_groups(const GluColumns out, int split, int n_cols,
-                                                       const TensorView glu) {
-    __shared__ bool last;
-    const int pairs = kWarps / split / 2;
-    const int64_t group = int64_t(blockIdx.x) * pairs / 32;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(out.arrivals + group, 1u) == unsigned(32 / pairs - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-    const int64_t n_ff = glu.ne[0];
-    for (int c = warp; c < n_cols; c += kWarps) {
-        const float v = __ldcg(f32_ptr(glu, 32 * group + lane, c, 0, 0));
-        round_block_to_int8(v, lane, out.at.q + c * n_ff + 32 * group, out.at.ds + c * (n_ff / 32) + group);
-    }
-    if (threadIdx.x == 0) out.arrivals[group] = 0;
-}
-
 // U: items a lane loads before using any (W::kUnroll, or a deeper pass for long rows,
 // matvec_shape).
 template <int T, int A, int NC, int U = Item<T, A>::kUnroll>
 __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3, int split,
-                        bool a_constant, int64_t n_ff, TensorView glu, GluColumns glu_columns) {
+                        bool a_constant, int64_t n_ff, TensorView glu) {
     using W = Item<T, A>;
     using B = QuantBlock<T>;
     const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
@@ -603,7 +574,6 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
         }
     }
     write_row_sums<kMatvecWarps>(acc, x.n, rs, split, has_row, dst, i2, i3, n_ff, glu);
-    if (glu_columns.at.q) round_finished_glu_groups<kMatvecWarps>(glu_columns, split, x.n, glu);
 }
 
 // One thread block per row of a; each thread writes 8 consecutive f16 values (16 bytes).
@@ -647,9 +617,7 @@ struct MatvecShape {
 // and q4_0 with the scales last (items of 3 to 5 registers; iq4_nl's, with its level
 // lookups, spilled at 6 deep); 0: no deeper pass.
 template <int T>
-constexpr int kDeepUnroll = T == kQ4_K                                     ? 3
-                            : T == kQ8_0ScalesLast || T == kQ4_0ScalesLast ? 6
-                                                                           : 0;
+constexpr int kDeepUnroll = T == kQ4_K ? 3 : T == kQ8_0ScalesLast || T == kQ4_0ScalesLast ? 6 : 0;
 template <int T> constexpr bool kHasDeepPass = kDeepUnroll<T> > 0;
 
 // The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer
@@ -678,8 +646,7 @@ template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
 
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
-                   bool a_constant, const TensorView& glu, int64_t n_ff, const GluColumns& glu_columns,
-                   cudaStream_t stream) {
+                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     const MatvecShape shape = matvec_shape<T, A>(a.ne[0], x.n);
     const int split = shape.split;
     const int64_t rows_per_block = n_ff > 0 ? kMatvecWarps / split / 2 : kMatvecWarps / split;
@@ -687,8 +654,7 @@ void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst,
     const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block), unsigned(dst.ne[2] * dst.ne[3]));
     const dim3 block(kMatvecWarps * 32);
     auto launch = [&](auto kernel) {
-        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu,
-                     glu_columns);
+        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu);
     };
     if constexpr (kHasDeepPass<T>) {
         constexpr int kDeep = kDeepUnroll<T>;
@@ -770,12 +736,7 @@ int quant_matvec_split(const TensorView& a, int64_t columns) {
 }
 
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                  const GluColumns& glu_columns) {
-    if (glu_columns.at.q && (n_ff % 32 != 0 || n_ff / 32 > kGluArrivalGroups || !glu_columns.arrivals ||
-                             dst.ne[2] * dst.ne[3] != 1))
-        fail("mul_mat on CUDA: int8 columns of swiglu need n_ff % 32 == 0, n_ff <= " +
-             std::to_string(32 * kGluArrivalGroups) + " and one matrix");
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     if (b.ne[1] < 1 || b.ne[1] > kQuantMatvecMaxColumns)
         fail("mul_mat on CUDA: the matrix-vector path takes 1 to 8 columns, got " + std::to_string(b.ne[1]));
     if (dst.ne[0] == 0 || dst.ne[2] * dst.ne[3] == 0) return;
@@ -787,7 +748,7 @@ void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& ds
     const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3];
     dispatch_matvec(a, [&](auto type, auto align) {
         launch_matvec<decltype(type)::value, decltype(align)::value>(a, x, dst, r2, r3, a_constant, glu, n_ff,
-                                                                     glu_columns, stream);
+                                                                     stream);
     });
 }
 

@@ -31,25 +31,12 @@ struct ColumnBlocks {
 };
 ColumnBlocks column_blocks_in(const TensorView& b, void* scratch);
 
-// With a gated product (below), where glu's int8 form goes for the product that reads glu
-// next (the down projection), so that it needs no rounding launch of its own: `at` as
-// column_blocks_in(glu, ...) gives it (at.q null: not written), and `arrivals`, zero on
-// entry and again on exit, kGluArrivalGroups counters: the blocks that finish a group of 32
-// glu values count themselves there, and the last one rounds the group (n_ff % 32 == 0,
-// n_ff / 32 <= kGluArrivalGroups).
-inline constexpr int64_t kGluArrivalGroups = 4096;
-struct GluColumns {
-    ColumnBlocks at{nullptr, nullptr};
-    unsigned* arrivals = nullptr;
-};
-
 // Step 2: dst = a^T b from the quantized columns (N <= kQuantMatvecMaxColumns). a_constant:
 // no kernel writes a while graphs run, so the kernel may fetch it before its inputs are ready.
 // n_ff > 0: a is a merged gate/up matrix (gate rows, then n_ff up rows) and glu(p, c) gets
 // swiglu(dst(p, c), dst(n_ff + p, c)) as well (quant_matvec_split must be at most 2).
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                  const GluColumns& glu_columns = {});
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream);
 
 // How many warps share one row of a in quant_matvec (1, 2 or 4) with that many columns.
 int quant_matvec_split(const TensorView& a, int64_t columns);

@@ -557,60 +557,6 @@ TEST_CASE(
     CHECK(counter(separate->counters(), "fused_launches") == 0);
 }
 
-// The down projection behind the gated product, as the model builder makes it: with fusion
-// the gated kernel also rounds swiglu into the down projection's int8 columns (the block that
-// finishes a group of 32 rounds it), so the down projection has no rounding launch. Every
-// node bit for bit the separate kernels', with and without the pre-norm in front (then one
-// launch takes the pre-norm, both products and swiglu), one and three columns, rows of one
-// and two warps, block types of 32 and 256 in both products. x is drawn afresh for every run,
-// so that columns a previous run left in scratch memory cannot pass for this run's.
-TEST_CASE("CUDA fused gate/up product -> swiglu -> down product: swiglu's int8 columns from the gated "
-          "kernel, bit for bit the separate kernels",
-          "[cuda][fusion]") {
-    INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
-    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
-    struct Case {
-        Type gate_up, down;
-        int64_t K, n_ff;
-    };
-    for (const Case& c : {Case{Type::Q4_K, Type::Q6_K, 2048, 512}, Case{Type::Q8_0, Type::Q4_0, 96, 96},
-                          Case{Type::Q6_K, Type::Q8_0, 512, 320}, Case{Type::Q4_0, Type::Q4_K, 4096, 768}})
-        for (const bool pre_norm : {false, true})
-            for (const int64_t n : {1, 3}) {
-                INFO(type_name(c.gate_up) << " K " << c.K << ", down " << type_name(c.down) << " n_ff "
-                                          << c.n_ff << (pre_norm ? ", pre-norm" : "") << ", columns " << n);
-                Context ctx{ContextParams{.alloc_data = true}};
-                Tensor* x = ctx.new_tensor(Type::F32, {c.K, n});
-                Tensor* gain = ctx.new_tensor(Type::F32, {c.K});
-                Tensor* w = ctx.new_tensor(c.gate_up, {c.K, 2 * c.n_ff});
-                Tensor* wd = ctx.new_tensor(c.down, {c.n_ff, c.K});
-                for (Tensor* t : {gain, w, wd}) {
-                    test::fill_uniform(t);
-                    t->flags |= kFlagConstant;
-                }
-                Tensor* in = pre_norm ? mul(ctx, rms_norm(ctx, x, 1e-5f), gain) : x;
-                Tensor* gu = mul_mat(ctx, w, in);
-                const size_t half = size_t(c.n_ff) * sizeof(float);
-                Tensor* f = swiglu(ctx, view(ctx, gu, {c.n_ff, n}, {gu->nb[1]}, 0),
-                                   view(ctx, gu, {c.n_ff, n}, {gu->nb[1]}, half));
-                Tensor* down = mul_mat(ctx, wd, f);
-                Tensor* out = scale(ctx, down, 2.0f); // a reader behind the fused run
-                const Graph g = build_forward(out);
-                for (Tensor* node : {gu, f, down, out}) {
-                    INFO("node " << op_name(node->op));
-                    test::fill_uniform(x);
-                    const int64_t before = counter(fused->counters(), "fused_launches");
-                    const std::vector<float> got = run_graph(*fused, g, node, 0);
-                    const std::vector<float> want = run_graph(*separate, g, node, 0);
-                    CHECK(counter(fused->counters(), "fused_launches") - before == 1);
-                    CHECK(all_finite(got)); // the nodes were poisoned: every element was written
-                    CHECK(bit_identical(got, want));
-                    CHECK(test::rel_error(got, ref::evaluate(g, node)) <= 5e-2);
-                }
-            }
-}
-
 // A decoding step's rope over q and k and the cache writes of k and v, as the model builder
 // makes them (then attention over the caches): with fusion one kernel writes the rope's
 // output and both caches, recomputing the rotated k it stores. Every node bit for bit the
