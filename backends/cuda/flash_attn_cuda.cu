@@ -405,7 +405,13 @@ void plan_decode(FwdPlan& plan, const Problem& p, const fa::Shape& s, const fa::
     const int64_t rounds = hi > lo ? (hi - begin + round - 1) / round : 0;
     const int64_t blocks = int64_t(s.B) * s.Hkv;
     const int64_t slots = int64_t(sm_count()) * std::max(1, plan.info.blocks_per_sm);
-    const int64_t per_split = units_per_split(blocks, slots, rounds, 4, 0.95);
+    // A split takes at least one round (each warp one chunk) where that makes at most 16
+    // splits, up to 4 rounds at longer ranges: short ranges (a 1.1B model's 640 keys: 10
+    // rounds) are bound by each warp's chain of chunks, long ones by the combine's partial
+    // rows (4k keys, 64 rounds: 33 splits of 2 rounds ran 2 us slower than 16 of 4 with
+    // quantized caches). 4 rounds at least, as before, cost that model's decoding 4-6%.
+    const int64_t min_rounds = std::clamp<int64_t>((rounds + 15) / 16, 1, 4);
+    const int64_t per_split = units_per_split(blocks, slots, rounds, min_rounds, 0.95);
     plan.n_split = rounds > 0 ? int((rounds + per_split - 1) / per_split) : 1;
     plan.split_keys = int(per_split * round);
     plan.split_begin = int(begin);
