@@ -613,7 +613,8 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const fa::F
 // ---- backward helpers -------------------------------------------------------------------
 
 // One warp per (b, h, i) row of the padded row arrays: delta = rowsum(dO * O), lse2, and
-// the row's term of dSinks.
+// the row's term of dSinks; and the row of the dQ accumulator set to zero (a memset of its own
+// was one more pass over as many bytes as dQ's fp32 form).
 __global__ void bwd_preprocess_kernel(const fa::BwdArgs a) {
     const fa::Shape& s = a.s;
     const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -621,6 +622,10 @@ __global__ void bwd_preprocess_kernel(const fa::BwdArgs a) {
     if (row >= int64_t(s.B) * s.Hq * a.Sq_pad) return;
     const int i = int(row % a.Sq_pad), h = int((row / a.Sq_pad) % s.Hq),
               b = int(row / (int64_t(a.Sq_pad) * s.Hq));
+    if (a.dq_accum && i < s.Sq) { // dq_ld is a multiple of 16: whole float4s
+        float4* acc = reinterpret_cast<float4*>(a.dq_accum + ((int64_t(b) * s.Hq + h) * s.Sq + i) * a.dq_ld);
+        for (int c = lane; c < a.dq_ld / 4; c += 32) acc[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     if (i >= s.Sq) {
         if (lane == 0) {
             a.delta[row] = 0.0f;
@@ -647,16 +652,19 @@ __global__ void bwd_preprocess_kernel(const fa::BwdArgs a) {
     }
 }
 
+// dQ = scale * the accumulator, one warp per (b, h, i) row: the row's place is worked out
+// once per row (per element, its 64-bit divisions cost more than the element's bytes).
 __global__ void dq_convert_kernel(const fa::BwdArgs a) {
     const fa::Shape& s = a.s;
-    const int64_t n = int64_t(s.B) * s.Hq * s.Sq * s.Dk;
-    for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-         idx += int64_t(gridDim.x) * blockDim.x) {
-        const int d = int(idx % s.Dk);
-        const int64_t r = idx / s.Dk;
+    const int64_t rows = int64_t(s.B) * s.Hq * s.Sq;
+    const int warps = int(blockDim.x) / 32, lane = int(threadIdx.x) & 31;
+    for (int64_t r = int64_t(blockIdx.x) * warps + threadIdx.x / 32; r < rows;
+         r += int64_t(gridDim.x) * warps) {
         const int i = int(r % s.Sq), h = int((r / s.Sq) % s.Hq), b = int(r / (int64_t(s.Sq) * s.Hq));
         char* row = a.dq + b * a.dq_nb3 + h * a.dq_nb2 + int64_t(i) * a.dq_nb1;
-        fa::store_elem(row, d, a.dq_accum[r * a.dq_ld + fa::dq_accum_col(d)] * s.scale, a.dq_code);
+        const float* acc = a.dq_accum + r * a.dq_ld;
+        for (int d = lane; d < s.Dk; d += 32)
+            fa::store_elem(row, d, acc[fa::dq_accum_col(d)] * s.scale, a.dq_code);
     }
 }
 
@@ -901,9 +909,6 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
     const int64_t rows = int64_t(s.B) * s.Hq * plan.Sq_pad;
     bwd_preprocess_kernel<<<unsigned((rows + 7) / 8), 256, 0, st>>>(a);
     check_cuda(cudaGetLastError(), "launching the backward preprocess kernel");
-    if (a.dq_accum)
-        check_cuda(cudaMemsetAsync(a.dq_accum, 0, size_t(s.B) * s.Hq * s.Sq * a.dq_ld * sizeof(float), st),
-                   "clearing the dQ accumulator");
 
     // 2. dK, dV (and dQ through atomics)
     auto launch = [&](fa::BwdKernel which, dim3 grid) {
@@ -934,8 +939,8 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
         launch(fa::BwdKernel::QueryTile,
                dim3(unsigned((s.Sq + info.bm - 1) / info.bm), unsigned(s.Hq * info.dsplit), unsigned(s.B)));
     } else {
-        const int64_t n = int64_t(s.B) * s.Hq * s.Sq * s.Dk;
-        const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 65535));
+        const int64_t dq_rows = int64_t(s.B) * s.Hq * s.Sq;
+        const unsigned blocks = unsigned(std::min<int64_t>((dq_rows + 7) / 8, 65535));
         dq_convert_kernel<<<blocks, 256, 0, st>>>(a);
         check_cuda(cudaGetLastError(), "launching the dQ conversion kernel");
     }
