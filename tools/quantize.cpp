@@ -13,7 +13,9 @@
 // local models are shared in. They take q4_K (q5_K) for most matrices and q6_K where their
 // rule gives more bits: the output projection (or the tied token embeddings), and the value
 // projections and down projections of the first and last eighth of the layers and of every
-// third layer between (a fused qkv projection takes q5_K / q6_K). --keep leaves the named
+// third layer between (a fused qkv projection takes q5_K / q6_K). llama.cpp's further
+// exceptions for 70B models and 8-expert mixtures (more bits for their value and output
+// projections) are not reproduced: such files get the rule above. --keep leaves the named
 // tensor as it is (may be repeated). Rows are encoded on -t threads (default: every hardware
 // thread): the searching encoders (the K and IQ4 formats) take minutes for a 7B model on one.
 #include <ggml-fa/error.h>
