@@ -97,28 +97,37 @@ ScalesLastRows scales_last_rows(Type t, int64_t K) {
 
 } // namespace
 
-void rows_to_scales_last(Type t, const void* blocks, void* out, int64_t K, int64_t n_rows) {
+namespace {
+
+// Calls move(block_part, row_part, bytes) for each block's body and scale: where they lie in
+// the file's blocks and where in the scales-last rows (rows start at the same offsets in both).
+template <class Move> void each_scales_last_part(Type t, int64_t K, int64_t n_rows, Move&& move) {
     const ScalesLastRows l = scales_last_rows(t, K);
-    const int body = l.block.body_bytes(), body_at = l.block.body_offset(), scale_at = l.block.scale_offset;
-    const auto* in = static_cast<const uint8_t*>(blocks);
-    auto* row = static_cast<uint8_t*>(out);
-    for (int64_t r = 0; r < n_rows; ++r, row += l.row_bytes())
-        for (int64_t i = 0; i < l.blocks_per_row; ++i, in += l.block.bytes) {
-            std::memcpy(row + i * body, in + body_at, size_t(body));
-            std::memcpy(row + l.scales_at() + 2 * i, in + scale_at, 2);
+    const int64_t body = l.block.body_bytes();
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t i = 0; i < l.blocks_per_row; ++i) {
+            const int64_t block = r * l.row_bytes() + i * l.block.bytes, row = r * l.row_bytes();
+            move(block + l.block.body_offset(), row + i * body, size_t(body));
+            move(block + l.block.scale_offset, row + l.scales_at() + 2 * i, size_t(2));
         }
 }
 
+} // namespace
+
+void rows_to_scales_last(Type t, const void* blocks, void* out, int64_t K, int64_t n_rows) {
+    const auto* in = static_cast<const uint8_t*>(blocks);
+    auto* rows = static_cast<uint8_t*>(out);
+    each_scales_last_part(t, K, n_rows, [&](int64_t at_block, int64_t at_row, size_t n) {
+        std::memcpy(rows + at_row, in + at_block, n);
+    });
+}
+
 void rows_from_scales_last(Type t, const void* rows, void* blocks, int64_t K, int64_t n_rows) {
-    const ScalesLastRows l = scales_last_rows(t, K);
-    const int body = l.block.body_bytes(), body_at = l.block.body_offset(), scale_at = l.block.scale_offset;
-    const auto* row = static_cast<const uint8_t*>(rows);
-    auto* outp = static_cast<uint8_t*>(blocks);
-    for (int64_t r = 0; r < n_rows; ++r, row += l.row_bytes())
-        for (int64_t i = 0; i < l.blocks_per_row; ++i, outp += l.block.bytes) {
-            std::memcpy(outp + body_at, row + i * body, size_t(body));
-            std::memcpy(outp + scale_at, row + l.scales_at() + 2 * i, 2);
-        }
+    const auto* in = static_cast<const uint8_t*>(rows);
+    auto* out = static_cast<uint8_t*>(blocks);
+    each_scales_last_part(t, K, n_rows, [&](int64_t at_block, int64_t at_row, size_t n) {
+        std::memcpy(out + at_block, in + at_row, n);
+    });
 }
 
 void quantize_q8_0(const float* src, void* dst, int64_t n) {
