@@ -655,31 +655,32 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelLoadOptio
         // Every projection must be there with its shape, merged or not.
         for (const auto& [name, rows] : {std::pair{"attn_q", Dq}, {"attn_k", Dkv}, {"attn_v", Dkv}})
             checked(b + name + ".weight", {E, rows});
-        const auto qkv =
-            mergeable({{b + "attn_q.weight", Dq}, {b + "attn_k.weight", Dkv}, {b + "attn_v.weight", Dkv}}, E);
-        const auto qkv_bias =
-            mergeable({{b + "attn_q.bias", Dq}, {b + "attn_k.bias", Dkv}, {b + "attn_v.bias", Dkv}}, 0);
-        const bool no_bias = !m.file.find_tensor(b + "attn_q.bias") &&
-                             !m.file.find_tensor(b + "attn_k.bias") && !m.file.find_tensor(b + "attn_v.bias");
-        // Biases merge with their matrices: all three or none, else nothing merges. (q and k
-        // normed over all heads stay apart: the norms need them whole.)
-        if (!qkv.empty() && (no_bias || !qkv_bias.empty()) && !c.qk_norm_full) {
-            // the bias stays beside its matrix
-            Context& qkv_where = usable_where(qkv[0]->type, E, where, b + "attn_qkv.weight");
-            L.wqkv = merged(b + "attn_qkv.weight", qkv, E, qkv_where);
-            if (!no_bias) L.bqkv = merged(b + "attn_qkv.bias", qkv_bias, 0, qkv_where);
-        } else {
-            // q and k alone, when only v differs (a Q4_K_M file's attn_v is q6_K in some layers):
-            // the same rule for their biases.
-            const auto qk = mergeable({{b + "attn_q.weight", Dq}, {b + "attn_k.weight", Dkv}}, E);
-            const auto qk_bias = mergeable({{b + "attn_q.bias", Dq}, {b + "attn_k.bias", Dkv}}, 0);
-            const bool no_qk_bias =
-                !m.file.find_tensor(b + "attn_q.bias") && !m.file.find_tensor(b + "attn_k.bias");
-            if (!qk.empty() && (no_qk_bias || !qk_bias.empty()) && !c.qk_norm_full) {
-                Context& qk_where = usable_where(qk[0]->type, E, where, b + "attn_qk.weight");
-                L.wqk = merged(b + "attn_qk.weight", qk, E, qk_where);
-                if (!no_qk_bias) L.bqk = merged(b + "attn_qk.bias", qk_bias, 0, qk_where);
-            } else {
+        // The first n of q, k, v as one matrix (and one bias) named `name`, if their types agree
+        // and their biases are all there or all absent; false: nothing was merged. (q and k
+        // normed over all their heads stay apart: the norms need them whole.)
+        const std::pair<const char*, int64_t> projections[] = {
+            {"attn_q", Dq}, {"attn_k", Dkv}, {"attn_v", Dkv}};
+        auto merge_first = [&](size_t n, const std::string& name, Tensor*& w_out, Tensor*& b_out) {
+            if (c.qk_norm_full) return false;
+            Parts matrices, biases;
+            bool any_bias = false;
+            for (size_t i = 0; i < n; ++i) {
+                matrices.emplace_back(b + projections[i].first + ".weight", projections[i].second);
+                biases.emplace_back(b + projections[i].first + ".bias", projections[i].second);
+                any_bias = any_bias || m.file.find_tensor(biases.back().first);
+            }
+            const auto parts = mergeable(matrices, E);
+            const auto bias_parts = any_bias ? mergeable(biases, 0) : std::vector<const gguf::TensorInfo*>{};
+            if (parts.empty() || (any_bias && bias_parts.empty())) return false;
+            Context& at = usable_where(parts[0]->type, E, where, b + name + ".weight"); // the bias beside it
+            w_out = merged(b + name + ".weight", parts, E, at);
+            if (any_bias) b_out = merged(b + name + ".bias", bias_parts, 0, at);
+            return true;
+        };
+        // All three; else q and k alone, when only v differs (a Q4_K_M file's attn_v is q6_K in
+        // some layers); else each apart.
+        if (!merge_first(3, "attn_qkv", L.wqkv, L.bqkv)) {
+            if (!merge_first(2, "attn_qk", L.wqk, L.bqk)) {
                 L.wq = weight(b + "attn_q.weight", {E, Dq}, where);
                 L.wk = weight(b + "attn_k.weight", {E, Dkv}, where);
                 L.bq = weight(b + "attn_q.bias", {Dq}, where, true);
