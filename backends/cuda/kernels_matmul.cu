@@ -171,9 +171,15 @@ __global__ void __launch_bounds__(kHalfMatvecWarps * 32, NC >= 4   ? 4
                        bool a_constant, int64_t n_ff, TensorView glu) {
     const RowSlice rs = row_slice<kHalfMatvecWarps>(split, n_ff);
     const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
-    const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
-    const uint4* row =
-        reinterpret_cast<const uint4*>(a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3]);
+    // One matrix (the usual product) takes none of the 64-bit divisions of batched ones.
+    int64_t i2 = 0, i3 = 0;
+    const char* row_bytes = a.data + rs.row * a.nb[1];
+    if (gridDim.y > 1) {
+        i2 = blockIdx.y % dst.ne[2];
+        i3 = blockIdx.y / dst.ne[2];
+        row_bytes += (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    }
+    const uint4* row = reinterpret_cast<const uint4*>(row_bytes);
     const int n_chunks = int(a.ne[0] / 8);
 
     uint4 w[kHalfUnroll];
@@ -232,9 +238,7 @@ void launch_half_matvec(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
                         const Tensor* glu) {
     const int split = half_matvec_split(a);
     const int64_t n_ff = glu ? dst->ne[0] / 2 : 0;
-    const int64_t rows_per_block = glu ? kHalfMatvecWarps / split / 2 : kHalfMatvecWarps / split;
-    const int64_t rows = glu ? n_ff : dst->ne[0];
-    const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block),
+    const dim3 grid(unsigned(row_groups(dst->ne[0], n_ff, split, kHalfMatvecWarps)),
                     unsigned(dst->ne[2] * dst->ne[3]));
     const dim3 block(kHalfMatvecWarps * 32);
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];

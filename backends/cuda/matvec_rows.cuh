@@ -25,11 +25,12 @@ struct RowSlice {
 // n_ff > 0: gated mode, rows n_ff apart paired within the block (needs split <= kWarps / 2).
 template <int kWarps> __device__ __forceinline__ RowSlice row_slice(int split, int64_t n_ff) {
     const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-    const int slice = warp % split, local = warp / split, rows = kWarps / split;
+    const int log2_split = __ffs(split) - 1; // split is 1, 2 or 4: shifts, not divisions
+    const int slice = warp & (split - 1), local = warp >> log2_split, rows = kWarps >> log2_split;
     if (n_ff == 0)
         return {int64_t(blockIdx.x) * rows + local, slice, slice * 32 + lane, 32 * split, local, 0};
     const int pairs = rows / 2;
-    const int64_t pair = int64_t(blockIdx.x) * pairs + local % pairs;
+    const int64_t pair = int64_t(blockIdx.x) * pairs + (local & (pairs - 1)); // pairs: a power of 2
     return {local < pairs ? pair : n_ff + pair, slice, slice * 32 + lane, 32 * split, local, pair};
 }
 
@@ -67,10 +68,16 @@ __device__ __forceinline__ void write_row_sums(float (&acc)[NC], int n_cols, con
     }
     if (n_ff == 0) return; // the same for the whole block
     __syncthreads();
-    const int pairs = kWarps / split / 2;
+    const int pairs = kWarps / 2 >> (__ffs(split) - 1);
     if (has_row && rs.slice == 0 && rs.local < pairs && lane < n_cols)
         *f32_ptr(glu, rs.pair, lane, i2, i3) =
             swiglu_value(totals[rs.local][lane], totals[rs.local + pairs][lane]);
+}
+
+// Groups of rows a product of `rows` rows (gated: n_ff pairs) takes at this split.
+inline int64_t row_groups(int64_t rows, int64_t n_ff, int split, int warps) {
+    const int64_t per_group = n_ff > 0 ? warps / split / 2 : warps / split;
+    return ((n_ff > 0 ? n_ff : rows) + per_group - 1) / per_group;
 }
 
 // The smallest split (1, 2, 4, at most max_split) that lets a lane hold its part of a row of

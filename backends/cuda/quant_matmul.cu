@@ -57,6 +57,11 @@ __device__ __forceinline__ uint4 x16(const Columns& x, int c, int64_t k) {
 __device__ __forceinline__ float2 xds(const Columns& x, int c, int64_t block32) {
     return __ldg(x.ds + c * x.ds_stride + block32);
 }
+// The pairs of blocks block32 and block32 + 1 in one 16-byte load (block32 even: the pairs
+// start 16-byte aligned, and a column's K / 32 pairs are an even number where K % 256 == 0).
+__device__ __forceinline__ float4 xds_two(const Columns& x, int c, int64_t block32) {
+    return __ldg(reinterpret_cast<const float4*>(x.ds + c * x.ds_stride + block32));
+}
 
 __device__ __forceinline__ int dot8(uint32_t w0, uint32_t w1, uint2 v, int acc) {
     return __dp4a(int(w1), int(v.y), __dp4a(int(w0), int(v.x), acc));
@@ -78,17 +83,26 @@ __device__ __forceinline__ uint32_t fifth_bits(uint32_t b) {
     return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
 }
 
-// Scale and min of sub-block j from the 12 packed bytes of a Q4_K / Q5_K block, as words.
-__device__ __forceinline__ void scale_min_words(const uint32_t (&s)[3], int j, int& sc, int& mn) {
-    const uint32_t shift = 8u * uint32_t(j & 3);
-    const uint32_t b0 = (s[0] >> shift) & 0xffu, b1 = (s[1] >> shift) & 0xffu, b2 = (s[2] >> shift) & 0xffu;
-    if (j < 4) {
-        sc = int(b0 & 63u);
-        mn = int(b1 & 63u);
-    } else {
-        sc = int((b2 & 0x0fu) | ((b0 >> 6) << 4));
-        mn = int((b2 >> 4) | ((b1 >> 6) << 4));
-    }
+// Scales and mins of sub-blocks j and j + 1 (j even) from the 12 packed bytes of a Q4_K /
+// Q5_K block, as words, each as two bytes (sub-block j in the low one). Both sub-blocks are
+// among the first four (6-bit values in the low bits of bytes j, j + 1 of words 0 and 1) or
+// both among the last four (low 4 bits in word 2, high 2 in the top bits of words 0 and 1),
+// so one select picks the rule without a branch: the eight lanes of a block take both halves,
+// and a branch on the half diverged in every warp.
+__device__ __forceinline__ void scale_min_pairs(const uint32_t (&s)[3], int j, uint32_t& scales,
+                                                uint32_t& mins) {
+    const uint32_t shift = 8u * uint32_t(j & 3); // 0 or 16
+    const uint32_t a = (s[0] >> shift) & 0xffffu, b = (s[1] >> shift) & 0xffffu,
+                   c = (s[2] >> shift) & 0xffffu;
+    const bool first_four = j < 4;
+    scales = first_four ? a & 0x3f3fu : (c & 0x0f0fu) | ((a & 0xc0c0u) >> 2);
+    mins = first_four ? b & 0x3f3fu : ((c >> 4) & 0x0f0fu) | ((b & 0xc0c0u) >> 2);
+}
+
+// u < 2^23 as a float without a conversion instruction (those issue at a quarter of the
+// rate of the arithmetic around them): u in the mantissa of 2^23, less 2^23.
+__device__ __forceinline__ float small_to_float(uint32_t u) {
+    return __uint_as_float(0x4b000000u | u) - 8388608.0f;
 }
 
 constexpr int min_int(int a, int b) {
@@ -258,14 +272,16 @@ template <int A> struct Item<kQ5_1, A> : Item32<kQ5_1, A> {};
 template <int T, int A> struct ItemK {
     static constexpr bool kFiveBits = T == kQ5_K;
     static constexpr int kQs = kFiveBits ? 48 : 16;
-    static constexpr int kAlign4 = min_int(A, 4), kAlign16 = min_int(A, 16);
+    static constexpr int kAlign16 = min_int(A, 16);
     static constexpr int kParts = 8, kUnroll = 2;
     uint32_t q[4], qh[kFiveBits ? 4 : 1], scales[3], head;
     __device__ __forceinline__ void load(const char* blk, int part) {
-        uint32_t w[1];
-        load_words<kAlign4, 1>(blk, w);
+        uint32_t w[4]; // d and dmin, then the 12 bytes of scales and mins: one load where aligned
+        load_words<kAlign16, 4>(blk, w);
         head = w[0];
-        load_words<kAlign4, 3>(blk + 4, scales);
+        scales[0] = w[1];
+        scales[1] = w[2];
+        scales[2] = w[3];
         load_words<kAlign16, 4>(blk + kQs + 16 * part, q);
         if constexpr (kFiveBits) load_words<kAlign16, 4>(blk + 16 + 16 * (part & 1), qh);
     }
@@ -282,20 +298,21 @@ template <int T, int A> struct ItemK {
                 hi[k] |= ((qh[k] >> j1) & 0x01010101u) << 4;
             }
         }
-        int sc0, mn0, sc1, mn1;
-        scale_min_words(scales, j0, sc0, mn0);
-        scale_min_words(scales, j1, sc1, mn1);
-        const float d = f16_low(head), dmin = f16_high(head);
-        const float scale0 = d * float(sc0), scale1 = d * float(sc1);
+        uint32_t sc, mn;
+        scale_min_pairs(scales, j0, sc, mn);
+        const int sc0 = int(sc & 0xffu), sc1 = int(sc >> 8);
+        const float d = f16_low(head);
         // Each sub-block's min is shared by two lanes: each subtracts half.
-        const float min0 = 0.5f * dmin * float(mn0), min1 = 0.5f * dmin * float(mn1);
+        const float half_dmin = 0.5f * f16_high(head);
+        const float min0 = small_to_float(mn & 0xffu), min1 = small_to_float(mn >> 8);
         const int64_t k0 = 256 * ib + 32 * j0 + 16 * (part & 1);
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
             if (c >= x.n) break;
-            const float2 ds0 = xds(x, c, 8 * ib + j0), ds1 = xds(x, c, 8 * ib + j1);
-            const int s0 = dot16(lo, x16(x, c, k0)), s1 = dot16(hi, x16(x, c, k0 + 32));
-            acc[c] += scale0 * ds0.x * float(s0) - min0 * ds0.y + scale1 * ds1.x * float(s1) - min1 * ds1.y;
+            const float4 ds = xds_two(x, c, 8 * ib + j0); // sub-blocks j0 and j1
+            // |sum| <= 16 * 31 * 127 and scales < 64: the integer products are exact.
+            const int s0 = sc0 * dot16(lo, x16(x, c, k0)), s1 = sc1 * dot16(hi, x16(x, c, k0 + 32));
+            acc[c] += d * (ds.x * float(s0) + ds.z * float(s1)) - half_dmin * (ds.y * min0 + ds.w * min1);
         }
     }
 };
@@ -338,14 +355,14 @@ template <int A> struct ItemQ6K {
             hi[k] = centered_six_bits(((ql[k] >> 4) & 0x0f0f0f0fu) |
                                       (((qh[k] >> (4 + 2 * t)) & 0x03030303u) << 4));
         }
-        const float scale_lo = d * float(sc_lo), scale_hi = d * float(sc_hi);
         const int64_t k_lo = 256 * ib + 128 * hf + 16 * s, k_hi = k_lo + 64;
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
             if (c >= x.n) break;
             const float2 ds_lo = xds(x, c, k_lo / 32), ds_hi = xds(x, c, k_hi / 32);
-            acc[c] += scale_lo * ds_lo.x * float(dot16(lo, x16(x, c, k_lo))) +
-                      scale_hi * ds_hi.x * float(dot16(hi, x16(x, c, k_hi)));
+            // |sum| <= 16 * 32 * 127, |scale| <= 128: the integer products are exact.
+            acc[c] += d * (ds_lo.x * float(sc_lo * dot16(lo, x16(x, c, k_lo))) +
+                           ds_hi.x * float(sc_hi * dot16(hi, x16(x, c, k_hi))));
         }
     }
 };
@@ -528,11 +545,12 @@ constexpr int64_t kMatvecPrefetchBytes = 8192;
 // T keeps that block's bytes.
 template <int T, class W>
 __device__ __forceinline__ void load_item(W& item, const char* row, int64_t K, int i) {
-    const int64_t ib = i / W::kParts;
+    // (Unsigned: a signed division by kParts costs sign fix-ups on every item.)
+    const unsigned ib = unsigned(i) / W::kParts, part = unsigned(i) % W::kParts;
     if constexpr (is_scales_last_id(T))
-        item.load(scales_last_body<T>(row, ib), scales_last_scale<T>(row, K, ib), i % W::kParts);
+        item.load(scales_last_body<T>(row, ib), scales_last_scale<T>(row, K, ib), int(part));
     else
-        item.load(row + ib * QuantBlock<T>::kBytes, i % W::kParts);
+        item.load(row + int64_t(ib) * QuantBlock<T>::kBytes, int(part));
 }
 
 // U: items a lane loads before using any (W::kUnroll, or a deeper pass for long rows,
@@ -545,8 +563,14 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     using B = QuantBlock<T>;
     const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
     const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
-    const int64_t i2 = blockIdx.y % dst.ne[2], i3 = blockIdx.y / dst.ne[2];
-    const char* row = a.data + rs.row * a.nb[1] + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    // One matrix (the usual product) takes none of the 64-bit divisions of batched ones.
+    int64_t i2 = 0, i3 = 0;
+    const char* row = a.data + rs.row * a.nb[1];
+    if (gridDim.y > 1) {
+        i2 = blockIdx.y % dst.ne[2];
+        i3 = blockIdx.y / dst.ne[2];
+        row += (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    }
     const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
     if (a_constant && has_row && rs.slice == 0)
         warp_prefetch_l2(row, min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes),
@@ -554,9 +578,11 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     await_inputs();
     allow_next_launch();
 
-    const int64_t matrix = i3 * dst.ne[2] + i2;
-    x.q += matrix * x.n * x.q_stride;
-    x.ds += matrix * x.n * x.ds_stride;
+    if (gridDim.y > 1) {
+        const int64_t matrix = i3 * dst.ne[2] + i2;
+        x.q += matrix * x.n * x.q_stride;
+        x.ds += matrix * x.n * x.ds_stride;
+    }
     float acc[NC];
 #pragma unroll
     for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
@@ -570,7 +596,8 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int i = base + rs.stride * u;
-            if (i < n_items) items[u].template dot<NC>(x, i / W::kParts, i % W::kParts, acc);
+            if (i < n_items)
+                items[u].template dot<NC>(x, unsigned(i) / W::kParts, int(unsigned(i) % W::kParts), acc);
         }
     }
     write_row_sums<kMatvecWarps>(acc, x.n, rs, split, has_row, dst, i2, i3, n_ff, glu);
@@ -615,9 +642,12 @@ struct MatvecShape {
 // Items a lane of the deeper pass loads, with one column: q4_K (q5_K's and q6_K's items, with
 // their high bits, spilled at 3 deep within the 64 registers of 8 blocks per SM), and q8_0
 // and q4_0 with the scales last (items of 3 to 5 registers; iq4_nl's, with its level
-// lookups, spilled at 6 deep); 0: no deeper pass.
+// lookups, spilled at 6 deep; q4_0's keeps one 4-byte spill slot outside the loop); 0: no
+// deeper pass.
 template <int T>
-constexpr int kDeepUnroll = T == kQ4_K ? 3 : T == kQ8_0ScalesLast || T == kQ4_0ScalesLast ? 6 : 0;
+constexpr int kDeepUnroll = T == kQ4_K                                     ? 3
+                            : T == kQ8_0ScalesLast || T == kQ4_0ScalesLast ? 6
+                                                                           : 0;
 template <int T> constexpr bool kHasDeepPass = kDeepUnroll<T> > 0;
 
 // The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer
@@ -648,10 +678,10 @@ template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
                    bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     const MatvecShape shape = matvec_shape<T, A>(a.ne[0], x.n);
+    const int64_t rows = dst.ne[0];
+    const int64_t matrices = dst.ne[2] * dst.ne[3];
     const int split = shape.split;
-    const int64_t rows_per_block = n_ff > 0 ? kMatvecWarps / split / 2 : kMatvecWarps / split;
-    const int64_t rows = n_ff > 0 ? n_ff : dst.ne[0];
-    const dim3 grid(unsigned((rows + rows_per_block - 1) / rows_per_block), unsigned(dst.ne[2] * dst.ne[3]));
+    const dim3 grid(unsigned(row_groups(rows, n_ff, split, kMatvecWarps)), unsigned(matrices));
     const dim3 block(kMatvecWarps * 32);
     auto launch = [&](auto kernel) {
         launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu);
