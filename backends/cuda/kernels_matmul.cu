@@ -171,15 +171,9 @@ __global__ void __launch_bounds__(kHalfMatvecWarps * 32, NC >= 4   ? 4
                        bool a_constant, int64_t n_ff, TensorView glu) {
     const RowSlice rs = row_slice<kHalfMatvecWarps>(split, n_ff);
     const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
-    // One matrix (the usual product) takes none of the 64-bit divisions of batched ones.
-    int64_t i2 = 0, i3 = 0;
-    const char* row_bytes = a.data + rs.row * a.nb[1];
-    if (gridDim.y > 1) {
-        i2 = blockIdx.y % dst.ne[2];
-        i3 = blockIdx.y / dst.ne[2];
-        row_bytes += (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
-    }
-    const uint4* row = reinterpret_cast<const uint4*>(row_bytes);
+    const MatrixRow m = matrix_row(a, dst, rs.row, r2, r3);
+    const int64_t i2 = m.i2, i3 = m.i3;
+    const uint4* row = reinterpret_cast<const uint4*>(m.row);
     const int n_chunks = int(a.ne[0] / 8);
 
     uint4 w[kHalfUnroll];

@@ -34,6 +34,24 @@ template <int kWarps> __device__ __forceinline__ RowSlice row_slice(int split, i
     return {local < pairs ? pair : n_ff + pair, slice, slice * 32 + lane, 32 * split, local, pair};
 }
 
+// Where a warp's row of a starts, and the indices (i2, i3) of the output matrix of block row
+// blockIdx.y, for a's matrices broadcast r2 and r3 times. One matrix (the usual product)
+// takes none of the 64-bit divisions of batched ones.
+struct MatrixRow {
+    const char* row;
+    int64_t i2, i3;
+};
+__device__ __forceinline__ MatrixRow matrix_row(const TensorView& a, const TensorView& dst, int64_t row,
+                                                int64_t r2, int64_t r3) {
+    MatrixRow m{a.data + row * a.nb[1], 0, 0};
+    if (gridDim.y > 1) {
+        m.i2 = blockIdx.y % dst.ne[2];
+        m.i3 = blockIdx.y / dst.ne[2];
+        m.row += (m.i2 / r2) * a.nb[2] + (m.i3 / r3) * a.nb[3];
+    }
+    return m;
+}
+
 // Adds a row's partial sums (per column) across its slices, in slice order, and writes them
 // to dst(row, c); in gated mode (n_ff > 0) then swiglu(gate, up) to glu(pair, c). Every
 // thread of the block calls it (it synchronizes when split > 1 or in gated mode).

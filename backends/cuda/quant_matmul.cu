@@ -563,14 +563,7 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     using B = QuantBlock<T>;
     const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
     const bool has_row = n_ff > 0 ? rs.pair < n_ff : rs.row < dst.ne[0];
-    // One matrix (the usual product) takes none of the 64-bit divisions of batched ones.
-    int64_t i2 = 0, i3 = 0;
-    const char* row = a.data + rs.row * a.nb[1];
-    if (gridDim.y > 1) {
-        i2 = blockIdx.y % dst.ne[2];
-        i3 = blockIdx.y / dst.ne[2];
-        row += (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
-    }
+    const auto [row, i2, i3] = matrix_row(a, dst, rs.row, r2, r3);
     const int n_items = int(a.ne[0] / B::kValues) * W::kParts;
     if (a_constant && has_row && rs.slice == 0)
         warp_prefetch_l2(row, min(kMatvecPrefetchBytes, (a.ne[0] / B::kValues) * B::kBytes),
