@@ -956,6 +956,20 @@ float dot_q2_K_int(const void* row, const void* column, int64_t K) {
     return hsum(_mm256_sub_ps(acc, acc_mins));
 }
 
+// The unsigned 3-bit codes u of group g of a q3_K half: bits 2g, 2g + 1 of q, and bit k of
+// hm moved to bit 2. The 16-bit shifts bring each byte's own bit k to its bit 2 (what they
+// shift in from the neighbouring byte lands on other bits, masked off), where a compare
+// against a one-bit constant took three instructions and a constant per group.
+inline __m256i q3_K_codes(__m256i q, __m256i hm, int k, int g, __m256i two_bits, __m256i four) {
+    const __m256i third = k >= 2 ? _mm256_srli_epi16(hm, k - 2) : _mm256_slli_epi16(hm, 2 - k);
+    const __m256i low = _mm256_and_si256(g == 0 ? q : _mm256_srli_epi16(q, 2 * g), two_bits);
+#if defined(__AVX512VL__)
+    return _mm256_ternarylogic_epi32(third, low, four, 0xec); // (third & four) | low
+#else
+    return _mm256_or_si256(low, _mm256_and_si256(third, four));
+#endif
+}
+
 // q3_K: x = d (sc_i - 32) (u - 4) with u = low two bits + 4 * the hmask bit, in 0..7: u goes
 // into maddubs unsigned, the signed scales into the madd, and the -4 meets the column sums.
 float dot_q3_K_int(const void* row, const void* column, int64_t K) {
@@ -984,11 +998,7 @@ float dot_q3_K_int(const void* row, const void* column, int64_t K) {
             const __m256i q = load256(b.qs + 32 * h);
 #pragma GCC unroll 4
             for (int g = 0; g < 4; ++g) {
-                const __m256i bit = _mm256_set1_epi8(char(1 << (4 * h + g)));
-                const __m256i high =
-                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), four);
-                const __m256i codes =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 2 * g), two_bits), high);
+                const __m256i codes = q3_K_codes(q, hm, 4 * h + g, g, two_bits, four);
                 const __m256i p = _mm256_maddubs_epi16(codes, load256(xb.qs + 128 * h + 32 * g));
                 sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, broadcast_lane16(scales, 8 + g)));
             }
