@@ -429,7 +429,7 @@ std::vector<double> rounded_to_8_bits(const std::vector<float>& b) {
 // of the stored weights with b rounded to 8 bits per 32 values: an f32-accurate match to
 // that rounding (1e-4), where 16-bit columns would miss it by the rounding itself (~4e-3)
 // and a wrong offset, bias or code order by far more. The formats whose codes carry their
-// sub-block scales (q3_K, q6_K) or two mins per 32 (q2_K) keep their F32-precision paths.
+// sub-block scales (q2_K, q3_K, q6_K) keep 16-bit columns.
 TEST_CASE("mul_mat allowed Q8 rounds b to 8 bits per 32 values against quantized weights",
           "[matmul][quants]") {
     const bool eight_bit = gfa::cpu::integer_quantized_prompts();

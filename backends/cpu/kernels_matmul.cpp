@@ -1082,10 +1082,10 @@ float dot_iq4_xs_int(const void* row, const void* column, int64_t K) {
 #if GFA_INT_GEMM
 // ---- quantized prompts: an integer GEMM (AVX-512 VNNI) -----------------------------------------
 //
-// A prompt's product with quantized weights (every GGUF block type but q2_K, whose blocks of 32
-// have two mins, which one offset per block cannot carry), on a CPU with VNNI. The
+// A prompt's product with quantized weights (every GGUF block type), on a CPU with VNNI. The
 // weights are small integers times a scale per block of 32 (plus an offset per block for
-// q4_1, q5_0, q5_1, q4_K and q5_K; the sub-block scales of q3_K and q6_K go into their codes), so
+// q4_1, q5_0, q5_1, q4_K and q5_K; the sub-block scales of q2_K, q3_K and q6_K go into their
+// codes, and q2_K's two mins per block of 32 are subtracted after the GEMM), so
 // instead of converting them to f32 for the f32 micro-kernel they stay integers: the columns
 // of b are rounded to 16 bits per 32 values (a scale per block; the rounding, 1/65534 of the
 // block's largest value, costs about 1e-5 of relative error in a product; q6_K takes 14 bits,
@@ -1189,6 +1189,29 @@ struct Q6_KUnits {
         const __m512i scales = _mm512_mask_blend_epi16(
             __mmask32(0xffff0000u), _mm512_set1_epi16(blk.scales[k]), _mm512_set1_epi16(blk.scales[k + 1]));
         codes16 = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(codes), scales);
+        scale = scale_to_f32(blk.d);
+        offset = 0.0f;
+    }
+};
+
+// q2_K: two-bit codes in sub-blocks of 16, each with a 4-bit scale and a 4-bit min (x = d sc q -
+// dmin m). As for q3_K, a block of 32 spans two sub-blocks, so their scales go into the codes
+// (at most 3 * 15 = 45) and the block's scale is d. Its two mins are more than the one offset
+// per block of the tile can carry: int_gemm_q2_K subtracts them after the GEMM. Element 32u + l
+// of a 256-block (half h = u / 4, g = u % 4): bits 2g, 2g + 1 of qs[32h + l].
+struct Q2_KUnits {
+    static constexpr bool kOffset = false;
+    static constexpr int kU8Bias = -1; // codes with the sub-block scales in them: 16 bits
+    static constexpr int kColumnMax = 32767;
+    static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
+        const block_q2_K& blk = reinterpret_cast<const block_q2_K*>(row)[b / 8];
+        const int u = int(b % 8), h = u / 4, g = u % 4;
+        const __m256i codes = _mm256_and_si256(
+            _mm256_srl_epi16(load256(blk.qs + 32 * h), _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(0x03));
+        const __m512i scales =
+            _mm512_mask_blend_epi16(__mmask32(0xffff0000u), _mm512_set1_epi16(short(blk.scales[2 * u] & 15)),
+                                    _mm512_set1_epi16(short(blk.scales[2 * u + 1] & 15)));
+        codes16 = _mm512_mullo_epi16(_mm512_cvtepu8_epi16(codes), scales);
         scale = scale_to_f32(blk.d);
         offset = 0.0f;
     }
@@ -1453,6 +1476,80 @@ void int_gemm_for_units(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
     int_gemm<Units, Columns16>(ctx, a, b, dst);
 }
 
+// The mins of a q2_K product, after the GEMM of its scaled codes: dst(r, n) -= sum_j dmin m_j
+// S_n(j), with m_j the min of sub-block j of row r, dmin its 256-block's, and S_n(j) the sum of
+// column n's values 16j .. 16j + 15 (in f32, unrounded). Sixteen rows at a time: one vector
+// per sub-block holds their sixteen dmin m_j, and each column's sums meet it broadcast, K / 16
+// FMAs per column for sixteen outputs: an eighth of the instructions of the GEMM itself.
+void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], J = K / 16;
+    const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
+    const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+    std::vector<float> sums(size_t(N * J));
+    for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
+        for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
+            ctx.pool.run([&](int ith, int nth) {
+                const auto [begin, end] = split_range(N, ith, nth);
+                for (int64_t n = begin; n < end; ++n) {
+                    const float* x = reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3));
+                    for (int64_t j = 0; j < J; ++j)
+                        sums[size_t(n * J + j)] =
+                            hsum(_mm256_add_ps(_mm256_loadu_ps(x + 16 * j), _mm256_loadu_ps(x + 16 * j + 8)));
+                }
+            });
+            const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
+            ctx.pool.run([&](int ith, int nth) {
+                std::vector<float> mins(size_t(kTileRows * J)); // sub-block j: the 16 rows' dmin m_j
+                const auto [begin, end] = split_range(tiles, ith, nth);
+                for (int64_t t = begin; t < end; ++t) {
+                    const int64_t m0 = t * kTileRows;
+                    const int rows = int(std::min<int64_t>(kTileRows, M - m0));
+                    for (int r = 0; r < kTileRows; ++r) {
+                        const block_q2_K* w =
+                            r < rows ? reinterpret_cast<const block_q2_K*>(a_mat + (m0 + r) * a->nb[1])
+                                     : nullptr;
+                        for (int64_t j = 0; j < J; ++j)
+                            mins[size_t(j * kTileRows + r)] =
+                                w ? scale_to_f32(w[j / 16].dmin) * float(w[j / 16].scales[j % 16] >> 4)
+                                  : 0.0f;
+                    }
+                    const __mmask16 mask = __mmask16((1u << rows) - 1);
+                    // Eight columns at a time (eight independent chains of FMAs, one load of each
+                    // sub-block vector), the last few one at a time.
+                    auto subtract = [&](int64_t n, __m512 acc) {
+                        float* out = f32_row(dst, n, i2, i3) + m0;
+                        _mm512_mask_storeu_ps(out, mask,
+                                              _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, out), acc));
+                    };
+                    int64_t n0 = 0;
+                    for (; n0 + kTileCols <= N; n0 += kTileCols) {
+                        __m512 acc[kTileCols];
+                        for (int c = 0; c < kTileCols; ++c) acc[c] = _mm512_setzero_ps();
+                        for (int64_t k = 0; k < J; ++k) {
+                            const __m512 m = _mm512_loadu_ps(mins.data() + k * kTileRows);
+                            for (int c = 0; c < kTileCols; ++c)
+                                acc[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[size_t((n0 + c) * J + k)]),
+                                                         acc[c]);
+                        }
+                        for (int c = 0; c < kTileCols; ++c) subtract(n0 + c, acc[c]);
+                    }
+                    for (; n0 < N; ++n0) {
+                        __m512 acc = _mm512_setzero_ps();
+                        for (int64_t k = 0; k < J; ++k)
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(mins.data() + k * kTileRows),
+                                                  _mm512_set1_ps(sums[size_t(n0 * J + k)]), acc);
+                        subtract(n0, acc);
+                    }
+                }
+            });
+        }
+}
+
+void int_gemm_q2_K(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    int_gemm<Q2_KUnits, Columns16>(ctx, a, b, dst);
+    subtract_q2_K_mins(ctx, a, b, dst);
+}
+
 using IntGemmFn = void (*)(const ComputeCtx&, const Tensor*, const Tensor*, Tensor*);
 // The integer GEMM for a weight type, or null.
 IntGemmFn int_gemm_for(Type t) {
@@ -1473,6 +1570,8 @@ IntGemmFn int_gemm_for(Type t) {
         return int_gemm_for_units<K4Units<true>>;
     case Type::Q6_K:
         return int_gemm_for_units<Q6_KUnits>;
+    case Type::Q2_K:
+        return int_gemm_q2_K;
     case Type::Q3_K:
         return int_gemm_for_units<Q3_KUnits>;
     case Type::IQ4_NL:
