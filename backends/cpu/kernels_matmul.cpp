@@ -1165,6 +1165,14 @@ template <bool kFifthBit> struct K4Units {
         offset = -scale_to_f32(blk.dmin) * float(scales_mins[8 + j]);
     }
 };
+// A block of 32 codes (16-bit lanes) times the scales of its two sub-blocks of 16: `first` for
+// codes 0-15, `second` for 16-31 (q2_K, q3_K and q6_K put their sub-block scales in the codes).
+inline __m512i times_sub_block_scales(__m512i codes16, int first, int second) {
+    const __m512i scales = _mm512_mask_blend_epi16(__mmask32(0xffff0000u), _mm512_set1_epi16(short(first)),
+                                                   _mm512_set1_epi16(short(second)));
+    return _mm512_mullo_epi16(codes16, scales);
+}
+
 // q6_K: six-bit codes minus 32 in sub-blocks of 16 with signed 8-bit scales. A block of 32
 // spans two sub-blocks, so their scales go into the codes (at most 32 * 128 = 4096 in
 // magnitude) and the block's scale is d; with 16-bit columns the i32 sums could then
@@ -1186,9 +1194,7 @@ struct Q6_KUnits {
         const __m256i codes =
             _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
         const int k = 8 * h + 2 * t; // the scales of elements 0-15 and 16-31
-        const __m512i scales = _mm512_mask_blend_epi16(
-            __mmask32(0xffff0000u), _mm512_set1_epi16(blk.scales[k]), _mm512_set1_epi16(blk.scales[k + 1]));
-        codes16 = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(codes), scales);
+        codes16 = times_sub_block_scales(_mm512_cvtepi8_epi16(codes), blk.scales[k], blk.scales[k + 1]);
         scale = scale_to_f32(blk.d);
         offset = 0.0f;
     }
@@ -1208,10 +1214,8 @@ struct Q2_KUnits {
         const int u = int(b % 8), h = u / 4, g = u % 4;
         const __m256i codes = _mm256_and_si256(
             _mm256_srl_epi16(load256(blk.qs + 32 * h), _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(0x03));
-        const __m512i scales =
-            _mm512_mask_blend_epi16(__mmask32(0xffff0000u), _mm512_set1_epi16(short(blk.scales[2 * u] & 15)),
-                                    _mm512_set1_epi16(short(blk.scales[2 * u + 1] & 15)));
-        codes16 = _mm512_mullo_epi16(_mm512_cvtepu8_epi16(codes), scales);
+        codes16 = times_sub_block_scales(_mm512_cvtepu8_epi16(codes), blk.scales[2 * u] & 15,
+                                         blk.scales[2 * u + 1] & 15);
         scale = scale_to_f32(blk.d);
         offset = 0.0f;
     }
@@ -1240,10 +1244,7 @@ struct Q3_KUnits {
             const int low4 = j < 8 ? blk.scales[j] & 15 : blk.scales[j - 8] >> 4;
             return (low4 | ((blk.scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) - 32;
         };
-        const __m512i scales =
-            _mm512_mask_blend_epi16(__mmask32(0xffff0000u), _mm512_set1_epi16(short(scale_of(2 * u))),
-                                    _mm512_set1_epi16(short(scale_of(2 * u + 1))));
-        codes16 = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(codes), scales);
+        codes16 = times_sub_block_scales(_mm512_cvtepi8_epi16(codes), scale_of(2 * u), scale_of(2 * u + 1));
         scale = scale_to_f32(blk.d);
         offset = 0.0f;
     }
