@@ -172,6 +172,17 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v));
 }
 
+// Stores four 8x8 16-bit matrices, ldmatrix's inverse (Hopper): lanes 8i..8i+7 give the row
+// addresses of matrix i, and register i of lane l holds row l/4, columns 2(l%4), 2(l%4)+1 of
+// matrix i, the layout of an mma accumulator's packed pairs. One instruction replaces four
+// 32-bit stores per lane.
+// sm_90 and later only.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
+                                            uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+                 "r"(r1), "r"(r2), "r"(r3));
+}
+
 // Loads rows [0, ROWS) x cols [0, COLS) of a row-major 16-bit matrix into a swizzled tile
 // with cp.async. row_ptr(r) gives the global address of row r (only called for r < n_rows);
 // rows >= n_rows and columns >= n_cols (a multiple of 8) are zero-filled.

@@ -45,7 +45,7 @@ void launch_tile(bool bf16, HopperSchedule sched, const FwdArgs& a, dim3 grid, c
 
 } // namespace
 
-std::optional<HopperSchedule> hopper_forward_schedule(int tile, bool causal) {
+bool hopper_kernels_usable() {
 #if defined(GFA_CUDA_SM90A)
     static const bool device_is_sm90 = [] {
         int dev = 0, major = 0, minor = 0;
@@ -54,7 +54,15 @@ std::optional<HopperSchedule> hopper_forward_schedule(int tile, bool causal) {
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
         return major == 9 && minor == 0;
     }();
-    if (!device_is_sm90) return std::nullopt;
+    return device_is_sm90;
+#else
+    return false;        // no sm_90a code in this build
+#endif
+}
+
+std::optional<HopperSchedule> hopper_forward_schedule(int tile, bool causal) {
+#if defined(GFA_CUDA_SM90A)
+    if (!hopper_kernels_usable()) return std::nullopt;
     // GFA_CUDA_FA_HOPPER, read on every call, overrides the choice: 0 = the mma.sync kernel,
     // 1 = the plain schedule, 2 = the overlapped one, for every tile the kernel takes.
     const char* v = std::getenv("GFA_CUDA_FA_HOPPER");

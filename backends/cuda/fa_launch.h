@@ -25,6 +25,9 @@ void fwd_launch_d64(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStr
 void fwd_launch_d128(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
 void fwd_launch_d256(bool bf16, bool decode, const FwdArgs& a, dim3 grid, cudaStream_t st);
 
+// Whether the build has sm_90a code and the current device is an sm_90 one (the wgmma kernels).
+bool hopper_kernels_usable();
+
 // Forward on Hopper's warpgroup tensor cores (head-dim tiles 64 and 128, problems without an
 // explicit mask or softcap): the schedule to use on this device for a head-dim tile and a
 // causal or full problem, or none where the mma.sync kernel is faster, the device is not sm_90
@@ -43,6 +46,17 @@ struct BwdInfo {
     int wide_bn = 0, wide_bm = 0, wide_threads = 0, wide_smem = 0;
 };
 enum class BwdKernel { KeyTile, KeyTileWide, QueryTile };
+
+// Backward dK/dV kernel on Hopper's warpgroup tensor cores (fa_backward_hopper.cuh): head-dim
+// tile 64, problems without an explicit mask or softcap. Whether to use it for a head-dim tile
+// (an sm_90 device, sm_90a code, and GFA_CUDA_FA_HOPPER_BWD, read on every call, not 0), its
+// keys per block, threads and shared memory.
+bool hopper_backward_wanted(int tile);
+struct BwdHopperInfo {
+    int bn = 0, threads = 0, smem = 0;
+};
+BwdHopperInfo bwd_hopper_info();
+void bwd_hopper_launch(bool bf16, const BwdArgs& a, dim3 grid, cudaStream_t st);
 BwdInfo bwd_info_d64();
 BwdInfo bwd_info_d128();
 BwdInfo bwd_info_d256();

@@ -781,7 +781,8 @@ namespace {
 struct BwdPlan {
     int tile = 0;
     bool bf16 = false;
-    bool wide = false; // the 8-warp dK/dV kernel (else the 4-warp one, for softcap)
+    bool wide = false;   // the 8-warp dK/dV kernel (else the 4-warp one, for softcap)
+    bool hopper = false; // the warpgroup dK/dV kernel instead of either
     fa::BwdInfo info;
     int Sq_pad = 0;
     size_t off_delta = 0, off_dq = 0, off_dsink = 0, total = 0;
@@ -803,7 +804,12 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
     // The 8-warp dK/dV kernel (faster at every measured shape) has no softcap path; softcap
     // takes the 4-warp kernel.
     plan.wide = s.softcap <= 0.0f && plan.info.wide_bn > 0;
-    if (plan.wide && int64_t(s.Hkv) * s.B * ((s.Skv + plan.info.wide_bn - 1) / plan.info.wide_bn) > INT32_MAX)
+    // On Hopper the warpgroup kernel takes the problems without an explicit mask or softcap
+    // of its head-dim tile.
+    plan.hopper = !p.mask.present() && s.softcap <= 0.0f && fa::hopper_backward_wanted(plan.tile);
+    if (plan.hopper) plan.wide = false;
+    const int flat_bn = plan.hopper ? fa::bwd_hopper_info().bn : plan.info.wide_bn;
+    if ((plan.wide || plan.hopper) && int64_t(s.Hkv) * s.B * ((s.Skv + flat_bn - 1) / flat_bn) > INT32_MAX)
         unsupported("the backward grid (KV heads x batch x key tiles) exceeds the launch limit");
     plan.Sq_pad = (s.Sq + 127) / 128 * 128;
     auto align = [](size_t x) { return (x + 255) / 256 * 256; };
@@ -851,6 +857,11 @@ fa::Shape validate_backward(const BackwardProblem& bp) {
 }
 
 } // namespace
+
+bool flash_attn_backward_uses_hopper_kernel(const BackwardProblem& bp) {
+    const fa::Shape s = validate_backward(bp);
+    return plan_backward(bp, s).hopper;
+}
 
 size_t flash_attn_backward_workspace_size(const BackwardProblem& bp) {
     const fa::Shape s = validate_backward(bp);
@@ -927,7 +938,12 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
     if (plan.wide)
         a.tile_group = tile_group(s.has_hi || s.has_lo || a.mask_tiles.cls, int64_t(s.Hkv) * s.B,
                                   (s.Skv + info.wide_bn - 1) / info.wide_bn, sm_count(), kBackwardGroupWaves);
-    if (plan.wide)
+    if (plan.hopper) {
+        const int bn = fa::bwd_hopper_info().bn, key_tiles = (s.Skv + bn - 1) / bn;
+        a.tile_group = tile_group(s.has_hi || s.has_lo, int64_t(s.Hkv) * s.B, key_tiles, sm_count(),
+                                  kBackwardGroupWaves);
+        fa::bwd_hopper_launch(plan.bf16, a, dim3(unsigned(int64_t(s.Hkv) * s.B * key_tiles)), st);
+    } else if (plan.wide)
         launch(fa::BwdKernel::KeyTileWide,
                dim3(unsigned(int64_t(s.Hkv) * s.B * ((s.Skv + info.wide_bn - 1) / info.wide_bn))));
     else

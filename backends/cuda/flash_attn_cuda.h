@@ -35,6 +35,10 @@ bool flash_attn_forward_uses_decode_kernel(const attn::Problem& p);
 // build that has sm_90a code, head dims up to 128, no explicit mask or softcap, not decoding.
 bool flash_attn_forward_uses_hopper_kernel(const attn::Problem& p);
 
+// Whether the backward's dK/dV kernel runs on Hopper's warpgroup tensor cores: sm_90 devices
+// with sm_90a code, head dims up to 64, no explicit mask or softcap.
+bool flash_attn_backward_uses_hopper_kernel(const attn::BackwardProblem& p);
+
 // Device workspace the backward needs (bytes, > 0): per-row LSE and rowsum(dO * O), the
 // fp32 dQ accumulator (non-deterministic mode) and the per-row terms of dSinks.
 size_t flash_attn_backward_workspace_size(const attn::BackwardProblem& p);

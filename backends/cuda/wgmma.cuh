@@ -75,14 +75,17 @@ __device__ __forceinline__ void fence_proxy_async() {
     "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "        \
     "%59, %60, %61, %62, %63}"
 
-// d (+)= A B with A and B in shared memory (both K-major); scale_d == 0 overwrites d.
-#define GFA_WGMMA_SS(NAME, N, TYPE, REGS, ACC, A, B, S)                                                      \
+// d (+)= A B with A and B in shared memory, each K-major or MN-major (transposed: tnspA,
+// tnspB); scale_d == 0 overwrites d.
+#define GFA_WGMMA_SS(NAME, N, TYPE, REGS, ACC, A, B, S, TA, TB)                                              \
+    template <bool A_MN_MAJOR, bool B_MN_MAJOR>                                                              \
     __device__ __forceinline__ void NAME(float(&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {  \
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" S ", 0;\n"                                         \
                      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " REGS ", %" A        \
-                     ", %" B ", p, 1, 1, 0, 0;\n}\n"                                                         \
+                     ", %" B ", p, 1, 1, %" TA ", %" TB ";\n}\n"                                             \
                      : ACC                                                                                   \
-                     : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                              \
+                     : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(A_MN_MAJOR ? 1 : 0),                      \
+                       "n"(B_MN_MAJOR ? 1 : 0));                                                             \
     }
 // d += A B with A in registers (the mma.sync A layout) and B in shared memory, MN-major
 // (transposed, tnspB = 1) or K-major.
@@ -95,10 +98,10 @@ __device__ __forceinline__ void fence_proxy_async() {
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(B_MN_MAJOR ? 1 : 0));    \
     }
 
-GFA_WGMMA_SS(wgmma_ss_f16_n64, 64, "f16", GFA_WG_REGS32, GFA_WG_ACC32, "32", "33", "34")
-GFA_WGMMA_SS(wgmma_ss_bf16_n64, 64, "bf16", GFA_WG_REGS32, GFA_WG_ACC32, "32", "33", "34")
-GFA_WGMMA_SS(wgmma_ss_f16_n128, 128, "f16", GFA_WG_REGS64, GFA_WG_ACC64, "64", "65", "66")
-GFA_WGMMA_SS(wgmma_ss_bf16_n128, 128, "bf16", GFA_WG_REGS64, GFA_WG_ACC64, "64", "65", "66")
+GFA_WGMMA_SS(wgmma_ss_f16_n64, 64, "f16", GFA_WG_REGS32, GFA_WG_ACC32, "32", "33", "34", "35", "36")
+GFA_WGMMA_SS(wgmma_ss_bf16_n64, 64, "bf16", GFA_WG_REGS32, GFA_WG_ACC32, "32", "33", "34", "35", "36")
+GFA_WGMMA_SS(wgmma_ss_f16_n128, 128, "f16", GFA_WG_REGS64, GFA_WG_ACC64, "64", "65", "66", "67", "68")
+GFA_WGMMA_SS(wgmma_ss_bf16_n128, 128, "bf16", GFA_WG_REGS64, GFA_WG_ACC64, "64", "65", "66", "67", "68")
 GFA_WGMMA_RS(wgmma_rs_f16_n64, 64, "f16", GFA_WG_REGS32, GFA_WG_ACC32, "32, %33, %34, %35", "36", "37")
 GFA_WGMMA_RS(wgmma_rs_bf16_n64, 64, "bf16", GFA_WG_REGS32, GFA_WG_ACC32, "32, %33, %34, %35", "36", "37")
 GFA_WGMMA_RS(wgmma_rs_f16_n128, 128, "f16", GFA_WG_REGS64, GFA_WG_ACC64, "64, %65, %66, %67", "68", "69")
@@ -112,15 +115,19 @@ GFA_WGMMA_RS(wgmma_rs_bf16_n128, 128, "bf16", GFA_WG_REGS64, GFA_WG_ACC64, "64, 
 #undef GFA_WG_ACC32
 #undef GFA_WG_ACC8
 
-// The products by compute type T and width N (64 or 128).
-template <class T, int N>
+// The products by compute type T and width N (64 or 128); A and B K-major unless named
+// MN-major.
+template <class T, int N, bool A_MN_MAJOR = false, bool B_MN_MAJOR = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     static_assert(N == 64 || N == 128, "instantiated widths");
     constexpr bool f16 = Elem<T>::code == kF16;
+    constexpr bool ta = A_MN_MAJOR, tb = B_MN_MAJOR;
     if constexpr (N == 64)
-        f16 ? wgmma_ss_f16_n64(d, desc_a, desc_b, scale_d) : wgmma_ss_bf16_n64(d, desc_a, desc_b, scale_d);
+        f16 ? wgmma_ss_f16_n64<ta, tb>(d, desc_a, desc_b, scale_d)
+            : wgmma_ss_bf16_n64<ta, tb>(d, desc_a, desc_b, scale_d);
     else
-        f16 ? wgmma_ss_f16_n128(d, desc_a, desc_b, scale_d) : wgmma_ss_bf16_n128(d, desc_a, desc_b, scale_d);
+        f16 ? wgmma_ss_f16_n128<ta, tb>(d, desc_a, desc_b, scale_d)
+            : wgmma_ss_bf16_n128<ta, tb>(d, desc_a, desc_b, scale_d);
 }
 template <class T, int N, bool B_MN_MAJOR>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {

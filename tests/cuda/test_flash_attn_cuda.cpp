@@ -507,11 +507,13 @@ BackwardResult run_backward(const Config& c, const Inputs& in, DeviceProblem& d)
     return r;
 }
 
-void check_backward(const Config& c, std::mt19937& rng, uint32_t seed) {
+// expect_hopper: 1 (0) checks that the dK/dV kernel is (is not) the warpgroup one.
+void check_backward(const Config& c, std::mt19937& rng, uint32_t seed, int expect_hopper = -1) {
     INFO("seed " << seed << ": " << c.describe());
     const Inputs in = make_inputs(c, rng);
     DeviceProblem d = device_problem(c, in);
     const BackwardResult got = run_backward(c, in, d);
+    if (expect_hopper >= 0) CHECK(cuda::flash_attn_backward_uses_hopper_kernel(d.bp) == bool(expect_hopper));
     const Reference ref = reference(c, in, true, &got.o);
     const double tol = c.compute == Type::BF16 ? 1.5e-2 : 5e-3;
     struct Item {
@@ -920,6 +922,52 @@ TEST_CASE("CUDA backward features one at a time", "[cuda][fa][backward]") {
             check_backward(c, rng, seed);
             c = base, c.sinks = true, c.params.window_left = 40, c.params.window_right = 5;
             check_backward(c, rng, seed);
+        }
+}
+
+// The warpgroup dK/dV kernel's cases (head-dim tile 64): partial query and key tiles, causal
+// rows that see nothing, windows, GQA, sinks, Dk != Dv, a head dim under the tile, several
+// query tiles per head, deterministic mode; each also on the mma.sync kernels.
+TEST_CASE("CUDA backward on Hopper's warpgroup kernel and on the mma.sync kernels",
+          "[cuda][fa][backward][hopper]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    const bool sm90 = hopper_kernel_expected();
+    if (!sm90) WARN("not an sm_90 device or no sm_90a code: only the mma.sync kernels run here");
+    for (Type t : {Type::F16, Type::BF16})
+        for (int64_t D : {64, 40}) {
+            Config base;
+            base.Dk = base.Dv = D, base.compute = base.q_type = base.kv_type = base.o_type = t;
+            base.Sq = 300, base.Skv = 517, base.Hq = 4, base.Hkv = 2;
+            base.params.scale = 1.0f / std::sqrt(float(D));
+            std::vector<Config> cases;
+            Config c = base;
+            cases.push_back(c); // plain
+            c = base, c.params.causal = true;
+            cases.push_back(c); // causal, Sq < Skv
+            c = base, c.params.causal = true, c.Sq = 517, c.Skv = 300;
+            cases.push_back(c); // causal, Sq > Skv: the first rows see nothing
+            c = base, c.params.window_left = 150, c.params.window_right = 20;
+            cases.push_back(c); // sliding window on both sides
+            c = base, c.params.window_left = 70, c.params.causal = true, c.Sq = c.Skv = 451;
+            cases.push_back(c); // causal sliding window
+            c = base, c.Hq = 16, c.Hkv = 2, c.Sq = 97, c.params.causal = true;
+            cases.push_back(c); // GQA 8
+            c = base, c.sinks = true, c.params.causal = true, c.deterministic = true;
+            cases.push_back(c); // sinks, deterministic dQ
+            c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 64 ? 48 : 64;
+            cases.push_back(c); // MQA, batch 2, Dk != Dv
+            c = base, c.Sq = 1, c.Skv = 1;
+            cases.push_back(c); // one query, one key
+            c = base, c.Sq = 640, c.Skv = 384, c.Hq = c.Hkv = 1;
+            cases.push_back(c); // whole tiles only
+            for (const Config& cc : cases)
+                for (const char* setting : {"1", "0"}) {
+                    gfa::test::ScopedEnv env("GFA_CUDA_FA_HOPPER_BWD", setting);
+                    INFO("GFA_CUDA_FA_HOPPER_BWD=" << setting);
+                    const bool hopper = sm90 && std::string(setting) != "0";
+                    check_backward(cc, rng, seed, hopper ? 1 : 0);
+                }
         }
 }
 

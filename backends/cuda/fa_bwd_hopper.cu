@@ -1,0 +1,43 @@
+// The backward dK/dV kernel on Hopper's warpgroup tensor cores (fa_backward_hopper.cuh) for
+// head-dim tile 64, f16 and bf16.
+#include "fa_backward_hopper.cuh"
+#include "fa_instantiate.cuh"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace gfa::cuda::fa {
+namespace {
+
+template <class T> using HopperBwdTr = HopperBwdTraits<64, T>;
+
+template <class Tr> void launch_one(const BwdArgs& a, dim3 grid, cudaStream_t st) {
+    static const bool ready = (set_smem(reinterpret_cast<const void*>(bwd_hopper_kernel<Tr>), Tr::kSmem,
+                                        "the Hopper backward dK/dV kernel"),
+                               true);
+    (void)ready;
+    bwd_hopper_kernel<Tr><<<grid, Tr::kThreads, Tr::kSmem, st>>>(a);
+    check_launch("the Hopper backward dK/dV kernel");
+}
+
+} // namespace
+
+bool hopper_backward_wanted(int tile) {
+    if (tile != 64 || !hopper_kernels_usable()) return false;
+    const char* v = std::getenv("GFA_CUDA_FA_HOPPER_BWD");
+    return !(v && std::strcmp(v, "0") == 0);
+}
+
+BwdHopperInfo bwd_hopper_info() {
+    using Tr = HopperBwdTr<__half>;
+    return {Tr::BN, Tr::kThreads, Tr::kSmem};
+}
+
+void bwd_hopper_launch(bool bf16, const BwdArgs& a, dim3 grid, cudaStream_t st) {
+    if (bf16)
+        launch_one<HopperBwdTr<__nv_bfloat16>>(a, grid, st);
+    else
+        launch_one<HopperBwdTr<__half>>(a, grid, st);
+}
+
+} // namespace gfa::cuda::fa
