@@ -5,7 +5,8 @@
 // step walk this kernel shares.
 //
 // A block owns BN = 128 keys of one KV head; warpgroup w owns keys [64 w, +64) and both walk
-// the query tiles (BM = 128 rows) of the key tile's query heads. Every operand the tensor
+// the query tiles (BM rows: 128 at D = 64, 64 at D = 128, where the dK/dV accumulators take
+// twice the registers) of the key tile's query heads. Every operand the tensor
 // cores read sits in 128-byte-swizzled shared memory, read through descriptors: where the
 // 8-warp mma.sync kernel spends about one shared-memory instruction per two products on
 // ldmatrix and its stores, this one issues none for K, V, Q or dO. Per query tile:
@@ -19,7 +20,8 @@
 //                  dO MN-major
 //   dK += dS^T Q   the same with dS^T and Q
 //   dQ += dS K     after a barrier: dS (dS^T MN-major) by K (MN-major); warpgroup w takes
-//                  queries [64 w, +64); 16-byte atomics into the fp32 accumulator
+//                  queries [64 w, +64) (D = 64) or columns [64 w, +64) (D = 128) of the
+//                  BM x D block; 16-byte atomics into the fp32 accumulator
 // Deterministic mode skips the last step (the dQ kernel of fa_backward.cuh computes dQ).
 #pragma once
 
@@ -32,9 +34,10 @@
 namespace gfa::cuda::fa {
 
 template <int D_, class T_> struct HopperBwdTraits {
-    static constexpr int D = D_, BN = 128, BM = 128, NWG = 2, kThreads = 128 * NWG;
-    static_assert(D == 64,
-                  "one 64-column block per K/V/Q/dO row: the dK/dV/dQ accumulators fit beside S^T, dP^T");
+    static constexpr int D = D_, BN = 128, BM = D_ == 64 ? 128 : 64, NWG = 2, kThreads = 128 * NWG;
+    static_assert(D == 64 || D == 128, "the dK/dV accumulators (D / 2 registers each) fit beside S^T, dP^T");
+    // Each warpgroup's dQ block is 64 x 64: queries [64 w, +64) when BM = 128, else columns.
+    static constexpr bool kDqSplitsQueries = BM == 128;
     using T = T_;
     using TileK = SwizzledTile128<BN, D>;    // K and V (key rows)
     using TileQ = SwizzledTile128<BM, D>;    // Q and dO (query rows), two buffers
@@ -127,9 +130,11 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
         cp_async_commit();
 
     // ---- descriptors ----
-    // K-major (S^T's operands): k-step kk is 32 bytes into the 128-byte rows; `row0` the first row.
-    auto kmajor = [](uint32_t tile_base, int row0, int kk) {
-        return wgmma_desc(tile_base + uint32_t(row0 * 128 + kk * 32), 0);
+    // K-major (S^T's operands): k-step kk is 32 bytes into the 128-byte rows of column block
+    // kk / 4; `row0` the first row.
+    auto kmajor = [](auto tile, int row0, int kk) {
+        return wgmma_desc(
+            tile.base + uint32_t((kk >> 2) * decltype(tile)::kBlockBytes + row0 * 128 + (kk & 3) * 32), 0);
     };
     // MN-major (rows along k): k-step kk is rows 16 kk.. (2048 bytes); 64-column blocks
     // `block_bytes` apart.
@@ -162,11 +167,11 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_ss<T, BM>(st, kmajor(sK.base, wg * 64, kk), kmajor(q_t.base, 0, kk), kk);
+            wgmma_ss<T, BM>(st, kmajor(sK, wg * 64, kk), kmajor(q_t, 0, kk), kk);
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_ss<T, BM>(dpt, kmajor(sV.base, wg * 64, kk), kmajor(do_t.base, 0, kk), kk);
+            wgmma_ss<T, BM>(dpt, kmajor(sV, wg * 64, kk), kmajor(do_t, 0, kk), kk);
         wgmma_commit();
         wgmma_wait<1>(); // S^T; dP^T may still run
 
@@ -238,26 +243,32 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
             wgmma_rs<T, D, true>(dk_acc, dsa[kk], mnmajor(q_t.base, kk, TileQ::kBlockBytes));
         wgmma_commit();
 
-        // ---- dQ += dS K: queries [64 wg, +64) of the tile, keys of both warpgroups ----
+        // ---- dQ += dS K: this warpgroup's 64 x 64 block of the tile, keys of both warpgroups ----
         if (a.accumulate_dq) {
             __syncthreads(); // dS^T of both warpgroups in shared memory
-            float dq[D / 2];
+            constexpr bool split_q = Tr::kDqSplitsQueries;
+            const int dq_q0 = split_q ? wg * 64 : 0, dq_c0 = split_q ? 0 : wg * 64;
+            float dq[32];
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk)
-                wgmma_ss<T, D, true, true>(
-                    dq, mnmajor(sdS.base + uint32_t(wg * Tr::TileS::kBlockBytes), kk, Tr::TileS::kBlockBytes),
-                    mnmajor(sK.base, kk, Tr::TileK::kBlockBytes), kk);
+                wgmma_ss<T, 64, true, true>(
+                    dq,
+                    mnmajor(sdS.base + uint32_t((dq_q0 >> 6) * Tr::TileS::kBlockBytes), kk,
+                            Tr::TileS::kBlockBytes),
+                    mnmajor(sK.base + uint32_t((dq_c0 >> 6) * Tr::TileK::kBlockBytes), kk,
+                            Tr::TileK::kBlockBytes),
+                    kk);
             wgmma_commit();
             wgmma_wait<0>();
-            // dq[4 n + 2 r + c]: query 64 wg + 16 warp + 8 r + g, column 8 n + 2 t4 + c
-            const int q_row = wg * 64 + warp * 16 + g;
+            // dq[4 n + 2 r + c]: query dq_q0 + 16 warp + 8 r + g, column dq_c0 + 8 n + 2 t4 + c
+            const int q_row = dq_q0 + warp * 16 + g;
             if (m0 + BM <= s.Sq && s.Dk == D) {
-                float* dq_thread = cur.dq + q_row * D + 4 * t4;
+                float* dq_thread = cur.dq + q_row * D + dq_c0 + 4 * t4;
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
 #pragma unroll
-                    for (int j = 0; j < ND / 2; ++j)
+                    for (int j = 0; j < 4; ++j)
                         atomic_add_quad(dq_thread + r * 8 * D + j * 16, dq[8 * j + 2 * r],
                                         dq[8 * j + 2 * r + 1], dq[8 * j + 4 + 2 * r],
                                         dq[8 * j + 4 + 2 * r + 1]);
@@ -267,8 +278,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
                     const int iq = q_row + 8 * r;
                     if (m0 + iq >= s.Sq) continue;
 #pragma unroll
-                    for (int n = 0; n < ND; ++n) {
-                        const int c = 8 * n + 2 * t4;
+                    for (int n = 0; n < 8; ++n) {
+                        const int c = dq_c0 + 8 * n + 2 * t4;
                         if (c < s.Dk)
                             atomic_add_pair(cur.dq + int64_t(iq) * a.dq_ld + dq_accum_col(c),
                                             dq[4 * n + 2 * r], dq[4 * n + 2 * r + 1]);

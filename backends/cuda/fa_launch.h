@@ -48,15 +48,15 @@ struct BwdInfo {
 enum class BwdKernel { KeyTile, KeyTileWide, QueryTile };
 
 // Backward dK/dV kernel on Hopper's warpgroup tensor cores (fa_backward_hopper.cuh): head-dim
-// tile 64, problems without an explicit mask or softcap. Whether to use it for a head-dim tile
+// tiles 64 and 128, problems without an explicit mask or softcap. Whether to use it for a head-dim tile
 // (an sm_90 device, sm_90a code, and GFA_CUDA_FA_HOPPER_BWD, read on every call, not 0), its
 // keys per block, threads and shared memory.
 bool hopper_backward_wanted(int tile);
 struct BwdHopperInfo {
     int bn = 0, threads = 0, smem = 0;
 };
-BwdHopperInfo bwd_hopper_info();
-void bwd_hopper_launch(bool bf16, const BwdArgs& a, dim3 grid, cudaStream_t st);
+BwdHopperInfo bwd_hopper_info(int tile);
+void bwd_hopper_launch(int tile, bool bf16, const BwdArgs& a, dim3 grid, cudaStream_t st);
 BwdInfo bwd_info_d64();
 BwdInfo bwd_info_d128();
 BwdInfo bwd_info_d256();

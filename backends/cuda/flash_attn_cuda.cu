@@ -808,7 +808,7 @@ BwdPlan plan_backward(const BackwardProblem& bp, const fa::Shape& s) {
     // of its head-dim tile.
     plan.hopper = !p.mask.present() && s.softcap <= 0.0f && fa::hopper_backward_wanted(plan.tile);
     if (plan.hopper) plan.wide = false;
-    const int flat_bn = plan.hopper ? fa::bwd_hopper_info().bn : plan.info.wide_bn;
+    const int flat_bn = plan.hopper ? fa::bwd_hopper_info(plan.tile).bn : plan.info.wide_bn;
     if ((plan.wide || plan.hopper) && int64_t(s.Hkv) * s.B * ((s.Skv + flat_bn - 1) / flat_bn) > INT32_MAX)
         unsupported("the backward grid (KV heads x batch x key tiles) exceeds the launch limit");
     plan.Sq_pad = (s.Sq + 127) / 128 * 128;
@@ -939,10 +939,10 @@ void flash_attn_backward(const BackwardProblem& bp, void* stream, void* workspac
         a.tile_group = tile_group(s.has_hi || s.has_lo || a.mask_tiles.cls, int64_t(s.Hkv) * s.B,
                                   (s.Skv + info.wide_bn - 1) / info.wide_bn, sm_count(), kBackwardGroupWaves);
     if (plan.hopper) {
-        const int bn = fa::bwd_hopper_info().bn, key_tiles = (s.Skv + bn - 1) / bn;
+        const int bn = fa::bwd_hopper_info(plan.tile).bn, key_tiles = (s.Skv + bn - 1) / bn;
         a.tile_group = tile_group(s.has_hi || s.has_lo, int64_t(s.Hkv) * s.B, key_tiles, sm_count(),
                                   kBackwardGroupWaves);
-        fa::bwd_hopper_launch(plan.bf16, a, dim3(unsigned(int64_t(s.Hkv) * s.B * key_tiles)), st);
+        fa::bwd_hopper_launch(plan.tile, plan.bf16, a, dim3(unsigned(int64_t(s.Hkv) * s.B * key_tiles)), st);
     } else if (plan.wide)
         launch(fa::BwdKernel::KeyTileWide,
                dim3(unsigned(int64_t(s.Hkv) * s.B * ((s.Skv + info.wide_bn - 1) / info.wide_bn))));

@@ -925,9 +925,9 @@ TEST_CASE("CUDA backward features one at a time", "[cuda][fa][backward]") {
         }
 }
 
-// The warpgroup dK/dV kernel's cases (head-dim tile 64): partial query and key tiles, causal
-// rows that see nothing, windows, GQA, sinks, Dk != Dv, a head dim under the tile, several
-// query tiles per head, deterministic mode; each also on the mma.sync kernels.
+// The warpgroup dK/dV kernel's cases (head-dim tiles 64 and 128): partial query and key tiles,
+// causal rows that see nothing, windows, GQA, sinks, Dk != Dv, head dims under the tile,
+// several query tiles per head, deterministic mode; each also on the mma.sync kernels.
 TEST_CASE("CUDA backward on Hopper's warpgroup kernel and on the mma.sync kernels",
           "[cuda][fa][backward][hopper]") {
     const uint32_t seed = fresh_seed();
@@ -935,7 +935,7 @@ TEST_CASE("CUDA backward on Hopper's warpgroup kernel and on the mma.sync kernel
     const bool sm90 = hopper_kernel_expected();
     if (!sm90) WARN("not an sm_90 device or no sm_90a code: only the mma.sync kernels run here");
     for (Type t : {Type::F16, Type::BF16})
-        for (int64_t D : {64, 40}) {
+        for (int64_t D : {64, 40, 128, 96}) {
             Config base;
             base.Dk = base.Dv = D, base.compute = base.q_type = base.kv_type = base.o_type = t;
             base.Sq = 300, base.Skv = 517, base.Hq = 4, base.Hkv = 2;
@@ -955,7 +955,7 @@ TEST_CASE("CUDA backward on Hopper's warpgroup kernel and on the mma.sync kernel
             cases.push_back(c); // GQA 8
             c = base, c.sinks = true, c.params.causal = true, c.deterministic = true;
             cases.push_back(c); // sinks, deterministic dQ
-            c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 64 ? 48 : 64;
+            c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 64 ? 48 : D == 128 ? 104 : 64;
             cases.push_back(c); // MQA, batch 2, Dk != Dv
             c = base, c.Sq = 1, c.Skv = 1;
             cases.push_back(c); // one query, one key
@@ -1097,6 +1097,9 @@ TEST_CASE("CUDA flash attention small cases for the sanitizers", "[.sanitize]") 
         m.mask_per_batch = true;
         check_forward(m, rng, seed);
         check_backward(m, rng, seed);
+        Config h = c; // no mask: the warpgroup dK/dV kernel on Hopper
+        h.mask = 0;
+        check_backward(h, rng, seed);
         c.deterministic = true, c.params.logit_softcap = 3.0f;
         check_backward(c, rng, seed);
         Config d = c; // split-KV decode
