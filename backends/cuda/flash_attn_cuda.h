@@ -36,7 +36,7 @@ bool flash_attn_forward_uses_decode_kernel(const attn::Problem& p);
 bool flash_attn_forward_uses_hopper_kernel(const attn::Problem& p);
 
 // Whether the backward's dK/dV kernel runs on Hopper's warpgroup tensor cores: sm_90 devices
-// with sm_90a code, head dims up to 64, no explicit mask or softcap.
+// with sm_90a code, head dims up to 128, no explicit mask or softcap.
 bool flash_attn_backward_uses_hopper_kernel(const attn::BackwardProblem& p);
 
 // Device workspace the backward needs (bytes, > 0): per-row LSE and rowsum(dO * O), the
