@@ -64,5 +64,10 @@ TEST_CASE("wgmma from swizzled shared memory and from registers, every operand l
                     want[size_t(i * n + j)] +=
                         double(fp16_to_fp32(a[size_t(i * K + k)])) * fp16_to_fp32(b[size_t(k * n + j)]);
         CHECK(max_error(test::wgmma_probe_registers(n, a, b), want) < 1e-5);
+        // at^T b with at stored [K][64] and b [K][n] (both MN-major, as dS^T and K in dQ = dS K)
+        std::vector<uint16_t> at(size_t(K * 64));
+        for (int i = 0; i < 64; ++i)
+            for (int k = 0; k < K; ++k) at[size_t(k * 64 + i)] = a[size_t(i * K + k)];
+        CHECK(max_error(test::wgmma_probe_transposed(n, at, b), want) < 1e-5);
     }
 }

@@ -102,6 +102,30 @@ template <int N> __global__ void probe_registers_kernel(const __half* a, const _
 #endif
 }
 
+template <int N> __global__ void probe_transposed_kernel(const __half* at, const __half* b, float* c) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ uint4 smem[];
+    const SwizzledTile128<kK, 64> sa{aligned_base(smem)};
+    const SwizzledTile128<kK, N> sb{sa.base + SwizzledTile128<kK, 64>::kBytes};
+    copy_tile(sa, at);
+    copy_tile(sb, b);
+    fence_proxy_async();
+    __syncthreads();
+    float d[N / 2];
+#pragma unroll
+    for (int e = 0; e < N / 2; ++e) d[e] = 0.0f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kK / 16; ++kk)
+        wgmma_ss<__half, N, true, true>(
+            d, wgmma_desc(sa.base + uint32_t(kk * 2048), uint32_t(sa.kBlockBytes)),
+            wgmma_desc(sb.base + uint32_t(kk * 2048), uint32_t(sb.kBlockBytes)), kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+    write_out<N>(d, c);
+#endif
+}
+
 void check(cudaError_t e, const char* what) {
     if (e != cudaSuccess) fail(std::string("wgmma probe: ") + what + ": " + cudaGetErrorString(e));
 }
@@ -152,6 +176,13 @@ std::vector<float> wgmma_probe_registers(int n, const std::vector<uint16_t>& a,
     const size_t smem = size_t(kK) * n * 2 + 1024;
     return n == 64 ? run(probe_registers_kernel<64>, n, a, b, smem)
                    : run(probe_registers_kernel<128>, n, a, b, smem);
+}
+
+std::vector<float> wgmma_probe_transposed(int n, const std::vector<uint16_t>& at,
+                                          const std::vector<uint16_t>& b) {
+    const size_t smem = size_t(kK) * (64 + n) * 2 + 1024;
+    return n == 64 ? run(probe_transposed_kernel<64>, n, at, b, smem)
+                   : run(probe_transposed_kernel<128>, n, at, b, smem);
 }
 
 } // namespace gfa::test

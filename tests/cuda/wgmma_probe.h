@@ -18,5 +18,9 @@ std::vector<float> wgmma_probe_shared(int n, const std::vector<uint16_t>& a, con
 // and b MN-major in shared memory (as P and V in O = P V).
 std::vector<float> wgmma_probe_registers(int n, const std::vector<uint16_t>& a,
                                          const std::vector<uint16_t>& b);
+// c [64 x n] = at^T times b, at [128 x 64] and b [128 x n] both MN-major in shared memory (as
+// dS^T and K in the backward's dQ = dS K).
+std::vector<float> wgmma_probe_transposed(int n, const std::vector<uint16_t>& at,
+                                          const std::vector<uint16_t>& b);
 
 } // namespace gfa::test
