@@ -61,6 +61,65 @@ __device__ __forceinline__ float score_base2(float raw, const ScoreParams& sp, f
     return raw * sp.scale_log2;
 }
 
+// The queries [lo, hi] that see any of the keys [n0, n0 + bn) under the causal and window
+// limits (empty when lo > hi): the dK/dV kernels walk only the query tiles they touch.
+struct QueryRange {
+    int lo, hi;
+};
+__device__ __forceinline__ QueryRange queries_seeing(const Shape& s, int n0, int bn) {
+    QueryRange r{0, s.Sq - 1};
+    const int off = s.Skv - s.Sq;
+    if (s.has_hi) r.lo = max(r.lo, n0 - off - s.hi_off);
+    if (s.has_lo) r.hi = min(r.hi, min(n0 + bn, s.Skv) - 1 - off - s.lo_off);
+    return r;
+}
+
+// The rows of one step of a dK/dV kernel's walk over (query head, query tile): the steps take
+// the tiles [m_first, m_first + n_tiles) of head h_first, then those of h_first + 1, ... Each
+// step's row pointers are the last step's advanced by one tile or rewound to the next head's
+// first tile: a few additions instead of 64-bit products of (b, h, m0) and the strides every
+// step.
+template <int BM> struct StepRows {
+    const char* q;  // Q row m0 of head h
+    const char* dO; // dO row m0 of head h
+    int64_t row;    // index of row m0 in lse2 / delta
+    float* dq;      // dQ accumulator row m0
+
+    __device__ __forceinline__ static StepRows first(const BwdArgs& a, int b, int h, int m0) {
+        const Shape& s = a.s;
+        return {a.q.data + b * a.q.nb3 + int64_t(h) * a.q.nb2 + int64_t(m0) * a.q.nb1,
+                a.dO.data + b * a.dO.nb3 + int64_t(h) * a.dO.nb1 + int64_t(m0) * a.dO.nb2,
+                (int64_t(b) * s.Hq + h) * a.Sq_pad + m0,
+                a.dq_accum + ((int64_t(b) * s.Hq + h) * s.Sq + m0) * a.dq_ld};
+    }
+    // rewind: rows from the last tile of a head back to its first, (n_tiles - 1) * BM
+    __device__ __forceinline__ StepRows next(const BwdArgs& a, int64_t rewind, bool next_head) const {
+        if (next_head)
+            return {q + a.q.nb2 - rewind * a.q.nb1, dO + a.dO.nb1 - rewind * a.dO.nb2,
+                    row + a.Sq_pad - rewind, dq + (a.s.Sq - rewind) * a.dq_ld};
+        return {q + BM * a.q.nb1, dO + BM * a.dO.nb2, row + BM, dq + BM * a.dq_ld};
+    }
+};
+
+// Q, dO (BM-row tiles) and the BM values each of lse2 and delta (adjacent in shared memory at
+// lse_then_delta) of one step, as one cp.async group.
+template <class T, int NT, int BM, class TileQ>
+__device__ __forceinline__ void load_step_tiles(const BwdArgs& a, const StepRows<BM>& r, int m0, TileQ q,
+                                                TileQ dO, uint32_t lse_then_delta) {
+    static_assert(BM / 2 <= NT, "one 16-byte chunk of lse2 or delta per thread");
+    const Shape& s = a.s;
+    const int rows = min(BM, s.Sq - m0);
+    load_strided_tile<T, NT, GeneralPath::OutOfLine>(q, r.q, a.q.nb1, rows, s.Dk, a.q.code);
+    load_strided_tile<T, NT, GeneralPath::OutOfLine>(dO, r.dO, a.dO.nb2, rows, s.Dv, a.dO.code);
+    // BM / 4 chunks each, threads [0, BM / 2)
+    const int t = int(threadIdx.x);
+    if (t < BM / 2) {
+        const float* src = t < BM / 4 ? a.lse2 + r.row + 4 * t : a.delta + r.row + 4 * (t - BM / 4);
+        cp_async_16(lse_then_delta + 16 * t, src, true);
+    }
+    cp_async_commit();
+}
+
 // Two adjacent fp32 values (8-byte aligned) added at once on sm_90, else one by one.
 __device__ __forceinline__ void atomic_add_pair(float* dst, float x0, float x1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -112,10 +171,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
     const int key0 = warp * 16; // this warp's keys within the tile
 
     // ---- the query tiles that see any key of this tile ----
-    int i_lo = 0, i_hi = s.Sq - 1;
-    const int off = s.Skv - s.Sq;
-    if (s.has_hi) i_lo = max(i_lo, n0 - off - s.hi_off);
-    if (s.has_lo) i_hi = min(i_hi, min(n0 + BN, s.Skv) - 1 - off - s.lo_off);
+    const QueryRange seen = queries_seeing(s, n0, BN);
+    const int i_lo = seen.lo, i_hi = seen.hi;
     const int m_first = i_lo / BM;
     const int n_mtiles = i_hi >= i_lo ? i_hi / BM - m_first + 1 : 0;
     const int n_iters = n_mtiles * s.G;

@@ -78,10 +78,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
     const int hk = pos.head, b = pos.outer;
 
     // ---- the query tiles that see any key of this tile ----
-    int i_lo = 0, i_hi = s.Sq - 1;
-    const int off = s.Skv - s.Sq;
-    if (s.has_hi) i_lo = max(i_lo, n0 - off - s.hi_off);
-    if (s.has_lo) i_hi = min(i_hi, min(n0 + BN, s.Skv) - 1 - off - s.lo_off);
+    const QueryRange seen = queries_seeing(s, n0, BN);
+    const int i_lo = seen.lo, i_hi = seen.hi;
     const int m_first = i_lo / BM;
     const int n_mtiles = i_hi >= i_lo ? i_hi / BM - m_first + 1 : 0;
     const int n_iters = n_mtiles * s.G;
@@ -93,36 +91,13 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
     load_strided_tile<T, NT, GeneralPath::OutOfLine>(sK, k_rows, a.k.nb1, kv_rows, s.Dk, a.k.code);
     load_strided_tile<T, NT, GeneralPath::OutOfLine>(sV, v_rows, a.v.nb1, kv_rows, s.Dv, a.v.code);
 
-    // ---- the rows of one step (query head h, tile at row m0), advanced as in the 8-warp kernel ----
-    struct StepRows {
-        const char* q;
-        const char* dO;
-        int64_t row; // in lse2 / delta
-        float* dq;   // dQ accumulator
-    };
-    const int h_first = hk * s.G, m_start = m_first * BM;
-    StepRows cur{a.q.data + b * a.q.nb3 + int64_t(h_first) * a.q.nb2 + int64_t(m_start) * a.q.nb1,
-                 a.dO.data + b * a.dO.nb3 + int64_t(h_first) * a.dO.nb1 + int64_t(m_start) * a.dO.nb2,
-                 (int64_t(b) * s.Hq + h_first) * a.Sq_pad + m_start,
-                 a.dq_accum + ((int64_t(b) * s.Hq + h_first) * s.Sq + m_start) * a.dq_ld};
+    // ---- the rows of one step (query head h, tile at row m0) ----
+    using Rows = StepRows<BM>;
+    const int m_start = m_first * BM;
+    Rows cur = Rows::first(a, b, hk * s.G, m_start);
     const int64_t rewind = int64_t(n_mtiles - 1) * BM;
-    auto advance = [&](const StepRows& r, bool next_head) {
-        if (next_head)
-            return StepRows{r.q + a.q.nb2 - rewind * a.q.nb1, r.dO + a.dO.nb1 - rewind * a.dO.nb2,
-                            r.row + a.Sq_pad - rewind, r.dq + (s.Sq - rewind) * a.dq_ld};
-        return StepRows{r.q + BM * a.q.nb1, r.dO + BM * a.dO.nb2, r.row + BM, r.dq + BM * a.dq_ld};
-    };
-    static_assert(BM / 2 <= NT, "one 16-byte chunk of lse2 or delta per thread");
-    auto load_q_tile = [&](const StepRows& r, int m0, int buf) {
-        const int rows = min(BM, s.Sq - m0);
-        load_strided_tile<T, NT, GeneralPath::OutOfLine>(sQ(buf), r.q, a.q.nb1, rows, s.Dk, a.q.code);
-        load_strided_tile<T, NT, GeneralPath::OutOfLine>(sdO(buf), r.dO, a.dO.nb2, rows, s.Dv, a.dO.code);
-        const int t = int(threadIdx.x);
-        if (t < BM / 2) {
-            const float* src = t < BM / 4 ? a.lse2 + r.row + 4 * t : a.delta + r.row + 4 * (t - BM / 4);
-            cp_async_16(sLse(buf) + 16 * t, src, true);
-        }
-        cp_async_commit();
+    auto load_q_tile = [&](const Rows& r, int m0, int buf) {
+        load_step_tiles<T, NT>(a, r, m0, sQ(buf), sdO(buf), sLse(buf));
     };
     if (n_iters > 0)
         load_q_tile(cur, m_start, 0);
@@ -155,7 +130,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
         __syncthreads(); // step it's tiles landed and are visible to the tensor cores; step it-1 is done
         const bool last_of_head = m0 + BM > i_hi;
         const int m0_next = last_of_head ? m_start : m0 + BM;
-        const StepRows next = advance(cur, last_of_head);
+        const Rows next = cur.next(a, rewind, last_of_head);
         if (it + 1 < n_iters)
             load_q_tile(next, m0_next, buf ^ 1);
         else

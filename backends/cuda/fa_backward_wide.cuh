@@ -129,10 +129,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdA
     const int hk = pos.head, b = pos.outer;
 
     // ---- the query tiles that see any key of this tile ----
-    int i_lo = 0, i_hi = s.Sq - 1;
-    const int off = s.Skv - s.Sq;
-    if (s.has_hi) i_lo = max(i_lo, n0 - off - s.hi_off);
-    if (s.has_lo) i_hi = min(i_hi, min(n0 + BN, s.Skv) - 1 - off - s.lo_off);
+    const QueryRange seen = queries_seeing(s, n0, BN);
+    int i_lo = seen.lo, i_hi = seen.hi;
     // an explicit mask's classes: the query tiles it hides at either end are not visited
     if constexpr (MASK_TILES) {
         const int* span =
@@ -154,41 +152,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdA
         sV, [&](int r) { return v_rows + r * a.v.nb1; }, kv_rows, s.Dv, a.v.code, v_rows);
 
     // ---- the rows of one step: query head h, query tile at row m0 ----
-    // Steps walk the query tiles of head hk*G, then of hk*G + 1, ... Each step's row pointers
-    // are the last step's advanced by one tile, or moved to the next head's first tile: a few
-    // additions instead of 64-bit products of (b, h, m0) and the strides every step.
-    struct StepRows {
-        const char* q;  // Q row m0 of head h
-        const char* dO; // dO row m0 of head h
-        int64_t row;    // index of row m0 in lse2 / delta
-        float* dq;      // dQ accumulator row m0
-    };
+    using Rows = StepRows<BM>;
     const int h_first = hk * s.G, m_start = m_first * BM;
-    StepRows cur{a.q.data + b * a.q.nb3 + int64_t(h_first) * a.q.nb2 + int64_t(m_start) * a.q.nb1,
-                 a.dO.data + b * a.dO.nb3 + int64_t(h_first) * a.dO.nb1 + int64_t(m_start) * a.dO.nb2,
-                 (int64_t(b) * s.Hq + h_first) * a.Sq_pad + m_start,
-                 a.dq_accum + ((int64_t(b) * s.Hq + h_first) * s.Sq + m_start) * a.dq_ld};
+    Rows cur = Rows::first(a, b, h_first, m_start);
     const int64_t rewind = int64_t(n_mtiles - 1) * BM; // rows from the last tile back to the first
-    auto advance = [&](const StepRows& r, bool next_head) {
-        if (next_head)
-            return StepRows{r.q + a.q.nb2 - rewind * a.q.nb1, r.dO + a.dO.nb1 - rewind * a.dO.nb2,
-                            r.row + a.Sq_pad - rewind, r.dq + (s.Sq - rewind) * a.dq_ld};
-        return StepRows{r.q + BM * a.q.nb1, r.dO + BM * a.dO.nb2, r.row + BM, r.dq + BM * a.dq_ld};
-    };
 
     // ---- Q, dO, lse2 and delta of one step into buffer buf ----
-    static_assert(BM / 2 <= NT, "one 16-byte chunk of lse2 or delta per thread");
-    auto load_q_tile = [&](const StepRows& r, int m0, int buf) {
-        const int rows = min(BM, s.Sq - m0);
-        load_strided_tile<T, NT, GeneralPath::OutOfLine>(sQ(buf), r.q, a.q.nb1, rows, s.Dk, a.q.code);
-        load_strided_tile<T, NT, GeneralPath::OutOfLine>(sdO(buf), r.dO, a.dO.nb2, rows, s.Dv, a.dO.code);
-        // lse2 then delta (adjacent in shared memory): BM / 4 chunks each, threads [0, BM / 2)
-        const int t = int(threadIdx.x);
-        if (t < BM / 2) {
-            const float* src = t < BM / 4 ? a.lse2 + r.row + 4 * t : a.delta + r.row + 4 * (t - BM / 4);
-            cp_async_16(sLse(buf) + 16 * t, src, true);
-        }
-        cp_async_commit();
+    auto load_q_tile = [&](const Rows& r, int m0, int buf) {
+        load_step_tiles<T, NT>(a, r, m0, sQ(buf), sdO(buf), sLse(buf));
     };
     if (n_iters > 0)
         load_q_tile(cur, m_start, 0);
@@ -212,7 +183,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdA
         __syncthreads(); // step it's tiles landed; every warp is done with step it-1
         const bool last_of_head = m0 + BM > i_hi;
         const int h_next = last_of_head ? h + 1 : h, m0_next = last_of_head ? m_start : m0 + BM;
-        const StepRows next = advance(cur, last_of_head);
+        const Rows next = cur.next(a, rewind, last_of_head);
         if (!Tr::kNextTilesAfterScores && it + 1 < n_iters) load_q_tile(next, m0_next, buf ^ 1);
         const typename Tr::TileQ q_t = sQ(buf), do_t = sdO(buf);
 

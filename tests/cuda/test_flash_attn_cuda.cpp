@@ -649,6 +649,27 @@ bool hopper_kernel_expected() {
     return major == 9 && minor == 0;
 }
 
+// On top of base (300 queries, 517 keys: partial tiles): plain, causal with Sq < Skv and with
+// Sq > Skv (the first rows see nothing), a window on both sides, a causal window, and GQA 8
+// with packed rows of several heads per tile: what a kernel's own visibility masking must get
+// right.
+std::vector<Config> visibility_cases(const Config& base) {
+    std::vector<Config> cases;
+    Config c = base;
+    cases.push_back(c);
+    c = base, c.params.causal = true;
+    cases.push_back(c);
+    c = base, c.params.causal = true, c.Sq = 517, c.Skv = 300;
+    cases.push_back(c);
+    c = base, c.params.window_left = 150, c.params.window_right = 20;
+    cases.push_back(c);
+    c = base, c.params.window_left = 70, c.params.causal = true, c.Sq = c.Skv = 451;
+    cases.push_back(c);
+    c = base, c.Hq = 16, c.Hkv = 2, c.Sq = 97, c.params.causal = true;
+    cases.push_back(c);
+    return cases;
+}
+
 // The warpgroup kernel's cases: odd sizes (partial row and key tiles), causal rows that see
 // nothing, windows, GQA packing across row tiles, sinks, Dk != Dv, f32 q, a split over keys;
 // each under both schedules and under the mma.sync kernel, with fresh inputs every run.
@@ -663,19 +684,8 @@ TEST_CASE("CUDA forward on Hopper's warpgroup kernel and on the mma.sync kernel"
             base.Dk = base.Dv = D, base.compute = base.q_type = base.kv_type = t;
             base.Sq = 300, base.Skv = 517, base.Hq = 4, base.Hkv = 2;
             base.params.scale = 1.0f / std::sqrt(float(D));
-            std::vector<Config> cases;
-            Config c = base;
-            cases.push_back(c); // plain
-            c = base, c.params.causal = true;
-            cases.push_back(c); // causal, Sq < Skv
-            c = base, c.params.causal = true, c.Sq = 517, c.Skv = 300;
-            cases.push_back(c); // causal, Sq > Skv: the first rows see nothing
-            c = base, c.params.window_left = 150, c.params.window_right = 20;
-            cases.push_back(c); // sliding window on both sides
-            c = base, c.params.window_left = 70, c.params.causal = true, c.Sq = c.Skv = 451;
-            cases.push_back(c); // causal sliding window
-            c = base, c.Hq = 16, c.Hkv = 2, c.Sq = 97, c.params.causal = true;
-            cases.push_back(c); // GQA 8: packed rows of several heads per tile
+            std::vector<Config> cases = visibility_cases(base);
+            Config c;
             c = base, c.sinks = true, c.params.causal = true, c.Sq = 517, c.Skv = 300;
             cases.push_back(c); // sinks, also on rows with nothing visible
             c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 128 ? 64 : 128;
@@ -940,19 +950,8 @@ TEST_CASE("CUDA backward on Hopper's warpgroup kernel and on the mma.sync kernel
             base.Dk = base.Dv = D, base.compute = base.q_type = base.kv_type = base.o_type = t;
             base.Sq = 300, base.Skv = 517, base.Hq = 4, base.Hkv = 2;
             base.params.scale = 1.0f / std::sqrt(float(D));
-            std::vector<Config> cases;
-            Config c = base;
-            cases.push_back(c); // plain
-            c = base, c.params.causal = true;
-            cases.push_back(c); // causal, Sq < Skv
-            c = base, c.params.causal = true, c.Sq = 517, c.Skv = 300;
-            cases.push_back(c); // causal, Sq > Skv: the first rows see nothing
-            c = base, c.params.window_left = 150, c.params.window_right = 20;
-            cases.push_back(c); // sliding window on both sides
-            c = base, c.params.window_left = 70, c.params.causal = true, c.Sq = c.Skv = 451;
-            cases.push_back(c); // causal sliding window
-            c = base, c.Hq = 16, c.Hkv = 2, c.Sq = 97, c.params.causal = true;
-            cases.push_back(c); // GQA 8
+            std::vector<Config> cases = visibility_cases(base);
+            Config c;
             c = base, c.sinks = true, c.params.causal = true, c.deterministic = true;
             cases.push_back(c); // sinks, deterministic dQ
             c = base, c.Hq = 8, c.Hkv = 1, c.B = 2, c.Dv = D == 64 ? 48 : D == 128 ? 104 : 64;
