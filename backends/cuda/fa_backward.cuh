@@ -65,6 +65,9 @@ __device__ __forceinline__ float score_base2(float raw, const ScoreParams& sp, f
 // limits (empty when lo > hi): the dK/dV kernels walk only the query tiles they touch.
 struct QueryRange {
     int lo, hi;
+    // the tiles of bm rows that hold them: [first_tile, first_tile + n_tiles)
+    __device__ __forceinline__ int first_tile(int bm) const { return lo / bm; }
+    __device__ __forceinline__ int n_tiles(int bm) const { return hi >= lo ? hi / bm - lo / bm + 1 : 0; }
 };
 __device__ __forceinline__ QueryRange queries_seeing(const Shape& s, int n0, int bn) {
     QueryRange r{0, s.Sq - 1};
@@ -172,9 +175,7 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads) bwd_kv_kerne
 
     // ---- the query tiles that see any key of this tile ----
     const QueryRange seen = queries_seeing(s, n0, BN);
-    const int i_lo = seen.lo, i_hi = seen.hi;
-    const int m_first = i_lo / BM;
-    const int n_mtiles = i_hi >= i_lo ? i_hi / BM - m_first + 1 : 0;
+    const int m_first = seen.first_tile(BM), n_mtiles = seen.n_tiles(BM);
     const int n_iters = n_mtiles * s.G;
 
     // ---- load K and V (once) ----

@@ -79,9 +79,8 @@ template <class Tr> __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_hoppe
 
     // ---- the query tiles that see any key of this tile ----
     const QueryRange seen = queries_seeing(s, n0, BN);
-    const int i_lo = seen.lo, i_hi = seen.hi;
-    const int m_first = i_lo / BM;
-    const int n_mtiles = i_hi >= i_lo ? i_hi / BM - m_first + 1 : 0;
+    const int i_hi = seen.hi;
+    const int m_first = seen.first_tile(BM), n_mtiles = seen.n_tiles(BM);
     const int n_iters = n_mtiles * s.G;
 
     // ---- K and V, once ----

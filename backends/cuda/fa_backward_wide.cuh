@@ -129,17 +129,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdA
     const int hk = pos.head, b = pos.outer;
 
     // ---- the query tiles that see any key of this tile ----
-    const QueryRange seen = queries_seeing(s, n0, BN);
-    int i_lo = seen.lo, i_hi = seen.hi;
+    QueryRange seen = queries_seeing(s, n0, BN);
     // an explicit mask's classes: the query tiles it hides at either end are not visited
     if constexpr (MASK_TILES) {
         const int* span =
             a.mask_tiles.span + 2 * (a.mask_tiles.slice(a.mask, b) * a.mask_tiles.n_key_tiles + pos.tile);
-        i_lo = max(i_lo, (a.mask_tiles.n_row_tiles - 1 - span[0]) * BM);
-        i_hi = min(i_hi, span[1] * BM + BM - 1);
+        seen.lo = max(seen.lo, (a.mask_tiles.n_row_tiles - 1 - span[0]) * BM);
+        seen.hi = min(seen.hi, span[1] * BM + BM - 1);
     }
-    const int m_first = i_lo / BM;
-    const int n_mtiles = i_hi >= i_lo ? i_hi / BM - m_first + 1 : 0;
+    const int i_hi = seen.hi;
+    const int m_first = seen.first_tile(BM), n_mtiles = seen.n_tiles(BM);
     const int n_iters = n_mtiles * s.G;
 
     // ---- load K and V (once) ----
