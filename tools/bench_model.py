@@ -18,7 +18,8 @@ over (an A/B comparison inside one run). --experts makes the model a Mixtral-sty
 (N experts of --ffn each per block, K per token; transformers' MixtralForCausalLM).
 --hidden/--heads/--kv-heads/--layers/--ffn change the shape (e.g. 8 layers of Llama-3-8B's:
 --hidden 4096 --kv-heads 8 --ffn 14336 --layers 8). --llama-bench also times llama.cpp's
-llama-bench (a CUDA build) on each file, every layer on the GPU with flash attention.
+llama-bench (a CUDA build) on each file, every layer on the GPU with flash attention, its
+generation at the depth of the prompt (-d) as ours follows the prompt.
 """
 import argparse
 import json
@@ -148,12 +149,16 @@ def bytes_read_per_token(path):
 
 
 def time_llama_bench(args, path, gtype):
-    """llama.cpp's llama-bench on the same GGUF file, every layer on the GPU, flash attention on."""
-    cmd = [args.llama_bench, "-m", path, "-p", str(args.prompt), "-n", str(args.gen), "-ngl", "99", "-fa", "on",
-           "-r", "3", "-o", "json"]
-    r = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    """llama.cpp's llama-bench on the same GGUF file, every layer on the GPU, flash attention on:
+    the prompt from an empty context, the generation after the prompt's depth (-d), as ggml-fa's
+    generation follows its prompt."""
+    common = [args.llama_bench, "-m", path, "-ngl", "99", "-fa", "on", "-r", "3", "-o", "json"]
+    tests = []
+    for shape in (["-p", str(args.prompt), "-n", "0"], ["-p", "0", "-n", str(args.gen), "-d", str(args.prompt)]):
+        r = subprocess.run(common + shape, check=True, capture_output=True, text=True)
+        tests += json.loads(r.stdout)
     pp = tg = float("nan")
-    for test in json.loads(r.stdout):
+    for test in tests:
         if test["n_prompt"] > 0 and test["n_gen"] == 0:
             pp = float(test["avg_ts"])
         elif test["n_gen"] > 0 and test["n_prompt"] == 0:
