@@ -91,15 +91,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) bwd_kv_wide_kernel(const BwdA
     const int qs0 = wn * Tr::QW;  // its queries in S^T / dP^T
     const int dc0 = wn * Tr::DW;  // its dK/dV columns
     const int dq_q0 = (warp % Tr::WQ) * 32, dq_c0 = (warp / Tr::WQ) * Tr::DQW; // its dQ block
-    // Where a lane stores its P^T pairs of column tile nt: row key0 + g, columns qs0 + nt * 8 +
-    // 2 t4. Its other rows are 8 apart and keep the swizzle phase (row % 8), so they are this
-    // address plus a multiple of the row size, a constant of the instruction; dS^T is stored
-    // the same way one tile further.
-    // P^T and dS^T are stored with stmatrix (four 8x8 matrices per instruction, a quarter of the
-    // instructions of 32-bit stores; 0-4% faster at D = 64, H100): lane l names row key0 + l
-    // (+ 32 per pair of 16-row tiles) of column tile nt. NQ is a power of two and qs0 a
-    // multiple of 8 NQ, so the tile's chunk qs0 / 8 + nt is (qs0 / 8) ^ nt, and with the
-    // swizzle the address is this lane's for nt = 0 XOR 16 nt.
+    // Column tile nt of P^T (dS^T: one tile further) goes to shared memory with stmatrix, four
+    // 8x8 matrices per instruction (a quarter of the instructions of 32-bit stores; 0-4% faster
+    // at D = 64, H100): lane l names row key0 + l (+ 32 per pair of 16-row tiles). NQ is a power
+    // of two and qs0 a multiple of 8 NQ, so the tile's chunk qs0 / 8 + nt is (qs0 / 8) ^ nt,
+    // and with the swizzle the address is this lane's for nt = 0 XOR 16 nt. Before sm_90 a
+    // lane stores its pairs (row key0 + g, columns qs0 + 8 nt + 2 t4, and rows 8 apart).
     static_assert((NQ & (NQ - 1)) == 0 && NQ <= 8 && MT % 2 == 0, "stmatrix store pattern");
     constexpr int kPtRowBytes = BM * 2;
     const uint32_t pt_row_addr = sP.chunk_addr(key0 + lane, qs0 >> 3);
