@@ -188,6 +188,13 @@ Tensor* logits_of(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor
     return logits;
 }
 
+Graph forward_graph(const GraphIo& io) {
+    Graph g;
+    for (Tensor* t : io.early) g.expand(t);
+    g.expand(io.logits);
+    return g;
+}
+
 GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, const KvCache& cache,
                     int64_t n_tokens, int64_t n_past, bool all_logits, int64_t n_window) {
     const int64_t D = cfg.head_dim;
@@ -230,6 +237,7 @@ GraphIo build_graph(Context& ctx, const ModelConfig& cfg, const Weights& w, cons
         Tensor* h = L.attn_norm ? mul(ctx, rms_norm(ctx, x, cfg.norm_eps), L.attn_norm) : x;
         auto [q, k, v] = attention_inputs(ctx, cfg, L, l, h, io.positions, n_tokens, 1,
                                           cache.n_ctx); // [D, heads, n_tokens]
+        if (L.wqk) io.early.push_back(v);               // v's own product
 
         // Store the new keys and values at their positions, then attend over rows
         // [0, n_kv) of the cache. The views read the set_rows results, so the writes
@@ -891,7 +899,7 @@ Session::Session(const Model& model, const SessionOptions& options)
         Context worst;
         llama::GraphIo io = llama::build_graph(worst, c, m.weights, s.cache, tokens, s.options.n_ctx - tokens,
                                                true, window ? s.options.n_ctx : 0);
-        Graph g = build_forward(io.logits);
+        Graph g = llama::forward_graph(io);
         s.sched->reserve(g);
     }
 }
@@ -938,7 +946,7 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             last.ctx = std::make_unique<Context>();
             last.io = llama::build_graph(*last.ctx, c, s.model.impl().weights, s.cache, int64_t(n), s.n_past,
                                          all_logits, window);
-            last.graph = build_forward(last.io.logits);
+            last.graph = llama::forward_graph(last.io);
             if (s.options.matmul_precision != MatMulPrecision::F32)
                 for (Tensor* node : last.graph.nodes())
                     if (node->op == Op::MulMat) set_matmul_precision(node, s.options.matmul_precision);

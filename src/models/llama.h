@@ -3,6 +3,7 @@
 // number of tokens and the cache length differ.
 #pragma once
 
+#include <ggml-fa/graph.h>
 #include <ggml-fa/model.h>
 #include <ggml-fa/tensor.h>
 
@@ -75,7 +76,15 @@ struct GraphIo {
     Tensor* ring_rows = nullptr;
     Tensor* kq_mask_ring = nullptr;
     Tensor* logits = nullptr; // f32 [n_vocab, n_out]
+    // Nodes to compute as soon as their inputs are ready, in this order (forward_graph
+    // expands them before the logits): a v projection apart from a merged q/k one goes right
+    // after the pre-norm, beside the q/k product, and the rope and both cache writes follow
+    // each other (backends fuse such runs).
+    std::vector<Tensor*> early;
 };
+
+// The graph of io's logits, io.early first.
+Graph forward_graph(const GraphIo& io);
 
 // The ring rows' mask: row s holds the newest position p = s (mod ring) with p < n_past +
 // n_tokens (none when s >= n_past + n_tokens); query i (position n_past + i) sees it when
