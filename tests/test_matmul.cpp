@@ -172,10 +172,6 @@ TEST_CASE("mul_mat's few-column path matches the reference for every GGUF block 
     }
 }
 
-// f32, f16 and bf16 weights against one column take four rows at a time, the rows left
-// over one at a time; both add in the same order, so a row's bits must not depend on the
-// thread count (which decides where each worker's groups of four start). K with and
-// without a tail after the 16-value steps.
 // Block types with many columns (the packed GEMM path; with AVX-512 VNNI the integer GEMM,
 // 16 weight rows per tile, 8 columns per pass): weights whose scale and centre change every
 // 16 and 32 values, so a block scale or offset applied to the wrong block or row fails; row
@@ -198,6 +194,11 @@ TEST_CASE("mul_mat's many-column path for every block type matches the reference
                 }
 }
 
+// f32, f16 and bf16 weights against one column take several rows at a time (eight with
+// AVX-512, else four), the rows left over one at a time; both add in the same order, so a
+// row's bits must not depend on the thread count (which decides where each worker's groups
+// start). K with and without a tail after the 16-value steps; M below one group, and M that
+// leaves each worker a few groups and a remainder.
 TEST_CASE("16- and 32-bit matrix-vector products give the same bits on any thread count", "[matmul]") {
     for (Type type : {Type::F32, Type::F16, Type::BF16})
         for (int64_t K : {16, 23, 1000, 2051})
