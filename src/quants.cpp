@@ -59,6 +59,7 @@ void dequantize_q8_0(const void* src, float* dst, int64_t n) {
 const SingleScaleBlock* scales_last_block(Type t) {
     static constexpr SingleScaleBlock kQ8_0{int(sizeof(block_q8_0)), 0};
     static constexpr SingleScaleBlock kQ4_0{int(sizeof(block_q4_0)), 0};
+    static constexpr SingleScaleBlock kQ5_0{int(sizeof(block_q5_0)), 0};
     static constexpr SingleScaleBlock kIQ4_NL{int(sizeof(block_iq4_nl)), 0};
     static constexpr SingleScaleBlock kQ6_K{int(sizeof(block_q6_K)), int(offsetof(block_q6_K, d))};
     static_assert(offsetof(block_q6_K, d) == sizeof(block_q6_K) - 2);
@@ -67,6 +68,8 @@ const SingleScaleBlock* scales_last_block(Type t) {
         return &kQ8_0;
     case Type::Q4_0:
         return &kQ4_0;
+    case Type::Q5_0:
+        return &kQ5_0;
     case Type::IQ4_NL:
         return &kIQ4_NL;
     case Type::Q6_K:

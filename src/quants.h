@@ -18,10 +18,11 @@ void quantize_q4_0(const float* src, void* dst, int64_t n);
 
 // Rows with the scales last: a GPU keeps a model's weights so (see the CUDA backend's weights
 // buffers) when each block of their format holds exactly one f16 scale, d, beside bytes of its
-// own (q8_0, q4_0, iq4_nl: d first; q6_K: d last). A row of K values keeps its size but holds
-// the blocks' other bytes first, block after block, and then the blocks' scales, in order. In
-// the file's layout of 34-, 18- or 210-byte blocks nothing past 2-byte alignment can be read
-// at once; in this one the bodies (32, 16 or 208 bytes) are 16-byte aligned where the row is.
+// own (q8_0, q4_0, q5_0, iq4_nl: d first; q6_K: d last). A row of K values keeps its size but
+// holds the blocks' other bytes first, block after block, and then the blocks' scales, in
+// order. In the file's layout of 34-, 18-, 22- or 210-byte blocks nothing past 2-byte alignment
+// can be read at once; in this one the bodies (32, 16 or 208 bytes) are 16-byte aligned where
+// the row is, and q5_0's (20 bytes) 4-byte aligned.
 struct SingleScaleBlock {
     int bytes;        // the block's size
     int scale_offset; // where its f16 d lies in the file's layout: 0 or bytes - 2

@@ -154,7 +154,7 @@ TEST_CASE("GGUF block formats decode arbitrary bytes with finite scales to finit
 TEST_CASE("rows with the scales last hold every byte where the layout says, and convert back",
           "[types][quants]") {
     std::mt19937 rng(std::random_device{}());
-    for (Type t : {Type::Q8_0, Type::Q4_0, Type::IQ4_NL, Type::Q6_K}) {
+    for (Type t : {Type::Q8_0, Type::Q4_0, Type::Q5_0, Type::IQ4_NL, Type::Q6_K}) {
         const quant::SingleScaleBlock* blk = quant::scales_last_block(t);
         REQUIRE(blk != nullptr);
         const int64_t per_block = type_traits(t).block_size;
@@ -183,7 +183,7 @@ TEST_CASE("rows with the scales last hold every byte where the layout says, and 
         CHECK_THROWS_WITH(quant::rows_to_scales_last(t, nullptr, nullptr, per_block + 16, 1),
                           Catch::Contains("not a whole number of blocks"));
     }
-    for (Type t : {Type::F16, Type::Q4_1, Type::Q4_K, Type::Q5_0})
+    for (Type t : {Type::F16, Type::Q4_1, Type::Q5_1, Type::Q4_K})
         CHECK(quant::scales_last_block(t) == nullptr);
     CHECK_THROWS_WITH(quant::rows_to_scales_last(Type::Q4_K, nullptr, nullptr, 256, 1),
                       Catch::Contains("no scales-last layout for type q4_K"));

@@ -164,10 +164,11 @@ struct TensorView {
 // ---- weights laid out for the GPU ------------------------------------------------------------
 //
 // Weights in a weights buffer (BufferUsage::Weights) whose format has one f16 scale per block
-// (q8_0, q4_0, iq4_nl, q6_K: quant::scales_last_block) are kept with each row's scales last
-// (quant::rows_to_scales_last): the file's 34-, 18- or 210-byte blocks allow no load wider
-// than 2 bytes, the blocks' other bytes alone are 16-byte aligned, so the matrix-vector
-// product reads them with a quarter of the load instructions or fewer. The buffer's set and
+// (q8_0, q4_0, q5_0, iq4_nl, q6_K: quant::scales_last_block) are kept with each row's scales last
+// (quant::rows_to_scales_last): the file's 34-, 18-, 22- or 210-byte blocks allow no load
+// wider than 2 bytes, the blocks' other bytes alone are 16-byte aligned (q5_0's 4-byte), so
+// the matrix-vector product reads them with a quarter of the load instructions or fewer (q5_0:
+// about half). The buffer's set and
 // get translate. Kernels see such a tensor with the type id scales_last_id(type) in its
 // TensorView; only the kernels that read weights know it (the matrix-vector product, the
 // dequantization in front of cuBLAS, get_rows, mul_mat_id), and the supports predicate sends
@@ -185,6 +186,7 @@ constexpr int block_type_of(int id) {
 }
 inline constexpr int kQ8_0ScalesLast = scales_last_id(int(Type::Q8_0));
 inline constexpr int kQ4_0ScalesLast = scales_last_id(int(Type::Q4_0));
+inline constexpr int kQ5_0ScalesLast = scales_last_id(int(Type::Q5_0));
 inline constexpr int kIQ4_NLScalesLast = scales_last_id(int(Type::IQ4_NL));
 inline constexpr int kQ6_KScalesLast = scales_last_id(int(Type::Q6_K));
 

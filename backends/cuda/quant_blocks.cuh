@@ -77,6 +77,7 @@ template <> struct SingleScale<kQ8_0> {
     static constexpr int kScaleOffset = 0;
 };
 template <> struct SingleScale<kQ4_0> : SingleScale<kQ8_0> {};
+template <> struct SingleScale<kQ5_0> : SingleScale<kQ8_0> {};
 template <> struct SingleScale<kIQ4_NL> : SingleScale<kQ8_0> {};
 template <> struct SingleScale<kQ6_K> {
     static constexpr bool kHas = true;
@@ -94,6 +95,7 @@ template <int T> struct ScalesLastBlock {
 };
 template <> struct QuantBlock<kQ8_0ScalesLast> : ScalesLastBlock<kQ8_0> {};
 template <> struct QuantBlock<kQ4_0ScalesLast> : ScalesLastBlock<kQ4_0> {};
+template <> struct QuantBlock<kQ5_0ScalesLast> : ScalesLastBlock<kQ5_0> {};
 template <> struct QuantBlock<kIQ4_NLScalesLast> : ScalesLastBlock<kIQ4_NL> {};
 template <> struct QuantBlock<kQ6_KScalesLast> : ScalesLastBlock<kQ6_K> {};
 
@@ -163,6 +165,8 @@ template <class F> void dispatch_quant_view(int type, F&& f) {
         return f(std::integral_constant<int, kQ8_0ScalesLast>{});
     case kQ4_0ScalesLast:
         return f(std::integral_constant<int, kQ4_0ScalesLast>{});
+    case kQ5_0ScalesLast:
+        return f(std::integral_constant<int, kQ5_0ScalesLast>{});
     case kIQ4_NLScalesLast:
         return f(std::integral_constant<int, kIQ4_NLScalesLast>{});
     case kQ6_KScalesLast:
@@ -284,6 +288,17 @@ __device__ __forceinline__ void dequantize_body_chunk(const char* body, float d,
             else
                 v[i] = __fmul_rn(d, iq4_level(q));
         }
+    } else if constexpr (T == kQ5_0) {
+        // The body is qh (bit e of the word: value e's fifth bit), then the nibbles as q4_0's.
+        const uint32_t qh = le32_at(body);
+        const char* qs = body + 4 + 8 * (chunk & 1);
+        const int shift = (chunk >> 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int e = 8 * chunk + i;
+            const int q = int(((byte_at(qs, i) >> shift) & 0x0f) | ((qh >> e) & 1u) << 4);
+            v[i] = __fmul_rn(d, float(q - 16));
+        }
     } else {
         static_assert(T == kQ6_K, "not a format with one scale per block");
         // Value e = 128 h + r: low four bits from ql, high two from qh, int8 scale per 16.
@@ -316,20 +331,16 @@ template <int T> __device__ __forceinline__ void dequantize_chunk(const char* bl
             const int q = int((byte_at(qs, i) >> shift) & 0x0f);
             v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
         }
-    } else if constexpr (T == kQ5_0 || T == kQ5_1) {
-        constexpr int kQh = T == kQ5_0 ? 2 : 4, kQs = kQh + 4;
+    } else if constexpr (T == kQ5_1) { // (q5_0 has one scale: dequantize_body_chunk)
         const float d = f16_bits_at(blk);
-        const uint32_t qh = le32_at(blk + kQh);
-        const char* qs = blk + kQs + 8 * (chunk & 1);
+        const uint32_t qh = le32_at(blk + 4);
+        const char* qs = blk + 8 + 8 * (chunk & 1);
         const int shift = (chunk >> 1) * 4;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int e = 8 * chunk + i;
             const int q = int(((byte_at(qs, i) >> shift) & 0x0f) | ((qh >> e) & 1u) << 4);
-            if constexpr (T == kQ5_0)
-                v[i] = __fmul_rn(d, float(q - 16));
-            else
-                v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
+            v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
         }
     } else if constexpr (T == kQ4_K || T == kQ5_K) {
         // Sub-block j = chunk / 4 (32 values): x = (d * sc) * q - (dmin * mn).
@@ -428,6 +439,9 @@ __device__ __noinline__ inline float dequantize_element(int type, const char* ro
         break;
     case kQ4_0ScalesLast:
         chunk_of(std::integral_constant<int, kQ4_0ScalesLast>{});
+        break;
+    case kQ5_0ScalesLast:
+        chunk_of(std::integral_constant<int, kQ5_0ScalesLast>{});
         break;
     case kIQ4_NLScalesLast:
         chunk_of(std::integral_constant<int, kIQ4_NLScalesLast>{});

@@ -165,17 +165,26 @@ template <int A> struct Item<kQ8_0ScalesLast, A> {
     }
 };
 
-// q4_0 and iq4_nl with the scales last: two lanes per block, as in the file's layout (lane
-// `part` takes body bytes 8 part .. 8 part + 7: values 8 part + (0..7) in the low nibbles,
-// 16 + 8 part + (0..7) in the high ones), but in one 8-byte load where the row is 8-byte
-// aligned instead of five 2-byte ones. (One lane per block with a 16-byte load spilled at the
-// deeper pass within 64 registers.)
+// q4_0, iq4_nl and q5_0 with the scales last: two lanes per block, as in the file's layout
+// (lane `part` takes nibble bytes 8 part .. 8 part + 7: values 8 part + (0..7) in the low
+// nibbles, 16 + 8 part + (0..7) in the high ones; q5_0's body starts with its 4-byte qh), but
+// in one 8-byte load where the row is 8-byte aligned (q4_0, iq4_nl: 16-byte bodies) or two
+// 4-byte ones (q5_0: 20-byte bodies) instead of 2-byte loads. (One lane per block with a
+// 16-byte load spilled at the deeper pass within 64 registers.)
 template <int T, int A> struct ItemNibblesScalesLast {
+    static constexpr bool kFiveBits = T == kQ5_0ScalesLast;
+    static constexpr int kQs = kFiveBits ? 4 : 0; // the nibbles' offset in the body
+    static constexpr int kAlignQs = min_int(A, kFiveBits ? 4 : 8);
     static constexpr int kParts = 2, kUnroll = 4;
-    uint32_t q[2];
+    uint32_t q[2], qh;
     float d;
     __device__ __forceinline__ void load(const char* body, const char* scale, int part) {
-        load_words<A, 2>(body + 8 * part, q);
+        if constexpr (kFiveBits) {
+            uint32_t w[1];
+            load_words<kAlignQs, 1>(body, w);
+            qh = w[0];
+        }
+        load_words<kAlignQs, 2>(body + kQs + 8 * part, q);
         d = f16_bits_at(scale);
     }
     template <int NC>
@@ -189,23 +198,29 @@ template <int T, int A> struct ItemNibblesScalesLast {
                 lo[k] = iq4_levels4(lo[k]);
                 hi[k] = iq4_levels4(hi[k]);
             }
+            if constexpr (kFiveBits) {
+                lo[k] |= fifth_bits((qh >> (8 * part + 4 * k)) & 0xfu);
+                hi[k] |= fifth_bits((qh >> (16 + 8 * part + 4 * k)) & 0xfu);
+            }
         }
+        // q4_0 / q5_0 values are d (q - 8) / d (q - 16): each of the block's two lanes adds half
+        // of the offset -8 d / -16 d times the block's column sum; iq4_nl's levels are signed.
+        constexpr float kHalfOffset = T == kQ4_0ScalesLast ? -4.0f : T == kQ5_0ScalesLast ? -8.0f : 0.0f;
         const int64_t k = 32 * ib + 8 * part;
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
             if (c >= x.n) break;
             const float2 ds = xds(x, c, ib);
             const int s = dot8(hi[0], hi[1], x8(x, c, k + 16), dot8(lo[0], lo[1], x8(x, c, k), 0));
-            // q4_0 values are d (q - 8): each of the block's two lanes adds half of the offset
-            // -8 d times the block's column sum.
-            if constexpr (T == kQ4_0ScalesLast)
-                acc[c] += d * ds.x * float(s) - 4.0f * d * ds.y;
+            if constexpr (kHalfOffset != 0.0f)
+                acc[c] += d * ds.x * float(s) + kHalfOffset * d * ds.y;
             else
                 acc[c] += d * ds.x * float(s);
         }
     }
 };
 template <int A> struct Item<kQ4_0ScalesLast, A> : ItemNibblesScalesLast<kQ4_0ScalesLast, A> {};
+template <int A> struct Item<kQ5_0ScalesLast, A> : ItemNibblesScalesLast<kQ5_0ScalesLast, A> {};
 template <int A> struct Item<kIQ4_NLScalesLast, A> : ItemNibblesScalesLast<kIQ4_NLScalesLast, A> {};
 
 // q4_0, q4_1, q5_0, q5_1: two lanes per block; lane `part` takes qs bytes 8 part .. 8 part + 7,

@@ -502,7 +502,7 @@ TEST_CASE("CUDA get_rows and cast of every quantized type match the CPU's dequan
     }
 }
 
-// A model's weights of the formats with one scale per block (q8_0, q4_0, iq4_nl, q6_K) sit in
+// A model's weights of the formats with one scale per block (q8_0, q4_0, q5_0, iq4_nl, q6_K) sit in
 // a weights buffer with each row's scales last (cuda_common.h).
 // The bytes on the device must be that layout (read raw), get must give back the file's bytes
 // (whole rows and ranges that start and end inside rows), the products must match the
@@ -511,7 +511,7 @@ TEST_CASE("CUDA get_rows and cast of every quantized type match the CPU's dequan
 TEST_CASE("CUDA weights kept with the scales last: bytes, products, gathers, refusals",
           "[cuda][quant][matvec]") {
     const gfa::test::ScopedEnv low_bit("GFA_CUDA_LOW_BIT", nullptr);
-    for (Type t : {Type::Q8_0, Type::Q4_0, Type::IQ4_NL, Type::Q6_K}) {
+    for (Type t : {Type::Q8_0, Type::Q4_0, Type::Q5_0, Type::IQ4_NL, Type::Q6_K}) {
         const int64_t block = type_traits(t).block_size;
         // Three blocks make rows 2-byte aligned; the others 16-, 4- or 2-byte aligned by type.
         for (int64_t K : {3 * block, int64_t(2048), int64_t(5632), int64_t(8448)})
