@@ -257,6 +257,16 @@ __device__ __forceinline__ float iq4_level(uint32_t i) {
     return float(int8_t(iq4_levels4(i) & 0xffu));
 }
 
+// The codes (0..31) of values 8 chunk .. 8 chunk + 7 of a q5_0 / q5_1 block: low four bits
+// from its 16 nibble bytes (values 0..15 low nibbles, 16..31 high), the fifth from bit e of qh.
+__device__ __forceinline__ void five_bit_codes(const char* nibbles, uint32_t qh, int chunk, int (&q)[8]) {
+    const char* qs = nibbles + 8 * (chunk & 1);
+    const int shift = (chunk >> 1) * 4;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+        q[i] = int(((byte_at(qs, i) >> shift) & 0x0f) | ((qh >> (8 * chunk + i)) & 1u) << 4);
+}
+
 // Six-bit scale and min of sub-block j of a Q4_K / Q5_K block (12 packed bytes at s).
 __device__ __forceinline__ void scale_min_k4(const char* s, int j, int& sc, int& mn) {
     if (j < 4) {
@@ -289,16 +299,11 @@ __device__ __forceinline__ void dequantize_body_chunk(const char* body, float d,
                 v[i] = __fmul_rn(d, iq4_level(q));
         }
     } else if constexpr (T == kQ5_0) {
-        // The body is qh (bit e of the word: value e's fifth bit), then the nibbles as q4_0's.
-        const uint32_t qh = le32_at(body);
-        const char* qs = body + 4 + 8 * (chunk & 1);
-        const int shift = (chunk >> 1) * 4;
+        // The body is qh, then the nibbles as q4_0's.
+        int q[8];
+        five_bit_codes(body + 4, le32_at(body), chunk, q);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int e = 8 * chunk + i;
-            const int q = int(((byte_at(qs, i) >> shift) & 0x0f) | ((qh >> e) & 1u) << 4);
-            v[i] = __fmul_rn(d, float(q - 16));
-        }
+        for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, float(q[i] - 16));
     } else {
         static_assert(T == kQ6_K, "not a format with one scale per block");
         // Value e = 128 h + r: low four bits from ql, high two from qh, int8 scale per 16.
@@ -333,15 +338,10 @@ template <int T> __device__ __forceinline__ void dequantize_chunk(const char* bl
         }
     } else if constexpr (T == kQ5_1) { // (q5_0 has one scale: dequantize_body_chunk)
         const float d = f16_bits_at(blk);
-        const uint32_t qh = le32_at(blk + 4);
-        const char* qs = blk + 8 + 8 * (chunk & 1);
-        const int shift = (chunk >> 1) * 4;
+        int q[8];
+        five_bit_codes(blk + 8, le32_at(blk + 4), chunk, q);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int e = 8 * chunk + i;
-            const int q = int(((byte_at(qs, i) >> shift) & 0x0f) | ((qh >> e) & 1u) << 4);
-            v[i] = __fadd_rn(__fmul_rn(d, float(q)), f16_bits_at(blk + 2));
-        }
+        for (int i = 0; i < 8; ++i) v[i] = __fadd_rn(__fmul_rn(d, float(q[i])), f16_bits_at(blk + 2));
     } else if constexpr (T == kQ4_K || T == kQ5_K) {
         // Sub-block j = chunk / 4 (32 values): x = (d * sc) * q - (dmin * mn).
         constexpr int kQs = T == kQ4_K ? 16 : 48;
