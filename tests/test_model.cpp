@@ -205,7 +205,8 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
     // q/k/v and gate/up are loaded as one matrix each when their types agree, and q/k alone
     // when only v differs. Here ffn_up and attn_v (as a Q4_K_M file's attn_v is q6_K) or
     // attn_k are f16: gate/up do not merge, q/k do or do not. The same values stored as f32
-    // merge; both models must give the same logits.
+    // merge; both models must give the same logits (decoding one token, to the f16 rounding
+    // of the column that f16 weights meet there: about 2e-4).
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);
     TinyModel m;
@@ -234,7 +235,7 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
         CHECK(separate->merged_projections() == (std::string(odd) == "attn_v.weight" ? m.layers : 0));
         CHECK(merged->merged_projections() == 2 * m.layers);
         CHECK(test::logits_error(a.eval(std::span(tokens.data(), 1)), b.eval(std::span(tokens.data(), 1))) <
-              1e-5);
+              1e-3);
         if (std::string(odd) != "attn_v.weight") continue;
         // With v apart, the graph computes v's product right after the pre-norm, so that the
         // q/k product follows it (one rounding of their column on GPUs) and the rope and both
