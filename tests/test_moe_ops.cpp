@@ -42,7 +42,9 @@ TEST_CASE("mul_mat_id multiplies each token's inputs by its chosen experts", "[m
                     // f32 weights: f32 products; where an expert has fewer than 4 columns (as
                     // mul_mat rounds it) b is rounded to f16 for f16 weights (about 2e-4) and to
                     // 8 bits for block types.
-                    const double tol = type_traits(type).block_size > 1 ? 2e-2 : type == Type::F16 ? 1e-3 : 1e-5;
+                    const double tol = type_traits(type).block_size > 1 ? 2e-2
+                                       : type == Type::F16              ? 1e-3
+                                                                        : 1e-5;
                     gfa::test::check_forward(out, tol, T == 13 ? 3 : 2);
                 }
 }

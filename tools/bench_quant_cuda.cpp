@@ -2,7 +2,7 @@
 //
 //   bench_quant_cuda [--quick] [--model-1b] [--types T,T..] [--reps N] [--peak GBPS] [--csv FILE]
 //
-// Decoding (N = 1), for every block type (and q8_0L, q4_0L, q5_0L, q6_KL: those formats with the
+// Decoding (N = 1), for every block type (and q8_0L, q4_0L, q5_0L, q6_KL, iq4_nlL: those formats with the
 // scales last, as the GPU keeps a model's weights; --types picks some) and the weight shapes M x K = 4096 x
 // 4096, 14336 x 4096, 4096 x 14336 and the 32000 x 2048 LM head (--model-1b: the products of
 // tools/bench_model.py's 1.1B model instead):
@@ -203,9 +203,10 @@ int main(int argc, char** argv) {
     check_blas(cublasCreate(&blas), "cublasCreate");
     if (csv) std::fprintf(csv, "kind,type,M,K,N,op_us,op_rate,part_us,part_rate,peer_us,peer_rate,ratio\n");
 
-    std::vector<Layout> layouts = {{Type::Q8_0}, {Type::Q8_0, true}, {Type::Q4_0},       {Type::Q4_0, true},
-                                   {Type::Q4_1}, {Type::Q5_0},       {Type::Q5_0, true}, {Type::Q5_1},
-                                   {Type::Q4_K}, {Type::Q5_K},       {Type::Q6_K},       {Type::Q6_K, true}};
+    std::vector<Layout> layouts = {
+        {Type::Q8_0}, {Type::Q8_0, true}, {Type::Q4_0},   {Type::Q4_0, true},   {Type::Q4_1},
+        {Type::Q5_0}, {Type::Q5_0, true}, {Type::Q5_1},   {Type::Q4_K},         {Type::Q5_K},
+        {Type::Q6_K}, {Type::Q6_K, true}, {Type::IQ4_NL}, {Type::IQ4_NL, true}, {Type::IQ4_XS}};
     if (!only_types.empty())
         std::erase_if(layouts, [&](const Layout& l) {
             std::string key(",");

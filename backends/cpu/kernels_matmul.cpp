@@ -482,7 +482,7 @@ float half_column(const float* x, int64_t K, float* scaled, uint16_t* out) {
     float largest = 0.0f;
     for (int64_t k = 0; k < K; ++k) largest = std::max(largest, std::fabs(x[k]));
     int shift = 0;
-    if (largest > 0.0f && std::isfinite(largest)) // (NaN compares false: largest stays finite)
+    if (largest > 0.0f && std::isfinite(largest))        // (NaN compares false: largest stays finite)
         shift = std::min(14 - std::ilogb(largest), 126); // 2^126 keeps f32's range
     const float scale = std::ldexp(1.0f, shift);
     for (int64_t k = 0; k < K; ++k) scaled[k] = x[k] * scale;

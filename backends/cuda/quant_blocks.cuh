@@ -253,6 +253,26 @@ __device__ __forceinline__ uint32_t iq4_levels4(uint32_t idx) {
     const uint32_t upper = ((idx >> 3) & 0x01010101u) * 0xffu;
     return (lo & ~upper) | (hi & upper);
 }
+// The eight 4-bit indices of four packed bytes (each byte: one index in its low nibble, one
+// in its high) to their levels, those of the low nibbles in lo and of the high nibbles in hi.
+// A permute reads only the low three bits of each selector nibble, so the packed word serves
+// as the selector as it is: two permutes give four indices' levels among 0..7 and among 8..15,
+// a third picks by each index's bit 3 (moved to the pick's bit 2), and two more sort the
+// eight levels into low and high nibbles: 8 permutes for 8 values instead of 4 words'
+// unpacking and selects.
+__device__ __forceinline__ void iq4_levels8(uint32_t packed, uint32_t& lo, uint32_t& hi) {
+    constexpr uint32_t w0 = iq4_level_word(0), w1 = iq4_level_word(1), w2 = iq4_level_word(2),
+                       w3 = iq4_level_word(3);
+    const uint32_t pick = 0x32103210u | ((packed & 0x88888888u) >> 1);
+    uint32_t in_order[2]; // the levels of bytes 2 i and 2 i + 1: low, high, low, high
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const uint32_t idx = packed >> (16 * i);
+        in_order[i] = __byte_perm(__byte_perm(w0, w1, idx), __byte_perm(w2, w3, idx), pick >> (16 * i));
+    }
+    lo = __byte_perm(in_order[0], in_order[1], 0x6420u);
+    hi = __byte_perm(in_order[0], in_order[1], 0x7531u);
+}
 __device__ __forceinline__ float iq4_level(uint32_t i) {
     return float(int8_t(iq4_levels4(i) & 0xffu));
 }

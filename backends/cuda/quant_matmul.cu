@@ -192,12 +192,12 @@ template <int T, int A> struct ItemNibblesScalesLast {
         uint32_t lo[2], hi[2];
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
+            if constexpr (T == kIQ4_NLScalesLast) {
+                iq4_levels8(q[k], lo[k], hi[k]);
+                continue;
+            }
             lo[k] = q[k] & 0x0f0f0f0fu;
             hi[k] = (q[k] >> 4) & 0x0f0f0f0fu;
-            if constexpr (T == kIQ4_NLScalesLast) {
-                lo[k] = iq4_levels4(lo[k]);
-                hi[k] = iq4_levels4(hi[k]);
-            }
             if constexpr (kFiveBits) {
                 lo[k] |= fifth_bits((qh >> (8 * part + 4 * k)) & 0xfu);
                 hi[k] |= fifth_bits((qh >> (16 + 8 * part + 4 * k)) & 0xfu);
@@ -488,10 +488,7 @@ template <int A> struct Item<kIQ4_NL, A> {
     __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
         uint32_t lo[2], hi[2];
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-            lo[k] = iq4_levels4(q[k] & 0x0f0f0f0fu);
-            hi[k] = iq4_levels4((q[k] >> 4) & 0x0f0f0f0fu);
-        }
+        for (int k = 0; k < 2; ++k) iq4_levels8(q[k], lo[k], hi[k]);
         const int64_t k = 32 * ib + 8 * part;
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
@@ -517,10 +514,7 @@ template <int A> struct Item<kIQ4_XS, A> {
         const int j = part;
         uint32_t lo[4], hi[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            lo[k] = iq4_levels4(q[k] & 0x0f0f0f0fu);
-            hi[k] = iq4_levels4((q[k] >> 4) & 0x0f0f0f0fu);
-        }
+        for (int k = 0; k < 4; ++k) iq4_levels8(q[k], lo[k], hi[k]);
         const uint32_t low4 = (head[1] >> (8 * (j / 2) + 4 * (j % 2))) & 15u;
         const uint32_t high2 = (head[0] >> (16 + 2 * j)) & 3u;
         const float scale = f16_low(head[0]) * float(int(low4 | high2 << 4) - 32);
@@ -648,23 +642,20 @@ struct MatvecShape {
 };
 
 // Items a lane of the deeper pass loads, with one column: q4_K (q5_K's and q6_K's items, with
-// their high bits, spilled at 3 deep within the 64 registers of 8 blocks per SM), and q8_0
-// and q4_0 with the scales last (items of 3 to 5 registers; iq4_nl's, with its level
-// lookups, spilled at 6 deep; q4_0's keeps one 4-byte spill slot outside the loop); 0: no
-// deeper pass.
-template <int T>
-constexpr int kDeepUnroll = T == kQ4_K                                     ? 3
-                            : T == kQ8_0ScalesLast || T == kQ4_0ScalesLast ? 6
-                                                                           : 0;
+// their high bits, spilled at 3 deep within the 64 registers of 8 blocks per SM) and q4_0 with
+// the scales last (items of 3 registers; iq4_nl's, with its level lookups, spilled at 6 deep;
+// q4_0's keeps one 4-byte spill slot outside the loop); 0: no deeper pass. (q8_0 with the
+// scales last had one at 6 deep until its items, 5 registers, came to spill 72-80 bytes there:
+// its K = 5632 product then took 7.71-7.75 us at 2 warps a row against 7.36-7.41 at 4 without
+// the deeper pass, and a 1.1B q8_0 model decoded 751-762 against 774-787 tok/s, H100.)
+template <int T> constexpr int kDeepUnroll = T == kQ4_K ? 3 : T == kQ4_0ScalesLast ? 6 : 0;
 template <int T> constexpr bool kHasDeepPass = kDeepUnroll<T> > 0;
 
 // The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer
 // passes. A q4_K row of K = 5632 (a 1.1B model's down projection, 176 items) takes 4 warps
 // whose lanes hold 1 or 2 items at depth 2: one row per block, two waves of blocks on an
 // H100. At depth 3 it takes 2 warps whose lanes hold 2 or 3: two rows per block, one wave.
-// Decoding that model went from 748-756 to 771-774 tok/s (H100). A q8_0 row of the same
-// length with the scales last (352 items) takes 2 warps at depth 6 instead of 4 at depth 4:
-// that product's kernel went from 7.75 to 7.20 us.
+// Decoding that model went from 748-756 to 771-774 tok/s (H100).
 template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
     using W = Item<T, A>;
     const int64_t items = K / QuantBlock<T>::kValues * W::kParts;
