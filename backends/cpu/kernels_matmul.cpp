@@ -342,8 +342,8 @@ inline __m256 i8x8_to_f32(__m128i bytes) {
 // on which of the two computed it (which varies with the thread count). The tails use an
 // explicit fma: left to the compiler, one of them may be contracted and the other not. Eight
 // rows where AVX-512 gives 32 vector registers (16 accumulators), four with AVX2's 16: on a Zen
-// 4 core f16 rows read at 20-22 GB/s eight at a time against 16-18 four at a time (before they
-// took the half column), f32 rows alike either way.
+// 4 core f16 rows (before they took the half column) read at 20-22 GB/s eight at a time against
+// 16-18 four at a time, f32 rows alike either way.
 #if defined(__AVX512F__)
 constexpr int kDotRows = 8;
 #else
@@ -428,13 +428,12 @@ float dot_bf16(const void* row, const float* x, int64_t K) {
 
 // f16 weights in decoding: the row against the column rounded to f16 once per product
 // (half_column, scaled), as llama.cpp's CPU product reads it. One row at a time is one memory
-// stream through the matrix
-// (its rows follow each other), and the f16 column is half the bytes of the f32 one in L1
-// beside the stream: a Zen 4 core reads such rows at about 28.5 GB/s, against 20-22 for
-// dot_rows' eight rows with the f32 column and 16-25 for one row with it (an f32 column of
-// K = 5632 is 22 KB of the 32 KB L1). Two accumulators of 16 (8 without AVX-512) over
-// alternating chunks, then a 16-value step, then the tail one value at a time: each row's sum
-// is the same whichever thread computes it.
+// stream through the matrix (its rows follow each other), and the f16 column is half the
+// bytes of the f32 one in L1 beside the stream: a Zen 4 core reads such rows at about 28.5
+// GB/s, against 20-22 for dot_rows' eight rows with the f32 column and 16-25 for one row with
+// it (an f32 column of K = 5632 is 22 KB of the 32 KB L1). Two accumulators of 16 (8 without
+// AVX-512) over alternating chunks, then a 16-value step, then the tail one value at a time:
+// each row's sum is the same whichever thread computes it.
 float dot_f16_half_column(const void* row, const uint16_t* x, int64_t K) {
     const uint16_t* w = static_cast<const uint16_t*>(row);
     int64_t k = 0;
