@@ -153,8 +153,9 @@ Tensor* mul_mat_id(Context& ctx, Tensor* as, Tensor* b, Tensor* ids);
 // it does. F32 (the default): f32 multiplies everywhere (a CPU multiplying quantized weights
 // by many columns may round the columns to 16 bits per 32 values: about 1e-5 of relative
 // error), but for the CPU's decoding products (1 to 3 columns, bound by reading the weights),
-// which, as llama.cpp's, round the columns to f16 against f16 weights (scaled by a power of two
-// into f16's range: about 2e-4) and to 8 bits per 32 values against quantized ones (0.4%).
+// which, as llama.cpp's, round the columns to f16 against f16 and bf16 weights (scaled by a
+// power of two into f16's range: about 2e-4) and to 8 bits per 32 values against quantized
+// ones (0.4%).
 // TF32: a GPU may round f32 operands to TensorFloat-32 (10-bit mantissa, f32 range and
 // accumulation) on its tensor cores, as PyTorch's allow_tf32 does; the CPU and Vulkan compute
 // f32 anyway. Q8: besides, the CPU may round the columns that meet quantized weights

@@ -495,7 +495,8 @@ const std::vector<Case>& builtin_suite() {
              return mul_mat(b.ctx, b.input({64, 17}, -1.0f, 1.0f, Type::F16), b.input({64, 9}));
          },
          1e-3},
-        {"mul_mat.bf16", 1e-5,
+        // (three columns: decoding, whose CPU product rounds them to f16 for 16-bit weights)
+        {"mul_mat.bf16", 1e-3,
          [](B& b) {
              return mul_mat(b.ctx, b.input({64, 17}, -1.0f, 1.0f, Type::BF16), b.input({64, 3}));
          },

@@ -69,14 +69,14 @@ bool rounds_b(Type weights, int64_t n) {
 bool integer_gemm(Type weights, int64_t n) {
     return gfa::cpu::integer_quantized_prompts() && n >= 4 && has_int_dot(weights);
 }
-// f16 weights times few columns (N < 4) meet each column rounded to f16 (scaled by a power of
-// two into f16's range first): each value's error is at most 2^-11 of it, uniform, so about
+// f16 and bf16 weights times few columns (N < 4) meet each column rounded to f16 (scaled by a
+// power of two into f16's range first): each value's error is at most 2^-11 of it, uniform, so about
 // 2^-11 / sqrt(3) ~ 2.8e-4 of each term, rms; a product of many terms keeps about that relative
 // error or less (the kernels' results: 0.6-1.9e-4). An f32 column would give 1e-7.
 constexpr double kHalfColumnTol = 1e-3;
 double tolerance(Type weights, int64_t n) {
     if (rounds_b(weights, n)) return kIntDotTolFewOutputs;
-    if (weights == Type::F16 && n < 4) return kHalfColumnTol;
+    if ((weights == Type::F16 || weights == Type::BF16) && n < 4) return kHalfColumnTol;
     if (integer_gemm(weights, n)) return weights == Type::Q6_K ? 3e-4 : 1e-4;
     return kTol;
 }
@@ -200,11 +200,11 @@ TEST_CASE("mul_mat's many-column path for every block type matches the reference
                 }
 }
 
-// f32 and bf16 weights against one column take several rows at a time (eight with AVX-512,
-// else four), the rows left over one at a time; both add in the same order, so a row's bits
-// must not depend on the thread count (which decides where each worker's groups start). f16
-// weights take one row at a time against the column rounded to f16, which each worker rounds
-// for itself: the same bits too. K with and without a tail after the 16- and 32-value steps;
+// f32 weights against one column take several rows at a time (eight with AVX-512, else
+// four), the rows left over one at a time; both add in the same order, so a row's bits must
+// not depend on the thread count (which decides where each worker's groups start). f16 and
+// bf16 weights take one row at a time against the column rounded to f16, which each worker
+// rounds for itself: the same bits too. K with and without a tail after the 16- and 32-value steps;
 // M below one group, and M that leaves each worker a few groups and a remainder.
 TEST_CASE("16- and 32-bit matrix-vector products give the same bits on any thread count", "[matmul]") {
     for (Type type : {Type::F32, Type::F16, Type::BF16})
@@ -234,20 +234,21 @@ TEST_CASE("16- and 32-bit matrix-vector products give the same bits on any threa
             }
 }
 
-// The f16 column of f16 weights in decoding is scaled by a power of two before rounding:
+// The f16 column of 16-bit weights in decoding is scaled by a power of two before rounding:
 // columns whose values lie far above f16's range (which would round to infinity) or far below
 // its normal range (which would keep few significant bits) must keep f16's precision.
-TEST_CASE("f16 weights in decoding keep their precision for columns of any magnitude", "[matmul]") {
-    for (float magnitude : {1e6f, 3e-7f, 1.0f})
-        for (int64_t N : {1, 3}) {
-            INFO("column values up to " << magnitude << ", N " << N);
-            Context ctx = data_ctx();
-            Tensor* a = ctx.new_tensor(Type::F16, {1000, 67});
-            Tensor* b = ctx.new_tensor(Type::F32, {1000, N});
-            fill_uniform(a);
-            fill_uniform(b, -magnitude, magnitude);
-            check_forward(mul_mat(ctx, a, b), kHalfColumnTol);
-        }
+TEST_CASE("16-bit weights in decoding keep their precision for columns of any magnitude", "[matmul]") {
+    for (Type type : {Type::F16, Type::BF16})
+        for (float magnitude : {1e6f, 3e-7f, 1.0f})
+            for (int64_t N : {1, 3}) {
+                INFO(type_name(type) << ", column values up to " << magnitude << ", N " << N);
+                Context ctx = data_ctx();
+                Tensor* a = ctx.new_tensor(type, {1000, 67});
+                Tensor* b = ctx.new_tensor(Type::F32, {1000, N});
+                fill_uniform(a);
+                fill_uniform(b, -magnitude, magnitude);
+                check_forward(mul_mat(ctx, a, b), kHalfColumnTol);
+            }
 }
 
 TEST_CASE("mul_mat runs on 1 and 3 threads with the same result as the reference", "[matmul]") {
@@ -506,8 +507,8 @@ TEST_CASE("mul_mat allowed Q8 rounds b to 8 bits per 32 values against quantized
 // product (4 or more columns) multiplies both operands rounded to bf16 (round to nearest even)
 // with f32 sums, so it must equal the double-precision product of the rounded operands to f32
 // accuracy; decoding products (1 to 3 columns, bound by reading the weights) and CPUs without
-// the pairs stay f32 (decoding with f16 weights rounds the column to f16 at every precision:
-// kHalfColumnTol). Odd K (a pair padded with zero), panel edges (M not a multiple of 48),
+// the pairs stay f32 (decoding with f16 and bf16 weights rounds the column to f16 at every
+// precision: kHalfColumnTol). Odd K (a pair padded with zero), panel edges (M not a multiple of 48),
 // broadcast batches and a transposed b.
 TEST_CASE("mul_mat with BF16 precision multiplies bf16-rounded operands", "[matmul][bf16]") {
     const bool pairs = gfa::cpu::bf16_pair_products();
@@ -544,7 +545,7 @@ TEST_CASE("mul_mat with BF16 precision multiplies bf16-rounded operands", "[matm
             const std::vector<double> want = ref::evaluate(build_forward(expected), expected);
             const double err = gfa::test::rel_error(got, want);
             INFO("relative error " << err);
-            CHECK(err < (type == Type::F16 && sh.N < 4 ? kHalfColumnTol : 1e-5));
+            CHECK(err < (type != Type::F32 && sh.N < 4 ? kHalfColumnTol : 1e-5));
             if (rounds) { // and the rounding shows against the exact product
                 Tensor* exact = mul_mat(ctx, a, bv);
                 const double off = gfa::test::rel_error(got, ref::evaluate(build_forward(exact), exact));

@@ -335,15 +335,15 @@ inline __m256 i8x8_to_f32(__m128i bytes) {
 }
 #endif
 
-// Rows of f32 or bf16 weights against an f32 column (f16 rows: dot_f16_half_column). One row
-// (dot_row) keeps two accumulators over alternating 8-value chunks, then adds the tail one
-// value at a time; dot_rows takes kDotRows consecutive rows at once (each column vector loaded
-// once for all of them) and adds in exactly dot_row's order, so a row's result does not depend
-// on which of the two computed it (which varies with the thread count). The tails use an
-// explicit fma: left to the compiler, one of them may be contracted and the other not. Eight
-// rows where AVX-512 gives 32 vector registers (16 accumulators), four with AVX2's 16: on a Zen
-// 4 core f16 rows (before they took the half column) read at 20-22 GB/s eight at a time against
-// 16-18 four at a time, f32 rows alike either way.
+// Rows of f32 weights against an f32 column (16-bit rows: dot_half_column). One row (dot_row)
+// keeps two accumulators over alternating 8-value chunks, then adds the tail one value at a
+// time; dot_rows takes kDotRows consecutive rows at once (each column vector loaded once for
+// all of them) and adds in exactly dot_row's order, so a row's result does not depend on
+// which of the two computed it (which varies with the thread count). The tails use an explicit
+// fma: left to the compiler, one of them may be contracted and the other not. Eight rows where
+// AVX-512 gives 32 vector registers (16 accumulators), four with AVX2's 16: on a Zen 4 core
+// f16 rows (before they took the half column) read at 20-22 GB/s eight at a time against 16-18
+// four at a time, f32 rows alike either way.
 #if defined(__AVX512F__)
 constexpr int kDotRows = 8;
 #else
@@ -356,19 +356,6 @@ struct F32Weights {
     static constexpr bool kVector = true;
     static __m256 eight(const T* p) {
         return _mm256_loadu_ps(p);
-    }
-#else
-    static constexpr bool kVector = false;
-#endif
-};
-struct BF16Weights {
-    using T = uint16_t;
-    static float one(T v) { return bf16_to_fp32(v); }
-#if defined(__AVX2__) && defined(__FMA__)
-    static constexpr bool kVector = true;
-    static __m256 eight(const T* p) { // bf16 is the top half of an f32
-        const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
     }
 #else
     static constexpr bool kVector = false;
@@ -422,55 +409,68 @@ template <class W> void dot_rows(const char* rows, size_t row_bytes, const float
 float dot_f32(const void* row, const float* x, int64_t K) {
     return dot_row<F32Weights>(row, x, K);
 }
-float dot_bf16(const void* row, const float* x, int64_t K) {
-    return dot_row<BF16Weights>(row, x, K);
-}
 
-// f16 weights in decoding: the row against the column rounded to f16 once per product
-// (half_column, scaled), as llama.cpp's CPU product reads it. One row at a time is one memory
-// stream through the matrix (its rows follow each other), and the f16 column is half the
-// bytes of the f32 one in L1 beside the stream: a Zen 4 core reads such rows at about 28.5
-// GB/s, against 20-22 for dot_rows' eight rows with the f32 column and 16-25 for one row with
-// it (an f32 column of K = 5632 is 22 KB of the 32 KB L1). Two accumulators of 16 (8 without
-// AVX-512) over alternating chunks, then a 16-value step, then the tail one value at a time:
-// each row's sum is the same whichever thread computes it.
-float dot_f16_half_column(const void* row, const uint16_t* x, int64_t K) {
+// 16-bit (f16 or bf16) weights in decoding: the row against the column rounded to f16 once
+// per product (half_column, scaled), as llama.cpp's CPU product reads f16 rows. One row at a
+// time is one memory stream through the matrix (its rows follow each other), and the f16
+// column is half the bytes of the f32 one in L1 beside the stream: a Zen 4 core reads f16 rows
+// so at about 28.5 GB/s, against 20-22 for dot_rows' eight rows with the f32 column and 16-25
+// for one row with it (an f32 column of K = 5632 is 22 KB of the 32 KB L1); bf16 rows at 26-28
+// against 18.5-19.7. Two accumulators of 16 (8 without AVX-512) over alternating chunks, then a
+// 16-value step, then the tail one value at a time: each row's sum is the same whichever
+// thread computes it.
+template <Type W> float dot_half_column(const void* row, const uint16_t* x, int64_t K) {
+    static_assert(W == Type::F16 || W == Type::BF16);
     const uint16_t* w = static_cast<const uint16_t*>(row);
     int64_t k = 0;
     float sum = 0.0f;
 #if defined(__AVX512F__)
-    auto sixteen = [](const uint16_t* p) {
-        // (Zero-masked forms here: GCC 12's unmasked ones warn of their own undefined operand.)
+    // (Zero-masked forms here: GCC 12's unmasked ones warn of their own undefined operand.)
+    auto halves = [](const uint16_t* p) {
         return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    };
+    auto weights = [&](const uint16_t* p) {
+        if constexpr (W == Type::F16) return halves(p);
+        const __m512i bits =
+            _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, bits, 16)); // bf16: an f32's top half
     };
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (; k + 32 <= K; k += 32) {
-        acc0 = _mm512_fmadd_ps(sixteen(w + k), sixteen(x + k), acc0);
-        acc1 = _mm512_fmadd_ps(sixteen(w + k + 16), sixteen(x + k + 16), acc1);
+        acc0 = _mm512_fmadd_ps(weights(w + k), halves(x + k), acc0);
+        acc1 = _mm512_fmadd_ps(weights(w + k + 16), halves(x + k + 16), acc1);
     }
     if (k + 16 <= K) {
-        acc0 = _mm512_fmadd_ps(sixteen(w + k), sixteen(x + k), acc0);
+        acc0 = _mm512_fmadd_ps(weights(w + k), halves(x + k), acc0);
         k += 16;
     }
     const __m512d both = _mm512_castps_pd(_mm512_add_ps(acc0, acc1));
     sum = hsum(_mm256_add_ps(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xf, both, 0)),
                              _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xf, both, 1))));
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    auto eight = [](const uint16_t* p) {
+    auto halves = [](const uint16_t* p) {
         return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    };
+    auto weights = [&](const uint16_t* p) {
+        if constexpr (W == Type::F16) return halves(p);
+        const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
     };
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; k + 16 <= K; k += 16) {
-        acc0 = _mm256_fmadd_ps(eight(w + k), eight(x + k), acc0);
-        acc1 = _mm256_fmadd_ps(eight(w + k + 8), eight(x + k + 8), acc1);
+        acc0 = _mm256_fmadd_ps(weights(w + k), halves(x + k), acc0);
+        acc1 = _mm256_fmadd_ps(weights(w + k + 8), halves(x + k + 8), acc1);
     }
     sum = hsum(_mm256_add_ps(acc0, acc1));
 #endif
-    for (; k < K; ++k) sum = std::fma(fp16_to_fp32(w[k]), fp16_to_fp32(x[k]), sum);
+    for (; k < K; ++k) {
+        const float wk = W == Type::F16 ? fp16_to_fp32(w[k]) : bf16_to_fp32(w[k]);
+        sum = std::fma(wk, fp16_to_fp32(x[k]), sum);
+    }
     return sum;
 }
 
-// A column of K values rounded to f16 for dot_f16_half_column, each value x * 2^s, with s
+// A column of K values rounded to f16 for dot_half_column, each value x * 2^s, with s
 // chosen so that the largest magnitude lies in [2^14, 2^15): nothing overflows f16's range
 // (65504), every magnitude within 2^28 of the largest keeps f16's 11 significant bits, and a
 // column of small values is not flushed to f16's subnormals. Powers of two scale exactly, so
@@ -495,8 +495,6 @@ DotRowsFn dot_rows_for(Type t) {
     switch (t) {
     case Type::F32:
         return dot_rows<F32Weights>;
-    case Type::BF16:
-        return dot_rows<BF16Weights>;
     default:
         return nullptr;
     }
@@ -1642,8 +1640,6 @@ DotFn dot_for(Type t) {
     switch (t) {
     case Type::F32:
         return dot_f32;
-    case Type::BF16:
-        return dot_bf16;
     case Type::Q8_0:
         return dot_q8_0;
     case Type::Q4_0:
@@ -1706,7 +1702,13 @@ void gemv(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) 
     const IntDot int_dot_entry = packed_a ? int_dot_for(a->type) : IntDot{};
     const IntDotFn int_dot = int_dot_entry.fn;
     const bool packed_b = b->nb[0] == sizeof(float);
-    const bool half_columns = packed_a && a->type == Type::F16; // dot_f16_half_column
+    // 16-bit weights meet the columns rounded to f16 (dot_half_column).
+    using HalfColumnDot = float (*)(const void* row, const uint16_t* x, int64_t K);
+    const HalfColumnDot half_dot = !packed_a               ? nullptr
+                                   : a->type == Type::F16  ? dot_half_column<Type::F16>
+                                   : a->type == Type::BF16 ? dot_half_column<Type::BF16>
+                                                           : nullptr;
+    const bool half_columns = half_dot != nullptr;
     ctx.pool.run([&](int ith, int nth) {
         std::vector<float> columns, row;
         std::vector<uint16_t> half(half_columns ? size_t(N * K) : 0);
@@ -1757,7 +1759,7 @@ void gemv(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) 
                         const char* w = element_ptr(a, 0, m, i2 / r2, i3 / r3);
                         float* out = f32_row(dst, 0, i2, i3) + m;
                         for (int64_t n = 0; n < N; ++n)
-                            out[n * M] = half_unscale[n] * dot_f16_half_column(w, half.data() + n * K, K);
+                            out[n * M] = half_unscale[n] * half_dot(w, half.data() + n * K, K);
                     }
                 } else if (dot_several && N == 1)
                     for (; m + kDotRows <= m_end; m += kDotRows)
