@@ -70,9 +70,9 @@ bool integer_gemm(Type weights, int64_t n) {
     return gfa::cpu::integer_quantized_prompts() && n >= 4 && has_int_dot(weights);
 }
 // f16 and bf16 weights times few columns (N < 4) meet each column rounded to f16 (scaled by a
-// power of two into f16's range first): each value's error is at most 2^-11 of it, uniform, so about
-// 2^-11 / sqrt(3) ~ 2.8e-4 of each term, rms; a product of many terms keeps about that relative
-// error or less (the kernels' results: 0.6-1.9e-4). An f32 column would give 1e-7.
+// power of two into f16's range first): each value's error is at most 2^-11 of it, uniform, so
+// about 2^-11 / sqrt(3) ~ 2.8e-4 of each term, rms; a product of many terms keeps about that
+// relative error or less (the kernels' results: 0.6-2.2e-4). An f32 column would give 1e-7.
 constexpr double kHalfColumnTol = 1e-3;
 double tolerance(Type weights, int64_t n) {
     if (rounds_b(weights, n)) return kIntDotTolFewOutputs;
@@ -204,8 +204,8 @@ TEST_CASE("mul_mat's many-column path for every block type matches the reference
 // four), the rows left over one at a time; both add in the same order, so a row's bits must
 // not depend on the thread count (which decides where each worker's groups start). f16 and
 // bf16 weights take one row at a time against the column rounded to f16, which each worker
-// rounds for itself: the same bits too. K with and without a tail after the 16- and 32-value steps;
-// M below one group, and M that leaves each worker a few groups and a remainder.
+// rounds for itself: the same bits too. K with and without a tail after the 16- and 32-value
+// steps; M below one group, and M that leaves each worker a few groups and a remainder.
 TEST_CASE("16- and 32-bit matrix-vector products give the same bits on any thread count", "[matmul]") {
     for (Type type : {Type::F32, Type::F16, Type::BF16})
         for (int64_t K : {16, 23, 1000, 2051})
@@ -508,8 +508,8 @@ TEST_CASE("mul_mat allowed Q8 rounds b to 8 bits per 32 values against quantized
 // with f32 sums, so it must equal the double-precision product of the rounded operands to f32
 // accuracy; decoding products (1 to 3 columns, bound by reading the weights) and CPUs without
 // the pairs stay f32 (decoding with f16 and bf16 weights rounds the column to f16 at every
-// precision: kHalfColumnTol). Odd K (a pair padded with zero), panel edges (M not a multiple of 48),
-// broadcast batches and a transposed b.
+// precision: kHalfColumnTol). Odd K (a pair padded with zero), panel edges (M not a multiple of
+// 48), broadcast batches and a transposed b.
 TEST_CASE("mul_mat with BF16 precision multiplies bf16-rounded operands", "[matmul][bf16]") {
     const bool pairs = gfa::cpu::bf16_pair_products();
     auto rounded = [](Context& ctx, Tensor* t) { return cast(ctx, cast(ctx, t, Type::BF16), Type::F32); };
