@@ -845,10 +845,15 @@ def main():
             # 126236236: one of 22 positions at 0.17 against the stored formats, the rest at most
             # 8e-3; seed 2001286098: one at 0.84 against the checkpoint). One position in ten may
             # do so; a misread expert or block would move them all.
-            spared = len(prompt) // 10 if gtype == "q8_0" and "num_experts_per_tok" in cfg else 0
+            mixture = "num_experts_per_tok" in cfg
+            spared = len(prompt) // 10 if gtype == "q8_0" and mixture else 0
             err = max_rel_error(got, refs[key], spared) if finite else float("inf")
-            # The whole loss against the checkpoint, storage formats included.
-            total = max_rel_error(got, refs[name], spared) if finite else float("inf")
+            # The whole loss against the checkpoint, storage formats included. f16 weights can
+            # tip a near tie between experts too, against the checkpoint's f32 ones (seed
+            # 2061576080, the Mixtral on Vulkan: 5.4e-2 against the checkpoint while 4.6e-6
+            # against the stored formats), so a mixture in any rounded format spares as many.
+            spared_total = len(prompt) // 10 if gtype != "f32" and mixture else 0
+            total = max_rel_error(got, refs[name], spared_total) if finite else float("inf")
             ok = err < tol and total < tol_total
             print(f"{label}: max relative error {err:.2e} vs the stored formats (tolerance {tol:.0e}), "
                   f"{total:.2e} vs the checkpoint (tolerance {tol_total:.0e}) {'ok' if ok else 'FAIL'}")
