@@ -1252,12 +1252,12 @@ struct Q6_KUnits {
 
 // q2_K: two-bit codes in sub-blocks of 16, each with a 4-bit scale and a 4-bit min (x = d sc q -
 // dmin m). As for q3_K, a block of 32 spans two sub-blocks, so their scales go into the codes
-// (at most 3 * 15 = 45) and the block's scale is d. Its two mins are more than the one offset
-// per block of the tile can carry: int_gemm_q2_K subtracts them after the GEMM. Element 32u + l
-// of a 256-block (half h = u / 4, g = u % 4): bits 2g, 2g + 1 of qs[32h + l].
+// (0 .. 3 * 15 = 45: bytes as they are) and the block's scale is d. Its two mins are more than
+// the one offset per block of the tile can carry: int_gemm_q2_K subtracts them after the GEMM.
+// Element 32u + l of a 256-block (half h = u / 4, g = u % 4): bits 2g, 2g + 1 of qs[32h + l].
 struct Q2_KUnits {
     static constexpr bool kOffset = false;
-    static constexpr int kU8Bias = -1; // codes with the sub-block scales in them: 16 bits
+    static constexpr int kU8Bias = 0;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_q2_K& blk = reinterpret_cast<const block_q2_K*>(row)[b / 8];
@@ -1273,12 +1273,13 @@ struct Q2_KUnits {
 
 // q3_K: three-bit codes (two bits in qs, the third in hmask, minus 4) in sub-blocks of 16 with
 // signed 6-bit scales (sc - 32); as q6_K, a block of 32 spans two sub-blocks, so their scales
-// go into the codes (at most 4 * 32 = 128 in magnitude: 16-bit columns keep the i32 sums far
-// from overflow) and the block's scale is d. Element 32u + l of a 256-block (half h = u / 4,
-// group g = u % 4): bits 2g of qs[32h + l], bit 4h + g of hmask[l].
+// go into the codes and the block's scale is d. Those products lie in -124 .. 128 (-4 * 31 and
+// -4 * -32): 16-bit columns keep the i32 sums far from overflow, and plus 124 they are bytes.
+// Element 32u + l of a 256-block (half h = u / 4, group g = u % 4): bits 2g of qs[32h + l], bit
+// 4h + g of hmask[l].
 struct Q3_KUnits {
     static constexpr bool kOffset = false;
-    static constexpr int kU8Bias = -1; // as q6_K
+    static constexpr int kU8Bias = 124;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_q3_K& blk = reinterpret_cast<const block_q3_K*>(row)[b / 8];
@@ -1357,7 +1358,7 @@ void round_column_i16(const float* x, int64_t K, int max_level, int16_t* q, floa
 //  * Columns8: codes plus the format's kU8Bias as unsigned bytes (group p: codes 4p .. 4p + 3),
 //    columns rounded to 8 bits (quantize_column, as decoding does), vpdpbusd: twice the
 //    multiply-adds per instruction. The bias times the scale joins the block's offset, which
-//    meets the column block's sum, so every format has an offset here.
+//    meets the column block's sum, so every format with a bias has an offset here.
 struct Columns16 {
     using Value = int16_t;
     static constexpr int kGroups = 16;
@@ -1379,7 +1380,7 @@ struct Columns16 {
 struct Columns8 {
     using Value = int8_t;
     static constexpr int kGroups = 8;
-    template <class Units> static constexpr bool kOffset = true;
+    template <class Units> static constexpr bool kOffset = Units::kOffset || Units::kU8Bias != 0;
     static __m512i madd(__m512i acc, __m512i codes, __m512i column) {
         return _mm512_dpbusd_epi32(acc, codes, column);
     }
@@ -1529,10 +1530,12 @@ void int_gemm_for_units(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
 
 // The mins of a q2_K product, after the GEMM of its scaled codes: dst(r, n) -= sum_j dmin m_j
 // S_n(j), with m_j the min of sub-block j of row r, dmin its 256-block's, and S_n(j) the sum of
-// column n's values 16j .. 16j + 15 (in f32, unrounded). Sixteen rows at a time: one vector
-// per sub-block holds their sixteen dmin m_j, and each column's sums meet it broadcast, K / 16
-// FMAs per column for sixteen outputs: an eighth of the instructions of the GEMM itself.
-void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+// column n's values 16j .. 16j + 15 as the GEMM saw them: in f32, or, where the GEMM rounded the
+// column to 8 bits (eight_bit), of the rounded values, so that the product is the weights' with
+// that one column. Sixteen rows at a time: one vector per sub-block holds their sixteen dmin
+// m_j, and each column's sums meet it broadcast, K / 16 FMAs per column for sixteen outputs: an
+// eighth of the instructions of the GEMM itself.
+void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst, bool eight_bit) {
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], J = K / 16;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
@@ -1541,11 +1544,22 @@ void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
         for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
             ctx.pool.run([&](int ith, int nth) {
                 const auto [begin, end] = split_range(N, ith, nth);
+                std::vector<int8_t> qs(eight_bit ? size_t(K) : 0);
+                std::vector<float> d(eight_bit ? size_t(K / 32) : 0), block_sums(d.size());
                 for (int64_t n = begin; n < end; ++n) {
                     const float* x = reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3));
-                    for (int64_t j = 0; j < J; ++j)
-                        sums[size_t(n * J + j)] =
-                            hsum(_mm256_add_ps(_mm256_loadu_ps(x + 16 * j), _mm256_loadu_ps(x + 16 * j + 8)));
+                    if (!eight_bit) {
+                        for (int64_t j = 0; j < J; ++j)
+                            sums[size_t(n * J + j)] = hsum(
+                                _mm256_add_ps(_mm256_loadu_ps(x + 16 * j), _mm256_loadu_ps(x + 16 * j + 8)));
+                        continue;
+                    }
+                    quantize_column(x, K, {qs.data(), d.data(), block_sums.data()});
+                    for (int64_t j = 0; j < J; ++j) {
+                        int32_t total = 0;
+                        for (int64_t k = 16 * j; k < 16 * j + 16; ++k) total += qs[size_t(k)];
+                        sums[size_t(n * J + j)] = d[size_t(j / 2)] * float(total);
+                    }
                 }
             });
             const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
@@ -1597,8 +1611,12 @@ void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
 }
 
 void int_gemm_q2_K(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
-    int_gemm<Q2_KUnits, Columns16>(ctx, a, b, dst);
-    subtract_q2_K_mins(ctx, a, b, dst);
+    const bool eight_bit = eight_bit_columns(dst);
+    if (eight_bit)
+        int_gemm<Q2_KUnits, Columns8>(ctx, a, b, dst);
+    else
+        int_gemm<Q2_KUnits, Columns16>(ctx, a, b, dst);
+    subtract_q2_K_mins(ctx, a, b, dst, eight_bit);
 }
 
 using IntGemmFn = void (*)(const ComputeCtx&, const Tensor*, const Tensor*, Tensor*);
