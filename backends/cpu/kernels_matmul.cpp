@@ -1535,7 +1535,8 @@ void int_gemm_for_units(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
 // that one column. Sixteen rows at a time: one vector per sub-block holds their sixteen dmin
 // m_j, and each column's sums meet it broadcast, K / 16 FMAs per column for sixteen outputs: an
 // eighth of the instructions of the GEMM itself.
-void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst, bool eight_bit) {
+void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst,
+                        bool eight_bit) {
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], J = K / 16;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
