@@ -605,6 +605,7 @@ class CudaBackend final : public Backend {
             cuda::Fusion f = cuda::find_norm_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) f = cuda::find_glu_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) f = cuda::find_rope_fusion(fused_nodes_, i);
+            if (f.n_nodes < 2) f = cuda::find_attention_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) {
                 ++i;
                 continue;

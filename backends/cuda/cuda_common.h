@@ -124,6 +124,9 @@ Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i);
 // A rope and the two set_rows behind it (a step's rope over q and k, then the cache writes
 // of k and v), starting at nodes[i]; the run reads its nodes from ComputeCtx::fused.
 Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i);
+// flash_attn_ext and the quantized matrix-vector product reading its output, starting at
+// nodes[i]: the attention also writes the product's int8 columns.
+Fusion find_attention_fusion(std::span<Tensor* const> nodes, size_t i);
 
 // The matrix-vector product with quantized weights (quant_matmul.h) computes this mul_mat:
 // a of a block type, at most kQuantMatvecMaxColumns columns of f32 b.

@@ -118,6 +118,10 @@ struct FwdArgs {
     int o_code = 0;
     float* lse = nullptr;             // [Sq, Hq, B] or null
     int64_t lse_nb1 = 0, lse_nb2 = 0; // elements per head, per batch
+    // Or null: where the combine kernel also writes o (f32, packed) as int8 column blocks
+    // (int8_columns.cuh): column i + Sq * b holds the Hq * Dv values of position i, batch b.
+    int8_t* o_q = nullptr;
+    float* o_ds = nullptr; // (scale, sum) pairs
     // Split-KV: n_split > 1 writes partial results to part_o/part_lse for the combine kernel.
     int n_split = 1, split_keys = 0;
     bool longest_first = false; // tile 0 is the last row tile (causal: the one seeing most keys)

@@ -9,6 +9,7 @@
 #include "fa_mask_tiles.h"
 #include "split_plan.h"
 #include "early_launch.cuh"
+#include "int8_columns.cuh"
 
 #include <ggml-fa/error.h>
 
@@ -599,11 +600,18 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const fa::F
 
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     char* dst = a.o + b * a.o_nb3 + int64_t(i) * a.o_nb2 + int64_t(h) * a.o_nb1;
+    // With o_q, the row's blocks of 32 are rounded here for the product behind (Dv % 32 == 0
+    // and Dv <= blockDim: whole warps take one d each).
+    const int64_t column_at = (int64_t(b) * s.Sq + i) * int64_t(s.Hq) * s.Dv + int64_t(h) * s.Dv;
     for (int d = int(threadIdx.x); d < s.Dv; d += blockDim.x) {
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < kCombineWarps; ++w) sum += partial[w][d];
-        fa::store_elem(dst, d, sum * inv, a.o_code);
+        const float value = sum * inv;
+        fa::store_elem(dst, d, value, a.o_code);
+        if (a.o_q)
+            round_block_to_int8(value, lane, a.o_q + column_at + d - lane,
+                                reinterpret_cast<float2*>(a.o_ds) + (column_at + d) / 32);
     }
     if (a.lse && threadIdx.x == 0)
         a.lse[b * a.lse_nb2 + h * a.lse_nb1 + i] =
@@ -694,7 +702,8 @@ size_t flash_attn_forward_workspace_size(const Problem& p) {
     return plan_forward(p, s).workspace;
 }
 
-void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t workspace_bytes) {
+bool flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t workspace_bytes,
+                        Int8Columns columns) {
     const fa::Shape s = validate(p);
     const FwdPlan plan = plan_forward(p, s);
     const auto st = static_cast<cudaStream_t>(stream);
@@ -718,6 +727,11 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         a.lse_nb1 = p.lse.nb[1] / 4, a.lse_nb2 = p.lse.nb[2] / 4;
     }
 
+    // The int8 columns come from the combine kernel, so only split-KV writes them.
+    const bool rounds = columns.q && plan.n_split > 1 && s.Dv % 32 == 0 && a.o_code == fa::kF32 &&
+                        p.o.nb[0] == 4 && p.o.nb[1] == 4 * p.Dv && p.o.nb[2] == p.o.nb[1] * p.Hq &&
+                        p.o.nb[3] == p.o.nb[2] * p.Sq;
+    if (rounds) a.o_q = columns.q, a.o_ds = columns.ds;
     Scratch scratch(plan.workspace, workspace, workspace_bytes, st);
     a.n_split = plan.n_split;
     a.split_keys = plan.split_keys;
@@ -762,6 +776,7 @@ void flash_attn_forward(const Problem& p, void* stream, void* workspace, size_t 
         const int64_t rows = int64_t(s.B) * s.Hkv * s.Sq * s.G;
         launch_early(combine_kernel, unsigned(rows), 32 * kCombineWarps, 0, st, a);
     }
+    return rounds;
 }
 
 bool flash_attn_forward_uses_decode_kernel(const Problem& p) {

@@ -14,6 +14,7 @@
 #include "attention/problem.h"
 
 #include <cstddef>
+#include <cstdint>
 
 namespace gfa::cuda {
 
@@ -21,12 +22,21 @@ namespace gfa::cuda {
 // split-KV (few query rows per KV head), where blocks write partial results.
 size_t flash_attn_forward_workspace_size(const attn::Problem& p);
 
+// Device memory for o's int8 column blocks (int8_columns.cuh), as a quantized matrix-vector
+// product reads them: column i + Sq * b holds the Hq * Dv values of position i, batch b.
+struct Int8Columns {
+    int8_t* q = nullptr;
+    float* ds = nullptr; // (scale, sum) per block of 32
+};
+
 // Runs the forward on `stream`. workspace: a 256-byte aligned device pointer (as cudaMalloc
 // returns) to at least flash_attn_forward_workspace_size(p) bytes, or nullptr to let the call
 // allocate it stream-ordered (cudaMallocAsync / cudaFreeAsync). Asynchronous: returns before
-// the kernels finish.
-void flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
-                        size_t workspace_bytes = 0);
+// the kernels finish. Given `columns`, it also writes o as int8 column blocks where it can
+// (split-KV, whose combine kernel rounds each row it writes; o f32 and packed, Dv % 32 == 0)
+// and returns whether it did.
+bool flash_attn_forward(const attn::Problem& p, void* stream, void* workspace = nullptr,
+                        size_t workspace_bytes = 0, Int8Columns columns = {});
 
 // Whether the forward of p runs the decoding kernel (at most 16 query rows per KV head, see
 // flash_attn_cuda.cu) rather than the tiled one; for tests and benchmarks.

@@ -847,6 +847,63 @@ TEST_CASE("CUDA decode kernel features one at a time", "[cuda][fa][decode]") {
         }
 }
 
+// Given int8 column memory, a split-KV forward's combine kernel also writes o (f32, packed)
+// rounded in blocks of 32 as a quantized matrix-vector product reads it (column i + Sq * b:
+// the Hq * Dv values of position i, batch b). The blocks must be bit for bit the rounding of
+// the o it stored (the same steps on the host: d = max |v| / 127, q = round(v / d), sum of q).
+// Where it cannot (no split, o not f32) it says so and leaves the memory alone.
+TEST_CASE("CUDA split-KV forward writes o's int8 column blocks, bit for bit a rounding of o",
+          "[cuda][fa][decode]") {
+    const uint32_t seed = fresh_seed();
+    std::mt19937 rng(seed);
+    struct Case {
+        int64_t D, Sq, G, Hkv, Skv, B;
+        Type o_type;
+        bool rounds; // whether the forward can write the blocks
+    };
+    for (const Case& k :
+         {Case{64, 1, 8, 4, 640, 1, Type::F32, true}, Case{128, 3, 4, 2, 1000, 2, Type::F32, true},
+          Case{256, 2, 8, 1, 4097, 1, Type::F32, true}, Case{64, 1, 8, 4, 640, 1, Type::F16, false},
+          Case{64, 1, 1, 1, 3, 1, Type::F32, false}}) {
+        Config c = decode_config(rng, Type::F16, k.D, k.Sq, k.G, k.Skv);
+        c.Hkv = k.Hkv, c.Hq = k.Hkv * k.G, c.B = k.B, c.o_type = k.o_type;
+        INFO("seed " << seed << ": " << c.describe());
+        const Inputs in = make_inputs(c, rng);
+        DeviceProblem d = device_problem(c, in);
+        const int64_t K = c.Hq * c.Dv, columns = c.Sq * c.B, blocks = columns * K / 32;
+        DeviceBuffer q(size_t(columns * K)), ds(size_t(blocks) * 2 * sizeof(float));
+        q.poison(), ds.poison();
+        const bool rounded = cuda::flash_attn_forward(
+            d.p, nullptr, nullptr, 0, {static_cast<int8_t*>(q.ptr), static_cast<float*>(ds.ptr)});
+        cuda_ok(cudaDeviceSynchronize(), "forward");
+        REQUIRE(rounded == k.rounds);
+        const std::vector<uint8_t> q_bytes = q.download(), ds_bytes = ds.download();
+        if (!rounded) {
+            CHECK(std::all_of(q_bytes.begin(), q_bytes.end(), [](uint8_t v) { return v == 0xff; }));
+            CHECK(std::all_of(ds_bytes.begin(), ds_bytes.end(), [](uint8_t v) { return v == 0xff; }));
+            continue;
+        }
+        const std::vector<float> o = to_floats(d.o->download(), Type::F32, size_t(columns * K));
+        std::vector<float> got_ds(size_t(blocks) * 2);
+        std::memcpy(got_ds.data(), ds_bytes.data(), ds_bytes.size());
+        int64_t wrong = 0;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            const float* v = o.data() + 32 * blk;
+            float amax = 0.0f;
+            for (int l = 0; l < 32; ++l) amax = std::max(amax, std::fabs(v[l]));
+            const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            int sum = 0;
+            for (int l = 0; l < 32; ++l) {
+                const int want = std::clamp(int(std::nearbyint(v[l] * inv)), -127, 127);
+                sum += want;
+                wrong += int8_t(q_bytes[size_t(32 * blk + l)]) != want;
+            }
+            wrong += got_ds[size_t(2 * blk)] != scale || got_ds[size_t(2 * blk + 1)] != scale * float(sum);
+        }
+        CHECK(wrong == 0);
+    }
+}
+
 TEST_CASE("CUDA decode kernel with strided K/V rows, and what it leaves to the main kernel",
           "[cuda][fa][decode]") {
     const uint32_t seed = fresh_seed();

@@ -608,6 +608,56 @@ TEST_CASE(
             }
 }
 
+// Decoding's attention and the output projection behind it, as the model builder makes them:
+// with fusion, the attention's split-KV combine also writes the product's int8 columns and
+// the product reads them there (with too few keys to split, the fused launch rounds them the
+// plain way). Both nodes bit for bit the separate kernels'; one and three tokens, GQA, head
+// dims 64 and 128, weights whose rows take one to four warps.
+TEST_CASE("CUDA fused attention -> quantized product: int8 columns from the combine, bit for bit the "
+          "separate kernels",
+          "[cuda][fusion]") {
+    INFO("seed " << test::seed());
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
+    struct Case {
+        int64_t D, Hq, Hkv, Skv;
+        Type type;
+    };
+    for (const Case& c : {Case{64, 32, 4, 640, Type::Q4_K}, Case{64, 8, 8, 300, Type::Q8_0},
+                          Case{128, 16, 2, 1000, Type::Q6_K}, Case{64, 32, 4, 9, Type::Q4_0},
+                          Case{128, 44, 4, 700, Type::Q5_K}})
+        for (const int64_t T : {1, 3}) {
+            INFO("D " << c.D << " Hq " << c.Hq << " Hkv " << c.Hkv << " keys " << c.Skv << ", " << T
+                      << " tokens, weights " << type_name(c.type));
+            const int64_t K = c.D * c.Hq, M = 96;
+            Context ctx{ContextParams{.alloc_data = true}};
+            Tensor* q = ctx.new_tensor(Type::F32, {c.D, T, c.Hq});
+            Tensor* k = ctx.new_tensor(Type::F16, {c.D, c.Skv, c.Hkv});
+            Tensor* v = ctx.new_tensor(Type::F16, {c.D, c.Skv, c.Hkv});
+            Tensor* w = ctx.new_tensor(c.type, {K, M});
+            for (Tensor* t : {q, k, v, w}) test::fill_uniform(t);
+            w->flags |= kFlagConstant;
+            FlashAttnParams attn{};
+            attn.scale = 1.0f / std::sqrt(float(c.D));
+            Tensor* o = flash_attn_ext(ctx, q, k, v, nullptr, attn); // [D, Hq, T]
+            Tensor* p = mul_mat(ctx, w, reshape(ctx, o, {K, T}));
+            Tensor* out = scale(ctx, p, 2.0f); // a reader behind the fused pair
+            const Graph g = build_forward(out);
+            for (Tensor* node : {o, p, out}) {
+                INFO("node " << op_name(node->op));
+                const int64_t before = counter(fused->counters(), "fused_launches");
+                const std::vector<float> got = run_graph(*fused, g, node, 0);
+                const std::vector<float> want = run_graph(*separate, g, node, 0);
+                CHECK(counter(fused->counters(), "fused_launches") - before == 1);
+                CHECK(all_finite(got)); // the nodes were poisoned: every element was written
+                CHECK(bit_identical(got, want));
+                // f16 K/V (q rounded to f16 too), then the int8 rounding of o in the product.
+                CHECK(test::rel_error(got, ref::evaluate(g, node)) <= (node == o ? 1e-2 : 3e-2));
+            }
+        }
+    CHECK(counter(separate->counters(), "fused_launches") == 0);
+}
+
 // GFA_CUDA_SKIP_OPS, a timing aid: the backend launches an empty kernel in place of each
 // listed op and counts it, the op's result stays unwritten (still the poison), the other ops
 // run as usual, and an unknown op name is an error that names it.
