@@ -193,6 +193,20 @@ std::vector<float> run_graph(Backend& backend, const Graph& g, Tensor* out, size
     return run_graph(backend, g, out, *buf, shift);
 }
 
+// Computes g up to `node` with fusion on and off: the fused run must take `launches` fused
+// launches, write every element of the (poisoned) node and match the separate kernels bit for
+// bit. Returns the fused result, for the caller's check against the reference.
+std::vector<float> fused_as_separate(Backend& fused, Backend& separate, const Graph& g, Tensor* node,
+                                     int64_t launches) {
+    const int64_t before = counter(fused.counters(), "fused_launches");
+    std::vector<float> got = run_graph(fused, g, node, 0);
+    const std::vector<float> want = run_graph(separate, g, node, 0);
+    CHECK(counter(fused.counters(), "fused_launches") - before == launches);
+    CHECK(all_finite(got));
+    CHECK(bit_identical(got, want));
+    return got;
+}
+
 // ---- a model decoded token by token -------------------------------------------------------
 
 // A random llama-shaped model with f16 matrices: head size 64, grouped-query attention.
@@ -477,12 +491,8 @@ TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit
                 const Graph g = build_forward(out);
                 for (Tensor* node : {gu, f, out}) {
                     INFO("node " << op_name(node->op));
-                    const int64_t before = counter(fused->counters(), "fused_launches");
-                    const std::vector<float> got = run_graph(*fused, g, node, 0);
-                    const std::vector<float> want = run_graph(*separate, g, node, 0);
-                    CHECK(counter(fused->counters(), "fused_launches") - before == (c.fuses ? 1 : 0));
-                    CHECK(all_finite(got)); // the nodes were poisoned: every element was written
-                    CHECK(bit_identical(got, want));
+                    const std::vector<float> got =
+                        fused_as_separate(*fused, *separate, g, node, c.fuses ? 1 : 0);
                     // Against the exact product: the int8 rounding of x in the quantized path.
                     const double tol = c.type == Type::F16 || c.type == Type::BF16 ? 1e-4 : 3e-2;
                     CHECK(test::rel_error(got, ref::evaluate(g, node)) <= tol);
@@ -645,12 +655,7 @@ TEST_CASE("CUDA fused attention -> quantized product: int8 columns from the comb
             const Graph g = build_forward(out);
             for (Tensor* node : {o, p, out}) {
                 INFO("node " << op_name(node->op));
-                const int64_t before = counter(fused->counters(), "fused_launches");
-                const std::vector<float> got = run_graph(*fused, g, node, 0);
-                const std::vector<float> want = run_graph(*separate, g, node, 0);
-                CHECK(counter(fused->counters(), "fused_launches") - before == 1);
-                CHECK(all_finite(got)); // the nodes were poisoned: every element was written
-                CHECK(bit_identical(got, want));
+                const std::vector<float> got = fused_as_separate(*fused, *separate, g, node, 1);
                 // f16 K/V (q rounded to f16 too), then the int8 rounding of o in the product.
                 CHECK(test::rel_error(got, ref::evaluate(g, node)) <= (node == o ? 1e-2 : 3e-2));
             }
