@@ -160,8 +160,8 @@ Tensor* mul_mat_id(Context& ctx, Tensor* as, Tensor* b, Tensor* ids);
 // accumulation) on its tensor cores, as PyTorch's allow_tf32 does; the CPU and Vulkan compute
 // f32 anyway. Q8: besides, the CPU may round the columns that meet quantized weights
 // to 8 bits per 32 values, as its decoding path and llama.cpp always do (about 0.4% relative
-// error per product), which runs a prompt's products with q4_0, q8_0, q4_1, q5_0, q5_1, q4_K,
-// q5_K, iq4_nl and iq4_xs weights at about 1.7 times the rate.
+// error per product), which runs a prompt's products with q4_0, q8_0, q4_1, q5_0, q5_1, q2_K,
+// q3_K, q4_K, q5_K, iq4_nl and iq4_xs weights at about 1.7 times the rate (q6_K keeps 16 bits).
 // BF16: besides, products with f32, f16 or bf16 weights may round both operands to bf16 (the
 // CPU then multiplies bf16 pairs with AVX512-BF16 in prompts: about twice the f32 rate,
 // about 2e-3 of relative error per product; bf16 weights stay exact).
