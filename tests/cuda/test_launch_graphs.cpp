@@ -764,6 +764,8 @@ TEST_CASE("CUDA fused attention -> quantized product: int8 columns from the comb
             }
         }
     CHECK(counter(separate->counters(), "fused_launches") == 0);
+    // The fusions into products are opt-in (GFA_CUDA_FUSE_INTO_PRODUCTS): none without it.
+    CHECK(counter(fused->counters(), "norm_behind_product_launches") == 0);
 }
 
 // GFA_CUDA_SKIP_OPS, a timing aid: the backend launches an empty kernel in place of each
