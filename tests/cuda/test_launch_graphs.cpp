@@ -60,11 +60,11 @@ std::unique_ptr<Backend> backend_with(const char* name, bool on) {
     return cuda0()->create_backend();
 }
 
-// A CUDA backend with fusion on and, opted into, the fusions into quantized products
+// A CUDA backend with fusion on, with or without the opt-in fusions into quantized products
 // (GFA_CUDA_FUSE_INTO_PRODUCTS).
-std::unique_ptr<Backend> backend_fusing_into_products() {
+std::unique_ptr<Backend> backend_fusing(bool into_products) {
     EnvSetting fusion("GFA_CUDA_FUSION", true);
-    EnvSetting into_products("GFA_CUDA_FUSE_INTO_PRODUCTS", true);
+    EnvSetting into("GFA_CUDA_FUSE_INTO_PRODUCTS", into_products);
     return cuda0()->create_backend();
 }
 
@@ -587,7 +587,7 @@ TEST_CASE("CUDA fused product -> residual add -> pre-norm: the next product's in
           "block, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_fusing_into_products();
+    const std::unique_ptr<Backend> fused = backend_fusing(true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         Type out_type, in_type;
@@ -703,8 +703,8 @@ TEST_CASE("CUDA fused attention -> quantized product: int8 columns from the comb
           "separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
-    const std::unique_ptr<Backend> into_products = backend_fusing_into_products();
+    const std::unique_ptr<Backend> fused = backend_fusing(false);
+    const std::unique_ptr<Backend> into_products = backend_fusing(true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         int64_t D, Hq, Hkv, Skv;
