@@ -422,7 +422,7 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
 TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> fused = backend_fusing(false);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     REQUIRE(counter(fused->counters(), "fusion_enabled") == 1);
     REQUIRE(counter(separate->counters(), "fusion_enabled") == 0);
@@ -471,7 +471,7 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
 TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> fused = backend_fusing(false);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         Type type;
@@ -519,7 +519,7 @@ TEST_CASE(
     "CUDA fused pre-norm -> quantized product: int8 columns from the norm, bit for bit the separate kernels",
     "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> fused = backend_fusing(false);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         Type type;
@@ -651,7 +651,7 @@ TEST_CASE(
     "CUDA fused rope -> set_rows -> set_rows: rope output and both caches bit for bit the separate kernels",
     "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> fused = backend_fusing(false);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     const int64_t D = 64, Hq = 4, Hkv = 2, n_ctx = 40;
     for (const Type cache_type : {Type::F16, Type::F32})
