@@ -355,16 +355,6 @@ bool fusion_by_environment() {
     return !(v && std::strcmp(v, "0") == 0);
 }
 
-// The fusions into a quantized matrix-vector product of the residual add behind it and the
-// next block's pre-norm behind that (a launch less per pre-norm when decoding) are off unless
-// GFA_CUDA_FUSE_INTO_PRODUCTS is 1: they have not yet run on a GPU, so they stay opt-in
-// until their tests (tests/cuda/test_launch_graphs.cpp) pass there and they are measured
-// faster. Off, the pre-norm's own launch computes the add.
-bool fusion_into_products_by_environment() {
-    const char* v = std::getenv("GFA_CUDA_FUSE_INTO_PRODUCTS");
-    return v && std::strcmp(v, "1") == 0;
-}
-
 } // namespace
 
 // Early launch (early_launch.cuh) is on unless GFA_CUDA_EARLY_LAUNCH is 0: results are the
@@ -501,8 +491,6 @@ class CudaBackend final : public Backend {
         GFA_CUDA_CHECK(cudaHostAlloc(&error_host_, cuda::kErrorWords * sizeof(int32_t), cudaHostAllocMapped));
         *error_host_ = cuda::kNoError;
         GFA_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx_.error_flag), error_host_, 0));
-        GFA_CUDA_CHECK(cudaMalloc(&ctx_.block_counter, sizeof(unsigned)));
-        GFA_CUDA_CHECK(cudaMemset(ctx_.block_counter, 0, sizeof(unsigned)));
     }
     ~CudaBackend() override {
         int previous = 0;
@@ -515,7 +503,6 @@ class CudaBackend final : public Backend {
         cudaEventDestroy(done_);
         cudaStreamDestroy(ctx_.stream);
         cudaFreeHost(error_host_);
-        cudaFree(ctx_.block_counter);
         cudaSetDevice(previous);
     }
 
@@ -548,11 +535,9 @@ class CudaBackend final : public Backend {
             last_columns_ = {}; // tensors of an earlier call may share addresses with this one's
             for (size_t j = 0; j < work_.size(); ++j) {
                 const auto& [node, run] = work_[j];
+                if (node->op != Op::MulMat) last_columns_ = {};
                 if (!run) continue; // computed by a fused launch further on
                 const size_t n = fused_size_[j];
-                // A launch that starts with anything but a product may write scratch memory
-                // first (a launch that starts with one manages the columns itself).
-                if (work_[j + 1 - n].first->op != Op::MulMat) last_columns_ = {};
                 ctx_.fused = n > 1 ? std::span<Tensor* const>(fused_nodes_.data() + (j + 1 - n), n)
                                    : std::span<Tensor* const>{};
                 const auto t0 =
@@ -601,7 +586,6 @@ class CudaBackend final : public Backend {
         std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
         list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
         list.emplace_back("fused_launches", fusions_);
-        list.emplace_back("norm_behind_product_launches", norm_behind_product_fusions_);
         list.emplace_back("early_launch_enabled", cuda::early_launch_enabled() ? 1 : 0);
         if (skipped_launches_ > 0) list.emplace_back("skipped_launches", skipped_launches_);
         for (size_t op = 0; op < op_host_ns_.size(); ++op)
@@ -621,8 +605,7 @@ class CudaBackend final : public Backend {
             cuda::Fusion f = cuda::find_norm_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) f = cuda::find_glu_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) f = cuda::find_rope_fusion(fused_nodes_, i);
-            if (f.n_nodes < 2) f = cuda::find_attention_fusion(fused_nodes_, i, fuse_into_products_);
-            if (f.n_nodes < 2 && fuse_into_products_) f = cuda::find_product_add_fusion(fused_nodes_, i);
+            if (f.n_nodes < 2) f = cuda::find_attention_fusion(fused_nodes_, i);
             if (f.n_nodes < 2) {
                 ++i;
                 continue;
@@ -632,7 +615,6 @@ class CudaBackend final : public Backend {
             fused_size_[i + f.n_nodes - 1] = f.n_nodes;
             i += f.n_nodes;
             ++fusions_;
-            if (f.norm_behind_product) ++norm_behind_product_fusions_;
         }
     }
 
@@ -649,9 +631,7 @@ class CudaBackend final : public Backend {
     std::vector<Tensor*> fused_nodes_;                    // work_'s nodes, for finding fusions
     std::vector<size_t> fused_size_; // per work_ entry: the nodes its launch computes (1 unless fused)
     bool fusion_ = fusion_by_environment();
-    bool fuse_into_products_ = fusion_into_products_by_environment();
-    int64_t fusions_ = 0;                     // fused launches set up (each compute() call counts its own)
-    int64_t norm_behind_product_fusions_ = 0; // of those, products that compute the pre-norm behind
+    int64_t fusions_ = 0; // fused launches set up (each compute() call counts its own)
     void* cublas_workspace_ = nullptr;
     size_t cublas_workspace_size_ = 0;
     cudaEvent_t done_ = nullptr;

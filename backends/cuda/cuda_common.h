@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <span>
 #include <string>
-#include <utility>
 
 namespace gfa::cuda {
 
@@ -93,7 +92,6 @@ struct ComputeCtx {
     Scratch* scratch = nullptr;
     int32_t* error_flag = nullptr; // device-visible, host-mapped
     int sm_count = 1;
-    unsigned* block_counter = nullptr;        // device word at 0 between launches (quant_matmul.h NormBehind)
     QuantizedColumns* last_columns = nullptr; // null: no reuse (set by the backend)
     // A fused launch's nodes in graph order (the last is the node its run gets); empty for
     // a plain launch.
@@ -116,11 +114,9 @@ const KernelTable& kernels();
 struct Fusion {
     size_t n_nodes = 0; // 0: no fusion starts here
     Kernel run = nullptr;
-    bool norm_behind_product = false; // a product's kernel computes the pre-norm (counted apart)
 };
 // rms_norm -> mul by a row of weights, and add -> rms_norm -> mul (a transformer block's
-// residual add and pre-norm), starting at nodes[i] [and the quantized product behind those,
-// and its swiglu].
+// residual add and pre-norm), starting at nodes[i].
 Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i);
 // A merged gate/up matrix-vector product and the swiglu of its two halves, starting at
 // nodes[i]: the product's rows in gate/up pairs, swiglu written by the same kernel.
@@ -128,18 +124,9 @@ Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i);
 // A rope and the two set_rows behind it (a step's rope over q and k, then the cache writes
 // of k and v), starting at nodes[i]; the run reads its nodes from ComputeCtx::fused.
 Fusion find_rope_fusion(std::span<Tensor* const> nodes, size_t i);
-// flash_attn_ext and the quantized matrix-vector product reading its output [and, with_add,
-// the residual add behind that, and the next block's pre-norm behind the add], starting at
+// flash_attn_ext and the quantized matrix-vector product reading its output, starting at
 // nodes[i]: the attention also writes the product's int8 columns.
-Fusion find_attention_fusion(std::span<Tensor* const> nodes, size_t i, bool with_add);
-// A quantized matrix-vector product and the residual add behind it (a transformer block's
-// output projections) [and the next block's pre-norm behind the add, where a quantized
-// product of one column reads it], starting at nodes[i]: the product's kernel writes the sum,
-// and its last thread block the pre-norm and the int8 columns of that next product.
-Fusion find_product_add_fusion(std::span<Tensor* const> nodes, size_t i);
-// `add` adds the output of the quantized matrix-vector product `product` to another tensor of
-// its shape (f32, no broadcast), with memory the product's kernel can write it in.
-bool is_residual_add_of(const Tensor* add, const Tensor* product);
+Fusion find_attention_fusion(std::span<Tensor* const> nodes, size_t i);
 
 // The matrix-vector product with quantized weights (quant_matmul.h) computes this mul_mat:
 // a of a block type, at most kQuantMatvecMaxColumns columns of f32 b.
@@ -147,11 +134,8 @@ bool takes_quant_matvec(const Tensor* mul_mat);
 // Computes a mul_mat node (and the fused swiglu `glu` behind it, else null). Where b's
 // columns were already written in their int8 form (quant_matmul.h) at `quantized_b`, the
 // quantized matrix-vector product reads them there instead of rounding b itself.
-// `extras` (null: none): the residual add and the pre-norm a fused launch has the product
-// compute (quant_matmul.h; the quantized matrix-vector path only).
-struct ProductExtras;
-void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, const void* quantized_b = nullptr,
-                     const ProductExtras* extras = nullptr);
+void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu,
+                     const void* quantized_b = nullptr);
 
 // A kernel that does nothing in the place of a launch GFA_CUDA_SKIP_OPS leaves out.
 void launch_in_place_of(const ComputeCtx& ctx);
@@ -242,29 +226,6 @@ inline TensorView view_of(const Tensor* t) {
         v.nb[i] = int64_t(t->nb[i]);
     }
     return v;
-}
-
-// Whether the bytes two tensors (or views) span overlap.
-inline bool memory_overlaps(const Tensor* a, const Tensor* b) {
-    auto span = [](const Tensor* t) {
-        const char* p = static_cast<const char*>(t->data);
-        if (t->nelements() == 0) return std::pair{p, p};
-        size_t last = t->element_size();
-        for (int d = 0; d < 4; ++d) last += size_t(t->ne[d] - 1) * t->nb[d];
-        return std::pair{p, p + last};
-    };
-    const auto [a0, a1] = span(a);
-    const auto [b0, b1] = span(b);
-    return a0 < b1 && b0 < a1;
-}
-
-// A kernel whose every thread reads element e of `in` only before it writes element e of
-// `out` (and no other thread touches either) is right where the two are apart or are the
-// same elements at the same addresses (an op placed in place); not where they overlap
-// otherwise.
-inline bool elementwise_safe(const Tensor* out, const Tensor* in) {
-    return !memory_overlaps(out, in) ||
-           (out->data == in->data && out->ne == in->ne && out->nb == in->nb && out->type == in->type);
 }
 
 // A tensor (or the source of a view) that no kernel writes while graphs run: kernels

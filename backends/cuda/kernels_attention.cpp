@@ -6,8 +6,6 @@
 #include "flash_attn_cuda.h"
 #include "quant_matmul.h"
 
-#include <algorithm>
-
 namespace gfa::cuda {
 
 namespace {
@@ -23,32 +21,23 @@ void run_flash_attn(const ComputeCtx& ctx, Tensor* dst) {
 // output projection): where the forward splits the keys, its combine kernel also writes the
 // product's int8 columns, so the product needs no rounding launch of its own; elsewhere the
 // product rounds them as it would alone. One scratch block holds the attention's workspace,
-// then the columns. With a third node, the residual add behind the product, the product's
-// kernel writes that sum too; with a fourth and fifth, the next block's pre-norm behind the
-// add, its last thread block computes that and writes the int8 columns of the product behind
-// at the start of scratch memory (the attention's workspace, used up by then).
-void run_attention_matvec(const ComputeCtx& ctx, Tensor* last) {
+// then the columns.
+void run_attention_matvec(const ComputeCtx& ctx, Tensor* product) {
     const std::span<Tensor* const> nodes = ctx.fused;
-    if ((nodes.size() != 2 && nodes.size() != 3 && nodes.size() != 5) || nodes.back() != last)
+    if (nodes.size() != 2 || nodes[1] != product)
         fail("CUDA: the fused attention -> product launch lost its nodes");
-    Tensor* product = nodes[1];
     const attn::Problem p = attn::forward_problem(nodes[0]);
     const size_t workspace_bytes = flash_attn_forward_workspace_size(p);
     const size_t columns_at = (workspace_bytes + 255) / 256 * 256;
     const TensorView b = view_of(product->src[1]);
-    const size_t next_bytes = nodes.size() == 5 ? quantized_columns_bytes(view_of(nodes[4])) : 0;
-    char* scratch = static_cast<char*>(ctx.scratch->get(
-        std::max(columns_at + quantized_columns_bytes(b), next_bytes), ctx.stream, ctx.device_name));
-    ProductExtras add;
-    if (nodes.size() == 3) add = residual_add_extras(ctx, product, nodes[2]);
-    if (nodes.size() == 5) add = residual_add_extras(ctx, product, nodes[2], nodes[3], nodes[4], scratch);
+    char* scratch = static_cast<char*>(
+        ctx.scratch->get(columns_at + quantized_columns_bytes(b), ctx.stream, ctx.device_name));
     const ColumnBlocks columns = column_blocks_in(b, scratch + columns_at);
     const bool rounded =
         flash_attn_forward(p, ctx.stream, workspace_bytes ? scratch : nullptr, workspace_bytes,
                            Int8Columns{columns.q, reinterpret_cast<float*>(columns.ds)});
     if (!rounded) quantize_columns(b, scratch + columns_at, ctx.stream);
-    compute_mul_mat(ctx, product, nullptr, scratch + columns_at, nodes.size() > 2 ? &add : nullptr);
-    if (nodes.size() == 5 && ctx.last_columns) *ctx.last_columns = {nodes[4], scratch};
+    compute_mul_mat(ctx, product, nullptr, scratch + columns_at);
 }
 
 void run_flash_attn_back(const ComputeCtx& ctx, Tensor* dst) {
@@ -66,7 +55,7 @@ bool supports_back(const Tensor* dst) {
 
 } // namespace
 
-Fusion find_attention_fusion(std::span<Tensor* const> nodes, size_t i, bool with_add) {
+Fusion find_attention_fusion(std::span<Tensor* const> nodes, size_t i) {
     if (nodes.size() - i < 2 || nodes[i]->op != Op::FlashAttnExt) return {};
     const Tensor *attention = nodes[i], *product = nodes[i + 1];
     // The product reads the whole output, packed, as its columns (a reshape of it, which
@@ -76,10 +65,6 @@ Fusion find_attention_fusion(std::span<Tensor* const> nodes, size_t i, bool with
         b->data != attention->data || !b->is_contiguous() ||
         b->ne[0] != attention->ne[0] * attention->ne[1] || b->nelements() != attention->nelements())
         return {};
-    if (with_add && nodes.size() - i >= 3 && is_residual_add_of(nodes[i + 2], product)) {
-        if (is_norm_behind(nodes, i + 3, nodes[i + 2], product)) return {5, run_attention_matvec, true};
-        return {3, run_attention_matvec};
-    }
     return {2, run_attention_matvec};
 }
 

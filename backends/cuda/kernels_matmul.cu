@@ -16,7 +16,6 @@
 #include "op_def.h"
 #include "quant_matmul.h"
 
-#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -262,8 +261,7 @@ bool takes_quant_matvec(const Tensor* mul_mat) {
     return is_cuda_quant_type(mul_mat->src[0]->type) && mul_mat->src[1]->ne[1] <= kQuantMatvecMaxColumns;
 }
 
-void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, const void* quantized_b,
-                     const ProductExtras* extras) {
+void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, const void* quantized_b) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1];
     float* C = static_cast<float*>(dst->data);
@@ -284,12 +282,10 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
             columns = scratch;
         }
         quant_matvec(view_of(a), vb, view_of(dst), columns, is_constant(a), glu ? view_of(glu) : TensorView{},
-                     glu ? dst->ne[0] / 2 : 0, ctx.stream, extras ? *extras : ProductExtras{});
+                     glu ? dst->ne[0] / 2 : 0, ctx.stream);
         if (ctx.last_columns) *ctx.last_columns = {b, columns};
         return;
     }
-    if (extras)
-        fail("mul_mat on CUDA: a fused residual add or pre-norm needs the quantized matrix-vector path");
     if (half_matvec_applies(a, b, dst)) {
         if (a->type == Type::F16)
             launch_half_matvec<__half>(ctx, a, b, dst, glu);
@@ -336,28 +332,6 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
 // The fused gate/up product: `swiglu` is the last node, its sources views of the product.
 void run_mul_mat_swiglu(const ComputeCtx& ctx, Tensor* swiglu) {
     compute_mul_mat(ctx, swiglu->src[0]->view_src, swiglu);
-}
-
-// The product, then the residual add behind it [and the pre-norm behind that], in one launch
-// (find_product_add_fusion).
-void run_mul_mat_add(const ComputeCtx& ctx, Tensor* last) {
-    const std::span<Tensor* const> nodes = ctx.fused;
-    if ((nodes.size() != 2 && nodes.size() != 4) || nodes.back() != last)
-        fail("CUDA: the fused product -> residual add launch lost its nodes");
-    Tensor* product = nodes[0];
-    if (nodes.size() == 2) {
-        const ProductExtras extras = residual_add_extras(ctx, product, nodes[1]);
-        compute_mul_mat(ctx, product, nullptr, nullptr, &extras);
-        return;
-    }
-    // The product's own columns and, once it is done with them, the next product's, at the
-    // start of scratch memory, where that product looks for them.
-    const size_t bytes = std::max(quantized_columns_bytes(view_of(product->src[1])),
-                                  quantized_columns_bytes(view_of(nodes[3])));
-    void* columns = ctx.scratch->get(bytes, ctx.stream, ctx.device_name);
-    const ProductExtras extras = residual_add_extras(ctx, product, nodes[1], nodes[2], nodes[3], columns);
-    compute_mul_mat(ctx, product, nullptr, nullptr, &extras);
-    if (ctx.last_columns) *ctx.last_columns = {nodes[3], columns};
 }
 
 // A view of the product m: rows of half its width at column `first`, as the graph builder's
@@ -427,36 +401,6 @@ bool supports_out_prod(const Tensor* dst) {
 }
 
 } // namespace
-
-bool is_residual_add_of(const Tensor* add, const Tensor* product) {
-    if (add->op != Op::Add || product->op != Op::MulMat || !takes_quant_matvec(product)) return false;
-    const bool first = add->src[0] == product;
-    const Tensor* residual = first ? add->src[1] : add->src[0];
-    if ((first ? add->src[0] : add->src[1]) != product || residual == product) return false;
-    if (add->type != Type::F32 || residual->type != Type::F32 || add->ne != product->ne ||
-        residual->ne != product->ne || !supports_mul_mat(product))
-        return false;
-    // The product's threads write dst's element, then read the residual's and write the sum's:
-    // the sum may be placed over either, nothing may overlap the product's own inputs.
-    return elementwise_safe(add, product) && elementwise_safe(add, residual) &&
-           !memory_overlaps(residual, product) && !memory_overlaps(add, product->src[0]) &&
-           !memory_overlaps(add, product->src[1]);
-}
-
-ProductExtras residual_add_extras(const ComputeCtx& ctx, const Tensor* product, const Tensor* add,
-                                  const Tensor* norm, const Tensor* mul, void* columns) {
-    ProductExtras e;
-    e.residual = view_of(add->src[0] == product ? add->src[1] : add->src[0]);
-    e.residual_sum = view_of(add);
-    if (norm) e.norm = norm_behind(ctx, norm, mul, columns);
-    return e;
-}
-
-Fusion find_product_add_fusion(std::span<Tensor* const> nodes, size_t i) {
-    if (nodes.size() - i < 2 || !is_residual_add_of(nodes[i + 1], nodes[i])) return {};
-    if (is_norm_behind(nodes, i + 2, nodes[i + 1], nodes[i])) return {4, run_mul_mat_add, true};
-    return {2, run_mul_mat_add};
-}
 
 Fusion find_glu_fusion(std::span<Tensor* const> nodes, size_t i) {
     if (nodes.size() - i < 2) return {};

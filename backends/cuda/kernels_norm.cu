@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kMaxNormThreads)
     float sq = 0.0f;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const float d = load_f32(x, i, i1, i2, i3) - mean;
-        sq = fmaf(d, d, sq); // explicit: the fused kernels add up in exactly this way
+        sq += d * d;
     }
     const float inv = rsqrtf(block_sum(sq, shared) / float(n) + eps);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -456,7 +456,7 @@ __global__ void __launch_bounds__(kBlockMax)
             const int64_t i = base + k * step;
             if (i >= n) break;
             if constexpr (kAdd) *f32_ptr(sum, i, i1, i2, i3) = x[k];
-            sq = fmaf(x[k], x[k], sq);
+            sq += x[k] * x[k];
         }
     }
     const float inv = rsqrtf(block_sum(sq, shared) / float(n) + eps);
@@ -561,6 +561,20 @@ bool is_quant_matvec_of(const Tensor* product, const Tensor* mul) {
            mul->ne[0] % 32 == 0 && mul->ne[2] == 1 && mul->ne[3] == 1 && mul->is_contiguous();
 }
 
+// Whether the bytes two tensors (or views) span overlap.
+bool memory_overlaps(const Tensor* a, const Tensor* b) {
+    auto span = [](const Tensor* t) {
+        const char* p = static_cast<const char*>(t->data);
+        if (t->nelements() == 0) return std::pair{p, p};
+        size_t last = t->element_size();
+        for (int d = 0; d < 4; ++d) last += size_t(t->ne[d] - 1) * t->nb[d];
+        return std::pair{p, p + last};
+    };
+    const auto [a0, a1] = span(a);
+    const auto [b0, b1] = span(b);
+    return a0 < b1 && b0 < a1;
+}
+
 // The tensor whose memory a view uses.
 const Tensor* storage_of(const Tensor* t) {
     while (t->view_src) t = t->view_src;
@@ -631,34 +645,6 @@ Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i) {
     if (left > n && is_quant_matvec_of(nodes[i + n], nodes[i + n - 1]))
         return {find_glu_fusion(nodes, i + n).n_nodes == 2 ? n + 2 : n + 1, run_pre_norm_matvec};
     return {n, n == 2 ? run_rms_norm_mul : run_add_rms_norm_mul};
-}
-
-bool is_norm_behind(std::span<Tensor* const> nodes, size_t i, const Tensor* add, const Tensor* product) {
-    if (nodes.size() - i < 3) return false;
-    const Tensor *norm = nodes[i], *mul = nodes[i + 1];
-    if (!is_f32_rms_norm_of(norm, add) || !is_row_scaling_of(mul, norm) ||
-        !is_quant_matvec_of(nodes[i + 2], mul) || add->ne[1] != 1 || !add->is_contiguous())
-        return false;
-    // One block computes them once the product's blocks are done with their inputs: its
-    // threads read x and write each element of the rms_norm and mul nodes in turn, and
-    // nothing may write the gain or what the product reads.
-    for (const Tensor* out : {norm, mul})
-        for (const Tensor* in : {mul->src[1], product->src[0], product->src[1]})
-            if (memory_overlaps(out, in)) return false;
-    return elementwise_safe(norm, add) && elementwise_safe(mul, add) && elementwise_safe(mul, norm);
-}
-
-NormBehind norm_behind(const ComputeCtx& ctx, const Tensor* norm, const Tensor* mul, void* columns) {
-    NormBehind nb;
-    nb.x = view_of(norm->src[0]);
-    nb.gain = view_of(mul->src[1]);
-    nb.normed = view_of(norm);
-    nb.out = view_of(mul);
-    nb.eps = norm->params<NormParams>().eps;
-    nb.norm_threads = norm_row_threads(mul->ne[0], mul->nrows());
-    nb.columns = column_blocks_in(nb.out, columns);
-    nb.counter = ctx.block_counter;
-    return nb;
 }
 
 void register_norm_kernels(KernelTable& t) {

@@ -52,28 +52,13 @@ __device__ __forceinline__ MatrixRow matrix_row(const TensorView& a, const Tenso
     return m;
 }
 
-// The residual add a fused launch writes behind the product: sum(row, c) = residual(row, c)
-// + dst(row, c), both views of dst's shape (sum.data null: no add). The thread that writes
-// dst's element writes the sum after it, so a sum placed in place over dst or over the
-// residual is right.
-struct ResidualAdd {
-    TensorView residual, sum;
-};
-__device__ __forceinline__ void write_row_value(const TensorView& dst, const ResidualAdd& add, int64_t row,
-                                                int c, int64_t i2, int64_t i3, float value) {
-    *f32_ptr(dst, row, c, i2, i3) = value;
-    if (add.sum.data) *f32_ptr(add.sum, row, c, i2, i3) = *f32_ptr(add.residual, row, c, i2, i3) + value;
-}
-
 // Adds a row's partial sums (per column) across its slices, in slice order, and writes them
-// to dst(row, c) (and the residual add's sum); in gated mode (n_ff > 0) then swiglu(gate,
-// up) to glu(pair, c). Every thread of the block calls it (it synchronizes when split > 1 or
-// in gated mode).
+// to dst(row, c); in gated mode (n_ff > 0) then swiglu(gate, up) to glu(pair, c). Every
+// thread of the block calls it (it synchronizes when split > 1 or in gated mode).
 template <int kWarps, int NC>
 __device__ __forceinline__ void write_row_sums(float (&acc)[NC], int n_cols, const RowSlice& rs, int split,
                                                bool has_row, const TensorView& dst, int64_t i2, int64_t i3,
-                                               int64_t n_ff, const TensorView& glu,
-                                               const ResidualAdd& add = {}) {
+                                               int64_t n_ff, const TensorView& glu) {
     __shared__ float partial[kWarps][NC];
     __shared__ float totals[kWarps][NC]; // per local row
     const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
@@ -83,7 +68,7 @@ __device__ __forceinline__ void write_row_sums(float (&acc)[NC], int n_cols, con
         const float s = has_row ? warp_sum(acc[c]) : 0.0f;
         if (split == 1) {
             if (has_row && lane == 0) {
-                write_row_value(dst, add, rs.row, c, i2, i3, s);
+                *f32_ptr(dst, rs.row, c, i2, i3) = s;
                 totals[rs.local][c] = s;
             }
         } else if (lane == 0) {
@@ -95,7 +80,7 @@ __device__ __forceinline__ void write_row_sums(float (&acc)[NC], int n_cols, con
         if (has_row && rs.slice == 0 && lane < n_cols) {
             float total = 0.0f;
             for (int j = 0; j < split; ++j) total += partial[warp + j][lane];
-            write_row_value(dst, add, rs.row, lane, i2, i3, total);
+            *f32_ptr(dst, rs.row, lane, i2, i3) = total;
             totals[rs.local][lane] = total;
         }
     }

@@ -562,99 +562,12 @@ __device__ __forceinline__ void load_item(W& item, const char* row, int64_t K, i
         item.load(row + int64_t(ib) * QuantBlock<T>::kBytes, int(part));
 }
 
-// The pre-norm behind a fused residual add (NormBehind), for the block that finishes last.
-//
-// The sum of squares in the order of the rms_norm kernel with nb.norm_threads threads: its
-// thread v takes elements v, v + threads, ... in turn, and block_sum adds each warp's 32
-// sums with warp_sum, then the warps' totals with warp_sum again. Here warp w plays that
-// kernel's warps w, w + kMatvecWarps, ... (lane l as its thread 32 vw + l), so every addition
-// happens in the same order and the norm is bit for bit the separate kernel's. Each warp
-// then rounds the blocks of 32 it summed, lane l holding element 32 m + l as
-// round_block_to_int8 expects. All the loads of a step are issued before anything is stored
-// (a store in between would order the loads behind it): one block does this alone, at the
-// end of the kernel, so its latency is what counts.
-constexpr int kNormBehindSteps = 8; // the most of that kernel's warps a warp plays (1024 / 32 / 4)
-
-// x[i] as the other blocks wrote it: from L2, past this SM's L1, which may still hold lines of
-// x from before (where the sum sits in place over the residual this block read).
-__device__ __forceinline__ float load_from_l2(const TensorView& x, int64_t i) {
-    return __ldcg(reinterpret_cast<const float*>(x.data + offset_of(x, i, 0, 0, 0)));
-}
-
-__device__ __forceinline__ void compute_norm_behind(const NormBehind& nb) {
-    __shared__ float warp_totals[32];
-    const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
-    const int64_t K = nb.x.ne[0];
-    const int threads = nb.norm_threads, norm_warps = threads / 32;
-    float part[kNormBehindSteps];
-#pragma unroll
-    for (int j = 0; j < kNormBehindSteps; ++j) part[j] = 0.0f;
-    for (int64_t k0 = 0; k0 < K; k0 += threads) {
-#pragma unroll
-        for (int j = 0; j < kNormBehindSteps; ++j) {
-            const int vw = warp + kMatvecWarps * j;
-            const int64_t i = k0 + 32 * vw + lane;
-            if (vw < norm_warps && i < K) {
-                const float v = load_from_l2(nb.x, i);
-                part[j] = fmaf(v, v, part[j]);
-            }
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < kNormBehindSteps; ++j) {
-        const int vw = warp + kMatvecWarps * j;
-        const float s = warp_sum(part[j]);
-        if (vw < norm_warps && lane == 0) warp_totals[vw] = s;
-    }
-    __syncthreads();
-    const float total = warp_sum(lane < norm_warps ? warp_totals[lane] : 0.0f);
-    const float inv = rsqrtf(total / float(K) + nb.eps);
-    const int64_t n_blocks = K / 32;
-    for (int64_t m0 = warp; m0 < n_blocks; m0 += kMatvecWarps * kNormBehindSteps) {
-        float xs[kNormBehindSteps], ws[kNormBehindSteps];
-#pragma unroll
-        for (int j = 0; j < kNormBehindSteps; ++j) {
-            const int64_t m = m0 + kMatvecWarps * j;
-            if (m < n_blocks) {
-                xs[j] = load_from_l2(nb.x, 32 * m + lane);
-                ws[j] = load_f32(nb.gain, 32 * m + lane, 0, 0, 0);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < kNormBehindSteps; ++j) {
-            const int64_t m = m0 + kMatvecWarps * j;
-            if (m >= n_blocks) break; // the same for the whole warp
-            const int64_t i = 32 * m + lane;
-            const float y = xs[j] * inv, h = y * ws[j];
-            *f32_ptr(nb.normed, i, 0, 0, 0) = y;
-            *f32_ptr(nb.out, i, 0, 0, 0) = h;
-            round_block_to_int8(h, lane, nb.columns.q + 32 * m, nb.columns.ds + m);
-        }
-    }
-}
-
-// Every block calls it after writing its rows: the last one to get there (all the others'
-// rows written and visible) computes the norm and leaves the counter at 0 again.
-__device__ __forceinline__ void norm_behind_if_last(const NormBehind& nb) {
-    __shared__ bool last;
-    __syncthreads(); // the block's rows are written (and its reads of the columns done)
-    if (threadIdx.x == 0) {
-        __threadfence(); // ... and visible to the block that finishes last
-        last = atomicAdd(nb.counter, 1u) == gridDim.x * gridDim.y - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    compute_norm_behind(nb);
-    if (threadIdx.x == 0) *nb.counter = 0;
-}
-
 // U: items a lane loads before using any (W::kUnroll, or a deeper pass for long rows,
 // matvec_shape).
 template <int T, int A, int NC, int U = Item<T, A>::kUnroll>
 __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3, int split,
-                        bool a_constant, int64_t n_ff, TensorView glu, ResidualAdd add, NormBehind norm) {
+                        bool a_constant, int64_t n_ff, TensorView glu) {
     using W = Item<T, A>;
     using B = QuantBlock<T>;
     const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
@@ -689,8 +602,7 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
                 items[u].template dot<NC>(x, unsigned(i) / W::kParts, int(unsigned(i) % W::kParts), acc);
         }
     }
-    write_row_sums<kMatvecWarps>(acc, x.n, rs, split, has_row, dst, i2, i3, n_ff, glu, add);
-    if (norm.counter) norm_behind_if_last(norm); // the same for the whole grid
+    write_row_sums<kMatvecWarps>(acc, x.n, rs, split, has_row, dst, i2, i3, n_ff, glu);
 }
 
 // One thread block per row of a; each thread writes 8 consecutive f16 values (16 bytes).
@@ -763,8 +675,7 @@ template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
 
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
-                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                   const ResidualAdd& add, const NormBehind& norm) {
+                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     const MatvecShape shape = matvec_shape<T, A>(a.ne[0], x.n);
     const int64_t rows = dst.ne[0];
     const int64_t matrices = dst.ne[2] * dst.ne[3];
@@ -772,8 +683,7 @@ void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst,
     const dim3 grid(unsigned(row_groups(rows, n_ff, split, kMatvecWarps)), unsigned(matrices));
     const dim3 block(kMatvecWarps * 32);
     auto launch = [&](auto kernel) {
-        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu, add,
-                     norm);
+        launch_early(kernel, grid, block, 0, stream, a, x, dst, r2, r3, split, a_constant, n_ff, glu);
     };
     if constexpr (kHasDeepPass<T>) {
         constexpr int kDeep = kDeepUnroll<T>;
@@ -855,18 +765,10 @@ int quant_matvec_split(const TensorView& a, int64_t columns) {
 }
 
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                  const ProductExtras& extras) {
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
     if (b.ne[1] < 1 || b.ne[1] > kQuantMatvecMaxColumns)
         fail("mul_mat on CUDA: the matrix-vector path takes 1 to 8 columns, got " + std::to_string(b.ne[1]));
     if (dst.ne[0] == 0 || dst.ne[2] * dst.ne[3] == 0) return;
-    const NormBehind& norm = extras.norm;
-    if (norm.counter && (!extras.residual_sum.data || b.ne[1] != 1 || dst.ne[2] * dst.ne[3] != 1 ||
-                         norm.x.ne[0] % 32 != 0 || norm.norm_threads % 32 != 0 || norm.norm_threads < 32 ||
-                         norm.norm_threads > 32 * kMatvecWarps * kNormBehindSteps))
-        fail("mul_mat on CUDA: a pre-norm behind the product takes a residual add of one column, K % 32 == 0 "
-             "(K " +
-             std::to_string(norm.x.ne[0]) + ", columns " + std::to_string(b.ne[1]) + ")");
     const ColumnsLayout l = columns_layout(b);
     const char* base = static_cast<const char*>(scratch);
     const int64_t K = b.ne[0];
@@ -874,9 +776,8 @@ void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& ds
                     reinterpret_cast<const float2*>(base + l.ds_offset), K, K / 32, int(b.ne[1])};
     const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3];
     dispatch_matvec(a, [&](auto type, auto align) {
-        launch_matvec<decltype(type)::value, decltype(align)::value>(
-            a, x, dst, r2, r3, a_constant, glu, n_ff, stream,
-            ResidualAdd{extras.residual, extras.residual_sum}, norm);
+        launch_matvec<decltype(type)::value, decltype(align)::value>(a, x, dst, r2, r3, a_constant, glu, n_ff,
+                                                                     stream);
     });
 }
 

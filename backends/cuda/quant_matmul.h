@@ -31,48 +31,12 @@ struct ColumnBlocks {
 };
 ColumnBlocks column_blocks_in(const TensorView& b, void* scratch);
 
-// What a fused launch adds to the product (quant_matvec's `extras`); default: nothing.
-//
-// residual_sum: the residual add behind the product, residual_sum = residual + dst, written
-// by the thread that writes dst's element (so a sum placed in place over dst or over the
-// residual is still right).
-//
-// norm: the next block's pre-norm behind that add, h = rms_norm(x) * gain with x the sum
-// (one column): the thread block that finishes last (a ticket from `counter`, which starts
-// at 0 and is left at 0) computes it, with the sum of squares added up in the order of the
-// rms_norm kernel with `norm_threads` threads (bit for bit its result), and writes the
-// rms_norm and mul nodes and h's int8 columns at `columns` for the product behind.
-struct NormBehind {
-    TensorView x{}, gain{}, normed{}, out{};
-    float eps = 0.0f;
-    int norm_threads = 0;
-    ColumnBlocks columns{};
-    unsigned* counter = nullptr; // null: no norm
-};
-struct ProductExtras {
-    TensorView residual{}, residual_sum{}; // residual_sum.data null: no add
-    NormBehind norm{};
-};
-
-// The extras of a fused residual add behind `product` (is_residual_add_of) [and of the
-// pre-norm behind that add: its rms_norm and mul nodes, h's columns at `columns`].
-ProductExtras residual_add_extras(const ComputeCtx& ctx, const Tensor* product, const Tensor* add,
-                                  const Tensor* norm = nullptr, const Tensor* mul = nullptr,
-                                  void* columns = nullptr);
-// nodes[i], nodes[i + 1]: rms_norm(add) -> mul by a row of weights, which a quantized product
-// of one column reads right behind them, such that the kernel of `product` (the add's
-// product) can compute them in its last thread block.
-bool is_norm_behind(std::span<Tensor* const> nodes, size_t i, const Tensor* add, const Tensor* product);
-// The NormBehind of those nodes, h's int8 columns at `columns`.
-NormBehind norm_behind(const ComputeCtx& ctx, const Tensor* norm, const Tensor* mul, void* columns);
-
 // Step 2: dst = a^T b from the quantized columns (N <= kQuantMatvecMaxColumns). a_constant:
 // no kernel writes a while graphs run, so the kernel may fetch it before its inputs are ready.
 // n_ff > 0: a is a merged gate/up matrix (gate rows, then n_ff up rows) and glu(p, c) gets
 // swiglu(dst(p, c), dst(n_ff + p, c)) as well (quant_matvec_split must be at most 2).
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
-                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream,
-                  const ProductExtras& extras = {});
+                  bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream);
 
 // How many warps share one row of a in quant_matvec (1, 2 or 4) with that many columns.
 int quant_matvec_split(const TensorView& a, int64_t columns);

@@ -60,14 +60,6 @@ std::unique_ptr<Backend> backend_with(const char* name, bool on) {
     return cuda0()->create_backend();
 }
 
-// A CUDA backend with fusion on, with or without the opt-in fusions into quantized products
-// (GFA_CUDA_FUSE_INTO_PRODUCTS).
-std::unique_ptr<Backend> backend_fusing(bool into_products) {
-    EnvSetting fusion("GFA_CUDA_FUSION", true);
-    EnvSetting into("GFA_CUDA_FUSE_INTO_PRODUCTS", into_products);
-    return cuda0()->create_backend();
-}
-
 int64_t counter(const std::vector<std::pair<std::string, int64_t>>& counters, const std::string& name) {
     for (const auto& [n, v] : counters)
         if (n == name) return v;
@@ -422,7 +414,7 @@ TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit an
 TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_fusing(false);
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     REQUIRE(counter(fused->counters(), "fusion_enabled") == 1);
     REQUIRE(counter(separate->counters(), "fusion_enabled") == 0);
@@ -471,7 +463,7 @@ TEST_CASE("CUDA fused add -> rms_norm -> mul: every node written, bit for bit th
 TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit the separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_fusing(false);
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         Type type;
@@ -519,7 +511,7 @@ TEST_CASE(
     "CUDA fused pre-norm -> quantized product: int8 columns from the norm, bit for bit the separate kernels",
     "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_fusing(false);
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         Type type;
@@ -575,74 +567,6 @@ TEST_CASE(
     CHECK(counter(separate->counters(), "fused_launches") == 0);
 }
 
-// The chain a decoded token runs through between two blocks: the output projection of one
-// block and the residual add behind it, then the next block's pre-norm and the products that
-// read it. With fusion the first product's kernel writes the residual sum as well, and its
-// thread block that finishes last the pre-norm and the int8 columns the next product reads.
-// Every node bit for bit the separate kernels' and near the reference; the add both ways
-// round, with a fused swiglu behind the second product and with a third product reusing its
-// columns, block types whose rows take one to four warps, widths of the residual stream that
-// the rms_norm kernel sums with 64 to 1024 threads.
-TEST_CASE("CUDA fused product -> residual add -> pre-norm: the next product's int8 columns from the last "
-          "block, bit for bit the separate kernels",
-          "[cuda][fusion]") {
-    INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_fusing(true);
-    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
-    struct Case {
-        Type out_type, in_type;
-        int64_t E, F; // the residual stream's width, the first product's K
-    };
-    for (const Case& c : {Case{Type::Q4_K, Type::Q6_K, 2048, 512}, Case{Type::Q8_0, Type::Q4_0, 4096, 96},
-                          Case{Type::Q6_K, Type::Q4_K, 512, 5632}, Case{Type::Q5_K, Type::Q5_0, 1536, 256},
-                          Case{Type::IQ4_NL, Type::Q8_0, 96, 4096}})
-        for (const bool residual_first : {false, true})
-            for (const bool gated : {false, true}) {
-                INFO(type_name(c.out_type) << " -> " << type_name(c.in_type) << ", E " << c.E << " F " << c.F
-                                           << (residual_first ? ", add(residual, p)" : ", add(p, residual)")
-                                           << (gated ? ", swiglu" : ", two products"));
-                const int64_t n_ff = 150, M = 2 * n_ff;
-                Context ctx{ContextParams{.alloc_data = true}};
-                Tensor* s = ctx.new_tensor(Type::F32, {c.F, 1});
-                Tensor* x = ctx.new_tensor(Type::F32, {c.E, 1});
-                Tensor* w_out = ctx.new_tensor(c.out_type, {c.F, c.E});
-                Tensor* gain = ctx.new_tensor(Type::F32, {c.E});
-                Tensor* w1 = ctx.new_tensor(c.in_type, {c.E, M});
-                Tensor* w2 = ctx.new_tensor(c.in_type, {c.E, 96});
-                for (Tensor* t : {s, x, w_out, gain, w1, w2}) test::fill_uniform(t);
-                for (Tensor* t : {w_out, gain, w1, w2}) t->flags |= kFlagConstant;
-                Tensor* p = mul_mat(ctx, w_out, s);
-                Tensor* x1 = residual_first ? add(ctx, x, p) : add(ctx, p, x);
-                Tensor* normed = rms_norm(ctx, x1, 1e-5f);
-                Tensor* h = mul(ctx, normed, gain);
-                Tensor* q = mul_mat(ctx, w1, h); // reads the columns the last block wrote
-                std::vector<Tensor*> checked = {p, x1, normed, h, q};
-                Tensor* last = nullptr;
-                if (gated) {
-                    const size_t half = size_t(n_ff) * sizeof(float);
-                    last = swiglu(ctx, view(ctx, q, {n_ff, 1}, {q->nb[1]}, 0),
-                                  view(ctx, q, {n_ff, 1}, {q->nb[1]}, half));
-                } else {
-                    last = mul_mat(ctx, w2, h); // right behind q: reuses the same columns
-                }
-                checked.push_back(last);
-                Tensor* out = scale(ctx, last, 0.5f); // a reader behind the fused launches
-                checked.push_back(out);
-                const Graph g = build_forward(out);
-                for (Tensor* node : checked) {
-                    INFO("node " << op_name(node->op) << " " << node->shape_str());
-                    const int64_t behind = counter(fused->counters(), "norm_behind_product_launches");
-                    // The product with its add and the pre-norm; [the next product with its swiglu.]
-                    const std::vector<float> got =
-                        fused_as_separate(*fused, *separate, g, node, gated ? 2 : 1);
-                    CHECK(counter(fused->counters(), "norm_behind_product_launches") - behind == 1);
-                    CHECK(test::rel_error(got, ref::evaluate(g, node)) <= 3e-2);
-                }
-            }
-    CHECK(counter(separate->counters(), "fused_launches") == 0);
-    CHECK(counter(separate->counters(), "norm_behind_product_launches") == 0);
-}
-
 // A decoding step's rope over q and k and the cache writes of k and v, as the model builder
 // makes them (then attention over the caches): with fusion one kernel writes the rope's
 // output and both caches, recomputing the rotated k it stores. Every node bit for bit the
@@ -651,7 +575,7 @@ TEST_CASE(
     "CUDA fused rope -> set_rows -> set_rows: rope output and both caches bit for bit the separate kernels",
     "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_fusing(false);
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     const int64_t D = 64, Hq = 4, Hkv = 2, n_ctx = 40;
     for (const Type cache_type : {Type::F16, Type::F32})
@@ -703,8 +627,7 @@ TEST_CASE("CUDA fused attention -> quantized product: int8 columns from the comb
           "separate kernels",
           "[cuda][fusion]") {
     INFO("seed " << test::seed());
-    const std::unique_ptr<Backend> fused = backend_fusing(false);
-    const std::unique_ptr<Backend> into_products = backend_fusing(true);
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
         int64_t D, Hq, Hkv, Skv;
@@ -716,7 +639,7 @@ TEST_CASE("CUDA fused attention -> quantized product: int8 columns from the comb
         for (const int64_t T : {1, 3}) {
             INFO("D " << c.D << " Hq " << c.Hq << " Hkv " << c.Hkv << " keys " << c.Skv << ", " << T
                       << " tokens, weights " << type_name(c.type));
-            const int64_t K = c.D * c.Hq, M = 256;
+            const int64_t K = c.D * c.Hq, M = 96;
             Context ctx{ContextParams{.alloc_data = true}};
             Tensor* q = ctx.new_tensor(Type::F32, {c.D, T, c.Hq});
             Tensor* k = ctx.new_tensor(Type::F16, {c.D, c.Skv, c.Hkv});
@@ -736,36 +659,8 @@ TEST_CASE("CUDA fused attention -> quantized product: int8 columns from the comb
                 // f16 K/V (q rounded to f16 too), then the int8 rounding of o in the product.
                 CHECK(test::rel_error(got, ref::evaluate(g, node)) <= (node == o ? 1e-2 : 3e-2));
             }
-            // Behind the product, as in a decoding step: the residual add, then the next
-            // block's pre-norm and the product that reads it, all in the same launch but the
-            // last product (one token: the pre-norm needs one column), where the backend
-            // fuses into products.
-            Tensor* r = ctx.new_tensor(Type::F32, {M, T});
-            Tensor* gain = ctx.new_tensor(Type::F32, {M});
-            Tensor* w_next = ctx.new_tensor(c.type, {M, 160});
-            for (Tensor* t : {r, gain, w_next}) test::fill_uniform(t);
-            for (Tensor* t : {gain, w_next}) t->flags |= kFlagConstant;
-            Tensor* x1 = add(ctx, r, p);
-            Tensor* normed = rms_norm(ctx, x1, 1e-5f);
-            Tensor* h = mul(ctx, normed, gain);
-            Tensor* p_next = mul_mat(ctx, w_next, h);
-            const Graph g2 = build_forward(scale(ctx, p_next, 2.0f));
-            for (Tensor* node : {p, x1, normed, h, p_next}) {
-                INFO("with the add and the pre-norm behind, node " << op_name(node->op));
-                const int64_t behind = counter(into_products->counters(), "norm_behind_product_launches");
-                // T > 1: the attention, the product and the add, then the pre-norm's launch.
-                const std::vector<float> got =
-                    fused_as_separate(*into_products, *separate, g2, node, T == 1 ? 1 : 2);
-                CHECK(counter(into_products->counters(), "norm_behind_product_launches") - behind ==
-                      (T == 1 ? 1 : 0));
-                // Without them, the add goes into the pre-norm's launch: the same bits.
-                CHECK(bit_identical(run_graph(*fused, g2, node, 0), got));
-                CHECK(test::rel_error(got, ref::evaluate(g2, node)) <= 3e-2);
-            }
         }
     CHECK(counter(separate->counters(), "fused_launches") == 0);
-    // The fusions into products are opt-in (GFA_CUDA_FUSE_INTO_PRODUCTS): none without it.
-    CHECK(counter(fused->counters(), "norm_behind_product_launches") == 0);
 }
 
 // GFA_CUDA_SKIP_OPS, a timing aid: the backend launches an empty kernel in place of each
