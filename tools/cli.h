@@ -7,13 +7,61 @@
 #include <ggml-fa/ops.h>
 #include <ggml-fa/types.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <string>
+#include <vector>
 
 namespace gfa::cli {
+
+// The largest value of an int option.
+inline constexpr int64_t kIntMax = INT32_MAX;
+
+// Option `flag`'s value v as an integer in [lo, hi]: the whole of v, what the option's field
+// can hold and means (no fraction dropped, no narrowing that wraps around).
+inline int64_t integer_of(const std::string& flag, const std::string& v, int64_t lo = INT64_MIN,
+                          int64_t hi = INT64_MAX) {
+    size_t used = 0;
+    int64_t x = 0;
+    try {
+        x = std::stoll(v, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (v.empty() || used != v.size()) fail(flag + " " + v + ": expected an integer");
+    if (x < lo || x > hi)
+        fail(flag + " " + v + ": expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+             "]");
+    return x;
+}
+
+// Option `flag`'s value v as a finite number (the whole of v).
+inline float real_of(const std::string& flag, const std::string& v) {
+    size_t used = 0;
+    float x = 0;
+    try {
+        x = std::stof(v, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (v.empty() || used != v.size() || !std::isfinite(x)) fail(flag + " " + v + ": expected a number");
+    return x;
+}
+
+// --tokens ID,ID,...: token ids (each in [0, 2^31)); at least one.
+inline std::vector<int32_t> token_ids(const std::string& list) {
+    std::vector<int32_t> out;
+    for (size_t at = 0; at <= list.size();) {
+        const size_t end = std::min(list.find(',', at), list.size());
+        out.push_back(int32_t(integer_of("--tokens", list.substr(at, end - at), 0, kIntMax)));
+        at = end + 1;
+    }
+    return out;
+}
 
 // Walks argv; value(), integer() and real() take the argument after the current option.
 class Args {
@@ -26,29 +74,13 @@ class Args {
         if (i_ + 1 >= argc_) fail(option() + " needs a value");
         return argv_[++i_];
     }
-    int64_t integer() {
-        const std::string flag = option(), v = value();
-        size_t used = 0;
-        int64_t x = 0;
-        try {
-            x = std::stoll(v, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (v.empty() || used != v.size()) fail(flag + " " + v + ": expected an integer");
-        return x;
+    int64_t integer(int64_t lo = INT64_MIN, int64_t hi = INT64_MAX) {
+        const std::string flag = option();
+        return integer_of(flag, value(), lo, hi);
     }
     float real() {
-        const std::string flag = option(), v = value();
-        size_t used = 0;
-        float x = 0;
-        try {
-            x = std::stof(v, &used);
-        } catch (const std::exception&) {
-            used = 0;
-        }
-        if (v.empty() || used != v.size() || !std::isfinite(x)) fail(flag + " " + v + ": expected a number");
-        return x;
+        const std::string flag = option();
+        return real_of(flag, value());
     }
 
   private:

@@ -11,6 +11,7 @@
 #include <ggml-fa/model.h>
 
 #include "compare.h"
+#include "tools/cli.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -89,54 +90,54 @@ int main(int argc, char** argv) {
     double tol = 1e-3;
     uint32_t seed = std::random_device{}();
     bool verbose = false, list = false;
-    for (int i = 1; i < argc; ++i) {
-        const std::string arg = argv[i];
-        auto value = [&]() -> std::string {
-            if (i + 1 >= argc) {
-                std::fprintf(stderr, "compare: %s needs a value\n", arg.c_str());
-                std::exit(2);
+    try {
+        for (int i = 1; i < argc; ++i) {
+            const std::string arg = argv[i];
+            auto value = [&]() -> std::string {
+                if (i + 1 >= argc) {
+                    std::fprintf(stderr, "compare: %s needs a value\n", arg.c_str());
+                    std::exit(2);
+                }
+                return argv[++i];
+            };
+            if (arg == "--device")
+                device_names.push_back(value());
+            else if (arg == "--case")
+                filter = value();
+            else if (arg == "--seed")
+                seed = uint32_t(cli::integer_of(arg, value(), 0, UINT32_MAX));
+            else if (arg == "--verbose")
+                verbose = true;
+            else if (arg == "--list")
+                list = true;
+            else if (arg == "--model")
+                model_path = value();
+            else if (arg == "--decode")
+                decode_steps = int(cli::integer_of(arg, value(), 0, 4096));
+            else if (arg == "--tol")
+                tol = cli::real_of(arg, value());
+            else if (arg == "--tokens") {
+                tokens = cli::token_ids(value());
+            } else if (arg == "--kv-type") {
+                const std::string v = value();
+                if (v == "f32")
+                    kv_type = Type::F32;
+                else if (v == "f16")
+                    kv_type = Type::F16;
+                else if (v == "q8_0")
+                    kv_type = Type::Q8_0;
+                else {
+                    std::fprintf(stderr, "compare: --kv-type %s: expected f32, f16 or q8_0\n", v.c_str());
+                    return 2;
+                }
+            } else {
+                usage(argv[0]);
+                return arg == "--help" || arg == "-h" ? 0 : 2;
             }
-            return argv[++i];
-        };
-        if (arg == "--device")
-            device_names.push_back(value());
-        else if (arg == "--case")
-            filter = value();
-        else if (arg == "--seed")
-            seed = uint32_t(std::strtoul(value().c_str(), nullptr, 10));
-        else if (arg == "--verbose")
-            verbose = true;
-        else if (arg == "--list")
-            list = true;
-        else if (arg == "--model")
-            model_path = value();
-        else if (arg == "--decode")
-            decode_steps = std::atoi(value().c_str());
-        else if (arg == "--tol")
-            tol = std::strtod(value().c_str(), nullptr);
-        else if (arg == "--tokens") {
-            const std::string v = value();
-            for (size_t at = 0; at < v.size();) {
-                const size_t end = std::min(v.find(',', at), v.size());
-                tokens.push_back(int32_t(std::strtol(v.substr(at, end - at).c_str(), nullptr, 10)));
-                at = end + 1;
-            }
-        } else if (arg == "--kv-type") {
-            const std::string v = value();
-            if (v == "f32")
-                kv_type = Type::F32;
-            else if (v == "f16")
-                kv_type = Type::F16;
-            else if (v == "q8_0")
-                kv_type = Type::Q8_0;
-            else {
-                std::fprintf(stderr, "compare: --kv-type %s: expected f32, f16 or q8_0\n", v.c_str());
-                return 2;
-            }
-        } else {
-            usage(argv[0]);
-            return arg == "--help" || arg == "-h" ? 0 : 2;
         }
+    } catch (const Error& e) { // an option's value that does not parse
+        std::fprintf(stderr, "compare: %s\n", e.what());
+        return 2;
     }
 
     const std::vector<compare::Case>& suite = compare::builtin_suite();

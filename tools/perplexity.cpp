@@ -57,17 +57,17 @@ Options parse(int argc, char** argv) {
         else if (a == "-f" || a == "--file")
             o.text = args.value();
         else if (a == "-c" || a == "--ctx")
-            o.n_ctx = args.integer();
+            o.n_ctx = args.integer(4, cli::kIntMax);
         else if (a == "-b" || a == "--batch")
-            o.n_batch = args.integer();
+            o.n_batch = args.integer(1, cli::kIntMax);
         else if (a == "--chunks")
-            o.chunks = args.integer();
+            o.chunks = args.integer(-1, cli::kIntMax); // -1: all
         else if (a == "--backend")
             o.backend = args.value();
         else if (a == "--gpu-layers")
-            o.gpu_layers = int(args.integer());
+            o.gpu_layers = int(args.integer(-1, cli::kIntMax)); // -1: all
         else if (a == "-t" || a == "--threads")
-            o.threads = int(args.integer());
+            o.threads = int(args.integer(0, 4096)); // 0: all cores
         else if (a == "--kv-type")
             o.kv_type = cli::kv_type(args.value());
         else if (a == "--matmul-precision")
@@ -81,8 +81,6 @@ Options parse(int argc, char** argv) {
     }
     if (o.model.empty() || o.text.empty())
         fail("-m MODEL.gguf and -f TEXT are required (--help lists the options)");
-    if (o.n_ctx < 4) fail("-c must be at least 4");
-    if (o.n_batch <= 0) fail("-b must be positive");
     return o;
 }
 

@@ -21,6 +21,8 @@
 #include <ggml-fa/error.h>
 #include <ggml-fa/gguf.h>
 
+#include "tools/cli.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -128,9 +130,10 @@ int main(int argc, char** argv) {
         if (args[i] == "--keep") {
             keep.push_back(args[++i]);
         } else if (args[i] == "-t") {
-            threads = std::atoi(args[++i].c_str());
-            if (threads < 1) {
-                std::fprintf(stderr, "quantize: -t %s: expected a positive thread count\n", args[i].c_str());
+            try {
+                threads = int(cli::integer_of("-t", args[++i], 1, 4096));
+            } catch (const Error& e) {
+                std::fprintf(stderr, "quantize: %s\n", e.what());
                 return 2;
             }
         } else {

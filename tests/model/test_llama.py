@@ -730,6 +730,30 @@ def check_config_errors(args, root, failures):
             os.remove(os.path.join(d, f))
 
 
+def check_cli_errors(args, root, failures):
+    """ggml-fa-run refuses option values it cannot take as given (a fraction where a count goes,
+    a negative count or seed, a value its field would wrap, NaN, a token id that is not one)
+    with a message naming the option and value, and takes the edge values it documents."""
+    gguf = os.path.join(root, "llama-f32.gguf")
+    base = [args.run, "-m", gguf, "--tokens", "1,2,3", "-t", "2"]
+    good = ["-n", "2", "-c", "0", "-t", "0", "--gpu-layers", "-1", "--seed", "7", "--temp", "0.5", "--top-k", "0"]
+    r = subprocess.run(base + good, capture_output=True, text=True)
+    if r.returncode != 0:
+        failures.append(f"ggml-fa-run with {' '.join(good)}: exit {r.returncode}, stderr {r.stderr.strip()!r}")
+    bad = [(["-n", "2.5"], "-n 2.5"), (["-n", "-3"], "-n -3"), (["-n", "99999999999"], "-n 99999999999"),
+           (["--seed", "-1"], "--seed -1"), (["--top-k", "-2"], "--top-k -2"), (["--gpu-layers", "-4"], "--gpu-layers -4"),
+           (["-c", "-5"], "-c -5"), (["-b", "0"], "-b 0"), (["-t", "1.5"], "-t 1.5"), (["--temp", "nan"], "--temp nan"),
+           (["--temp", "-1"], "--temp"), (["--top-p", "nan"], "--top-p nan"), (["--decode-window", "-2"], "--decode-window -2"),
+           (["--tokens", "1,x"], "--tokens x"), (["--tokens", "1,-2"], "--tokens -2"), (["--tokens", "1,2,"], "--tokens"),
+           (["-n"], "-n needs a value")]
+    for extra, needle in bad:
+        r = subprocess.run(base + extra, capture_output=True, text=True)
+        if r.returncode == 0 or needle not in r.stderr:
+            failures.append(f"ggml-fa-run {' '.join(extra)}: exit {r.returncode}, stderr {r.stderr.strip()!r} "
+                            f"(expected an error naming {needle!r})")
+    print(f"ggml-fa-run: {len(bad)} bad option values refused, the documented edge values taken")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--convert", required=True)
@@ -870,6 +894,8 @@ def main():
 
         check_text_prompt(args, root, rng, failures)
         check_config_errors(args, root, failures)
+        if not args.run_args:
+            check_cli_errors(args, root, failures)
 
     if failures:
         print(f"FAILED (seed {seed}):\n  " + "\n  ".join(failures))

@@ -57,10 +57,11 @@ void usage() {
                  "  --top-p P          keep the smallest set with probability >= P (default 0.95)\n"
                  "  --seed S           sampling seed (default: random)\n"
                  "  --backend cpu|cuda|vulkan  where the weights live (default cpu)\n"
-                 "  --gpu-layers N     blocks on the GPU backend (default: all)\n"
-                 "  -c, --ctx N        KV cache length (default min(training context, 4096))\n"
+                 "  --gpu-layers N     blocks on the GPU backend (default -1: all)\n"
+                 "  -c, --ctx N        KV cache length (default 0: min(training context, 4096)); grown\n"
+                 "                     to the prompt plus -n where that is longer\n"
                  "  -b, --batch N      prompt tokens per graph (default 256)\n"
-                 "  -t, --threads N    CPU threads (default: all cores)\n"
+                 "  -t, --threads N    CPU threads (default 0: all cores)\n"
                  "  --kv-type T        f16 (default), f32 or q8_0\n"
                  "  --matmul-precision P  f32 (default), tf32, q8 or bf16: q8 rounds a prompt's columns\n"
                  "                     to 8 bits against quantized weights on the CPU, as decoding\n"
@@ -78,84 +79,51 @@ void usage() {
                  "                     timed run (kernels load and libraries set up outside the timing)\n");
 }
 
-std::vector<int32_t> parse_ids(const std::string& s) {
-    std::vector<int32_t> out;
-    size_t i = 0;
-    while (i < s.size()) {
-        size_t end = s.find(',', i);
-        if (end == std::string::npos) end = s.size();
-        const std::string item = s.substr(i, end - i);
-        try {
-            size_t used = 0;
-            const long v = std::stol(item, &used);
-            if (used != item.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(item);
-            out.push_back(int32_t(v));
-        } catch (const std::exception&) {
-            fail("--tokens: \"" + item + "\" is not a token id");
-        }
-        i = end + 1;
-    }
-    if (out.empty()) fail("--tokens: no token ids given");
-    return out;
-}
-
 Options parse(int argc, char** argv) {
     Options o;
-    for (int i = 1; i < argc; ++i) {
-        const std::string a = argv[i];
-        auto next = [&]() -> std::string {
-            if (i + 1 >= argc) fail(a + " needs a value");
-            return argv[++i];
-        };
-        auto number = [&]() -> double {
-            const std::string v = next();
-            try {
-                size_t used = 0;
-                const double d = std::stod(v, &used);
-                if (used == v.size()) return d;
-            } catch (const std::exception&) {
-            }
-            fail(a + ": \"" + v + "\" is not a number");
-        };
+    cli::Args args(argc, argv);
+    using cli::kIntMax;
+    while (args.next()) {
+        const std::string a = args.option();
         if (a == "-m" || a == "--model")
-            o.model_path = next();
+            o.model_path = args.value();
         else if (a == "-p" || a == "--prompt")
-            o.prompt = next();
+            o.prompt = args.value();
         else if (a == "--tokens") {
-            o.tokens = parse_ids(next());
+            o.tokens = cli::token_ids(args.value());
             o.have_tokens = true;
         } else if (a == "-n" || a == "--n-predict")
-            o.n_predict = int(number());
-        else if (a == "--temp")
-            o.temperature = float(number());
-        else if (a == "--top-k")
-            o.top_k = int(number());
+            o.n_predict = int(args.integer(0, kIntMax));
+        else if (a == "--temp") {
+            o.temperature = args.real();
+            if (o.temperature < 0.0f) fail("--temp must be >= 0 (0: greedy)");
+        } else if (a == "--top-k")
+            o.top_k = int(args.integer(0, kIntMax));
         else if (a == "--top-p")
-            o.top_p = float(number());
+            o.top_p = args.real();
         else if (a == "--seed") {
-            o.seed = uint64_t(number());
+            o.seed = uint64_t(args.integer(0, INT64_MAX));
             o.have_seed = true;
         } else if (a == "--backend")
-            o.backend = next();
+            o.backend = args.value();
         else if (a == "--gpu-layers" || a == "-ngl")
-            o.gpu_layers = int(number());
+            o.gpu_layers = int(args.integer(-1, kIntMax)); // -1: all
         else if (a == "-c" || a == "--ctx")
-            o.n_ctx = int64_t(number());
+            o.n_ctx = args.integer(0, kIntMax); // 0: the default
         else if (a == "-b" || a == "--batch")
-            o.n_batch = int64_t(number());
+            o.n_batch = args.integer(1, kIntMax);
         else if (a == "-t" || a == "--threads")
-            o.n_threads = int(number());
+            o.n_threads = int(args.integer(0, 4096)); // 0: all cores
         else if (a == "--decode-window") {
-            o.decode_window = int64_t(number());
-            if (o.decode_window < 0) fail("--decode-window must be 0 or positive");
+            o.decode_window = args.integer(0, kIntMax);
         } else if (a == "--kv-type")
-            o.kv_type = cli::kv_type(next());
+            o.kv_type = cli::kv_type(args.value());
         else if (a == "--matmul-precision")
-            o.precision = cli::precision(next());
+            o.precision = cli::precision(args.value());
         else if (a == "--attention-precision")
-            o.attention_precision = cli::attention_precision(next());
+            o.attention_precision = cli::attention_precision(args.value());
         else if (a == "--logits-out")
-            o.logits_out = next();
+            o.logits_out = args.value();
         else if (a == "--ignore-eos")
             o.ignore_eos = true;
         else if (a == "-v" || a == "--verbose")
@@ -172,7 +140,6 @@ Options parse(int argc, char** argv) {
     }
     if (o.model_path.empty()) fail("no model given (-m MODEL.gguf)");
     if (o.have_tokens == !o.prompt.empty()) fail("give either a prompt (-p) or token ids (--tokens)");
-    if (o.n_predict < 0) fail("-n must be >= 0");
     if (o.top_p <= 0.0f || o.top_p > 1.0f) fail("--top-p must be in (0, 1]");
     return o;
 }

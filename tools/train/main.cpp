@@ -139,7 +139,7 @@ Options parse(int argc, char** argv) {
         else if (a == "--val-fraction")
             o.val_fraction = args.real();
         else if (a == "--seed")
-            o.seed = uint64_t(args.integer());
+            o.seed = uint64_t(args.integer(0, INT64_MAX));
         else if (a == "--backend")
             o.backend = args.value();
         else if (a == "--init")
@@ -151,7 +151,7 @@ Options parse(int argc, char** argv) {
         else if (a == "--tf32")
             o.tf32 = true;
         else if (a == "-t" || a == "--threads")
-            o.threads = int(args.integer());
+            o.threads = int(args.integer(0, 4096)); // 0: all cores
         else if (a == "--save-type") {
             const std::string t = args.value();
             if (t == "f32")
