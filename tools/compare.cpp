@@ -119,23 +119,13 @@ int main(int argc, char** argv) {
             else if (arg == "--tokens") {
                 tokens = cli::token_ids(value());
             } else if (arg == "--kv-type") {
-                const std::string v = value();
-                if (v == "f32")
-                    kv_type = Type::F32;
-                else if (v == "f16")
-                    kv_type = Type::F16;
-                else if (v == "q8_0")
-                    kv_type = Type::Q8_0;
-                else {
-                    std::fprintf(stderr, "compare: --kv-type %s: expected f32, f16 or q8_0\n", v.c_str());
-                    return 2;
-                }
+                kv_type = cli::kv_type(value());
             } else {
                 usage(argv[0]);
                 return arg == "--help" || arg == "-h" ? 0 : 2;
             }
         }
-    } catch (const Error& e) { // an option's value that does not parse
+    } catch (const Error& e) { // an option's value that does not parse or name a type
         std::fprintf(stderr, "compare: %s\n", e.what());
         return 2;
     }
