@@ -8,6 +8,7 @@
 // every prompt position as raw f32, [n_prompt][n_vocab] row-major, for comparisons with other
 // implementations. --profile prints where the decoding time went, per generated token.
 #include "tools/cli.h"
+#include "tools/sampling.h"
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
@@ -144,43 +145,6 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
-struct Sampler {
-    float temperature;
-    int top_k;
-    float top_p;
-    std::mt19937_64 rng;
-
-    int32_t sample(const float* logits, int64_t n_vocab) {
-        if (temperature <= 0.0f) return int32_t(std::max_element(logits, logits + n_vocab) - logits);
-        std::vector<int32_t> ids(static_cast<size_t>(n_vocab));
-        std::iota(ids.begin(), ids.end(), 0);
-        auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b]; };
-        size_t keep = ids.size();
-        if (top_k > 0 && size_t(top_k) < keep) {
-            keep = size_t(top_k);
-            std::partial_sort(ids.begin(), ids.begin() + std::ptrdiff_t(keep), ids.end(), by_logit);
-        } else {
-            std::sort(ids.begin(), ids.end(), by_logit);
-        }
-        // Softmax of the kept logits at this temperature, most likely first.
-        std::vector<double> p(keep);
-        const double top = logits[ids[0]];
-        double total = 0;
-        for (size_t i = 0; i < keep; ++i) total += p[i] = std::exp((logits[ids[i]] - top) / temperature);
-        double cumulative = 0;
-        size_t nucleus = keep;
-        for (size_t i = 0; i < keep; ++i) {
-            cumulative += p[i] / total;
-            if (cumulative >= top_p) {
-                nucleus = i + 1;
-                break;
-            }
-        }
-        std::discrete_distribution<size_t> pick(p.begin(), p.begin() + std::ptrdiff_t(nucleus));
-        return ids[pick(rng)];
-    }
-};
-
 double seconds_since(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
@@ -304,8 +268,8 @@ int run(int argc, char** argv) {
     const float* last = logits.data() + logits.size() - size_t(c.n_vocab);
 
     // Generation.
-    Sampler sampler{o.temperature, o.top_k, o.top_p,
-                    std::mt19937_64(o.have_seed ? o.seed : std::random_device{}())};
+    cli::Sampler sampler{o.temperature, o.top_k, o.top_p,
+                         std::mt19937_64(o.have_seed ? o.seed : std::random_device{}())};
     std::vector<float> step(last, last + c.n_vocab);
     std::vector<int32_t> generated;
     const bool print_ids = !tokenizer || o.have_tokens;

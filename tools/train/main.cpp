@@ -12,6 +12,7 @@
 // vocabulary, which ggml-fa-run (and llama.cpp) run; --sample N generates N bytes from it.
 // --checkpoint keeps the optimizer state and step count as well, and --init resumes from it.
 #include "tools/cli.h"
+#include "tools/sampling.h"
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
@@ -227,7 +228,7 @@ void sample(const Options& o, Device* device) {
     std::vector<float> logits = session.eval(tokens);
     std::vector<int32_t> generated;
     for (int64_t i = 0; i < o.sample && session.n_past() < so.n_ctx; ++i) {
-        const int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        const int32_t next = int32_t(cli::first_max_index(logits.data(), int64_t(logits.size())));
         generated.push_back(next);
         if (session.n_past() + 1 >= so.n_ctx) break;
         const int32_t one[1] = {next};
