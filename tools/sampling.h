@@ -49,9 +49,9 @@ inline int64_t first_max_index(const float* x, int64_t n) {
 }
 
 struct Sampler {
-    float temperature = 0.0f; // 0: greedy
-    int top_k = 40;           // 0: all tokens
-    float top_p = 0.95f;
+    float temperature; // 0: greedy
+    int top_k;         // 0: all tokens
+    float top_p;       // in (0, 1]
     std::mt19937_64 rng;
 
     int32_t sample(const float* logits, int64_t n_vocab) {
