@@ -415,7 +415,7 @@ class Hash {
     template <class T> void add(const std::array<T, 4>& a) {
         add(uint64_t(a[0]), uint64_t(a[1]), uint64_t(a[2]), uint64_t(a[3]));
     }
-    uint64_t value() const { return mix(mix(mix(h_[0] ^ h_[1]) ^ h_[2]) ^ h_[3]); }
+    uint64_t value() const { return mix(mix(mix(mix(h_[0]) ^ h_[1]) ^ h_[2]) ^ h_[3]); } // order matters
 
   private:
     static uint64_t mix(uint64_t h) {
