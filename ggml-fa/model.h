@@ -150,7 +150,7 @@ struct EvalProfile {
     double upload = 0;   // setting the token and position inputs
     double submit = 0;   // handing the work to the backends (a CPU backend computes here)
     double wait = 0;     // waiting for the backends to finish
-    double readback = 0; // copying the logits out
+    double readback = 0; // copying the logits (or eval_greedy's id) out
 };
 
 class Session {
@@ -164,6 +164,10 @@ class Session {
     // Returns the logits of every token ([n_tokens][n_vocab], row-major) when all_logits,
     // otherwise those of the last token only. Token ids must be in [0, n_vocab).
     std::vector<float> eval(std::span<const int32_t> tokens, bool all_logits = false);
+    // Like eval, but returns only the last token's most likely next token: the position of
+    // its first largest logit (NaN ranked with -inf), as top_k(logits, 1) gives it. The pick is
+    // made where the logits are, so a GPU sends back one id instead of n_vocab floats.
+    int32_t eval_greedy(std::span<const int32_t> tokens);
 
     int64_t n_past() const;
     int64_t n_ctx() const;

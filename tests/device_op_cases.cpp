@@ -263,10 +263,39 @@ void top_k_ranks(const Check& check) {
             check(top_k(ctx, transpose(ctx, by_column), k), 0.0);
         }
     }
+    // k = 1 over vocabulary-sized rows (greedy decoding's pick; the GPU kernels walk such rows
+    // a block at a time): the maximum placed at each end and in between, repeated later in
+    // the row (the first must win), a row of NaN and -inf only, one whose first value is NaN.
+    for (int64_t n : {1023, 1024, 1025, 4097, 32000, 50001}) {
+        INFO("long row, n=" << n << " k=1");
+        Context ctx = data_ctx();
+        Tensor* a = ctx.new_tensor(Type::F32, {n, 6});
+        std::vector<float> v = test::random_values(size_t(a->nelements()), -30.0f, 30.0f);
+        auto value = [&](int64_t row, int64_t i) -> float& { return v[size_t(row * n + i)]; };
+        value(0, 0) = 40.0f;
+        value(1, n - 1) = 40.0f;
+        value(2, n / 3) = 40.0f;
+        value(2, n / 3 + 1) = 40.0f;
+        value(2, n - 2) = 40.0f;
+        for (int64_t i = 0; i < n; ++i) value(3, i) = i % 3 == 0 ? -INFINITY : std::nanf("");
+        value(4, 0) = std::nanf("");
+        value(4, n / 2) = INFINITY;
+        for (int64_t i = 0; i < n; ++i) value(5, i) = std::min(value(5, i), 29.0f); // ties, far apart
+        value(5, n - 5) = 29.0f;
+        tensor_set_f32(a, v);
+        check(top_k(ctx, a, 1), 0.0);
+        Tensor* by_column = ctx.new_tensor(Type::F32, {3, n});
+        fill_uniform(by_column);
+        check(top_k(ctx, transpose(ctx, by_column), 1), 0.0);
+    }
     Context ctx = data_ctx();
     Tensor* many = ctx.new_tensor(Type::F32, {3, 70001}); // rows beyond 65535 workgroups
     fill_uniform(many);
     check(top_k(ctx, many, 2), 0.0);
+    check(top_k(ctx, many, 1), 0.0);
+    Tensor* many_long = ctx.new_tensor(Type::F32, {1024, 1100}); // more rows than the CUDA path's blocks
+    fill_uniform(many_long);
+    check(top_k(ctx, many_long, 1), 0.0);
 }
 
 // Experts of every type mul_mat reads (f32 and f16 at odd and even K, the f16 pairs path; bf16;

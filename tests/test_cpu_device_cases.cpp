@@ -29,3 +29,7 @@ TEST_CASE("CPU device: out_prod, the loss, AdamW and autodiff gradients", "[ops]
     test::device_cases::loss_and_adamw(check_cpu);
     test::device_cases::autodiff_gradients(check_cpu, 1e-5);
 }
+
+TEST_CASE("CPU device: top_k, ties by position, NaN with -inf, k = 1 over long rows", "[ops][device][moe]") {
+    test::device_cases::top_k_ranks(check_cpu);
+}

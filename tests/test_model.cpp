@@ -157,6 +157,35 @@ TEST_CASE("llama session: prefill, chunked prefill and decoding agree", "[model]
     CHECK(test::logits_error(half.eval(tokens, true), all) < 1e-2);
 }
 
+TEST_CASE("llama session: eval_greedy picks the first largest logit", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    m.vocab = 2049; // a vocabulary longer than the GPU kernels' one-block-a-row threshold
+    SessionOptions so = exact_cache_options(40);
+    SECTION("prompt in one batch, exact causal graphs") {
+        so.decode_window_step = 0;
+    }
+    SECTION("prompt in chunks of 4, windowed decoding") {
+        so.n_batch = 4;
+    }
+    SECTION("qwen2, tied embeddings") {
+        m.arch = "qwen2";
+        m.biases = m.tied = true;
+    }
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    std::mt19937 rng(seed);
+    const std::vector<int32_t> tokens = random_tokens(rng, 21, m.vocab);
+    const std::vector<std::string> disagreements = test::greedy_disagreements(*model, so, tokens, 11);
+    for (const std::string& line : disagreements) UNSCOPED_INFO(line);
+    CHECK(disagreements.empty());
+    Session s(*model, so);
+    const std::vector<int32_t> outside{1, int32_t(m.vocab)};
+    CHECK_THROWS_WITH(s.eval_greedy(outside), Catch::Contains("outside the vocabulary"));
+    CHECK_THROWS_AS(s.eval_greedy({}), Error);
+}
+
 TEST_CASE("llama session: decoding through growing attention windows reuses graphs", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);

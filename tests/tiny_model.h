@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -190,6 +191,43 @@ inline double logits_error(const std::vector<float>& a, const std::vector<float>
         den += double(b[i]) * double(b[i]);
     }
     return std::sqrt(num / den);
+}
+
+// Session::eval_greedy against the logits of the same steps: `prompt` tokens in one call,
+// then the rest one at a time (the given tokens, not the picks, so both sessions see the
+// same inputs). Session a alternates eval_greedy and eval (switching between the two graphs
+// of a step), session b always returns logits. Returns one line per disagreement: a pick that
+// is not the first largest of b's logits, a's logits not equal to b's, or a compute
+// allocation after a's first call (the reserve must cover the greedy graphs). Empty: all agree.
+inline std::vector<std::string> greedy_disagreements(const Model& model, const SessionOptions& so,
+                                                     const std::vector<int32_t>& tokens, size_t prompt) {
+    Session a(model, so), b(model, so);
+    std::vector<std::string> found;
+    auto first_max = [](const std::vector<float>& x) {
+        return int32_t(std::max_element(x.begin(), x.end()) - x.begin()); // the first of equals
+    };
+    int allocations = -1;
+    for (size_t at = 0, step = 0; at < tokens.size(); ++step) {
+        const size_t n = at == 0 ? prompt : 1;
+        const std::span<const int32_t> part(tokens.data() + at, n);
+        const std::vector<float> logits = b.eval(part);
+        const std::string where = "step " + std::to_string(step) + " (" + std::to_string(n) + " tokens): ";
+        if (logits.empty() ||
+            !std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); }))
+            found.push_back(where + "logits not all finite");
+        if (step % 2 == 0) {
+            const int32_t pick = a.eval_greedy(part), expected = first_max(logits);
+            if (pick != expected)
+                found.push_back(where + "picked " + std::to_string(pick) + ", the logits say " +
+                                std::to_string(expected));
+        } else if (a.eval(part) != logits) {
+            found.push_back(where + "logits differ from the twin session's");
+        }
+        if (allocations < 0) allocations = a.n_compute_allocations();
+        if (a.n_compute_allocations() != allocations) found.push_back(where + "a compute allocation");
+        at += n;
+    }
+    return found;
 }
 
 // A small model for training tests: grouped heads (4 query heads on 2 key/value heads),

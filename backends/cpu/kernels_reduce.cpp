@@ -46,6 +46,21 @@ template <bool Average> void run_rows(const ComputeCtx& ctx, Tensor* dst) {
 void run_top_k(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* a = dst->src[0];
     const int64_t n = a->ne[0], k = dst->ne[0];
+    if (k == 1) { // greedy decoding's pick: one pass, no position list to sort
+        ctx.pool.run([&](int ith, int nth) {
+            for_each_row(dst, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+                const char* p = element_ptr(a, 0, i1, i2, i3);
+                float best = -INFINITY;
+                int32_t at = 0;
+                for (int64_t i = 0; i < n; ++i) {
+                    const float v = *reinterpret_cast<const float*>(p + i * a->nb[0]);
+                    if (v > best) best = v, at = int32_t(i); // NaN never passes; ties keep the first
+                }
+                *reinterpret_cast<int32_t*>(element_ptr(dst, 0, i1, i2, i3)) = at;
+            });
+        });
+        return;
+    }
     ctx.pool.run([&](int ith, int nth) {
         std::vector<int32_t> order(static_cast<size_t>(n));
         std::vector<float> row(static_cast<size_t>(n));

@@ -77,10 +77,64 @@ __global__ void top_k_kernel(TensorView a, TensorView dst, int64_t n_rows) {
     }
 }
 
+// k = 1, the first largest value: greedy decoding's pick over a vocabulary of tens of
+// thousands of logits. A warp walking such a row alone takes ~1000 dependent steps per lane;
+// here a whole block shares the row, each thread keeping its best, then the warps' bests
+// meet in shared memory.
+constexpr int kFirstMaxThreads = 1024;
+static_assert(kFirstMaxThreads == 32 * 32, "the second round is one warp, a lane per warp of the first");
+
+__device__ __forceinline__ void keep_better(float& best, int64_t& best_i, float v, int64_t i) {
+    if (i >= 0 && (best_i < 0 || ranks_before(v, i, best, best_i))) best = v, best_i = i;
+}
+
+__device__ __forceinline__ void warp_first_max(float& best, int64_t& best_i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, best, o);
+        const int64_t other_i = __shfl_xor_sync(0xffffffffu, best_i, o);
+        keep_better(best, best_i, other, other_i);
+    }
+}
+
+__global__ void __launch_bounds__(kFirstMaxThreads)
+    first_max_kernel(TensorView a, TensorView dst, int64_t n_rows) {
+    __shared__ float warp_best[kFirstMaxThreads / 32];
+    __shared__ int64_t warp_best_i[kFirstMaxThreads / 32];
+    const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
+    const int64_t n = a.ne[0];
+    for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
+        const int64_t i1 = r % a.ne[1], i2 = (r / a.ne[1]) % a.ne[2], i3 = r / (a.ne[1] * a.ne[2]);
+        float best = 0.0f;
+        int64_t best_i = -1;
+#pragma unroll 8
+        for (int64_t i = threadIdx.x; i < n; i += kFirstMaxThreads)
+            keep_better(best, best_i, load_f32(a, i, i1, i2, i3), i);
+        warp_first_max(best, best_i);
+        if (lane == 0) warp_best[warp] = best, warp_best_i[warp] = best_i;
+        __syncthreads();
+        if (warp == 0) {
+            best = warp_best[lane];
+            best_i = warp_best_i[lane];
+            warp_first_max(best, best_i);
+            if (lane == 0)
+                *reinterpret_cast<int32_t*>(dst.data + i1 * dst.nb[1] + i2 * dst.nb[2] + i3 * dst.nb[3]) =
+                    int32_t(best_i);
+        }
+        __syncthreads(); // the shared bests are read before the next row overwrites them
+    }
+}
+
 void run_top_k(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor* a = dst->src[0];
     const int64_t rows = a->ne[1] * a->ne[2] * a->ne[3];
     if (rows == 0) return;
+    // A block per row pays off once a row has more values than a warp has lanes many times over.
+    if (dst->ne[0] == 1 && a->ne[0] >= 1024) {
+        const unsigned blocks = unsigned(std::min<int64_t>(rows, 1024)); // rows beyond walk grid-stride
+        first_max_kernel<<<blocks, kFirstMaxThreads, 0, ctx.stream>>>(view_of(a), view_of(dst), rows);
+        GFA_CUDA_CHECK_LAUNCH();
+        return;
+    }
     constexpr int kThreads = 128;
     top_k_kernel<<<grid_for(rows * 32, kThreads), kThreads, 0, ctx.stream>>>(view_of(a), view_of(dst), rows);
     GFA_CUDA_CHECK_LAUNCH();

@@ -192,6 +192,7 @@ Graph forward_graph(const GraphIo& io) {
     Graph g;
     for (Tensor* t : io.early) g.expand(t);
     g.expand(io.logits);
+    if (io.greedy) g.expand(io.greedy);
     return g;
 }
 
@@ -812,12 +813,14 @@ struct Session::Impl {
         Graph graph;
         llama::GraphIo io;
         int64_t n_tokens = 0, n_window = 0, n_past = 0;
-        bool all_logits = false;
+        bool all_logits = false, greedy = false;
     } last;
     EvalProfile profile;
     std::vector<TracedNode> trace;
 
     Impl(const Model& m, const SessionOptions& o) : model(m), options(o) {}
+    void run(std::span<const int32_t> tokens, bool all_logits, bool greedy, std::vector<float>* logits,
+             int32_t* greedy_id);
 };
 
 Session::Session(const Model& model, const SessionOptions& options)
@@ -896,18 +899,38 @@ Session::Session(const Model& model, const SessionOptions& options)
     const int64_t n = s.options.n_batch;
     for (const int64_t window : {int64_t(0), std::min(s.options.n_ctx, llama::kMaxWindowedTokens)}) {
         const int64_t tokens = window ? std::min(window, n) : n; // evals never exceed n_batch
-        Context worst;
-        llama::GraphIo io = llama::build_graph(worst, c, m.weights, s.cache, tokens, s.options.n_ctx - tokens,
-                                               true, window ? s.options.n_ctx : 0);
-        Graph g = llama::forward_graph(io);
-        s.sched->reserve(g);
+        for (const bool greedy : {false, true}) {
+            Context worst;
+            llama::GraphIo io =
+                llama::build_graph(worst, c, m.weights, s.cache, tokens, s.options.n_ctx - tokens, true,
+                                   window ? s.options.n_ctx : 0);
+            if (greedy) io.greedy = top_k(worst, io.logits, 1);
+            Graph g = llama::forward_graph(io);
+            s.sched->reserve(g);
+        }
     }
 }
 
 Session::~Session() = default;
 
 std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logits) {
-    Impl& s = *impl_;
+    std::vector<float> logits;
+    impl_->run(tokens, all_logits, false, &logits, nullptr);
+    return logits;
+}
+
+int32_t Session::eval_greedy(std::span<const int32_t> tokens) {
+    int32_t id = -1;
+    impl_->run(tokens, false, true, nullptr, &id);
+    return id;
+}
+
+// Runs tokens in chunks of n_batch. Appends the logits of the chunks that have them to
+// *logits (when given); with greedy, the last chunk's graph also picks the last token's most
+// likely next token, written to *greedy_id.
+void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, bool greedy,
+                        std::vector<float>* logits, int32_t* greedy_id) {
+    Impl& s = *this;
     const ModelConfig& c = s.model.config();
     if (tokens.empty()) fail("session: eval needs at least one token");
     if (s.n_past + int64_t(tokens.size()) > s.options.n_ctx)
@@ -918,7 +941,6 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             fail("session: token id " + std::to_string(t) + " is outside the vocabulary [0, " +
                  std::to_string(c.n_vocab) + ")");
 
-    std::vector<float> out;
     EvalProfile& prof = s.profile;
     using Clock = std::chrono::steady_clock;
     // Adds the time since the last lap to `phase`.
@@ -931,7 +953,8 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
     for (size_t start = 0; start < tokens.size(); start += size_t(s.options.n_batch)) {
         const size_t n = std::min(tokens.size() - start, size_t(s.options.n_batch));
         const bool last_chunk = start + n == tokens.size();
-        const bool chunk_logits = all_logits || last_chunk;
+        const bool chunk_logits = logits && (all_logits || last_chunk);
+        const bool chunk_greedy = greedy && last_chunk;
         lap = Clock::now();
         const int64_t window =
             llama::window_for(int64_t(n), s.n_past, s.options.n_ctx, s.options.decode_window_step);
@@ -939,13 +962,15 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
         // A windowed graph serves every n_past its tokens fit; a causal one the same n_past
         // again (a session reset between evals of equal length: perplexity's chunks).
         if (last.ctx && last.n_tokens == int64_t(n) && last.n_window == window &&
-            last.all_logits == all_logits && (window != 0 || last.n_past == s.n_past)) {
+            last.all_logits == all_logits && last.greedy == chunk_greedy &&
+            (window != 0 || last.n_past == s.n_past)) {
             ++prof.reused;
         } else {
             last = Impl::LastGraph{};
             last.ctx = std::make_unique<Context>();
             last.io = llama::build_graph(*last.ctx, c, s.model.impl().weights, s.cache, int64_t(n), s.n_past,
                                          all_logits, window);
+            if (chunk_greedy) last.io.greedy = set_name(top_k(*last.ctx, last.io.logits, 1), "greedy");
             last.graph = llama::forward_graph(last.io);
             if (s.options.matmul_precision != MatMulPrecision::F32)
                 for (Tensor* node : last.graph.nodes())
@@ -961,6 +986,7 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
             last.n_window = window;
             last.n_past = s.n_past;
             last.all_logits = all_logits;
+            last.greedy = chunk_greedy;
         }
         const llama::GraphIo& io = last.io;
         Graph& g = last.graph;
@@ -1011,15 +1037,17 @@ std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logit
         }
         if (chunk_logits) {
             const size_t count = size_t(io.logits->nelements());
-            const size_t at = out.size();
-            out.resize(at + count);
-            tensor_get(io.logits, out.data() + at, 0, count * sizeof(float));
+            const size_t at = logits->size();
+            logits->resize(at + count);
+            tensor_get(io.logits, logits->data() + at, 0, count * sizeof(float));
         }
+        if (chunk_greedy) // the last token's pick: the last column's
+            tensor_get(io.greedy, greedy_id, size_t(io.greedy->nb[1]) * size_t(io.greedy->ne[1] - 1),
+                       sizeof(int32_t));
         charge(prof.readback);
         ++prof.graphs;
         prof.nodes += int64_t(g.nodes().size());
     }
-    return out;
 }
 
 int64_t Session::n_past() const {

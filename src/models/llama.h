@@ -76,6 +76,7 @@ struct GraphIo {
     Tensor* ring_rows = nullptr;
     Tensor* kq_mask_ring = nullptr;
     Tensor* logits = nullptr; // f32 [n_vocab, n_out]
+    Tensor* greedy = nullptr; // i32 [1, n_out]: top_k(logits, 1), when the caller adds it
     // Nodes to compute as soon as their inputs are ready, in this order (forward_graph
     // expands them before the logits): a v projection apart from a merged q/k one goes right
     // after the pre-norm, beside the q/k product, and the rope and both cache writes follow
@@ -83,7 +84,7 @@ struct GraphIo {
     std::vector<Tensor*> early;
 };
 
-// The graph of io's logits, io.early first.
+// The graph of io's logits (and io.greedy, when set), io.early first.
 Graph forward_graph(const GraphIo& io);
 
 // The ring rows' mask: row s holds the newest position p = s (mod ring) with p < n_past +

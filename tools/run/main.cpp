@@ -47,6 +47,7 @@ struct Options {
     MatMulPrecision precision = MatMulPrecision::F32;
     FlashAttnPrecision attention_precision = FlashAttnPrecision::F32;
     bool ignore_eos = false, verbose = false, profile = false, warmup = false;
+    bool pick_on_host = false; // greedy picks from logits copied to the host
 };
 
 void usage() {
@@ -57,6 +58,8 @@ void usage() {
                  "  --top-k K          keep the K most likely tokens (default 40; 0: all)\n"
                  "  --top-p P          keep the smallest set with probability >= P (default 0.95)\n"
                  "  --seed S           sampling seed (default: random)\n"
+                 "  --pick-on-host     greedy: copy the logits and pick on the host (by default the\n"
+                 "                     backend holding the logits picks, and only the id comes back)\n"
                  "  --backend cpu|cuda|vulkan  where the weights live (default cpu)\n"
                  "  --gpu-layers N     blocks on the GPU backend (default -1: all)\n"
                  "  -c, --ctx N        KV cache length (default 0: min(training context, 4096)); grown\n"
@@ -131,6 +134,8 @@ Options parse(int argc, char** argv) {
             o.verbose = true;
         else if (a == "--profile")
             o.profile = true;
+        else if (a == "--pick-on-host")
+            o.pick_on_host = true;
         else if (a == "--warmup")
             o.warmup = true;
         else if (a == "-h" || a == "--help") {
@@ -168,7 +173,7 @@ void print_profile(const Session& session, int n_decoded, double t_gen, double s
     const std::pair<const char*, double> rows[] = {
         {"graph build", p.build},       {"scheduler plan/allocate", p.allocate},
         {"input upload", p.upload},     {"compute submit", p.submit},
-        {"wait (synchronize)", p.wait}, {"logits readback", p.readback},
+        {"wait (synchronize)", p.wait}, {"readback (logits/id)", p.readback},
         {"sampling", sampling},         {"other", t_gen - known}};
     for (const auto& [name, seconds] : rows)
         std::fprintf(stderr, "  %-24s %8.3f  %5.1f%%\n", name, seconds * per, 100.0 * seconds / t_gen);
@@ -244,17 +249,29 @@ int run(int argc, char** argv) {
     // Warm-up: the first use of each kernel and library call pays one-time costs (module
     // loading, library handles, the first eager run before launch graphs); keep them out of
     // the figures. The cache is overwritten from position 0 afterwards.
+    const bool greedy_in_session = o.temperature <= 0.0f && !o.pick_on_host;
     if (o.warmup) {
-        const std::vector<float> warm = session.eval(prompt);
         const int32_t one[1] = {prompt.back()};
-        if (session.n_past() < session.n_ctx()) session.eval(one);
+        if (greedy_in_session) { // the same graphs as the timed run
+            session.eval_greedy(prompt);
+            if (session.n_past() < session.n_ctx()) session.eval_greedy(one);
+        } else {
+            session.eval(prompt);
+            if (session.n_past() < session.n_ctx()) session.eval(one);
+        }
         session.reset();
     }
 
-    // Prompt.
+    // Prompt. Greedy decoding asks the session for the id alone (Session::eval_greedy), unless
+    // the prompt's logits are wanted.
     const bool all_logits = !o.logits_out.empty();
+    int32_t next = -1; // the session's greedy pick, when it made one
+    std::vector<float> logits;
     auto t0 = std::chrono::steady_clock::now();
-    std::vector<float> logits = session.eval(prompt, all_logits);
+    if (greedy_in_session && !all_logits)
+        next = session.eval_greedy(prompt);
+    else
+        logits = session.eval(prompt, all_logits);
     const double t_prompt = seconds_since(t0);
     if (o.verbose)
         std::fprintf(stderr, "schedule of the prompt graph:\n%s", session.describe_schedule().c_str());
@@ -265,12 +282,12 @@ int run(int argc, char** argv) {
         std::fclose(f);
         if (written != logits.size()) fail("--logits-out: short write to " + o.logits_out);
     }
-    const float* last = logits.data() + logits.size() - size_t(c.n_vocab);
+    std::vector<float> step; // the logits to sample the next token from
+    if (next < 0) step.assign(logits.end() - std::ptrdiff_t(c.n_vocab), logits.end());
 
     // Generation.
     cli::Sampler sampler{o.temperature, o.top_k, o.top_p,
                          std::mt19937_64(o.have_seed ? o.seed : std::random_device{}())};
-    std::vector<float> step(last, last + c.n_vocab);
     std::vector<int32_t> generated;
     const bool print_ids = !tokenizer || o.have_tokens;
     int64_t eos = tokenizer ? tokenizer->eos() : -1;
@@ -282,7 +299,7 @@ int run(int argc, char** argv) {
     int n_decoded = 0;
     for (int i = 0; i < o.n_predict; ++i) {
         const auto t_sample = std::chrono::steady_clock::now();
-        const int32_t id = sampler.sample(step.data(), c.n_vocab);
+        const int32_t id = next >= 0 ? next : sampler.sample(step.data(), c.n_vocab);
         t_sampling += seconds_since(t_sample);
         generated.push_back(id);
         if (print_ids)
@@ -293,7 +310,10 @@ int run(int argc, char** argv) {
         if (!o.ignore_eos && id == eos) break;
         if (i + 1 == o.n_predict) break;
         const int32_t one[1] = {id};
-        step = session.eval(one);
+        if (greedy_in_session)
+            next = session.eval_greedy(one);
+        else
+            step = session.eval(one);
         ++n_decoded;
     }
     const double t_gen = seconds_since(t1);
