@@ -189,6 +189,52 @@ class MemoryPool {
     size_t cached_bytes_ = 0;
 };
 
+// Device-to-host reads of mid-sized tensors (a step's logits: n_vocab floats) go through one
+// block of pinned host memory per device: a copy from pageable memory makes the driver stage
+// it in chunks of its own, which took ~40 us for 128 KB of logits. Small reads gain nothing,
+// large ones (whole weight matrices) would pin too much. GFA_CUDA_PINNED_READBACK=0 turns it
+// off (for measuring).
+class ReadbackStaging {
+  public:
+    static constexpr size_t kMinBytes = size_t(16) << 10, kMaxBytes = size_t(16) << 20;
+    ReadbackStaging() = default;
+    ReadbackStaging(const ReadbackStaging&) = delete;
+    ReadbackStaging& operator=(const ReadbackStaging&) = delete;
+    ~ReadbackStaging() {
+        if (host_) cudaFreeHost(host_);
+    }
+    // Copies size bytes at src (device memory of the current device) to dst; false when this
+    // read is not for staging (the caller copies it directly).
+    bool read(void* dst, const void* src, size_t size) {
+        static const bool enabled = [] {
+            const char* v = std::getenv("GFA_CUDA_PINNED_READBACK");
+            return v == nullptr || std::strcmp(v, "0") != 0;
+        }();
+        if (!enabled || size < kMinBytes || size > kMaxBytes) return false;
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (size > capacity_) {
+            if (host_) cudaFreeHost(host_);
+            host_ = nullptr;
+            capacity_ = 0;
+            const size_t want = std::max(size, size_t(256) << 10);
+            if (cudaHostAlloc(&host_, want, cudaHostAllocDefault) != cudaSuccess) {
+                (void)cudaGetLastError(); // no pinned memory to spare: the direct copy still works
+                host_ = nullptr;
+                return false;
+            }
+            capacity_ = want;
+        }
+        GFA_CUDA_CHECK(cudaMemcpy(host_, src, size, cudaMemcpyDeviceToHost));
+        std::memcpy(dst, host_, size);
+        return true;
+    }
+
+  private:
+    std::mutex mutex_;
+    void* host_ = nullptr;
+    size_t capacity_ = 0;
+};
+
 class CudaDevice;
 
 // Host <-> device copies go through the legacy default stream: it waits for the work of
@@ -196,8 +242,9 @@ class CudaDevice;
 // sees the results without an explicit synchronize.
 class CudaBuffer final : public Buffer {
   public:
-    CudaBuffer(BufferType* type, void* base, size_t size, MemoryPool& pool, int device)
-        : Buffer(type, base, size), pool_(pool), device_(device) {}
+    CudaBuffer(BufferType* type, void* base, size_t size, MemoryPool& pool, ReadbackStaging& staging,
+               int device)
+        : Buffer(type, base, size), pool_(pool), staging_(staging), device_(device) {}
     ~CudaBuffer() override {
         // Work still queued may use this memory; wait before it can be handed out again.
         int previous = 0;
@@ -229,8 +276,9 @@ class CudaBuffer final : public Buffer {
     void get(const Tensor* t, void* dst, size_t offset, size_t size) const override {
         DeviceGuard guard(device_);
         if (cuda::has_scales_last(t)) return get_scales_last(t, dst, offset, size);
-        GFA_CUDA_CHECK(
-            cudaMemcpy(dst, static_cast<const char*>(t->data) + offset, size, cudaMemcpyDeviceToHost));
+        const char* src = static_cast<const char*>(t->data) + offset;
+        if (staging_.read(dst, src, size)) return;
+        GFA_CUDA_CHECK(cudaMemcpy(dst, src, size, cudaMemcpyDeviceToHost));
     }
     void fill(uint8_t value) override {
         DeviceGuard guard(device_);
@@ -286,6 +334,7 @@ class CudaBuffer final : public Buffer {
     }
 
     MemoryPool& pool_;
+    ReadbackStaging& staging_;
     int device_;
     bool written_ = false;
 };
@@ -297,7 +346,7 @@ class CudaBufferType final : public BufferType {
     const char* name() const override { return device_->name(); }
     std::unique_ptr<Buffer> allocate(size_t size) override {
         void* p = pool_.allocate(size);
-        return std::make_unique<CudaBuffer>(this, p, size, pool_, id_);
+        return std::make_unique<CudaBuffer>(this, p, size, pool_, staging_, id_);
     }
     size_t alignment() const override { return kDeviceAlignment; }
     bool is_host() const override { return false; }
@@ -307,6 +356,7 @@ class CudaBufferType final : public BufferType {
     Device* device_;
     int id_;
     MemoryPool pool_;
+    ReadbackStaging staging_;
 };
 
 // Node lists shorter than this run eagerly: a graph saves little there, and small lists are

@@ -110,3 +110,37 @@ TEST_CASE("CUDA runs a mixture of experts with its router and experts on the GPU
     CHECK(gpu.kept_on_host == 0);
     CHECK(test::logits_error(gpu.logits, cpu.logits) < (m.matrix_type == Type::F32 ? 1e-2 : 5e-2));
 }
+
+// Greedy decoding through Session::eval_greedy with the whole model on the GPU: each pick is
+// the first largest of the logits that eval returns for the same step (a vocabulary wide
+// enough for top_k's one-block-a-row kernel), decoding long enough to replay launch graphs,
+// and the pick itself runs on the GPU (no node on the CPU).
+TEST_CASE("CUDA session: eval_greedy picks on the GPU what the logits say", "[cuda][model]") {
+    Device* cuda = find_device("CUDA0");
+    REQUIRE(cuda != nullptr);
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    test::TinyModel m = small_model();
+    m.vocab = 3001;
+    m.matrix_type = GENERATE(Type::F32, Type::Q4_K);
+    test::TempFile file{test::write_model(m, seed)};
+    ModelLoadOptions load;
+    load.gpu = cuda;
+    load.gpu_layers = 1000;
+    std::unique_ptr<Model> model = Model::load(file.path, load);
+    SessionOptions so;
+    so.n_ctx = 64;
+    so.n_threads = 2;
+    std::mt19937 rng(seed);
+    std::vector<int32_t> tokens(40);
+    for (int32_t& t : tokens) t = int32_t(rng() % uint32_t(m.vocab));
+    const std::vector<std::string> disagreements = test::greedy_disagreements(*model, so, tokens, 9);
+    for (const std::string& line : disagreements) UNSCOPED_INFO(line);
+    CHECK(disagreements.empty());
+    Session s(*model, so);
+    s.eval_greedy(std::span(tokens.data(), 5));
+    const std::string schedule = s.describe_schedule();
+    INFO("schedule:\n" << schedule);
+    CHECK(schedule.find("CUDA0") != std::string::npos);
+    CHECK(schedule.find("CPU") == std::string::npos);
+}

@@ -117,6 +117,35 @@ TEST_CASE("Vulkan runs a whole llama model as the CPU does", "[vulkan][model]") 
     }
 }
 
+// Greedy decoding through Session::eval_greedy with the whole model on Vulkan: each pick is
+// the first largest of the logits that eval returns for the same step, and the pick itself
+// runs on Vulkan (top_k's one-pass path for k = 1 over a vocabulary of 2000).
+TEST_CASE("Vulkan session: eval_greedy picks on the device what the logits say", "[vulkan][model]") {
+    const uint32_t seed = test::seed();
+    INFO("seed " << seed);
+    test::TinyModel m;
+    m.vocab = 2000;
+    test::TempFile file{test::write_model(m, seed)};
+    ModelLoadOptions load;
+    load.gpu = vulkan0();
+    load.gpu_layers = 1000;
+    std::unique_ptr<Model> model = Model::load(file.path, load);
+    SessionOptions so;
+    so.n_ctx = 40;
+    so.n_threads = 2;
+    so.decode_window_step = 16;
+    const std::vector<int32_t> tokens = random_tokens(seed, 17, m.vocab);
+    const std::vector<std::string> disagreements = test::greedy_disagreements(*model, so, tokens, 7);
+    for (const std::string& line : disagreements) UNSCOPED_INFO(line);
+    CHECK(disagreements.empty());
+    Session s(*model, so);
+    s.eval_greedy(std::span(tokens.data(), 5));
+    const std::string schedule = s.describe_schedule();
+    INFO("schedule:\n" << schedule);
+    CHECK(schedule.find("Vulkan0") != std::string::npos);
+    CHECK(schedule.find("CPU") == std::string::npos);
+}
+
 TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
     const uint32_t seed = test::seed();
     INFO("seed " << seed);
