@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -494,32 +495,54 @@ uint64_t shape_of(WorkList work) {
     return h.value();
 }
 
-// Everything the launchers of a call read from its nodes: each node's and source's memory,
-// type, shape and strides, and the op parameters. Equal fingerprints (with the same scratch
-// block, which LaunchGraphs::run checks) launch the same kernels with the same arguments, so
-// a graph captured from one call replays the other.
-uint64_t fingerprint_of(WorkList work) {
+// Adds a node's memory, type, shape, strides, flags and parameters and those of its sources.
+// kFlagConstant (in flags) lets kernels read a tensor early. `slot` tells a node's words from
+// its sources' and each source's place, so that a missing source changes the hash.
+void add_node(Hash& h, const Tensor* node) {
     constexpr size_t kParamWords = kMaxParamBytes / sizeof(uint64_t);
     static_assert(kParamWords % 4 == 0);
-    Hash h;
-    h.add(work.size(), uint64_t(cuda::early_launch_enabled()), 0, 0); // launches with and without it differ
-    // kFlagConstant (in flags) lets kernels read a tensor early. `slot` tells a node's words
-    // from its sources' and each source's place, so that a missing source changes the hash.
     auto tensor = [&h](const Tensor* t, uint64_t slot) {
         h.add(word_of(t->data), uint64_t(t->flags), uint64_t(t->type), slot);
         h.add(t->ne);
         h.add(t->nb);
     };
-    for (const auto& [node, run] : work) {
-        tensor(node, uint64_t(node->op) << 8);
-        uint64_t params[kParamWords];
-        std::memcpy(params, node->params_storage.data(), sizeof(params));
-        for (size_t i = 0; i < kParamWords; i += 4)
-            h.add(params[i], params[i + 1], params[i + 2], params[i + 3]);
-        for (size_t i = 0; i < node->src.size(); ++i)
-            if (const Tensor* s = node->src[i]) tensor(s, 1 + i);
+    tensor(node, uint64_t(node->op) << 8);
+    uint64_t params[kParamWords];
+    std::memcpy(params, node->params_storage.data(), sizeof(params));
+    for (size_t i = 0; i < kParamWords; i += 4) h.add(params[i], params[i + 1], params[i + 2], params[i + 3]);
+    for (size_t i = 0; i < node->src.size(); ++i)
+        if (const Tensor* s = node->src[i]) tensor(s, 1 + i);
+}
+
+// Everything the launchers of a call read from its nodes: each node's and source's memory,
+// type, shape and strides, and the op parameters. Equal fingerprints (with the same scratch
+// block, which LaunchGraphs::run checks) launch the same kernels with the same arguments, so
+// a graph captured from one call replays the other.
+uint64_t fingerprint_of(WorkList work) {
+    Hash h;
+    h.add(work.size(), uint64_t(cuda::early_launch_enabled()), 0, 0); // launches with and without it differ
+    for (const auto& [node, run] : work) add_node(h, node);
+    return h.value();
+}
+
+// The node list a compute() call was given, as far as anything compute() derives from it
+// depends on it: the fingerprint's words for every node (views and leaves too) and the
+// nodes' own addresses (the work list keeps pointers to them). A call whose list hashes as
+// the last call's can reuse that call's checks, fusions and fingerprints.
+uint64_t list_fingerprint_of(std::span<Tensor* const> nodes) {
+    Hash h;
+    h.add(nodes.size(), 0, 0, 0);
+    for (const Tensor* node : nodes) {
+        h.add(word_of(node), uint64_t(node->nelements()), 0, 0);
+        add_node(h, node);
     }
     return h.value();
+}
+
+// GFA_CUDA_REUSE_CHECKS=0: check and fuse every call's nodes anew (for measuring).
+bool reuse_checks_by_environment() {
+    const char* v = std::getenv("GFA_CUDA_REUSE_CHECKS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 // cuBLAS's default workspace sizes (32 MiB from Hopper on, 4 MiB before). Given explicitly,
@@ -569,6 +592,23 @@ class CudaBackend final : public Backend {
 
     void compute(std::span<Tensor* const> nodes) override {
         DeviceGuard guard(ctx_.device);
+        // A decoding step hands over the node list of the step before, unchanged: its checks,
+        // fusions and fingerprints are those of the last call.
+        const uint64_t list = reuse_checks_ ? list_fingerprint_of(nodes) : 0;
+        if (!reuse_checks_ || !last_list_ || list != *last_list_) {
+            last_list_.reset(); // set again once this list has passed its checks
+            prepare_work(nodes);
+            last_list_ = list;
+        } else {
+            fusions_ += fusions_in_work_; // counted per call, reused or not
+        }
+        run_work();
+    }
+
+  private:
+    // Checks every node and sets up work_ (the launches, fused where possible) and the
+    // call's shape and fingerprint.
+    void prepare_work(std::span<Tensor* const> nodes) {
         const cuda::KernelTable& table = cuda::kernels();
         // Every node is checked before any work is queued, so a bad node is reported the
         // same way whether or not the list is then captured into a graph.
@@ -589,6 +629,12 @@ class CudaBackend final : public Backend {
         }
         fused_size_.assign(work_.size(), 1);
         if (fusion_) fuse_work();
+        as_graph_ = graph_ok && work_.size() >= kMinGraphNodes;
+        shape_ = as_graph_ ? shape_of(work_) : 0;
+        fingerprint_ = as_graph_ ? fingerprint_of(work_) : 0;
+    }
+
+    void run_work() {
         auto enqueue = [this] {
             last_columns_ = {}; // tensors of an earlier call may share addresses with this one's
             for (size_t j = 0; j < work_.size(); ++j) {
@@ -611,13 +657,14 @@ class CudaBackend final : public Backend {
                     op_host_ns_[size_t(node->op)] += (std::chrono::steady_clock::now() - t0).count();
             }
         };
-        if (!graph_ok || work_.size() < kMinGraphNodes || !graphs_->enabled()) {
+        if (!as_graph_ || !graphs_->enabled()) {
             enqueue();
             return;
         }
-        graphs_->run(ctx_.stream, shape_of(work_), fingerprint_of(work_), scratch_.generation(), enqueue);
+        graphs_->run(ctx_.stream, shape_, fingerprint_, scratch_.generation(), enqueue);
     }
 
+  public:
     void synchronize() override {
         DeviceGuard guard(ctx_.device);
         GFA_CUDA_CHECK(cudaEventRecord(done_, ctx_.stream));
@@ -657,6 +704,7 @@ class CudaBackend final : public Backend {
     // gets the fused launcher, the others none. They stay in the list, so the fingerprint
     // still covers their memory.
     void fuse_work() {
+        fusions_in_work_ = 0;
         fused_nodes_.clear();
         for (const auto& w : work_) fused_nodes_.push_back(w.first);
         for (size_t i = 0; i < work_.size();) {
@@ -673,6 +721,7 @@ class CudaBackend final : public Backend {
             fused_size_[i + f.n_nodes - 1] = f.n_nodes;
             i += f.n_nodes;
             ++fusions_;
+            ++fusions_in_work_;
         }
     }
 
@@ -687,9 +736,14 @@ class CudaBackend final : public Backend {
     std::array<int64_t, size_t(Op::Count)> op_host_ns_{}; // host time enqueueing each op
     std::vector<std::pair<Tensor*, cuda::Kernel>> work_;  // the nodes of the current compute()
     std::vector<Tensor*> fused_nodes_;                    // work_'s nodes, for finding fusions
-    std::vector<size_t> fused_size_; // per work_ entry: the nodes its launch computes (1 unless fused)
+    std::vector<size_t> fused_size_;       // per work_ entry: the nodes its launch computes (1 unless fused)
+    bool as_graph_ = false;                // work_ may run as a launch graph
+    uint64_t shape_ = 0, fingerprint_ = 0; // work_'s, for LaunchGraphs::run
+    bool reuse_checks_ = reuse_checks_by_environment();
+    std::optional<uint64_t> last_list_; // the node list work_ was prepared from
     bool fusion_ = fusion_by_environment();
-    int64_t fusions_ = 0; // fused launches set up (each compute() call counts its own)
+    int64_t fusions_ = 0;         // fused launches set up (each compute() call counts its own)
+    int64_t fusions_in_work_ = 0; // those of work_
     void* cublas_workspace_ = nullptr;
     size_t cublas_workspace_size_ = 0;
     cudaEvent_t done_ = nullptr;

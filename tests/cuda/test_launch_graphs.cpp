@@ -347,6 +347,36 @@ TEST_CASE("CUDA graphs: repeated node lists replay with new inputs, moved ones a
     CHECK(counter(eager->counters(), "graph_launches") == 0);
 }
 
+// A list handed over again unchanged reuses the last call's checks, fusions and fingerprints
+// (decoding steps); anything a kernel reads that changes in place (here a scale node's
+// parameters, then a source's memory) must be seen. Every run is compared with the reference.
+TEST_CASE("CUDA backend: a repeated node list is checked once, a changed parameter or pointer is seen",
+          "[cuda][graphs]") {
+    INFO("seed " << test::seed());
+    for (const bool graphs_on : {true, false}) {
+        INFO("graphs " << (graphs_on ? "on" : "off"));
+        const std::unique_ptr<Backend> backend = backend_with("GFA_CUDA_GRAPHS", graphs_on);
+        std::unique_ptr<Block> b = make_block(64, 45, 3);
+        Tensor* scaled = nullptr; // the first scale node of the chain
+        for (Tensor* n : b->graph.nodes())
+            if (n->op == Op::Scale && !scaled) scaled = n;
+        REQUIRE(scaled != nullptr);
+        std::unique_ptr<Buffer> memory = cuda0()->buffer_type()->allocate(1024 + layout_of(b->graph).bytes);
+        for (int round = 0; round < 8; ++round) {
+            INFO("round " << round);
+            if (round == 4) scaled->set_params(ScaleParams{-1.5f, 0.25f}); // in place: same list otherwise
+            test::fill_uniform(b->x);
+            const std::vector<double> expected = ref::evaluate(b->graph, b->out);
+            const std::vector<float> got =
+                run_graph(*backend, b->graph, b->out, *memory, round < 6 ? 0 : 512);
+            CHECK(all_finite(got));
+            const double err = test::rel_error(got, expected);
+            INFO("relative error against the reference " << err);
+            CHECK(err <= 5e-3);
+        }
+    }
+}
+
 TEST_CASE("CUDA graphs: decoding a model, graphs on and off agree bit for bit and match the CPU",
           "[cuda][graphs][model]") {
     const uint32_t seed = test::seed();
