@@ -12,7 +12,6 @@
 // vocabulary, which ggml-fa-run (and llama.cpp) run; --sample N generates N bytes from it.
 // --checkpoint keeps the optimizer state and step count as well, and --init resumes from it.
 #include "tools/cli.h"
-#include "tools/sampling.h"
 
 #include <ggml-fa/backend.h>
 #include <ggml-fa/error.h>
@@ -225,14 +224,13 @@ void sample(const Options& o, Device* device) {
     Session session(*model, so);
     std::vector<int32_t> tokens = tokenizer.encode(o.prompt.empty() ? "\n" : o.prompt);
     if (int64_t(tokens.size()) >= so.n_ctx) fail("--prompt is longer than the model's context");
-    std::vector<float> logits = session.eval(tokens);
+    int32_t next = session.eval_greedy(tokens); // picked where the logits are
     std::vector<int32_t> generated;
     for (int64_t i = 0; i < o.sample && session.n_past() < so.n_ctx; ++i) {
-        const int32_t next = int32_t(cli::first_max_index(logits.data(), int64_t(logits.size())));
         generated.push_back(next);
         if (session.n_past() + 1 >= so.n_ctx) break;
         const int32_t one[1] = {next};
-        logits = session.eval(one);
+        next = session.eval_greedy(one);
     }
     std::printf("--- sample (greedy, %zu bytes) ---\n%s%s\n---\n", generated.size(),
                 tokenizer.decode(tokens).c_str(), tokenizer.decode(generated).c_str());
