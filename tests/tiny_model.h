@@ -1,6 +1,7 @@
 // A tiny random Llama-family model written as GGUF, for tests that load and run models.
 #pragma once
 
+#include <ggml-fa/backend.h>
 #include <ggml-fa/gguf.h>
 #include <ggml-fa/model.h>
 #include <ggml-fa/types.h>
@@ -198,9 +199,12 @@ inline double logits_error(const std::vector<float>& a, const std::vector<float>
 // same inputs). Session a alternates eval_greedy and eval (switching between the two graphs
 // of a step), session b always returns logits. Returns one line per disagreement: a pick that
 // is not the first largest of b's logits, a's logits not equal to b's, or a compute
-// allocation after a's first call (the reserve must cover the greedy graphs). Empty: all agree.
+// allocation after a's first call (the reserve must cover the greedy graphs); with `device`,
+// also a greedy step's graph placed anywhere else (the pick must run where the logits are).
+// Empty: all agree.
 inline std::vector<std::string> greedy_disagreements(const Model& model, const SessionOptions& so,
-                                                     const std::vector<int32_t>& tokens, size_t prompt) {
+                                                     const std::vector<int32_t>& tokens, size_t prompt,
+                                                     const Device* device = nullptr) {
     Session a(model, so), b(model, so);
     std::vector<std::string> found;
     auto first_max = [](const std::vector<float>& x) {
@@ -220,6 +224,10 @@ inline std::vector<std::string> greedy_disagreements(const Model& model, const S
             if (pick != expected)
                 found.push_back(where + "picked " + std::to_string(pick) + ", the logits say " +
                                 std::to_string(expected));
+            const std::string schedule = a.describe_schedule();
+            if (device && (schedule.find(device->name()) == std::string::npos ||
+                           schedule.find("CPU") != std::string::npos))
+                found.push_back(where + "the graph is not all on " + device->name() + ":\n" + schedule);
         } else if (a.eval(part) != logits) {
             found.push_back(where + "logits differ from the twin session's");
         }

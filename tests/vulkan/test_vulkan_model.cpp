@@ -135,15 +135,10 @@ TEST_CASE("Vulkan session: eval_greedy picks on the device what the logits say",
     so.n_threads = 2;
     so.decode_window_step = 16;
     const std::vector<int32_t> tokens = random_tokens(seed, 17, m.vocab);
-    const std::vector<std::string> disagreements = test::greedy_disagreements(*model, so, tokens, 7);
+    const std::vector<std::string> disagreements =
+        test::greedy_disagreements(*model, so, tokens, 7, vulkan0());
     for (const std::string& line : disagreements) UNSCOPED_INFO(line);
     CHECK(disagreements.empty());
-    Session s(*model, so);
-    s.eval_greedy(std::span(tokens.data(), 5));
-    const std::string schedule = s.describe_schedule();
-    INFO("schedule:\n" << schedule);
-    CHECK(schedule.find("Vulkan0") != std::string::npos);
-    CHECK(schedule.find("CPU") == std::string::npos);
 }
 
 TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
