@@ -605,6 +605,40 @@ class CudaBackend final : public Backend {
         run_work();
     }
 
+    void synchronize() override {
+        DeviceGuard guard(ctx_.device);
+        GFA_CUDA_CHECK(cudaEventRecord(done_, ctx_.stream));
+        GFA_CUDA_CHECK(cudaEventSynchronize(done_));
+        const int32_t code = *error_host_;
+        if (code != cuda::kNoError) {
+            *error_host_ = cuda::kNoError;
+            if (code == cuda::kRowIndexOutOfRange)
+                fail(std::string(device_->name()) +
+                     " backend: a row index (get_rows/set_rows) was out of range");
+            if (code == cuda::kExpertOutOfRange)
+                fail(std::string(device_->name()) + " backend: mul_mat_id: expert " +
+                     std::to_string(error_host_[1]) + " of token " + std::to_string(error_host_[2]) +
+                     " is outside [0, " + std::to_string(error_host_[3]) + ") (its rows were set to 0)");
+            if (code == cuda::kClassOutOfRange)
+                fail(std::string(device_->name()) +
+                     " backend: cross_entropy_loss was given a class out of range (its row was left out)");
+            fail(std::string(device_->name()) + " backend: a kernel reported error code " +
+                 std::to_string(code));
+        }
+    }
+
+    std::vector<std::pair<std::string, int64_t>> counters() const override {
+        std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
+        list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
+        list.emplace_back("fused_launches", fusions_);
+        list.emplace_back("early_launch_enabled", cuda::early_launch_enabled() ? 1 : 0);
+        if (skipped_launches_ > 0) list.emplace_back("skipped_launches", skipped_launches_);
+        for (size_t op = 0; op < op_host_ns_.size(); ++op)
+            if (op_host_ns_[op] > 0)
+                list.emplace_back(std::string("host_us.") + op_name(Op(op)), op_host_ns_[op] / 1000);
+        return list;
+    }
+
   private:
     // Checks every node and sets up work_ (the launches, fused where possible) and the
     // call's shape and fingerprint.
@@ -664,42 +698,6 @@ class CudaBackend final : public Backend {
         graphs_->run(ctx_.stream, shape_, fingerprint_, scratch_.generation(), enqueue);
     }
 
-  public:
-    void synchronize() override {
-        DeviceGuard guard(ctx_.device);
-        GFA_CUDA_CHECK(cudaEventRecord(done_, ctx_.stream));
-        GFA_CUDA_CHECK(cudaEventSynchronize(done_));
-        const int32_t code = *error_host_;
-        if (code != cuda::kNoError) {
-            *error_host_ = cuda::kNoError;
-            if (code == cuda::kRowIndexOutOfRange)
-                fail(std::string(device_->name()) +
-                     " backend: a row index (get_rows/set_rows) was out of range");
-            if (code == cuda::kExpertOutOfRange)
-                fail(std::string(device_->name()) + " backend: mul_mat_id: expert " +
-                     std::to_string(error_host_[1]) + " of token " + std::to_string(error_host_[2]) +
-                     " is outside [0, " + std::to_string(error_host_[3]) + ") (its rows were set to 0)");
-            if (code == cuda::kClassOutOfRange)
-                fail(std::string(device_->name()) +
-                     " backend: cross_entropy_loss was given a class out of range (its row was left out)");
-            fail(std::string(device_->name()) + " backend: a kernel reported error code " +
-                 std::to_string(code));
-        }
-    }
-
-    std::vector<std::pair<std::string, int64_t>> counters() const override {
-        std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
-        list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
-        list.emplace_back("fused_launches", fusions_);
-        list.emplace_back("early_launch_enabled", cuda::early_launch_enabled() ? 1 : 0);
-        if (skipped_launches_ > 0) list.emplace_back("skipped_launches", skipped_launches_);
-        for (size_t op = 0; op < op_host_ns_.size(); ++op)
-            if (op_host_ns_[op] > 0)
-                list.emplace_back(std::string("host_us.") + op_name(Op(op)), op_host_ns_[op] / 1000);
-        return list;
-    }
-
-  private:
     // Lets one fused kernel compute runs of nodes (cuda::Fusion): the last node of a run
     // gets the fused launcher, the others none. They stay in the list, so the fingerprint
     // still covers their memory.
