@@ -5,7 +5,7 @@ given shape but not a trained one, on machines without torch.
 
   make_random_llama.py OUT_DIR [--layers 22] [--hidden 2048] [--ffn 5632] [--heads 32]
                        [--kv-heads 4] [--vocab 32000] [--ctx 2048] [--seed 0] [--std 0.02]
-                       [--experts N --experts-used K [--shared-expert W]]
+                       [--experts N --experts-used K [--shared-expert W]] [--fast]
 
 With --experts the checkpoint is Mixtral's (model_type mixtral): each block has a router and
 N experts of --ffn each, K of them per token. --shared-expert makes it Qwen2-MoE's (model_type
@@ -75,9 +75,19 @@ def tensor_shapes(a):
     return shapes
 
 
-def write_safetensors(path, shapes, rng, std):
+def pooled_values(pool, shape, rng):
+    """A matrix cut from the pool at a random offset, wrapping around (--fast)."""
+    n = int(np.prod(shape))
+    start = int(rng.integers(len(pool)))
+    reps = (start + n + len(pool) - 1) // len(pool)
+    flat = np.tile(pool, reps)[start:start + n] if reps > 1 else pool[start:start + n]
+    return flat.reshape(shape)
+
+
+def write_safetensors(path, shapes, rng, std, fast=False):
     """safetensors: u64 little-endian header length, JSON header (padded with spaces to a
     multiple of 8 so the data starts aligned), then the raw little-endian tensor data."""
+    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * np.float32(std)).astype("<f2") if fast else None
     header = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes:
@@ -94,6 +104,8 @@ def write_safetensors(path, shapes, rng, std):
                 values = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype("<f2")
             elif len(shape) == 1:  # RMSNorm weights start at 1
                 values = np.ones(shape, dtype="<f2")
+            elif fast:
+                values = pooled_values(pool, shape, rng)
             else:
                 # Row blocks keep the f32 scratch small for the large matrices.
                 values = np.empty(shape, dtype="<f2")
@@ -118,6 +130,10 @@ def main():
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the matrices")
+    ap.add_argument("--fast", action="store_true",
+                    help="cut every matrix from one pool of 16M random values at a random offset: an 8B-sized "
+                    "checkpoint is written at disk speed instead of minutes of drawing (for speed benchmarks; "
+                    "the values repeat across matrices)")
     ap.add_argument("--experts", type=int, default=0, help="a mixture of this many experts per block (Mixtral)")
     ap.add_argument("--experts-used", type=int, default=2, help="experts per token")
     ap.add_argument("--shared-expert", type=int, default=0, help="with --experts: Qwen2-MoE with a shared expert this wide")
@@ -168,7 +184,8 @@ def main():
     with open(os.path.join(a.out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     shapes = tensor_shapes(a)
-    nbytes = write_safetensors(os.path.join(a.out_dir, "model.safetensors"), shapes, np.random.default_rng(a.seed), a.std)
+    nbytes = write_safetensors(os.path.join(a.out_dir, "model.safetensors"), shapes, np.random.default_rng(a.seed), a.std,
+                               a.fast)
     n_params = sum(int(np.prod(s)) for _, s in shapes)
     print(f"{a.out_dir}: {n_params / 1e9:.3f} B parameters, {nbytes / 2**20:.1f} MiB of f16 weights")
     return 0
