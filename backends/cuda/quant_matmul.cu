@@ -3,7 +3,9 @@
 // Decoding (N <= 8) is bound by reading the weights once, so the kernel is built around the
 // loads: one warp per output row (2 or 4 for rows too long for one pass, matvec_rows.cuh),
 // its lanes reading consecutive pieces of the row's blocks (a warp instruction covers a
-// contiguous stretch of the row), with the widest loads the row's alignment allows. The columns of b are
+// contiguous stretch of the row), with the widest loads the row's alignment allows; at one
+// column the q4_K and q6_K items load the column values they meet with their own bytes
+// (column fetching, below). The columns of b are
 // first quantized to int8 in blocks of 32 (as llama.cpp's q8_1), so that each 4 weights meet 4 activations in
 // one __dp4a: the integer dot products keep the arithmetic far below the load rate, which fp32 FMAs (plus the
 // int-to-float conversions of every weight) would not at N > 1. Formats with an offset
@@ -300,8 +302,31 @@ template <int T, int A> struct ItemK {
         load_words<kAlign16, 4>(blk + kQs + 16 * part, q);
         if constexpr (kFiveBits) load_words<kAlign16, 4>(blk + 16 + 16 * (part & 1), qh);
     }
+    // The column values the lane's codes meet (16 of sub-block j0, 16 of j1) and both
+    // sub-blocks' (scale, sum) pairs. q5_K does not fetch them with its items: with its high
+    // bits held too, three of four product shapes ran 2-6% slower that way (H100).
+    struct Piece {
+        uint4 lo, hi;
+        float4 ds;
+    };
+    static constexpr int kPieceMaxUnroll = kFiveBits ? 0 : 2;
+    __device__ __forceinline__ static Piece piece(const Columns& x, int c, int64_t ib, int part) {
+        const int j0 = 2 * (part >> 1);
+        const int64_t k0 = 256 * ib + 32 * j0 + 16 * (part & 1);
+        return {x16(x, c, k0), x16(x, c, k0 + 32), xds_two(x, c, 8 * ib + j0)};
+    }
+    __device__ __forceinline__ float dot_piece(const Piece& p, int part) const {
+        float acc[1] = {0.0f};
+        dot_with(acc, part, 1, [&](int) { return p; });
+        return acc[0];
+    }
     template <int NC>
     __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        dot_with(acc, part, x.n, [&](int c) { return piece(x, c, ib, part); });
+    }
+    // Adds the products with each column c < min(NC, n), its piece from piece_of(c).
+    template <int NC, class P>
+    __device__ __forceinline__ void dot_with(float (&acc)[NC], int part, int n, P&& piece_of) const {
         const int j0 = 2 * (part >> 1), j1 = j0 + 1;
         uint32_t lo[4], hi[4];
 #pragma unroll
@@ -320,13 +345,13 @@ template <int T, int A> struct ItemK {
         // Each sub-block's min is shared by two lanes: each subtracts half.
         const float half_dmin = 0.5f * f16_high(head);
         const float min0 = small_to_float(mn & 0xffu), min1 = small_to_float(mn >> 8);
-        const int64_t k0 = 256 * ib + 32 * j0 + 16 * (part & 1);
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
-            if (c >= x.n) break;
-            const float4 ds = xds_two(x, c, 8 * ib + j0); // sub-blocks j0 and j1
+            if (c >= n) break;
+            const Piece p = piece_of(c);
+            const float4 ds = p.ds; // sub-blocks j0 and j1
             // |sum| <= 16 * 31 * 127 and scales < 64: the integer products are exact.
-            const int s0 = sc0 * dot16(lo, x16(x, c, k0)), s1 = sc1 * dot16(hi, x16(x, c, k0 + 32));
+            const int s0 = sc0 * dot16(lo, p.lo), s1 = sc1 * dot16(hi, p.hi);
             acc[c] += d * (ds.x * float(s0) + ds.z * float(s1)) - half_dmin * (ds.y * min0 + ds.w * min1);
         }
     }
@@ -360,24 +385,60 @@ template <int A> struct ItemQ6K {
         sc_hi = __ldg(scales + 4);
         d = f16_bits_at(scale);
     }
+    // The column values the lane's codes meet (16 of the half's low run, 16 of its high run)
+    // and the scales of their blocks of 32.
+    struct Piece {
+        uint4 lo, hi;
+        float scale_lo, scale_hi;
+    };
+    static constexpr int kPieceMaxUnroll = 2;
+    __device__ __forceinline__ static Piece piece(const Columns& x, int c, int64_t ib, int part) {
+        const int64_t k_lo = 256 * ib + 128 * (part >> 2) + 16 * (part & 3), k_hi = k_lo + 64;
+        return {x16(x, c, k_lo), x16(x, c, k_hi), xds(x, c, k_lo / 32).x, xds(x, c, k_hi / 32).x};
+    }
+    __device__ __forceinline__ float dot_piece(const Piece& p, int part) const {
+        float acc[1] = {0.0f};
+        dot_with(acc, part, 1, [&](int) { return p; });
+        return acc[0];
+    }
     template <int NC>
     __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
-        const int hf = part >> 2, s = part & 3, t = s >> 1;
+        dot_with(acc, part, x.n, [&](int c) { return piece(x, c, ib, part); });
+    }
+    // Adds the products with each column c < min(NC, n), its piece from piece_of(c).
+    template <int NC, class P>
+    __device__ __forceinline__ void dot_with(float (&acc)[NC], int part, int n, P&& piece_of) const {
+        const int s = part & 3, t = s >> 1;
+        // With one or two columns the codes stay unsigned (0..63, valid signed bytes as well)
+        // and each product takes the -32 as four more __dp4a with -32 in every byte, fewer
+        // instructions than centering eight words; with more columns centering once is cheaper.
+        constexpr bool kCenter = NC > 2;
         uint32_t lo[4], hi[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            lo[k] = centered_six_bits((ql[k] & 0x0f0f0f0fu) | (((qh[k] >> (2 * t)) & 0x03030303u) << 4));
-            hi[k] = centered_six_bits(((ql[k] >> 4) & 0x0f0f0f0fu) |
-                                      (((qh[k] >> (4 + 2 * t)) & 0x03030303u) << 4));
+            lo[k] = (ql[k] & 0x0f0f0f0fu) | (((qh[k] >> (2 * t)) & 0x03030303u) << 4);
+            hi[k] = ((ql[k] >> 4) & 0x0f0f0f0fu) | (((qh[k] >> (4 + 2 * t)) & 0x03030303u) << 4);
+            if constexpr (kCenter) {
+                lo[k] = centered_six_bits(lo[k]);
+                hi[k] = centered_six_bits(hi[k]);
+            }
         }
-        const int64_t k_lo = 256 * ib + 128 * hf + 16 * s, k_hi = k_lo + 64;
+        auto centered_dot = [](const uint32_t(&w)[4], uint4 v) {
+            if constexpr (kCenter) return dot16(w, v);
+            constexpr int kMinus32 = int(0xe0e0e0e0u);
+            int sum = 0;
+            sum = __dp4a(int(w[0]), int(v.x), __dp4a(kMinus32, int(v.x), sum));
+            sum = __dp4a(int(w[1]), int(v.y), __dp4a(kMinus32, int(v.y), sum));
+            sum = __dp4a(int(w[2]), int(v.z), __dp4a(kMinus32, int(v.z), sum));
+            return __dp4a(int(w[3]), int(v.w), __dp4a(kMinus32, int(v.w), sum));
+        };
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
-            if (c >= x.n) break;
-            const float2 ds_lo = xds(x, c, k_lo / 32), ds_hi = xds(x, c, k_hi / 32);
+            if (c >= n) break;
+            const Piece p = piece_of(c);
             // |sum| <= 16 * 32 * 127, |scale| <= 128: the integer products are exact.
-            acc[c] += d * (ds_lo.x * float(sc_lo * dot16(lo, x16(x, c, k_lo))) +
-                           ds_hi.x * float(sc_hi * dot16(hi, x16(x, c, k_hi))));
+            acc[c] += d * (p.scale_lo * float(sc_lo * centered_dot(lo, p.lo)) +
+                           p.scale_hi * float(sc_hi * centered_dot(hi, p.hi)));
         }
     }
 };
@@ -562,12 +623,33 @@ __device__ __forceinline__ void load_item(W& item, const char* row, int64_t K, i
         item.load(row + int64_t(ib) * QuantBlock<T>::kBytes, int(part));
 }
 
+// Column fetching: an item type with a Piece (the column values its codes meet) can have the
+// kernel load each item's piece together with the item, at one column, where the pass is no
+// deeper than kPieceMaxUnroll (deeper ones spilled within 64 registers). Otherwise the pieces
+// are loaded in the products, after the codes have arrived, so their L1/L2 latency follows
+// the codes' instead of overlapping it (the test for a missing column kept the compiler from
+// hoisting them). GFA_CUDA_FETCH_COLUMNS=0 turns it off, for comparisons.
+template <class W> constexpr int piece_max_unroll() {
+    if constexpr (requires { W::kPieceMaxUnroll; })
+        return W::kPieceMaxUnroll;
+    else
+        return 0;
+}
+template <class W, int U> struct Pieces { typename W::Piece at[U]; };
+template <class W> struct Pieces<W, 0> {};
+
+bool column_fetch_enabled() {
+    const char* v = std::getenv("GFA_CUDA_FETCH_COLUMNS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // U: items a lane loads before using any (W::kUnroll, or a deeper pass for long rows,
-// matvec_shape).
-template <int T, int A, int NC, int U = Item<T, A>::kUnroll>
+// matvec_shape). kFetch: pieces loaded with the items (above; NC == 1 only).
+template <int T, int A, int NC, int U = Item<T, A>::kUnroll, bool kFetch = false>
 __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     quant_matvec_kernel(TensorView a, Columns x, TensorView dst, int64_t r2, int64_t r3, int split,
                         bool a_constant, int64_t n_ff, TensorView glu) {
+    static_assert(!kFetch || NC == 1);
     using W = Item<T, A>;
     using B = QuantBlock<T>;
     const RowSlice rs = row_slice<kMatvecWarps>(split, n_ff);
@@ -590,15 +672,23 @@ __global__ void __launch_bounds__(kMatvecWarps * 32, matvec_min_blocks(T, NC))
     for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
     for (int base = rs.first; has_row && base < n_items; base += rs.stride * U) {
         W items[U];
+        [[maybe_unused]] Pieces<W, kFetch ? U : 0> pieces;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int i = base + rs.stride * u;
-            if (i < n_items) load_item<T>(items[u], row, a.ne[0], i);
+            if (i < n_items) {
+                load_item<T>(items[u], row, a.ne[0], i);
+                if constexpr (kFetch)
+                    pieces.at[u] = W::piece(x, 0, unsigned(i) / W::kParts, int(unsigned(i) % W::kParts));
+            }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int i = base + rs.stride * u;
-            if (i < n_items)
+            if (i >= n_items) continue;
+            if constexpr (kFetch)
+                acc[0] += items[u].dot_piece(pieces.at[u], int(unsigned(i) % W::kParts));
+            else
                 items[u].template dot<NC>(x, unsigned(i) / W::kParts, int(unsigned(i) % W::kParts), acc);
         }
     }
@@ -688,6 +778,11 @@ void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst,
     if constexpr (kHasDeepPass<T>) {
         constexpr int kDeep = kDeepUnroll<T>;
         if (x.n == 1 && shape.unroll == kDeep) return launch(quant_matvec_kernel<T, A, 1, kDeep>);
+    }
+    using W = Item<T, A>;
+    if constexpr (piece_max_unroll<W>() >= W::kUnroll) {
+        if (x.n == 1 && shape.unroll == W::kUnroll && column_fetch_enabled())
+            return launch(quant_matvec_kernel<T, A, 1, W::kUnroll, true>);
     }
     if (x.n == 1)
         launch(quant_matvec_kernel<T, A, 1>);
