@@ -283,10 +283,29 @@ template <int A> struct Item<kQ4_1, A> : Item32<kQ4_1, A> {};
 template <int A> struct Item<kQ5_0, A> : Item32<kQ5_0, A> {};
 template <int A> struct Item<kQ5_1, A> : Item32<kQ5_1, A> {};
 
+// Items with a Piece (the column values and scales their codes meet) compute through
+// Item::dot_with(acc, part, n, piece_of), which takes column c's piece from piece_of(c): dot()
+// loads each column's piece as it goes, dot_piece() takes one loaded together with the item
+// (quant_matvec_kernel's column fetching).
+template <class Item> struct PieceDots {
+    template <class Piece> __device__ __forceinline__ float dot_piece(const Piece& p, int part) const {
+        float acc[1] = {0.0f};
+        self().dot_with(acc, part, 1, [&](int) { return p; });
+        return acc[0];
+    }
+    template <int NC>
+    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
+        self().dot_with(acc, part, x.n, [&](int c) { return Item::piece(x, c, ib, part); });
+    }
+
+  private:
+    __device__ __forceinline__ const Item& self() const { return static_cast<const Item&>(*this); }
+};
+
 // q4_K, q5_K: eight lanes per block; lane `part` takes qs bytes 16 part .. 16 part + 15: in
 // 32-byte chunk c = part / 2, values 16 h .. 16 h + 15 (h = part % 2) of sub-blocks 2c (low
 // nibbles) and 2c + 1 (high nibbles), and for q5_K the qh bytes of the same 16 positions.
-template <int T, int A> struct ItemK {
+template <int T, int A> struct ItemK : PieceDots<ItemK<T, A>> {
     static constexpr bool kFiveBits = T == kQ5_K;
     static constexpr int kQs = kFiveBits ? 48 : 16;
     static constexpr int kAlign16 = min_int(A, 16);
@@ -314,15 +333,6 @@ template <int T, int A> struct ItemK {
         const int j0 = 2 * (part >> 1);
         const int64_t k0 = 256 * ib + 32 * j0 + 16 * (part & 1);
         return {x16(x, c, k0), x16(x, c, k0 + 32), xds_two(x, c, 8 * ib + j0)};
-    }
-    __device__ __forceinline__ float dot_piece(const Piece& p, int part) const {
-        float acc[1] = {0.0f};
-        dot_with(acc, part, 1, [&](int) { return p; });
-        return acc[0];
-    }
-    template <int NC>
-    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
-        dot_with(acc, part, x.n, [&](int c) { return piece(x, c, ib, part); });
     }
     // Adds the products with each column c < min(NC, n), its piece from piece_of(c).
     template <int NC, class P>
@@ -371,7 +381,7 @@ __device__ __forceinline__ uint32_t centered_six_bits(uint32_t q) {
 // nibbles), whose two high bits both sit in qh bytes 32 hf + 16 (s % 2) + (0..15). The body
 // (all but the scale d) is A-byte aligned: 2 in the file's 210-byte blocks, up to 16 with the
 // scales last.
-template <int A> struct ItemQ6K {
+template <int A> struct ItemQ6K : PieceDots<ItemQ6K<A>> {
     static constexpr int kParts = 8, kUnroll = 2;
     uint32_t ql[4], qh[4];
     int sc_lo, sc_hi;
@@ -395,15 +405,6 @@ template <int A> struct ItemQ6K {
     __device__ __forceinline__ static Piece piece(const Columns& x, int c, int64_t ib, int part) {
         const int64_t k_lo = 256 * ib + 128 * (part >> 2) + 16 * (part & 3), k_hi = k_lo + 64;
         return {x16(x, c, k_lo), x16(x, c, k_hi), xds(x, c, k_lo / 32).x, xds(x, c, k_hi / 32).x};
-    }
-    __device__ __forceinline__ float dot_piece(const Piece& p, int part) const {
-        float acc[1] = {0.0f};
-        dot_with(acc, part, 1, [&](int) { return p; });
-        return acc[0];
-    }
-    template <int NC>
-    __device__ __forceinline__ void dot(const Columns& x, int64_t ib, int part, float (&acc)[NC]) const {
-        dot_with(acc, part, x.n, [&](int c) { return piece(x, c, ib, part); });
     }
     // Adds the products with each column c < min(NC, n), its piece from piece_of(c).
     template <int NC, class P>
