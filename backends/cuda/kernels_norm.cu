@@ -436,7 +436,6 @@ __global__ void __launch_bounds__(kBlockMax)
     };
     if (w_constant) load_first_weights();
     await_inputs();
-    allow_next_launch();
     if (!w_constant) load_first_weights();
 
     int64_t i1, i2, i3;
@@ -460,6 +459,11 @@ __global__ void __launch_bounds__(kBlockMax)
         }
     }
     const float inv = rsqrtf(block_sum(sq, shared) / float(n) + eps);
+    // The next kernel (the product that reads this row) launches only now: launched at the
+    // start, its thousands of blocks asked L2 for their weights while this single block was
+    // still loading and reducing the row, and slowed it; after the reduction they overlap
+    // only the stores. Decoding went 1-3% faster (H100: 1.1B q4_K_M, q8_0, f16; 8B q4_K_M).
+    allow_next_launch();
     const bool in_registers = n <= kNormChunk * step; // else re-read what pass 1 stored
     const TensorView& x_view = kAdd ? sum : a;
     for (int64_t base = threadIdx.x; base < n; base += kNormChunk * step) {
