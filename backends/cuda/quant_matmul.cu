@@ -742,15 +742,33 @@ struct MatvecShape {
 template <int T> constexpr int kDeepUnroll = T == kQ4_K ? 3 : T == kQ4_0ScalesLast ? 6 : 0;
 template <int T> constexpr bool kHasDeepPass = kDeepUnroll<T> > 0;
 
+// q4_K rows of 65-128 items (K = 2304..4096), where there are many of them (an 8B model's merged
+// gate/up product: 28672 rows of K = 4096), take one warp a row at 4 items deep instead of two
+// warps at 2: half the warps, so half the fixed work per weight byte (row indices, the sum
+// across a row's warps), which bounds a product of several waves of blocks. Without column
+// fetching (its pieces spilled at this depth). On an H100 the 14336 x 4096 product alone went
+// from 16.2-16.3 to 15.5-15.6 us; with fewer rows the product is a wave or two of blocks and the
+// wider warps lose (4096 x 4096: 6.4 against 5.7 us), hence the row minimum. An 8B-shaped
+// Q4_K_M model decoded 314-316 -> 331-332 tok/s with this rule (323-324 with the 4-deep pass
+// for every q4_K product).
+constexpr int kFourDeep = 4;
+constexpr int64_t kFourDeepMinRows = 8192;
+
 // The item's own depth, unless a deeper pass reads the row with fewer warps or in fewer
 // passes. A q4_K row of K = 5632 (a 1.1B model's down projection, 176 items) takes 4 warps
 // whose lanes hold 1 or 2 items at depth 2: one row per block, two waves of blocks on an
 // H100. At depth 3 it takes 2 warps whose lanes hold 2 or 3: two rows per block, one wave.
 // Decoding that model went from 748-756 to 771-774 tok/s (H100).
-template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
+template <int T, int A> MatvecShape matvec_shape(int64_t K, int64_t rows, int columns) {
     using W = Item<T, A>;
     const int64_t items = K / QuantBlock<T>::kValues * W::kParts;
     const int split = row_split_for(items, W::kUnroll, kMatvecWarps);
+    if constexpr (T == kQ4_K) {
+        if (columns == 1 && rows >= kFourDeepMinRows) {
+            const int one_warp = row_split_for(items, kFourDeep, kMatvecWarps);
+            if (one_warp == 1 && split > 1) return {1, kFourDeep};
+        }
+    }
     if constexpr (kHasDeepPass<T>) {
         if (columns == 1) {
             constexpr int kDeep = kDeepUnroll<T>;
@@ -767,7 +785,7 @@ template <int T, int A> MatvecShape matvec_shape(int64_t K, int columns) {
 template <int T, int A>
 void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst, int64_t r2, int64_t r3,
                    bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream) {
-    const MatvecShape shape = matvec_shape<T, A>(a.ne[0], x.n);
+    const MatvecShape shape = matvec_shape<T, A>(a.ne[0], a.ne[1], x.n);
     const int64_t rows = dst.ne[0];
     const int64_t matrices = dst.ne[2] * dst.ne[3];
     const int split = shape.split;
@@ -779,6 +797,8 @@ void launch_matvec(const TensorView& a, const Columns& x, const TensorView& dst,
     if constexpr (kHasDeepPass<T>) {
         constexpr int kDeep = kDeepUnroll<T>;
         if (x.n == 1 && shape.unroll == kDeep) return launch(quant_matvec_kernel<T, A, 1, kDeep>);
+        if constexpr (T == kQ4_K)
+            if (x.n == 1 && shape.unroll == kFourDeep) return launch(quant_matvec_kernel<T, A, 1, kFourDeep>);
     }
     using W = Item<T, A>;
     if constexpr (piece_max_unroll<W>() >= W::kUnroll) {
@@ -850,14 +870,22 @@ template <class F> void dispatch_matvec(const TensorView& a, F&& f) {
     });
 }
 
+MatvecShape shape_of(const TensorView& a, int64_t columns) {
+    MatvecShape shape{1, 1};
+    dispatch_matvec(a, [&](auto type, auto align) {
+        shape = matvec_shape<decltype(type)::value, decltype(align)::value>(a.ne[0], a.ne[1], int(columns));
+    });
+    return shape;
+}
+
 } // namespace
 
 int quant_matvec_split(const TensorView& a, int64_t columns) {
-    int split = 1;
-    dispatch_matvec(a, [&](auto type, auto align) {
-        split = matvec_shape<decltype(type)::value, decltype(align)::value>(a.ne[0], int(columns)).split;
-    });
-    return split;
+    return shape_of(a, columns).split;
+}
+
+int quant_matvec_depth(const TensorView& a, int64_t columns) {
+    return shape_of(a, columns).unroll;
 }
 
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,

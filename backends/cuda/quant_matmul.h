@@ -40,6 +40,8 @@ void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& ds
 
 // How many warps share one row of a in quant_matvec (1, 2 or 4) with that many columns.
 int quant_matvec_split(const TensorView& a, int64_t columns);
+// How many items (a lane's share of a block) each lane of those warps loads per pass.
+int quant_matvec_depth(const TensorView& a, int64_t columns);
 
 // a's rows as a packed f16 matrix [K, M * A2 * A3] (exact dequantization, then rounded to
 // f16). `out` is 16-byte aligned.

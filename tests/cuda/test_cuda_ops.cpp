@@ -2,6 +2,7 @@
 // odd shapes, outputs poisoned with NaN before the run. A graph runs on the GPU by placing
 // all of its tensors in one device buffer, uploading the leaves, computing on a CUDA
 // backend and downloading the result.
+#include "../../backends/cuda/quant_matmul.h"
 #include "device_op_cases.h"
 #include "op_check.h"
 #include "op_def.h"
@@ -442,6 +443,34 @@ TEST_CASE("CUDA mul_mat with every quantized weight type, decoding and prefill p
                     check_quant_mul_mat(ctx, a, b);
                 }
             }
+    }
+}
+
+// q4_K rows of K = 2304..4096, where there are many (8192 or more), take one warp a row at 4
+// items deep (quant_matmul.cu): K = 3328 (104 items, so lanes of 3 and of 4) and 4096, 8195 rows
+// (the last block of 4 rows holds 3), weights constant (fetched before the kernel's wait) or
+// not, against the exact product; two columns, and 4096 rows, keep two warps a row at 2 deep.
+TEST_CASE("CUDA q4_K decoding over many rows takes one warp a row, 4 items deep", "[cuda][quant][matvec]") {
+    for (const int64_t K : {int64_t(3328), int64_t(4096)}) {
+        for (const bool constant : {false, true}) {
+            Context ctx = data_ctx();
+            Tensor* a = ctx.new_tensor(Type::Q4_K, {K, 8195});
+            fill_uniform(a);
+            if (constant) a->flags |= kFlagConstant;
+            INFO("K " << K << (constant ? ", constant" : ""));
+            REQUIRE(cuda::quant_matvec_depth(cuda::view_of(a), 1) == 4);
+            REQUIRE(cuda::quant_matvec_split(cuda::view_of(a), 1) == 1);
+            CHECK(cuda::quant_matvec_depth(cuda::view_of(a), 2) == 2);
+            for (const int64_t N : {1, 2}) {
+                Tensor* b = ctx.new_tensor(Type::F32, {K, N});
+                fill_uniform(b);
+                check_quant_mul_mat(ctx, a, b);
+            }
+        }
+        Context ctx = data_ctx();
+        Tensor* fewer = ctx.new_tensor(Type::Q4_K, {K, 4096});
+        CHECK(cuda::quant_matvec_depth(cuda::view_of(fewer), 1) == 2);
+        CHECK(cuda::quant_matvec_split(cuda::view_of(fewer), 1) == 2);
     }
 }
 

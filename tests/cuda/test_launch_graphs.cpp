@@ -500,11 +500,13 @@ TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit
         int64_t K;
         bool fuses;
     };
+    // q4_K at K = 4096 with 4100 pairs (8200 rows) takes the 4-deep pass, one warp a row, at
+    // one column (quant_matmul.cu).
     for (const Case& c :
          {Case{Type::F16, 256, true}, Case{Type::F16, 2056, true}, Case{Type::BF16, 1000, true},
           Case{Type::F16, 4104, false}, Case{Type::Q8_0, 2048, true}, Case{Type::Q4_K, 512, true},
-          Case{Type::Q4_K, 8448, false}, Case{Type::Q6_K, 2048, true}})
-        for (const int64_t n_ff : {37, 300})
+          Case{Type::Q4_K, 8448, false}, Case{Type::Q6_K, 2048, true}, Case{Type::Q4_K, 4096, true}})
+        for (const int64_t n_ff : c.K == 4096 ? std::vector<int64_t>{4100} : std::vector<int64_t>{37, 300})
             for (const int64_t n : {1, 3}) {
                 INFO(type_name(c.type) << " K " << c.K << ", n_ff " << n_ff << ", columns " << n);
                 Context ctx{ContextParams{.alloc_data = true}};
@@ -512,7 +514,7 @@ TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit
                 Tensor* x = ctx.new_tensor(Type::F32, {c.K, n});
                 test::fill_uniform(w);
                 test::fill_uniform(x);
-                if (n_ff == 300) w->flags |= kFlagConstant; // fetched before the kernel waits
+                if (n_ff >= 300) w->flags |= kFlagConstant; // fetched before the kernel waits
                 Tensor* gu = mul_mat(ctx, w, x);
                 const size_t half = size_t(n_ff) * sizeof(float);
                 Tensor* f = swiglu(ctx, view(ctx, gu, {n_ff, n}, {gu->nb[1]}, 0),
