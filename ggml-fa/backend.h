@@ -85,6 +85,24 @@ class Backend {
     virtual void compute(std::span<Tensor* const> nodes) = 0;
     // Waits for queued work; compute() may return before the work is done.
     virtual void synchronize() {}
+
+    // Transfers queued behind the work handed to compute() so far, in order with it, so that
+    // the host can prepare a next step while the device still runs this one (a decoding loop
+    // that never waits between tokens). The tensors must live in memory this backend uses.
+    //   write_async: bytes [offset, offset + size) of t from src; src may be reused as soon as
+    //     the call returns.
+    //   copy_async: size bytes from one tensor to another.
+    //   read_async: bytes of t into dst, which holds them once wait_for(the ticket) returned.
+    // The defaults wait for the queue and transfer at once (right on every backend); a GPU
+    // backend queues them on its stream.
+    using Ticket = uint64_t;
+    virtual void write_async(Tensor* t, const void* src, size_t offset, size_t size);
+    virtual void copy_async(const Tensor* from, size_t from_offset, Tensor* to, size_t to_offset,
+                            size_t size);
+    virtual Ticket read_async(const Tensor* t, void* dst, size_t offset, size_t size);
+    // Waits until the read with this ticket (and the work queued before it) is done; raises a
+    // kernel's error report as synchronize() does.
+    virtual void wait_for(Ticket ticket);
     // Counts of how the backend ran its work so far, as (name, value) pairs, for profiles
     // (the CUDA backend: graph launches, graph updates, eager runs). Empty when it keeps none.
     virtual std::vector<std::pair<std::string, int64_t>> counters() const { return {}; }

@@ -12,6 +12,7 @@
 #include <ggml-fa/ops.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -142,15 +143,16 @@ struct TracedNode {
 // Where the time of Session::eval went, summed over the graphs it ran (a long prompt runs
 // one graph per n_batch tokens) since the last reset_profile(). Seconds of host time.
 struct EvalProfile {
-    int64_t graphs = 0;  // graphs run
-    int64_t nodes = 0;   // their nodes, summed
-    int64_t reused = 0;  // graphs that were the previous eval's, run again unchanged
-    double build = 0;    // building the graph
-    double allocate = 0; // the scheduler: backends, splits, memory plan and placement
-    double upload = 0;   // setting the token and position inputs
-    double submit = 0;   // handing the work to the backends (a CPU backend computes here)
-    double wait = 0;     // waiting for the backends to finish
-    double readback = 0; // copying the logits (or eval_greedy's id) out
+    int64_t graphs = 0;        // graphs run
+    int64_t nodes = 0;         // their nodes, summed
+    int64_t reused = 0;        // graphs that were the previous eval's, run again unchanged
+    int64_t fed_on_device = 0; // decode_greedy steps whose token the device passed on itself
+    double build = 0;          // building the graph
+    double allocate = 0;       // the scheduler: backends, splits, memory plan and placement
+    double upload = 0;         // setting the token and position inputs
+    double submit = 0;         // handing the work to the backends (a CPU backend computes here)
+    double wait = 0;           // waiting for the backends to finish
+    double readback = 0;       // copying the logits (or eval_greedy's id) out
 };
 
 class Session {
@@ -168,6 +170,14 @@ class Session {
     // its first largest logit (NaN ranked with -inf), as top_k(logits, 1) gives it. The pick is
     // made where the logits are, so a GPU sends back one id instead of n_vocab floats.
     int32_t eval_greedy(std::span<const int32_t> tokens);
+    // Greedy generation without a wait between tokens: evaluates `first` (a token not yet in
+    // the cache), then each token it picks, max_steps evaluations at most, handing every pick
+    // to on_token in order; on_token returns false to stop. Where the whole step runs on one
+    // backend, the device feeds each pick to the next step itself and the host queues a step
+    // while the one before still runs, so the device never waits for the host between tokens.
+    // Returns the picks handed over; the cache then holds `first` and every pick but the
+    // last, exactly as eval_greedy called token by token would leave it (same picks too).
+    int64_t decode_greedy(int32_t first, int64_t max_steps, const std::function<bool(int32_t)>& on_token);
 
     int64_t n_past() const;
     int64_t n_ctx() const;

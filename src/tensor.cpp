@@ -206,6 +206,26 @@ void place_view(Tensor* view) {
     view->buffer = owner->buffer;
 }
 
+// The queued transfers of a backend that keeps no queue of its own: wait, then transfer.
+void Backend::write_async(Tensor* t, const void* src, size_t offset, size_t size) {
+    synchronize();
+    tensor_set(t, src, offset, size);
+}
+void Backend::copy_async(const Tensor* from, size_t from_offset, Tensor* to, size_t to_offset, size_t size) {
+    synchronize();
+    check_access(from, from_offset, size, "copy_async");
+    check_access(to, to_offset, size, "copy_async");
+    std::vector<std::byte> bytes(size);
+    from->buffer->get(from, bytes.data(), from_offset, size);
+    to->buffer->set(to, bytes.data(), to_offset, size);
+}
+Backend::Ticket Backend::read_async(const Tensor* t, void* dst, size_t offset, size_t size) {
+    synchronize();
+    tensor_get(t, dst, offset, size);
+    return 0;
+}
+void Backend::wait_for(Ticket) {}
+
 // ---- marking ---------------------------------------------------------------------------
 
 void set_param(Tensor* t) {

@@ -186,6 +186,66 @@ TEST_CASE("llama session: eval_greedy picks the first largest logit", "[model]")
     CHECK_THROWS_AS(s.eval_greedy({}), Error);
 }
 
+// The CPU backend queues nothing (Backend's defaults transfer at once), so this checks the
+// loop itself: which step's token comes from where, stopping, and the cache afterwards. The
+// CUDA test of the same name runs it with queued transfers.
+TEST_CASE("llama session: decode_greedy picks what eval_greedy picks token by token", "[model]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    TinyModel m;
+    m.vocab = 301;
+    SessionOptions so = exact_cache_options(48);
+    int64_t max_steps = 19, stop_after = -1;
+    bool throwing = false, windows_change = false;
+    SECTION("every step fed by the one before") {}
+    SECTION("windows that change every 4 positions: new graphs, tokens through the host") {
+        so.decode_window_step = 4;
+        windows_change = true;
+    }
+    SECTION("exact causal graphs (a new graph every step)") {
+        so.decode_window_step = 0;
+        windows_change = true;
+    }
+    SECTION("the caller stops after 7 picks") {
+        stop_after = 7;
+    }
+    SECTION("the caller stops after the first pick") {
+        stop_after = 1;
+    }
+    SECTION("the caller throws at the 5th pick") {
+        stop_after = 5;
+        throwing = true;
+    }
+    SECTION("qwen2 with biases, chunked prompt") {
+        m.arch = "qwen2";
+        m.biases = m.tied = true;
+        so.n_batch = 4;
+    }
+    SECTION("more steps than the context holds: an error before any work") {
+        max_steps = 48;
+    }
+    TempFile file{write_model(m, seed)};
+    std::unique_ptr<Model> model = Model::load(file.path);
+    std::mt19937 rng(seed);
+    const std::vector<int32_t> prompt = random_tokens(rng, 11, m.vocab);
+    int64_t fed = -1;
+    const std::vector<std::string> disagreements =
+        test::decode_disagreements(*model, so, prompt, max_steps, stop_after, throwing, &fed);
+    for (const std::string& line : disagreements) UNSCOPED_INFO(line);
+    CHECK(disagreements.empty());
+    if (max_steps == 19 && stop_after < 0 && !windows_change) CHECK(fed == max_steps - 1);
+    if (windows_change) CHECK(fed < max_steps - 1);
+
+    Session s(*model, so);
+    CHECK_THROWS_WITH(s.decode_greedy(int32_t(m.vocab), 3, [](int32_t) { return true; }),
+                      Catch::Contains("outside the vocabulary"));
+    CHECK_THROWS_WITH(s.decode_greedy(0, -1, [](int32_t) { return true; }), Catch::Contains("max_steps"));
+    int calls = 0;
+    CHECK(s.decode_greedy(0, 0, [&](int32_t) { return ++calls > 0; }) == 0);
+    CHECK(calls == 0);
+    CHECK(s.n_past() == 0);
+}
+
 TEST_CASE("llama session: decoding through growing attention windows reuses graphs", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);

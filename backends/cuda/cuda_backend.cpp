@@ -551,6 +551,106 @@ size_t cublas_workspace_bytes(int cc_major) {
     return cc_major >= 9 ? size_t(32) << 20 : size_t(4) << 20;
 }
 
+// Host <-> device copies queued on a backend's stream (Backend::write_async, read_async).
+// They go through slots of pinned host memory: a copy from pageable memory is staged by the
+// driver synchronously, and a queued copy must not read memory the caller reuses at once.
+// Each slot's last copy is marked by an event; a slot is taken again once that copy is done,
+// and a read's bytes move from its slot to the caller's memory when it is waited for (or
+// when its slot is needed again, whichever comes first).
+class QueuedTransfers {
+  public:
+    static constexpr int kSlots = 16;
+    static constexpr size_t kSlotBytes = size_t(64) << 10;
+
+    explicit QueuedTransfers(cudaStream_t stream) : stream_(stream) {
+        try {
+            for (Slot& s : slots_) {
+                GFA_CUDA_CHECK(cudaHostAlloc(&s.host, kSlotBytes, cudaHostAllocDefault));
+                GFA_CUDA_CHECK(cudaEventCreateWithFlags(&s.event, cudaEventDisableTiming));
+            }
+        } catch (...) {
+            release();
+            throw;
+        }
+    }
+    QueuedTransfers(const QueuedTransfers&) = delete;
+    QueuedTransfers& operator=(const QueuedTransfers&) = delete;
+    ~QueuedTransfers() { release(); }
+
+    void write(void* device_dst, const void* src, size_t size) {
+        for (size_t done = 0; done < size;) {
+            const size_t n = std::min(kSlotBytes, size - done);
+            Slot& s = take();
+            std::memcpy(s.host, static_cast<const char*>(src) + done, n);
+            GFA_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(device_dst) + done, s.host, n,
+                                           cudaMemcpyHostToDevice, stream_));
+            GFA_CUDA_CHECK(cudaEventRecord(s.event, stream_));
+            s.busy = true;
+            done += n;
+        }
+    }
+
+    Backend::Ticket read(void* dst, const void* device_src, size_t size) {
+        const Backend::Ticket ticket = ++last_ticket_;
+        for (size_t done = 0; done < size;) {
+            const size_t n = std::min(kSlotBytes, size - done);
+            Slot& s = take();
+            GFA_CUDA_CHECK(cudaMemcpyAsync(s.host, static_cast<const char*>(device_src) + done, n,
+                                           cudaMemcpyDeviceToHost, stream_));
+            GFA_CUDA_CHECK(cudaEventRecord(s.event, stream_));
+            s.busy = true;
+            s.read_to = static_cast<char*>(dst) + done;
+            s.read_bytes = n;
+            s.ticket = ticket;
+            done += n;
+        }
+        return ticket;
+    }
+
+    // Lands every read up to `ticket` (those already landed, or unknown, need nothing).
+    void wait_for(Backend::Ticket ticket) {
+        for (Slot& s : slots_)
+            if (s.busy && s.read_to && s.ticket <= ticket) settle(s);
+    }
+
+  private:
+    struct Slot {
+        void* host = nullptr;
+        cudaEvent_t event = nullptr;
+        bool busy = false;       // a copy through it was queued and has not been settled
+        char* read_to = nullptr; // a read's destination, until its bytes are delivered
+        size_t read_bytes = 0;
+        Backend::Ticket ticket = 0;
+    };
+
+    // The next slot in turn, free: its last copy done and a read's bytes delivered.
+    Slot& take() {
+        Slot& s = slots_[next_];
+        next_ = (next_ + 1) % kSlots;
+        if (s.busy) settle(s);
+        return s;
+    }
+    void settle(Slot& s) {
+        GFA_CUDA_CHECK(cudaEventSynchronize(s.event));
+        if (s.read_to) std::memcpy(s.read_to, s.host, s.read_bytes);
+        s.busy = false;
+        s.read_to = nullptr;
+    }
+
+    void release() {
+        for (Slot& s : slots_) {
+            if (s.event) cudaEventDestroy(s.event);
+            if (s.host) cudaFreeHost(s.host);
+            s = Slot{};
+        }
+    }
+
+    cudaStream_t stream_;
+    std::array<Slot, kSlots> slots_{};
+    int next_ = 0;
+    Backend::Ticket last_ticket_ = 0;
+};
+
 class CudaBackend final : public Backend {
   public:
     CudaBackend(Device* dev, int device, int sm_count, int cc_major)
@@ -578,6 +678,7 @@ class CudaBackend final : public Backend {
         cudaGetDevice(&previous);
         cudaSetDevice(ctx_.device);
         cudaStreamSynchronize(ctx_.stream);
+        transfers_.reset();
         graphs_.reset();
         cublasDestroy(ctx_.cublas);
         cudaFree(cublas_workspace_);
@@ -609,6 +710,50 @@ class CudaBackend final : public Backend {
         DeviceGuard guard(ctx_.device);
         GFA_CUDA_CHECK(cudaEventRecord(done_, ctx_.stream));
         GFA_CUDA_CHECK(cudaEventSynchronize(done_));
+        raise_kernel_error();
+    }
+
+    void write_async(Tensor* t, const void* src, size_t offset, size_t size) override {
+        if (!queueable(t, offset, size)) return Backend::write_async(t, src, offset, size);
+        DeviceGuard guard(ctx_.device);
+        transfers().write(static_cast<char*>(t->data) + offset, src, size);
+    }
+    void copy_async(const Tensor* from, size_t from_offset, Tensor* to, size_t to_offset,
+                    size_t size) override {
+        if (!queueable(from, from_offset, size) || !queueable(to, to_offset, size))
+            return Backend::copy_async(from, from_offset, to, to_offset, size);
+        DeviceGuard guard(ctx_.device);
+        GFA_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(to->data) + to_offset,
+                                       static_cast<const char*>(from->data) + from_offset, size,
+                                       cudaMemcpyDeviceToDevice, ctx_.stream));
+    }
+    Ticket read_async(const Tensor* t, void* dst, size_t offset, size_t size) override {
+        if (!queueable(t, offset, size)) return Backend::read_async(t, dst, offset, size);
+        DeviceGuard guard(ctx_.device);
+        return transfers().read(dst, static_cast<const char*>(t->data) + offset, size);
+    }
+    void wait_for(Ticket ticket) override {
+        DeviceGuard guard(ctx_.device);
+        transfers().wait_for(ticket);
+        raise_kernel_error();
+    }
+
+    std::vector<std::pair<std::string, int64_t>> counters() const override {
+        std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
+        list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
+        list.emplace_back("fused_launches", fusions_);
+        list.emplace_back("early_launch_enabled", cuda::early_launch_enabled() ? 1 : 0);
+        if (skipped_launches_ > 0) list.emplace_back("skipped_launches", skipped_launches_);
+        for (size_t op = 0; op < op_host_ns_.size(); ++op)
+            if (op_host_ns_[op] > 0)
+                list.emplace_back(std::string("host_us.") + op_name(Op(op)), op_host_ns_[op] / 1000);
+        return list;
+    }
+
+  private:
+    // A kernel's error report (cuda::kErrorWords, written through mapped host memory),
+    // raised once the work that wrote it is done.
+    void raise_kernel_error() {
         const int32_t code = *error_host_;
         if (code != cuda::kNoError) {
             *error_host_ = cuda::kNoError;
@@ -627,19 +772,17 @@ class CudaBackend final : public Backend {
         }
     }
 
-    std::vector<std::pair<std::string, int64_t>> counters() const override {
-        std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
-        list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
-        list.emplace_back("fused_launches", fusions_);
-        list.emplace_back("early_launch_enabled", cuda::early_launch_enabled() ? 1 : 0);
-        if (skipped_launches_ > 0) list.emplace_back("skipped_launches", skipped_launches_);
-        for (size_t op = 0; op < op_host_ns_.size(); ++op)
-            if (op_host_ns_[op] > 0)
-                list.emplace_back(std::string("host_us.") + op_name(Op(op)), op_host_ns_[op] / 1000);
-        return list;
+    // Whether a queued transfer can reach t's bytes directly: device memory of this
+    // backend's GPU in the file's layout (weights laid out by the GPU translate on set/get).
+    bool queueable(const Tensor* t, size_t offset, size_t size) const {
+        return t->data && t->buffer && t->buffer->type()->device() == device_ &&
+               offset + size <= t->alloc_bytes() && !cuda::has_scales_last(t);
+    }
+    QueuedTransfers& transfers() {
+        if (!transfers_) transfers_ = std::make_unique<QueuedTransfers>(ctx_.stream);
+        return *transfers_;
     }
 
-  private:
     // Checks every node and sets up work_ (the launches, fused where possible) and the
     // call's shape and fingerprint.
     void prepare_work(std::span<Tensor* const> nodes) {
@@ -746,6 +889,7 @@ class CudaBackend final : public Backend {
     size_t cublas_workspace_size_ = 0;
     cudaEvent_t done_ = nullptr;
     int32_t* error_host_ = nullptr;
+    std::unique_ptr<QueuedTransfers> transfers_; // made at the first queued transfer
 };
 
 // Weights in the scales-last layout (cuda_common.h) are read by the kernels of the ops that

@@ -14,6 +14,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <deque>
+#include <functional>
 #include <map>
 #include <optional>
 
@@ -818,9 +820,22 @@ struct Session::Impl {
     EvalProfile profile;
     std::vector<TracedNode> trace;
 
+    // Where decode_greedy's queued reads land each step's pick (two steps are in flight at
+    // most); kept here, so that no read can land in memory that is gone.
+    std::array<int32_t, 2> picks{};
+
     Impl(const Model& m, const SessionOptions& o) : model(m), options(o) {}
     void run(std::span<const int32_t> tokens, bool all_logits, bool greedy, std::vector<float>* logits,
              int32_t* greedy_id);
+    void check_room(int64_t n_tokens) const;
+    // Whether the last graph serves n tokens at n_past as it is.
+    bool last_graph_fits(int64_t n, bool all_logits, bool greedy) const;
+    // The graph for n tokens at n_past: the last one again when it fits, else a new one.
+    LastGraph& graph_for(int64_t n, bool all_logits, bool greedy);
+    // Writes the inputs of a graph for n tokens at n_past, other than the token ids, through
+    // `write` (tensor_set, or a backend's queued write).
+    using InputWriter = std::function<void(Tensor* t, const void* src, size_t size)>;
+    void write_step_inputs(const llama::GraphIo& io, int64_t n, const InputWriter& write) const;
 };
 
 Session::Session(const Model& model, const SessionOptions& options)
@@ -925,6 +940,108 @@ int32_t Session::eval_greedy(std::span<const int32_t> tokens) {
     return id;
 }
 
+int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
+                               const std::function<bool(int32_t)>& on_token) {
+    Impl& s = *impl_;
+    const ModelConfig& c = s.model.config();
+    if (first < 0 || first >= c.n_vocab)
+        fail("session: token id " + std::to_string(first) + " is outside the vocabulary [0, " +
+             std::to_string(c.n_vocab) + ")");
+    if (max_steps < 0) fail("session: decode_greedy needs max_steps >= 0");
+    s.check_room(max_steps); // before any work, as eval does
+    EvalProfile& prof = s.profile;
+    using Clock = std::chrono::steady_clock;
+    Clock::time_point lap = Clock::now();
+    auto charge = [&lap](double& phase) {
+        const Clock::time_point now = Clock::now();
+        phase += std::chrono::duration<double>(now - lap).count();
+        lap = now;
+    };
+
+    // Steps queued whose picks the host has not seen (two at most): their backend, the
+    // ticket of the read of their pick, and where it lands (Impl::picks).
+    struct InFlight {
+        Backend* backend;
+        Backend::Ticket ticket;
+        int32_t* pick;
+    };
+    std::deque<InFlight> flight;
+    const int64_t n_past_before = s.n_past;
+    int32_t token = first;  // the next step's token, when the host knows it (nothing in flight)
+    bool pipelined = false; // the last graph runs as one split on one backend
+    int64_t delivered = 0;
+    bool stopped = false; // on_token asked for no more
+    // Waits for the oldest step in flight and hands its pick over; false: no more wanted.
+    auto land = [&]() -> bool {
+        const InFlight f = flight.front();
+        flight.pop_front();
+        f.backend->wait_for(f.ticket);
+        charge(prof.wait);
+        token = *f.pick;
+        ++delivered;
+        stopped = !on_token(token);
+        return !stopped;
+    };
+    // However the loop ends, the cache holds `first` and every pick handed over but the last,
+    // as eval_greedy one token at a time would leave it: a step queued past that is undone
+    // (its cache row lies past n_past and is written again by the next eval).
+    auto finish = [&] {
+        for (const InFlight& f : flight) f.backend->wait_for(f.ticket);
+        flight.clear();
+        s.n_past = n_past_before + delivered;
+    };
+    try {
+        for (int64_t step = 0; step < max_steps; ++step) {
+            // The step's token comes from the device when the graph and its placement stay,
+            // else from the host, once the step in flight has landed.
+            if (!flight.empty() && !(pipelined && s.last_graph_fits(1, false, true)) && !land()) break;
+            lap = Clock::now();
+            Impl::LastGraph& last = s.graph_for(1, false, true);
+            const llama::GraphIo& io = last.io;
+            charge(prof.build);
+            s.sched->allocate(last.graph);
+            charge(prof.allocate);
+            Backend* b = s.sched->backend_of(io.greedy);
+            pipelined = s.sched->n_splits() == 1 && b;
+            for (Tensor* in :
+                 {io.tokens, io.positions, io.kq_mask, io.kq_mask_swa, io.ring_rows, io.kq_mask_ring})
+                pipelined = pipelined && (!in || s.sched->backend_of(in) == b);
+            if (!flight.empty() && !pipelined && !land()) break;
+            const size_t pick_at = size_t(io.greedy->nb[1]) * size_t(io.greedy->ne[1] - 1);
+            if (!flight.empty()) {
+                b->copy_async(io.greedy, pick_at, io.tokens, 0, sizeof(int32_t));
+                ++prof.fed_on_device;
+                s.write_step_inputs(
+                    io, 1, [b](Tensor* t, const void* src, size_t size) { b->write_async(t, src, 0, size); });
+            } else {
+                tensor_set(io.tokens, &token, 0, sizeof(int32_t));
+                s.write_step_inputs(
+                    io, 1, [](Tensor* t, const void* src, size_t size) { tensor_set(t, src, 0, size); });
+            }
+            charge(prof.upload);
+            s.sched->submit(last.graph);
+            charge(prof.submit);
+            ++s.n_past;
+            ++prof.graphs;
+            prof.nodes += int64_t(last.graph.nodes().size());
+            int32_t* pick = &s.picks[size_t(step % 2)];
+            flight.push_back({b, b->read_async(io.greedy, pick, pick_at, sizeof(int32_t)), pick});
+            charge(prof.readback);
+            // The step before lands while this one runs.
+            if (flight.size() > 1 && !land()) break;
+        }
+        while (!stopped && !flight.empty()) land();
+    } catch (...) {
+        try {
+            finish();
+        } catch (...) { // the first error is the one to report
+        }
+        throw;
+    }
+    finish();
+    return delivered;
+}
+
 // Runs tokens in chunks of n_batch. Appends the logits of the chunks that have them to
 // *logits (when given); with greedy, the last chunk's graph also picks the last token's most
 // likely next token, written to *greedy_id.
@@ -933,9 +1050,7 @@ void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, bool g
     Impl& s = *this;
     const ModelConfig& c = s.model.config();
     if (tokens.empty()) fail("session: eval needs at least one token");
-    if (s.n_past + int64_t(tokens.size()) > s.options.n_ctx)
-        fail("session: " + std::to_string(tokens.size()) + " more tokens after " + std::to_string(s.n_past) +
-             " exceed the context of " + std::to_string(s.options.n_ctx));
+    check_room(int64_t(tokens.size()));
     for (int32_t t : tokens)
         if (t < 0 || t >= c.n_vocab)
             fail("session: token id " + std::to_string(t) + " is outside the vocabulary [0, " +
@@ -956,66 +1071,15 @@ void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, bool g
         const bool chunk_logits = logits && (all_logits || last_chunk);
         const bool chunk_greedy = greedy && last_chunk;
         lap = Clock::now();
-        const int64_t window =
-            llama::window_for(int64_t(n), s.n_past, s.options.n_ctx, s.options.decode_window_step);
-        Impl::LastGraph& last = s.last;
-        // A windowed graph serves every n_past its tokens fit; a causal one the same n_past
-        // again (a session reset between evals of equal length: perplexity's chunks).
-        if (last.ctx && last.n_tokens == int64_t(n) && last.n_window == window &&
-            last.all_logits == all_logits && last.greedy == chunk_greedy &&
-            (window != 0 || last.n_past == s.n_past)) {
-            ++prof.reused;
-        } else {
-            last = Impl::LastGraph{};
-            last.ctx = std::make_unique<Context>();
-            last.io = llama::build_graph(*last.ctx, c, s.model.impl().weights, s.cache, int64_t(n), s.n_past,
-                                         all_logits, window);
-            if (chunk_greedy) last.io.greedy = set_name(top_k(*last.ctx, last.io.logits, 1), "greedy");
-            last.graph = llama::forward_graph(last.io);
-            if (s.options.matmul_precision != MatMulPrecision::F32)
-                for (Tensor* node : last.graph.nodes())
-                    if (node->op == Op::MulMat) set_matmul_precision(node, s.options.matmul_precision);
-            if (s.options.attention_precision != FlashAttnPrecision::F32)
-                for (Tensor* node : last.graph.nodes())
-                    if (node->op == Op::FlashAttnExt)
-                        set_attention_precision(node, s.options.attention_precision);
-            if (s.options.trace_nodes)
-                for (Tensor* node : last.graph.nodes())
-                    if (!node->view_src) node->flags |= kFlagOutput; // nothing reuses its memory
-            last.n_tokens = int64_t(n);
-            last.n_window = window;
-            last.n_past = s.n_past;
-            last.all_logits = all_logits;
-            last.greedy = chunk_greedy;
-        }
+        LastGraph& last = s.graph_for(int64_t(n), all_logits, chunk_greedy);
         const llama::GraphIo& io = last.io;
         Graph& g = last.graph;
         charge(prof.build);
         s.sched->allocate(g); // a reused graph keeps its placement
         charge(prof.allocate);
-        std::vector<int32_t> pos(n);
-        for (size_t i = 0; i < n; ++i) pos[i] = int32_t(s.n_past + int64_t(i));
         tensor_set(io.tokens, tokens.data() + start, 0, n * sizeof(int32_t));
-        tensor_set(io.positions, pos.data(), 0, n * sizeof(int32_t));
-        if (io.kq_mask) {
-            const std::vector<uint16_t> mask = llama::window_mask(int64_t(n), s.n_past, window);
-            tensor_set(io.kq_mask, mask.data(), 0, mask.size() * sizeof(uint16_t));
-        }
-        if (io.kq_mask_swa) {
-            const std::vector<uint16_t> mask =
-                llama::window_mask(int64_t(n), s.n_past, window, s.model.config().sliding_window);
-            tensor_set(io.kq_mask_swa, mask.data(), 0, mask.size() * sizeof(uint16_t));
-        }
-        if (io.ring_rows) {
-            std::vector<int32_t> rows(n);
-            for (size_t i = 0; i < n; ++i) rows[i] = int32_t((s.n_past + int64_t(i)) % s.cache.ring_rows);
-            tensor_set(io.ring_rows, rows.data(), 0, n * sizeof(int32_t));
-        }
-        if (io.kq_mask_ring) {
-            const std::vector<uint16_t> mask =
-                llama::ring_mask(int64_t(n), s.n_past, s.cache.ring_rows, s.model.config().sliding_window);
-            tensor_set(io.kq_mask_ring, mask.data(), 0, mask.size() * sizeof(uint16_t));
-        }
+        write_step_inputs(io, int64_t(n),
+                          [](Tensor* t, const void* src, size_t size) { tensor_set(t, src, 0, size); });
         charge(prof.upload);
         s.sched->submit(g);
         charge(prof.submit);
@@ -1048,6 +1112,69 @@ void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, bool g
         ++prof.graphs;
         prof.nodes += int64_t(g.nodes().size());
     }
+}
+
+void Session::Impl::check_room(int64_t n_tokens) const {
+    if (n_past + n_tokens > options.n_ctx)
+        fail("session: " + std::to_string(n_tokens) + " more tokens after " + std::to_string(n_past) +
+             " exceed the context of " + std::to_string(options.n_ctx));
+}
+
+bool Session::Impl::last_graph_fits(int64_t n, bool all_logits, bool greedy) const {
+    const int64_t window = llama::window_for(n, n_past, options.n_ctx, options.decode_window_step);
+    // A windowed graph serves every n_past its tokens fit; a causal one the same n_past
+    // again (a session reset between evals of equal length: perplexity's chunks).
+    return last.ctx && last.n_tokens == n && last.n_window == window && last.all_logits == all_logits &&
+           last.greedy == greedy && (window != 0 || last.n_past == n_past);
+}
+
+Session::Impl::LastGraph& Session::Impl::graph_for(int64_t n, bool all_logits, bool greedy) {
+    if (last_graph_fits(n, all_logits, greedy)) {
+        ++profile.reused;
+        return last;
+    }
+    const ModelConfig& c = model.config();
+    const int64_t window = llama::window_for(n, n_past, options.n_ctx, options.decode_window_step);
+    last = LastGraph{};
+    last.ctx = std::make_unique<Context>();
+    last.io = llama::build_graph(*last.ctx, c, model.impl().weights, cache, n, n_past, all_logits, window);
+    if (greedy) last.io.greedy = set_name(top_k(*last.ctx, last.io.logits, 1), "greedy");
+    last.graph = llama::forward_graph(last.io);
+    if (options.matmul_precision != MatMulPrecision::F32)
+        for (Tensor* node : last.graph.nodes())
+            if (node->op == Op::MulMat) set_matmul_precision(node, options.matmul_precision);
+    if (options.attention_precision != FlashAttnPrecision::F32)
+        for (Tensor* node : last.graph.nodes())
+            if (node->op == Op::FlashAttnExt) set_attention_precision(node, options.attention_precision);
+    if (options.trace_nodes)
+        for (Tensor* node : last.graph.nodes())
+            if (!node->view_src) node->flags |= kFlagOutput; // nothing reuses its memory
+    last.n_tokens = n;
+    last.n_window = window;
+    last.n_past = n_past;
+    last.all_logits = all_logits;
+    last.greedy = greedy;
+    return last;
+}
+
+void Session::Impl::write_step_inputs(const llama::GraphIo& io, int64_t n, const InputWriter& write) const {
+    const int64_t window = last.n_window;
+    auto put = [&write](Tensor* t, const auto& values) {
+        write(t, values.data(), values.size() * sizeof(values[0]));
+    };
+    std::vector<int32_t> pos(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(n_past + i);
+    put(io.positions, pos);
+    if (io.kq_mask) put(io.kq_mask, llama::window_mask(n, n_past, window));
+    if (io.kq_mask_swa)
+        put(io.kq_mask_swa, llama::window_mask(n, n_past, window, model.config().sliding_window));
+    if (io.ring_rows) {
+        std::vector<int32_t> rows(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) rows[size_t(i)] = int32_t((n_past + i) % cache.ring_rows);
+        put(io.ring_rows, rows);
+    }
+    if (io.kq_mask_ring)
+        put(io.kq_mask_ring, llama::ring_mask(n, n_past, cache.ring_rows, model.config().sliding_window));
 }
 
 int64_t Session::n_past() const {

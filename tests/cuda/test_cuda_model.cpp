@@ -138,3 +138,52 @@ TEST_CASE("CUDA session: eval_greedy picks on the GPU what the logits say", "[cu
     for (const std::string& line : disagreements) UNSCOPED_INFO(line);
     CHECK(disagreements.empty());
 }
+
+// Session::decode_greedy with the whole model on the GPU: each step's token goes from the
+// step before to the next on the device, through transfers queued on the stream, while the
+// host lands the picks one step behind. Picks, n_past and the cache afterwards must be those of
+// eval_greedy token by token, also where the caller stops (returning false, or throwing) with
+// a step already queued past it, and where the attention window grows (new graphs, whose
+// first token goes through the host).
+TEST_CASE("CUDA session: decode_greedy picks what eval_greedy picks token by token", "[cuda][model]") {
+    Device* cuda = find_device("CUDA0");
+    REQUIRE(cuda != nullptr);
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    test::TinyModel m = small_model();
+    m.vocab = 3001;
+    m.matrix_type = GENERATE(Type::F32, Type::Q4_K);
+    INFO("weights " << type_name(m.matrix_type));
+    test::TempFile file{test::write_model(m, seed)};
+    ModelLoadOptions load;
+    load.gpu = cuda;
+    load.gpu_layers = 1000;
+    std::unique_ptr<Model> model = Model::load(file.path, load);
+    SessionOptions so;
+    so.n_ctx = 80;
+    so.n_threads = 2;
+    int64_t max_steps = 40, stop_after = -1;
+    bool throwing = false, windows_change = false;
+    SECTION("every step fed by the one before") {}
+    SECTION("windows that change every 8 positions") {
+        so.decode_window_step = 8;
+        windows_change = true;
+    }
+    SECTION("the caller stops after 23 picks") {
+        stop_after = 23;
+    }
+    SECTION("the caller throws at the 2nd pick") {
+        stop_after = 2;
+        throwing = true;
+    }
+    std::mt19937 rng(seed);
+    std::vector<int32_t> prompt(13);
+    for (int32_t& t : prompt) t = int32_t(rng() % uint32_t(m.vocab));
+    int64_t fed = -1;
+    const std::vector<std::string> disagreements =
+        test::decode_disagreements(*model, so, prompt, max_steps, stop_after, throwing, &fed);
+    for (const std::string& line : disagreements) UNSCOPED_INFO(line);
+    CHECK(disagreements.empty());
+    if (stop_after < 0 && !windows_change) CHECK(fed == max_steps - 1);
+    if (windows_change) CHECK((fed > 0 && fed < max_steps - 1));
+}

@@ -6,6 +6,7 @@
 #include "op_check.h"
 #include "reference.h"
 
+#include <ggml-fa/alloc.h>
 #include <ggml-fa/backend.h>
 #include <ggml-fa/gguf.h>
 #include <ggml-fa/model.h>
@@ -757,4 +758,81 @@ TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cud
     const auto c = backend->counters();
     CHECK(counter(c, "graph_launches") == 0);
     CHECK(counter(c, "eager_runs") == 0); // never handed to the graph machinery at all
+}
+
+// Backend::write_async, copy_async and read_async on the CUDA stream: queued around compute()
+// calls that replay a launch graph, without waiting in between. Every input buffer is spoiled
+// right after its write is queued (the backend must have taken its bytes), results land in
+// NaN-poisoned host memory, reads outnumber the staging slots (slots are reused before their
+// reads are waited for) and tensors larger than a slot take several. Values are small
+// integers halved a few times: exact in f32, so every result must match bit for bit.
+TEST_CASE("CUDA backend: queued writes, copies and reads keep their order with compute", "[cuda][graphs]") {
+    const uint32_t seed = std::random_device{}();
+    INFO("seed " << seed);
+    std::mt19937 rng(seed);
+    const int64_t n = GENERATE(1, 37, 40000); // 40000 f32: 160 KB, three 64 KiB slots
+    INFO("n " << n);
+    Context ctx;
+    Tensor* x = ctx.new_tensor(Type::F32, {n});
+    Tensor* bias = ctx.new_tensor(Type::F32, {n});
+    Tensor* kept = ctx.new_tensor(Type::F32, {n});
+    Tensor* y = x;
+    for (int i = 0; i < 18; ++i) y = i % 3 == 2 ? scale(ctx, y, 0.5f) : add(ctx, y, bias);
+    Graph g = build_forward(y);
+    std::unique_ptr<Buffer> memory = allocate_context_tensors(ctx, cuda0()->buffer_type());
+    std::unique_ptr<Backend> backend = cuda0()->create_backend();
+
+    auto draw = [&](std::vector<float>& v) {
+        for (float& f : v) f = float(int(rng() % 2001) - 1000);
+    };
+    std::vector<float> bias_values(static_cast<size_t>(n));
+    draw(bias_values);
+    tensor_set(bias, bias_values.data(), 0, size_t(n) * sizeof(float));
+    auto expected_of = [&](const std::vector<float>& in) {
+        std::vector<float> out = in;
+        for (size_t j = 0; j < out.size(); ++j)
+            for (int i = 0; i < 18; ++i) out[j] = i % 3 == 2 ? out[j] * 0.5f : out[j] + bias_values[j];
+        return out;
+    };
+
+    const int rounds = 24;
+    const size_t bytes = size_t(n) * sizeof(float), half = size_t(n / 2) * sizeof(float);
+    std::vector<std::vector<float>> expected, results(rounds), copies(rounds);
+    std::vector<Backend::Ticket> result_tickets, copy_tickets;
+    std::vector<float> input(static_cast<size_t>(n));
+    for (int r = 0; r < rounds; ++r) {
+        draw(input);
+        expected.push_back(expected_of(input));
+        // In two parts at offsets, the first half then the rest.
+        backend->write_async(x, input.data(), 0, half);
+        backend->write_async(x, reinterpret_cast<const char*>(input.data()) + half, half, bytes - half);
+        std::fill(input.begin(), input.end(), std::nanf("")); // the queued write took its bytes
+        backend->compute(g.nodes());
+        backend->copy_async(y, 0, kept, 0, bytes);
+        results[size_t(r)].assign(size_t(n), std::nanf(""));
+        copies[size_t(r)].assign(size_t(n), std::nanf(""));
+        result_tickets.push_back(backend->read_async(y, results[size_t(r)].data(), 0, bytes));
+        copy_tickets.push_back(backend->read_async(kept, copies[size_t(r)].data(), 0, bytes));
+    }
+    // Every other round waited for out of order; a later ticket lands the earlier reads too.
+    for (int r = rounds - 1; r >= 0; r -= 2) backend->wait_for(copy_tickets[size_t(r)]);
+    for (int r = 0; r < rounds; ++r) {
+        INFO("round " << r);
+        CHECK(bit_identical(results[size_t(r)], expected[size_t(r)]));
+        CHECK(bit_identical(copies[size_t(r)], expected[size_t(r)]));
+    }
+    CHECK(counter(backend->counters(), "graph_launches") > 0);
+
+    // A kernel's error report reaches the host through wait_for, as through synchronize.
+    Context bad;
+    Tensor* table = bad.new_tensor(Type::F32, {4, 3});
+    Tensor* ids = bad.new_tensor(Type::I32, {2});
+    Tensor* rows = get_rows(bad, table, ids);
+    std::unique_ptr<Buffer> bad_memory = allocate_context_tensors(bad, cuda0()->buffer_type());
+    const int32_t outside[2] = {0, 7};
+    backend->write_async(ids, outside, 0, sizeof(outside));
+    backend->compute(build_forward(rows).nodes());
+    std::vector<float> got(8);
+    const Backend::Ticket t = backend->read_async(rows, got.data(), 0, got.size() * sizeof(float));
+    CHECK_THROWS_WITH(backend->wait_for(t), Catch::Contains("out of range"));
 }

@@ -47,7 +47,8 @@ struct Options {
     MatMulPrecision precision = MatMulPrecision::F32;
     FlashAttnPrecision attention_precision = FlashAttnPrecision::F32;
     bool ignore_eos = false, verbose = false, profile = false, warmup = false;
-    bool pick_on_host = false; // greedy picks from logits copied to the host
+    bool pick_on_host = false;    // greedy picks from logits copied to the host
+    bool wait_each_token = false; // greedy: the host waits for each pick before the next step
 };
 
 void usage() {
@@ -60,6 +61,8 @@ void usage() {
                  "  --seed S           sampling seed (default: random)\n"
                  "  --pick-on-host     greedy: copy the logits and pick on the host (by default the\n"
                  "                     backend holding the logits picks, and only the id comes back)\n"
+                 "  --wait-each-token  greedy: wait for each pick before queuing the next step (by\n"
+                 "                     default the device passes each pick on by itself; for comparisons)\n"
                  "  --backend cpu|cuda|vulkan  where the weights live (default cpu)\n"
                  "  --gpu-layers N     blocks on the GPU backend (default -1: all)\n"
                  "  -c, --ctx N        KV cache length (default 0: min(training context, 4096)); grown\n"
@@ -136,6 +139,8 @@ Options parse(int argc, char** argv) {
             o.profile = true;
         else if (a == "--pick-on-host")
             o.pick_on_host = true;
+        else if (a == "--wait-each-token")
+            o.wait_each_token = true;
         else if (a == "--warmup")
             o.warmup = true;
         else if (a == "-h" || a == "--help") {
@@ -167,9 +172,10 @@ void print_profile(const Session& session, int n_decoded, double t_gen, double s
     const double known = p.build + p.allocate + p.upload + p.submit + p.wait + p.readback + sampling;
     std::fprintf(
         stderr,
-        "profile: %d decoded tokens, %.0f graph nodes each, %lld of %lld graphs reused; ms per token:\n",
+        "profile: %d decoded tokens, %.0f graph nodes each, %lld of %lld graphs reused, %lld steps fed "
+        "on the device; ms per token (host time; a step fed on the device overlaps the one before):\n",
         n_decoded, double(p.nodes) / double(std::max<int64_t>(p.graphs, 1)), (long long)p.reused,
-        (long long)p.graphs);
+        (long long)p.graphs, (long long)p.fed_on_device);
     const std::pair<const char*, double> rows[] = {
         {"graph build", p.build},       {"scheduler plan/allocate", p.allocate},
         {"input upload", p.upload},     {"compute submit", p.submit},
@@ -252,9 +258,10 @@ int run(int argc, char** argv) {
     const bool greedy_in_session = o.temperature <= 0.0f && !o.pick_on_host;
     if (o.warmup) {
         const int32_t one[1] = {prompt.back()};
-        if (greedy_in_session) { // the same graphs as the timed run
-            session.eval_greedy(prompt);
-            if (session.n_past() < session.n_ctx()) session.eval_greedy(one);
+        if (greedy_in_session) { // the same graphs and transfers as the timed run
+            const int32_t first = session.eval_greedy(prompt);
+            if (session.n_past() + 2 <= session.n_ctx())
+                session.decode_greedy(first, 2, [](int32_t) { return true; });
         } else {
             session.eval(prompt);
             if (session.n_past() < session.n_ctx()) session.eval(one);
@@ -297,24 +304,40 @@ int run(int argc, char** argv) {
     double t_sampling = 0;
     auto t1 = std::chrono::steady_clock::now();
     int n_decoded = 0;
-    for (int i = 0; i < o.n_predict; ++i) {
-        const auto t_sample = std::chrono::steady_clock::now();
-        const int32_t id = next >= 0 ? next : sampler.sample(step.data(), c.n_vocab);
-        t_sampling += seconds_since(t_sample);
+    auto emit = [&](int32_t id) { // prints a pick; false where generation ends with it
+        const bool first = generated.empty();
         generated.push_back(id);
         if (print_ids)
-            std::printf("%s%d", i ? "," : "", id);
+            std::printf("%s%d", first ? "" : ",", id);
         else
             std::fputs(tokenizer->decode({id}).c_str(), stdout);
         std::fflush(stdout);
-        if (!o.ignore_eos && id == eos) break;
-        if (i + 1 == o.n_predict) break;
-        const int32_t one[1] = {id};
-        if (greedy_in_session)
-            next = session.eval_greedy(one);
-        else
+        return (o.ignore_eos || id != eos) && int64_t(generated.size()) < o.n_predict;
+    };
+    if (next >= 0) {
+        // Greedy in the session: each pick goes on to the next step on the device, which
+        // never waits for the host between tokens (Session::decode_greedy).
+        if (o.n_predict > 0 && emit(next)) {
+            if (!o.wait_each_token) {
+                n_decoded = int(session.decode_greedy(next, o.n_predict - 1, emit));
+            } else {
+                do {
+                    const int32_t one[1] = {next};
+                    next = session.eval_greedy(one);
+                    ++n_decoded;
+                } while (emit(next));
+            }
+        }
+    } else {
+        for (int i = 0; i < o.n_predict; ++i) {
+            const auto t_sample = std::chrono::steady_clock::now();
+            const int32_t id = sampler.sample(step.data(), c.n_vocab);
+            t_sampling += seconds_since(t_sample);
+            if (!emit(id)) break;
+            const int32_t one[1] = {id};
             step = session.eval(one);
-        ++n_decoded;
+            ++n_decoded;
+        }
     }
     const double t_gen = seconds_since(t1);
     if (o.n_predict > 0) std::printf("\n");
