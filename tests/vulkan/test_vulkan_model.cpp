@@ -141,6 +141,37 @@ TEST_CASE("Vulkan session: eval_greedy picks on the device what the logits say",
     CHECK(disagreements.empty());
 }
 
+// Session::decode_greedy on Vulkan, whose backend keeps the default transfers (it waits, then
+// transfers): the same picks, n_past and cache as eval_greedy token by token, with the whole
+// model on the device (each step fed by the one before) and with one block left on the CPU
+// (two splits: every token goes through the host).
+TEST_CASE("Vulkan session: decode_greedy picks what eval_greedy picks token by token", "[vulkan][model]") {
+    const uint32_t seed = test::seed();
+    INFO("seed " << seed);
+    test::TinyModel m;
+    m.vocab = 2000;
+    test::TempFile file{test::write_model(m, seed)};
+    const int gpu_layers = GENERATE(1000, 1);
+    INFO("gpu layers " << gpu_layers);
+    ModelLoadOptions load;
+    load.gpu = vulkan0();
+    load.gpu_layers = gpu_layers;
+    std::unique_ptr<Model> model = Model::load(file.path, load);
+    SessionOptions so;
+    so.n_ctx = 40;
+    so.n_threads = 2;
+    so.decode_window_step = 16;
+    const std::vector<int32_t> prompt = random_tokens(seed, 9, m.vocab);
+    int64_t fed = -1;
+    const int64_t steps = 20, stop_after = GENERATE(-1, 6);
+    const std::vector<std::string> disagreements =
+        test::decode_disagreements(*model, so, prompt, steps, stop_after, false, &fed);
+    for (const std::string& line : disagreements) UNSCOPED_INFO(line);
+    CHECK(disagreements.empty());
+    if (gpu_layers == 1) CHECK(fed == 0);
+    if (gpu_layers == 1000 && stop_after < 0) CHECK((fed > 0 && fed < steps - 1)); // a window grows at 16
+}
+
 TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
     const uint32_t seed = test::seed();
     INFO("seed " << seed);
