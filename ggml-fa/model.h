@@ -177,6 +177,8 @@ class Session {
     // while the one before still runs, so the device never waits for the host between tokens.
     // Returns the picks handed over; the cache then holds `first` and every pick but the
     // last, exactly as eval_greedy called token by token would leave it (same picks too).
+    // on_token must not call into the session (a step may be in flight); if it throws, the
+    // cache is left as if it had returned false.
     int64_t decode_greedy(int32_t first, int64_t max_steps, const std::function<bool(int32_t)>& on_token);
 
     int64_t n_past() const;
