@@ -146,13 +146,25 @@ struct EvalProfile {
     int64_t graphs = 0;        // graphs run
     int64_t nodes = 0;         // their nodes, summed
     int64_t reused = 0;        // graphs that were the previous eval's, run again unchanged
-    int64_t fed_on_device = 0; // decode_greedy steps whose token the device passed on itself
+    int64_t fed_on_device = 0; // decode steps whose token the device passed on itself
     double build = 0;          // building the graph
     double allocate = 0;       // the scheduler: backends, splits, memory plan and placement
     double upload = 0;         // setting the token and position inputs
     double submit = 0;         // handing the work to the backends (a CPU backend computes here)
     double wait = 0;           // waiting for the backends to finish
     double readback = 0;       // copying the logits (or eval_greedy's id) out
+};
+
+// How Session::eval_pick and Session::decode choose a next token, where the logits are:
+// greedy (temperature 0: the first largest logit, top_k(logits, 1)), or drawn by sample_token
+// (ggml-fa/ops.h) with these parameters, whose draw for the logits at position p depends on
+// the seed and p alone (every backend draws the same token from the same logits).
+struct Sampling {
+    float temperature = 0.0f; // 0: greedy
+    int32_t top_k = 40;       // 0: every token (a GPU draws from at most 128 itself)
+    float top_p = 0.95f;      // in (0, 1]
+    uint64_t seed = 0;
+    bool operator==(const Sampling&) const = default;
 };
 
 class Session {
@@ -170,15 +182,20 @@ class Session {
     // its first largest logit (NaN ranked with -inf), as top_k(logits, 1) gives it. The pick is
     // made where the logits are, so a GPU sends back one id instead of n_vocab floats.
     int32_t eval_greedy(std::span<const int32_t> tokens);
-    // Greedy generation without a wait between tokens: evaluates `first` (a token not yet in
-    // the cache), then each token it picks, max_steps evaluations at most, handing every pick
-    // to on_token in order; on_token returns false to stop. Where the whole step runs on one
-    // backend, the device feeds each pick to the next step itself and the host queues a step
-    // while the one before still runs, so the device never waits for the host between tokens.
-    // Returns the picks handed over; the cache then holds `first` and every pick but the
-    // last, exactly as eval_greedy called token by token would leave it (same picks too).
+    // eval_greedy with any Sampling: the last token's next token, chosen where the logits are.
+    int32_t eval_pick(std::span<const int32_t> tokens, const Sampling& sampling);
+    // Generation without a wait between tokens: evaluates `first` (a token not yet in the
+    // cache), then each token it picks by `sampling`, max_steps evaluations at most, handing
+    // every pick to on_token in order; on_token returns false to stop. Where the whole step runs
+    // on one backend, the device feeds each pick to the next step itself and the host queues a
+    // step while the one before still runs, so the device never waits for the host between
+    // tokens. Returns the picks handed over; the cache then holds `first` and every pick but
+    // the last, exactly as eval_pick called token by token would leave it (same picks too).
     // on_token must not call into the session (a step may be in flight); if it throws, the
     // cache is left as if it had returned false.
+    int64_t decode(int32_t first, int64_t max_steps, const Sampling& sampling,
+                   const std::function<bool(int32_t)>& on_token);
+    // decode with greedy picks.
     int64_t decode_greedy(int32_t first, int64_t max_steps, const std::function<bool(int32_t)>& on_token);
 
     int64_t n_past() const;

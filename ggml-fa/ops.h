@@ -132,6 +132,22 @@ Tensor* sum_rows(Context& ctx, Tensor* a); // -> [1, ne1, ne2, ne3]
 // broken by the lower position: [k, ne1, ne2, ne3]. (A mixture of experts' router choice.)
 // No gradient.
 Tensor* top_k(Context& ctx, Tensor* a, int64_t k);
+// How sample_token draws a token from a column of logits: the top_k most likely (0: every
+// token; ranked as top_k ranks them), weighed exp((logit - largest) / temperature), then the
+// shortest run of them, most likely first, holding top_p of their weight; the token is drawn
+// from that run with u = sample_uniform(seed, position) in [0, 1) (src/ops/sample_rule.h), a
+// function of the seed and the logits' position alone, so that every backend draws the same
+// token from the same logits and a replayed graph draws anew at each position.
+struct SampleParams {
+    float temperature = 1.0f; // > 0
+    int32_t top_k = 40;       // 0 (or more than the column holds): every token
+    float top_p = 1.0f;       // in (0, 1]
+    uint32_t unused = 0;      // (no padding: parameters are compared and hashed as bytes)
+    uint64_t seed = 0;
+};
+// One token drawn from each column of logits [n_vocab, n] (f32), the logits of the tokens at
+// positions [n] (i32): i32 [1, n]. No gradient.
+Tensor* sample_token(Context& ctx, Tensor* logits, Tensor* positions, const SampleParams& p);
 Tensor* mean(Context& ctx, Tensor* a); // row means -> [1, ne1, ne2, ne3]
 
 // ---- matrix products ------------------------------------------------------------------

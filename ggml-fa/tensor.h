@@ -63,6 +63,7 @@ enum class Op : uint16_t {
     SumRows,
     Mean,
     TopK,
+    SampleToken,
     // matrix products
     MulMat,
     MulMatId,

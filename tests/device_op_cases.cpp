@@ -5,6 +5,7 @@
 #include <ggml-fa/ops.h>
 
 #include <cmath>
+#include <random>
 
 namespace gfa::test::device_cases {
 
@@ -226,6 +227,60 @@ void autodiff_gradients(const Check& check, double tol) {
         INFO("gradient of " << p->shape_str());
         check(grad, tol);
     }
+}
+
+// sample_token: the drawn token must be the reference's exactly (the rule is deterministic
+// given the seed and the position). Columns of ties (values on a few levels), NaN and +-inf,
+// a column with nothing but -inf and NaN, columns shorter than top_k, vocabulary-sized
+// columns (the device kernels select the candidates digit by digit), strided (transposed)
+// logits, and parameters from argmax-like (top_k 1, tiny temperature, tiny top_p) to flat
+// (high temperature, top_p 1). Positions are random, so every column draws anew.
+void sample_token_draws(const Check& check) {
+    std::mt19937 rng(test::seed());
+    const SampleParams params[] = {
+        {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .seed = rng()},
+        {.temperature = 1.0f, .top_k = 1, .top_p = 1.0f, .seed = rng()},
+        {.temperature = 2.5f, .top_k = 128, .top_p = 1.0f, .seed = rng()},
+        {.temperature = 0.3f, .top_k = 7, .top_p = 0.5f, .seed = rng()},
+        {.temperature = 1e-3f, .top_k = 100, .top_p = 0.99f, .seed = rng()},
+        {.temperature = 1.2f, .top_k = 64, .top_p = 1e-6f, .seed = rng()},
+    };
+    for (int64_t n : {1, 5, 37, 128, 129, 1000, 32003, 131075}) {
+        for (const SampleParams& p : params) {
+            INFO("n=" << n << " temperature " << p.temperature << " top_k " << p.top_k << " top_p " << p.top_p);
+            Context ctx = data_ctx();
+            const int64_t cols = 6;
+            Tensor* logits = ctx.new_tensor(Type::F32, {n, cols});
+            std::vector<float> v = test::random_values(size_t(logits->nelements()), -6.0f, 6.0f);
+            auto value = [&](int64_t col, int64_t i) -> float& { return v[size_t(col * n + i % n)]; };
+            for (int64_t i = 0; i < n; ++i) value(1, i) = std::round(value(1, i)); // ties
+            value(2, 0) = std::nanf("");
+            value(2, n / 2) = INFINITY;
+            value(2, n / 3) = -INFINITY;
+            for (int64_t i = 0; i < n; ++i) value(3, i) = i % 2 ? -INFINITY : std::nanf(""); // no weight
+            for (int64_t i = 0; i < n; i += 2) value(4, i) = -INFINITY;
+            tensor_set_f32(logits, v);
+            Tensor* positions = ctx.new_tensor(Type::I32, {cols});
+            std::vector<int32_t> at(cols);
+            for (int32_t& x : at) x = int32_t(rng() % 100000);
+            tensor_set(positions, at.data(), 0, at.size() * sizeof(int32_t));
+            check(sample_token(ctx, logits, positions, p), 0.0);
+            if (n <= 1000) {
+                Tensor* by_column = ctx.new_tensor(Type::F32, {cols, n});
+                fill_uniform(by_column);
+                check(sample_token(ctx, transpose(ctx, by_column), positions, p), 0.0);
+            }
+        }
+    }
+    // Every token (top_k 0) of short columns.
+    Context ctx = data_ctx();
+    Tensor* logits = ctx.new_tensor(Type::F32, {100, 3});
+    fill_uniform(logits);
+    Tensor* positions = ctx.new_tensor(Type::I32, {3});
+    const int32_t at[3] = {0, 1, 1 << 30};
+    tensor_set(positions, at, 0, sizeof(at));
+    check(sample_token(ctx, logits, positions, {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 5}), 0.0);
+    check(sample_token(ctx, logits, positions, {.temperature = 0.7f, .top_k = 0, .top_p = 0.8f, .seed = 6}), 0.0);
 }
 
 // Rows of ties (values on a few levels) with NaN (ranked with -inf, ties by position), +-inf,

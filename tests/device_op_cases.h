@@ -22,6 +22,7 @@ void activations_and_backward(const Check& check);
 void loss_and_adamw(const Check& check);
 void autodiff_gradients(const Check& check, double tol);
 void top_k_ranks(const Check& check);
+void sample_token_draws(const Check& check);
 void mul_mat_id_experts(const Check& check, double tol);
 
 } // namespace gfa::test::device_cases

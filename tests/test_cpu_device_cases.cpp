@@ -33,3 +33,7 @@ TEST_CASE("CPU device: out_prod, the loss, AdamW and autodiff gradients", "[ops]
 TEST_CASE("CPU device: top_k, ties by position, NaN with -inf, k = 1 over long rows", "[ops][device][moe]") {
     test::device_cases::top_k_ranks(check_cpu);
 }
+
+TEST_CASE("CPU device: sample_token draws the reference's token", "[ops][device][sampling]") {
+    test::device_cases::sample_token_draws(check_cpu);
+}

@@ -189,7 +189,7 @@ TEST_CASE("llama session: eval_greedy picks the first largest logit", "[model]")
 // The CPU backend queues nothing (Backend's defaults transfer at once), so this checks the
 // loop itself: which step's token comes from where, stopping, and the cache afterwards. The
 // CUDA test of the same name runs it with queued transfers.
-TEST_CASE("llama session: decode_greedy picks what eval_greedy picks token by token", "[model]") {
+TEST_CASE("llama session: decode picks what eval_pick picks token by token", "[model]") {
     const uint32_t seed = std::random_device{}();
     INFO("seed " << seed);
     TinyModel m;
@@ -224,13 +224,21 @@ TEST_CASE("llama session: decode_greedy picks what eval_greedy picks token by to
     SECTION("more steps than the context holds: an error before any work") {
         max_steps = 48;
     }
+    Sampling sampling;
+    SECTION("drawn (sample_token), every step fed by the one before") {
+        sampling = {.temperature = 0.9f, .top_k = 20, .top_p = 0.9f, .seed = seed};
+    }
+    SECTION("drawn from every token, the caller stops after 9 picks") {
+        sampling = {.temperature = 1.5f, .top_k = 0, .top_p = 1.0f, .seed = seed + 1};
+        stop_after = 9;
+    }
     TempFile file{write_model(m, seed)};
     std::unique_ptr<Model> model = Model::load(file.path);
     std::mt19937 rng(seed);
     const std::vector<int32_t> prompt = random_tokens(rng, 11, m.vocab);
     int64_t fed = -1;
     const std::vector<std::string> disagreements =
-        test::decode_disagreements(*model, so, prompt, max_steps, stop_after, throwing, &fed);
+        test::decode_disagreements(*model, so, prompt, max_steps, stop_after, throwing, &fed, sampling);
     for (const std::string& line : disagreements) UNSCOPED_INFO(line);
     CHECK(disagreements.empty());
     if (max_steps == 19 && stop_after < 0 && !windows_change) CHECK(fed == max_steps - 1);

@@ -238,8 +238,8 @@ inline std::vector<std::string> greedy_disagreements(const Model& model, const S
     return found;
 }
 
-// Session::decode_greedy against eval_greedy token by token in a twin session: the same
-// picks, and the same cache afterwards (the next eval's logits bit for bit), also where the
+// Session::decode against eval_pick token by token in a twin session (greedy unless
+// `sampling` says otherwise): the same picks, and the same cache afterwards (the next eval's logits bit for bit), also where the
 // caller stops after `stop_after` picks (by returning false, or by throwing with
 // stop_by_throwing). max_steps past the context must fail before any work. Returns the
 // disagreements; *fed_on_device (when given) gets the steps whose token the device passed on
@@ -247,25 +247,27 @@ inline std::vector<std::string> greedy_disagreements(const Model& model, const S
 inline std::vector<std::string> decode_disagreements(const Model& model, const SessionOptions& so,
                                                      const std::vector<int32_t>& prompt, int64_t max_steps,
                                                      int64_t stop_after = -1, bool stop_by_throwing = false,
-                                                     int64_t* fed_on_device = nullptr) {
+                                                     int64_t* fed_on_device = nullptr,
+                                                     const Sampling& sampling = {}) {
     std::vector<std::string> found;
     Session serial(model, so), queued(model, so);
-    const int32_t first = serial.eval_greedy(prompt);
+    const int32_t first = serial.eval_pick(prompt, sampling);
     const bool fits = serial.n_past() + max_steps <= serial.n_ctx();
     const int64_t wanted = !fits ? 0 : stop_after >= 0 ? std::min(stop_after, max_steps) : max_steps;
     std::vector<int32_t> want;
     for (int32_t next = first; int64_t(want.size()) < wanted;) {
         const int32_t one[1] = {next};
-        next = serial.eval_greedy(one);
+        next = serial.eval_pick(one, sampling);
         want.push_back(next);
     }
-    if (queued.eval_greedy(prompt) != first) found.push_back("the twin sessions' prompts picked differently");
+    if (queued.eval_pick(prompt, sampling) != first)
+        found.push_back("the twin sessions' prompts picked differently");
     queued.reset_profile();
     std::vector<int32_t> got;
     struct Stop {};
     int64_t delivered = -1;
     try {
-        delivered = queued.decode_greedy(first, max_steps, [&](int32_t id) {
+        delivered = queued.decode(first, max_steps, sampling, [&](int32_t id) {
             got.push_back(id);
             const bool more = stop_after < 0 || int64_t(got.size()) < stop_after;
             if (!more && stop_by_throwing) throw Stop{};
@@ -276,7 +278,7 @@ inline std::vector<std::string> decode_disagreements(const Model& model, const S
         delivered = int64_t(got.size());
     } catch (const Error& e) {
         if (fits || std::string(e.what()).find("exceed the context") == std::string::npos)
-            found.push_back(std::string("decode_greedy threw: ") + e.what());
+            found.push_back(std::string("decode threw: ") + e.what());
         delivered = int64_t(got.size());
     }
     if (delivered != wanted || got != want) {
@@ -287,7 +289,7 @@ inline std::vector<std::string> decode_disagreements(const Model& model, const S
         found.push_back(line);
     }
     if (queued.n_past() != serial.n_past())
-        found.push_back("n_past " + std::to_string(queued.n_past()) + " after decode_greedy, " +
+        found.push_back("n_past " + std::to_string(queued.n_past()) + " after decode, " +
                         std::to_string(serial.n_past()) + " token by token");
     if (fed_on_device) *fed_on_device = queued.profile().fed_on_device;
     // The cache holds the same rows: the next token gives the same logits.

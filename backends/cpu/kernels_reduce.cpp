@@ -1,6 +1,7 @@
 // Reductions on the CPU, and top_k. Rows are summed in double so long rows stay accurate; sum() adds
 // per-worker partials in worker order, so the result does not depend on timing.
 #include "cpu_kernels.h"
+#include "../../src/ops/sample_rule.h"
 
 #include <algorithm>
 #include <cmath>
@@ -81,6 +82,20 @@ void run_top_k(const ComputeCtx& ctx, Tensor* dst) {
     });
 }
 
+// One draw per column, by the op's rule (src/ops/sample_rule.h) on the column in double.
+void run_sample_token(const ComputeCtx&, Tensor* dst) {
+    const Tensor *logits = dst->src[0], *positions = dst->src[1];
+    const SampleParams& p = dst->params<SampleParams>();
+    std::vector<double> column(static_cast<size_t>(logits->ne[0]));
+    for (int64_t c = 0; c < logits->ne[1]; ++c) {
+        const char* at = element_ptr(logits, 0, c, 0, 0);
+        for (int64_t i = 0; i < logits->ne[0]; ++i)
+            column[size_t(i)] = *reinterpret_cast<const float*>(at + i * logits->nb[0]);
+        const int64_t position = *reinterpret_cast<const int32_t*>(element_ptr(positions, c, 0, 0, 0));
+        *reinterpret_cast<int32_t*>(element_ptr(dst, 0, c, 0, 0)) = int32_t(sample_rule::pick(column, p, position));
+    }
+}
+
 bool f32_input(const Tensor* dst) {
     return dst->src[0]->type == Type::F32;
 }
@@ -92,6 +107,7 @@ void register_reduce_kernels(KernelTable& t) {
     t[size_t(Op::SumRows)] = {run_rows<false>, f32_input};
     t[size_t(Op::Mean)] = {run_rows<true>, f32_input};
     t[size_t(Op::TopK)] = {run_top_k, f32_input};
+    t[size_t(Op::SampleToken)] = {run_sample_token, nullptr};
 }
 
 } // namespace gfa::cpu

@@ -81,6 +81,7 @@ const KernelTable& kernels() {
         register_training_kernels(t);
         register_attention_kernels(t);
         register_moe_kernels(t);
+        register_sample_kernels(t);
         return t;
     }();
     return table;

@@ -149,6 +149,7 @@ void register_activation_kernels(KernelTable& t);
 void register_training_kernels(KernelTable& t);
 void register_attention_kernels(KernelTable& t);
 void register_moe_kernels(KernelTable& t);
+void register_sample_kernels(KernelTable& t);
 
 // Shared launchers (kernels_reduce.cu): *out = factor * sum of n contiguous floats, in one
 // block, deterministic.

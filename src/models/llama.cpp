@@ -190,11 +190,27 @@ Tensor* logits_of(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor
     return logits;
 }
 
+Tensor* pick_node(Context& ctx, const GraphIo& io, const Sampling& sampling) {
+    if (!(sampling.temperature >= 0.0f) || !std::isfinite(sampling.temperature))
+        fail("session: sampling temperature " + std::to_string(sampling.temperature) + " must be 0 (greedy) or positive");
+    if (sampling.temperature == 0.0f) return top_k(ctx, io.logits, 1);
+    // The logits' positions: the last token's, or every token's (graphs with all logits).
+    const int64_t n = io.positions->ne[0];
+    Tensor* positions = io.logits->ne[1] == n
+                            ? io.positions
+                            : view(ctx, io.positions, {1}, {}, size_t(n - 1) * io.positions->nb[0]);
+    return sample_token(ctx, io.logits, positions,
+                        SampleParams{.temperature = sampling.temperature,
+                                     .top_k = sampling.top_k,
+                                     .top_p = sampling.top_p,
+                                     .seed = sampling.seed});
+}
+
 Graph forward_graph(const GraphIo& io) {
     Graph g;
     for (Tensor* t : io.early) g.expand(t);
     g.expand(io.logits);
-    if (io.greedy) g.expand(io.greedy);
+    if (io.pick) g.expand(io.pick);
     return g;
 }
 
@@ -815,23 +831,24 @@ struct Session::Impl {
         Graph graph;
         llama::GraphIo io;
         int64_t n_tokens = 0, n_window = 0, n_past = 0;
-        bool all_logits = false, greedy = false;
+        bool all_logits = false;
+        std::optional<Sampling> pick; // how the graph picks the last token's next token, if it does
     } last;
     EvalProfile profile;
     std::vector<TracedNode> trace;
 
-    // Where decode_greedy's queued reads land each step's pick (two steps are in flight at
+    // Where decode's queued reads land each step's pick (two steps are in flight at
     // most); kept here, so that no read can land in memory that is gone.
     std::array<int32_t, 2> picks{};
 
     Impl(const Model& m, const SessionOptions& o) : model(m), options(o) {}
-    void run(std::span<const int32_t> tokens, bool all_logits, bool greedy, std::vector<float>* logits,
-             int32_t* greedy_id);
+    void run(std::span<const int32_t> tokens, bool all_logits, const std::optional<Sampling>& pick,
+             std::vector<float>* logits, int32_t* pick_id);
     void check_room(int64_t n_tokens) const;
     // Whether the last graph serves n tokens at n_past as it is.
-    bool last_graph_fits(int64_t n, bool all_logits, bool greedy) const;
+    bool last_graph_fits(int64_t n, bool all_logits, const std::optional<Sampling>& pick) const;
     // The graph for n tokens at n_past: the last one again when it fits, else a new one.
-    LastGraph& graph_for(int64_t n, bool all_logits, bool greedy);
+    LastGraph& graph_for(int64_t n, bool all_logits, const std::optional<Sampling>& pick);
     // Writes the inputs of a graph for n tokens at n_past, other than the token ids, through
     // `write` (tensor_set, or a backend's queued write).
     using InputWriter = std::function<void(Tensor* t, const void* src, size_t size)>;
@@ -914,12 +931,13 @@ Session::Session(const Model& model, const SessionOptions& options)
     const int64_t n = s.options.n_batch;
     for (const int64_t window : {int64_t(0), std::min(s.options.n_ctx, llama::kMaxWindowedTokens)}) {
         const int64_t tokens = window ? std::min(window, n) : n; // evals never exceed n_batch
-        for (const bool greedy : {false, true}) {
+        for (const int pick : {0, 1, 2}) { // none, greedy, drawn
             Context worst;
             llama::GraphIo io =
                 llama::build_graph(worst, c, m.weights, s.cache, tokens, s.options.n_ctx - tokens, true,
                                    window ? s.options.n_ctx : 0);
-            if (greedy) io.greedy = top_k(worst, io.logits, 1);
+            if (pick > 0)
+                io.pick = llama::pick_node(worst, io, pick == 1 ? Sampling{} : Sampling{.temperature = 1.0f});
             Graph g = llama::forward_graph(io);
             s.sched->reserve(g);
         }
@@ -930,24 +948,32 @@ Session::~Session() = default;
 
 std::vector<float> Session::eval(std::span<const int32_t> tokens, bool all_logits) {
     std::vector<float> logits;
-    impl_->run(tokens, all_logits, false, &logits, nullptr);
+    impl_->run(tokens, all_logits, std::nullopt, &logits, nullptr);
     return logits;
 }
 
 int32_t Session::eval_greedy(std::span<const int32_t> tokens) {
+    return eval_pick(tokens, Sampling{});
+}
+
+int32_t Session::eval_pick(std::span<const int32_t> tokens, const Sampling& sampling) {
     int32_t id = -1;
-    impl_->run(tokens, false, true, nullptr, &id);
+    impl_->run(tokens, false, sampling, nullptr, &id);
     return id;
 }
 
-int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
-                               const std::function<bool(int32_t)>& on_token) {
+int64_t Session::decode_greedy(int32_t first, int64_t max_steps, const std::function<bool(int32_t)>& on_token) {
+    return decode(first, max_steps, Sampling{}, on_token);
+}
+
+int64_t Session::decode(int32_t first, int64_t max_steps, const Sampling& sampling,
+                        const std::function<bool(int32_t)>& on_token) {
     Impl& s = *impl_;
     const ModelConfig& c = s.model.config();
     if (first < 0 || first >= c.n_vocab)
         fail("session: token id " + std::to_string(first) + " is outside the vocabulary [0, " +
              std::to_string(c.n_vocab) + ")");
-    if (max_steps < 0) fail("session: decode_greedy needs max_steps >= 0");
+    if (max_steps < 0) fail("session: decode needs max_steps >= 0");
     s.check_room(max_steps); // before any work, as eval does
     EvalProfile& prof = s.profile;
     using Clock = std::chrono::steady_clock;
@@ -983,7 +1009,7 @@ int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
         return !stopped;
     };
     // However the loop ends, the cache holds `first` and every pick handed over but the last,
-    // as eval_greedy one token at a time would leave it: a step queued past that is undone
+    // as eval_pick one token at a time would leave it: a step queued past that is undone
     // (its cache row lies past n_past and is written again by the next eval).
     auto finish = [&] {
         for (const InFlight& f : flight) f.backend->wait_for(f.ticket);
@@ -994,22 +1020,22 @@ int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
         for (int64_t step = 0; step < max_steps; ++step) {
             // The step's token comes from the device when the graph and its placement stay,
             // else from the host, once the step in flight has landed.
-            if (!flight.empty() && !(pipelined && s.last_graph_fits(1, false, true)) && !land()) break;
+            if (!flight.empty() && !(pipelined && s.last_graph_fits(1, false, sampling)) && !land()) break;
             lap = Clock::now();
-            Impl::LastGraph& last = s.graph_for(1, false, true);
+            Impl::LastGraph& last = s.graph_for(1, false, sampling);
             const llama::GraphIo& io = last.io;
             charge(prof.build);
             s.sched->allocate(last.graph);
             charge(prof.allocate);
-            Backend* b = s.sched->backend_of(io.greedy);
+            Backend* b = s.sched->backend_of(io.pick);
             pipelined = s.sched->n_splits() == 1 && b;
             for (Tensor* in :
                  {io.tokens, io.positions, io.kq_mask, io.kq_mask_swa, io.ring_rows, io.kq_mask_ring})
                 pipelined = pipelined && (!in || s.sched->backend_of(in) == b);
             if (!flight.empty() && !pipelined && !land()) break;
-            const size_t pick_at = size_t(io.greedy->nb[1]) * size_t(io.greedy->ne[1] - 1);
+            const size_t pick_at = size_t(io.pick->nb[1]) * size_t(io.pick->ne[1] - 1);
             if (!flight.empty()) {
-                b->copy_async(io.greedy, pick_at, io.tokens, 0, sizeof(int32_t));
+                b->copy_async(io.pick, pick_at, io.tokens, 0, sizeof(int32_t));
                 ++prof.fed_on_device;
                 s.write_step_inputs(
                     io, 1, [b](Tensor* t, const void* src, size_t size) { b->write_async(t, src, 0, size); });
@@ -1025,7 +1051,7 @@ int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
             ++prof.graphs;
             prof.nodes += int64_t(last.graph.nodes().size());
             int32_t* pick = &s.picks[size_t(step % 2)];
-            flight.push_back({b, b->read_async(io.greedy, pick, pick_at, sizeof(int32_t)), pick});
+            flight.push_back({b, b->read_async(io.pick, pick, pick_at, sizeof(int32_t)), pick});
             charge(prof.readback);
             // The step before lands while this one runs.
             if (flight.size() > 1 && !land()) break;
@@ -1043,10 +1069,10 @@ int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
 }
 
 // Runs tokens in chunks of n_batch. Appends the logits of the chunks that have them to
-// *logits (when given); with greedy, the last chunk's graph also picks the last token's most
-// likely next token, written to *greedy_id.
-void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, bool greedy,
-                        std::vector<float>* logits, int32_t* greedy_id) {
+// *logits (when given); with a pick, the last chunk's graph also picks the last token's next
+// token, written to *pick_id.
+void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, const std::optional<Sampling>& pick,
+                        std::vector<float>* logits, int32_t* pick_id) {
     Impl& s = *this;
     const ModelConfig& c = s.model.config();
     if (tokens.empty()) fail("session: eval needs at least one token");
@@ -1069,9 +1095,9 @@ void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, bool g
         const size_t n = std::min(tokens.size() - start, size_t(s.options.n_batch));
         const bool last_chunk = start + n == tokens.size();
         const bool chunk_logits = logits && (all_logits || last_chunk);
-        const bool chunk_greedy = greedy && last_chunk;
+        const std::optional<Sampling> chunk_pick = last_chunk ? pick : std::nullopt;
         lap = Clock::now();
-        LastGraph& last = s.graph_for(int64_t(n), all_logits, chunk_greedy);
+        LastGraph& last = s.graph_for(int64_t(n), all_logits, chunk_pick);
         const llama::GraphIo& io = last.io;
         Graph& g = last.graph;
         charge(prof.build);
@@ -1105,8 +1131,8 @@ void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, bool g
             logits->resize(at + count);
             tensor_get(io.logits, logits->data() + at, 0, count * sizeof(float));
         }
-        if (chunk_greedy) // the last token's pick: the last column's
-            tensor_get(io.greedy, greedy_id, size_t(io.greedy->nb[1]) * size_t(io.greedy->ne[1] - 1),
+        if (chunk_pick) // the last token's pick: the last column's
+            tensor_get(io.pick, pick_id, size_t(io.pick->nb[1]) * size_t(io.pick->ne[1] - 1),
                        sizeof(int32_t));
         charge(prof.readback);
         ++prof.graphs;
@@ -1120,16 +1146,17 @@ void Session::Impl::check_room(int64_t n_tokens) const {
              " exceed the context of " + std::to_string(options.n_ctx));
 }
 
-bool Session::Impl::last_graph_fits(int64_t n, bool all_logits, bool greedy) const {
+bool Session::Impl::last_graph_fits(int64_t n, bool all_logits, const std::optional<Sampling>& pick) const {
     const int64_t window = llama::window_for(n, n_past, options.n_ctx, options.decode_window_step);
     // A windowed graph serves every n_past its tokens fit; a causal one the same n_past
     // again (a session reset between evals of equal length: perplexity's chunks).
     return last.ctx && last.n_tokens == n && last.n_window == window && last.all_logits == all_logits &&
-           last.greedy == greedy && (window != 0 || last.n_past == n_past);
+           last.pick == pick && (window != 0 || last.n_past == n_past);
 }
 
-Session::Impl::LastGraph& Session::Impl::graph_for(int64_t n, bool all_logits, bool greedy) {
-    if (last_graph_fits(n, all_logits, greedy)) {
+Session::Impl::LastGraph& Session::Impl::graph_for(int64_t n, bool all_logits,
+                                                   const std::optional<Sampling>& pick) {
+    if (last_graph_fits(n, all_logits, pick)) {
         ++profile.reused;
         return last;
     }
@@ -1138,7 +1165,7 @@ Session::Impl::LastGraph& Session::Impl::graph_for(int64_t n, bool all_logits, b
     last = LastGraph{};
     last.ctx = std::make_unique<Context>();
     last.io = llama::build_graph(*last.ctx, c, model.impl().weights, cache, n, n_past, all_logits, window);
-    if (greedy) last.io.greedy = set_name(top_k(*last.ctx, last.io.logits, 1), "greedy");
+    if (pick) last.io.pick = set_name(llama::pick_node(*last.ctx, last.io, *pick), "pick");
     last.graph = llama::forward_graph(last.io);
     if (options.matmul_precision != MatMulPrecision::F32)
         for (Tensor* node : last.graph.nodes())
@@ -1153,7 +1180,7 @@ Session::Impl::LastGraph& Session::Impl::graph_for(int64_t n, bool all_logits, b
     last.n_window = window;
     last.n_past = n_past;
     last.all_logits = all_logits;
-    last.greedy = greedy;
+    last.pick = pick;
     return last;
 }
 

@@ -76,7 +76,7 @@ struct GraphIo {
     Tensor* ring_rows = nullptr;
     Tensor* kq_mask_ring = nullptr;
     Tensor* logits = nullptr; // f32 [n_vocab, n_out]
-    Tensor* greedy = nullptr; // i32 [1, n_out]: top_k(logits, 1), when the caller adds it
+    Tensor* pick = nullptr; // i32 [1, n_out]: the next token picked from logits (pick_node), when the caller adds it
     // Nodes to compute as soon as their inputs are ready, in this order (forward_graph
     // expands them before the logits): a v projection apart from a merged q/k one goes right
     // after the pre-norm, beside the q/k product, and the rope and both cache writes follow
@@ -84,8 +84,12 @@ struct GraphIo {
     std::vector<Tensor*> early;
 };
 
-// The graph of io's logits (and io.greedy, when set), io.early first.
+// The graph of io's logits (and io.pick, when set), io.early first.
 Graph forward_graph(const GraphIo& io);
+
+// The next token after each column of io.logits: greedy (temperature 0) as top_k(logits, 1),
+// else drawn by sample_token at the column's position.
+Tensor* pick_node(Context& ctx, const GraphIo& io, const Sampling& sampling);
 
 // The ring rows' mask: row s holds the newest position p = s (mod ring) with p < n_past +
 // n_tokens (none when s >= n_past + n_tokens); query i (position n_past + i) sees it when

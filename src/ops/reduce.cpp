@@ -2,6 +2,7 @@
 // each row's largest values).
 #include "op_def.h"
 #include "reference.h"
+#include "sample_rule.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,7 +34,41 @@ Tensor* top_k(Context& ctx, Tensor* a, int64_t k) {
     return t;
 }
 
+Tensor* sample_token(Context& ctx, Tensor* logits, Tensor* positions, const SampleParams& p) {
+    require_not_null(Op::SampleToken, {logits, positions});
+    if (logits->type != Type::F32) op_error(Op::SampleToken, "logits must be f32", {logits, positions});
+    if (positions->type != Type::I32) op_error(Op::SampleToken, "positions must be i32", {logits, positions});
+    if (logits->ne[2] != 1 || logits->ne[3] != 1 || positions->ne[1] != 1 || positions->ne[2] != 1 ||
+        positions->ne[3] != 1 || positions->ne[0] != logits->ne[1])
+        op_error(Op::SampleToken, "needs logits [n_vocab, n] and one position per column [n]", {logits, positions});
+    if (!(p.temperature > 0.0f) || !std::isfinite(p.temperature))
+        op_error(Op::SampleToken, "temperature " + std::to_string(p.temperature) + " must be positive (greedy: top_k 1)",
+                 {logits, positions});
+    if (p.top_k < 0)
+        op_error(Op::SampleToken, "top_k " + std::to_string(p.top_k) + " must be 0 (every token) or more",
+                 {logits, positions});
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f))
+        op_error(Op::SampleToken, "top_p " + std::to_string(p.top_p) + " must be in (0, 1]", {logits, positions});
+    Tensor* t = ctx.new_node(Op::SampleToken, Type::I32, {1, logits->ne[1], 1, 1});
+    set_sources(t, {logits, positions});
+    SampleParams stored = p;
+    stored.unused = 0;
+    t->set_params(stored);
+    return t;
+}
+
 namespace {
+
+void sample_token_reference(ref::Evaluator& ev, const Tensor* n) {
+    const Tensor *logits = n->src[0], *positions = n->src[1];
+    const SampleParams& p = n->params<SampleParams>();
+    std::vector<double> column(static_cast<size_t>(logits->ne[0]));
+    for (int64_t c = 0; c < logits->ne[1]; ++c) {
+        for (int64_t i = 0; i < logits->ne[0]; ++i) column[size_t(i)] = ev.get(logits, i, c);
+        const int64_t position = int64_t(ev.get(positions, c));
+        ev.set(n, double(sample_rule::pick(column, p, position)), 0, c);
+    }
+}
 
 void top_k_reference(ref::Evaluator& ev, const Tensor* n) {
     const Tensor* a = n->src[0];
@@ -98,6 +133,7 @@ void define_reduce_ops(OpTable& t) {
     t[size_t(Op::SumRows)] = {.name = "sum_rows", .backward = sum_backward, .reference = sum_rows_reference};
     t[size_t(Op::Mean)] = {.name = "mean", .backward = mean_backward, .reference = mean_reference};
     t[size_t(Op::TopK)] = {.name = "top_k", .reference = top_k_reference};
+    t[size_t(Op::SampleToken)] = {.name = "sample_token", .reference = sample_token_reference};
 }
 
 } // namespace gfa

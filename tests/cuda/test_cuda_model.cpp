@@ -139,13 +139,13 @@ TEST_CASE("CUDA session: eval_greedy picks on the GPU what the logits say", "[cu
     CHECK(disagreements.empty());
 }
 
-// Session::decode_greedy with the whole model on the GPU: each step's token goes from the
+// Session::decode (greedy, and drawn by sample_token) with the whole model on the GPU: each step's token goes from the
 // step before to the next on the device, through transfers queued on the stream, while the
 // host lands the picks one step behind. Picks, n_past and the cache afterwards must be those of
 // eval_greedy token by token, also where the caller stops (returning false, or throwing) with
 // a step already queued past it, and where the attention window grows (new graphs, whose
 // first token goes through the host).
-TEST_CASE("CUDA session: decode_greedy picks what eval_greedy picks token by token", "[cuda][model]") {
+TEST_CASE("CUDA session: decode picks what eval_pick picks token by token", "[cuda][model]") {
     Device* cuda = find_device("CUDA0");
     REQUIRE(cuda != nullptr);
     const uint32_t seed = std::random_device{}();
@@ -176,12 +176,20 @@ TEST_CASE("CUDA session: decode_greedy picks what eval_greedy picks token by tok
         stop_after = 2;
         throwing = true;
     }
+    Sampling sampling;
+    SECTION("drawn on the GPU (sample_token), every step fed by the one before") {
+        sampling = {.temperature = 0.9f, .top_k = 40, .top_p = 0.95f, .seed = seed};
+    }
+    SECTION("drawn on the GPU from the 128 most likely, the caller stops after 11 picks") {
+        sampling = {.temperature = 1.7f, .top_k = 128, .top_p = 1.0f, .seed = seed + 1};
+        stop_after = 11;
+    }
     std::mt19937 rng(seed);
     std::vector<int32_t> prompt(13);
     for (int32_t& t : prompt) t = int32_t(rng() % uint32_t(m.vocab));
     int64_t fed = -1;
     const std::vector<std::string> disagreements =
-        test::decode_disagreements(*model, so, prompt, max_steps, stop_after, throwing, &fed);
+        test::decode_disagreements(*model, so, prompt, max_steps, stop_after, throwing, &fed, sampling);
     for (const std::string& line : disagreements) UNSCOPED_INFO(line);
     CHECK(disagreements.empty());
     if (stop_after < 0 && !windows_change) CHECK(fed == max_steps - 1);

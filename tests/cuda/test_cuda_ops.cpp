@@ -727,6 +727,12 @@ TEST_CASE("CUDA top_k gives each row's largest positions, ties by position, NaN 
     test::device_cases::top_k_ranks(check_cuda);
 }
 
+// The radix-select kernel (candidates of vocabulary-sized columns found digit by digit, ties at
+// the k-th value taken at the lowest positions) against the reference's draw, exactly.
+TEST_CASE("CUDA sample_token draws the reference's token", "[cuda][ops][sampling]") {
+    test::device_cases::sample_token_draws(check_cuda);
+}
+
 // The kernel decodes the same weight values as the CPU and sums in f32 against the f32 inputs
 // (no 8-bit rounding of b, unlike the quantized mul_mat path).
 TEST_CASE("CUDA mul_mat_id multiplies each token's inputs by its chosen experts", "[cuda][ops][moe]") {

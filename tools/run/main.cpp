@@ -47,8 +47,8 @@ struct Options {
     MatMulPrecision precision = MatMulPrecision::F32;
     FlashAttnPrecision attention_precision = FlashAttnPrecision::F32;
     bool ignore_eos = false, verbose = false, profile = false, warmup = false;
-    bool pick_on_host = false;    // greedy picks from logits copied to the host
-    bool wait_each_token = false; // greedy: the host waits for each pick before the next step
+    bool pick_on_host = false;    // picks from logits copied to the host
+    bool wait_each_token = false; // the host waits for each pick before the next step
 };
 
 void usage() {
@@ -58,11 +58,12 @@ void usage() {
                  "  --temp T           sampling temperature (default 0: greedy)\n"
                  "  --top-k K          keep the K most likely tokens (default 40; 0: all)\n"
                  "  --top-p P          keep the smallest set with probability >= P (default 0.95)\n"
-                 "  --seed S           sampling seed (default: random)\n"
-                 "  --pick-on-host     greedy: copy the logits and pick on the host (by default the\n"
-                 "                     backend holding the logits picks, and only the id comes back)\n"
-                 "  --wait-each-token  greedy: wait for each pick before queuing the next step (by\n"
-                 "                     default the device passes each pick on by itself; for comparisons)\n"
+                 "  --seed S           sampling seed (default: random); a token drawn at position p\n"
+                 "                     depends on the seed, p and the logits alone\n"
+                 "  --pick-on-host     copy the logits and pick on the host (by default the backend\n"
+                 "                     holding the logits picks, and only the id comes back)\n"
+                 "  --wait-each-token  wait for each pick before queuing the next step (by default the\n"
+                 "                     device passes each pick on by itself; for comparisons)\n"
                  "  --backend cpu|cuda|vulkan  where the weights live (default cpu)\n"
                  "  --gpu-layers N     blocks on the GPU backend (default -1: all)\n"
                  "  -c, --ctx N        KV cache length (default 0: min(training context, 4096)); grown\n"
@@ -255,13 +256,17 @@ int run(int argc, char** argv) {
     // Warm-up: the first use of each kernel and library call pays one-time costs (module
     // loading, library handles, the first eager run before launch graphs); keep them out of
     // the figures. The cache is overwritten from position 0 afterwards.
-    const bool greedy_in_session = o.temperature <= 0.0f && !o.pick_on_host;
+    const bool pick_in_session = !o.pick_on_host;
+    const Sampling sampling{.temperature = std::max(o.temperature, 0.0f),
+                            .top_k = o.top_k,
+                            .top_p = o.top_p,
+                            .seed = o.have_seed ? o.seed : std::random_device{}()};
     if (o.warmup) {
         const int32_t one[1] = {prompt.back()};
-        if (greedy_in_session) { // the same graphs and transfers as the timed run
-            const int32_t first = session.eval_greedy(prompt);
+        if (pick_in_session) { // the same graphs and transfers as the timed run
+            const int32_t first = session.eval_pick(prompt, sampling);
             if (session.n_past() + 2 <= session.n_ctx())
-                session.decode_greedy(first, 2, [](int32_t) { return true; });
+                session.decode(first, 2, sampling, [](int32_t) { return true; });
         } else {
             session.eval(prompt);
             if (session.n_past() < session.n_ctx()) session.eval(one);
@@ -269,14 +274,14 @@ int run(int argc, char** argv) {
         session.reset();
     }
 
-    // Prompt. Greedy decoding asks the session for the id alone (Session::eval_greedy), unless
-    // the prompt's logits are wanted.
+    // Prompt. The session picks the next token where the logits are and returns the id alone
+    // (Session::eval_pick), unless the prompt's logits are wanted.
     const bool all_logits = !o.logits_out.empty();
-    int32_t next = -1; // the session's greedy pick, when it made one
+    int32_t next = -1; // the session's pick, when it made one
     std::vector<float> logits;
     auto t0 = std::chrono::steady_clock::now();
-    if (greedy_in_session && !all_logits)
-        next = session.eval_greedy(prompt);
+    if (pick_in_session && !all_logits)
+        next = session.eval_pick(prompt, sampling);
     else
         logits = session.eval(prompt, all_logits);
     const double t_prompt = seconds_since(t0);
@@ -315,15 +320,15 @@ int run(int argc, char** argv) {
         return (o.ignore_eos || id != eos) && int64_t(generated.size()) < o.n_predict;
     };
     if (next >= 0) {
-        // Greedy in the session: each pick goes on to the next step on the device, which
-        // never waits for the host between tokens (Session::decode_greedy).
+        // Picks in the session: each goes on to the next step on the device, which never
+        // waits for the host between tokens (Session::decode).
         if (o.n_predict > 0 && emit(next)) {
             if (!o.wait_each_token) {
-                n_decoded = int(session.decode_greedy(next, o.n_predict - 1, emit));
+                n_decoded = int(session.decode(next, o.n_predict - 1, sampling, emit));
             } else {
                 do {
                     const int32_t one[1] = {next};
-                    next = session.eval_greedy(one);
+                    next = session.eval_pick(one, sampling);
                     ++n_decoded;
                 } while (emit(next));
             }
