@@ -247,7 +247,8 @@ void sample_token_draws(const Check& check) {
     };
     for (int64_t n : {1, 5, 37, 128, 129, 1000, 32003, 131075}) {
         for (const SampleParams& p : params) {
-            INFO("n=" << n << " temperature " << p.temperature << " top_k " << p.top_k << " top_p " << p.top_p);
+            INFO("n=" << n << " temperature " << p.temperature << " top_k " << p.top_k << " top_p "
+                      << p.top_p);
             Context ctx = data_ctx();
             const int64_t cols = 6;
             Tensor* logits = ctx.new_tensor(Type::F32, {n, cols});
@@ -279,8 +280,10 @@ void sample_token_draws(const Check& check) {
     Tensor* positions = ctx.new_tensor(Type::I32, {3});
     const int32_t at[3] = {0, 1, 1 << 30};
     tensor_set(positions, at, 0, sizeof(at));
-    check(sample_token(ctx, logits, positions, {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 5}), 0.0);
-    check(sample_token(ctx, logits, positions, {.temperature = 0.7f, .top_k = 0, .top_p = 0.8f, .seed = 6}), 0.0);
+    check(sample_token(ctx, logits, positions, {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 5}),
+          0.0);
+    check(sample_token(ctx, logits, positions, {.temperature = 0.7f, .top_k = 0, .top_p = 0.8f, .seed = 6}),
+          0.0);
 }
 
 // Rows of ties (values on a few levels) with NaN (ranked with -inf, ties by position), +-inf,

@@ -43,11 +43,13 @@ std::vector<int32_t> draws(const std::vector<float>& logits, int64_t n_draws, co
 std::map<int32_t, double> expected(const std::vector<float>& logits, const SampleParams& p) {
     std::vector<int32_t> ids(logits.size());
     std::iota(ids.begin(), ids.end(), 0);
-    std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return logits[size_t(a)] > logits[size_t(b)]; });
+    std::stable_sort(ids.begin(), ids.end(),
+                     [&](int32_t a, int32_t b) { return logits[size_t(a)] > logits[size_t(b)]; });
     const size_t k = p.top_k == 0 ? ids.size() : std::min(ids.size(), size_t(p.top_k));
     ids.resize(k);
     std::vector<double> w;
-    for (int32_t id : ids) w.push_back(std::exp((double(logits[size_t(id)]) - logits[size_t(ids[0])]) / p.temperature));
+    for (int32_t id : ids)
+        w.push_back(std::exp((double(logits[size_t(id)]) - logits[size_t(ids[0])]) / p.temperature));
     const double total = std::accumulate(w.begin(), w.end(), 0.0);
     size_t run = k;
     for (size_t i = 0; i < k; ++i) {
@@ -108,11 +110,13 @@ TEST_CASE("sample_token keeps the top_k most likely, then the shortest run holdi
         const std::vector<int32_t> got = draws(logits, 500, p);
         CHECK(std::all_of(got.begin(), got.end(), [](int32_t id) { return id == 17; }));
     }
-    const std::vector<int32_t> cold = draws(logits, 500, {.temperature = 1e-6f, .top_k = 50, .top_p = 1.0f, .seed = 3});
+    const std::vector<int32_t> cold =
+        draws(logits, 500, {.temperature = 1e-6f, .top_k = 50, .top_p = 1.0f, .seed = 3});
     CHECK(std::all_of(cold.begin(), cold.end(), [](int32_t id) { return id == 17 || id == 41; }));
     CHECK(std::count(cold.begin(), cold.end(), 17) > 150);
     CHECK(std::count(cold.begin(), cold.end(), 41) > 150);
-    const std::vector<int32_t> flat = draws(logits, 3000, {.temperature = 50.0f, .top_k = 0, .top_p = 1.0f, .seed = 4});
+    const std::vector<int32_t> flat =
+        draws(logits, 3000, {.temperature = 50.0f, .top_k = 0, .top_p = 1.0f, .seed = 4});
     CHECK(std::none_of(flat.begin(), flat.end(), [](int32_t id) { return id == 3 || id == 4; }));
     // A column with no weight at all gives its first-ranked position.
     const std::vector<float> none = {-INFINITY, std::nanf(""), -INFINITY};
@@ -139,14 +143,18 @@ TEST_CASE("sample_token refuses bad parameters and inputs by name", "[sampling][
     Context ctx;
     Tensor* logits = ctx.new_tensor(Type::F32, {10, 2});
     Tensor* positions = ctx.new_tensor(Type::I32, {2});
-    CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.temperature = 0.0f}), Catch::Contains("temperature"));
-    CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.temperature = -1.0f}), Catch::Contains("temperature"));
+    CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.temperature = 0.0f}),
+                      Catch::Contains("temperature"));
+    CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.temperature = -1.0f}),
+                      Catch::Contains("temperature"));
     CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.temperature = std::nanf("")}),
                       Catch::Contains("temperature"));
     CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.top_k = -1}), Catch::Contains("top_k -1"));
     CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.top_p = 0.0f}), Catch::Contains("top_p"));
     CHECK_THROWS_WITH(sample_token(ctx, logits, positions, {.top_p = 1.5f}), Catch::Contains("top_p"));
-    CHECK_THROWS_WITH(sample_token(ctx, logits, ctx.new_tensor(Type::I32, {3}), {}), Catch::Contains("one position per column"));
+    CHECK_THROWS_WITH(sample_token(ctx, logits, ctx.new_tensor(Type::I32, {3}), {}),
+                      Catch::Contains("one position per column"));
     CHECK_THROWS_WITH(sample_token(ctx, logits, ctx.new_tensor(Type::F32, {2}), {}), Catch::Contains("i32"));
-    CHECK_THROWS_WITH(sample_token(ctx, ctx.new_tensor(Type::F16, {10, 2}), positions, {}), Catch::Contains("f32"));
+    CHECK_THROWS_WITH(sample_token(ctx, ctx.new_tensor(Type::F16, {10, 2}), positions, {}),
+                      Catch::Contains("f32"));
 }

@@ -239,8 +239,8 @@ inline std::vector<std::string> greedy_disagreements(const Model& model, const S
 }
 
 // Session::decode against eval_pick token by token in a twin session (greedy unless
-// `sampling` says otherwise): the same picks, and the same cache afterwards (the next eval's logits bit for bit), also where the
-// caller stops after `stop_after` picks (by returning false, or by throwing with
+// `sampling` says otherwise): the same picks, and the same cache afterwards (the next eval's logits bit for
+// bit), also where the caller stops after `stop_after` picks (by returning false, or by throwing with
 // stop_by_throwing). max_steps past the context must fail before any work. Returns the
 // disagreements; *fed_on_device (when given) gets the steps whose token the device passed on
 // itself.

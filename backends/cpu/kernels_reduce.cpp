@@ -92,7 +92,8 @@ void run_sample_token(const ComputeCtx&, Tensor* dst) {
         for (int64_t i = 0; i < logits->ne[0]; ++i)
             column[size_t(i)] = *reinterpret_cast<const float*>(at + i * logits->nb[0]);
         const int64_t position = *reinterpret_cast<const int32_t*>(element_ptr(positions, c, 0, 0, 0));
-        *reinterpret_cast<int32_t*>(element_ptr(dst, 0, c, 0, 0)) = int32_t(sample_rule::pick(column, p, position));
+        *reinterpret_cast<int32_t*>(element_ptr(dst, 0, c, 0, 0)) =
+            int32_t(sample_rule::pick(column, p, position));
     }
 }
 

@@ -23,12 +23,12 @@ namespace gfa::cuda {
 
 namespace {
 
-constexpr int kMaxCandidates = 128;  // top_k on the device: at most this many
-constexpr int kChunkThreads = 512;   // stage 1: a block per chunk of a column
-constexpr int kChunkPerThread = 16;  // values a thread holds
+constexpr int kMaxCandidates = 128; // top_k on the device: at most this many
+constexpr int kChunkThreads = 512;  // stage 1: a block per chunk of a column
+constexpr int kChunkPerThread = 16; // values a thread holds
 constexpr int64_t kChunk = int64_t(kChunkThreads) * kChunkPerThread;
-constexpr int kMaxChunks = 32;       // columns of up to 262144 values
-constexpr int kMergeThreads = 1024;  // stage 2: a block per column
+constexpr int kMaxChunks = 32;      // columns of up to 262144 values
+constexpr int kMergeThreads = 1024; // stage 2: a block per column
 constexpr int kMergePerThread = kMaxChunks * kMaxCandidates / kMergeThreads;
 
 // Larger values get larger keys; NaN ranks as -inf and -0 as +0, as in top_k's order.
@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kChunkThreads)
 
 // Stage 2: block `column` keeps the k largest of its chunks' candidates, ranks them and draws.
 __global__ void __launch_bounds__(kMergeThreads)
-    draw_kernel(TensorView logits, TensorView positions, TensorView dst, const uint64_t* chunk_best, int chunks,
-                SampleParams p) {
+    draw_kernel(TensorView logits, TensorView positions, TensorView dst, const uint64_t* chunk_best,
+                int chunks, SampleParams p) {
     __shared__ SelectShared sh;
     __shared__ uint64_t found[kMaxCandidates];
     __shared__ uint64_t ranked[kMaxCandidates];

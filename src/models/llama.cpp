@@ -192,7 +192,8 @@ Tensor* logits_of(Context& ctx, const ModelConfig& cfg, const Weights& w, Tensor
 
 Tensor* pick_node(Context& ctx, const GraphIo& io, const Sampling& sampling) {
     if (!(sampling.temperature >= 0.0f) || !std::isfinite(sampling.temperature))
-        fail("session: sampling temperature " + std::to_string(sampling.temperature) + " must be 0 (greedy) or positive");
+        fail("session: sampling temperature " + std::to_string(sampling.temperature) +
+             " must be 0 (greedy) or positive");
     if (sampling.temperature == 0.0f) return top_k(ctx, io.logits, 1);
     // The logits' positions: the last token's, or every token's (graphs with all logits).
     const int64_t n = io.positions->ne[0];
@@ -931,7 +932,7 @@ Session::Session(const Model& model, const SessionOptions& options)
     const int64_t n = s.options.n_batch;
     for (const int64_t window : {int64_t(0), std::min(s.options.n_ctx, llama::kMaxWindowedTokens)}) {
         const int64_t tokens = window ? std::min(window, n) : n; // evals never exceed n_batch
-        for (const int pick : {0, 1, 2}) { // none, greedy, drawn
+        for (const int pick : {0, 1, 2}) {                       // none, greedy, drawn
             Context worst;
             llama::GraphIo io =
                 llama::build_graph(worst, c, m.weights, s.cache, tokens, s.options.n_ctx - tokens, true,
@@ -962,7 +963,8 @@ int32_t Session::eval_pick(std::span<const int32_t> tokens, const Sampling& samp
     return id;
 }
 
-int64_t Session::decode_greedy(int32_t first, int64_t max_steps, const std::function<bool(int32_t)>& on_token) {
+int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
+                               const std::function<bool(int32_t)>& on_token) {
     return decode(first, max_steps, Sampling{}, on_token);
 }
 

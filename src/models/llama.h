@@ -76,7 +76,8 @@ struct GraphIo {
     Tensor* ring_rows = nullptr;
     Tensor* kq_mask_ring = nullptr;
     Tensor* logits = nullptr; // f32 [n_vocab, n_out]
-    Tensor* pick = nullptr; // i32 [1, n_out]: the next token picked from logits (pick_node), when the caller adds it
+    Tensor* pick =
+        nullptr; // i32 [1, n_out]: the next token picked from logits (pick_node), when the caller adds it
     // Nodes to compute as soon as their inputs are ready, in this order (forward_graph
     // expands them before the logits): a v projection apart from a merged q/k one goes right
     // after the pre-norm, beside the q/k product, and the rope and both cache writes follow

@@ -40,15 +40,18 @@ Tensor* sample_token(Context& ctx, Tensor* logits, Tensor* positions, const Samp
     if (positions->type != Type::I32) op_error(Op::SampleToken, "positions must be i32", {logits, positions});
     if (logits->ne[2] != 1 || logits->ne[3] != 1 || positions->ne[1] != 1 || positions->ne[2] != 1 ||
         positions->ne[3] != 1 || positions->ne[0] != logits->ne[1])
-        op_error(Op::SampleToken, "needs logits [n_vocab, n] and one position per column [n]", {logits, positions});
+        op_error(Op::SampleToken, "needs logits [n_vocab, n] and one position per column [n]",
+                 {logits, positions});
     if (!(p.temperature > 0.0f) || !std::isfinite(p.temperature))
-        op_error(Op::SampleToken, "temperature " + std::to_string(p.temperature) + " must be positive (greedy: top_k 1)",
+        op_error(Op::SampleToken,
+                 "temperature " + std::to_string(p.temperature) + " must be positive (greedy: top_k 1)",
                  {logits, positions});
     if (p.top_k < 0)
         op_error(Op::SampleToken, "top_k " + std::to_string(p.top_k) + " must be 0 (every token) or more",
                  {logits, positions});
     if (!(p.top_p > 0.0f && p.top_p <= 1.0f))
-        op_error(Op::SampleToken, "top_p " + std::to_string(p.top_p) + " must be in (0, 1]", {logits, positions});
+        op_error(Op::SampleToken, "top_p " + std::to_string(p.top_p) + " must be in (0, 1]",
+                 {logits, positions});
     Tensor* t = ctx.new_node(Op::SampleToken, Type::I32, {1, logits->ne[1], 1, 1});
     set_sources(t, {logits, positions});
     SampleParams stored = p;

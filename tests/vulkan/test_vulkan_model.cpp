@@ -173,7 +173,8 @@ TEST_CASE("Vulkan session: decode picks what eval_pick picks token by token", "[
     for (const std::string& line : disagreements) UNSCOPED_INFO(line);
     CHECK(disagreements.empty());
     if (gpu_layers == 1 || drawn) CHECK(fed == 0);
-    if (gpu_layers == 1000 && !drawn && stop_after < 0) CHECK((fed > 0 && fed < steps - 1)); // a window grows at 16
+    if (gpu_layers == 1000 && !drawn && stop_after < 0)
+        CHECK((fed > 0 && fed < steps - 1)); // a window grows at 16
 }
 
 TEST_CASE("Vulkan runs quantized llama weights", "[vulkan][model]") {
