@@ -61,7 +61,8 @@ void usage() {
                  "  --seed S           sampling seed (default: random); a token drawn at position p\n"
                  "                     depends on the seed, p and the logits alone\n"
                  "  --pick-on-host     copy the logits and pick on the host (by default the backend\n"
-                 "                     holding the logits picks, and only the id comes back)\n"
+                 "                     holding the logits picks, and only the id comes back; the host\n"
+                 "                     picks anyway when sampling with --top-k 0 or above 128)\n"
                  "  --wait-each-token  wait for each pick before queuing the next step (by default the\n"
                  "                     device passes each pick on by itself; for comparisons)\n"
                  "  --backend cpu|cuda|vulkan  where the weights live (default cpu)\n"
@@ -256,7 +257,10 @@ int run(int argc, char** argv) {
     // Warm-up: the first use of each kernel and library call pays one-time costs (module
     // loading, library handles, the first eager run before launch graphs); keep them out of
     // the figures. The cache is overwritten from position 0 afterwards.
-    const bool pick_in_session = !o.pick_on_host;
+    // The session draws with top_k 1 to 128 (where a GPU draws itself); every token (top_k 0)
+    // or more candidates go through the host's sampler, which sorts only the prefix it needs.
+    const bool pick_in_session =
+        !o.pick_on_host && (o.temperature <= 0.0f || (o.top_k >= 1 && o.top_k <= 128));
     const Sampling sampling{.temperature = std::max(o.temperature, 0.0f),
                             .top_k = o.top_k,
                             .top_p = o.top_p,
