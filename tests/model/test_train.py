@@ -98,6 +98,7 @@ def main():
     ap.add_argument("--train", required=True)
     ap.add_argument("--run", required=True)
     ap.add_argument("--perplexity", required=True)
+    ap.add_argument("--generate", default=None, help="examples/generate, checked against ggml-fa-run's greedy text")
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--seed", type=int, default=random.randrange(1 << 30))
     a = ap.parse_args()
@@ -195,6 +196,14 @@ def main():
         print(r.stderr)
         print("FAIL: ggml-fa-run -p")
         return 1
+    # 4b. the library's smallest generation program: the same greedy text as ggml-fa-run
+    if a.generate and a.backend == "cpu":
+        g = subprocess.run([a.generate, model, "the cat ", "30"], capture_output=True, text=True)
+        if g.returncode != 0 or g.stdout != r.stdout:
+            print(g.stdout + g.stderr)
+            print("FAIL: examples/generate's greedy text differs from ggml-fa-run's")
+            return 1
+        print("examples/generate: the same greedy text as ggml-fa-run")
     # 5. perplexity: llama-perplexity's measure (second half of each chunk scored)
     n_ctx = SHAPE["ctx"]
     held_out = os.path.join(work, "held_out.txt")
