@@ -238,6 +238,15 @@ inline std::vector<std::string> greedy_disagreements(const Model& model, const S
     return found;
 }
 
+// The model in `path` with its last gpu_layers blocks on `gpu` (the default: every block, the
+// head and the embeddings).
+inline std::unique_ptr<Model> load_on(Device* gpu, const std::string& path, int gpu_layers = 1000) {
+    ModelLoadOptions load;
+    load.gpu = gpu;
+    load.gpu_layers = gpu_layers;
+    return Model::load(path, load);
+}
+
 // Session::decode against eval_pick token by token in a twin session (greedy unless
 // `sampling` says otherwise): the same picks, and the same cache afterwards (the next eval's logits bit for
 // bit), also where the caller stops after `stop_after` picks (by returning false, or by throwing with

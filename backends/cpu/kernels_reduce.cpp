@@ -1,5 +1,6 @@
-// Reductions on the CPU, and top_k. Rows are summed in double so long rows stay accurate; sum() adds
-// per-worker partials in worker order, so the result does not depend on timing.
+// Reductions on the CPU, top_k and sample_token. Rows are summed in double so long rows stay
+// accurate; sum() adds per-worker partials in worker order, so the result does not depend on
+// timing.
 #include "cpu_kernels.h"
 #include "../../src/ops/sample_rule.h"
 

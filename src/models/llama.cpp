@@ -813,6 +813,22 @@ std::vector<Device*> Model::devices() const {
 
 // ---- the session ----------------------------------------------------------------------
 
+namespace {
+
+// Host time of an eval, by phase: charge(phase) adds the time since the last lap to it.
+struct PhaseClock {
+    using Clock = std::chrono::steady_clock;
+    Clock::time_point lap = Clock::now();
+    void restart() { lap = Clock::now(); }
+    void charge(double& phase) {
+        const Clock::time_point now = Clock::now();
+        phase += std::chrono::duration<double>(now - lap).count();
+        lap = now;
+    }
+};
+
+} // namespace
+
 struct Session::Impl {
     const Model& model;
     SessionOptions options;
@@ -846,6 +862,7 @@ struct Session::Impl {
     void run(std::span<const int32_t> tokens, bool all_logits, const std::optional<Sampling>& pick,
              std::vector<float>* logits, int32_t* pick_id);
     void check_room(int64_t n_tokens) const;
+    void check_tokens(std::span<const int32_t> tokens) const; // ids in the vocabulary
     // Whether the last graph serves n tokens at n_past as it is.
     bool last_graph_fits(int64_t n, bool all_logits, const std::optional<Sampling>& pick) const;
     // The graph for n tokens at n_past: the last one again when it fits, else a new one.
@@ -971,20 +988,12 @@ int64_t Session::decode_greedy(int32_t first, int64_t max_steps,
 int64_t Session::decode(int32_t first, int64_t max_steps, const Sampling& sampling,
                         const std::function<bool(int32_t)>& on_token) {
     Impl& s = *impl_;
-    const ModelConfig& c = s.model.config();
-    if (first < 0 || first >= c.n_vocab)
-        fail("session: token id " + std::to_string(first) + " is outside the vocabulary [0, " +
-             std::to_string(c.n_vocab) + ")");
+    s.check_tokens(std::span(&first, 1));
     if (max_steps < 0) fail("session: decode needs max_steps >= 0");
     s.check_room(max_steps); // before any work, as eval does
     EvalProfile& prof = s.profile;
-    using Clock = std::chrono::steady_clock;
-    Clock::time_point lap = Clock::now();
-    auto charge = [&lap](double& phase) {
-        const Clock::time_point now = Clock::now();
-        phase += std::chrono::duration<double>(now - lap).count();
-        lap = now;
-    };
+    PhaseClock clock;
+    auto charge = [&clock](double& phase) { clock.charge(phase); };
 
     // Steps queued whose picks the host has not seen (two at most): their backend, the
     // ticket of the read of their pick, and where it lands (Impl::picks).
@@ -1023,7 +1032,7 @@ int64_t Session::decode(int32_t first, int64_t max_steps, const Sampling& sampli
             // The step's token comes from the device when the graph and its placement stay,
             // else from the host, once the step in flight has landed.
             if (!flight.empty() && !(pipelined && s.last_graph_fits(1, false, sampling)) && !land()) break;
-            lap = Clock::now();
+            clock.restart();
             Impl::LastGraph& last = s.graph_for(1, false, sampling);
             const llama::GraphIo& io = last.io;
             charge(prof.build);
@@ -1076,29 +1085,19 @@ int64_t Session::decode(int32_t first, int64_t max_steps, const Sampling& sampli
 void Session::Impl::run(std::span<const int32_t> tokens, bool all_logits, const std::optional<Sampling>& pick,
                         std::vector<float>* logits, int32_t* pick_id) {
     Impl& s = *this;
-    const ModelConfig& c = s.model.config();
     if (tokens.empty()) fail("session: eval needs at least one token");
     check_room(int64_t(tokens.size()));
-    for (int32_t t : tokens)
-        if (t < 0 || t >= c.n_vocab)
-            fail("session: token id " + std::to_string(t) + " is outside the vocabulary [0, " +
-                 std::to_string(c.n_vocab) + ")");
+    check_tokens(tokens);
 
     EvalProfile& prof = s.profile;
-    using Clock = std::chrono::steady_clock;
-    // Adds the time since the last lap to `phase`.
-    Clock::time_point lap = Clock::now();
-    auto charge = [&lap](double& phase) {
-        const Clock::time_point now = Clock::now();
-        phase += std::chrono::duration<double>(now - lap).count();
-        lap = now;
-    };
+    PhaseClock clock;
+    auto charge = [&clock](double& phase) { clock.charge(phase); };
     for (size_t start = 0; start < tokens.size(); start += size_t(s.options.n_batch)) {
         const size_t n = std::min(tokens.size() - start, size_t(s.options.n_batch));
         const bool last_chunk = start + n == tokens.size();
         const bool chunk_logits = logits && (all_logits || last_chunk);
         const std::optional<Sampling> chunk_pick = last_chunk ? pick : std::nullopt;
-        lap = Clock::now();
+        clock.restart();
         LastGraph& last = s.graph_for(int64_t(n), all_logits, chunk_pick);
         const llama::GraphIo& io = last.io;
         Graph& g = last.graph;
@@ -1146,6 +1145,14 @@ void Session::Impl::check_room(int64_t n_tokens) const {
     if (n_past + n_tokens > options.n_ctx)
         fail("session: " + std::to_string(n_tokens) + " more tokens after " + std::to_string(n_past) +
              " exceed the context of " + std::to_string(options.n_ctx));
+}
+
+void Session::Impl::check_tokens(std::span<const int32_t> tokens) const {
+    const int64_t vocab = model.config().n_vocab;
+    for (int32_t t : tokens)
+        if (t < 0 || t >= vocab)
+            fail("session: token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                 std::to_string(vocab) + ")");
 }
 
 bool Session::Impl::last_graph_fits(int64_t n, bool all_logits, const std::optional<Sampling>& pick) const {

@@ -1,5 +1,5 @@
-// Reductions: sum (all elements), sum_rows and mean (over dim 0), and top_k (the positions of
-// each row's largest values).
+// Reductions: sum (all elements), sum_rows and mean (over dim 0), top_k (the positions of
+// each row's largest values), and sample_token (a token drawn from each column of logits).
 #include "op_def.h"
 #include "reference.h"
 #include "sample_rule.h"

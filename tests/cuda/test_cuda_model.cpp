@@ -124,10 +124,7 @@ TEST_CASE("CUDA session: eval_greedy picks on the GPU what the logits say", "[cu
     m.vocab = 3001;
     m.matrix_type = GENERATE(Type::F32, Type::Q4_K);
     test::TempFile file{test::write_model(m, seed)};
-    ModelLoadOptions load;
-    load.gpu = cuda;
-    load.gpu_layers = 1000;
-    std::unique_ptr<Model> model = Model::load(file.path, load);
+    std::unique_ptr<Model> model = test::load_on(cuda, file.path);
     SessionOptions so;
     so.n_ctx = 64;
     so.n_threads = 2;
@@ -139,11 +136,12 @@ TEST_CASE("CUDA session: eval_greedy picks on the GPU what the logits say", "[cu
     CHECK(disagreements.empty());
 }
 
-// Session::decode (greedy, and drawn by sample_token) with the whole model on the GPU: each step's token goes
-// from the step before to the next on the device, through transfers queued on the stream, while the host
-// lands the picks one step behind. Picks, n_past and the cache afterwards must be those of eval_greedy token
-// by token, also where the caller stops (returning false, or throwing) with a step already queued past it,
-// and where the attention window grows (new graphs, whose first token goes through the host).
+// Session::decode (greedy, and drawn by sample_token) with the whole model on the GPU: each
+// step's token goes from the step before to the next on the device, through transfers queued on
+// the stream, while the host lands the picks one step behind. Picks, n_past and the cache
+// afterwards must be those of eval_pick token by token, also where the caller stops (returning
+// false, or throwing) with a step already queued past it, and where the attention window grows
+// (new graphs, whose first token goes through the host).
 TEST_CASE("CUDA session: decode picks what eval_pick picks token by token", "[cuda][model]") {
     Device* cuda = find_device("CUDA0");
     REQUIRE(cuda != nullptr);
@@ -154,10 +152,7 @@ TEST_CASE("CUDA session: decode picks what eval_pick picks token by token", "[cu
     m.matrix_type = GENERATE(Type::F32, Type::Q4_K);
     INFO("weights " << type_name(m.matrix_type));
     test::TempFile file{test::write_model(m, seed)};
-    ModelLoadOptions load;
-    load.gpu = cuda;
-    load.gpu_layers = 1000;
-    std::unique_ptr<Model> model = Model::load(file.path, load);
+    std::unique_ptr<Model> model = test::load_on(cuda, file.path);
     SessionOptions so;
     so.n_ctx = 80;
     so.n_threads = 2;

@@ -126,10 +126,7 @@ TEST_CASE("Vulkan session: eval_greedy picks on the device what the logits say",
     test::TinyModel m;
     m.vocab = 2000;
     test::TempFile file{test::write_model(m, seed)};
-    ModelLoadOptions load;
-    load.gpu = vulkan0();
-    load.gpu_layers = 1000;
-    std::unique_ptr<Model> model = Model::load(file.path, load);
+    std::unique_ptr<Model> model = test::load_on(vulkan0(), file.path);
     SessionOptions so;
     so.n_ctx = 40;
     so.n_threads = 2;
@@ -153,10 +150,7 @@ TEST_CASE("Vulkan session: decode picks what eval_pick picks token by token", "[
     test::TempFile file{test::write_model(m, seed)};
     const int gpu_layers = GENERATE(1000, 1);
     INFO("gpu layers " << gpu_layers);
-    ModelLoadOptions load;
-    load.gpu = vulkan0();
-    load.gpu_layers = gpu_layers;
-    std::unique_ptr<Model> model = Model::load(file.path, load);
+    std::unique_ptr<Model> model = test::load_on(vulkan0(), file.path, gpu_layers);
     SessionOptions so;
     so.n_ctx = 40;
     so.n_threads = 2;
