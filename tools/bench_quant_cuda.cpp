@@ -158,7 +158,7 @@ struct Shape {
 } // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false;
+    bool quick = false, decode_only = false;
     int reps = 30;
     std::string only_types; // ",q8_0,q8_0L," from --types q8_0,q8_0L
     std::vector<Shape> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {32000, 2048}};
@@ -167,6 +167,8 @@ int main(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
         if (std::strcmp(argv[i], "--quick") == 0)
             quick = true;
+        else if (std::strcmp(argv[i], "--decode-only") == 0) // no N = 512 section
+            decode_only = true;
         else if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc)
             reps = std::max(1, std::atoi(argv[++i]));
         else if (std::strcmp(argv[i], "--types") == 0 && i + 1 < argc)
@@ -185,7 +187,7 @@ int main(int argc, char** argv) {
             std::fprintf(
                 stderr,
                 "bench_quant_cuda: unknown argument '%s'\n"
-                "usage: bench_quant_cuda [--quick] [--model-1b] [--types T,T..] [--reps N] [--peak GBPS] "
+                "usage: bench_quant_cuda [--quick] [--decode-only] [--model-1b] [--types T,T..] [--reps N] [--peak GBPS] "
                 "[--csv FILE]\n",
                 argv[i]);
             return 2;
@@ -298,6 +300,10 @@ int main(int argc, char** argv) {
     }
 
     // ---- prefill: N = 512 ----------------------------------------------------------------------
+    if (decode_only) {
+        if (csv) std::fclose(csv);
+        return 0;
+    }
     const int64_t N = 512;
     std::printf("\nN = %lld: dequantize to f16 + cuBLAS GEMM vs cuBLAS GEMM on f16 weights (TFLOP/s); "
                 "dequant GB/s = quantized bytes read + f16 bytes written\n",
