@@ -358,8 +358,9 @@ TEST_CASE("llama model: projections of mixed types stay separate and agree with 
 }
 
 // Files in the low-bit formats of llama.cpp's Q2_K, Q3_K and IQ4 presets: with AVX-512 VNNI the
-// prompt's products multiply integer codes by columns rounded to 16 bits per 32 values (integer
-// GEMM: 5e-5 to 1.2e-4 seen in the logits; q2_K's mins are then subtracted in f32), against
+// prompt's products multiply integer codes by columns rounded to 16 bits per 32 values, per 256
+// for q2_K and q3_K (integer GEMM: 5e-5 to 2e-4 seen in the logits, q2_K the most; q2_K's mins
+// are then subtracted in f32), against
 // the same weights stored decoded as f32;
 // decoding multiplies the codes by a column rounded to 8 bits per 256
 // values (integer dot products, about 1% in a product), which the random model's sharp

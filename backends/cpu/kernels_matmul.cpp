@@ -1139,7 +1139,7 @@ float dot_iq4_xs_int(const void* row, const void* column, int64_t K) {
 // instead of converting them to f32 for the f32 micro-kernel they stay integers: the columns
 // of b are rounded to 16 bits per 32 values (a scale per block; the rounding, 1/65534 of the
 // block's largest value, costs about 1e-5 of relative error in a product; q6_K takes 14 bits,
-// see Q6_KUnits) and one vpdpwssd
+// see Q6_KUnits; q2_K and q3_K take a scale per 256, see column_scale_blocks) and one vpdpwssd
 // multiplies 32 pairs of 16-bit values and sums them by two into 16 i32 lanes: twice the
 // multiply-adds of an f32 FMA. A tile of 16 weight rows is unpacked once per block of 32
 // into sixteen vectors, vector p holding codes 2p and 2p + 1 of each row in that row's lane,
@@ -1252,13 +1252,16 @@ struct Q6_KUnits {
 
 // q2_K: two-bit codes in sub-blocks of 16, each with a 4-bit scale and a 4-bit min (x = d sc q -
 // dmin m). As for q3_K, a block of 32 spans two sub-blocks, so their scales go into the codes
-// (0 .. 3 * 15 = 45: bytes as they are) and the block's scale is d. Its two mins are more than
+// (0 .. 3 * 15 = 45: bytes as they are; a column takes one scale per 256 values, see
+// column_scale_blocks) and the block's scale is d. Its two mins are more than
 // the one offset per block of the tile can carry: int_gemm_q2_K subtracts them after the GEMM.
 // Element 32u + l of a 256-block (half h = u / 4, g = u % 4): bits 2g, 2g + 1 of qs[32h + l].
 struct Q2_KUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 0;
     static constexpr int kColumnMax = 32767;
+    static constexpr int kCodeMax = 45;
+    static constexpr int kColumnScaleBlocks = 8;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_q2_K& blk = reinterpret_cast<const block_q2_K*>(row)[b / 8];
         const int u = int(b % 8), h = u / 4, g = u % 4;
@@ -1274,13 +1277,16 @@ struct Q2_KUnits {
 // q3_K: three-bit codes (two bits in qs, the third in hmask, minus 4) in sub-blocks of 16 with
 // signed 6-bit scales (sc - 32); as q6_K, a block of 32 spans two sub-blocks, so their scales
 // go into the codes and the block's scale is d. Those products lie in -124 .. 128 (-4 * 31 and
-// -4 * -32): 16-bit columns keep the i32 sums far from overflow, and plus 124 they are bytes.
+// -4 * -32): 16-bit columns keep the i32 sums of a whole 256-block exact (so a column takes one
+// scale per 256 values, column_scale_blocks), and plus 124 they are bytes.
 // Element 32u + l of a 256-block (half h = u / 4, group g = u % 4): bits 2g of qs[32h + l], bit
 // 4h + g of hmask[l].
 struct Q3_KUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 124;
     static constexpr int kColumnMax = 32767;
+    static constexpr int kCodeMax = 128;
+    static constexpr int kColumnScaleBlocks = 8;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_q3_K& blk = reinterpret_cast<const block_q3_K*>(row)[b / 8];
         const int u = int(b % 8), h = u / 4, g = u % 4;
@@ -1327,26 +1333,45 @@ struct IQ4_XSUnits {
     }
 };
 
-// Columns of b rounded to integers of at most max_level in magnitude (32767: 16 bits): column
-// n's values at q + n * K, its block scales at
-// d + n * (K / 32) and the blocks' sums (scale times the sum of the rounded values, for the
-// weight offsets) at sum + n * (K / 32).
-void round_column_i16(const float* x, int64_t K, int max_level, int16_t* q, float* d, float* sum) {
-    for (int64_t i = 0; i < K / 32; ++i) {
-        const float amax = abs_max(x + 32 * i, 32);
-        const float di = amax / float(max_level), inv = di != 0.0f ? 1.0f / di : 0.0f;
+// A column of b (K values at x) rounded to integers of at most max_level in magnitude (32767: 16
+// bits) with one scale per `block` values (32, or 256 for column_scale_blocks): the integers at
+// q, the scales at d and the blocks' sums (scale times the sum of the rounded values, for the
+// weight offsets) at sum, K / block of each.
+void round_column_i16(const float* x, int64_t K, int max_level, int block, int16_t* q, float* d, float* sum) {
+    for (int64_t i = 0; i < K / block; ++i) {
+        const float* xb = x + block * i;
+        int16_t* qb = q + block * i;
+        const float di = abs_max(xb, block) / float(max_level), inv = di != 0.0f ? 1.0f / di : 0.0f;
         const __m512 vinv = _mm512_set1_ps(inv);
         int32_t total = 0;
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < block / 16; ++h) {
             // Zero-masked conversions, as in tile_times_columns (GCC 12's warning).
-            const __m512i v = _mm512_maskz_cvtps_epi32(
-                __mmask16(0xffff), _mm512_mul_ps(_mm512_loadu_ps(x + 32 * i + 16 * h), vinv));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * i + 16 * h),
+            const __m512i v = _mm512_maskz_cvtps_epi32(__mmask16(0xffff),
+                                                       _mm512_mul_ps(_mm512_loadu_ps(xb + 16 * h), vinv));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + 16 * h),
                                 _mm512_maskz_cvtsepi32_epi16(__mmask16(0xffff), v));
         }
-        for (int k = 0; k < 32; ++k) total += q[32 * i + k];
+        for (int k = 0; k < block; ++k) total += qb[k];
         d[i] = di;
         sum[i] = di * float(total);
+    }
+}
+
+// How many blocks of 32 of a 16-bit column share one scale: one, unless the format's weight scale
+// is its 256-block's (q2_K and q3_K, whose sub-block scales are in the codes) and its codes are
+// small enough that a lane's i32 sum over 256 products stays exact (kCodeMax * kColumnMax * 256 <
+// 2^31). Then the column is rounded per 256 values too, and the tile's sums are converted and
+// scaled once per 256 instead of once per 32: that conversion, scale and FMA cost about a fifth
+// of the instructions of a block's 16 vpdpwssd. The rounding step becomes 1/65534 of the largest
+// value of 256 instead of 32. q6_K's codes (up to 4096) would need 12-bit columns for it.
+template <class Units> constexpr int column_scale_blocks() {
+    if constexpr (requires { Units::kColumnScaleBlocks; }) {
+        static_assert(int64_t(Units::kCodeMax) * Units::kColumnMax * 32 * Units::kColumnScaleBlocks <
+                          (int64_t(1) << 31),
+                      "the i32 sums of a column scale's products could overflow");
+        return Units::kColumnScaleBlocks;
+    } else {
+        return 1;
     }
 }
 
@@ -1363,6 +1388,7 @@ struct Columns16 {
     using Value = int16_t;
     static constexpr int kGroups = 16;
     template <class Units> static constexpr bool kOffset = Units::kOffset;
+    template <class Units> static constexpr int kScaleBlocks = column_scale_blocks<Units>();
     static __m512i madd(__m512i acc, __m512i codes, __m512i column) {
         return _mm512_dpwssd_epi32(acc, codes, column);
     }
@@ -1374,13 +1400,14 @@ struct Columns16 {
     }
     template <class Units>
     static void round_column(const float* x, int64_t K, Value* q, float* d, float* sum) {
-        round_column_i16(x, K, Units::kColumnMax, q, d, sum);
+        round_column_i16(x, K, Units::kColumnMax, 32 * kScaleBlocks<Units>, q, d, sum);
     }
 };
 struct Columns8 {
     using Value = int8_t;
     static constexpr int kGroups = 8;
     template <class Units> static constexpr bool kOffset = Units::kOffset || Units::kU8Bias != 0;
+    template <class Units> static constexpr int kScaleBlocks = 1;
     static __m512i madd(__m512i acc, __m512i codes, __m512i column) {
         return _mm512_dpbusd_epi32(acc, codes, column);
     }
@@ -1432,42 +1459,48 @@ void unpack_tile(const char* a_mat, size_t row_bytes, int64_t m0, int rows, int6
     }
 }
 
-// Outputs of the tile's rows for NC columns: column j's values at xq + j * K, its block scales
-// at xd + j * nb and block sums at xs + j * nb, its outputs at c + j * ldc.
-template <int NC, class Columns, bool kOffset>
+// Outputs of the tile's rows for NC columns: column j's values at xq + j * K, its scales (one per
+// S blocks of 32) at xd + j * nb / S and block sums at xs + j * nb / S, its outputs at c + j * ldc.
+// Rows whose blocks share a scale over S blocks (column_scale_blocks) sum them in i32 first.
+template <int NC, class Columns, bool kOffset, int S>
 void tile_times_columns(const TileBlock<Columns>* tile, int64_t nb, int64_t K,
                         const typename Columns::Value* xq, const float* xd, const float* xs, float* c,
                         int64_t ldc, __mmask16 rows) {
+    static_assert(S == 1 || !kOffset, "per-block weight offsets need per-block column sums");
     constexpr int kPerGroup = 4 / int(sizeof(typename Columns::Value)); // column values per group
+    const int64_t ns = nb / S;
     __m512 acc[NC];
     for (int j = 0; j < NC; ++j) acc[j] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        const TileBlock<Columns>& t = tile[b];
+    for (int64_t s = 0; s < ns; ++s) {
         __m512i sums[NC];
         for (int j = 0; j < NC; ++j) sums[j] = _mm512_setzero_si512();
-        for (int p = 0; p < Columns::kGroups; ++p)
-            for (int j = 0; j < NC; ++j) {
-                int32_t group;
-                std::memcpy(&group, xq + j * K + 32 * b + kPerGroup * p, sizeof group);
-                sums[j] = Columns::madd(sums[j], t.groups[p], _mm512_set1_epi32(group));
-            }
+        for (int64_t b = S * s; b < S * s + S; ++b)
+#pragma GCC unroll 16
+            for (int p = 0; p < Columns::kGroups; ++p)
+#pragma GCC unroll 8
+                for (int j = 0; j < NC; ++j) {
+                    int32_t group;
+                    std::memcpy(&group, xq + j * K + 32 * b + kPerGroup * p, sizeof group);
+                    sums[j] = Columns::madd(sums[j], tile[b].groups[p], _mm512_set1_epi32(group));
+                }
+        const TileBlock<Columns>& t = tile[S * s]; // the S blocks' rows share scales
         for (int j = 0; j < NC; ++j) {
-            const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(xd[j * nb + b]));
+            const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(xd[j * ns + s]));
             // The zero-masked form of the conversion: GCC 12 warns about the plain one's
             // undefined pass-through operand.
             acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), sums[j]), scale, acc[j]);
-            if constexpr (kOffset) acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * nb + b]), acc[j]);
+            if constexpr (kOffset) acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * ns + s]), acc[j]);
         }
     }
     for (int j = 0; j < NC; ++j) _mm512_mask_storeu_ps(c + j * ldc, rows, acc[j]);
 }
 
 // tile_times_columns for 1 .. kTileCols columns.
-template <class Columns, bool kOffset, int... NC>
+template <class Columns, bool kOffset, int S, int... NC>
 constexpr auto tile_kernels(std::integer_sequence<int, NC...>) {
     using Fn = void (*)(const TileBlock<Columns>*, int64_t, int64_t, const typename Columns::Value*,
                         const float*, const float*, float*, int64_t, __mmask16);
-    return std::array<Fn, sizeof...(NC)>{tile_times_columns<NC + 1, Columns, kOffset>...};
+    return std::array<Fn, sizeof...(NC)>{tile_times_columns<NC + 1, Columns, kOffset, S>...};
 }
 
 // Whether mul_mat(a, b) -> dst has the layout the integer GEMM reads: packed weight rows, f32
@@ -1479,13 +1512,14 @@ bool int_gemm_layout(const Tensor* a, const Tensor* b, const Tensor* dst) {
 
 template <class Units, class Columns>
 void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
-    static constexpr auto kernels =
-        tile_kernels<Columns, Columns::template kOffset<Units>>(std::make_integer_sequence<int, kTileCols>{});
-    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32;
+    constexpr int S = Columns::template kScaleBlocks<Units>;
+    static constexpr auto kernels = tile_kernels<Columns, Columns::template kOffset<Units>, S>(
+        std::make_integer_sequence<int, kTileCols>{});
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32, ns = nb / S;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
     std::vector<typename Columns::Value> qs(size_t(N * K));
-    std::vector<float> scales(size_t(2 * N * nb)); // block scales of every column, then block sums
+    std::vector<float> scales(size_t(2 * N * ns)); // the scales of every column, then the block sums
     for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
         for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
             ctx.pool.run([&](int ith, int nth) {
@@ -1493,7 +1527,7 @@ void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* d
                 for (int64_t n = begin; n < end; ++n)
                     Columns::template round_column<Units>(
                         reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K, qs.data() + n * K,
-                        scales.data() + n * nb, scales.data() + (N + n) * nb);
+                        scales.data() + n * ns, scales.data() + (N + n) * ns);
             });
             const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
             ctx.pool.run([&](int ith, int nth) {
@@ -1507,7 +1541,7 @@ void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* d
                     for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
                         const int nc = int(std::min<int64_t>(kTileCols, N - n0));
                         kernels[size_t(nc - 1)](tile.data(), nb, K, qs.data() + n0 * K,
-                                                scales.data() + n0 * nb, scales.data() + (N + n0) * nb,
+                                                scales.data() + n0 * ns, scales.data() + (N + n0) * ns,
                                                 f32_row(dst, n0, i2, i3) + m0,
                                                 int64_t(dst->nb[1] / sizeof(float)), mask);
                     }
