@@ -64,9 +64,8 @@ bool rounds_b(Type weights, int64_t n) {
     return has_int_dot(weights) && n < 4;
 }
 // With AVX-512 VNNI, every block type times many columns rounds b to 16 bits (14 for q6_K)
-// per 32 values, per 256 for q2_K and q3_K (integer GEMM): about 1e-5 of relative error in a
-// product (q6_K: 6e-5),
-// against f32 rounding's 1e-7.
+// per 32 values (per 256 for q2_K and q3_K, 64 for q6_K; integer GEMM): about 1e-5 of
+// relative error in a product (q6_K: 6e-5), against f32 rounding's 1e-7.
 bool integer_gemm(Type weights, int64_t n) {
     return gfa::cpu::integer_quantized_prompts() && n >= 4 && has_int_dot(weights);
 }

@@ -33,8 +33,8 @@ void register_elementwise_kernels(KernelTable& t);
 void register_reduce_kernels(KernelTable& t);
 void register_matmul_kernels(KernelTable& t);
 // Whether mul_mat multiplies quantized weights by many columns in integers (builds for AVX-512
-// with VNNI): b's columns are then rounded to 16 bits (14 for q6_K) per 32 values (per 256 for
-// q2_K and q3_K).
+// with VNNI): b's columns are then rounded to 16 bits per 32 values (per 256 for q2_K and
+// q3_K; 14 bits per 64 for q6_K).
 bool integer_quantized_prompts();
 // True when the CPU kernels multiply bf16 pairs (AVX512-BF16 builds): mul_mat with
 // MatMulPrecision::BF16 and f32/f16/bf16 weights then rounds both operands to bf16 in prompts.

@@ -1139,7 +1139,7 @@ float dot_iq4_xs_int(const void* row, const void* column, int64_t K) {
 // instead of converting them to f32 for the f32 micro-kernel they stay integers: the columns
 // of b are rounded to 16 bits per 32 values (a scale per block; the rounding, 1/65534 of the
 // block's largest value, costs about 1e-5 of relative error in a product; q6_K takes 14 bits,
-// see Q6_KUnits; q2_K and q3_K take a scale per 256, see column_scale_blocks) and one vpdpwssd
+// see Q6_KUnits; q2_K, q3_K and q6_K take a scale per 256 or 64, see column_scale_blocks) and one vpdpwssd
 // multiplies 32 pairs of 16-bit values and sums them by two into 16 i32 lanes: twice the
 // multiply-adds of an f32 FMA. A tile of 16 weight rows is unpacked once per block of 32
 // into sixteen vectors, vector p holding codes 2p and 2p + 1 of each row in that row's lane,
@@ -1226,13 +1226,16 @@ inline __m512i times_sub_block_scales(__m512i codes16, int first, int second) {
 // q6_K: six-bit codes minus 32 in sub-blocks of 16 with signed 8-bit scales. A block of 32
 // spans two sub-blocks, so their scales go into the codes (at most 32 * 128 = 4096 in
 // magnitude) and the block's scale is d; with 16-bit columns the i32 sums could then
-// overflow, so q6_K's columns are rounded to 14 bits (at most 16 * 2 * 4096 * 8191 < 2^31).
+// overflow, so q6_K's columns are rounded to 14 bits, one scale per 64 values (at most
+// 64 * 4096 * 8191 < 2^31; column_scale_blocks).
 // Element 32u + l of a 256-block (u < 8, half h = u / 4, quarter t = u % 4): low bits from
 // ql[64h + 32 (t % 2) + l], nibble t / 2; high bits from qh[32h + l], bits 2t and 2t + 1.
 struct Q6_KUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = -1; // codes with the sub-block scales in them: 16 bits
     static constexpr int kColumnMax = 8191;
+    static constexpr int kCodeMax = 4096;
+    static constexpr int kColumnScaleBlocks = 2;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_q6_K& blk = reinterpret_cast<const block_q6_K*>(row)[b / 8];
         const int u = int(b % 8), h = u / 4, t = u % 4;
@@ -1358,12 +1361,13 @@ void round_column_i16(const float* x, int64_t K, int max_level, int block, int16
 }
 
 // How many blocks of 32 of a 16-bit column share one scale: one, unless the format's weight scale
-// is its 256-block's (q2_K and q3_K, whose sub-block scales are in the codes) and its codes are
-// small enough that a lane's i32 sum over 256 products stays exact (kCodeMax * kColumnMax * 256 <
-// 2^31). Then the column is rounded per 256 values too, and the tile's sums are converted and
-// scaled once per 256 instead of once per 32: that conversion, scale and FMA cost about a fifth
-// of the instructions of a block's 16 vpdpwssd. The rounding step becomes 1/65534 of the largest
-// value of 256 instead of 32. q6_K's codes (up to 4096) would need 12-bit columns for it.
+// is its 256-block's (q2_K, q3_K and q6_K, whose sub-block scales are in the codes); then as many
+// as keep a lane's i32 sum over their products exact (kCodeMax * kColumnMax * 32 * S < 2^31):
+// eight for q2_K and q3_K, whose codes are small, two for q6_K (4096 * 8191 * 64 < 2^31). The
+// column is rounded per 32 S values, and the tile's sums are converted and scaled once per S
+// blocks instead of once per block: that conversion, scale and FMA cost about a fifth of the
+// instructions of a block's 16 vpdpwssd. The rounding step becomes that of the largest value of
+// 32 S instead of 32.
 template <class Units> constexpr int column_scale_blocks() {
     if constexpr (requires { Units::kColumnScaleBlocks; }) {
         static_assert(int64_t(Units::kCodeMax) * Units::kColumnMax * 32 * Units::kColumnScaleBlocks <
