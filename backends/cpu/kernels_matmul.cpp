@@ -1337,7 +1337,7 @@ struct IQ4_XSUnits {
 };
 
 // A column of b (K values at x) rounded to integers of at most max_level in magnitude (32767: 16
-// bits) with one scale per `block` values (32, or 256 for column_scale_blocks): the integers at
+// bits) with one scale per `block` values (32 times column_scale_blocks): the integers at
 // q, the scales at d and the blocks' sums (scale times the sum of the rounded values, for the
 // weight offsets) at sum, K / block of each.
 void round_column_i16(const float* x, int64_t K, int max_level, int block, int16_t* q, float* d, float* sum) {
@@ -1521,6 +1521,7 @@ void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* d
     constexpr int S = Columns::template kScaleBlocks<Units>;
     static constexpr auto kernels = tile_kernels<Columns, Columns::template kOffset<Units>, S>(
         std::make_integer_sequence<int, kTileCols>{});
+    // (S > 1 only for the formats of 256-blocks, so nb is a multiple of S.)
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32, ns = nb / S;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
