@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +22,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace gfa {
@@ -428,22 +430,64 @@ bool op_times_by_environment() {
 
 // GFA_CUDA_SKIP_OPS=op,op,...: for measuring where a step's GPU time goes, the backend
 // launches an empty kernel in place of every launch whose (last) node is one of these ops, so
-// a timed run without them, against one with them, gives their share of the chain. Results
-// are then wrong, and the backend says so once.
-std::vector<bool> skipped_ops_by_environment() {
-    std::vector<bool> skip(size_t(Op::Count), false);
+// a timed run without them, against one with them, gives their share of the chain. An entry
+// mul_mat:KxM names only the products whose weights are K x M (a launch that fuses one with
+// other ops is left out whole): one projection's share. Results are then wrong, and the
+// backend says so once.
+struct SkippedLaunches {
+    std::vector<bool> ops = std::vector<bool>(size_t(Op::Count), false);
+    std::vector<std::array<int64_t, 2>> product_weights; // (K, M) of the weights of products left out
+
+    bool covers(const Tensor* node, std::span<Tensor* const> fused) const {
+        if (ops[size_t(node->op)]) return true;
+        auto listed_product = [&](const Tensor* t) {
+            return t->op == Op::MulMat &&
+                   std::ranges::find(product_weights, std::array{t->src[0]->ne[0], t->src[0]->ne[1]}) !=
+                       product_weights.end();
+        };
+        return !product_weights.empty() &&
+               (listed_product(node) || std::ranges::any_of(fused, listed_product));
+    }
+};
+
+// "KxM" as two positive integers, or nothing.
+std::optional<std::array<int64_t, 2>> parse_weight_shape(std::string_view text) {
+    const size_t x = text.find('x');
+    if (x == std::string_view::npos) return std::nullopt;
+    std::array<int64_t, 2> shape{};
+    for (int i = 0; i < 2; ++i) {
+        const std::string_view part = i == 0 ? text.substr(0, x) : text.substr(x + 1);
+        const auto [end, ec] = std::from_chars(part.data(), part.data() + part.size(), shape[size_t(i)]);
+        if (ec != std::errc{} || end != part.data() + part.size() || shape[size_t(i)] <= 0)
+            return std::nullopt;
+    }
+    return shape;
+}
+
+SkippedLaunches skipped_launches_by_environment() {
+    SkippedLaunches skip;
     const char* v = std::getenv("GFA_CUDA_SKIP_OPS");
     if (!v || !*v) return skip;
-    std::string list(v);
+    const std::string_view list(v);
     for (size_t at = 0; at <= list.size();) {
         const size_t end = std::min(list.find(',', at), list.size());
-        const std::string name = list.substr(at, end - at);
+        const std::string_view entry = list.substr(at, end - at);
         at = end + 1;
-        if (name.empty()) continue;
+        if (entry.empty()) continue;
+        const size_t colon = entry.find(':');
+        const std::string_view name = entry.substr(0, colon);
         size_t op = 0;
         while (op < size_t(Op::Count) && name != op_name(Op(op))) ++op;
-        if (op == size_t(Op::Count)) fail("GFA_CUDA_SKIP_OPS: no op named '" + name + "'");
-        skip[op] = true;
+        if (op == size_t(Op::Count)) fail("GFA_CUDA_SKIP_OPS: no op named '" + std::string(name) + "'");
+        if (colon == std::string_view::npos) {
+            skip.ops[op] = true;
+            continue;
+        }
+        const auto shape = Op(op) == Op::MulMat ? parse_weight_shape(entry.substr(colon + 1)) : std::nullopt;
+        if (!shape)
+            fail("GFA_CUDA_SKIP_OPS: '" + std::string(entry) +
+                 "' is not an op name or mul_mat:KxM (the product's weights, K x M)");
+        skip.product_weights.push_back(*shape);
     }
     std::fprintf(stderr,
                  "CUDA backend: GFA_CUDA_SKIP_OPS=%s: those launches are left out, results are wrong "
@@ -824,7 +868,7 @@ class CudaBackend final : public Backend {
                                    : std::span<Tensor* const>{};
                 const auto t0 =
                     op_times_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-                if (skipped_ops_[size_t(node->op)]) {
+                if (skipped_.covers(node, ctx_.fused)) {
                     cuda::launch_in_place_of(ctx_);
                     ++skipped_launches_;
                     continue;
@@ -872,7 +916,7 @@ class CudaBackend final : public Backend {
     cuda::Scratch scratch_;
     std::unique_ptr<cuda::LaunchGraphs> graphs_;
     bool op_times_ = op_times_by_environment();
-    std::vector<bool> skipped_ops_ = skipped_ops_by_environment();
+    SkippedLaunches skipped_ = skipped_launches_by_environment();
     int64_t skipped_launches_ = 0;
     cuda::QuantizedColumns last_columns_;
     std::array<int64_t, size_t(Op::Count)> op_host_ns_{}; // host time enqueueing each op

@@ -722,6 +722,33 @@ TEST_CASE("CUDA GFA_CUDA_SKIP_OPS leaves out exactly the listed ops and rejects 
     CHECK_THROWS_WITH(cuda0()->create_backend(), Catch::Contains("no_such_op"));
 }
 
+// mul_mat:KxM in GFA_CUDA_SKIP_OPS leaves out only the products whose weights are K x M; the
+// product with other weights runs, and an entry that is neither an op nor mul_mat:KxM is an
+// error that names it.
+TEST_CASE("CUDA GFA_CUDA_SKIP_OPS leaves out the products of listed weight shapes", "[cuda][graphs]") {
+    Context ctx{ContextParams{.alloc_data = true}};
+    Tensor* x = ctx.new_tensor(Type::F32, {64, 3});
+    Tensor* w_listed = ctx.new_tensor(Type::F32, {64, 40});
+    Tensor* w_other = ctx.new_tensor(Type::F32, {64, 24});
+    for (Tensor* t : {x, w_listed, w_other}) test::fill_uniform(t);
+    Tensor* listed = mul_mat(ctx, w_listed, x);
+    Tensor* other = mul_mat(ctx, w_other, x);
+    const Graph g = build_forward(add(ctx, sum_rows(ctx, listed), sum_rows(ctx, other)));
+    std::unique_ptr<Backend> skipping;
+    {
+        EnvSetting skip("GFA_CUDA_SKIP_OPS", "mul_mat:64x40");
+        skipping = cuda0()->create_backend();
+    }
+    CHECK(test::rel_error(run_graph(*skipping, g, other, 0), ref::evaluate(g, other)) <= 1e-5);
+    for (float v : run_graph(*skipping, g, listed, 0)) REQUIRE(std::isnan(v));
+    CHECK(counter(skipping->counters(), "skipped_launches") == 2);
+    for (const char* bad : {"mul_mat:64", "mul_mat:64x0", "mul_mat:64x40x2", "silu:64x40"}) {
+        INFO(bad);
+        EnvSetting setting("GFA_CUDA_SKIP_OPS", bad);
+        CHECK_THROWS_WITH(cuda0()->create_backend(), Catch::Contains(bad));
+    }
+}
+
 TEST_CASE("CUDA graphs: training graphs and short node lists run eagerly", "[cuda][graphs]") {
     INFO("seed " << test::seed());
     EnvSetting on("GFA_CUDA_GRAPHS", true);
