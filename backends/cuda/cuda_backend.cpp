@@ -747,6 +747,7 @@ class CudaBackend final : public Backend {
             last_list_ = list;
         } else {
             fusions_ += fusions_in_work_; // counted per call, reused or not
+            fused_nodes_count_ += fused_nodes_in_work_;
         }
         run_work();
     }
@@ -787,6 +788,7 @@ class CudaBackend final : public Backend {
         std::vector<std::pair<std::string, int64_t>> list = graphs_->counter_list();
         list.emplace_back("fusion_enabled", fusion_ ? 1 : 0);
         list.emplace_back("fused_launches", fusions_);
+        list.emplace_back("fused_nodes", fused_nodes_count_);
         list.emplace_back("early_launch_enabled", cuda::early_launch_enabled() ? 1 : 0);
         if (skipped_launches_ > 0) list.emplace_back("skipped_launches", skipped_launches_);
         for (size_t op = 0; op < op_host_ns_.size(); ++op)
@@ -891,6 +893,7 @@ class CudaBackend final : public Backend {
     // still covers their memory.
     void fuse_work() {
         fusions_in_work_ = 0;
+        fused_nodes_in_work_ = 0;
         fused_nodes_.clear();
         for (const auto& w : work_) fused_nodes_.push_back(w.first);
         for (size_t i = 0; i < work_.size();) {
@@ -908,6 +911,8 @@ class CudaBackend final : public Backend {
             i += f.n_nodes;
             ++fusions_;
             ++fusions_in_work_;
+            fused_nodes_count_ += int64_t(f.n_nodes);
+            fused_nodes_in_work_ += int64_t(f.n_nodes);
         }
     }
 
@@ -928,8 +933,10 @@ class CudaBackend final : public Backend {
     bool reuse_checks_ = reuse_checks_by_environment();
     std::optional<uint64_t> last_list_; // the node list work_ was prepared from
     bool fusion_ = fusion_by_environment();
-    int64_t fusions_ = 0;         // fused launches set up (each compute() call counts its own)
-    int64_t fusions_in_work_ = 0; // those of work_
+    int64_t fusions_ = 0;             // fused launches set up (each compute() call counts its own)
+    int64_t fusions_in_work_ = 0;     // those of work_
+    int64_t fused_nodes_count_ = 0;   // the nodes those launches computed
+    int64_t fused_nodes_in_work_ = 0; // those of work_'s fused launches
     void* cublas_workspace_ = nullptr;
     size_t cublas_workspace_size_ = 0;
     cudaEvent_t done_ = nullptr;

@@ -137,6 +137,12 @@ bool takes_quant_matvec(const Tensor* mul_mat);
 void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu,
                      const void* quantized_b = nullptr);
 
+// Two quantized matrix-vector products on the same b (first, then second, as the graph has
+// them) in one launch (quant_matvec_pair), from b's int8 columns at quantized_b.
+// takes_matvec_pair: whether the pair has such a launch.
+bool takes_matvec_pair(const Tensor* first, const Tensor* second);
+void compute_mul_mat_pair(const ComputeCtx& ctx, Tensor* first, Tensor* second, const void* quantized_b);
+
 // A kernel that does nothing in the place of a launch GFA_CUDA_SKIP_OPS leaves out.
 void launch_in_place_of(const ComputeCtx& ctx);
 

@@ -323,6 +323,23 @@ void compute_mul_mat(const ComputeCtx& ctx, Tensor* dst, const Tensor* glu, cons
     batched_gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, M, N, K, A, B, C, ldc, c2, c3);
 }
 
+bool takes_matvec_pair(const Tensor* first, const Tensor* second) {
+    const Tensor* b = first->src[1];
+    return first->op == Op::MulMat && second->op == Op::MulMat && second->src[1] == b &&
+           takes_quant_matvec(first) && takes_quant_matvec(second) &&
+           quant_matvec_pairs(view_of(first->src[0]), view_of(second->src[0]), b->ne[1]);
+}
+
+void compute_mul_mat_pair(const ComputeCtx& ctx, Tensor* first, Tensor* second, const void* quantized_b) {
+    if (!takes_matvec_pair(first, second)) fail("CUDA: the paired products lost their pairing");
+    if (ctx.last_columns) *ctx.last_columns = {};
+    const Tensor* b = first->src[1];
+    quant_matvec_pair(view_of(first->src[0]), view_of(first), is_constant(first->src[0]),
+                      view_of(second->src[0]), view_of(second), is_constant(second->src[0]), view_of(b),
+                      quantized_b, ctx.stream);
+    if (ctx.last_columns) *ctx.last_columns = {b, quantized_b};
+}
+
 namespace {
 
 void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {

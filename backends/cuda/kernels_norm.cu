@@ -551,11 +551,15 @@ void run_pre_norm_matvec(const ComputeCtx& ctx, Tensor* last) {
         fail("CUDA: the fused pre-norm -> product launch lost its nodes");
     const Tensor* mul = nodes[norm_nodes - 1];
     Tensor* product = nodes[norm_nodes];
-    const Tensor* glu = nodes.size() == norm_nodes + 2 ? nodes[norm_nodes + 1] : nullptr;
+    // Behind the product: its swiglu, or a second product of the same columns.
+    Tensor* behind = nodes.size() == norm_nodes + 2 ? nodes[norm_nodes + 1] : nullptr;
     const TensorView columns_of = view_of(mul);
     void* columns = ctx.scratch->get(quantized_columns_bytes(columns_of), ctx.stream, ctx.device_name);
     launch_pre_norm(ctx, mul, norm_nodes == 3, column_blocks_in(columns_of, columns));
-    compute_mul_mat(ctx, product, glu, columns);
+    if (behind && behind->op == Op::MulMat)
+        compute_mul_mat_pair(ctx, product, behind, columns);
+    else
+        compute_mul_mat(ctx, product, behind, columns);
 }
 
 // The product reads mul as its b, through the quantized matrix-vector path, in the column
@@ -646,8 +650,14 @@ Fusion find_norm_fusion(std::span<Tensor* const> nodes, size_t i) {
              is_row_scaling_of(nodes[i + 2], nodes[i + 1]))
         n = 3;
     if (n == 0) return {};
-    if (left > n && is_quant_matvec_of(nodes[i + n], nodes[i + n - 1]))
-        return {find_glu_fusion(nodes, i + n).n_nodes == 2 ? n + 2 : n + 1, run_pre_norm_matvec};
+    if (left > n && is_quant_matvec_of(nodes[i + n], nodes[i + n - 1])) {
+        // A second product of the pre-norm's output whose weights could not be merged with the
+        // first's (another block type) joins the first's launch, where it has a kernel.
+        const bool paired = left > n + 1 && is_quant_matvec_of(nodes[i + n + 1], nodes[i + n - 1]) &&
+                            takes_matvec_pair(nodes[i + n], nodes[i + n + 1]) &&
+                            !memory_overlaps(nodes[i + n], nodes[i + n + 1]);
+        return {find_glu_fusion(nodes, i + n).n_nodes == 2 || paired ? n + 2 : n + 1, run_pre_norm_matvec};
+    }
     return {n, n == 2 ? run_rms_norm_mul : run_add_rms_norm_mul};
 }
 

@@ -23,14 +23,16 @@ struct RowSlice {
 };
 
 // n_ff > 0: gated mode, rows n_ff apart paired within the block (needs split <= kWarps / 2).
-template <int kWarps> __device__ __forceinline__ RowSlice row_slice(int split, int64_t n_ff) {
+// `block`: the block's place among the product's blocks (blockIdx.x, unless the launch runs
+// two products).
+template <int kWarps>
+__device__ __forceinline__ RowSlice row_slice(int split, int64_t n_ff, unsigned block = blockIdx.x) {
     const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
     const int log2_split = __ffs(split) - 1; // split is 1, 2 or 4: shifts, not divisions
     const int slice = warp & (split - 1), local = warp >> log2_split, rows = kWarps >> log2_split;
-    if (n_ff == 0)
-        return {int64_t(blockIdx.x) * rows + local, slice, slice * 32 + lane, 32 * split, local, 0};
+    if (n_ff == 0) return {int64_t(block) * rows + local, slice, slice * 32 + lane, 32 * split, local, 0};
     const int pairs = rows / 2;
-    const int64_t pair = int64_t(blockIdx.x) * pairs + (local & (pairs - 1)); // pairs: a power of 2
+    const int64_t pair = int64_t(block) * pairs + (local & (pairs - 1)); // pairs: a power of 2
     return {local < pairs ? pair : n_ff + pair, slice, slice * 32 + lane, 32 * split, local, pair};
 }
 

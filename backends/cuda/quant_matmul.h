@@ -38,6 +38,16 @@ ColumnBlocks column_blocks_in(const TensorView& b, void* scratch);
 void quant_matvec(const TensorView& a, const TensorView& b, const TensorView& dst, const void* scratch,
                   bool a_constant, const TensorView& glu, int64_t n_ff, cudaStream_t stream);
 
+// Two products of one column with two matrices of the same K (types that cannot be merged into
+// one matrix), in one launch: dst1 = a1^T b and dst2 = a2^T b from b's quantized columns, bit
+// for bit what two quant_matvec launches give. quant_matvec_pairs tells whether a pair of
+// weights has such a launch (a few pairs of block types; GFA_CUDA_PAIRED_PRODUCTS=0: none, for
+// measuring); quant_matvec_pair fails for any other.
+bool quant_matvec_pairs(const TensorView& a1, const TensorView& a2, int64_t columns);
+void quant_matvec_pair(const TensorView& a1, const TensorView& dst1, bool a1_constant, const TensorView& a2,
+                       const TensorView& dst2, bool a2_constant, const TensorView& b, const void* scratch,
+                       cudaStream_t stream);
+
 // How many warps share one row of a in quant_matvec (1, 2 or 4) with that many columns.
 int quant_matvec_split(const TensorView& a, int64_t columns);
 // How many items (a lane's share of a block) each lane of those warps loads per pass.

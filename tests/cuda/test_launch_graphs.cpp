@@ -139,7 +139,11 @@ Layout layout_of(const Graph& g) {
     const size_t align = cuda0()->buffer_type()->alignment();
     Layout l;
     for (const auto* list : {&g.leafs(), &g.nodes()})
-        for (Tensor* t : *list) (t->view_src ? l.views : l.owners).push_back(t);
+        for (Tensor* t : *list) {
+            // Weights the caller placed in a weights buffer (in the GPU's layout) stay there.
+            if (t->buffer && t->buffer->usage() == BufferUsage::Weights) continue;
+            (t->view_src ? l.views : l.owners).push_back(t);
+        }
     for (Tensor* v : l.views)
         if (!g.contains(v->view_src) &&
             std::find(l.owners.begin(), l.owners.end(), v->view_src) == l.owners.end())
@@ -536,10 +540,11 @@ TEST_CASE("CUDA fused gate/up product -> swiglu: both nodes written, bit for bit
 
 // A pre-norm and the quantized products that read it, as the model builder makes them: with
 // fusion the pre-norm's kernel also writes the products' int8 columns and the product takes
-// them from there (and a second product on the same input reuses them). Every node bit for
-// bit the separate kernels'; with and without the residual add, with a fused swiglu behind
-// the product and with a second product instead, one and three columns, block types whose
-// rows take one, two and four warps.
+// them from there (and a second product on the same input reuses them, or joins the first's
+// launch where the pair of block types has a paired kernel: q4_K and q6_K here). Every node
+// bit for bit the separate kernels'; with and without the residual add, with a fused swiglu
+// behind the product and with a second product instead, one and three columns, block types
+// whose rows take one, two and four warps.
 TEST_CASE(
     "CUDA fused pre-norm -> quantized product: int8 columns from the norm, bit for bit the separate kernels",
     "[cuda][fusion]") {
@@ -547,23 +552,28 @@ TEST_CASE(
     const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
     const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
     struct Case {
-        Type type;
+        Type type, second; // second: the weights of the second product
         int64_t K;
+        bool pairs;     // the two products' block types have a paired launch (at one column)
+        bool glu_fuses; // the gate/up product takes swiglu into its launch (rows of <= 2 warps)
     };
-    for (const Case& c : {Case{Type::Q8_0, 96}, Case{Type::Q4_K, 2048}, Case{Type::Q6_K, 512},
-                          Case{Type::Q4_0, 4096}, Case{Type::Q5_K, 5632}})
+    for (const Case& c :
+         {Case{Type::Q8_0, Type::Q8_0, 96, false, true}, Case{Type::Q4_K, Type::Q6_K, 2048, true, true},
+          Case{Type::Q6_K, Type::Q4_K, 512, true, true}, Case{Type::Q4_0, Type::Q4_0, 4096, false, true},
+          Case{Type::Q5_K, Type::Q5_K, 5632, false, false}, Case{Type::Q6_K, Type::Q5_K, 512, false, true}})
         for (const bool with_add : {false, true})
             for (const bool gated : {false, true})
                 for (const int64_t n : {1, 3}) {
                     INFO(type_name(c.type) << " K " << c.K << (with_add ? ", add" : "")
-                                           << (gated ? ", swiglu" : ", two products") << ", columns " << n);
+                                           << (gated ? ", swiglu" : ", two products, the second ")
+                                           << (gated ? "" : type_name(c.second)) << ", columns " << n);
                     const int64_t n_ff = 37, M = 2 * n_ff;
                     Context ctx{ContextParams{.alloc_data = true}};
                     Tensor* x = ctx.new_tensor(Type::F32, {c.K, n});
                     Tensor* r = ctx.new_tensor(Type::F32, {c.K, n});
                     Tensor* gain = ctx.new_tensor(Type::F32, {c.K});
                     Tensor* w1 = ctx.new_tensor(c.type, {c.K, M});
-                    Tensor* w2 = ctx.new_tensor(c.type, {c.K, M});
+                    Tensor* w2 = ctx.new_tensor(c.second, {c.K, M});
                     for (Tensor* t : {x, r, gain, w1, w2}) test::fill_uniform(t);
                     for (Tensor* t : {gain, w1, w2}) t->flags |= kFlagConstant;
                     Tensor* in = with_add ? add(ctx, r, x) : x;
@@ -585,19 +595,107 @@ TEST_CASE(
                     checked.push_back(out);
                     if (with_add) checked.push_back(in);
                     const Graph g = build_forward(out);
+                    // The fused launch: the pre-norm's nodes, the product, and its swiglu or
+                    // (paired) the second product.
+                    const int64_t fused_nodes =
+                        (with_add ? 3 : 2) + 1 +
+                        ((gated && c.glu_fuses) || (!gated && c.pairs && n == 1) ? 1 : 0);
                     for (Tensor* node : checked) {
                         INFO("node " << op_name(node->op) << " " << node->shape_str());
                         const int64_t before = counter(fused->counters(), "fused_launches");
+                        const int64_t nodes_before = counter(fused->counters(), "fused_nodes");
                         const std::vector<float> got = run_graph(*fused, g, node, 0);
                         const std::vector<float> want = run_graph(*separate, g, node, 0);
-                        // One launch for the pre-norm, the product and its swiglu.
                         CHECK(counter(fused->counters(), "fused_launches") - before == 1);
+                        CHECK(counter(fused->counters(), "fused_nodes") - nodes_before == fused_nodes);
                         CHECK(all_finite(got)); // the nodes were poisoned: every element was written
                         CHECK(bit_identical(got, want));
                         CHECK(test::rel_error(got, ref::evaluate(g, node)) <= 3e-2);
                     }
                 }
     CHECK(counter(separate->counters(), "fused_launches") == 0);
+}
+
+// The paired launch as a model's weights meet it: in a weights buffer, where q6_K rows keep
+// their scales last (cuda_common.h), so the kernels are the ones a Q4_K_M or Q5_K_M file's
+// layers run (v in q6_K in front of the merged q/k product, as the model builder orders them,
+// and the other way round). Both products bit for bit two launches', every element written,
+// near the reference; with GFA_CUDA_PAIRED_PRODUCTS=0 the second product is a launch of its own.
+TEST_CASE("CUDA paired products of two block types: weights in the GPU's layout, bit for bit two launches",
+          "[cuda][fusion]") {
+    INFO("seed " << test::seed());
+    const std::unique_ptr<Backend> fused = backend_with("GFA_CUDA_FUSION", true);
+    const std::unique_ptr<Backend> separate = backend_with("GFA_CUDA_FUSION", false);
+    struct Case {
+        Type first, second;
+        int64_t K, M1, M2;
+    };
+    // 8B's v and q/k (1024 and 5120 rows of 4096: two warps a row), 1.1B's the other way
+    // round (one warp a row), odd row counts, and rows of four warps (K = 6144). The kernels
+    // take rows 16-byte aligned: q6_K's with the scales last (210 bytes a block) at K a
+    // multiple of 2048.
+    for (const Case& c :
+         {Case{Type::Q6_K, Type::Q4_K, 4096, 1024, 5120}, Case{Type::Q4_K, Type::Q6_K, 2048, 2304, 256},
+          Case{Type::Q5_K, Type::Q6_K, 2048, 37, 301}, Case{Type::Q6_K, Type::Q5_K, 6144, 299, 45}})
+        for (const bool with_add : {false, true}) {
+            INFO(type_name(c.first) << " " << c.M1 << " rows, then " << type_name(c.second) << " " << c.M2
+                                    << " rows, K " << c.K << (with_add ? ", residual add" : ""));
+            Context ctx{ContextParams{.alloc_data = true}};
+            Tensor* x = ctx.new_tensor(Type::F32, {c.K, 1});
+            Tensor* r = ctx.new_tensor(Type::F32, {c.K, 1});
+            Tensor* gain = ctx.new_tensor(Type::F32, {c.K});
+            Tensor* w1 = ctx.new_tensor(c.first, {c.K, c.M1});
+            Tensor* w2 = ctx.new_tensor(c.second, {c.K, c.M2});
+            for (Tensor* t : {x, r, gain, w1, w2}) test::fill_uniform(t);
+            gain->flags |= kFlagConstant;
+
+            // The weights' copies in a weights buffer, for the CUDA graph.
+            Context dev_ctx(ContextParams{});
+            Tensor* d1 = dev_ctx.new_tensor(c.first, {c.K, c.M1});
+            Tensor* d2 = dev_ctx.new_tensor(c.second, {c.K, c.M2});
+            const size_t align = cuda0()->buffer_type()->alignment();
+            const size_t at2 = (w1->nbytes() + align - 1) / align * align;
+            std::unique_ptr<Buffer> weights = cuda0()->buffer_type()->allocate(at2 + w2->nbytes());
+            weights->set_usage(BufferUsage::Weights);
+            weights->place(d1, 0);
+            weights->place(d2, at2);
+            for (auto [host, dev] : {std::pair{w1, d1}, std::pair{w2, d2}}) {
+                std::vector<uint8_t> bytes(host->nbytes());
+                tensor_get(host, bytes.data(), 0, bytes.size());
+                tensor_set(dev, bytes.data(), 0, bytes.size());
+                dev->flags |= kFlagConstant;
+            }
+
+            auto products = [&](Tensor* a1, Tensor* a2) {
+                Tensor* in = with_add ? add(ctx, r, x) : x;
+                Tensor* h = mul(ctx, rms_norm(ctx, in, 1e-5f), gain);
+                Graph g;
+                Tensor* p1 = mul_mat(ctx, a1, h);
+                Tensor* p2 = mul_mat(ctx, a2, h);
+                g.expand(p1);
+                g.expand(p2);
+                return std::tuple{g, p1, p2};
+            };
+            const auto [g, p1, p2] = products(d1, d2);
+            const auto [g_ref, r1, r2] = products(w1, w2);
+            const int64_t norm_nodes = with_add ? 3 : 2;
+            for (auto [node, ref_node] : {std::pair{p1, r1}, std::pair{p2, r2}}) {
+                INFO("product " << (node == p1 ? "first" : "second"));
+                const int64_t launches = counter(fused->counters(), "fused_launches");
+                const int64_t nodes = counter(fused->counters(), "fused_nodes");
+                const std::vector<float> got = run_graph(*fused, g, node, 0);
+                CHECK(counter(fused->counters(), "fused_launches") - launches == 1);
+                CHECK(counter(fused->counters(), "fused_nodes") - nodes == norm_nodes + 2);
+                CHECK(all_finite(got)); // poisoned before the run: every element written
+                CHECK(bit_identical(got, run_graph(*separate, g, node, 0)));
+                CHECK(test::rel_error(got, ref::evaluate(g_ref, ref_node)) <= 3e-2);
+                // Paired launches off: the pre-norm and the first product fused, the second apart.
+                EnvSetting off("GFA_CUDA_PAIRED_PRODUCTS", false);
+                const std::unique_ptr<Backend> unpaired = cuda0()->create_backend();
+                CHECK(bit_identical(got, run_graph(*unpaired, g, node, 0)));
+                CHECK(counter(unpaired->counters(), "fused_nodes") == norm_nodes + 1);
+            }
+        }
 }
 
 // A decoding step's rope over q and k and the cache writes of k and v, as the model builder
