@@ -20,6 +20,8 @@ import struct
 
 import numpy as np
 
+from make_random_llama import add_shape_arguments  # the same shape options and defaults
+
 GGUF_ALIGNMENT = 32
 F32, F16, Q8_0, Q4_K, Q5_K, Q6_K = 0, 1, 8, 12, 13, 14  # ggml type ids
 
@@ -108,14 +110,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--type", default="q4_K_M", choices=sorted(list(TYPE_NAMES) + list(MIXES)))
-    ap.add_argument("--layers", type=int, default=22)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--ffn", type=int, default=5632)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--seed", type=int, default=0)
+    add_shape_arguments(ap)
     a = ap.parse_args()
     if a.hidden % a.heads or a.heads % a.kv_heads:
         ap.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")

@@ -118,9 +118,9 @@ def write_safetensors(path, shapes, rng, std, fast=False):
     return offset
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out_dir")
+def add_shape_arguments(ap):
+    """The model shape's options (TinyLlama-1.1B's by default) and --seed; make_random_gguf.py
+    takes the same."""
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=5632)
@@ -129,6 +129,12 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir")
+    add_shape_arguments(ap)
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the matrices")
     ap.add_argument("--fast", action="store_true",
                     help="cut every matrix from one pool of 16M random values at a random offset: an 8B-sized "
