@@ -563,6 +563,21 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const fa::F
     const int64_t split_stride = int64_t(s.B) * s.Hkv * rows_total;
     const int64_t row0 = (int64_t(b) * s.Hkv + hk) * rows_total + p;
 
+    // A warp's first kEarlySplits rows go out before the LSE reductions (whose barriers the
+    // loads could not pass), so that the block waits on L2 once for the LSEs and the rows
+    // together instead of once for each. Splits beyond those (more than kEarlySplits x
+    // kCombineWarps) are read after the reductions.
+    constexpr int kEarlySplits = 2;
+    float early[kEarlySplits][kMaxDimsPerLane];
+#pragma unroll
+    for (int j = 0; j < kEarlySplits; ++j) {
+        const int sp = warp + j * kCombineWarps;
+        const float* src = a.part_o + (row0 + sp * split_stride) * s.Dv;
+#pragma unroll
+        for (int k = 0; k < kMaxDimsPerLane; ++k)
+            early[j][k] = sp < a.n_split && lane + 32 * k < s.Dv ? src[lane + 32 * k] : 0.0f;
+    }
+
     float m = -INFINITY;
     for (int sp = int(threadIdx.x); sp < a.n_split; sp += blockDim.x)
         m = fmaxf(m, a.part_lse[row0 + sp * split_stride]);
@@ -579,8 +594,16 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const fa::F
     float acc[kMaxDimsPerLane];
 #pragma unroll
     for (int k = 0; k < kMaxDimsPerLane; ++k) acc[k] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kEarlySplits; ++j) {
+        const int sp = warp + j * kCombineWarps;
+        if (sp >= a.n_split) break;
+        const float w = exp2f(a.part_lse[row0 + sp * split_stride] - m_use);
+#pragma unroll
+        for (int k = 0; k < kMaxDimsPerLane; ++k) acc[k] += w > 0.0f ? w * early[j][k] : 0.0f;
+    }
 #pragma unroll 2
-    for (int sp = warp; sp < a.n_split; sp += kCombineWarps) {
+    for (int sp = warp + kEarlySplits * kCombineWarps; sp < a.n_split; sp += kCombineWarps) {
         const int64_t r = row0 + sp * split_stride;
         const float w = exp2f(a.part_lse[r] - m_use);
         const float* src = a.part_o + r * s.Dv;
