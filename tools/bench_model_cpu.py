@@ -5,7 +5,7 @@ count. Needs numpy only (no torch, no tokenizer: prompts are token ids).
 
   bench_model_cpu.py --build BUILD_DIR [--work DIR] [--types f16,q8_0,q4_K,q4_0]
                      [--threads 2] [--prompt 512] [--gen 128] [--reps 3] [--tiny | --layers N]
-                     [--no-peer] [--peer-work DIR] [--llama-bench PATH]
+                     [--no-peer] [--peer-no-amx] [--peer-work DIR] [--llama-bench PATH]
 
 The model is made once by make_random_llama.py and converted/quantized once, all cached in
 --work (default BUILD_DIR/bench-model-cpu). llama-bench comes from tools/peers/llama_cpu_peer.sh
@@ -109,6 +109,8 @@ def llama_cpp_binaries(args, work):
     env = dict(os.environ)
     if args.peer_work:
         env["WORK_DIR"] = args.peer_work
+    if args.peer_no_amx:
+        env["LLAMA_NO_AMX"] = "1"
     r = run([os.path.join(TOOLS, "peers", "llama_cpu_peer.sh"), "--build-only"], env=env)
     bench, logits_peer = r.stdout.strip().splitlines()[-2:]
     return bench, logits_peer
@@ -211,6 +213,9 @@ def main():
     ap.add_argument("--ffn", type=int, default=0, help="the FFN (each expert's) width (default 5632)")
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     ap.add_argument("--llama-bench", default="", help="a llama-bench binary to use instead of the built one")
+    ap.add_argument("--peer-no-amx", action="store_true",
+                    help="build llama.cpp without its AMX kernels (llama_cpu_peer.sh with LLAMA_NO_AMX=1, in "
+                    "its own folder): they crashed (SIGSEGV in ggml_backend_amx_mul_mat) on an AMX Xeon")
     ap.add_argument("--peer-work", default="", help="where llama_cpu_peer.sh builds (default: its own, build/llama-peer)")
     args = ap.parse_args()
     args.types = [t.strip() for t in args.types.split(",") if t.strip()]

@@ -906,6 +906,97 @@ template <bool kFifthBit> float dot_k4_int(const void* row, const void* column, 
     return hsum(_mm256_sub_ps(acc, acc_mins));
 }
 
+#if GFA_INT_GEMM
+// Scales and mins of q4_K/q5_K as unpack_k4_scales gives them (bytes 0..7 sc, 8..15 mn), in
+// vector registers throughout: the scalar unpacking and its four moves into a vector cost as
+// much as a quarter of a block's products on cores with one shuffle port. 16 bytes are read
+// from the 12 packed ones (the 4 after them are the block's codes, and are masked off).
+inline __m128i unpack_k4_scales_vec(const uint8_t* packed) {
+    const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)); // words w0 w1 w2 (w3)
+    const __m128i low = _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 1, 2, 0));           // w0 w2 w1 w2
+    const __m128i top = _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 1, 0, 0));           // w0 w0 w1 w1
+    // sc_lo = w0 & 0x3f.., sc_hi = (w2 & 0x0f..) | ((w0 >> 6) & 0x03..) << 4, mn_lo = w1 & 0x3f..,
+    // mn_hi = ((w2 >> 4) & 0x0f..) | ((w1 >> 6) & 0x03..) << 4.
+    const __m128i low_bits = _mm_and_si128(_mm_srlv_epi32(low, _mm_setr_epi32(0, 0, 0, 4)),
+                                           _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i high_bits = _mm_and_si128(_mm_slli_epi32(_mm_srli_epi32(top, 6), 4),
+                                            _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    return _mm_or_si128(low_bits, high_bits); // words sc_lo sc_hi mn_lo mn_hi
+}
+
+// dot_k4_int in 512-bit registers (AVX-512 BW): each 32-byte chunk c of codes is read once into
+// both halves of a register (a broadcast load), the upper half shifted by 4, so that one
+// register holds sub-block 2c (low nibbles) then 2c + 1 (high nibbles): the order of the
+// column's values 64c .. 64c + 63, one load. One maddubs and one madd (with each half's
+// sub-block scale, picked by a permute) per 64 values, half the instructions of the 256-bit
+// loop; the integer sums are the same, the f32 accumulation is in 16 lanes instead of 8.
+// Word tables for dot_k4_int512, one 512-bit row per 32-byte chunk c of codes: lane i holds 2c
+// in the lower half and 2c + 1 in the upper (the sub-blocks the chunk's low and high nibbles
+// belong to); nibble_shift 0 and 4. (Loaded, not built from set1/insert intrinsics: GCC 12
+// flags those as reading uninitialized registers.)
+struct alignas(64) K4WordTables {
+    int16_t sub_block[4][32];
+    int16_t nibble_shift[32];
+};
+constexpr K4WordTables make_k4_word_tables() {
+    K4WordTables t{};
+    for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < 32; ++i) t.sub_block[c][i] = int16_t(2 * c + i / 16);
+    for (int i = 0; i < 32; ++i) t.nibble_shift[i] = int16_t(i < 16 ? 0 : 4);
+    return t;
+}
+constexpr K4WordTables kK4Words = make_k4_word_tables();
+
+inline __m512i load512(const void* p) {
+    return _mm512_loadu_si512(p);
+}
+// 32 bytes into both halves of a register.
+inline __m512i broadcast256(const void* p) {
+    return _mm512_maskz_broadcast_i64x4(__mmask8(0xff), load256(p));
+}
+
+template <bool kFifthBit> float dot_k4_int512(const void* row, const void* column, int64_t K) {
+    using Block = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
+    const Block* w = static_cast<const Block*>(row);
+    const ColumnBlockK* x = static_cast<const ColumnBlockK*>(column);
+    const __m512i low_mask = _mm512_set1_epi8(0x0f), bit0 = _mm512_set1_epi8(0x01);
+    const __m512i nibble_shift = load512(kK4Words.nibble_shift);
+    __m512 acc = _mm512_setzero_ps();
+    __m256 acc_mins = _mm256_setzero_ps();
+    for (int64_t ib = 0; ib < K / QK_K; ++ib) {
+        const Block& b = w[ib];
+        const ColumnBlockK& xb = x[ib];
+        const __m128i scales_mins = unpack_k4_scales_vec(b.scales);
+        // Words sc0..7, mn0..7 (twice: the upper half unused).
+        const __m512i scales = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(scales_mins));
+        __m512i sum = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+            const __m512i sub_blocks = load512(kK4Words.sub_block[c]);
+            __m512i codes =
+                _mm512_and_si512(_mm512_srlv_epi16(broadcast256(b.qs + 32 * c), nibble_shift), low_mask);
+            if constexpr (kFifthBit) {
+                // Bit 2c of qh[l] for the lower half, bit 2c + 1 for the upper, moved to bit 4
+                // (16-bit shifts by at most 7 leave bit 0 of each byte its own byte's bit).
+                const __m512i high =
+                    _mm512_and_si512(_mm512_srlv_epi16(broadcast256(b.qh), sub_blocks), bit0);
+                codes = _mm512_or_si512(codes, _mm512_slli_epi16(high, 4));
+            }
+            const __m512i p = _mm512_maddubs_epi16(codes, load512(xb.qs + 64 * c));
+            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(p, _mm512_permutexvar_epi16(sub_blocks, scales)));
+        }
+        acc = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), sum),
+                              _mm512_set1_ps(scale_to_f32(b.d) * xb.d), acc);
+        acc_mins = _mm256_fmadd_ps(_mm256_cvtepi32_ps(k4_mins_term(scales_mins, xb.sums)),
+                                   _mm256_set1_ps(scale_to_f32(b.dmin) * xb.d), acc_mins);
+    }
+    alignas(64) float lanes[16]; // through memory: GCC 12 flags the 512-to-256-bit casts
+    _mm512_store_ps(lanes, acc);
+    const __m256 acc8 = _mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8));
+    return hsum(_mm256_sub_ps(acc8, acc_mins));
+}
+#endif
+
 // The 16-bit sub-block scales 8h .. 8h + 7 of a 256-block (lanes of scales16) in both 128-bit
 // halves, for the 128-value half h of the formats with sub-blocks of 16 (q2_K, q3_K, q6_K).
 inline __m256i half_scales(__m256i scales16, int h) {
@@ -1729,10 +1820,17 @@ IntDot int_dot_for(Type t) {
         return {dot_q32_int<Q5_0Codes>, false};
     case Type::Q5_1:
         return {dot_q32_int<Q5_1Codes>, false};
+#if GFA_INT_GEMM
+    case Type::Q4_K:
+        return {dot_k4_int512<false>, true};
+    case Type::Q5_K:
+        return {dot_k4_int512<true>, true};
+#else
     case Type::Q4_K:
         return {dot_k4_int<false>, true};
     case Type::Q5_K:
         return {dot_k4_int<true>, true};
+#endif
     case Type::Q6_K:
         return {dot_q6_K_int, true};
     case Type::Q2_K:

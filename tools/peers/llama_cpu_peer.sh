@@ -10,12 +10,21 @@
 #   With files after "--", runs `llama-bench -m FILE <args>` for each (default args:
 #   -p 512 -n 128 -t 2 -r 3 -o md). With --build-only, only builds and prints the paths of
 #   llama-bench and llama_logits_peer, one a line.
-# env:   WORK_DIR (build folder), LLAMA_CPP_PYTHON_VERSION (default 0.3.36), JOBS (default 1)
+# env:   WORK_DIR (build folder), LLAMA_CPP_PYTHON_VERSION (default 0.3.36), JOBS (default 1),
+#        LLAMA_NO_AMX=1: build for this CPU's instruction sets but without ggml's AMX kernels
+#        (default folder build/llama-peer-noamx). In llama.cpp 0c1e570 they crashed (SIGSEGV in
+#        ggml_backend_amx_mul_mat) on an AMX-capable Xeon, where AMX itself worked; this keeps
+#        llama.cpp's other repacked layouts, which llama-bench --repack 0 would also turn off.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 version=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-work=${WORK_DIR:-$repo_root/build/llama-peer}
+no_amx=${LLAMA_NO_AMX:-0}
+if [ "$no_amx" = 1 ]; then
+    work=${WORK_DIR:-$repo_root/build/llama-peer-noamx}
+else
+    work=${WORK_DIR:-$repo_root/build/llama-peer}
+fi
 jobs=${JOBS:-1}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
@@ -50,7 +59,17 @@ src=$llama_cpp_src
 #    support (no CURL/OpenSSL: nothing is downloaded at run time), no tests/examples/server.
 bench="$work/llama-build/bin/llama-bench"
 if [ ! -x "$bench" ]; then
-    cmake -S "$src" -B "$work/llama-build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    isa=(-DGGML_NATIVE=ON)
+    if [ "$no_amx" = 1 ]; then
+        # This CPU's extensions one by one (what -march=native would give), AMX left out.
+        has() { grep -qw "$1" /proc/cpuinfo; }
+        isa=(-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+        for pair in avx:AVX avx2:AVX2 bmi2:BMI2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 \
+            avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+            if has "${pair%%:*}"; then isa+=("-DGGML_${pair##*:}=ON"); else isa+=("-DGGML_${pair##*:}=OFF"); fi
+        done
+    fi
+    cmake -S "$src" -B "$work/llama-build" -DCMAKE_BUILD_TYPE=Release "${isa[@]}" \
         -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
         -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF >"$work/llama-configure.log" 2>&1 ||
