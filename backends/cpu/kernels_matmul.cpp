@@ -908,9 +908,8 @@ template <bool kFifthBit> float dot_k4_int(const void* row, const void* column, 
 
 #if GFA_INT_GEMM
 // Scales and mins of q4_K/q5_K as unpack_k4_scales gives them (bytes 0..7 sc, 8..15 mn), in
-// vector registers throughout: the scalar unpacking and its four moves into a vector cost as
-// much as a quarter of a block's products on cores with one shuffle port. 16 bytes are read
-// from the 12 packed ones (the 4 after them are the block's codes, and are masked off).
+// vector registers throughout, without the scalar words and their moves into a vector. 16
+// bytes are read from the 12 packed ones (the 4 after them, the block's own, are not used).
 inline __m128i unpack_k4_scales_vec(const uint8_t* packed) {
     const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)); // words w0 w1 w2 (w3)
     const __m128i low = _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 1, 2, 0));           // w0 w2 w1 w2
@@ -924,12 +923,6 @@ inline __m128i unpack_k4_scales_vec(const uint8_t* packed) {
     return _mm_or_si128(low_bits, high_bits); // words sc_lo sc_hi mn_lo mn_hi
 }
 
-// dot_k4_int in 512-bit registers (AVX-512 BW): each 32-byte chunk c of codes is read once into
-// both halves of a register (a broadcast load), the upper half shifted by 4, so that one
-// register holds sub-block 2c (low nibbles) then 2c + 1 (high nibbles): the order of the
-// column's values 64c .. 64c + 63, one load. One maddubs and one madd (with each half's
-// sub-block scale, picked by a permute) per 64 values, half the instructions of the 256-bit
-// loop; the integer sums are the same, the f32 accumulation is in 16 lanes instead of 8.
 // Word tables for dot_k4_int512, one 512-bit row per 32-byte chunk c of codes: lane i holds 2c
 // in the lower half and 2c + 1 in the upper (the sub-blocks the chunk's low and high nibbles
 // belong to); nibble_shift 0 and 4. (Loaded, not built from set1/insert intrinsics: GCC 12
@@ -955,6 +948,14 @@ inline __m512i broadcast256(const void* p) {
     return _mm512_maskz_broadcast_i64x4(__mmask8(0xff), load256(p));
 }
 
+// dot_k4_int in 512-bit registers (AVX-512 BW): each 32-byte chunk c of codes is read once into
+// both halves of a register (a broadcast load), the upper half shifted by 4, so that one
+// register holds sub-block 2c (low nibbles) then 2c + 1 (high nibbles): the order of the
+// column's values 64c .. 64c + 63, one load. One maddubs and one madd (with each half's
+// sub-block scale, picked by a permute) per 64 values, half the instructions of the 256-bit
+// loop; the integer sums are the same, the f32 accumulation is in 16 lanes instead of 8. On a
+// 2-core Xeon it took a 1.1B q4_K model's generation from 15.4 to 21.1 tok/s (docs/BENCHMARKS.md;
+// not yet measured on the AMD parts, which split 512-bit instructions in two).
 template <bool kFifthBit> float dot_k4_int512(const void* row, const void* column, int64_t K) {
     using Block = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
     const Block* w = static_cast<const Block*>(row);
