@@ -335,6 +335,23 @@ inline __m256 i8x8_to_f32(__m128i bytes) {
 }
 #endif
 
+// ---- weight rows streamed ahead of the decoding row dots ---------------------------------
+//
+// A decoding product reads each weight row once, straight from memory, and the row dots below
+// ask for its bytes in order. On the 2-core Xeon the hardware prefetchers left them waiting on
+// memory: a 1.1B q4_K model generated at 20 tok/s, about 12 of the 21 GB/s that two cores read;
+// each block asking for the lines kWeightsAhead bytes further on took it to 33 tok/s (1024
+// bytes ahead: 32, 512: 29, 4096 and more: 22-24; docs/BENCHMARKS.md). Rows follow each other
+// in memory, so near its end a row's requests are for the next row's first lines.
+constexpr size_t kWeightsAhead = 2048;
+// Asks for the cache lines of the kBytes of weights that begin kWeightsAhead bytes after `at`:
+// one request per 64 bytes, so that consecutive calls over consecutive blocks (each no longer
+// than kBytes) reach every line.
+template <size_t kBytes> inline void request_weights_ahead(const void* at) {
+    const char* p = static_cast<const char*>(at) + kWeightsAhead;
+    for (size_t o = 0; o < kBytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
 // Rows of f32 weights against an f32 column (16-bit rows: dot_half_column). One row (dot_row)
 // keeps two accumulators over alternating 8-value chunks, then adds the tail one value at a
 // time; dot_rows takes kDotRows consecutive rows at once (each column vector loaded once for
@@ -370,6 +387,7 @@ template <class W> float dot_row(const void* row, const float* x, int64_t K) {
     if constexpr (W::kVector) {
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (; k + 16 <= K; k += 16) {
+            request_weights_ahead<16 * sizeof(typename W::T)>(w + k);
             acc0 = _mm256_fmadd_ps(W::eight(w + k), _mm256_loadu_ps(x + k), acc0);
             acc1 = _mm256_fmadd_ps(W::eight(w + k + 8), _mm256_loadu_ps(x + k + 8), acc1);
         }
@@ -393,6 +411,7 @@ template <class W> void dot_rows(const char* rows, size_t row_bytes, const float
         for (; k + 16 <= K; k += 16) {
             const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
             for (int r = 0; r < kDotRows; ++r) {
+                request_weights_ahead<16 * sizeof(T)>(w[r] + k);
                 acc[r][0] = _mm256_fmadd_ps(W::eight(w[r] + k), x0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(W::eight(w[r] + k + 8), x1, acc[r][1]);
             }
@@ -437,6 +456,7 @@ template <Type W> float dot_half_column(const void* row, const uint16_t* x, int6
     };
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (; k + 32 <= K; k += 32) {
+        request_weights_ahead<64>(w + k);
         acc0 = _mm512_fmadd_ps(weights(w + k), halves(x + k), acc0);
         acc1 = _mm512_fmadd_ps(weights(w + k + 16), halves(x + k + 16), acc1);
     }
@@ -458,6 +478,7 @@ template <Type W> float dot_half_column(const void* row, const uint16_t* x, int6
     };
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; k + 16 <= K; k += 16) {
+        request_weights_ahead<32>(w + k);
         acc0 = _mm256_fmadd_ps(weights(w + k), halves(x + k), acc0);
         acc1 = _mm256_fmadd_ps(weights(w + k + 8), halves(x + k + 8), acc1);
     }
@@ -699,6 +720,7 @@ float dot_blocks32(const Block* w, const Column32& x, int64_t nb, BlockSum block
     __m128 offset_acc = _mm_setzero_ps();
     int64_t i = 0;
     for (; i + 4 <= nb; i += 4) {
+        request_weights_ahead<4 * sizeof(Block)>(w + i);
         const __m128 dw = four_f16<&Block::d>(w + i);
         const __m128 scales = _mm_mul_ps(dw, _mm_loadu_ps(x.d + i));
         acc0 = _mm256_fmadd_ps(block_sum(i), broadcast_lane(scales, 0), acc0);
@@ -747,6 +769,7 @@ float dot_q8_0_int(const void* row, const void* column, int64_t K) {
     const int64_t nb = K / 32;
     int64_t i = 0;
     for (; i + 1 < nb; i += 2) {
+        request_weights_ahead<2 * sizeof(block_q8_0)>(w + i);
         acc0 = term(i, acc0);
         acc1 = term(i + 1, acc1);
     }
@@ -876,6 +899,7 @@ template <bool kFifthBit> float dot_k4_int(const void* row, const void* column, 
     for (int64_t ib = 0; ib < K / QK_K; ++ib) {
         const Block& b = w[ib];
         const ColumnBlockK& xb = x[ib];
+        request_weights_ahead<sizeof(Block)>(&b);
         const __m128i scales_mins = unpack_k4_scales(b.scales);
         const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales_mins));
         __m256i high = _mm256_setzero_si256();
@@ -967,6 +991,7 @@ template <bool kFifthBit> float dot_k4_int512(const void* row, const void* colum
     for (int64_t ib = 0; ib < K / QK_K; ++ib) {
         const Block& b = w[ib];
         const ColumnBlockK& xb = x[ib];
+        request_weights_ahead<sizeof(Block)>(&b);
         const __m128i scales_mins = unpack_k4_scales_vec(b.scales);
         // Words sc0..7, mn0..7 (twice: the upper half unused).
         const __m512i scales = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(scales_mins));
@@ -1019,6 +1044,7 @@ float dot_q6_K_int(const void* row, const void* column, int64_t K) {
     for (int64_t ib = 0; ib < K / QK_K; ++ib) {
         const block_q6_K& b = w[ib];
         const ColumnBlockK& xb = x[ib];
+        request_weights_ahead<sizeof(block_q6_K)>(&b);
         const __m256i scales16 =
             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)));
         __m256i sum_a = _mm256_setzero_si256(), sum_b = _mm256_setzero_si256();
@@ -1075,6 +1101,7 @@ float dot_q2_K_int(const void* row, const void* column, int64_t K) {
     for (int64_t ib = 0; ib < K / QK_K; ++ib) {
         const block_q2_K& b = w[ib];
         const ColumnBlockK& xb = x[ib];
+        request_weights_ahead<sizeof(block_q2_K)>(&b);
         const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
         const __m256i scales16 = _mm256_cvtepu8_epi16(_mm_and_si128(packed, nibble));
         const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble));
@@ -1122,6 +1149,7 @@ float dot_q3_K_int(const void* row, const void* column, int64_t K) {
     for (int64_t ib = 0; ib < K / QK_K; ++ib) {
         const block_q3_K& b = w[ib];
         const ColumnBlockK& xb = x[ib];
+        request_weights_ahead<sizeof(block_q3_K)>(&b);
         // The sixteen 6-bit scales (layout at block_q3_K), minus 32.
         uint32_t s[3];
         for (int i = 0; i < 3; ++i) std::memcpy(&s[i], b.scales + 4 * i, 4);
@@ -1206,6 +1234,7 @@ float dot_iq4_xs_int(const void* row, const void* column, int64_t K) {
     for (int64_t ib = 0; ib < K / QK_K; ++ib) {
         const block_iq4_xs& b = w[ib];
         const ColumnBlockK& xb = x[ib];
+        request_weights_ahead<sizeof(block_iq4_xs)>(&b);
         __m256i sum = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int j = 0; j < QK_K / 32; ++j) {
