@@ -671,6 +671,15 @@ template <Type T> inline vf8 load_chunk8(const char* row, int64_t u) {
         return simd::load_bf16(reinterpret_cast<const uint16_t*>(row) + 8 * u);
 }
 
+// Decoding reads the K and V rows of the cache once per step, in order, from memory: like the
+// weight rows of the decoding products (request_weights_ahead in kernels_matmul.cpp), each
+// key's row is asked for kRowsAhead keys before it is read (rows past the tile are the next
+// tile's, or past the cache, where a request is dropped).
+constexpr int64_t kRowsAhead = 16;
+inline void request_row(const char* row, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 0, 3);
+}
+
 // S = Q K^T for MR query rows (q: row-major, stride Dk, pre-scaled) against keys [0, nk)
 // at k_rows + j * k_stride, into s[r * lds + j]. KB keys at a time: MR * KB <= 8 dot
 // products accumulate lane-wise over Dk and are summed horizontally together at the end.
@@ -681,7 +690,9 @@ void decode_scores(int64_t Dk, const float* q, const char* k_rows, int64_t k_str
                    int64_t lds) {
     static_assert(MR * KB <= 8);
     const int64_t n32 = Dk / 32;
+    const int64_t row_bytes = int64_t(row_size(KT, Dk));
     for (int64_t j = 0; j < nk; j += KB) {
+        for (int b = 0; b < KB; ++b) request_row(k_rows + (j + b + kRowsAhead) * k_stride, row_bytes);
         const char* key[KB];
         for (int b = 0; b < KB; ++b) // keys past the end repeat the last one (computed, not stored)
             key[b] = k_rows + std::min<int64_t>(j + b, nk - 1) * k_stride;
@@ -725,6 +736,7 @@ void decode_accumulate(int64_t Dv, const float* p, int64_t lds, const char* v_ro
         }
         for (int64_t j = 0; j < nk; ++j) {
             const char* vr = v_rows + j * v_stride;
+            if (n0 == 0) request_row(vr + kRowsAhead * v_stride, int64_t(row_size(VT, Dv)));
             const vf8 va = load_chunk8<VT>(vr, n0 / 8);
             const vf8 vb = two ? load_chunk8<VT>(vr, n0 / 8 + 1) : simd::zero();
             for (int r = 0; r < MR; ++r) {
@@ -851,7 +863,9 @@ void decode_tile(const Problem& p, const ForwardPlan& plan, const QTile& tile, i
         Type v_read = p.v.type;
         if (v_quantized) {
             with_kv_type(p.v.type, [&](auto vt) {
+                const int64_t row_bytes = int64_t(row_size(p.v.type, Dv));
                 for (int64_t j = 0; j < nk; ++j) {
+                    request_row(v_rows + (j + kRowsAhead) * p.v.nb[1], row_bytes);
                     float* dst = ws.vbuf.data() + j * Dv;
                     for (int64_t c = 0; c < Dv / 32; ++c) {
                         vf8 x[4];
