@@ -6,6 +6,7 @@
 #include <ggml-fa/backend.h>
 
 #include "reference.h"
+#include "scoped_env.h"
 #include "../backends/cpu/cpu_kernels.h"
 
 #include <algorithm>
@@ -197,6 +198,45 @@ TEST_CASE("mul_mat's many-column path for every block type matches the reference
                     tensor_set_f32(a, uneven_weights(K * M));
                     fill_uniform(b);
                     check_forward(mul_mat(ctx, a, b), tolerance(type, N), M == 37 ? 3 : 2);
+                }
+}
+
+// On a CPU with AMX the integer GEMM's products run on tiles (16 weight rows x 16 columns, a
+// column's 16-bit values as two bytes) for every block type whose codes fit signed bytes; its
+// results must be the vector path's bit for bit (the same i32 sums and epilogue). Columns past a
+// group of 16 (4, 17, 33), row counts around the tile, K of one and of several column scales,
+// and batches broadcast over the weights; q3_K and q6_K keep the vector path either way.
+TEST_CASE("mul_mat's integer GEMM on AMX tiles gives the vector path's bits", "[matmul][quants]") {
+    if (!gfa::cpu::amx_quantized_prompts()) {
+        WARN("no AMX tiles on this CPU or build: nothing to compare");
+        return;
+    }
+    for (Type type : {Type::Q4_0, Type::Q8_0, Type::Q4_1, Type::Q5_0, Type::Q5_1, Type::Q2_K, Type::Q3_K,
+                      Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::IQ4_NL, Type::IQ4_XS})
+        for (int64_t K : type_traits(type).block_size == 256 ? std::vector<int64_t>{256, 768}
+                                                             : std::vector<int64_t>{32, 352})
+            for (int64_t M : {15, 16, 37})
+                for (int64_t N : {4, 17, 33}) {
+                    INFO(type_name(type) << " K=" << K << " M=" << M << " N=" << N);
+                    Context ctx = data_ctx();
+                    Tensor* a = ctx.new_tensor(type, {K, M, 1, 1});
+                    Tensor* b = ctx.new_tensor(Type::F32, {K, N, M == 37 ? 2 : 1, 1});
+                    tensor_set_f32(a, uneven_weights(K * M));
+                    fill_uniform(b, -3.0f, 3.0f);
+                    Tensor* p = mul_mat(ctx, a, b);
+                    const Graph g = build_forward(p);
+                    std::vector<float> with_tiles, vector_path;
+                    for (const char* setting : {"1", "0"}) {
+                        gfa::test::ScopedEnv amx("GFA_CPU_AMX", setting);
+                        tensor_set_f32(p, std::vector<float>(size_t(p->nelements()), std::nanf("")));
+                        gfa::test::compute_cpu(g, 2);
+                        (setting[0] == '1' ? with_tiles : vector_path) = tensor_get_f32(p);
+                    }
+                    REQUIRE(std::all_of(with_tiles.begin(), with_tiles.end(),
+                                        [](float v) { return std::isfinite(v); }));
+                    CHECK(std::memcmp(with_tiles.data(), vector_path.data(),
+                                      with_tiles.size() * sizeof(float)) == 0);
+                    CHECK(test::rel_error(with_tiles, ref::evaluate(g, p)) <= tolerance(type, N));
                 }
 }
 

@@ -36,6 +36,9 @@ void register_matmul_kernels(KernelTable& t);
 // with VNNI): b's columns are then rounded to 16 bits per 32 values (per 256 for q2_K and
 // q3_K; 14 bits per 64 for q6_K).
 bool integer_quantized_prompts();
+// Whether that integer GEMM runs its products on AMX tiles (builds for AMX-INT8, on a CPU and
+// kernel that grant the tiles; GFA_CPU_AMX=0 turns it off): the same results, bit for bit.
+bool amx_quantized_prompts();
 // True when the CPU kernels multiply bf16 pairs (AVX512-BF16 builds): mul_mat with
 // MatMulPrecision::BF16 and f32/f16/bf16 weights then rounds both operands to bf16 in prompts.
 bool bf16_pair_products();

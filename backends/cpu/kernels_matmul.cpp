@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -58,6 +59,14 @@
 #define GFA_INT_GEMM 1
 #else
 #define GFA_INT_GEMM 0
+#endif
+// The integer GEMM's tile products on AMX (tile registers and int8 tile products) besides.
+#if GFA_INT_GEMM && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define GFA_AMX_GEMM 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define GFA_AMX_GEMM 0
 #endif
 
 namespace gfa::cpu {
@@ -1282,6 +1291,7 @@ constexpr int kTileCols = 8;  // columns of b per pass (accumulators in register
 struct Q4_0Units {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 8;
+    static constexpr bool kInt8Codes = true; // -8 .. 7
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const block_q4_0& blk = reinterpret_cast<const block_q4_0*>(row)[b];
@@ -1293,6 +1303,7 @@ struct Q4_0Units {
 struct Q8_0Units {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 128;
+    static constexpr bool kInt8Codes = true;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(row)[b];
@@ -1305,6 +1316,7 @@ struct Q8_0Units {
 template <class Format> struct Blocks32Units {
     static constexpr bool kOffset = true;
     static constexpr int kU8Bias = 0;
+    static constexpr bool kInt8Codes = true; // 0 .. 31
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes, float& scale, float& offset) {
         const auto& blk = reinterpret_cast<const typename Format::Block*>(row)[b];
@@ -1318,6 +1330,7 @@ template <bool kFifthBit> struct K4Units {
     using Block = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
     static constexpr bool kOffset = true;
     static constexpr int kU8Bias = 0;
+    static constexpr bool kInt8Codes = true; // 0 .. 31
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const Block& blk = reinterpret_cast<const Block*>(row)[b / 8];
@@ -1354,6 +1367,7 @@ inline __m512i times_sub_block_scales(__m512i codes16, int first, int second) {
 struct Q6_KUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = -1; // codes with the sub-block scales in them: 16 bits
+    static constexpr bool kInt8Codes = false;
     static constexpr int kColumnMax = 8191;
     static constexpr int kCodeMax = 4096;
     static constexpr int kColumnScaleBlocks = 2;
@@ -1383,6 +1397,7 @@ struct Q6_KUnits {
 struct Q2_KUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 0;
+    static constexpr bool kInt8Codes = true; // 0 .. 45
     static constexpr int kColumnMax = 32767;
     static constexpr int kCodeMax = 45;
     static constexpr int kColumnScaleBlocks = 8;
@@ -1408,6 +1423,7 @@ struct Q2_KUnits {
 struct Q3_KUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 124;
+    static constexpr bool kInt8Codes = false; // -124 .. 128
     static constexpr int kColumnMax = 32767;
     static constexpr int kCodeMax = 128;
     static constexpr int kColumnScaleBlocks = 8;
@@ -1435,6 +1451,7 @@ struct Q3_KUnits {
 struct IQ4_NLUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 128;
+    static constexpr bool kInt8Codes = true; // levels -127 .. 113
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_iq4_nl& blk = reinterpret_cast<const block_iq4_nl*>(row)[b];
@@ -1446,6 +1463,7 @@ struct IQ4_NLUnits {
 struct IQ4_XSUnits {
     static constexpr bool kOffset = false;
     static constexpr int kU8Bias = 128;
+    static constexpr bool kInt8Codes = true;
     static constexpr int kColumnMax = 32767;
     static void unit(const char* row, int64_t b, __m512i& codes16, float& scale, float& offset) {
         const block_iq4_xs& blk = reinterpret_cast<const block_iq4_xs*>(row)[b / 8];
@@ -1678,6 +1696,213 @@ void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* d
         }
 }
 
+#if GFA_AMX_GEMM
+// ---- quantized prompts on AMX tiles ------------------------------------------------------------
+//
+// CPUs with AMX (Intel since Sapphire Rapids) have eight tile registers of up to 16 rows of 64
+// bytes and a unit that multiplies two byte tiles into a tile of 16 x 16 i32 sums (TDPB*D: A of
+// 16 rows x 4G bytes times B of G rows x 16 groups of 4 bytes, added into C). One such
+// instruction does the 16 x 16 x 32 multiply-adds of a block of 32 for sixteen weight rows and
+// sixteen columns, which the vector path spends 32 vpdpwssd on, so with AMX the 16-bit GEMM's
+// cost moves to its per-block epilogue.
+//
+// The arithmetic is the 16-bit path's exactly. The tile of weights is the 8-bit layout with the
+// codes as signed bytes (TileBlock<ColumnsAmx>: group p of row r in lane r is B's row p), which
+// every format but q3_K and q6_K allows (kInt8Codes). AMX multiplies bytes only, so a 16-bit
+// column value v is held as a signed high byte and an unsigned low byte (v = 256 hi + lo) in
+// two A tiles of 16 columns x 32 bytes; per block TDPBSSD forms codes x hi and TDPBUSD codes x
+// lo, and 256 times the first plus the second is the i32 sum the vector path forms, bit for
+// bit. The epilogue (conversion, the product of the two scales, the offset) is the vector
+// path's too, so the outputs are the same bits either way. Columns are taken sixteen at a time;
+// the columns past the last are zeros whose sums are not stored.
+
+// Tiles of one pass: the weights' block, the columns' high and low bytes, their two i32 sums.
+// (Macros: the tile intrinsics paste the register number into their assembly.)
+#define GFA_AMX_CODES 0
+#define GFA_AMX_HIGH 1
+#define GFA_AMX_LOW 2
+#define GFA_AMX_HIGH_SUMS 3
+#define GFA_AMX_LOW_SUMS 4
+#define GFA_AMX_HIGH_SUMS_NEXT 5
+#define GFA_AMX_LOW_SUMS_NEXT 6
+constexpr int kAmxCols = 16;
+constexpr int64_t kAmxGroupBytes = kAmxCols * 32; // a column group's bytes of one block of 32
+
+// The tile intrinsics are assembly statements that do not tell the compiler which memory they
+// read or write: a compiler barrier before tile loads of data written in C++, and after tile
+// stores read back in C++, keeps those accesses in order.
+inline void amx_memory_barrier() {
+    asm volatile("" ::: "memory");
+}
+
+// Linux gives a thread the tile registers' state only after the process asks for it
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); asked once. GFA_CPU_AMX=0 keeps the
+// vector path (read on every call, for comparing the two).
+bool amx_gemm_enabled() {
+    static const bool usable = [] {
+        if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8")) return false;
+        constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    }();
+    const char* env = std::getenv("GFA_CPU_AMX");
+    return usable && !(env && std::string(env) == "0");
+}
+
+// The tile shapes of a pass (palette 1), loaded by each worker before its first tile product.
+struct alignas(64) AmxConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+};
+void configure_amx_tiles() {
+    AmxConfig c;
+    c.bytes_per_row[GFA_AMX_CODES] = 64, c.rows[GFA_AMX_CODES] = 8; // 8 groups of 4 codes x 16 weight rows
+    for (int t : {GFA_AMX_HIGH, GFA_AMX_LOW}) c.bytes_per_row[t] = 32, c.rows[t] = kAmxCols;
+    for (int t : {GFA_AMX_HIGH_SUMS, GFA_AMX_LOW_SUMS, GFA_AMX_HIGH_SUMS_NEXT, GFA_AMX_LOW_SUMS_NEXT})
+        c.bytes_per_row[t] = 64, c.rows[t] = kAmxCols;
+    _tile_loadconfig(&c);
+}
+
+// The weight tile as signed bytes: codes 4p .. 4p + 3 of row r in lane r of group p.
+struct ColumnsAmx {
+    static constexpr int kGroups = 8;
+    template <class Units>
+    static void row_codes(const char* row, int64_t b, uint8_t* bytes, float& scale, float& offset) {
+        static_assert(Units::kInt8Codes, "the format's codes do not fit signed bytes");
+        __m512i codes16;
+        Units::unit(row, b, codes16, scale, offset);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes),
+                            _mm512_maskz_cvtepi16_epi8(__mmask32(0xffffffffu), codes16));
+    }
+};
+
+// The i32 sums of one column group and S blocks of 32 starting at block b0, stored as 16
+// columns x 16 rows (high bytes' sums, then low bytes'). Set 0 and 1 use different sum tiles,
+// so the tile unit can work on the next blocks while the vector unit scales these.
+template <int kSet, int S>
+void amx_block_sums(const TileBlock<ColumnsAmx>* tile, int64_t b0, const int8_t* high, const uint8_t* low,
+                    int32_t (*sums)[kAmxCols][16]) {
+    if constexpr (kSet == 0) {
+        _tile_zero(GFA_AMX_HIGH_SUMS);
+        _tile_zero(GFA_AMX_LOW_SUMS);
+    } else {
+        _tile_zero(GFA_AMX_HIGH_SUMS_NEXT);
+        _tile_zero(GFA_AMX_LOW_SUMS_NEXT);
+    }
+    for (int64_t b = b0; b < b0 + S; ++b) {
+        _tile_loadd(GFA_AMX_CODES, tile[b].groups, 64);
+        _tile_loadd(GFA_AMX_HIGH, high + kAmxGroupBytes * b, 32);
+        _tile_loadd(GFA_AMX_LOW, low + kAmxGroupBytes * b, 32);
+        if constexpr (kSet == 0) {
+            _tile_dpbssd(GFA_AMX_HIGH_SUMS, GFA_AMX_HIGH, GFA_AMX_CODES);
+            _tile_dpbusd(GFA_AMX_LOW_SUMS, GFA_AMX_LOW, GFA_AMX_CODES);
+        } else {
+            _tile_dpbssd(GFA_AMX_HIGH_SUMS_NEXT, GFA_AMX_HIGH, GFA_AMX_CODES);
+            _tile_dpbusd(GFA_AMX_LOW_SUMS_NEXT, GFA_AMX_LOW, GFA_AMX_CODES);
+        }
+    }
+    if constexpr (kSet == 0) {
+        _tile_stored(GFA_AMX_HIGH_SUMS, sums[0], 64);
+        _tile_stored(GFA_AMX_LOW_SUMS, sums[1], 64);
+    } else {
+        _tile_stored(GFA_AMX_HIGH_SUMS_NEXT, sums[0], 64);
+        _tile_stored(GFA_AMX_LOW_SUMS_NEXT, sums[1], 64);
+    }
+    amx_memory_barrier();
+}
+
+// Outputs of the tile's rows for the 16 columns of one group (those past nc not stored): the
+// group's high and low bytes at high / low (kAmxGroupBytes a block), its columns' scales and
+// block sums as tile_times_columns reads them. The sums of the next S blocks are asked of the
+// tile unit before this S blocks' are scaled.
+template <bool kOffset, int S>
+void tile_times_columns_amx(const TileBlock<ColumnsAmx>* tile, int64_t nb, const int8_t* high,
+                            const uint8_t* low, const float* xd, const float* xs, float* c, int64_t ldc,
+                            int nc, __mmask16 rows) {
+    const int64_t ns = nb / S;
+    alignas(64) int32_t sums[2][2][kAmxCols][16]; // [set][high, low][column][row]
+    __m512 acc[kAmxCols];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    amx_memory_barrier();
+    amx_block_sums<0, S>(tile, 0, high, low, sums[0]);
+    for (int64_t s = 0; s < ns; ++s) {
+        if (s + 1 < ns) {
+            if (s % 2 == 0)
+                amx_block_sums<1, S>(tile, S * (s + 1), high, low, sums[1]);
+            else
+                amx_block_sums<0, S>(tile, S * (s + 1), high, low, sums[0]);
+        }
+        const int32_t(*set)[kAmxCols][16] = sums[s % 2];
+        const TileBlock<ColumnsAmx>& t = tile[S * s];
+#pragma GCC unroll 16
+        for (int j = 0; j < kAmxCols; ++j) {
+            const __m512i sum =
+                _mm512_add_epi32(_mm512_maskz_slli_epi32(__mmask16(0xffff), _mm512_load_si512(set[0][j]), 8),
+                                 _mm512_load_si512(set[1][j]));
+            const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(xd[j * ns + s]));
+            acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), sum), scale, acc[j]);
+            if constexpr (kOffset) acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * ns + s]), acc[j]);
+        }
+        amx_memory_barrier();
+    }
+    for (int j = 0; j < nc; ++j) _mm512_mask_storeu_ps(c + j * ldc, rows, acc[j]);
+}
+
+// int_gemm<Units, Columns16> on AMX tiles: the same column rounding, then each column's values
+// split into high and low bytes, the column count padded with zero columns to a multiple of 16.
+template <class Units>
+void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    constexpr int S = column_scale_blocks<Units>();
+    constexpr bool kOffset = Units::kOffset;
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32, ns = nb / S;
+    const int64_t padded = (N + kAmxCols - 1) / kAmxCols * kAmxCols;
+    const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
+    const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+    std::vector<int8_t> high(size_t(padded * K));
+    std::vector<uint8_t> low(size_t(padded * K));
+    std::vector<float> scales(size_t(2 * padded * ns), 0.0f); // every column's scales, then block sums
+    for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
+        for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
+            ctx.pool.run([&](int ith, int nth) {
+                std::vector<int16_t> q(static_cast<size_t>(K));
+                const auto [begin, end] = split_range(N, ith, nth);
+                for (int64_t n = begin; n < end; ++n) {
+                    round_column_i16(reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K,
+                                     Units::kColumnMax, 32 * S, q.data(), scales.data() + n * ns,
+                                     scales.data() + (padded + n) * ns);
+                    // Group n / 16, block k / 32: 16 columns x 32 bytes, column n % 16's row.
+                    const int64_t at = n / kAmxCols * K * kAmxCols + n % kAmxCols * 32;
+                    for (int64_t k = 0; k < K; ++k) {
+                        const size_t i = size_t(at + k / 32 * kAmxGroupBytes + k % 32);
+                        high[i] =
+                            int8_t(q[size_t(k)] >> 8); // arithmetic: v = 256 high + low, low in 0 .. 255
+                        low[i] = uint8_t(q[size_t(k)] & 0xff);
+                    }
+                }
+            });
+            const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
+            ctx.pool.run([&](int ith, int nth) {
+                std::vector<TileBlock<ColumnsAmx>> tile(static_cast<size_t>(nb));
+                const auto [begin, end] = split_range(tiles, ith, nth);
+                if (begin < end) configure_amx_tiles();
+                for (int64_t t = begin; t < end; ++t) {
+                    const int64_t m0 = t * kTileRows;
+                    const int rows = int(std::min<int64_t>(kTileRows, M - m0));
+                    unpack_tile<Units>(a_mat, a->nb[1], m0, rows, nb, tile.data());
+                    const __mmask16 mask = __mmask16((1u << rows) - 1);
+                    for (int64_t n0 = 0; n0 < N; n0 += kAmxCols)
+                        tile_times_columns_amx<kOffset, S>(
+                            tile.data(), nb, high.data() + n0 * K, low.data() + n0 * K,
+                            scales.data() + n0 * ns, scales.data() + (padded + n0) * ns,
+                            f32_row(dst, n0, i2, i3) + m0, int64_t(dst->nb[1] / sizeof(float)),
+                            int(std::min<int64_t>(kAmxCols, N - n0)), mask);
+                }
+                if (begin < end) _tile_release();
+            });
+        }
+}
+#endif
+
 // Whether a product's columns may be rounded to 8 bits: its node allows it (set_matmul_precision).
 bool eight_bit_columns(const Tensor* product) {
     return matmul_precision(product) >= MatMulPrecision::Q8;
@@ -1687,6 +1912,10 @@ template <class Units>
 void int_gemm_for_units(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
     if constexpr (Units::kU8Bias >= 0)
         if (eight_bit_columns(dst)) return int_gemm<Units, Columns8>(ctx, a, b, dst);
+#if GFA_AMX_GEMM
+    if constexpr (Units::kInt8Codes)
+        if (amx_gemm_enabled()) return int_gemm_amx<Units>(ctx, a, b, dst);
+#endif
     int_gemm<Units, Columns16>(ctx, a, b, dst);
 }
 
@@ -1775,8 +2004,11 @@ void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
 
 void int_gemm_q2_K(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
     const bool eight_bit = eight_bit_columns(dst);
-    if (eight_bit)
-        int_gemm<Q2_KUnits, Columns8>(ctx, a, b, dst);
+    if (eight_bit) int_gemm<Q2_KUnits, Columns8>(ctx, a, b, dst);
+#if GFA_AMX_GEMM
+    else if (amx_gemm_enabled())
+        int_gemm_amx<Q2_KUnits>(ctx, a, b, dst);
+#endif
     else
         int_gemm<Q2_KUnits, Columns16>(ctx, a, b, dst);
     subtract_q2_K_mins(ctx, a, b, dst, eight_bit);
@@ -2191,6 +2423,14 @@ bool bf16_pair_products() {
 
 bool integer_quantized_prompts() {
     return GFA_INT_GEMM != 0;
+}
+
+bool amx_quantized_prompts() {
+#if GFA_AMX_GEMM
+    return amx_gemm_enabled();
+#else
+    return false;
+#endif
 }
 
 void register_matmul_kernels(KernelTable& t) {
