@@ -202,10 +202,11 @@ TEST_CASE("mul_mat's many-column path for every block type matches the reference
 }
 
 // On a CPU with AMX the integer GEMM's products run on tiles (16 weight rows x 16 columns, a
-// column's 16-bit values as two bytes) for every block type whose codes fit signed bytes; its
-// results must be the vector path's bit for bit (the same i32 sums and epilogue). Columns past a
-// group of 16 (4, 17, 33), row counts around the tile, K of one and of several column scales,
-// and batches broadcast over the weights; q3_K and q6_K keep the vector path either way.
+// column's 16-bit values as two bytes) for every block type whose codes fit bytes (q3_K's with
+// a bias taken off the sums after); its results must be the vector path's bit for bit (the same
+// i32 sums and epilogue). Columns past a group of 16 (4, 17, 33), row counts around the tile, K
+// of one and of several column scales, and batches broadcast over the weights (each batch's
+// columns rounded afresh); q6_K keeps the vector path either way.
 TEST_CASE("mul_mat's integer GEMM on AMX tiles gives the vector path's bits", "[matmul][quants]") {
     if (!gfa::cpu::amx_quantized_prompts()) {
         WARN("no AMX tiles on this CPU or build: nothing to compare");

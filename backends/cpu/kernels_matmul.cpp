@@ -1706,15 +1706,17 @@ void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* d
 // sixteen columns, which the vector path spends 32 vpdpwssd on, so with AMX the 16-bit GEMM's
 // cost moves to its per-block epilogue.
 //
-// The arithmetic is the 16-bit path's exactly. The tile of weights is the 8-bit layout with the
-// codes as signed bytes (TileBlock<ColumnsAmx>: group p of row r in lane r is B's row p), which
-// every format but q3_K and q6_K allows (kInt8Codes). AMX multiplies bytes only, so a 16-bit
-// column value v is held as a signed high byte and an unsigned low byte (v = 256 hi + lo) in
-// two A tiles of 16 columns x 32 bytes; per block TDPBSSD forms codes x hi and TDPBUSD codes x
-// lo, and 256 times the first plus the second is the i32 sum the vector path forms, bit for
-// bit. The epilogue (conversion, the product of the two scales, the offset) is the vector
-// path's too, so the outputs are the same bits either way. Columns are taken sixteen at a time;
-// the columns past the last are zeros whose sums are not stored.
+// The arithmetic is the 16-bit path's exactly. The tile of weights is the 8-bit layout
+// (TileBlock<ColumnsAmx>: group p of row r in lane r is B's row p) with the codes as signed
+// bytes where they fit (kInt8Codes), else as the unsigned bytes code + kU8Bias (q3_K; q6_K's
+// codes, with its sub-block scales in them, fit neither and keep the vector path). AMX
+// multiplies bytes only, so a 16-bit column value v is held as a signed high byte and an
+// unsigned low byte (v = 256 hi + lo) in two A tiles of 16 columns x 32 bytes; per block one
+// tile product forms codes x hi and another codes x lo, and 256 times the first plus the
+// second (minus the bias times the column block's sum, for biased codes) is the i32 sum the
+// vector path forms, bit for bit (i32 arithmetic wraps, and the true sum fits). The epilogue (conversion, the
+// product of the two scales, the offset) is the vector path's too, so the outputs are the same bits either
+// way. Columns are taken sixteen at a time; the columns past the last are zeros whose sums are not stored.
 
 // Tiles of one pass: the weights' block, the columns' high and low bytes, their two i32 sums.
 // (Macros: the tile intrinsics paste the register number into their assembly.)
@@ -1763,14 +1765,24 @@ void configure_amx_tiles() {
     _tile_loadconfig(&c);
 }
 
-// The weight tile as signed bytes: codes 4p .. 4p + 3 of row r in lane r of group p.
+// Whether a format's codes go to the tiles, and whether as unsigned bytes biased by kU8Bias.
+template <class Units> constexpr bool amx_codes() {
+    return Units::kInt8Codes || Units::kU8Bias >= 0;
+}
+template <class Units> constexpr bool amx_biased_codes() {
+    return !Units::kInt8Codes;
+}
+
+// The weight tile as bytes: codes 4p .. 4p + 3 of row r in lane r of group p.
 struct ColumnsAmx {
     static constexpr int kGroups = 8;
     template <class Units>
     static void row_codes(const char* row, int64_t b, uint8_t* bytes, float& scale, float& offset) {
-        static_assert(Units::kInt8Codes, "the format's codes do not fit signed bytes");
+        static_assert(amx_codes<Units>(), "the format's codes do not fit bytes");
         __m512i codes16;
         Units::unit(row, b, codes16, scale, offset);
+        if constexpr (amx_biased_codes<Units>())
+            codes16 = _mm512_add_epi16(codes16, _mm512_set1_epi16(short(Units::kU8Bias)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes),
                             _mm512_maskz_cvtepi16_epi8(__mmask32(0xffffffffu), codes16));
     }
@@ -1779,7 +1791,7 @@ struct ColumnsAmx {
 // The i32 sums of one column group and S blocks of 32 starting at block b0, stored as 16
 // columns x 16 rows (high bytes' sums, then low bytes'). Set 0 and 1 use different sum tiles,
 // so the tile unit can work on the next blocks while the vector unit scales these.
-template <int kSet, int S>
+template <int kSet, int S, bool kBiased>
 void amx_block_sums(const TileBlock<ColumnsAmx>* tile, int64_t b0, const int8_t* high, const uint8_t* low,
                     int32_t (*sums)[kAmxCols][16]) {
     if constexpr (kSet == 0) {
@@ -1793,12 +1805,19 @@ void amx_block_sums(const TileBlock<ColumnsAmx>* tile, int64_t b0, const int8_t*
         _tile_loadd(GFA_AMX_CODES, tile[b].groups, 64);
         _tile_loadd(GFA_AMX_HIGH, high + kAmxGroupBytes * b, 32);
         _tile_loadd(GFA_AMX_LOW, low + kAmxGroupBytes * b, 32);
-        if constexpr (kSet == 0) {
+        // high bytes signed, low bytes unsigned; codes signed, or unsigned where biased
+        if constexpr (kSet == 0 && !kBiased) {
             _tile_dpbssd(GFA_AMX_HIGH_SUMS, GFA_AMX_HIGH, GFA_AMX_CODES);
             _tile_dpbusd(GFA_AMX_LOW_SUMS, GFA_AMX_LOW, GFA_AMX_CODES);
-        } else {
+        } else if constexpr (kSet == 0) {
+            _tile_dpbsud(GFA_AMX_HIGH_SUMS, GFA_AMX_HIGH, GFA_AMX_CODES);
+            _tile_dpbuud(GFA_AMX_LOW_SUMS, GFA_AMX_LOW, GFA_AMX_CODES);
+        } else if constexpr (!kBiased) {
             _tile_dpbssd(GFA_AMX_HIGH_SUMS_NEXT, GFA_AMX_HIGH, GFA_AMX_CODES);
             _tile_dpbusd(GFA_AMX_LOW_SUMS_NEXT, GFA_AMX_LOW, GFA_AMX_CODES);
+        } else {
+            _tile_dpbsud(GFA_AMX_HIGH_SUMS_NEXT, GFA_AMX_HIGH, GFA_AMX_CODES);
+            _tile_dpbuud(GFA_AMX_LOW_SUMS_NEXT, GFA_AMX_LOW, GFA_AMX_CODES);
         }
     }
     if constexpr (kSet == 0) {
@@ -1813,32 +1832,35 @@ void amx_block_sums(const TileBlock<ColumnsAmx>* tile, int64_t b0, const int8_t*
 
 // Outputs of the tile's rows for the 16 columns of one group (those past nc not stored): the
 // group's high and low bytes at high / low (kAmxGroupBytes a block), its columns' scales and
-// block sums as tile_times_columns reads them. The sums of the next S blocks are asked of the
-// tile unit before this S blocks' are scaled.
-template <bool kOffset, int S>
+// block sums as tile_times_columns reads them; with biased codes (kBias > 0) the sums of the
+// columns' integers per S blocks at qsum (ns a column). The sums of the next S blocks are asked
+// of the tile unit before this S blocks' are scaled.
+template <bool kOffset, int S, int kBias>
 void tile_times_columns_amx(const TileBlock<ColumnsAmx>* tile, int64_t nb, const int8_t* high,
-                            const uint8_t* low, const float* xd, const float* xs, float* c, int64_t ldc,
-                            int nc, __mmask16 rows) {
+                            const uint8_t* low, const float* xd, const float* xs, const int32_t* qsum,
+                            float* c, int64_t ldc, int nc, __mmask16 rows) {
+    constexpr bool kBiased = kBias > 0;
     const int64_t ns = nb / S;
     alignas(64) int32_t sums[2][2][kAmxCols][16]; // [set][high, low][column][row]
     __m512 acc[kAmxCols];
     for (auto& a : acc) a = _mm512_setzero_ps();
     amx_memory_barrier();
-    amx_block_sums<0, S>(tile, 0, high, low, sums[0]);
+    amx_block_sums<0, S, kBiased>(tile, 0, high, low, sums[0]);
     for (int64_t s = 0; s < ns; ++s) {
         if (s + 1 < ns) {
             if (s % 2 == 0)
-                amx_block_sums<1, S>(tile, S * (s + 1), high, low, sums[1]);
+                amx_block_sums<1, S, kBiased>(tile, S * (s + 1), high, low, sums[1]);
             else
-                amx_block_sums<0, S>(tile, S * (s + 1), high, low, sums[0]);
+                amx_block_sums<0, S, kBiased>(tile, S * (s + 1), high, low, sums[0]);
         }
         const int32_t(*set)[kAmxCols][16] = sums[s % 2];
         const TileBlock<ColumnsAmx>& t = tile[S * s];
 #pragma GCC unroll 16
         for (int j = 0; j < kAmxCols; ++j) {
-            const __m512i sum =
+            __m512i sum =
                 _mm512_add_epi32(_mm512_maskz_slli_epi32(__mmask16(0xffff), _mm512_load_si512(set[0][j]), 8),
                                  _mm512_load_si512(set[1][j]));
+            if constexpr (kBiased) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(kBias * qsum[j * ns + s]));
             const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(xd[j * ns + s]));
             acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), sum), scale, acc[j]);
             if constexpr (kOffset) acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * ns + s]), acc[j]);
@@ -1854,6 +1876,7 @@ template <class Units>
 void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
     constexpr int S = column_scale_blocks<Units>();
     constexpr bool kOffset = Units::kOffset;
+    constexpr int kBias = amx_biased_codes<Units>() ? Units::kU8Bias : 0;
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32, ns = nb / S;
     const int64_t padded = (N + kAmxCols - 1) / kAmxCols * kAmxCols;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
@@ -1861,6 +1884,8 @@ void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tenso
     std::vector<int8_t> high(size_t(padded * K));
     std::vector<uint8_t> low(size_t(padded * K));
     std::vector<float> scales(size_t(2 * padded * ns), 0.0f); // every column's scales, then block sums
+    std::vector<int32_t> qsums(size_t(padded * ns),
+                               0); // with biased codes: their integers' sums per S blocks
     for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
         for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
             ctx.pool.run([&](int ith, int nth) {
@@ -1870,6 +1895,7 @@ void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tenso
                     round_column_i16(reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K,
                                      Units::kColumnMax, 32 * S, q.data(), scales.data() + n * ns,
                                      scales.data() + (padded + n) * ns);
+                    std::fill_n(qsums.begin() + n * ns, ns, 0);
                     // Group n / 16, block k / 32: 16 columns x 32 bytes, column n % 16's row.
                     const int64_t at = n / kAmxCols * K * kAmxCols + n % kAmxCols * 32;
                     for (int64_t k = 0; k < K; ++k) {
@@ -1877,6 +1903,7 @@ void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tenso
                         high[i] =
                             int8_t(q[size_t(k)] >> 8); // arithmetic: v = 256 high + low, low in 0 .. 255
                         low[i] = uint8_t(q[size_t(k)] & 0xff);
+                        if constexpr (kBias > 0) qsums[size_t(n * ns + k / (32 * S))] += q[size_t(k)];
                     }
                 }
             });
@@ -1891,11 +1918,12 @@ void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tenso
                     unpack_tile<Units>(a_mat, a->nb[1], m0, rows, nb, tile.data());
                     const __mmask16 mask = __mmask16((1u << rows) - 1);
                     for (int64_t n0 = 0; n0 < N; n0 += kAmxCols)
-                        tile_times_columns_amx<kOffset, S>(
+                        tile_times_columns_amx<kOffset, S, kBias>(
                             tile.data(), nb, high.data() + n0 * K, low.data() + n0 * K,
                             scales.data() + n0 * ns, scales.data() + (padded + n0) * ns,
-                            f32_row(dst, n0, i2, i3) + m0, int64_t(dst->nb[1] / sizeof(float)),
-                            int(std::min<int64_t>(kAmxCols, N - n0)), mask);
+                            qsums.data() + n0 * ns, f32_row(dst, n0, i2, i3) + m0,
+                            int64_t(dst->nb[1] / sizeof(float)), int(std::min<int64_t>(kAmxCols, N - n0)),
+                            mask);
                 }
                 if (begin < end) _tile_release();
             });
@@ -1913,7 +1941,7 @@ void int_gemm_for_units(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
     if constexpr (Units::kU8Bias >= 0)
         if (eight_bit_columns(dst)) return int_gemm<Units, Columns8>(ctx, a, b, dst);
 #if GFA_AMX_GEMM
-    if constexpr (Units::kInt8Codes)
+    if constexpr (amx_codes<Units>())
         if (amx_gemm_enabled()) return int_gemm_amx<Units>(ctx, a, b, dst);
 #endif
     int_gemm<Units, Columns16>(ctx, a, b, dst);
