@@ -204,9 +204,10 @@ TEST_CASE("mul_mat's many-column path for every block type matches the reference
 // On a CPU with AMX the integer GEMM's products run on tiles (16 weight rows x 16 columns, a
 // column's 16-bit values as two bytes) for every block type whose codes fit bytes (q3_K's with
 // a bias taken off the sums after); its results must be the vector path's bit for bit (the same
-// i32 sums and epilogue). Columns past a group of 16 (4, 17, 33), row counts around the tile, K
-// of one and of several column scales, and batches broadcast over the weights (each batch's
-// columns rounded afresh); q6_K keeps the vector path either way.
+// i32 sums and epilogue), with 16-bit columns and with 8-bit ones (MatMulPrecision::Q8). Columns
+// past a group of 16 (4, 17, 33), row counts around the tile, K of one and of several column
+// scales, and batches broadcast over the weights (each batch's columns rounded afresh); q6_K
+// keeps the vector path either way.
 TEST_CASE("mul_mat's integer GEMM on AMX tiles gives the vector path's bits", "[matmul][quants]") {
     if (!gfa::cpu::amx_quantized_prompts()) {
         WARN("no AMX tiles on this CPU or build: nothing to compare");
@@ -217,28 +218,33 @@ TEST_CASE("mul_mat's integer GEMM on AMX tiles gives the vector path's bits", "[
         for (int64_t K : type_traits(type).block_size == 256 ? std::vector<int64_t>{256, 768}
                                                              : std::vector<int64_t>{32, 352})
             for (int64_t M : {15, 16, 37})
-                for (int64_t N : {4, 17, 33}) {
-                    INFO(type_name(type) << " K=" << K << " M=" << M << " N=" << N);
-                    Context ctx = data_ctx();
-                    Tensor* a = ctx.new_tensor(type, {K, M, 1, 1});
-                    Tensor* b = ctx.new_tensor(Type::F32, {K, N, M == 37 ? 2 : 1, 1});
-                    tensor_set_f32(a, uneven_weights(K * M));
-                    fill_uniform(b, -3.0f, 3.0f);
-                    Tensor* p = mul_mat(ctx, a, b);
-                    const Graph g = build_forward(p);
-                    std::vector<float> with_tiles, vector_path;
-                    for (const char* setting : {"1", "0"}) {
-                        gfa::test::ScopedEnv amx("GFA_CPU_AMX", setting);
-                        tensor_set_f32(p, std::vector<float>(size_t(p->nelements()), std::nanf("")));
-                        gfa::test::compute_cpu(g, 2);
-                        (setting[0] == '1' ? with_tiles : vector_path) = tensor_get_f32(p);
+                for (int64_t N : {4, 17, 33})
+                    for (bool eight_bit : {false, true}) {
+                        INFO(type_name(type) << " K=" << K << " M=" << M << " N=" << N
+                                             << (eight_bit ? " (8-bit columns)" : ""));
+                        Context ctx = data_ctx();
+                        Tensor* a = ctx.new_tensor(type, {K, M, 1, 1});
+                        Tensor* b = ctx.new_tensor(Type::F32, {K, N, M == 37 ? 2 : 1, 1});
+                        tensor_set_f32(a, uneven_weights(K * M));
+                        fill_uniform(b, -3.0f, 3.0f);
+                        Tensor* p = mul_mat(ctx, a, b);
+                        if (eight_bit) set_matmul_precision(p, MatMulPrecision::Q8);
+                        const Graph g = build_forward(p);
+                        std::vector<float> with_tiles, vector_path;
+                        for (const char* setting : {"1", "0"}) {
+                            gfa::test::ScopedEnv amx("GFA_CPU_AMX", setting);
+                            tensor_set_f32(p, std::vector<float>(size_t(p->nelements()), std::nanf("")));
+                            gfa::test::compute_cpu(g, 2);
+                            (setting[0] == '1' ? with_tiles : vector_path) = tensor_get_f32(p);
+                        }
+                        REQUIRE(std::all_of(with_tiles.begin(), with_tiles.end(),
+                                            [](float v) { return std::isfinite(v); }));
+                        CHECK(std::memcmp(with_tiles.data(), vector_path.data(),
+                                          with_tiles.size() * sizeof(float)) == 0);
+                        // (8-bit columns: about 4e-3 from the rounding, checked against it in the test above)
+                        CHECK(test::rel_error(with_tiles, ref::evaluate(g, p)) <=
+                              (eight_bit && type != Type::Q6_K ? 2e-2 : tolerance(type, N)));
                     }
-                    REQUIRE(std::all_of(with_tiles.begin(), with_tiles.end(),
-                                        [](float v) { return std::isfinite(v); }));
-                    CHECK(std::memcmp(with_tiles.data(), vector_path.data(),
-                                      with_tiles.size() * sizeof(float)) == 0);
-                    CHECK(test::rel_error(with_tiles, ref::evaluate(g, p)) <= tolerance(type, N));
-                }
 }
 
 // f32 weights against one column take several rows at a time (eight with AVX-512, else

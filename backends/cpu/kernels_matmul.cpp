@@ -1788,128 +1788,153 @@ struct ColumnsAmx {
     }
 };
 
+// How one product runs on the tiles: a column value as two bytes (16-bit columns) or one (8-bit
+// columns, MatMulPrecision::Q8), codes as signed or unsigned bytes, the bias taken off the i32
+// sums (q3_K with 16-bit columns; the 8-bit columns' bias is in the weight offsets, as in
+// Columns8), S blocks of 32 a column scale, and whether the rows have offsets.
+struct AmxPlan {
+    bool two_bytes;
+    bool unsigned_codes;
+    int bias;
+    int S;
+    bool offset;
+};
+
 // The i32 sums of one column group and S blocks of 32 starting at block b0, stored as 16
 // columns x 16 rows (high bytes' sums, then low bytes'). Set 0 and 1 use different sum tiles,
 // so the tile unit can work on the next blocks while the vector unit scales these.
-template <int kSet, int S, bool kBiased>
-void amx_block_sums(const TileBlock<ColumnsAmx>* tile, int64_t b0, const int8_t* high, const uint8_t* low,
+template <AmxPlan P, int kSet, class Codes>
+void amx_block_sums(const TileBlock<Codes>* tile, int64_t b0, const int8_t* high, const uint8_t* low,
                     int32_t (*sums)[kAmxCols][16]) {
     if constexpr (kSet == 0) {
         _tile_zero(GFA_AMX_HIGH_SUMS);
-        _tile_zero(GFA_AMX_LOW_SUMS);
+        if constexpr (P.two_bytes) _tile_zero(GFA_AMX_LOW_SUMS);
     } else {
         _tile_zero(GFA_AMX_HIGH_SUMS_NEXT);
-        _tile_zero(GFA_AMX_LOW_SUMS_NEXT);
+        if constexpr (P.two_bytes) _tile_zero(GFA_AMX_LOW_SUMS_NEXT);
     }
-    for (int64_t b = b0; b < b0 + S; ++b) {
+    for (int64_t b = b0; b < b0 + P.S; ++b) {
         _tile_loadd(GFA_AMX_CODES, tile[b].groups, 64);
         _tile_loadd(GFA_AMX_HIGH, high + kAmxGroupBytes * b, 32);
-        _tile_loadd(GFA_AMX_LOW, low + kAmxGroupBytes * b, 32);
-        // high bytes signed, low bytes unsigned; codes signed, or unsigned where biased
-        if constexpr (kSet == 0 && !kBiased) {
+        if constexpr (P.two_bytes) _tile_loadd(GFA_AMX_LOW, low + kAmxGroupBytes * b, 32);
+        // (high) column bytes signed, low bytes unsigned; codes signed or unsigned
+        if constexpr (kSet == 0 && !P.unsigned_codes) {
             _tile_dpbssd(GFA_AMX_HIGH_SUMS, GFA_AMX_HIGH, GFA_AMX_CODES);
-            _tile_dpbusd(GFA_AMX_LOW_SUMS, GFA_AMX_LOW, GFA_AMX_CODES);
+            if constexpr (P.two_bytes) _tile_dpbusd(GFA_AMX_LOW_SUMS, GFA_AMX_LOW, GFA_AMX_CODES);
         } else if constexpr (kSet == 0) {
             _tile_dpbsud(GFA_AMX_HIGH_SUMS, GFA_AMX_HIGH, GFA_AMX_CODES);
-            _tile_dpbuud(GFA_AMX_LOW_SUMS, GFA_AMX_LOW, GFA_AMX_CODES);
-        } else if constexpr (!kBiased) {
+            if constexpr (P.two_bytes) _tile_dpbuud(GFA_AMX_LOW_SUMS, GFA_AMX_LOW, GFA_AMX_CODES);
+        } else if constexpr (!P.unsigned_codes) {
             _tile_dpbssd(GFA_AMX_HIGH_SUMS_NEXT, GFA_AMX_HIGH, GFA_AMX_CODES);
-            _tile_dpbusd(GFA_AMX_LOW_SUMS_NEXT, GFA_AMX_LOW, GFA_AMX_CODES);
+            if constexpr (P.two_bytes) _tile_dpbusd(GFA_AMX_LOW_SUMS_NEXT, GFA_AMX_LOW, GFA_AMX_CODES);
         } else {
             _tile_dpbsud(GFA_AMX_HIGH_SUMS_NEXT, GFA_AMX_HIGH, GFA_AMX_CODES);
-            _tile_dpbuud(GFA_AMX_LOW_SUMS_NEXT, GFA_AMX_LOW, GFA_AMX_CODES);
+            if constexpr (P.two_bytes) _tile_dpbuud(GFA_AMX_LOW_SUMS_NEXT, GFA_AMX_LOW, GFA_AMX_CODES);
         }
     }
     if constexpr (kSet == 0) {
         _tile_stored(GFA_AMX_HIGH_SUMS, sums[0], 64);
-        _tile_stored(GFA_AMX_LOW_SUMS, sums[1], 64);
+        if constexpr (P.two_bytes) _tile_stored(GFA_AMX_LOW_SUMS, sums[1], 64);
     } else {
         _tile_stored(GFA_AMX_HIGH_SUMS_NEXT, sums[0], 64);
-        _tile_stored(GFA_AMX_LOW_SUMS_NEXT, sums[1], 64);
+        if constexpr (P.two_bytes) _tile_stored(GFA_AMX_LOW_SUMS_NEXT, sums[1], 64);
     }
     amx_memory_barrier();
 }
 
 // Outputs of the tile's rows for the 16 columns of one group (those past nc not stored): the
-// group's high and low bytes at high / low (kAmxGroupBytes a block), its columns' scales and
-// block sums as tile_times_columns reads them; with biased codes (kBias > 0) the sums of the
-// columns' integers per S blocks at qsum (ns a column). The sums of the next S blocks are asked
-// of the tile unit before this S blocks' are scaled.
-template <bool kOffset, int S, int kBias>
-void tile_times_columns_amx(const TileBlock<ColumnsAmx>* tile, int64_t nb, const int8_t* high,
-                            const uint8_t* low, const float* xd, const float* xs, const int32_t* qsum,
-                            float* c, int64_t ldc, int nc, __mmask16 rows) {
-    constexpr bool kBiased = kBias > 0;
-    const int64_t ns = nb / S;
+// group's high and low bytes at high / low (kAmxGroupBytes a block; 8-bit columns: their bytes
+// at high), its columns' scales and block sums as tile_times_columns reads them; with a bias,
+// the sums of the columns' integers per S blocks at qsum (ns a column). The sums of the next S
+// blocks are asked of the tile unit before this S blocks' are scaled.
+template <AmxPlan P, class Codes>
+void tile_times_columns_amx(const TileBlock<Codes>* tile, int64_t nb, const int8_t* high, const uint8_t* low,
+                            const float* xd, const float* xs, const int32_t* qsum, float* c, int64_t ldc,
+                            int nc, __mmask16 rows) {
+    const int64_t ns = nb / P.S;
     alignas(64) int32_t sums[2][2][kAmxCols][16]; // [set][high, low][column][row]
     __m512 acc[kAmxCols];
     for (auto& a : acc) a = _mm512_setzero_ps();
     amx_memory_barrier();
-    amx_block_sums<0, S, kBiased>(tile, 0, high, low, sums[0]);
+    amx_block_sums<P, 0>(tile, 0, high, low, sums[0]);
     for (int64_t s = 0; s < ns; ++s) {
         if (s + 1 < ns) {
             if (s % 2 == 0)
-                amx_block_sums<1, S, kBiased>(tile, S * (s + 1), high, low, sums[1]);
+                amx_block_sums<P, 1>(tile, P.S * (s + 1), high, low, sums[1]);
             else
-                amx_block_sums<0, S, kBiased>(tile, S * (s + 1), high, low, sums[0]);
+                amx_block_sums<P, 0>(tile, P.S * (s + 1), high, low, sums[0]);
         }
         const int32_t(*set)[kAmxCols][16] = sums[s % 2];
-        const TileBlock<ColumnsAmx>& t = tile[S * s];
+        const TileBlock<Codes>& t = tile[P.S * s];
 #pragma GCC unroll 16
         for (int j = 0; j < kAmxCols; ++j) {
-            __m512i sum =
-                _mm512_add_epi32(_mm512_maskz_slli_epi32(__mmask16(0xffff), _mm512_load_si512(set[0][j]), 8),
-                                 _mm512_load_si512(set[1][j]));
-            if constexpr (kBiased) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(kBias * qsum[j * ns + s]));
+            __m512i sum = _mm512_load_si512(set[0][j]);
+            if constexpr (P.two_bytes)
+                sum = _mm512_add_epi32(_mm512_maskz_slli_epi32(__mmask16(0xffff), sum, 8),
+                                       _mm512_load_si512(set[1][j]));
+            if constexpr (P.bias != 0)
+                sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(P.bias * qsum[j * ns + s]));
             const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(xd[j * ns + s]));
             acc[j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), sum), scale, acc[j]);
-            if constexpr (kOffset) acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * ns + s]), acc[j]);
+            if constexpr (P.offset)
+                acc[j] = _mm512_fmadd_ps(t.offset, _mm512_set1_ps(xs[j * ns + s]), acc[j]);
         }
         amx_memory_barrier();
     }
     for (int j = 0; j < nc; ++j) _mm512_mask_storeu_ps(c + j * ldc, rows, acc[j]);
 }
 
-// int_gemm<Units, Columns16> on AMX tiles: the same column rounding, then each column's values
-// split into high and low bytes, the column count padded with zero columns to a multiple of 16.
-template <class Units>
+// int_gemm<Units, Columns16> (kEightBit: Columns8) on AMX tiles: the same column rounding, then
+// each column's values split into high and low bytes (8-bit columns: their bytes as they are)
+// in groups of 16 columns, the column count padded with zero columns to a multiple of 16.
+template <class Units, bool kEightBit>
 void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
-    constexpr int S = column_scale_blocks<Units>();
-    constexpr bool kOffset = Units::kOffset;
-    constexpr int kBias = amx_biased_codes<Units>() ? Units::kU8Bias : 0;
-    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32, ns = nb / S;
+    using Codes = std::conditional_t<kEightBit, Columns8, ColumnsAmx>;
+    constexpr AmxPlan P =
+        kEightBit ? AmxPlan{false, true, 0, 1, Columns8::kOffset<Units>}
+                  : AmxPlan{true, amx_biased_codes<Units>(), amx_biased_codes<Units>() ? Units::kU8Bias : 0,
+                            column_scale_blocks<Units>(), Units::kOffset};
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], nb = K / 32, ns = nb / P.S;
     const int64_t padded = (N + kAmxCols - 1) / kAmxCols * kAmxCols;
     const int64_t r2 = b->ne[2] / a->ne[2], r3 = b->ne[3] / a->ne[3];
     const int64_t tiles = (M + kTileRows - 1) / kTileRows;
     std::vector<int8_t> high(size_t(padded * K));
-    std::vector<uint8_t> low(size_t(padded * K));
+    std::vector<uint8_t> low(P.two_bytes ? size_t(padded * K) : 0);
     std::vector<float> scales(size_t(2 * padded * ns), 0.0f); // every column's scales, then block sums
-    std::vector<int32_t> qsums(size_t(padded * ns),
-                               0); // with biased codes: their integers' sums per S blocks
+    std::vector<int32_t> qsums(size_t(padded * ns), 0); // with a bias: their integers' sums per S blocks
     for (int64_t i3 = 0; i3 < b->ne[3]; ++i3)
         for (int64_t i2 = 0; i2 < b->ne[2]; ++i2) {
             ctx.pool.run([&](int ith, int nth) {
-                std::vector<int16_t> q(static_cast<size_t>(K));
+                std::vector<int16_t> q16(P.two_bytes ? size_t(K) : 0);
+                std::vector<int8_t> q8(P.two_bytes ? 0 : size_t(K));
                 const auto [begin, end] = split_range(N, ith, nth);
                 for (int64_t n = begin; n < end; ++n) {
-                    round_column_i16(reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3)), K,
-                                     Units::kColumnMax, 32 * S, q.data(), scales.data() + n * ns,
-                                     scales.data() + (padded + n) * ns);
+                    const float* x = reinterpret_cast<const float*>(element_ptr(b, 0, n, i2, i3));
+                    float* d = scales.data() + n * ns;
+                    float* sum = scales.data() + (padded + n) * ns;
+                    if constexpr (P.two_bytes)
+                        round_column_i16(x, K, Units::kColumnMax, 32 * P.S, q16.data(), d, sum);
+                    else
+                        Columns8::round_column<Units>(x, K, q8.data(), d, sum);
                     std::fill_n(qsums.begin() + n * ns, ns, 0);
                     // Group n / 16, block k / 32: 16 columns x 32 bytes, column n % 16's row.
                     const int64_t at = n / kAmxCols * K * kAmxCols + n % kAmxCols * 32;
                     for (int64_t k = 0; k < K; ++k) {
                         const size_t i = size_t(at + k / 32 * kAmxGroupBytes + k % 32);
-                        high[i] =
-                            int8_t(q[size_t(k)] >> 8); // arithmetic: v = 256 high + low, low in 0 .. 255
-                        low[i] = uint8_t(q[size_t(k)] & 0xff);
-                        if constexpr (kBias > 0) qsums[size_t(n * ns + k / (32 * S))] += q[size_t(k)];
+                        if constexpr (P.two_bytes) {
+                            const int16_t v = q16[size_t(k)];
+                            high[i] = int8_t(v >> 8); // arithmetic: v = 256 high + low, low in 0 .. 255
+                            low[i] = uint8_t(v & 0xff);
+                            if constexpr (P.bias != 0) qsums[size_t(n * ns + k / (32 * P.S))] += v;
+                        } else {
+                            high[i] = q8[size_t(k)];
+                        }
                     }
                 }
             });
             const char* a_mat = element_ptr(a, 0, 0, i2 / r2, i3 / r3);
             ctx.pool.run([&](int ith, int nth) {
-                std::vector<TileBlock<ColumnsAmx>> tile(static_cast<size_t>(nb));
+                std::vector<TileBlock<Codes>> tile(static_cast<size_t>(nb));
                 const auto [begin, end] = split_range(tiles, ith, nth);
                 if (begin < end) configure_amx_tiles();
                 for (int64_t t = begin; t < end; ++t) {
@@ -1918,12 +1943,12 @@ void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tenso
                     unpack_tile<Units>(a_mat, a->nb[1], m0, rows, nb, tile.data());
                     const __mmask16 mask = __mmask16((1u << rows) - 1);
                     for (int64_t n0 = 0; n0 < N; n0 += kAmxCols)
-                        tile_times_columns_amx<kOffset, S, kBias>(
-                            tile.data(), nb, high.data() + n0 * K, low.data() + n0 * K,
-                            scales.data() + n0 * ns, scales.data() + (padded + n0) * ns,
-                            qsums.data() + n0 * ns, f32_row(dst, n0, i2, i3) + m0,
-                            int64_t(dst->nb[1] / sizeof(float)), int(std::min<int64_t>(kAmxCols, N - n0)),
-                            mask);
+                        tile_times_columns_amx<P>(tile.data(), nb, high.data() + n0 * K,
+                                                  P.two_bytes ? low.data() + n0 * K : nullptr,
+                                                  scales.data() + n0 * ns, scales.data() + (padded + n0) * ns,
+                                                  qsums.data() + n0 * ns, f32_row(dst, n0, i2, i3) + m0,
+                                                  int64_t(dst->nb[1] / sizeof(float)),
+                                                  int(std::min<int64_t>(kAmxCols, N - n0)), mask);
                 }
                 if (begin < end) _tile_release();
             });
@@ -1936,14 +1961,33 @@ bool eight_bit_columns(const Tensor* product) {
     return matmul_precision(product) >= MatMulPrecision::Q8;
 }
 
+// The integer GEMM on AMX tiles where the build, the CPU and GFA_CPU_AMX allow it and the
+// format's codes fit bytes; false where the caller's vector path must run instead.
+template <class Units, bool kEightBit>
+bool amx_int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+#if GFA_AMX_GEMM
+    if constexpr (kEightBit ? Units::kU8Bias >= 0 : amx_codes<Units>())
+        if (amx_gemm_enabled()) {
+            int_gemm_amx<Units, kEightBit>(ctx, a, b, dst);
+            return true;
+        }
+#endif
+    (void)ctx, (void)a, (void)b, (void)dst;
+    return false;
+}
+template <class Units>
+bool amx_int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst, bool eight_bit) {
+    return eight_bit ? amx_int_gemm<Units, true>(ctx, a, b, dst) : amx_int_gemm<Units, false>(ctx, a, b, dst);
+}
+
 template <class Units>
 void int_gemm_for_units(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
     if constexpr (Units::kU8Bias >= 0)
-        if (eight_bit_columns(dst)) return int_gemm<Units, Columns8>(ctx, a, b, dst);
-#if GFA_AMX_GEMM
-    if constexpr (amx_codes<Units>())
-        if (amx_gemm_enabled()) return int_gemm_amx<Units>(ctx, a, b, dst);
-#endif
+        if (eight_bit_columns(dst)) {
+            if (!amx_int_gemm<Units, true>(ctx, a, b, dst)) int_gemm<Units, Columns8>(ctx, a, b, dst);
+            return;
+        }
+    if (amx_int_gemm<Units, false>(ctx, a, b, dst)) return;
     int_gemm<Units, Columns16>(ctx, a, b, dst);
 }
 
@@ -2032,13 +2076,12 @@ void subtract_q2_K_mins(const ComputeCtx& ctx, const Tensor* a, const Tensor* b,
 
 void int_gemm_q2_K(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
     const bool eight_bit = eight_bit_columns(dst);
-    if (eight_bit) int_gemm<Q2_KUnits, Columns8>(ctx, a, b, dst);
-#if GFA_AMX_GEMM
-    else if (amx_gemm_enabled())
-        int_gemm_amx<Q2_KUnits>(ctx, a, b, dst);
-#endif
-    else
-        int_gemm<Q2_KUnits, Columns16>(ctx, a, b, dst);
+    if (!amx_int_gemm<Q2_KUnits>(ctx, a, b, dst, eight_bit)) {
+        if (eight_bit)
+            int_gemm<Q2_KUnits, Columns8>(ctx, a, b, dst);
+        else
+            int_gemm<Q2_KUnits, Columns16>(ctx, a, b, dst);
+    }
     subtract_q2_K_mins(ctx, a, b, dst, eight_bit);
 }
 
