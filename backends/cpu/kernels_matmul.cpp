@@ -29,7 +29,9 @@
 //  * Integer GEMM (N >= kGemvMaxN, every GGUF block type, on CPUs with AVX-512 VNNI): the
 //    weights stay integers and b is rounded to 16 bits (q6_K: 14) per block of 32, which
 //    doubles the multiply-adds per instruction against the f32 micro-kernel (see "quantized
-//    prompts"). The rounding costs about 1e-5 of relative error in a product (q6_K: 6e-5).
+//    prompts"). The rounding costs about 1e-5 of relative error in a product (q6_K: 6e-5). On
+//    CPUs with AMX its multiply-adds run on the tile unit instead, with the same bits (see
+//    "quantized prompts on AMX tiles").
 #include "bf16_pairs.h"
 #include "cpu_kernels.h"
 #include "op_def.h"
