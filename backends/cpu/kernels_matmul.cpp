@@ -1921,15 +1921,24 @@ void int_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tenso
                     std::fill_n(qsums.begin() + n * ns, ns, 0);
                     // Group n / 16, block k / 32: 16 columns x 32 bytes, column n % 16's row.
                     const int64_t at = n / kAmxCols * K * kAmxCols + n % kAmxCols * 32;
-                    for (int64_t k = 0; k < K; ++k) {
-                        const size_t i = size_t(at + k / 32 * kAmxGroupBytes + k % 32);
+                    for (int64_t blk = 0; blk < nb; ++blk) {
+                        const size_t i = size_t(at + blk * kAmxGroupBytes);
                         if constexpr (P.two_bytes) {
-                            const int16_t v = q16[size_t(k)];
-                            high[i] = int8_t(v >> 8); // arithmetic: v = 256 high + low, low in 0 .. 255
-                            low[i] = uint8_t(v & 0xff);
-                            if constexpr (P.bias != 0) qsums[size_t(n * ns + k / (32 * P.S))] += v;
+                            // v = 256 high + low: high the arithmetic shift, low in 0 .. 255
+                            const __m512i v = _mm512_loadu_si512(q16.data() + 32 * blk);
+                            const __mmask32 all = __mmask32(0xffffffffu);
+                            _mm256_storeu_si256(
+                                reinterpret_cast<__m256i*>(high.data() + i),
+                                _mm512_maskz_cvtepi16_epi8(all, _mm512_maskz_srai_epi16(all, v, 8)));
+                            _mm256_storeu_si256(reinterpret_cast<__m256i*>(low.data() + i),
+                                                _mm512_maskz_cvtepi16_epi8(all, v));
+                            if constexpr (P.bias != 0) {
+                                int32_t total = 0;
+                                for (int k = 0; k < 32; ++k) total += q16[size_t(32 * blk + k)];
+                                qsums[size_t(n * ns + blk / P.S)] += total;
+                            }
                         } else {
-                            high[i] = q8[size_t(k)];
+                            std::memcpy(high.data() + i, q8.data() + 32 * blk, 32);
                         }
                     }
                 }
