@@ -555,7 +555,8 @@ TEST_CASE("mul_mat allowed Q8 rounds b to 8 bits per 32 values against quantized
 // accuracy; decoding products (1 to 3 columns, bound by reading the weights) and CPUs without
 // the pairs stay f32 (decoding with f16 and bf16 weights rounds the column to f16 at every
 // precision: kHalfColumnTol). Odd K (a pair padded with zero), panel edges (M not a multiple of
-// 48), broadcast batches and a transposed b.
+// 48 or 32), columns past a pass of 32, K past a tile's 32 values, broadcast batches and a
+// transposed b; on AMX CPUs on the tiles and on the vector path.
 TEST_CASE("mul_mat with BF16 precision multiplies bf16-rounded operands", "[matmul][bf16]") {
     const bool pairs = gfa::cpu::bf16_pair_products();
     auto rounded = [](Context& ctx, Tensor* t) { return cast(ctx, cast(ctx, t, Type::BF16), Type::F32); };
@@ -563,41 +564,49 @@ TEST_CASE("mul_mat with BF16 precision multiplies bf16-rounded operands", "[matm
         int64_t K, M, N, a2, b2, b3;
         bool transposed_b;
     };
-    for (Type type : {Type::F32, Type::F16, Type::BF16})
-        for (const Shape& sh : {Shape{37, 13, 4, 1, 1, 1, false}, Shape{64, 61, 9, 1, 1, 1, false},
-                                Shape{256, 100, 130, 1, 1, 1, false}, Shape{96, 48, 17, 2, 6, 3, false},
-                                Shape{64, 50, 33, 1, 1, 1, true}, Shape{100, 45, 1, 1, 1, 1, false},
-                                Shape{37, 7, 2, 1, 1, 1, false}, Shape{256, 30, 3, 2, 4, 1, true}}) {
-            INFO(type_name(type) << " K=" << sh.K << " M=" << sh.M << " N=" << sh.N << " batches " << sh.b2
-                                 << "x" << sh.b3 << (sh.transposed_b ? " transposed b" : ""));
-            Context ctx = data_ctx();
-            Tensor* a = ctx.new_tensor(type, {sh.K, sh.M, sh.a2, 1});
-            Tensor* b = sh.transposed_b ? ctx.new_tensor(Type::F32, {sh.N, sh.K, sh.b2, sh.b3})
-                                        : ctx.new_tensor(Type::F32, {sh.K, sh.N, sh.b2, sh.b3});
-            fill_uniform(a);
-            fill_uniform(b);
-            Tensor* bv = sh.transposed_b ? transpose(ctx, b) : b;
-            Tensor* product = mul_mat(ctx, a, bv);
-            set_matmul_precision(product, MatMulPrecision::BF16);
-            Graph g = build_forward(product);
-            gfa::test::poison_nodes(g);
-            gfa::test::compute_cpu(g);
-            const std::vector<float> got = tensor_get_f32(product);
-            for (float v : got) REQUIRE(std::isfinite(v));
-            const bool rounds = pairs && sh.N >= 4;
-            Tensor* expected = rounds
-                                   ? mul_mat(ctx, type == Type::BF16 ? a : rounded(ctx, a), rounded(ctx, bv))
-                                   : mul_mat(ctx, a, bv);
-            const std::vector<double> want = ref::evaluate(build_forward(expected), expected);
-            const double err = gfa::test::rel_error(got, want);
-            INFO("relative error " << err);
-            CHECK(err < (type != Type::F32 && sh.N < 4 ? kHalfColumnTol : 1e-5));
-            if (rounds) { // and the rounding shows against the exact product
-                Tensor* exact = mul_mat(ctx, a, bv);
-                const double off = gfa::test::rel_error(got, ref::evaluate(build_forward(exact), exact));
-                INFO("from the exact product " << off);
-                CHECK(off > 1e-4);
-                CHECK(off < 1e-2);
+    // With AMX the pairs run on tiles (GFA_CPU_AMX=0: the vector path); both must pass.
+    const std::vector<const char*> settings = gfa::cpu::amx_quantized_prompts()
+                                                  ? std::vector<const char*>{"1", "0"}
+                                                  : std::vector<const char*>{"1"};
+    for (const char* setting : settings)
+        for (Type type : {Type::F32, Type::F16, Type::BF16})
+            for (const Shape& sh : {Shape{37, 13, 4, 1, 1, 1, false}, Shape{64, 61, 9, 1, 1, 1, false},
+                                    Shape{256, 100, 130, 1, 1, 1, false}, Shape{96, 48, 17, 2, 6, 3, false},
+                                    Shape{64, 50, 33, 1, 1, 1, true}, Shape{100, 45, 1, 1, 1, 1, false},
+                                    Shape{37, 7, 2, 1, 1, 1, false}, Shape{256, 30, 3, 2, 4, 1, true},
+                                    Shape{1000, 67, 70, 1, 1, 1, false}}) {
+                gfa::test::ScopedEnv amx("GFA_CPU_AMX", setting);
+                INFO(type_name(type) << " K=" << sh.K << " M=" << sh.M << " N=" << sh.N << " batches "
+                                     << sh.b2 << "x" << sh.b3 << (sh.transposed_b ? " transposed b" : "")
+                                     << " GFA_CPU_AMX=" << setting);
+                Context ctx = data_ctx();
+                Tensor* a = ctx.new_tensor(type, {sh.K, sh.M, sh.a2, 1});
+                Tensor* b = sh.transposed_b ? ctx.new_tensor(Type::F32, {sh.N, sh.K, sh.b2, sh.b3})
+                                            : ctx.new_tensor(Type::F32, {sh.K, sh.N, sh.b2, sh.b3});
+                fill_uniform(a);
+                fill_uniform(b);
+                Tensor* bv = sh.transposed_b ? transpose(ctx, b) : b;
+                Tensor* product = mul_mat(ctx, a, bv);
+                set_matmul_precision(product, MatMulPrecision::BF16);
+                Graph g = build_forward(product);
+                gfa::test::poison_nodes(g);
+                gfa::test::compute_cpu(g);
+                const std::vector<float> got = tensor_get_f32(product);
+                for (float v : got) REQUIRE(std::isfinite(v));
+                const bool rounds = pairs && sh.N >= 4;
+                Tensor* expected =
+                    rounds ? mul_mat(ctx, type == Type::BF16 ? a : rounded(ctx, a), rounded(ctx, bv))
+                           : mul_mat(ctx, a, bv);
+                const std::vector<double> want = ref::evaluate(build_forward(expected), expected);
+                const double err = gfa::test::rel_error(got, want);
+                INFO("relative error " << err);
+                CHECK(err < (type != Type::F32 && sh.N < 4 ? kHalfColumnTol : 1e-5));
+                if (rounds) { // and the rounding shows against the exact product
+                    Tensor* exact = mul_mat(ctx, a, bv);
+                    const double off = gfa::test::rel_error(got, ref::evaluate(build_forward(exact), exact));
+                    INFO("from the exact product " << off);
+                    CHECK(off > 1e-4);
+                    CHECK(off < 1e-2);
+                }
             }
-        }
 }

@@ -2372,6 +2372,120 @@ void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* 
 }
 #endif
 
+#if GFA_AMX_GEMM && GFA_BF16_PAIRS && defined(__AMX_BF16__)
+#define GFA_AMX_BF16 1
+// pair_gemm on AMX tiles: one TDPBF16PS multiplies 16 columns x 32 bf16 values by 16 weight rows
+// in pairs and adds the f32 products into a 16 x 16 tile, which keeps its sums over all of K, so
+// the tiles need no vector work but the final copy. Tiles: two of columns (32 columns), two of
+// weight pairs (32 rows), four of sums; for each 32 values of K, four loads and four products.
+// The operands are pair_gemm's (both rounded to bf16, f32 sums), K padded with zeros to 32.
+// Tiles: columns n0 .. n0 + 15 and n0 + 16 .. n0 + 31; weight rows m0 .. m0 + 15 and m0 + 16
+// .. m0 + 31; the sums of [column half][row half].
+#define GFA_AMX_BF_COLS_0 0
+#define GFA_AMX_BF_COLS_1 1
+#define GFA_AMX_BF_ROWS_0 2
+#define GFA_AMX_BF_ROWS_1 3
+#define GFA_AMX_BF_SUMS_00 4
+#define GFA_AMX_BF_SUMS_01 5
+#define GFA_AMX_BF_SUMS_10 6
+#define GFA_AMX_BF_SUMS_11 7
+constexpr int64_t kAmxPanel = 32; // weight rows (and columns) a pass
+
+bool amx_bf16_enabled() {
+    static const bool usable = __builtin_cpu_supports("amx-bf16");
+    return usable && amx_gemm_enabled();
+}
+
+void configure_amx_bf16_tiles() {
+    AmxConfig c;
+    for (int t = 0; t < 8; ++t) c.bytes_per_row[t] = 64, c.rows[t] = 16;
+    _tile_loadconfig(&c);
+}
+
+void pair_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], B2 = b->ne[2], B3 = b->ne[3];
+    const int64_t K32 = (K + 31) / 32 * 32, P = K32 / 2, batches = B2 * B3;
+    const int64_t padded = (N + kAmxPanel - 1) / kAmxPanel * kAmxPanel;
+    const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
+    // 1. the columns of b as bf16 rows [batch][padded][K32]: an A tile's rows
+    std::vector<uint16_t> cols(static_cast<size_t>(batches * padded * K32), 0);
+    ctx.pool.run([&](int ith, int nth) {
+        std::vector<float> x(static_cast<size_t>(K));
+        const auto [begin, end] = split_range(batches * N, ith, nth);
+        for (int64_t r = begin; r < end; ++r) {
+            const int64_t n = r % N, bi = r / N;
+            const char* col = static_cast<const char*>(b->data) + size_t(n) * b->nb[1] +
+                              size_t(bi % B2) * b->nb[2] + size_t(bi / B2) * b->nb[3];
+            for (int64_t k = 0; k < K; ++k)
+                x[size_t(k)] = *reinterpret_cast<const float*>(col + size_t(k) * b->nb[0]);
+            round_to_bf16(x.data(), cols.data() + (bi * padded + n) * K32, K);
+        }
+    });
+    // 2. panels of 32 weight rows as pairs along k (row m's pair p at panel[p][m - m0]: the rows
+    // of two B tiles), shared out as (batch, panel) items
+    const TypeTraits& tt = type_traits(a->type);
+    const int64_t panels = (M + kAmxPanel - 1) / kAmxPanel;
+    ctx.pool.run([&](int ith, int nth) {
+        const auto [begin, end] = split_range(batches * panels, ith, nth);
+        if (begin >= end) return;
+        std::vector<uint32_t> packed(static_cast<size_t>(P * kAmxPanel));
+        std::vector<float> row(static_cast<size_t>(K));
+        std::vector<uint16_t> row16(static_cast<size_t>(K32), 0);
+        alignas(64) float sums[kAmxPanel][kAmxPanel]; // [column][row]
+        configure_amx_bf16_tiles();
+        for (int64_t item = begin; item < end; ++item) {
+            const int64_t bi = item / panels, m0 = item % panels * kAmxPanel;
+            const int64_t i2 = bi % B2, i3 = bi / B2, rows = std::min(kAmxPanel, M - m0);
+            const char* a_mat =
+                static_cast<const char*>(a->data) + size_t(i2 / r2) * a->nb[2] + size_t(i3 / r3) * a->nb[3];
+            if (rows < kAmxPanel) std::fill(packed.begin(), packed.end(), 0u);
+            for (int64_t j = 0; j < rows; ++j) {
+                const char* src = a_mat + size_t(m0 + j) * a->nb[1];
+                if (a->type == Type::BF16) {
+                    std::memcpy(row16.data(), src, size_t(K) * 2);
+                } else {
+                    tt.to_float(src, row.data(), K);
+                    round_to_bf16(row.data(), row16.data(), K);
+                }
+                for (int64_t p = 0; p < P; ++p)
+                    packed[size_t(p * kAmxPanel + j)] =
+                        uint32_t(row16[size_t(2 * p)]) | uint32_t(row16[size_t(2 * p + 1)]) << 16;
+            }
+            float* out = static_cast<float*>(dst->data) + size_t(bi * N) * size_t(M) + m0;
+            amx_memory_barrier();
+            for (int64_t n0 = 0; n0 < N; n0 += kAmxPanel) {
+                const uint16_t* c0 = cols.data() + (bi * padded + n0) * K32;
+                _tile_zero(GFA_AMX_BF_SUMS_00);
+                _tile_zero(GFA_AMX_BF_SUMS_01);
+                _tile_zero(GFA_AMX_BF_SUMS_10);
+                _tile_zero(GFA_AMX_BF_SUMS_11);
+                for (int64_t k0 = 0; k0 < K32; k0 += 32) {
+                    const uint32_t* pairs = packed.data() + k0 / 2 * kAmxPanel;
+                    _tile_loadd(GFA_AMX_BF_COLS_0, c0 + k0, K32 * 2);
+                    _tile_loadd(GFA_AMX_BF_COLS_1, c0 + 16 * K32 + k0, K32 * 2);
+                    _tile_loadd(GFA_AMX_BF_ROWS_0, pairs, kAmxPanel * 4);
+                    _tile_loadd(GFA_AMX_BF_ROWS_1, pairs + 16, kAmxPanel * 4);
+                    _tile_dpbf16ps(GFA_AMX_BF_SUMS_00, GFA_AMX_BF_COLS_0, GFA_AMX_BF_ROWS_0);
+                    _tile_dpbf16ps(GFA_AMX_BF_SUMS_01, GFA_AMX_BF_COLS_0, GFA_AMX_BF_ROWS_1);
+                    _tile_dpbf16ps(GFA_AMX_BF_SUMS_10, GFA_AMX_BF_COLS_1, GFA_AMX_BF_ROWS_0);
+                    _tile_dpbf16ps(GFA_AMX_BF_SUMS_11, GFA_AMX_BF_COLS_1, GFA_AMX_BF_ROWS_1);
+                }
+                _tile_stored(GFA_AMX_BF_SUMS_00, &sums[0][0], kAmxPanel * 4);
+                _tile_stored(GFA_AMX_BF_SUMS_01, &sums[0][16], kAmxPanel * 4);
+                _tile_stored(GFA_AMX_BF_SUMS_10, &sums[16][0], kAmxPanel * 4);
+                _tile_stored(GFA_AMX_BF_SUMS_11, &sums[16][16], kAmxPanel * 4);
+                amx_memory_barrier();
+                for (int64_t n = n0; n < std::min(N, n0 + kAmxPanel); ++n)
+                    std::memcpy(out + n * M, sums[n - n0], size_t(rows) * sizeof(float));
+            }
+        }
+        _tile_release();
+    });
+}
+#else
+#define GFA_AMX_BF16 0
+#endif
+
 void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     const Tensor *a = dst->src[0], *b = dst->src[1];
     if (b->ne[1] < kGemvMaxN) {
@@ -2380,6 +2494,9 @@ void run_mul_mat(const ComputeCtx& ctx, Tensor* dst) {
     }
 #if GFA_BF16_PAIRS
     if (pair_gemm_applies(a, dst)) {
+#if GFA_AMX_BF16
+        if (amx_bf16_enabled()) return pair_gemm_amx(ctx, a, b, dst);
+#endif
         pair_gemm(ctx, a, b, dst);
         return;
     }
