@@ -2314,12 +2314,11 @@ void round_to_bf16(const float* x, uint16_t* out, int64_t n) {
     for (int64_t i = n16; i < n; ++i) out[i] = fp32_to_bf16(x[i]);
 }
 
-void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
-    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], B2 = b->ne[2], B3 = b->ne[3];
-    const int64_t K2 = K + K % 2, P = K2 / 2, batches = B2 * B3;
-    const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
-    // 1. the columns of b, as bf16 rows [batch][n][K2]
-    std::vector<uint16_t> cols(static_cast<size_t>(batches * N * K2));
+// The columns of b rounded to bf16, as rows of row_len values (K, then zeros) at
+// out + (batch * stride + n) * row_len.
+void columns_as_bf16_rows(const ComputeCtx& ctx, const Tensor* b, int64_t stride, int64_t row_len,
+                          uint16_t* out) {
+    const int64_t K = b->ne[0], N = b->ne[1], B2 = b->ne[2], batches = B2 * b->ne[3];
     ctx.pool.run([&](int ith, int nth) {
         std::vector<float> x(static_cast<size_t>(K));
         const auto [begin, end] = split_range(batches * N, ith, nth);
@@ -2329,13 +2328,43 @@ void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* 
                               size_t(bi % B2) * b->nb[2] + size_t(bi / B2) * b->nb[3];
             for (int64_t k = 0; k < K; ++k)
                 x[size_t(k)] = *reinterpret_cast<const float*>(col + size_t(k) * b->nb[0]);
-            uint16_t* out = cols.data() + r * K2;
-            round_to_bf16(x.data(), out, K);
-            if (K2 > K) out[K] = 0;
+            uint16_t* row = out + (bi * stride + n) * row_len;
+            round_to_bf16(x.data(), row, K);
+            std::fill(row + K, row + row_len, uint16_t(0));
         }
     });
+}
+
+// Weight rows m0 .. m0 + rows - 1 of the matrix at a_mat as bf16 pairs along k: row m's pair p at
+// packed[p * width + m - m0], P pairs a row (past K zeros), rows past `rows` zero. row (K floats)
+// and row16 (2P values) are scratch.
+void pack_weight_pairs(const Tensor* a, const char* a_mat, int64_t m0, int64_t rows, int64_t width, int64_t P,
+                       std::vector<float>& row, std::vector<uint16_t>& row16, uint32_t* packed) {
+    const int64_t K = a->ne[0];
+    if (rows < width) std::fill(packed, packed + P * width, 0u);
+    std::fill(row16.begin() + K, row16.end(), uint16_t(0));
+    for (int64_t j = 0; j < rows; ++j) {
+        const char* src = a_mat + size_t(m0 + j) * a->nb[1];
+        if (a->type == Type::BF16) {
+            std::memcpy(row16.data(), src, size_t(K) * 2);
+        } else {
+            type_traits(a->type).to_float(src, row.data(), K);
+            round_to_bf16(row.data(), row16.data(), K);
+        }
+        for (int64_t p = 0; p < P; ++p)
+            packed[size_t(p * width + j)] =
+                uint32_t(row16[size_t(2 * p)]) | uint32_t(row16[size_t(2 * p + 1)]) << 16;
+    }
+}
+
+void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
+    const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], B2 = b->ne[2], B3 = b->ne[3];
+    const int64_t K2 = K + K % 2, P = K2 / 2, batches = B2 * B3;
+    const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
+    // 1. the columns of b, as bf16 rows [batch][n][K2]
+    std::vector<uint16_t> cols(static_cast<size_t>(batches * N * K2));
+    columns_as_bf16_rows(ctx, b, N, K2, cols.data());
     // 2. panels of weight rows, shared out as (batch, panel) items
-    const TypeTraits& tt = type_traits(a->type);
     const int64_t panels = (M + kPairPanel - 1) / kPairPanel;
     ctx.pool.run([&](int ith, int nth) {
         std::vector<uint32_t> packed(static_cast<size_t>(P * kPairPanel));
@@ -2347,20 +2376,7 @@ void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* 
             const int64_t i2 = bi % B2, i3 = bi / B2, rows = std::min(kPairPanel, M - m0);
             const char* a_mat =
                 static_cast<const char*>(a->data) + size_t(i2 / r2) * a->nb[2] + size_t(i3 / r3) * a->nb[3];
-            if (rows < kPairPanel) std::fill(packed.begin(), packed.end(), 0u);
-            for (int64_t j = 0; j < rows; ++j) {
-                const char* src = a_mat + size_t(m0 + j) * a->nb[1];
-                if (a->type == Type::BF16) {
-                    std::memcpy(row16.data(), src, size_t(K) * 2);
-                } else {
-                    tt.to_float(src, row.data(), K);
-                    round_to_bf16(row.data(), row16.data(), K);
-                }
-                if (K2 > K) row16[size_t(K)] = 0;
-                for (int64_t p = 0; p < P; ++p)
-                    packed[size_t(p * kPairPanel + j)] =
-                        uint32_t(row16[size_t(2 * p)]) | uint32_t(row16[size_t(2 * p + 1)]) << 16;
-            }
+            pack_weight_pairs(a, a_mat, m0, rows, kPairPanel, P, row, row16, packed.data());
             const int64_t width = (rows + 15) / 16 * 16;
             bf16::gemm(N, width, P, reinterpret_cast<const uint32_t*>(cols.data() + bi * N * K2), P, 1,
                        packed.data(), kPairPanel, c.data(), kPairPanel, nullptr, false);
@@ -2409,21 +2425,9 @@ void pair_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tens
     const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
     // 1. the columns of b as bf16 rows [batch][padded][K32]: an A tile's rows
     std::vector<uint16_t> cols(static_cast<size_t>(batches * padded * K32), 0);
-    ctx.pool.run([&](int ith, int nth) {
-        std::vector<float> x(static_cast<size_t>(K));
-        const auto [begin, end] = split_range(batches * N, ith, nth);
-        for (int64_t r = begin; r < end; ++r) {
-            const int64_t n = r % N, bi = r / N;
-            const char* col = static_cast<const char*>(b->data) + size_t(n) * b->nb[1] +
-                              size_t(bi % B2) * b->nb[2] + size_t(bi / B2) * b->nb[3];
-            for (int64_t k = 0; k < K; ++k)
-                x[size_t(k)] = *reinterpret_cast<const float*>(col + size_t(k) * b->nb[0]);
-            round_to_bf16(x.data(), cols.data() + (bi * padded + n) * K32, K);
-        }
-    });
+    columns_as_bf16_rows(ctx, b, padded, K32, cols.data());
     // 2. panels of 32 weight rows as pairs along k (row m's pair p at panel[p][m - m0]: the rows
     // of two B tiles), shared out as (batch, panel) items
-    const TypeTraits& tt = type_traits(a->type);
     const int64_t panels = (M + kAmxPanel - 1) / kAmxPanel;
     ctx.pool.run([&](int ith, int nth) {
         const auto [begin, end] = split_range(batches * panels, ith, nth);
@@ -2438,19 +2442,7 @@ void pair_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tens
             const int64_t i2 = bi % B2, i3 = bi / B2, rows = std::min(kAmxPanel, M - m0);
             const char* a_mat =
                 static_cast<const char*>(a->data) + size_t(i2 / r2) * a->nb[2] + size_t(i3 / r3) * a->nb[3];
-            if (rows < kAmxPanel) std::fill(packed.begin(), packed.end(), 0u);
-            for (int64_t j = 0; j < rows; ++j) {
-                const char* src = a_mat + size_t(m0 + j) * a->nb[1];
-                if (a->type == Type::BF16) {
-                    std::memcpy(row16.data(), src, size_t(K) * 2);
-                } else {
-                    tt.to_float(src, row.data(), K);
-                    round_to_bf16(row.data(), row16.data(), K);
-                }
-                for (int64_t p = 0; p < P; ++p)
-                    packed[size_t(p * kAmxPanel + j)] =
-                        uint32_t(row16[size_t(2 * p)]) | uint32_t(row16[size_t(2 * p + 1)]) << 16;
-            }
+            pack_weight_pairs(a, a_mat, m0, rows, kAmxPanel, P, row, row16, packed.data());
             float* out = static_cast<float*>(dst->data) + size_t(bi * N) * size_t(M) + m0;
             amx_memory_barrier();
             for (int64_t n0 = 0; n0 < N; n0 += kAmxPanel) {
