@@ -1716,12 +1716,15 @@ void int_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* d
 // unsigned low byte (v = 256 hi + lo) in two A tiles of 16 columns x 32 bytes; per block one
 // tile product forms codes x hi and another codes x lo, and 256 times the first plus the
 // second (minus the bias times the column block's sum, for biased codes) is the i32 sum the
-// vector path forms, bit for bit (i32 arithmetic wraps, and the true sum fits). The epilogue (conversion, the
-// product of the two scales, the offset) is the vector path's too, so the outputs are the same bits either
-// way. Columns are taken sixteen at a time; the columns past the last are zeros whose sums are not stored.
+// vector path forms, bit for bit (i32 arithmetic wraps, and the true sum fits). The epilogue
+// (conversion, the product of the two scales, the offset) is the vector path's too, so the
+// outputs are the same bits either way. 8-bit columns (MatMulPrecision::Q8) take one byte and
+// one tile product a block, with Columns8's layout and epilogue. Columns are taken sixteen at a
+// time; the columns past the last are zeros whose sums are not stored.
 
-// Tiles of one pass: the weights' block, the columns' high and low bytes, their two i32 sums.
-// (Macros: the tile intrinsics paste the register number into their assembly.)
+// Tiles of one pass: the weights' block, the columns' high and low bytes (8-bit columns: high
+// only), their i32 sums in two sets. (Macros: the tile intrinsics paste the register number
+// into their assembly.)
 #define GFA_AMX_CODES 0
 #define GFA_AMX_HIGH 1
 #define GFA_AMX_LOW 2
