@@ -2338,12 +2338,22 @@ void columns_as_bf16_rows(const ComputeCtx& ctx, const Tensor* b, int64_t stride
     });
 }
 
-// Weight rows m0 .. m0 + rows - 1 of the matrix at a_mat as bf16 pairs along k: row m's pair p at
-// packed[p * width + m - m0], P pairs a row (past K zeros), rows past `rows` zero. row (K floats)
-// and row16 (2P values) are scratch.
-void pack_weight_pairs(const Tensor* a, const char* a_mat, int64_t m0, int64_t rows, int64_t width, int64_t P,
-                       std::vector<float>& row, std::vector<uint16_t>& row16, uint32_t* packed) {
-    const int64_t K = a->ne[0];
+// Item `item` of a pair GEMM's (batch, panel) items: batch bi of b's batches, weight rows m0 ..
+// m0 + rows - 1 of the matrix that batch meets.
+struct PairPanel {
+    int64_t bi, m0, rows;
+};
+
+// Packs item `item` (panels of `width` weight rows) as bf16 pairs along k: row m's pair p at
+// packed[p * width + m - m0], P pairs a row (past K zeros), rows past the matrix zero. row (K
+// floats) and row16 (2P values) are scratch.
+PairPanel pack_weight_pairs(const Tensor* a, const Tensor* b, int64_t item, int64_t width, int64_t P,
+                            std::vector<float>& row, std::vector<uint16_t>& row16, uint32_t* packed) {
+    const int64_t K = a->ne[0], M = a->ne[1], B2 = b->ne[2], panels = (M + width - 1) / width;
+    const int64_t bi = item / panels, m0 = item % panels * width, rows = std::min(width, M - m0);
+    const int64_t i2 = bi % B2, i3 = bi / B2, r2 = B2 / a->ne[2], r3 = b->ne[3] / a->ne[3];
+    const char* a_mat =
+        static_cast<const char*>(a->data) + size_t(i2 / r2) * a->nb[2] + size_t(i3 / r3) * a->nb[3];
     if (rows < width) std::fill(packed, packed + P * width, 0u);
     std::fill(row16.begin() + K, row16.end(), uint16_t(0));
     for (int64_t j = 0; j < rows; ++j) {
@@ -2358,12 +2368,12 @@ void pack_weight_pairs(const Tensor* a, const char* a_mat, int64_t m0, int64_t r
             packed[size_t(p * width + j)] =
                 uint32_t(row16[size_t(2 * p)]) | uint32_t(row16[size_t(2 * p + 1)]) << 16;
     }
+    return {bi, m0, rows};
 }
 
 void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* dst) {
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], B2 = b->ne[2], B3 = b->ne[3];
     const int64_t K2 = K + K % 2, P = K2 / 2, batches = B2 * B3;
-    const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
     // 1. the columns of b, as bf16 rows [batch][n][K2]
     std::vector<uint16_t> cols(static_cast<size_t>(batches * N * K2));
     columns_as_bf16_rows(ctx, b, N, K2, cols.data());
@@ -2375,11 +2385,8 @@ void pair_gemm(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tensor* 
         std::vector<uint16_t> row16(static_cast<size_t>(K2));
         const auto [begin, end] = split_range(batches * panels, ith, nth);
         for (int64_t item = begin; item < end; ++item) {
-            const int64_t bi = item / panels, m0 = item % panels * kPairPanel;
-            const int64_t i2 = bi % B2, i3 = bi / B2, rows = std::min(kPairPanel, M - m0);
-            const char* a_mat =
-                static_cast<const char*>(a->data) + size_t(i2 / r2) * a->nb[2] + size_t(i3 / r3) * a->nb[3];
-            pack_weight_pairs(a, a_mat, m0, rows, kPairPanel, P, row, row16, packed.data());
+            const auto [bi, m0, rows] =
+                pack_weight_pairs(a, b, item, kPairPanel, P, row, row16, packed.data());
             const int64_t width = (rows + 15) / 16 * 16;
             bf16::gemm(N, width, P, reinterpret_cast<const uint32_t*>(cols.data() + bi * N * K2), P, 1,
                        packed.data(), kPairPanel, c.data(), kPairPanel, nullptr, false);
@@ -2425,7 +2432,6 @@ void pair_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tens
     const int64_t K = a->ne[0], M = a->ne[1], N = b->ne[1], B2 = b->ne[2], B3 = b->ne[3];
     const int64_t K32 = (K + 31) / 32 * 32, P = K32 / 2, batches = B2 * B3;
     const int64_t padded = (N + kAmxPanel - 1) / kAmxPanel * kAmxPanel;
-    const int64_t r2 = B2 / a->ne[2], r3 = B3 / a->ne[3];
     // 1. the columns of b as bf16 rows [batch][padded][K32]: an A tile's rows
     std::vector<uint16_t> cols(static_cast<size_t>(batches * padded * K32), 0);
     columns_as_bf16_rows(ctx, b, padded, K32, cols.data());
@@ -2441,11 +2447,8 @@ void pair_gemm_amx(const ComputeCtx& ctx, const Tensor* a, const Tensor* b, Tens
         alignas(64) float sums[kAmxPanel][kAmxPanel]; // [column][row]
         configure_amx_bf16_tiles();
         for (int64_t item = begin; item < end; ++item) {
-            const int64_t bi = item / panels, m0 = item % panels * kAmxPanel;
-            const int64_t i2 = bi % B2, i3 = bi / B2, rows = std::min(kAmxPanel, M - m0);
-            const char* a_mat =
-                static_cast<const char*>(a->data) + size_t(i2 / r2) * a->nb[2] + size_t(i3 / r3) * a->nb[3];
-            pack_weight_pairs(a, a_mat, m0, rows, kAmxPanel, P, row, row16, packed.data());
+            const auto [bi, m0, rows] =
+                pack_weight_pairs(a, b, item, kAmxPanel, P, row, row16, packed.data());
             float* out = static_cast<float*>(dst->data) + size_t(bi * N) * size_t(M) + m0;
             amx_memory_barrier();
             for (int64_t n0 = 0; n0 < N; n0 += kAmxPanel) {
